@@ -1,0 +1,163 @@
+//! The driver boundary: whatever actually runs instances. The local
+//! supervisor (`nonstop-supervisor`) is the first implementation; an ECS
+//! driver is the next. The orchestrator only ever talks to this trait, and
+//! nothing here assumes local processes except the `Locator::Local` variant.
+
+use crate::ids::{AppName, EnvironmentId, InstanceId, ReleaseId};
+use crate::process::Signal;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything a driver needs to start one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub app: AppName,
+    pub environment: EnvironmentId,
+    pub release: ReleaseId,
+    pub instance: InstanceId,
+    /// Run through `sh -c`.
+    pub command: String,
+    /// Working directory (the release's directory).
+    pub workdir: PathBuf,
+    /// The complete environment of the instance, except `PORT`, which the
+    /// driver adds when `wants_port` is set. Includes `NONSTOP_INSTANCE`
+    /// and `NONSTOP_PROCESS`.
+    pub env: Vec<(String, String)>,
+    /// Web processes get a port chosen by the driver.
+    pub wants_port: bool,
+}
+
+/// Where a started instance lives, as recorded in the store so that a
+/// restarted daemon can find it again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "driver", rename_all = "lowercase")]
+pub enum Locator {
+    /// A local process group. `start_time` is the process start time in
+    /// clock ticks since boot (`/proc/PID/stat` field 22), so a recycled pid
+    /// is never mistaken for our instance.
+    Local { pid: u32, start_time: u64, monitor_pid: u32, monitor_start_time: u64 },
+}
+
+impl Locator {
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Locator::Local { pid, .. } => Some(*pid),
+        }
+    }
+}
+
+/// A started instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceHandle {
+    pub instance: InstanceId,
+    pub locator: Locator,
+    /// Where the instance listens, for web processes.
+    pub addr: Option<SocketAddr>,
+}
+
+/// How an instance ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "value")]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+    /// Ended while nobody watched it (e.g. while the daemon was down).
+    Unknown,
+}
+
+impl ExitStatus {
+    pub fn success(self) -> bool {
+        matches!(self, ExitStatus::Code(0))
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
+            ExitStatus::Unknown => f.write_str("exit status unknown"),
+        }
+    }
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopOutcome {
+    /// Exited within the stop timeout after the stop signal.
+    Graceful,
+    /// Needed SIGKILL after the timeout.
+    Killed,
+    /// Was already gone.
+    AlreadyGone,
+}
+
+/// A one-off task (release task, `run`), run to completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub app: AppName,
+    pub environment: EnvironmentId,
+    pub release: ReleaseId,
+    /// A name for logs and records, e.g. `release-task-1`.
+    pub name: String,
+    pub command: String,
+    pub workdir: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub timeout: Duration,
+}
+
+/// The result of a one-off task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOutcome {
+    pub status: ExitStatus,
+    pub timed_out: bool,
+    /// The last lines of combined output, for error reports.
+    pub output_tail: Vec<String>,
+    #[serde(with = "crate::process::duration_ms")]
+    pub duration: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("could not start {instance}: {reason}")]
+    Start { instance: String, reason: String },
+    #[error("could not stop {instance}: {reason}")]
+    Stop { instance: String, reason: String },
+    #[error("could not run task {name}: {reason}")]
+    Task { name: String, reason: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Runs instances. Implementations must make `stop` and `wait_exit` safe to
+/// call on an instance that is already gone.
+pub trait Driver: Send + Sync + 'static {
+    /// Start one instance. Returns once the process exists (not once it is
+    /// ready: readiness is the traffic layer's and the orchestrator's call).
+    fn start(&self, launch: LaunchSpec) -> impl Future<Output = Result<InstanceHandle, DriverError>> + Send;
+
+    /// Stop gracefully: `signal` to the whole instance (process group), then
+    /// SIGKILL after `timeout`. Resolves once nothing of it is left.
+    fn stop(
+        &self,
+        handle: &InstanceHandle,
+        signal: Signal,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<StopOutcome, DriverError>> + Send;
+
+    /// Resolves when the instance's main process has exited and whatever
+    /// was left of it has been killed. Cancel-safe.
+    fn wait_exit(&self, handle: &InstanceHandle) -> impl Future<Output = ExitStatus> + Send;
+
+    /// Whether a recorded instance is still the same live instance (used to
+    /// re-adopt instances after a daemon restart without duplicating them).
+    fn is_alive(&self, handle: &InstanceHandle) -> bool;
+
+    /// Run a one-off task to completion (release tasks). Its output is also
+    /// written to the task's log.
+    fn run_task(&self, task: TaskSpec) -> impl Future<Output = Result<TaskOutcome, DriverError>> + Send;
+}

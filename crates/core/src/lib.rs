@@ -1,0 +1,17 @@
+//! Domain vocabulary shared by every nonstop crate.
+//!
+//! This crate does no I/O and reads no clock: it holds identifiers, the
+//! validated shapes that flow from the spec to the drivers, and the traits
+//! at the boundaries (driver, traffic, clock). Everything else depends on it;
+//! it depends on nothing of ours.
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod driver;
+pub mod ids;
+pub mod process;
+pub mod traffic;
+
+pub use clock::{Clock, SystemClock};
+pub use ids::{AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
+pub use process::{HealthCheck, ProcessKind, ProcessSpec, RestartPolicy, Signal};

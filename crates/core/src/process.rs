@@ -1,0 +1,280 @@
+//! The validated app spec: what `nonstop.toml` means once `nonstop-spec`
+//! has checked it. Every value here is already valid; consumers never
+//! re-check.
+
+use crate::ids::{AppName, ProcessName};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How a process type is run and when it counts as ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessKind {
+    /// Gets a `PORT`, is health-checked and routed by the proxy.
+    Web,
+    /// No port; ready after staying up `ready_after`.
+    Worker,
+    /// Like a worker, but never more than one instance, ever (celery beat).
+    Singleton,
+}
+
+impl ProcessKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProcessKind::Web => "web",
+            ProcessKind::Worker => "worker",
+            ProcessKind::Singleton => "singleton",
+        }
+    }
+}
+
+/// Signals a user may name as `stop_signal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Signal {
+    #[serde(rename = "SIGTERM")]
+    Term,
+    #[serde(rename = "SIGINT")]
+    Int,
+    #[serde(rename = "SIGQUIT")]
+    Quit,
+    #[serde(rename = "SIGHUP")]
+    Hup,
+    #[serde(rename = "SIGUSR1")]
+    Usr1,
+    #[serde(rename = "SIGUSR2")]
+    Usr2,
+    #[serde(rename = "SIGWINCH")]
+    Winch,
+    #[serde(rename = "SIGKILL")]
+    Kill,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 8] = [
+        Signal::Term,
+        Signal::Int,
+        Signal::Quit,
+        Signal::Hup,
+        Signal::Usr1,
+        Signal::Usr2,
+        Signal::Winch,
+        Signal::Kill,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Term => "SIGTERM",
+            Signal::Int => "SIGINT",
+            Signal::Quit => "SIGQUIT",
+            Signal::Hup => "SIGHUP",
+            Signal::Usr1 => "SIGUSR1",
+            Signal::Usr2 => "SIGUSR2",
+            Signal::Winch => "SIGWINCH",
+            Signal::Kill => "SIGKILL",
+        }
+    }
+    /// Accepts `SIGTERM`, `TERM` and `term`.
+    pub fn parse(s: &str) -> Option<Signal> {
+        let up = s.trim().to_ascii_uppercase();
+        let up = up.strip_prefix("SIG").unwrap_or(&up);
+        Signal::ALL.into_iter().find(|sig| &sig.name()[3..] == up)
+    }
+}
+
+/// Which HTTP statuses count as a passing health check (inclusive range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl StatusRange {
+    pub fn contains(&self, status: u16) -> bool {
+        (self.min..=self.max).contains(&status)
+    }
+}
+
+/// Active HTTP health check of a web process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub path: String,
+    #[serde(with = "duration_ms")]
+    pub interval: Duration,
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    /// Consecutive passes before an instance enters rotation.
+    pub healthy_threshold: u32,
+    /// Consecutive failures before an instance leaves rotation.
+    pub unhealthy_threshold: u32,
+    pub expect_status: StatusRange,
+}
+
+/// Restart behaviour of the supervisor for crashed instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    #[serde(with = "duration_ms")]
+    pub backoff_initial: Duration,
+    #[serde(with = "duration_ms")]
+    pub backoff_max: Duration,
+    /// An instance that stayed up this long resets its backoff.
+    #[serde(with = "duration_ms")]
+    pub reset_after: Duration,
+    /// This many consecutive quick exits mark the slot `crash-loop`.
+    pub crash_loop_after: u32,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            reset_after: Duration::from_secs(30),
+            crash_loop_after: 5,
+        }
+    }
+}
+
+/// `max_surge` / `max_unavailable` of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantity {
+    Count(u32),
+    Percent(u32),
+}
+
+impl Quantity {
+    /// Resolve against a desired count. Surge rounds up, unavailability
+    /// rounds down (as Kubernetes does), so the defaults are safe.
+    pub fn resolve(self, of: u32, round_up: bool) -> u32 {
+        match self {
+            Quantity::Count(n) => n,
+            Quantity::Percent(p) => {
+                let scaled = u64::from(of) * u64::from(p);
+                let v = if round_up { scaled.div_ceil(100) } else { scaled / 100 };
+                u32::try_from(v).unwrap_or(u32::MAX)
+            }
+        }
+    }
+}
+
+/// How a process type is replaced during a deploy or a rolling restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub max_surge: Quantity,
+    pub max_unavailable: Quantity,
+    /// How long a new instance may take to become healthy/ready.
+    #[serde(with = "duration_ms")]
+    pub health_timeout: Duration,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Self {
+            max_surge: Quantity::Count(1),
+            max_unavailable: Quantity::Count(0),
+            health_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One process type of the app, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    pub name: ProcessName,
+    pub kind: ProcessKind,
+    /// Run through `sh -c`; `$PORT` is set for web processes.
+    pub command: String,
+    /// Desired instances. Always 0 or 1 for a singleton.
+    pub count: u32,
+    pub stop_signal: Signal,
+    #[serde(with = "duration_ms")]
+    pub stop_timeout: Duration,
+    #[serde(with = "duration_ms")]
+    pub drain_timeout: Duration,
+    /// Worker/singleton: up this long counts as ready. Web: unused.
+    #[serde(with = "duration_ms")]
+    pub ready_after: Duration,
+    /// Present for web processes, absent otherwise.
+    pub health: Option<HealthCheck>,
+    pub restart: RestartPolicy,
+    pub rollout: Rollout,
+    /// Per-process environment, layered over the app's `[env]`.
+    pub env: BTreeMap<String, String>,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxySpec {
+    pub listen: SocketAddr,
+}
+
+/// `[release]` (used by deploys).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ReleaseSpec {
+    /// Run once per deploy, after the build, before any instance changes.
+    pub tasks: Vec<String>,
+    /// Run once after a successful deploy.
+    pub post_tasks: Vec<String>,
+    #[serde(with = "duration_ms")]
+    pub task_timeout: Duration,
+    /// Releases kept on disk (the running one is never pruned).
+    pub retain_releases: u32,
+    /// Order in which process types are rolled; unnamed ones follow in
+    /// the default order (web, worker, singleton).
+    pub order: Vec<ProcessName>,
+}
+
+/// A whole `nonstop.toml`, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSpec {
+    pub app: AppName,
+    /// Plain environment variables (`[env]`).
+    pub env: BTreeMap<String, String>,
+    /// In declaration order.
+    pub processes: Vec<ProcessSpec>,
+    pub proxy: ProxySpec,
+    /// Build commands run once per release (deploys).
+    pub build: Vec<String>,
+    pub release: ReleaseSpec,
+}
+
+impl AppSpec {
+    pub fn process(&self, name: &ProcessName) -> Option<&ProcessSpec> {
+        self.processes.iter().find(|p| &p.name == name)
+    }
+}
+
+/// Durations are stored as milliseconds in JSON and the store.
+pub mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_in_any_spelling() {
+        assert_eq!(Signal::parse("SIGTERM"), Some(Signal::Term));
+        assert_eq!(Signal::parse("quit"), Some(Signal::Quit));
+        assert_eq!(Signal::parse("Int"), Some(Signal::Int));
+        assert_eq!(Signal::parse("SIGFOO"), None);
+    }
+
+    #[test]
+    fn quantities_round_safely() {
+        assert_eq!(Quantity::Percent(25).resolve(3, true), 1);
+        assert_eq!(Quantity::Percent(25).resolve(3, false), 0);
+        assert_eq!(Quantity::Percent(100).resolve(4, false), 4);
+        assert_eq!(Quantity::Count(2).resolve(10, false), 2);
+    }
+}
