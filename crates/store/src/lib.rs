@@ -1,1 +1,385 @@
-//! placeholder, being written
+//! Embedded, crash-safe state: SQLite in WAL mode with `synchronous=FULL`,
+//! so a committed change survives a crash of the daemon or the machine.
+//!
+//! The store knows rows, not policies: the engine decides what to write
+//! and writes it *before* acting on it. Every row carries the app and the
+//! environment, so that environments (roadmap) need no migration of keys.
+
+#![forbid(unsafe_code)]
+
+use nonstop_core::driver::InstanceHandle;
+use nonstop_core::process::AppSpec;
+use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database {path}: {source}")]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state database holds a record that cannot be read ({what}): {source}; it was written by a newer nonstop?")]
+    Decode { what: &'static str, source: serde_json::Error },
+    #[error("state database schema version {found} is newer than this nonstop understands ({supported}); upgrade nonstop")]
+    TooNew { found: i64, supported: i64 },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS apps (
+    app TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    workdir TEXT NOT NULL,
+    release INTEGER NOT NULL,
+    running INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (app, environment)
+);
+CREATE TABLE IF NOT EXISTS instances (
+    app TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    process TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    release INTEGER NOT NULL,
+    handle_json TEXT,
+    phase TEXT NOT NULL,
+    was_healthy INTEGER NOT NULL DEFAULT 0,
+    started_at_ms INTEGER NOT NULL,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (app, environment, process, slot, generation)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    app TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    process TEXT NOT NULL,
+    next INTEGER NOT NULL,
+    PRIMARY KEY (app, environment, process)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    app TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    instance TEXT,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_app ON events (app, environment, id);
+"#;
+
+/// The recorded state of an app in an environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppRecord {
+    pub app: AppName,
+    pub environment: EnvironmentId,
+    pub spec: AppSpec,
+    pub workdir: PathBuf,
+    pub release: ReleaseId,
+    /// `up` sets it, `down` clears it. A restarted daemon brings back the
+    /// apps that are running.
+    pub running: bool,
+}
+
+/// Where an instance is in its life, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstancePhase {
+    /// Recorded before the driver is asked to start it (no handle yet).
+    Launching,
+    /// Started; the handle is known.
+    Running,
+    /// Being stopped (recorded before the stop signal is sent).
+    Stopping,
+}
+
+impl InstancePhase {
+    fn as_str(self) -> &'static str {
+        match self {
+            InstancePhase::Launching => "launching",
+            InstancePhase::Running => "running",
+            InstancePhase::Stopping => "stopping",
+        }
+    }
+    fn parse(s: &str) -> InstancePhase {
+        match s {
+            "running" => InstancePhase::Running,
+            "stopping" => InstancePhase::Stopping,
+            _ => InstancePhase::Launching,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub app: AppName,
+    pub environment: EnvironmentId,
+    pub id: InstanceId,
+    pub release: ReleaseId,
+    pub handle: Option<InstanceHandle>,
+    pub phase: InstancePhase,
+    pub was_healthy: bool,
+    pub started_at: SystemTime,
+    pub restarts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub id: i64,
+    pub at: SystemTime,
+    pub kind: String,
+    pub instance: Option<String>,
+    pub message: String,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn ms(t: SystemTime) -> i64 {
+    i64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX)
+}
+
+fn from_ms(v: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(v).unwrap_or(0))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &'static str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|source| StoreError::Decode { what, source })
+}
+
+fn encode<T: Serialize>(v: &T) -> String {
+    // Our own types always serialize.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+impl Store {
+    /// Open (or create) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
+        Self::init(conn, path.to_path_buf())
+    }
+
+    /// A private in-memory store, for tests.
+    pub fn in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory()?, PathBuf::from(":memory:"))
+    }
+
+    fn init(conn: Connection, path: PathBuf) -> Result<Self> {
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        let found: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).optional()?;
+        match found.and_then(|v| v.parse::<i64>().ok()) {
+            Some(v) if v > SCHEMA_VERSION => return Err(StoreError::TooNew { found: v, supported: SCHEMA_VERSION }),
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                    params![SCHEMA_VERSION.to_string()],
+                )?;
+            }
+        }
+        Ok(Self { conn: Mutex::new(conn), path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn put_app(&self, rec: &AppRecord, now: SystemTime) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO apps (app, environment, spec_json, workdir, release, running, updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (app, environment) DO UPDATE SET spec_json = ?3, workdir = ?4, release = ?5,
+               running = ?6, updated_at_ms = ?7",
+            params![
+                rec.app.as_str(),
+                rec.environment.as_str(),
+                encode(&rec.spec),
+                rec.workdir.to_string_lossy(),
+                i64::try_from(rec.release.0).unwrap_or(i64::MAX),
+                rec.running,
+                ms(now)
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT app, environment, spec_json, workdir, release, running FROM apps ORDER BY app, environment",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, bool>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (app, env, spec, workdir, release, running) = row?;
+            out.push(AppRecord {
+                app: decode("app name", &encode(&app))?,
+                environment: decode("environment", &encode(&env))?,
+                spec: decode("app spec", &spec)?,
+                workdir: PathBuf::from(workdir),
+                release: ReleaseId(u64::try_from(release).unwrap_or(0)),
+                running,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Allocate the next generation number for a process (persisted, so an
+    /// instance id is never reused, even across daemon restarts).
+    pub fn next_generation(&self, app: &AppName, env: &EnvironmentId, process: &ProcessName) -> Result<u64> {
+        let conn = self.conn();
+        let next: i64 = conn.query_row(
+            "INSERT INTO generations (app, environment, process, next) VALUES (?1, ?2, ?3, 2)
+             ON CONFLICT (app, environment, process) DO UPDATE SET next = next + 1
+             RETURNING next - 1",
+            params![app.as_str(), env.as_str(), process.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(next).unwrap_or(1))
+    }
+
+    pub fn put_instance(&self, rec: &InstanceRecord) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO instances (app, environment, process, slot, generation, release, handle_json, phase,
+                was_healthy, started_at_ms, restarts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (app, environment, process, slot, generation) DO UPDATE SET release = ?6,
+               handle_json = ?7, phase = ?8, was_healthy = ?9, started_at_ms = ?10, restarts = ?11",
+            params![
+                rec.app.as_str(),
+                rec.environment.as_str(),
+                rec.id.process.as_str(),
+                rec.id.slot,
+                i64::try_from(rec.id.generation).unwrap_or(i64::MAX),
+                i64::try_from(rec.release.0).unwrap_or(i64::MAX),
+                rec.handle.as_ref().map(encode),
+                rec.phase.as_str(),
+                rec.was_healthy,
+                ms(rec.started_at),
+                rec.restarts,
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_instance(&self, app: &AppName, env: &EnvironmentId, id: &InstanceId) -> Result<()> {
+        self.conn().execute(
+            "DELETE FROM instances WHERE app = ?1 AND environment = ?2 AND process = ?3 AND slot = ?4 AND generation = ?5",
+            params![
+                app.as_str(),
+                env.as_str(),
+                id.process.as_str(),
+                id.slot,
+                i64::try_from(id.generation).unwrap_or(i64::MAX)
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn instances(&self, app: &AppName, env: &EnvironmentId) -> Result<Vec<InstanceRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT process, slot, generation, release, handle_json, phase, was_healthy, started_at_ms, restarts
+             FROM instances WHERE app = ?1 AND environment = ?2 ORDER BY process, slot, generation",
+        )?;
+        let rows = stmt.query_map(params![app.as_str(), env.as_str()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, bool>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, u32>(8)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (process, slot, generation, release, handle, phase, was_healthy, started, restarts) = row?;
+            let process: ProcessName = decode("process name", &encode(&process))?;
+            out.push(InstanceRecord {
+                app: app.clone(),
+                environment: env.clone(),
+                id: InstanceId::new(process, slot, u64::try_from(generation).unwrap_or(0)),
+                release: ReleaseId(u64::try_from(release).unwrap_or(0)),
+                handle: handle.as_deref().map(|h| decode("instance handle", h)).transpose()?,
+                phase: InstancePhase::parse(&phase),
+                was_healthy,
+                started_at: from_ms(started),
+                restarts,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn add_event(
+        &self,
+        app: &AppName,
+        env: &EnvironmentId,
+        now: SystemTime,
+        kind: &str,
+        instance: Option<&str>,
+        message: &str,
+    ) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO events (at_ms, app, environment, kind, instance, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![ms(now), app.as_str(), env.as_str(), kind, instance, message],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` events, oldest first.
+    pub fn events(&self, app: &AppName, env: &EnvironmentId, limit: usize) -> Result<Vec<EventRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, at_ms, kind, instance, message FROM events WHERE app = ?1 AND environment = ?2
+             ORDER BY id DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![app.as_str(), env.as_str(), i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            Ok(EventRecord {
+                id: r.get(0)?,
+                at: from_ms(r.get(1)?),
+                kind: r.get(2)?,
+                instance: r.get(3)?,
+                message: r.get(4)?,
+            })
+        })?;
+        let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

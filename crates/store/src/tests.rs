@@ -1,0 +1,109 @@
+use super::*;
+use nonstop_core::driver::Locator;
+use nonstop_core::process::{ProxySpec, ReleaseSpec};
+use std::collections::BTreeMap;
+
+fn spec() -> AppSpec {
+    AppSpec {
+        app: AppName::new("blog").unwrap(),
+        env: BTreeMap::from([("A".to_string(), "1".to_string())]),
+        processes: vec![],
+        proxy: ProxySpec { listen: "127.0.0.1:8080".parse().unwrap() },
+        build: vec![],
+        release: ReleaseSpec::default(),
+    }
+}
+
+fn ids() -> (AppName, EnvironmentId, ProcessName) {
+    (AppName::new("blog").unwrap(), EnvironmentId::default_env(), ProcessName::new("web").unwrap())
+}
+
+#[test]
+fn apps_round_trip_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let (app, env, _) = ids();
+    let rec = AppRecord {
+        app: app.clone(),
+        environment: env.clone(),
+        spec: spec(),
+        workdir: PathBuf::from("/srv/blog"),
+        release: ReleaseId(0),
+        running: true,
+    };
+    {
+        let store = Store::open(&path).unwrap();
+        store.put_app(&rec, SystemTime::now()).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.apps().unwrap(), vec![rec.clone()]);
+    let stopped = AppRecord { running: false, ..rec };
+    store.put_app(&stopped, SystemTime::now()).unwrap();
+    assert_eq!(store.apps().unwrap(), vec![stopped]);
+}
+
+#[test]
+fn generations_never_repeat() {
+    let store = Store::in_memory().unwrap();
+    let (app, env, web) = ids();
+    let worker = ProcessName::new("worker").unwrap();
+    assert_eq!(store.next_generation(&app, &env, &web).unwrap(), 1);
+    assert_eq!(store.next_generation(&app, &env, &web).unwrap(), 2);
+    assert_eq!(store.next_generation(&app, &env, &worker).unwrap(), 1);
+    assert_eq!(store.next_generation(&app, &env, &web).unwrap(), 3);
+}
+
+#[test]
+fn instances_round_trip_update_and_delete() {
+    let store = Store::in_memory().unwrap();
+    let (app, env, web) = ids();
+    let id = InstanceId::new(web, 1, 4);
+    let mut rec = InstanceRecord {
+        app: app.clone(),
+        environment: env.clone(),
+        id: id.clone(),
+        release: ReleaseId(0),
+        handle: None,
+        phase: InstancePhase::Launching,
+        was_healthy: false,
+        started_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+        restarts: 0,
+    };
+    store.put_instance(&rec).unwrap();
+    assert_eq!(store.instances(&app, &env).unwrap(), vec![rec.clone()]);
+    rec.handle = Some(InstanceHandle {
+        instance: id.clone(),
+        locator: Locator::Local { pid: 42, start_time: 7, monitor_pid: 41, monitor_start_time: 6 },
+        addr: Some("127.0.0.1:4000".parse().unwrap()),
+    });
+    rec.phase = InstancePhase::Running;
+    rec.was_healthy = true;
+    rec.restarts = 2;
+    store.put_instance(&rec).unwrap();
+    assert_eq!(store.instances(&app, &env).unwrap(), vec![rec.clone()]);
+    store.delete_instance(&app, &env, &id).unwrap();
+    assert!(store.instances(&app, &env).unwrap().is_empty());
+}
+
+#[test]
+fn events_come_back_newest_window_oldest_first() {
+    let store = Store::in_memory().unwrap();
+    let (app, env, _) = ids();
+    for i in 0..5 {
+        store.add_event(&app, &env, SystemTime::now(), "test", None, &format!("e{i}")).unwrap();
+    }
+    let got: Vec<_> = store.events(&app, &env, 3).unwrap().into_iter().map(|e| e.message).collect();
+    assert_eq!(got, ["e2", "e3", "e4"]);
+}
+
+#[test]
+fn refuses_a_newer_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let store = Store::open(&path).unwrap();
+        store.conn().execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'", []).unwrap();
+    }
+    let err = Store::open(&path).err().unwrap();
+    assert!(err.to_string().contains("upgrade nonstop"), "{err}");
+}
