@@ -1,1 +1,13 @@
-//! placeholder, being written
+//! Pure decisions. Nothing in this crate does I/O or reads a clock: time
+//! comes in as `now`, state comes in as values, and decisions go out as
+//! data for the engine to carry out. That makes every rule here testable
+//! exhaustively, which the tests do.
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod reconcile;
+pub mod rollout;
+
+pub use backoff::SlotBackoff;
+pub use reconcile::{reconcile, Action, Decision, Observed, ObservedInstance, Phase};
+pub use rollout::{rollout_step, RolloutAction, RolloutParams, RolloutSlot, RolloutStep, NewPhase, OldPhase};
