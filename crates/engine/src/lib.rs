@@ -1,1 +1,18 @@
-//! placeholder, being written
+//! The orchestrator: the one owner of control-plane state.
+//!
+//! [`Engine`] is an actor. The API forwards [`Command`]s to it through an
+//! [`EngineHandle`]; driver and traffic results come back to it as internal
+//! events. It alone decides (with the pure functions of `nonstop-plan`),
+//! persists (with `nonstop-store`) and only then acts (through the
+//! [`Driver`](nonstop_core::driver::Driver) and
+//! [`Traffic`](nonstop_core::traffic::Traffic) traits).
+#![forbid(unsafe_code)]
+
+mod actor;
+mod error;
+pub mod preflight;
+mod report;
+
+pub use actor::{Engine, EngineConfig, EngineHandle, Ingress, InstanceLogs};
+pub use error::EngineError;
+pub use report::*;

@@ -12,6 +12,7 @@ use nonstop_core::process::AppSpec;
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS apps (
     spec_json TEXT NOT NULL,
     workdir TEXT NOT NULL,
     release INTEGER NOT NULL,
+    base_env_json TEXT NOT NULL,
     running INTEGER NOT NULL,
     updated_at_ms INTEGER NOT NULL,
     PRIMARY KEY (app, environment)
@@ -85,6 +87,9 @@ pub struct AppRecord {
     pub spec: AppSpec,
     pub workdir: PathBuf,
     pub release: ReleaseId,
+    /// Variables taken from the environment of the `up` that started the
+    /// app (PATH, HOME, LANG...), under the spec's `[env]`.
+    pub base_env: BTreeMap<String, String>,
     /// `up` sets it, `down` clears it. A restarted daemon brings back the
     /// apps that are running.
     pub running: bool,
@@ -206,10 +211,10 @@ impl Store {
 
     pub fn put_app(&self, rec: &AppRecord, now: SystemTime) -> Result<()> {
         self.conn().execute(
-            "INSERT INTO apps (app, environment, spec_json, workdir, release, running, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+            "INSERT INTO apps (app, environment, spec_json, workdir, release, running, updated_at_ms, base_env_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (app, environment) DO UPDATE SET spec_json = ?3, workdir = ?4, release = ?5,
-               running = ?6, updated_at_ms = ?7",
+               running = ?6, updated_at_ms = ?7, base_env_json = ?8",
             params![
                 rec.app.as_str(),
                 rec.environment.as_str(),
@@ -217,7 +222,8 @@ impl Store {
                 rec.workdir.to_string_lossy(),
                 i64::try_from(rec.release.0).unwrap_or(i64::MAX),
                 rec.running,
-                ms(now)
+                ms(now),
+                encode(&rec.base_env)
             ],
         )?;
         Ok(())
@@ -226,7 +232,7 @@ impl Store {
     pub fn apps(&self) -> Result<Vec<AppRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT app, environment, spec_json, workdir, release, running FROM apps ORDER BY app, environment",
+            "SELECT app, environment, spec_json, workdir, release, running, base_env_json FROM apps ORDER BY app, environment",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -236,17 +242,19 @@ impl Store {
                 r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
                 r.get::<_, bool>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (app, env, spec, workdir, release, running) = row?;
+            let (app, env, spec, workdir, release, running, base_env) = row?;
             out.push(AppRecord {
                 app: decode("app name", &encode(&app))?,
                 environment: decode("environment", &encode(&env))?,
                 spec: decode("app spec", &spec)?,
                 workdir: PathBuf::from(workdir),
                 release: ReleaseId(u64::try_from(release).unwrap_or(0)),
+                base_env: decode("base environment", &base_env)?,
                 running,
             });
         }
@@ -288,6 +296,17 @@ impl Store {
                 rec.restarts,
             ],
         )?;
+        Ok(())
+    }
+
+    /// Forget an app entirely (its instances and generation counters too).
+    pub fn delete_app(&self, app: &AppName, env: &EnvironmentId) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for table in ["apps", "instances", "generations"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE app = ?1 AND environment = ?2"), params![app.as_str(), env.as_str()])?;
+        }
+        tx.commit()?;
         Ok(())
     }
 

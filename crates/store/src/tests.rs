@@ -29,6 +29,7 @@ fn apps_round_trip_and_survive_reopen() {
         spec: spec(),
         workdir: PathBuf::from("/srv/blog"),
         release: ReleaseId(0),
+        base_env: BTreeMap::from([("PATH".to_string(), "/usr/bin".to_string())]),
         running: true,
     };
     {

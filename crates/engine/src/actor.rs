@@ -1,0 +1,1376 @@
+//! The engine actor. See the crate docs for the shape; the rules:
+//!
+//! - Only this task mutates control-plane state. Everything slow (starting,
+//!   draining, stopping, waiting for exits) runs in tracked tasks that
+//!   report back as [`Internal`] events.
+//! - Every change is written to the store before it is acted on: an
+//!   instance is recorded `launching` before the driver starts it and
+//!   `stopping` before it is drained.
+//! - Decisions come from `nonstop-plan` (pure); this file carries them out.
+
+use crate::error::EngineError;
+use crate::report::*;
+use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, StopOutcome};
+use nonstop_core::process::{AppSpec, ProcessKind, ProcessSpec};
+use nonstop_core::traffic::{Backend, BackendHealth, HealthEvent, InitialHealth, RouteKey, Traffic};
+use nonstop_core::{AppName, Clock, EnvironmentId, InstanceId, ProcessName, ReleaseId};
+use nonstop_plan::rollout::{rollout_step, NewPhase, OldPhase, RolloutAction, RolloutParams, RolloutSlot, RolloutStep};
+use nonstop_plan::{reconcile, Action, Observed, ObservedInstance, Phase, SlotBackoff};
+use nonstop_store::{AppRecord, InstancePhase, InstanceRecord, Store};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Where the proxy listens. Implemented by the binary over the proxy.
+pub trait Ingress: Send + Sync + 'static {
+    /// Listen on `addr` (if not already) and send every host to `route`.
+    /// Moving to another address closes the old listener after the new one
+    /// is bound. Errors name the cause (e.g. address in use).
+    fn listen(&self, addr: SocketAddr, route: &RouteKey) -> Result<(), String>;
+    /// Stop listening.
+    fn close(&self);
+}
+
+/// The last log lines of an instance, for error reports.
+pub trait InstanceLogs: Send + Sync + 'static {
+    fn tail(&self, app: &AppName, env: &EnvironmentId, instance: &InstanceId, lines: usize) -> Vec<String>;
+}
+
+pub struct EngineConfig {
+    pub environment: EnvironmentId,
+    pub clock: Arc<dyn Clock>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+pub type ProgressTx = mpsc::UnboundedSender<Progress>;
+
+/// Requests to the engine: a closed set.
+pub enum Command {
+    Up { spec: Box<AppSpec>, workdir: PathBuf, base_env: BTreeMap<String, String>, progress: ProgressTx, reply: Reply<OpReport> },
+    Down { progress: ProgressTx, reply: Reply<OpReport> },
+    Scale { counts: BTreeMap<ProcessName, u32>, progress: ProgressTx, reply: Reply<OpReport> },
+    Restart { process: Option<ProcessName>, progress: ProgressTx, reply: Reply<OpReport> },
+    Status { reply: Reply<StatusReport> },
+    RunContext { reply: Reply<RunContext> },
+    Events { limit: usize, reply: Reply<Vec<EventEntry>> },
+}
+
+/// Results of the engine's own background tasks.
+enum Internal {
+    Started { id: InstanceId, result: Result<InstanceHandle, String> },
+    Exited { id: InstanceId, status: ExitStatus },
+    Stopped { id: InstanceId, outcome: Result<StopOutcome, String> },
+}
+
+/// Talks to the engine. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+    pub async fn up(
+        &self,
+        spec: AppSpec,
+        workdir: PathBuf,
+        base_env: BTreeMap<String, String>,
+        progress: ProgressTx,
+    ) -> Result<OpReport, EngineError> {
+        self.ask(|reply| Command::Up { spec: Box::new(spec), workdir, base_env, progress, reply }).await
+    }
+    pub async fn down(&self, progress: ProgressTx) -> Result<OpReport, EngineError> {
+        self.ask(|reply| Command::Down { progress, reply }).await
+    }
+    pub async fn scale(&self, counts: BTreeMap<ProcessName, u32>, progress: ProgressTx) -> Result<OpReport, EngineError> {
+        self.ask(|reply| Command::Scale { counts, progress, reply }).await
+    }
+    pub async fn restart(&self, process: Option<ProcessName>, progress: ProgressTx) -> Result<OpReport, EngineError> {
+        self.ask(|reply| Command::Restart { process, progress, reply }).await
+    }
+    pub async fn status(&self) -> Result<StatusReport, EngineError> {
+        self.ask(|reply| Command::Status { reply }).await
+    }
+    pub async fn run_context(&self) -> Result<RunContext, EngineError> {
+        self.ask(|reply| Command::RunContext { reply }).await
+    }
+    pub async fn events(&self, limit: usize) -> Result<Vec<EventEntry>, EngineError> {
+        self.ask(|reply| Command::Events { limit, reply }).await
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InstPhase {
+    Launching,
+    Starting,
+    Ready,
+    Stopping,
+}
+
+struct Inst {
+    id: InstanceId,
+    kind: ProcessKind,
+    release: ReleaseId,
+    handle: Option<InstanceHandle>,
+    phase: InstPhase,
+    started: Instant,
+    started_wall: SystemTime,
+    health: Option<BackendHealth>,
+    last_checks: VecDeque<String>,
+    /// A stop was asked for while it was still launching.
+    stop_requested: bool,
+}
+
+struct RolloutState {
+    process: ProcessName,
+    params: RolloutParams,
+    old: BTreeSet<InstanceId>,
+    new: BTreeMap<u32, InstanceId>,
+    /// Why a new instance failed, if one did.
+    failure: Option<String>,
+}
+
+struct Op {
+    name: &'static str,
+    since: SystemTime,
+    progress: ProgressTx,
+    reply: Option<Reply<OpReport>>,
+    /// Processes still to roll, in order.
+    queue: VecDeque<ProcessName>,
+    summary: String,
+    changed: bool,
+    /// `down`: done when nothing is left.
+    down: bool,
+    last_progress: Option<(u32, u32)>,
+}
+
+struct AppRuntime {
+    record: AppRecord,
+    route: RouteKey,
+    instances: BTreeMap<InstanceId, Inst>,
+    backoff: BTreeMap<(ProcessName, u32), SlotBackoff>,
+    last_exit: BTreeMap<(ProcessName, u32), (InstanceId, ExitStatus)>,
+    rollout: Option<RolloutState>,
+}
+
+pub struct Engine<D, T, I, L> {
+    env: EnvironmentId,
+    clock: Arc<dyn Clock>,
+    driver: Arc<D>,
+    traffic: Arc<T>,
+    ingress: Arc<I>,
+    logs: Arc<L>,
+    store: Arc<Store>,
+    app: Option<AppRuntime>,
+    op: Option<Op>,
+    events_tx: mpsc::UnboundedSender<Internal>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+const CHECK_HISTORY: usize = 5;
+
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+    /// Restore state from the store (re-adopting live instances), then run
+    /// until `shutdown` fires. Instances keep running when the engine stops.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn(
+        config: EngineConfig,
+        driver: Arc<D>,
+        traffic: Arc<T>,
+        ingress: Arc<I>,
+        logs: Arc<L>,
+        store: Arc<Store>,
+        shutdown: CancellationToken,
+    ) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(64);
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let health = traffic.subscribe();
+        let engine = Engine {
+            env: config.environment,
+            clock: config.clock,
+            driver,
+            traffic,
+            ingress,
+            logs,
+            store,
+            app: None,
+            op: None,
+            events_tx,
+            tasks: TaskTracker::new(),
+            cancel: shutdown.child_token(),
+        };
+        let join = tokio::spawn(engine.run(rx, events_rx, health, shutdown));
+        (EngineHandle { tx }, join)
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut internal: mpsc::UnboundedReceiver<Internal>,
+        mut health: broadcast::Receiver<HealthEvent>,
+        shutdown: CancellationToken,
+    ) {
+        if let Err(e) = self.restore() {
+            tracing::error!("could not restore state: {e}");
+        }
+        self.step();
+        loop {
+            let wake = self.next_wake().map(tokio::time::Instant::from_std);
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                Some(ev) = internal.recv() => self.on_internal(ev),
+                h = health.recv() => match h {
+                    Ok(ev) => self.on_health(ev),
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.resync_health(),
+                    Err(broadcast::error::RecvError::Closed) => {}
+                },
+                _ = sleep => {}
+            }
+            self.step();
+        }
+        // Daemon shutdown, not `down`: instances keep running and the next
+        // daemon re-adopts them. Background waits are abandoned.
+        self.cancel.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+        if let Some(op) = self.op.take() {
+            if let Some(reply) = op.reply {
+                let _ = reply.send(Err(EngineError::ShuttingDown));
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- restore
+
+    fn restore(&mut self) -> Result<(), EngineError> {
+        let records = self.store.apps()?;
+        let Some(record) = records.into_iter().find(|r| r.environment == self.env && r.running) else {
+            return Ok(());
+        };
+        let route = RouteKey(format!("{}/{}", record.app, record.environment));
+        if record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
+            if let Err(reason) = self.ingress.listen(record.spec.proxy.listen, &route) {
+                tracing::error!("proxy cannot listen on {}: {reason}", record.spec.proxy.listen);
+            }
+        }
+        let now = self.clock.now();
+        let wall = self.clock.wall();
+        let mut rt = AppRuntime {
+            record,
+            route,
+            instances: BTreeMap::new(),
+            backoff: BTreeMap::new(),
+            last_exit: BTreeMap::new(),
+            rollout: None,
+        };
+        let recorded = self.store.instances(&rt.record.app, &self.env)?;
+        let mut adopted = 0;
+        for rec in recorded {
+            let spec = rt.record.spec.process(&rec.id.process).cloned();
+            let alive = rec.handle.as_ref().is_some_and(|h| self.driver.is_alive(h));
+            let (Some(handle), true) = (rec.handle.clone(), alive) else {
+                if rec.phase == InstancePhase::Launching {
+                    tracing::warn!("{} was being launched when the daemon stopped; forgetting it", rec.id);
+                }
+                self.store.delete_instance(&rt.record.app, &self.env, &rec.id)?;
+                self.event(&rt.record.app, "gone", Some(&rec.id), "exited while the daemon was down");
+                continue;
+            };
+            let kind = spec.as_ref().map(|s| s.kind).unwrap_or(ProcessKind::Worker);
+            let age = wall.duration_since(rec.started_at).unwrap_or_default();
+            let started = now.checked_sub(age).unwrap_or(now);
+            let phase = match (rec.phase, kind) {
+                (InstancePhase::Stopping, _) => InstPhase::Stopping,
+                (_, ProcessKind::Web) if rec.was_healthy => InstPhase::Ready,
+                (_, ProcessKind::Web) => InstPhase::Starting,
+                _ => InstPhase::Starting, // workers: ready_after is checked in step()
+            };
+            if kind == ProcessKind::Web && phase != InstPhase::Stopping {
+                if let (Some(addr), Some(check)) = (handle.addr, spec.as_ref().and_then(|s| s.health.clone())) {
+                    let initial = if rec.was_healthy { InitialHealth::AssumeHealthy } else { InitialHealth::Pending };
+                    self.traffic.add(&rt.route, Backend { instance: rec.id.clone(), addr }, check, initial);
+                }
+            }
+            rt.backoff.insert(
+                (rec.id.process.clone(), rec.id.slot),
+                SlotBackoff { consecutive_failures: 0, restarts: rec.restarts, retry_at: None },
+            );
+            self.watch_exit(handle.clone());
+            rt.instances.insert(
+                rec.id.clone(),
+                Inst {
+                    id: rec.id.clone(),
+                    kind,
+                    release: rec.release,
+                    handle: Some(handle),
+                    phase,
+                    started,
+                    started_wall: rec.started_at,
+                    health: None,
+                    last_checks: VecDeque::new(),
+                    stop_requested: false,
+                },
+            );
+            adopted += 1;
+        }
+        tracing::info!("restored app {} with {adopted} running instance(s)", rt.record.app);
+        self.event(&rt.record.app, "daemon", None, &format!("daemon started; re-adopted {adopted} running instance(s)"));
+        // Finish stops that were under way.
+        let stopping: Vec<InstanceId> =
+            rt.instances.values().filter(|i| i.phase == InstPhase::Stopping).map(|i| i.id.clone()).collect();
+        self.app = Some(rt);
+        for id in stopping {
+            self.begin_stop(&id, true);
+        }
+        Ok(())
+    }
+
+    // --------------------------------------------------------------- commands
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::RunContext { reply } => {
+                let _ = reply.send(self.run_context());
+            }
+            Command::Events { limit, reply } => {
+                let r = match &self.app {
+                    None => Err(EngineError::NotUp),
+                    Some(rt) => self.store.events(&rt.record.app, &self.env, limit).map_err(Into::into).map(|evs| {
+                        evs.into_iter()
+                            .map(|e| EventEntry {
+                                at_ms: e.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
+                                kind: e.kind,
+                                instance: e.instance,
+                                message: e.message,
+                            })
+                            .collect()
+                    }),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Up { spec, workdir, base_env, progress, reply } => {
+                if let Some(err) = self.busy() {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                match self.up(*spec, workdir, base_env) {
+                    Ok((summary, changed, queue)) => self.begin_op("up", progress, reply, summary, changed, queue, false),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Down { progress, reply } => {
+                if let Some(err) = self.busy() {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                match self.down() {
+                    Ok(summary) => self.begin_op("down", progress, reply, summary, true, VecDeque::new(), true),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Scale { counts, progress, reply } => {
+                if let Some(err) = self.busy() {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                match self.scale(counts) {
+                    Ok((summary, changed)) => self.begin_op("scale", progress, reply, summary, changed, VecDeque::new(), false),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Restart { process, progress, reply } => {
+                if let Some(err) = self.busy() {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                match self.restart_queue(process) {
+                    Ok(queue) => {
+                        let names: Vec<String> = queue.iter().map(|p| p.to_string()).collect();
+                        let summary = format!("restarted {} (rolling)", names.join(", "));
+                        self.begin_op("restart", progress, reply, summary, true, queue, false)
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn busy(&self) -> Option<EngineError> {
+        self.op.as_ref().map(|op| EngineError::Busy { operation: op.name.to_string(), since: fmt_wall(op.since) })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn begin_op(
+        &mut self,
+        name: &'static str,
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
+        summary: String,
+        changed: bool,
+        queue: VecDeque<ProcessName>,
+        down: bool,
+    ) {
+        let _ = progress.send(Progress { message: format!("{name}: {summary}"), ready: 0, desired: 0 });
+        self.op = Some(Op {
+            name,
+            since: self.clock.wall(),
+            progress,
+            reply: Some(reply),
+            queue,
+            summary,
+            changed,
+            down,
+            last_progress: None,
+        });
+    }
+
+    fn up(
+        &mut self,
+        spec: AppSpec,
+        workdir: PathBuf,
+        base_env: BTreeMap<String, String>,
+    ) -> Result<(String, bool, VecDeque<ProcessName>), EngineError> {
+        if let Some(rt) = &self.app {
+            if rt.record.app != spec.app && rt.record.running {
+                return Err(EngineError::OtherApp { running: rt.record.app.to_string(), requested: spec.app.to_string() });
+            }
+        }
+        // Checks first: nothing changes if any fails.
+        let path_var = base_env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        let problems = crate::preflight::check_commands(&spec, &workdir, &path_var);
+        if !problems.is_empty() {
+            return Err(EngineError::Preflight { problems });
+        }
+        let route = RouteKey(format!("{}/{}", spec.app, self.env));
+        if spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
+            self.ingress
+                .listen(spec.proxy.listen, &route)
+                .map_err(|reason| EngineError::Listen { addr: spec.proxy.listen.to_string(), reason })?;
+        }
+
+        let record = AppRecord {
+            app: spec.app.clone(),
+            environment: self.env.clone(),
+            spec: spec.clone(),
+            workdir: workdir.clone(),
+            release: ReleaseId(0),
+            base_env: base_env.clone(),
+            running: true,
+        };
+        let (summary, changed, queue) = match &mut self.app {
+            Some(rt) if rt.record.running => {
+                let d = nonstop_plan::diff::diff(&rt.record.spec, &spec);
+                let env_changed = rt.record.base_env != base_env || rt.record.workdir != workdir;
+                if d.is_empty() && !env_changed {
+                    ("already up; nothing changed".to_string(), false, VecDeque::new())
+                } else {
+                    let mut replaced: Vec<ProcessName> = if env_changed {
+                        spec.processes.iter().map(|p| p.name.clone()).collect()
+                    } else {
+                        d.replaced.clone()
+                    };
+                    replaced.retain(|p| spec.process(p).is_some());
+                    let mut parts = Vec::new();
+                    if !d.added.is_empty() {
+                        parts.push(format!("added {}", join(&d.added)));
+                    }
+                    if !d.removed.is_empty() {
+                        parts.push(format!("removed {}", join(&d.removed)));
+                    }
+                    if !replaced.is_empty() {
+                        parts.push(format!("rolling {}", join(&replaced)));
+                    }
+                    for (p, a, b) in &d.rescaled {
+                        parts.push(format!("{p} {a}→{b}"));
+                    }
+                    if d.listen_changed {
+                        parts.push(format!("proxy now on {}", spec.proxy.listen));
+                    }
+                    let queue = order_processes(&spec, replaced);
+                    (parts.join(", "), true, queue)
+                }
+            }
+            _ => {
+                let total: u32 = spec.processes.iter().map(|p| p.count).sum();
+                (format!("starting {} with {total} instance(s)", spec.app), true, VecDeque::new())
+            }
+        };
+        self.store.put_app(&record, self.clock.wall())?;
+        self.event(&spec.app, "up", None, &summary);
+        match &mut self.app {
+            Some(rt) => {
+                rt.record = record;
+                rt.route = route;
+            }
+            None => {
+                self.app = Some(AppRuntime {
+                    record,
+                    route,
+                    instances: BTreeMap::new(),
+                    backoff: BTreeMap::new(),
+                    last_exit: BTreeMap::new(),
+                    rollout: None,
+                })
+            }
+        }
+        Ok((summary, changed, queue))
+    }
+
+    fn down(&mut self) -> Result<String, EngineError> {
+        let rt = self.app.as_mut().ok_or(EngineError::NotUp)?;
+        rt.record.running = false;
+        self.store.put_app(&rt.record, self.clock.wall())?;
+        let n = rt.instances.len();
+        let app = rt.record.app.clone();
+        rt.rollout = None;
+        let ids: Vec<InstanceId> = rt.instances.keys().cloned().collect();
+        self.event(&app, "down", None, &format!("stopping {n} instance(s)"));
+        for id in ids {
+            self.begin_stop(&id, false);
+        }
+        Ok(format!("stopping {n} instance(s) of {app}"))
+    }
+
+    fn scale(&mut self, counts: BTreeMap<ProcessName, u32>) -> Result<(String, bool), EngineError> {
+        let rt = self.app.as_mut().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
+        let mut spec = rt.record.spec.clone();
+        let mut parts = Vec::new();
+        for (name, count) in &counts {
+            let known = spec.processes.iter().map(|p| p.name.to_string()).collect::<Vec<_>>().join(", ");
+            let p = spec
+                .processes
+                .iter_mut()
+                .find(|p| &p.name == name)
+                .ok_or_else(|| EngineError::UnknownProcess { name: name.to_string(), known })?;
+            if p.kind == ProcessKind::Singleton && *count > 1 {
+                return Err(EngineError::SingletonCount { process: name.to_string(), requested: *count });
+            }
+            if p.count != *count {
+                parts.push(format!("{name} {}→{count}", p.count));
+            }
+            p.count = *count;
+        }
+        let changed = !parts.is_empty();
+        let summary = if changed { parts.join(", ") } else { "nothing to change".to_string() };
+        rt.record.spec = spec;
+        self.store.put_app(&rt.record, self.clock.wall())?;
+        let app = rt.record.app.clone();
+        self.event(&app, "scale", None, &summary);
+        Ok((summary, changed))
+    }
+
+    fn restart_queue(&self, process: Option<ProcessName>) -> Result<VecDeque<ProcessName>, EngineError> {
+        let rt = self.app.as_ref().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
+        let spec = &rt.record.spec;
+        let names: Vec<ProcessName> = match process {
+            Some(p) => {
+                if spec.process(&p).is_none() {
+                    let known = spec.processes.iter().map(|p| p.name.to_string()).collect::<Vec<_>>().join(", ");
+                    return Err(EngineError::UnknownProcess { name: p.to_string(), known });
+                }
+                vec![p]
+            }
+            None => spec.processes.iter().map(|p| p.name.clone()).collect(),
+        };
+        Ok(order_processes(spec, names))
+    }
+
+    // ----------------------------------------------------------------- events
+
+    fn on_internal(&mut self, ev: Internal) {
+        match ev {
+            Internal::Started { id, result } => self.on_started(id, result),
+            Internal::Exited { id, status } => self.on_exited(id, status),
+            Internal::Stopped { id, outcome } => {
+                let msg = match outcome {
+                    Ok(StopOutcome::Graceful) => "stopped".to_string(),
+                    Ok(StopOutcome::Killed) => "killed after its stop timeout".to_string(),
+                    Ok(StopOutcome::AlreadyGone) => "already gone".to_string(),
+                    Err(e) => format!("stop failed: {e}"),
+                };
+                if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
+                    self.event(&app, "stop", Some(&id), &msg);
+                }
+                self.progress(format!("{} {msg}", id.slot_name()));
+            }
+        }
+    }
+
+    fn on_started(&mut self, id: InstanceId, result: Result<InstanceHandle, String>) {
+        let Some(rt) = self.app.as_mut() else { return };
+        let Some(inst) = rt.instances.get_mut(&id) else { return };
+        match result {
+            Ok(handle) => {
+                inst.handle = Some(handle.clone());
+                let stop_now = inst.stop_requested;
+                inst.phase = InstPhase::Starting;
+                let rec = InstanceRecord {
+                    app: rt.record.app.clone(),
+                    environment: self.env.clone(),
+                    id: id.clone(),
+                    release: inst.release,
+                    handle: Some(handle.clone()),
+                    phase: InstancePhase::Running,
+                    was_healthy: false,
+                    started_at: inst.started_wall,
+                    restarts: rt.backoff.get(&(id.process.clone(), id.slot)).map(|b| b.restarts).unwrap_or(0),
+                };
+                if let Err(e) = self.store.put_instance(&rec) {
+                    tracing::error!("could not record {id}: {e}");
+                }
+                let spec = rt.record.spec.process(&id.process).cloned();
+                let route = rt.route.clone();
+                let app = rt.record.app.clone();
+                self.watch_exit(handle.clone());
+                let detail = match (handle.locator.pid(), handle.addr) {
+                    (Some(pid), Some(addr)) => format!("started (pid {pid}, port {})", addr.port()),
+                    (Some(pid), None) => format!("started (pid {pid})"),
+                    _ => "started".to_string(),
+                };
+                self.event(&app, "start", Some(&id), &detail);
+                self.progress(format!("{} {detail}", id.slot_name()));
+                if stop_now {
+                    self.begin_stop(&id, false);
+                    return;
+                }
+                if let (Some(spec), Some(addr)) = (spec, handle.addr) {
+                    if let Some(check) = spec.health {
+                        self.traffic.add(&route, Backend { instance: id.clone(), addr }, check, InitialHealth::Pending);
+                    }
+                }
+            }
+            Err(reason) => {
+                let app = rt.record.app.clone();
+                self.event(&app, "start-failed", Some(&id), &reason);
+                self.progress(format!("{} could not start: {reason}", id.slot_name()));
+                self.on_exited(id, ExitStatus::Code(127));
+            }
+        }
+    }
+
+    fn on_exited(&mut self, id: InstanceId, status: ExitStatus) {
+        let now = self.clock.now();
+        let Some(rt) = self.app.as_mut() else { return };
+        let Some(inst) = rt.instances.remove(&id) else { return };
+        self.traffic.remove(&id);
+        if let Err(e) = self.store.delete_instance(&rt.record.app, &self.env, &id) {
+            tracing::error!("could not forget {id}: {e}");
+        }
+        let app = rt.record.app.clone();
+        if inst.phase == InstPhase::Stopping {
+            self.event(&app, "exit", Some(&id), &format!("stopped ({status})"));
+            return;
+        }
+        // An unplanned exit: back off, then the reconciler restarts the slot.
+        let key = (id.process.clone(), id.slot);
+        let policy = rt.record.spec.process(&id.process).map(|p| p.restart.clone()).unwrap_or_default();
+        let uptime = now.saturating_duration_since(inst.started);
+        let b = rt.backoff.get(&key).copied().unwrap_or_default().after_exit(uptime, &policy, now);
+        rt.backoff.insert(key.clone(), b);
+        rt.last_exit.insert(key, (id.clone(), status));
+        let delay = b.retry_at.map(|at| at.saturating_duration_since(now)).unwrap_or_default();
+        let msg = format!("exited unexpectedly ({status}) after {}; restarting in {}", fmt_dur(uptime), fmt_dur(delay));
+        tracing::warn!("{id} {msg}");
+        if let Some(ro) = rt.rollout.as_mut() {
+            if ro.new.values().any(|n| n == &id) && ro.failure.is_none() {
+                let logs = self.logs.tail(&app, &self.env, &id, 10);
+                ro.failure = Some(format!("new instance {} exited ({status}){}", id.slot_name(), tail_suffix(&logs)));
+            }
+        }
+        self.event(&app, "exit", Some(&id), &msg);
+        self.progress(format!("{} {msg}", id.slot_name()));
+    }
+
+    fn on_health(&mut self, ev: HealthEvent) {
+        let Some(rt) = self.app.as_mut() else { return };
+        let Some(inst) = rt.instances.get_mut(&ev.instance) else { return };
+        inst.health = Some(ev.health);
+        if !ev.detail.is_empty() {
+            inst.last_checks.push_back(ev.detail.clone());
+            while inst.last_checks.len() > CHECK_HISTORY {
+                inst.last_checks.pop_front();
+            }
+        }
+        let became_ready = ev.health == BackendHealth::Healthy && inst.phase == InstPhase::Starting;
+        if became_ready {
+            inst.phase = InstPhase::Ready;
+        }
+        let app = rt.record.app.clone();
+        if became_ready {
+            self.persist_ready(&ev.instance);
+            self.event(&app, "healthy", Some(&ev.instance), &ev.detail);
+            self.progress(format!("{} healthy", ev.instance.slot_name()));
+        } else if ev.health == BackendHealth::Unhealthy {
+            self.event(&app, "unhealthy", Some(&ev.instance), &ev.detail);
+        }
+    }
+
+    fn resync_health(&mut self) {
+        let Some(rt) = self.app.as_ref() else { return };
+        let ids: Vec<InstanceId> = rt.instances.keys().cloned().collect();
+        for id in ids {
+            if let Some(st) = self.traffic.status(&id) {
+                self.on_health(HealthEvent { instance: id, health: st.health, detail: st.last_checks.last().cloned().unwrap_or_default() });
+            }
+        }
+    }
+
+    fn persist_ready(&mut self, id: &InstanceId) {
+        let Some(rt) = self.app.as_ref() else { return };
+        let Some(inst) = rt.instances.get(id) else { return };
+        let rec = InstanceRecord {
+            app: rt.record.app.clone(),
+            environment: self.env.clone(),
+            id: id.clone(),
+            release: inst.release,
+            handle: inst.handle.clone(),
+            phase: InstancePhase::Running,
+            was_healthy: true,
+            started_at: inst.started_wall,
+            restarts: rt.backoff.get(&(id.process.clone(), id.slot)).map(|b| b.restarts).unwrap_or(0),
+        };
+        if let Err(e) = self.store.put_instance(&rec) {
+            tracing::error!("could not record {id}: {e}");
+        }
+    }
+
+    // ---------------------------------------------------------------- actions
+
+    fn start_instance(&mut self, process: &ProcessName, slot: u32) -> Option<InstanceId> {
+        let rt = self.app.as_mut()?;
+        let spec = rt.record.spec.process(process)?.clone();
+        let generation = match self.store.next_generation(&rt.record.app, &self.env, process) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("cannot start {process}.{slot}: {e}");
+                return None;
+            }
+        };
+        let id = InstanceId::new(process.clone(), slot, generation);
+        let wall = self.clock.wall();
+        let rec = InstanceRecord {
+            app: rt.record.app.clone(),
+            environment: self.env.clone(),
+            id: id.clone(),
+            release: rt.record.release,
+            handle: None,
+            phase: InstancePhase::Launching,
+            was_healthy: false,
+            started_at: wall,
+            restarts: rt.backoff.get(&(process.clone(), slot)).map(|b| b.restarts).unwrap_or(0),
+        };
+        if let Err(e) = self.store.put_instance(&rec) {
+            tracing::error!("cannot record {id} before starting it: {e}");
+            return None;
+        }
+        let launch = LaunchSpec {
+            app: rt.record.app.clone(),
+            environment: self.env.clone(),
+            release: rt.record.release,
+            instance: id.clone(),
+            command: spec.command.clone(),
+            workdir: rt.record.workdir.clone(),
+            env: instance_env(&rt.record, &spec, &id, &self.env),
+            wants_port: spec.kind == ProcessKind::Web,
+        };
+        rt.instances.insert(
+            id.clone(),
+            Inst {
+                id: id.clone(),
+                kind: spec.kind,
+                release: rt.record.release,
+                handle: None,
+                phase: InstPhase::Launching,
+                started: self.clock.now(),
+                started_wall: wall,
+                health: None,
+                last_checks: VecDeque::new(),
+                stop_requested: false,
+            },
+        );
+        let driver = self.driver.clone();
+        let tx = self.events_tx.clone();
+        let id2 = id.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = driver.start(launch) => {
+                    let _ = tx.send(Internal::Started { id: id2, result: r.map_err(|e| e.to_string()) });
+                }
+            }
+        });
+        Some(id)
+    }
+
+    fn watch_exit(&self, handle: InstanceHandle) {
+        let driver = self.driver.clone();
+        let tx = self.events_tx.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                status = driver.wait_exit(&handle) => {
+                    let _ = tx.send(Internal::Exited { id: handle.instance.clone(), status });
+                }
+            }
+        });
+    }
+
+    /// Drain (web) and stop one instance. `resume` continues a stop that a
+    /// previous daemon had recorded.
+    fn begin_stop(&mut self, id: &InstanceId, resume: bool) {
+        let Some(rt) = self.app.as_mut() else { return };
+        let Some(inst) = rt.instances.get_mut(id) else { return };
+        if inst.phase == InstPhase::Stopping && !resume {
+            return;
+        }
+        let Some(handle) = inst.handle.clone() else {
+            inst.stop_requested = true;
+            return;
+        };
+        inst.phase = InstPhase::Stopping;
+        let spec = rt.record.spec.process(&id.process).cloned();
+        let (signal, stop_timeout, drain_timeout) = spec
+            .as_ref()
+            .map(|s| (s.stop_signal, s.stop_timeout, s.drain_timeout))
+            .unwrap_or((nonstop_core::Signal::Term, Duration::from_secs(10), Duration::from_secs(30)));
+        let is_web = inst.kind == ProcessKind::Web;
+        let rec = InstanceRecord {
+            app: rt.record.app.clone(),
+            environment: self.env.clone(),
+            id: id.clone(),
+            release: inst.release,
+            handle: Some(handle.clone()),
+            phase: InstancePhase::Stopping,
+            was_healthy: false,
+            started_at: inst.started_wall,
+            restarts: rt.backoff.get(&(id.process.clone(), id.slot)).map(|b| b.restarts).unwrap_or(0),
+        };
+        if let Err(e) = self.store.put_instance(&rec) {
+            tracing::error!("could not record the stop of {id}: {e}");
+        }
+        let driver = self.driver.clone();
+        let traffic = self.traffic.clone();
+        let tx = self.events_tx.clone();
+        let cancel = self.cancel.clone();
+        let id2 = id.clone();
+        self.tasks.spawn(async move {
+            let work = async {
+                if is_web {
+                    traffic.drain(&id2, drain_timeout).await;
+                }
+                driver.stop(&handle, signal, stop_timeout).await
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = work => {
+                    let _ = tx.send(Internal::Stopped { id: id2, outcome: r.map_err(|e| e.to_string()) });
+                }
+            }
+        });
+    }
+
+    // -------------------------------------------------------------- the loop
+
+    /// After every event: advance readiness, the rollout, the reconciler,
+    /// and the operation in progress.
+    fn step(&mut self) {
+        let now = self.clock.now();
+        self.advance_readiness(now);
+        self.advance_rollout(now);
+        self.run_reconcile(now);
+        self.check_op(now);
+    }
+
+    fn advance_readiness(&mut self, now: Instant) {
+        let Some(rt) = self.app.as_mut() else { return };
+        let mut ready = Vec::new();
+        for inst in rt.instances.values_mut() {
+            if inst.phase == InstPhase::Starting && inst.kind != ProcessKind::Web {
+                let after = rt.record.spec.process(&inst.id.process).map(|p| p.ready_after).unwrap_or_default();
+                if now.saturating_duration_since(inst.started) >= after {
+                    inst.phase = InstPhase::Ready;
+                    ready.push(inst.id.clone());
+                }
+            }
+        }
+        for id in ready {
+            self.persist_ready(&id);
+            self.progress(format!("{} ready", id.slot_name()));
+        }
+    }
+
+    fn advance_rollout(&mut self, now: Instant) {
+        loop {
+            let Some(rt) = self.app.as_mut() else { return };
+            if rt.rollout.is_none() {
+                // Take the next process from the operation's queue.
+                let Some(op) = self.op.as_mut() else { return };
+                let Some(process) = op.queue.pop_front() else { return };
+                let Some(spec) = rt.record.spec.process(&process).cloned() else { continue };
+                let old: BTreeSet<InstanceId> = rt.instances.keys().filter(|i| i.process == process).cloned().collect();
+                let params = RolloutParams::resolve(spec.kind, spec.count, &spec.rollout);
+                let _ = op.progress.send(Progress {
+                    message: format!("rolling {process}: {} old instance(s), {} wanted", old.len(), spec.count),
+                    ready: 0,
+                    desired: spec.count,
+                });
+                rt.rollout = Some(RolloutState { process, params, old, new: BTreeMap::new(), failure: None });
+            }
+            let ro = rt.rollout.as_ref().expect("set above");
+            let spec = rt.record.spec.process(&ro.process).cloned();
+            let health_timeout = spec.as_ref().map(|s| s.rollout.health_timeout).unwrap_or(Duration::from_secs(60));
+            // Describe every slot.
+            let mut slot_numbers: BTreeSet<u32> = (1..=ro.params.desired).collect();
+            slot_numbers.extend(ro.old.iter().filter(|i| rt.instances.contains_key(i)).map(|i| i.slot));
+            slot_numbers.extend(ro.new.keys().copied());
+            let mut failure = ro.failure.clone();
+            let slots: Vec<RolloutSlot> = slot_numbers
+                .iter()
+                .map(|&slot| {
+                    let old = ro.old.iter().filter(|i| i.slot == slot).find_map(|i| rt.instances.get(i)).map(|inst| {
+                        match inst.phase {
+                            InstPhase::Stopping => OldPhase::Stopping,
+                            InstPhase::Ready => OldPhase::Ready,
+                            _ => OldPhase::NotReady,
+                        }
+                    });
+                    let new = ro.new.get(&slot).map(|id| match rt.instances.get(id) {
+                        None => NewPhase::Failed,
+                        Some(inst) if inst.phase == InstPhase::Ready => NewPhase::Ready,
+                        Some(inst) if inst.phase == InstPhase::Stopping => NewPhase::Failed,
+                        Some(inst) => {
+                            if now.saturating_duration_since(inst.started) >= health_timeout {
+                                if failure.is_none() {
+                                    failure = Some(format!(
+                                        "new instance {} did not become ready within {}{}",
+                                        id.slot_name(),
+                                        fmt_dur(health_timeout),
+                                        checks_suffix(&inst.last_checks)
+                                    ));
+                                }
+                                NewPhase::Failed
+                            } else {
+                                NewPhase::Starting
+                            }
+                        }
+                    });
+                    RolloutSlot { slot, old, new }
+                })
+                .collect();
+            let params = ro.params;
+            let process = ro.process.clone();
+            match rollout_step(&slots, params) {
+                RolloutStep::Wait => return,
+                RolloutStep::Done => {
+                    rt.rollout = None;
+                    self.progress(format!("{process} rolled"));
+                    continue;
+                }
+                RolloutStep::Failed { .. } => {
+                    let reason = failure.unwrap_or_else(|| "a new instance failed".to_string());
+                    let new: Vec<InstanceId> = rt.rollout.take().map(|r| r.new.into_values().collect()).unwrap_or_default();
+                    for id in new {
+                        self.begin_stop(&id, false);
+                    }
+                    let app = self.app.as_ref().map(|rt| rt.record.app.clone());
+                    if let Some(app) = app {
+                        self.event(&app, "rollout-failed", None, &reason);
+                    }
+                    self.fail_op(EngineError::RolloutFailed { process: process.to_string(), reason });
+                    return;
+                }
+                RolloutStep::Act(actions) => {
+                    for a in actions {
+                        match a {
+                            RolloutAction::StartNew(slot) => {
+                                if let Some(id) = self.start_instance(&process, slot) {
+                                    if let Some(ro) = self.app.as_mut().and_then(|rt| rt.rollout.as_mut()) {
+                                        ro.new.insert(slot, id);
+                                    }
+                                }
+                            }
+                            RolloutAction::StopOld(slot) => {
+                                let old: Vec<InstanceId> = self
+                                    .app
+                                    .as_ref()
+                                    .and_then(|rt| rt.rollout.as_ref())
+                                    .map(|ro| ro.old.iter().filter(|i| i.slot == slot).cloned().collect())
+                                    .unwrap_or_default();
+                                for id in old {
+                                    self.begin_stop(&id, false);
+                                }
+                            }
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn run_reconcile(&mut self, now: Instant) {
+        let Some(rt) = self.app.as_ref() else { return };
+        let desired: Vec<ProcessSpec> = if rt.record.running { rt.record.spec.processes.clone() } else { Vec::new() };
+        let observed = Observed {
+            instances: rt
+                .instances
+                .values()
+                .map(|i| ObservedInstance {
+                    id: i.id.clone(),
+                    phase: match i.phase {
+                        InstPhase::Stopping => Phase::Stopping,
+                        InstPhase::Ready => Phase::Ready,
+                        _ => Phase::Starting,
+                    },
+                })
+                .collect(),
+            backoff: rt.backoff.clone(),
+            rolling: rt.rollout.iter().map(|r| r.process.clone()).collect(),
+        };
+        let decision = reconcile(&desired, &observed, now);
+        for action in decision.actions {
+            match action {
+                Action::Start { process, slot } => {
+                    self.start_instance(&process, slot);
+                }
+                Action::Stop { instance } => self.begin_stop(&instance, false),
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let rt = self.app.as_ref()?;
+        let mut wake: Option<Instant> = None;
+        let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        for b in rt.backoff.values() {
+            if let Some(t) = b.retry_at {
+                if t > self.clock.now() {
+                    at(t);
+                }
+            }
+        }
+        for inst in rt.instances.values() {
+            if inst.phase == InstPhase::Starting {
+                if let Some(spec) = rt.record.spec.process(&inst.id.process) {
+                    if inst.kind != ProcessKind::Web {
+                        at(inst.started + spec.ready_after);
+                    }
+                    at(inst.started + spec.rollout.health_timeout);
+                }
+            }
+        }
+        wake
+    }
+
+    // -------------------------------------------------------------- operations
+
+    fn check_op(&mut self, now: Instant) {
+        let Some(op) = self.op.as_ref() else { return };
+        let Some(rt) = self.app.as_ref() else {
+            self.finish_op();
+            return;
+        };
+        if op.down {
+            if rt.instances.is_empty() {
+                self.ingress.close();
+                self.finish_op();
+            }
+            return;
+        }
+        if rt.rollout.is_some() || !op.queue.is_empty() {
+            return;
+        }
+        // Failures: a crash-looping slot, or an instance that never became ready.
+        for (key, b) in &rt.backoff {
+            if b.crash_loop(&rt.record.spec.process(&key.0).map(|p| p.restart.clone()).unwrap_or_default()) {
+                let (id, exit) = rt.last_exit.get(key).cloned().unwrap_or((InstanceId::new(key.0.clone(), key.1, 0), ExitStatus::Unknown));
+                let logs = self.logs.tail(&rt.record.app, &self.env, &id, 10);
+                self.fail_op(EngineError::CrashLoop { instance: id.slot_name(), exit: exit.to_string(), logs });
+                return;
+            }
+        }
+        for inst in rt.instances.values() {
+            if matches!(inst.phase, InstPhase::Starting | InstPhase::Launching) {
+                if let Some(spec) = rt.record.spec.process(&inst.id.process) {
+                    let timeout = spec.rollout.health_timeout;
+                    if now.saturating_duration_since(inst.started) >= timeout {
+                        let logs = self.logs.tail(&rt.record.app, &self.env, &inst.id, 10);
+                        let what = if inst.kind == ProcessKind::Web { "healthy" } else { "ready" };
+                        let err = EngineError::NotReady {
+                            instance: inst.id.slot_name(),
+                            what: what.to_string(),
+                            timeout_s: timeout.as_secs(),
+                            checks: inst.last_checks.iter().cloned().collect(),
+                            logs,
+                        };
+                        self.fail_op(err);
+                        return;
+                    }
+                }
+            }
+        }
+        let (ready, desired, converged) = convergence(rt);
+        let op = self.op.as_mut().expect("checked");
+        if op.last_progress != Some((ready, desired)) {
+            op.last_progress = Some((ready, desired));
+            let _ = op.progress.send(Progress { message: format!("{ready}/{desired} instance(s) ready"), ready, desired });
+        }
+        if converged {
+            self.finish_op();
+        }
+    }
+
+    fn finish_op(&mut self) {
+        if let Some(mut op) = self.op.take() {
+            if let Some(reply) = op.reply.take() {
+                let _ = reply.send(Ok(OpReport { summary: op.summary.clone(), changed: op.changed }));
+            }
+        }
+    }
+
+    fn fail_op(&mut self, err: EngineError) {
+        if let Some(mut op) = self.op.take() {
+            if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
+                self.event(&app, "failed", None, &format!("{}: {err}", op.name));
+            }
+            if let Some(reply) = op.reply.take() {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+
+    fn progress(&self, message: String) {
+        if let Some(op) = &self.op {
+            let (ready, desired) = op.last_progress.unwrap_or((0, 0));
+            let _ = op.progress.send(Progress { message, ready, desired });
+        }
+    }
+
+    fn event(&self, app: &AppName, kind: &str, instance: Option<&InstanceId>, message: &str) {
+        let inst = instance.map(|i| i.to_string());
+        if let Err(e) = self.store.add_event(app, &self.env, self.clock.wall(), kind, inst.as_deref(), message) {
+            tracing::error!("could not record event: {e}");
+        }
+    }
+
+    // ----------------------------------------------------------------- reads
+
+    fn status(&self) -> Result<StatusReport, EngineError> {
+        let rt = self.app.as_ref().filter(|rt| rt.record.running || !rt.instances.is_empty()).ok_or(EngineError::NotUp)?;
+        let now = self.clock.now();
+        let spec = &rt.record.spec;
+        let mut instances = Vec::new();
+        for inst in rt.instances.values() {
+            let health = self.traffic.status(&inst.id);
+            let mut last_checks: Vec<String> = inst.last_checks.iter().cloned().collect();
+            if let Some(h) = &health {
+                if !h.last_checks.is_empty() {
+                    last_checks = h.last_checks.clone();
+                }
+            }
+            instances.push(InstanceStatus {
+                process: inst.id.process.to_string(),
+                kind: inst.kind.as_str().to_string(),
+                instance: inst.id.slot_name(),
+                id: inst.id.to_string(),
+                generation: inst.id.generation,
+                pid: inst.handle.as_ref().and_then(|h| h.locator.pid()),
+                port: inst.handle.as_ref().and_then(|h| h.addr).map(|a| a.port()),
+                state: match inst.phase {
+                    InstPhase::Launching => "launching",
+                    InstPhase::Starting => "starting",
+                    InstPhase::Ready => "running",
+                    InstPhase::Stopping => "stopping",
+                }
+                .to_string(),
+                health: if inst.kind == ProcessKind::Web {
+                    Some(health.map(|h| h.health).or(inst.health).unwrap_or(BackendHealth::Pending).as_str().to_string())
+                } else {
+                    None
+                },
+                restarts: rt.backoff.get(&(inst.id.process.clone(), inst.id.slot)).map(|b| b.restarts).unwrap_or(0),
+                uptime_ms: now.saturating_duration_since(inst.started).as_millis() as u64,
+                release: inst.release.0,
+                last_checks,
+            });
+        }
+        let mut waiting = Vec::new();
+        for ((process, slot), b) in &rt.backoff {
+            let occupied = rt.instances.values().any(|i| &i.id.process == process && i.id.slot == *slot && i.phase != InstPhase::Stopping);
+            let wanted = spec.process(process).is_some_and(|p| *slot <= p.count) && rt.record.running;
+            if occupied || !wanted {
+                continue;
+            }
+            let policy = spec.process(process).map(|p| p.restart.clone()).unwrap_or_default();
+            waiting.push(WaitingSlot {
+                process: process.to_string(),
+                instance: format!("{process}.{slot}"),
+                state: if b.crash_loop(&policy) { "crash-loop" } else { "backoff" }.to_string(),
+                restarts: b.restarts,
+                retry_in_ms: b.retry_at.map(|t| t.saturating_duration_since(now).as_millis() as u64).unwrap_or(0),
+                last_exit: rt.last_exit.get(&(process.clone(), *slot)).map(|(_, e)| e.to_string()),
+            });
+        }
+        let processes = spec
+            .processes
+            .iter()
+            .map(|p| ProcessSummary {
+                process: p.name.to_string(),
+                kind: p.kind.as_str().to_string(),
+                desired: if rt.record.running { p.count } else { 0 },
+                ready: rt.instances.values().filter(|i| i.id.process == p.name && i.phase == InstPhase::Ready).count() as u32,
+            })
+            .collect();
+        Ok(StatusReport {
+            app: rt.record.app.to_string(),
+            environment: self.env.to_string(),
+            release: rt.record.release.0,
+            workdir: rt.record.workdir.clone(),
+            proxy_listen: spec.proxy.listen.to_string(),
+            operation: self.op.as_ref().map(|o| o.name.to_string()),
+            processes,
+            instances,
+            waiting,
+        })
+    }
+
+    fn run_context(&self) -> Result<RunContext, EngineError> {
+        let rt = self.app.as_ref().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
+        let mut env: BTreeMap<String, String> = rt.record.base_env.clone();
+        env.extend(rt.record.spec.env.clone());
+        env.insert("NONSTOP_APP".into(), rt.record.app.to_string());
+        env.insert("NONSTOP_ENVIRONMENT".into(), self.env.to_string());
+        env.insert("NONSTOP_RELEASE".into(), rt.record.release.to_string());
+        env.insert("NONSTOP_PROCESS".into(), "run".into());
+        Ok(RunContext { app: rt.record.app.to_string(), workdir: rt.record.workdir.clone(), env })
+    }
+}
+
+/// Ready/desired over all processes, and whether the app runs exactly as
+/// specified (no extra, starting or stopping instances).
+fn convergence(rt: &AppRuntime) -> (u32, u32, bool) {
+    let mut ready = 0;
+    let mut desired = 0;
+    let mut converged = true;
+    for p in &rt.record.spec.processes {
+        let want = if p.kind == ProcessKind::Singleton { p.count.min(1) } else { p.count };
+        desired += want;
+        let mut slots = BTreeSet::new();
+        for inst in rt.instances.values().filter(|i| i.id.process == p.name) {
+            if inst.phase == InstPhase::Ready && inst.id.slot <= want && slots.insert(inst.id.slot) {
+                ready += 1;
+            } else {
+                converged = false;
+            }
+        }
+        if (slots.len() as u32) < want {
+            converged = false;
+        }
+    }
+    if rt.instances.values().any(|i| rt.record.spec.process(&i.id.process).is_none()) {
+        converged = false;
+    }
+    (ready, desired, converged)
+}
+
+/// Roll web first, then workers, then singletons, unless `[release] order`
+/// says otherwise (named processes first, in that order).
+fn order_processes(spec: &AppSpec, names: Vec<ProcessName>) -> VecDeque<ProcessName> {
+    let rank = |n: &ProcessName| {
+        if let Some(i) = spec.release.order.iter().position(|o| o == n) {
+            return (0, i);
+        }
+        let kind = spec.process(n).map(|p| p.kind);
+        let k = match kind {
+            Some(ProcessKind::Web) => 0,
+            Some(ProcessKind::Worker) => 1,
+            _ => 2,
+        };
+        (1, k)
+    };
+    let mut names = names;
+    names.sort_by_key(|n| rank(n));
+    names.dedup();
+    names.into()
+}
+
+fn instance_env(record: &AppRecord, spec: &ProcessSpec, id: &InstanceId, env: &EnvironmentId) -> Vec<(String, String)> {
+    let mut vars: BTreeMap<String, String> = record.base_env.clone();
+    vars.extend(record.spec.env.clone());
+    vars.extend(spec.env.clone());
+    vars.insert("NONSTOP_APP".into(), record.app.to_string());
+    vars.insert("NONSTOP_ENVIRONMENT".into(), env.to_string());
+    vars.insert("NONSTOP_RELEASE".into(), record.release.to_string());
+    vars.insert("NONSTOP_PROCESS".into(), id.process.to_string());
+    vars.insert("NONSTOP_INSTANCE".into(), id.slot_name());
+    vars.into_iter().collect()
+}
+
+fn join(names: &[ProcessName]) -> String {
+    names.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn tail_suffix(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("; last log lines:\n  {}", lines.join("\n  "))
+    }
+}
+
+fn checks_suffix(checks: &VecDeque<String>) -> String {
+    if checks.is_empty() {
+        String::new()
+    } else {
+        format!("; last health checks: {}", checks.iter().cloned().collect::<Vec<_>>().join("; "))
+    }
+}
+
+pub(crate) fn fmt_dur(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else if d < Duration::from_secs(120) {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}m{}s", d.as_secs() / 60, d.as_secs() % 60)
+    }
+}
+
+fn fmt_wall(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+    // UTC HH:MM:SS is enough to tell "since when" at a glance.
+    format!("{:02}:{:02}:{:02} UTC", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+}

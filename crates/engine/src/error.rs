@@ -1,0 +1,64 @@
+use serde::Serialize;
+
+/// What went wrong with a command, worded for the person who ran it: what
+/// happened and what to do about it.
+#[derive(Debug, Clone, thiserror::Error, Serialize)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum EngineError {
+    #[error("no app is up in this nonstop home; run `nonstop up` in the app directory")]
+    NotUp,
+    #[error("this nonstop home already runs app `{running}`, not `{requested}`; run `nonstop down` there first, or use another NONSTOP_HOME")]
+    OtherApp { running: String, requested: String },
+    #[error("another operation ({operation}) is in progress since {since}; wait for it to finish and try again")]
+    Busy { operation: String, since: String },
+    #[error("the spec cannot run as written:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Preflight { problems: Vec<String> },
+    #[error("the proxy cannot listen on {addr}: {reason}; free the port or set [proxy] listen in nonstop.toml (or NONSTOP_PROXY_LISTEN)")]
+    Listen { addr: String, reason: String },
+    #[error("unknown process type `{name}`; this app has: {known}")]
+    UnknownProcess { name: String, known: String },
+    #[error("{process} is a singleton: it runs 0 or 1 instance, not {requested}")]
+    SingletonCount { process: String, requested: u32 },
+    #[error("{instance} did not become {what} within {timeout_s}s{}{}\nthe app stays up as it is; fix the problem and run the command again, or `nonstop down`", fmt_block("last health checks", checks), fmt_block("last log lines", logs))]
+    NotReady { instance: String, what: String, timeout_s: u64, checks: Vec<String>, logs: Vec<String> },
+    #[error("{instance} keeps exiting ({exit}) and is crash-looping{}\nthe app stays up as it is; fix the command and run the command again, or `nonstop down`", fmt_block("last log lines", logs))]
+    CrashLoop { instance: String, exit: String, logs: Vec<String> },
+    #[error("rolling restart of {process} stopped: {reason}; the instances that were running before are kept")]
+    RolloutFailed { process: String, reason: String },
+    #[error("state store: {0}")]
+    Store(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+fn fmt_block(title: &str, lines: &[String]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut s = format!("\n{title}:");
+    for l in lines {
+        s.push_str("\n  ");
+        s.push_str(l);
+    }
+    s
+}
+
+impl From<nonstop_store::StoreError> for EngineError {
+    fn from(e: nonstop_store::StoreError) -> Self {
+        EngineError::Store(e.to_string())
+    }
+}
+
+impl EngineError {
+    /// Exit code for the CLI: 1 = the operation failed, 2 = bad input, 3 = conflict.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            EngineError::Preflight { .. }
+            | EngineError::UnknownProcess { .. }
+            | EngineError::SingletonCount { .. }
+            | EngineError::Listen { .. } => 2,
+            EngineError::OtherApp { .. } | EngineError::Busy { .. } | EngineError::NotUp => 3,
+            _ => 1,
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! What the engine reports: status, progress and operation results. These
+//! are serde types so that the API can send them as they are.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub process: String,
+    pub kind: String,
+    /// `web.1`
+    pub instance: String,
+    /// `web.1#7`
+    pub id: String,
+    pub generation: u64,
+    pub pid: Option<u32>,
+    pub port: Option<u16>,
+    /// launching | starting | running | stopping
+    pub state: String,
+    /// pending | healthy | unhealthy | draining, for web instances
+    pub health: Option<String>,
+    pub restarts: u32,
+    pub uptime_ms: u64,
+    pub release: u64,
+    pub last_checks: Vec<String>,
+}
+
+/// A slot that has no instance right now because it waits to restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingSlot {
+    pub process: String,
+    pub instance: String,
+    /// backoff | crash-loop
+    pub state: String,
+    pub restarts: u32,
+    pub retry_in_ms: u64,
+    pub last_exit: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSummary {
+    pub process: String,
+    pub kind: String,
+    pub desired: u32,
+    pub ready: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub app: String,
+    pub environment: String,
+    pub release: u64,
+    pub workdir: PathBuf,
+    pub proxy_listen: String,
+    pub operation: Option<String>,
+    pub processes: Vec<ProcessSummary>,
+    pub instances: Vec<InstanceStatus>,
+    pub waiting: Vec<WaitingSlot>,
+}
+
+/// A step of a long operation, for progress displays and `--json` events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub message: String,
+    /// Ready instances / desired instances, over the processes involved.
+    pub ready: u32,
+    pub desired: u32,
+}
+
+/// The result of a successful operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpReport {
+    pub summary: String,
+    pub changed: bool,
+}
+
+/// What a one-off process (`nonstop run`) needs to run like an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunContext {
+    pub app: String,
+    pub workdir: PathBuf,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventEntry {
+    pub at_ms: u64,
+    pub kind: String,
+    pub instance: Option<String>,
+    pub message: String,
+}
