@@ -1,0 +1,276 @@
+//! The API server: parse, forward to the engine, encode. Nothing else.
+
+use crate::wire::*;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nonstop_core::ProcessName;
+use nonstop_engine::{EngineError, EngineHandle, OpReport, Progress};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+/// Where the API gets log lines from (the local driver's files today).
+pub trait LogSource: Send + Sync + 'static {
+    /// The last `tail` lines of the app's instances (optionally one process
+    /// type), oldest first.
+    fn tail(&self, app: &str, env: &str, process: Option<&str>, tail: usize) -> Result<Vec<LogEntry>, String>;
+    /// New lines as they are written, until `cancel` fires or the receiver
+    /// is dropped.
+    fn follow(
+        &self,
+        app: &str,
+        env: &str,
+        process: Option<&str>,
+        cancel: CancellationToken,
+    ) -> Result<mpsc::Receiver<LogEntry>, String>;
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub engine: EngineHandle,
+    pub logs: Arc<dyn LogSource>,
+    /// Fired by `POST /v1/shutdown`.
+    pub shutdown: CancellationToken,
+    pub home: PathBuf,
+}
+
+/// The routes, without authentication (for the 0600 unix socket).
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/ping", get(ping))
+        .route("/v1/status", get(status))
+        .route("/v1/up", post(up))
+        .route("/v1/down", post(down))
+        .route("/v1/scale", post(scale))
+        .route("/v1/restart", post(restart))
+        .route("/v1/run-context", get(run_context))
+        .route("/v1/events", get(events))
+        .route("/v1/logs", get(logs))
+        .route("/v1/shutdown", post(shutdown))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// The routes behind `Authorization: Bearer <token>` (for TCP).
+pub fn router_with_token(state: ApiState, token: String) -> Router {
+    let token: Arc<str> = token.into();
+    router(state).layer(middleware::from_fn(move |req: Request, next: Next| {
+        let token = token.clone();
+        async move {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                next.run(req).await
+            } else {
+                let err = ApiError {
+                    message: "missing or wrong API token; send `Authorization: Bearer <token>` with the token from $NONSTOP_HOME/api-token".into(),
+                    exit_code: 2,
+                    detail: None,
+                };
+                (StatusCode::UNAUTHORIZED, Json(err)).into_response()
+            }
+        }
+    }))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() || b.is_empty() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn error_response(status: StatusCode, err: ApiError) -> Response {
+    (status, Json(err)).into_response()
+}
+
+fn engine_error(e: EngineError) -> Response {
+    let status = match e.exit_code() {
+        2 => StatusCode::BAD_REQUEST,
+        3 => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let status = if matches!(e, EngineError::NotUp) { StatusCode::NOT_FOUND } else { status };
+    error_response(status, to_api_error(&e))
+}
+
+fn to_api_error(e: &EngineError) -> ApiError {
+    ApiError { message: e.to_string(), exit_code: e.exit_code(), detail: serde_json::to_value(e).ok() }
+}
+
+fn bad_request(message: String) -> Response {
+    error_response(StatusCode::BAD_REQUEST, ApiError { message, exit_code: 2, detail: None })
+}
+
+async fn not_found() -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        ApiError { message: "no such API endpoint; is the CLI newer than the daemon? run `nonstop down` and `nonstop up` to restart it".into(), exit_code: 2, detail: None },
+    )
+}
+
+async fn ping(State(s): State<ApiState>) -> Json<Ping> {
+    Json(Ping { pid: std::process::id(), version: env!("CARGO_PKG_VERSION").to_string(), home: s.home.clone() })
+}
+
+async fn status(State(s): State<ApiState>) -> Response {
+    match s.engine.status().await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+async fn run_context(State(s): State<ApiState>) -> Response {
+    match s.engine.run_context().await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+async fn events(State(s): State<ApiState>, Query(q): Query<EventsQuery>) -> Response {
+    match s.engine.events(q.limit.unwrap_or(50).min(10_000)).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// Run an engine operation and stream its progress as NDJSON. The
+/// operation goes on if the client goes away.
+fn op_stream<F, Fut>(run: F) -> Response
+where
+    F: FnOnce(mpsc::UnboundedSender<Progress>) -> Fut,
+    Fut: Future<Output = Result<OpReport, EngineError>> + Send + 'static,
+{
+    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
+    let (line_tx, line_rx) = mpsc::unbounded_channel::<Result<bytes::Bytes, std::io::Error>>();
+    let fut = run(progress_tx);
+    tokio::spawn(async move {
+        let forward = {
+            let line_tx = line_tx.clone();
+            async move {
+                while let Some(p) = progress_rx.recv().await {
+                    let _ = line_tx.send(Ok(ndjson(&OpLine::Progress(p))));
+                }
+            }
+        };
+        let (result, ()) = tokio::join!(fut, forward);
+        let last = match result {
+            Ok(report) => OpLine::Result(report),
+            Err(e) => OpLine::Error(to_api_error(&e)),
+        };
+        let _ = line_tx.send(Ok(ndjson(&last)));
+    });
+    let body = Body::from_stream(UnboundedReceiverStream::new(line_rx));
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    resp
+}
+
+fn ndjson<T: serde::Serialize>(v: &T) -> bytes::Bytes {
+    let mut s = serde_json::to_vec(v).unwrap_or_default();
+    s.push(b'\n');
+    s.into()
+}
+
+async fn up(State(s): State<ApiState>, body: Result<Json<UpRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid up request: {e}")),
+    };
+    let engine = s.engine.clone();
+    op_stream(move |p| async move { engine.up(req.spec, req.workdir, req.base_env, p).await })
+}
+
+async fn down(State(s): State<ApiState>) -> Response {
+    let engine = s.engine.clone();
+    op_stream(move |p| async move { engine.down(p).await })
+}
+
+async fn scale(State(s): State<ApiState>, body: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid scale request: {e}")),
+    };
+    let mut counts = BTreeMap::new();
+    for (name, n) in req.counts {
+        match ProcessName::new(name) {
+            Ok(p) => {
+                counts.insert(p, n);
+            }
+            Err(e) => return bad_request(e.to_string()),
+        }
+    }
+    if counts.is_empty() {
+        return bad_request("nothing to scale; give PROCESS=COUNT, e.g. `nonstop scale web=4`".into());
+    }
+    let engine = s.engine.clone();
+    op_stream(move |p| async move { engine.scale(counts, p).await })
+}
+
+async fn restart(State(s): State<ApiState>, body: Option<Json<RestartRequest>>) -> Response {
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let process = match req.process.map(ProcessName::new).transpose() {
+        Ok(p) => p,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    let engine = s.engine.clone();
+    op_stream(move |p| async move { engine.restart(process, p).await })
+}
+
+async fn shutdown(State(s): State<ApiState>) -> Response {
+    s.shutdown.cancel();
+    (StatusCode::ACCEPTED, Json(serde_json::json!({"shutting_down": true}))).into_response()
+}
+
+async fn logs(State(s): State<ApiState>, Query(q): Query<LogsQuery>) -> Response {
+    let status = match s.engine.status().await {
+        Ok(st) => st,
+        Err(e) => return engine_error(e),
+    };
+    if let Some(p) = &q.process {
+        if !status.processes.iter().any(|x| &x.process == p) {
+            let known = status.processes.iter().map(|x| x.process.clone()).collect::<Vec<_>>().join(", ");
+            return engine_error(EngineError::UnknownProcess { name: p.clone(), known });
+        }
+    }
+    let tail = q.tail.unwrap_or(if q.follow { 20 } else { 200 }).min(100_000);
+    let backlog = match s.logs.tail(&status.app, &status.environment, q.process.as_deref(), tail) {
+        Ok(lines) => lines,
+        Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, ApiError { message: e, exit_code: 1, detail: None }),
+    };
+    let backlog_stream = tokio_stream::iter(backlog.into_iter().map(|l| Ok::<_, std::io::Error>(ndjson(&l))));
+    let body = if q.follow {
+        let cancel = s.shutdown.child_token();
+        let guard = cancel.clone().drop_guard();
+        let rx = match s.logs.follow(&status.app, &status.environment, q.process.as_deref(), cancel) {
+            Ok(rx) => rx,
+            Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, ApiError { message: e, exit_code: 1, detail: None }),
+        };
+        // The guard lives as long as the body stream: a client that goes
+        // away stops the follower.
+        let live = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |l| {
+            let _keep = &guard;
+            Ok::<_, std::io::Error>(ndjson(&l))
+        });
+        Body::from_stream(backlog_stream.chain(live))
+    } else {
+        Body::from_stream(backlog_stream)
+    };
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    resp
+}

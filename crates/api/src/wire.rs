@@ -1,0 +1,80 @@
+//! Request and response bodies. The contract between CLI and daemon.
+
+use nonstop_core::process::AppSpec;
+use nonstop_engine::{OpReport, Progress};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+pub const API_VERSION: &str = "v1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpRequest {
+    pub spec: AppSpec,
+    pub workdir: PathBuf,
+    /// PATH, HOME, LANG... of the shell that ran `up`.
+    pub base_env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub counts: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RestartRequest {
+    pub process: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ping {
+    pub pid: u32,
+    pub version: String,
+    pub home: PathBuf,
+}
+
+/// An error as the API sends it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub message: String,
+    /// The exit code the CLI should use.
+    pub exit_code: i32,
+    /// The engine's structured error, when there is one.
+    #[serde(default)]
+    pub detail: Option<serde_json::Value>,
+}
+
+/// One line of an NDJSON operation stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OpLine {
+    Progress(Progress),
+    Result(OpReport),
+    Error(ApiError),
+}
+
+/// One log line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// RFC 3339, UTC.
+    pub ts: String,
+    /// `web.1`
+    pub instance: String,
+    pub generation: u64,
+    /// `out` or `err`
+    pub stream: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogsQuery {
+    pub process: Option<String>,
+    pub tail: Option<usize>,
+    #[serde(default)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventsQuery {
+    pub limit: Option<usize>,
+}
