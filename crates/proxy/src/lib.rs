@@ -1,1 +1,308 @@
-//! placeholder, being written
+//! nonstop's reverse proxy and load balancer: the local implementation of
+//! [`Traffic`].
+//!
+//! # Shape
+//! - The control plane ([`Traffic::add`], [`Traffic::drain`],
+//!   [`Proxy::set_hosts`], ...) edits a registry under a mutex and publishes
+//!   an immutable route snapshot through one `ArcSwap`.
+//! - The request path loads the snapshot (no lock), scans the route's
+//!   backends for the Healthy one with the fewest requests in flight
+//!   (atomics; round-robin among equals), takes an idle upstream connection
+//!   from that backend's pool (a push/pop under an uncontended mutex) or
+//!   opens one, and streams both bodies through.
+//! - One checker task per backend runs the active health checks; requests
+//!   report refused connections (passive checks). Health has hysteresis and
+//!   every change is broadcast as a [`HealthEvent`].
+//!
+//! # Invariants
+//! - A request is counted in flight *before* its backend's health is checked
+//!   and a drain marks the backend Draining *before* it reads the count: no
+//!   request reaches a draining backend, and a drain never misses one.
+//! - Nothing is buffered except an idempotent request body of at most
+//!   `retry_body_limit` bytes (so that it can be retried, see
+//!   `forward.rs`).
+//! - Every task (checkers, upstream connections, client connections,
+//!   upgraded tunnels) stops on a cancellation token and is tracked.
+//!
+//! Functions that start tasks ([`Traffic::add`], [`Proxy::serve`]) must run
+//! inside a tokio runtime.
+#![forbid(unsafe_code)]
+
+mod backend;
+mod body;
+mod config;
+mod error;
+mod forward;
+mod headers;
+mod health;
+mod server;
+mod table;
+
+pub use body::ProxyBody;
+pub use config::*;
+pub use error::{ErrorKind, ProxyError, Retry, Side};
+
+use arc_swap::ArcSwap;
+use backend::{BackendState, Pool};
+use health::Shared;
+use nonstop_core::ids::InstanceId;
+use nonstop_core::process::HealthCheck;
+use nonstop_core::traffic::{
+    Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey,
+    Traffic,
+};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use table::{Entry, Registry, Snapshot};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The proxy. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub config: ProxyConfig,
+    pub table: ArcSwap<Snapshot>,
+    registry: Mutex<Registry>,
+    pub shared: Arc<Shared>,
+    /// Parent of every backend's token; cancelled by [`Proxy::close`].
+    pub root: CancellationToken,
+    /// Checkers and upstream connection drivers.
+    pub tasks: TaskTracker,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.root.cancel();
+    }
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                table: ArcSwap::from_pointee(Snapshot::default()),
+                registry: Mutex::new(Registry::default()),
+                shared: Arc::new(Shared::new()),
+                root: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.inner.config
+    }
+
+    /// Serve HTTP/1.1 clients on `listener` until `shutdown` is cancelled.
+    /// Then stop accepting, let requests in flight (and upgraded
+    /// connections) finish within `shutdown_grace`, close the rest, stop
+    /// the health checkers ([`Proxy::close`]) and return.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let result = server::serve(Arc::clone(&self.inner), listener, shutdown).await;
+        self.close().await;
+        result
+    }
+
+    /// Stop every health checker and close idle upstream connections. The
+    /// proxy routes nothing new afterwards: backends added later are never
+    /// checked. Called by [`Proxy::serve`] on its way out.
+    pub async fn close(&self) {
+        self.inner.root.cancel();
+        for entry in self.registry().backends.values() {
+            entry.state.pool.clear();
+        }
+        self.inner.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("proxy tasks still running 5s after close");
+        }
+    }
+
+    /// Requests whose `Host` matches no route go to `route`.
+    pub fn set_default_route(&self, route: RouteKey) {
+        let mut reg = self.registry();
+        reg.default_route = Some(route);
+        self.publish(&reg);
+    }
+
+    /// Route requests for `hosts` to `route` (replacing its previous hosts).
+    /// Matching ignores case and port; `*.example.com` matches one label
+    /// below `example.com`. An empty list removes the route's hosts.
+    pub fn set_hosts(&self, route: RouteKey, hosts: Vec<String>) {
+        let hosts: Vec<String> = hosts
+            .iter()
+            .filter_map(|h| {
+                let normalized = table::normalize_host(h);
+                if normalized.is_none() {
+                    tracing::warn!(host = %h, route = %route.0, "ignoring empty or invalid host");
+                }
+                normalized
+            })
+            .collect();
+        let mut reg = self.registry();
+        if hosts.is_empty() {
+            reg.hosts.remove(&route);
+        } else {
+            reg.hosts.insert(route, hosts);
+        }
+        self.publish(&reg);
+    }
+
+    /// Every known backend, by instance.
+    pub fn backends(&self) -> Vec<BackendStatus> {
+        let mut all: Vec<BackendStatus> = self
+            .registry()
+            .backends
+            .values()
+            .map(|e| e.state.status())
+            .collect();
+        all.sort_by(|a, b| a.instance.cmp(&b.instance));
+        all
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Swap in a new snapshot of `reg` (called with the registry locked, so
+    /// snapshots are published in order) and wake requests waiting for a
+    /// backend.
+    fn publish(&self, reg: &Registry) {
+        self.inner.table.store(Arc::new(reg.snapshot()));
+        self.inner.shared.changed.notify_waiters();
+    }
+
+    /// Forget `state` if it is still the registered backend of `instance`.
+    fn forget(&self, instance: &InstanceId, state: &Arc<BackendState>) {
+        let mut reg = self.registry();
+        if reg
+            .backends
+            .get(instance)
+            .is_some_and(|e| Arc::ptr_eq(&e.state, state))
+        {
+            reg.backends.remove(instance);
+            self.publish(&reg);
+        }
+        drop(reg);
+        state.token.cancel();
+        state.pool.clear();
+    }
+}
+
+impl Traffic for Proxy {
+    fn add(&self, route: &RouteKey, backend: Backend, check: HealthCheck, initial: InitialHealth) {
+        let health = match initial {
+            InitialHealth::Pending => BackendHealth::Pending,
+            InitialHealth::AssumeHealthy => BackendHealth::Healthy,
+        };
+        let config = &self.inner.config;
+        let state = Arc::new(BackendState::new(
+            backend.instance.clone(),
+            backend.addr,
+            check,
+            health,
+            Pool::new(config.max_idle_per_backend, config.upstream_idle_timeout),
+            self.inner.root.child_token(),
+        ));
+        let mut reg = self.registry();
+        let entry = Entry {
+            route: route.clone(),
+            state: Arc::clone(&state),
+            in_rotation: true,
+        };
+        if let Some(old) = reg.backends.insert(backend.instance.clone(), entry) {
+            tracing::warn!(instance = %backend.instance, "backend added twice; replacing the previous one");
+            old.state.retire();
+            old.state.token.cancel();
+        }
+        self.publish(&reg);
+        drop(reg);
+        tracing::debug!(instance = %backend.instance, addr = %backend.addr, route = %route.0, initial = health.as_str(), "backend added");
+        self.inner
+            .tasks
+            .spawn(health::run_checker(state, Arc::clone(&self.inner.shared)));
+    }
+
+    fn drain(
+        &self,
+        instance: &InstanceId,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = DrainOutcome> + Send {
+        let state = {
+            let mut reg = self.registry();
+            let state = reg.backends.get_mut(instance).map(|entry| {
+                entry.in_rotation = false;
+                Arc::clone(&entry.state)
+            });
+            if let Some(state) = &state {
+                // Draining first (no new request is counted on it), then out
+                // of the snapshot.
+                self.inner.shared.drain(state);
+                self.publish(&reg);
+            }
+            state
+        };
+        let instance = instance.clone();
+        let proxy = self.clone();
+        async move {
+            let Some(state) = state else {
+                return DrainOutcome::Unknown;
+            };
+            let deadline = tokio::time::Instant::now() + timeout;
+            let left = state.wait_idle(deadline).await;
+            proxy.forget(&instance, &state);
+            if left == 0 {
+                tracing::debug!(%instance, "backend drained");
+                DrainOutcome::Drained
+            } else {
+                tracing::info!(%instance, in_flight = left, "drain timed out");
+                DrainOutcome::TimedOut { in_flight: left }
+            }
+        }
+    }
+
+    fn remove(&self, instance: &InstanceId) {
+        let mut reg = self.registry();
+        if let Some(entry) = reg.backends.remove(instance) {
+            entry.state.retire();
+            self.publish(&reg);
+            drop(reg);
+            entry.state.token.cancel();
+            tracing::debug!(%instance, "backend removed");
+        }
+    }
+
+    fn status(&self, instance: &InstanceId) -> Option<BackendStatus> {
+        self.registry()
+            .backends
+            .get(instance)
+            .map(|e| e.state.status())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<HealthEvent> {
+        self.inner.shared.events.subscribe()
+    }
+}

@@ -1,0 +1,446 @@
+//! One instance as the proxy sees it: health (an atomic read on every
+//! request, changed under a small lock by the checker and by passive
+//! failures), the in-flight counter, and the pool of idle upstream
+//! connections.
+
+use crate::body::UpBody;
+use hyper::client::conn::http1::SendRequest;
+use nonstop_core::ids::InstanceId;
+use nonstop_core::process::HealthCheck;
+use nonstop_core::traffic::{BackendHealth, BackendStatus};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// How many check results `BackendStatus::last_checks` keeps.
+pub(crate) const LAST_CHECKS: usize = 5;
+
+fn encode(h: BackendHealth) -> u8 {
+    match h {
+        BackendHealth::Pending => 0,
+        BackendHealth::Healthy => 1,
+        BackendHealth::Unhealthy => 2,
+        BackendHealth::Draining => 3,
+    }
+}
+
+fn decode(v: u8) -> BackendHealth {
+    match v {
+        0 => BackendHealth::Pending,
+        1 => BackendHealth::Healthy,
+        2 => BackendHealth::Unhealthy,
+        _ => BackendHealth::Draining,
+    }
+}
+
+const HEALTHY: u8 = 1;
+const DRAINING: u8 = 3;
+
+/// Health with hysteresis, as pure state: the checker and the request path
+/// feed it results, it answers with the new health when it changes.
+#[derive(Debug, Clone)]
+pub(crate) struct HealthMachine {
+    pub health: BackendHealth,
+    passes: u32,
+    fails: u32,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+}
+
+impl HealthMachine {
+    pub fn new(initial: BackendHealth, check: &HealthCheck) -> Self {
+        Self {
+            health: initial,
+            passes: 0,
+            fails: 0,
+            healthy_threshold: check.healthy_threshold.max(1),
+            unhealthy_threshold: check.unhealthy_threshold.max(1),
+        }
+    }
+
+    fn set(&mut self, health: BackendHealth) -> Option<BackendHealth> {
+        if self.health == health {
+            None
+        } else {
+            self.health = health;
+            Some(health)
+        }
+    }
+
+    /// An active check result. Pending/Unhealthy become Healthy after
+    /// `healthy_threshold` passes in a row; Healthy becomes Unhealthy after
+    /// `unhealthy_threshold` failures in a row. A pending instance that
+    /// fails stays pending (it never served).
+    pub fn observe(&mut self, pass: bool) -> Option<BackendHealth> {
+        if self.health == BackendHealth::Draining {
+            return None;
+        }
+        if pass {
+            self.fails = 0;
+            self.passes = self.passes.saturating_add(1);
+            if self.health != BackendHealth::Healthy && self.passes >= self.healthy_threshold {
+                return self.set(BackendHealth::Healthy);
+            }
+        } else {
+            self.passes = 0;
+            self.fails = self.fails.saturating_add(1);
+            if self.health == BackendHealth::Healthy && self.fails >= self.unhealthy_threshold {
+                return self.set(BackendHealth::Unhealthy);
+            }
+        }
+        None
+    }
+
+    /// A request proved the instance down (connection refused): out of
+    /// rotation at once, back after `healthy_threshold` passes.
+    pub fn passive_failure(&mut self) -> Option<BackendHealth> {
+        if self.health == BackendHealth::Draining {
+            return None;
+        }
+        self.passes = 0;
+        self.set(BackendHealth::Unhealthy)
+    }
+
+    pub fn drain(&mut self) -> Option<BackendHealth> {
+        self.set(BackendHealth::Draining)
+    }
+}
+
+/// The part of a backend's state that changes rarely (health transitions,
+/// check results): behind one small lock, never taken per request.
+pub(crate) struct Slow {
+    pub machine: HealthMachine,
+    pub last_checks: VecDeque<String>,
+}
+
+pub(crate) struct BackendState {
+    pub instance: InstanceId,
+    pub addr: SocketAddr,
+    pub check: HealthCheck,
+    health: AtomicU8,
+    in_flight: AtomicU64,
+    /// Woken when `in_flight` reaches zero while draining.
+    idle: Notify,
+    slow: Mutex<Slow>,
+    pub pool: Pool,
+    /// Cancelled when the backend is forgotten: stops its checker and its
+    /// upgraded connections.
+    pub token: CancellationToken,
+}
+
+impl BackendState {
+    pub fn new(
+        instance: InstanceId,
+        addr: SocketAddr,
+        check: HealthCheck,
+        initial: BackendHealth,
+        pool: Pool,
+        token: CancellationToken,
+    ) -> Self {
+        let machine = HealthMachine::new(initial, &check);
+        Self {
+            instance,
+            addr,
+            check,
+            health: AtomicU8::new(encode(initial)),
+            in_flight: AtomicU64::new(0),
+            idle: Notify::new(),
+            slow: Mutex::new(Slow {
+                machine,
+                last_checks: VecDeque::with_capacity(LAST_CHECKS),
+            }),
+            pool,
+            token,
+        }
+    }
+
+    pub fn health(&self) -> BackendHealth {
+        decode(self.health.load(Ordering::SeqCst))
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.health.load(Ordering::SeqCst) == HEALTHY
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Lock the slow state. The health atomic is only written while this
+    /// lock is held, so transitions and their events stay in order.
+    pub fn slow(&self) -> MutexGuard<'_, Slow> {
+        self.slow
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Publish a health the machine (under `slow()`) has moved to.
+    pub fn store_health(&self, health: BackendHealth) {
+        self.health.store(encode(health), Ordering::SeqCst);
+        if health == BackendHealth::Draining {
+            // Close idle connections now; in-flight ones are not pooled again.
+            self.pool.clear();
+        }
+    }
+
+    /// Out of rotation for good, without an event (the caller removed it).
+    pub fn retire(&self) {
+        let mut slow = self.slow();
+        slow.machine.drain();
+        self.store_health(BackendHealth::Draining);
+    }
+
+    pub fn push_check(slow: &mut Slow, result: String) {
+        if slow.last_checks.len() >= LAST_CHECKS {
+            slow.last_checks.pop_front();
+        }
+        slow.last_checks.push_back(result);
+    }
+
+    pub fn status(&self) -> BackendStatus {
+        let last_checks = self.slow().last_checks.iter().cloned().collect();
+        BackendStatus {
+            instance: self.instance.clone(),
+            addr: self.addr,
+            health: self.health(),
+            in_flight: self.in_flight(),
+            last_checks,
+        }
+    }
+
+    /// Wait until nothing is in flight, or `deadline`. Call after the
+    /// backend is Draining. Returns the count left.
+    pub async fn wait_idle(&self, deadline: tokio::time::Instant) -> u64 {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let left = self.in_flight.load(Ordering::SeqCst);
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.in_flight.load(Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn release(&self) {
+        // Ordering: the decrement is SeqCst and so is the health load after
+        // it; a drain stores Draining then loads the count, both SeqCst. So
+        // either the drain sees our decrement, or we see Draining and wake it.
+        let prev = self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if prev == 1 && self.health.load(Ordering::SeqCst) == DRAINING {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+/// One request (or upgraded connection) counted against a backend. Taken
+/// only while the backend is Healthy; released on drop.
+pub(crate) struct InFlight(Arc<BackendState>);
+
+impl InFlight {
+    /// Count a request against `backend` if it is still in rotation.
+    /// Increment first, then check: a concurrent drain either sees the count
+    /// or we see its Draining state (both SeqCst).
+    pub fn try_acquire(backend: &Arc<BackendState>) -> Option<InFlight> {
+        backend.in_flight.fetch_add(1, Ordering::SeqCst);
+        if backend.health.load(Ordering::SeqCst) == HEALTHY {
+            Some(InFlight(Arc::clone(backend)))
+        } else {
+            backend.release();
+            None
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<BackendState> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+struct Idle {
+    tx: SendRequest<UpBody>,
+    since: Instant,
+}
+
+/// Idle keep-alive connections to one backend. A short critical section
+/// (push/pop on a Vec) per request; newest first, since the newest is the
+/// likeliest to be alive.
+pub(crate) struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+        Self {
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The newest idle connection that hyper has not seen close. Stale ones
+    /// met on the way are dropped (which closes them).
+    pub fn take(&self) -> Option<SendRequest<UpBody>> {
+        let mut stale = Vec::new();
+        let found = {
+            let mut idle = self.lock();
+            let mut found = None;
+            while let Some(entry) = idle.pop() {
+                if entry.tx.is_closed() || entry.since.elapsed() > self.idle_timeout {
+                    stale.push(entry);
+                    continue;
+                }
+                found = Some(entry.tx);
+                break;
+            }
+            found
+        };
+        drop(stale);
+        found
+    }
+
+    pub fn put(&self, tx: SendRequest<UpBody>, backend_draining: bool) {
+        if backend_draining || tx.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                tx,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Close idle connections past `upstream_idle_timeout` or closed.
+    pub fn prune(&self) {
+        let stale: Vec<Idle> = {
+            let mut idle = self.lock();
+            let timeout = self.idle_timeout;
+            let (keep, stale): (Vec<Idle>, Vec<Idle>) = idle
+                .drain(..)
+                .partition(|e| !e.tx.is_closed() && e.since.elapsed() <= timeout);
+            *idle = keep;
+            stale
+        };
+        drop(stale);
+    }
+
+    pub fn clear(&self) {
+        let all = std::mem::take(&mut *self.lock());
+        drop(all);
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl BackendState {
+    /// Return a connection whose exchange completed cleanly.
+    pub fn recycle(&self, tx: SendRequest<UpBody>) {
+        self.pool
+            .put(tx, self.health.load(Ordering::SeqCst) == DRAINING);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nonstop_core::process::StatusRange;
+
+    fn check(healthy: u32, unhealthy: u32) -> HealthCheck {
+        HealthCheck {
+            path: "/".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: healthy,
+            unhealthy_threshold: unhealthy,
+            expect_status: StatusRange { min: 200, max: 399 },
+        }
+    }
+
+    #[test]
+    fn pending_needs_threshold_passes() {
+        let mut m = HealthMachine::new(BackendHealth::Pending, &check(3, 2));
+        assert_eq!(m.observe(true), None);
+        assert_eq!(
+            m.observe(false),
+            None,
+            "a failure resets the count and keeps it pending"
+        );
+        assert_eq!(m.health, BackendHealth::Pending);
+        assert_eq!(m.observe(true), None);
+        assert_eq!(m.observe(true), None);
+        assert_eq!(m.observe(true), Some(BackendHealth::Healthy));
+        assert_eq!(m.observe(true), None);
+    }
+
+    #[test]
+    fn healthy_needs_threshold_failures_and_comes_back() {
+        let mut m = HealthMachine::new(BackendHealth::Healthy, &check(2, 3));
+        assert_eq!(m.observe(false), None);
+        assert_eq!(m.observe(false), None);
+        assert_eq!(m.observe(true), None, "a pass resets the failure count");
+        assert_eq!(m.observe(false), None);
+        assert_eq!(m.observe(false), None);
+        assert_eq!(m.observe(false), Some(BackendHealth::Unhealthy));
+        assert_eq!(m.observe(true), None);
+        assert_eq!(m.observe(true), Some(BackendHealth::Healthy));
+    }
+
+    #[test]
+    fn passive_failure_is_immediate_and_recovers_by_checks() {
+        let mut m = HealthMachine::new(BackendHealth::Healthy, &check(2, 3));
+        assert_eq!(m.observe(true), None);
+        assert_eq!(m.passive_failure(), Some(BackendHealth::Unhealthy));
+        assert_eq!(m.passive_failure(), None);
+        assert_eq!(m.observe(true), None);
+        assert_eq!(m.observe(true), Some(BackendHealth::Healthy));
+    }
+
+    #[test]
+    fn draining_is_final() {
+        let mut m = HealthMachine::new(BackendHealth::Healthy, &check(1, 1));
+        assert_eq!(m.drain(), Some(BackendHealth::Draining));
+        assert_eq!(m.observe(false), None);
+        assert_eq!(m.observe(true), None);
+        assert_eq!(m.passive_failure(), None);
+        assert_eq!(m.health, BackendHealth::Draining);
+    }
+
+    #[test]
+    fn zero_thresholds_act_as_one() {
+        let mut m = HealthMachine::new(BackendHealth::Pending, &check(0, 0));
+        assert_eq!(m.observe(true), Some(BackendHealth::Healthy));
+        assert_eq!(m.observe(false), Some(BackendHealth::Unhealthy));
+    }
+
+    #[test]
+    fn pool_starts_empty() {
+        let pool = Pool::new(4, Duration::from_secs(1));
+        assert!(pool.take().is_none());
+        assert_eq!(pool.len(), 0);
+    }
+}

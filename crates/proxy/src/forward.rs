@@ -1,0 +1,397 @@
+//! The request path: route, pick, send (with at most one retry), answer.
+//!
+//! # Retry rule
+//! A request is sent at most twice, the second time on a fresh connection
+//! and, if any other is healthy, to another instance:
+//! - when nothing reached the instance (connect failed, or hyper handed the
+//!   request back from a dead pooled connection): any method, any body;
+//! - when the instance died after the request was sent but before a
+//!   response head came back: only `GET`, `HEAD`, `OPTIONS`, `PUT`,
+//!   `DELETE`, `TRACE`, and only if the body is empty or was buffered. A body
+//!   is buffered only for those methods and only up to
+//!   `ProxyConfig::retry_body_limit` (by `Content-Length`); larger or chunked
+//!   bodies are streamed and such requests are not retried once sent.
+//!
+//! A response-head timeout (504) is never retried: the instance may still
+//! be working on it.
+
+use crate::backend::{BackendState, InFlight};
+use crate::body::{Lease, ProxyBody, UpBody};
+use crate::error::{ErrorKind, ProxyError, Retry, Side};
+use crate::headers;
+use crate::server::{ConnCtx, PhaseGuard};
+use crate::Inner;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+
+const PAGE_503: &str = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>503 Service Unavailable</title></head>\n<body><h1>Service unavailable</h1>\n<p>No healthy instance of this app is available right now. Please try again in a moment.</p></body></html>\n";
+const BODY_502: &str = "502 Bad Gateway: the app instance failed to answer.\n";
+const BODY_504: &str = "504 Gateway Timeout: the app did not answer in time.\n";
+const BODY_400: &str = "400 Bad Request: the request body could not be read.\n";
+const BODY_500: &str = "500 Internal Server Error: proxy error.\n";
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// What is kept of a sent request so it can be sent again.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+}
+
+impl Replay {
+    fn request(self) -> Request<UpBody> {
+        let mut req = Request::new(UpBody::Full(self.body));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        *req.version_mut() = Version::HTTP_11;
+        req
+    }
+}
+
+pub(crate) async fn handle(
+    inner: Arc<Inner>,
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let phase = ctx.begin_request();
+    let request_id = headers::request_id(req.headers());
+    let upgrade = headers::is_upgrade(req.headers());
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+
+    // Origin-form towards the instance; an absolute-form target names the host.
+    if parts.uri.authority().is_some() {
+        if let Some(authority) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, authority);
+        }
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map(|pq| Uri::from(pq.clone()))
+            .unwrap_or_else(|| Uri::from_static("/"));
+    }
+    let host = parts.headers.get(header::HOST).cloned();
+    headers::prepare_request(&mut parts.headers, &ctx.peer_ip, &request_id, upgrade);
+    parts.version = Version::HTTP_11;
+
+    // Decide the body's fate: empty, buffered (replayable), or streamed.
+    let idempotent = is_idempotent(&parts.method);
+    let (body, replay_body) = if body.is_end_stream() {
+        (UpBody::empty(), Some(None))
+    } else if idempotent
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= inner.config.retry_body_limit as u64)
+    {
+        match body.collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                (
+                    UpBody::full(bytes.clone()),
+                    Some(Some(bytes).filter(|b| !b.is_empty())),
+                )
+            }
+            Err(err) => {
+                let err = ProxyError::new(ErrorKind::ClientBody, Side::Downstream, Retry::Never)
+                    .with_source(err);
+                return error_response(&err, request_id, phase);
+            }
+        }
+    } else {
+        (UpBody::Stream(body), None)
+    };
+    let mut replay = match replay_body {
+        Some(body) if idempotent => Some(Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+            body,
+        }),
+        _ => None,
+    };
+
+    let mut req = Request::from_parts(parts, body);
+    let mut avoid: Option<Arc<BackendState>> = None;
+    let mut attempt = 0u8;
+    loop {
+        let Some(in_flight) = acquire(&inner, host.as_ref(), avoid.as_ref()).await else {
+            return error_response(&ProxyError::no_healthy_backend(), request_id, phase);
+        };
+        match send(&inner, &in_flight, req, attempt > 0).await {
+            Ok((resp, conn)) => {
+                return respond(&ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
+            }
+            Err((err, returned)) => {
+                let backend = Arc::clone(in_flight.backend());
+                drop(in_flight);
+                if err.marks_unhealthy() {
+                    inner.shared.passive_failure(&backend, err.detail());
+                }
+                attempt += 1;
+                let next = if attempt >= 2 {
+                    None
+                } else {
+                    match err.retry {
+                        Retry::Unsent => returned.or_else(|| replay.take().map(Replay::request)),
+                        Retry::IfIdempotent => replay.take().map(Replay::request),
+                        Retry::Never => None,
+                    }
+                };
+                match next {
+                    Some(again) => {
+                        tracing::debug!(instance = %backend.instance, error = %err, "retrying request on another instance");
+                        req = again;
+                        avoid = Some(backend);
+                    }
+                    None => {
+                        tracing::warn!(instance = %backend.instance, error = %err, status = err.status().as_u16(), "request failed");
+                        return error_response(&err, request_id, phase);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A healthy backend of the request's route, counted in flight. When none
+/// is healthy, wait up to `no_backend_wait` for one.
+async fn acquire(
+    inner: &Inner,
+    host: Option<&HeaderValue>,
+    avoid: Option<&Arc<BackendState>>,
+) -> Option<InFlight> {
+    let pick = || {
+        let snapshot = inner.table.load();
+        snapshot
+            .route_for(host.map(HeaderValue::as_bytes))?
+            .pick(avoid)
+    };
+    if let Some(found) = pick() {
+        return Some(found);
+    }
+    let wait = inner.config.no_backend_wait;
+    if wait.is_zero() {
+        return None;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let notified = inner.shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(found) = pick() {
+            return Some(found);
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return pick();
+        }
+    }
+}
+
+type Sent = (Response<Incoming>, SendRequest<UpBody>);
+type Failed = (ProxyError, Option<Request<UpBody>>);
+
+/// One exchange up to the response head. On failure, the request comes
+/// back if it never reached the instance.
+async fn send(
+    inner: &Inner,
+    in_flight: &InFlight,
+    req: Request<UpBody>,
+    fresh: bool,
+) -> Result<Sent, Failed> {
+    let backend = in_flight.backend();
+    let mut conn = match checkout(inner, backend, fresh).await {
+        Ok(conn) => conn,
+        Err(err) => return Err((err, Some(req))),
+    };
+    match tokio::time::timeout(inner.config.upstream_timeout, conn.try_send_request(req)).await {
+        // Dropping the exchange closes the connection (hyper's rule).
+        Err(_) => Err((ProxyError::upstream_timeout(), None)),
+        Ok(Ok(resp)) => Ok((resp, conn)),
+        Ok(Err(mut failed)) => {
+            let returned = failed.take_message();
+            let err = ProxyError::exchange(failed.into_error(), returned.is_some());
+            Err((err, returned))
+        }
+    }
+}
+
+/// A pooled connection that is ready, else a new one.
+async fn checkout(
+    inner: &Inner,
+    backend: &BackendState,
+    fresh: bool,
+) -> Result<SendRequest<UpBody>, ProxyError> {
+    if !fresh {
+        while let Some(mut conn) = backend.pool.take() {
+            if conn.is_ready() {
+                return Ok(conn);
+            }
+            // Still finishing its previous exchange, or closing.
+            if let Ok(Ok(())) =
+                tokio::time::timeout(inner.config.connect_timeout, conn.ready()).await
+            {
+                return Ok(conn);
+            }
+        }
+    }
+    connect(inner, backend).await
+}
+
+async fn connect(inner: &Inner, backend: &BackendState) -> Result<SendRequest<UpBody>, ProxyError> {
+    let stream = match tokio::time::timeout(
+        inner.config.connect_timeout,
+        TcpStream::connect(backend.addr),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(ProxyError::connect(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            )))
+        }
+        Ok(Err(err)) => return Err(ProxyError::connect(err)),
+        Ok(Ok(stream)) => stream,
+    };
+    let _ = stream.set_nodelay(true);
+    let (conn, driver) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, UpBody>(TokioIo::new(stream))
+        .await
+        .map_err(|err| {
+            ProxyError::new(ErrorKind::Internal, Side::Internal, Retry::Unsent).with_source(err)
+        })?;
+    let root = inner.root.clone();
+    let addr = backend.addr;
+    inner.tasks.spawn(async move {
+        tokio::select! {
+            result = driver.with_upgrades() => {
+                if let Err(err) = result {
+                    tracing::debug!(%addr, error = %err, "upstream connection ended with an error");
+                }
+            }
+            _ = root.cancelled() => {}
+        }
+    });
+    Ok(conn)
+}
+
+fn respond(
+    ctx: &Arc<ConnCtx>,
+    mut resp: Response<Incoming>,
+    conn: SendRequest<UpBody>,
+    in_flight: InFlight,
+    request_id: HeaderValue,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    phase: PhaseGuard,
+) -> Response<ProxyBody> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = on_upgrade else {
+            let err = ProxyError::new(ErrorKind::UpstreamProtocol, Side::Upstream, Retry::Never);
+            tracing::warn!(instance = %in_flight.backend().instance, "instance switched protocols without being asked");
+            return error_response(&err, request_id, phase);
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, true);
+        ctx.upgraded();
+        drop(phase);
+        drop(conn);
+        spawn_tunnel(ctx, in_flight, client_upgrade, upstream_upgrade);
+        return Response::from_parts(parts, ProxyBody::full(Bytes::new(), None));
+    }
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    if !parts.headers.contains_key(headers::X_REQUEST_ID) {
+        parts.headers.insert(headers::X_REQUEST_ID, request_id);
+    }
+    Response::from_parts(
+        parts,
+        ProxyBody::upstream(
+            body,
+            Lease {
+                in_flight,
+                conn: Some(conn),
+            },
+            Some(phase),
+        ),
+    )
+}
+
+/// Copy bytes both ways between the client and the instance once both
+/// sides have switched protocols. Counted in flight while open; closed when
+/// the backend is forgotten or the shutdown grace period ends.
+fn spawn_tunnel(
+    ctx: &Arc<ConnCtx>,
+    in_flight: InFlight,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    let force = ctx.force.clone();
+    ctx.tasks.spawn(async move {
+        let backend_gone = in_flight.backend().token.clone();
+        let instance = in_flight.backend().instance.clone();
+        let run = async {
+            let (client, upstream) = tokio::try_join!(client, upstream).map_err(|e| e.to_string())?;
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await.map_err(|e| e.to_string())
+        };
+        tokio::select! {
+            result = run => match result {
+                Ok((up, down)) => tracing::debug!(%instance, up, down, "upgraded connection closed"),
+                Err(err) => tracing::debug!(%instance, error = %err, "upgraded connection failed"),
+            },
+            _ = backend_gone.cancelled() => tracing::debug!(%instance, "upgraded connection closed: backend removed"),
+            _ = force.cancelled() => tracing::debug!(%instance, "upgraded connection closed: shutdown"),
+        }
+        drop(in_flight);
+    });
+}
+
+fn error_response(
+    err: &ProxyError,
+    request_id: HeaderValue,
+    phase: PhaseGuard,
+) -> Response<ProxyBody> {
+    let status = err.status();
+    let (body, content_type) = match status {
+        StatusCode::SERVICE_UNAVAILABLE => (PAGE_503, "text/html; charset=utf-8"),
+        StatusCode::GATEWAY_TIMEOUT => (BODY_504, "text/plain; charset=utf-8"),
+        StatusCode::BAD_GATEWAY => (BODY_502, "text/plain; charset=utf-8"),
+        StatusCode::BAD_REQUEST => (BODY_400, "text/plain; charset=utf-8"),
+        _ => (BODY_500, "text/plain; charset=utf-8"),
+    };
+    let mut resp = Response::new(ProxyBody::full(
+        Bytes::from_static(body.as_bytes()),
+        Some(phase),
+    ));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(headers::X_REQUEST_ID, request_id);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}

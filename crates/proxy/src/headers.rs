@@ -1,0 +1,259 @@
+//! Header rewriting: hop-by-hop stripping, `X-Forwarded-*`, `X-Request-Id`.
+
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use std::cell::Cell;
+
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers that describe one hop and never cross a proxy (RFC 9110 §7.6.1,
+/// plus the `Proxy-*` family and `Proxy` itself, the httpoxy vector).
+const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn connection_has(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// A request asking to switch protocols (`Connection: upgrade` and an
+/// `Upgrade` header), e.g. a WebSocket handshake.
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| connection_has(v, "upgrade"))
+}
+
+/// Remove hop-by-hop headers, including those named in `Connection`. With
+/// `keep_upgrade`, `Upgrade` stays and `Connection: upgrade` is restored,
+/// so that an upgrade handshake can cross.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if let Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+        let (_, mut values) = entry.remove_entry_mult();
+        let first = values.next();
+        // More than one Connection header is rare: no allocation otherwise.
+        let rest: Vec<HeaderValue> = values.collect();
+        for value in first.iter().chain(rest.iter()) {
+            let Ok(list) = value.to_str() else { continue };
+            for token in list.split(',') {
+                let token = token.trim();
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("upgrade")
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("host")
+                {
+                    continue;
+                }
+                headers.remove(token);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Rewrite a client's request headers for the instance.
+pub(crate) fn prepare_request(
+    headers: &mut HeaderMap,
+    peer_ip: &HeaderValue,
+    request_id: &HeaderValue,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(entry) => {
+            entry.insert(peer_ip.clone());
+        }
+        Entry::Occupied(mut entry) => {
+            let mut joined = String::with_capacity(64);
+            for value in entry.iter() {
+                if let Ok(value) = value.to_str() {
+                    let value = value.trim();
+                    if !value.is_empty() {
+                        joined.push_str(value);
+                        joined.push_str(", ");
+                    }
+                }
+            }
+            joined.push_str(peer_ip.to_str().unwrap_or("unknown"));
+            match HeaderValue::from_str(&joined) {
+                Ok(value) => {
+                    entry.insert(value);
+                }
+                Err(_) => {
+                    entry.insert(peer_ip.clone());
+                }
+            }
+        }
+    }
+    // The proxy is the edge: what the client claims here is not trusted.
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match headers.get(header::HOST).cloned() {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        None => {
+            headers.remove(X_FORWARDED_HOST);
+        }
+    }
+    headers.insert(X_REQUEST_ID, request_id.clone());
+}
+
+/// The client's `X-Request-Id` if it is sane (1 to 128 visible ASCII
+/// characters), else a fresh one.
+pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(value) = headers.get(X_REQUEST_ID) {
+        let bytes = value.as_bytes();
+        if (1..=128).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic) {
+            return value.clone();
+        }
+    }
+    generate_request_id()
+}
+
+/// 32 hex digits: a random per-thread prefix and a per-thread counter. No
+/// shared atomics, no system calls after the first id of a thread.
+pub(crate) fn generate_request_id() -> HeaderValue {
+    thread_local! {
+        static STATE: Cell<(u64, u64)> = Cell::new((random_u64(), 0));
+    }
+    let (prefix, n) = STATE.with(|s| {
+        let (prefix, n) = s.get();
+        s.set((prefix, n.wrapping_add(1)));
+        (prefix, n)
+    });
+    let mut buf = [0u8; 32];
+    write_hex(prefix, &mut buf[..16]);
+    write_hex(n, &mut buf[16..]);
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn write_hex(mut v: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // std seeds RandomState from the OS once per thread.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    hasher.write_u128(nanos);
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("connection", "x-other"),
+            ("x-secret", "1"),
+            ("x-other", "2"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy", "http://evil"),
+            ("upgrade", "h2c"),
+            ("x-keep", "3"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn upgrade_survives_when_asked() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "1"),
+        ]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+        assert!(h.get("keep-alive").is_none());
+        assert!(!is_upgrade(&map(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn forwarded_headers() {
+        let peer = HeaderValue::from_static("10.0.0.9");
+        let id = HeaderValue::from_static("abc");
+        let mut h = map(&[
+            ("host", "app.test"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        prepare_request(&mut h, &peer, &id, false);
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "app.test");
+        assert_eq!(h.get("x-request-id").unwrap(), "abc");
+
+        let mut h = map(&[]);
+        prepare_request(&mut h, &peer, &id, false);
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.9");
+        assert!(h.get("x-forwarded-host").is_none());
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_unique_otherwise() {
+        let kept = request_id(&map(&[("x-request-id", "req-42")]));
+        assert_eq!(kept, "req-42");
+        let bad = request_id(&map(&[("x-request-id", "has space")]));
+        assert_ne!(bad, "has space");
+        assert_eq!(bad.len(), 32);
+        let a = generate_request_id();
+        let b = generate_request_id();
+        assert_ne!(a, b);
+        let long = "x".repeat(200);
+        assert_ne!(request_id(&map(&[("x-request-id", &long)])), long.as_str());
+    }
+}

@@ -1,0 +1,166 @@
+//! Active health checks (one task per backend) and the one place where
+//! health transitions are published.
+
+use crate::backend::BackendState;
+use crate::body::UpBody;
+use crate::error::clean_io_message;
+use http::{header, Request};
+use hyper_util::rt::TokioIo;
+use nonstop_core::process::HealthCheck;
+use nonstop_core::traffic::{BackendHealth, HealthEvent};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, Notify};
+
+/// What checkers and the request path share: the event stream and the
+/// "something may have become available" signal that 503-bound requests
+/// wait on.
+pub(crate) struct Shared {
+    pub events: broadcast::Sender<HealthEvent>,
+    pub changed: Notify,
+}
+
+impl Shared {
+    pub fn new() -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            events,
+            changed: Notify::new(),
+        }
+    }
+
+    /// Publish a transition decided under `backend.slow()` (still held by the
+    /// caller, so events of one backend go out in order).
+    pub fn publish(&self, backend: &BackendState, health: BackendHealth, detail: String) {
+        backend.store_health(health);
+        tracing::info!(instance = %backend.instance, addr = %backend.addr, health = health.as_str(), %detail, "backend health changed");
+        let _ = self.events.send(HealthEvent {
+            instance: backend.instance.clone(),
+            health,
+            detail,
+        });
+        if health == BackendHealth::Healthy {
+            self.changed.notify_waiters();
+        }
+    }
+
+    pub fn record_check(&self, backend: &BackendState, pass: bool, result: String) {
+        let mut slow = backend.slow();
+        let changed = slow.machine.observe(pass);
+        BackendState::push_check(&mut slow, result.clone());
+        if let Some(health) = changed {
+            self.publish(backend, health, result);
+        }
+    }
+
+    /// A request proved the backend down.
+    pub fn passive_failure(&self, backend: &BackendState, detail: String) {
+        let mut slow = backend.slow();
+        BackendState::push_check(&mut slow, format!("request -> {detail}"));
+        if let Some(health) = slow.machine.passive_failure() {
+            self.publish(backend, health, detail);
+        }
+    }
+
+    pub fn drain(&self, backend: &BackendState) {
+        let mut slow = backend.slow();
+        if let Some(health) = slow.machine.drain() {
+            self.publish(backend, health, "draining".to_string());
+        }
+    }
+}
+
+/// Check `backend` every `interval` until its token is cancelled or it is
+/// draining. The first check runs at once.
+pub(crate) async fn run_checker(backend: Arc<BackendState>, shared: Arc<Shared>) {
+    let mut ticker = tokio::time::interval(backend.check.interval.max(Duration::from_millis(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = backend.token.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if backend.health() == BackendHealth::Draining {
+            return;
+        }
+        let (pass, result) = tokio::select! {
+            _ = backend.token.cancelled() => return,
+            r = check_once(backend.addr, &backend.check) => r,
+        };
+        if backend.health() == BackendHealth::Draining {
+            return;
+        }
+        tracing::trace!(instance = %backend.instance, %result, "health check");
+        shared.record_check(&backend, pass, result);
+        backend.pool.prune();
+    }
+}
+
+/// One check on a fresh connection (as HAProxy does: it also proves that
+/// the instance still accepts connections). Returns (pass, summary), the
+/// summary as in `GET /health/ -> 200 in 3ms`.
+pub(crate) async fn check_once(addr: SocketAddr, check: &HealthCheck) -> (bool, String) {
+    let started = Instant::now();
+    let path = if check.path.starts_with('/') {
+        check.path.as_str()
+    } else {
+        "/"
+    };
+    match tokio::time::timeout(check.timeout, exchange(addr, path)).await {
+        Ok(Ok(status)) => {
+            let pass = check.expect_status.contains(status);
+            (
+                pass,
+                format!(
+                    "GET {path} -> {status} in {}ms",
+                    started.elapsed().as_millis()
+                ),
+            )
+        }
+        Ok(Err(err)) => (false, format!("GET {path} -> {err}")),
+        Err(_) => (
+            false,
+            format!(
+                "GET {path} -> timed out after {}ms",
+                check.timeout.as_millis()
+            ),
+        ),
+    }
+}
+
+async fn exchange(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect error: {}", clean_io_message(&e.to_string())))?;
+    let _ = stream.set_nodelay(true);
+    let (mut tx, conn) = hyper::client::conn::http1::handshake::<_, UpBody>(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    let req = Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .header(header::USER_AGENT, "nonstop-health-check")
+        .header(header::CONNECTION, "close")
+        .body(UpBody::empty())
+        .map_err(|e| format!("error: {e}"))?;
+    // Drive the connection here rather than spawning it: nothing outlives
+    // the check.
+    tokio::pin!(conn);
+    let send = tx.send_request(req);
+    tokio::pin!(send);
+    let res = tokio::select! {
+        biased;
+        res = &mut send => res,
+        res = &mut conn => match res {
+            Err(e) => Err(e),
+            // The connection may finish in the same poll that delivered the
+            // response; the response (or hyper's error) is in `send` then.
+            Ok(()) => send.await,
+        },
+    };
+    match res {
+        Ok(resp) => Ok(resp.status().as_u16()),
+        Err(e) => Err(format!("error: {}", clean_io_message(&e.to_string()))),
+    }
+}

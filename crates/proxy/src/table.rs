@@ -1,0 +1,243 @@
+//! The route table. The control plane edits a [`Registry`] under a mutex and
+//! publishes an immutable [`Snapshot`] through one `ArcSwap`; the request
+//! path only loads the snapshot (no lock) and reads backend atomics.
+
+use crate::backend::{BackendState, InFlight};
+use nonstop_core::ids::InstanceId;
+use nonstop_core::traffic::RouteKey;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The backends of one route, in a stable order.
+pub(crate) struct Route {
+    pub key: RouteKey,
+    pub backends: Box<[Arc<BackendState>]>,
+    /// Rotating start of the scan: the round-robin tie-break.
+    cursor: AtomicUsize,
+}
+
+impl Route {
+    /// Least outstanding requests among the Healthy backends, ties broken
+    /// round-robin. `avoid` (the backend a retry comes from) is used only
+    /// when no other backend is healthy.
+    pub fn pick(&self, avoid: Option<&Arc<BackendState>>) -> Option<InFlight> {
+        let n = self.backends.len();
+        if n == 0 {
+            return None;
+        }
+        // Health may change between the scan and the acquire; rescan a
+        // bounded number of times.
+        for _ in 0..=n {
+            let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+            let mut best: Option<&Arc<BackendState>> = None;
+            let mut best_load = u64::MAX;
+            let mut avoided: Option<&Arc<BackendState>> = None;
+            for i in 0..n {
+                let b = &self.backends[(start.wrapping_add(i)) % n];
+                if !b.is_healthy() {
+                    continue;
+                }
+                if avoid.is_some_and(|a| Arc::ptr_eq(a, b)) {
+                    avoided = Some(b);
+                    continue;
+                }
+                let load = b.in_flight();
+                if load < best_load {
+                    best = Some(b);
+                    best_load = load;
+                }
+            }
+            match best.or(avoided) {
+                None => return None,
+                Some(b) => {
+                    if let Some(guard) = InFlight::try_acquire(b) {
+                        return Some(guard);
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// An immutable view of the routes, swapped as a whole.
+#[derive(Default)]
+pub(crate) struct Snapshot {
+    exact: HashMap<Box<str>, Arc<Route>>,
+    /// `*.example.com` is stored as `example.com` and matches one label.
+    wildcard: HashMap<Box<str>, Arc<Route>>,
+    default: Option<Arc<Route>>,
+}
+
+impl Snapshot {
+    /// The route for a request's `Host` (port and case ignored); the
+    /// default route when no host matches.
+    pub fn route_for(&self, host: Option<&[u8]>) -> Option<&Arc<Route>> {
+        if self.exact.is_empty() && self.wildcard.is_empty() {
+            return self.default.as_ref();
+        }
+        let found = host.and_then(|h| {
+            let h = host_name(h)?;
+            if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                self.lookup(&h.to_ascii_lowercase())
+            } else {
+                self.lookup(h)
+            }
+        });
+        found.or(self.default.as_ref())
+    }
+
+    fn lookup(&self, host: &str) -> Option<&Arc<Route>> {
+        if let Some(route) = self.exact.get(host) {
+            return Some(route);
+        }
+        let (_, parent) = host.split_once('.')?;
+        self.wildcard.get(parent)
+    }
+}
+
+/// The host part of a `Host` header: without port, without a trailing dot.
+/// IPv6 literals keep their brackets.
+fn host_name(raw: &[u8]) -> Option<&str> {
+    let s = std::str::from_utf8(raw).ok()?.trim();
+    let host = if s.starts_with('[') {
+        match s.find(']') {
+            Some(end) => &s[..=end],
+            None => s,
+        }
+    } else {
+        match s.rfind(':') {
+            Some(colon) => &s[..colon],
+            None => s,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    (!host.is_empty()).then_some(host)
+}
+
+/// A configured host, normalised like a request's.
+pub(crate) fn normalize_host(raw: &str) -> Option<String> {
+    let (wild, rest) = match raw.trim().strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, raw.trim()),
+    };
+    let name = host_name(rest.as_bytes())?.to_ascii_lowercase();
+    Some(if wild { format!("*.{name}") } else { name })
+}
+
+pub(crate) struct Entry {
+    pub route: RouteKey,
+    pub state: Arc<BackendState>,
+    /// False once draining: no longer in the snapshot.
+    pub in_rotation: bool,
+}
+
+/// The control plane's view, edited under a mutex.
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub backends: HashMap<InstanceId, Entry>,
+    pub default_route: Option<RouteKey>,
+    pub hosts: BTreeMap<RouteKey, Vec<String>>,
+}
+
+impl Registry {
+    pub fn snapshot(&self) -> Snapshot {
+        let mut grouped: BTreeMap<&RouteKey, Vec<&Arc<BackendState>>> = BTreeMap::new();
+        for entry in self.backends.values().filter(|e| e.in_rotation) {
+            grouped.entry(&entry.route).or_default().push(&entry.state);
+        }
+        for key in self.hosts.keys().chain(self.default_route.iter()) {
+            grouped.entry(key).or_default();
+        }
+        let mut routes: HashMap<&RouteKey, Arc<Route>> = HashMap::new();
+        for (key, mut backends) in grouped {
+            backends.sort_by(|a, b| a.instance.cmp(&b.instance));
+            let backends = backends.into_iter().cloned().collect();
+            routes.insert(
+                key,
+                Arc::new(Route {
+                    key: key.clone(),
+                    backends,
+                    cursor: AtomicUsize::new(0),
+                }),
+            );
+        }
+        let mut snap = Snapshot {
+            default: self
+                .default_route
+                .as_ref()
+                .and_then(|k| routes.get(k).cloned()),
+            ..Snapshot::default()
+        };
+        for (key, hosts) in &self.hosts {
+            let Some(route) = routes.get(key) else {
+                continue;
+            };
+            for host in hosts {
+                let (map, name) = match host.strip_prefix("*.") {
+                    Some(rest) => (&mut snap.wildcard, rest),
+                    None => (&mut snap.exact, host.as_str()),
+                };
+                if let Some(previous) = map.insert(name.into(), Arc::clone(route)) {
+                    if previous.key != *key {
+                        tracing::warn!(host = %host, route = %key.0, other = %previous.key.0, "host claimed by two routes; the later one wins");
+                    }
+                }
+            }
+        }
+        snap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_lose_port_and_dot() {
+        assert_eq!(host_name(b"example.com:8080"), Some("example.com"));
+        assert_eq!(host_name(b"example.com."), Some("example.com"));
+        assert_eq!(host_name(b"[::1]:80"), Some("[::1]"));
+        assert_eq!(host_name(b"localhost"), Some("localhost"));
+        assert_eq!(host_name(b""), None);
+    }
+
+    #[test]
+    fn configured_hosts_are_normalised() {
+        assert_eq!(
+            normalize_host("Example.COM:443").as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(
+            normalize_host("*.Staging.Example.com").as_deref(),
+            Some("*.staging.example.com")
+        );
+        assert_eq!(normalize_host("  "), None);
+    }
+
+    #[test]
+    fn routes_by_host_wildcard_and_default() {
+        let mut reg = Registry::default();
+        let a = RouteKey("a".into());
+        let b = RouteKey("b".into());
+        reg.hosts.insert(a.clone(), vec!["app.test".into()]);
+        reg.hosts.insert(b.clone(), vec!["*.review.test".into()]);
+        reg.default_route = Some(a.clone());
+        let snap = reg.snapshot();
+        let key = |h: &[u8]| snap.route_for(Some(h)).map(|r| r.key.0.clone());
+        assert_eq!(key(b"app.test"), Some("a".into()));
+        assert_eq!(key(b"APP.test:80"), Some("a".into()));
+        assert_eq!(key(b"pr-7.review.test"), Some("b".into()));
+        assert_eq!(
+            key(b"review.test"),
+            Some("a".into()),
+            "wildcard needs a label; falls to default"
+        );
+        assert_eq!(key(b"other"), Some("a".into()));
+        assert_eq!(
+            snap.route_for(None).map(|r| r.key.0.clone()),
+            Some("a".into())
+        );
+    }
+}
