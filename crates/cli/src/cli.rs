@@ -1,0 +1,123 @@
+//! The command line, declared with clap. `--help` is the first manual a
+//! user reads: every command says what it does and shows an example.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nonstop",
+    version,
+    about = "Keep a 12-factor web app running and deploying with zero downtime",
+    long_about = "nonstop runs the processes of a 12-factor app (web, workers, a scheduler) described in \
+nonstop.toml, behind its own health-checking load balancer. Killed instances come back by themselves; \
+restarts are rolling and drop no request.\n\nStart with `nonstop init` in an app directory (it reads a \
+Procfile if there is one), then `nonstop up`.",
+    after_help = "Exit codes: 0 success, 1 the operation failed, 2 bad input (spec, flags), 3 conflict \
+(daemon not running, another operation in progress, another app).\n\nEnvironment: NONSTOP_HOME (state \
+directory, default ~/.local/share/nonstop), NONSTOP_PROXY_LISTEN (overrides [proxy] listen), NONSTOP_LOG \
+(daemon log filter, e.g. debug)."
+)]
+pub struct Cli {
+    /// State directory: database, logs, the daemon's socket.
+    #[arg(long, global = true, env = "NONSTOP_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a commented nonstop.toml, from the Procfile if there is one.
+    #[command(after_help = "Example:\n  cd myapp && nonstop init && $EDITOR nonstop.toml && nonstop up")]
+    Init {
+        /// Overwrite an existing nonstop.toml.
+        #[arg(long)]
+        force: bool,
+        /// App name (default: the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Start the daemon if needed and run the app as nonstop.toml says.
+    ///
+    /// Waits until every instance is ready (web: passing health checks). On a
+    /// running app, applies the changes: counts are scaled, changed process
+    /// types are replaced with a rolling restart.
+    #[command(after_help = "Examples:\n  nonstop up\n  nonstop up --file deploy/nonstop.toml\n  NONSTOP_PROXY_LISTEN=127.0.0.1:9000 nonstop up")]
+    Up {
+        /// The spec file.
+        #[arg(long, short = 'f', default_value = "nonstop.toml")]
+        file: PathBuf,
+        /// Print progress and the result as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every instance gracefully (drain, stop signal, SIGKILL after
+    /// stop_timeout), then the daemon.
+    Down {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the control plane in the foreground (`up` starts it in the
+    /// background for you).
+    Daemon {
+        /// Also serve the API on this TCP address; requests need the token
+        /// in $NONSTOP_HOME/api-token.
+        #[arg(long, env = "NONSTOP_API_LISTEN", value_name = "ADDR")]
+        api_listen: Option<std::net::SocketAddr>,
+    },
+    /// Show every instance: process, pid, port, state, health, restarts, uptime.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change instance counts and wait until done.
+    #[command(after_help = "Examples:\n  nonstop scale web=4\n  nonstop scale web=2 worker=3")]
+    Scale {
+        /// PROCESS=COUNT pairs.
+        #[arg(required = true, value_name = "PROCESS=COUNT")]
+        counts: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a one-off command with the app's environment (like `heroku run`);
+    /// its exit code becomes nonstop's.
+    #[command(after_help = "Examples:\n  nonstop run -- python manage.py createsuperuser\n  nonstop run -- 'python manage.py shell -c \"print(1)\"'")]
+    Run {
+        /// The command. One argument is run with `sh -c`; several are run as they are.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Show the app's logs, merged and timestamped.
+    #[command(after_help = "Examples:\n  nonstop logs\n  nonstop logs -f web\n  nonstop logs --tail 1000 worker")]
+    Logs {
+        /// Only this process type.
+        process: Option<String>,
+        /// Keep printing new lines.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// How many past lines.
+        #[arg(long, short = 'n')]
+        tail: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rolling restart of one process type or all: a new instance is healthy
+    /// before an old one is drained and stopped; singletons never overlap.
+    Restart {
+        process: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent events: starts, exits, health changes, operations.
+    Events {
+        #[arg(long, short = 'n', default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print shell completions.
+    #[command(after_help = "Example:\n  nonstop completions bash > /etc/bash_completion.d/nonstop")]
+    Completions { shell: clap_complete::Shell },
+}

@@ -1,0 +1,355 @@
+//! The client side of every command: talk to the daemon, print results.
+
+use crate::cli::{Cli, Command};
+use crate::home::Home;
+use crate::output::{self, ProgressView};
+use anyhow::Context;
+use nonstop_api::client::{Client, ClientError};
+use nonstop_api::wire::*;
+use nonstop_engine::{EventEntry, OpReport, RunContext, StatusReport};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub async fn dispatch(cli: Cli) -> i32 {
+    let home = match Home::resolve(cli.home) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let result = match cli.command {
+        Command::Daemon { api_listen } => {
+            init_daemon_logging();
+            match crate::daemon::run(home, api_listen).await {
+                Ok(()) => Ok(0),
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    Ok(1)
+                }
+            }
+        }
+        Command::Init { force, name } => init(force, name),
+        Command::Up { file, json } => up(&home, &file, json).await,
+        Command::Down { json } => down(&home, json).await,
+        Command::Status { json } => status(&home, json).await,
+        Command::Scale { counts, json } => scale(&home, counts, json).await,
+        Command::Run { command } => run(&home, command).await,
+        Command::Logs { process, follow, tail, json } => logs(&home, process, follow, tail, json).await,
+        Command::Restart { process, json } => restart(&home, process, json).await,
+        Command::Events { limit, json } => events(&home, limit, json).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "nonstop", &mut std::io::stdout());
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(ce) = e.downcast_ref::<ClientError>() {
+                eprintln!("error: {ce}");
+                return ce.exit_code();
+            }
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+fn init_daemon_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NONSTOP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(false).try_init();
+}
+
+fn client(home: &Home) -> Client {
+    Client::new(home.socket())
+}
+
+// ------------------------------------------------------------------- init
+
+fn init(force: bool, name: Option<String>) -> anyhow::Result<i32> {
+    let dir = std::env::current_dir()?;
+    let target = dir.join("nonstop.toml");
+    if target.exists() && !force {
+        eprintln!("error: {} already exists; edit it, or run `nonstop init --force` to overwrite it", target.display());
+        return Ok(2);
+    }
+    let name = name.unwrap_or_else(|| {
+        nonstop_spec::sanitize_app_name(dir.file_name().and_then(|n| n.to_str()).unwrap_or("app"))
+    });
+    let procfile = match std::fs::read_to_string(dir.join("Procfile")) {
+        Ok(p) => Some(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).context("cannot read Procfile"),
+    };
+    let text = match nonstop_spec::init_toml(&name, procfile.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+    };
+    std::fs::write(&target, text)?;
+    let from = if procfile.is_some() { " from Procfile" } else { "" };
+    println!("wrote {}{from}; review it, then run `nonstop up`", target.display());
+    Ok(0)
+}
+
+// --------------------------------------------------------------------- up
+
+const BASE_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV"];
+
+fn base_env() -> BTreeMap<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| BASE_ENV.contains(&k.as_str()) || k.starts_with("LC_"))
+        .collect()
+}
+
+/// Start the daemon in the background unless one answers.
+async fn ensure_daemon(home: &Home) -> anyhow::Result<Client> {
+    let c = client(home);
+    if c.ping().await.is_ok() {
+        return Ok(c);
+    }
+    home.create()?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.daemon_log())
+        .with_context(|| format!("cannot open {}", home.daemon_log().display()))?;
+    let exe = std::env::current_exe()?;
+    let mut child = std::process::Command::new(exe)
+        .arg("daemon")
+        .env("NONSTOP_HOME", home.path())
+        .env("NONSTOP_DETACH", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("cannot start the nonstop daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if c.ping().await.is_ok() {
+            // Reaped by a detached waiter so that no zombie is left.
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+            return Ok(c);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail = std::fs::read_to_string(home.daemon_log()).unwrap_or_default();
+            let last: Vec<&str> = tail.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+            anyhow::bail!("the nonstop daemon exited at start ({status}):\n  {}\n(see {})", last.join("\n  "), home.daemon_log().display());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the nonstop daemon did not answer within 15s; see {}", home.daemon_log().display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn print_spec_errors(errors: &nonstop_spec::SpecErrors, json: bool) {
+    if json {
+        println!("{}", serde_json::json!({"type": "error", "exit_code": 2, "message": errors.to_string(), "errors": errors.errors}));
+    } else {
+        eprintln!("{errors}");
+        let n = errors.errors.len();
+        eprintln!("error: nonstop.toml has {n} problem{}; nothing was changed", if n == 1 { "" } else { "s" });
+    }
+}
+
+async fn run_op<B: serde::Serialize>(c: &Client, path: &str, body: &B, json: bool) -> anyhow::Result<i32> {
+    let view = (!json).then(ProgressView::new);
+    let r = c
+        .op(path, body, |p| {
+            if json {
+                println!("{}", serde_json::to_string(&OpLine::Progress(p.clone())).unwrap_or_default());
+            } else if let Some(v) = &view {
+                v.update(p);
+            }
+        })
+        .await;
+    if let Some(v) = &view {
+        v.finish();
+    }
+    match r {
+        Ok(report) => {
+            print_report(&report, json);
+            Ok(0)
+        }
+        Err(ClientError::Api(e)) if json => {
+            println!("{}", serde_json::to_string(&OpLine::Error(e.clone())).unwrap_or_default());
+            Ok(e.exit_code)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print_report(r: &OpReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(&OpLine::Result(r.clone())).unwrap_or_default());
+    } else {
+        println!("{}", r.summary);
+    }
+}
+
+async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
+    let spec = match nonstop_spec::load(file) {
+        Ok(s) => s,
+        Err(errors) => {
+            print_spec_errors(&errors, json);
+            return Ok(2);
+        }
+    };
+    let file = if file.is_absolute() { file.to_path_buf() } else { std::env::current_dir()?.join(file) };
+    let workdir: PathBuf = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let workdir = workdir.canonicalize().unwrap_or(workdir);
+    let c = ensure_daemon(home).await?;
+    let code = run_op(&c, "/v1/up", &UpRequest { spec: spec.clone(), workdir, base_env: base_env() }, json).await?;
+    if code == 0 && !json {
+        if spec.processes.iter().any(|p| p.kind == nonstop_core::ProcessKind::Web) {
+            println!("serving on http://{}", spec.proxy.listen);
+        }
+    }
+    Ok(code)
+}
+
+async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
+    let c = client(home);
+    let ping = match c.ping().await {
+        Ok(p) => p,
+        Err(ClientError::NotRunning { .. }) => {
+            if json {
+                println!("{}", serde_json::json!({"type": "result", "summary": "the daemon was not running", "changed": false}));
+            } else {
+                println!("nothing to do: the nonstop daemon is not running");
+            }
+            return Ok(0);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let code = match c.op("/v1/down", &serde_json::json!({}), |_| {}).await {
+        Ok(_) | Err(ClientError::Api(ApiError { exit_code: 3, .. })) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    // Then the daemon itself, and wait for it to be gone.
+    let _: Result<serde_json::Value, _> = c.post("/v1/shutdown", &serde_json::json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{}", ping.pid)).exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = OpReport { summary: "stopped the app and the daemon".into(), changed: true };
+    print_report(&report, json);
+    Ok(code)
+}
+
+async fn status(home: &Home, json: bool) -> anyhow::Result<i32> {
+    let s: StatusReport = client(home).get("/v1/status").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", output::status_text(&s));
+    }
+    Ok(0)
+}
+
+async fn scale(home: &Home, pairs: Vec<String>, json: bool) -> anyhow::Result<i32> {
+    let mut counts = BTreeMap::new();
+    for pair in &pairs {
+        let Some((name, n)) = pair.split_once('=') else {
+            eprintln!("error: `{pair}` is not PROCESS=COUNT; e.g. `nonstop scale web=4 worker=2`");
+            return Ok(2);
+        };
+        let Ok(n) = n.trim().parse::<u32>() else {
+            eprintln!("error: in `{pair}`, `{n}` is not a count; use a whole number like web=4");
+            return Ok(2);
+        };
+        counts.insert(name.trim().to_string(), n);
+    }
+    run_op(&client(home), "/v1/scale", &ScaleRequest { counts }, json).await
+}
+
+async fn restart(home: &Home, process: Option<String>, json: bool) -> anyhow::Result<i32> {
+    run_op(&client(home), "/v1/restart", &RestartRequest { process }, json).await
+}
+
+async fn events(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
+    let evs: Vec<EventEntry> = client(home).get(&format!("/v1/events?limit={limit}")).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&evs)?);
+        return Ok(0);
+    }
+    for e in evs {
+        let secs = e.at_ms / 1000;
+        let t = format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+        println!("{t}  {:<14} {:<12} {}", e.kind, e.instance.unwrap_or_default(), e.message);
+    }
+    Ok(0)
+}
+
+// -------------------------------------------------------------------- run
+
+async fn run(home: &Home, command: Vec<String>) -> anyhow::Result<i32> {
+    let ctx: RunContext = client(home).get("/v1/run-context").await?;
+    let mut cmd = if command.len() == 1 {
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c").arg(&command[0]);
+        c
+    } else {
+        let mut c = std::process::Command::new(&command[0]);
+        c.args(&command[1..]);
+        c
+    };
+    cmd.env_clear().envs(&ctx.env).current_dir(&ctx.workdir);
+    // The child shares our terminal: Ctrl-C goes to it; we only wait.
+    use tokio::signal::unix::{signal, SignalKind};
+    let _int = signal(SignalKind::interrupt());
+    let _quit = signal(SignalKind::quit());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("error: `{}` was not found (PATH={}); install it or fix the command", command[0], ctx.env.get("PATH").cloned().unwrap_or_default());
+            return Ok(127);
+        }
+        Err(e) => return Err(e).context(format!("cannot run `{}`", command.join(" "))),
+    };
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+// ------------------------------------------------------------------- logs
+
+async fn logs(home: &Home, process: Option<String>, follow: bool, tail: Option<usize>, json: bool) -> anyhow::Result<i32> {
+    let mut path = format!("/v1/logs?follow={follow}");
+    if let Some(p) = &process {
+        path.push_str(&format!("&process={p}"));
+    }
+    if let Some(t) = tail {
+        path.push_str(&format!("&tail={t}"));
+    }
+    let mut lines = client(home).stream(&path).await?;
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    while let Some(raw) = lines.next_line().await? {
+        let mut out = stdout.lock();
+        if json {
+            out.write_all(&raw)?;
+            out.write_all(b"\n")?;
+        } else {
+            let Ok(l) = serde_json::from_slice::<LogEntry>(&raw) else { continue };
+            // 2026-11-22T01:02:03.456789Z -> 2026-11-22T01:02:03.456Z
+            let ts = if l.ts.len() >= 27 { format!("{}Z", &l.ts[..23]) } else { l.ts.clone() };
+            let mark = if l.stream == "err" { "!" } else { "|" };
+            if writeln!(out, "{ts} {:<10} {mark} {}", l.instance, l.text).is_err() {
+                break; // stdout closed (e.g. `| head`)
+            }
+        }
+        let _ = out.flush();
+    }
+    Ok(0)
+}

@@ -1,0 +1,295 @@
+//! Test harness: a private NONSTOP_HOME, a copy of an example app, a free
+//! proxy port, and helpers that wait on conditions (never on fixed sleeps).
+//! Whatever a test started is stopped when its `TestApp` is dropped, by pid
+//! and process group, even if the test failed.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nonstop"))
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        let n = name.to_string_lossy();
+        if n.starts_with("beat.lock") || n == "__pycache__" {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+pub struct TestApp {
+    pub home: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    /// Every pid/pgid seen, to clean up after a failed test.
+    seen_pids: Mutex<BTreeSet<i32>>,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "command failed:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+impl TestApp {
+    /// A copy of `examples/<example>` with nonstop.toml rewritten by `edit`.
+    pub fn new(example: &str, edit: impl FnOnce(String) -> String) -> TestApp {
+        let home = tempfile::Builder::new().prefix("nonstop-home-").tempdir().unwrap();
+        let dir = tempfile::Builder::new().prefix("nonstop-app-").tempdir().unwrap();
+        copy_dir(&repo_root().join("examples").join(example), dir.path());
+        let spec_path = dir.path().join("nonstop.toml");
+        let spec = std::fs::read_to_string(&spec_path).unwrap_or_default();
+        std::fs::write(&spec_path, edit(spec)).unwrap();
+        TestApp { home, dir, port: free_port(), seen_pids: Mutex::new(BTreeSet::new()) }
+    }
+
+    pub fn hello() -> TestApp {
+        Self::new("hello", |s| s)
+    }
+
+    pub fn write_spec(&self, spec: &str) {
+        std::fs::write(self.dir.path().join("nonstop.toml"), spec).unwrap();
+    }
+
+    pub fn spec(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nonstop.toml")).unwrap()
+    }
+
+    pub fn proxy(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env("NONSTOP_HOME", self.home.path())
+            .env("NONSTOP_PROXY_LISTEN", self.proxy().to_string())
+            .env_remove("NONSTOP_API_LISTEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// Run `nonstop ARGS` to completion (at most `timeout`).
+    pub fn run_with_timeout(&self, args: &[&str], timeout: Duration) -> Run {
+        let child = self.cmd(args).spawn().expect("spawn nonstop");
+        let out = wait_output(child, timeout, &format!("nonstop {}", args.join(" ")));
+        let run = Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        self.note_daemon();
+        run
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.run_with_timeout(args, Duration::from_secs(120))
+    }
+
+    fn note_daemon(&self) {
+        if let Ok(pid) = std::fs::read_to_string(self.home.path().join("daemon.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                self.seen_pids.lock().unwrap().insert(pid);
+            }
+        }
+    }
+
+    pub fn daemon_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.home.path().join("daemon.pid")).ok()?.trim().parse().ok()
+    }
+
+    pub fn status(&self) -> Value {
+        let r = self.run(&["status", "--json"]);
+        assert_eq!(r.code, 0, "status failed: {}", r.stderr);
+        let v: Value = serde_json::from_str(&r.stdout).expect("status --json is JSON");
+        for i in v["instances"].as_array().into_iter().flatten() {
+            if let Some(pid) = i["pid"].as_i64() {
+                self.seen_pids.lock().unwrap().insert(-(pid as i32)); // the group
+            }
+        }
+        v
+    }
+
+    /// (process, pid) of every instance in `status`.
+    pub fn pids(&self, process: &str) -> Vec<i32> {
+        self.status()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["process"] == process)
+            .filter_map(|i| i["pid"].as_i64().map(|p| p as i32))
+            .collect()
+    }
+
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.proxy(), path)
+    }
+
+    pub fn up(&self) -> Run {
+        self.run(&["up"])
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.path().join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = self.run_with_timeout(&["down"], Duration::from_secs(60));
+        // Whatever is left (a failed test): kill by pid and process group.
+        for pid in self.seen_pids.lock().unwrap().iter() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+pub fn wait_output(mut child: std::process::Child, timeout: Duration, what: &str) -> Output {
+    let deadline = Instant::now() + timeout;
+    // Read both pipes on threads so that a chatty child cannot block.
+    let mut so = child.stdout.take();
+    let mut se = child.stderr.take();
+    let t1 = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(s) = so.as_mut() {
+            let _ = s.read_to_end(&mut b);
+        }
+        b
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(s) = se.as_mut() {
+            let _ = s.read_to_end(&mut b);
+        }
+        b
+    });
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Output { status, stdout: t1.join().unwrap(), stderr: t2.join().unwrap() };
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Poll `cond` until it holds, or fail after `timeout` naming `what`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One GET over a fresh connection; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Is any process of group `pgid` alive?
+pub fn group_alive(pgid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pgid), None).is_ok()
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    // A zombie still "exists"; look at /proc state too.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Concurrent GET load: `workers` threads until `stop` is set. Returns
+/// (ok, failures with reasons).
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, path: &'static str, workers: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..workers)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut ok = 0u64;
+                    let mut failures = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match http_get(addr, path) {
+                            Ok((200, _)) => ok += 1,
+                            Ok((code, body)) => failures.push(format!("HTTP {code}: {}", body.trim())),
+                            Err(e) => failures.push(format!("I/O: {e}")),
+                        }
+                    }
+                    (ok, failures)
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    pub fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut ok = 0;
+        let mut failures = Vec::new();
+        for t in self.threads {
+            let (o, f) = t.join().unwrap();
+            ok += o;
+            failures.extend(f);
+        }
+        (ok, failures)
+    }
+}

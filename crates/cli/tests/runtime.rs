@@ -1,0 +1,353 @@
+//! End-to-end tests of the core runtime with real processes and sockets:
+//! the `nonstop` binary, its daemon, the example app under examples/hello.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn web_running_healthy(app: &TestApp, n: usize) -> bool {
+    let s = app.status();
+    let ok = s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["process"] == "web" && i["state"] == "running" && i["health"] == "healthy")
+        .count();
+    let all = s["instances"].as_array().unwrap().iter().filter(|i| i["process"] == "web").count();
+    ok == n && all == n
+}
+
+#[test]
+fn several_spec_errors_are_reported_with_locations_and_nothing_starts() {
+    let app = TestApp::hello();
+    app.write_spec(
+        r#"app = "hello"
+
+[processes.web]
+comand = "python3 app.py"
+count = 2
+stop_timeout = "ten seconds"
+
+[processes.beat]
+kind = "singleton"
+command = "python3 beat.py"
+count = 2
+"#,
+    );
+    let r = app.run(&["up"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    // Each problem names the file, line and column.
+    assert!(r.stderr.contains("nonstop.toml:4:1"), "unknown key location:\n{}", r.stderr);
+    assert!(r.stderr.contains("comand"), "{}", r.stderr);
+    assert!(r.stderr.contains("nonstop.toml:6:"), "bad duration location:\n{}", r.stderr);
+    assert!(r.stderr.contains("nonstop.toml:11:"), "singleton count location:\n{}", r.stderr);
+    assert!(r.stderr.contains("nothing was changed"), "{}", r.stderr);
+    assert!(app.daemon_pid().is_none(), "a bad spec must not start the daemon");
+}
+
+#[test]
+fn malformed_toml_is_refused_with_its_location() {
+    let app = TestApp::hello();
+    app.write_spec("app = \"hello\"\n[processes.web\ncommand = \"x\"\n");
+    let r = app.run(&["up"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("nonstop.toml:2:"), "{}", r.stderr);
+}
+
+#[test]
+fn up_serves_scale_up_and_down_and_down_leaves_no_process() {
+    let app = TestApp::hello();
+    let r = app.up();
+    r.ok();
+    assert!(r.stdout.contains(&format!("serving on http://{}", app.proxy())), "{}", r.stdout);
+    let (code, body) = app.get("/").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.starts_with("hello from web."), "{body}");
+    // X-Forwarded-* reach the app.
+    let (_, headers) = app.get("/headers").unwrap();
+    assert!(headers.to_ascii_lowercase().contains("x-forwarded-for: 127.0.0.1"), "{headers}");
+    assert!(headers.to_ascii_lowercase().contains("x-request-id"), "{headers}");
+
+    let s = app.status();
+    let by = |p: &str| s["instances"].as_array().unwrap().iter().filter(|i| i["process"] == p).count();
+    assert_eq!((by("web"), by("worker"), by("beat")), (2, 1, 1), "{s:#}");
+    for i in s["instances"].as_array().unwrap() {
+        assert_eq!(i["state"], "running", "{i}");
+        assert!(i["pid"].as_i64().is_some());
+    }
+    let human = app.run(&["status"]);
+    human.ok();
+    for col in ["PROCESS", "INSTANCE", "PID", "PORT", "STATE", "HEALTH", "RESTARTS", "UPTIME", "web.1", "healthy"] {
+        assert!(human.stdout.contains(col), "missing {col} in\n{}", human.stdout);
+    }
+
+    app.run(&["scale", "web=4"]).ok();
+    assert!(web_running_healthy(&app, 4));
+    // Requests spread over the instances.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (_, body) = app.get("/").unwrap();
+        seen.insert(body.split_whitespace().nth(2).unwrap_or("").to_string());
+    }
+    assert!(seen.len() >= 3, "requests went to {seen:?}");
+
+    app.run(&["scale", "web=1", "worker=2"]).ok();
+    assert!(web_running_healthy(&app, 1));
+    assert_eq!(app.pids("worker").len(), 2);
+
+    // Every instance's process group, the monitors and the daemon: gone after down.
+    let groups: Vec<i32> = app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].as_i64().unwrap() as i32).collect();
+    let daemon = app.daemon_pid().expect("daemon pid");
+    app.run(&["down"]).ok();
+    for g in &groups {
+        assert!(!group_alive(*g), "process group {g} survived `down`");
+    }
+    assert!(!pid_alive(daemon), "the daemon survived `down`");
+    let r = app.run(&["status"]);
+    assert_eq!(r.code, 3, "status without a daemon: {}", r.stderr);
+    assert!(r.stderr.contains("not running"), "{}", r.stderr);
+}
+
+#[test]
+fn a_killed_web_instance_loses_no_request_and_is_replaced() {
+    let app = TestApp::new("hello", |s| s.replace("count = 2", "count = 3"));
+    app.up().ok();
+    assert!(web_running_healthy(&app, 3));
+    let before = app.pids("web");
+    let load = Load::start(app.proxy(), "/", 6);
+    // Let load build up, then kill one instance (the whole process, no warning).
+    wait_until(T, "some traffic", || app.get("/").is_ok());
+    let victim = before[1];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "a replacement web instance", || {
+        let now = app.pids("web");
+        !now.contains(&victim) && now.len() == 3 && web_running_healthy(&app, 3)
+    });
+    let (ok, failures) = load.finish();
+    assert!(failures.is_empty(), "{} failed requests of {}: {:?}", failures.len(), ok + failures.len() as u64, &failures[..failures.len().min(5)]);
+    assert!(ok > 50, "only {ok} requests ran");
+    let s = app.status();
+    let restarts: u64 = s["instances"].as_array().unwrap().iter().filter(|i| i["process"] == "web").map(|i| i["restarts"].as_u64().unwrap()).sum();
+    assert_eq!(restarts, 1, "{s:#}");
+}
+
+#[test]
+fn rolling_restart_drops_no_request_and_replaces_every_instance() {
+    let app = TestApp::hello();
+    app.up().ok();
+    let before = app.pids("web");
+    let load = Load::start(app.proxy(), "/", 4);
+    wait_until(T, "some traffic", || app.get("/").is_ok());
+    app.run(&["restart", "web"]).ok();
+    let (ok, failures) = load.finish();
+    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(ok > 20, "only {ok} requests");
+    let after = app.pids("web");
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|p| !before.contains(p)), "before {before:?} after {after:?}");
+    for p in before {
+        assert!(!group_alive(p), "old instance {p} still running");
+    }
+}
+
+#[test]
+fn a_singleton_never_has_two_instances_even_during_restart() {
+    let app = TestApp::hello();
+    app.up().ok();
+    let lock_log = app.dir.path().join("beat.lock.log");
+    let doubled = app.dir.path().join("beat.lock.doubled");
+    // Sample status while restarting everything, then the singleton alone.
+    let sampler_app_home = app.home.path().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let dir = app.dir.path().to_path_buf();
+    let sampler = std::thread::spawn(move || {
+        let mut max = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let out = std::process::Command::new(bin())
+                .args(["status", "--json"])
+                .current_dir(&dir)
+                .env("NONSTOP_HOME", &sampler_app_home)
+                .output()
+                .unwrap();
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                let n = v["instances"].as_array().unwrap().iter().filter(|i| i["process"] == "beat").count();
+                max = max.max(n);
+            }
+        }
+        max
+    });
+    app.run(&["restart"]).ok();
+    app.run(&["restart", "beat"]).ok();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let max_seen = sampler.join().unwrap();
+    assert!(max_seen <= 1, "status showed {max_seen} beat instances at once");
+    assert!(!doubled.exists(), "beat ran twice: {}", std::fs::read_to_string(&doubled).unwrap_or_default());
+    // start/stop lines never interleave: start, stop, start, stop, start
+    let log = std::fs::read_to_string(&lock_log).unwrap();
+    let events: Vec<&str> = log.lines().map(|l| l.split_whitespace().nth(2).unwrap()).collect();
+    assert!(events.len() >= 5, "{log}");
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(*e, if i % 2 == 0 { "start" } else { "stop" }, "overlap in\n{log}");
+    }
+}
+
+#[test]
+fn run_uses_the_app_environment_and_propagates_exit_codes() {
+    let app = TestApp::hello();
+    app.up().ok();
+    let r = app.run(&["run", "--", "echo $GREETING from $NONSTOP_APP in $PWD; exit 7"]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    assert!(r.stdout.contains("hello from hello in"), "{}", r.stdout);
+    let r = app.run(&["run", "--", "python3", "-c", "import sys; sys.exit(3)"]);
+    assert_eq!(r.code, 3);
+    let r = app.run(&["run", "--", "no-such-program-xyz"]);
+    assert_eq!(r.code, 127, "{}", r.stderr);
+    let r = app.run(&["run", "--", "true"]);
+    assert_eq!(r.code, 0);
+}
+
+#[test]
+fn a_daemon_killed_with_sigkill_is_restarted_and_readopts_its_instances() {
+    let app = TestApp::hello();
+    app.up().ok();
+    let before: Vec<(String, i64)> = app.status()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["instance"].as_str().unwrap().to_string(), i["pid"].as_i64().unwrap()))
+        .collect();
+    let daemon = app.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "the daemon to die", || !pid_alive(daemon));
+    // The app's instances are still there.
+    for (_, pid) in &before {
+        assert!(pid_alive(*pid as i32), "instance {pid} died with the daemon");
+    }
+    let r = app.up();
+    r.ok();
+    assert!(r.stdout.contains("nothing changed"), "{}", r.stdout);
+    let after: Vec<(String, i64)> = app.status()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["instance"].as_str().unwrap().to_string(), i["pid"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(before, after, "instances were not re-adopted as they were");
+    let (code, _) = app.get("/").unwrap();
+    assert_eq!(code, 200);
+    // Still supervised: a killed instance comes back.
+    let victim = after.iter().find(|(i, _)| i == "worker.1").unwrap().1 as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "worker.1 replaced", || {
+        let p = app.pids("worker");
+        p.len() == 1 && p[0] != victim
+    });
+}
+
+#[test]
+fn a_command_that_does_not_exist_is_refused_before_anything_starts() {
+    let app = TestApp::new("hello", |s| s.replace("exec python3 worker.py", "exec no-such-worker-xyz --flag"));
+    let r = app.up();
+    assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("`no-such-worker-xyz` was not found"), "{}", r.stderr);
+    assert!(r.stderr.contains("processes.worker.command"), "{}", r.stderr);
+    let s = app.run(&["status"]);
+    assert_ne!(s.code, 0, "nothing should run: {}", s.stdout);
+}
+
+#[test]
+fn a_web_process_that_never_becomes_healthy_fails_up_with_the_evidence() {
+    let app = TestApp::new("hello", |s| {
+        s.replace("count = 2", "count = 1\n[processes.web.env]\nFAIL_HEALTH_FILE = \"app.py\"\n[processes.web.rollout]\nhealth_timeout = \"4s\"")
+    });
+    let r = app.up();
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("web.1 did not become healthy within 4s"), "{}", r.stderr);
+    assert!(r.stderr.contains("500"), "the last checks should be shown: {}", r.stderr);
+    // The proxy answers 503 with Retry-After meanwhile.
+    let (code, body) = app.get("/").unwrap();
+    assert_eq!(code, 503, "{body}");
+}
+
+#[test]
+fn a_proxy_port_already_taken_is_a_clear_error() {
+    let app = TestApp::hello();
+    let _squatter = std::net::TcpListener::bind(app.proxy()).unwrap();
+    let r = app.up();
+    assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("already in use"), "{}", r.stderr);
+    assert!(r.stderr.contains("NONSTOP_PROXY_LISTEN"), "{}", r.stderr);
+    let s = app.run(&["status"]);
+    assert_ne!(s.code, 0, "nothing should run: {}", s.stdout);
+}
+
+#[test]
+fn a_second_up_changes_nothing_and_a_concurrent_one_is_refused() {
+    let app = TestApp::new("hello", |s| s.replace("path = \"/health\"", "path = \"/health\"\n[processes.web.rollout]\nhealth_timeout = \"30s\""));
+    app.up().ok();
+    let pids = app.pids("web");
+    let r = app.up();
+    r.ok();
+    assert!(r.stdout.contains("already up; nothing changed"), "{}", r.stdout);
+    assert_eq!(app.pids("web"), pids);
+
+    // A slow-booting replacement keeps `restart` busy; an `up` meanwhile is refused.
+    std::fs::write(app.dir.path().join("nonstop.toml"), app.spec().replace("count = 2", "count = 2\n[processes.web.env]\nBOOT_DELAY = \"2\"")).unwrap();
+    let first = app.cmd(&["up"]).spawn().unwrap();
+    wait_until(T, "the first up to be in progress", || app.status()["operation"] == "up");
+    let second = app.run(&["up"]);
+    assert_eq!(second.code, 3, "{}\n{}", second.stdout, second.stderr);
+    assert!(second.stderr.contains("another operation (up) is in progress"), "{}", second.stderr);
+    let out = wait_output(first, T, "first up");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn another_app_in_the_same_home_is_refused() {
+    let app = TestApp::hello();
+    app.up().ok();
+    app.write_spec(&app.spec().replace("app = \"hello\"", "app = \"other\""));
+    let r = app.up();
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("already runs app `hello`"), "{}", r.stderr);
+}
+
+#[test]
+fn init_writes_a_spec_from_the_procfile_that_runs() {
+    let app = TestApp::hello();
+    std::fs::remove_file(app.dir.path().join("nonstop.toml")).unwrap();
+    app.run(&["init"]).ok();
+    let spec = app.spec();
+    assert!(spec.contains("[processes.web]"), "{spec}");
+    assert!(spec.contains("singleton"), "beat should be a singleton:\n{spec}");
+    let again = app.run(&["init"]);
+    assert_eq!(again.code, 2, "init must not overwrite");
+    // The generated file is accepted as it is (web health on "/" works for this app).
+    app.up().ok();
+}
+
+#[test]
+fn logs_are_merged_prefixed_and_timestamped() {
+    let app = TestApp::hello();
+    app.up().ok();
+    wait_until(T, "worker output", || app.run(&["logs", "worker"]).stdout.contains("worker started"));
+    let r = app.run(&["logs"]);
+    r.ok();
+    assert!(r.stdout.contains("web.1"), "{}", r.stdout);
+    assert!(r.stdout.contains("listening on 127.0.0.1:"), "{}", r.stdout);
+    let first = r.stdout.lines().next().unwrap();
+    assert!(first.starts_with("20") && first.as_bytes()[10] == b'T', "timestamped: {first}");
+    let j = app.run(&["logs", "--json", "-n", "3", "beat"]);
+    j.ok();
+    for line in j.stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["instance"], "beat.1");
+    }
+    let bad = app.run(&["logs", "nosuch"]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("unknown process type `nosuch`"), "{}", bad.stderr);
+}
