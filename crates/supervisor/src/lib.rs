@@ -1,1 +1,20 @@
-//! placeholder, being written
+//! The local process supervisor of nonstop: [`LocalDriver`] implements
+//! [`nonstop_core::driver::Driver`] with one monitor process per instance
+//! (see [`monitor`]), so that instances keep running when the daemon exits
+//! or crashes and a restarted daemon re-adopts them by (pid, start time).
+//! It also reads the instances' log files ([`logs`]).
+
+pub mod driver;
+pub mod logfile;
+pub mod logs;
+pub mod monitor;
+pub mod procinfo;
+pub mod state;
+
+pub use driver::{
+    LocalDriver, LocalDriverConfig, SupervisorError, DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES,
+};
+pub use logfile::Stream;
+pub use logs::{LogLine, LogQuery};
+pub use monitor::monitor_main;
+pub use state::InstanceRecord;

@@ -1,0 +1,820 @@
+//! `LocalDriver`: runs instances as local process groups, each watched by
+//! its own monitor process (see [`crate::monitor`]), so that instances
+//! outlive the daemon and a restarted daemon re-adopts them.
+
+use crate::logfile::Stream;
+use crate::logs::{self, LogLine, LogQuery};
+use crate::procinfo;
+use crate::state::{
+    instance_dir_name, read_json, unix_ms_now, ExitRecord, Handshake, InstanceRecord,
+    MonitorParams, EXIT_FILE, MONITOR_LOG, PARAMS_FILE, RECORD_FILE, STAGING_PREFIX,
+};
+use nix::errno::Errno;
+use nix::sys::signal::Signal as NixSignal;
+use nonstop_core::driver::{
+    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Locator, StopOutcome, TaskOutcome,
+    TaskSpec,
+};
+use nonstop_core::ids::{AppName, EnvironmentId, InstanceId};
+use nonstop_core::process::Signal;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Default size at which a log file is rotated.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
+/// Default number of rotated log files kept per instance.
+pub const DEFAULT_LOG_KEEP: u32 = 3;
+/// Lines of output kept in a [`TaskOutcome`].
+pub const TASK_TAIL_LINES: usize = 50;
+
+/// How long `start` waits for the monitor's handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `stop` waits after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// Liveness polling of instances this process did not start.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Between SIGTERM and SIGKILL for a task that ran out of time.
+const TASK_TERM_GRACE: Duration = Duration::from_secs(5);
+
+/// Configuration of the local driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalDriverConfig {
+    /// Instance records and logs live here (`instances/`, `logs/`).
+    pub state_dir: PathBuf,
+    /// How to run a monitor, e.g. `["/usr/bin/nonstop", "__monitor"]`; the
+    /// staging directory is appended.
+    pub monitor_command: Vec<OsString>,
+    /// A log file is rotated before it would grow past this.
+    pub log_max_bytes: u64,
+    /// Rotated files kept (`.1` ... `.N`).
+    pub log_keep: u32,
+}
+
+impl LocalDriverConfig {
+    /// With the default log rotation (10 MiB, 3 files).
+    pub fn new(state_dir: impl Into<PathBuf>, monitor_command: Vec<OsString>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            monitor_command,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            log_keep: DEFAULT_LOG_KEEP,
+        }
+    }
+}
+
+/// Errors of the supervisor outside the [`Driver`] trait.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(
+        "the monitor command is empty: set LocalDriverConfig.monitor_command to the nonstop binary and its \
+         `__monitor` subcommand"
+    )]
+    EmptyMonitorCommand,
+    #[error(
+        "could not use the state directory {path}: {source}; check that it is writable by this user, or choose \
+         another state directory"
+    )]
+    StateDir { path: PathBuf, source: io::Error },
+    #[error("could not read the logs in {path}: {source}")]
+    Logs { path: PathBuf, source: io::Error },
+}
+
+/// The local process supervisor. Cheap to clone.
+#[derive(Clone)]
+pub struct LocalDriver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: LocalDriverConfig,
+    instances_dir: PathBuf,
+    /// Monitors this process spawned, keyed by (pid, start time); the
+    /// value turns `true` once the monitor has exited and been reaped.
+    children: Arc<Mutex<Children>>,
+    seq: AtomicU64,
+}
+
+/// Monitor (pid, start time) → turns `true` once reaped.
+type Children = HashMap<(u32, u64), watch::Receiver<bool>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loc {
+    pid: u32,
+    start_time: u64,
+    monitor_pid: u32,
+    monitor_start_time: u64,
+}
+
+impl From<&Locator> for Loc {
+    fn from(l: &Locator) -> Self {
+        match *l {
+            Locator::Local {
+                pid,
+                start_time,
+                monitor_pid,
+                monitor_start_time,
+            } => Loc {
+                pid,
+                start_time,
+                monitor_pid,
+                monitor_start_time,
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for LocalDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDriver")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalDriver {
+    /// Create the state directory if needed. Instances recorded there by an
+    /// earlier daemon are found again from their handles.
+    pub fn new(mut config: LocalDriverConfig) -> Result<Self, SupervisorError> {
+        if config.monitor_command.is_empty() || config.monitor_command[0].is_empty() {
+            return Err(SupervisorError::EmptyMonitorCommand);
+        }
+        let state_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SupervisorError::StateDir { path, source }
+        };
+        std::fs::create_dir_all(&config.state_dir).map_err(state_err(&config.state_dir))?;
+        config.state_dir = config
+            .state_dir
+            .canonicalize()
+            .map_err(state_err(&config.state_dir))?;
+        let instances_dir = config.state_dir.join("instances");
+        let logs_dir = config.state_dir.join("logs");
+        for dir in [&instances_dir, &logs_dir] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(state_err(dir))?;
+        }
+        Ok(LocalDriver {
+            inner: Arc::new(Inner {
+                config,
+                instances_dir,
+                children: Arc::default(),
+                seq: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &LocalDriverConfig {
+        &self.inner.config
+    }
+
+    /// The (canonical) state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.config.state_dir
+    }
+
+    /// Where an instance's output goes.
+    pub fn instance_log_path(
+        &self,
+        app: &AppName,
+        environment: &EnvironmentId,
+        instance: &InstanceId,
+    ) -> PathBuf {
+        logs::logs_dir(self.state_dir(), app, environment).join(format!(
+            "{}.{}.{}.log",
+            instance.process, instance.slot, instance.generation
+        ))
+    }
+
+    fn instance_dir(&self, loc: Loc) -> PathBuf {
+        self.inner
+            .instances_dir
+            .join(instance_dir_name(loc.pid, loc.start_time))
+    }
+
+    /// The record a monitor wrote for this instance.
+    pub fn instance_record(&self, handle: &InstanceHandle) -> Option<InstanceRecord> {
+        read_json(
+            &self
+                .instance_dir(Loc::from(&handle.locator))
+                .join(RECORD_FILE),
+        )
+    }
+
+    /// The exit status recorded by the instance's monitor, if it has exited.
+    pub fn recorded_exit(&self, handle: &InstanceHandle) -> Option<ExitStatus> {
+        self.recorded_exit_loc(Loc::from(&handle.locator))
+    }
+
+    fn recorded_exit_loc(&self, loc: Loc) -> Option<ExitStatus> {
+        read_json::<ExitRecord>(&self.instance_dir(loc).join(EXIT_FILE)).map(|r| r.status)
+    }
+
+    /// Everything (instances and tasks) whose monitor still runs, whoever
+    /// started it: lets a restarted daemon find instances it has no record
+    /// of (e.g. it died in the middle of a `start`).
+    pub fn running(&self) -> Vec<InstanceRecord> {
+        self.records()
+            .into_iter()
+            .filter(|r| procinfo::is_running(r.monitor_pid, r.monitor_start_time))
+            .collect()
+    }
+
+    fn records(&self) -> Vec<InstanceRecord> {
+        let Ok(entries) = std::fs::read_dir(&self.inner.instances_dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| read_json::<InstanceRecord>(&e.path().join(RECORD_FILE)))
+            .collect()
+    }
+
+    /// Delete the state of instances and tasks that ended more than
+    /// `max_age` ago, and of starts that never completed. Returns how many
+    /// directories were removed.
+    pub fn prune_state(&self, max_age: Duration) -> io::Result<usize> {
+        let now = std::time::SystemTime::now();
+        let older = |p: &Path, age: Duration| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|a| a >= age)
+        };
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.inner.instances_dir)?.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = if name.starts_with(STAGING_PREFIX) {
+                older(&path, max_age.max(HANDSHAKE_TIMEOUT * 6))
+            } else {
+                match read_json::<InstanceRecord>(&path.join(RECORD_FILE)) {
+                    Some(r) if procinfo::is_running(r.monitor_pid, r.monitor_start_time) => false,
+                    Some(_) => {
+                        let exit = path.join(EXIT_FILE);
+                        older(if exit.exists() { &exit } else { &path }, max_age)
+                    }
+                    None => older(&path, max_age.max(HANDSHAKE_TIMEOUT * 6)),
+                }
+            };
+            if stale && std::fs::remove_dir_all(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The last `query.tail` lines of the matching instances, oldest first.
+    pub fn logs_tail(&self, query: &LogQuery) -> Result<Vec<LogLine>, SupervisorError> {
+        logs::tail(self.state_dir(), query)
+    }
+
+    /// The last `query.tail` lines, then new lines as they are written,
+    /// until `cancel` fires or the receiver is dropped. Needs a tokio
+    /// runtime.
+    pub fn logs_follow(
+        &self,
+        query: LogQuery,
+        cancel: CancellationToken,
+    ) -> mpsc::Receiver<LogLine> {
+        logs::follow(self.state_dir(), query, cancel)
+    }
+
+    /// Delete the log files of ended instances beyond the newest `keep` per
+    /// process type (and of tasks beyond the newest `keep` per task name).
+    /// Files of running instances are never deleted. Returns the number of
+    /// files deleted.
+    pub fn prune_logs(
+        &self,
+        app: &AppName,
+        environment: &EnvironmentId,
+        keep: usize,
+    ) -> Result<usize, SupervisorError> {
+        let live: HashSet<PathBuf> = self.running().into_iter().map(|r| r.log_path).collect();
+        logs::prune(self.state_dir(), app, environment, keep, &live)
+    }
+
+    /// Spawn a monitor for `params` and wait for its handshake.
+    async fn spawn_monitor(&self, params: &MonitorParams) -> Result<(Loc, PathBuf), String> {
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let staging = self.inner.instances_dir.join(format!(
+            "{STAGING_PREFIX}{}-{seq}-{}",
+            std::process::id(),
+            unix_ms_now()
+        ));
+        let cleanup = |staging: &Path| {
+            let _ = std::fs::remove_dir_all(staging);
+        };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(|e| {
+                format!(
+                    "could not create {}: {e}; check the state directory",
+                    staging.display()
+                )
+            })?;
+        let prepared = (|| -> io::Result<std::fs::File> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(staging.join(PARAMS_FILE))?;
+            f.write_all(&serde_json::to_vec(params).map_err(io::Error::other)?)?;
+            f.sync_all()?;
+            std::fs::File::create(staging.join(MONITOR_LOG))
+        })();
+        let monitor_log = match prepared {
+            Ok(f) => f,
+            Err(e) => {
+                cleanup(&staging);
+                return Err(format!(
+                    "could not write to {}: {e}; check the state directory",
+                    staging.display()
+                ));
+            }
+        };
+
+        let cmd = &self.inner.config.monitor_command;
+        let mut command = tokio::process::Command::new(&cmd[0]);
+        command.args(&cmd[1..]).arg(&staging).env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            command.env("PATH", path);
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(monitor_log)
+            .kill_on_drop(false);
+        let mut child = match command.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                cleanup(&staging);
+                return Err(format!(
+                    "could not run the monitor {:?}: {e}; check LocalDriverConfig.monitor_command",
+                    cmd[0]
+                ));
+            }
+        };
+        let monitor_pid = child.id().unwrap_or(0);
+        let mut line = String::new();
+        let read = match child.stdout.take() {
+            Some(out) => {
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, BufReader::new(out).read_line(&mut line))
+                    .await
+            }
+            None => Ok(Ok(0)),
+        };
+        let handshake = match read {
+            Ok(Ok(n)) if n > 0 => serde_json::from_str::<Handshake>(line.trim())
+                .map_err(|e| format!("the monitor sent an unreadable handshake ({e}): {line:?}")),
+            Ok(Ok(_)) => Err("the monitor exited without a handshake".to_string()),
+            Ok(Err(e)) => Err(format!("could not read the monitor's handshake: {e}")),
+            Err(_) => Err(format!(
+                "the monitor did not answer within {}s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )),
+        };
+        match handshake {
+            Ok(Handshake::Started {
+                pid,
+                start_time,
+                monitor_pid: mpid,
+                monitor_start_time,
+                dir,
+            }) => {
+                let loc = Loc {
+                    pid,
+                    start_time,
+                    monitor_pid: mpid,
+                    monitor_start_time,
+                };
+                self.watch_child(loc, child);
+                Ok((loc, dir))
+            }
+            other => {
+                let mut reason = match other {
+                    Ok(Handshake::Failed { reason }) => reason,
+                    Ok(Handshake::Started { .. }) => unreachable!(),
+                    Err(e) => e,
+                };
+                let _ = child.start_kill();
+                let _ = tokio::time::timeout(KILL_WAIT, child.wait()).await;
+                if let Ok(log) = std::fs::read_to_string(staging.join(MONITOR_LOG)) {
+                    let log = log.trim();
+                    if !log.is_empty() && !reason.contains(log) {
+                        let tail: String = log
+                            .chars()
+                            .rev()
+                            .take(2000)
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .rev()
+                            .collect();
+                        reason = format!("{reason} (monitor pid {monitor_pid} said: {tail})");
+                    }
+                }
+                cleanup(&staging);
+                Err(reason)
+            }
+        }
+    }
+
+    /// Reap a monitor we spawned, and let waiters know when it is gone.
+    fn watch_child(&self, loc: Loc, mut child: tokio::process::Child) {
+        let key = (loc.monitor_pid, loc.monitor_start_time);
+        let (tx, rx) = watch::channel(false);
+        let children = Arc::clone(&self.inner.children);
+        children.lock().unwrap().insert(key, rx);
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            let _ = tx.send(true);
+            children.lock().unwrap().remove(&key);
+        });
+    }
+
+    /// Resolves once the monitor has exited (it exits only after the app's
+    /// process group is empty).
+    async fn wait_monitor_gone(&self, loc: Loc) {
+        let key = (loc.monitor_pid, loc.monitor_start_time);
+        let rx = self.inner.children.lock().unwrap().get(&key).cloned();
+        if let Some(mut rx) = rx {
+            if rx.wait_for(|done| *done).await.is_ok() {
+                return;
+            }
+        }
+        while procinfo::is_running(loc.monitor_pid, loc.monitor_start_time) {
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Monitor gone and app gone (the app outlives its monitor only if the
+    /// monitor itself was killed).
+    async fn wait_gone(&self, loc: Loc) {
+        self.wait_monitor_gone(loc).await;
+        while procinfo::is_running(loc.pid, loc.start_time) {
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Send `signal` to the instance's process group. `Ok(false)`: gone.
+    fn signal_instance(&self, loc: Loc, signal: NixSignal) -> Result<bool, Errno> {
+        // Only while the pid is provably ours: same start time. While the
+        // main process exists (even as a zombie) its pid, and so the
+        // group id, cannot be reused.
+        let Some(stat) = procinfo::stat(loc.pid).filter(|s| s.start_time == loc.start_time) else {
+            return Ok(false);
+        };
+        let mut sent = procinfo::signal_group(loc.pid, signal)?;
+        if stat.pgrp != i32::try_from(loc.pid).unwrap_or(-1) {
+            // It moved itself to another group: signal it directly too.
+            sent |= procinfo::signal_process(loc.pid, signal)?;
+        }
+        Ok(sent)
+    }
+
+    async fn stop_loc(
+        &self,
+        loc: Loc,
+        label: &str,
+        signal: Signal,
+        timeout: Duration,
+    ) -> Result<StopOutcome, DriverError> {
+        let stop_err = |reason: String| DriverError::Stop {
+            instance: label.to_string(),
+            reason,
+        };
+        let app_running = procinfo::is_running(loc.pid, loc.start_time);
+        if !app_running {
+            // Exited on its own: its monitor may still be killing leftovers.
+            // (Without a recorded exit the handle is not one of ours.)
+            let exited = self.instance_dir(loc).join(EXIT_FILE).exists();
+            if exited
+                && procinfo::is_running(loc.monitor_pid, loc.monitor_start_time)
+                && tokio::time::timeout(timeout + KILL_WAIT, self.wait_monitor_gone(loc))
+                    .await
+                    .is_err()
+            {
+                return Err(stop_err(format!(
+                    "its monitor (pid {}) is still cleaning up after {}s; check `ps -o pid,stat,wchan:20,cmd -g {}`",
+                    loc.monitor_pid,
+                    (timeout + KILL_WAIT).as_secs(),
+                    loc.pid
+                )));
+            }
+            return Ok(StopOutcome::AlreadyGone);
+        }
+        let not_permitted = |e: Errno| {
+            stop_err(format!(
+                "could not signal process group {}: {e}; is it running as another user?",
+                loc.pid
+            ))
+        };
+        match self.signal_instance(loc, procinfo::to_nix(signal)) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Exited between the check and the signal.
+                let _ = tokio::time::timeout(timeout + KILL_WAIT, self.wait_gone(loc)).await;
+                return Ok(StopOutcome::AlreadyGone);
+            }
+            Err(e) => return Err(not_permitted(e)),
+        }
+        if tokio::time::timeout(timeout, self.wait_gone(loc))
+            .await
+            .is_ok()
+        {
+            return Ok(StopOutcome::Graceful);
+        }
+        self.signal_instance(loc, NixSignal::SIGKILL)
+            .map_err(not_permitted)?;
+        if tokio::time::timeout(KILL_WAIT, self.wait_gone(loc))
+            .await
+            .is_ok()
+        {
+            return Ok(StopOutcome::Killed);
+        }
+        Err(stop_err(format!(
+            "still running {}s after SIGKILL; a process may be stuck in uninterruptible I/O: check \
+             `ps -o pid,stat,wchan:20,cmd -g {}`",
+            KILL_WAIT.as_secs(),
+            loc.pid
+        )))
+    }
+
+    async fn wait_exit_loc(&self, loc: Loc, label: &str) -> ExitStatus {
+        self.wait_monitor_gone(loc).await;
+        if procinfo::is_running(loc.pid, loc.start_time) {
+            // The monitor was killed while the app runs: nobody collects its
+            // output or its exit status any more. End it, so that it can be
+            // replaced.
+            tracing::warn!(
+                instance = label,
+                pid = loc.pid,
+                "the monitor of {label} is gone but the app still runs; killing its process group"
+            );
+            let _ = self.signal_instance(loc, NixSignal::SIGKILL);
+            let _ = tokio::time::timeout(KILL_WAIT, async {
+                while procinfo::is_running(loc.pid, loc.start_time) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+        }
+        self.recorded_exit_loc(loc).unwrap_or(ExitStatus::Unknown)
+    }
+
+    async fn run_task_inner(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
+        let task_err = |reason: String| DriverError::Task {
+            name: task.name.clone(),
+            reason,
+        };
+        if task.name.trim().is_empty() {
+            return Err(task_err(
+                "the task has no name; give it one such as `release-task-1`".to_string(),
+            ));
+        }
+        check_workdir(&task.workdir).map_err(task_err)?;
+        let env = app_env(&task.env, None).map_err(task_err)?;
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let log_path = logs::logs_dir(self.state_dir(), &task.app, &task.environment)
+            .join("tasks")
+            .join(format!("{}.{ts}.log", sanitize_file_name(&task.name)));
+        let params = MonitorParams {
+            app: task.app.to_string(),
+            environment: task.environment.to_string(),
+            instance: None,
+            task: Some(task.name.clone()),
+            command: task.command.clone(),
+            workdir: task.workdir.clone(),
+            env,
+            log_path: log_path.clone(),
+            log_max_bytes: self.inner.config.log_max_bytes,
+            log_keep: self.inner.config.log_keep,
+            instances_dir: self.inner.instances_dir.clone(),
+        };
+        let started = Instant::now();
+        let (loc, _dir) = self.spawn_monitor(&params).await.map_err(task_err)?;
+        // If this future is dropped (the deploy was cancelled), the task
+        // must not run on unobserved.
+        let mut guard = KillOnDrop { loc: Some(loc) };
+        let timed_out = tokio::time::timeout(task.timeout, self.wait_gone(loc))
+            .await
+            .is_err();
+        if timed_out {
+            let label = format!("task {}", task.name);
+            self.stop_loc(loc, &label, Signal::Term, TASK_TERM_GRACE)
+                .await?;
+        }
+        guard.loc = None;
+        let status = self.recorded_exit_loc(loc).unwrap_or(ExitStatus::Unknown);
+        let output_tail = logs::last_texts(&log_path, TASK_TAIL_LINES, &[Stream::Out, Stream::Err])
+            .unwrap_or_default();
+        Ok(TaskOutcome {
+            status,
+            timed_out,
+            output_tail,
+            duration: started.elapsed(),
+        })
+    }
+}
+
+struct KillOnDrop {
+    loc: Option<Loc>,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(loc) = self.loc {
+            if procinfo::exists(loc.pid, loc.start_time) {
+                let _ = procinfo::signal_group(loc.pid, NixSignal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn check_workdir(workdir: &Path) -> Result<(), String> {
+    match std::fs::metadata(workdir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("workdir {} is not a directory", workdir.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
+            "workdir {} does not exist; check the release directory",
+            workdir.display()
+        )),
+        Err(e) => Err(format!("workdir {} is not usable: {e}", workdir.display())),
+    }
+}
+
+/// The app's environment: exactly what was given, plus `PORT`, plus PATH,
+/// HOME, LANG and TERM from the daemon when not given.
+fn app_env(given: &[(String, String)], port: Option<u16>) -> Result<Vec<(String, String)>, String> {
+    for (k, v) in given {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(format!(
+                "invalid environment variable name {k:?}: names cannot be empty or contain '='"
+            ));
+        }
+        if v.contains('\0') {
+            return Err(format!("environment variable {k} contains a NUL byte"));
+        }
+    }
+    let mut env: Vec<(String, String)> = given
+        .iter()
+        .filter(|(k, _)| !(port.is_some() && k == "PORT"))
+        .cloned()
+        .collect();
+    for key in ["PATH", "HOME", "LANG", "TERM"] {
+        if !env.iter().any(|(k, _)| k == key) {
+            let value = std::env::var(key)
+                .ok()
+                .or_else(|| (key == "PATH").then(|| "/usr/local/bin:/usr/bin:/bin".into()));
+            if let Some(v) = value {
+                env.push((key.to_string(), v));
+            }
+        }
+    }
+    if let Some(port) = port {
+        env.push(("PORT".to_string(), port.to_string()));
+    }
+    Ok(env)
+}
+
+fn sanitize_file_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect()
+}
+
+fn free_port() -> io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+impl Driver for LocalDriver {
+    async fn start(&self, launch: LaunchSpec) -> Result<InstanceHandle, DriverError> {
+        let label = launch.instance.slot_name();
+        let start_err = |reason: String| DriverError::Start {
+            instance: label.clone(),
+            reason,
+        };
+        check_workdir(&launch.workdir).map_err(start_err)?;
+        let port =
+            if launch.wants_port {
+                Some(free_port().map_err(|e| {
+                    start_err(format!("could not find a free port on 127.0.0.1: {e}"))
+                })?)
+            } else {
+                None
+            };
+        let env = app_env(&launch.env, port).map_err(start_err)?;
+        let params = MonitorParams {
+            app: launch.app.to_string(),
+            environment: launch.environment.to_string(),
+            instance: Some(launch.instance.clone()),
+            task: None,
+            command: launch.command.clone(),
+            workdir: launch.workdir.clone(),
+            env,
+            log_path: self.instance_log_path(&launch.app, &launch.environment, &launch.instance),
+            log_max_bytes: self.inner.config.log_max_bytes,
+            log_keep: self.inner.config.log_keep,
+            instances_dir: self.inner.instances_dir.clone(),
+        };
+        let (loc, _dir) = self.spawn_monitor(&params).await.map_err(start_err)?;
+        Ok(InstanceHandle {
+            instance: launch.instance,
+            locator: Locator::Local {
+                pid: loc.pid,
+                start_time: loc.start_time,
+                monitor_pid: loc.monitor_pid,
+                monitor_start_time: loc.monitor_start_time,
+            },
+            addr: port.map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))),
+        })
+    }
+
+    async fn stop(
+        &self,
+        handle: &InstanceHandle,
+        signal: Signal,
+        timeout: Duration,
+    ) -> Result<StopOutcome, DriverError> {
+        self.stop_loc(
+            Loc::from(&handle.locator),
+            &handle.instance.slot_name(),
+            signal,
+            timeout,
+        )
+        .await
+    }
+
+    async fn wait_exit(&self, handle: &InstanceHandle) -> ExitStatus {
+        self.wait_exit_loc(Loc::from(&handle.locator), &handle.instance.to_string())
+            .await
+    }
+
+    fn is_alive(&self, handle: &InstanceHandle) -> bool {
+        let loc = Loc::from(&handle.locator);
+        procinfo::is_running(loc.pid, loc.start_time)
+            && procinfo::is_running(loc.monitor_pid, loc.monitor_start_time)
+    }
+
+    async fn run_task(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
+        self.run_task_inner(task).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_is_exactly_what_was_given_plus_defaults() {
+        let given = vec![
+            ("A".to_string(), "1".to_string()),
+            ("PORT".to_string(), "1".to_string()),
+        ];
+        let env = app_env(&given, Some(5000)).unwrap();
+        assert!(env.contains(&("A".to_string(), "1".to_string())));
+        assert!(env.contains(&("PORT".to_string(), "5000".to_string())));
+        assert_eq!(env.iter().filter(|(k, _)| k == "PORT").count(), 1);
+        assert!(env.iter().any(|(k, _)| k == "PATH"));
+        let mine = vec![("PATH".to_string(), "/x".to_string())];
+        let env = app_env(&mine, None).unwrap();
+        assert_eq!(
+            env.iter().filter(|(k, _)| k == "PATH").collect::<Vec<_>>(),
+            vec![&("PATH".to_string(), "/x".to_string())]
+        );
+        assert!(app_env(&[("A=B".to_string(), String::new())], None).is_err());
+    }
+
+    #[test]
+    fn task_names_become_safe_file_names() {
+        assert_eq!(sanitize_file_name("release-task-1"), "release-task-1");
+        assert_eq!(sanitize_file_name("../x y"), "___x_y");
+    }
+}

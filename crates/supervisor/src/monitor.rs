@@ -1,0 +1,502 @@
+//! The per-instance monitor (like conmon or a containerd shim).
+//!
+//! The driver runs `<monitor_command...> <staging-dir>`; the monitor
+//!
+//! 1. leaves the daemon's session (`setsid`), blocks SIGHUP, SIGINT, SIGQUIT
+//!    and SIGPIPE, takes SIGTERM and SIGCHLD through a signalfd, and becomes a
+//!    child subreaper so that orphaned grandchildren are reparented to it;
+//! 2. reads and deletes `params.json`, opens the log file;
+//! 3. starts `/bin/sh -c <command>` in a new process group (pgid = pid) with
+//!    exactly the given environment and stdin on /dev/null;
+//! 4. moves its directory to `instances/<pid>-<start_time>`, writes
+//!    `instance.json`, and prints one [`Handshake`] line on stdout, which it
+//!    then points at /dev/null (if nobody reads the line, the daemon died
+//!    mid-start: it kills the app and exits);
+//! 5. writes the app's output lines to the log file;
+//! 6. when the app's main process exits: writes `exit.json` atomically,
+//!    SIGKILLs what is left of the process group, drains the output (bounded),
+//!    waits (bounded) until the group is empty, and exits.
+//!
+//! SIGTERM to the monitor is forwarded to the app's process group.
+
+use crate::logfile::{LineSplitter, LogWriter, Stream};
+use crate::procinfo;
+use crate::state::{
+    instance_dir_name, read_json, unix_ms_now, write_atomic, ExitRecord, Handshake, InstanceRecord,
+    MonitorParams, PARAMS_FILE, RECORD_FILE,
+};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nonstop_core::driver::ExitStatus;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStderr, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long output is still collected after the main process exited and
+/// the leftovers were killed (a process that left the group may hold the
+/// pipes open).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the monitor waits for the process group to be empty after
+/// SIGKILL before it gives up (processes stuck in uninterruptible I/O).
+const GROUP_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Entry point of the hidden `__monitor` subcommand. `args` are the
+/// arguments after the subcommand: the staging directory. Synchronous;
+/// returns the process exit code.
+pub fn monitor_main(args: Vec<OsString>) -> i32 {
+    let [dir] = args.as_slice() else {
+        eprintln!(
+            "usage: nonstop __monitor <staging-dir>\n\
+             This is an internal command: the nonstop daemon starts it for each instance."
+        );
+        return 2;
+    };
+    let staging = PathBuf::from(dir);
+    match Monitor::start(&staging) {
+        Ok(monitor) => monitor.run(),
+        Err(reason) => {
+            eprintln!("nonstop monitor: {reason}");
+            let _ = send_handshake(&Handshake::Failed { reason });
+            1
+        }
+    }
+}
+
+struct Monitor {
+    dir: PathBuf,
+    pid: u32,
+    pgid: nix::unistd::Pid,
+    signals: SignalFd,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    out_lines: LineSplitter,
+    err_lines: LineSplitter,
+    log: LogWriter,
+    status: Option<ExitStatus>,
+}
+
+fn send_handshake(h: &Handshake) -> std::io::Result<()> {
+    let mut line = serde_json::to_string(h).map_err(std::io::Error::other)?;
+    line.push('\n');
+    let mut out = std::io::stdout().lock();
+    out.write_all(line.as_bytes())?;
+    out.flush()
+}
+
+/// Point stdout at /dev/null once the handshake is done, so that a later
+/// write cannot fail or block on a pipe nobody reads.
+fn detach_stdout() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), std::io::stdout().as_raw_fd());
+    }
+}
+
+impl Monitor {
+    fn start(staging: &Path) -> Result<Monitor, String> {
+        // Our own session: no terminal's SIGINT/SIGHUP, and not in the
+        // daemon's process group. Fails only if we already lead a group.
+        let _ = nix::unistd::setsid();
+
+        let mut blocked = SigSet::empty();
+        for s in [
+            Signal::SIGHUP,
+            Signal::SIGINT,
+            Signal::SIGQUIT,
+            Signal::SIGPIPE,
+        ] {
+            blocked.add(s);
+        }
+        let mut handled = SigSet::empty();
+        handled.add(Signal::SIGTERM);
+        handled.add(Signal::SIGCHLD);
+        // Blocked, not ignored: the app gets a clean signal state (see
+        // `reset_signals_in_child`).
+        blocked
+            .thread_block()
+            .map_err(|e| format!("could not block signals: {e}"))?;
+        handled
+            .thread_block()
+            .map_err(|e| format!("could not block signals: {e}"))?;
+        let signals =
+            SignalFd::with_flags(&handled, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+                .map_err(|e| format!("could not create a signalfd: {e}"))?;
+        // Orphaned grandchildren come to us, so we can reap them and know
+        // when the group is really empty, whatever pid 1 does.
+        nix::sys::prctl::set_child_subreaper(true)
+            .map_err(|e| format!("could not become a child subreaper: {e}"))?;
+
+        let params_path = staging.join(PARAMS_FILE);
+        let params: MonitorParams = read_json(&params_path).ok_or_else(|| {
+            format!(
+                "could not read {}; the daemon writes it before starting the monitor",
+                params_path.display()
+            )
+        })?;
+        // It holds the environment, which may hold secrets.
+        let _ = std::fs::remove_file(&params_path);
+        let label = params.label();
+
+        if !params.workdir.is_dir() {
+            return Err(format!(
+                "workdir {} does not exist or is not a directory; check the release directory",
+                params.workdir.display()
+            ));
+        }
+        let mut log = LogWriter::open(&params.log_path, params.log_max_bytes, params.log_keep).map_err(|e| {
+            format!("could not open the log file {}: {e}; check that the state directory is writable", params.log_path.display())
+        })?;
+
+        let mut command = Command::new("/bin/sh");
+        reset_signals_in_child(&mut command);
+        let mut child = command
+            .arg("-c")
+            .arg(&params.command)
+            .current_dir(&params.workdir)
+            .env_clear()
+            .envs(params.env.iter().map(|(k, v)| (k, v)))
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("could not run /bin/sh for {label}: {e}"))?;
+        let pid = child.id();
+        let pgid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+        // Not reaped yet (SIGCHLD is blocked and we have not waited), so
+        // the pid is still ours to read.
+        let kill_app = |why: String| -> String {
+            let _ = procinfo::signal_group(pid, Signal::SIGKILL);
+            let _ = waitpid(pgid, None);
+            why
+        };
+        let start_time = procinfo::start_time(pid)
+            .ok_or_else(|| kill_app(format!("could not read /proc/{pid}/stat of {label}")))?;
+        let monitor_pid = std::process::id();
+        let monitor_start_time = procinfo::self_start_time()
+            .ok_or_else(|| kill_app("could not read /proc/self/stat".to_string()))?;
+
+        let dir = params
+            .instances_dir
+            .join(instance_dir_name(pid, start_time));
+        std::fs::rename(staging, &dir).map_err(|e| {
+            kill_app(format!(
+                "could not move {} to {}: {e}",
+                staging.display(),
+                dir.display()
+            ))
+        })?;
+        let record = InstanceRecord {
+            app: params.app.clone(),
+            environment: params.environment.clone(),
+            instance: params.instance.clone(),
+            task: params.task.clone(),
+            pid,
+            start_time,
+            monitor_pid,
+            monitor_start_time,
+            log_path: params.log_path.clone(),
+            started_at: crate::logfile::timestamp_now(),
+        };
+        let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
+        write_atomic(&dir.join(RECORD_FILE), &json).map_err(|e| {
+            kill_app(format!(
+                "could not write {}: {e}",
+                dir.join(RECORD_FILE).display()
+            ))
+        })?;
+
+        let _ = log.write_line(
+            Stream::Sys,
+            format!("started {label} (pid {pid})").as_bytes(),
+        );
+        let _ = log.flush();
+
+        let hs = Handshake::Started {
+            pid,
+            start_time,
+            monitor_pid,
+            monitor_start_time,
+            dir: dir.clone(),
+        };
+        if let Err(e) = send_handshake(&hs) {
+            // The daemon went away before it learnt about the instance:
+            // nobody would ever manage it.
+            let _ = log.write_line(
+                Stream::Sys,
+                format!("the daemon did not take the start handshake ({e}); stopping {label}")
+                    .as_bytes(),
+            );
+            return Err(kill_app(format!("could not send the handshake: {e}")));
+        }
+        detach_stdout();
+
+        Ok(Monitor {
+            dir,
+            pid,
+            pgid,
+            signals,
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+            out_lines: LineSplitter::default(),
+            err_lines: LineSplitter::default(),
+            log,
+            status: None,
+        })
+    }
+
+    fn run(mut self) -> i32 {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            let timeout = match drain_deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let ms = d.saturating_duration_since(Instant::now()).as_millis();
+                    PollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX))
+                }
+            };
+            let (sig_ready, out_ready, err_ready) = {
+                let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+                let out_idx = self.stdout.as_ref().map(|s| {
+                    fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+                    fds.len() - 1
+                });
+                let err_idx = self.stderr.as_ref().map(|s| {
+                    fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+                    fds.len() - 1
+                });
+                match poll(&mut fds, timeout) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => {
+                        // Should not happen; do not spin.
+                        eprintln!("nonstop monitor: poll failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+                let ready = |i: Option<usize>| {
+                    i.and_then(|i| fds[i].revents()).is_some_and(|r| {
+                        r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                    })
+                };
+                (ready(Some(0)), ready(out_idx), ready(err_idx))
+            };
+            if sig_ready {
+                self.handle_signals();
+            }
+            if out_ready {
+                self.read_stream(Stream::Out, &mut buf);
+            }
+            if err_ready {
+                self.read_stream(Stream::Err, &mut buf);
+            }
+            let _ = self.log.flush();
+
+            if self.status.is_some() && drain_deadline.is_none() {
+                self.record_exit();
+                if let Ok(true) = procinfo::signal_group(self.pid, Signal::SIGKILL) {
+                    let _ = self.log.write_line(
+                        Stream::Sys,
+                        b"killed the processes left in the process group",
+                    );
+                }
+                drain_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
+            }
+            if let Some(deadline) = drain_deadline {
+                let drained = self.stdout.is_none() && self.stderr.is_none();
+                if drained || Instant::now() >= deadline {
+                    break;
+                }
+            }
+        }
+        self.finish_output();
+        let status = self.status.unwrap_or(ExitStatus::Unknown);
+        let _ = self
+            .log
+            .write_line(Stream::Sys, format!("process exited: {status}").as_bytes());
+        let _ = self.log.flush();
+        self.wait_group_empty();
+        let _ = self.log.flush();
+        0
+    }
+
+    fn handle_signals(&mut self) {
+        loop {
+            match self.signals.read_signal() {
+                Ok(Some(info)) => {
+                    let signo = i32::try_from(info.ssi_signo).unwrap_or(0);
+                    if signo == Signal::SIGCHLD as i32 {
+                        self.reap();
+                    } else if signo == Signal::SIGTERM as i32 && self.status.is_none() {
+                        let _ = procinfo::signal_group(self.pid, Signal::SIGTERM);
+                        let _ = self.log.write_line(
+                            Stream::Sys,
+                            b"the monitor got SIGTERM and passed it on to the process group",
+                        );
+                    }
+                }
+                Ok(None) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    eprintln!("nonstop monitor: reading the signalfd failed: {e}");
+                    self.reap();
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reap every exited child (the app and any reparented orphan).
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None::<nix::unistd::Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, code)) if p == self.pgid => {
+                    self.status = Some(ExitStatus::Code(code));
+                }
+                Ok(WaitStatus::Signaled(p, sig, _)) if p == self.pgid => {
+                    self.status = Some(ExitStatus::Signal(sig as i32));
+                }
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(_) => {
+                    // ECHILD: nothing left to wait for.
+                    if self.status.is_none() {
+                        self.status = Some(ExitStatus::Unknown);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn read_stream(&mut self, stream: Stream, buf: &mut [u8]) {
+        match stream {
+            Stream::Out => read_pipe(
+                &mut self.stdout,
+                &mut self.out_lines,
+                &mut self.log,
+                stream,
+                buf,
+            ),
+            _ => read_pipe(
+                &mut self.stderr,
+                &mut self.err_lines,
+                &mut self.log,
+                stream,
+                buf,
+            ),
+        }
+    }
+
+    /// Emit partial last lines of pipes that are still open at the end.
+    fn finish_output(&mut self) {
+        let log = &mut self.log;
+        self.out_lines.finish(|l| {
+            let _ = log.write_line(Stream::Out, l);
+        });
+        self.err_lines.finish(|l| {
+            let _ = log.write_line(Stream::Err, l);
+        });
+        self.stdout = None;
+        self.stderr = None;
+    }
+
+    fn record_exit(&mut self) {
+        let status = self.status.unwrap_or(ExitStatus::Unknown);
+        let rec = ExitRecord {
+            status,
+            exited_at_ms: unix_ms_now(),
+        };
+        let path = self.dir.join(crate::state::EXIT_FILE);
+        let json = serde_json::to_vec(&rec).unwrap_or_default();
+        if let Err(e) = write_atomic(&path, &json) {
+            eprintln!("nonstop monitor: could not write {}: {e}", path.display());
+        }
+    }
+
+    fn wait_group_empty(&mut self) {
+        let deadline = Instant::now() + GROUP_EXIT_TIMEOUT;
+        let mut last_kill = Instant::now();
+        loop {
+            self.reap();
+            if !procinfo::group_exists(self.pid) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.log.write_line(
+                    Stream::Sys,
+                    format!(
+                        "processes of group {} still exist {}s after SIGKILL (stuck in uninterruptible I/O?); giving up on them",
+                        self.pid,
+                        GROUP_EXIT_TIMEOUT.as_secs()
+                    )
+                    .as_bytes(),
+                );
+                return;
+            }
+            if last_kill.elapsed() >= Duration::from_millis(100) {
+                let _ = procinfo::signal_group(self.pid, Signal::SIGKILL);
+                last_kill = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Give the app a clean signal state: the monitor blocks signals (to read
+/// them from a signalfd), and it may have inherited ignored dispositions
+/// (a daemon started with `nohup` or `&`); both would otherwise pass on to
+/// the app across `exec`, and an app that cannot see SIGTERM cannot stop
+/// gracefully.
+#[allow(unsafe_code)]
+fn reset_signals_in_child(command: &mut Command) {
+    // SAFETY: the closure runs in the child between fork and exec. It only
+    // calls sigaction and pthread_sigmask, which are async-signal-safe, and
+    // it neither allocates nor takes locks.
+    unsafe {
+        command.pre_exec(|| {
+            for sig in Signal::iterator() {
+                if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+                    let _ = nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl);
+                }
+            }
+            SigSet::empty()
+                .thread_set_mask()
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+fn read_pipe<R: Read>(
+    pipe: &mut Option<R>,
+    lines: &mut LineSplitter,
+    log: &mut LogWriter,
+    stream: Stream,
+    buf: &mut [u8],
+) {
+    let Some(p) = pipe.as_mut() else { return };
+    match p.read(buf) {
+        Ok(n) if n > 0 => lines.push(&buf[..n], |l| {
+            let _ = log.write_line(stream, l);
+        }),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+            ) => {}
+        _ => {
+            // End of file (or a broken pipe): the last partial line is a line.
+            *pipe = None;
+            lines.finish(|l| {
+                let _ = log.write_line(stream, l);
+            });
+        }
+    }
+}

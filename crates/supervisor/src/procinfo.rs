@@ -1,0 +1,158 @@
+//! Reading `/proc`: process start times (to tell a live instance from a
+//! recycled pid), states (to tell a zombie from a live process) and
+//! process-group liveness.
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+/// The fields of `/proc/PID/stat` that the supervisor needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// `R`, `S`, `D`, `Z`, `T`, `X`, ...
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    /// Field 22: start time in clock ticks since boot.
+    pub start_time: u64,
+}
+
+impl ProcStat {
+    /// Exited but not yet reaped (or being torn down).
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Parse the content of `/proc/PID/stat`. The command name (field 2) may
+/// contain spaces and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(content: &str) -> Option<ProcStat> {
+    let rest = &content[content.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // fields[0] is field 3 (state), so field N is fields[N - 3].
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// `/proc/PID/stat` of a process, if it exists (zombies included).
+pub fn stat(pid: u32) -> Option<ProcStat> {
+    if pid == 0 {
+        return None;
+    }
+    let content = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&content)
+}
+
+/// The start time (clock ticks since boot) of a process.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat(pid).map(|s| s.start_time)
+}
+
+/// The start time of the calling process.
+pub fn self_start_time() -> Option<u64> {
+    let content = std::fs::read_to_string("/proc/self/stat").ok()?;
+    parse_stat(&content).map(|s| s.start_time)
+}
+
+/// The process `pid` exists and is the one that started at `start_time`,
+/// zombie or not. While this holds, its pid (and so its process group id)
+/// cannot have been recycled.
+pub fn exists(pid: u32, start_time: u64) -> bool {
+    stat(pid).is_some_and(|s| s.start_time == start_time)
+}
+
+/// The process `pid` is the one that started at `start_time` and is still
+/// running (not a zombie).
+pub fn is_running(pid: u32, start_time: u64) -> bool {
+    stat(pid).is_some_and(|s| s.start_time == start_time && !s.is_zombie())
+}
+
+/// Whether any process (zombies included) is still in process group `pgid`.
+pub fn group_exists(pgid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pgid) else {
+        return false;
+    };
+    if raw <= 1 {
+        return false;
+    }
+    // EPERM means it exists but belongs to someone else now (setuid).
+    !matches!(killpg(Pid::from_raw(raw), None), Err(Errno::ESRCH))
+}
+
+/// Send `signal` to process group `pgid`. `Ok(false)` if the group is gone.
+pub fn signal_group(pgid: u32, signal: Signal) -> Result<bool, Errno> {
+    let raw = i32::try_from(pgid).map_err(|_| Errno::EINVAL)?;
+    if raw <= 1 {
+        // Never signal -1 (everything) or -0 (our own group).
+        return Err(Errno::EINVAL);
+    }
+    match killpg(Pid::from_raw(raw), signal) {
+        Ok(()) => Ok(true),
+        Err(Errno::ESRCH) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Send `signal` to one process. `Ok(false)` if it is gone.
+pub fn signal_process(pid: u32, signal: Signal) -> Result<bool, Errno> {
+    let raw = i32::try_from(pid).map_err(|_| Errno::EINVAL)?;
+    if raw <= 1 {
+        return Err(Errno::EINVAL);
+    }
+    match kill(Pid::from_raw(raw), signal) {
+        Ok(()) => Ok(true),
+        Err(Errno::ESRCH) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Map the spec's signal names to the OS's.
+pub fn to_nix(signal: nonstop_core::process::Signal) -> Signal {
+    use nonstop_core::process::Signal as S;
+    match signal {
+        S::Term => Signal::SIGTERM,
+        S::Int => Signal::SIGINT,
+        S::Quit => Signal::SIGQUIT,
+        S::Hup => Signal::SIGHUP,
+        S::Usr1 => Signal::SIGUSR1,
+        S::Usr2 => Signal::SIGUSR2,
+        S::Winch => Signal::SIGWINCH,
+        S::Kill => Signal::SIGKILL,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_odd_command_names() {
+        let line = "1234 (we ird) (name)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10 0 0 0";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.ppid, 1);
+        assert_eq!(s.pgrp, 1234);
+        assert_eq!(s.start_time, 987654);
+    }
+
+    #[test]
+    fn reads_own_start_time() {
+        let me = std::process::id();
+        let st = start_time(me).unwrap();
+        assert_eq!(Some(st), self_start_time());
+        assert!(is_running(me, st));
+        assert!(!is_running(me, st + 1));
+        assert!(!exists(me, st + 1));
+    }
+
+    #[test]
+    fn refuses_to_signal_everything() {
+        assert_eq!(signal_group(0, Signal::SIGTERM), Err(Errno::EINVAL));
+        assert_eq!(signal_group(1, Signal::SIGTERM), Err(Errno::EINVAL));
+        assert_eq!(signal_process(1, Signal::SIGTERM), Err(Errno::EINVAL));
+    }
+}
