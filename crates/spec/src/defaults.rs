@@ -1,0 +1,160 @@
+//! Every default of `nonstop.toml`, named, and how they compare with the
+//! tools our users come from.
+
+use nonstop_core::process::{Quantity, Signal, StatusRange};
+use std::time::Duration;
+
+/// `[proxy] listen`: loopback only, so a fresh install exposes nothing.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8080";
+/// Environment variable that overrides `[proxy] listen`.
+pub const PROXY_LISTEN_ENV: &str = "NONSTOP_PROXY_LISTEN";
+
+/// `[release] task_timeout`: migrations on a big table take minutes.
+pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(600);
+/// `[release] retain_releases`.
+pub const DEFAULT_RETAIN_RELEASES: u32 = 5;
+/// Smallest `retain_releases`: the running release is always kept.
+pub const MIN_RETAIN_RELEASES: u32 = 1;
+
+/// `count` of a process.
+pub const DEFAULT_COUNT: u32 = 1;
+/// `stop_signal`: what gunicorn, celery and puma expect for a graceful stop.
+pub const DEFAULT_STOP_SIGNAL: Signal = Signal::Term;
+/// `stop_timeout`: time between the stop signal and SIGKILL. Web instances
+/// are drained first, so requests are finished before the signal is sent.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// `drain_timeout` (web): time in-flight requests get once an instance has
+/// left the rotation.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `ready_after` (worker, singleton): up this long counts as ready.
+pub const DEFAULT_READY_AFTER: Duration = Duration::from_secs(2);
+
+/// `[health] path`: every app answers `/` (Rails' `/up` does not exist in
+/// Django).
+pub const DEFAULT_HEALTH_PATH: &str = "/";
+/// `[health] interval`.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// `[health] timeout`.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// `[health] healthy_threshold`.
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+/// `[health] unhealthy_threshold`.
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+/// `[health] expect_status`: redirects count as healthy (Django answers
+/// `/` with a 301 or a 302 to the login page).
+pub const DEFAULT_EXPECT_STATUS: StatusRange = StatusRange { min: 200, max: 399 };
+
+/// `[rollout] max_surge`: start one new instance before stopping an old one.
+pub const DEFAULT_MAX_SURGE: Quantity = Quantity::Count(1);
+/// `[rollout] max_unavailable`: never drop below the desired count.
+pub const DEFAULT_MAX_UNAVAILABLE: Quantity = Quantity::Count(0);
+/// A singleton never runs twice, so it is stopped before it is replaced.
+pub const DEFAULT_SINGLETON_MAX_SURGE: Quantity = Quantity::Count(0);
+/// See [`DEFAULT_SINGLETON_MAX_SURGE`].
+pub const DEFAULT_SINGLETON_MAX_UNAVAILABLE: Quantity = Quantity::Count(1);
+/// `[rollout] health_timeout`: how long a new instance may take to become
+/// healthy (web) or ready (others) before the rollout fails.
+pub const DEFAULT_ROLLOUT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `[restart] backoff_initial`.
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// `[restart] backoff_max`.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// `[restart] reset_after`.
+pub const DEFAULT_RESET_AFTER: Duration = Duration::from_secs(30);
+/// `[restart] crash_loop_after`.
+pub const DEFAULT_CRASH_LOOP_AFTER: u32 = 5;
+
+/// The health-check and rollout defaults next to those of ECS + ALB and of
+/// Kamal 2 / kamal-proxy, as a Markdown table (the README includes it).
+pub fn defaults_doc() -> &'static str {
+    DEFAULTS_DOC
+}
+
+/// See [`defaults_doc`].
+pub const DEFAULTS_DOC: &str = "\
+| setting | nonstop | ECS + ALB | Kamal 2 / kamal-proxy | why ours |
+| --- | --- | --- | --- | --- |
+| `health.path` | `/` | `/` (target group) | `/up` | every app answers `/`; `/up` is a Rails convention |
+| `health.interval` | `1s` | `30s` (target group) | `1s` | probes are local and cheap; a rollout on one machine should take seconds, not minutes |
+| `health.timeout` | `2s` | `5s` (target group) | `5s` | a local app that needs more than 2s to answer a health check is not healthy; probes of one instance never overlap, so a timeout longer than the interval is allowed |
+| `health.healthy_threshold` | `2` | `5` | `1` (first success) | one lucky answer during boot is not proof; a second one costs a second |
+| `health.unhealthy_threshold` | `3` | `2` | `1` | one slow answer under load should not pull an instance out of rotation; three in a row (3s) should |
+| `health.expect_status` | `200-399` | `200` (matcher) | `200-299` | Django answers `/` with redirects (trailing slash, login page) and is healthy |
+| `rollout.health_timeout` | `60s` | none per task (grace period `0s`, circuit breaker) | `30s` (`deploy_timeout`) | Django boots with imports and checks that can pass 30s on a small machine |
+| `rollout.max_surge` / `max_unavailable` | `1` / `0` | `maximumPercent` 200 / `minimumHealthyPercent` 100 | one new container, then the old one stops | never drop below the desired count; one extra instance fits on one machine |
+| `drain_timeout` | `30s` | `300s` (deregistration delay) | `30s` (`drain_timeout`; kamal-proxy alone: `10s`) | long enough for slow requests and uploads, short enough for a quick rollout |
+| `stop_timeout` | `10s` | `30s` (`stopTimeout`) | `10s` (docker stop) | requests have drained before the signal; this only bounds the app's own shutdown |
+| `ready_after` (workers) | `2s` | none (running = ready) | `7s` (`readiness_delay`) | a worker that crashes on a bad import does so within a second or two |
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nonstop_core::process::{RestartPolicy, Rollout};
+
+    #[test]
+    fn defaults_agree_with_core() {
+        let restart = RestartPolicy::default();
+        assert_eq!(restart.backoff_initial, DEFAULT_BACKOFF_INITIAL);
+        assert_eq!(restart.backoff_max, DEFAULT_BACKOFF_MAX);
+        assert_eq!(restart.reset_after, DEFAULT_RESET_AFTER);
+        assert_eq!(restart.crash_loop_after, DEFAULT_CRASH_LOOP_AFTER);
+        let rollout = Rollout::default();
+        assert_eq!(rollout.max_surge, DEFAULT_MAX_SURGE);
+        assert_eq!(rollout.max_unavailable, DEFAULT_MAX_UNAVAILABLE);
+        assert_eq!(rollout.health_timeout, DEFAULT_ROLLOUT_HEALTH_TIMEOUT);
+    }
+
+    #[test]
+    fn the_doc_table_states_our_defaults() {
+        let doc = defaults_doc();
+        assert!(doc.lines().all(|l| l.starts_with('|') && l.ends_with('|')));
+        let cols = doc.lines().next().unwrap().matches('|').count();
+        assert!(
+            doc.lines().all(|l| l.matches('|').count() == cols),
+            "ragged table"
+        );
+        use crate::duration::parse_duration as d;
+        let cell = |key: &str| -> String {
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| {key} |")))
+                .unwrap();
+            row.split('|')
+                .nth(2)
+                .unwrap()
+                .trim()
+                .trim_matches('`')
+                .to_string()
+        };
+        assert_eq!(cell("`health.path`"), DEFAULT_HEALTH_PATH);
+        assert_eq!(d(&cell("`health.interval`")), Ok(DEFAULT_HEALTH_INTERVAL));
+        assert_eq!(d(&cell("`health.timeout`")), Ok(DEFAULT_HEALTH_TIMEOUT));
+        assert_eq!(
+            cell("`health.healthy_threshold`"),
+            DEFAULT_HEALTHY_THRESHOLD.to_string()
+        );
+        assert_eq!(
+            cell("`health.unhealthy_threshold`"),
+            DEFAULT_UNHEALTHY_THRESHOLD.to_string()
+        );
+        let status = format!(
+            "{}-{}",
+            DEFAULT_EXPECT_STATUS.min, DEFAULT_EXPECT_STATUS.max
+        );
+        assert_eq!(cell("`health.expect_status`"), status);
+        assert_eq!(
+            d(&cell("`rollout.health_timeout`")),
+            Ok(DEFAULT_ROLLOUT_HEALTH_TIMEOUT)
+        );
+        assert_eq!(cell("`rollout.max_surge` / `max_unavailable`"), "1` / `0");
+        assert_eq!(
+            (DEFAULT_MAX_SURGE, DEFAULT_MAX_UNAVAILABLE),
+            (Quantity::Count(1), Quantity::Count(0))
+        );
+        assert_eq!(d(&cell("`drain_timeout`")), Ok(DEFAULT_DRAIN_TIMEOUT));
+        assert_eq!(d(&cell("`stop_timeout`")), Ok(DEFAULT_STOP_TIMEOUT));
+        assert_eq!(d(&cell("`ready_after` (workers)")), Ok(DEFAULT_READY_AFTER));
+    }
+}

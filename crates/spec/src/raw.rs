@@ -1,0 +1,257 @@
+//! The schema of `nonstop.toml`, as written: every table, every key, every
+//! accepted value shape, before any checking.
+//!
+//! These types derive `Deserialize` with `deny_unknown_fields` and are the
+//! documented schema: the key lists in error messages are read from them.
+//! The parser does not stop at serde's first error, though: it walks a
+//! spanned TOML document and fills these types itself, collecting every
+//! problem with its location (see `walk.rs`). A test checks that the walk
+//! and `toml::from_str` agree on valid files.
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_spanned::Spanned;
+use std::fmt;
+
+/// A whole `nonstop.toml`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpec {
+    /// Required. Lowercase letters, digits and '-', starting with a letter.
+    pub app: Option<Spanned<String>>,
+    /// Build commands run once per release, in order.
+    pub build: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `[env]`: plain variables for every process.
+    pub env: Option<Spanned<RawMap<Spanned<RawScalar>>>>,
+    /// `[proxy]`.
+    pub proxy: Option<Spanned<RawProxy>>,
+    /// `[release]`.
+    pub release: Option<Spanned<RawRelease>>,
+    /// `[processes.NAME]`, in file order. At least one is required.
+    pub processes: Option<Spanned<RawMap<Spanned<RawProcess>>>>,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    /// `"IP:PORT"`; overridden by `NONSTOP_PROXY_LISTEN`.
+    pub listen: Option<Spanned<String>>,
+}
+
+/// `[release]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRelease {
+    pub tasks: Option<Spanned<Vec<Spanned<String>>>>,
+    pub post_tasks: Option<Spanned<Vec<Spanned<String>>>>,
+    pub task_timeout: Option<Spanned<RawDuration>>,
+    pub retain_releases: Option<Spanned<i64>>,
+    /// Process names, in rollout order.
+    pub order: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `[processes.NAME]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProcess {
+    /// Required; run with `sh -c`.
+    pub command: Option<Spanned<String>>,
+    /// `web`, `worker` or `singleton`.
+    pub kind: Option<Spanned<String>>,
+    pub count: Option<Spanned<i64>>,
+    /// `SIGTERM`, `TERM` or `term`.
+    pub stop_signal: Option<Spanned<String>>,
+    pub stop_timeout: Option<Spanned<RawDuration>>,
+    /// Web only.
+    pub drain_timeout: Option<Spanned<RawDuration>>,
+    /// Worker and singleton only.
+    pub ready_after: Option<Spanned<RawDuration>>,
+    /// `[processes.NAME.env]`, layered over `[env]`.
+    pub env: Option<Spanned<RawMap<Spanned<RawScalar>>>>,
+    /// Web only.
+    pub health: Option<Spanned<RawHealth>>,
+    pub rollout: Option<Spanned<RawRollout>>,
+    pub restart: Option<Spanned<RawRestart>>,
+}
+
+/// `[processes.NAME.health]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub path: Option<Spanned<String>>,
+    pub interval: Option<Spanned<RawDuration>>,
+    pub timeout: Option<Spanned<RawDuration>>,
+    pub healthy_threshold: Option<Spanned<i64>>,
+    pub unhealthy_threshold: Option<Spanned<i64>>,
+    /// `200` or `"200-399"`.
+    pub expect_status: Option<Spanned<RawIntOrString>>,
+}
+
+/// `[processes.NAME.rollout]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    /// A count (`1`) or a percentage of `count` (`"25%"`).
+    pub max_surge: Option<Spanned<RawIntOrString>>,
+    /// A count (`0`) or a percentage of `count` (`"25%"`).
+    pub max_unavailable: Option<Spanned<RawIntOrString>>,
+    pub health_timeout: Option<Spanned<RawDuration>>,
+}
+
+/// `[processes.NAME.restart]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRestart {
+    pub backoff_initial: Option<Spanned<RawDuration>>,
+    pub backoff_max: Option<Spanned<RawDuration>>,
+    pub reset_after: Option<Spanned<RawDuration>>,
+    pub crash_loop_after: Option<Spanned<i64>>,
+}
+
+/// A duration as written: seconds, or a string with units.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawDuration {
+    Seconds(i64),
+    Text(String),
+}
+
+/// A count or a string (`"25%"`, `"200-399"`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawIntOrString {
+    Int(i64),
+    Text(String),
+}
+
+/// An environment value; numbers and booleans become strings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum RawScalar {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Boolean(bool),
+}
+
+impl RawScalar {
+    /// The value a process sees. Floats keep a decimal point (`1.0`).
+    pub fn to_env_string(&self) -> String {
+        match self {
+            RawScalar::String(s) => s.clone(),
+            RawScalar::Integer(i) => i.to_string(),
+            RawScalar::Float(f) if f.is_nan() => "nan".to_string(),
+            RawScalar::Float(f) => format!("{f:?}"),
+            RawScalar::Boolean(b) => b.to_string(),
+        }
+    }
+}
+
+/// A TOML table with free-form keys, in file order, keeping each key's
+/// location.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RawMap<V>(pub Vec<(Spanned<String>, V)>);
+
+impl<V> RawMap<V> {
+    pub fn iter(&self) -> impl Iterator<Item = &(Spanned<String>, V)> {
+        self.0.iter()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for RawMap<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MapVisitor<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for MapVisitor<V> {
+            type Value = RawMap<V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMap<V>, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(RawMap(entries))
+            }
+        }
+        deserializer.deserialize_map(MapVisitor(std::marker::PhantomData))
+    }
+}
+
+/// The field names serde knows for a struct, in declaration order: the
+/// valid keys of a table.
+pub fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+
+    #[derive(Debug)]
+    struct Stop;
+    impl fmt::Display for Stop {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("field name probe")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl de::Error for Stop {
+        fn custom<M: fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+
+    impl<'de> Deserializer<'de> for Probe<'_> {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Stop> {
+            *self.0 = fields;
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_names_come_from_the_schema() {
+        assert_eq!(field_names::<RawProxy>(), &["listen"]);
+        assert_eq!(
+            field_names::<RawSpec>(),
+            &["app", "build", "env", "proxy", "release", "processes"]
+        );
+        assert_eq!(field_names::<RawProcess>()[0], "command");
+    }
+
+    #[test]
+    fn env_values_become_strings() {
+        assert_eq!(RawScalar::String("x".into()).to_env_string(), "x");
+        assert_eq!(RawScalar::Integer(-3).to_env_string(), "-3");
+        assert_eq!(RawScalar::Float(1.0).to_env_string(), "1.0");
+        assert_eq!(RawScalar::Float(0.25).to_env_string(), "0.25");
+        assert_eq!(RawScalar::Float(f64::INFINITY).to_env_string(), "inf");
+        assert_eq!(RawScalar::Float(f64::NAN).to_env_string(), "nan");
+        assert_eq!(RawScalar::Boolean(true).to_env_string(), "true");
+    }
+}

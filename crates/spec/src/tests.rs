@@ -1,0 +1,1819 @@
+//! Every rule of `nonstop.toml`, valid and invalid.
+
+use super::*;
+use crate::raw::RawSpec;
+use nonstop_core::ids::{AppName, ProcessName};
+use nonstop_core::process::{ProcessKind, Quantity, Signal, StatusRange};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+const FILE: &str = "nonstop.toml";
+
+fn ok(src: &str) -> AppSpec {
+    parse(src, Path::new(FILE), &()).unwrap_or_else(|e| panic!("expected a valid spec, got:\n{e}"))
+}
+
+fn errs_with(src: &str, env: &[(&str, &str)]) -> Vec<SpecError> {
+    let env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    match parse(src, Path::new(FILE), &env) {
+        Ok(spec) => panic!("expected errors, got {spec:#?}"),
+        Err(e) => {
+            assert!(!e.is_empty());
+            e.errors
+        }
+    }
+}
+
+fn errs(src: &str) -> Vec<SpecError> {
+    errs_with(src, &[])
+}
+
+/// Exactly one error, returned.
+#[track_caller]
+fn one(src: &str) -> SpecError {
+    let mut e = errs(src);
+    assert_eq!(
+        e.len(),
+        1,
+        "expected one error, got:\n{}",
+        SpecErrors { errors: e.clone() }
+    );
+    e.remove(0)
+}
+
+#[track_caller]
+fn assert_err(e: &SpecError, line: usize, column: usize, message: &str, hint: &str) {
+    assert_eq!((e.line, e.column), (line, column), "location of: {e}");
+    assert!(
+        e.message.contains(message),
+        "message {:?} lacks {message:?}",
+        e.message
+    );
+    let h = e.hint.as_deref().unwrap_or("");
+    assert!(h.contains(hint), "hint {h:?} lacks {hint:?}");
+}
+
+const WEB: &str = "app = \"blog\"\n[processes.web]\ncommand = \"gunicorn blog.wsgi\"\n";
+
+/// `WEB` plus extra lines in [processes.web] (starting on line 4).
+fn web_with(lines: &str) -> String {
+    format!("{WEB}{lines}")
+}
+
+/// Top-level tables (starting on line 2) before a minimal web process.
+fn top(tables: &str) -> String {
+    format!("app = \"blog\"\n{tables}[processes.web]\ncommand = \"gunicorn blog.wsgi\"\n")
+}
+
+fn web(spec: &AppSpec) -> &nonstop_core::process::ProcessSpec {
+    spec.process(&ProcessName::new("web").unwrap()).unwrap()
+}
+
+// ---------------------------------------------------------------- valid files
+
+#[test]
+fn minimal_file_gets_every_default() {
+    let spec = ok(WEB);
+    assert_eq!(spec.app, AppName::new("blog").unwrap());
+    assert!(spec.env.is_empty());
+    assert!(spec.build.is_empty());
+    assert_eq!(
+        spec.proxy.listen,
+        "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(spec.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
+    assert!(spec.release.tasks.is_empty());
+    assert!(spec.release.post_tasks.is_empty());
+    assert_eq!(spec.release.task_timeout, Duration::from_secs(600));
+    assert_eq!(spec.release.retain_releases, 5);
+    assert!(spec.release.order.is_empty());
+
+    let p = web(&spec);
+    assert_eq!(p.kind, ProcessKind::Web);
+    assert_eq!(p.command, "gunicorn blog.wsgi");
+    assert_eq!(p.count, 1);
+    assert_eq!(p.stop_signal, Signal::Term);
+    assert_eq!(p.stop_timeout, Duration::from_secs(10));
+    assert_eq!(p.drain_timeout, Duration::from_secs(30));
+    assert_eq!(p.ready_after, Duration::from_secs(2));
+    assert!(p.env.is_empty());
+    let h = p
+        .health
+        .as_ref()
+        .expect("web processes always have a health check");
+    assert_eq!(h.path, "/");
+    assert_eq!(h.interval, Duration::from_secs(1));
+    assert_eq!(h.timeout, Duration::from_secs(2));
+    assert_eq!(h.healthy_threshold, 2);
+    assert_eq!(h.unhealthy_threshold, 3);
+    assert_eq!(h.expect_status, StatusRange { min: 200, max: 399 });
+    assert_eq!(p.rollout.max_surge, Quantity::Count(1));
+    assert_eq!(p.rollout.max_unavailable, Quantity::Count(0));
+    assert_eq!(p.rollout.health_timeout, Duration::from_secs(60));
+    assert_eq!(p.restart.backoff_initial, Duration::from_millis(100));
+    assert_eq!(p.restart.backoff_max, Duration::from_secs(30));
+    assert_eq!(p.restart.reset_after, Duration::from_secs(30));
+    assert_eq!(p.restart.crash_loop_after, 5);
+}
+
+/// The example of the file-format contract, every key set.
+const FULL: &str = r#"app = "blog"
+build = ["pip install -r requirements.txt", "python manage.py collectstatic --noinput"]
+
+[env]
+DJANGO_SETTINGS_MODULE = "blog.settings"
+WORKERS = 4
+RATIO = 0.5
+DEBUG = false
+
+[proxy]
+listen = "0.0.0.0:9000"
+
+[release]
+tasks = ["python manage.py migrate --noinput"]
+post_tasks = ["python manage.py clearsessions"]
+task_timeout = "15m"
+retain_releases = 3
+order = ["worker", "web", "beat"]
+
+[processes.web]
+command = "gunicorn blog.wsgi --bind 127.0.0.1:$PORT"
+kind = "web"
+count = 2
+stop_signal = "SIGQUIT"
+stop_timeout = "20s"
+drain_timeout = "45s"
+
+[processes.web.env]
+WEB_CONCURRENCY = 3
+
+[processes.web.health]
+path = "/health/"
+interval = "2s"
+timeout = "1500ms"
+healthy_threshold = 3
+unhealthy_threshold = 4
+expect_status = "200-299"
+
+[processes.web.rollout]
+max_surge = "50%"
+max_unavailable = 1
+health_timeout = "90s"
+
+[processes.web.restart]
+backoff_initial = "200ms"
+backoff_max = "1m"
+reset_after = "2m"
+crash_loop_after = 7
+
+[processes.worker]
+command = "celery -A blog worker"
+count = 3
+ready_after = "5s"
+stop_timeout = 30
+
+[processes.beat]
+command = "celery -A blog beat"
+kind = "singleton"
+stop_signal = "term"
+"#;
+
+#[test]
+fn full_file_sets_every_key() {
+    let spec = ok(FULL);
+    assert_eq!(
+        spec.build,
+        [
+            "pip install -r requirements.txt",
+            "python manage.py collectstatic --noinput"
+        ]
+    );
+    let env: Vec<(&str, &str)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        env,
+        [
+            ("DEBUG", "false"),
+            ("DJANGO_SETTINGS_MODULE", "blog.settings"),
+            ("RATIO", "0.5"),
+            ("WORKERS", "4")
+        ]
+    );
+    assert_eq!(
+        spec.proxy.listen,
+        "0.0.0.0:9000".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(spec.release.tasks, ["python manage.py migrate --noinput"]);
+    assert_eq!(spec.release.post_tasks, ["python manage.py clearsessions"]);
+    assert_eq!(spec.release.task_timeout, Duration::from_secs(900));
+    assert_eq!(spec.release.retain_releases, 3);
+    let order: Vec<&str> = spec.release.order.iter().map(|n| n.as_str()).collect();
+    assert_eq!(order, ["worker", "web", "beat"]);
+
+    let names: Vec<&str> = spec.processes.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["web", "worker", "beat"]);
+
+    let w = web(&spec);
+    assert_eq!(w.count, 2);
+    assert_eq!(w.stop_signal, Signal::Quit);
+    assert_eq!(w.stop_timeout, Duration::from_secs(20));
+    assert_eq!(w.drain_timeout, Duration::from_secs(45));
+    assert_eq!(w.env.get("WEB_CONCURRENCY").map(String::as_str), Some("3"));
+    let h = w.health.as_ref().unwrap();
+    assert_eq!(h.path, "/health/");
+    assert_eq!(h.interval, Duration::from_secs(2));
+    assert_eq!(h.timeout, Duration::from_millis(1500));
+    assert_eq!((h.healthy_threshold, h.unhealthy_threshold), (3, 4));
+    assert_eq!(h.expect_status, StatusRange { min: 200, max: 299 });
+    assert_eq!(w.rollout.max_surge, Quantity::Percent(50));
+    assert_eq!(w.rollout.max_unavailable, Quantity::Count(1));
+    assert_eq!(w.rollout.health_timeout, Duration::from_secs(90));
+    assert_eq!(w.restart.backoff_initial, Duration::from_millis(200));
+    assert_eq!(w.restart.backoff_max, Duration::from_secs(60));
+    assert_eq!(w.restart.reset_after, Duration::from_secs(120));
+    assert_eq!(w.restart.crash_loop_after, 7);
+
+    let worker = &spec.processes[1];
+    assert_eq!(worker.kind, ProcessKind::Worker);
+    assert_eq!(worker.count, 3);
+    assert_eq!(worker.ready_after, Duration::from_secs(5));
+    assert_eq!(worker.stop_timeout, Duration::from_secs(30));
+    assert!(worker.health.is_none());
+    assert_eq!(worker.rollout.max_surge, Quantity::Count(1));
+
+    let beat = &spec.processes[2];
+    assert_eq!(beat.kind, ProcessKind::Singleton);
+    assert_eq!(beat.count, 1);
+    assert_eq!(beat.stop_signal, Signal::Term);
+    assert!(beat.health.is_none());
+    assert_eq!(beat.rollout.max_surge, DEFAULT_SINGLETON_MAX_SURGE);
+    assert_eq!(
+        beat.rollout.max_unavailable,
+        DEFAULT_SINGLETON_MAX_UNAVAILABLE
+    );
+}
+
+#[test]
+fn the_walk_agrees_with_serde_on_the_schema() {
+    // Every key of the schema is set in FULL; if the walk forgot one, it
+    // would be None here and Some in serde's result.
+    let (doc, syntax) = toml::de::DeTable::parse_recoverable(FULL);
+    assert!(syntax.is_empty());
+    let mut diags = Diags::default();
+    let walked = walk::walk(&doc, &mut diags);
+    assert!(diags.is_empty());
+    let serde: RawSpec = toml::from_str(FULL).unwrap();
+    assert_eq!(walked, serde);
+    // And serde's schema refuses unknown keys, as the walk does.
+    let err = toml::from_str::<RawSpec>(&FULL.replace("count = 3", "cuont = 3")).unwrap_err();
+    assert!(err.to_string().contains("unknown field `cuont`"), "{err}");
+}
+
+#[test]
+fn every_schema_key_is_set_in_the_full_example() {
+    use crate::raw::*;
+    let doc: toml::Table = toml::from_str(FULL).unwrap();
+    let keys_of =
+        |v: &toml::Value| -> Vec<String> { v.as_table().unwrap().keys().cloned().collect() };
+    let web = &doc["processes"]["web"];
+    for (fields, table) in [
+        (field_names::<RawSpec>(), toml::Value::Table(doc.clone())),
+        (field_names::<RawRelease>(), doc["release"].clone()),
+        (field_names::<RawProcess>(), {
+            let mut both = web.as_table().unwrap().clone();
+            both.extend(doc["processes"]["worker"].as_table().unwrap().clone());
+            toml::Value::Table(both)
+        }),
+        (field_names::<RawHealth>(), web["health"].clone()),
+        (field_names::<RawRollout>(), web["rollout"].clone()),
+        (field_names::<RawRestart>(), web["restart"].clone()),
+    ] {
+        let present = keys_of(&table);
+        for f in fields {
+            assert!(present.iter().any(|k| k == f), "FULL does not set `{f}`");
+        }
+    }
+}
+
+#[test]
+fn processes_keep_declaration_order() {
+    let spec = ok(r#"app = "a"
+[processes.zeta]
+command = "z"
+[processes.alpha]
+command = "a"
+[processes.web]
+command = "w"
+[processes.mid]
+command = "m"
+"#);
+    let names: Vec<&str> = spec.processes.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["zeta", "alpha", "web", "mid"]);
+}
+
+#[test]
+fn kind_defaults_to_web_only_for_the_process_named_web() {
+    let spec = ok(r#"app = "a"
+[processes.web]
+command = "w"
+[processes.api]
+command = "x"
+[processes.clock]
+command = "c"
+kind = "singleton"
+"#);
+    let kinds: Vec<ProcessKind> = spec.processes.iter().map(|p| p.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ProcessKind::Web,
+            ProcessKind::Worker,
+            ProcessKind::Singleton
+        ]
+    );
+    // A web process may have another name.
+    let spec = ok("app = \"a\"\n[processes.frontend]\ncommand = \"x\"\nkind = \"web\"\n");
+    assert_eq!(spec.processes[0].kind, ProcessKind::Web);
+    assert!(spec.processes[0].health.is_some());
+    // And `web` can be made a worker.
+    let spec = ok("app = \"a\"\n[processes.web]\ncommand = \"x\"\nkind = \"worker\"\n");
+    assert_eq!(spec.processes[0].kind, ProcessKind::Worker);
+    assert!(spec.processes[0].health.is_none());
+}
+
+#[test]
+fn env_values_of_every_scalar_type_become_strings() {
+    let spec = ok(r#"app = "a"
+[env]
+S = "text"
+I = 42
+H = 0x1F
+U = 1_000
+F = 1.0
+E = 2.5e3
+T = true
+_lower_ok = "x"
+[processes.web]
+command = "w"
+[processes.web.env]
+S = "override"
+EXTRA = false
+"#);
+    let get = |k: &str| spec.env.get(k).map(String::as_str);
+    assert_eq!(get("S"), Some("text"));
+    assert_eq!(get("I"), Some("42"));
+    assert_eq!(get("H"), Some("31"));
+    assert_eq!(get("U"), Some("1000"));
+    assert_eq!(get("F"), Some("1.0"));
+    assert_eq!(get("E"), Some("2500.0"));
+    assert_eq!(get("T"), Some("true"));
+    assert_eq!(get("_lower_ok"), Some("x"));
+    let w = web(&spec);
+    assert_eq!(w.env.get("S").map(String::as_str), Some("override"));
+    assert_eq!(w.env.get("EXTRA").map(String::as_str), Some("false"));
+    assert_eq!(w.env.len(), 2, "the process env holds only its own layer");
+}
+
+#[test]
+fn inline_tables_and_dotted_keys_work() {
+    let spec = ok(r#"app = "a"
+[processes]
+worker.command = "celery worker"
+web = { command = "gunicorn x", count = 2, health = { path = "/up" } }
+"#);
+    assert_eq!(spec.processes.len(), 2);
+    assert_eq!(web(&spec).count, 2);
+    assert_eq!(web(&spec).health.as_ref().unwrap().path, "/up");
+}
+
+#[test]
+fn every_duration_form_is_accepted() {
+    for (written, expected) in [
+        ("10", Duration::from_secs(10)),
+        ("\"250ms\"", Duration::from_millis(250)),
+        ("\"2s\"", Duration::from_secs(2)),
+        ("\"1m\"", Duration::from_secs(60)),
+        ("\"1h\"", Duration::from_secs(3600)),
+        ("\"1m30s\"", Duration::from_secs(90)),
+    ] {
+        let spec = ok(&web_with(&format!("stop_timeout = {written}\n")));
+        assert_eq!(web(&spec).stop_timeout, expected, "{written}");
+    }
+}
+
+#[test]
+fn zero_is_allowed_where_it_means_something() {
+    let spec = ok(&web_with(
+        "drain_timeout = 0\n[processes.worker]\ncommand = \"x\"\nready_after = \"0s\"\n",
+    ));
+    assert_eq!(web(&spec).drain_timeout, Duration::ZERO);
+    assert_eq!(spec.processes[1].ready_after, Duration::ZERO);
+    let e = one(&web_with("stop_timeout = 0\n"));
+    assert_err(
+        &e,
+        4,
+        16,
+        "`stop_timeout` in [processes.web] must be longer than 0s",
+        "stop_timeout = \"10s\"",
+    );
+    let e = one(&web_with("[processes.web.health]\ninterval = \"0ms\"\n"));
+    assert_err(
+        &e,
+        5,
+        12,
+        "`interval` in [processes.web.health] must be longer than 0s",
+        "interval = \"1s\"",
+    );
+}
+
+#[test]
+fn stop_signals_in_any_spelling() {
+    for (written, sig) in [
+        ("SIGTERM", Signal::Term),
+        ("TERM", Signal::Term),
+        ("term", Signal::Term),
+        ("SIGINT", Signal::Int),
+        ("usr1", Signal::Usr1),
+        ("SIGKILL", Signal::Kill),
+    ] {
+        let spec = ok(&web_with(&format!("stop_signal = \"{written}\"\n")));
+        assert_eq!(web(&spec).stop_signal, sig);
+    }
+    let e = one(&web_with("stop_signal = \"SIGFOO\"\n"));
+    assert_err(
+        &e,
+        4,
+        15,
+        "unknown `stop_signal` \"SIGFOO\" in [processes.web]",
+        "SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGKILL",
+    );
+}
+
+// ------------------------------------------------------- several errors at once
+
+/// Unknown key, bad duration and a missing command: three errors, each
+/// where it is, and the full text a user sees.
+#[test]
+fn several_errors_are_reported_together_with_their_locations() {
+    let src = r#"app = "blog"
+
+[processes.web]
+comand = "gunicorn blog.wsgi"
+stop_timeout = "10 sec"
+
+[processes.worker]
+command = "celery -A blog worker"
+count = -1
+"#;
+    let e = errs(src);
+    assert_eq!(e.len(), 4, "{}", SpecErrors { errors: e.clone() });
+    let rendered = SpecErrors { errors: e }.to_string();
+    let expected = r#"nonstop.toml:3:1: error: missing `command` in [processes.web]
+  hint: add the shell command that starts it, for example: command = "gunicorn blog.wsgi --bind 127.0.0.1:$PORT"
+
+nonstop.toml:4:1: error: unknown key `comand` in [processes.web]
+  hint: did you mean `command`? valid keys: command, kind, count, stop_signal, stop_timeout, drain_timeout, ready_after, env, health, rollout, restart
+
+nonstop.toml:5:16: error: `stop_timeout` in [processes.web] is not a valid duration ("10 sec"): it contains a space
+  hint: durations are a whole number of seconds (10) or a string with units: "250ms", "2s", "1m", "1h", "1m30s"
+
+nonstop.toml:9:9: error: `count` in [processes.worker] must be at least 0, not -1
+  hint: for example: count = 1"#;
+    assert_eq!(rendered, expected);
+}
+
+#[test]
+fn errors_come_out_in_file_order_whatever_found_them() {
+    // `order` is checked after the processes but is earlier in the file.
+    let src = r#"app = "a"
+[release]
+order = ["wbe"]
+[processes.web]
+command = ""
+"#;
+    let e = errs(src);
+    assert_eq!(e.len(), 2);
+    assert_err(
+        &e[0],
+        3,
+        10,
+        "`order` in [release] names \"wbe\", which is not a process",
+        "did you mean `web`? processes: web",
+    );
+    assert_err(
+        &e[1],
+        5,
+        11,
+        "`command` in [processes.web] has an empty command",
+        "write the shell command",
+    );
+}
+
+#[test]
+fn json_form_of_the_errors() {
+    let err = parse(
+        "app = 1\n[processes.web]\ncommand = \"x\"\n",
+        Path::new("x/nonstop.toml"),
+        &(),
+    )
+    .unwrap_err();
+    assert_eq!(err.len(), 1);
+    let json = serde_json::to_value(&err).unwrap();
+    assert_eq!(json["errors"][0]["file"], "x/nonstop.toml");
+    assert_eq!(json["errors"][0]["line"], 1);
+    assert_eq!(json["errors"][0]["column"], 7);
+    assert_eq!(
+        json["errors"][0]["message"],
+        "`app` must be a string, not an integer"
+    );
+    assert_eq!(json["errors"][0]["hint"], "for example: app = \"blog\"");
+}
+
+// ------------------------------------------------------------- unknown keys
+
+#[test]
+fn unknown_keys_at_every_level_get_suggestions() {
+    let cases: &[(&str, (usize, usize), &str, &str)] = &[
+        ("apps = \"x\"\n", (4, 1), "unknown key `apps` at the top level", "did you mean `app`? valid keys: app, build, env, proxy, release, processes"),
+        ("[proxy]\nlisen = \"127.0.0.1:1\"\n", (5, 1), "unknown key `lisen` in [proxy]", "did you mean `listen`? valid keys: listen"),
+        ("[proxy]\nport = 80\n", (5, 1), "unknown key `port` in [proxy]", "did you mean `listen`?"),
+        ("[release]\ntask = []\n", (5, 1), "unknown key `task` in [release]", "did you mean `tasks`? valid keys: tasks, post_tasks, task_timeout, retain_releases, order"),
+        ("replicas = 2\n", (4, 1), "unknown key `replicas` in [processes.web]", "did you mean `count`?"),
+        ("[processes.web.healthcheck]\npath = \"/\"\n", (4, 16), "unknown key `healthcheck` in [processes.web]", "did you mean `health`?"),
+        ("[processes.web.health]\npaht = \"/\"\n", (5, 1), "unknown key `paht` in [processes.web.health]", "did you mean `path`? valid keys: path, interval, timeout, healthy_threshold, unhealthy_threshold, expect_status"),
+        ("[processes.web.rollout]\nmax_surge_pct = 1\n", (5, 1), "unknown key `max_surge_pct` in [processes.web.rollout]", "did you mean `max_surge`? valid keys: max_surge, max_unavailable, health_timeout"),
+        ("[processes.web.restart]\nbackoff = \"1s\"\n", (5, 1), "unknown key `backoff` in [processes.web.restart]", "valid keys: backoff_initial, backoff_max, reset_after, crash_loop_after"),
+        ("Command = \"x\"\n", (4, 1), "unknown key `Command` in [processes.web]", "did you mean `command`?"),
+        ("zzz = 1\n", (4, 1), "unknown key `zzz` in [processes.web]", "valid keys: command, kind"),
+    ];
+    for (extra, (line, column), message, hint) in cases {
+        let src = if extra.starts_with('[') && !extra.starts_with("[processes") {
+            // Top-level tables go before [processes.web].
+            format!("app = \"blog\"\n\n\n{extra}[processes.web]\ncommand = \"x\"\n")
+        } else if extra.starts_with("apps") {
+            format!("app = \"blog\"\n[processes.web]\ncommand = \"x\"\n{extra}")
+        } else {
+            web_with(extra)
+        };
+        let src = if extra.starts_with("apps") {
+            // Keys after a table header belong to it: put this one first.
+            format!("\n\n\n{extra}app = \"blog\"\n[processes.web]\ncommand = \"x\"\n")
+        } else {
+            src
+        };
+        let e = one(&src);
+        assert_err(&e, *line, *column, message, hint);
+        if !hint.contains("did you mean") {
+            assert!(!e.hint.as_deref().unwrap().contains("did you mean"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn env_tables_accept_any_valid_name() {
+    let spec = ok(&web_with(
+        "[processes.web.env]\nANYTHING_GOES = 1\ncomand = \"lowercase is fine\"\n",
+    ));
+    assert_eq!(web(&spec).env.len(), 2);
+}
+
+// --------------------------------------------------------------- wrong types
+
+#[test]
+fn values_of_the_wrong_type() {
+    let e = one(&web_with("count = \"2\"\n"));
+    assert_err(
+        &e,
+        4,
+        9,
+        "`count` in [processes.web] must be an integer, not a string",
+        "remove the quotes: count = 2",
+    );
+    let e = one(&web_with("count = 1.5\n"));
+    assert_err(
+        &e,
+        4,
+        9,
+        "must be an integer, not a float",
+        "for example: count = 2",
+    );
+    let e = one("app = \"a\"\n[processes.web]\ncommand = [\"gunicorn\", \"x\"]\n");
+    assert_err(
+        &e,
+        3,
+        11,
+        "`command` in [processes.web] must be a string, not a list",
+        "for example: command = ",
+    );
+    let e = one(&format!("build = \"make\"\n{WEB}"));
+    assert_err(
+        &e,
+        1,
+        9,
+        "`build` must be a list of strings, not a string",
+        "put it in a list: build = [\"make\"]",
+    );
+    let e = one(&format!("build = [\"make\", 2]\n{WEB}"));
+    assert_err(
+        &e,
+        1,
+        18,
+        "`build` must contain only strings, not an integer",
+        "quote each item",
+    );
+    let e = one(&web_with("health = \"/up\"\n"));
+    assert_err(
+        &e,
+        4,
+        10,
+        "`health` in [processes.web] must be a table, not a string",
+        "write it as a table:\n[processes.web.health]\npath = \"/health/\"",
+    );
+    let e = one("app = \"a\"\n[processes]\nweb = \"gunicorn x\"\n");
+    assert_err(
+        &e,
+        3,
+        7,
+        "`web` in [processes] must be a table, not a string",
+        "[processes.web]\ncommand = \"gunicorn x\"",
+    );
+    let e = one("app = \"a\"\n[[processes]]\ncommand = \"x\"\n");
+    assert_err(
+        &e,
+        2,
+        1,
+        "`processes` must be a table, not a list",
+        "[processes.web]\ncommand = ",
+    );
+    let e = one(&format!("env = \"X=1\"\n{WEB}"));
+    assert_err(
+        &e,
+        1,
+        7,
+        "`env` must be a table, not a string",
+        "[env]\nDJANGO_SETTINGS_MODULE",
+    );
+    let e = one(&top("[env]\nWHEN = 1979-05-27\n"));
+    assert_err(
+        &e,
+        3,
+        8,
+        "`WHEN` in [env] must be a string, a number or a boolean, not a date-time",
+        "quote it",
+    );
+    let e = errs(&top("[env]\nWHEN = 1979-05-27\nLIST = []\n"));
+    assert_eq!(e.len(), 2);
+    assert_err(
+        &e[1],
+        4,
+        8,
+        "`LIST` in [env] must be a string, a number or a boolean, not a list",
+        "LIST = \"value\"",
+    );
+    let e = one(&web_with("stop_timeout = 1.5\n"));
+    assert_err(
+        &e,
+        4,
+        16,
+        "`stop_timeout` in [processes.web] must be a duration, not a float",
+        "\"1500ms\" for 1.5",
+    );
+    let e = one(&web_with("stop_timeout = true\n"));
+    assert_err(
+        &e,
+        4,
+        16,
+        "must be a duration, not a boolean",
+        "durations are a whole number of seconds",
+    );
+    let e = one(&web_with("count = 99999999999999999999\n"));
+    assert_err(&e, 4, 9, "`count` in [processes.web] is too large", "");
+    let e = one(&web_with("count = 0x7fffffffffffffff\n"));
+    assert_err(
+        &e,
+        4,
+        9,
+        "`count` in [processes.web] is too large (at most 4294967295)",
+        "",
+    );
+}
+
+// ------------------------------------------------------------------- durations
+
+#[test]
+fn bad_durations_say_which_forms_are_accepted() {
+    let cases = [
+        ("\"10 sec\"", "is not a valid duration (\"10 sec\"): it contains a space", "durations are a whole number of seconds (10) or a string with units: \"250ms\", \"2s\", \"1m\", \"1h\", \"1m30s\""),
+        ("\"10sec\"", "the unit is not one of ms, s, m, h", "\"1m30s\""),
+        ("\"10\"", "the unit is missing", "add a unit (\"10s\") or drop the quotes to mean seconds (10)"),
+        ("\"1.5s\"", "fractions are not accepted", "durations are"),
+        ("\"30s1m\"", "largest first", "durations are"),
+        ("\"\"", "it is empty", "durations are"),
+        ("-5", "`stop_timeout` in [processes.web] must not be negative", "for example: stop_timeout = \"10s\""),
+    ];
+    for (written, message, hint) in cases {
+        let e = one(&web_with(&format!("stop_timeout = {written}\n")));
+        assert_err(&e, 4, 16, message, hint);
+    }
+}
+
+#[test]
+fn every_duration_field_is_checked() {
+    let fields = [
+        ("[release]\ntask_timeout", "`task_timeout` in [release]"),
+        (
+            "[processes.web]\ncommand = \"x\"\nstop_timeout",
+            "`stop_timeout` in [processes.web]",
+        ),
+        (
+            "[processes.web]\ncommand = \"x\"\ndrain_timeout",
+            "`drain_timeout` in [processes.web]",
+        ),
+        (
+            "[processes.w]\ncommand = \"x\"\nready_after",
+            "`ready_after` in [processes.w]",
+        ),
+        (
+            "[processes.web.health]\ninterval",
+            "`interval` in [processes.web.health]",
+        ),
+        (
+            "[processes.web.health]\ntimeout",
+            "`timeout` in [processes.web.health]",
+        ),
+        (
+            "[processes.web.rollout]\nhealth_timeout",
+            "`health_timeout` in [processes.web.rollout]",
+        ),
+        (
+            "[processes.web.restart]\nbackoff_initial",
+            "`backoff_initial` in [processes.web.restart]",
+        ),
+        (
+            "[processes.web.restart]\nbackoff_max",
+            "`backoff_max` in [processes.web.restart]",
+        ),
+        (
+            "[processes.web.restart]\nreset_after",
+            "`reset_after` in [processes.web.restart]",
+        ),
+    ];
+    for (key, what) in fields {
+        let mut src = format!("app = \"a\"\n{key} = \"soon\"\n");
+        if !key.starts_with("[processes.web]") {
+            src.push_str("[processes.web.env]\n");
+        }
+        if !src.contains("command") || !key.starts_with("[processes.web") {
+            // Give `web` its command (dotted, valid in any order).
+            src = src.replacen(
+                "app = \"a\"\n",
+                "app = \"a\"\nprocesses.web.command = \"x\"\n",
+                1,
+            );
+        }
+        let e = errs(&src);
+        assert_eq!(e.len(), 1, "{src}\n{}", SpecErrors { errors: e.clone() });
+        assert!(
+            e[0].message
+                .starts_with(&format!("{what} is not a valid duration")),
+            "{key}: {}",
+            e[0]
+        );
+    }
+}
+
+// ---------------------------------------------------------------- app, names
+
+#[test]
+fn app_is_required_and_checked() {
+    let e = one("[processes.web]\ncommand = \"x\"\n");
+    assert_err(&e, 1, 1, "missing `app`", "app = \"blog\"");
+    for (bad, suggestion) in [
+        ("My App", "my-app"),
+        ("my_app", "my-app"),
+        ("1blog", "app-1blog"),
+        ("", "app"),
+    ] {
+        let e = one(&format!(
+            "app = \"{bad}\"\n[processes.web]\ncommand = \"x\"\n"
+        ));
+        assert_err(
+            &e,
+            1,
+            7,
+            &format!("invalid app name {bad:?}"),
+            &format!("for example: app = \"{suggestion}\""),
+        );
+    }
+    ok("app = \"my-app-2\"\n[processes.web]\ncommand = \"x\"\n");
+}
+
+#[test]
+fn process_names_follow_the_core_rules() {
+    let e = one("app = \"a\"\n[processes.Web]\ncommand = \"x\"\n");
+    assert_err(
+        &e,
+        2,
+        12,
+        "invalid process name Web: use 1 to 63 characters",
+        "for example: [processes.web]",
+    );
+    let e = one("app = \"a\"\n[processes.\"my web\"]\ncommand = \"x\"\n");
+    assert_err(
+        &e,
+        2,
+        12,
+        "invalid process name \"my web\"",
+        "[processes.my-web]",
+    );
+    ok("app = \"a\"\n[processes.celery_beat]\ncommand = \"x\"\n");
+}
+
+#[test]
+fn at_least_one_process_is_required() {
+    let e = one("app = \"a\"\n");
+    assert_err(&e, 1, 1, "no processes", "[processes.web]\ncommand = ");
+    let e = one("app = \"a\"\n\n[processes]\n");
+    assert_err(&e, 3, 1, "no processes", "add one, for example");
+}
+
+#[test]
+fn command_is_required_and_not_empty() {
+    let e = one("app = \"a\"\n[processes.worker]\ncount = 1\n");
+    assert_err(
+        &e,
+        2,
+        1,
+        "missing `command` in [processes.worker]",
+        "command = \"celery -A blog worker\"",
+    );
+    let e = one("app = \"a\"\n[processes.web]\ncommand = \"   \"\n");
+    assert_err(
+        &e,
+        3,
+        11,
+        "`command` in [processes.web] has an empty command",
+        "",
+    );
+    let e = one(&format!("build = [\"make\", \"\"]\n{WEB}"));
+    assert_err(&e, 1, 18, "`build` has an empty command", "");
+    let e = one(&top("[release]\ntasks = [\"\"]\n"));
+    assert_err(&e, 3, 10, "`tasks` in [release] has an empty command", "");
+    let e = one(&top("[release]\npost_tasks = [\"a\\u0000b\"]\n"));
+    assert_err(
+        &e,
+        3,
+        15,
+        "`post_tasks` in [release] has a command with a NUL character",
+        "",
+    );
+}
+
+#[test]
+fn unknown_kinds_get_suggestions() {
+    let e = one("app = \"a\"\n[processes.w]\ncommand = \"x\"\nkind = \"wroker\"\n");
+    assert_err(
+        &e,
+        4,
+        8,
+        "unknown kind \"wroker\" in [processes.w]",
+        "did you mean `worker`? kinds are: web",
+    );
+    // Kind-specific rules are not applied to an unknown kind.
+    let e =
+        one("app = \"a\"\n[processes.w]\ncommand = \"x\"\nkind = \"cron\"\ndrain_timeout = 1\n");
+    assert!(!e.hint.unwrap().contains("did you mean"));
+}
+
+#[test]
+fn only_one_web_process() {
+    let e = one("app = \"a\"\n[processes.web]\ncommand = \"x\"\n[processes.api]\ncommand = \"y\"\nkind = \"web\"\n");
+    assert_err(
+        &e,
+        4,
+        12,
+        "only one process can be of kind web, and [processes.web] already is",
+        "set kind = \"worker\" in [processes.api]",
+    );
+}
+
+// ------------------------------------------------------------------ per kind
+
+#[test]
+fn singletons_run_at_most_once() {
+    let base = "app = \"a\"\n[processes.beat]\ncommand = \"celery beat\"\nkind = \"singleton\"\n";
+    for n in [0, 1] {
+        assert_eq!(ok(&format!("{base}count = {n}\n")).processes[0].count, n);
+    }
+    let e = one(&format!("{base}count = 2\n"));
+    assert_err(
+        &e,
+        5,
+        9,
+        "`count` in [processes.beat] is 2, but a singleton runs 0 or 1 instances",
+        "set count = 1 (or 0 to stop it); if several instances are fine, set kind = \"worker\"",
+    );
+    let e = one(&format!("{base}[processes.beat.rollout]\nmax_surge = 1\n"));
+    assert_err(
+        &e,
+        6,
+        13,
+        "`max_surge` in [processes.beat.rollout] must be 0: a singleton never runs two instances",
+        "remove max_surge",
+    );
+    let e = one(&format!(
+        "{base}[processes.beat.rollout]\nmax_unavailable = 0\n"
+    ));
+    assert_err(
+        &e,
+        6,
+        19,
+        "both resolve to 0 with count = 1",
+        "a singleton is stopped before it is replaced: set max_unavailable = 1",
+    );
+    let spec = ok(&format!(
+        "{base}[processes.beat.rollout]\nmax_surge = 0\nmax_unavailable = \"100%\"\n"
+    ));
+    assert_eq!(
+        spec.processes[0].rollout.max_unavailable,
+        Quantity::Percent(100)
+    );
+}
+
+#[test]
+fn web_only_and_worker_only_settings() {
+    let worker = "app = \"a\"\n[processes.worker]\ncommand = \"celery worker\"\n";
+    let e = one(&format!(
+        "{worker}[processes.worker.health]\npath = \"/\"\n"
+    ));
+    assert_err(
+        &e,
+        4,
+        1,
+        "[processes.worker.health] applies only to web processes",
+        "a worker has no port to check: remove the table, or set ready_after in [processes.worker]",
+    );
+    let e = one(&format!("{worker}drain_timeout = \"5s\"\n"));
+    assert_err(
+        &e,
+        4,
+        17,
+        "`drain_timeout` in [processes.worker] applies only to web processes",
+        "or set kind = \"web\"",
+    );
+    let singleton =
+        "app = \"a\"\n[processes.beat]\ncommand = \"celery beat\"\nkind = \"singleton\"\n";
+    let e = one(&format!("{singleton}health = {{ path = \"/\" }}\n"));
+    assert_err(
+        &e,
+        5,
+        10,
+        "[processes.beat.health] applies only to web processes",
+        "",
+    );
+    let e = one(&web_with("ready_after = \"1s\"\n"));
+    assert_err(
+        &e,
+        4,
+        15,
+        "`ready_after` in [processes.web] applies only to workers and singletons",
+        "configure [processes.web.health] instead",
+    );
+}
+
+// -------------------------------------------------------------- environment
+
+#[test]
+fn reserved_and_invalid_env_names() {
+    let e = errs(&top(
+        "[env]\nPORT = 8000\nNONSTOP_TOKEN = \"x\"\nFOO-BAR = 1\n1ST = 2\nOK_1 = 3\n",
+    ));
+    assert_eq!(e.len(), 4, "{}", SpecErrors { errors: e.clone() });
+    assert_err(
+        &e[0],
+        3,
+        1,
+        "`PORT` in [env] is reserved: nonstop gives each web instance its own port in $PORT",
+        "bind your server to $PORT",
+    );
+    assert_err(
+        &e[1],
+        4,
+        1,
+        "`NONSTOP_TOKEN` in [env] is reserved: names starting with NONSTOP_ are set by nonstop",
+        "rename it",
+    );
+    assert_err(
+        &e[2],
+        5,
+        1,
+        "invalid environment variable name FOO-BAR in [env]",
+        "names are letters, digits and '_', and do not start with a digit: FOO_BAR",
+    );
+    assert_err(
+        &e[3],
+        6,
+        1,
+        "invalid environment variable name 1ST in [env]",
+        ": _1ST",
+    );
+    // The same rules in a process's env.
+    let e = one(&web_with("[processes.web.env]\nPORT = \"8000\"\n"));
+    assert_err(&e, 5, 1, "`PORT` in [processes.web.env] is reserved", "");
+    let e = one(&web_with("[processes.web.env]\nNONSTOP_X = \"1\"\n"));
+    assert_err(
+        &e,
+        5,
+        1,
+        "`NONSTOP_X` in [processes.web.env] is reserved",
+        "",
+    );
+    let e = one(&web_with("[processes.web.env]\n\"A B\" = \"1\"\n"));
+    assert_err(
+        &e,
+        5,
+        1,
+        "invalid environment variable name \"A B\" in [processes.web.env]",
+        "A_B",
+    );
+    let e = one(&web_with("[processes.web.env]\nA = \"x\\u0000\"\n"));
+    assert_err(&e, 5, 5, "contains a NUL character", "");
+}
+
+// -------------------------------------------------------------------- proxy
+
+#[test]
+fn proxy_listen_from_the_file_and_the_environment() {
+    let with_listen = top("[proxy]\nlisten = \"0.0.0.0:80\"\n");
+    assert_eq!(
+        ok(&with_listen).proxy.listen,
+        "0.0.0.0:80".parse::<SocketAddr>().unwrap()
+    );
+    let ipv6 = top("[proxy]\nlisten = \"[::1]:8080\"\n");
+    assert_eq!(
+        ok(&ipv6).proxy.listen,
+        "[::1]:8080".parse::<SocketAddr>().unwrap()
+    );
+
+    let env: BTreeMap<String, String> =
+        [(PROXY_LISTEN_ENV.to_string(), "127.0.0.1:9999".to_string())].into();
+    let spec = parse(&with_listen, Path::new(FILE), &env).unwrap();
+    assert_eq!(
+        spec.proxy.listen,
+        "127.0.0.1:9999".parse::<SocketAddr>().unwrap(),
+        "the environment wins"
+    );
+    let spec = parse(WEB, Path::new(FILE), &env).unwrap();
+    assert_eq!(spec.proxy.listen.port(), 9999);
+}
+
+#[test]
+fn a_bad_listen_override_names_the_variable() {
+    let e = errs_with(WEB, &[(PROXY_LISTEN_ENV, "localhost:80")]);
+    assert_eq!(e.len(), 1);
+    assert_eq!((e[0].line, e[0].column), (0, 0));
+    assert_eq!(
+        e[0].to_string(),
+        "nonstop.toml: error: environment variable NONSTOP_PROXY_LISTEN is not a valid listen address (\"localhost:80\"): a host name is not an address to listen on\n  hint: use an IP address: 127.0.0.1:80; or unset NONSTOP_PROXY_LISTEN to use [proxy] listen from this file"
+    );
+    let e = errs_with(WEB, &[(PROXY_LISTEN_ENV, "")]);
+    assert_err(
+        &e[0],
+        0,
+        0,
+        "NONSTOP_PROXY_LISTEN is not a valid listen address (\"\"): it is empty",
+        "unset NONSTOP_PROXY_LISTEN",
+    );
+    // Reported along with the file's own errors, and with syntax errors.
+    let e = errs_with("app = \"a\"\n", &[(PROXY_LISTEN_ENV, "nope")]);
+    assert_eq!(e.len(), 2);
+    assert!(e[0].message.contains(PROXY_LISTEN_ENV));
+    let e = errs_with("app = \n", &[(PROXY_LISTEN_ENV, "nope")]);
+    assert_eq!(e.len(), 2);
+    assert!(e[0].message.contains(PROXY_LISTEN_ENV));
+    assert!(e[1].message.starts_with("invalid TOML"));
+}
+
+#[test]
+fn bad_listen_addresses_in_the_file() {
+    let cases = [
+        (
+            "localhost:8080",
+            "a host name is not an address to listen on",
+            "use an IP address: 127.0.0.1:8080",
+        ),
+        ("example.com:80", "a host name", "0.0.0.0:80"),
+        (
+            "8080",
+            "the IP address is missing",
+            "write 127.0.0.1:8080 (this machine only) or 0.0.0.0:8080 (every interface)",
+        ),
+        (":8080", "the IP address is missing", "127.0.0.1:8080"),
+        (
+            "0.0.0.0:0",
+            "port 0 would pick a random port",
+            "choose a port, such as 0.0.0.0:8080",
+        ),
+        ("127.0.0.1", "it is not IP:PORT", "such as 127.0.0.1:8080"),
+        ("127.0.0.1:99999", "it is not IP:PORT", ""),
+    ];
+    for (listen, message, hint) in cases {
+        let e = one(&top(&format!("[proxy]\nlisten = \"{listen}\"\n")));
+        assert_err(
+            &e,
+            3,
+            10,
+            &format!("`listen` in [proxy] is not a valid address ({listen:?}): {message}"),
+            hint,
+        );
+    }
+}
+
+// ------------------------------------------------------------------ release
+
+#[test]
+fn release_settings_are_checked() {
+    let e = one(&top("[release]\nretain_releases = 0\n"));
+    assert_err(
+        &e,
+        3,
+        19,
+        "`retain_releases` in [release] must be at least 1, not 0",
+        "for example: retain_releases = 5",
+    );
+    let e = one(&top("[release]\ntask_timeout = \"0s\"\n"));
+    assert_err(
+        &e,
+        3,
+        16,
+        "`task_timeout` in [release] must be longer than 0s",
+        "task_timeout = \"10m\"",
+    );
+    let spec = ok(&top("[release]\nretain_releases = 1\ntask_timeout = 30\n"));
+    assert_eq!(spec.release.retain_releases, 1);
+    assert_eq!(spec.release.task_timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn release_order_names_defined_processes_once() {
+    let procs = "[processes.web]\ncommand = \"w\"\n[processes.worker]\ncommand = \"c\"\n";
+    let spec = ok(&format!(
+        "app = \"a\"\n[release]\norder = [\"worker\"]\n{procs}"
+    ));
+    assert_eq!(spec.release.order, [ProcessName::new("worker").unwrap()]);
+    let e = errs(&format!(
+        "app = \"a\"\n[release]\norder = [\"web\", \"wrker\", \"web\", \"db\"]\n{procs}"
+    ));
+    assert_eq!(e.len(), 3, "{}", SpecErrors { errors: e.clone() });
+    assert_err(
+        &e[0],
+        3,
+        17,
+        "names \"wrker\", which is not a process",
+        "did you mean `worker`? processes: web, worker",
+    );
+    assert_err(
+        &e[1],
+        3,
+        26,
+        "`order` in [release] names `web` twice",
+        "remove the second one",
+    );
+    assert_err(
+        &e[2],
+        3,
+        33,
+        "names \"db\", which is not a process",
+        "processes: web, worker",
+    );
+    assert!(!e[2].hint.as_deref().unwrap().contains("did you mean"));
+    // A process that is itself invalid is not reported a second time.
+    let e = one("app = \"a\"\n[release]\norder = [\"w\"]\n[processes.w]\ncommand = \"x\"\nkind = \"nope\"\n");
+    assert!(e.message.starts_with("unknown kind"));
+}
+
+// ------------------------------------------------------------------- health
+
+#[test]
+fn health_check_rules() {
+    let h = |lines: &str| web_with(&format!("[processes.web.health]\n{lines}"));
+    let e = one(&h("path = \"health\"\n"));
+    assert_err(
+        &e,
+        5,
+        8,
+        "`path` in [processes.web.health] must be a URL path starting with '/'",
+        "for example: path = \"/health\"",
+    );
+    let e = one(&h("path = \"/a b\"\n"));
+    assert_err(&e, 5, 8, "without spaces", "path = \"/ab\"");
+    assert_eq!(
+        web(&ok(&h("path = \"/up?full=1\"\n")))
+            .health
+            .as_ref()
+            .unwrap()
+            .path,
+        "/up?full=1"
+    );
+    let e = one(&h("healthy_threshold = 0\n"));
+    assert_err(
+        &e,
+        5,
+        21,
+        "`healthy_threshold` in [processes.web.health] must be at least 1, not 0",
+        "healthy_threshold = 2",
+    );
+    let e = one(&h("unhealthy_threshold = 0\n"));
+    assert_err(&e, 5, 23, "must be at least 1", "unhealthy_threshold = 3");
+    // A timeout longer than the interval is fine: probes do not overlap.
+    let spec = ok(&h("interval = \"1s\"\ntimeout = \"5s\"\n"));
+    assert_eq!(
+        web(&spec).health.as_ref().unwrap().timeout,
+        Duration::from_secs(5)
+    );
+}
+
+#[test]
+fn expect_status_forms() {
+    let status = |written: &str| {
+        let spec = ok(&web_with(&format!(
+            "[processes.web.health]\nexpect_status = {written}\n"
+        )));
+        web(&spec).health.as_ref().unwrap().expect_status
+    };
+    assert_eq!(status("200"), StatusRange { min: 200, max: 200 });
+    assert_eq!(status("\"204\""), StatusRange { min: 204, max: 204 });
+    assert_eq!(status("\"200-399\""), StatusRange { min: 200, max: 399 });
+    assert_eq!(status("\"200 - 299\""), StatusRange { min: 200, max: 299 });
+    let bad = |written: &str| {
+        one(&web_with(&format!(
+            "[processes.web.health]\nexpect_status = {written}\n"
+        )))
+    };
+    assert_err(
+        &bad("\"399-200\""),
+        5,
+        17,
+        "is an empty range: 399 is greater than 200",
+        "\"200-399\"",
+    );
+    assert_err(
+        &bad("600"),
+        5,
+        17,
+        "must be HTTP statuses between 100 and 599",
+        "\"200-399\"",
+    );
+    assert_err(
+        &bad("\"2xx\""),
+        5,
+        17,
+        "is not a status or a range of statuses",
+        "one status (200)",
+    );
+    assert_err(
+        &bad("true"),
+        5,
+        17,
+        "must be an HTTP status (200) or a range (\"200-399\"), not a boolean",
+        "",
+    );
+}
+
+#[test]
+fn a_new_instance_must_be_able_to_pass_in_time() {
+    let e = one(&web_with(
+        "[processes.web.health]\ninterval = \"30s\"\nhealthy_threshold = 3\n",
+    ));
+    assert_err(&e, 4, 1, "`health_timeout` in [processes.web.rollout] (1m) is shorter than 3 health checks 30s apart (1m30s)", "raise health_timeout to at least \"1m30s\"");
+    let e = one(&web_with("[processes.web.health]\ntimeout = \"2m\"\ninterval = \"3m\"\nhealthy_threshold = 1\n[processes.web.rollout]\nhealth_timeout = \"2m30s\"\n"));
+    assert_err(&e, 9, 18, "is shorter than 1 health checks 3m apart", "");
+    let e = one(&web_with("[processes.web.health]\ntimeout = \"90s\"\n"));
+    assert_err(
+        &e,
+        4,
+        1,
+        "is shorter than one health check timing out (1m30s)",
+        "at least \"1m30s\"",
+    );
+    let e = one("app = \"a\"\n[processes.w]\ncommand = \"x\"\nready_after = \"1m\"\n");
+    assert_err(
+        &e,
+        4,
+        15,
+        "(1m) is not longer than `ready_after` (1m)",
+        "make health_timeout longer than ready_after",
+    );
+}
+
+// ------------------------------------------------------------------ rollout
+
+#[test]
+fn rollout_quantities() {
+    let r = |lines: &str| {
+        let spec = ok(&web_with(&format!(
+            "count = 4\n[processes.web.rollout]\n{lines}"
+        )));
+        web(&spec).rollout.clone()
+    };
+    let rollout = r("max_surge = \"25%\"\nmax_unavailable = \"50%\"\n");
+    assert_eq!(
+        (rollout.max_surge, rollout.max_unavailable),
+        (Quantity::Percent(25), Quantity::Percent(50))
+    );
+    let rollout = r("max_surge = 0\nmax_unavailable = 1\n");
+    assert_eq!(
+        (rollout.max_surge, rollout.max_unavailable),
+        (Quantity::Count(0), Quantity::Count(1))
+    );
+    // 50% of 4 rounds down to 2: fine.
+    r("max_surge = 0\nmax_unavailable = \"50%\"\n");
+
+    let bad = |lines: &str| one(&web_with(&format!("[processes.web.rollout]\n{lines}")));
+    assert_err(
+        &bad("max_surge = 0\n"),
+        5,
+        13,
+        "both resolve to 0 with count = 1",
+        "allow one extra instance (max_surge = 1) or one missing instance (max_unavailable = 1)",
+    );
+    assert_err(
+        &bad("max_surge = \"0%\"\nmax_unavailable = 0\n"),
+        6,
+        19,
+        "both resolve to 0",
+        "",
+    );
+    // 50% of 1 rounds down to 0.
+    assert_err(
+        &bad("max_surge = 0\nmax_unavailable = \"50%\"\n"),
+        6,
+        19,
+        "both resolve to 0 with count = 1",
+        "",
+    );
+    assert_err(
+        &bad("max_surge = \"150%\"\n"),
+        5,
+        13,
+        "must be at most 100%, not 150%",
+        "\"25%\"",
+    );
+    assert_err(
+        &bad("max_surge = -1\n"),
+        5,
+        13,
+        "`max_surge` in [processes.web.rollout] must not be negative",
+        "",
+    );
+    assert_err(
+        &bad("max_surge = \"2\"\n"),
+        5,
+        13,
+        "is not a count or a percentage (\"2\")",
+        "remove the quotes for a count (2) or add % for a percentage (\"2%\")",
+    );
+    assert_err(
+        &bad("max_unavailable = \"a lot\"\n"),
+        5,
+        19,
+        "is not a count or a percentage",
+        "use a count (1) or a percentage",
+    );
+    assert_err(
+        &bad("health_timeout = 0\n"),
+        5,
+        18,
+        "`health_timeout` in [processes.web.rollout] must be longer than 0s",
+        "",
+    );
+}
+
+// ------------------------------------------------------------------ restart
+
+#[test]
+fn restart_policy_rules() {
+    let r = |lines: &str| web_with(&format!("[processes.web.restart]\n{lines}"));
+    let e = one(&r("backoff_initial = \"10s\"\nbackoff_max = \"1s\"\n"));
+    assert_err(
+        &e,
+        6,
+        15,
+        "`backoff_max` in [processes.web.restart] (1s) is shorter than `backoff_initial` (10s)",
+        "make backoff_max at least backoff_initial",
+    );
+    let e = one(&r("backoff_initial = \"1m\"\n"));
+    assert_err(
+        &e,
+        5,
+        19,
+        "(30s) is shorter than `backoff_initial` (1m)",
+        "",
+    );
+    let e = one(&r("crash_loop_after = 0\n"));
+    assert_err(
+        &e,
+        5,
+        20,
+        "`crash_loop_after` in [processes.web.restart] must be at least 1, not 0",
+        "crash_loop_after = 5",
+    );
+}
+
+// -------------------------------------------------------------- TOML syntax
+
+#[test]
+fn malformed_toml_is_located() {
+    let e = one(&web_with("stop_signal = SIGTERM\n"));
+    assert_err(
+        &e,
+        4,
+        15,
+        "invalid TOML: string values must be quoted",
+        "put the value in double quotes",
+    );
+    let e = one(&web_with("kind = worker\n"));
+    assert_err(&e, 4, 8, "invalid TOML: string values must be quoted", "");
+    let e = one(&web_with("stop_signal = term\n"));
+    assert_err(
+        &e,
+        4,
+        15,
+        "invalid TOML: invalid boolean",
+        "strings go in double quotes",
+    );
+    let e = one(&web_with("count = 1\ncount = 2\n"));
+    assert_err(
+        &e,
+        5,
+        1,
+        "invalid TOML: duplicate key `count`",
+        "may appear only once",
+    );
+    let e = one(&format!("{WEB}[processes.web]\ncount = 2\n"));
+    assert_err(&e, 4, 12, "invalid TOML: duplicate key `web`", "");
+    let e = one("app = \"blog\n[processes.web]\ncommand = \"x\"\n");
+    assert_err(
+        &e,
+        1,
+        12,
+        "invalid TOML: invalid basic string",
+        "close the string on the same line",
+    );
+    let e = one("app = \"a\"\n[processes.web\ncommand = \"x\"\n");
+    assert_err(
+        &e,
+        2,
+        15,
+        "invalid TOML: unclosed table",
+        "[processes.web], on a line of its own",
+    );
+    let e = one(&format!("{WEB}count = 2 2\n"));
+    assert_err(&e, 4, 9, "invalid TOML: string values must be quoted", "");
+    let e = one(&format!("{WEB}= 2\n"));
+    assert_err(
+        &e,
+        4,
+        1,
+        "invalid TOML: unquoted keys cannot be empty",
+        "`key = value` lines",
+    );
+}
+
+#[test]
+fn several_syntax_errors_one_per_line() {
+    let src = "app = \"a\"\nbuild = [\"x\"\nfoo = 1\n[processes.web]\ncommand = gunicorn\n";
+    let e = errs(src);
+    let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
+    let mut unique = lines.clone();
+    unique.dedup();
+    assert_eq!(
+        lines,
+        unique,
+        "one error per line: {}",
+        SpecErrors { errors: e.clone() }
+    );
+    assert!(e.iter().all(|e| e.message.starts_with("invalid TOML")));
+    assert!(
+        e.iter().any(|e| e.line == 5),
+        "the later error is reported too"
+    );
+}
+
+#[test]
+fn a_byte_order_mark_is_not_a_column() {
+    let e = one("\u{feff}app = 1\n[processes.web]\ncommand = \"x\"\n");
+    assert_eq!((e.line, e.column), (1, 7));
+}
+
+// --------------------------------------------------------------------- load
+
+#[test]
+fn load_reads_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(SPEC_FILE);
+    std::fs::write(&path, WEB).unwrap();
+    let spec = load(&path).unwrap();
+    assert_eq!(spec.app.as_str(), "blog");
+
+    std::fs::write(&path, "app = 1\n[processes.web]\ncommand = \"x\"\n").unwrap();
+    let e = load(&path).unwrap_err();
+    assert_eq!(e.errors[0].file, path);
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}:1:7: error:", path.display())),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_missing_file_says_to_run_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(SPEC_FILE);
+    let e = load(&path).unwrap_err();
+    assert_eq!(e.len(), 1);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: error: no such file\n  hint: run `nonstop init` to create it (from your Procfile, if the app has one)",
+            path.display()
+        )
+    );
+    let e = load(dir.path()).unwrap_err();
+    assert!(
+        e.errors[0].message.contains("directory") || e.errors[0].message.contains("cannot read"),
+        "{e}"
+    );
+    std::fs::write(&path, b"app = \"\xff\"\n").unwrap();
+    let e = load(&path).unwrap_err();
+    assert_eq!(e.errors[0].message, "the file is not UTF-8 text");
+}
+
+// --------------------------------------------------------------------- init
+
+const DJANGO_PROCFILE: &str = "\
+# Heroku Procfile
+web: gunicorn x.wsgi
+worker: celery -A x worker
+beat: celery -A x beat
+
+release: python manage.py migrate
+";
+
+#[test]
+fn init_round_trips_a_django_procfile() {
+    let toml = init_toml("x", Some(DJANGO_PROCFILE)).unwrap();
+    let spec = parse(&toml, Path::new(FILE), &()).unwrap_or_else(|e| panic!("{e}\n---\n{toml}"));
+    assert_eq!(spec.app.as_str(), "x");
+    let summary: Vec<(&str, ProcessKind, &str, u32)> = spec
+        .processes
+        .iter()
+        .map(|p| (p.name.as_str(), p.kind, p.command.as_str(), p.count))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("web", ProcessKind::Web, "gunicorn x.wsgi", 1),
+            ("worker", ProcessKind::Worker, "celery -A x worker", 1),
+            ("beat", ProcessKind::Singleton, "celery -A x beat", 1),
+        ]
+    );
+    assert_eq!(spec.release.tasks, ["python manage.py migrate"]);
+    assert_eq!(spec.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
+    // Everything else is the default: the commented-out values are right.
+    let uncommented = toml
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.starts_with("[processes.")
+                    || (rest.contains(" = ")
+                        && !rest.starts_with("build")
+                        && !rest.starts_with("DJANGO")
+                        && !rest.starts_with("order")
+                        && !rest.starts_with("post_tasks")) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let again = parse(&uncommented, Path::new(FILE), &())
+        .unwrap_or_else(|e| panic!("{e}\n---\n{uncommented}"));
+    assert_eq!(again, spec, "the commented-out defaults are the defaults");
+    // The web command lacks $PORT: kept as is, with a note.
+    assert!(
+        toml.contains(
+            "command = \"gunicorn x.wsgi\"\n# NOTE: this command does not mention $PORT."
+        ),
+        "{toml}"
+    );
+}
+
+#[test]
+fn init_notes_a_fixed_port() {
+    let toml = init_toml(
+        "blog",
+        Some("web: python manage.py runserver 0.0.0.0:8000\n"),
+    )
+    .unwrap();
+    assert!(
+        toml.contains("# NOTE: this command binds a fixed port (8000)."),
+        "{toml}"
+    );
+    ok_round_trip(&toml);
+    let toml = init_toml(
+        "blog",
+        Some("web: gunicorn x.wsgi --bind 127.0.0.1:$PORT\n"),
+    )
+    .unwrap();
+    assert!(!toml.contains("NOTE"), "{toml}");
+    ok_round_trip(&toml);
+}
+
+fn ok_round_trip(toml: &str) -> AppSpec {
+    parse(toml, Path::new(FILE), &()).unwrap_or_else(|e| panic!("{e}\n---\n{toml}"))
+}
+
+#[test]
+fn init_keeps_tricky_commands_intact() {
+    let procfile = r#"web: gunicorn "x.wsgi:application" --bind 127.0.0.1:$PORT --access-logfile -
+worker: sh -c 'celery -A x worker --concurrency=${CONC:-2}' \# not a comment
+clock: python clock.py
+scheduler_2: bin/run "a\b"
+"#;
+    let spec = ok_round_trip(&init_toml("tricky", Some(procfile)).unwrap());
+    assert_eq!(
+        spec.processes[0].command,
+        r#"gunicorn "x.wsgi:application" --bind 127.0.0.1:$PORT --access-logfile -"#
+    );
+    assert_eq!(
+        spec.processes[1].command,
+        r#"sh -c 'celery -A x worker --concurrency=${CONC:-2}' \# not a comment"#
+    );
+    assert_eq!(spec.processes[1].kind, ProcessKind::Worker);
+    assert_eq!(spec.processes[2].kind, ProcessKind::Singleton);
+    assert_eq!(spec.processes[3].kind, ProcessKind::Singleton);
+    assert_eq!(spec.processes[3].command, r#"bin/run "a\b""#);
+}
+
+#[test]
+fn init_without_a_procfile_is_a_template_to_fill_in() {
+    let toml = init_toml("blog", None).unwrap();
+    // It is valid TOML whose only problem is the missing process.
+    let e = parse(&toml, Path::new(FILE), &()).unwrap_err();
+    assert_eq!(e.len(), 1, "{e}");
+    assert!(e.errors[0].message.starts_with("no processes"), "{e}");
+    // Uncommenting the web process gives a working file.
+    let start = toml.find("# [processes.web]").unwrap();
+    let end = toml[start..].find("\n\n").map(|i| start + i).unwrap();
+    let block: String = toml[start..end]
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let filled = format!("{}{}{}", &toml[..start], block, &toml[end..]);
+    let spec = ok_round_trip(&filled);
+    assert_eq!(spec.processes.len(), 1);
+    assert_eq!(web(&spec).count, 2);
+    assert_eq!(
+        web(&spec).command,
+        "gunicorn blog.wsgi --bind 127.0.0.1:$PORT"
+    );
+    // So does uncommenting all three.
+    let all: String = toml
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.starts_with("[processes")
+                    || rest.starts_with("kind")
+                    || rest.starts_with("command")
+                    || rest.starts_with("count") =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let spec = ok_round_trip(&all);
+    let kinds: Vec<ProcessKind> = spec.processes.iter().map(|p| p.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ProcessKind::Web,
+            ProcessKind::Worker,
+            ProcessKind::Singleton
+        ]
+    );
+}
+
+#[test]
+fn init_output_is_stable() {
+    let toml = init_toml(
+        "x",
+        Some("web: gunicorn x.wsgi\nrelease: python manage.py migrate\n"),
+    )
+    .unwrap();
+    let expected = r#"# nonstop.toml for x, generated by `nonstop init` from the Procfile.
+# Durations are seconds (10) or strings with units ("250ms", "2s", "1m30s").
+# A commented-out key shows its default.
+
+app = "x"
+
+# Commands run once per release, in order (deploys).
+# build = ["pip install -r requirements.txt", "python manage.py collectstatic --noinput"]
+
+# Plain environment variables for every process ($PORT and NONSTOP_* are reserved).
+[env]
+# DJANGO_SETTINGS_MODULE = "blog.settings"
+
+[proxy]
+# Where the proxy listens for HTTP; the NONSTOP_PROXY_LISTEN environment variable overrides it.
+listen = "127.0.0.1:8080"
+
+[release]
+# Run once per deploy, after the build and before any instance is replaced.
+tasks = ["python manage.py migrate"]  # the Procfile's release: line
+# Run once after a successful deploy.
+# post_tasks = []
+# task_timeout = "10m"
+# retain_releases = 5
+# Rollout order of the process types (by default: web, then workers, then singletons).
+# order = ["web", "worker"]
+
+[processes.web]
+# Gets its own port in $PORT, is health-checked and receives HTTP from the proxy.
+kind = "web"
+command = "gunicorn x.wsgi"
+# NOTE: this command does not mention $PORT. Each web instance gets its own port in $PORT
+# and must listen on it: gunicorn does so by itself; other servers need, for example,
+# --bind 127.0.0.1:$PORT
+count = 1
+# stop_signal = "SIGTERM"
+# stop_timeout = "10s"
+# drain_timeout = "30s"  # time in-flight requests get before the instance is stopped
+
+# [processes.web.health]
+# path = "/"
+# interval = "1s"
+# timeout = "2s"
+# healthy_threshold = 2
+# unhealthy_threshold = 3
+# expect_status = "200-399"
+
+# [processes.web.rollout]
+# max_surge = 1        # a count or a percentage such as "25%"
+# max_unavailable = 0
+# health_timeout = "1m"
+"#;
+    assert_eq!(toml, expected);
+}
+
+// ------------------------------------------------------------ app name
+
+#[test]
+fn directory_names_become_valid_app_names() {
+    for (dir, name) in [
+        ("blog", "blog"),
+        ("My Blog", "my-blog"),
+        ("my_blog.v2", "my-blog-v2"),
+        ("--weird--", "weird"),
+        ("2048", "app-2048"),
+        ("café", "caf"),
+        ("", "app"),
+        ("___", "app"),
+        ("Ünïcode Only", "n-code-only"),
+    ] {
+        assert_eq!(sanitize_app_name(dir), name, "{dir:?}");
+    }
+    let long = "a-".repeat(50);
+    let name = sanitize_app_name(&long);
+    assert!(name.len() <= 63 && !name.ends_with('-'), "{name}");
+    for dir in [
+        "blog",
+        "My Blog",
+        "2048",
+        "",
+        "x".repeat(100).as_str(),
+        "-a-",
+        "Z_9",
+        "ÄÖÜ",
+        "a b c d",
+    ] {
+        let name = sanitize_app_name(dir);
+        assert!(
+            AppName::new(&name).is_ok() && !name.contains('_'),
+            "{dir:?} → {name:?}"
+        );
+        assert!(init_toml(&name, None).is_ok());
+    }
+}

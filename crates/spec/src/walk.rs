@@ -1,0 +1,664 @@
+//! Spanned TOML document → raw schema types ([`crate::raw`]).
+//!
+//! Unlike serde, this does not stop at the first problem: an unknown key,
+//! a value of the wrong type or a table where a value belongs is recorded
+//! with its location, and the walk goes on with the rest of the file.
+//! Values that are the right TOML type but wrong (a bad duration, a
+//! negative count) are left to `validate.rs`.
+
+use crate::duration::DURATION_FORMS;
+use crate::error::Diags;
+use crate::raw::*;
+use crate::suggest::did_you_mean;
+use serde_spanned::Spanned;
+use std::ops::Range;
+use toml::de::{DeArray, DeTable, DeValue};
+
+type Span = Range<usize>;
+type Value<'i> = Spanned<DeValue<'i>>;
+
+/// Walks a whole document.
+pub(crate) fn walk(root: &Spanned<DeTable<'_>>, diags: &mut Diags) -> RawSpec {
+    let t = Table {
+        entries: root.get_ref(),
+        span: root.span(),
+        path: String::new(),
+    };
+    t.check_keys(field_names::<RawSpec>(), diags);
+    // An `app` inside a table (written after a [table] header) is
+    // reported as an unknown key there, with a hint; not twice.
+    if t.get("app").is_none() && !contains_key_deep(root.get_ref(), "app") {
+        diags.error(
+            t.span.clone(),
+            "missing `app`: every nonstop.toml names its app",
+            "add a line at the top of the file: app = \"blog\" (lowercase letters, digits and '-', starting with a letter)",
+        );
+    }
+    RawSpec {
+        app: t.string("app", "app = \"blog\"", diags),
+        build: t.string_list(
+            "build",
+            "build = [\"pip install -r requirements.txt\"]",
+            diags,
+        ),
+        env: t.env_map("env", diags),
+        proxy: t
+            .table("proxy", "listen = \"127.0.0.1:8080\"", diags)
+            .map(|p| p.map(walk_proxy, diags)),
+        release: t
+            .table(
+                "release",
+                "tasks = [\"python manage.py migrate --noinput\"]",
+                diags,
+            )
+            .map(|r| r.map(walk_release, diags)),
+        processes: walk_processes(&t, diags),
+    }
+}
+
+fn walk_proxy(t: &Table<'_, '_>, diags: &mut Diags) -> RawProxy {
+    t.check_keys(field_names::<RawProxy>(), diags);
+    RawProxy {
+        listen: t.string("listen", "listen = \"127.0.0.1:8080\"", diags),
+    }
+}
+
+fn walk_release(t: &Table<'_, '_>, diags: &mut Diags) -> RawRelease {
+    t.check_keys(field_names::<RawRelease>(), diags);
+    RawRelease {
+        tasks: t.string_list(
+            "tasks",
+            "tasks = [\"python manage.py migrate --noinput\"]",
+            diags,
+        ),
+        post_tasks: t.string_list(
+            "post_tasks",
+            "post_tasks = [\"python manage.py clearsessions\"]",
+            diags,
+        ),
+        task_timeout: t.duration("task_timeout", diags),
+        retain_releases: t.integer("retain_releases", "retain_releases = 5", diags),
+        order: t.string_list("order", "order = [\"web\", \"worker\"]", diags),
+    }
+}
+
+fn walk_processes(
+    root: &Table<'_, '_>,
+    diags: &mut Diags,
+) -> Option<Spanned<RawMap<Spanned<RawProcess>>>> {
+    let example = "[processes.web]\ncommand = \"gunicorn blog.wsgi --bind 127.0.0.1:$PORT\"";
+    let none = "no processes: nonstop.toml must define at least one [processes.NAME]";
+    if root.get("processes").is_none() {
+        diags.error(
+            root.span.clone(),
+            none,
+            format!("add one, for example:\n{example}"),
+        );
+        return None;
+    }
+    let processes = root.table("processes", example, diags)?;
+    if processes.entries.is_empty() {
+        diags.error(
+            processes.span.clone(),
+            none,
+            format!("add one, for example:\n{example}"),
+        );
+    }
+    let mut entries = Vec::new();
+    for (key, value) in processes.entries.iter() {
+        let name = Spanned::new(key.span(), key.get_ref().to_string());
+        match value.get_ref() {
+            DeValue::Table(entries_of) => {
+                let t = Table {
+                    entries: entries_of,
+                    span: value.span(),
+                    path: processes.child(key.get_ref()),
+                };
+                entries.push((
+                    name,
+                    Spanned::new(value.span(), walk_process(key.get_ref(), &t, diags)),
+                ));
+            }
+            DeValue::String(command) => diags.error(
+                value.span(),
+                format!(
+                    "{} must be a table, not a string",
+                    processes.describe_key(key.get_ref())
+                ),
+                format!(
+                    "write it as a table:\n[{}]\ncommand = {}",
+                    processes.child(key.get_ref()),
+                    toml_quote(command.as_ref())
+                ),
+            ),
+            other => diags.error(
+                value.span(),
+                format!(
+                    "{} must be a table, not {}",
+                    processes.describe_key(key.get_ref()),
+                    describe(other)
+                ),
+                format!(
+                    "write it as a table:\n[{}]\ncommand = \"...\"",
+                    processes.child(key.get_ref())
+                ),
+            ),
+        }
+    }
+    Some(Spanned::new(processes.span.clone(), RawMap(entries)))
+}
+
+fn walk_process(name: &str, t: &Table<'_, '_>, diags: &mut Diags) -> RawProcess {
+    t.check_keys(field_names::<RawProcess>(), diags);
+    if t.get("command").is_none() {
+        let kind = t.get("kind").and_then(|k| k.get_ref().as_str());
+        let web = kind.map_or(name == "web", |k| k == "web");
+        diags.error(
+            t.span.clone(),
+            format!("missing `command` in {}", t.display()),
+            format!(
+                "add the shell command that starts it, for example: command = \"{}\"",
+                if web {
+                    "gunicorn blog.wsgi --bind 127.0.0.1:$PORT"
+                } else {
+                    "celery -A blog worker"
+                }
+            ),
+        );
+    }
+    RawProcess {
+        command: t.string(
+            "command",
+            "command = \"gunicorn blog.wsgi --bind 127.0.0.1:$PORT\"",
+            diags,
+        ),
+        kind: t.string("kind", "kind = \"worker\"", diags),
+        count: t.integer("count", "count = 2", diags),
+        stop_signal: t.string("stop_signal", "stop_signal = \"SIGTERM\"", diags),
+        stop_timeout: t.duration("stop_timeout", diags),
+        drain_timeout: t.duration("drain_timeout", diags),
+        ready_after: t.duration("ready_after", diags),
+        env: t.env_map("env", diags),
+        health: t
+            .table("health", "path = \"/health/\"", diags)
+            .map(|h| h.map(walk_health, diags)),
+        rollout: t
+            .table("rollout", "max_surge = 1", diags)
+            .map(|r| r.map(walk_rollout, diags)),
+        restart: t
+            .table("restart", "crash_loop_after = 5", diags)
+            .map(|r| r.map(walk_restart, diags)),
+    }
+}
+
+fn walk_health(t: &Table<'_, '_>, diags: &mut Diags) -> RawHealth {
+    t.check_keys(field_names::<RawHealth>(), diags);
+    RawHealth {
+        path: t.string("path", "path = \"/health/\"", diags),
+        interval: t.duration("interval", diags),
+        timeout: t.duration("timeout", diags),
+        healthy_threshold: t.integer("healthy_threshold", "healthy_threshold = 2", diags),
+        unhealthy_threshold: t.integer("unhealthy_threshold", "unhealthy_threshold = 3", diags),
+        expect_status: t.int_or_string(
+            "expect_status",
+            "an HTTP status (200) or a range (\"200-399\")",
+            "expect_status = \"200-399\"",
+            diags,
+        ),
+    }
+}
+
+fn walk_rollout(t: &Table<'_, '_>, diags: &mut Diags) -> RawRollout {
+    t.check_keys(field_names::<RawRollout>(), diags);
+    let quantity = "a count (1) or a percentage (\"25%\")";
+    RawRollout {
+        max_surge: t.int_or_string("max_surge", quantity, "max_surge = 1", diags),
+        max_unavailable: t.int_or_string(
+            "max_unavailable",
+            quantity,
+            "max_unavailable = \"25%\"",
+            diags,
+        ),
+        health_timeout: t.duration("health_timeout", diags),
+    }
+}
+
+fn walk_restart(t: &Table<'_, '_>, diags: &mut Diags) -> RawRestart {
+    t.check_keys(field_names::<RawRestart>(), diags);
+    RawRestart {
+        backoff_initial: t.duration("backoff_initial", diags),
+        backoff_max: t.duration("backoff_max", diags),
+        reset_after: t.duration("reset_after", diags),
+        crash_loop_after: t.integer("crash_loop_after", "crash_loop_after = 5", diags),
+    }
+}
+
+/// A table being walked.
+struct Table<'a, 'i> {
+    entries: &'a DeTable<'i>,
+    span: Span,
+    /// Dotted path: `""` for the top level, `processes.web`, ...
+    path: String,
+}
+
+impl<'a, 'i> Table<'a, 'i> {
+    /// Walks this table into a raw type, keeping its location.
+    fn map<T>(
+        self,
+        walk: impl FnOnce(&Table<'_, '_>, &mut Diags) -> T,
+        diags: &mut Diags,
+    ) -> Spanned<T> {
+        Spanned::new(self.span.clone(), walk(&self, diags))
+    }
+
+    /// `[processes.web]`, or "the top level".
+    fn display(&self) -> String {
+        if self.path.is_empty() {
+            "the top level".to_string()
+        } else {
+            format!("[{}]", self.path)
+        }
+    }
+
+    /// "`count` in [processes.web]", or "`app`" at the top level.
+    fn describe_key(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            format!("`{}`", display_key(key))
+        } else {
+            format!("`{}` in [{}]", display_key(key), self.path)
+        }
+    }
+
+    fn child(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            display_key(key)
+        } else {
+            format!("{}.{}", self.path, display_key(key))
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value<'i>> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.get_ref() == key)
+            .map(|(_, v)| v)
+    }
+
+    /// Reports every key that is not one of `valid`.
+    fn check_keys(&self, valid: &[&str], diags: &mut Diags) {
+        for (key, _) in self.entries.iter() {
+            let key_str: &str = key.get_ref();
+            if valid.contains(&key_str) {
+                continue;
+            }
+            let list = valid.join(", ");
+            let top_level = ["app", "build"];
+            let hint = match did_you_mean(key_str, valid) {
+                _ if !self.path.is_empty() && top_level.contains(&key_str) => format!(
+                    "`{key_str}` is a top-level key: a key after a [table] header belongs to that table, so move this line above the first [table]"
+                ),
+                Some(s) => format!("did you mean `{s}`? valid keys: {list}"),
+                None => format!("valid keys: {list}"),
+            };
+            let message = if self.path.is_empty() {
+                format!("unknown key `{}` at the top level", display_key(key_str))
+            } else {
+                format!(
+                    "unknown key `{}` in {}",
+                    display_key(key_str),
+                    self.display()
+                )
+            };
+            diags.error(key.span(), message, hint);
+        }
+    }
+
+    fn type_error(
+        &self,
+        key: &str,
+        value: &Value<'_>,
+        expected: &str,
+        example: &str,
+        diags: &mut Diags,
+    ) {
+        diags.error(
+            value.span(),
+            format!(
+                "{} must be {expected}, not {}",
+                self.describe_key(key),
+                describe(value.get_ref())
+            ),
+            format!("for example: {example}"),
+        );
+    }
+
+    fn string(&self, key: &str, example: &str, diags: &mut Diags) -> Option<Spanned<String>> {
+        let value = self.get(key)?;
+        match value.get_ref() {
+            DeValue::String(s) => Some(Spanned::new(value.span(), s.to_string())),
+            _ => {
+                self.type_error(key, value, "a string", example, diags);
+                None
+            }
+        }
+    }
+
+    fn integer(&self, key: &str, example: &str, diags: &mut Diags) -> Option<Spanned<i64>> {
+        let value = self.get(key)?;
+        match value.get_ref() {
+            DeValue::Integer(_) => integer_value(value, &self.describe_key(key), diags),
+            DeValue::String(s) if s.trim().parse::<i64>().is_ok() => {
+                diags.error(
+                    value.span(),
+                    format!(
+                        "{} must be an integer, not a string",
+                        self.describe_key(key)
+                    ),
+                    format!("remove the quotes: {} = {}", display_key(key), s.trim()),
+                );
+                None
+            }
+            _ => {
+                self.type_error(key, value, "an integer", example, diags);
+                None
+            }
+        }
+    }
+
+    fn duration(&self, key: &str, diags: &mut Diags) -> Option<Spanned<RawDuration>> {
+        let value = self.get(key)?;
+        match value.get_ref() {
+            DeValue::Integer(_) => integer_value(value, &self.describe_key(key), diags)
+                .map(|i| Spanned::new(i.span(), RawDuration::Seconds(*i.get_ref()))),
+            DeValue::String(s) => {
+                Some(Spanned::new(value.span(), RawDuration::Text(s.to_string())))
+            }
+            DeValue::Float(f) => {
+                diags.error(
+                    value.span(),
+                    format!("{} must be a duration, not a float", self.describe_key(key)),
+                    format!(
+                        "use a smaller unit instead of a fraction (\"{}ms\" for {}); durations are {DURATION_FORMS}",
+                        f.as_str().parse::<f64>().map(|s| (s * 1000.0).round() as i64).unwrap_or(1500),
+                        f.as_str()
+                    ),
+                );
+                None
+            }
+            other => {
+                diags.error(
+                    value.span(),
+                    format!(
+                        "{} must be a duration, not {}",
+                        self.describe_key(key),
+                        describe(other)
+                    ),
+                    format!("durations are {DURATION_FORMS}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn int_or_string(
+        &self,
+        key: &str,
+        expected: &str,
+        example: &str,
+        diags: &mut Diags,
+    ) -> Option<Spanned<RawIntOrString>> {
+        let value = self.get(key)?;
+        match value.get_ref() {
+            DeValue::Integer(_) => integer_value(value, &self.describe_key(key), diags)
+                .map(|i| Spanned::new(i.span(), RawIntOrString::Int(*i.get_ref()))),
+            DeValue::String(s) => Some(Spanned::new(
+                value.span(),
+                RawIntOrString::Text(s.to_string()),
+            )),
+            _ => {
+                self.type_error(key, value, expected, example, diags);
+                None
+            }
+        }
+    }
+
+    fn string_list(
+        &self,
+        key: &str,
+        example: &str,
+        diags: &mut Diags,
+    ) -> Option<Spanned<Vec<Spanned<String>>>> {
+        let value = self.get(key)?;
+        match value.get_ref() {
+            DeValue::Array(items) => Some(Spanned::new(
+                value.span(),
+                self.strings_in(key, items, diags),
+            )),
+            DeValue::String(s) => {
+                diags.error(
+                    value.span(),
+                    format!(
+                        "{} must be a list of strings, not a string",
+                        self.describe_key(key)
+                    ),
+                    format!(
+                        "put it in a list: {} = [{}]",
+                        display_key(key),
+                        toml_quote(s)
+                    ),
+                );
+                None
+            }
+            _ => {
+                self.type_error(key, value, "a list of strings", example, diags);
+                None
+            }
+        }
+    }
+
+    fn strings_in(
+        &self,
+        key: &str,
+        items: &DeArray<'_>,
+        diags: &mut Diags,
+    ) -> Vec<Spanned<String>> {
+        let mut out = Vec::new();
+        for item in items.iter() {
+            match item.get_ref() {
+                DeValue::String(s) => out.push(Spanned::new(item.span(), s.to_string())),
+                other => diags.error(
+                    item.span(),
+                    format!(
+                        "{} must contain only strings, not {}",
+                        self.describe_key(key),
+                        describe(other)
+                    ),
+                    "quote each item: [\"first\", \"second\"]",
+                ),
+            }
+        }
+        out
+    }
+
+    /// A sub-table, or a type error if the key holds something else.
+    fn table(&self, key: &str, example: &str, diags: &mut Diags) -> Option<Table<'a, 'i>> {
+        let value = self.get(key)?;
+        match value.get_ref() {
+            DeValue::Table(entries) => Some(Table {
+                entries,
+                span: value.span(),
+                path: self.child(key),
+            }),
+            other => {
+                diags.error(
+                    value.span(),
+                    format!(
+                        "{} must be a table, not {}",
+                        self.describe_key(key),
+                        describe(other)
+                    ),
+                    if example.starts_with('[') {
+                        format!("write it as a table:\n{example}")
+                    } else {
+                        format!("write it as a table:\n[{}]\n{example}", self.child(key))
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    /// `[env]`-style table: free-form names, scalar values.
+    fn env_map(&self, key: &str, diags: &mut Diags) -> Option<Spanned<RawMap<Spanned<RawScalar>>>> {
+        let t = self.table(key, "DJANGO_SETTINGS_MODULE = \"blog.settings\"", diags)?;
+        let mut entries = Vec::new();
+        for (name, value) in t.entries.iter() {
+            let scalar = match value.get_ref() {
+                DeValue::String(s) => Some(RawScalar::String(s.to_string())),
+                DeValue::Integer(_) => integer_value(value, &t.describe_key(name.get_ref()), diags)
+                    .map(|i| RawScalar::Integer(i.into_inner())),
+                DeValue::Float(f) => match f.as_str().replace('_', "").parse::<f64>() {
+                    Ok(x) => Some(RawScalar::Float(x)),
+                    Err(_) => {
+                        diags.error(
+                            value.span(),
+                            format!(
+                                "{} is not a number this platform can represent",
+                                t.describe_key(name.get_ref())
+                            ),
+                            "quote it to pass it through as written",
+                        );
+                        None
+                    }
+                },
+                DeValue::Boolean(b) => Some(RawScalar::Boolean(*b)),
+                other => {
+                    let hint = if matches!(other, DeValue::Datetime(_)) {
+                        "quote it: environment values are strings".to_string()
+                    } else {
+                        format!(
+                            "environment values are strings, numbers or booleans: {} = \"value\"",
+                            display_key(name.get_ref())
+                        )
+                    };
+                    diags.error(
+                        value.span(),
+                        format!(
+                            "{} must be a string, a number or a boolean, not {}",
+                            t.describe_key(name.get_ref()),
+                            describe(other)
+                        ),
+                        hint,
+                    );
+                    None
+                }
+            };
+            if let Some(scalar) = scalar {
+                entries.push((
+                    Spanned::new(name.span(), name.get_ref().to_string()),
+                    Spanned::new(value.span(), scalar),
+                ));
+            }
+        }
+        Some(Spanned::new(t.span.clone(), RawMap(entries)))
+    }
+}
+
+/// Is `key` set in a table below the top level?
+fn contains_key_deep(table: &DeTable<'_>, key: &str) -> bool {
+    table.iter().any(|(_, v)| match v.get_ref() {
+        DeValue::Table(t) => t.iter().any(|(k, _)| k.get_ref() == key) || contains_key_deep(t, key),
+        _ => false,
+    })
+}
+
+/// An integer value, or an error if it does not fit an `i64`.
+fn integer_value(value: &Value<'_>, what: &str, diags: &mut Diags) -> Option<Spanned<i64>> {
+    let DeValue::Integer(i) = value.get_ref() else {
+        return None;
+    };
+    match i64::from_str_radix(i.as_str(), i.radix()) {
+        Ok(n) => Some(Spanned::new(value.span(), n)),
+        Err(_) => {
+            diags.error(value.span(), format!("{what} is too large"), None);
+            None
+        }
+    }
+}
+
+/// "a string", "an integer", ... for messages.
+pub(crate) fn describe(value: &DeValue<'_>) -> &'static str {
+    match value {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a date-time",
+        DeValue::Array(_) => "a list",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+/// A key as it would be written in TOML: bare if possible, else quoted.
+pub(crate) fn display_key(key: &str) -> String {
+    if !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        key.to_string()
+    } else {
+        toml_quote(key)
+    }
+}
+
+/// A TOML basic string literal for `s`.
+pub(crate) fn toml_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_round_trips_through_toml() {
+        for s in [
+            "plain",
+            "with \"quotes\"",
+            "back\\slash",
+            "tab\there",
+            "nl\nx",
+            "bell\u{7}",
+            "$PORT 'x'",
+        ] {
+            let doc = format!("v = {}", toml_quote(s));
+            let (table, errors) = DeTable::parse_recoverable(&doc);
+            assert!(errors.is_empty(), "{doc}");
+            let v = table.get_ref().iter().next().unwrap().1;
+            assert_eq!(v.get_ref().as_str(), Some(s));
+        }
+    }
+
+    #[test]
+    fn keys_are_quoted_only_when_needed() {
+        assert_eq!(display_key("web"), "web");
+        assert_eq!(display_key("celery-beat_2"), "celery-beat_2");
+        assert_eq!(display_key("my app"), "\"my app\"");
+        assert_eq!(display_key(""), "\"\"");
+    }
+}
