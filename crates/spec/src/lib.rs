@@ -1,7 +1,7 @@
 //! `nonstop.toml`: parsing, validation and `nonstop init`.
 //!
 //! [`parse`] turns the text of a spec file into a validated
-//! [`AppSpec`](nonstop_core::process::AppSpec), or into [`SpecErrors`]:
+//! [`AppSpec`], or into [`SpecErrors`]:
 //! every problem of the file at once, each with file:line:column, what is
 //! wrong and how to fix it. Nothing here does I/O except [`load`].
 //!

@@ -466,24 +466,24 @@ fn several_errors_are_reported_together_with_their_locations() {
     let src = r#"app = "blog"
 
 [processes.web]
-comand = "gunicorn blog.wsgi"
-stop_timeout = "10 sec"
+command = "gunicorn blog.wsgi"
+stop_timout = "10s"
+drain_timeout = "10 sec"
 
 [processes.worker]
-command = "celery -A blog worker"
 count = -1
 "#;
     let e = errs(src);
     assert_eq!(e.len(), 4, "{}", SpecErrors { errors: e.clone() });
     let rendered = SpecErrors { errors: e }.to_string();
-    let expected = r#"nonstop.toml:3:1: error: missing `command` in [processes.web]
-  hint: add the shell command that starts it, for example: command = "gunicorn blog.wsgi --bind 127.0.0.1:$PORT"
+    let expected = r#"nonstop.toml:5:1: error: unknown key `stop_timout` in [processes.web]
+  hint: did you mean `stop_timeout`? valid keys: command, kind, count, stop_signal, stop_timeout, drain_timeout, ready_after, env, health, rollout, restart
 
-nonstop.toml:4:1: error: unknown key `comand` in [processes.web]
-  hint: did you mean `command`? valid keys: command, kind, count, stop_signal, stop_timeout, drain_timeout, ready_after, env, health, rollout, restart
-
-nonstop.toml:5:16: error: `stop_timeout` in [processes.web] is not a valid duration ("10 sec"): it contains a space
+nonstop.toml:6:17: error: `drain_timeout` in [processes.web] is not a valid duration ("10 sec"): it contains a space
   hint: durations are a whole number of seconds (10) or a string with units: "250ms", "2s", "1m", "1h", "1m30s"
+
+nonstop.toml:8:1: error: missing `command` in [processes.worker]
+  hint: add the shell command that starts it, for example: command = "celery -A blog worker"
 
 nonstop.toml:9:9: error: `count` in [processes.worker] must be at least 0, not -1
   hint: for example: count = 1"#;
@@ -843,6 +843,29 @@ fn at_least_one_process_is_required() {
     assert_err(&e, 1, 1, "no processes", "[processes.web]\ncommand = ");
     let e = one("app = \"a\"\n\n[processes]\n");
     assert_err(&e, 3, 1, "no processes", "add one, for example");
+}
+
+#[test]
+fn a_misspelt_required_key_is_reported_once() {
+    let e = one("app = \"a\"\n[processes.web]\ncomand = \"x\"\n");
+    assert_err(
+        &e,
+        3,
+        1,
+        "unknown key `comand` in [processes.web]",
+        "did you mean `command`?",
+    );
+    let e = one("ap = \"a\"\n[processes.web]\ncommand = \"x\"\n");
+    assert_err(
+        &e,
+        1,
+        1,
+        "unknown key `ap` at the top level",
+        "did you mean `app`?",
+    );
+    // `app` written after a table header.
+    let e = one("[processes.web]\ncommand = \"x\"\napp = \"a\"\n");
+    assert_err(&e, 3, 1, "unknown key `app` in [processes.web]", "`app` is a top-level key: a key after a [table] header belongs to that table, so move this line above the first [table]");
 }
 
 #[test]

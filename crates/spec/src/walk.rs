@@ -27,7 +27,10 @@ pub(crate) fn walk(root: &Spanned<DeTable<'_>>, diags: &mut Diags) -> RawSpec {
     t.check_keys(field_names::<RawSpec>(), diags);
     // An `app` inside a table (written after a [table] header) is
     // reported as an unknown key there, with a hint; not twice.
-    if t.get("app").is_none() && !contains_key_deep(root.get_ref(), "app") {
+    if t.get("app").is_none()
+        && !contains_key_deep(root.get_ref(), "app")
+        && !t.has_misspelling_of("app", field_names::<RawSpec>())
+    {
         diags.error(
             t.span.clone(),
             "missing `app`: every nonstop.toml names its app",
@@ -150,7 +153,8 @@ fn walk_processes(
 
 fn walk_process(name: &str, t: &Table<'_, '_>, diags: &mut Diags) -> RawProcess {
     t.check_keys(field_names::<RawProcess>(), diags);
-    if t.get("command").is_none() {
+    // A misspelt `command` is reported as an unknown key, not twice.
+    if t.get("command").is_none() && !t.has_misspelling_of("command", field_names::<RawProcess>()) {
         let kind = t.get("kind").and_then(|k| k.get_ref().as_str());
         let web = kind.map_or(name == "web", |k| k == "web");
         diags.error(
@@ -282,6 +286,14 @@ impl<'a, 'i> Table<'a, 'i> {
             .iter()
             .find(|(k, _)| k.get_ref() == key)
             .map(|(_, v)| v)
+    }
+
+    /// Is one of the unknown keys a misspelling of `key`?
+    fn has_misspelling_of(&self, key: &str, valid: &[&str]) -> bool {
+        self.entries.iter().any(|(k, _)| {
+            let k: &str = k.get_ref();
+            !valid.contains(&k) && did_you_mean(k, valid) == Some(key)
+        })
     }
 
     /// Reports every key that is not one of `valid`.
