@@ -1,0 +1,427 @@
+//! Test harness: in-process upstreams, a proxy on 127.0.0.1:0, a small
+//! keep-alive client, and waiting helpers (events and conditions, never
+//! bare sleeps).
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use nonstop_core::ids::{InstanceId, ProcessName};
+use nonstop_core::process::{HealthCheck, StatusRange};
+use nonstop_core::traffic::{
+    Backend, BackendHealth, HealthEvent, InitialHealth, RouteKey, Traffic,
+};
+use nonstop_proxy::{Proxy, ProxyConfig};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub type TBody = BoxBody<Bytes, hyper::Error>;
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<TBody>> + Send>>;
+pub type Handler =
+    Arc<dyn Fn(Request<Incoming>, Arc<UpstreamState>) -> HandlerFuture + Send + Sync>;
+
+pub fn full(body: impl Into<Bytes>) -> TBody {
+    Full::new(body.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+pub fn text(status: u16, body: impl Into<Bytes>) -> Response<TBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+    resp
+}
+
+/// What an upstream records and what a test can change on it.
+pub struct UpstreamState {
+    pub name: String,
+    /// Non-health requests received.
+    pub hits: AtomicUsize,
+    /// Health checks received.
+    pub checks: AtomicUsize,
+    /// Status `/health` answers.
+    pub health_status: AtomicU16,
+    /// Every request in order: `health` or the path.
+    pub log: Mutex<Vec<String>>,
+    /// Signalled when a request to `/slow` arrives.
+    pub slow_started: tokio::sync::Notify,
+    /// `/slow` answers once this is cancelled.
+    pub release: CancellationToken,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub state: Arc<UpstreamState>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Upstream {
+    /// An upstream with the default behaviour: `/health` answers
+    /// `health_status`, `/slow` waits for `release`, anything else answers
+    /// `200 <name>`.
+    pub async fn start(name: &str) -> Upstream {
+        Self::with_handler(
+            name,
+            Arc::new(|_req, state: Arc<UpstreamState>| {
+                Box::pin(async move { text(200, state.name.clone()) })
+            }),
+        )
+        .await
+    }
+
+    pub async fn with_handler(name: &str, handler: Handler) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState {
+            name: name.to_string(),
+            hits: AtomicUsize::new(0),
+            checks: AtomicUsize::new(0),
+            health_status: AtomicU16::new(200),
+            log: Mutex::new(Vec::new()),
+            slow_started: tokio::sync::Notify::new(),
+            release: CancellationToken::new(),
+        });
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (st, stop2, tasks2) = (state.clone(), stop.clone(), tasks.clone());
+        tasks.spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                };
+                let (st, stop3, handler) = (st.clone(), stop2.clone(), handler.clone());
+                tasks2.spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (st, handler) = (st.clone(), handler.clone());
+                        async move { Ok::<_, Infallible>(dispatch(req, st, handler).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop3.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Upstream {
+            addr,
+            state,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Kill it: stop listening (connects are refused) and drop every
+    /// connection, in the middle of whatever it was doing.
+    pub async fn kill(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn set_health(&self, status: u16) {
+        self.state.health_status.store(status, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn dispatch(
+    req: Request<Incoming>,
+    state: Arc<UpstreamState>,
+    handler: Handler,
+) -> Response<TBody> {
+    let path = req.uri().path().to_string();
+    if path == "/health" {
+        state.checks.fetch_add(1, Ordering::SeqCst);
+        state.log.lock().unwrap().push("health".into());
+        let status = state.health_status.load(Ordering::SeqCst);
+        return text(status, "health");
+    }
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    state.log.lock().unwrap().push(path.clone());
+    if path == "/slow" {
+        state.slow_started.notify_waiters();
+        state.release.cancelled().await;
+        return text(200, format!("slow from {}", state.name));
+    }
+    handler(req, state).await
+}
+
+/// A raw upstream that answers `/health` and closes the connection on any
+/// other request without answering. Counts those requests.
+pub struct Closer {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Closer {
+    pub async fn start() -> Closer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf);
+                    if head.split_whitespace().nth(1) == Some("/health") {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                            .await;
+                    } else {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        // Close without a byte of response.
+                    }
+                });
+            }
+        });
+        Closer { addr, hits, task }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A proxy serving on 127.0.0.1:0.
+pub struct Running {
+    pub proxy: Proxy,
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub handle: JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    pub async fn start(config: ProxyConfig) -> Running {
+        let proxy = Proxy::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn({
+            let proxy = proxy.clone();
+            let shutdown = shutdown.clone();
+            async move { proxy.serve(listener, shutdown).await }
+        });
+        Running {
+            proxy,
+            addr,
+            shutdown,
+            handle,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.handle)
+            .await
+            .expect("proxy stops")
+            .unwrap()
+            .unwrap();
+    }
+
+    pub fn add(
+        &self,
+        slot: u32,
+        addr: SocketAddr,
+        check: HealthCheck,
+        initial: InitialHealth,
+    ) -> InstanceId {
+        let instance = instance(slot);
+        self.proxy.add(
+            &route(),
+            Backend {
+                instance: instance.clone(),
+                addr,
+            },
+            check,
+            initial,
+        );
+        instance
+    }
+}
+
+pub fn route() -> RouteKey {
+    RouteKey("web".into())
+}
+
+pub fn instance(slot: u32) -> InstanceId {
+    InstanceId::new(ProcessName::new("web").unwrap(), slot, 1)
+}
+
+pub fn check(interval_ms: u64, healthy: u32, unhealthy: u32) -> HealthCheck {
+    HealthCheck {
+        path: "/health".into(),
+        interval: Duration::from_millis(interval_ms),
+        timeout: Duration::from_secs(2),
+        healthy_threshold: healthy,
+        unhealthy_threshold: unhealthy,
+        expect_status: StatusRange { min: 200, max: 399 },
+    }
+}
+
+/// A check that never takes a backend out by itself (the first check runs
+/// at once, the next in an hour).
+pub fn lazy_check() -> HealthCheck {
+    check(3_600_000, 1, 1_000)
+}
+
+/// Config for tests: short waits so failures show quickly.
+pub fn config() -> ProxyConfig {
+    ProxyConfig {
+        no_backend_wait: Duration::from_millis(200),
+        shutdown_grace: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+/// Wait for `instance` to reach `health` on the event stream.
+pub async fn wait_health(
+    rx: &mut broadcast::Receiver<HealthEvent>,
+    instance: &InstanceId,
+    health: BackendHealth,
+) -> HealthEvent {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let event = rx.recv().await.expect("event stream open");
+            if &event.instance == instance && event.health == health {
+                return event;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{instance} did not become {}", health.as_str()))
+}
+
+/// Poll a condition until it holds (bounded).
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A keep-alive HTTP/1.1 client of the proxy; reconnects when needed.
+pub struct Client {
+    addr: SocketAddr,
+    conn: Option<SendRequest<Full<Bytes>>>,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, conn: None }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Reply, String> {
+        let reusable = match self.conn.take() {
+            Some(mut c) if !c.is_closed() => c.ready().await.is_ok().then_some(c),
+            _ => None,
+        };
+        let mut conn = match reusable {
+            Some(c) => c,
+            None => {
+                let stream = TcpStream::connect(self.addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(driver);
+                conn
+            }
+        };
+        let resp = conn.send_request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        self.conn = Some(conn);
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    pub async fn get(&mut self, path: &str) -> Reply {
+        self.send(request("GET", path, "")).await.unwrap()
+    }
+}
+
+pub fn request(method: &str, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "app.test")
+        .body(Full::new(body.into()))
+        .unwrap()
+}
+
+/// One request on its own connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
+    Client::new(addr).get(path).await
+}
