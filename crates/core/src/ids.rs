@@ -14,7 +14,7 @@ pub struct NameError {
 }
 
 const NAME_RULE: &str =
-    "use 1 to 63 characters: lowercase letters, digits and '-', starting with a letter";
+    "use 1 to 63 characters: lowercase letters, digits, '-' and '_', starting with a letter";
 
 fn check_name(what: &'static str, value: &str) -> Result<(), NameError> {
     let ok = !value.is_empty()
