@@ -72,6 +72,18 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Whatever was started in this state directory, handle seen or not
+        // (e.g. by the helper daemon of another process).
+        for r in self.driver.running() {
+            if procinfo::exists(r.pid, r.start_time) {
+                let _ = procinfo::signal_group(r.pid, NixSignal::SIGKILL);
+            }
+        }
+    }
+}
+
 fn config(state: &Path) -> LocalDriverConfig {
     LocalDriverConfig::new(
         state,
@@ -349,12 +361,15 @@ async fn stop_kills_grandchildren_too() {
 async fn instances_survive_the_driver_and_are_adopted_by_a_new_one() {
     let fx = fixture();
     let id = instance("worker", 2, 5);
-    let h = fx
-        .start(id.clone(), "echo up; exec sleep 1000", false)
-        .await;
-    eventually("up", || log_has(&fx.log_path(&id), " out up")).await;
     let cfg = fx.driver.config().clone();
-    drop(fx.driver);
+    let first = LocalDriver::new(cfg.clone()).unwrap();
+    let h = first
+        .start(fx.launch(id.clone(), "echo up; exec sleep 1000", false))
+        .await
+        .unwrap();
+    fx.cleanup.track(&h);
+    eventually("up", || log_has(&fx.log_path(&id), " out up")).await;
+    drop(first);
 
     // The daemon "restarted": a new driver on the same state directory.
     let driver = LocalDriver::new(cfg).unwrap();
@@ -807,4 +822,110 @@ async fn prune_state_removes_ended_instances_only() {
         .stop(&running, Signal::Term, Duration::from_secs(10))
         .await
         .unwrap();
+}
+
+/// Not a test on its own: the "daemon" process of
+/// `instances_survive_a_daemon_killed_with_sigkill`. It starts an instance,
+/// prints its handle, and lives until its stdin closes or it is killed.
+#[tokio::test]
+#[ignore = "helper process, started by another test"]
+async fn helper_daemon() {
+    let (Some(state), Some(work)) = (
+        std::env::var_os("NONSTOP_TEST_HELPER_STATE"),
+        std::env::var_os("NONSTOP_TEST_HELPER_WORK"),
+    ) else {
+        return;
+    };
+    let driver = LocalDriver::new(config(Path::new(&state))).unwrap();
+    let id = instance("worker", 1, 9);
+    let launch = LaunchSpec {
+        app: app(),
+        environment: env_id(),
+        release: ReleaseId(1),
+        instance: id,
+        command:
+            "echo up; while [ ! -f go ]; do sleep 0.05; done; echo still here; exec sleep 1000"
+                .to_string(),
+        workdir: PathBuf::from(work),
+        env: vec![],
+        wants_port: true,
+    };
+    let h = driver.start(launch).await.unwrap();
+    println!("HANDLE {}", serde_json::to_string(&h).unwrap());
+    // Until the test kills us (or, should it die, closes our stdin).
+    let _ = tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new())).await;
+}
+
+#[tokio::test]
+async fn instances_survive_a_daemon_killed_with_sigkill() {
+    let fx = fixture();
+    let mut daemon = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_daemon",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("NONSTOP_TEST_HELPER_STATE", fx.driver.state_dir())
+        .env("NONSTOP_TEST_HELPER_WORK", &fx.work)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct KillDaemon(std::process::Child);
+    impl Drop for KillDaemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = daemon.stdout.take().unwrap();
+    let mut daemon = KillDaemon(daemon);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            // libtest may print "test helper_daemon ... " first.
+            if let Some(at) = line.find("HANDLE ") {
+                let _ = tx.send(line[at + 7..].to_string());
+            }
+        }
+    });
+    let json = rx
+        .recv_timeout(WAIT)
+        .expect("the helper daemon printed no handle");
+    let h: InstanceHandle = serde_json::from_str(&json).unwrap();
+    fx.cleanup.track(&h);
+    let id = h.instance.clone();
+    eventually("up", || log_has(&fx.log_path(&id), " out up")).await;
+
+    // The daemon dies without any chance to clean up.
+    let daemon_pid = daemon.0.id();
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+
+    let Locator::Local { monitor_pid, .. } = h.locator;
+    assert!(fx.driver.is_alive(&h), "the instance died with its daemon");
+    assert_ne!(procinfo::stat(monitor_pid).unwrap().ppid, daemon_pid as i32);
+    // Output is still collected.
+    std::fs::write(fx.work.join("go"), "").unwrap();
+    eventually("still here", || {
+        log_has(&fx.log_path(&id), " out still here")
+    })
+    .await;
+
+    // A new daemon adopts it.
+    let driver = LocalDriver::new(config(fx.driver.state_dir())).unwrap();
+    assert!(driver.is_alive(&h));
+    let outcome = driver
+        .stop(&h, Signal::Term, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(outcome, StopOutcome::Graceful);
+    assert_eq!(wait_exit(&driver, &h).await, ExitStatus::Signal(15));
+    assert!(!procinfo::group_exists(app_pid(&h)));
 }
