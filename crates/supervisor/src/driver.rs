@@ -578,6 +578,40 @@ impl LocalDriver {
         self.recorded_exit_loc(loc).unwrap_or(ExitStatus::Unknown)
     }
 
+    /// `tasks/<name>.<unix-ts>.log`, created empty so that two runs of a
+    /// task in the same second never share a file (the later one takes the
+    /// next free second).
+    fn new_task_log(&self, task: &TaskSpec) -> Result<PathBuf, String> {
+        let dir = logs::logs_dir(self.state_dir(), &task.app, &task.environment).join("tasks");
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            format!(
+                "could not create {}: {e}; check the state directory",
+                dir.display()
+            )
+        })?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let name = sanitize_file_name(&task.name);
+        for ts in now..now + 1000 {
+            let path = dir.join(format!("{name}.{ts}.log"));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(_) => return Ok(path),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("could not create {}: {e}", path.display())),
+            }
+        }
+        Err(format!(
+            "could not find a free log file name for task {name} in {}",
+            dir.display()
+        ))
+    }
+
     async fn run_task_inner(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
         let task_err = |reason: String| DriverError::Task {
             name: task.name.clone(),
@@ -590,13 +624,7 @@ impl LocalDriver {
         }
         check_workdir(&task.workdir).map_err(task_err)?;
         let env = app_env(&task.env, None).map_err(task_err)?;
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let log_path = logs::logs_dir(self.state_dir(), &task.app, &task.environment)
-            .join("tasks")
-            .join(format!("{}.{ts}.log", sanitize_file_name(&task.name)));
+        let log_path = self.new_task_log(&task).map_err(task_err)?;
         let params = MonitorParams {
             app: task.app.to_string(),
             environment: task.environment.to_string(),
@@ -714,6 +742,18 @@ fn free_port() -> io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// * `start` returns once the monitor reports the app's pid (not once it is
+///   ready); web processes get a free port on 127.0.0.1 as `PORT`.
+/// * `stop` signals the app's process group (only while its pid still has
+///   the recorded start time), waits for the monitor to have emptied the
+///   group, then SIGKILLs it.
+/// * `wait_exit` works for instances started by an earlier daemon too
+///   (it polls `/proc` every 100 ms for those) and returns the status the
+///   monitor recorded, or `Unknown`.
+/// * `is_alive` holds while both the app's main process and its monitor
+///   are the recorded processes and not zombies: an app whose monitor was
+///   killed is unmanaged (its output goes nowhere), and `wait_exit` /
+///   `stop` end it.
 impl Driver for LocalDriver {
     async fn start(&self, launch: LaunchSpec) -> Result<InstanceHandle, DriverError> {
         let label = launch.instance.slot_name();
