@@ -262,7 +262,8 @@ fn a_command_that_does_not_exist_is_refused_before_anything_starts() {
 #[test]
 fn a_web_process_that_never_becomes_healthy_fails_up_with_the_evidence() {
     let app = TestApp::new("hello", |s| {
-        s.replace("count = 2", "count = 1\n[processes.web.env]\nFAIL_HEALTH_FILE = \"app.py\"\n[processes.web.rollout]\nhealth_timeout = \"4s\"")
+        s.replace("count = 2", "count = 1")
+            + "\n[processes.web.env]\nFAIL_HEALTH_FILE = \"app.py\"\n[processes.web.rollout]\nhealth_timeout = \"4s\"\n"
     });
     let r = app.up();
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
@@ -287,7 +288,7 @@ fn a_proxy_port_already_taken_is_a_clear_error() {
 
 #[test]
 fn a_second_up_changes_nothing_and_a_concurrent_one_is_refused() {
-    let app = TestApp::new("hello", |s| s.replace("path = \"/health\"", "path = \"/health\"\n[processes.web.rollout]\nhealth_timeout = \"30s\""));
+    let app = TestApp::new("hello", |s| s + "\n[processes.web.rollout]\nhealth_timeout = \"30s\"\n");
     app.up().ok();
     let pids = app.pids("web");
     let r = app.up();
@@ -296,7 +297,7 @@ fn a_second_up_changes_nothing_and_a_concurrent_one_is_refused() {
     assert_eq!(app.pids("web"), pids);
 
     // A slow-booting replacement keeps `restart` busy; an `up` meanwhile is refused.
-    std::fs::write(app.dir.path().join("nonstop.toml"), app.spec().replace("count = 2", "count = 2\n[processes.web.env]\nBOOT_DELAY = \"2\"")).unwrap();
+    std::fs::write(app.dir.path().join("nonstop.toml"), app.spec() + "\n[processes.web.env]\nBOOT_DELAY = \"2\"\n").unwrap();
     let first = app.cmd(&["up"]).spawn().unwrap();
     wait_until(T, "the first up to be in progress", || app.status()["operation"] == "up");
     let second = app.run(&["up"]);

@@ -974,11 +974,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                         Some(inst) => {
                             if now.saturating_duration_since(inst.started) >= health_timeout {
                                 if failure.is_none() {
+                                    let checks: VecDeque<String> = self
+                                        .traffic
+                                        .status(id)
+                                        .map(|st| st.last_checks.into_iter().collect())
+                                        .filter(|c: &VecDeque<String>| !c.is_empty())
+                                        .unwrap_or_else(|| inst.last_checks.clone());
                                     failure = Some(format!(
                                         "new instance {} did not become ready within {}{}",
                                         id.slot_name(),
                                         fmt_dur(health_timeout),
-                                        checks_suffix(&inst.last_checks)
+                                        checks_suffix(&checks)
                                     ));
                                 }
                                 NewPhase::Failed
@@ -1133,7 +1139,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                             instance: inst.id.slot_name(),
                             what: what.to_string(),
                             timeout_s: timeout.as_secs(),
-                            checks: inst.last_checks.iter().cloned().collect(),
+                            checks: self
+                                .traffic
+                                .status(&inst.id)
+                                .map(|st| st.last_checks)
+                                .filter(|c| !c.is_empty())
+                                .unwrap_or_else(|| inst.last_checks.iter().cloned().collect()),
                             logs,
                         };
                         self.fail_op(err);
