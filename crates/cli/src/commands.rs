@@ -152,13 +152,13 @@ async fn ensure_daemon(home: &Home) -> anyhow::Result<Client> {
     }
 }
 
-fn print_spec_errors(errors: &nonstop_spec::SpecErrors, json: bool) {
+fn print_spec_errors(file: &Path, errors: &nonstop_spec::SpecErrors, json: bool) {
     if json {
         println!("{}", serde_json::json!({"type": "error", "exit_code": 2, "message": errors.to_string(), "errors": errors.errors}));
     } else {
         eprintln!("{errors}");
         let n = errors.errors.len();
-        eprintln!("error: nonstop.toml has {n} problem{}; nothing was changed", if n == 1 { "" } else { "s" });
+        eprintln!("error: {} has {n} problem{}; nothing was changed", file.display(), if n == 1 { "" } else { "s" });
     }
 }
 
@@ -201,7 +201,7 @@ async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
     let spec = match nonstop_spec::load(file) {
         Ok(s) => s,
         Err(errors) => {
-            print_spec_errors(&errors, json);
+            print_spec_errors(file, &errors, json);
             return Ok(2);
         }
     };
