@@ -352,3 +352,42 @@ fn logs_are_merged_prefixed_and_timestamped() {
     assert_eq!(bad.code, 2);
     assert!(bad.stderr.contains("unknown process type `nosuch`"), "{}", bad.stderr);
 }
+
+#[test]
+fn the_api_is_private_the_socket_is_0600_and_tcp_needs_the_token() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let app = TestApp::hello();
+    let api_port = free_port();
+    let child = app.cmd(&["up"]).env("NONSTOP_API_LISTEN", format!("127.0.0.1:{api_port}")).spawn().unwrap();
+    let out = wait_output(child, T, "up");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mode = std::fs::metadata(app.home.path().join("nonstop.sock")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let home_mode = std::fs::metadata(app.home.path()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(home_mode, 0o700);
+    let token = std::fs::read_to_string(app.home.path().join("api-token")).unwrap();
+    let token_mode = std::fs::metadata(app.home.path().join("api-token")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(token_mode, 0o600);
+    let ask = |auth: Option<&str>| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", api_port)).unwrap();
+        let auth = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        write!(s, "GET /v1/status HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").unwrap();
+        let mut b = String::new();
+        s.read_to_string(&mut b).unwrap();
+        b
+    };
+    assert!(ask(None).starts_with("HTTP/1.1 401"), "{}", ask(None));
+    assert!(ask(Some("wrong")).starts_with("HTTP/1.1 401"));
+    let ok = ask(Some(token.trim()));
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains("\"app\":\"hello\""), "{ok}");
+}
+
+#[test]
+fn completions_are_generated() {
+    let app = TestApp::hello();
+    let r = app.run(&["completions", "bash"]);
+    r.ok();
+    assert!(r.stdout.contains("nonstop") && r.stdout.contains("scale"), "{}", &r.stdout[..200.min(r.stdout.len())]);
+}
