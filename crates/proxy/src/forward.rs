@@ -280,16 +280,13 @@ async fn connect(inner: &Inner, backend: &BackendState) -> Result<SendRequest<Up
         .map_err(|err| {
             ProxyError::new(ErrorKind::Internal, Side::Internal, Retry::Unsent).with_source(err)
         })?;
-    let root = inner.root.clone();
     let addr = backend.addr;
+    // The driver ends when its `SendRequest` is dropped (pool cleared, lease
+    // dropped) and no exchange is in progress; no cancellation token is
+    // polled on every wake-up of this hot task.
     inner.tasks.spawn(async move {
-        tokio::select! {
-            result = driver.with_upgrades() => {
-                if let Err(err) = result {
-                    tracing::debug!(%addr, error = %err, "upstream connection ended with an error");
-                }
-            }
-            _ = root.cancelled() => {}
+        if let Err(err) = driver.with_upgrades().await {
+            tracing::debug!(%addr, error = %err, "upstream connection ended with an error");
         }
     });
     Ok(conn)
@@ -346,7 +343,7 @@ fn spawn_tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
 ) {
-    let force = ctx.force.clone();
+    let conn = Arc::clone(ctx);
     ctx.tasks.spawn(async move {
         let backend_gone = in_flight.backend().token.clone();
         let instance = in_flight.backend().instance.clone();
@@ -362,9 +359,10 @@ fn spawn_tunnel(
                 Err(err) => tracing::debug!(%instance, error = %err, "upgraded connection failed"),
             },
             _ = backend_gone.cancelled() => tracing::debug!(%instance, "upgraded connection closed: backend removed"),
-            _ = force.cancelled() => tracing::debug!(%instance, "upgraded connection closed: shutdown"),
+            _ = conn.signal.forced() => tracing::debug!(%instance, "upgraded connection closed: shutdown"),
         }
         drop(in_flight);
+        conn.unregister();
     });
 }
 

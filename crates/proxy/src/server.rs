@@ -9,17 +9,19 @@
 
 use crate::config::ProxyConfig;
 use crate::Inner;
+use atomic_waker::AtomicWaker;
 use http::HeaderValue;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -39,26 +41,104 @@ const TUNNEL: u8 = 3;
 /// Not a phase: what `TimedStream` starts from, so the first read arms.
 const UNSEEN: u8 = u8::MAX;
 
+/// No shutdown asked.
+const RUN: u8 = 0;
+/// Finish the request in progress, then close.
+const GRACEFUL: u8 = 1;
+/// Close now.
+const FORCE: u8 = 2;
+
+/// How the serve loop tells one connection (and its upgraded tunnel) to
+/// stop. Polled on every wake-up of the connection task, so it must be
+/// cheap and private to the connection: an atomic and an `AtomicWaker`,
+/// rather than a shared `CancellationToken` (whose `cancelled()` takes the
+/// token's mutex and its `Notify`'s mutex on every poll, contended by every
+/// connection).
+pub(crate) struct ConnSignal {
+    state: AtomicU8,
+    /// The connection task.
+    waker: AtomicWaker,
+    /// The upgraded tunnel's task, if any (an `AtomicWaker` holds one waker).
+    tunnel_waker: AtomicWaker,
+}
+
+impl ConnSignal {
+    fn new() -> Self {
+        Self {
+            state: AtomicU8::new(RUN),
+            waker: AtomicWaker::new(),
+            tunnel_waker: AtomicWaker::new(),
+        }
+    }
+
+    fn raise(&self, to: u8) {
+        self.state.fetch_max(to, Ordering::AcqRel);
+        self.waker.wake();
+        self.tunnel_waker.wake();
+    }
+
+    /// Register the connection task and read the state.
+    fn poll_state(&self, cx: &Context<'_>) -> u8 {
+        self.waker.register(cx.waker());
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// For the tunnel task: resolves when the connection must close now.
+    pub async fn forced(&self) {
+        std::future::poll_fn(|cx| {
+            self.tunnel_waker.register(cx.waker());
+            if self.state.load(Ordering::Acquire) == FORCE {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
 /// Per client connection, shared by its requests.
 pub(crate) struct ConnCtx {
     pub peer_ip: HeaderValue,
     phase: AtomicU8,
     /// Where upgraded connections are spawned (the serve loop's tracker).
     pub tasks: TaskTracker,
-    /// Cancelled when the shutdown grace period is over.
-    pub force: CancellationToken,
+    pub signal: ConnSignal,
+    /// Its entry in the serve loop's live set (weak: the set holds us).
+    live: Weak<Mutex<Live>>,
+    id: u64,
 }
 
 impl ConnCtx {
-    fn new(peer: SocketAddr, tasks: TaskTracker, force: CancellationToken) -> Self {
+    fn new(peer: SocketAddr, tasks: TaskTracker, live: &Arc<Mutex<Live>>) -> Arc<Self> {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self {
+        let mut reg = lock_live(live);
+        let id = reg.next;
+        reg.next += 1;
+        let ctx = Arc::new(Self {
             peer_ip,
             phase: AtomicU8::new(HEAD),
             tasks,
-            force,
+            signal: ConnSignal::new(),
+            live: Arc::downgrade(live),
+            id,
+        });
+        reg.conns.insert(id, Arc::clone(&ctx));
+        ctx
+    }
+
+    /// Leave the live set: called by the connection task when it ends, or
+    /// by the upgraded tunnel when it ends (the tunnel outlives its
+    /// connection task and must still get the shutdown signal).
+    pub fn unregister(&self) {
+        if let Some(live) = self.live.upgrade() {
+            lock_live(&live).conns.remove(&self.id);
         }
+    }
+
+    fn is_upgraded(&self) -> bool {
+        self.phase.load(Ordering::Relaxed) == TUNNEL
     }
 
     /// A request head was read: no client timeout until its response body
@@ -91,7 +171,12 @@ pub(crate) struct TimedStream {
     inner: TcpStream,
     ctx: Arc<ConnCtx>,
     seen: u8,
+    /// Whether `deadline` applies (not while busy or tunnelling).
     armed: bool,
+    deadline: Instant,
+    /// Fires at or before `deadline`. Moved only when the deadline comes
+    /// closer, or when it fires early: a keep-alive request costs no timer
+    /// re-registration, about one per `header_read_timeout` at most.
     sleep: Pin<Box<Sleep>>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
@@ -104,6 +189,7 @@ impl TimedStream {
             ctx,
             seen: UNSEEN,
             armed: false,
+            deadline: Instant::now(),
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
@@ -120,8 +206,24 @@ impl TimedStream {
                 return;
             }
         };
-        self.sleep.as_mut().reset(Instant::now() + timeout);
+        self.deadline = Instant::now() + timeout;
         self.armed = true;
+        if self.deadline < self.sleep.deadline() {
+            self.sleep.as_mut().reset(self.deadline);
+        }
+    }
+
+    /// Whether the armed deadline has passed; otherwise the sleep is
+    /// registered to wake the task by then.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= self.deadline {
+                return true;
+            }
+            // Fired for an earlier deadline that has since moved on.
+            self.sleep.as_mut().reset(self.deadline);
+        }
+        false
     }
 }
 
@@ -153,7 +255,7 @@ impl AsyncRead for TimedStream {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                if this.armed && this.sleep.as_mut().poll(cx).is_ready() {
+                if this.armed && this.expired(cx) {
                     this.armed = false;
                     if this.seen == IDLE {
                         // Idle keep-alive: end quietly, as if the client left.
@@ -201,6 +303,25 @@ impl AsyncWrite for TimedStream {
     }
 }
 
+/// The live connections of one serve loop, to signal them at shutdown.
+/// Locked once when a connection opens and once when it closes.
+#[derive(Default)]
+pub(crate) struct Live {
+    next: u64,
+    conns: HashMap<u64, Arc<ConnCtx>>,
+}
+
+fn lock_live(live: &Mutex<Live>) -> MutexGuard<'_, Live> {
+    live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn signal_all(live: &Mutex<Live>, to: u8) {
+    let conns: Vec<Arc<ConnCtx>> = lock_live(live).conns.values().cloned().collect();
+    for ctx in conns {
+        ctx.signal.raise(to);
+    }
+}
+
 /// The accept loop behind [`crate::Proxy::serve`].
 pub(crate) async fn serve(
     inner: Arc<Inner>,
@@ -208,7 +329,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let tasks = TaskTracker::new();
-    let force = CancellationToken::new();
+    let live = Arc::new(Mutex::new(Live::default()));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "proxy listening");
     }
@@ -225,17 +346,12 @@ pub(crate) async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        tasks.spawn(serve_conn(
-            Arc::clone(&inner),
-            stream,
-            peer,
-            shutdown.clone(),
-            force.clone(),
-            tasks.clone(),
-        ));
+        let ctx = ConnCtx::new(peer, tasks.clone(), &live);
+        tasks.spawn(serve_conn(Arc::clone(&inner), stream, peer, ctx));
     }
     // Stop accepting: new connections are refused from here on.
     drop(listener);
+    signal_all(&live, GRACEFUL);
     tasks.close();
     let grace = inner.config.shutdown_grace;
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
@@ -243,10 +359,9 @@ pub(crate) async fn serve(
             grace_ms = grace.as_millis() as u64,
             "shutdown grace period over; closing remaining connections"
         );
-        force.cancel();
+        signal_all(&live, FORCE);
         tasks.wait().await;
     }
-    force.cancel();
     tracing::info!("proxy stopped");
     Ok(())
 }
@@ -265,39 +380,39 @@ async fn accept_error(err: io::Error) {
     }
 }
 
-async fn serve_conn(
-    inner: Arc<Inner>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    graceful: CancellationToken,
-    force: CancellationToken,
-    tasks: TaskTracker,
-) {
-    let ctx = Arc::new(ConnCtx::new(peer, tasks, force.clone()));
+async fn serve_conn(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>) {
     let io = TokioIo::new(TimedStream::new(stream, Arc::clone(&ctx), &inner.config));
-    let service = service_fn(move |req| {
-        let inner = Arc::clone(&inner);
+    let service = service_fn({
         let ctx = Arc::clone(&ctx);
-        async move { Ok::<_, Infallible>(crate::forward::handle(inner, ctx, req).await) }
+        move |req| {
+            let inner = Arc::clone(&inner);
+            let ctx = Arc::clone(&ctx);
+            async move { Ok::<_, Infallible>(crate::forward::handle(inner, ctx, req).await) }
+        }
     });
     let mut builder = http1::Builder::new();
     // Client timeouts are TimedStream's (see the module docs).
     builder.header_read_timeout(None).keep_alive(true);
     let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        _ = graceful.cancelled() => {
-            // Finish the request in progress (if any), then close.
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = conn.as_mut() => result,
-                _ = force.cancelled() => return,
+    let mut graceful_sent = false;
+    let result = std::future::poll_fn(|cx| {
+        match ctx.signal.poll_state(cx) {
+            FORCE => return Poll::Ready(None),
+            GRACEFUL if !graceful_sent => {
+                // Finish the request in progress (if any), then close.
+                graceful_sent = true;
+                conn.as_mut().graceful_shutdown();
             }
+            _ => {}
         }
-        _ = force.cancelled() => return,
-    };
-    if let Err(err) = result {
+        conn.as_mut().poll(cx).map(Some)
+    })
+    .await;
+    if let Some(Err(err)) = result {
         tracing::debug!(%peer, error = %err, "client connection ended with an error");
+    }
+    if !ctx.is_upgraded() {
+        ctx.unregister();
     }
 }

@@ -913,3 +913,43 @@ async fn checkers_stop_when_a_backend_goes_and_on_shutdown() {
     );
     drop(proxy);
 }
+
+#[tokio::test]
+async fn shutdown_closes_upgraded_connections_after_the_grace_period() {
+    let up = Upstream::with_handler("ws", echo_upgrade_handler()).await;
+    let p = Running::start(ProxyConfig {
+        shutdown_grace: Duration::from_millis(300),
+        ..config()
+    })
+    .await;
+    p.proxy.set_default_route(route());
+    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 101"));
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+
+    let started = Instant::now();
+    p.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), p.handle)
+        .await
+        .expect("serve returns")
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "the tunnel had its grace period"
+    );
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("tunnel closed");
+    assert!(matches!(n, Ok(0) | Err(_)));
+}
