@@ -24,8 +24,8 @@
 //! - Every task (checkers, upstream connections, client connections,
 //!   upgraded tunnels) stops on a cancellation token and is tracked.
 //!
-//! Functions that start tasks ([`Traffic::add`], [`Proxy::serve`]) must run
-//! inside a tokio runtime.
+//! [`Traffic::add`] starts its checker on the current tokio runtime, or on
+//! the one [`Proxy::new`] ran in.
 #![forbid(unsafe_code)]
 
 mod backend;
@@ -73,6 +73,8 @@ pub(crate) struct Inner {
     pub root: CancellationToken,
     /// Checkers and upstream connection drivers.
     pub tasks: TaskTracker,
+    /// The runtime `new` ran in, for `add` called from outside one.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Drop for Inner {
@@ -99,6 +101,7 @@ impl Proxy {
                 shared: Arc::new(Shared::new()),
                 root: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -241,9 +244,18 @@ impl Traffic for Proxy {
         self.publish(&reg);
         drop(reg);
         tracing::debug!(instance = %backend.instance, addr = %backend.addr, route = %route.0, initial = health.as_str(), "backend added");
-        self.inner
-            .tasks
-            .spawn(health::run_checker(state, Arc::clone(&self.inner.shared)));
+        let checker = health::run_checker(state, Arc::clone(&self.inner.shared));
+        match tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.inner.runtime.clone())
+        {
+            Some(handle) => {
+                self.inner.tasks.spawn_on(checker, &handle);
+            }
+            None => {
+                tracing::error!(instance = %backend.instance, "no tokio runtime: backend added but never checked")
+            }
+        }
     }
 
     fn drain(
