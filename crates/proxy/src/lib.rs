@@ -112,21 +112,24 @@ impl Proxy {
 
     /// Serve HTTP/1.1 clients on `listener` until `shutdown` is cancelled.
     /// Then stop accepting, let requests in flight (and upgraded
-    /// connections) finish within `shutdown_grace`, close the rest, stop
-    /// the health checkers ([`Proxy::close`]) and return.
+    /// connections) finish within `shutdown_grace`, close the rest and
+    /// return. Several `serve` calls may run at once (e.g. while the
+    /// listener moves to a new address); routes, backends and health
+    /// checks belong to the `Proxy`, not to a listener, and keep running:
+    /// stop them with [`Proxy::close`] (or by dropping every clone).
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let result = server::serve(Arc::clone(&self.inner), listener, shutdown).await;
-        self.close().await;
-        result
+        server::serve(Arc::clone(&self.inner), listener, shutdown).await
     }
 
-    /// Stop every health checker and close idle upstream connections. The
-    /// proxy routes nothing new afterwards: backends added later are never
-    /// checked. Called by [`Proxy::serve`] on its way out.
+    /// Stop every health checker, close idle upstream connections and wait
+    /// (up to 5 s) for those tasks to end. Backends added afterwards are
+    /// never checked, so never enter rotation unless `AssumeHealthy`.
+    /// Dropping the last clone of the proxy also stops the checkers (without
+    /// waiting).
     pub async fn close(&self) {
         self.inner.root.cancel();
         for entry in self.registry().backends.values() {

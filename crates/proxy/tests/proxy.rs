@@ -895,7 +895,7 @@ async fn checkers_stop_when_a_backend_goes_and_on_shutdown() {
     p.proxy.remove(&ida);
     let proxy = p.proxy.clone();
     p.stop().await;
-    // serve() returned after close(): every checker task has ended.
+    // close() returned: every checker task has ended.
     let (ca, cb) = (
         a.state.checks.load(Ordering::SeqCst),
         b.state.checks.load(Ordering::SeqCst),
@@ -952,4 +952,39 @@ async fn shutdown_closes_upgraded_connections_after_the_grace_period() {
         .await
         .expect("tunnel closed");
     assert!(matches!(n, Ok(0) | Err(_)));
+}
+
+#[tokio::test]
+async fn the_listener_can_move_while_backends_keep_being_checked() {
+    let up = Upstream::start("a").await;
+    let p = Running::start(config()).await;
+    p.proxy.set_default_route(route());
+    let mut events = p.proxy.subscribe();
+    let id = p.add(1, up.addr, check(20, 1, 1), InitialHealth::Pending);
+    wait_health(&mut events, &id, BackendHealth::Healthy).await;
+
+    // A second listener, then the first one stops.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr2 = listener.local_addr().unwrap();
+    let shutdown2 = tokio_util::sync::CancellationToken::new();
+    let serve2 = tokio::spawn({
+        let (proxy, shutdown2) = (p.proxy.clone(), shutdown2.clone());
+        async move { proxy.serve(listener, shutdown2).await }
+    });
+    let proxy = p.proxy.clone();
+    p.shutdown.cancel();
+    p.handle.await.unwrap().unwrap();
+
+    assert_eq!(get(addr2, "/").await.text(), "a");
+    let checks = up.state.checks.load(Ordering::SeqCst);
+    wait_until("more checks", || {
+        up.state.checks.load(Ordering::SeqCst) > checks + 2
+    })
+    .await;
+    up.set_health(500);
+    wait_health(&mut events, &id, BackendHealth::Unhealthy).await;
+
+    shutdown2.cancel();
+    serve2.await.unwrap().unwrap();
+    proxy.close().await;
 }

@@ -268,6 +268,7 @@ impl Running {
             .expect("proxy stops")
             .unwrap()
             .unwrap();
+        self.proxy.close().await;
     }
 
     pub fn add(
