@@ -77,6 +77,34 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_app ON events (app, environment, id);
+CREATE TABLE IF NOT EXISTS releases (
+    app TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    content_hash TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    message TEXT,
+    status TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    build_ms INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (app, id)
+);
+CREATE TABLE IF NOT EXISTS deployments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    from_release INTEGER,
+    to_release INTEGER NOT NULL,
+    phase_json TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    who TEXT NOT NULL,
+    message TEXT,
+    started_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS deployments_by_app ON deployments (app, environment, id);
 "#;
 
 /// The recorded state of an app in an environment.
@@ -144,6 +172,103 @@ pub struct EventRecord {
     pub kind: String,
     pub instance: Option<String>,
     pub message: String,
+}
+
+/// Where a release is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseStatus {
+    /// Being built (recorded before the build starts).
+    Building,
+    /// Built; can be deployed.
+    Ready,
+    /// The build failed; nothing of it is on disk.
+    Failed,
+    /// Deleted from disk by retention.
+    Pruned,
+}
+
+impl ReleaseStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReleaseStatus::Building => "building",
+            ReleaseStatus::Ready => "ready",
+            ReleaseStatus::Failed => "failed",
+            ReleaseStatus::Pruned => "pruned",
+        }
+    }
+    fn parse(s: &str) -> ReleaseStatus {
+        match s {
+            "ready" => ReleaseStatus::Ready,
+            "failed" => ReleaseStatus::Failed,
+            "pruned" => ReleaseStatus::Pruned,
+            _ => ReleaseStatus::Building,
+        }
+    }
+}
+
+/// An immutable release: a built snapshot of the app plus the spec (and so
+/// the config) it was built with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub app: AppName,
+    pub id: ReleaseId,
+    pub content_hash: String,
+    pub dir: PathBuf,
+    pub spec: AppSpec,
+    pub message: Option<String>,
+    pub status: ReleaseStatus,
+    pub created_at: SystemTime,
+    pub build_ms: u64,
+}
+
+/// How a deployment ended, or that it has not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentStatus {
+    Running,
+    Succeeded,
+    Failed,
+    RolledBack,
+}
+
+impl DeploymentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentStatus::Running => "running",
+            DeploymentStatus::Succeeded => "succeeded",
+            DeploymentStatus::Failed => "failed",
+            DeploymentStatus::RolledBack => "rolled_back",
+        }
+    }
+    fn parse(s: &str) -> DeploymentStatus {
+        match s {
+            "succeeded" => DeploymentStatus::Succeeded,
+            "failed" => DeploymentStatus::Failed,
+            "rolled_back" => DeploymentStatus::RolledBack,
+            _ => DeploymentStatus::Running,
+        }
+    }
+}
+
+/// A deployment (deploy or rollback) and where it is. `phase` is the
+/// engine's own serialized state machine, stored before each step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub id: i64,
+    pub app: AppName,
+    pub environment: EnvironmentId,
+    /// `deploy` or `rollback`.
+    pub kind: String,
+    pub from_release: Option<ReleaseId>,
+    pub to_release: ReleaseId,
+    pub phase: serde_json::Value,
+    pub status: DeploymentStatus,
+    pub reason: Option<String>,
+    pub who: String,
+    pub message: Option<String>,
+    pub started_at: SystemTime,
+    pub finished_at: Option<SystemTime>,
 }
 
 pub struct Store {
@@ -397,6 +522,163 @@ impl Store {
         let mut out = rows.collect::<Result<Vec<_>, _>>()?;
         out.reverse();
         Ok(out)
+    }
+}
+
+impl Store {
+    /// The next release number of an app (1 for the first).
+    pub fn next_release_id(&self, app: &AppName) -> Result<ReleaseId> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COALESCE(MAX(id), 0) + 1 FROM releases WHERE app = ?1",
+            params![app.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(ReleaseId(u64::try_from(n).unwrap_or(1)))
+    }
+
+    pub fn put_release(&self, rec: &ReleaseRecord) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO releases (app, id, content_hash, dir, spec_json, message, status, created_at_ms, build_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (app, id) DO UPDATE SET content_hash = ?3, dir = ?4, spec_json = ?5, message = ?6,
+               status = ?7, build_ms = ?9",
+            params![
+                rec.app.as_str(),
+                i64::try_from(rec.id.0).unwrap_or(i64::MAX),
+                rec.content_hash,
+                rec.dir.to_string_lossy(),
+                encode(&rec.spec),
+                rec.message,
+                rec.status.as_str(),
+                ms(rec.created_at),
+                i64::try_from(rec.build_ms).unwrap_or(i64::MAX),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every release of an app, oldest first.
+    pub fn releases(&self, app: &AppName) -> Result<Vec<ReleaseRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, content_hash, dir, spec_json, message, status, created_at_ms, build_ms
+             FROM releases WHERE app = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![app.as_str()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, hash, dir, spec, message, status, created, build) = row?;
+            out.push(ReleaseRecord {
+                app: app.clone(),
+                id: ReleaseId(u64::try_from(id).unwrap_or(0)),
+                content_hash: hash,
+                dir: PathBuf::from(dir),
+                spec: decode("release spec", &spec)?,
+                message,
+                status: ReleaseStatus::parse(&status),
+                created_at: from_ms(created),
+                build_ms: u64::try_from(build).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn release(&self, app: &AppName, id: ReleaseId) -> Result<Option<ReleaseRecord>> {
+        Ok(self.releases(app)?.into_iter().find(|r| r.id == id))
+    }
+
+    /// Record a new deployment; returns its id.
+    pub fn insert_deployment(&self, rec: &DeploymentRecord) -> Result<i64> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO deployments (app, environment, kind, from_release, to_release, phase_json, status, reason, who,
+                message, started_at_ms, finished_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                rec.app.as_str(),
+                rec.environment.as_str(),
+                rec.kind,
+                rec.from_release.map(|r| i64::try_from(r.0).unwrap_or(i64::MAX)),
+                i64::try_from(rec.to_release.0).unwrap_or(i64::MAX),
+                rec.phase.to_string(),
+                rec.status.as_str(),
+                rec.reason,
+                rec.who,
+                rec.message,
+                ms(rec.started_at),
+                rec.finished_at.map(ms),
+            ],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Store a deployment's new phase/status (before acting on it).
+    pub fn update_deployment(&self, rec: &DeploymentRecord) -> Result<()> {
+        self.conn().execute(
+            "UPDATE deployments SET phase_json = ?2, status = ?3, reason = ?4, finished_at_ms = ?5 WHERE id = ?1",
+            params![rec.id, rec.phase.to_string(), rec.status.as_str(), rec.reason, rec.finished_at.map(ms)],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` deployments, newest first.
+    pub fn deployments(&self, app: &AppName, env: &EnvironmentId, limit: usize) -> Result<Vec<DeploymentRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, kind, from_release, to_release, phase_json, status, reason, who, message, started_at_ms, finished_at_ms
+             FROM deployments WHERE app = ?1 AND environment = ?2 ORDER BY id DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![app.as_str(), env.as_str(), i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, Option<String>>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, Option<i64>>(10)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, kind, from, to, phase, status, reason, who, message, started, finished) = row?;
+            out.push(DeploymentRecord {
+                id,
+                app: app.clone(),
+                environment: env.clone(),
+                kind,
+                from_release: from.map(|f| ReleaseId(u64::try_from(f).unwrap_or(0))),
+                to_release: ReleaseId(u64::try_from(to).unwrap_or(0)),
+                phase: serde_json::from_str(&phase).unwrap_or(serde_json::Value::Null),
+                status: DeploymentStatus::parse(&status),
+                reason,
+                who,
+                message,
+                started_at: from_ms(started),
+                finished_at: finished.map(from_ms),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The deployment still running for this app and environment, if any.
+    pub fn running_deployment(&self, app: &AppName, env: &EnvironmentId) -> Result<Option<DeploymentRecord>> {
+        Ok(self.deployments(app, env, 50)?.into_iter().find(|d| d.status == DeploymentStatus::Running))
     }
 }
 

@@ -108,3 +108,50 @@ fn refuses_a_newer_schema() {
     let err = Store::open(&path).err().unwrap();
     assert!(err.to_string().contains("upgrade nonstop"), "{err}");
 }
+
+#[test]
+fn releases_and_deployments_round_trip() {
+    let store = Store::in_memory().unwrap();
+    let (app, env, _) = ids();
+    assert_eq!(store.next_release_id(&app).unwrap(), ReleaseId(1));
+    let rel = ReleaseRecord {
+        app: app.clone(),
+        id: ReleaseId(1),
+        content_hash: "abc".into(),
+        dir: PathBuf::from("/r/v1"),
+        spec: spec(),
+        message: Some("first".into()),
+        status: ReleaseStatus::Building,
+        created_at: UNIX_EPOCH + Duration::from_secs(5),
+        build_ms: 0,
+    };
+    store.put_release(&rel).unwrap();
+    let ready = ReleaseRecord { status: ReleaseStatus::Ready, build_ms: 1234, ..rel.clone() };
+    store.put_release(&ready).unwrap();
+    assert_eq!(store.releases(&app).unwrap(), vec![ready.clone()]);
+    assert_eq!(store.next_release_id(&app).unwrap(), ReleaseId(2));
+
+    let mut dep = DeploymentRecord {
+        id: 0,
+        app: app.clone(),
+        environment: env.clone(),
+        kind: "deploy".into(),
+        from_release: None,
+        to_release: ReleaseId(1),
+        phase: serde_json::json!({"phase": "building"}),
+        status: DeploymentStatus::Running,
+        reason: None,
+        who: "me@host".into(),
+        message: None,
+        started_at: UNIX_EPOCH + Duration::from_secs(6),
+        finished_at: None,
+    };
+    dep.id = store.insert_deployment(&dep).unwrap();
+    assert_eq!(store.running_deployment(&app, &env).unwrap(), Some(dep.clone()));
+    dep.status = DeploymentStatus::RolledBack;
+    dep.reason = Some("web.1 never healthy".into());
+    dep.finished_at = Some(UNIX_EPOCH + Duration::from_secs(9));
+    store.update_deployment(&dep).unwrap();
+    assert_eq!(store.running_deployment(&app, &env).unwrap(), None);
+    assert_eq!(store.deployments(&app, &env, 10).unwrap(), vec![dep]);
+}
