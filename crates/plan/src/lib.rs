@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod deploy;
 pub mod diff;
 pub mod reconcile;
 pub mod rollout;
