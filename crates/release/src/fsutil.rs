@@ -1,0 +1,133 @@
+//! File system helpers: locked work directories, durable renames, removal
+//! of trees whatever their permissions.
+
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::{self, File, Permissions};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// A directory held under an exclusive `flock` for as long as this value
+/// lives, so that another process (or another call in this one) can tell it
+/// is in use. Never removed on drop.
+pub(crate) struct LockedDir {
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl LockedDir {
+    /// A new directory `<root>/<prefix><random>`, locked.
+    pub(crate) fn create(root: &Path, prefix: &str) -> io::Result<Self> {
+        for _ in 0..5 {
+            let path = tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir_in(root)?
+                .keep();
+            // `clean_staging` may have removed it between creation and
+            // locking: then take another one.
+            if let Some(locked) = Self::try_lock(&path) {
+                if path.exists() {
+                    return Ok(locked);
+                }
+            }
+        }
+        Err(io::Error::other(format!(
+            "cannot create and lock a work directory in {}",
+            root.display()
+        )))
+    }
+
+    /// Lock an existing directory, or `None` if someone holds it (or it is
+    /// gone).
+    pub(crate) fn try_lock(path: &Path) -> Option<Self> {
+        let file = File::open(path).ok()?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()?;
+        Some(Self {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Remove a tree, also when build commands left directories without write
+/// permission in it. A missing tree is fine.
+pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_dirs_writable(path);
+            match fs::remove_dir_all(path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        }
+    }
+}
+
+fn make_dirs_writable(dir: &Path) {
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let _ = fs::set_permissions(
+        dir,
+        Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o700),
+    );
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                make_dirs_writable(&entry.path());
+            }
+        }
+    }
+}
+
+/// fsync a directory (after creating, renaming or removing entries in it).
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Flush everything written under `path` to disk: one `syncfs` for the
+/// file system instead of an fsync per file.
+pub(crate) fn sync_filesystem(path: &Path) -> io::Result<()> {
+    let dir = File::open(path)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use std::os::fd::AsRawFd;
+        nix::unistd::syncfs(dir.as_raw_fd())?;
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        drop(dir);
+        nix::unistd::sync();
+    }
+    Ok(())
+}
+
+/// Rename `from` to `to`, failing with `AlreadyExists` if `to` exists.
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use nix::fcntl::{renameat2, RenameFlags};
+        match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => return Ok(()),
+            // The file system does not support the flag: check, then rename.
+            Err(nix::errno::Errno::EINVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if to.symlink_metadata().is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists", to.display()),
+        ));
+    }
+    fs::rename(from, to)
+}

@@ -1,0 +1,668 @@
+//! Immutable releases on disk, built once.
+//!
+//! A release is a snapshot of the app directory plus the output of the
+//! spec's `build` commands, stored as `<root>/v<N>` (the root is typically
+//! `$NONSTOP_HOME/releases/<app>`). It is identified by a sequence number
+//! that the caller allocates and persists, and by the content hash of the
+//! snapshot ([`SnapshotStats::content_hash`]).
+//!
+//! # What goes into a snapshot
+//! Everything in the app directory except:
+//! - what `.gitignore` files exclude (nested ones too), and
+//!   `.git/info/exclude`, whether or not the directory is a git repository;
+//! - what `.nonstopignore` files (same syntax, nested ones too) exclude;
+//! - always: `.git` (directory or file), `__pycache__/`, `*.pyc`,
+//!   `node_modules/.cache/`, a `.nonstop/` at the top (reserved for nonstop's
+//!   own files in a release), the releases root and any directory given to
+//!   [`ReleaseBuilder::with_excluded`] (the state directory) when they are
+//!   inside the app directory;
+//! - sockets, fifos and device files.
+//!
+//! Only ignore files inside the app directory count: not a global gitignore,
+//! not one in a parent directory, so the same directory gives the same
+//! release on every machine. Symlinks are copied as symlinks (never
+//! followed, wherever they point). File permissions are kept (the
+//! executable bit matters); directories always get owner `rwx` so that build
+//! commands can write into them.
+//!
+//! # The content hash
+//! sha256 over the sorted list of (relative path, type, owner-executable
+//! bit, content or symlink target). Modification times, owners and the other
+//! permission bits do not count, so two directories with the same content
+//! hash the same on any machine; any change to a file's bytes, a path, a
+//! symlink target or the executable bit changes it.
+//!
+//! # Building
+//! [`ReleaseBuilder::build`] copies the snapshot into
+//! `<root>/.staging-v<N>-<random>`, runs the build commands there one at a
+//! time (`sh -c`, in their own process group, with exactly the environment
+//! given, output timestamped into `.nonstop/build.log` and streamed as
+//! [`BuildEvent::Output`]), then renames the staging directory to
+//! `<root>/v<N>` and syncs the parent directory. A build that fails, times
+//! out or is cancelled leaves nothing behind: no `v<N>`, no staging
+//! directory, no process.
+//!
+//! Build commands run in the staging directory, which is renamed after they
+//! succeed: they must not bake the directory's absolute path into what they
+//! produce. `collectstatic` or `pip install --target` are fine; a
+//! `python -m venv` inside the release is not relocatable (put the venv
+//! outside, or use `--target`).
+//!
+//! # Immutability
+//! A built release directory is immutable **by convention**: nonstop never
+//! writes into it after it is published, never rebuilds it, and refuses to
+//! build a release number that exists. It stays writable because apps
+//! (Django, for example) may write caches into their own directory.
+#![forbid(unsafe_code)]
+
+mod command;
+mod fsutil;
+mod snapshot;
+
+pub use command::TAIL_LINES;
+pub use nonstop_core::driver::ExitStatus;
+pub use snapshot::{META_DIR, NONSTOPIGNORE};
+
+use command::{BuildLog, Ended, Run};
+use fsutil::{remove_tree, sync_dir, LockedDir};
+use nonstop_core::ReleaseId;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The build log, relative to a release directory.
+pub const BUILD_LOG: &str = ".nonstop/build.log";
+
+const STAGING_PREFIX: &str = ".staging-";
+const TRASH_PREFIX: &str = ".trash-";
+
+/// What a snapshot contains.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SnapshotStats {
+    /// Regular files and symlinks.
+    pub files: u64,
+    /// Bytes of regular files.
+    pub bytes: u64,
+    /// Lowercase hex sha256; see the crate documentation.
+    pub content_hash: String,
+}
+
+/// Which stream a line of build output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Out,
+    Err,
+    /// Written by nonstop (command started, exit status, killed).
+    Sys,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Out => "out",
+            Stream::Err => "err",
+            Stream::Sys => "sys",
+        }
+    }
+}
+
+/// One build.
+#[derive(Debug, Clone)]
+pub struct BuildRequest<'a> {
+    /// The app directory.
+    pub source: &'a Path,
+    /// The release number, allocated (and persisted) by the caller.
+    pub release: ReleaseId,
+    /// Run with `sh -c` in the release directory, one at a time, in order.
+    pub build_commands: &'a [String],
+    /// The complete environment of the build commands (nothing is
+    /// inherited): the caller adds `PATH`, `NONSTOP_RELEASE` and the rest.
+    pub env: &'a [(String, String)],
+    /// Per command.
+    pub timeout: Duration,
+    /// Cancels the build: the running command's process group is killed
+    /// and nothing is left on disk.
+    pub cancel: CancellationToken,
+}
+
+/// Progress of a build, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildEvent {
+    /// The app directory was copied into the staging directory.
+    Snapshotted(SnapshotStats),
+    /// `index` is 0-based into `build_commands`; `total` is their number.
+    CommandStarted {
+        index: usize,
+        total: usize,
+        command: String,
+    },
+    /// One line of a command's output (without the line end).
+    Output {
+        index: usize,
+        stream: Stream,
+        line: String,
+    },
+    /// Sent for every command that exited by itself, successful or not (not
+    /// for one killed on timeout or cancel: the build's error says that).
+    CommandFinished {
+        index: usize,
+        status: ExitStatus,
+        duration: Duration,
+    },
+}
+
+/// A published release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltRelease {
+    pub release: ReleaseId,
+    /// `<root>/v<N>`.
+    pub dir: PathBuf,
+    pub stats: SnapshotStats,
+    /// `<dir>/.nonstop/build.log`.
+    pub build_log: PathBuf,
+    /// Snapshot plus build commands.
+    pub duration: Duration,
+}
+
+/// Why a release could not be built, listed or pruned. Each message names
+/// the problem and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("app directory {0} does not exist; run the command in the app directory or pass the right path")]
+    SourceMissing(PathBuf),
+
+    #[error("app directory {0} is not a directory; pass the directory that holds nonstop.toml")]
+    SourceNotDir(PathBuf),
+
+    #[error("release {release} already exists at {path}; releases are immutable: build the next release number, or prune this one first")]
+    ReleaseExists { release: ReleaseId, path: PathBuf },
+
+    #[error("cannot read {path}: {error}; fix its permissions, or list it in .nonstopignore to leave it out of releases")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+
+    #[error("cannot list the app directory {source_dir}: {error}; fix the permissions, or list the path in .nonstopignore")]
+    Walk {
+        source_dir: PathBuf,
+        error: ignore::Error,
+    },
+
+    #[error("cannot write {path}: {error}; check the free space and permissions of the releases directory")]
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+
+    #[error("build command {} of {total} `{command}` could not be started: {error}", index + 1)]
+    Spawn {
+        index: usize,
+        total: usize,
+        command: String,
+        error: std::io::Error,
+    },
+
+    #[error(
+        "build command {} of {total} `{command}` failed with {status}; last output:{}",
+        index + 1,
+        fmt_tail(output_tail)
+    )]
+    BuildFailed {
+        index: usize,
+        total: usize,
+        command: String,
+        status: ExitStatus,
+        output_tail: Vec<String>,
+    },
+
+    #[error(
+        "build command {} of {total} `{command}` timed out after {} and was killed with its process group; make it faster or raise the build timeout; last output:{}",
+        index + 1,
+        command::fmt_duration(*timeout),
+        fmt_tail(output_tail)
+    )]
+    BuildTimedOut {
+        index: usize,
+        total: usize,
+        command: String,
+        timeout: Duration,
+        output_tail: Vec<String>,
+    },
+
+    #[error("build of release {release} was cancelled {stage}; nothing was published")]
+    Cancelled { release: ReleaseId, stage: String },
+
+    /// Internal: the snapshot walk saw the cancel token (mapped to
+    /// `Cancelled` before it reaches callers).
+    #[doc(hidden)]
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl ReleaseError {
+    /// The last lines of output of a failed build command.
+    pub fn output_tail(&self) -> Option<&[String]> {
+        match self {
+            ReleaseError::BuildFailed { output_tail, .. }
+            | ReleaseError::BuildTimedOut { output_tail, .. } => Some(output_tail),
+            _ => None,
+        }
+    }
+}
+
+fn fmt_tail(tail: &[String]) -> String {
+    if tail.is_empty() {
+        return " (none)".to_string();
+    }
+    let mut s = String::new();
+    for line in tail {
+        s.push_str("\n    ");
+        s.push_str(line);
+    }
+    s
+}
+
+/// Builds, lists and prunes the releases of one app under one root.
+#[derive(Debug, Clone)]
+pub struct ReleaseBuilder {
+    root: PathBuf,
+    excluded: Vec<PathBuf>,
+}
+
+impl ReleaseBuilder {
+    /// `root` holds the releases (`<root>/v1`, `<root>/v2`, ...); it is
+    /// created by the first build. Nothing is read or written here.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            excluded: Vec::new(),
+        }
+    }
+
+    /// Also leave `dir` out of snapshots when it is inside the app directory
+    /// (pass the state directory, `$NONSTOP_HOME`). The releases root is
+    /// always left out.
+    pub fn with_excluded(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.excluded.push(dir.into());
+        self
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The content hash of an app directory as it is now, without copying
+    /// anything (to tell "nothing changed since the last release"). Leaves
+    /// out only what the ignore rules leave out; see
+    /// [`ReleaseBuilder::snapshot_hash`] for this builder's exclusions too.
+    pub fn content_hash(source: &Path) -> Result<SnapshotStats, ReleaseError> {
+        let source = canonical_source(source)?;
+        snapshot::snapshot(&source, None, &[], None)
+    }
+
+    /// Like [`ReleaseBuilder::content_hash`], also leaving out the releases
+    /// root and the directories given to [`ReleaseBuilder::with_excluded`]:
+    /// exactly what [`ReleaseBuilder::build`] would snapshot. Blocking.
+    pub fn snapshot_hash(&self, source: &Path) -> Result<SnapshotStats, ReleaseError> {
+        let source = canonical_source(source)?;
+        snapshot::snapshot(&source, None, &self.excluded_within(&source), None)
+    }
+
+    /// `<root>/v<N>`.
+    pub fn path_of(&self, release: ReleaseId) -> PathBuf {
+        self.root.join(release.to_string())
+    }
+
+    /// The releases present on disk, in ascending order. Staging and
+    /// half-deleted directories are not releases.
+    pub fn list(&self) -> Vec<ReleaseId> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut out: Vec<ReleaseId> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| parse_release_name(e.file_name().to_str()?))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Delete every release not in `keep`; returns the deleted ones in
+    /// ascending order. Each is first renamed out of the way, so a crash
+    /// mid-way never leaves a half release that looks whole.
+    pub fn prune(&self, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, ReleaseError> {
+        let mut removed = Vec::new();
+        for release in self.list() {
+            if keep.contains(&release) {
+                continue;
+            }
+            let trash = LockedDir::create(&self.root, &format!("{TRASH_PREFIX}{release}-"))
+                .map_err(|e| snapshot::write_err(&self.root, e))?;
+            let from = self.path_of(release);
+            let to = trash.path().join(release.to_string());
+            std::fs::rename(&from, &to).map_err(|e| snapshot::write_err(&from, e))?;
+            sync_dir(&self.root).map_err(|e| snapshot::write_err(&self.root, e))?;
+            remove_tree(trash.path()).map_err(|e| snapshot::write_err(trash.path(), e))?;
+            removed.push(release);
+        }
+        Ok(removed)
+    }
+
+    /// Remove what crashed builds and prunes left behind (`.staging-*`,
+    /// `.trash-*`). Directories still in use by a build or a prune (of this
+    /// or another process) are left alone, so this is safe to call at any
+    /// time; call it when the daemon starts. Returns what was removed.
+    pub fn clean_staging(&self) -> Result<Vec<PathBuf>, ReleaseError> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(snapshot::read_err(&self.root, e)),
+        };
+        let mut removed = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !(name.starts_with(STAGING_PREFIX) || name.starts_with(TRASH_PREFIX)) {
+                continue;
+            }
+            let path = entry.path();
+            // Held by a live build or prune: not ours to remove.
+            let Some(_lock) = LockedDir::try_lock(&path) else {
+                continue;
+            };
+            remove_tree(&path).map_err(|e| snapshot::write_err(&path, e))?;
+            removed.push(path);
+        }
+        Ok(removed)
+    }
+
+    /// Build release `req.release`: snapshot, build commands, publish.
+    /// `events` sees the progress. On any failure nothing is left on disk.
+    pub async fn build(
+        &self,
+        req: BuildRequest<'_>,
+        mut events: impl FnMut(BuildEvent) + Send,
+    ) -> Result<BuiltRelease, ReleaseError> {
+        let started = Instant::now();
+        let release = req.release;
+        let source = canonical_source(req.source)?;
+        let final_dir = self.path_of(release);
+        if final_dir.symlink_metadata().is_ok() {
+            return Err(ReleaseError::ReleaseExists {
+                release,
+                path: final_dir,
+            });
+        }
+        std::fs::create_dir_all(&self.root).map_err(|e| snapshot::write_err(&self.root, e))?;
+        let excluded = self.excluded_within(&source);
+        let cancelled = |stage: &str| ReleaseError::Cancelled {
+            release,
+            stage: stage.to_string(),
+        };
+
+        let staging = Staging::create(&self.root, release, req.cancel.child_token())?;
+
+        // 1. Snapshot, off the async threads. The walk checks the token
+        //    between entries.
+        let stats = {
+            let (src, dst, token) = (
+                source.clone(),
+                staging.dir.path().to_path_buf(),
+                staging.token.clone(),
+            );
+            let joined = tokio::task::spawn_blocking(move || {
+                snapshot::snapshot(&src, Some(&dst), &excluded, Some(&token))
+            })
+            .await;
+            match joined {
+                Ok(Ok(stats)) => stats,
+                Ok(Err(ReleaseError::Interrupted)) => {
+                    staging.discard().await;
+                    return Err(cancelled("while copying the app directory"));
+                }
+                Ok(Err(e)) => {
+                    staging.discard().await;
+                    return Err(e);
+                }
+                Err(join) => std::panic::resume_unwind(join.into_panic()),
+            }
+        };
+        events(BuildEvent::Snapshotted(stats.clone()));
+
+        // 2. Build commands, in the staging directory.
+        let meta = staging.dir.path().join(META_DIR);
+        let log_path = staging.dir.path().join(BUILD_LOG);
+        let mut log = match std::fs::create_dir(&meta).and_then(|()| BuildLog::create(&log_path)) {
+            Ok(log) => log,
+            Err(e) => {
+                staging.discard().await;
+                return Err(snapshot::write_err(&log_path, e));
+            }
+        };
+        let total = req.build_commands.len();
+        for (index, command) in req.build_commands.iter().enumerate() {
+            if req.cancel.is_cancelled() {
+                staging.discard().await;
+                return Err(cancelled(&format!(
+                    "before build command {} of {total}",
+                    index + 1
+                )));
+            }
+            events(BuildEvent::CommandStarted {
+                index,
+                total,
+                command: command.clone(),
+            });
+            let run = Run {
+                index,
+                total,
+                command,
+                dir: staging.dir.path(),
+                env: req.env,
+                timeout: req.timeout,
+                cancel: &req.cancel,
+            };
+            let ended = command::run(run, &mut log, &mut events).await;
+            let failure = match ended {
+                Ok(Ended::Exited {
+                    status,
+                    tail,
+                    duration,
+                }) => {
+                    events(BuildEvent::CommandFinished {
+                        index,
+                        status,
+                        duration,
+                    });
+                    if status.success() {
+                        continue;
+                    }
+                    ReleaseError::BuildFailed {
+                        index,
+                        total,
+                        command: command.clone(),
+                        status,
+                        output_tail: tail,
+                    }
+                }
+                Ok(Ended::TimedOut { tail }) => ReleaseError::BuildTimedOut {
+                    index,
+                    total,
+                    command: command.clone(),
+                    timeout: req.timeout,
+                    output_tail: tail,
+                },
+                Ok(Ended::Cancelled) => {
+                    cancelled(&format!("during build command {} of {total}", index + 1))
+                }
+                Err(error) => ReleaseError::Spawn {
+                    index,
+                    total,
+                    command: command.clone(),
+                    error,
+                },
+            };
+            drop(log);
+            staging.discard().await;
+            return Err(failure);
+        }
+        log.sync();
+        drop(log);
+        if req.cancel.is_cancelled() {
+            staging.discard().await;
+            return Err(cancelled("after the build commands"));
+        }
+
+        // 3. Publish: everything on disk first, then the atomic rename, then
+        //    the rename itself.
+        let staging_path = staging.dir.path().to_path_buf();
+        let root = self.root.clone();
+        let to = final_dir.clone();
+        let published = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            fsutil::sync_filesystem(&staging_path)?;
+            fsutil::rename_noreplace(&staging_path, &to)?;
+            sync_dir(&root)
+        })
+        .await
+        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
+        match published {
+            Ok(()) => staging.published(),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                staging.discard().await;
+                return Err(ReleaseError::ReleaseExists {
+                    release,
+                    path: final_dir,
+                });
+            }
+            Err(e) => {
+                if final_dir.symlink_metadata().is_ok() {
+                    // Renamed, but the directory sync failed.
+                    staging.published();
+                } else {
+                    staging.discard().await;
+                }
+                return Err(snapshot::write_err(&final_dir, e));
+            }
+        }
+
+        Ok(BuiltRelease {
+            release,
+            build_log: final_dir.join(BUILD_LOG),
+            dir: final_dir,
+            stats,
+            duration: started.elapsed(),
+        })
+    }
+
+    /// The releases root and the extra exclusions, relative to `source`,
+    /// for those inside it.
+    fn excluded_within(&self, source: &Path) -> Vec<PathBuf> {
+        std::iter::once(&self.root)
+            .chain(&self.excluded)
+            .filter_map(|dir| {
+                let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                let rel = dir.strip_prefix(source).ok()?;
+                (!rel.as_os_str().is_empty()).then(|| rel.to_path_buf())
+            })
+            .collect()
+    }
+}
+
+fn canonical_source(source: &Path) -> Result<PathBuf, ReleaseError> {
+    match source.canonicalize() {
+        Ok(p) if p.is_dir() => Ok(p),
+        Ok(_) => Err(ReleaseError::SourceNotDir(source.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ReleaseError::SourceMissing(source.to_path_buf()))
+        }
+        Err(e) => Err(snapshot::read_err(source, e)),
+    }
+}
+
+/// `v12` → 12. Only the canonical spelling (no sign, no leading zero).
+fn parse_release_name(name: &str) -> Option<ReleaseId> {
+    let digits = name.strip_prefix('v')?;
+    let n: u64 = digits.parse().ok()?;
+    (digits.bytes().all(|b| b.is_ascii_digit()) && n.to_string() == digits).then_some(ReleaseId(n))
+}
+
+/// The staging directory of one build, locked while the build runs so that
+/// `clean_staging` leaves it alone; removed unless published.
+struct Staging {
+    dir: LockedDir,
+    /// Cancels the snapshot walk when the build is dropped or fails.
+    token: CancellationToken,
+    armed: bool,
+}
+
+impl Staging {
+    fn create(
+        root: &Path,
+        release: ReleaseId,
+        token: CancellationToken,
+    ) -> Result<Self, ReleaseError> {
+        let dir = LockedDir::create(root, &format!("{STAGING_PREFIX}{release}-"))
+            .map_err(|e| snapshot::write_err(root, e))?;
+        Ok(Self {
+            dir,
+            token,
+            armed: true,
+        })
+    }
+
+    /// Remove the staging directory, off the async threads.
+    async fn discard(mut self) {
+        self.armed = false;
+        self.token.cancel();
+        let path = self.dir.path().to_path_buf();
+        let removed = tokio::task::spawn_blocking(move || remove_tree(&path)).await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(dir = %self.dir.path().display(), "cannot remove staging directory: {e}");
+        }
+    }
+
+    fn published(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.armed {
+            // The build future was dropped mid-way.
+            self.token.cancel();
+            let _ = remove_tree(self.dir.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_names() {
+        assert_eq!(parse_release_name("v1"), Some(ReleaseId(1)));
+        assert_eq!(parse_release_name("v120"), Some(ReleaseId(120)));
+        for bad in ["v", "v01", "v+1", "1", "v1x", ".staging-v1-abc", "V1"] {
+            assert_eq!(parse_release_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_messages_name_the_command_and_the_tail() {
+        let e = ReleaseError::BuildFailed {
+            index: 1,
+            total: 3,
+            command: "python manage.py collectstatic".into(),
+            status: ExitStatus::Code(1),
+            output_tail: vec!["boom".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "build command 2 of 3 `python manage.py collectstatic` failed with exit code 1; last output:\n    boom"
+        );
+    }
+}
