@@ -57,6 +57,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/logs", get(logs))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/deploy", post(deploy))
+        .route("/v1/rollback", post(rollback))
+        .route("/v1/releases", get(releases))
+        .route("/v1/history", get(history))
         .fallback(not_found)
         .with_state(state)
 }
@@ -273,4 +277,36 @@ async fn logs(State(s): State<ApiState>, Query(q): Query<LogsQuery>) -> Response
     let mut resp = Response::new(body);
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     resp
+}
+
+async fn deploy(State(s): State<ApiState>, body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid deploy request: {e}")),
+    };
+    let engine = s.engine.clone();
+    op_stream(move |p| async move { engine.deploy(req.spec, req.source, req.base_env, req.message, req.who, p).await })
+}
+
+async fn rollback(State(s): State<ApiState>, body: Result<Json<RollbackRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid rollback request: {e}")),
+    };
+    let engine = s.engine.clone();
+    op_stream(move |p| async move { engine.rollback(req.release.map(nonstop_core::ReleaseId), req.run_tasks, req.who, p).await })
+}
+
+async fn releases(State(s): State<ApiState>) -> Response {
+    match s.engine.releases().await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+async fn history(State(s): State<ApiState>, Query(q): Query<HistoryQuery>) -> Response {
+    match s.engine.history(q.limit.unwrap_or(20).min(10_000)).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => engine_error(e),
+    }
 }

@@ -78,3 +78,29 @@ pub struct LogsQuery {
 pub struct EventsQuery {
     pub limit: Option<usize>,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployRequest {
+    pub spec: AppSpec,
+    /// The app directory to snapshot.
+    pub source: PathBuf,
+    pub base_env: BTreeMap<String, String>,
+    pub message: Option<String>,
+    /// `user@host`, recorded in the history.
+    pub who: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// `None`: the release before the current one.
+    pub release: Option<u64>,
+    /// Run `[release] tasks` again (off by default).
+    #[serde(default)]
+    pub run_tasks: bool,
+    pub who: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HistoryQuery {
+    pub limit: Option<usize>,
+}

@@ -110,6 +110,56 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build an immutable release of this directory and roll it out with
+    /// zero downtime.
+    ///
+    /// Steps: snapshot the directory (honouring .gitignore and
+    /// .nonstopignore) and run the `build` commands once; run `[release]
+    /// tasks` (migrations) once; replace the instances process type by
+    /// process type (web, workers, singletons); run `[release] post_tasks`.
+    /// A failing build or task changes nothing; new instances that do not
+    /// become healthy are removed and the previous release keeps serving.
+    #[command(after_help = "Examples:\n  nonstop deploy -m 'fix the login page'\n  nonstop deploy --wait --json    # in CI: wait for a running deploy, print JSON events\n\nExit code 0 only when the new release is live.")]
+    Deploy {
+        /// A note for the history.
+        #[arg(long, short = 'm')]
+        message: Option<String>,
+        /// The spec file (its directory is what gets deployed).
+        #[arg(long, short = 'f', default_value = "nonstop.toml")]
+        file: PathBuf,
+        /// If another deployment is running, wait for it instead of failing.
+        #[arg(long)]
+        wait: bool,
+        /// Print progress events and the result as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll back to the previous release (or the one given) with the same
+    /// rolling mechanics; nothing is rebuilt.
+    #[command(after_help = "Examples:\n  nonstop rollback\n  nonstop rollback v3\n  nonstop rollback v3 --run-tasks")]
+    Rollback {
+        /// A retained release (`v3` or `3`); default: the one before the current.
+        release: Option<String>,
+        /// Run `[release] tasks` of that release again.
+        #[arg(long)]
+        run_tasks: bool,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deployments: release, status, duration, who.
+    History {
+        #[arg(long, short = 'n', default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Releases kept on disk; the current one is marked.
+    Releases {
+        #[arg(long)]
+        json: bool,
+    },
     /// Recent events: starts, exits, health changes, operations.
     Events {
         #[arg(long, short = 'n', default_value_t = 50)]

@@ -6,7 +6,7 @@ use crate::output::{self, ProgressView};
 use anyhow::Context;
 use nonstop_api::client::{Client, ClientError};
 use nonstop_api::wire::*;
-use nonstop_engine::{EventEntry, OpReport, RunContext, StatusReport};
+use nonstop_engine::{DeploymentInfo, EventEntry, OpReport, ReleaseInfo, RunContext, StatusReport};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -22,6 +22,14 @@ pub async fn dispatch(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Daemon { api_listen } => {
             init_daemon_logging();
+            if std::env::var_os("NONSTOP_DETACH").is_some_and(|v| v == "1") {
+                // Started by `up`: leave the caller's session and process
+                // group, so that signals meant for the CLI (Ctrl-C, a CI
+                // timeout) do not reach the daemon.
+                if let Err(e) = nix::unistd::setsid() {
+                    tracing::warn!("could not detach into a new session: {e}");
+                }
+            }
             match crate::daemon::run(home, api_listen).await {
                 Ok(()) => Ok(0),
                 Err(e) => {
@@ -40,6 +48,10 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Logs { process, follow, tail, json } => logs(&home, process, follow, tail, json).await,
         Command::Restart { process, json } => restart(&home, process, json).await,
         Command::Events { limit, json } => events(&home, limit, json).await,
+        Command::Deploy { message, file, wait, json } => deploy(&home, &file, message, wait, json).await,
+        Command::Rollback { release, run_tasks, wait, json } => rollback(&home, release, run_tasks, wait, json).await,
+        Command::History { limit, json } => history(&home, limit, json).await,
+        Command::Releases { json } => releases(&home, json).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "nonstop", &mut std::io::stdout());
@@ -351,5 +363,161 @@ async fn logs(home: &Home, process: Option<String>, follow: bool, tail: Option<u
         }
         let _ = out.flush();
     }
+    Ok(0)
+}
+
+// ----------------------------------------------------------------- deploy
+
+fn who() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .or_else(|| nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name))
+        .unwrap_or_else(|| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// Run an operation; with `wait`, retry while another one holds the app.
+async fn run_op_waiting<B: serde::Serialize>(c: &Client, path: &str, body: &B, wait: bool, json: bool) -> anyhow::Result<i32> {
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut said = false;
+    loop {
+        // Probe first so that a refused request prints nothing.
+        if wait {
+            let status: Result<StatusReport, _> = c.get("/v1/status").await;
+            if let Ok(s) = &status {
+                if let Some(op) = &s.operation {
+                    if !said && !json {
+                        eprintln!("waiting: another operation ({op}) is in progress…");
+                        said = true;
+                    }
+                    if Instant::now() > deadline {
+                        anyhow::bail!("gave up waiting after 1h for the operation ({op}) in progress");
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+        }
+        let code = run_op(c, path, body, json).await;
+        match &code {
+            Err(e) if wait => {
+                if let Some(ClientError::Api(ApiError { exit_code: 3, message, .. })) = e.downcast_ref::<ClientError>() {
+                    if message.contains("in progress") {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
+            }
+            Ok(3) if wait => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            _ => {}
+        }
+        return code;
+    }
+}
+
+async fn deploy(home: &Home, file: &Path, message: Option<String>, wait: bool, json: bool) -> anyhow::Result<i32> {
+    let spec = match nonstop_spec::load(file) {
+        Ok(s) => s,
+        Err(errors) => {
+            print_spec_errors(file, &errors, json);
+            return Ok(2);
+        }
+    };
+    let file = if file.is_absolute() { file.to_path_buf() } else { std::env::current_dir()?.join(file) };
+    let source: PathBuf = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let source = source.canonicalize().unwrap_or(source);
+    let c = ensure_daemon(home).await?;
+    let req = DeployRequest { spec: spec.clone(), source, base_env: base_env(), message, who: who() };
+    let code = run_op_waiting(&c, "/v1/deploy", &req, wait, json).await?;
+    if code == 0 && !json && spec.processes.iter().any(|p| p.kind == nonstop_core::ProcessKind::Web) {
+        println!("serving on http://{}", spec.proxy.listen);
+    }
+    Ok(code)
+}
+
+fn parse_release(s: &str) -> Option<u64> {
+    s.trim().trim_start_matches(['v', 'V']).parse().ok()
+}
+
+async fn rollback(home: &Home, release: Option<String>, run_tasks: bool, wait: bool, json: bool) -> anyhow::Result<i32> {
+    let release = match release.as_deref().map(|r| (r, parse_release(r))) {
+        None => None,
+        Some((_, Some(n))) => Some(n),
+        Some((r, None)) => {
+            eprintln!("error: `{r}` is not a release; give one like v3 (see `nonstop releases`)");
+            return Ok(2);
+        }
+    };
+    let c = client(home);
+    run_op_waiting(&c, "/v1/rollback", &RollbackRequest { release, run_tasks, who: who() }, wait, json).await
+}
+
+fn fmt_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = secs / 86400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+}
+
+async fn history(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
+    let deps: Vec<DeploymentInfo> = client(home).get(&format!("/v1/history?limit={limit}")).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&deps)?);
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = deps
+        .iter()
+        .map(|d| {
+            let dur = d.finished_at_ms.map(|f| format!("{:.1}s", (f.saturating_sub(d.started_at_ms)) as f64 / 1000.0)).unwrap_or_else(|| "…".into());
+            vec![
+                format!("#{}", d.id),
+                d.kind.clone(),
+                format!("{} → v{}", d.from_release.map(|f| format!("v{f}")).unwrap_or_else(|| "-".into()), d.to_release),
+                if d.status == "running" { format!("running ({})", d.phase) } else { d.status.clone() },
+                fmt_time(d.started_at_ms),
+                dur,
+                d.who.clone(),
+                d.reason.clone().or_else(|| d.message.clone()).unwrap_or_default().lines().next().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    print!("{}", output::table(&["ID", "KIND", "RELEASE", "STATUS", "STARTED (UTC)", "TOOK", "WHO", "NOTE"], &rows));
+    Ok(0)
+}
+
+async fn releases(home: &Home, json: bool) -> anyhow::Result<i32> {
+    let rels: Vec<ReleaseInfo> = client(home).get("/v1/releases").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rels)?);
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = rels
+        .iter()
+        .map(|r| {
+            vec![
+                format!("{}v{}", if r.current { "* " } else { "  " }, r.id),
+                r.status.clone(),
+                r.content_hash.chars().take(12).collect(),
+                fmt_time(r.created_at_ms),
+                format!("{:.1}s", r.build_ms as f64 / 1000.0),
+                r.message.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!("{}", output::table(&["RELEASE", "STATUS", "CONTENT", "CREATED (UTC)", "BUILD", "MESSAGE"], &rows));
     Ok(0)
 }

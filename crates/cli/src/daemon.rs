@@ -9,7 +9,8 @@ use nonstop_api::server::{self, ApiState, LogSource};
 use nonstop_api::wire::LogEntry;
 use nonstop_core::traffic::RouteKey;
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, SystemClock};
-use nonstop_engine::{Engine, EngineConfig, Ingress, InstanceLogs};
+use nonstop_core::ReleaseId;
+use nonstop_engine::{BuildOutput, Builder, Engine, EngineConfig, Ingress, InstanceLogs};
 use nonstop_proxy::{Proxy, ProxyConfig};
 use nonstop_supervisor::{LocalDriver, LocalDriverConfig, LogQuery};
 use std::net::SocketAddr;
@@ -122,6 +123,78 @@ impl InstanceLogs for DriverLogs {
     }
 }
 
+/// Builds releases under `$NONSTOP_HOME/releases/<app>/v<N>`.
+struct ReleasePort {
+    home: std::path::PathBuf,
+}
+
+impl ReleasePort {
+    fn builder(&self, app: &AppName) -> nonstop_release::ReleaseBuilder {
+        nonstop_release::ReleaseBuilder::new(self.home.join("releases").join(app.as_str())).with_excluded(self.home.clone())
+    }
+}
+
+impl Builder for ReleasePort {
+    fn content_hash(&self, source: &std::path::Path) -> Result<String, String> {
+        nonstop_release::ReleaseBuilder::new(self.home.join("releases"))
+            .with_excluded(self.home.clone())
+            .snapshot_hash(source)
+            .map(|s| s.content_hash)
+            .map_err(|e| e.to_string())
+    }
+
+    fn build(
+        &self,
+        app: &AppName,
+        release: ReleaseId,
+        source: std::path::PathBuf,
+        commands: Vec<String>,
+        env: Vec<(String, String)>,
+        timeout: Duration,
+        cancel: CancellationToken,
+        output: mpsc::UnboundedSender<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>> {
+        let builder = self.builder(app);
+        Box::pin(async move {
+            let _ = builder.clean_staging();
+            let req = nonstop_release::BuildRequest {
+                source: &source,
+                release,
+                build_commands: &commands,
+                env: &env,
+                timeout,
+                cancel,
+            };
+            let out = output.clone();
+            let built = builder
+                .build(req, move |ev| match ev {
+                    nonstop_release::BuildEvent::Snapshotted(s) => {
+                        let _ = out.send(format!("snapshot: {} files, {} KiB", s.files, s.bytes / 1024));
+                    }
+                    nonstop_release::BuildEvent::CommandStarted { index, total, command } => {
+                        let _ = out.send(format!("[{}/{total}] {command}", index + 1));
+                    }
+                    nonstop_release::BuildEvent::Output { line, .. } => {
+                        let _ = out.send(line);
+                    }
+                    nonstop_release::BuildEvent::CommandFinished { .. } => {}
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(BuildOutput {
+                dir: built.dir,
+                content_hash: built.stats.content_hash,
+                files: built.stats.files,
+                bytes: built.stats.bytes,
+            })
+        })
+    }
+
+    fn prune(&self, app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, String> {
+        self.builder(app).prune(keep).map_err(|e| e.to_string())
+    }
+}
+
 fn random_token() -> anyhow::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 24];
@@ -179,7 +252,11 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
     });
     let logs = Arc::new(DriverLogs { driver: driver.clone() });
     let (engine, engine_task) = Engine::spawn(
-        EngineConfig { environment: EnvironmentId::default_env(), clock: Arc::new(SystemClock) },
+        EngineConfig {
+            environment: EnvironmentId::default_env(),
+            clock: Arc::new(SystemClock),
+            builder: Arc::new(ReleasePort { home: home.dir.clone() }),
+        },
         driver.clone(),
         Arc::new(proxy.clone()),
         ingress.clone(),

@@ -124,7 +124,7 @@ impl fmt::Display for InstanceId {
 
 /// An immutable release. Until deploys land (issue 3) the running spec is
 /// recorded as release 0 ("working directory").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ReleaseId(pub u64);
 
 impl fmt::Display for ReleaseId {

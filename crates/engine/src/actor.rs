@@ -22,6 +22,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+
+#[path = "deploy.rs"]
+pub(crate) mod deploy;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,12 +44,79 @@ pub trait InstanceLogs: Send + Sync + 'static {
     fn tail(&self, app: &AppName, env: &EnvironmentId, instance: &InstanceId, lines: usize) -> Vec<String>;
 }
 
+/// What a build produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildOutput {
+    /// The release's directory (its instances run there).
+    pub dir: PathBuf,
+    pub content_hash: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Builds immutable releases (the local snapshot builder today; an image
+/// build for ECS later).
+pub trait Builder: Send + Sync + 'static {
+    /// The content hash a build of `source` would have (to tell "nothing
+    /// changed" without building).
+    fn content_hash(&self, source: &std::path::Path) -> Result<String, String>;
+    /// Snapshot `source` as release `release` and run `commands` in it.
+    /// Each output line goes to `output`. A failed build leaves nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        app: &AppName,
+        release: ReleaseId,
+        source: PathBuf,
+        commands: Vec<String>,
+        env: Vec<(String, String)>,
+        timeout: Duration,
+        cancel: CancellationToken,
+        output: mpsc::UnboundedSender<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>>;
+    /// Delete every release of `app` on disk except `keep`.
+    fn prune(&self, app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, String>;
+}
+
+/// A builder for engines that cannot build (tests of other features).
+pub struct NoBuilder;
+
+impl Builder for NoBuilder {
+    fn content_hash(&self, _: &std::path::Path) -> Result<String, String> {
+        Err("this daemon cannot build releases".into())
+    }
+    fn build(
+        &self,
+        _: &AppName,
+        _: ReleaseId,
+        _: PathBuf,
+        _: Vec<String>,
+        _: Vec<(String, String)>,
+        _: Duration,
+        _: CancellationToken,
+        _: mpsc::UnboundedSender<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>> {
+        Box::pin(async { Err("this daemon cannot build releases".to_string()) })
+    }
+    fn prune(&self, _: &AppName, _: &[ReleaseId]) -> Result<Vec<ReleaseId>, String> {
+        Ok(Vec::new())
+    }
+}
+
 pub struct EngineConfig {
     pub environment: EnvironmentId,
     pub clock: Arc<dyn Clock>,
+    pub builder: Arc<dyn Builder>,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+impl EngineConfig {
+    /// An engine without a release builder (`deploy` answers with an error).
+    pub fn new(environment: EnvironmentId, clock: Arc<dyn Clock>) -> Self {
+        Self { environment, clock, builder: Arc::new(NoBuilder) }
+    }
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 pub type ProgressTx = mpsc::UnboundedSender<Progress>;
 
 /// Requests to the engine: a closed set.
@@ -58,13 +128,27 @@ pub enum Command {
     Status { reply: Reply<StatusReport> },
     RunContext { reply: Reply<RunContext> },
     Events { limit: usize, reply: Reply<Vec<EventEntry>> },
+    Deploy {
+        spec: Box<AppSpec>,
+        source: PathBuf,
+        base_env: BTreeMap<String, String>,
+        message: Option<String>,
+        who: String,
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
+    },
+    Rollback { release: Option<ReleaseId>, run_tasks: bool, who: String, progress: ProgressTx, reply: Reply<OpReport> },
+    Releases { reply: Reply<Vec<ReleaseInfo>> },
+    History { limit: usize, reply: Reply<Vec<DeploymentInfo>> },
 }
 
 /// Results of the engine's own background tasks.
-enum Internal {
+pub(crate) enum Internal {
     Started { id: InstanceId, result: Result<InstanceHandle, String> },
     Exited { id: InstanceId, status: ExitStatus },
     Stopped { id: InstanceId, outcome: Result<StopOutcome, String> },
+    Built { deployment: i64, result: Result<BuildOutput, String> },
+    TasksDone { deployment: i64, post: bool, result: Result<(), String> },
 }
 
 /// Talks to the engine. Cheap to clone.
@@ -106,17 +190,44 @@ impl EngineHandle {
     pub async fn events(&self, limit: usize) -> Result<Vec<EventEntry>, EngineError> {
         self.ask(|reply| Command::Events { limit, reply }).await
     }
+    #[allow(clippy::too_many_arguments)]
+    pub async fn deploy(
+        &self,
+        spec: AppSpec,
+        source: PathBuf,
+        base_env: BTreeMap<String, String>,
+        message: Option<String>,
+        who: String,
+        progress: ProgressTx,
+    ) -> Result<OpReport, EngineError> {
+        self.ask(|reply| Command::Deploy { spec: Box::new(spec), source, base_env, message, who, progress, reply }).await
+    }
+    pub async fn rollback(
+        &self,
+        release: Option<ReleaseId>,
+        run_tasks: bool,
+        who: String,
+        progress: ProgressTx,
+    ) -> Result<OpReport, EngineError> {
+        self.ask(|reply| Command::Rollback { release, run_tasks, who, progress, reply }).await
+    }
+    pub async fn releases(&self) -> Result<Vec<ReleaseInfo>, EngineError> {
+        self.ask(|reply| Command::Releases { reply }).await
+    }
+    pub async fn history(&self, limit: usize) -> Result<Vec<DeploymentInfo>, EngineError> {
+        self.ask(|reply| Command::History { limit, reply }).await
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum InstPhase {
+pub(crate) enum InstPhase {
     Launching,
     Starting,
     Ready,
     Stopping,
 }
 
-struct Inst {
+pub(crate) struct Inst {
     id: InstanceId,
     kind: ProcessKind,
     release: ReleaseId,
@@ -130,8 +241,34 @@ struct Inst {
     stop_requested: bool,
 }
 
+/// A release as the engine runs it: its spec and its directory.
+#[derive(Debug, Clone)]
+pub(crate) struct ReleaseCtx {
+    pub(crate) id: ReleaseId,
+    pub(crate) spec: AppSpec,
+    pub(crate) workdir: PathBuf,
+}
+
+impl ReleaseCtx {
+    /// The process spec in this release, or a zero-count copy of `fallback`
+    /// when the release no longer has that process type.
+    fn process_or_zero(&self, name: &ProcessName, fallback: Option<&ProcessSpec>) -> Option<ProcessSpec> {
+        match self.spec.process(name) {
+            Some(p) => Some(p.clone()),
+            None => fallback.map(|f| ProcessSpec { count: 0, ..f.clone() }),
+        }
+    }
+}
+
+pub(crate) enum RolloutResult {
+    Done(ProcessName),
+    Failed(ProcessName, String),
+}
+
 struct RolloutState {
     process: ProcessName,
+    /// The release new instances run.
+    release: ReleaseId,
     params: RolloutParams,
     old: BTreeSet<InstanceId>,
     new: BTreeMap<u32, InstanceId>,
@@ -139,7 +276,7 @@ struct RolloutState {
     failure: Option<String>,
 }
 
-struct Op {
+pub(crate) struct Op {
     name: &'static str,
     since: SystemTime,
     progress: ProgressTx,
@@ -151,15 +288,60 @@ struct Op {
     /// `down`: done when nothing is left.
     down: bool,
     last_progress: Option<(u32, u32)>,
+    /// Who asked (deploys and rollbacks).
+    who: Option<String>,
 }
 
-struct AppRuntime {
+pub(crate) struct AppRuntime {
     record: AppRecord,
     route: RouteKey,
     instances: BTreeMap<InstanceId, Inst>,
     backoff: BTreeMap<(ProcessName, u32), SlotBackoff>,
     last_exit: BTreeMap<(ProcessName, u32), (InstanceId, ExitStatus)>,
     rollout: Option<RolloutState>,
+    /// During a deployment: the release each process type it touched runs.
+    targets: BTreeMap<ProcessName, ReleaseCtx>,
+}
+
+impl AppRuntime {
+    fn current(&self) -> ReleaseCtx {
+        ReleaseCtx { id: self.record.release, spec: self.record.spec.clone(), workdir: self.record.workdir.clone() }
+    }
+
+    /// The release a process type runs now.
+    fn ctx_for(&self, process: &ProcessName) -> ReleaseCtx {
+        self.targets.get(process).cloned().unwrap_or_else(|| self.current())
+    }
+
+    /// The spec of a process type as it should run now (a target release
+    /// that dropped it gives a zero count).
+    fn process_spec(&self, process: &ProcessName) -> Option<ProcessSpec> {
+        match self.targets.get(process) {
+            Some(t) => t.process_or_zero(process, self.record.spec.process(process)),
+            None => self.record.spec.process(process).cloned(),
+        }
+    }
+
+    /// Every process type that should run, with its spec.
+    fn desired(&self) -> Vec<ProcessSpec> {
+        if !self.record.running {
+            return Vec::new();
+        }
+        let mut out: Vec<ProcessSpec> = Vec::new();
+        for p in &self.record.spec.processes {
+            if let Some(spec) = self.process_spec(&p.name) {
+                out.push(spec);
+            }
+        }
+        for (name, t) in &self.targets {
+            if self.record.spec.process(name).is_none() {
+                if let Some(p) = t.spec.process(name) {
+                    out.push(p.clone());
+                }
+            }
+        }
+        out
+    }
 }
 
 pub struct Engine<D, T, I, L> {
@@ -175,6 +357,8 @@ pub struct Engine<D, T, I, L> {
     events_tx: mpsc::UnboundedSender<Internal>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    pub(crate) builder: Arc<dyn Builder>,
+    pub(crate) deployment: Option<deploy::DeployRun>,
 }
 
 const CHECK_HISTORY: usize = 5;
@@ -208,6 +392,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             events_tx,
             tasks: TaskTracker::new(),
             cancel: shutdown.child_token(),
+            builder: config.builder,
+            deployment: None,
         };
         let join = tokio::spawn(engine.run(rx, events_rx, health, shutdown));
         (EngineHandle { tx }, join)
@@ -282,6 +468,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             backoff: BTreeMap::new(),
             last_exit: BTreeMap::new(),
             rollout: None,
+            targets: BTreeMap::new(),
         };
         let recorded = self.store.instances(&rt.record.app, &self.env)?;
         let mut adopted = 0;
@@ -342,6 +529,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         for id in stopping {
             self.begin_stop(&id, true);
         }
+        self.recover_deployment()?;
         Ok(())
     }
 
@@ -370,6 +558,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     }),
                 };
                 let _ = reply.send(r);
+            }
+            Command::Deploy { spec, source, base_env, message, who, progress, reply } => {
+                self.begin_deploy(*spec, source, base_env, message, who, progress, reply);
+            }
+            Command::Rollback { release, run_tasks, who, progress, reply } => {
+                self.begin_rollback(release, run_tasks, who, progress, reply);
+            }
+            Command::Releases { reply } => {
+                let _ = reply.send(self.releases());
+            }
+            Command::History { limit, reply } => {
+                let _ = reply.send(self.history(limit));
             }
             Command::Up { spec, workdir, base_env, progress, reply } => {
                 if let Some(err) = self.busy() {
@@ -426,12 +626,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
     }
 
-    fn busy(&self) -> Option<EngineError> {
-        self.op.as_ref().map(|op| EngineError::Busy { operation: op.name.to_string(), since: fmt_wall(op.since) })
+    pub(crate) fn busy(&self) -> Option<EngineError> {
+        self.op.as_ref().map(|op| EngineError::Busy {
+            operation: match &op.who {
+                Some(who) => format!("{} by {who}", op.name),
+                None => op.name.to_string(),
+            },
+            since: fmt_wall(op.since),
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn begin_op(
+    pub(crate) fn begin_op(
         &mut self,
         name: &'static str,
         progress: ProgressTx,
@@ -452,6 +658,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             changed,
             down,
             last_progress: None,
+            who: None,
         });
     }
 
@@ -465,6 +672,27 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             if rt.record.app != spec.app && rt.record.running {
                 return Err(EngineError::OtherApp { running: rt.record.app.to_string(), requested: spec.app.to_string() });
             }
+        }
+        // An app that runs deployed releases is changed by `deploy`, not `up`.
+        if let Some(rt) = self.app.as_mut().filter(|rt| rt.record.app == spec.app && rt.record.release.0 > 0) {
+            let release = rt.record.release;
+            if rt.record.running {
+                return Ok((
+                    format!("already up ({release}); nothing changed. To roll out changes in this directory, run `nonstop deploy`"),
+                    false,
+                    VecDeque::new(),
+                ));
+            }
+            let addr = rt.record.spec.proxy.listen;
+            let has_web = rt.record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web);
+            let route = rt.route.clone();
+            if has_web {
+                self.ingress.listen(addr, &route).map_err(|reason| EngineError::Listen { addr: addr.to_string(), reason })?;
+            }
+            let rt = self.app.as_mut().expect("checked");
+            rt.record.running = true;
+            self.store.put_app(&rt.record, self.clock.wall())?;
+            return Ok((format!("starting {release} again"), true, VecDeque::new()));
         }
         // Checks first: nothing changes if any fails.
         let path_var = base_env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
@@ -541,6 +769,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     backoff: BTreeMap::new(),
                     last_exit: BTreeMap::new(),
                     rollout: None,
+                    targets: BTreeMap::new(),
                 })
             }
         }
@@ -611,6 +840,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     fn on_internal(&mut self, ev: Internal) {
         match ev {
             Internal::Started { id, result } => self.on_started(id, result),
+            Internal::Built { deployment, result } => self.deploy_on_built(deployment, result),
+            Internal::TasksDone { deployment, post, result } => self.deploy_on_tasks(deployment, post, result),
             Internal::Exited { id, status } => self.on_exited(id, status),
             Internal::Stopped { id, outcome } => {
                 let msg = match outcome {
@@ -649,7 +880,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 if let Err(e) = self.store.put_instance(&rec) {
                     tracing::error!("could not record {id}: {e}");
                 }
-                let spec = rt.record.spec.process(&id.process).cloned();
+                let spec = rt.process_spec(&id.process);
                 let route = rt.route.clone();
                 let app = rt.record.app.clone();
                 self.watch_exit(handle.clone());
@@ -694,7 +925,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         // An unplanned exit: back off, then the reconciler restarts the slot.
         let key = (id.process.clone(), id.slot);
-        let policy = rt.record.spec.process(&id.process).map(|p| p.restart.clone()).unwrap_or_default();
+        let policy = rt.process_spec(&id.process).map(|p| p.restart).unwrap_or_default();
         let uptime = now.saturating_duration_since(inst.started);
         let b = rt.backoff.get(&key).copied().unwrap_or_default().after_exit(uptime, &policy, now);
         rt.backoff.insert(key.clone(), b);
@@ -767,9 +998,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
 
     // ---------------------------------------------------------------- actions
 
-    fn start_instance(&mut self, process: &ProcessName, slot: u32) -> Option<InstanceId> {
+    pub(crate) fn start_instance(&mut self, process: &ProcessName, slot: u32) -> Option<InstanceId> {
         let rt = self.app.as_mut()?;
-        let spec = rt.record.spec.process(process)?.clone();
+        let ctx = rt.ctx_for(process);
+        let spec = rt.process_spec(process)?;
         let generation = match self.store.next_generation(&rt.record.app, &self.env, process) {
             Ok(g) => g,
             Err(e) => {
@@ -783,7 +1015,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             app: rt.record.app.clone(),
             environment: self.env.clone(),
             id: id.clone(),
-            release: rt.record.release,
+            release: ctx.id,
             handle: None,
             phase: InstancePhase::Launching,
             was_healthy: false,
@@ -797,11 +1029,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let launch = LaunchSpec {
             app: rt.record.app.clone(),
             environment: self.env.clone(),
-            release: rt.record.release,
+            release: ctx.id,
             instance: id.clone(),
             command: spec.command.clone(),
-            workdir: rt.record.workdir.clone(),
-            env: instance_env(&rt.record, &spec, &id, &self.env),
+            workdir: ctx.workdir.clone(),
+            env: instance_env(&rt.record.base_env, &ctx, &spec, &id, &self.env),
             wants_port: spec.kind == ProcessKind::Web,
         };
         rt.instances.insert(
@@ -809,7 +1041,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Inst {
                 id: id.clone(),
                 kind: spec.kind,
-                release: rt.record.release,
+                release: ctx.id,
                 handle: None,
                 phase: InstPhase::Launching,
                 started: self.clock.now(),
@@ -850,8 +1082,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
 
     /// Drain (web) and stop one instance. `resume` continues a stop that a
     /// previous daemon had recorded.
-    fn begin_stop(&mut self, id: &InstanceId, resume: bool) {
+    pub(crate) fn begin_stop(&mut self, id: &InstanceId, resume: bool) {
         let Some(rt) = self.app.as_mut() else { return };
+        let spec = rt.process_spec(&id.process).or_else(|| rt.record.spec.process(&id.process).cloned());
         let Some(inst) = rt.instances.get_mut(id) else { return };
         if inst.phase == InstPhase::Stopping && !resume {
             return;
@@ -861,7 +1094,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             return;
         };
         inst.phase = InstPhase::Stopping;
-        let spec = rt.record.spec.process(&id.process).cloned();
         let (signal, stop_timeout, drain_timeout) = spec
             .as_ref()
             .map(|s| (s.stop_signal, s.stop_timeout, s.drain_timeout))
@@ -909,7 +1141,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     fn step(&mut self) {
         let now = self.clock.now();
         self.advance_readiness(now);
-        self.advance_rollout(now);
+        // Rollouts (and deployments) move as far as they can right now.
+        for _ in 0..64 {
+            let mut moved = self.kick();
+            if let Some(result) = self.advance_rollout(now) {
+                self.on_rollout_result(result);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
         self.run_reconcile(now);
         self.check_op(now);
     }
@@ -917,9 +1159,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     fn advance_readiness(&mut self, now: Instant) {
         let Some(rt) = self.app.as_mut() else { return };
         let mut ready = Vec::new();
+        let ready_after: BTreeMap<ProcessName, Duration> =
+            rt.desired().into_iter().map(|p| (p.name.clone(), p.ready_after)).collect();
         for inst in rt.instances.values_mut() {
             if inst.phase == InstPhase::Starting && inst.kind != ProcessKind::Web {
-                let after = rt.record.spec.process(&inst.id.process).map(|p| p.ready_after).unwrap_or_default();
+                let after = ready_after.get(&inst.id.process).copied().unwrap_or_default();
                 if now.saturating_duration_since(inst.started) >= after {
                     inst.phase = InstPhase::Ready;
                     ready.push(inst.id.clone());
@@ -932,124 +1176,188 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
     }
 
-    fn advance_rollout(&mut self, now: Instant) {
-        loop {
-            let Some(rt) = self.app.as_mut() else { return };
-            if rt.rollout.is_none() {
-                // Take the next process from the operation's queue.
-                let Some(op) = self.op.as_mut() else { return };
-                let Some(process) = op.queue.pop_front() else { return };
-                let Some(spec) = rt.record.spec.process(&process).cloned() else { continue };
-                let old: BTreeSet<InstanceId> = rt.instances.keys().filter(|i| i.process == process).cloned().collect();
-                let params = RolloutParams::resolve(spec.kind, spec.count, &spec.rollout);
-                let _ = op.progress.send(Progress {
-                    message: format!("rolling {process}: {} old instance(s), {} wanted", old.len(), spec.count),
-                    ready: 0,
-                    desired: spec.count,
+    /// Begin rolling `process` to the release of `target` (its current
+    /// release for a restart). `replace_all`: every existing instance is old
+    /// (restart); otherwise only those of another release are.
+    pub(crate) fn start_rollout(&mut self, process: &ProcessName, target: Option<ReleaseCtx>, replace_all: bool) {
+        let Some(rt) = self.app.as_mut() else { return };
+        if let Some(t) = target {
+            rt.targets.insert(process.clone(), t);
+        }
+        let ctx = rt.ctx_for(process);
+        let spec = rt.process_spec(process);
+        let (kind, count, rollout) = match &spec {
+            Some(s) => (s.kind, if rt.record.running { s.count } else { 0 }, s.rollout.clone()),
+            None => (ProcessKind::Worker, 0, nonstop_core::process::Rollout::default()),
+        };
+        let old: BTreeSet<InstanceId> = rt
+            .instances
+            .values()
+            .filter(|i| &i.id.process == process && (replace_all || i.release != ctx.id))
+            .map(|i| i.id.clone())
+            .collect();
+        let params = RolloutParams::resolve(kind, count, &rollout);
+        // Instances that already run the target release (started by the
+        // reconciler, or by an interrupted rollout) count as new ones, so a
+        // singleton is never started next to one of them.
+        let mut new: BTreeMap<u32, InstanceId> = BTreeMap::new();
+        let mut old = old;
+        if !replace_all {
+            for i in rt.instances.values().filter(|i| &i.id.process == process && i.release == ctx.id && i.phase != InstPhase::Stopping) {
+                if i.id.slot <= params.desired && new.get(&i.id.slot).is_none_or(|n| n.generation < i.id.generation) {
+                    if let Some(prev) = new.insert(i.id.slot, i.id.clone()) {
+                        old.insert(prev);
+                    }
+                } else {
+                    old.insert(i.id.clone());
+                }
+            }
+        }
+        let n_old = old.len();
+        rt.rollout = Some(RolloutState { process: process.clone(), release: ctx.id, params, old, new, failure: None });
+        self.progress(format!("rolling {process} to {}: {n_old} old instance(s), {count} wanted", ctx.id));
+    }
+
+    /// Carry the active rollout one step further. Returns its result once it
+    /// has finished or failed.
+    fn advance_rollout(&mut self, now: Instant) -> Option<RolloutResult> {
+        let rt = self.app.as_mut()?;
+        let ro = rt.rollout.as_ref()?;
+        let health_timeout = rt.process_spec(&ro.process).map(|s| s.rollout.health_timeout).unwrap_or(Duration::from_secs(60));
+        // Describe every slot.
+        let mut slot_numbers: BTreeSet<u32> = (1..=ro.params.desired).collect();
+        slot_numbers.extend(ro.old.iter().filter(|i| rt.instances.contains_key(i)).map(|i| i.slot));
+        slot_numbers.extend(ro.new.keys().copied());
+        let mut failure = ro.failure.clone();
+        let slots: Vec<RolloutSlot> = slot_numbers
+            .iter()
+            .map(|&slot| {
+                let old = ro.old.iter().filter(|i| i.slot == slot).find_map(|i| rt.instances.get(i)).map(|inst| match inst.phase {
+                    InstPhase::Stopping => OldPhase::Stopping,
+                    InstPhase::Ready => OldPhase::Ready,
+                    _ => OldPhase::NotReady,
                 });
-                rt.rollout = Some(RolloutState { process, params, old, new: BTreeMap::new(), failure: None });
+                let new = ro.new.get(&slot).map(|id| match rt.instances.get(id) {
+                    None => NewPhase::Failed,
+                    Some(inst) if inst.phase == InstPhase::Ready => NewPhase::Ready,
+                    Some(inst) if inst.phase == InstPhase::Stopping => NewPhase::Failed,
+                    Some(inst) => {
+                        if now.saturating_duration_since(inst.started) >= health_timeout {
+                            if failure.is_none() {
+                                let checks: VecDeque<String> = self
+                                    .traffic
+                                    .status(id)
+                                    .map(|st| st.last_checks.into_iter().collect())
+                                    .filter(|c: &VecDeque<String>| !c.is_empty())
+                                    .unwrap_or_else(|| inst.last_checks.clone());
+                                let logs = self.logs.tail(&rt.record.app, &self.env, id, 10);
+                                failure = Some(format!(
+                                    "new instance {} did not become {} within {}{}{}",
+                                    id.slot_name(),
+                                    if inst.kind == ProcessKind::Web { "healthy" } else { "ready" },
+                                    fmt_dur(health_timeout),
+                                    checks_suffix(&checks),
+                                    tail_suffix(&logs)
+                                ));
+                            }
+                            NewPhase::Failed
+                        } else {
+                            NewPhase::Starting
+                        }
+                    }
+                });
+                RolloutSlot { slot, old, new }
+            })
+            .collect();
+        let params = ro.params;
+        let process = ro.process.clone();
+        match rollout_step(&slots, params) {
+            RolloutStep::Wait => None,
+            RolloutStep::Done => {
+                let release = rt.rollout.as_ref().map(|r| r.release).unwrap_or_default();
+                rt.rollout = None;
+                self.progress(format!("{process} rolled to {release}"));
+                Some(RolloutResult::Done(process))
             }
-            let ro = rt.rollout.as_ref().expect("set above");
-            let spec = rt.record.spec.process(&ro.process).cloned();
-            let health_timeout = spec.as_ref().map(|s| s.rollout.health_timeout).unwrap_or(Duration::from_secs(60));
-            // Describe every slot.
-            let mut slot_numbers: BTreeSet<u32> = (1..=ro.params.desired).collect();
-            slot_numbers.extend(ro.old.iter().filter(|i| rt.instances.contains_key(i)).map(|i| i.slot));
-            slot_numbers.extend(ro.new.keys().copied());
-            let mut failure = ro.failure.clone();
-            let slots: Vec<RolloutSlot> = slot_numbers
-                .iter()
-                .map(|&slot| {
-                    let old = ro.old.iter().filter(|i| i.slot == slot).find_map(|i| rt.instances.get(i)).map(|inst| {
-                        match inst.phase {
-                            InstPhase::Stopping => OldPhase::Stopping,
-                            InstPhase::Ready => OldPhase::Ready,
-                            _ => OldPhase::NotReady,
-                        }
-                    });
-                    let new = ro.new.get(&slot).map(|id| match rt.instances.get(id) {
-                        None => NewPhase::Failed,
-                        Some(inst) if inst.phase == InstPhase::Ready => NewPhase::Ready,
-                        Some(inst) if inst.phase == InstPhase::Stopping => NewPhase::Failed,
-                        Some(inst) => {
-                            if now.saturating_duration_since(inst.started) >= health_timeout {
-                                if failure.is_none() {
-                                    let checks: VecDeque<String> = self
-                                        .traffic
-                                        .status(id)
-                                        .map(|st| st.last_checks.into_iter().collect())
-                                        .filter(|c: &VecDeque<String>| !c.is_empty())
-                                        .unwrap_or_else(|| inst.last_checks.clone());
-                                    failure = Some(format!(
-                                        "new instance {} did not become ready within {}{}",
-                                        id.slot_name(),
-                                        fmt_dur(health_timeout),
-                                        checks_suffix(&checks)
-                                    ));
-                                }
-                                NewPhase::Failed
-                            } else {
-                                NewPhase::Starting
-                            }
-                        }
-                    });
-                    RolloutSlot { slot, old, new }
-                })
-                .collect();
-            let params = ro.params;
-            let process = ro.process.clone();
-            match rollout_step(&slots, params) {
-                RolloutStep::Wait => return,
-                RolloutStep::Done => {
-                    rt.rollout = None;
-                    self.progress(format!("{process} rolled"));
-                    continue;
+            RolloutStep::Failed { .. } => {
+                let reason = failure.unwrap_or_else(|| "a new instance failed".to_string());
+                // Remove the new instances that are not serving; ready ones
+                // stay until whatever comes next replaces them, so capacity
+                // never drops.
+                let ro = rt.rollout.take();
+                let not_ready: Vec<InstanceId> = ro
+                    .map(|r| r.new.into_values().filter(|id| rt.instances.get(id).is_some_and(|i| i.phase != InstPhase::Ready)).collect())
+                    .unwrap_or_default();
+                for id in not_ready {
+                    self.begin_stop(&id, false);
                 }
-                RolloutStep::Failed { .. } => {
-                    let reason = failure.unwrap_or_else(|| "a new instance failed".to_string());
-                    let new: Vec<InstanceId> = rt.rollout.take().map(|r| r.new.into_values().collect()).unwrap_or_default();
-                    for id in new {
-                        self.begin_stop(&id, false);
-                    }
-                    let app = self.app.as_ref().map(|rt| rt.record.app.clone());
-                    if let Some(app) = app {
-                        self.event(&app, "rollout-failed", None, &reason);
-                    }
-                    self.fail_op(EngineError::RolloutFailed { process: process.to_string(), reason });
-                    return;
+                let app = self.app.as_ref().map(|rt| rt.record.app.clone());
+                if let Some(app) = app {
+                    self.event(&app, "rollout-failed", None, &reason);
                 }
-                RolloutStep::Act(actions) => {
-                    for a in actions {
-                        match a {
-                            RolloutAction::StartNew(slot) => {
-                                if let Some(id) = self.start_instance(&process, slot) {
-                                    if let Some(ro) = self.app.as_mut().and_then(|rt| rt.rollout.as_mut()) {
-                                        ro.new.insert(slot, id);
-                                    }
-                                }
-                            }
-                            RolloutAction::StopOld(slot) => {
-                                let old: Vec<InstanceId> = self
-                                    .app
-                                    .as_ref()
-                                    .and_then(|rt| rt.rollout.as_ref())
-                                    .map(|ro| ro.old.iter().filter(|i| i.slot == slot).cloned().collect())
-                                    .unwrap_or_default();
-                                for id in old {
-                                    self.begin_stop(&id, false);
-                                }
-                            }
-                        }
-                    }
-                    return;
-                }
+                Some(RolloutResult::Failed(process, reason))
             }
+            RolloutStep::Act(actions) => {
+                for a in actions {
+                    match a {
+                        RolloutAction::StartNew(slot) => {
+                            if let Some(id) = self.start_instance(&process, slot) {
+                                if let Some(ro) = self.app.as_mut().and_then(|rt| rt.rollout.as_mut()) {
+                                    ro.new.insert(slot, id);
+                                }
+                            }
+                        }
+                        RolloutAction::StopOld(slot) => {
+                            let old: Vec<InstanceId> = self
+                                .app
+                                .as_ref()
+                                .and_then(|rt| rt.rollout.as_ref())
+                                .map(|ro| ro.old.iter().filter(|i| i.slot == slot).cloned().collect())
+                                .unwrap_or_default();
+                            for id in old {
+                                self.begin_stop(&id, false);
+                            }
+                        }
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Start the next rollout an operation wants, if none runs.
+    fn kick(&mut self) -> bool {
+        if self.app.as_ref().is_some_and(|rt| rt.rollout.is_some()) {
+            return false;
+        }
+        if self.deployment.is_some() {
+            return self.deploy_kick();
+        }
+        if self.app.is_none() {
+            return false;
+        }
+        let Some(op) = self.op.as_mut() else { return false };
+        let Some(process) = op.queue.pop_front() else { return false };
+        self.start_rollout(&process, None, true);
+        true
+    }
+
+    fn on_rollout_result(&mut self, result: RolloutResult) {
+        if self.deployment.is_some() {
+            self.deploy_on_rollout(result);
+            return;
+        }
+        if let RolloutResult::Failed(process, reason) = result {
+            if let Some(op) = self.op.as_mut() {
+                op.queue.clear();
+            }
+            self.fail_op(EngineError::RolloutFailed { process: process.to_string(), reason });
         }
     }
 
     fn run_reconcile(&mut self, now: Instant) {
         let Some(rt) = self.app.as_ref() else { return };
-        let desired: Vec<ProcessSpec> = if rt.record.running { rt.record.spec.processes.clone() } else { Vec::new() };
+        let desired: Vec<ProcessSpec> = rt.desired();
         let observed = Observed {
             instances: rt
                 .instances
@@ -1090,7 +1398,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         for inst in rt.instances.values() {
             if inst.phase == InstPhase::Starting {
-                if let Some(spec) = rt.record.spec.process(&inst.id.process) {
+                if let Some(spec) = rt.process_spec(&inst.id.process) {
                     if inst.kind != ProcessKind::Web {
                         at(inst.started + spec.ready_after);
                     }
@@ -1105,10 +1413,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
 
     fn check_op(&mut self, now: Instant) {
         let Some(op) = self.op.as_ref() else { return };
+        if self.deployment.is_some() {
+            return; // the deployment answers the operation itself
+        }
         let Some(rt) = self.app.as_ref() else {
             self.finish_op();
             return;
         };
+        if self.deployment.is_some() {
+            return; // the deployment answers the operation itself
+        }
         if op.down {
             if rt.instances.is_empty() {
                 self.ingress.close();
@@ -1121,7 +1435,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         // Failures: a crash-looping slot, or an instance that never became ready.
         for (key, b) in &rt.backoff {
-            if b.crash_loop(&rt.record.spec.process(&key.0).map(|p| p.restart.clone()).unwrap_or_default()) {
+            if b.crash_loop(&rt.process_spec(&key.0).map(|p| p.restart).unwrap_or_default()) {
                 let (id, exit) = rt.last_exit.get(key).cloned().unwrap_or((InstanceId::new(key.0.clone(), key.1, 0), ExitStatus::Unknown));
                 let logs = self.logs.tail(&rt.record.app, &self.env, &id, 10);
                 self.fail_op(EngineError::CrashLoop { instance: id.slot_name(), exit: exit.to_string(), logs });
@@ -1130,7 +1444,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         for inst in rt.instances.values() {
             if matches!(inst.phase, InstPhase::Starting | InstPhase::Launching) {
-                if let Some(spec) = rt.record.spec.process(&inst.id.process) {
+                if let Some(spec) = rt.process_spec(&inst.id.process) {
                     let timeout = spec.rollout.health_timeout;
                     if now.saturating_duration_since(inst.started) >= timeout {
                         let logs = self.logs.tail(&rt.record.app, &self.env, &inst.id, 10);
@@ -1164,7 +1478,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
     }
 
-    fn finish_op(&mut self) {
+    pub(crate) fn finish_op(&mut self) {
         if let Some(mut op) = self.op.take() {
             if let Some(reply) = op.reply.take() {
                 let _ = reply.send(Ok(OpReport { summary: op.summary.clone(), changed: op.changed }));
@@ -1172,7 +1486,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
     }
 
-    fn fail_op(&mut self, err: EngineError) {
+    pub(crate) fn fail_op(&mut self, err: EngineError) {
         if let Some(mut op) = self.op.take() {
             if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
                 self.event(&app, "failed", None, &format!("{}: {err}", op.name));
@@ -1183,14 +1497,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
     }
 
-    fn progress(&self, message: String) {
+    pub(crate) fn progress(&self, message: String) {
         if let Some(op) = &self.op {
             let (ready, desired) = op.last_progress.unwrap_or((0, 0));
             let _ = op.progress.send(Progress { message, ready, desired });
         }
     }
 
-    fn event(&self, app: &AppName, kind: &str, instance: Option<&InstanceId>, message: &str) {
+    pub(crate) fn event(&self, app: &AppName, kind: &str, instance: Option<&InstanceId>, message: &str) {
         let inst = instance.map(|i| i.to_string());
         if let Err(e) = self.store.add_event(app, &self.env, self.clock.wall(), kind, inst.as_deref(), message) {
             tracing::error!("could not record event: {e}");
@@ -1271,7 +1585,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             release: rt.record.release.0,
             workdir: rt.record.workdir.clone(),
             proxy_listen: spec.proxy.listen.to_string(),
-            operation: self.op.as_ref().map(|o| o.name.to_string()),
+            operation: self.deployment_summary().or_else(|| self.op.as_ref().map(|o| o.name.to_string())),
             processes,
             instances,
             waiting,
@@ -1296,7 +1610,8 @@ fn convergence(rt: &AppRuntime) -> (u32, u32, bool) {
     let mut ready = 0;
     let mut desired = 0;
     let mut converged = true;
-    for p in &rt.record.spec.processes {
+    let specs = rt.desired();
+    for p in &specs {
         let want = if p.kind == ProcessKind::Singleton { p.count.min(1) } else { p.count };
         desired += want;
         let mut slots = BTreeSet::new();
@@ -1311,7 +1626,7 @@ fn convergence(rt: &AppRuntime) -> (u32, u32, bool) {
             converged = false;
         }
     }
-    if rt.instances.values().any(|i| rt.record.spec.process(&i.id.process).is_none()) {
+    if rt.instances.values().any(|i| !specs.iter().any(|p| p.name == i.id.process)) {
         converged = false;
     }
     (ready, desired, converged)
@@ -1338,13 +1653,28 @@ fn order_processes(spec: &AppSpec, names: Vec<ProcessName>) -> VecDeque<ProcessN
     names.into()
 }
 
-fn instance_env(record: &AppRecord, spec: &ProcessSpec, id: &InstanceId, env: &EnvironmentId) -> Vec<(String, String)> {
-    let mut vars: BTreeMap<String, String> = record.base_env.clone();
-    vars.extend(record.spec.env.clone());
-    vars.extend(spec.env.clone());
-    vars.insert("NONSTOP_APP".into(), record.app.to_string());
+pub(crate) fn release_env(
+    base_env: &BTreeMap<String, String>,
+    ctx: &ReleaseCtx,
+    env: &EnvironmentId,
+) -> BTreeMap<String, String> {
+    let mut vars: BTreeMap<String, String> = base_env.clone();
+    vars.extend(ctx.spec.env.clone());
+    vars.insert("NONSTOP_APP".into(), ctx.spec.app.to_string());
     vars.insert("NONSTOP_ENVIRONMENT".into(), env.to_string());
-    vars.insert("NONSTOP_RELEASE".into(), record.release.to_string());
+    vars.insert("NONSTOP_RELEASE".into(), ctx.id.to_string());
+    vars
+}
+
+fn instance_env(
+    base_env: &BTreeMap<String, String>,
+    ctx: &ReleaseCtx,
+    spec: &ProcessSpec,
+    id: &InstanceId,
+    env: &EnvironmentId,
+) -> Vec<(String, String)> {
+    let mut vars = release_env(base_env, ctx, env);
+    vars.extend(spec.env.clone());
     vars.insert("NONSTOP_PROCESS".into(), id.process.to_string());
     vars.insert("NONSTOP_INSTANCE".into(), id.slot_name());
     vars.into_iter().collect()
@@ -1354,7 +1684,7 @@ fn join(names: &[ProcessName]) -> String {
     names.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
 }
 
-fn tail_suffix(lines: &[String]) -> String {
+pub(crate) fn tail_suffix(lines: &[String]) -> String {
     if lines.is_empty() {
         String::new()
     } else {
@@ -1380,7 +1710,7 @@ pub(crate) fn fmt_dur(d: Duration) -> String {
     }
 }
 
-fn fmt_wall(t: SystemTime) -> String {
+pub(crate) fn fmt_wall(t: SystemTime) -> String {
     let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
     // UTC HH:MM:SS is enough to tell "since when" at a glance.
     format!("{:02}:{:02}:{:02} UTC", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)

@@ -25,6 +25,16 @@ pub enum EngineError {
     CrashLoop { instance: String, exit: String, logs: Vec<String> },
     #[error("rolling restart of {process} stopped: {reason}; the instances that were running before are kept")]
     RolloutFailed { process: String, reason: String },
+    #[error("deploy of {release} failed: {reason}\nnothing that was running changed")]
+    DeployFailed { release: String, reason: String },
+    #[error("deploy of {release} was rolled back: {reason}\n{}", if *first { "nothing runs now: this was the app's first release" } else { "the previous release keeps serving" })]
+    RolledBack { release: String, reason: String, first: bool },
+    #[error("post task of {release} failed: {reason}\n{release} is live")]
+    PostTaskFailed { release: String, reason: String },
+    #[error("cannot roll back: {reason}")]
+    NoRollbackTarget { reason: String },
+    #[error("cannot deploy: {reason}")]
+    CannotDeploy { reason: String },
     #[error("state store: {0}")]
     Store(String),
     #[error("the daemon is shutting down")]
@@ -56,7 +66,9 @@ impl EngineError {
             EngineError::Preflight { .. }
             | EngineError::UnknownProcess { .. }
             | EngineError::SingletonCount { .. }
-            | EngineError::Listen { .. } => 2,
+            | EngineError::Listen { .. }
+            | EngineError::NoRollbackTarget { .. }
+            | EngineError::CannotDeploy { .. } => 2,
             EngineError::OtherApp { .. } | EngineError::Busy { .. } | EngineError::NotUp => 3,
             _ => 1,
         }

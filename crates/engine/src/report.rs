@@ -90,3 +90,37 @@ pub struct EventEntry {
     pub instance: Option<String>,
     pub message: String,
 }
+
+/// A release, for `nonstop releases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    /// `v3` is 3.
+    pub id: u64,
+    pub content_hash: String,
+    pub status: String,
+    pub message: Option<String>,
+    pub created_at_ms: u64,
+    pub build_ms: u64,
+    /// The release the app runs now.
+    pub current: bool,
+    pub dir: PathBuf,
+}
+
+/// A deployment, for `nonstop history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentInfo {
+    pub id: i64,
+    /// deploy | rollback
+    pub kind: String,
+    pub from_release: Option<u64>,
+    pub to_release: u64,
+    /// running | succeeded | failed | rolled_back
+    pub status: String,
+    /// The phase it is in (or ended in).
+    pub phase: String,
+    pub reason: Option<String>,
+    pub who: String,
+    pub message: Option<String>,
+    pub started_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+}

@@ -1,0 +1,755 @@
+//! Deploys and rollbacks: the deployment state machine of
+//! `nonstop_plan::deploy` carried out by the engine actor.
+//!
+//! building → release tasks → rolling (web, workers, singletons) → post
+//! tasks → succeeded; a failed build or task ends as failed with nothing
+//! changed; a rollout whose new instances do not become ready rolls every
+//! touched process type back to the previous release (rolled back). The
+//! phase is written to the store before it is carried out; a daemon that
+//! finds a deployment in progress at start fails it (before any instance
+//! changed) or rolls it back.
+
+use super::*;
+use nonstop_core::driver::TaskSpec;
+use nonstop_plan::deploy::{rollout_order, DeployPhase};
+use nonstop_store::{DeploymentRecord, DeploymentStatus, ReleaseRecord, ReleaseStatus};
+
+pub(crate) struct DeployRun {
+    pub(crate) record: DeploymentRecord,
+    pub(crate) to: ReleaseCtx,
+    pub(crate) from: Option<ReleaseCtx>,
+    pub(crate) phase: DeployPhase,
+    pub(crate) order: Vec<ProcessName>,
+    pub(crate) run_tasks: bool,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) started: Instant,
+    pub(crate) base_env: BTreeMap<String, String>,
+}
+
+fn ms_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+    // ------------------------------------------------------------- commands
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn begin_deploy(
+        &mut self,
+        spec: AppSpec,
+        source: PathBuf,
+        base_env: BTreeMap<String, String>,
+        message: Option<String>,
+        who: String,
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
+    ) {
+        if let Some(err) = self.busy() {
+            let _ = reply.send(Err(err));
+            return;
+        }
+        match self.prepare_deploy(spec, source, base_env, message, who.clone()) {
+            Ok(Some((run, summary))) => {
+                let name = if run.record.kind == "rollback" { "rollback" } else { "deploy" };
+                self.begin_op(name, progress, reply, summary, true, VecDeque::new(), false);
+                if let Some(op) = self.op.as_mut() {
+                    op.who = Some(who);
+                }
+                self.deployment = Some(run);
+                self.spawn_build();
+            }
+            Ok(None) => {
+                let release = self.app.as_ref().map(|rt| rt.record.release).unwrap_or(ReleaseId(0));
+                let _ = reply.send(Ok(OpReport {
+                    summary: format!("{release} already has this code and config; nothing to deploy"),
+                    changed: false,
+                }));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Checks and records; `None` when there is nothing to deploy.
+    fn prepare_deploy(
+        &mut self,
+        spec: AppSpec,
+        source: PathBuf,
+        base_env: BTreeMap<String, String>,
+        message: Option<String>,
+        who: String,
+    ) -> Result<Option<(DeployRun, String)>, EngineError> {
+        if let Some(rt) = &self.app {
+            if rt.record.app != spec.app && rt.record.running {
+                return Err(EngineError::OtherApp { running: rt.record.app.to_string(), requested: spec.app.to_string() });
+            }
+        }
+        if !source.is_dir() {
+            return Err(EngineError::CannotDeploy { reason: format!("the app directory {} does not exist", source.display()) });
+        }
+        let hash = self
+            .builder
+            .content_hash(&source)
+            .map_err(|e| EngineError::CannotDeploy { reason: format!("cannot read {}: {e}", source.display()) })?;
+        let from = self.app.as_ref().filter(|rt| rt.record.running && rt.record.app == spec.app).map(|rt| rt.current());
+        if let Some(from) = &from {
+            if from.id.0 > 0 {
+                let same = self
+                    .store
+                    .release(&spec.app, from.id)?
+                    .is_some_and(|r| r.content_hash == hash && r.spec == spec);
+                let same_env = self.app.as_ref().is_some_and(|rt| rt.record.base_env == base_env);
+                if same && same_env {
+                    return Ok(None);
+                }
+            }
+        }
+        // The proxy address must be usable before anything is built.
+        if spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
+            let route = RouteKey(format!("{}/{}", spec.app, self.env));
+            self.ingress
+                .listen(spec.proxy.listen, &route)
+                .map_err(|reason| EngineError::Listen { addr: spec.proxy.listen.to_string(), reason })?;
+        }
+        let now = self.clock.wall();
+        let id = self.store.next_release_id(&spec.app)?;
+        let release = ReleaseRecord {
+            app: spec.app.clone(),
+            id,
+            content_hash: hash,
+            dir: PathBuf::new(),
+            spec: spec.clone(),
+            message: message.clone(),
+            status: ReleaseStatus::Building,
+            created_at: now,
+            build_ms: 0,
+        };
+        self.store.put_release(&release)?;
+        let order = rollout_order(from.as_ref().map(|f| &f.spec), &spec);
+        let mut record = DeploymentRecord {
+            id: 0,
+            app: spec.app.clone(),
+            environment: self.env.clone(),
+            kind: "deploy".into(),
+            from_release: from.as_ref().map(|f| f.id),
+            to_release: id,
+            phase: serde_json::to_value(DeployPhase::Building).unwrap_or_default(),
+            status: DeploymentStatus::Running,
+            reason: None,
+            who,
+            message,
+            started_at: now,
+            finished_at: None,
+        };
+        record.id = self.store.insert_deployment(&record)?;
+        let summary = match &from {
+            Some(f) => format!("{} → {id}", f.id),
+            None => format!("first release {id}"),
+        };
+        self.event(&spec.app, "deploy", None, &format!("deployment #{} started: {summary} by {}", record.id, record.who));
+        let run = DeployRun {
+            record,
+            to: ReleaseCtx { id, spec, workdir: source },
+            from,
+            phase: DeployPhase::Building,
+            order,
+            run_tasks: true,
+            cancel: self.cancel.child_token(),
+            started: self.clock.now(),
+            base_env,
+        };
+        Ok(Some((run, summary)))
+    }
+
+    pub(crate) fn begin_rollback(
+        &mut self,
+        release: Option<ReleaseId>,
+        run_tasks: bool,
+        who: String,
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
+    ) {
+        if let Some(err) = self.busy() {
+            let _ = reply.send(Err(err));
+            return;
+        }
+        match self.prepare_rollback(release, run_tasks, who.clone()) {
+            Ok((run, summary)) => {
+                self.begin_op("rollback", progress, reply, summary, true, VecDeque::new(), false);
+                if let Some(op) = self.op.as_mut() {
+                    op.who = Some(who);
+                }
+                let tasks = run.run_tasks && !run.to.spec.release.tasks.is_empty();
+                self.deployment = Some(run);
+                if tasks {
+                    self.set_phase(DeployPhase::ReleaseTasks);
+                    self.spawn_tasks(false);
+                } else {
+                    self.set_phase(DeployPhase::Rolling { index: 0 });
+                }
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn prepare_rollback(&mut self, release: Option<ReleaseId>, run_tasks: bool, who: String) -> Result<(DeployRun, String), EngineError> {
+        let rt = self.app.as_ref().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
+        let app = rt.record.app.clone();
+        let current = rt.current();
+        let releases = self.store.releases(&app)?;
+        let deployments = self.store.deployments(&app, &self.env, 10_000)?;
+        let went_live = |id: ReleaseId| deployments.iter().any(|d| d.to_release == id && d.status == DeploymentStatus::Succeeded);
+        let target = match release {
+            Some(id) => {
+                if id == current.id {
+                    return Err(EngineError::NoRollbackTarget { reason: format!("{id} is the release running now") });
+                }
+                id
+            }
+            None => deployments
+                .iter()
+                .find(|d| d.to_release == current.id && d.status == DeploymentStatus::Succeeded)
+                .and_then(|d| d.from_release)
+                .filter(|r| r.0 > 0)
+                .ok_or_else(|| EngineError::NoRollbackTarget {
+                    reason: format!("{} has no earlier release to go back to; name one with `nonstop rollback vN` (see `nonstop releases`)", current.id),
+                })?,
+        };
+        let retained: Vec<String> = releases.iter().filter(|r| r.status == ReleaseStatus::Ready).map(|r| r.id.to_string()).collect();
+        let rec = releases.iter().find(|r| r.id == target).ok_or_else(|| EngineError::NoRollbackTarget {
+            reason: format!("there is no release {target}; retained releases: {}", retained.join(", ")),
+        })?;
+        if rec.status != ReleaseStatus::Ready || !rec.dir.is_dir() {
+            return Err(EngineError::NoRollbackTarget {
+                reason: format!("{target} is {} and cannot be run again; retained releases: {}", status_word(rec.status), retained.join(", ")),
+            });
+        }
+        if !went_live(target) {
+            return Err(EngineError::NoRollbackTarget {
+                reason: format!("{target} never went live (its deployment failed); deploy a fixed version instead"),
+            });
+        }
+        let to = ReleaseCtx { id: target, spec: rec.spec.clone(), workdir: rec.dir.clone() };
+        let order = rollout_order(Some(&current.spec), &to.spec);
+        let now = self.clock.wall();
+        let mut record = DeploymentRecord {
+            id: 0,
+            app: app.clone(),
+            environment: self.env.clone(),
+            kind: "rollback".into(),
+            from_release: Some(current.id),
+            to_release: target,
+            phase: serde_json::to_value(DeployPhase::Rolling { index: 0 }).unwrap_or_default(),
+            status: DeploymentStatus::Running,
+            reason: None,
+            who,
+            message: None,
+            started_at: now,
+            finished_at: None,
+        };
+        record.id = self.store.insert_deployment(&record)?;
+        let summary = format!("{} → {target} (rollback)", current.id);
+        self.event(&app, "rollback", None, &format!("deployment #{} started: {summary} by {}", record.id, record.who));
+        let base_env = rt.record.base_env.clone();
+        Ok((
+            DeployRun {
+                record,
+                to,
+                from: Some(current),
+                phase: DeployPhase::Rolling { index: 0 },
+                order,
+                run_tasks,
+                cancel: self.cancel.child_token(),
+                started: self.clock.now(),
+                base_env,
+            },
+            summary,
+        ))
+    }
+
+    pub(crate) fn releases(&self) -> Result<Vec<ReleaseInfo>, EngineError> {
+        let rt = self.app.as_ref().ok_or(EngineError::NotUp)?;
+        let current = rt.record.release;
+        Ok(self
+            .store
+            .releases(&rt.record.app)?
+            .into_iter()
+            .rev()
+            .map(|r| ReleaseInfo {
+                id: r.id.0,
+                content_hash: r.content_hash,
+                status: status_word(r.status).to_string(),
+                message: r.message,
+                created_at_ms: ms_since_epoch(r.created_at),
+                build_ms: r.build_ms,
+                current: r.id == current && rt.record.running,
+                dir: r.dir,
+            })
+            .collect())
+    }
+
+    pub(crate) fn history(&self, limit: usize) -> Result<Vec<DeploymentInfo>, EngineError> {
+        let rt = self.app.as_ref().ok_or(EngineError::NotUp)?;
+        Ok(self
+            .store
+            .deployments(&rt.record.app, &self.env, limit)?
+            .into_iter()
+            .map(|d| DeploymentInfo {
+                id: d.id,
+                kind: d.kind,
+                from_release: d.from_release.map(|r| r.0),
+                to_release: d.to_release.0,
+                status: d.status.as_str().to_string(),
+                phase: serde_json::from_value::<DeployPhase>(d.phase).map(|p| p.name().to_string()).unwrap_or_default(),
+                reason: d.reason,
+                who: d.who,
+                message: d.message,
+                started_at_ms: ms_since_epoch(d.started_at),
+                finished_at_ms: d.finished_at.map(ms_since_epoch),
+            })
+            .collect())
+    }
+
+    // ------------------------------------------------------------ the steps
+
+    /// Store the new phase, then make it the current one.
+    fn set_phase(&mut self, phase: DeployPhase) {
+        let Some(run) = self.deployment.as_mut() else { return };
+        run.record.phase = serde_json::to_value(&phase).unwrap_or_default();
+        if let Err(e) = self.store.update_deployment(&run.record) {
+            tracing::error!("could not record deployment #{} phase: {e}", run.record.id);
+        }
+        run.phase = phase;
+    }
+
+    fn spawn_build(&mut self) {
+        let Some(run) = self.deployment.as_ref() else { return };
+        let app = run.to.spec.app.clone();
+        let env: Vec<(String, String)> = release_env(&run.base_env, &run.to, &self.env).into_iter().collect();
+        let commands = run.to.spec.build.clone();
+        let timeout = run.to.spec.release.task_timeout;
+        let (release, source, cancel, id) = (run.to.id, run.to.workdir.clone(), run.cancel.clone(), run.record.id);
+        let builder = self.builder.clone();
+        let tx = self.events_tx.clone();
+        let progress = self.op.as_ref().map(|o| o.progress.clone());
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
+        self.progress(format!("building {release}: {} build command(s)", commands.len()));
+        self.tasks.spawn(async move {
+            let forward = async move {
+                while let Some(line) = out_rx.recv().await {
+                    if let Some(p) = &progress {
+                        let _ = p.send(Progress { message: format!("build | {line}"), ready: 0, desired: 0 });
+                    }
+                }
+            };
+            let build = builder.build(&app, release, source, commands, env, timeout, cancel, out_tx);
+            let (result, ()) = tokio::join!(build, forward);
+            let _ = tx.send(Internal::Built { deployment: id, result });
+        });
+    }
+
+    pub(crate) fn deploy_on_built(&mut self, deployment: i64, result: Result<BuildOutput, String>) {
+        let Some(run) = self.deployment.as_mut().filter(|r| r.record.id == deployment) else { return };
+        let app = run.to.spec.app.clone();
+        let release = run.to.id;
+        let build_ms = self.clock.now().saturating_duration_since(run.started).as_millis() as u64;
+        let mut rec = match self.store.release(&app, release) {
+            Ok(Some(r)) => r,
+            _ => {
+                self.finish_deploy(DeployPhase::Failed { reason: format!("the record of {release} is gone") });
+                return;
+            }
+        };
+        match result {
+            Ok(out) => {
+                rec.status = ReleaseStatus::Ready;
+                rec.dir = out.dir.clone();
+                rec.content_hash = out.content_hash.clone();
+                rec.build_ms = build_ms;
+                if let Err(e) = self.store.put_release(&rec) {
+                    self.finish_deploy(DeployPhase::Failed { reason: format!("cannot record {release}: {e}") });
+                    return;
+                }
+                run.to.workdir = out.dir.clone();
+                let path_var = run.base_env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+                let problems = crate::preflight::check_commands(&run.to.spec, &out.dir, &path_var);
+                self.progress(format!("built {release}: {} files, {} KiB in {}", out.files, out.bytes / 1024, fmt_dur(Duration::from_millis(build_ms))));
+                if !problems.is_empty() {
+                    self.finish_deploy(DeployPhase::Failed { reason: format!("{release} cannot run as specified:\n  {}", problems.join("\n  ")) });
+                    return;
+                }
+                self.set_phase(DeployPhase::ReleaseTasks);
+                self.spawn_tasks(false);
+            }
+            Err(reason) => {
+                rec.status = ReleaseStatus::Failed;
+                let _ = self.store.put_release(&rec);
+                self.finish_deploy(DeployPhase::Failed { reason: format!("the build failed: {reason}") });
+            }
+        }
+    }
+
+    /// Run `[release] tasks` (or `post_tasks`) one at a time through the driver.
+    fn spawn_tasks(&mut self, post: bool) {
+        let Some(run) = self.deployment.as_ref() else { return };
+        let commands = if post { run.to.spec.release.post_tasks.clone() } else { run.to.spec.release.tasks.clone() };
+        let id = run.record.id;
+        let tx = self.events_tx.clone();
+        if commands.is_empty() {
+            let _ = tx.send(Internal::TasksDone { deployment: id, post, result: Ok(()) });
+            return;
+        }
+        let mut env = release_env(&run.base_env, &run.to, &self.env);
+        env.insert("NONSTOP_PROCESS".into(), if post { "post-task" } else { "release-task" }.into());
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let (app, environment, release, workdir, timeout) =
+            (run.to.spec.app.clone(), self.env.clone(), run.to.id, run.to.workdir.clone(), run.to.spec.release.task_timeout);
+        let driver = self.driver.clone();
+        let progress = self.op.as_ref().map(|o| o.progress.clone());
+        let cancel = run.cancel.clone();
+        let kind = if post { "post task" } else { "release task" };
+        self.tasks.spawn(async move {
+            let say = |m: String| {
+                if let Some(p) = &progress {
+                    let _ = p.send(Progress { message: m, ready: 0, desired: 0 });
+                }
+            };
+            let n = commands.len();
+            let mut result = Ok(());
+            for (i, command) in commands.into_iter().enumerate() {
+                say(format!("{kind} {}/{n}: {command}", i + 1));
+                let task = TaskSpec {
+                    app: app.clone(),
+                    environment: environment.clone(),
+                    release,
+                    name: format!("{}-{}-{}", if post { "post" } else { "release" }, release.0, i + 1),
+                    command: command.clone(),
+                    workdir: workdir.clone(),
+                    env: env.clone(),
+                    timeout,
+                };
+                let outcome = tokio::select! {
+                    _ = cancel.cancelled() => { result = Err("cancelled".to_string()); break; }
+                    o = driver.run_task(task) => o,
+                };
+                match outcome {
+                    Ok(o) if o.status.success() && !o.timed_out => {
+                        say(format!("{kind} {}/{n} done in {}", i + 1, fmt_dur(o.duration)));
+                    }
+                    Ok(o) => {
+                        let why = if o.timed_out { format!("timed out after {}", fmt_dur(timeout)) } else { o.status.to_string() };
+                        result = Err(format!("{kind} {}/{n} `{command}` failed ({why}){}", i + 1, tail_suffix(&o.output_tail)));
+                        break;
+                    }
+                    Err(e) => {
+                        result = Err(format!("{kind} {}/{n} `{command}` could not run: {e}", i + 1));
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(Internal::TasksDone { deployment: id, post, result });
+        });
+    }
+
+    pub(crate) fn deploy_on_tasks(&mut self, deployment: i64, post: bool, result: Result<(), String>) {
+        if !self.deployment.as_ref().is_some_and(|r| r.record.id == deployment) {
+            return;
+        }
+        match (post, result) {
+            (false, Ok(())) => self.set_phase(DeployPhase::Rolling { index: 0 }),
+            (false, Err(reason)) => self.finish_deploy(DeployPhase::Failed { reason }),
+            (true, Ok(())) => self.finish_deploy(DeployPhase::Succeeded),
+            (true, Err(reason)) => {
+                // The release is live; report the failure without undoing it.
+                self.finish_deploy(DeployPhase::Succeeded);
+                let release = self.app.as_ref().map(|rt| rt.record.release.to_string()).unwrap_or_default();
+                self.fail_op(EngineError::PostTaskFailed { release, reason });
+            }
+        }
+    }
+
+    /// Start what the current phase needs (called when no rollout runs).
+    pub(crate) fn deploy_kick(&mut self) -> bool {
+        let Some(run) = self.deployment.as_ref() else { return false };
+        match run.phase.clone() {
+            DeployPhase::Rolling { index } => {
+                if index == 0 && run.from.is_none() {
+                    // First release of this app: it becomes the app's record
+                    // now, so that its processes have a home.
+                    self.adopt_first_release();
+                }
+                let Some(run) = self.deployment.as_ref() else { return false };
+                if index < run.order.len() {
+                    let process = run.order[index].clone();
+                    let to = run.to.clone();
+                    self.start_rollout(&process, Some(to), false);
+                    true
+                } else {
+                    self.set_phase(DeployPhase::PostTasks);
+                    self.promote_target();
+                    self.spawn_tasks(true);
+                    true
+                }
+            }
+            DeployPhase::RollingBack { reason, remaining } => {
+                let Some(process) = remaining.first().cloned() else {
+                    self.finish_deploy(DeployPhase::RolledBack { reason });
+                    return true;
+                };
+                match run.from.clone() {
+                    Some(from) => self.start_rollout(&process, Some(from), false),
+                    None => {
+                        // A first deploy has nothing to go back to: stop it.
+                        if let Some(rt) = self.app.as_mut() {
+                            rt.record.running = false;
+                            let _ = self.store.put_app(&rt.record, self.clock.wall());
+                        }
+                        self.start_rollout(&process, None, true);
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn deploy_on_rollout(&mut self, result: RolloutResult) {
+        let Some(run) = self.deployment.as_ref() else { return };
+        match (run.phase.clone(), result) {
+            (DeployPhase::Rolling { index }, RolloutResult::Done(_)) => self.set_phase(DeployPhase::Rolling { index: index + 1 }),
+            (DeployPhase::Rolling { index }, RolloutResult::Failed(process, reason)) => {
+                let remaining: Vec<ProcessName> = run.order[..(index + 1).min(run.order.len())].iter().rev().cloned().collect();
+                let reason = format!("{process}: {reason}");
+                self.progress(format!("rolling back: {reason}"));
+                self.set_phase(DeployPhase::RollingBack { reason, remaining });
+            }
+            (DeployPhase::RollingBack { reason, mut remaining }, RolloutResult::Done(p)) => {
+                remaining.retain(|r| r != &p);
+                self.set_phase(DeployPhase::RollingBack { reason, remaining });
+            }
+            (DeployPhase::RollingBack { reason, .. }, RolloutResult::Failed(p, why)) => {
+                // The previous release does not come up either: keep trying
+                // it (the reconciler restarts it) and say so.
+                if let Some(from) = run.from.clone() {
+                    if let Some(rt) = self.app.as_mut() {
+                        for name in run.order.clone() {
+                            rt.targets.insert(name, from.clone());
+                        }
+                    }
+                }
+                self.finish_deploy(DeployPhase::Failed {
+                    reason: format!("{reason}; rolling back {p} failed too: {why}"),
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn adopt_first_release(&mut self) {
+        let Some(run) = self.deployment.as_ref() else { return };
+        let to = run.to.clone();
+        let base_env = run.base_env.clone();
+        let record = AppRecord {
+            app: to.spec.app.clone(),
+            environment: self.env.clone(),
+            spec: to.spec.clone(),
+            workdir: to.workdir.clone(),
+            release: to.id,
+            base_env,
+            running: true,
+        };
+        if let Err(e) = self.store.put_app(&record, self.clock.wall()) {
+            tracing::error!("could not record the app: {e}");
+        }
+        let route = RouteKey(format!("{}/{}", to.spec.app, self.env));
+        match self.app.as_mut() {
+            Some(rt) => {
+                rt.record = record;
+                rt.route = route;
+            }
+            None => {
+                self.app = Some(AppRuntime {
+                    record,
+                    route,
+                    instances: BTreeMap::new(),
+                    backoff: BTreeMap::new(),
+                    last_exit: BTreeMap::new(),
+                    rollout: None,
+                    targets: BTreeMap::new(),
+                })
+            }
+        }
+    }
+
+    /// Every process now runs the new release: make it the app's record.
+    fn promote_target(&mut self) {
+        let Some(run) = self.deployment.as_ref() else { return };
+        let to = run.to.clone();
+        let base_env = run.base_env.clone();
+        let Some(rt) = self.app.as_mut() else { return };
+        rt.record.spec = to.spec.clone();
+        rt.record.workdir = to.workdir.clone();
+        rt.record.release = to.id;
+        rt.record.base_env = base_env;
+        rt.record.running = true;
+        rt.targets.clear();
+        if let Err(e) = self.store.put_app(&rt.record, self.clock.wall()) {
+            tracing::error!("could not record the new release: {e}");
+        }
+    }
+
+    /// End the deployment in `phase`, answer the operation.
+    fn finish_deploy(&mut self, phase: DeployPhase) {
+        let Some(mut run) = self.deployment.take() else { return };
+        run.cancel.cancel();
+        let took = self.clock.now().saturating_duration_since(run.started);
+        let (status, reason) = match &phase {
+            DeployPhase::Succeeded => (DeploymentStatus::Succeeded, None),
+            DeployPhase::RolledBack { reason } => (DeploymentStatus::RolledBack, Some(reason.clone())),
+            DeployPhase::Failed { reason } => (DeploymentStatus::Failed, Some(reason.clone())),
+            _ => (DeploymentStatus::Failed, Some("ended in an unexpected phase".to_string())),
+        };
+        run.record.phase = serde_json::to_value(&phase).unwrap_or_default();
+        run.record.status = status;
+        run.record.reason = reason.clone();
+        run.record.finished_at = Some(self.clock.wall());
+        if let Err(e) = self.store.update_deployment(&run.record) {
+            tracing::error!("could not record the end of deployment #{}: {e}", run.record.id);
+        }
+        let app = run.to.spec.app.clone();
+        let release = run.to.id.to_string();
+        match phase {
+            DeployPhase::Succeeded => {
+                if run.phase != DeployPhase::PostTasks {
+                    // Recovered after a restart during post tasks.
+                    self.deployment = Some(run);
+                    self.promote_target();
+                    run = self.deployment.take().expect("just put back");
+                }
+                self.prune_releases(&app, &run);
+                self.event(&app, "deployed", None, &format!("{release} is live ({} in {})", run.record.kind, fmt_dur(took)));
+                if let Some(op) = self.op.as_mut() {
+                    op.summary = format!("{release} is live ({} took {})", run.record.kind, fmt_dur(took));
+                }
+                self.finish_op();
+            }
+            DeployPhase::RolledBack { reason } => {
+                if let Some(rt) = self.app.as_mut() {
+                    rt.targets.clear();
+                }
+                self.event(&app, "rolled-back", None, &format!("{release}: {reason}"));
+                self.fail_op(EngineError::RolledBack { release, reason, first: run.from.is_none() });
+            }
+            DeployPhase::Failed { reason } => {
+                if let Some(rt) = self.app.as_mut() {
+                    if run.from.is_some() {
+                        rt.targets.retain(|_, t| t.id != run.to.id);
+                    }
+                }
+                self.event(&app, "deploy-failed", None, &format!("{release}: {reason}"));
+                self.fail_op(EngineError::DeployFailed { release, reason });
+            }
+            _ => {}
+        }
+    }
+
+    /// Keep the newest `retain_releases` built releases, the running one and
+    /// the one before it; delete the others from disk.
+    fn prune_releases(&mut self, app: &AppName, run: &DeployRun) {
+        let Ok(all) = self.store.releases(app) else { return };
+        let retain = run.to.spec.release.retain_releases.max(1) as usize;
+        let mut keep: Vec<ReleaseId> = all.iter().rev().filter(|r| r.status == ReleaseStatus::Ready).take(retain).map(|r| r.id).collect();
+        keep.push(run.to.id);
+        if let Some(f) = &run.from {
+            keep.push(f.id);
+        }
+        match self.builder.prune(app, &keep) {
+            Ok(pruned) => {
+                for mut r in all.into_iter().filter(|r| pruned.contains(&r.id)) {
+                    r.status = ReleaseStatus::Pruned;
+                    let _ = self.store.put_release(&r);
+                }
+            }
+            Err(e) => tracing::warn!("could not prune old releases: {e}"),
+        }
+    }
+
+    // -------------------------------------------------------------- restart
+
+    /// Called by `restore`: a deployment that was running when the daemon
+    /// stopped is failed (nothing changed yet) or rolled back.
+    pub(crate) fn recover_deployment(&mut self) -> Result<(), EngineError> {
+        let Some(rt) = self.app.as_ref() else { return Ok(()) };
+        let app = rt.record.app.clone();
+        let Some(mut record) = self.store.running_deployment(&app, &self.env)? else { return Ok(()) };
+        let to_rec = self.store.release(&app, record.to_release)?;
+        let phase: DeployPhase = serde_json::from_value(record.phase.clone()).unwrap_or(DeployPhase::Building);
+        let from = record.from_release.map(|_| rt.current());
+        let Some(to_rec) = to_rec else {
+            record.status = DeploymentStatus::Failed;
+            record.reason = Some("its release is gone".into());
+            record.finished_at = Some(self.clock.wall());
+            self.store.update_deployment(&record)?;
+            return Ok(());
+        };
+        let to = ReleaseCtx { id: to_rec.id, spec: to_rec.spec.clone(), workdir: to_rec.dir.clone() };
+        let order = rollout_order(from.as_ref().map(|f| &f.spec), &to.spec);
+        let next = phase.on_restart(&order);
+        if to_rec.status == ReleaseStatus::Building {
+            let mut r = to_rec.clone();
+            r.status = ReleaseStatus::Failed;
+            self.store.put_release(&r)?;
+        }
+        tracing::warn!("deployment #{} was {} when the daemon stopped: now {}", record.id, phase.name(), next.name());
+        let (progress, _) = mpsc::unbounded_channel();
+        let (reply, _) = oneshot::channel();
+        let base_env = rt.record.base_env.clone();
+        self.begin_op(if record.kind == "rollback" { "rollback" } else { "deploy" }, progress, reply, "recovery".into(), true, VecDeque::new(), false);
+        if let Some(op) = self.op.as_mut() {
+            op.reply = None;
+            op.who = Some(format!("{} (recovering after a daemon restart)", record.who));
+        }
+        self.deployment = Some(DeployRun {
+            record,
+            to,
+            from,
+            phase: phase.clone(),
+            order,
+            run_tasks: false,
+            cancel: self.cancel.child_token(),
+            started: self.clock.now(),
+            base_env,
+        });
+        match next {
+            DeployPhase::Failed { reason } => self.finish_deploy(DeployPhase::Failed { reason }),
+            DeployPhase::Succeeded => self.finish_deploy(DeployPhase::Succeeded),
+            other => self.set_phase(other),
+        }
+        Ok(())
+    }
+
+    /// Describe the deployment in progress, for `status`.
+    pub(crate) fn deployment_summary(&self) -> Option<String> {
+        let run = self.deployment.as_ref()?;
+        let detail = match run.phase.clone() {
+            DeployPhase::Rolling { index } => format!("rolling {}", run.order.get(index).map(|p| p.as_str()).unwrap_or("")),
+            DeployPhase::RollingBack { remaining, .. } => {
+                format!("rolling back {}", remaining.first().map(|p| p.as_str()).unwrap_or(""))
+            }
+            p => p.name().to_string(),
+        };
+        Some(format!("{} #{} {} ({detail})", run.record.kind, run.record.id, run.to.id))
+    }
+}
+
+fn status_word(s: ReleaseStatus) -> &'static str {
+    match s {
+        ReleaseStatus::Building => "building",
+        ReleaseStatus::Ready => "ready",
+        ReleaseStatus::Failed => "failed",
+        ReleaseStatus::Pruned => "pruned",
+    }
+}
