@@ -160,4 +160,11 @@ pub trait Driver: Send + Sync + 'static {
     /// Run a one-off task to completion (release tasks). Its output is also
     /// written to the task's log.
     fn run_task(&self, task: TaskSpec) -> impl Future<Output = Result<TaskOutcome, DriverError>> + Send;
+
+    /// Every instance of this app and environment that the driver knows to
+    /// be alive, recorded or not: a daemon that died between starting an
+    /// instance and recording it finds the orphan here.
+    fn running(&self, _app: &AppName, _environment: &EnvironmentId) -> Vec<InstanceHandle> {
+        Vec::new()
+    }
 }

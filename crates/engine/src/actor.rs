@@ -520,6 +520,19 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             );
             adopted += 1;
         }
+        // Instances the driver runs that no record knows: a daemon died
+        // between starting them and recording them. Stop them.
+        for orphan in self.driver.running(&rt.record.app, &self.env) {
+            if rt.instances.contains_key(&orphan.instance) {
+                continue;
+            }
+            tracing::warn!("stopping {}: it runs, but no record of it survived the daemon's restart", orphan.instance);
+            self.event(&rt.record.app, "orphan", Some(&orphan.instance), "stopped: started by a daemon that died before recording it");
+            let driver = self.driver.clone();
+            self.tasks.spawn(async move {
+                let _ = driver.stop(&orphan, nonstop_core::Signal::Term, Duration::from_secs(10)).await;
+            });
+        }
         tracing::info!("restored app {} with {adopted} running instance(s)", rt.record.app);
         self.event(&rt.record.app, "daemon", None, &format!("daemon started; re-adopted {adopted} running instance(s)"));
         // Finish stops that were under way.
@@ -573,6 +586,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
             Command::Up { spec, workdir, base_env, progress, reply } => {
                 if let Some(err) = self.busy() {
+                    // A deployed app that runs needs nothing from `up`; say
+                    // what is going on instead of refusing.
+                    if let (Some(rt), Some(op)) = (self.app.as_ref(), self.deployment_summary()) {
+                        if rt.record.app == spec.app && rt.record.running && rt.record.release.0 > 0 {
+                            let _ = reply.send(Ok(OpReport {
+                                summary: format!("already up ({}); in progress: {op}", rt.record.release),
+                                changed: false,
+                            }));
+                            return;
+                        }
+                    }
                     let _ = reply.send(Err(err));
                     return;
                 }
@@ -1434,8 +1458,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             return;
         }
         // Failures: a crash-looping slot, or an instance that never became ready.
+        // A slot counts as crash-looping as `status` shows it: still wanted
+        // and waiting to restart. Its failure count outlives a recovery (it
+        // resets only on the next exit), so without this a slot that runs
+        // again, or was scaled away, would fail every later operation.
         for (key, b) in &rt.backoff {
-            if b.crash_loop(&rt.process_spec(&key.0).map(|p| p.restart).unwrap_or_default()) {
+            let spec = rt.process_spec(&key.0);
+            let wanted = rt.record.running && spec.as_ref().is_some_and(|p| key.1 <= p.count);
+            let occupied = rt.instances.values().any(|i| i.id.process == key.0 && i.id.slot == key.1 && i.phase != InstPhase::Stopping);
+            if wanted && !occupied && b.crash_loop(&spec.map(|p| p.restart).unwrap_or_default()) {
                 let (id, exit) = rt.last_exit.get(key).cloned().unwrap_or((InstanceId::new(key.0.clone(), key.1, 0), ExitStatus::Unknown));
                 let logs = self.logs.tail(&rt.record.app, &self.env, &id, 10);
                 self.fail_op(EngineError::CrashLoop { instance: id.slot_name(), exit: exit.to_string(), logs });

@@ -826,6 +826,14 @@ impl Driver for LocalDriver {
     async fn run_task(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
         self.run_task_inner(task).await
     }
+
+    fn running(&self, app: &AppName, environment: &EnvironmentId) -> Vec<InstanceHandle> {
+        LocalDriver::running(self)
+            .into_iter()
+            .filter(|r| r.app == app.as_str() && r.environment == environment.as_str())
+            .filter_map(|r| r.handle())
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,258 @@
+//! End-to-end tests of deploys, rollbacks and their failure paths, with the
+//! real binary, real processes and the hello example.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(90);
+
+/// The hello app with a build command, a release task that logs each run,
+/// and a beat lock shared by every release (so doubles are caught across
+/// release directories).
+fn deployable() -> TestApp {
+    let app = TestApp::new("hello", |s| s);
+    let dir = app.dir.path().display().to_string();
+    let spec = app.spec().replace(
+        "app = \"hello\"",
+        &format!(
+            "app = \"hello\"\nbuild = [\"echo built-$NONSTOP_RELEASE > build-marker.txt\"]\n\n[release]\ntasks = [\"echo migrated $NONSTOP_RELEASE >> {dir}/migrations.log\"]\nretain_releases = 2"
+        ),
+    );
+    let spec = spec.replace("GREETING = \"hello\"", &format!("GREETING = \"hello\"\nBEAT_LOCK = \"{dir}/beat.lock\"\nAPP_VERSION = \"1\""));
+    app.write_spec(&spec);
+    // What the app and the release task write there is not part of a release.
+    let gi = app.dir.path().join(".gitignore");
+    let mut ignore = std::fs::read_to_string(&gi).unwrap_or_default();
+    ignore.push_str("migrations.log\n");
+    std::fs::write(gi, ignore).unwrap();
+    app
+}
+
+fn set_version(app: &TestApp, v: &str) {
+    let spec = app.spec();
+    let start = spec.find("APP_VERSION = \"").unwrap();
+    let end = start + spec[start..].find('\n').unwrap();
+    app.write_spec(&format!("{}APP_VERSION = \"{v}\"{}", &spec[..start], &spec[end..]));
+}
+
+fn history(app: &TestApp) -> Vec<serde_json::Value> {
+    let r = app.run(&["history", "--json"]);
+    r.ok();
+    serde_json::from_str::<Vec<serde_json::Value>>(&r.stdout).unwrap()
+}
+
+fn instances(app: &TestApp) -> Vec<serde_json::Value> {
+    app.status()["instances"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_deploy_builds_once_runs_tasks_once_and_rolls_without_dropping_a_request() {
+    let app = deployable();
+    let r = app.run(&["deploy", "-m", "first"]);
+    r.ok();
+    assert!(r.stdout.contains("v1 is live"), "{}", r.stdout);
+    let load = Load::start(app.proxy(), "/", 4);
+    wait_until(T, "traffic", || app.get("/").is_ok());
+    set_version(&app, "2");
+    let r = app.run(&["deploy", "-m", "second", "--json"]);
+    r.ok();
+    // --json: progress events, then the result.
+    let lines: Vec<serde_json::Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.iter().any(|l| l["type"] == "progress"), "{}", r.stdout);
+    assert_eq!(lines.last().unwrap()["type"], "result", "{}", r.stdout);
+    let (ok, failures) = load.finish();
+    assert!(failures.is_empty(), "{} failed of {}: {:?}", failures.len(), ok, &failures[..failures.len().min(5)]);
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 2"), "{body}");
+
+    // Built once, into the release directory; instances run from there.
+    let releases = app.home.path().join("releases/hello");
+    assert_eq!(std::fs::read_to_string(releases.join("v2/build-marker.txt")).unwrap().trim(), "built-v2");
+    assert!(!app.dir.path().join("build-marker.txt").exists(), "the build ran in the app directory");
+    let pid = app.pids("web")[0];
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+    assert_eq!(cwd, releases.join("v2").canonicalize().unwrap());
+    // Release tasks ran exactly once per deploy.
+    let log = std::fs::read_to_string(app.dir.path().join("migrations.log")).unwrap();
+    assert_eq!(log.lines().collect::<Vec<_>>(), ["migrated v1", "migrated v2"]);
+    // Every instance runs v2; the beat never ran twice at once.
+    assert!(instances(&app).iter().all(|i| i["release"] == 2), "{:#?}", instances(&app));
+    assert!(!app.dir.path().join("beat.lock.doubled").exists());
+    let h = history(&app);
+    assert_eq!(h.len(), 2);
+    assert!(h.iter().all(|d| d["status"] == "succeeded"), "{h:#?}");
+    assert_eq!(h[0]["message"], "second");
+    // Unchanged code and config: nothing to deploy.
+    let r = app.run(&["deploy"]);
+    r.ok();
+    assert!(r.stdout.contains("nothing to deploy"), "{}", r.stdout);
+    // Retention: 2 kept, never the running one.
+    set_version(&app, "3");
+    app.run(&["deploy"]).ok();
+    let rel: Vec<serde_json::Value> = serde_json::from_str(&app.run(&["releases", "--json"]).stdout).unwrap();
+    let on_disk: Vec<u64> = rel.iter().filter(|r| r["status"] == "ready").map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(on_disk, [3, 2], "{rel:#?}");
+    assert!(!releases.join("v1").exists());
+    assert!(rel[0]["current"].as_bool().unwrap());
+}
+
+#[test]
+fn a_failing_release_task_changes_nothing_and_shows_its_output() {
+    let app = deployable();
+    app.run(&["deploy"]).ok();
+    let before = instances(&app);
+    app.write_spec(&app.spec().replace("tasks = [\"echo migrated", "tasks = [\"echo boom-output; exit 3\", \"echo migrated"));
+    set_version(&app, "2");
+    let r = app.run(&["deploy"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("release task 1/2"), "{}", r.stderr);
+    assert!(r.stderr.contains("exit code 3"), "{}", r.stderr);
+    assert!(r.stderr.contains("boom-output"), "{}", r.stderr);
+    assert!(r.stderr.contains("nothing that was running changed"), "{}", r.stderr);
+    let after = instances(&app);
+    let pids = |v: &[serde_json::Value]| v.iter().map(|i| i["pid"].clone()).collect::<Vec<_>>();
+    assert_eq!(pids(&before), pids(&after));
+    assert_eq!(history(&app)[0]["status"], "failed");
+    let log = std::fs::read_to_string(app.dir.path().join("migrations.log")).unwrap();
+    assert_eq!(log.lines().count(), 1, "the second task must not run after the first failed");
+}
+
+#[test]
+fn a_release_that_never_becomes_healthy_is_rolled_back_and_capacity_is_kept() {
+    let app = deployable();
+    app.write_spec(&(app.spec() + "\n[processes.web.rollout]\nhealth_timeout = \"3s\"\n"));
+    app.run(&["deploy"]).ok();
+    let before: Vec<i32> = app.pids("web");
+    let load = Load::start(app.proxy(), "/", 4);
+    wait_until(T, "traffic", || app.get("/").is_ok());
+    // The new release fails its health checks.
+    app.write_spec(&app.spec().replace("APP_VERSION = \"1\"", "APP_VERSION = \"2\"\nFAIL_HEALTH_FILE = \"app.py\""));
+    let r = app.run(&["deploy"]);
+    let (ok, failures) = load.finish();
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("rolled back"), "{}", r.stderr);
+    assert!(r.stderr.contains("did not become healthy within 3.0s"), "{}", r.stderr);
+    assert!(r.stderr.contains("-> 500"), "the evidence (last checks): {}", r.stderr);
+    assert!(r.stderr.contains("the previous release keeps serving"), "{}", r.stderr);
+    assert!(failures.is_empty(), "{} failed of {ok}: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert_eq!(app.pids("web"), before, "the old instances were never replaced");
+    assert!(instances(&app).iter().all(|i| i["release"] == 1));
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 1"), "{body}");
+    let h = history(&app);
+    assert_eq!(h[0]["status"], "rolled_back");
+    assert!(h[0]["reason"].as_str().unwrap().contains("web.1"), "{h:#?}");
+    // Rollback never targets the release that just failed.
+    let r = app.run(&["rollback", "v2"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("never went live"), "{}", r.stderr);
+}
+
+#[test]
+fn rollback_returns_to_the_previous_release_without_rebuilding() {
+    let app = deployable();
+    app.run(&["deploy"]).ok();
+    set_version(&app, "2");
+    app.run(&["deploy"]).ok();
+    let load = Load::start(app.proxy(), "/", 3);
+    wait_until(T, "traffic", || app.get("/").is_ok());
+    let r = app.run(&["rollback"]);
+    r.ok();
+    assert!(r.stdout.contains("v1 is live"), "{}", r.stdout);
+    let (_, failures) = load.finish();
+    assert!(failures.is_empty(), "{failures:?}");
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 1"), "{body}");
+    assert!(instances(&app).iter().all(|i| i["release"] == 1));
+    // No new release was built; release tasks did not run again.
+    let rel: Vec<serde_json::Value> = serde_json::from_str(&app.run(&["releases", "--json"]).stdout).unwrap();
+    assert_eq!(rel.len(), 2);
+    let log = std::fs::read_to_string(app.dir.path().join("migrations.log")).unwrap();
+    assert_eq!(log.lines().count(), 2);
+    assert_eq!(history(&app)[0]["kind"], "rollback");
+    // With --run-tasks they do.
+    app.run(&["rollback", "v2", "--run-tasks"]).ok();
+    let log = std::fs::read_to_string(app.dir.path().join("migrations.log")).unwrap();
+    assert_eq!(log.lines().last().unwrap(), "migrated v2");
+    let r = app.run(&["rollback", "v9"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("there is no release v9"), "{}", r.stderr);
+}
+
+#[test]
+fn a_daemon_killed_mid_deploy_rolls_back_on_restart_and_leaves_nothing_behind() {
+    let app = deployable();
+    app.run(&["deploy"]).ok();
+    let v1: Vec<i32> = app.pids("web");
+    // v2 boots slowly so that the rollout is caught in the middle.
+    app.write_spec(&app.spec().replace("APP_VERSION = \"1\"", "APP_VERSION = \"2\"\nBOOT_DELAY = \"2\""));
+    let deploy = app.cmd(&["deploy"]).spawn().unwrap();
+    wait_until(T, "the rollout of web to start", || {
+        app.status()["operation"].as_str().is_some_and(|o| o.contains("rolling web"))
+            && instances(&app).iter().any(|i| i["release"] == 2 && i["pid"].is_number())
+    });
+    let v2: Vec<i32> = instances(&app).iter().filter(|i| i["release"] == 2).filter_map(|i| i["pid"].as_i64()).map(|p| p as i32).collect();
+    let daemon = app.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let out = wait_output(deploy, T, "the interrupted deploy");
+    assert!(!out.status.success(), "a deploy whose daemon died must not report success");
+    // A new daemon recovers: the deployment is rolled back.
+    let r = app.up();
+    r.ok();
+    wait_until(T, "the recovery to finish", || app.status()["operation"].is_null());
+    let h = history(&app);
+    assert_eq!(h[0]["status"], "rolled_back", "{h:#?}");
+    assert!(h[0]["reason"].as_str().unwrap().contains("daemon stopped"), "{h:#?}");
+    let now = instances(&app);
+    assert!(now.iter().all(|i| i["release"] == 1), "{now:#?}");
+    assert_eq!(now.iter().filter(|i| i["process"] == "web").count(), 2);
+    for p in v2 {
+        wait_until(T, "v2 instances to be gone", || !group_alive(p));
+    }
+    // The v1 instances that were never touched are still the same.
+    let web_now = app.pids("web");
+    assert!(v1.iter().filter(|p| web_now.contains(p)).count() >= 1, "v1 {v1:?} now {web_now:?}");
+    let (code, body) = app.get("/").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("version 1"), "{body}");
+}
+
+#[test]
+fn bad_deploys_are_refused_before_anything_is_built() {
+    let app = deployable();
+    app.run(&["deploy"]).ok();
+    let releases = app.home.path().join("releases/hello");
+    // An invalid spec: refused, nothing built.
+    let good = app.spec();
+    app.write_spec(&good.replace("count = 2", "count = \"two\""));
+    let r = app.run(&["deploy"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("nonstop.toml:"), "{}", r.stderr);
+    assert!(!releases.join("v2").exists());
+    // A failing build: no half release.
+    app.write_spec(&good.replace("build = [\"echo built", "build = [\"echo compiling; exit 4\", \"echo built"));
+    let r = app.run(&["deploy"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("exit code 4"), "{}", r.stderr);
+    assert!(r.stderr.contains("compiling"), "{}", r.stderr);
+    let entries: Vec<String> = std::fs::read_dir(&releases).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(entries, ["v1"], "only v1 may be on disk");
+    assert!(instances(&app).iter().all(|i| i["release"] == 1));
+    // A concurrent deploy is refused with who and since when; --wait waits.
+    app.write_spec(&good.replace("APP_VERSION = \"1\"", "APP_VERSION = \"2\"\nBOOT_DELAY = \"1\""));
+    let first = app.cmd(&["deploy"]).spawn().unwrap();
+    wait_until(T, "the first deploy to run", || app.status()["operation"].as_str().is_some_and(|o| o.starts_with("deploy")));
+    let second = app.run(&["deploy"]);
+    assert_eq!(second.code, 3, "{}\n{}", second.stdout, second.stderr);
+    assert!(second.stderr.contains("another operation (deploy by "), "{}", second.stderr);
+    assert!(second.stderr.contains(" since "), "{}", second.stderr);
+    app.write_spec(&good.replace("APP_VERSION = \"1\"", "APP_VERSION = \"3\""));
+    let waited = app.run(&["deploy", "--wait"]);
+    waited.ok();
+    let out = wait_output(first, T, "first deploy");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 3"), "{body}");
+}
