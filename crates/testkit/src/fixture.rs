@@ -1,0 +1,187 @@
+//! A real engine wired to the fakes.
+
+use crate::{FakeDriver, FakeIngress, FakeLogs, FakeTraffic, Journal, TokioClock};
+use nonstop_core::process::AppSpec;
+use nonstop_core::{EnvironmentId, ProcessName};
+use nonstop_engine::{
+    Engine, EngineConfig, EngineError, EngineHandle, OpReport, Progress, StatusReport,
+};
+use nonstop_store::Store;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Everything an engine needs, faked. Create it inside the test's runtime
+/// (the clock reads tokio's time).
+pub struct Fixture {
+    pub journal: Journal,
+    pub driver: Arc<FakeDriver>,
+    pub traffic: Arc<FakeTraffic>,
+    pub ingress: Arc<FakeIngress>,
+    pub logs: Arc<FakeLogs>,
+    pub store: Arc<Store>,
+    pub clock: Arc<TokioClock>,
+    /// The app directory `up` passes (exists, so preflight passes).
+    pub workdir: PathBuf,
+    /// The environment `up` passes.
+    pub base_env: BTreeMap<String, String>,
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fixture {
+    /// Fakes and an in-memory store.
+    pub fn new() -> Self {
+        Self::with_store(Store::in_memory().unwrap_or_else(|e| panic!("in-memory store: {e}")))
+    }
+
+    pub fn with_store(store: Store) -> Self {
+        let journal = Journal::new();
+        Self {
+            driver: Arc::new(FakeDriver::new(journal.clone())),
+            traffic: Arc::new(FakeTraffic::new(journal.clone())),
+            ingress: Arc::new(FakeIngress::new()),
+            logs: Arc::new(FakeLogs::new()),
+            store: Arc::new(store),
+            clock: Arc::new(TokioClock::new()),
+            workdir: std::env::temp_dir(),
+            base_env: [
+                ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+                ("LANG", "C.UTF-8"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            journal,
+        }
+    }
+
+    /// What a restarted daemon on the same machine has: the same driver
+    /// (the instances kept running), clock and `store` (opened anew by
+    /// the caller, or this one), but a new proxy (traffic and ingress) and
+    /// logs.
+    pub fn next_daemon(&self, store: Arc<Store>) -> Fixture {
+        Fixture {
+            journal: self.journal.clone(),
+            driver: self.driver.clone(),
+            traffic: Arc::new(FakeTraffic::new(self.journal.clone())),
+            ingress: Arc::new(FakeIngress::new()),
+            logs: Arc::new(FakeLogs::new()),
+            store,
+            clock: self.clock.clone(),
+            workdir: self.workdir.clone(),
+            base_env: self.base_env.clone(),
+        }
+    }
+
+    /// Spawn an engine on the fakes (it restores from the store first).
+    pub fn start(&self) -> RunningEngine {
+        let shutdown = CancellationToken::new();
+        let (handle, join) = Engine::spawn(
+            EngineConfig::new(EnvironmentId::default_env(), self.clock.clone()),
+            self.driver.clone(),
+            self.traffic.clone(),
+            self.ingress.clone(),
+            self.logs.clone(),
+            self.store.clone(),
+            shutdown.clone(),
+        );
+        RunningEngine {
+            handle,
+            shutdown,
+            join,
+            workdir: self.workdir.clone(),
+            base_env: self.base_env.clone(),
+        }
+    }
+}
+
+/// A spawned engine and shortcuts to its commands.
+pub struct RunningEngine {
+    pub handle: EngineHandle,
+    shutdown: CancellationToken,
+    join: tokio::task::JoinHandle<()>,
+    workdir: PathBuf,
+    base_env: BTreeMap<String, String>,
+}
+
+fn drain_progress(mut rx: mpsc::UnboundedReceiver<Progress>) -> Vec<Progress> {
+    let mut out = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        out.push(p);
+    }
+    out
+}
+
+impl RunningEngine {
+    pub async fn up(&self, spec: AppSpec) -> Result<OpReport, EngineError> {
+        self.up_with_progress(spec).await.0
+    }
+
+    /// `up`, and the progress it reported.
+    pub async fn up_with_progress(
+        &self,
+        spec: AppSpec,
+    ) -> (Result<OpReport, EngineError>, Vec<Progress>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let r = self
+            .handle
+            .up(spec, self.workdir.clone(), self.base_env.clone(), tx)
+            .await;
+        (r, drain_progress(rx))
+    }
+
+    pub async fn down(&self) -> Result<OpReport, EngineError> {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        self.handle.down(tx).await
+    }
+
+    pub async fn scale(&self, counts: &[(&str, u32)]) -> Result<OpReport, EngineError> {
+        let counts: BTreeMap<ProcessName, u32> =
+            counts.iter().map(|(p, n)| (crate::pn(p), *n)).collect();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        self.handle.scale(counts, tx).await
+    }
+
+    pub async fn restart(&self, process: Option<&str>) -> Result<OpReport, EngineError> {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        self.handle.restart(process.map(crate::pn), tx).await
+    }
+
+    pub async fn status(&self) -> Result<StatusReport, EngineError> {
+        self.handle.status().await
+    }
+
+    /// Shut the engine down as a daemon stop does (instances keep running)
+    /// and wait until it is gone.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        if let Err(e) = self.join.await {
+            panic!("the engine task failed: {e}");
+        }
+    }
+}
+
+/// Let every task that can run, run (without moving time), so that events
+/// the fakes just produced reach the engine before the next command.
+pub async fn settle() {
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Await `fut`, failing the test if it takes more than
+/// [`crate::WAIT_LIMIT`] of (virtual) time. On paused time a future that
+/// waits for nothing would otherwise hang the test for real.
+pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(crate::WAIT_LIMIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
