@@ -89,7 +89,8 @@ struct FailRule {
 
 struct State {
     calls: Vec<DriverCall>,
-    instances: BTreeMap<InstanceId, FakeInstance>,
+    /// By pid: instance ids are unique only within an app and environment.
+    instances: BTreeMap<u32, FakeInstance>,
     next_port: u16,
     next_pid: u32,
     failures: BTreeMap<ProcessName, FailRule>,
@@ -103,6 +104,33 @@ struct State {
 }
 
 impl State {
+    /// The instance with this id: the live one if any, else the last started.
+    fn by_id(&self, id: &InstanceId) -> Option<&FakeInstance> {
+        let mut matching = self
+            .instances
+            .values()
+            .rev()
+            .filter(|i| &i.handle.instance == id);
+        let latest = matching.clone().next();
+        matching.find(|i| i.alive()).or(latest)
+    }
+
+    fn by_handle(&self, handle: &InstanceHandle) -> Option<&FakeInstance> {
+        let pid = handle.locator.pid()?;
+        self.instances.get(&pid).filter(|i| &i.handle == handle)
+    }
+
+    fn alive_ids(&self) -> Vec<InstanceId> {
+        let mut ids: Vec<InstanceId> = self
+            .instances
+            .values()
+            .filter(|i| i.alive())
+            .map(|i| i.handle.instance.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     fn alive_count(&self, process: Option<&ProcessName>) -> usize {
         self.instances
             .values()
@@ -236,20 +264,28 @@ impl FakeDriver {
     /// Make a live instance exit with `status`, as if it crashed or was
     /// killed behind our back. Returns whether it was alive.
     pub fn exit(&self, id: &InstanceId, status: ExitStatus) -> bool {
+        let pid = self.state().by_id(id).and_then(|i| i.handle.locator.pid());
+        pid.is_some_and(|pid| self.exit_pid(pid, status))
+    }
+
+    fn exit_pid(&self, pid: u32, status: ExitStatus) -> bool {
         let exited = {
             let st = self.state();
-            match st.instances.get(id) {
+            match st.instances.get(&pid) {
                 Some(inst) if inst.alive() => {
                     inst.exit.send_replace(Some(status));
-                    true
+                    Some(inst.handle.instance.clone())
                 }
-                _ => false,
+                _ => None,
             }
         };
-        if exited {
-            self.inner.journal.push(Entry::Exit(id.clone(), status));
+        match exited {
+            Some(id) => {
+                self.inner.journal.push(Entry::Exit(id, status));
+                true
+            }
+            None => false,
         }
-        exited
     }
 
     /// Start counting peaks again from what is alive now.
@@ -257,8 +293,8 @@ impl FakeDriver {
         let mut st = self.state();
         let processes: Vec<ProcessName> = st
             .instances
-            .keys()
-            .map(|i| i.process.clone())
+            .values()
+            .map(|i| i.handle.instance.process.clone())
             .chain(st.peaks.keys().cloned())
             .collect();
         st.peaks.clear();
@@ -307,13 +343,9 @@ impl FakeDriver {
             .collect()
     }
 
+    /// Live instances, ordered by id.
     pub fn alive(&self) -> Vec<InstanceId> {
-        self.state()
-            .instances
-            .values()
-            .filter(|i| i.alive())
-            .map(|i| i.handle.instance.clone())
-            .collect()
+        self.state().alive_ids()
     }
 
     pub fn alive_of(&self, process: &ProcessName) -> Vec<InstanceId> {
@@ -324,23 +356,20 @@ impl FakeDriver {
     }
 
     pub fn is_instance_alive(&self, id: &InstanceId) -> bool {
-        self.state().instances.get(id).is_some_and(|i| i.alive())
+        self.state().by_id(id).is_some_and(|i| i.alive())
     }
 
     /// How an instance ended, if it did.
     pub fn exit_status(&self, id: &InstanceId) -> Option<ExitStatus> {
-        self.state()
-            .instances
-            .get(id)
-            .and_then(|i| *i.exit.borrow())
+        self.state().by_id(id).and_then(|i| *i.exit.borrow())
     }
 
     pub fn handle_of(&self, id: &InstanceId) -> Option<InstanceHandle> {
-        self.state().instances.get(id).map(|i| i.handle.clone())
+        self.state().by_id(id).map(|i| i.handle.clone())
     }
 
     pub fn launch_of(&self, id: &InstanceId) -> Option<LaunchSpec> {
-        self.state().instances.get(id).map(|i| i.launch.clone())
+        self.state().by_id(id).map(|i| i.launch.clone())
     }
 
     /// The most instances of `process` alive at once (see [`FakeDriver::reset_peaks`]).
@@ -351,12 +380,7 @@ impl FakeDriver {
     pub fn snapshot(&self) -> DriverSnapshot {
         let st = self.state();
         DriverSnapshot {
-            alive: st
-                .instances
-                .values()
-                .filter(|i| i.alive())
-                .map(|i| i.handle.instance.clone())
-                .collect(),
+            alive: st.alive_ids(),
             peak_alive: st.peaks.clone(),
             peak_total: st.peak_total,
             starts: st
@@ -413,14 +437,14 @@ impl FakeDriver {
         }
     }
 
-    fn arm_lifetime(&self, id: InstanceId, lifetime: Lifetime) {
+    fn arm_lifetime(&self, pid: u32, lifetime: Lifetime) {
         let Lifetime::ExitAfter(after, status) = lifetime else {
             return;
         };
         let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            me.exit(&id, status);
+            me.exit_pid(pid, status);
         });
     }
 }
@@ -465,7 +489,7 @@ impl Driver for FakeDriver {
                     };
                     let (exit, _) = watch::channel(None);
                     st.instances.insert(
-                        id.clone(),
+                        pid,
                         FakeInstance {
                             handle: handle.clone(),
                             launch,
@@ -485,7 +509,9 @@ impl Driver for FakeDriver {
         match result {
             Ok((handle, lifetime)) => {
                 self.inner.journal.push(Entry::Start(id.clone()));
-                self.arm_lifetime(id, lifetime);
+                if let Some(pid) = handle.locator.pid() {
+                    self.arm_lifetime(pid, lifetime);
+                }
                 Ok(handle)
             }
             Err(e) => {
@@ -502,6 +528,7 @@ impl Driver for FakeDriver {
         timeout: Duration,
     ) -> Result<StopOutcome, DriverError> {
         let id = handle.instance.clone();
+        let pid = handle.locator.pid().unwrap_or(0);
         let (behavior, rx) = {
             let mut st = self.state();
             st.calls.push(DriverCall::Stop {
@@ -516,8 +543,7 @@ impl Driver for FakeDriver {
                 .copied()
                 .unwrap_or(st.default_stop);
             let rx = st
-                .instances
-                .get(&id)
+                .by_handle(handle)
                 .filter(|i| i.alive())
                 .map(|i| i.exit.subscribe());
             (behavior, rx)
@@ -545,22 +571,18 @@ impl Driver for FakeDriver {
         }
         match exits_in {
             Some(_) => {
-                self.exit(&id, ExitStatus::Signal(signal_number(signal)));
+                self.exit_pid(pid, ExitStatus::Signal(signal_number(signal)));
                 Ok(StopOutcome::Graceful)
             }
             None => {
-                self.exit(&id, ExitStatus::Signal(9));
+                self.exit_pid(pid, ExitStatus::Signal(9));
                 Ok(StopOutcome::Killed)
             }
         }
     }
 
     async fn wait_exit(&self, handle: &InstanceHandle) -> ExitStatus {
-        let rx = self
-            .state()
-            .instances
-            .get(&handle.instance)
-            .map(|i| i.exit.subscribe());
+        let rx = self.state().by_handle(handle).map(|i| i.exit.subscribe());
         let Some(mut rx) = rx else {
             return ExitStatus::Unknown;
         };
@@ -572,10 +594,7 @@ impl Driver for FakeDriver {
     }
 
     fn is_alive(&self, handle: &InstanceHandle) -> bool {
-        self.state()
-            .instances
-            .get(&handle.instance)
-            .is_some_and(|i| i.alive() && &i.handle == handle)
+        self.state().by_handle(handle).is_some_and(|i| i.alive())
     }
 
     fn running(&self, app: &AppName, environment: &EnvironmentId) -> Vec<InstanceHandle> {
