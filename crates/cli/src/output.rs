@@ -109,11 +109,17 @@ impl ProgressView {
     pub fn update(&self, p: &Progress) {
         match &self.bar {
             Some(bar) => {
-                if p.desired > 0 {
-                    bar.set_message(format!("{}/{} ready — {}", p.ready, p.desired, p.message));
-                } else {
-                    bar.set_message(p.message.clone());
+                let mut status = String::new();
+                if let Some(phase) = &p.phase {
+                    status.push_str(phase);
+                    status.push_str(" · ");
                 }
+                match (p.new, p.old) {
+                    (Some(new), Some(old)) => status.push_str(&format!("new {new} ({} healthy of {}) · old {old} · ", p.ready, p.desired)),
+                    _ if p.desired > 0 => status.push_str(&format!("{}/{} ready · ", p.ready, p.desired)),
+                    _ => {}
+                }
+                bar.set_message(format!("{status}{}", p.message));
                 bar.println(format!("  {}", p.message));
             }
             None => eprintln!("  {}", p.message),

@@ -671,7 +671,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         queue: VecDeque<ProcessName>,
         down: bool,
     ) {
-        let _ = progress.send(Progress { message: format!("{name}: {summary}"), ready: 0, desired: 0 });
+        let _ = progress.send(Progress::note(format!("{name}: {summary}")));
         self.op = Some(Op {
             name,
             since: self.clock.wall(),
@@ -1502,7 +1502,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let op = self.op.as_mut().expect("checked");
         if op.last_progress != Some((ready, desired)) {
             op.last_progress = Some((ready, desired));
-            let _ = op.progress.send(Progress { message: format!("{ready}/{desired} instance(s) ready"), ready, desired });
+            let _ = op.progress.send(Progress { ready, desired, ..Progress::note(format!("{ready}/{desired} instance(s) ready")) });
         }
         if converged {
             self.finish_op();
@@ -1529,10 +1529,22 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     }
 
     pub(crate) fn progress(&self, message: String) {
-        if let Some(op) = &self.op {
-            let (ready, desired) = op.last_progress.unwrap_or((0, 0));
-            let _ = op.progress.send(Progress { message, ready, desired });
+        let Some(op) = &self.op else { return };
+        let (mut ready, mut desired) = op.last_progress.unwrap_or((0, 0));
+        let mut p = Progress::note(message);
+        p.elapsed_ms = self.clock.wall().duration_since(op.since).unwrap_or_default().as_millis() as u64;
+        p.phase = self.deployment_summary();
+        if let Some(ro) = self.app.as_ref().and_then(|rt| rt.rollout.as_ref().map(|ro| (rt, ro))) {
+            let (rt, ro) = ro;
+            let alive = |id: &InstanceId| rt.instances.get(id).is_some_and(|i| i.phase != InstPhase::Stopping);
+            ready = ro.new.values().filter(|id| rt.instances.get(*id).is_some_and(|i| i.phase == InstPhase::Ready)).count() as u32;
+            desired = ro.params.desired;
+            p.new = Some(ro.new.values().filter(|id| alive(id)).count() as u32);
+            p.old = Some(ro.old.iter().filter(|id| alive(id)).count() as u32);
         }
+        p.ready = ready;
+        p.desired = desired;
+        let _ = op.progress.send(p);
     }
 
     pub(crate) fn event(&self, app: &AppName, kind: &str, instance: Option<&InstanceId>, message: &str) {

@@ -341,7 +341,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             let forward = async move {
                 while let Some(line) = out_rx.recv().await {
                     if let Some(p) = &progress {
-                        let _ = p.send(Progress { message: format!("build | {line}"), ready: 0, desired: 0 });
+                        let _ = p.send(Progress { phase: Some("building".into()), ..Progress::note(format!("build | {line}")) });
                     }
                 }
             };
@@ -414,7 +414,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         self.tasks.spawn(async move {
             let say = |m: String| {
                 if let Some(p) = &progress {
-                    let _ = p.send(Progress { message: m, ready: 0, desired: 0 });
+                    let _ = p.send(Progress { phase: Some(kind.to_string()), ..Progress::note(m) });
                 }
             };
             let n = commands.len();

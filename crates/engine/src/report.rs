@@ -66,6 +66,25 @@ pub struct Progress {
     /// Ready instances / desired instances, over the processes involved.
     pub ready: u32,
     pub desired: u32,
+    /// During a deployment: its phase (`building`, `rolling web`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// During a rollout: instances of the new release (ready ones counted in
+    /// `ready`) and of the old one still running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<u32>,
+    /// Milliseconds since the operation started.
+    #[serde(default)]
+    pub elapsed_ms: u64,
+}
+
+impl Progress {
+    /// A message without counts.
+    pub fn note(message: impl Into<String>) -> Self {
+        Progress { message: message.into(), ready: 0, desired: 0, phase: None, new: None, old: None, elapsed_ms: 0 }
+    }
 }
 
 /// The result of a successful operation.
