@@ -222,10 +222,8 @@ async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
     let workdir = workdir.canonicalize().unwrap_or(workdir);
     let c = ensure_daemon(home).await?;
     let code = run_op(&c, "/v1/up", &UpRequest { spec: spec.clone(), workdir, base_env: base_env() }, json).await?;
-    if code == 0 && !json {
-        if spec.processes.iter().any(|p| p.kind == nonstop_core::ProcessKind::Web) {
-            println!("serving on http://{}", spec.proxy.listen);
-        }
+    if code == 0 && !json && spec.processes.iter().any(|p| p.kind == nonstop_core::ProcessKind::Web) {
+        println!("serving on http://{}", spec.proxy.listen);
     }
     Ok(code)
 }

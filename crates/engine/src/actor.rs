@@ -782,6 +782,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         self.event(&spec.app, "up", None, &summary);
         match &mut self.app {
             Some(rt) => {
+                if !rt.record.running {
+                    // A fresh start: earlier crash loops are history.
+                    rt.backoff.clear();
+                    rt.last_exit.clear();
+                }
                 rt.record = record;
                 rt.route = route;
             }
@@ -1421,7 +1426,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
         }
         for inst in rt.instances.values() {
-            if inst.phase == InstPhase::Starting {
+            if matches!(inst.phase, InstPhase::Starting | InstPhase::Launching) {
                 if let Some(spec) = rt.process_spec(&inst.id.process) {
                     if inst.kind != ProcessKind::Web {
                         at(inst.started + spec.ready_after);

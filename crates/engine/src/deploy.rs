@@ -455,7 +455,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     }
 
     pub(crate) fn deploy_on_tasks(&mut self, deployment: i64, post: bool, result: Result<(), String>) {
-        if !self.deployment.as_ref().is_some_and(|r| r.record.id == deployment) {
+        if self.deployment.as_ref().is_none_or(|r| r.record.id != deployment) {
             return;
         }
         match (post, result) {

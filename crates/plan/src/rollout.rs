@@ -119,11 +119,9 @@ pub fn rollout_step(slots: &[RolloutSlot], params: RolloutParams) -> RolloutStep
                 actions.push(RolloutAction::StopOld(s.slot));
             }
             // Slot empty: fill it (restores capacity, within the total cap).
-            (None, None) => {
-                if total < params.desired + params.surge || params.stop_first {
-                    actions.push(RolloutAction::StartNew(s.slot));
-                    total += 1;
-                }
+            (None, None) if total < params.desired + params.surge || params.stop_first => {
+                actions.push(RolloutAction::StartNew(s.slot));
+                total += 1;
             }
             // Old alive, no new yet.
             (Some(old @ (OldPhase::Ready | OldPhase::NotReady)), None) => {
@@ -142,11 +140,9 @@ pub fn rollout_step(slots: &[RolloutSlot], params: RolloutParams) -> RolloutStep
             }
             // Old stopping, no new: start one when the total allows (never
             // for stop-first: the old one must be gone).
-            (Some(OldPhase::Stopping), None) => {
-                if !params.stop_first && total < params.desired + params.surge {
-                    actions.push(RolloutAction::StartNew(s.slot));
-                    total += 1;
-                }
+            (Some(OldPhase::Stopping), None) if !params.stop_first && total < params.desired + params.surge => {
+                actions.push(RolloutAction::StartNew(s.slot));
+                total += 1;
             }
             _ => {}
         }
@@ -248,7 +244,7 @@ mod tests {
         for seed in 0..3000u64 {
             let mut rng = Lcg(seed);
             let desired = (rng.next() % 6) as u32 + 1;
-            let stop_first = rng.next() % 5 == 0;
+            let stop_first = rng.next().is_multiple_of(5);
             let p = if stop_first {
                 RolloutParams { desired: 1, surge: 0, unavailable: 1, stop_first: true }
             } else {
@@ -304,7 +300,7 @@ mod tests {
                 }
                 let i = pending[(rng.next() as usize) % pending.len()];
                 let s = &mut slots[i];
-                if s.new == Some(NewPhase::Starting) && (s.old != Some(OldPhase::Stopping) || rng.next() % 2 == 0) {
+                if s.new == Some(NewPhase::Starting) && (s.old != Some(OldPhase::Stopping) || rng.next().is_multiple_of(2)) {
                     s.new = Some(NewPhase::Ready);
                 } else if s.old == Some(OldPhase::Stopping) {
                     s.old = None;

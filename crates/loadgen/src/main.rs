@@ -1,0 +1,579 @@
+//! `nonstop-loadgen`: a closed-loop HTTP/1.1 load generator for nonstop's
+//! benchmarks (`bench/zero-downtime`).
+//!
+//! N connections, each with at most one request in flight, send a weighted
+//! mix of requests (`get=/:6,post=/notes/:3,static=AUTO:1`) over keep-alive
+//! connections until a duration has passed or a stop file appears. Every
+//! request is recorded (start time, latency, kind, outcome, status or error,
+//! the id a POST wrote) into `--out` (CSV, or NDJSON if the name ends in
+//! `.ndjson`/`.jsonl`), and one JSON summary line is printed at the end.
+//!
+//! Outcomes: `ok` (2xx), `non_2xx` (any other HTTP status), `failed` (no
+//! HTTP response: connect error, reset or close after the request was sent,
+//! timeout, broken body). A keep-alive connection that the server closed
+//! cleanly between two requests is not a failure: the next request opens a
+//! new connection (only requests that hyper hands back unsent are retried).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::Parser;
+use http::{header, Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+#[derive(Parser, Debug)]
+#[command(name = "nonstop-loadgen", about = "Closed-loop HTTP/1.1 load with every request recorded")]
+struct Args {
+    /// Base URL, e.g. http://127.0.0.1:8080 (plain HTTP only).
+    #[arg(long)]
+    url: String,
+    /// Concurrent keep-alive connections (one request in flight on each).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Stop when this file exists (checked every 50 ms).
+    #[arg(long)]
+    until_file: Option<PathBuf>,
+    /// Weighted mix KIND=PATH:WEIGHT,...; KIND is get, post (form body
+    /// `text=...`, records the JSON `id`) or static (GET; PATH `AUTO` means
+    /// the first /static/...css URL found in the page at `/`).
+    #[arg(long, default_value = "get=/:1")]
+    mix: String,
+    /// The static path to use when AUTO finds none in the page.
+    #[arg(long)]
+    static_fallback: Option<String>,
+    /// Where every request is written (CSV; NDJSON if it ends in .ndjson or .jsonl).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A request without a complete response after this many seconds failed.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Pace the load to about this many requests per second in all (each
+    /// connection waits for its turn; still never more than one in flight).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Written (with the run's start as Unix ms) once the load has started.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Get,
+    Post,
+    Static,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Get => "get",
+            Kind::Post => "post",
+            Kind::Static => "static",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct MixEntry {
+    kind: Kind,
+    path: String,
+    weight: u32,
+}
+
+fn parse_mix(s: &str) -> anyhow::Result<Vec<MixEntry>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (kind, rest) = part.split_once('=').with_context(|| format!("mix entry `{part}`: expected KIND=PATH:WEIGHT"))?;
+        let (path, weight) = match rest.rsplit_once(':') {
+            Some((p, w)) if w.chars().all(|c| c.is_ascii_digit()) && !w.is_empty() => (p, w.parse::<u32>()?),
+            _ => (rest, 1),
+        };
+        let kind = match kind.trim() {
+            "get" => Kind::Get,
+            "post" => Kind::Post,
+            "static" => Kind::Static,
+            k => bail!("mix entry `{part}`: unknown kind `{k}` (get, post, static)"),
+        };
+        if path != "AUTO" && !path.starts_with('/') {
+            bail!("mix entry `{part}`: the path must start with `/` (or be AUTO)");
+        }
+        if weight > 0 {
+            out.push(MixEntry { kind, path: path.to_string(), weight });
+        }
+    }
+    if out.is_empty() {
+        bail!("the mix is empty");
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Non2xx,
+    Failed,
+}
+
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Non2xx => "non_2xx",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+struct Record {
+    start_us: u64,
+    latency_us: u64,
+    kind: Kind,
+    outcome: Outcome,
+    status: u16,
+    error: Option<String>,
+    id: Option<i64>,
+    conn: usize,
+}
+
+struct Target {
+    host: String,
+    port: u16,
+    authority: String,
+}
+
+fn parse_url(url: &str) -> anyhow::Result<Target> {
+    let uri: Uri = url.parse().with_context(|| format!("`{url}` is not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        bail!("`{url}`: only http:// URLs are supported");
+    }
+    let auth = uri.authority().with_context(|| format!("`{url}` has no host"))?;
+    Ok(Target { host: auth.host().trim_matches(['[', ']']).to_string(), port: auth.port_u16().unwrap_or(80), authority: auth.to_string() })
+}
+
+/// One client connection: reconnects when the server closed it between requests.
+struct Conn {
+    target: Arc<Target>,
+    sender: Option<SendRequest<Full<Bytes>>>,
+    connects: u64,
+}
+
+enum ReqError {
+    /// No HTTP response; the request may have reached the server.
+    Failed(String),
+}
+
+impl Conn {
+    fn new(target: Arc<Target>) -> Self {
+        Self { target, sender: None, connects: 0 }
+    }
+
+    async fn connect(&mut self) -> Result<(), String> {
+        let stream = TcpStream::connect((self.target.host.as_str(), self.target.port)).await.map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.sender = Some(sender);
+        self.connects += 1;
+        Ok(())
+    }
+
+    /// Send one request; a request hyper hands back unsent (the connection
+    /// was closed between requests) goes out again on a new connection.
+    async fn send(&mut self, build: &(dyn Fn() -> Request<Full<Bytes>> + Sync)) -> Result<(u16, Bytes), ReqError> {
+        let mut req = build();
+        for _attempt in 0..3 {
+            // A connection the server closed (e.g. `Connection: close`) is replaced before sending.
+            let usable = match self.sender.as_mut() {
+                Some(s) if !s.is_closed() => s.ready().await.is_ok(),
+                _ => false,
+            };
+            if !usable {
+                self.sender = None;
+                self.connect().await.map_err(ReqError::Failed)?;
+            }
+            let sender = self.sender.as_mut().expect("connected");
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let body = resp.into_body().collect().await.map_err(|e| {
+                        self.sender = None;
+                        ReqError::Failed(format!("body: {}", err_chain(&e)))
+                    })?;
+                    return Ok((status, body.to_bytes()));
+                }
+                Err(mut e) => {
+                    self.sender = None;
+                    match e.take_message() {
+                        // Never written: the connection closed before it could be sent.
+                        Some(unsent) => req = unsent,
+                        None => return Err(ReqError::Failed(err_chain(e.error()))),
+                    }
+                }
+            }
+        }
+        Err(ReqError::Failed("connection closed before the request could be sent, 3 times".into()))
+    }
+}
+
+fn err_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// The first `/static/...css` URL in a page.
+fn find_static_css(page: &str) -> Option<String> {
+    let mut rest = page;
+    while let Some(i) = rest.find("/static/") {
+        let cand = &rest[i..];
+        let end = cand.find(|c: char| c == '"' || c == '\'' || c == '<' || c == '>' || c.is_whitespace() || c == ')').unwrap_or(cand.len());
+        let url = &cand[..end];
+        let path_only = url.split(['?', '#']).next().unwrap_or(url);
+        if path_only.ends_with(".css") {
+            return Some(url.to_string());
+        }
+        rest = &cand["/static/".len()..];
+    }
+    None
+}
+
+fn build_request(target: &Target, kind: Kind, path: &str, body: Option<String>) -> Request<Full<Bytes>> {
+    let method = if kind == Kind::Post { Method::POST } else { Method::GET };
+    let mut b = Request::builder().method(method).uri(path).header(header::HOST, &target.authority).header(header::USER_AGENT, "nonstop-loadgen");
+    let body = match body {
+        Some(text) => {
+            b = b.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+            Full::new(Bytes::from(text))
+        }
+        None => Full::new(Bytes::new()),
+    };
+    b.body(body).expect("valid request")
+}
+
+fn post_id(body: &[u8]) -> Option<i64> {
+    serde_json::from_slice::<serde_json::Value>(body).ok()?.get("id")?.as_i64()
+}
+
+struct Shared {
+    stop: AtomicBool,
+    started: Instant,
+    timeout: Duration,
+    interval: Option<Duration>,
+    seq: AtomicU64,
+}
+
+async fn worker(shared: Arc<Shared>, target: Arc<Target>, schedule: Arc<Vec<(Kind, String)>>, conn_idx: usize) -> (Vec<Record>, u64) {
+    let mut conn = Conn::new(target.clone());
+    let mut records = Vec::new();
+    // Each connection starts at its own place in the weighted cycle.
+    let mut pos = (conn_idx * 7) % schedule.len();
+    let mut next_at = tokio::time::Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        if let Some(iv) = shared.interval {
+            let now = tokio::time::Instant::now();
+            if next_at > now {
+                tokio::time::sleep_until(next_at).await;
+                if shared.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            } else if now - next_at > iv {
+                next_at = now; // behind: no burst to catch up
+            }
+            next_at += iv;
+        }
+        let (kind, path) = &schedule[pos];
+        pos = (pos + 1) % schedule.len();
+        let body = (*kind == Kind::Post).then(|| {
+            let n = shared.seq.fetch_add(1, Ordering::Relaxed);
+            format!("text=loadgen+note+{n}+from+connection+{conn_idx}")
+        });
+        let t0 = Instant::now();
+        let build = || build_request(&target, *kind, path, body.clone());
+        let res = tokio::time::timeout(shared.timeout, conn.send(&build)).await;
+        let latency_us = t0.elapsed().as_micros() as u64;
+        let start_us = t0.duration_since(shared.started).as_micros() as u64;
+        let mut rec = Record { start_us, latency_us, kind: *kind, outcome: Outcome::Failed, status: 0, error: None, id: None, conn: conn_idx };
+        match res {
+            Err(_) => {
+                conn.sender = None; // the connection may still deliver a late response: never reuse it
+                rec.error = Some(format!("timeout after {:.1}s", shared.timeout.as_secs_f64()));
+            }
+            Ok(Err(ReqError::Failed(e))) => rec.error = Some(e),
+            Ok(Ok((status, body))) => {
+                rec.status = status;
+                if (200..300).contains(&status) {
+                    rec.outcome = Outcome::Ok;
+                    if *kind == Kind::Post {
+                        rec.id = post_id(&body);
+                        if rec.id.is_none() {
+                            rec.error = Some("2xx without a JSON id".into());
+                        }
+                    }
+                } else {
+                    rec.outcome = Outcome::Non2xx;
+                    let snippet: String = String::from_utf8_lossy(&body).chars().take(120).collect();
+                    rec.error = Some(format!("HTTP {status}: {}", snippet.split_whitespace().collect::<Vec<_>>().join(" ")));
+                }
+            }
+        }
+        records.push(rec);
+    }
+    (records, conn.connects)
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    round3(sorted[rank - 1] as f64 / 1000.0)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn write_records(path: &PathBuf, records: &[Record]) -> anyhow::Result<()> {
+    let f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    let ndjson = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e == "ndjson" || e == "jsonl");
+    if !ndjson {
+        writeln!(w, "start_ms,latency_us,kind,outcome,status,error,id,conn")?;
+    }
+    for r in records {
+        let start_ms = r.start_us as f64 / 1000.0;
+        if ndjson {
+            let v = serde_json::json!({
+                "start_ms": start_ms, "latency_us": r.latency_us, "kind": r.kind.name(), "outcome": r.outcome.name(),
+                "status": (r.status != 0).then_some(r.status), "error": r.error, "id": r.id, "conn": r.conn,
+            });
+            writeln!(w, "{v}")?;
+        } else {
+            writeln!(
+                w,
+                "{start_ms:.3},{},{},{},{},{},{},{}",
+                r.latency_us,
+                r.kind.name(),
+                r.outcome.name(),
+                if r.status == 0 { String::new() } else { r.status.to_string() },
+                csv_field(r.error.as_deref().unwrap_or("")),
+                r.id.map(|i| i.to_string()).unwrap_or_default(),
+                r.conn
+            )?;
+        }
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn summary(records: &[Record], duration: Duration, args: &Args, start_unix_ms: u128, static_path: Option<&str>, connects: u64) -> serde_json::Value {
+    let mut lat: Vec<u64> = records.iter().map(|r| r.latency_us).collect();
+    lat.sort_unstable();
+    let count = |o: Outcome| records.iter().filter(|r| r.outcome == o).count();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.outcome != Outcome::Ok) {
+        // Group by the message without note numbers and the like.
+        let key: String = r.error.as_deref().unwrap_or("?").chars().take(100).collect();
+        *errors.entry(format!("{}: {key}", r.kind.name())).or_default() += 1;
+    }
+    let mut by_kind = serde_json::Map::new();
+    for kind in [Kind::Get, Kind::Post, Kind::Static] {
+        let rs: Vec<&Record> = records.iter().filter(|r| r.kind == kind).collect();
+        if rs.is_empty() {
+            continue;
+        }
+        let mut l: Vec<u64> = rs.iter().map(|r| r.latency_us).collect();
+        l.sort_unstable();
+        by_kind.insert(
+            kind.name().into(),
+            serde_json::json!({
+                "requests": rs.len(),
+                "failed": rs.iter().filter(|r| r.outcome == Outcome::Failed).count(),
+                "non_2xx": rs.iter().filter(|r| r.outcome == Outcome::Non2xx).count(),
+                "p50_ms": pct(&l, 0.5), "p99_ms": pct(&l, 0.99),
+            }),
+        );
+    }
+    let secs = duration.as_secs_f64();
+    serde_json::json!({
+        "requests": records.len(),
+        "ok": count(Outcome::Ok),
+        "failed": count(Outcome::Failed),
+        "non_2xx": count(Outcome::Non2xx),
+        "rows_written": records.iter().filter(|r| r.id.is_some()).count(),
+        "p50_ms": pct(&lat, 0.5),
+        "p90_ms": pct(&lat, 0.9),
+        "p99_ms": pct(&lat, 0.99),
+        "max_ms": pct(&lat, 1.0),
+        "rps": if secs > 0.0 { round3(records.len() as f64 / secs) } else { 0.0 },
+        "duration_s": round3(secs),
+        "connections": args.connections,
+        "connects": connects,
+        "start_unix_ms": start_unix_ms as u64,
+        "static_path": static_path,
+        "by_kind": by_kind,
+        "errors": errors,
+        "out": args.out.as_ref().map(|p| p.display().to_string()),
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.duration.is_none() && args.until_file.is_none() {
+        bail!("give --duration SECONDS or --until-file PATH");
+    }
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let target = Arc::new(parse_url(&args.url)?);
+    let mix = parse_mix(&args.mix)?;
+    let timeout = Duration::from_secs_f64(args.timeout);
+
+    // static=AUTO: the stylesheet the page links to (hashed by the app's build).
+    let mut static_path = None;
+    if mix.iter().any(|m| m.kind == Kind::Static && m.path == "AUTO") {
+        let mut c = Conn::new(target.clone());
+        let build = || build_request(&target, Kind::Get, "/", None);
+        let found = match tokio::time::timeout(timeout, c.send(&build)).await {
+            Ok(Ok((200..=299, body))) => find_static_css(&String::from_utf8_lossy(&body)),
+            _ => None,
+        };
+        static_path = found.or_else(|| args.static_fallback.clone());
+        if static_path.is_none() {
+            bail!("static=AUTO: no /static/...css URL in the page at / and no --static-fallback");
+        }
+    }
+    let schedule: Vec<(Kind, String)> = mix
+        .iter()
+        .flat_map(|m| {
+            let path = if m.kind == Kind::Static && m.path == "AUTO" { static_path.clone().unwrap() } else { m.path.clone() };
+            std::iter::repeat_n((m.kind, path), m.weight as usize)
+        })
+        .collect();
+    // Interleave so that one connection's cycle mixes kinds: spread entries
+    // evenly (a stable sort by fractional position).
+    let schedule = interleave(schedule, &mix);
+
+    let started = Instant::now();
+    let start_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        started,
+        timeout,
+        interval: args.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(args.connections as f64 / r)),
+        seq: AtomicU64::new(start_unix_ms as u64 % 1_000_000_000),
+    });
+    let schedule = Arc::new(schedule);
+    let mut tasks = Vec::new();
+    for i in 0..args.connections {
+        tasks.push(tokio::spawn(worker(shared.clone(), target.clone(), schedule.clone(), i)));
+    }
+    if let Some(p) = &args.ready_file {
+        std::fs::write(p, format!("{start_unix_ms}\n")).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d));
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) || args.until_file.as_ref().is_some_and(|f| f.exists()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    let mut records = Vec::new();
+    let mut connects = 0;
+    for t in tasks {
+        let (r, c) = t.await.context("a connection task panicked")?;
+        records.extend(r);
+        connects += c;
+    }
+    let duration = started.elapsed();
+    records.sort_by_key(|r| r.start_us);
+    if let Some(out) = &args.out {
+        write_records(out, &records)?;
+    }
+    println!("{}", summary(&records, duration, &args, start_unix_ms, static_path.as_deref(), connects));
+    Ok(())
+}
+
+/// Order the weighted cycle so that kinds alternate: entry j of kind k (of
+/// weight w) sits at (j + 0.5) / w of the way through the cycle.
+fn interleave(schedule: Vec<(Kind, String)>, mix: &[MixEntry]) -> Vec<(Kind, String)> {
+    let mut keyed: Vec<(f64, usize, (Kind, String))> = Vec::new();
+    let mut i = 0;
+    for (mi, m) in mix.iter().enumerate() {
+        for j in 0..m.weight as usize {
+            keyed.push(((j as f64 + 0.5) / m.weight as f64, mi, schedule[i].clone()));
+            i += 1;
+        }
+    }
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    keyed.into_iter().map(|(_, _, e)| e).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_parses_kinds_paths_and_weights() {
+        let m = parse_mix("get=/:6,post=/notes/:3,static=AUTO:1").unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!((m[0].kind, m[0].path.as_str(), m[0].weight), (Kind::Get, "/", 6));
+        assert_eq!((m[1].kind, m[1].path.as_str(), m[1].weight), (Kind::Post, "/notes/", 3));
+        assert_eq!((m[2].kind, m[2].path.as_str(), m[2].weight), (Kind::Static, "AUTO", 1));
+        assert_eq!(parse_mix("get=/health/").unwrap()[0].weight, 1);
+        assert!(parse_mix("put=/:1").is_err());
+        assert!(parse_mix("get=x:1").is_err());
+    }
+
+    #[test]
+    fn finds_the_hashed_stylesheet() {
+        let page = r#"<script src="/static/notes/app.1a2b.js"></script><link rel="stylesheet" href="/static/notes/app.3c4d.css">"#;
+        assert_eq!(find_static_css(page).as_deref(), Some("/static/notes/app.3c4d.css"));
+        assert_eq!(find_static_css("<p>none</p>"), None);
+    }
+
+    #[test]
+    fn interleaving_spreads_kinds() {
+        let mix = parse_mix("get=/:2,post=/p:2").unwrap();
+        let sched: Vec<(Kind, String)> = mix.iter().flat_map(|m| std::iter::repeat_n((m.kind, m.path.clone()), m.weight as usize)).collect();
+        let kinds: Vec<Kind> = interleave(sched, &mix).into_iter().map(|e| e.0).collect();
+        assert_eq!(kinds, [Kind::Get, Kind::Post, Kind::Get, Kind::Post]);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<u64> = (1..=100).map(|x| x * 1000).collect();
+        assert_eq!(pct(&v, 0.5), 50.0);
+        assert_eq!(pct(&v, 0.99), 99.0);
+        assert_eq!(pct(&v, 1.0), 100.0);
+    }
+}
