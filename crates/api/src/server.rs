@@ -35,6 +35,10 @@ pub trait LogSource: Send + Sync + 'static {
     ) -> Result<mpsc::Receiver<LogEntry>, String>;
 }
 
+/// Asks the daemon to hand over to the binary now on disk; the answer is
+/// `{"old_pid": .., "new_pid": ..}` or why it could not.
+pub type UpgradeRequest = tokio::sync::oneshot::Sender<Result<serde_json::Value, String>>;
+
 #[derive(Clone)]
 pub struct ApiState {
     pub engine: EngineHandle,
@@ -42,6 +46,8 @@ pub struct ApiState {
     /// Fired by `POST /v1/shutdown`.
     pub shutdown: CancellationToken,
     pub home: PathBuf,
+    /// `POST /v1/upgrade` goes here.
+    pub upgrade: Option<mpsc::Sender<UpgradeRequest>>,
 }
 
 /// The routes, without authentication (for the 0600 unix socket).
@@ -57,6 +63,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/logs", get(logs))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/upgrade", post(upgrade))
         .route("/v1/deploy", post(deploy))
         .route("/v1/rollback", post(rollback))
         .route("/v1/releases", get(releases))
@@ -308,5 +315,20 @@ async fn history(State(s): State<ApiState>, Query(q): Query<HistoryQuery>) -> Re
     match s.engine.history(q.limit.unwrap_or(20).min(10_000)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
+    }
+}
+
+async fn upgrade(State(s): State<ApiState>) -> Response {
+    let Some(tx) = s.upgrade.clone() else {
+        return error_response(StatusCode::NOT_FOUND, ApiError { message: "this daemon cannot upgrade itself".into(), exit_code: 2, detail: None });
+    };
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    if tx.send(reply).await.is_err() {
+        return engine_error(EngineError::ShuttingDown);
+    }
+    match rx.await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(message)) => error_response(StatusCode::INTERNAL_SERVER_ERROR, ApiError { message, exit_code: 1, detail: None }),
+        Err(_) => engine_error(EngineError::ShuttingDown),
     }
 }

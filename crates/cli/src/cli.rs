@@ -167,6 +167,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restart the daemon from the binary now on disk without dropping a
+    /// request: the listening sockets are handed to the new daemon, the app's
+    /// instances keep running and are re-adopted, the old daemon finishes its
+    /// in-flight requests. Same as `kill -USR2 $(cat $NONSTOP_HOME/daemon.pid)`
+    /// or `systemctl reload nonstop`.
+    #[command(after_help = "Example:\n  cargo build --release && nonstop upgrade")]
+    Upgrade {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions.
     #[command(after_help = "Example:\n  nonstop completions bash > /etc/bash_completion.d/nonstop")]
     Completions { shell: clap_complete::Shell },

@@ -52,6 +52,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Rollback { release, run_tasks, wait, json } => rollback(&home, release, run_tasks, wait, json).await,
         Command::History { limit, json } => history(&home, limit, json).await,
         Command::Releases { json } => releases(&home, json).await,
+        Command::Upgrade { json } => upgrade(&home, json).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "nonstop", &mut std::io::stdout());
@@ -517,5 +518,29 @@ async fn releases(home: &Home, json: bool) -> anyhow::Result<i32> {
         })
         .collect();
     print!("{}", output::table(&["RELEASE", "STATUS", "CONTENT", "CREATED (UTC)", "BUILD", "MESSAGE"], &rows));
+    Ok(0)
+}
+
+// ---------------------------------------------------------------- upgrade
+
+async fn upgrade(home: &Home, json: bool) -> anyhow::Result<i32> {
+    let c = client(home);
+    let before = c.ping().await?;
+    let r: serde_json::Value = c.post("/v1/upgrade", &serde_json::json!({})).await?;
+    let new_pid = r["new_pid"].as_u64().unwrap_or(0);
+    // The socket is the same; wait until the successor answers on it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        match c.ping().await {
+            Ok(p) if u64::from(p.pid) == new_pid => break p,
+            _ if Instant::now() > deadline => anyhow::bail!("the new daemon (pid {new_pid}) did not answer within 60s; see {}", home.daemon_log().display()),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    if json {
+        println!("{}", serde_json::json!({"old_pid": before.pid, "new_pid": after.pid, "old_version": before.version, "new_version": after.version}));
+    } else {
+        println!("nonstop daemon upgraded: pid {} ({}) → pid {} ({}); the app kept running", before.pid, before.version, after.pid, after.version);
+    }
     Ok(0)
 }

@@ -13,6 +13,7 @@ use nonstop_core::ReleaseId;
 use nonstop_engine::{BuildOutput, Builder, Engine, EngineConfig, Ingress, InstanceLogs};
 use nonstop_proxy::{Proxy, ProxyConfig};
 use nonstop_supervisor::{LocalDriver, LocalDriverConfig, LogQuery};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,27 +24,60 @@ use tokio_util::task::TaskTracker;
 /// The proxy's listener, moved and closed by the engine.
 struct ProxyIngress {
     proxy: Proxy,
-    current: Mutex<Option<(SocketAddr, CancellationToken)>>,
+    /// The listening address, the token that stops its accept loop, and a
+    /// duplicate of the socket to hand to a successor on upgrade.
+    current: Mutex<Option<(SocketAddr, CancellationToken, std::os::fd::OwnedFd)>>,
+    /// Sockets received from a predecessor, used instead of binding.
+    inherited: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+}
+
+impl ProxyIngress {
+    /// Duplicates of the listening sockets, for a successor.
+    fn handover(&self) -> Vec<std::os::fd::OwnedFd> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current.iter().filter_map(|(_, _, fd)| fd.try_clone().ok()).collect()
+    }
+
+    /// Stop accepting; in-flight requests finish.
+    fn stop_accepting(&self) {
+        if let Some((_, token, _)) = self.current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            token.cancel();
+        }
+    }
 }
 
 impl Ingress for ProxyIngress {
     fn listen(&self, addr: SocketAddr, route: &RouteKey) -> Result<(), String> {
         self.proxy.set_default_route(route.clone());
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current.as_ref().is_some_and(|(a, _)| *a == addr) {
+        if current.as_ref().is_some_and(|(a, _, _)| *a == addr) {
             return Ok(());
         }
-        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-            .map_err(|e| e.to_string())?;
-        socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
-        socket.bind(addr).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AddrInUse => "the address is already in use by another program".to_string(),
-            std::io::ErrorKind::PermissionDenied => "permission denied (ports below 1024 need privileges)".to_string(),
-            _ => e.to_string(),
-        })?;
-        let listener = socket.listen(1024).map_err(|e| e.to_string())?;
+        let inherited = self.inherited.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
+        let listener = match inherited {
+            Some(l) => {
+                l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                tracing::info!("proxy takes over the listening socket on {addr} from the previous daemon");
+                tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?
+            }
+            None => {
+                let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+                    .map_err(|e| e.to_string())?;
+                socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
+                socket.bind(addr).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::AddrInUse => "the address is already in use by another program".to_string(),
+                    std::io::ErrorKind::PermissionDenied => "permission denied (ports below 1024 need privileges)".to_string(),
+                    _ => e.to_string(),
+                })?;
+                socket.listen(1024).map_err(|e| e.to_string())?
+            }
+        };
+        let dup = {
+            use std::os::fd::AsFd;
+            listener.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?
+        };
         let token = self.shutdown.child_token();
         let proxy = self.proxy.clone();
         let t = token.clone();
@@ -53,14 +87,14 @@ impl Ingress for ProxyIngress {
             }
         });
         tracing::info!("proxy listening on {addr}");
-        if let Some((_, old)) = current.replace((addr, token)) {
+        if let Some((_, old, _)) = current.replace((addr, token, dup)) {
             old.cancel();
         }
         Ok(())
     }
 
     fn close(&self) {
-        if let Some((addr, token)) = self.current.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some((addr, token, _)) = self.current.lock().unwrap_or_else(|e| e.into_inner()).take() {
             tracing::info!("proxy on {addr} closing");
             token.cancel();
         }
@@ -216,30 +250,55 @@ fn api_token(home: &Home) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// Wait for the state lock. A successor waits (bounded) for its
+/// predecessor to release it; a normal start fails at once.
+fn take_lock(home: &Home, wait: bool) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(home.lock())
+            .with_context(|| format!("cannot open {}", home.lock().display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err(_) if wait && std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => anyhow::bail!(
+                "another nonstop daemon already runs for {} (lock {} is held); use it, or stop it with `nonstop down`",
+                home.path().display(),
+                home.lock().display()
+            ),
+        }
+    }
+}
+
 pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<()> {
     home.create()?;
-    // One daemon per home: an exclusive lock held for our whole life.
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(home.lock())
-        .with_context(|| format!("cannot open {}", home.lock().display()))?;
-    let _lock = match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err(_) => anyhow::bail!(
-            "another nonstop daemon already runs for {} (lock {} is held); use it, or stop it with `nonstop down`",
-            home.path().display(),
-            home.lock().display()
-        ),
+    // The binary to start on upgrade: this path, whatever is there by then.
+    let exe = std::env::current_exe().context("cannot find the nonstop executable")?;
+    let mut inherited = crate::upgrade::take_inherited();
+    let successor = std::env::var_os("NONSTOP_UPGRADE").is_some_and(|v| v == "1");
+    std::env::remove_var("NONSTOP_UPGRADE");
+    if successor {
+        crate::upgrade::announce_ready(&home)?;
+        tracing::info!("taking over from the previous daemon ({} socket(s) inherited)", inherited.proxy.len() + usize::from(inherited.api.is_some()));
+    }
+    // One daemon per home: an exclusive lock held for our whole life (or
+    // until we hand over to a successor).
+    let lock = {
+        let home2 = Home { dir: home.dir.clone() };
+        tokio::task::spawn_blocking(move || take_lock(&home2, successor)).await??
     };
+    let mut lock = Some(lock);
     std::fs::write(home.dir.join("daemon.pid"), std::process::id().to_string())?;
 
     let shutdown = CancellationToken::new();
+    let engine_stop = shutdown.child_token();
+    let api_stop = shutdown.child_token();
     let store = Arc::new(nonstop_store::Store::open(&home.database())?);
-    let exe = std::env::current_exe().context("cannot find the nonstop executable")?;
     let driver = Arc::new(
-        LocalDriver::new(LocalDriverConfig::new(home.path(), vec![exe.into_os_string(), "__monitor".into()]))
+        LocalDriver::new(LocalDriverConfig::new(home.path(), vec![exe.clone().into_os_string(), "__monitor".into()]))
             .context("cannot set up the local driver")?,
     );
     let proxy = Proxy::new(ProxyConfig::default());
@@ -247,6 +306,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
     let ingress = Arc::new(ProxyIngress {
         proxy: proxy.clone(),
         current: Mutex::new(None),
+        inherited: Mutex::new(std::mem::take(&mut inherited.proxy)),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     });
@@ -262,32 +322,55 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
         ingress.clone(),
         logs.clone(),
         store,
-        shutdown.clone(),
+        engine_stop.clone(),
     );
 
-    let state = ApiState { engine, logs: logs.clone(), shutdown: shutdown.clone(), home: home.dir.clone() };
+    let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<server::UpgradeRequest>(4);
+    let state = ApiState { engine, logs: logs.clone(), shutdown: shutdown.clone(), home: home.dir.clone(), upgrade: Some(upgrade_tx.clone()) };
 
-    // The unix socket, private to the user.
+    // The unix socket, private to the user (or the one we inherited).
     let socket = home.socket();
-    let _ = std::fs::remove_file(&socket); // stale, since we hold the lock
-    let listener = tokio::net::UnixListener::bind(&socket).with_context(|| format!("cannot bind {}", socket.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
-    }
+    let listener = match inherited.api.take() {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)?
+        }
+        None => {
+            let _ = std::fs::remove_file(&socket); // stale, since we hold the lock
+            let l = tokio::net::UnixListener::bind(&socket).with_context(|| format!("cannot bind {}", socket.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+            l
+        }
+    };
+    let api_fd = {
+        use std::os::fd::AsFd;
+        listener.as_fd().try_clone_to_owned()?
+    };
     let app = server::router(state.clone());
-    let sd = shutdown.clone();
+    let sd = api_stop.clone();
     tasks.spawn(async move {
         let r = axum::serve(listener, app).with_graceful_shutdown(async move { sd.cancelled().await }).await;
         if let Err(e) = r {
             tracing::error!("API server stopped: {e}");
         }
     });
+    let mut api_tcp_fd = None;
     if let Some(addr) = api_listen {
         let token = api_token(&home)?;
-        let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen for the API on {addr}"))?;
+        let tcp = match inherited.api_tcp.take() {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)?
+            }
+            None => tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen for the API on {addr}"))?,
+        };
+        api_tcp_fd = {
+            use std::os::fd::AsFd;
+            Some(tcp.as_fd().try_clone_to_owned()?)
+        };
         let app = server::router_with_token(state, token);
-        let sd = shutdown.clone();
+        let sd = api_stop.clone();
         tasks.spawn(async move {
             let r = axum::serve(tcp, app).with_graceful_shutdown(async move { sd.cancelled().await }).await;
             if let Err(e) = r {
@@ -297,29 +380,91 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
         tracing::info!("API also on http://{addr} (token in {})", home.token().display());
     }
 
-    // Signals: stop the daemon, leave the instances running.
+    // Signals: SIGTERM/SIGINT stop the daemon (instances keep running);
+    // SIGUSR2 upgrades it in place.
     let sd = shutdown.clone();
+    let up_tx = upgrade_tx.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int), Ok(mut usr2)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::user_defined2()))
+        else {
             return;
         };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping the daemon (instances keep running)"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping the daemon (instances keep running)"),
-            _ = sd.cancelled() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping the daemon (instances keep running)"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT: stopping the daemon (instances keep running)"); break; }
+                _ = usr2.recv() => {
+                    tracing::info!("SIGUSR2: upgrading the daemon in place");
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    if up_tx.send(reply).await.is_err() { break; }
+                    match rx.await {
+                        Ok(Ok(v)) => { tracing::info!("handed over: {v}"); break; }
+                        Ok(Err(e)) => tracing::error!("upgrade failed, still serving: {e}"),
+                        Err(_) => break,
+                    }
+                }
+                _ = sd.cancelled() => return,
+            }
         }
         sd.cancel();
     });
     tracing::info!("nonstop daemon {} ready on {}", std::process::id(), socket.display());
-    shutdown.cancelled().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), engine_task).await;
-    tasks.close();
-    if tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await.is_err() {
-        tracing::warn!("some connections did not finish within 10s");
+    crate::upgrade::sd_notify(&format!("MAINPID={}\nREADY=1\nSTATUS=serving", std::process::id()));
+
+    // Serve until told to stop, or until a successor takes over.
+    let mut handed_over = false;
+    let mut engine_task = Some(engine_task);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(reply) = upgrade_rx.recv() => {
+                let mut sockets: Vec<(&'static str, std::os::fd::OwnedFd)> =
+                    ingress.handover().into_iter().map(|fd| ("proxy", fd)).collect();
+                match api_fd.try_clone() {
+                    Ok(fd) => sockets.push(("api", fd)),
+                    Err(e) => { let _ = reply.send(Err(format!("cannot pass the API socket: {e}"))); continue; }
+                }
+                if let Some(fd) = api_tcp_fd.as_ref().and_then(|f| f.try_clone().ok()) {
+                    sockets.push(("api-tcp", fd));
+                }
+                let (exe2, home2) = (exe.clone(), Home { dir: home.dir.clone() });
+                let spawned = tokio::task::spawn_blocking(move || crate::upgrade::spawn_successor(&exe2, &home2, api_listen, sockets)).await;
+                match spawned {
+                    Ok(Ok(new_pid)) => {
+                        // Stop deciding (the successor's engine takes over the
+                        // same store), stop accepting, release the lock.
+                        engine_stop.cancel();
+                        if let Some(t) = engine_task.take() {
+                            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+                        }
+                        ingress.stop_accepting();
+                        api_stop.cancel();
+                        drop(lock.take());
+                        tracing::info!("handed over to pid {new_pid}; finishing in-flight requests");
+                        let _ = reply.send(Ok(serde_json::json!({"old_pid": std::process::id(), "new_pid": new_pid})));
+                        handed_over = true;
+                        break;
+                    }
+                    Ok(Err(e)) => { tracing::error!("upgrade failed, still serving: {e}"); let _ = reply.send(Err(e)); }
+                    Err(e) => { let _ = reply.send(Err(e.to_string())); }
+                }
+            }
+        }
     }
-    let _ = std::fs::remove_file(&socket);
-    let _ = std::fs::remove_file(home.dir.join("daemon.pid"));
-    tracing::info!("daemon stopped");
+    shutdown.cancel();
+    if let Some(t) = engine_task.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(35), tasks.wait()).await.is_err() {
+        tracing::warn!("some connections did not finish within 35s");
+    }
+    if !handed_over {
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(home.dir.join("daemon.pid"));
+    }
+    tracing::info!("daemon {} stopped", std::process::id());
     Ok(())
 }

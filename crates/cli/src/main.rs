@@ -6,6 +6,7 @@ mod commands;
 mod daemon;
 mod home;
 mod output;
+mod upgrade;
 
 use clap::Parser;
 

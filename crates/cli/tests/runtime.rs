@@ -391,3 +391,35 @@ fn completions_are_generated() {
     r.ok();
     assert!(r.stdout.contains("nonstop") && r.stdout.contains("scale"), "{}", &r.stdout[..200.min(r.stdout.len())]);
 }
+
+#[test]
+fn the_daemon_upgrades_in_place_under_load_without_a_failed_request() {
+    let app = TestApp::hello();
+    app.up().ok();
+    let instances_before = app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].clone()).collect::<Vec<_>>();
+    let load = Load::start(app.proxy(), "/", 6);
+    wait_until(T, "traffic", || app.get("/").is_ok());
+    let mut pids = vec![app.daemon_pid().unwrap()];
+    for _ in 0..3 {
+        let r = app.run(&["upgrade", "--json"]);
+        r.ok();
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(v["old_pid"].as_i64().unwrap() as i32, *pids.last().unwrap());
+        pids.push(v["new_pid"].as_i64().unwrap() as i32);
+    }
+    // The same through the documented signal.
+    let before_signal = *pids.last().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(before_signal), nix::sys::signal::Signal::SIGUSR2).unwrap();
+    wait_until(T, "the SIGUSR2 upgrade", || app.daemon_pid().is_some_and(|p| p != before_signal) && app.run(&["status"]).code == 0);
+    wait_until(T, "the old daemons to exit", || pids.iter().all(|p| !pid_alive(*p)));
+    let (ok, failures) = load.finish();
+    assert!(failures.is_empty(), "{} failed of {}: {:?}", failures.len(), ok, &failures[..failures.len().min(5)]);
+    assert!(ok > 50, "only {ok} requests");
+    // The app never restarted.
+    let instances_after = app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].clone()).collect::<Vec<_>>();
+    assert_eq!(instances_before, instances_after);
+    // Still supervised by the new daemon.
+    let web = app.pids("web")[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(web), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "web replaced", || !app.pids("web").contains(&web) && app.pids("web").len() == 2);
+}

@@ -41,6 +41,10 @@ const TUNNEL: u8 = 3;
 /// Not a phase: what `TimedStream` starts from, so the first read arms.
 const UNSEEN: u8 = u8::MAX;
 
+/// At shutdown, how long a connection still waiting for a request head may
+/// take to send it before it is closed.
+const SHUTDOWN_HEAD_GRACE: Duration = Duration::from_secs(2);
+
 /// No shutdown asked.
 const RUN: u8 = 0;
 /// Finish the request in progress, then close.
@@ -396,13 +400,21 @@ async fn serve_conn(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, ctx:
     let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     let mut graceful_sent = false;
+    // A connection whose request head has not been read yet (typically one
+    // accepted just before the listener was handed to another daemon) gets
+    // a moment to send it: closing it now would answer nothing at all.
+    let mut head_grace: Option<Pin<Box<Sleep>>> = None;
     let result = std::future::poll_fn(|cx| {
         match ctx.signal.poll_state(cx) {
             FORCE => return Poll::Ready(None),
             GRACEFUL if !graceful_sent => {
-                // Finish the request in progress (if any), then close.
-                graceful_sent = true;
-                conn.as_mut().graceful_shutdown();
+                let waiting_for_head = ctx.phase.load(Ordering::Relaxed) == HEAD;
+                let grace = head_grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_HEAD_GRACE)));
+                if !waiting_for_head || grace.as_mut().poll(cx).is_ready() {
+                    // Finish the request in progress (if any), then close.
+                    graceful_sent = true;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             _ => {}
         }
