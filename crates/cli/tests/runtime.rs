@@ -423,3 +423,37 @@ fn the_daemon_upgrades_in_place_under_load_without_a_failed_request() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(web), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_until(T, "web replaced", || !app.pids("web").contains(&web) && app.pids("web").len() == 2);
 }
+
+#[test]
+fn the_systemd_protocol_ready_and_reload_to_a_new_main_pid() {
+    use std::os::unix::net::UnixDatagram;
+    let app = TestApp::hello();
+    let notify_path = app.home.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let recv = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("a notification from the daemon");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // As systemd runs it: `nonstop daemon` in the foreground, NOTIFY_SOCKET set.
+    let mut daemon = app.cmd(&["daemon"]).env("NOTIFY_SOCKET", &notify_path).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let first = recv();
+    assert!(first.contains("READY=1"), "{first}");
+    assert!(first.contains(&format!("MAINPID={}", daemon.id())), "{first}");
+    app.up().ok();
+    // ExecReload: kill -USR2 $MAINPID → a new main pid, announced.
+    let unit = std::fs::read_to_string(repo_root().join("contrib/systemd/nonstop.service")).unwrap();
+    assert!(unit.contains("ExecReload=/bin/kill -USR2 $MAINPID") && unit.contains("Type=notify") && unit.contains("NotifyAccess=all") && unit.contains("KillMode=process"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGUSR2).unwrap();
+    let second = recv();
+    let new_pid: i32 = second.lines().find_map(|l| l.strip_prefix("MAINPID=")).unwrap().parse().unwrap();
+    assert_ne!(new_pid, daemon.id() as i32, "{second}");
+    assert!(second.contains("READY=1"), "{second}");
+    // The old main process exits by itself; the new one serves.
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "{status}");
+    wait_until(T, "the new daemon to answer", || app.daemon_pid() == Some(new_pid) && app.run(&["status"]).code == 0);
+    let (code, _) = app.get("/").unwrap();
+    assert_eq!(code, 200);
+}
