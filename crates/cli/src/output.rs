@@ -66,6 +66,7 @@ pub fn status_text(s: &StatusReport) -> String {
                 i.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 i.state.clone(),
                 i.health.clone().unwrap_or_else(|| "-".into()),
+                format!("v{}", i.release),
                 i.restarts.to_string(),
                 fmt_uptime(i.uptime_ms),
             ]
@@ -79,11 +80,12 @@ pub fn status_text(s: &StatusReport) -> String {
             "-".into(),
             if w.state == "crash-loop" { "crash-loop".into() } else { format!("restart in {}", fmt_uptime(w.retry_in_ms.max(1000))) },
             "-".into(),
+            "-".into(),
             w.restarts.to_string(),
             w.last_exit.clone().unwrap_or_default(),
         ]);
     }
-    out.push_str(&table(&["PROCESS", "INSTANCE", "PID", "PORT", "STATE", "HEALTH", "RESTARTS", "UPTIME"], &rows));
+    out.push_str(&table(&["PROCESS", "INSTANCE", "PID", "PORT", "STATE", "HEALTH", "RELEASE", "RESTARTS", "UPTIME"], &rows));
     let summary: Vec<String> = s.processes.iter().map(|p| format!("{} {}/{} ({})", p.process, p.ready, p.desired, p.kind)).collect();
     out.push_str(&format!("\n{}\n", summary.join("   ")));
     out

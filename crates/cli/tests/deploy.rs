@@ -256,3 +256,24 @@ fn bad_deploys_are_refused_before_anything_is_built() {
     let (_, body) = app.get("/").unwrap();
     assert!(body.contains("version 3"), "{body}");
 }
+
+#[test]
+fn post_tasks_run_after_the_rollout_and_their_failure_is_reported_with_the_release_live() {
+    let app = deployable();
+    let dir = app.dir.path().display().to_string();
+    app.write_spec(&app.spec().replace("retain_releases = 2", &format!("retain_releases = 2\npost_tasks = [\"echo warmed $NONSTOP_RELEASE >> {dir}/post.log\"]")));
+    let gi = app.dir.path().join(".gitignore");
+    std::fs::write(&gi, std::fs::read_to_string(&gi).unwrap() + "post.log\n").unwrap();
+    app.run(&["deploy"]).ok();
+    assert_eq!(std::fs::read_to_string(app.dir.path().join("post.log")).unwrap().trim(), "warmed v1");
+    app.write_spec(&app.spec().replace("post_tasks = [\"echo warmed", "post_tasks = [\"echo cache-down; exit 5\", \"echo warmed"));
+    set_version(&app, "2");
+    let r = app.run(&["deploy"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("post task 1/2"), "{}", r.stderr);
+    assert!(r.stderr.contains("cache-down"), "{}", r.stderr);
+    assert!(r.stderr.contains("v2 is live"), "{}", r.stderr);
+    assert!(instances(&app).iter().all(|i| i["release"] == 2));
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 2"), "{body}");
+}

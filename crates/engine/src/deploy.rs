@@ -24,6 +24,8 @@ pub(crate) struct DeployRun {
     pub(crate) cancel: CancellationToken,
     pub(crate) started: Instant,
     pub(crate) base_env: BTreeMap<String, String>,
+    /// A post task failed: the release is live, the operation still fails.
+    pub(crate) post_failure: Option<String>,
 }
 
 fn ms_since_epoch(t: SystemTime) -> u64 {
@@ -158,6 +160,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             cancel: self.cancel.child_token(),
             started: self.clock.now(),
             base_env,
+            post_failure: None,
         };
         Ok(Some((run, summary)))
     }
@@ -265,6 +268,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 cancel: self.cancel.child_token(),
                 started: self.clock.now(),
                 base_env,
+                post_failure: None,
             },
             summary,
         ))
@@ -464,9 +468,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             (true, Ok(())) => self.finish_deploy(DeployPhase::Succeeded),
             (true, Err(reason)) => {
                 // The release is live; report the failure without undoing it.
+                if let Some(run) = self.deployment.as_mut() {
+                    run.post_failure = Some(reason);
+                }
                 self.finish_deploy(DeployPhase::Succeeded);
-                let release = self.app.as_ref().map(|rt| rt.record.release.to_string()).unwrap_or_default();
-                self.fail_op(EngineError::PostTaskFailed { release, reason });
             }
         }
     }
@@ -607,7 +612,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         run.cancel.cancel();
         let took = self.clock.now().saturating_duration_since(run.started);
         let (status, reason) = match &phase {
-            DeployPhase::Succeeded => (DeploymentStatus::Succeeded, None),
+            DeployPhase::Succeeded => (DeploymentStatus::Succeeded, run.post_failure.as_ref().map(|r| format!("live, but {r}"))),
             DeployPhase::RolledBack { reason } => (DeploymentStatus::RolledBack, Some(reason.clone())),
             DeployPhase::Failed { reason } => (DeploymentStatus::Failed, Some(reason.clone())),
             _ => (DeploymentStatus::Failed, Some("ended in an unexpected phase".to_string())),
@@ -634,7 +639,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 if let Some(op) = self.op.as_mut() {
                     op.summary = format!("{release} is live ({} took {})", run.record.kind, fmt_dur(took));
                 }
-                self.finish_op();
+                match run.post_failure.take() {
+                    Some(reason) => self.fail_op(EngineError::PostTaskFailed { release, reason }),
+                    None => self.finish_op(),
+                }
             }
             DeployPhase::RolledBack { reason } => {
                 if let Some(rt) = self.app.as_mut() {
@@ -722,6 +730,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             cancel: self.cancel.child_token(),
             started: self.clock.now(),
             base_env,
+            post_failure: None,
         });
         match next {
             DeployPhase::Failed { reason } => self.finish_deploy(DeployPhase::Failed { reason }),
