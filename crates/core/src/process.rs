@@ -6,6 +6,7 @@ use crate::ids::{AppName, ProcessName};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How a process type is run and when it counts as ready.
@@ -151,7 +152,11 @@ impl Quantity {
             Quantity::Count(n) => n,
             Quantity::Percent(p) => {
                 let scaled = u64::from(of) * u64::from(p);
-                let v = if round_up { scaled.div_ceil(100) } else { scaled / 100 };
+                let v = if round_up {
+                    scaled.div_ceil(100)
+                } else {
+                    scaled / 100
+                };
                 u32::try_from(v).unwrap_or(u32::MAX)
             }
         }
@@ -203,10 +208,102 @@ pub struct ProcessSpec {
     pub env: BTreeMap<String, String>,
 }
 
-/// `[proxy]`.
+/// `[proxy]`. Settings left out of the file are `None` (`tls`: empty):
+/// the proxy's own defaults apply (`nonstop_proxy::ProxyConfig`), so that
+/// they have one home, and specs stored before a setting existed still
+/// read back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProxySpec {
+    /// Plain HTTP (HTTP/1.1 and h2c).
     pub listen: SocketAddr,
+    /// HTTPS (TLS with HTTP/1.1 and h2 by ALPN). Set whenever `tls` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_listen: Option<SocketAddr>,
+    /// Answer plain HTTP for a host that has a certificate with a 308 to
+    /// HTTPS. `None`: yes when `tls` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_http: Option<bool>,
+    /// Largest request head (request line and headers), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<u64>,
+    /// Most header fields in a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_headers: Option<u32>,
+    /// Longest request target (URI), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_line: Option<u64>,
+    /// Largest request body, in bytes; `Some(0)`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+    /// Time a client has to send a request head.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "option_duration_ms"
+    )]
+    pub header_timeout: Option<Duration>,
+    /// Time a keep-alive connection may stay idle between requests.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "option_duration_ms"
+    )]
+    pub idle_timeout: Option<Duration>,
+    /// Time an instance has to send its response head (then 504).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "option_duration_ms"
+    )]
+    pub upstream_timeout: Option<Duration>,
+    /// Longest wait for the next piece of a request body (then 408).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "option_duration_ms"
+    )]
+    pub body_timeout: Option<Duration>,
+    /// `[[proxy.tls]]`: certificates, one per set of hosts (chosen by SNI;
+    /// the first is the default for clients that send no SNI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<TlsSpec>,
+}
+
+impl ProxySpec {
+    /// Listen on `listen`, every other setting left to the proxy.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            https_listen: None,
+            redirect_http: None,
+            max_header_bytes: None,
+            max_headers: None,
+            max_request_line: None,
+            max_body_bytes: None,
+            header_timeout: None,
+            idle_timeout: None,
+            upstream_timeout: None,
+            body_timeout: None,
+            tls: Vec::new(),
+        }
+    }
+
+    /// Whether plain HTTP requests for hosts with a certificate are
+    /// redirected to HTTPS (default: yes when TLS is configured).
+    pub fn redirects_http(&self) -> bool {
+        !self.tls.is_empty() && self.redirect_http.unwrap_or(true)
+    }
+}
+
+/// `[[proxy.tls]]`: one certificate and its key, served for `hosts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsSpec {
+    /// Lowercase host names; `*.example.com` matches one label below.
+    pub hosts: Vec<String>,
+    /// PEM certificate chain, leaf first. Absolute.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Absolute.
+    pub key: PathBuf,
 }
 
 /// `[release]` (used by deploys).
@@ -245,6 +342,22 @@ impl AppSpec {
     }
 }
 
+/// Optional durations, as milliseconds.
+pub mod option_duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
 /// Durations are stored as milliseconds in JSON and the store.
 pub mod duration_ms {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -268,6 +381,32 @@ mod tests {
         assert_eq!(Signal::parse("quit"), Some(Signal::Quit));
         assert_eq!(Signal::parse("Int"), Some(Signal::Int));
         assert_eq!(Signal::parse("SIGFOO"), None);
+    }
+
+    #[test]
+    fn proxy_specs_stored_before_the_hardening_settings_read_back() {
+        let old: ProxySpec = serde_json::from_str(r#"{"listen":"127.0.0.1:8080"}"#).unwrap();
+        assert_eq!(old, ProxySpec::new("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"listen":"127.0.0.1:8080"}"#
+        );
+        let mut full = old.clone();
+        full.https_listen = Some("127.0.0.1:8443".parse().unwrap());
+        full.body_timeout = Some(Duration::from_millis(1500));
+        full.max_body_bytes = Some(0);
+        full.tls = vec![TlsSpec {
+            hosts: vec!["example.test".into()],
+            cert: "/etc/c.pem".into(),
+            key: "/etc/k.pem".into(),
+        }];
+        let json = serde_json::to_string(&full).unwrap();
+        assert!(json.contains(r#""body_timeout":1500"#), "{json}");
+        assert_eq!(serde_json::from_str::<ProxySpec>(&json).unwrap(), full);
+        assert!(full.redirects_http());
+        full.redirect_http = Some(false);
+        assert!(!full.redirects_http());
+        assert!(!old.redirects_http());
     }
 
     #[test]

@@ -123,7 +123,7 @@ mod tests {
             app: AppName::new("a").unwrap(),
             env: Default::default(),
             processes,
-            proxy: ProxySpec { listen: "127.0.0.1:1".parse().unwrap() },
+            proxy: ProxySpec::new("127.0.0.1:1".parse().unwrap()),
             build: vec![],
             release: ReleaseSpec { order: order.iter().map(|n| ProcessName::new(*n).unwrap()).collect(), ..Default::default() },
         }

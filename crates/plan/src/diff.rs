@@ -85,7 +85,7 @@ mod tests {
             app: AppName::new("a").unwrap(),
             env: Default::default(),
             processes,
-            proxy: ProxySpec { listen: "127.0.0.1:8080".parse().unwrap() },
+            proxy: ProxySpec::new("127.0.0.1:8080".parse().unwrap()),
             build: vec![],
             release: ReleaseSpec::default(),
         }

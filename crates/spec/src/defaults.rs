@@ -9,6 +9,33 @@ pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8080";
 /// Environment variable that overrides `[proxy] listen`.
 pub const PROXY_LISTEN_ENV: &str = "NONSTOP_PROXY_LISTEN";
 
+/// `[proxy] max_header_bytes`: the whole request head (as an ALB).
+pub const DEFAULT_PROXY_MAX_HEADER_BYTES: u64 = 64 * 1024;
+/// Smallest `max_header_bytes` (the HTTP/1 parser's smallest buffer).
+pub const MIN_PROXY_MAX_HEADER_BYTES: u64 = 8 * 1024;
+/// Largest `max_header_bytes`.
+pub const MAX_PROXY_MAX_HEADER_BYTES: u64 = 16 * 1024 * 1024;
+/// `[proxy] max_headers`.
+pub const DEFAULT_PROXY_MAX_HEADERS: u32 = 100;
+/// Largest `max_headers`.
+pub const MAX_PROXY_MAX_HEADERS: u32 = 10_000;
+/// `[proxy] max_request_line`: the request target (URI).
+pub const DEFAULT_PROXY_MAX_REQUEST_LINE: u64 = 8 * 1024;
+/// Smallest `max_request_line`.
+pub const MIN_PROXY_MAX_REQUEST_LINE: u64 = 256;
+/// `[proxy] max_body_bytes` (`0`: no limit).
+pub const DEFAULT_PROXY_MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
+/// `[proxy] header_timeout`: a complete request head within it.
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `[proxy] idle_timeout`: keep-alive connections between requests.
+pub const DEFAULT_PROXY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `[proxy] upstream_timeout`: the instance's response head within it.
+pub const DEFAULT_PROXY_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// `[proxy] body_timeout`: the longest pause in a request body.
+pub const DEFAULT_PROXY_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// `[proxy] redirect_http`, when `[[proxy.tls]]` is set.
+pub const DEFAULT_REDIRECT_HTTP: bool = true;
+
 /// `[release] task_timeout`: migrations on a big table take minutes.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(600);
 /// `[release] retain_releases`.
@@ -88,10 +115,63 @@ pub const DEFAULTS_DOC: &str = "\
 | `ready_after` (workers) | `2s` | none (running = ready) | `7s` (`readiness_delay`) | a worker that crashes on a bad import does so within a second or two |
 ";
 
+/// The `[proxy]` defaults next to nginx's and HAProxy's, as a Markdown
+/// table (for the README's proxy section).
+pub fn proxy_defaults_doc() -> &'static str {
+    PROXY_DEFAULTS_DOC
+}
+
+/// See [`proxy_defaults_doc`].
+pub const PROXY_DEFAULTS_DOC: &str = "\
+| setting | nonstop | nginx | HAProxy | why ours |
+| --- | --- | --- | --- | --- |
+| `proxy.max_header_bytes` | `64KiB` | 4 buffers of `8k` (`large_client_header_buffers`) | `16KiB` for the whole head (`tune.bufsize`) | the ALB's limit: large cookies and tokens fit; larger heads get 431 |
+| `proxy.max_headers` | `100` | no limit | `101` (`tune.http.maxhdr`) | no real client sends more; more gets 431 |
+| `proxy.max_request_line` | `8KiB` | `8k` (one header buffer) | within `tune.bufsize` | long query strings fit; a longer target gets 414 |
+| `proxy.max_body_bytes` | `100MiB` | `1m` (`client_max_body_size`) | no limit | uploads to a Django app work out of the box; larger ones get 413 (`0`: no limit) |
+| `proxy.header_timeout` | `10s` | `60s` (`client_header_timeout`) | none (`timeout http-request`) | a slowloris client holds a connection for 10s, not a minute |
+| `proxy.idle_timeout` | `60s` | `75s` (`keepalive_timeout`) | none (`timeout http-keep-alive`) | the ALB's idle timeout |
+| `proxy.upstream_timeout` | `60s` | `60s` (`proxy_read_timeout`) | none (`timeout server`) | an instance that has not started answering in a minute gets a 504 |
+| `proxy.body_timeout` | `30s` | `60s` (`client_body_timeout`) | none (`timeout client`) | a pause of 30s in an upload is a stalled client; it gets 408 and the instance's request is aborted |
+| `proxy.redirect_http` | `true` when `tls` is set | a `return 301` to write | a `redirect scheme https` to write | plain HTTP to a host with a certificate gets a 308 (method and body kept) |
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use nonstop_core::process::{RestartPolicy, Rollout};
+
+    #[test]
+    fn the_proxy_doc_table_states_our_defaults() {
+        let doc = proxy_defaults_doc();
+        let cols = doc.lines().next().unwrap().matches('|').count();
+        assert!(doc.lines().all(|l| l.starts_with('|') && l.ends_with('|')));
+        assert!(
+            doc.lines().all(|l| l.matches('|').count() == cols),
+            "ragged table"
+        );
+        let cell = |key: &str| -> String {
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `proxy.{key}` |")))
+                .unwrap_or_else(|| panic!("no row for {key}"));
+            row.split('|').nth(2).unwrap().trim().to_string()
+        };
+        let size = |key| crate::size::parse_size(cell(key).trim_matches('`'));
+        let d = |key| crate::duration::parse_duration(cell(key).trim_matches('`'));
+        assert_eq!(size("max_header_bytes"), Ok(DEFAULT_PROXY_MAX_HEADER_BYTES));
+        assert_eq!(size("max_request_line"), Ok(DEFAULT_PROXY_MAX_REQUEST_LINE));
+        assert_eq!(size("max_body_bytes"), Ok(DEFAULT_PROXY_MAX_BODY_BYTES));
+        assert_eq!(
+            cell("max_headers"),
+            format!("`{DEFAULT_PROXY_MAX_HEADERS}`")
+        );
+        assert_eq!(d("header_timeout"), Ok(DEFAULT_PROXY_HEADER_TIMEOUT));
+        assert_eq!(d("idle_timeout"), Ok(DEFAULT_PROXY_IDLE_TIMEOUT));
+        assert_eq!(d("upstream_timeout"), Ok(DEFAULT_PROXY_UPSTREAM_TIMEOUT));
+        assert_eq!(d("body_timeout"), Ok(DEFAULT_PROXY_BODY_TIMEOUT));
+        assert!(cell("redirect_http").starts_with(&format!("`{DEFAULT_REDIRECT_HTTP}`")));
+    }
 
     #[test]
     fn defaults_agree_with_core() {

@@ -21,6 +21,7 @@ mod env;
 mod error;
 mod init;
 pub mod raw;
+mod size;
 mod suggest;
 mod validate;
 mod walk;
@@ -30,6 +31,7 @@ pub use duration::{format_duration, parse_duration, DurationError, DURATION_FORM
 pub use env::{EnvLookup, ProcessEnv};
 pub use error::{SpecError, SpecErrors};
 pub use init::{init_toml, InitError};
+pub use size::{format_size, parse_size, SizeError, SIZE_FORMS};
 
 use error::{Diags, LineIndex};
 use nonstop_core::process::AppSpec;
@@ -42,9 +44,22 @@ pub const SPEC_FILE: &str = "nonstop.toml";
 /// TOML parser mostly reports the consequences of the first.
 const MAX_SYNTAX_ERRORS: usize = 10;
 
-/// Parses and validates the text of a spec file. `file` is only used in
-/// messages; `env` supplies overrides such as `NONSTOP_PROXY_LISTEN`.
+/// Parses and validates the text of a spec file. `file` is used in
+/// messages, and its directory to resolve relative paths in the file
+/// (`[[proxy.tls]]` certificates; they stay relative if `file` is);
+/// `env` supplies overrides such as `NONSTOP_PROXY_LISTEN`.
 pub fn parse(source: &str, file: &Path, env: &dyn EnvLookup) -> Result<AppSpec, SpecErrors> {
+    let base = file.parent().unwrap_or(Path::new(""));
+    parse_in(source, file, base, env)
+}
+
+/// [`parse`], with relative paths resolved against `base`.
+pub fn parse_in(
+    source: &str,
+    file: &Path,
+    base: &Path,
+    env: &dyn EnvLookup,
+) -> Result<AppSpec, SpecErrors> {
     let mut diags = Diags::default();
     let (doc, syntax_errors) = toml::de::DeTable::parse_recoverable(source);
     if !syntax_errors.is_empty() {
@@ -55,16 +70,19 @@ pub fn parse(source: &str, file: &Path, env: &dyn EnvLookup) -> Result<AppSpec, 
         return Err(diags.into_errors(source, file));
     }
     let raw = walk::walk(&doc, &mut diags);
-    match validate::validate(&raw, env, &mut diags) {
+    match validate::validate(&raw, env, base, &mut diags) {
         Some(spec) if diags.is_empty() => Ok(spec),
         _ => Err(diags.into_errors(source, file)),
     }
 }
 
-/// Reads and parses a spec file, with the process environment.
+/// Reads and parses a spec file, with the process environment. Relative
+/// paths in the file become absolute (against the file's directory).
 pub fn load(file: &Path) -> Result<AppSpec, SpecErrors> {
     let source = read(file)?;
-    parse(&source, file, &ProcessEnv)
+    let absolute = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let base = absolute.parent().unwrap_or(Path::new(""));
+    parse_in(&source, file, base, &ProcessEnv)
 }
 
 fn read(file: &Path) -> Result<String, SpecErrors> {

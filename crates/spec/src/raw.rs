@@ -37,6 +37,35 @@ pub struct RawSpec {
 pub struct RawProxy {
     /// `"IP:PORT"`; overridden by `NONSTOP_PROXY_LISTEN`.
     pub listen: Option<Spanned<String>>,
+    /// `"IP:PORT"` for HTTPS; required with `[[proxy.tls]]`.
+    pub https_listen: Option<Spanned<String>>,
+    /// Redirect plain HTTP to HTTPS for hosts with a certificate.
+    pub redirect_http: Option<Spanned<bool>>,
+    /// A size: bytes (`65536`) or `"64KiB"`.
+    pub max_header_bytes: Option<Spanned<RawIntOrString>>,
+    pub max_headers: Option<Spanned<i64>>,
+    /// A size: bytes (`8192`) or `"8KiB"`.
+    pub max_request_line: Option<Spanned<RawIntOrString>>,
+    /// A size: bytes or `"100MiB"`; `0` means no limit.
+    pub max_body_bytes: Option<Spanned<RawIntOrString>>,
+    pub header_timeout: Option<Spanned<RawDuration>>,
+    pub idle_timeout: Option<Spanned<RawDuration>>,
+    pub upstream_timeout: Option<Spanned<RawDuration>>,
+    pub body_timeout: Option<Spanned<RawDuration>>,
+    /// `[[proxy.tls]]`, in file order.
+    pub tls: Option<Spanned<Vec<Spanned<RawTls>>>>,
+}
+
+/// `[[proxy.tls]]`: one certificate.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Host names served with it (`"*.example.com"` for one label below).
+    pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    /// PEM certificate chain; relative to the spec file's directory.
+    pub cert: Option<Spanned<String>>,
+    /// PEM private key; relative to the spec file's directory.
+    pub key: Option<Spanned<String>>,
 }
 
 /// `[release]`.
@@ -236,7 +265,8 @@ mod tests {
 
     #[test]
     fn field_names_come_from_the_schema() {
-        assert_eq!(field_names::<RawProxy>(), &["listen"]);
+        assert_eq!(field_names::<RawProxy>()[0], "listen");
+        assert_eq!(field_names::<RawTls>(), &["hosts", "cert", "key"]);
         assert_eq!(
             field_names::<RawSpec>(),
             &["app", "build", "env", "proxy", "release", "processes"]

@@ -133,6 +133,26 @@ DEBUG = false
 
 [proxy]
 listen = "0.0.0.0:9000"
+https_listen = "0.0.0.0:9443"
+redirect_http = false
+max_header_bytes = "32KiB"
+max_headers = 50
+max_request_line = 4096
+max_body_bytes = "10MiB"
+header_timeout = "5s"
+idle_timeout = "2m"
+upstream_timeout = 30
+body_timeout = "20s"
+
+[[proxy.tls]]
+hosts = ["blog.example.com", "*.Blog.example.com"]
+cert = "certs/blog.pem"
+key = "/etc/ssl/blog.key"
+
+[[proxy.tls]]
+hosts = ["other.example"]
+cert = "other.pem"
+key = "other.key"
 
 [release]
 tasks = ["python manage.py migrate --noinput"]
@@ -295,6 +315,8 @@ fn every_schema_key_is_set_in_the_full_example() {
         (field_names::<RawHealth>(), web["health"].clone()),
         (field_names::<RawRollout>(), web["rollout"].clone()),
         (field_names::<RawRestart>(), web["restart"].clone()),
+        (field_names::<RawProxy>(), doc["proxy"].clone()),
+        (field_names::<RawTls>(), doc["proxy"]["tls"][0].clone()),
     ] {
         let present = keys_of(&table);
         for f in fields {
@@ -1157,6 +1179,245 @@ fn bad_listen_addresses_in_the_file() {
             &format!("`listen` in [proxy] is not a valid address ({listen:?}): {message}"),
             hint,
         );
+    }
+}
+
+#[test]
+fn proxy_settings_from_the_full_file() {
+    let spec = ok(FULL);
+    let p = &spec.proxy;
+    assert_eq!(p.https_listen, Some("0.0.0.0:9443".parse().unwrap()));
+    assert_eq!(p.redirect_http, Some(false));
+    assert!(!p.redirects_http());
+    assert_eq!(p.max_header_bytes, Some(32 * 1024));
+    assert_eq!(p.max_headers, Some(50));
+    assert_eq!(p.max_request_line, Some(4096));
+    assert_eq!(p.max_body_bytes, Some(10 << 20));
+    assert_eq!(p.header_timeout, Some(Duration::from_secs(5)));
+    assert_eq!(p.idle_timeout, Some(Duration::from_secs(120)));
+    assert_eq!(p.upstream_timeout, Some(Duration::from_secs(30)));
+    assert_eq!(p.body_timeout, Some(Duration::from_secs(20)));
+    assert_eq!(p.tls.len(), 2);
+    assert_eq!(p.tls[0].hosts, ["blog.example.com", "*.blog.example.com"]);
+    // Relative to the file's directory (here: as given, relative).
+    assert_eq!(p.tls[0].cert, Path::new("certs/blog.pem"));
+    assert_eq!(p.tls[0].key, Path::new("/etc/ssl/blog.key"));
+
+    let spec = parse(FULL, Path::new("/srv/blog/nonstop.toml"), &()).unwrap();
+    assert_eq!(
+        spec.proxy.tls[0].cert,
+        Path::new("/srv/blog/certs/blog.pem")
+    );
+    assert_eq!(spec.proxy.tls[0].key, Path::new("/etc/ssl/blog.key"));
+    assert_eq!(spec.proxy.tls[1].key, Path::new("/srv/blog/other.key"));
+}
+
+#[test]
+fn proxy_settings_left_out_stay_unset() {
+    let p = ok(WEB).proxy;
+    assert_eq!(
+        p,
+        nonstop_core::process::ProxySpec::new(DEFAULT_PROXY_LISTEN.parse().unwrap())
+    );
+    // Sizes as integers and nginx units; 0: no body limit; redirects on
+    // by default with certificates.
+    let p = ok(&top(
+        "[proxy]\nmax_header_bytes = 16384\nmax_body_bytes = 0\nmax_request_line = \"2k\"\nhttps_listen = \"127.0.0.1:8443\"\n[[proxy.tls]]\nhosts = [\"a.test\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+    ))
+    .proxy;
+    assert_eq!(p.max_header_bytes, Some(16384));
+    assert_eq!(p.max_body_bytes, Some(0));
+    assert_eq!(p.max_request_line, Some(2048));
+    assert!(p.redirects_http());
+}
+
+#[test]
+fn load_makes_certificate_paths_absolute() {
+    let dir = std::env::temp_dir().join(format!("nonstop-spec-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("nonstop.toml");
+    std::fs::write(
+        &file,
+        top("[proxy]\nhttps_listen = \"127.0.0.1:8443\"\n[[proxy.tls]]\nhosts = [\"a.test\"]\ncert = \"certs/a.pem\"\nkey = \"../a.key\"\n"),
+    )
+    .unwrap();
+    let spec = load(&file).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(spec.proxy.tls[0].cert, dir.join("certs/a.pem"));
+    assert_eq!(spec.proxy.tls[0].key, dir.join("../a.key"));
+    assert!(spec.proxy.tls[0].cert.is_absolute());
+}
+
+#[test]
+fn bad_proxy_settings_are_located() {
+    let tls = "[[proxy.tls]]\nhosts = [\"a.test\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+    let cases: Vec<(String, (usize, usize), &str, &str)> = vec![
+        (
+            "[proxy]\nmax_header_bytes = \"1KiB\"\n".into(),
+            (3, 20),
+            "`max_header_bytes` in [proxy] must be at least 8KiB, not 1KiB",
+            "for example: max_header_bytes = \"64KiB\"",
+        ),
+        (
+            "[proxy]\nmax_header_bytes = \"64\"\n".into(),
+            (3, 20),
+            "`max_header_bytes` in [proxy] is not a valid size (\"64\"): the unit is missing",
+            "add a unit (\"64KiB\") or drop the quotes to mean bytes (64)",
+        ),
+        (
+            "[proxy]\nmax_body_bytes = \"1.5GiB\"\n".into(),
+            (3, 18),
+            "is not a valid size (\"1.5GiB\"): fractions are not allowed",
+            "sizes are a whole number of bytes",
+        ),
+        (
+            "[proxy]\nmax_body_bytes = -1\n".into(),
+            (3, 18),
+            "`max_body_bytes` in [proxy] must not be negative",
+            "for example: max_body_bytes = \"100MiB\"",
+        ),
+        (
+            "[proxy]\nmax_body_bytes = true\n".into(),
+            (3, 18),
+            "`max_body_bytes` in [proxy] must be a size: bytes (65536) or a string with a unit (\"64KiB\"), not a boolean",
+            "for example: max_body_bytes = \"100MiB\"",
+        ),
+        (
+            "[proxy]\nmax_headers = 0\n".into(),
+            (3, 15),
+            "`max_headers` in [proxy] must be at least 1, not 0",
+            "for example: max_headers = 100",
+        ),
+        (
+            "[proxy]\nmax_headers = 100000\n".into(),
+            (3, 15),
+            "`max_headers` in [proxy] is too large (at most 10000)",
+            "",
+        ),
+        (
+            "[proxy]\nmax_request_line = \"128KiB\"\n".into(),
+            (3, 20),
+            "`max_request_line` in [proxy] (128KiB) is larger than `max_header_bytes` (64KiB)",
+            "raise max_header_bytes to at least \"128KiB\"",
+        ),
+        (
+            "[proxy]\nbody_timeout = \"0s\"\n".into(),
+            (3, 16),
+            "`body_timeout` in [proxy] must be longer than 0s",
+            "for example: body_timeout = \"30s\"",
+        ),
+        (
+            "[proxy]\nheader_timeout = \"10\"\n".into(),
+            (3, 18),
+            "`header_timeout` in [proxy] is not a valid duration",
+            "add a unit (\"10s\")",
+        ),
+        (
+            "[proxy]\nredirect_http = \"true\"\n".into(),
+            (3, 17),
+            "`redirect_http` in [proxy] must be a boolean, not a string",
+            "remove the quotes: redirect_http = true",
+        ),
+        (
+            "[proxy]\nredirect_http = true\n".into(),
+            (3, 17),
+            "`redirect_http` in [proxy] redirects to HTTPS, which needs [[proxy.tls]] certificates",
+            "[[proxy.tls]]",
+        ),
+        (
+            format!("[proxy]\nhttps_listen = \"localhost:443\"\n{tls}"),
+            (3, 16),
+            "`https_listen` in [proxy] is not a valid address (\"localhost:443\"): a host name",
+            "use an IP address: 127.0.0.1:443",
+        ),
+        (
+            format!("[proxy]\nlisten = \"127.0.0.1:8080\"\nhttps_listen = \"127.0.0.1:8080\"\n{tls}"),
+            (4, 16),
+            "`https_listen` in [proxy] is the same address as `listen` (127.0.0.1:8080)",
+            "https_listen = \"127.0.0.1:443\"",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n".into(),
+            (3, 16),
+            "`https_listen` in [proxy] needs certificates: there is no [[proxy.tls]]",
+            "hosts = [\"example.com\", \"*.example.com\"]",
+        ),
+        (
+            tls.to_string(),
+            (2, 1),
+            "[[proxy.tls]] certificates need an HTTPS address: `https_listen` in [proxy] is missing",
+            "https_listen = \"0.0.0.0:443\"",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n[proxy.tls]\nhosts = [\"a.test\"]\ncert = \"c\"\nkey = \"k\"\n".into(),
+            (4, 1),
+            "`tls` in [proxy] must be a list of tables: write [[proxy.tls]] (two brackets)",
+            "[[proxy.tls]]",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n[[proxy.tls]]\nhosts = [\"a.test\"]\ncert = \"c.pem\"\n".into(),
+            (4, 1),
+            "missing `key` in [[proxy.tls]]",
+            "every certificate needs hosts, cert and key",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n[[proxy.tls]]\nhosts = [\"a.test\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\nchain = \"x\"\n".into(),
+            (8, 1),
+            "unknown key `chain` in [proxy.tls]",
+            "valid keys: hosts, cert, key",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n[[proxy.tls]]\nhosts = [\"a.test:443\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\n".into(),
+            (5, 10),
+            "invalid host \"a.test:443\" in [[proxy.tls]]",
+            "leave out the port: \"a.test\"",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n[[proxy.tls]]\nhosts = [\"https://a.test/\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\n".into(),
+            (5, 10),
+            "invalid host \"https://a.test/\" in [[proxy.tls]]",
+            "write the host name alone: \"a.test\"",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n[[proxy.tls]]\nhosts = [\"a.*.test\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\n".into(),
+            (5, 10),
+            "invalid host \"a.*.test\" in [[proxy.tls]]",
+            "a wildcard is `*.` before the rest of the name",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n[[proxy.tls]]\nhosts = []\ncert = \"c.pem\"\nkey = \"k.pem\"\n".into(),
+            (5, 9),
+            "`hosts` in [[proxy.tls]] is empty",
+            "name the hosts",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n[[proxy.tls]]\nhosts = [\"a.test\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[[proxy.tls]]\nhosts = [\"A.test\"]\ncert = \"d.pem\"\nkey = \"e.pem\"\n".into(),
+            (9, 10),
+            "host \"a.test\" has two certificates in [[proxy.tls]] (number 1 and number 2)",
+            "a host is served one certificate",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n[[proxy.tls]]\nhosts = [\"a.test\"]\ncert = \"both.pem\"\nkey = \"both.pem\"\n".into(),
+            (7, 7),
+            "`key` in [[proxy.tls]] is the same file as `cert`",
+            "point key at the private key file",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\n[[proxy.tls]]\nhosts = [\"a.test\"]\ncert = \"\"\nkey = \"k.pem\"\n".into(),
+            (6, 8),
+            "`cert` in [[proxy.tls]] is empty",
+            "relative to nonstop.toml or absolute",
+        ),
+        (
+            "[proxy]\nhttps_listen = \"0.0.0.0:443\"\ntls = \"c.pem\"\n".into(),
+            (4, 7),
+            "`tls` in [proxy] must be a list of tables, not a string",
+            "write one table per certificate",
+        ),
+    ];
+    for (tables, (line, column), message, hint) in cases {
+        let e = one(&top(&tables));
+        assert_err(&e, line, column, message, hint);
     }
 }
 

@@ -10,23 +10,30 @@ use crate::env::EnvLookup;
 use crate::error::Diags;
 use crate::raw::*;
 use crate::sanitize_app_name;
+use crate::size::{format_size, parse_size, SizeError, SIZE_FORMS};
 use crate::suggest::did_you_mean;
 use crate::walk::display_key;
 use nonstop_core::ids::{AppName, ProcessName};
 use nonstop_core::process::{
     AppSpec, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec,
-    RestartPolicy, Rollout, Signal, StatusRange,
+    RestartPolicy, Rollout, Signal, StatusRange, TlsSpec,
 };
 use serde_spanned::Spanned;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const KINDS: [&str; 3] = ["web", "worker", "singleton"];
 
 /// Validates a walked file. `None` if anything was wrong (then `diags`
 /// holds why).
-pub(crate) fn validate(raw: &RawSpec, env: &dyn EnvLookup, diags: &mut Diags) -> Option<AppSpec> {
+pub(crate) fn validate(
+    raw: &RawSpec,
+    env: &dyn EnvLookup,
+    base: &Path,
+    diags: &mut Diags,
+) -> Option<AppSpec> {
     let before = diags.len();
 
     let app = validate_app(raw.app.as_ref(), diags);
@@ -35,7 +42,7 @@ pub(crate) fn validate(raw: &RawSpec, env: &dyn EnvLookup, diags: &mut Diags) ->
         .as_ref()
         .map(|e| validate_env(e, "env", diags))
         .unwrap_or_default();
-    let proxy = validate_proxy(raw.proxy.as_ref(), env, diags);
+    let proxy = validate_proxy(raw.proxy.as_ref(), env, base, diags);
     let build = raw
         .build
         .as_ref()
@@ -109,28 +116,392 @@ fn validate_app(app: Option<&Spanned<String>>, diags: &mut Diags) -> Option<AppN
 fn validate_proxy(
     proxy: Option<&Spanned<RawProxy>>,
     env: &dyn EnvLookup,
+    base: &Path,
     diags: &mut Diags,
 ) -> ProxySpec {
     let mut listen: SocketAddr = DEFAULT_PROXY_LISTEN
         .parse()
         .expect("the default listen address is valid");
-    if let Some(value) = proxy.and_then(|p| p.get_ref().listen.as_ref()) {
-        match parse_listen(value.get_ref()) {
-            Ok(addr) => listen = addr,
-            Err((reason, hint)) => diags.error(
-                value.span(),
-                format!(
-                    "`listen` in [proxy] is not a valid address ({:?}): {reason}",
-                    value.get_ref()
-                ),
-                hint,
-            ),
+    let default = RawProxy::default();
+    let raw = proxy.map(|p| p.get_ref()).unwrap_or(&default);
+    if let Some(value) = &raw.listen {
+        if let Some(addr) = listen_address(value, "listen", diags) {
+            listen = addr;
         }
     }
     if let Some(addr) = check_proxy_env(env, diags) {
         listen = addr;
     }
-    ProxySpec { listen }
+    let mut spec = ProxySpec::new(listen);
+    let f = |key| Field::new("proxy", key);
+    spec.https_listen = raw
+        .https_listen
+        .as_ref()
+        .and_then(|v| listen_address(v, "https_listen", diags));
+    if let (Some(https), Some(value)) = (spec.https_listen, &raw.https_listen) {
+        if https == listen {
+            diags.error(
+                value.span(),
+                format!("`https_listen` in [proxy] is the same address as `listen` ({listen})"),
+                format!(
+                    "give HTTPS its own port, such as https_listen = \"{}:443\"",
+                    ip_text(https)
+                ),
+            );
+        }
+    }
+    spec.redirect_http = raw.redirect_http.as_ref().map(|b| *b.get_ref());
+    spec.max_header_bytes = size(
+        raw.max_header_bytes.as_ref(),
+        f("max_header_bytes"),
+        MIN_PROXY_MAX_HEADER_BYTES,
+        MAX_PROXY_MAX_HEADER_BYTES,
+        DEFAULT_PROXY_MAX_HEADER_BYTES,
+        diags,
+    );
+    spec.max_request_line = size(
+        raw.max_request_line.as_ref(),
+        f("max_request_line"),
+        MIN_PROXY_MAX_REQUEST_LINE,
+        MAX_PROXY_MAX_HEADER_BYTES,
+        DEFAULT_PROXY_MAX_REQUEST_LINE,
+        diags,
+    );
+    if let (Some(line), Some(value)) = (spec.max_request_line, &raw.max_request_line) {
+        let head = spec
+            .max_header_bytes
+            .unwrap_or(DEFAULT_PROXY_MAX_HEADER_BYTES);
+        if line > head {
+            diags.error(
+                value.span(),
+                format!(
+                    "`max_request_line` in [proxy] ({}) is larger than `max_header_bytes` ({}), which includes the request line",
+                    format_size(line),
+                    format_size(head)
+                ),
+                format!("raise max_header_bytes to at least \"{}\", or lower max_request_line", format_size(line)),
+            );
+        }
+    }
+    spec.max_body_bytes = size(
+        raw.max_body_bytes.as_ref(),
+        f("max_body_bytes"),
+        0,
+        u64::MAX,
+        DEFAULT_PROXY_MAX_BODY_BYTES,
+        diags,
+    );
+    spec.max_headers = raw.max_headers.as_ref().map(|v| {
+        let n = count(
+            Some(v),
+            f("max_headers"),
+            1,
+            DEFAULT_PROXY_MAX_HEADERS,
+            diags,
+        );
+        if n > MAX_PROXY_MAX_HEADERS {
+            diags.error(
+                v.span(),
+                format!("`max_headers` in [proxy] is too large (at most {MAX_PROXY_MAX_HEADERS})"),
+                f("max_headers").example(&DEFAULT_PROXY_MAX_HEADERS.to_string()),
+            );
+        }
+        n
+    });
+    let timeout = |value: Option<&Spanned<RawDuration>>, key, default, diags: &mut Diags| {
+        value.map(|v| duration(Some(v), f(key), Min::Positive, default, diags))
+    };
+    spec.header_timeout = timeout(
+        raw.header_timeout.as_ref(),
+        "header_timeout",
+        DEFAULT_PROXY_HEADER_TIMEOUT,
+        diags,
+    );
+    spec.idle_timeout = timeout(
+        raw.idle_timeout.as_ref(),
+        "idle_timeout",
+        DEFAULT_PROXY_IDLE_TIMEOUT,
+        diags,
+    );
+    spec.upstream_timeout = timeout(
+        raw.upstream_timeout.as_ref(),
+        "upstream_timeout",
+        DEFAULT_PROXY_UPSTREAM_TIMEOUT,
+        diags,
+    );
+    spec.body_timeout = timeout(
+        raw.body_timeout.as_ref(),
+        "body_timeout",
+        DEFAULT_PROXY_BODY_TIMEOUT,
+        diags,
+    );
+    if let Some(tls) = &raw.tls {
+        spec.tls = validate_tls(tls, base, diags);
+    }
+    match (&raw.tls, &raw.https_listen) {
+        (Some(tls), None) => diags.error(
+            tls.span(),
+            "[[proxy.tls]] certificates need an HTTPS address: `https_listen` in [proxy] is missing",
+            "add it to [proxy], for example: https_listen = \"0.0.0.0:443\" (or \"127.0.0.1:8443\" to try it on this machine)",
+        ),
+        (None, Some(value)) => diags.error(
+            value.span(),
+            "`https_listen` in [proxy] needs certificates: there is no [[proxy.tls]]",
+            format!("add one:\n{TLS_EXAMPLE}"),
+        ),
+        _ => {}
+    }
+    if let (Some(value), None) = (&raw.redirect_http, &raw.tls) {
+        if *value.get_ref() {
+            diags.error(
+                value.span(),
+                "`redirect_http` in [proxy] redirects to HTTPS, which needs [[proxy.tls]] certificates",
+                format!("add a certificate, or remove redirect_http:\n{TLS_EXAMPLE}"),
+            );
+        }
+    }
+    spec
+}
+
+const TLS_EXAMPLE: &str = "[[proxy.tls]]\nhosts = [\"example.com\", \"*.example.com\"]\ncert = \"certs/example.com.pem\"\nkey = \"certs/example.com.key\"";
+
+fn ip_text(addr: SocketAddr) -> String {
+    if addr.is_ipv4() {
+        addr.ip().to_string()
+    } else {
+        format!("[{}]", addr.ip())
+    }
+}
+
+fn listen_address(value: &Spanned<String>, key: &str, diags: &mut Diags) -> Option<SocketAddr> {
+    match parse_listen(value.get_ref()) {
+        Ok(addr) => Some(addr),
+        Err((reason, hint)) => {
+            diags.error(
+                value.span(),
+                format!(
+                    "`{key}` in [proxy] is not a valid address ({:?}): {reason}",
+                    value.get_ref()
+                ),
+                hint,
+            );
+            None
+        }
+    }
+}
+
+/// A size field: bytes or a string with a unit, within `min..=max`.
+fn size(
+    value: Option<&Spanned<RawIntOrString>>,
+    field: Field<'_>,
+    min: u64,
+    max: u64,
+    default: u64,
+    diags: &mut Diags,
+) -> Option<u64> {
+    let value = value?;
+    let example = field.example(&format!("\"{}\"", format_size(default)));
+    let n = match value.get_ref() {
+        RawIntOrString::Int(i) if *i < 0 => {
+            diags.error(
+                value.span(),
+                format!("{} must not be negative", field.what()),
+                example,
+            );
+            return None;
+        }
+        RawIntOrString::Int(i) => i.unsigned_abs(),
+        RawIntOrString::Text(text) => match parse_size(text) {
+            Ok(n) => n,
+            Err(err) => {
+                let hint = if err == SizeError::Malformed("the unit is missing") {
+                    format!(
+                        "add a unit (\"{}KiB\") or drop the quotes to mean bytes ({})",
+                        text.trim(),
+                        text.trim()
+                    )
+                } else {
+                    format!("sizes are {SIZE_FORMS}")
+                };
+                diags.error(
+                    value.span(),
+                    format!(
+                        "{} is not a valid size ({text:?}): {}",
+                        field.what(),
+                        err.reason()
+                    ),
+                    hint,
+                );
+                return None;
+            }
+        },
+    };
+    if n < min {
+        diags.error(
+            value.span(),
+            format!(
+                "{} must be at least {}, not {}",
+                field.what(),
+                format_size(min),
+                format_size(n)
+            ),
+            example,
+        );
+        return None;
+    }
+    if n > max {
+        diags.error(
+            value.span(),
+            format!(
+                "{} must be at most {}, not {}",
+                field.what(),
+                format_size(max),
+                format_size(n)
+            ),
+            example,
+        );
+        return None;
+    }
+    Some(n)
+}
+
+/// `[[proxy.tls]]`: host names (each served by one certificate), and the
+/// files, made absolute against `base`.
+fn validate_tls(
+    tls: &Spanned<Vec<Spanned<RawTls>>>,
+    base: &Path,
+    diags: &mut Diags,
+) -> Vec<TlsSpec> {
+    let mut out = Vec::new();
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    for (index, entry) in tls.get_ref().iter().enumerate() {
+        let raw = entry.get_ref();
+        let mut hosts = Vec::new();
+        if let Some(list) = &raw.hosts {
+            if list.get_ref().is_empty() {
+                diags.error(
+                    list.span(),
+                    "`hosts` in [[proxy.tls]] is empty",
+                    "name the hosts this certificate is for: hosts = [\"example.com\", \"www.example.com\"]",
+                );
+            }
+            for host in list.get_ref() {
+                match tls_host(host.get_ref()) {
+                    Ok(name) => {
+                        if let Some((_, other)) = seen.iter().find(|(h, _)| *h == name) {
+                            diags.error(
+                                host.span(),
+                                format!(
+                                    "host {name:?} has two certificates in [[proxy.tls]] (number {} and number {})",
+                                    other + 1,
+                                    index + 1
+                                ),
+                                "a host is served one certificate: remove it from one of the two",
+                            );
+                        } else {
+                            seen.push((name.clone(), index));
+                        }
+                        hosts.push(name);
+                    }
+                    Err(hint) => diags.error(
+                        host.span(),
+                        format!("invalid host {:?} in [[proxy.tls]]", host.get_ref()),
+                        hint,
+                    ),
+                }
+            }
+        }
+        let cert = raw
+            .cert
+            .as_ref()
+            .and_then(|c| tls_path(c, "cert", base, diags));
+        let key = raw
+            .key
+            .as_ref()
+            .and_then(|k| tls_path(k, "key", base, diags));
+        if let (Some(cert), Some(key), Some(c), Some(k)) = (&cert, &key, &raw.cert, &raw.key) {
+            if cert == key {
+                diags.error(
+                    k.span(),
+                    "`key` in [[proxy.tls]] is the same file as `cert`",
+                    format!(
+                        "point key at the private key file (cert is {:?})",
+                        c.get_ref()
+                    ),
+                );
+            }
+        }
+        if let (Some(cert), Some(key)) = (cert, key) {
+            out.push(TlsSpec { hosts, cert, key });
+        }
+    }
+    out
+}
+
+/// A host name for a certificate: lowercase, `*.` allowed in front.
+fn tls_host(raw: &str) -> Result<String, String> {
+    let host = raw.trim().to_ascii_lowercase();
+    if host.contains("://") || host.contains('/') {
+        let bare = host
+            .split("://")
+            .last()
+            .unwrap_or(&host)
+            .split('/')
+            .next()
+            .unwrap_or("");
+        return Err(format!("write the host name alone: {bare:?}"));
+    }
+    if let Some((name, port)) = host.rsplit_once(':') {
+        if port.parse::<u16>().is_ok() {
+            return Err(format!("leave out the port: {name:?}"));
+        }
+    }
+    let name = host.strip_prefix("*.").unwrap_or(&host);
+    if name.contains('*') {
+        return Err(
+            "a wildcard is `*.` before the rest of the name, as in \"*.example.com\" (one label)"
+                .into(),
+        );
+    }
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if valid {
+        Ok(host)
+    } else {
+        Err("host names are letters, digits, '-' and '.', such as \"example.com\" or \"*.example.com\"".into())
+    }
+}
+
+fn tls_path(value: &Spanned<String>, key: &str, base: &Path, diags: &mut Diags) -> Option<PathBuf> {
+    let text = value.get_ref();
+    if text.trim().is_empty() {
+        diags.error(
+            value.span(),
+            format!("`{key}` in [[proxy.tls]] is empty"),
+            format!("give the path of the PEM file, relative to nonstop.toml or absolute: {key} = \"certs/example.com.{}\"", if key == "cert" { "pem" } else { "key" }),
+        );
+        return None;
+    }
+    if text.contains('\0') {
+        diags.error(
+            value.span(),
+            format!("`{key}` in [[proxy.tls]] contains a NUL character"),
+            "remove the \\u0000 from the path",
+        );
+        return None;
+    }
+    let path = Path::new(text);
+    Some(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    })
 }
 
 /// The `NONSTOP_PROXY_LISTEN` override, if set; an error naming the

@@ -61,8 +61,105 @@ pub(crate) fn walk(root: &Spanned<DeTable<'_>>, diags: &mut Diags) -> RawSpec {
 
 fn walk_proxy(t: &Table<'_, '_>, diags: &mut Diags) -> RawProxy {
     t.check_keys(field_names::<RawProxy>(), diags);
+    let size = "a size: bytes (65536) or a string with a unit (\"64KiB\")";
     RawProxy {
         listen: t.string("listen", "listen = \"127.0.0.1:8080\"", diags),
+        https_listen: t.string("https_listen", "https_listen = \"0.0.0.0:443\"", diags),
+        redirect_http: t.boolean("redirect_http", "redirect_http = true", diags),
+        max_header_bytes: t.int_or_string(
+            "max_header_bytes",
+            size,
+            "max_header_bytes = \"64KiB\"",
+            diags,
+        ),
+        max_headers: t.integer("max_headers", "max_headers = 100", diags),
+        max_request_line: t.int_or_string(
+            "max_request_line",
+            size,
+            "max_request_line = \"8KiB\"",
+            diags,
+        ),
+        max_body_bytes: t.int_or_string(
+            "max_body_bytes",
+            size,
+            "max_body_bytes = \"100MiB\"",
+            diags,
+        ),
+        header_timeout: t.duration("header_timeout", diags),
+        idle_timeout: t.duration("idle_timeout", diags),
+        upstream_timeout: t.duration("upstream_timeout", diags),
+        body_timeout: t.duration("body_timeout", diags),
+        tls: walk_tls(t, diags),
+    }
+}
+
+const TLS_EXAMPLE: &str = "[[proxy.tls]]\nhosts = [\"example.com\", \"*.example.com\"]\ncert = \"certs/example.com.pem\"\nkey = \"certs/example.com.key\"";
+
+/// `[[proxy.tls]]`: an array of tables. Present (maybe empty) whenever
+/// the key is, so that validation knows certificates were meant.
+fn walk_tls(t: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<Vec<Spanned<RawTls>>>> {
+    let value = t.get("tls")?;
+    let items = match value.get_ref() {
+        DeValue::Array(items) => items,
+        DeValue::Table(_) => {
+            diags.error(
+                value.span(),
+                "`tls` in [proxy] must be a list of tables: write [[proxy.tls]] (two brackets), once per certificate",
+                format!("for example:\n{TLS_EXAMPLE}"),
+            );
+            return Some(Spanned::new(value.span(), Vec::new()));
+        }
+        other => {
+            diags.error(
+                value.span(),
+                format!(
+                    "`tls` in [proxy] must be a list of tables, not {}",
+                    describe(other)
+                ),
+                format!("write one table per certificate:\n{TLS_EXAMPLE}"),
+            );
+            return Some(Spanned::new(value.span(), Vec::new()));
+        }
+    };
+    let mut out = Vec::new();
+    for item in items.iter() {
+        match item.get_ref() {
+            DeValue::Table(entries) => {
+                let tls = Table {
+                    entries,
+                    span: item.span(),
+                    path: t.child("tls"),
+                };
+                out.push(tls.map(walk_tls_entry, diags));
+            }
+            other => diags.error(
+                item.span(),
+                format!(
+                    "`tls` in [proxy] must contain only tables, not {}",
+                    describe(other)
+                ),
+                format!("write one table per certificate:\n{TLS_EXAMPLE}"),
+            ),
+        }
+    }
+    Some(Spanned::new(value.span(), out))
+}
+
+fn walk_tls_entry(t: &Table<'_, '_>, diags: &mut Diags) -> RawTls {
+    t.check_keys(field_names::<RawTls>(), diags);
+    for key in ["hosts", "cert", "key"] {
+        if t.get(key).is_none() && !t.has_misspelling_of(key, field_names::<RawTls>()) {
+            diags.error(
+                t.span.clone(),
+                format!("missing `{key}` in [[{}]]", t.path),
+                format!("every certificate needs hosts, cert and key, for example:\n{TLS_EXAMPLE}"),
+            );
+        }
+    }
+    RawTls {
+        hosts: t.string_list("hosts", "hosts = [\"example.com\"]", diags),
+        cert: t.string("cert", "cert = \"certs/example.com.pem\"", diags),
+        key: t.string("key", "key = \"certs/example.com.key\"", diags),
     }
 }
 
@@ -350,6 +447,25 @@ impl<'a, 'i> Table<'a, 'i> {
             DeValue::String(s) => Some(Spanned::new(value.span(), s.to_string())),
             _ => {
                 self.type_error(key, value, "a string", example, diags);
+                None
+            }
+        }
+    }
+
+    fn boolean(&self, key: &str, example: &str, diags: &mut Diags) -> Option<Spanned<bool>> {
+        let value = self.get(key)?;
+        match value.get_ref() {
+            DeValue::Boolean(b) => Some(Spanned::new(value.span(), *b)),
+            DeValue::String(s) if matches!(s.trim(), "true" | "false") => {
+                diags.error(
+                    value.span(),
+                    format!("{} must be a boolean, not a string", self.describe_key(key)),
+                    format!("remove the quotes: {} = {}", display_key(key), s.trim()),
+                );
+                None
+            }
+            _ => {
+                self.type_error(key, value, "a boolean (true or false)", example, diags);
                 None
             }
         }

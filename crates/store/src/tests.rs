@@ -8,7 +8,7 @@ fn spec() -> AppSpec {
         app: AppName::new("blog").unwrap(),
         env: BTreeMap::from([("A".to_string(), "1".to_string())]),
         processes: vec![],
-        proxy: ProxySpec { listen: "127.0.0.1:8080".parse().unwrap() },
+        proxy: ProxySpec::new("127.0.0.1:8080".parse().unwrap()),
         build: vec![],
         release: ReleaseSpec::default(),
     }

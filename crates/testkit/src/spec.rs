@@ -67,9 +67,7 @@ pub fn app(name: &str) -> AppBuilder {
             app: AppName::new(name).unwrap_or_else(|e| panic!("{e}")),
             env: BTreeMap::new(),
             processes: Vec::new(),
-            proxy: ProxySpec {
-                listen: LISTEN.parse().unwrap_or_else(|e| panic!("{e}")),
-            },
+            proxy: ProxySpec::new(LISTEN.parse().unwrap_or_else(|e| panic!("{e}"))),
             build: Vec::new(),
             release: ReleaseSpec {
                 task_timeout: Duration::from_secs(600),
