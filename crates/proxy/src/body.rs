@@ -8,15 +8,148 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+/// Why a client's request body stopped.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    /// It grew past `max_body_bytes`.
+    TooLarge { limit: u64 },
+    /// Nothing of it came for `body_timeout` while it was awaited.
+    Timeout { after: Duration },
+    /// The client's connection or framing failed (e.g. a bad chunk size).
+    Client(hyper::Error),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::TooLarge { limit } => {
+                write!(f, "request body larger than max_body_bytes ({limit} bytes)")
+            }
+            BodyError::Timeout { after } => write!(
+                f,
+                "request body stalled for {} ms (body_timeout)",
+                after.as_millis()
+            ),
+            BodyError::Client(err) => write!(f, "request body could not be read: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyError::Client(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+/// A client's request body with its size limit and read timeout.
+///
+/// The timeout counts only while the body is awaited and nothing comes
+/// (`poll_frame` pending): an instance slow to read does not make the
+/// client late. Its timer is allocated the first time the body is
+/// awaited at all (a body that arrives with its head costs none) and is
+/// moved only when it fires early, as `TimedStream`'s.
+pub(crate) struct ClientBody {
+    body: Incoming,
+    /// Bytes still allowed.
+    left: u64,
+    limit: u64,
+    timeout: Duration,
+    /// When the body, awaited since then, times out.
+    deadline: Option<Instant>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl ClientBody {
+    pub fn new(body: Incoming, limit: u64, timeout: Duration) -> Self {
+        Self {
+            body,
+            left: limit,
+            limit,
+            timeout,
+            deadline: None,
+            sleep: None,
+        }
+    }
+
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + self.timeout);
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return true;
+            }
+            sleep.as_mut().reset(deadline);
+        }
+        false
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.deadline = None;
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > this.left {
+                        this.left = 0;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
+                    }
+                    this.left -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(BodyError::Client(err)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if this.timed_out(cx) {
+                    return Poll::Ready(Some(Err(BodyError::Timeout {
+                        after: this.timeout,
+                    })));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// A request body on its way to an instance.
 pub(crate) enum UpBody {
     /// Empty or buffered: can be sent again on a retry.
     Full(Option<Bytes>),
     /// The client's body, streamed: can be sent only once.
-    Stream(Incoming),
+    Stream(ClientBody),
 }
 
 impl UpBody {
@@ -35,12 +168,12 @@ impl UpBody {
 
 impl Body for UpBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             UpBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             UpBody::Stream(body) => Pin::new(body).poll_frame(cx),

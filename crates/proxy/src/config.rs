@@ -1,5 +1,6 @@
 //! Proxy tuning knobs, with defaults chosen for apps on the same machine.
 
+use nonstop_core::process::ProxySpec;
 use std::time::Duration;
 
 /// Default for [`ProxyConfig::connect_timeout`].
@@ -10,6 +11,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default for [`ProxyConfig::upstream_timeout`].
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default for [`ProxyConfig::body_timeout`].
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default for [`ProxyConfig::upstream_idle_timeout`].
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default for [`ProxyConfig::max_idle_per_backend`].
@@ -20,6 +23,24 @@ pub const DEFAULT_NO_BACKEND_WAIT: Duration = Duration::from_secs(2);
 pub const DEFAULT_RETRY_BODY_LIMIT: usize = 64 * 1024;
 /// Default for [`ProxyConfig::shutdown_grace`].
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default for [`ProxyConfig::max_header_bytes`].
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default for [`ProxyConfig::max_headers`].
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default for [`ProxyConfig::max_request_line`].
+pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
+/// Default for [`ProxyConfig::max_body_bytes`].
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
+
+/// Smallest [`ProxyConfig::max_header_bytes`]: hyper's smallest read
+/// buffer (a smaller one makes it panic).
+pub const MIN_MAX_HEADER_BYTES: usize = 8 * 1024;
+/// Largest [`ProxyConfig::max_header_bytes`].
+pub const MAX_MAX_HEADER_BYTES: usize = 16 * 1024 * 1024;
+/// Smallest [`ProxyConfig::max_request_line`].
+pub const MIN_MAX_REQUEST_LINE: usize = 256;
+/// Largest [`ProxyConfig::max_headers`].
+pub const MAX_MAX_HEADERS: usize = 10_000;
 
 /// How the proxy treats clients, upstreams and the gaps in between.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,14 +51,22 @@ pub struct ProxyConfig {
     /// Time a client has to send a complete request head, counted from its
     /// first byte, or from the accept for a new connection (10 s; nginx
     /// `client_header_timeout`, HAProxy `timeout http-request`). Protects
-    /// against slowloris clients.
+    /// against slowloris clients. A TLS handshake must also complete
+    /// within it.
     pub header_read_timeout: Duration,
     /// Time a keep-alive client connection may sit idle between requests
-    /// (60 s, as an ALB; nginx uses 75 s).
+    /// (60 s, as an ALB; nginx uses 75 s). For HTTP/2: time without any
+    /// request in progress.
     pub idle_timeout: Duration,
     /// Time an instance has to send the response head once the request was
     /// sent (60 s, as nginx `proxy_read_timeout`). Exceeding it answers 504.
     pub upstream_timeout: Duration,
+    /// Longest wait for the next part of a request body while the instance
+    /// waits for it (30 s; nginx `client_body_timeout` is 60 s). A client
+    /// trickling its body is answered 408 (or, if the instance already
+    /// answered, its connection is closed) and the upstream request is
+    /// aborted. Time the instance takes to read the body does not count.
+    pub body_timeout: Duration,
     /// Idle pooled connections to an instance older than this are closed
     /// rather than reused (30 s).
     pub upstream_idle_timeout: Duration,
@@ -55,6 +84,24 @@ pub struct ProxyConfig {
     /// On shutdown, how long in-flight requests and upgraded connections
     /// may take to finish before their connections are closed (30 s).
     pub shutdown_grace: Duration,
+    /// Largest request head, request line and headers together (64 KiB,
+    /// nginx's default is 4 × 8 KiB, HAProxy's `tune.bufsize` 16 KiB).
+    /// Larger ones are answered 431. At least 8 KiB. For HTTP/2, the
+    /// header list size (HPACK-decoded, 32 bytes counted per field).
+    pub max_header_bytes: usize,
+    /// Most header fields in a request (100, as HAProxy's
+    /// `tune.http.maxhdr` 101). More are answered 431.
+    pub max_headers: usize,
+    /// Longest request target (URI) (8 KiB, nginx's per-line buffer).
+    /// Longer ones are answered 414. A target longer than the whole
+    /// `max_header_bytes` is answered 431 by the parser.
+    pub max_request_line: usize,
+    /// Largest request body (100 MiB). A larger `Content-Length` is
+    /// answered 413 before anything is sent upstream; a chunked (or HTTP/2)
+    /// body that grows past it aborts the upstream request and is answered
+    /// 413, or, if the instance already answered, closes the connection.
+    /// `u64::MAX`: no limit.
+    pub max_body_bytes: u64,
 }
 
 impl Default for ProxyConfig {
@@ -64,11 +111,224 @@ impl Default for ProxyConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             upstream_idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             max_idle_per_backend: DEFAULT_MAX_IDLE_PER_BACKEND,
             no_backend_wait: DEFAULT_NO_BACKEND_WAIT,
             retry_body_limit: DEFAULT_RETRY_BODY_LIMIT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_request_line: DEFAULT_MAX_REQUEST_LINE,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
+    }
+}
+
+/// A setting the proxy cannot run with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid proxy setting `{key}`: {reason}")]
+pub struct ConfigError {
+    /// The `[proxy]` key.
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl ProxyConfig {
+    /// The settings of a `[proxy]` section over the defaults. The spec was
+    /// validated already; this checks again what the proxy cannot run with
+    /// (e.g. a spec stored by an older version).
+    pub fn from_spec(spec: &ProxySpec) -> Result<ProxyConfig, ConfigError> {
+        Self::default().with_spec(spec)
+    }
+
+    /// `self` with the settings `spec` sets.
+    pub fn with_spec(mut self, spec: &ProxySpec) -> Result<ProxyConfig, ConfigError> {
+        fn size(key: &'static str, v: u64) -> Result<usize, ConfigError> {
+            usize::try_from(v).map_err(|_| ConfigError {
+                key,
+                reason: format!("{v} is too large"),
+            })
+        }
+        if let Some(v) = spec.max_header_bytes {
+            self.max_header_bytes = size("max_header_bytes", v)?;
+        }
+        if let Some(v) = spec.max_headers {
+            self.max_headers = v as usize;
+        }
+        if let Some(v) = spec.max_request_line {
+            self.max_request_line = size("max_request_line", v)?;
+        }
+        if let Some(v) = spec.max_body_bytes {
+            self.max_body_bytes = if v == 0 { u64::MAX } else { v };
+        }
+        if let Some(v) = spec.header_timeout {
+            self.header_read_timeout = v;
+        }
+        if let Some(v) = spec.idle_timeout {
+            self.idle_timeout = v;
+        }
+        if let Some(v) = spec.upstream_timeout {
+            self.upstream_timeout = v;
+        }
+        if let Some(v) = spec.body_timeout {
+            self.body_timeout = v;
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks the limits hyper and the proxy rely on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key, reason: String| Err(ConfigError { key, reason });
+        if !(MIN_MAX_HEADER_BYTES..=MAX_MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
+            return err(
+                "max_header_bytes",
+                format!(
+                    "{} is outside {MIN_MAX_HEADER_BYTES}..={MAX_MAX_HEADER_BYTES}",
+                    self.max_header_bytes
+                ),
+            );
+        }
+        if !(1..=MAX_MAX_HEADERS).contains(&self.max_headers) {
+            return err(
+                "max_headers",
+                format!("{} is outside 1..={MAX_MAX_HEADERS}", self.max_headers),
+            );
+        }
+        if self.max_request_line < MIN_MAX_REQUEST_LINE {
+            return err(
+                "max_request_line",
+                format!("{} is below {MIN_MAX_REQUEST_LINE}", self.max_request_line),
+            );
+        }
+        if self.max_body_bytes == 0 {
+            return err("max_body_bytes", "0 would refuse every body".into());
+        }
+        for (key, d) in [
+            ("header_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("upstream_timeout", self.upstream_timeout),
+            ("body_timeout", self.body_timeout),
+        ] {
+            if d.is_zero() {
+                return err(key, "must be longer than 0s".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// hyper's read buffer: bounds the request head (hyper answers 431 when
+    /// a head does not fit). Never below hyper's minimum, whatever the
+    /// configuration says.
+    pub(crate) fn h1_buffer(&self) -> usize {
+        self.max_header_bytes.max(MIN_MAX_HEADER_BYTES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_settings_override_defaults() {
+        let mut spec = ProxySpec::new("127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            ProxyConfig::from_spec(&spec).unwrap(),
+            ProxyConfig::default()
+        );
+        spec.max_header_bytes = Some(16 * 1024);
+        spec.max_headers = Some(20);
+        spec.max_request_line = Some(1024);
+        spec.max_body_bytes = Some(0);
+        spec.header_timeout = Some(Duration::from_secs(1));
+        spec.idle_timeout = Some(Duration::from_secs(2));
+        spec.upstream_timeout = Some(Duration::from_secs(3));
+        spec.body_timeout = Some(Duration::from_secs(4));
+        let c = ProxyConfig::from_spec(&spec).unwrap();
+        assert_eq!(c.max_header_bytes, 16 * 1024);
+        assert_eq!(c.max_headers, 20);
+        assert_eq!(c.max_request_line, 1024);
+        assert_eq!(c.max_body_bytes, u64::MAX, "0 means no limit");
+        assert_eq!(
+            (
+                c.header_read_timeout,
+                c.idle_timeout,
+                c.upstream_timeout,
+                c.body_timeout
+            ),
+            (
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+                Duration::from_secs(3),
+                Duration::from_secs(4)
+            )
+        );
+    }
+
+    #[test]
+    fn the_spec_documents_the_proxy_defaults() {
+        use nonstop_spec as spec;
+        let c = ProxyConfig::default();
+        assert_eq!(
+            c.max_header_bytes as u64,
+            spec::DEFAULT_PROXY_MAX_HEADER_BYTES
+        );
+        assert_eq!(c.max_headers as u32, spec::DEFAULT_PROXY_MAX_HEADERS);
+        assert_eq!(
+            c.max_request_line as u64,
+            spec::DEFAULT_PROXY_MAX_REQUEST_LINE
+        );
+        assert_eq!(c.max_body_bytes, spec::DEFAULT_PROXY_MAX_BODY_BYTES);
+        assert_eq!(c.header_read_timeout, spec::DEFAULT_PROXY_HEADER_TIMEOUT);
+        assert_eq!(c.idle_timeout, spec::DEFAULT_PROXY_IDLE_TIMEOUT);
+        assert_eq!(c.upstream_timeout, spec::DEFAULT_PROXY_UPSTREAM_TIMEOUT);
+        assert_eq!(c.body_timeout, spec::DEFAULT_PROXY_BODY_TIMEOUT);
+        assert_eq!(
+            MIN_MAX_HEADER_BYTES as u64,
+            spec::MIN_PROXY_MAX_HEADER_BYTES
+        );
+        assert_eq!(
+            MAX_MAX_HEADER_BYTES as u64,
+            spec::MAX_PROXY_MAX_HEADER_BYTES
+        );
+        assert_eq!(
+            MIN_MAX_REQUEST_LINE as u64,
+            spec::MIN_PROXY_MAX_REQUEST_LINE
+        );
+        assert_eq!(MAX_MAX_HEADERS as u32, spec::MAX_PROXY_MAX_HEADERS);
+        // Whatever the spec accepts, the proxy runs with.
+        let mut extreme = ProxySpec::new("127.0.0.1:8080".parse().unwrap());
+        extreme.max_header_bytes = Some(spec::MIN_PROXY_MAX_HEADER_BYTES);
+        extreme.max_request_line = Some(spec::MIN_PROXY_MAX_REQUEST_LINE);
+        extreme.max_headers = Some(spec::MAX_PROXY_MAX_HEADERS);
+        extreme.max_body_bytes = Some(0);
+        ProxyConfig::from_spec(&extreme).unwrap();
+    }
+
+    #[test]
+    fn settings_hyper_cannot_run_with_are_errors() {
+        let mut spec = ProxySpec::new("127.0.0.1:8080".parse().unwrap());
+        spec.max_header_bytes = Some(1024);
+        let e = ProxyConfig::from_spec(&spec).unwrap_err();
+        assert_eq!(e.key, "max_header_bytes");
+        spec.max_header_bytes = None;
+        spec.max_headers = Some(0);
+        assert_eq!(
+            ProxyConfig::from_spec(&spec).unwrap_err().key,
+            "max_headers"
+        );
+        spec.max_headers = None;
+        spec.body_timeout = Some(Duration::ZERO);
+        assert_eq!(
+            ProxyConfig::from_spec(&spec).unwrap_err().key,
+            "body_timeout"
+        );
+        // Even an unchecked config never makes hyper panic.
+        let c = ProxyConfig {
+            max_header_bytes: 10,
+            ..ProxyConfig::default()
+        };
+        assert_eq!(c.h1_buffer(), MIN_MAX_HEADER_BYTES);
     }
 }

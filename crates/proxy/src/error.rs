@@ -2,6 +2,7 @@
 //! was and whether the request may be tried again; the retry loop and the
 //! 502/503/504 choice read nothing else.
 
+use crate::body::BodyError;
 use http::StatusCode;
 use std::fmt;
 
@@ -24,8 +25,12 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// No healthy instance of the route (after waiting `no_backend_wait`).
     NoHealthyBackend,
-    /// The client's request body could not be read.
+    /// The client's request body could not be read (e.g. a bad chunk).
     ClientBody,
+    /// The client's request body grew past `max_body_bytes`.
+    BodyTooLarge,
+    /// The client stalled while sending its request body.
+    ClientTimeout,
     /// A bug or an impossible state in the proxy itself.
     Internal,
 }
@@ -41,6 +46,8 @@ impl ErrorKind {
             ErrorKind::UpstreamProtocol => "upstream protocol error",
             ErrorKind::NoHealthyBackend => "no healthy backend",
             ErrorKind::ClientBody => "client request body error",
+            ErrorKind::BodyTooLarge => "request body too large",
+            ErrorKind::ClientTimeout => "client request body timed out",
             ErrorKind::Internal => "internal error",
         }
     }
@@ -119,8 +126,10 @@ impl ProxyError {
         if err.is_user() {
             // Our request body (the client's upload) failed, or hyper was
             // misused: the upstream is not to blame.
-            return Self::new(ErrorKind::ClientBody, Side::Downstream, Retry::Never)
-                .with_source(err);
+            let kind = std::error::Error::source(&err)
+                .and_then(|s| s.downcast_ref::<BodyError>())
+                .map_or(ErrorKind::ClientBody, BodyError::kind);
+            return Self::new(kind, Side::Downstream, Retry::Never).with_source(err);
         }
         if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
             // Bytes came back: the instance did something.
@@ -156,6 +165,8 @@ impl ProxyError {
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ClientBody => StatusCode::BAD_REQUEST,
+            ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -168,6 +179,19 @@ impl ProxyError {
     /// A short detail for health events and logs, without OS error numbers,
     /// e.g. `connect error: Connection refused`.
     pub fn detail(&self) -> String {
+        if self.side == Side::Downstream {
+            // The client's body: say why it failed, not how hyper saw it.
+            let mut source = self
+                .source
+                .as_deref()
+                .map(|s| s as &(dyn std::error::Error + 'static));
+            while let Some(err) = source {
+                if let Some(body) = err.downcast_ref::<BodyError>() {
+                    return body.to_string();
+                }
+                source = err.source();
+            }
+        }
         match (&self.source, self.kind) {
             (
                 Some(src),
@@ -181,6 +205,16 @@ impl ProxyError {
                 clean_io_message(&src.to_string())
             ),
             (None, _) => self.kind.as_str().to_string(),
+        }
+    }
+}
+
+impl BodyError {
+    pub(crate) fn kind(&self) -> ErrorKind {
+        match self {
+            BodyError::TooLarge { .. } => ErrorKind::BodyTooLarge,
+            BodyError::Timeout { .. } => ErrorKind::ClientTimeout,
+            BodyError::Client(_) => ErrorKind::ClientBody,
         }
     }
 }

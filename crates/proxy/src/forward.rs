@@ -16,10 +16,13 @@
 //! be working on it.
 
 use crate::backend::{BackendState, InFlight};
-use crate::body::{Lease, ProxyBody, UpBody};
+use crate::body::{ClientBody, Lease, ProxyBody, UpBody};
+use crate::config::ProxyConfig;
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::headers;
-use crate::server::{ConnCtx, PhaseGuard};
+use crate::server::{
+    ConnCtx, PhaseGuard, DUPLICATE_CONTENT_LENGTH, SAW_CONTENT_LENGTH, SAW_TRANSFER_ENCODING,
+};
 use crate::Inner;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -29,6 +32,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
@@ -36,6 +40,9 @@ const PAGE_503: &str = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\
 const BODY_502: &str = "502 Bad Gateway: the app instance failed to answer.\n";
 const BODY_504: &str = "504 Gateway Timeout: the app did not answer in time.\n";
 const BODY_400: &str = "400 Bad Request: the request body could not be read.\n";
+const BODY_408: &str = "408 Request Timeout: the request body stopped arriving.\n";
+const BODY_413: &str =
+    "413 Content Too Large: the request body is larger than this server accepts.\n";
 const BODY_500: &str = "500 Internal Server Error: proxy error.\n";
 
 fn is_idempotent(method: &Method) -> bool {
@@ -69,13 +76,24 @@ pub(crate) async fn handle(
     ctx: Arc<ConnCtx>,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let phase = ctx.begin_request();
+    let http2 = req.version() == Version::HTTP_2;
+    let phase = ctx.begin_request(http2);
     let request_id = headers::request_id(req.headers());
-    let upgrade = headers::is_upgrade(req.headers());
+    let config = &*ctx.config;
+    if let Err(reject) = check_request(&ctx, &req, http2) {
+        return reject.respond(&ctx, &req, request_id, phase);
+    }
+    if !ctx.tls && inner.redirect_http.load(Ordering::Relaxed) {
+        if let Some(location) = crate::tls::redirect_location(&inner, &req) {
+            return redirect(location, request_id, phase);
+        }
+    }
+    let upgrade = !http2 && headers::is_upgrade(req.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
-    // Origin-form towards the instance; an absolute-form target names the host.
+    // Origin-form towards the instance; an absolute-form target (or h2's
+    // :authority) names the host.
     if parts.uri.authority().is_some() {
         if let Some(authority) = parts
             .uri
@@ -91,35 +109,40 @@ pub(crate) async fn handle(
             .unwrap_or_else(|| Uri::from_static("/"));
     }
     let host = parts.headers.get(header::HOST).cloned();
-    headers::prepare_request(&mut parts.headers, &ctx.peer_ip, &request_id, upgrade);
+    headers::prepare_request(
+        &mut parts.headers,
+        &ctx.peer_ip,
+        &request_id,
+        upgrade,
+        ctx.tls,
+    );
     parts.version = Version::HTTP_11;
 
     // Decide the body's fate: empty, buffered (replayable), or streamed.
     let idempotent = is_idempotent(&parts.method);
     let (body, replay_body) = if body.is_end_stream() {
         (UpBody::empty(), Some(None))
-    } else if idempotent
-        && body
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= inner.config.retry_body_limit as u64)
-    {
-        match body.collect().await {
-            Ok(collected) => {
-                let bytes = collected.to_bytes();
-                (
-                    UpBody::full(bytes.clone()),
-                    Some(Some(bytes).filter(|b| !b.is_empty())),
-                )
-            }
-            Err(err) => {
-                let err = ProxyError::new(ErrorKind::ClientBody, Side::Downstream, Retry::Never)
-                    .with_source(err);
-                return error_response(&err, request_id, phase);
-            }
-        }
     } else {
-        (UpBody::Stream(body), None)
+        let exact = body.size_hint().exact();
+        let body = ClientBody::new(body, config.max_body_bytes, config.body_timeout);
+        if idempotent && exact.is_some_and(|n| n <= config.retry_body_limit as u64) {
+            match body.collect().await {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    (
+                        UpBody::full(bytes.clone()),
+                        Some(Some(bytes).filter(|b| !b.is_empty())),
+                    )
+                }
+                Err(err) => {
+                    let err = ProxyError::new(err.kind(), Side::Downstream, Retry::Never)
+                        .with_source(err);
+                    return client_failed(&ctx, &err, request_id, phase);
+                }
+            }
+        } else {
+            (UpBody::Stream(body), None)
+        }
     };
     let mut replay = match replay_body {
         Some(body) if idempotent => Some(Replay {
@@ -135,16 +158,21 @@ pub(crate) async fn handle(
     let mut avoid: Option<Arc<BackendState>> = None;
     let mut attempt = 0u8;
     loop {
-        let Some(in_flight) = acquire(&inner, host.as_ref(), avoid.as_ref()).await else {
-            return error_response(&ProxyError::no_healthy_backend(), request_id, phase);
+        let Some(in_flight) = acquire(&inner, config, host.as_ref(), avoid.as_ref()).await else {
+            return error_response(&ProxyError::no_healthy_backend(), request_id, phase, false);
         };
-        match send(&inner, &in_flight, req, attempt > 0).await {
+        match send(&inner, config, &in_flight, req, attempt > 0).await {
             Ok((resp, conn)) => {
                 return respond(&ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
             }
             Err((err, returned)) => {
                 let backend = Arc::clone(in_flight.backend());
                 drop(in_flight);
+                if err.side == Side::Downstream {
+                    // The client's body failed: the instance is not to
+                    // blame and nothing is retried.
+                    return client_failed(&ctx, &err, request_id, phase);
+                }
                 if err.marks_unhealthy() {
                     inner.shared.passive_failure(&backend, err.detail());
                 }
@@ -166,7 +194,7 @@ pub(crate) async fn handle(
                     }
                     None => {
                         tracing::warn!(instance = %backend.instance, error = %err, status = err.status().as_u16(), "request failed");
-                        return error_response(&err, request_id, phase);
+                        return error_response(&err, request_id, phase, false);
                     }
                 }
             }
@@ -174,10 +202,203 @@ pub(crate) async fn handle(
     }
 }
 
+/// A request refused before anything was sent upstream.
+pub(crate) struct Reject {
+    status: StatusCode,
+    reason: &'static str,
+}
+
+impl Reject {
+    fn new(status: StatusCode, reason: &'static str) -> Self {
+        Self { status, reason }
+    }
+
+    fn bad(reason: &'static str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, reason)
+    }
+
+    /// One log line, then the answer. HTTP/1 connections are closed after
+    /// it: what follows a malformed request cannot be trusted.
+    fn respond(
+        self,
+        ctx: &ConnCtx,
+        req: &Request<Incoming>,
+        request_id: HeaderValue,
+        phase: PhaseGuard,
+    ) -> Response<ProxyBody> {
+        tracing::info!(
+            client = %ctx.peer,
+            status = self.status.as_u16(),
+            reason = self.reason,
+            method = %req.method(),
+            "request rejected"
+        );
+        let body = format!(
+            "{} {}: {}.\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            self.reason
+        );
+        let close = req.version() != Version::HTTP_2;
+        text_response(self.status, body.into(), request_id, phase, close)
+    }
+}
+
+/// What hyper lets through and the proxy does not (see the crate docs for
+/// what hyper itself rejects). Only reads what is parsed already.
+fn check_request(ctx: &ConnCtx, req: &Request<Incoming>, http2: bool) -> Result<(), Reject> {
+    let config = &*ctx.config;
+    let headers = req.headers();
+    let uri = req.uri();
+    let target_len = if !http2 {
+        let flags = ctx.take_head_flags();
+        if flags & DUPLICATE_CONTENT_LENGTH != 0 {
+            return Err(Reject::bad("more than one Content-Length header"));
+        }
+        if flags & SAW_CONTENT_LENGTH != 0 && flags & SAW_TRANSFER_ENCODING != 0 {
+            return Err(Reject::bad(
+                "Content-Length together with Transfer-Encoding",
+            ));
+        }
+        // hyper accepts any codings before a final chunked; the proxy would
+        // drop them (it re-frames the body), so only `chunked` itself goes.
+        let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+        if let Some(first) = te.next() {
+            if te.next().is_some()
+                || !first
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"chunked")
+            {
+                return Err(Reject::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "Transfer-Encoding other than chunked",
+                ));
+            }
+        }
+        let mut hosts = headers.get_all(header::HOST).iter();
+        let host = hosts.next();
+        if hosts.next().is_some() {
+            return Err(Reject::bad("more than one Host header"));
+        }
+        if host.is_none() && req.version() == Version::HTTP_11 {
+            return Err(Reject::bad("missing Host header (required by HTTP/1.1)"));
+        }
+        let path = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(a)) => scheme.len() + 3 + a.as_str().len() + path,
+            (None, Some(a)) => a.as_str().len() + path,
+            _ => path,
+        }
+    } else {
+        // hyper counts HTTP/1 fields itself.
+        if headers.len() > config.max_headers {
+            return Err(Reject::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "more header fields than max_headers",
+            ));
+        }
+        if uri.authority().is_none() && !headers.contains_key(header::HOST) {
+            return Err(Reject::bad("missing :authority"));
+        }
+        uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+    };
+    if target_len > config.max_request_line {
+        return Err(Reject::new(
+            StatusCode::URI_TOO_LONG,
+            "request target longer than max_request_line",
+        ));
+    }
+    if req.method() == Method::CONNECT {
+        return Err(Reject::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported by a reverse proxy",
+        ));
+    }
+    if let (Some(authority), Some(host)) = (uri.authority(), headers.get(header::HOST)) {
+        if !same_authority(authority, uri.scheme_str(), host) {
+            return Err(Reject::bad(
+                "the request target and Host name different hosts",
+            ));
+        }
+    }
+    if req
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n > config.max_body_bytes)
+    {
+        return Err(Reject::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Content-Length larger than max_body_bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// `authority` (of an absolute-form target) and a `Host` header name the
+/// same host and port (ignoring case; a missing port is the scheme's).
+fn same_authority(
+    authority: &http::uri::Authority,
+    scheme: Option<&str>,
+    host: &HeaderValue,
+) -> bool {
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let default_port = if scheme == Some("https") { 443 } else { 80 };
+    let (name, port) = match host.rfind(':') {
+        Some(colon) if !host[colon..].contains(']') => (&host[..colon], Some(&host[colon + 1..])),
+        _ => (host, None),
+    };
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) => p,
+            Err(_) => return false,
+        },
+    };
+    name.eq_ignore_ascii_case(authority.host())
+        && authority.port_u16().unwrap_or(default_port) == port
+}
+
+/// A client whose body failed: one log line, then 400, 408 or 413, and the
+/// connection closed (HTTP/1).
+fn client_failed(
+    ctx: &ConnCtx,
+    err: &ProxyError,
+    request_id: HeaderValue,
+    phase: PhaseGuard,
+) -> Response<ProxyBody> {
+    tracing::info!(
+        client = %ctx.peer,
+        status = err.status().as_u16(),
+        reason = %err.detail(),
+        "request rejected"
+    );
+    error_response(err, request_id, phase, !ctx.is_multiplexed())
+}
+
+fn redirect(location: String, request_id: HeaderValue, phase: PhaseGuard) -> Response<ProxyBody> {
+    let body = format!("308 Permanent Redirect: {location}\n");
+    let mut resp = text_response(
+        StatusCode::PERMANENT_REDIRECT,
+        body.into(),
+        request_id,
+        phase,
+        false,
+    );
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, value);
+    }
+    resp
+}
+
 /// A healthy backend of the request's route, counted in flight. When none
 /// is healthy, wait up to `no_backend_wait` for one.
 async fn acquire(
     inner: &Inner,
+    config: &ProxyConfig,
     host: Option<&HeaderValue>,
     avoid: Option<&Arc<BackendState>>,
 ) -> Option<InFlight> {
@@ -190,7 +411,7 @@ async fn acquire(
     if let Some(found) = pick() {
         return Some(found);
     }
-    let wait = inner.config.no_backend_wait;
+    let wait = config.no_backend_wait;
     if wait.is_zero() {
         return None;
     }
@@ -215,16 +436,17 @@ type Failed = (ProxyError, Option<Request<UpBody>>);
 /// back if it never reached the instance.
 async fn send(
     inner: &Inner,
+    config: &ProxyConfig,
     in_flight: &InFlight,
     req: Request<UpBody>,
     fresh: bool,
 ) -> Result<Sent, Failed> {
     let backend = in_flight.backend();
-    let mut conn = match checkout(inner, backend, fresh).await {
+    let mut conn = match checkout(inner, config, backend, fresh).await {
         Ok(conn) => conn,
         Err(err) => return Err((err, Some(req))),
     };
-    match tokio::time::timeout(inner.config.upstream_timeout, conn.try_send_request(req)).await {
+    match tokio::time::timeout(config.upstream_timeout, conn.try_send_request(req)).await {
         // Dropping the exchange closes the connection (hyper's rule).
         Err(_) => Err((ProxyError::upstream_timeout(), None)),
         Ok(Ok(resp)) => Ok((resp, conn)),
@@ -239,6 +461,7 @@ async fn send(
 /// A pooled connection that is ready, else a new one.
 async fn checkout(
     inner: &Inner,
+    config: &ProxyConfig,
     backend: &BackendState,
     fresh: bool,
 ) -> Result<SendRequest<UpBody>, ProxyError> {
@@ -248,19 +471,21 @@ async fn checkout(
                 return Ok(conn);
             }
             // Still finishing its previous exchange, or closing.
-            if let Ok(Ok(())) =
-                tokio::time::timeout(inner.config.connect_timeout, conn.ready()).await
-            {
+            if let Ok(Ok(())) = tokio::time::timeout(config.connect_timeout, conn.ready()).await {
                 return Ok(conn);
             }
         }
     }
-    connect(inner, backend).await
+    connect(inner, config, backend).await
 }
 
-async fn connect(inner: &Inner, backend: &BackendState) -> Result<SendRequest<UpBody>, ProxyError> {
+async fn connect(
+    inner: &Inner,
+    config: &ProxyConfig,
+    backend: &BackendState,
+) -> Result<SendRequest<UpBody>, ProxyError> {
     let stream = match tokio::time::timeout(
-        inner.config.connect_timeout,
+        config.connect_timeout,
         TcpStream::connect(backend.addr),
     )
     .await
@@ -305,7 +530,7 @@ fn respond(
         let Some(client_upgrade) = on_upgrade else {
             let err = ProxyError::new(ErrorKind::UpstreamProtocol, Side::Upstream, Retry::Never);
             tracing::warn!(instance = %in_flight.backend().instance, "instance switched protocols without being asked");
-            return error_response(&err, request_id, phase);
+            return error_response(&err, request_id, phase, false);
         };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let (mut parts, _) = resp.into_parts();
@@ -370,26 +595,62 @@ fn error_response(
     err: &ProxyError,
     request_id: HeaderValue,
     phase: PhaseGuard,
+    close: bool,
 ) -> Response<ProxyBody> {
     let status = err.status();
-    let (body, content_type) = match status {
-        StatusCode::SERVICE_UNAVAILABLE => (PAGE_503, "text/html; charset=utf-8"),
-        StatusCode::GATEWAY_TIMEOUT => (BODY_504, "text/plain; charset=utf-8"),
-        StatusCode::BAD_GATEWAY => (BODY_502, "text/plain; charset=utf-8"),
-        StatusCode::BAD_REQUEST => (BODY_400, "text/plain; charset=utf-8"),
-        _ => (BODY_500, "text/plain; charset=utf-8"),
+    let body = match status {
+        StatusCode::SERVICE_UNAVAILABLE => {
+            let mut resp = text_response(
+                status,
+                Bytes::from_static(PAGE_503.as_bytes()),
+                request_id,
+                phase,
+                close,
+            );
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        }
+        StatusCode::GATEWAY_TIMEOUT => BODY_504,
+        StatusCode::BAD_GATEWAY => BODY_502,
+        StatusCode::BAD_REQUEST => BODY_400,
+        StatusCode::PAYLOAD_TOO_LARGE => BODY_413,
+        StatusCode::REQUEST_TIMEOUT => BODY_408,
+        _ => BODY_500,
     };
-    let mut resp = Response::new(ProxyBody::full(
+    text_response(
+        status,
         Bytes::from_static(body.as_bytes()),
-        Some(phase),
-    ));
+        request_id,
+        phase,
+        close,
+    )
+}
+
+/// A plain-text answer of the proxy's own. `close` asks an HTTP/1 client's
+/// connection to close after it.
+fn text_response(
+    status: StatusCode,
+    body: Bytes,
+    request_id: HeaderValue,
+    phase: PhaseGuard,
+    close: bool,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(body, Some(phase)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(headers::X_REQUEST_ID, request_id);
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    if close {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }

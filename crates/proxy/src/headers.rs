@@ -81,6 +81,7 @@ pub(crate) fn prepare_request(
     peer_ip: &HeaderValue,
     request_id: &HeaderValue,
     upgrade: bool,
+    tls: bool,
 ) {
     strip_hop_by_hop(headers, upgrade);
     match headers.entry(X_FORWARDED_FOR) {
@@ -110,7 +111,10 @@ pub(crate) fn prepare_request(
         }
     }
     // The proxy is the edge: what the client claims here is not trusted.
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
     match headers.get(header::HOST).cloned() {
         Some(host) => {
             headers.insert(X_FORWARDED_HOST, host);
@@ -231,14 +235,15 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        prepare_request(&mut h, &peer, &id, false);
+        prepare_request(&mut h, &peer, &id, false, false);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "app.test");
         assert_eq!(h.get("x-request-id").unwrap(), "abc");
 
-        let mut h = map(&[]);
-        prepare_request(&mut h, &peer, &id, false);
+        let mut h = map(&[("x-forwarded-proto", "http")]);
+        prepare_request(&mut h, &peer, &id, false, true);
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.9");
         assert!(h.get("x-forwarded-host").is_none());
     }

@@ -26,6 +26,37 @@
 //!
 //! [`Traffic::add`] starts its checker on the current tokio runtime, or on
 //! the one [`Proxy::new`] ran in.
+//!
+//! # Clients
+//! [`Proxy::serve`] speaks HTTP/1.1 and h2c (prior knowledge);
+//! [`Proxy::serve_tls`] terminates TLS (rustls, certificates by SNI from
+//! PEM files, reloaded when they change: see `tls.rs`) and speaks HTTP/1.1
+//! or h2 by ALPN. Instances always get HTTP/1.1, with
+//! `X-Forwarded-Proto` saying how the client came.
+//!
+//! # Hostile input
+//! hyper's HTTP/1 parser already refuses (and closes the connection):
+//! malformed request lines, methods and versions; header names and values
+//! with invalid bytes (spaces before the colon, control characters, bare
+//! CR); obsolete line folding; invalid or conflicting `Content-Length`;
+//! `Transfer-Encoding` whose last coding is not `chunked`, or in HTTP/1.0;
+//! invalid chunk sizes (mid-body, which aborts the upstream request); heads
+//! larger than `max_header_bytes` or with more than `max_headers` fields
+//! (431). What it lets through, the proxy refuses before anything is sent
+//! upstream (`forward::check_request`): `Content-Length` with
+//! `Transfer-Encoding` and repeated equal `Content-Length` (found by a
+//! scan of the raw head in `server.rs`, since hyper merges them), codings
+//! other than a lone `chunked` (501), a missing `Host` in HTTP/1.1 or two
+//! of them, an absolute-form target naming another host than `Host`,
+//! `CONNECT` (405), targets longer than `max_request_line` (414), bodies
+//! announced larger than `max_body_bytes` (413). Every refusal logs one
+//! line with the client's address and the reason, and closes an HTTP/1
+//! connection. Streamed bodies are counted (413 past the limit) and timed
+//! (408 after `body_timeout` without progress); either aborts the upstream
+//! request. An upstream that breaks mid-response makes the client
+//! connection close before the declared length, or without the last
+//! chunk; a client that leaves drops its upstream exchange (the upstream
+//! connection is closed, never pooled).
 #![forbid(unsafe_code)]
 
 mod backend;
@@ -37,12 +68,14 @@ mod headers;
 mod health;
 mod server;
 mod table;
+mod tls;
 
 pub use body::ProxyBody;
 pub use config::*;
 pub use error::{ErrorKind, ProxyError, Retry, Side};
+pub use tls::{CertStatus, TlsCert, TlsError, TlsSettings, TlsStatus, DEFAULT_TLS_RELOAD_INTERVAL};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use backend::{BackendState, Pool};
 use health::Shared;
 use nonstop_core::ids::InstanceId;
@@ -51,6 +84,7 @@ use nonstop_core::traffic::{
     Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey,
     Traffic,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use table::{Entry, Registry, Snapshot};
@@ -65,7 +99,13 @@ pub struct Proxy {
 }
 
 pub(crate) struct Inner {
-    pub config: ProxyConfig,
+    /// Read once per accepted connection (and when a backend is added).
+    pub config: ArcSwap<ProxyConfig>,
+    /// Certificates for TLS listeners, if configured.
+    pub tls: ArcSwapOption<tls::TlsState>,
+    /// Whether plain-HTTP requests may be redirected to HTTPS (`tls` is set
+    /// and asks for it): one relaxed load per plain request otherwise.
+    pub redirect_http: AtomicBool,
     pub table: ArcSwap<Snapshot>,
     registry: Mutex<Registry>,
     pub shared: Arc<Shared>,
@@ -95,7 +135,9 @@ impl Proxy {
     pub fn new(config: ProxyConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
-                config,
+                config: ArcSwap::from_pointee(config),
+                tls: ArcSwapOption::empty(),
+                redirect_http: AtomicBool::new(false),
                 table: ArcSwap::from_pointee(Snapshot::default()),
                 registry: Mutex::new(Registry::default()),
                 shared: Arc::new(Shared::new()),
@@ -106,11 +148,95 @@ impl Proxy {
         }
     }
 
-    pub fn config(&self) -> &ProxyConfig {
-        &self.inner.config
+    /// The configuration new connections get.
+    pub fn config(&self) -> Arc<ProxyConfig> {
+        self.inner.config.load_full()
     }
 
-    /// Serve HTTP/1.1 clients on `listener` until `shutdown` is cancelled.
+    /// Replace the configuration (limits, timeouts). Applies to client
+    /// connections accepted from now on and to backends added from now on;
+    /// open connections keep the one they started with.
+    pub fn set_config(&self, config: ProxyConfig) -> Result<(), ConfigError> {
+        config.validate()?;
+        self.inner.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// Load the certificates of `settings` and serve them on every TLS
+    /// listener ([`Proxy::serve_tls`]) from the next handshake on; watch
+    /// their files and reload a pair when its files change (a pair that
+    /// fails to load then keeps its previous certificate, and the failure
+    /// is logged and shown by [`Proxy::tls_status`]). Replaces any previous
+    /// TLS configuration. On error (naming the file and the problem)
+    /// nothing changes. Reads files: call it outside the hot path.
+    pub fn configure_tls(&self, settings: &TlsSettings) -> Result<(), TlsError> {
+        let state = Arc::new(tls::TlsState::load(
+            settings,
+            self.inner.root.child_token(),
+        )?);
+        self.inner
+            .redirect_http
+            .store(state.redirects(), Ordering::Relaxed);
+        if let Some(old) = self.inner.tls.swap(Some(Arc::clone(&state))) {
+            old.token.cancel();
+        }
+        let hosts: Vec<&str> = settings
+            .certs
+            .iter()
+            .flat_map(|c| c.hosts.iter().map(String::as_str))
+            .collect();
+        tracing::info!(
+            ?hosts,
+            redirect_http = settings.redirect_http,
+            "TLS certificates loaded"
+        );
+        let reloader = tls::reload_loop(state, settings.reload_interval);
+        match tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.inner.runtime.clone())
+        {
+            Some(handle) => {
+                self.inner.tasks.spawn_on(reloader, &handle);
+            }
+            None => tracing::error!("no tokio runtime: TLS certificates are never reloaded"),
+        }
+        Ok(())
+    }
+
+    /// Stop serving TLS (handshakes on TLS listeners fail) and redirecting.
+    pub fn clear_tls(&self) {
+        self.inner.redirect_http.store(false, Ordering::Relaxed);
+        if let Some(old) = self.inner.tls.swap(None) {
+            old.token.cancel();
+        }
+    }
+
+    /// The configured certificates, their reload counts and last errors.
+    pub fn tls_status(&self) -> Option<TlsStatus> {
+        self.inner.tls.load().as_ref().map(|t| t.status())
+    }
+
+    /// Serve HTTPS on `listener` with the certificates of
+    /// [`Proxy::configure_tls`] (HTTP/1.1 or h2 by ALPN), otherwise as
+    /// [`Proxy::serve`]. Connections that arrive while no certificate is
+    /// configured are closed. Requests reach instances with
+    /// `X-Forwarded-Proto: https`.
+    pub async fn serve_tls(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        server::serve(
+            Arc::clone(&self.inner),
+            listener,
+            shutdown,
+            server::Mode::Tls,
+        )
+        .await
+    }
+
+    /// Serve HTTP/1.1 and h2c (HTTP/2 with prior knowledge) clients on
+    /// `listener` until `shutdown` is cancelled.
     /// Then stop accepting, let requests in flight (and upgraded
     /// connections) finish within `shutdown_grace`, close the rest and
     /// return. Several `serve` calls may run at once (e.g. while the
@@ -122,7 +248,13 @@ impl Proxy {
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        server::serve(Arc::clone(&self.inner), listener, shutdown).await
+        server::serve(
+            Arc::clone(&self.inner),
+            listener,
+            shutdown,
+            server::Mode::Plain,
+        )
+        .await
     }
 
     /// Stop every health checker, close idle upstream connections and wait
@@ -224,7 +356,7 @@ impl Traffic for Proxy {
             InitialHealth::Pending => BackendHealth::Pending,
             InitialHealth::AssumeHealthy => BackendHealth::Healthy,
         };
-        let config = &self.inner.config;
+        let config = self.inner.config.load();
         let state = Arc::new(BackendState::new(
             backend.instance.clone(),
             backend.addr,

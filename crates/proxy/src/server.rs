@@ -1,26 +1,37 @@
-//! The client side: accept loop, one hyper HTTP/1.1 connection task per
-//! client, client timeouts, graceful shutdown.
+//! The client side: accept loops (plain and TLS), one hyper connection task
+//! per client (HTTP/1.1, h2c by prior knowledge, h2 over TLS by ALPN: the
+//! hyper-util auto builder tells them apart by the connection preface),
+//! client timeouts, graceful shutdown.
 //!
-//! Client timeouts live in [`TimedStream`], a thin wrapper of the socket:
-//! hyper's own `header_read_timeout` also starts when a keep-alive
-//! connection goes idle, which would make the idle timeout and the slowloris
-//! timeout one and the same. The wrapper tells them apart with a phase the
-//! request path sets (one relaxed atomic per read, one timer per connection).
+//! Client timeouts live in [`TimedStream`], a thin wrapper of the
+//! (plaintext) stream: hyper's own `header_read_timeout` also starts when a
+//! keep-alive connection goes idle, which would make the idle timeout and
+//! the slowloris timeout one and the same. The wrapper tells them apart
+//! from what the request path records on the connection (a few relaxed
+//! atomics per read, one timer per connection).
+//!
+//! The wrapper also scans each HTTP/1 request head it reads for what hyper
+//! accepts silently: a repeated `Content-Length` (hyper merges equal ones)
+//! and `Content-Length` with `Transfer-Encoding` (hyper drops the length
+//! and closes the connection after the response). The request path
+//! answers both with 400. Only heads that arrive while the connection
+//! waits for a request are scanned; a request pipelined behind another is
+//! read while the first is answered and keeps hyper's (safe) handling.
 
 use crate::config::ProxyConfig;
 use crate::Inner;
 use atomic_waker::AtomicWaker;
 use http::HeaderValue;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -41,16 +52,17 @@ const TUNNEL: u8 = 3;
 /// Not a phase: what `TimedStream` starts from, so the first read arms.
 const UNSEEN: u8 = u8::MAX;
 
-/// At shutdown, how long a connection still waiting for a request head may
-/// take to send it before it is closed.
-const SHUTDOWN_HEAD_GRACE: Duration = Duration::from_secs(2);
-
 /// No shutdown asked.
 const RUN: u8 = 0;
 /// Finish the request in progress, then close.
 const GRACEFUL: u8 = 1;
 /// Close now.
 const FORCE: u8 = 2;
+
+/// Head scan results (see the module docs), read by the request path.
+pub(crate) const SAW_CONTENT_LENGTH: u8 = 1;
+pub(crate) const DUPLICATE_CONTENT_LENGTH: u8 = 2;
+pub(crate) const SAW_TRANSFER_ENCODING: u8 = 4;
 
 /// How the serve loop tells one connection (and its upgraded tunnel) to
 /// stop. Polled on every wake-up of the connection task, so it must be
@@ -87,7 +99,8 @@ impl ConnSignal {
         self.state.load(Ordering::Acquire)
     }
 
-    /// For the tunnel task: resolves when the connection must close now.
+    /// For the tunnel task (or a TLS handshake): resolves when the
+    /// connection must close now.
     pub async fn forced(&self) {
         std::future::poll_fn(|cx| {
             self.tunnel_waker.register(cx.waker());
@@ -103,8 +116,24 @@ impl ConnSignal {
 
 /// Per client connection, shared by its requests.
 pub(crate) struct ConnCtx {
+    pub peer: SocketAddr,
     pub peer_ip: HeaderValue,
+    /// The configuration when the connection was accepted.
+    pub config: Arc<ProxyConfig>,
+    /// Accepted on a TLS listener.
+    pub tls: bool,
+    /// HEAD or IDLE while no request is in progress (`busy == 0`).
     phase: AtomicU8,
+    /// Requests in progress: at most one for HTTP/1, any number for h2.
+    busy: AtomicU32,
+    /// Bumped whenever the connection becomes idle, so that the stream
+    /// restarts the idle timer even if it never saw the busy phase.
+    epoch: AtomicU32,
+    tunnel: AtomicBool,
+    /// HTTP/2: bytes while idle are not a request head.
+    multiplexed: AtomicBool,
+    /// What the head scan found in the last request head.
+    head_flags: AtomicU8,
     /// Where upgraded connections are spawned (the serve loop's tracker).
     pub tasks: TaskTracker,
     pub signal: ConnSignal,
@@ -114,15 +143,29 @@ pub(crate) struct ConnCtx {
 }
 
 impl ConnCtx {
-    fn new(peer: SocketAddr, tasks: TaskTracker, live: &Arc<Mutex<Live>>) -> Arc<Self> {
+    fn new(
+        peer: SocketAddr,
+        config: Arc<ProxyConfig>,
+        tls: bool,
+        tasks: TaskTracker,
+        live: &Arc<Mutex<Live>>,
+    ) -> Arc<Self> {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let mut reg = lock_live(live);
         let id = reg.next;
         reg.next += 1;
         let ctx = Arc::new(Self {
+            peer,
             peer_ip,
+            config,
+            tls,
             phase: AtomicU8::new(HEAD),
+            busy: AtomicU32::new(0),
+            epoch: AtomicU32::new(0),
+            tunnel: AtomicBool::new(false),
+            multiplexed: AtomicBool::new(false),
+            head_flags: AtomicU8::new(0),
             tasks,
             signal: ConnSignal::new(),
             live: Arc::downgrade(live),
@@ -142,39 +185,186 @@ impl ConnCtx {
     }
 
     fn is_upgraded(&self) -> bool {
-        self.phase.load(Ordering::Relaxed) == TUNNEL
+        self.tunnel.load(Ordering::Relaxed)
+    }
+
+    /// The phase the stream's timers follow, and the idle epoch.
+    fn phase(&self) -> (u8, u32) {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let phase = if self.tunnel.load(Ordering::Relaxed) {
+            TUNNEL
+        } else if self.busy.load(Ordering::Relaxed) > 0 {
+            BUSY
+        } else {
+            self.phase.load(Ordering::Relaxed)
+        };
+        (phase, epoch)
     }
 
     /// A request head was read: no client timeout until its response body
     /// is done (the guard goes with the response body).
-    pub fn begin_request(self: &Arc<Self>) -> PhaseGuard {
-        self.phase.store(BUSY, Ordering::Relaxed);
+    pub fn begin_request(self: &Arc<Self>, http2: bool) -> PhaseGuard {
+        if http2 && !self.multiplexed.load(Ordering::Relaxed) {
+            self.multiplexed.store(true, Ordering::Relaxed);
+        }
+        self.busy.fetch_add(1, Ordering::Relaxed);
         PhaseGuard(Arc::clone(self))
+    }
+
+    /// An HTTP/2 connection (known once its first request came).
+    pub fn is_multiplexed(&self) -> bool {
+        self.multiplexed.load(Ordering::Relaxed)
     }
 
     /// The connection was handed to an upgrade.
     pub fn upgraded(&self) {
-        self.phase.store(TUNNEL, Ordering::Relaxed);
+        self.tunnel.store(true, Ordering::Relaxed);
+    }
+
+    /// What the head scan found in this request's head (HTTP/1), cleared.
+    pub fn take_head_flags(&self) -> u8 {
+        if self.head_flags.load(Ordering::Relaxed) == 0 {
+            0
+        } else {
+            self.head_flags.swap(0, Ordering::Relaxed)
+        }
     }
 }
 
-/// Marks the connection idle when the response (body) is done.
+/// Marks the connection idle when the last response (body) is done.
 pub(crate) struct PhaseGuard(Arc<ConnCtx>);
 
 impl Drop for PhaseGuard {
     fn drop(&mut self) {
-        let _ = self
-            .0
-            .phase
-            .compare_exchange(BUSY, IDLE, Ordering::Relaxed, Ordering::Relaxed);
+        let ctx = &self.0;
+        if ctx.busy.fetch_sub(1, Ordering::Relaxed) == 1 {
+            ctx.phase.store(IDLE, Ordering::Relaxed);
+            ctx.epoch.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
-/// The client socket with the header-read and idle timeouts.
-pub(crate) struct TimedStream {
-    inner: TcpStream,
+/// Incremental scan of an HTTP/1 request head for the header lines hyper
+/// merges or drops (see the module docs). Stops at the blank line.
+struct HeadScan {
+    active: bool,
+    state: ScanState,
+    /// Bytes of the current header name seen.
+    pos: usize,
+    /// Which names the current line may still be.
+    candidates: u8,
+    flags: u8,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ScanState {
+    RequestLine,
+    LineStart,
+    /// A `\r` at the start of a line: the head ends with the next `\n`.
+    BlankCr,
+    Name,
+    SkipLine,
+}
+
+const CL_NAME: &[u8] = b"content-length";
+const TE_NAME: &[u8] = b"transfer-encoding";
+const CAND_CL: u8 = 1;
+const CAND_TE: u8 = 2;
+
+impl HeadScan {
+    fn new() -> Self {
+        Self {
+            active: true,
+            state: ScanState::RequestLine,
+            pos: 0,
+            candidates: 0,
+            flags: 0,
+        }
+    }
+
+    fn restart(&mut self) {
+        *self = Self::new();
+    }
+
+    /// Feeds bytes; returns the flags once the head is complete.
+    fn feed(&mut self, bytes: &[u8]) -> Option<u8> {
+        let mut i = 0;
+        while i < bytes.len() {
+            match self.state {
+                ScanState::RequestLine | ScanState::SkipLine => {
+                    match bytes[i..].iter().position(|&b| b == b'\n') {
+                        Some(at) => {
+                            i += at + 1;
+                            self.state = ScanState::LineStart;
+                        }
+                        None => return None,
+                    }
+                }
+                ScanState::LineStart | ScanState::BlankCr => {
+                    let b = bytes[i];
+                    if b == b'\n' {
+                        self.active = false;
+                        return Some(self.flags);
+                    }
+                    if self.state == ScanState::LineStart && b == b'\r' {
+                        self.state = ScanState::BlankCr;
+                        i += 1;
+                        continue;
+                    }
+                    if self.state == ScanState::BlankCr {
+                        // Malformed: hyper rejects it; stop looking.
+                        self.active = false;
+                        return Some(self.flags);
+                    }
+                    self.state = ScanState::Name;
+                    self.pos = 0;
+                    self.candidates = CAND_CL | CAND_TE;
+                }
+                ScanState::Name => {
+                    let b = bytes[i];
+                    i += 1;
+                    if b == b':' {
+                        if self.candidates & CAND_CL != 0 && self.pos == CL_NAME.len() {
+                            self.flags |= if self.flags & SAW_CONTENT_LENGTH != 0 {
+                                DUPLICATE_CONTENT_LENGTH
+                            } else {
+                                SAW_CONTENT_LENGTH
+                            };
+                        }
+                        if self.candidates & CAND_TE != 0 && self.pos == TE_NAME.len() {
+                            self.flags |= SAW_TRANSFER_ENCODING;
+                        }
+                        self.state = ScanState::SkipLine;
+                        continue;
+                    }
+                    if b == b'\n' {
+                        self.state = ScanState::LineStart;
+                        continue;
+                    }
+                    let lower = b.to_ascii_lowercase();
+                    if CL_NAME.get(self.pos) != Some(&lower) {
+                        self.candidates &= !CAND_CL;
+                    }
+                    if TE_NAME.get(self.pos) != Some(&lower) {
+                        self.candidates &= !CAND_TE;
+                    }
+                    self.pos += 1;
+                    if self.candidates == 0 {
+                        self.state = ScanState::SkipLine;
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The client stream with the header-read and idle timeouts and the head
+/// scan. Wraps the TCP stream, or the TLS stream over it.
+pub(crate) struct TimedStream<IO> {
+    inner: IO,
     ctx: Arc<ConnCtx>,
-    seen: u8,
+    seen: (u8, u32),
     /// Whether `deadline` applies (not while busy or tunnelling).
     armed: bool,
     deadline: Instant,
@@ -184,25 +374,29 @@ pub(crate) struct TimedStream {
     sleep: Pin<Box<Sleep>>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    scan: HeadScan,
 }
 
-impl TimedStream {
-    fn new(inner: TcpStream, ctx: Arc<ConnCtx>, config: &ProxyConfig) -> Self {
+impl<IO> TimedStream<IO> {
+    fn new(inner: IO, ctx: Arc<ConnCtx>) -> Self {
+        let (header_read_timeout, idle_timeout) =
+            (ctx.config.header_read_timeout, ctx.config.idle_timeout);
         Self {
             inner,
             ctx,
-            seen: UNSEEN,
+            seen: (UNSEEN, 0),
             armed: false,
             deadline: Instant::now(),
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            header_read_timeout: config.header_read_timeout,
-            idle_timeout: config.idle_timeout,
+            header_read_timeout,
+            idle_timeout,
+            scan: HeadScan::new(),
         }
     }
 
-    fn enter(&mut self, phase: u8) {
-        self.seen = phase;
-        let timeout = match phase {
+    fn enter(&mut self, seen: (u8, u32)) {
+        self.seen = seen;
+        let timeout = match seen.0 {
             HEAD => self.header_read_timeout,
             IDLE => self.idle_timeout,
             _ => {
@@ -231,21 +425,25 @@ impl TimedStream {
     }
 }
 
-impl AsyncRead for TimedStream {
+impl<IO: AsyncRead + Unpin> AsyncRead for TimedStream<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let phase = this.ctx.phase.load(Ordering::Relaxed);
+        let phase = this.ctx.phase();
         if phase != this.seen {
             this.enter(phase);
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if this.seen == IDLE && buf.filled().len() > before {
+                let new = &buf.filled()[before..];
+                if new.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                if this.seen.0 == IDLE && !this.ctx.multiplexed.load(Ordering::Relaxed) {
                     // First bytes of the next request: the head must now
                     // arrive within header_read_timeout.
                     let _ = this.ctx.phase.compare_exchange(
@@ -254,14 +452,22 @@ impl AsyncRead for TimedStream {
                         Ordering::Relaxed,
                         Ordering::Relaxed,
                     );
-                    this.enter(HEAD);
+                    this.enter((HEAD, this.seen.1));
+                    this.scan.restart();
+                }
+                if this.scan.active {
+                    if let Some(flags) = this.scan.feed(new) {
+                        if flags != 0 {
+                            this.ctx.head_flags.store(flags, Ordering::Relaxed);
+                        }
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
                 if this.armed && this.expired(cx) {
                     this.armed = false;
-                    if this.seen == IDLE {
+                    if this.seen.0 == IDLE {
                         // Idle keep-alive: end quietly, as if the client left.
                         return Poll::Ready(Ok(()));
                     }
@@ -277,7 +483,7 @@ impl AsyncRead for TimedStream {
     }
 }
 
-impl AsyncWrite for TimedStream {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for TimedStream<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -326,17 +532,32 @@ fn signal_all(live: &Mutex<Live>, to: u8) {
     }
 }
 
-/// The accept loop behind [`crate::Proxy::serve`].
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// HTTP/1.1 and h2c.
+    Plain,
+    /// TLS with the proxy's current certificates; HTTP/1.1 or h2 by ALPN.
+    Tls,
+}
+
+/// The accept loop behind [`crate::Proxy::serve`] and
+/// [`crate::Proxy::serve_tls`].
 pub(crate) async fn serve(
     inner: Arc<Inner>,
     listener: TcpListener,
     shutdown: CancellationToken,
+    mode: Mode,
 ) -> io::Result<()> {
     let tasks = TaskTracker::new();
     let live = Arc::new(Mutex::new(Live::default()));
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "proxy listening");
+        match mode {
+            Mode::Plain => tracing::info!(%addr, "proxy listening"),
+            Mode::Tls => tracing::info!(%addr, "proxy listening (TLS)"),
+        }
     }
+    let mut no_tls_logged = false;
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -350,14 +571,36 @@ pub(crate) async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let ctx = ConnCtx::new(peer, tasks.clone(), &live);
-        tasks.spawn(serve_conn(Arc::clone(&inner), stream, peer, ctx));
+        let config = inner.config.load_full();
+        match mode {
+            Mode::Plain => {
+                let ctx = ConnCtx::new(peer, config, false, tasks.clone(), &live);
+                tasks.spawn(serve_conn(Arc::clone(&inner), stream, ctx));
+            }
+            Mode::Tls => {
+                let Some(tls) = inner.tls.load_full() else {
+                    if !no_tls_logged {
+                        tracing::warn!(client = %peer, "TLS connection refused: no certificate is configured");
+                        no_tls_logged = true;
+                    }
+                    continue;
+                };
+                no_tls_logged = false;
+                let ctx = ConnCtx::new(peer, config, true, tasks.clone(), &live);
+                tasks.spawn(serve_tls_conn(
+                    Arc::clone(&inner),
+                    stream,
+                    ctx,
+                    tls.acceptor.clone(),
+                ));
+            }
+        }
     }
     // Stop accepting: new connections are refused from here on.
     drop(listener);
     signal_all(&live, GRACEFUL);
     tasks.close();
-    let grace = inner.config.shutdown_grace;
+    let grace = inner.config.load().shutdown_grace;
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         tracing::warn!(
             grace_ms = grace.as_millis() as u64,
@@ -384,8 +627,39 @@ async fn accept_error(err: io::Error) {
     }
 }
 
-async fn serve_conn(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, ctx: Arc<ConnCtx>) {
-    let io = TokioIo::new(TimedStream::new(stream, Arc::clone(&ctx), &inner.config));
+/// The TLS handshake (within `header_read_timeout`), then HTTP.
+async fn serve_tls_conn(
+    inner: Arc<Inner>,
+    stream: TcpStream,
+    ctx: Arc<ConnCtx>,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    let peer = ctx.peer;
+    let handshake = tokio::time::timeout(ctx.config.header_read_timeout, acceptor.accept(stream));
+    let outcome = tokio::select! {
+        outcome = handshake => Some(outcome),
+        _ = ctx.signal.forced() => None,
+    };
+    match outcome {
+        Some(Ok(Ok(tls))) => serve_conn(inner, tls, ctx).await,
+        Some(Ok(Err(err))) => {
+            tracing::info!(client = %peer, error = %err, "TLS handshake failed");
+            ctx.unregister();
+        }
+        Some(Err(_)) => {
+            tracing::info!(client = %peer, "TLS handshake timed out");
+            ctx.unregister();
+        }
+        None => ctx.unregister(),
+    }
+}
+
+async fn serve_conn<IO>(inner: Arc<Inner>, stream: IO, ctx: Arc<ConnCtx>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = Arc::clone(&ctx.config);
+    let io = TokioIo::new(TimedStream::new(stream, Arc::clone(&ctx)));
     let service = service_fn({
         let ctx = Arc::clone(&ctx);
         move |req| {
@@ -394,27 +668,32 @@ async fn serve_conn(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, ctx:
             async move { Ok::<_, Infallible>(crate::forward::handle(inner, ctx, req).await) }
         }
     });
-    let mut builder = http1::Builder::new();
-    // Client timeouts are TimedStream's (see the module docs).
-    builder.header_read_timeout(None).keep_alive(true);
-    let conn = builder.serve_connection(io, service).with_upgrades();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    {
+        let mut h1 = builder.http1();
+        // Client timeouts are TimedStream's (see the module docs).
+        h1.header_read_timeout(None)
+            .keep_alive(true)
+            .max_buf_size(config.h1_buffer());
+        if config.max_headers != crate::config::DEFAULT_MAX_HEADERS {
+            // hyper's default is ours; another value costs it an allocation
+            // per request, so it is set only when asked for.
+            h1.max_headers(config.max_headers);
+        }
+    }
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut graceful_sent = false;
-    // A connection whose request head has not been read yet (typically one
-    // accepted just before the listener was handed to another daemon) gets
-    // a moment to send it: closing it now would answer nothing at all.
-    let mut head_grace: Option<Pin<Box<Sleep>>> = None;
     let result = std::future::poll_fn(|cx| {
         match ctx.signal.poll_state(cx) {
             FORCE => return Poll::Ready(None),
             GRACEFUL if !graceful_sent => {
-                let waiting_for_head = ctx.phase.load(Ordering::Relaxed) == HEAD;
-                let grace = head_grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_HEAD_GRACE)));
-                if !waiting_for_head || grace.as_mut().poll(cx).is_ready() {
-                    // Finish the request in progress (if any), then close.
-                    graceful_sent = true;
-                    conn.as_mut().graceful_shutdown();
-                }
+                // Finish the request in progress (if any), then close.
+                graceful_sent = true;
+                conn.as_mut().graceful_shutdown();
             }
             _ => {}
         }
@@ -422,9 +701,90 @@ async fn serve_conn(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr, ctx:
     })
     .await;
     if let Some(Err(err)) = result {
-        tracing::debug!(%peer, error = %err, "client connection ended with an error");
+        log_connection_error(ctx.peer, &*err);
     }
     if !ctx.is_upgraded() {
         ctx.unregister();
+    }
+}
+
+/// One line for a connection hyper or a client timeout ended: at info for
+/// requests the parser rejected (hyper answered 400, 414 or 431 before
+/// closing) and heads that came too slowly, at debug for the rest (resets,
+/// clients leaving).
+fn log_connection_error(peer: SocketAddr, err: &(dyn std::error::Error + 'static)) {
+    if let Some(h) = err.downcast_ref::<hyper::Error>() {
+        if h.is_parse_too_large() {
+            let status = if h.to_string().contains("URI") {
+                414
+            } else {
+                431
+            };
+            tracing::info!(client = %peer, status, reason = %h, "request rejected");
+            return;
+        }
+        if h.is_parse() || h.is_parse_status() {
+            tracing::info!(client = %peer, status = 400, reason = %h, "request rejected");
+            return;
+        }
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::TimedOut {
+                tracing::info!(client = %peer, reason = %io, "connection closed");
+                return;
+            }
+        }
+        source = e.source();
+    }
+    tracing::debug!(client = %peer, error = %err, "client connection ended with an error");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(chunks: &[&[u8]]) -> Option<u8> {
+        let mut s = HeadScan::new();
+        for c in chunks {
+            if let Some(flags) = s.feed(c) {
+                return Some(flags);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn head_scan_finds_what_hyper_merges() {
+        let plain = b"GET / HTTP/1.1\r\nHost: a\r\nX-Content-Length: 1\r\n\r\n";
+        assert_eq!(scan(&[plain]), Some(0));
+        let both = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n";
+        assert_eq!(
+            scan(&[both]),
+            Some(SAW_CONTENT_LENGTH | SAW_TRANSFER_ENCODING)
+        );
+        let dup = b"POST / HTTP/1.1\r\ncontent-LENGTH: 5\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(
+            scan(&[dup]),
+            Some(SAW_CONTENT_LENGTH | DUPLICATE_CONTENT_LENGTH)
+        );
+        // Split anywhere, bare LF line ends.
+        let split: Vec<&[u8]> = both.chunks(3).collect();
+        assert_eq!(
+            scan(&split),
+            Some(SAW_CONTENT_LENGTH | SAW_TRANSFER_ENCODING)
+        );
+        assert_eq!(
+            scan(&[b"GET / HTTP/1.1\nTransfer-Encoding: chunked\n\n"]),
+            Some(SAW_TRANSFER_ENCODING)
+        );
+        // A name that only starts like one, and values that contain one.
+        assert_eq!(
+            scan(&[b"GET / HTTP/1.1\r\nContent-Lengthy: 1\r\nX: content-length: 2\r\n\r\n"]),
+            Some(0)
+        );
+        // Incomplete heads report nothing yet.
+        assert_eq!(scan(&[b"GET / HTTP/1.1\r\nContent-Length: 1\r\n"]), None);
     }
 }

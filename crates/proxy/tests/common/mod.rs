@@ -426,3 +426,215 @@ pub fn request(method: &str, path: &str, body: impl Into<Bytes>) -> Request<Full
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     Client::new(addr).get(path).await
 }
+
+// ------------------------------------------------------------- raw sockets
+
+/// One response read off a raw socket.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    /// Status line and headers, as sent.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// Reads one response (head, then a body framed by Content-Length, chunked
+/// or the end of the connection) within 10 s. `None` if the connection
+/// ended (or broke) before a complete head.
+pub async fn read_response(s: &mut TcpStream) -> Option<RawReply> {
+    read_response_to(s, false).await
+}
+
+/// As [`read_response`], for a response to `HEAD` (never a body).
+pub async fn read_head_response(s: &mut TcpStream) -> Option<RawReply> {
+    read_response_to(s, true).await
+}
+
+async fn read_response_to(s: &mut TcpStream, head_only: bool) -> Option<RawReply> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
+        let mut reply = RawReply {
+            status,
+            head,
+            body: buf[head_end..].to_vec(),
+        };
+        let no_body = head_only || status == 204 || status == 304 || status < 200;
+        if no_body {
+            return Some(reply);
+        }
+        if let Some(len) = reply.header("content-length") {
+            let len: usize = len.parse().ok()?;
+            while reply.body.len() < len {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return Some(reply),
+                    Ok(n) => reply.body.extend_from_slice(&chunk[..n]),
+                }
+            }
+            reply.body.truncate(len);
+        } else if reply
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+        {
+            while !reply.body.ends_with(b"0\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return Some(reply),
+                    Ok(n) => reply.body.extend_from_slice(&chunk[..n]),
+                }
+            }
+        } else {
+            loop {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return Some(reply),
+                    Ok(n) => reply.body.extend_from_slice(&chunk[..n]),
+                }
+            }
+        }
+        Some(reply)
+    })
+    .await
+    .expect("a response (or the end of the connection) within 10 s")
+}
+
+/// Whether the peer closed the connection (EOF or reset) within `within`,
+/// reading and dropping anything else it sends.
+pub async fn closes(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Sends `bytes` on a new connection and reads one response. Also returns
+/// the client's address (to find its log lines) and the stream.
+pub async fn raw_request(
+    addr: SocketAddr,
+    bytes: &[u8],
+) -> (Option<RawReply>, SocketAddr, TcpStream) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let local = s.local_addr().unwrap();
+    s.write_all(bytes).await.unwrap();
+    let reply = read_response(&mut s).await;
+    (reply, local, s)
+}
+
+/// A guard that counts its drops: put one in a handler's future to see it
+/// cancelled.
+pub struct DropSignal(pub Arc<tokio::sync::Notify>, pub Arc<AtomicUsize>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.notify_waiters();
+    }
+}
+
+// ------------------------------------------------------------------- logs
+
+/// The proxy's log lines (INFO and up) in this test binary, captured once.
+pub mod logs {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+    #[derive(Clone)]
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Writer {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Start capturing (idempotent).
+    pub fn capture() {
+        BUF.get_or_init(|| {
+            let buf = Arc::new(Mutex::new(Vec::new()));
+            let writer = Writer(Arc::clone(&buf));
+            let _ = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(move || writer.clone())
+                .try_init();
+            buf
+        });
+    }
+
+    /// Captured lines that contain `needle`.
+    pub fn lines_with(needle: &str) -> Vec<String> {
+        let Some(buf) = BUF.get() else {
+            return Vec::new();
+        };
+        let text = String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
+        text.lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The lines logged about one client connection.
+    pub fn for_client(client: std::net::SocketAddr) -> Vec<String> {
+        lines_with(&format!("client={client}"))
+    }
+}
+
+/// A response body fed through a channel: the handler streams, a test
+/// decides when (and whether) it ends. `guard` is dropped with the body.
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    _guard: Option<DropSignal>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        self.get_mut()
+            .rx
+            .poll_recv(cx)
+            .map(|next| next.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+pub fn channel_body(guard: Option<DropSignal>) -> (tokio::sync::mpsc::Sender<Bytes>, TBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    (tx, ChannelBody { rx, _guard: guard }.boxed())
+}
