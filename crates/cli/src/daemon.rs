@@ -280,6 +280,17 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
     let mut inherited = crate::upgrade::take_inherited();
     let successor = std::env::var_os("NONSTOP_UPGRADE").is_some_and(|v| v == "1");
     std::env::remove_var("NONSTOP_UPGRADE");
+    // Everything that can fail is done before a predecessor is told to step
+    // down (SQLite in WAL mode may be opened by both at once).
+    let store = Arc::new(nonstop_store::Store::open(&home.database())?);
+    let driver = Arc::new(
+        LocalDriver::new(LocalDriverConfig::new(home.path(), vec![exe.clone().into_os_string(), "__monitor".into()]))
+            .context("cannot set up the local driver")?,
+    );
+    let api_token_value = match api_listen {
+        Some(_) => Some(api_token(&home)?),
+        None => None,
+    };
     if successor {
         crate::upgrade::announce_ready(&home)?;
         tracing::info!("taking over from the previous daemon ({} socket(s) inherited)", inherited.proxy.len() + usize::from(inherited.api.is_some()));
@@ -296,11 +307,6 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
     let shutdown = CancellationToken::new();
     let engine_stop = shutdown.child_token();
     let api_stop = shutdown.child_token();
-    let store = Arc::new(nonstop_store::Store::open(&home.database())?);
-    let driver = Arc::new(
-        LocalDriver::new(LocalDriverConfig::new(home.path(), vec![exe.clone().into_os_string(), "__monitor".into()]))
-            .context("cannot set up the local driver")?,
-    );
     let proxy = Proxy::new(ProxyConfig::default());
     let tasks = TaskTracker::new();
     let ingress = Arc::new(ProxyIngress {
@@ -326,6 +332,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
     );
 
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<server::UpgradeRequest>(4);
+    let engine_for_upgrade = engine.clone();
     let state = ApiState { engine, logs: logs.clone(), shutdown: shutdown.clone(), home: home.dir.clone(), upgrade: Some(upgrade_tx.clone()) };
 
     // The unix socket, private to the user (or the one we inherited).
@@ -356,8 +363,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
         }
     });
     let mut api_tcp_fd = None;
-    if let Some(addr) = api_listen {
-        let token = api_token(&home)?;
+    if let (Some(addr), Some(token)) = (api_listen, api_token_value) {
         let tcp = match inherited.api_tcp.take() {
             Some(l) => {
                 l.set_nonblocking(true)?;
@@ -415,11 +421,31 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
 
     // Serve until told to stop, or until a successor takes over.
     let mut handed_over = false;
+    let mut engine_died = false;
     let mut engine_task = Some(engine_task);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            r = async { match engine_task.as_mut() { Some(t) => t.await, None => std::future::pending().await } } => {
+                // The engine ended while we were not stopping: a bug. Exit
+                // non-zero so that a supervisor restarts us (the app keeps
+                // running and is re-adopted).
+                engine_task = None;
+                if !shutdown.is_cancelled() {
+                    tracing::error!("the engine stopped unexpectedly ({r:?}); the daemon exits so that it can be restarted");
+                    engine_died = true;
+                }
+                break;
+            }
             Some(reply) = upgrade_rx.recv() => {
+                // Not in the middle of an operation: a deploy's release task
+                // would be cut off.
+                if let Ok(status) = engine_for_upgrade.status().await {
+                    if let Some(op) = status.operation {
+                        let _ = reply.send(Err(format!("{op} is in progress; upgrade the daemon when it has finished")));
+                        continue;
+                    }
+                }
                 let mut sockets: Vec<(&'static str, std::os::fd::OwnedFd)> =
                     ingress.handover().into_iter().map(|fd| ("proxy", fd)).collect();
                 match api_fd.try_clone() {
@@ -466,5 +492,8 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
         let _ = std::fs::remove_file(home.dir.join("daemon.pid"));
     }
     tracing::info!("daemon {} stopped", std::process::id());
+    if engine_died {
+        anyhow::bail!("the engine stopped unexpectedly; see {}", home.daemon_log().display());
+    }
     Ok(())
 }

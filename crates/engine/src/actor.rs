@@ -450,6 +450,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
 
     fn restore(&mut self) -> Result<(), EngineError> {
         let records = self.store.apps()?;
+        // Deployments of apps that do not run (a first deploy interrupted
+        // while building): nothing was started, end them as failed.
+        let running_app = records.iter().find(|r| r.environment == self.env && r.running).map(|r| r.app.clone());
+        let idle: Vec<AppName> =
+            self.store.apps_with_running_deployments(&self.env)?.into_iter().filter(|a| Some(a) != running_app.as_ref()).collect();
+        for app in idle {
+            self.fail_stale_deployment(&app)?;
+        }
         let Some(record) = records.into_iter().find(|r| r.environment == self.env && r.running) else {
             return Ok(());
         };
@@ -478,6 +486,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             let (Some(handle), true) = (rec.handle.clone(), alive) else {
                 if rec.phase == InstancePhase::Launching {
                     tracing::warn!("{} was being launched when the daemon stopped; forgetting it", rec.id);
+                }
+                if let Some(h) = rec.handle.clone() {
+                    // Its monitor is gone, but its process may not be: the
+                    // driver kills what is left (and does nothing if nothing is).
+                    let driver = self.driver.clone();
+                    self.tasks.spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(30), driver.stop(&h, nonstop_core::Signal::Kill, Duration::from_secs(5))).await;
+                    });
                 }
                 self.store.delete_instance(&rt.record.app, &self.env, &rec.id)?;
                 self.event(&rt.record.app, "gone", Some(&rec.id), "exited while the daemon was down");
@@ -521,17 +537,32 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             adopted += 1;
         }
         // Instances the driver runs that no record knows: a daemon died
-        // between starting them and recording them. Stop them.
+        // between starting them and recording them. They are stopped, and
+        // tracked as stopping until gone, so that a singleton's replacement
+        // waits for them.
         for orphan in self.driver.running(&rt.record.app, &self.env) {
             if rt.instances.contains_key(&orphan.instance) {
                 continue;
             }
             tracing::warn!("stopping {}: it runs, but no record of it survived the daemon's restart", orphan.instance);
             self.event(&rt.record.app, "orphan", Some(&orphan.instance), "stopped: started by a daemon that died before recording it");
-            let driver = self.driver.clone();
-            self.tasks.spawn(async move {
-                let _ = driver.stop(&orphan, nonstop_core::Signal::Term, Duration::from_secs(10)).await;
-            });
+            let kind = rt.record.spec.process(&orphan.instance.process).map(|s| s.kind).unwrap_or(ProcessKind::Worker);
+            self.watch_exit(orphan.clone());
+            rt.instances.insert(
+                orphan.instance.clone(),
+                Inst {
+                    id: orphan.instance.clone(),
+                    kind,
+                    release: rt.record.release,
+                    handle: Some(orphan),
+                    phase: InstPhase::Stopping,
+                    started: now,
+                    started_wall: wall,
+                    health: None,
+                    last_checks: VecDeque::new(),
+                    stop_requested: false,
+                },
+            );
         }
         tracing::info!("restored app {} with {adopted} running instance(s)", rt.record.app);
         self.event(&rt.record.app, "daemon", None, &format!("daemon started; re-adopted {adopted} running instance(s)"));
@@ -842,6 +873,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let changed = !parts.is_empty();
         let summary = if changed { parts.join(", ") } else { "nothing to change".to_string() };
         rt.record.spec = spec;
+        for (name, t) in rt.targets.iter_mut() {
+            if let (Some(count), Some(p)) = (counts.get(name), t.spec.processes.iter_mut().find(|p| &p.name == name)) {
+                p.count = *count;
+            }
+        }
         self.store.put_app(&rt.record, self.clock.wall())?;
         let app = rt.record.app.clone();
         self.event(&app, "scale", None, &summary);
@@ -1268,6 +1304,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 });
                 let new = ro.new.get(&slot).map(|id| match rt.instances.get(id) {
                     None => NewPhase::Failed,
+                    // Ready once, then failing its checks: not a release to keep.
+                    Some(inst) if inst.phase == InstPhase::Ready && inst.health == Some(BackendHealth::Unhealthy) => {
+                        if failure.is_none() {
+                            let checks: VecDeque<String> = self
+                                .traffic
+                                .status(id)
+                                .map(|st| st.last_checks.into_iter().collect())
+                                .unwrap_or_else(|| inst.last_checks.clone());
+                            failure = Some(format!("new instance {} became unhealthy after passing its checks{}", id.slot_name(), checks_suffix(&checks)));
+                        }
+                        NewPhase::Failed
+                    }
                     Some(inst) if inst.phase == InstPhase::Ready => NewPhase::Ready,
                     Some(inst) if inst.phase == InstPhase::Stopping => NewPhase::Failed,
                     Some(inst) => {
@@ -1428,10 +1476,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         for inst in rt.instances.values() {
             if matches!(inst.phase, InstPhase::Starting | InstPhase::Launching) {
                 if let Some(spec) = rt.process_spec(&inst.id.process) {
+                    let far = inst.started + Duration::from_secs(86_400);
                     if inst.kind != ProcessKind::Web {
-                        at(inst.started + spec.ready_after);
+                        at(inst.started.checked_add(spec.ready_after).unwrap_or(far));
                     }
-                    at(inst.started + spec.rollout.health_timeout);
+                    at(inst.started.checked_add(spec.rollout.health_timeout).unwrap_or(far));
                 }
             }
         }

@@ -26,6 +26,8 @@ pub(crate) struct DeployRun {
     pub(crate) base_env: BTreeMap<String, String>,
     /// A post task failed: the release is live, the operation still fails.
     pub(crate) post_failure: Option<String>,
+    /// Some process type could not be rolled back.
+    pub(crate) rollback_failed: bool,
 }
 
 fn ms_since_epoch(t: SystemTime) -> u64 {
@@ -107,12 +109,28 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
             }
         }
-        // The proxy address must be usable before anything is built.
+        // The proxy address must be usable before anything is built. A
+        // running app keeps its listener until the new release is live; a
+        // new address is only probed here.
         if spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
-            let route = RouteKey(format!("{}/{}", spec.app, self.env));
-            self.ingress
-                .listen(spec.proxy.listen, &route)
-                .map_err(|reason| EngineError::Listen { addr: spec.proxy.listen.to_string(), reason })?;
+            let addr = spec.proxy.listen;
+            match &from {
+                Some(f) if f.spec.proxy.listen == addr => {}
+                Some(_) => {
+                    std::net::TcpListener::bind(addr).map(drop).map_err(|e| EngineError::Listen {
+                        addr: addr.to_string(),
+                        reason: if e.kind() == std::io::ErrorKind::AddrInUse {
+                            "the address is already in use by another program".to_string()
+                        } else {
+                            e.to_string()
+                        },
+                    })?;
+                }
+                None => {
+                    let route = RouteKey(format!("{}/{}", spec.app, self.env));
+                    self.ingress.listen(addr, &route).map_err(|reason| EngineError::Listen { addr: addr.to_string(), reason })?;
+                }
+            }
         }
         let now = self.clock.wall();
         let id = self.store.next_release_id(&spec.app)?;
@@ -161,6 +179,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             started: self.clock.now(),
             base_env,
             post_failure: None,
+            rollback_failed: false,
         };
         Ok(Some((run, summary)))
     }
@@ -269,6 +288,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 started: self.clock.now(),
                 base_env,
                 post_failure: None,
+            rollback_failed: false,
             },
             summary,
         ))
@@ -501,7 +521,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
             DeployPhase::RollingBack { reason, remaining } => {
                 let Some(process) = remaining.first().cloned() else {
-                    self.finish_deploy(DeployPhase::RolledBack { reason });
+                    if run.rollback_failed {
+                        self.finish_deploy(DeployPhase::Failed { reason });
+                    } else {
+                        self.finish_deploy(DeployPhase::RolledBack { reason });
+                    }
                     return true;
                 };
                 match run.from.clone() {
@@ -535,19 +559,22 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 remaining.retain(|r| r != &p);
                 self.set_phase(DeployPhase::RollingBack { reason, remaining });
             }
-            (DeployPhase::RollingBack { reason, .. }, RolloutResult::Failed(p, why)) => {
-                // The previous release does not come up either: keep trying
-                // it (the reconciler restarts it) and say so.
-                if let Some(from) = run.from.clone() {
-                    if let Some(rt) = self.app.as_mut() {
-                        for name in run.order.clone() {
-                            rt.targets.insert(name, from.clone());
-                        }
-                    }
+            (DeployPhase::RollingBack { reason, mut remaining }, RolloutResult::Failed(p, why)) => {
+                // The previous release does not come up for this process
+                // type either: it stays on the new release (which at least
+                // started), the others go on rolling back, and the
+                // deployment ends as failed, saying so.
+                let to = run.to.clone();
+                if let Some(rt) = self.app.as_mut() {
+                    rt.targets.insert(p.clone(), to.clone());
                 }
-                self.finish_deploy(DeployPhase::Failed {
-                    reason: format!("{reason}; rolling back {p} failed too: {why}"),
-                });
+                self.progress(format!("rolling {p} back failed ({why}); it stays on {}", to.id));
+                remaining.retain(|r| r != &p);
+                let reason = format!("{reason}; rolling {p} back failed too ({why}), so {p} stays on {}", to.id);
+                if let Some(run) = self.deployment.as_mut() {
+                    run.rollback_failed = true;
+                }
+                self.set_phase(DeployPhase::RollingBack { reason, remaining });
             }
             _ => {}
         }
@@ -595,6 +622,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let to = run.to.clone();
         let base_env = run.base_env.clone();
         let Some(rt) = self.app.as_mut() else { return };
+        if to.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) && rt.record.spec.proxy.listen != to.spec.proxy.listen {
+            if let Err(e) = self.ingress.listen(to.spec.proxy.listen, &rt.route) {
+                tracing::error!("the proxy cannot move to {}: {e}; it stays on {}", to.spec.proxy.listen, rt.record.spec.proxy.listen);
+            }
+        }
         rt.record.spec = to.spec.clone();
         rt.record.workdir = to.workdir.clone();
         rt.record.release = to.id;
@@ -628,8 +660,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let release = run.to.id.to_string();
         match phase {
             DeployPhase::Succeeded => {
-                if run.phase != DeployPhase::PostTasks {
-                    // Recovered after a restart during post tasks.
+                if self.app.as_ref().is_some_and(|rt| rt.record.release != run.to.id) {
+                    // Recovered after a restart during post tasks, before the
+                    // record moved to the new release.
                     self.deployment = Some(run);
                     self.promote_target();
                     run = self.deployment.take().expect("just put back");
@@ -653,8 +686,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
             DeployPhase::Failed { reason } => {
                 if let Some(rt) = self.app.as_mut() {
-                    if run.from.is_some() {
-                        rt.targets.retain(|_, t| t.id != run.to.id);
+                    if !run.rollback_failed {
+                        rt.targets.clear();
                     }
                 }
                 self.event(&app, "deploy-failed", None, &format!("{release}: {reason}"));
@@ -731,12 +764,32 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             started: self.clock.now(),
             base_env,
             post_failure: None,
+            rollback_failed: false,
         });
         match next {
             DeployPhase::Failed { reason } => self.finish_deploy(DeployPhase::Failed { reason }),
             DeployPhase::Succeeded => self.finish_deploy(DeployPhase::Succeeded),
             other => self.set_phase(other),
         }
+        Ok(())
+    }
+
+    /// A deployment left running by a daemon that died, for an app that does
+    /// not run: nothing of it was started; it ends as failed.
+    pub(crate) fn fail_stale_deployment(&mut self, app: &AppName) -> Result<(), EngineError> {
+        let Some(mut record) = self.store.running_deployment(app, &self.env)? else { return Ok(()) };
+        if let Some(mut r) = self.store.release(app, record.to_release)? {
+            if r.status == ReleaseStatus::Building {
+                r.status = ReleaseStatus::Failed;
+                self.store.put_release(&r)?;
+            }
+        }
+        record.status = DeploymentStatus::Failed;
+        record.reason = Some("the daemon stopped before the release went live; nothing was started".into());
+        record.finished_at = Some(self.clock.wall());
+        record.phase = serde_json::to_value(DeployPhase::Failed { reason: "daemon stopped".into() }).unwrap_or_default();
+        self.store.update_deployment(&record)?;
+        tracing::warn!("deployment #{} of {app} was interrupted before going live; marked failed", record.id);
         Ok(())
     }
 

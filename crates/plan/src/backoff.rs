@@ -25,7 +25,7 @@ impl SlotBackoff {
         SlotBackoff {
             consecutive_failures: failures,
             restarts: self.restarts.saturating_add(1),
-            retry_at: Some(now + delay(failures, policy)),
+            retry_at: Some(now.checked_add(delay(failures, policy)).unwrap_or(now + Duration::from_secs(86_400))),
         }
     }
 

@@ -53,6 +53,10 @@ const TUNNEL: u8 = 3;
 const UNSEEN: u8 = u8::MAX;
 
 /// No shutdown asked.
+/// At shutdown, how long a connection still waiting for a request head may
+/// take to send it before it is closed.
+const SHUTDOWN_HEAD_GRACE: Duration = Duration::from_secs(2);
+
 const RUN: u8 = 0;
 /// Finish the request in progress, then close.
 const GRACEFUL: u8 = 1;
@@ -687,13 +691,22 @@ where
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut graceful_sent = false;
+    // A connection whose request head has not been read yet (typically one
+    // accepted just before the listener was handed to another daemon) gets
+    // a moment to send it: closing it now would answer nothing at all.
+    let mut head_grace: Option<Pin<Box<Sleep>>> = None;
     let result = std::future::poll_fn(|cx| {
         match ctx.signal.poll_state(cx) {
             FORCE => return Poll::Ready(None),
             GRACEFUL if !graceful_sent => {
-                // Finish the request in progress (if any), then close.
-                graceful_sent = true;
-                conn.as_mut().graceful_shutdown();
+                let waiting_for_head = ctx.phase().0 == HEAD;
+                let grace = head_grace
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_HEAD_GRACE)));
+                if !waiting_for_head || grace.as_mut().poll(cx).is_ready() {
+                    // Finish the request in progress (if any), then close.
+                    graceful_sent = true;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             _ => {}
         }

@@ -988,3 +988,30 @@ async fn the_listener_can_move_while_backends_keep_being_checked() {
     serve2.await.unwrap().unwrap();
     proxy.close().await;
 }
+
+/// A connection accepted just before shutdown (a daemon handing its
+/// listener to its successor) that has not sent its request yet must still
+/// get an answer, not a closed connection.
+#[tokio::test]
+async fn shutdown_answers_a_connection_whose_request_arrives_just_after() {
+    let up = Upstream::start("a").await;
+    let p = Running::start(config()).await;
+    p.proxy.set_default_route(route());
+    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    // Make sure the proxy has accepted it (a request on another connection
+    // round-trips after our connect).
+    let _ = get(p.addr, "/").await;
+    p.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await; // the request is late, on purpose
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+}

@@ -676,6 +676,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Apps with a deployment still marked running in this environment.
+    pub fn apps_with_running_deployments(&self, env: &EnvironmentId) -> Result<Vec<AppName>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT DISTINCT app FROM deployments WHERE environment = ?1 AND status = 'running' ORDER BY app")?;
+        let rows = stmt.query_map(params![env.as_str()], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(decode("app name", &encode(&row?))?);
+        }
+        Ok(out)
+    }
+
     /// The deployment still running for this app and environment, if any.
     pub fn running_deployment(&self, app: &AppName, env: &EnvironmentId) -> Result<Option<DeploymentRecord>> {
         Ok(self.deployments(app, env, 50)?.into_iter().find(|d| d.status == DeploymentStatus::Running))
