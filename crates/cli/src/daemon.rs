@@ -10,7 +10,7 @@ use nonstop_api::wire::LogEntry;
 use nonstop_core::traffic::RouteKey;
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, SystemClock};
 use nonstop_core::ReleaseId;
-use nonstop_engine::{BuildOutput, Builder, Engine, EngineConfig, Ingress, InstanceLogs};
+use nonstop_engine::{BuildOutput, Builder, Engine, EngineConfig, Ingress, IngressError, InstanceLogs};
 use nonstop_proxy::{Proxy, ProxyConfig};
 use nonstop_supervisor::{LocalDriver, LocalDriverConfig, LogQuery};
 use std::collections::HashMap;
@@ -21,82 +21,147 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The proxy's listener, moved and closed by the engine.
+/// One listening socket of the proxy: its address, the token that stops
+/// its accept loop, and a duplicate of the socket to hand to a successor.
+struct Listening {
+    addr: SocketAddr,
+    token: CancellationToken,
+    fd: std::os::fd::OwnedFd,
+}
+
+/// The proxy's listeners (plain and TLS) and settings, set by the engine
+/// from `[proxy]`.
 struct ProxyIngress {
     proxy: Proxy,
-    /// The listening address, the token that stops its accept loop, and a
-    /// duplicate of the socket to hand to a successor on upgrade.
-    current: Mutex<Option<(SocketAddr, CancellationToken, std::os::fd::OwnedFd)>>,
+    plain: Mutex<Option<Listening>>,
+    tls: Mutex<Option<Listening>>,
     /// Sockets received from a predecessor, used instead of binding.
     inherited: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl ProxyIngress {
     /// Duplicates of the listening sockets, for a successor.
     fn handover(&self) -> Vec<std::os::fd::OwnedFd> {
-        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current.iter().filter_map(|(_, _, fd)| fd.try_clone().ok()).collect()
+        [lock(&self.plain).as_ref().and_then(|l| l.fd.try_clone().ok()), lock(&self.tls).as_ref().and_then(|l| l.fd.try_clone().ok())]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Stop accepting; in-flight requests finish.
     fn stop_accepting(&self) {
-        if let Some((_, token, _)) = self.current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            token.cancel();
+        for slot in [&self.plain, &self.tls] {
+            if let Some(l) = lock(slot).as_ref() {
+                l.token.cancel();
+            }
         }
+    }
+
+    /// A listening socket on `addr`: the predecessor's, or a new one.
+    fn open(&self, addr: SocketAddr) -> Result<(tokio::net::TcpListener, std::os::fd::OwnedFd), IngressError> {
+        let err = |e: std::io::Error| {
+            IngressError::Listen(
+                addr.to_string(),
+                match e.kind() {
+                    std::io::ErrorKind::AddrInUse => "the address is already in use by another program".to_string(),
+                    std::io::ErrorKind::PermissionDenied => "permission denied (ports below 1024 need privileges)".to_string(),
+                    _ => e.to_string(),
+                },
+            )
+        };
+        let inherited = lock(&self.inherited).remove(&addr);
+        let listener = match inherited {
+            Some(l) => {
+                l.set_nonblocking(true).map_err(err)?;
+                tracing::info!("proxy takes over the listening socket on {addr} from the previous daemon");
+                tokio::net::TcpListener::from_std(l).map_err(err)?
+            }
+            None => {
+                let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.map_err(err)?;
+                socket.set_reuseaddr(true).map_err(err)?;
+                socket.bind(addr).map_err(err)?;
+                socket.listen(1024).map_err(err)?
+            }
+        };
+        let fd = {
+            use std::os::fd::AsFd;
+            listener.as_fd().try_clone_to_owned().map_err(err)?
+        };
+        Ok((listener, fd))
     }
 }
 
 impl Ingress for ProxyIngress {
-    fn listen(&self, addr: SocketAddr, route: &RouteKey) -> Result<(), String> {
-        self.proxy.set_default_route(route.clone());
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current.as_ref().is_some_and(|(a, _, _)| *a == addr) {
-            return Ok(());
+    fn listen(&self, spec: &nonstop_core::process::ProxySpec, route: &RouteKey) -> Result<(), IngressError> {
+        // Everything that can fail first: bind what is new, check the
+        // settings and certificates; only then change anything.
+        let plain_addr = spec.listen;
+        let new_plain = match lock(&self.plain).as_ref() {
+            Some(l) if l.addr == plain_addr => None,
+            _ => Some(self.open(plain_addr)?),
+        };
+        let new_tls = match (spec.https_listen, lock(&self.tls).as_ref()) {
+            (Some(a), Some(l)) if l.addr == a => None,
+            (Some(a), _) => Some(self.open(a)?),
+            (None, _) => None,
+        };
+        let config = ProxyConfig::from_spec(spec).map_err(|e| IngressError::Config(e.to_string()))?;
+        match nonstop_proxy::TlsSettings::from_spec(spec) {
+            Some(t) => self.proxy.configure_tls(&t).map_err(|e| IngressError::Config(e.to_string()))?,
+            None => self.proxy.clear_tls(),
         }
-        let inherited = self.inherited.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
-        let listener = match inherited {
-            Some(l) => {
-                l.set_nonblocking(true).map_err(|e| e.to_string())?;
-                tracing::info!("proxy takes over the listening socket on {addr} from the previous daemon");
-                tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?
+        self.proxy.set_config(config).map_err(|e| IngressError::Config(e.to_string()))?;
+        self.proxy.set_default_route(route.clone());
+
+        if let Some((listener, fd)) = new_plain {
+            let token = self.shutdown.child_token();
+            let (proxy, t) = (self.proxy.clone(), token.clone());
+            self.tasks.spawn(async move {
+                if let Err(e) = proxy.serve(listener, t).await {
+                    tracing::error!("proxy on {plain_addr} stopped: {e}");
+                }
+            });
+            tracing::info!("proxy listening on {plain_addr}");
+            if let Some(old) = lock(&self.plain).replace(Listening { addr: plain_addr, token, fd }) {
+                old.token.cancel();
             }
-            None => {
-                let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-                    .map_err(|e| e.to_string())?;
-                socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
-                socket.bind(addr).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::AddrInUse => "the address is already in use by another program".to_string(),
-                    std::io::ErrorKind::PermissionDenied => "permission denied (ports below 1024 need privileges)".to_string(),
-                    _ => e.to_string(),
-                })?;
-                socket.listen(1024).map_err(|e| e.to_string())?
+        }
+        match (spec.https_listen, new_tls) {
+            (Some(addr), Some((listener, fd))) => {
+                let token = self.shutdown.child_token();
+                let (proxy, t) = (self.proxy.clone(), token.clone());
+                self.tasks.spawn(async move {
+                    if let Err(e) = proxy.serve_tls(listener, t).await {
+                        tracing::error!("proxy (TLS) on {addr} stopped: {e}");
+                    }
+                });
+                tracing::info!("proxy listening for TLS on {addr}");
+                if let Some(old) = lock(&self.tls).replace(Listening { addr, token, fd }) {
+                    old.token.cancel();
+                }
             }
-        };
-        let dup = {
-            use std::os::fd::AsFd;
-            listener.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?
-        };
-        let token = self.shutdown.child_token();
-        let proxy = self.proxy.clone();
-        let t = token.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = proxy.serve(listener, t).await {
-                tracing::error!("proxy on {addr} stopped: {e}");
+            (None, _) => {
+                if let Some(old) = lock(&self.tls).take() {
+                    old.token.cancel();
+                }
             }
-        });
-        tracing::info!("proxy listening on {addr}");
-        if let Some((_, old, _)) = current.replace((addr, token, dup)) {
-            old.cancel();
+            _ => {}
         }
         Ok(())
     }
 
     fn close(&self) {
-        if let Some((addr, token, _)) = self.current.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            tracing::info!("proxy on {addr} closing");
-            token.cancel();
+        for slot in [&self.plain, &self.tls] {
+            if let Some(l) = lock(slot).take() {
+                tracing::info!("proxy on {} closing", l.addr);
+                l.token.cancel();
+            }
         }
     }
 }
@@ -311,7 +376,8 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
     let tasks = TaskTracker::new();
     let ingress = Arc::new(ProxyIngress {
         proxy: proxy.clone(),
-        current: Mutex::new(None),
+        plain: Mutex::new(None),
+        tls: Mutex::new(None),
         inherited: Mutex::new(std::mem::take(&mut inherited.proxy)),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),

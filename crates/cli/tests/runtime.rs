@@ -457,3 +457,51 @@ fn the_systemd_protocol_ready_and_reload_to_a_new_main_pid() {
     let (code, _) = app.get("/").unwrap();
     assert_eq!(code, 200);
 }
+
+fn write_cert(dir: &std::path::Path, name: &str, host: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
+    let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    std::fs::write(&c, cert.cert.pem()).unwrap();
+    std::fs::write(&k, cert.key_pair.serialize_pem()).unwrap();
+    (c, k)
+}
+
+fn curl(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn tls_is_terminated_by_sni_plain_http_is_redirected_and_bad_files_are_refused() {
+    let app = TestApp::hello();
+    let https = free_port();
+    let (c, k) = write_cert(app.dir.path(), "site", "site.test");
+    let listen_line = app.spec().lines().find(|l| l.starts_with("listen")).unwrap().to_string();
+    app.write_spec(&app.spec().replace(
+        &listen_line,
+        &format!("{listen_line}\nhttps_listen = \"127.0.0.1:{https}\"\n\n[[proxy.tls]]\nhosts = [\"site.test\"]\ncert = \"{}\"\nkey = \"{}\"", c.display(), k.display()),
+    ));
+    let r = app.up();
+    r.ok();
+    let resolve = format!("site.test:{https}:127.0.0.1");
+    let (code, out) = curl(&["-k", "--resolve", &resolve, &format!("https://site.test:{https}/headers")]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.to_ascii_lowercase().contains("x-forwarded-proto: https"), "{out}");
+    // HTTP/2 over TLS.
+    let (code, out) = curl(&["-k", "--http2", "-o", "/dev/null", "-w", "%{http_version}", "--resolve", &resolve, &format!("https://site.test:{https}/")]);
+    assert_eq!((code, out.trim()), (0, "2"), "{out}");
+    // Plain HTTP for a TLS host is redirected.
+    let (_, out) = curl(&["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "-H", "Host: site.test", &format!("http://{}/x?y=1", app.proxy())]);
+    assert!(out.starts_with("308 https://site.test"), "{out}");
+    assert!(out.contains("/x?y=1"), "{out}");
+    // A broken certificate file: the deploy-time check refuses it, nothing changes.
+    std::fs::write(&c, "not a certificate").unwrap();
+    app.write_spec(&app.spec().replace("count = 2", "count = 3"));
+    let r = app.run(&["up"]);
+    assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("site.crt"), "the error names the file: {}", r.stderr);
+    assert_eq!(app.pids("web").len(), 2, "nothing changed");
+    // The running proxy keeps its previous certificate.
+    let (code, out) = curl(&["-k", "--resolve", &resolve, &format!("https://site.test:{https}/")]);
+    assert_eq!(code, 0, "{out}");
+}

@@ -18,7 +18,6 @@ use nonstop_plan::rollout::{rollout_step, NewPhase, OldPhase, RolloutAction, Rol
 use nonstop_plan::{reconcile, Action, Observed, ObservedInstance, Phase, SlotBackoff};
 use nonstop_store::{AppRecord, InstancePhase, InstanceRecord, Store};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -34,9 +33,27 @@ pub trait Ingress: Send + Sync + 'static {
     /// Listen on `addr` (if not already) and send every host to `route`.
     /// Moving to another address closes the old listener after the new one
     /// is bound. Errors name the cause (e.g. address in use).
-    fn listen(&self, addr: SocketAddr, route: &RouteKey) -> Result<(), String>;
+    fn listen(&self, proxy: &nonstop_core::process::ProxySpec, route: &RouteKey) -> Result<(), IngressError>;
     /// Stop listening.
     fn close(&self);
+}
+
+/// Why the proxy could not be set up as the spec says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngressError {
+    /// An address could not be bound: `(address, why)`.
+    Listen(String, String),
+    /// A setting or a TLS file is wrong.
+    Config(String),
+}
+
+impl IngressError {
+    pub(crate) fn into_engine(self) -> EngineError {
+        match self {
+            IngressError::Listen(addr, reason) => EngineError::Listen { addr, reason },
+            IngressError::Config(reason) => EngineError::ProxyConfig { reason },
+        }
+    }
 }
 
 /// The last log lines of an instance, for error reports.
@@ -463,8 +480,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         };
         let route = RouteKey(format!("{}/{}", record.app, record.environment));
         if record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
-            if let Err(reason) = self.ingress.listen(record.spec.proxy.listen, &route) {
-                tracing::error!("proxy cannot listen on {}: {reason}", record.spec.proxy.listen);
+            if let Err(e) = self.ingress.listen(&record.spec.proxy, &route) {
+                tracing::error!("the proxy cannot be set up: {}", e.into_engine());
             }
         }
         let now = self.clock.now();
@@ -738,11 +755,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     VecDeque::new(),
                 ));
             }
-            let addr = rt.record.spec.proxy.listen;
             let has_web = rt.record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web);
             let route = rt.route.clone();
             if has_web {
-                self.ingress.listen(addr, &route).map_err(|reason| EngineError::Listen { addr: addr.to_string(), reason })?;
+                let proxy_spec = rt.record.spec.proxy.clone();
+                self.ingress.listen(&proxy_spec, &route).map_err(IngressError::into_engine)?;
             }
             let rt = self.app.as_mut().expect("checked");
             rt.record.running = true;
@@ -757,9 +774,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         let route = RouteKey(format!("{}/{}", spec.app, self.env));
         if spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
-            self.ingress
-                .listen(spec.proxy.listen, &route)
-                .map_err(|reason| EngineError::Listen { addr: spec.proxy.listen.to_string(), reason })?;
+            self.ingress.listen(&spec.proxy, &route).map_err(IngressError::into_engine)?;
         }
 
         let record = AppRecord {

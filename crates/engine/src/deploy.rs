@@ -128,7 +128,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
                 None => {
                     let route = RouteKey(format!("{}/{}", spec.app, self.env));
-                    self.ingress.listen(addr, &route).map_err(|reason| EngineError::Listen { addr: addr.to_string(), reason })?;
+                    self.ingress.listen(&spec.proxy, &route).map_err(IngressError::into_engine)?;
                 }
             }
         }
@@ -622,9 +622,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let to = run.to.clone();
         let base_env = run.base_env.clone();
         let Some(rt) = self.app.as_mut() else { return };
-        if to.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) && rt.record.spec.proxy.listen != to.spec.proxy.listen {
-            if let Err(e) = self.ingress.listen(to.spec.proxy.listen, &rt.route) {
-                tracing::error!("the proxy cannot move to {}: {e}; it stays on {}", to.spec.proxy.listen, rt.record.spec.proxy.listen);
+        if to.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) && rt.record.spec.proxy != to.spec.proxy {
+            if let Err(e) = self.ingress.listen(&to.spec.proxy, &rt.route) {
+                tracing::error!("the proxy keeps its previous settings: {}", e.into_engine());
             }
         }
         rt.record.spec = to.spec.clone();

@@ -15,6 +15,8 @@ pub enum EngineError {
     Preflight { problems: Vec<String> },
     #[error("the proxy cannot listen on {addr}: {reason}; free the port or set [proxy] listen in nonstop.toml (or NONSTOP_PROXY_LISTEN)")]
     Listen { addr: String, reason: String },
+    #[error("the proxy settings cannot be used: {reason}; fix [proxy] in nonstop.toml")]
+    ProxyConfig { reason: String },
     #[error("unknown process type `{name}`; this app has: {known}")]
     UnknownProcess { name: String, known: String },
     #[error("{process} is a singleton: it runs 0 or 1 instance, not {requested}")]
@@ -67,6 +69,7 @@ impl EngineError {
             | EngineError::UnknownProcess { .. }
             | EngineError::SingletonCount { .. }
             | EngineError::Listen { .. }
+            | EngineError::ProxyConfig { .. }
             | EngineError::NoRollbackTarget { .. }
             | EngineError::CannotDeploy { .. } => 2,
             EngineError::OtherApp { .. } | EngineError::Busy { .. } | EngineError::NotUp => 3,

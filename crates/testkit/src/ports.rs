@@ -4,7 +4,7 @@
 use crate::lock;
 use nonstop_core::traffic::RouteKey;
 use nonstop_core::{AppName, EnvironmentId, InstanceId};
-use nonstop_engine::{Ingress, InstanceLogs};
+use nonstop_engine::{Ingress, IngressError, InstanceLogs};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
@@ -52,10 +52,11 @@ impl FakeIngress {
 }
 
 impl Ingress for FakeIngress {
-    fn listen(&self, addr: SocketAddr, route: &RouteKey) -> Result<(), String> {
+    fn listen(&self, proxy: &nonstop_core::process::ProxySpec, route: &RouteKey) -> Result<(), IngressError> {
+        let addr = proxy.listen;
         let mut st = lock(&self.state);
         if let Some(reason) = &st.fail {
-            return Err(reason.clone());
+            return Err(IngressError::Listen(addr.to_string(), reason.clone()));
         }
         st.listening = Some((addr, route.clone()));
         st.listens.push((addr, route.clone()));

@@ -212,15 +212,14 @@ fn logs_and_ingress() {
     let ingress = FakeIngress::new();
     let route = RouteKey("blog/default".into());
     ingress.fail_listen("address in use");
+    let proxy = nonstop_core::process::ProxySpec::new(spec::LISTEN.parse().unwrap());
     assert_eq!(
-        ingress.listen(spec::LISTEN.parse().unwrap(), &route),
-        Err("address in use".to_string())
+        ingress.listen(&proxy, &route),
+        Err(nonstop_engine::IngressError::Listen(spec::LISTEN.to_string(), "address in use".to_string()))
     );
     assert_eq!(ingress.listening(), None);
     ingress.clear_failure();
-    ingress
-        .listen(spec::LISTEN.parse().unwrap(), &route)
-        .unwrap();
+    ingress.listen(&proxy, &route).unwrap();
     assert!(ingress.listening().is_some());
     ingress.close();
     assert_eq!((ingress.listening(), ingress.closes()), (None, 1));
