@@ -28,6 +28,11 @@ fn readme_states_the_defaults_the_code_uses() {
 }
 
 #[test]
+fn readme_states_the_proxy_defaults_the_code_uses() {
+    assert!(readme().contains(nonstop_spec::proxy_defaults_doc()), "README's proxy defaults table is out of date: paste nonstop_spec::PROXY_DEFAULTS_DOC");
+}
+
+#[test]
 fn every_command_is_documented() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_nonstop")).arg("--help").output().unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
