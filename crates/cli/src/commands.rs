@@ -11,6 +11,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Print a line to stdout; a closed pipe (`nonstop status | head -1`) ends
+/// the command quietly instead of panicking.
+fn emit(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(141);
+    }
+}
+
+macro_rules! outln {
+    ($($t:tt)*) => { emit(&format!($($t)*)) };
+}
+
 pub async fn dispatch(cli: Cli) -> i32 {
     let home = match Home::resolve(cli.home) {
         Ok(h) => h,
@@ -55,7 +69,9 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Upgrade { json } => upgrade(&home, json).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "nonstop", &mut std::io::stdout());
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "nonstop", &mut buf);
+            outln!("{}", String::from_utf8_lossy(&buf).trim_end());
             Ok(0)
         }
     };
@@ -108,7 +124,7 @@ fn init(force: bool, name: Option<String>) -> anyhow::Result<i32> {
     };
     std::fs::write(&target, text)?;
     let from = if procfile.is_some() { " from Procfile" } else { "" };
-    println!("wrote {}{from}; review it, then run `nonstop up`", target.display());
+    outln!("wrote {}{from}; review it, then run `nonstop up`", target.display());
     Ok(0)
 }
 
@@ -167,7 +183,7 @@ async fn ensure_daemon(home: &Home) -> anyhow::Result<Client> {
 
 fn print_spec_errors(file: &Path, errors: &nonstop_spec::SpecErrors, json: bool) {
     if json {
-        println!("{}", serde_json::json!({"type": "error", "exit_code": 2, "message": errors.to_string(), "errors": errors.errors}));
+        outln!("{}", serde_json::json!({"type": "error", "exit_code": 2, "message": errors.to_string(), "errors": errors.errors}));
     } else {
         eprintln!("{errors}");
         let n = errors.errors.len();
@@ -180,7 +196,7 @@ async fn run_op<B: serde::Serialize>(c: &Client, path: &str, body: &B, json: boo
     let r = c
         .op(path, body, |p| {
             if json {
-                println!("{}", serde_json::to_string(&OpLine::Progress(p.clone())).unwrap_or_default());
+                outln!("{}", serde_json::to_string(&OpLine::Progress(p.clone())).unwrap_or_default());
             } else if let Some(v) = &view {
                 v.update(p);
             }
@@ -195,7 +211,7 @@ async fn run_op<B: serde::Serialize>(c: &Client, path: &str, body: &B, json: boo
             Ok(0)
         }
         Err(ClientError::Api(e)) if json => {
-            println!("{}", serde_json::to_string(&OpLine::Error(e.clone())).unwrap_or_default());
+            outln!("{}", serde_json::to_string(&OpLine::Error(e.clone())).unwrap_or_default());
             Ok(e.exit_code)
         }
         Err(e) => Err(e.into()),
@@ -204,9 +220,9 @@ async fn run_op<B: serde::Serialize>(c: &Client, path: &str, body: &B, json: boo
 
 fn print_report(r: &OpReport, json: bool) {
     if json {
-        println!("{}", serde_json::to_string(&OpLine::Result(r.clone())).unwrap_or_default());
+        outln!("{}", serde_json::to_string(&OpLine::Result(r.clone())).unwrap_or_default());
     } else {
-        println!("{}", r.summary);
+        outln!("{}", r.summary);
     }
 }
 
@@ -224,7 +240,7 @@ async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
     let c = ensure_daemon(home).await?;
     let code = run_op(&c, "/v1/up", &UpRequest { spec: spec.clone(), workdir, base_env: base_env() }, json).await?;
     if code == 0 && !json && spec.processes.iter().any(|p| p.kind == nonstop_core::ProcessKind::Web) {
-        println!("serving on http://{}", spec.proxy.listen);
+        outln!("serving on http://{}", spec.proxy.listen);
     }
     Ok(code)
 }
@@ -235,9 +251,9 @@ async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
         Ok(p) => p,
         Err(ClientError::NotRunning { .. }) => {
             if json {
-                println!("{}", serde_json::json!({"type": "result", "summary": "the daemon was not running", "changed": false}));
+                outln!("{}", serde_json::json!({"type": "result", "summary": "the daemon was not running", "changed": false}));
             } else {
-                println!("nothing to do: the nonstop daemon is not running");
+                outln!("nothing to do: the nonstop daemon is not running");
             }
             return Ok(0);
         }
@@ -261,9 +277,9 @@ async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
 async fn status(home: &Home, json: bool) -> anyhow::Result<i32> {
     let s: StatusReport = client(home).get("/v1/status").await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?);
     } else {
-        print!("{}", output::status_text(&s));
+        outln!("{}", output::status_text(&s).trim_end());
     }
     Ok(0)
 }
@@ -291,13 +307,13 @@ async fn restart(home: &Home, process: Option<String>, json: bool) -> anyhow::Re
 async fn events(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
     let evs: Vec<EventEntry> = client(home).get(&format!("/v1/events?limit={limit}")).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&evs)?);
+        outln!("{}", serde_json::to_string_pretty(&evs)?);
         return Ok(0);
     }
     for e in evs {
         let secs = e.at_ms / 1000;
         let t = format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-        println!("{t}  {:<14} {:<12} {}", e.kind, e.instance.unwrap_or_default(), e.message);
+        outln!("{t}  {:<14} {:<12} {}", e.kind, e.instance.unwrap_or_default(), e.message);
     }
     Ok(0)
 }
@@ -434,7 +450,7 @@ async fn deploy(home: &Home, file: &Path, message: Option<String>, wait: bool, j
     let req = DeployRequest { spec: spec.clone(), source, base_env: base_env(), message, who: who() };
     let code = run_op_waiting(&c, "/v1/deploy", &req, wait, json).await?;
     if code == 0 && !json && spec.processes.iter().any(|p| p.kind == nonstop_core::ProcessKind::Web) {
-        println!("serving on http://{}", spec.proxy.listen);
+        outln!("serving on http://{}", spec.proxy.listen);
     }
     Ok(code)
 }
@@ -475,7 +491,7 @@ fn fmt_time(ms: u64) -> String {
 async fn history(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
     let deps: Vec<DeploymentInfo> = client(home).get(&format!("/v1/history?limit={limit}")).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&deps)?);
+        outln!("{}", serde_json::to_string_pretty(&deps)?);
         return Ok(0);
     }
     let rows: Vec<Vec<String>> = deps
@@ -494,14 +510,14 @@ async fn history(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
             ]
         })
         .collect();
-    print!("{}", output::table(&["ID", "KIND", "RELEASE", "STATUS", "STARTED (UTC)", "TOOK", "WHO", "NOTE"], &rows));
+    outln!("{}", output::table(&["ID", "KIND", "RELEASE", "STATUS", "STARTED (UTC)", "TOOK", "WHO", "NOTE"], &rows).trim_end());
     Ok(0)
 }
 
 async fn releases(home: &Home, json: bool) -> anyhow::Result<i32> {
     let rels: Vec<ReleaseInfo> = client(home).get("/v1/releases").await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rels)?);
+        outln!("{}", serde_json::to_string_pretty(&rels)?);
         return Ok(0);
     }
     let rows: Vec<Vec<String>> = rels
@@ -517,7 +533,7 @@ async fn releases(home: &Home, json: bool) -> anyhow::Result<i32> {
             ]
         })
         .collect();
-    print!("{}", output::table(&["RELEASE", "STATUS", "CONTENT", "CREATED (UTC)", "BUILD", "MESSAGE"], &rows));
+    outln!("{}", output::table(&["RELEASE", "STATUS", "CONTENT", "CREATED (UTC)", "BUILD", "MESSAGE"], &rows).trim_end());
     Ok(0)
 }
 
@@ -538,9 +554,9 @@ async fn upgrade(home: &Home, json: bool) -> anyhow::Result<i32> {
         }
     };
     if json {
-        println!("{}", serde_json::json!({"old_pid": before.pid, "new_pid": after.pid, "old_version": before.version, "new_version": after.version}));
+        outln!("{}", serde_json::json!({"old_pid": before.pid, "new_pid": after.pid, "old_version": before.version, "new_version": after.version}));
     } else {
-        println!("nonstop daemon upgraded: pid {} ({}) → pid {} ({}); the app kept running", before.pid, before.version, after.pid, after.version);
+        outln!("nonstop daemon upgraded: pid {} ({}) → pid {} ({}); the app kept running", before.pid, before.version, after.pid, after.version);
     }
     Ok(0)
 }

@@ -44,6 +44,11 @@ use std::time::{Duration, Instant};
 /// the leftovers were killed (a process that left the group may hold the
 /// pipes open).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// When the main process dies (e.g. `kill -9` of gunicorn's master), what is
+/// left of its group (the workers) gets SIGTERM and this long to finish the
+/// requests it is serving before SIGKILL: killing them at once would cut
+/// requests that cannot be retried (a POST in flight).
+const LEFTOVER_GRACE: Duration = Duration::from_secs(5);
 /// How long the monitor waits for the process group to be empty after
 /// SIGKILL before it gives up (processes stuck in uninterruptible I/O).
 const GROUP_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -255,8 +260,13 @@ impl Monitor {
     fn run(mut self) -> i32 {
         let mut buf = vec![0u8; 64 * 1024];
         let mut drain_deadline: Option<Instant> = None;
+        let mut kill_at: Option<Instant> = None;
         loop {
-            let timeout = match drain_deadline {
+            let wake = match (drain_deadline, kill_at) {
+                (Some(d), Some(k)) => Some(d.min(k)),
+                (d, k) => d.or(k),
+            };
+            let timeout = match wake {
                 None => PollTimeout::NONE,
                 Some(d) => {
                     let ms = d.saturating_duration_since(Instant::now()).as_millis();
@@ -301,13 +311,30 @@ impl Monitor {
 
             if self.status.is_some() && drain_deadline.is_none() {
                 self.record_exit();
+                let now = Instant::now();
+                if let Ok(true) = procinfo::signal_group(self.pid, Signal::SIGTERM) {
+                    let _ = self.log.write_line(
+                        Stream::Sys,
+                        format!(
+                            "the main process exited; the processes left in its group got SIGTERM and {}s to finish",
+                            LEFTOVER_GRACE.as_secs()
+                        )
+                        .as_bytes(),
+                    );
+                    kill_at = Some(now + LEFTOVER_GRACE);
+                    drain_deadline = Some(now + LEFTOVER_GRACE + DRAIN_TIMEOUT);
+                } else {
+                    drain_deadline = Some(now + DRAIN_TIMEOUT);
+                }
+            }
+            if kill_at.is_some_and(|k| Instant::now() >= k) {
+                kill_at = None;
                 if let Ok(true) = procinfo::signal_group(self.pid, Signal::SIGKILL) {
                     let _ = self.log.write_line(
                         Stream::Sys,
                         b"killed the processes left in the process group",
                     );
                 }
-                drain_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
             }
             if let Some(deadline) = drain_deadline {
                 let drained = self.stdout.is_none() && self.stderr.is_none();

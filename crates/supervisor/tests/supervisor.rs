@@ -330,6 +330,33 @@ async fn leftovers_of_the_group_are_killed_before_wait_exit_returns() {
     assert!(!procinfo::group_exists(app_pid(&h)));
 }
 
+/// `kill -9` of gunicorn's master must not cut the request a worker is
+/// serving: the leftovers get SIGTERM and a grace period; one that ignores
+/// SIGTERM is killed after it.
+#[tokio::test]
+async fn leftovers_get_sigterm_and_a_grace_period_when_the_main_process_dies() {
+    let fx = fixture();
+    let h = fx
+        .start(
+            instance("web", 1, 1),
+            r#"sh -c 'trap "sleep 0.5; echo done > finished; exit 0" TERM; echo $$ > polite.pid; while :; do sleep 0.05; done' &
+               sh -c 'trap "" TERM; echo $$ > stubborn.pid; while :; do sleep 0.05; done' &
+               while [ ! -s polite.pid ] || [ ! -s stubborn.pid ]; do sleep 0.02; done; exec sleep 1000"#,
+            false,
+        )
+        .await;
+    let polite = fx.work.join("polite.pid");
+    let stubborn = fx.work.join("stubborn.pid");
+    eventually("both children", || read_pid(&polite).is_some() && read_pid(&stubborn).is_some()).await;
+    let stubborn_pid = read_pid(&stubborn).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(app_pid(&h) as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Signal(9));
+    // The polite one finished its work; the stubborn one was killed.
+    assert_eq!(std::fs::read_to_string(fx.work.join("finished")).unwrap().trim(), "done");
+    assert!(!in_group(stubborn_pid, app_pid(&h)), "the child ignoring SIGTERM survived");
+    assert!(!procinfo::group_exists(app_pid(&h)));
+}
+
 #[tokio::test]
 async fn stop_kills_grandchildren_too() {
     let fx = fixture();
