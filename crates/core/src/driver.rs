@@ -153,6 +153,17 @@ pub trait Driver: Send + Sync + 'static {
     /// was left of it has been killed. Cancel-safe.
     fn wait_exit(&self, handle: &InstanceHandle) -> impl Future<Output = ExitStatus> + Send;
 
+    /// Resolves as soon as the instance's main process has exited, possibly
+    /// before what is left of it is gone (`wait_exit`): the traffic layer
+    /// takes it out of rotation at once. Drivers that cannot tell the two
+    /// apart keep this default.
+    fn main_exited(&self, handle: &InstanceHandle) -> impl Future<Output = ()> + Send {
+        let exit = self.wait_exit(handle);
+        async move {
+            let _ = exit.await;
+        }
+    }
+
     /// Whether a recorded instance is still the same live instance (used to
     /// re-adopt instances after a daemon restart without duplicating them).
     fn is_alive(&self, handle: &InstanceHandle) -> bool;

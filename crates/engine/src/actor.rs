@@ -164,6 +164,9 @@ pub(crate) enum Internal {
     Started { id: InstanceId, result: Result<InstanceHandle, String> },
     Exited { id: InstanceId, status: ExitStatus },
     Stopped { id: InstanceId, outcome: Result<StopOutcome, String> },
+    /// The main process ended; the rest of the instance may still be
+    /// finishing (its exit comes as `Exited`).
+    MainExited { id: InstanceId },
     Built { deployment: i64, result: Result<BuildOutput, String> },
     TasksDone { deployment: i64, post: bool, result: Result<(), String> },
 }
@@ -923,6 +926,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Internal::Built { deployment, result } => self.deploy_on_built(deployment, result),
             Internal::TasksDone { deployment, post, result } => self.deploy_on_tasks(deployment, post, result),
             Internal::Exited { id, status } => self.on_exited(id, status),
+            Internal::MainExited { id } => {
+                // Out of rotation now: what is left of it finishes its
+                // requests, no new one is sent to it.
+                let web = self.app.as_ref().and_then(|rt| rt.instances.get(&id)).is_some_and(|i| i.kind == ProcessKind::Web);
+                if web {
+                    drop(self.traffic.drain(&id, Duration::ZERO));
+                }
+            }
             Internal::Stopped { id, outcome } => {
                 let msg = match outcome {
                     Ok(StopOutcome::Graceful) => "stopped".to_string(),
@@ -1150,6 +1161,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let driver = self.driver.clone();
         let tx = self.events_tx.clone();
         let cancel = self.cancel.clone();
+        {
+            let (driver, tx, cancel, handle) = (driver.clone(), tx.clone(), cancel.clone(), handle.clone());
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    () = driver.main_exited(&handle) => {
+                        let _ = tx.send(Internal::MainExited { id: handle.instance.clone() });
+                    }
+                }
+            });
+        }
         self.tasks.spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}

@@ -827,6 +827,17 @@ impl Driver for LocalDriver {
         self.run_task_inner(task).await
     }
 
+    async fn main_exited(&self, handle: &InstanceHandle) {
+        // The monitor records the exit the moment the main process ends,
+        // before it gives the rest of the group its grace period.
+        loop {
+            if self.recorded_exit(handle).is_some() || !self.is_alive(handle) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn running(&self, app: &AppName, environment: &EnvironmentId) -> Vec<InstanceHandle> {
         LocalDriver::running(self)
             .into_iter()
