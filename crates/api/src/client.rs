@@ -13,7 +13,9 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("the nonstop daemon is not running (no answer on {socket}); start it with `nonstop up` in the app directory")]
+    #[error(
+        "the nonstop daemon is not running (no answer on {socket}); start it with `nonstop up` in the app directory"
+    )]
     NotRunning { socket: PathBuf },
     #[error("{}", .0.message)]
     Api(ApiError),
@@ -92,7 +94,12 @@ impl Client {
         &self.socket
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
         let not_running = || ClientError::NotRunning { socket: self.socket.clone() };
         let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::UnixStream::connect(&self.socket))
             .await
@@ -174,7 +181,9 @@ impl Client {
                 OpLine::Error(e) => return Err(ClientError::Api(e)),
             }
         }
-        Err(ClientError::Protocol("the daemon closed the stream before the operation ended; see `nonstop status`".into()))
+        Err(ClientError::Protocol(
+            "the daemon closed the stream before the operation ended; see `nonstop status`".into(),
+        ))
     }
 
     pub async fn ping(&self) -> Result<Ping, ClientError> {

@@ -197,7 +197,10 @@ fn ndjson<T: serde::Serialize>(v: &T) -> bytes::Bytes {
     s.into()
 }
 
-async fn up(State(s): State<ApiState>, body: Result<Json<UpRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn up(
+    State(s): State<ApiState>,
+    body: Result<Json<UpRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid up request: {e}")),
@@ -211,7 +214,10 @@ async fn down(State(s): State<ApiState>) -> Response {
     op_stream(move |p| async move { engine.down(p).await })
 }
 
-async fn scale(State(s): State<ApiState>, body: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn scale(
+    State(s): State<ApiState>,
+    body: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid scale request: {e}")),
@@ -261,7 +267,12 @@ async fn logs(State(s): State<ApiState>, Query(q): Query<LogsQuery>) -> Response
     let tail = q.tail.unwrap_or(if q.follow { 20 } else { 200 }).min(100_000);
     let backlog = match s.logs.tail(&status.app, &status.environment, q.process.as_deref(), tail) {
         Ok(lines) => lines,
-        Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, ApiError { message: e, exit_code: 1, detail: None }),
+        Err(e) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ApiError { message: e, exit_code: 1, detail: None },
+            )
+        }
     };
     let backlog_stream = tokio_stream::iter(backlog.into_iter().map(|l| Ok::<_, std::io::Error>(ndjson(&l))));
     let body = if q.follow {
@@ -269,7 +280,12 @@ async fn logs(State(s): State<ApiState>, Query(q): Query<LogsQuery>) -> Response
         let guard = cancel.clone().drop_guard();
         let rx = match s.logs.follow(&status.app, &status.environment, q.process.as_deref(), cancel) {
             Ok(rx) => rx,
-            Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, ApiError { message: e, exit_code: 1, detail: None }),
+            Err(e) => {
+                return error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ApiError { message: e, exit_code: 1, detail: None },
+                )
+            }
         };
         // The guard lives as long as the body stream: a client that goes
         // away stops the follower.
@@ -286,7 +302,10 @@ async fn logs(State(s): State<ApiState>, Query(q): Query<LogsQuery>) -> Response
     resp
 }
 
-async fn deploy(State(s): State<ApiState>, body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn deploy(
+    State(s): State<ApiState>,
+    body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid deploy request: {e}")),
@@ -295,13 +314,18 @@ async fn deploy(State(s): State<ApiState>, body: Result<Json<DeployRequest>, axu
     op_stream(move |p| async move { engine.deploy(req.spec, req.source, req.base_env, req.message, req.who, p).await })
 }
 
-async fn rollback(State(s): State<ApiState>, body: Result<Json<RollbackRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn rollback(
+    State(s): State<ApiState>,
+    body: Result<Json<RollbackRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid rollback request: {e}")),
     };
     let engine = s.engine.clone();
-    op_stream(move |p| async move { engine.rollback(req.release.map(nonstop_core::ReleaseId), req.run_tasks, req.who, p).await })
+    op_stream(move |p| async move {
+        engine.rollback(req.release.map(nonstop_core::ReleaseId), req.run_tasks, req.who, p).await
+    })
 }
 
 async fn releases(State(s): State<ApiState>) -> Response {
@@ -320,7 +344,10 @@ async fn history(State(s): State<ApiState>, Query(q): Query<HistoryQuery>) -> Re
 
 async fn upgrade(State(s): State<ApiState>) -> Response {
     let Some(tx) = s.upgrade.clone() else {
-        return error_response(StatusCode::NOT_FOUND, ApiError { message: "this daemon cannot upgrade itself".into(), exit_code: 2, detail: None });
+        return error_response(
+            StatusCode::NOT_FOUND,
+            ApiError { message: "this daemon cannot upgrade itself".into(), exit_code: 2, detail: None },
+        );
     };
     let (reply, rx) = tokio::sync::oneshot::channel();
     if tx.send(reply).await.is_err() {
@@ -328,7 +355,9 @@ async fn upgrade(State(s): State<ApiState>) -> Response {
     }
     match rx.await {
         Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(message)) => error_response(StatusCode::INTERNAL_SERVER_ERROR, ApiError { message, exit_code: 1, detail: None }),
+        Ok(Err(message)) => {
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, ApiError { message, exit_code: 1, detail: None })
+        }
         Err(_) => engine_error(EngineError::ShuttingDown),
     }
 }

@@ -44,7 +44,9 @@ pub enum Command {
     /// Waits until every instance is ready (web: passing health checks). On a
     /// running app, applies the changes: counts are scaled, changed process
     /// types are replaced with a rolling restart.
-    #[command(after_help = "Examples:\n  nonstop up\n  nonstop up --file deploy/nonstop.toml\n  NONSTOP_PROXY_LISTEN=127.0.0.1:9000 nonstop up")]
+    #[command(
+        after_help = "Examples:\n  nonstop up\n  nonstop up --file deploy/nonstop.toml\n  NONSTOP_PROXY_LISTEN=127.0.0.1:9000 nonstop up"
+    )]
     Up {
         /// The spec file.
         #[arg(long, short = 'f', default_value = "nonstop.toml")]
@@ -83,7 +85,9 @@ pub enum Command {
     },
     /// Run a one-off command with the app's environment (like `heroku run`);
     /// its exit code becomes nonstop's.
-    #[command(after_help = "Examples:\n  nonstop run -- python manage.py createsuperuser\n  nonstop run -- 'python manage.py shell -c \"print(1)\"'")]
+    #[command(
+        after_help = "Examples:\n  nonstop run -- python manage.py createsuperuser\n  nonstop run -- 'python manage.py shell -c \"print(1)\"'"
+    )]
     Run {
         /// The command. One argument is run with `sh -c`; several are run as they are.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
@@ -119,7 +123,9 @@ pub enum Command {
     /// process type (web, workers, singletons); run `[release] post_tasks`.
     /// A failing build or task changes nothing; new instances that do not
     /// become healthy are removed and the previous release keeps serving.
-    #[command(after_help = "Examples:\n  nonstop deploy -m 'fix the login page'\n  nonstop deploy --wait --json    # in CI: wait for a running deploy, print JSON events\n\nExit code 0 only when the new release is live.")]
+    #[command(
+        after_help = "Examples:\n  nonstop deploy -m 'fix the login page'\n  nonstop deploy --wait --json    # in CI: wait for a running deploy, print JSON events\n\nExit code 0 only when the new release is live."
+    )]
     Deploy {
         /// A note for the history.
         #[arg(long, short = 'm')]

@@ -107,9 +107,8 @@ fn init(force: bool, name: Option<String>) -> anyhow::Result<i32> {
         eprintln!("error: {} already exists; edit it, or run `nonstop init --force` to overwrite it", target.display());
         return Ok(2);
     }
-    let name = name.unwrap_or_else(|| {
-        nonstop_spec::sanitize_app_name(dir.file_name().and_then(|n| n.to_str()).unwrap_or("app"))
-    });
+    let name = name
+        .unwrap_or_else(|| nonstop_spec::sanitize_app_name(dir.file_name().and_then(|n| n.to_str()).unwrap_or("app")));
     let procfile = match std::fs::read_to_string(dir.join("Procfile")) {
         Ok(p) => Some(p),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -130,12 +129,11 @@ fn init(force: bool, name: Option<String>) -> anyhow::Result<i32> {
 
 // --------------------------------------------------------------------- up
 
-const BASE_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV"];
+const BASE_ENV: &[&str] =
+    &["PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV"];
 
 fn base_env() -> BTreeMap<String, String> {
-    std::env::vars()
-        .filter(|(k, _)| BASE_ENV.contains(&k.as_str()) || k.starts_with("LC_"))
-        .collect()
+    std::env::vars().filter(|(k, _)| BASE_ENV.contains(&k.as_str()) || k.starts_with("LC_")).collect()
 }
 
 /// Start the daemon in the background unless one answers.
@@ -172,7 +170,11 @@ async fn ensure_daemon(home: &Home) -> anyhow::Result<Client> {
         if let Ok(Some(status)) = child.try_wait() {
             let tail = std::fs::read_to_string(home.daemon_log()).unwrap_or_default();
             let last: Vec<&str> = tail.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-            anyhow::bail!("the nonstop daemon exited at start ({status}):\n  {}\n(see {})", last.join("\n  "), home.daemon_log().display());
+            anyhow::bail!(
+                "the nonstop daemon exited at start ({status}):\n  {}\n(see {})",
+                last.join("\n  "),
+                home.daemon_log().display()
+            );
         }
         if Instant::now() > deadline {
             anyhow::bail!("the nonstop daemon did not answer within 15s; see {}", home.daemon_log().display());
@@ -183,7 +185,10 @@ async fn ensure_daemon(home: &Home) -> anyhow::Result<Client> {
 
 fn print_spec_errors(file: &Path, errors: &nonstop_spec::SpecErrors, json: bool) {
     if json {
-        outln!("{}", serde_json::json!({"type": "error", "exit_code": 2, "message": errors.to_string(), "errors": errors.errors}));
+        outln!(
+            "{}",
+            serde_json::json!({"type": "error", "exit_code": 2, "message": errors.to_string(), "errors": errors.errors})
+        );
     } else {
         eprintln!("{errors}");
         let n = errors.errors.len();
@@ -251,7 +256,10 @@ async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
         Ok(p) => p,
         Err(ClientError::NotRunning { .. }) => {
             if json {
-                outln!("{}", serde_json::json!({"type": "result", "summary": "the daemon was not running", "changed": false}));
+                outln!(
+                    "{}",
+                    serde_json::json!({"type": "result", "summary": "the daemon was not running", "changed": false})
+                );
             } else {
                 outln!("nothing to do: the nonstop daemon is not running");
             }
@@ -339,7 +347,11 @@ async fn run(home: &Home, command: Vec<String>) -> anyhow::Result<i32> {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("error: `{}` was not found (PATH={}); install it or fix the command", command[0], ctx.env.get("PATH").cloned().unwrap_or_default());
+            eprintln!(
+                "error: `{}` was not found (PATH={}); install it or fix the command",
+                command[0],
+                ctx.env.get("PATH").cloned().unwrap_or_default()
+            );
             return Ok(127);
         }
         Err(e) => return Err(e).context(format!("cannot run `{}`", command.join(" "))),
@@ -351,7 +363,13 @@ async fn run(home: &Home, command: Vec<String>) -> anyhow::Result<i32> {
 
 // ------------------------------------------------------------------- logs
 
-async fn logs(home: &Home, process: Option<String>, follow: bool, tail: Option<usize>, json: bool) -> anyhow::Result<i32> {
+async fn logs(
+    home: &Home,
+    process: Option<String>,
+    follow: bool,
+    tail: Option<usize>,
+    json: bool,
+) -> anyhow::Result<i32> {
     let mut path = format!("/v1/logs?follow={follow}");
     if let Some(p) = &process {
         path.push_str(&format!("&process={p}"));
@@ -389,12 +407,20 @@ fn who() -> String {
         .ok()
         .or_else(|| nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name))
         .unwrap_or_else(|| "unknown".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
     format!("{user}@{host}")
 }
 
 /// Run an operation; with `wait`, retry while another one holds the app.
-async fn run_op_waiting<B: serde::Serialize>(c: &Client, path: &str, body: &B, wait: bool, json: bool) -> anyhow::Result<i32> {
+async fn run_op_waiting<B: serde::Serialize>(
+    c: &Client,
+    path: &str,
+    body: &B,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut said = false;
     loop {
@@ -418,7 +444,8 @@ async fn run_op_waiting<B: serde::Serialize>(c: &Client, path: &str, body: &B, w
         let code = run_op(c, path, body, json).await;
         match &code {
             Err(e) if wait => {
-                if let Some(ClientError::Api(ApiError { exit_code: 3, message, .. })) = e.downcast_ref::<ClientError>() {
+                if let Some(ClientError::Api(ApiError { exit_code: 3, message, .. })) = e.downcast_ref::<ClientError>()
+                {
                     if message.contains("in progress") {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         continue;
@@ -459,7 +486,13 @@ fn parse_release(s: &str) -> Option<u64> {
     s.trim().trim_start_matches(['v', 'V']).parse().ok()
 }
 
-async fn rollback(home: &Home, release: Option<String>, run_tasks: bool, wait: bool, json: bool) -> anyhow::Result<i32> {
+async fn rollback(
+    home: &Home,
+    release: Option<String>,
+    run_tasks: bool,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
     let release = match release.as_deref().map(|r| (r, parse_release(r))) {
         None => None,
         Some((_, Some(n))) => Some(n),
@@ -497,20 +530,37 @@ async fn history(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
     let rows: Vec<Vec<String>> = deps
         .iter()
         .map(|d| {
-            let dur = d.finished_at_ms.map(|f| format!("{:.1}s", (f.saturating_sub(d.started_at_ms)) as f64 / 1000.0)).unwrap_or_else(|| "…".into());
+            let dur = d
+                .finished_at_ms
+                .map(|f| format!("{:.1}s", (f.saturating_sub(d.started_at_ms)) as f64 / 1000.0))
+                .unwrap_or_else(|| "…".into());
             vec![
                 format!("#{}", d.id),
                 d.kind.clone(),
-                format!("{} → v{}", d.from_release.map(|f| format!("v{f}")).unwrap_or_else(|| "-".into()), d.to_release),
+                format!(
+                    "{} → v{}",
+                    d.from_release.map(|f| format!("v{f}")).unwrap_or_else(|| "-".into()),
+                    d.to_release
+                ),
                 if d.status == "running" { format!("running ({})", d.phase) } else { d.status.clone() },
                 fmt_time(d.started_at_ms),
                 dur,
                 d.who.clone(),
-                d.reason.clone().or_else(|| d.message.clone()).unwrap_or_default().lines().next().unwrap_or("").to_string(),
+                d.reason
+                    .clone()
+                    .or_else(|| d.message.clone())
+                    .unwrap_or_default()
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
             ]
         })
         .collect();
-    outln!("{}", output::table(&["ID", "KIND", "RELEASE", "STATUS", "STARTED (UTC)", "TOOK", "WHO", "NOTE"], &rows).trim_end());
+    outln!(
+        "{}",
+        output::table(&["ID", "KIND", "RELEASE", "STATUS", "STARTED (UTC)", "TOOK", "WHO", "NOTE"], &rows).trim_end()
+    );
     Ok(0)
 }
 
@@ -533,7 +583,10 @@ async fn releases(home: &Home, json: bool) -> anyhow::Result<i32> {
             ]
         })
         .collect();
-    outln!("{}", output::table(&["RELEASE", "STATUS", "CONTENT", "CREATED (UTC)", "BUILD", "MESSAGE"], &rows).trim_end());
+    outln!(
+        "{}",
+        output::table(&["RELEASE", "STATUS", "CONTENT", "CREATED (UTC)", "BUILD", "MESSAGE"], &rows).trim_end()
+    );
     Ok(0)
 }
 
@@ -549,14 +602,26 @@ async fn upgrade(home: &Home, json: bool) -> anyhow::Result<i32> {
     let after = loop {
         match c.ping().await {
             Ok(p) if u64::from(p.pid) == new_pid => break p,
-            _ if Instant::now() > deadline => anyhow::bail!("the new daemon (pid {new_pid}) did not answer within 60s; see {}", home.daemon_log().display()),
+            _ if Instant::now() > deadline => anyhow::bail!(
+                "the new daemon (pid {new_pid}) did not answer within 60s; see {}",
+                home.daemon_log().display()
+            ),
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
     if json {
-        outln!("{}", serde_json::json!({"old_pid": before.pid, "new_pid": after.pid, "old_version": before.version, "new_version": after.version}));
+        outln!(
+            "{}",
+            serde_json::json!({"old_pid": before.pid, "new_pid": after.pid, "old_version": before.version, "new_version": after.version})
+        );
     } else {
-        outln!("nonstop daemon upgraded: pid {} ({}) → pid {} ({}); the app kept running", before.pid, before.version, after.pid, after.version);
+        outln!(
+            "nonstop daemon upgraded: pid {} ({}) → pid {} ({}); the app kept running",
+            before.pid,
+            before.version,
+            after.pid,
+            after.version
+        );
     }
     Ok(0)
 }

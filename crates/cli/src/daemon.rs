@@ -8,8 +8,8 @@ use anyhow::Context;
 use nonstop_api::server::{self, ApiState, LogSource};
 use nonstop_api::wire::LogEntry;
 use nonstop_core::traffic::RouteKey;
-use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, SystemClock};
 use nonstop_core::ReleaseId;
+use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, SystemClock};
 use nonstop_engine::{BuildOutput, Builder, Engine, EngineConfig, Ingress, IngressError, InstanceLogs};
 use nonstop_proxy::{Proxy, ProxyConfig};
 use nonstop_supervisor::{LocalDriver, LocalDriverConfig, LogQuery};
@@ -48,10 +48,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ProxyIngress {
     /// Duplicates of the listening sockets, for a successor.
     fn handover(&self) -> Vec<std::os::fd::OwnedFd> {
-        [lock(&self.plain).as_ref().and_then(|l| l.fd.try_clone().ok()), lock(&self.tls).as_ref().and_then(|l| l.fd.try_clone().ok())]
-            .into_iter()
-            .flatten()
-            .collect()
+        [
+            lock(&self.plain).as_ref().and_then(|l| l.fd.try_clone().ok()),
+            lock(&self.tls).as_ref().and_then(|l| l.fd.try_clone().ok()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// Stop accepting; in-flight requests finish.
@@ -70,7 +73,9 @@ impl ProxyIngress {
                 addr.to_string(),
                 match e.kind() {
                     std::io::ErrorKind::AddrInUse => "the address is already in use by another program".to_string(),
-                    std::io::ErrorKind::PermissionDenied => "permission denied (ports below 1024 need privileges)".to_string(),
+                    std::io::ErrorKind::PermissionDenied => {
+                        "permission denied (ports below 1024 need privileges)".to_string()
+                    }
                     _ => e.to_string(),
                 },
             )
@@ -83,7 +88,9 @@ impl ProxyIngress {
                 tokio::net::TcpListener::from_std(l).map_err(err)?
             }
             None => {
-                let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.map_err(err)?;
+                let socket =
+                    if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+                        .map_err(err)?;
                 socket.set_reuseaddr(true).map_err(err)?;
                 socket.bind(addr).map_err(err)?;
                 socket.listen(1024).map_err(err)?
@@ -171,7 +178,13 @@ struct DriverLogs {
 }
 
 fn to_entry(l: nonstop_supervisor::LogLine) -> LogEntry {
-    LogEntry { ts: l.ts, instance: l.instance, generation: l.generation, stream: l.stream.as_str().to_string(), text: l.text }
+    LogEntry {
+        ts: l.ts,
+        instance: l.instance,
+        generation: l.generation,
+        stream: l.stream.as_str().to_string(),
+        text: l.text,
+    }
 }
 
 fn query(app: &str, env: &str, process: Option<&str>, tail: usize) -> Result<LogQuery, String> {
@@ -217,8 +230,12 @@ impl LogSource for DriverLogs {
 impl InstanceLogs for DriverLogs {
     fn tail(&self, app: &AppName, env: &EnvironmentId, instance: &InstanceId, lines: usize) -> Vec<String> {
         let path = self.driver.instance_log_path(app, env, instance);
-        nonstop_supervisor::logs::last_texts(&path, lines, &[nonstop_supervisor::Stream::Out, nonstop_supervisor::Stream::Err])
-            .unwrap_or_default()
+        nonstop_supervisor::logs::last_texts(
+            &path,
+            lines,
+            &[nonstop_supervisor::Stream::Out, nonstop_supervisor::Stream::Err],
+        )
+        .unwrap_or_default()
     }
 }
 
@@ -229,7 +246,8 @@ struct ReleasePort {
 
 impl ReleasePort {
     fn builder(&self, app: &AppName) -> nonstop_release::ReleaseBuilder {
-        nonstop_release::ReleaseBuilder::new(self.home.join("releases").join(app.as_str())).with_excluded(self.home.clone())
+        nonstop_release::ReleaseBuilder::new(self.home.join("releases").join(app.as_str()))
+            .with_excluded(self.home.clone())
     }
 }
 
@@ -358,7 +376,10 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
     };
     if successor {
         crate::upgrade::announce_ready(&home)?;
-        tracing::info!("taking over from the previous daemon ({} socket(s) inherited)", inherited.proxy.len() + usize::from(inherited.api.is_some()));
+        tracing::info!(
+            "taking over from the previous daemon ({} socket(s) inherited)",
+            inherited.proxy.len() + usize::from(inherited.api.is_some())
+        );
     }
     // One daemon per home: an exclusive lock held for our whole life (or
     // until we hand over to a successor).
@@ -399,7 +420,13 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
 
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<server::UpgradeRequest>(4);
     let engine_for_upgrade = engine.clone();
-    let state = ApiState { engine, logs: logs.clone(), shutdown: shutdown.clone(), home: home.dir.clone(), upgrade: Some(upgrade_tx.clone()) };
+    let state = ApiState {
+        engine,
+        logs: logs.clone(),
+        shutdown: shutdown.clone(),
+        home: home.dir.clone(),
+        upgrade: Some(upgrade_tx.clone()),
+    };
 
     // The unix socket, private to the user (or the one we inherited).
     let socket = home.socket();
@@ -410,7 +437,8 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
         }
         None => {
             let _ = std::fs::remove_file(&socket); // stale, since we hold the lock
-            let l = tokio::net::UnixListener::bind(&socket).with_context(|| format!("cannot bind {}", socket.display()))?;
+            let l =
+                tokio::net::UnixListener::bind(&socket).with_context(|| format!("cannot bind {}", socket.display()))?;
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
             l
@@ -435,7 +463,9 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
                 l.set_nonblocking(true)?;
                 tokio::net::TcpListener::from_std(l)?
             }
-            None => tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen for the API on {addr}"))?,
+            None => tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for the API on {addr}"))?,
         };
         api_tcp_fd = {
             use std::os::fd::AsFd;

@@ -78,15 +78,23 @@ pub fn status_text(s: &StatusReport) -> String {
             w.instance.clone(),
             "-".into(),
             "-".into(),
-            if w.state == "crash-loop" { "crash-loop".into() } else { format!("restart in {}", fmt_uptime(w.retry_in_ms.max(1000))) },
+            if w.state == "crash-loop" {
+                "crash-loop".into()
+            } else {
+                format!("restart in {}", fmt_uptime(w.retry_in_ms.max(1000)))
+            },
             "-".into(),
             "-".into(),
             w.restarts.to_string(),
             w.last_exit.clone().unwrap_or_default(),
         ]);
     }
-    out.push_str(&table(&["PROCESS", "INSTANCE", "PID", "PORT", "STATE", "HEALTH", "RELEASE", "RESTARTS", "UPTIME"], &rows));
-    let summary: Vec<String> = s.processes.iter().map(|p| format!("{} {}/{} ({})", p.process, p.ready, p.desired, p.kind)).collect();
+    out.push_str(&table(
+        &["PROCESS", "INSTANCE", "PID", "PORT", "STATE", "HEALTH", "RELEASE", "RESTARTS", "UPTIME"],
+        &rows,
+    ));
+    let summary: Vec<String> =
+        s.processes.iter().map(|p| format!("{} {}/{} ({})", p.process, p.ready, p.desired, p.kind)).collect();
     out.push_str(&format!("\n{}\n", summary.join("   ")));
     out
 }
@@ -100,7 +108,10 @@ impl ProgressView {
     pub fn new() -> Self {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new_spinner();
-            bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
             bar.enable_steady_tick(Duration::from_millis(100));
             Self { bar: Some(bar) }
         } else {
@@ -117,7 +128,9 @@ impl ProgressView {
                     status.push_str(" · ");
                 }
                 match (p.new, p.old) {
-                    (Some(new), Some(old)) => status.push_str(&format!("new {new} ({} healthy of {}) · old {old} · ", p.ready, p.desired)),
+                    (Some(new), Some(old)) => {
+                        status.push_str(&format!("new {new} ({} healthy of {}) · old {old} · ", p.ready, p.desired))
+                    }
                     _ if p.desired > 0 => status.push_str(&format!("{}/{} ready · ", p.ready, p.desired)),
                     _ => {}
                 }

@@ -40,7 +40,8 @@ pub fn take_inherited() -> Inherited {
     if std::env::var_os("LISTEN_FDS").is_none() {
         return out;
     }
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES").unwrap_or_default().split(':').map(str::to_string).collect();
+    let names: Vec<String> =
+        std::env::var("LISTEN_FDNAMES").unwrap_or_default().split(':').map(str::to_string).collect();
     let mut fds = listenfd::ListenFd::from_env();
     for i in 0..fds.len() {
         let name = names.get(i).map(String::as_str).unwrap_or("proxy");
@@ -85,7 +86,12 @@ pub fn announce_ready(home: &Home) -> std::io::Result<()> {
 /// Predecessor side: start `exe daemon` with `sockets` and wait until it
 /// has taken them. Returns its pid. On failure nothing changed: the caller
 /// keeps serving.
-pub fn spawn_successor(exe: &Path, home: &Home, api_listen: Option<SocketAddr>, sockets: Vec<(&'static str, OwnedFd)>) -> Result<u32, String> {
+pub fn spawn_successor(
+    exe: &Path,
+    home: &Home,
+    api_listen: Option<SocketAddr>,
+    sockets: Vec<(&'static str, OwnedFd)>,
+) -> Result<u32, String> {
     let _ = std::fs::remove_file(ready_file(home));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -94,8 +100,11 @@ pub fn spawn_successor(exe: &Path, home: &Home, api_listen: Option<SocketAddr>, 
         .map_err(|e| format!("cannot open {}: {e}", home.daemon_log().display()))?;
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     let names: Vec<&str> = sockets.iter().map(|(n, _)| *n).collect();
-    let mappings: Vec<FdMapping> =
-        sockets.into_iter().enumerate().map(|(i, (_, fd))| FdMapping { parent_fd: fd, child_fd: 3 + i as i32 }).collect();
+    let mappings: Vec<FdMapping> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, fd))| FdMapping { parent_fd: fd, child_fd: 3 + i as i32 })
+        .collect();
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("daemon")
         .env("NONSTOP_HOME", home.path())
@@ -144,7 +153,8 @@ pub fn sd_notify(message: &str) {
     let path = path.to_string_lossy().into_owned();
     let r = if let Some(name) = path.strip_prefix('@') {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).and_then(|a| sock.send_to_addr(message.as_bytes(), &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| sock.send_to_addr(message.as_bytes(), &a))
     } else {
         sock.send_to(message.as_bytes(), &path)
     };

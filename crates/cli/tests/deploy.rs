@@ -20,7 +20,10 @@ fn deployable() -> TestApp {
             "app = \"hello\"\nbuild = [\"echo built-$NONSTOP_RELEASE > build-marker.txt\"]\n\n[release]\ntasks = [\"echo migrated $NONSTOP_RELEASE >> {dir}/migrations.log\"]\nretain_releases = 2"
         ),
     );
-    let spec = spec.replace("GREETING = \"hello\"", &format!("GREETING = \"hello\"\nBEAT_LOCK = \"{dir}/beat.lock\"\nAPP_VERSION = \"1\""));
+    let spec = spec.replace(
+        "GREETING = \"hello\"",
+        &format!("GREETING = \"hello\"\nBEAT_LOCK = \"{dir}/beat.lock\"\nAPP_VERSION = \"1\""),
+    );
     app.write_spec(&spec);
     // What the app and the release task write there is not part of a release.
     let gi = app.dir.path().join(".gitignore");
@@ -103,7 +106,9 @@ fn a_failing_release_task_changes_nothing_and_shows_its_output() {
     let app = deployable();
     app.run(&["deploy"]).ok();
     let before = instances(&app);
-    app.write_spec(&app.spec().replace("tasks = [\"echo migrated", "tasks = [\"echo boom-output; exit 3\", \"echo migrated"));
+    app.write_spec(
+        &app.spec().replace("tasks = [\"echo migrated", "tasks = [\"echo boom-output; exit 3\", \"echo migrated"),
+    );
     set_version(&app, "2");
     let r = app.run(&["deploy"]);
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
@@ -193,7 +198,12 @@ fn a_daemon_killed_mid_deploy_rolls_back_on_restart_and_leaves_nothing_behind() 
         app.status()["operation"].as_str().is_some_and(|o| o.contains("rolling web"))
             && instances(&app).iter().any(|i| i["release"] == 2 && i["pid"].is_number())
     });
-    let v2: Vec<i32> = instances(&app).iter().filter(|i| i["release"] == 2).filter_map(|i| i["pid"].as_i64()).map(|p| p as i32).collect();
+    let v2: Vec<i32> = instances(&app)
+        .iter()
+        .filter(|i| i["release"] == 2)
+        .filter_map(|i| i["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect();
     let daemon = app.daemon_pid().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
     let out = wait_output(deploy, T, "the interrupted deploy");
@@ -237,13 +247,16 @@ fn bad_deploys_are_refused_before_anything_is_built() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("exit code 4"), "{}", r.stderr);
     assert!(r.stderr.contains("compiling"), "{}", r.stderr);
-    let entries: Vec<String> = std::fs::read_dir(&releases).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let entries: Vec<String> =
+        std::fs::read_dir(&releases).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(entries, ["v1"], "only v1 may be on disk");
     assert!(instances(&app).iter().all(|i| i["release"] == 1));
     // A concurrent deploy is refused with who and since when; --wait waits.
     app.write_spec(&good.replace("APP_VERSION = \"1\"", "APP_VERSION = \"2\"\nBOOT_DELAY = \"1\""));
     let first = app.cmd(&["deploy"]).spawn().unwrap();
-    wait_until(T, "the first deploy to run", || app.status()["operation"].as_str().is_some_and(|o| o.starts_with("deploy")));
+    wait_until(T, "the first deploy to run", || {
+        app.status()["operation"].as_str().is_some_and(|o| o.starts_with("deploy"))
+    });
     let second = app.run(&["deploy"]);
     assert_eq!(second.code, 3, "{}\n{}", second.stdout, second.stderr);
     assert!(second.stderr.contains("another operation (deploy by "), "{}", second.stderr);
@@ -261,12 +274,17 @@ fn bad_deploys_are_refused_before_anything_is_built() {
 fn post_tasks_run_after_the_rollout_and_their_failure_is_reported_with_the_release_live() {
     let app = deployable();
     let dir = app.dir.path().display().to_string();
-    app.write_spec(&app.spec().replace("retain_releases = 2", &format!("retain_releases = 2\npost_tasks = [\"echo warmed $NONSTOP_RELEASE >> {dir}/post.log\"]")));
+    app.write_spec(&app.spec().replace(
+        "retain_releases = 2",
+        &format!("retain_releases = 2\npost_tasks = [\"echo warmed $NONSTOP_RELEASE >> {dir}/post.log\"]"),
+    ));
     let gi = app.dir.path().join(".gitignore");
     std::fs::write(&gi, std::fs::read_to_string(&gi).unwrap() + "post.log\n").unwrap();
     app.run(&["deploy"]).ok();
     assert_eq!(std::fs::read_to_string(app.dir.path().join("post.log")).unwrap().trim(), "warmed v1");
-    app.write_spec(&app.spec().replace("post_tasks = [\"echo warmed", "post_tasks = [\"echo cache-down; exit 5\", \"echo warmed"));
+    app.write_spec(
+        &app.spec().replace("post_tasks = [\"echo warmed", "post_tasks = [\"echo cache-down; exit 5\", \"echo warmed"),
+    );
     set_version(&app, "2");
     let r = app.run(&["deploy"]);
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);

@@ -24,12 +24,18 @@ fn readme_opens_with_the_demo_and_test_commands_and_ci_runs_the_latter() {
 
 #[test]
 fn readme_states_the_defaults_the_code_uses() {
-    assert!(readme().contains(nonstop_spec::defaults_doc()), "README's defaults table is out of date: paste nonstop_spec::DEFAULTS_DOC");
+    assert!(
+        readme().contains(nonstop_spec::defaults_doc()),
+        "README's defaults table is out of date: paste nonstop_spec::DEFAULTS_DOC"
+    );
 }
 
 #[test]
 fn readme_states_the_proxy_defaults_the_code_uses() {
-    assert!(readme().contains(nonstop_spec::proxy_defaults_doc()), "README's proxy defaults table is out of date: paste nonstop_spec::PROXY_DEFAULTS_DOC");
+    assert!(
+        readme().contains(nonstop_spec::proxy_defaults_doc()),
+        "README's proxy defaults table is out of date: paste nonstop_spec::PROXY_DEFAULTS_DOC"
+    );
 }
 
 #[test]

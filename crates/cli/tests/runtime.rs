@@ -99,7 +99,8 @@ fn up_serves_scale_up_and_down_and_down_leaves_no_process() {
     assert_eq!(app.pids("worker").len(), 2);
 
     // Every instance's process group, the monitors and the daemon: gone after down.
-    let groups: Vec<i32> = app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].as_i64().unwrap() as i32).collect();
+    let groups: Vec<i32> =
+        app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].as_i64().unwrap() as i32).collect();
     let daemon = app.daemon_pid().expect("daemon pid");
     app.run(&["down"]).ok();
     for g in &groups {
@@ -127,10 +128,22 @@ fn a_killed_web_instance_loses_no_request_and_is_replaced() {
         !now.contains(&victim) && now.len() == 3 && web_running_healthy(&app, 3)
     });
     let (ok, failures) = load.finish();
-    assert!(failures.is_empty(), "{} failed requests of {}: {:?}", failures.len(), ok + failures.len() as u64, &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed requests of {}: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
     assert!(ok > 50, "only {ok} requests ran");
     let s = app.status();
-    let restarts: u64 = s["instances"].as_array().unwrap().iter().filter(|i| i["process"] == "web").map(|i| i["restarts"].as_u64().unwrap()).sum();
+    let restarts: u64 = s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["process"] == "web")
+        .map(|i| i["restarts"].as_u64().unwrap())
+        .sum();
     assert_eq!(restarts, 1, "{s:#}");
 }
 
@@ -297,7 +310,8 @@ fn a_second_up_changes_nothing_and_a_concurrent_one_is_refused() {
     assert_eq!(app.pids("web"), pids);
 
     // A slow-booting replacement keeps `restart` busy; an `up` meanwhile is refused.
-    std::fs::write(app.dir.path().join("nonstop.toml"), app.spec() + "\n[processes.web.env]\nBOOT_DELAY = \"2\"\n").unwrap();
+    std::fs::write(app.dir.path().join("nonstop.toml"), app.spec() + "\n[processes.web.env]\nBOOT_DELAY = \"2\"\n")
+        .unwrap();
     let first = app.cmd(&["up"]).spawn().unwrap();
     wait_until(T, "the first up to be in progress", || app.status()["operation"] == "up");
     let second = app.run(&["up"]);
@@ -396,7 +410,8 @@ fn completions_are_generated() {
 fn the_daemon_upgrades_in_place_under_load_without_a_failed_request() {
     let app = TestApp::hello();
     app.up().ok();
-    let instances_before = app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].clone()).collect::<Vec<_>>();
+    let instances_before =
+        app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].clone()).collect::<Vec<_>>();
     let load = Load::start(app.proxy(), "/", 6);
     wait_until(T, "traffic", || app.get("/").is_ok());
     let mut pids = vec![app.daemon_pid().unwrap()];
@@ -410,13 +425,16 @@ fn the_daemon_upgrades_in_place_under_load_without_a_failed_request() {
     // The same through the documented signal.
     let before_signal = *pids.last().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(before_signal), nix::sys::signal::Signal::SIGUSR2).unwrap();
-    wait_until(T, "the SIGUSR2 upgrade", || app.daemon_pid().is_some_and(|p| p != before_signal) && app.run(&["status"]).code == 0);
+    wait_until(T, "the SIGUSR2 upgrade", || {
+        app.daemon_pid().is_some_and(|p| p != before_signal) && app.run(&["status"]).code == 0
+    });
     wait_until(T, "the old daemons to exit", || pids.iter().all(|p| !pid_alive(*p)));
     let (ok, failures) = load.finish();
     assert!(failures.is_empty(), "{} failed of {}: {:?}", failures.len(), ok, &failures[..failures.len().min(5)]);
     assert!(ok > 50, "only {ok} requests");
     // The app never restarted.
-    let instances_after = app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].clone()).collect::<Vec<_>>();
+    let instances_after =
+        app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].clone()).collect::<Vec<_>>();
     assert_eq!(instances_before, instances_after);
     // Still supervised by the new daemon.
     let web = app.pids("web")[0];
@@ -437,14 +455,25 @@ fn the_systemd_protocol_ready_and_reload_to_a_new_main_pid() {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     // As systemd runs it: `nonstop daemon` in the foreground, NOTIFY_SOCKET set.
-    let mut daemon = app.cmd(&["daemon"]).env("NOTIFY_SOCKET", &notify_path).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut daemon = app
+        .cmd(&["daemon"])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let first = recv();
     assert!(first.contains("READY=1"), "{first}");
     assert!(first.contains(&format!("MAINPID={}", daemon.id())), "{first}");
     app.up().ok();
     // ExecReload: kill -USR2 $MAINPID → a new main pid, announced.
     let unit = std::fs::read_to_string(repo_root().join("contrib/systemd/nonstop.service")).unwrap();
-    assert!(unit.contains("ExecReload=/bin/kill -USR2 $MAINPID") && unit.contains("Type=notify") && unit.contains("NotifyAccess=all") && unit.contains("KillMode=process"));
+    assert!(
+        unit.contains("ExecReload=/bin/kill -USR2 $MAINPID")
+            && unit.contains("Type=notify")
+            && unit.contains("NotifyAccess=all")
+            && unit.contains("KillMode=process")
+    );
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGUSR2).unwrap();
     let second = recv();
     let new_pid: i32 = second.lines().find_map(|l| l.strip_prefix("MAINPID=")).unwrap().parse().unwrap();
@@ -468,7 +497,10 @@ fn write_cert(dir: &std::path::Path, name: &str, host: &str) -> (std::path::Path
 
 fn curl(args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]
@@ -488,10 +520,28 @@ fn tls_is_terminated_by_sni_plain_http_is_redirected_and_bad_files_are_refused()
     assert_eq!(code, 0, "{out}");
     assert!(out.to_ascii_lowercase().contains("x-forwarded-proto: https"), "{out}");
     // HTTP/2 over TLS.
-    let (code, out) = curl(&["-k", "--http2", "-o", "/dev/null", "-w", "%{http_version}", "--resolve", &resolve, &format!("https://site.test:{https}/")]);
+    let (code, out) = curl(&[
+        "-k",
+        "--http2",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version}",
+        "--resolve",
+        &resolve,
+        &format!("https://site.test:{https}/"),
+    ]);
     assert_eq!((code, out.trim()), (0, "2"), "{out}");
     // Plain HTTP for a TLS host is redirected.
-    let (_, out) = curl(&["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "-H", "Host: site.test", &format!("http://{}/x?y=1", app.proxy())]);
+    let (_, out) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        "-H",
+        "Host: site.test",
+        &format!("http://{}/x?y=1", app.proxy()),
+    ]);
     assert!(out.starts_with("308 https://site.test"), "{out}");
     assert!(out.contains("/x?y=1"), "{out}");
     // A broken certificate file: the deploy-time check refuses it, nothing changes.

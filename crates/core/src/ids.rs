@@ -13,16 +13,13 @@ pub struct NameError {
     pub rule: &'static str,
 }
 
-const NAME_RULE: &str =
-    "use 1 to 63 characters: lowercase letters, digits, '-' and '_', starting with a letter";
+const NAME_RULE: &str = "use 1 to 63 characters: lowercase letters, digits, '-' and '_', starting with a letter";
 
 fn check_name(what: &'static str, value: &str) -> Result<(), NameError> {
     let ok = !value.is_empty()
         && value.len() <= 63
         && value.as_bytes()[0].is_ascii_lowercase()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {

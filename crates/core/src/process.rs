@@ -53,16 +53,8 @@ pub enum Signal {
 }
 
 impl Signal {
-    pub const ALL: [Signal; 8] = [
-        Signal::Term,
-        Signal::Int,
-        Signal::Quit,
-        Signal::Hup,
-        Signal::Usr1,
-        Signal::Usr2,
-        Signal::Winch,
-        Signal::Kill,
-    ];
+    pub const ALL: [Signal; 8] =
+        [Signal::Term, Signal::Int, Signal::Quit, Signal::Hup, Signal::Usr1, Signal::Usr2, Signal::Winch, Signal::Kill];
     pub fn name(self) -> &'static str {
         match self {
             Signal::Term => "SIGTERM",
@@ -152,11 +144,7 @@ impl Quantity {
             Quantity::Count(n) => n,
             Quantity::Percent(p) => {
                 let scaled = u64::from(of) * u64::from(p);
-                let v = if round_up {
-                    scaled.div_ceil(100)
-                } else {
-                    scaled / 100
-                };
+                let v = if round_up { scaled.div_ceil(100) } else { scaled / 100 };
                 u32::try_from(v).unwrap_or(u32::MAX)
             }
         }
@@ -236,32 +224,16 @@ pub struct ProxySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
     /// Time a client has to send a request head.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "option_duration_ms"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "option_duration_ms")]
     pub header_timeout: Option<Duration>,
     /// Time a keep-alive connection may stay idle between requests.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "option_duration_ms"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "option_duration_ms")]
     pub idle_timeout: Option<Duration>,
     /// Time an instance has to send its response head (then 504).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "option_duration_ms"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "option_duration_ms")]
     pub upstream_timeout: Option<Duration>,
     /// Longest wait for the next piece of a request body (then 408).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "option_duration_ms"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "option_duration_ms")]
     pub body_timeout: Option<Duration>,
     /// `[[proxy.tls]]`: certificates, one per set of hosts (chosen by SNI;
     /// the first is the default for clients that send no SNI).
@@ -387,19 +359,13 @@ mod tests {
     fn proxy_specs_stored_before_the_hardening_settings_read_back() {
         let old: ProxySpec = serde_json::from_str(r#"{"listen":"127.0.0.1:8080"}"#).unwrap();
         assert_eq!(old, ProxySpec::new("127.0.0.1:8080".parse().unwrap()));
-        assert_eq!(
-            serde_json::to_string(&old).unwrap(),
-            r#"{"listen":"127.0.0.1:8080"}"#
-        );
+        assert_eq!(serde_json::to_string(&old).unwrap(), r#"{"listen":"127.0.0.1:8080"}"#);
         let mut full = old.clone();
         full.https_listen = Some("127.0.0.1:8443".parse().unwrap());
         full.body_timeout = Some(Duration::from_millis(1500));
         full.max_body_bytes = Some(0);
-        full.tls = vec![TlsSpec {
-            hosts: vec!["example.test".into()],
-            cert: "/etc/c.pem".into(),
-            key: "/etc/k.pem".into(),
-        }];
+        full.tls =
+            vec![TlsSpec { hosts: vec!["example.test".into()], cert: "/etc/c.pem".into(), key: "/etc/k.pem".into() }];
         let json = serde_json::to_string(&full).unwrap();
         assert!(json.contains(r#""body_timeout":1500"#), "{json}");
         assert_eq!(serde_json::from_str::<ProxySpec>(&json).unwrap(), full);

@@ -138,13 +138,37 @@ pub type ProgressTx = mpsc::UnboundedSender<Progress>;
 
 /// Requests to the engine: a closed set.
 pub enum Command {
-    Up { spec: Box<AppSpec>, workdir: PathBuf, base_env: BTreeMap<String, String>, progress: ProgressTx, reply: Reply<OpReport> },
-    Down { progress: ProgressTx, reply: Reply<OpReport> },
-    Scale { counts: BTreeMap<ProcessName, u32>, progress: ProgressTx, reply: Reply<OpReport> },
-    Restart { process: Option<ProcessName>, progress: ProgressTx, reply: Reply<OpReport> },
-    Status { reply: Reply<StatusReport> },
-    RunContext { reply: Reply<RunContext> },
-    Events { limit: usize, reply: Reply<Vec<EventEntry>> },
+    Up {
+        spec: Box<AppSpec>,
+        workdir: PathBuf,
+        base_env: BTreeMap<String, String>,
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
+    },
+    Down {
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
+    },
+    Scale {
+        counts: BTreeMap<ProcessName, u32>,
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
+    },
+    Restart {
+        process: Option<ProcessName>,
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
+    },
+    Status {
+        reply: Reply<StatusReport>,
+    },
+    RunContext {
+        reply: Reply<RunContext>,
+    },
+    Events {
+        limit: usize,
+        reply: Reply<Vec<EventEntry>>,
+    },
     Deploy {
         spec: Box<AppSpec>,
         source: PathBuf,
@@ -154,21 +178,50 @@ pub enum Command {
         progress: ProgressTx,
         reply: Reply<OpReport>,
     },
-    Rollback { release: Option<ReleaseId>, run_tasks: bool, who: String, progress: ProgressTx, reply: Reply<OpReport> },
-    Releases { reply: Reply<Vec<ReleaseInfo>> },
-    History { limit: usize, reply: Reply<Vec<DeploymentInfo>> },
+    Rollback {
+        release: Option<ReleaseId>,
+        run_tasks: bool,
+        who: String,
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
+    },
+    Releases {
+        reply: Reply<Vec<ReleaseInfo>>,
+    },
+    History {
+        limit: usize,
+        reply: Reply<Vec<DeploymentInfo>>,
+    },
 }
 
 /// Results of the engine's own background tasks.
 pub(crate) enum Internal {
-    Started { id: InstanceId, result: Result<InstanceHandle, String> },
-    Exited { id: InstanceId, status: ExitStatus },
-    Stopped { id: InstanceId, outcome: Result<StopOutcome, String> },
+    Started {
+        id: InstanceId,
+        result: Result<InstanceHandle, String>,
+    },
+    Exited {
+        id: InstanceId,
+        status: ExitStatus,
+    },
+    Stopped {
+        id: InstanceId,
+        outcome: Result<StopOutcome, String>,
+    },
     /// The main process ended; the rest of the instance may still be
     /// finishing (its exit comes as `Exited`).
-    MainExited { id: InstanceId },
-    Built { deployment: i64, result: Result<BuildOutput, String> },
-    TasksDone { deployment: i64, post: bool, result: Result<(), String> },
+    MainExited {
+        id: InstanceId,
+    },
+    Built {
+        deployment: i64,
+        result: Result<BuildOutput, String>,
+    },
+    TasksDone {
+        deployment: i64,
+        post: bool,
+        result: Result<(), String>,
+    },
 }
 
 /// Talks to the engine. Cheap to clone.
@@ -195,7 +248,11 @@ impl EngineHandle {
     pub async fn down(&self, progress: ProgressTx) -> Result<OpReport, EngineError> {
         self.ask(|reply| Command::Down { progress, reply }).await
     }
-    pub async fn scale(&self, counts: BTreeMap<ProcessName, u32>, progress: ProgressTx) -> Result<OpReport, EngineError> {
+    pub async fn scale(
+        &self,
+        counts: BTreeMap<ProcessName, u32>,
+        progress: ProgressTx,
+    ) -> Result<OpReport, EngineError> {
         self.ask(|reply| Command::Scale { counts, progress, reply }).await
     }
     pub async fn restart(&self, process: Option<ProcessName>, progress: ProgressTx) -> Result<OpReport, EngineError> {
@@ -220,7 +277,8 @@ impl EngineHandle {
         who: String,
         progress: ProgressTx,
     ) -> Result<OpReport, EngineError> {
-        self.ask(|reply| Command::Deploy { spec: Box::new(spec), source, base_env, message, who, progress, reply }).await
+        self.ask(|reply| Command::Deploy { spec: Box::new(spec), source, base_env, message, who, progress, reply })
+            .await
     }
     pub async fn rollback(
         &self,
@@ -473,8 +531,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         // Deployments of apps that do not run (a first deploy interrupted
         // while building): nothing was started, end them as failed.
         let running_app = records.iter().find(|r| r.environment == self.env && r.running).map(|r| r.app.clone());
-        let idle: Vec<AppName> =
-            self.store.apps_with_running_deployments(&self.env)?.into_iter().filter(|a| Some(a) != running_app.as_ref()).collect();
+        let idle: Vec<AppName> = self
+            .store
+            .apps_with_running_deployments(&self.env)?
+            .into_iter()
+            .filter(|a| Some(a) != running_app.as_ref())
+            .collect();
         for app in idle {
             self.fail_stale_deployment(&app)?;
         }
@@ -512,7 +574,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     // driver kills what is left (and does nothing if nothing is).
                     let driver = self.driver.clone();
                     self.tasks.spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(30), driver.stop(&h, nonstop_core::Signal::Kill, Duration::from_secs(5))).await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(30),
+                            driver.stop(&h, nonstop_core::Signal::Kill, Duration::from_secs(5)),
+                        )
+                        .await;
                     });
                 }
                 self.store.delete_instance(&rt.record.app, &self.env, &rec.id)?;
@@ -565,7 +631,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 continue;
             }
             tracing::warn!("stopping {}: it runs, but no record of it survived the daemon's restart", orphan.instance);
-            self.event(&rt.record.app, "orphan", Some(&orphan.instance), "stopped: started by a daemon that died before recording it");
+            self.event(
+                &rt.record.app,
+                "orphan",
+                Some(&orphan.instance),
+                "stopped: started by a daemon that died before recording it",
+            );
             let kind = rt.record.spec.process(&orphan.instance.process).map(|s| s.kind).unwrap_or(ProcessKind::Worker);
             self.watch_exit(orphan.clone());
             rt.instances.insert(
@@ -585,7 +656,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             );
         }
         tracing::info!("restored app {} with {adopted} running instance(s)", rt.record.app);
-        self.event(&rt.record.app, "daemon", None, &format!("daemon started; re-adopted {adopted} running instance(s)"));
+        self.event(
+            &rt.record.app,
+            "daemon",
+            None,
+            &format!("daemon started; re-adopted {adopted} running instance(s)"),
+        );
         // Finish stops that were under way.
         let stopping: Vec<InstanceId> =
             rt.instances.values().filter(|i| i.phase == InstPhase::Stopping).map(|i| i.id.clone()).collect();
@@ -613,7 +689,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     Some(rt) => self.store.events(&rt.record.app, &self.env, limit).map_err(Into::into).map(|evs| {
                         evs.into_iter()
                             .map(|e| EventEntry {
-                                at_ms: e.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
+                                at_ms: e.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis()
+                                    as u64,
                                 kind: e.kind,
                                 instance: e.instance,
                                 message: e.message,
@@ -652,7 +729,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     return;
                 }
                 match self.up(*spec, workdir, base_env) {
-                    Ok((summary, changed, queue)) => self.begin_op("up", progress, reply, summary, changed, queue, false),
+                    Ok((summary, changed, queue)) => {
+                        self.begin_op("up", progress, reply, summary, changed, queue, false)
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -676,7 +755,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     return;
                 }
                 match self.scale(counts) {
-                    Ok((summary, changed)) => self.begin_op("scale", progress, reply, summary, changed, VecDeque::new(), false),
+                    Ok((summary, changed)) => {
+                        self.begin_op("scale", progress, reply, summary, changed, VecDeque::new(), false)
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -745,7 +826,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     ) -> Result<(String, bool, VecDeque<ProcessName>), EngineError> {
         if let Some(rt) = &self.app {
             if rt.record.app != spec.app && rt.record.running {
-                return Err(EngineError::OtherApp { running: rt.record.app.to_string(), requested: spec.app.to_string() });
+                return Err(EngineError::OtherApp {
+                    running: rt.record.app.to_string(),
+                    requested: spec.app.to_string(),
+                });
             }
         }
         // An app that runs deployed releases is changed by `deploy`, not `up`.
@@ -929,7 +1013,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Internal::MainExited { id } => {
                 // Out of rotation now: what is left of it finishes its
                 // requests, no new one is sent to it.
-                let web = self.app.as_ref().and_then(|rt| rt.instances.get(&id)).is_some_and(|i| i.kind == ProcessKind::Web);
+                let web =
+                    self.app.as_ref().and_then(|rt| rt.instances.get(&id)).is_some_and(|i| i.kind == ProcessKind::Web);
                 if web {
                     drop(self.traffic.drain(&id, Duration::ZERO));
                 }
@@ -1063,7 +1148,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let ids: Vec<InstanceId> = rt.instances.keys().cloned().collect();
         for id in ids {
             if let Some(st) = self.traffic.status(&id) {
-                self.on_health(HealthEvent { instance: id, health: st.health, detail: st.last_checks.last().cloned().unwrap_or_default() });
+                self.on_health(HealthEvent {
+                    instance: id,
+                    health: st.health,
+                    detail: st.last_checks.last().cloned().unwrap_or_default(),
+                });
             }
         }
     }
@@ -1305,7 +1394,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let mut new: BTreeMap<u32, InstanceId> = BTreeMap::new();
         let mut old = old;
         if !replace_all {
-            for i in rt.instances.values().filter(|i| &i.id.process == process && i.release == ctx.id && i.phase != InstPhase::Stopping) {
+            for i in rt
+                .instances
+                .values()
+                .filter(|i| &i.id.process == process && i.release == ctx.id && i.phase != InstPhase::Stopping)
+            {
                 if i.id.slot <= params.desired && new.get(&i.id.slot).is_none_or(|n| n.generation < i.id.generation) {
                     if let Some(prev) = new.insert(i.id.slot, i.id.clone()) {
                         old.insert(prev);
@@ -1325,7 +1418,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     fn advance_rollout(&mut self, now: Instant) -> Option<RolloutResult> {
         let rt = self.app.as_mut()?;
         let ro = rt.rollout.as_ref()?;
-        let health_timeout = rt.process_spec(&ro.process).map(|s| s.rollout.health_timeout).unwrap_or(Duration::from_secs(60));
+        let health_timeout =
+            rt.process_spec(&ro.process).map(|s| s.rollout.health_timeout).unwrap_or(Duration::from_secs(60));
         // Describe every slot.
         let mut slot_numbers: BTreeSet<u32> = (1..=ro.params.desired).collect();
         slot_numbers.extend(ro.old.iter().filter(|i| rt.instances.contains_key(i)).map(|i| i.slot));
@@ -1334,10 +1428,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let slots: Vec<RolloutSlot> = slot_numbers
             .iter()
             .map(|&slot| {
-                let old = ro.old.iter().filter(|i| i.slot == slot).find_map(|i| rt.instances.get(i)).map(|inst| match inst.phase {
-                    InstPhase::Stopping => OldPhase::Stopping,
-                    InstPhase::Ready => OldPhase::Ready,
-                    _ => OldPhase::NotReady,
+                let old = ro.old.iter().filter(|i| i.slot == slot).find_map(|i| rt.instances.get(i)).map(|inst| {
+                    match inst.phase {
+                        InstPhase::Stopping => OldPhase::Stopping,
+                        InstPhase::Ready => OldPhase::Ready,
+                        _ => OldPhase::NotReady,
+                    }
                 });
                 let new = ro.new.get(&slot).map(|id| match rt.instances.get(id) {
                     None => NewPhase::Failed,
@@ -1349,7 +1445,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                                 .status(id)
                                 .map(|st| st.last_checks.into_iter().collect())
                                 .unwrap_or_else(|| inst.last_checks.clone());
-                            failure = Some(format!("new instance {} became unhealthy after passing its checks{}", id.slot_name(), checks_suffix(&checks)));
+                            failure = Some(format!(
+                                "new instance {} became unhealthy after passing its checks{}",
+                                id.slot_name(),
+                                checks_suffix(&checks)
+                            ));
                         }
                         NewPhase::Failed
                     }
@@ -1400,7 +1500,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 // never drops.
                 let ro = rt.rollout.take();
                 let not_ready: Vec<InstanceId> = ro
-                    .map(|r| r.new.into_values().filter(|id| rt.instances.get(id).is_some_and(|i| i.phase != InstPhase::Ready)).collect())
+                    .map(|r| {
+                        r.new
+                            .into_values()
+                            .filter(|id| rt.instances.get(id).is_some_and(|i| i.phase != InstPhase::Ready))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 for id in not_ready {
                     self.begin_stop(&id, false);
@@ -1556,9 +1661,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         for (key, b) in &rt.backoff {
             let spec = rt.process_spec(&key.0);
             let wanted = rt.record.running && spec.as_ref().is_some_and(|p| key.1 <= p.count);
-            let occupied = rt.instances.values().any(|i| i.id.process == key.0 && i.id.slot == key.1 && i.phase != InstPhase::Stopping);
+            let occupied = rt
+                .instances
+                .values()
+                .any(|i| i.id.process == key.0 && i.id.slot == key.1 && i.phase != InstPhase::Stopping);
             if wanted && !occupied && b.crash_loop(&spec.map(|p| p.restart).unwrap_or_default()) {
-                let (id, exit) = rt.last_exit.get(key).cloned().unwrap_or((InstanceId::new(key.0.clone(), key.1, 0), ExitStatus::Unknown));
+                let (id, exit) = rt
+                    .last_exit
+                    .get(key)
+                    .cloned()
+                    .unwrap_or((InstanceId::new(key.0.clone(), key.1, 0), ExitStatus::Unknown));
                 let logs = self.logs.tail(&rt.record.app, &self.env, &id, 10);
                 self.fail_op(EngineError::CrashLoop { instance: id.slot_name(), exit: exit.to_string(), logs });
                 return;
@@ -1593,7 +1705,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let op = self.op.as_mut().expect("checked");
         if op.last_progress != Some((ready, desired)) {
             op.last_progress = Some((ready, desired));
-            let _ = op.progress.send(Progress { ready, desired, ..Progress::note(format!("{ready}/{desired} instance(s) ready")) });
+            let _ = op.progress.send(Progress {
+                ready,
+                desired,
+                ..Progress::note(format!("{ready}/{desired} instance(s) ready"))
+            });
         }
         if converged {
             self.finish_op();
@@ -1628,7 +1744,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         if let Some(ro) = self.app.as_ref().and_then(|rt| rt.rollout.as_ref().map(|ro| (rt, ro))) {
             let (rt, ro) = ro;
             let alive = |id: &InstanceId| rt.instances.get(id).is_some_and(|i| i.phase != InstPhase::Stopping);
-            ready = ro.new.values().filter(|id| rt.instances.get(*id).is_some_and(|i| i.phase == InstPhase::Ready)).count() as u32;
+            ready =
+                ro.new.values().filter(|id| rt.instances.get(*id).is_some_and(|i| i.phase == InstPhase::Ready)).count()
+                    as u32;
             desired = ro.params.desired;
             p.new = Some(ro.new.values().filter(|id| alive(id)).count() as u32);
             p.old = Some(ro.old.iter().filter(|id| alive(id)).count() as u32);
@@ -1648,7 +1766,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     // ----------------------------------------------------------------- reads
 
     fn status(&self) -> Result<StatusReport, EngineError> {
-        let rt = self.app.as_ref().filter(|rt| rt.record.running || !rt.instances.is_empty()).ok_or(EngineError::NotUp)?;
+        let rt =
+            self.app.as_ref().filter(|rt| rt.record.running || !rt.instances.is_empty()).ok_or(EngineError::NotUp)?;
         let now = self.clock.now();
         let spec = &rt.record.spec;
         let mut instances = Vec::new();
@@ -1676,7 +1795,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
                 .to_string(),
                 health: if inst.kind == ProcessKind::Web {
-                    Some(health.map(|h| h.health).or(inst.health).unwrap_or(BackendHealth::Pending).as_str().to_string())
+                    Some(
+                        health.map(|h| h.health).or(inst.health).unwrap_or(BackendHealth::Pending).as_str().to_string(),
+                    )
                 } else {
                     None
                 },
@@ -1688,7 +1809,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         let mut waiting = Vec::new();
         for ((process, slot), b) in &rt.backoff {
-            let occupied = rt.instances.values().any(|i| &i.id.process == process && i.id.slot == *slot && i.phase != InstPhase::Stopping);
+            let occupied = rt
+                .instances
+                .values()
+                .any(|i| &i.id.process == process && i.id.slot == *slot && i.phase != InstPhase::Stopping);
             let wanted = spec.process(process).is_some_and(|p| *slot <= p.count) && rt.record.running;
             if occupied || !wanted {
                 continue;
@@ -1710,7 +1834,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 process: p.name.to_string(),
                 kind: p.kind.as_str().to_string(),
                 desired: if rt.record.running { p.count } else { 0 },
-                ready: rt.instances.values().filter(|i| i.id.process == p.name && i.phase == InstPhase::Ready).count() as u32,
+                ready: rt.instances.values().filter(|i| i.id.process == p.name && i.phase == InstPhase::Ready).count()
+                    as u32,
             })
             .collect();
         Ok(StatusReport {

@@ -86,11 +86,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     ) -> Result<Option<(DeployRun, String)>, EngineError> {
         if let Some(rt) = &self.app {
             if rt.record.app != spec.app && rt.record.running {
-                return Err(EngineError::OtherApp { running: rt.record.app.to_string(), requested: spec.app.to_string() });
+                return Err(EngineError::OtherApp {
+                    running: rt.record.app.to_string(),
+                    requested: spec.app.to_string(),
+                });
             }
         }
         if !source.is_dir() {
-            return Err(EngineError::CannotDeploy { reason: format!("the app directory {} does not exist", source.display()) });
+            return Err(EngineError::CannotDeploy {
+                reason: format!("the app directory {} does not exist", source.display()),
+            });
         }
         let hash = self
             .builder
@@ -99,10 +104,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let from = self.app.as_ref().filter(|rt| rt.record.running && rt.record.app == spec.app).map(|rt| rt.current());
         if let Some(from) = &from {
             if from.id.0 > 0 {
-                let same = self
-                    .store
-                    .release(&spec.app, from.id)?
-                    .is_some_and(|r| r.content_hash == hash && r.spec == spec);
+                let same =
+                    self.store.release(&spec.app, from.id)?.is_some_and(|r| r.content_hash == hash && r.spec == spec);
                 let same_env = self.app.as_ref().is_some_and(|rt| rt.record.base_env == base_env);
                 if same && same_env {
                     return Ok(None);
@@ -167,7 +170,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Some(f) => format!("{} → {id}", f.id),
             None => format!("first release {id}"),
         };
-        self.event(&spec.app, "deploy", None, &format!("deployment #{} started: {summary} by {}", record.id, record.who));
+        self.event(
+            &spec.app,
+            "deploy",
+            None,
+            &format!("deployment #{} started: {summary} by {}", record.id, record.who),
+        );
         let run = DeployRun {
             record,
             to: ReleaseCtx { id, spec, workdir: source },
@@ -217,13 +225,19 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
     }
 
-    fn prepare_rollback(&mut self, release: Option<ReleaseId>, run_tasks: bool, who: String) -> Result<(DeployRun, String), EngineError> {
+    fn prepare_rollback(
+        &mut self,
+        release: Option<ReleaseId>,
+        run_tasks: bool,
+        who: String,
+    ) -> Result<(DeployRun, String), EngineError> {
         let rt = self.app.as_ref().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
         let app = rt.record.app.clone();
         let current = rt.current();
         let releases = self.store.releases(&app)?;
         let deployments = self.store.deployments(&app, &self.env, 10_000)?;
-        let went_live = |id: ReleaseId| deployments.iter().any(|d| d.to_release == id && d.status == DeploymentStatus::Succeeded);
+        let went_live =
+            |id: ReleaseId| deployments.iter().any(|d| d.to_release == id && d.status == DeploymentStatus::Succeeded);
         let target = match release {
             Some(id) => {
                 if id == current.id {
@@ -240,13 +254,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     reason: format!("{} has no earlier release to go back to; name one with `nonstop rollback vN` (see `nonstop releases`)", current.id),
                 })?,
         };
-        let retained: Vec<String> = releases.iter().filter(|r| r.status == ReleaseStatus::Ready).map(|r| r.id.to_string()).collect();
+        let retained: Vec<String> =
+            releases.iter().filter(|r| r.status == ReleaseStatus::Ready).map(|r| r.id.to_string()).collect();
         let rec = releases.iter().find(|r| r.id == target).ok_or_else(|| EngineError::NoRollbackTarget {
             reason: format!("there is no release {target}; retained releases: {}", retained.join(", ")),
         })?;
         if rec.status != ReleaseStatus::Ready || !rec.dir.is_dir() {
             return Err(EngineError::NoRollbackTarget {
-                reason: format!("{target} is {} and cannot be run again; retained releases: {}", status_word(rec.status), retained.join(", ")),
+                reason: format!(
+                    "{target} is {} and cannot be run again; retained releases: {}",
+                    status_word(rec.status),
+                    retained.join(", ")
+                ),
             });
         }
         if !went_live(target) {
@@ -288,7 +307,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 started: self.clock.now(),
                 base_env,
                 post_failure: None,
-            rollback_failed: false,
+                rollback_failed: false,
             },
             summary,
         ))
@@ -365,7 +384,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             let forward = async move {
                 while let Some(line) = out_rx.recv().await {
                     if let Some(p) = &progress {
-                        let _ = p.send(Progress { phase: Some("building".into()), ..Progress::note(format!("build | {line}")) });
+                        let _ = p.send(Progress {
+                            phase: Some("building".into()),
+                            ..Progress::note(format!("build | {line}"))
+                        });
                     }
                 }
             };
@@ -398,11 +420,19 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     return;
                 }
                 run.to.workdir = out.dir.clone();
-                let path_var = run.base_env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+                let path_var =
+                    run.base_env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
                 let problems = crate::preflight::check_commands(&run.to.spec, &out.dir, &path_var);
-                self.progress(format!("built {release}: {} files, {} KiB in {}", out.files, out.bytes / 1024, fmt_dur(Duration::from_millis(build_ms))));
+                self.progress(format!(
+                    "built {release}: {} files, {} KiB in {}",
+                    out.files,
+                    out.bytes / 1024,
+                    fmt_dur(Duration::from_millis(build_ms))
+                ));
                 if !problems.is_empty() {
-                    self.finish_deploy(DeployPhase::Failed { reason: format!("{release} cannot run as specified:\n  {}", problems.join("\n  ")) });
+                    self.finish_deploy(DeployPhase::Failed {
+                        reason: format!("{release} cannot run as specified:\n  {}", problems.join("\n  ")),
+                    });
                     return;
                 }
                 self.set_phase(DeployPhase::ReleaseTasks);
@@ -429,8 +459,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let mut env = release_env(&run.base_env, &run.to, &self.env);
         env.insert("NONSTOP_PROCESS".into(), if post { "post-task" } else { "release-task" }.into());
         let env: Vec<(String, String)> = env.into_iter().collect();
-        let (app, environment, release, workdir, timeout) =
-            (run.to.spec.app.clone(), self.env.clone(), run.to.id, run.to.workdir.clone(), run.to.spec.release.task_timeout);
+        let (app, environment, release, workdir, timeout) = (
+            run.to.spec.app.clone(),
+            self.env.clone(),
+            run.to.id,
+            run.to.workdir.clone(),
+            run.to.spec.release.task_timeout,
+        );
         let driver = self.driver.clone();
         let progress = self.op.as_ref().map(|o| o.progress.clone());
         let cancel = run.cancel.clone();
@@ -464,8 +499,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                         say(format!("{kind} {}/{n} done in {}", i + 1, fmt_dur(o.duration)));
                     }
                     Ok(o) => {
-                        let why = if o.timed_out { format!("timed out after {}", fmt_dur(timeout)) } else { o.status.to_string() };
-                        result = Err(format!("{kind} {}/{n} `{command}` failed ({why}){}", i + 1, tail_suffix(&o.output_tail)));
+                        let why = if o.timed_out {
+                            format!("timed out after {}", fmt_dur(timeout))
+                        } else {
+                            o.status.to_string()
+                        };
+                        result = Err(format!(
+                            "{kind} {}/{n} `{command}` failed ({why}){}",
+                            i + 1,
+                            tail_suffix(&o.output_tail)
+                        ));
                         break;
                     }
                     Err(e) => {
@@ -548,9 +591,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     pub(crate) fn deploy_on_rollout(&mut self, result: RolloutResult) {
         let Some(run) = self.deployment.as_ref() else { return };
         match (run.phase.clone(), result) {
-            (DeployPhase::Rolling { index }, RolloutResult::Done(_)) => self.set_phase(DeployPhase::Rolling { index: index + 1 }),
+            (DeployPhase::Rolling { index }, RolloutResult::Done(_)) => {
+                self.set_phase(DeployPhase::Rolling { index: index + 1 })
+            }
             (DeployPhase::Rolling { index }, RolloutResult::Failed(process, reason)) => {
-                let remaining: Vec<ProcessName> = run.order[..(index + 1).min(run.order.len())].iter().rev().cloned().collect();
+                let remaining: Vec<ProcessName> =
+                    run.order[..(index + 1).min(run.order.len())].iter().rev().cloned().collect();
                 let reason = format!("{process}: {reason}");
                 self.progress(format!("rolling back: {reason}"));
                 self.set_phase(DeployPhase::RollingBack { reason, remaining });
@@ -644,7 +690,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         run.cancel.cancel();
         let took = self.clock.now().saturating_duration_since(run.started);
         let (status, reason) = match &phase {
-            DeployPhase::Succeeded => (DeploymentStatus::Succeeded, run.post_failure.as_ref().map(|r| format!("live, but {r}"))),
+            DeployPhase::Succeeded => {
+                (DeploymentStatus::Succeeded, run.post_failure.as_ref().map(|r| format!("live, but {r}")))
+            }
             DeployPhase::RolledBack { reason } => (DeploymentStatus::RolledBack, Some(reason.clone())),
             DeployPhase::Failed { reason } => (DeploymentStatus::Failed, Some(reason.clone())),
             _ => (DeploymentStatus::Failed, Some("ended in an unexpected phase".to_string())),
@@ -668,7 +716,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     run = self.deployment.take().expect("just put back");
                 }
                 self.prune_releases(&app, &run);
-                self.event(&app, "deployed", None, &format!("{release} is live ({} in {})", run.record.kind, fmt_dur(took)));
+                self.event(
+                    &app,
+                    "deployed",
+                    None,
+                    &format!("{release} is live ({} in {})", run.record.kind, fmt_dur(took)),
+                );
                 if let Some(op) = self.op.as_mut() {
                     op.summary = format!("{release} is live ({} took {})", run.record.kind, fmt_dur(took));
                 }
@@ -702,7 +755,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     fn prune_releases(&mut self, app: &AppName, run: &DeployRun) {
         let Ok(all) = self.store.releases(app) else { return };
         let retain = run.to.spec.release.retain_releases.max(1) as usize;
-        let mut keep: Vec<ReleaseId> = all.iter().rev().filter(|r| r.status == ReleaseStatus::Ready).take(retain).map(|r| r.id).collect();
+        let mut keep: Vec<ReleaseId> =
+            all.iter().rev().filter(|r| r.status == ReleaseStatus::Ready).take(retain).map(|r| r.id).collect();
         keep.push(run.to.id);
         if let Some(f) = &run.from {
             keep.push(f.id);
@@ -748,7 +802,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let (progress, _) = mpsc::unbounded_channel();
         let (reply, _) = oneshot::channel();
         let base_env = rt.record.base_env.clone();
-        self.begin_op(if record.kind == "rollback" { "rollback" } else { "deploy" }, progress, reply, "recovery".into(), true, VecDeque::new(), false);
+        self.begin_op(
+            if record.kind == "rollback" { "rollback" } else { "deploy" },
+            progress,
+            reply,
+            "recovery".into(),
+            true,
+            VecDeque::new(),
+            false,
+        );
         if let Some(op) = self.op.as_mut() {
             op.reply = None;
             op.who = Some(format!("{} (recovering after a daemon restart)", record.who));
@@ -787,7 +849,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         record.status = DeploymentStatus::Failed;
         record.reason = Some("the daemon stopped before the release went live; nothing was started".into());
         record.finished_at = Some(self.clock.wall());
-        record.phase = serde_json::to_value(DeployPhase::Failed { reason: "daemon stopped".into() }).unwrap_or_default();
+        record.phase =
+            serde_json::to_value(DeployPhase::Failed { reason: "daemon stopped".into() }).unwrap_or_default();
         self.store.update_deployment(&record)?;
         tracing::warn!("deployment #{} of {app} was interrupted before going live; marked failed", record.id);
         Ok(())
@@ -797,7 +860,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     pub(crate) fn deployment_summary(&self) -> Option<String> {
         let run = self.deployment.as_ref()?;
         let detail = match run.phase.clone() {
-            DeployPhase::Rolling { index } => format!("rolling {}", run.order.get(index).map(|p| p.as_str()).unwrap_or("")),
+            DeployPhase::Rolling { index } => {
+                format!("rolling {}", run.order.get(index).map(|p| p.as_str()).unwrap_or(""))
+            }
             DeployPhase::RollingBack { remaining, .. } => {
                 format!("rolling back {}", remaining.first().map(|p| p.as_str()).unwrap_or(""))
             }

@@ -13,6 +13,8 @@ mod error;
 pub mod preflight;
 mod report;
 
-pub use actor::{Builder, BuildOutput, Engine, EngineConfig, EngineHandle, Ingress, IngressError, InstanceLogs, NoBuilder};
+pub use actor::{
+    BuildOutput, Builder, Engine, EngineConfig, EngineHandle, Ingress, IngressError, InstanceLogs, NoBuilder,
+};
 pub use error::EngineError;
 pub use report::*;

@@ -45,10 +45,18 @@ pub fn resolve(program: &str, workdir: &Path, path_var: &str) -> Option<PathBuf>
         let p = if Path::new(program).is_absolute() { PathBuf::from(program) } else { workdir.join(program) };
         return is_executable(&p).then_some(p);
     }
-    path_var.split(':').filter(|d| !d.is_empty()).map(|d| {
-        let d = Path::new(d);
-        if d.is_absolute() { d.join(program) } else { workdir.join(d).join(program) }
-    }).find(|p| is_executable(p))
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            let d = Path::new(d);
+            if d.is_absolute() {
+                d.join(program)
+            } else {
+                workdir.join(d).join(program)
+            }
+        })
+        .find(|p| is_executable(p))
 }
 
 /// Every process whose program cannot be found, as user-facing problems.

@@ -95,7 +95,8 @@ struct MixEntry {
 fn parse_mix(s: &str) -> anyhow::Result<Vec<MixEntry>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (kind, rest) = part.split_once('=').with_context(|| format!("mix entry `{part}`: expected KIND=PATH:WEIGHT"))?;
+        let (kind, rest) =
+            part.split_once('=').with_context(|| format!("mix entry `{part}`: expected KIND=PATH:WEIGHT"))?;
         let (path, weight) = match rest.rsplit_once(':') {
             Some((p, w)) if w.chars().all(|c| c.is_ascii_digit()) && !w.is_empty() => (p, w.parse::<u32>()?),
             _ => (rest, 1),
@@ -159,7 +160,11 @@ fn parse_url(url: &str) -> anyhow::Result<Target> {
         bail!("`{url}`: only http:// URLs are supported");
     }
     let auth = uri.authority().with_context(|| format!("`{url}` has no host"))?;
-    Ok(Target { host: auth.host().trim_matches(['[', ']']).to_string(), port: auth.port_u16().unwrap_or(80), authority: auth.to_string() })
+    Ok(Target {
+        host: auth.host().trim_matches(['[', ']']).to_string(),
+        port: auth.port_u16().unwrap_or(80),
+        authority: auth.to_string(),
+    })
 }
 
 /// One client connection: reconnects when the server closed it between requests.
@@ -180,9 +185,12 @@ impl Conn {
     }
 
     async fn connect(&mut self) -> Result<(), String> {
-        let stream = TcpStream::connect((self.target.host.as_str(), self.target.port)).await.map_err(|e| format!("connect: {e}"))?;
+        let stream = TcpStream::connect((self.target.host.as_str(), self.target.port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -245,7 +253,9 @@ fn find_static_css(page: &str) -> Option<String> {
     let mut rest = page;
     while let Some(i) = rest.find("/static/") {
         let cand = &rest[i..];
-        let end = cand.find(|c: char| c == '"' || c == '\'' || c == '<' || c == '>' || c.is_whitespace() || c == ')').unwrap_or(cand.len());
+        let end = cand
+            .find(|c: char| c == '"' || c == '\'' || c == '<' || c == '>' || c.is_whitespace() || c == ')')
+            .unwrap_or(cand.len());
         let url = &cand[..end];
         let path_only = url.split(['?', '#']).next().unwrap_or(url);
         if path_only.ends_with(".css") {
@@ -258,7 +268,11 @@ fn find_static_css(page: &str) -> Option<String> {
 
 fn build_request(target: &Target, kind: Kind, path: &str, body: Option<String>) -> Request<Full<Bytes>> {
     let method = if kind == Kind::Post { Method::POST } else { Method::GET };
-    let mut b = Request::builder().method(method).uri(path).header(header::HOST, &target.authority).header(header::USER_AGENT, "nonstop-loadgen");
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, &target.authority)
+        .header(header::USER_AGENT, "nonstop-loadgen");
     let body = match body {
         Some(text) => {
             b = b.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
@@ -281,7 +295,12 @@ struct Shared {
     seq: AtomicU64,
 }
 
-async fn worker(shared: Arc<Shared>, target: Arc<Target>, schedule: Arc<Vec<(Kind, String)>>, conn_idx: usize) -> (Vec<Record>, u64) {
+async fn worker(
+    shared: Arc<Shared>,
+    target: Arc<Target>,
+    schedule: Arc<Vec<(Kind, String)>>,
+    conn_idx: usize,
+) -> (Vec<Record>, u64) {
     let mut conn = Conn::new(target.clone());
     let mut records = Vec::new();
     // Each connection starts at its own place in the weighted cycle.
@@ -311,7 +330,16 @@ async fn worker(shared: Arc<Shared>, target: Arc<Target>, schedule: Arc<Vec<(Kin
         let res = tokio::time::timeout(shared.timeout, conn.send(&build)).await;
         let latency_us = t0.elapsed().as_micros() as u64;
         let start_us = t0.duration_since(shared.started).as_micros() as u64;
-        let mut rec = Record { start_us, latency_us, kind: *kind, outcome: Outcome::Failed, status: 0, error: None, id: None, conn: conn_idx };
+        let mut rec = Record {
+            start_us,
+            latency_us,
+            kind: *kind,
+            outcome: Outcome::Failed,
+            status: 0,
+            error: None,
+            id: None,
+            conn: conn_idx,
+        };
         match res {
             Err(_) => {
                 conn.sender = None; // the connection may still deliver a late response: never reuse it
@@ -331,7 +359,8 @@ async fn worker(shared: Arc<Shared>, target: Arc<Target>, schedule: Arc<Vec<(Kin
                 } else {
                     rec.outcome = Outcome::Non2xx;
                     let snippet: String = String::from_utf8_lossy(&body).chars().take(120).collect();
-                    rec.error = Some(format!("HTTP {status}: {}", snippet.split_whitespace().collect::<Vec<_>>().join(" ")));
+                    rec.error =
+                        Some(format!("HTTP {status}: {}", snippet.split_whitespace().collect::<Vec<_>>().join(" ")));
                 }
             }
         }
@@ -393,7 +422,14 @@ fn write_records(path: &PathBuf, records: &[Record]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn summary(records: &[Record], duration: Duration, args: &Args, start_unix_ms: u128, static_path: Option<&str>, connects: u64) -> serde_json::Value {
+fn summary(
+    records: &[Record],
+    duration: Duration,
+    args: &Args,
+    start_unix_ms: u128,
+    static_path: Option<&str>,
+    connects: u64,
+) -> serde_json::Value {
     let mut lat: Vec<u64> = records.iter().map(|r| r.latency_us).collect();
     lat.sort_unstable();
     let count = |o: Outcome| records.iter().filter(|r| r.outcome == o).count();
@@ -474,7 +510,8 @@ async fn main() -> anyhow::Result<()> {
     let schedule: Vec<(Kind, String)> = mix
         .iter()
         .flat_map(|m| {
-            let path = if m.kind == Kind::Static && m.path == "AUTO" { static_path.clone().unwrap() } else { m.path.clone() };
+            let path =
+                if m.kind == Kind::Static && m.path == "AUTO" { static_path.clone().unwrap() } else { m.path.clone() };
             std::iter::repeat_n((m.kind, path), m.weight as usize)
         })
         .collect();
@@ -564,7 +601,8 @@ mod tests {
     #[test]
     fn interleaving_spreads_kinds() {
         let mix = parse_mix("get=/:2,post=/p:2").unwrap();
-        let sched: Vec<(Kind, String)> = mix.iter().flat_map(|m| std::iter::repeat_n((m.kind, m.path.clone()), m.weight as usize)).collect();
+        let sched: Vec<(Kind, String)> =
+            mix.iter().flat_map(|m| std::iter::repeat_n((m.kind, m.path.clone()), m.weight as usize)).collect();
         let kinds: Vec<Kind> = interleave(sched, &mix).into_iter().map(|e| e.0).collect();
         assert_eq!(kinds, [Kind::Get, Kind::Post, Kind::Get, Kind::Post]);
     }

@@ -14,15 +14,24 @@ pub enum DeployPhase {
     /// Running `[release] tasks` one at a time.
     ReleaseTasks,
     /// Replacing the instances of `order[index]` with the new release.
-    Rolling { index: usize },
+    Rolling {
+        index: usize,
+    },
     /// Running `[release] post_tasks`.
     PostTasks,
     /// Putting back the previous release on the processes in `remaining`
     /// (the ones already touched, last rolled first).
-    RollingBack { reason: String, remaining: Vec<ProcessName> },
+    RollingBack {
+        reason: String,
+        remaining: Vec<ProcessName>,
+    },
     Succeeded,
-    Failed { reason: String },
-    RolledBack { reason: String },
+    Failed {
+        reason: String,
+    },
+    RolledBack {
+        reason: String,
+    },
 }
 
 impl DeployPhase {
@@ -97,7 +106,7 @@ pub fn rollout_order(old: Option<&AppSpec>, new: &AppSpec) -> Vec<ProcessName> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nonstop_core::process::{ProxySpec, ReleaseSpec, RestartPolicy, Rollout, Signal, ProcessSpec};
+    use nonstop_core::process::{ProcessSpec, ProxySpec, ReleaseSpec, RestartPolicy, Rollout, Signal};
     use nonstop_core::AppName;
     use std::time::Duration;
 
@@ -125,7 +134,10 @@ mod tests {
             processes,
             proxy: ProxySpec::new("127.0.0.1:1".parse().unwrap()),
             build: vec![],
-            release: ReleaseSpec { order: order.iter().map(|n| ProcessName::new(*n).unwrap()).collect(), ..Default::default() },
+            release: ReleaseSpec {
+                order: order.iter().map(|n| ProcessName::new(*n).unwrap()).collect(),
+                ..Default::default()
+            },
         }
     }
 
@@ -137,7 +149,12 @@ mod tests {
     fn web_then_workers_then_singletons_then_removed() {
         let old = app(vec![p("beat", ProcessKind::Singleton), p("legacy", ProcessKind::Worker)], &[]);
         let new = app(
-            vec![p("beat", ProcessKind::Singleton), p("worker", ProcessKind::Worker), p("web", ProcessKind::Web), p("mail", ProcessKind::Worker)],
+            vec![
+                p("beat", ProcessKind::Singleton),
+                p("worker", ProcessKind::Worker),
+                p("web", ProcessKind::Web),
+                p("mail", ProcessKind::Worker),
+            ],
             &[],
         );
         assert_eq!(names(&rollout_order(Some(&old), &new)), ["web", "worker", "mail", "beat", "legacy"]);
@@ -146,7 +163,10 @@ mod tests {
 
     #[test]
     fn configured_order_comes_first() {
-        let new = app(vec![p("web", ProcessKind::Web), p("worker", ProcessKind::Worker), p("beat", ProcessKind::Singleton)], &["beat", "web"]);
+        let new = app(
+            vec![p("web", ProcessKind::Web), p("worker", ProcessKind::Worker), p("beat", ProcessKind::Singleton)],
+            &["beat", "web"],
+        );
         assert_eq!(names(&rollout_order(None, &new)), ["beat", "web", "worker"]);
     }
 

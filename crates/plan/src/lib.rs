@@ -12,4 +12,4 @@ pub mod rollout;
 
 pub use backoff::SlotBackoff;
 pub use reconcile::{reconcile, Action, Decision, Observed, ObservedInstance, Phase};
-pub use rollout::{rollout_step, RolloutAction, RolloutParams, RolloutSlot, RolloutStep, NewPhase, OldPhase};
+pub use rollout::{rollout_step, NewPhase, OldPhase, RolloutAction, RolloutParams, RolloutSlot, RolloutStep};

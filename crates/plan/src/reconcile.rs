@@ -37,9 +37,14 @@ pub struct Observed {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    Start { process: ProcessName, slot: u32 },
+    Start {
+        process: ProcessName,
+        slot: u32,
+    },
     /// Scale-down or a process type that left the spec.
-    Stop { instance: InstanceId },
+    Stop {
+        instance: InstanceId,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -218,9 +223,10 @@ mod tests {
         let now = Instant::now();
         let at = now + Duration::from_millis(400);
         let mut observed = Observed::default();
-        observed
-            .backoff
-            .insert((ProcessName::new("web").unwrap(), 1), SlotBackoff { consecutive_failures: 3, restarts: 3, retry_at: Some(at) });
+        observed.backoff.insert(
+            (ProcessName::new("web").unwrap(), 1),
+            SlotBackoff { consecutive_failures: 3, restarts: 3, retry_at: Some(at) },
+        );
         let d = reconcile(&[spec("web", ProcessKind::Web, 2)], &observed, now);
         assert_eq!(starts(&d), [("web".into(), 2)]);
         assert_eq!(d.wake_at, Some(at));
@@ -230,7 +236,10 @@ mod tests {
 
     #[test]
     fn rolling_processes_are_left_alone() {
-        let mut observed = Observed { instances: vec![inst("web", 1, 1, Phase::Ready), inst("web", 1, 2, Phase::Starting)], ..Default::default() };
+        let mut observed = Observed {
+            instances: vec![inst("web", 1, 1, Phase::Ready), inst("web", 1, 2, Phase::Starting)],
+            ..Default::default()
+        };
         observed.rolling.insert(ProcessName::new("web").unwrap());
         let d = reconcile(&[spec("web", ProcessKind::Web, 3)], &observed, Instant::now());
         assert!(d.actions.is_empty());
@@ -238,7 +247,10 @@ mod tests {
 
     #[test]
     fn duplicate_generations_in_a_slot_keep_the_newest() {
-        let observed = Observed { instances: vec![inst("web", 1, 1, Phase::Ready), inst("web", 1, 2, Phase::Ready)], ..Default::default() };
+        let observed = Observed {
+            instances: vec![inst("web", 1, 1, Phase::Ready), inst("web", 1, 2, Phase::Ready)],
+            ..Default::default()
+        };
         let d = reconcile(&[spec("web", ProcessKind::Web, 1)], &observed, Instant::now());
         assert_eq!(stops(&d), ["web.1#1"]);
     }
@@ -246,7 +258,11 @@ mod tests {
     #[test]
     fn removed_process_types_are_stopped() {
         let observed = Observed {
-            instances: vec![inst("web", 1, 1, Phase::Ready), inst("old", 1, 1, Phase::Ready), inst("old", 2, 2, Phase::Stopping)],
+            instances: vec![
+                inst("web", 1, 1, Phase::Ready),
+                inst("old", 1, 1, Phase::Ready),
+                inst("old", 2, 2, Phase::Stopping),
+            ],
             ..Default::default()
         };
         let d = reconcile(&[spec("web", ProcessKind::Web, 1)], &observed, Instant::now());

@@ -91,7 +91,9 @@ pub fn rollout_step(slots: &[RolloutSlot], params: RolloutParams) -> RolloutStep
         return RolloutStep::Failed { slot: s.slot };
     }
     let wanted = |slot: u32| slot >= 1 && slot <= params.desired;
-    let done = slots.iter().all(|s| s.old.is_none() && (if wanted(s.slot) { s.new == Some(NewPhase::Ready) } else { s.new.is_none() }));
+    let done = slots
+        .iter()
+        .all(|s| s.old.is_none() && (if wanted(s.slot) { s.new == Some(NewPhase::Ready) } else { s.new.is_none() }));
     if done {
         return RolloutStep::Done;
     }
@@ -210,10 +212,18 @@ mod tests {
 
     #[test]
     fn zero_and_zero_resolves_to_a_surge_of_one() {
-        let r = Rollout { max_surge: Quantity::Percent(25), max_unavailable: Quantity::Percent(25), health_timeout: Duration::from_secs(1) };
+        let r = Rollout {
+            max_surge: Quantity::Percent(25),
+            max_unavailable: Quantity::Percent(25),
+            health_timeout: Duration::from_secs(1),
+        };
         // 25% of 2: surge rounds up to 1 already.
         assert_eq!(RolloutParams::resolve(ProcessKind::Web, 2, &r).surge, 1);
-        let r = Rollout { max_surge: Quantity::Count(0), max_unavailable: Quantity::Percent(25), health_timeout: Duration::from_secs(1) };
+        let r = Rollout {
+            max_surge: Quantity::Count(0),
+            max_unavailable: Quantity::Percent(25),
+            health_timeout: Duration::from_secs(1),
+        };
         let p = RolloutParams::resolve(ProcessKind::Web, 2, &r);
         assert_eq!((p.surge, p.unavailable), (1, 0));
     }
@@ -264,7 +274,10 @@ mod tests {
                     RolloutStep::Failed { .. } => unreachable!(),
                     RolloutStep::Act(actions) => {
                         for a in actions {
-                            let before_ready = slots.iter().filter(|s| s.new == Some(NewPhase::Ready) || s.old == Some(OldPhase::Ready)).count() as u32;
+                            let before_ready = slots
+                                .iter()
+                                .filter(|s| s.new == Some(NewPhase::Ready) || s.old == Some(OldPhase::Ready))
+                                .count() as u32;
                             match a {
                                 RolloutAction::StartNew(n) => {
                                     let s = slots.iter_mut().find(|s| s.slot == n).unwrap();
@@ -276,14 +289,24 @@ mod tests {
                                     s.old = Some(OldPhase::Stopping);
                                 }
                             }
-                            let total: u32 = slots.iter().map(|s| u32::from(s.old.is_some()) + u32::from(s.new.is_some())).sum();
+                            let total: u32 =
+                                slots.iter().map(|s| u32::from(s.old.is_some()) + u32::from(s.new.is_some())).sum();
                             let cap = if p.stop_first { p.desired } else { p.desired + p.surge };
                             assert!(total <= cap, "seed {seed}: {total} instances: {slots:?}");
                             if p.stop_first {
-                                assert!(slots.iter().all(|s| !(s.old.is_some() && s.new.is_some())), "seed {seed}: singleton doubled");
+                                assert!(
+                                    slots.iter().all(|s| !(s.old.is_some() && s.new.is_some())),
+                                    "seed {seed}: singleton doubled"
+                                );
                             }
-                            let ready = slots.iter().filter(|s| s.new == Some(NewPhase::Ready) || s.old == Some(OldPhase::Ready)).count() as u32;
-                            assert!(ready >= min_ready.min(before_ready), "seed {seed}: ready {ready} < {min_ready}: {slots:?}");
+                            let ready = slots
+                                .iter()
+                                .filter(|s| s.new == Some(NewPhase::Ready) || s.old == Some(OldPhase::Ready))
+                                .count() as u32;
+                            assert!(
+                                ready >= min_ready.min(before_ready),
+                                "seed {seed}: ready {ready} < {min_ready}: {slots:?}"
+                            );
                         }
                     }
                     RolloutStep::Wait => {}
@@ -300,7 +323,9 @@ mod tests {
                 }
                 let i = pending[(rng.next() as usize) % pending.len()];
                 let s = &mut slots[i];
-                if s.new == Some(NewPhase::Starting) && (s.old != Some(OldPhase::Stopping) || rng.next().is_multiple_of(2)) {
+                if s.new == Some(NewPhase::Starting)
+                    && (s.old != Some(OldPhase::Stopping) || rng.next().is_multiple_of(2))
+                {
                     s.new = Some(NewPhase::Ready);
                 } else if s.old == Some(OldPhase::Stopping) {
                     s.old = None;

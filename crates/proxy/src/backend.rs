@@ -149,10 +149,7 @@ impl BackendState {
             health: AtomicU8::new(encode(initial)),
             in_flight: AtomicU64::new(0),
             idle: Notify::new(),
-            slow: Mutex::new(Slow {
-                machine,
-                last_checks: VecDeque::with_capacity(LAST_CHECKS),
-            }),
+            slow: Mutex::new(Slow { machine, last_checks: VecDeque::with_capacity(LAST_CHECKS) }),
             pool,
             token,
         }
@@ -173,9 +170,7 @@ impl BackendState {
     /// Lock the slow state. The health atomic is only written while this
     /// lock is held, so transitions and their events stay in order.
     pub fn slow(&self) -> MutexGuard<'_, Slow> {
-        self.slow
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.slow.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Publish a health the machine (under `slow()`) has moved to.
@@ -285,17 +280,11 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
-        Self {
-            idle: Mutex::new(Vec::new()),
-            max_idle,
-            idle_timeout,
-        }
+        Self { idle: Mutex::new(Vec::new()), max_idle, idle_timeout }
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
-        self.idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The newest idle connection that hyper has not seen close. Stale ones
@@ -325,10 +314,7 @@ impl Pool {
         }
         let mut idle = self.lock();
         if idle.len() < self.max_idle {
-            idle.push(Idle {
-                tx,
-                since: Instant::now(),
-            });
+            idle.push(Idle { tx, since: Instant::now() });
         }
     }
 
@@ -337,9 +323,8 @@ impl Pool {
         let stale: Vec<Idle> = {
             let mut idle = self.lock();
             let timeout = self.idle_timeout;
-            let (keep, stale): (Vec<Idle>, Vec<Idle>) = idle
-                .drain(..)
-                .partition(|e| !e.tx.is_closed() && e.since.elapsed() <= timeout);
+            let (keep, stale): (Vec<Idle>, Vec<Idle>) =
+                idle.drain(..).partition(|e| !e.tx.is_closed() && e.since.elapsed() <= timeout);
             *idle = keep;
             stale
         };
@@ -360,8 +345,7 @@ impl Pool {
 impl BackendState {
     /// Return a connection whose exchange completed cleanly.
     pub fn recycle(&self, tx: SendRequest<UpBody>) {
-        self.pool
-            .put(tx, self.health.load(Ordering::SeqCst) == DRAINING);
+        self.pool.put(tx, self.health.load(Ordering::SeqCst) == DRAINING);
     }
 }
 
@@ -385,11 +369,7 @@ mod tests {
     fn pending_needs_threshold_passes() {
         let mut m = HealthMachine::new(BackendHealth::Pending, &check(3, 2));
         assert_eq!(m.observe(true), None);
-        assert_eq!(
-            m.observe(false),
-            None,
-            "a failure resets the count and keeps it pending"
-        );
+        assert_eq!(m.observe(false), None, "a failure resets the count and keeps it pending");
         assert_eq!(m.health, BackendHealth::Pending);
         assert_eq!(m.observe(true), None);
         assert_eq!(m.observe(true), None);

@@ -31,11 +31,9 @@ impl std::fmt::Display for BodyError {
             BodyError::TooLarge { limit } => {
                 write!(f, "request body larger than max_body_bytes ({limit} bytes)")
             }
-            BodyError::Timeout { after } => write!(
-                f,
-                "request body stalled for {} ms (body_timeout)",
-                after.as_millis()
-            ),
+            BodyError::Timeout { after } => {
+                write!(f, "request body stalled for {} ms (body_timeout)", after.as_millis())
+            }
             BodyError::Client(err) => write!(f, "request body could not be read: {err}"),
         }
     }
@@ -70,23 +68,12 @@ pub(crate) struct ClientBody {
 
 impl ClientBody {
     pub fn new(body: Incoming, limit: u64, timeout: Duration) -> Self {
-        Self {
-            body,
-            left: limit,
-            limit,
-            timeout,
-            deadline: None,
-            sleep: None,
-        }
+        Self { body, left: limit, limit, timeout, deadline: None, sleep: None }
     }
 
     fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = *self
-            .deadline
-            .get_or_insert_with(|| Instant::now() + self.timeout);
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if sleep.deadline() > deadline {
             sleep.as_mut().reset(deadline);
         }
@@ -104,10 +91,7 @@ impl Body for ClientBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -126,9 +110,7 @@ impl Body for ClientBody {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 if this.timed_out(cx) {
-                    return Poll::Ready(Some(Err(BodyError::Timeout {
-                        after: this.timeout,
-                    })));
+                    return Poll::Ready(Some(Err(BodyError::Timeout { after: this.timeout })));
                 }
                 Poll::Pending
             }
@@ -170,10 +152,7 @@ impl Body for UpBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             UpBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             UpBody::Stream(body) => Pin::new(body).poll_frame(cx),
@@ -215,10 +194,7 @@ impl Lease {
 
 enum Kind {
     Full(Option<Bytes>),
-    Upstream {
-        body: Incoming,
-        lease: Option<Lease>,
-    },
+    Upstream { body: Incoming, lease: Option<Lease> },
 }
 
 /// A response body on its way to the client.
@@ -230,20 +206,11 @@ pub struct ProxyBody {
 impl ProxyBody {
     pub(crate) fn full(bytes: Bytes, phase: Option<PhaseGuard>) -> Self {
         let bytes = if bytes.is_empty() { None } else { Some(bytes) };
-        Self {
-            kind: Kind::Full(bytes),
-            _phase: phase,
-        }
+        Self { kind: Kind::Full(bytes), _phase: phase }
     }
 
     pub(crate) fn upstream(body: Incoming, lease: Lease, phase: Option<PhaseGuard>) -> Self {
-        Self {
-            kind: Kind::Upstream {
-                body,
-                lease: Some(lease),
-            },
-            _phase: phase,
-        }
+        Self { kind: Kind::Upstream { body, lease: Some(lease) }, _phase: phase }
     }
 }
 
@@ -251,10 +218,7 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream { body, lease } => {

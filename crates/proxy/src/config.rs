@@ -145,10 +145,7 @@ impl ProxyConfig {
     /// `self` with the settings `spec` sets.
     pub fn with_spec(mut self, spec: &ProxySpec) -> Result<ProxyConfig, ConfigError> {
         fn size(key: &'static str, v: u64) -> Result<usize, ConfigError> {
-            usize::try_from(v).map_err(|_| ConfigError {
-                key,
-                reason: format!("{v} is too large"),
-            })
+            usize::try_from(v).map_err(|_| ConfigError { key, reason: format!("{v} is too large") })
         }
         if let Some(v) = spec.max_header_bytes {
             self.max_header_bytes = size("max_header_bytes", v)?;
@@ -184,23 +181,14 @@ impl ProxyConfig {
         if !(MIN_MAX_HEADER_BYTES..=MAX_MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
             return err(
                 "max_header_bytes",
-                format!(
-                    "{} is outside {MIN_MAX_HEADER_BYTES}..={MAX_MAX_HEADER_BYTES}",
-                    self.max_header_bytes
-                ),
+                format!("{} is outside {MIN_MAX_HEADER_BYTES}..={MAX_MAX_HEADER_BYTES}", self.max_header_bytes),
             );
         }
         if !(1..=MAX_MAX_HEADERS).contains(&self.max_headers) {
-            return err(
-                "max_headers",
-                format!("{} is outside 1..={MAX_MAX_HEADERS}", self.max_headers),
-            );
+            return err("max_headers", format!("{} is outside 1..={MAX_MAX_HEADERS}", self.max_headers));
         }
         if self.max_request_line < MIN_MAX_REQUEST_LINE {
-            return err(
-                "max_request_line",
-                format!("{} is below {MIN_MAX_REQUEST_LINE}", self.max_request_line),
-            );
+            return err("max_request_line", format!("{} is below {MIN_MAX_REQUEST_LINE}", self.max_request_line));
         }
         if self.max_body_bytes == 0 {
             return err("max_body_bytes", "0 would refuse every body".into());
@@ -233,10 +221,7 @@ mod tests {
     #[test]
     fn spec_settings_override_defaults() {
         let mut spec = ProxySpec::new("127.0.0.1:8080".parse().unwrap());
-        assert_eq!(
-            ProxyConfig::from_spec(&spec).unwrap(),
-            ProxyConfig::default()
-        );
+        assert_eq!(ProxyConfig::from_spec(&spec).unwrap(), ProxyConfig::default());
         spec.max_header_bytes = Some(16 * 1024);
         spec.max_headers = Some(20);
         spec.max_request_line = Some(1024);
@@ -251,18 +236,8 @@ mod tests {
         assert_eq!(c.max_request_line, 1024);
         assert_eq!(c.max_body_bytes, u64::MAX, "0 means no limit");
         assert_eq!(
-            (
-                c.header_read_timeout,
-                c.idle_timeout,
-                c.upstream_timeout,
-                c.body_timeout
-            ),
-            (
-                Duration::from_secs(1),
-                Duration::from_secs(2),
-                Duration::from_secs(3),
-                Duration::from_secs(4)
-            )
+            (c.header_read_timeout, c.idle_timeout, c.upstream_timeout, c.body_timeout),
+            (Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(3), Duration::from_secs(4))
         );
     }
 
@@ -270,32 +245,17 @@ mod tests {
     fn the_spec_documents_the_proxy_defaults() {
         use nonstop_spec as spec;
         let c = ProxyConfig::default();
-        assert_eq!(
-            c.max_header_bytes as u64,
-            spec::DEFAULT_PROXY_MAX_HEADER_BYTES
-        );
+        assert_eq!(c.max_header_bytes as u64, spec::DEFAULT_PROXY_MAX_HEADER_BYTES);
         assert_eq!(c.max_headers as u32, spec::DEFAULT_PROXY_MAX_HEADERS);
-        assert_eq!(
-            c.max_request_line as u64,
-            spec::DEFAULT_PROXY_MAX_REQUEST_LINE
-        );
+        assert_eq!(c.max_request_line as u64, spec::DEFAULT_PROXY_MAX_REQUEST_LINE);
         assert_eq!(c.max_body_bytes, spec::DEFAULT_PROXY_MAX_BODY_BYTES);
         assert_eq!(c.header_read_timeout, spec::DEFAULT_PROXY_HEADER_TIMEOUT);
         assert_eq!(c.idle_timeout, spec::DEFAULT_PROXY_IDLE_TIMEOUT);
         assert_eq!(c.upstream_timeout, spec::DEFAULT_PROXY_UPSTREAM_TIMEOUT);
         assert_eq!(c.body_timeout, spec::DEFAULT_PROXY_BODY_TIMEOUT);
-        assert_eq!(
-            MIN_MAX_HEADER_BYTES as u64,
-            spec::MIN_PROXY_MAX_HEADER_BYTES
-        );
-        assert_eq!(
-            MAX_MAX_HEADER_BYTES as u64,
-            spec::MAX_PROXY_MAX_HEADER_BYTES
-        );
-        assert_eq!(
-            MIN_MAX_REQUEST_LINE as u64,
-            spec::MIN_PROXY_MAX_REQUEST_LINE
-        );
+        assert_eq!(MIN_MAX_HEADER_BYTES as u64, spec::MIN_PROXY_MAX_HEADER_BYTES);
+        assert_eq!(MAX_MAX_HEADER_BYTES as u64, spec::MAX_PROXY_MAX_HEADER_BYTES);
+        assert_eq!(MIN_MAX_REQUEST_LINE as u64, spec::MIN_PROXY_MAX_REQUEST_LINE);
         assert_eq!(MAX_MAX_HEADERS as u32, spec::MAX_PROXY_MAX_HEADERS);
         // Whatever the spec accepts, the proxy runs with.
         let mut extreme = ProxySpec::new("127.0.0.1:8080".parse().unwrap());
@@ -314,21 +274,12 @@ mod tests {
         assert_eq!(e.key, "max_header_bytes");
         spec.max_header_bytes = None;
         spec.max_headers = Some(0);
-        assert_eq!(
-            ProxyConfig::from_spec(&spec).unwrap_err().key,
-            "max_headers"
-        );
+        assert_eq!(ProxyConfig::from_spec(&spec).unwrap_err().key, "max_headers");
         spec.max_headers = None;
         spec.body_timeout = Some(Duration::ZERO);
-        assert_eq!(
-            ProxyConfig::from_spec(&spec).unwrap_err().key,
-            "body_timeout"
-        );
+        assert_eq!(ProxyConfig::from_spec(&spec).unwrap_err().key, "body_timeout");
         // Even an unchecked config never makes hyper panic.
-        let c = ProxyConfig {
-            max_header_bytes: 10,
-            ..ProxyConfig::default()
-        };
+        let c = ProxyConfig { max_header_bytes: 10, ..ProxyConfig::default() };
         assert_eq!(c.h1_buffer(), MIN_MAX_HEADER_BYTES);
     }
 }

@@ -87,18 +87,10 @@ pub struct ProxyError {
 
 impl ProxyError {
     pub fn new(kind: ErrorKind, side: Side, retry: Retry) -> Self {
-        Self {
-            kind,
-            side,
-            retry,
-            source: None,
-        }
+        Self { kind, side, retry, source: None }
     }
 
-    pub fn with_source(
-        mut self,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
+    pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         self.source = Some(source.into());
         self
     }
@@ -107,9 +99,7 @@ impl ProxyError {
     pub(crate) fn connect(err: std::io::Error) -> Self {
         use std::io::ErrorKind as Io;
         let kind = match err.kind() {
-            Io::ConnectionRefused | Io::ConnectionReset | Io::ConnectionAborted => {
-                ErrorKind::ConnectRefused
-            }
+            Io::ConnectionRefused | Io::ConnectionReset | Io::ConnectionAborted => ErrorKind::ConnectRefused,
             Io::TimedOut => ErrorKind::ConnectTimeout,
             _ => ErrorKind::Connect,
         };
@@ -120,8 +110,7 @@ impl ProxyError {
     /// true when hyper handed the request back (it never hit the wire).
     pub(crate) fn exchange(err: hyper::Error, unsent: bool) -> Self {
         if unsent {
-            return Self::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::Unsent)
-                .with_source(err);
+            return Self::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::Unsent).with_source(err);
         }
         if err.is_user() {
             // Our request body (the client's upload) failed, or hyper was
@@ -133,17 +122,11 @@ impl ProxyError {
         }
         if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
             // Bytes came back: the instance did something.
-            return Self::new(ErrorKind::UpstreamProtocol, Side::Upstream, Retry::Never)
-                .with_source(err);
+            return Self::new(ErrorKind::UpstreamProtocol, Side::Upstream, Retry::Never).with_source(err);
         }
         // Closed, reset, incomplete message, canceled: the instance went away
         // before a response head arrived.
-        Self::new(
-            ErrorKind::UpstreamClosed,
-            Side::Upstream,
-            Retry::IfIdempotent,
-        )
-        .with_source(err)
+        Self::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::IfIdempotent).with_source(err)
     }
 
     pub(crate) fn upstream_timeout() -> Self {
@@ -181,10 +164,7 @@ impl ProxyError {
     pub fn detail(&self) -> String {
         if self.side == Side::Downstream {
             // The client's body: say why it failed, not how hyper saw it.
-            let mut source = self
-                .source
-                .as_deref()
-                .map(|s| s as &(dyn std::error::Error + 'static));
+            let mut source = self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static));
             while let Some(err) = source {
                 if let Some(body) = err.downcast_ref::<BodyError>() {
                     return body.to_string();
@@ -193,17 +173,10 @@ impl ProxyError {
             }
         }
         match (&self.source, self.kind) {
-            (
-                Some(src),
-                ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout | ErrorKind::Connect,
-            ) => {
+            (Some(src), ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout | ErrorKind::Connect) => {
                 format!("connect error: {}", clean_io_message(&src.to_string()))
             }
-            (Some(src), _) => format!(
-                "{}: {}",
-                self.kind.as_str(),
-                clean_io_message(&src.to_string())
-            ),
+            (Some(src), _) => format!("{}: {}", self.kind.as_str(), clean_io_message(&src.to_string())),
             (None, _) => self.kind.as_str().to_string(),
         }
     }
@@ -244,9 +217,7 @@ impl fmt::Display for ProxyError {
 
 impl std::error::Error for ProxyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -256,8 +227,7 @@ mod tests {
 
     #[test]
     fn connect_errors_are_classified() {
-        let refused =
-            ProxyError::connect(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let refused = ProxyError::connect(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert_eq!(refused.kind, ErrorKind::ConnectRefused);
         assert_eq!(refused.retry, Retry::Unsent);
         assert!(refused.marks_unhealthy());
@@ -270,22 +240,13 @@ mod tests {
 
     #[test]
     fn statuses() {
-        assert_eq!(
-            ProxyError::upstream_timeout().status(),
-            StatusCode::GATEWAY_TIMEOUT
-        );
-        assert_eq!(
-            ProxyError::no_healthy_backend().status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+        assert_eq!(ProxyError::upstream_timeout().status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(ProxyError::no_healthy_backend().status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[test]
     fn os_error_numbers_are_dropped() {
-        assert_eq!(
-            clean_io_message("Connection refused (os error 111)"),
-            "Connection refused"
-        );
+        assert_eq!(clean_io_message("Connection refused (os error 111)"), "Connection refused");
         assert_eq!(clean_io_message("plain"), "plain");
     }
 }

@@ -20,9 +20,7 @@ use crate::body::{ClientBody, Lease, ProxyBody, UpBody};
 use crate::config::ProxyConfig;
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::headers;
-use crate::server::{
-    ConnCtx, PhaseGuard, DUPLICATE_CONTENT_LENGTH, SAW_CONTENT_LENGTH, SAW_TRANSFER_ENCODING,
-};
+use crate::server::{ConnCtx, PhaseGuard, DUPLICATE_CONTENT_LENGTH, SAW_CONTENT_LENGTH, SAW_TRANSFER_ENCODING};
 use crate::Inner;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -41,15 +39,11 @@ const BODY_502: &str = "502 Bad Gateway: the app instance failed to answer.\n";
 const BODY_504: &str = "504 Gateway Timeout: the app did not answer in time.\n";
 const BODY_400: &str = "400 Bad Request: the request body could not be read.\n";
 const BODY_408: &str = "408 Request Timeout: the request body stopped arriving.\n";
-const BODY_413: &str =
-    "413 Content Too Large: the request body is larger than this server accepts.\n";
+const BODY_413: &str = "413 Content Too Large: the request body is larger than this server accepts.\n";
 const BODY_500: &str = "500 Internal Server Error: proxy error.\n";
 
 fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
 /// What is kept of a sent request so it can be sent again.
@@ -71,11 +65,7 @@ impl Replay {
     }
 }
 
-pub(crate) async fn handle(
-    inner: Arc<Inner>,
-    ctx: Arc<ConnCtx>,
-    mut req: Request<Incoming>,
-) -> Response<ProxyBody> {
+pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let http2 = req.version() == Version::HTTP_2;
     let phase = ctx.begin_request(http2);
     let request_id = headers::request_id(req.headers());
@@ -95,27 +85,13 @@ pub(crate) async fn handle(
     // Origin-form towards the instance; an absolute-form target (or h2's
     // :authority) names the host.
     if parts.uri.authority().is_some() {
-        if let Some(authority) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
+        if let Some(authority) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             parts.headers.insert(header::HOST, authority);
         }
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map(|pq| Uri::from(pq.clone()))
-            .unwrap_or_else(|| Uri::from_static("/"));
+        parts.uri = parts.uri.path_and_query().map(|pq| Uri::from(pq.clone())).unwrap_or_else(|| Uri::from_static("/"));
     }
     let host = parts.headers.get(header::HOST).cloned();
-    headers::prepare_request(
-        &mut parts.headers,
-        &ctx.peer_ip,
-        &request_id,
-        upgrade,
-        ctx.tls,
-    );
+    headers::prepare_request(&mut parts.headers, &ctx.peer_ip, &request_id, upgrade, ctx.tls);
     parts.version = Version::HTTP_11;
 
     // Decide the body's fate: empty, buffered (replayable), or streamed.
@@ -129,14 +105,10 @@ pub(crate) async fn handle(
             match body.collect().await {
                 Ok(collected) => {
                     let bytes = collected.to_bytes();
-                    (
-                        UpBody::full(bytes.clone()),
-                        Some(Some(bytes).filter(|b| !b.is_empty())),
-                    )
+                    (UpBody::full(bytes.clone()), Some(Some(bytes).filter(|b| !b.is_empty())))
                 }
                 Err(err) => {
-                    let err = ProxyError::new(err.kind(), Side::Downstream, Retry::Never)
-                        .with_source(err);
+                    let err = ProxyError::new(err.kind(), Side::Downstream, Retry::Never).with_source(err);
                     return client_failed(&ctx, &err, request_id, phase);
                 }
             }
@@ -145,12 +117,9 @@ pub(crate) async fn handle(
         }
     };
     let mut replay = match replay_body {
-        Some(body) if idempotent => Some(Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-            body,
-        }),
+        Some(body) if idempotent => {
+            Some(Replay { method: parts.method.clone(), uri: parts.uri.clone(), headers: parts.headers.clone(), body })
+        }
         _ => None,
     };
 
@@ -233,12 +202,8 @@ impl Reject {
             method = %req.method(),
             "request rejected"
         );
-        let body = format!(
-            "{} {}: {}.\n",
-            self.status.as_u16(),
-            self.status.canonical_reason().unwrap_or(""),
-            self.reason
-        );
+        let body =
+            format!("{} {}: {}.\n", self.status.as_u16(), self.status.canonical_reason().unwrap_or(""), self.reason);
         let close = req.version() != Version::HTTP_2;
         text_response(self.status, body.into(), request_id, phase, close)
     }
@@ -256,24 +221,14 @@ fn check_request(ctx: &ConnCtx, req: &Request<Incoming>, http2: bool) -> Result<
             return Err(Reject::bad("more than one Content-Length header"));
         }
         if flags & SAW_CONTENT_LENGTH != 0 && flags & SAW_TRANSFER_ENCODING != 0 {
-            return Err(Reject::bad(
-                "Content-Length together with Transfer-Encoding",
-            ));
+            return Err(Reject::bad("Content-Length together with Transfer-Encoding"));
         }
         // hyper accepts any codings before a final chunked; the proxy would
         // drop them (it re-frames the body), so only `chunked` itself goes.
         let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
         if let Some(first) = te.next() {
-            if te.next().is_some()
-                || !first
-                    .as_bytes()
-                    .trim_ascii()
-                    .eq_ignore_ascii_case(b"chunked")
-            {
-                return Err(Reject::new(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "Transfer-Encoding other than chunked",
-                ));
+            if te.next().is_some() || !first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(Reject::new(StatusCode::NOT_IMPLEMENTED, "Transfer-Encoding other than chunked"));
             }
         }
         let mut hosts = headers.get_all(header::HOST).iter();
@@ -304,45 +259,25 @@ fn check_request(ctx: &ConnCtx, req: &Request<Incoming>, http2: bool) -> Result<
         uri.path_and_query().map_or(0, |pq| pq.as_str().len())
     };
     if target_len > config.max_request_line {
-        return Err(Reject::new(
-            StatusCode::URI_TOO_LONG,
-            "request target longer than max_request_line",
-        ));
+        return Err(Reject::new(StatusCode::URI_TOO_LONG, "request target longer than max_request_line"));
     }
     if req.method() == Method::CONNECT {
-        return Err(Reject::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not supported by a reverse proxy",
-        ));
+        return Err(Reject::new(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported by a reverse proxy"));
     }
     if let (Some(authority), Some(host)) = (uri.authority(), headers.get(header::HOST)) {
         if !same_authority(authority, uri.scheme_str(), host) {
-            return Err(Reject::bad(
-                "the request target and Host name different hosts",
-            ));
+            return Err(Reject::bad("the request target and Host name different hosts"));
         }
     }
-    if req
-        .body()
-        .size_hint()
-        .exact()
-        .is_some_and(|n| n > config.max_body_bytes)
-    {
-        return Err(Reject::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Content-Length larger than max_body_bytes",
-        ));
+    if req.body().size_hint().exact().is_some_and(|n| n > config.max_body_bytes) {
+        return Err(Reject::new(StatusCode::PAYLOAD_TOO_LARGE, "Content-Length larger than max_body_bytes"));
     }
     Ok(())
 }
 
 /// `authority` (of an absolute-form target) and a `Host` header name the
 /// same host and port (ignoring case; a missing port is the scheme's).
-fn same_authority(
-    authority: &http::uri::Authority,
-    scheme: Option<&str>,
-    host: &HeaderValue,
-) -> bool {
+fn same_authority(authority: &http::uri::Authority, scheme: Option<&str>, host: &HeaderValue) -> bool {
     let Ok(host) = host.to_str() else {
         return false;
     };
@@ -358,18 +293,12 @@ fn same_authority(
             Err(_) => return false,
         },
     };
-    name.eq_ignore_ascii_case(authority.host())
-        && authority.port_u16().unwrap_or(default_port) == port
+    name.eq_ignore_ascii_case(authority.host()) && authority.port_u16().unwrap_or(default_port) == port
 }
 
 /// A client whose body failed: one log line, then 400, 408 or 413, and the
 /// connection closed (HTTP/1).
-fn client_failed(
-    ctx: &ConnCtx,
-    err: &ProxyError,
-    request_id: HeaderValue,
-    phase: PhaseGuard,
-) -> Response<ProxyBody> {
+fn client_failed(ctx: &ConnCtx, err: &ProxyError, request_id: HeaderValue, phase: PhaseGuard) -> Response<ProxyBody> {
     tracing::info!(
         client = %ctx.peer,
         status = err.status().as_u16(),
@@ -381,13 +310,7 @@ fn client_failed(
 
 fn redirect(location: String, request_id: HeaderValue, phase: PhaseGuard) -> Response<ProxyBody> {
     let body = format!("308 Permanent Redirect: {location}\n");
-    let mut resp = text_response(
-        StatusCode::PERMANENT_REDIRECT,
-        body.into(),
-        request_id,
-        phase,
-        false,
-    );
+    let mut resp = text_response(StatusCode::PERMANENT_REDIRECT, body.into(), request_id, phase, false);
     if let Ok(value) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, value);
     }
@@ -404,9 +327,7 @@ async fn acquire(
 ) -> Option<InFlight> {
     let pick = || {
         let snapshot = inner.table.load();
-        snapshot
-            .route_for(host.map(HeaderValue::as_bytes))?
-            .pick(avoid)
+        snapshot.route_for(host.map(HeaderValue::as_bytes))?.pick(avoid)
     };
     if let Some(found) = pick() {
         return Some(found);
@@ -484,17 +405,8 @@ async fn connect(
     config: &ProxyConfig,
     backend: &BackendState,
 ) -> Result<SendRequest<UpBody>, ProxyError> {
-    let stream = match tokio::time::timeout(
-        config.connect_timeout,
-        TcpStream::connect(backend.addr),
-    )
-    .await
-    {
-        Err(_) => {
-            return Err(ProxyError::connect(std::io::Error::from(
-                std::io::ErrorKind::TimedOut,
-            )))
-        }
+    let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
+        Err(_) => return Err(ProxyError::connect(std::io::Error::from(std::io::ErrorKind::TimedOut))),
         Ok(Err(err)) => return Err(ProxyError::connect(err)),
         Ok(Ok(stream)) => stream,
     };
@@ -502,9 +414,7 @@ async fn connect(
     let (conn, driver) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, UpBody>(TokioIo::new(stream))
         .await
-        .map_err(|err| {
-            ProxyError::new(ErrorKind::Internal, Side::Internal, Retry::Unsent).with_source(err)
-        })?;
+        .map_err(|err| ProxyError::new(ErrorKind::Internal, Side::Internal, Retry::Unsent).with_source(err))?;
     let addr = backend.addr;
     // The driver ends when its `SendRequest` is dropped (pool cleared, lease
     // dropped) and no exchange is in progress; no cancellation token is
@@ -546,17 +456,7 @@ fn respond(
     if !parts.headers.contains_key(headers::X_REQUEST_ID) {
         parts.headers.insert(headers::X_REQUEST_ID, request_id);
     }
-    Response::from_parts(
-        parts,
-        ProxyBody::upstream(
-            body,
-            Lease {
-                in_flight,
-                conn: Some(conn),
-            },
-            Some(phase),
-        ),
-    )
+    Response::from_parts(parts, ProxyBody::upstream(body, Lease { in_flight, conn: Some(conn) }, Some(phase)))
 }
 
 /// Copy bytes both ways between the client and the instance once both
@@ -591,28 +491,13 @@ fn spawn_tunnel(
     });
 }
 
-fn error_response(
-    err: &ProxyError,
-    request_id: HeaderValue,
-    phase: PhaseGuard,
-    close: bool,
-) -> Response<ProxyBody> {
+fn error_response(err: &ProxyError, request_id: HeaderValue, phase: PhaseGuard, close: bool) -> Response<ProxyBody> {
     let status = err.status();
     let body = match status {
         StatusCode::SERVICE_UNAVAILABLE => {
-            let mut resp = text_response(
-                status,
-                Bytes::from_static(PAGE_503.as_bytes()),
-                request_id,
-                phase,
-                close,
-            );
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            let mut resp = text_response(status, Bytes::from_static(PAGE_503.as_bytes()), request_id, phase, close);
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return resp;
         }
         StatusCode::GATEWAY_TIMEOUT => BODY_504,
@@ -622,13 +507,7 @@ fn error_response(
         StatusCode::REQUEST_TIMEOUT => BODY_408,
         _ => BODY_500,
     };
-    text_response(
-        status,
-        Bytes::from_static(body.as_bytes()),
-        request_id,
-        phase,
-        close,
-    )
+    text_response(status, Bytes::from_static(body.as_bytes()), request_id, phase, close)
 }
 
 /// A plain-text answer of the proxy's own. `close` asks an HTTP/1 client's
@@ -643,10 +522,7 @@ fn text_response(
     let mut resp = Response::new(ProxyBody::full(body, Some(phase)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(headers::X_REQUEST_ID, request_id);
     if close {

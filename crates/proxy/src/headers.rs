@@ -24,19 +24,14 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 ];
 
 fn connection_has(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    value.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// A request asking to switch protocols (`Connection: upgrade` and an
 /// `Upgrade` header), e.g. a WebSocket handshake.
 pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| connection_has(v, "upgrade"))
+        && headers.get_all(header::CONNECTION).iter().any(|v| connection_has(v, "upgrade"))
 }
 
 /// Remove hop-by-hop headers, including those named in `Connection`. With
@@ -111,10 +106,7 @@ pub(crate) fn prepare_request(
         }
     }
     // The proxy is the edge: what the client claims here is not trusted.
-    headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if tls { "https" } else { "http" }));
     match headers.get(header::HOST).cloned() {
         Some(host) => {
             headers.insert(X_FORWARDED_HOST, host);
@@ -167,10 +159,7 @@ fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // std seeds RandomState from the OS once per thread.
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     hasher.write_u128(nanos);
     hasher.write_u32(std::process::id());
     hasher.finish()
@@ -183,10 +172,7 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
-            m.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
+            m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         m
     }
@@ -213,11 +199,7 @@ mod tests {
 
     #[test]
     fn upgrade_survives_when_asked() {
-        let mut h = map(&[
-            ("connection", "Upgrade"),
-            ("upgrade", "websocket"),
-            ("keep-alive", "1"),
-        ]);
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("keep-alive", "1")]);
         assert!(is_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get("upgrade").unwrap(), "websocket");
@@ -230,11 +212,7 @@ mod tests {
     fn forwarded_headers() {
         let peer = HeaderValue::from_static("10.0.0.9");
         let id = HeaderValue::from_static("abc");
-        let mut h = map(&[
-            ("host", "app.test"),
-            ("x-forwarded-for", "1.2.3.4"),
-            ("x-forwarded-proto", "https"),
-        ]);
+        let mut h = map(&[("host", "app.test"), ("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
         prepare_request(&mut h, &peer, &id, false, false);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");

@@ -25,10 +25,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn new() -> Self {
         let (events, _) = broadcast::channel(1024);
-        Self {
-            events,
-            changed: Notify::new(),
-        }
+        Self { events, changed: Notify::new() }
     }
 
     /// Publish a transition decided under `backend.slow()` (still held by the
@@ -36,11 +33,7 @@ impl Shared {
     pub fn publish(&self, backend: &BackendState, health: BackendHealth, detail: String) {
         backend.store_health(health);
         tracing::info!(instance = %backend.instance, addr = %backend.addr, health = health.as_str(), %detail, "backend health changed");
-        let _ = self.events.send(HealthEvent {
-            instance: backend.instance.clone(),
-            health,
-            detail,
-        });
+        let _ = self.events.send(HealthEvent { instance: backend.instance.clone(), health, detail });
         if health == BackendHealth::Healthy {
             self.changed.notify_waiters();
         }
@@ -103,37 +96,20 @@ pub(crate) async fn run_checker(backend: Arc<BackendState>, shared: Arc<Shared>)
 /// summary as in `GET /health/ -> 200 in 3ms`.
 pub(crate) async fn check_once(addr: SocketAddr, check: &HealthCheck) -> (bool, String) {
     let started = Instant::now();
-    let path = if check.path.starts_with('/') {
-        check.path.as_str()
-    } else {
-        "/"
-    };
+    let path = if check.path.starts_with('/') { check.path.as_str() } else { "/" };
     match tokio::time::timeout(check.timeout, exchange(addr, path)).await {
         Ok(Ok(status)) => {
             let pass = check.expect_status.contains(status);
-            (
-                pass,
-                format!(
-                    "GET {path} -> {status} in {}ms",
-                    started.elapsed().as_millis()
-                ),
-            )
+            (pass, format!("GET {path} -> {status} in {}ms", started.elapsed().as_millis()))
         }
         Ok(Err(err)) => (false, format!("GET {path} -> {err}")),
-        Err(_) => (
-            false,
-            format!(
-                "GET {path} -> timed out after {}ms",
-                check.timeout.as_millis()
-            ),
-        ),
+        Err(_) => (false, format!("GET {path} -> timed out after {}ms", check.timeout.as_millis())),
     }
 }
 
 async fn exchange(addr: SocketAddr, path: &str) -> Result<u16, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect error: {}", clean_io_message(&e.to_string())))?;
+    let stream =
+        TcpStream::connect(addr).await.map_err(|e| format!("connect error: {}", clean_io_message(&e.to_string())))?;
     let _ = stream.set_nodelay(true);
     let (mut tx, conn) = hyper::client::conn::http1::handshake::<_, UpBody>(TokioIo::new(stream))
         .await

@@ -81,8 +81,7 @@ use health::Shared;
 use nonstop_core::ids::InstanceId;
 use nonstop_core::process::HealthCheck;
 use nonstop_core::traffic::{
-    Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey,
-    Traffic,
+    Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Traffic,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -125,9 +124,7 @@ impl Drop for Inner {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy")
-            .field("config", &self.inner.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Proxy").field("config", &self.inner.config).finish_non_exhaustive()
     }
 }
 
@@ -170,31 +167,15 @@ impl Proxy {
     /// TLS configuration. On error (naming the file and the problem)
     /// nothing changes. Reads files: call it outside the hot path.
     pub fn configure_tls(&self, settings: &TlsSettings) -> Result<(), TlsError> {
-        let state = Arc::new(tls::TlsState::load(
-            settings,
-            self.inner.root.child_token(),
-        )?);
-        self.inner
-            .redirect_http
-            .store(state.redirects(), Ordering::Relaxed);
+        let state = Arc::new(tls::TlsState::load(settings, self.inner.root.child_token())?);
+        self.inner.redirect_http.store(state.redirects(), Ordering::Relaxed);
         if let Some(old) = self.inner.tls.swap(Some(Arc::clone(&state))) {
             old.token.cancel();
         }
-        let hosts: Vec<&str> = settings
-            .certs
-            .iter()
-            .flat_map(|c| c.hosts.iter().map(String::as_str))
-            .collect();
-        tracing::info!(
-            ?hosts,
-            redirect_http = settings.redirect_http,
-            "TLS certificates loaded"
-        );
+        let hosts: Vec<&str> = settings.certs.iter().flat_map(|c| c.hosts.iter().map(String::as_str)).collect();
+        tracing::info!(?hosts, redirect_http = settings.redirect_http, "TLS certificates loaded");
         let reloader = tls::reload_loop(state, settings.reload_interval);
-        match tokio::runtime::Handle::try_current()
-            .ok()
-            .or_else(|| self.inner.runtime.clone())
-        {
+        match tokio::runtime::Handle::try_current().ok().or_else(|| self.inner.runtime.clone()) {
             Some(handle) => {
                 self.inner.tasks.spawn_on(reloader, &handle);
             }
@@ -226,13 +207,7 @@ impl Proxy {
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        server::serve(
-            Arc::clone(&self.inner),
-            listener,
-            shutdown,
-            server::Mode::Tls,
-        )
-        .await
+        server::serve(Arc::clone(&self.inner), listener, shutdown, server::Mode::Tls).await
     }
 
     /// Serve HTTP/1.1 and h2c (HTTP/2 with prior knowledge) clients on
@@ -243,18 +218,8 @@ impl Proxy {
     /// listener moves to a new address); routes, backends and health
     /// checks belong to the `Proxy`, not to a listener, and keep running:
     /// stop them with [`Proxy::close`] (or by dropping every clone).
-    pub async fn serve(
-        &self,
-        listener: tokio::net::TcpListener,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<()> {
-        server::serve(
-            Arc::clone(&self.inner),
-            listener,
-            shutdown,
-            server::Mode::Plain,
-        )
-        .await
+    pub async fn serve(&self, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+        server::serve(Arc::clone(&self.inner), listener, shutdown, server::Mode::Plain).await
     }
 
     /// Stop every health checker, close idle upstream connections and wait
@@ -268,10 +233,7 @@ impl Proxy {
             entry.state.pool.clear();
         }
         self.inner.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.inner.tasks.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(5), self.inner.tasks.wait()).await.is_err() {
             tracing::warn!("proxy tasks still running 5s after close");
         }
     }
@@ -308,21 +270,13 @@ impl Proxy {
 
     /// Every known backend, by instance.
     pub fn backends(&self) -> Vec<BackendStatus> {
-        let mut all: Vec<BackendStatus> = self
-            .registry()
-            .backends
-            .values()
-            .map(|e| e.state.status())
-            .collect();
+        let mut all: Vec<BackendStatus> = self.registry().backends.values().map(|e| e.state.status()).collect();
         all.sort_by(|a, b| a.instance.cmp(&b.instance));
         all
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.inner
-            .registry
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Swap in a new snapshot of `reg` (called with the registry locked, so
@@ -336,11 +290,7 @@ impl Proxy {
     /// Forget `state` if it is still the registered backend of `instance`.
     fn forget(&self, instance: &InstanceId, state: &Arc<BackendState>) {
         let mut reg = self.registry();
-        if reg
-            .backends
-            .get(instance)
-            .is_some_and(|e| Arc::ptr_eq(&e.state, state))
-        {
+        if reg.backends.get(instance).is_some_and(|e| Arc::ptr_eq(&e.state, state)) {
             reg.backends.remove(instance);
             self.publish(&reg);
         }
@@ -366,11 +316,7 @@ impl Traffic for Proxy {
             self.inner.root.child_token(),
         ));
         let mut reg = self.registry();
-        let entry = Entry {
-            route: route.clone(),
-            state: Arc::clone(&state),
-            in_rotation: true,
-        };
+        let entry = Entry { route: route.clone(), state: Arc::clone(&state), in_rotation: true };
         if let Some(old) = reg.backends.insert(backend.instance.clone(), entry) {
             tracing::warn!(instance = %backend.instance, "backend added twice; replacing the previous one");
             old.state.retire();
@@ -380,10 +326,7 @@ impl Traffic for Proxy {
         drop(reg);
         tracing::debug!(instance = %backend.instance, addr = %backend.addr, route = %route.0, initial = health.as_str(), "backend added");
         let checker = health::run_checker(state, Arc::clone(&self.inner.shared));
-        match tokio::runtime::Handle::try_current()
-            .ok()
-            .or_else(|| self.inner.runtime.clone())
-        {
+        match tokio::runtime::Handle::try_current().ok().or_else(|| self.inner.runtime.clone()) {
             Some(handle) => {
                 self.inner.tasks.spawn_on(checker, &handle);
             }
@@ -443,10 +386,7 @@ impl Traffic for Proxy {
     }
 
     fn status(&self, instance: &InstanceId) -> Option<BackendStatus> {
-        self.registry()
-            .backends
-            .get(instance)
-            .map(|e| e.state.status())
+        self.registry().backends.get(instance).map(|e| e.state.status())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<HealthEvent> {

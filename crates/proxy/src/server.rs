@@ -84,11 +84,7 @@ pub(crate) struct ConnSignal {
 
 impl ConnSignal {
     fn new() -> Self {
-        Self {
-            state: AtomicU8::new(RUN),
-            waker: AtomicWaker::new(),
-            tunnel_waker: AtomicWaker::new(),
-        }
+        Self { state: AtomicU8::new(RUN), waker: AtomicWaker::new(), tunnel_waker: AtomicWaker::new() }
     }
 
     fn raise(&self, to: u8) {
@@ -154,8 +150,8 @@ impl ConnCtx {
         tasks: TaskTracker,
         live: &Arc<Mutex<Live>>,
     ) -> Arc<Self> {
-        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let peer_ip =
+            HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let mut reg = lock_live(live);
         let id = reg.next;
         reg.next += 1;
@@ -277,13 +273,7 @@ const CAND_TE: u8 = 2;
 
 impl HeadScan {
     fn new() -> Self {
-        Self {
-            active: true,
-            state: ScanState::RequestLine,
-            pos: 0,
-            candidates: 0,
-            flags: 0,
-        }
+        Self { active: true, state: ScanState::RequestLine, pos: 0, candidates: 0, flags: 0 }
     }
 
     fn restart(&mut self) {
@@ -295,15 +285,13 @@ impl HeadScan {
         let mut i = 0;
         while i < bytes.len() {
             match self.state {
-                ScanState::RequestLine | ScanState::SkipLine => {
-                    match bytes[i..].iter().position(|&b| b == b'\n') {
-                        Some(at) => {
-                            i += at + 1;
-                            self.state = ScanState::LineStart;
-                        }
-                        None => return None,
+                ScanState::RequestLine | ScanState::SkipLine => match bytes[i..].iter().position(|&b| b == b'\n') {
+                    Some(at) => {
+                        i += at + 1;
+                        self.state = ScanState::LineStart;
                     }
-                }
+                    None => return None,
+                },
                 ScanState::LineStart | ScanState::BlankCr => {
                     let b = bytes[i];
                     if b == b'\n' {
@@ -383,8 +371,7 @@ pub(crate) struct TimedStream<IO> {
 
 impl<IO> TimedStream<IO> {
     fn new(inner: IO, ctx: Arc<ConnCtx>) -> Self {
-        let (header_read_timeout, idle_timeout) =
-            (ctx.config.header_read_timeout, ctx.config.idle_timeout);
+        let (header_read_timeout, idle_timeout) = (ctx.config.header_read_timeout, ctx.config.idle_timeout);
         Self {
             inner,
             ctx,
@@ -430,11 +417,7 @@ impl<IO> TimedStream<IO> {
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for TimedStream<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let phase = this.ctx.phase();
         if phase != this.seen {
@@ -450,12 +433,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for TimedStream<IO> {
                 if this.seen.0 == IDLE && !this.ctx.multiplexed.load(Ordering::Relaxed) {
                     // First bytes of the next request: the head must now
                     // arrive within header_read_timeout.
-                    let _ = this.ctx.phase.compare_exchange(
-                        IDLE,
-                        HEAD,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
+                    let _ = this.ctx.phase.compare_exchange(IDLE, HEAD, Ordering::Relaxed, Ordering::Relaxed);
                     this.enter((HEAD, this.seen.1));
                     this.scan.restart();
                 }
@@ -488,11 +466,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for TimedStream<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for TimedStream<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
@@ -591,12 +565,7 @@ pub(crate) async fn serve(
                 };
                 no_tls_logged = false;
                 let ctx = ConnCtx::new(peer, config, true, tasks.clone(), &live);
-                tasks.spawn(serve_tls_conn(
-                    Arc::clone(&inner),
-                    stream,
-                    ctx,
-                    tls.acceptor.clone(),
-                ));
+                tasks.spawn(serve_tls_conn(Arc::clone(&inner), stream, ctx, tls.acceptor.clone()));
             }
         }
     }
@@ -620,9 +589,7 @@ pub(crate) async fn serve(
 async fn accept_error(err: io::Error) {
     match err.kind() {
         // The client gave up between SYN and accept: nothing to do.
-        io::ErrorKind::ConnectionAborted
-        | io::ErrorKind::ConnectionReset
-        | io::ErrorKind::Interrupted => {}
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted => {}
         _ => {
             // EMFILE and friends: back off instead of spinning.
             tracing::warn!(error = %err, "accept failed");
@@ -632,12 +599,7 @@ async fn accept_error(err: io::Error) {
 }
 
 /// The TLS handshake (within `header_read_timeout`), then HTTP.
-async fn serve_tls_conn(
-    inner: Arc<Inner>,
-    stream: TcpStream,
-    ctx: Arc<ConnCtx>,
-    acceptor: tokio_rustls::TlsAcceptor,
-) {
+async fn serve_tls_conn(inner: Arc<Inner>, stream: TcpStream, ctx: Arc<ConnCtx>, acceptor: tokio_rustls::TlsAcceptor) {
     let peer = ctx.peer;
     let handshake = tokio::time::timeout(ctx.config.header_read_timeout, acceptor.accept(stream));
     let outcome = tokio::select! {
@@ -676,18 +638,14 @@ where
     {
         let mut h1 = builder.http1();
         // Client timeouts are TimedStream's (see the module docs).
-        h1.header_read_timeout(None)
-            .keep_alive(true)
-            .max_buf_size(config.h1_buffer());
+        h1.header_read_timeout(None).keep_alive(true).max_buf_size(config.h1_buffer());
         if config.max_headers != crate::config::DEFAULT_MAX_HEADERS {
             // hyper's default is ours; another value costs it an allocation
             // per request, so it is set only when asked for.
             h1.max_headers(config.max_headers);
         }
     }
-    builder
-        .http2()
-        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+    builder.http2().max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut graceful_sent = false;
@@ -700,8 +658,7 @@ where
             FORCE => return Poll::Ready(None),
             GRACEFUL if !graceful_sent => {
                 let waiting_for_head = ctx.phase().0 == HEAD;
-                let grace = head_grace
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_HEAD_GRACE)));
+                let grace = head_grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_HEAD_GRACE)));
                 if !waiting_for_head || grace.as_mut().poll(cx).is_ready() {
                     // Finish the request in progress (if any), then close.
                     graceful_sent = true;
@@ -728,11 +685,7 @@ where
 fn log_connection_error(peer: SocketAddr, err: &(dyn std::error::Error + 'static)) {
     if let Some(h) = err.downcast_ref::<hyper::Error>() {
         if h.is_parse_too_large() {
-            let status = if h.to_string().contains("URI") {
-                414
-            } else {
-                431
-            };
+            let status = if h.to_string().contains("URI") { 414 } else { 431 };
             tracing::info!(client = %peer, status, reason = %h, "request rejected");
             return;
         }
@@ -773,30 +726,15 @@ mod tests {
         let plain = b"GET / HTTP/1.1\r\nHost: a\r\nX-Content-Length: 1\r\n\r\n";
         assert_eq!(scan(&[plain]), Some(0));
         let both = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n";
-        assert_eq!(
-            scan(&[both]),
-            Some(SAW_CONTENT_LENGTH | SAW_TRANSFER_ENCODING)
-        );
+        assert_eq!(scan(&[both]), Some(SAW_CONTENT_LENGTH | SAW_TRANSFER_ENCODING));
         let dup = b"POST / HTTP/1.1\r\ncontent-LENGTH: 5\r\nContent-Length: 5\r\n\r\nhello";
-        assert_eq!(
-            scan(&[dup]),
-            Some(SAW_CONTENT_LENGTH | DUPLICATE_CONTENT_LENGTH)
-        );
+        assert_eq!(scan(&[dup]), Some(SAW_CONTENT_LENGTH | DUPLICATE_CONTENT_LENGTH));
         // Split anywhere, bare LF line ends.
         let split: Vec<&[u8]> = both.chunks(3).collect();
-        assert_eq!(
-            scan(&split),
-            Some(SAW_CONTENT_LENGTH | SAW_TRANSFER_ENCODING)
-        );
-        assert_eq!(
-            scan(&[b"GET / HTTP/1.1\nTransfer-Encoding: chunked\n\n"]),
-            Some(SAW_TRANSFER_ENCODING)
-        );
+        assert_eq!(scan(&split), Some(SAW_CONTENT_LENGTH | SAW_TRANSFER_ENCODING));
+        assert_eq!(scan(&[b"GET / HTTP/1.1\nTransfer-Encoding: chunked\n\n"]), Some(SAW_TRANSFER_ENCODING));
         // A name that only starts like one, and values that contain one.
-        assert_eq!(
-            scan(&[b"GET / HTTP/1.1\r\nContent-Lengthy: 1\r\nX: content-length: 2\r\n\r\n"]),
-            Some(0)
-        );
+        assert_eq!(scan(&[b"GET / HTTP/1.1\r\nContent-Lengthy: 1\r\nX: content-length: 2\r\n\r\n"]), Some(0));
         // Incomplete heads report nothing yet.
         assert_eq!(scan(&[b"GET / HTTP/1.1\r\nContent-Length: 1\r\n"]), None);
     }

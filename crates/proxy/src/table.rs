@@ -154,20 +154,10 @@ impl Registry {
         for (key, mut backends) in grouped {
             backends.sort_by(|a, b| a.instance.cmp(&b.instance));
             let backends = backends.into_iter().cloned().collect();
-            routes.insert(
-                key,
-                Arc::new(Route {
-                    key: key.clone(),
-                    backends,
-                    cursor: AtomicUsize::new(0),
-                }),
-            );
+            routes.insert(key, Arc::new(Route { key: key.clone(), backends, cursor: AtomicUsize::new(0) }));
         }
         let mut snap = Snapshot {
-            default: self
-                .default_route
-                .as_ref()
-                .and_then(|k| routes.get(k).cloned()),
+            default: self.default_route.as_ref().and_then(|k| routes.get(k).cloned()),
             ..Snapshot::default()
         };
         for (key, hosts) in &self.hosts {
@@ -205,14 +195,8 @@ mod tests {
 
     #[test]
     fn configured_hosts_are_normalised() {
-        assert_eq!(
-            normalize_host("Example.COM:443").as_deref(),
-            Some("example.com")
-        );
-        assert_eq!(
-            normalize_host("*.Staging.Example.com").as_deref(),
-            Some("*.staging.example.com")
-        );
+        assert_eq!(normalize_host("Example.COM:443").as_deref(), Some("example.com"));
+        assert_eq!(normalize_host("*.Staging.Example.com").as_deref(), Some("*.staging.example.com"));
         assert_eq!(normalize_host("  "), None);
     }
 
@@ -229,15 +213,8 @@ mod tests {
         assert_eq!(key(b"app.test"), Some("a".into()));
         assert_eq!(key(b"APP.test:80"), Some("a".into()));
         assert_eq!(key(b"pr-7.review.test"), Some("b".into()));
-        assert_eq!(
-            key(b"review.test"),
-            Some("a".into()),
-            "wildcard needs a label; falls to default"
-        );
+        assert_eq!(key(b"review.test"), Some("a".into()), "wildcard needs a label; falls to default");
         assert_eq!(key(b"other"), Some("a".into()));
-        assert_eq!(
-            snap.route_for(None).map(|r| r.key.0.clone()),
-            Some("a".into())
-        );
+        assert_eq!(snap.route_for(None).map(|r| r.key.0.clone()), Some("a".into()));
     }
 }

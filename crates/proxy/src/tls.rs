@@ -69,11 +69,7 @@ impl TlsSettings {
             certs: spec
                 .tls
                 .iter()
-                .map(|t| TlsCert {
-                    hosts: t.hosts.clone(),
-                    cert: t.cert.clone(),
-                    key: t.key.clone(),
-                })
+                .map(|t| TlsCert { hosts: t.hosts.clone(), cert: t.cert.clone(), key: t.key.clone() })
                 .collect(),
             redirect_http: spec.redirects_http(),
             https_port: spec.https_listen.map_or(443, |a| a.port()),
@@ -93,11 +89,7 @@ pub enum TlsError {
     #[error("TLS certificate {cert}: invalid host name {host:?}")]
     InvalidHost { cert: PathBuf, host: String },
     #[error("TLS host {host:?} is given two certificates: {first} and {second}")]
-    DuplicateHost {
-        host: String,
-        first: PathBuf,
-        second: PathBuf,
-    },
+    DuplicateHost { host: String, first: PathBuf, second: PathBuf },
     #[error("cannot read {file}: {source}")]
     Read {
         file: PathBuf,
@@ -203,11 +195,7 @@ struct Stamp {
 fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        modified: meta.modified().ok(),
-        len: meta.len(),
-        ino: meta.ino(),
-    })
+    Some(Stamp { modified: meta.modified().ok(), len: meta.len(), ino: meta.ino() })
 }
 
 struct Entry {
@@ -243,24 +231,15 @@ impl TlsState {
         let mut seen: HashMap<String, PathBuf> = HashMap::new();
         for c in &settings.certs {
             if c.hosts.is_empty() {
-                return Err(TlsError::NoHosts {
-                    cert: c.cert.clone(),
-                });
+                return Err(TlsError::NoHosts { cert: c.cert.clone() });
             }
             let mut hosts = Vec::with_capacity(c.hosts.len());
             for h in &c.hosts {
                 let Some(host) = normalize_tls_host(h) else {
-                    return Err(TlsError::InvalidHost {
-                        cert: c.cert.clone(),
-                        host: h.clone(),
-                    });
+                    return Err(TlsError::InvalidHost { cert: c.cert.clone(), host: h.clone() });
                 };
                 if let Some(first) = seen.insert(host.clone(), c.cert.clone()) {
-                    return Err(TlsError::DuplicateHost {
-                        host,
-                        first,
-                        second: c.cert.clone(),
-                    });
+                    return Err(TlsError::DuplicateHost { host, first, second: c.cert.clone() });
                 }
                 hosts.push(host);
             }
@@ -296,9 +275,7 @@ impl TlsState {
     }
 
     fn entries(&self) -> MutexGuard<'_, Vec<Entry>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn redirects(&self) -> bool {
@@ -363,10 +340,7 @@ pub(crate) async fn reload_loop(state: Arc<TlsState>, interval: Duration) {
             _ = tick.tick() => {}
         }
         let s = Arc::clone(&state);
-        if tokio::task::spawn_blocking(move || s.reload_changed())
-            .await
-            .is_err()
-        {
+        if tokio::task::spawn_blocking(move || s.reload_changed()).await.is_err() {
             tracing::warn!("TLS certificate check failed");
         }
     }
@@ -383,11 +357,7 @@ fn cert_set(entries: &[Entry]) -> CertSet {
             };
         }
     }
-    CertSet {
-        exact,
-        wildcard,
-        default: Arc::clone(&entries[0].key),
-    }
+    CertSet { exact, wildcard, default: Arc::clone(&entries[0].key) }
 }
 
 /// A configured TLS host, lowercase: `example.com` or `*.example.com`.
@@ -400,74 +370,44 @@ pub(crate) fn normalize_tls_host(raw: &str) -> Option<String> {
         && !name.starts_with('.')
         && !name.ends_with('.')
         && !name.contains("..")
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     valid.then_some(host)
 }
 
 fn read(file: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(file).map_err(|source| TlsError::Read {
-        file: file.to_path_buf(),
-        source,
-    })
+    std::fs::read(file).map_err(|source| TlsError::Read { file: file.to_path_buf(), source })
 }
 
 fn pem_error(file: &Path, err: rustls::pki_types::pem::Error) -> TlsError {
-    TlsError::BadPem {
-        file: file.to_path_buf(),
-        detail: err.to_string(),
-    }
+    TlsError::BadPem { file: file.to_path_buf(), detail: err.to_string() }
 }
 
 /// A certificate chain and its key, checked to belong together.
-fn load_pair(
-    cert: &Path,
-    key: &Path,
-    provider: &CryptoProvider,
-) -> Result<Arc<CertifiedKey>, TlsError> {
+fn load_pair(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
     use rustls::pki_types::pem::Error as PemError;
     let cert_pem = read(cert)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem_error(cert, e))?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&cert_pem).collect::<Result<_, _>>().map_err(|e| pem_error(cert, e))?;
     if chain.is_empty() {
-        return Err(TlsError::NoCertificate {
-            file: cert.to_path_buf(),
-        });
+        return Err(TlsError::NoCertificate { file: cert.to_path_buf() });
     }
     let key_pem = read(key)?;
     let key_der = match PrivateKeyDer::from_pem_slice(&key_pem) {
         Ok(k) => k,
-        Err(PemError::NoItemsFound) => {
-            return Err(TlsError::NoKey {
-                file: key.to_path_buf(),
-            })
-        }
+        Err(PemError::NoItemsFound) => return Err(TlsError::NoKey { file: key.to_path_buf() }),
         Err(e) => return Err(pem_error(key, e)),
     };
     let signing = provider
         .key_provider
         .load_private_key(key_der)
-        .map_err(|e| TlsError::UnsupportedKey {
-            file: key.to_path_buf(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| TlsError::UnsupportedKey { file: key.to_path_buf(), detail: e.to_string() })?;
     let certified = CertifiedKey::new(chain, signing);
     match certified.keys_match() {
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
         Err(rustls::Error::InconsistentKeys(_)) => {
-            return Err(TlsError::KeyMismatch {
-                cert: cert.to_path_buf(),
-                key: key.to_path_buf(),
-            })
+            return Err(TlsError::KeyMismatch { cert: cert.to_path_buf(), key: key.to_path_buf() })
         }
-        Err(e) => {
-            return Err(TlsError::BadCertificate {
-                file: cert.to_path_buf(),
-                detail: e.to_string(),
-            })
-        }
+        Err(e) => return Err(TlsError::BadCertificate { file: cert.to_path_buf(), detail: e.to_string() }),
     }
     Ok(Arc::new(certified))
 }
@@ -513,23 +453,9 @@ mod tests {
 
     #[test]
     fn tls_hosts_are_names_or_wildcards() {
-        assert_eq!(
-            normalize_tls_host("Example.TEST").as_deref(),
-            Some("example.test")
-        );
-        assert_eq!(
-            normalize_tls_host("*.example.test").as_deref(),
-            Some("*.example.test")
-        );
-        for bad in [
-            "",
-            "*.",
-            "example.test:443",
-            "https://x",
-            "a..b",
-            "a b",
-            "*.*.x",
-        ] {
+        assert_eq!(normalize_tls_host("Example.TEST").as_deref(), Some("example.test"));
+        assert_eq!(normalize_tls_host("*.example.test").as_deref(), Some("*.example.test"));
+        for bad in ["", "*.", "example.test:443", "https://x", "a..b", "a b", "*.*.x"] {
             assert_eq!(normalize_tls_host(bad), None, "{bad}");
         }
     }

@@ -23,10 +23,7 @@ fn body_handler() -> Handler {
     Arc::new(|req, state| {
         Box::pin(async move {
             let path = req.uri().path().to_string();
-            let te = req
-                .headers()
-                .get("transfer-encoding")
-                .map(|v| v.to_str().unwrap_or("?").to_string());
+            let te = req.headers().get("transfer-encoding").map(|v| v.to_str().unwrap_or("?").to_string());
             match req.into_body().collect().await {
                 Ok(body) => {
                     let n = body.to_bytes().len();
@@ -54,24 +51,13 @@ async fn proxy_with(config: ProxyConfig, handler: Handler) -> (Running, Upstream
 #[track_caller]
 fn logged_once(client: SocketAddr, needle: &str) {
     let lines = logs::for_client(client);
-    assert_eq!(
-        lines.len(),
-        1,
-        "expected one log line for {client}, got {lines:#?}"
-    );
-    assert!(
-        lines[0].contains(needle),
-        "{needle:?} not in {:?}",
-        lines[0]
-    );
+    assert_eq!(lines.len(), 1, "expected one log line for {client}, got {lines:#?}");
+    assert!(lines[0].contains(needle), "{needle:?} not in {:?}", lines[0]);
 }
 
 /// Wait (bounded) for the log line of a connection that just closed.
 async fn wait_logged(client: SocketAddr) {
-    wait_until("the rejection to be logged", || {
-        !logs::for_client(client).is_empty()
-    })
-    .await;
+    wait_until("the rejection to be logged", || !logs::for_client(client).is_empty()).await;
 }
 
 // ------------------------------------------------------------------- limits
@@ -79,12 +65,7 @@ async fn wait_logged(client: SocketAddr) {
 #[tokio::test]
 async fn oversized_heads_get_431_and_long_targets_414() {
     let (p, up) = proxy_with(
-        ProxyConfig {
-            max_header_bytes: 16 * 1024,
-            max_headers: 20,
-            max_request_line: 1024,
-            ..config()
-        },
+        ProxyConfig { max_header_bytes: 16 * 1024, max_headers: 20, max_request_line: 1024, ..config() },
         body_handler(),
     )
     .await;
@@ -93,31 +74,17 @@ async fn oversized_heads_get_431_and_long_targets_414() {
         many.push_str(&format!("X-H{i}: v\r\n"));
     }
     many.push_str("\r\n");
-    let big_header = format!(
-        "GET / HTTP/1.1\r\nHost: app.test\r\nCookie: {}\r\n\r\n",
-        "c".repeat(20 * 1024)
-    );
-    let long_target = format!(
-        "GET /{} HTTP/1.1\r\nHost: app.test\r\n\r\n",
-        "p".repeat(2000)
-    );
+    let big_header = format!("GET / HTTP/1.1\r\nHost: app.test\r\nCookie: {}\r\n\r\n", "c".repeat(20 * 1024));
+    let long_target = format!("GET /{} HTTP/1.1\r\nHost: app.test\r\n\r\n", "p".repeat(2000));
     for (what, request, status, log) in [
         ("too many headers", many, 431, "status=431"),
         ("a 20 KiB header", big_header, 431, "status=431"),
-        (
-            "a 2000-byte target",
-            long_target,
-            414,
-            "request target longer than max_request_line",
-        ),
+        ("a 2000-byte target", long_target, 414, "request target longer than max_request_line"),
     ] {
         let (reply, client, mut s) = raw_request(p.addr, request.as_bytes()).await;
         let reply = reply.unwrap_or_else(|| panic!("{what}: no answer"));
         assert_eq!(reply.status, status, "{what}: {}", reply.head);
-        assert!(
-            closes(&mut s, Duration::from_secs(5)).await,
-            "{what}: left open"
-        );
+        assert!(closes(&mut s, Duration::from_secs(5)).await, "{what}: left open");
         wait_logged(client).await;
         logged_once(client, log);
     }
@@ -136,20 +103,10 @@ async fn oversized_heads_get_431_and_long_targets_414() {
 
 #[tokio::test]
 async fn bodies_over_the_limit_get_413_up_front() {
-    let (p, up) = proxy_with(
-        ProxyConfig {
-            max_body_bytes: 1000,
-            ..config()
-        },
-        body_handler(),
-    )
-    .await;
+    let (p, up) = proxy_with(ProxyConfig { max_body_bytes: 1000, ..config() }, body_handler()).await;
     // Announced too large: answered at once, without reading the body.
-    let (reply, client, mut s) = raw_request(
-        p.addr,
-        b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5000\r\n\r\n",
-    )
-    .await;
+    let (reply, client, mut s) =
+        raw_request(p.addr, b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5000\r\n\r\n").await;
     let reply = reply.unwrap();
     assert_eq!(reply.status, 413, "{}", reply.head);
     assert_eq!(reply.header("connection").as_deref(), Some("close"));
@@ -161,7 +118,8 @@ async fn bodies_over_the_limit_get_413_up_front() {
     let body = "x".repeat(1000);
     let (reply, _, _) = raw_request(
         p.addr,
-        format!("POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{body}").as_bytes(),
+        format!("POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{body}")
+            .as_bytes(),
     )
     .await;
     assert_eq!(reply.unwrap().status, 200);
@@ -170,14 +128,7 @@ async fn bodies_over_the_limit_get_413_up_front() {
 
 #[tokio::test]
 async fn a_chunked_body_growing_past_the_limit_aborts_the_upstream_request() {
-    let (p, up) = proxy_with(
-        ProxyConfig {
-            max_body_bytes: 1000,
-            ..config()
-        },
-        body_handler(),
-    )
-    .await;
+    let (p, up) = proxy_with(ProxyConfig { max_body_bytes: 1000, ..config() }, body_handler()).await;
     // Under the limit, chunked: streamed through.
     let mut small = String::from(
         "POST /small HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
@@ -194,9 +145,7 @@ async fn a_chunked_body_growing_past_the_limit_aborts_the_upstream_request() {
     // Over it: 4 × 300 bytes, the end never sent.
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     let client = s.local_addr().unwrap();
-    s.write_all(b"POST /big HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"POST /big HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
     for _ in 0..4 {
         let chunk = format!("12c\r\n{}\r\n", "b".repeat(300));
         if s.write_all(chunk.as_bytes()).await.is_err() {
@@ -210,12 +159,7 @@ async fn a_chunked_body_growing_past_the_limit_aborts_the_upstream_request() {
     }
     assert!(closes(&mut s, Duration::from_secs(5)).await);
     wait_until("the instance to see its request aborted", || {
-        up.state
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l == "body error")
+        up.state.log.lock().unwrap().iter().any(|l| l == "body error")
     })
     .await;
     wait_logged(client).await;
@@ -229,16 +173,41 @@ async fn a_chunked_body_growing_past_the_limit_aborts_the_upstream_request() {
 /// instance: (what, request, status, a word of the log line).
 const REFUSED: &[(&str, &str, u16, &str)] = &[
     // What hyper refuses by itself.
-    ("conflicting Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400, "status=400"),
+    (
+        "conflicting Content-Length",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        400,
+        "status=400",
+    ),
     ("Content-Length list", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello", 400, "status=400"),
     ("non-numeric Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n", 400, "status=400"),
     ("negative Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400, "status=400"),
     ("signed Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello", 400, "status=400"),
-    ("overflowing Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400, "status=400"),
+    (
+        "overflowing Content-Length",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        400,
+        "status=400",
+    ),
     ("obsolete line folding", "GET / HTTP/1.1\r\nHost: a\r\nX-A: one\r\n two\r\n\r\n", 400, "status=400"),
-    ("Transfer-Encoding not chunked", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nhello", 400, "status=400"),
-    ("chunked not last", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 400, "status=400"),
-    ("Transfer-Encoding in HTTP/1.0", "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "status=400"),
+    (
+        "Transfer-Encoding not chunked",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        400,
+        "status=400",
+    ),
+    (
+        "chunked not last",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        400,
+        "status=400",
+    ),
+    (
+        "Transfer-Encoding in HTTP/1.0",
+        "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "status=400",
+    ),
     ("space in a header name", "GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n", 400, "status=400"),
     ("space before the colon", "GET / HTTP/1.1\r\nHost: a\r\nX-A : x\r\n\r\n", 400, "status=400"),
     ("control byte in a name", "GET / HTTP/1.1\r\nHost: a\r\nX-\x01A: x\r\n\r\n", 400, "status=400"),
@@ -248,15 +217,50 @@ const REFUSED: &[(&str, &str, u16, &str)] = &[
     ("space in the target", "GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400, "status=400"),
     ("unknown version", "GET / HTTP/1.2\r\nHost: a\r\n\r\n", 400, "status=400"),
     // What the proxy adds.
-    ("Content-Length then Transfer-Encoding", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "Content-Length together with Transfer-Encoding"),
-    ("Transfer-Encoding then Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", 400, "Content-Length together with Transfer-Encoding"),
-    ("repeated equal Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello", 400, "more than one Content-Length header"),
-    ("a coding before chunked", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501, "Transfer-Encoding other than chunked"),
-    ("chunked twice", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501, "Transfer-Encoding other than chunked"),
+    (
+        "Content-Length then Transfer-Encoding",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "Content-Length together with Transfer-Encoding",
+    ),
+    (
+        "Transfer-Encoding then Content-Length",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        400,
+        "Content-Length together with Transfer-Encoding",
+    ),
+    (
+        "repeated equal Content-Length",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello",
+        400,
+        "more than one Content-Length header",
+    ),
+    (
+        "a coding before chunked",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        501,
+        "Transfer-Encoding other than chunked",
+    ),
+    (
+        "chunked twice",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        501,
+        "Transfer-Encoding other than chunked",
+    ),
     ("no Host in HTTP/1.1", "GET / HTTP/1.1\r\n\r\n", 400, "missing Host header"),
     ("two Host headers", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "more than one Host header"),
-    ("absolute target naming another host", "GET http://evil.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n", 400, "the request target and Host name different hosts"),
-    ("absolute target with another port", "GET http://a.test:81/ HTTP/1.1\r\nHost: a.test\r\n\r\n", 400, "the request target and Host name different hosts"),
+    (
+        "absolute target naming another host",
+        "GET http://evil.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        400,
+        "the request target and Host name different hosts",
+    ),
+    (
+        "absolute target with another port",
+        "GET http://a.test:81/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        400,
+        "the request target and Host name different hosts",
+    ),
     ("CONNECT", "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n", 405, "CONNECT is not supported"),
 ];
 
@@ -267,10 +271,7 @@ async fn malformed_and_smuggling_requests_are_refused_and_closed() {
         let (reply, client, mut s) = raw_request(p.addr, request.as_bytes()).await;
         let reply = reply.unwrap_or_else(|| panic!("{what}: no answer"));
         assert_eq!(reply.status, *status, "{what}: {}", reply.head);
-        assert!(
-            closes(&mut s, Duration::from_secs(5)).await,
-            "{what}: connection left open"
-        );
+        assert!(closes(&mut s, Duration::from_secs(5)).await, "{what}: connection left open");
         wait_logged(client).await;
         logged_once(client, log);
     }
@@ -350,15 +351,10 @@ fn framing_handler() -> Handler {
 async fn http10_clients_get_framing_they_understand() {
     let (p, _up) = proxy_with(config(), framing_handler()).await;
     // HTTP/1.0 cannot take chunked: the body ends with the connection.
-    let (reply, _, mut s) =
-        raw_request(p.addr, b"GET /stream HTTP/1.0\r\nHost: app.test\r\n\r\n").await;
+    let (reply, _, mut s) = raw_request(p.addr, b"GET /stream HTTP/1.0\r\nHost: app.test\r\n\r\n").await;
     let reply = reply.unwrap();
     assert!(reply.head.starts_with("HTTP/1.0 200"), "{}", reply.head);
-    assert!(
-        reply.header("transfer-encoding").is_none(),
-        "{}",
-        reply.head
-    );
+    assert!(reply.header("transfer-encoding").is_none(), "{}", reply.head);
     assert_eq!(reply.body, b"hello world");
     assert!(closes(&mut s, Duration::from_secs(5)).await);
 
@@ -370,14 +366,10 @@ async fn http10_clients_get_framing_they_understand() {
     // HTTP/1.0 asking for keep-alive keeps its connection.
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     for _ in 0..2 {
-        s.write_all(b"GET /fixed HTTP/1.0\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n")
-            .await
-            .unwrap();
+        s.write_all(b"GET /fixed HTTP/1.0\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n").await.unwrap();
         let reply = read_response(&mut s).await.unwrap();
         assert_eq!(reply.body, b"fixed");
-        assert!(reply
-            .header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("keep-alive")));
+        assert!(reply.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("keep-alive")));
     }
     assert!(!closes(&mut s, Duration::from_millis(300)).await);
     p.stop().await;
@@ -388,17 +380,13 @@ async fn keep_alive_is_honoured_until_connection_close() {
     let (p, up) = proxy_with(config(), framing_handler()).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     for path in ["/fixed", "/stream", "/fixed"] {
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n").as_bytes()).await.unwrap();
         let reply = read_response(&mut s).await.unwrap();
         assert_eq!(reply.status, 200);
         assert!(reply.header("connection").is_none(), "{}", reply.head);
     }
     // A chunked answer, then the close the client asked for.
-    s.write_all(b"GET /stream HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET /stream HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await.unwrap();
     let reply = read_response(&mut s).await.unwrap();
     assert_eq!(reply.header("connection").as_deref(), Some("close"));
     assert_eq!(reply.body, b"6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n");
@@ -429,11 +417,7 @@ async fn resetting_upstream(response: &'static [u8]) -> (SocketAddr, tokio::task
                     }
                 }
                 if head.starts_with(b"GET /health ") {
-                    let _ = s
-                        .write_all(
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                        )
-                        .await;
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
                     return;
                 }
                 let _ = s.write_all(response).await;
@@ -452,38 +436,24 @@ async fn resetting_upstream(response: &'static [u8]) -> (SocketAddr, tokio::task
 async fn an_upstream_reset_mid_response_never_looks_complete() {
     logs::capture();
     for (what, response) in [
-        (
-            "content-length",
-            &b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789"[..],
-        ),
-        (
-            "chunked",
-            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"[..],
-        ),
+        ("content-length", &b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789"[..]),
+        ("chunked", &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"[..]),
     ] {
         let (addr, task) = resetting_upstream(response).await;
         let p = Running::start(config()).await;
         p.proxy.set_default_route(route());
         p.add(1, addr, lazy_check(), InitialHealth::AssumeHealthy);
         let mut s = TcpStream::connect(p.addr).await.unwrap();
-        s.write_all(b"GET /data HTTP/1.1\r\nHost: app.test\r\n\r\n")
-            .await
-            .unwrap();
+        s.write_all(b"GET /data HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
         let reply = read_response(&mut s).await.expect("the head went through");
         assert_eq!(reply.status, 200, "{what}");
         match what {
             "content-length" => {
                 assert_eq!(reply.header("content-length").as_deref(), Some("100"));
-                assert!(
-                    reply.body.len() < 100,
-                    "{what}: the declared length was reached"
-                );
+                assert!(reply.body.len() < 100, "{what}: the declared length was reached");
             }
             _ => {
-                assert_eq!(
-                    reply.header("transfer-encoding").as_deref(),
-                    Some("chunked")
-                );
+                assert_eq!(reply.header("transfer-encoding").as_deref(), Some("chunked"));
                 assert!(
                     !reply.body.ends_with(b"0\r\n\r\n"),
                     "{what}: the last chunk was sent: {:?}",
@@ -492,10 +462,7 @@ async fn an_upstream_reset_mid_response_never_looks_complete() {
                 assert!(reply.body.starts_with(b"5\r\nhello\r\n"));
             }
         }
-        assert!(
-            closes(&mut s, Duration::from_secs(5)).await,
-            "{what}: the client connection stays open"
-        );
+        assert!(closes(&mut s, Duration::from_secs(5)).await, "{what}: the client connection stays open");
         p.stop().await;
         task.abort();
     }
@@ -547,38 +514,21 @@ async fn a_client_leaving_cancels_the_upstream_request() {
     // Before the response head: the instance is still working on it.
     let started = c.started.notified();
     let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(b"GET /hang HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(5), started)
-        .await
-        .expect("the request reached the instance");
+    s.write_all(b"GET /hang HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), started).await.expect("the request reached the instance");
     drop(s);
-    wait_until("the instance to see the request cancelled", || {
-        c.drops.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    wait_until("the instance to see the request cancelled", || c.drops.load(Ordering::SeqCst) == 1).await;
 
     // In the middle of the response body.
     let started = c.started.notified();
     let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(b"GET /forever HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(5), started)
-        .await
-        .expect("the request reached the instance");
+    s.write_all(b"GET /forever HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), started).await.expect("the request reached the instance");
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
     assert!(n > 0);
     drop(s);
-    wait_until("the instance to see the response abandoned", || {
-        c.drops.load(Ordering::SeqCst) == 2
-    })
-    .await;
+    wait_until("the instance to see the response abandoned", || c.drops.load(Ordering::SeqCst) == 2).await;
     p.stop().await;
 }
 
@@ -586,42 +536,20 @@ async fn a_client_leaving_cancels_the_upstream_request() {
 
 #[tokio::test]
 async fn a_client_trickling_its_body_gets_408() {
-    let (p, up) = proxy_with(
-        ProxyConfig {
-            body_timeout: Duration::from_millis(300),
-            ..config()
-        },
-        body_handler(),
-    )
-    .await;
+    let (p, up) =
+        proxy_with(ProxyConfig { body_timeout: Duration::from_millis(300), ..config() }, body_handler()).await;
     for (what, head, first_part) in [
         // Streamed to the instance (POST).
-        (
-            "streamed",
-            "POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n",
-            "0123456789",
-        ),
+        ("streamed", "POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n", "0123456789"),
         // Buffered for a retry (small PUT): never reaches the instance.
-        (
-            "buffered",
-            "PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n",
-            "0123456789",
-        ),
-        (
-            "chunked",
-            "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "a\r\n0123456789\r\n",
-        ),
+        ("buffered", "PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n", "0123456789"),
+        ("chunked", "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", "a\r\n0123456789\r\n"),
     ] {
         let started = Instant::now();
         let mut s = TcpStream::connect(p.addr).await.unwrap();
         let client = s.local_addr().unwrap();
-        s.write_all(format!("{head}{first_part}").as_bytes())
-            .await
-            .unwrap();
-        let reply = read_response(&mut s)
-            .await
-            .unwrap_or_else(|| panic!("{what}: no answer"));
+        s.write_all(format!("{head}{first_part}").as_bytes()).await.unwrap();
+        let reply = read_response(&mut s).await.unwrap_or_else(|| panic!("{what}: no answer"));
         assert_eq!(reply.status, 408, "{what}: {}", reply.head);
         assert_eq!(reply.header("connection").as_deref(), Some("close"));
         let waited = started.elapsed();
@@ -632,25 +560,16 @@ async fn a_client_trickling_its_body_gets_408() {
     // The streamed requests were aborted upstream; the buffered one never
     // reached it.
     wait_until("both streamed requests aborted upstream", || {
-        up.state
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| *l == "body error")
-            .count()
-            == 2
+        up.state.log.lock().unwrap().iter().filter(|l| *l == "body error").count() == 2
     })
     .await;
     assert_eq!(up.hits(), 2);
 
     // A slow but steady body is fine: the timeout is between two reads.
     let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(
-        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         s.write_all(b"5\r\nhello\r\n").await.unwrap();

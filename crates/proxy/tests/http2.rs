@@ -21,20 +21,10 @@ fn echo_handler() -> Handler {
     Arc::new(|req, _state| {
         Box::pin(async move {
             let version = req.version();
-            let host = req
-                .headers()
-                .get("host")
-                .map(|v| v.to_str().unwrap().to_string())
-                .unwrap_or_default();
+            let host = req.headers().get("host").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
             let path = req.uri().to_string();
             match req.into_body().collect().await {
-                Ok(b) => text(
-                    200,
-                    format!(
-                        "{version:?} host={host} path={path} body={}",
-                        b.to_bytes().len()
-                    ),
-                ),
+                Ok(b) => text(200, format!("{version:?} host={host} path={path} body={}", b.to_bytes().len())),
                 Err(_) => text(500, "body error"),
             }
         })
@@ -43,10 +33,7 @@ fn echo_handler() -> Handler {
 
 async fn h2c(addr: SocketAddr) -> (SendRequest<Full<Bytes>>, tokio::task::JoinHandle<()>) {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
     let driver = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -54,11 +41,7 @@ async fn h2c(addr: SocketAddr) -> (SendRequest<Full<Bytes>>, tokio::task::JoinHa
 }
 
 fn req(method: &str, uri: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(Full::new(body.into()))
-        .unwrap()
+    Request::builder().method(method).uri(uri).body(Full::new(body.into())).unwrap()
 }
 
 async fn send(
@@ -89,21 +72,13 @@ async fn h2c_with_prior_knowledge_reaches_http1_instances() {
         let mut sender = sender.clone();
         tasks.push(tokio::spawn(async move {
             let body = "x".repeat(i * 1000);
-            send(
-                &mut sender,
-                req("POST", &format!("http://app.test/h2/{i}?q=1"), body),
-            )
-            .await
-            .unwrap()
+            send(&mut sender, req("POST", &format!("http://app.test/h2/{i}?q=1"), body)).await.unwrap()
         }));
     }
     for (i, t) in tasks.into_iter().enumerate() {
         let (status, body) = t.await.unwrap();
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(
-            body,
-            format!("HTTP/1.1 host=app.test path=/h2/{i}?q=1 body={}", i * 1000)
-        );
+        assert_eq!(body, format!("HTTP/1.1 host=app.test path=/h2/{i}?q=1 body={}", i * 1000));
     }
     assert_eq!(up.hits(), 16);
     // HTTP/1.1 still works on the same listener.
@@ -115,56 +90,29 @@ async fn h2c_with_prior_knowledge_reaches_http1_instances() {
 
 #[tokio::test]
 async fn h2_requests_get_the_same_limits() {
-    let (p, up) = proxy_with(ProxyConfig {
-        max_headers: 20,
-        max_body_bytes: 1000,
-        max_request_line: 1024,
-        ..config()
-    })
-    .await;
+    let (p, up) =
+        proxy_with(ProxyConfig { max_headers: 20, max_body_bytes: 1000, max_request_line: 1024, ..config() }).await;
     let (mut sender, _driver) = h2c(p.addr).await;
 
     let mut many = req("GET", "http://app.test/", "");
     for i in 0..30 {
-        many.headers_mut().insert(
-            format!("x-h{i}").parse::<http::HeaderName>().unwrap(),
-            "v".parse().unwrap(),
-        );
+        many.headers_mut().insert(format!("x-h{i}").parse::<http::HeaderName>().unwrap(), "v".parse().unwrap());
     }
-    assert_eq!(
-        send(&mut sender, many).await.unwrap().0,
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-    );
+    assert_eq!(send(&mut sender, many).await.unwrap().0, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     let long = format!("http://app.test/{}", "p".repeat(2000));
-    assert_eq!(
-        send(&mut sender, req("GET", &long, "")).await.unwrap().0,
-        StatusCode::URI_TOO_LONG
-    );
+    assert_eq!(send(&mut sender, req("GET", &long, "")).await.unwrap().0, StatusCode::URI_TOO_LONG);
     // A body announced too large (HTTP/2 carries content-length).
     assert_eq!(
-        send(
-            &mut sender,
-            req("POST", "http://app.test/up", "b".repeat(5000))
-        )
-        .await
-        .unwrap()
-        .0,
+        send(&mut sender, req("POST", "http://app.test/up", "b".repeat(5000))).await.unwrap().0,
         StatusCode::PAYLOAD_TOO_LARGE
     );
     assert_eq!(up.hits(), 0);
 
     // A streamed body (no length) that grows past the limit.
     let (tx, body) = channel_body(None);
-    let streamed = Request::builder()
-        .method("POST")
-        .uri("http://app.test/stream")
-        .body(body)
-        .unwrap();
+    let streamed = Request::builder().method("POST").uri("http://app.test/stream").body(body).unwrap();
     let tcp = TcpStream::connect(p.addr).await.unwrap();
-    let (mut s2, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
+    let (mut s2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
     tokio::spawn(conn);
     let feeder = tokio::spawn(async move {
         for _ in 0..10 {
@@ -181,17 +129,12 @@ async fn h2_requests_get_the_same_limits() {
         .expect("an answer or a reset in time");
     match outcome {
         Ok(resp) => assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE),
-        Err(err) => assert!(
-            err.is_canceled() || err.to_string().contains("stream"),
-            "{err}"
-        ),
+        Err(err) => assert!(err.is_canceled() || err.to_string().contains("stream"), "{err}"),
     }
     feeder.abort();
 
     // The connection itself still serves.
-    let (status, body) = send(&mut sender, req("GET", "http://app.test/fine", ""))
-        .await
-        .unwrap();
+    let (status, body) = send(&mut sender, req("GET", "http://app.test/fine", "")).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert!(body.starts_with("HTTP/1.1 host=app.test"), "{body}");
     p.stop().await;
@@ -209,17 +152,12 @@ async fn idle_h2_connections_close_after_idle_timeout() {
     // Requests spaced wider than header_read_timeout: h2 frames between
     // requests are not a slow request head.
     for _ in 0..3 {
-        let (status, _) = send(&mut sender, req("GET", "http://app.test/", ""))
-            .await
-            .unwrap();
+        let (status, _) = send(&mut sender, req("GET", "http://app.test/", "")).await.unwrap();
         assert_eq!(status, StatusCode::OK);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let idle_from = Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), driver)
-        .await
-        .expect("the idle connection was closed")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), driver).await.expect("the idle connection was closed").unwrap();
     assert!(idle_from.elapsed() >= Duration::from_millis(250));
     p.stop().await;
 }

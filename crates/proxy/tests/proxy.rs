@@ -17,20 +17,11 @@ use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn spreads_requests_evenly_over_three_instances() {
-    let ups = [
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    ];
+    let ups = [Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
     let p = Running::start(config()).await;
     p.proxy.set_default_route(route());
     for (i, u) in ups.iter().enumerate() {
-        p.add(
-            i as u32 + 1,
-            u.addr,
-            lazy_check(),
-            InitialHealth::AssumeHealthy,
-        );
+        p.add(i as u32 + 1, u.addr, lazy_check(), InitialHealth::AssumeHealthy);
     }
     let mut client = Client::new(p.addr);
     for _ in 0..30 {
@@ -53,9 +44,7 @@ async fn least_outstanding_skips_a_busy_instance() {
     let started = a.state.slow_started.notified();
     let addr = p.addr;
     let slow = tokio::spawn(async move { get(addr, "/slow").await });
-    tokio::time::timeout(Duration::from_secs(5), started)
-        .await
-        .expect("slow request reached a");
+    tokio::time::timeout(Duration::from_secs(5), started).await.expect("slow request reached a");
 
     let mut client = Client::new(p.addr);
     for _ in 0..10 {
@@ -73,28 +62,19 @@ async fn routes_by_host_with_default_fallback() {
     let p = Running::start(config()).await;
     let staging = RouteKey("staging".into());
     p.proxy.set_default_route(route());
-    p.proxy
-        .set_hosts(staging.clone(), vec!["Staging.Example.com".into()]);
+    p.proxy.set_hosts(staging.clone(), vec!["Staging.Example.com".into()]);
     p.add(1, a.addr, lazy_check(), InitialHealth::AssumeHealthy);
     p.proxy.add(
         &staging,
-        nonstop_core::traffic::Backend {
-            instance: instance(2),
-            addr: b.addr,
-        },
+        nonstop_core::traffic::Backend { instance: instance(2), addr: b.addr },
         lazy_check(),
         InitialHealth::AssumeHealthy,
     );
     let mut client = Client::new(p.addr);
     let mut req = request("GET", "/", "");
-    req.headers_mut()
-        .insert("host", "staging.example.com:8080".parse().unwrap());
+    req.headers_mut().insert("host", "staging.example.com:8080".parse().unwrap());
     assert_eq!(client.send(req).await.unwrap().text(), "b");
-    assert_eq!(
-        client.get("/").await.text(),
-        "a",
-        "unknown host goes to the default route"
-    );
+    assert_eq!(client.get("/").await.text(), "a", "unknown host goes to the default route");
     p.stop().await;
 }
 
@@ -103,11 +83,7 @@ async fn routes_by_host_with_default_fallback() {
 #[tokio::test]
 async fn enters_rotation_only_after_healthy_threshold() {
     let up = Upstream::start("a").await;
-    let p = Running::start(ProxyConfig {
-        no_backend_wait: Duration::from_secs(5),
-        ..config()
-    })
-    .await;
+    let p = Running::start(ProxyConfig { no_backend_wait: Duration::from_secs(5), ..config() }).await;
     p.proxy.set_default_route(route());
     let mut events = p.proxy.subscribe();
     let id = p.add(1, up.addr, check(30, 3, 2), InitialHealth::Pending);
@@ -117,11 +93,7 @@ async fn enters_rotation_only_after_healthy_threshold() {
     let reply = get(p.addr, "/first").await;
     assert_eq!(reply.status, StatusCode::OK);
     let event = wait_health(&mut events, &id, BackendHealth::Healthy).await;
-    assert!(
-        event.detail.starts_with("GET /health -> 200 in "),
-        "{}",
-        event.detail
-    );
+    assert!(event.detail.starts_with("GET /health -> 200 in "), "{}", event.detail);
 
     let log = up.state.log.lock().unwrap().clone();
     let first_app = log.iter().position(|e| e == "/first").unwrap();
@@ -145,11 +117,7 @@ async fn unhealthy_after_threshold_failures_and_back_after_recovery() {
 
     a.set_health(500);
     let event = wait_health(&mut events, &ida, BackendHealth::Unhealthy).await;
-    assert!(
-        event.detail.starts_with("GET /health -> 500 in "),
-        "{}",
-        event.detail
-    );
+    assert!(event.detail.starts_with("GET /health -> 500 in "), "{}", event.detail);
     let before = a.hits();
     let mut client = Client::new(p.addr);
     for _ in 0..6 {
@@ -157,11 +125,7 @@ async fn unhealthy_after_threshold_failures_and_back_after_recovery() {
     }
     assert_eq!(a.hits(), before);
     let status = p.proxy.status(&ida).unwrap();
-    assert!(
-        status.last_checks.iter().any(|c| c.contains("-> 500 in")),
-        "{:?}",
-        status.last_checks
-    );
+    assert!(status.last_checks.iter().any(|c| c.contains("-> 500 in")), "{:?}", status.last_checks);
 
     a.set_health(200);
     wait_health(&mut events, &ida, BackendHealth::Healthy).await;
@@ -172,10 +136,7 @@ async fn unhealthy_after_threshold_failures_and_back_after_recovery() {
         }
         v
     };
-    assert!(
-        replies.iter().any(|r| r == "a"),
-        "a is back in rotation: {replies:?}"
-    );
+    assert!(replies.iter().any(|r| r == "a"), "a is back in rotation: {replies:?}");
     p.stop().await;
 }
 
@@ -184,15 +145,9 @@ async fn failed_checks_are_described() {
     let dead = dead_addr().await;
     let p = Running::start(config()).await;
     let id = p.add(1, dead, check(20, 1, 1), InitialHealth::Pending);
-    wait_until("a failed check", || {
-        !p.proxy.status(&id).unwrap().last_checks.is_empty()
-    })
-    .await;
+    wait_until("a failed check", || !p.proxy.status(&id).unwrap().last_checks.is_empty()).await;
     let status = p.proxy.status(&id).unwrap();
-    assert_eq!(
-        status.last_checks[0],
-        "GET /health -> connect error: Connection refused"
-    );
+    assert_eq!(status.last_checks[0], "GET /health -> connect error: Connection refused");
     assert_eq!(status.health, BackendHealth::Pending);
     p.stop().await;
 }
@@ -232,60 +187,24 @@ async fn forwarded_headers_and_request_ids() {
 
     let first = client.get("/").await;
     let lines = header_lines(&first);
-    assert!(
-        lines.contains(&"x-forwarded-for: 127.0.0.1".to_string()),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&"x-forwarded-proto: http".to_string()),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&"x-forwarded-host: app.test".to_string()),
-        "{lines:?}"
-    );
+    assert!(lines.contains(&"x-forwarded-for: 127.0.0.1".to_string()), "{lines:?}");
+    assert!(lines.contains(&"x-forwarded-proto: http".to_string()), "{lines:?}");
+    assert!(lines.contains(&"x-forwarded-host: app.test".to_string()), "{lines:?}");
     assert!(lines.contains(&"host: app.test".to_string()), "{lines:?}");
-    let id = first
-        .headers
-        .get("x-request-id")
-        .expect("request id on the response")
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = first.headers.get("x-request-id").expect("request id on the response").to_str().unwrap().to_string();
     assert!(lines.contains(&format!("x-request-id: {id}")), "{lines:?}");
     let second = client.get("/").await;
-    assert_ne!(
-        second
-            .headers
-            .get("x-request-id")
-            .unwrap()
-            .to_str()
-            .unwrap(),
-        id,
-        "ids are unique"
-    );
+    assert_ne!(second.headers.get("x-request-id").unwrap().to_str().unwrap(), id, "ids are unique");
 
     let mut req = request("GET", "/", "");
-    req.headers_mut()
-        .insert("x-request-id", "from-client-1".parse().unwrap());
-    req.headers_mut()
-        .insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
-    req.headers_mut()
-        .insert("x-forwarded-proto", "https".parse().unwrap());
+    req.headers_mut().insert("x-request-id", "from-client-1".parse().unwrap());
+    req.headers_mut().insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+    req.headers_mut().insert("x-forwarded-proto", "https".parse().unwrap());
     let reply = client.send(req).await.unwrap();
     let lines = header_lines(&reply);
-    assert!(
-        lines.contains(&"x-request-id: from-client-1".to_string()),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&"x-forwarded-for: 203.0.113.7, 127.0.0.1".to_string()),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&"x-forwarded-proto: http".to_string()),
-        "{lines:?}"
-    );
+    assert!(lines.contains(&"x-request-id: from-client-1".to_string()), "{lines:?}");
+    assert!(lines.contains(&"x-forwarded-for: 203.0.113.7, 127.0.0.1".to_string()), "{lines:?}");
+    assert!(lines.contains(&"x-forwarded-proto: http".to_string()), "{lines:?}");
     p.stop().await;
 }
 
@@ -308,28 +227,14 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     h.insert("x-end-to-end", "kept".parse().unwrap());
     let reply = Client::new(p.addr).send(req).await.unwrap();
     let lines = header_lines(&reply);
-    for gone in [
-        "x-hop",
-        "keep-alive",
-        "te",
-        "proxy-authorization",
-        "proxy-connection",
-        "upgrade",
-    ] {
-        assert!(
-            !lines.iter().any(|l| l.starts_with(&format!("{gone}:"))),
-            "{gone} leaked: {lines:?}"
-        );
+    for gone in ["x-hop", "keep-alive", "te", "proxy-authorization", "proxy-connection", "upgrade"] {
+        assert!(!lines.iter().any(|l| l.starts_with(&format!("{gone}:"))), "{gone} leaked: {lines:?}");
     }
     assert!(lines.contains(&"x-end-to-end: kept".to_string()));
 
     assert_eq!(reply.headers.get("x-normal").unwrap(), "yes");
     for gone in ["keep-alive", "proxy-authenticate", "x-resp-hop"] {
-        assert!(
-            reply.headers.get(gone).is_none(),
-            "{gone} leaked to the client: {:?}",
-            reply.headers
-        );
+        assert!(reply.headers.get(gone).is_none(), "{gone} leaked to the client: {:?}", reply.headers);
     }
     p.stop().await;
 }
@@ -339,10 +244,7 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
 const BIG: usize = 8 * 1024 * 1024;
 
 fn pattern(len: usize) -> Bytes {
-    (0..len)
-        .map(|i| (i % 251) as u8)
-        .collect::<Vec<u8>>()
-        .into()
+    (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into()
 }
 
 #[tokio::test]
@@ -369,19 +271,13 @@ async fn large_bodies_stream_both_ways_intact() {
 
     for method in ["POST", "PUT"] {
         let up_body = pattern(BIG);
-        let reply = client
-            .send(request(method, "/echo", up_body.clone()))
-            .await
-            .unwrap();
+        let reply = client.send(request(method, "/echo", up_body.clone())).await.unwrap();
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.body.len(), BIG, "{method}");
         assert!(reply.body == up_body, "{method} upload intact");
     }
     // A small idempotent body is buffered (for retries) and arrives intact.
-    let reply = client
-        .send(request("PUT", "/echo", "small body"))
-        .await
-        .unwrap();
+    let reply = client.send(request("PUT", "/echo", "small body")).await.unwrap();
     assert_eq!(reply.text(), "small body");
     p.stop().await;
 }
@@ -407,18 +303,12 @@ async fn refused_connection_is_retried_and_marks_the_instance_unhealthy() {
     p.add(2, good.addr, lazy_check(), InitialHealth::AssumeHealthy);
 
     // A POST too: nothing was sent, so any method may be retried.
-    let reply = Client::new(p.addr)
-        .send(request("POST", "/form", "a=1"))
-        .await
-        .unwrap();
+    let reply = Client::new(p.addr).send(request("POST", "/form", "a=1")).await.unwrap();
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.text(), "good");
     let event = wait_health(&mut events, &id_dead, BackendHealth::Unhealthy).await;
     assert_eq!(event.detail, "connect error: Connection refused");
-    assert_eq!(
-        p.proxy.status(&id_dead).unwrap().health,
-        BackendHealth::Unhealthy
-    );
+    assert_eq!(p.proxy.status(&id_dead).unwrap().health, BackendHealth::Unhealthy);
 
     let mut client = Client::new(p.addr);
     for _ in 0..5 {
@@ -442,10 +332,7 @@ async fn get_is_retried_when_the_instance_closes_before_answering() {
         assert_eq!(reply.text(), "good");
     }
     // A small PUT body is buffered, so it is retried as well.
-    let reply = client
-        .send(request("PUT", "/thing", "payload"))
-        .await
-        .unwrap();
+    let reply = client.send(request("PUT", "/thing", "payload")).await.unwrap();
     assert_eq!(reply.status, StatusCode::OK);
     assert!(closer.hits() >= 1, "the closing instance got requests");
     assert_eq!(good.hits(), 5);
@@ -471,11 +358,7 @@ async fn post_is_not_retried_when_the_instance_closes_before_answering() {
         }
     }
     assert!(bad_gateway >= 1);
-    assert_eq!(
-        closer.hits(),
-        bad_gateway,
-        "each 502 is a POST the closer swallowed"
-    );
+    assert_eq!(closer.hits(), bad_gateway, "each 502 is a POST the closer swallowed");
     assert_eq!(good.hits(), 4 - bad_gateway, "no POST was sent twice");
     p.stop().await;
 }
@@ -500,14 +383,7 @@ async fn no_request_fails_when_an_instance_is_killed_under_load() {
     let ids: Vec<_> = ups
         .iter()
         .enumerate()
-        .map(|(i, u)| {
-            p.add(
-                i as u32 + 1,
-                u.addr,
-                check(50, 2, 2),
-                InitialHealth::AssumeHealthy,
-            )
-        })
+        .map(|(i, u)| p.add(i as u32 + 1, u.addr, check(50, 2, 2), InitialHealth::AssumeHealthy))
         .collect();
 
     let done = Arc::new(AtomicUsize::new(0));
@@ -534,12 +410,7 @@ async fn no_request_fails_when_an_instance_is_killed_under_load() {
     for w in workers {
         failures.extend(w.await.unwrap());
     }
-    assert!(
-        failures.is_empty(),
-        "{} failed requests: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    assert!(failures.is_empty(), "{} failed requests: {:?}", failures.len(), &failures[..failures.len().min(5)]);
     assert_eq!(done.load(Ordering::SeqCst), 2400);
     wait_health(&mut events, &ids[1], BackendHealth::Unhealthy).await;
     assert!(ups[0].hits() > 0 && ups[2].hits() > 0);
@@ -559,9 +430,7 @@ async fn drain_lets_in_flight_finish_and_sends_nothing_new() {
     let started = a.state.slow_started.notified();
     let addr = p.addr;
     let slow = tokio::spawn(async move { get(addr, "/slow").await });
-    tokio::time::timeout(Duration::from_secs(5), started)
-        .await
-        .expect("slow request reached a");
+    tokio::time::timeout(Duration::from_secs(5), started).await.expect("slow request reached a");
     p.add(2, b.addr, lazy_check(), InitialHealth::AssumeHealthy);
 
     let proxy = p.proxy.clone();
@@ -595,23 +464,14 @@ async fn drain_times_out_with_the_count_left() {
     let started = a.state.slow_started.notified();
     let addr = p.addr;
     let slow = tokio::spawn(async move { get(addr, "/slow").await });
-    tokio::time::timeout(Duration::from_secs(5), started)
-        .await
-        .expect("slow request reached a");
+    tokio::time::timeout(Duration::from_secs(5), started).await.expect("slow request reached a");
 
     let outcome = p.proxy.drain(&ida, Duration::from_millis(100)).await;
     assert_eq!(outcome, DrainOutcome::TimedOut { in_flight: 1 });
     assert!(p.proxy.status(&ida).is_none());
-    assert_eq!(
-        p.proxy.drain(&ida, Duration::from_millis(100)).await,
-        DrainOutcome::Unknown
-    );
+    assert_eq!(p.proxy.drain(&ida, Duration::from_millis(100)).await, DrainOutcome::Unknown);
     a.state.release.cancel();
-    assert_eq!(
-        slow.await.unwrap().status,
-        StatusCode::OK,
-        "the request still finishes"
-    );
+    assert_eq!(slow.await.unwrap().status, StatusCode::OK, "the request still finishes");
     p.stop().await;
 }
 
@@ -625,10 +485,7 @@ async fn remove_forgets_at_once() {
     p.proxy.remove(&ida);
     assert!(p.proxy.status(&ida).is_none());
     assert!(p.proxy.backends().is_empty());
-    assert_eq!(
-        get(p.addr, "/").await.status,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    assert_eq!(get(p.addr, "/").await.status, StatusCode::SERVICE_UNAVAILABLE);
     p.stop().await;
 }
 
@@ -663,10 +520,8 @@ fn echo_upgrade_handler() -> Handler {
             });
             let mut resp = text(101, "");
             *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            resp.headers_mut()
-                .insert("upgrade", "echo".parse().unwrap());
-            resp.headers_mut()
-                .insert("connection", "upgrade".parse().unwrap());
+            resp.headers_mut().insert("upgrade", "echo".parse().unwrap());
+            resp.headers_mut().insert("connection", "upgrade".parse().unwrap());
             resp
         })
     })
@@ -677,12 +532,7 @@ async fn read_head(stream: &mut TcpStream) -> String {
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         let n = stream.read(&mut byte).await.unwrap();
-        assert_eq!(
-            n,
-            1,
-            "connection closed in the response head: {:?}",
-            String::from_utf8_lossy(&head)
-        );
+        assert_eq!(n, 1, "connection closed in the response head: {:?}", String::from_utf8_lossy(&head));
         head.push(byte[0]);
     }
     String::from_utf8(head).unwrap()
@@ -696,11 +546,7 @@ async fn upgraded_connections_pass_through_and_count_in_flight() {
     let id = p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
 
     let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").await.unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(head.to_lowercase().contains("upgrade: echo"), "{head}");
@@ -711,16 +557,9 @@ async fn upgraded_connections_pass_through_and_count_in_flight() {
         s.read_exact(&mut back).await.unwrap();
         assert_eq!(back, msg);
     }
-    assert_eq!(
-        p.proxy.status(&id).unwrap().in_flight,
-        1,
-        "an open upgraded connection is in flight"
-    );
+    assert_eq!(p.proxy.status(&id).unwrap().in_flight, 1, "an open upgraded connection is in flight");
     drop(s);
-    wait_until("the tunnel to close", || {
-        p.proxy.status(&id).unwrap().in_flight == 0
-    })
-    .await;
+    wait_until("the tunnel to close", || p.proxy.status(&id).unwrap().in_flight == 0).await;
     p.stop().await;
 }
 
@@ -736,22 +575,11 @@ async fn no_healthy_instance_gives_a_503_page() {
     p.proxy.set_default_route(route());
     let started = Instant::now();
     let reply = get(p.addr, "/").await;
-    assert!(
-        started.elapsed() >= Duration::from_millis(150),
-        "waited briefly for an instance first"
-    );
+    assert!(started.elapsed() >= Duration::from_millis(150), "waited briefly for an instance first");
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.headers.get("retry-after").unwrap(), "1");
-    assert!(reply
-        .headers
-        .get("content-type")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .starts_with("text/html"));
-    assert!(reply
-        .text()
-        .contains("No healthy instance of this app is available right now"));
+    assert!(reply.headers.get("content-type").unwrap().to_str().unwrap().starts_with("text/html"));
+    assert!(reply.text().contains("No healthy instance of this app is available right now"));
     assert!(reply.headers.get("x-request-id").is_some());
     p.stop().await;
 }
@@ -759,11 +587,7 @@ async fn no_healthy_instance_gives_a_503_page() {
 #[tokio::test]
 async fn slow_response_headers_give_504() {
     let up = Upstream::start("slow").await;
-    let p = Running::start(ProxyConfig {
-        upstream_timeout: Duration::from_millis(200),
-        ..config()
-    })
-    .await;
+    let p = Running::start(ProxyConfig { upstream_timeout: Duration::from_millis(200), ..config() }).await;
     p.proxy.set_default_route(route());
     p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
     let reply = get(p.addr, "/slow").await;
@@ -786,9 +610,7 @@ async fn slowloris_client_is_disconnected() {
     .await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     let started = Instant::now();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Slow: ")
-        .await
-        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Slow: ").await.unwrap();
     let mut buf = [0u8; 1024];
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -817,9 +639,7 @@ async fn idle_keep_alive_connections_close_after_idle_timeout_only() {
     p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
 
     let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let mut body = [0u8; 1];
@@ -828,9 +648,7 @@ async fn idle_keep_alive_connections_close_after_idle_timeout_only() {
 
     // Idle longer than header_read_timeout: still open, the next request works.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     s.read_exact(&mut body).await.unwrap();
@@ -839,9 +657,7 @@ async fn idle_keep_alive_connections_close_after_idle_timeout_only() {
 
     // Then closed once idle_timeout passes.
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .expect("closed in time");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("closed in time");
     assert!(matches!(n, Ok(0) | Err(_)));
     assert!(idle_from_2.elapsed() >= Duration::from_millis(1400));
     p.stop().await;
@@ -856,29 +672,17 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     let started = up.state.slow_started.notified();
     let addr = p.addr;
     let slow = tokio::spawn(async move { get(addr, "/slow").await });
-    tokio::time::timeout(Duration::from_secs(5), started)
-        .await
-        .expect("slow request reached the instance");
+    tokio::time::timeout(Duration::from_secs(5), started).await.expect("slow request reached the instance");
 
     p.shutdown.cancel();
-    wait_until("the listener to close", || {
-        std::net::TcpStream::connect(addr).is_err()
-    })
-    .await;
-    assert!(
-        !p.handle.is_finished(),
-        "serve waits for the in-flight request"
-    );
+    wait_until("the listener to close", || std::net::TcpStream::connect(addr).is_err()).await;
+    assert!(!p.handle.is_finished(), "serve waits for the in-flight request");
 
     up.state.release.cancel();
     let reply = slow.await.unwrap();
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.text(), "slow from a");
-    tokio::time::timeout(Duration::from_secs(5), p.handle)
-        .await
-        .expect("serve returns")
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), p.handle).await.expect("serve returns").unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -896,41 +700,22 @@ async fn checkers_stop_when_a_backend_goes_and_on_shutdown() {
     let proxy = p.proxy.clone();
     p.stop().await;
     // close() returned: every checker task has ended.
-    let (ca, cb) = (
-        a.state.checks.load(Ordering::SeqCst),
-        b.state.checks.load(Ordering::SeqCst),
-    );
+    let (ca, cb) = (a.state.checks.load(Ordering::SeqCst), b.state.checks.load(Ordering::SeqCst));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        a.state.checks.load(Ordering::SeqCst),
-        ca,
-        "removed backend still checked"
-    );
-    assert_eq!(
-        b.state.checks.load(Ordering::SeqCst),
-        cb,
-        "backend still checked after shutdown"
-    );
+    assert_eq!(a.state.checks.load(Ordering::SeqCst), ca, "removed backend still checked");
+    assert_eq!(b.state.checks.load(Ordering::SeqCst), cb, "backend still checked after shutdown");
     drop(proxy);
 }
 
 #[tokio::test]
 async fn shutdown_closes_upgraded_connections_after_the_grace_period() {
     let up = Upstream::with_handler("ws", echo_upgrade_handler()).await;
-    let p = Running::start(ProxyConfig {
-        shutdown_grace: Duration::from_millis(300),
-        ..config()
-    })
-    .await;
+    let p = Running::start(ProxyConfig { shutdown_grace: Duration::from_millis(300), ..config() }).await;
     p.proxy.set_default_route(route());
     p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
 
     let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n").await.unwrap();
     assert!(read_head(&mut s).await.starts_with("HTTP/1.1 101"));
     s.write_all(b"ping").await.unwrap();
     let mut back = [0u8; 4];
@@ -938,19 +723,10 @@ async fn shutdown_closes_upgraded_connections_after_the_grace_period() {
 
     let started = Instant::now();
     p.shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), p.handle)
-        .await
-        .expect("serve returns")
-        .unwrap()
-        .unwrap();
-    assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "the tunnel had its grace period"
-    );
+    tokio::time::timeout(Duration::from_secs(5), p.handle).await.expect("serve returns").unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250), "the tunnel had its grace period");
     let mut buf = [0u8; 8];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .expect("tunnel closed");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("tunnel closed");
     assert!(matches!(n, Ok(0) | Err(_)));
 }
 
@@ -977,10 +753,7 @@ async fn the_listener_can_move_while_backends_keep_being_checked() {
 
     assert_eq!(get(addr2, "/").await.text(), "a");
     let checks = up.state.checks.load(Ordering::SeqCst);
-    wait_until("more checks", || {
-        up.state.checks.load(Ordering::SeqCst) > checks + 2
-    })
-    .await;
+    wait_until("more checks", || up.state.checks.load(Ordering::SeqCst) > checks + 2).await;
     up.set_health(500);
     wait_health(&mut events, &id, BackendHealth::Unhealthy).await;
 
@@ -1004,14 +777,9 @@ async fn shutdown_answers_a_connection_whose_request_arrives_just_after() {
     let _ = get(p.addr, "/").await;
     p.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(50)).await; // the request is late, on purpose
-    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .expect("an answer")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("an answer").unwrap();
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
 }

@@ -34,11 +34,7 @@ struct Pair {
 fn pair(hosts: &[&str]) -> Pair {
     let names: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
     let c = rcgen::generate_simple_self_signed(names).unwrap();
-    Pair {
-        cert_pem: c.cert.pem(),
-        key_pem: c.key_pair.serialize_pem(),
-        der: c.cert.der().to_vec(),
-    }
+    Pair { cert_pem: c.cert.pem(), key_pem: c.key_pair.serialize_pem(), der: c.cert.der().to_vec() }
 }
 
 /// Writes a pair as `NAME.pem` and `NAME.key` in `dir`.
@@ -51,12 +47,7 @@ fn write_pair(dir: &Path, name: &str, p: &Pair) -> (PathBuf, PathBuf) {
 }
 
 fn settings(certs: Vec<TlsCert>, https_port: u16) -> TlsSettings {
-    TlsSettings {
-        certs,
-        redirect_http: true,
-        https_port,
-        reload_interval: Duration::from_millis(50),
-    }
+    TlsSettings { certs, redirect_http: true, https_port, reload_interval: Duration::from_millis(50) }
 }
 
 // ------------------------------------------------------------------ client
@@ -83,12 +74,7 @@ impl ServerCertVerifier for AnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -97,12 +83,7 @@ impl ServerCertVerifier for AnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -144,15 +125,9 @@ async fn connect(addr: SocketAddr, sni: Option<&str>, alpn: &[&[u8]]) -> Tls {
 
 /// One HTTP/1.1 request over a TLS stream.
 async fn get_h1(tls: Tls, host: &str, path: &str) -> (StatusCode, String) {
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls.stream))
-        .await
-        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls.stream)).await.unwrap();
     tokio::spawn(conn);
-    let req = Request::builder()
-        .uri(path)
-        .header("host", host)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = Request::builder().uri(path).header("host", host).body(Full::new(Bytes::new())).unwrap();
     let resp = send.send_request(req).await.unwrap();
     let status = resp.status();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -165,24 +140,10 @@ async fn get_h1(tls: Tls, host: &str, path: &str) -> (StatusCode, String) {
 fn echo_handler() -> Handler {
     Arc::new(|req, _state| {
         Box::pin(async move {
-            let proto = req
-                .headers()
-                .get("x-forwarded-proto")
-                .map(|v| v.to_str().unwrap().to_string())
-                .unwrap_or_default();
-            let host = req
-                .headers()
-                .get("host")
-                .map(|v| v.to_str().unwrap().to_string())
-                .unwrap_or_default();
-            text(
-                200,
-                format!(
-                    "{:?} proto={proto} host={host} path={}",
-                    req.version(),
-                    req.uri()
-                ),
-            )
+            let proto =
+                req.headers().get("x-forwarded-proto").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+            let host = req.headers().get("host").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+            text(200, format!("{:?} proto={proto} host={host} path={}", req.version(), req.uri()))
         })
     })
 }
@@ -205,19 +166,13 @@ impl Both {
         proxy.set_default_route(route());
         proxy.add(
             &route(),
-            nonstop_core::traffic::Backend {
-                instance: instance(1),
-                addr: up.addr,
-            },
+            nonstop_core::traffic::Backend { instance: instance(1), addr: up.addr },
             lazy_check(),
             InitialHealth::AssumeHealthy,
         );
         let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let https_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (http, https) = (
-            http_listener.local_addr().unwrap(),
-            https_listener.local_addr().unwrap(),
-        );
+        let (http, https) = (http_listener.local_addr().unwrap(), https_listener.local_addr().unwrap());
         configure(&proxy, https.port());
         let shutdown = CancellationToken::new();
         let tasks = vec![
@@ -230,24 +185,13 @@ impl Both {
                 async move { p.serve_tls(https_listener, s).await }
             }),
         ];
-        Both {
-            proxy,
-            http,
-            https,
-            shutdown,
-            tasks,
-            _up: up,
-        }
+        Both { proxy, http, https, shutdown, tasks, _up: up }
     }
 
     async fn stop(self) {
         self.shutdown.cancel();
         for t in self.tasks {
-            tokio::time::timeout(Duration::from_secs(10), t)
-                .await
-                .expect("serve returns")
-                .unwrap()
-                .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), t).await.expect("serve returns").unwrap().unwrap();
         }
         self.proxy.close().await;
     }
@@ -266,16 +210,8 @@ async fn certificates_by_sni_with_the_first_as_default() {
         proxy
             .configure_tls(&settings(
                 vec![
-                    TlsCert {
-                        hosts: vec!["example.test".into(), "*.Example.test".into()],
-                        cert: a_cert,
-                        key: a_key,
-                    },
-                    TlsCert {
-                        hosts: vec!["other.test".into()],
-                        cert: b_cert,
-                        key: b_key,
-                    },
+                    TlsCert { hosts: vec!["example.test".into(), "*.Example.test".into()], cert: a_cert, key: a_key },
+                    TlsCert { hosts: vec!["other.test".into()], cert: b_cert, key: b_key },
                 ],
                 port,
             ))
@@ -300,10 +236,7 @@ async fn certificates_by_sni_with_the_first_as_default() {
     }
     let status = both.proxy.tls_status().unwrap();
     assert_eq!(status.certificates.len(), 2);
-    assert_eq!(
-        status.certificates[0].hosts,
-        ["example.test", "*.example.test"]
-    );
+    assert_eq!(status.certificates[0].hosts, ["example.test", "*.example.test"]);
     both.stop().await;
 }
 
@@ -313,24 +246,13 @@ async fn h2_over_tls_by_alpn_reaches_http1_upstreams() {
     let a = pair(&["example.test"]);
     let (cert, key) = write_pair(dir.path(), "a", &a);
     let both = Both::start(|proxy, port| {
-        proxy
-            .configure_tls(&settings(
-                vec![TlsCert {
-                    hosts: vec!["example.test".into()],
-                    cert,
-                    key,
-                }],
-                port,
-            ))
-            .unwrap()
+        proxy.configure_tls(&settings(vec![TlsCert { hosts: vec!["example.test".into()], cert, key }], port)).unwrap()
     })
     .await;
     let tls = connect(both.https, Some("example.test"), &[b"h2", b"http/1.1"]).await;
     assert_eq!(tls.alpn.as_deref(), Some(&b"h2"[..]));
     let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls.stream))
-            .await
-            .unwrap();
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls.stream)).await.unwrap();
     tokio::spawn(conn);
     let mut replies = Vec::new();
     for i in 0..8 {
@@ -348,10 +270,7 @@ async fn h2_over_tls_by_alpn_reaches_http1_upstreams() {
     }
     for (i, r) in replies.into_iter().enumerate() {
         let body = r.await.unwrap();
-        assert_eq!(
-            body,
-            format!("HTTP/1.1 proto=https host=example.test path=/stream/{i}")
-        );
+        assert_eq!(body, format!("HTTP/1.1 proto=https host=example.test path=/stream/{i}"));
     }
     both.stop().await;
 }
@@ -364,11 +283,7 @@ async fn certificates_reload_when_their_files_change_and_bad_files_keep_the_last
     let both = Both::start(|proxy, port| {
         proxy
             .configure_tls(&settings(
-                vec![TlsCert {
-                    hosts: vec!["example.test".into()],
-                    cert: cert.clone(),
-                    key: key.clone(),
-                }],
+                vec![TlsCert { hosts: vec!["example.test".into()], cert: cert.clone(), key: key.clone() }],
                 port,
             ))
             .unwrap()
@@ -392,10 +307,7 @@ async fn certificates_reload_when_their_files_change_and_bad_files_keep_the_last
 
     // Broken: logged, the previous certificate stays.
     std::fs::write(&cert, "not a certificate\n").unwrap();
-    wait_until("the bad file to be noticed", || {
-        error(&both.proxy).is_some()
-    })
-    .await;
+    wait_until("the bad file to be noticed", || error(&both.proxy).is_some()).await;
     let e = error(&both.proxy).unwrap();
     assert!(e.contains(&cert.display().to_string()), "{e}");
     assert!(e.contains("no PEM certificate"), "{e}");
@@ -435,11 +347,7 @@ async fn invalid_tls_files_are_clear_errors_at_start() {
     let proxy = Proxy::new(ProxyConfig::default());
     let one = |cert: &Path, key: &Path| {
         settings(
-            vec![TlsCert {
-                hosts: vec!["example.test".into()],
-                cert: cert.to_path_buf(),
-                key: key.to_path_buf(),
-            }],
+            vec![TlsCert { hosts: vec!["example.test".into()], cert: cert.to_path_buf(), key: key.to_path_buf() }],
             443,
         )
     };
@@ -448,11 +356,7 @@ async fn invalid_tls_files_are_clear_errors_at_start() {
         (one(&garbage, &key), &garbage, "no PEM certificate"),
         (one(&cert, &garbage), &garbage, "no PEM private key"),
         (one(&cert, &cert), &cert, "no PEM private key"),
-        (
-            one(&other_cert, &key),
-            &key,
-            "is not the private key of the certificate in",
-        ),
+        (one(&other_cert, &key), &key, "is not the private key of the certificate in"),
     ];
     for (settings, file, message) in cases {
         let err = proxy.configure_tls(&settings).unwrap_err();
@@ -463,25 +367,15 @@ async fn invalid_tls_files_are_clear_errors_at_start() {
     }
     let mut two = one(&cert, &key);
     two.certs.push(two.certs[0].clone());
-    assert!(matches!(
-        proxy.configure_tls(&two),
-        Err(TlsError::DuplicateHost { .. })
-    ));
+    assert!(matches!(proxy.configure_tls(&two), Err(TlsError::DuplicateHost { .. })));
     let mut bad_host = one(&cert, &key);
     bad_host.certs[0].hosts = vec!["example.test:443".into()];
-    assert!(matches!(
-        proxy.configure_tls(&bad_host),
-        Err(TlsError::InvalidHost { .. })
-    ));
+    assert!(matches!(proxy.configure_tls(&bad_host), Err(TlsError::InvalidHost { .. })));
 
     // A good configuration, then a bad one: the good one stays.
     proxy.configure_tls(&one(&cert, &key)).unwrap();
     assert!(proxy.configure_tls(&one(&garbage, &key)).is_err());
-    assert_eq!(
-        proxy.tls_status().unwrap().certificates[0].cert,
-        cert,
-        "the previous configuration is kept"
-    );
+    assert_eq!(proxy.tls_status().unwrap().certificates[0].cert, cert, "the previous configuration is kept");
     proxy.close().await;
 }
 
@@ -508,16 +402,8 @@ async fn plain_http_is_redirected_to_https_where_tls_is_configured() {
     .await;
     let port = https_port.get();
     for (host, path, location) in [
-        (
-            "example.test",
-            "/a/b?c=1",
-            format!("https://example.test:{port}/a/b?c=1"),
-        ),
-        (
-            "WWW.example.test:8080",
-            "/",
-            format!("https://WWW.example.test:{port}/"),
-        ),
+        ("example.test", "/a/b?c=1", format!("https://example.test:{port}/a/b?c=1")),
+        ("WWW.example.test:8080", "/", format!("https://WWW.example.test:{port}/")),
     ] {
         let (reply, _, _) = raw_request(
             both.http,
@@ -529,10 +415,7 @@ async fn plain_http_is_redirected_to_https_where_tls_is_configured() {
         assert_eq!(reply.header("location"), Some(location));
     }
     // Hosts without a certificate, and ACME challenges, are proxied.
-    for (host, path) in [
-        ("plain.test", "/x"),
-        ("example.test", "/.well-known/acme-challenge/token"),
-    ] {
+    for (host, path) in [("plain.test", "/x"), ("example.test", "/.well-known/acme-challenge/token")] {
         let (reply, _, _) = raw_request(
             both.http,
             format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -546,11 +429,8 @@ async fn plain_http_is_redirected_to_https_where_tls_is_configured() {
     let mut off = tls_settings(port);
     off.redirect_http = false;
     both.proxy.configure_tls(&off).unwrap();
-    let (reply, _, _) = raw_request(
-        both.http,
-        b"GET / HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let (reply, _, _) =
+        raw_request(both.http, b"GET / HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n").await;
     assert_eq!(reply.unwrap().status, 200);
     both.stop().await;
 }
@@ -561,20 +441,8 @@ async fn a_silent_tls_client_is_disconnected() {
     let a = pair(&["example.test"]);
     let (cert, key) = write_pair(dir.path(), "a", &a);
     logs::capture();
-    let proxy = Proxy::new(ProxyConfig {
-        header_read_timeout: Duration::from_millis(300),
-        ..config()
-    });
-    proxy
-        .configure_tls(&settings(
-            vec![TlsCert {
-                hosts: vec!["example.test".into()],
-                cert,
-                key,
-            }],
-            443,
-        ))
-        .unwrap();
+    let proxy = Proxy::new(ProxyConfig { header_read_timeout: Duration::from_millis(300), ..config() });
+    proxy.configure_tls(&settings(vec![TlsCert { hosts: vec!["example.test".into()], cert, key }], 443)).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -588,9 +456,7 @@ async fn a_silent_tls_client_is_disconnected() {
     assert!(closes(&mut s, Duration::from_secs(5)).await);
     assert!(started.elapsed() >= Duration::from_millis(250));
     wait_until("the timeout to be logged", || {
-        logs::for_client(client)
-            .iter()
-            .any(|l| l.contains("TLS handshake timed out"))
+        logs::for_client(client).iter().any(|l| l.contains("TLS handshake timed out"))
     })
     .await;
     shutdown.cancel();

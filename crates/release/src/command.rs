@@ -38,14 +38,8 @@ const TS_FORMAT: &[BorrowedFormatItem<'static>] =
 
 /// How a command ended.
 pub(crate) enum Ended {
-    Exited {
-        status: ExitStatus,
-        tail: Vec<String>,
-        duration: Duration,
-    },
-    TimedOut {
-        tail: Vec<String>,
-    },
+    Exited { status: ExitStatus, tail: Vec<String>, duration: Duration },
+    TimedOut { tail: Vec<String> },
     Cancelled,
 }
 
@@ -57,9 +51,7 @@ pub(crate) struct BuildLog {
 
 impl BuildLog {
     pub(crate) fn create(path: &Path) -> std::io::Result<Self> {
-        Ok(Self {
-            file: File::create(path)?,
-        })
+        Ok(Self { file: File::create(path)? })
     }
 
     pub(crate) fn line(&mut self, stream: Stream, text: &str) {
@@ -125,26 +117,13 @@ pub(crate) async fn run(
         .spawn()?;
     let pid = child.id().expect("a just spawned child has a pid");
     let mut group = GroupGuard(Some(Pid::from_raw(pid as i32)));
-    log.line(
-        Stream::Sys,
-        &format!(
-            "build command {} of {}: {}",
-            run.index + 1,
-            run.total,
-            run.command
-        ),
-    );
+    log.line(Stream::Sys, &format!("build command {} of {}: {}", run.index + 1, run.total, run.command));
 
     let mut out = BufReader::new(child.stdout.take().expect("stdout is piped"));
     let mut err = BufReader::new(child.stderr.take().expect("stderr is piped"));
     let (mut out_buf, mut err_buf) = (Vec::new(), Vec::new());
     let (mut out_open, mut err_open) = (true, true);
-    let mut sink = Sink {
-        index: run.index,
-        log,
-        events,
-        tail: VecDeque::with_capacity(TAIL_LINES),
-    };
+    let mut sink = Sink { index: run.index, log, events, tail: VecDeque::with_capacity(TAIL_LINES) };
     let mut exited: Option<ExitStatus> = None;
     let timeout = tokio::time::sleep_until(deadline);
     tokio::pin!(timeout);
@@ -202,15 +181,8 @@ pub(crate) async fn run(
 
     let status = exited.expect("loop ends after exit");
     let duration = started.elapsed();
-    sink.log.line(
-        Stream::Sys,
-        &format!("{status} after {}", fmt_duration(duration)),
-    );
-    Ok(Ended::Exited {
-        status,
-        tail: sink.tail.into(),
-        duration,
-    })
+    sink.log.line(Stream::Sys, &format!("{status} after {}", fmt_duration(duration)));
+    Ok(Ended::Exited { status, tail: sink.tail.into(), duration })
 }
 
 /// Where output lines go: the log, the events, the tail for error reports.
@@ -236,11 +208,7 @@ fn emit<E: FnMut(BuildEvent)>(sink: &mut Sink<'_, '_, E>, stream: Stream, buf: &
         sink.tail.pop_front();
     }
     sink.tail.push_back(line.clone());
-    (sink.events)(BuildEvent::Output {
-        index: sink.index,
-        stream,
-        line,
-    });
+    (sink.events)(BuildEvent::Output { index: sink.index, stream, line });
 }
 
 async fn kill_and_reap(group: &mut GroupGuard, child: &mut Child) {

@@ -19,10 +19,7 @@ impl LockedDir {
     /// A new directory `<root>/<prefix><random>`, locked.
     pub(crate) fn create(root: &Path, prefix: &str) -> io::Result<Self> {
         for _ in 0..5 {
-            let path = tempfile::Builder::new()
-                .prefix(prefix)
-                .tempdir_in(root)?
-                .keep();
+            let path = tempfile::Builder::new().prefix(prefix).tempdir_in(root)?.keep();
             // `clean_staging` may have removed it between creation and
             // locking: then take another one.
             if let Some(locked) = Self::try_lock(&path) {
@@ -31,10 +28,7 @@ impl LockedDir {
                 }
             }
         }
-        Err(io::Error::other(format!(
-            "cannot create and lock a work directory in {}",
-            root.display()
-        )))
+        Err(io::Error::other(format!("cannot create and lock a work directory in {}", root.display())))
     }
 
     /// Lock an existing directory, or `None` if someone holds it (or it is
@@ -42,10 +36,7 @@ impl LockedDir {
     pub(crate) fn try_lock(path: &Path) -> Option<Self> {
         let file = File::open(path).ok()?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()?;
-        Some(Self {
-            path: path.to_path_buf(),
-            _lock: lock,
-        })
+        Some(Self { path: path.to_path_buf(), _lock: lock })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -76,10 +67,7 @@ fn make_dirs_writable(dir: &Path) {
     if !meta.is_dir() {
         return;
     }
-    let _ = fs::set_permissions(
-        dir,
-        Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o700),
-    );
+    let _ = fs::set_permissions(dir, Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o700));
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -124,10 +112,7 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
         }
     }
     if to.symlink_metadata().is_ok() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists", to.display()),
-        ));
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", to.display())));
     }
     fs::rename(from, to)
 }

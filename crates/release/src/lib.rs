@@ -131,24 +131,12 @@ pub enum BuildEvent {
     /// The app directory was copied into the staging directory.
     Snapshotted(SnapshotStats),
     /// `index` is 0-based into `build_commands`; `total` is their number.
-    CommandStarted {
-        index: usize,
-        total: usize,
-        command: String,
-    },
+    CommandStarted { index: usize, total: usize, command: String },
     /// One line of a command's output (without the line end).
-    Output {
-        index: usize,
-        stream: Stream,
-        line: String,
-    },
+    Output { index: usize, stream: Stream, line: String },
     /// Sent for every command that exited by itself, successful or not (not
     /// for one killed on timeout or cancel: the build's error says that).
-    CommandFinished {
-        index: usize,
-        status: ExitStatus,
-        duration: Duration,
-    },
+    CommandFinished { index: usize, status: ExitStatus, duration: Duration },
 }
 
 /// A published release.
@@ -177,44 +165,28 @@ pub enum ReleaseError {
     #[error("release {release} already exists at {path}; releases are immutable: build the next release number, or prune this one first")]
     ReleaseExists { release: ReleaseId, path: PathBuf },
 
-    #[error("cannot read {path}: {error}; fix its permissions, or list it in .nonstopignore to leave it out of releases")]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    #[error(
+        "cannot read {path}: {error}; fix its permissions, or list it in .nonstopignore to leave it out of releases"
+    )]
+    Read { path: PathBuf, error: std::io::Error },
 
-    #[error("cannot list the app directory {source_dir}: {error}; fix the permissions, or list the path in .nonstopignore")]
-    Walk {
-        source_dir: PathBuf,
-        error: ignore::Error,
-    },
+    #[error(
+        "cannot list the app directory {source_dir}: {error}; fix the permissions, or list the path in .nonstopignore"
+    )]
+    Walk { source_dir: PathBuf, error: ignore::Error },
 
     #[error("cannot write {path}: {error}; check the free space and permissions of the releases directory")]
-    Write {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    Write { path: PathBuf, error: std::io::Error },
 
     #[error("build command {} of {total} `{command}` could not be started: {error}", index + 1)]
-    Spawn {
-        index: usize,
-        total: usize,
-        command: String,
-        error: std::io::Error,
-    },
+    Spawn { index: usize, total: usize, command: String, error: std::io::Error },
 
     #[error(
         "build command {} of {total} `{command}` failed with {status}; last output:{}",
         index + 1,
         fmt_tail(output_tail)
     )]
-    BuildFailed {
-        index: usize,
-        total: usize,
-        command: String,
-        status: ExitStatus,
-        output_tail: Vec<String>,
-    },
+    BuildFailed { index: usize, total: usize, command: String, status: ExitStatus, output_tail: Vec<String> },
 
     #[error(
         "build command {} of {total} `{command}` timed out after {} and was killed with its process group; make it faster or raise the build timeout; last output:{}",
@@ -222,13 +194,7 @@ pub enum ReleaseError {
         command::fmt_duration(*timeout),
         fmt_tail(output_tail)
     )]
-    BuildTimedOut {
-        index: usize,
-        total: usize,
-        command: String,
-        timeout: Duration,
-        output_tail: Vec<String>,
-    },
+    BuildTimedOut { index: usize, total: usize, command: String, timeout: Duration, output_tail: Vec<String> },
 
     #[error("build of release {release} was cancelled {stage}; nothing was published")]
     Cancelled { release: ReleaseId, stage: String },
@@ -244,8 +210,9 @@ impl ReleaseError {
     /// The last lines of output of a failed build command.
     pub fn output_tail(&self) -> Option<&[String]> {
         match self {
-            ReleaseError::BuildFailed { output_tail, .. }
-            | ReleaseError::BuildTimedOut { output_tail, .. } => Some(output_tail),
+            ReleaseError::BuildFailed { output_tail, .. } | ReleaseError::BuildTimedOut { output_tail, .. } => {
+                Some(output_tail)
+            }
             _ => None,
         }
     }
@@ -274,10 +241,7 @@ impl ReleaseBuilder {
     /// `root` holds the releases (`<root>/v1`, `<root>/v2`, ...); it is
     /// created by the first build. Nothing is read or written here.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self {
-            root: root.into(),
-            excluded: Vec::new(),
-        }
+        Self { root: root.into(), excluded: Vec::new() }
     }
 
     /// Also leave `dir` out of snapshots when it is inside the app directory
@@ -390,32 +354,21 @@ impl ReleaseBuilder {
         let source = canonical_source(req.source)?;
         let final_dir = self.path_of(release);
         if final_dir.symlink_metadata().is_ok() {
-            return Err(ReleaseError::ReleaseExists {
-                release,
-                path: final_dir,
-            });
+            return Err(ReleaseError::ReleaseExists { release, path: final_dir });
         }
         std::fs::create_dir_all(&self.root).map_err(|e| snapshot::write_err(&self.root, e))?;
         let excluded = self.excluded_within(&source);
-        let cancelled = |stage: &str| ReleaseError::Cancelled {
-            release,
-            stage: stage.to_string(),
-        };
+        let cancelled = |stage: &str| ReleaseError::Cancelled { release, stage: stage.to_string() };
 
         let staging = Staging::create(&self.root, release, req.cancel.child_token())?;
 
         // 1. Snapshot, off the async threads. The walk checks the token
         //    between entries.
         let stats = {
-            let (src, dst, token) = (
-                source.clone(),
-                staging.dir.path().to_path_buf(),
-                staging.token.clone(),
-            );
-            let joined = tokio::task::spawn_blocking(move || {
-                snapshot::snapshot(&src, Some(&dst), &excluded, Some(&token))
-            })
-            .await;
+            let (src, dst, token) = (source.clone(), staging.dir.path().to_path_buf(), staging.token.clone());
+            let joined =
+                tokio::task::spawn_blocking(move || snapshot::snapshot(&src, Some(&dst), &excluded, Some(&token)))
+                    .await;
             match joined {
                 Ok(Ok(stats)) => stats,
                 Ok(Err(ReleaseError::Interrupted)) => {
@@ -445,16 +398,9 @@ impl ReleaseBuilder {
         for (index, command) in req.build_commands.iter().enumerate() {
             if req.cancel.is_cancelled() {
                 staging.discard().await;
-                return Err(cancelled(&format!(
-                    "before build command {} of {total}",
-                    index + 1
-                )));
+                return Err(cancelled(&format!("before build command {} of {total}", index + 1)));
             }
-            events(BuildEvent::CommandStarted {
-                index,
-                total,
-                command: command.clone(),
-            });
+            events(BuildEvent::CommandStarted { index, total, command: command.clone() });
             let run = Run {
                 index,
                 total,
@@ -466,26 +412,12 @@ impl ReleaseBuilder {
             };
             let ended = command::run(run, &mut log, &mut events).await;
             let failure = match ended {
-                Ok(Ended::Exited {
-                    status,
-                    tail,
-                    duration,
-                }) => {
-                    events(BuildEvent::CommandFinished {
-                        index,
-                        status,
-                        duration,
-                    });
+                Ok(Ended::Exited { status, tail, duration }) => {
+                    events(BuildEvent::CommandFinished { index, status, duration });
                     if status.success() {
                         continue;
                     }
-                    ReleaseError::BuildFailed {
-                        index,
-                        total,
-                        command: command.clone(),
-                        status,
-                        output_tail: tail,
-                    }
+                    ReleaseError::BuildFailed { index, total, command: command.clone(), status, output_tail: tail }
                 }
                 Ok(Ended::TimedOut { tail }) => ReleaseError::BuildTimedOut {
                     index,
@@ -494,15 +426,8 @@ impl ReleaseBuilder {
                     timeout: req.timeout,
                     output_tail: tail,
                 },
-                Ok(Ended::Cancelled) => {
-                    cancelled(&format!("during build command {} of {total}", index + 1))
-                }
-                Err(error) => ReleaseError::Spawn {
-                    index,
-                    total,
-                    command: command.clone(),
-                    error,
-                },
+                Ok(Ended::Cancelled) => cancelled(&format!("during build command {} of {total}", index + 1)),
+                Err(error) => ReleaseError::Spawn { index, total, command: command.clone(), error },
             };
             drop(log);
             staging.discard().await;
@@ -531,10 +456,7 @@ impl ReleaseBuilder {
             Ok(()) => staging.published(),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 staging.discard().await;
-                return Err(ReleaseError::ReleaseExists {
-                    release,
-                    path: final_dir,
-                });
+                return Err(ReleaseError::ReleaseExists { release, path: final_dir });
             }
             Err(e) => {
                 if final_dir.symlink_metadata().is_ok() {
@@ -574,9 +496,7 @@ fn canonical_source(source: &Path) -> Result<PathBuf, ReleaseError> {
     match source.canonicalize() {
         Ok(p) if p.is_dir() => Ok(p),
         Ok(_) => Err(ReleaseError::SourceNotDir(source.to_path_buf())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(ReleaseError::SourceMissing(source.to_path_buf()))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ReleaseError::SourceMissing(source.to_path_buf())),
         Err(e) => Err(snapshot::read_err(source, e)),
     }
 }
@@ -598,18 +518,10 @@ struct Staging {
 }
 
 impl Staging {
-    fn create(
-        root: &Path,
-        release: ReleaseId,
-        token: CancellationToken,
-    ) -> Result<Self, ReleaseError> {
+    fn create(root: &Path, release: ReleaseId, token: CancellationToken) -> Result<Self, ReleaseError> {
         let dir = LockedDir::create(root, &format!("{STAGING_PREFIX}{release}-"))
             .map_err(|e| snapshot::write_err(root, e))?;
-        Ok(Self {
-            dir,
-            token,
-            armed: true,
-        })
+        Ok(Self { dir, token, armed: true })
     }
 
     /// Remove the staging directory, off the async threads.

@@ -72,13 +72,7 @@ pub(crate) fn always_skipped(rel: &Path, is_dir: bool, excluded: &[PathBuf]) -> 
     if !is_dir && name.ends_with(b".pyc") {
         return true;
     }
-    if name == b".cache"
-        && rel
-            .parent()
-            .and_then(Path::file_name)
-            .map(OsStrExt::as_bytes)
-            == Some(b"node_modules")
-    {
+    if name == b".cache" && rel.parent().and_then(Path::file_name).map(OsStrExt::as_bytes) == Some(b"node_modules") {
         return true;
     }
     if rel == Path::new(META_DIR) {
@@ -123,21 +117,14 @@ pub(crate) fn snapshot(
         });
 
     let mut items: Vec<Item> = Vec::new();
-    let mut stats = SnapshotStats {
-        files: 0,
-        bytes: 0,
-        content_hash: String::new(),
-    };
+    let mut stats = SnapshotStats { files: 0, bytes: 0, content_hash: String::new() };
     let mut buf = vec![0u8; COPY_BUF];
 
     for entry in walker.build() {
         if cancel.is_some_and(CancellationToken::is_cancelled) {
             return Err(ReleaseError::Interrupted);
         }
-        let entry = entry.map_err(|e| ReleaseError::Walk {
-            source_dir: source.to_path_buf(),
-            error: e,
-        })?;
+        let entry = entry.map_err(|e| ReleaseError::Walk { source_dir: source.to_path_buf(), error: e })?;
         if let Some(err) = entry.error() {
             // A bad line in an ignore file: git ignores it too; say so.
             tracing::warn!(path = %entry.path().display(), "ignore file problem: {err}");
@@ -145,11 +132,7 @@ pub(crate) fn snapshot(
         if entry.depth() == 0 {
             continue;
         }
-        let rel = entry
-            .path()
-            .strip_prefix(source)
-            .expect("walk stays under its root")
-            .to_path_buf();
+        let rel = entry.path().strip_prefix(source).expect("walk stays under its root").to_path_buf();
         if let Some(item) = visit(&entry, &rel, dest, &mut buf, &mut stats)? {
             items.push(item);
         }
@@ -195,11 +178,7 @@ fn visit(
             fs::create_dir(to).map_err(|e| write_err(to, e))?;
             set_mode(to, (mode & 0o7777) | 0o700)?;
         }
-        return Ok(Some(Item {
-            rel: rel_bytes,
-            exec: false,
-            kind: Kind::Dir,
-        }));
+        return Ok(Some(Item { rel: rel_bytes, exec: false, kind: Kind::Dir }));
     }
     if ft.is_symlink() {
         let target = fs::read_link(path).map_err(|e| read_err(path, e))?;
@@ -208,22 +187,12 @@ fn visit(
         }
         stats.files += 1;
         let target = target.as_os_str().as_bytes().to_vec();
-        return Ok(Some(Item {
-            rel: rel_bytes,
-            exec: false,
-            kind: Kind::Symlink { target },
-        }));
+        return Ok(Some(Item { rel: rel_bytes, exec: false, kind: Kind::Symlink { target } }));
     }
     if ft.is_file() {
         let mut src = File::open(path).map_err(|e| read_err(path, e))?;
         let mut out = match &target_path {
-            Some(to) => Some(
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(to)
-                    .map_err(|e| write_err(to, e))?,
-            ),
+            Some(to) => Some(OpenOptions::new().write(true).create_new(true).open(to).map_err(|e| write_err(to, e))?),
             None => None,
         };
         let mut hasher = Sha256::new();
@@ -244,19 +213,14 @@ fn visit(
             // Permissions as in the source (setuid/setgid/sticky dropped),
             // set explicitly so the umask does not change them; mtime kept
             // for tools that compare timestamps.
-            out.set_permissions(Permissions::from_mode(mode & 0o777))
-                .map_err(|e| write_err(to, e))?;
+            out.set_permissions(Permissions::from_mode(mode & 0o777)).map_err(|e| write_err(to, e))?;
             if let Ok(mtime) = meta.modified() {
                 let _ = out.set_modified(mtime);
             }
         }
         stats.files += 1;
         let digest: [u8; 32] = hasher.finalize().into();
-        return Ok(Some(Item {
-            rel: rel_bytes,
-            exec: mode & 0o100 != 0,
-            kind: Kind::File { digest },
-        }));
+        return Ok(Some(Item { rel: rel_bytes, exec: mode & 0o100 != 0, kind: Kind::File { digest } }));
     }
     let what = if ft.is_socket() {
         "socket"
@@ -287,17 +251,11 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), ReleaseError> {
 }
 
 pub(crate) fn read_err(path: &Path, error: std::io::Error) -> ReleaseError {
-    ReleaseError::Read {
-        path: path.to_path_buf(),
-        error,
-    }
+    ReleaseError::Read { path: path.to_path_buf(), error }
 }
 
 pub(crate) fn write_err(path: &Path, error: std::io::Error) -> ReleaseError {
-    ReleaseError::Write {
-        path: path.to_path_buf(),
-        error,
-    }
+    ReleaseError::Write { path: path.to_path_buf(), error }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -322,19 +280,11 @@ mod tests {
         assert!(!always_skipped(Path::new("a/__pycache__"), false, none));
         assert!(always_skipped(Path::new("a/b.pyc"), false, none));
         assert!(always_skipped(Path::new("node_modules/.cache"), true, none));
-        assert!(always_skipped(
-            Path::new("web/node_modules/.cache"),
-            true,
-            none
-        ));
+        assert!(always_skipped(Path::new("web/node_modules/.cache"), true, none));
         assert!(!always_skipped(Path::new(".cache"), true, none));
         assert!(always_skipped(Path::new(".nonstop"), true, none));
         assert!(!always_skipped(Path::new("sub/.nonstop"), true, none));
-        assert!(always_skipped(
-            Path::new("state"),
-            true,
-            &[PathBuf::from("state")]
-        ));
+        assert!(always_skipped(Path::new("state"), true, &[PathBuf::from("state")]));
         assert!(!always_skipped(Path::new("app.py"), false, none));
     }
 

@@ -2,8 +2,7 @@
 
 use nonstop_core::ReleaseId;
 use nonstop_release::{
-    BuildEvent, BuildRequest, BuiltRelease, ExitStatus, ReleaseBuilder, ReleaseError, Stream,
-    BUILD_LOG,
+    BuildEvent, BuildRequest, BuiltRelease, ExitStatus, ReleaseBuilder, ReleaseError, Stream, BUILD_LOG,
 };
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -42,12 +41,7 @@ impl Fixture {
         fs::create_dir(&app).unwrap();
         let root = tmp.path().join("home/releases/app");
         let builder = ReleaseBuilder::new(&root);
-        Self {
-            _tmp: tmp,
-            app,
-            root,
-            builder,
-        }
+        Self { _tmp: tmp, app, root, builder }
     }
 
     async fn build_with(
@@ -61,43 +55,21 @@ impl Fixture {
         let commands: Vec<String> = commands.iter().map(|c| c.to_string()).collect();
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
-        let req = BuildRequest {
-            source: &self.app,
-            release: ReleaseId(n),
-            build_commands: &commands,
-            env,
-            timeout,
-            cancel,
-        };
-        let result = self
-            .builder
-            .build(req, move |e| sink.lock().unwrap().push(e))
-            .await;
+        let req =
+            BuildRequest { source: &self.app, release: ReleaseId(n), build_commands: &commands, env, timeout, cancel };
+        let result = self.builder.build(req, move |e| sink.lock().unwrap().push(e)).await;
         let events = std::mem::take(&mut *events.lock().unwrap());
         (result, events)
     }
 
-    async fn build(
-        &self,
-        n: u64,
-        commands: &[&str],
-    ) -> (Result<BuiltRelease, ReleaseError>, Vec<BuildEvent>) {
-        self.build_with(
-            n,
-            commands,
-            &base_env(),
-            Duration::from_secs(60),
-            CancellationToken::new(),
-        )
-        .await
+    async fn build(&self, n: u64, commands: &[&str]) -> (Result<BuiltRelease, ReleaseError>, Vec<BuildEvent>) {
+        self.build_with(n, commands, &base_env(), Duration::from_secs(60), CancellationToken::new()).await
     }
 
     /// Everything in the releases root, sorted.
     fn root_entries(&self) -> Vec<String> {
         let mut names: Vec<String> = match fs::read_dir(&self.root) {
-            Ok(rd) => rd
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect(),
+            Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
             Err(_) => Vec::new(),
         };
         names.sort();
@@ -112,11 +84,7 @@ fn tree(dir: &Path) -> Vec<String> {
         for entry in fs::read_dir(dir).unwrap() {
             let entry = entry.unwrap();
             let path = entry.path();
-            let rel = path
-                .strip_prefix(base)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
+            let rel = path.strip_prefix(base).unwrap().to_string_lossy().into_owned();
             if rel == ".nonstop" {
                 continue;
             }
@@ -151,14 +119,7 @@ fn is_dead(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(stat) => {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap()
-                .trim_start()
-                .chars()
-                .next()
-                .unwrap();
+            let state = stat.rsplit(')').next().unwrap().trim_start().chars().next().unwrap();
             state == 'Z' || state == 'X'
         }
     }
@@ -169,10 +130,7 @@ fn is_dead(pid: i32) -> bool {
 fn assert_dies(pid: i32, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !is_dead(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "{what} (pid {pid}) is still alive"
-        );
+        assert!(Instant::now() < deadline, "{what} (pid {pid}) is still alive");
         std::thread::yield_now();
     }
 }
@@ -261,13 +219,9 @@ async fn releases_root_and_state_dir_inside_the_app_are_left_out() {
     write(&app, "app.py", "x");
     write(&app, "state/state.db", "x");
     let before = ReleaseBuilder::content_hash(&app).unwrap();
-    let builder =
-        ReleaseBuilder::new(app.join("state/releases/app")).with_excluded(app.join("state"));
+    let builder = ReleaseBuilder::new(app.join("state/releases/app")).with_excluded(app.join("state"));
     let hash = builder.snapshot_hash(&app).unwrap();
-    assert_ne!(
-        hash, before,
-        "content_hash alone does not know the state dir"
-    );
+    assert_ne!(hash, before, "content_hash alone does not know the state dir");
     let req = BuildRequest {
         source: &app,
         release: ReleaseId(1),
@@ -294,25 +248,16 @@ async fn symlinks_are_copied_as_symlinks() {
     symlink("sub", f.app.join("dirlink")).unwrap();
 
     let built = f.build(1, &[]).await.0.unwrap();
-    for (name, target) in [
-        ("link", "target.txt"),
-        ("outside", "/etc/hostname"),
-        ("dangling", "../../nowhere"),
-        ("dirlink", "sub"),
-    ] {
+    for (name, target) in
+        [("link", "target.txt"), ("outside", "/etc/hostname"), ("dangling", "../../nowhere"), ("dirlink", "sub")]
+    {
         let path = built.dir.join(name);
-        assert!(
-            path.symlink_metadata().unwrap().file_type().is_symlink(),
-            "{name}"
-        );
+        assert!(path.symlink_metadata().unwrap().file_type().is_symlink(), "{name}");
         assert_eq!(fs::read_link(&path).unwrap(), Path::new(target), "{name}");
     }
     // The linked directory was not followed into.
     assert!(!tree(&built.dir).iter().any(|p| p.starts_with("dirlink/")));
-    assert_eq!(
-        fs::read_to_string(built.dir.join("link")).unwrap(),
-        "content"
-    );
+    assert_eq!(fs::read_to_string(built.dir.join("link")).unwrap(), "content");
 }
 
 #[tokio::test]
@@ -323,19 +268,10 @@ async fn file_modes_are_kept() {
     write(&f.app, "conf.ini", "x");
     chmod(&f.app, "conf.ini", 0o640);
     let built = f.build(1, &["./bin/run.sh > ran.txt"]).await.0.unwrap();
-    let mode = |rel: &str| {
-        fs::metadata(built.dir.join(rel))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777
-    };
+    let mode = |rel: &str| fs::metadata(built.dir.join(rel)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode("bin/run.sh"), 0o755);
     assert_eq!(mode("conf.ini"), 0o640);
-    assert_eq!(
-        fs::read_to_string(built.dir.join("ran.txt")).unwrap(),
-        "run\n"
-    );
+    assert_eq!(fs::read_to_string(built.dir.join("ran.txt")).unwrap(), "run\n");
 }
 
 // ------------------------------------------------------------------ hashing
@@ -378,10 +314,7 @@ fn content_hash_is_stable() {
     assert_eq!(stats.files, 5);
     assert_eq!(stats.bytes, 15 + 17 + 10);
     // Pinned: the encoding must not change between versions or machines.
-    assert_eq!(
-        stats.content_hash,
-        "4cac2410f76caaa7c49dc7bbed40eb32aa1f12c16e07a5674074c2c2654d41a4"
-    );
+    assert_eq!(stats.content_hash, "4cac2410f76caaa7c49dc7bbed40eb32aa1f12c16e07a5674074c2c2654d41a4");
 }
 
 #[test]
@@ -422,10 +355,7 @@ fn content_hash_sees_every_change() {
     let before = hash(d);
     write(d, ".gitignore", "*.log\n");
     let with_gitignore = hash(d);
-    assert_ne!(
-        before, with_gitignore,
-        ".gitignore itself is part of the release"
-    );
+    assert_ne!(before, with_gitignore, ".gitignore itself is part of the release");
     write(d, "debug.log", "x");
     chmod(d, "app.py", 0o700);
     assert_eq!(hash(d), with_gitignore);
@@ -435,11 +365,7 @@ fn content_hash_sees_every_change() {
 fn missing_app_directory_is_named() {
     let err = ReleaseBuilder::content_hash(Path::new("/nonexistent/app")).unwrap_err();
     assert!(matches!(err, ReleaseError::SourceMissing(_)));
-    assert!(
-        err.to_string()
-            .contains("app directory /nonexistent/app does not exist"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("app directory /nonexistent/app does not exist"), "{err}");
 }
 
 // ------------------------------------------------------------------- builds
@@ -455,48 +381,24 @@ async fn build_commands_run_in_order_in_the_release_dir_with_the_env() {
         "echo \"$GREETING\" >> order.txt; pwd -P > pwd.txt; env > env.txt; echo to-stderr >&2",
         "test -f app.py && echo three >> order.txt",
     ];
-    let (built, events) = f
-        .build_with(
-            7,
-            &commands,
-            &env,
-            Duration::from_secs(60),
-            CancellationToken::new(),
-        )
-        .await;
+    let (built, events) = f.build_with(7, &commands, &env, Duration::from_secs(60), CancellationToken::new()).await;
     let built = built.unwrap();
     assert_eq!(built.release, ReleaseId(7));
     assert_eq!(built.dir, f.root.join("v7"));
-    assert_eq!(
-        fs::read_to_string(built.dir.join("order.txt")).unwrap(),
-        "one\nhello world\nthree\n"
-    );
+    assert_eq!(fs::read_to_string(built.dir.join("order.txt")).unwrap(), "one\nhello world\nthree\n");
 
     // cwd was the staging copy, renamed afterwards.
     let pwd = fs::read_to_string(built.dir.join("pwd.txt")).unwrap();
-    let staging_name = Path::new(pwd.trim())
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let staging_name = Path::new(pwd.trim()).file_name().unwrap().to_string_lossy().into_owned();
     assert!(staging_name.starts_with(".staging-v7-"), "{pwd}");
-    assert_eq!(
-        Path::new(pwd.trim()).parent().unwrap(),
-        f.root.canonicalize().unwrap()
-    );
+    assert_eq!(Path::new(pwd.trim()).parent().unwrap(), f.root.canonicalize().unwrap());
 
     // Exactly the given environment (plus what sh sets itself).
     let env_txt = fs::read_to_string(built.dir.join("env.txt")).unwrap();
-    let keys: Vec<&str> = env_txt
-        .lines()
-        .filter_map(|l| l.split('=').next())
-        .collect();
+    let keys: Vec<&str> = env_txt.lines().filter_map(|l| l.split('=').next()).collect();
     assert!(env_txt.contains("GREETING=hello world"), "{env_txt}");
     for key in keys {
-        assert!(
-            ["PATH", "GREETING", "PWD", "SHLVL", "_", "OLDPWD"].contains(&key),
-            "unexpected {key} in {env_txt}"
-        );
+        assert!(["PATH", "GREETING", "PWD", "SHLVL", "_", "OLDPWD"].contains(&key), "unexpected {key} in {env_txt}");
     }
 
     // Events, in order.
@@ -505,11 +407,7 @@ async fn build_commands_run_in_order_in_the_release_dir_with_the_env() {
         .map(|e| match e {
             BuildEvent::Snapshotted(_) => "snapshot".to_string(),
             BuildEvent::CommandStarted { index, total, .. } => format!("start {index}/{total}"),
-            BuildEvent::Output {
-                index,
-                stream,
-                line,
-            } => format!("{index} {} {line}", stream.as_str()),
+            BuildEvent::Output { index, stream, line } => format!("{index} {} {line}", stream.as_str()),
             BuildEvent::CommandFinished { index, status, .. } => format!("end {index} {status}"),
         })
         .collect();
@@ -530,15 +428,8 @@ async fn build_commands_run_in_order_in_the_release_dir_with_the_env() {
     // The build log: timestamped lines, in the release.
     assert_eq!(built.build_log, built.dir.join(BUILD_LOG));
     let log = fs::read_to_string(&built.build_log).unwrap();
-    assert!(
-        log.lines()
-            .any(|l| l.ends_with(" err to-stderr") && l.len() > 27 && l.as_bytes()[26] == b'Z'),
-        "{log}"
-    );
-    assert!(
-        log.contains("sys build command 2 of 3: echo \"$GREETING\""),
-        "{log}"
-    );
+    assert!(log.lines().any(|l| l.ends_with(" err to-stderr") && l.len() > 27 && l.as_bytes()[26] == b'Z'), "{log}");
+    assert!(log.contains("sys build command 2 of 3: echo \"$GREETING\""), "{log}");
     assert!(log.contains("sys exit code 0 after"), "{log}");
     assert_eq!(f.root_entries(), ["v7"]);
     assert_eq!(f.builder.list(), [ReleaseId(7)]);
@@ -547,16 +438,12 @@ async fn build_commands_run_in_order_in_the_release_dir_with_the_env() {
 #[tokio::test]
 async fn output_is_streamed_line_by_line() {
     let f = Fixture::new();
-    let (built, events) = f
-        .build(1, &["printf 'a\\nb\\r\\nno newline'; printf 'e1\\n' >&2"])
-        .await;
+    let (built, events) = f.build(1, &["printf 'a\\nb\\r\\nno newline'; printf 'e1\\n' >&2"]).await;
     built.unwrap();
     let mut lines = output_lines(&events);
     lines.sort();
     assert_eq!(lines, ["a", "b", "e1", "no newline"]);
-    assert!(events.iter().any(
-        |e| matches!(e, BuildEvent::Output { stream: Stream::Err, line, .. } if line == "e1")
-    ));
+    assert!(events.iter().any(|e| matches!(e, BuildEvent::Output { stream: Stream::Err, line, .. } if line == "e1")));
 }
 
 #[tokio::test]
@@ -571,13 +458,7 @@ async fn a_failing_command_leaves_no_release_and_reports_its_tail() {
     let (result, events) = f.build(2, &commands).await;
     let err = result.unwrap_err();
     match &err {
-        ReleaseError::BuildFailed {
-            index,
-            total,
-            command,
-            status,
-            output_tail,
-        } => {
+        ReleaseError::BuildFailed { index, total, command, status, output_tail } => {
             assert_eq!((*index, *total), (1, 3));
             assert_eq!(command, commands[1]);
             assert_eq!(*status, ExitStatus::Code(3));
@@ -588,19 +469,10 @@ async fn a_failing_command_leaves_no_release_and_reports_its_tail() {
     }
     let msg = err.to_string();
     assert!(msg.starts_with("build command 2 of 3 `for i in"), "{msg}");
-    assert!(
-        msg.contains("failed with exit code 3; last output:\n    line 11\n"),
-        "{msg}"
-    );
+    assert!(msg.contains("failed with exit code 3; last output:\n    line 11\n"), "{msg}");
     assert!(msg.ends_with("    line 30"), "{msg}");
-    assert!(!events
-        .iter()
-        .any(|e| matches!(e, BuildEvent::CommandStarted { index: 2, .. })));
-    assert_eq!(
-        f.root_entries(),
-        Vec::<String>::new(),
-        "no release and no staging left"
-    );
+    assert!(!events.iter().any(|e| matches!(e, BuildEvent::CommandStarted { index: 2, .. })));
+    assert_eq!(f.root_entries(), Vec::<String>::new(), "no release and no staging left");
     assert!(f.builder.list().is_empty());
 }
 
@@ -609,16 +481,7 @@ async fn a_command_that_cannot_run_fails_the_build() {
     let f = Fixture::new();
     let (result, _) = f.build(1, &["definitely-not-a-command-xyz"]).await;
     let err = result.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ReleaseError::BuildFailed {
-                status: ExitStatus::Code(127),
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, ReleaseError::BuildFailed { status: ExitStatus::Code(127), .. }), "{err:?}");
     assert!(err.to_string().contains("not found"), "{err}");
     assert!(f.root_entries().is_empty());
 }
@@ -626,8 +489,7 @@ async fn a_command_that_cannot_run_fails_the_build() {
 /// A command whose shell starts a background and a foreground `sleep 1000`,
 /// writes their pids (outside the release: the staging directory is gone
 /// afterwards), then says `ready`.
-const SPAWNS_SLEEPERS: &str =
-    "sleep 1000 & echo $! > \"$PIDS/bg\"; sleep 1000 & echo $! > \"$PIDS/fg\"; \
+const SPAWNS_SLEEPERS: &str = "sleep 1000 & echo $! > \"$PIDS/bg\"; sleep 1000 & echo $! > \"$PIDS/fg\"; \
                                echo $$ > \"$PIDS/sh\"; echo ready; wait";
 
 fn pid_env(pids: &Path) -> Vec<(String, String)> {
@@ -652,18 +514,9 @@ async fn a_timeout_kills_the_whole_process_group() {
         .await;
     let err = result.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(60));
-    assert!(
-        output_lines(&events).contains(&"ready".to_string()),
-        "the command did not get to start its sleepers"
-    );
+    assert!(output_lines(&events).contains(&"ready".to_string()), "the command did not get to start its sleepers");
     match &err {
-        ReleaseError::BuildTimedOut {
-            index: 1,
-            total: 2,
-            output_tail,
-            timeout,
-            ..
-        } => {
+        ReleaseError::BuildTimedOut { index: 1, total: 2, output_tail, timeout, .. } => {
             assert_eq!(output_tail, &["ready"]);
             assert_eq!(*timeout, Duration::from_secs(3));
         }
@@ -702,20 +555,8 @@ async fn cancel_kills_the_running_command_and_leaves_nothing() {
         })
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ReleaseError::Cancelled {
-                release: ReleaseId(3),
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string().contains("during build command 1 of 1"),
-        "{err}"
-    );
+    assert!(matches!(err, ReleaseError::Cancelled { release: ReleaseId(3), .. }), "{err:?}");
+    assert!(err.to_string().contains("during build command 1 of 1"), "{err}");
     for name in ["sh", "bg", "fg"] {
         assert_dies(read_pid(&pids.path().join(name)), name);
     }
@@ -762,15 +603,7 @@ async fn cancel_before_the_build_copies_nothing() {
     write(&f.app, "app.py", "x");
     let cancel = CancellationToken::new();
     cancel.cancel();
-    let (result, events) = f
-        .build_with(
-            1,
-            &["echo hi"],
-            &base_env(),
-            Duration::from_secs(10),
-            cancel,
-        )
-        .await;
+    let (result, events) = f.build_with(1, &["echo hi"], &base_env(), Duration::from_secs(10), cancel).await;
     let err = result.unwrap_err();
     assert!(matches!(err, ReleaseError::Cancelled { .. }), "{err:?}");
     assert!(events.is_empty());
@@ -802,23 +635,12 @@ async fn an_existing_release_is_never_rebuilt() {
     write(&f.app, "app.py", "changed");
     let (result, events) = f.build(1, &["echo again > marker.txt"]).await;
     let err = result.unwrap_err();
-    assert!(
-        matches!(&err, ReleaseError::ReleaseExists { release: ReleaseId(1), path } if path == &first.dir)
-    );
+    assert!(matches!(&err, ReleaseError::ReleaseExists { release: ReleaseId(1), path } if path == &first.dir));
     let msg = err.to_string();
-    assert!(
-        msg.contains(&format!(
-            "release v1 already exists at {}",
-            first.dir.display()
-        )),
-        "{msg}"
-    );
+    assert!(msg.contains(&format!("release v1 already exists at {}", first.dir.display())), "{msg}");
     assert!(events.is_empty());
     assert_eq!(fs::read_to_string(first.dir.join("app.py")).unwrap(), "v1");
-    assert_eq!(
-        fs::read_to_string(first.dir.join("marker.txt")).unwrap(),
-        "built\n"
-    );
+    assert_eq!(fs::read_to_string(first.dir.join("marker.txt")).unwrap(), "built\n");
     assert_eq!(f.root_entries(), ["v1"]);
 }
 
@@ -856,30 +678,14 @@ async fn list_and_prune() {
     symlink("v1", f.root.join("v8")).unwrap();
     assert_eq!(f.builder.list(), [1, 2, 3, 4, 10].map(ReleaseId));
 
-    let removed = f
-        .builder
-        .prune(&[ReleaseId(2), ReleaseId(10), ReleaseId(99)])
-        .unwrap();
+    let removed = f.builder.prune(&[ReleaseId(2), ReleaseId(10), ReleaseId(99)]).unwrap();
     assert_eq!(removed, [1, 3, 4].map(ReleaseId));
     assert_eq!(f.builder.list(), [2, 10].map(ReleaseId));
-    assert_eq!(
-        f.root_entries(),
-        [
-            ".staging-v9-abcdef",
-            "notes",
-            "v05",
-            "v10",
-            "v2",
-            "v7",
-            "v8"
-        ]
-    );
+    assert_eq!(f.root_entries(), [".staging-v9-abcdef", "notes", "v05", "v10", "v2", "v7", "v8"]);
     assert_eq!(f.builder.prune(&[ReleaseId(2), ReleaseId(10)]).unwrap(), []);
     assert_eq!(f.builder.prune(&[]).unwrap(), [2, 10].map(ReleaseId));
     assert!(f.builder.list().is_empty());
-    assert!(ReleaseBuilder::new(f.root.join("missing"))
-        .list()
-        .is_empty());
+    assert!(ReleaseBuilder::new(f.root.join("missing")).list().is_empty());
 }
 
 #[tokio::test]
@@ -897,10 +703,7 @@ async fn clean_staging_removes_leftovers_but_not_a_build_in_progress() {
     let cleaned = Arc::new(Mutex::new(None));
     let seen = cleaned.clone();
     let builder = f.builder.clone();
-    let commands = vec![
-        "echo ready".to_string(),
-        "ls -d ../.staging-v3-* > ../staging-seen.txt".to_string(),
-    ];
+    let commands = vec!["echo ready".to_string(), "ls -d ../.staging-v3-* > ../staging-seen.txt".to_string()];
     let req = BuildRequest {
         source: &f.app,
         release: ReleaseId(3),
@@ -930,9 +733,7 @@ async fn clean_staging_removes_leftovers_but_not_a_build_in_progress() {
     cleaned.sort();
     assert_eq!(cleaned, [".staging-v2-crashed", ".trash-v0-crashed"]);
     // The running build's staging directory survived and was published.
-    assert!(fs::read_to_string(f.root.join("staging-seen.txt"))
-        .unwrap()
-        .contains(".staging-v3-"));
+    assert!(fs::read_to_string(f.root.join("staging-seen.txt")).unwrap().contains(".staging-v3-"));
     assert_eq!(f.builder.list(), [1, 3].map(ReleaseId));
     assert!(built.dir.join("app.py").exists());
     assert_eq!(f.root_entries(), ["staging-seen.txt", "v1", "v3"]);

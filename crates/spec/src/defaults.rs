@@ -146,10 +146,7 @@ mod tests {
         let doc = proxy_defaults_doc();
         let cols = doc.lines().next().unwrap().matches('|').count();
         assert!(doc.lines().all(|l| l.starts_with('|') && l.ends_with('|')));
-        assert!(
-            doc.lines().all(|l| l.matches('|').count() == cols),
-            "ragged table"
-        );
+        assert!(doc.lines().all(|l| l.matches('|').count() == cols), "ragged table");
         let cell = |key: &str| -> String {
             let row = doc
                 .lines()
@@ -162,10 +159,7 @@ mod tests {
         assert_eq!(size("max_header_bytes"), Ok(DEFAULT_PROXY_MAX_HEADER_BYTES));
         assert_eq!(size("max_request_line"), Ok(DEFAULT_PROXY_MAX_REQUEST_LINE));
         assert_eq!(size("max_body_bytes"), Ok(DEFAULT_PROXY_MAX_BODY_BYTES));
-        assert_eq!(
-            cell("max_headers"),
-            format!("`{DEFAULT_PROXY_MAX_HEADERS}`")
-        );
+        assert_eq!(cell("max_headers"), format!("`{DEFAULT_PROXY_MAX_HEADERS}`"));
         assert_eq!(d("header_timeout"), Ok(DEFAULT_PROXY_HEADER_TIMEOUT));
         assert_eq!(d("idle_timeout"), Ok(DEFAULT_PROXY_IDLE_TIMEOUT));
         assert_eq!(d("upstream_timeout"), Ok(DEFAULT_PROXY_UPSTREAM_TIMEOUT));
@@ -191,48 +185,22 @@ mod tests {
         let doc = defaults_doc();
         assert!(doc.lines().all(|l| l.starts_with('|') && l.ends_with('|')));
         let cols = doc.lines().next().unwrap().matches('|').count();
-        assert!(
-            doc.lines().all(|l| l.matches('|').count() == cols),
-            "ragged table"
-        );
+        assert!(doc.lines().all(|l| l.matches('|').count() == cols), "ragged table");
         use crate::duration::parse_duration as d;
         let cell = |key: &str| -> String {
-            let row = doc
-                .lines()
-                .find(|l| l.starts_with(&format!("| {key} |")))
-                .unwrap();
-            row.split('|')
-                .nth(2)
-                .unwrap()
-                .trim()
-                .trim_matches('`')
-                .to_string()
+            let row = doc.lines().find(|l| l.starts_with(&format!("| {key} |"))).unwrap();
+            row.split('|').nth(2).unwrap().trim().trim_matches('`').to_string()
         };
         assert_eq!(cell("`health.path`"), DEFAULT_HEALTH_PATH);
         assert_eq!(d(&cell("`health.interval`")), Ok(DEFAULT_HEALTH_INTERVAL));
         assert_eq!(d(&cell("`health.timeout`")), Ok(DEFAULT_HEALTH_TIMEOUT));
-        assert_eq!(
-            cell("`health.healthy_threshold`"),
-            DEFAULT_HEALTHY_THRESHOLD.to_string()
-        );
-        assert_eq!(
-            cell("`health.unhealthy_threshold`"),
-            DEFAULT_UNHEALTHY_THRESHOLD.to_string()
-        );
-        let status = format!(
-            "{}-{}",
-            DEFAULT_EXPECT_STATUS.min, DEFAULT_EXPECT_STATUS.max
-        );
+        assert_eq!(cell("`health.healthy_threshold`"), DEFAULT_HEALTHY_THRESHOLD.to_string());
+        assert_eq!(cell("`health.unhealthy_threshold`"), DEFAULT_UNHEALTHY_THRESHOLD.to_string());
+        let status = format!("{}-{}", DEFAULT_EXPECT_STATUS.min, DEFAULT_EXPECT_STATUS.max);
         assert_eq!(cell("`health.expect_status`"), status);
-        assert_eq!(
-            d(&cell("`rollout.health_timeout`")),
-            Ok(DEFAULT_ROLLOUT_HEALTH_TIMEOUT)
-        );
+        assert_eq!(d(&cell("`rollout.health_timeout`")), Ok(DEFAULT_ROLLOUT_HEALTH_TIMEOUT));
         assert_eq!(cell("`rollout.max_surge` / `max_unavailable`"), "1` / `0");
-        assert_eq!(
-            (DEFAULT_MAX_SURGE, DEFAULT_MAX_UNAVAILABLE),
-            (Quantity::Count(1), Quantity::Count(0))
-        );
+        assert_eq!((DEFAULT_MAX_SURGE, DEFAULT_MAX_UNAVAILABLE), (Quantity::Count(1), Quantity::Count(0)));
         assert_eq!(d(&cell("`drain_timeout`")), Ok(DEFAULT_DRAIN_TIMEOUT));
         assert_eq!(d(&cell("`stop_timeout`")), Ok(DEFAULT_STOP_TIMEOUT));
         assert_eq!(d(&cell("`ready_after` (workers)")), Ok(DEFAULT_READY_AFTER));

@@ -53,14 +53,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
                 DurationError::Malformed("it is not a number followed by a unit")
             });
         }
-        let number: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| DurationError::TooLarge)?;
+        let number: u64 = rest[..digits].parse().map_err(|_| DurationError::TooLarge)?;
         rest = &rest[digits..];
         if rest.starts_with('.') {
-            return Err(DurationError::Malformed(
-                "fractions are not accepted, use a smaller unit (1500ms, not 1.5s)",
-            ));
+            return Err(DurationError::Malformed("fractions are not accepted, use a smaller unit (1500ms, not 1.5s)"));
         }
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
         if unit_len == 0 {
@@ -75,19 +71,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let Some(index) = UNITS.iter().position(|(name, _)| *name == unit) else {
-            return Err(DurationError::Malformed(
-                "the unit is not one of ms, s, m, h",
-            ));
+            return Err(DurationError::Malformed("the unit is not one of ms, s, m, h"));
         };
         if last_unit.is_some_and(|last| index <= last) {
-            return Err(DurationError::Malformed(
-                "units must appear once each, largest first (1m30s)",
-            ));
+            return Err(DurationError::Malformed("units must appear once each, largest first (1m30s)"));
         }
         last_unit = Some(index);
-        let ms = number
-            .checked_mul(UNITS[index].1)
-            .ok_or(DurationError::TooLarge)?;
+        let ms = number.checked_mul(UNITS[index].1).ok_or(DurationError::TooLarge)?;
         total_ms = total_ms.checked_add(ms).ok_or(DurationError::TooLarge)?;
     }
     Ok(Duration::from_millis(total_ms))
@@ -122,10 +112,7 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(
-            parse_duration("1h2m3s4ms"),
-            Ok(Duration::from_millis(3_723_004))
-        );
+        assert_eq!(parse_duration("1h2m3s4ms"), Ok(Duration::from_millis(3_723_004)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         assert_eq!(parse_duration(" 10s "), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
@@ -138,22 +125,13 @@ mod tests {
         assert_eq!(reason("10"), "the unit is missing");
         assert_eq!(reason("s"), "a number must come before each unit");
         assert_eq!(reason("-5s"), "it is negative");
-        assert_eq!(
-            reason("1.5s"),
-            "fractions are not accepted, use a smaller unit (1500ms, not 1.5s)"
-        );
+        assert_eq!(reason("1.5s"), "fractions are not accepted, use a smaller unit (1500ms, not 1.5s)");
         assert_eq!(reason("10 s"), "it contains a space");
         assert_eq!(reason("1m 30s"), "it contains a space");
         assert_eq!(reason("10sec"), "the unit is not one of ms, s, m, h");
         assert_eq!(reason("2d"), "the unit is not one of ms, s, m, h");
-        assert_eq!(
-            reason("30s1m"),
-            "units must appear once each, largest first (1m30s)"
-        );
-        assert_eq!(
-            reason("1s1s"),
-            "units must appear once each, largest first (1m30s)"
-        );
+        assert_eq!(reason("30s1m"), "units must appear once each, largest first (1m30s)");
+        assert_eq!(reason("1s1s"), "units must appear once each, largest first (1m30s)");
         assert_eq!(reason("10s!"), "it is not a number followed by a unit");
         assert_eq!(reason("99999999999999999999s"), "it is too large");
         assert_eq!(reason("9999999999999999h"), "it is too large");

@@ -64,9 +64,6 @@ mod tests {
     fn process_env_reads_the_real_environment() {
         // PATH is set wherever tests run.
         assert!(ProcessEnv.get("PATH").is_some());
-        assert_eq!(
-            ProcessEnv.get("NONSTOP_SPEC_TEST_SURELY_UNSET_VARIABLE"),
-            None
-        );
+        assert_eq!(ProcessEnv.get("NONSTOP_SPEC_TEST_SURELY_UNSET_VARIABLE"), None);
     }
 }

@@ -29,11 +29,7 @@ impl fmt::Display for SpecError {
         if self.line == 0 {
             write!(f, "{file}: error: {}", self.message)?;
         } else {
-            write!(
-                f,
-                "{file}:{}:{}: error: {}",
-                self.line, self.column, self.message
-            )?;
+            write!(f, "{file}:{}:{}: error: {}", self.line, self.column, self.message)?;
         }
         if let Some(hint) = &self.hint {
             write!(f, "\n  hint: {}", hint.replace('\n', "\n        "))?;
@@ -72,9 +68,7 @@ impl SpecErrors {
 
 impl From<SpecError> for SpecErrors {
     fn from(error: SpecError) -> Self {
-        Self {
-            errors: vec![error],
-        }
+        Self { errors: vec![error] }
     }
 }
 
@@ -126,18 +120,10 @@ pub(crate) struct Diags {
 
 impl Diags {
     pub fn error(&mut self, span: Range<usize>, message: impl Into<String>, hint: impl IntoHint) {
-        self.items.push(Diag {
-            span: Some(span),
-            message: message.into(),
-            hint: hint.into_hint(),
-        });
+        self.items.push(Diag { span: Some(span), message: message.into(), hint: hint.into_hint() });
     }
     pub fn error_unlocated(&mut self, message: impl Into<String>, hint: impl IntoHint) {
-        self.items.push(Diag {
-            span: None,
-            message: message.into(),
-            hint: hint.into_hint(),
-        });
+        self.items.push(Diag { span: None, message: message.into(), hint: hint.into_hint() });
     }
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
@@ -155,13 +141,7 @@ impl Diags {
                     Some(span) => index.position(span.start),
                     None => (0, 0),
                 };
-                SpecError {
-                    file: file.to_path_buf(),
-                    line,
-                    column,
-                    message: d.message,
-                    hint: d.hint,
-                }
+                SpecError { file: file.to_path_buf(), line, column, message: d.message, hint: d.hint }
             })
             .collect();
         // File order; unlocated errors first. Stable, so errors at the same
@@ -202,10 +182,7 @@ impl<'a> LineIndex<'a> {
     pub fn new(source: &'a str) -> Self {
         let mut line_starts = vec![0];
         line_starts.extend(source.match_indices('\n').map(|(i, _)| i + 1));
-        Self {
-            source,
-            line_starts,
-        }
+        Self { source, line_starts }
     }
 
     pub fn position(&self, offset: usize) -> (usize, usize) {
@@ -215,11 +192,7 @@ impl<'a> LineIndex<'a> {
         // Spans always fall on char boundaries, but be safe about it.
         let prefix = self.source.get(start..offset).unwrap_or("");
         // A byte-order mark is not a column.
-        let prefix = if line == 0 {
-            prefix.trim_start_matches('\u{feff}')
-        } else {
-            prefix
-        };
+        let prefix = if line == 0 { prefix.trim_start_matches('\u{feff}') } else { prefix };
         (line + 1, prefix.chars().count() + 1)
     }
 }
@@ -260,25 +233,13 @@ mod tests {
 
     #[test]
     fn multi_line_hints_are_indented() {
-        let e = SpecError {
-            file: "n.toml".into(),
-            line: 1,
-            column: 2,
-            message: "m".into(),
-            hint: Some("a\nb".into()),
-        };
+        let e = SpecError { file: "n.toml".into(), line: 1, column: 2, message: "m".into(), hint: Some("a\nb".into()) };
         assert_eq!(e.to_string(), "n.toml:1:2: error: m\n  hint: a\n        b");
     }
 
     #[test]
     fn errors_serialize_for_json_output() {
-        let e = SpecError {
-            file: "nonstop.toml".into(),
-            line: 3,
-            column: 9,
-            message: "bad".into(),
-            hint: None,
-        };
+        let e = SpecError { file: "nonstop.toml".into(), line: 3, column: 9, message: "bad".into(), hint: None };
         let json = serde_json::to_value(SpecErrors::from(e)).unwrap();
         assert_eq!(
             json,

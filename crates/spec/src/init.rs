@@ -14,26 +14,11 @@ pub enum InitError {
     #[error("invalid app name {name:?}: use 1 to 63 characters: lowercase letters, digits and '-', starting with a letter (for example {suggestion:?})")]
     InvalidAppName { name: String, suggestion: String },
     #[error("Procfile line {line}: {reason}: {text:?} (lines are `name: command`; comments start with #)")]
-    InvalidLine {
-        line: usize,
-        text: String,
-        reason: String,
-    },
+    InvalidLine { line: usize, text: String, reason: String },
     #[error("Procfile line {line}: invalid process name {name:?}: {rule} (rename it, for example to {suggestion:?})")]
-    InvalidProcessName {
-        line: usize,
-        name: String,
-        rule: &'static str,
-        suggestion: String,
-    },
-    #[error(
-        "Procfile line {line}: `{name}` is defined twice (first on line {first}); keep one of them"
-    )]
-    Duplicate {
-        line: usize,
-        name: String,
-        first: usize,
-    },
+    InvalidProcessName { line: usize, name: String, rule: &'static str, suggestion: String },
+    #[error("Procfile line {line}: `{name}` is defined twice (first on line {first}); keep one of them")]
+    Duplicate { line: usize, name: String, first: usize },
     #[error("the Procfile defines no process (only comments, blank lines or a release: line); add one such as `web: gunicorn blog.wsgi`")]
     NoProcesses,
 }
@@ -54,11 +39,8 @@ fn parse_procfile(procfile: &str) -> Result<Vec<Entry>, InitError> {
         if text.is_empty() || text.starts_with('#') {
             continue;
         }
-        let invalid = |reason: &str| InitError::InvalidLine {
-            line,
-            text: text.to_string(),
-            reason: reason.to_string(),
-        };
+        let invalid =
+            |reason: &str| InitError::InvalidLine { line, text: text.to_string(), reason: reason.to_string() };
         let Some((name, command)) = text.split_once(':') else {
             return Err(invalid("there is no ':' after the process name"));
         };
@@ -83,17 +65,9 @@ fn parse_procfile(procfile: &str) -> Result<Vec<Entry>, InitError> {
             }
         }
         if let Some(first) = entries.iter().find(|e| e.name == name) {
-            return Err(InitError::Duplicate {
-                line,
-                name: name.to_string(),
-                first: first.line,
-            });
+            return Err(InitError::Duplicate { line, name: name.to_string(), first: first.line });
         }
-        entries.push(Entry {
-            line,
-            name: name.to_string(),
-            command: command.to_string(),
-        });
+        entries.push(Entry { line, name: name.to_string(), command: command.to_string() });
     }
     Ok(entries)
 }
@@ -106,17 +80,11 @@ fn uses_port_variable(command: &str) -> bool {
 /// A port number the command binds explicitly (`--bind 0.0.0.0:8000`,
 /// `runserver 8000`, `-p 3000`), if any.
 fn fixed_port(command: &str) -> Option<u16> {
-    let tokens: Vec<&str> = command
-        .split(|c: char| c.is_whitespace() || c == '=')
-        .filter(|t| !t.is_empty())
-        .collect();
+    let tokens: Vec<&str> = command.split(|c: char| c.is_whitespace() || c == '=').filter(|t| !t.is_empty()).collect();
     for (i, token) in tokens.iter().enumerate() {
         let token = token.trim_matches(|c| c == '"' || c == '\'');
         let previous = i.checked_sub(1).map(|p| tokens[p]);
-        let port_flag = matches!(
-            previous,
-            Some("-p" | "--port" | "-P" | "runserver" | "--listen" | "-l")
-        );
+        let port_flag = matches!(previous, Some("-p" | "--port" | "-P" | "runserver" | "--listen" | "-l"));
         if port_flag {
             if let Ok(port) = token.parse::<u16>() {
                 return Some(port);
@@ -143,14 +111,9 @@ fn looks_like_scheduler(name: &str, command: &str) -> bool {
     let name = name.to_ascii_lowercase();
     let lower = command.to_ascii_lowercase();
     let words: Vec<&str> = command.split_whitespace().collect();
-    ["beat", "clock", "scheduler", "cron"]
-        .iter()
-        .any(|k| name.contains(k))
+    ["beat", "clock", "scheduler", "cron"].iter().any(|k| name.contains(k))
         || (lower.contains("celery")
-            && (lower
-                .split_whitespace()
-                .any(|w| w == "beat" || w == "--beat")
-                || words.contains(&"-B")))
+            && (lower.split_whitespace().any(|w| w == "beat" || w == "--beat") || words.contains(&"-B")))
         || lower.contains("clockwork")
         || lower.contains("rqscheduler")
 }
@@ -181,15 +144,8 @@ pub fn init_toml(app_name: &str, procfile: Option<&str>) -> Result<String, InitE
         None => None,
     };
     let mut out = String::new();
-    let source = if entries.is_some() {
-        "from the Procfile"
-    } else {
-        "without a Procfile"
-    };
-    let _ = writeln!(
-        out,
-        "# nonstop.toml for {app_name}, generated by `nonstop init` {source}."
-    );
+    let source = if entries.is_some() { "from the Procfile" } else { "without a Procfile" };
+    let _ = writeln!(out, "# nonstop.toml for {app_name}, generated by `nonstop init` {source}.");
     out.push_str(HEADER_TAIL);
     let _ = writeln!(out, "\napp = {}", toml_quote(app_name));
     out.push_str(
@@ -213,11 +169,7 @@ pub fn init_toml(app_name: &str, procfile: Option<&str>) -> Result<String, InitE
     out.push_str("\n[release]\n# Run once per deploy, after the build and before any instance is replaced.\n");
     match release {
         Some(e) => {
-            let _ = writeln!(
-                out,
-                "tasks = [{}]  # the Procfile's release: line",
-                toml_quote(&e.command)
-            );
+            let _ = writeln!(out, "tasks = [{}]  # the Procfile's release: line", toml_quote(&e.command));
         }
         None => out.push_str("# tasks = [\"python manage.py migrate --noinput\"]\n"),
     }
@@ -250,9 +202,7 @@ pub fn init_toml(app_name: &str, procfile: Option<&str>) -> Result<String, InitE
 fn write_process(out: &mut String, e: &Entry) {
     let _ = writeln!(out, "\n[processes.{}]", e.name);
     if e.name == "web" {
-        out.push_str(
-            "# Gets its own port in $PORT, is health-checked and receives HTTP from the proxy.\n",
-        );
+        out.push_str("# Gets its own port in $PORT, is health-checked and receives HTTP from the proxy.\n");
         out.push_str("kind = \"web\"\n");
         let _ = writeln!(out, "command = {}", toml_quote(&e.command));
         if let Some(port) = fixed_port(&e.command).filter(|_| !uses_port_variable(&e.command)) {
@@ -355,22 +305,12 @@ mod tests {
 
     #[test]
     fn procfile_lines_are_parsed() {
-        let entries =
-            parse_procfile("# comment\n\n  web: gunicorn x.wsgi  \r\nworker:celery -A x worker\n")
-                .unwrap();
+        let entries = parse_procfile("# comment\n\n  web: gunicorn x.wsgi  \r\nworker:celery -A x worker\n").unwrap();
         assert_eq!(
             entries,
             vec![
-                Entry {
-                    line: 3,
-                    name: "web".into(),
-                    command: "gunicorn x.wsgi".into()
-                },
-                Entry {
-                    line: 4,
-                    name: "worker".into(),
-                    command: "celery -A x worker".into()
-                },
+                Entry { line: 3, name: "web".into(), command: "gunicorn x.wsgi".into() },
+                Entry { line: 4, name: "worker".into(), command: "celery -A x worker".into() },
             ]
         );
         // The command may contain colons.
@@ -389,54 +329,28 @@ mod tests {
                 reason: "there is no ':' after the process name".into()
             }
         );
-        assert!(
-            err.to_string()
-                .starts_with("Procfile line 2: there is no ':'"),
-            "{err}"
-        );
-        assert!(matches!(
-            parse_procfile(": x"),
-            Err(InitError::InvalidLine { line: 1, .. })
-        ));
+        assert!(err.to_string().starts_with("Procfile line 2: there is no ':'"), "{err}");
+        assert!(matches!(parse_procfile(": x"), Err(InitError::InvalidLine { line: 1, .. })));
         assert!(
             matches!(parse_procfile("web:   "), Err(InitError::InvalidLine { line: 1, ref reason, .. }) if reason == "the command is empty")
         );
-        assert!(matches!(
-            parse_procfile("my web: x"),
-            Err(InitError::InvalidLine { line: 1, .. })
-        ));
+        assert!(matches!(parse_procfile("my web: x"), Err(InitError::InvalidLine { line: 1, .. })));
         let err = parse_procfile("\nWeb: x").unwrap_err();
         assert!(
             matches!(err, InitError::InvalidProcessName { line: 2, ref suggestion, .. } if suggestion == "web"),
             "{err:?}"
         );
         let err = parse_procfile("web: a\nworker: b\nweb: c").unwrap_err();
-        assert_eq!(
-            err,
-            InitError::Duplicate {
-                line: 3,
-                name: "web".into(),
-                first: 1
-            }
-        );
+        assert_eq!(err, InitError::Duplicate { line: 3, name: "web".into(), first: 1 });
         assert!(err.to_string().contains("line 3"), "{err}");
     }
 
     #[test]
     fn ports_are_detected() {
-        assert_eq!(
-            fixed_port("gunicorn x.wsgi --bind 0.0.0.0:8000"),
-            Some(8000)
-        );
+        assert_eq!(fixed_port("gunicorn x.wsgi --bind 0.0.0.0:8000"), Some(8000));
         assert_eq!(fixed_port("gunicorn x.wsgi -b :5000"), Some(5000));
-        assert_eq!(
-            fixed_port("gunicorn x.wsgi --bind=127.0.0.1:8000"),
-            Some(8000)
-        );
-        assert_eq!(
-            fixed_port("python manage.py runserver 0.0.0.0:8000"),
-            Some(8000)
-        );
+        assert_eq!(fixed_port("gunicorn x.wsgi --bind=127.0.0.1:8000"), Some(8000));
+        assert_eq!(fixed_port("python manage.py runserver 0.0.0.0:8000"), Some(8000));
         assert_eq!(fixed_port("python manage.py runserver 8000"), Some(8000));
         assert_eq!(fixed_port("bundle exec puma -p 3000"), Some(3000));
         assert_eq!(fixed_port("puma -b tcp://0.0.0.0:3000"), Some(3000));
@@ -454,47 +368,26 @@ mod tests {
         assert!(looks_like_scheduler("beat", "celery -A x beat"));
         assert!(looks_like_scheduler("celerybeat", "whatever"));
         assert!(looks_like_scheduler("clock", "python clock.py"));
-        assert!(looks_like_scheduler(
-            "scheduler",
-            "python manage.py run_scheduler"
-        ));
+        assert!(looks_like_scheduler("scheduler", "python manage.py run_scheduler"));
         assert!(looks_like_scheduler("jobs", "celery -A x beat -l info"));
         assert!(looks_like_scheduler("worker", "celery -A x worker -B"));
         assert!(looks_like_scheduler("worker", "celery -A x worker --beat"));
-        assert!(looks_like_scheduler(
-            "sched",
-            "bundle exec clockwork clock.rb"
-        ));
+        assert!(looks_like_scheduler("sched", "bundle exec clockwork clock.rb"));
         assert!(!looks_like_scheduler("worker", "celery -A x worker"));
-        assert!(!looks_like_scheduler(
-            "worker",
-            "celery -A beatles worker -b redis://"
-        ));
+        assert!(!looks_like_scheduler("worker", "celery -A beatles worker -b redis://"));
         assert!(!looks_like_scheduler("worker", "rq worker"));
     }
 
     #[test]
     fn bad_app_names_are_refused() {
         let err = init_toml("My App", None).unwrap_err();
-        assert_eq!(
-            err,
-            InitError::InvalidAppName {
-                name: "My App".into(),
-                suggestion: "my-app".into()
-            }
-        );
+        assert_eq!(err, InitError::InvalidAppName { name: "My App".into(), suggestion: "my-app".into() });
         assert!(init_toml("my_app", None).is_err());
     }
 
     #[test]
     fn a_procfile_without_processes_is_refused() {
-        assert_eq!(
-            init_toml("blog", Some("# nothing\n")),
-            Err(InitError::NoProcesses)
-        );
-        assert_eq!(
-            init_toml("blog", Some("release: python manage.py migrate\n")),
-            Err(InitError::NoProcesses)
-        );
+        assert_eq!(init_toml("blog", Some("# nothing\n")), Err(InitError::NoProcesses));
+        assert_eq!(init_toml("blog", Some("release: python manage.py migrate\n")), Err(InitError::NoProcesses));
     }
 }

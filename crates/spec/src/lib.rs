@@ -54,12 +54,7 @@ pub fn parse(source: &str, file: &Path, env: &dyn EnvLookup) -> Result<AppSpec, 
 }
 
 /// [`parse`], with relative paths resolved against `base`.
-pub fn parse_in(
-    source: &str,
-    file: &Path,
-    base: &Path,
-    env: &dyn EnvLookup,
-) -> Result<AppSpec, SpecErrors> {
+pub fn parse_in(source: &str, file: &Path, base: &Path, env: &dyn EnvLookup) -> Result<AppSpec, SpecErrors> {
     let mut diags = Diags::default();
     let (doc, syntax_errors) = toml::de::DeTable::parse_recoverable(source);
     if !syntax_errors.is_empty() {
@@ -99,17 +94,11 @@ fn read(file: &Path) -> Result<String, SpecErrors> {
                 "no such file".to_string(),
                 "run `nonstop init` to create it (from your Procfile, if the app has one)",
             ),
-            std::io::ErrorKind::InvalidData => {
-                error("the file is not UTF-8 text".to_string(), "save it as UTF-8")
+            std::io::ErrorKind::InvalidData => error("the file is not UTF-8 text".to_string(), "save it as UTF-8"),
+            std::io::ErrorKind::IsADirectory => {
+                error("this is a directory, not a file".to_string(), "give the path of nonstop.toml itself")
             }
-            std::io::ErrorKind::IsADirectory => error(
-                "this is a directory, not a file".to_string(),
-                "give the path of nonstop.toml itself",
-            ),
-            _ => error(
-                format!("cannot read the file: {err}"),
-                "check that it exists and that you may read it",
-            ),
+            _ => error(format!("cannot read the file: {err}"), "check that it exists and that you may read it"),
         })
     })
 }
@@ -151,15 +140,9 @@ fn report_syntax_errors(source: &str, errors: &[toml::de::Error], diags: &mut Di
                 "strings go in double quotes (\"gunicorn blog.wsgi\"); booleans are true or false",
             )
         } else if raw.contains("array") {
-            (
-                format!("invalid TOML: {raw}"),
-                "lists are written [\"a\", \"b\"], with commas between the items",
-            )
+            (format!("invalid TOML: {raw}"), "lists are written [\"a\", \"b\"], with commas between the items")
         } else if raw.starts_with("unclosed table") {
-            (
-                format!("invalid TOML: {raw}"),
-                "a table header is written [processes.web], on a line of its own",
-            )
+            (format!("invalid TOML: {raw}"), "a table header is written [processes.web], on a line of its own")
         } else {
             (
                 format!("invalid TOML: {raw}"),

@@ -267,10 +267,7 @@ mod tests {
     fn field_names_come_from_the_schema() {
         assert_eq!(field_names::<RawProxy>()[0], "listen");
         assert_eq!(field_names::<RawTls>(), &["hosts", "cert", "key"]);
-        assert_eq!(
-            field_names::<RawSpec>(),
-            &["app", "build", "env", "proxy", "release", "processes"]
-        );
+        assert_eq!(field_names::<RawSpec>(), &["app", "build", "env", "proxy", "release", "processes"]);
         assert_eq!(field_names::<RawProcess>()[0], "command");
     }
 

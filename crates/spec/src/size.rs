@@ -63,9 +63,7 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     }
     let lower = unit.to_ascii_lowercase();
     let Some((_, factor)) = UNITS.iter().find(|(u, _)| *u == lower) else {
-        return Err(SizeError::Malformed(
-            "the unit is not one of B, KiB, MiB, GiB, KB, MB, GB, k, m, g",
-        ));
+        return Err(SizeError::Malformed("the unit is not one of B, KiB, MiB, GiB, KB, MB, GB, k, m, g"));
     };
     number.checked_mul(*factor).ok_or(SizeError::TooLarge)
 }
@@ -98,24 +96,11 @@ mod tests {
     #[test]
     fn bad_sizes_say_why() {
         assert_eq!(parse_size(" "), Err(SizeError::Empty));
-        assert_eq!(
-            parse_size("-1MiB"),
-            Err(SizeError::Malformed("it is negative"))
-        );
-        assert_eq!(
-            parse_size("100"),
-            Err(SizeError::Malformed("the unit is missing"))
-        );
-        assert!(
-            matches!(parse_size("1.5MiB"), Err(SizeError::Malformed(m)) if m.contains("fractions"))
-        );
-        assert!(
-            matches!(parse_size("3 parsecs"), Err(SizeError::Malformed(m)) if m.contains("unit is not"))
-        );
-        assert_eq!(
-            parse_size("99999999999999999999GiB"),
-            Err(SizeError::TooLarge)
-        );
+        assert_eq!(parse_size("-1MiB"), Err(SizeError::Malformed("it is negative")));
+        assert_eq!(parse_size("100"), Err(SizeError::Malformed("the unit is missing")));
+        assert!(matches!(parse_size("1.5MiB"), Err(SizeError::Malformed(m)) if m.contains("fractions")));
+        assert!(matches!(parse_size("3 parsecs"), Err(SizeError::Malformed(m)) if m.contains("unit is not")));
+        assert_eq!(parse_size("99999999999999999999GiB"), Err(SizeError::TooLarge));
         assert_eq!(parse_size("99999999999GiB"), Err(SizeError::TooLarge));
     }
 

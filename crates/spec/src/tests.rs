@@ -16,10 +16,7 @@ fn ok(src: &str) -> AppSpec {
 }
 
 fn errs_with(src: &str, env: &[(&str, &str)]) -> Vec<SpecError> {
-    let env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     match parse(src, Path::new(FILE), &env) {
         Ok(spec) => panic!("expected errors, got {spec:#?}"),
         Err(e) => {
@@ -37,23 +34,14 @@ fn errs(src: &str) -> Vec<SpecError> {
 #[track_caller]
 fn one(src: &str) -> SpecError {
     let mut e = errs(src);
-    assert_eq!(
-        e.len(),
-        1,
-        "expected one error, got:\n{}",
-        SpecErrors { errors: e.clone() }
-    );
+    assert_eq!(e.len(), 1, "expected one error, got:\n{}", SpecErrors { errors: e.clone() });
     e.remove(0)
 }
 
 #[track_caller]
 fn assert_err(e: &SpecError, line: usize, column: usize, message: &str, hint: &str) {
     assert_eq!((e.line, e.column), (line, column), "location of: {e}");
-    assert!(
-        e.message.contains(message),
-        "message {:?} lacks {message:?}",
-        e.message
-    );
+    assert!(e.message.contains(message), "message {:?} lacks {message:?}", e.message);
     let h = e.hint.as_deref().unwrap_or("");
     assert!(h.contains(hint), "hint {h:?} lacks {hint:?}");
 }
@@ -82,10 +70,7 @@ fn minimal_file_gets_every_default() {
     assert_eq!(spec.app, AppName::new("blog").unwrap());
     assert!(spec.env.is_empty());
     assert!(spec.build.is_empty());
-    assert_eq!(
-        spec.proxy.listen,
-        "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
-    );
+    assert_eq!(spec.proxy.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
     assert_eq!(spec.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
     assert!(spec.release.tasks.is_empty());
     assert!(spec.release.post_tasks.is_empty());
@@ -102,10 +87,7 @@ fn minimal_file_gets_every_default() {
     assert_eq!(p.drain_timeout, Duration::from_secs(30));
     assert_eq!(p.ready_after, Duration::from_secs(2));
     assert!(p.env.is_empty());
-    let h = p
-        .health
-        .as_ref()
-        .expect("web processes always have a health check");
+    let h = p.health.as_ref().expect("web processes always have a health check");
     assert_eq!(h.path, "/");
     assert_eq!(h.interval, Duration::from_secs(1));
     assert_eq!(h.timeout, Duration::from_secs(2));
@@ -206,31 +188,13 @@ stop_signal = "term"
 #[test]
 fn full_file_sets_every_key() {
     let spec = ok(FULL);
-    assert_eq!(
-        spec.build,
-        [
-            "pip install -r requirements.txt",
-            "python manage.py collectstatic --noinput"
-        ]
-    );
-    let env: Vec<(&str, &str)> = spec
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    assert_eq!(spec.build, ["pip install -r requirements.txt", "python manage.py collectstatic --noinput"]);
+    let env: Vec<(&str, &str)> = spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     assert_eq!(
         env,
-        [
-            ("DEBUG", "false"),
-            ("DJANGO_SETTINGS_MODULE", "blog.settings"),
-            ("RATIO", "0.5"),
-            ("WORKERS", "4")
-        ]
+        [("DEBUG", "false"), ("DJANGO_SETTINGS_MODULE", "blog.settings"), ("RATIO", "0.5"), ("WORKERS", "4")]
     );
-    assert_eq!(
-        spec.proxy.listen,
-        "0.0.0.0:9000".parse::<SocketAddr>().unwrap()
-    );
+    assert_eq!(spec.proxy.listen, "0.0.0.0:9000".parse::<SocketAddr>().unwrap());
     assert_eq!(spec.release.tasks, ["python manage.py migrate --noinput"]);
     assert_eq!(spec.release.post_tasks, ["python manage.py clearsessions"]);
     assert_eq!(spec.release.task_timeout, Duration::from_secs(900));
@@ -275,10 +239,7 @@ fn full_file_sets_every_key() {
     assert_eq!(beat.stop_signal, Signal::Term);
     assert!(beat.health.is_none());
     assert_eq!(beat.rollout.max_surge, DEFAULT_SINGLETON_MAX_SURGE);
-    assert_eq!(
-        beat.rollout.max_unavailable,
-        DEFAULT_SINGLETON_MAX_UNAVAILABLE
-    );
+    assert_eq!(beat.rollout.max_unavailable, DEFAULT_SINGLETON_MAX_UNAVAILABLE);
 }
 
 #[test]
@@ -301,8 +262,7 @@ fn the_walk_agrees_with_serde_on_the_schema() {
 fn every_schema_key_is_set_in_the_full_example() {
     use crate::raw::*;
     let doc: toml::Table = toml::from_str(FULL).unwrap();
-    let keys_of =
-        |v: &toml::Value| -> Vec<String> { v.as_table().unwrap().keys().cloned().collect() };
+    let keys_of = |v: &toml::Value| -> Vec<String> { v.as_table().unwrap().keys().cloned().collect() };
     let web = &doc["processes"]["web"];
     for (fields, table) in [
         (field_names::<RawSpec>(), toml::Value::Table(doc.clone())),
@@ -353,14 +313,7 @@ command = "c"
 kind = "singleton"
 "#);
     let kinds: Vec<ProcessKind> = spec.processes.iter().map(|p| p.kind).collect();
-    assert_eq!(
-        kinds,
-        [
-            ProcessKind::Web,
-            ProcessKind::Worker,
-            ProcessKind::Singleton
-        ]
-    );
+    assert_eq!(kinds, [ProcessKind::Web, ProcessKind::Worker, ProcessKind::Singleton]);
     // A web process may have another name.
     let spec = ok("app = \"a\"\n[processes.frontend]\ncommand = \"x\"\nkind = \"web\"\n");
     assert_eq!(spec.processes[0].kind, ProcessKind::Web);
@@ -433,27 +386,13 @@ fn every_duration_form_is_accepted() {
 
 #[test]
 fn zero_is_allowed_where_it_means_something() {
-    let spec = ok(&web_with(
-        "drain_timeout = 0\n[processes.worker]\ncommand = \"x\"\nready_after = \"0s\"\n",
-    ));
+    let spec = ok(&web_with("drain_timeout = 0\n[processes.worker]\ncommand = \"x\"\nready_after = \"0s\"\n"));
     assert_eq!(web(&spec).drain_timeout, Duration::ZERO);
     assert_eq!(spec.processes[1].ready_after, Duration::ZERO);
     let e = one(&web_with("stop_timeout = 0\n"));
-    assert_err(
-        &e,
-        4,
-        16,
-        "`stop_timeout` in [processes.web] must be longer than 0s",
-        "stop_timeout = \"10s\"",
-    );
+    assert_err(&e, 4, 16, "`stop_timeout` in [processes.web] must be longer than 0s", "stop_timeout = \"10s\"");
     let e = one(&web_with("[processes.web.health]\ninterval = \"0ms\"\n"));
-    assert_err(
-        &e,
-        5,
-        12,
-        "`interval` in [processes.web.health] must be longer than 0s",
-        "interval = \"1s\"",
-    );
+    assert_err(&e, 5, 12, "`interval` in [processes.web.health] must be longer than 0s", "interval = \"1s\"");
 }
 
 #[test]
@@ -530,32 +469,18 @@ command = ""
         "`order` in [release] names \"wbe\", which is not a process",
         "did you mean `web`? processes: web",
     );
-    assert_err(
-        &e[1],
-        5,
-        11,
-        "`command` in [processes.web] has an empty command",
-        "write the shell command",
-    );
+    assert_err(&e[1], 5, 11, "`command` in [processes.web] has an empty command", "write the shell command");
 }
 
 #[test]
 fn json_form_of_the_errors() {
-    let err = parse(
-        "app = 1\n[processes.web]\ncommand = \"x\"\n",
-        Path::new("x/nonstop.toml"),
-        &(),
-    )
-    .unwrap_err();
+    let err = parse("app = 1\n[processes.web]\ncommand = \"x\"\n", Path::new("x/nonstop.toml"), &()).unwrap_err();
     assert_eq!(err.len(), 1);
     let json = serde_json::to_value(&err).unwrap();
     assert_eq!(json["errors"][0]["file"], "x/nonstop.toml");
     assert_eq!(json["errors"][0]["line"], 1);
     assert_eq!(json["errors"][0]["column"], 7);
-    assert_eq!(
-        json["errors"][0]["message"],
-        "`app` must be a string, not an integer"
-    );
+    assert_eq!(json["errors"][0]["message"], "`app` must be a string, not an integer");
     assert_eq!(json["errors"][0]["hint"], "for example: app = \"blog\"");
 }
 
@@ -601,9 +526,7 @@ fn unknown_keys_at_every_level_get_suggestions() {
 
 #[test]
 fn env_tables_accept_any_valid_name() {
-    let spec = ok(&web_with(
-        "[processes.web.env]\nANYTHING_GOES = 1\ncomand = \"lowercase is fine\"\n",
-    ));
+    let spec = ok(&web_with("[processes.web.env]\nANYTHING_GOES = 1\ncomand = \"lowercase is fine\"\n"));
     assert_eq!(web(&spec).env.len(), 2);
 }
 
@@ -612,45 +535,15 @@ fn env_tables_accept_any_valid_name() {
 #[test]
 fn values_of_the_wrong_type() {
     let e = one(&web_with("count = \"2\"\n"));
-    assert_err(
-        &e,
-        4,
-        9,
-        "`count` in [processes.web] must be an integer, not a string",
-        "remove the quotes: count = 2",
-    );
+    assert_err(&e, 4, 9, "`count` in [processes.web] must be an integer, not a string", "remove the quotes: count = 2");
     let e = one(&web_with("count = 1.5\n"));
-    assert_err(
-        &e,
-        4,
-        9,
-        "must be an integer, not a float",
-        "for example: count = 2",
-    );
+    assert_err(&e, 4, 9, "must be an integer, not a float", "for example: count = 2");
     let e = one("app = \"a\"\n[processes.web]\ncommand = [\"gunicorn\", \"x\"]\n");
-    assert_err(
-        &e,
-        3,
-        11,
-        "`command` in [processes.web] must be a string, not a list",
-        "for example: command = ",
-    );
+    assert_err(&e, 3, 11, "`command` in [processes.web] must be a string, not a list", "for example: command = ");
     let e = one(&format!("build = \"make\"\n{WEB}"));
-    assert_err(
-        &e,
-        1,
-        9,
-        "`build` must be a list of strings, not a string",
-        "put it in a list: build = [\"make\"]",
-    );
+    assert_err(&e, 1, 9, "`build` must be a list of strings, not a string", "put it in a list: build = [\"make\"]");
     let e = one(&format!("build = [\"make\", 2]\n{WEB}"));
-    assert_err(
-        &e,
-        1,
-        18,
-        "`build` must contain only strings, not an integer",
-        "quote each item",
-    );
+    assert_err(&e, 1, 18, "`build` must contain only strings, not an integer", "quote each item");
     let e = one(&web_with("health = \"/up\"\n"));
     assert_err(
         &e,
@@ -668,64 +561,22 @@ fn values_of_the_wrong_type() {
         "[processes.web]\ncommand = \"gunicorn x\"",
     );
     let e = one("app = \"a\"\n[[processes]]\ncommand = \"x\"\n");
-    assert_err(
-        &e,
-        2,
-        1,
-        "`processes` must be a table, not a list",
-        "[processes.web]\ncommand = ",
-    );
+    assert_err(&e, 2, 1, "`processes` must be a table, not a list", "[processes.web]\ncommand = ");
     let e = one(&format!("env = \"X=1\"\n{WEB}"));
-    assert_err(
-        &e,
-        1,
-        7,
-        "`env` must be a table, not a string",
-        "[env]\nDJANGO_SETTINGS_MODULE",
-    );
+    assert_err(&e, 1, 7, "`env` must be a table, not a string", "[env]\nDJANGO_SETTINGS_MODULE");
     let e = one(&top("[env]\nWHEN = 1979-05-27\n"));
-    assert_err(
-        &e,
-        3,
-        8,
-        "`WHEN` in [env] must be a string, a number or a boolean, not a date-time",
-        "quote it",
-    );
+    assert_err(&e, 3, 8, "`WHEN` in [env] must be a string, a number or a boolean, not a date-time", "quote it");
     let e = errs(&top("[env]\nWHEN = 1979-05-27\nLIST = []\n"));
     assert_eq!(e.len(), 2);
-    assert_err(
-        &e[1],
-        4,
-        8,
-        "`LIST` in [env] must be a string, a number or a boolean, not a list",
-        "LIST = \"value\"",
-    );
+    assert_err(&e[1], 4, 8, "`LIST` in [env] must be a string, a number or a boolean, not a list", "LIST = \"value\"");
     let e = one(&web_with("stop_timeout = 1.5\n"));
-    assert_err(
-        &e,
-        4,
-        16,
-        "`stop_timeout` in [processes.web] must be a duration, not a float",
-        "\"1500ms\" for 1.5",
-    );
+    assert_err(&e, 4, 16, "`stop_timeout` in [processes.web] must be a duration, not a float", "\"1500ms\" for 1.5");
     let e = one(&web_with("stop_timeout = true\n"));
-    assert_err(
-        &e,
-        4,
-        16,
-        "must be a duration, not a boolean",
-        "durations are a whole number of seconds",
-    );
+    assert_err(&e, 4, 16, "must be a duration, not a boolean", "durations are a whole number of seconds");
     let e = one(&web_with("count = 99999999999999999999\n"));
     assert_err(&e, 4, 9, "`count` in [processes.web] is too large", "");
     let e = one(&web_with("count = 0x7fffffffffffffff\n"));
-    assert_err(
-        &e,
-        4,
-        9,
-        "`count` in [processes.web] is too large (at most 4294967295)",
-        "",
-    );
+    assert_err(&e, 4, 9, "`count` in [processes.web] is too large (at most 4294967295)", "");
 }
 
 // ------------------------------------------------------------------- durations
@@ -751,42 +602,15 @@ fn bad_durations_say_which_forms_are_accepted() {
 fn every_duration_field_is_checked() {
     let fields = [
         ("[release]\ntask_timeout", "`task_timeout` in [release]"),
-        (
-            "[processes.web]\ncommand = \"x\"\nstop_timeout",
-            "`stop_timeout` in [processes.web]",
-        ),
-        (
-            "[processes.web]\ncommand = \"x\"\ndrain_timeout",
-            "`drain_timeout` in [processes.web]",
-        ),
-        (
-            "[processes.w]\ncommand = \"x\"\nready_after",
-            "`ready_after` in [processes.w]",
-        ),
-        (
-            "[processes.web.health]\ninterval",
-            "`interval` in [processes.web.health]",
-        ),
-        (
-            "[processes.web.health]\ntimeout",
-            "`timeout` in [processes.web.health]",
-        ),
-        (
-            "[processes.web.rollout]\nhealth_timeout",
-            "`health_timeout` in [processes.web.rollout]",
-        ),
-        (
-            "[processes.web.restart]\nbackoff_initial",
-            "`backoff_initial` in [processes.web.restart]",
-        ),
-        (
-            "[processes.web.restart]\nbackoff_max",
-            "`backoff_max` in [processes.web.restart]",
-        ),
-        (
-            "[processes.web.restart]\nreset_after",
-            "`reset_after` in [processes.web.restart]",
-        ),
+        ("[processes.web]\ncommand = \"x\"\nstop_timeout", "`stop_timeout` in [processes.web]"),
+        ("[processes.web]\ncommand = \"x\"\ndrain_timeout", "`drain_timeout` in [processes.web]"),
+        ("[processes.w]\ncommand = \"x\"\nready_after", "`ready_after` in [processes.w]"),
+        ("[processes.web.health]\ninterval", "`interval` in [processes.web.health]"),
+        ("[processes.web.health]\ntimeout", "`timeout` in [processes.web.health]"),
+        ("[processes.web.rollout]\nhealth_timeout", "`health_timeout` in [processes.web.rollout]"),
+        ("[processes.web.restart]\nbackoff_initial", "`backoff_initial` in [processes.web.restart]"),
+        ("[processes.web.restart]\nbackoff_max", "`backoff_max` in [processes.web.restart]"),
+        ("[processes.web.restart]\nreset_after", "`reset_after` in [processes.web.restart]"),
     ];
     for (key, what) in fields {
         let mut src = format!("app = \"a\"\n{key} = \"soon\"\n");
@@ -795,20 +619,11 @@ fn every_duration_field_is_checked() {
         }
         if !src.contains("command") || !key.starts_with("[processes.web") {
             // Give `web` its command (dotted, valid in any order).
-            src = src.replacen(
-                "app = \"a\"\n",
-                "app = \"a\"\nprocesses.web.command = \"x\"\n",
-                1,
-            );
+            src = src.replacen("app = \"a\"\n", "app = \"a\"\nprocesses.web.command = \"x\"\n", 1);
         }
         let e = errs(&src);
         assert_eq!(e.len(), 1, "{src}\n{}", SpecErrors { errors: e.clone() });
-        assert!(
-            e[0].message
-                .starts_with(&format!("{what} is not a valid duration")),
-            "{key}: {}",
-            e[0]
-        );
+        assert!(e[0].message.starts_with(&format!("{what} is not a valid duration")), "{key}: {}", e[0]);
     }
 }
 
@@ -818,22 +633,9 @@ fn every_duration_field_is_checked() {
 fn app_is_required_and_checked() {
     let e = one("[processes.web]\ncommand = \"x\"\n");
     assert_err(&e, 1, 1, "missing `app`", "app = \"blog\"");
-    for (bad, suggestion) in [
-        ("My App", "my-app"),
-        ("my_app", "my-app"),
-        ("1blog", "app-1blog"),
-        ("", "app"),
-    ] {
-        let e = one(&format!(
-            "app = \"{bad}\"\n[processes.web]\ncommand = \"x\"\n"
-        ));
-        assert_err(
-            &e,
-            1,
-            7,
-            &format!("invalid app name {bad:?}"),
-            &format!("for example: app = \"{suggestion}\""),
-        );
+    for (bad, suggestion) in [("My App", "my-app"), ("my_app", "my-app"), ("1blog", "app-1blog"), ("", "app")] {
+        let e = one(&format!("app = \"{bad}\"\n[processes.web]\ncommand = \"x\"\n"));
+        assert_err(&e, 1, 7, &format!("invalid app name {bad:?}"), &format!("for example: app = \"{suggestion}\""));
     }
     ok("app = \"my-app-2\"\n[processes.web]\ncommand = \"x\"\n");
 }
@@ -841,21 +643,9 @@ fn app_is_required_and_checked() {
 #[test]
 fn process_names_follow_the_core_rules() {
     let e = one("app = \"a\"\n[processes.Web]\ncommand = \"x\"\n");
-    assert_err(
-        &e,
-        2,
-        12,
-        "invalid process name Web: use 1 to 63 characters",
-        "for example: [processes.web]",
-    );
+    assert_err(&e, 2, 12, "invalid process name Web: use 1 to 63 characters", "for example: [processes.web]");
     let e = one("app = \"a\"\n[processes.\"my web\"]\ncommand = \"x\"\n");
-    assert_err(
-        &e,
-        2,
-        12,
-        "invalid process name \"my web\"",
-        "[processes.my-web]",
-    );
+    assert_err(&e, 2, 12, "invalid process name \"my web\"", "[processes.my-web]");
     ok("app = \"a\"\n[processes.celery_beat]\ncommand = \"x\"\n");
 }
 
@@ -870,21 +660,9 @@ fn at_least_one_process_is_required() {
 #[test]
 fn a_misspelt_required_key_is_reported_once() {
     let e = one("app = \"a\"\n[processes.web]\ncomand = \"x\"\n");
-    assert_err(
-        &e,
-        3,
-        1,
-        "unknown key `comand` in [processes.web]",
-        "did you mean `command`?",
-    );
+    assert_err(&e, 3, 1, "unknown key `comand` in [processes.web]", "did you mean `command`?");
     let e = one("ap = \"a\"\n[processes.web]\ncommand = \"x\"\n");
-    assert_err(
-        &e,
-        1,
-        1,
-        "unknown key `ap` at the top level",
-        "did you mean `app`?",
-    );
+    assert_err(&e, 1, 1, "unknown key `ap` at the top level", "did you mean `app`?");
     // `app` written after a table header.
     let e = one("[processes.web]\ncommand = \"x\"\napp = \"a\"\n");
     assert_err(&e, 3, 1, "unknown key `app` in [processes.web]", "`app` is a top-level key: a key after a [table] header belongs to that table, so move this line above the first [table]");
@@ -893,48 +671,23 @@ fn a_misspelt_required_key_is_reported_once() {
 #[test]
 fn command_is_required_and_not_empty() {
     let e = one("app = \"a\"\n[processes.worker]\ncount = 1\n");
-    assert_err(
-        &e,
-        2,
-        1,
-        "missing `command` in [processes.worker]",
-        "command = \"celery -A blog worker\"",
-    );
+    assert_err(&e, 2, 1, "missing `command` in [processes.worker]", "command = \"celery -A blog worker\"");
     let e = one("app = \"a\"\n[processes.web]\ncommand = \"   \"\n");
-    assert_err(
-        &e,
-        3,
-        11,
-        "`command` in [processes.web] has an empty command",
-        "",
-    );
+    assert_err(&e, 3, 11, "`command` in [processes.web] has an empty command", "");
     let e = one(&format!("build = [\"make\", \"\"]\n{WEB}"));
     assert_err(&e, 1, 18, "`build` has an empty command", "");
     let e = one(&top("[release]\ntasks = [\"\"]\n"));
     assert_err(&e, 3, 10, "`tasks` in [release] has an empty command", "");
     let e = one(&top("[release]\npost_tasks = [\"a\\u0000b\"]\n"));
-    assert_err(
-        &e,
-        3,
-        15,
-        "`post_tasks` in [release] has a command with a NUL character",
-        "",
-    );
+    assert_err(&e, 3, 15, "`post_tasks` in [release] has a command with a NUL character", "");
 }
 
 #[test]
 fn unknown_kinds_get_suggestions() {
     let e = one("app = \"a\"\n[processes.w]\ncommand = \"x\"\nkind = \"wroker\"\n");
-    assert_err(
-        &e,
-        4,
-        8,
-        "unknown kind \"wroker\" in [processes.w]",
-        "did you mean `worker`? kinds are: web",
-    );
+    assert_err(&e, 4, 8, "unknown kind \"wroker\" in [processes.w]", "did you mean `worker`? kinds are: web");
     // Kind-specific rules are not applied to an unknown kind.
-    let e =
-        one("app = \"a\"\n[processes.w]\ncommand = \"x\"\nkind = \"cron\"\ndrain_timeout = 1\n");
+    let e = one("app = \"a\"\n[processes.w]\ncommand = \"x\"\nkind = \"cron\"\ndrain_timeout = 1\n");
     assert!(!e.hint.unwrap().contains("did you mean"));
 }
 
@@ -974,9 +727,7 @@ fn singletons_run_at_most_once() {
         "`max_surge` in [processes.beat.rollout] must be 0: a singleton never runs two instances",
         "remove max_surge",
     );
-    let e = one(&format!(
-        "{base}[processes.beat.rollout]\nmax_unavailable = 0\n"
-    ));
+    let e = one(&format!("{base}[processes.beat.rollout]\nmax_unavailable = 0\n"));
     assert_err(
         &e,
         6,
@@ -984,21 +735,14 @@ fn singletons_run_at_most_once() {
         "both resolve to 0 with count = 1",
         "a singleton is stopped before it is replaced: set max_unavailable = 1",
     );
-    let spec = ok(&format!(
-        "{base}[processes.beat.rollout]\nmax_surge = 0\nmax_unavailable = \"100%\"\n"
-    ));
-    assert_eq!(
-        spec.processes[0].rollout.max_unavailable,
-        Quantity::Percent(100)
-    );
+    let spec = ok(&format!("{base}[processes.beat.rollout]\nmax_surge = 0\nmax_unavailable = \"100%\"\n"));
+    assert_eq!(spec.processes[0].rollout.max_unavailable, Quantity::Percent(100));
 }
 
 #[test]
 fn web_only_and_worker_only_settings() {
     let worker = "app = \"a\"\n[processes.worker]\ncommand = \"celery worker\"\n";
-    let e = one(&format!(
-        "{worker}[processes.worker.health]\npath = \"/\"\n"
-    ));
+    let e = one(&format!("{worker}[processes.worker.health]\npath = \"/\"\n"));
     assert_err(
         &e,
         4,
@@ -1014,16 +758,9 @@ fn web_only_and_worker_only_settings() {
         "`drain_timeout` in [processes.worker] applies only to web processes",
         "or set kind = \"web\"",
     );
-    let singleton =
-        "app = \"a\"\n[processes.beat]\ncommand = \"celery beat\"\nkind = \"singleton\"\n";
+    let singleton = "app = \"a\"\n[processes.beat]\ncommand = \"celery beat\"\nkind = \"singleton\"\n";
     let e = one(&format!("{singleton}health = {{ path = \"/\" }}\n"));
-    assert_err(
-        &e,
-        5,
-        10,
-        "[processes.beat.health] applies only to web processes",
-        "",
-    );
+    assert_err(&e, 5, 10, "[processes.beat.health] applies only to web processes", "");
     let e = one(&web_with("ready_after = \"1s\"\n"));
     assert_err(
         &e,
@@ -1038,9 +775,7 @@ fn web_only_and_worker_only_settings() {
 
 #[test]
 fn reserved_and_invalid_env_names() {
-    let e = errs(&top(
-        "[env]\nPORT = 8000\nNONSTOP_TOKEN = \"x\"\nFOO-BAR = 1\n1ST = 2\nOK_1 = 3\n",
-    ));
+    let e = errs(&top("[env]\nPORT = 8000\nNONSTOP_TOKEN = \"x\"\nFOO-BAR = 1\n1ST = 2\nOK_1 = 3\n"));
     assert_eq!(e.len(), 4, "{}", SpecErrors { errors: e.clone() });
     assert_err(
         &e[0],
@@ -1063,32 +798,14 @@ fn reserved_and_invalid_env_names() {
         "invalid environment variable name FOO-BAR in [env]",
         "names are letters, digits and '_', and do not start with a digit: FOO_BAR",
     );
-    assert_err(
-        &e[3],
-        6,
-        1,
-        "invalid environment variable name 1ST in [env]",
-        ": _1ST",
-    );
+    assert_err(&e[3], 6, 1, "invalid environment variable name 1ST in [env]", ": _1ST");
     // The same rules in a process's env.
     let e = one(&web_with("[processes.web.env]\nPORT = \"8000\"\n"));
     assert_err(&e, 5, 1, "`PORT` in [processes.web.env] is reserved", "");
     let e = one(&web_with("[processes.web.env]\nNONSTOP_X = \"1\"\n"));
-    assert_err(
-        &e,
-        5,
-        1,
-        "`NONSTOP_X` in [processes.web.env] is reserved",
-        "",
-    );
+    assert_err(&e, 5, 1, "`NONSTOP_X` in [processes.web.env] is reserved", "");
     let e = one(&web_with("[processes.web.env]\n\"A B\" = \"1\"\n"));
-    assert_err(
-        &e,
-        5,
-        1,
-        "invalid environment variable name \"A B\" in [processes.web.env]",
-        "A_B",
-    );
+    assert_err(&e, 5, 1, "invalid environment variable name \"A B\" in [processes.web.env]", "A_B");
     let e = one(&web_with("[processes.web.env]\nA = \"x\\u0000\"\n"));
     assert_err(&e, 5, 5, "contains a NUL character", "");
 }
@@ -1098,24 +815,13 @@ fn reserved_and_invalid_env_names() {
 #[test]
 fn proxy_listen_from_the_file_and_the_environment() {
     let with_listen = top("[proxy]\nlisten = \"0.0.0.0:80\"\n");
-    assert_eq!(
-        ok(&with_listen).proxy.listen,
-        "0.0.0.0:80".parse::<SocketAddr>().unwrap()
-    );
+    assert_eq!(ok(&with_listen).proxy.listen, "0.0.0.0:80".parse::<SocketAddr>().unwrap());
     let ipv6 = top("[proxy]\nlisten = \"[::1]:8080\"\n");
-    assert_eq!(
-        ok(&ipv6).proxy.listen,
-        "[::1]:8080".parse::<SocketAddr>().unwrap()
-    );
+    assert_eq!(ok(&ipv6).proxy.listen, "[::1]:8080".parse::<SocketAddr>().unwrap());
 
-    let env: BTreeMap<String, String> =
-        [(PROXY_LISTEN_ENV.to_string(), "127.0.0.1:9999".to_string())].into();
+    let env: BTreeMap<String, String> = [(PROXY_LISTEN_ENV.to_string(), "127.0.0.1:9999".to_string())].into();
     let spec = parse(&with_listen, Path::new(FILE), &env).unwrap();
-    assert_eq!(
-        spec.proxy.listen,
-        "127.0.0.1:9999".parse::<SocketAddr>().unwrap(),
-        "the environment wins"
-    );
+    assert_eq!(spec.proxy.listen, "127.0.0.1:9999".parse::<SocketAddr>().unwrap(), "the environment wins");
     let spec = parse(WEB, Path::new(FILE), &env).unwrap();
     assert_eq!(spec.proxy.listen.port(), 9999);
 }
@@ -1150,11 +856,7 @@ fn a_bad_listen_override_names_the_variable() {
 #[test]
 fn bad_listen_addresses_in_the_file() {
     let cases = [
-        (
-            "localhost:8080",
-            "a host name is not an address to listen on",
-            "use an IP address: 127.0.0.1:8080",
-        ),
+        ("localhost:8080", "a host name is not an address to listen on", "use an IP address: 127.0.0.1:8080"),
         ("example.com:80", "a host name", "0.0.0.0:80"),
         (
             "8080",
@@ -1162,23 +864,13 @@ fn bad_listen_addresses_in_the_file() {
             "write 127.0.0.1:8080 (this machine only) or 0.0.0.0:8080 (every interface)",
         ),
         (":8080", "the IP address is missing", "127.0.0.1:8080"),
-        (
-            "0.0.0.0:0",
-            "port 0 would pick a random port",
-            "choose a port, such as 0.0.0.0:8080",
-        ),
+        ("0.0.0.0:0", "port 0 would pick a random port", "choose a port, such as 0.0.0.0:8080"),
         ("127.0.0.1", "it is not IP:PORT", "such as 127.0.0.1:8080"),
         ("127.0.0.1:99999", "it is not IP:PORT", ""),
     ];
     for (listen, message, hint) in cases {
         let e = one(&top(&format!("[proxy]\nlisten = \"{listen}\"\n")));
-        assert_err(
-            &e,
-            3,
-            10,
-            &format!("`listen` in [proxy] is not a valid address ({listen:?}): {message}"),
-            hint,
-        );
+        assert_err(&e, 3, 10, &format!("`listen` in [proxy] is not a valid address ({listen:?}): {message}"), hint);
     }
 }
 
@@ -1204,10 +896,7 @@ fn proxy_settings_from_the_full_file() {
     assert_eq!(p.tls[0].key, Path::new("/etc/ssl/blog.key"));
 
     let spec = parse(FULL, Path::new("/srv/blog/nonstop.toml"), &()).unwrap();
-    assert_eq!(
-        spec.proxy.tls[0].cert,
-        Path::new("/srv/blog/certs/blog.pem")
-    );
+    assert_eq!(spec.proxy.tls[0].cert, Path::new("/srv/blog/certs/blog.pem"));
     assert_eq!(spec.proxy.tls[0].key, Path::new("/etc/ssl/blog.key"));
     assert_eq!(spec.proxy.tls[1].key, Path::new("/srv/blog/other.key"));
 }
@@ -1215,10 +904,7 @@ fn proxy_settings_from_the_full_file() {
 #[test]
 fn proxy_settings_left_out_stay_unset() {
     let p = ok(WEB).proxy;
-    assert_eq!(
-        p,
-        nonstop_core::process::ProxySpec::new(DEFAULT_PROXY_LISTEN.parse().unwrap())
-    );
+    assert_eq!(p, nonstop_core::process::ProxySpec::new(DEFAULT_PROXY_LISTEN.parse().unwrap()));
     // Sizes as integers and nginx units; 0: no body limit; redirects on
     // by default with certificates.
     let p = ok(&top(
@@ -1434,13 +1120,7 @@ fn release_settings_are_checked() {
         "for example: retain_releases = 5",
     );
     let e = one(&top("[release]\ntask_timeout = \"0s\"\n"));
-    assert_err(
-        &e,
-        3,
-        16,
-        "`task_timeout` in [release] must be longer than 0s",
-        "task_timeout = \"10m\"",
-    );
+    assert_err(&e, 3, 16, "`task_timeout` in [release] must be longer than 0s", "task_timeout = \"10m\"");
     let spec = ok(&top("[release]\nretain_releases = 1\ntask_timeout = 30\n"));
     assert_eq!(spec.release.retain_releases, 1);
     assert_eq!(spec.release.task_timeout, Duration::from_secs(30));
@@ -1449,13 +1129,9 @@ fn release_settings_are_checked() {
 #[test]
 fn release_order_names_defined_processes_once() {
     let procs = "[processes.web]\ncommand = \"w\"\n[processes.worker]\ncommand = \"c\"\n";
-    let spec = ok(&format!(
-        "app = \"a\"\n[release]\norder = [\"worker\"]\n{procs}"
-    ));
+    let spec = ok(&format!("app = \"a\"\n[release]\norder = [\"worker\"]\n{procs}"));
     assert_eq!(spec.release.order, [ProcessName::new("worker").unwrap()]);
-    let e = errs(&format!(
-        "app = \"a\"\n[release]\norder = [\"web\", \"wrker\", \"web\", \"db\"]\n{procs}"
-    ));
+    let e = errs(&format!("app = \"a\"\n[release]\norder = [\"web\", \"wrker\", \"web\", \"db\"]\n{procs}"));
     assert_eq!(e.len(), 3, "{}", SpecErrors { errors: e.clone() });
     assert_err(
         &e[0],
@@ -1464,20 +1140,8 @@ fn release_order_names_defined_processes_once() {
         "names \"wrker\", which is not a process",
         "did you mean `worker`? processes: web, worker",
     );
-    assert_err(
-        &e[1],
-        3,
-        26,
-        "`order` in [release] names `web` twice",
-        "remove the second one",
-    );
-    assert_err(
-        &e[2],
-        3,
-        33,
-        "names \"db\", which is not a process",
-        "processes: web, worker",
-    );
+    assert_err(&e[1], 3, 26, "`order` in [release] names `web` twice", "remove the second one");
+    assert_err(&e[2], 3, 33, "names \"db\", which is not a process", "processes: web, worker");
     assert!(!e[2].hint.as_deref().unwrap().contains("did you mean"));
     // A process that is itself invalid is not reported a second time.
     let e = one("app = \"a\"\n[release]\norder = [\"w\"]\n[processes.w]\ncommand = \"x\"\nkind = \"nope\"\n");
@@ -1499,14 +1163,7 @@ fn health_check_rules() {
     );
     let e = one(&h("path = \"/a b\"\n"));
     assert_err(&e, 5, 8, "without spaces", "path = \"/ab\"");
-    assert_eq!(
-        web(&ok(&h("path = \"/up?full=1\"\n")))
-            .health
-            .as_ref()
-            .unwrap()
-            .path,
-        "/up?full=1"
-    );
+    assert_eq!(web(&ok(&h("path = \"/up?full=1\"\n"))).health.as_ref().unwrap().path, "/up?full=1");
     let e = one(&h("healthy_threshold = 0\n"));
     assert_err(
         &e,
@@ -1519,83 +1176,42 @@ fn health_check_rules() {
     assert_err(&e, 5, 23, "must be at least 1", "unhealthy_threshold = 3");
     // A timeout longer than the interval is fine: probes do not overlap.
     let spec = ok(&h("interval = \"1s\"\ntimeout = \"5s\"\n"));
-    assert_eq!(
-        web(&spec).health.as_ref().unwrap().timeout,
-        Duration::from_secs(5)
-    );
+    assert_eq!(web(&spec).health.as_ref().unwrap().timeout, Duration::from_secs(5));
 }
 
 #[test]
 fn expect_status_forms() {
     let status = |written: &str| {
-        let spec = ok(&web_with(&format!(
-            "[processes.web.health]\nexpect_status = {written}\n"
-        )));
+        let spec = ok(&web_with(&format!("[processes.web.health]\nexpect_status = {written}\n")));
         web(&spec).health.as_ref().unwrap().expect_status
     };
     assert_eq!(status("200"), StatusRange { min: 200, max: 200 });
     assert_eq!(status("\"204\""), StatusRange { min: 204, max: 204 });
     assert_eq!(status("\"200-399\""), StatusRange { min: 200, max: 399 });
     assert_eq!(status("\"200 - 299\""), StatusRange { min: 200, max: 299 });
-    let bad = |written: &str| {
-        one(&web_with(&format!(
-            "[processes.web.health]\nexpect_status = {written}\n"
-        )))
-    };
-    assert_err(
-        &bad("\"399-200\""),
-        5,
-        17,
-        "is an empty range: 399 is greater than 200",
-        "\"200-399\"",
-    );
-    assert_err(
-        &bad("600"),
-        5,
-        17,
-        "must be HTTP statuses between 100 and 599",
-        "\"200-399\"",
-    );
-    assert_err(
-        &bad("\"2xx\""),
-        5,
-        17,
-        "is not a status or a range of statuses",
-        "one status (200)",
-    );
-    assert_err(
-        &bad("true"),
-        5,
-        17,
-        "must be an HTTP status (200) or a range (\"200-399\"), not a boolean",
-        "",
-    );
+    let bad = |written: &str| one(&web_with(&format!("[processes.web.health]\nexpect_status = {written}\n")));
+    assert_err(&bad("\"399-200\""), 5, 17, "is an empty range: 399 is greater than 200", "\"200-399\"");
+    assert_err(&bad("600"), 5, 17, "must be HTTP statuses between 100 and 599", "\"200-399\"");
+    assert_err(&bad("\"2xx\""), 5, 17, "is not a status or a range of statuses", "one status (200)");
+    assert_err(&bad("true"), 5, 17, "must be an HTTP status (200) or a range (\"200-399\"), not a boolean", "");
 }
 
 #[test]
 fn a_new_instance_must_be_able_to_pass_in_time() {
-    let e = one(&web_with(
-        "[processes.web.health]\ninterval = \"30s\"\nhealthy_threshold = 3\n",
-    ));
-    assert_err(&e, 4, 1, "`health_timeout` in [processes.web.rollout] (1m) is shorter than 3 health checks 30s apart (1m30s)", "raise health_timeout to at least \"1m30s\"");
-    let e = one(&web_with("[processes.web.health]\ntimeout = \"2m\"\ninterval = \"3m\"\nhealthy_threshold = 1\n[processes.web.rollout]\nhealth_timeout = \"2m30s\"\n"));
-    assert_err(&e, 9, 18, "is shorter than 1 health checks 3m apart", "");
-    let e = one(&web_with("[processes.web.health]\ntimeout = \"90s\"\n"));
+    let e = one(&web_with("[processes.web.health]\ninterval = \"30s\"\nhealthy_threshold = 3\n"));
     assert_err(
         &e,
         4,
         1,
-        "is shorter than one health check timing out (1m30s)",
-        "at least \"1m30s\"",
+        "`health_timeout` in [processes.web.rollout] (1m) is shorter than 3 health checks 30s apart (1m30s)",
+        "raise health_timeout to at least \"1m30s\"",
     );
+    let e = one(&web_with("[processes.web.health]\ntimeout = \"2m\"\ninterval = \"3m\"\nhealthy_threshold = 1\n[processes.web.rollout]\nhealth_timeout = \"2m30s\"\n"));
+    assert_err(&e, 9, 18, "is shorter than 1 health checks 3m apart", "");
+    let e = one(&web_with("[processes.web.health]\ntimeout = \"90s\"\n"));
+    assert_err(&e, 4, 1, "is shorter than one health check timing out (1m30s)", "at least \"1m30s\"");
     let e = one("app = \"a\"\n[processes.w]\ncommand = \"x\"\nready_after = \"1m\"\n");
-    assert_err(
-        &e,
-        4,
-        15,
-        "(1m) is not longer than `ready_after` (1m)",
-        "make health_timeout longer than ready_after",
-    );
+    assert_err(&e, 4, 15, "(1m) is not longer than `ready_after` (1m)", "make health_timeout longer than ready_after");
 }
 
 // ------------------------------------------------------------------ rollout
@@ -1603,21 +1219,13 @@ fn a_new_instance_must_be_able_to_pass_in_time() {
 #[test]
 fn rollout_quantities() {
     let r = |lines: &str| {
-        let spec = ok(&web_with(&format!(
-            "count = 4\n[processes.web.rollout]\n{lines}"
-        )));
+        let spec = ok(&web_with(&format!("count = 4\n[processes.web.rollout]\n{lines}")));
         web(&spec).rollout.clone()
     };
     let rollout = r("max_surge = \"25%\"\nmax_unavailable = \"50%\"\n");
-    assert_eq!(
-        (rollout.max_surge, rollout.max_unavailable),
-        (Quantity::Percent(25), Quantity::Percent(50))
-    );
+    assert_eq!((rollout.max_surge, rollout.max_unavailable), (Quantity::Percent(25), Quantity::Percent(50)));
     let rollout = r("max_surge = 0\nmax_unavailable = 1\n");
-    assert_eq!(
-        (rollout.max_surge, rollout.max_unavailable),
-        (Quantity::Count(0), Quantity::Count(1))
-    );
+    assert_eq!((rollout.max_surge, rollout.max_unavailable), (Quantity::Count(0), Quantity::Count(1)));
     // 50% of 4 rounds down to 2: fine.
     r("max_surge = 0\nmax_unavailable = \"50%\"\n");
 
@@ -1629,35 +1237,11 @@ fn rollout_quantities() {
         "both resolve to 0 with count = 1",
         "allow one extra instance (max_surge = 1) or one missing instance (max_unavailable = 1)",
     );
-    assert_err(
-        &bad("max_surge = \"0%\"\nmax_unavailable = 0\n"),
-        6,
-        19,
-        "both resolve to 0",
-        "",
-    );
+    assert_err(&bad("max_surge = \"0%\"\nmax_unavailable = 0\n"), 6, 19, "both resolve to 0", "");
     // 50% of 1 rounds down to 0.
-    assert_err(
-        &bad("max_surge = 0\nmax_unavailable = \"50%\"\n"),
-        6,
-        19,
-        "both resolve to 0 with count = 1",
-        "",
-    );
-    assert_err(
-        &bad("max_surge = \"150%\"\n"),
-        5,
-        13,
-        "must be at most 100%, not 150%",
-        "\"25%\"",
-    );
-    assert_err(
-        &bad("max_surge = -1\n"),
-        5,
-        13,
-        "`max_surge` in [processes.web.rollout] must not be negative",
-        "",
-    );
+    assert_err(&bad("max_surge = 0\nmax_unavailable = \"50%\"\n"), 6, 19, "both resolve to 0 with count = 1", "");
+    assert_err(&bad("max_surge = \"150%\"\n"), 5, 13, "must be at most 100%, not 150%", "\"25%\"");
+    assert_err(&bad("max_surge = -1\n"), 5, 13, "`max_surge` in [processes.web.rollout] must not be negative", "");
     assert_err(
         &bad("max_surge = \"2\"\n"),
         5,
@@ -1695,13 +1279,7 @@ fn restart_policy_rules() {
         "make backoff_max at least backoff_initial",
     );
     let e = one(&r("backoff_initial = \"1m\"\n"));
-    assert_err(
-        &e,
-        5,
-        19,
-        "(30s) is shorter than `backoff_initial` (1m)",
-        "",
-    );
+    assert_err(&e, 5, 19, "(30s) is shorter than `backoff_initial` (1m)", "");
     let e = one(&r("crash_loop_after = 0\n"));
     assert_err(
         &e,
@@ -1717,59 +1295,23 @@ fn restart_policy_rules() {
 #[test]
 fn malformed_toml_is_located() {
     let e = one(&web_with("stop_signal = SIGTERM\n"));
-    assert_err(
-        &e,
-        4,
-        15,
-        "invalid TOML: string values must be quoted",
-        "put the value in double quotes",
-    );
+    assert_err(&e, 4, 15, "invalid TOML: string values must be quoted", "put the value in double quotes");
     let e = one(&web_with("kind = worker\n"));
     assert_err(&e, 4, 8, "invalid TOML: string values must be quoted", "");
     let e = one(&web_with("stop_signal = term\n"));
-    assert_err(
-        &e,
-        4,
-        15,
-        "invalid TOML: invalid boolean",
-        "strings go in double quotes",
-    );
+    assert_err(&e, 4, 15, "invalid TOML: invalid boolean", "strings go in double quotes");
     let e = one(&web_with("count = 1\ncount = 2\n"));
-    assert_err(
-        &e,
-        5,
-        1,
-        "invalid TOML: duplicate key `count`",
-        "may appear only once",
-    );
+    assert_err(&e, 5, 1, "invalid TOML: duplicate key `count`", "may appear only once");
     let e = one(&format!("{WEB}[processes.web]\ncount = 2\n"));
     assert_err(&e, 4, 12, "invalid TOML: duplicate key `web`", "");
     let e = one("app = \"blog\n[processes.web]\ncommand = \"x\"\n");
-    assert_err(
-        &e,
-        1,
-        12,
-        "invalid TOML: invalid basic string",
-        "close the string on the same line",
-    );
+    assert_err(&e, 1, 12, "invalid TOML: invalid basic string", "close the string on the same line");
     let e = one("app = \"a\"\n[processes.web\ncommand = \"x\"\n");
-    assert_err(
-        &e,
-        2,
-        15,
-        "invalid TOML: unclosed table",
-        "[processes.web], on a line of its own",
-    );
+    assert_err(&e, 2, 15, "invalid TOML: unclosed table", "[processes.web], on a line of its own");
     let e = one(&format!("{WEB}count = 2 2\n"));
     assert_err(&e, 4, 9, "invalid TOML: string values must be quoted", "");
     let e = one(&format!("{WEB}= 2\n"));
-    assert_err(
-        &e,
-        4,
-        1,
-        "invalid TOML: unquoted keys cannot be empty",
-        "`key = value` lines",
-    );
+    assert_err(&e, 4, 1, "invalid TOML: unquoted keys cannot be empty", "`key = value` lines");
 }
 
 #[test]
@@ -1779,17 +1321,9 @@ fn several_syntax_errors_one_per_line() {
     let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
     let mut unique = lines.clone();
     unique.dedup();
-    assert_eq!(
-        lines,
-        unique,
-        "one error per line: {}",
-        SpecErrors { errors: e.clone() }
-    );
+    assert_eq!(lines, unique, "one error per line: {}", SpecErrors { errors: e.clone() });
     assert!(e.iter().all(|e| e.message.starts_with("invalid TOML")));
-    assert!(
-        e.iter().any(|e| e.line == 5),
-        "the later error is reported too"
-    );
+    assert!(e.iter().any(|e| e.line == 5), "the later error is reported too");
 }
 
 #[test]
@@ -1811,11 +1345,7 @@ fn load_reads_the_file() {
     std::fs::write(&path, "app = 1\n[processes.web]\ncommand = \"x\"\n").unwrap();
     let e = load(&path).unwrap_err();
     assert_eq!(e.errors[0].file, path);
-    assert!(
-        e.to_string()
-            .starts_with(&format!("{}:1:7: error:", path.display())),
-        "{e}"
-    );
+    assert!(e.to_string().starts_with(&format!("{}:1:7: error:", path.display())), "{e}");
 }
 
 #[test]
@@ -1832,10 +1362,7 @@ fn a_missing_file_says_to_run_init() {
         )
     );
     let e = load(dir.path()).unwrap_err();
-    assert!(
-        e.errors[0].message.contains("directory") || e.errors[0].message.contains("cannot read"),
-        "{e}"
-    );
+    assert!(e.errors[0].message.contains("directory") || e.errors[0].message.contains("cannot read"), "{e}");
     std::fs::write(&path, b"app = \"\xff\"\n").unwrap();
     let e = load(&path).unwrap_err();
     assert_eq!(e.errors[0].message, "the file is not UTF-8 text");
@@ -1857,11 +1384,8 @@ fn init_round_trips_a_django_procfile() {
     let toml = init_toml("x", Some(DJANGO_PROCFILE)).unwrap();
     let spec = parse(&toml, Path::new(FILE), &()).unwrap_or_else(|e| panic!("{e}\n---\n{toml}"));
     assert_eq!(spec.app.as_str(), "x");
-    let summary: Vec<(&str, ProcessKind, &str, u32)> = spec
-        .processes
-        .iter()
-        .map(|p| (p.name.as_str(), p.kind, p.command.as_str(), p.count))
-        .collect();
+    let summary: Vec<(&str, ProcessKind, &str, u32)> =
+        spec.processes.iter().map(|p| (p.name.as_str(), p.kind, p.command.as_str(), p.count)).collect();
     assert_eq!(
         summary,
         [
@@ -1890,35 +1414,18 @@ fn init_round_trips_a_django_procfile() {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let again = parse(&uncommented, Path::new(FILE), &())
-        .unwrap_or_else(|e| panic!("{e}\n---\n{uncommented}"));
+    let again = parse(&uncommented, Path::new(FILE), &()).unwrap_or_else(|e| panic!("{e}\n---\n{uncommented}"));
     assert_eq!(again, spec, "the commented-out defaults are the defaults");
     // The web command lacks $PORT: kept as is, with a note.
-    assert!(
-        toml.contains(
-            "command = \"gunicorn x.wsgi\"\n# NOTE: this command does not mention $PORT."
-        ),
-        "{toml}"
-    );
+    assert!(toml.contains("command = \"gunicorn x.wsgi\"\n# NOTE: this command does not mention $PORT."), "{toml}");
 }
 
 #[test]
 fn init_notes_a_fixed_port() {
-    let toml = init_toml(
-        "blog",
-        Some("web: python manage.py runserver 0.0.0.0:8000\n"),
-    )
-    .unwrap();
-    assert!(
-        toml.contains("# NOTE: this command binds a fixed port (8000)."),
-        "{toml}"
-    );
+    let toml = init_toml("blog", Some("web: python manage.py runserver 0.0.0.0:8000\n")).unwrap();
+    assert!(toml.contains("# NOTE: this command binds a fixed port (8000)."), "{toml}");
     ok_round_trip(&toml);
-    let toml = init_toml(
-        "blog",
-        Some("web: gunicorn x.wsgi --bind 127.0.0.1:$PORT\n"),
-    )
-    .unwrap();
+    let toml = init_toml("blog", Some("web: gunicorn x.wsgi --bind 127.0.0.1:$PORT\n")).unwrap();
     assert!(!toml.contains("NOTE"), "{toml}");
     ok_round_trip(&toml);
 }
@@ -1935,14 +1442,8 @@ clock: python clock.py
 scheduler_2: bin/run "a\b"
 "#;
     let spec = ok_round_trip(&init_toml("tricky", Some(procfile)).unwrap());
-    assert_eq!(
-        spec.processes[0].command,
-        r#"gunicorn "x.wsgi:application" --bind 127.0.0.1:$PORT --access-logfile -"#
-    );
-    assert_eq!(
-        spec.processes[1].command,
-        r#"sh -c 'celery -A x worker --concurrency=${CONC:-2}' \# not a comment"#
-    );
+    assert_eq!(spec.processes[0].command, r#"gunicorn "x.wsgi:application" --bind 127.0.0.1:$PORT --access-logfile -"#);
+    assert_eq!(spec.processes[1].command, r#"sh -c 'celery -A x worker --concurrency=${CONC:-2}' \# not a comment"#);
     assert_eq!(spec.processes[1].kind, ProcessKind::Worker);
     assert_eq!(spec.processes[2].kind, ProcessKind::Singleton);
     assert_eq!(spec.processes[3].kind, ProcessKind::Singleton);
@@ -1959,19 +1460,12 @@ fn init_without_a_procfile_is_a_template_to_fill_in() {
     // Uncommenting the web process gives a working file.
     let start = toml.find("# [processes.web]").unwrap();
     let end = toml[start..].find("\n\n").map(|i| start + i).unwrap();
-    let block: String = toml[start..end]
-        .lines()
-        .map(|l| l.strip_prefix("# ").unwrap())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let block: String = toml[start..end].lines().map(|l| l.strip_prefix("# ").unwrap()).collect::<Vec<_>>().join("\n");
     let filled = format!("{}{}{}", &toml[..start], block, &toml[end..]);
     let spec = ok_round_trip(&filled);
     assert_eq!(spec.processes.len(), 1);
     assert_eq!(web(&spec).count, 2);
-    assert_eq!(
-        web(&spec).command,
-        "gunicorn blog.wsgi --bind 127.0.0.1:$PORT"
-    );
+    assert_eq!(web(&spec).command, "gunicorn blog.wsgi --bind 127.0.0.1:$PORT");
     // So does uncommenting all three.
     let all: String = toml
         .lines()
@@ -1990,23 +1484,12 @@ fn init_without_a_procfile_is_a_template_to_fill_in() {
         .join("\n");
     let spec = ok_round_trip(&all);
     let kinds: Vec<ProcessKind> = spec.processes.iter().map(|p| p.kind).collect();
-    assert_eq!(
-        kinds,
-        [
-            ProcessKind::Web,
-            ProcessKind::Worker,
-            ProcessKind::Singleton
-        ]
-    );
+    assert_eq!(kinds, [ProcessKind::Web, ProcessKind::Worker, ProcessKind::Singleton]);
 }
 
 #[test]
 fn init_output_is_stable() {
-    let toml = init_toml(
-        "x",
-        Some("web: gunicorn x.wsgi\nrelease: python manage.py migrate\n"),
-    )
-    .unwrap();
+    let toml = init_toml("x", Some("web: gunicorn x.wsgi\nrelease: python manage.py migrate\n")).unwrap();
     let expected = r#"# nonstop.toml for x, generated by `nonstop init` from the Procfile.
 # Durations are seconds (10) or strings with units ("250ms", "2s", "1m30s").
 # A commented-out key shows its default.
@@ -2082,22 +1565,9 @@ fn directory_names_become_valid_app_names() {
     let long = "a-".repeat(50);
     let name = sanitize_app_name(&long);
     assert!(name.len() <= 63 && !name.ends_with('-'), "{name}");
-    for dir in [
-        "blog",
-        "My Blog",
-        "2048",
-        "",
-        "x".repeat(100).as_str(),
-        "-a-",
-        "Z_9",
-        "ÄÖÜ",
-        "a b c d",
-    ] {
+    for dir in ["blog", "My Blog", "2048", "", "x".repeat(100).as_str(), "-a-", "Z_9", "ÄÖÜ", "a b c d"] {
         let name = sanitize_app_name(dir);
-        assert!(
-            AppName::new(&name).is_ok() && !name.contains('_'),
-            "{dir:?} → {name:?}"
-        );
+        assert!(AppName::new(&name).is_ok() && !name.contains('_'), "{dir:?} → {name:?}");
         assert!(init_toml(&name, None).is_ok());
     }
 }

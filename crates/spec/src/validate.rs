@@ -15,8 +15,8 @@ use crate::suggest::did_you_mean;
 use crate::walk::display_key;
 use nonstop_core::ids::{AppName, ProcessName};
 use nonstop_core::process::{
-    AppSpec, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec,
-    RestartPolicy, Rollout, Signal, StatusRange, TlsSpec,
+    AppSpec, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec, RestartPolicy, Rollout, Signal,
+    StatusRange, TlsSpec,
 };
 use serde_spanned::Spanned;
 use std::collections::BTreeMap;
@@ -28,46 +28,22 @@ const KINDS: [&str; 3] = ["web", "worker", "singleton"];
 
 /// Validates a walked file. `None` if anything was wrong (then `diags`
 /// holds why).
-pub(crate) fn validate(
-    raw: &RawSpec,
-    env: &dyn EnvLookup,
-    base: &Path,
-    diags: &mut Diags,
-) -> Option<AppSpec> {
+pub(crate) fn validate(raw: &RawSpec, env: &dyn EnvLookup, base: &Path, diags: &mut Diags) -> Option<AppSpec> {
     let before = diags.len();
 
     let app = validate_app(raw.app.as_ref(), diags);
-    let app_env = raw
-        .env
-        .as_ref()
-        .map(|e| validate_env(e, "env", diags))
-        .unwrap_or_default();
+    let app_env = raw.env.as_ref().map(|e| validate_env(e, "env", diags)).unwrap_or_default();
     let proxy = validate_proxy(raw.proxy.as_ref(), env, base, diags);
-    let build = raw
-        .build
-        .as_ref()
-        .map(|b| commands(b, Field::new("", "build"), diags))
-        .unwrap_or_default();
+    let build = raw.build.as_ref().map(|b| commands(b, Field::new("", "build"), diags)).unwrap_or_default();
     let processes = validate_processes(raw.processes.as_ref(), diags);
-    let declared: Vec<&str> = raw
-        .processes
-        .iter()
-        .flat_map(|p| p.get_ref().iter())
-        .map(|(name, _)| name.get_ref().as_str())
-        .collect();
+    let declared: Vec<&str> =
+        raw.processes.iter().flat_map(|p| p.get_ref().iter()).map(|(name, _)| name.get_ref().as_str()).collect();
     let release = validate_release(raw.release.as_ref(), &declared, &processes, diags);
 
     if diags.len() > before {
         return None;
     }
-    Some(AppSpec {
-        app: app?,
-        env: app_env,
-        processes,
-        proxy,
-        build,
-        release,
-    })
+    Some(AppSpec { app: app?, env: app_env, processes, proxy, build, release })
 }
 
 /// A key of a table, for messages: "`count` in [processes.web]".
@@ -99,9 +75,7 @@ fn validate_app(app: Option<&Spanned<String>>, diags: &mut Diags) -> Option<AppN
     // key is absent or only of the wrong type.
     let app = app?;
     let value = app.get_ref();
-    let name = AppName::new(value.as_str())
-        .ok()
-        .filter(|_| !value.contains('_'));
+    let name = AppName::new(value.as_str()).ok().filter(|_| !value.contains('_'));
     if name.is_none() {
         let suggestion = sanitize_app_name(value);
         diags.error(
@@ -113,15 +87,8 @@ fn validate_app(app: Option<&Spanned<String>>, diags: &mut Diags) -> Option<AppN
     name
 }
 
-fn validate_proxy(
-    proxy: Option<&Spanned<RawProxy>>,
-    env: &dyn EnvLookup,
-    base: &Path,
-    diags: &mut Diags,
-) -> ProxySpec {
-    let mut listen: SocketAddr = DEFAULT_PROXY_LISTEN
-        .parse()
-        .expect("the default listen address is valid");
+fn validate_proxy(proxy: Option<&Spanned<RawProxy>>, env: &dyn EnvLookup, base: &Path, diags: &mut Diags) -> ProxySpec {
+    let mut listen: SocketAddr = DEFAULT_PROXY_LISTEN.parse().expect("the default listen address is valid");
     let default = RawProxy::default();
     let raw = proxy.map(|p| p.get_ref()).unwrap_or(&default);
     if let Some(value) = &raw.listen {
@@ -134,19 +101,13 @@ fn validate_proxy(
     }
     let mut spec = ProxySpec::new(listen);
     let f = |key| Field::new("proxy", key);
-    spec.https_listen = raw
-        .https_listen
-        .as_ref()
-        .and_then(|v| listen_address(v, "https_listen", diags));
+    spec.https_listen = raw.https_listen.as_ref().and_then(|v| listen_address(v, "https_listen", diags));
     if let (Some(https), Some(value)) = (spec.https_listen, &raw.https_listen) {
         if https == listen {
             diags.error(
                 value.span(),
                 format!("`https_listen` in [proxy] is the same address as `listen` ({listen})"),
-                format!(
-                    "give HTTPS its own port, such as https_listen = \"{}:443\"",
-                    ip_text(https)
-                ),
+                format!("give HTTPS its own port, such as https_listen = \"{}:443\"", ip_text(https)),
             );
         }
     }
@@ -168,9 +129,7 @@ fn validate_proxy(
         diags,
     );
     if let (Some(line), Some(value)) = (spec.max_request_line, &raw.max_request_line) {
-        let head = spec
-            .max_header_bytes
-            .unwrap_or(DEFAULT_PROXY_MAX_HEADER_BYTES);
+        let head = spec.max_header_bytes.unwrap_or(DEFAULT_PROXY_MAX_HEADER_BYTES);
         if line > head {
             diags.error(
                 value.span(),
@@ -183,22 +142,10 @@ fn validate_proxy(
             );
         }
     }
-    spec.max_body_bytes = size(
-        raw.max_body_bytes.as_ref(),
-        f("max_body_bytes"),
-        0,
-        u64::MAX,
-        DEFAULT_PROXY_MAX_BODY_BYTES,
-        diags,
-    );
+    spec.max_body_bytes =
+        size(raw.max_body_bytes.as_ref(), f("max_body_bytes"), 0, u64::MAX, DEFAULT_PROXY_MAX_BODY_BYTES, diags);
     spec.max_headers = raw.max_headers.as_ref().map(|v| {
-        let n = count(
-            Some(v),
-            f("max_headers"),
-            1,
-            DEFAULT_PROXY_MAX_HEADERS,
-            diags,
-        );
+        let n = count(Some(v), f("max_headers"), 1, DEFAULT_PROXY_MAX_HEADERS, diags);
         if n > MAX_PROXY_MAX_HEADERS {
             diags.error(
                 v.span(),
@@ -211,30 +158,11 @@ fn validate_proxy(
     let timeout = |value: Option<&Spanned<RawDuration>>, key, default, diags: &mut Diags| {
         value.map(|v| duration(Some(v), f(key), Min::Positive, default, diags))
     };
-    spec.header_timeout = timeout(
-        raw.header_timeout.as_ref(),
-        "header_timeout",
-        DEFAULT_PROXY_HEADER_TIMEOUT,
-        diags,
-    );
-    spec.idle_timeout = timeout(
-        raw.idle_timeout.as_ref(),
-        "idle_timeout",
-        DEFAULT_PROXY_IDLE_TIMEOUT,
-        diags,
-    );
-    spec.upstream_timeout = timeout(
-        raw.upstream_timeout.as_ref(),
-        "upstream_timeout",
-        DEFAULT_PROXY_UPSTREAM_TIMEOUT,
-        diags,
-    );
-    spec.body_timeout = timeout(
-        raw.body_timeout.as_ref(),
-        "body_timeout",
-        DEFAULT_PROXY_BODY_TIMEOUT,
-        diags,
-    );
+    spec.header_timeout = timeout(raw.header_timeout.as_ref(), "header_timeout", DEFAULT_PROXY_HEADER_TIMEOUT, diags);
+    spec.idle_timeout = timeout(raw.idle_timeout.as_ref(), "idle_timeout", DEFAULT_PROXY_IDLE_TIMEOUT, diags);
+    spec.upstream_timeout =
+        timeout(raw.upstream_timeout.as_ref(), "upstream_timeout", DEFAULT_PROXY_UPSTREAM_TIMEOUT, diags);
+    spec.body_timeout = timeout(raw.body_timeout.as_ref(), "body_timeout", DEFAULT_PROXY_BODY_TIMEOUT, diags);
     if let Some(tls) = &raw.tls {
         spec.tls = validate_tls(tls, base, diags);
     }
@@ -279,10 +207,7 @@ fn listen_address(value: &Spanned<String>, key: &str, diags: &mut Diags) -> Opti
         Err((reason, hint)) => {
             diags.error(
                 value.span(),
-                format!(
-                    "`{key}` in [proxy] is not a valid address ({:?}): {reason}",
-                    value.get_ref()
-                ),
+                format!("`{key}` in [proxy] is not a valid address ({:?}): {reason}", value.get_ref()),
                 hint,
             );
             None
@@ -303,11 +228,7 @@ fn size(
     let example = field.example(&format!("\"{}\"", format_size(default)));
     let n = match value.get_ref() {
         RawIntOrString::Int(i) if *i < 0 => {
-            diags.error(
-                value.span(),
-                format!("{} must not be negative", field.what()),
-                example,
-            );
+            diags.error(value.span(), format!("{} must not be negative", field.what()), example);
             return None;
         }
         RawIntOrString::Int(i) => i.unsigned_abs(),
@@ -315,21 +236,13 @@ fn size(
             Ok(n) => n,
             Err(err) => {
                 let hint = if err == SizeError::Malformed("the unit is missing") {
-                    format!(
-                        "add a unit (\"{}KiB\") or drop the quotes to mean bytes ({})",
-                        text.trim(),
-                        text.trim()
-                    )
+                    format!("add a unit (\"{}KiB\") or drop the quotes to mean bytes ({})", text.trim(), text.trim())
                 } else {
                     format!("sizes are {SIZE_FORMS}")
                 };
                 diags.error(
                     value.span(),
-                    format!(
-                        "{} is not a valid size ({text:?}): {}",
-                        field.what(),
-                        err.reason()
-                    ),
+                    format!("{} is not a valid size ({text:?}): {}", field.what(), err.reason()),
                     hint,
                 );
                 return None;
@@ -339,12 +252,7 @@ fn size(
     if n < min {
         diags.error(
             value.span(),
-            format!(
-                "{} must be at least {}, not {}",
-                field.what(),
-                format_size(min),
-                format_size(n)
-            ),
+            format!("{} must be at least {}, not {}", field.what(), format_size(min), format_size(n)),
             example,
         );
         return None;
@@ -352,12 +260,7 @@ fn size(
     if n > max {
         diags.error(
             value.span(),
-            format!(
-                "{} must be at most {}, not {}",
-                field.what(),
-                format_size(max),
-                format_size(n)
-            ),
+            format!("{} must be at most {}, not {}", field.what(), format_size(max), format_size(n)),
             example,
         );
         return None;
@@ -367,11 +270,7 @@ fn size(
 
 /// `[[proxy.tls]]`: host names (each served by one certificate), and the
 /// files, made absolute against `base`.
-fn validate_tls(
-    tls: &Spanned<Vec<Spanned<RawTls>>>,
-    base: &Path,
-    diags: &mut Diags,
-) -> Vec<TlsSpec> {
+fn validate_tls(tls: &Spanned<Vec<Spanned<RawTls>>>, base: &Path, diags: &mut Diags) -> Vec<TlsSpec> {
     let mut out = Vec::new();
     let mut seen: Vec<(String, usize)> = Vec::new();
     for (index, entry) in tls.get_ref().iter().enumerate() {
@@ -403,31 +302,20 @@ fn validate_tls(
                         }
                         hosts.push(name);
                     }
-                    Err(hint) => diags.error(
-                        host.span(),
-                        format!("invalid host {:?} in [[proxy.tls]]", host.get_ref()),
-                        hint,
-                    ),
+                    Err(hint) => {
+                        diags.error(host.span(), format!("invalid host {:?} in [[proxy.tls]]", host.get_ref()), hint)
+                    }
                 }
             }
         }
-        let cert = raw
-            .cert
-            .as_ref()
-            .and_then(|c| tls_path(c, "cert", base, diags));
-        let key = raw
-            .key
-            .as_ref()
-            .and_then(|k| tls_path(k, "key", base, diags));
+        let cert = raw.cert.as_ref().and_then(|c| tls_path(c, "cert", base, diags));
+        let key = raw.key.as_ref().and_then(|k| tls_path(k, "key", base, diags));
         if let (Some(cert), Some(key), Some(c), Some(k)) = (&cert, &key, &raw.cert, &raw.key) {
             if cert == key {
                 diags.error(
                     k.span(),
                     "`key` in [[proxy.tls]] is the same file as `cert`",
-                    format!(
-                        "point key at the private key file (cert is {:?})",
-                        c.get_ref()
-                    ),
+                    format!("point key at the private key file (cert is {:?})", c.get_ref()),
                 );
             }
         }
@@ -442,13 +330,7 @@ fn validate_tls(
 fn tls_host(raw: &str) -> Result<String, String> {
     let host = raw.trim().to_ascii_lowercase();
     if host.contains("://") || host.contains('/') {
-        let bare = host
-            .split("://")
-            .last()
-            .unwrap_or(&host)
-            .split('/')
-            .next()
-            .unwrap_or("");
+        let bare = host.split("://").last().unwrap_or(&host).split('/').next().unwrap_or("");
         return Err(format!("write the host name alone: {bare:?}"));
     }
     if let Some((name, port)) = host.rsplit_once(':') {
@@ -458,19 +340,14 @@ fn tls_host(raw: &str) -> Result<String, String> {
     }
     let name = host.strip_prefix("*.").unwrap_or(&host);
     if name.contains('*') {
-        return Err(
-            "a wildcard is `*.` before the rest of the name, as in \"*.example.com\" (one label)"
-                .into(),
-        );
+        return Err("a wildcard is `*.` before the rest of the name, as in \"*.example.com\" (one label)".into());
     }
     let valid = !name.is_empty()
         && name.len() <= 253
         && !name.starts_with('.')
         && !name.ends_with('.')
         && !name.contains("..")
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     if valid {
         Ok(host)
     } else {
@@ -484,7 +361,10 @@ fn tls_path(value: &Spanned<String>, key: &str, base: &Path, diags: &mut Diags) 
         diags.error(
             value.span(),
             format!("`{key}` in [[proxy.tls]] is empty"),
-            format!("give the path of the PEM file, relative to nonstop.toml or absolute: {key} = \"certs/example.com.{}\"", if key == "cert" { "pem" } else { "key" }),
+            format!(
+                "give the path of the PEM file, relative to nonstop.toml or absolute: {key} = \"certs/example.com.{}\"",
+                if key == "cert" { "pem" } else { "key" }
+            ),
         );
         return None;
     }
@@ -497,11 +377,7 @@ fn tls_path(value: &Spanned<String>, key: &str, base: &Path, diags: &mut Diags) 
         return None;
     }
     let path = Path::new(text);
-    Some(if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    })
+    Some(if path.is_absolute() { path.to_path_buf() } else { base.join(path) })
 }
 
 /// The `NONSTOP_PROXY_LISTEN` override, if set; an error naming the
@@ -532,11 +408,7 @@ pub(crate) fn parse_listen(text: &str) -> Result<SocketAddr, (String, String)> {
             "port 0 would pick a random port".into(),
             format!(
                 "choose a port, such as {}:8080",
-                if addr.is_ipv4() {
-                    addr.ip().to_string()
-                } else {
-                    format!("[{}]", addr.ip())
-                }
+                if addr.is_ipv4() { addr.ip().to_string() } else { format!("[{}]", addr.ip()) }
             ),
         )),
         Ok(addr) => Ok(addr),
@@ -549,15 +421,8 @@ pub(crate) fn parse_listen(text: &str) -> Result<SocketAddr, (String, String)> {
                 ));
             }
             if let Some((host, port)) = text.rsplit_once(':') {
-                if port.parse::<u16>().is_ok()
-                    && !host.is_empty()
-                    && host.parse::<std::net::IpAddr>().is_err()
-                {
-                    let ip = if host == "localhost" {
-                        "127.0.0.1"
-                    } else {
-                        "0.0.0.0"
-                    };
+                if port.parse::<u16>().is_ok() && !host.is_empty() && host.parse::<std::net::IpAddr>().is_err() {
+                    let ip = if host == "localhost" { "127.0.0.1" } else { "0.0.0.0" };
                     return Err((
                         "a host name is not an address to listen on".into(),
                         format!("use an IP address: {ip}:{port}"),
@@ -570,25 +435,15 @@ pub(crate) fn parse_listen(text: &str) -> Result<SocketAddr, (String, String)> {
 }
 
 /// `[env]` or `[processes.NAME.env]`.
-fn validate_env(
-    env: &Spanned<RawMap<Spanned<RawScalar>>>,
-    table: &str,
-    diags: &mut Diags,
-) -> BTreeMap<String, String> {
+fn validate_env(env: &Spanned<RawMap<Spanned<RawScalar>>>, table: &str, diags: &mut Diags) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for (name, value) in env.get_ref().iter() {
         let n = name.get_ref().as_str();
         if !is_env_name(n) {
             diags.error(
                 name.span(),
-                format!(
-                    "invalid environment variable name {} in [{table}]",
-                    display_key(n)
-                ),
-                format!(
-                    "names are letters, digits and '_', and do not start with a digit: {}",
-                    fix_env_name(n)
-                ),
+                format!("invalid environment variable name {} in [{table}]", display_key(n)),
+                format!("names are letters, digits and '_', and do not start with a digit: {}", fix_env_name(n)),
             );
         } else if n == "PORT" {
             diags.error(
@@ -623,10 +478,7 @@ fn is_env_name(name: &str) -> bool {
 }
 
 fn fix_env_name(name: &str) -> String {
-    let mut fixed: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    let mut fixed: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     if fixed.is_empty() || fixed.starts_with(|c: char| c.is_ascii_digit()) {
         fixed.insert(0, '_');
     }
@@ -634,15 +486,8 @@ fn fix_env_name(name: &str) -> String {
 }
 
 /// A list of shell commands (`build`, `tasks`, `post_tasks`).
-fn commands(
-    list: &Spanned<Vec<Spanned<String>>>,
-    field: Field<'_>,
-    diags: &mut Diags,
-) -> Vec<String> {
-    list.get_ref()
-        .iter()
-        .filter_map(|c| command(c, field, diags))
-        .collect()
+fn commands(list: &Spanned<Vec<Spanned<String>>>, field: Field<'_>, diags: &mut Diags) -> Vec<String> {
+    list.get_ref().iter().filter_map(|c| command(c, field, diags)).collect()
 }
 
 fn command(c: &Spanned<String>, field: Field<'_>, diags: &mut Diags) -> Option<String> {
@@ -657,10 +502,7 @@ fn command(c: &Spanned<String>, field: Field<'_>, diags: &mut Diags) -> Option<S
     } else if text.contains('\0') {
         diags.error(
             c.span(),
-            format!(
-                "{} has a command with a NUL character, which no shell can run",
-                field.what()
-            ),
+            format!("{} has a command with a NUL character, which no shell can run", field.what()),
             "remove the \\u0000 from the command",
         );
         None
@@ -688,11 +530,7 @@ fn duration(
     let example = field.example(&format!("\"{}\"", format_duration(default)));
     let parsed = match value.get_ref() {
         RawDuration::Seconds(s) if *s < 0 => {
-            diags.error(
-                value.span(),
-                format!("{} must not be negative", field.what()),
-                example,
-            );
+            diags.error(value.span(), format!("{} must not be negative", field.what()), example);
             return default;
         }
         RawDuration::Seconds(s) => Duration::from_secs(s.unsigned_abs()),
@@ -700,21 +538,13 @@ fn duration(
             Ok(d) => d,
             Err(err) => {
                 let hint = if matches!(err, DurationError::Malformed("the unit is missing")) {
-                    format!(
-                        "add a unit (\"{}s\") or drop the quotes to mean seconds ({})",
-                        text.trim(),
-                        text.trim()
-                    )
+                    format!("add a unit (\"{}s\") or drop the quotes to mean seconds ({})", text.trim(), text.trim())
                 } else {
                     format!("durations are {DURATION_FORMS}")
                 };
                 diags.error(
                     value.span(),
-                    format!(
-                        "{} is not a valid duration ({text:?}): {}",
-                        field.what(),
-                        err.reason()
-                    ),
+                    format!("{} is not a valid duration ({text:?}): {}", field.what(), err.reason()),
                     hint,
                 );
                 return default;
@@ -722,24 +552,14 @@ fn duration(
         },
     };
     if min == Min::Positive && parsed.is_zero() {
-        diags.error(
-            value.span(),
-            format!("{} must be longer than 0s", field.what()),
-            example,
-        );
+        diags.error(value.span(), format!("{} must be longer than 0s", field.what()), example);
         return default;
     }
     parsed
 }
 
 /// An integer field that must be at least `min` and fit a `u32`.
-fn count(
-    value: Option<&Spanned<i64>>,
-    field: Field<'_>,
-    min: u32,
-    default: u32,
-    diags: &mut Diags,
-) -> u32 {
+fn count(value: Option<&Spanned<i64>>, field: Field<'_>, min: u32, default: u32, diags: &mut Diags) -> u32 {
     let Some(value) = value else { return default };
     let n = *value.get_ref();
     if n < i64::from(min) {
@@ -753,11 +573,7 @@ fn count(
     match u32::try_from(n) {
         Ok(n) => n,
         Err(_) => {
-            diags.error(
-                value.span(),
-                format!("{} is too large (at most {})", field.what(), u32::MAX),
-                None,
-            );
+            diags.error(value.span(), format!("{} is too large (at most {})", field.what(), u32::MAX), None);
             default
         }
     }
@@ -773,11 +589,7 @@ fn quantity(
     let hint = "use a count (1) or a percentage of `count` (\"25%\")";
     match value.get_ref() {
         RawIntOrString::Int(n) if *n < 0 => {
-            diags.error(
-                value.span(),
-                format!("{} must not be negative", field.what()),
-                hint,
-            );
+            diags.error(value.span(), format!("{} must not be negative", field.what()), hint);
             default
         }
         RawIntOrString::Int(n) => match u32::try_from(*n) {
@@ -793,11 +605,7 @@ fn quantity(
                 match p.trim().parse::<u32>() {
                     Ok(p) if p <= 100 => return Quantity::Percent(p),
                     Ok(_) => {
-                        diags.error(
-                            value.span(),
-                            format!("{} must be at most 100%, not {t}", field.what()),
-                            hint,
-                        );
+                        diags.error(value.span(), format!("{} must be at most 100%, not {t}", field.what()), hint);
                         return default;
                     }
                     Err(_) => {}
@@ -808,79 +616,49 @@ fn quantity(
             } else {
                 hint.to_string()
             };
-            diags.error(
-                value.span(),
-                format!("{} is not a count or a percentage ({text:?})", field.what()),
-                hint,
-            );
+            diags.error(value.span(), format!("{} is not a count or a percentage ({text:?})", field.what()), hint);
             default
         }
     }
 }
 
-fn status_range(
-    value: Option<&Spanned<RawIntOrString>>,
-    field: Field<'_>,
-    diags: &mut Diags,
-) -> StatusRange {
+fn status_range(value: Option<&Spanned<RawIntOrString>>, field: Field<'_>, diags: &mut Diags) -> StatusRange {
     let default = DEFAULT_EXPECT_STATUS;
     let Some(value) = value else { return default };
-    let hint =
-        "use one status (200) or an inclusive range of statuses (\"200-399\"), between 100 and 599";
+    let hint = "use one status (200) or an inclusive range of statuses (\"200-399\"), between 100 and 599";
     let valid = |n: i64| (100..=599).contains(&n);
     let range = match value.get_ref() {
         RawIntOrString::Int(n) => Some((*n, *n)),
         RawIntOrString::Text(text) => {
             let t = text.trim();
             match t.split_once('-') {
-                Some((a, b)) => a
-                    .trim()
-                    .parse::<i64>()
-                    .ok()
-                    .zip(b.trim().parse::<i64>().ok()),
+                Some((a, b)) => a.trim().parse::<i64>().ok().zip(b.trim().parse::<i64>().ok()),
                 None => t.parse::<i64>().ok().map(|n| (n, n)),
             }
         }
     };
     match range {
-        Some((min, max)) if valid(min) && valid(max) && min <= max => StatusRange {
-            min: min as u16,
-            max: max as u16,
-        },
+        Some((min, max)) if valid(min) && valid(max) && min <= max => StatusRange { min: min as u16, max: max as u16 },
         Some((min, max)) if valid(min) && valid(max) => {
             diags.error(
                 value.span(),
-                format!(
-                    "{} is an empty range: {min} is greater than {max}",
-                    field.what()
-                ),
+                format!("{} is an empty range: {min} is greater than {max}", field.what()),
                 format!("write the smaller status first: \"{max}-{min}\""),
             );
             default
         }
         Some(_) => {
-            diags.error(
-                value.span(),
-                format!("{} must be HTTP statuses between 100 and 599", field.what()),
-                hint,
-            );
+            diags.error(value.span(), format!("{} must be HTTP statuses between 100 and 599", field.what()), hint);
             default
         }
         None => {
-            diags.error(
-                value.span(),
-                format!("{} is not a status or a range of statuses", field.what()),
-                hint,
-            );
+            diags.error(value.span(), format!("{} is not a status or a range of statuses", field.what()), hint);
             default
         }
     }
 }
 
-fn validate_processes(
-    processes: Option<&Spanned<RawMap<Spanned<RawProcess>>>>,
-    diags: &mut Diags,
-) -> Vec<ProcessSpec> {
+fn validate_processes(processes: Option<&Spanned<RawMap<Spanned<RawProcess>>>>, diags: &mut Diags) -> Vec<ProcessSpec> {
     // No processes at all was reported by the walk.
     let Some(processes) = processes else {
         return Vec::new();
@@ -940,9 +718,7 @@ fn validate_process(
             "worker" => Some(ProcessKind::Worker),
             "singleton" => Some(ProcessKind::Singleton),
             other => {
-                let mean = did_you_mean(other, &KINDS)
-                    .map(|k| format!("did you mean `{k}`? "))
-                    .unwrap_or_default();
+                let mean = did_you_mean(other, &KINDS).map(|k| format!("did you mean `{k}`? ")).unwrap_or_default();
                 diags.error(
                     kind.span(),
                     format!("unknown kind {other:?} in [{path}]"),
@@ -956,10 +732,7 @@ fn validate_process(
     };
 
     // A missing command was reported by the walk.
-    let command_value = raw
-        .command
-        .as_ref()
-        .and_then(|c| command(c, f("command"), diags));
+    let command_value = raw.command.as_ref().and_then(|c| command(c, f("command"), diags));
 
     let mut count_value = count(raw.count.as_ref(), f("count"), 0, DEFAULT_COUNT, diags);
     if kind == Some(ProcessKind::Singleton) && count_value > 1 {
@@ -980,36 +753,17 @@ fn validate_process(
             diags.error(
                 s.span(),
                 format!("unknown `stop_signal` {:?} in [{path}]", s.get_ref()),
-                format!(
-                    "use one of {} (the SIG prefix is optional)",
-                    names.join(", ")
-                ),
+                format!("use one of {} (the SIG prefix is optional)", names.join(", ")),
             );
             DEFAULT_STOP_SIGNAL
         }),
     };
 
-    let stop_timeout = duration(
-        raw.stop_timeout.as_ref(),
-        f("stop_timeout"),
-        Min::Positive,
-        DEFAULT_STOP_TIMEOUT,
-        diags,
-    );
-    let drain_timeout = duration(
-        raw.drain_timeout.as_ref(),
-        f("drain_timeout"),
-        Min::Zero,
-        DEFAULT_DRAIN_TIMEOUT,
-        diags,
-    );
-    let ready_after = duration(
-        raw.ready_after.as_ref(),
-        f("ready_after"),
-        Min::Zero,
-        DEFAULT_READY_AFTER,
-        diags,
-    );
+    let stop_timeout =
+        duration(raw.stop_timeout.as_ref(), f("stop_timeout"), Min::Positive, DEFAULT_STOP_TIMEOUT, diags);
+    let drain_timeout =
+        duration(raw.drain_timeout.as_ref(), f("drain_timeout"), Min::Zero, DEFAULT_DRAIN_TIMEOUT, diags);
+    let ready_after = duration(raw.ready_after.as_ref(), f("ready_after"), Min::Zero, DEFAULT_READY_AFTER, diags);
     let is_web = kind == Some(ProcessKind::Web);
     let not_web = matches!(kind, Some(ProcessKind::Worker | ProcessKind::Singleton));
     if let (true, Some(d)) = (not_web, &raw.drain_timeout) {
@@ -1027,11 +781,7 @@ fn validate_process(
         );
     }
 
-    let env = raw
-        .env
-        .as_ref()
-        .map(|e| validate_env(e, &format!("{path}.env"), diags))
-        .unwrap_or_default();
+    let env = raw.env.as_ref().map(|e| validate_env(e, &format!("{path}.env"), diags)).unwrap_or_default();
 
     let health_path = format!("{path}.health");
     let health = match (&raw.health, kind) {
@@ -1045,11 +795,7 @@ fn validate_process(
             );
             None
         }
-        (h, Some(ProcessKind::Web)) => Some(validate_health(
-            h.as_ref().map(|h| h.get_ref()),
-            &health_path,
-            diags,
-        )),
+        (h, Some(ProcessKind::Web)) => Some(validate_health(h.as_ref().map(|h| h.get_ref()), &health_path, diags)),
         _ => None,
     };
 
@@ -1058,9 +804,7 @@ fn validate_process(
     let rollout = validate_rollout(raw_rollout, &rollout_path, kind, count_value, diags);
 
     // Cross-field rules: a new instance must be able to pass in time.
-    let health_timeout_span = raw_rollout
-        .and_then(|r| r.health_timeout.as_ref())
-        .map(|h| h.span());
+    let health_timeout_span = raw_rollout.and_then(|r| r.health_timeout.as_ref()).map(|h| h.span());
     if let Some(h) = &health {
         let needed = h.interval.saturating_mul(h.healthy_threshold);
         if needed > rollout.health_timeout || h.timeout > rollout.health_timeout {
@@ -1079,13 +823,7 @@ fn validate_process(
                     needed,
                 )
             } else {
-                (
-                    format!(
-                        "one health check timing out ({})",
-                        format_duration(h.timeout)
-                    ),
-                    h.timeout,
-                )
+                (format!("one health check timing out ({})", format_duration(h.timeout)), h.timeout)
             };
             diags.error(
                 span,
@@ -1115,11 +853,7 @@ fn validate_process(
         );
     }
 
-    let restart = validate_restart(
-        raw.restart.as_ref().map(|r| r.get_ref()),
-        &format!("{path}.restart"),
-        diags,
-    );
+    let restart = validate_restart(raw.restart.as_ref().map(|r| r.get_ref()), &format!("{path}.restart"), diags);
 
     Some(ProcessSpec {
         name: process_name?,
@@ -1146,15 +880,8 @@ fn validate_health(raw: Option<&RawHealth>, path: &str, diags: &mut Diags) -> He
         Some(p) => {
             let v = p.get_ref();
             if !v.starts_with('/') || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                let fixed: String = v
-                    .chars()
-                    .filter(|c| !c.is_whitespace() && !c.is_control())
-                    .collect();
-                let fixed = if fixed.starts_with('/') {
-                    fixed
-                } else {
-                    format!("/{fixed}")
-                };
+                let fixed: String = v.chars().filter(|c| !c.is_whitespace() && !c.is_control()).collect();
+                let fixed = if fixed.starts_with('/') { fixed } else { format!("/{fixed}") };
                 diags.error(
                     p.span(),
                     format!("`path` in [{path}] must be a URL path starting with '/', without spaces ({v:?})"),
@@ -1168,20 +895,8 @@ fn validate_health(raw: Option<&RawHealth>, path: &str, diags: &mut Diags) -> He
     };
     HealthCheck {
         path: health_path,
-        interval: duration(
-            raw.interval.as_ref(),
-            f("interval"),
-            Min::Positive,
-            DEFAULT_HEALTH_INTERVAL,
-            diags,
-        ),
-        timeout: duration(
-            raw.timeout.as_ref(),
-            f("timeout"),
-            Min::Positive,
-            DEFAULT_HEALTH_TIMEOUT,
-            diags,
-        ),
+        interval: duration(raw.interval.as_ref(), f("interval"), Min::Positive, DEFAULT_HEALTH_INTERVAL, diags),
+        timeout: duration(raw.timeout.as_ref(), f("timeout"), Min::Positive, DEFAULT_HEALTH_TIMEOUT, diags),
         healthy_threshold: count(
             raw.healthy_threshold.as_ref(),
             f("healthy_threshold"),
@@ -1212,20 +927,12 @@ fn validate_rollout(
     let raw = raw.unwrap_or(&default);
     let singleton = kind == Some(ProcessKind::Singleton);
     let (surge_default, unavailable_default) = if singleton {
-        (
-            DEFAULT_SINGLETON_MAX_SURGE,
-            DEFAULT_SINGLETON_MAX_UNAVAILABLE,
-        )
+        (DEFAULT_SINGLETON_MAX_SURGE, DEFAULT_SINGLETON_MAX_UNAVAILABLE)
     } else {
         (DEFAULT_MAX_SURGE, DEFAULT_MAX_UNAVAILABLE)
     };
     let mut max_surge = quantity(raw.max_surge.as_ref(), f("max_surge"), surge_default, diags);
-    let max_unavailable = quantity(
-        raw.max_unavailable.as_ref(),
-        f("max_unavailable"),
-        unavailable_default,
-        diags,
-    );
+    let max_unavailable = quantity(raw.max_unavailable.as_ref(), f("max_unavailable"), unavailable_default, diags);
     let health_timeout = duration(
         raw.health_timeout.as_ref(),
         f("health_timeout"),
@@ -1241,24 +948,20 @@ fn validate_rollout(
         if let Some(s) = &raw.max_surge {
             diags.error(
                 s.span(),
-                format!("`max_surge` in [{path}] must be 0: a singleton never runs two instances, even during a rollout"),
+                format!(
+                    "`max_surge` in [{path}] must be 0: a singleton never runs two instances, even during a rollout"
+                ),
                 "remove max_surge; a singleton is replaced by stopping the old instance before starting the new one",
             );
         }
         max_surge = DEFAULT_SINGLETON_MAX_SURGE;
     }
     if max_surge.resolve(of, true) == 0 && max_unavailable.resolve(of, false) == 0 {
-        let span = raw
-            .max_unavailable
-            .as_ref()
-            .or(raw.max_surge.as_ref())
-            .map(|s| s.span());
+        let span = raw.max_unavailable.as_ref().or(raw.max_surge.as_ref()).map(|s| s.span());
         let hint = if singleton {
-            "a singleton is stopped before it is replaced: set max_unavailable = 1 (or remove it)"
-                .to_string()
+            "a singleton is stopped before it is replaced: set max_unavailable = 1 (or remove it)".to_string()
         } else {
-            "allow one extra instance (max_surge = 1) or one missing instance (max_unavailable = 1)"
-                .to_string()
+            "allow one extra instance (max_surge = 1) or one missing instance (max_unavailable = 1)".to_string()
         };
         let message = format!(
             "`max_surge` and `max_unavailable` in [{path}] both resolve to 0 with count = {of}: a rollout could never replace an instance"
@@ -1268,37 +971,18 @@ fn validate_rollout(
             None => diags.error_unlocated(message, hint),
         }
     }
-    Rollout {
-        max_surge,
-        max_unavailable,
-        health_timeout,
-    }
+    Rollout { max_surge, max_unavailable, health_timeout }
 }
 
 fn validate_restart(raw: Option<&RawRestart>, path: &str, diags: &mut Diags) -> RestartPolicy {
     let f = |key| Field::new(path, key);
     let default = RawRestart::default();
     let raw = raw.unwrap_or(&default);
-    let backoff_initial = duration(
-        raw.backoff_initial.as_ref(),
-        f("backoff_initial"),
-        Min::Positive,
-        DEFAULT_BACKOFF_INITIAL,
-        diags,
-    );
-    let backoff_max = duration(
-        raw.backoff_max.as_ref(),
-        f("backoff_max"),
-        Min::Positive,
-        DEFAULT_BACKOFF_MAX,
-        diags,
-    );
+    let backoff_initial =
+        duration(raw.backoff_initial.as_ref(), f("backoff_initial"), Min::Positive, DEFAULT_BACKOFF_INITIAL, diags);
+    let backoff_max = duration(raw.backoff_max.as_ref(), f("backoff_max"), Min::Positive, DEFAULT_BACKOFF_MAX, diags);
     if backoff_max < backoff_initial {
-        let span = raw
-            .backoff_max
-            .as_ref()
-            .or(raw.backoff_initial.as_ref())
-            .map(|s| s.span());
+        let span = raw.backoff_max.as_ref().or(raw.backoff_initial.as_ref()).map(|s| s.span());
         let message = format!(
             "`backoff_max` in [{path}] ({}) is shorter than `backoff_initial` ({})",
             format_duration(backoff_max),
@@ -1313,13 +997,7 @@ fn validate_restart(raw: Option<&RawRestart>, path: &str, diags: &mut Diags) -> 
     RestartPolicy {
         backoff_initial,
         backoff_max,
-        reset_after: duration(
-            raw.reset_after.as_ref(),
-            f("reset_after"),
-            Min::Positive,
-            DEFAULT_RESET_AFTER,
-            diags,
-        ),
+        reset_after: duration(raw.reset_after.as_ref(), f("reset_after"), Min::Positive, DEFAULT_RESET_AFTER, diags),
         crash_loop_after: count(
             raw.crash_loop_after.as_ref(),
             f("crash_loop_after"),
@@ -1346,11 +1024,7 @@ fn validate_release(
         for item in list.get_ref() {
             let n = item.get_ref().as_str();
             if seen.contains(&n) {
-                diags.error(
-                    item.span(),
-                    format!("`order` in [release] names `{n}` twice"),
-                    "remove the second one",
-                );
+                diags.error(item.span(), format!("`order` in [release] names `{n}` twice"), "remove the second one");
                 continue;
             }
             seen.push(n);
@@ -1360,9 +1034,7 @@ fn validate_release(
                     order.push(p.name.clone());
                 }
             } else {
-                let mean = did_you_mean(n, declared)
-                    .map(|d| format!("did you mean `{d}`? "))
-                    .unwrap_or_default();
+                let mean = did_you_mean(n, declared).map(|d| format!("did you mean `{d}`? ")).unwrap_or_default();
                 diags.error(
                     item.span(),
                     format!("`order` in [release] names {n:?}, which is not a process"),
@@ -1372,16 +1044,8 @@ fn validate_release(
         }
     }
     ReleaseSpec {
-        tasks: raw
-            .tasks
-            .as_ref()
-            .map(|t| commands(t, f("tasks"), diags))
-            .unwrap_or_default(),
-        post_tasks: raw
-            .post_tasks
-            .as_ref()
-            .map(|t| commands(t, f("post_tasks"), diags))
-            .unwrap_or_default(),
+        tasks: raw.tasks.as_ref().map(|t| commands(t, f("tasks"), diags)).unwrap_or_default(),
+        post_tasks: raw.post_tasks.as_ref().map(|t| commands(t, f("post_tasks"), diags)).unwrap_or_default(),
         task_timeout: duration(
             raw.task_timeout.as_ref(),
             f("task_timeout"),

@@ -19,11 +19,7 @@ type Value<'i> = Spanned<DeValue<'i>>;
 
 /// Walks a whole document.
 pub(crate) fn walk(root: &Spanned<DeTable<'_>>, diags: &mut Diags) -> RawSpec {
-    let t = Table {
-        entries: root.get_ref(),
-        span: root.span(),
-        path: String::new(),
-    };
+    let t = Table { entries: root.get_ref(), span: root.span(), path: String::new() };
     t.check_keys(field_names::<RawSpec>(), diags);
     // An `app` inside a table (written after a [table] header) is
     // reported as an unknown key there, with a hint; not twice.
@@ -39,21 +35,11 @@ pub(crate) fn walk(root: &Spanned<DeTable<'_>>, diags: &mut Diags) -> RawSpec {
     }
     RawSpec {
         app: t.string("app", "app = \"blog\"", diags),
-        build: t.string_list(
-            "build",
-            "build = [\"pip install -r requirements.txt\"]",
-            diags,
-        ),
+        build: t.string_list("build", "build = [\"pip install -r requirements.txt\"]", diags),
         env: t.env_map("env", diags),
-        proxy: t
-            .table("proxy", "listen = \"127.0.0.1:8080\"", diags)
-            .map(|p| p.map(walk_proxy, diags)),
+        proxy: t.table("proxy", "listen = \"127.0.0.1:8080\"", diags).map(|p| p.map(walk_proxy, diags)),
         release: t
-            .table(
-                "release",
-                "tasks = [\"python manage.py migrate --noinput\"]",
-                diags,
-            )
+            .table("release", "tasks = [\"python manage.py migrate --noinput\"]", diags)
             .map(|r| r.map(walk_release, diags)),
         processes: walk_processes(&t, diags),
     }
@@ -66,25 +52,10 @@ fn walk_proxy(t: &Table<'_, '_>, diags: &mut Diags) -> RawProxy {
         listen: t.string("listen", "listen = \"127.0.0.1:8080\"", diags),
         https_listen: t.string("https_listen", "https_listen = \"0.0.0.0:443\"", diags),
         redirect_http: t.boolean("redirect_http", "redirect_http = true", diags),
-        max_header_bytes: t.int_or_string(
-            "max_header_bytes",
-            size,
-            "max_header_bytes = \"64KiB\"",
-            diags,
-        ),
+        max_header_bytes: t.int_or_string("max_header_bytes", size, "max_header_bytes = \"64KiB\"", diags),
         max_headers: t.integer("max_headers", "max_headers = 100", diags),
-        max_request_line: t.int_or_string(
-            "max_request_line",
-            size,
-            "max_request_line = \"8KiB\"",
-            diags,
-        ),
-        max_body_bytes: t.int_or_string(
-            "max_body_bytes",
-            size,
-            "max_body_bytes = \"100MiB\"",
-            diags,
-        ),
+        max_request_line: t.int_or_string("max_request_line", size, "max_request_line = \"8KiB\"", diags),
+        max_body_bytes: t.int_or_string("max_body_bytes", size, "max_body_bytes = \"100MiB\"", diags),
         header_timeout: t.duration("header_timeout", diags),
         idle_timeout: t.duration("idle_timeout", diags),
         upstream_timeout: t.duration("upstream_timeout", diags),
@@ -112,10 +83,7 @@ fn walk_tls(t: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<Vec<Spanned<
         other => {
             diags.error(
                 value.span(),
-                format!(
-                    "`tls` in [proxy] must be a list of tables, not {}",
-                    describe(other)
-                ),
+                format!("`tls` in [proxy] must be a list of tables, not {}", describe(other)),
                 format!("write one table per certificate:\n{TLS_EXAMPLE}"),
             );
             return Some(Spanned::new(value.span(), Vec::new()));
@@ -125,19 +93,12 @@ fn walk_tls(t: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<Vec<Spanned<
     for item in items.iter() {
         match item.get_ref() {
             DeValue::Table(entries) => {
-                let tls = Table {
-                    entries,
-                    span: item.span(),
-                    path: t.child("tls"),
-                };
+                let tls = Table { entries, span: item.span(), path: t.child("tls") };
                 out.push(tls.map(walk_tls_entry, diags));
             }
             other => diags.error(
                 item.span(),
-                format!(
-                    "`tls` in [proxy] must contain only tables, not {}",
-                    describe(other)
-                ),
+                format!("`tls` in [proxy] must contain only tables, not {}", describe(other)),
                 format!("write one table per certificate:\n{TLS_EXAMPLE}"),
             ),
         }
@@ -166,65 +127,36 @@ fn walk_tls_entry(t: &Table<'_, '_>, diags: &mut Diags) -> RawTls {
 fn walk_release(t: &Table<'_, '_>, diags: &mut Diags) -> RawRelease {
     t.check_keys(field_names::<RawRelease>(), diags);
     RawRelease {
-        tasks: t.string_list(
-            "tasks",
-            "tasks = [\"python manage.py migrate --noinput\"]",
-            diags,
-        ),
-        post_tasks: t.string_list(
-            "post_tasks",
-            "post_tasks = [\"python manage.py clearsessions\"]",
-            diags,
-        ),
+        tasks: t.string_list("tasks", "tasks = [\"python manage.py migrate --noinput\"]", diags),
+        post_tasks: t.string_list("post_tasks", "post_tasks = [\"python manage.py clearsessions\"]", diags),
         task_timeout: t.duration("task_timeout", diags),
         retain_releases: t.integer("retain_releases", "retain_releases = 5", diags),
         order: t.string_list("order", "order = [\"web\", \"worker\"]", diags),
     }
 }
 
-fn walk_processes(
-    root: &Table<'_, '_>,
-    diags: &mut Diags,
-) -> Option<Spanned<RawMap<Spanned<RawProcess>>>> {
+fn walk_processes(root: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<RawMap<Spanned<RawProcess>>>> {
     let example = "[processes.web]\ncommand = \"gunicorn blog.wsgi --bind 127.0.0.1:$PORT\"";
     let none = "no processes: nonstop.toml must define at least one [processes.NAME]";
     if root.get("processes").is_none() {
-        diags.error(
-            root.span.clone(),
-            none,
-            format!("add one, for example:\n{example}"),
-        );
+        diags.error(root.span.clone(), none, format!("add one, for example:\n{example}"));
         return None;
     }
     let processes = root.table("processes", example, diags)?;
     if processes.entries.is_empty() {
-        diags.error(
-            processes.span.clone(),
-            none,
-            format!("add one, for example:\n{example}"),
-        );
+        diags.error(processes.span.clone(), none, format!("add one, for example:\n{example}"));
     }
     let mut entries = Vec::new();
     for (key, value) in processes.entries.iter() {
         let name = Spanned::new(key.span(), key.get_ref().to_string());
         match value.get_ref() {
             DeValue::Table(entries_of) => {
-                let t = Table {
-                    entries: entries_of,
-                    span: value.span(),
-                    path: processes.child(key.get_ref()),
-                };
-                entries.push((
-                    name,
-                    Spanned::new(value.span(), walk_process(key.get_ref(), &t, diags)),
-                ));
+                let t = Table { entries: entries_of, span: value.span(), path: processes.child(key.get_ref()) };
+                entries.push((name, Spanned::new(value.span(), walk_process(key.get_ref(), &t, diags))));
             }
             DeValue::String(command) => diags.error(
                 value.span(),
-                format!(
-                    "{} must be a table, not a string",
-                    processes.describe_key(key.get_ref())
-                ),
+                format!("{} must be a table, not a string", processes.describe_key(key.get_ref())),
                 format!(
                     "write it as a table:\n[{}]\ncommand = {}",
                     processes.child(key.get_ref()),
@@ -233,15 +165,8 @@ fn walk_processes(
             ),
             other => diags.error(
                 value.span(),
-                format!(
-                    "{} must be a table, not {}",
-                    processes.describe_key(key.get_ref()),
-                    describe(other)
-                ),
-                format!(
-                    "write it as a table:\n[{}]\ncommand = \"...\"",
-                    processes.child(key.get_ref())
-                ),
+                format!("{} must be a table, not {}", processes.describe_key(key.get_ref()), describe(other)),
+                format!("write it as a table:\n[{}]\ncommand = \"...\"", processes.child(key.get_ref())),
             ),
         }
     }
@@ -259,20 +184,12 @@ fn walk_process(name: &str, t: &Table<'_, '_>, diags: &mut Diags) -> RawProcess 
             format!("missing `command` in {}", t.display()),
             format!(
                 "add the shell command that starts it, for example: command = \"{}\"",
-                if web {
-                    "gunicorn blog.wsgi --bind 127.0.0.1:$PORT"
-                } else {
-                    "celery -A blog worker"
-                }
+                if web { "gunicorn blog.wsgi --bind 127.0.0.1:$PORT" } else { "celery -A blog worker" }
             ),
         );
     }
     RawProcess {
-        command: t.string(
-            "command",
-            "command = \"gunicorn blog.wsgi --bind 127.0.0.1:$PORT\"",
-            diags,
-        ),
+        command: t.string("command", "command = \"gunicorn blog.wsgi --bind 127.0.0.1:$PORT\"", diags),
         kind: t.string("kind", "kind = \"worker\"", diags),
         count: t.integer("count", "count = 2", diags),
         stop_signal: t.string("stop_signal", "stop_signal = \"SIGTERM\"", diags),
@@ -280,15 +197,9 @@ fn walk_process(name: &str, t: &Table<'_, '_>, diags: &mut Diags) -> RawProcess 
         drain_timeout: t.duration("drain_timeout", diags),
         ready_after: t.duration("ready_after", diags),
         env: t.env_map("env", diags),
-        health: t
-            .table("health", "path = \"/health/\"", diags)
-            .map(|h| h.map(walk_health, diags)),
-        rollout: t
-            .table("rollout", "max_surge = 1", diags)
-            .map(|r| r.map(walk_rollout, diags)),
-        restart: t
-            .table("restart", "crash_loop_after = 5", diags)
-            .map(|r| r.map(walk_restart, diags)),
+        health: t.table("health", "path = \"/health/\"", diags).map(|h| h.map(walk_health, diags)),
+        rollout: t.table("rollout", "max_surge = 1", diags).map(|r| r.map(walk_rollout, diags)),
+        restart: t.table("restart", "crash_loop_after = 5", diags).map(|r| r.map(walk_restart, diags)),
     }
 }
 
@@ -314,12 +225,7 @@ fn walk_rollout(t: &Table<'_, '_>, diags: &mut Diags) -> RawRollout {
     let quantity = "a count (1) or a percentage (\"25%\")";
     RawRollout {
         max_surge: t.int_or_string("max_surge", quantity, "max_surge = 1", diags),
-        max_unavailable: t.int_or_string(
-            "max_unavailable",
-            quantity,
-            "max_unavailable = \"25%\"",
-            diags,
-        ),
+        max_unavailable: t.int_or_string("max_unavailable", quantity, "max_unavailable = \"25%\"", diags),
         health_timeout: t.duration("health_timeout", diags),
     }
 }
@@ -344,11 +250,7 @@ struct Table<'a, 'i> {
 
 impl<'a, 'i> Table<'a, 'i> {
     /// Walks this table into a raw type, keeping its location.
-    fn map<T>(
-        self,
-        walk: impl FnOnce(&Table<'_, '_>, &mut Diags) -> T,
-        diags: &mut Diags,
-    ) -> Spanned<T> {
+    fn map<T>(self, walk: impl FnOnce(&Table<'_, '_>, &mut Diags) -> T, diags: &mut Diags) -> Spanned<T> {
         Spanned::new(self.span.clone(), walk(&self, diags))
     }
 
@@ -379,10 +281,7 @@ impl<'a, 'i> Table<'a, 'i> {
     }
 
     fn get(&self, key: &str) -> Option<&'a Value<'i>> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k.get_ref() == key)
-            .map(|(_, v)| v)
+        self.entries.iter().find(|(k, _)| k.get_ref() == key).map(|(_, v)| v)
     }
 
     /// Is one of the unknown keys a misspelling of `key`?
@@ -412,31 +311,16 @@ impl<'a, 'i> Table<'a, 'i> {
             let message = if self.path.is_empty() {
                 format!("unknown key `{}` at the top level", display_key(key_str))
             } else {
-                format!(
-                    "unknown key `{}` in {}",
-                    display_key(key_str),
-                    self.display()
-                )
+                format!("unknown key `{}` in {}", display_key(key_str), self.display())
             };
             diags.error(key.span(), message, hint);
         }
     }
 
-    fn type_error(
-        &self,
-        key: &str,
-        value: &Value<'_>,
-        expected: &str,
-        example: &str,
-        diags: &mut Diags,
-    ) {
+    fn type_error(&self, key: &str, value: &Value<'_>, expected: &str, example: &str, diags: &mut Diags) {
         diags.error(
             value.span(),
-            format!(
-                "{} must be {expected}, not {}",
-                self.describe_key(key),
-                describe(value.get_ref())
-            ),
+            format!("{} must be {expected}, not {}", self.describe_key(key), describe(value.get_ref())),
             format!("for example: {example}"),
         );
     }
@@ -478,10 +362,7 @@ impl<'a, 'i> Table<'a, 'i> {
             DeValue::String(s) if s.trim().parse::<i64>().is_ok() => {
                 diags.error(
                     value.span(),
-                    format!(
-                        "{} must be an integer, not a string",
-                        self.describe_key(key)
-                    ),
+                    format!("{} must be an integer, not a string", self.describe_key(key)),
                     format!("remove the quotes: {} = {}", display_key(key), s.trim()),
                 );
                 None
@@ -498,9 +379,7 @@ impl<'a, 'i> Table<'a, 'i> {
         match value.get_ref() {
             DeValue::Integer(_) => integer_value(value, &self.describe_key(key), diags)
                 .map(|i| Spanned::new(i.span(), RawDuration::Seconds(*i.get_ref()))),
-            DeValue::String(s) => {
-                Some(Spanned::new(value.span(), RawDuration::Text(s.to_string())))
-            }
+            DeValue::String(s) => Some(Spanned::new(value.span(), RawDuration::Text(s.to_string()))),
             DeValue::Float(f) => {
                 diags.error(
                     value.span(),
@@ -516,11 +395,7 @@ impl<'a, 'i> Table<'a, 'i> {
             other => {
                 diags.error(
                     value.span(),
-                    format!(
-                        "{} must be a duration, not {}",
-                        self.describe_key(key),
-                        describe(other)
-                    ),
+                    format!("{} must be a duration, not {}", self.describe_key(key), describe(other)),
                     format!("durations are {DURATION_FORMS}"),
                 );
                 None
@@ -539,10 +414,7 @@ impl<'a, 'i> Table<'a, 'i> {
         match value.get_ref() {
             DeValue::Integer(_) => integer_value(value, &self.describe_key(key), diags)
                 .map(|i| Spanned::new(i.span(), RawIntOrString::Int(*i.get_ref()))),
-            DeValue::String(s) => Some(Spanned::new(
-                value.span(),
-                RawIntOrString::Text(s.to_string()),
-            )),
+            DeValue::String(s) => Some(Spanned::new(value.span(), RawIntOrString::Text(s.to_string()))),
             _ => {
                 self.type_error(key, value, expected, example, diags);
                 None
@@ -550,30 +422,15 @@ impl<'a, 'i> Table<'a, 'i> {
         }
     }
 
-    fn string_list(
-        &self,
-        key: &str,
-        example: &str,
-        diags: &mut Diags,
-    ) -> Option<Spanned<Vec<Spanned<String>>>> {
+    fn string_list(&self, key: &str, example: &str, diags: &mut Diags) -> Option<Spanned<Vec<Spanned<String>>>> {
         let value = self.get(key)?;
         match value.get_ref() {
-            DeValue::Array(items) => Some(Spanned::new(
-                value.span(),
-                self.strings_in(key, items, diags),
-            )),
+            DeValue::Array(items) => Some(Spanned::new(value.span(), self.strings_in(key, items, diags))),
             DeValue::String(s) => {
                 diags.error(
                     value.span(),
-                    format!(
-                        "{} must be a list of strings, not a string",
-                        self.describe_key(key)
-                    ),
-                    format!(
-                        "put it in a list: {} = [{}]",
-                        display_key(key),
-                        toml_quote(s)
-                    ),
+                    format!("{} must be a list of strings, not a string", self.describe_key(key)),
+                    format!("put it in a list: {} = [{}]", display_key(key), toml_quote(s)),
                 );
                 None
             }
@@ -584,23 +441,14 @@ impl<'a, 'i> Table<'a, 'i> {
         }
     }
 
-    fn strings_in(
-        &self,
-        key: &str,
-        items: &DeArray<'_>,
-        diags: &mut Diags,
-    ) -> Vec<Spanned<String>> {
+    fn strings_in(&self, key: &str, items: &DeArray<'_>, diags: &mut Diags) -> Vec<Spanned<String>> {
         let mut out = Vec::new();
         for item in items.iter() {
             match item.get_ref() {
                 DeValue::String(s) => out.push(Spanned::new(item.span(), s.to_string())),
                 other => diags.error(
                     item.span(),
-                    format!(
-                        "{} must contain only strings, not {}",
-                        self.describe_key(key),
-                        describe(other)
-                    ),
+                    format!("{} must contain only strings, not {}", self.describe_key(key), describe(other)),
                     "quote each item: [\"first\", \"second\"]",
                 ),
             }
@@ -612,19 +460,11 @@ impl<'a, 'i> Table<'a, 'i> {
     fn table(&self, key: &str, example: &str, diags: &mut Diags) -> Option<Table<'a, 'i>> {
         let value = self.get(key)?;
         match value.get_ref() {
-            DeValue::Table(entries) => Some(Table {
-                entries,
-                span: value.span(),
-                path: self.child(key),
-            }),
+            DeValue::Table(entries) => Some(Table { entries, span: value.span(), path: self.child(key) }),
             other => {
                 diags.error(
                     value.span(),
-                    format!(
-                        "{} must be a table, not {}",
-                        self.describe_key(key),
-                        describe(other)
-                    ),
+                    format!("{} must be a table, not {}", self.describe_key(key), describe(other)),
                     if example.starts_with('[') {
                         format!("write it as a table:\n{example}")
                     } else {
@@ -650,10 +490,7 @@ impl<'a, 'i> Table<'a, 'i> {
                     Err(_) => {
                         diags.error(
                             value.span(),
-                            format!(
-                                "{} is not a number this platform can represent",
-                                t.describe_key(name.get_ref())
-                            ),
+                            format!("{} is not a number this platform can represent", t.describe_key(name.get_ref())),
                             "quote it to pass it through as written",
                         );
                         None
@@ -682,10 +519,8 @@ impl<'a, 'i> Table<'a, 'i> {
                 }
             };
             if let Some(scalar) = scalar {
-                entries.push((
-                    Spanned::new(name.span(), name.get_ref().to_string()),
-                    Spanned::new(value.span(), scalar),
-                ));
+                entries
+                    .push((Spanned::new(name.span(), name.get_ref().to_string()), Spanned::new(value.span(), scalar)));
             }
         }
         Some(Spanned::new(t.span.clone(), RawMap(entries)))
@@ -729,11 +564,7 @@ pub(crate) fn describe(value: &DeValue<'_>) -> &'static str {
 
 /// A key as it would be written in TOML: bare if possible, else quoted.
 pub(crate) fn display_key(key: &str) -> String {
-    if !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
+    if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
         key.to_string()
     } else {
         toml_quote(key)
@@ -765,15 +596,7 @@ mod tests {
 
     #[test]
     fn quoting_round_trips_through_toml() {
-        for s in [
-            "plain",
-            "with \"quotes\"",
-            "back\\slash",
-            "tab\there",
-            "nl\nx",
-            "bell\u{7}",
-            "$PORT 'x'",
-        ] {
+        for s in ["plain", "with \"quotes\"", "back\\slash", "tab\there", "nl\nx", "bell\u{7}", "$PORT 'x'"] {
             let doc = format!("v = {}", toml_quote(s));
             let (table, errors) = DeTable::parse_recoverable(&doc);
             assert!(errors.is_empty(), "{doc}");

@@ -23,9 +23,13 @@ pub enum StoreError {
     Open { path: PathBuf, source: rusqlite::Error },
     #[error("state database: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error("state database holds a record that cannot be read ({what}): {source}; it was written by a newer nonstop?")]
+    #[error(
+        "state database holds a record that cannot be read ({what}): {source}; it was written by a newer nonstop?"
+    )]
     Decode { what: &'static str, source: serde_json::Error },
-    #[error("state database schema version {found} is newer than this nonstop understands ({supported}); upgrade nonstop")]
+    #[error(
+        "state database schema version {found} is newer than this nonstop understands ({supported}); upgrade nonstop"
+    )]
     TooNew { found: i64, supported: i64 },
 }
 
@@ -429,7 +433,10 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for table in ["apps", "instances", "generations"] {
-            tx.execute(&format!("DELETE FROM {table} WHERE app = ?1 AND environment = ?2"), params![app.as_str(), env.as_str()])?;
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE app = ?1 AND environment = ?2"),
+                params![app.as_str(), env.as_str()],
+            )?;
         }
         tx.commit()?;
         Ok(())
@@ -510,15 +517,16 @@ impl Store {
             "SELECT id, at_ms, kind, instance, message FROM events WHERE app = ?1 AND environment = ?2
              ORDER BY id DESC LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![app.as_str(), env.as_str(), i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-            Ok(EventRecord {
-                id: r.get(0)?,
-                at: from_ms(r.get(1)?),
-                kind: r.get(2)?,
-                instance: r.get(3)?,
-                message: r.get(4)?,
-            })
-        })?;
+        let rows =
+            stmt.query_map(params![app.as_str(), env.as_str(), i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                Ok(EventRecord {
+                    id: r.get(0)?,
+                    at: from_ms(r.get(1)?),
+                    kind: r.get(2)?,
+                    instance: r.get(3)?,
+                    message: r.get(4)?,
+                })
+            })?;
         let mut out = rows.collect::<Result<Vec<_>, _>>()?;
         out.reverse();
         Ok(out)
@@ -639,21 +647,22 @@ impl Store {
             "SELECT id, kind, from_release, to_release, phase_json, status, reason, who, message, started_at_ms, finished_at_ms
              FROM deployments WHERE app = ?1 AND environment = ?2 ORDER BY id DESC LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![app.as_str(), env.as_str(), i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<i64>>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, String>(7)?,
-                r.get::<_, Option<String>>(8)?,
-                r.get::<_, i64>(9)?,
-                r.get::<_, Option<i64>>(10)?,
-            ))
-        })?;
+        let rows =
+            stmt.query_map(params![app.as_str(), env.as_str(), i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, String>(7)?,
+                    r.get::<_, Option<String>>(8)?,
+                    r.get::<_, i64>(9)?,
+                    r.get::<_, Option<i64>>(10)?,
+                ))
+            })?;
         let mut out = Vec::new();
         for row in rows {
             let (id, kind, from, to, phase, status, reason, who, message, started, finished) = row?;
@@ -679,7 +688,9 @@ impl Store {
     /// Apps with a deployment still marked running in this environment.
     pub fn apps_with_running_deployments(&self, env: &EnvironmentId) -> Result<Vec<AppName>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT DISTINCT app FROM deployments WHERE environment = ?1 AND status = 'running' ORDER BY app")?;
+        let mut stmt = conn.prepare(
+            "SELECT DISTINCT app FROM deployments WHERE environment = ?1 AND status = 'running' ORDER BY app",
+        )?;
         let rows = stmt.query_map(params![env.as_str()], |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
         for row in rows {

@@ -6,14 +6,13 @@ use crate::logfile::Stream;
 use crate::logs::{self, LogLine, LogQuery};
 use crate::procinfo;
 use crate::state::{
-    instance_dir_name, read_json, unix_ms_now, ExitRecord, Handshake, InstanceRecord,
-    MonitorParams, EXIT_FILE, MONITOR_LOG, PARAMS_FILE, RECORD_FILE, STAGING_PREFIX,
+    instance_dir_name, read_json, unix_ms_now, ExitRecord, Handshake, InstanceRecord, MonitorParams, EXIT_FILE,
+    MONITOR_LOG, PARAMS_FILE, RECORD_FILE, STAGING_PREFIX,
 };
 use nix::errno::Errno;
 use nix::sys::signal::Signal as NixSignal;
 use nonstop_core::driver::{
-    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Locator, StopOutcome, TaskOutcome,
-    TaskSpec,
+    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Locator, StopOutcome, TaskOutcome, TaskSpec,
 };
 use nonstop_core::ids::{AppName, EnvironmentId, InstanceId};
 use nonstop_core::process::Signal;
@@ -119,26 +118,16 @@ struct Loc {
 impl From<&Locator> for Loc {
     fn from(l: &Locator) -> Self {
         match *l {
-            Locator::Local {
-                pid,
-                start_time,
-                monitor_pid,
-                monitor_start_time,
-            } => Loc {
-                pid,
-                start_time,
-                monitor_pid,
-                monitor_start_time,
-            },
+            Locator::Local { pid, start_time, monitor_pid, monitor_start_time } => {
+                Loc { pid, start_time, monitor_pid, monitor_start_time }
+            }
         }
     }
 }
 
 impl std::fmt::Debug for LocalDriver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalDriver")
-            .field("config", &self.inner.config)
-            .finish_non_exhaustive()
+        f.debug_struct("LocalDriver").field("config", &self.inner.config).finish_non_exhaustive()
     }
 }
 
@@ -154,26 +143,14 @@ impl LocalDriver {
             move |source| SupervisorError::StateDir { path, source }
         };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err(&config.state_dir))?;
-        config.state_dir = config
-            .state_dir
-            .canonicalize()
-            .map_err(state_err(&config.state_dir))?;
+        config.state_dir = config.state_dir.canonicalize().map_err(state_err(&config.state_dir))?;
         let instances_dir = config.state_dir.join("instances");
         let logs_dir = config.state_dir.join("logs");
         for dir in [&instances_dir, &logs_dir] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(state_err(dir))?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(state_err(dir))?;
         }
         Ok(LocalDriver {
-            inner: Arc::new(Inner {
-                config,
-                instances_dir,
-                children: Arc::default(),
-                seq: AtomicU64::new(0),
-            }),
+            inner: Arc::new(Inner { config, instances_dir, children: Arc::default(), seq: AtomicU64::new(0) }),
         })
     }
 
@@ -187,31 +164,18 @@ impl LocalDriver {
     }
 
     /// Where an instance's output goes.
-    pub fn instance_log_path(
-        &self,
-        app: &AppName,
-        environment: &EnvironmentId,
-        instance: &InstanceId,
-    ) -> PathBuf {
-        logs::logs_dir(self.state_dir(), app, environment).join(format!(
-            "{}.{}.{}.log",
-            instance.process, instance.slot, instance.generation
-        ))
+    pub fn instance_log_path(&self, app: &AppName, environment: &EnvironmentId, instance: &InstanceId) -> PathBuf {
+        logs::logs_dir(self.state_dir(), app, environment)
+            .join(format!("{}.{}.{}.log", instance.process, instance.slot, instance.generation))
     }
 
     fn instance_dir(&self, loc: Loc) -> PathBuf {
-        self.inner
-            .instances_dir
-            .join(instance_dir_name(loc.pid, loc.start_time))
+        self.inner.instances_dir.join(instance_dir_name(loc.pid, loc.start_time))
     }
 
     /// The record a monitor wrote for this instance.
     pub fn instance_record(&self, handle: &InstanceHandle) -> Option<InstanceRecord> {
-        read_json(
-            &self
-                .instance_dir(Loc::from(&handle.locator))
-                .join(RECORD_FILE),
-        )
+        read_json(&self.instance_dir(Loc::from(&handle.locator)).join(RECORD_FILE))
     }
 
     /// The exit status recorded by the instance's monitor, if it has exited.
@@ -227,10 +191,7 @@ impl LocalDriver {
     /// started it: lets a restarted daemon find instances it has no record
     /// of (e.g. it died in the middle of a `start`).
     pub fn running(&self) -> Vec<InstanceRecord> {
-        self.records()
-            .into_iter()
-            .filter(|r| procinfo::is_running(r.monitor_pid, r.monitor_start_time))
-            .collect()
+        self.records().into_iter().filter(|r| procinfo::is_running(r.monitor_pid, r.monitor_start_time)).collect()
     }
 
     fn records(&self) -> Vec<InstanceRecord> {
@@ -287,11 +248,7 @@ impl LocalDriver {
     /// The last `query.tail` lines, then new lines as they are written,
     /// until `cancel` fires or the receiver is dropped. Needs a tokio
     /// runtime.
-    pub fn logs_follow(
-        &self,
-        query: LogQuery,
-        cancel: CancellationToken,
-    ) -> mpsc::Receiver<LogLine> {
+    pub fn logs_follow(&self, query: LogQuery, cancel: CancellationToken) -> mpsc::Receiver<LogLine> {
         logs::follow(self.state_dir(), query, cancel)
     }
 
@@ -312,29 +269,18 @@ impl LocalDriver {
     /// Spawn a monitor for `params` and wait for its handshake.
     async fn spawn_monitor(&self, params: &MonitorParams) -> Result<(Loc, PathBuf), String> {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        let staging = self.inner.instances_dir.join(format!(
-            "{STAGING_PREFIX}{}-{seq}-{}",
-            std::process::id(),
-            unix_ms_now()
-        ));
+        let staging =
+            self.inner.instances_dir.join(format!("{STAGING_PREFIX}{}-{seq}-{}", std::process::id(), unix_ms_now()));
         let cleanup = |staging: &Path| {
             let _ = std::fs::remove_dir_all(staging);
         };
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&staging)
-            .map_err(|e| {
-                format!(
-                    "could not create {}: {e}; check the state directory",
-                    staging.display()
-                )
-            })?;
+            .map_err(|e| format!("could not create {}: {e}; check the state directory", staging.display()))?;
         let prepared = (|| -> io::Result<std::fs::File> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(staging.join(PARAMS_FILE))?;
+            let mut f =
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(staging.join(PARAMS_FILE))?;
             f.write_all(&serde_json::to_vec(params).map_err(io::Error::other)?)?;
             f.sync_all()?;
             std::fs::File::create(staging.join(MONITOR_LOG))
@@ -343,10 +289,7 @@ impl LocalDriver {
             Ok(f) => f,
             Err(e) => {
                 cleanup(&staging);
-                return Err(format!(
-                    "could not write to {}: {e}; check the state directory",
-                    staging.display()
-                ));
+                return Err(format!("could not write to {}: {e}; check the state directory", staging.display()));
             }
         };
 
@@ -356,11 +299,7 @@ impl LocalDriver {
         if let Some(path) = std::env::var_os("PATH") {
             command.env("PATH", path);
         }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(monitor_log)
-            .kill_on_drop(false);
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(monitor_log).kill_on_drop(false);
         let mut child = match command.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -374,10 +313,7 @@ impl LocalDriver {
         let monitor_pid = child.id().unwrap_or(0);
         let mut line = String::new();
         let read = match child.stdout.take() {
-            Some(out) => {
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, BufReader::new(out).read_line(&mut line))
-                    .await
-            }
+            Some(out) => tokio::time::timeout(HANDSHAKE_TIMEOUT, BufReader::new(out).read_line(&mut line)).await,
             None => Ok(Ok(0)),
         };
         let handshake = match read {
@@ -385,25 +321,11 @@ impl LocalDriver {
                 .map_err(|e| format!("the monitor sent an unreadable handshake ({e}): {line:?}")),
             Ok(Ok(_)) => Err("the monitor exited without a handshake".to_string()),
             Ok(Err(e)) => Err(format!("could not read the monitor's handshake: {e}")),
-            Err(_) => Err(format!(
-                "the monitor did not answer within {}s",
-                HANDSHAKE_TIMEOUT.as_secs()
-            )),
+            Err(_) => Err(format!("the monitor did not answer within {}s", HANDSHAKE_TIMEOUT.as_secs())),
         };
         match handshake {
-            Ok(Handshake::Started {
-                pid,
-                start_time,
-                monitor_pid: mpid,
-                monitor_start_time,
-                dir,
-            }) => {
-                let loc = Loc {
-                    pid,
-                    start_time,
-                    monitor_pid: mpid,
-                    monitor_start_time,
-                };
+            Ok(Handshake::Started { pid, start_time, monitor_pid: mpid, monitor_start_time, dir }) => {
+                let loc = Loc { pid, start_time, monitor_pid: mpid, monitor_start_time };
                 self.watch_child(loc, child);
                 Ok((loc, dir))
             }
@@ -418,14 +340,7 @@ impl LocalDriver {
                 if let Ok(log) = std::fs::read_to_string(staging.join(MONITOR_LOG)) {
                     let log = log.trim();
                     if !log.is_empty() && !reason.contains(log) {
-                        let tail: String = log
-                            .chars()
-                            .rev()
-                            .take(2000)
-                            .collect::<Vec<_>>()
-                            .into_iter()
-                            .rev()
-                            .collect();
+                        let tail: String = log.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
                         reason = format!("{reason} (monitor pid {monitor_pid} said: {tail})");
                     }
                 }
@@ -495,10 +410,7 @@ impl LocalDriver {
         signal: Signal,
         timeout: Duration,
     ) -> Result<StopOutcome, DriverError> {
-        let stop_err = |reason: String| DriverError::Stop {
-            instance: label.to_string(),
-            reason,
-        };
+        let stop_err = |reason: String| DriverError::Stop { instance: label.to_string(), reason };
         let app_running = procinfo::is_running(loc.pid, loc.start_time);
         if !app_running {
             // Exited on its own: its monitor may still be killing leftovers.
@@ -506,9 +418,7 @@ impl LocalDriver {
             let exited = self.instance_dir(loc).join(EXIT_FILE).exists();
             if exited
                 && procinfo::is_running(loc.monitor_pid, loc.monitor_start_time)
-                && tokio::time::timeout(timeout + KILL_WAIT, self.wait_monitor_gone(loc))
-                    .await
-                    .is_err()
+                && tokio::time::timeout(timeout + KILL_WAIT, self.wait_monitor_gone(loc)).await.is_err()
             {
                 return Err(stop_err(format!(
                     "its monitor (pid {}) is still cleaning up after {}s; check `ps -o pid,stat,wchan:20,cmd -g {}`",
@@ -520,10 +430,7 @@ impl LocalDriver {
             return Ok(StopOutcome::AlreadyGone);
         }
         let not_permitted = |e: Errno| {
-            stop_err(format!(
-                "could not signal process group {}: {e}; is it running as another user?",
-                loc.pid
-            ))
+            stop_err(format!("could not signal process group {}: {e}; is it running as another user?", loc.pid))
         };
         match self.signal_instance(loc, procinfo::to_nix(signal)) {
             Ok(true) => {}
@@ -534,18 +441,11 @@ impl LocalDriver {
             }
             Err(e) => return Err(not_permitted(e)),
         }
-        if tokio::time::timeout(timeout, self.wait_gone(loc))
-            .await
-            .is_ok()
-        {
+        if tokio::time::timeout(timeout, self.wait_gone(loc)).await.is_ok() {
             return Ok(StopOutcome::Graceful);
         }
-        self.signal_instance(loc, NixSignal::SIGKILL)
-            .map_err(not_permitted)?;
-        if tokio::time::timeout(KILL_WAIT, self.wait_gone(loc))
-            .await
-            .is_ok()
-        {
+        self.signal_instance(loc, NixSignal::SIGKILL).map_err(not_permitted)?;
+        if tokio::time::timeout(KILL_WAIT, self.wait_gone(loc)).await.is_ok() {
             return Ok(StopOutcome::Killed);
         }
         Err(stop_err(format!(
@@ -583,44 +483,25 @@ impl LocalDriver {
     /// next free second).
     fn new_task_log(&self, task: &TaskSpec) -> Result<PathBuf, String> {
         let dir = logs::logs_dir(self.state_dir(), &task.app, &task.environment).join("tasks");
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            format!(
-                "could not create {}: {e}; check the state directory",
-                dir.display()
-            )
-        })?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("could not create {}: {e}; check the state directory", dir.display()))?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let name = sanitize_file_name(&task.name);
         for ts in now..now + 1000 {
             let path = dir.join(format!("{name}.{ts}.log"));
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(_) => return Ok(path),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(format!("could not create {}: {e}", path.display())),
             }
         }
-        Err(format!(
-            "could not find a free log file name for task {name} in {}",
-            dir.display()
-        ))
+        Err(format!("could not find a free log file name for task {name} in {}", dir.display()))
     }
 
     async fn run_task_inner(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
-        let task_err = |reason: String| DriverError::Task {
-            name: task.name.clone(),
-            reason,
-        };
+        let task_err = |reason: String| DriverError::Task { name: task.name.clone(), reason };
         if task.name.trim().is_empty() {
-            return Err(task_err(
-                "the task has no name; give it one such as `release-task-1`".to_string(),
-            ));
+            return Err(task_err("the task has no name; give it one such as `release-task-1`".to_string()));
         }
         check_workdir(&task.workdir).map_err(task_err)?;
         let env = app_env(&task.env, None).map_err(task_err)?;
@@ -643,24 +524,15 @@ impl LocalDriver {
         // If this future is dropped (the deploy was cancelled), the task
         // must not run on unobserved.
         let mut guard = KillOnDrop { loc: Some(loc) };
-        let timed_out = tokio::time::timeout(task.timeout, self.wait_gone(loc))
-            .await
-            .is_err();
+        let timed_out = tokio::time::timeout(task.timeout, self.wait_gone(loc)).await.is_err();
         if timed_out {
             let label = format!("task {}", task.name);
-            self.stop_loc(loc, &label, Signal::Term, TASK_TERM_GRACE)
-                .await?;
+            self.stop_loc(loc, &label, Signal::Term, TASK_TERM_GRACE).await?;
         }
         guard.loc = None;
         let status = self.recorded_exit_loc(loc).unwrap_or(ExitStatus::Unknown);
-        let output_tail = logs::last_texts(&log_path, TASK_TAIL_LINES, &[Stream::Out, Stream::Err])
-            .unwrap_or_default();
-        Ok(TaskOutcome {
-            status,
-            timed_out,
-            output_tail,
-            duration: started.elapsed(),
-        })
+        let output_tail = logs::last_texts(&log_path, TASK_TAIL_LINES, &[Stream::Out, Stream::Err]).unwrap_or_default();
+        Ok(TaskOutcome { status, timed_out, output_tail, duration: started.elapsed() })
     }
 }
 
@@ -682,10 +554,9 @@ fn check_workdir(workdir: &Path) -> Result<(), String> {
     match std::fs::metadata(workdir) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(format!("workdir {} is not a directory", workdir.display())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
-            "workdir {} does not exist; check the release directory",
-            workdir.display()
-        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(format!("workdir {} does not exist; check the release directory", workdir.display()))
+        }
         Err(e) => Err(format!("workdir {} is not usable: {e}", workdir.display())),
     }
 }
@@ -695,24 +566,18 @@ fn check_workdir(workdir: &Path) -> Result<(), String> {
 fn app_env(given: &[(String, String)], port: Option<u16>) -> Result<Vec<(String, String)>, String> {
     for (k, v) in given {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(format!(
-                "invalid environment variable name {k:?}: names cannot be empty or contain '='"
-            ));
+            return Err(format!("invalid environment variable name {k:?}: names cannot be empty or contain '='"));
         }
         if v.contains('\0') {
             return Err(format!("environment variable {k} contains a NUL byte"));
         }
     }
-    let mut env: Vec<(String, String)> = given
-        .iter()
-        .filter(|(k, _)| !(port.is_some() && k == "PORT"))
-        .cloned()
-        .collect();
+    let mut env: Vec<(String, String)> =
+        given.iter().filter(|(k, _)| !(port.is_some() && k == "PORT")).cloned().collect();
     for key in ["PATH", "HOME", "LANG", "TERM"] {
         if !env.iter().any(|(k, _)| k == key) {
-            let value = std::env::var(key)
-                .ok()
-                .or_else(|| (key == "PATH").then(|| "/usr/local/bin:/usr/bin:/bin".into()));
+            let value =
+                std::env::var(key).ok().or_else(|| (key == "PATH").then(|| "/usr/local/bin:/usr/bin:/bin".into()));
             if let Some(v) = value {
                 env.push((key.to_string(), v));
             }
@@ -725,16 +590,7 @@ fn app_env(given: &[(String, String)], port: Option<u16>) -> Result<Vec<(String,
 }
 
 fn sanitize_file_name(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(100)
-        .collect()
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') { c } else { '_' }).take(100).collect()
 }
 
 fn free_port() -> io::Result<u16> {
@@ -757,19 +613,13 @@ fn free_port() -> io::Result<u16> {
 impl Driver for LocalDriver {
     async fn start(&self, launch: LaunchSpec) -> Result<InstanceHandle, DriverError> {
         let label = launch.instance.slot_name();
-        let start_err = |reason: String| DriverError::Start {
-            instance: label.clone(),
-            reason,
-        };
+        let start_err = |reason: String| DriverError::Start { instance: label.clone(), reason };
         check_workdir(&launch.workdir).map_err(start_err)?;
-        let port =
-            if launch.wants_port {
-                Some(free_port().map_err(|e| {
-                    start_err(format!("could not find a free port on 127.0.0.1: {e}"))
-                })?)
-            } else {
-                None
-            };
+        let port = if launch.wants_port {
+            Some(free_port().map_err(|e| start_err(format!("could not find a free port on 127.0.0.1: {e}")))?)
+        } else {
+            None
+        };
         let env = app_env(&launch.env, port).map_err(start_err)?;
         let params = MonitorParams {
             app: launch.app.to_string(),
@@ -803,24 +653,16 @@ impl Driver for LocalDriver {
         signal: Signal,
         timeout: Duration,
     ) -> Result<StopOutcome, DriverError> {
-        self.stop_loc(
-            Loc::from(&handle.locator),
-            &handle.instance.slot_name(),
-            signal,
-            timeout,
-        )
-        .await
+        self.stop_loc(Loc::from(&handle.locator), &handle.instance.slot_name(), signal, timeout).await
     }
 
     async fn wait_exit(&self, handle: &InstanceHandle) -> ExitStatus {
-        self.wait_exit_loc(Loc::from(&handle.locator), &handle.instance.to_string())
-            .await
+        self.wait_exit_loc(Loc::from(&handle.locator), &handle.instance.to_string()).await
     }
 
     fn is_alive(&self, handle: &InstanceHandle) -> bool {
         let loc = Loc::from(&handle.locator);
-        procinfo::is_running(loc.pid, loc.start_time)
-            && procinfo::is_running(loc.monitor_pid, loc.monitor_start_time)
+        procinfo::is_running(loc.pid, loc.start_time) && procinfo::is_running(loc.monitor_pid, loc.monitor_start_time)
     }
 
     async fn run_task(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
@@ -853,10 +695,7 @@ mod tests {
 
     #[test]
     fn env_is_exactly_what_was_given_plus_defaults() {
-        let given = vec![
-            ("A".to_string(), "1".to_string()),
-            ("PORT".to_string(), "1".to_string()),
-        ];
+        let given = vec![("A".to_string(), "1".to_string()), ("PORT".to_string(), "1".to_string())];
         let env = app_env(&given, Some(5000)).unwrap();
         assert!(env.contains(&("A".to_string(), "1".to_string())));
         assert!(env.contains(&("PORT".to_string(), "5000".to_string())));

@@ -57,9 +57,7 @@ pub fn timestamp_now() -> String {
 }
 
 pub fn format_ts(t: OffsetDateTime) -> String {
-    t.to_offset(time::UtcOffset::UTC)
-        .format(TS_FORMAT)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".to_string())
+    t.to_offset(time::UtcOffset::UTC).format(TS_FORMAT).unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".to_string())
 }
 
 /// Split one log file line into (timestamp, stream, text).
@@ -252,15 +250,7 @@ mod tests {
     #[test]
     fn splits_lines_across_chunks() {
         let out = split(&[b"hel", b"lo\nwor", b"ld\r\n\nlast"]);
-        assert_eq!(
-            out,
-            vec![
-                b"hello".to_vec(),
-                b"world".to_vec(),
-                b"".to_vec(),
-                b"last".to_vec()
-            ]
-        );
+        assert_eq!(out, vec![b"hello".to_vec(), b"world".to_vec(), b"".to_vec(), b"last".to_vec()]);
     }
 
     #[test]
@@ -280,14 +270,8 @@ mod tests {
         let ts = timestamp_now();
         assert_eq!(ts.len(), TS_LEN, "{ts}");
         let line = format!("{ts} err hello world");
-        assert_eq!(
-            parse_line(&line),
-            Some((ts.as_str(), Stream::Err, "hello world"))
-        );
-        assert_eq!(
-            parse_line(&format!("{ts} out ")),
-            Some((ts.as_str(), Stream::Out, ""))
-        );
+        assert_eq!(parse_line(&line), Some((ts.as_str(), Stream::Err, "hello world")));
+        assert_eq!(parse_line(&format!("{ts} out ")), Some((ts.as_str(), Stream::Out, "")));
         assert_eq!(parse_line("garbage"), None);
     }
 
@@ -297,15 +281,10 @@ mod tests {
         let path = dir.path().join("a/web.1.1.log");
         let mut w = LogWriter::open(&path, 200, 2).unwrap();
         for i in 0..40 {
-            w.write_line(Stream::Out, format!("line {i}").as_bytes())
-                .unwrap();
+            w.write_line(Stream::Out, format!("line {i}").as_bytes()).unwrap();
         }
         w.flush().unwrap();
-        for p in [
-            path.clone(),
-            dir.path().join("a/web.1.1.log.1"),
-            dir.path().join("a/web.1.1.log.2"),
-        ] {
+        for p in [path.clone(), dir.path().join("a/web.1.1.log.1"), dir.path().join("a/web.1.1.log.2")] {
             let len = std::fs::metadata(&p).unwrap().len();
             assert!(len > 0 && len <= 200, "{} is {len} bytes", p.display());
         }

@@ -43,10 +43,7 @@ pub struct LogLine {
 
 /// `<state_dir>/logs/<app>/<environment>`.
 pub fn logs_dir(state_dir: &Path, app: &AppName, environment: &EnvironmentId) -> PathBuf {
-    state_dir
-        .join("logs")
-        .join(app.as_str())
-        .join(environment.as_str())
+    state_dir.join("logs").join(app.as_str()).join(environment.as_str())
 }
 
 /// The files of one instance's log.
@@ -140,12 +137,7 @@ fn list_instance_logs(dir: &Path, process: Option<&ProcessName>) -> io::Result<V
 
 /// The last `n` complete lines (no trailing partial line) of `file` before
 /// byte `end` for which `keep` holds, oldest first.
-fn last_lines(
-    file: &mut File,
-    end: u64,
-    n: usize,
-    keep: &dyn Fn(&str) -> bool,
-) -> io::Result<Vec<String>> {
+fn last_lines(file: &mut File, end: u64, n: usize, keep: &dyn Fn(&str) -> bool) -> io::Result<Vec<String>> {
     if n == 0 || end == 0 {
         return Ok(Vec::new());
     }
@@ -179,10 +171,7 @@ fn complete_lines(buf: &[u8], first_partial: bool, keep: &dyn Fn(&str) -> bool) 
     if first_partial {
         lines.next();
     }
-    lines
-        .map(|l| String::from_utf8_lossy(l).into_owned())
-        .filter(|l| keep(l))
-        .collect()
+    lines.map(|l| String::from_utf8_lossy(l).into_owned()).filter(|l| keep(l)).collect()
 }
 
 fn to_log_line(log: &InstanceLog, line: &str) -> Option<LogLine> {
@@ -198,11 +187,7 @@ fn to_log_line(log: &InstanceLog, line: &str) -> Option<LogLine> {
 
 /// The last `n` lines of one instance, across its rotated files. `active`
 /// is an already open active file and the length to read up to.
-fn instance_tail(
-    log: &InstanceLog,
-    n: usize,
-    active: Option<(&mut File, u64)>,
-) -> io::Result<Vec<LogLine>> {
+fn instance_tail(log: &InstanceLog, n: usize, active: Option<(&mut File, u64)>) -> io::Result<Vec<LogLine>> {
     let parses = |l: &str| parse_line(l).is_some();
     let mut lines: Vec<String> = match active {
         Some((file, end)) => last_lines(file, end, n, &parses)?,
@@ -242,10 +227,7 @@ fn merge_tail(mut lines: Vec<LogLine>, n: usize) -> Vec<LogLine> {
 /// included), sorted by timestamp.
 pub fn tail(state_dir: &Path, query: &LogQuery) -> Result<Vec<LogLine>, SupervisorError> {
     let dir = logs_dir(state_dir, &query.app, &query.environment);
-    let err = |source| SupervisorError::Logs {
-        path: dir.clone(),
-        source,
-    };
+    let err = |source| SupervisorError::Logs { path: dir.clone(), source };
     let mut all = Vec::new();
     if query.tail == 0 {
         return Ok(all);
@@ -283,10 +265,7 @@ pub fn last_texts(active: &Path, n: usize, streams: &[Stream]) -> io::Result<Vec
         older.append(&mut lines);
         lines = older;
     }
-    Ok(lines
-        .iter()
-        .filter_map(|l| parse_line(l).map(|(_, _, t)| t.to_string()))
-        .collect())
+    Ok(lines.iter().filter_map(|l| parse_line(l).map(|(_, _, t)| t.to_string())).collect())
 }
 
 /// An active log file being followed.
@@ -327,10 +306,7 @@ impl Tracked {
             return;
         }
         let mut buf = Vec::new();
-        let Ok(n) = (&mut self.file)
-            .take(FOLLOW_READ_LIMIT)
-            .read_to_end(&mut buf)
-        else {
+        let Ok(n) = (&mut self.file).take(FOLLOW_READ_LIMIT).read_to_end(&mut buf) else {
             return;
         };
         self.pos += n as u64;
@@ -366,15 +342,11 @@ impl Follower {
                 Some(mut t) => {
                     if tail > 0 {
                         let end = t.pos;
-                        lines.extend(
-                            instance_tail(&log, tail, Some((&mut t.file, end))).unwrap_or_default(),
-                        );
+                        lines.extend(instance_tail(&log, tail, Some((&mut t.file, end))).unwrap_or_default());
                     }
                     self.tracked.insert(log.active.clone(), t);
                 }
-                None if tail > 0 => {
-                    lines.extend(instance_tail(&log, tail, None).unwrap_or_default())
-                }
+                None if tail > 0 => lines.extend(instance_tail(&log, tail, None).unwrap_or_default()),
                 None => {}
             }
         }
@@ -441,11 +413,7 @@ impl Follower {
 /// instance's log (new instances and rotations included), polled every
 /// 150 ms, until `cancel` fires or the receiver is dropped. Must be called
 /// within a tokio runtime.
-pub fn follow(
-    state_dir: &Path,
-    query: LogQuery,
-    cancel: CancellationToken,
-) -> mpsc::Receiver<LogLine> {
+pub fn follow(state_dir: &Path, query: LogQuery, cancel: CancellationToken) -> mpsc::Receiver<LogLine> {
     let (tx, rx) = mpsc::channel(1024);
     let mut follower = Follower {
         dir: logs_dir(state_dir, &query.app, &query.environment),
@@ -502,10 +470,7 @@ pub fn prune(
 
     let mut by_process: BTreeMap<String, Vec<(Option<SystemTime>, InstanceLog)>> = BTreeMap::new();
     for log in list_instance_logs(&dir, None).map_err(err(&dir))? {
-        by_process
-            .entry(log.process.clone())
-            .or_default()
-            .push((log.newest_mtime(), log));
+        by_process.entry(log.process.clone()).or_default().push((log.newest_mtime(), log));
     }
     for (_, mut logs) in by_process {
         logs.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.generation.cmp(&a.1.generation)));
@@ -537,12 +502,7 @@ pub fn prune(
             continue;
         };
         let Ok(ts) = ts.parse::<u64>() else { continue };
-        by_name
-            .entry(task.to_string())
-            .or_default()
-            .entry(ts)
-            .or_default()
-            .push(entry.path());
+        by_name.entry(task.to_string()).or_default().entry(ts).or_default().push(entry.path());
     }
     for (_, runs) in by_name {
         for (_, files) in runs.into_iter().rev().skip(keep) {
@@ -567,10 +527,7 @@ mod tests {
         assert_eq!(split_log_name("web.1.7.log"), Some(("web.1.7", None)));
         assert_eq!(split_log_name("web.1.7.log.2"), Some(("web.1.7", Some(2))));
         assert_eq!(split_log_name("web.1.7.log.tmp"), None);
-        assert_eq!(
-            parse_base("celery_beat.1.12"),
-            Some(("celery_beat".to_string(), 1, 12))
-        );
+        assert_eq!(parse_base("celery_beat.1.12"), Some(("celery_beat".to_string(), 1, 12)));
         assert_eq!(parse_base("x.y"), None);
     }
 

@@ -22,8 +22,8 @@
 use crate::logfile::{LineSplitter, LogWriter, Stream};
 use crate::procinfo;
 use crate::state::{
-    instance_dir_name, read_json, unix_ms_now, write_atomic, ExitRecord, Handshake, InstanceRecord,
-    MonitorParams, PARAMS_FILE, RECORD_FILE,
+    instance_dir_name, read_json, unix_ms_now, write_atomic, ExitRecord, Handshake, InstanceRecord, MonitorParams,
+    PARAMS_FILE, RECORD_FILE,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -111,12 +111,7 @@ impl Monitor {
         let _ = nix::unistd::setsid();
 
         let mut blocked = SigSet::empty();
-        for s in [
-            Signal::SIGHUP,
-            Signal::SIGINT,
-            Signal::SIGQUIT,
-            Signal::SIGPIPE,
-        ] {
+        for s in [Signal::SIGHUP, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGPIPE] {
             blocked.add(s);
         }
         let mut handled = SigSet::empty();
@@ -124,26 +119,17 @@ impl Monitor {
         handled.add(Signal::SIGCHLD);
         // Blocked, not ignored: the app gets a clean signal state (see
         // `reset_signals_in_child`).
-        blocked
-            .thread_block()
-            .map_err(|e| format!("could not block signals: {e}"))?;
-        handled
-            .thread_block()
-            .map_err(|e| format!("could not block signals: {e}"))?;
-        let signals =
-            SignalFd::with_flags(&handled, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-                .map_err(|e| format!("could not create a signalfd: {e}"))?;
+        blocked.thread_block().map_err(|e| format!("could not block signals: {e}"))?;
+        handled.thread_block().map_err(|e| format!("could not block signals: {e}"))?;
+        let signals = SignalFd::with_flags(&handled, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| format!("could not create a signalfd: {e}"))?;
         // Orphaned grandchildren come to us, so we can reap them and know
         // when the group is really empty, whatever pid 1 does.
-        nix::sys::prctl::set_child_subreaper(true)
-            .map_err(|e| format!("could not become a child subreaper: {e}"))?;
+        nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("could not become a child subreaper: {e}"))?;
 
         let params_path = staging.join(PARAMS_FILE);
         let params: MonitorParams = read_json(&params_path).ok_or_else(|| {
-            format!(
-                "could not read {}; the daemon writes it before starting the monitor",
-                params_path.display()
-            )
+            format!("could not read {}; the daemon writes it before starting the monitor", params_path.display())
         })?;
         // It holds the environment, which may hold secrets.
         let _ = std::fs::remove_file(&params_path);
@@ -156,7 +142,10 @@ impl Monitor {
             ));
         }
         let mut log = LogWriter::open(&params.log_path, params.log_max_bytes, params.log_keep).map_err(|e| {
-            format!("could not open the log file {}: {e}; check that the state directory is writable", params.log_path.display())
+            format!(
+                "could not open the log file {}: {e}; check that the state directory is writable",
+                params.log_path.display()
+            )
         })?;
 
         let mut command = Command::new("/bin/sh");
@@ -182,22 +171,15 @@ impl Monitor {
             let _ = waitpid(pgid, None);
             why
         };
-        let start_time = procinfo::start_time(pid)
-            .ok_or_else(|| kill_app(format!("could not read /proc/{pid}/stat of {label}")))?;
+        let start_time =
+            procinfo::start_time(pid).ok_or_else(|| kill_app(format!("could not read /proc/{pid}/stat of {label}")))?;
         let monitor_pid = std::process::id();
-        let monitor_start_time = procinfo::self_start_time()
-            .ok_or_else(|| kill_app("could not read /proc/self/stat".to_string()))?;
+        let monitor_start_time =
+            procinfo::self_start_time().ok_or_else(|| kill_app("could not read /proc/self/stat".to_string()))?;
 
-        let dir = params
-            .instances_dir
-            .join(instance_dir_name(pid, start_time));
-        std::fs::rename(staging, &dir).map_err(|e| {
-            kill_app(format!(
-                "could not move {} to {}: {e}",
-                staging.display(),
-                dir.display()
-            ))
-        })?;
+        let dir = params.instances_dir.join(instance_dir_name(pid, start_time));
+        std::fs::rename(staging, &dir)
+            .map_err(|e| kill_app(format!("could not move {} to {}: {e}", staging.display(), dir.display())))?;
         let record = InstanceRecord {
             app: params.app.clone(),
             environment: params.environment.clone(),
@@ -211,33 +193,19 @@ impl Monitor {
             started_at: crate::logfile::timestamp_now(),
         };
         let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
-        write_atomic(&dir.join(RECORD_FILE), &json).map_err(|e| {
-            kill_app(format!(
-                "could not write {}: {e}",
-                dir.join(RECORD_FILE).display()
-            ))
-        })?;
+        write_atomic(&dir.join(RECORD_FILE), &json)
+            .map_err(|e| kill_app(format!("could not write {}: {e}", dir.join(RECORD_FILE).display())))?;
 
-        let _ = log.write_line(
-            Stream::Sys,
-            format!("started {label} (pid {pid})").as_bytes(),
-        );
+        let _ = log.write_line(Stream::Sys, format!("started {label} (pid {pid})").as_bytes());
         let _ = log.flush();
 
-        let hs = Handshake::Started {
-            pid,
-            start_time,
-            monitor_pid,
-            monitor_start_time,
-            dir: dir.clone(),
-        };
+        let hs = Handshake::Started { pid, start_time, monitor_pid, monitor_start_time, dir: dir.clone() };
         if let Err(e) = send_handshake(&hs) {
             // The daemon went away before it learnt about the instance:
             // nobody would ever manage it.
             let _ = log.write_line(
                 Stream::Sys,
-                format!("the daemon did not take the start handshake ({e}); stopping {label}")
-                    .as_bytes(),
+                format!("the daemon did not take the start handshake ({e}); stopping {label}").as_bytes(),
             );
             return Err(kill_app(format!("could not send the handshake: {e}")));
         }
@@ -292,9 +260,8 @@ impl Monitor {
                     }
                 }
                 let ready = |i: Option<usize>| {
-                    i.and_then(|i| fds[i].revents()).is_some_and(|r| {
-                        r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
-                    })
+                    i.and_then(|i| fds[i].revents())
+                        .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR))
                 };
                 (ready(Some(0)), ready(out_idx), ready(err_idx))
             };
@@ -330,10 +297,7 @@ impl Monitor {
             if kill_at.is_some_and(|k| Instant::now() >= k) {
                 kill_at = None;
                 if let Ok(true) = procinfo::signal_group(self.pid, Signal::SIGKILL) {
-                    let _ = self.log.write_line(
-                        Stream::Sys,
-                        b"killed the processes left in the process group",
-                    );
+                    let _ = self.log.write_line(Stream::Sys, b"killed the processes left in the process group");
                 }
             }
             if let Some(deadline) = drain_deadline {
@@ -345,9 +309,7 @@ impl Monitor {
         }
         self.finish_output();
         let status = self.status.unwrap_or(ExitStatus::Unknown);
-        let _ = self
-            .log
-            .write_line(Stream::Sys, format!("process exited: {status}").as_bytes());
+        let _ = self.log.write_line(Stream::Sys, format!("process exited: {status}").as_bytes());
         let _ = self.log.flush();
         self.wait_group_empty();
         let _ = self.log.flush();
@@ -363,10 +325,9 @@ impl Monitor {
                         self.reap();
                     } else if signo == Signal::SIGTERM as i32 && self.status.is_none() {
                         let _ = procinfo::signal_group(self.pid, Signal::SIGTERM);
-                        let _ = self.log.write_line(
-                            Stream::Sys,
-                            b"the monitor got SIGTERM and passed it on to the process group",
-                        );
+                        let _ = self
+                            .log
+                            .write_line(Stream::Sys, b"the monitor got SIGTERM and passed it on to the process group");
                     }
                 }
                 Ok(None) => break,
@@ -405,20 +366,8 @@ impl Monitor {
 
     fn read_stream(&mut self, stream: Stream, buf: &mut [u8]) {
         match stream {
-            Stream::Out => read_pipe(
-                &mut self.stdout,
-                &mut self.out_lines,
-                &mut self.log,
-                stream,
-                buf,
-            ),
-            _ => read_pipe(
-                &mut self.stderr,
-                &mut self.err_lines,
-                &mut self.log,
-                stream,
-                buf,
-            ),
+            Stream::Out => read_pipe(&mut self.stdout, &mut self.out_lines, &mut self.log, stream, buf),
+            _ => read_pipe(&mut self.stderr, &mut self.err_lines, &mut self.log, stream, buf),
         }
     }
 
@@ -437,10 +386,7 @@ impl Monitor {
 
     fn record_exit(&mut self) {
         let status = self.status.unwrap_or(ExitStatus::Unknown);
-        let rec = ExitRecord {
-            status,
-            exited_at_ms: unix_ms_now(),
-        };
+        let rec = ExitRecord { status, exited_at_ms: unix_ms_now() };
         let path = self.dir.join(crate::state::EXIT_FILE);
         let json = serde_json::to_vec(&rec).unwrap_or_default();
         if let Err(e) = write_atomic(&path, &json) {
@@ -494,9 +440,7 @@ fn reset_signals_in_child(command: &mut Command) {
                     let _ = nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl);
                 }
             }
-            SigSet::empty()
-                .thread_set_mask()
-                .map_err(std::io::Error::from)
+            SigSet::empty().thread_set_mask().map_err(std::io::Error::from)
         });
     }
 }
@@ -513,11 +457,7 @@ fn read_pipe<R: Read>(
         Ok(n) if n > 0 => lines.push(&buf[..n], |l| {
             let _ = log.write_line(stream, l);
         }),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
-            ) => {}
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) => {}
         _ => {
             // End of file (or a broken pipe): the last partial line is a line.
             *pipe = None;

@@ -58,16 +58,8 @@ impl MonitorParams {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Handshake {
-    Started {
-        pid: u32,
-        start_time: u64,
-        monitor_pid: u32,
-        monitor_start_time: u64,
-        dir: PathBuf,
-    },
-    Failed {
-        reason: String,
-    },
+    Started { pid: u32, start_time: u64, monitor_pid: u32, monitor_start_time: u64, dir: PathBuf },
+    Failed { reason: String },
 }
 
 /// `instance.json`: what runs in an instance directory.
@@ -99,11 +91,7 @@ impl InstanceRecord {
     /// The handle of an instance (not of a task). The address is not
     /// recorded here: the store has it.
     pub fn handle(&self) -> Option<InstanceHandle> {
-        Some(InstanceHandle {
-            instance: self.instance.clone()?,
-            locator: self.locator(),
-            addr: None,
-        })
+        Some(InstanceHandle { instance: self.instance.clone()?, locator: self.locator(), addr: None })
     }
 }
 

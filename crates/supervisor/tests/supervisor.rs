@@ -3,9 +3,7 @@
 //! it fails.
 
 use nix::sys::signal::Signal as NixSignal;
-use nonstop_core::driver::{
-    Driver, ExitStatus, InstanceHandle, LaunchSpec, Locator, StopOutcome, TaskSpec,
-};
+use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, Locator, StopOutcome, TaskSpec};
 use nonstop_core::ids::{AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
 use nonstop_core::process::Signal;
 use nonstop_supervisor::procinfo;
@@ -38,16 +36,8 @@ struct Cleanup {
 
 impl Cleanup {
     fn track(&self, h: &InstanceHandle) {
-        let Locator::Local {
-            pid,
-            start_time,
-            monitor_pid,
-            monitor_start_time,
-        } = h.locator;
-        self.handles
-            .lock()
-            .unwrap()
-            .push((pid, start_time, monitor_pid, monitor_start_time));
+        let Locator::Local { pid, start_time, monitor_pid, monitor_start_time } = h.locator;
+        self.handles.lock().unwrap().push((pid, start_time, monitor_pid, monitor_start_time));
     }
 }
 
@@ -85,10 +75,7 @@ impl Drop for Fixture {
 }
 
 fn config(state: &Path) -> LocalDriverConfig {
-    LocalDriverConfig::new(
-        state,
-        vec![OsString::from(env!("CARGO_BIN_EXE_nonstop-monitor"))],
-    )
+    LocalDriverConfig::new(state, vec![OsString::from(env!("CARGO_BIN_EXE_nonstop-monitor"))])
 }
 
 fn fixture_with(f: impl FnOnce(&mut LocalDriverConfig)) -> Fixture {
@@ -97,12 +84,7 @@ fn fixture_with(f: impl FnOnce(&mut LocalDriverConfig)) -> Fixture {
     std::fs::create_dir(&work).unwrap();
     let mut cfg = config(&dir.path().join("state"));
     f(&mut cfg);
-    Fixture {
-        cleanup: Cleanup::default(),
-        driver: LocalDriver::new(cfg).unwrap(),
-        work,
-        _dir: dir,
-    }
+    Fixture { cleanup: Cleanup::default(), driver: LocalDriver::new(cfg).unwrap(), work, _dir: dir }
 }
 
 fn fixture() -> Fixture {
@@ -140,11 +122,7 @@ impl Fixture {
     }
 
     async fn start(&self, id: InstanceId, command: &str, wants_port: bool) -> InstanceHandle {
-        let h = self
-            .driver
-            .start(self.launch(id, command, wants_port))
-            .await
-            .expect("start");
+        let h = self.driver.start(self.launch(id, command, wants_port)).await.expect("start");
         self.cleanup.track(&h);
         h
     }
@@ -176,9 +154,7 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 async fn wait_exit(driver: &LocalDriver, h: &InstanceHandle) -> ExitStatus {
-    tokio::time::timeout(WAIT, driver.wait_exit(h))
-        .await
-        .expect("wait_exit timed out")
+    tokio::time::timeout(WAIT, driver.wait_exit(h)).await.expect("wait_exit timed out")
 }
 
 fn log_has(path: &Path, needle: &str) -> bool {
@@ -203,32 +179,20 @@ async fn start_gives_port_and_exact_env_and_serves_http() {
     let fx = fixture();
     std::fs::write(fx.work.join("index.html"), "hello from the release").unwrap();
     let id = instance("web", 1, 1);
-    let h = fx
-        .start(
-            id.clone(),
-            r#"env > env.txt; exec "$PY" -m http.server "$PORT" --bind 127.0.0.1"#,
-            true,
-        )
-        .await;
+    let h = fx.start(id.clone(), r#"env > env.txt; exec "$PY" -m http.server "$PORT" --bind 127.0.0.1"#, true).await;
     let addr = h.addr.expect("web instances get an address");
     assert!(addr.ip().is_loopback());
     assert!(fx.driver.is_alive(&h));
 
     let env_file = fx.work.join("env.txt");
-    eventually("env.txt", || {
-        std::fs::read_to_string(&env_file).is_ok_and(|s| s.contains("PORT="))
-    })
-    .await;
+    eventually("env.txt", || std::fs::read_to_string(&env_file).is_ok_and(|s| s.contains("PORT="))).await;
     let env = std::fs::read_to_string(&env_file).unwrap();
     assert!(env.contains(&format!("PORT={}\n", addr.port())), "{env}");
     assert!(env.contains("NONSTOP_INSTANCE=web.1\n"), "{env}");
     assert!(env.contains("NONSTOP_PROCESS=web\n"), "{env}");
     assert!(env.contains("PATH="), "{env}");
     assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
-    assert!(
-        !env.contains("CARGO_MANIFEST_DIR"),
-        "the daemon's environment leaked: {env}"
-    );
+    assert!(!env.contains("CARGO_MANIFEST_DIR"), "the daemon's environment leaked: {env}");
 
     let mut body = String::new();
     eventually("the app to serve HTTP", || {
@@ -236,8 +200,7 @@ async fn start_gives_port_and_exact_env_and_serves_http() {
             return false;
         };
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
-            .unwrap();
+        s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
         body.clear();
         s.read_to_string(&mut body).is_ok() && body.starts_with("HTTP/1.0 200")
     })
@@ -245,48 +208,26 @@ async fn start_gives_port_and_exact_env_and_serves_http() {
     assert!(body.contains("hello from the release"), "{body}");
 
     // The app is in its own process group; the monitor is not in it.
-    let Locator::Local {
-        pid, monitor_pid, ..
-    } = h.locator;
+    let Locator::Local { pid, monitor_pid, .. } = h.locator;
     assert_eq!(procinfo::stat(pid).unwrap().pgrp, pid as i32);
     assert_ne!(procinfo::stat(monitor_pid).unwrap().pgrp, pid as i32);
 
-    let outcome = fx
-        .driver
-        .stop(&h, Signal::Term, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let outcome = fx.driver.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap();
     assert_eq!(outcome, StopOutcome::Graceful);
     assert!(!fx.driver.is_alive(&h));
     assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Signal(15));
-    assert_eq!(
-        fx.driver
-            .stop(&h, Signal::Term, Duration::from_secs(1))
-            .await
-            .unwrap(),
-        StopOutcome::AlreadyGone
-    );
+    assert_eq!(fx.driver.stop(&h, Signal::Term, Duration::from_secs(1)).await.unwrap(), StopOutcome::AlreadyGone);
 }
 
 #[tokio::test]
 async fn stop_escalates_to_sigkill_when_sigterm_is_ignored() {
     let fx = fixture();
     let id = instance("worker", 1, 1);
-    let h = fx
-        .start(
-            id.clone(),
-            "trap '' TERM; echo ready; exec sleep 1000",
-            false,
-        )
-        .await;
+    let h = fx.start(id.clone(), "trap '' TERM; echo ready; exec sleep 1000", false).await;
     assert_eq!(h.addr, None);
     eventually("ready", || log_has(&fx.log_path(&id), " out ready")).await;
     let started = Instant::now();
-    let outcome = fx
-        .driver
-        .stop(&h, Signal::Term, Duration::from_millis(500))
-        .await
-        .unwrap();
+    let outcome = fx.driver.stop(&h, Signal::Term, Duration::from_millis(500)).await.unwrap();
     assert_eq!(outcome, StopOutcome::Killed);
     assert!(started.elapsed() >= Duration::from_millis(500));
     assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Signal(9));
@@ -302,13 +243,7 @@ async fn exit_code_is_recorded_and_returned() {
     // Several waiters, and waiting again, are fine.
     let (a, b) = tokio::join!(fx.driver.wait_exit(&h), fx.driver.wait_exit(&h));
     assert_eq!((a, b), (ExitStatus::Code(3), ExitStatus::Code(3)));
-    assert_eq!(
-        fx.driver
-            .stop(&h, Signal::Term, Duration::from_secs(1))
-            .await
-            .unwrap(),
-        StopOutcome::AlreadyGone
-    );
+    assert_eq!(fx.driver.stop(&h, Signal::Term, Duration::from_secs(1)).await.unwrap(), StopOutcome::AlreadyGone);
 }
 
 #[tokio::test]
@@ -323,10 +258,7 @@ async fn leftovers_of_the_group_are_killed_before_wait_exit_returns() {
         .await;
     assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Code(0));
     let bg = read_pid(&fx.work.join("bg.pid")).expect("bg.pid");
-    assert!(
-        !in_group(bg, app_pid(&h)),
-        "background child {bg} survived its instance"
-    );
+    assert!(!in_group(bg, app_pid(&h)), "background child {bg} survived its instance");
     assert!(!procinfo::group_exists(app_pid(&h)));
 }
 
@@ -373,11 +305,7 @@ async fn stop_kills_grandchildren_too() {
     eventually("gc.pid", || read_pid(&gc_file).is_some()).await;
     let gc = read_pid(&gc_file).unwrap();
     assert!(in_group(gc, app_pid(&h)));
-    let outcome = fx
-        .driver
-        .stop(&h, Signal::Term, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let outcome = fx.driver.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap();
     // Main exits on SIGTERM; the monitor kills the rest at once.
     assert_eq!(outcome, StopOutcome::Graceful);
     assert!(!in_group(gc, app_pid(&h)), "grandchild {gc} survived");
@@ -390,10 +318,7 @@ async fn instances_survive_the_driver_and_are_adopted_by_a_new_one() {
     let id = instance("worker", 2, 5);
     let cfg = fx.driver.config().clone();
     let first = LocalDriver::new(cfg.clone()).unwrap();
-    let h = first
-        .start(fx.launch(id.clone(), "echo up; exec sleep 1000", false))
-        .await
-        .unwrap();
+    let h = first.start(fx.launch(id.clone(), "echo up; exec sleep 1000", false)).await.unwrap();
     fx.cleanup.track(&h);
     eventually("up", || log_has(&fx.log_path(&id), " out up")).await;
     drop(first);
@@ -401,10 +326,7 @@ async fn instances_survive_the_driver_and_are_adopted_by_a_new_one() {
     // The daemon "restarted": a new driver on the same state directory.
     let driver = LocalDriver::new(cfg).unwrap();
     assert!(driver.is_alive(&h));
-    assert!(driver
-        .running()
-        .iter()
-        .any(|r| r.instance.as_ref() == Some(&id)));
+    assert!(driver.running().iter().any(|r| r.instance.as_ref() == Some(&id)));
     let record = driver.instance_record(&h).unwrap();
     assert_eq!(record.app, "blog");
     assert_eq!(record.handle().unwrap().locator, h.locator);
@@ -413,10 +335,7 @@ async fn instances_survive_the_driver_and_are_adopted_by_a_new_one() {
         let (d, h) = (driver.clone(), h.clone());
         tokio::spawn(async move { d.wait_exit(&h).await })
     };
-    let outcome = driver
-        .stop(&h, Signal::Term, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let outcome = driver.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap();
     assert_eq!(outcome, StopOutcome::Graceful);
     let status = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
     assert_eq!(status, ExitStatus::Signal(15));
@@ -427,9 +346,7 @@ async fn instances_survive_the_driver_and_are_adopted_by_a_new_one() {
 #[tokio::test]
 async fn app_killed_with_sigkill_is_recorded_as_signal_9() {
     let fx = fixture();
-    let h = fx
-        .start(instance("worker", 1, 1), "exec sleep 1000", false)
-        .await;
+    let h = fx.start(instance("worker", 1, 1), "exec sleep 1000", false).await;
     procinfo::signal_process(app_pid(&h), NixSignal::SIGKILL).unwrap();
     assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Signal(9));
 }
@@ -437,48 +354,21 @@ async fn app_killed_with_sigkill_is_recorded_as_signal_9() {
 #[tokio::test]
 async fn is_alive_checks_start_times_and_stop_never_signals_a_stranger() {
     let fx = fixture();
-    let h = fx
-        .start(instance("worker", 1, 1), "exec sleep 1000", false)
-        .await;
+    let h = fx.start(instance("worker", 1, 1), "exec sleep 1000", false).await;
     assert!(fx.driver.is_alive(&h));
-    let Locator::Local {
-        pid,
-        start_time,
-        monitor_pid,
-        monitor_start_time,
-    } = h.locator;
+    let Locator::Local { pid, start_time, monitor_pid, monitor_start_time } = h.locator;
     let mut wrong_app = h.clone();
-    wrong_app.locator = Locator::Local {
-        pid,
-        start_time: start_time + 1,
-        monitor_pid,
-        monitor_start_time,
-    };
+    wrong_app.locator = Locator::Local { pid, start_time: start_time + 1, monitor_pid, monitor_start_time };
     assert!(!fx.driver.is_alive(&wrong_app));
     let mut wrong_monitor = h.clone();
-    wrong_monitor.locator = Locator::Local {
-        pid,
-        start_time,
-        monitor_pid,
-        monitor_start_time: monitor_start_time + 1,
-    };
+    wrong_monitor.locator = Locator::Local { pid, start_time, monitor_pid, monitor_start_time: monitor_start_time + 1 };
     assert!(!fx.driver.is_alive(&wrong_monitor));
 
     // A recycled pid: stopping it must not touch the live process.
-    let outcome = fx
-        .driver
-        .stop(&wrong_app, Signal::Kill, Duration::from_millis(100))
-        .await
-        .unwrap();
+    let outcome = fx.driver.stop(&wrong_app, Signal::Kill, Duration::from_millis(100)).await.unwrap();
     assert_eq!(outcome, StopOutcome::AlreadyGone);
     assert!(fx.driver.is_alive(&h));
-    assert_eq!(
-        fx.driver
-            .stop(&h, Signal::Term, Duration::from_secs(10))
-            .await
-            .unwrap(),
-        StopOutcome::Graceful
-    );
+    assert_eq!(fx.driver.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap(), StopOutcome::Graceful);
 }
 
 #[tokio::test]
@@ -490,16 +380,9 @@ async fn start_fails_clearly_without_a_workdir() {
     assert!(err.contains("could not start web.1"), "{err}");
     assert!(err.contains("/nonexistent/release does not exist"), "{err}");
 
-    let bad = LocalDriverConfig::new(
-        fx.driver.state_dir(),
-        vec![OsString::from("/nonexistent/nonstop")],
-    );
+    let bad = LocalDriverConfig::new(fx.driver.state_dir(), vec![OsString::from("/nonexistent/nonstop")]);
     let driver = LocalDriver::new(bad).unwrap();
-    let err = driver
-        .start(fx.launch(instance("web", 1, 1), "true", true))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = driver.start(fx.launch(instance("web", 1, 1), "true", true)).await.unwrap_err().to_string();
     assert!(err.contains("monitor_command"), "{err}");
 }
 
@@ -507,48 +390,25 @@ async fn start_fails_clearly_without_a_workdir() {
 async fn log_lines_are_timestamped_and_tagged() {
     let fx = fixture();
     let id = instance("web", 1, 4);
-    let h = fx
-        .start(
-            id.clone(),
-            "echo hello; echo oops >&2; printf 'no newline'",
-            false,
-        )
-        .await;
+    let h = fx.start(id.clone(), "echo hello; echo oops >&2; printf 'no newline'", false).await;
     assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Code(0));
     let content = std::fs::read_to_string(fx.log_path(&id)).unwrap();
     let lines: Vec<&str> = content.lines().collect();
     for line in &lines {
         let (ts, rest) = line.split_at(27);
-        assert!(
-            ts.ends_with('Z') && ts.as_bytes()[10] == b'T' && ts.as_bytes()[19] == b'.',
-            "{line}"
-        );
-        assert!(
-            rest.starts_with(" out ") || rest.starts_with(" err ") || rest.starts_with(" sys "),
-            "{line}"
-        );
+        assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T' && ts.as_bytes()[19] == b'.', "{line}");
+        assert!(rest.starts_with(" out ") || rest.starts_with(" err ") || rest.starts_with(" sys "), "{line}");
     }
     let texts: Vec<&str> = lines.iter().map(|l| &l[27..]).collect();
     assert!(texts.contains(&" out hello"), "{content}");
     assert!(texts.contains(&" err oops"), "{content}");
     assert!(texts.contains(&" out no newline"), "{content}");
-    assert!(
-        texts.contains(&" sys process exited: exit code 0"),
-        "{content}"
-    );
+    assert!(texts.contains(&" sys process exited: exit code 0"), "{content}");
 
-    let query = LogQuery {
-        app: app(),
-        environment: env_id(),
-        process: None,
-        tail: 100,
-    };
+    let query = LogQuery { app: app(), environment: env_id(), process: None, tail: 100 };
     let tail = fx.driver.logs_tail(&query).unwrap();
     let hello = tail.iter().find(|l| l.text == "hello").unwrap();
-    assert_eq!(
-        (hello.instance.as_str(), hello.generation, hello.stream),
-        ("web.1", 4, Stream::Out)
-    );
+    assert_eq!((hello.instance.as_str(), hello.generation, hello.stream), ("web.1", 4, Stream::Out));
     assert!(tail.windows(2).all(|w| w[0].ts <= w[1].ts));
     let json = serde_json::to_string(hello).unwrap();
     assert!(json.contains(r#""stream":"out""#), "{json}");
@@ -561,13 +421,7 @@ async fn logs_rotate_by_size_and_tail_reads_across_files() {
         c.log_keep = 2;
     });
     let id = instance("worker", 1, 1);
-    let h = fx
-        .start(
-            id.clone(),
-            "i=0; while [ $i -lt 200 ]; do echo line $i; i=$((i+1)); done",
-            false,
-        )
-        .await;
+    let h = fx.start(id.clone(), "i=0; while [ $i -lt 200 ]; do echo line $i; i=$((i+1)); done", false).await;
     assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Code(0));
     let path = fx.log_path(&id);
     for suffix in ["", ".1", ".2"] {
@@ -577,27 +431,16 @@ async fn logs_rotate_by_size_and_tail_reads_across_files() {
     }
     assert!(!PathBuf::from(format!("{}.3", path.display())).exists());
 
-    let query = LogQuery {
-        app: app(),
-        environment: env_id(),
-        process: Some(ProcessName::new("worker").unwrap()),
-        tail: 60,
-    };
+    let query =
+        LogQuery { app: app(), environment: env_id(), process: Some(ProcessName::new("worker").unwrap()), tail: 60 };
     let tail = fx.driver.logs_tail(&query).unwrap();
     assert_eq!(tail.len(), 60);
-    let outs: Vec<&str> = tail
-        .iter()
-        .filter(|l| l.stream == Stream::Out)
-        .map(|l| l.text.as_str())
-        .collect();
+    let outs: Vec<&str> = tail.iter().filter(|l| l.stream == Stream::Out).map(|l| l.text.as_str()).collect();
     assert_eq!(outs.last(), Some(&"line 199"));
     // Consecutive, across the rotation boundary.
     let nums: Vec<u32> = outs.iter().map(|t| t[5..].parse().unwrap()).collect();
     assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "{nums:?}");
-    let other = LogQuery {
-        process: Some(ProcessName::new("web").unwrap()),
-        ..query
-    };
+    let other = LogQuery { process: Some(ProcessName::new("web").unwrap()), ..query };
     assert!(fx.driver.logs_tail(&other).unwrap().is_empty());
 }
 
@@ -626,18 +469,11 @@ async fn follow_picks_up_new_lines_new_files_and_rotations() {
     });
     // An instance that existed before following started.
     let old = instance("web", 1, 1);
-    let h_old = fx
-        .start(old.clone(), "echo before; exec sleep 1000", false)
-        .await;
+    let h_old = fx.start(old.clone(), "echo before; exec sleep 1000", false).await;
     eventually("before", || log_has(&fx.log_path(&old), " out before")).await;
 
     let cancel = CancellationToken::new();
-    let query = LogQuery {
-        app: app(),
-        environment: env_id(),
-        process: None,
-        tail: 10,
-    };
+    let query = LogQuery { app: app(), environment: env_id(), process: None, tail: 10 };
     let mut rx = fx.driver.logs_follow(query, cancel.clone());
     let first = recv_text(&mut rx, "before").await;
     assert_eq!(first.instance, "web.1");
@@ -651,49 +487,31 @@ async fn follow_picks_up_new_lines_new_files_and_rotations() {
     let h_new = fx.start(new.clone(), script, false).await;
     let mut seen = Vec::new();
     while seen.len() < 30 {
-        let line = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .expect("timed out")
-            .expect("ended");
+        let line = tokio::time::timeout(WAIT, rx.recv()).await.expect("timed out").expect("ended");
         if line.instance == "web.2" && line.stream == Stream::Out {
             seen.push(line.text);
         }
     }
     std::fs::write(fx.work.join("go"), "").unwrap();
     while seen.len() < 60 {
-        let line = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .expect("timed out")
-            .expect("ended");
+        let line = tokio::time::timeout(WAIT, rx.recv()).await.expect("timed out").expect("ended");
         if line.instance == "web.2" && line.stream == Stream::Out {
             seen.push(line.text);
         }
     }
     let expected: Vec<String> = (0..60).map(|i| format!("n {i}")).collect();
     assert_eq!(seen, expected);
-    assert!(
-        PathBuf::from(format!("{}.2", fx.log_path(&new).display())).exists(),
-        "expected two rotations"
-    );
+    assert!(PathBuf::from(format!("{}.2", fx.log_path(&new).display())).exists(), "expected two rotations");
 
     // Stopping writes a sys line for the old instance.
-    fx.driver
-        .stop(&h_old, Signal::Term, Duration::from_secs(10))
-        .await
-        .unwrap();
+    fx.driver.stop(&h_old, Signal::Term, Duration::from_secs(10)).await.unwrap();
     let exited = recv_text(&mut rx, "process exited: killed by signal 15").await;
-    assert_eq!(
-        (exited.instance.as_str(), exited.stream),
-        ("web.1", Stream::Sys)
-    );
+    assert_eq!((exited.instance.as_str(), exited.stream), ("web.1", Stream::Sys));
 
     cancel.cancel();
     let end = tokio::time::timeout(WAIT, async { while rx.recv().await.is_some() {} }).await;
     assert!(end.is_ok(), "follow did not stop when cancelled");
-    fx.driver
-        .stop(&h_new, Signal::Kill, Duration::from_secs(1))
-        .await
-        .unwrap();
+    fx.driver.stop(&h_new, Signal::Kill, Duration::from_secs(1)).await.unwrap();
 }
 
 #[tokio::test]
@@ -711,30 +529,16 @@ async fn run_task_reports_exit_code_and_output_tail() {
     assert_eq!(outcome.status, ExitStatus::Code(4));
     assert!(!outcome.timed_out);
     assert_eq!(outcome.output_tail.len(), 50);
-    assert_eq!(
-        outcome.output_tail.last().map(String::as_str),
-        Some("failing")
-    );
+    assert_eq!(outcome.output_tail.last().map(String::as_str), Some("failing"));
     assert_eq!(outcome.output_tail[0], "line 11");
     let tasks = fx.driver.state_dir().join("logs/blog/staging/tasks");
-    let logs: Vec<_> = std::fs::read_dir(&tasks)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let logs: Vec<_> = std::fs::read_dir(&tasks).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(logs.len(), 1);
-    assert!(
-        logs[0].to_string_lossy().starts_with("release-task-1."),
-        "{logs:?}"
-    );
+    assert!(logs[0].to_string_lossy().starts_with("release-task-1."), "{logs:?}");
 
     // Runs of one task never share a log (nor an output tail).
     for _ in 0..2 {
-        let ok = fx
-            .driver
-            .run_task(fx.task("migrate", "echo $PY", Duration::from_secs(30)))
-            .await
-            .unwrap();
+        let ok = fx.driver.run_task(fx.task("migrate", "echo $PY", Duration::from_secs(30))).await.unwrap();
         assert!(ok.status.success());
         assert_eq!(ok.output_tail, vec![python().to_string()]);
     }
@@ -758,14 +562,8 @@ async fn run_task_times_out_and_kills_the_group() {
     assert!(outcome.duration >= Duration::from_millis(300));
     let bg = read_pid(&fx.work.join("task-bg.pid")).unwrap();
     // Reaped by the task's monitor before it exited.
-    assert!(
-        procinfo::stat(bg).is_none(),
-        "background child {bg} of the task survived"
-    );
-    assert!(
-        fx.driver.running().is_empty(),
-        "the task's monitor is still running"
-    );
+    assert!(procinfo::stat(bg).is_none(), "background child {bg} of the task survived");
+    assert!(fx.driver.running().is_empty(), "the task's monitor is still running");
 }
 
 #[tokio::test]
@@ -777,22 +575,10 @@ async fn prune_logs_keeps_the_newest_and_the_running() {
         std::fs::write(dir.join(format!("web.1.{generation}.log")), "x\n").unwrap();
         std::fs::write(dir.join(format!("web.1.{generation}.log.1")), "x\n").unwrap();
         // Make the order of modification times unambiguous.
-        let f = std::fs::File::options()
-            .write(true)
-            .open(dir.join(format!("web.1.{generation}.log")))
-            .unwrap();
-        f.set_modified(
-            std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + generation),
-        )
-        .unwrap();
-        let f = std::fs::File::options()
-            .write(true)
-            .open(dir.join(format!("web.1.{generation}.log.1")))
-            .unwrap();
-        f.set_modified(
-            std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + generation),
-        )
-        .unwrap();
+        let f = std::fs::File::options().write(true).open(dir.join(format!("web.1.{generation}.log"))).unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + generation)).unwrap();
+        let f = std::fs::File::options().write(true).open(dir.join(format!("web.1.{generation}.log.1"))).unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + generation)).unwrap();
     }
     for ts in [100, 200, 300] {
         std::fs::write(dir.join(format!("tasks/migrate.{ts}.log")), "x\n").unwrap();
@@ -801,57 +587,30 @@ async fn prune_logs_keeps_the_newest_and_the_running() {
     let live = instance("worker", 1, 1);
     let h = fx.start(live.clone(), "exec sleep 1000", false).await;
     std::fs::write(dir.join("worker.1.2.log"), "x\n").unwrap();
-    let f = std::fs::File::options()
-        .write(true)
-        .open(fx.log_path(&live))
-        .unwrap();
+    let f = std::fs::File::options().write(true).open(fx.log_path(&live)).unwrap();
     f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
 
     let removed = fx.driver.prune_logs(&app(), &env_id(), 1).unwrap();
     assert_eq!(removed, 6 + 2);
-    let mut left: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut left: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     left.sort();
-    assert_eq!(
-        left,
-        vec![
-            "tasks",
-            "web.1.4.log",
-            "web.1.4.log.1",
-            "worker.1.1.log",
-            "worker.1.2.log"
-        ]
-    );
-    let tasks: Vec<_> = std::fs::read_dir(dir.join("tasks"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    assert_eq!(left, vec!["tasks", "web.1.4.log", "web.1.4.log.1", "worker.1.1.log", "worker.1.2.log"]);
+    let tasks: Vec<_> = std::fs::read_dir(dir.join("tasks")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(tasks, vec![OsString::from("migrate.300.log")]);
-    fx.driver
-        .stop(&h, Signal::Term, Duration::from_secs(10))
-        .await
-        .unwrap();
+    fx.driver.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap();
 }
 
 #[tokio::test]
 async fn prune_state_removes_ended_instances_only() {
     let fx = fixture();
     let done = fx.start(instance("worker", 1, 1), "exit 0", false).await;
-    let running = fx
-        .start(instance("worker", 2, 1), "exec sleep 1000", false)
-        .await;
+    let running = fx.start(instance("worker", 2, 1), "exec sleep 1000", false).await;
     wait_exit(&fx.driver, &done).await;
     assert_eq!(fx.driver.prune_state(Duration::ZERO).unwrap(), 1);
     assert!(fx.driver.instance_record(&done).is_none());
     assert!(fx.driver.instance_record(&running).is_some());
-    fx.driver
-        .stop(&running, Signal::Term, Duration::from_secs(10))
-        .await
-        .unwrap();
+    fx.driver.stop(&running, Signal::Term, Duration::from_secs(10)).await.unwrap();
 }
 
 /// Not a test on its own: the "daemon" process of
@@ -860,10 +619,9 @@ async fn prune_state_removes_ended_instances_only() {
 #[tokio::test]
 #[ignore = "helper process, started by another test"]
 async fn helper_daemon() {
-    let (Some(state), Some(work)) = (
-        std::env::var_os("NONSTOP_TEST_HELPER_STATE"),
-        std::env::var_os("NONSTOP_TEST_HELPER_WORK"),
-    ) else {
+    let (Some(state), Some(work)) =
+        (std::env::var_os("NONSTOP_TEST_HELPER_STATE"), std::env::var_os("NONSTOP_TEST_HELPER_WORK"))
+    else {
         return;
     };
     let driver = LocalDriver::new(config(Path::new(&state))).unwrap();
@@ -873,9 +631,7 @@ async fn helper_daemon() {
         environment: env_id(),
         release: ReleaseId(1),
         instance: id,
-        command:
-            "echo up; while [ ! -f go ]; do sleep 0.05; done; echo still here; exec sleep 1000"
-                .to_string(),
+        command: "echo up; while [ ! -f go ]; do sleep 0.05; done; echo still here; exec sleep 1000".to_string(),
         workdir: PathBuf::from(work),
         env: vec![],
         wants_port: true,
@@ -890,13 +646,7 @@ async fn helper_daemon() {
 async fn instances_survive_a_daemon_killed_with_sigkill() {
     let fx = fixture();
     let mut daemon = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_daemon",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "helper_daemon", "--ignored", "--nocapture", "--test-threads=1"])
         .env("NONSTOP_TEST_HELPER_STATE", fx.driver.state_dir())
         .env("NONSTOP_TEST_HELPER_WORK", &fx.work)
         .stdin(std::process::Stdio::piped())
@@ -915,19 +665,14 @@ async fn instances_survive_a_daemon_killed_with_sigkill() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
             // libtest may print "test helper_daemon ... " first.
             if let Some(at) = line.find("HANDLE ") {
                 let _ = tx.send(line[at + 7..].to_string());
             }
         }
     });
-    let json = rx
-        .recv_timeout(WAIT)
-        .expect("the helper daemon printed no handle");
+    let json = rx.recv_timeout(WAIT).expect("the helper daemon printed no handle");
     let h: InstanceHandle = serde_json::from_str(&json).unwrap();
     fx.cleanup.track(&h);
     let id = h.instance.clone();
@@ -943,18 +688,12 @@ async fn instances_survive_a_daemon_killed_with_sigkill() {
     assert_ne!(procinfo::stat(monitor_pid).unwrap().ppid, daemon_pid as i32);
     // Output is still collected.
     std::fs::write(fx.work.join("go"), "").unwrap();
-    eventually("still here", || {
-        log_has(&fx.log_path(&id), " out still here")
-    })
-    .await;
+    eventually("still here", || log_has(&fx.log_path(&id), " out still here")).await;
 
     // A new daemon adopts it.
     let driver = LocalDriver::new(config(fx.driver.state_dir())).unwrap();
     assert!(driver.is_alive(&h));
-    let outcome = driver
-        .stop(&h, Signal::Term, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let outcome = driver.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap();
     assert_eq!(outcome, StopOutcome::Graceful);
     assert_eq!(wait_exit(&driver, &h).await, ExitStatus::Signal(15));
     assert!(!procinfo::group_exists(app_pid(&h)));

@@ -3,8 +3,7 @@
 use crate::journal::{Entry, Journal};
 use crate::lock;
 use nonstop_core::driver::{
-    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Locator, StopOutcome, TaskOutcome,
-    TaskSpec,
+    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Locator, StopOutcome, TaskOutcome, TaskSpec,
 };
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, Signal};
 use std::collections::BTreeMap;
@@ -17,20 +16,9 @@ use tokio::time::Instant;
 /// What the driver was asked to do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriverCall {
-    Start {
-        launch: LaunchSpec,
-        at: Instant,
-    },
-    Stop {
-        instance: InstanceId,
-        signal: Signal,
-        timeout: Duration,
-        at: Instant,
-    },
-    RunTask {
-        task: TaskSpec,
-        at: Instant,
-    },
+    Start { launch: LaunchSpec, at: Instant },
+    Stop { instance: InstanceId, signal: Signal, timeout: Duration, at: Instant },
+    RunTask { task: TaskSpec, at: Instant },
 }
 
 /// How an instance reacts to `stop`.
@@ -106,11 +94,7 @@ struct State {
 impl State {
     /// The instance with this id: the live one if any, else the last started.
     fn by_id(&self, id: &InstanceId) -> Option<&FakeInstance> {
-        let mut matching = self
-            .instances
-            .values()
-            .rev()
-            .filter(|i| &i.handle.instance == id);
+        let mut matching = self.instances.values().rev().filter(|i| &i.handle.instance == id);
         let latest = matching.clone().next();
         matching.find(|i| i.alive()).or(latest)
     }
@@ -121,21 +105,14 @@ impl State {
     }
 
     fn alive_ids(&self) -> Vec<InstanceId> {
-        let mut ids: Vec<InstanceId> = self
-            .instances
-            .values()
-            .filter(|i| i.alive())
-            .map(|i| i.handle.instance.clone())
-            .collect();
+        let mut ids: Vec<InstanceId> =
+            self.instances.values().filter(|i| i.alive()).map(|i| i.handle.instance.clone()).collect();
         ids.sort();
         ids
     }
 
     fn alive_count(&self, process: Option<&ProcessName>) -> usize {
-        self.instances
-            .values()
-            .filter(|i| i.alive() && process.is_none_or(|p| &i.handle.instance.process == p))
-            .count()
+        self.instances.values().filter(|i| i.alive() && process.is_none_or(|p| &i.handle.instance.process == p)).count()
     }
 
     fn update_peaks(&mut self, process: &ProcessName) {
@@ -211,25 +188,13 @@ impl FakeDriver {
 
     /// The next `n` starts of `process` fail with `reason`.
     pub fn fail_next_starts(&self, process: &ProcessName, n: u32, reason: &str) {
-        self.state().failures.insert(
-            process.clone(),
-            FailRule {
-                remaining: Some(n),
-                reason: reason.to_string(),
-            },
-        );
+        self.state().failures.insert(process.clone(), FailRule { remaining: Some(n), reason: reason.to_string() });
     }
 
     /// Every start of `process` fails with `reason` until
     /// [`FakeDriver::clear_failures`].
     pub fn fail_starts(&self, process: &ProcessName, reason: &str) {
-        self.state().failures.insert(
-            process.clone(),
-            FailRule {
-                remaining: None,
-                reason: reason.to_string(),
-            },
-        );
+        self.state().failures.insert(process.clone(), FailRule { remaining: None, reason: reason.to_string() });
     }
 
     pub fn clear_failures(&self) {
@@ -291,12 +256,8 @@ impl FakeDriver {
     /// Start counting peaks again from what is alive now.
     pub fn reset_peaks(&self) {
         let mut st = self.state();
-        let processes: Vec<ProcessName> = st
-            .instances
-            .values()
-            .map(|i| i.handle.instance.process.clone())
-            .chain(st.peaks.keys().cloned())
-            .collect();
+        let processes: Vec<ProcessName> =
+            st.instances.values().map(|i| i.handle.instance.process.clone()).chain(st.peaks.keys().cloned()).collect();
         st.peaks.clear();
         for p in processes {
             let n = st.alive_count(Some(&p));
@@ -325,10 +286,7 @@ impl FakeDriver {
 
     /// Every launch of `process`, in order.
     pub fn starts_of(&self, process: &ProcessName) -> Vec<LaunchSpec> {
-        self.starts()
-            .into_iter()
-            .filter(|l| &l.instance.process == process)
-            .collect()
+        self.starts().into_iter().filter(|l| &l.instance.process == process).collect()
     }
 
     /// Every instance the engine asked to stop, in order.
@@ -349,10 +307,7 @@ impl FakeDriver {
     }
 
     pub fn alive_of(&self, process: &ProcessName) -> Vec<InstanceId> {
-        self.alive()
-            .into_iter()
-            .filter(|i| &i.process == process)
-            .collect()
+        self.alive().into_iter().filter(|i| &i.process == process).collect()
     }
 
     pub fn is_instance_alive(&self, id: &InstanceId) -> bool {
@@ -383,16 +338,8 @@ impl FakeDriver {
             alive: st.alive_ids(),
             peak_alive: st.peaks.clone(),
             peak_total: st.peak_total,
-            starts: st
-                .calls
-                .iter()
-                .filter(|c| matches!(c, DriverCall::Start { .. }))
-                .count(),
-            stops: st
-                .calls
-                .iter()
-                .filter(|c| matches!(c, DriverCall::Stop { .. }))
-                .count(),
+            starts: st.calls.iter().filter(|c| matches!(c, DriverCall::Start { .. })).count(),
+            stops: st.calls.iter().filter(|c| matches!(c, DriverCall::Stop { .. })).count(),
         }
     }
 
@@ -404,15 +351,13 @@ impl FakeDriver {
     /// Resolve once `process` has `n` live instances.
     pub async fn wait_alive(&self, process: &ProcessName, n: usize) {
         let what = format!("{n} live instance(s) of {process}");
-        self.wait_for(&what, |d| d.alive_of(process).len() == n)
-            .await
+        self.wait_for(&what, |d| d.alive_of(process).len() == n).await
     }
 
     /// Resolve once `n` starts of `process` were asked for in total.
     pub async fn wait_starts(&self, process: &ProcessName, n: usize) {
         let what = format!("{n} start(s) of {process}");
-        self.wait_for(&what, |d| d.starts_of(process).len() >= n)
-            .await
+        self.wait_for(&what, |d| d.starts_of(process).len() >= n).await
     }
 }
 
@@ -453,10 +398,7 @@ impl Driver for FakeDriver {
     async fn start(&self, launch: LaunchSpec) -> Result<InstanceHandle, DriverError> {
         let delay = {
             let mut st = self.state();
-            st.calls.push(DriverCall::Start {
-                launch: launch.clone(),
-                at: Instant::now(),
-            });
+            st.calls.push(DriverCall::Start { launch: launch.clone(), at: Instant::now() });
             st.start_delay
         };
         if !delay.is_zero() {
@@ -466,10 +408,7 @@ impl Driver for FakeDriver {
         let result = {
             let mut st = self.state();
             match Self::take_failure(&mut st, &id.process) {
-                Some(reason) => Err(DriverError::Start {
-                    instance: id.to_string(),
-                    reason,
-                }),
+                Some(reason) => Err(DriverError::Start { instance: id.to_string(), reason }),
                 None => {
                     let pid = st.next_pid;
                     st.next_pid += 2;
@@ -488,20 +427,9 @@ impl Driver for FakeDriver {
                         addr,
                     };
                     let (exit, _) = watch::channel(None);
-                    st.instances.insert(
-                        pid,
-                        FakeInstance {
-                            handle: handle.clone(),
-                            launch,
-                            exit,
-                        },
-                    );
+                    st.instances.insert(pid, FakeInstance { handle: handle.clone(), launch, exit });
                     st.update_peaks(&id.process);
-                    let lifetime = st
-                        .lifetimes
-                        .get(&id.process)
-                        .copied()
-                        .unwrap_or(Lifetime::Forever);
+                    let lifetime = st.lifetimes.get(&id.process).copied().unwrap_or(Lifetime::Forever);
                     Ok((handle, lifetime))
                 }
             }
@@ -531,21 +459,9 @@ impl Driver for FakeDriver {
         let pid = handle.locator.pid().unwrap_or(0);
         let (behavior, rx) = {
             let mut st = self.state();
-            st.calls.push(DriverCall::Stop {
-                instance: id.clone(),
-                signal,
-                timeout,
-                at: Instant::now(),
-            });
-            let behavior = st
-                .stop_behavior
-                .get(&id.process)
-                .copied()
-                .unwrap_or(st.default_stop);
-            let rx = st
-                .by_handle(handle)
-                .filter(|i| i.alive())
-                .map(|i| i.exit.subscribe());
+            st.calls.push(DriverCall::Stop { instance: id.clone(), signal, timeout, at: Instant::now() });
+            let behavior = st.stop_behavior.get(&id.process).copied().unwrap_or(st.default_stop);
+            let rx = st.by_handle(handle).filter(|i| i.alive()).map(|i| i.exit.subscribe());
             (behavior, rx)
         };
         self.inner.journal.push(Entry::Stop(id.clone()));
@@ -609,18 +525,10 @@ impl Driver for FakeDriver {
     async fn run_task(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
         let status = {
             let mut st = self.state();
-            st.calls.push(DriverCall::RunTask {
-                task: task.clone(),
-                at: Instant::now(),
-            });
+            st.calls.push(DriverCall::RunTask { task: task.clone(), at: Instant::now() });
             st.task_status
         };
         self.inner.journal.push(Entry::RunTask(task.name.clone()));
-        Ok(TaskOutcome {
-            status,
-            timed_out: false,
-            output_tail: Vec::new(),
-            duration: Duration::ZERO,
-        })
+        Ok(TaskOutcome { status, timed_out: false, output_tail: Vec::new(), duration: Duration::ZERO })
     }
 }

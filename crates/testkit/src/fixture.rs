@@ -3,9 +3,7 @@
 use crate::{FakeDriver, FakeIngress, FakeLogs, FakeTraffic, Journal, TokioClock};
 use nonstop_core::process::AppSpec;
 use nonstop_core::{EnvironmentId, ProcessName};
-use nonstop_engine::{
-    Engine, EngineConfig, EngineError, EngineHandle, OpReport, Progress, StatusReport,
-};
+use nonstop_engine::{Engine, EngineConfig, EngineError, EngineHandle, OpReport, Progress, StatusReport};
 use nonstop_store::Store;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -51,13 +49,10 @@ impl Fixture {
             store: Arc::new(store),
             clock: Arc::new(TokioClock::new()),
             workdir: std::env::temp_dir(),
-            base_env: [
-                ("PATH", "/usr/local/bin:/usr/bin:/bin"),
-                ("LANG", "C.UTF-8"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+            base_env: [("PATH", "/usr/local/bin:/usr/bin:/bin"), ("LANG", "C.UTF-8")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             journal,
         }
     }
@@ -92,13 +87,7 @@ impl Fixture {
             self.store.clone(),
             shutdown.clone(),
         );
-        RunningEngine {
-            handle,
-            shutdown,
-            join,
-            workdir: self.workdir.clone(),
-            base_env: self.base_env.clone(),
-        }
+        RunningEngine { handle, shutdown, join, workdir: self.workdir.clone(), base_env: self.base_env.clone() }
     }
 }
 
@@ -125,15 +114,9 @@ impl RunningEngine {
     }
 
     /// `up`, and the progress it reported.
-    pub async fn up_with_progress(
-        &self,
-        spec: AppSpec,
-    ) -> (Result<OpReport, EngineError>, Vec<Progress>) {
+    pub async fn up_with_progress(&self, spec: AppSpec) -> (Result<OpReport, EngineError>, Vec<Progress>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let r = self
-            .handle
-            .up(spec, self.workdir.clone(), self.base_env.clone(), tx)
-            .await;
+        let r = self.handle.up(spec, self.workdir.clone(), self.base_env.clone(), tx).await;
         (r, drain_progress(rx))
     }
 
@@ -143,8 +126,7 @@ impl RunningEngine {
     }
 
     pub async fn scale(&self, counts: &[(&str, u32)]) -> Result<OpReport, EngineError> {
-        let counts: BTreeMap<ProcessName, u32> =
-            counts.iter().map(|(p, n)| (crate::pn(p), *n)).collect();
+        let counts: BTreeMap<ProcessName, u32> = counts.iter().map(|(p, n)| (crate::pn(p), *n)).collect();
         let (tx, _rx) = mpsc::unbounded_channel();
         self.handle.scale(counts, tx).await
     }

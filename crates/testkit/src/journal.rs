@@ -63,10 +63,7 @@ pub struct Journal {
 
 impl Default for Journal {
     fn default() -> Self {
-        Self {
-            inner: Arc::default(),
-            changed: Arc::new(watch::channel(0).0),
-        }
+        Self { inner: Arc::default(), changed: Arc::new(watch::channel(0).0) }
     }
 }
 
@@ -82,10 +79,7 @@ impl Journal {
     }
 
     pub fn push(&self, entry: Entry) {
-        lock(&self.inner).push(Record {
-            at: Instant::now(),
-            entry,
-        });
+        lock(&self.inner).push(Record { at: Instant::now(), entry });
         self.bump();
     }
 
@@ -110,19 +104,12 @@ impl Journal {
 
     /// When the first entry equal to `entry` happened.
     pub fn time_of(&self, entry: &Entry) -> Option<Instant> {
-        lock(&self.inner)
-            .iter()
-            .find(|r| &r.entry == entry)
-            .map(|r| r.at)
+        lock(&self.inner).iter().find(|r| &r.entry == entry).map(|r| r.at)
     }
 
     /// Every entry about one instance, in order.
     pub fn about(&self, id: &InstanceId) -> Vec<Entry> {
-        lock(&self.inner)
-            .iter()
-            .filter(|r| r.entry.instance() == Some(id))
-            .map(|r| r.entry.clone())
-            .collect()
+        lock(&self.inner).iter().filter(|r| r.entry.instance() == Some(id)).map(|r| r.entry.clone()).collect()
     }
 
     /// Resolve once `cond` holds, re-checking after every change the fakes

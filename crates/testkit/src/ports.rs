@@ -94,19 +94,10 @@ impl FakeLogs {
 }
 
 impl InstanceLogs for FakeLogs {
-    fn tail(
-        &self,
-        _app: &AppName,
-        _env: &EnvironmentId,
-        instance: &InstanceId,
-        lines: usize,
-    ) -> Vec<String> {
+    fn tail(&self, _app: &AppName, _env: &EnvironmentId, instance: &InstanceId, lines: usize) -> Vec<String> {
         lock(&self.asked).push(instance.clone());
         let all = lock(&self.lines);
         let skip = all.len().saturating_sub(lines);
-        all[skip..]
-            .iter()
-            .map(|l| format!("{}: {l}", instance.slot_name()))
-            .collect()
+        all[skip..].iter().map(|l| format!("{}: {l}", instance.slot_name())).collect()
     }
 }

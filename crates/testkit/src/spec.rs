@@ -14,8 +14,8 @@
 //! ```
 
 use nonstop_core::process::{
-    AppSpec, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec,
-    RestartPolicy, Rollout, StatusRange,
+    AppSpec, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec, RestartPolicy, Rollout,
+    StatusRange,
 };
 use nonstop_core::{AppName, Signal};
 use std::collections::BTreeMap;
@@ -114,13 +114,7 @@ impl AppBuilder {
     }
 
     /// Set a rollout's surge and unavailability (counts) on a process.
-    pub fn rollout(
-        self,
-        name: &str,
-        surge: u32,
-        unavailable: u32,
-        health_timeout: Duration,
-    ) -> Self {
+    pub fn rollout(self, name: &str, surge: u32, unavailable: u32, health_timeout: Duration) -> Self {
         self.with(name, |p| {
             p.rollout = Rollout {
                 max_surge: Quantity::Count(surge),

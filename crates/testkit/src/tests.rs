@@ -2,9 +2,7 @@
 
 use crate::*;
 use nonstop_core::driver::{Driver, ExitStatus, LaunchSpec, StopOutcome};
-use nonstop_core::traffic::{
-    Backend, BackendHealth, DrainOutcome, InitialHealth, RouteKey, Traffic,
-};
+use nonstop_core::traffic::{Backend, BackendHealth, DrainOutcome, InitialHealth, RouteKey, Traffic};
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ReleaseId, Signal};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -37,10 +35,7 @@ async fn counted_start_failures_run_out() {
     let w = d.start(launch(&id("worker", 1, 1))).await.unwrap();
     assert_ne!(a.addr, b.addr);
     assert!(a.addr.is_some() && w.addr.is_none());
-    assert_eq!(
-        d.alive(),
-        [id("web", 1, 3), id("web", 2, 4), id("worker", 1, 1)]
-    );
+    assert_eq!(d.alive(), [id("web", 1, 3), id("web", 2, 4), id("worker", 1, 1)]);
     assert_eq!(d.starts().len(), 5);
     assert!(d.is_alive(&a));
 }
@@ -50,43 +45,23 @@ async fn stops_behave_as_configured() {
     let d = FakeDriver::default();
     let h = d.start(launch(&id("web", 1, 1))).await.unwrap();
     let t0 = Instant::now();
-    assert_eq!(
-        d.stop(&h, Signal::Term, Duration::from_secs(10))
-            .await
-            .unwrap(),
-        StopOutcome::Graceful
-    );
+    assert_eq!(d.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap(), StopOutcome::Graceful);
     assert_eq!(t0.elapsed(), Duration::ZERO);
     assert_eq!(d.wait_exit(&h).await, ExitStatus::Signal(15));
     assert!(!d.is_alive(&h));
-    assert_eq!(
-        d.stop(&h, Signal::Term, Duration::from_secs(10))
-            .await
-            .unwrap(),
-        StopOutcome::AlreadyGone
-    );
+    assert_eq!(d.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap(), StopOutcome::AlreadyGone);
 
     d.set_stop_behavior(&pn("web"), StopBehavior::After(Duration::from_secs(2)));
     let h = d.start(launch(&id("web", 1, 2))).await.unwrap();
     let t0 = Instant::now();
-    assert_eq!(
-        d.stop(&h, Signal::Int, Duration::from_secs(10))
-            .await
-            .unwrap(),
-        StopOutcome::Graceful
-    );
+    assert_eq!(d.stop(&h, Signal::Int, Duration::from_secs(10)).await.unwrap(), StopOutcome::Graceful);
     assert_eq!(t0.elapsed(), Duration::from_secs(2));
     assert_eq!(d.exit_status(&h.instance), Some(ExitStatus::Signal(2)));
 
     d.set_stop_behavior(&pn("web"), StopBehavior::Hang);
     let h = d.start(launch(&id("web", 1, 3))).await.unwrap();
     let t0 = Instant::now();
-    assert_eq!(
-        d.stop(&h, Signal::Term, Duration::from_secs(5))
-            .await
-            .unwrap(),
-        StopOutcome::Killed
-    );
+    assert_eq!(d.stop(&h, Signal::Term, Duration::from_secs(5)).await.unwrap(), StopOutcome::Killed);
     assert_eq!(t0.elapsed(), Duration::from_secs(5));
     assert_eq!(d.wait_exit(&h).await, ExitStatus::Signal(9));
 
@@ -99,12 +74,7 @@ async fn stops_behave_as_configured() {
         d2.exit(&i, ExitStatus::Code(0));
     });
     let t0 = Instant::now();
-    assert_eq!(
-        d.stop(&h, Signal::Term, Duration::from_secs(5))
-            .await
-            .unwrap(),
-        StopOutcome::Graceful
-    );
+    assert_eq!(d.stop(&h, Signal::Term, Duration::from_secs(5)).await.unwrap(), StopOutcome::Graceful);
     assert_eq!(t0.elapsed(), Duration::from_secs(1));
     assert_eq!(d.exit_status(&h.instance), Some(ExitStatus::Code(0)));
 }
@@ -112,23 +82,11 @@ async fn stops_behave_as_configured() {
 #[tokio::test(start_paused = true)]
 async fn lifetimes_and_peaks() {
     let d = FakeDriver::default();
-    d.set_lifetime(
-        &pn("worker"),
-        Lifetime::ExitAfter(Duration::from_millis(50), ExitStatus::Code(3)),
-    );
+    d.set_lifetime(&pn("worker"), Lifetime::ExitAfter(Duration::from_millis(50), ExitStatus::Code(3)));
     let w = d.start(launch(&id("worker", 1, 1))).await.unwrap();
     assert_eq!(d.wait_exit(&w).await, ExitStatus::Code(3));
-    let t = d
-        .journal()
-        .time_of(&Entry::Exit(w.instance.clone(), ExitStatus::Code(3)))
-        .unwrap();
-    assert_eq!(
-        t - d
-            .journal()
-            .time_of(&Entry::Start(w.instance.clone()))
-            .unwrap(),
-        Duration::from_millis(50)
-    );
+    let t = d.journal().time_of(&Entry::Exit(w.instance.clone(), ExitStatus::Code(3))).unwrap();
+    assert_eq!(t - d.journal().time_of(&Entry::Start(w.instance.clone())).unwrap(), Duration::from_millis(50));
 
     let a = d.start(launch(&id("web", 1, 1))).await.unwrap();
     d.start(launch(&id("web", 2, 2))).await.unwrap();
@@ -153,42 +111,24 @@ async fn traffic_health_drains_and_watermarks() {
     let bad = id("bad", 1, 1);
     let check = crate::spec::health_check();
     for (i, port) in [(&web, 1), (&bad, 2)] {
-        let backend = Backend {
-            instance: i.clone(),
-            addr: ([127, 0, 0, 1], port).into(),
-        };
+        let backend = Backend { instance: i.clone(), addr: ([127, 0, 0, 1], port).into() };
         t.add(&route, backend, check.clone(), InitialHealth::Pending);
     }
     let t0 = Instant::now();
     let ev = events.recv().await.unwrap();
-    assert_eq!(
-        (ev.instance, ev.health),
-        (web.clone(), BackendHealth::Healthy)
-    );
+    assert_eq!((ev.instance, ev.health), (web.clone(), BackendHealth::Healthy));
     assert_eq!(t0.elapsed(), Duration::from_secs(2));
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(t.health_of(&bad), Some(BackendHealth::Pending));
-    assert!(
-        !t.set_health(&id("web", 9, 9), BackendHealth::Healthy, "x"),
-        "unknown backend"
-    );
+    assert!(!t.set_health(&id("web", 9, 9), BackendHealth::Healthy, "x"), "unknown backend");
 
     t.reset_watermarks();
     t.set_drain_delay(Duration::from_secs(3));
-    assert_eq!(
-        t.drain(&web, Duration::from_secs(1)).await,
-        DrainOutcome::TimedOut { in_flight: 1 }
-    );
+    assert_eq!(t.drain(&web, Duration::from_secs(1)).await, DrainOutcome::TimedOut { in_flight: 1 });
     assert_eq!(t.health_of(&web), None);
     assert_eq!(t.healthy_watermarks(&pn("web")), (0, 1));
-    assert_eq!(
-        t.drain(&web, Duration::from_secs(1)).await,
-        DrainOutcome::Unknown
-    );
-    let reused = Backend {
-        instance: web.clone(),
-        addr: ([127, 0, 0, 1], 1).into(),
-    };
+    assert_eq!(t.drain(&web, Duration::from_secs(1)).await, DrainOutcome::Unknown);
+    let reused = Backend { instance: web.clone(), addr: ([127, 0, 0, 1], 1).into() };
     t.add(&route, reused, check, InitialHealth::AssumeHealthy);
     assert_eq!(t.healthy_count(&pn("web")), 1);
     assert_eq!(t.status(&web).unwrap().health, BackendHealth::Healthy);
@@ -200,12 +140,7 @@ fn logs_and_ingress() {
     let logs = FakeLogs::new();
     logs.set_lines(&["a", "b", "c"]);
     let i = id("web", 2, 7);
-    let tail = logs.tail(
-        &AppName::new("blog").unwrap(),
-        &EnvironmentId::default_env(),
-        &i,
-        2,
-    );
+    let tail = logs.tail(&AppName::new("blog").unwrap(), &EnvironmentId::default_env(), &i, 2);
     assert_eq!(tail, ["web.2: b", "web.2: c"]);
     assert_eq!(logs.asked(), [i]);
 

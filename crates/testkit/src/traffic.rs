@@ -5,8 +5,7 @@ use crate::journal::{Entry, Journal};
 use crate::lock;
 use nonstop_core::process::HealthCheck;
 use nonstop_core::traffic::{
-    Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey,
-    Traffic,
+    Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Traffic,
 };
 use nonstop_core::{InstanceId, ProcessName};
 use std::collections::BTreeMap;
@@ -54,10 +53,7 @@ struct State {
 
 impl State {
     fn healthy(&self, process: &ProcessName) -> usize {
-        self.backends
-            .iter()
-            .filter(|(id, b)| &id.process == process && b.health == BackendHealth::Healthy)
-            .count()
+        self.backends.iter().filter(|(id, b)| &id.process == process && b.health == BackendHealth::Healthy).count()
     }
 
     fn update_watermarks(&mut self, process: &ProcessName) {
@@ -152,23 +148,15 @@ impl FakeTraffic {
             st.update_watermarks(&id.process);
         }
         self.inner.journal.push(Entry::Health(id.clone(), health));
-        let _ = self.inner.events.send(HealthEvent {
-            instance: id.clone(),
-            health,
-            detail: detail.to_string(),
-        });
+        let _ = self.inner.events.send(HealthEvent { instance: id.clone(), health, detail: detail.to_string() });
         true
     }
 
     /// Start counting the fewest/most healthy backends again from now.
     pub fn reset_watermarks(&self) {
         let mut st = self.state();
-        let processes: Vec<ProcessName> = st
-            .backends
-            .keys()
-            .map(|i| i.process.clone())
-            .chain(st.watermarks.keys().cloned())
-            .collect();
+        let processes: Vec<ProcessName> =
+            st.backends.keys().map(|i| i.process.clone()).chain(st.watermarks.keys().cloned()).collect();
         st.watermarks.clear();
         for p in processes {
             let n = st.healthy(&p);
@@ -196,11 +184,7 @@ impl FakeTraffic {
 
     /// The backends known now, with their health.
     pub fn backends(&self) -> BTreeMap<InstanceId, BackendHealth> {
-        self.state()
-            .backends
-            .iter()
-            .map(|(id, b)| (id.clone(), b.health))
-            .collect()
+        self.state().backends.iter().map(|(id, b)| (id.clone(), b.health)).collect()
     }
 
     pub fn health_of(&self, id: &InstanceId) -> Option<BackendHealth> {
@@ -243,24 +227,14 @@ impl Traffic for FakeTraffic {
         let id = backend.instance.clone();
         let auto = {
             let mut st = self.state();
-            st.adds.push(AddCall {
-                route: route.clone(),
-                backend: backend.clone(),
-                check: check.clone(),
-                initial,
-            });
+            st.adds.push(AddCall { route: route.clone(), backend: backend.clone(), check: check.clone(), initial });
             let health = match initial {
                 InitialHealth::Pending => BackendHealth::Pending,
                 InitialHealth::AssumeHealthy => BackendHealth::Healthy,
             };
             st.backends.insert(
                 id.clone(),
-                BackendEntry {
-                    route: route.clone(),
-                    addr: backend.addr,
-                    health,
-                    last_checks: Vec::new(),
-                },
+                BackendEntry { route: route.clone(), addr: backend.addr, health, last_checks: Vec::new() },
             );
             st.update_watermarks(&id.process);
             if initial == InitialHealth::Pending {

@@ -44,22 +44,15 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runtime = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()?
     };
     runtime.block_on(serve(SocketAddr::from(([127, 0, 0, 1], args.port))))
 }
 
 async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     let small = Bytes::from_static(SMALL);
     let large = Bytes::from(vec![b'x'; LARGE_LEN]);
     let text = HeaderValue::from_static("text/plain");
@@ -81,20 +74,12 @@ async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
         let (small, large, text) = (small.clone(), large.clone(), text.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let body = if req.uri().path() == "/64k" {
-                    large.clone()
-                } else {
-                    small.clone()
-                };
+                let body = if req.uri().path() == "/64k" { large.clone() } else { small.clone() };
                 let mut resp = Response::new(Full::new(body));
-                resp.headers_mut()
-                    .insert(header::CONTENT_TYPE, text.clone());
+                resp.headers_mut().insert(header::CONTENT_TYPE, text.clone());
                 std::future::ready(Ok::<_, Infallible>(resp))
             });
-            let _ = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }

@@ -6,7 +6,7 @@ use nonstop_core::driver::ExitStatus;
 use nonstop_core::traffic::BackendHealth;
 use nonstop_engine::EngineError;
 use nonstop_testkit::spec::app;
-use nonstop_testkit::{within, settle, AutoHealth, Fixture, Lifetime};
+use nonstop_testkit::{settle, within, AutoHealth, Fixture, Lifetime};
 use tokio::time::Instant;
 
 #[tokio::test(start_paused = true)]
@@ -86,7 +86,9 @@ async fn another_app_in_the_same_home_is_refused() {
 
     let err = e.up(app("shop").web("web", 1).build()).await.unwrap_err();
     match &err {
-        EngineError::OtherApp { running, requested } => assert_eq!((running.as_str(), requested.as_str()), ("blog", "shop")),
+        EngineError::OtherApp { running, requested } => {
+            assert_eq!((running.as_str(), requested.as_str()), ("blog", "shop"))
+        }
         other => panic!("expected OtherApp, got {other:?}"),
     }
     assert_eq!(err.exit_code(), 3);
@@ -195,7 +197,8 @@ async fn up_again_after_fixing_a_crash_loop_succeeds() {
     assert!(matches!(e.up(broken).await, Err(EngineError::CrashLoop { .. })));
 
     f.driver.set_lifetime(&pn("worker"), Lifetime::Forever);
-    let fixed = app("blog").web("web", 1).worker("worker", 1).with("worker", |p| p.command = "exec sleep 7200".into()).build();
+    let fixed =
+        app("blog").web("web", 1).worker("worker", 1).with("worker", |p| p.command = "exec sleep 7200".into()).build();
     let report = e.up(fixed).await.unwrap();
     assert!(report.changed);
     let worker = alive(&f, "worker");
@@ -218,7 +221,10 @@ async fn scaling_a_crash_looping_slot_away_succeeds() {
     f.driver.exit(&w2, CRASH);
     settle().await;
     let st = e.status().await.unwrap();
-    assert_eq!(st.waiting.iter().map(|w| (w.instance.as_str(), w.state.as_str())).collect::<Vec<_>>(), [("worker.2", "crash-loop")]);
+    assert_eq!(
+        st.waiting.iter().map(|w| (w.instance.as_str(), w.state.as_str())).collect::<Vec<_>>(),
+        [("worker.2", "crash-loop")]
+    );
 
     e.scale(&[("worker", 1)]).await.unwrap();
     tokio::time::sleep(secs(60)).await;

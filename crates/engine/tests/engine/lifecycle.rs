@@ -4,7 +4,7 @@ use crate::*;
 use nonstop_core::traffic::{BackendHealth, InitialHealth, RouteKey};
 use nonstop_engine::EngineError;
 use nonstop_testkit::spec::{app, LISTEN};
-use nonstop_testkit::{within, settle, AutoHealth, Entry, Fixture};
+use nonstop_testkit::{settle, within, AutoHealth, Entry, Fixture};
 use std::collections::BTreeMap;
 use tokio::time::Instant;
 
@@ -91,11 +91,7 @@ async fn up_waits_until_every_web_instance_is_healthy() {
 async fn up_waits_for_workers_to_stay_up_for_ready_after() {
     let f = Fixture::new();
     let e = f.start();
-    let spec = app("blog")
-        .web("web", 1)
-        .worker("worker", 2)
-        .with("worker", |p| p.ready_after = secs(5))
-        .build();
+    let spec = app("blog").web("web", 1).worker("worker", 2).with("worker", |p| p.ready_after = secs(5)).build();
     let t0 = Instant::now();
     e.up(spec).await.unwrap();
     assert_eq!(t0.elapsed(), secs(5), "up returns as the workers turn ready, not before, not later");

@@ -7,7 +7,7 @@ use nonstop_core::traffic::{BackendHealth, InitialHealth};
 use nonstop_core::InstanceId;
 use nonstop_store::Store;
 use nonstop_testkit::spec::app;
-use nonstop_testkit::{within, settle, AutoHealth, Entry, Fixture, StopBehavior};
+use nonstop_testkit::{settle, within, AutoHealth, Entry, Fixture, StopBehavior};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -99,7 +99,9 @@ async fn instances_that_died_while_the_daemon_was_down_are_forgotten_and_replace
     f.driver.wait_starts(&pn("beat"), 2).await;
     f.driver.wait_starts(&pn("web"), 3).await;
     let new_web = f.driver.starts_of(&pn("web")).pop().unwrap().instance;
-    g.traffic.wait_for("the replacement web.2 to be healthy", |t| t.health_of(&new_web) == Some(BackendHealth::Healthy)).await;
+    g.traffic
+        .wait_for("the replacement web.2 to be healthy", |t| t.health_of(&new_web) == Some(BackendHealth::Healthy))
+        .await;
     settle().await;
 
     assert_eq!(new_web.slot, 2);

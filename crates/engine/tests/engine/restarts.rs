@@ -93,12 +93,7 @@ async fn a_start_that_fails_is_retried_with_backoff() {
     let e = f.start();
     e.up(app("blog").web("web", 1).build()).await.unwrap();
 
-    let failed: Vec<_> = f
-        .journal
-        .records()
-        .into_iter()
-        .filter(|r| matches!(r.entry, Entry::StartFailed(_)))
-        .collect();
+    let failed: Vec<_> = f.journal.records().into_iter().filter(|r| matches!(r.entry, Entry::StartFailed(_))).collect();
     assert_eq!(failed.len(), 2);
     let started = f.journal.records().into_iter().find(|r| matches!(r.entry, Entry::Start(_))).unwrap();
     assert_eq!(failed[1].at - failed[0].at, ms(100));

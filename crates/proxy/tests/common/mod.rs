@@ -13,9 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use nonstop_core::ids::{InstanceId, ProcessName};
 use nonstop_core::process::{HealthCheck, StatusRange};
-use nonstop_core::traffic::{
-    Backend, BackendHealth, HealthEvent, InitialHealth, RouteKey, Traffic,
-};
+use nonstop_core::traffic::{Backend, BackendHealth, HealthEvent, InitialHealth, RouteKey, Traffic};
 use nonstop_proxy::{Proxy, ProxyConfig};
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,13 +31,10 @@ use tokio_util::task::TaskTracker;
 
 pub type TBody = BoxBody<Bytes, hyper::Error>;
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<TBody>> + Send>>;
-pub type Handler =
-    Arc<dyn Fn(Request<Incoming>, Arc<UpstreamState>) -> HandlerFuture + Send + Sync>;
+pub type Handler = Arc<dyn Fn(Request<Incoming>, Arc<UpstreamState>) -> HandlerFuture + Send + Sync>;
 
 pub fn full(body: impl Into<Bytes>) -> TBody {
-    Full::new(body.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
+    Full::new(body.into()).map_err(|never: Infallible| match never {}).boxed()
 }
 
 pub fn text(status: u16, body: impl Into<Bytes>) -> Response<TBody> {
@@ -79,9 +74,7 @@ impl Upstream {
     pub async fn start(name: &str) -> Upstream {
         Self::with_handler(
             name,
-            Arc::new(|_req, state: Arc<UpstreamState>| {
-                Box::pin(async move { text(200, state.name.clone()) })
-            }),
+            Arc::new(|_req, state: Arc<UpstreamState>| Box::pin(async move { text(200, state.name.clone()) })),
         )
         .await
     }
@@ -123,12 +116,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream {
-            addr,
-            state,
-            stop,
-            tasks,
-        }
+        Upstream { addr, state, stop, tasks }
     }
 
     /// Kill it: stop listening (connects are refused) and drop every
@@ -154,11 +142,7 @@ impl Drop for Upstream {
     }
 }
 
-async fn dispatch(
-    req: Request<Incoming>,
-    state: Arc<UpstreamState>,
-    handler: Handler,
-) -> Response<TBody> {
+async fn dispatch(req: Request<Incoming>, state: Arc<UpstreamState>, handler: Handler) -> Response<TBody> {
     let path = req.uri().path().to_string();
     if path == "/health" {
         state.checks.fetch_add(1, Ordering::SeqCst);
@@ -253,41 +237,18 @@ impl Running {
             let shutdown = shutdown.clone();
             async move { proxy.serve(listener, shutdown).await }
         });
-        Running {
-            proxy,
-            addr,
-            shutdown,
-            handle,
-        }
+        Running { proxy, addr, shutdown, handle }
     }
 
     pub async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.handle)
-            .await
-            .expect("proxy stops")
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.handle).await.expect("proxy stops").unwrap().unwrap();
         self.proxy.close().await;
     }
 
-    pub fn add(
-        &self,
-        slot: u32,
-        addr: SocketAddr,
-        check: HealthCheck,
-        initial: InitialHealth,
-    ) -> InstanceId {
+    pub fn add(&self, slot: u32, addr: SocketAddr, check: HealthCheck, initial: InitialHealth) -> InstanceId {
         let instance = instance(slot);
-        self.proxy.add(
-            &route(),
-            Backend {
-                instance: instance.clone(),
-                addr,
-            },
-            check,
-            initial,
-        );
+        self.proxy.add(&route(), Backend { instance: instance.clone(), addr }, check, initial);
         instance
     }
 }
@@ -348,10 +309,7 @@ pub async fn wait_health(
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -387,12 +345,9 @@ impl Client {
         let mut conn = match reusable {
             Some(c) => c,
             None => {
-                let stream = TcpStream::connect(self.addr)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let (conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let stream = TcpStream::connect(self.addr).await.map_err(|e| e.to_string())?;
+                let (conn, driver) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
                 tokio::spawn(driver);
                 conn
             }
@@ -401,11 +356,7 @@ impl Client {
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         self.conn = Some(conn);
-        Ok(Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        Ok(Reply { status: parts.status, headers: parts.headers, body })
     }
 
     pub async fn get(&mut self, path: &str) -> Reply {
@@ -414,12 +365,7 @@ impl Client {
 }
 
 pub fn request(method: &str, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "app.test")
-        .body(Full::new(body.into()))
-        .unwrap()
+    Request::builder().method(method).uri(path).header("host", "app.test").body(Full::new(body.into())).unwrap()
 }
 
 /// One request on its own connection.
@@ -442,9 +388,7 @@ impl RawReply {
     pub fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
         })
     }
 }
@@ -476,11 +420,7 @@ async fn read_response_to(s: &mut TcpStream, head_only: bool) -> Option<RawReply
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
         let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
-        let mut reply = RawReply {
-            status,
-            head,
-            body: buf[head_end..].to_vec(),
-        };
+        let mut reply = RawReply { status, head, body: buf[head_end..].to_vec() };
         let no_body = head_only || status == 204 || status == 304 || status < 200;
         if no_body {
             return Some(reply);
@@ -494,10 +434,7 @@ async fn read_response_to(s: &mut TcpStream, head_only: bool) -> Option<RawReply
                 }
             }
             reply.body.truncate(len);
-        } else if reply
-            .header("transfer-encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-        {
+        } else if reply.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
             while !reply.body.ends_with(b"0\r\n\r\n") {
                 match s.read(&mut chunk).await {
                     Ok(0) | Err(_) => return Some(reply),
@@ -536,10 +473,7 @@ pub async fn closes(s: &mut TcpStream, within: Duration) -> bool {
 
 /// Sends `bytes` on a new connection and reads one response. Also returns
 /// the client's address (to find its log lines) and the stream.
-pub async fn raw_request(
-    addr: SocketAddr,
-    bytes: &[u8],
-) -> (Option<RawReply>, SocketAddr, TcpStream) {
+pub async fn raw_request(addr: SocketAddr, bytes: &[u8]) -> (Option<RawReply>, SocketAddr, TcpStream) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let local = s.local_addr().unwrap();
     s.write_all(bytes).await.unwrap();
@@ -600,10 +534,7 @@ pub mod logs {
             return Vec::new();
         };
         let text = String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
-        text.lines()
-            .filter(|l| l.contains(needle))
-            .map(str::to_string)
-            .collect()
+        text.lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
     }
 
     /// The lines logged about one client connection.
@@ -627,10 +558,7 @@ impl http_body::Body for ChannelBody {
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        self.get_mut()
-            .rx
-            .poll_recv(cx)
-            .map(|next| next.map(|b| Ok(http_body::Frame::data(b))))
+        self.get_mut().rx.poll_recv(cx).map(|next| next.map(|b| Ok(http_body::Frame::data(b))))
     }
 }
 

@@ -1,5 +1,3 @@
 fn main() {
-    std::process::exit(nonstop_supervisor::monitor_main(
-        std::env::args_os().skip(1).collect(),
-    ))
+    std::process::exit(nonstop_supervisor::monitor_main(std::env::args_os().skip(1).collect()))
 }
