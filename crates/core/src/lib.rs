@@ -9,6 +9,7 @@
 pub mod clock;
 pub mod driver;
 pub mod ids;
+pub mod logline;
 pub mod process;
 pub mod traffic;
 

@@ -13,8 +13,6 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use time::format_description::BorrowedFormatItem;
-use time::macros::format_description;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -32,9 +30,6 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// How long to wait for a SIGKILLed shell to be reaped.
 const REAP_TIMEOUT: Duration = Duration::from_secs(10);
-
-const TS_FORMAT: &[BorrowedFormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 
 /// How a command ended.
 pub(crate) enum Ended {
@@ -55,9 +50,7 @@ impl BuildLog {
     }
 
     pub(crate) fn line(&mut self, stream: Stream, text: &str) {
-        let ts = time::OffsetDateTime::now_utc()
-            .format(TS_FORMAT)
-            .unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".to_string());
+        let ts = nonstop_core::logline::format_ts(time::OffsetDateTime::now_utc());
         // A failed log write must not fail the build: the output still goes
         // to the events and the error's tail.
         let _ = writeln!(self.file, "{ts} {} {text}", stream.as_str());

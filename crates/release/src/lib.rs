@@ -87,24 +87,9 @@ pub struct SnapshotStats {
     pub content_hash: String,
 }
 
-/// Which stream a line of build output came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stream {
-    Out,
-    Err,
-    /// Written by nonstop (command started, exit status, killed).
-    Sys,
-}
-
-impl Stream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Out => "out",
-            Stream::Err => "err",
-            Stream::Sys => "sys",
-        }
-    }
-}
+/// Which stream a line of build output came from (the build log has the
+/// line format of every nonstop log).
+pub use nonstop_core::logline::Stream;
 
 /// One build.
 #[derive(Debug, Clone)]

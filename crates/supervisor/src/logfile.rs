@@ -6,69 +6,19 @@
 //! Timestamps are UTC with microseconds and fixed width, so they sort as
 //! text. Lines longer than [`MAX_LINE`] bytes are split.
 
-use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use time::format_description::BorrowedFormatItem;
-use time::macros::format_description;
 use time::OffsetDateTime;
 
 /// Longest text of one log line; longer output lines are split.
 pub const MAX_LINE: usize = 16 * 1024;
 
-/// Width of the timestamp at the start of each line.
-pub const TS_LEN: usize = 27;
-
-const TS_FORMAT: &[BorrowedFormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
-
-/// Which stream a line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stream {
-    Out,
-    Err,
-    /// Written by the supervisor itself (start, exit, leftovers killed).
-    Sys,
-}
-
-impl Stream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Out => "out",
-            Stream::Err => "err",
-            Stream::Sys => "sys",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Stream> {
-        match s {
-            "out" => Some(Stream::Out),
-            "err" => Some(Stream::Err),
-            "sys" => Some(Stream::Sys),
-            _ => None,
-        }
-    }
-}
+pub use nonstop_core::logline::{format_ts, parse_line, Stream, TS_LEN};
 
 /// Now, formatted as in the log files.
 pub fn timestamp_now() -> String {
     format_ts(OffsetDateTime::now_utc())
-}
-
-pub fn format_ts(t: OffsetDateTime) -> String {
-    t.to_offset(time::UtcOffset::UTC).format(TS_FORMAT).unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".to_string())
-}
-
-/// Split one log file line into (timestamp, stream, text).
-pub fn parse_line(line: &str) -> Option<(&str, Stream, &str)> {
-    let ts = line.get(..TS_LEN)?;
-    let b = line.as_bytes();
-    if !ts.ends_with('Z') || b.get(TS_LEN) != Some(&b' ') || b.get(TS_LEN + 4) != Some(&b' ') {
-        return None;
-    }
-    let stream = Stream::parse(line.get(TS_LEN + 1..TS_LEN + 4)?)?;
-    Some((ts, stream, line.get(TS_LEN + 5..)?))
 }
 
 /// Turns a byte stream into lines of at most [`MAX_LINE`] bytes.
