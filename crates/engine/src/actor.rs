@@ -319,6 +319,30 @@ pub(crate) struct Inst {
     stop_requested: bool,
 }
 
+impl Inst {
+    fn new(
+        id: InstanceId,
+        kind: ProcessKind,
+        release: ReleaseId,
+        handle: Option<InstanceHandle>,
+        phase: InstPhase,
+        started: (Instant, SystemTime),
+    ) -> Self {
+        Inst {
+            id,
+            kind,
+            release,
+            handle,
+            phase,
+            started: started.0,
+            started_wall: started.1,
+            health: None,
+            last_checks: VecDeque::new(),
+            stop_requested: false,
+        }
+    }
+}
+
 /// A release as the engine runs it: its spec and its directory.
 #[derive(Debug, Clone)]
 pub(crate) struct ReleaseCtx {
@@ -381,7 +405,45 @@ pub(crate) struct AppRuntime {
     targets: BTreeMap<ProcessName, ReleaseCtx>,
 }
 
+/// The proxy route of an app in an environment.
+pub(crate) fn route_key(app: &AppName, env: &EnvironmentId) -> RouteKey {
+    RouteKey(format!("{app}/{env}"))
+}
+
 impl AppRuntime {
+    fn new(record: AppRecord) -> Self {
+        let route = route_key(&record.app, &record.environment);
+        AppRuntime {
+            record,
+            route,
+            instances: BTreeMap::new(),
+            backoff: BTreeMap::new(),
+            last_exit: BTreeMap::new(),
+            rollout: None,
+            targets: BTreeMap::new(),
+        }
+    }
+
+    /// Restarts of the slot `id` fills.
+    fn restarts(&self, id: &InstanceId) -> u32 {
+        self.backoff.get(&(id.process.clone(), id.slot)).map(|b| b.restarts).unwrap_or(0)
+    }
+
+    /// What the store keeps of `inst`, in `phase`.
+    fn record_of(&self, inst: &Inst, phase: InstancePhase, was_healthy: bool) -> InstanceRecord {
+        InstanceRecord {
+            app: self.record.app.clone(),
+            environment: self.record.environment.clone(),
+            id: inst.id.clone(),
+            release: inst.release,
+            handle: inst.handle.clone(),
+            phase,
+            was_healthy,
+            started_at: inst.started_wall,
+            restarts: self.restarts(&inst.id),
+        }
+    }
+
     fn current(&self) -> ReleaseCtx {
         ReleaseCtx { id: self.record.release, spec: self.record.spec.clone(), workdir: self.record.workdir.clone() }
     }
@@ -543,7 +605,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let Some(record) = records.into_iter().find(|r| r.environment == self.env && r.running) else {
             return Ok(());
         };
-        let route = RouteKey(format!("{}/{}", record.app, record.environment));
+        let route = route_key(&record.app, &record.environment);
         if record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
             if let Err(e) = self.ingress.listen(&record.spec.proxy, &route) {
                 tracing::error!("the proxy cannot be set up: {}", e.into_engine());
@@ -551,15 +613,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         let now = self.clock.now();
         let wall = self.clock.wall();
-        let mut rt = AppRuntime {
-            record,
-            route,
-            instances: BTreeMap::new(),
-            backoff: BTreeMap::new(),
-            last_exit: BTreeMap::new(),
-            rollout: None,
-            targets: BTreeMap::new(),
-        };
+        let mut rt = AppRuntime::new(record);
         let recorded = self.store.instances(&rt.record.app, &self.env)?;
         let mut adopted = 0;
         for rec in recorded {
@@ -607,18 +661,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             self.watch_exit(handle.clone());
             rt.instances.insert(
                 rec.id.clone(),
-                Inst {
-                    id: rec.id.clone(),
-                    kind,
-                    release: rec.release,
-                    handle: Some(handle),
-                    phase,
-                    started,
-                    started_wall: rec.started_at,
-                    health: None,
-                    last_checks: VecDeque::new(),
-                    stop_requested: false,
-                },
+                Inst::new(rec.id.clone(), kind, rec.release, Some(handle), phase, (started, rec.started_at)),
             );
             adopted += 1;
         }
@@ -639,20 +682,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             );
             let kind = rt.record.spec.process(&orphan.instance.process).map(|s| s.kind).unwrap_or(ProcessKind::Worker);
             self.watch_exit(orphan.clone());
+            let release = rt.record.release;
             rt.instances.insert(
                 orphan.instance.clone(),
-                Inst {
-                    id: orphan.instance.clone(),
-                    kind,
-                    release: rt.record.release,
-                    handle: Some(orphan),
-                    phase: InstPhase::Stopping,
-                    started: now,
-                    started_wall: wall,
-                    health: None,
-                    last_checks: VecDeque::new(),
-                    stop_requested: false,
-                },
+                Inst::new(orphan.instance.clone(), kind, release, Some(orphan), InstPhase::Stopping, (now, wall)),
             );
         }
         tracing::info!("restored app {} with {adopted} running instance(s)", rt.record.app);
@@ -859,7 +892,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         if !problems.is_empty() {
             return Err(EngineError::Preflight { problems });
         }
-        let route = RouteKey(format!("{}/{}", spec.app, self.env));
+        let route = route_key(&spec.app, &self.env);
         if spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
             self.ingress.listen(&spec.proxy, &route).map_err(IngressError::into_engine)?;
         }
@@ -913,28 +946,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         };
         self.store.put_app(&record, self.clock.wall())?;
         self.event(&spec.app, "up", None, &summary);
-        match &mut self.app {
-            Some(rt) => {
-                if !rt.record.running {
-                    // A fresh start: earlier crash loops are history.
-                    rt.backoff.clear();
-                    rt.last_exit.clear();
-                }
-                rt.record = record;
-                rt.route = route;
-            }
-            None => {
-                self.app = Some(AppRuntime {
-                    record,
-                    route,
-                    instances: BTreeMap::new(),
-                    backoff: BTreeMap::new(),
-                    last_exit: BTreeMap::new(),
-                    rollout: None,
-                    targets: BTreeMap::new(),
-                })
-            }
+        if let Some(rt) = self.app.as_mut().filter(|rt| !rt.record.running) {
+            // A fresh start: earlier crash loops are history.
+            rt.backoff.clear();
+            rt.last_exit.clear();
         }
+        self.install_record(record);
         Ok((summary, changed, queue))
     }
 
@@ -1042,17 +1059,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 inst.handle = Some(handle.clone());
                 let stop_now = inst.stop_requested;
                 inst.phase = InstPhase::Starting;
-                let rec = InstanceRecord {
-                    app: rt.record.app.clone(),
-                    environment: self.env.clone(),
-                    id: id.clone(),
-                    release: inst.release,
-                    handle: Some(handle.clone()),
-                    phase: InstancePhase::Running,
-                    was_healthy: false,
-                    started_at: inst.started_wall,
-                    restarts: rt.backoff.get(&(id.process.clone(), id.slot)).map(|b| b.restarts).unwrap_or(0),
-                };
+                let rec = rt.record_of(&rt.instances[&id], InstancePhase::Running, false);
                 if let Err(e) = self.store.put_instance(&rec) {
                     tracing::error!("could not record {id}: {e}");
                 }
@@ -1160,17 +1167,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     fn persist_ready(&mut self, id: &InstanceId) {
         let Some(rt) = self.app.as_ref() else { return };
         let Some(inst) = rt.instances.get(id) else { return };
-        let rec = InstanceRecord {
-            app: rt.record.app.clone(),
-            environment: self.env.clone(),
-            id: id.clone(),
-            release: inst.release,
-            handle: inst.handle.clone(),
-            phase: InstancePhase::Running,
-            was_healthy: true,
-            started_at: inst.started_wall,
-            restarts: rt.backoff.get(&(id.process.clone(), id.slot)).map(|b| b.restarts).unwrap_or(0),
-        };
+        let rec = rt.record_of(inst, InstancePhase::Running, true);
         if let Err(e) = self.store.put_instance(&rec) {
             tracing::error!("could not record {id}: {e}");
         }
@@ -1190,18 +1187,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
         };
         let id = InstanceId::new(process.clone(), slot, generation);
-        let wall = self.clock.wall();
-        let rec = InstanceRecord {
-            app: rt.record.app.clone(),
-            environment: self.env.clone(),
-            id: id.clone(),
-            release: ctx.id,
-            handle: None,
-            phase: InstancePhase::Launching,
-            was_healthy: false,
-            started_at: wall,
-            restarts: rt.backoff.get(&(process.clone(), slot)).map(|b| b.restarts).unwrap_or(0),
-        };
+        let inst =
+            Inst::new(id.clone(), spec.kind, ctx.id, None, InstPhase::Launching, (self.clock.now(), self.clock.wall()));
+        let rec = rt.record_of(&inst, InstancePhase::Launching, false);
         if let Err(e) = self.store.put_instance(&rec) {
             tracing::error!("cannot record {id} before starting it: {e}");
             return None;
@@ -1216,21 +1204,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             env: instance_env(&rt.record.base_env, &ctx, &spec, &id, &self.env),
             wants_port: spec.kind == ProcessKind::Web,
         };
-        rt.instances.insert(
-            id.clone(),
-            Inst {
-                id: id.clone(),
-                kind: spec.kind,
-                release: ctx.id,
-                handle: None,
-                phase: InstPhase::Launching,
-                started: self.clock.now(),
-                started_wall: wall,
-                health: None,
-                last_checks: VecDeque::new(),
-                stop_requested: false,
-            },
-        );
+        rt.instances.insert(id.clone(), inst);
         let driver = self.driver.clone();
         let tx = self.events_tx.clone();
         let id2 = id.clone();
@@ -1273,6 +1247,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
 
     /// Drain (web) and stop one instance. `resume` continues a stop that a
     /// previous daemon had recorded.
+    /// Make `record` the app's (a new runtime if there was none).
+    pub(crate) fn install_record(&mut self, record: AppRecord) {
+        match self.app.as_mut() {
+            Some(rt) => {
+                rt.route = route_key(&record.app, &record.environment);
+                rt.record = record;
+            }
+            None => self.app = Some(AppRuntime::new(record)),
+        }
+    }
+
     pub(crate) fn begin_stop(&mut self, id: &InstanceId, resume: bool) {
         let Some(rt) = self.app.as_mut() else { return };
         let spec = rt.process_spec(&id.process).or_else(|| rt.record.spec.process(&id.process).cloned());
@@ -1290,17 +1275,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             .map(|s| (s.stop_signal, s.stop_timeout, s.drain_timeout))
             .unwrap_or((nonstop_core::Signal::Term, Duration::from_secs(10), Duration::from_secs(30)));
         let is_web = inst.kind == ProcessKind::Web;
-        let rec = InstanceRecord {
-            app: rt.record.app.clone(),
-            environment: self.env.clone(),
-            id: id.clone(),
-            release: inst.release,
-            handle: Some(handle.clone()),
-            phase: InstancePhase::Stopping,
-            was_healthy: false,
-            started_at: inst.started_wall,
-            restarts: rt.backoff.get(&(id.process.clone(), id.slot)).map(|b| b.restarts).unwrap_or(0),
-        };
+        let rec = rt.record_of(&rt.instances[id], InstancePhase::Stopping, false);
         if let Err(e) = self.store.put_instance(&rec) {
             tracing::error!("could not record the stop of {id}: {e}");
         }
@@ -1801,7 +1776,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 } else {
                     None
                 },
-                restarts: rt.backoff.get(&(inst.id.process.clone(), inst.id.slot)).map(|b| b.restarts).unwrap_or(0),
+                restarts: rt.restarts(&inst.id),
                 uptime_ms: now.saturating_duration_since(inst.started).as_millis() as u64,
                 release: inst.release.0,
                 last_checks,

@@ -130,7 +130,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     })?;
                 }
                 None => {
-                    let route = RouteKey(format!("{}/{}", spec.app, self.env));
+                    let route = route_key(&spec.app, &self.env);
                     self.ingress.listen(&spec.proxy, &route).map_err(IngressError::into_engine)?;
                 }
             }
@@ -642,24 +642,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         if let Err(e) = self.store.put_app(&record, self.clock.wall()) {
             tracing::error!("could not record the app: {e}");
         }
-        let route = RouteKey(format!("{}/{}", to.spec.app, self.env));
-        match self.app.as_mut() {
-            Some(rt) => {
-                rt.record = record;
-                rt.route = route;
-            }
-            None => {
-                self.app = Some(AppRuntime {
-                    record,
-                    route,
-                    instances: BTreeMap::new(),
-                    backoff: BTreeMap::new(),
-                    last_exit: BTreeMap::new(),
-                    rollout: None,
-                    targets: BTreeMap::new(),
-                })
-            }
-        }
+        self.install_record(record);
     }
 
     /// Every process now runs the new release: make it the app's record.
