@@ -231,22 +231,37 @@ fn print_report(r: &OpReport, json: bool) {
     }
 }
 
-async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
+/// The spec at `file` and the app directory it describes (the file's
+/// directory); `Err(2)` after printing the spec's errors.
+fn load_app(file: &Path, json: bool) -> anyhow::Result<Result<(nonstop_core::process::AppSpec, PathBuf), i32>> {
     let spec = match nonstop_spec::load(file) {
         Ok(s) => s,
         Err(errors) => {
             print_spec_errors(file, &errors, json);
-            return Ok(2);
+            return Ok(Err(2));
         }
     };
     let file = if file.is_absolute() { file.to_path_buf() } else { std::env::current_dir()?.join(file) };
-    let workdir: PathBuf = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let workdir = workdir.canonicalize().unwrap_or(workdir);
-    let c = ensure_daemon(home).await?;
-    let code = run_op(&c, "/v1/up", &UpRequest { spec: spec.clone(), workdir, base_env: base_env() }, json).await?;
+    let dir: PathBuf = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = dir.canonicalize().unwrap_or(dir);
+    Ok(Ok((spec, dir)))
+}
+
+/// After a successful `up` or `deploy`: where the app is served.
+fn say_serving(spec: &nonstop_core::process::AppSpec, code: i32, json: bool) {
     if code == 0 && !json && spec.processes.iter().any(|p| p.kind == nonstop_core::ProcessKind::Web) {
         outln!("serving on http://{}", spec.proxy.listen);
     }
+}
+
+async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
+    let (spec, workdir) = match load_app(file, json)? {
+        Ok(app) => app,
+        Err(code) => return Ok(code),
+    };
+    let c = ensure_daemon(home).await?;
+    let code = run_op(&c, "/v1/up", &UpRequest { spec: spec.clone(), workdir, base_env: base_env() }, json).await?;
+    say_serving(&spec, code, json);
     Ok(code)
 }
 
@@ -463,22 +478,14 @@ async fn run_op_waiting<B: serde::Serialize>(
 }
 
 async fn deploy(home: &Home, file: &Path, message: Option<String>, wait: bool, json: bool) -> anyhow::Result<i32> {
-    let spec = match nonstop_spec::load(file) {
-        Ok(s) => s,
-        Err(errors) => {
-            print_spec_errors(file, &errors, json);
-            return Ok(2);
-        }
+    let (spec, source) = match load_app(file, json)? {
+        Ok(app) => app,
+        Err(code) => return Ok(code),
     };
-    let file = if file.is_absolute() { file.to_path_buf() } else { std::env::current_dir()?.join(file) };
-    let source: PathBuf = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let source = source.canonicalize().unwrap_or(source);
     let c = ensure_daemon(home).await?;
     let req = DeployRequest { spec: spec.clone(), source, base_env: base_env(), message, who: who() };
     let code = run_op_waiting(&c, "/v1/deploy", &req, wait, json).await?;
-    if code == 0 && !json && spec.processes.iter().any(|p| p.kind == nonstop_core::ProcessKind::Web) {
-        outln!("serving on http://{}", spec.proxy.listen);
-    }
+    say_serving(&spec, code, json);
     Ok(code)
 }
 
