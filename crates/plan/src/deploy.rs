@@ -106,43 +106,16 @@ pub fn rollout_order(old: Option<&AppSpec>, new: &AppSpec) -> Vec<ProcessName> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nonstop_core::process::{ProcessSpec, ProxySpec, ReleaseSpec, RestartPolicy, Rollout, Signal};
-    use nonstop_core::AppName;
-    use std::time::Duration;
+    use crate::fixtures::names;
+    use nonstop_core::process::{ProcessSpec, ReleaseSpec};
 
     fn p(name: &str, kind: ProcessKind) -> ProcessSpec {
-        ProcessSpec {
-            name: ProcessName::new(name).unwrap(),
-            kind,
-            command: "x".into(),
-            count: 1,
-            stop_signal: Signal::Term,
-            stop_timeout: Duration::from_secs(1),
-            drain_timeout: Duration::from_secs(1),
-            ready_after: Duration::from_secs(1),
-            health: None,
-            restart: RestartPolicy::default(),
-            rollout: Rollout::default(),
-            env: Default::default(),
-        }
+        crate::fixtures::process(name, kind, 1)
     }
 
     fn app(processes: Vec<ProcessSpec>, order: &[&str]) -> AppSpec {
-        AppSpec {
-            app: AppName::new("a").unwrap(),
-            env: Default::default(),
-            processes,
-            proxy: ProxySpec::new("127.0.0.1:1".parse().unwrap()),
-            build: vec![],
-            release: ReleaseSpec {
-                order: order.iter().map(|n| ProcessName::new(*n).unwrap()).collect(),
-                ..Default::default()
-            },
-        }
-    }
-
-    fn names(v: &[ProcessName]) -> Vec<&str> {
-        v.iter().map(|n| n.as_str()).collect()
+        let order = order.iter().map(|n| ProcessName::new(*n).unwrap()).collect();
+        AppSpec { release: ReleaseSpec { order, ..Default::default() }, ..crate::fixtures::app(processes) }
     }
 
     #[test]

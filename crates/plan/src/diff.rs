@@ -59,40 +59,11 @@ pub fn diff(old: &AppSpec, new: &AppSpec) -> SpecDiff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nonstop_core::process::{ProcessKind, ProxySpec, ReleaseSpec, RestartPolicy, Rollout, Signal};
-    use nonstop_core::AppName;
-    use std::time::Duration;
+    use crate::fixtures::{app, names, process};
+    use nonstop_core::process::ProcessKind;
 
     fn proc(name: &str, count: u32, command: &str) -> ProcessSpec {
-        ProcessSpec {
-            name: ProcessName::new(name).unwrap(),
-            kind: ProcessKind::Worker,
-            command: command.into(),
-            count,
-            stop_signal: Signal::Term,
-            stop_timeout: Duration::from_secs(1),
-            drain_timeout: Duration::from_secs(1),
-            ready_after: Duration::from_secs(1),
-            health: None,
-            restart: RestartPolicy::default(),
-            rollout: Rollout::default(),
-            env: Default::default(),
-        }
-    }
-
-    fn app(processes: Vec<ProcessSpec>) -> AppSpec {
-        AppSpec {
-            app: AppName::new("a").unwrap(),
-            env: Default::default(),
-            processes,
-            proxy: ProxySpec::new("127.0.0.1:8080".parse().unwrap()),
-            build: vec![],
-            release: ReleaseSpec::default(),
-        }
-    }
-
-    fn names(v: &[ProcessName]) -> Vec<&str> {
-        v.iter().map(|n| n.as_str()).collect()
+        ProcessSpec { command: command.into(), ..process(name, ProcessKind::Worker, count) }
     }
 
     #[test]

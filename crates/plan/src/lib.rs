@@ -7,6 +7,8 @@
 pub mod backoff;
 pub mod deploy;
 pub mod diff;
+#[cfg(test)]
+mod fixtures;
 pub mod reconcile;
 pub mod rollout;
 

@@ -129,24 +129,10 @@ pub fn reconcile(desired: &[ProcessSpec], observed: &Observed, now: Instant) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nonstop_core::process::{RestartPolicy, Rollout, Signal};
     use std::time::Duration;
 
     fn spec(name: &str, kind: ProcessKind, count: u32) -> ProcessSpec {
-        ProcessSpec {
-            name: ProcessName::new(name).unwrap(),
-            kind,
-            command: "true".into(),
-            count,
-            stop_signal: Signal::Term,
-            stop_timeout: Duration::from_secs(1),
-            drain_timeout: Duration::from_secs(1),
-            ready_after: Duration::from_secs(1),
-            health: None,
-            restart: RestartPolicy::default(),
-            rollout: Rollout::default(),
-            env: Default::default(),
-        }
+        crate::fixtures::process(name, kind, count)
     }
 
     fn inst(process: &str, slot: u32, generation: u64, phase: Phase) -> ObservedInstance {
