@@ -119,6 +119,18 @@ impl fmt::Display for InstanceId {
     }
 }
 
+/// Whether `name` is a DNS host name nonstop accepts (a TLS or route host,
+/// without a leading `*.`): letters, digits, '-' and '.', no empty label,
+/// at most 253 bytes. Case is the caller's (hosts are compared lowercase).
+pub fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && !name.contains("..")
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 /// An immutable release. Until deploys land (issue 3) the running spec is
 /// recorded as release 0 ("working directory").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

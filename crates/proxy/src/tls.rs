@@ -365,13 +365,7 @@ fn cert_set(entries: &[Entry]) -> CertSet {
 pub(crate) fn normalize_tls_host(raw: &str) -> Option<String> {
     let host = raw.trim().to_ascii_lowercase();
     let name = host.strip_prefix("*.").unwrap_or(&host);
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && !name.starts_with('.')
-        && !name.ends_with('.')
-        && !name.contains("..")
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    valid.then_some(host)
+    nonstop_core::ids::is_host_name(name).then_some(host)
 }
 
 fn read(file: &Path) -> Result<Vec<u8>, TlsError> {

@@ -342,13 +342,7 @@ fn tls_host(raw: &str) -> Result<String, String> {
     if name.contains('*') {
         return Err("a wildcard is `*.` before the rest of the name, as in \"*.example.com\" (one label)".into());
     }
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && !name.starts_with('.')
-        && !name.ends_with('.')
-        && !name.contains("..")
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if valid {
+    if nonstop_core::ids::is_host_name(name) {
         Ok(host)
     } else {
         Err("host names are letters, digits, '-' and '.', such as \"example.com\" or \"*.example.com\"".into())
