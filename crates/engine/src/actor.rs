@@ -1415,11 +1415,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     // Ready once, then failing its checks: not a release to keep.
                     Some(inst) if inst.phase == InstPhase::Ready && inst.health == Some(BackendHealth::Unhealthy) => {
                         if failure.is_none() {
-                            let checks: VecDeque<String> = self
-                                .traffic
-                                .status(id)
-                                .map(|st| st.last_checks.into_iter().collect())
-                                .unwrap_or_else(|| inst.last_checks.clone());
+                            let checks = last_checks(&*self.traffic, inst);
                             failure = Some(format!(
                                 "new instance {} became unhealthy after passing its checks{}",
                                 id.slot_name(),
@@ -1433,12 +1429,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     Some(inst) => {
                         if now.saturating_duration_since(inst.started) >= health_timeout {
                             if failure.is_none() {
-                                let checks: VecDeque<String> = self
-                                    .traffic
-                                    .status(id)
-                                    .map(|st| st.last_checks.into_iter().collect())
-                                    .filter(|c: &VecDeque<String>| !c.is_empty())
-                                    .unwrap_or_else(|| inst.last_checks.clone());
+                                let checks = last_checks(&*self.traffic, inst);
                                 let logs = self.logs.tail(&rt.record.app, &self.env, id, 10);
                                 failure = Some(format!(
                                     "new instance {} did not become {} within {}{}{}",
@@ -1662,12 +1653,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                             instance: inst.id.slot_name(),
                             what: what.to_string(),
                             timeout_s: timeout.as_secs(),
-                            checks: self
-                                .traffic
-                                .status(&inst.id)
-                                .map(|st| st.last_checks)
-                                .filter(|c| !c.is_empty())
-                                .unwrap_or_else(|| inst.last_checks.iter().cloned().collect()),
+                            checks: last_checks(&*self.traffic, inst),
                             logs,
                         };
                         self.fail_op(err);
@@ -1748,12 +1734,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let mut instances = Vec::new();
         for inst in rt.instances.values() {
             let health = self.traffic.status(&inst.id);
-            let mut last_checks: Vec<String> = inst.last_checks.iter().cloned().collect();
-            if let Some(h) = &health {
-                if !h.last_checks.is_empty() {
-                    last_checks = h.last_checks.clone();
-                }
-            }
+            let last_checks = last_checks(&*self.traffic, inst);
             instances.push(InstanceStatus {
                 process: inst.id.process.to_string(),
                 kind: inst.kind.as_str().to_string(),
@@ -1926,11 +1907,21 @@ pub(crate) fn tail_suffix(lines: &[String]) -> String {
     }
 }
 
-fn checks_suffix(checks: &VecDeque<String>) -> String {
+/// The last health checks of an instance: the traffic layer's, or the ones
+/// the engine saw in health events if it has none.
+fn last_checks<T: Traffic>(traffic: &T, inst: &Inst) -> Vec<String> {
+    traffic
+        .status(&inst.id)
+        .map(|st| st.last_checks)
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| inst.last_checks.iter().cloned().collect())
+}
+
+fn checks_suffix(checks: &[String]) -> String {
     if checks.is_empty() {
         String::new()
     } else {
-        format!("; last health checks: {}", checks.iter().cloned().collect::<Vec<_>>().join("; "))
+        format!("; last health checks: {}", checks.join("; "))
     }
 }
 
