@@ -3,8 +3,7 @@
 //! failures), the in-flight counter, and the pool of idle upstream
 //! connections.
 
-use crate::body::UpBody;
-use hyper::client::conn::http1::SendRequest;
+use crate::upstream::Upstream;
 use nonstop_core::ids::InstanceId;
 use nonstop_core::process::HealthCheck;
 use nonstop_core::traffic::{BackendHealth, BackendStatus};
@@ -265,7 +264,7 @@ impl Drop for InFlight {
 }
 
 struct Idle {
-    tx: SendRequest<UpBody>,
+    conn: Upstream,
     since: Instant,
 }
 
@@ -287,19 +286,21 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The newest idle connection that hyper has not seen close. Stale ones
-    /// met on the way are dropped (which closes them).
-    pub fn take(&self) -> Option<SendRequest<UpBody>> {
+    /// The newest idle connection not known to be closed or too old. Stale
+    /// ones met on the way are dropped (which closes them). Whether the
+    /// instance closed it meanwhile shows when it is driven again
+    /// (`Upstream::ready`): idle connections are not polled.
+    pub fn take(&self) -> Option<Upstream> {
         let mut stale = Vec::new();
         let found = {
             let mut idle = self.lock();
             let mut found = None;
             while let Some(entry) = idle.pop() {
-                if entry.tx.is_closed() || entry.since.elapsed() > self.idle_timeout {
+                if !entry.conn.is_open() || entry.since.elapsed() > self.idle_timeout {
                     stale.push(entry);
                     continue;
                 }
-                found = Some(entry.tx);
+                found = Some(entry.conn);
                 break;
             }
             found
@@ -308,13 +309,13 @@ impl Pool {
         found
     }
 
-    pub fn put(&self, tx: SendRequest<UpBody>, backend_draining: bool) {
-        if backend_draining || tx.is_closed() || self.max_idle == 0 {
+    pub fn put(&self, conn: Upstream, backend_draining: bool) {
+        if backend_draining || !conn.is_open() || self.max_idle == 0 {
             return;
         }
         let mut idle = self.lock();
         if idle.len() < self.max_idle {
-            idle.push(Idle { tx, since: Instant::now() });
+            idle.push(Idle { conn, since: Instant::now() });
         }
     }
 
@@ -324,7 +325,7 @@ impl Pool {
             let mut idle = self.lock();
             let timeout = self.idle_timeout;
             let (keep, stale): (Vec<Idle>, Vec<Idle>) =
-                idle.drain(..).partition(|e| !e.tx.is_closed() && e.since.elapsed() <= timeout);
+                idle.drain(..).partition(|e| e.conn.is_open() && e.since.elapsed() <= timeout);
             *idle = keep;
             stale
         };
@@ -344,8 +345,8 @@ impl Pool {
 
 impl BackendState {
     /// Return a connection whose exchange completed cleanly.
-    pub fn recycle(&self, tx: SendRequest<UpBody>) {
-        self.pool.put(tx, self.health.load(Ordering::SeqCst) == DRAINING);
+    pub fn recycle(&self, conn: Upstream) {
+        self.pool.put(conn, self.health.load(Ordering::SeqCst) == DRAINING);
     }
 }
 

@@ -4,10 +4,10 @@
 
 use crate::backend::InFlight;
 use crate::server::PhaseGuard;
+use crate::upstream::Upstream;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -180,7 +180,7 @@ impl Body for UpBody {
 /// the body ended cleanly).
 pub(crate) struct Lease {
     pub in_flight: InFlight,
-    pub conn: Option<SendRequest<UpBody>>,
+    pub conn: Option<Upstream>,
 }
 
 impl Lease {
@@ -222,6 +222,11 @@ impl Body for ProxyBody {
         match &mut self.get_mut().kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream { body, lease } => {
+                // The body's bytes come from the connection's I/O, which
+                // this task drives (see `upstream.rs`).
+                if let Some(conn) = lease.as_mut().and_then(|lease| lease.conn.as_mut()) {
+                    conn.drive(cx);
+                }
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 match &polled {
                     Poll::Ready(None) => {

@@ -21,6 +21,7 @@ use crate::config::ProxyConfig;
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::headers;
 use crate::server::{ConnCtx, PhaseGuard, DUPLICATE_CONTENT_LENGTH, SAW_CONTENT_LENGTH, SAW_TRANSFER_ENCODING};
+use crate::upstream::{Failed, Upstream};
 use crate::Inner;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -28,11 +29,9 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::net::TcpStream;
 
 const PAGE_503: &str = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>503 Service Unavailable</title></head>\n<body><h1>Service unavailable</h1>\n<p>No healthy instance of this app is available right now. Please try again in a moment.</p></body></html>\n";
 const BODY_502: &str = "502 Bad Gateway: the app instance failed to answer.\n";
@@ -130,9 +129,9 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Reques
         let Some(in_flight) = acquire(&inner, config, host.as_ref(), avoid.as_ref()).await else {
             return error_response(&ProxyError::no_healthy_backend(), request_id, phase, false);
         };
-        match send(&inner, config, &in_flight, req, attempt > 0).await {
+        match send(config, &in_flight, req, attempt > 0).await {
             Ok((resp, conn)) => {
-                return respond(&ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
+                return respond(&inner, &ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
             }
             Err((err, returned)) => {
                 let backend = Arc::clone(in_flight.backend());
@@ -350,87 +349,46 @@ async fn acquire(
     }
 }
 
-type Sent = (Response<Incoming>, SendRequest<UpBody>);
-type Failed = (ProxyError, Option<Request<UpBody>>);
+type Sent = (Response<Incoming>, Upstream);
 
 /// One exchange up to the response head. On failure, the request comes
 /// back if it never reached the instance.
-async fn send(
-    inner: &Inner,
-    config: &ProxyConfig,
-    in_flight: &InFlight,
-    req: Request<UpBody>,
-    fresh: bool,
-) -> Result<Sent, Failed> {
+async fn send(config: &ProxyConfig, in_flight: &InFlight, req: Request<UpBody>, fresh: bool) -> Result<Sent, Failed> {
     let backend = in_flight.backend();
-    let mut conn = match checkout(inner, config, backend, fresh).await {
+    let mut conn = match checkout(config, backend, fresh).await {
         Ok(conn) => conn,
         Err(err) => return Err((err, Some(req))),
     };
-    match tokio::time::timeout(config.upstream_timeout, conn.try_send_request(req)).await {
-        // Dropping the exchange closes the connection (hyper's rule).
-        Err(_) => Err((ProxyError::upstream_timeout(), None)),
-        Ok(Ok(resp)) => Ok((resp, conn)),
-        Ok(Err(mut failed)) => {
-            let returned = failed.take_message();
-            let err = ProxyError::exchange(failed.into_error(), returned.is_some());
-            Err((err, returned))
-        }
-    }
+    // On a timeout or a failure, dropping `conn` closes the connection.
+    let resp = conn.send(req, config.upstream_timeout).await?;
+    Ok((resp, conn))
 }
 
 /// A pooled connection that is ready, else a new one.
-async fn checkout(
-    inner: &Inner,
-    config: &ProxyConfig,
-    backend: &BackendState,
-    fresh: bool,
-) -> Result<SendRequest<UpBody>, ProxyError> {
+async fn checkout(config: &ProxyConfig, backend: &BackendState, fresh: bool) -> Result<Upstream, ProxyError> {
     if !fresh {
         while let Some(mut conn) = backend.pool.take() {
-            if conn.is_ready() {
-                return Ok(conn);
-            }
-            // Still finishing its previous exchange, or closing.
-            if let Ok(Ok(())) = tokio::time::timeout(config.connect_timeout, conn.ready()).await {
+            // Normally ready at once; closed if the instance closed it
+            // while it sat in the pool.
+            if conn.ready(config.connect_timeout).await {
                 return Ok(conn);
             }
         }
     }
-    connect(inner, config, backend).await
+    let mut conn = Upstream::connect(backend.addr, config.connect_timeout).await?;
+    if conn.ready(config.connect_timeout).await {
+        Ok(conn)
+    } else {
+        Err(ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::Unsent))
+    }
 }
 
-async fn connect(
-    inner: &Inner,
-    config: &ProxyConfig,
-    backend: &BackendState,
-) -> Result<SendRequest<UpBody>, ProxyError> {
-    let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
-        Err(_) => return Err(ProxyError::connect(std::io::Error::from(std::io::ErrorKind::TimedOut))),
-        Ok(Err(err)) => return Err(ProxyError::connect(err)),
-        Ok(Ok(stream)) => stream,
-    };
-    let _ = stream.set_nodelay(true);
-    let (conn, driver) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, UpBody>(TokioIo::new(stream))
-        .await
-        .map_err(|err| ProxyError::new(ErrorKind::Internal, Side::Internal, Retry::Unsent).with_source(err))?;
-    let addr = backend.addr;
-    // The driver ends when its `SendRequest` is dropped (pool cleared, lease
-    // dropped) and no exchange is in progress; no cancellation token is
-    // polled on every wake-up of this hot task.
-    inner.tasks.spawn(async move {
-        if let Err(err) = driver.with_upgrades().await {
-            tracing::debug!(%addr, error = %err, "upstream connection ended with an error");
-        }
-    });
-    Ok(conn)
-}
-
+#[allow(clippy::too_many_arguments)]
 fn respond(
+    inner: &Inner,
     ctx: &Arc<ConnCtx>,
     mut resp: Response<Incoming>,
-    conn: SendRequest<UpBody>,
+    conn: Upstream,
     in_flight: InFlight,
     request_id: HeaderValue,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -447,7 +405,9 @@ fn respond(
         headers::strip_hop_by_hop(&mut parts.headers, true);
         ctx.upgraded();
         drop(phase);
-        drop(conn);
+        // hyper completes the instance's side of the upgrade from the
+        // connection future, which now needs a task of its own.
+        conn.detach(&inner.tasks);
         spawn_tunnel(ctx, in_flight, client_upgrade, upstream_upgrade);
         return Response::from_parts(parts, ProxyBody::full(Bytes::new(), None));
     }

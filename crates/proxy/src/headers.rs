@@ -1,7 +1,8 @@
 //! Header rewriting: hop-by-hop stripping, `X-Forwarded-*`, `X-Request-Id`.
 
+use bytes::BytesMut;
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -131,7 +132,8 @@ pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// 32 hex digits: a random per-thread prefix and a per-thread counter. No
-/// shared atomics, no system calls after the first id of a thread.
+/// shared atomics, no system calls after the first id of a thread, and
+/// (see [`shared_value`]) no allocation for most ids.
 pub(crate) fn generate_request_id() -> HeaderValue {
     thread_local! {
         static STATE: Cell<(u64, u64)> = Cell::new((random_u64(), 0));
@@ -144,7 +146,46 @@ pub(crate) fn generate_request_id() -> HeaderValue {
     let mut buf = [0u8; 32];
     write_hex(prefix, &mut buf[..16]);
     write_hex(n, &mut buf[16..]);
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    shared_value(&buf).unwrap_or_else(|| HeaderValue::from_static("invalid"))
+}
+
+/// Bytes of a per-thread slab that [`shared_value`] cuts values from.
+const SLAB_BYTES: usize = 4096;
+
+/// A header value made of `bytes` (`None` if they are not a valid value),
+/// copied into a per-thread slab of shared memory rather than a heap
+/// allocation of its own: one allocation per slab (about a hundred request
+/// ids), and each later clone of the value (the request's copy, the
+/// response's) is a reference count increment, where a value made with
+/// `HeaderValue::from_bytes` would allocate again when first cloned.
+pub(crate) fn shared_value(bytes: &[u8]) -> Option<HeaderValue> {
+    thread_local! {
+        static SLAB: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+    }
+    if bytes.len() > SLAB_BYTES / 8 {
+        return HeaderValue::from_bytes(bytes).ok();
+    }
+    let cut = SLAB.with(|slab| {
+        let mut slab = slab.borrow_mut();
+        if slab.capacity() < bytes.len() {
+            // The old slab is freed when its last value is.
+            *slab = BytesMut::with_capacity(SLAB_BYTES);
+        }
+        slab.extend_from_slice(bytes);
+        slab.split().freeze()
+    });
+    HeaderValue::from_maybe_shared(cut).ok()
+}
+
+/// A client's IP address as a header value (for `X-Forwarded-For`), built
+/// without a `String`.
+pub(crate) fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{ip}");
+    let len = cursor.position() as usize;
+    shared_value(&buf[..len]).unwrap_or_else(|| HeaderValue::from_static("unknown"))
 }
 
 fn write_hex(mut v: u64, out: &mut [u8]) {
@@ -175,6 +216,15 @@ mod tests {
             m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         m
+    }
+
+    #[test]
+    fn shared_values_and_addresses() {
+        assert_eq!(ip_value("10.1.2.3".parse().unwrap()), "10.1.2.3");
+        assert_eq!(ip_value("2001:db8::1".parse().unwrap()), "2001:db8::1");
+        assert!(shared_value(b"bad\nvalue").is_none());
+        let big = vec![b'a'; SLAB_BYTES];
+        assert_eq!(shared_value(&big).unwrap().len(), SLAB_BYTES);
     }
 
     #[test]
@@ -236,6 +286,12 @@ mod tests {
         let a = generate_request_id();
         let b = generate_request_id();
         assert_ne!(a, b);
+        // Cut from one shared slab: unique, valid, and still intact after
+        // the slab is replaced.
+        let ids: Vec<HeaderValue> = (0..1000).map(|_| generate_request_id()).collect();
+        let distinct: std::collections::HashSet<&[u8]> = ids.iter().map(HeaderValue::as_bytes).collect();
+        assert_eq!(distinct.len(), ids.len());
+        assert!(ids.iter().all(|id| id.len() == 32 && id.as_bytes().iter().all(u8::is_ascii_hexdigit)));
         let long = "x".repeat(200);
         assert_ne!(request_id(&map(&[("x-request-id", &long)])), long.as_str());
     }

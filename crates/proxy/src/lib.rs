@@ -69,6 +69,7 @@ mod health;
 mod server;
 mod table;
 mod tls;
+mod upstream;
 
 pub use body::ProxyBody;
 pub use config::*;

@@ -150,8 +150,7 @@ impl ConnCtx {
         tasks: TaskTracker,
         live: &Arc<Mutex<Live>>,
     ) -> Arc<Self> {
-        let peer_ip =
-            HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let peer_ip = crate::headers::ip_value(peer.ip());
         let mut reg = lock_live(live);
         let id = reg.next;
         reg.next += 1;

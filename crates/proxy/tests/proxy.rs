@@ -339,6 +339,58 @@ async fn get_is_retried_when_the_instance_closes_before_answering() {
     p.stop().await;
 }
 
+/// An upstream that answers one request per connection with keep-alive,
+/// then closes the connection 20 ms later (as gunicorn or a short
+/// `keepalive_timeout` do). Counts connections, health checks aside.
+async fn idle_closer() -> (std::net::SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if !buf.starts_with(b"GET /health ") {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nidle").await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    (addr, conns, task)
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_instance_closed_is_not_used() {
+    let (addr, conns, task) = idle_closer().await;
+    let p = Running::start(config()).await;
+    p.proxy.set_default_route(route());
+    p.add(1, addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let mut client = Client::new(p.addr);
+    for round in 1..=3 {
+        let reply = client.get("/").await;
+        assert_eq!(reply.status, StatusCode::OK, "round {round}");
+        assert_eq!(reply.text(), "idle");
+        // The instance closes the pooled connection meanwhile.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 3, "one fresh connection per request");
+    let backends = p.proxy.backends();
+    assert_eq!(backends[0].health, BackendHealth::Healthy, "a closed idle connection is no failure");
+    task.abort();
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn post_is_not_retried_when_the_instance_closes_before_answering() {
     let closer = Closer::start().await;
