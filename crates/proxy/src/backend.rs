@@ -268,22 +268,32 @@ struct Idle {
     since: Instant,
 }
 
-/// Idle keep-alive connections to one backend. A short critical section
-/// (push/pop on a Vec) per request; newest first, since the newest is the
-/// likeliest to be alive.
+/// Idle keep-alive connections to one backend, one share per proxy worker
+/// thread (see `workers.rs`): a connection is pooled and reused on the
+/// thread whose runtime drives its socket, and the short critical section
+/// per request (a push or pop on a Vec) is never contended by another
+/// worker. Newest first, since the newest is the likeliest to be alive.
 pub(crate) struct Pool {
-    idle: Mutex<Vec<Idle>>,
+    shards: Box<[Mutex<Vec<Idle>>]>,
     max_idle: usize,
     idle_timeout: Duration,
 }
 
 impl Pool {
-    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
-        Self { idle: Mutex::new(Vec::new()), max_idle, idle_timeout }
+    /// `shards`: `workers::slots(worker count)`. `max_idle` applies per
+    /// share.
+    pub fn new(shards: usize, max_idle: usize, idle_timeout: Duration) -> Self {
+        let shards = (0..shards.max(1)).map(|_| Mutex::new(Vec::new())).collect();
+        Self { shards, max_idle, idle_timeout }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(shard: &Mutex<Vec<Idle>>) -> MutexGuard<'_, Vec<Idle>> {
+        shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The current thread's share.
+    fn mine(&self) -> MutexGuard<'_, Vec<Idle>> {
+        Self::lock(&self.shards[crate::workers::slot() % self.shards.len()])
     }
 
     /// The newest idle connection not known to be closed or too old. Stale
@@ -293,7 +303,7 @@ impl Pool {
     pub fn take(&self) -> Option<Upstream> {
         let mut stale = Vec::new();
         let found = {
-            let mut idle = self.lock();
+            let mut idle = self.mine();
             let mut found = None;
             while let Some(entry) = idle.pop() {
                 if !entry.conn.is_open() || entry.since.elapsed() > self.idle_timeout {
@@ -313,7 +323,7 @@ impl Pool {
         if backend_draining || !conn.is_open() || self.max_idle == 0 {
             return;
         }
-        let mut idle = self.lock();
+        let mut idle = self.mine();
         if idle.len() < self.max_idle {
             idle.push(Idle { conn, since: Instant::now() });
         }
@@ -321,25 +331,29 @@ impl Pool {
 
     /// Close idle connections past `upstream_idle_timeout` or closed.
     pub fn prune(&self) {
-        let stale: Vec<Idle> = {
-            let mut idle = self.lock();
-            let timeout = self.idle_timeout;
-            let (keep, stale): (Vec<Idle>, Vec<Idle>) =
-                idle.drain(..).partition(|e| e.conn.is_open() && e.since.elapsed() <= timeout);
-            *idle = keep;
-            stale
-        };
-        drop(stale);
+        for shard in self.shards.iter() {
+            let stale: Vec<Idle> = {
+                let mut idle = Self::lock(shard);
+                let timeout = self.idle_timeout;
+                let (keep, stale): (Vec<Idle>, Vec<Idle>) =
+                    idle.drain(..).partition(|e| e.conn.is_open() && e.since.elapsed() <= timeout);
+                *idle = keep;
+                stale
+            };
+            drop(stale);
+        }
     }
 
     pub fn clear(&self) {
-        let all = std::mem::take(&mut *self.lock());
-        drop(all);
+        for shard in self.shards.iter() {
+            let all = std::mem::take(&mut *Self::lock(shard));
+            drop(all);
+        }
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.shards.iter().map(|shard| Self::lock(shard).len()).sum()
     }
 }
 
@@ -420,7 +434,7 @@ mod tests {
 
     #[test]
     fn pool_starts_empty() {
-        let pool = Pool::new(4, Duration::from_secs(1));
+        let pool = Pool::new(3, 4, Duration::from_secs(1));
         assert!(pool.take().is_none());
         assert_eq!(pool.len(), 0);
     }

@@ -102,6 +102,10 @@ pub struct ProxyConfig {
     /// 413, or, if the instance already answered, closes the connection.
     /// `u64::MAX`: no limit.
     pub max_body_bytes: u64,
+    /// Threads that serve clients, each with a single-threaded runtime of
+    /// its own (nginx's `worker_processes`, HAProxy's `nbthread`). 0: one
+    /// per core (the default). Read when the [`crate::Proxy`] is made.
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -121,6 +125,7 @@ impl Default for ProxyConfig {
             max_headers: DEFAULT_MAX_HEADERS,
             max_request_line: DEFAULT_MAX_REQUEST_LINE,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            workers: 0,
         }
     }
 }

@@ -70,6 +70,7 @@ mod server;
 mod table;
 mod tls;
 mod upstream;
+mod workers;
 
 pub use body::ProxyBody;
 pub use config::*;
@@ -115,6 +116,22 @@ pub(crate) struct Inner {
     pub tasks: TaskTracker,
     /// The runtime `new` ran in, for `add` called from outside one.
     runtime: Option<tokio::runtime::Handle>,
+    /// How many worker threads serve clients (`ProxyConfig::workers` when
+    /// the proxy was made).
+    worker_count: usize,
+    /// Started with the first listener; stopped when this is dropped.
+    workers: Mutex<Option<workers::Workers>>,
+}
+
+impl Inner {
+    /// The worker threads' runtimes, started on first use.
+    pub(crate) fn worker_handles(&self) -> std::io::Result<Vec<tokio::runtime::Handle>> {
+        let mut workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if workers.is_none() {
+            *workers = Some(workers::Workers::start(self.worker_count)?);
+        }
+        Ok(workers.as_ref().map(|w| w.handles().to_vec()).unwrap_or_default())
+    }
 }
 
 impl Drop for Inner {
@@ -131,8 +148,11 @@ impl std::fmt::Debug for Proxy {
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Self {
+        let worker_count = workers::resolve(config.workers);
         Self {
             inner: Arc::new(Inner {
+                worker_count,
+                workers: Mutex::new(None),
                 config: ArcSwap::from_pointee(config),
                 tls: ArcSwapOption::empty(),
                 redirect_http: AtomicBool::new(false),
@@ -313,7 +333,11 @@ impl Traffic for Proxy {
             backend.addr,
             check,
             health,
-            Pool::new(config.max_idle_per_backend, config.upstream_idle_timeout),
+            Pool::new(
+                workers::slots(self.inner.worker_count),
+                config.max_idle_per_backend,
+                config.upstream_idle_timeout,
+            ),
             self.inner.root.child_token(),
         ));
         let mut reg = self.registry();

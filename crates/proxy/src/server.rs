@@ -1,7 +1,7 @@
-//! The client side: accept loops (plain and TLS), one hyper connection task
-//! per client (HTTP/1.1, h2c by prior knowledge, h2 over TLS by ALPN: the
-//! hyper-util auto builder tells them apart by the connection preface),
-//! client timeouts, graceful shutdown.
+//! The client side: accept loops (plain and TLS, one per worker thread),
+//! one hyper connection task per client (HTTP/1.1; h2c by prior knowledge,
+//! told apart by the connection preface in the first read; h2 over TLS by
+//! ALPN), client timeouts, graceful shutdown.
 //!
 //! Client timeouts live in [`TimedStream`], a thin wrapper of the
 //! (plaintext) stream: hyper's own `header_read_timeout` also starts when a
@@ -24,7 +24,6 @@ use atomic_waker::AtomicWaker;
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -247,6 +246,9 @@ impl Drop for PhaseGuard {
 /// merges or drops (see the module docs). Stops at the blank line.
 struct HeadScan {
     active: bool,
+    /// The blank line ending the head was seen (not set when the scan
+    /// stopped at something malformed).
+    complete: bool,
     state: ScanState,
     /// Bytes of the current header name seen.
     pos: usize,
@@ -272,7 +274,7 @@ const CAND_TE: u8 = 2;
 
 impl HeadScan {
     fn new() -> Self {
-        Self { active: true, state: ScanState::RequestLine, pos: 0, candidates: 0, flags: 0 }
+        Self { active: true, complete: false, state: ScanState::RequestLine, pos: 0, candidates: 0, flags: 0 }
     }
 
     fn restart(&mut self) {
@@ -295,6 +297,7 @@ impl HeadScan {
                     let b = bytes[i];
                     if b == b'\n' {
                         self.active = false;
+                        self.complete = true;
                         return Some(self.flags);
                     }
                     if self.state == ScanState::LineStart && b == b'\r' {
@@ -359,13 +362,22 @@ pub(crate) struct TimedStream<IO> {
     /// Whether `deadline` applies (not while busy or tunnelling).
     armed: bool,
     deadline: Instant,
-    /// Fires at or before `deadline`. Moved only when the deadline comes
-    /// closer, or when it fires early: a keep-alive request costs no timer
+    /// Fires at or before `deadline`. Made the first time a read waits
+    /// while armed (most connections that send their request at once never
+    /// need one); then moved only when the deadline comes closer, or when
+    /// it fires early: a keep-alive request costs no timer
     /// re-registration, about one per `header_read_timeout` at most.
-    sleep: Pin<Box<Sleep>>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The connection speaks HTTP/2: its bytes are frames, never an
+    /// HTTP/1 head to scan.
+    http2: bool,
     header_read_timeout: Duration,
     idle_timeout: Duration,
     scan: HeadScan,
+    /// The first bytes of a plain connection, read to tell HTTP/1 from h2c
+    /// (see [`sniff`]); handed to hyper before anything else is read.
+    first: Vec<u8>,
+    first_at: usize,
 }
 
 impl<IO> TimedStream<IO> {
@@ -377,10 +389,13 @@ impl<IO> TimedStream<IO> {
             seen: (UNSEEN, 0),
             armed: false,
             deadline: Instant::now(),
-            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            sleep: None,
+            http2: false,
             header_read_timeout,
             idle_timeout,
             scan: HeadScan::new(),
+            first: Vec::new(),
+            first_at: 0,
         }
     }
 
@@ -396,28 +411,51 @@ impl<IO> TimedStream<IO> {
         };
         self.deadline = Instant::now() + timeout;
         self.armed = true;
-        if self.deadline < self.sleep.deadline() {
-            self.sleep.as_mut().reset(self.deadline);
+        if let Some(sleep) = self.sleep.as_mut() {
+            if self.deadline < sleep.deadline() {
+                sleep.as_mut().reset(self.deadline);
+            }
         }
     }
 
     /// Whether the armed deadline has passed; otherwise the sleep is
     /// registered to wake the task by then.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        while self.sleep.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= self.deadline {
+        let deadline = self.deadline;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        while sleep.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
                 return true;
             }
             // Fired for an earlier deadline that has since moved on.
-            self.sleep.as_mut().reset(self.deadline);
+            sleep.as_mut().reset(deadline);
         }
         false
+    }
+
+    /// A whole HTTP/1 request head has been read in the HEAD phase: hyper
+    /// needs nothing more from the client to go on, so the header-read
+    /// timer need not run (the request's phase starts right after).
+    fn head_complete(&self) -> bool {
+        self.seen.0 == HEAD && self.scan.complete && !self.http2
     }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for TimedStream<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.first_at < this.first.len() {
+            // Read (and scanned, and timed) already.
+            let rest = &this.first[this.first_at..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.first_at += n;
+            if this.first_at == this.first.len() {
+                this.first = Vec::new();
+                this.first_at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         let phase = this.ctx.phase();
         if phase != this.seen {
             this.enter(phase);
@@ -446,7 +484,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for TimedStream<IO> {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                if this.armed && this.expired(cx) {
+                if this.armed && !this.head_complete() && this.expired(cx) {
                     this.armed = false;
                     if this.seen.0 == IDLE {
                         // Idle keep-alive: end quietly, as if the client left.
@@ -518,23 +556,62 @@ pub(crate) enum Mode {
     Tls,
 }
 
-/// The accept loop behind [`crate::Proxy::serve`] and
-/// [`crate::Proxy::serve_tls`].
+/// [`crate::Proxy::serve`] and [`crate::Proxy::serve_tls`]: an accept
+/// loop on each worker thread (see `workers.rs`), all on the one listening
+/// socket; returns when all of them have drained.
 pub(crate) async fn serve(
     inner: Arc<Inner>,
     listener: TcpListener,
     shutdown: CancellationToken,
     mode: Mode,
 ) -> io::Result<()> {
-    let tasks = TaskTracker::new();
-    let live = Arc::new(Mutex::new(Live::default()));
+    let workers = inner.worker_handles()?;
+    let listener = listener.into_std()?;
     if let Ok(addr) = listener.local_addr() {
         match mode {
-            Mode::Plain => tracing::info!(%addr, "proxy listening"),
-            Mode::Tls => tracing::info!(%addr, "proxy listening (TLS)"),
+            Mode::Plain => tracing::info!(%addr, workers = workers.len(), "proxy listening"),
+            Mode::Tls => tracing::info!(%addr, workers = workers.len(), "proxy listening (TLS)"),
         }
     }
-    let mut no_tls_logged = false;
+    // If this future is dropped (its caller gave up on it), the loops
+    // drain and stop as at shutdown.
+    let stop = shutdown.child_token();
+    let _stop_when_dropped = stop.clone().drop_guard();
+    let mut loops = Vec::with_capacity(workers.len());
+    for (index, worker) in workers.iter().enumerate() {
+        let listener = listener.try_clone()?;
+        let (inner, stop) = (Arc::clone(&inner), stop.clone());
+        loops.push(worker.spawn(async move {
+            let listener = TcpListener::from_std(listener)?;
+            accept_loop(inner, listener, stop, mode, index == 0).await
+        }));
+    }
+    drop(listener);
+    let mut result = Ok(());
+    for one in loops {
+        match one.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => result = Err(err),
+            Err(err) => result = Err(io::Error::other(err)),
+        }
+    }
+    tracing::info!("proxy stopped");
+    result
+}
+
+/// One worker's accept loop: serves the connections it accepts until
+/// `shutdown`, then lets them finish within `shutdown_grace`.
+async fn accept_loop(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    mode: Mode,
+    first: bool,
+) -> io::Result<()> {
+    let tasks = TaskTracker::new();
+    let live = Arc::new(Mutex::new(Live::default()));
+    // One warning per burst of refused TLS connections, from one worker.
+    let mut no_tls_logged = !first;
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -552,7 +629,7 @@ pub(crate) async fn serve(
         match mode {
             Mode::Plain => {
                 let ctx = ConnCtx::new(peer, config, false, tasks.clone(), &live);
-                tasks.spawn(serve_conn(Arc::clone(&inner), stream, ctx));
+                tasks.spawn(serve_conn(Arc::clone(&inner), stream, ctx, None));
             }
             Mode::Tls => {
                 let Some(tls) = inner.tls.load_full() else {
@@ -581,7 +658,6 @@ pub(crate) async fn serve(
         signal_all(&live, FORCE);
         tasks.wait().await;
     }
-    tracing::info!("proxy stopped");
     Ok(())
 }
 
@@ -606,7 +682,13 @@ async fn serve_tls_conn(inner: Arc<Inner>, stream: TcpStream, ctx: Arc<ConnCtx>,
         _ = ctx.signal.forced() => None,
     };
     match outcome {
-        Some(Ok(Ok(tls))) => serve_conn(inner, tls, ctx).await,
+        Some(Ok(Ok(tls))) => {
+            let protocol = match tls.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            serve_conn(inner, tls, ctx, Some(protocol)).await
+        }
         Some(Ok(Err(err))) => {
             tracing::info!(client = %peer, error = %err, "TLS handshake failed");
             ctx.unregister();
@@ -619,12 +701,95 @@ async fn serve_tls_conn(inner: Arc<Inner>, stream: TcpStream, ctx: Arc<ConnCtx>,
     }
 }
 
-async fn serve_conn<IO>(inner: Arc<Inner>, stream: IO, ctx: Arc<ConnCtx>)
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Bytes read at first from a plain connection: a whole ordinary request
+/// head, mostly, so that hyper needs no read of its own for it.
+const FIRST_READ: usize = 2048;
+
+/// What a client connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Tell HTTP/1 from h2c (prior knowledge) by the first bytes, keeping them
+/// for hyper. One read, as large as what has arrived (up to
+/// [`FIRST_READ`]): hyper-util's auto builder reads exactly 24 bytes first,
+/// which costs every connection one more system call. `None`: the client
+/// closed (or failed, or timed out) before sending anything decisive.
+async fn sniff<IO: AsyncRead + Unpin>(stream: &mut TimedStream<IO>, ctx: &ConnCtx) -> Option<Protocol> {
+    let mut first = vec![0u8; FIRST_READ];
+    let mut filled = 0;
+    let mut head_grace: Option<Pin<Box<Sleep>>> = None;
+    let protocol = std::future::poll_fn(|cx| loop {
+        match ctx.signal.poll_state(cx) {
+            FORCE => return Poll::Ready(None),
+            GRACEFUL => {
+                // As for a connection still waiting for its head (see
+                // `serve_conn`): a moment to send it, then closed.
+                let grace = head_grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_HEAD_GRACE)));
+                if grace.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+            }
+            _ => {}
+        }
+        let mut buf = ReadBuf::new(&mut first[filled..]);
+        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(err)) => {
+                if err.kind() == io::ErrorKind::TimedOut {
+                    tracing::info!(client = %ctx.peer, reason = %err, "connection closed");
+                }
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                if n == 0 {
+                    return Poll::Ready(None);
+                }
+                filled += n;
+                let seen = &first[..filled];
+                let shared = seen.len().min(H2_PREFACE.len());
+                if seen[..shared] != H2_PREFACE[..shared] {
+                    return Poll::Ready(Some(Protocol::Http1));
+                }
+                if shared == H2_PREFACE.len() {
+                    return Poll::Ready(Some(Protocol::Http2));
+                }
+                // A prefix of the preface so far: read on.
+            }
+        }
+    })
+    .await?;
+    first.truncate(filled);
+    stream.first = first;
+    stream.first_at = 0;
+    stream.http2 = protocol == Protocol::Http2;
+    Some(protocol)
+}
+
+/// Serve one client connection: HTTP/1.1 (with upgrades) or HTTP/2, as
+/// `protocol` says (ALPN for TLS), or as the first bytes say (plain).
+async fn serve_conn<IO>(inner: Arc<Inner>, stream: IO, ctx: Arc<ConnCtx>, protocol: Option<Protocol>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let config = Arc::clone(&ctx.config);
-    let io = TokioIo::new(TimedStream::new(stream, Arc::clone(&ctx)));
+    let mut stream = TimedStream::new(stream, Arc::clone(&ctx));
+    stream.http2 = protocol == Some(Protocol::Http2);
+    let protocol = match protocol {
+        Some(known) => Some(known),
+        None => sniff(&mut stream, &ctx).await,
+    };
+    let Some(protocol) = protocol else {
+        ctx.unregister();
+        return;
+    };
+    let io = TokioIo::new(stream);
     let service = service_fn({
         let ctx = Arc::clone(&ctx);
         move |req| {
@@ -633,48 +798,63 @@ where
             async move { Ok::<_, Infallible>(crate::forward::handle(inner, ctx, req).await) }
         }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    {
-        let mut h1 = builder.http1();
-        // Client timeouts are TimedStream's (see the module docs).
-        h1.header_read_timeout(None).keep_alive(true).max_buf_size(config.h1_buffer());
-        if config.max_headers != crate::config::DEFAULT_MAX_HEADERS {
-            // hyper's default is ours; another value costs it an allocation
-            // per request, so it is set only when asked for.
-            h1.max_headers(config.max_headers);
+    let result = match protocol {
+        Protocol::Http1 => {
+            let mut h1 = hyper::server::conn::http1::Builder::new();
+            // Client timeouts are TimedStream's (see the module docs).
+            h1.header_read_timeout(None).keep_alive(true).max_buf_size(config.h1_buffer());
+            if config.max_headers != crate::config::DEFAULT_MAX_HEADERS {
+                // hyper's default is ours; another value costs it an
+                // allocation per request, so it is set only when asked for.
+                h1.max_headers(config.max_headers);
+            }
+            let conn = h1.serve_connection(io, service).with_upgrades();
+            drive(conn, &ctx, |conn| conn.graceful_shutdown()).await
         }
+        Protocol::Http2 => {
+            let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            h2.max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+            let conn = h2.serve_connection(io, service);
+            drive(conn, &ctx, |conn| conn.graceful_shutdown()).await
+        }
+    };
+    if let Some(Err(err)) = result {
+        log_connection_error(ctx.peer, &err);
     }
-    builder.http2().max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
-    let conn = builder.serve_connection_with_upgrades(io, service);
+    if !ctx.is_upgraded() {
+        ctx.unregister();
+    }
+}
+
+/// Poll a hyper connection to its end, minding the shutdown signal: on a
+/// graceful shutdown finish the request in progress (if any) and close; on
+/// a forced one return at once (`None`).
+async fn drive<C, E>(conn: C, ctx: &ConnCtx, graceful: impl Fn(Pin<&mut C>)) -> Option<Result<(), E>>
+where
+    C: Future<Output = Result<(), E>>,
+{
     tokio::pin!(conn);
     let mut graceful_sent = false;
     // A connection whose request head has not been read yet (typically one
     // accepted just before the listener was handed to another daemon) gets
     // a moment to send it: closing it now would answer nothing at all.
     let mut head_grace: Option<Pin<Box<Sleep>>> = None;
-    let result = std::future::poll_fn(|cx| {
+    std::future::poll_fn(|cx| {
         match ctx.signal.poll_state(cx) {
             FORCE => return Poll::Ready(None),
             GRACEFUL if !graceful_sent => {
                 let waiting_for_head = ctx.phase().0 == HEAD;
                 let grace = head_grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_HEAD_GRACE)));
                 if !waiting_for_head || grace.as_mut().poll(cx).is_ready() {
-                    // Finish the request in progress (if any), then close.
                     graceful_sent = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful(conn.as_mut());
                 }
             }
             _ => {}
         }
         conn.as_mut().poll(cx).map(Some)
     })
-    .await;
-    if let Some(Err(err)) = result {
-        log_connection_error(ctx.peer, &*err);
-    }
-    if !ctx.is_upgraded() {
-        ctx.unregister();
-    }
+    .await
 }
 
 /// One line for a connection hyper or a client timeout ended: at info for
@@ -736,5 +916,17 @@ mod tests {
         assert_eq!(scan(&[b"GET / HTTP/1.1\r\nContent-Lengthy: 1\r\nX: content-length: 2\r\n\r\n"]), Some(0));
         // Incomplete heads report nothing yet.
         assert_eq!(scan(&[b"GET / HTTP/1.1\r\nContent-Length: 1\r\n"]), None);
+    }
+
+    #[test]
+    fn head_scan_knows_a_complete_head_from_a_malformed_one() {
+        let mut s = HeadScan::new();
+        assert_eq!(s.feed(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert!(s.active && !s.complete, "still reading the head");
+        assert_eq!(s.feed(b"\r\n"), Some(0));
+        assert!(!s.active && s.complete);
+        let mut s = HeadScan::new();
+        assert_eq!(s.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\rX"), Some(0));
+        assert!(!s.active && !s.complete, "a bare CR is not the end of a head: the header timer keeps running");
     }
 }

@@ -161,3 +161,49 @@ async fn idle_h2_connections_close_after_idle_timeout() {
     assert!(idle_from.elapsed() >= Duration::from_millis(250));
     p.stop().await;
 }
+
+/// Write `chunks` one by one, a little apart, as a slow client would.
+async fn trickle(stream: &mut TcpStream, chunks: &[&[u8]]) {
+    use tokio::io::AsyncWriteExt;
+    for chunk in chunks {
+        stream.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_protocol_is_told_apart_however_the_first_bytes_arrive() {
+    use tokio::io::AsyncReadExt;
+    let (p, _up) = proxy_with(config()).await;
+
+    // The h2c preface in pieces, then an empty SETTINGS frame: the proxy
+    // answers with its own SETTINGS frame (type 4), so it speaks HTTP/2.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let settings: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+    trickle(&mut s, &[b"PRI * HTTP/2.0\r\n", b"\r\nSM", b"\r\n\r\n", settings]).await;
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut frame)).await.unwrap().unwrap();
+    assert_eq!(frame[3], 4, "the first frame from the proxy is SETTINGS: {frame:?}");
+    // (A client that does not answer the proxy's PING would hold up its
+    // graceful shutdown until `shutdown_grace`.)
+    drop(s);
+
+    // HTTP/1 requests that begin like the preface, or arrive a byte at a
+    // time, are HTTP/1.
+    let post = b"POST /p HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2\r\n\r\nhi";
+    let get = b"GET /g HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
+    let bytewise: Vec<&[u8]> = get.chunks(1).collect();
+    for chunks in [vec![&post[..1], &post[1..3], &post[3..]], bytewise] {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        trickle(&mut s, &chunks).await;
+        let reply = read_response(&mut s).await.expect("an HTTP/1 answer");
+        assert_eq!(reply.status, 200, "{:?}", String::from_utf8_lossy(&reply.body));
+        assert!(String::from_utf8_lossy(&reply.body).starts_with("HTTP/1.1 "), "{:?}", reply.body);
+    }
+
+    // A client that leaves during the first bytes costs nothing more.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    trickle(&mut s, &[b"PRI * HT"]).await;
+    drop(s);
+    p.stop().await;
+}
