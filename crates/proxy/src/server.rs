@@ -706,7 +706,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Bytes read at first from a plain connection: a whole ordinary request
 /// head, mostly, so that hyper needs no read of its own for it.
-const FIRST_READ: usize = 2048;
+const FIRST_READ: usize = 1024;
 
 /// What a client connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
