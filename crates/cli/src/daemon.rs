@@ -393,7 +393,15 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
     let shutdown = CancellationToken::new();
     let engine_stop = shutdown.child_token();
     let api_stop = shutdown.child_token();
-    let proxy = Proxy::new(ProxyConfig::default());
+    // The proxy's worker threads are fixed for the daemon's life: a stored
+    // app's `[proxy] workers` applies from the daemon start (or upgrade)
+    // after the `up` or `deploy` that set it.
+    let workers = store
+        .apps()
+        .ok()
+        .and_then(|apps| apps.iter().find(|a| a.running).and_then(|a| a.spec.proxy.workers))
+        .map_or(0, |n| n as usize);
+    let proxy = Proxy::new(ProxyConfig { workers, ..ProxyConfig::default() });
     let tasks = TaskTracker::new();
     let ingress = Arc::new(ProxyIngress {
         proxy: proxy.clone(),

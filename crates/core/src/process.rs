@@ -235,6 +235,10 @@ pub struct ProxySpec {
     /// Longest wait for the next piece of a request body (then 408).
     #[serde(default, skip_serializing_if = "Option::is_none", with = "option_duration_ms")]
     pub body_timeout: Option<Duration>,
+    /// Threads that serve clients; `None`: one per core. Read when the
+    /// daemon starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
     /// `[[proxy.tls]]`: certificates, one per set of hosts (chosen by SNI;
     /// the first is the default for clients that send no SNI).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -256,6 +260,7 @@ impl ProxySpec {
             idle_timeout: None,
             upstream_timeout: None,
             body_timeout: None,
+            workers: None,
             tls: Vec::new(),
         }
     }

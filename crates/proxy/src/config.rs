@@ -41,6 +41,8 @@ pub const MAX_MAX_HEADER_BYTES: usize = 16 * 1024 * 1024;
 pub const MIN_MAX_REQUEST_LINE: usize = 256;
 /// Largest [`ProxyConfig::max_headers`].
 pub const MAX_MAX_HEADERS: usize = 10_000;
+/// Largest [`ProxyConfig::workers`].
+pub const MAX_WORKERS: usize = 1024;
 
 /// How the proxy treats clients, upstreams and the gaps in between.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +106,10 @@ pub struct ProxyConfig {
     pub max_body_bytes: u64,
     /// Threads that serve clients, each with a single-threaded runtime of
     /// its own (nginx's `worker_processes`, HAProxy's `nbthread`). 0: one
-    /// per core (the default). Read when the [`crate::Proxy`] is made.
+    /// per core (the default). At most [`MAX_WORKERS`]; `[proxy] workers`.
+    /// Read when the [`crate::Proxy`] is made, which the daemon does when
+    /// it starts: [`crate::Proxy::set_config`] does not change it, so a
+    /// change applies after `nonstop upgrade` or a daemon restart.
     pub workers: usize,
 }
 
@@ -176,6 +181,9 @@ impl ProxyConfig {
         if let Some(v) = spec.body_timeout {
             self.body_timeout = v;
         }
+        if let Some(v) = spec.workers {
+            self.workers = v as usize;
+        }
         self.validate()?;
         Ok(self)
     }
@@ -194,6 +202,9 @@ impl ProxyConfig {
         }
         if self.max_request_line < MIN_MAX_REQUEST_LINE {
             return err("max_request_line", format!("{} is below {MIN_MAX_REQUEST_LINE}", self.max_request_line));
+        }
+        if self.workers > MAX_WORKERS {
+            return err("workers", format!("{} is above {MAX_WORKERS}", self.workers));
         }
         if self.max_body_bytes == 0 {
             return err("max_body_bytes", "0 would refuse every body".into());
@@ -235,11 +246,13 @@ mod tests {
         spec.idle_timeout = Some(Duration::from_secs(2));
         spec.upstream_timeout = Some(Duration::from_secs(3));
         spec.body_timeout = Some(Duration::from_secs(4));
+        spec.workers = Some(3);
         let c = ProxyConfig::from_spec(&spec).unwrap();
         assert_eq!(c.max_header_bytes, 16 * 1024);
         assert_eq!(c.max_headers, 20);
         assert_eq!(c.max_request_line, 1024);
         assert_eq!(c.max_body_bytes, u64::MAX, "0 means no limit");
+        assert_eq!(c.workers, 3);
         assert_eq!(
             (c.header_read_timeout, c.idle_timeout, c.upstream_timeout, c.body_timeout),
             (Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(3), Duration::from_secs(4))
@@ -262,12 +275,17 @@ mod tests {
         assert_eq!(MAX_MAX_HEADER_BYTES as u64, spec::MAX_PROXY_MAX_HEADER_BYTES);
         assert_eq!(MIN_MAX_REQUEST_LINE as u64, spec::MIN_PROXY_MAX_REQUEST_LINE);
         assert_eq!(MAX_MAX_HEADERS as u32, spec::MAX_PROXY_MAX_HEADERS);
+        assert_eq!(c.workers, 0, "one per core when [proxy] workers is left out");
+        assert_eq!(MAX_WORKERS as u32, spec::MAX_PROXY_WORKERS);
         // Whatever the spec accepts, the proxy runs with.
         let mut extreme = ProxySpec::new("127.0.0.1:8080".parse().unwrap());
         extreme.max_header_bytes = Some(spec::MIN_PROXY_MAX_HEADER_BYTES);
         extreme.max_request_line = Some(spec::MIN_PROXY_MAX_REQUEST_LINE);
         extreme.max_headers = Some(spec::MAX_PROXY_MAX_HEADERS);
         extreme.max_body_bytes = Some(0);
+        extreme.workers = Some(spec::MAX_PROXY_WORKERS);
+        ProxyConfig::from_spec(&extreme).unwrap();
+        extreme.workers = Some(spec::MIN_PROXY_WORKERS);
         ProxyConfig::from_spec(&extreme).unwrap();
     }
 
@@ -283,6 +301,9 @@ mod tests {
         spec.max_headers = None;
         spec.body_timeout = Some(Duration::ZERO);
         assert_eq!(ProxyConfig::from_spec(&spec).unwrap_err().key, "body_timeout");
+        spec.body_timeout = None;
+        spec.workers = Some(5000);
+        assert_eq!(ProxyConfig::from_spec(&spec).unwrap_err().key, "workers");
         // Even an unchecked config never makes hyper panic.
         let c = ProxyConfig { max_header_bytes: 10, ..ProxyConfig::default() };
         assert_eq!(c.h1_buffer(), MIN_MAX_HEADER_BYTES);

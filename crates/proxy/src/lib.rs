@@ -5,11 +5,15 @@
 //! - The control plane ([`Traffic::add`], [`Traffic::drain`],
 //!   [`Proxy::set_hosts`], ...) edits a registry under a mutex and publishes
 //!   an immutable route snapshot through one `ArcSwap`.
+//! - Clients are served by the proxy's own worker threads, one
+//!   single-threaded runtime each (see `workers.rs`); a connection and the
+//!   upstream connections it uses stay on one thread.
 //! - The request path loads the snapshot (no lock), scans the route's
 //!   backends for the Healthy one with the fewest requests in flight
 //!   (atomics; round-robin among equals), takes an idle upstream connection
-//!   from that backend's pool (a push/pop under an uncontended mutex) or
-//!   opens one, and streams both bodies through.
+//!   from that backend's pool (a push/pop under the worker's own share of
+//!   it) or opens one, drives it from the client connection's task (see
+//!   `upstream.rs`), and streams both bodies through.
 //! - One checker task per backend runs the active health checks; requests
 //!   report refused connections (passive checks). Health has hysteresis and
 //!   every change is broadcast as a [`HealthEvent`].
@@ -21,8 +25,9 @@
 //! - Nothing is buffered except an idempotent request body of at most
 //!   `retry_body_limit` bytes (so that it can be retried, see
 //!   `forward.rs`).
-//! - Every task (checkers, upstream connections, client connections,
-//!   upgraded tunnels) stops on a cancellation token and is tracked.
+//! - Every task (checkers, client connections, upgraded tunnels and their
+//!   upstream connections) stops on a cancellation token and is tracked;
+//!   the worker threads stop when the proxy is dropped.
 //!
 //! [`Traffic::add`] starts its checker on the current tokio runtime, or on
 //! the one [`Proxy::new`] ran in.
@@ -112,7 +117,8 @@ pub(crate) struct Inner {
     pub shared: Arc<Shared>,
     /// Parent of every backend's token; cancelled by [`Proxy::close`].
     pub root: CancellationToken,
-    /// Checkers and upstream connection drivers.
+    /// Checkers, TLS reloads, and the connections to instances that switched
+    /// protocols (upgrades).
     pub tasks: TaskTracker,
     /// The runtime `new` ran in, for `add` called from outside one.
     runtime: Option<tokio::runtime::Handle>,

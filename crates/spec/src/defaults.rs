@@ -33,6 +33,10 @@ pub const DEFAULT_PROXY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_PROXY_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// `[proxy] body_timeout`: the longest pause in a request body.
 pub const DEFAULT_PROXY_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Smallest `[proxy] workers` (left out: one per core).
+pub const MIN_PROXY_WORKERS: u32 = 1;
+/// Largest `[proxy] workers`.
+pub const MAX_PROXY_WORKERS: u32 = 1024;
 /// `[proxy] redirect_http`, when `[[proxy.tls]]` is set.
 pub const DEFAULT_REDIRECT_HTTP: bool = true;
 
@@ -133,6 +137,7 @@ pub const PROXY_DEFAULTS_DOC: &str = "\
 | `proxy.idle_timeout` | `60s` | `75s` (`keepalive_timeout`) | none (`timeout http-keep-alive`) | the ALB's idle timeout |
 | `proxy.upstream_timeout` | `60s` | `60s` (`proxy_read_timeout`) | none (`timeout server`) | an instance that has not started answering in a minute gets a 504 |
 | `proxy.body_timeout` | `30s` | `60s` (`client_body_timeout`) | none (`timeout client`) | a pause of 30s in an upload is a stalled client; it gets 408 and the instance's request is aborted |
+| `proxy.workers` | one per core | `1` (`worker_processes`; packaged configs: `auto`, one per core) | one per core (`nbthread`) | a thread per core serves the most with the least switching; lower it on a machine whose cores the apps need; a change applies after `nonstop upgrade` or a daemon restart |
 | `proxy.redirect_http` | `true` when `tls` is set | a `return 301` to write | a `redirect scheme https` to write | plain HTTP to a host with a certificate gets a 308 (method and body kept) |
 ";
 
@@ -165,6 +170,7 @@ mod tests {
         assert_eq!(d("upstream_timeout"), Ok(DEFAULT_PROXY_UPSTREAM_TIMEOUT));
         assert_eq!(d("body_timeout"), Ok(DEFAULT_PROXY_BODY_TIMEOUT));
         assert!(cell("redirect_http").starts_with(&format!("`{DEFAULT_REDIRECT_HTTP}`")));
+        assert_eq!(cell("workers"), "one per core");
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct RawProxy {
     pub idle_timeout: Option<Spanned<RawDuration>>,
     pub upstream_timeout: Option<Spanned<RawDuration>>,
     pub body_timeout: Option<Spanned<RawDuration>>,
+    /// Threads that serve clients, 1 to 1024; left out: one per core.
+    pub workers: Option<Spanned<i64>>,
     /// `[[proxy.tls]]`, in file order.
     pub tls: Option<Spanned<Vec<Spanned<RawTls>>>>,
 }

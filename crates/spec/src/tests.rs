@@ -125,6 +125,7 @@ header_timeout = "5s"
 idle_timeout = "2m"
 upstream_timeout = 30
 body_timeout = "20s"
+workers = 4
 
 [[proxy.tls]]
 hosts = ["blog.example.com", "*.Blog.example.com"]
@@ -492,6 +493,8 @@ fn unknown_keys_at_every_level_get_suggestions() {
         ("apps = \"x\"\n", (4, 1), "unknown key `apps` at the top level", "did you mean `app`? valid keys: app, build, env, proxy, release, processes"),
         ("[proxy]\nlisen = \"127.0.0.1:1\"\n", (5, 1), "unknown key `lisen` in [proxy]", "did you mean `listen`? valid keys: listen"),
         ("[proxy]\nport = 80\n", (5, 1), "unknown key `port` in [proxy]", "did you mean `listen`?"),
+        ("[proxy]\nworker = 2\n", (5, 1), "unknown key `worker` in [proxy]", "did you mean `workers`?"),
+        ("[proxy]\nthreads = 2\n", (5, 1), "unknown key `threads` in [proxy]", "valid keys: listen"),
         ("[release]\ntask = []\n", (5, 1), "unknown key `task` in [release]", "did you mean `tasks`? valid keys: tasks, post_tasks, task_timeout, retain_releases, order"),
         ("replicas = 2\n", (4, 1), "unknown key `replicas` in [processes.web]", "did you mean `count`?"),
         ("[processes.web.healthcheck]\npath = \"/\"\n", (4, 16), "unknown key `healthcheck` in [processes.web]", "did you mean `health`?"),
@@ -889,6 +892,7 @@ fn proxy_settings_from_the_full_file() {
     assert_eq!(p.idle_timeout, Some(Duration::from_secs(120)));
     assert_eq!(p.upstream_timeout, Some(Duration::from_secs(30)));
     assert_eq!(p.body_timeout, Some(Duration::from_secs(20)));
+    assert_eq!(p.workers, Some(4));
     assert_eq!(p.tls.len(), 2);
     assert_eq!(p.tls[0].hosts, ["blog.example.com", "*.blog.example.com"]);
     // Relative to the file's directory (here: as given, relative).
@@ -905,6 +909,7 @@ fn proxy_settings_from_the_full_file() {
 fn proxy_settings_left_out_stay_unset() {
     let p = ok(WEB).proxy;
     assert_eq!(p, nonstop_core::process::ProxySpec::new(DEFAULT_PROXY_LISTEN.parse().unwrap()));
+    assert_eq!(p.workers, None, "left out: one worker thread per core");
     // Sizes as integers and nginx units; 0: no body limit; redirects on
     // by default with certificates.
     let p = ok(&top(
@@ -915,6 +920,14 @@ fn proxy_settings_left_out_stay_unset() {
     assert_eq!(p.max_body_bytes, Some(0));
     assert_eq!(p.max_request_line, Some(2048));
     assert!(p.redirects_http());
+}
+
+#[test]
+fn proxy_workers_within_bounds_are_kept() {
+    for n in [MIN_PROXY_WORKERS, 2, MAX_PROXY_WORKERS] {
+        let p = ok(&top(&format!("[proxy]\nworkers = {n}\n"))).proxy;
+        assert_eq!(p.workers, Some(n));
+    }
 }
 
 #[test]
@@ -979,6 +992,42 @@ fn bad_proxy_settings_are_located() {
             (3, 15),
             "`max_headers` in [proxy] is too large (at most 10000)",
             "",
+        ),
+        (
+            "[proxy]\nworkers = 0\n".into(),
+            (3, 11),
+            "`workers` in [proxy] must be between 1 and 1024, not 0",
+            "leave it out for one thread per core (the default), or set a count, for example: workers = 2",
+        ),
+        (
+            "[proxy]\nworkers = -1\n".into(),
+            (3, 11),
+            "`workers` in [proxy] must be between 1 and 1024, not -1",
+            "leave it out for one thread per core (the default)",
+        ),
+        (
+            "[proxy]\nworkers = 5000\n".into(),
+            (3, 11),
+            "`workers` in [proxy] must be between 1 and 1024, not 5000",
+            "leave it out for one thread per core (the default)",
+        ),
+        (
+            "[proxy]\nworkers = \"auto\"\n".into(),
+            (3, 11),
+            "`workers` in [proxy] must be an integer, not a string",
+            "for example: workers = 2 (or leave it out for one per core)",
+        ),
+        (
+            "[proxy]\nworkers = \"4\"\n".into(),
+            (3, 11),
+            "`workers` in [proxy] must be an integer, not a string",
+            "remove the quotes: workers = 4",
+        ),
+        (
+            "[proxy]\nworkers = 2.5\n".into(),
+            (3, 11),
+            "`workers` in [proxy] must be an integer, not a float",
+            "for example: workers = 2",
         ),
         (
             "[proxy]\nmax_request_line = \"128KiB\"\n".into(),

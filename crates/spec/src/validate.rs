@@ -163,6 +163,18 @@ fn validate_proxy(proxy: Option<&Spanned<RawProxy>>, env: &dyn EnvLookup, base: 
     spec.upstream_timeout =
         timeout(raw.upstream_timeout.as_ref(), "upstream_timeout", DEFAULT_PROXY_UPSTREAM_TIMEOUT, diags);
     spec.body_timeout = timeout(raw.body_timeout.as_ref(), "body_timeout", DEFAULT_PROXY_BODY_TIMEOUT, diags);
+    spec.workers = raw.workers.as_ref().and_then(|v| {
+        let n = *v.get_ref();
+        let workers = u32::try_from(n).ok().filter(|n| (MIN_PROXY_WORKERS..=MAX_PROXY_WORKERS).contains(n));
+        if workers.is_none() {
+            diags.error(
+                v.span(),
+                format!("{} must be between {MIN_PROXY_WORKERS} and {MAX_PROXY_WORKERS}, not {n}", f("workers").what()),
+                "leave it out for one thread per core (the default), or set a count, for example: workers = 2",
+            );
+        }
+        workers
+    });
     if let Some(tls) = &raw.tls {
         spec.tls = validate_tls(tls, base, diags);
     }

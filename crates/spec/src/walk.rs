@@ -60,6 +60,7 @@ fn walk_proxy(t: &Table<'_, '_>, diags: &mut Diags) -> RawProxy {
         idle_timeout: t.duration("idle_timeout", diags),
         upstream_timeout: t.duration("upstream_timeout", diags),
         body_timeout: t.duration("body_timeout", diags),
+        workers: t.integer("workers", "workers = 2 (or leave it out for one per core)", diags),
         tls: walk_tls(t, diags),
     }
 }
