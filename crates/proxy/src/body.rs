@@ -8,7 +8,6 @@ use crate::upstream::Upstream;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -73,17 +72,7 @@ impl ClientBody {
 
     fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
         let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + self.timeout);
-        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() > deadline {
-            sleep.as_mut().reset(deadline);
-        }
-        while sleep.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
-                return true;
-            }
-            sleep.as_mut().reset(deadline);
-        }
-        false
+        crate::deadline::passed(&mut self.sleep, deadline, cx)
     }
 }
 

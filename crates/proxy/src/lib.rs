@@ -67,6 +67,7 @@
 mod backend;
 mod body;
 mod config;
+mod deadline;
 mod error;
 mod forward;
 mod headers;

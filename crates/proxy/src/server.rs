@@ -421,16 +421,7 @@ impl<IO> TimedStream<IO> {
     /// Whether the armed deadline has passed; otherwise the sleep is
     /// registered to wake the task by then.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = self.deadline;
-        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        while sleep.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
-                return true;
-            }
-            // Fired for an earlier deadline that has since moved on.
-            sleep.as_mut().reset(deadline);
-        }
-        false
+        crate::deadline::passed(&mut self.sleep, self.deadline, cx)
     }
 
     /// A whole HTTP/1 request head has been read in the HEAD phase: hyper

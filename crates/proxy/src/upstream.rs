@@ -80,19 +80,7 @@ impl Upstream {
     /// Move the connection's I/O along with `cx`'s waker. False once the
     /// connection has ended (closed by either side, or failed).
     pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(driver) = self.driver.as_mut() else {
-            return false;
-        };
-        match driver.as_mut().poll(cx) {
-            Poll::Pending => true,
-            Poll::Ready(result) => {
-                if let Err(err) = result {
-                    tracing::debug!(addr = %self.addr, error = %err, "upstream connection ended with an error");
-                }
-                self.driver = None;
-                false
-            }
-        }
+        drive(&mut self.driver, self.addr, cx)
     }
 
     /// Whether the connection has not ended, as of its last poll.
@@ -132,20 +120,13 @@ impl Upstream {
         let exchange = tx.try_send_request(req);
         let mut exchange = std::pin::pin!(exchange);
         let result = poll_fn(|cx| {
-            if let Some(d) = driver.as_mut() {
-                if let Poll::Ready(result) = d.as_mut().poll(cx) {
-                    if let Err(err) = result {
-                        tracing::debug!(addr = %addr, error = %err, "upstream connection ended with an error");
-                    }
-                    *driver = None;
-                }
-            }
+            drive(driver, *addr, cx);
             // hyper answers the exchange (response or error) from the
             // driver, polled just above, or when the driver is dropped.
             if let Poll::Ready(result) = exchange.as_mut().poll(cx) {
                 return Poll::Ready(Some(result));
             }
-            if expired(timer, deadline, cx) {
+            if crate::deadline::passed(timer, deadline, cx) {
                 return Poll::Ready(None);
             }
             Poll::Pending
@@ -177,19 +158,20 @@ impl Upstream {
     }
 }
 
-/// Whether `deadline` has passed; otherwise `timer` will wake `cx` by then.
-/// The timer is allocated once per connection and reset only when it would
-/// fire too late, or fired early (see [`Upstream::timer`]).
-fn expired(timer: &mut Option<Pin<Box<Sleep>>>, deadline: Instant, cx: &mut Context<'_>) -> bool {
-    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-    if sleep.deadline() > deadline {
-        sleep.as_mut().reset(deadline);
-    }
-    while sleep.as_mut().poll(cx).is_ready() {
-        if Instant::now() >= deadline {
-            return true;
+/// [`Upstream::drive`], on the driver alone (so that `send` can drive it
+/// while its request handle is borrowed).
+fn drive(driver: &mut Option<Driver>, addr: SocketAddr, cx: &mut Context<'_>) -> bool {
+    let Some(running) = driver.as_mut() else {
+        return false;
+    };
+    match running.as_mut().poll(cx) {
+        Poll::Pending => true,
+        Poll::Ready(result) => {
+            if let Err(err) = result {
+                tracing::debug!(%addr, error = %err, "upstream connection ended with an error");
+            }
+            *driver = None;
+            false
         }
-        sleep.as_mut().reset(deadline);
     }
-    false
 }
