@@ -62,8 +62,12 @@
 //! connection close before the declared length, or without the last
 //! chunk; a client that leaves drops its upstream exchange (the upstream
 //! connection is closed, never pooled).
-#![forbid(unsafe_code)]
+// One `unsafe` block in the crate: registering the owned listening socket
+// with tokio (`accept.rs`), which tokio marks unsafe for fds it cannot
+// know are owned.
+#![deny(unsafe_code)]
 
+mod accept;
 mod backend;
 mod body;
 mod config;
@@ -132,12 +136,14 @@ pub(crate) struct Inner {
 
 impl Inner {
     /// The worker threads' runtimes, started on first use.
-    pub(crate) fn worker_handles(&self) -> std::io::Result<Vec<tokio::runtime::Handle>> {
-        let mut workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if workers.is_none() {
-            *workers = Some(workers::Workers::start(self.worker_count)?);
-        }
-        Ok(workers.as_ref().map(|w| w.handles().to_vec()).unwrap_or_default())
+    /// With them, every worker's count of open client connections.
+    pub(crate) fn worker_handles(&self) -> std::io::Result<(Vec<tokio::runtime::Handle>, Arc<accept::Loads>)> {
+        let mut slot = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let workers = match &mut *slot {
+            Some(workers) => workers,
+            empty => empty.insert(workers::Workers::start(self.worker_count)?),
+        };
+        Ok((workers.handles().to_vec(), Arc::clone(workers.loads())))
     }
 }
 
@@ -171,6 +177,13 @@ impl Proxy {
                 runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
+    }
+
+    /// Open client connections per worker thread, in worker order (empty
+    /// until the first listener started the workers).
+    pub fn connections_per_worker(&self) -> Vec<usize> {
+        let workers = self.inner.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        workers.as_ref().map(|w| w.loads().snapshot()).unwrap_or_default()
     }
 
     /// The configuration new connections get.

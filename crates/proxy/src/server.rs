@@ -18,6 +18,7 @@
 //! waits for a request are scanned; a request pipelined behind another is
 //! read while the first is answered and keeps hyper's (safe) handling.
 
+use crate::accept::{Acceptor, Counted, Kicks};
 use crate::config::ProxyConfig;
 use crate::Inner;
 use atomic_waker::AtomicWaker;
@@ -139,6 +140,8 @@ pub(crate) struct ConnCtx {
     /// Its entry in the serve loop's live set (weak: the set holds us).
     live: Weak<Mutex<Live>>,
     id: u64,
+    /// In its worker's count of open connections until dropped.
+    _counted: Counted,
 }
 
 impl ConnCtx {
@@ -148,6 +151,7 @@ impl ConnCtx {
         tls: bool,
         tasks: TaskTracker,
         live: &Arc<Mutex<Live>>,
+        counted: Counted,
     ) -> Arc<Self> {
         let peer_ip = crate::headers::ip_value(peer.ip());
         let mut reg = lock_live(live);
@@ -168,6 +172,7 @@ impl ConnCtx {
             signal: ConnSignal::new(),
             live: Arc::downgrade(live),
             id,
+            _counted: counted,
         });
         reg.conns.insert(id, Arc::clone(&ctx));
         ctx
@@ -556,7 +561,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     mode: Mode,
 ) -> io::Result<()> {
-    let workers = inner.worker_handles()?;
+    let (workers, loads) = inner.worker_handles()?;
     let listener = listener.into_std()?;
     if let Ok(addr) = listener.local_addr() {
         match mode {
@@ -569,12 +574,14 @@ pub(crate) async fn serve(
     let stop = shutdown.child_token();
     let _stop_when_dropped = stop.clone().drop_guard();
     let mut loops = Vec::with_capacity(workers.len());
+    let kicks = Kicks::new(workers.len());
     for (index, worker) in workers.iter().enumerate() {
         let listener = listener.try_clone()?;
         let (inner, stop) = (Arc::clone(&inner), stop.clone());
+        let (loads, kicks) = (Arc::clone(&loads), Arc::clone(&kicks));
         loops.push(worker.spawn(async move {
-            let listener = TcpListener::from_std(listener)?;
-            accept_loop(inner, listener, stop, mode, index == 0).await
+            let acceptor = Acceptor::new(listener, loads, kicks, index)?;
+            accept_loop(inner, acceptor, stop, mode, index == 0).await
         }));
     }
     drop(listener);
@@ -594,7 +601,7 @@ pub(crate) async fn serve(
 /// `shutdown`, then lets them finish within `shutdown_grace`.
 async fn accept_loop(
     inner: Arc<Inner>,
-    listener: TcpListener,
+    mut acceptor: Acceptor,
     shutdown: CancellationToken,
     mode: Mode,
     first: bool,
@@ -607,7 +614,7 @@ async fn accept_loop(
         let (stream, peer) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = acceptor.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     accept_error(err).await;
@@ -616,10 +623,19 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        let counted = acceptor.count();
+        // Registers the socket with this worker's runtime.
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(err) => {
+                accept_error(err).await;
+                continue;
+            }
+        };
         let config = inner.config.load_full();
         match mode {
             Mode::Plain => {
-                let ctx = ConnCtx::new(peer, config, false, tasks.clone(), &live);
+                let ctx = ConnCtx::new(peer, config, false, tasks.clone(), &live, counted);
                 tasks.spawn(serve_conn(Arc::clone(&inner), stream, ctx, None));
             }
             Mode::Tls => {
@@ -631,13 +647,13 @@ async fn accept_loop(
                     continue;
                 };
                 no_tls_logged = false;
-                let ctx = ConnCtx::new(peer, config, true, tasks.clone(), &live);
+                let ctx = ConnCtx::new(peer, config, true, tasks.clone(), &live, counted);
                 tasks.spawn(serve_tls_conn(Arc::clone(&inner), stream, ctx, tls.acceptor.clone()));
             }
         }
     }
     // Stop accepting: new connections are refused from here on.
-    drop(listener);
+    drop(acceptor);
     signal_all(&live, GRACEFUL);
     tasks.close();
     let grace = inner.config.load().shutdown_grace;

@@ -9,8 +9,9 @@
 //! an idle worker to steal it (a futex and an eventfd write per
 //! connection), and a connection's task and its upstream sockets could sit
 //! on different threads. The cost is balance: a thread keeps the
-//! connections it accepted; the kernel hands new connections to whichever
-//! thread asks first, so a busy thread takes fewer.
+//! connections it accepted, so accepts are balanced instead: a worker that
+//! serves clearly more connections than another leaves new ones to it
+//! (`accept.rs`).
 //!
 //! Health checks, TLS reloads and the control plane stay on the runtime of
 //! the caller (the daemon's).
@@ -22,6 +23,9 @@
 
 use std::cell::Cell;
 use std::io;
+use std::sync::Arc;
+
+use crate::accept::Loads;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +57,7 @@ pub(crate) fn resolve(configured: usize) -> usize {
 
 pub(crate) struct Workers {
     handles: Vec<Handle>,
+    loads: Arc<Loads>,
     stop: CancellationToken,
 }
 
@@ -80,11 +85,16 @@ impl Workers {
                 return Err(err);
             }
         }
-        Ok(Workers { handles, stop })
+        Ok(Workers { handles, loads: Loads::new(count), stop })
     }
 
     pub fn handles(&self) -> &[Handle] {
         &self.handles
+    }
+
+    /// Open client connections per worker, for balancing accepts.
+    pub fn loads(&self) -> &Arc<Loads> {
+        &self.loads
     }
 }
 

@@ -835,3 +835,44 @@ async fn shutdown_answers_a_connection_whose_request_arrives_just_after() {
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
 }
+
+// ---------------------------------------------------------------- workers
+
+/// A burst of connections opened at once (a client pool starting, wrk)
+/// is shared between the worker threads instead of landing on whichever
+/// accepted first, and every worker's count goes back to zero when they
+/// close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_is_shared_between_workers() {
+    let up = Upstream::start("a").await;
+    let p = Running::start(ProxyConfig { workers: 2, ..config() }).await;
+    p.proxy.set_default_route(route());
+    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    const CONNS: usize = 48;
+    for round in 0..3 {
+        // Connect all first, then send on each: every connection is in the
+        // listen backlog before the proxy answers any of them.
+        let mut streams = Vec::new();
+        for _ in 0..CONNS {
+            streams.push(TcpStream::connect(p.addr).await.unwrap());
+        }
+        for s in &mut streams {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        }
+        for s in &mut streams {
+            let reply = read_response(s).await.expect("a response");
+            assert_eq!(reply.status, 200);
+        }
+        let split = p.proxy.connections_per_worker();
+        assert_eq!(split.len(), 2);
+        assert_eq!(split.iter().sum::<usize>(), CONNS, "round {round}: {split:?}");
+        // Balanced means within a few connections of each other; allow a
+        // wide margin for a slow CI machine (the RECHECK fallback), still
+        // far from the one-sided splits seen without balancing.
+        assert!(split.iter().all(|&n| n >= CONNS / 4), "round {round}: connections per worker {split:?}");
+        drop(streams);
+        wait_until("every worker's count back to zero", || p.proxy.connections_per_worker().iter().all(|&n| n == 0))
+            .await;
+    }
+    p.stop().await;
+}

@@ -1,0 +1,294 @@
+//! Accepting client connections: every worker accepts on the shared
+//! listening socket, and a worker that already serves clearly more
+//! connections than the least loaded one lets it take the next one.
+//!
+//! Why: without it the kernel hands a burst of new connections (a load
+//! balancer or a client pool opening its 64 connections at once) to
+//! whichever worker asks first, and that worker keeps them all: in
+//! `bench/proxy`, one run in three or four ended with one worker serving
+//! every connection while the other idled, at 0.8× the throughput and
+//! twice the p99 of a balanced run. HAProxy hands each accepted
+//! connection to its least loaded thread for the same reason; here no
+//! connection crosses threads, the busier worker just steps aside.
+//!
+//! How: every worker registers the listener with its own runtime, so each
+//! new connection wakes all of them (the kernel signals every epoll
+//! instance watching the socket). A worker that [`yields`] forgets that
+//! wake-up and kicks the least loaded worker ([`Kicks`]): its readiness
+//! may be spent already (it saw the burst arrive while it was the busier
+//! one) and no further connection may come to wake it, so it is told to
+//! try `accept` until the backlog is empty or it becomes the busier one
+//! in turn. The least loaded worker never yields, so someone always
+//! accepts. Loads are read without locks, so two workers can in principle
+//! both see themselves as the busier one; a yielding worker therefore
+//! looks again after [`RECHECK`] and then accepts whatever is still
+//! waiting, whatever the loads. Kicks cross threads (a wake-up), but only
+//! when the loads are uneven: in a steady state nobody yields.
+//!
+//! Accepting with `accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)` (rustix) gives
+//! a socket ready for tokio in one system call and the peer's address
+//! with it.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Poll;
+
+use atomic_waker::AtomicWaker;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::net::SocketFlags;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// How long a worker that yielded a connection waits before it takes
+/// whatever is still waiting, loads or not (see the module docs): the
+/// worst case for a connection, in a rare race or when the other workers
+/// are stuck (then this worker accepts everything, as without balancing).
+pub(crate) const RECHECK: Duration = Duration::from_millis(10);
+
+/// Whether a worker serving `mine` connections leaves the next one to a
+/// less loaded worker, when the least loaded of the others serves
+/// `least_other`. Pure; the slack grows with the load (1 + 1/16) so that
+/// steady-state jitter in a busy proxy does not make workers yield back
+/// and forth.
+pub(crate) fn yields(mine: usize, least_other: usize) -> bool {
+    mine > least_other + 1 + least_other / 16
+}
+
+/// One worker's count of open client connections, on its own cache line
+/// (it changes on every accept and close; the others only read it).
+#[repr(align(128))]
+#[derive(Default)]
+pub(crate) struct Load(AtomicUsize);
+
+/// Every worker's [`Load`], shared by all listeners of one proxy.
+pub(crate) struct Loads {
+    workers: Box<[Arc<Load>]>,
+}
+
+impl Loads {
+    pub fn new(workers: usize) -> Arc<Loads> {
+        Arc::new(Loads { workers: (0..workers).map(|_| Arc::default()).collect() })
+    }
+
+    /// Worker `index`'s counter (for the connections it accepts).
+    pub fn of(&self, index: usize) -> &Arc<Load> {
+        &self.workers[index]
+    }
+
+    /// The least loaded other worker, if worker `index` should leave the
+    /// next connection to it.
+    pub fn should_yield(&self, index: usize) -> Option<usize> {
+        let mine = self.workers[index].0.load(Ordering::Relaxed);
+        let (least, least_load) = self
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .map(|(other, load)| (other, load.0.load(Ordering::Relaxed)))
+            .min_by_key(|(_, load)| *load)?;
+        yields(mine, least_load).then_some(least)
+    }
+
+    /// Open connections per worker.
+    pub fn snapshot(&self) -> Vec<usize> {
+        self.workers.iter().map(|load| load.0.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// Counts one connection in its worker's [`Load`] while it lives.
+pub(crate) struct Counted(Arc<Load>);
+
+impl Counted {
+    pub fn new(load: &Arc<Load>) -> Counted {
+        load.0.fetch_add(1, Ordering::Relaxed);
+        Counted(Arc::clone(load))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Per listener: a flag and a waker per worker, for "connections are
+/// waiting and you are the least loaded: accept them" from a worker that
+/// yields. A worker's readiness may already be cleared by then (it saw
+/// the connections arrive while it was the busier one), and no further
+/// connection may come to wake it.
+pub(crate) struct Kicks {
+    workers: Box<[Kick]>,
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Kick {
+    kicked: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Kicks {
+    pub fn new(workers: usize) -> Arc<Kicks> {
+        Arc::new(Kicks { workers: (0..workers).map(|_| Kick::default()).collect() })
+    }
+
+    fn kick(&self, index: usize) {
+        let kick = &self.workers[index];
+        kick.kicked.store(true, Ordering::Release);
+        kick.waker.wake();
+    }
+
+    /// Resolves when worker `index` was kicked (and takes the kick).
+    async fn kicked(&self, index: usize) {
+        let kick = &self.workers[index];
+        std::future::poll_fn(|cx| {
+            if kick.kicked.swap(false, Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            kick.waker.register(cx.waker());
+            if kick.kicked.swap(false, Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// A listening socket registered with the current worker's runtime.
+pub(crate) struct Acceptor {
+    listener: AsyncFd<StdListener>,
+    loads: Arc<Loads>,
+    kicks: Arc<Kicks>,
+    index: usize,
+    /// Connections may be waiting whatever tokio's readiness says (this
+    /// worker was kicked, or just accepted one that way): try `accept`
+    /// directly until it would block.
+    pending: bool,
+    /// A connection this worker yielded was still waiting after
+    /// [`RECHECK`]: take every waiting connection, loads or not, until
+    /// none is left.
+    forced: bool,
+}
+
+impl Acceptor {
+    /// Must be called on the worker's runtime. `listener` is set
+    /// non-blocking here.
+    #[allow(unsafe_code)]
+    pub fn new(listener: StdListener, loads: Arc<Loads>, kicks: Arc<Kicks>, index: usize) -> io::Result<Acceptor> {
+        listener.set_nonblocking(true)?;
+        // SAFETY: the AsyncFd owns the listener, so its fd stays open (and
+        // is the same socket) for as long as it is registered; that is
+        // all `register_with_interest` asks for.
+        let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+            .map_err(|err| err.into_parts().1)?;
+        Ok(Acceptor { listener, loads, kicks, index, pending: false, forced: false })
+    }
+
+    /// The next connection for this worker: waits while there is none, or
+    /// while another worker is clearly less loaded (which it then wakes;
+    /// and takes the connection anyway after [`RECHECK`] if nobody did).
+    pub async fn accept(&mut self) -> io::Result<(StdStream, SocketAddr)> {
+        let mut yielded = false;
+        loop {
+            if !self.forced {
+                if let Some(least) = self.loads.should_yield(self.index) {
+                    if !yielded {
+                        self.kicks.kick(least);
+                        yielded = true;
+                    }
+                    tokio::select! {
+                        // A new connection: look at the loads again.
+                        ready = self.listener.readable() => ready?.clear_ready(),
+                        () = self.kicks.kicked(self.index) => self.pending = true,
+                        () = tokio::time::sleep(RECHECK) => self.forced = true,
+                    }
+                    continue;
+                }
+            }
+            yielded = false;
+            if self.forced || self.pending {
+                match self.try_accept() {
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        self.forced = false;
+                        self.pending = false;
+                    }
+                    // More may be waiting: stay pending (or forced).
+                    other => return other,
+                }
+            }
+            tokio::select! {
+                ready = self.listener.readable() => match ready?.try_io(|_| self.try_accept()) {
+                    Ok(accepted) => return accepted,
+                    // Another worker took it; readiness is cleared.
+                    Err(_would_block) => {}
+                },
+                () = self.kicks.kicked(self.index) => self.pending = true,
+            }
+        }
+    }
+
+    /// Counts a connection this worker accepted while it lives.
+    pub fn count(&self) -> Counted {
+        Counted::new(self.loads.of(self.index))
+    }
+
+    fn try_accept(&self) -> io::Result<(StdStream, SocketAddr)> {
+        let (fd, addr) =
+            rustix::net::acceptfrom_with(self.listener.get_ref(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+        let peer = addr
+            .and_then(|addr| SocketAddr::try_from(addr).ok())
+            .ok_or_else(|| io::Error::other("accepted a connection without an IP peer address"))?;
+        Ok((StdStream::from(fd), peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_least_loaded_worker_never_yields() {
+        for mine in 0..500 {
+            assert!(!yields(mine, mine), "{mine}");
+            for least in mine..500 {
+                assert!(!yields(mine, least), "{mine} vs {least}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_worker_yields_only_beyond_the_slack() {
+        assert!(!yields(1, 0));
+        assert!(yields(2, 0));
+        assert!(!yields(33, 32));
+        assert!(!yields(35, 32));
+        assert!(yields(36, 32));
+        // The slack grows with the load: 1 + 1/16.
+        assert!(!yields(160, 150));
+        assert!(yields(161, 150));
+    }
+
+    #[test]
+    fn loads_compare_against_the_least_loaded_other_worker() {
+        let loads = Loads::new(3);
+        let _a: Vec<Counted> = (0..10).map(|_| Counted::new(loads.of(0))).collect();
+        let b: Vec<Counted> = (0..10).map(|_| Counted::new(loads.of(1))).collect();
+        assert_eq!(loads.snapshot(), vec![10, 10, 0]);
+        assert_eq!(loads.should_yield(0), Some(2));
+        assert_eq!(loads.should_yield(1), Some(2));
+        assert_eq!(loads.should_yield(2), None);
+        drop(b);
+        assert_eq!(loads.snapshot(), vec![10, 0, 0]);
+        assert_eq!(loads.should_yield(0), Some(1));
+        assert_eq!(loads.should_yield(1), None);
+        // A single worker never yields.
+        let alone = Loads::new(1);
+        let _c: Vec<Counted> = (0..100).map(|_| Counted::new(alone.of(0))).collect();
+        assert_eq!(alone.should_yield(0), None);
+    }
+}
