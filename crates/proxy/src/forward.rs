@@ -125,12 +125,17 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Reques
     let mut req = Request::from_parts(parts, body);
     let mut avoid: Option<Arc<BackendState>> = None;
     let mut attempt = 0u8;
+    // Write to the instance together with the other requests read in
+    // this batch of events (see `workers::batch_end`).
+    crate::workers::batch_end().await;
     loop {
         let Some(in_flight) = acquire(&inner, config, host.as_ref(), avoid.as_ref()).await else {
             return error_response(&ProxyError::no_healthy_backend(), request_id, phase, false);
         };
         match send(config, &in_flight, req, attempt > 0).await {
             Ok((resp, conn)) => {
+                // The same for the response to the client.
+                crate::workers::batch_end().await;
                 return respond(&inner, &ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
             }
             Err((err, returned)) => {
