@@ -96,6 +96,8 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Reques
     // Decide the body's fate: empty, buffered (replayable), or streamed.
     let idempotent = is_idempotent(&parts.method);
     let (body, replay_body) = if body.is_end_stream() {
+        // (TimedStream marked an HTTP/1 request without a body as read
+        // whole when it saw the end of its head.)
         (UpBody::empty(), Some(None))
     } else {
         let exact = body.size_hint().exact();
@@ -103,6 +105,9 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Reques
         if idempotent && exact.is_some_and(|n| n <= config.retry_body_limit as u64) {
             match body.collect().await {
                 Ok(collected) => {
+                    if !http2 {
+                        ctx.request_read_whole();
+                    }
                     let bytes = collected.to_bytes();
                     (UpBody::full(bytes.clone()), Some(Some(bytes).filter(|b| !b.is_empty())))
                 }

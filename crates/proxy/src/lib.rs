@@ -76,6 +76,7 @@ mod error;
 mod forward;
 mod headers;
 mod health;
+mod lazy;
 mod server;
 mod table;
 mod tls;

@@ -20,6 +20,7 @@
 
 use crate::accept::{Acceptor, Counted, Kicks};
 use crate::config::ProxyConfig;
+use crate::lazy::LazyStream;
 use crate::Inner;
 use atomic_waker::AtomicWaker;
 use http::HeaderValue;
@@ -36,7 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -132,6 +133,9 @@ pub(crate) struct ConnCtx {
     tunnel: AtomicBool,
     /// HTTP/2: bytes while idle are not a request head.
     multiplexed: AtomicBool,
+    /// HTTP/1: the request in progress was read whole (no body, or a body
+    /// read to its end); the client's reads only watch for it leaving.
+    request_read: AtomicBool,
     /// What the head scan found in the last request head.
     head_flags: AtomicU8,
     /// Where upgraded connections are spawned (the serve loop's tracker).
@@ -167,6 +171,7 @@ impl ConnCtx {
             epoch: AtomicU32::new(0),
             tunnel: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
+            request_read: AtomicBool::new(false),
             head_flags: AtomicU8::new(0),
             tasks,
             signal: ConnSignal::new(),
@@ -214,6 +219,18 @@ impl ConnCtx {
         PhaseGuard(Arc::clone(self))
     }
 
+    /// HTTP/1: the request in progress has been read whole; until the
+    /// response is done, reads from the client only detect it leaving
+    /// (see `LazyStream`).
+    pub fn request_read_whole(&self) {
+        self.request_read.store(true, Ordering::Relaxed);
+    }
+
+    /// See [`ConnCtx::request_read_whole`].
+    pub fn only_awaits_the_response(&self) -> bool {
+        self.request_read.load(Ordering::Relaxed) && !self.tunnel.load(Ordering::Relaxed)
+    }
+
     /// An HTTP/2 connection (known once its first request came).
     pub fn is_multiplexed(&self) -> bool {
         self.multiplexed.load(Ordering::Relaxed)
@@ -241,6 +258,7 @@ impl Drop for PhaseGuard {
     fn drop(&mut self) {
         let ctx = &self.0;
         if ctx.busy.fetch_sub(1, Ordering::Relaxed) == 1 {
+            ctx.request_read.store(false, Ordering::Relaxed);
             ctx.phase.store(IDLE, Ordering::Relaxed);
             ctx.epoch.fetch_add(1, Ordering::Relaxed);
         }
@@ -475,6 +493,13 @@ impl<IO: AsyncRead + Unpin> AsyncRead for TimedStream<IO> {
                         if flags != 0 {
                             this.ctx.head_flags.store(flags, Ordering::Relaxed);
                         }
+                        if this.scan.complete
+                            && !this.http2
+                            && flags & (SAW_CONTENT_LENGTH | SAW_TRANSFER_ENCODING) == 0
+                        {
+                            // No body: the request is read whole.
+                            this.ctx.request_read_whole();
+                        }
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -624,18 +649,12 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let counted = acceptor.count();
-        // Registers the socket with this worker's runtime.
-        let stream = match TcpStream::from_std(stream) {
-            Ok(stream) => stream,
-            Err(err) => {
-                accept_error(err).await;
-                continue;
-            }
-        };
         let config = inner.config.load_full();
         match mode {
             Mode::Plain => {
                 let ctx = ConnCtx::new(peer, config, false, tasks.clone(), &live, counted);
+                // Joins this worker's epoll set only if it has to wait.
+                let stream = LazyStream::new(stream, Arc::clone(&ctx));
                 tasks.spawn(serve_conn(Arc::clone(&inner), stream, ctx, None));
             }
             Mode::Tls => {
@@ -648,6 +667,7 @@ async fn accept_loop(
                 };
                 no_tls_logged = false;
                 let ctx = ConnCtx::new(peer, config, true, tasks.clone(), &live, counted);
+                let stream = LazyStream::new(stream, Arc::clone(&ctx));
                 tasks.spawn(serve_tls_conn(Arc::clone(&inner), stream, ctx, tls.acceptor.clone()));
             }
         }
@@ -681,7 +701,7 @@ async fn accept_error(err: io::Error) {
 }
 
 /// The TLS handshake (within `header_read_timeout`), then HTTP.
-async fn serve_tls_conn(inner: Arc<Inner>, stream: TcpStream, ctx: Arc<ConnCtx>, acceptor: tokio_rustls::TlsAcceptor) {
+async fn serve_tls_conn(inner: Arc<Inner>, stream: LazyStream, ctx: Arc<ConnCtx>, acceptor: tokio_rustls::TlsAcceptor) {
     let peer = ctx.peer;
     let handshake = tokio::time::timeout(ctx.config.header_read_timeout, acceptor.accept(stream));
     let outcome = tokio::select! {
@@ -776,6 +796,10 @@ async fn sniff<IO: AsyncRead + Unpin>(stream: &mut TimedStream<IO>, ctx: &ConnCt
     stream.first = first;
     stream.first_at = 0;
     stream.http2 = protocol == Protocol::Http2;
+    if stream.http2 {
+        // The preface looked like a head without a body to the scan.
+        ctx.request_read.store(false, Ordering::Relaxed);
+    }
     Some(protocol)
 }
 
