@@ -8,9 +8,10 @@
 //! - Clients are served by the proxy's own worker threads, one
 //!   single-threaded runtime each (see `workers.rs`); a connection and the
 //!   upstream connections it uses stay on one thread.
-//! - The request path loads the snapshot (no lock), scans the route's
-//!   backends for the Healthy one with the fewest requests in flight
-//!   (atomics; round-robin among equals), takes an idle upstream connection
+//! - The request path loads the snapshot (no lock), takes the route's
+//!   next Healthy backend in round-robin order unless it has more than
+//!   twice the requests in flight of the least loaded one (then that one;
+//!   atomics, see `table::round_robin_fits`), takes an idle upstream connection
 //!   from that backend's pool (a push/pop under the worker's own share of
 //!   it) or opens one, drives it from the client connection's task (see
 //!   `upstream.rs`), and streams both bodies through.

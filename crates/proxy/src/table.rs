@@ -18,9 +18,11 @@ pub(crate) struct Route {
 }
 
 impl Route {
-    /// Least outstanding requests among the Healthy backends, ties broken
-    /// round-robin. `avoid` (the backend a retry comes from) is used only
-    /// when no other backend is healthy.
+    /// Round robin over the Healthy backends, skipping a backend with
+    /// clearly more requests in flight than the least loaded one
+    /// ([`round_robin_fits`]): then the least loaded is taken. `avoid` (the
+    /// backend a retry comes from) is used only when no other backend is
+    /// healthy.
     pub fn pick(&self, avoid: Option<&Arc<BackendState>>) -> Option<InFlight> {
         let n = self.backends.len();
         if n == 0 {
@@ -30,8 +32,8 @@ impl Route {
         // bounded number of times.
         for _ in 0..=n {
             let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-            let mut best: Option<&Arc<BackendState>> = None;
-            let mut best_load = u64::MAX;
+            let mut next: Option<(&Arc<BackendState>, u64)> = None;
+            let mut least: Option<(&Arc<BackendState>, u64)> = None;
             let mut avoided: Option<&Arc<BackendState>> = None;
             for i in 0..n {
                 let b = &self.backends[(start.wrapping_add(i)) % n];
@@ -43,12 +45,18 @@ impl Route {
                     continue;
                 }
                 let load = b.in_flight();
-                if load < best_load {
-                    best = Some(b);
-                    best_load = load;
+                next.get_or_insert((b, load));
+                if least.is_none_or(|(_, least_load)| load < least_load) {
+                    least = Some((b, load));
                 }
             }
-            match best.or(avoided) {
+            let chosen = match (next, least) {
+                (Some((next, next_load)), Some((least, least_load))) => {
+                    Some(if round_robin_fits(next_load, least_load) { next } else { least })
+                }
+                _ => avoided,
+            };
+            match chosen {
                 None => return None,
                 Some(b) => {
                     if let Some(guard) = InFlight::try_acquire(b) {
@@ -59,6 +67,20 @@ impl Route {
         }
         None
     }
+}
+
+/// Whether the backend next in round-robin order, with `next` requests in
+/// flight, takes the request when the least loaded one has `least`: yes
+/// unless it has more than twice as many (and with `least` at 0, any at
+/// all: an idle instance is never passed over, so one slow request is
+/// enough to avoid an instance that serves one request at a time). Round
+/// robin spreads a steady load more evenly over time than pure
+/// least-outstanding, which chases whichever instance answered last and
+/// makes it work in bursts (in `bench/proxy`, keep-alive, 64 connections:
+/// p99 2.5 ms against 3.3 ms, HAProxy 2.4); the bound keeps
+/// least-outstanding's point, not queueing behind slow requests.
+pub(crate) fn round_robin_fits(next: u64, least: u64) -> bool {
+    next <= least.saturating_mul(2)
 }
 
 /// An immutable view of the routes, swapped as a whole.
@@ -216,5 +238,24 @@ mod tests {
         assert_eq!(key(b"review.test"), Some("a".into()), "wildcard needs a label; falls to default");
         assert_eq!(key(b"other"), Some("a".into()));
         assert_eq!(snap.route_for(None).map(|r| r.key.0.clone()), Some("a".into()));
+    }
+
+    #[test]
+    fn round_robin_takes_the_next_backend_unless_it_is_clearly_busier() {
+        // An idle backend is never passed over for one with a request in
+        // flight, however few.
+        assert!(round_robin_fits(0, 0));
+        assert!(!round_robin_fits(1, 0));
+        assert!(!round_robin_fits(3, 0));
+        // Under load, up to twice the least loaded is round robin's.
+        assert!(round_robin_fits(2, 1));
+        assert!(!round_robin_fits(3, 1));
+        assert!(round_robin_fits(8, 4));
+        assert!(!round_robin_fits(9, 4));
+        assert!(round_robin_fits(u64::MAX, u64::MAX / 2 + 1));
+        // The least loaded always fits.
+        for least in 0..200 {
+            assert!(round_robin_fits(least, least));
+        }
     }
 }
