@@ -143,7 +143,7 @@ async fn a_chunked_body_growing_past_the_limit_aborts_the_upstream_request() {
     assert!(String::from_utf8_lossy(&reply.body).contains("got 900 bytes"));
 
     // Over it: 4 × 300 bytes, the end never sent.
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut s = connect_own_port(p.addr).await;
     let client = s.local_addr().unwrap();
     s.write_all(b"POST /big HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
     for _ in 0..4 {
@@ -546,7 +546,7 @@ async fn a_client_trickling_its_body_gets_408() {
         ("chunked", "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", "a\r\n0123456789\r\n"),
     ] {
         let started = Instant::now();
-        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        let mut s = connect_own_port(p.addr).await;
         let client = s.local_addr().unwrap();
         s.write_all(format!("{head}{first_part}").as_bytes()).await.unwrap();
         let reply = read_response(&mut s).await.unwrap_or_else(|| panic!("{what}: no answer"));

@@ -474,11 +474,22 @@ pub async fn closes(s: &mut TcpStream, within: Duration) -> bool {
 /// Sends `bytes` on a new connection and reads one response. Also returns
 /// the client's address (to find its log lines) and the stream.
 pub async fn raw_request(addr: SocketAddr, bytes: &[u8]) -> (Option<RawReply>, SocketAddr, TcpStream) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut s = connect_own_port(addr).await;
     let local = s.local_addr().unwrap();
     s.write_all(bytes).await.unwrap();
     let reply = read_response(&mut s).await;
     (reply, local, s)
+}
+
+/// A connection from a local port no other socket of the machine uses
+/// (bound before connecting): a test that looks up the proxy's log lines
+/// by client address must not see those of another test's connection,
+/// which the kernel may give the same ephemeral port when it goes to
+/// another destination.
+pub async fn connect_own_port(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
 }
 
 /// A guard that counts its drops: put one in a handler's future to see it
