@@ -68,6 +68,12 @@ pub enum Command {
         /// in $NONSTOP_HOME/api-token.
         #[arg(long, env = "NONSTOP_API_LISTEN", value_name = "ADDR")]
         api_listen: Option<std::net::SocketAddr>,
+        /// Proxy worker threads, unless the running app's stored spec sets
+        /// `[proxy] workers` (that wins). Default: one per core. `up` and
+        /// `deploy` pass the value of the spec they bring when they start
+        /// the daemon.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        proxy_workers: Option<u32>,
     },
     /// Show every instance: process, pid, port, state, health, restarts, uptime.
     Status {

@@ -34,7 +34,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         }
     };
     let result = match cli.command {
-        Command::Daemon { api_listen } => {
+        Command::Daemon { api_listen, proxy_workers } => {
             init_daemon_logging();
             if std::env::var_os("NONSTOP_DETACH").is_some_and(|v| v == "1") {
                 // Started by `up`: leave the caller's session and process
@@ -44,7 +44,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
                     tracing::warn!("could not detach into a new session: {e}");
                 }
             }
-            match crate::daemon::run(home, api_listen).await {
+            match crate::daemon::run(home, api_listen, proxy_workers).await {
                 Ok(()) => Ok(0),
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -136,8 +136,10 @@ fn base_env() -> BTreeMap<String, String> {
     std::env::vars().filter(|(k, _)| BASE_ENV.contains(&k.as_str()) || k.starts_with("LC_")).collect()
 }
 
-/// Start the daemon in the background unless one answers.
-async fn ensure_daemon(home: &Home) -> anyhow::Result<Client> {
+/// Start the daemon in the background unless one answers; a daemon
+/// started here gets the `[proxy] workers` of the spec about to be sent
+/// (it has no stored app to read it from yet).
+async fn ensure_daemon(home: &Home, proxy_workers: Option<u32>) -> anyhow::Result<Client> {
     let c = client(home);
     if c.ping().await.is_ok() {
         return Ok(c);
@@ -149,8 +151,12 @@ async fn ensure_daemon(home: &Home) -> anyhow::Result<Client> {
         .open(home.daemon_log())
         .with_context(|| format!("cannot open {}", home.daemon_log().display()))?;
     let exe = std::env::current_exe()?;
-    let mut child = std::process::Command::new(exe)
-        .arg("daemon")
+    let mut command = std::process::Command::new(exe);
+    command.arg("daemon");
+    if let Some(n) = proxy_workers {
+        command.arg("--proxy-workers").arg(n.to_string());
+    }
+    let mut child = command
         .env("NONSTOP_HOME", home.path())
         .env("NONSTOP_DETACH", "1")
         .stdin(std::process::Stdio::null())
@@ -259,7 +265,7 @@ async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
         Ok(app) => app,
         Err(code) => return Ok(code),
     };
-    let c = ensure_daemon(home).await?;
+    let c = ensure_daemon(home, spec.proxy.workers).await?;
     let code = run_op(&c, "/v1/up", &UpRequest { spec: spec.clone(), workdir, base_env: base_env() }, json).await?;
     say_serving(&spec, code, json);
     Ok(code)
@@ -482,7 +488,7 @@ async fn deploy(home: &Home, file: &Path, message: Option<String>, wait: bool, j
         Ok(app) => app,
         Err(code) => return Ok(code),
     };
-    let c = ensure_daemon(home).await?;
+    let c = ensure_daemon(home, spec.proxy.workers).await?;
     let req = DeployRequest { spec: spec.clone(), source, base_env: base_env(), message, who: who() };
     let code = run_op_waiting(&c, "/v1/deploy", &req, wait, json).await?;
     say_serving(&spec, code, json);

@@ -356,7 +356,7 @@ fn take_lock(home: &Home, wait: bool) -> anyhow::Result<nix::fcntl::Flock<std::f
     }
 }
 
-pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<()> {
+pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Option<u32>) -> anyhow::Result<()> {
     home.create()?;
     // The binary to start on upgrade: this path, whatever is there by then.
     let exe = std::env::current_exe().context("cannot find the nonstop executable")?;
@@ -393,13 +393,16 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>) -> anyhow::Result<(
     let shutdown = CancellationToken::new();
     let engine_stop = shutdown.child_token();
     let api_stop = shutdown.child_token();
-    // The proxy's worker threads are fixed for the daemon's life: a stored
-    // app's `[proxy] workers` applies from the daemon start (or upgrade)
-    // after the `up` or `deploy` that set it.
+    // The proxy's worker threads are fixed for the daemon's life: the
+    // running app's stored `[proxy] workers`, else `--proxy-workers` (what
+    // `up` or `deploy` passes when it starts the daemon for a new app),
+    // else one per core. A change by a later `deploy` applies from the
+    // next daemon start or upgrade.
     let workers = store
         .apps()
         .ok()
         .and_then(|apps| apps.iter().find(|a| a.running).and_then(|a| a.spec.proxy.workers))
+        .or(proxy_workers)
         .map_or(0, |n| n as usize);
     let proxy = Proxy::new(ProxyConfig { workers, ..ProxyConfig::default() });
     let tasks = TaskTracker::new();

@@ -555,3 +555,22 @@ fn tls_is_terminated_by_sni_plain_http_is_redirected_and_bad_files_are_refused()
     let (code, out) = curl(&["-k", "--resolve", &resolve, &format!("https://site.test:{https}/")]);
     assert_eq!(code, 0, "{out}");
 }
+
+#[test]
+fn the_first_up_starts_the_daemon_with_the_specs_proxy_workers() {
+    let app = TestApp::new("hello", |s| s.replace("[proxy]\n", "[proxy]\nworkers = 7\n"));
+    assert!(app.spec().contains("workers = 7"), "{}", app.spec());
+    app.up().ok();
+    let pid = app.daemon_pid().expect("a daemon");
+    let proxy_threads = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.starts_with("nonstop-proxy-"))
+            .count()
+    };
+    assert_eq!(proxy_threads(), 7, "one per core would be {:?}", std::thread::available_parallelism());
+    let (code, _) = app.get("/").unwrap();
+    assert_eq!(code, 200);
+    app.run(&["down"]).ok();
+}

@@ -137,7 +137,7 @@ pub const PROXY_DEFAULTS_DOC: &str = "\
 | `proxy.idle_timeout` | `60s` | `75s` (`keepalive_timeout`) | none (`timeout http-keep-alive`) | the ALB's idle timeout |
 | `proxy.upstream_timeout` | `60s` | `60s` (`proxy_read_timeout`) | none (`timeout server`) | an instance that has not started answering in a minute gets a 504 |
 | `proxy.body_timeout` | `30s` | `60s` (`client_body_timeout`) | none (`timeout client`) | a pause of 30s in an upload is a stalled client; it gets 408 and the instance's request is aborted |
-| `proxy.workers` | one per core | `1` (`worker_processes`; packaged configs: `auto`, one per core) | one per core (`nbthread`) | a thread per core serves the most with the least switching; lower it on a machine whose cores the apps need; a change applies after `nonstop upgrade` or a daemon restart |
+| `proxy.workers` | one per core | `1` (`worker_processes`; packaged configs: `auto`, one per core) | one per core (`nbthread`) | a thread per core serves the most with the least switching; lower it on a machine whose cores the apps need; fixed while the daemon runs: the first `up` starts it with this value, a later change applies after `nonstop upgrade` or a daemon restart |
 | `proxy.redirect_http` | `true` when `tls` is set | a `return 301` to write | a `redirect scheme https` to write | plain HTTP to a host with a certificate gets a 308 (method and body kept) |
 ";
 
