@@ -7,7 +7,11 @@
 //!   an immutable route snapshot through one `ArcSwap`.
 //! - Clients are served by the proxy's own worker threads, one
 //!   single-threaded runtime each (see `workers.rs`); a connection and the
-//!   upstream connections it uses stay on one thread.
+//!   upstream connections it uses stay on one thread. Workers share the
+//!   listening socket and balance accepts by open connections
+//!   (`accept.rs`); client sockets join the worker's epoll set only when
+//!   they have to wait (`lazy.rs`); the writes a batch of events causes go
+//!   out together (`workers::batch_end`).
 //! - The request path loads the snapshot (no lock), takes the route's
 //!   next Healthy backend in round-robin order unless it has more than
 //!   twice the requests in flight of the least loaded one (then that one;

@@ -481,14 +481,31 @@ pub async fn raw_request(addr: SocketAddr, bytes: &[u8]) -> (Option<RawReply>, S
     (reply, local, s)
 }
 
-/// A connection from a local port no other socket of the machine uses
-/// (bound before connecting): a test that looks up the proxy's log lines
-/// by client address must not see those of another test's connection,
-/// which the kernel may give the same ephemeral port when it goes to
-/// another destination.
+/// A connection from a local port that no other connection made by this
+/// function in this test process ever used, and no other socket of the
+/// machine uses meanwhile (bound before connecting): a test that looks up
+/// the proxy's log lines by client address must not see those of another
+/// connection, which the kernel may give the same ephemeral port (a closed
+/// one at once, or a live one going to another destination).
 pub async fn connect_own_port(addr: SocketAddr) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    static USED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    // Sockets bound to ports used before, held until a fresh one is found
+    // so that the kernel does not offer them again.
+    let mut skipped = Vec::new();
+    let socket = loop {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let mut used = USED.lock().unwrap();
+        if used.contains(&port) {
+            skipped.push(socket);
+            assert!(skipped.len() < 10_000, "no fresh local port");
+            continue;
+        }
+        used.push(port);
+        break socket;
+    };
+    drop(skipped);
     socket.connect(addr).await.unwrap()
 }
 
