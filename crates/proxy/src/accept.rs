@@ -32,12 +32,11 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::Poll;
-
-use atomic_waker::AtomicWaker;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use rustix::net::SocketFlags;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;

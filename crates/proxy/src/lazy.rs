@@ -103,6 +103,21 @@ impl LazyStream {
     }
 }
 
+/// What an operation tried directly on the unregistered socket comes to:
+/// `None` when it would block (then the socket is registered and tokio
+/// waits); an interrupted call is tried again at the next poll.
+fn direct<T>(result: io::Result<T>, cx: &mut Context<'_>) -> Option<Poll<io::Result<T>>> {
+    match result {
+        Ok(done) => Some(Poll::Ready(Ok(done))),
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => None,
+        Err(err) if err.kind() == io::ErrorKind::Interrupted => {
+            cx.waker().wake_by_ref();
+            Some(Poll::Pending)
+        }
+        Err(err) => Some(Poll::Ready(Err(err))),
+    }
+}
+
 impl AsyncRead for LazyStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
@@ -111,18 +126,9 @@ impl AsyncRead for LazyStream {
         }
         if let Socket::Unregistered(std) = &this.socket {
             let room = buf.remaining().min(DIRECT_READ_MAX);
-            let target = buf.initialize_unfilled_to(room);
-            match (&*std).read(target) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                Err(err) => return Poll::Ready(Err(err)),
+            let read = (&*std).read(buf.initialize_unfilled_to(room)).map(|n| buf.advance(n));
+            if let Some(done) = direct(read, cx) {
+                return done;
             }
         }
         match this.register() {
@@ -144,14 +150,8 @@ impl AsyncWrite for LazyStream {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if let Socket::Unregistered(std) = &this.socket {
-            match (&*std).write_vectored(bufs) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                Err(err) => return Poll::Ready(Err(err)),
+            if let Some(done) = direct((&*std).write_vectored(bufs), cx) {
+                return done;
             }
         }
         match this.register() {
