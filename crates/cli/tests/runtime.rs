@@ -574,3 +574,14 @@ fn the_first_up_starts_the_daemon_with_the_specs_proxy_workers() {
     assert_eq!(code, 200);
     app.run(&["down"]).ok();
 }
+
+#[test]
+fn a_proxy_worker_count_out_of_range_is_refused_before_the_daemon_starts() {
+    let app = TestApp::hello();
+    for bad in ["0", "1025", "many"] {
+        let r = app.run(&["daemon", "--proxy-workers", bad]);
+        assert_eq!(r.code, 2, "{bad}: {}", r.stderr);
+        assert!(r.stderr.contains("--proxy-workers"), "{bad}: {}", r.stderr);
+        assert!(app.daemon_pid().is_none(), "{bad}: a daemon started");
+    }
+}
