@@ -39,6 +39,18 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `keep_upgrade`, `Upgrade` stays and `Connection: upgrade` is restored,
 /// so that an upgrade handshake can cross.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names (a comparison of
+    // known names is an integer compare) instead of hashing ten names for
+    // removal, which was 5 % of the proxy's instructions per request.
+    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        strip_present(headers, keep_upgrade);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn strip_present(headers: &mut HeaderMap, keep_upgrade: bool) {
     if let Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
         let (_, mut values) = entry.remove_entry_mult();
         let first = values.next();
@@ -65,9 +77,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             continue;
         }
         headers.remove(name);
-    }
-    if keep_upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
@@ -245,6 +254,25 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-keep"]);
+    }
+
+    /// The scan that skips the removals must notice each hop-by-hop
+    /// header on its own, in any case, after other headers.
+    #[test]
+    fn each_hop_by_hop_header_alone_is_stripped_and_others_are_left_alone() {
+        for name in &HOP_BY_HOP {
+            let upper = name.as_str().to_ascii_uppercase();
+            let mut h = map(&[("host", "a"), ("x-keep", "1"), (upper.as_str(), "v")]);
+            strip_hop_by_hop(&mut h, false);
+            let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, vec!["host", "x-keep"], "{name} was not stripped");
+        }
+        let mut plain = map(&[("host", "a"), ("content-length", "3"), ("x-keep", "1")]);
+        let before = plain.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain, before);
+        strip_hop_by_hop(&mut plain, true);
+        assert_eq!(plain.get("connection").unwrap(), "upgrade", "an upgrade always gets Connection: upgrade");
     }
 
     #[test]
