@@ -4,7 +4,7 @@
 
 use crate::backend::InFlight;
 use crate::server::PhaseGuard;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamBody, UpstreamBodyError};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -183,7 +183,7 @@ impl Lease {
 
 enum Kind {
     Full(Option<Bytes>),
-    Upstream { body: Incoming, lease: Option<Lease> },
+    Upstream { body: UpstreamBody, lease: Option<Lease> },
 }
 
 /// A response body on its way to the client.
@@ -198,43 +198,46 @@ impl ProxyBody {
         Self { kind: Kind::Full(bytes), _phase: phase }
     }
 
-    pub(crate) fn upstream(body: Incoming, lease: Lease, phase: Option<PhaseGuard>) -> Self {
+    pub(crate) fn upstream(body: UpstreamBody, lease: Lease, phase: Option<PhaseGuard>) -> Self {
         Self { kind: Kind::Upstream { body, lease: Some(lease) }, _phase: phase }
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamBodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         match &mut self.get_mut().kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream { body, lease } => {
-                // The body's bytes come from the connection's I/O, which
-                // this task drives (see `upstream.rs`).
-                if let Some(conn) = lease.as_mut().and_then(|lease| lease.conn.as_mut()) {
-                    conn.drive(cx);
-                }
-                let polled = Pin::new(&mut *body).poll_frame(cx);
-                match &polled {
+                // The body's bytes are read from the connection by this
+                // task (see `upstream.rs`).
+                let Some(conn) = lease.as_mut().and_then(|lease| lease.conn.as_mut()) else {
+                    return Poll::Ready(None);
+                };
+                match conn.poll_body(cx, body) {
                     Poll::Ready(None) => {
                         if let Some(lease) = lease.take() {
                             lease.finish();
                         }
+                        Poll::Ready(None)
                     }
-                    Poll::Ready(Some(Err(_))) => {
+                    Poll::Ready(Some(Ok(data))) => {
+                        if body.is_end_stream() {
+                            if let Some(lease) = lease.take() {
+                                lease.finish();
+                            }
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Poll::Ready(Some(Err(err))) => {
                         // The upstream broke mid-body: drop the connection.
                         lease.take();
+                        Poll::Ready(Some(Err(err)))
                     }
-                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
-                        if let Some(lease) = lease.take() {
-                            lease.finish();
-                        }
-                    }
-                    _ => {}
+                    Poll::Pending => Poll::Pending,
                 }
-                polled
             }
         }
     }
@@ -250,7 +253,10 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Upstream { body, .. } => match body.exact_len() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
         }
     }
 }

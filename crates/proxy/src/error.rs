@@ -106,29 +106,6 @@ impl ProxyError {
         Self::new(kind, Side::Upstream, Retry::Unsent).with_source(err)
     }
 
-    /// Classify a failed exchange on an upstream connection. `unsent` is
-    /// true when hyper handed the request back (it never hit the wire).
-    pub(crate) fn exchange(err: hyper::Error, unsent: bool) -> Self {
-        if unsent {
-            return Self::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::Unsent).with_source(err);
-        }
-        if err.is_user() {
-            // Our request body (the client's upload) failed, or hyper was
-            // misused: the upstream is not to blame.
-            let kind = std::error::Error::source(&err)
-                .and_then(|s| s.downcast_ref::<BodyError>())
-                .map_or(ErrorKind::ClientBody, BodyError::kind);
-            return Self::new(kind, Side::Downstream, Retry::Never).with_source(err);
-        }
-        if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
-            // Bytes came back: the instance did something.
-            return Self::new(ErrorKind::UpstreamProtocol, Side::Upstream, Retry::Never).with_source(err);
-        }
-        // Closed, reset, incomplete message, canceled: the instance went away
-        // before a response head arrived.
-        Self::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::IfIdempotent).with_source(err)
-    }
-
     pub(crate) fn upstream_timeout() -> Self {
         Self::new(ErrorKind::UpstreamTimeout, Side::Upstream, Retry::Never)
     }

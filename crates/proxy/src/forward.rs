@@ -21,7 +21,7 @@ use crate::config::ProxyConfig;
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::headers;
 use crate::server::{ConnCtx, PhaseGuard, DUPLICATE_CONTENT_LENGTH, SAW_CONTENT_LENGTH, SAW_TRANSFER_ENCODING};
-use crate::upstream::{Failed, Upstream};
+use crate::upstream::{Failed, Upstream, UpstreamBody};
 use crate::Inner;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -141,7 +141,7 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Reques
             Ok((resp, conn)) => {
                 // The same for the response to the client.
                 crate::workers::batch_end().await;
-                return respond(&inner, &ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
+                return respond(&ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
             }
             Err((err, returned)) => {
                 let backend = Arc::clone(in_flight.backend());
@@ -359,7 +359,7 @@ async fn acquire(
     }
 }
 
-type Sent = (Response<Incoming>, Upstream);
+type Sent = (Response<UpstreamBody>, Upstream);
 
 /// One exchange up to the response head. On failure, the request comes
 /// back if it never reached the instance.
@@ -378,26 +378,18 @@ async fn send(config: &ProxyConfig, in_flight: &InFlight, req: Request<UpBody>, 
 async fn checkout(config: &ProxyConfig, backend: &BackendState, fresh: bool) -> Result<Upstream, ProxyError> {
     if !fresh {
         while let Some(mut conn) = backend.pool.take() {
-            // Normally ready at once; closed if the instance closed it
-            // while it sat in the pool.
-            if conn.ready(config.connect_timeout).await {
+            // Not if the instance closed it while it sat in the pool.
+            if conn.ready() {
                 return Ok(conn);
             }
         }
     }
-    let mut conn = Upstream::connect(backend.addr, config.connect_timeout).await?;
-    if conn.ready(config.connect_timeout).await {
-        Ok(conn)
-    } else {
-        Err(ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::Unsent))
-    }
+    Upstream::connect(backend.addr, config.connect_timeout).await
 }
 
-#[allow(clippy::too_many_arguments)]
 fn respond(
-    inner: &Inner,
     ctx: &Arc<ConnCtx>,
-    mut resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     conn: Upstream,
     in_flight: InFlight,
     request_id: HeaderValue,
@@ -410,15 +402,11 @@ fn respond(
             tracing::warn!(instance = %in_flight.backend().instance, "instance switched protocols without being asked");
             return error_response(&err, request_id, phase, false);
         };
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let (mut parts, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
         ctx.upgraded();
         drop(phase);
-        // hyper completes the instance's side of the upgrade from the
-        // connection future, which now needs a task of its own.
-        conn.detach(&inner.tasks);
-        spawn_tunnel(ctx, in_flight, client_upgrade, upstream_upgrade);
+        spawn_tunnel(ctx, in_flight, client_upgrade, conn.into_upgraded());
         return Response::from_parts(parts, ProxyBody::full(Bytes::new(), None));
     }
     let (mut parts, body) = resp.into_parts();
@@ -436,16 +424,18 @@ fn spawn_tunnel(
     ctx: &Arc<ConnCtx>,
     in_flight: InFlight,
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+    (mut upstream, early): (tokio::net::TcpStream, Bytes),
 ) {
     let conn = Arc::clone(ctx);
     ctx.tasks.spawn(async move {
         let backend_gone = in_flight.backend().token.clone();
         let instance = in_flight.backend().instance.clone();
         let run = async {
-            let (client, upstream) = tokio::try_join!(client, upstream).map_err(|e| e.to_string())?;
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
+            let mut client = TokioIo::new(client.await.map_err(|e| e.to_string())?);
+            // What the instance sent right after its 101 head.
+            if !early.is_empty() {
+                tokio::io::AsyncWriteExt::write_all(&mut client, &early).await.map_err(|e| e.to_string())?;
+            }
             tokio::io::copy_bidirectional(&mut client, &mut upstream).await.map_err(|e| e.to_string())
         };
         tokio::select! {

@@ -89,12 +89,17 @@ impl LazyStream {
     /// Whether this read only watches for the client leaving and is still
     /// to be put off (arming the delay the first time).
     fn put_off(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.ctx.as_ref().is_some_and(|ctx| ctx.only_awaits_the_response()) {
+        let Some(ctx) = self.ctx.as_ref().filter(|ctx| ctx.only_awaits_the_response()) else {
             self.leave_check = None;
             return false;
-        }
+        };
         let check = self.leave_check.get_or_insert_with(|| Box::pin(tokio::time::sleep(LEAVE_CHECK_DELAY)));
-        check.as_mut().poll(cx).is_pending()
+        if check.as_mut().poll(cx).is_ready() {
+            return false;
+        }
+        // Woken when the request ends (`PhaseGuard`), or by the delay.
+        ctx.leave_check.register(cx.waker());
+        true
     }
 }
 

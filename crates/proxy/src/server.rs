@@ -136,6 +136,10 @@ pub(crate) struct ConnCtx {
     /// HTTP/1: the request in progress was read whole (no body, or a body
     /// read to its end); the client's reads only watch for it leaving.
     request_read: AtomicBool,
+    /// The client read [`crate::lazy::LazyStream`] put off while the
+    /// response was awaited: woken when the request ends, so that the next
+    /// request on the connection is read at once.
+    pub(crate) leave_check: atomic_waker::AtomicWaker,
     /// What the head scan found in the last request head.
     head_flags: AtomicU8,
     /// Where upgraded connections are spawned (the serve loop's tracker).
@@ -172,6 +176,7 @@ impl ConnCtx {
             tunnel: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
             request_read: AtomicBool::new(false),
+            leave_check: atomic_waker::AtomicWaker::new(),
             head_flags: AtomicU8::new(0),
             tasks,
             signal: ConnSignal::new(),
@@ -261,6 +266,10 @@ impl Drop for PhaseGuard {
             ctx.request_read.store(false, Ordering::Relaxed);
             ctx.phase.store(IDLE, Ordering::Relaxed);
             ctx.epoch.fetch_add(1, Ordering::Relaxed);
+            // hyper may have polled the read (for the next request) before
+            // the response went out, and been put off: it would wait for
+            // the put-off delay otherwise.
+            ctx.leave_check.wake();
         }
     }
 }
