@@ -272,7 +272,19 @@ async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
 }
 
 async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
-    let c = client(home);
+    let mut c = client(home);
+    if matches!(c.ping().await, Err(ClientError::NotRunning { .. })) {
+        let left = instances_left_running(home);
+        if left > 0 {
+            // The daemon died (kill -9, OOM) and its instances kept running,
+            // as they do so that a new daemon re-adopts them: start one to
+            // stop them the usual way (drain, stop signal, grace period).
+            if !json {
+                outln!("the nonstop daemon is not running but {left} instance(s) are: starting it to stop them");
+            }
+            c = ensure_daemon(home, None).await?;
+        }
+    }
     let ping = match c.ping().await {
         Ok(p) => p,
         Err(ClientError::NotRunning { .. }) => {
@@ -301,6 +313,34 @@ async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
     let report = OpReport { summary: "stopped the app and the daemon".into(), changed: true };
     print_report(&report, json);
     Ok(code)
+}
+
+/// Instances of this home whose process is alive: their monitor's
+/// directory `instances/PID-STARTTIME` names a live process that started
+/// then (a reused pid does not count).
+fn instances_left_running(home: &Home) -> usize {
+    let Ok(entries) = std::fs::read_dir(home.path().join("instances")) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let Some((pid, start)) = name.to_str().and_then(|n| n.split_once('-')) else {
+                return false;
+            };
+            let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
+                return false;
+            };
+            // Field 22 of /proc/PID/stat: start time in clock ticks.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+                    .and_then(|field| field.parse::<u64>().ok())
+                    == Some(start)
+            })
+        })
+        .count()
 }
 
 async fn status(home: &Home, json: bool) -> anyhow::Result<i32> {

@@ -262,6 +262,28 @@ fn a_daemon_killed_with_sigkill_is_restarted_and_readopts_its_instances() {
 }
 
 #[test]
+fn down_after_the_daemon_was_killed_stops_the_instances_it_left_running() {
+    let app = TestApp::hello();
+    app.up().ok();
+    let pids: Vec<i32> =
+        app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].as_i64().unwrap() as i32).collect();
+    assert!(!pids.is_empty());
+    let daemon = app.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "the daemon to die", || !pid_alive(daemon));
+    let r = app.run(&["down"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("instance(s) are: starting it to stop them"), "{}", r.stdout);
+    for pid in &pids {
+        wait_until(T, "the instances left running to stop", || !pid_alive(*pid));
+    }
+    // Nothing left: a second down has nothing to do.
+    let r = app.run(&["down"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("nothing to do"), "{}", r.stdout);
+}
+
+#[test]
 fn a_command_that_does_not_exist_is_refused_before_anything_starts() {
     let app = TestApp::new("hello", |s| s.replace("exec python3 worker.py", "exec no-such-worker-xyz --flag"));
     let r = app.up();

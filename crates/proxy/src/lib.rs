@@ -17,8 +17,9 @@
 //!   twice the requests in flight of the least loaded one (then that one;
 //!   atomics, see `table::round_robin_fits`), takes an idle upstream connection
 //!   from that backend's pool (a push/pop under the worker's own share of
-//!   it) or opens one, drives it from the client connection's task (see
-//!   `upstream.rs`), and streams both bodies through.
+//!   it) or opens one, and speaks HTTP/1 to the instance itself from the
+//!   client connection's task (see `upstream.rs`; hyper serves the
+//!   clients), streaming both bodies through.
 //! - One checker task per backend runs the active health checks; requests
 //!   report refused connections (passive checks). Health has hysteresis and
 //!   every change is broadcast as a [`HealthEvent`].
