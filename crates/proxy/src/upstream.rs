@@ -463,6 +463,10 @@ impl Upstream {
             let httparse::Status::Complete(head_len) = status else {
                 return Ok(None);
             };
+            if head_len > MAX_HEAD {
+                // (An incomplete one is refused by `poll_head` at this size.)
+                return Err(HeadError::Protocol(format!("response head larger than {} KiB", MAX_HEAD / 1024)));
+            }
             let code = parsed.code.unwrap_or(0);
             let status = StatusCode::from_u16(code)
                 .map_err(|_| HeadError::Protocol(format!("invalid status code {code}")))?;
@@ -1026,20 +1030,24 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_heads_and_conflicting_lengths_are_protocol_errors() {
+        let huge = format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 0\r\n\r\n", "a".repeat(MAX_HEAD));
         for response in [
+            huge.as_bytes(),
             &b"SSH-2.0-OpenSSH\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             b"HTTP/1.1 99 Low\r\n\r\n",
         ] {
+            let shown: String = String::from_utf8_lossy(response).chars().take(60).collect();
+            let response = response.to_vec();
             let mut conn = with_instance(move |mut s| async move {
                 read_request(&mut s).await;
-                s.write_all(response).await.unwrap();
+                s.write_all(&response).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(200)).await;
             })
             .await;
             let (err, returned) = conn.send(get("/"), Duration::from_secs(2)).await.unwrap_err();
-            assert_eq!(err.kind, ErrorKind::UpstreamProtocol, "{:?}", String::from_utf8_lossy(response));
+            assert_eq!(err.kind, ErrorKind::UpstreamProtocol, "{shown:?}");
             assert_eq!(err.retry, Retry::Never);
             assert!(returned.is_none());
             assert!(!conn.is_open());
