@@ -186,14 +186,6 @@ struct Upload {
     last: bool,
 }
 
-/// How an upload stopped early.
-enum UploadError {
-    /// The client's body failed (too large, too slow, malformed).
-    Client(crate::body::BodyError),
-    /// The instance stopped reading (closed, reset).
-    Write(io::Error),
-}
-
 impl Upstream {
     /// Open a connection to `addr` within `timeout`.
     pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, ProxyError> {
@@ -233,9 +225,9 @@ impl Upstream {
 
     /// Send `req` and wait for the response head, within `timeout` (504;
     /// the connection must then be dropped, which closes it). A streamed
-    /// request body is sent meanwhile; a response that comes before it was
-    /// all sent ends the sending. On failure the request comes back if not
-    /// one byte of it was written.
+    /// request body is sent meanwhile, and goes on being sent from
+    /// [`poll_body`](Self::poll_body) if the answer comes first. On failure
+    /// the request comes back if not one byte of it was written.
     pub async fn send(&mut self, req: Request<UpBody>, timeout: Duration) -> Result<Response<UpstreamBody>, Failed> {
         let deadline = Instant::now() + timeout;
         let chunked = encode_head(&mut self.wbuf, &req);
@@ -252,7 +244,6 @@ impl Upstream {
             chunked,
             stream: None,
         };
-        self.upload = None;
         poll_fn(|cx| self.poll_exchange(cx, &mut exchange, deadline)).await
     }
 
@@ -268,24 +259,11 @@ impl Upstream {
                 return Poll::Ready(Err(failed));
             }
         }
-        if self.upload.is_some() {
-            match self.poll_upload(cx) {
-                Ok(()) => {}
-                Err(UploadError::Client(err)) => {
-                    // The client's upload failed: not the instance's fault,
-                    // and nothing to retry.
-                    self.reusable = false;
-                    let err = ProxyError::new(err.kind(), Side::Downstream, Retry::Never).with_source(err);
-                    return Poll::Ready(Err((err, None)));
-                }
-                Err(UploadError::Write(err)) => {
-                    // The instance stopped reading: its answer may still
-                    // come (e.g. a 413), read on.
-                    tracing::debug!(error = %err, "upstream stopped reading the request body");
-                    self.upload = None;
-                    self.reusable = false;
-                }
-            }
+        if let Err(err) = self.poll_upload(cx) {
+            // The client's upload failed: not the instance's fault, and
+            // nothing to retry.
+            let err = ProxyError::new(err.kind(), Side::Downstream, Retry::Never).with_source(err);
+            return Poll::Ready(Err((err, None)));
         }
         match self.poll_head(cx, ex.head_request) {
             Poll::Ready(Ok(resp)) => {
@@ -355,18 +333,29 @@ impl Upstream {
         Ok(())
     }
 
-    /// Send what can be sent of the upload without waiting. Ends it (`Ok`,
-    /// `upload` cleared) after the last byte.
-    fn poll_upload(&mut self, cx: &mut Context<'_>) -> Result<(), UploadError> {
+    /// Send what can be sent of the upload, if any, without waiting; it
+    /// ends (`upload` cleared) after its last byte. An instance that stops
+    /// reading ends it too, and the connection cannot be reused: its
+    /// answer may still come (e.g. a 413) and is read on. An error is the
+    /// client's body failing (too large, too slow, malformed); the
+    /// connection is then not reused either.
+    fn poll_upload(&mut self, cx: &mut Context<'_>) -> Result<(), crate::body::BodyError> {
         let Some(upload) = self.upload.as_mut() else { return Ok(()) };
         loop {
             while upload.written < self.wbuf.len() {
-                match Pin::new(&mut self.io).poll_write(cx, &self.wbuf[upload.written..]) {
+                let err = match Pin::new(&mut self.io).poll_write(cx, &self.wbuf[upload.written..]) {
                     Poll::Pending => return Ok(()),
-                    Poll::Ready(Ok(0)) => return Err(UploadError::Write(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => upload.written += n,
-                    Poll::Ready(Err(err)) => return Err(UploadError::Write(err)),
-                }
+                    Poll::Ready(Ok(0)) => io::ErrorKind::WriteZero.into(),
+                    Poll::Ready(Ok(n)) => {
+                        upload.written += n;
+                        continue;
+                    }
+                    Poll::Ready(Err(err)) => err,
+                };
+                tracing::debug!(error = %err, "upstream stopped reading the request body");
+                self.upload = None;
+                self.reusable = false;
+                return Ok(());
             }
             if upload.last {
                 break;
@@ -396,7 +385,10 @@ impl Upstream {
                     }
                     upload.last = true;
                 }
-                Poll::Ready(Some(Err(err))) => return Err(UploadError::Client(err)),
+                Poll::Ready(Some(Err(err))) => {
+                    self.reusable = false;
+                    return Err(err);
+                }
             }
         }
         self.upload = None;
@@ -410,12 +402,7 @@ impl Upstream {
             if !self.rbuf.is_empty() {
                 match self.parse_head(head_request) {
                     Ok(Some(resp)) => return Poll::Ready(Ok(resp)),
-                    Ok(None) if self.rbuf.len() >= MAX_HEAD => {
-                        return Poll::Ready(Err(HeadError::Protocol(format!(
-                            "response head larger than {} KiB",
-                            MAX_HEAD / 1024
-                        ))))
-                    }
+                    Ok(None) if self.rbuf.len() >= MAX_HEAD => return Poll::Ready(Err(head_too_large())),
                     Ok(None) => {}
                     Err(err) => return Poll::Ready(Err(err)),
                 }
@@ -444,9 +431,7 @@ impl Upstream {
     }
 
     fn poll_read_up_to(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < room {
-            self.rbuf.reserve(room);
-        }
+        self.rbuf.reserve(room);
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
     }
 
@@ -465,7 +450,7 @@ impl Upstream {
             };
             if head_len > MAX_HEAD {
                 // (An incomplete one is refused by `poll_head` at this size.)
-                return Err(HeadError::Protocol(format!("response head larger than {} KiB", MAX_HEAD / 1024)));
+                return Err(head_too_large());
             }
             let code = parsed.code.unwrap_or(0);
             let status = StatusCode::from_u16(code)
@@ -587,18 +572,9 @@ impl Upstream {
         cx: &mut Context<'_>,
         body: &mut UpstreamBody,
     ) -> Poll<Option<Result<Bytes, UpstreamBodyError>>> {
-        if self.upload.is_some() {
-            match self.poll_upload(cx) {
-                Ok(()) => {}
-                Err(UploadError::Client(err)) => {
-                    // The answer cannot be trusted to be complete either.
-                    return Poll::Ready(Some(Err(self.broke(&format!("request body failed: {err}")))));
-                }
-                Err(UploadError::Write(_)) => {
-                    self.upload = None;
-                    self.reusable = false;
-                }
-            }
+        if let Err(err) = self.poll_upload(cx) {
+            // The answer cannot be trusted to be complete either.
+            return Poll::Ready(Some(Err(self.broke(&format!("request body failed: {err}")))));
         }
         if let Some(first) = body.first.take() {
             return Poll::Ready(Some(Ok(first)));
@@ -691,17 +667,17 @@ impl Upstream {
         UpstreamBodyError(what.to_string())
     }
 
-    /// One line (without its line ending) from the front of `rbuf`, if a
-    /// whole one is there.
-    fn line(&mut self) -> Result<Option<Bytes>, &'static str> {
+    /// `read` applied to one line (without its line ending) at the front
+    /// of `rbuf`, which is then consumed, if a whole line is there. In
+    /// place: splitting lines off would make the read buffer shared, and
+    /// the next read allocate a new one.
+    fn line<T>(&mut self, read: impl FnOnce(&[u8]) -> T) -> Result<Option<T>, &'static str> {
         match self.rbuf.iter().position(|&b| b == b'\n') {
             Some(end) => {
-                let mut line = self.rbuf.split_to(end + 1);
-                line.truncate(end);
-                if line.last() == Some(&b'\r') {
-                    line.truncate(end - 1);
-                }
-                Ok(Some(line.freeze()))
+                let line = &self.rbuf[..end];
+                let value = read(line.strip_suffix(b"\r").unwrap_or(line));
+                self.rbuf.advance(end + 1);
+                Ok(Some(value))
             }
             None if self.rbuf.len() > MAX_LINE => Err("chunk-size or trailer line too long"),
             None => Ok(None),
@@ -709,9 +685,11 @@ impl Upstream {
     }
 
     fn chunk_size_line(&mut self) -> Result<Option<Framing>, &'static str> {
-        let Some(line) = self.line()? else { return Ok(None) };
-        let size = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-        let size = parse_hex(size).ok_or("invalid chunk size")?;
+        let Some(size) = self.line(|line| parse_hex(line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii()))?
+        else {
+            return Ok(None);
+        };
+        let size = size.ok_or("invalid chunk size")?;
         Ok(Some(if size == 0 { Framing::Chunked(Chunk::Trailers(0)) } else { Framing::Chunked(Chunk::Data(size)) }))
     }
 
@@ -733,8 +711,8 @@ impl Upstream {
 
     fn trailer_line(&mut self, seen: usize) -> Result<Option<Framing>, &'static str> {
         let before = self.rbuf.len();
-        let Some(line) = self.line()? else { return Ok(None) };
-        if line.is_empty() {
+        let Some(empty) = self.line(<[u8]>::is_empty)? else { return Ok(None) };
+        if empty {
             return Ok(Some(Framing::Done));
         }
         let seen = seen + (before - self.rbuf.len());
@@ -749,6 +727,10 @@ impl Upstream {
     pub fn into_upgraded(self) -> (TcpStream, Bytes) {
         (self.io, self.rbuf.freeze())
     }
+}
+
+fn head_too_large() -> HeadError {
+    HeadError::Protocol(format!("response head larger than {} KiB", MAX_HEAD / 1024))
 }
 
 /// The request could not be written. If nothing of it was, it comes back.
@@ -808,33 +790,14 @@ fn encode_head(out: &mut Vec<u8>, req: &Request<UpBody>) -> bool {
     false
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn push_hex(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        digits[at] = b"0123456789abcdef"[(n & 15) as usize];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+    use std::io::Write;
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{n:x}");
 }
 
 /// A Content-Length value: digits only (a list of equal values, which RFC
