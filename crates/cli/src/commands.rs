@@ -315,32 +315,10 @@ async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-/// Instances of this home whose process is alive: their monitor's
-/// directory `instances/PID-STARTTIME` names a live process that started
-/// then (a reused pid does not count).
+/// Instances of this home whose monitor still runs (the supervisor's own
+/// record of them, as a restarted daemon reads it).
 fn instances_left_running(home: &Home) -> usize {
-    let Ok(entries) = std::fs::read_dir(home.path().join("instances")) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|entry| {
-            let name = entry.file_name();
-            let Some((pid, start)) = name.to_str().and_then(|n| n.split_once('-')) else {
-                return false;
-            };
-            let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
-                return false;
-            };
-            // Field 22 of /proc/PID/stat: start time in clock ticks.
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|stat| {
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(19))
-                    .and_then(|field| field.parse::<u64>().ok())
-                    == Some(start)
-            })
-        })
-        .count()
+    nonstop_supervisor::running_under(home.path()).iter().filter(|r| r.instance.is_some()).count()
 }
 
 async fn status(home: &Home, json: bool) -> anyhow::Result<i32> {

@@ -27,6 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Where instance directories live, under the state directory.
+const INSTANCES_DIR: &str = "instances";
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -148,7 +151,7 @@ impl LocalDriver {
         };
         std::fs::create_dir_all(&config.state_dir).map_err(state_err(&config.state_dir))?;
         config.state_dir = config.state_dir.canonicalize().map_err(state_err(&config.state_dir))?;
-        let instances_dir = config.state_dir.join("instances");
+        let instances_dir = config.state_dir.join(INSTANCES_DIR);
         let logs_dir = config.state_dir.join("logs");
         for dir in [&instances_dir, &logs_dir] {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(state_err(dir))?;
@@ -195,18 +198,7 @@ impl LocalDriver {
     /// started it: lets a restarted daemon find instances it has no record
     /// of (e.g. it died in the middle of a `start`).
     pub fn running(&self) -> Vec<InstanceRecord> {
-        self.records().into_iter().filter(|r| procinfo::is_running(r.monitor_pid, r.monitor_start_time)).collect()
-    }
-
-    fn records(&self) -> Vec<InstanceRecord> {
-        let Ok(entries) = std::fs::read_dir(&self.inner.instances_dir) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .filter_map(|e| read_json::<InstanceRecord>(&e.path().join(RECORD_FILE)))
-            .collect()
+        running_in(&self.inner.instances_dir)
     }
 
     /// Delete the state of instances and tasks that ended more than
@@ -722,6 +714,25 @@ impl Driver for LocalDriver {
             .filter_map(|r| r.handle())
             .collect()
     }
+}
+
+/// Everything (instances and tasks) whose monitor still runs under the
+/// state directory `state_dir`, read without a [`LocalDriver`] (and without
+/// creating anything): e.g. `nonstop down` when the daemon is gone.
+pub fn running_under(state_dir: &Path) -> Vec<InstanceRecord> {
+    running_in(&state_dir.join(INSTANCES_DIR))
+}
+
+fn running_in(instances_dir: &Path) -> Vec<InstanceRecord> {
+    let Ok(entries) = std::fs::read_dir(instances_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| read_json::<InstanceRecord>(&e.path().join(RECORD_FILE)))
+        .filter(|r| procinfo::is_running(r.monitor_pid, r.monitor_start_time))
+        .collect()
 }
 
 #[cfg(test)]

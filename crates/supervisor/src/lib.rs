@@ -11,7 +11,7 @@ pub mod monitor;
 pub mod procinfo;
 pub mod state;
 
-pub use driver::{LocalDriver, LocalDriverConfig, SupervisorError, DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES};
+pub use driver::{running_under, LocalDriver, LocalDriverConfig, SupervisorError, DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES};
 pub use logfile::Stream;
 pub use logs::{LogLine, LogQuery};
 pub use monitor::monitor_main;
