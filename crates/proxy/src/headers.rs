@@ -25,7 +25,13 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 ];
 
 fn connection_has(value: &HeaderValue, token: &str) -> bool {
-    value.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    value.to_str().is_ok() && has_token(value.as_bytes(), token.as_bytes())
+}
+
+/// Whether a comma-separated header value (`Connection`) lists `token`,
+/// ignoring case and blanks.
+pub(crate) fn has_token(list: &[u8], token: &[u8]) -> bool {
+    list.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// A request asking to switch protocols (`Connection: upgrade` and an

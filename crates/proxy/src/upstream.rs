@@ -490,13 +490,10 @@ impl Upstream {
                     // Only the last coding says how the body ends.
                     chunked = last_token(field.value).eq_ignore_ascii_case(b"chunked");
                 } else if name.eq_ignore_ascii_case(b"connection") {
-                    for token in field.value.split(|&b| b == b',') {
-                        let token = token.trim_ascii();
-                        if token.eq_ignore_ascii_case(b"close") {
-                            close = true;
-                        } else if http10 && token.eq_ignore_ascii_case(b"keep-alive") {
-                            close = false;
-                        }
+                    if crate::headers::has_token(field.value, b"close") {
+                        close = true;
+                    } else if http10 && crate::headers::has_token(field.value, b"keep-alive") {
+                        close = false;
                     }
                 }
             }
@@ -974,6 +971,26 @@ mod tests {
             let resp = conn.send(req, Duration::from_secs(2)).await.map_err(|e| e.0).unwrap();
             assert!(resp.body().is_end_stream(), "{method} {status}");
             assert!(conn.is_open(), "{method} {status}: nothing more was sent, reusable");
+        }
+    }
+
+    #[tokio::test]
+    async fn keep_alive_follows_the_connection_header_and_close_wins() {
+        for (head, reusable) in [
+            ("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", true),
+            ("HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok", false),
+            ("HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 2\r\n\r\nok", false),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true),
+        ] {
+            let mut conn = with_instance(move |mut s| async move {
+                read_request(&mut s).await;
+                s.write_all(head.as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            })
+            .await;
+            let resp = conn.send(get("/"), Duration::from_secs(2)).await.map_err(|e| e.0).unwrap();
+            assert_eq!(body_of(&mut conn, resp.into_body()).await.unwrap(), b"ok");
+            assert_eq!(conn.is_open(), reusable, "{head:?}");
         }
     }
 
