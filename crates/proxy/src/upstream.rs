@@ -277,8 +277,7 @@ impl Upstream {
                 self.reusable = false;
                 let err = match err {
                     HeadError::Closed(io) => {
-                        ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::IfIdempotent)
-                            .with_source(io)
+                        ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::IfIdempotent).with_source(io)
                     }
                     HeadError::Protocol(what) => {
                         ProxyError::new(ErrorKind::UpstreamProtocol, Side::Upstream, Retry::Never).with_source(what)
@@ -397,7 +396,11 @@ impl Upstream {
 
     /// Read until a final response head is parsed (informational 1xx
     /// answers other than 101 are skipped).
-    fn poll_head(&mut self, cx: &mut Context<'_>, head_request: bool) -> Poll<Result<Response<UpstreamBody>, HeadError>> {
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<Response<UpstreamBody>, HeadError>> {
         loop {
             if !self.rbuf.is_empty() {
                 match self.parse_head(head_request) {
@@ -453,8 +456,8 @@ impl Upstream {
                 return Err(head_too_large());
             }
             let code = parsed.code.unwrap_or(0);
-            let status = StatusCode::from_u16(code)
-                .map_err(|_| HeadError::Protocol(format!("invalid status code {code}")))?;
+            let status =
+                StatusCode::from_u16(code).map_err(|_| HeadError::Protocol(format!("invalid status code {code}")))?;
             if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                 // 100 Continue, 102, 103: not forwarded; the final answer follows.
                 self.rbuf.advance(head_len);
@@ -540,8 +543,8 @@ impl Upstream {
             let mut headers = HeaderMap::with_capacity(count);
             for &(name_at, name_len, value_at, value_len) in &spans[..count] {
                 let name = &copied[name_at as usize..(name_at + name_len) as usize];
-                let name = HeaderName::from_bytes(name)
-                    .map_err(|_| HeadError::Protocol("invalid header name".to_string()))?;
+                let name =
+                    HeaderName::from_bytes(name).map_err(|_| HeadError::Protocol("invalid header name".to_string()))?;
                 if drop_length && name == header::CONTENT_LENGTH {
                     continue;
                 }
@@ -603,7 +606,9 @@ impl Upstream {
                     let room = (left.min(64 * 1024) as usize).max(READ_CHUNK);
                     match self.poll_read_up_to(cx, room) {
                         Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok(0)) => return Poll::Ready(Some(Err(self.broke("connection closed before the end of the body")))),
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Some(Err(self.broke("connection closed before the end of the body"))))
+                        }
                         Poll::Ready(Ok(_)) => {}
                         Poll::Ready(Err(err)) => return Poll::Ready(Some(Err(self.broke(&err.to_string())))),
                     }
@@ -682,7 +687,8 @@ impl Upstream {
     }
 
     fn chunk_size_line(&mut self) -> Result<Option<Framing>, &'static str> {
-        let Some(size) = self.line(|line| parse_hex(line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii()))?
+        let Some(size) =
+            self.line(|line| parse_hex(line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii()))?
         else {
             return Ok(None);
         };
@@ -733,8 +739,12 @@ fn head_too_large() -> HeadError {
 /// The request could not be written. If nothing of it was, it comes back.
 fn write_failed(ex: &mut Exchange, err: io::Error) -> Failed {
     match ex.req.take() {
-        Some(req) => (ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::Unsent).with_source(err), Some(req)),
-        None => (ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::IfIdempotent).with_source(err), None),
+        Some(req) => {
+            (ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::Unsent).with_source(err), Some(req))
+        }
+        None => {
+            (ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::IfIdempotent).with_source(err), None)
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use nonstop_core::process::Signal;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -589,13 +589,9 @@ fn sanitize_file_name(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') { c } else { '_' }).take(100).collect()
 }
 
-fn free_port() -> io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// * `start` returns once the monitor reports the app's pid (not once it is
-///   ready); web processes get a free port on 127.0.0.1 as `PORT`.
+///   ready); web processes get a free port on 127.0.0.1 as `PORT`, from
+///   outside the kernel's ephemeral range (see [`crate::ports`]).
 /// * `stop` signals the app's process group (only while its pid still has
 ///   the recorded start time), waits for the monitor to have emptied the
 ///   group, then SIGKILLs it.
@@ -612,7 +608,10 @@ impl Driver for LocalDriver {
         let start_err = |reason: String| DriverError::Start { instance: label.clone(), reason };
         check_workdir(&launch.workdir).map_err(start_err)?;
         let port = if launch.wants_port {
-            Some(free_port().map_err(|e| start_err(format!("could not find a free port on 127.0.0.1: {e}")))?)
+            Some(
+                crate::ports::free_port()
+                    .map_err(|e| start_err(format!("could not find a free port on 127.0.0.1: {e}")))?,
+            )
         } else {
             None
         };

@@ -8,11 +8,15 @@ pub mod driver;
 pub mod logfile;
 pub mod logs;
 pub mod monitor;
+pub mod ports;
 pub mod procinfo;
 pub mod state;
 
-pub use driver::{running_under, LocalDriver, LocalDriverConfig, SupervisorError, DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES};
+pub use driver::{
+    running_under, LocalDriver, LocalDriverConfig, SupervisorError, DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES,
+};
 pub use logfile::Stream;
 pub use logs::{LogLine, LogQuery};
 pub use monitor::monitor_main;
+pub use ports::free_port;
 pub use state::InstanceRecord;

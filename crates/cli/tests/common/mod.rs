@@ -21,8 +21,11 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
+/// A port for a daemon to bind later: from outside the kernel's ephemeral
+/// range, as the supervisor picks apps' ports, so that no outgoing
+/// connection of a test running alongside can take it meanwhile.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    nonstop_supervisor::free_port().unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
