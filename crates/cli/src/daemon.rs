@@ -356,10 +356,55 @@ fn take_lock(home: &Home, wait: bool) -> anyhow::Result<nix::fcntl::Flock<std::f
     }
 }
 
+/// Duplicates of the listening sockets to hand to a successor: the
+/// proxy's, the API's unix socket and, if any, its TCP listener.
+fn handover_sockets(
+    ingress: &ProxyIngress,
+    api_fd: &std::os::fd::OwnedFd,
+    api_tcp_fd: Option<&std::os::fd::OwnedFd>,
+) -> Result<Vec<(&'static str, std::os::fd::OwnedFd)>, String> {
+    let mut sockets: Vec<(&'static str, std::os::fd::OwnedFd)> =
+        ingress.handover().into_iter().map(|fd| ("proxy", fd)).collect();
+    sockets.push(("api", api_fd.try_clone().map_err(|e| format!("cannot pass the API socket: {e}"))?));
+    if let Some(fd) = api_tcp_fd {
+        sockets.push(("api-tcp", fd.try_clone().map_err(|e| format!("cannot pass the API's TCP socket: {e}"))?));
+    }
+    Ok(sockets)
+}
+
+/// After a successor failed past the handover: start this daemon's own
+/// image (`/proc/self/exe`, there even when the file on disk was replaced)
+/// as the successor instead, with the same sockets; its pid once it serves.
+async fn restart_own_version(
+    home: &Home,
+    upgrade_exe: &std::path::Path,
+    api_listen: Option<SocketAddr>,
+    ingress: &ProxyIngress,
+    api_fd: &std::os::fd::OwnedFd,
+    api_tcp_fd: Option<&std::os::fd::OwnedFd>,
+) -> Result<u32, String> {
+    let sockets = handover_sockets(ingress, api_fd, api_tcp_fd)?;
+    let (home2, upgrade_exe) = (Home { dir: home.dir.clone() }, upgrade_exe.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let own = std::path::Path::new("/proc/self/exe");
+        crate::upgrade::spawn_successor(own, Some(&upgrade_exe), &home2, api_listen, sockets)?.wait_serving(&home2)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+}
+
 pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Option<u32>) -> anyhow::Result<()> {
     home.create()?;
-    // The binary to start on upgrade: this path, whatever is there by then.
     let exe = std::env::current_exe().context("cannot find the nonstop executable")?;
+    // The binary to start on upgrade: this path, whatever is there by then
+    // (or, in a daemon that a failed upgrade started from its predecessor's
+    // image, the path that upgrade tried).
+    let upgrade_exe =
+        std::env::var_os(crate::upgrade::UPGRADE_EXE_VAR).map(std::path::PathBuf::from).unwrap_or_else(|| exe.clone());
+    std::env::remove_var(crate::upgrade::UPGRADE_EXE_VAR);
+    // Monitors run this very binary; when its file was replaced or removed
+    // since it started ("... (deleted)"), /proc/self/exe still is it.
+    let monitor_exe = if exe.exists() { exe.clone() } else { std::path::PathBuf::from("/proc/self/exe") };
     let mut inherited = crate::upgrade::take_inherited();
     let successor = std::env::var_os("NONSTOP_UPGRADE").is_some_and(|v| v == "1");
     std::env::remove_var("NONSTOP_UPGRADE");
@@ -367,7 +412,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     // down (SQLite in WAL mode may be opened by both at once).
     let store = Arc::new(nonstop_store::Store::open(&home.database())?);
     let driver = Arc::new(
-        LocalDriver::new(LocalDriverConfig::new(home.path(), vec![exe.clone().into_os_string(), "__monitor".into()]))
+        LocalDriver::new(LocalDriverConfig::new(home.path(), vec![monitor_exe.into_os_string(), "__monitor".into()]))
             .context("cannot set up the local driver")?,
     );
     let api_token_value = match api_listen {
@@ -383,11 +428,11 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     }
     // One daemon per home: an exclusive lock held for our whole life (or
     // until we hand over to a successor).
-    let lock = {
+    let state_lock = {
         let home2 = Home { dir: home.dir.clone() };
         tokio::task::spawn_blocking(move || take_lock(&home2, successor)).await??
     };
-    let mut lock = Some(lock);
+    let mut state_lock = Some(state_lock);
     std::fs::write(home.dir.join("daemon.pid"), std::process::id().to_string())?;
 
     let shutdown = CancellationToken::new();
@@ -523,6 +568,26 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         }
         sd.cancel();
     });
+    if successor {
+        // The predecessor accepts until this daemon says it serves: the app
+        // restored and every proxy socket it handed over in use again. A
+        // successor that cannot say so exits, and the predecessor starts
+        // its own version again (see upgrade.rs).
+        match tokio::time::timeout(Duration::from_secs(30), engine_for_upgrade.status()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => anyhow::bail!("taking over failed: the engine did not start: {e}"),
+            Err(_) => anyhow::bail!("taking over failed: the engine did not answer within 30s of its start"),
+        }
+        let unused: Vec<String> = lock(&ingress.inherited).keys().map(ToString::to_string).collect();
+        if !unused.is_empty() {
+            anyhow::bail!(
+                "taking over failed: the proxy socket(s) {} handed over are not served (the stored app was not \
+                 restored; see the errors above)",
+                unused.join(", ")
+            );
+        }
+        crate::upgrade::announce_serving(&home).context("taking over failed: cannot write upgrade.serving")?;
+    }
     tracing::info!("nonstop daemon {} ready on {}", std::process::id(), socket.display());
     crate::upgrade::sd_notify(&format!("MAINPID={}\nREADY=1\nSTATUS=serving", std::process::id()));
 
@@ -553,36 +618,59 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
                         continue;
                     }
                 }
-                let mut sockets: Vec<(&'static str, std::os::fd::OwnedFd)> =
-                    ingress.handover().into_iter().map(|fd| ("proxy", fd)).collect();
-                match api_fd.try_clone() {
-                    Ok(fd) => sockets.push(("api", fd)),
-                    Err(e) => { let _ = reply.send(Err(format!("cannot pass the API socket: {e}"))); continue; }
+                let sockets = match handover_sockets(&ingress, &api_fd, api_tcp_fd.as_ref()) {
+                    Ok(sockets) => sockets,
+                    Err(e) => { let _ = reply.send(Err(e)); continue; }
+                };
+                let (exe2, home2) = (upgrade_exe.clone(), Home { dir: home.dir.clone() });
+                let spawned = tokio::task::spawn_blocking(move || crate::upgrade::spawn_successor(&exe2, None, &home2, api_listen, sockets)).await;
+                let successor = match spawned {
+                    Ok(Ok(successor)) => successor,
+                    Ok(Err(e)) => { tracing::error!("upgrade failed, still serving: {e}"); let _ = reply.send(Err(e)); continue; }
+                    Err(e) => { let _ = reply.send(Err(e.to_string())); continue; }
+                };
+                // It has the sockets. Stop deciding (its engine takes over the
+                // same store), leave the API to it (requests queue until it
+                // serves) and release the lock; go on accepting proxy
+                // connections until it serves.
+                engine_stop.cancel();
+                if let Some(t) = engine_task.take() {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
                 }
-                if let Some(fd) = api_tcp_fd.as_ref().and_then(|f| f.try_clone().ok()) {
-                    sockets.push(("api-tcp", fd));
-                }
-                let (exe2, home2) = (exe.clone(), Home { dir: home.dir.clone() });
-                let spawned = tokio::task::spawn_blocking(move || crate::upgrade::spawn_successor(&exe2, &home2, api_listen, sockets)).await;
-                match spawned {
-                    Ok(Ok(new_pid)) => {
-                        // Stop deciding (the successor's engine takes over the
-                        // same store), stop accepting, release the lock.
-                        engine_stop.cancel();
-                        if let Some(t) = engine_task.take() {
-                            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+                api_stop.cancel();
+                drop(state_lock.take());
+                let home2 = Home { dir: home.dir.clone() };
+                let served = tokio::task::spawn_blocking(move || successor.wait_serving(&home2)).await.unwrap_or_else(|e| Err(e.to_string()));
+                let result = match served {
+                    Ok(new_pid) => Ok(serde_json::json!({"old_pid": std::process::id(), "new_pid": new_pid})),
+                    Err(why) => {
+                        tracing::error!("upgrade failed after the handover: {why}; starting this daemon's own version again");
+                        match restart_own_version(&home, &upgrade_exe, api_listen, &ingress, &api_fd, api_tcp_fd.as_ref()).await {
+                            Ok(pid) => {
+                                tracing::info!("this daemon's version serves again as pid {pid}");
+                                Err(format!("{why}. The version that ran before was started again as pid {pid} and serves; the app kept running"))
+                            }
+                            Err(again) => {
+                                // Nobody else can serve: go on serving the
+                                // proxy, and take SIGUSR2 for another try.
+                                tracing::error!("starting this daemon's own version again failed: {again}");
+                                let _ = reply.send(Err(format!(
+                                    "{why}; starting the version that ran before again failed too: {again}. Daemon {pid} goes \
+                                     on serving the proxy but no longer manages the app: fix the binary and upgrade again \
+                                     with `kill -USR2 {pid}` (or `systemctl reload nonstop`), or stop it and start \
+                                     `nonstop daemon`",
+                                    pid = std::process::id()
+                                )));
+                                continue;
+                            }
                         }
-                        ingress.stop_accepting();
-                        api_stop.cancel();
-                        drop(lock.take());
-                        tracing::info!("handed over to pid {new_pid}; finishing in-flight requests");
-                        let _ = reply.send(Ok(serde_json::json!({"old_pid": std::process::id(), "new_pid": new_pid})));
-                        handed_over = true;
-                        break;
                     }
-                    Ok(Err(e)) => { tracing::error!("upgrade failed, still serving: {e}"); let _ = reply.send(Err(e)); }
-                    Err(e) => { let _ = reply.send(Err(e.to_string())); }
-                }
+                };
+                ingress.stop_accepting();
+                tracing::info!("handed over; finishing in-flight requests");
+                let _ = reply.send(result);
+                handed_over = true;
+                break;
             }
         }
     }

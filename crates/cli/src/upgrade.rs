@@ -7,8 +7,17 @@
 //! `LISTEN_FDNAMES`): the sockets never close, so no connection is refused.
 //! The successor says it is ready (`upgrade.ready`), the old daemon stops
 //! its engine and releases the state lock, the successor takes the lock,
-//! re-adopts the running instances (they never stopped) and serves; the old
-//! daemon finishes its in-flight requests and exits.
+//! re-adopts the running instances (they never stopped) and says it serves
+//! (`upgrade.serving`); only then does the old daemon stop accepting, finish
+//! its in-flight requests and exit. Until then both accept on the same
+//! sockets, so there is no moment when nobody does.
+//!
+//! A successor that dies or hangs after it took the lock (a new binary that
+//! crashes on this machine's state) must not leave the app without a
+//! daemon: the old daemon then starts its own image again
+//! (`/proc/self/exe`, which still exists when the file on disk was
+//! replaced) as the successor, with the same sockets, and reports the
+//! upgrade as failed.
 //!
 //! Crates: `command-fds` maps file descriptors into the child without
 //! unsafe code here; `listenfd` takes them on the other side. Together they
@@ -76,23 +85,108 @@ fn ready_file(home: &Home) -> PathBuf {
     home.dir.join("upgrade.ready")
 }
 
-/// Successor side: tell the predecessor that the sockets were taken.
-pub fn announce_ready(home: &Home) -> std::io::Result<()> {
-    let tmp = home.dir.join(".upgrade.ready.tmp");
+fn serving_file(home: &Home) -> PathBuf {
+    home.dir.join("upgrade.serving")
+}
+
+fn announce(home: &Home, file: PathBuf) -> std::io::Result<()> {
+    let tmp = home.dir.join(".upgrade.announce.tmp");
     std::fs::write(&tmp, std::process::id().to_string())?;
-    std::fs::rename(tmp, ready_file(home))
+    std::fs::rename(tmp, file)
+}
+
+/// Successor side: tell the predecessor that the sockets were taken (it
+/// then stops its engine and releases the state lock).
+pub fn announce_ready(home: &Home) -> std::io::Result<()> {
+    announce(home, ready_file(home))
+}
+
+/// Successor side: tell the predecessor that this daemon holds the lock,
+/// restored the app and serves every socket it was handed (the
+/// predecessor then stops accepting and finishes).
+pub fn announce_serving(home: &Home) -> std::io::Result<()> {
+    announce(home, serving_file(home))
+}
+
+/// How long a successor has from being started to serving.
+pub const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a successor has to take the sockets (say it is ready).
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A daemon started by [`spawn_successor`] that has taken the sockets.
+pub struct Successor {
+    child: std::process::Child,
+    started: Instant,
+}
+
+impl Successor {
+    /// Wait until it serves ([`announce_serving`]): its pid, or why not.
+    /// A successor that exits first or is not serving within
+    /// [`TAKEOVER_TIMEOUT`] of its start is stopped.
+    pub fn wait_serving(mut self, home: &Home) -> Result<u32, String> {
+        let pid = self.child.id();
+        let exited = |status| format!("the new daemon (pid {pid}) exited before it served ({status})");
+        match wait_for(home, serving_file(home), &mut self.child, self.started + TAKEOVER_TIMEOUT, exited) {
+            Ok(()) => {
+                // Reap it when it ends, whenever that is.
+                std::thread::spawn(move || {
+                    let _ = self.child.wait();
+                });
+                Ok(pid)
+            }
+            Err(why) => Err(format!("{why}; see {}", home.daemon_log().display())),
+        }
+    }
+}
+
+/// Poll for `file` to hold `child`'s pid until `deadline`; a child that
+/// exits first is an error (`exited`), and one that missed the deadline is
+/// killed.
+fn wait_for(
+    home: &Home,
+    file: PathBuf,
+    child: &mut std::process::Child,
+    deadline: Instant,
+    exited: impl Fn(std::process::ExitStatus) -> String,
+) -> Result<(), String> {
+    let pid = child.id().to_string();
+    loop {
+        if std::fs::read_to_string(&file).is_ok_and(|s| s.trim() == pid) {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(exited(status));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let what = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            return Err(format!(
+                "the new daemon (pid {pid}) did not get to {what} in time; it was stopped (home {})",
+                home.path().display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Predecessor side: start `exe daemon` with `sockets` and wait until it
-/// has taken them. Returns its pid. On failure nothing changed: the caller
-/// keeps serving.
+/// has taken them (then [`Successor::wait_serving`]). On failure nothing
+/// changed: the caller keeps serving.
+///
+/// `upgrade_exe` is what the successor starts on its own next upgrade when
+/// it is not `exe` itself: a predecessor that starts its own image again
+/// (`/proc/self/exe`) because the binary on disk failed passes that binary's
+/// path, so that the next upgrade tries the path again.
 pub fn spawn_successor(
     exe: &Path,
+    upgrade_exe: Option<&Path>,
     home: &Home,
     api_listen: Option<SocketAddr>,
     sockets: Vec<(&'static str, OwnedFd)>,
-) -> Result<u32, String> {
+) -> Result<Successor, String> {
     let _ = std::fs::remove_file(ready_file(home));
+    let _ = std::fs::remove_file(serving_file(home));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -120,31 +214,23 @@ pub fn spawn_successor(
         Some(a) => cmd.env("NONSTOP_API_LISTEN", a.to_string()),
         None => cmd.env_remove("NONSTOP_API_LISTEN"),
     };
+    match upgrade_exe {
+        Some(path) => cmd.env(UPGRADE_EXE_VAR, path),
+        None => cmd.env_remove(UPGRADE_EXE_VAR),
+    };
     cmd.fd_mappings(mappings).map_err(|e| e.to_string())?;
+    let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-    let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Ok(s) = std::fs::read_to_string(ready_file(home)) {
-            if s.trim() == pid.to_string() {
-                // Reap it when it ends, whenever that is.
-                std::thread::spawn(move || {
-                    let _ = child.wait();
-                });
-                return Ok(pid);
-            }
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("the new daemon exited at start ({status}); see {}", home.daemon_log().display()));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("the new daemon did not take over within 15s; it was stopped".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let exited = |status| format!("the new daemon exited at start ({status}); see {}", home.daemon_log().display());
+    match wait_for(home, ready_file(home), &mut child, started + READY_TIMEOUT, exited) {
+        Ok(()) => Ok(Successor { child, started }),
+        Err(why) => Err(why),
     }
 }
+
+/// Set on a successor started from the predecessor's own image: the path
+/// to start on the next upgrade (see [`spawn_successor`]).
+pub const UPGRADE_EXE_VAR: &str = "NONSTOP_UPGRADE_EXE";
 
 /// Tell systemd (if it supervises us: `Type=notify`, `NotifyAccess=all`).
 pub fn sd_notify(message: &str) {

@@ -464,6 +464,91 @@ fn the_daemon_upgrades_in_place_under_load_without_a_failed_request() {
     wait_until(T, "web replaced", || !app.pids("web").contains(&web) && app.pids("web").len() == 2);
 }
 
+/// A new binary that takes over and then dies must not leave the app
+/// without a daemon. The "new version" here is a script that plays a
+/// successor until it holds the state lock, then crashes: the old daemon,
+/// which went on accepting meanwhile, starts its own version again with
+/// the same sockets, and says the upgrade failed. The next upgrade tries
+/// the path on disk again.
+#[test]
+fn an_upgrade_whose_new_daemon_dies_after_taking_over_falls_back_to_the_version_that_ran() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = TestApp::hello();
+    let bin_dir = tempfile::Builder::new().prefix("nonstop-bin-").tempdir().unwrap();
+    let installed = bin_dir.path().join("nonstop");
+    std::fs::copy(bin(), &installed).unwrap();
+    let out = wait_output(app.cmd_with(&installed, &["up"]).spawn().unwrap(), T, "up");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    app.note_daemon();
+    let first = app.daemon_pid().unwrap();
+    let instances_before =
+        app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].clone()).collect::<Vec<_>>();
+
+    // Replaced on disk the way package managers do it: a new file renamed
+    // over the old one (the running daemon keeps its image).
+    let replace = |contents: &dyn Fn(&std::path::Path)| {
+        let new = bin_dir.path().join("nonstop.new");
+        contents(&new);
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&new, &installed).unwrap();
+    };
+    replace(&|path| {
+        let script = format!(
+            "#!/bin/sh\n\
+             [ \"$1\" = daemon ] || exec '{real}' \"$@\"\n\
+             echo $$ > \"$NONSTOP_HOME/.ready.tmp\" && mv \"$NONSTOP_HOME/.ready.tmp\" \"$NONSTOP_HOME/upgrade.ready\"\n\
+             flock -w 30 \"$NONSTOP_HOME/daemon.lock\" true\n\
+             echo 'broken build: crashing after taking the lock' >&2\n\
+             exit 3\n",
+            real = bin().display()
+        );
+        std::fs::write(path, script).unwrap();
+    });
+
+    let load = Load::start(app.proxy(), "/", 6);
+    wait_until(T, "traffic", || app.get("/").is_ok());
+    let r = app.run(&["upgrade"]);
+    assert_eq!(r.code, 1, "the upgrade is reported as failed: {} {}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("exited before it served (exit status: 3)")
+            && r.stderr.contains("The version that ran before was started again as pid"),
+        "{}",
+        r.stderr
+    );
+    let log = std::fs::read_to_string(app.home.path().join("daemon.log")).unwrap();
+    assert!(log.contains("broken build: crashing after taking the lock"), "{log}");
+    wait_until(T, "the first daemon to exit", || !pid_alive(first));
+    let fallback = app.daemon_pid().unwrap();
+    assert_ne!(fallback, first);
+    assert_eq!(app.run(&["status"]).code, 0);
+    let (ok, failures) = load.finish();
+    assert!(failures.is_empty(), "{} failed of {}: {:?}", failures.len(), ok, &failures[..failures.len().min(5)]);
+    assert!(ok > 20, "only {ok} requests");
+    let instances_after =
+        app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].clone()).collect::<Vec<_>>();
+    assert_eq!(instances_before, instances_after, "the app never restarted");
+
+    // Supervised by the fallback, whose monitors come from its own image
+    // (the file on disk is the broken script).
+    let web = app.pids("web")[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(web), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "web replaced", || !app.pids("web").contains(&web) && app.pids("web").len() == 2);
+    wait_until(T, "web healthy again", || web_running_healthy(&app, 2));
+
+    // Fixed on disk: the next upgrade starts the path again, not the image.
+    replace(&|path| {
+        std::fs::copy(bin(), path).unwrap();
+    });
+    let r = app.run(&["upgrade", "--json"]);
+    r.ok();
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["old_pid"].as_i64().unwrap() as i32, fallback);
+    let upgraded = v["new_pid"].as_i64().unwrap() as i32;
+    let exe = std::fs::read_link(format!("/proc/{upgraded}/exe")).unwrap();
+    assert_eq!(exe, installed, "started from the path on disk");
+    wait_until(T, "the fallback to exit", || !pid_alive(fallback));
+}
+
 #[test]
 fn the_systemd_protocol_ready_and_reload_to_a_new_main_pid() {
     use std::os::unix::net::UnixDatagram;

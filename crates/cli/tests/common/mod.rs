@@ -96,7 +96,12 @@ impl TestApp {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
+        self.cmd_with(&bin(), args)
+    }
+
+    /// [`TestApp::cmd`] with another `nonstop` binary (a copy, say).
+    pub fn cmd_with(&self, program: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(program);
         c.args(args)
             .current_dir(self.dir.path())
             .env("NONSTOP_HOME", self.home.path())
@@ -125,7 +130,7 @@ impl TestApp {
         self.run_with_timeout(args, Duration::from_secs(120))
     }
 
-    fn note_daemon(&self) {
+    pub fn note_daemon(&self) {
         if let Ok(pid) = std::fs::read_to_string(self.home.path().join("daemon.pid")) {
             if let Ok(pid) = pid.trim().parse::<i32>() {
                 self.seen_pids.lock().unwrap().insert(pid);
