@@ -503,6 +503,28 @@ pub struct Engine<D, T, I, L> {
 
 const CHECK_HISTORY: usize = 5;
 
+/// The engine's own deadlines on driver calls, on top of the timeouts the
+/// driver is given and enforces: a driver (a remote API behind it) that
+/// never answers must not hold an instance slot, a stop or a deploy
+/// forever. A call past its deadline is abandoned (dropped) and reported
+/// as failed: [`driver_silent`].
+///
+/// `start` returns once the process exists, not once it is ready.
+pub(crate) const DRIVER_START_DEADLINE: Duration = Duration::from_secs(120);
+/// On top of the drain and stop timeouts.
+pub(crate) const DRIVER_STOP_MARGIN: Duration = Duration::from_secs(30);
+/// On top of a task's own timeout.
+pub(crate) const DRIVER_TASK_MARGIN: Duration = Duration::from_secs(60);
+
+/// The error for a driver call abandoned at its deadline.
+pub(crate) fn driver_silent(call: &str, deadline: Duration) -> String {
+    format!(
+        "the driver did not answer `{call}` within {} and was given up on; check the machine (or the \
+         cloud API) it drives",
+        fmt_dur(deadline)
+    )
+}
+
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     /// Restore state from the store (re-adopting live instances), then run
     /// until `shutdown` fires. Instances keep running when the engine stops.
@@ -1052,10 +1074,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     }
 
     fn on_started(&mut self, id: InstanceId, result: Result<InstanceHandle, String>) {
+        let (now, wall) = (self.clock.now(), self.clock.wall());
         let Some(rt) = self.app.as_mut() else { return };
         let Some(inst) = rt.instances.get_mut(&id) else { return };
         match result {
             Ok(handle) => {
+                // Readiness (`ready_after`, `health_timeout`) and uptime
+                // count from here, when the process exists: not from the
+                // call to the driver, however long that took.
+                (inst.started, inst.started_wall) = (now, wall);
                 inst.handle = Some(handle.clone());
                 let stop_now = inst.stop_requested;
                 inst.phase = InstPhase::Starting;
@@ -1212,8 +1239,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         self.tasks.spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                r = driver.start(launch) => {
-                    let _ = tx.send(Internal::Started { id: id2, result: r.map_err(|e| e.to_string()) });
+                r = tokio::time::timeout(DRIVER_START_DEADLINE, driver.start(launch)) => {
+                    let result = match r {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(_) => Err(driver_silent("start", DRIVER_START_DEADLINE)),
+                    };
+                    let _ = tx.send(Internal::Started { id: id2, result });
                 }
             }
         });
@@ -1291,10 +1322,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
                 driver.stop(&handle, signal, stop_timeout).await
             };
+            let deadline = drain_timeout + stop_timeout + DRIVER_STOP_MARGIN;
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                r = work => {
-                    let _ = tx.send(Internal::Stopped { id: id2, outcome: r.map_err(|e| e.to_string()) });
+                r = tokio::time::timeout(deadline, work) => {
+                    let outcome = match r {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(_) => Err(driver_silent("stop", deadline)),
+                    };
+                    let _ = tx.send(Internal::Stopped { id: id2, outcome });
                 }
             }
         });
@@ -1581,14 +1617,24 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
             }
         }
+        // Readiness deadlines of started instances. A launching one (the
+        // driver has not answered `start` yet) waits for that answer, an
+        // event, and has no deadline here: its times would pass while it
+        // waits and wake the loop at once, over and over.
+        let now = self.clock.now();
         for inst in rt.instances.values() {
-            if matches!(inst.phase, InstPhase::Starting | InstPhase::Launching) {
+            if inst.phase == InstPhase::Starting {
                 if let Some(spec) = rt.process_spec(&inst.id.process) {
                     let far = inst.started + Duration::from_secs(86_400);
+                    let mut due = |t: Instant| {
+                        if t > now {
+                            at(t)
+                        }
+                    };
                     if inst.kind != ProcessKind::Web {
-                        at(inst.started.checked_add(spec.ready_after).unwrap_or(far));
+                        due(inst.started.checked_add(spec.ready_after).unwrap_or(far));
                     }
-                    at(inst.started.checked_add(spec.rollout.health_timeout).unwrap_or(far));
+                    due(inst.started.checked_add(spec.rollout.health_timeout).unwrap_or(far));
                 }
             }
         }

@@ -490,9 +490,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     env: env.clone(),
                     timeout,
                 };
+                let deadline = timeout + crate::actor::DRIVER_TASK_MARGIN;
                 let outcome = tokio::select! {
                     _ = cancel.cancelled() => { result = Err("cancelled".to_string()); break; }
-                    o = driver.run_task(task) => o,
+                    o = tokio::time::timeout(deadline, driver.run_task(task)) => match o {
+                        Ok(o) => o,
+                        Err(_) => {
+                            let why = crate::actor::driver_silent("run_task", deadline);
+                            result = Err(format!("{kind} {}/{n} `{command}`: {why}", i + 1));
+                            break;
+                        }
+                    },
                 };
                 match outcome {
                     Ok(o) if o.status.success() && !o.timed_out => {

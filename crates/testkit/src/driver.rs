@@ -86,6 +86,8 @@ struct State {
     default_stop: StopBehavior,
     lifetimes: BTreeMap<ProcessName, Lifetime>,
     start_delay: Duration,
+    /// `start`, `stop` and `run_task` record the call and never answer.
+    unresponsive: bool,
     task_status: ExitStatus,
     peaks: BTreeMap<ProcessName, usize>,
     peak_total: usize,
@@ -167,6 +169,7 @@ impl FakeDriver {
                     default_stop: StopBehavior::Graceful,
                     lifetimes: BTreeMap::new(),
                     start_delay: Duration::ZERO,
+                    unresponsive: false,
                     task_status: ExitStatus::Code(0),
                     peaks: BTreeMap::new(),
                     peak_total: 0,
@@ -219,6 +222,13 @@ impl FakeDriver {
     /// `start` takes this long (virtual time) before it returns.
     pub fn set_start_delay(&self, delay: Duration) {
         self.state().start_delay = delay;
+    }
+
+    /// From now on `start`, `stop` and `run_task` record the call and never
+    /// answer (a driver whose remote API hangs), until set back to `false`;
+    /// calls already waiting stay unanswered.
+    pub fn set_unresponsive(&self, unresponsive: bool) {
+        self.state().unresponsive = unresponsive;
     }
 
     /// The exit status of one-off tasks.
@@ -396,11 +406,14 @@ impl FakeDriver {
 
 impl Driver for FakeDriver {
     async fn start(&self, launch: LaunchSpec) -> Result<InstanceHandle, DriverError> {
-        let delay = {
+        let (delay, unresponsive) = {
             let mut st = self.state();
             st.calls.push(DriverCall::Start { launch: launch.clone(), at: Instant::now() });
-            st.start_delay
+            (st.start_delay, st.unresponsive)
         };
+        if unresponsive {
+            return std::future::pending().await;
+        }
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -457,13 +470,16 @@ impl Driver for FakeDriver {
     ) -> Result<StopOutcome, DriverError> {
         let id = handle.instance.clone();
         let pid = handle.locator.pid().unwrap_or(0);
-        let (behavior, rx) = {
+        let (behavior, rx, unresponsive) = {
             let mut st = self.state();
             st.calls.push(DriverCall::Stop { instance: id.clone(), signal, timeout, at: Instant::now() });
             let behavior = st.stop_behavior.get(&id.process).copied().unwrap_or(st.default_stop);
             let rx = st.by_handle(handle).filter(|i| i.alive()).map(|i| i.exit.subscribe());
-            (behavior, rx)
+            (behavior, rx, st.unresponsive)
         };
+        if unresponsive {
+            return std::future::pending().await;
+        }
         self.inner.journal.push(Entry::Stop(id.clone()));
         let Some(mut rx) = rx else {
             return Ok(StopOutcome::AlreadyGone);
@@ -523,11 +539,14 @@ impl Driver for FakeDriver {
     }
 
     async fn run_task(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
-        let status = {
+        let (status, unresponsive) = {
             let mut st = self.state();
             st.calls.push(DriverCall::RunTask { task: task.clone(), at: Instant::now() });
-            st.task_status
+            (st.task_status, st.unresponsive)
         };
+        if unresponsive {
+            return std::future::pending().await;
+        }
         self.inner.journal.push(Entry::RunTask(task.name.clone()));
         Ok(TaskOutcome { status, timed_out: false, output_tail: Vec::new(), duration: Duration::ZERO })
     }

@@ -1,6 +1,6 @@
 //! A real engine wired to the fakes.
 
-use crate::{FakeDriver, FakeIngress, FakeLogs, FakeTraffic, Journal, TokioClock};
+use crate::{FakeBuilder, FakeDriver, FakeIngress, FakeLogs, FakeTraffic, Journal, TokioClock};
 use nonstop_core::process::AppSpec;
 use nonstop_core::{EnvironmentId, ProcessName};
 use nonstop_engine::{Engine, EngineConfig, EngineError, EngineHandle, OpReport, Progress, StatusReport};
@@ -19,6 +19,7 @@ pub struct Fixture {
     pub traffic: Arc<FakeTraffic>,
     pub ingress: Arc<FakeIngress>,
     pub logs: Arc<FakeLogs>,
+    pub builder: Arc<FakeBuilder>,
     pub store: Arc<Store>,
     pub clock: Arc<TokioClock>,
     /// The app directory `up` passes (exists, so preflight passes).
@@ -46,6 +47,7 @@ impl Fixture {
             traffic: Arc::new(FakeTraffic::new(journal.clone())),
             ingress: Arc::new(FakeIngress::new()),
             logs: Arc::new(FakeLogs::new()),
+            builder: Arc::new(FakeBuilder::new()),
             store: Arc::new(store),
             clock: Arc::new(TokioClock::new()),
             workdir: std::env::temp_dir(),
@@ -68,6 +70,7 @@ impl Fixture {
             traffic: Arc::new(FakeTraffic::new(self.journal.clone())),
             ingress: Arc::new(FakeIngress::new()),
             logs: Arc::new(FakeLogs::new()),
+            builder: self.builder.clone(),
             store,
             clock: self.clock.clone(),
             workdir: self.workdir.clone(),
@@ -79,7 +82,10 @@ impl Fixture {
     pub fn start(&self) -> RunningEngine {
         let shutdown = CancellationToken::new();
         let (handle, join) = Engine::spawn(
-            EngineConfig::new(EnvironmentId::default_env(), self.clock.clone()),
+            EngineConfig {
+                builder: self.builder.clone(),
+                ..EngineConfig::new(EnvironmentId::default_env(), self.clock.clone())
+            },
             self.driver.clone(),
             self.traffic.clone(),
             self.ingress.clone(),
@@ -117,6 +123,14 @@ impl RunningEngine {
     pub async fn up_with_progress(&self, spec: AppSpec) -> (Result<OpReport, EngineError>, Vec<Progress>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let r = self.handle.up(spec, self.workdir.clone(), self.base_env.clone(), tx).await;
+        (r, drain_progress(rx))
+    }
+
+    /// `deploy` of the fixture's app directory (built by the
+    /// [`FakeBuilder`](crate::FakeBuilder)), and the progress it reported.
+    pub async fn deploy_with_progress(&self, spec: AppSpec) -> (Result<OpReport, EngineError>, Vec<Progress>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let r = self.handle.deploy(spec, self.workdir.clone(), self.base_env.clone(), None, "test".into(), tx).await;
         (r, drain_progress(rx))
     }
 

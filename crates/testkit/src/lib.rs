@@ -7,6 +7,7 @@
 //!   lets them turn healthy by themselves) and reads back adds, drains and
 //!   how many backends were in rotation at the worst moment.
 //! - [`FakeIngress`], [`FakeLogs`]: the engine's two small ports.
+//! - [`FakeBuilder`]: releases "built" in no time, in the source directory.
 //! - [`TokioClock`]: a [`Clock`](nonstop_core::Clock) on tokio's time, so a
 //!   test on paused time (`#[tokio::test(start_paused = true)]`) runs
 //!   minutes of timeouts and backoff in no real time.
@@ -18,6 +19,7 @@
 //! test can check the order of things across both (drained before stopped).
 #![forbid(unsafe_code)]
 
+mod builder;
 mod clock;
 mod driver;
 mod fixture;
@@ -26,6 +28,7 @@ mod ports;
 pub mod spec;
 mod traffic;
 
+pub use builder::FakeBuilder;
 pub use clock::TokioClock;
 pub use driver::{DriverCall, DriverSnapshot, FakeDriver, Lifetime, StopBehavior};
 pub use fixture::{settle, within, Fixture, RunningEngine};

@@ -130,6 +130,13 @@ impl AppBuilder {
         self
     }
 
+    /// Release tasks (run once per deploy, before instances change).
+    pub fn release_tasks(mut self, tasks: &[&str], timeout: Duration) -> Self {
+        self.spec.release.tasks = tasks.iter().map(|t| t.to_string()).collect();
+        self.spec.release.task_timeout = timeout;
+        self
+    }
+
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.spec.proxy.listen = addr;
         self
