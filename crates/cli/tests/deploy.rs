@@ -186,6 +186,42 @@ fn rollback_returns_to_the_previous_release_without_rebuilding() {
     assert!(r.stderr.contains("there is no release v9"), "{}", r.stderr);
 }
 
+/// Each release with its own virtualenv: the build makes one and a
+/// console script in it (a `#!` naming the venv's python by absolute path,
+/// as pip writes them), and the web process runs that script. It works
+/// because the build runs at the path the release runs from; rollback
+/// brings the old release's venv back.
+#[test]
+fn releases_with_their_own_virtualenv_deploy_and_roll_back() {
+    let app = deployable();
+    let spec = app
+        .spec()
+        .replace(
+            "build = [\"echo built-$NONSTOP_RELEASE > build-marker.txt\"]",
+            "build = [\"python3 -m venv --without-pip .venv\", \"printf '#!%s/.venv/bin/python\\\\n' \\\"$(pwd)\\\" | cat - app.py > .venv/bin/hello-web && chmod +x .venv/bin/hello-web\"]",
+        )
+        .replace("command = \"exec python3 app.py\"", "command = \"exec .venv/bin/hello-web\"");
+    assert!(spec.contains("hello-web"), "{spec}");
+    app.write_spec(&spec);
+    let r = app.run(&["deploy"]);
+    r.ok();
+    assert!(r.stdout.contains("v1 is live"), "{} {}", r.stdout, r.stderr);
+    set_version(&app, "2");
+    app.run(&["deploy"]).ok();
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 2"), "{body}");
+    let release_dir = |v: u32| app.home.path().join("releases/hello").join(format!("v{v}")).canonicalize().unwrap();
+    let script = std::fs::read_to_string(release_dir(2).join(".venv/bin/hello-web")).unwrap();
+    assert!(script.starts_with(&format!("#!{}/.venv/bin/python", release_dir(2).display())), "{script}");
+    for pid in app.pids("web") {
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+        assert_eq!(cwd, release_dir(2));
+    }
+    app.run(&["rollback"]).ok();
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 1"), "{body}");
+}
+
 #[test]
 fn a_daemon_killed_mid_deploy_rolls_back_on_restart_and_leaves_nothing_behind() {
     let app = deployable();

@@ -98,21 +98,3 @@ pub(crate) fn sync_filesystem(path: &Path) -> io::Result<()> {
     }
     Ok(())
 }
-
-/// Rename `from` to `to`, failing with `AlreadyExists` if `to` exists.
-pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use nix::fcntl::{renameat2, RenameFlags};
-        match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
-            Ok(()) => return Ok(()),
-            // The file system does not support the flag: check, then rename.
-            Err(nix::errno::Errno::EINVAL) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if to.symlink_metadata().is_ok() {
-        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", to.display())));
-    }
-    fs::rename(from, to)
-}

@@ -33,20 +33,22 @@
 //! symlink target or the executable bit changes it.
 //!
 //! # Building
-//! [`ReleaseBuilder::build`] copies the snapshot into
-//! `<root>/.staging-v<N>-<random>`, runs the build commands there one at a
-//! time (`sh -c`, in their own process group, with exactly the environment
+//! [`ReleaseBuilder::build`] builds in place, in `<root>/v<N>`: the path the
+//! release's instances will run in, so that what build commands produce may
+//! hold its own absolute path (a `python -m venv .venv` with its scripts'
+//! `#!.../v<N>/.venv/bin/python`, `.pth` files, compiled paths). Before
+//! the directory is created, a marker `<root>/.building-v<N>` is created,
+//! synced and locked (`flock`) for the whole build; a `v<N>` whose marker
+//! exists is not a release ([`ReleaseBuilder::list`] skips it). The build
+//! copies the snapshot in, runs the build commands there one at a time
+//! (`sh -c`, in their own process group, with exactly the environment
 //! given, output timestamped into `.nonstop/build.log` and streamed as
-//! [`BuildEvent::Output`]), then renames the staging directory to
-//! `<root>/v<N>` and syncs the parent directory. A build that fails, times
-//! out or is cancelled leaves nothing behind: no `v<N>`, no staging
-//! directory, no process.
-//!
-//! Build commands run in the staging directory, which is renamed after they
-//! succeed: they must not bake the directory's absolute path into what they
-//! produce. `collectstatic` or `pip install --target` are fine; a
-//! `python -m venv` inside the release is not relocatable (put the venv
-//! outside, or use `--target`).
+//! [`BuildEvent::Output`]), syncs the file system, and only then removes
+//! the marker and syncs the root: publishing. A build that fails, times out
+//! or is cancelled leaves nothing behind: no `v<N>`, no marker, no
+//! process; one that crashed leaves both, which
+//! [`ReleaseBuilder::clean_staging`] (or the next build of that number)
+//! removes once no live build holds the marker's lock.
 //!
 //! # Immutability
 //! A built release directory is immutable **by convention**: nonstop never
@@ -65,7 +67,9 @@ pub use snapshot::{META_DIR, NONSTOPIGNORE};
 
 use command::{BuildLog, Ended, Run};
 use fsutil::{remove_tree, sync_dir, LockedDir};
+use nix::fcntl::{Flock, FlockArg};
 use nonstop_core::ReleaseId;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -73,8 +77,12 @@ use tokio_util::sync::CancellationToken;
 /// The build log, relative to a release directory.
 pub const BUILD_LOG: &str = ".nonstop/build.log";
 
+/// Leftovers of builds by earlier versions, which built elsewhere and
+/// renamed.
 const STAGING_PREFIX: &str = ".staging-";
 const TRASH_PREFIX: &str = ".trash-";
+/// `<root>/.building-v<N>`: `v<N>` is being built (see the crate docs).
+const BUILDING_PREFIX: &str = ".building-";
 
 /// What a snapshot contains.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -113,7 +121,7 @@ pub struct BuildRequest<'a> {
 /// Progress of a build, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildEvent {
-    /// The app directory was copied into the staging directory.
+    /// The app directory was copied into the release directory.
     Snapshotted(SnapshotStats),
     /// `index` is 0-based into `build_commands`; `total` is their number.
     CommandStarted { index: usize, total: usize, command: String },
@@ -263,8 +271,14 @@ impl ReleaseBuilder {
         self.root.join(release.to_string())
     }
 
-    /// The releases present on disk, in ascending order. Staging and
-    /// half-deleted directories are not releases.
+    /// `<root>/.building-v<N>`.
+    fn marker_of(&self, release: ReleaseId) -> PathBuf {
+        self.root.join(format!("{BUILDING_PREFIX}{release}"))
+    }
+
+    /// The releases present on disk, in ascending order. Directories being
+    /// built (or whose build crashed) and half-deleted ones are not
+    /// releases.
     pub fn list(&self) -> Vec<ReleaseId> {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return Vec::new();
@@ -273,6 +287,7 @@ impl ReleaseBuilder {
             .filter_map(Result::ok)
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter_map(|e| parse_release_name(e.file_name().to_str()?))
+            .filter(|release| self.marker_of(*release).symlink_metadata().is_err())
             .collect();
         out.sort_unstable();
         out
@@ -299,10 +314,11 @@ impl ReleaseBuilder {
         Ok(removed)
     }
 
-    /// Remove what crashed builds and prunes left behind (`.staging-*`,
-    /// `.trash-*`). Directories still in use by a build or a prune (of this
-    /// or another process) are left alone, so this is safe to call at any
-    /// time; call it when the daemon starts. Returns what was removed.
+    /// Remove what crashed builds and prunes left behind (a `v<N>` with its
+    /// `.building-v<N>` marker, `.trash-*`, and the `.staging-*` of earlier
+    /// versions). What a build or a prune (of this or another process) still
+    /// holds is left alone, so this is safe to call at any time; call it
+    /// when the daemon starts. Returns what was removed.
     pub fn clean_staging(&self) -> Result<Vec<PathBuf>, ReleaseError> {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
@@ -313,6 +329,14 @@ impl ReleaseBuilder {
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
+            if let Some(release) = name.strip_prefix(BUILDING_PREFIX).and_then(parse_release_name) {
+                if let Some(building) = Building::take_over(self, release)? {
+                    let dir = building.dir.clone();
+                    building.remove().map_err(|e| snapshot::write_err(&dir, e))?;
+                    removed.push(dir);
+                }
+                continue;
+            }
             if !(name.starts_with(STAGING_PREFIX) || name.starts_with(TRASH_PREFIX)) {
                 continue;
             }
@@ -338,30 +362,27 @@ impl ReleaseBuilder {
         let release = req.release;
         let source = canonical_source(req.source)?;
         let final_dir = self.path_of(release);
-        if final_dir.symlink_metadata().is_ok() {
-            return Err(ReleaseError::ReleaseExists { release, path: final_dir });
-        }
         std::fs::create_dir_all(&self.root).map_err(|e| snapshot::write_err(&self.root, e))?;
         let excluded = self.excluded_within(&source);
         let cancelled = |stage: &str| ReleaseError::Cancelled { release, stage: stage.to_string() };
 
-        let staging = Staging::create(&self.root, release, req.cancel.child_token())?;
+        let building = Building::start(self, release, req.cancel.child_token())?;
 
         // 1. Snapshot, off the async threads. The walk checks the token
         //    between entries.
         let stats = {
-            let (src, dst, token) = (source.clone(), staging.dir.path().to_path_buf(), staging.token.clone());
+            let (src, dst, token) = (source.clone(), building.dir.clone(), building.token.clone());
             let joined =
                 tokio::task::spawn_blocking(move || snapshot::snapshot(&src, Some(&dst), &excluded, Some(&token)))
                     .await;
             match joined {
                 Ok(Ok(stats)) => stats,
                 Ok(Err(ReleaseError::Interrupted)) => {
-                    staging.discard().await;
+                    building.discard().await;
                     return Err(cancelled("while copying the app directory"));
                 }
                 Ok(Err(e)) => {
-                    staging.discard().await;
+                    building.discard().await;
                     return Err(e);
                 }
                 Err(join) => std::panic::resume_unwind(join.into_panic()),
@@ -369,20 +390,20 @@ impl ReleaseBuilder {
         };
         events(BuildEvent::Snapshotted(stats.clone()));
 
-        // 2. Build commands, in the staging directory.
-        let meta = staging.dir.path().join(META_DIR);
-        let log_path = staging.dir.path().join(BUILD_LOG);
+        // 2. Build commands, in the release directory.
+        let meta = building.dir.join(META_DIR);
+        let log_path = building.dir.join(BUILD_LOG);
         let mut log = match std::fs::create_dir(&meta).and_then(|()| BuildLog::create(&log_path)) {
             Ok(log) => log,
             Err(e) => {
-                staging.discard().await;
+                building.discard().await;
                 return Err(snapshot::write_err(&log_path, e));
             }
         };
         let total = req.build_commands.len();
         for (index, command) in req.build_commands.iter().enumerate() {
             if req.cancel.is_cancelled() {
-                staging.discard().await;
+                building.discard().await;
                 return Err(cancelled(&format!("before build command {} of {total}", index + 1)));
             }
             events(BuildEvent::CommandStarted { index, total, command: command.clone() });
@@ -390,7 +411,7 @@ impl ReleaseBuilder {
                 index,
                 total,
                 command,
-                dir: staging.dir.path(),
+                dir: &building.dir,
                 env: req.env,
                 timeout: req.timeout,
                 cancel: &req.cancel,
@@ -415,43 +436,19 @@ impl ReleaseBuilder {
                 Err(error) => ReleaseError::Spawn { index, total, command: command.clone(), error },
             };
             drop(log);
-            staging.discard().await;
+            building.discard().await;
             return Err(failure);
         }
         log.sync();
         drop(log);
         if req.cancel.is_cancelled() {
-            staging.discard().await;
+            building.discard().await;
             return Err(cancelled("after the build commands"));
         }
 
-        // 3. Publish: everything on disk first, then the atomic rename, then
-        //    the rename itself.
-        let staging_path = staging.dir.path().to_path_buf();
-        let root = self.root.clone();
-        let to = final_dir.clone();
-        let published = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            fsutil::sync_filesystem(&staging_path)?;
-            fsutil::rename_noreplace(&staging_path, &to)?;
-            sync_dir(&root)
-        })
-        .await
-        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
-        match published {
-            Ok(()) => staging.published(),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                staging.discard().await;
-                return Err(ReleaseError::ReleaseExists { release, path: final_dir });
-            }
-            Err(e) => {
-                if final_dir.symlink_metadata().is_ok() {
-                    // Renamed, but the directory sync failed.
-                    staging.published();
-                } else {
-                    staging.discard().await;
-                }
-                return Err(snapshot::write_err(&final_dir, e));
-            }
+        // 3. Publish: everything on disk first, then the marker goes.
+        if let Err(e) = building.publish().await {
+            return Err(snapshot::write_err(&final_dir, e));
         }
 
         Ok(BuiltRelease {
@@ -493,44 +490,153 @@ fn parse_release_name(name: &str) -> Option<ReleaseId> {
     (digits.bytes().all(|b| b.is_ascii_digit()) && n.to_string() == digits).then_some(ReleaseId(n))
 }
 
-/// The staging directory of one build, locked while the build runs so that
-/// `clean_staging` leaves it alone; removed unless published.
-struct Staging {
-    dir: LockedDir,
+/// One release directory being built in place: `dir` (`<root>/v<N>`) and
+/// its marker (`<root>/.building-v<N>`), locked while this value lives.
+/// Both are removed unless published.
+struct Building {
+    dir: PathBuf,
+    marker: PathBuf,
+    root: PathBuf,
+    _lock: Flock<File>,
     /// Cancels the snapshot walk when the build is dropped or fails.
     token: CancellationToken,
     armed: bool,
 }
 
-impl Staging {
-    fn create(root: &Path, release: ReleaseId, token: CancellationToken) -> Result<Self, ReleaseError> {
-        let dir = LockedDir::create(root, &format!("{STAGING_PREFIX}{release}-"))
-            .map_err(|e| snapshot::write_err(root, e))?;
-        Ok(Self { dir, token, armed: true })
+impl Building {
+    /// Create and lock the marker (synced before the directory exists),
+    /// then the directory. A leftover of a crashed build of this number is
+    /// removed first; a finished release or a live build of it is
+    /// [`ReleaseError::ReleaseExists`].
+    fn start(builder: &ReleaseBuilder, release: ReleaseId, token: CancellationToken) -> Result<Self, ReleaseError> {
+        let root = &builder.root;
+        let dir = builder.path_of(release);
+        let marker = builder.marker_of(release);
+        let exists = || ReleaseError::ReleaseExists { release, path: dir.clone() };
+        let write_err = |path: &Path, e| snapshot::write_err(path, e);
+        let mut building = None;
+        for _ in 0..5 {
+            match File::options().write(true).create_new(true).open(&marker) {
+                Ok(file) => {
+                    if dir.symlink_metadata().is_ok() {
+                        // A published release (its marker was removed).
+                        let _ = std::fs::remove_file(&marker);
+                        return Err(exists());
+                    }
+                    let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+                        // `clean_staging` took it as a leftover meanwhile.
+                        continue;
+                    };
+                    if marker.symlink_metadata().is_err() {
+                        continue; // ... and removed it.
+                    }
+                    building = Some(lock);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match Self::take_over(builder, release)? {
+                    Some(leftover) => leftover.remove().map_err(|e| write_err(&dir, e))?,
+                    None => return Err(exists()), // a live build
+                },
+                Err(e) => return Err(write_err(&marker, e)),
+            }
+        }
+        let lock = building.ok_or_else(|| {
+            write_err(&marker, std::io::Error::other("the build marker kept disappearing (another process removes it)"))
+        })?;
+        let mut building = Building { dir: dir.clone(), marker, root: root.clone(), _lock: lock, token, armed: true };
+        let created = lock_file_sync(&building._lock)
+            .and_then(|()| sync_dir(root))
+            .and_then(|()| std::fs::create_dir(&building.dir));
+        if let Err(e) = created {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                // Not ours: keep it, drop only the marker.
+                building.armed = false;
+                let _ = std::fs::remove_file(&building.marker);
+                return Err(exists());
+            }
+            return Err(write_err(&building.dir, e));
+        }
+        Ok(building)
     }
 
-    /// Remove the staging directory, off the async threads.
+    /// The leftover of a crashed build of `release` (its marker, locked by
+    /// no one: now by us), or `None` when a live build holds it or there
+    /// is none.
+    fn take_over(builder: &ReleaseBuilder, release: ReleaseId) -> Result<Option<Self>, ReleaseError> {
+        let marker = builder.marker_of(release);
+        let file = match File::open(&marker) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(snapshot::read_err(&marker, e)),
+        };
+        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            return Ok(None);
+        };
+        Ok(Some(Building {
+            dir: builder.path_of(release),
+            marker,
+            root: builder.root.clone(),
+            _lock: lock,
+            token: CancellationToken::new(),
+            armed: false,
+        }))
+    }
+
+    /// Remove the directory, then the marker (so a crash in between leaves
+    /// a marked leftover, never an unmarked half release).
+    fn remove(mut self) -> std::io::Result<()> {
+        self.armed = false;
+        remove_tree(&self.dir)?;
+        match std::fs::remove_file(&self.marker) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        sync_dir(&self.root)
+    }
+
+    /// Remove everything, off the async threads.
     async fn discard(mut self) {
         self.armed = false;
         self.token.cancel();
-        let path = self.dir.path().to_path_buf();
-        let removed = tokio::task::spawn_blocking(move || remove_tree(&path)).await;
+        let dir = self.dir.clone();
+        let removed = tokio::task::spawn_blocking(move || self.remove()).await;
         if let Ok(Err(e)) = removed {
-            tracing::warn!(dir = %self.dir.path().display(), "cannot remove staging directory: {e}");
+            tracing::warn!(dir = %dir.display(), "cannot remove a release that was not published: {e}");
         }
     }
 
-    fn published(mut self) {
+    /// Everything in the directory on disk first, then the marker removed
+    /// and the root synced. On an error the build is discarded.
+    async fn publish(mut self) -> std::io::Result<()> {
         self.armed = false;
+        tokio::task::spawn_blocking(move || {
+            let published = fsutil::sync_filesystem(&self.dir)
+                .and_then(|()| std::fs::remove_file(&self.marker))
+                .and_then(|()| sync_dir(&self.root));
+            if published.is_err() && self.marker.symlink_metadata().is_ok() {
+                self.token.cancel();
+                let _ = self.remove();
+            }
+            published
+        })
+        .await
+        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
     }
 }
 
-impl Drop for Staging {
+/// fsync the marker file itself (its directory entry is synced after).
+fn lock_file_sync(lock: &Flock<File>) -> std::io::Result<()> {
+    lock.sync_all()
+}
+
+impl Drop for Building {
     fn drop(&mut self) {
         if self.armed {
             // The build future was dropped mid-way.
+            self.armed = false;
             self.token.cancel();
-            let _ = remove_tree(self.dir.path());
+            let _ = remove_tree(&self.dir);
+            let _ = std::fs::remove_file(&self.marker);
         }
     }
 }

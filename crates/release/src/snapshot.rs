@@ -1,5 +1,5 @@
 //! Walking the app directory: which files belong to a release, their
-//! content hash, and copying them into a staging directory.
+//! content hash, and copying them into a release directory.
 //!
 //! One walk serves both purposes (hash only, or hash and copy), so the hash
 //! of a built release is exactly the hash of what was copied.

@@ -387,11 +387,11 @@ async fn build_commands_run_in_order_in_the_release_dir_with_the_env() {
     assert_eq!(built.dir, f.root.join("v7"));
     assert_eq!(fs::read_to_string(built.dir.join("order.txt")).unwrap(), "one\nhello world\nthree\n");
 
-    // cwd was the staging copy, renamed afterwards.
+    // cwd was the release directory itself: what the build produces may
+    // hold its own path.
     let pwd = fs::read_to_string(built.dir.join("pwd.txt")).unwrap();
-    let staging_name = Path::new(pwd.trim()).file_name().unwrap().to_string_lossy().into_owned();
-    assert!(staging_name.starts_with(".staging-v7-"), "{pwd}");
-    assert_eq!(Path::new(pwd.trim()).parent().unwrap(), f.root.canonicalize().unwrap());
+    assert_eq!(Path::new(pwd.trim()), f.root.canonicalize().unwrap().join("v7"), "{pwd}");
+    assert_eq!(f.root_entries(), ["v7"], "no marker left");
 
     // Exactly the given environment (plus what sh sets itself).
     let env_txt = fs::read_to_string(built.dir.join("env.txt")).unwrap();
@@ -472,7 +472,7 @@ async fn a_failing_command_leaves_no_release_and_reports_its_tail() {
     assert!(msg.contains("failed with exit code 3; last output:\n    line 11\n"), "{msg}");
     assert!(msg.ends_with("    line 30"), "{msg}");
     assert!(!events.iter().any(|e| matches!(e, BuildEvent::CommandStarted { index: 2, .. })));
-    assert_eq!(f.root_entries(), Vec::<String>::new(), "no release and no staging left");
+    assert_eq!(f.root_entries(), Vec::<String>::new(), "no release and no marker left");
     assert!(f.builder.list().is_empty());
 }
 
@@ -487,8 +487,8 @@ async fn a_command_that_cannot_run_fails_the_build() {
 }
 
 /// A command whose shell starts a background and a foreground `sleep 1000`,
-/// writes their pids (outside the release: the staging directory is gone
-/// afterwards), then says `ready`.
+/// writes their pids (outside the release: a failed build's directory is
+/// gone afterwards), then says `ready`.
 const SPAWNS_SLEEPERS: &str = "sleep 1000 & echo $! > \"$PIDS/bg\"; sleep 1000 & echo $! > \"$PIDS/fg\"; \
                                echo $$ > \"$PIDS/sh\"; echo ready; wait";
 
@@ -670,8 +670,10 @@ async fn list_and_prune() {
     for n in [1, 2, 3, 4, 10] {
         f.build(n, &[]).await.0.unwrap();
     }
-    // Not releases.
+    // Not releases (v6: its build is in progress, or crashed).
     fs::create_dir(f.root.join(".staging-v9-abcdef")).unwrap();
+    fs::create_dir(f.root.join("v6")).unwrap();
+    fs::write(f.root.join(".building-v6"), "").unwrap();
     fs::create_dir(f.root.join("v05")).unwrap();
     fs::create_dir(f.root.join("notes")).unwrap();
     fs::write(f.root.join("v7"), "a file").unwrap();
@@ -681,7 +683,7 @@ async fn list_and_prune() {
     let removed = f.builder.prune(&[ReleaseId(2), ReleaseId(10), ReleaseId(99)]).unwrap();
     assert_eq!(removed, [1, 3, 4].map(ReleaseId));
     assert_eq!(f.builder.list(), [2, 10].map(ReleaseId));
-    assert_eq!(f.root_entries(), [".staging-v9-abcdef", "notes", "v05", "v10", "v2", "v7", "v8"]);
+    assert_eq!(f.root_entries(), [".building-v6", ".staging-v9-abcdef", "notes", "v05", "v10", "v2", "v6", "v7", "v8"]);
     assert_eq!(f.builder.prune(&[ReleaseId(2), ReleaseId(10)]).unwrap(), []);
     assert_eq!(f.builder.prune(&[]).unwrap(), [2, 10].map(ReleaseId));
     assert!(f.builder.list().is_empty());
@@ -693,8 +695,13 @@ async fn clean_staging_removes_leftovers_but_not_a_build_in_progress() {
     let f = Fixture::new();
     write(&f.app, "app.py", "x");
     f.build(1, &[]).await.0.unwrap();
-    // What a crash leaves: a staging dir, with a read-only directory in it,
-    // and a half-pruned release.
+    // What crashes leave: a marked release directory, with a read-only
+    // directory in it; an older version's staging dir; a half-pruned
+    // release.
+    write(&f.root, "v4/app.py", "x");
+    write(&f.root, "v4/ro/f", "x");
+    chmod(&f.root, "v4/ro", 0o555);
+    fs::write(f.root.join(".building-v4"), "").unwrap();
     write(&f.root, ".staging-v2-crashed/app.py", "x");
     write(&f.root, ".staging-v2-crashed/ro/f", "x");
     chmod(&f.root, ".staging-v2-crashed/ro", 0o555);
@@ -703,7 +710,7 @@ async fn clean_staging_removes_leftovers_but_not_a_build_in_progress() {
     let cleaned = Arc::new(Mutex::new(None));
     let seen = cleaned.clone();
     let builder = f.builder.clone();
-    let commands = vec!["echo ready".to_string(), "ls -d ../.staging-v3-* > ../staging-seen.txt".to_string()];
+    let commands = vec!["echo ready".to_string(), "ls -d ../.building-v3 > ../marker-seen.txt".to_string()];
     let req = BuildRequest {
         source: &f.app,
         release: ReleaseId(3),
@@ -731,11 +738,61 @@ async fn clean_staging_removes_leftovers_but_not_a_build_in_progress() {
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     cleaned.sort();
-    assert_eq!(cleaned, [".staging-v2-crashed", ".trash-v0-crashed"]);
-    // The running build's staging directory survived and was published.
-    assert!(fs::read_to_string(f.root.join("staging-seen.txt")).unwrap().contains(".staging-v3-"));
+    assert_eq!(cleaned, [".staging-v2-crashed", ".trash-v0-crashed", "v4"]);
+    // The running build and its marker survived, and it was published.
+    assert!(fs::read_to_string(f.root.join("marker-seen.txt")).unwrap().contains(".building-v3"));
     assert_eq!(f.builder.list(), [1, 3].map(ReleaseId));
     assert!(built.dir.join("app.py").exists());
-    assert_eq!(f.root_entries(), ["staging-seen.txt", "v1", "v3"]);
+    assert_eq!(f.root_entries(), ["marker-seen.txt", "v1", "v3"]);
     assert!(f.builder.clean_staging().unwrap().is_empty());
+}
+
+/// The reason to build in place: a virtualenv made by a build command
+/// names its own absolute path (scripts' `#!`, `pyvenv.cfg`), and works
+/// from the published release.
+#[tokio::test]
+async fn a_virtualenv_made_by_the_build_works_in_the_published_release() {
+    let f = Fixture::new();
+    write(&f.app, "app.py", "print('hi')");
+    let mut env = base_env();
+    env.retain(|(k, _)| k != "PATH");
+    env.push(("PATH".into(), std::env::var("PATH").unwrap()));
+    let commands = [
+        "python3 -m venv --without-pip .venv",
+        "printf '#!%s/.venv/bin/python\\nimport sys; print(sys.prefix)\\n' \"$(pwd)\" > where.py && chmod +x where.py",
+    ];
+    let (built, _) = f.build_with(3, &commands, &env, Duration::from_secs(120), CancellationToken::new()).await;
+    let built = built.unwrap();
+    let out = std::process::Command::new(built.dir.join("where.py")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let prefix = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(Path::new(prefix.trim()), built.dir.canonicalize().unwrap().join(".venv"));
+}
+
+/// A build that crashed (the daemon was killed mid-way) left its marked
+/// directory: the next build of that number takes it over, a finished
+/// release is never rebuilt, and a live build is not touched.
+#[tokio::test]
+async fn a_crashed_build_is_replaced_by_the_next_build_of_its_number() {
+    let f = Fixture::new();
+    write(&f.app, "app.py", "new");
+    write(&f.root, "v5/app.py", "half-copied");
+    fs::write(f.root.join(".building-v5"), "").unwrap();
+    assert!(f.builder.list().is_empty());
+    let built = f.build(5, &[]).await.0.unwrap();
+    assert_eq!(fs::read_to_string(built.dir.join("app.py")).unwrap(), "new");
+    assert_eq!(f.builder.list(), [ReleaseId(5)]);
+    assert_eq!(f.root_entries(), ["v5"]);
+    // Published: never again.
+    let again = f.build(5, &[]).await.0.unwrap_err();
+    assert!(matches!(again, ReleaseError::ReleaseExists { .. }), "{again}");
+    assert_eq!(f.root_entries(), ["v5"], "the release and no marker");
+    // A live build of a number holds its marker: a second one is refused
+    // and leaves it alone.
+    let marker = fs::File::create(f.root.join(".building-v6")).unwrap();
+    let held = nix::fcntl::Flock::lock(marker, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    let refused = f.build(6, &[]).await.0.unwrap_err();
+    assert!(matches!(refused, ReleaseError::ReleaseExists { .. }), "{refused}");
+    assert!(f.root.join(".building-v6").exists());
+    drop(held);
 }
