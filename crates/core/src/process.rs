@@ -101,6 +101,11 @@ pub struct HealthCheck {
     /// Consecutive failures before an instance leaves rotation.
     pub unhealthy_threshold: u32,
     pub expect_status: StatusRange,
+    /// The `Host` header of the checks; `None`: the instance's own
+    /// `127.0.0.1:PORT`. For apps that refuse hosts they do not know
+    /// (Django's `ALLOWED_HOSTS`, Rails' host authorization).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// Restart behaviour of the supervisor for crashed instances.

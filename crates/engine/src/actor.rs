@@ -1965,10 +1965,17 @@ fn last_checks<T: Traffic>(traffic: &T, inst: &Inst) -> Vec<String> {
 
 fn checks_suffix(checks: &[String]) -> String {
     if checks.is_empty() {
-        String::new()
-    } else {
-        format!("; last health checks: {}", checks.join("; "))
+        return String::new();
     }
+    // A 400 to a bare GET is nearly always the app refusing the Host.
+    let hint = if checks.iter().any(|c| c.contains(" -> 400 ")) {
+        " (a 400 to a health check usually means the app refused its Host header, `127.0.0.1:PORT` unless \
+         `host` is set in the process's [health]: allow it, e.g. in Django's ALLOWED_HOSTS, or set `host` to a \
+         name the app accepts)"
+    } else {
+        ""
+    };
+    format!("; last health checks: {}{hint}", checks.join("; "))
 }
 
 pub(crate) fn fmt_dur(d: Duration) -> String {

@@ -377,6 +377,7 @@ mod tests {
             healthy_threshold: healthy,
             unhealthy_threshold: unhealthy,
             expect_status: StatusRange { min: 200, max: 399 },
+            host: None,
         }
     }
 

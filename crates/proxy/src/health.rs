@@ -97,7 +97,7 @@ pub(crate) async fn run_checker(backend: Arc<BackendState>, shared: Arc<Shared>)
 pub(crate) async fn check_once(addr: SocketAddr, check: &HealthCheck) -> (bool, String) {
     let started = Instant::now();
     let path = if check.path.starts_with('/') { check.path.as_str() } else { "/" };
-    match tokio::time::timeout(check.timeout, exchange(addr, path)).await {
+    match tokio::time::timeout(check.timeout, exchange(addr, path, check.host.as_deref())).await {
         Ok(Ok(status)) => {
             let pass = check.expect_status.contains(status);
             (pass, format!("GET {path} -> {status} in {}ms", started.elapsed().as_millis()))
@@ -107,7 +107,7 @@ pub(crate) async fn check_once(addr: SocketAddr, check: &HealthCheck) -> (bool, 
     }
 }
 
-async fn exchange(addr: SocketAddr, path: &str) -> Result<u16, String> {
+async fn exchange(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<u16, String> {
     let stream =
         TcpStream::connect(addr).await.map_err(|e| format!("connect error: {}", clean_io_message(&e.to_string())))?;
     let _ = stream.set_nodelay(true);
@@ -115,7 +115,7 @@ async fn exchange(addr: SocketAddr, path: &str) -> Result<u16, String> {
         .await
         .map_err(|e| format!("error: {e}"))?;
     let req = Request::get(path)
-        .header(header::HOST, addr.to_string())
+        .header(header::HOST, host.map_or_else(|| addr.to_string(), str::to_string))
         .header(header::USER_AGENT, "nonstop-health-check")
         .header(header::CONNECTION, "close")
         .body(UpBody::empty())
@@ -138,5 +138,59 @@ async fn exchange(addr: SocketAddr, path: &str) -> Result<u16, String> {
     match res {
         Ok(resp) => Ok(resp.status().as_u16()),
         Err(e) => Err(format!("error: {}", clean_io_message(&e.to_string()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nonstop_core::process::StatusRange;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One check against a raw listener: the request head it sent.
+    async fn head_of_a_check(host: Option<&str>, answer: &str) -> (bool, String, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = answer.to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the check closed before its head ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        let check = HealthCheck {
+            path: "/health/".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+            expect_status: StatusRange { min: 200, max: 399 },
+            host: host.map(str::to_string),
+        };
+        let (pass, summary) = check_once(addr, &check).await;
+        (pass, summary, server.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn checks_send_the_configured_host_or_the_instance_address() {
+        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let (pass, summary, head) = head_of_a_check(Some("notes.example.com"), ok).await;
+        assert!(pass, "{summary}");
+        assert!(head.starts_with("GET /health/ HTTP/1.1\r\n"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("\r\nhost: notes.example.com\r\n"), "{head}");
+        let (_, _, head) = head_of_a_check(None, ok).await;
+        assert!(head.to_ascii_lowercase().contains("\r\nhost: 127.0.0.1:"), "{head}");
+        // What Django answers to a Host it does not allow.
+        let refused = "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let (pass, summary, _) = head_of_a_check(None, refused).await;
+        assert!(!pass);
+        assert!(summary.starts_with("GET /health/ -> 400 in "), "{summary}");
     }
 }

@@ -117,6 +117,7 @@ pub struct RawHealth {
     pub unhealthy_threshold: Option<Spanned<i64>>,
     /// `200` or `"200-399"`.
     pub expect_status: Option<Spanned<RawIntOrString>>,
+    pub host: Option<Spanned<String>>,
 }
 
 /// `[processes.NAME.rollout]`.

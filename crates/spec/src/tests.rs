@@ -162,6 +162,7 @@ timeout = "1500ms"
 healthy_threshold = 3
 unhealthy_threshold = 4
 expect_status = "200-299"
+host = "notes.example.com"
 
 [processes.web.rollout]
 max_surge = "50%"
@@ -218,6 +219,7 @@ fn full_file_sets_every_key() {
     assert_eq!(h.timeout, Duration::from_millis(1500));
     assert_eq!((h.healthy_threshold, h.unhealthy_threshold), (3, 4));
     assert_eq!(h.expect_status, StatusRange { min: 200, max: 299 });
+    assert_eq!(h.host.as_deref(), Some("notes.example.com"));
     assert_eq!(w.rollout.max_surge, Quantity::Percent(50));
     assert_eq!(w.rollout.max_unavailable, Quantity::Count(1));
     assert_eq!(w.rollout.health_timeout, Duration::from_secs(90));
@@ -498,7 +500,7 @@ fn unknown_keys_at_every_level_get_suggestions() {
         ("[release]\ntask = []\n", (5, 1), "unknown key `task` in [release]", "did you mean `tasks`? valid keys: tasks, post_tasks, task_timeout, retain_releases, order"),
         ("replicas = 2\n", (4, 1), "unknown key `replicas` in [processes.web]", "did you mean `count`?"),
         ("[processes.web.healthcheck]\npath = \"/\"\n", (4, 16), "unknown key `healthcheck` in [processes.web]", "did you mean `health`?"),
-        ("[processes.web.health]\npaht = \"/\"\n", (5, 1), "unknown key `paht` in [processes.web.health]", "did you mean `path`? valid keys: path, interval, timeout, healthy_threshold, unhealthy_threshold, expect_status"),
+        ("[processes.web.health]\npaht = \"/\"\n", (5, 1), "unknown key `paht` in [processes.web.health]", "did you mean `path`? valid keys: path, interval, timeout, healthy_threshold, unhealthy_threshold, expect_status, host"),
         ("[processes.web.rollout]\nmax_surge_pct = 1\n", (5, 1), "unknown key `max_surge_pct` in [processes.web.rollout]", "did you mean `max_surge`? valid keys: max_surge, max_unavailable, health_timeout"),
         ("[processes.web.restart]\nbackoff = \"1s\"\n", (5, 1), "unknown key `backoff` in [processes.web.restart]", "valid keys: backoff_initial, backoff_max, reset_after, crash_loop_after"),
         ("Command = \"x\"\n", (4, 1), "unknown key `Command` in [processes.web]", "did you mean `command`?"),
@@ -1226,6 +1228,38 @@ fn health_check_rules() {
     // A timeout longer than the interval is fine: probes do not overlap.
     let spec = ok(&h("interval = \"1s\"\ntimeout = \"5s\"\n"));
     assert_eq!(web(&spec).health.as_ref().unwrap().timeout, Duration::from_secs(5));
+}
+
+#[test]
+fn the_health_check_host() {
+    let host = |written: &str| {
+        let spec = ok(&web_with(&format!("[processes.web.health]\nhost = {written}\n")));
+        web(&spec).health.as_ref().unwrap().host.clone()
+    };
+    assert_eq!(web(&ok(&web_with(""))).health.as_ref().unwrap().host, None, "default: the instance's address");
+    for good in ["notes.example.com", "localhost", "127.0.0.1:8000", "[::1]", "[::1]:8000", "a-b.c"] {
+        assert_eq!(host(&format!("\"{good}\"")).as_deref(), Some(good));
+    }
+    let bad = |written: &str| one(&web_with(&format!("[processes.web.health]\nhost = {written}\n")));
+    for wrong in [
+        "\"\"",
+        "\"http://notes.example.com\"",
+        "\"notes.example.com/\"",
+        "\"a b\"",
+        "\"x:99999\"",
+        "\"-a.com\"",
+        "\"[nope]\"",
+        "\"a..b\"",
+    ] {
+        assert_err(
+            &bad(wrong),
+            5,
+            8,
+            "`host` in [processes.web.health] must be a host name or address, optionally with a port",
+            "for example: host = \"notes.example.com\"",
+        );
+    }
+    assert_err(&bad("8000"), 5, 8, "must be a string", "host = \"notes.example.com\"");
 }
 
 #[test]

@@ -918,7 +918,57 @@ fn validate_health(raw: Option<&RawHealth>, path: &str, diags: &mut Diags) -> He
             diags,
         ),
         expect_status: status_range(raw.expect_status.as_ref(), f("expect_status"), diags),
+        host: raw.host.as_ref().and_then(|h| {
+            let v = h.get_ref();
+            if valid_host_header(v) {
+                Some(v.clone())
+            } else {
+                diags.error(
+                    h.span(),
+                    format!(
+                        "`host` in [{path}] must be a host name or address, optionally with a port, as a Host header \
+                         carries it ({v:?})"
+                    ),
+                    "for example: host = \"notes.example.com\" (a name your app accepts, e.g. in Django's ALLOWED_HOSTS)",
+                );
+                None
+            }
+        }),
     }
+}
+
+/// `notes.example.com`, `127.0.0.1:8000`, `[::1]:8000`: what a `Host`
+/// header may carry (RFC 9110 §7.2: uri-host [":" port]), restricted to
+/// names, IPv4 and bracketed IPv6 addresses.
+fn valid_host_header(v: &str) -> bool {
+    let (host, port) = match v.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((addr, tail)) if addr.parse::<std::net::Ipv6Addr>().is_ok() => match tail {
+                "" => return true,
+                t => ("ipv6", t.strip_prefix(':')),
+            },
+            _ => return false,
+        },
+        None => match v.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (v, None),
+        },
+    };
+    let port_ok = match port {
+        None => true,
+        Some(p) => !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok(),
+    };
+    let host_ok = host == "ipv6"
+        || (!host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            }));
+    port_ok && host_ok
 }
 
 fn validate_rollout(

@@ -218,6 +218,7 @@ fn walk_health(t: &Table<'_, '_>, diags: &mut Diags) -> RawHealth {
             "expect_status = \"200-399\"",
             diags,
         ),
+        host: t.string("host", "host = \"notes.example.com\"", diags),
     }
 }
 

@@ -38,6 +38,7 @@ pub fn health_check() -> HealthCheck {
         healthy_threshold: 2,
         unhealthy_threshold: 2,
         expect_status: StatusRange { min: 200, max: 399 },
+        host: None,
     }
 }
 

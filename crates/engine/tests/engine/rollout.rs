@@ -152,6 +152,7 @@ async fn a_new_instance_that_never_turns_healthy_aborts_the_rollout_and_keeps_th
             assert_eq!(process, "web");
             assert!(reason.contains(&new.slot_name()) && reason.contains("did not become"), "{reason}");
             assert!(reason.contains("GET /health -> 503"), "{reason}");
+            assert!(!reason.contains("Host header"), "no hint for other statuses: {reason}");
         }
         other => panic!("expected RolloutFailed, got {other:?}"),
     }
@@ -168,6 +169,30 @@ async fn a_new_instance_that_never_turns_healthy_aborts_the_rollout_and_keeps_th
     let starts = f.driver.starts().len();
     tokio::time::sleep(secs(300)).await;
     assert_eq!(f.driver.starts().len(), starts);
+}
+
+/// Django answers 400 to a Host not in ALLOWED_HOSTS: the failure says so.
+#[tokio::test(start_paused = true)]
+async fn a_rollout_failing_on_400s_says_the_app_may_refuse_the_checks_host() {
+    let f = Fixture::new();
+    let e = f.start();
+    e.up(app("blog").web("web", 1).rollout("web", 1, 0, secs(30)).build()).await.unwrap();
+    f.traffic.set_auto_health(&pn("web"), AutoHealth::Never);
+    let old = alive(&f, "web");
+    let h = e.handle.clone();
+    let restart = tokio::spawn(async move {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        h.restart(Some(pn("web")), tx).await
+    });
+    f.driver.wait_alive(&pn("web"), 2).await;
+    let new = alive(&f, "web").into_iter().find(|i| !old.contains(i)).unwrap();
+    f.traffic.wait_added(&new).await;
+    f.traffic.set_health(&new, BackendHealth::Unhealthy, "GET /health -> 400 in 2ms");
+    let err = within("restart", restart).await.unwrap().unwrap_err();
+    let reason = err.to_string();
+    assert!(reason.contains("GET /health -> 400 in 2ms"), "{reason}");
+    assert!(reason.contains("refused its Host header") && reason.contains("ALLOWED_HOSTS"), "{reason}");
+    assert!(reason.contains("set `host`"), "{reason}");
 }
 
 #[tokio::test(start_paused = true)]

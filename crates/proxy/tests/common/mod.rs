@@ -269,6 +269,7 @@ pub fn check(interval_ms: u64, healthy: u32, unhealthy: u32) -> HealthCheck {
         healthy_threshold: healthy,
         unhealthy_threshold: unhealthy,
         expect_status: StatusRange { min: 200, max: 399 },
+        host: None,
     }
 }
 
