@@ -743,6 +743,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
 
     /// Keep the newest `retain_releases` built releases, the running one and
     /// the one before it; delete the others from disk.
+    ///
+    /// The store first: a release recorded as pruned is no longer a
+    /// rollback target, so nothing can start from a directory being
+    /// deleted. The deletion itself runs off the engine's task (a release
+    /// with its own virtualenv is thousands of files); one that fails
+    /// leaves directories that the next prune removes.
     fn prune_releases(&mut self, app: &AppName, run: &DeployRun) {
         let Ok(all) = self.store.releases(app) else { return };
         let retain = run.to.spec.release.retain_releases.max(1) as usize;
@@ -752,15 +758,24 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         if let Some(f) = &run.from {
             keep.push(f.id);
         }
-        match self.builder.prune(app, &keep) {
-            Ok(pruned) => {
-                for mut r in all.into_iter().filter(|r| pruned.contains(&r.id)) {
-                    r.status = ReleaseStatus::Pruned;
-                    let _ = self.store.put_release(&r);
-                }
+        let doomed: Vec<ReleaseRecord> =
+            all.into_iter().filter(|r| r.status == ReleaseStatus::Ready && !keep.contains(&r.id)).collect();
+        for mut r in doomed {
+            r.status = ReleaseStatus::Pruned;
+            if let Err(e) = self.store.put_release(&r) {
+                tracing::warn!("could not record release {} as pruned, so it stays on disk: {e}", r.id);
+                keep.push(r.id);
             }
-            Err(e) => tracing::warn!("could not prune old releases: {e}"),
         }
+        let (builder, app) = (self.builder.clone(), app.clone());
+        self.tasks.spawn(async move {
+            match tokio::task::spawn_blocking(move || builder.prune(&app, &keep)).await {
+                Ok(Ok(pruned)) if !pruned.is_empty() => tracing::info!(?pruned, "old releases deleted"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("could not delete old releases: {e}"),
+                Err(e) => tracing::warn!("deleting old releases failed: {e}"),
+            }
+        });
     }
 
     // -------------------------------------------------------------- restart
