@@ -222,6 +222,10 @@ pub(crate) enum Internal {
         post: bool,
         result: Result<(), String>,
     },
+    /// The content hash of a pending deploy's app directory.
+    Hashed {
+        result: Result<String, String>,
+    },
 }
 
 /// Talks to the engine. Cheap to clone.
@@ -499,6 +503,8 @@ pub struct Engine<D, T, I, L> {
     cancel: CancellationToken,
     pub(crate) builder: Arc<dyn Builder>,
     pub(crate) deployment: Option<deploy::DeployRun>,
+    /// A deploy whose app directory is being hashed (off this task).
+    pub(crate) pending_deploy: Option<deploy::PendingDeploy>,
 }
 
 const CHECK_HISTORY: usize = 5;
@@ -556,6 +562,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             cancel: shutdown.child_token(),
             builder: config.builder,
             deployment: None,
+            pending_deploy: None,
         };
         let join = tokio::spawn(engine.run(rx, events_rx, health, shutdown));
         (EngineHandle { tx }, join)
@@ -838,6 +845,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     }
 
     pub(crate) fn busy(&self) -> Option<EngineError> {
+        if let Some(p) = &self.pending_deploy {
+            return Some(EngineError::Busy { operation: format!("deploy by {}", p.who), since: fmt_wall(p.since) });
+        }
         self.op.as_ref().map(|op| EngineError::Busy {
             operation: match &op.who {
                 Some(who) => format!("{} by {who}", op.name),
@@ -1047,6 +1057,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         match ev {
             Internal::Started { id, result } => self.on_started(id, result),
             Internal::Built { deployment, result } => self.deploy_on_built(deployment, result),
+            Internal::Hashed { result } => self.deploy_on_hashed(result),
             Internal::TasksDone { deployment, post, result } => self.deploy_on_tasks(deployment, post, result),
             Internal::Exited { id, status } => self.on_exited(id, status),
             Internal::MainExited { id } => {
@@ -1846,7 +1857,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             release: rt.record.release.0,
             workdir: rt.record.workdir.clone(),
             proxy_listen: spec.proxy.listen.to_string(),
-            operation: self.deployment_summary().or_else(|| self.op.as_ref().map(|o| o.name.to_string())),
+            operation: self
+                .deployment_summary()
+                .or_else(|| self.pending_deploy.as_ref().map(|_| "deploy (reading the app directory)".to_string()))
+                .or_else(|| self.op.as_ref().map(|o| o.name.to_string())),
             processes,
             instances,
             waiting,

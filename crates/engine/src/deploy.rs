@@ -30,6 +30,20 @@ pub(crate) struct DeployRun {
     pub(crate) rollback_failed: bool,
 }
 
+/// A deploy waiting for the content hash of its app directory, which is
+/// computed off the engine's task (a large directory takes seconds);
+/// meanwhile the engine is busy for other operations.
+pub(crate) struct PendingDeploy {
+    spec: AppSpec,
+    source: PathBuf,
+    base_env: BTreeMap<String, String>,
+    message: Option<String>,
+    pub(crate) who: String,
+    pub(crate) since: SystemTime,
+    progress: ProgressTx,
+    reply: Reply<OpReport>,
+}
+
 fn ms_since_epoch(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
@@ -52,7 +66,38 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             let _ = reply.send(Err(err));
             return;
         }
-        match self.prepare_deploy(spec, source, base_env, message, who.clone()) {
+        if let Err(e) = self.check_deploy(&spec, &source) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let _ = progress.send(Progress::note(format!("reading {}", source.display())));
+        let (builder, tx, dir) = (self.builder.clone(), self.events_tx.clone(), source.clone());
+        self.tasks.spawn(async move {
+            let result = tokio::task::spawn_blocking(move || builder.content_hash(&dir))
+                .await
+                .unwrap_or_else(|e| Err(format!("hashing the app directory failed: {e}")));
+            let _ = tx.send(Internal::Hashed { result });
+        });
+        let since = self.clock.wall();
+        self.pending_deploy = Some(PendingDeploy { spec, source, base_env, message, who, since, progress, reply });
+    }
+
+    /// The app directory of the pending deploy was hashed: go on.
+    pub(crate) fn deploy_on_hashed(&mut self, result: Result<String, String>) {
+        let Some(PendingDeploy { spec, source, base_env, message, who, progress, reply, .. }) =
+            self.pending_deploy.take()
+        else {
+            return;
+        };
+        let hash = match result {
+            Ok(hash) => hash,
+            Err(e) => {
+                let _ = reply
+                    .send(Err(EngineError::CannotDeploy { reason: format!("cannot read {}: {e}", source.display()) }));
+                return;
+            }
+        };
+        match self.prepare_deploy(spec, source, base_env, message, who.clone(), hash) {
             Ok(Some((run, summary))) => {
                 let name = if run.record.kind == "rollback" { "rollback" } else { "deploy" };
                 self.begin_op(name, progress, reply, summary, true, VecDeque::new(), false);
@@ -75,15 +120,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
     }
 
-    /// Checks and records; `None` when there is nothing to deploy.
-    fn prepare_deploy(
-        &mut self,
-        spec: AppSpec,
-        source: PathBuf,
-        base_env: BTreeMap<String, String>,
-        message: Option<String>,
-        who: String,
-    ) -> Result<Option<(DeployRun, String)>, EngineError> {
+    /// What can be checked at once, before the app directory is read.
+    fn check_deploy(&self, spec: &AppSpec, source: &std::path::Path) -> Result<(), EngineError> {
         if let Some(rt) = &self.app {
             if rt.record.app != spec.app && rt.record.running {
                 return Err(EngineError::OtherApp {
@@ -97,10 +135,21 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 reason: format!("the app directory {} does not exist", source.display()),
             });
         }
-        let hash = self
-            .builder
-            .content_hash(&source)
-            .map_err(|e| EngineError::CannotDeploy { reason: format!("cannot read {}: {e}", source.display()) })?;
+        Ok(())
+    }
+
+    /// Checks again (the app may have changed while the directory was
+    /// read) and records; `None` when there is nothing to deploy.
+    fn prepare_deploy(
+        &mut self,
+        spec: AppSpec,
+        source: PathBuf,
+        base_env: BTreeMap<String, String>,
+        message: Option<String>,
+        who: String,
+        hash: String,
+    ) -> Result<Option<(DeployRun, String)>, EngineError> {
+        self.check_deploy(&spec, &source)?;
         let from = self.app.as_ref().filter(|rt| rt.record.running && rt.record.app == spec.app).map(|rt| rt.current());
         if let Some(from) = &from {
             if from.id.0 > 0 {

@@ -5,7 +5,7 @@ use crate::lock;
 use nonstop_core::{AppName, ReleaseId};
 use nonstop_engine::{BuildOutput, Builder};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 pub struct FakeBuilder {
     hash: Mutex<String>,
     builds: Mutex<Vec<ReleaseId>>,
+    /// While true, `content_hash` blocks (as reading a large directory).
+    hold: Mutex<bool>,
+    released: Condvar,
 }
 
 impl Default for FakeBuilder {
@@ -25,7 +28,23 @@ impl Default for FakeBuilder {
 impl FakeBuilder {
     /// Content hash `source-1`.
     pub fn new() -> Self {
-        Self { hash: Mutex::new("source-1".into()), builds: Mutex::new(Vec::new()) }
+        Self {
+            hash: Mutex::new("source-1".into()),
+            builds: Mutex::new(Vec::new()),
+            hold: Mutex::new(false),
+            released: Condvar::new(),
+        }
+    }
+
+    /// From now on `content_hash` blocks its (blocking) thread until
+    /// [`FakeBuilder::release_hashing`].
+    pub fn hold_hashing(&self) {
+        *lock(&self.hold) = true;
+    }
+
+    pub fn release_hashing(&self) {
+        *lock(&self.hold) = false;
+        self.released.notify_all();
     }
 
     /// The content hash of the source from now on (a new one: a deploy
@@ -42,6 +61,11 @@ impl FakeBuilder {
 
 impl Builder for FakeBuilder {
     fn content_hash(&self, _source: &Path) -> Result<String, String> {
+        let mut held = lock(&self.hold);
+        while *held {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(held);
         Ok(lock(&self.hash).clone())
     }
 

@@ -231,3 +231,39 @@ async fn scaling_a_crash_looping_slot_away_succeeds() {
     assert_eq!(slots(&alive(&f, "worker")), [1]);
     assert!(e.status().await.unwrap().waiting.is_empty());
 }
+
+/// Reading a large app directory (its content hash) takes seconds: the
+/// engine answers meanwhile, and other operations are told it is busy.
+#[tokio::test(start_paused = true)]
+async fn the_engine_answers_while_a_deploy_reads_the_app_directory() {
+    let f = Fixture::new();
+    let e = f.start();
+    e.up(app("blog").worker("worker", 1).build()).await.unwrap();
+    f.builder.hold_hashing();
+    f.builder.set_hash("source-2");
+    let handle = e.handle.clone();
+    let workdir = f.workdir.clone();
+    let base_env = f.base_env.clone();
+    let deploy = tokio::spawn(async move {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        handle.deploy(app("blog").worker("worker", 1).build(), workdir, base_env, None, "ann".into(), tx).await
+    });
+    let mut reading = false;
+    for _ in 0..100 {
+        let st = e.status().await.unwrap();
+        if st.operation.as_deref() == Some("deploy (reading the app directory)") {
+            reading = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(reading, "status answers while the directory is read, and says so");
+    match e.scale(&[("worker", 2)]).await {
+        Err(EngineError::Busy { operation, .. }) => assert_eq!(operation, "deploy by ann"),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    f.builder.release_hashing();
+    let report = within("the deploy", deploy).await.unwrap().unwrap();
+    assert!(report.changed, "{report:?}");
+    assert_eq!(f.builder.builds().len(), 1);
+}
