@@ -273,7 +273,10 @@ impl Builder for ReleasePort {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>> {
         let builder = self.builder(app);
         Box::pin(async move {
-            let _ = builder.clean_staging();
+            // What crashed builds left (possibly large trees), off the
+            // async threads.
+            let cleaner = builder.clone();
+            let _ = tokio::task::spawn_blocking(move || cleaner.clean_staging()).await;
             let req = nonstop_release::BuildRequest {
                 source: &source,
                 release,
