@@ -248,6 +248,11 @@ pub struct ProxySpec {
     /// the first is the default for clients that send no SNI).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tls: Vec<TlsSpec>,
+    /// Peers whose `X-Forwarded-Proto` and `X-Forwarded-Host` are kept (a
+    /// load balancer or CDN in front that terminates TLS); from anyone
+    /// else they are replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl ProxySpec {
@@ -267,6 +272,7 @@ impl ProxySpec {
             body_timeout: None,
             workers: None,
             tls: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 

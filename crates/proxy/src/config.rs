@@ -111,6 +111,19 @@ pub struct ProxyConfig {
     /// it starts: [`crate::Proxy::set_config`] does not change it, so a
     /// change applies after `nonstop upgrade` or a daemon restart.
     pub workers: usize,
+    /// Peers (a load balancer or CDN in front, terminating TLS) whose
+    /// `X-Forwarded-Proto` and `X-Forwarded-Host` are passed on; from any
+    /// other peer the proxy sets them itself (`[proxy] trusted_proxies`;
+    /// empty: the proxy is the edge).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl ProxyConfig {
+    /// Whether a client connecting from `ip` is a trusted proxy.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
 }
 
 impl Default for ProxyConfig {
@@ -131,6 +144,7 @@ impl Default for ProxyConfig {
             max_request_line: DEFAULT_MAX_REQUEST_LINE,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             workers: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -181,6 +195,7 @@ impl ProxyConfig {
         if let Some(v) = spec.body_timeout {
             self.body_timeout = v;
         }
+        self.trusted_proxies = spec.trusted_proxies.clone();
         if let Some(v) = spec.workers {
             self.workers = v as usize;
         }
@@ -247,7 +262,13 @@ mod tests {
         spec.upstream_timeout = Some(Duration::from_secs(3));
         spec.body_timeout = Some(Duration::from_secs(4));
         spec.workers = Some(3);
+        spec.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
         let c = ProxyConfig::from_spec(&spec).unwrap();
+        assert!(c.trusts("10.1.2.3".parse().unwrap()) && c.trusts("::1".parse().unwrap()));
+        assert!(c.trusts("::ffff:10.1.2.3".parse().unwrap()), "an IPv4 client on a dual-stack listener");
+        assert!(
+            !c.trusts("192.168.1.1".parse().unwrap()) && !ProxyConfig::default().trusts("10.1.2.3".parse().unwrap())
+        );
         assert_eq!(c.max_header_bytes, 16 * 1024);
         assert_eq!(c.max_headers, 20);
         assert_eq!(c.max_request_line, 1024);

@@ -90,7 +90,7 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Reques
         parts.uri = parts.uri.path_and_query().map(|pq| Uri::from(pq.clone())).unwrap_or_else(|| Uri::from_static("/"));
     }
     let host = parts.headers.get(header::HOST).cloned();
-    headers::prepare_request(&mut parts.headers, &ctx.peer_ip, &request_id, upgrade, ctx.tls);
+    headers::prepare_request(&mut parts.headers, &ctx.peer_ip, &request_id, upgrade, ctx.tls, ctx.trusted);
     parts.version = Version::HTTP_11;
 
     // Decide the body's fate: empty, buffered (replayable), or streamed.

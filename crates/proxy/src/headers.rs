@@ -93,6 +93,7 @@ pub(crate) fn prepare_request(
     request_id: &HeaderValue,
     upgrade: bool,
     tls: bool,
+    trusted: bool,
 ) {
     strip_hop_by_hop(headers, upgrade);
     match headers.entry(X_FORWARDED_FOR) {
@@ -121,14 +122,25 @@ pub(crate) fn prepare_request(
             }
         }
     }
-    // The proxy is the edge: what the client claims here is not trusted.
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if tls { "https" } else { "http" }));
-    match headers.get(header::HOST).cloned() {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST, host);
-        }
-        None => {
-            headers.remove(X_FORWARDED_HOST);
+    // The proxy is the edge unless the peer is a trusted proxy, whose
+    // word on how the client came is passed on (one valid value only).
+    let keep_proto = trusted && {
+        let mut values = headers.get_all(X_FORWARDED_PROTO).iter();
+        matches!((values.next(), values.next()), (Some(v), None)
+            if v.as_bytes().eq_ignore_ascii_case(b"https") || v.as_bytes().eq_ignore_ascii_case(b"http"))
+    };
+    if !keep_proto {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if tls { "https" } else { "http" }));
+    }
+    let keep_host = trusted && headers.get_all(X_FORWARDED_HOST).iter().count() == 1;
+    if !keep_host {
+        match headers.get(header::HOST).cloned() {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
         }
     }
     headers.insert(X_REQUEST_ID, request_id.clone());
@@ -297,17 +309,49 @@ mod tests {
         let peer = HeaderValue::from_static("10.0.0.9");
         let id = HeaderValue::from_static("abc");
         let mut h = map(&[("host", "app.test"), ("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
-        prepare_request(&mut h, &peer, &id, false, false);
+        prepare_request(&mut h, &peer, &id, false, false, false);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "app.test");
         assert_eq!(h.get("x-request-id").unwrap(), "abc");
 
         let mut h = map(&[("x-forwarded-proto", "http")]);
-        prepare_request(&mut h, &peer, &id, false, true);
+        prepare_request(&mut h, &peer, &id, false, true, false);
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.9");
         assert!(h.get("x-forwarded-host").is_none());
+    }
+
+    #[test]
+    fn a_trusted_proxy_says_how_the_client_came() {
+        let peer = HeaderValue::from_static("10.0.0.9");
+        let id = HeaderValue::from_static("abc");
+        // A load balancer that terminated TLS for notes.example.com.
+        let from_lb = || {
+            map(&[("host", "10.0.0.5:8080"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "notes.example.com")])
+        };
+        let mut h = from_lb();
+        prepare_request(&mut h, &peer, &id, false, false, true);
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "notes.example.com");
+        // The same from anyone else: replaced.
+        let mut h = from_lb();
+        prepare_request(&mut h, &peer, &id, false, false, false);
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "10.0.0.5:8080");
+        // Ambiguous or invalid even from a trusted peer: set by the proxy.
+        for bad in
+            [&[("x-forwarded-proto", "https"), ("x-forwarded-proto", "http")][..], &[("x-forwarded-proto", "gopher")]]
+        {
+            let mut h = map(bad);
+            prepare_request(&mut h, &peer, &id, false, false, true);
+            assert_eq!(h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(), ["http"], "{bad:?}");
+        }
+        // A trusted peer that sends none: set by the proxy.
+        let mut h = map(&[("host", "app.test")]);
+        prepare_request(&mut h, &peer, &id, false, true, true);
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "app.test");
     }
 
     #[test]

@@ -123,6 +123,9 @@ pub(crate) struct ConnCtx {
     pub config: Arc<ProxyConfig>,
     /// Accepted on a TLS listener.
     pub tls: bool,
+    /// The peer is one of `trusted_proxies`: its `X-Forwarded-Proto` and
+    /// `X-Forwarded-Host` are passed on.
+    pub trusted: bool,
     /// HEAD or IDLE while no request is in progress (`busy == 0`).
     phase: AtomicU8,
     /// Requests in progress: at most one for HTTP/1, any number for h2.
@@ -162,6 +165,7 @@ impl ConnCtx {
         counted: Counted,
     ) -> Arc<Self> {
         let peer_ip = crate::headers::ip_value(peer.ip());
+        let trusted = config.trusts(peer.ip());
         let mut reg = lock_live(live);
         let id = reg.next;
         reg.next += 1;
@@ -170,6 +174,7 @@ impl ConnCtx {
             peer_ip,
             config,
             tls,
+            trusted,
             phase: AtomicU8::new(HEAD),
             busy: AtomicU32::new(0),
             epoch: AtomicU32::new(0),

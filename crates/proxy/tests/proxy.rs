@@ -208,6 +208,36 @@ async fn forwarded_headers_and_request_ids() {
     p.stop().await;
 }
 
+/// Behind a load balancer that terminates TLS (`trusted_proxies`), the
+/// app hears how the client came (Django's SECURE_PROXY_SSL_HEADER); the
+/// setting is read per connection, so a change applies to new ones.
+#[tokio::test]
+async fn a_trusted_proxy_in_front_passes_on_how_the_client_came() {
+    let up = Upstream::with_handler("h", headers_handler()).await;
+    let mut cfg = config();
+    cfg.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    let p = Running::start(cfg.clone()).await;
+    p.proxy.set_default_route(route());
+    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let from_lb = || {
+        let mut req = request("GET", "/", "");
+        req.headers_mut().insert("x-forwarded-proto", "https".parse().unwrap());
+        req.headers_mut().insert("x-forwarded-host", "notes.example.com".parse().unwrap());
+        req
+    };
+    let lines = header_lines(&Client::new(p.addr).send(from_lb()).await.unwrap());
+    assert!(lines.contains(&"x-forwarded-proto: https".to_string()), "{lines:?}");
+    assert!(lines.contains(&"x-forwarded-host: notes.example.com".to_string()), "{lines:?}");
+    assert!(lines.contains(&"x-forwarded-for: 127.0.0.1".to_string()), "{lines:?}");
+    // Not trusted any more: the proxy says it itself.
+    cfg.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    p.proxy.set_config(cfg).unwrap();
+    let lines = header_lines(&Client::new(p.addr).send(from_lb()).await.unwrap());
+    assert!(lines.contains(&"x-forwarded-proto: http".to_string()), "{lines:?}");
+    assert!(lines.contains(&"x-forwarded-host: app.test".to_string()), "{lines:?}");
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_are_stripped_both_ways() {
     let up = Upstream::with_handler("h", headers_handler()).await;

@@ -56,6 +56,8 @@ pub struct RawProxy {
     pub workers: Option<Spanned<i64>>,
     /// `[[proxy.tls]]`, in file order.
     pub tls: Option<Spanned<Vec<Spanned<RawTls>>>>,
+    /// Addresses or CIDR ranges (`"10.0.0.0/8"`).
+    pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[[proxy.tls]]`: one certificate.

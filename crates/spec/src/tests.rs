@@ -126,6 +126,7 @@ idle_timeout = "2m"
 upstream_timeout = 30
 body_timeout = "20s"
 workers = 4
+trusted_proxies = ["10.0.0.0/8"]
 
 [[proxy.tls]]
 hosts = ["blog.example.com", "*.Blog.example.com"]
@@ -895,6 +896,7 @@ fn proxy_settings_from_the_full_file() {
     assert_eq!(p.upstream_timeout, Some(Duration::from_secs(30)));
     assert_eq!(p.body_timeout, Some(Duration::from_secs(20)));
     assert_eq!(p.workers, Some(4));
+    assert_eq!(p.trusted_proxies, vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]);
     assert_eq!(p.tls.len(), 2);
     assert_eq!(p.tls[0].hosts, ["blog.example.com", "*.blog.example.com"]);
     // Relative to the file's directory (here: as given, relative).
@@ -1228,6 +1230,27 @@ fn health_check_rules() {
     // A timeout longer than the interval is fine: probes do not overlap.
     let spec = ok(&h("interval = \"1s\"\ntimeout = \"5s\"\n"));
     assert_eq!(web(&spec).health.as_ref().unwrap().timeout, Duration::from_secs(5));
+}
+
+#[test]
+fn trusted_proxies_are_addresses_or_ranges() {
+    let proxy = |lines: &str| format!("app = \"a\"\n[proxy]\n{lines}\n[processes.web]\ncommand = \"x\"\n");
+    let spec = ok(&proxy("trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\", \"fd00::/8\", \"192.168.1.7/24\"]"));
+    let nets: Vec<String> = spec.proxy.trusted_proxies.iter().map(ToString::to_string).collect();
+    assert_eq!(nets, ["10.0.0.0/8", "127.0.0.1/32", "fd00::/8", "192.168.1.0/24"]);
+    assert!(ok(&proxy("")).proxy.trusted_proxies.is_empty(), "default: the proxy is the edge");
+    let e = one(&proxy("trusted_proxies = [\"10.0.0.0/8\", \"lb.internal\"]"));
+    assert_err(
+        &e,
+        3,
+        34,
+        "\"lb.internal\" in `trusted_proxies` of [proxy] is not an IP address or a CIDR range",
+        "for example: trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]",
+    );
+    let e = one(&proxy("trusted_proxies = [\"10.0.0.0/33\"]"));
+    assert!(e.message.contains("is not an IP address or a CIDR range"), "{}", e.message);
+    let e = one(&proxy("trusted_proxies = \"10.0.0.0/8\""));
+    assert!(e.message.contains("must be a list") || e.message.contains("array"), "{}", e.message);
 }
 
 #[test]

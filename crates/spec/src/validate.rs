@@ -163,6 +163,29 @@ fn validate_proxy(proxy: Option<&Spanned<RawProxy>>, env: &dyn EnvLookup, base: 
     spec.upstream_timeout =
         timeout(raw.upstream_timeout.as_ref(), "upstream_timeout", DEFAULT_PROXY_UPSTREAM_TIMEOUT, diags);
     spec.body_timeout = timeout(raw.body_timeout.as_ref(), "body_timeout", DEFAULT_PROXY_BODY_TIMEOUT, diags);
+    spec.trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .flat_map(|list| list.get_ref())
+        .filter_map(|item| {
+            let v = item.get_ref().trim();
+            let parsed = v
+                .parse::<ipnet::IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| v.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => Some(net),
+                Err(_) => {
+                    diags.error(
+                        item.span(),
+                        format!("{v:?} in `trusted_proxies` of [proxy] is not an IP address or a CIDR range"),
+                        "for example: trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"] (the load balancer in front)",
+                    );
+                    None
+                }
+            }
+        })
+        .collect();
     spec.workers = raw.workers.as_ref().and_then(|v| {
         let n = *v.get_ref();
         let workers = u32::try_from(n).ok().filter(|n| (MIN_PROXY_WORKERS..=MAX_PROXY_WORKERS).contains(n));

@@ -62,6 +62,7 @@ fn walk_proxy(t: &Table<'_, '_>, diags: &mut Diags) -> RawProxy {
         body_timeout: t.duration("body_timeout", diags),
         workers: t.integer("workers", "workers = 2 (or leave it out for one per core)", diags),
         tls: walk_tls(t, diags),
+        trusted_proxies: t.string_list("trusted_proxies", "trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]", diags),
     }
 }
 
