@@ -66,6 +66,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/upgrade", post(upgrade))
         .route("/v1/deploy", post(deploy))
         .route("/v1/rollback", post(rollback))
+        .route("/v1/cancel", post(cancel))
         .route("/v1/releases", get(releases))
         .route("/v1/history", get(history))
         .fallback(not_found)
@@ -326,6 +327,20 @@ async fn rollback(
     op_stream(move |p| async move {
         engine.rollback(req.release.map(nonstop_core::ReleaseId), req.run_tasks, req.who, p).await
     })
+}
+
+async fn cancel(
+    State(s): State<ApiState>,
+    body: Result<Json<CancelRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid cancel request: {e}")),
+    };
+    match s.engine.cancel(req.who).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => engine_error(e),
+    }
 }
 
 async fn releases(State(s): State<ApiState>) -> Response {

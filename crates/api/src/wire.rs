@@ -100,6 +100,13 @@ pub struct RollbackRequest {
     pub who: String,
 }
 
+/// `POST /v1/cancel`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelRequest {
+    /// `user@host`, recorded in the events and the deployment's reason.
+    pub who: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HistoryQuery {
     pub limit: Option<usize>,

@@ -160,6 +160,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stop the deploy, rollback or rolling restart in progress. A deploy
+    /// still building or running its release tasks ends with nothing
+    /// changed (the running command is killed); one that is already rolling
+    /// rolls back to the release that ran before; post tasks are stopped
+    /// and the release stays live; a rolling restart keeps the instances
+    /// that ran before. Returns at once; the operation's own command
+    /// reports how it ended.
+    #[command(after_help = "Example:\n  nonstop cancel")]
+    Cancel {
+        #[arg(long)]
+        json: bool,
+    },
     /// Deployments: release, status, duration, who.
     History {
         #[arg(long, short = 'n', default_value_t = 20)]

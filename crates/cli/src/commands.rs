@@ -65,6 +65,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Deploy { message, file, wait, json } => deploy(&home, &file, message, wait, json).await,
         Command::Rollback { release, run_tasks, wait, json } => rollback(&home, release, run_tasks, wait, json).await,
         Command::History { limit, json } => history(&home, limit, json).await,
+        Command::Cancel { json } => cancel(&home, json).await,
         Command::Releases { json } => releases(&home, json).await,
         Command::Upgrade { json } => upgrade(&home, json).await,
         Command::Completions { shell } => {
@@ -300,8 +301,13 @@ async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
         }
         Err(e) => return Err(e.into()),
     };
+    // No app up: stop the daemon all the same. Anything else (another
+    // operation in progress) stops here, daemon and app as they are: a
+    // daemon stopped mid-deploy would leave the app running and the
+    // deployment to the next daemon.
     let code = match c.op("/v1/down", &serde_json::json!({}), |_| {}).await {
-        Ok(_) | Err(ClientError::Api(ApiError { exit_code: 3, .. })) => 0,
+        Ok(_) => 0,
+        Err(ClientError::Api(e)) if e.detail.as_ref().and_then(|d| d["error"].as_str()) == Some("not_up") => 0,
         Err(e) => return Err(e.into()),
     };
     // Then the daemon itself, and wait for it to be gone.
@@ -550,6 +556,16 @@ fn fmt_time(ms: u64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+}
+
+async fn cancel(home: &Home, json: bool) -> anyhow::Result<i32> {
+    let r: OpReport = client(home).post("/v1/cancel", &CancelRequest { who: who() }).await?;
+    if json {
+        outln!("{}", serde_json::to_string(&r)?);
+    } else {
+        outln!("{}", r.summary);
+    }
+    Ok(0)
 }
 
 async fn history(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {

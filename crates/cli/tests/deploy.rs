@@ -223,6 +223,46 @@ fn releases_with_their_own_virtualenv_deploy_and_roll_back() {
     assert!(body.contains("version 1"), "{body}");
 }
 
+/// `nonstop cancel` during a slow migration: the deploy ends saying who
+/// cancelled it, the task's processes are gone, v1 keeps serving; `down`
+/// during a deploy points at `cancel`.
+#[test]
+fn a_deploy_cancelled_during_a_slow_release_task_changes_nothing() {
+    let app = deployable();
+    app.run(&["deploy"]).ok();
+    let dir = app.dir.path().display().to_string();
+    let pid_file = app.home.path().join("task.pid");
+    let spec = app.spec().replace(
+        &format!("tasks = [\"echo migrated $NONSTOP_RELEASE >> {dir}/migrations.log\"]"),
+        &format!("tasks = [\"echo $$ > {}; sleep 300\"]", pid_file.display()),
+    );
+    assert!(spec.contains("sleep 300"), "{spec}");
+    app.write_spec(&spec);
+    set_version(&app, "2");
+    let deploy = app.cmd(&["deploy"]).spawn().unwrap();
+    wait_until(T, "the release task to run", || std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n')));
+    let task: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+
+    let r = app.run(&["down"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("`nonstop cancel`"), "{}", r.stderr);
+    let r = app.run(&["cancel"]);
+    r.ok();
+    assert!(r.stdout.contains("cancelled while release tasks: nothing changed"), "{}", r.stdout);
+    let out = wait_output(deploy, T, "the cancelled deploy");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("deploy of v2 failed: cancelled by "), "{stderr}");
+    wait_until(T, "the task's process to be gone", || !pid_alive(task));
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 1"), "{body}");
+    assert_eq!(history(&app)[0]["status"], "failed");
+    let r = app.run(&["cancel", "--json"]);
+    r.ok();
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["changed"], false);
+}
+
 #[test]
 fn a_daemon_killed_mid_deploy_rolls_back_on_restart_and_leaves_nothing_behind() {
     let app = deployable();

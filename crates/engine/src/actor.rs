@@ -178,6 +178,11 @@ pub enum Command {
         progress: ProgressTx,
         reply: Reply<OpReport>,
     },
+    /// Stop the deploy, rollback or rolling restart in progress.
+    Cancel {
+        who: String,
+        reply: Reply<OpReport>,
+    },
     Rollback {
         release: Option<ReleaseId>,
         run_tasks: bool,
@@ -293,6 +298,11 @@ impl EngineHandle {
     ) -> Result<OpReport, EngineError> {
         self.ask(|reply| Command::Rollback { release, run_tasks, who, progress, reply }).await
     }
+    /// Stop the deploy, rollback or rolling restart in progress (see
+    /// `Engine::cancel`); answers at once, the operation ends by itself.
+    pub async fn cancel(&self, who: String) -> Result<OpReport, EngineError> {
+        self.ask(|reply| Command::Cancel { who, reply }).await
+    }
     pub async fn releases(&self) -> Result<Vec<ReleaseInfo>, EngineError> {
         self.ask(|reply| Command::Releases { reply }).await
     }
@@ -380,6 +390,8 @@ struct RolloutState {
     new: BTreeMap<u32, InstanceId>,
     /// Why a new instance failed, if one did.
     failure: Option<String>,
+    /// `nonstop cancel`: fail at the next step with this reason.
+    cancelled: Option<String>,
 }
 
 pub(crate) struct Op {
@@ -767,6 +779,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
             Command::Rollback { release, run_tasks, who, progress, reply } => {
                 self.begin_rollback(release, run_tasks, who, progress, reply);
+            }
+            Command::Cancel { who, reply } => {
+                let _ = reply.send(self.cancel(&who));
             }
             Command::Releases { reply } => {
                 let _ = reply.send(self.releases());
@@ -1431,7 +1446,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
         }
         let n_old = old.len();
-        rt.rollout = Some(RolloutState { process: process.clone(), release: ctx.id, params, old, new, failure: None });
+        rt.rollout = Some(RolloutState {
+            process: process.clone(),
+            release: ctx.id,
+            params,
+            old,
+            new,
+            failure: None,
+            cancelled: None,
+        });
         self.progress(format!("rolling {process} to {}: {n_old} old instance(s), {count} wanted", ctx.id));
     }
 
@@ -1447,6 +1470,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         slot_numbers.extend(ro.old.iter().filter(|i| rt.instances.contains_key(i)).map(|i| i.slot));
         slot_numbers.extend(ro.new.keys().copied());
         let mut failure = ro.failure.clone();
+        let cancelled = ro.cancelled.clone();
         let slots: Vec<RolloutSlot> = slot_numbers
             .iter()
             .map(|&slot| {
@@ -1498,7 +1522,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             .collect();
         let params = ro.params;
         let process = ro.process.clone();
-        match rollout_step(&slots, params) {
+        let step = match cancelled {
+            Some(why) => {
+                failure = Some(why);
+                RolloutStep::Failed { slot: 0 }
+            }
+            None => rollout_step(&slots, params),
+        };
+        match step {
             RolloutStep::Wait => None,
             RolloutStep::Done => {
                 let release = rt.rollout.as_ref().map(|r| r.release).unwrap_or_default();

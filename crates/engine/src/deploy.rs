@@ -28,6 +28,8 @@ pub(crate) struct DeployRun {
     pub(crate) post_failure: Option<String>,
     /// Some process type could not be rolled back.
     pub(crate) rollback_failed: bool,
+    /// `nonstop cancel`: why, once asked.
+    pub(crate) cancelled: Option<String>,
 }
 
 /// A deploy waiting for the content hash of its app directory, which is
@@ -237,6 +239,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             base_env,
             post_failure: None,
             rollback_failed: false,
+            cancelled: None,
         };
         Ok(Some((run, summary)))
     }
@@ -357,6 +360,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 base_env,
                 post_failure: None,
                 rollback_failed: false,
+                cancelled: None,
             },
             summary,
         ))
@@ -458,8 +462,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 return;
             }
         };
+        let cancelled = run.cancelled.clone();
         match result {
-            Ok(out) => {
+            Ok(out) if cancelled.is_none() => {
                 rec.status = ReleaseStatus::Ready;
                 rec.dir = out.dir.clone();
                 rec.content_hash = out.content_hash.clone();
@@ -487,10 +492,21 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 self.set_phase(DeployPhase::ReleaseTasks);
                 self.spawn_tasks(false);
             }
+            Ok(out) => {
+                // Built, but cancelled meanwhile: kept on disk as a
+                // release nothing runs (pruned in turn).
+                rec.status = ReleaseStatus::Ready;
+                rec.dir = out.dir;
+                rec.content_hash = out.content_hash;
+                rec.build_ms = build_ms;
+                let _ = self.store.put_release(&rec);
+                self.finish_deploy(DeployPhase::Failed { reason: cancelled.unwrap_or_default() });
+            }
             Err(reason) => {
                 rec.status = ReleaseStatus::Failed;
                 let _ = self.store.put_release(&rec);
-                self.finish_deploy(DeployPhase::Failed { reason: format!("the build failed: {reason}") });
+                let reason = cancelled.unwrap_or_else(|| format!("the build failed: {reason}"));
+                self.finish_deploy(DeployPhase::Failed { reason });
             }
         }
     }
@@ -582,14 +598,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         if self.deployment.as_ref().is_none_or(|r| r.record.id != deployment) {
             return;
         }
+        let cancelled = self.deployment.as_ref().and_then(|r| r.cancelled.clone());
         match (post, result) {
+            (false, _) if cancelled.is_some() => {
+                self.finish_deploy(DeployPhase::Failed { reason: cancelled.unwrap_or_default() })
+            }
             (false, Ok(())) => self.set_phase(DeployPhase::Rolling { index: 0 }),
             (false, Err(reason)) => self.finish_deploy(DeployPhase::Failed { reason }),
             (true, Ok(())) => self.finish_deploy(DeployPhase::Succeeded),
             (true, Err(reason)) => {
                 // The release is live; report the failure without undoing it.
                 if let Some(run) = self.deployment.as_mut() {
-                    run.post_failure = Some(reason);
+                    run.post_failure = Some(cancelled.unwrap_or(reason));
                 }
                 self.finish_deploy(DeployPhase::Succeeded);
             }
@@ -648,9 +668,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     pub(crate) fn deploy_on_rollout(&mut self, result: RolloutResult) {
         let Some(run) = self.deployment.as_ref() else { return };
         match (run.phase.clone(), result) {
-            (DeployPhase::Rolling { index }, RolloutResult::Done(_)) => {
-                self.set_phase(DeployPhase::Rolling { index: index + 1 })
-            }
+            (DeployPhase::Rolling { index }, RolloutResult::Done(p)) => match run.cancelled.clone() {
+                // Finished just as it was cancelled: back from here.
+                Some(reason) => {
+                    let remaining: Vec<ProcessName> =
+                        run.order[..(index + 1).min(run.order.len())].iter().rev().cloned().collect();
+                    self.progress(format!("{p} rolled, but the {} was cancelled: rolling back", run.record.kind));
+                    self.set_phase(DeployPhase::RollingBack { reason, remaining });
+                }
+                None => self.set_phase(DeployPhase::Rolling { index: index + 1 }),
+            },
             (DeployPhase::Rolling { index }, RolloutResult::Failed(process, reason)) => {
                 let remaining: Vec<ProcessName> =
                     run.order[..(index + 1).min(run.order.len())].iter().rev().cloned().collect();
@@ -882,6 +909,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             base_env,
             post_failure: None,
             rollback_failed: false,
+            cancelled: None,
         });
         match next {
             DeployPhase::Failed { reason } => self.finish_deploy(DeployPhase::Failed { reason }),
@@ -912,6 +940,89 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     }
 
     /// Describe the deployment in progress, for `status`.
+    /// `nonstop cancel`: stop what is in progress, as far as it can be
+    /// undone. A deploy or rollback still building or running its release
+    /// tasks ends as failed with nothing changed (the running command's
+    /// process group is killed); one that is rolling rolls back to the
+    /// release that ran before, as a failed rollout would; post tasks are
+    /// stopped and the release stays live. A rolling restart stops and
+    /// keeps the instances that ran before. Answers at once; the
+    /// operation itself answers its own caller when it has ended.
+    pub(crate) fn cancel(&mut self, who: &str) -> Result<OpReport, EngineError> {
+        let why = format!("cancelled by {who}");
+        if let Some(p) = self.pending_deploy.take() {
+            let _ = p.reply.send(Err(EngineError::DeployFailed { release: "the new release".into(), reason: why }));
+            return Ok(OpReport {
+                summary: "the deploy was cancelled before anything was built; nothing changed".into(),
+                changed: true,
+            });
+        }
+        let Some(run) = self.deployment.as_mut() else {
+            return match self.op.as_ref() {
+                None => {
+                    Ok(OpReport { summary: "nothing to cancel: no operation is in progress".into(), changed: false })
+                }
+                Some(op) => {
+                    let name = op.name;
+                    let Some(ro) = self.app.as_mut().and_then(|rt| rt.rollout.as_mut()) else {
+                        return Err(EngineError::NotCancellable { operation: name.to_string() });
+                    };
+                    ro.cancelled = Some(why);
+                    let process = ro.process.clone();
+                    Ok(OpReport {
+                        summary: format!("{name} cancelled: {process} keeps the instances that ran before"),
+                        changed: true,
+                    })
+                }
+            };
+        };
+        let what = format!("{} #{} to {}", run.record.kind, run.record.id, run.to.id);
+        if run.cancelled.is_some() {
+            return Ok(OpReport { summary: format!("{what} is being cancelled already"), changed: false });
+        }
+        let summary = match run.phase.clone() {
+            DeployPhase::Building | DeployPhase::ReleaseTasks => {
+                run.cancelled = Some(why);
+                run.cancel.cancel();
+                format!("{what} cancelled while {}: nothing changed", run.phase.name())
+            }
+            DeployPhase::Rolling { index } => {
+                run.cancelled = Some(why.clone());
+                let from = run.from.as_ref().map_or("nothing (its first release)".to_string(), |f| f.id.to_string());
+                let order = run.order.clone();
+                let rolling = order.get(index).cloned();
+                let ro = self.app.as_mut().and_then(|rt| rt.rollout.as_mut());
+                match ro {
+                    Some(ro) => ro.cancelled = Some(why),
+                    None => {
+                        // Between two process types: back from the last one.
+                        let remaining: Vec<ProcessName> =
+                            order[..index.min(order.len())].iter().rev().cloned().collect();
+                        self.set_phase(DeployPhase::RollingBack { reason: why, remaining });
+                    }
+                }
+                let rolling = rolling.map(|p| format!(" while rolling {p}")).unwrap_or_default();
+                format!("{what} cancelled{rolling}: rolling back to {from}")
+            }
+            DeployPhase::PostTasks => {
+                run.cancelled = Some(why);
+                run.cancel.cancel();
+                format!("{what}: post tasks stopped; {} stays live", run.to.id)
+            }
+            DeployPhase::RollingBack { .. } => {
+                return Ok(OpReport { summary: format!("{what} is rolling back already"), changed: false });
+            }
+            DeployPhase::Succeeded | DeployPhase::Failed { .. } | DeployPhase::RolledBack { .. } => {
+                return Ok(OpReport { summary: format!("{what} has ended; nothing to cancel"), changed: false });
+            }
+        };
+        if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
+            self.event(&app, "cancel", None, &format!("{summary} (by {who})"));
+        }
+        self.progress(summary.clone());
+        Ok(OpReport { summary, changed: true })
+    }
+
     pub(crate) fn deployment_summary(&self) -> Option<String> {
         let run = self.deployment.as_ref()?;
         let detail = match run.phase.clone() {

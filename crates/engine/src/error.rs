@@ -9,8 +9,12 @@ pub enum EngineError {
     NotUp,
     #[error("this nonstop home already runs app `{running}`, not `{requested}`; run `nonstop down` there first, or use another NONSTOP_HOME")]
     OtherApp { running: String, requested: String },
-    #[error("another operation ({operation}) is in progress since {since}; wait for it to finish and try again")]
+    #[error("another operation ({operation}) is in progress since {since}; wait for it to finish and try again (a deploy, rollback or rolling restart can be stopped with `nonstop cancel`)")]
     Busy { operation: String, since: String },
+    #[error(
+        "{operation} cannot be cancelled: it ends by itself once its instances are ready, or at their health timeout"
+    )]
+    NotCancellable { operation: String },
     #[error("the spec cannot run as written:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Preflight { problems: Vec<String> },
     #[error("the proxy cannot listen on {addr}: {reason}; free the port or set [proxy] listen in nonstop.toml (or NONSTOP_PROXY_LISTEN)")]
@@ -72,7 +76,10 @@ impl EngineError {
             | EngineError::ProxyConfig { .. }
             | EngineError::NoRollbackTarget { .. }
             | EngineError::CannotDeploy { .. } => 2,
-            EngineError::OtherApp { .. } | EngineError::Busy { .. } | EngineError::NotUp => 3,
+            EngineError::OtherApp { .. }
+            | EngineError::Busy { .. }
+            | EngineError::NotUp
+            | EngineError::NotCancellable { .. } => 3,
             _ => 1,
         }
     }

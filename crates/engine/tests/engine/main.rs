@@ -2,6 +2,7 @@
 //! paused tokio time: minutes of health timeouts and backoff run in no
 //! real time, and time-based assertions are exact.
 
+mod cancel;
 mod deadlines;
 mod errors;
 mod lifecycle;
