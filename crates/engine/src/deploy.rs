@@ -939,7 +939,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         Ok(())
     }
 
-    /// Describe the deployment in progress, for `status`.
     /// `nonstop cancel`: stop what is in progress, as far as it can be
     /// undone. A deploy or rollback still building or running its release
     /// tasks ends as failed with nothing changed (the running command's
@@ -1023,6 +1022,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         Ok(OpReport { summary, changed: true })
     }
 
+    /// Describe the deployment in progress, for `status`.
     pub(crate) fn deployment_summary(&self) -> Option<String> {
         let run = self.deployment.as_ref()?;
         let detail = match run.phase.clone() {
