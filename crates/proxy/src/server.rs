@@ -54,8 +54,11 @@ const TUNNEL: u8 = 3;
 const UNSEEN: u8 = u8::MAX;
 
 /// No shutdown asked.
-/// At shutdown, how long a connection still waiting for a request head may
-/// take to send it before it is closed.
+/// At shutdown, how long a connection between requests (a keep-alive one,
+/// or one still waiting for a request head) may take to send its next
+/// request, which is then answered with `Connection: close`, before it is
+/// closed. Closing an idle keep-alive connection at once races with a
+/// client that is sending on it just then: its request gets no answer.
 const SHUTDOWN_HEAD_GRACE: Duration = Duration::from_secs(2);
 
 const RUN: u8 = 0;
@@ -880,17 +883,18 @@ where
 {
     tokio::pin!(conn);
     let mut graceful_sent = false;
-    // A connection whose request head has not been read yet (typically one
-    // accepted just before the listener was handed to another daemon) gets
-    // a moment to send it: closing it now would answer nothing at all.
+    // A connection between requests (keep-alive, or accepted just before
+    // the listener was handed to another daemon) gets a moment to send its
+    // next one, answered with `Connection: close`: closing it now could
+    // drop a request already on its way.
     let mut head_grace: Option<Pin<Box<Sleep>>> = None;
     std::future::poll_fn(|cx| {
         match ctx.signal.poll_state(cx) {
             FORCE => return Poll::Ready(None),
             GRACEFUL if !graceful_sent => {
-                let waiting_for_head = ctx.phase().0 == HEAD;
+                let between_requests = matches!(ctx.phase().0, HEAD | IDLE);
                 let grace = head_grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_HEAD_GRACE)));
-                if !waiting_for_head || grace.as_mut().poll(cx).is_ready() {
+                if !between_requests || grace.as_mut().poll(cx).is_ready() {
                     graceful_sent = true;
                     graceful(conn.as_mut());
                 }

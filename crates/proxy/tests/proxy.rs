@@ -866,6 +866,33 @@ async fn shutdown_answers_a_connection_whose_request_arrives_just_after() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
 }
 
+/// A keep-alive connection idle at shutdown whose client sends its next
+/// request just then (a daemon upgrade under load): the request is answered,
+/// with `Connection: close`, instead of the connection being closed under it.
+#[tokio::test]
+async fn shutdown_answers_the_next_request_on_an_idle_keep_alive_connection() {
+    let up = Upstream::start("a").await;
+    let p = Running::start(config()).await;
+    p.proxy.set_default_route(route());
+    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let first = read_response(&mut s).await.expect("the first answer");
+    assert_eq!(first.status, 200);
+    p.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("an answer, then close")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text:?}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text:?}");
+    tokio::time::timeout(Duration::from_secs(10), p.handle).await.expect("serve returns").unwrap().unwrap();
+}
+
 // ---------------------------------------------------------------- workers
 
 /// A burst of connections opened at once (a client pool starting, wrk)
