@@ -125,8 +125,14 @@ impl Successor {
     /// [`TAKEOVER_TIMEOUT`] of its start is stopped.
     pub fn wait_serving(mut self, home: &Home) -> Result<u32, String> {
         let pid = self.child.id();
-        let exited = |status| format!("the new daemon (pid {pid}) exited before it served ({status})");
-        match wait_for(home, serving_file(home), &mut self.child, self.started + TAKEOVER_TIMEOUT, exited) {
+        let exited = |status| {
+            format!(
+                "the new daemon (pid {pid}) exited before it served ({status}); see {}",
+                home.daemon_log().display()
+            )
+        };
+        let late = format!("serve within {}s of its start", TAKEOVER_TIMEOUT.as_secs());
+        match wait_for(home, serving_file(home), &late, &mut self.child, self.started + TAKEOVER_TIMEOUT, exited) {
             Ok(()) => {
                 // Reap it when it ends, whenever that is.
                 std::thread::spawn(move || {
@@ -134,17 +140,18 @@ impl Successor {
                 });
                 Ok(pid)
             }
-            Err(why) => Err(format!("{why}; see {}", home.daemon_log().display())),
+            Err(why) => Err(why),
         }
     }
 }
 
 /// Poll for `file` to hold `child`'s pid until `deadline`; a child that
 /// exits first is an error (`exited`), and one that missed the deadline is
-/// killed.
+/// killed (`late`: what it did not do in time).
 fn wait_for(
     home: &Home,
     file: PathBuf,
+    late: &str,
     child: &mut std::process::Child,
     deadline: Instant,
     exited: impl Fn(std::process::ExitStatus) -> String,
@@ -160,10 +167,9 @@ fn wait_for(
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            let what = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             return Err(format!(
-                "the new daemon (pid {pid}) did not get to {what} in time; it was stopped (home {})",
-                home.path().display()
+                "the new daemon (pid {pid}) did not {late}; it was stopped (see {})",
+                home.daemon_log().display()
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -222,7 +228,8 @@ pub fn spawn_successor(
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
     let exited = |status| format!("the new daemon exited at start ({status}); see {}", home.daemon_log().display());
-    match wait_for(home, ready_file(home), &mut child, started + READY_TIMEOUT, exited) {
+    let late = format!("take the sockets within {}s", READY_TIMEOUT.as_secs());
+    match wait_for(home, ready_file(home), &late, &mut child, started + READY_TIMEOUT, exited) {
         Ok(()) => Ok(Successor { child, started }),
         Err(why) => Err(why),
     }
