@@ -97,6 +97,9 @@ impl Fixture {
     }
 }
 
+/// An operation running in a task of its own (`RunningEngine::spawn_*`).
+pub type Pending = tokio::task::JoinHandle<Result<OpReport, EngineError>>;
+
 /// A spawned engine and shortcuts to its commands.
 pub struct RunningEngine {
     pub handle: EngineHandle,
@@ -152,6 +155,36 @@ impl RunningEngine {
 
     pub async fn status(&self) -> Result<StatusReport, EngineError> {
         self.handle.status().await
+    }
+
+    /// `scale` in a task of its own, for a test that acts while it runs.
+    pub fn spawn_scale(&self, counts: &[(&str, u32)]) -> Pending {
+        let counts: BTreeMap<ProcessName, u32> = counts.iter().map(|(p, n)| (crate::pn(p), *n)).collect();
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            handle.scale(counts, tx).await
+        })
+    }
+
+    /// `restart` in a task of its own.
+    pub fn spawn_restart(&self, process: Option<&str>) -> Pending {
+        let (handle, process) = (self.handle.clone(), process.map(crate::pn));
+        tokio::spawn(async move {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            handle.restart(process, tx).await
+        })
+    }
+
+    /// `deploy` of the fixture's app directory by `who`, in a task of its
+    /// own.
+    pub fn spawn_deploy(&self, spec: AppSpec, who: &str) -> Pending {
+        let (handle, workdir, base_env, who) =
+            (self.handle.clone(), self.workdir.clone(), self.base_env.clone(), who.to_string());
+        tokio::spawn(async move {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            handle.deploy(spec, workdir, base_env, None, who, tx).await
+        })
     }
 
     /// Shut the engine down as a daemon stop does (instances keep running)

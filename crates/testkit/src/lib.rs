@@ -31,7 +31,7 @@ mod traffic;
 pub use builder::FakeBuilder;
 pub use clock::TokioClock;
 pub use driver::{DriverCall, DriverSnapshot, FakeDriver, Lifetime, StopBehavior};
-pub use fixture::{settle, within, Fixture, RunningEngine};
+pub use fixture::{settle, within, Fixture, Pending, RunningEngine};
 pub use journal::{Entry, Journal, Record};
 pub use ports::{FakeIngress, FakeLogs};
 pub use traffic::{AddCall, AutoHealth, FakeTraffic};

@@ -1,33 +1,9 @@
 //! `nonstop cancel`: what is in progress stops as far as it can be undone.
 
 use crate::*;
-use nonstop_engine::{EngineError, OpReport};
+use nonstop_engine::EngineError;
 use nonstop_testkit::spec::app;
-use nonstop_testkit::{settle, within, AutoHealth, Fixture, RunningEngine};
-
-fn spawn_deploy(
-    e: &RunningEngine,
-    f: &Fixture,
-    spec: nonstop_core::process::AppSpec,
-) -> tokio::task::JoinHandle<Result<OpReport, EngineError>> {
-    let (handle, workdir, base_env) = (e.handle.clone(), f.workdir.clone(), f.base_env.clone());
-    tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        handle.deploy(spec, workdir, base_env, None, "ann@laptop".into(), tx).await
-    })
-}
-
-/// Without sleeping: paused time does not advance while a blocking task
-/// (a held hash) runs.
-async fn wait_operation(e: &RunningEngine, contains: &str) {
-    for _ in 0..10_000 {
-        if e.status().await.ok().and_then(|s| s.operation).is_some_and(|o| o.contains(contains)) {
-            return;
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("the operation never showed {contains:?}");
-}
+use nonstop_testkit::{settle, within, AutoHealth, Fixture};
 
 #[tokio::test(start_paused = true)]
 async fn nothing_in_progress_is_nothing_to_cancel() {
@@ -46,7 +22,8 @@ async fn a_deploy_cancelled_during_its_release_tasks_changes_nothing() {
     let before = alive(&f, "worker");
     f.builder.set_hash("source-2");
     f.driver.set_unresponsive(true); // the migration hangs
-    let deploy = spawn_deploy(&e, &f, app("blog").worker("worker", 2).release_tasks(&["migrate"], secs(600)).build());
+    let deploy =
+        e.spawn_deploy(app("blog").worker("worker", 2).release_tasks(&["migrate"], secs(600)).build(), "ann@laptop");
     wait_operation(&e, "release tasks").await;
 
     let r = e.handle.cancel("bob@ops".into()).await.unwrap();
@@ -73,7 +50,7 @@ async fn a_deploy_cancelled_while_rolling_rolls_back_and_keeps_the_old_instances
     f.traffic.set_auto_health(&pn("web"), AutoHealth::Never);
     f.traffic.reset_watermarks();
     let t0 = tokio::time::Instant::now();
-    let deploy = spawn_deploy(&e, &f, app("blog").web("web", 2).rollout("web", 1, 0, secs(600)).build());
+    let deploy = e.spawn_deploy(app("blog").web("web", 2).rollout("web", 1, 0, secs(600)).build(), "ann@laptop");
     f.driver.wait_alive(&pn("web"), 3).await;
     let new = alive(&f, "web").into_iter().find(|i| !old.contains(i)).unwrap();
     f.traffic.wait_added(&new).await;
@@ -95,7 +72,7 @@ async fn a_deploy_cancelled_while_its_directory_is_read_builds_nothing() {
     e.up(app("blog").worker("worker", 1).build()).await.unwrap();
     f.builder.hold_hashing();
     f.builder.set_hash("source-2");
-    let deploy = spawn_deploy(&e, &f, app("blog").worker("worker", 1).build());
+    let deploy = e.spawn_deploy(app("blog").worker("worker", 1).build(), "ann@laptop");
     wait_operation(&e, "reading the app directory").await;
     let r = e.handle.cancel("ann".into()).await.unwrap();
     assert!(r.summary.contains("before anything was built"), "{}", r.summary);
@@ -114,11 +91,7 @@ async fn a_rolling_restart_can_be_cancelled_but_a_scale_cannot() {
     e.up(app("blog").web("web", 2).rollout("web", 1, 0, secs(600)).build()).await.unwrap();
     let old = alive(&f, "web");
     f.traffic.set_auto_health(&pn("web"), AutoHealth::Never);
-    let h = e.handle.clone();
-    let restart = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        h.restart(Some(pn("web")), tx).await
-    });
+    let restart = e.spawn_restart(Some("web"));
     f.driver.wait_alive(&pn("web"), 3).await;
     let r = e.handle.cancel("ann".into()).await.unwrap();
     assert!(r.summary.contains("restart cancelled: web keeps the instances that ran before"), "{}", r.summary);
@@ -128,11 +101,7 @@ async fn a_rolling_restart_can_be_cancelled_but_a_scale_cannot() {
     assert_eq!(alive(&f, "web"), old);
 
     // A scale waiting for new instances to be ready: not cancellable.
-    let h = e.handle.clone();
-    let scale = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        h.scale([(pn("web"), 3)].into_iter().collect(), tx).await
-    });
+    let scale = e.spawn_scale(&[("web", 3)]);
     f.driver.wait_alive(&pn("web"), 3).await;
     let err = e.handle.cancel("ann".into()).await.unwrap_err();
     assert!(matches!(err, EngineError::NotCancellable { .. }), "{err}");

@@ -38,13 +38,7 @@ async fn a_stop_the_driver_never_answers_is_reported_after_its_deadline() {
     e.up(app("blog").worker("worker", 2).with("worker", |p| p.stop_timeout = secs(10)).build()).await.unwrap();
     f.driver.set_unresponsive(true);
     let began = tokio::time::Instant::now();
-    let scaled = tokio::spawn({
-        let handle = e.handle.clone();
-        async move {
-            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            handle.scale([(pn("worker"), 1)].into_iter().collect(), tx).await
-        }
-    });
+    let scaled = e.spawn_scale(&[("worker", 1)]);
     // Drain (30 s by default, though a worker has nothing to drain) + stop
     // timeout (10 s) + the margin (30 s).
     let deadline = secs(30 + 10 + 30);

@@ -241,23 +241,13 @@ async fn the_engine_answers_while_a_deploy_reads_the_app_directory() {
     e.up(app("blog").worker("worker", 1).build()).await.unwrap();
     f.builder.hold_hashing();
     f.builder.set_hash("source-2");
-    let handle = e.handle.clone();
-    let workdir = f.workdir.clone();
-    let base_env = f.base_env.clone();
-    let deploy = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        handle.deploy(app("blog").worker("worker", 1).build(), workdir, base_env, None, "ann".into(), tx).await
-    });
-    let mut reading = false;
-    for _ in 0..100 {
-        let st = e.status().await.unwrap();
-        if st.operation.as_deref() == Some("deploy (reading the app directory)") {
-            reading = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert!(reading, "status answers while the directory is read, and says so");
+    let deploy = e.spawn_deploy(app("blog").worker("worker", 1).build(), "ann");
+    wait_operation(&e, "reading the app directory").await;
+    assert_eq!(
+        e.status().await.unwrap().operation.as_deref(),
+        Some("deploy (reading the app directory)"),
+        "status answers while the directory is read, and says so"
+    );
     match e.scale(&[("worker", 2)]).await {
         Err(EngineError::Busy { operation, .. }) => assert_eq!(operation, "deploy by ann"),
         other => panic!("expected Busy, got {other:?}"),

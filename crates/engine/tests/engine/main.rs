@@ -13,7 +13,7 @@ mod rollout;
 use nonstop_core::driver::ExitStatus;
 use nonstop_core::{InstanceId, ProcessName};
 use nonstop_engine::StatusReport;
-use nonstop_testkit::{pn, Entry, Fixture};
+use nonstop_testkit::{pn, Entry, Fixture, RunningEngine};
 use std::time::Duration;
 
 pub fn ms(n: u64) -> Duration {
@@ -58,4 +58,17 @@ pub fn names(ids: &[InstanceId]) -> Vec<String> {
 
 pub fn process(name: &str) -> ProcessName {
     pn(name)
+}
+
+/// Wait until `status` shows an operation containing `contains`, without
+/// sleeping: paused time does not advance while a blocking task (a held
+/// hash) runs.
+pub async fn wait_operation(e: &RunningEngine, contains: &str) {
+    for _ in 0..10_000 {
+        if e.status().await.ok().and_then(|s| s.operation).is_some_and(|o| o.contains(contains)) {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the operation never showed {contains:?}");
 }

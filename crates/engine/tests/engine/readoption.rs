@@ -173,11 +173,7 @@ async fn a_stop_under_way_when_the_daemon_stopped_is_finished_by_the_next_one() 
     let e = f.start();
     e.up(app("blog").web("web", 2).with("web", |p| p.stop_timeout = secs(60)).build()).await.unwrap();
     let webs = alive(&f, "web");
-    let h = e.handle.clone();
-    let scale = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        h.scale([(pn("web"), 1)].into_iter().collect(), tx).await
-    });
+    let scale = e.spawn_scale(&[("web", 1)]);
     f.driver.wait_for("web.2 to be asked to stop", |d| d.stops().contains(&webs[1])).await;
     e.shutdown().await;
     let _ = within("scale", scale).await;

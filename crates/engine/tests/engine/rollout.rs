@@ -135,11 +135,7 @@ async fn a_new_instance_that_never_turns_healthy_aborts_the_rollout_and_keeps_th
     f.traffic.reset_watermarks();
     let t0 = Instant::now();
 
-    let h = e.handle.clone();
-    let restart = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        h.restart(Some(pn("web")), tx).await
-    });
+    let restart = e.spawn_restart(Some("web"));
     f.driver.wait_alive(&pn("web"), 3).await;
     let new = alive(&f, "web").into_iter().find(|i| !old.contains(i)).unwrap();
     f.traffic.wait_added(&new).await;
@@ -179,11 +175,7 @@ async fn a_rollout_failing_on_400s_says_the_app_may_refuse_the_checks_host() {
     e.up(app("blog").web("web", 1).rollout("web", 1, 0, secs(30)).build()).await.unwrap();
     f.traffic.set_auto_health(&pn("web"), AutoHealth::Never);
     let old = alive(&f, "web");
-    let h = e.handle.clone();
-    let restart = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        h.restart(Some(pn("web")), tx).await
-    });
+    let restart = e.spawn_restart(Some("web"));
     f.driver.wait_alive(&pn("web"), 2).await;
     let new = alive(&f, "web").into_iter().find(|i| !old.contains(i)).unwrap();
     f.traffic.wait_added(&new).await;
@@ -232,11 +224,7 @@ async fn a_rollout_failing_midway_keeps_the_instances_that_already_serve() {
     f.traffic.set_auto_health(&pn("web"), AutoHealth::Never);
     f.traffic.reset_watermarks();
 
-    let h = e.handle.clone();
-    let restart = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        h.restart(Some(pn("web")), tx).await
-    });
+    let restart = e.spawn_restart(Some("web"));
     // Slot 1 is replaced (its new instance passes its checks); the new
     // instance of slot 2 never does.
     f.driver.wait_alive(&pn("web"), 3).await;
