@@ -34,14 +34,24 @@ impl LockedDir {
     /// Lock an existing directory, or `None` if someone holds it (or it is
     /// gone).
     pub(crate) fn try_lock(path: &Path) -> Option<Self> {
-        let file = File::open(path).ok()?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()?;
+        let lock = try_flock(path).ok()??;
         Some(Self { path: path.to_path_buf(), _lock: lock })
     }
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// `path` (a directory or a file) opened and under an exclusive `flock`;
+/// `Ok(None)` when someone else holds the lock or `path` is gone.
+pub(crate) fn try_flock(path: &Path) -> io::Result<Option<Flock<File>>> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock).ok())
 }
 
 /// Remove a tree, also when build commands left directories without write

@@ -544,9 +544,9 @@ impl Building {
             write_err(&marker, std::io::Error::other("the build marker kept disappearing (another process removes it)"))
         })?;
         let mut building = Building { dir: dir.clone(), marker, root: root.clone(), _lock: lock, token, armed: true };
-        let created = lock_file_sync(&building._lock)
-            .and_then(|()| sync_dir(root))
-            .and_then(|()| std::fs::create_dir(&building.dir));
+        // The marker file itself, then its directory entry.
+        let created =
+            building._lock.sync_all().and_then(|()| sync_dir(root)).and_then(|()| std::fs::create_dir(&building.dir));
         if let Err(e) = created {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 // Not ours: keep it, drop only the marker.
@@ -564,12 +564,7 @@ impl Building {
     /// is none.
     fn take_over(builder: &ReleaseBuilder, release: ReleaseId) -> Result<Option<Self>, ReleaseError> {
         let marker = builder.marker_of(release);
-        let file = match File::open(&marker) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(snapshot::read_err(&marker, e)),
-        };
-        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+        let Some(lock) = fsutil::try_flock(&marker).map_err(|e| snapshot::read_err(&marker, e))? else {
             return Ok(None);
         };
         Ok(Some(Building {
@@ -622,11 +617,6 @@ impl Building {
         .await
         .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
     }
-}
-
-/// fsync the marker file itself (its directory entry is synced after).
-fn lock_file_sync(lock: &Flock<File>) -> std::io::Result<()> {
-    lock.sync_all()
 }
 
 impl Drop for Building {
