@@ -418,6 +418,26 @@ fn the_api_is_private_the_socket_is_0600_and_tcp_needs_the_token() {
     let ok = ask(Some(token.trim()));
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     assert!(ok.contains("\"app\":\"hello\""), "{ok}");
+    // A malformed body is refused with what is wrong; nothing happens.
+    let post_cancel = |body: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", api_port)).unwrap();
+        write!(
+            s,
+            "POST /v1/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            token.trim(),
+            body.len()
+        )
+        .unwrap();
+        let mut b = String::new();
+        s.read_to_string(&mut b).unwrap();
+        b
+    };
+    let bad = post_cancel("{\"who\": 7}");
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    assert!(bad.contains("invalid cancel request"), "{bad}");
+    let fine = post_cancel("{\"who\": \"ann\"}");
+    assert!(fine.starts_with("HTTP/1.1 200") && fine.contains("nothing to cancel"), "{fine}");
+    assert_eq!(app.status()["operation"], serde_json::Value::Null);
 }
 
 #[test]
