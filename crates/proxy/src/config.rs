@@ -112,9 +112,11 @@ pub struct ProxyConfig {
     /// change applies after `nonstop upgrade` or a daemon restart.
     pub workers: usize,
     /// Peers (a load balancer or CDN in front, terminating TLS) whose
-    /// `X-Forwarded-Proto` and `X-Forwarded-Host` are passed on; from any
-    /// other peer the proxy sets them itself (`[proxy] trusted_proxies`;
-    /// empty: the proxy is the edge).
+    /// `X-Forwarded-Proto` and `X-Forwarded-Host` are passed on and whose
+    /// `X-Forwarded-For` chain is kept (the peer appended); from any other
+    /// peer the proxy sets them itself, `X-Forwarded-For` to the peer's
+    /// address alone (`[proxy] trusted_proxies`; empty: the proxy is the
+    /// edge).
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 

@@ -96,8 +96,15 @@ pub(crate) fn prepare_request(
     trusted: bool,
 ) {
     strip_hop_by_hop(headers, upgrade);
+    // X-Forwarded-For: the chain a trusted proxy reports, then the peer.
+    // From any other peer, what it claims is dropped: the header then
+    // names the peer alone, so an app can take its first address as the
+    // client's without being lied to.
     match headers.entry(X_FORWARDED_FOR) {
         Entry::Vacant(entry) => {
+            entry.insert(peer_ip.clone());
+        }
+        Entry::Occupied(mut entry) if !trusted => {
             entry.insert(peer_ip.clone());
         }
         Entry::Occupied(mut entry) => {
@@ -308,9 +315,15 @@ mod tests {
     fn forwarded_headers() {
         let peer = HeaderValue::from_static("10.0.0.9");
         let id = HeaderValue::from_static("abc");
-        let mut h = map(&[("host", "app.test"), ("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        // An untrusted peer's X-Forwarded-* claims are replaced.
+        let mut h = map(&[
+            ("host", "app.test"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-forwarded-proto", "https"),
+        ]);
         prepare_request(&mut h, &peer, &id, false, false, false);
-        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
+        assert_eq!(h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), ["10.0.0.9"]);
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "app.test");
         assert_eq!(h.get("x-request-id").unwrap(), "abc");
@@ -331,9 +344,16 @@ mod tests {
             map(&[("host", "10.0.0.5:8080"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "notes.example.com")])
         };
         let mut h = from_lb();
+        h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.2, 10.1.2.3"));
         prepare_request(&mut h, &peer, &id, false, false, true);
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "notes.example.com");
+        // Its chain is kept, joined into one header, and the peer added.
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["203.0.113.7, 198.51.100.2, 10.1.2.3, 10.0.0.9"]
+        );
         // The same from anyone else: replaced.
         let mut h = from_lb();
         prepare_request(&mut h, &peer, &id, false, false, false);
