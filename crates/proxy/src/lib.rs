@@ -45,6 +45,13 @@
 //! or h2 by ALPN. Instances always get HTTP/1.1, with
 //! `X-Forwarded-Proto` saying how the client came.
 //!
+//! What an instance answers reaches the client as written, except: hop-by-
+//! hop headers (removed); interim answers (`100 Continue`, `103 Early
+//! Hints`: skipped, the final answer follows; hyper's server cannot send
+//! them); trailers of a chunked body (read and dropped). A reason phrase
+//! other than the canonical one ("200 Okay") is passed on to HTTP/1
+//! clients.
+//!
 //! # Hostile input
 //! hyper's HTTP/1 parser already refuses (and closes the connection):
 //! malformed request lines, methods and versions; header names and values

@@ -466,6 +466,12 @@ impl Upstream {
                 }
                 continue;
             }
+            // An app's own reason phrase ("200 Okay", "299 Custom") is
+            // passed on; hyper writes the canonical one otherwise.
+            let reason = parsed
+                .reason
+                .filter(|reason| !reason.is_empty() && Some(*reason) != status.canonical_reason())
+                .and_then(|reason| hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok());
             let http10 = parsed.version == Some(0);
             // Where each field is, relative to the start of the head: the
             // head is copied out of `rbuf` below.
@@ -557,6 +563,9 @@ impl Upstream {
             *resp.status_mut() = status;
             *resp.version_mut() = Version::HTTP_11;
             *resp.headers_mut() = headers;
+            if let Some(reason) = reason {
+                resp.extensions_mut().insert(reason);
+            }
             if resp.body().is_end_stream() && !self.rbuf.is_empty() && status != StatusCode::SWITCHING_PROTOCOLS {
                 // More than one answer to one request.
                 self.reusable = false;

@@ -318,6 +318,61 @@ async fn large_bodies_stream_both_ways_intact() {
     p.stop().await;
 }
 
+/// An app's own reason phrase reaches an HTTP/1.1 client as the app wrote
+/// it; a canonical one (or none) is written canonically.
+#[tokio::test]
+async fn reason_phrases_are_passed_on() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        let status = match head.split(' ').nth(1).unwrap_or("") {
+                            "/custom" => "299 Custom Thing",
+                            "/okay" => "200 Okay",
+                            "/empty" => "404 ",
+                            _ => "404 Not Found",
+                        };
+                        let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok");
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let p = Running::start(config()).await;
+    p.proxy.set_default_route(route());
+    p.add(1, addr, lazy_check(), InitialHealth::AssumeHealthy);
+    for (path, line) in [
+        ("/custom", "HTTP/1.1 299 Custom Thing"),
+        ("/okay", "HTTP/1.1 200 Okay"),
+        ("/canonical", "HTTP/1.1 404 Not Found"),
+        ("/empty", "HTTP/1.1 404 Not Found"),
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+        let (reply, _, _) = raw_request(p.addr, request.as_bytes()).await;
+        let reply = reply.expect("an answer");
+        assert_eq!(reply.head.lines().next(), Some(line), "{path}");
+        assert_eq!(reply.body, b"ok");
+    }
+    p.stop().await;
+    server.abort();
+}
+
 // ----------------------------------------------------------------- failures
 
 async fn dead_addr() -> std::net::SocketAddr {
