@@ -775,7 +775,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 let _ = reply.send(r);
             }
             Command::Deploy { spec, source, base_env, message, who, progress, reply } => {
-                self.begin_deploy(*spec, source, base_env, message, who, progress, reply);
+                let request = deploy::DeployRequest { spec: *spec, source, base_env, message, who };
+                self.begin_deploy(request, progress, reply);
             }
             Command::Rollback { release, run_tasks, who, progress, reply } => {
                 self.begin_rollback(release, run_tasks, who, progress, reply);
@@ -861,7 +862,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
 
     pub(crate) fn busy(&self) -> Option<EngineError> {
         if let Some(p) = &self.pending_deploy {
-            return Some(EngineError::Busy { operation: format!("deploy by {}", p.who), since: fmt_wall(p.since) });
+            return Some(EngineError::Busy {
+                operation: format!("deploy by {}", p.request.who),
+                since: fmt_wall(p.since),
+            });
         }
         self.op.as_ref().map(|op| EngineError::Busy {
             operation: match &op.who {

@@ -32,15 +32,22 @@ pub(crate) struct DeployRun {
     pub(crate) cancelled: Option<String>,
 }
 
+/// What `nonstop deploy` asks for.
+pub(crate) struct DeployRequest {
+    pub(crate) spec: AppSpec,
+    /// The app directory.
+    pub(crate) source: PathBuf,
+    /// The environment the daemon was started with, under the spec's.
+    pub(crate) base_env: BTreeMap<String, String>,
+    pub(crate) message: Option<String>,
+    pub(crate) who: String,
+}
+
 /// A deploy waiting for the content hash of its app directory, which is
 /// computed off the engine's task (a large directory takes seconds);
 /// meanwhile the engine is busy for other operations.
 pub(crate) struct PendingDeploy {
-    spec: AppSpec,
-    source: PathBuf,
-    base_env: BTreeMap<String, String>,
-    message: Option<String>,
-    pub(crate) who: String,
+    pub(crate) request: DeployRequest,
     pub(crate) since: SystemTime,
     progress: ProgressTx,
     reply: Reply<OpReport>,
@@ -53,27 +60,17 @@ fn ms_since_epoch(t: SystemTime) -> u64 {
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     // ------------------------------------------------------------- commands
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn begin_deploy(
-        &mut self,
-        spec: AppSpec,
-        source: PathBuf,
-        base_env: BTreeMap<String, String>,
-        message: Option<String>,
-        who: String,
-        progress: ProgressTx,
-        reply: Reply<OpReport>,
-    ) {
+    pub(crate) fn begin_deploy(&mut self, request: DeployRequest, progress: ProgressTx, reply: Reply<OpReport>) {
         if let Some(err) = self.busy() {
             let _ = reply.send(Err(err));
             return;
         }
-        if let Err(e) = self.check_deploy(&spec, &source) {
+        if let Err(e) = self.check_deploy(&request.spec, &request.source) {
             let _ = reply.send(Err(e));
             return;
         }
-        let _ = progress.send(Progress::note(format!("reading {}", source.display())));
-        let (builder, tx, dir) = (self.builder.clone(), self.events_tx.clone(), source.clone());
+        let _ = progress.send(Progress::note(format!("reading {}", request.source.display())));
+        let (builder, tx, dir) = (self.builder.clone(), self.events_tx.clone(), request.source.clone());
         self.tasks.spawn(async move {
             let result = tokio::task::spawn_blocking(move || builder.content_hash(&dir))
                 .await
@@ -81,30 +78,28 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             let _ = tx.send(Internal::Hashed { result });
         });
         let since = self.clock.wall();
-        self.pending_deploy = Some(PendingDeploy { spec, source, base_env, message, who, since, progress, reply });
+        self.pending_deploy = Some(PendingDeploy { request, since, progress, reply });
     }
 
     /// The app directory of the pending deploy was hashed: go on.
     pub(crate) fn deploy_on_hashed(&mut self, result: Result<String, String>) {
-        let Some(PendingDeploy { spec, source, base_env, message, who, progress, reply, .. }) =
-            self.pending_deploy.take()
-        else {
+        let Some(PendingDeploy { request, progress, reply, .. }) = self.pending_deploy.take() else {
             return;
         };
         let hash = match result {
             Ok(hash) => hash,
             Err(e) => {
-                let _ = reply
-                    .send(Err(EngineError::CannotDeploy { reason: format!("cannot read {}: {e}", source.display()) }));
+                let reason = format!("cannot read {}: {e}", request.source.display());
+                let _ = reply.send(Err(EngineError::CannotDeploy { reason }));
                 return;
             }
         };
-        match self.prepare_deploy(spec, source, base_env, message, who.clone(), hash) {
+        match self.prepare_deploy(request, hash) {
             Ok(Some((run, summary))) => {
                 let name = if run.record.kind == "rollback" { "rollback" } else { "deploy" };
                 self.begin_op(name, progress, reply, summary, true, VecDeque::new(), false);
                 if let Some(op) = self.op.as_mut() {
-                    op.who = Some(who);
+                    op.who = Some(run.record.who.clone());
                 }
                 self.deployment = Some(run);
                 self.spawn_build();
@@ -144,13 +139,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     /// read) and records; `None` when there is nothing to deploy.
     fn prepare_deploy(
         &mut self,
-        spec: AppSpec,
-        source: PathBuf,
-        base_env: BTreeMap<String, String>,
-        message: Option<String>,
-        who: String,
+        request: DeployRequest,
         hash: String,
     ) -> Result<Option<(DeployRun, String)>, EngineError> {
+        let DeployRequest { spec, source, base_env, message, who } = request;
         self.check_deploy(&spec, &source)?;
         let from = self.app.as_ref().filter(|rt| rt.record.running && rt.record.app == spec.app).map(|rt| rt.current());
         if let Some(from) = &from {

@@ -157,6 +157,15 @@ impl RunningEngine {
         self.handle.status().await
     }
 
+    /// `up` in a task of its own, for a test that acts while it runs.
+    pub fn spawn_up(&self, spec: AppSpec) -> Pending {
+        let (handle, workdir, base_env) = (self.handle.clone(), self.workdir.clone(), self.base_env.clone());
+        tokio::spawn(async move {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            handle.up(spec, workdir, base_env, tx).await
+        })
+    }
+
     /// `scale` in a task of its own, for a test that acts while it runs.
     pub fn spawn_scale(&self, counts: &[(&str, u32)]) -> Pending {
         let counts: BTreeMap<ProcessName, u32> = counts.iter().map(|(p, n)| (crate::pn(p), *n)).collect();

@@ -103,14 +103,9 @@ async fn up_fails_with_not_ready_and_the_evidence_when_web_never_turns_healthy()
     f.traffic.set_auto_health(&pn("web"), AutoHealth::Never);
     f.logs.set_lines(&["Booting worker with pid: 42", "django.db.utils.OperationalError: could not connect"]);
     let e = f.start();
-    let h = e.handle.clone();
-    let (workdir, env) = (f.workdir.clone(), f.base_env.clone());
     let spec = app("blog").web("web", 1).rollout("web", 1, 0, secs(20)).build();
     let t0 = Instant::now();
-    let up = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        h.up(spec, workdir, env, tx).await
-    });
+    let up = e.spawn_up(spec);
     f.driver.wait_alive(&pn("web"), 1).await;
     let web = alive(&f, "web").remove(0);
     f.traffic.wait_added(&web).await;

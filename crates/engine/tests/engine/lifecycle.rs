@@ -59,13 +59,7 @@ async fn up_waits_until_every_web_instance_is_healthy() {
     let f = Fixture::new();
     f.traffic.set_auto_health(&pn("web"), AutoHealth::Never);
     let e = f.start();
-    let spec = app("blog").web("web", 2).worker("worker", 1).build();
-    let h = e.handle.clone();
-    let (workdir, env) = (f.workdir.clone(), f.base_env.clone());
-    let up = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        h.up(spec, workdir, env, tx).await
-    });
+    let up = e.spawn_up(app("blog").web("web", 2).worker("worker", 1).build());
 
     f.driver.wait_alive(&pn("web"), 2).await;
     let webs = alive(&f, "web");
@@ -252,13 +246,7 @@ async fn a_second_operation_while_one_runs_is_busy() {
     let f = Fixture::new();
     f.traffic.set_auto_health(&pn("web"), AutoHealth::Never);
     let e = f.start();
-    let h = e.handle.clone();
-    let (workdir, env) = (f.workdir.clone(), f.base_env.clone());
-    let spec = app("blog").web("web", 1).build();
-    let up = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        h.up(spec, workdir, env, tx).await
-    });
+    let up = e.spawn_up(app("blog").web("web", 1).build());
     f.driver.wait_alive(&pn("web"), 1).await;
     let web = alive(&f, "web").remove(0);
     f.traffic.wait_added(&web).await;

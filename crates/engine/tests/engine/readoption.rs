@@ -137,12 +137,7 @@ async fn a_web_instance_that_was_not_healthy_yet_must_pass_its_checks_again() {
     let f = Fixture::with_store(open(&path));
     f.traffic.set_auto_health(&pn("web"), AutoHealth::Never);
     let e = f.start();
-    let h = e.handle.clone();
-    let (workdir, env) = (f.workdir.clone(), f.base_env.clone());
-    let up = tokio::spawn(async move {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        h.up(app("blog").web("web", 1).build(), workdir, env, tx).await
-    });
+    let up = e.spawn_up(app("blog").web("web", 1).build());
     f.driver.wait_alive(&pn("web"), 1).await;
     let web = alive(&f, "web").remove(0);
     f.traffic.wait_added(&web).await;
