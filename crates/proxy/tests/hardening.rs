@@ -440,9 +440,7 @@ async fn an_upstream_reset_mid_response_never_looks_complete() {
         ("chunked", &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"[..]),
     ] {
         let (addr, task) = resetting_upstream(response).await;
-        let p = Running::start(config()).await;
-        p.proxy.set_default_route(route());
-        p.add(1, addr, lazy_check(), InitialHealth::AssumeHealthy);
+        let p = Running::serving(&[addr]).await;
         let mut s = TcpStream::connect(p.addr).await.unwrap();
         s.write_all(b"GET /data HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
         let reply = read_response(&mut s).await.expect("the head went through");

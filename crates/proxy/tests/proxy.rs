@@ -35,10 +35,7 @@ async fn spreads_requests_evenly_over_three_instances() {
 #[tokio::test]
 async fn least_outstanding_skips_a_busy_instance() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, a.addr, lazy_check(), InitialHealth::AssumeHealthy);
-    p.add(2, b.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[a.addr, b.addr]).await;
 
     // The first request goes to a (first in order, all idle) and stays there.
     let started = a.state.slow_started.notified();
@@ -180,9 +177,7 @@ fn header_lines(reply: &Reply) -> Vec<String> {
 #[tokio::test]
 async fn forwarded_headers_and_request_ids() {
     let up = Upstream::with_handler("h", headers_handler()).await;
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[up.addr]).await;
     let mut client = Client::new(p.addr);
 
     let first = client.get("/").await;
@@ -247,9 +242,7 @@ async fn a_trusted_proxy_in_front_passes_on_how_the_client_came() {
 #[tokio::test]
 async fn hop_by_hop_headers_are_stripped_both_ways() {
     let up = Upstream::with_handler("h", headers_handler()).await;
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[up.addr]).await;
 
     let mut req = request("GET", "/", "");
     let h = req.headers_mut();
@@ -295,9 +288,7 @@ async fn large_bodies_stream_both_ways_intact() {
         })
     });
     let up = Upstream::with_handler("e", handler).await;
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[up.addr]).await;
     let mut client = Client::new(p.addr);
 
     let down = client.get("/big").await;
@@ -354,9 +345,7 @@ async fn reason_phrases_are_passed_on() {
             });
         }
     });
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[addr]).await;
     for (path, line) in [
         ("/custom", "HTTP/1.1 299 Custom Thing"),
         ("/okay", "HTTP/1.1 200 Okay"),
@@ -412,10 +401,7 @@ async fn refused_connection_is_retried_and_marks_the_instance_unhealthy() {
 async fn get_is_retried_when_the_instance_closes_before_answering() {
     let closer = Closer::start().await;
     let good = Upstream::start("good").await;
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, closer.addr, lazy_check(), InitialHealth::AssumeHealthy);
-    p.add(2, good.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[closer.addr, good.addr]).await;
     let mut client = Client::new(p.addr);
     for _ in 0..4 {
         let reply = client.get("/").await;
@@ -464,9 +450,7 @@ async fn idle_closer() -> (std::net::SocketAddr, Arc<AtomicUsize>, tokio::task::
 #[tokio::test]
 async fn a_pooled_connection_the_instance_closed_is_not_used() {
     let (addr, conns, task) = idle_closer().await;
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[addr]).await;
     let mut client = Client::new(p.addr);
     for round in 1..=3 {
         let reply = client.get("/").await;
@@ -486,10 +470,7 @@ async fn a_pooled_connection_the_instance_closed_is_not_used() {
 async fn post_is_not_retried_when_the_instance_closes_before_answering() {
     let closer = Closer::start().await;
     let good = Upstream::start("good").await;
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, closer.addr, lazy_check(), InitialHealth::AssumeHealthy);
-    p.add(2, good.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[closer.addr, good.addr]).await;
     let mut client = Client::new(p.addr);
     let mut bad_gateway = 0;
     for _ in 0..4 {
@@ -809,9 +790,7 @@ async fn idle_keep_alive_connections_close_after_idle_timeout_only() {
 #[tokio::test]
 async fn shutdown_lets_an_in_flight_request_finish() {
     let up = Upstream::start("a").await;
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[up.addr]).await;
     let started = up.state.slow_started.notified();
     let addr = p.addr;
     let slow = tokio::spawn(async move { get(addr, "/slow").await });
@@ -911,9 +890,7 @@ async fn the_listener_can_move_while_backends_keep_being_checked() {
 #[tokio::test]
 async fn shutdown_answers_a_connection_whose_request_arrives_just_after() {
     let up = Upstream::start("a").await;
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[up.addr]).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     // Make sure the proxy has accepted it (a request on another connection
     // round-trips after our connect).
@@ -933,9 +910,7 @@ async fn shutdown_answers_a_connection_whose_request_arrives_just_after() {
 #[tokio::test]
 async fn shutdown_answers_the_next_request_on_an_idle_keep_alive_connection() {
     let up = Upstream::start("a").await;
-    let p = Running::start(config()).await;
-    p.proxy.set_default_route(route());
-    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let p = Running::serving(&[up.addr]).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
     let first = read_response(&mut s).await.expect("the first answer");

@@ -240,6 +240,17 @@ impl Running {
         Running { proxy, addr, shutdown, handle }
     }
 
+    /// A proxy with the default config whose default route has `addrs`
+    /// (slots 1, 2, ...), taken as healthy, checked lazily.
+    pub async fn serving(addrs: &[SocketAddr]) -> Running {
+        let running = Running::start(config()).await;
+        running.proxy.set_default_route(route());
+        for (slot, addr) in (1..).zip(addrs) {
+            running.add(slot, *addr, lazy_check(), InitialHealth::AssumeHealthy);
+        }
+        running
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.handle).await.expect("proxy stops").unwrap().unwrap();
