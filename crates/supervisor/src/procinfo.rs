@@ -65,6 +65,50 @@ pub fn exists(pid: u32, start_time: u64) -> bool {
     stat(pid).is_some_and(|s| s.start_time == start_time)
 }
 
+/// A pidfd on a process (Linux 5.3+): it turns readable the moment the
+/// process exits (becomes a zombie), whoever its parent is, so an exit is
+/// seen without polling.
+pub struct PidFd(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl PidFd {
+    /// A pidfd on the process `pid` that started at `start_time`; `None`
+    /// when that process is not running (any more). An error when the
+    /// system offers no pidfds (kernel, seccomp): the caller polls then.
+    /// Must be called within a tokio runtime.
+    #[allow(unsafe_code)]
+    pub fn open(pid: u32, start_time: u64) -> std::io::Result<Option<PidFd>> {
+        let Some(raw) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+            return Ok(None);
+        };
+        let fd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::SRCH) => return Ok(None),
+            Err(err) => return Err(err.into()),
+        };
+        // Checked after the open: a pid recycled before it would show
+        // another start time; from now on the fd names this process.
+        if !is_running(pid, start_time) {
+            return Ok(None);
+        }
+        // SAFETY: the AsyncFd owns the fd, so it stays open (and is the
+        // same pidfd) for as long as it is registered: all that
+        // `register_with_interest` asks for.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|err| err.into_parts().1)?;
+        Ok(Some(PidFd(fd)))
+    }
+
+    /// Resolves once the process has exited (at once if it has).
+    pub async fn exited(&self) {
+        match self.0.readable().await {
+            // A pidfd stays readable once the process has exited.
+            Ok(_) => {}
+            // Not expected; the caller's own polling still sees the exit.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
 /// The process `pid` is the one that started at `start_time` and is still
 /// running (not a zombie).
 pub fn is_running(pid: u32, start_time: u64) -> bool {
@@ -128,6 +172,26 @@ pub fn to_nix(signal: nonstop_core::process::Signal) -> Signal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_pidfd_turns_ready_when_its_process_exits() {
+        let mut child = std::process::Command::new("sleep").arg("1000").spawn().unwrap();
+        let pid = child.id();
+        let started = start_time(pid).unwrap();
+        // Another start time: a recycled pid, not this process.
+        assert!(PidFd::open(pid, started + 1).unwrap().is_none());
+        let pidfd = PidFd::open(pid, started).unwrap().expect("running");
+        tokio::select! {
+            () = pidfd.exited() => panic!("ready while the process runs"),
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+        }
+        child.kill().unwrap();
+        // A zombie (not reaped yet) counts as exited.
+        tokio::time::timeout(std::time::Duration::from_secs(10), pidfd.exited()).await.expect("ready after the exit");
+        assert!(PidFd::open(pid, started).unwrap().is_none(), "a zombie is not running");
+        child.wait().unwrap();
+        assert!(PidFd::open(pid, started).unwrap().is_none());
+    }
 
     #[test]
     fn parses_stat_with_odd_command_names() {

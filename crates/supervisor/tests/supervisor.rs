@@ -289,6 +289,47 @@ async fn leftovers_get_sigterm_and_a_grace_period_when_the_main_process_dies() {
     assert!(!procinfo::group_exists(app_pid(&h)));
 }
 
+/// The traffic layer takes an instance out of rotation when
+/// `main_exited` resolves: that must be the moment its main process dies,
+/// not when the rest of the group is gone (up to the 5 s grace later), for
+/// the driver that started it as for one that adopted it.
+#[tokio::test]
+async fn main_exited_resolves_when_the_main_process_dies_before_the_leftovers_go() {
+    let fx = fixture();
+    let cfg = fx.driver.config().clone();
+    let adopter = LocalDriver::new(cfg).unwrap();
+    for (i, starter_watches) in [true, false].into_iter().enumerate() {
+        let h = fx
+            .start(
+                instance("web", i as u32 + 1, 1),
+                r#"sh -c 'trap "" TERM; echo $$ > stubborn.pid; while :; do sleep 0.05; done' &
+                   while [ ! -s stubborn.pid ]; do sleep 0.02; done; exec sleep 1000"#,
+                false,
+            )
+            .await;
+        let stubborn_file = fx.work.join("stubborn.pid");
+        eventually("the leftover child", || read_pid(&stubborn_file).is_some()).await;
+        let stubborn = read_pid(&stubborn_file).unwrap();
+        std::fs::remove_file(&stubborn_file).unwrap();
+        let watcher = {
+            let d = if starter_watches { fx.driver.clone() } else { adopter.clone() };
+            let h = h.clone();
+            tokio::spawn(async move { d.main_exited(&h).await })
+        };
+        // Watching before the kill (the common case).
+        tokio::task::yield_now().await;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(app_pid(&h) as i32), nix::sys::signal::Signal::SIGKILL)
+            .unwrap();
+        tokio::time::timeout(WAIT, watcher).await.expect("main_exited resolves").unwrap();
+        assert!(
+            in_group(stubborn, app_pid(&h)),
+            "main_exited waited for the leftovers (starter watching: {starter_watches})"
+        );
+        assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Signal(9));
+        assert!(!in_group(stubborn, app_pid(&h)));
+    }
+}
+
 #[tokio::test]
 async fn stop_kills_grandchildren_too() {
     let fx = fixture();
