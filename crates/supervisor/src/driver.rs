@@ -672,11 +672,11 @@ impl Driver for LocalDriver {
         // The main process is watched through a pidfd (Linux 5.3+), which
         // turns readable the moment it exits, whoever its parent is: the
         // proxy stops sending it requests within a millisecond. That
-        // matters: when gunicorn's master is killed, the monitor at once
-        // tells the workers to finish, they stop accepting, and a request
-        // sent meanwhile waits in the listening socket's queue until it is
-        // reset, unanswered (polling every 50 ms left 25 ms on average for
-        // that). Without a pidfd (an older kernel, a seccomp filter), the
+        // matters: what is left of the group (gunicorn's workers) stops
+        // accepting soon after (at once for servers whose workers follow
+        // their master; after the monitor's `LEFTOVER_SELF_EXIT` at the
+        // latest), and a request sent later waits in the listening socket's
+        // queue until it is reset, unanswered. Without a pidfd (an older kernel, a seccomp filter), the
         // exit record the monitor writes is looked for every 50 ms (one
         // failed open). `/proc` (two reads) only matters for a monitor
         // that died without writing it: once every 20 polls, or at once for

@@ -14,8 +14,10 @@
 //!    mid-start: it kills the app and exits);
 //! 5. writes the app's output lines to the log file;
 //! 6. when the app's main process exits: writes `exit.json` atomically,
-//!    SIGKILLs what is left of the process group, drains the output (bounded),
-//!    waits (bounded) until the group is empty, and exits.
+//!    gives what is left of the process group [`LEFTOVER_SELF_EXIT`] to end
+//!    by itself, then SIGTERM and [`LEFTOVER_GRACE`], then SIGKILL; drains
+//!    the output (bounded), waits (bounded) until the group is empty, and
+//!    exits.
 //!
 //! SIGTERM to the monitor is forwarded to the app's process group.
 
@@ -45,8 +47,15 @@ use std::time::{Duration, Instant};
 /// pipes open).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// When the main process dies (e.g. `kill -9` of gunicorn's master), what is
-/// left of its group (the workers) gets SIGTERM and this long to finish the
-/// requests it is serving before SIGKILL: killing them at once would cut
+/// left of its group (the workers) first gets this long to finish by
+/// itself, untouched, while the daemon takes the instance out of rotation:
+/// gunicorn's sync workers go on serving the connections already queued on
+/// the listening socket and exit once it is empty (they look at their
+/// parent only then). Told to stop at once, they stop accepting, and the
+/// queued requests are reset unanswered: a POST among them is lost.
+const LEFTOVER_SELF_EXIT: Duration = Duration::from_secs(1);
+/// Then what is still left gets SIGTERM and this long to finish the
+/// requests it is serving before SIGKILL: killing it at once would cut
 /// requests that cannot be retried (a POST in flight).
 const LEFTOVER_GRACE: Duration = Duration::from_secs(5);
 /// How long the monitor waits for the process group to be empty after
@@ -228,12 +237,10 @@ impl Monitor {
     fn run(mut self) -> i32 {
         let mut buf = vec![0u8; 64 * 1024];
         let mut drain_deadline: Option<Instant> = None;
+        let mut term_at: Option<Instant> = None;
         let mut kill_at: Option<Instant> = None;
         loop {
-            let wake = match (drain_deadline, kill_at) {
-                (Some(d), Some(k)) => Some(d.min(k)),
-                (d, k) => d.or(k),
-            };
+            let wake = [drain_deadline, term_at, kill_at].into_iter().flatten().min();
             let timeout = match wake {
                 None => PollTimeout::NONE,
                 Some(d) => {
@@ -279,19 +286,35 @@ impl Monitor {
             if self.status.is_some() && drain_deadline.is_none() {
                 self.record_exit();
                 let now = Instant::now();
-                if let Ok(true) = procinfo::signal_group(self.pid, Signal::SIGTERM) {
+                if procinfo::group_exists(self.pid) {
                     let _ = self.log.write_line(
                         Stream::Sys,
                         format!(
-                            "the main process exited; the processes left in its group got SIGTERM and {}s to finish",
+                            "the main process exited; the processes left in its group get {}s to finish by \
+                             themselves, then SIGTERM and {}s more",
+                            LEFTOVER_SELF_EXIT.as_secs(),
                             LEFTOVER_GRACE.as_secs()
                         )
                         .as_bytes(),
                     );
-                    kill_at = Some(now + LEFTOVER_GRACE);
-                    drain_deadline = Some(now + LEFTOVER_GRACE + DRAIN_TIMEOUT);
+                    term_at = Some(now + LEFTOVER_SELF_EXIT);
+                    kill_at = Some(now + LEFTOVER_SELF_EXIT + LEFTOVER_GRACE);
+                    drain_deadline = Some(now + LEFTOVER_SELF_EXIT + LEFTOVER_GRACE + DRAIN_TIMEOUT);
                 } else {
                     drain_deadline = Some(now + DRAIN_TIMEOUT);
+                }
+            }
+            if term_at.is_some_and(|t| Instant::now() >= t) {
+                term_at = None;
+                if let Ok(true) = procinfo::signal_group(self.pid, Signal::SIGTERM) {
+                    let _ = self.log.write_line(
+                        Stream::Sys,
+                        format!(
+                            "the processes left in the group got SIGTERM and {}s to finish",
+                            LEFTOVER_GRACE.as_secs()
+                        )
+                        .as_bytes(),
+                    );
                 }
             }
             if kill_at.is_some_and(|k| Instant::now() >= k) {
@@ -302,7 +325,11 @@ impl Monitor {
             }
             if let Some(deadline) = drain_deadline {
                 let drained = self.stdout.is_none() && self.stderr.is_none();
-                if drained || Instant::now() >= deadline {
+                // Leftovers that do not hold the output pipes still get
+                // their time (and their SIGTERM) before the SIGKILLs of
+                // `wait_group_empty`.
+                let leftovers_waiting = (term_at.is_some() || kill_at.is_some()) && procinfo::group_exists(self.pid);
+                if (drained && !leftovers_waiting) || Instant::now() >= deadline {
                     break;
                 }
             }

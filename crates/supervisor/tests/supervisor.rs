@@ -330,6 +330,30 @@ async fn main_exited_resolves_when_the_main_process_dies_before_the_leftovers_go
     }
 }
 
+/// gunicorn's sync workers whose master was killed serve the connections
+/// queued on the listening socket and exit once it is empty: told to stop
+/// at once, they would leave those requests to be reset. So what is left
+/// of the group gets time to finish by itself before any SIGTERM.
+#[tokio::test]
+async fn leftovers_that_finish_by_themselves_are_not_signalled() {
+    let fx = fixture();
+    let h = fx
+        .start(
+            instance("web", 1, 1),
+            // A "worker" that runs while its parent lives, then finishes.
+            r#"sh -c 'trap "echo term > got_term" TERM; while kill -0 $PPID 2>/dev/null; do sleep 0.02; done; echo done > finished' &
+               exec sleep 1000"#,
+            false,
+        )
+        .await;
+    eventually("the worker", || procinfo::group_exists(app_pid(&h)) && fx.log_path(&h.instance).exists()).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(app_pid(&h) as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Signal(9));
+    assert_eq!(std::fs::read_to_string(fx.work.join("finished")).unwrap().trim(), "done");
+    assert!(!fx.work.join("got_term").exists(), "the worker was signalled before it could finish");
+    assert!(!procinfo::group_exists(app_pid(&h)));
+}
+
 #[tokio::test]
 async fn stop_kills_grandchildren_too() {
     let fx = fixture();
