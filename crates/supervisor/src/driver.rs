@@ -676,9 +676,9 @@ impl Driver for LocalDriver {
         // accepting soon after (at once for servers whose workers follow
         // their master; after the monitor's `LEFTOVER_SELF_EXIT` at the
         // latest), and a request sent later waits in the listening socket's
-        // queue until it is reset, unanswered. Without a pidfd (an older kernel, a seccomp filter), the
-        // exit record the monitor writes is looked for every 50 ms (one
-        // failed open). `/proc` (two reads) only matters for a monitor
+        // queue until it is reset, unanswered. Without a pidfd (an older
+        // kernel, a seccomp filter), the exit record the monitor writes is
+        // looked for every 50 ms (one failed open). `/proc` (two reads) only matters for a monitor
         // that died without writing it: once every 20 polls, or at once for
         // a monitor this daemon started (its exit is seen directly).
         let loc = Loc::from(&handle.locator);
