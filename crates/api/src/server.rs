@@ -337,7 +337,11 @@ async fn cancel(
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid cancel request: {e}")),
     };
-    match s.engine.cancel(req.who).await {
+    let reason = match req.checked_reason() {
+        Ok(reason) => reason,
+        Err(e) => return bad_request(format!("invalid cancel request: {e}")),
+    };
+    match s.engine.cancel(req.who, reason).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }

@@ -105,6 +105,33 @@ pub struct RollbackRequest {
 pub struct CancelRequest {
     /// `user@host`, recorded in the events and the deployment's reason.
     pub who: String,
+    /// Why, in a line of text (at most [`CANCEL_REASON_MAX`] characters),
+    /// recorded with `who`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The longest `reason` a [`CancelRequest`] may carry.
+pub const CANCEL_REASON_MAX: usize = 200;
+
+impl CancelRequest {
+    /// The reason, trimmed (`None` when empty), or what is wrong with it.
+    pub fn checked_reason(&self) -> Result<Option<String>, String> {
+        let Some(reason) = self.reason.as_deref().map(str::trim).filter(|r| !r.is_empty()) else {
+            return Ok(None);
+        };
+        let chars = reason.chars().count();
+        if chars > CANCEL_REASON_MAX {
+            return Err(format!(
+                "the cancel reason is {chars} characters long; give at most {CANCEL_REASON_MAX} (one line)"
+            ));
+        }
+        if reason.chars().any(char::is_control) {
+            return Err("the cancel reason contains a line break or another control character; give one line of text"
+                .to_string());
+        }
+        Ok(Some(reason.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -167,8 +167,12 @@ pub enum Command {
     /// and the release stays live; a rolling restart keeps the instances
     /// that ran before. Returns at once; the operation's own command
     /// reports how it ended.
-    #[command(after_help = "Example:\n  nonstop cancel")]
+    #[command(after_help = "Examples:\n  nonstop cancel\n  nonstop cancel --reason \"wrong branch\"")]
     Cancel {
+        /// Why, in one line (at most 200 characters): recorded with your
+        /// name in the events and in the deployment's history.
+        #[arg(long, short = 'm')]
+        reason: Option<String>,
         #[arg(long)]
         json: bool,
     },

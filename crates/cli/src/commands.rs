@@ -65,7 +65,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Deploy { message, file, wait, json } => deploy(&home, &file, message, wait, json).await,
         Command::Rollback { release, run_tasks, wait, json } => rollback(&home, release, run_tasks, wait, json).await,
         Command::History { limit, json } => history(&home, limit, json).await,
-        Command::Cancel { json } => cancel(&home, json).await,
+        Command::Cancel { reason, json } => cancel(&home, reason, json).await,
         Command::Releases { json } => releases(&home, json).await,
         Command::Upgrade { json } => upgrade(&home, json).await,
         Command::Completions { shell } => {
@@ -558,8 +558,15 @@ fn fmt_time(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }
 
-async fn cancel(home: &Home, json: bool) -> anyhow::Result<i32> {
-    let r: OpReport = client(home).post("/v1/cancel", &CancelRequest { who: who() }).await?;
+async fn cancel(home: &Home, reason: Option<String>, json: bool) -> anyhow::Result<i32> {
+    let request = CancelRequest { who: who(), reason };
+    // Checked here too, so that a bad reason is refused before the daemon
+    // is asked (the daemon checks it the same way).
+    if let Err(e) = request.checked_reason() {
+        eprintln!("error: {e}");
+        return Ok(2);
+    }
+    let r: OpReport = client(home).post("/v1/cancel", &request).await?;
     if json {
         outln!("{}", serde_json::to_string(&r)?);
     } else {

@@ -246,13 +246,19 @@ fn a_deploy_cancelled_during_a_slow_release_task_changes_nothing() {
     let r = app.run(&["down"]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(r.stderr.contains("`nonstop cancel`"), "{}", r.stderr);
-    let r = app.run(&["cancel"]);
+    // A reason that cannot be recorded is refused before anything stops.
+    let r = app.run(&["cancel", "--reason", &"x".repeat(201)]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("at most 200"), "{}", r.stderr);
+    assert!(pid_alive(task), "the release task was stopped by a refused cancel");
+    let r = app.run(&["cancel", "--reason", "locks the orders table"]);
     r.ok();
     assert!(r.stdout.contains("cancelled while release tasks: nothing changed"), "{}", r.stdout);
     let out = wait_output(deploy, T, "the cancelled deploy");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("deploy of v2 failed: cancelled by "), "{stderr}");
+    assert!(stderr.contains(": locks the orders table"), "{stderr}");
     wait_until(T, "the task's process to be gone", || !pid_alive(task));
     let (_, body) = app.get("/").unwrap();
     assert!(body.contains("version 1"), "{body}");

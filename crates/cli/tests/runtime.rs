@@ -435,7 +435,17 @@ fn the_api_is_private_the_socket_is_0600_and_tcp_needs_the_token() {
     let bad = post_cancel("{\"who\": 7}");
     assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
     assert!(bad.contains("invalid cancel request"), "{bad}");
+    let long = format!("{{\"who\": \"ann\", \"reason\": \"{}\"}}", "x".repeat(201));
+    for (body, says) in
+        [(long.as_str(), "201 characters long"), ("{\"who\": \"ann\", \"reason\": \"two\\nlines\"}", "line break")]
+    {
+        let bad = post_cancel(body);
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+        assert!(bad.contains(says), "{bad}");
+    }
     let fine = post_cancel("{\"who\": \"ann\"}");
+    assert!(fine.starts_with("HTTP/1.1 200") && fine.contains("nothing to cancel"), "{fine}");
+    let fine = post_cancel("{\"who\": \"ann\", \"reason\": \"wrong branch\"}");
     assert!(fine.starts_with("HTTP/1.1 200") && fine.contains("nothing to cancel"), "{fine}");
     assert_eq!(app.status()["operation"], serde_json::Value::Null);
 }

@@ -181,6 +181,7 @@ pub enum Command {
     /// Stop the deploy, rollback or rolling restart in progress.
     Cancel {
         who: String,
+        reason: Option<String>,
         reply: Reply<OpReport>,
     },
     Rollback {
@@ -300,8 +301,9 @@ impl EngineHandle {
     }
     /// Stop the deploy, rollback or rolling restart in progress (see
     /// `Engine::cancel`); answers at once, the operation ends by itself.
-    pub async fn cancel(&self, who: String) -> Result<OpReport, EngineError> {
-        self.ask(|reply| Command::Cancel { who, reply }).await
+    /// `reason`: a line of text recorded with `who`, if given.
+    pub async fn cancel(&self, who: String, reason: Option<String>) -> Result<OpReport, EngineError> {
+        self.ask(|reply| Command::Cancel { who, reason, reply }).await
     }
     pub async fn releases(&self) -> Result<Vec<ReleaseInfo>, EngineError> {
         self.ask(|reply| Command::Releases { reply }).await
@@ -781,8 +783,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Command::Rollback { release, run_tasks, who, progress, reply } => {
                 self.begin_rollback(release, run_tasks, who, progress, reply);
             }
-            Command::Cancel { who, reply } => {
-                let _ = reply.send(self.cancel(&who));
+            Command::Cancel { who, reason, reply } => {
+                let _ = reply.send(self.cancel(&who, reason.as_deref()));
             }
             Command::Releases { reply } => {
                 let _ = reply.send(self.releases());

@@ -939,8 +939,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     /// stopped and the release stays live. A rolling restart stops and
     /// keeps the instances that ran before. Answers at once; the
     /// operation itself answers its own caller when it has ended.
-    pub(crate) fn cancel(&mut self, who: &str) -> Result<OpReport, EngineError> {
-        let why = format!("cancelled by {who}");
+    pub(crate) fn cancel(&mut self, who: &str, reason: Option<&str>) -> Result<OpReport, EngineError> {
+        let by = match reason {
+            Some(reason) => format!("{who}: {reason}"),
+            None => who.to_string(),
+        };
+        let why = format!("cancelled by {by}");
         if let Some(p) = self.pending_deploy.take() {
             let _ = p.reply.send(Err(EngineError::DeployFailed { release: "the new release".into(), reason: why }));
             return Ok(OpReport {
@@ -1008,7 +1012,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
         };
         if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
-            self.event(&app, "cancel", None, &format!("{summary} (by {who})"));
+            self.event(&app, "cancel", None, &format!("{summary} (by {by})"));
         }
         self.progress(summary.clone());
         Ok(OpReport { summary, changed: true })
