@@ -58,6 +58,7 @@ pub enum Command {
     /// Stop every instance gracefully (drain, stop signal, SIGKILL after
     /// stop_timeout), then the daemon.
     Down {
+        /// Print progress and the result as JSON lines.
         #[arg(long)]
         json: bool,
     },
@@ -77,6 +78,7 @@ pub enum Command {
     },
     /// Show every instance: process, pid, port, state, health, restarts, uptime.
     Status {
+        /// Print the status as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -86,6 +88,7 @@ pub enum Command {
         /// PROCESS=COUNT pairs.
         #[arg(required = true, value_name = "PROCESS=COUNT")]
         counts: Vec<String>,
+        /// Print progress and the result as JSON lines.
         #[arg(long)]
         json: bool,
     },
@@ -110,6 +113,7 @@ pub enum Command {
         /// How many past lines.
         #[arg(long, short = 'n')]
         tail: Option<usize>,
+        /// Print each line as a JSON object (ts, instance, generation, stream, text).
         #[arg(long)]
         json: bool,
     },
@@ -117,6 +121,7 @@ pub enum Command {
     /// before an old one is drained and stopped; singletons never overlap.
     Restart {
         process: Option<String>,
+        /// Print progress and the result as JSON lines.
         #[arg(long)]
         json: bool,
     },
@@ -157,6 +162,7 @@ pub enum Command {
         run_tasks: bool,
         #[arg(long)]
         wait: bool,
+        /// Print progress events and the result as JSON lines.
         #[arg(long)]
         json: bool,
     },
@@ -173,6 +179,7 @@ pub enum Command {
         /// name in the events and in the deployment's history.
         #[arg(long, short = 'm')]
         reason: Option<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -180,11 +187,13 @@ pub enum Command {
     History {
         #[arg(long, short = 'n', default_value_t = 20)]
         limit: usize,
+        /// Print the deployments as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Releases kept on disk; the current one is marked.
     Releases {
+        /// Print the releases as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -192,6 +201,7 @@ pub enum Command {
     Events {
         #[arg(long, short = 'n', default_value_t = 50)]
         limit: usize,
+        /// Print the events as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -202,6 +212,7 @@ pub enum Command {
     /// or `systemctl reload nonstop`.
     #[command(after_help = "Example:\n  cargo build --release && nonstop upgrade")]
     Upgrade {
+        /// Print the result (old and new pid and version) as JSON.
         #[arg(long)]
         json: bool,
     },
