@@ -142,6 +142,10 @@ pub(crate) struct ConnCtx {
     /// HTTP/1: the request in progress was read whole (no body, or a body
     /// read to its end); the client's reads only watch for it leaving.
     request_read: AtomicBool,
+    /// HTTP/1: the response to the request in progress was handed to
+    /// hyper, which writes its head at once: from then on it can no longer
+    /// say `Connection: close`.
+    responding: AtomicBool,
     /// The client read [`crate::lazy::LazyStream`] put off while the
     /// response was awaited: woken when the request ends, so that the next
     /// request on the connection is read at once.
@@ -184,6 +188,7 @@ impl ConnCtx {
             tunnel: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
             request_read: AtomicBool::new(false),
+            responding: AtomicBool::new(false),
             leave_check: atomic_waker::AtomicWaker::new(),
             head_flags: AtomicU8::new(0),
             tasks,
@@ -229,7 +234,13 @@ impl ConnCtx {
             self.multiplexed.store(true, Ordering::Relaxed);
         }
         self.busy.fetch_add(1, Ordering::Relaxed);
+        self.responding.store(false, Ordering::Relaxed);
         PhaseGuard(Arc::clone(self))
+    }
+
+    /// The response to the request in progress was handed to hyper.
+    fn responding(&self) {
+        self.responding.store(true, Ordering::Relaxed);
     }
 
     /// HTTP/1: the request in progress has been read whole; until the
@@ -843,7 +854,11 @@ where
         move |req| {
             let inner = Arc::clone(&inner);
             let ctx = Arc::clone(&ctx);
-            async move { Ok::<_, Infallible>(crate::forward::handle(inner, ctx, req).await) }
+            async move {
+                let response = crate::forward::handle(inner, Arc::clone(&ctx), req).await;
+                ctx.responding();
+                Ok::<_, Infallible>(response)
+            }
         }
     });
     let result = match protocol {
@@ -857,13 +872,13 @@ where
                 h1.max_headers(config.max_headers);
             }
             let conn = h1.serve_connection(io, service).with_upgrades();
-            drive(conn, &ctx, |conn| conn.graceful_shutdown()).await
+            drive(conn, &ctx, true, |conn| conn.graceful_shutdown()).await
         }
         Protocol::Http2 => {
             let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             h2.max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
             let conn = h2.serve_connection(io, service);
-            drive(conn, &ctx, |conn| conn.graceful_shutdown()).await
+            drive(conn, &ctx, false, |conn| conn.graceful_shutdown()).await
         }
     };
     if let Some(Err(err)) = result {
@@ -877,31 +892,54 @@ where
 /// Poll a hyper connection to its end, minding the shutdown signal: on a
 /// graceful shutdown finish the request in progress (if any) and close; on
 /// a forced one return at once (`None`).
-async fn drive<C, E>(conn: C, ctx: &ConnCtx, graceful: impl Fn(Pin<&mut C>)) -> Option<Result<(), E>>
+///
+/// HTTP/1 (`http1`) has no way to say "closing" but `Connection: close` on
+/// a response, so the connection is only closed once a response said it,
+/// or after a moment without a request:
+/// - between requests (keep-alive, or accepted just before the listener
+///   was handed to another daemon), the client gets [`SHUTDOWN_HEAD_GRACE`]
+///   to send its next request, answered with `Connection: close`: closing
+///   at once could drop a request already on its way;
+/// - during a request whose response has not started, hyper is told now,
+///   and the response says `Connection: close`;
+/// - during a response already started (its head went out without it),
+///   nothing is done until it ends: then as between requests. Closing right
+///   after it would race with the client's next request, which it had no
+///   reason to hold back.
+async fn drive<C, E>(conn: C, ctx: &ConnCtx, http1: bool, graceful: impl Fn(Pin<&mut C>)) -> Option<Result<(), E>>
 where
     C: Future<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
     let mut graceful_sent = false;
-    // A connection between requests (keep-alive, or accepted just before
-    // the listener was handed to another daemon) gets a moment to send its
-    // next one, answered with `Connection: close`: closing it now could
-    // drop a request already on its way.
     let mut head_grace: Option<Pin<Box<Sleep>>> = None;
-    std::future::poll_fn(|cx| {
-        match ctx.signal.poll_state(cx) {
+    std::future::poll_fn(|cx| loop {
+        let state = ctx.signal.poll_state(cx);
+        match state {
             FORCE => return Poll::Ready(None),
             GRACEFUL if !graceful_sent => {
                 let between_requests = matches!(ctx.phase().0, HEAD | IDLE);
-                let grace = head_grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_HEAD_GRACE)));
-                if !between_requests || grace.as_mut().poll(cx).is_ready() {
+                if between_requests {
+                    let grace = head_grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_HEAD_GRACE)));
+                    if grace.as_mut().poll(cx).is_ready() {
+                        graceful_sent = true;
+                        graceful(conn.as_mut());
+                    }
+                } else if !(http1 && ctx.responding.load(Ordering::Relaxed)) {
                     graceful_sent = true;
                     graceful(conn.as_mut());
                 }
             }
             _ => {}
         }
-        conn.as_mut().poll(cx).map(Some)
+        let waiting_for_a_response_to_end = state == GRACEFUL && !graceful_sent && head_grace.is_none();
+        match conn.as_mut().poll(cx) {
+            Poll::Ready(done) => return Poll::Ready(Some(done)),
+            // The started response ended in that poll: go round once more
+            // to start the grace (its timer then wakes the task).
+            Poll::Pending if waiting_for_a_response_to_end && matches!(ctx.phase().0, HEAD | IDLE) => {}
+            Poll::Pending => return Poll::Pending,
+        }
     })
     .await
 }

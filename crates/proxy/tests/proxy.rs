@@ -929,6 +929,85 @@ async fn shutdown_answers_the_next_request_on_an_idle_keep_alive_connection() {
     tokio::time::timeout(Duration::from_secs(10), p.handle).await.expect("serve returns").unwrap().unwrap();
 }
 
+/// Shutdown while a response is streaming (its head is out, without
+/// `Connection: close`): the connection must not be closed right after that
+/// response, as the client, told nothing, sends its next request on it (a
+/// daemon upgrade under load lost two that way). It is treated as between
+/// requests once the response ends: the next request is answered, with
+/// `Connection: close`.
+#[tokio::test]
+async fn shutdown_during_a_streaming_response_answers_the_next_request_too() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rest = Arc::new(tokio::sync::Notify::new());
+    let server = tokio::spawn({
+        let rest = Arc::clone(&rest);
+        async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let rest = Arc::clone(&rest);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let streamed = buf.starts_with(b"GET /stream ");
+                            buf.drain(..end + 4);
+                            if streamed {
+                                let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello";
+                                if s.write_all(head).await.is_err() {
+                                    return;
+                                }
+                                rest.notified().await;
+                                if s.write_all(b"world").await.is_err() {
+                                    return;
+                                }
+                            } else if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let p = Running::serving(&[addr]).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /stream HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    // The head and the first half of the body are out.
+    let mut got = Vec::new();
+    while !got.ends_with(b"hello") {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await.expect("the head").unwrap();
+        assert!(n > 0, "closed before the head: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(!String::from_utf8_lossy(&got).to_ascii_lowercase().contains("connection: close"));
+    p.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await; // the shutdown reaches the connection
+    rest.notify_one();
+    let mut tail = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut tail)).await.expect("the rest").unwrap();
+    assert_eq!(&tail, b"world");
+    // The client, told nothing, goes on with the same connection.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("an answer, then close")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text:?}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text:?}");
+    tokio::time::timeout(Duration::from_secs(10), p.handle).await.expect("serve returns").unwrap().unwrap();
+    server.abort();
+}
+
 // ---------------------------------------------------------------- workers
 
 /// A burst of connections opened at once (a client pool starting, wrk)
