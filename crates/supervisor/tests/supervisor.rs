@@ -341,12 +341,15 @@ async fn leftovers_that_finish_by_themselves_are_not_signalled() {
         .start(
             instance("web", 1, 1),
             // A "worker" that runs while its parent lives, then finishes.
-            r#"sh -c 'trap "echo term > got_term" TERM; while kill -0 $PPID 2>/dev/null; do sleep 0.02; done; echo done > finished' &
+            r#"sh -c 'trap "echo term > got_term" TERM; echo $PPID > started; while kill -0 $PPID 2>/dev/null; do sleep 0.02; done; echo done > finished' &
                exec sleep 1000"#,
             false,
         )
         .await;
-    eventually("the worker", || procinfo::group_exists(app_pid(&h)) && fx.log_path(&h.instance).exists()).await;
+    // Running, and watching the main process (not whoever it was
+    // reparented to, had the main process died before it started).
+    let started = fx.work.join("started");
+    eventually("the worker", || read_pid(&started) == Some(app_pid(&h))).await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(app_pid(&h) as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Signal(9));
     assert_eq!(std::fs::read_to_string(fx.work.join("finished")).unwrap().trim(), "done");
