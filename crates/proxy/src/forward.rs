@@ -64,13 +64,13 @@ impl Replay {
     }
 }
 
-pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let http2 = req.version() == Version::HTTP_2;
     let phase = ctx.begin_request(http2);
     let request_id = headers::request_id(req.headers());
     let config = &*ctx.config;
-    if let Err(reject) = check_request(&ctx, &req, http2) {
-        return reject.respond(&ctx, &req, request_id, phase);
+    if let Err(reject) = check_request(ctx, &req, http2) {
+        return reject.respond(ctx, &req, request_id, phase);
     }
     if !ctx.tls && inner.redirect_http.load(Ordering::Relaxed) {
         if let Some(location) = crate::tls::redirect_location(&inner, &req) {
@@ -113,7 +113,7 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Reques
                 }
                 Err(err) => {
                     let err = ProxyError::new(err.kind(), Side::Downstream, Retry::Never).with_source(err);
-                    return client_failed(&ctx, &err, request_id, phase);
+                    return client_failed(ctx, &err, request_id, phase);
                 }
             }
         } else {
@@ -141,7 +141,7 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Reques
             Ok((resp, conn)) => {
                 // The same for the response to the client.
                 crate::workers::batch_end().await;
-                return respond(&ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
+                return respond(ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
             }
             Err((err, returned)) => {
                 let backend = Arc::clone(in_flight.backend());
@@ -149,7 +149,7 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut req: Reques
                 if err.side == Side::Downstream {
                     // The client's body failed: the instance is not to
                     // blame and nothing is retried.
-                    return client_failed(&ctx, &err, request_id, phase);
+                    return client_failed(ctx, &err, request_id, phase);
                 }
                 if err.marks_unhealthy() {
                     inner.shared.passive_failure(&backend, err.detail());

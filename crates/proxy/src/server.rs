@@ -855,7 +855,7 @@ where
             let inner = Arc::clone(&inner);
             let ctx = Arc::clone(&ctx);
             async move {
-                let response = crate::forward::handle(inner, Arc::clone(&ctx), req).await;
+                let response = crate::forward::handle(inner, &ctx, req).await;
                 ctx.responding();
                 Ok::<_, Infallible>(response)
             }
