@@ -313,38 +313,16 @@ async fn large_bodies_stream_both_ways_intact() {
 /// it; a canonical one (or none) is written canonically.
 #[tokio::test]
 async fn reason_phrases_are_passed_on() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 1024];
-                loop {
-                    let n = s.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                        buf.drain(..end + 4);
-                        let status = match head.split(' ').nth(1).unwrap_or("") {
-                            "/custom" => "299 Custom Thing",
-                            "/okay" => "200 Okay",
-                            "/empty" => "404 ",
-                            _ => "404 Not Found",
-                        };
-                        let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok");
-                        if s.write_all(reply.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
+    let (addr, server) = scripted_instance(|head| {
+        let status = match head.split(' ').nth(1).unwrap_or("") {
+            "/custom" => "299 Custom Thing",
+            "/okay" => "200 Okay",
+            "/empty" => "404 ",
+            _ => "404 Not Found",
+        };
+        vec![Say::Bytes(format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok").into_bytes())]
+    })
+    .await;
     let p = Running::serving(&[addr]).await;
     for (path, line) in [
         ("/custom", "HTTP/1.1 299 Custom Thing"),
@@ -937,45 +915,22 @@ async fn shutdown_answers_the_next_request_on_an_idle_keep_alive_connection() {
 /// `Connection: close`.
 #[tokio::test]
 async fn shutdown_during_a_streaming_response_answers_the_next_request_too() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let rest = Arc::new(tokio::sync::Notify::new());
-    let server = tokio::spawn({
+    let (addr, server) = scripted_instance({
         let rest = Arc::clone(&rest);
-        async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let rest = Arc::clone(&rest);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    loop {
-                        let n = s.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let streamed = buf.starts_with(b"GET /stream ");
-                            buf.drain(..end + 4);
-                            if streamed {
-                                let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello";
-                                if s.write_all(head).await.is_err() {
-                                    return;
-                                }
-                                rest.notified().await;
-                                if s.write_all(b"world").await.is_err() {
-                                    return;
-                                }
-                            } else if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
+        move |head| {
+            if head.starts_with("GET /stream ") {
+                vec![
+                    Say::Bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello".to_vec()),
+                    Say::Wait(Arc::clone(&rest)),
+                    Say::Bytes(b"world".to_vec()),
+                ]
+            } else {
+                vec![Say::Bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec())]
             }
         }
-    });
+    })
+    .await;
     let p = Running::serving(&[addr]).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     s.write_all(b"GET /stream HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();

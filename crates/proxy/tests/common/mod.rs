@@ -483,6 +483,59 @@ pub async fn closes(s: &mut TcpStream, within: Duration) -> bool {
     .is_ok()
 }
 
+/// What a [`scripted_instance`] does for one request: write bytes, or wait
+/// until notified.
+pub enum Say {
+    Bytes(Vec<u8>),
+    Wait(Arc<tokio::sync::Notify>),
+}
+
+/// An instance written by hand, for answers a real server would not give
+/// (custom reason phrases, a body that stops halfway): keep-alive, and for
+/// each request head (requests without a body) `answer(head)` says what to
+/// do, in order. Stops with the returned task.
+pub async fn scripted_instance(
+    answer: impl Fn(&str) -> Vec<Say> + Send + Sync + 'static,
+) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let answer = Arc::clone(&answer);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        for step in answer(&head) {
+                            match step {
+                                Say::Bytes(bytes) => {
+                                    if s.write_all(&bytes).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Say::Wait(notify) => notify.notified().await,
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
 /// Sends `bytes` on a new connection and reads one response. Also returns
 /// the client's address (to find its log lines) and the stream.
 pub async fn raw_request(addr: SocketAddr, bytes: &[u8]) -> (Option<RawReply>, SocketAddr, TcpStream) {
