@@ -324,12 +324,14 @@ impl Monitor {
                 }
             }
             if let Some(deadline) = drain_deadline {
-                let drained = self.stdout.is_none() && self.stderr.is_none();
                 // Leftovers that do not hold the output pipes still get
                 // their time (and their SIGTERM) before the SIGKILLs of
-                // `wait_group_empty`.
-                let leftovers_waiting = (term_at.is_some() || kill_at.is_some()) && procinfo::group_exists(self.pid);
-                if (drained && !leftovers_waiting) || Instant::now() >= deadline {
+                // `wait_group_empty`. (The group is only looked at once the
+                // pipes are closed, not for every line of output.)
+                let done = self.stdout.is_none()
+                    && self.stderr.is_none()
+                    && !((term_at.is_some() || kill_at.is_some()) && procinfo::group_exists(self.pid));
+                if done || Instant::now() >= deadline {
                     break;
                 }
             }
