@@ -84,6 +84,27 @@ impl std::fmt::Display for ExitStatus {
     }
 }
 
+/// What a driver knows of a recorded instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// It runs: the very process (or task) that was started.
+    Alive,
+    /// It has exited, or the record names something else now (a recycled
+    /// pid): proven, not guessed.
+    Gone,
+    /// The driver could not find out (e.g. `/proc` could not be read for
+    /// want of file descriptors). Not an exit: the instance is kept as it
+    /// is and asked about again later. Says why.
+    Unknown(String),
+}
+
+impl Liveness {
+    /// Proven to run.
+    pub fn is_alive(&self) -> bool {
+        matches!(self, Liveness::Alive)
+    }
+}
+
 /// How a stop went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -166,7 +187,9 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Whether a recorded instance is still the same live instance (used to
     /// re-adopt instances after a daemon restart without duplicating them).
-    fn is_alive(&self, handle: &InstanceHandle) -> bool;
+    /// `Gone` only on evidence: a driver that cannot find out (out of file
+    /// descriptors, an API that does not answer) says `Unknown`.
+    fn liveness(&self, handle: &InstanceHandle) -> Liveness;
 
     /// Run a one-off task to completion (release tasks). Its output is also
     /// written to the task's log.

@@ -10,7 +10,7 @@
 
 use crate::error::EngineError;
 use crate::report::*;
-use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, StopOutcome};
+use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, Liveness, StopOutcome};
 use nonstop_core::process::{AppSpec, ProcessKind, ProcessSpec};
 use nonstop_core::traffic::{Backend, BackendHealth, HealthEvent, InitialHealth, RouteKey, Traffic};
 use nonstop_core::{AppName, Clock, EnvironmentId, InstanceId, ProcessName, ReleaseId};
@@ -661,7 +661,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let mut adopted = 0;
         for rec in recorded {
             let spec = rt.record.spec.process(&rec.id.process).cloned();
-            let alive = rec.handle.as_ref().is_some_and(|h| self.driver.is_alive(h));
+            // Forgotten only when proven gone: one the driver cannot tell
+            // about now (out of file descriptors) is adopted, and its exit
+            // watched like any other's.
+            let liveness = rec.handle.as_ref().map(|h| self.driver.liveness(h));
+            if let Some(Liveness::Unknown(why)) = &liveness {
+                tracing::warn!("{} is adopted although its liveness is unknown ({why}); its exit is watched", rec.id);
+            }
+            let alive = matches!(liveness, Some(Liveness::Alive | Liveness::Unknown(_)));
             let (Some(handle), true) = (rec.handle.clone(), alive) else {
                 if rec.phase == InstancePhase::Launching {
                     tracing::warn!("{} was being launched when the daemon stopped; forgetting it", rec.id);

@@ -12,7 +12,7 @@ use crate::state::{
 use nix::errno::Errno;
 use nix::sys::signal::Signal as NixSignal;
 use nonstop_core::driver::{
-    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Locator, StopOutcome, TaskOutcome, TaskSpec,
+    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Liveness, Locator, StopOutcome, TaskOutcome, TaskSpec,
 };
 use nonstop_core::ids::{AppName, EnvironmentId, InstanceId};
 use nonstop_core::process::Signal;
@@ -225,7 +225,8 @@ impl LocalDriver {
                 older(&path, max_age.max(HANDSHAKE_TIMEOUT * 6))
             } else {
                 match read_json::<InstanceRecord>(&path.join(RECORD_FILE)) {
-                    Some(r) if procinfo::is_running(r.monitor_pid, r.monitor_start_time) => false,
+                    // Kept while its monitor runs, or might (an unreadable `/proc`).
+                    Some(r) if procinfo::running_or_unknown(r.monitor_pid, r.monitor_start_time) => false,
                     Some(_) => {
                         let exit = path.join(EXIT_FILE);
                         older(if exit.exists() { &exit } else { &path }, max_age)
@@ -373,7 +374,7 @@ impl LocalDriver {
                 return;
             }
         }
-        while procinfo::is_running(loc.monitor_pid, loc.monitor_start_time) {
+        while procinfo::running_or_unknown(loc.monitor_pid, loc.monitor_start_time) {
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
@@ -382,23 +383,49 @@ impl LocalDriver {
     /// monitor itself was killed).
     async fn wait_gone(&self, loc: Loc) {
         self.wait_monitor_gone(loc).await;
-        while procinfo::is_running(loc.pid, loc.start_time) {
+        while procinfo::running_or_unknown(loc.pid, loc.start_time) {
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 
+    /// What is known of an instance: `Gone` only on evidence (its monitor
+    /// reaped by us, or `/proc` showing no such process, a zombie or
+    /// another start time); `Unknown` when `/proc` cannot be read.
+    fn liveness_loc(&self, loc: Loc) -> Liveness {
+        let key = (loc.monitor_pid, loc.monitor_start_time);
+        let reaped = self.inner.children.lock().unwrap().get(&key).map(|rx| *rx.borrow());
+        let monitor = match reaped {
+            // A monitor this process spawned: its exit is seen directly.
+            Some(reaped) => Ok(!reaped),
+            None => procinfo::is_running(loc.monitor_pid, loc.monitor_start_time),
+        };
+        let main = procinfo::is_running(loc.pid, loc.start_time);
+        match (main, monitor) {
+            (Ok(true), Ok(true)) => Liveness::Alive,
+            (Ok(false), _) | (_, Ok(false)) => Liveness::Gone,
+            (Err(err), _) | (_, Err(err)) => {
+                procinfo::log_unknown(loc.pid, &err);
+                Liveness::Unknown(format!("could not read /proc/{}/stat: {err}", loc.pid))
+            }
+        }
+    }
+
     /// Send `signal` to the instance's process group. `Ok(false)`: gone.
-    fn signal_instance(&self, loc: Loc, signal: NixSignal) -> Result<bool, Errno> {
+    /// An unreadable `/proc` (e.g. out of file descriptors) is an error:
+    /// nothing is signalled while the pid is not proven ours.
+    fn signal_instance(&self, loc: Loc, signal: NixSignal) -> Result<bool, SignalError> {
         // Only while the pid is provably ours: same start time. While the
         // main process exists (even as a zombie) its pid, and so the
         // group id, cannot be reused.
-        let Some(stat) = procinfo::stat(loc.pid).filter(|s| s.start_time == loc.start_time) else {
-            return Ok(false);
+        let stat = match procinfo::stat(loc.pid) {
+            Ok(Some(stat)) if stat.start_time == loc.start_time => stat,
+            Ok(_) => return Ok(false),
+            Err(err) => return Err(SignalError::Proc(err)),
         };
-        let mut sent = procinfo::signal_group(loc.pid, signal)?;
+        let mut sent = procinfo::signal_group(loc.pid, signal).map_err(SignalError::Signal)?;
         if stat.pgrp != i32::try_from(loc.pid).unwrap_or(-1) {
             // It moved itself to another group: signal it directly too.
-            sent |= procinfo::signal_process(loc.pid, signal)?;
+            sent |= procinfo::signal_process(loc.pid, signal).map_err(SignalError::Signal)?;
         }
         Ok(sent)
     }
@@ -411,13 +438,14 @@ impl LocalDriver {
         timeout: Duration,
     ) -> Result<StopOutcome, DriverError> {
         let stop_err = |reason: String| DriverError::Stop { instance: label.to_string(), reason };
-        let app_running = procinfo::is_running(loc.pid, loc.start_time);
+        let app_running =
+            procinfo::is_running(loc.pid, loc.start_time).map_err(|e| stop_err(proc_unreadable(loc, &e)))?;
         if !app_running {
             // Exited on its own: its monitor may still be killing leftovers.
             // (Without a recorded exit the handle is not one of ours.)
             let exited = self.instance_dir(loc).join(EXIT_FILE).exists();
             if exited
-                && procinfo::is_running(loc.monitor_pid, loc.monitor_start_time)
+                && procinfo::running_or_unknown(loc.monitor_pid, loc.monitor_start_time)
                 && tokio::time::timeout(timeout + KILL_WAIT, self.wait_monitor_gone(loc)).await.is_err()
             {
                 return Err(stop_err(format!(
@@ -429,8 +457,11 @@ impl LocalDriver {
             }
             return Ok(StopOutcome::AlreadyGone);
         }
-        let not_permitted = |e: Errno| {
-            stop_err(format!("could not signal process group {}: {e}; is it running as another user?", loc.pid))
+        let not_permitted = |e: SignalError| match e {
+            SignalError::Signal(e) => {
+                stop_err(format!("could not signal process group {}: {e}; is it running as another user?", loc.pid))
+            }
+            SignalError::Proc(e) => stop_err(proc_unreadable(loc, &e)),
         };
         match self.signal_instance(loc, procinfo::to_nix(signal)) {
             Ok(true) => {}
@@ -458,7 +489,18 @@ impl LocalDriver {
 
     async fn wait_exit_loc(&self, loc: Loc, label: &str) -> ExitStatus {
         self.wait_monitor_gone(loc).await;
-        if procinfo::is_running(loc.pid, loc.start_time) {
+        // The monitor is gone (that much is known); whether the app still
+        // runs is asked until `/proc` answers.
+        let app_running = loop {
+            match procinfo::is_running(loc.pid, loc.start_time) {
+                Ok(running) => break running,
+                Err(err) => {
+                    procinfo::log_unknown(loc.pid, &err);
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
+            }
+        };
+        if app_running {
             // The monitor was killed while the app runs: nobody collects its
             // output or its exit status any more. End it, so that it can be
             // replaced.
@@ -469,7 +511,7 @@ impl LocalDriver {
             );
             let _ = self.signal_instance(loc, NixSignal::SIGKILL);
             let _ = tokio::time::timeout(KILL_WAIT, async {
-                while procinfo::is_running(loc.pid, loc.start_time) {
+                while procinfo::running_or_unknown(loc.pid, loc.start_time) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             })
@@ -536,6 +578,26 @@ impl LocalDriver {
     }
 }
 
+/// Why an instance could not be signalled.
+#[derive(Debug)]
+enum SignalError {
+    /// `/proc` could not be read, so the pid is not proven ours.
+    Proc(io::Error),
+    /// The signal itself failed (`EPERM`).
+    Signal(Errno),
+}
+
+/// The error for an instance whose `/proc` entry could not be read.
+fn proc_unreadable(loc: Loc, err: &io::Error) -> String {
+    format!(
+        "could not read /proc/{}/stat: {err}; nothing was signalled, as pid {} is not proven to be this instance any \
+         more (out of file descriptors? check `ls /proc/{}/fd | wc -l` against `ulimit -n`)",
+        loc.pid,
+        loc.pid,
+        std::process::id()
+    )
+}
+
 struct KillOnDrop {
     loc: Option<Loc>,
 }
@@ -543,7 +605,7 @@ struct KillOnDrop {
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if let Some(loc) = self.loc {
-            if procinfo::exists(loc.pid, loc.start_time) {
+            if matches!(procinfo::exists(loc.pid, loc.start_time), Ok(true)) {
                 let _ = procinfo::signal_group(loc.pid, NixSignal::SIGKILL);
             }
         }
@@ -602,7 +664,7 @@ fn sanitize_file_name(name: &str) -> String {
 /// * `wait_exit` works for instances started by an earlier daemon too
 ///   (it polls `/proc` every 100 ms for those) and returns the status the
 ///   monitor recorded, or `Unknown`.
-/// * `is_alive` holds while both the app's main process and its monitor
+/// * `liveness` is `Alive` while both the app's main process and its monitor
 ///   are the recorded processes and not zombies: an app whose monitor was
 ///   killed is unmanaged (its output goes nowhere), and `wait_exit` /
 ///   `stop` end it.
@@ -659,9 +721,8 @@ impl Driver for LocalDriver {
         self.wait_exit_loc(Loc::from(&handle.locator), &handle.instance.to_string()).await
     }
 
-    fn is_alive(&self, handle: &InstanceHandle) -> bool {
-        let loc = Loc::from(&handle.locator);
-        procinfo::is_running(loc.pid, loc.start_time) && procinfo::is_running(loc.monitor_pid, loc.monitor_start_time)
+    fn liveness(&self, handle: &InstanceHandle) -> Liveness {
+        self.liveness_loc(Loc::from(&handle.locator))
     }
 
     async fn run_task(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
@@ -699,7 +760,10 @@ impl Driver for LocalDriver {
             if self.recorded_exit(handle).is_some() {
                 return;
             }
-            if (main.is_some() || polls.is_multiple_of(MAIN_EXIT_PROC_EVERY)) && !self.is_alive(handle) {
+            // Only evidence ends the wait: an unreadable `/proc` (out of
+            // file descriptors) is asked again at the next poll.
+            if (main.is_some() || polls.is_multiple_of(MAIN_EXIT_PROC_EVERY)) && self.liveness(handle) == Liveness::Gone
+            {
                 return;
             }
             polls = polls.wrapping_add(1);
@@ -764,7 +828,9 @@ fn running_in(instances_dir: &Path) -> Vec<InstanceRecord> {
         .flatten()
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .filter_map(|e| read_json::<InstanceRecord>(&e.path().join(RECORD_FILE)))
-        .filter(|r| procinfo::is_running(r.monitor_pid, r.monitor_start_time))
+        // A monitor whose `/proc` cannot be read may run: listed (`down`
+        // stops it; a caller that waits for it asks again).
+        .filter(|r| procinfo::running_or_unknown(r.monitor_pid, r.monitor_start_time))
         .collect()
 }
 

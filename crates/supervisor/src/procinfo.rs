@@ -5,6 +5,9 @@
 use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// The fields of `/proc/PID/stat` that the supervisor needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,31 +41,54 @@ pub fn parse_stat(content: &str) -> Option<ProcStat> {
     })
 }
 
-/// `/proc/PID/stat` of a process, if it exists (zombies included).
-pub fn stat(pid: u32) -> Option<ProcStat> {
+/// `/proc/PID/stat` of a process: `Ok(None)` when no such process exists
+/// (`ENOENT`, or `ESRCH` for one torn down while read). Any other failure
+/// (out of file descriptors, `EIO`, ...) is an error, never "gone": a
+/// process is only ever declared gone on evidence.
+pub fn stat(pid: u32) -> io::Result<Option<ProcStat>> {
     if pid == 0 {
-        return None;
+        return Ok(None);
     }
-    let content = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&content)
+    read_stat(&format!("/proc/{pid}/stat"))
 }
 
-/// The start time (clock ticks since boot) of a process.
+fn read_stat(path: &str) -> io::Result<Option<ProcStat>> {
+    let content = match std::fs::read_to_string(path) {
+        Ok(c) => c,
+        Err(e) if gone_error(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // A process torn down between the open and the read reads as empty.
+    if content.is_empty() {
+        return Ok(None);
+    }
+    parse_stat(&content)
+        .map(Some)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{path} could not be parsed: {content:?}")))
+}
+
+/// The errors that mean "no such process" when reading `/proc/PID/...`.
+fn gone_error(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(Errno::ESRCH as i32)
+}
+
+/// The start time (clock ticks since boot) of a process, `None` if it does
+/// not exist or `/proc` could not be read.
 pub fn start_time(pid: u32) -> Option<u64> {
-    stat(pid).map(|s| s.start_time)
+    stat(pid).ok().flatten().map(|s| s.start_time)
 }
 
 /// The start time of the calling process.
 pub fn self_start_time() -> Option<u64> {
-    let content = std::fs::read_to_string("/proc/self/stat").ok()?;
-    parse_stat(&content).map(|s| s.start_time)
+    read_stat("/proc/self/stat").ok().flatten().map(|s| s.start_time)
 }
 
 /// The process `pid` exists and is the one that started at `start_time`,
 /// zombie or not. While this holds, its pid (and so its process group id)
-/// cannot have been recycled.
-pub fn exists(pid: u32, start_time: u64) -> bool {
-    stat(pid).is_some_and(|s| s.start_time == start_time)
+/// cannot have been recycled. An error: `/proc` could not be read, which
+/// says nothing about the process.
+pub fn exists(pid: u32, start_time: u64) -> io::Result<bool> {
+    Ok(stat(pid)?.is_some_and(|s| s.start_time == start_time))
 }
 
 /// A pidfd on a process (Linux 5.3+): it turns readable the moment the
@@ -86,8 +112,9 @@ impl PidFd {
             Err(err) => return Err(err.into()),
         };
         // Checked after the open: a pid recycled before it would show
-        // another start time; from now on the fd names this process.
-        if !is_running(pid, start_time) {
+        // another start time; from now on the fd names this process. (An
+        // unreadable `/proc` leaves it unproven: an error, the caller polls.)
+        if !is_running(pid, start_time)? {
             return Ok(None);
         }
         // SAFETY: the AsyncFd owns the fd, so it stays open (and is the
@@ -110,10 +137,51 @@ impl PidFd {
 }
 
 /// The process `pid` is the one that started at `start_time` and is still
-/// running (not a zombie).
-pub fn is_running(pid: u32, start_time: u64) -> bool {
-    stat(pid).is_some_and(|s| s.start_time == start_time && !s.is_zombie())
+/// running (not a zombie): `Ok(false)` only on evidence (no such process,
+/// another start time, a zombie); an error when `/proc` could not be read
+/// (e.g. `EMFILE`), which the caller must not take for an exit.
+pub fn is_running(pid: u32, start_time: u64) -> io::Result<bool> {
+    Ok(stat(pid)?.is_some_and(|s| s.start_time == start_time && !s.is_zombie()))
 }
+
+/// `is_running` for loops that wait for an exit: an error counts as still
+/// running (the wait goes on and asks again), and is logged, rate-limited.
+pub fn running_or_unknown(pid: u32, start_time: u64) -> bool {
+    match is_running(pid, start_time) {
+        Ok(running) => running,
+        Err(err) => {
+            log_unknown(pid, &err);
+            true
+        }
+    }
+}
+
+/// Log that the liveness of `pid` could not be read: at most one line per
+/// [`UNKNOWN_LOG_EVERY`], with how many were left out (under fd exhaustion
+/// every check of every instance fails, many times a second).
+pub fn log_unknown(pid: u32, err: &io::Error) {
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    match last.as_mut() {
+        Some((at, left_out)) if now.duration_since(*at) < UNKNOWN_LOG_EVERY => *left_out += 1,
+        _ => {
+            let left_out = last.map(|(_, n)| n).unwrap_or(0);
+            *last = Some((now, 0));
+            drop(last);
+            tracing::warn!(
+                pid,
+                error = %err,
+                "could not read /proc/{pid}/stat: {err}; the process is not taken for exited, and is checked again \
+                 ({left_out} more such failures in the last {}s)",
+                UNKNOWN_LOG_EVERY.as_secs()
+            );
+        }
+    }
+}
+
+/// How often [`log_unknown`] logs at most.
+pub const UNKNOWN_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Whether any process (zombies included) is still in process group `pgid`.
 pub fn group_exists(pgid: u32) -> bool {
@@ -208,9 +276,12 @@ mod tests {
         let me = std::process::id();
         let st = start_time(me).unwrap();
         assert_eq!(Some(st), self_start_time());
-        assert!(is_running(me, st));
-        assert!(!is_running(me, st + 1));
-        assert!(!exists(me, st + 1));
+        assert!(is_running(me, st).unwrap());
+        assert!(!is_running(me, st + 1).unwrap());
+        assert!(!exists(me, st + 1).unwrap());
+        // No such process is an answer, not an error.
+        assert!(!is_running(u32::MAX - 1, st).unwrap());
+        assert!(stat(u32::MAX - 1).unwrap().is_none());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! it fails.
 
 use nix::sys::signal::Signal as NixSignal;
-use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, Locator, StopOutcome, TaskSpec};
+use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, Liveness, Locator, StopOutcome, TaskSpec};
 use nonstop_core::ids::{AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
 use nonstop_core::process::Signal;
 use nonstop_supervisor::procinfo;
@@ -44,10 +44,10 @@ impl Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for &(pid, st, mpid, mst) in self.handles.lock().unwrap().iter() {
-            if procinfo::exists(pid, st) {
+            if procinfo::exists(pid, st).unwrap_or(true) {
                 let _ = procinfo::signal_group(pid, NixSignal::SIGKILL);
             }
-            if procinfo::is_running(mpid, mst) {
+            if procinfo::is_running(mpid, mst).unwrap_or(true) {
                 let _ = procinfo::signal_process(mpid, NixSignal::SIGKILL);
             }
         }
@@ -67,7 +67,7 @@ impl Drop for Fixture {
         // Whatever was started in this state directory, handle seen or not
         // (e.g. by the helper daemon of another process).
         for r in self.driver.running() {
-            if procinfo::exists(r.pid, r.start_time) {
+            if procinfo::exists(r.pid, r.start_time).unwrap_or(true) {
                 let _ = procinfo::signal_group(r.pid, NixSignal::SIGKILL);
             }
         }
@@ -167,7 +167,7 @@ fn read_pid(path: &Path) -> Option<u32> {
 
 /// The process `pid` is (still) a member of process group `pgid`.
 fn in_group(pid: u32, pgid: u32) -> bool {
-    procinfo::stat(pid).is_some_and(|s| s.pgrp == pgid as i32 && !s.is_zombie())
+    procinfo::stat(pid).unwrap().is_some_and(|s| s.pgrp == pgid as i32 && !s.is_zombie())
 }
 
 fn app_pid(h: &InstanceHandle) -> u32 {
@@ -182,7 +182,7 @@ async fn start_gives_port_and_exact_env_and_serves_http() {
     let h = fx.start(id.clone(), r#"env > env.txt; exec "$PY" -m http.server "$PORT" --bind 127.0.0.1"#, true).await;
     let addr = h.addr.expect("web instances get an address");
     assert!(addr.ip().is_loopback());
-    assert!(fx.driver.is_alive(&h));
+    assert!(fx.driver.liveness(&h).is_alive());
 
     let env_file = fx.work.join("env.txt");
     eventually("env.txt", || std::fs::read_to_string(&env_file).is_ok_and(|s| s.contains("PORT="))).await;
@@ -209,12 +209,12 @@ async fn start_gives_port_and_exact_env_and_serves_http() {
 
     // The app is in its own process group; the monitor is not in it.
     let Locator::Local { pid, monitor_pid, .. } = h.locator;
-    assert_eq!(procinfo::stat(pid).unwrap().pgrp, pid as i32);
-    assert_ne!(procinfo::stat(monitor_pid).unwrap().pgrp, pid as i32);
+    assert_eq!(procinfo::stat(pid).unwrap().unwrap().pgrp, pid as i32);
+    assert_ne!(procinfo::stat(monitor_pid).unwrap().unwrap().pgrp, pid as i32);
 
     let outcome = fx.driver.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap();
     assert_eq!(outcome, StopOutcome::Graceful);
-    assert!(!fx.driver.is_alive(&h));
+    assert_eq!(fx.driver.liveness(&h), Liveness::Gone);
     assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Signal(15));
     assert_eq!(fx.driver.stop(&h, Signal::Term, Duration::from_secs(1)).await.unwrap(), StopOutcome::AlreadyGone);
 }
@@ -239,7 +239,7 @@ async fn exit_code_is_recorded_and_returned() {
     let h = fx.start(instance("worker", 1, 1), "exit 3", false).await;
     assert_eq!(wait_exit(&fx.driver, &h).await, ExitStatus::Code(3));
     assert_eq!(fx.driver.recorded_exit(&h), Some(ExitStatus::Code(3)));
-    assert!(!fx.driver.is_alive(&h));
+    assert_eq!(fx.driver.liveness(&h), Liveness::Gone);
     // Several waiters, and waiting again, are fine.
     let (a, b) = tokio::join!(fx.driver.wait_exit(&h), fx.driver.wait_exit(&h));
     assert_eq!((a, b), (ExitStatus::Code(3), ExitStatus::Code(3)));
@@ -393,7 +393,7 @@ async fn instances_survive_the_driver_and_are_adopted_by_a_new_one() {
 
     // The daemon "restarted": a new driver on the same state directory.
     let driver = LocalDriver::new(cfg).unwrap();
-    assert!(driver.is_alive(&h));
+    assert!(driver.liveness(&h).is_alive());
     assert!(driver.running().iter().any(|r| r.instance.as_ref() == Some(&id)));
     let record = driver.instance_record(&h).unwrap();
     assert_eq!(record.app, "blog");
@@ -407,7 +407,7 @@ async fn instances_survive_the_driver_and_are_adopted_by_a_new_one() {
     assert_eq!(outcome, StopOutcome::Graceful);
     let status = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
     assert_eq!(status, ExitStatus::Signal(15));
-    assert!(!driver.is_alive(&h));
+    assert_eq!(driver.liveness(&h), Liveness::Gone);
     assert!(driver.running().is_empty());
 }
 
@@ -423,19 +423,19 @@ async fn app_killed_with_sigkill_is_recorded_as_signal_9() {
 async fn is_alive_checks_start_times_and_stop_never_signals_a_stranger() {
     let fx = fixture();
     let h = fx.start(instance("worker", 1, 1), "exec sleep 1000", false).await;
-    assert!(fx.driver.is_alive(&h));
+    assert!(fx.driver.liveness(&h).is_alive());
     let Locator::Local { pid, start_time, monitor_pid, monitor_start_time } = h.locator;
     let mut wrong_app = h.clone();
     wrong_app.locator = Locator::Local { pid, start_time: start_time + 1, monitor_pid, monitor_start_time };
-    assert!(!fx.driver.is_alive(&wrong_app));
+    assert_eq!(fx.driver.liveness(&wrong_app), Liveness::Gone);
     let mut wrong_monitor = h.clone();
     wrong_monitor.locator = Locator::Local { pid, start_time, monitor_pid, monitor_start_time: monitor_start_time + 1 };
-    assert!(!fx.driver.is_alive(&wrong_monitor));
+    assert_eq!(fx.driver.liveness(&wrong_monitor), Liveness::Gone);
 
     // A recycled pid: stopping it must not touch the live process.
     let outcome = fx.driver.stop(&wrong_app, Signal::Kill, Duration::from_millis(100)).await.unwrap();
     assert_eq!(outcome, StopOutcome::AlreadyGone);
-    assert!(fx.driver.is_alive(&h));
+    assert!(fx.driver.liveness(&h).is_alive());
     assert_eq!(fx.driver.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap(), StopOutcome::Graceful);
 }
 
@@ -630,7 +630,7 @@ async fn run_task_times_out_and_kills_the_group() {
     assert!(outcome.duration >= Duration::from_millis(300));
     let bg = read_pid(&fx.work.join("task-bg.pid")).unwrap();
     // Reaped by the task's monitor before it exited.
-    assert!(procinfo::stat(bg).is_none(), "background child {bg} of the task survived");
+    assert!(procinfo::stat(bg).unwrap().is_none(), "background child {bg} of the task survived");
     assert!(fx.driver.running().is_empty(), "the task's monitor is still running");
 }
 
@@ -752,15 +752,15 @@ async fn instances_survive_a_daemon_killed_with_sigkill() {
     daemon.0.wait().unwrap();
 
     let Locator::Local { monitor_pid, .. } = h.locator;
-    assert!(fx.driver.is_alive(&h), "the instance died with its daemon");
-    assert_ne!(procinfo::stat(monitor_pid).unwrap().ppid, daemon_pid as i32);
+    assert!(fx.driver.liveness(&h).is_alive(), "the instance died with its daemon");
+    assert_ne!(procinfo::stat(monitor_pid).unwrap().unwrap().ppid, daemon_pid as i32);
     // Output is still collected.
     std::fs::write(fx.work.join("go"), "").unwrap();
     eventually("still here", || log_has(&fx.log_path(&id), " out still here")).await;
 
     // A new daemon adopts it.
     let driver = LocalDriver::new(config(fx.driver.state_dir())).unwrap();
-    assert!(driver.is_alive(&h));
+    assert!(driver.liveness(&h).is_alive());
     let outcome = driver.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap();
     assert_eq!(outcome, StopOutcome::Graceful);
     assert_eq!(wait_exit(&driver, &h).await, ExitStatus::Signal(15));

@@ -3,7 +3,7 @@
 use crate::journal::{Entry, Journal};
 use crate::lock;
 use nonstop_core::driver::{
-    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Locator, StopOutcome, TaskOutcome, TaskSpec,
+    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Liveness, Locator, StopOutcome, TaskOutcome, TaskSpec,
 };
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, Signal};
 use std::collections::BTreeMap;
@@ -88,6 +88,9 @@ struct State {
     start_delay: Duration,
     /// `start`, `stop` and `run_task` record the call and never answer.
     unresponsive: bool,
+    /// `liveness` answers `Unknown` with this reason (a driver that cannot
+    /// read `/proc`).
+    liveness_unknown: Option<String>,
     task_status: ExitStatus,
     peaks: BTreeMap<ProcessName, usize>,
     peak_total: usize,
@@ -170,6 +173,7 @@ impl FakeDriver {
                     lifetimes: BTreeMap::new(),
                     start_delay: Duration::ZERO,
                     unresponsive: false,
+                    liveness_unknown: None,
                     task_status: ExitStatus::Code(0),
                     peaks: BTreeMap::new(),
                     peak_total: 0,
@@ -229,6 +233,12 @@ impl FakeDriver {
     /// calls already waiting stay unanswered.
     pub fn set_unresponsive(&self, unresponsive: bool) {
         self.state().unresponsive = unresponsive;
+    }
+
+    /// From now on `liveness` answers `Unknown(reason)` for every instance
+    /// (a driver out of file descriptors), until set back to `None`.
+    pub fn set_liveness_unknown(&self, reason: Option<&str>) {
+        self.state().liveness_unknown = reason.map(str::to_string);
     }
 
     /// The exit status of one-off tasks.
@@ -525,8 +535,15 @@ impl Driver for FakeDriver {
         status
     }
 
-    fn is_alive(&self, handle: &InstanceHandle) -> bool {
-        self.state().by_handle(handle).is_some_and(|i| i.alive())
+    fn liveness(&self, handle: &InstanceHandle) -> Liveness {
+        let st = self.state();
+        if let Some(reason) = &st.liveness_unknown {
+            return Liveness::Unknown(reason.clone());
+        }
+        match st.by_handle(handle).is_some_and(|i| i.alive()) {
+            true => Liveness::Alive,
+            false => Liveness::Gone,
+        }
     }
 
     fn running(&self, app: &AppName, environment: &EnvironmentId) -> Vec<InstanceHandle> {

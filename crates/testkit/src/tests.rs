@@ -1,7 +1,7 @@
 //! The fakes are test infrastructure: a wrong fake makes a wrong test pass.
 
 use crate::*;
-use nonstop_core::driver::{Driver, ExitStatus, LaunchSpec, StopOutcome};
+use nonstop_core::driver::{Driver, ExitStatus, LaunchSpec, Liveness, StopOutcome};
 use nonstop_core::traffic::{Backend, BackendHealth, DrainOutcome, InitialHealth, RouteKey, Traffic};
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ReleaseId, Signal};
 use std::time::Duration;
@@ -37,7 +37,7 @@ async fn counted_start_failures_run_out() {
     assert!(a.addr.is_some() && w.addr.is_none());
     assert_eq!(d.alive(), [id("web", 1, 3), id("web", 2, 4), id("worker", 1, 1)]);
     assert_eq!(d.starts().len(), 5);
-    assert!(d.is_alive(&a));
+    assert!(d.liveness(&a).is_alive());
 }
 
 #[tokio::test(start_paused = true)]
@@ -48,7 +48,7 @@ async fn stops_behave_as_configured() {
     assert_eq!(d.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap(), StopOutcome::Graceful);
     assert_eq!(t0.elapsed(), Duration::ZERO);
     assert_eq!(d.wait_exit(&h).await, ExitStatus::Signal(15));
-    assert!(!d.is_alive(&h));
+    assert_eq!(d.liveness(&h), Liveness::Gone);
     assert_eq!(d.stop(&h, Signal::Term, Duration::from_secs(10)).await.unwrap(), StopOutcome::AlreadyGone);
 
     d.set_stop_behavior(&pn("web"), StopBehavior::After(Duration::from_secs(2)));

@@ -215,8 +215,40 @@ async fn an_instance_nobody_recorded_is_stopped_by_the_next_daemon() {
     f.driver.wait_for("the orphan to be stopped", |d| !d.is_instance_alive(&orphan)).await;
     settle().await;
     assert_eq!(f.driver.stops(), vec![orphan.clone()], "only the orphan is stopped");
-    assert!(f.driver.is_alive(&foreign_handle));
+    assert!(f.driver.liveness(&foreign_handle).is_alive());
     let st = e2.status().await.unwrap();
     assert_eq!(ids(&st), known.iter().map(|i| i.to_string()).collect::<Vec<_>>());
     assert!(g.traffic.health_of(&orphan).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_daemon_that_cannot_tell_whether_instances_live_keeps_them() {
+    // Out of file descriptors, the driver cannot read /proc: `Unknown` is
+    // not an exit. The instances are adopted (not forgotten, not started
+    // again); their exits are watched like any other's.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let f = Fixture::with_store(open(&path));
+    let e = f.start();
+    e.up(blog()).await.unwrap();
+    let before = e.status().await.unwrap();
+    let starts_before = f.driver.starts().len();
+    e.shutdown().await;
+
+    f.driver.set_liveness_unknown(Some("could not read /proc/1000/stat: Too many open files (os error 24)"));
+    let g = f.next_daemon(Arc::new(open(&path)));
+    let e2 = g.start();
+    let after = e2.status().await.unwrap();
+    settle().await;
+    assert_eq!(ids(&after), ids(&before), "{after:#?}");
+    assert_eq!(f.driver.starts().len(), starts_before, "nothing was started twice");
+    assert!(f.driver.stops().is_empty(), "nothing was stopped");
+    assert_eq!(g.traffic.adds().len(), 2, "the web instances are back in the proxy");
+    f.driver.set_liveness_unknown(None);
+
+    // And a real exit of one of them is still seen and restarted.
+    let web = alive(&f, "web").remove(0);
+    f.driver.exit(&web, CRASH);
+    f.driver.wait_starts(&pn("web"), 3).await;
+    e2.shutdown().await;
 }
