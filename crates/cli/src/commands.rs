@@ -92,7 +92,14 @@ pub async fn dispatch(cli: Cli) -> i32 {
 fn init_daemon_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NONSTOP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(false).try_init();
+    // A log that cannot be written (a full disk) is not reported on stderr:
+    // that is the same file, and a failed `eprintln!` panics.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(false)
+        .log_internal_errors(false)
+        .try_init();
 }
 
 fn client(home: &Home) -> Client {

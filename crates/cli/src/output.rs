@@ -78,10 +78,10 @@ pub fn status_text(s: &StatusReport) -> String {
             w.instance.clone(),
             "-".into(),
             "-".into(),
-            if w.state == "crash-loop" {
-                "crash-loop".into()
-            } else {
-                format!("restart in {}", fmt_uptime(w.retry_in_ms.max(1000)))
+            match w.state.as_str() {
+                "crash-loop" => "crash-loop".into(),
+                "cannot-start" => "cannot restart".into(),
+                _ => format!("restart in {}", fmt_uptime(w.retry_in_ms.max(1000))),
             },
             "-".into(),
             "-".into(),
@@ -96,6 +96,19 @@ pub fn status_text(s: &StatusReport) -> String {
     let summary: Vec<String> =
         s.processes.iter().map(|p| format!("{} {}/{} ({})", p.process, p.ready, p.desired, p.kind)).collect();
     out.push_str(&format!("\n{}\n", summary.join("   ")));
+    for w in s.waiting.iter().filter(|w| w.problem.is_some()) {
+        out.push_str(&format!(
+            "\n{} cannot restart: {} (retrying)",
+            w.instance,
+            w.problem.as_deref().unwrap_or_default()
+        ));
+    }
+    if let Some(e) = &s.store_error {
+        out.push_str(&format!("\nstore: {e}"));
+    }
+    if s.store_error.is_some() || s.waiting.iter().any(|w| w.problem.is_some()) {
+        out.push('\n');
+    }
     out
 }
 

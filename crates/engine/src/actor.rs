@@ -8,6 +8,7 @@
 //!   `stopping` before it is drained.
 //! - Decisions come from `nonstop-plan` (pure); this file carries them out.
 
+use crate::degraded::{Degraded, PendingEvent};
 use crate::error::EngineError;
 use crate::report::*;
 use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, Liveness, StopOutcome};
@@ -519,6 +520,10 @@ pub struct Engine<D, T, I, L> {
     pub(crate) deployment: Option<deploy::DeployRun>,
     /// A deploy whose app directory is being hashed (off this task).
     pub(crate) pending_deploy: Option<deploy::PendingDeploy>,
+    /// What could not be written to the store (a full disk): blocked
+    /// starts retried soon, events kept in memory. A mutex only so that
+    /// `event(&self)` can keep one.
+    degraded: std::sync::Mutex<Degraded>,
 }
 
 const CHECK_HISTORY: usize = 5;
@@ -577,6 +582,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             builder: config.builder,
             deployment: None,
             pending_deploy: None,
+            degraded: std::sync::Mutex::new(Degraded::default()),
         };
         let join = tokio::spawn(engine.run(rx, events_rx, health, shutdown));
         (EngineHandle { tx }, join)
@@ -769,17 +775,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Command::Events { limit, reply } => {
                 let r = match &self.app {
                     None => Err(EngineError::NotUp),
-                    Some(rt) => self.store.events(&rt.record.app, &self.env, limit).map_err(Into::into).map(|evs| {
-                        evs.into_iter()
-                            .map(|e| EventEntry {
-                                at_ms: e.at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis()
-                                    as u64,
-                                kind: e.kind,
-                                instance: e.instance,
-                                message: e.message,
-                            })
-                            .collect()
-                    }),
+                    Some(rt) => self.events(&rt.record.app, limit),
                 };
                 let _ = reply.send(r);
             }
@@ -1128,6 +1124,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 let rec = rt.record_of(&rt.instances[&id], InstancePhase::Running, false);
                 if let Err(e) = self.store.put_instance(&rec) {
                     tracing::error!("could not record {id}: {e}");
+                    store_failed(&self.degraded, &*self.clock, &format!("the record of {id}"), &e);
                 }
                 let spec = rt.process_spec(&id.process);
                 let route = rt.route.clone();
@@ -1166,6 +1163,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         self.traffic.remove(&id);
         if let Err(e) = self.store.delete_instance(&rt.record.app, &self.env, &id) {
             tracing::error!("could not forget {id}: {e}");
+            store_failed(&self.degraded, &*self.clock, &format!("the exit of {id}"), &e);
         }
         let app = rt.record.app.clone();
         if inst.phase == InstPhase::Stopping {
@@ -1236,19 +1234,25 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let rec = rt.record_of(inst, InstancePhase::Running, true);
         if let Err(e) = self.store.put_instance(&rec) {
             tracing::error!("could not record {id}: {e}");
+            self.store_failed(&format!("the record of {id}"), &e);
         }
     }
 
     // ---------------------------------------------------------------- actions
 
     pub(crate) fn start_instance(&mut self, process: &ProcessName, slot: u32) -> Option<InstanceId> {
+        if self.degraded().holds(&(process.clone(), slot), self.clock.now()) {
+            return None; // its record could not be written; retried soon
+        }
         let rt = self.app.as_mut()?;
         let ctx = rt.ctx_for(process);
         let spec = rt.process_spec(process)?;
         let generation = match self.store.next_generation(&rt.record.app, &self.env, process) {
             Ok(g) => g,
             Err(e) => {
-                tracing::error!("cannot start {process}.{slot}: {e}");
+                tracing::error!("cannot start {process}.{slot}: {e}; retrying soon");
+                let app = rt.record.app.clone();
+                self.start_blocked(&app, process, slot, &e);
                 return None;
             }
         };
@@ -1257,9 +1261,19 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Inst::new(id.clone(), spec.kind, ctx.id, None, InstPhase::Launching, (self.clock.now(), self.clock.wall()));
         let rec = rt.record_of(&inst, InstancePhase::Launching, false);
         if let Err(e) = self.store.put_instance(&rec) {
-            tracing::error!("cannot record {id} before starting it: {e}");
+            // Never started without its record; retried soon (`degraded`).
+            tracing::error!("cannot record {id} before starting it: {e}; not started, retrying soon");
+            let app = rt.record.app.clone();
+            self.start_blocked(&app, process, slot, &e);
             return None;
         }
+        let was_blocked = {
+            let mut d = self.degraded();
+            let was = d.blocked(&(process.clone(), slot)).is_some();
+            d.start_recorded(&(process.clone(), slot));
+            was
+        };
+        let rt = self.app.as_mut()?;
         let launch = LaunchSpec {
             app: rt.record.app.clone(),
             environment: self.env.clone(),
@@ -1271,6 +1285,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             wants_port: spec.kind == ProcessKind::Web,
         };
         rt.instances.insert(id.clone(), inst);
+        if was_blocked {
+            let app = rt.record.app.clone();
+            self.event(&app, "store", Some(&id), "the store takes writes again: starting it");
+        }
         let driver = self.driver.clone();
         let tx = self.events_tx.clone();
         let id2 = id.clone();
@@ -1348,6 +1366,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let rec = rt.record_of(&rt.instances[id], InstancePhase::Stopping, false);
         if let Err(e) = self.store.put_instance(&rec) {
             tracing::error!("could not record the stop of {id}: {e}");
+            self.store_failed(&format!("the stop of {id}"), &e);
         }
         let driver = self.driver.clone();
         let traffic = self.traffic.clone();
@@ -1381,6 +1400,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     /// and the operation in progress.
     fn step(&mut self) {
         let now = self.clock.now();
+        self.retry_degraded(now);
         self.advance_readiness(now);
         // Rollouts (and deployments) move as far as they can right now.
         for _ in 0..64 {
@@ -1665,6 +1685,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let rt = self.app.as_ref()?;
         let mut wake: Option<Instant> = None;
         let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        if let Some(t) = self.degraded().next_wake(self.clock.now()) {
+            at(t);
+        }
         for b in rt.backoff.values() {
             if let Some(t) = b.retry_at {
                 if t > self.clock.now() {
@@ -1818,10 +1841,101 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let _ = op.progress.send(p);
     }
 
+    /// The newest `limit` events, oldest first: the store's, then those
+    /// kept in memory while it could not take them (always the newer).
+    fn events(&self, app: &AppName, limit: usize) -> Result<Vec<EventEntry>, EngineError> {
+        let at_ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        let mut out: Vec<EventEntry> = self
+            .store
+            .events(app, &self.env, limit)?
+            .into_iter()
+            .map(|e| EventEntry { at_ms: at_ms(e.at), kind: e.kind, instance: e.instance, message: e.message })
+            .collect();
+        out.extend(self.degraded().pending_events().filter(|e| &e.app == app).map(|e| EventEntry {
+            at_ms: at_ms(e.at),
+            kind: e.kind.clone(),
+            instance: e.instance.clone(),
+            message: format!("{} (not yet in the store: it cannot be written)", e.message),
+        }));
+        let skip = out.len().saturating_sub(limit);
+        out.drain(..skip);
+        Ok(out)
+    }
+
+    /// Record an event. One the store does not take (a full disk) is kept
+    /// in memory, shown by `events`, and written once the store works
+    /// again, after those kept before it.
     pub(crate) fn event(&self, app: &AppName, kind: &str, instance: Option<&InstanceId>, message: &str) {
-        let inst = instance.map(|i| i.to_string());
-        if let Err(e) = self.store.add_event(app, &self.env, self.clock.wall(), kind, inst.as_deref(), message) {
-            tracing::error!("could not record event: {e}");
+        let ev = PendingEvent {
+            app: app.clone(),
+            at: self.clock.wall(),
+            kind: kind.to_string(),
+            instance: instance.map(|i| i.to_string()),
+            message: message.to_string(),
+        };
+        let mut d = self.degraded();
+        let flushed = d.flush_events(|e| self.write_event(e));
+        let written = flushed.and_then(|()| self.write_event(&ev));
+        if let Err(e) = written {
+            tracing::error!("could not record event ({kind}: {message}): {e}; kept in memory");
+            d.keep_event(ev);
+            d.write_failed("an event", &e, self.clock.wall(), self.clock.now());
+        }
+    }
+
+    fn write_event(&self, e: &PendingEvent) -> Result<(), nonstop_store::StoreError> {
+        self.store.add_event(&e.app, &self.env, e.at, &e.kind, e.instance.as_deref(), &e.message)
+    }
+
+    fn degraded(&self) -> std::sync::MutexGuard<'_, Degraded> {
+        self.degraded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A store write failed: `status` says so until one works again.
+    fn store_failed(&self, what: &str, e: &nonstop_store::StoreError) {
+        store_failed(&self.degraded, &*self.clock, what, e);
+    }
+
+    /// The launch record of `process.slot` could not be written, so it was
+    /// not started: retried soon; an event (kept in memory if need be)
+    /// the first time.
+    fn start_blocked(&self, app: &AppName, process: &ProcessName, slot: u32, e: &nonstop_store::StoreError) {
+        let first = {
+            let mut d = self.degraded();
+            let first = d.blocked(&(process.clone(), slot)).is_none();
+            d.start_blocked((process.clone(), slot), e, self.clock.wall(), self.clock.now());
+            first
+        };
+        if first {
+            let msg = format!(
+                "{process}.{slot} cannot start: store write failed: {e}; nothing is started without its record, \
+                 retrying every {}s at most",
+                crate::degraded::RETRY_MAX.as_secs()
+            );
+            self.event(app, "cannot-start", None, &msg);
+        }
+    }
+
+    /// A retry of what the store did not take is due: kept events first
+    /// (blocked starts are retried by the reconciler in this step).
+    fn retry_degraded(&mut self, now: Instant) {
+        let due = self.degraded().due(now);
+        if !due {
+            return;
+        }
+        let mut d = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
+        match d.flush_events(|e| self.write_event(e)) {
+            Ok(()) => d.write_worked(),
+            Err(e) => d.write_failed("an event", &e, self.clock.wall(), now),
+        }
+        // Slots no longer wanted are not waited for.
+        match self.app.as_ref() {
+            Some(rt) => {
+                let desired: BTreeMap<ProcessName, u32> =
+                    rt.desired().into_iter().map(|p| (p.name.clone(), p.count)).collect();
+                d.forget_slots(|(p, n)| desired.get(p).is_some_and(|c| n <= c));
+            }
+            None => d.forget_slots(|_| false),
         }
     }
 
@@ -1865,7 +1979,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             });
         }
         let mut waiting = Vec::new();
-        for ((process, slot), b) in &rt.backoff {
+        let degraded = self.degraded();
+        let mut slots: BTreeMap<(ProcessName, u32), SlotBackoff> = rt.backoff.clone();
+        for slot in degraded.blocked_slots() {
+            slots.entry(slot.clone()).or_default();
+        }
+        for ((process, slot), b) in &slots {
             let occupied = rt
                 .instances
                 .values()
@@ -1875,13 +1994,24 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 continue;
             }
             let policy = spec.process(process).map(|p| p.restart.clone()).unwrap_or_default();
+            let problem = degraded.blocked(&(process.clone(), *slot)).map(str::to_string);
+            let state = match &problem {
+                Some(_) => "cannot-start",
+                None if b.crash_loop(&policy) => "crash-loop",
+                None => "backoff",
+            };
+            let retry_at = match &problem {
+                Some(_) => degraded.next_wake(now),
+                None => b.retry_at,
+            };
             waiting.push(WaitingSlot {
                 process: process.to_string(),
                 instance: format!("{process}.{slot}"),
-                state: if b.crash_loop(&policy) { "crash-loop" } else { "backoff" }.to_string(),
+                state: state.to_string(),
                 restarts: b.restarts,
-                retry_in_ms: b.retry_at.map(|t| t.saturating_duration_since(now).as_millis() as u64).unwrap_or(0),
+                retry_in_ms: retry_at.map(|t| t.saturating_duration_since(now).as_millis() as u64).unwrap_or(0),
                 last_exit: rt.last_exit.get(&(process.clone(), *slot)).map(|(_, e)| e.to_string()),
+                problem,
             });
         }
         let processes = spec
@@ -1908,6 +2038,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             processes,
             instances,
             waiting,
+            store_error: degraded.status_line(self.clock.wall()),
         })
     }
 
@@ -1921,6 +2052,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         env.insert("NONSTOP_PROCESS".into(), "run".into());
         Ok(RunContext { app: rt.record.app.to_string(), workdir: rt.record.workdir.clone(), env })
     }
+}
+
+/// A store write failed: `status` says so until one works again. (A free
+/// function: callers hold a mutable borrow of the app runtime.)
+fn store_failed(degraded: &std::sync::Mutex<Degraded>, clock: &dyn Clock, what: &str, e: &nonstop_store::StoreError) {
+    degraded.lock().unwrap_or_else(|e| e.into_inner()).write_failed(what, e, clock.wall(), clock.now());
 }
 
 /// Ready/desired over all processes, and whether the app runs exactly as

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod actor;
+mod degraded;
 mod error;
 pub mod preflight;
 mod report;

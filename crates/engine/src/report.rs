@@ -31,11 +31,16 @@ pub struct InstanceStatus {
 pub struct WaitingSlot {
     pub process: String,
     pub instance: String,
-    /// backoff | crash-loop
+    /// backoff | crash-loop | cannot-start (its record cannot be written:
+    /// see `problem`)
     pub state: String,
     pub restarts: u32,
     pub retry_in_ms: u64,
     pub last_exit: Option<String>,
+    /// Why it cannot start now, e.g. `store write failed: database or disk
+    /// is full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +62,10 @@ pub struct StatusReport {
     pub processes: Vec<ProcessSummary>,
     pub instances: Vec<InstanceStatus>,
     pub waiting: Vec<WaitingSlot>,
+    /// The store cannot be written (a full disk): what failed and since
+    /// when. Events are kept in memory meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 /// A step of a long operation, for progress displays and `--json` events.

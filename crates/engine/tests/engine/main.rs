@@ -9,6 +9,7 @@ mod lifecycle;
 mod readoption;
 mod restarts;
 mod rollout;
+mod store_full;
 
 use nonstop_core::driver::ExitStatus;
 use nonstop_core::{InstanceId, ProcessName};
