@@ -7,6 +7,9 @@
 
 #![forbid(unsafe_code)]
 
+mod health;
+pub use health::{restore_backup, shm_path, wal_path, Damage, Inspection};
+
 use nonstop_core::driver::InstanceHandle;
 use nonstop_core::process::AppSpec;
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
@@ -23,6 +26,10 @@ pub enum StoreError {
     Open { path: PathBuf, source: rusqlite::Error },
     #[error("state database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("state database {path} is damaged: {damage}")]
+    Damaged { path: PathBuf, damage: Damage },
+    #[error("state database {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
     #[error(
         "state database holds a record that cannot be read ({what}): {source}; it was written by a newer nonstop?"
     )]
@@ -298,15 +305,14 @@ fn encode<T: Serialize>(v: &T) -> String {
 }
 
 impl Store {
-    /// Open (or create) the store at `path`.
-    pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path).map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
-        Self::init(conn, path.to_path_buf())
-    }
-
     /// A private in-memory store, for tests.
     pub fn in_memory() -> Result<Self> {
         Self::init(Connection::open_in_memory()?, PathBuf::from(":memory:"))
+    }
+
+    /// A store on a connection as it is (read-only inspection).
+    fn wrap(conn: Connection, path: PathBuf) -> Self {
+        Self { conn: Mutex::new(conn), path }
     }
 
     fn init(conn: Connection, path: PathBuf) -> Result<Self> {
