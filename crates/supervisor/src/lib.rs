@@ -10,6 +10,7 @@ pub mod logs;
 pub mod monitor;
 pub mod ports;
 pub mod procinfo;
+pub mod records;
 pub mod state;
 
 pub use driver::{

@@ -102,7 +102,7 @@ impl LogWriter {
     /// Open (append to) `path`, creating its directory.
     pub fn open(path: &Path, max_bytes: u64, keep: u32) -> io::Result<LogWriter> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700).create(dir)?;
         }
         let file = open_append(path)?;
         let size = file.metadata()?.len();
@@ -172,8 +172,11 @@ impl Drop for LogWriter {
     }
 }
 
+/// Created 0600; never through a symbolic link (ELOOP), so a link planted
+/// in the state directory cannot make the monitor append to another file.
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().create(true).append(true).mode(0o600).custom_flags(nix::libc::O_NOFOLLOW).open(path)
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
