@@ -56,7 +56,10 @@ pub enum Command {
         json: bool,
     },
     /// Stop every instance gracefully (drain, stop signal, SIGKILL after
-    /// stop_timeout), then the daemon.
+    /// stop_timeout), then the daemon. Whatever else still runs from the
+    /// records under $NONSTOP_HOME/instances (instances a lost or damaged
+    /// store no longer knows, tasks) is stopped too: SIGTERM, SIGKILL after
+    /// 10s.
     Down {
         /// Print progress and the result as JSON lines.
         #[arg(long)]
@@ -213,6 +216,36 @@ pub enum Command {
     #[command(after_help = "Example:\n  cargo build --release && nonstop upgrade")]
     Upgrade {
         /// Print the result (old and new pid and version) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the state directory, and repair a damaged or lost store.
+    ///
+    /// Checks NONSTOP_HOME (owned by you, not writable by group or others,
+    /// no symbolic links among its state files), the store (state.db: a
+    /// whole SQLite database that passes its integrity check), its backup
+    /// (state.db.backup, which the daemon refreshes within 30s of every
+    /// change), and the records under instances/: what still runs, and
+    /// whether the store knows it. Exit code 0 when nothing is wrong, 1
+    /// otherwise.
+    ///
+    /// With --repair (refused while a daemon runs; owners and modes are
+    /// never changed, doctor prints the command to run): a damaged or lost
+    /// store is kept aside as state.db.damaged-<time>. If the backup is
+    /// usable it is restored and the daemon started: it takes over the
+    /// running instances the backup knows and stops (and replaces) the
+    /// others. Without a usable backup, every instance and task still
+    /// running is stopped cleanly (SIGTERM, SIGKILL after 10s) instead of
+    /// being left unmanaged, a fresh store is created, releases/ is set
+    /// aside as releases.lost-<time>, and you run `nonstop up` again. With
+    /// a healthy store, --repair only stops instances the store does not
+    /// know.
+    #[command(after_help = "Examples:\n  nonstop doctor\n  nonstop doctor --repair\n  nonstop doctor --json")]
+    Doctor {
+        /// Repair what can be repaired (see above).
+        #[arg(long)]
+        repair: bool,
+        /// Print the findings (and what was repaired) as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 /// Print a line to stdout; a closed pipe (`nonstop status | head -1`) ends
 /// the command quietly instead of panicking.
-fn emit(line: &str) {
+pub(crate) fn emit(line: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
@@ -33,6 +33,17 @@ pub async fn dispatch(cli: Cli) -> i32 {
             return 2;
         }
     };
+    // Every command that uses the state directory refuses an unsafe one
+    // (`doctor` reports it; `daemon` checks it as it creates it).
+    if !matches!(
+        cli.command,
+        Command::Init { .. } | Command::Completions { .. } | Command::Doctor { .. } | Command::Daemon { .. }
+    ) {
+        if let Err(e) = home.verify() {
+            eprintln!("error: {e:#}");
+            return 2;
+        }
+    }
     let result = match cli.command {
         Command::Daemon { api_listen, proxy_workers } => {
             init_daemon_logging();
@@ -68,6 +79,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Cancel { reason, json } => cancel(&home, reason, json).await,
         Command::Releases { json } => releases(&home, json).await,
         Command::Upgrade { json } => upgrade(&home, json).await,
+        Command::Doctor { repair, json } => crate::recovery::doctor(&home, repair, json).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut buf = Vec::new();
@@ -147,17 +159,13 @@ fn base_env() -> BTreeMap<String, String> {
 /// Start the daemon in the background unless one answers; a daemon
 /// started here gets the `[proxy] workers` of the spec about to be sent
 /// (it has no stored app to read it from yet).
-async fn ensure_daemon(home: &Home, proxy_workers: Option<u32>) -> anyhow::Result<Client> {
+pub(crate) async fn ensure_daemon(home: &Home, proxy_workers: Option<u32>) -> anyhow::Result<Client> {
     let c = client(home);
     if c.ping().await.is_ok() {
         return Ok(c);
     }
     home.create()?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(home.daemon_log())
-        .with_context(|| format!("cannot open {}", home.daemon_log().display()))?;
+    let log = home.open_daemon_log()?;
     let exe = std::env::current_exe()?;
     let mut command = std::process::Command::new(exe);
     command.arg("daemon");
@@ -167,6 +175,7 @@ async fn ensure_daemon(home: &Home, proxy_workers: Option<u32>) -> anyhow::Resul
     let mut child = command
         .env("NONSTOP_HOME", home.path())
         .env("NONSTOP_DETACH", "1")
+        .env(crate::home::APP_UMASK_VAR, format!("{:04o}", crate::home::app_umask()))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -281,6 +290,7 @@ async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
 
 async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
     let mut c = client(home);
+    let mut note: Option<String> = None;
     if matches!(c.ping().await, Err(ClientError::NotRunning { .. })) {
         let left = instances_left_running(home);
         if left > 0 {
@@ -290,12 +300,41 @@ async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
             if !json {
                 outln!("the nonstop daemon is not running but {left} instance(s) are: starting it to stop them");
             }
-            c = ensure_daemon(home, None).await?;
+            match ensure_daemon(home, None).await {
+                Ok(started) => c = started,
+                // A daemon that cannot start (a damaged store) must not
+                // leave the app running: stopped from their records below.
+                Err(e) => note = Some(format!("the daemon could not start ({e:#})")),
+            }
         }
     }
-    let ping = match c.ping().await {
-        Ok(p) => p,
-        Err(ClientError::NotRunning { .. }) => {
+    let (code, summary) = match c.ping().await {
+        Err(ClientError::NotRunning { .. }) => (0, None),
+        Err(e) => return Err(e.into()),
+        Ok(ping) => {
+            // No app up: stop the daemon all the same. Anything else (another
+            // operation in progress) stops here, daemon and app as they are: a
+            // daemon stopped mid-deploy would leave the app running and the
+            // deployment to the next daemon.
+            let code = match c.op("/v1/down", &serde_json::json!({}), |_| {}).await {
+                Ok(_) => 0,
+                Err(ClientError::Api(e)) if e.detail.as_ref().and_then(|d| d["error"].as_str()) == Some("not_up") => 0,
+                Err(e) => return Err(e.into()),
+            };
+            // Then the daemon itself, and wait for it to be gone.
+            let _: Result<serde_json::Value, _> = c.post("/v1/shutdown", &serde_json::json!({})).await;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Path::new(&format!("/proc/{}", ping.pid)).exists() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (code, Some("stopped the app and the daemon".to_string()))
+        }
+    };
+    // Whatever the records say still runs (instances the store did not know,
+    // tasks, everything when the daemon could not start): stopped as well.
+    let leftovers = crate::recovery::stop_leftovers(home, |_| true).await;
+    let summary = match (summary, leftovers.is_empty()) {
+        (None, true) => {
             if json {
                 outln!(
                     "{}",
@@ -304,34 +343,29 @@ async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
             } else {
                 outln!("nothing to do: the nonstop daemon is not running");
             }
-            return Ok(0);
+            return Ok(code);
         }
-        Err(e) => return Err(e.into()),
+        (summary, _) => {
+            let mut parts: Vec<String> = summary.into_iter().collect();
+            if let Some(n) = note {
+                parts.push(n);
+            }
+            if !leftovers.is_empty() {
+                let list: Vec<String> = leftovers.iter().map(ToString::to_string).collect();
+                parts.push(format!("stopped from the records under instances/: {}", list.join("; ")));
+            }
+            parts.join("; ")
+        }
     };
-    // No app up: stop the daemon all the same. Anything else (another
-    // operation in progress) stops here, daemon and app as they are: a
-    // daemon stopped mid-deploy would leave the app running and the
-    // deployment to the next daemon.
-    let code = match c.op("/v1/down", &serde_json::json!({}), |_| {}).await {
-        Ok(_) => 0,
-        Err(ClientError::Api(e)) if e.detail.as_ref().and_then(|d| d["error"].as_str()) == Some("not_up") => 0,
-        Err(e) => return Err(e.into()),
-    };
-    // Then the daemon itself, and wait for it to be gone.
-    let _: Result<serde_json::Value, _> = c.post("/v1/shutdown", &serde_json::json!({})).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Path::new(&format!("/proc/{}", ping.pid)).exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let report = OpReport { summary: "stopped the app and the daemon".into(), changed: true };
-    print_report(&report, json);
-    Ok(code)
+    let failed = leftovers.iter().any(|s| s.outcome.starts_with("NOT"));
+    print_report(&OpReport { summary, changed: true }, json);
+    Ok(if failed { 1 } else { code })
 }
 
-/// Instances of this home whose monitor still runs (the supervisor's own
-/// record of them, as a restarted daemon reads it).
+/// Instances and tasks of this home that may still run (the supervisor's
+/// own records of them, as a restarted daemon reads them).
 fn instances_left_running(home: &Home) -> usize {
-    nonstop_supervisor::running_under(home.path()).iter().filter(|r| r.instance.is_some()).count()
+    nonstop_supervisor::records::live_records(home.path()).len()
 }
 
 async fn status(home: &Home, json: bool) -> anyhow::Result<i32> {
@@ -549,7 +583,7 @@ async fn rollback(
     run_op_waiting(&c, "/v1/rollback", &RollbackRequest { release, run_tasks, who: who() }, wait, json).await
 }
 
-fn fmt_time(ms: u64) -> String {
+pub(crate) fn fmt_time(ms: u64) -> String {
     let secs = ms / 1000;
     let days = secs / 86400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

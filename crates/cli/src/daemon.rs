@@ -323,16 +323,16 @@ fn random_token() -> anyhow::Result<String> {
 }
 
 fn api_token(home: &Home) -> anyhow::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Ok(t) = std::fs::read_to_string(home.token()) {
-        if !t.trim().is_empty() {
-            return Ok(t.trim().to_string());
-        }
+    use std::io::Read;
+    let mut t = String::new();
+    let read = crate::home::open_private(&home.token(), std::fs::OpenOptions::new().read(true))
+        .and_then(|mut f| f.read_to_string(&mut t));
+    if read.is_ok() && !t.trim().is_empty() {
+        return Ok(t.trim().to_string());
     }
     let token = random_token()?;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(home.token())?;
-    f.write_all(token.as_bytes())?;
+    crate::home::write_private(&home.token(), token.as_bytes())
+        .with_context(|| format!("cannot write {}", home.token().display()))?;
     Ok(token)
 }
 
@@ -341,12 +341,11 @@ fn api_token(home: &Home) -> anyhow::Result<String> {
 fn take_lock(home: &Home, wait: bool) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(home.lock())
-            .with_context(|| format!("cannot open {}", home.lock().display()))?;
+        let file = crate::home::open_private(
+            &home.lock(),
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true),
+        )
+        .with_context(|| format!("cannot open {}", home.lock().display()))?;
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(l) => return Ok(l),
             Err(_) if wait && std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
@@ -413,9 +412,9 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     std::env::remove_var("NONSTOP_UPGRADE");
     // Everything that can fail is done before a predecessor is told to step
     // down (SQLite in WAL mode may be opened by both at once).
-    let store = Arc::new(nonstop_store::Store::open(&home.database())?);
+    let store = Arc::new(crate::recovery::open_store(&home)?);
     let driver = Arc::new(
-        LocalDriver::new(LocalDriverConfig::new(home.path(), vec![monitor_exe.into_os_string(), "__monitor".into()]))
+        LocalDriver::new(LocalDriverConfig::new(home.path(), crate::home::monitor_command(monitor_exe)))
             .context("cannot set up the local driver")?,
     );
     let api_token_value = match api_listen {
@@ -436,7 +435,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         tokio::task::spawn_blocking(move || take_lock(&home2, successor)).await??
     };
     let mut state_lock = Some(state_lock);
-    std::fs::write(home.dir.join("daemon.pid"), std::process::id().to_string())?;
+    crate::home::write_private(&home.pid_file(), std::process::id().to_string().as_bytes())?;
 
     let shutdown = CancellationToken::new();
     let engine_stop = shutdown.child_token();
@@ -454,6 +453,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         .map_or(0, |n| n as usize);
     let proxy = Proxy::new(ProxyConfig { workers, ..ProxyConfig::default() });
     let tasks = TaskTracker::new();
+    crate::recovery::spawn_housekeeping(store.clone(), &home, engine_stop.child_token(), &tasks);
     let ingress = Arc::new(ProxyIngress {
         proxy: proxy.clone(),
         plain: Mutex::new(None),

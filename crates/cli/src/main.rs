@@ -6,6 +6,7 @@ mod commands;
 mod daemon;
 mod home;
 mod output;
+mod recovery;
 mod upgrade;
 
 use clap::Parser;
@@ -14,9 +15,25 @@ fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // The per-instance monitor: a tiny synchronous program, no runtime.
     if args.get(1).is_some_and(|a| a == "__monitor") {
-        std::process::exit(nonstop_supervisor::monitor_main(args[2..].to_vec()));
+        let mut rest = args[2..].to_vec();
+        // `--umask OOOO` (from the daemon, which runs with umask 077): the
+        // umask the app gets; the monitor's own files have explicit modes.
+        if rest.first().is_some_and(|a| a == "--umask") && rest.len() >= 2 {
+            if let Some(m) = rest[1].to_str().and_then(|m| u32::from_str_radix(m, 8).ok()) {
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(m));
+            }
+            rest.drain(..2);
+        }
+        std::process::exit(nonstop_supervisor::monitor_main(rest));
     }
     let cli = cli::Cli::parse();
+    // The daemon and `doctor` create state: private from the start (before
+    // the runtime's threads exist). Other commands keep the user's umask
+    // (`init` writes nonstop.toml, `run` runs a command of the user's) and
+    // create what they put in the state directory with explicit modes.
+    if matches!(cli.command, cli::Command::Daemon { .. } | cli::Command::Doctor { .. }) {
+        home::private_umask();
+    }
     let code = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt.block_on(commands::dispatch(cli)),
         Err(e) => {

@@ -91,7 +91,8 @@ fn serving_file(home: &Home) -> PathBuf {
 
 fn announce(home: &Home, file: PathBuf) -> std::io::Result<()> {
     let tmp = home.dir.join(".upgrade.announce.tmp");
-    std::fs::write(&tmp, std::process::id().to_string())?;
+    let _ = std::fs::remove_file(&tmp);
+    crate::home::write_private(&tmp, std::process::id().to_string().as_bytes())?;
     std::fs::rename(tmp, file)
 }
 
@@ -193,11 +194,7 @@ pub fn spawn_successor(
 ) -> Result<Successor, String> {
     let _ = std::fs::remove_file(ready_file(home));
     let _ = std::fs::remove_file(serving_file(home));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(home.daemon_log())
-        .map_err(|e| format!("cannot open {}: {e}", home.daemon_log().display()))?;
+    let log = home.open_daemon_log().map_err(|e| e.to_string())?;
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     let names: Vec<&str> = sockets.iter().map(|(n, _)| *n).collect();
     let mappings: Vec<FdMapping> = sockets

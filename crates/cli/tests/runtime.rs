@@ -394,14 +394,17 @@ fn the_api_is_private_the_socket_is_0600_and_tcp_needs_the_token() {
     use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
     let app = TestApp::hello();
+    let home_mode_before = std::fs::metadata(app.home.path()).unwrap().permissions().mode() & 0o777;
     let api_port = free_port();
     let child = app.cmd(&["up"]).env("NONSTOP_API_LISTEN", format!("127.0.0.1:{api_port}")).spawn().unwrap();
     let out = wait_output(child, T, "up");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mode = std::fs::metadata(app.home.path().join("nonstop.sock")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+    // An existing home is used as it is (never chmod-ed), being neither
+    // group- nor world-writable.
     let home_mode = std::fs::metadata(app.home.path()).unwrap().permissions().mode() & 0o777;
-    assert_eq!(home_mode, 0o700);
+    assert_eq!(home_mode, home_mode_before);
     let token = std::fs::read_to_string(app.home.path().join("api-token")).unwrap();
     let token_mode = std::fs::metadata(app.home.path().join("api-token")).unwrap().permissions().mode() & 0o777;
     assert_eq!(token_mode, 0o600);
