@@ -131,6 +131,57 @@ pub struct TaskSpec {
     pub timeout: Duration,
 }
 
+/// What a recorded one-off process is for. Each is recorded in the store
+/// before it starts, so that a daemon that died while it ran knows about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// A `build` command (run by the release builder, not the driver).
+    Build,
+    /// One of `[release] tasks` (run before any instance changes).
+    ReleaseTask,
+    /// One of `[release] post_tasks` (run once the release is live).
+    PostTask,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Build => "build",
+            TaskKind::ReleaseTask => "release_task",
+            TaskKind::PostTask => "post_task",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskKind> {
+        match s {
+            "build" => Some(TaskKind::Build),
+            "release_task" => Some(TaskKind::ReleaseTask),
+            "post_task" => Some(TaskKind::PostTask),
+            _ => None,
+        }
+    }
+
+    /// `build command`, `release task`, `post task`, for messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            TaskKind::Build => "build command",
+            TaskKind::ReleaseTask => "release task",
+            TaskKind::PostTask => "post task",
+        }
+    }
+}
+
+/// A started one-off task: where it runs, recorded in the store as soon as
+/// it exists, so that a restarted daemon can find it again (and wait for it
+/// or stop it) exactly as it finds an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TaskHandle {
+    /// The task's name ([`TaskSpec::name`]).
+    pub name: String,
+    pub locator: Locator,
+}
+
 /// The result of a one-off task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskOutcome {
@@ -191,9 +242,57 @@ pub trait Driver: Send + Sync + 'static {
     /// descriptors, an API that does not answer) says `Unknown`.
     fn liveness(&self, handle: &InstanceHandle) -> Liveness;
 
-    /// Run a one-off task to completion (release tasks). Its output is also
-    /// written to the task's log.
-    fn run_task(&self, task: TaskSpec) -> impl Future<Output = Result<TaskOutcome, DriverError>> + Send;
+    /// Start a one-off task (release and post tasks). Returns once its
+    /// process exists, with the handle to record; its output goes to the
+    /// task's log. Like an instance, a task outlives the daemon.
+    fn start_task(&self, task: TaskSpec) -> impl Future<Output = Result<TaskHandle, DriverError>> + Send;
+
+    /// Wait until a task (started by this daemon or an earlier one) has
+    /// ended, at most `timeout`: past it the task's process group is
+    /// stopped (SIGTERM, then SIGKILL) and the outcome says `timed_out`.
+    /// Cancel-safe: dropping the future leaves the task running (a daemon
+    /// that stops leaves it to the next one); [`Driver::stop_task`] ends it.
+    fn wait_task(
+        &self,
+        handle: &TaskHandle,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<TaskOutcome, DriverError>> + Send;
+
+    /// Stop a task: `signal` to its process group, SIGKILL after `timeout`.
+    /// Resolves once nothing of it is left. Safe on a task that is gone.
+    fn stop_task(
+        &self,
+        handle: &TaskHandle,
+        signal: Signal,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<StopOutcome, DriverError>> + Send;
+
+    /// Whether a recorded task is still the same live task (pid and start
+    /// time, for the local driver); `Gone` only on evidence, as
+    /// [`Driver::liveness`].
+    fn task_liveness(&self, handle: &TaskHandle) -> Liveness;
+
+    /// How a task that is no longer alive ended, when the driver knows it
+    /// (e.g. it ended while no daemon watched it).
+    fn task_exit(&self, handle: &TaskHandle) -> Option<ExitStatus>;
+
+    /// Every live task of this app and environment, recorded or not: a
+    /// daemon that died between starting a task and recording its handle
+    /// finds it here by name.
+    fn running_tasks(&self, _app: &AppName, _environment: &EnvironmentId) -> Vec<TaskHandle> {
+        Vec::new()
+    }
+
+    /// Run a one-off task to completion: [`Driver::start_task`], then
+    /// [`Driver::wait_task`] for its timeout. Dropping the future leaves the
+    /// task running.
+    fn run_task(&self, task: TaskSpec) -> impl Future<Output = Result<TaskOutcome, DriverError>> + Send {
+        async move {
+            let timeout = task.timeout;
+            let handle = self.start_task(task).await?;
+            self.wait_task(&handle, timeout).await
+        }
+    }
 
     /// Every instance of this app and environment that the driver knows to
     /// be alive, recorded or not: a daemon that died between starting an

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 #[path = "deploy.rs"]
 pub(crate) mod deploy;
+#[path = "tasks.rs"]
+pub(crate) mod tasks;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -94,6 +96,19 @@ pub trait Builder: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>>;
     /// Delete every release of `app` on disk except `keep`.
     fn prune(&self, app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, String>;
+    /// Whether a build command that `build` reported (see
+    /// [`BuildNote::Command`]) still runs: a daemon that died during a
+    /// build left it.
+    fn command_alive(&self, _command: &nonstop_core::driver::Locator) -> bool {
+        false
+    }
+    /// Kill such a build command's process group; resolves once it is gone.
+    fn kill_command(
+        &self,
+        _command: &nonstop_core::driver::Locator,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<StopOutcome, String>> + Send>> {
+        Box::pin(async { Ok(StopOutcome::AlreadyGone) })
+    }
 }
 
 /// A builder for engines that cannot build (tests of other features).
@@ -228,6 +243,21 @@ pub(crate) enum Internal {
         deployment: i64,
         post: bool,
         result: Result<(), String>,
+    },
+    /// A release or post task's process exists: record its handle.
+    TaskStarted {
+        task: i64,
+        handle: nonstop_core::driver::TaskHandle,
+    },
+    /// A release or post task ended (or could not run, or was stopped).
+    TaskEnded {
+        task: i64,
+        result: Result<nonstop_core::driver::TaskOutcome, String>,
+    },
+    /// A task left running by an earlier daemon was killed (or could not be).
+    TaskKilled {
+        task: i64,
+        result: Result<StopOutcome, String>,
     },
     /// The content hash of a pending deploy's app directory.
     Hashed {
@@ -524,6 +554,8 @@ pub struct Engine<D, T, I, L> {
     /// starts retried soon, events kept in memory. A mutex only so that
     /// `event(&self)` can keep one.
     degraded: std::sync::Mutex<Degraded>,
+    /// Release and post tasks this engine runs or waits for, by record id.
+    pub(crate) live_tasks: BTreeMap<i64, tasks::LiveTask>,
 }
 
 const CHECK_HISTORY: usize = 5;
@@ -583,6 +615,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             deployment: None,
             pending_deploy: None,
             degraded: std::sync::Mutex::new(Degraded::default()),
+            live_tasks: BTreeMap::new(),
         };
         let join = tokio::spawn(engine.run(rx, events_rx, health, shutdown));
         (EngineHandle { tx }, join)
@@ -1083,6 +1116,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Internal::Built { deployment, result } => self.deploy_on_built(deployment, result),
             Internal::Hashed { result } => self.deploy_on_hashed(result),
             Internal::TasksDone { deployment, post, result } => self.deploy_on_tasks(deployment, post, result),
+            Internal::TaskStarted { task, handle } => self.on_task_started(task, handle),
+            Internal::TaskEnded { task, result } => self.on_task_ended(task, result),
+            Internal::TaskKilled { task, result } => self.on_task_killed(task, result),
             Internal::Exited { id, status } => self.on_exited(id, status),
             Internal::MainExited { id } => {
                 // Out of rotation now: what is left of it finishes its

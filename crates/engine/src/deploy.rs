@@ -10,7 +10,6 @@
 //! changed) or rolls it back.
 
 use super::*;
-use nonstop_core::driver::TaskSpec;
 use nonstop_plan::deploy::{rollout_order, DeployPhase};
 use nonstop_store::{DeploymentRecord, DeploymentStatus, ReleaseRecord, ReleaseStatus};
 
@@ -30,6 +29,9 @@ pub(crate) struct DeployRun {
     pub(crate) rollback_failed: bool,
     /// `nonstop cancel`: why, once asked.
     pub(crate) cancelled: Option<String>,
+    /// What became of its tasks across a daemon restart (waited for,
+    /// killed), for its history.
+    pub(crate) notes: Vec<String>,
 }
 
 /// What `nonstop deploy` asks for.
@@ -67,6 +69,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         if let Err(e) = self.check_deploy(&request.spec, &request.source) {
             let _ = reply.send(Err(e));
+            return;
+        }
+        if let Some(err) = self.task_conflict(&request.spec.app) {
+            let _ = reply.send(Err(err));
             return;
         }
         let _ = progress.send(Progress::note(format!("reading {}", request.source.display())));
@@ -232,6 +238,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             post_failure: None,
             rollback_failed: false,
             cancelled: None,
+            notes: Vec::new(),
         };
         Ok(Some((run, summary)))
     }
@@ -245,6 +252,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         reply: Reply<OpReport>,
     ) {
         if let Some(err) = self.busy() {
+            let _ = reply.send(Err(err));
+            return;
+        }
+        if let Some(err) =
+            self.app.as_ref().map(|rt| rt.record.app.clone()).filter(|_| run_tasks).and_then(|a| self.task_conflict(&a))
+        {
             let _ = reply.send(Err(err));
             return;
         }
@@ -353,6 +366,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 post_failure: None,
                 rollback_failed: false,
                 cancelled: None,
+                notes: Vec::new(),
             },
             summary,
         ))
@@ -503,87 +517,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
     }
 
-    /// Run `[release] tasks` (or `post_tasks`) one at a time through the driver.
+    /// Run `[release] tasks` (or `post_tasks`) one at a time through the
+    /// driver, each recorded before it starts (see `tasks.rs`).
     fn spawn_tasks(&mut self, post: bool) {
-        let Some(run) = self.deployment.as_ref() else { return };
-        let commands = if post { run.to.spec.release.post_tasks.clone() } else { run.to.spec.release.tasks.clone() };
-        let id = run.record.id;
-        let tx = self.events_tx.clone();
-        if commands.is_empty() {
-            let _ = tx.send(Internal::TasksDone { deployment: id, post, result: Ok(()) });
-            return;
-        }
-        let mut env = release_env(&run.base_env, &run.to, &self.env);
-        env.insert("NONSTOP_PROCESS".into(), if post { "post-task" } else { "release-task" }.into());
-        let env: Vec<(String, String)> = env.into_iter().collect();
-        let (app, environment, release, workdir, timeout) = (
-            run.to.spec.app.clone(),
-            self.env.clone(),
-            run.to.id,
-            run.to.workdir.clone(),
-            run.to.spec.release.task_timeout,
-        );
-        let driver = self.driver.clone();
-        let progress = self.op.as_ref().map(|o| o.progress.clone());
-        let cancel = run.cancel.clone();
-        let kind = if post { "post task" } else { "release task" };
-        self.tasks.spawn(async move {
-            let say = |m: String| {
-                if let Some(p) = &progress {
-                    let _ = p.send(Progress { phase: Some(kind.to_string()), ..Progress::note(m) });
-                }
-            };
-            let n = commands.len();
-            let mut result = Ok(());
-            for (i, command) in commands.into_iter().enumerate() {
-                say(format!("{kind} {}/{n}: {command}", i + 1));
-                let task = TaskSpec {
-                    app: app.clone(),
-                    environment: environment.clone(),
-                    release,
-                    name: format!("{}-{}-{}", if post { "post" } else { "release" }, release.0, i + 1),
-                    command: command.clone(),
-                    workdir: workdir.clone(),
-                    env: env.clone(),
-                    timeout,
-                };
-                let deadline = timeout + crate::actor::DRIVER_TASK_MARGIN;
-                let outcome = tokio::select! {
-                    _ = cancel.cancelled() => { result = Err("cancelled".to_string()); break; }
-                    o = tokio::time::timeout(deadline, driver.run_task(task)) => match o {
-                        Ok(o) => o,
-                        Err(_) => {
-                            let why = crate::actor::driver_silent("run_task", deadline);
-                            result = Err(format!("{kind} {}/{n} `{command}`: {why}", i + 1));
-                            break;
-                        }
-                    },
-                };
-                match outcome {
-                    Ok(o) if o.status.success() && !o.timed_out => {
-                        say(format!("{kind} {}/{n} done in {}", i + 1, fmt_dur(o.duration)));
-                    }
-                    Ok(o) => {
-                        let why = if o.timed_out {
-                            format!("timed out after {}", fmt_dur(timeout))
-                        } else {
-                            o.status.to_string()
-                        };
-                        result = Err(format!(
-                            "{kind} {}/{n} `{command}` failed ({why}){}",
-                            i + 1,
-                            tail_suffix(&o.output_tail)
-                        ));
-                        break;
-                    }
-                    Err(e) => {
-                        result = Err(format!("{kind} {}/{n} `{command}` could not run: {e}", i + 1));
-                        break;
-                    }
-                }
-            }
-            let _ = tx.send(Internal::TasksDone { deployment: id, post, result });
-        });
+        self.start_task(post, 0);
     }
 
     pub(crate) fn deploy_on_tasks(&mut self, deployment: i64, post: bool, result: Result<(), String>) {
@@ -756,6 +693,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             DeployPhase::Failed { reason } => (DeploymentStatus::Failed, Some(reason.clone())),
             _ => (DeploymentStatus::Failed, Some("ended in an unexpected phase".to_string())),
         };
+        let reason = run.reason_with_notes(reason);
         run.record.phase = serde_json::to_value(&phase).unwrap_or_default();
         run.record.status = status;
         run.record.reason = reason.clone();
@@ -853,7 +791,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     pub(crate) fn recover_deployment(&mut self) -> Result<(), EngineError> {
         let Some(rt) = self.app.as_ref() else { return Ok(()) };
         let app = rt.record.app.clone();
-        let Some(mut record) = self.store.running_deployment(&app, &self.env)? else { return Ok(()) };
+        let base_env = rt.record.base_env.clone();
+        let Some(mut record) = self.store.running_deployment(&app, &self.env)? else {
+            // Tasks an earlier daemon left to end by themselves.
+            self.recover_tasks(&app, None)?;
+            return Ok(());
+        };
         let to_rec = self.store.release(&app, record.to_release)?;
         let phase: DeployPhase = serde_json::from_value(record.phase.clone()).unwrap_or(DeployPhase::Building);
         let from = record.from_release.map(|_| rt.current());
@@ -866,7 +809,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         };
         let to = ReleaseCtx { id: to_rec.id, spec: to_rec.spec.clone(), workdir: to_rec.dir.clone() };
         let order = rollout_order(from.as_ref().map(|f| &f.spec), &to.spec);
-        let next = phase.on_restart(&order);
+        // The task it was in the middle of (and any other left running).
+        let tasks = self.recover_tasks(&app, Some((record.id, &phase)))?;
+        let next = phase.on_restart(&order, tasks.resume.as_ref().map(|(_, fate, _)| fate));
         if to_rec.status == ReleaseStatus::Building {
             let mut r = to_rec.clone();
             r.status = ReleaseStatus::Failed;
@@ -875,7 +820,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         tracing::warn!("deployment #{} was {} when the daemon stopped: now {}", record.id, phase.name(), next.name());
         let (progress, _) = mpsc::unbounded_channel();
         let (reply, _) = oneshot::channel();
-        let base_env = rt.record.base_env.clone();
         self.begin_op(
             if record.kind == "rollback" { "rollback" } else { "deploy" },
             progress,
@@ -902,11 +846,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             post_failure: None,
             rollback_failed: false,
             cancelled: None,
+            notes: tasks.notes,
         });
-        match next {
-            DeployPhase::Failed { reason } => self.finish_deploy(DeployPhase::Failed { reason }),
-            DeployPhase::Succeeded => self.finish_deploy(DeployPhase::Succeeded),
-            other => self.set_phase(other),
+        match (next, tasks.resume) {
+            (DeployPhase::Failed { reason }, _) => self.finish_deploy(DeployPhase::Failed { reason }),
+            (DeployPhase::Succeeded, _) => self.finish_deploy(DeployPhase::Succeeded),
+            (DeployPhase::ReleaseTasks | DeployPhase::PostTasks, Some((task, fate, handle))) => {
+                self.resume_task(task, fate, handle)
+            }
+            (other, _) => self.set_phase(other),
         }
         Ok(())
     }
@@ -921,8 +869,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 self.store.put_release(&r)?;
             }
         }
+        let tasks = self.recover_tasks(app, None)?;
+        let mut reason = "the daemon stopped before the release went live; nothing was started".to_string();
+        if !tasks.notes.is_empty() {
+            reason = format!("{}; {reason}", tasks.notes.join("; "));
+        }
         record.status = DeploymentStatus::Failed;
-        record.reason = Some("the daemon stopped before the release went live; nothing was started".into());
+        record.reason = Some(reason);
         record.finished_at = Some(self.clock.wall());
         record.phase =
             serde_json::to_value(DeployPhase::Failed { reason: "daemon stopped".into() }).unwrap_or_default();

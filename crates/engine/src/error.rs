@@ -11,6 +11,8 @@ pub enum EngineError {
     OtherApp { running: String, requested: String },
     #[error("another operation ({operation}) is in progress since {since}; wait for it to finish and try again (a deploy, rollback or rolling restart can be stopped with `nonstop cancel`)")]
     Busy { operation: String, since: String },
+    #[error("{task} of deployment #{deployment} still runs (pid {pid}), started by a daemon that stopped; the tasks of two deployments never run at once: wait until it has ended (`nonstop history` says how it ended), or stop it with `kill -TERM -{pid}`, and deploy again")]
+    TaskRunning { task: String, pid: u32, deployment: i64 },
     #[error(
         "{operation} cannot be cancelled: it ends by itself once its instances are ready, or at their health timeout"
     )]
@@ -78,6 +80,7 @@ impl EngineError {
             | EngineError::CannotDeploy { .. } => 2,
             EngineError::OtherApp { .. }
             | EngineError::Busy { .. }
+            | EngineError::TaskRunning { .. }
             | EngineError::NotUp
             | EngineError::NotCancellable { .. } => 3,
             _ => 1,

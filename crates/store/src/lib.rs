@@ -10,7 +10,7 @@
 mod health;
 pub use health::{restore_backup, shm_path, wal_path, Damage, Inspection};
 
-use nonstop_core::driver::InstanceHandle;
+use nonstop_core::driver::{InstanceHandle, Locator, TaskKind};
 use nonstop_core::process::AppSpec;
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -116,6 +116,23 @@ CREATE TABLE IF NOT EXISTS deployments (
     finished_at_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS deployments_by_app ON deployments (app, environment, id);
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    deployment INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    command TEXT NOT NULL,
+    locator_json TEXT,
+    state TEXT NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER,
+    outcome TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_by_app ON tasks (app, environment, state);
 "#;
 
 /// The recorded state of an app in an environment.
@@ -280,6 +297,68 @@ pub struct DeploymentRecord {
     pub message: Option<String>,
     pub started_at: SystemTime,
     pub finished_at: Option<SystemTime>,
+}
+
+/// Where a recorded task (build command, release or post task) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Recorded before it is started (no process known yet).
+    Starting,
+    /// Its process exists; the locator is recorded.
+    Running,
+    /// Ended (how: `outcome`).
+    Finished,
+}
+
+impl TaskState {
+    fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Starting => "starting",
+            TaskState::Running => "running",
+            TaskState::Finished => "finished",
+        }
+    }
+    fn parse(s: &str) -> TaskState {
+        match s {
+            "running" => TaskState::Running,
+            "finished" => TaskState::Finished,
+            _ => TaskState::Starting,
+        }
+    }
+}
+
+/// A one-off process of a deployment, recorded before it starts, with its
+/// process once it runs, and finished with how it ended: a restarted
+/// daemon finds the ones that were running (see the engine's recovery).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: i64,
+    pub app: AppName,
+    pub environment: EnvironmentId,
+    pub deployment: i64,
+    pub kind: TaskKind,
+    /// 0-based position among the deployment's tasks of this kind.
+    pub index: u32,
+    /// How many tasks of this kind the deployment runs.
+    pub total: u32,
+    /// The driver's task name (`release-3-1`), or `build-3-1`.
+    pub name: String,
+    pub command: String,
+    pub locator: Option<Locator>,
+    pub state: TaskState,
+    pub started_at: SystemTime,
+    pub finished_at: Option<SystemTime>,
+    /// How it ended, in words (`exit code 0`, `killed by the daemon
+    /// that found it running after a restart`).
+    pub outcome: Option<String>,
+}
+
+impl TaskRecord {
+    /// `release task 1/2 `python manage.py migrate``, for messages.
+    pub fn describe(&self) -> String {
+        format!("{} {}/{} `{}`", self.kind.label(), self.index + 1, self.total, self.command)
+    }
 }
 
 pub struct Store {
@@ -730,6 +809,109 @@ impl Store {
     /// The deployment still running for this app and environment, if any.
     pub fn running_deployment(&self, app: &AppName, env: &EnvironmentId) -> Result<Option<DeploymentRecord>> {
         Ok(self.deployments(app, env, 50)?.into_iter().find(|d| d.status == DeploymentStatus::Running))
+    }
+}
+
+impl Store {
+    /// Record a task before it starts; returns its id.
+    pub fn insert_task(&self, rec: &TaskRecord) -> Result<i64> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO tasks (app, environment, deployment, kind, idx, total, name, command, locator_json, state,
+                started_at_ms, finished_at_ms, outcome)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                rec.app.as_str(),
+                rec.environment.as_str(),
+                rec.deployment,
+                rec.kind.as_str(),
+                rec.index,
+                rec.total,
+                rec.name,
+                rec.command,
+                rec.locator.as_ref().map(encode),
+                rec.state.as_str(),
+                ms(rec.started_at),
+                rec.finished_at.map(ms),
+                rec.outcome,
+            ],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Store a task's process, state and outcome.
+    pub fn update_task(&self, rec: &TaskRecord) -> Result<()> {
+        self.conn().execute(
+            "UPDATE tasks SET locator_json = ?2, state = ?3, finished_at_ms = ?4, outcome = ?5 WHERE id = ?1",
+            params![rec.id, rec.locator.as_ref().map(encode), rec.state.as_str(), rec.finished_at.map(ms), rec.outcome],
+        )?;
+        Ok(())
+    }
+
+    /// Tasks of this app and environment not recorded as finished, oldest first.
+    pub fn unfinished_tasks(&self, app: &AppName, env: &EnvironmentId) -> Result<Vec<TaskRecord>> {
+        self.query_tasks("WHERE app = ?1 AND environment = ?2 AND state != 'finished' ORDER BY id", app, env, i64::MAX)
+    }
+
+    /// The newest `limit` tasks of this app and environment, oldest first.
+    pub fn tasks(&self, app: &AppName, env: &EnvironmentId, limit: usize) -> Result<Vec<TaskRecord>> {
+        let mut out = self.query_tasks(
+            "WHERE app = ?1 AND environment = ?2 ORDER BY id DESC",
+            app,
+            env,
+            i64::try_from(limit).unwrap_or(i64::MAX),
+        )?;
+        out.reverse();
+        Ok(out)
+    }
+
+    fn query_tasks(&self, filter: &str, app: &AppName, env: &EnvironmentId, limit: i64) -> Result<Vec<TaskRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, deployment, kind, idx, total, name, command, locator_json, state, started_at_ms,
+               finished_at_ms, outcome FROM tasks {filter} LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![app.as_str(), env.as_str(), limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, u32>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, Option<String>>(7)?,
+                r.get::<_, String>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, Option<i64>>(10)?,
+                r.get::<_, Option<String>>(11)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, deployment, kind, index, total, name, command, locator, state, started, finished, outcome) = row?;
+            let kind = TaskKind::parse(&kind).ok_or_else(|| StoreError::Decode {
+                what: "task kind",
+                source: serde::de::Error::custom(format!("unknown task kind {kind:?}")),
+            })?;
+            out.push(TaskRecord {
+                id,
+                app: app.clone(),
+                environment: env.clone(),
+                deployment,
+                kind,
+                index,
+                total,
+                name,
+                command,
+                locator: locator.as_deref().map(|l| decode("task locator", l)).transpose()?,
+                state: TaskState::parse(&state),
+                started_at: from_ms(started),
+                finished_at: finished.map(from_ms),
+                outcome,
+            });
+        }
+        Ok(out)
     }
 }
 

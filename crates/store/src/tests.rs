@@ -1,5 +1,5 @@
 use super::*;
-use nonstop_core::driver::Locator;
+use nonstop_core::driver::{Locator, TaskKind};
 use nonstop_core::process::{ProxySpec, ReleaseSpec};
 use std::collections::BTreeMap;
 
@@ -154,4 +154,47 @@ fn releases_and_deployments_round_trip() {
     store.update_deployment(&dep).unwrap();
     assert_eq!(store.running_deployment(&app, &env).unwrap(), None);
     assert_eq!(store.deployments(&app, &env, 10).unwrap(), vec![dep]);
+}
+
+#[test]
+fn tasks_are_recorded_before_they_start_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let (app, env, _) = ids();
+    let store = Store::open(&path).unwrap();
+    let mut rec = TaskRecord {
+        id: 0,
+        app: app.clone(),
+        environment: env.clone(),
+        deployment: 7,
+        kind: TaskKind::ReleaseTask,
+        index: 0,
+        total: 2,
+        name: "release-3-1".into(),
+        command: "python manage.py migrate".into(),
+        locator: None,
+        state: TaskState::Starting,
+        started_at: UNIX_EPOCH + Duration::from_secs(10),
+        finished_at: None,
+        outcome: None,
+    };
+    rec.id = store.insert_task(&rec).unwrap();
+    assert_eq!(store.unfinished_tasks(&app, &env).unwrap(), vec![rec.clone()]);
+    rec.locator = Some(Locator::Local { pid: 42, start_time: 4200, monitor_pid: 41, monitor_start_time: 4100 });
+    rec.state = TaskState::Running;
+    store.update_task(&rec).unwrap();
+    drop(store);
+
+    // A restarted daemon finds it, with its process.
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.unfinished_tasks(&app, &env).unwrap(), vec![rec.clone()]);
+    assert_eq!(rec.describe(), "release task 1/2 `python manage.py migrate`");
+    rec.state = TaskState::Finished;
+    rec.finished_at = Some(UNIX_EPOCH + Duration::from_secs(40));
+    rec.outcome = Some("exit code 0".into());
+    store.update_task(&rec).unwrap();
+    assert!(store.unfinished_tasks(&app, &env).unwrap().is_empty());
+    let other = AppName::new("shop").unwrap();
+    assert!(store.tasks(&other, &env, 10).unwrap().is_empty());
+    assert_eq!(store.tasks(&app, &env, 10).unwrap(), vec![rec]);
 }

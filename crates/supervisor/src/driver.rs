@@ -12,7 +12,8 @@ use crate::state::{
 use nix::errno::Errno;
 use nix::sys::signal::Signal as NixSignal;
 use nonstop_core::driver::{
-    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Liveness, Locator, StopOutcome, TaskOutcome, TaskSpec,
+    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Liveness, Locator, StopOutcome, TaskHandle,
+    TaskOutcome, TaskSpec,
 };
 use nonstop_core::ids::{AppName, EnvironmentId, InstanceId};
 use nonstop_core::process::Signal;
@@ -540,7 +541,7 @@ impl LocalDriver {
         Err(format!("could not find a free log file name for task {name} in {}", dir.display()))
     }
 
-    async fn run_task_inner(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
+    async fn start_task_inner(&self, task: TaskSpec) -> Result<TaskHandle, DriverError> {
         let task_err = |reason: String| DriverError::Task { name: task.name.clone(), reason };
         if task.name.trim().is_empty() {
             return Err(task_err("the task has no name; give it one such as `release-task-1`".to_string()));
@@ -556,24 +557,30 @@ impl LocalDriver {
             command: task.command.clone(),
             workdir: task.workdir.clone(),
             env,
-            log_path: log_path.clone(),
+            log_path,
             log_max_bytes: self.inner.config.log_max_bytes,
             log_keep: self.inner.config.log_keep,
             instances_dir: self.inner.instances_dir.clone(),
         };
-        let started = Instant::now();
         let (loc, _dir) = self.spawn_monitor(&params).await.map_err(task_err)?;
-        // If this future is dropped (the deploy was cancelled), the task
-        // must not run on unobserved.
-        let mut guard = KillOnDrop { loc: Some(loc) };
-        let timed_out = tokio::time::timeout(task.timeout, self.wait_gone(loc)).await.is_err();
+        Ok(TaskHandle { name: task.name, locator: loc.locator() })
+    }
+
+    /// Works for a task an earlier daemon started as well: its monitor
+    /// recorded where its log is and how it ended.
+    async fn wait_task_inner(&self, handle: &TaskHandle, timeout: Duration) -> Result<TaskOutcome, DriverError> {
+        let loc = Loc::from(&handle.locator);
+        let started = Instant::now();
+        let timed_out = tokio::time::timeout(timeout, self.wait_gone(loc)).await.is_err();
         if timed_out {
-            let label = format!("task {}", task.name);
+            let label = format!("task {}", handle.name);
             self.stop_loc(loc, &label, Signal::Term, TASK_TERM_GRACE).await?;
         }
-        guard.loc = None;
         let status = self.recorded_exit_loc(loc).unwrap_or(ExitStatus::Unknown);
-        let output_tail = logs::last_texts(&log_path, TASK_TAIL_LINES, &[Stream::Out, Stream::Err]).unwrap_or_default();
+        let log_path = read_json::<InstanceRecord>(&self.instance_dir(loc).join(RECORD_FILE)).map(|r| r.log_path);
+        let output_tail = log_path
+            .and_then(|p| logs::last_texts(&p, TASK_TAIL_LINES, &[Stream::Out, Stream::Err]).ok())
+            .unwrap_or_default();
         Ok(TaskOutcome { status, timed_out, output_tail, duration: started.elapsed() })
     }
 }
@@ -598,16 +605,13 @@ fn proc_unreadable(loc: Loc, err: &io::Error) -> String {
     )
 }
 
-struct KillOnDrop {
-    loc: Option<Loc>,
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(loc) = self.loc {
-            if matches!(procinfo::exists(loc.pid, loc.start_time), Ok(true)) {
-                let _ = procinfo::signal_group(loc.pid, NixSignal::SIGKILL);
-            }
+impl Loc {
+    fn locator(self) -> Locator {
+        Locator::Local {
+            pid: self.pid,
+            start_time: self.start_time,
+            monitor_pid: self.monitor_pid,
+            monitor_start_time: self.monitor_start_time,
         }
     }
 }
@@ -725,8 +729,37 @@ impl Driver for LocalDriver {
         self.liveness_loc(Loc::from(&handle.locator))
     }
 
-    async fn run_task(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
-        self.run_task_inner(task).await
+    async fn start_task(&self, task: TaskSpec) -> Result<TaskHandle, DriverError> {
+        self.start_task_inner(task).await
+    }
+
+    async fn wait_task(&self, handle: &TaskHandle, timeout: Duration) -> Result<TaskOutcome, DriverError> {
+        self.wait_task_inner(handle, timeout).await
+    }
+
+    async fn stop_task(
+        &self,
+        handle: &TaskHandle,
+        signal: Signal,
+        timeout: Duration,
+    ) -> Result<StopOutcome, DriverError> {
+        self.stop_loc(Loc::from(&handle.locator), &format!("task {}", handle.name), signal, timeout).await
+    }
+
+    fn task_liveness(&self, handle: &TaskHandle) -> Liveness {
+        self.liveness_loc(Loc::from(&handle.locator))
+    }
+
+    fn task_exit(&self, handle: &TaskHandle) -> Option<ExitStatus> {
+        self.recorded_exit_loc(Loc::from(&handle.locator))
+    }
+
+    fn running_tasks(&self, app: &AppName, environment: &EnvironmentId) -> Vec<TaskHandle> {
+        LocalDriver::running(self)
+            .into_iter()
+            .filter(|r| r.app == app.as_str() && r.environment == environment.as_str())
+            .filter_map(|r| Some(TaskHandle { name: r.task.clone()?, locator: r.locator() }))
+            .collect()
     }
 
     async fn main_exited(&self, handle: &InstanceHandle) {

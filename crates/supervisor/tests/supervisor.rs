@@ -634,6 +634,59 @@ async fn run_task_times_out_and_kills_the_group() {
     assert!(fx.driver.running().is_empty(), "the task's monitor is still running");
 }
 
+/// A task outlives the driver that started it (a daemon SIGKILLed while a
+/// migration runs): another driver on the same state directory finds it
+/// by name, waits for it and reads its exit and output; or stops it.
+#[tokio::test]
+async fn a_task_outlives_its_driver_and_another_one_waits_for_it_or_stops_it() {
+    let fx = fixture();
+    let gate = fx.work.join("gate");
+    let h = fx
+        .driver
+        .start_task(fx.task(
+            "release-3-1",
+            "echo migrating; while [ ! -e gate ]; do sleep 0.02; done; echo done; exit 7",
+            WAIT,
+        ))
+        .await
+        .unwrap();
+    let pid = h.locator.pid().unwrap();
+    // Dropping a wait leaves the task running.
+    assert!(tokio::time::timeout(Duration::from_millis(200), fx.driver.wait_task(&h, WAIT)).await.is_err());
+    assert!(fx.driver.task_liveness(&h).is_alive());
+    assert_eq!(fx.driver.task_exit(&h), None);
+
+    let adopter = LocalDriver::new(fx.driver.config().clone()).unwrap();
+    assert!(adopter.task_liveness(&h).is_alive());
+    let found = adopter.running_tasks(&app(), &env_id());
+    assert_eq!(found, vec![h.clone()], "found by name without its handle");
+    assert!(adopter.running_tasks(&AppName::new("shop").unwrap(), &env_id()).is_empty());
+    assert!(Driver::running(&adopter, &app(), &env_id()).is_empty(), "a task is not an instance");
+    std::fs::write(&gate, "").unwrap();
+    let outcome = adopter.wait_task(&h, WAIT).await.unwrap();
+    assert_eq!(outcome.status, ExitStatus::Code(7));
+    assert!(!outcome.timed_out);
+    assert_eq!(outcome.output_tail, vec!["migrating".to_string(), "done".to_string()]);
+    assert!(!adopter.task_liveness(&h).is_alive());
+    assert_eq!(adopter.task_exit(&h), Some(ExitStatus::Code(7)));
+    assert!(procinfo::stat(pid).unwrap().is_none());
+
+    // Or the next driver stops it: the whole process group.
+    let h = fx
+        .driver
+        .start_task(fx.task("release-3-2", "sleep 1000 & echo $! > bg.pid; exec sleep 1000", WAIT))
+        .await
+        .unwrap();
+    eventually("the background child", || read_pid(&fx.work.join("bg.pid")).is_some()).await;
+    let bg = read_pid(&fx.work.join("bg.pid")).unwrap();
+    let adopter = LocalDriver::new(fx.driver.config().clone()).unwrap();
+    let stopped = adopter.stop_task(&h, Signal::Kill, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(stopped, StopOutcome::Graceful);
+    assert!(!adopter.task_liveness(&h).is_alive());
+    assert!(procinfo::stat(bg).unwrap().is_none(), "the task's background child survived");
+    assert_eq!(adopter.stop_task(&h, Signal::Kill, Duration::from_secs(5)).await.unwrap(), StopOutcome::AlreadyGone);
+}
+
 #[tokio::test]
 async fn prune_logs_keeps_the_newest_and_the_running() {
     let fx = fixture();

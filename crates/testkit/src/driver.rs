@@ -3,7 +3,8 @@
 use crate::journal::{Entry, Journal};
 use crate::lock;
 use nonstop_core::driver::{
-    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Liveness, Locator, StopOutcome, TaskOutcome, TaskSpec,
+    Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Liveness, Locator, StopOutcome, TaskHandle,
+    TaskOutcome, TaskSpec,
 };
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, Signal};
 use std::collections::BTreeMap;
@@ -19,6 +20,30 @@ pub enum DriverCall {
     Start { launch: LaunchSpec, at: Instant },
     Stop { instance: InstanceId, signal: Signal, timeout: Duration, at: Instant },
     RunTask { task: TaskSpec, at: Instant },
+    StopTask { name: String, signal: Signal, at: Instant },
+}
+
+/// How long a started one-off task runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskRun {
+    /// Ends at once with the task status.
+    Instant,
+    /// Ends with the task status this long after it started.
+    After(Duration),
+    /// Until [`FakeDriver::end_task`] (or a stop, or its timeout).
+    UntilEnded,
+}
+
+struct FakeTask {
+    handle: TaskHandle,
+    spec: TaskSpec,
+    exit: watch::Sender<Option<ExitStatus>>,
+}
+
+impl FakeTask {
+    fn alive(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
 }
 
 /// How an instance reacts to `stop`.
@@ -92,6 +117,11 @@ struct State {
     /// read `/proc`).
     liveness_unknown: Option<String>,
     task_status: ExitStatus,
+    task_run: TaskRun,
+    /// By pid.
+    tasks: BTreeMap<u32, FakeTask>,
+    /// The most tasks alive at once.
+    peak_tasks: usize,
     peaks: BTreeMap<ProcessName, usize>,
     peak_total: usize,
 }
@@ -175,6 +205,9 @@ impl FakeDriver {
                     unresponsive: false,
                     liveness_unknown: None,
                     task_status: ExitStatus::Code(0),
+                    task_run: TaskRun::Instant,
+                    tasks: BTreeMap::new(),
+                    peak_tasks: 0,
                     peaks: BTreeMap::new(),
                     peak_total: 0,
                 }),
@@ -244,6 +277,71 @@ impl FakeDriver {
     /// The exit status of one-off tasks.
     pub fn set_task_status(&self, status: ExitStatus) {
         self.state().task_status = status;
+    }
+
+    /// How long one-off tasks started from now on run.
+    pub fn set_task_run(&self, run: TaskRun) {
+        self.state().task_run = run;
+    }
+
+    /// Make a live task exit with `status` (as if it finished by itself).
+    /// Returns whether it was alive.
+    pub fn end_task(&self, name: &str, status: ExitStatus) -> bool {
+        let pid =
+            self.state().tasks.values().rev().find(|t| t.handle.name == name && t.alive()).map(|t| pid_of(&t.handle));
+        pid.is_some_and(|pid| self.exit_task(pid, status))
+    }
+
+    fn exit_task(&self, pid: u32, status: ExitStatus) -> bool {
+        let name = {
+            let st = self.state();
+            match st.tasks.get(&pid) {
+                Some(t) if t.alive() => {
+                    t.exit.send_replace(Some(status));
+                    Some(t.handle.name.clone())
+                }
+                _ => None,
+            }
+        };
+        match name {
+            Some(name) => {
+                self.inner.journal.push(Entry::TaskExit(name, status));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Handles of the live tasks, oldest first.
+    pub fn tasks_alive(&self) -> Vec<TaskHandle> {
+        self.state().tasks.values().filter(|t| t.alive()).map(|t| t.handle.clone()).collect()
+    }
+
+    /// The names of the tasks started, in order.
+    pub fn task_starts(&self) -> Vec<String> {
+        self.state().tasks.values().map(|t| t.handle.name.clone()).collect()
+    }
+
+    /// The spec of the last task started with this name.
+    pub fn task_spec(&self, name: &str) -> Option<TaskSpec> {
+        self.state().tasks.values().rev().find(|t| t.handle.name == name).map(|t| t.spec.clone())
+    }
+
+    /// The most tasks alive at once since the driver was created.
+    pub fn peak_tasks_alive(&self) -> usize {
+        self.state().peak_tasks
+    }
+
+    /// Every task stop the engine asked for: (task name, signal).
+    pub fn task_stops(&self) -> Vec<(String, Signal)> {
+        self.state()
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                DriverCall::StopTask { name, signal, .. } => Some((name.clone(), *signal)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Make a live instance exit with `status`, as if it crashed or was
@@ -379,6 +477,10 @@ impl FakeDriver {
         let what = format!("{n} start(s) of {process}");
         self.wait_for(&what, |d| d.starts_of(process).len() >= n).await
     }
+}
+
+fn pid_of(handle: &TaskHandle) -> u32 {
+    handle.locator.pid().unwrap_or(0)
 }
 
 impl FakeDriver {
@@ -555,16 +657,121 @@ impl Driver for FakeDriver {
             .collect()
     }
 
-    async fn run_task(&self, task: TaskSpec) -> Result<TaskOutcome, DriverError> {
-        let (status, unresponsive) = {
+    async fn start_task(&self, task: TaskSpec) -> Result<TaskHandle, DriverError> {
+        let (status, run, unresponsive) = {
             let mut st = self.state();
             st.calls.push(DriverCall::RunTask { task: task.clone(), at: Instant::now() });
-            (st.task_status, st.unresponsive)
+            (st.task_status, st.task_run, st.unresponsive)
         };
         if unresponsive {
             return std::future::pending().await;
         }
+        let handle = {
+            let mut st = self.state();
+            let pid = st.next_pid;
+            st.next_pid += 2;
+            let handle = TaskHandle {
+                name: task.name.clone(),
+                locator: Locator::Local {
+                    pid,
+                    start_time: u64::from(pid) * 10,
+                    monitor_pid: pid + 1,
+                    monitor_start_time: u64::from(pid) * 10 + 1,
+                },
+            };
+            let (exit, _) = watch::channel(None);
+            st.tasks.insert(pid, FakeTask { handle: handle.clone(), spec: task.clone(), exit });
+            let alive = st.tasks.values().filter(|t| t.alive()).count();
+            st.peak_tasks = st.peak_tasks.max(alive);
+            handle
+        };
         self.inner.journal.push(Entry::RunTask(task.name.clone()));
-        Ok(TaskOutcome { status, timed_out: false, output_tail: Vec::new(), duration: Duration::ZERO })
+        let pid = pid_of(&handle);
+        match run {
+            TaskRun::Instant => {
+                self.exit_task(pid, status);
+            }
+            TaskRun::After(d) => {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    me.exit_task(pid, status);
+                });
+            }
+            TaskRun::UntilEnded => {}
+        }
+        Ok(handle)
+    }
+
+    async fn wait_task(&self, handle: &TaskHandle, timeout: Duration) -> Result<TaskOutcome, DriverError> {
+        let began = Instant::now();
+        let (rx, unresponsive) = {
+            let st = self.state();
+            let rx = st.tasks.get(&pid_of(handle)).filter(|t| &t.handle == handle).map(|t| t.exit.subscribe());
+            (rx, st.unresponsive)
+        };
+        if unresponsive {
+            return std::future::pending().await;
+        }
+        let Some(mut rx) = rx else {
+            return Err(DriverError::Task { name: handle.name.clone(), reason: "no such task".into() });
+        };
+        let ended = tokio::select! {
+            r = rx.wait_for(|s| s.is_some()) => r.ok().and_then(|s| *s),
+            _ = tokio::time::sleep(timeout) => None,
+        };
+        let (status, timed_out) = match ended {
+            Some(status) => (status, false),
+            None => {
+                self.exit_task(pid_of(handle), ExitStatus::Signal(15));
+                (ExitStatus::Signal(15), true)
+            }
+        };
+        Ok(TaskOutcome { status, timed_out, output_tail: Vec::new(), duration: began.elapsed() })
+    }
+
+    async fn stop_task(
+        &self,
+        handle: &TaskHandle,
+        signal: Signal,
+        _timeout: Duration,
+    ) -> Result<StopOutcome, DriverError> {
+        let unresponsive = {
+            let mut st = self.state();
+            st.calls.push(DriverCall::StopTask { name: handle.name.clone(), signal, at: Instant::now() });
+            st.unresponsive
+        };
+        if unresponsive {
+            return std::future::pending().await;
+        }
+        if self.exit_task(pid_of(handle), ExitStatus::Signal(signal_number(signal))) {
+            Ok(StopOutcome::Graceful)
+        } else {
+            Ok(StopOutcome::AlreadyGone)
+        }
+    }
+
+    fn task_liveness(&self, handle: &TaskHandle) -> Liveness {
+        let st = self.state();
+        if let Some(reason) = &st.liveness_unknown {
+            return Liveness::Unknown(reason.clone());
+        }
+        match st.tasks.get(&pid_of(handle)).is_some_and(|t| &t.handle == handle && t.alive()) {
+            true => Liveness::Alive,
+            false => Liveness::Gone,
+        }
+    }
+
+    fn task_exit(&self, handle: &TaskHandle) -> Option<ExitStatus> {
+        self.state().tasks.get(&pid_of(handle)).filter(|t| &t.handle == handle).and_then(|t| *t.exit.borrow())
+    }
+
+    fn running_tasks(&self, app: &AppName, environment: &EnvironmentId) -> Vec<TaskHandle> {
+        self.state()
+            .tasks
+            .values()
+            .filter(|t| t.alive() && &t.spec.app == app && &t.spec.environment == environment)
+            .map(|t| t.handle.clone())
+            .collect()
     }
 }

@@ -19,8 +19,10 @@ pub enum Entry {
     Stop(InstanceId),
     /// An instance ended (on its own, by the test, or by a stop).
     Exit(InstanceId, ExitStatus),
-    /// A one-off task ran.
+    /// A one-off task was started (by name).
     RunTask(String),
+    /// A one-off task ended (by itself, by the test, or stopped).
+    TaskExit(String, ExitStatus),
     /// The engine added a backend.
     Add(InstanceId, InitialHealth),
     /// A backend's health changed.
@@ -42,7 +44,7 @@ impl Entry {
             | Entry::Health(i, _)
             | Entry::Drain(i)
             | Entry::Remove(i) => Some(i),
-            Entry::RunTask(_) => None,
+            Entry::RunTask(_) | Entry::TaskExit(..) => None,
         }
     }
 }

@@ -30,7 +30,7 @@ mod traffic;
 
 pub use builder::FakeBuilder;
 pub use clock::TokioClock;
-pub use driver::{DriverCall, DriverSnapshot, FakeDriver, Lifetime, StopBehavior};
+pub use driver::{DriverCall, DriverSnapshot, FakeDriver, Lifetime, StopBehavior, TaskRun};
 pub use fixture::{settle, within, Fixture, Pending, RunningEngine};
 pub use journal::{Entry, Journal, Record};
 pub use ports::{FakeIngress, FakeLogs};

@@ -138,6 +138,11 @@ impl AppBuilder {
         self
     }
 
+    pub fn post_tasks(mut self, tasks: &[&str]) -> Self {
+        self.spec.release.post_tasks = tasks.iter().map(|t| t.to_string()).collect();
+        self
+    }
+
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.spec.proxy.listen = addr;
         self

@@ -63,7 +63,7 @@ async fn a_release_task_the_driver_never_answers_fails_the_deploy_after_its_dead
     let spec = app("blog").worker("worker", 1).release_tasks(&["python manage.py migrate"], secs(60)).build();
     let (r, _progress) = e.deploy_with_progress(spec).await;
     let err = r.unwrap_err().to_string();
-    assert!(err.contains("the driver did not answer `run_task` within 2m0s"), "{err}");
+    assert!(err.contains("the driver did not answer `start_task` within 2m0s"), "{err}");
     assert!(err.contains("python manage.py migrate"), "{err}");
     // Task timeout (60 s) + the margin (60 s).
     assert_eq!(began.elapsed().as_secs(), 120);

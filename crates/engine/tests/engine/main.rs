@@ -10,6 +10,7 @@ mod readoption;
 mod restarts;
 mod rollout;
 mod store_full;
+mod tasks;
 
 use nonstop_core::driver::ExitStatus;
 use nonstop_core::{InstanceId, ProcessName};
