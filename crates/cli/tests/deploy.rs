@@ -378,3 +378,132 @@ fn post_tasks_run_after_the_rollout_and_their_failure_is_reported_with_the_relea
     let (_, body) = app.get("/").unwrap();
     assert!(body.contains("version 2"), "{body}");
 }
+
+/// Issue 15: a daemon SIGKILLed during a 30 s release task left the task
+/// running unobserved; the next daemon recorded the deployment as failed
+/// and the next deploy's task ran alongside it. Now the restarted daemon
+/// waits for it, goes on with the deployment from its exit, and no other
+/// release task starts while it lives.
+#[test]
+fn a_daemon_killed_during_a_release_task_waits_for_it_and_never_runs_another_alongside() {
+    let app = deployable();
+    let dir = app.dir.path().display().to_string();
+    // Each run of the task logs its start and end (nanoseconds).
+    std::fs::write(
+        app.dir.path().join("task.sh"),
+        format!(
+            "echo \"start $NONSTOP_RELEASE $(date +%s%N)\" >> {dir}/tasks.log\nsleep $TASK_SECONDS\necho \"end $NONSTOP_RELEASE $(date +%s%N)\" >> {dir}/tasks.log\n"
+        ),
+    )
+    .unwrap();
+    let spec = app.spec().replace(
+        &format!("tasks = [\"echo migrated $NONSTOP_RELEASE >> {dir}/migrations.log\"]"),
+        "tasks = [\"sh task.sh\"]",
+    );
+    let spec = spec.replace("APP_VERSION = \"1\"", "APP_VERSION = \"1\"\nTASK_SECONDS = \"0\"");
+    assert!(spec.contains("sh task.sh") && spec.contains("TASK_SECONDS"), "{spec}");
+    app.write_spec(&spec);
+    let gi = app.dir.path().join(".gitignore");
+    std::fs::write(&gi, std::fs::read_to_string(&gi).unwrap() + "tasks.log\n").unwrap();
+    app.run(&["deploy"]).ok();
+    let tasks_log = app.dir.path().join("tasks.log");
+    let runs = || -> Vec<(String, String, u128)> {
+        std::fs::read_to_string(&tasks_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.to_string(), w.next()?.to_string(), w.next()?.parse().ok()?))
+            })
+            .collect()
+    };
+
+    // v2's release task runs 30 s; the daemon is killed in the middle of it.
+    app.write_spec(&app.spec().replace("TASK_SECONDS = \"0\"", "TASK_SECONDS = \"30\""));
+    set_version(&app, "2");
+    let deploy = app.cmd(&["deploy"]).spawn().unwrap();
+    wait_until(T, "v2's release task to start", || runs().iter().any(|(what, r, _)| what == "start" && r == "v2"));
+    let task_pid = std::fs::read_dir(app.home.path().join("instances"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("instance.json")).ok())
+        .filter_map(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+        .find(|r| r["task"] == "release-2-1")
+        .and_then(|r| r["pid"].as_i64())
+        .expect("the task's monitor record") as i32;
+    let daemon = app.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "the daemon to die", || !pid_alive(daemon));
+    let out = wait_output(deploy, T, "the interrupted deploy");
+    assert!(!out.status.success(), "a deploy whose daemon died must not report success");
+    assert!(pid_alive(task_pid), "the release task died with the daemon");
+
+    // A daemon comes back: by itself (a keeper restarts it) or with `up`.
+    let mut answering = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if app.run(&["status"]).code == 0 {
+            answering = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    if !answering {
+        app.up().ok();
+    }
+
+    // The next deploy is refused while v2's task lives, then goes through.
+    app.write_spec(&app.spec().replace("TASK_SECONDS = \"30\"", "TASK_SECONDS = \"0\""));
+    set_version(&app, "3");
+    let mut refusals = Vec::new();
+    let started = std::time::Instant::now();
+    loop {
+        let r = app.run(&["deploy"]);
+        if r.code == 0 {
+            break;
+        }
+        assert_eq!(r.code, 3, "{}\n{}", r.stdout, r.stderr);
+        refusals.push(r.stderr);
+        assert!(started.elapsed() < Duration::from_secs(120), "the deploy was refused for 2 minutes: {refusals:?}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(!refusals.is_empty(), "a deploy went through while v2's release task still ran");
+    assert!(!pid_alive(task_pid));
+
+    // Never two release tasks at once: v2's ran once, v3's after it ended.
+    let runs = runs();
+    let v2: Vec<_> = runs.iter().filter(|(_, r, _)| r == "v2").collect();
+    assert_eq!(v2.len(), 2, "v2's task ran once, start and end: {runs:?}");
+    let mut intervals: Vec<(u128, u128, &str)> = Vec::new();
+    for (what, release, at) in &runs {
+        match what.as_str() {
+            "start" => intervals.push((*at, u128::MAX, release)),
+            _ => {
+                let open = intervals.iter_mut().rev().find(|i| i.2 == release).unwrap();
+                open.1 = *at;
+            }
+        }
+    }
+    intervals.sort();
+    for pair in intervals.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "release tasks overlapped: {pair:?} in {runs:?}");
+    }
+    assert_eq!(intervals.len(), 3, "{runs:?}");
+
+    // History says what happened to v2's deployment.
+    let h = history(&app);
+    assert_eq!(h[0]["to_release"], 3, "{h:#?}");
+    assert_eq!(h[0]["status"], "succeeded", "{h:#?}");
+    assert_eq!(h[1]["to_release"], 2, "{h:#?}");
+    assert_eq!(h[1]["status"], "succeeded", "{h:#?}");
+    let note = h[1]["reason"].as_str().unwrap_or_default();
+    assert!(
+        note.contains(&format!("release task 1/1 `sh task.sh` (pid {task_pid}) was left running by the previous daemon: waited for it: exit code 0")),
+        "{h:#?}"
+    );
+    let table = app.run(&["history"]);
+    table.ok();
+    assert!(table.stdout.contains("waited for it"), "{}", table.stdout);
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 3"), "{body}");
+}
