@@ -67,6 +67,10 @@ pub enum Command {
     },
     /// Run the control plane in the foreground (`up` starts it in the
     /// background for you).
+    ///
+    /// Exits with code 2, before binding anything, when it refuses its
+    /// state directory (an unsafe NONSTOP_HOME, a damaged or lost store:
+    /// see `nonstop doctor`); 1 for other failures.
     Daemon {
         /// Also serve the API on this TCP address; requests need the token
         /// in $NONSTOP_HOME/api-token.

@@ -60,7 +60,9 @@ pub async fn dispatch(cli: Cli) -> i32 {
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("error: {e:#}");
-                    Ok(1)
+                    // 2: it refuses its state directory; starting it again
+                    // changes nothing until someone acts.
+                    Ok(if e.downcast_ref::<crate::home::Refused>().is_some() { 2 } else { 1 })
                 }
             }
         }

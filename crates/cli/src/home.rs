@@ -63,6 +63,21 @@ impl Kind {
     }
 }
 
+/// The daemon refuses its state directory (unsafe home, damaged or lost
+/// store): nothing was started, and starting it again changes nothing until
+/// someone acts. The daemon exits with code 2 for it (1 for other
+/// failures), so that whatever restarts it can tell.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Something about the home that makes it unsafe to use: the path, what
 /// was found, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -139,11 +154,12 @@ impl Home {
             return Ok(());
         }
         let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
-        anyhow::bail!(
+        Err(Refused(format!(
             "refusing to use NONSTOP_HOME {}: another user could change what nonstop trusts there:\n{}",
             self.dir.display(),
             list.join("\n")
-        )
+        ))
+        .into())
     }
 
     /// What makes this home unsafe: it, or a directory above it, can be

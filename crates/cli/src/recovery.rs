@@ -10,7 +10,7 @@
 //!   still runs, known to the store or not.
 //! - [`doctor`]: `nonstop doctor [--repair]`.
 
-use crate::home::{Home, HomeProblem};
+use crate::home::{Home, HomeProblem, Refused};
 use anyhow::Context;
 use nonstop_core::driver::StopOutcome;
 use nonstop_store::{Inspection, Store, StoreError};
@@ -68,20 +68,22 @@ pub fn open_store(home: &Home) -> anyhow::Result<Store> {
     if std::fs::symlink_metadata(&path).is_err() {
         let traces = traces_of_a_store(home);
         if !traces.is_empty() {
-            anyhow::bail!(
+            return Err(Refused(format!(
                 "the state database {} is missing, but this home holds {}: the store was lost. Nothing was \
                  started; {REPAIR_HINT}",
                 path.display(),
                 traces.join(", ")
-            );
+            ))
+            .into());
         }
     }
     match Store::open(&path) {
         Ok(store) => Ok(store),
-        Err(e @ StoreError::Damaged { .. }) => anyhow::bail!(
+        Err(e @ StoreError::Damaged { .. }) => Err(Refused(format!(
             "{e}. Nothing was started; {REPAIR_HINT} (it restores the backup, or stops the instances the store \
              knew about)"
-        ),
+        ))
+        .into()),
         Err(e) => Err(e.into()),
     }
 }

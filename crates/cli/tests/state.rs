@@ -73,7 +73,7 @@ fn a_world_writable_or_foreign_home_is_refused_and_left_as_it_is() {
     assert!(app.daemon_pid().is_none(), "nothing started");
     // `nonstop daemon` itself refuses it too.
     let r = app.run(&["daemon"]);
-    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("mode 0777"), "{}", r.stderr);
 
     std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -177,7 +177,7 @@ fn a_truncated_store_is_refused_and_doctor_repair_restores_the_backup_and_takes_
     // Refused, with the reason and what to do, and nothing started.
     let r = app.run_with_timeout(&["up"], Duration::from_secs(60));
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
-    assert!(r.stderr.contains("exited at start"), "not a timeout: {}", r.stderr);
+    assert!(r.stderr.contains("exited at start (exit status: 2)"), "not a timeout: {}", r.stderr);
     assert!(r.stderr.contains("is damaged") && r.stderr.contains("empty (0 bytes)"), "{}", r.stderr);
     assert!(r.stderr.contains("nonstop doctor"), "{}", r.stderr);
     assert!(daemon_not_running(&app));
