@@ -18,7 +18,33 @@ pub struct UpRequest {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScaleRequest {
+    /// A process named twice is refused (JSON objects may repeat a key;
+    /// taking the last one silently would scale to a count nobody meant).
+    #[serde(deserialize_with = "unique_counts")]
     pub counts: BTreeMap<String, u32>,
+}
+
+fn unique_counts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u32>, D::Error> {
+    struct Counts;
+    impl<'de> serde::de::Visitor<'de> for Counts {
+        type Value = BTreeMap<String, u32>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of process name to count")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((name, count)) = map.next_entry::<String, u32>()? {
+                if out.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!(
+                        "process `{name}` is given twice; give each process once, e.g. `{name}={count}`"
+                    )));
+                }
+                out.insert(name, count);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Counts)
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -137,4 +163,20 @@ impl CancelRequest {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HistoryQuery {
     pub limit: Option<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scale_request_naming_a_process_twice_is_refused() {
+        let err = serde_json::from_str::<ScaleRequest>(r#"{"counts":{"web":2,"web":3}}"#).unwrap_err();
+        assert!(err.to_string().contains("process `web` is given twice"), "{err}");
+        let ok: ScaleRequest = serde_json::from_str(r#"{"counts":{"web":2,"worker":3}}"#).unwrap();
+        assert_eq!(ok.counts.len(), 2);
+        // What the CLI sends reads back the same.
+        let again: ScaleRequest = serde_json::from_str(&serde_json::to_string(&ok).unwrap()).unwrap();
+        assert_eq!(again.counts, ok.counts);
+    }
 }

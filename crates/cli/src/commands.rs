@@ -381,19 +381,35 @@ async fn status(home: &Home, json: bool) -> anyhow::Result<i32> {
 }
 
 async fn scale(home: &Home, pairs: Vec<String>, json: bool) -> anyhow::Result<i32> {
-    let mut counts = BTreeMap::new();
-    for pair in &pairs {
-        let Some((name, n)) = pair.split_once('=') else {
-            eprintln!("error: `{pair}` is not PROCESS=COUNT; e.g. `nonstop scale web=4 worker=2`");
+    let counts = match scale_counts(&pairs) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
             return Ok(2);
+        }
+    };
+    run_op(&client(home), "/v1/scale", &ScaleRequest { counts }, json).await
+}
+
+/// `PROCESS=COUNT` arguments as counts; each process at most once.
+fn scale_counts(pairs: &[String]) -> Result<BTreeMap<String, u32>, String> {
+    let mut counts = BTreeMap::new();
+    for pair in pairs {
+        let Some((name, n)) = pair.split_once('=') else {
+            return Err(format!("`{pair}` is not PROCESS=COUNT; e.g. `nonstop scale web=4 worker=2`"));
         };
         let Ok(n) = n.trim().parse::<u32>() else {
-            eprintln!("error: in `{pair}`, `{n}` is not a count; use a whole number like web=4");
-            return Ok(2);
+            return Err(format!("in `{pair}`, `{n}` is not a count; use a whole number like web=4"));
         };
-        counts.insert(name.trim().to_string(), n);
+        let name = name.trim().to_string();
+        if let Some(first) = counts.insert(name.clone(), n) {
+            return Err(format!(
+                "`{name}` is given twice ({name}={first} and {name}={n}); give each process once, e.g. \
+                 `nonstop scale {name}={n}`"
+            ));
+        }
     }
-    run_op(&client(home), "/v1/scale", &ScaleRequest { counts }, json).await
+    Ok(counts)
 }
 
 async fn restart(home: &Home, process: Option<String>, json: bool) -> anyhow::Result<i32> {

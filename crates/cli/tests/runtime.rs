@@ -725,3 +725,24 @@ fn a_proxy_worker_count_out_of_range_is_refused_before_the_daemon_starts() {
         assert!(app.daemon_pid().is_none(), "{bad}: a daemon started");
     }
 }
+
+#[test]
+fn a_process_named_twice_in_scale_is_refused_before_the_daemon_is_asked() {
+    let app = TestApp::hello();
+    let r = app.run(&["scale", "web=2", "web=3"]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("`web` is given twice (web=2 and web=3)"), "{}", r.stderr);
+    assert!(app.daemon_pid().is_none(), "a daemon was started for a refused command");
+    // The API refuses it too (a JSON object may repeat a key).
+    app.up().ok();
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(app.home.path().join("nonstop.sock"))
+        .args(["-H", "content-type: application/json", "-d", r#"{"counts":{"web":1,"web":3}}"#])
+        .arg("http://nonstop/v1/scale")
+        .output()
+        .expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("process `web` is given twice"), "{body}");
+    assert_eq!(app.pids("web").len(), 2, "scaled anyway");
+}

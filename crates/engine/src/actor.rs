@@ -1229,7 +1229,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     fn on_health(&mut self, ev: HealthEvent) {
         let Some(rt) = self.app.as_mut() else { return };
         let Some(inst) = rt.instances.get_mut(&ev.instance) else { return };
-        inst.health = Some(ev.health);
+        let was = inst.health.replace(ev.health);
         if !ev.detail.is_empty() {
             inst.last_checks.push_back(ev.detail.clone());
             while inst.last_checks.len() > CHECK_HISTORY {
@@ -1241,12 +1241,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             inst.phase = InstPhase::Ready;
         }
         let app = rt.record.app.clone();
+        // Transitions only: a resync after a lagged broadcast repeats
+        // what is already known.
         if became_ready {
             self.persist_ready(&ev.instance);
             self.event(&app, "healthy", Some(&ev.instance), &ev.detail);
             self.progress(format!("{} healthy", ev.instance.slot_name()));
-        } else if ev.health == BackendHealth::Unhealthy {
+        } else if ev.health == BackendHealth::Unhealthy && was != Some(BackendHealth::Unhealthy) {
             self.event(&app, "unhealthy", Some(&ev.instance), &ev.detail);
+        } else if ev.health == BackendHealth::Healthy && was == Some(BackendHealth::Unhealthy) {
+            self.event(&app, "recovered", Some(&ev.instance), &format!("healthy again: {}", ev.detail));
         }
     }
 
@@ -2057,8 +2061,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 process: p.name.to_string(),
                 kind: p.kind.as_str().to_string(),
                 desired: if rt.record.running { p.count } else { 0 },
-                ready: rt.instances.values().filter(|i| i.id.process == p.name && i.phase == InstPhase::Ready).count()
-                    as u32,
+                ready: rt.instances.values().filter(|i| i.id.process == p.name && self.takes_work(i)).count() as u32,
             })
             .collect();
         Ok(StatusReport {
@@ -2076,6 +2079,22 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             waiting,
             store_error: degraded.status_line(self.clock.wall()),
         })
+    }
+
+    /// Ready as `status` counts it: a web instance only while the proxy
+    /// sends it requests (healthy; not pending, unhealthy or draining).
+    fn takes_work(&self, inst: &Inst) -> bool {
+        if inst.phase != InstPhase::Ready {
+            return false;
+        }
+        if inst.kind != ProcessKind::Web {
+            return true;
+        }
+        match self.traffic.status(&inst.id) {
+            Some(st) => st.health == BackendHealth::Healthy,
+            // Not in the proxy (no health check configured): as the engine sees it.
+            None => inst.health.is_none_or(|h| h == BackendHealth::Healthy),
+        }
     }
 
     fn run_context(&self) -> Result<RunContext, EngineError> {

@@ -5,6 +5,7 @@
 mod cancel;
 mod deadlines;
 mod errors;
+mod health_events;
 mod lifecycle;
 mod readoption;
 mod restarts;
