@@ -228,7 +228,7 @@ pub enum Command {
     /// Checks NONSTOP_HOME (owned by you, not writable by group or others,
     /// no symbolic links among its state files), the store (state.db: a
     /// whole SQLite database that passes its integrity check), its backup
-    /// (state.db.backup, which the daemon refreshes within 30s of every
+    /// (state.db.backup, which the daemon refreshes within 10s of every
     /// change), and the records under instances/: what still runs, and
     /// whether the store knows it. Exit code 0 when nothing is wrong, 1
     /// otherwise.

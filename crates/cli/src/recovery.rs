@@ -26,8 +26,8 @@ use tokio_util::task::TaskTracker;
 /// backup. It backs up once the store has been quiet for that long (an
 /// operation finished), or, under constant change, every
 /// [`BACKUP_AT_MOST_EVERY`].
-const BACKUP_CHECK: Duration = Duration::from_secs(5);
-const BACKUP_AT_MOST_EVERY: Duration = Duration::from_secs(30);
+const BACKUP_CHECK: Duration = Duration::from_secs(2);
+const BACKUP_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 /// How often it prunes `instances/` (and once at start).
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How long a process found running gets to stop after SIGTERM when no
@@ -91,8 +91,9 @@ pub fn open_store(home: &Home) -> anyhow::Result<Store> {
 // ------------------------------------------------------------ housekeeping
 
 /// The daemon's background upkeep of its home, until `stop`: a backup of
-/// the store at start, after changes (once quiet for 5 s, at most 30 s
-/// late), and once more at stop if it changed; pruning of `instances/` at
+/// the store at start, after changes (once quiet for 2 s, at most 10 s
+/// late: a copy of a store this small costs a few milliseconds), and once
+/// more at stop if it changed; pruning of `instances/` at
 /// start and every hour.
 pub fn spawn_housekeeping(store: Arc<Store>, home: &Home, stop: CancellationToken, tasks: &TaskTracker) {
     let backup = backup_path(home);

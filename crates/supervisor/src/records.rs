@@ -158,10 +158,9 @@ pub fn prune_records(state_dir: &Path, max_age: Duration, keep: usize, now: Syst
             }
         }
     }
-    // Newest first: keep the first `keep` that are young enough.
-    ended.sort_by_key(|(since, _)| *since);
-    for (i, (since, path)) in ended.into_iter().enumerate() {
-        if i >= keep || since >= max_age {
+    let ages: Vec<Duration> = ended.iter().map(|(since, _)| *since).collect();
+    for ((_, path), prune) in ended.into_iter().zip(prunable(&ages, max_age, keep)) {
+        if prune {
             doomed.push(path);
         }
     }
@@ -172,6 +171,19 @@ pub fn prune_records(state_dir: &Path, max_age: Duration, keep: usize, now: Syst
         }
     }
     Ok(removed)
+}
+
+/// Which records of ended instances to delete, given how long ago each
+/// ended (`true` at the same index): those that ended `max_age` ago or
+/// more, and all but the `keep` most recent.
+pub fn prunable(ages: &[Duration], max_age: Duration, keep: usize) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..ages.len()).collect();
+    order.sort_by_key(|&i| ages[i]);
+    let mut out = vec![true; ages.len()];
+    for &i in order.iter().take(keep) {
+        out[i] = ages[i] >= max_age;
+    }
+    out
 }
 
 /// Stop what a record names, whoever started it: `signal` to the app's
@@ -261,6 +273,34 @@ mod tests {
             write_atomic(&dir.join(EXIT_FILE), &serde_json::to_vec(&exit).unwrap()).unwrap();
         }
         dir
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn prunable_keeps_at_most_keep_of_the_youngest_and_nothing_old(
+            ages in proptest::collection::vec(0u64..100, 0..40),
+            max_age in 0u64..120,
+            keep in 0usize..50,
+        ) {
+            let ages: Vec<Duration> = ages.into_iter().map(Duration::from_secs).collect();
+            let max_age = Duration::from_secs(max_age);
+            let prune = prunable(&ages, max_age, keep);
+            proptest::prop_assert_eq!(prune.len(), ages.len());
+            let kept: Vec<Duration> = ages.iter().zip(&prune).filter(|(_, p)| !**p).map(|(a, _)| *a).collect();
+            proptest::prop_assert!(kept.len() <= keep);
+            proptest::prop_assert!(kept.iter().all(|a| *a < max_age), "an old record is kept");
+            // Nothing younger than a kept record goes unless the bound
+            // forced it: the kept ones are the youngest of the young.
+            let young = ages.iter().filter(|a| **a < max_age).count();
+            proptest::prop_assert_eq!(kept.len(), young.min(keep));
+            let oldest_kept = kept.iter().max();
+            for (a, p) in ages.iter().zip(&prune) {
+                if *p && *a < max_age {
+                    proptest::prop_assert_eq!(kept.len(), keep, "a young record went with room left");
+                    proptest::prop_assert!(oldest_kept.is_none_or(|k| k <= a), "a younger record went first");
+                }
+            }
+        }
     }
 
     #[test]
