@@ -39,6 +39,9 @@ struct ProxyIngress {
     inherited: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// What the spec does not set: where request bodies are buffered
+    /// (`$NONSTOP_HOME/bodies`, made 0700 by the proxy).
+    base: ProxyConfig,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -118,7 +121,7 @@ impl Ingress for ProxyIngress {
             (Some(a), _) => Some(self.open(a)?),
             (None, _) => None,
         };
-        let config = ProxyConfig::from_spec(spec).map_err(|e| IngressError::Config(e.to_string()))?;
+        let config = self.base.clone().with_spec(spec).map_err(|e| IngressError::Config(e.to_string()))?;
         match nonstop_proxy::TlsSettings::from_spec(spec) {
             Some(t) => self.proxy.configure_tls(&t).map_err(|e| IngressError::Config(e.to_string()))?,
             None => self.proxy.clear_tls(),
@@ -451,7 +454,8 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         .and_then(|apps| apps.iter().find(|a| a.running).and_then(|a| a.spec.proxy.workers))
         .or(proxy_workers)
         .map_or(0, |n| n as usize);
-    let proxy = Proxy::new(ProxyConfig { workers, ..ProxyConfig::default() });
+    let base = ProxyConfig { body_buffer_dir: Some(home.path().join("bodies")), ..ProxyConfig::default() };
+    let proxy = Proxy::new(ProxyConfig { workers, ..base.clone() });
     let tasks = TaskTracker::new();
     crate::recovery::spawn_housekeeping(store.clone(), &home, engine_stop.child_token(), &tasks);
     let ingress = Arc::new(ProxyIngress {
@@ -461,6 +465,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         inherited: Mutex::new(std::mem::take(&mut inherited.proxy)),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
+        base,
     });
     let logs = Arc::new(DriverLogs { driver: driver.clone() });
     let (engine, engine_task) = Engine::spawn(

@@ -253,6 +253,22 @@ pub struct ProxySpec {
     /// else they are replaced.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    // Request body buffering (issue 15).
+    /// Bytes of a request body kept in memory while it is read whole
+    /// before an instance is chosen; larger bodies go to a temporary file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_memory_bytes: Option<u64>,
+    /// Slowest request body accepted, in bytes per second over
+    /// `upload_rate_window` (then 408); `Some(0)`: no minimum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_upload_rate: Option<u64>,
+    /// The window `min_upload_rate` is measured over.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "option_duration_ms")]
+    pub upload_rate_window: Option<Duration>,
+    /// Path prefixes whose request bodies are streamed to the instance as
+    /// they arrive instead of being read whole first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unbuffered_paths: Vec<String>,
 }
 
 impl ProxySpec {
@@ -273,6 +289,10 @@ impl ProxySpec {
             workers: None,
             tls: Vec::new(),
             trusted_proxies: Vec::new(),
+            body_memory_bytes: None,
+            min_upload_rate: None,
+            upload_rate_window: None,
+            unbuffered_paths: Vec::new(),
         }
     }
 

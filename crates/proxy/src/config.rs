@@ -1,6 +1,7 @@
 //! Proxy tuning knobs, with defaults chosen for apps on the same machine.
 
 use nonstop_core::process::ProxySpec;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Default for [`ProxyConfig::connect_timeout`].
@@ -31,6 +32,16 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
 /// Default for [`ProxyConfig::max_body_bytes`].
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
+
+/// Default for [`ProxyConfig::body_memory_bytes`].
+pub const DEFAULT_BODY_MEMORY_BYTES: usize = 64 * 1024;
+/// Default for [`ProxyConfig::min_upload_rate`]: 1 KiB/s.
+pub const DEFAULT_MIN_UPLOAD_RATE: u64 = 1024;
+/// Default for [`ProxyConfig::upload_rate_window`].
+pub const DEFAULT_UPLOAD_RATE_WINDOW: Duration = Duration::from_secs(15);
+/// Shortest [`ProxyConfig::upload_rate_window`]: a shorter one would
+/// judge a pause, not a rate.
+pub const MIN_UPLOAD_RATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// Smallest [`ProxyConfig::max_header_bytes`]: hyper's smallest read
 /// buffer (a smaller one makes it panic).
@@ -78,10 +89,11 @@ pub struct ProxyConfig {
     /// is answered 503 (2 s). Covers brief gaps such as a restart of the
     /// only instance. Zero answers 503 at once.
     pub no_backend_wait: Duration,
-    /// Largest request body (by `Content-Length`) of an idempotent request
-    /// that is buffered so that the request can be retried after its
-    /// instance died (64 KiB). Larger or chunked bodies are streamed and
-    /// such requests are retried only when nothing was sent.
+    /// On `unbuffered_paths` (other bodies are read whole anyway): largest
+    /// request body (by `Content-Length`) of an idempotent request that is
+    /// buffered so that the request can be retried after its instance died
+    /// (64 KiB). Larger or chunked bodies are streamed and such requests
+    /// are retried only when nothing was sent.
     pub retry_body_limit: usize,
     /// On shutdown, how long in-flight requests and upgraded connections
     /// may take to finish before their connections are closed (30 s).
@@ -99,9 +111,12 @@ pub struct ProxyConfig {
     /// `max_header_bytes` is answered 431 by the parser.
     pub max_request_line: usize,
     /// Largest request body (100 MiB). A larger `Content-Length` is
-    /// answered 413 before anything is sent upstream; a chunked (or HTTP/2)
-    /// body that grows past it aborts the upstream request and is answered
-    /// 413, or, if the instance already answered, closes the connection.
+    /// answered 413 before anything is read or sent upstream, and so is an
+    /// HTTP/1 chunk whose declared size would take the body past it, as
+    /// soon as its size line arrives; a chunked (or HTTP/2) body that grows
+    /// past it is answered 413 (when streamed, the upstream request is
+    /// aborted, or, if the instance already answered, the connection
+    /// closed).
     /// `u64::MAX`: no limit.
     pub max_body_bytes: u64,
     /// Threads that serve clients, each with a single-threaded runtime of
@@ -118,9 +133,56 @@ pub struct ProxyConfig {
     /// address alone (`[proxy] trusted_proxies`; empty: the proxy is the
     /// edge).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    // Request bodies (issue 15): read whole before an instance is chosen,
+    // with a minimum rate. See `spool.rs` and `rate.rs`.
+    /// A request body is read whole before an instance is chosen (so that
+    /// a slow client never holds one of the app's workers): up to this
+    /// many bytes in memory (64 KiB; nginx's `client_body_buffer_size` is
+    /// 16 KiB), the rest in a temporary file in `body_buffer_dir`. Then it
+    /// is sent with a `Content-Length`, and can be retried like an empty
+    /// one. Paths in `unbuffered_paths` are streamed instead.
+    pub body_memory_bytes: usize,
+    /// Where bodies larger than `body_memory_bytes` are kept while they
+    /// are read: unlinked temporary files (nothing is left behind). Made
+    /// (0700) when missing. `None`: the system's temporary directory. The
+    /// daemon sets `$NONSTOP_HOME/tmp`; not a `[proxy]` key.
+    pub body_buffer_dir: Option<PathBuf>,
+    /// Slowest request body accepted, in bytes per second, over
+    /// `upload_rate_window` (1 KiB/s over 15 s). Counted only while the
+    /// proxy waits for the body (an instance slow to read a streamed body
+    /// does not count against its client), and only once a whole window
+    /// was waited: a body that ends within 15 s is never judged. A client
+    /// below it gets 408 with `Connection: close` (as for `body_timeout`),
+    /// which ends a 1 byte/s drip after 15 s. Applies to streamed
+    /// (`unbuffered_paths`) bodies too, against slowloris uploads. 0: no
+    /// minimum (`body_timeout` alone).
+    pub min_upload_rate: u64,
+    /// See `min_upload_rate` (15 s). At least 1 s.
+    pub upload_rate_window: Duration,
+    /// Path prefixes (`"/upload/"`) whose request bodies are streamed to
+    /// the instance as they arrive, as before buffering existed: for large
+    /// uploads the app reads as a stream. `body_timeout` and
+    /// `min_upload_rate` still apply; an idempotent one of at most
+    /// `retry_body_limit` bytes is still buffered so that it can be
+    /// retried. A plain prefix match on the path as the client sent it.
+    pub unbuffered_paths: Vec<String>,
 }
 
 impl ProxyConfig {
+    /// Whether the body of a request for `path` is streamed rather than
+    /// read whole first (`unbuffered_paths`).
+    pub(crate) fn streams_body(&self, path: &str) -> bool {
+        self.unbuffered_paths.iter().any(|prefix| path.starts_with(prefix.as_str()))
+    }
+
+    /// Where bodies are spilled (see `body_buffer_dir`).
+    pub(crate) fn body_dir(&self) -> std::borrow::Cow<'_, Path> {
+        match &self.body_buffer_dir {
+            Some(dir) => std::borrow::Cow::Borrowed(dir),
+            None => std::borrow::Cow::Owned(crate::spool::default_dir()),
+        }
+    }
+
     /// Whether a client connecting from `ip` is a trusted proxy.
     pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
@@ -147,6 +209,11 @@ impl Default for ProxyConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             workers: 0,
             trusted_proxies: Vec::new(),
+            body_memory_bytes: DEFAULT_BODY_MEMORY_BYTES,
+            body_buffer_dir: None,
+            min_upload_rate: DEFAULT_MIN_UPLOAD_RATE,
+            upload_rate_window: DEFAULT_UPLOAD_RATE_WINDOW,
+            unbuffered_paths: Vec::new(),
         }
     }
 }
@@ -201,6 +268,16 @@ impl ProxyConfig {
         if let Some(v) = spec.workers {
             self.workers = v as usize;
         }
+        if let Some(v) = spec.body_memory_bytes {
+            self.body_memory_bytes = size("body_memory_bytes", v)?;
+        }
+        if let Some(v) = spec.min_upload_rate {
+            self.min_upload_rate = v;
+        }
+        if let Some(v) = spec.upload_rate_window {
+            self.upload_rate_window = v;
+        }
+        self.unbuffered_paths = spec.unbuffered_paths.clone();
         self.validate()?;
         Ok(self)
     }
@@ -225,6 +302,19 @@ impl ProxyConfig {
         }
         if self.max_body_bytes == 0 {
             return err("max_body_bytes", "0 would refuse every body".into());
+        }
+        if self.upload_rate_window < MIN_UPLOAD_RATE_WINDOW {
+            return err(
+                "upload_rate_window",
+                format!(
+                    "{} ms is shorter than {} s",
+                    self.upload_rate_window.as_millis(),
+                    MIN_UPLOAD_RATE_WINDOW.as_secs()
+                ),
+            );
+        }
+        if let Some(path) = self.unbuffered_paths.iter().find(|p| !p.starts_with('/')) {
+            return err("unbuffered_paths", format!("{path:?} does not start with '/'"));
         }
         for (key, d) in [
             ("header_timeout", self.header_read_timeout),
@@ -300,6 +390,10 @@ mod tests {
         assert_eq!(MAX_MAX_HEADERS as u32, spec::MAX_PROXY_MAX_HEADERS);
         assert_eq!(c.workers, 0, "one per core when [proxy] workers is left out");
         assert_eq!(MAX_WORKERS as u32, spec::MAX_PROXY_WORKERS);
+        assert_eq!(c.body_memory_bytes as u64, spec::DEFAULT_PROXY_BODY_MEMORY_BYTES);
+        assert_eq!(c.min_upload_rate, spec::DEFAULT_PROXY_MIN_UPLOAD_RATE);
+        assert_eq!(c.upload_rate_window, spec::DEFAULT_PROXY_UPLOAD_RATE_WINDOW);
+        assert_eq!(MIN_UPLOAD_RATE_WINDOW, spec::MIN_PROXY_UPLOAD_RATE_WINDOW);
         // Whatever the spec accepts, the proxy runs with.
         let mut extreme = ProxySpec::new("127.0.0.1:8080".parse().unwrap());
         extreme.max_header_bytes = Some(spec::MIN_PROXY_MAX_HEADER_BYTES);
@@ -309,7 +403,31 @@ mod tests {
         extreme.workers = Some(spec::MAX_PROXY_WORKERS);
         ProxyConfig::from_spec(&extreme).unwrap();
         extreme.workers = Some(spec::MIN_PROXY_WORKERS);
+        extreme.body_memory_bytes = Some(spec::MAX_PROXY_BODY_MEMORY_BYTES);
+        extreme.upload_rate_window = Some(spec::MIN_PROXY_UPLOAD_RATE_WINDOW);
+        extreme.min_upload_rate = Some(0);
         ProxyConfig::from_spec(&extreme).unwrap();
+    }
+
+    #[test]
+    fn body_settings_come_from_the_spec() {
+        let mut spec = ProxySpec::new("127.0.0.1:8080".parse().unwrap());
+        spec.body_memory_bytes = Some(1024);
+        spec.min_upload_rate = Some(0);
+        spec.upload_rate_window = Some(Duration::from_secs(30));
+        spec.unbuffered_paths = vec!["/upload/".into()];
+        let c =
+            ProxyConfig { body_buffer_dir: Some("/var/x".into()), ..ProxyConfig::default() }.with_spec(&spec).unwrap();
+        assert_eq!((c.body_memory_bytes, c.min_upload_rate), (1024, 0));
+        assert_eq!(c.upload_rate_window, Duration::from_secs(30));
+        assert_eq!(c.body_dir(), Path::new("/var/x"), "the daemon's directory stays");
+        assert!(c.streams_body("/upload/a.bin") && !c.streams_body("/uploads") && !c.streams_body("/"));
+        assert_eq!(ProxyConfig::default().body_dir(), std::env::temp_dir());
+        spec.upload_rate_window = Some(Duration::from_millis(10));
+        assert_eq!(ProxyConfig::from_spec(&spec).unwrap_err().key, "upload_rate_window");
+        spec.upload_rate_window = None;
+        spec.unbuffered_paths = vec!["upload".into()];
+        assert_eq!(ProxyConfig::from_spec(&spec).unwrap_err().key, "unbuffered_paths");
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub enum ErrorKind {
     BodyTooLarge,
     /// The client stalled while sending its request body.
     ClientTimeout,
+    /// The client sent its request body slower than `min_upload_rate`.
+    ClientTooSlow,
     /// A bug or an impossible state in the proxy itself.
     Internal,
 }
@@ -48,6 +50,7 @@ impl ErrorKind {
             ErrorKind::ClientBody => "client request body error",
             ErrorKind::BodyTooLarge => "request body too large",
             ErrorKind::ClientTimeout => "client request body timed out",
+            ErrorKind::ClientTooSlow => "client request body too slow",
             ErrorKind::Internal => "internal error",
         }
     }
@@ -126,7 +129,7 @@ impl ProxyError {
             ErrorKind::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ClientBody => StatusCode::BAD_REQUEST,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::ClientTimeout | ErrorKind::ClientTooSlow => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -164,7 +167,18 @@ impl BodyError {
         match self {
             BodyError::TooLarge { .. } => ErrorKind::BodyTooLarge,
             BodyError::Timeout { .. } => ErrorKind::ClientTimeout,
+            BodyError::TooSlow { .. } => ErrorKind::ClientTooSlow,
             BodyError::Client(_) => ErrorKind::ClientBody,
+            BodyError::Spill(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// Whose fault it was: the client's, but for a temporary file the
+    /// proxy could not use.
+    pub(crate) fn side(&self) -> Side {
+        match self {
+            BodyError::Spill(_) => Side::Internal,
+            _ => Side::Downstream,
         }
     }
 }

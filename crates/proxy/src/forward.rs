@@ -7,10 +7,13 @@
 //!   request back from a dead pooled connection): any method, any body;
 //! - when the instance died after the request was sent but before a
 //!   response head came back: only `GET`, `HEAD`, `OPTIONS`, `PUT`,
-//!   `DELETE`, `TRACE`, and only if the body is empty or was buffered. A body
-//!   is buffered only for those methods and only up to
-//!   `ProxyConfig::retry_body_limit` (by `Content-Length`); larger or chunked
-//!   bodies are streamed and such requests are not retried once sent.
+//!   `DELETE`, `TRACE`, and only if the body is empty or was buffered.
+//!   Bodies are read whole (buffered, in memory or a temporary file) before
+//!   an instance is chosen, so any body can be sent again; except on
+//!   `ProxyConfig::unbuffered_paths`, where a body is buffered only for
+//!   those methods and only up to `ProxyConfig::retry_body_limit` (by
+//!   `Content-Length`), and larger or chunked bodies are streamed: such
+//!   requests are not retried once sent.
 //!
 //! A response-head timeout (504) is never retried: the instance may still
 //! be working on it.
@@ -20,14 +23,15 @@ use crate::body::{ClientBody, Lease, ProxyBody, UpBody};
 use crate::config::ProxyConfig;
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::headers;
+use crate::rate::LogLimit;
 use crate::server::{ConnCtx, PhaseGuard, DUPLICATE_CONTENT_LENGTH, SAW_CONTENT_LENGTH, SAW_TRANSFER_ENCODING};
+use crate::spool::Buffered;
 use crate::upstream::{Failed, Upstream, UpstreamBody};
 use crate::Inner;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::sync::atomic::Ordering;
@@ -37,7 +41,7 @@ const PAGE_503: &str = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\
 const BODY_502: &str = "502 Bad Gateway: the app instance failed to answer.\n";
 const BODY_504: &str = "504 Gateway Timeout: the app did not answer in time.\n";
 const BODY_400: &str = "400 Bad Request: the request body could not be read.\n";
-const BODY_408: &str = "408 Request Timeout: the request body stopped arriving.\n";
+const BODY_408: &str = "408 Request Timeout: the request body stopped arriving, or came too slowly.\n";
 const BODY_413: &str = "413 Content Too Large: the request body is larger than this server accepts.\n";
 const BODY_500: &str = "500 Internal Server Error: proxy error.\n";
 
@@ -50,12 +54,12 @@ struct Replay {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Option<Bytes>,
+    body: Option<Buffered>,
 }
 
 impl Replay {
     fn request(self) -> Request<UpBody> {
-        let mut req = Request::new(UpBody::Full(self.body));
+        let mut req = Request::new(self.body.map_or_else(UpBody::empty, UpBody::buffered));
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;
         *req.headers_mut() = self.headers;
@@ -101,18 +105,27 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
         (UpBody::empty(), Some(None))
     } else {
         let exact = body.size_hint().exact();
-        let body = ClientBody::new(body, config.max_body_bytes, config.body_timeout);
-        if idempotent && exact.is_some_and(|n| n <= config.retry_body_limit as u64) {
-            match body.collect().await {
-                Ok(collected) => {
+        let mut body = ClientBody::new(body, &ctx.config);
+        if !http2 && exact.is_none() {
+            body = body.watching_chunk_sizes(ctx);
+        }
+        let buffer = !config.streams_body(parts.uri.path());
+        if buffer || (idempotent && exact.is_some_and(|n| n <= config.retry_body_limit as u64)) {
+            // Read whole before an instance is chosen (see `spool.rs`).
+            let memory = if buffer { config.body_memory_bytes } else { usize::MAX };
+            match crate::spool::read_whole(&mut body, memory, &config.body_dir()).await {
+                Ok(buffered) => {
                     if !http2 {
                         ctx.request_read_whole();
                     }
-                    let bytes = collected.to_bytes();
-                    (UpBody::full(bytes.clone()), Some(Some(bytes).filter(|b| !b.is_empty())))
+                    let replay = match &buffered {
+                        Buffered::Memory(bytes) if bytes.is_empty() => None,
+                        other => Some(other.clone()),
+                    };
+                    (UpBody::buffered(buffered), Some(replay))
                 }
                 Err(err) => {
-                    let err = ProxyError::new(err.kind(), Side::Downstream, Retry::Never).with_source(err);
+                    let err = ProxyError::new(err.kind(), err.side(), Retry::Never).with_source(err);
                     return client_failed(ctx, &err, request_id, phase);
                 }
             }
@@ -146,9 +159,9 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
             Err((err, returned)) => {
                 let backend = Arc::clone(in_flight.backend());
                 drop(in_flight);
-                if err.side == Side::Downstream {
-                    // The client's body failed: the instance is not to
-                    // blame and nothing is retried.
+                if err.side != Side::Upstream {
+                    // The client's body failed (or its temporary file):
+                    // the instance is not to blame and nothing is retried.
                     return client_failed(ctx, &err, request_id, phase);
                 }
                 if err.marks_unhealthy() {
@@ -281,6 +294,10 @@ fn check_request(ctx: &ConnCtx, req: &Request<Incoming>, http2: bool) -> Result<
     if req.body().size_hint().exact().is_some_and(|n| n > config.max_body_bytes) {
         return Err(Reject::new(StatusCode::PAYLOAD_TOO_LARGE, "Content-Length larger than max_body_bytes"));
     }
+    if !http2 && ctx.declared_body_too_large() {
+        // Seen by the chunk scan in what came with the head.
+        return Err(Reject::new(StatusCode::PAYLOAD_TOO_LARGE, "chunk size larger than max_body_bytes"));
+    }
     Ok(())
 }
 
@@ -305,15 +322,31 @@ fn same_authority(authority: &http::uri::Authority, scheme: Option<&str>, host: 
     name.eq_ignore_ascii_case(authority.host()) && authority.port_u16().unwrap_or(default_port) == port
 }
 
+/// Slow uploads logged per second at most (an attack makes many).
+static SLOW_UPLOAD_LOG: LogLimit = LogLimit::new(10);
+
 /// A client whose body failed: one log line, then 400, 408 or 413, and the
-/// connection closed (HTTP/1).
+/// connection closed (HTTP/1). A temporary file the proxy could not use: a
+/// warning and 500.
 fn client_failed(ctx: &ConnCtx, err: &ProxyError, request_id: HeaderValue, phase: PhaseGuard) -> Response<ProxyBody> {
-    tracing::info!(
-        client = %ctx.peer,
-        status = err.status().as_u16(),
-        reason = %err.detail(),
-        "request rejected"
-    );
+    let status = err.status().as_u16();
+    match err.kind {
+        ErrorKind::Internal => {
+            tracing::warn!(client = %ctx.peer, status, error = %err.detail(), "request failed");
+        }
+        ErrorKind::ClientTooSlow => {
+            static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            let second = EPOCH.get_or_init(std::time::Instant::now).elapsed().as_secs();
+            if let Some(left_out) = SLOW_UPLOAD_LOG.allow(second) {
+                if left_out > 0 {
+                    tracing::info!(client = %ctx.peer, status, reason = %err.detail(), slow_uploads_not_logged = left_out, "request rejected");
+                } else {
+                    tracing::info!(client = %ctx.peer, status, reason = %err.detail(), "request rejected");
+                }
+            }
+        }
+        _ => tracing::info!(client = %ctx.peer, status, reason = %err.detail(), "request rejected"),
+    }
     error_response(err, request_id, phase, !ctx.is_multiplexed())
 }
 

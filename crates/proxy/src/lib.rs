@@ -28,9 +28,13 @@
 //! - A request is counted in flight *before* its backend's health is checked
 //!   and a drain marks the backend Draining *before* it reads the count: no
 //!   request reaches a draining backend, and a drain never misses one.
-//! - Nothing is buffered except an idempotent request body of at most
-//!   `retry_body_limit` bytes (so that it can be retried, see
-//!   `forward.rs`).
+//! - A request body is read whole before an instance is chosen (in memory
+//!   up to `body_memory_bytes`, then in an unlinked temporary file; see
+//!   `spool.rs`), so a slow client never holds an app worker, and is sent
+//!   with a `Content-Length`; except on `unbuffered_paths`, where only an
+//!   idempotent request body of at most `retry_body_limit` bytes is
+//!   buffered (so that it can be retried, see `forward.rs`) and the rest
+//!   streams. Responses are never buffered.
 //! - Every task (checkers, client connections, upgraded tunnels and their
 //!   upstream connections) stops on a cancellation token and is tracked;
 //!   the worker threads stop when the proxy is dropped.
@@ -69,9 +73,11 @@
 //! `CONNECT` (405), targets longer than `max_request_line` (414), bodies
 //! announced larger than `max_body_bytes` (413). Every refusal logs one
 //! line with the client's address and the reason, and closes an HTTP/1
-//! connection. Streamed bodies are counted (413 past the limit) and timed
-//! (408 after `body_timeout` without progress); either aborts the upstream
-//! request. An upstream that breaks mid-response makes the client
+//! connection. Bodies are counted (413 past the limit, or as soon as a
+//! chunk declares a size past it) and timed (408 after `body_timeout`
+//! without progress, or below `min_upload_rate` over `upload_rate_window`:
+//! `rate.rs`; those log lines are limited to 10 a second); for a streamed
+//! body either aborts the upstream request. An upstream that breaks mid-response makes the client
 //! connection close before the declared length, or without the last
 //! chunk; a client that leaves drops its upstream exchange (the upstream
 //! connection is closed, never pooled).
@@ -91,7 +97,9 @@ mod forward;
 mod headers;
 mod health;
 mod lazy;
+mod rate;
 mod server;
+mod spool;
 mod table;
 mod tls;
 mod upstream;

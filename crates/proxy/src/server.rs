@@ -17,6 +17,12 @@
 //! answers both with 400. Only heads that arrive while the connection
 //! waits for a request are scanned; a request pipelined behind another is
 //! read while the first is answered and keeps hyper's (safe) handling.
+//!
+//! After a scanned head with `Transfer-Encoding` (HTTP/1), the scan goes on
+//! over the chunked body's size lines: a chunk that declares a size taking
+//! the body past `max_body_bytes` is known as soon as its size line
+//! arrives, and the request is answered 413 at once rather than after its
+//! data (hyper only reports data as it comes).
 
 use crate::accept::{Acceptor, Counted, Kicks};
 use crate::config::ProxyConfig;
@@ -152,6 +158,9 @@ pub(crate) struct ConnCtx {
     pub(crate) leave_check: atomic_waker::AtomicWaker,
     /// What the head scan found in the last request head.
     head_flags: AtomicU8,
+    /// The chunk scan found a declared chunk size that takes the body of
+    /// the request in progress past `max_body_bytes`.
+    body_too_large: AtomicBool,
     /// Where upgraded connections are spawned (the serve loop's tracker).
     pub tasks: TaskTracker,
     pub signal: ConnSignal,
@@ -191,6 +200,7 @@ impl ConnCtx {
             responding: AtomicBool::new(false),
             leave_check: atomic_waker::AtomicWaker::new(),
             head_flags: AtomicU8::new(0),
+            body_too_large: AtomicBool::new(false),
             tasks,
             signal: ConnSignal::new(),
             live: Arc::downgrade(live),
@@ -265,6 +275,12 @@ impl ConnCtx {
         self.tunnel.store(true, Ordering::Relaxed);
     }
 
+    /// HTTP/1 chunked: a chunk of the request in progress declared a size
+    /// that takes its body past `max_body_bytes`.
+    pub fn declared_body_too_large(&self) -> bool {
+        self.body_too_large.load(Ordering::Relaxed)
+    }
+
     /// What the head scan found in this request's head (HTTP/1), cleared.
     pub fn take_head_flags(&self) -> u8 {
         if self.head_flags.load(Ordering::Relaxed) == 0 {
@@ -296,6 +312,8 @@ impl Drop for PhaseGuard {
 /// Incremental scan of an HTTP/1 request head for the header lines hyper
 /// merges or drops (see the module docs). Stops at the blank line.
 struct HeadScan {
+    /// Where the head ended in the bytes of the last `feed` (when `complete`).
+    end: usize,
     active: bool,
     /// The blank line ending the head was seen (not set when the scan
     /// stopped at something malformed).
@@ -325,7 +343,7 @@ const CAND_TE: u8 = 2;
 
 impl HeadScan {
     fn new() -> Self {
-        Self { active: true, complete: false, state: ScanState::RequestLine, pos: 0, candidates: 0, flags: 0 }
+        Self { end: 0, active: true, complete: false, state: ScanState::RequestLine, pos: 0, candidates: 0, flags: 0 }
     }
 
     fn restart(&mut self) {
@@ -349,6 +367,7 @@ impl HeadScan {
                     if b == b'\n' {
                         self.active = false;
                         self.complete = true;
+                        self.end = i + 1;
                         return Some(self.flags);
                     }
                     if self.state == ScanState::LineStart && b == b'\r' {
@@ -404,6 +423,96 @@ impl HeadScan {
     }
 }
 
+/// Scan of a chunked request body's size lines (see the module docs):
+/// the sum of the declared sizes against the limit. Stops at the last
+/// chunk, or at anything malformed (hyper refuses that itself).
+struct ChunkScan {
+    state: ChunkState,
+    /// The size being read, and its digits so far.
+    size: u64,
+    digits: u8,
+    /// Sizes declared before this one.
+    declared: u64,
+    limit: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ChunkState {
+    Size,
+    /// The rest of a size line (extensions), up to its `\n`.
+    SizeLine,
+    /// Data bytes still to come.
+    Data(u64),
+    /// The line end after a chunk's data.
+    DataEnd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ChunkFeed {
+    More,
+    /// The last chunk came, or something malformed: nothing more to scan.
+    Done,
+    /// A declared size takes the body past the limit.
+    TooLarge,
+}
+
+impl ChunkScan {
+    fn new(limit: u64) -> Self {
+        Self { state: ChunkState::Size, size: 0, digits: 0, declared: 0, limit }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) -> ChunkFeed {
+        let mut i = 0;
+        while i < bytes.len() {
+            match self.state {
+                ChunkState::Size => {
+                    let b = bytes[i];
+                    if let Some(d) = (b as char).to_digit(16) {
+                        self.digits += 1;
+                        if self.digits > 16 {
+                            return ChunkFeed::Done;
+                        }
+                        self.size = (self.size << 4) | u64::from(d);
+                        i += 1;
+                        continue;
+                    }
+                    if self.digits == 0 {
+                        return ChunkFeed::Done;
+                    }
+                    let total = self.declared.saturating_add(self.size);
+                    if total > self.limit {
+                        return ChunkFeed::TooLarge;
+                    }
+                    if self.size == 0 {
+                        return ChunkFeed::Done;
+                    }
+                    self.declared = total;
+                    self.state = ChunkState::SizeLine;
+                }
+                ChunkState::SizeLine | ChunkState::DataEnd => match bytes[i..].iter().position(|&b| b == b'\n') {
+                    Some(at) => {
+                        i += at + 1;
+                        self.state = if self.state == ChunkState::SizeLine {
+                            ChunkState::Data(self.size)
+                        } else {
+                            self.size = 0;
+                            self.digits = 0;
+                            ChunkState::Size
+                        };
+                    }
+                    None => return ChunkFeed::More,
+                },
+                ChunkState::Data(left) => {
+                    let n = left.min((bytes.len() - i) as u64);
+                    i += n as usize;
+                    self.state = if n == left { ChunkState::DataEnd } else { ChunkState::Data(left - n) };
+                }
+            }
+        }
+        ChunkFeed::More
+    }
+}
+
 /// The client stream with the header-read and idle timeouts and the head
 /// scan. Wraps the TCP stream, or the TLS stream over it.
 pub(crate) struct TimedStream<IO> {
@@ -425,6 +534,8 @@ pub(crate) struct TimedStream<IO> {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     scan: HeadScan,
+    /// The chunk scan of the request whose head was scanned, if chunked.
+    chunks: Option<ChunkScan>,
     /// The first bytes of a plain connection, read to tell HTTP/1 from h2c
     /// (see [`sniff`]); handed to hyper before anything else is read.
     first: Vec<u8>,
@@ -445,6 +556,7 @@ impl<IO> TimedStream<IO> {
             header_read_timeout,
             idle_timeout,
             scan: HeadScan::new(),
+            chunks: None,
             first: Vec::new(),
             first_at: 0,
         }
@@ -515,18 +627,36 @@ impl<IO: AsyncRead + Unpin> AsyncRead for TimedStream<IO> {
                     let _ = this.ctx.phase.compare_exchange(IDLE, HEAD, Ordering::Relaxed, Ordering::Relaxed);
                     this.enter((HEAD, this.seen.1));
                     this.scan.restart();
+                    if this.chunks.take().is_some() || this.ctx.declared_body_too_large() {
+                        this.ctx.body_too_large.store(false, Ordering::Relaxed);
+                    }
                 }
+                let mut body_bytes = None;
                 if this.scan.active {
                     if let Some(flags) = this.scan.feed(new) {
                         if flags != 0 {
                             this.ctx.head_flags.store(flags, Ordering::Relaxed);
                         }
-                        if this.scan.complete
-                            && !this.http2
-                            && flags & (SAW_CONTENT_LENGTH | SAW_TRANSFER_ENCODING) == 0
-                        {
-                            // No body: the request is read whole.
-                            this.ctx.request_read_whole();
+                        if this.scan.complete && !this.http2 {
+                            if flags & (SAW_CONTENT_LENGTH | SAW_TRANSFER_ENCODING) == 0 {
+                                // No body: the request is read whole.
+                                this.ctx.request_read_whole();
+                            } else if flags & SAW_TRANSFER_ENCODING != 0 {
+                                this.chunks = Some(ChunkScan::new(this.ctx.config.max_body_bytes));
+                                body_bytes = Some(&new[this.scan.end..]);
+                            }
+                        }
+                    }
+                } else if this.chunks.is_some() {
+                    body_bytes = Some(new);
+                }
+                if let (Some(bytes), Some(chunks)) = (body_bytes, this.chunks.as_mut()) {
+                    match chunks.feed(bytes) {
+                        ChunkFeed::More => {}
+                        ChunkFeed::Done => this.chunks = None,
+                        ChunkFeed::TooLarge => {
+                            this.chunks = None;
+                            this.ctx.body_too_large.store(true, Ordering::Relaxed);
                         }
                     }
                 }
@@ -1003,6 +1133,36 @@ mod tests {
         assert_eq!(scan(&[b"GET / HTTP/1.1\r\nContent-Lengthy: 1\r\nX: content-length: 2\r\n\r\n"]), Some(0));
         // Incomplete heads report nothing yet.
         assert_eq!(scan(&[b"GET / HTTP/1.1\r\nContent-Length: 1\r\n"]), None);
+    }
+
+    fn chunks(limit: u64, parts: &[&[u8]]) -> ChunkFeed {
+        let mut scan = ChunkScan::new(limit);
+        for part in parts {
+            let fed = scan.feed(part);
+            if fed != ChunkFeed::More {
+                return fed;
+            }
+        }
+        ChunkFeed::More
+    }
+
+    #[test]
+    fn chunk_scan_adds_up_declared_sizes() {
+        // Within the limit, split anywhere, with extensions; ends at the
+        // last chunk.
+        let body = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n";
+        assert_eq!(chunks(15, &[body]), ChunkFeed::Done);
+        let split: Vec<&[u8]> = body.chunks(2).collect();
+        assert_eq!(chunks(15, &split), ChunkFeed::Done);
+        // One byte too many, known from the size line alone.
+        assert_eq!(chunks(14, &[b"5\r\nhello\r\n", b"a"]), ChunkFeed::More, "the size line is not over yet");
+        assert_eq!(chunks(14, &[b"5\r\nhello\r\n", b"a\r"]), ChunkFeed::TooLarge);
+        assert_eq!(chunks(100, &[b"ffffffff\r\n"]), ChunkFeed::TooLarge);
+        // Data that looks like a size line is data.
+        assert_eq!(chunks(10, &[b"3\r\nfff\r\n", b"2\r\nff\r\n"]), ChunkFeed::More);
+        // Malformed: left to hyper.
+        assert_eq!(chunks(10, &[b"zz\r\n"]), ChunkFeed::Done);
+        assert_eq!(chunks(10, &[b"11111111111111111\r\n"]), ChunkFeed::Done);
     }
 
     #[test]

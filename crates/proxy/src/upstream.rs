@@ -169,16 +169,24 @@ struct Exchange {
     written: usize,
     head_sent: bool,
     chunked: bool,
-    /// A streamed body, taken out of `req` once a byte went out; it becomes
-    /// the connection's upload when the head is all out.
-    stream: Option<crate::body::ClientBody>,
+    /// A streamed (or file) body, taken out of `req` once a byte went out;
+    /// it becomes the connection's upload when the head is all out.
+    stream: Option<Source>,
+}
+
+/// Where the bytes of an upload come from.
+enum Source {
+    /// The client, as they arrive.
+    Client(crate::body::ClientBody),
+    /// A body buffered in a temporary file, from `offset` on.
+    File(std::sync::Arc<crate::spool::Spill>, u64),
 }
 
 /// A streamed request body still being sent. It keeps going while the
 /// response comes back (an instance may answer, and even stream its
 /// answer, before it has read the whole upload: an echo, a 413).
 struct Upload {
-    body: crate::body::ClientBody,
+    body: Source,
     chunked: bool,
     /// `wbuf[written..]` is still to be written; then the next frame, or
     /// nothing more after the last one.
@@ -260,9 +268,9 @@ impl Upstream {
             }
         }
         if let Err(err) = self.poll_upload(cx) {
-            // The client's upload failed: not the instance's fault, and
-            // nothing to retry.
-            let err = ProxyError::new(err.kind(), Side::Downstream, Retry::Never).with_source(err);
+            // The client's upload (or its temporary file) failed: not the
+            // instance's fault, and nothing to retry.
+            let err = ProxyError::new(err.kind(), err.side(), Retry::Never).with_source(err);
             return Poll::Ready(Err((err, None)));
         }
         match self.poll_head(cx, ex.head_request) {
@@ -315,8 +323,10 @@ impl Upstream {
                     ex.written += n;
                     if let Some(req) = ex.req.take() {
                         // Sent (in part): no longer handed back.
-                        if let UpBody::Stream(body) = req.into_body() {
-                            ex.stream = Some(body);
+                        match req.into_body() {
+                            UpBody::Stream(body) => ex.stream = Some(Source::Client(body)),
+                            UpBody::File(spill, offset) => ex.stream = Some(Source::File(spill, offset)),
+                            UpBody::Full(_) => {}
                         }
                     }
                 }
@@ -361,7 +371,35 @@ impl Upstream {
             }
             self.wbuf.clear();
             upload.written = 0;
-            match Pin::new(&mut upload.body).poll_frame(cx) {
+            let body = match &mut upload.body {
+                Source::Client(body) => body,
+                Source::File(spill, offset) => {
+                    // Already whole: no framing, no waiting (see `spool.rs`
+                    // for why a plain read).
+                    let left = spill.len().saturating_sub(*offset);
+                    if left == 0 {
+                        upload.last = true;
+                        continue;
+                    }
+                    self.wbuf.resize(left.min(crate::body::FILE_PIECE as u64) as usize, 0);
+                    match spill.read_at(&mut self.wbuf, *offset) {
+                        Ok(n) if n > 0 => {
+                            self.wbuf.truncate(n);
+                            *offset += n as u64;
+                        }
+                        Ok(_) => {
+                            self.reusable = false;
+                            return Err(crate::body::BodyError::Spill(io::ErrorKind::UnexpectedEof.into()));
+                        }
+                        Err(err) => {
+                            self.reusable = false;
+                            return Err(crate::body::BodyError::Spill(err));
+                        }
+                    }
+                    continue;
+                }
+            };
+            match Pin::new(body).poll_frame(cx) {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(Some(Ok(frame))) => {
                     // Trailers of the client's body are dropped.
@@ -789,6 +827,7 @@ fn encode_head(out: &mut Vec<u8>, req: &Request<UpBody>) -> bool {
             let expects_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
             (had_length || expects_body).then_some(0)
         }
+        UpBody::File(spill, offset) => Some(spill.len().saturating_sub(*offset)),
         UpBody::Stream(body) => match body.size_hint().exact() {
             Some(n) => Some(n),
             None => {

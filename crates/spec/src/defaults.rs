@@ -39,6 +39,17 @@ pub const MIN_PROXY_WORKERS: u32 = 1;
 pub const MAX_PROXY_WORKERS: u32 = 1024;
 /// `[proxy] redirect_http`, when `[[proxy.tls]]` is set.
 pub const DEFAULT_REDIRECT_HTTP: bool = true;
+/// `[proxy] body_memory_bytes`: a request body is read whole before an
+/// instance is chosen; this much in memory, the rest in a temporary file.
+pub const DEFAULT_PROXY_BODY_MEMORY_BYTES: u64 = 64 * 1024;
+/// Largest `[proxy] body_memory_bytes` (held per connection).
+pub const MAX_PROXY_BODY_MEMORY_BYTES: u64 = 1 << 30;
+/// `[proxy] min_upload_rate`, bytes per second (`0`: no minimum).
+pub const DEFAULT_PROXY_MIN_UPLOAD_RATE: u64 = 1024;
+/// `[proxy] upload_rate_window`: what `min_upload_rate` is measured over.
+pub const DEFAULT_PROXY_UPLOAD_RATE_WINDOW: Duration = Duration::from_secs(15);
+/// Shortest `[proxy] upload_rate_window`.
+pub const MIN_PROXY_UPLOAD_RATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// `[release] task_timeout`: migrations on a big table take minutes.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(600);
@@ -139,6 +150,10 @@ pub const PROXY_DEFAULTS_DOC: &str = "\
 | `proxy.body_timeout` | `30s` | `60s` (`client_body_timeout`) | none (`timeout client`) | a pause of 30s in an upload is a stalled client; it gets 408 and the instance's request is aborted |
 | `proxy.workers` | one per core | `1` (`worker_processes`; packaged configs: `auto`, one per core) | one per core (`nbthread`) | a thread per core serves the most with the least switching; lower it on a machine whose cores the apps need; fixed while the daemon runs: the first `up` starts it with this value, a later change applies after `nonstop upgrade` or a daemon restart |
 | `proxy.redirect_http` | `true` when `tls` is set | a `return 301` to write | a `redirect scheme https` to write | plain HTTP to a host with a certificate gets a 308 (method and body kept) |
+| `proxy.body_memory_bytes` | `64KiB` | `16k` (`client_body_buffer_size`) | no buffering: bodies stream | a request body is read whole before an instance is chosen (larger ones into an unlinked temporary file), so a slow upload holds no app worker |
+| `proxy.min_upload_rate` | `1KiB/s` | none: `client_body_timeout` between two reads only | none | a body slower than this over `upload_rate_window` gets 408: a 1 byte/s drip ends after 15s, a slow phone is never hurt; `0`: no minimum |
+| `proxy.upload_rate_window` | `15s` | none | none | a body that ends within one window is never judged |
+| `proxy.unbuffered_paths` | none | `proxy_request_buffering off` in a `location` | (streams everything) | path prefixes (`\"/upload/\"`) whose bodies stream to the app as they arrive, for large uploads read as a stream; `body_timeout` and `min_upload_rate` still apply |
 ";
 
 #[cfg(test)]
@@ -171,6 +186,13 @@ mod tests {
         assert_eq!(d("body_timeout"), Ok(DEFAULT_PROXY_BODY_TIMEOUT));
         assert!(cell("redirect_http").starts_with(&format!("`{DEFAULT_REDIRECT_HTTP}`")));
         assert_eq!(cell("workers"), "one per core");
+        assert_eq!(size("body_memory_bytes"), Ok(DEFAULT_PROXY_BODY_MEMORY_BYTES));
+        assert_eq!(
+            cell("min_upload_rate").trim_matches('`').strip_suffix("/s").map(crate::size::parse_size),
+            Some(Ok(DEFAULT_PROXY_MIN_UPLOAD_RATE))
+        );
+        assert_eq!(d("upload_rate_window"), Ok(DEFAULT_PROXY_UPLOAD_RATE_WINDOW));
+        assert_eq!(cell("unbuffered_paths"), "none");
     }
 
     #[test]

@@ -58,6 +58,14 @@ pub struct RawProxy {
     pub tls: Option<Spanned<Vec<Spanned<RawTls>>>>,
     /// Addresses or CIDR ranges (`"10.0.0.0/8"`).
     pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
+    // Request bodies: read whole before an instance is chosen.
+    /// A size: bytes or `"64KiB"`; held in memory, the rest in a file.
+    pub body_memory_bytes: Option<Spanned<RawIntOrString>>,
+    /// Bytes per second (`1024`) or `"1KiB/s"`; `0`: no minimum.
+    pub min_upload_rate: Option<Spanned<RawIntOrString>>,
+    pub upload_rate_window: Option<Spanned<RawDuration>>,
+    /// Path prefixes (`"/upload/"`) whose bodies are streamed.
+    pub unbuffered_paths: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[[proxy.tls]]`: one certificate.

@@ -127,6 +127,10 @@ upstream_timeout = 30
 body_timeout = "20s"
 workers = 4
 trusted_proxies = ["10.0.0.0/8"]
+body_memory_bytes = "256KiB"
+min_upload_rate = "2KiB/s"
+upload_rate_window = "20s"
+unbuffered_paths = ["/upload/"]
 
 [[proxy.tls]]
 hosts = ["blog.example.com", "*.Blog.example.com"]
@@ -1675,5 +1679,88 @@ fn directory_names_become_valid_app_names() {
         let name = sanitize_app_name(dir);
         assert!(AppName::new(&name).is_ok() && !name.contains('_'), "{dir:?} → {name:?}");
         assert!(init_toml(&name, None).is_ok());
+    }
+}
+
+// ------------------------------------------------- [proxy] request bodies
+
+#[test]
+fn proxy_body_buffering_settings() {
+    let p = ok(&top(
+        "[proxy]\nbody_memory_bytes = \"1MiB\"\nmin_upload_rate = \"2KiB/s\"\nupload_rate_window = \"20s\"\nunbuffered_paths = [\"/upload/\", \"/api/files\"]\n",
+    ))
+    .proxy;
+    assert_eq!(p.body_memory_bytes, Some(1 << 20));
+    assert_eq!(p.min_upload_rate, Some(2048));
+    assert_eq!(p.upload_rate_window, Some(Duration::from_secs(20)));
+    assert_eq!(p.unbuffered_paths, ["/upload/", "/api/files"]);
+    let p = ok(FULL).proxy;
+    assert_eq!(p.body_memory_bytes, Some(256 * 1024));
+    assert_eq!((p.min_upload_rate, p.upload_rate_window), (Some(2048), Some(Duration::from_secs(20))));
+    assert_eq!(p.unbuffered_paths, ["/upload/"]);
+    // Bytes per second as an integer; 0 turns the minimum off; 0 bytes in
+    // memory sends every body to a file.
+    let p = ok(&top("[proxy]\nmin_upload_rate = 0\nbody_memory_bytes = 0\n")).proxy;
+    assert_eq!((p.min_upload_rate, p.body_memory_bytes), (Some(0), Some(0)));
+    let p = ok(&top("[proxy]\nmin_upload_rate = 500\n")).proxy;
+    assert_eq!(p.min_upload_rate, Some(500));
+    // Left out: the proxy's defaults.
+    let p = ok(WEB).proxy;
+    assert_eq!((p.body_memory_bytes, p.min_upload_rate, p.upload_rate_window), (None, None, None));
+    assert!(p.unbuffered_paths.is_empty());
+}
+
+#[test]
+fn bad_proxy_body_settings_are_located_with_a_fix() {
+    let cases: Vec<(&str, (usize, usize), &str, &str)> = vec![
+        (
+            "[proxy]\nmin_upload_rate = \"1KiB\"\n",
+            (3, 19),
+            "`min_upload_rate` in [proxy] is not a rate (\"1KiB\"): it does not end with \"/s\"",
+            "write a size per second, such as \"1KiB/s\"",
+        ),
+        (
+            "[proxy]\nmin_upload_rate = \"fast/s\"\n",
+            (3, 19),
+            "`min_upload_rate` in [proxy] is not a valid rate (\"fast/s\"): it does not start with a number",
+            "a rate is a size per second",
+        ),
+        ("[proxy]\nmin_upload_rate = -5\n", (3, 19), "`min_upload_rate` in [proxy] must not be negative", "1KiB/s"),
+        (
+            "[proxy]\nmin_upload_rate = 1.5\n",
+            (3, 19),
+            "`min_upload_rate` in [proxy] must be a rate: bytes per second (1024) or a string with a unit per second (\"1KiB/s\")",
+            "for example: min_upload_rate = \"1KiB/s\"",
+        ),
+        (
+            "[proxy]\nupload_rate_window = \"500ms\"\n",
+            (3, 22),
+            "`upload_rate_window` in [proxy] must be at least 1s, not 500ms: a shorter window judges a pause, not a rate",
+            "for example: upload_rate_window = \"15s\"",
+        ),
+        (
+            "[proxy]\nbody_memory_bytes = \"2GiB\"\n",
+            (3, 21),
+            "`body_memory_bytes` in [proxy] must be at most 1GiB, not 2GiB",
+            "for example: body_memory_bytes = \"64KiB\"",
+        ),
+        (
+            "[proxy]\nunbuffered_paths = [\"upload/\"]\n",
+            (3, 21),
+            "\"upload/\" in `unbuffered_paths` of [proxy] does not start with '/'",
+            "unbuffered_paths = [\"/upload/\", \"/api/files\"]",
+        ),
+        (
+            "[proxy]\nunbuffered_paths = [\"/up?x=1\"]\n",
+            (3, 21),
+            "contains a query or fragment ('?' or '#'): only the path is matched",
+            "write path prefixes",
+        ),
+        ("[proxy]\nunbuffered_paths = [\"/a\", \"/a\"]\n", (3, 27), "\"/a\" is twice in `unbuffered_paths`", "remove one"),
+        ("[proxy]\nunbuffered_paths = \"/upload/\"\n", (3, 20), "`unbuffered_paths` in [proxy] must be a list", ""),
+    ];
+    for (tables, (line, column), message, hint) in cases {
+        let e = one(&top(tables));
+        assert_err(&e, line, column, message, hint);
     }
 }

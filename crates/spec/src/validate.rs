@@ -198,6 +198,7 @@ fn validate_proxy(proxy: Option<&Spanned<RawProxy>>, env: &dyn EnvLookup, base: 
         }
         workers
     });
+    validate_proxy_bodies(raw, &mut spec, diags);
     if let Some(tls) = &raw.tls {
         spec.tls = validate_tls(tls, base, diags);
     }
@@ -224,6 +225,101 @@ fn validate_proxy(proxy: Option<&Spanned<RawProxy>>, env: &dyn EnvLookup, base: 
         }
     }
     spec
+}
+
+/// `[proxy]` request-body keys: buffering, minimum rate, streamed paths.
+fn validate_proxy_bodies(raw: &RawProxy, spec: &mut ProxySpec, diags: &mut Diags) {
+    let f = |key| Field::new("proxy", key);
+    spec.body_memory_bytes = size(
+        raw.body_memory_bytes.as_ref(),
+        f("body_memory_bytes"),
+        0,
+        MAX_PROXY_BODY_MEMORY_BYTES,
+        DEFAULT_PROXY_BODY_MEMORY_BYTES,
+        diags,
+    );
+    spec.min_upload_rate = raw.min_upload_rate.as_ref().and_then(|value| upload_rate(value, diags));
+    spec.upload_rate_window = raw.upload_rate_window.as_ref().and_then(|value| {
+        let window =
+            duration(Some(value), f("upload_rate_window"), Min::Positive, DEFAULT_PROXY_UPLOAD_RATE_WINDOW, diags);
+        if window < MIN_PROXY_UPLOAD_RATE_WINDOW {
+            if !window.is_zero() {
+                diags.error(
+                    value.span(),
+                    format!(
+                        "`upload_rate_window` in [proxy] must be at least {}, not {}: a shorter window judges a pause, not a rate",
+                        format_duration(MIN_PROXY_UPLOAD_RATE_WINDOW),
+                        format_duration(window)
+                    ),
+                    f("upload_rate_window").example(&format!("\"{}\"", format_duration(DEFAULT_PROXY_UPLOAD_RATE_WINDOW))),
+                );
+            }
+            return None;
+        }
+        Some(window)
+    });
+    let mut seen = std::collections::HashSet::new();
+    for item in raw.unbuffered_paths.iter().flat_map(|list| list.get_ref()) {
+        let path = item.get_ref();
+        let problem = if !path.starts_with('/') {
+            Some("does not start with '/'")
+        } else if path.contains(['?', '#']) {
+            Some("contains a query or fragment ('?' or '#'): only the path is matched")
+        } else if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            Some("contains spaces or control characters")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            diags.error(
+                item.span(),
+                format!("{path:?} in `unbuffered_paths` of [proxy] {problem}"),
+                "write path prefixes, for example: unbuffered_paths = [\"/upload/\", \"/api/files\"]",
+            );
+        } else if !seen.insert(path.as_str()) {
+            diags.error(
+                item.span(),
+                format!("{path:?} is twice in `unbuffered_paths` of [proxy]"),
+                "remove one of them",
+            );
+        } else {
+            spec.unbuffered_paths.push(path.clone());
+        }
+    }
+}
+
+/// `min_upload_rate`: bytes per second, or a size per second (`"1KiB/s"`).
+fn upload_rate(value: &Spanned<RawIntOrString>, diags: &mut Diags) -> Option<u64> {
+    let example = "for example: min_upload_rate = \"1KiB/s\" (or 0 for no minimum)";
+    match value.get_ref() {
+        RawIntOrString::Int(i) if *i < 0 => {
+            diags.error(value.span(), "`min_upload_rate` in [proxy] must not be negative", example);
+            None
+        }
+        RawIntOrString::Int(i) => Some(i.unsigned_abs()),
+        RawIntOrString::Text(text) => {
+            let trimmed = text.trim();
+            let Some(per_second) = trimmed.strip_suffix("/s").or_else(|| trimmed.strip_suffix("/S")) else {
+                diags.error(
+                    value.span(),
+                    format!("`min_upload_rate` in [proxy] is not a rate ({text:?}): it does not end with \"/s\""),
+                    format!("write a size per second, such as \"{}/s\"; {example}", trimmed),
+                );
+                return None;
+            };
+            match parse_size(per_second) {
+                Ok(n) => Some(n),
+                Err(err) => {
+                    diags.error(
+                        value.span(),
+                        format!("`min_upload_rate` in [proxy] is not a valid rate ({text:?}): {}", err.reason()),
+                        format!("a rate is a size per second, the size {SIZE_FORMS}; {example}"),
+                    );
+                    None
+                }
+            }
+        }
+    }
 }
 
 const TLS_EXAMPLE: &str = "[[proxy.tls]]\nhosts = [\"example.com\", \"*.example.com\"]\ncert = \"certs/example.com.pem\"\nkey = \"certs/example.com.key\"";

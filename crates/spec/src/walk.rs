@@ -63,6 +63,15 @@ fn walk_proxy(t: &Table<'_, '_>, diags: &mut Diags) -> RawProxy {
         workers: t.integer("workers", "workers = 2 (or leave it out for one per core)", diags),
         tls: walk_tls(t, diags),
         trusted_proxies: t.string_list("trusted_proxies", "trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]", diags),
+        body_memory_bytes: t.int_or_string("body_memory_bytes", size, "body_memory_bytes = \"64KiB\"", diags),
+        min_upload_rate: t.int_or_string(
+            "min_upload_rate",
+            "a rate: bytes per second (1024) or a string with a unit per second (\"1KiB/s\")",
+            "min_upload_rate = \"1KiB/s\"",
+            diags,
+        ),
+        upload_rate_window: t.duration("upload_rate_window", diags),
+        unbuffered_paths: t.string_list("unbuffered_paths", "unbuffered_paths = [\"/upload/\"]", diags),
     }
 }
 
