@@ -411,3 +411,60 @@ async fn the_minimum_rate_also_ends_a_drip_on_an_unbuffered_path() {
     task.abort();
     p.stop().await;
 }
+
+#[tokio::test]
+async fn http2_bodies_are_read_whole_too_and_sent_with_a_length() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = Upstream::with_handler("a", checksum_handler()).await;
+    let p = Running::start(ProxyConfig { body_memory_bytes: 16 * 1024, ..config() }).await;
+    p.proxy.set_default_route(route());
+    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    for len in [10, 300 * 1024] {
+        let body = pattern(len);
+        // A body of unknown length (no content-length), in pieces.
+        let (tx, stream) = channel_body(None);
+        let req = http::Request::builder().method("POST").uri("http://app.test/h2").body(stream).unwrap();
+        let pieces: Vec<bytes::Bytes> = body.chunks(7000).map(bytes::Bytes::copy_from_slice).collect();
+        tokio::spawn(async move {
+            for piece in pieces {
+                tx.send(piece).await.unwrap();
+            }
+        });
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(String::from_utf8_lossy(&got), format!("{len} {:016x} cl={len} te=-", fnv(&body)));
+    }
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_temporary_file_that_cannot_be_made_is_a_500_and_a_warning() {
+    logs::capture();
+    let up = Upstream::with_handler("a", checksum_handler()).await;
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let config = ProxyConfig { body_memory_bytes: 1024, body_buffer_dir: Some(file.join("bodies")), ..config() };
+    let p = Running::start(config).await;
+    p.proxy.set_default_route(route());
+    p.add(1, up.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    let body = "x".repeat(4096);
+    let head = format!("POST /big HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let (reply, client, _s) = raw_request(p.addr, head.as_bytes()).await;
+    let reply = reply.unwrap();
+    assert_eq!(reply.status, 500, "{}", reply.head);
+    assert_eq!(reply.header("connection").as_deref(), Some("close"));
+    wait_until("the failure to be logged", || !logs::for_client(client).is_empty()).await;
+    let lines = logs::for_client(client);
+    assert!(lines.iter().any(|l| l.contains("WARN") && l.contains("temporary file")), "{lines:?}");
+    assert_eq!(up.hits(), 0);
+    // A body that fits in memory needs no file.
+    let reply = Client::new(p.addr).send(request("POST", "/small", "hello")).await.unwrap();
+    assert_eq!(reply.status, 200);
+    p.stop().await;
+}
