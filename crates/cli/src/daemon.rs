@@ -10,7 +10,7 @@ use nonstop_api::wire::LogEntry;
 use nonstop_core::traffic::RouteKey;
 use nonstop_core::ReleaseId;
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, SystemClock};
-use nonstop_engine::{BuildOutput, Builder, Engine, EngineConfig, Ingress, IngressError, InstanceLogs};
+use nonstop_engine::{BuildNote, BuildOutput, Builder, Engine, EngineConfig, Ingress, IngressError, InstanceLogs};
 use nonstop_proxy::{Proxy, ProxyConfig};
 use nonstop_supervisor::{LocalDriver, LocalDriverConfig, LogQuery};
 use std::collections::HashMap;
@@ -272,7 +272,7 @@ impl Builder for ReleasePort {
         env: Vec<(String, String)>,
         timeout: Duration,
         cancel: CancellationToken,
-        output: mpsc::UnboundedSender<String>,
+        output: mpsc::UnboundedSender<BuildNote>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>> {
         let builder = self.builder(app);
         Box::pin(async move {
@@ -292,15 +292,21 @@ impl Builder for ReleasePort {
             let built = builder
                 .build(req, move |ev| match ev {
                     nonstop_release::BuildEvent::Snapshotted(s) => {
-                        let _ = out.send(format!("snapshot: {} files, {} KiB", s.files, s.bytes / 1024));
+                        let _ =
+                            out.send(BuildNote::Line(format!("snapshot: {} files, {} KiB", s.files, s.bytes / 1024)));
                     }
                     nonstop_release::BuildEvent::CommandStarted { index, total, command } => {
-                        let _ = out.send(format!("[{}/{total}] {command}", index + 1));
+                        let _ = out.send(BuildNote::Line(format!("[{}/{total}] {command}", index + 1)));
+                    }
+                    nonstop_release::BuildEvent::CommandSpawned { index, process } => {
+                        let _ = out.send(BuildNote::Command { index, process });
                     }
                     nonstop_release::BuildEvent::Output { line, .. } => {
-                        let _ = out.send(line);
+                        let _ = out.send(BuildNote::Line(line));
                     }
-                    nonstop_release::BuildEvent::CommandFinished { .. } => {}
+                    nonstop_release::BuildEvent::CommandFinished { index, status, .. } => {
+                        let _ = out.send(BuildNote::CommandEnded { index, status });
+                    }
                 })
                 .await
                 .map_err(|e| e.to_string())?;
@@ -315,6 +321,19 @@ impl Builder for ReleasePort {
 
     fn prune(&self, app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, String> {
         self.builder(app).prune(keep).map_err(|e| e.to_string())
+    }
+
+    fn command_alive(&self, command: &nonstop_core::driver::Locator) -> bool {
+        nonstop_release::command_alive(command)
+    }
+
+    fn kill_command(
+        &self,
+        command: &nonstop_core::driver::Locator,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<nonstop_core::driver::StopOutcome, String>> + Send>>
+    {
+        let command = command.clone();
+        Box::pin(async move { nonstop_release::kill_command(&command).await })
     }
 }
 

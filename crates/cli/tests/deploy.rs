@@ -507,3 +507,75 @@ fn a_daemon_killed_during_a_release_task_waits_for_it_and_never_runs_another_alo
     let (_, body) = app.get("/").unwrap();
     assert!(body.contains("version 3"), "{body}");
 }
+
+/// Issue 15: a build command was orphaned the same way as a release task.
+/// The restarted daemon kills its process group (recorded by pid and start
+/// time), fails the deployment saying so, and the next deploy builds
+/// cleanly (the half-built release directory is gone).
+#[test]
+fn a_daemon_killed_during_a_build_kills_the_build_command_when_it_comes_back() {
+    let app = deployable();
+    let dir = app.dir.path().display().to_string();
+    std::fs::write(
+        app.dir.path().join("build.sh"),
+        format!("echo $$ > {dir}/build.pid\nsleep $BUILD_SECONDS\necho built-$NONSTOP_RELEASE > build-marker.txt\n"),
+    )
+    .unwrap();
+    let spec =
+        app.spec().replace("build = [\"echo built-$NONSTOP_RELEASE > build-marker.txt\"]", "build = [\"sh build.sh\"]");
+    let spec = spec.replace("APP_VERSION = \"1\"", "APP_VERSION = \"1\"\nBUILD_SECONDS = \"0\"");
+    assert!(spec.contains("sh build.sh") && spec.contains("BUILD_SECONDS"), "{spec}");
+    app.write_spec(&spec);
+    let gi = app.dir.path().join(".gitignore");
+    std::fs::write(&gi, std::fs::read_to_string(&gi).unwrap() + "build.pid\n").unwrap();
+    app.run(&["deploy"]).ok();
+    let pid_file = app.dir.path().join("build.pid");
+    std::fs::remove_file(&pid_file).unwrap();
+
+    app.write_spec(&app.spec().replace("BUILD_SECONDS = \"0\"", "BUILD_SECONDS = \"600\""));
+    set_version(&app, "2");
+    let deploy = app.cmd(&["deploy"]).spawn().unwrap();
+    wait_until(T, "v2's build command to run", || std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n')));
+    let build_pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let daemon = app.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "the daemon to die", || !pid_alive(daemon));
+    let _ = wait_output(deploy, T, "the interrupted deploy");
+    assert!(pid_alive(build_pid), "the build command died with the daemon");
+
+    // A daemon comes back: by itself (a keeper restarts it) or with `up`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut answering = false;
+    while !answering && std::time::Instant::now() < deadline {
+        answering = app.run(&["status"]).code == 0;
+        if !answering {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    if !answering {
+        app.up().ok();
+    }
+    wait_until(T, "the orphaned build command to be killed", || !pid_alive(build_pid));
+    wait_until(T, "the deployment to end", || history(&app)[0]["status"] != "running");
+    let h = history(&app);
+    assert_eq!(h[0]["to_release"], 2, "{h:#?}");
+    assert_eq!(h[0]["status"], "failed", "{h:#?}");
+    let note = h[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("build command 1/1 `sh build.sh` (pid ")
+            && note.contains("was left running by the previous daemon: killed its process group"),
+        "{h:#?}"
+    );
+
+    // The next deploy builds v3 cleanly; nothing of v2 is left on disk.
+    app.write_spec(&app.spec().replace("BUILD_SECONDS = \"600\"", "BUILD_SECONDS = \"0\""));
+    set_version(&app, "3");
+    app.run(&["deploy"]).ok();
+    let releases = app.home.path().join("releases/hello");
+    let mut entries: Vec<String> =
+        std::fs::read_dir(&releases).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    entries.sort();
+    assert_eq!(entries, ["v1", "v3"], "a half-built v2 was left behind");
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 3"), "{body}");
+}

@@ -74,6 +74,19 @@ pub struct BuildOutput {
     pub bytes: u64,
 }
 
+/// What a build reports while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildNote {
+    /// A line for the deploy's progress (build output).
+    Line(String),
+    /// Build command `index` (0-based) runs as this process (group), to be
+    /// recorded: a daemon that dies mid-build leaves it running, and the
+    /// next one kills it ([`Builder::kill_command`]).
+    Command { index: usize, process: nonstop_core::driver::Locator },
+    /// Build command `index` ended by itself.
+    CommandEnded { index: usize, status: ExitStatus },
+}
+
 /// Builds immutable releases (the local snapshot builder today; an image
 /// build for ECS later).
 pub trait Builder: Send + Sync + 'static {
@@ -81,7 +94,8 @@ pub trait Builder: Send + Sync + 'static {
     /// changed" without building).
     fn content_hash(&self, source: &std::path::Path) -> Result<String, String>;
     /// Snapshot `source` as release `release` and run `commands` in it.
-    /// Each output line goes to `output`. A failed build leaves nothing.
+    /// Each output line, and each command's process as soon as it exists,
+    /// goes to `output`. A failed build leaves nothing.
     #[allow(clippy::too_many_arguments)]
     fn build(
         &self,
@@ -92,7 +106,7 @@ pub trait Builder: Send + Sync + 'static {
         env: Vec<(String, String)>,
         timeout: Duration,
         cancel: CancellationToken,
-        output: mpsc::UnboundedSender<String>,
+        output: mpsc::UnboundedSender<BuildNote>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>>;
     /// Delete every release of `app` on disk except `keep`.
     fn prune(&self, app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, String>;
@@ -127,7 +141,7 @@ impl Builder for NoBuilder {
         _: Vec<(String, String)>,
         _: Duration,
         _: CancellationToken,
-        _: mpsc::UnboundedSender<String>,
+        _: mpsc::UnboundedSender<BuildNote>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>> {
         Box::pin(async { Err("this daemon cannot build releases".to_string()) })
     }
@@ -253,6 +267,17 @@ pub(crate) enum Internal {
     TaskEnded {
         task: i64,
         result: Result<nonstop_core::driver::TaskOutcome, String>,
+    },
+    /// A build command's process exists: record it.
+    BuildCommand {
+        deployment: i64,
+        index: usize,
+        process: nonstop_core::driver::Locator,
+    },
+    BuildCommandEnded {
+        deployment: i64,
+        index: usize,
+        status: ExitStatus,
     },
     /// A task left running by an earlier daemon was killed (or could not be).
     TaskKilled {
@@ -1119,6 +1144,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Internal::TaskStarted { task, handle } => self.on_task_started(task, handle),
             Internal::TaskEnded { task, result } => self.on_task_ended(task, result),
             Internal::TaskKilled { task, result } => self.on_task_killed(task, result),
+            Internal::BuildCommand { deployment, index, process } => self.on_build_command(deployment, index, process),
+            Internal::BuildCommandEnded { deployment, index, status } => {
+                self.on_build_command_ended(deployment, index, status)
+            }
             Internal::Exited { id, status } => self.on_exited(id, status),
             Internal::MainExited { id } => {
                 // Out of rotation now: what is left of it finishes its

@@ -428,6 +428,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     }
 
     fn spawn_build(&mut self) {
+        // Every build command is recorded before the build starts, and
+        // with its process as soon as that exists (see `tasks.rs`).
+        if let Err(reason) = self.record_build_commands() {
+            self.finish_deploy(DeployPhase::Failed { reason });
+            return;
+        }
         let Some(run) = self.deployment.as_ref() else { return };
         let app = run.to.spec.app.clone();
         let env: Vec<(String, String)> = release_env(&run.base_env, &run.to, &self.env).into_iter().collect();
@@ -437,16 +443,27 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let builder = self.builder.clone();
         let tx = self.events_tx.clone();
         let progress = self.op.as_ref().map(|o| o.progress.clone());
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<BuildNote>();
         self.progress(format!("building {release}: {} build command(s)", commands.len()));
         self.tasks.spawn(async move {
+            let notes = tx.clone();
             let forward = async move {
-                while let Some(line) = out_rx.recv().await {
-                    if let Some(p) = &progress {
-                        let _ = p.send(Progress {
-                            phase: Some("building".into()),
-                            ..Progress::note(format!("build | {line}"))
-                        });
+                while let Some(note) = out_rx.recv().await {
+                    match note {
+                        BuildNote::Line(line) => {
+                            if let Some(p) = &progress {
+                                let _ = p.send(Progress {
+                                    phase: Some("building".into()),
+                                    ..Progress::note(format!("build | {line}"))
+                                });
+                            }
+                        }
+                        BuildNote::Command { index, process } => {
+                            let _ = notes.send(Internal::BuildCommand { deployment: id, index, process });
+                        }
+                        BuildNote::CommandEnded { index, status } => {
+                            let _ = notes.send(Internal::BuildCommandEnded { deployment: id, index, status });
+                        }
                     }
                 }
             };
@@ -457,6 +474,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     }
 
     pub(crate) fn deploy_on_built(&mut self, deployment: i64, result: Result<BuildOutput, String>) {
+        self.finish_build_commands(deployment, result.as_ref().err());
         let Some(run) = self.deployment.as_mut().filter(|r| r.record.id == deployment) else { return };
         let app = run.to.spec.app.clone();
         let release = run.to.id;

@@ -15,7 +15,7 @@ pub mod preflight;
 mod report;
 
 pub use actor::{
-    BuildOutput, Builder, Engine, EngineConfig, EngineHandle, Ingress, IngressError, InstanceLogs, NoBuilder,
+    BuildNote, BuildOutput, Builder, Engine, EngineConfig, EngineHandle, Ingress, IngressError, InstanceLogs, NoBuilder,
 };
 pub use error::EngineError;
 pub use report::*;

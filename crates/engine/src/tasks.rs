@@ -342,6 +342,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 Some((id, phase)) if id == rec.deployment && in_phase(phase) => TaskOwner::Resumable,
                 _ => TaskOwner::Ended,
             };
+            if rec.kind == TaskKind::Build && rec.locator.is_none() {
+                // A build command that had not started (or whose process
+                // was not recorded yet): nothing of it to find.
+                self.finish_record(rec, "not run: the daemon stopped before it started".into());
+                continue;
+            }
             let fate = task_on_restart(rec.kind, seen, owner);
             let what = format!("{}{}", rec.describe(), pid_words(&rec));
             tracing::warn!("{what} was {:?} when the daemon started: {fate:?}", rec.state);
@@ -472,6 +478,94 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 self.live_tasks.insert(task, LiveTask { record, inherited: Some("could not be found again") });
                 self.on_task_ended(task, Err("its process could not be found".into()));
             }
+        }
+    }
+}
+
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+    /// Record the deployment's build commands (`starting`) before the build
+    /// starts.
+    pub(crate) fn record_build_commands(&mut self) -> Result<(), String> {
+        let Some(run) = self.deployment.as_ref() else { return Ok(()) };
+        let commands = run.to.spec.build.clone();
+        let total = u32::try_from(commands.len()).unwrap_or(u32::MAX);
+        let (app, deployment, release) = (run.to.spec.app.clone(), run.record.id, run.to.id);
+        for (index, command) in commands.into_iter().enumerate() {
+            let mut record = TaskRecord {
+                id: 0,
+                app: app.clone(),
+                environment: self.env.clone(),
+                deployment,
+                kind: TaskKind::Build,
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                total,
+                name: format!("build-{}-{}", release.0, index + 1),
+                command,
+                locator: None,
+                state: TaskState::Starting,
+                started_at: self.clock.wall(),
+                finished_at: None,
+                outcome: None,
+            };
+            record.id = self
+                .store
+                .insert_task(&record)
+                .map_err(|e| format!("{} was not started: it could not be recorded ({e})", record.describe()))?;
+            self.live_tasks.insert(record.id, LiveTask { record, inherited: None });
+        }
+        Ok(())
+    }
+
+    fn build_command(&mut self, deployment: i64, index: usize) -> Option<&mut LiveTask> {
+        self.live_tasks.values_mut().find(|t| {
+            t.record.kind == TaskKind::Build && t.record.deployment == deployment && t.record.index as usize == index
+        })
+    }
+
+    pub(crate) fn on_build_command(&mut self, deployment: i64, index: usize, process: nonstop_core::driver::Locator) {
+        let Some(live) = self.build_command(deployment, index) else { return };
+        live.record.locator = Some(process);
+        live.record.state = TaskState::Running;
+        let record = live.record.clone();
+        if let Err(e) = self.store.update_task(&record) {
+            tracing::error!("could not record the process of {}: {e}", record.describe());
+        }
+    }
+
+    pub(crate) fn on_build_command_ended(&mut self, deployment: i64, index: usize, status: ExitStatus) {
+        let Some(live) = self.build_command(deployment, index) else { return };
+        let id = live.record.id;
+        if let Some(LiveTask { record, .. }) = self.live_tasks.remove(&id) {
+            self.finish_record(record, status.to_string());
+        }
+    }
+
+    /// The build ended: its commands still recorded as starting or running
+    /// end with it.
+    pub(crate) fn finish_build_commands(&mut self, deployment: i64, error: Option<&String>) {
+        let ids: Vec<i64> = self
+            .live_tasks
+            .values()
+            .filter(|t| t.record.kind == TaskKind::Build && t.record.deployment == deployment)
+            .map(|t| t.record.id)
+            .collect();
+        for id in ids {
+            let Some(LiveTask { record, .. }) = self.live_tasks.remove(&id) else { continue };
+            let words = match (record.state, error) {
+                (TaskState::Starting, _) => "not run".to_string(),
+                (_, None) => "done".to_string(),
+                (_, Some(e)) => format!("stopped: {}", e.lines().next().unwrap_or_default()),
+            };
+            self.finish_record(record, words);
+        }
+    }
+
+    fn finish_record(&mut self, mut record: TaskRecord, outcome: String) {
+        record.state = TaskState::Finished;
+        record.finished_at = Some(self.clock.wall());
+        record.outcome = Some(outcome);
+        if let Err(e) = self.store.update_task(&record) {
+            tracing::error!("could not record the end of {}: {e}", record.describe());
         }
     }
 }

@@ -110,6 +110,9 @@ pub(crate) async fn run(
         .spawn()?;
     let pid = child.id().expect("a just spawned child has a pid");
     let mut group = GroupGuard(Some(Pid::from_raw(pid as i32)));
+    if let Some(process) = crate::leftover::locator_of(pid) {
+        events(BuildEvent::CommandSpawned { index: run.index, process });
+    }
     log.line(Stream::Sys, &format!("build command {} of {}: {}", run.index + 1, run.total, run.command));
 
     let mut out = BufReader::new(child.stdout.take().expect("stdout is piped"));

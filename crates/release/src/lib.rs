@@ -44,7 +44,10 @@
 //! (`sh -c`, in their own process group, with exactly the environment
 //! given, output timestamped into `.nonstop/build.log` and streamed as
 //! [`BuildEvent::Output`]), syncs the file system, and only then removes
-//! the marker and syncs the root: publishing. A build that fails, times out
+//! the marker and syncs the root: publishing. Each command's pid and start
+//! time are reported as soon as it runs ([`BuildEvent::CommandSpawned`]):
+//! a daemon that died mid-build left it running, and the next one kills
+//! its group ([`kill_command`]). A build that fails, times out
 //! or is cancelled leaves nothing behind: no `v<N>`, no marker, no
 //! process; one that crashed leaves both, which
 //! [`ReleaseBuilder::clean_staging`] (or the next build of that number)
@@ -59,7 +62,10 @@
 
 mod command;
 mod fsutil;
+mod leftover;
 mod snapshot;
+
+pub use leftover::{command_alive, kill_command};
 
 pub use command::TAIL_LINES;
 pub use nonstop_core::driver::ExitStatus;
@@ -125,6 +131,9 @@ pub enum BuildEvent {
     Snapshotted(SnapshotStats),
     /// `index` is 0-based into `build_commands`; `total` is their number.
     CommandStarted { index: usize, total: usize, command: String },
+    /// The command's process exists, as the leader of its own process
+    /// group: its pid and start time, to record (see [`kill_command`]).
+    CommandSpawned { index: usize, process: nonstop_core::driver::Locator },
     /// One line of a command's output (without the line end).
     Output { index: usize, stream: Stream, line: String },
     /// Sent for every command that exited by itself, successful or not (not

@@ -409,6 +409,10 @@ async fn build_commands_run_in_order_in_the_release_dir_with_the_env() {
             BuildEvent::CommandStarted { index, total, .. } => format!("start {index}/{total}"),
             BuildEvent::Output { index, stream, line } => format!("{index} {} {line}", stream.as_str()),
             BuildEvent::CommandFinished { index, status, .. } => format!("end {index} {status}"),
+            BuildEvent::CommandSpawned { index, process } => {
+                assert!(process.pid().is_some_and(|p| p > 1), "{process:?}");
+                format!("spawned {index}")
+            }
         })
         .collect();
     assert_eq!(
@@ -416,11 +420,14 @@ async fn build_commands_run_in_order_in_the_release_dir_with_the_env() {
         [
             "snapshot",
             "start 0/3",
+            "spawned 0",
             "end 0 exit code 0",
             "start 1/3",
+            "spawned 1",
             "1 err to-stderr",
             "end 1 exit code 0",
             "start 2/3",
+            "spawned 2",
             "end 2 exit code 0",
         ]
     );
@@ -561,6 +568,52 @@ async fn cancel_kills_the_running_command_and_leaves_nothing() {
         assert_dies(read_pid(&pids.path().join(name)), name);
     }
     assert!(f.root_entries().is_empty(), "{:?}", f.root_entries());
+}
+
+/// What a daemon that died mid-build leaves: a build command running on,
+/// recorded by pid and start time. The next daemon kills its whole group
+/// from that record alone.
+#[tokio::test]
+async fn a_build_command_is_reported_as_it_starts_and_can_be_killed_from_its_record() {
+    let f = Fixture::new();
+    let pids = tempfile::tempdir().unwrap();
+    let commands: Vec<String> = vec![SPAWNS_SLEEPERS.to_string()];
+    let env = pid_env(pids.path());
+    let req = BuildRequest {
+        source: &f.app,
+        release: ReleaseId(4),
+        build_commands: &commands,
+        env: &env,
+        timeout: Duration::from_secs(600),
+        cancel: CancellationToken::new(),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (mut tx, mut process) = (Some(tx), None);
+    let build = f.builder.build(req, move |e| match e {
+        BuildEvent::CommandSpawned { process: p, .. } => process = Some(p),
+        BuildEvent::Output { line, .. } if line == "ready" => {
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(process.clone());
+            }
+        }
+        _ => {}
+    });
+    let killer = async {
+        let process = rx.await.unwrap().expect("the command's process was reported before its output");
+        assert_eq!(process.pid(), Some(read_pid(&pids.path().join("sh")) as u32));
+        assert!(nonstop_release::command_alive(&process));
+        let killed = nonstop_release::kill_command(&process).await.unwrap();
+        assert_eq!(killed, nonstop_core::driver::StopOutcome::Killed);
+        assert!(!nonstop_release::command_alive(&process));
+        process
+    };
+    let (built, process) = tokio::join!(build, killer);
+    assert!(matches!(built, Err(ReleaseError::BuildFailed { .. })), "{built:?}");
+    for name in ["sh", "bg", "fg"] {
+        assert_dies(read_pid(&pids.path().join(name)), name);
+    }
+    let again = nonstop_release::kill_command(&process).await.unwrap();
+    assert_eq!(again, nonstop_core::driver::StopOutcome::AlreadyGone);
 }
 
 #[tokio::test]

@@ -2,8 +2,9 @@
 //! source directory, and the content hash is what the test set.
 
 use crate::lock;
+use nonstop_core::driver::{Locator, StopOutcome};
 use nonstop_core::{AppName, ReleaseId};
-use nonstop_engine::{BuildOutput, Builder};
+use nonstop_engine::{BuildNote, BuildOutput, Builder};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -17,6 +18,12 @@ pub struct FakeBuilder {
     /// While true, `content_hash` blocks (as reading a large directory).
     hold: Mutex<bool>,
     released: Condvar,
+    /// The next build's command runs as this process and never ends by
+    /// itself: the build waits for its cancel.
+    hang: Mutex<Option<Locator>>,
+    /// Build command processes alive (of hung builds, until killed).
+    alive: Mutex<Vec<Locator>>,
+    kills: Mutex<Vec<Locator>>,
 }
 
 impl Default for FakeBuilder {
@@ -33,6 +40,9 @@ impl FakeBuilder {
             builds: Mutex::new(Vec::new()),
             hold: Mutex::new(false),
             released: Condvar::new(),
+            hang: Mutex::new(None),
+            alive: Mutex::new(Vec::new()),
+            kills: Mutex::new(Vec::new()),
         }
     }
 
@@ -51,6 +61,30 @@ impl FakeBuilder {
     /// has something to build).
     pub fn set_hash(&self, hash: &str) {
         *lock(&self.hash) = hash.to_string();
+    }
+
+    /// The next build's first command runs as `process` (reported to the
+    /// engine) and the build never ends, cancel or not; the process stays
+    /// alive until [`Builder::kill_command`] (what a daemon killed
+    /// mid-build leaves).
+    pub fn hang_next_build(&self, process: Locator) {
+        *lock(&self.hang) = Some(process);
+    }
+
+    /// Resolve once the engine has killed `process` (polling on the
+    /// test's clock).
+    pub async fn wait_killed(&self, process: &Locator) {
+        crate::within("the build command to be killed", async {
+            while !lock(&self.kills).contains(process) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+
+    /// Build command processes the engine killed.
+    pub fn kills(&self) -> Vec<Locator> {
+        lock(&self.kills).clone()
     }
 
     /// The releases built, in order.
@@ -77,12 +111,41 @@ impl Builder for FakeBuilder {
         _commands: Vec<String>,
         _env: Vec<(String, String)>,
         _timeout: Duration,
-        _cancel: CancellationToken,
-        _output: mpsc::UnboundedSender<String>,
+        cancel: CancellationToken,
+        output: mpsc::UnboundedSender<BuildNote>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>> {
         lock(&self.builds).push(release);
         let content_hash = lock(&self.hash).clone();
+        if let Some(process) = lock(&self.hang).take() {
+            lock(&self.alive).push(process.clone());
+            let _ = output.send(BuildNote::Line("building...".into()));
+            let _ = output.send(BuildNote::Command { index: 0, process });
+            // Never answers, not even a cancel: a daemon killed mid-build
+            // hears nothing more of it.
+            drop(cancel);
+            return Box::pin(std::future::pending());
+        }
         Box::pin(async move { Ok(BuildOutput { dir: source, content_hash, files: 1, bytes: 1 }) })
+    }
+
+    fn command_alive(&self, command: &Locator) -> bool {
+        lock(&self.alive).contains(command)
+    }
+
+    fn kill_command(
+        &self,
+        command: &Locator,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<StopOutcome, String>> + Send>> {
+        let mut alive = lock(&self.alive);
+        let outcome = match alive.iter().position(|c| c == command) {
+            Some(i) => {
+                alive.remove(i);
+                lock(&self.kills).push(command.clone());
+                StopOutcome::Killed
+            }
+            None => StopOutcome::AlreadyGone,
+        };
+        Box::pin(async move { Ok(outcome) })
     }
 
     fn prune(&self, _app: &AppName, _keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, String> {

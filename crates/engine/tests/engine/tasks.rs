@@ -244,3 +244,63 @@ async fn a_cancelled_deploy_stops_its_running_release_task() {
     assert_eq!(f.driver.task_stops(), [("release-1-1".to_string(), nonstop_core::Signal::Term)]);
     assert!(f.driver.tasks_alive().is_empty());
 }
+
+/// A build command runs as a child of the daemon: a daemon killed
+/// mid-build leaves it running with nobody to read its output. The next
+/// daemon kills its process group from the recorded pid and start time,
+/// and the deployment fails, saying so.
+#[tokio::test(start_paused = true)]
+async fn a_build_command_left_running_is_killed_and_its_deploy_fails() {
+    use nonstop_core::driver::Locator;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let f = Fixture::with_store(open(&path));
+    let e = f.start();
+    e.up(app("blog").worker("worker", 1).build()).await.unwrap();
+    let before = alive(&f, "worker");
+    f.builder.set_hash("source-2");
+    let process = Locator::Local { pid: 7001, start_time: 70_010, monitor_pid: 0, monitor_start_time: 0 };
+    f.builder.hang_next_build(process.clone());
+    let mut spec = app("blog").worker("worker", 1).env("V", "2").build();
+    spec.build = vec!["make assets".into()];
+    let deploy = e.spawn_deploy(spec.clone(), "ann");
+    let blog = nonstop_core::AppName::new("blog").unwrap();
+    within("the build command's pid to be recorded", async {
+        loop {
+            let recs = f.store.unfinished_tasks(&blog, &env()).unwrap();
+            if recs.iter().any(|r| r.locator.as_ref() == Some(&process) && r.state == TaskState::Running) {
+                break;
+            }
+            settle().await;
+            tokio::time::sleep(ms(1)).await;
+        }
+    })
+    .await;
+    e.shutdown().await;
+    let _ = within("the interrupted deploy", deploy).await;
+    assert!(f.builder.kills().is_empty());
+
+    let g = f.next_daemon(Arc::new(open(&path)));
+    let e2 = g.start();
+    let d = ended(&e2).await;
+    assert_eq!(d.status, "failed", "{d:#?}");
+    let reason = d.reason.unwrap_or_default();
+    assert!(
+        reason.contains(
+            "build command 1/1 `make assets` (pid 7001) was left running by the previous daemon: killed its process group"
+        ),
+        "{reason}"
+    );
+    f.builder.wait_killed(&process).await;
+    assert_eq!(f.builder.kills(), std::slice::from_ref(&process));
+    settle().await;
+    let tasks = g.store.tasks(&blog, &env(), 10).unwrap();
+    assert_eq!(tasks.len(), 1, "{tasks:#?}");
+    assert_eq!(tasks[0].state, TaskState::Finished);
+    assert_eq!(tasks[0].outcome.as_deref(), Some("left running by the previous daemon: killed"));
+    assert_eq!(alive(&f, "worker"), before, "nothing changed");
+    // The next deploy builds and goes live.
+    f.builder.set_hash("source-3");
+    let (r, _) = e2.deploy_with_progress(spec).await;
+    r.unwrap();
+}
