@@ -468,6 +468,10 @@ fn a_daemon_killed_during_a_release_task_waits_for_it_and_never_runs_another_alo
         std::thread::sleep(Duration::from_secs(1));
     }
     assert!(!refusals.is_empty(), "a deploy went through while v2's release task still ran");
+    assert!(
+        refusals.iter().any(|r| r.contains(&format!("running release task 1/1 `sh task.sh` (pid {task_pid})"))),
+        "the refusal names the task and its pid: {refusals:?}"
+    );
     assert!(!pid_alive(task_pid));
 
     // Never two release tasks at once: v2's ran once, v3's after it ended.

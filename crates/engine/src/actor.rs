@@ -930,10 +930,20 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 since: fmt_wall(p.since),
             });
         }
+        // The task it runs (or waits for), named with its pid.
+        let task = self
+            .live_tasks
+            .values()
+            .filter(|t| t.record.state == nonstop_store::TaskState::Running)
+            .filter(|t| self.deployment.as_ref().is_some_and(|r| r.record.id == t.record.deployment))
+            .find_map(|t| {
+                Some(format!(", running {} (pid {})", t.record.describe(), t.record.locator.as_ref()?.pid()?))
+            })
+            .unwrap_or_default();
         self.op.as_ref().map(|op| EngineError::Busy {
             operation: match &op.who {
-                Some(who) => format!("{} by {who}", op.name),
-                None => op.name.to_string(),
+                Some(who) => format!("{} by {who}{task}", op.name),
+                None => format!("{}{task}", op.name),
             },
             since: fmt_wall(op.since),
         })

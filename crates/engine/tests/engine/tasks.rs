@@ -88,7 +88,15 @@ async fn a_release_task_left_running_is_waited_for_and_the_deploy_goes_on_from_i
     // Another deploy meanwhile is refused.
     f.builder.set_hash("source-3");
     let (r, _) = e2.deploy_with_progress(v2_with_tasks(&["migrate"])).await;
-    assert!(matches!(r, Err(EngineError::Busy { .. })), "{r:?}");
+    let pid = f.driver.tasks_alive()[0].locator.pid().unwrap();
+    match r {
+        Err(EngineError::Busy { operation, .. }) => assert!(
+            operation.contains("(recovering after a daemon restart), running release task 1/2 `migrate` (pid ")
+                && operation.contains(&format!("(pid {pid})")),
+            "{operation}"
+        ),
+        other => panic!("{other:?}"),
+    }
 
     tokio::time::sleep(secs(20)).await;
     assert!(f.driver.end_task("release-1-1", ExitStatus::Code(0)));
