@@ -21,6 +21,19 @@ pub enum ClientError {
     Api(ApiError),
     #[error("unexpected answer from the daemon: {0}; are the CLI and the daemon the same version? (`nonstop down`, then `nonstop up`)")]
     Protocol(String),
+    /// The connection broke before the answer was complete: the daemon
+    /// stopped or died (not a version mismatch).
+    #[error(
+        "the daemon stopped answering ({0}): it stopped or crashed (see daemon.log in NONSTOP_HOME); `nonstop daemon` \
+         starts a new one within seconds and it re-adopts the app: check with `nonstop status`"
+    )]
+    Disconnected(String),
+    /// Connected, but no answer in time (a daemon being started again).
+    #[error(
+        "the daemon did not answer on {socket} within {secs}s: it may be starting again after a crash (see daemon.log \
+         in NONSTOP_HOME); try again in a moment"
+    )]
+    NoAnswer { socket: PathBuf, secs: u64 },
 }
 
 impl ClientError {
@@ -28,7 +41,8 @@ impl ClientError {
         match self {
             ClientError::NotRunning { .. } => 3,
             ClientError::Api(e) => e.exit_code,
-            ClientError::Protocol(_) => 1,
+            ClientError::Protocol(_) | ClientError::Disconnected(_) => 1,
+            ClientError::NoAnswer { .. } => 3,
         }
     }
 }
@@ -60,7 +74,7 @@ impl Lines {
                     let rest = std::mem::take(&mut self.buf);
                     return Ok(Some(rest.freeze()));
                 }
-                Some(Err(e)) => return Err(ClientError::Protocol(format!("stream broken: {e}"))),
+                Some(Err(e)) => return Err(ClientError::Disconnected(format!("stream broken: {e}"))),
                 Some(Ok(frame)) => {
                     if let Ok(mut data) = frame.into_data() {
                         while data.has_remaining() {
@@ -107,7 +121,7 @@ impl Client {
             .map_err(|_| not_running())?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            .map_err(|e| ClientError::Disconnected(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -119,7 +133,7 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        sender.send_request(req).await.map_err(|e| ClientError::Protocol(e.to_string()))
+        sender.send_request(req).await.map_err(|e| ClientError::Disconnected(e.to_string()))
     }
 
     async fn error_of(resp: http::Response<hyper::body::Incoming>) -> ClientError {
@@ -129,7 +143,7 @@ impl Client {
                 Ok(e) => ClientError::Api(e),
                 Err(_) => ClientError::Protocol(format!("HTTP {status}")),
             },
-            Err(e) => ClientError::Protocol(e.to_string()),
+            Err(e) => ClientError::Disconnected(e.to_string()),
         }
     }
 
@@ -138,7 +152,7 @@ impl Client {
         if resp.status() != StatusCode::OK {
             return Err(Self::error_of(resp).await);
         }
-        let body = resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes();
+        let body = resp.into_body().collect().await.map_err(|e| ClientError::Disconnected(e.to_string()))?.to_bytes();
         serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
@@ -148,7 +162,7 @@ impl Client {
         if !resp.status().is_success() {
             return Err(Self::error_of(resp).await);
         }
-        let body = resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes();
+        let body = resp.into_body().collect().await.map_err(|e| ClientError::Disconnected(e.to_string()))?.to_bytes();
         serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
@@ -181,12 +195,18 @@ impl Client {
                 OpLine::Error(e) => return Err(ClientError::Api(e)),
             }
         }
-        Err(ClientError::Protocol(
-            "the daemon closed the stream before the operation ended; see `nonstop status`".into(),
+        Err(ClientError::Disconnected(
+            "it closed the stream before the operation ended; the operation's outcome is in `nonstop history`".into(),
         ))
     }
 
+    /// Whether a daemon answers; bounded, since the socket can accept
+    /// while no daemon serves it yet (its keeper holds it during a restart).
     pub async fn ping(&self) -> Result<Ping, ClientError> {
-        self.get("/v1/ping").await
+        const PING_TIMEOUT: Duration = Duration::from_secs(10);
+        match tokio::time::timeout(PING_TIMEOUT, self.get("/v1/ping")).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::NoAnswer { socket: self.socket.clone(), secs: PING_TIMEOUT.as_secs() }),
+        }
     }
 }

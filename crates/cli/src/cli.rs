@@ -68,9 +68,20 @@ pub enum Command {
     /// Run the control plane in the foreground (`up` starts it in the
     /// background for you).
     ///
+    /// This process is the keeper: it starts the daemon proper as its child,
+    /// holds its listening sockets (the proxy's, the API's) and, when the
+    /// daemon dies (SIGKILL, OOM, a crash), starts a new one at once and
+    /// hands it the sockets: clients' connections wait in the backlog
+    /// instead of being refused, and the new daemon re-adopts the running
+    /// app. SIGTERM/SIGINT stop the daemon (the app keeps running), SIGUSR2
+    /// upgrades it in place.
+    ///
     /// Exits with code 2, before binding anything, when it refuses its
     /// state directory (an unsafe NONSTOP_HOME, a damaged or lost store:
     /// see `nonstop doctor`); 1 for other failures.
+    #[command(
+        after_help = "Examples:\n  nonstop daemon                 # in the foreground, e.g. under systemd\n  nonstop daemon --no-keeper     # when something else restarts it"
+    )]
     Daemon {
         /// Also serve the API on this TCP address; requests need the token
         /// in $NONSTOP_HOME/api-token.
@@ -82,6 +93,10 @@ pub enum Command {
         /// the daemon.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
         proxy_workers: Option<u32>,
+        /// Run the daemon in this process, without a keeper: nothing holds
+        /// the listening sockets if it dies, and nothing starts it again.
+        #[arg(long)]
+        no_keeper: bool,
     },
     /// Show every instance: process, pid, port, state, health, restarts, uptime.
     Status {

@@ -45,7 +45,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         }
     }
     let result = match cli.command {
-        Command::Daemon { api_listen, proxy_workers } => {
+        Command::Daemon { api_listen, proxy_workers, no_keeper } => {
             init_daemon_logging();
             if std::env::var_os("NONSTOP_DETACH").is_some_and(|v| v == "1") {
                 // Started by `up`: leave the caller's session and process
@@ -54,6 +54,24 @@ pub async fn dispatch(cli: Cli) -> i32 {
                 if let Err(e) = nix::unistd::setsid() {
                     tracing::warn!("could not detach into a new session: {e}");
                 }
+            }
+            // A successor started by an upgrade (`NONSTOP_UPGRADE`, also
+            // from a version without keepers) is never a keeper itself.
+            let successor = std::env::var_os("NONSTOP_UPGRADE").is_some_and(|v| v == "1");
+            if !no_keeper && !successor && std::env::var_os(crate::keeper::SOCKET_VAR).is_none() {
+                let args = crate::keeper::DaemonArgs { api_listen, proxy_workers };
+                return match crate::keeper::run(home, args).await {
+                    Ok(code) => code,
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        eprintln!("error: {e:#}");
+                        if e.downcast_ref::<crate::home::Refused>().is_some() {
+                            2
+                        } else {
+                            1
+                        }
+                    }
+                };
             }
             match crate::daemon::run(home, api_listen, proxy_workers).await {
                 Ok(()) => Ok(0),
@@ -328,6 +346,15 @@ async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
             let deadline = Instant::now() + Duration::from_secs(20);
             while Path::new(&format!("/proc/{}", ping.pid)).exists() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // And its keeper, which exits once the daemon stopped on purpose.
+            let keeper =
+                std::fs::read_to_string(crate::keeper::pid_path(home)).ok().and_then(|p| p.trim().parse::<u32>().ok());
+            if let Some(pid) = keeper {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
             (code, Some("stopped the app and the daemon".to_string()))
         }

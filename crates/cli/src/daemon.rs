@@ -4,6 +4,7 @@
 //! running; the next daemon re-adopts them.
 
 use crate::home::Home;
+use crate::keeper::{KeeperLink, SocketKind};
 use anyhow::Context;
 use nonstop_api::server::{self, ApiState, LogSource};
 use nonstop_api::wire::LogEntry;
@@ -42,6 +43,9 @@ struct ProxyIngress {
     /// What the spec does not set: where request bodies are buffered
     /// (`$NONSTOP_HOME/bodies`, made 0700 by the proxy).
     base: ProxyConfig,
+    /// The keeper, if this daemon has one: it gets a duplicate of every
+    /// listening socket, so that the socket outlives a crash.
+    keeper: Option<Arc<KeeperLink>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -49,6 +53,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ProxyIngress {
+    /// Tell the keeper about a new listener (and that an old one on
+    /// another address is no longer wanted).
+    fn keep(&self, new: &Listening, old: Option<&Listening>) {
+        if let Some(k) = &self.keeper {
+            use std::os::fd::AsFd;
+            k.hold(SocketKind::Proxy, new.fd.as_fd());
+            if let Some(old) = old.filter(|o| o.addr != new.addr) {
+                k.release(old.addr);
+            }
+        }
+    }
+
+    fn unkeep(&self, old: &Listening) {
+        if let Some(k) = &self.keeper {
+            k.release(old.addr);
+        }
+    }
+
     /// Duplicates of the listening sockets, for a successor.
     fn handover(&self) -> Vec<std::os::fd::OwnedFd> {
         [
@@ -138,7 +160,10 @@ impl Ingress for ProxyIngress {
                 }
             });
             tracing::info!("proxy listening on {plain_addr}");
-            if let Some(old) = lock(&self.plain).replace(Listening { addr: plain_addr, token, fd }) {
+            let new = Listening { addr: plain_addr, token, fd };
+            let mut slot = lock(&self.plain);
+            self.keep(&new, slot.as_ref());
+            if let Some(old) = slot.replace(new) {
                 old.token.cancel();
             }
         }
@@ -152,12 +177,16 @@ impl Ingress for ProxyIngress {
                     }
                 });
                 tracing::info!("proxy listening for TLS on {addr}");
-                if let Some(old) = lock(&self.tls).replace(Listening { addr, token, fd }) {
+                let new = Listening { addr, token, fd };
+                let mut slot = lock(&self.tls);
+                self.keep(&new, slot.as_ref());
+                if let Some(old) = slot.replace(new) {
                     old.token.cancel();
                 }
             }
             (None, _) => {
                 if let Some(old) = lock(&self.tls).take() {
+                    self.unkeep(&old);
                     old.token.cancel();
                 }
             }
@@ -170,6 +199,7 @@ impl Ingress for ProxyIngress {
         for slot in [&self.plain, &self.tls] {
             if let Some(l) = lock(slot).take() {
                 tracing::info!("proxy on {} closing", l.addr);
+                self.unkeep(&l);
                 l.token.cancel();
             }
         }
@@ -337,6 +367,19 @@ impl Builder for ReleasePort {
     }
 }
 
+/// A daemon started by the keeper after its predecessor died says so in
+/// the events of every running app (`nonstop events`).
+fn record_keeper_restart(store: &nonstop_store::Store, why: &str) {
+    tracing::warn!("started by the keeper: {why}");
+    let message = format!("daemon restarted by the keeper: {why}; running instances are re-adopted");
+    for app in store.apps().unwrap_or_default().iter().filter(|a| a.running) {
+        let now = std::time::SystemTime::now();
+        if let Err(e) = store.add_event(&app.app, &app.environment, now, "daemon", None, &message) {
+            tracing::warn!("cannot record the restart in the events: {e}");
+        }
+    }
+}
+
 fn random_token() -> anyhow::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 24];
@@ -432,6 +475,9 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     let mut inherited = crate::upgrade::take_inherited();
     let successor = std::env::var_os("NONSTOP_UPGRADE").is_some_and(|v| v == "1");
     std::env::remove_var("NONSTOP_UPGRADE");
+    let keeper = KeeperLink::from_env().map(Arc::new);
+    let restarted_because = std::env::var(crate::keeper::RESTART_VAR).ok();
+    std::env::remove_var(crate::keeper::RESTART_VAR);
     // Everything that can fail is done before a predecessor is told to step
     // down (SQLite in WAL mode may be opened by both at once).
     let store = Arc::new(crate::recovery::open_store(&home)?);
@@ -458,6 +504,9 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     };
     let mut state_lock = Some(state_lock);
     crate::home::write_private(&home.pid_file(), std::process::id().to_string().as_bytes())?;
+    if let Some(why) = &restarted_because {
+        record_keeper_restart(&store, why);
+    }
 
     let shutdown = CancellationToken::new();
     let engine_stop = shutdown.child_token();
@@ -485,6 +534,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
         base,
+        keeper: keeper.clone(),
     });
     let logs = Arc::new(DriverLogs { driver: driver.clone() });
     let (engine, engine_task) = Engine::spawn(
@@ -616,7 +666,19 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         crate::upgrade::announce_serving(&home).context("taking over failed: cannot write upgrade.serving")?;
     }
     tracing::info!("nonstop daemon {} ready on {}", std::process::id(), socket.display());
-    crate::upgrade::sd_notify(&format!("MAINPID={}\nREADY=1\nSTATUS=serving", std::process::id()));
+    match &keeper {
+        Some(k) => {
+            // The keeper is the main process systemd knows; it says READY
+            // when it hears that we serve.
+            use std::os::fd::AsFd;
+            k.hold(SocketKind::Api, api_fd.as_fd());
+            if let Some(fd) = &api_tcp_fd {
+                k.hold(SocketKind::ApiTcp, fd.as_fd());
+            }
+            k.serving();
+        }
+        None => crate::upgrade::sd_notify(&format!("MAINPID={}\nREADY=1\nSTATUS=serving", std::process::id())),
+    }
 
     // Serve until told to stop, or until a successor takes over.
     let mut handed_over = false;
@@ -699,6 +761,13 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
                 handed_over = true;
                 break;
             }
+        }
+    }
+    // Stopping on purpose: the keeper must not start another daemon. (A
+    // handover leaves the successor kept; an engine that died is a crash.)
+    if !handed_over && !engine_died {
+        if let Some(k) = &keeper {
+            k.stopping();
         }
     }
     shutdown.cancel();

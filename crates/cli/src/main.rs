@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod daemon;
 mod home;
+mod keeper;
 mod output;
 mod recovery;
 mod upgrade;

@@ -204,6 +204,7 @@ pub fn spawn_successor(
         .collect();
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("daemon")
+        .arg("--no-keeper")
         .env("NONSTOP_HOME", home.path())
         .env("NONSTOP_DETACH", "1")
         .env("NONSTOP_UPGRADE", "1")
@@ -216,6 +217,11 @@ pub fn spawn_successor(
     match api_listen {
         Some(a) => cmd.env("NONSTOP_API_LISTEN", a.to_string()),
         None => cmd.env_remove("NONSTOP_API_LISTEN"),
+    };
+    // The successor reports to our keeper, if we have one.
+    match crate::keeper::kept_by() {
+        Some(path) => cmd.env(crate::keeper::SOCKET_VAR, path),
+        None => cmd.env_remove(crate::keeper::SOCKET_VAR),
     };
     match upgrade_exe {
         Some(path) => cmd.env(UPGRADE_EXE_VAR, path),

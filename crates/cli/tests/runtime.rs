@@ -268,6 +268,11 @@ fn down_after_the_daemon_was_killed_stops_the_instances_it_left_running() {
     let pids: Vec<i32> =
         app.status()["instances"].as_array().unwrap().iter().map(|i| i["pid"].as_i64().unwrap() as i32).collect();
     assert!(!pids.is_empty());
+    // The keeper too, or it would start a new daemon at once (see
+    // tests/keeper.rs): this is the daemon dead for good.
+    let keeper = app.keeper_pid().expect("a keeper");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(keeper), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "the keeper to die", || !pid_alive(keeper));
     let daemon = app.daemon_pid().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_until(T, "the daemon to die", || !pid_alive(daemon));

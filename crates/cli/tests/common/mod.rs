@@ -131,15 +131,22 @@ impl TestApp {
     }
 
     pub fn note_daemon(&self) {
-        if let Ok(pid) = std::fs::read_to_string(self.home.path().join("daemon.pid")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                self.seen_pids.lock().unwrap().insert(pid);
+        for file in ["daemon.pid", "keeper.pid"] {
+            if let Ok(pid) = std::fs::read_to_string(self.home.path().join(file)) {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    self.seen_pids.lock().unwrap().insert(pid);
+                }
             }
         }
     }
 
     pub fn daemon_pid(&self) -> Option<i32> {
         std::fs::read_to_string(self.home.path().join("daemon.pid")).ok()?.trim().parse().ok()
+    }
+
+    /// The keeper (`nonstop daemon` as `up` starts it), if one was started.
+    pub fn keeper_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.home.path().join("keeper.pid")).ok()?.trim().parse().ok()
     }
 
     pub fn status(&self) -> Value {
