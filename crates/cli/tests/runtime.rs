@@ -588,7 +588,7 @@ fn an_upgrade_whose_new_daemon_dies_after_taking_over_falls_back_to_the_version_
 }
 
 #[test]
-fn the_systemd_protocol_ready_and_reload_to_a_new_main_pid() {
+fn the_systemd_protocol_ready_and_reload_to_a_new_daemon_under_the_same_main_pid() {
     use std::os::unix::net::UnixDatagram;
     let app = TestApp::hello();
     let notify_path = app.home.path().join("notify.sock");
@@ -599,8 +599,9 @@ fn the_systemd_protocol_ready_and_reload_to_a_new_main_pid() {
         let n = notify.recv(&mut buf).expect("a notification from the daemon");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
-    // As systemd runs it: `nonstop daemon` in the foreground, NOTIFY_SOCKET set.
-    let mut daemon = app
+    // As systemd runs it: `nonstop daemon` in the foreground, NOTIFY_SOCKET
+    // set. That process is the keeper; it stays the main process.
+    let mut keeper = app
         .cmd(&["daemon"])
         .env("NOTIFY_SOCKET", &notify_path)
         .stdout(std::process::Stdio::null())
@@ -609,9 +610,12 @@ fn the_systemd_protocol_ready_and_reload_to_a_new_main_pid() {
         .unwrap();
     let first = recv();
     assert!(first.contains("READY=1"), "{first}");
-    assert!(first.contains(&format!("MAINPID={}", daemon.id())), "{first}");
+    assert!(!first.contains("MAINPID="), "the keeper is the main process: {first}");
     app.up().ok();
-    // ExecReload: kill -USR2 $MAINPID → a new main pid, announced.
+    let daemon = app.daemon_pid().unwrap();
+    assert_ne!(daemon, keeper.id() as i32);
+    // ExecReload: kill -USR2 $MAINPID → the keeper passes it on, the daemon
+    // upgrades in place, and the keeper says READY again.
     let unit = std::fs::read_to_string(repo_root().join("contrib/systemd/nonstop.service")).unwrap();
     assert!(
         unit.contains("ExecReload=/bin/kill -USR2 $MAINPID")
@@ -619,17 +623,22 @@ fn the_systemd_protocol_ready_and_reload_to_a_new_main_pid() {
             && unit.contains("NotifyAccess=all")
             && unit.contains("KillMode=process")
     );
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGUSR2).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(keeper.id() as i32), nix::sys::signal::Signal::SIGUSR2).unwrap();
     let second = recv();
-    let new_pid: i32 = second.lines().find_map(|l| l.strip_prefix("MAINPID=")).unwrap().parse().unwrap();
-    assert_ne!(new_pid, daemon.id() as i32, "{second}");
     assert!(second.contains("READY=1"), "{second}");
-    // The old main process exits by itself; the new one serves.
-    let status = daemon.wait().unwrap();
-    assert!(status.success(), "{status}");
-    wait_until(T, "the new daemon to answer", || app.daemon_pid() == Some(new_pid) && app.run(&["status"]).code == 0);
+    wait_until(T, "the new daemon to answer", || {
+        app.daemon_pid().is_some_and(|p| p != daemon) && app.run(&["status"]).code == 0
+    });
+    wait_until(T, "the old daemon to exit", || !pid_alive(daemon));
+    assert!(keeper.try_wait().unwrap().is_none(), "the keeper (main process) exited");
     let (code, _) = app.get("/").unwrap();
     assert_eq!(code, 200);
+    // systemctl stop: SIGTERM to the main process ends the keeper and its daemon.
+    let new_daemon = app.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(keeper.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = keeper.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!pid_alive(new_daemon), "the daemon outlived the keeper's SIGTERM");
 }
 
 fn write_cert(dir: &std::path::Path, name: &str, host: &str) -> (std::path::PathBuf, std::path::PathBuf) {
