@@ -27,6 +27,9 @@ fn main() {
         }
         std::process::exit(nonstop_supervisor::monitor_main(rest));
     }
+    if args.get(1).is_some_and(|a| a == "daemon") {
+        close_inherited_fds();
+    }
     let cli = cli::Cli::parse();
     // The daemon and `doctor` create state: private from the start (before
     // the runtime's threads exist). Other commands keep the user's umask
@@ -43,4 +46,23 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// The daemon (and its keeper) keep only stdin, stdout, stderr and the
+/// sockets handed to them on purpose (`LISTEN_FDS`, from 3 on): whatever
+/// else the calling shell had open (a `flock` held by a deploy script, a
+/// pipe) would otherwise stay open in the daemon and in every process it
+/// starts, for as long as they run. Done first, before any thread or
+/// runtime opens descriptors of its own.
+fn close_inherited_fds() {
+    let ours = std::env::var("LISTEN_PID").ok().is_none_or(|p| p == std::process::id().to_string());
+    let handed: i32 = if ours { std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()).unwrap_or(0) } else { 0 };
+    let keep_below = 3 + handed.max(0);
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> =
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|&fd| fd >= keep_below).collect();
+    for fd in fds {
+        // The directory's own descriptor is among them, closed already.
+        let _ = nix::unistd::close(fd);
+    }
 }
