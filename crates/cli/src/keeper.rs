@@ -519,9 +519,11 @@ pub async fn run(home: Home, args: DaemonArgs) -> anyhow::Result<i32> {
     use policy::{Decision, Ended};
     home.create()?;
     // One keeper per home.
-    let lock_file =
-        crate::home::open_private(&lock_path(&home), std::fs::OpenOptions::new().create(true).truncate(false).write(true))
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {}", lock_path(&home).display(), crate::home::nofollow_hint(&e)))?;
+    let lock_file = crate::home::open_private(
+        &lock_path(&home),
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot open {}: {}", lock_path(&home).display(), crate::home::nofollow_hint(&e)))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
         anyhow::anyhow!(
             "another nonstop daemon already runs for {} (lock {} is held); use it, or stop it with `nonstop down`",

@@ -27,10 +27,10 @@ fn main() {
         }
         std::process::exit(nonstop_supervisor::monitor_main(rest));
     }
-    if args.get(1).is_some_and(|a| a == "daemon") {
+    let cli = cli::Cli::parse();
+    if matches!(cli.command, cli::Command::Daemon { .. }) {
         close_inherited_fds();
     }
-    let cli = cli::Cli::parse();
     // The daemon and `doctor` create state: private from the start (before
     // the runtime's threads exist). Other commands keep the user's umask
     // (`init` writes nonstop.toml, `run` runs a command of the user's) and
@@ -52,8 +52,8 @@ fn main() {
 /// sockets handed to them on purpose (`LISTEN_FDS`, from 3 on): whatever
 /// else the calling shell had open (a `flock` held by a deploy script, a
 /// pipe) would otherwise stay open in the daemon and in every process it
-/// starts, for as long as they run. Done first, before any thread or
-/// runtime opens descriptors of its own.
+/// starts, for as long as they run. Done before any thread or runtime
+/// opens descriptors of its own (parsing the command line opens none).
 fn close_inherited_fds() {
     let ours = std::env::var("LISTEN_PID").ok().is_none_or(|p| p == std::process::id().to_string());
     let handed: i32 = if ours { std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()).unwrap_or(0) } else { 0 };
