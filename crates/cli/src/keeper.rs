@@ -357,8 +357,27 @@ impl HeldSockets {
 
 /// What the keeper's connection readers report.
 enum Event {
-    Message { pid: u32, message: Message, fd: Option<OwnedFd> },
-    Closed { pid: u32 },
+    Message {
+        pid: u32,
+        message: Message,
+        fd: Option<OwnedFd>,
+    },
+    Closed {
+        pid: u32,
+    },
+    /// A daemon that is not our child (an upgrade's successor) is gone: its
+    /// connection closed, then its process.
+    Exited {
+        pid: u32,
+    },
+}
+
+/// Whether process `pid` still runs (a zombie does not).
+fn process_runs(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
 }
 
 /// How to start a daemon.
@@ -626,7 +645,24 @@ pub async fn run(home: Home, args: DaemonArgs) -> anyhow::Result<i32> {
                     }
                     Seen::Nothing
                 }
-                Event::Closed { pid } => Seen::Gone { pid, how: None },
+                Event::Closed { pid } => {
+                    // Its connection closes as it exits, a moment before the
+                    // process is gone: wait for that (bounded), so that
+                    // whoever waits for the keeper finds the daemon gone too.
+                    // Our child's exit is seen by reaping it.
+                    if !(child.is_some() && child_pid == pid) {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                            while process_runs(pid) && tokio::time::Instant::now() < deadline {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            let _ = tx.send(Event::Exited { pid });
+                        });
+                    }
+                    Seen::Nothing
+                }
+                Event::Exited { pid } => Seen::Gone { pid, how: None },
             },
             status = child_exit => {
                 let how = match status { Ok(s) => describe_exit(s), Err(e) => e.to_string() };
@@ -675,16 +711,11 @@ pub async fn run(home: Home, args: DaemonArgs) -> anyhow::Result<i32> {
         let Seen::Gone { pid, how } = seen else { continue };
         // A daemon that is not the kept one (the predecessor of an upgrade,
         // a successor that failed before it served) is not our business.
-        // The kept one is gone once its connection closed and, if it is our
-        // child, it was reaped: whichever comes second decides.
         if pid != kept || pid == 0 {
             continue;
         }
         if let Some(how) = how {
             last_exit = Some(how);
-        }
-        if child.is_some() && child_pid == pid {
-            continue; // connection closed; wait for the exit status
         }
         let ended = if stopping_pids.contains(&pid) || last_exit.as_deref() == Some("exited with status 0") {
             Ended::OnPurpose
