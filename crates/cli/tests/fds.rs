@@ -30,7 +30,7 @@ fn a_descriptor_held_by_the_caller_reaches_no_nonstop_or_app_process() {
     let lock = std::fs::File::create(&lock_path).unwrap();
     // As a shell's `exec 9>deploy.lock; flock 9` leaves it: inheritable.
     nix::fcntl::fcntl(lock.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
-    nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).unwrap();
     let lock_path = lock_path.canonicalize().unwrap();
     app.up().ok();
     app.run(&["deploy"]).ok();
