@@ -269,6 +269,15 @@ pub struct ProxySpec {
     /// they arrive instead of being read whole first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unbuffered_paths: Vec<String>,
+    // Connection limits (issue 15).
+    /// Most client connections open at once; `None`: derived from the
+    /// daemon's file descriptor limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
+    /// Most client connections open at once from one address (IPv6: one
+    /// /64); `Some(0)`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_client: Option<u32>,
 }
 
 impl ProxySpec {
@@ -293,6 +302,8 @@ impl ProxySpec {
             min_upload_rate: None,
             upload_rate_window: None,
             unbuffered_paths: Vec::new(),
+            max_connections: None,
+            max_connections_per_client: None,
         }
     }
 

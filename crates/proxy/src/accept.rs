@@ -29,8 +29,10 @@
 //! a socket ready for tokio in one system call and the peer's address
 //! with it.
 
+use std::cell::Cell;
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::net::{IpAddr, SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -40,6 +42,8 @@ use atomic_waker::AtomicWaker;
 use rustix::net::SocketFlags;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+
+use crate::limits::{ClientCounts, ClientSlots, Refusal, NO_SLOTS};
 
 /// How long a worker that yielded a connection waits before it takes
 /// whatever is still waiting, loads or not (see the module docs): the
@@ -57,10 +61,14 @@ pub(crate) fn yields(mine: usize, least_other: usize) -> bool {
 }
 
 /// One worker's count of open client connections, on its own cache line
-/// (it changes on every accept and close; the others only read it).
+/// (it changes on every accept and close; the others only read it). With
+/// it, the proxy's per-client counts (the same for every worker; here so
+/// that a [`Counted`] needs only its worker's `Arc`).
 #[repr(align(128))]
-#[derive(Default)]
-pub(crate) struct Load(AtomicUsize);
+pub(crate) struct Load {
+    open: AtomicUsize,
+    clients: Arc<ClientCounts>,
+}
 
 /// Every worker's [`Load`], shared by all listeners of one proxy.
 pub(crate) struct Loads {
@@ -69,10 +77,16 @@ pub(crate) struct Loads {
 
 impl Loads {
     pub fn new(workers: usize) -> Arc<Loads> {
-        Arc::new(Loads { workers: (0..workers).map(|_| Arc::default()).collect() })
+        let clients = Arc::new(ClientCounts::new());
+        Arc::new(Loads {
+            workers: (0..workers)
+                .map(|_| Arc::new(Load { open: AtomicUsize::new(0), clients: Arc::clone(&clients) }))
+                .collect(),
+        })
     }
 
     /// Worker `index`'s counter (for the connections it accepts).
+    #[cfg(test)]
     pub fn of(&self, index: usize) -> &Arc<Load> {
         &self.workers[index]
     }
@@ -80,36 +94,74 @@ impl Loads {
     /// The least loaded other worker, if worker `index` should leave the
     /// next connection to it.
     pub fn should_yield(&self, index: usize) -> Option<usize> {
-        let mine = self.workers[index].0.load(Ordering::Relaxed);
+        let mine = self.workers[index].open.load(Ordering::Relaxed);
         let (least, least_load) = self
             .workers
             .iter()
             .enumerate()
             .filter(|(other, _)| *other != index)
-            .map(|(other, load)| (other, load.0.load(Ordering::Relaxed)))
+            .map(|(other, load)| (other, load.open.load(Ordering::Relaxed)))
             .min_by_key(|(_, load)| *load)?;
         yields(mine, least_load).then_some(least)
     }
 
     /// Open connections per worker.
     pub fn snapshot(&self) -> Vec<usize> {
-        self.workers.iter().map(|load| load.0.load(Ordering::Relaxed)).collect()
+        self.workers.iter().map(|load| load.open.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Open client connections in all (read without locks: while
+    /// connections open and close, it may be off by the ones in progress).
+    pub fn total(&self) -> usize {
+        self.workers.iter().map(|load| load.open.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Count a connection from `ip` on worker `index`, unless it would make
+    /// more than `limits` allow: `max_total` in all, `per_client` from its
+    /// address (0: no limit; `exempt`: not counted per client). Two workers
+    /// admitting at once may go past `max_total` by one each.
+    pub fn admit(&self, index: usize, ip: IpAddr, limits: Admission, exempt: bool) -> Result<Counted, Refusal> {
+        if self.total() >= limits.max_total {
+            return Err(Refusal::Total);
+        }
+        let load = &self.workers[index];
+        let client = if limits.per_client == 0 || exempt {
+            NO_SLOTS
+        } else {
+            load.clients.try_add(ip, limits.per_client).ok_or(Refusal::PerClient)?
+        };
+        load.open.fetch_add(1, Ordering::Relaxed);
+        Ok(Counted { load: Arc::clone(load), client })
     }
 }
 
-/// Counts one connection in its worker's [`Load`] while it lives.
-pub(crate) struct Counted(Arc<Load>);
+/// The limits a new connection is admitted under (see `limits.rs`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Admission {
+    pub max_total: usize,
+    /// 0: no limit.
+    pub per_client: u32,
+}
+
+/// Counts one connection in its worker's [`Load`] (and its address in the
+/// per-client counts) while it lives.
+pub(crate) struct Counted {
+    load: Arc<Load>,
+    client: ClientSlots,
+}
 
 impl Counted {
+    #[cfg(test)]
     pub fn new(load: &Arc<Load>) -> Counted {
-        load.0.fetch_add(1, Ordering::Relaxed);
-        Counted(Arc::clone(load))
+        load.open.fetch_add(1, Ordering::Relaxed);
+        Counted { load: Arc::clone(load), client: NO_SLOTS }
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+        self.load.open.fetch_sub(1, Ordering::Relaxed);
+        self.load.clients.remove(self.client);
     }
 }
 
@@ -172,6 +224,25 @@ pub(crate) struct Acceptor {
     /// [`RECHECK`]: take every waiting connection, loads or not, until
     /// none is left.
     forced: bool,
+    /// A descriptor (of `/dev/null`) kept to be closed when `accept` fails
+    /// for want of one, so that the waiting connection can be accepted and
+    /// closed instead of left in the queue while the listener stays
+    /// readable (see `limits.rs`). A `Cell`: it is swapped inside tokio's
+    /// `try_io`, which borrows the listener.
+    spare: Cell<Option<OwnedFd>>,
+}
+
+/// What [`Acceptor::accept`] got.
+pub(crate) enum Accepted {
+    /// A connection to serve.
+    Conn(StdStream, SocketAddr),
+    /// No descriptor was left for a waiting connection: it was accepted
+    /// with the spare descriptor and closed at once.
+    Shed(Option<SocketAddr>),
+}
+
+fn open_spare() -> Option<OwnedFd> {
+    std::fs::File::open("/dev/null").ok().map(OwnedFd::from)
 }
 
 impl Acceptor {
@@ -185,13 +256,15 @@ impl Acceptor {
         // all `register_with_interest` asks for.
         let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
             .map_err(|err| err.into_parts().1)?;
-        Ok(Acceptor { listener, loads, kicks, index, pending: false, forced: false })
+        Ok(Acceptor { listener, loads, kicks, index, pending: false, forced: false, spare: Cell::new(open_spare()) })
     }
 
     /// The next connection for this worker: waits while there is none, or
     /// while another worker is clearly less loaded (which it then wakes;
     /// and takes the connection anyway after [`RECHECK`] if nobody did).
-    pub async fn accept(&mut self) -> io::Result<(StdStream, SocketAddr)> {
+    /// `Err`: `accept` failed (with no spare descriptor left for a
+    /// connection waiting for want of one, too): the caller backs off.
+    pub async fn accept(&mut self) -> io::Result<Accepted> {
         let mut yielded = false;
         loop {
             if !self.forced {
@@ -231,12 +304,45 @@ impl Acceptor {
         }
     }
 
-    /// Counts a connection this worker accepted while it lives.
-    pub fn count(&self) -> Counted {
-        Counted::new(self.loads.of(self.index))
+    /// Counts a connection this worker accepted from `ip` while it lives,
+    /// unless `limits` refuse it (see [`Loads::admit`]).
+    pub fn admit(&self, ip: IpAddr, limits: Admission, exempt: bool) -> Result<Counted, Refusal> {
+        self.loads.admit(self.index, ip, limits, exempt)
     }
 
-    fn try_accept(&self) -> io::Result<(StdStream, SocketAddr)> {
+    fn try_accept(&self) -> io::Result<Accepted> {
+        match self.accept_one() {
+            Ok((stream, peer)) => Ok(Accepted::Conn(stream, peer)),
+            Err(err) if crate::limits::is_local_exhaustion(&err) => self.shed(err),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// `accept` failed for want of a descriptor: close the spare, accept
+    /// the waiting connection, close it, and open the spare again.
+    fn shed(&self, err: io::Error) -> io::Result<Accepted> {
+        let Some(spare) = self.spare.take() else {
+            // Lost at an earlier try (another thread took the descriptor
+            // the spare freed): try to get it back for the next time.
+            self.spare.set(open_spare());
+            return Err(err);
+        };
+        drop(spare);
+        let accepted = self.accept_one();
+        let shed = match accepted {
+            Ok((stream, peer)) => {
+                drop(stream);
+                Ok(Accepted::Shed(Some(peer)))
+            }
+            // Another worker took it meanwhile, or the peer is not an IP one.
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Err(err),
+            Err(_) => Ok(Accepted::Shed(None)),
+        };
+        self.spare.set(open_spare());
+        shed
+    }
+
+    fn accept_one(&self) -> io::Result<(StdStream, SocketAddr)> {
         let (fd, addr) =
             rustix::net::acceptfrom_with(self.listener.get_ref(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
         let peer = addr
@@ -289,5 +395,28 @@ mod tests {
         let alone = Loads::new(1);
         let _c: Vec<Counted> = (0..100).map(|_| Counted::new(alone.of(0))).collect();
         assert_eq!(alone.should_yield(0), None);
+    }
+
+    #[test]
+    fn admission_counts_in_all_and_per_client() {
+        let loads = Loads::new(2);
+        let limits = Admission { max_total: 4, per_client: 2 };
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = loads.admit(0, a, limits, false).unwrap();
+        let _second = loads.admit(1, a, limits, false).unwrap();
+        assert_eq!(loads.admit(0, a, limits, false).err(), Some(Refusal::PerClient), "per address, on any worker");
+        let _trusted = loads.admit(0, a, limits, true).expect("a trusted proxy is not limited per client");
+        let _third = loads.admit(1, b, limits, false).unwrap();
+        assert_eq!(loads.total(), 4);
+        assert_eq!(loads.admit(0, b, limits, false).err(), Some(Refusal::Total));
+        drop(first);
+        assert_eq!(loads.total(), 3);
+        let _again = loads.admit(0, a, limits, false).expect("room again for the address and in all");
+        let unlimited = Admission { max_total: usize::MAX, per_client: 0 };
+        let many: Vec<Counted> = (0..50).map(|_| loads.admit(1, a, unlimited, false).unwrap()).collect();
+        assert_eq!(loads.total(), 54);
+        drop(many);
+        assert_eq!(loads.snapshot(), vec![2, 2]);
     }
 }

@@ -42,6 +42,8 @@ pub const DEFAULT_UPLOAD_RATE_WINDOW: Duration = Duration::from_secs(15);
 /// Shortest [`ProxyConfig::upload_rate_window`]: a shorter one would
 /// judge a pause, not a rate.
 pub const MIN_UPLOAD_RATE_WINDOW: Duration = Duration::from_secs(1);
+/// Default for [`ProxyConfig::max_connections_per_client`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 256;
 
 /// Smallest [`ProxyConfig::max_header_bytes`]: hyper's smallest read
 /// buffer (a smaller one makes it panic).
@@ -166,6 +168,18 @@ pub struct ProxyConfig {
     /// `retry_body_limit` bytes is still buffered so that it can be
     /// retried. A plain prefix match on the path as the client sent it.
     pub unbuffered_paths: Vec<String>,
+    /// Most client connections open at once, over every listener
+    /// (`[proxy] max_connections`). `None` (the default): derived from the
+    /// soft `RLIMIT_NOFILE` when the configuration is set, keeping a
+    /// reserve of descriptors for the daemon and one upstream connection
+    /// per client connection ([`crate::derived_max_connections`]: 384 for
+    /// a limit of 1024). Beyond it, new connections are closed at once.
+    pub max_connections: Option<usize>,
+    /// Most client connections open at once from one IPv4 address or IPv6
+    /// /64 (256; `[proxy] max_connections_per_client`); 0: no limit.
+    /// Trusted proxies are not limited. Beyond it, new connections from
+    /// that address are closed at once.
+    pub max_connections_per_client: u32,
 }
 
 impl ProxyConfig {
@@ -214,6 +228,8 @@ impl Default for ProxyConfig {
             min_upload_rate: DEFAULT_MIN_UPLOAD_RATE,
             upload_rate_window: DEFAULT_UPLOAD_RATE_WINDOW,
             unbuffered_paths: Vec::new(),
+            max_connections: None,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
         }
     }
 }
@@ -278,6 +294,12 @@ impl ProxyConfig {
             self.upload_rate_window = v;
         }
         self.unbuffered_paths = spec.unbuffered_paths.clone();
+        if let Some(v) = spec.max_connections {
+            self.max_connections = Some(size("max_connections", v)?);
+        }
+        if let Some(v) = spec.max_connections_per_client {
+            self.max_connections_per_client = v;
+        }
         self.validate()?;
         Ok(self)
     }
@@ -315,6 +337,9 @@ impl ProxyConfig {
         }
         if let Some(path) = self.unbuffered_paths.iter().find(|p| !p.starts_with('/')) {
             return err("unbuffered_paths", format!("{path:?} does not start with '/'"));
+        }
+        if self.max_connections == Some(0) {
+            return err("max_connections", "0 would refuse every connection".into());
         }
         for (key, d) in [
             ("header_timeout", self.header_read_timeout),
@@ -354,6 +379,8 @@ mod tests {
         spec.upstream_timeout = Some(Duration::from_secs(3));
         spec.body_timeout = Some(Duration::from_secs(4));
         spec.workers = Some(3);
+        spec.max_connections = Some(1000);
+        spec.max_connections_per_client = Some(0);
         spec.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
         let c = ProxyConfig::from_spec(&spec).unwrap();
         assert!(c.trusts("10.1.2.3".parse().unwrap()) && c.trusts("::1".parse().unwrap()));
@@ -366,6 +393,7 @@ mod tests {
         assert_eq!(c.max_request_line, 1024);
         assert_eq!(c.max_body_bytes, u64::MAX, "0 means no limit");
         assert_eq!(c.workers, 3);
+        assert_eq!((c.max_connections, c.max_connections_per_client), (Some(1000), 0));
         assert_eq!(
             (c.header_read_timeout, c.idle_timeout, c.upstream_timeout, c.body_timeout),
             (Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(3), Duration::from_secs(4))
@@ -394,6 +422,11 @@ mod tests {
         assert_eq!(c.min_upload_rate, spec::DEFAULT_PROXY_MIN_UPLOAD_RATE);
         assert_eq!(c.upload_rate_window, spec::DEFAULT_PROXY_UPLOAD_RATE_WINDOW);
         assert_eq!(MIN_UPLOAD_RATE_WINDOW, spec::MIN_PROXY_UPLOAD_RATE_WINDOW);
+        assert_eq!(c.max_connections, None, "derived from the file descriptor limit when left out");
+        assert_eq!(c.max_connections_per_client, spec::DEFAULT_PROXY_MAX_CONNECTIONS_PER_CLIENT);
+        assert_eq!(crate::FD_RESERVE_MIN, spec::PROXY_FD_RESERVE_MIN);
+        assert!(spec::proxy_defaults_doc()
+            .contains(&format!("{} at a limit of 1024", crate::derived_max_connections(1024))));
         // Whatever the spec accepts, the proxy runs with.
         let mut extreme = ProxySpec::new("127.0.0.1:8080".parse().unwrap());
         extreme.max_header_bytes = Some(spec::MIN_PROXY_MAX_HEADER_BYTES);
@@ -401,6 +434,8 @@ mod tests {
         extreme.max_headers = Some(spec::MAX_PROXY_MAX_HEADERS);
         extreme.max_body_bytes = Some(0);
         extreme.workers = Some(spec::MAX_PROXY_WORKERS);
+        extreme.max_connections = Some(spec::MAX_PROXY_MAX_CONNECTIONS);
+        extreme.max_connections_per_client = Some(spec::MAX_PROXY_MAX_CONNECTIONS as u32);
         ProxyConfig::from_spec(&extreme).unwrap();
         extreme.workers = Some(spec::MIN_PROXY_WORKERS);
         extreme.body_memory_bytes = Some(spec::MAX_PROXY_BODY_MEMORY_BYTES);

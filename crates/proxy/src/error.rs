@@ -13,8 +13,13 @@ pub enum ErrorKind {
     ConnectRefused,
     /// The TCP connect did not complete within `connect_timeout`.
     ConnectTimeout,
-    /// Any other connect failure (e.g. no local port left).
+    /// Any other connect failure.
     Connect,
+    /// The proxy could not open a connection to the instance for a
+    /// shortage of its own (no file descriptor, socket memory or local
+    /// port left): not the instance's fault, and another instance would
+    /// not fare better. Answered 503.
+    LocalExhaustion,
     /// The connection to the instance closed or broke before the response
     /// head arrived.
     UpstreamClosed,
@@ -43,6 +48,7 @@ impl ErrorKind {
             ErrorKind::ConnectRefused => "connect refused",
             ErrorKind::ConnectTimeout => "connect timed out",
             ErrorKind::Connect => "connect failed",
+            ErrorKind::LocalExhaustion => "no file descriptor or socket left in the proxy",
             ErrorKind::UpstreamClosed => "upstream closed before responding",
             ErrorKind::UpstreamTimeout => "upstream response timed out",
             ErrorKind::UpstreamProtocol => "upstream protocol error",
@@ -101,6 +107,9 @@ impl ProxyError {
     /// Classify a failed TCP connect. Nothing was sent.
     pub(crate) fn connect(err: std::io::Error) -> Self {
         use std::io::ErrorKind as Io;
+        if crate::limits::is_local_exhaustion(&err) {
+            return Self::new(ErrorKind::LocalExhaustion, Side::Internal, Retry::Never).with_source(err);
+        }
         let kind = match err.kind() {
             Io::ConnectionRefused | Io::ConnectionReset | Io::ConnectionAborted => ErrorKind::ConnectRefused,
             Io::TimedOut => ErrorKind::ConnectTimeout,
@@ -126,7 +135,7 @@ impl ProxyError {
             | ErrorKind::UpstreamClosed
             | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::NoHealthyBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoHealthyBackend | ErrorKind::LocalExhaustion => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ClientBody => StatusCode::BAD_REQUEST,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::ClientTimeout | ErrorKind::ClientTooSlow => StatusCode::REQUEST_TIMEOUT,
@@ -153,7 +162,10 @@ impl ProxyError {
             }
         }
         match (&self.source, self.kind) {
-            (Some(src), ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout | ErrorKind::Connect) => {
+            (
+                Some(src),
+                ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout | ErrorKind::Connect | ErrorKind::LocalExhaustion,
+            ) => {
                 format!("connect error: {}", clean_io_message(&src.to_string()))
             }
             (Some(src), _) => format!("{}: {}", self.kind.as_str(), clean_io_message(&src.to_string())),
@@ -227,6 +239,15 @@ mod tests {
         let slow = ProxyError::connect(std::io::Error::from(std::io::ErrorKind::TimedOut));
         assert_eq!(slow.kind, ErrorKind::ConnectTimeout);
         assert!(!slow.marks_unhealthy());
+
+        // Our own shortage: 503, not the instance's fault, no retry.
+        for errno in [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE] {
+            let ours = ProxyError::connect(std::io::Error::from_raw_os_error(errno.raw_os_error()));
+            assert_eq!(ours.kind, ErrorKind::LocalExhaustion);
+            assert_eq!((ours.side, ours.retry), (Side::Internal, Retry::Never));
+            assert!(!ours.marks_unhealthy());
+            assert_eq!(ours.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
     }
 
     #[test]

@@ -183,6 +183,12 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
                         req = again;
                         avoid = Some(backend);
                     }
+                    None if err.kind == ErrorKind::LocalExhaustion => {
+                        // One line per interval, not one per request.
+                        let limits = (inner.max_connections.load(Ordering::Relaxed), config.max_connections_per_client);
+                        inner.refusals.request_without_fd(limits);
+                        return error_response(&err, request_id, phase, false);
+                    }
                     None => {
                         tracing::warn!(instance = %backend.instance, error = %err, status = err.status().as_u16(), "request failed");
                         return error_response(&err, request_id, phase, false);

@@ -39,9 +39,15 @@ impl Shared {
         }
     }
 
-    pub fn record_check(&self, backend: &BackendState, pass: bool, result: String) {
+    pub fn record_check(&self, backend: &BackendState, verdict: Verdict, result: String) {
         let mut slow = backend.slow();
-        let changed = slow.machine.observe(pass);
+        let changed = match verdict {
+            Verdict::Pass => slow.machine.observe(true),
+            Verdict::Fail => slow.machine.observe(false),
+            // Our own shortage says nothing about the instance: neither a
+            // pass nor a failure (the counts in a row go on after it).
+            Verdict::Inconclusive => None,
+        };
         BackendState::push_check(&mut slow, result.clone());
         if let Some(health) = changed {
             self.publish(backend, health, result);
@@ -65,9 +71,26 @@ impl Shared {
     }
 }
 
+/// What one check says about the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Pass,
+    Fail,
+    /// The check could not be made for a shortage of the proxy's own (no
+    /// file descriptor, socket memory or local port left,
+    /// [`crate::is_local_exhaustion`]): no evidence either way, so it
+    /// counts neither towards healthy nor towards unhealthy. An instance
+    /// is never taken out of rotation because the daemon ran out of
+    /// descriptors.
+    Inconclusive,
+}
+
 /// Check `backend` every `interval` until its token is cancelled or it is
 /// draining. The first check runs at once.
 pub(crate) async fn run_checker(backend: Arc<BackendState>, shared: Arc<Shared>) {
+    // Whether the last check was inconclusive: one log line when checks
+    // become inconclusive, not one per check.
+    let mut inconclusive = false;
     let mut ticker = tokio::time::interval(backend.check.interval.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -78,7 +101,7 @@ pub(crate) async fn run_checker(backend: Arc<BackendState>, shared: Arc<Shared>)
         if backend.health() == BackendHealth::Draining {
             return;
         }
-        let (pass, result) = tokio::select! {
+        let (verdict, result) = tokio::select! {
             _ = backend.token.cancelled() => return,
             r = check_once(backend.addr, &backend.check) => r,
         };
@@ -86,40 +109,59 @@ pub(crate) async fn run_checker(backend: Arc<BackendState>, shared: Arc<Shared>)
             return;
         }
         tracing::trace!(instance = %backend.instance, %result, "health check");
-        shared.record_check(&backend, pass, result);
+        let was_inconclusive = std::mem::replace(&mut inconclusive, verdict == Verdict::Inconclusive);
+        if inconclusive && !was_inconclusive {
+            tracing::warn!(instance = %backend.instance, %result, "health check not made: the proxy is out of file descriptors (or sockets); the instance keeps its health until checks can be made again");
+        }
+        shared.record_check(&backend, verdict, result);
         backend.pool.prune();
     }
 }
 
 /// One check on a fresh connection (as HAProxy does: it also proves that
-/// the instance still accepts connections). Returns (pass, summary), the
+/// the instance still accepts connections). Returns the verdict and a
 /// summary as in `GET /health/ -> 200 in 3ms`.
-pub(crate) async fn check_once(addr: SocketAddr, check: &HealthCheck) -> (bool, String) {
+pub(crate) async fn check_once(addr: SocketAddr, check: &HealthCheck) -> (Verdict, String) {
     let started = Instant::now();
     let path = if check.path.starts_with('/') { check.path.as_str() } else { "/" };
     match tokio::time::timeout(check.timeout, exchange(addr, path, check.host.as_deref())).await {
         Ok(Ok(status)) => {
-            let pass = check.expect_status.contains(status);
-            (pass, format!("GET {path} -> {status} in {}ms", started.elapsed().as_millis()))
+            let verdict = if check.expect_status.contains(status) { Verdict::Pass } else { Verdict::Fail };
+            (verdict, format!("GET {path} -> {status} in {}ms", started.elapsed().as_millis()))
         }
-        Ok(Err(err)) => (false, format!("GET {path} -> {err}")),
-        Err(_) => (false, format!("GET {path} -> timed out after {}ms", check.timeout.as_millis())),
+        Ok(Err(CheckError::Local(err))) => (Verdict::Inconclusive, format!("GET {path} -> not checked: {err}")),
+        Ok(Err(CheckError::Instance(err))) => (Verdict::Fail, format!("GET {path} -> {err}")),
+        Err(_) => (Verdict::Fail, format!("GET {path} -> timed out after {}ms", check.timeout.as_millis())),
     }
 }
 
-async fn exchange(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<u16, String> {
-    let stream =
-        TcpStream::connect(addr).await.map_err(|e| format!("connect error: {}", clean_io_message(&e.to_string())))?;
+/// Why a check got no status.
+enum CheckError {
+    /// The proxy could not open a socket or connection (its own shortage).
+    Local(String),
+    /// The instance (or the connection to it) failed.
+    Instance(String),
+}
+
+async fn exchange(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<u16, CheckError> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| {
+        let message = clean_io_message(&e.to_string()).to_string();
+        if crate::limits::is_local_exhaustion(&e) {
+            CheckError::Local(format!("the proxy could not open a connection: {message}"))
+        } else {
+            CheckError::Instance(format!("connect error: {message}"))
+        }
+    })?;
     let _ = stream.set_nodelay(true);
     let (mut tx, conn) = hyper::client::conn::http1::handshake::<_, UpBody>(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("error: {e}"))?;
+        .map_err(|e| CheckError::Instance(format!("error: {e}")))?;
     let req = Request::get(path)
         .header(header::HOST, host.map_or_else(|| addr.to_string(), str::to_string))
         .header(header::USER_AGENT, "nonstop-health-check")
         .header(header::CONNECTION, "close")
         .body(UpBody::empty())
-        .map_err(|e| format!("error: {e}"))?;
+        .map_err(|e| CheckError::Instance(format!("error: {e}")))?;
     // Drive the connection here rather than spawning it: nothing outlives
     // the check.
     tokio::pin!(conn);
@@ -137,7 +179,7 @@ async fn exchange(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<u1
     };
     match res {
         Ok(resp) => Ok(resp.status().as_u16()),
-        Err(e) => Err(format!("error: {}", clean_io_message(&e.to_string()))),
+        Err(e) => Err(CheckError::Instance(format!("error: {}", clean_io_message(&e.to_string())))),
     }
 }
 
@@ -149,7 +191,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// One check against a raw listener: the request head it sent.
-    async fn head_of_a_check(host: Option<&str>, answer: &str) -> (bool, String, String) {
+    async fn head_of_a_check(host: Option<&str>, answer: &str) -> (Verdict, String, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let answer = answer.to_string();
@@ -174,23 +216,82 @@ mod tests {
             expect_status: StatusRange { min: 200, max: 399 },
             host: host.map(str::to_string),
         };
-        let (pass, summary) = check_once(addr, &check).await;
-        (pass, summary, server.await.unwrap())
+        let (verdict, summary) = check_once(addr, &check).await;
+        (verdict, summary, server.await.unwrap())
     }
 
     #[tokio::test]
     async fn checks_send_the_configured_host_or_the_instance_address() {
         let ok = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-        let (pass, summary, head) = head_of_a_check(Some("notes.example.com"), ok).await;
-        assert!(pass, "{summary}");
+        let (verdict, summary, head) = head_of_a_check(Some("notes.example.com"), ok).await;
+        assert_eq!(verdict, Verdict::Pass, "{summary}");
         assert!(head.starts_with("GET /health/ HTTP/1.1\r\n"), "{head}");
         assert!(head.to_ascii_lowercase().contains("\r\nhost: notes.example.com\r\n"), "{head}");
         let (_, _, head) = head_of_a_check(None, ok).await;
         assert!(head.to_ascii_lowercase().contains("\r\nhost: 127.0.0.1:"), "{head}");
         // What Django answers to a Host it does not allow.
         let refused = "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-        let (pass, summary, _) = head_of_a_check(None, refused).await;
-        assert!(!pass);
+        let (verdict, summary, _) = head_of_a_check(None, refused).await;
+        assert_eq!(verdict, Verdict::Fail);
         assert!(summary.starts_with("GET /health/ -> 400 in "), "{summary}");
+    }
+
+    #[test]
+    fn checks_that_cannot_be_made_count_neither_way() {
+        use crate::backend::{BackendState, Pool};
+        use nonstop_core::ids::{InstanceId, ProcessName};
+        let check = HealthCheck {
+            path: "/".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+            expect_status: StatusRange { min: 200, max: 399 },
+            host: None,
+        };
+        let backend = BackendState::new(
+            InstanceId::new(ProcessName::new("web").unwrap(), 1, 1),
+            "127.0.0.1:9".parse().unwrap(),
+            check,
+            BackendHealth::Healthy,
+            Pool::new(1, 1, Duration::from_secs(1)),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let shared = Shared::new();
+        let mut events = shared.events.subscribe();
+        for _ in 0..10 {
+            shared.record_check(&backend, Verdict::Inconclusive, "not checked".into());
+        }
+        assert_eq!(backend.health(), BackendHealth::Healthy);
+        assert!(events.try_recv().is_err(), "no health change");
+        assert_eq!(backend.status().last_checks.last().map(String::as_str), Some("not checked"));
+        // Real failures still count, and in a row across the gaps.
+        shared.record_check(&backend, Verdict::Fail, "GET / -> 500".into());
+        shared.record_check(&backend, Verdict::Inconclusive, "not checked".into());
+        shared.record_check(&backend, Verdict::Fail, "GET / -> 500".into());
+        assert_eq!(backend.health(), BackendHealth::Unhealthy);
+        for _ in 0..10 {
+            shared.record_check(&backend, Verdict::Inconclusive, "not checked".into());
+        }
+        assert_eq!(backend.health(), BackendHealth::Unhealthy, "nor towards healthy");
+    }
+
+    #[tokio::test]
+    async fn a_refused_check_is_a_failure() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let check = HealthCheck {
+            path: "/".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+            expect_status: StatusRange { min: 200, max: 399 },
+            host: None,
+        };
+        let (verdict, summary) = check_once(addr, &check).await;
+        assert_eq!(verdict, Verdict::Fail, "{summary}");
+        assert!(summary.contains("connect error"), "{summary}");
     }
 }

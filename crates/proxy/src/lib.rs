@@ -43,6 +43,17 @@
 //! the one [`Proxy::new`] ran in.
 //!
 //! # Clients
+//! Client connections are limited in all (`max_connections`, by default
+//! derived from the file descriptor limit, keeping a reserve for the
+//! daemon) and per client address (`max_connections_per_client`); beyond
+//! either, and when `accept` finds no descriptor left, a new connection is
+//! closed at once, with one log line per interval (`limits.rs`). A health
+//! check or an upstream connection that fails for want of a descriptor
+//! is not held against the instance (`health::Verdict::Inconclusive`,
+//! `ErrorKind::LocalExhaustion`, answered 503). An HTTP/1.0 request
+//! without `Host` reaches its instance with the `Host` of its health
+//! checks.
+//!
 //! [`Proxy::serve`] speaks HTTP/1.1 and h2c (prior knowledge);
 //! [`Proxy::serve_tls`] terminates TLS (rustls, certificates by SNI from
 //! PEM files, reloaded when they change: see `tls.rs`) and speaks HTTP/1.1
@@ -70,7 +81,10 @@
 //! scan of the raw head in `server.rs`, since hyper merges them), codings
 //! other than a lone `chunked` (501), a missing `Host` in HTTP/1.1 or two
 //! of them, an absolute-form target naming another host than `Host`,
-//! `CONNECT` (405), targets longer than `max_request_line` (414), bodies
+//! `CONNECT` (405), a `Host` (or absolute-form authority) that is not
+//! `host[:port]` by RFC 9110 §7.2 (400, as nginx: no path, user info,
+//! spaces, empty labels, or port above 65535; `headers::valid_host`),
+//! targets longer than `max_request_line` (414), bodies
 //! announced larger than `max_body_bytes` (413). Every refusal logs one
 //! line with the client's address and the reason, and closes an HTTP/1
 //! connection. Bodies are counted (413 past the limit, or as soon as a
@@ -97,6 +111,7 @@ mod forward;
 mod headers;
 mod health;
 mod lazy;
+mod limits;
 mod rate;
 mod server;
 mod spool;
@@ -108,6 +123,7 @@ mod workers;
 pub use body::ProxyBody;
 pub use config::*;
 pub use error::{ErrorKind, ProxyError, Retry, Side};
+pub use limits::{derived_max_connections, is_local_exhaustion, soft_fd_limit, FD_RESERVE_MIN};
 pub use tls::{CertStatus, TlsCert, TlsError, TlsSettings, TlsStatus, DEFAULT_TLS_RELOAD_INTERVAL};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -155,6 +171,11 @@ pub(crate) struct Inner {
     worker_count: usize,
     /// Started with the first listener; stopped when this is dropped.
     workers: Mutex<Option<workers::Workers>>,
+    /// `config.max_connections`, or the limit derived from the file
+    /// descriptor limit when the configuration was set (`limits.rs`).
+    pub max_connections: std::sync::atomic::AtomicUsize,
+    /// Refused client connections, for the rate-limited log line.
+    pub refusals: limits::RefusalLog,
 }
 
 impl Inner {
@@ -189,6 +210,8 @@ impl Proxy {
             inner: Arc::new(Inner {
                 worker_count,
                 workers: Mutex::new(None),
+                max_connections: std::sync::atomic::AtomicUsize::new(resolve_max_connections(&config)),
+                refusals: limits::RefusalLog::new(),
                 config: ArcSwap::from_pointee(config),
                 tls: ArcSwapOption::empty(),
                 redirect_http: AtomicBool::new(false),
@@ -219,8 +242,16 @@ impl Proxy {
     /// open connections keep the one they started with.
     pub fn set_config(&self, config: ProxyConfig) -> Result<(), ConfigError> {
         config.validate()?;
+        self.inner.max_connections.store(resolve_max_connections(&config), Ordering::Relaxed);
         self.inner.config.store(Arc::new(config));
         Ok(())
+    }
+
+    /// The most client connections open at once: `max_connections`, or
+    /// the limit derived from the file descriptor limit when the
+    /// configuration was set.
+    pub fn max_connections(&self) -> usize {
+        self.inner.max_connections.load(Ordering::Relaxed)
     }
 
     /// Load the certificates of `settings` and serve them on every TLS
@@ -361,6 +392,29 @@ impl Proxy {
         drop(reg);
         state.token.cancel();
         state.pool.clear();
+    }
+}
+
+/// `config.max_connections`, else derived from the soft `RLIMIT_NOFILE`;
+/// a configured value above what the descriptors allow is kept, with a
+/// warning (what the reserve cannot absorb is then refused by `accept`
+/// failing, see `limits.rs`).
+fn resolve_max_connections(config: &ProxyConfig) -> usize {
+    let fds = limits::soft_fd_limit();
+    let derived = limits::derived_max_connections(fds);
+    match config.max_connections {
+        None => derived,
+        Some(set) => {
+            if set > derived {
+                tracing::warn!(
+                    max_connections = set,
+                    fd_limit = fds,
+                    "[proxy] max_connections is more than the file descriptor limit leaves room for ({derived}); \
+                     raise the limit (LimitNOFILE= in the systemd unit) or lower max_connections"
+                );
+            }
+            set
+        }
     }
 }
 

@@ -24,9 +24,10 @@
 //! arrives, and the request is answered 413 at once rather than after its
 //! data (hyper only reports data as it comes).
 
-use crate::accept::{Acceptor, Counted, Kicks};
+use crate::accept::{Accepted, Acceptor, Admission, Counted, Kicks};
 use crate::config::ProxyConfig;
 use crate::lazy::LazyStream;
+use crate::limits::Refusal;
 use crate::Inner;
 use atomic_waker::AtomicWaker;
 use http::HeaderValue;
@@ -175,13 +176,13 @@ impl ConnCtx {
     fn new(
         peer: SocketAddr,
         config: Arc<ProxyConfig>,
+        trusted: bool,
         tls: bool,
         tasks: TaskTracker,
         live: &Arc<Mutex<Live>>,
         counted: Counted,
     ) -> Arc<Self> {
         let peer_ip = crate::headers::ip_value(peer.ip());
-        let trusted = config.trusts(peer.ip());
         let mut reg = lock_live(live);
         let id = reg.next;
         reg.next += 1;
@@ -747,9 +748,16 @@ pub(crate) async fn serve(
     let (workers, loads) = inner.worker_handles()?;
     let listener = listener.into_std()?;
     if let Ok(addr) = listener.local_addr() {
+        let max_connections = inner.max_connections.load(Ordering::Relaxed);
+        let max_connections_per_client = inner.config.load().max_connections_per_client;
+        let workers = workers.len();
         match mode {
-            Mode::Plain => tracing::info!(%addr, workers = workers.len(), "proxy listening"),
-            Mode::Tls => tracing::info!(%addr, workers = workers.len(), "proxy listening (TLS)"),
+            Mode::Plain => {
+                tracing::info!(%addr, workers, max_connections, max_connections_per_client, "proxy listening")
+            }
+            Mode::Tls => {
+                tracing::info!(%addr, workers, max_connections, max_connections_per_client, "proxy listening (TLS)")
+            }
         }
     }
     // If this future is dropped (its caller gave up on it), the loops
@@ -793,24 +801,61 @@ async fn accept_loop(
     let live = Arc::new(Mutex::new(Live::default()));
     // One warning per burst of refused TLS connections, from one worker.
     let mut no_tls_logged = !first;
+    // Refusals counted but not logged yet (see `limits.rs`): logged once
+    // the interval since the last line is over, by this timer if nothing
+    // else comes first.
+    let mut report: Option<Pin<Box<Sleep>>> = None;
+    let limits_now = || (inner.max_connections.load(Ordering::Relaxed), inner.config.load().max_connections_per_client);
     loop {
-        let (stream, peer) = tokio::select! {
+        let accepted = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            accepted = acceptor.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    accept_error(err).await;
-                    continue;
-                }
-            },
+            () = async { report.as_mut().expect("armed").await }, if report.is_some() => {
+                report = (!inner.refusals.flush(None, limits_now(), None)).then(refusal_report_timer);
+                continue;
+            }
+            accepted = acceptor.accept() => accepted,
         };
-        let _ = stream.set_nodelay(true);
-        let counted = acceptor.count();
+        let (stream, peer) = match accepted {
+            Ok(Accepted::Conn(stream, peer)) => (stream, peer),
+            Ok(Accepted::Shed(peer)) => {
+                if inner.refusals.refused(Refusal::NoFd, peer, limits_now()) && report.is_none() {
+                    report = Some(refusal_report_timer());
+                }
+                continue;
+            }
+            Err(err) => {
+                accept_error(&inner, err, &mut report).await;
+                continue;
+            }
+        };
         let config = inner.config.load_full();
+        let trusted = config.trusts(peer.ip());
+        let admission = Admission {
+            max_total: inner.max_connections.load(Ordering::Relaxed),
+            per_client: config.max_connections_per_client,
+        };
+        let counted = match acceptor.admit(peer.ip(), admission, trusted) {
+            Ok(counted) => counted,
+            Err(why) => {
+                // Closed at once (see `limits.rs`).
+                drop(stream);
+                if inner.refusals.refused(why, Some(peer), (admission.max_total, admission.per_client))
+                    && report.is_none()
+                {
+                    report = Some(refusal_report_timer());
+                }
+                continue;
+            }
+        };
+        if report.is_none() && inner.refusals.pending() {
+            // Counted on the request path (see `RefusalLog`).
+            report = Some(refusal_report_timer());
+        }
+        let _ = stream.set_nodelay(true);
         match mode {
             Mode::Plain => {
-                let ctx = ConnCtx::new(peer, config, false, tasks.clone(), &live, counted);
+                let ctx = ConnCtx::new(peer, config, trusted, false, tasks.clone(), &live, counted);
                 // Joins this worker's epoll set only if it has to wait.
                 let stream = LazyStream::new(stream, Arc::clone(&ctx));
                 tasks.spawn(serve_conn(Arc::clone(&inner), stream, ctx, None));
@@ -824,7 +869,7 @@ async fn accept_loop(
                     continue;
                 };
                 no_tls_logged = false;
-                let ctx = ConnCtx::new(peer, config, true, tasks.clone(), &live, counted);
+                let ctx = ConnCtx::new(peer, config, trusted, true, tasks.clone(), &live, counted);
                 let stream = LazyStream::new(stream, Arc::clone(&ctx));
                 tasks.spawn(serve_tls_conn(Arc::clone(&inner), stream, ctx, tls.acceptor.clone()));
             }
@@ -846,14 +891,26 @@ async fn accept_loop(
     Ok(())
 }
 
-async fn accept_error(err: io::Error) {
+/// When refusals left uncounted in the log are logged at the latest.
+fn refusal_report_timer() -> Pin<Box<Sleep>> {
+    Box::pin(tokio::time::sleep(crate::limits::REFUSAL_LOG_INTERVAL))
+}
+
+/// `accept` failed: nothing to do when the client gave up before it was
+/// accepted; otherwise (out of descriptors with no spare left, or out of
+/// memory) the worker stops accepting for a moment instead of spinning on
+/// a socket that stays readable, and the failure goes to the rate-limited
+/// refusal log.
+async fn accept_error(inner: &Inner, err: io::Error, report: &mut Option<Pin<Box<Sleep>>>) {
     match err.kind() {
-        // The client gave up between SYN and accept: nothing to do.
         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted => {}
         _ => {
-            // EMFILE and friends: back off instead of spinning.
-            tracing::warn!(error = %err, "accept failed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let limits =
+                (inner.max_connections.load(Ordering::Relaxed), inner.config.load().max_connections_per_client);
+            if inner.refusals.accept_error(&err, limits) && report.is_none() {
+                *report = Some(refusal_report_timer());
+            }
+            tokio::time::sleep(crate::limits::NO_FD_BACKOFF).await;
         }
     }
 }

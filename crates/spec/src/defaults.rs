@@ -37,6 +37,17 @@ pub const DEFAULT_PROXY_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MIN_PROXY_WORKERS: u32 = 1;
 /// Largest `[proxy] workers`.
 pub const MAX_PROXY_WORKERS: u32 = 1024;
+// Connection limits.
+/// `[proxy] max_connections_per_client`: per IPv4 address or IPv6 /64
+/// (`0`: no limit).
+pub const DEFAULT_PROXY_MAX_CONNECTIONS_PER_CLIENT: u32 = 256;
+/// Largest `[proxy] max_connections` and `max_connections_per_client`.
+pub const MAX_PROXY_MAX_CONNECTIONS: u64 = 10_000_000;
+/// File descriptors the daemon keeps for itself at least when it derives
+/// `[proxy] max_connections` from its limit (the store, logs, health
+/// checks, instance starts, the API).
+pub const PROXY_FD_RESERVE_MIN: u64 = 256;
+
 /// `[proxy] redirect_http`, when `[[proxy.tls]]` is set.
 pub const DEFAULT_REDIRECT_HTTP: bool = true;
 /// `[proxy] body_memory_bytes`: a request body is read whole before an
@@ -149,6 +160,8 @@ pub const PROXY_DEFAULTS_DOC: &str = "\
 | `proxy.upstream_timeout` | `60s` | `60s` (`proxy_read_timeout`) | none (`timeout server`) | an instance that has not started answering in a minute gets a 504 |
 | `proxy.body_timeout` | `30s` | `60s` (`client_body_timeout`) | none (`timeout client`) | a pause of 30s in an upload is a stalled client; it gets 408 and the instance's request is aborted |
 | `proxy.workers` | one per core | `1` (`worker_processes`; packaged configs: `auto`, one per core) | one per core (`nbthread`) | a thread per core serves the most with the least switching; lower it on a machine whose cores the apps need; fixed while the daemon runs: the first `up` starts it with this value, a later change applies after `nonstop upgrade` or a daemon restart |
+| `proxy.max_connections` | from the file descriptor limit: what is left after a reserve of `max(256, limit / 8)`, halved (384 at a limit of 1024; the daemon raises its soft limit to the hard one at start) | `512` per worker (`worker_connections`) | from the file descriptor limit (`maxconn` from `ulimit -n`) | client connections beyond it are closed at once and counted in one log line per 10s, so that running out of descriptors never starves health checks, the store or instance starts; each client connection may hold an upstream one |
+| `proxy.max_connections_per_client` | `256` per IPv4 address or IPv6 /64 (`0`: no limit; `trusted_proxies` are not limited) | no limit (`limit_conn` to configure) | no limit (stick tables to configure) | one client cannot take every connection; 256 is far above what browsers open (6 per host), but a large office behind one NAT address may need more |
 | `proxy.redirect_http` | `true` when `tls` is set | a `return 301` to write | a `redirect scheme https` to write | plain HTTP to a host with a certificate gets a 308 (method and body kept) |
 | `proxy.body_memory_bytes` | `64KiB` | `16k` (`client_body_buffer_size`) | no buffering: bodies stream | a request body is read whole before an instance is chosen (larger ones into an unlinked temporary file), so a slow upload holds no app worker |
 | `proxy.min_upload_rate` | `1KiB/s` | none: `client_body_timeout` between two reads only | none | a body slower than this over `upload_rate_window` gets 408: a 1 byte/s drip ends after 15s, a slow phone is never hurt; `0`: no minimum |
@@ -193,6 +206,10 @@ mod tests {
         );
         assert_eq!(d("upload_rate_window"), Ok(DEFAULT_PROXY_UPLOAD_RATE_WINDOW));
         assert_eq!(cell("unbuffered_paths"), "none");
+        assert!(
+            cell("max_connections_per_client").starts_with(&format!("`{DEFAULT_PROXY_MAX_CONNECTIONS_PER_CLIENT}`"))
+        );
+        assert!(cell("max_connections").contains(&format!("`max({PROXY_FD_RESERVE_MIN}, limit / 8)`")));
     }
 
     #[test]

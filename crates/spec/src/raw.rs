@@ -66,6 +66,12 @@ pub struct RawProxy {
     pub upload_rate_window: Option<Spanned<RawDuration>>,
     /// Path prefixes (`"/upload/"`) whose bodies are streamed.
     pub unbuffered_paths: Option<Spanned<Vec<Spanned<String>>>>,
+    // Connection limits.
+    /// Client connections open at once, 1 to 10,000,000; left out: derived
+    /// from the daemon's file descriptor limit.
+    pub max_connections: Option<Spanned<i64>>,
+    /// Client connections open at once from one address; `0`: no limit.
+    pub max_connections_per_client: Option<Spanned<i64>>,
 }
 
 /// `[[proxy.tls]]`: one certificate.

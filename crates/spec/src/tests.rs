@@ -131,6 +131,8 @@ body_memory_bytes = "256KiB"
 min_upload_rate = "2KiB/s"
 upload_rate_window = "20s"
 unbuffered_paths = ["/upload/"]
+max_connections = 5000
+max_connections_per_client = 0
 
 [[proxy.tls]]
 hosts = ["blog.example.com", "*.Blog.example.com"]
@@ -901,6 +903,8 @@ fn proxy_settings_from_the_full_file() {
     assert_eq!(p.body_timeout, Some(Duration::from_secs(20)));
     assert_eq!(p.workers, Some(4));
     assert_eq!(p.trusted_proxies, vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]);
+    assert_eq!(p.max_connections, Some(5000));
+    assert_eq!(p.max_connections_per_client, Some(0), "0: no limit");
     assert_eq!(p.tls.len(), 2);
     assert_eq!(p.tls[0].hosts, ["blog.example.com", "*.blog.example.com"]);
     // Relative to the file's directory (here: as given, relative).
@@ -918,6 +922,8 @@ fn proxy_settings_left_out_stay_unset() {
     let p = ok(WEB).proxy;
     assert_eq!(p, nonstop_core::process::ProxySpec::new(DEFAULT_PROXY_LISTEN.parse().unwrap()));
     assert_eq!(p.workers, None, "left out: one worker thread per core");
+    assert_eq!(p.max_connections, None, "left out: derived from the file descriptor limit");
+    assert_eq!(p.max_connections_per_client, None, "left out: the proxy's default");
     // Sizes as integers and nginx units; 0: no body limit; redirects on
     // by default with certificates.
     let p = ok(&top(
@@ -928,6 +934,18 @@ fn proxy_settings_left_out_stay_unset() {
     assert_eq!(p.max_body_bytes, Some(0));
     assert_eq!(p.max_request_line, Some(2048));
     assert!(p.redirects_http());
+}
+
+#[test]
+fn proxy_connection_limits_within_bounds_are_kept() {
+    for n in [1, 384, MAX_PROXY_MAX_CONNECTIONS] {
+        let p = ok(&top(&format!("[proxy]\nmax_connections = {n}\nmax_connections_per_client = {n}\n"))).proxy;
+        assert_eq!(p.max_connections, Some(n));
+        assert_eq!(p.max_connections_per_client.map(u64::from), Some(n));
+    }
+    let p = ok(&top("[proxy]\nmax_connections_per_client = 0\n")).proxy;
+    assert_eq!(p.max_connections_per_client, Some(0));
+    assert_eq!(DEFAULT_PROXY_MAX_CONNECTIONS_PER_CLIENT, 256);
 }
 
 #[test]
@@ -1042,6 +1060,42 @@ fn bad_proxy_settings_are_located() {
             (3, 20),
             "`max_request_line` in [proxy] (128KiB) is larger than `max_header_bytes` (64KiB)",
             "raise max_header_bytes to at least \"128KiB\"",
+        ),
+        (
+            "[proxy]\nmax_connections = 0\n".into(),
+            (3, 19),
+            "`max_connections` in [proxy] must be between 1 and 10000000, not 0",
+            "leave it out to derive it from the daemon's file descriptor limit (the default), or set a count, for example: max_connections = 10000",
+        ),
+        (
+            "[proxy]\nmax_connections = 20000000\n".into(),
+            (3, 19),
+            "`max_connections` in [proxy] must be between 1 and 10000000, not 20000000",
+            "leave it out to derive it from the daemon's file descriptor limit",
+        ),
+        (
+            "[proxy]\nmax_connections = \"10000\"\n".into(),
+            (3, 19),
+            "`max_connections` in [proxy] must be an integer, not a string",
+            "remove the quotes: max_connections = 10000",
+        ),
+        (
+            "[proxy]\nmax_connections = \"auto\"\n".into(),
+            (3, 19),
+            "`max_connections` in [proxy] must be an integer, not a string",
+            "for example: max_connections = 10000 (or leave it out to derive it from the file descriptor limit)",
+        ),
+        (
+            "[proxy]\nmax_connections_per_client = -1\n".into(),
+            (3, 30),
+            "`max_connections_per_client` in [proxy] must be between 0 (no limit) and 10000000, not -1",
+            "for example: max_connections_per_client = 256 (the default), or 0 for no limit",
+        ),
+        (
+            "[proxy]\nmax_connections_per_client = 1.5\n".into(),
+            (3, 30),
+            "`max_connections_per_client` in [proxy] must be an integer, not a float",
+            "for example: max_connections_per_client = 256 (0: no limit)",
         ),
         (
             "[proxy]\nbody_timeout = \"0s\"\n".into(),

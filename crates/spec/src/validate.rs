@@ -199,6 +199,36 @@ fn validate_proxy(proxy: Option<&Spanned<RawProxy>>, env: &dyn EnvLookup, base: 
         workers
     });
     validate_proxy_bodies(raw, &mut spec, diags);
+    // Connection limits.
+    spec.max_connections = raw.max_connections.as_ref().and_then(|v| {
+        let n = *v.get_ref();
+        let limit = u64::try_from(n).ok().filter(|n| (1..=MAX_PROXY_MAX_CONNECTIONS).contains(n));
+        if limit.is_none() {
+            diags.error(
+                v.span(),
+                format!("{} must be between 1 and {MAX_PROXY_MAX_CONNECTIONS}, not {n}", f("max_connections").what()),
+                "leave it out to derive it from the daemon's file descriptor limit (the default), or set a count, for example: max_connections = 10000",
+            );
+        }
+        limit
+    });
+    spec.max_connections_per_client = raw.max_connections_per_client.as_ref().and_then(|v| {
+        let n = *v.get_ref();
+        let limit = u32::try_from(n).ok().filter(|n| u64::from(*n) <= MAX_PROXY_MAX_CONNECTIONS);
+        if limit.is_none() {
+            diags.error(
+                v.span(),
+                format!(
+                    "{} must be between 0 (no limit) and {MAX_PROXY_MAX_CONNECTIONS}, not {n}",
+                    f("max_connections_per_client").what()
+                ),
+                format!(
+                    "for example: max_connections_per_client = {DEFAULT_PROXY_MAX_CONNECTIONS_PER_CLIENT} (the default), or 0 for no limit"
+                ),
+            );
+        }
+        limit
+    });
     if let Some(tls) = &raw.tls {
         spec.tls = validate_tls(tls, base, diags);
     }

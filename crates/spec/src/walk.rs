@@ -72,6 +72,17 @@ fn walk_proxy(t: &Table<'_, '_>, diags: &mut Diags) -> RawProxy {
         ),
         upload_rate_window: t.duration("upload_rate_window", diags),
         unbuffered_paths: t.string_list("unbuffered_paths", "unbuffered_paths = [\"/upload/\"]", diags),
+        // Connection limits.
+        max_connections: t.integer(
+            "max_connections",
+            "max_connections = 10000 (or leave it out to derive it from the file descriptor limit)",
+            diags,
+        ),
+        max_connections_per_client: t.integer(
+            "max_connections_per_client",
+            "max_connections_per_client = 256 (0: no limit)",
+            diags,
+        ),
     }
 }
 
