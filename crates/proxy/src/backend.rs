@@ -120,6 +120,10 @@ pub(crate) struct BackendState {
     pub instance: InstanceId,
     pub addr: SocketAddr,
     pub check: HealthCheck,
+    /// The `Host` its health checks send (the configured `host`, else the
+    /// instance's address), which the app therefore accepts: given to
+    /// requests that came without one (HTTP/1.0).
+    pub default_host: http::HeaderValue,
     health: AtomicU8,
     in_flight: AtomicU64,
     /// Woken when `in_flight` reaches zero while draining.
@@ -141,10 +145,16 @@ impl BackendState {
         token: CancellationToken,
     ) -> Self {
         let machine = HealthMachine::new(initial, &check);
+        let default_host = check
+            .host
+            .as_deref()
+            .and_then(|host| http::HeaderValue::from_str(host).ok())
+            .unwrap_or_else(|| crate::headers::address_value(addr));
         Self {
             instance,
             addr,
             check,
+            default_host,
             health: AtomicU8::new(encode(initial)),
             in_flight: AtomicU64::new(0),
             idle: Notify::new(),

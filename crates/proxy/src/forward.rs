@@ -94,6 +94,10 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
         parts.uri = parts.uri.path_and_query().map(|pq| Uri::from(pq.clone())).unwrap_or_else(|| Uri::from_static("/"));
     }
     let host = parts.headers.get(header::HOST).cloned();
+    // HTTP/1.0 allows a request without Host; an app (Django's
+    // ALLOWED_HOSTS) may not: it gets the Host of the chosen instance's
+    // health checks (see `BackendState::default_host`).
+    let needs_host = host.is_none();
     headers::prepare_request(&mut parts.headers, &ctx.peer_ip, &request_id, upgrade, ctx.tls, ctx.trusted);
     parts.version = Version::HTTP_11;
 
@@ -150,6 +154,9 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
         let Some(in_flight) = acquire(&inner, config, host.as_ref(), avoid.as_ref()).await else {
             return error_response(&ProxyError::no_healthy_backend(), request_id, phase, false);
         };
+        if needs_host {
+            req.headers_mut().insert(header::HOST, in_flight.backend().default_host.clone());
+        }
         match send(config, &in_flight, req, attempt > 0).await {
             Ok((resp, conn)) => {
                 // The same for the response to the client.
@@ -243,6 +250,8 @@ fn check_request(ctx: &ConnCtx, req: &Request<Incoming>, http2: bool) -> Result<
     let config = &*ctx.config;
     let headers = req.headers();
     let uri = req.uri();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (host, more_hosts) = (hosts.next(), hosts.next().is_some());
     let target_len = if !http2 {
         let flags = ctx.take_head_flags();
         if flags & DUPLICATE_CONTENT_LENGTH != 0 {
@@ -258,11 +267,6 @@ fn check_request(ctx: &ConnCtx, req: &Request<Incoming>, http2: bool) -> Result<
             if te.next().is_some() || !first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
                 return Err(Reject::new(StatusCode::NOT_IMPLEMENTED, "Transfer-Encoding other than chunked"));
             }
-        }
-        let mut hosts = headers.get_all(header::HOST).iter();
-        let host = hosts.next();
-        if hosts.next().is_some() {
-            return Err(Reject::bad("more than one Host header"));
         }
         if host.is_none() && req.version() == Version::HTTP_11 {
             return Err(Reject::bad("missing Host header (required by HTTP/1.1)"));
@@ -281,11 +285,24 @@ fn check_request(ctx: &ConnCtx, req: &Request<Incoming>, http2: bool) -> Result<
                 "more header fields than max_headers",
             ));
         }
-        if uri.authority().is_none() && !headers.contains_key(header::HOST) {
+        if uri.authority().is_none() && host.is_none() {
             return Err(Reject::bad("missing :authority"));
         }
         uri.path_and_query().map_or(0, |pq| pq.as_str().len())
     };
+    if let Some(host) = host {
+        if more_hosts {
+            return Err(Reject::bad("more than one Host header"));
+        }
+        if !headers::valid_host(host.as_bytes()) {
+            return Err(Reject::bad("invalid Host header"));
+        }
+    }
+    if let Some(authority) = uri.authority() {
+        if !headers::valid_host(authority.as_str().as_bytes()) {
+            return Err(Reject::bad("invalid host in the request target"));
+        }
+    }
     if target_len > config.max_request_line {
         return Err(Reject::new(StatusCode::URI_TOO_LONG, "request target longer than max_request_line"));
     }

@@ -153,6 +153,51 @@ pub(crate) fn prepare_request(
     headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
+/// Whether a `Host` header (or an absolute-form target's authority) is
+/// `host [":" port]` as RFC 9110 §7.2 and RFC 3986 §3.2 say, as nginx
+/// checks it: a name of letters, digits, `-`, `.`, `_` and `~` (no empty
+/// label but a trailing dot), an IPv4 address, or an IPv6 literal in
+/// brackets; a port of digits up to 65535 (or none after the colon). No
+/// user info (`@`), no path, no spaces or control characters. Anything
+/// else is answered 400: apps build URLs and e-mails from the host, and a
+/// `Host` of `evil.com/x` or `a b` must not reach them.
+pub(crate) fn valid_host(raw: &[u8]) -> bool {
+    let (host, port) = if raw.first() == Some(&b'[') {
+        let Some(end) = raw.iter().position(|&b| b == b']') else { return false };
+        let literal = &raw[1..end];
+        let ip_literal = literal.len() >= 2
+            && literal.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            && literal.contains(&b':');
+        if !ip_literal {
+            return false;
+        }
+        match &raw[end + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&raw[..=end], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match raw.iter().position(|&b| b == b':') {
+            Some(colon) => (&raw[..colon], Some(&raw[colon + 1..])),
+            None => (raw, None),
+        }
+    };
+    if let Some(port) = port {
+        let digits_ok = port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+        if !digits_ok || (!port.is_empty() && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) > 65535) {
+            return false;
+        }
+    }
+    if host.first() == Some(&b'[') {
+        return true;
+    }
+    // A name (or an IPv4 address): no empty label, but a trailing dot.
+    let name = host.strip_suffix(b".").unwrap_or(host);
+    !name.is_empty()
+        && name.split(|&b| b == b'.').all(|label| !label.is_empty())
+        && name.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
+
 /// The client's `X-Request-Id` if it is sane (1 to 128 visible ASCII
 /// characters), else a fresh one.
 pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -222,6 +267,11 @@ pub(crate) fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
     shared_value(&buf[..len]).unwrap_or_else(|| HeaderValue::from_static("unknown"))
 }
 
+/// `IP:PORT` (`[IPv6]:PORT`) as a header value, e.g. a `Host`.
+pub(crate) fn address_value(addr: std::net::SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&addr.to_string()).unwrap_or_else(|_| HeaderValue::from_static("localhost"))
+}
+
 fn write_hex(mut v: u64, out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for slot in out.iter_mut().rev() {
@@ -250,6 +300,59 @@ mod tests {
             m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         m
+    }
+
+    #[test]
+    fn host_syntax() {
+        for good in [
+            "example.com",
+            "Example.COM",
+            "example.com.",
+            "example.com:8080",
+            "example.com:",
+            "localhost",
+            "my_host-1.internal",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "[2001:db8::1]",
+            "[::ffff:192.0.2.1]:443",
+            "x:65535",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good} is valid");
+        }
+        for bad in [
+            "",
+            ".",
+            ":80",
+            ".example.com",
+            "a..b",
+            "example.com/",
+            "example.com/evil",
+            "evil.com\\x",
+            "user@example.com",
+            "a b",
+            "a\tb",
+            "example.com:80:80",
+            "example.com:8o",
+            "example.com:65536",
+            "example.com:123456",
+            "example.com:-1",
+            "exa%6dple.com",
+            "example.com?x",
+            "example.com#x",
+            "[::1",
+            "[::1]x",
+            "[::1]:x",
+            "[]",
+            "[zz::1]",
+            "::1",
+            "a\x00b",
+            "caf\u{e9}.fr",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?} is invalid");
+        }
     }
 
     #[test]

@@ -259,6 +259,23 @@ const REFUSED: &[(&str, &str, u16, &str)] = &[
     ),
     ("no Host in HTTP/1.1", "GET / HTTP/1.1\r\n\r\n", 400, "missing Host header"),
     ("two Host headers", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "more than one Host header"),
+    // Host syntax (RFC 9110 §7.2, as nginx checks it).
+    ("a path in Host", "GET / HTTP/1.1\r\nHost: evil.test/x\r\n\r\n", 400, "invalid Host header"),
+    ("a space in Host", "GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "invalid Host header"),
+    ("user info in Host", "GET / HTTP/1.1\r\nHost: user@a.test\r\n\r\n", 400, "invalid Host header"),
+    ("an empty Host", "GET / HTTP/1.1\r\nHost: \r\n\r\n", 400, "invalid Host header"),
+    ("an empty label in Host", "GET / HTTP/1.1\r\nHost: a..test\r\n\r\n", 400, "invalid Host header"),
+    ("a port out of range", "GET / HTTP/1.1\r\nHost: a.test:65536\r\n\r\n", 400, "invalid Host header"),
+    ("a port that is not a number", "GET / HTTP/1.1\r\nHost: a.test:8o\r\n\r\n", 400, "invalid Host header"),
+    ("two ports", "GET / HTTP/1.1\r\nHost: a.test:80:80\r\n\r\n", 400, "invalid Host header"),
+    ("a bad IPv6 literal", "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", 400, "invalid Host header"),
+    ("an invalid Host in HTTP/1.0", "GET / HTTP/1.0\r\nHost: a\\b\r\n\r\n", 400, "invalid Host header"),
+    (
+        "user info in the target",
+        "GET http://user@a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        400,
+        "invalid host in the request target",
+    ),
     (
         "absolute target naming another host",
         "GET http://evil.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
@@ -382,6 +399,42 @@ async fn http10_clients_get_framing_they_understand() {
         assert!(reply.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("keep-alive")));
     }
     assert!(!closes(&mut s, Duration::from_millis(300)).await);
+    p.stop().await;
+}
+
+/// Answers with the `Host` it got.
+fn host_handler() -> Handler {
+    Arc::new(|req, _state| {
+        Box::pin(async move {
+            let hosts: Vec<String> =
+                req.headers().get_all("host").iter().map(|v| v.to_str().unwrap_or("?").to_string()).collect();
+            text(200, format!("host={}", hosts.join(",")))
+        })
+    })
+}
+
+#[tokio::test]
+async fn http10_without_host_reaches_the_instance_with_the_host_its_checks_use() {
+    // With a configured check host (what Django's ALLOWED_HOSTS lists).
+    logs::capture();
+    let up = Upstream::with_handler("up", host_handler()).await;
+    let p = Running::start(config()).await;
+    p.proxy.set_default_route(route());
+    let named = nonstop_core::process::HealthCheck { host: Some("notes.example.com".into()), ..lazy_check() };
+    p.add(1, up.addr, named, InitialHealth::AssumeHealthy);
+    let (reply, _, _) = raw_request(p.addr, b"GET /h HTTP/1.0\r\n\r\n").await;
+    let reply = reply.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    assert_eq!(reply.body, b"host=notes.example.com");
+    // A Host the client sent is kept, in HTTP/1.0 too.
+    let (reply, _, _) = raw_request(p.addr, b"GET /h HTTP/1.0\r\nHost: app.test\r\n\r\n").await;
+    assert_eq!(reply.unwrap().body, b"host=app.test");
+    p.stop().await;
+
+    // Without one: the instance's address, as its checks send.
+    let (p, up) = proxy_with(config(), host_handler()).await;
+    let (reply, _, _) = raw_request(p.addr, b"GET /h HTTP/1.0\r\n\r\n").await;
+    assert_eq!(reply.unwrap().body, format!("host={}", up.addr).into_bytes());
     p.stop().await;
 }
 
