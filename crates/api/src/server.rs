@@ -79,12 +79,8 @@ pub fn router_with_token(state: ApiState, token: String) -> Router {
     router(state).layer(middleware::from_fn(move |req: Request, next: Next| {
         let token = token.clone();
         async move {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
+            let given =
+                req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token).unwrap_or("");
             if constant_time_eq(given.as_bytes(), token.as_bytes()) {
                 next.run(req).await
             } else {
@@ -97,6 +93,18 @@ pub fn router_with_token(state: ApiState, token: String) -> Router {
             }
         }
     }))
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 7235 §2.1: `bearer` and `BEARER` are `Bearer`),
+/// and one or more spaces may follow it.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim_start_matches(' ');
+    (!token.is_empty()).then_some(token)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -378,5 +386,20 @@ async fn upgrade(State(s): State<ApiState>) -> Response {
             error_response(StatusCode::INTERNAL_SERVER_ERROR, ApiError { message, exit_code: 1, detail: None })
         }
         Err(_) => engine_error(EngineError::ShuttingDown),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR abc", "Bearer   abc"] {
+            assert_eq!(bearer_token(value), Some("abc"), "{value:?}");
+        }
+        for value in ["", "Bearer", "Bearer ", "Basic abc", "Bearerabc", "Token abc", "abc"] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
     }
 }

@@ -413,15 +413,22 @@ fn the_api_is_private_the_socket_is_0600_and_tcp_needs_the_token() {
     let token = std::fs::read_to_string(app.home.path().join("api-token")).unwrap();
     let token_mode = std::fs::metadata(app.home.path().join("api-token")).unwrap().permissions().mode() & 0o777;
     assert_eq!(token_mode, 0o600);
-    let ask = |auth: Option<&str>| {
+    let ask_as = |scheme: &str, auth: Option<&str>| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", api_port)).unwrap();
-        let auth = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let auth = auth.map(|t| format!("Authorization: {scheme} {t}\r\n")).unwrap_or_default();
         write!(s, "GET /v1/status HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").unwrap();
         let mut b = String::new();
         s.read_to_string(&mut b).unwrap();
         b
     };
+    let ask = |auth: Option<&str>| ask_as("Bearer", auth);
     assert!(ask(None).starts_with("HTTP/1.1 401"), "{}", ask(None));
+    // The scheme is case-insensitive (RFC 7235).
+    for scheme in ["bearer", "BEARER"] {
+        let ok = ask_as(scheme, Some(token.trim()));
+        assert!(ok.starts_with("HTTP/1.1 200"), "{scheme}: {ok}");
+    }
+    assert!(ask_as("Basic", Some(token.trim())).starts_with("HTTP/1.1 401"));
     assert!(ask(Some("wrong")).starts_with("HTTP/1.1 401"));
     let ok = ask(Some(token.trim()));
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
