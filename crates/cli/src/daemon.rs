@@ -461,6 +461,7 @@ async fn restart_own_version(
 }
 
 pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Option<u32>) -> anyhow::Result<()> {
+    crate::limits::raise_fd_limit();
     home.create()?;
     let exe = std::env::current_exe().context("cannot find the nonstop executable")?;
     // The binary to start on upgrade: this path, whatever is there by then

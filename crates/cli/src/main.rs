@@ -6,6 +6,7 @@ mod commands;
 mod daemon;
 mod home;
 mod keeper;
+mod limits;
 mod output;
 mod recovery;
 mod upgrade;
