@@ -117,7 +117,7 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
         if buffer || (idempotent && exact.is_some_and(|n| n <= config.retry_body_limit as u64)) {
             // Read whole before an instance is chosen (see `spool.rs`).
             let memory = if buffer { config.body_memory_bytes } else { usize::MAX };
-            match crate::spool::read_whole(&mut body, memory, &config.body_dir()).await {
+            match crate::spool::read_whole(&mut body, memory, || config.body_dir()).await {
                 Ok(buffered) => {
                     if !http2 {
                         ctx.request_read_whole();

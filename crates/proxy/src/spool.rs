@@ -78,9 +78,14 @@ fn create(dir: &Path) -> io::Result<File> {
 }
 
 /// Reads `body` to its end: in memory up to `memory` bytes, else into a
-/// temporary file in `dir`. The body's own limits (size, gap timeout,
-/// minimum rate) apply while it is read.
-pub(crate) async fn read_whole(body: &mut ClientBody, memory: usize, dir: &Path) -> Result<Buffered, BodyError> {
+/// temporary file in `dir()` (asked only then). The body's own limits
+/// (size, gap timeout, minimum rate) apply while it is read.
+pub(crate) async fn read_whole<D: AsRef<Path>>(
+    body: &mut ClientBody,
+    memory: usize,
+    dir: impl FnOnce() -> D,
+) -> Result<Buffered, BodyError> {
+    let mut dir = Some(dir);
     // The first piece as hyper gave it: a body that comes in one piece
     // costs no buffer of ours.
     let mut first: Option<Bytes> = None;
@@ -99,7 +104,8 @@ pub(crate) async fn read_whole(body: &mut ClientBody, memory: usize, dir: &Path)
         }
         let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
         if held + data.len() > memory {
-            let mut file = create(dir).map_err(BodyError::Spill)?;
+            let dir = dir.take().map(|dir| dir()).ok_or_else(|| BodyError::Spill(io::Error::other("spilled twice")))?;
+            let mut file = create(dir.as_ref()).map_err(BodyError::Spill)?;
             for piece in [first.take().unwrap_or_default().as_ref(), &buf[..], &data[..]] {
                 file.write_all(piece).map_err(BodyError::Spill)?;
             }
