@@ -353,6 +353,20 @@ pub struct AppSpec {
     /// Build commands run once per release (deploys).
     pub build: Vec<String>,
     pub release: ReleaseSpec,
+    /// `[static]` / `[[static]]` mounts served by the proxy from the
+    /// releases' own files, in file order (empty: the app serves its own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statics: Vec<StaticMount>,
+}
+
+/// One `[static]` mount: requests for `url*` are answered by the proxy
+/// from `dir` inside each retained release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaticMount {
+    /// URL prefix, starting and ending with `/` (`"/static/"`).
+    pub url: String,
+    /// Relative to the release directory, without `..` (`"staticfiles"`).
+    pub dir: PathBuf,
 }
 
 impl AppSpec {

@@ -33,6 +33,7 @@ pub fn app(processes: Vec<ProcessSpec>) -> AppSpec {
         proxy: ProxySpec::new("127.0.0.1:8080".parse().unwrap()),
         build: vec![],
         release: ReleaseSpec::default(),
+        statics: vec![],
     }
 }
 

@@ -62,7 +62,13 @@ pub const DEFAULT_PROXY_UPLOAD_RATE_WINDOW: Duration = Duration::from_secs(15);
 /// Shortest `[proxy] upload_rate_window`.
 pub const MIN_PROXY_UPLOAD_RATE_WINDOW: Duration = Duration::from_secs(1);
 
+/// `[static] url`: Django's `STATIC_URL`.
+pub const DEFAULT_STATIC_URL: &str = "/static/";
+/// `[static] dir`: Django's usual `STATIC_ROOT` (what `collectstatic` fills).
+pub const DEFAULT_STATIC_DIR: &str = "staticfiles";
+
 /// `[release] task_timeout`: migrations on a big table take minutes.
+
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(600);
 /// `[release] retain_releases`.
 pub const DEFAULT_RETAIN_RELEASES: u32 = 5;

@@ -22,6 +22,7 @@ mod error;
 mod init;
 pub mod raw;
 mod size;
+mod statics;
 mod suggest;
 mod validate;
 mod walk;
@@ -184,3 +185,5 @@ pub fn sanitize_app_name(dir_name: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_static;

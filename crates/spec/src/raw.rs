@@ -29,6 +29,49 @@ pub struct RawSpec {
     pub release: Option<Spanned<RawRelease>>,
     /// `[processes.NAME]`, in file order. At least one is required.
     pub processes: Option<Spanned<RawMap<Spanned<RawProcess>>>>,
+    /// `[static]` (one mount) or `[[static]]` (several).
+    #[serde(rename = "static")]
+    pub statics: Option<Spanned<RawStatics>>,
+}
+
+/// `[static]` or `[[static]]`: the mounts, in file order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RawStatics(pub Vec<Spanned<RawStatic>>);
+
+/// One `[static]` mount.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStatic {
+    /// URL prefix, `"/static/"`.
+    pub url: Option<Spanned<String>>,
+    /// Directory inside the release, `"staticfiles"`.
+    pub dir: Option<Spanned<String>>,
+}
+
+impl<'de> Deserialize<'de> for RawStatics {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StaticsVisitor;
+        impl<'de> Visitor<'de> for StaticsVisitor {
+            type Value = RawStatics;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table or a list of tables")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawStatics, A::Error> {
+                // (No location for a lone table on this path; `Spanned`
+                // compares values only.)
+                let one = RawStatic::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawStatics(vec![Spanned::new(0..0, one)]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawStatics, A::Error> {
+                let mut all = Vec::new();
+                while let Some(one) = seq.next_element()? {
+                    all.push(one);
+                }
+                Ok(RawStatics(all))
+            }
+        }
+        deserializer.deserialize_any(StaticsVisitor)
+    }
 }
 
 /// `[proxy]`.
@@ -286,7 +329,7 @@ mod tests {
     fn field_names_come_from_the_schema() {
         assert_eq!(field_names::<RawProxy>()[0], "listen");
         assert_eq!(field_names::<RawTls>(), &["hosts", "cert", "key"]);
-        assert_eq!(field_names::<RawSpec>(), &["app", "build", "env", "proxy", "release", "processes"]);
+        assert_eq!(field_names::<RawSpec>(), &["app", "build", "env", "proxy", "release", "processes", "static"]);
         assert_eq!(field_names::<RawProcess>()[0], "command");
     }
 

@@ -151,6 +151,14 @@ task_timeout = "15m"
 retain_releases = 3
 order = ["worker", "web", "beat"]
 
+[[static]]
+url = "/static/"
+dir = "staticfiles"
+
+[[static]]
+url = "/media/"
+dir = "./public/media"
+
 [processes.web]
 command = "gunicorn blog.wsgi --bind 127.0.0.1:$PORT"
 kind = "web"
@@ -287,6 +295,7 @@ fn every_schema_key_is_set_in_the_full_example() {
         (field_names::<RawRestart>(), web["restart"].clone()),
         (field_names::<RawProxy>(), doc["proxy"].clone()),
         (field_names::<RawTls>(), doc["proxy"]["tls"][0].clone()),
+        (field_names::<RawStatic>(), doc["static"][0].clone()),
     ] {
         let present = keys_of(&table);
         for f in fields {

@@ -39,11 +39,12 @@ pub(crate) fn validate(raw: &RawSpec, env: &dyn EnvLookup, base: &Path, diags: &
     let declared: Vec<&str> =
         raw.processes.iter().flat_map(|p| p.get_ref().iter()).map(|(name, _)| name.get_ref().as_str()).collect();
     let release = validate_release(raw.release.as_ref(), &declared, &processes, diags);
+    let statics = raw.statics.as_ref().map(|s| crate::statics::validate_statics(s, diags)).unwrap_or_default();
 
     if diags.len() > before {
         return None;
     }
-    Some(AppSpec { app: app?, env: app_env, processes, proxy, build, release })
+    Some(AppSpec { app: app?, env: app_env, processes, proxy, build, release, statics })
 }
 
 /// A key of a table, for messages: "`count` in [processes.web]".

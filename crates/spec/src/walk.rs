@@ -42,6 +42,52 @@ pub(crate) fn walk(root: &Spanned<DeTable<'_>>, diags: &mut Diags) -> RawSpec {
             .table("release", "tasks = [\"python manage.py migrate --noinput\"]", diags)
             .map(|r| r.map(walk_release, diags)),
         processes: walk_processes(&t, diags),
+        statics: walk_statics(&t, diags),
+    }
+}
+
+const STATIC_EXAMPLE: &str = "[static]\nurl = \"/static/\"\ndir = \"staticfiles\"";
+
+/// `[static]` (one table) or `[[static]]` (a list of tables).
+fn walk_statics(t: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<RawStatics>> {
+    let value = t.get("static")?;
+    let entry = |entries, span: Span, diags: &mut Diags| {
+        let table = Table { entries, span, path: "static".to_string() };
+        table.map(walk_static, diags)
+    };
+    let out = match value.get_ref() {
+        DeValue::Table(entries) => vec![entry(entries, value.span(), diags)],
+        DeValue::Array(items) => {
+            let mut out = Vec::new();
+            for item in items.iter() {
+                match item.get_ref() {
+                    DeValue::Table(entries) => out.push(entry(entries, item.span(), diags)),
+                    other => diags.error(
+                        item.span(),
+                        format!("`static` must contain only tables, not {}", describe(other)),
+                        format!("write one table per mount:\n[[static]]\nurl = \"/static/\"\ndir = \"staticfiles\""),
+                    ),
+                }
+            }
+            out
+        }
+        other => {
+            diags.error(
+                value.span(),
+                format!("`static` must be a table ([static]) or a list of tables ([[static]]), not {}", describe(other)),
+                format!("for example:\n{STATIC_EXAMPLE}"),
+            );
+            Vec::new()
+        }
+    };
+    Some(Spanned::new(value.span(), RawStatics(out)))
+}
+
+fn walk_static(t: &Table<'_, '_>, diags: &mut Diags) -> RawStatic {
+    t.check_keys(field_names::<RawStatic>(), diags);
+    RawStatic {
+        url: t.string("url", "url = \"/static/\"", diags),
+        dir: t.string("dir", "dir = \"staticfiles\"", diags),
     }
 }
 

@@ -11,6 +11,7 @@ fn spec() -> AppSpec {
         proxy: ProxySpec::new("127.0.0.1:8080".parse().unwrap()),
         build: vec![],
         release: ReleaseSpec::default(),
+        statics: vec![],
     }
 }
 

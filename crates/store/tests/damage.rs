@@ -21,6 +21,7 @@ fn record(name: &str) -> AppRecord {
             proxy: ProxySpec::new("127.0.0.1:8080".parse().unwrap()),
             build: vec![],
             release: ReleaseSpec::default(),
+            statics: vec![],
         },
         workdir: PathBuf::from("/srv/app"),
         release: ReleaseId(0),

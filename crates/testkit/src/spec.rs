@@ -75,6 +75,7 @@ pub fn app(name: &str) -> AppBuilder {
                 retain_releases: 5,
                 ..ReleaseSpec::default()
             },
+            statics: Vec::new(),
         },
     }
 }
