@@ -321,7 +321,12 @@ impl Lease {
 
 enum Kind {
     Full(Option<Bytes>),
-    Upstream { body: UpstreamBody, lease: Option<Lease> },
+    Upstream {
+        body: UpstreamBody,
+        lease: Option<Lease>,
+    },
+    /// A static file read from disk (see `statics.rs`).
+    File(crate::statics::FileBody),
 }
 
 /// A response body on its way to the client.
@@ -336,6 +341,10 @@ impl ProxyBody {
         Self { kind: Kind::Full(bytes), _phase: phase }
     }
 
+    pub(crate) fn file(file: crate::statics::FileBody, phase: PhaseGuard) -> Self {
+        Self { kind: Kind::File(file), _phase: Some(phase) }
+    }
+
     pub(crate) fn upstream(body: UpstreamBody, lease: Lease, phase: Option<PhaseGuard>) -> Self {
         Self { kind: Kind::Upstream { body, lease: Some(lease) }, _phase: phase }
     }
@@ -348,6 +357,9 @@ impl Body for ProxyBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         match &mut self.get_mut().kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::File(file) => {
+                file.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data).map_err(UpstreamBodyError::from)))
+            }
             Kind::Upstream { body, lease } => {
                 // The body's bytes are read from the connection by this
                 // task (see `upstream.rs`).
@@ -383,6 +395,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
+            Kind::File(file) => file.left() == 0,
             Kind::Upstream { body, .. } => body.is_end_stream(),
         }
     }
@@ -391,6 +404,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::File(file) => SizeHint::with_exact(file.left()),
             Kind::Upstream { body, .. } => match body.exact_len() {
                 Some(n) => SizeHint::with_exact(n),
                 None => SizeHint::default(),

@@ -81,6 +81,11 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
             return redirect(location, request_id, phase);
         }
     }
+    // `[static]` URLs are answered by the proxy itself (`statics.rs`).
+    let (request_id, phase) = match crate::statics::serve(&inner, &req, request_id, phase).await {
+        Ok(answer) => return answer,
+        Err(back) => back,
+    };
     let upgrade = !http2 && headers::is_upgrade(req.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();

@@ -115,6 +115,8 @@ mod limits;
 mod rate;
 mod server;
 mod spool;
+mod static_index;
+mod statics;
 mod table;
 mod tls;
 mod upstream;
@@ -124,6 +126,10 @@ pub use body::ProxyBody;
 pub use config::*;
 pub use error::{ErrorKind, ProxyError, Retry, Side};
 pub use limits::{derived_max_connections, is_local_exhaustion, soft_fd_limit, FD_RESERVE_MIN};
+pub use static_index::{
+    is_hashed_name, FileEntry, MountIndex, StaticIndex, StaticIndexError, Variant, STATIC_INDEX_DIR,
+};
+pub use statics::{StaticRelease, STATIC_CACHE_FILE_MAX, STATIC_CACHE_RELEASE_MAX};
 pub use tls::{CertStatus, TlsCert, TlsError, TlsSettings, TlsStatus, DEFAULT_TLS_RELOAD_INTERVAL};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -157,6 +163,9 @@ pub(crate) struct Inner {
     /// and asks for it): one relaxed load per plain request otherwise.
     pub redirect_http: AtomicBool,
     pub table: ArcSwap<Snapshot>,
+    /// `[static]` files answered by the proxy itself (`statics.rs`).
+    pub statics: ArcSwapOption<statics::StaticTable>,
+    static_groups: statics::StaticGroups,
     registry: Mutex<Registry>,
     pub shared: Arc<Shared>,
     /// Parent of every backend's token; cancelled by [`Proxy::close`].
@@ -216,6 +225,8 @@ impl Proxy {
                 tls: ArcSwapOption::empty(),
                 redirect_http: AtomicBool::new(false),
                 table: ArcSwap::from_pointee(Snapshot::default()),
+                statics: ArcSwapOption::empty(),
+                static_groups: Default::default(),
                 registry: Mutex::new(Registry::default()),
                 shared: Arc::new(Shared::new()),
                 root: CancellationToken::new(),

@@ -149,6 +149,13 @@ impl std::fmt::Display for UpstreamBodyError {
 
 impl std::error::Error for UpstreamBodyError {}
 
+/// A static file that failed mid-body (see `statics.rs`).
+impl From<io::Error> for UpstreamBodyError {
+    fn from(err: io::Error) -> Self {
+        UpstreamBodyError(format!("static file: {err}"))
+    }
+}
+
 /// How reading a response head failed.
 enum HeadError {
     /// The connection ended (EOF, reset) before a whole head came.

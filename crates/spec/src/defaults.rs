@@ -68,7 +68,6 @@ pub const DEFAULT_STATIC_URL: &str = "/static/";
 pub const DEFAULT_STATIC_DIR: &str = "staticfiles";
 
 /// `[release] task_timeout`: migrations on a big table take minutes.
-
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(600);
 /// `[release] retain_releases`.
 pub const DEFAULT_RETAIN_RELEASES: u32 = 5;

@@ -27,7 +27,11 @@ pub(crate) fn validate_statics(raw: &Spanned<RawStatics>, diags: &mut Diags) -> 
             let span = url.as_ref().map(|u| u.span()).unwrap_or_else(|| entry.span());
             diags.error(
                 span,
-                format!("static url {url_text:?} is mounted twice (mount number {} and number {})", first + 1, out.len() + 1),
+                format!(
+                    "static url {url_text:?} is mounted twice (mount number {} and number {})",
+                    first + 1,
+                    out.len() + 1
+                ),
                 "give each [[static]] mount its own url, or remove one",
             );
             continue;

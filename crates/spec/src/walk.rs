@@ -65,7 +65,7 @@ fn walk_statics(t: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<RawStati
                     other => diags.error(
                         item.span(),
                         format!("`static` must contain only tables, not {}", describe(other)),
-                        format!("write one table per mount:\n[[static]]\nurl = \"/static/\"\ndir = \"staticfiles\""),
+                        "write one table per mount:\n[[static]]\nurl = \"/static/\"\ndir = \"staticfiles\"",
                     ),
                 }
             }
@@ -74,7 +74,10 @@ fn walk_statics(t: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<RawStati
         other => {
             diags.error(
                 value.span(),
-                format!("`static` must be a table ([static]) or a list of tables ([[static]]), not {}", describe(other)),
+                format!(
+                    "`static` must be a table ([static]) or a list of tables ([[static]]), not {}",
+                    describe(other)
+                ),
                 format!("for example:\n{STATIC_EXAMPLE}"),
             );
             Vec::new()
