@@ -275,6 +275,7 @@ impl InstanceLogs for DriverLogs {
 /// Builds releases under `$NONSTOP_HOME/releases/<app>/v<N>`.
 struct ReleasePort {
     home: std::path::PathBuf,
+    statics: crate::statics::StaticPublisher,
 }
 
 impl ReleasePort {
@@ -347,6 +348,18 @@ impl Builder for ReleasePort {
                 bytes: built.stats.bytes,
             })
         })
+    }
+
+    fn index_statics(
+        &self,
+        release: &std::path::Path,
+        mounts: &[nonstop_core::process::StaticMount],
+    ) -> Result<(), String> {
+        crate::statics::StaticPublisher::index(release, mounts)
+    }
+
+    fn serve_statics(&self, app: &AppName, live: Vec<nonstop_engine::LiveStatics>) {
+        self.statics.publish(app, live)
     }
 
     fn prune(&self, app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, String> {
@@ -542,7 +555,10 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         EngineConfig {
             environment: EnvironmentId::default_env(),
             clock: Arc::new(SystemClock),
-            builder: Arc::new(ReleasePort { home: home.dir.clone() }),
+            builder: Arc::new(ReleasePort {
+                home: home.dir.clone(),
+                statics: crate::statics::StaticPublisher::new(proxy.clone()),
+            }),
         },
         driver.clone(),
         Arc::new(proxy.clone()),

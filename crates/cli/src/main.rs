@@ -9,6 +9,7 @@ mod keeper;
 mod limits;
 mod output;
 mod recovery;
+mod statics;
 mod upgrade;
 
 use clap::Parser;

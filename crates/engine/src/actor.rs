@@ -25,6 +25,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 #[path = "deploy.rs"]
 pub(crate) mod deploy;
+#[path = "statics.rs"]
+pub(crate) mod statics;
 #[path = "tasks.rs"]
 pub(crate) mod tasks;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -123,6 +125,20 @@ pub trait Builder: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<StopOutcome, String>> + Send>> {
         Box::pin(async { Ok(StopOutcome::AlreadyGone) })
     }
+    /// Index the `[static]` files of a just built release (blocking: runs
+    /// off the engine's task, as part of the build). An error (a mount's
+    /// directory missing) fails the build, naming it.
+    fn index_statics(
+        &self,
+        _release: &std::path::Path,
+        _mounts: &[nonstop_core::process::StaticMount],
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    /// These releases of `app` are the retained ones whose `[static]`
+    /// files the proxy serves from now on (the newest that has a path
+    /// wins); the others' files go. Must not block.
+    fn serve_statics(&self, _app: &AppName, _live: Vec<statics::LiveStatics>) {}
 }
 
 /// A builder for engines that cannot build (tests of other features).
@@ -713,6 +729,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             return Ok(());
         };
         let route = route_key(&record.app, &record.environment);
+        self.publish_statics(&record.app);
         if record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
             if let Err(e) = self.ingress.listen(&record.spec.proxy, &route) {
                 tracing::error!("the proxy cannot be set up: {}", e.into_engine());

@@ -440,6 +440,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let commands = run.to.spec.build.clone();
         let timeout = run.to.spec.release.task_timeout;
         let (release, source, cancel, id) = (run.to.id, run.to.workdir.clone(), run.cancel.clone(), run.record.id);
+        let mounts = run.to.spec.statics.clone();
         let builder = self.builder.clone();
         let tx = self.events_tx.clone();
         let progress = self.op.as_ref().map(|o| o.progress.clone());
@@ -469,6 +470,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             };
             let build = builder.build(&app, release, source, commands, env, timeout, cancel, out_tx);
             let (result, ()) = tokio::join!(build, forward);
+            let result = statics::index_built(builder, result, mounts).await;
             let _ = tx.send(Internal::Built { deployment: id, result });
         });
     }
@@ -513,6 +515,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     });
                     return;
                 }
+                self.publish_statics(&app);
                 self.set_phase(DeployPhase::ReleaseTasks);
                 self.spawn_tasks(false);
             }
@@ -791,6 +794,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 keep.push(r.id);
             }
         }
+        self.publish_statics(app);
         let (builder, app) = (self.builder.clone(), app.clone());
         self.tasks.spawn(async move {
             match tokio::task::spawn_blocking(move || builder.prune(&app, &keep)).await {

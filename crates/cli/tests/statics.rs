@@ -1,0 +1,123 @@
+//! `[static]` end to end: the real daemon indexes each built release's
+//! static files and its proxy serves those of every retained release; a
+//! static directory missing after the build fails the deploy before any
+//! instance changes.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(90);
+
+/// The hello app; each release's build writes `staticfiles/css/main-vN.css`
+/// (its own asset, named after the release) and a Django-style hashed file,
+/// unless `ASSETS = "none"` in [env].
+fn app_with_statics() -> TestApp {
+    let app = TestApp::new("hello", |s| s);
+    let build = concat!(
+        "build = [\"if [ \\\"$ASSETS\\\" != none ]; then mkdir -p staticfiles/css && ",
+        "echo \\\"body {} /* $NONSTOP_RELEASE */\\\" > staticfiles/css/main-$NONSTOP_RELEASE.css && ",
+        "echo shared-$NONSTOP_RELEASE > staticfiles/robots.txt && ",
+        "echo hashed > staticfiles/css/base.0123456789ab.css; fi\"]"
+    );
+    let spec = app.spec().replace(
+        "app = \"hello\"",
+        &format!("app = \"hello\"\n{build}\n\n[static]\nurl = \"/static/\"\n\n[release]\nretain_releases = 2"),
+    );
+    let spec = spec.replace("GREETING = \"hello\"", "GREETING = \"hello\"\nAPP_VERSION = \"1\"\nASSETS = \"yes\"");
+    app.write_spec(&spec);
+    app
+}
+
+fn set_env(app: &TestApp, key: &str, value: &str) {
+    let spec = app.spec();
+    let start = spec.find(&format!("{key} = \"")).unwrap();
+    let end = start + spec[start..].find('\n').unwrap();
+    app.write_spec(&format!("{}{key} = \"{value}\"{}", &spec[..start], &spec[end..]));
+}
+
+/// (status, head, body) of one GET.
+fn fetch(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+fn status_of(app: &TestApp, path: &str) -> u16 {
+    fetch(app.proxy(), path).0
+}
+
+#[test]
+fn the_proxy_serves_the_static_files_of_every_retained_release() {
+    let app = app_with_statics();
+    app.run(&["deploy"]).ok();
+    wait_until(T, "v1's assets", || status_of(&app, "/static/css/main-v1.css") == 200);
+    let (_, head, body) = fetch(app.proxy(), "/static/css/base.0123456789ab.css");
+    assert!(head.contains("cache-control: public, max-age=31536000, immutable"), "{head}");
+    assert_eq!(body, "hashed\n");
+    let (_, head, _) = fetch(app.proxy(), "/static/css/main-v1.css");
+    assert!(head.contains("cache-control: public, max-age=60") && head.contains("etag:"), "{head}");
+    let (code, head, _) = fetch(app.proxy(), "/static/css/main-v9.css");
+    assert_eq!(code, 404);
+    assert!(head.contains("cache-control: no-store"), "{head}");
+    // Everything else still reaches the app.
+    assert_eq!(app.get("/").unwrap().0, 200);
+    // The index was persisted inside the release.
+    assert!(app.home.path().join("releases/hello/v1/.nonstop-static/index.json").is_file());
+
+    set_env(&app, "APP_VERSION", "2");
+    app.run(&["deploy"]).ok();
+    // Both releases' assets: a page of either finds its own.
+    assert_eq!(status_of(&app, "/static/css/main-v2.css"), 200);
+    assert_eq!(status_of(&app, "/static/css/main-v1.css"), 200);
+    // A name in both: the newest release's file.
+    assert_eq!(fetch(app.proxy(), "/static/robots.txt").2, "shared-v2\n");
+
+    // v1 pruned (retain_releases = 2): its assets go with it.
+    set_env(&app, "APP_VERSION", "3");
+    app.run(&["deploy"]).ok();
+    wait_until(T, "v1's assets gone", || status_of(&app, "/static/css/main-v1.css") == 404);
+    assert_eq!(status_of(&app, "/static/css/main-v2.css"), 200);
+    assert_eq!(status_of(&app, "/static/css/main-v3.css"), 200);
+
+    // A restarted daemon serves the same from the persisted indexes.
+    let pid = app.daemon_pid().expect("daemon pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "daemon gone", || !pid_alive(pid));
+    app.up().ok();
+    wait_until(T, "v2 and v3 assets after a restart", || {
+        status_of(&app, "/static/css/main-v2.css") == 200 && status_of(&app, "/static/css/main-v3.css") == 200
+    });
+    assert_eq!(status_of(&app, "/static/css/main-v1.css"), 404);
+    app.run(&["down"]).ok();
+}
+
+#[test]
+fn a_static_dir_missing_after_the_build_fails_the_deploy_before_anything_changes() {
+    let app = app_with_statics();
+    app.run(&["deploy"]).ok();
+    let before = app.status()["instances"].clone();
+    set_env(&app, "ASSETS", "none");
+    let r = app.run(&["deploy"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("`staticfiles`"), "{}", r.stderr);
+    assert!(r.stderr.contains("collectstatic"), "{}", r.stderr);
+    let pids = |v: &serde_json::Value| {
+        v.as_array().unwrap().iter().map(|i| (i["instance"].clone(), i["pid"].clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(pids(&before), pids(&app.status()["instances"]));
+    let h: Vec<serde_json::Value> = serde_json::from_str(&app.run(&["history", "--json"]).stdout).unwrap();
+    assert_eq!(h[0]["status"], "failed", "{h:#?}");
+    // v1's assets are still served.
+    assert_eq!(status_of(&app, "/static/css/main-v1.css"), 200);
+    app.run(&["down"]).ok();
+}
