@@ -23,6 +23,7 @@ use crate::body::{ClientBody, Lease, ProxyBody, UpBody};
 use crate::config::ProxyConfig;
 use crate::error::{ErrorKind, ProxyError, Retry, Side};
 use crate::headers;
+use crate::limits::Event;
 use crate::rate::LogLimit;
 use crate::server::{ConnCtx, PhaseGuard, DUPLICATE_CONTENT_LENGTH, SAW_CONTENT_LENGTH, SAW_TRANSFER_ENCODING};
 use crate::spool::Buffered;
@@ -197,8 +198,7 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
                     }
                     None if err.kind == ErrorKind::LocalExhaustion => {
                         // One line per interval, not one per request.
-                        let limits = (inner.max_connections.load(Ordering::Relaxed), config.max_connections_per_client);
-                        inner.refusals.request_without_fd(limits);
+                        inner.refusals.count(Event::RequestWithoutFd, Some(ctx.peer), inner.limits(), None);
                         return error_response(&err, request_id, phase, false);
                     }
                     None => {

@@ -185,6 +185,8 @@ pub(crate) struct Inner {
     pub max_connections: std::sync::atomic::AtomicUsize,
     /// Refused client connections, for the rate-limited log line.
     pub refusals: limits::RefusalLog,
+    /// Whether `limits::report_loop` was started (with the first listener).
+    pub reporting: AtomicBool,
 }
 
 impl Inner {
@@ -197,6 +199,14 @@ impl Inner {
             empty => empty.insert(workers::Workers::start(self.worker_count)?),
         };
         Ok((workers.handles().to_vec(), Arc::clone(workers.loads())))
+    }
+}
+
+impl Inner {
+    /// `max_connections` and `max_connections_per_client` now, for log
+    /// lines.
+    pub(crate) fn limits(&self) -> (usize, u32) {
+        (self.max_connections.load(Ordering::Relaxed), self.config.load().max_connections_per_client)
     }
 }
 
@@ -221,6 +231,7 @@ impl Proxy {
                 workers: Mutex::new(None),
                 max_connections: std::sync::atomic::AtomicUsize::new(resolve_max_connections(&config)),
                 refusals: limits::RefusalLog::new(),
+                reporting: AtomicBool::new(false),
                 config: ArcSwap::from_pointee(config),
                 tls: ArcSwapOption::empty(),
                 redirect_http: AtomicBool::new(false),

@@ -179,7 +179,13 @@ impl ClientCounts {
 /// The refusal counts since the last log line, and when that was: at most
 /// one line per [`REFUSAL_LOG_INTERVAL`] (under exhaustion, a line per
 /// refusal or per failed accept was tens of thousands of lines in seconds).
-/// Shared by every worker and listener of a proxy; atomics only.
+/// Connections closed because their request head did not come within
+/// `header_timeout` (an idle or slowloris client, a browser's unused
+/// preconnection) are counted here too rather than logged one by one: a
+/// thousand idle connections would be a thousand lines. The first event
+/// after a quiet interval is logged at once; the rest by the next event
+/// after the interval, or by [`report_loop`]. Shared by every worker and
+/// listener of a proxy; atomics only.
 pub(crate) struct RefusalLog {
     start: Instant,
     total: AtomicU64,
@@ -191,10 +197,27 @@ pub(crate) struct RefusalLog {
     /// Requests answered 503 because no connection to an instance could be
     /// opened for want of a descriptor.
     requests_no_fd: AtomicU64,
+    /// Connections closed without a complete request head (or TLS
+    /// handshake) within `header_timeout`.
+    slow_heads: AtomicU64,
     /// Milliseconds since `start` of the last line, plus one (0: none yet).
     last_line: AtomicU64,
     /// Some count is not logged yet.
     pending: AtomicBool,
+}
+
+/// What a [`RefusalLog`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    Refused(Refusal),
+    /// `accept` failed (not a refusal).
+    AcceptError,
+    /// A request answered 503 because no connection to an instance could
+    /// be opened ([`crate::ErrorKind::LocalExhaustion`]).
+    RequestWithoutFd,
+    /// A connection closed for not sending its head within
+    /// `header_timeout`.
+    SlowHead,
 }
 
 impl RefusalLog {
@@ -206,42 +229,31 @@ impl RefusalLog {
             no_fd: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             requests_no_fd: AtomicU64::new(0),
+            slow_heads: AtomicU64::new(0),
             last_line: AtomicU64::new(0),
             pending: AtomicBool::new(false),
         }
     }
 
-    /// Count a refused connection (from `peer`, if it is known) and log if
-    /// the last line is old enough. Returns whether counts are left to log
-    /// (the caller then calls [`RefusalLog::flush`] later).
-    pub fn refused(&self, why: Refusal, peer: Option<SocketAddr>, limits: (usize, u32)) -> bool {
-        let counter = match why {
-            Refusal::Total => &self.total,
-            Refusal::PerClient => &self.per_client,
-            Refusal::NoFd => &self.no_fd,
+    /// Count one event (about `peer`, if known; `error`: the failed
+    /// accept's) and log if the last line is old enough. `limits`:
+    /// `max_connections` and `max_connections_per_client`, for the line.
+    pub fn count(&self, what: Event, peer: Option<SocketAddr>, limits: (usize, u32), error: Option<&std::io::Error>) {
+        let counter = match what {
+            Event::Refused(Refusal::Total) => &self.total,
+            Event::Refused(Refusal::PerClient) => &self.per_client,
+            Event::Refused(Refusal::NoFd) => &self.no_fd,
+            Event::AcceptError => &self.accept_errors,
+            Event::RequestWithoutFd => &self.requests_no_fd,
+            Event::SlowHead => &self.slow_heads,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.pending.store(true, Ordering::Release);
-        !self.flush(peer, limits, None)
-    }
-
-    /// Count a failed `accept` (not a refusal), as [`RefusalLog::refused`].
-    pub fn accept_error(&self, err: &std::io::Error, limits: (usize, u32)) -> bool {
-        self.accept_errors.fetch_add(1, Ordering::Relaxed);
-        self.pending.store(true, Ordering::Release);
-        !self.flush(None, limits, Some(err))
-    }
-
-    /// Count a request answered 503 because no connection to an instance
-    /// could be opened ([`crate::ErrorKind::LocalExhaustion`]), as
-    /// [`RefusalLog::refused`] (the accept loops log what is left).
-    pub fn request_without_fd(&self, limits: (usize, u32)) {
-        self.requests_no_fd.fetch_add(1, Ordering::Relaxed);
-        self.pending.store(true, Ordering::Release);
-        self.flush(None, limits, None);
+        self.flush(peer, limits, error);
     }
 
     /// Whether some count is not logged yet.
+    #[cfg(test)]
     pub fn pending(&self) -> bool {
         self.pending.load(Ordering::Relaxed)
     }
@@ -259,7 +271,7 @@ impl RefusalLog {
             return false;
         }
         if self.last_line.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_err() {
-            // Another worker is logging right now.
+            // Another thread is logging right now.
             return true;
         }
         self.pending.store(false, Ordering::Release);
@@ -268,8 +280,9 @@ impl RefusalLog {
         let no_fd = self.no_fd.swap(0, Ordering::Relaxed);
         let accept_errors = self.accept_errors.swap(0, Ordering::Relaxed);
         let requests_503 = self.requests_no_fd.swap(0, Ordering::Relaxed);
+        let slow_heads = self.slow_heads.swap(0, Ordering::Relaxed);
         let refused = total + per_client + no_fd;
-        if refused == 0 && accept_errors == 0 && requests_503 == 0 {
+        if refused == 0 && accept_errors == 0 && requests_503 == 0 && slow_heads == 0 {
             return true;
         }
         let (max_connections, max_per_client) = limits;
@@ -277,6 +290,16 @@ impl RefusalLog {
         let last_client = peer.map_or_else(|| "-".to_string(), |p| p.to_string());
         let error =
             error.map_or_else(|| "-".to_string(), |e| crate::error::clean_io_message(&e.to_string()).to_string());
+        let every = REFUSAL_LOG_INTERVAL.as_secs();
+        if refused == 0 && accept_errors == 0 && requests_503 == 0 {
+            // Slow or idle clients alone: nothing is short.
+            tracing::info!(
+                closed_without_a_complete_head = slow_heads,
+                last_client = %last_client,
+                "{slow_heads} client connections closed {since} for not sending a complete request head (or TLS handshake) within header_timeout (at most one such line every {every}s)"
+            );
+            return true;
+        }
         tracing::warn!(
             refused,
             at_max_connections = total,
@@ -284,14 +307,32 @@ impl RefusalLog {
             no_file_descriptor = no_fd,
             accept_errors,
             requests_503_no_file_descriptor = requests_503,
+            closed_without_a_complete_head = slow_heads,
             max_connections,
             max_connections_per_client = max_per_client,
             last_client = %last_client,
             error = %error,
-            "client connections refused {since}, or requests answered 503 for want of a file descriptor (at most one such line every {}s)",
-            REFUSAL_LOG_INTERVAL.as_secs()
+            "client connections refused {since}: {refused} closed at once ({total} at max_connections, {per_client} over max_connections_per_client, {no_fd} with no file descriptor left); {requests_503} requests answered 503 and {accept_errors} accepts failed for want of a descriptor; {slow_heads} connections closed without a complete request head or TLS handshake within header_timeout (at most one such line every {every}s)"
         );
         true
+    }
+}
+
+/// Logs what a proxy's [`RefusalLog`] counted since its last line, every
+/// [`REFUSAL_LOG_INTERVAL`], until `stop` (then once more): the counts of
+/// a burst that ended are logged even if nothing else happens. Holds the
+/// proxy weakly, so that dropping it is not delayed.
+pub(crate) async fn report_loop(inner: std::sync::Weak<crate::Inner>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        let stopped = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tokio::time::sleep(REFUSAL_LOG_INTERVAL) => false,
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        inner.refusals.flush(None, inner.limits(), None);
+        if stopped {
+            return;
+        }
     }
 }
 
@@ -384,10 +425,11 @@ mod tests {
         log.start = Instant::now().checked_sub(Duration::from_secs(60)).expect("the clock started a minute ago");
         let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
         // The first refusal is logged at once; the next ones are counted.
-        assert!(!log.refused(Refusal::Total, Some(peer), (10, 2)));
+        log.count(Event::Refused(Refusal::Total), Some(peer), (10, 2), None);
         assert!(!log.pending());
-        assert!(log.refused(Refusal::PerClient, Some(peer), (10, 2)));
-        assert!(log.refused(Refusal::NoFd, None, (10, 2)));
+        log.count(Event::Refused(Refusal::PerClient), Some(peer), (10, 2), None);
+        log.count(Event::Refused(Refusal::NoFd), None, (10, 2), None);
+        log.count(Event::SlowHead, None, (10, 2), None);
         assert!(log.pending());
         assert!(!log.flush(None, (10, 2), None), "too soon for another line");
         assert_eq!(log.per_client.load(Ordering::Relaxed), 1);
@@ -396,7 +438,12 @@ mod tests {
         log.last_line.store(1, Ordering::Relaxed);
         assert!(log.flush(None, (10, 2), None));
         assert!(!log.pending());
-        assert_eq!(log.per_client.load(Ordering::Relaxed) + log.no_fd.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            log.per_client.load(Ordering::Relaxed)
+                + log.no_fd.load(Ordering::Relaxed)
+                + log.slow_heads.load(Ordering::Relaxed),
+            0
+        );
         assert!(log.flush(None, (10, 2), None), "nothing left");
     }
 }

@@ -27,7 +27,7 @@
 use crate::accept::{Accepted, Acceptor, Admission, Counted, Kicks};
 use crate::config::ProxyConfig;
 use crate::lazy::LazyStream;
-use crate::limits::Refusal;
+use crate::limits::{Event, Refusal};
 use crate::Inner;
 use atomic_waker::AtomicWaker;
 use http::HeaderValue;
@@ -760,6 +760,9 @@ pub(crate) async fn serve(
             }
         }
     }
+    if !inner.reporting.swap(true, Ordering::Relaxed) {
+        inner.tasks.spawn(crate::limits::report_loop(Arc::downgrade(&inner), inner.root.clone()));
+    }
     // If this future is dropped (its caller gave up on it), the loops
     // drain and stop as at shutdown.
     let stop = shutdown.child_token();
@@ -801,31 +804,20 @@ async fn accept_loop(
     let live = Arc::new(Mutex::new(Live::default()));
     // One warning per burst of refused TLS connections, from one worker.
     let mut no_tls_logged = !first;
-    // Refusals counted but not logged yet (see `limits.rs`): logged once
-    // the interval since the last line is over, by this timer if nothing
-    // else comes first.
-    let mut report: Option<Pin<Box<Sleep>>> = None;
-    let limits_now = || (inner.max_connections.load(Ordering::Relaxed), inner.config.load().max_connections_per_client);
     loop {
         let accepted = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            () = async { report.as_mut().expect("armed").await }, if report.is_some() => {
-                report = (!inner.refusals.flush(None, limits_now(), None)).then(refusal_report_timer);
-                continue;
-            }
             accepted = acceptor.accept() => accepted,
         };
         let (stream, peer) = match accepted {
             Ok(Accepted::Conn(stream, peer)) => (stream, peer),
             Ok(Accepted::Shed(peer)) => {
-                if inner.refusals.refused(Refusal::NoFd, peer, limits_now()) && report.is_none() {
-                    report = Some(refusal_report_timer());
-                }
+                inner.refusals.count(Event::Refused(Refusal::NoFd), peer, inner.limits(), None);
                 continue;
             }
             Err(err) => {
-                accept_error(&inner, err, &mut report).await;
+                accept_error(&inner, err).await;
                 continue;
             }
         };
@@ -840,18 +832,11 @@ async fn accept_loop(
             Err(why) => {
                 // Closed at once (see `limits.rs`).
                 drop(stream);
-                if inner.refusals.refused(why, Some(peer), (admission.max_total, admission.per_client))
-                    && report.is_none()
-                {
-                    report = Some(refusal_report_timer());
-                }
+                let limits = (admission.max_total, admission.per_client);
+                inner.refusals.count(Event::Refused(why), Some(peer), limits, None);
                 continue;
             }
         };
-        if report.is_none() && inner.refusals.pending() {
-            // Counted on the request path (see `RefusalLog`).
-            report = Some(refusal_report_timer());
-        }
         let _ = stream.set_nodelay(true);
         match mode {
             Mode::Plain => {
@@ -891,25 +876,16 @@ async fn accept_loop(
     Ok(())
 }
 
-/// When refusals left uncounted in the log are logged at the latest.
-fn refusal_report_timer() -> Pin<Box<Sleep>> {
-    Box::pin(tokio::time::sleep(crate::limits::REFUSAL_LOG_INTERVAL))
-}
-
 /// `accept` failed: nothing to do when the client gave up before it was
 /// accepted; otherwise (out of descriptors with no spare left, or out of
 /// memory) the worker stops accepting for a moment instead of spinning on
 /// a socket that stays readable, and the failure goes to the rate-limited
 /// refusal log.
-async fn accept_error(inner: &Inner, err: io::Error, report: &mut Option<Pin<Box<Sleep>>>) {
+async fn accept_error(inner: &Inner, err: io::Error) {
     match err.kind() {
         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted => {}
         _ => {
-            let limits =
-                (inner.max_connections.load(Ordering::Relaxed), inner.config.load().max_connections_per_client);
-            if inner.refusals.accept_error(&err, limits) && report.is_none() {
-                *report = Some(refusal_report_timer());
-            }
+            inner.refusals.count(Event::AcceptError, None, inner.limits(), Some(&err));
             tokio::time::sleep(crate::limits::NO_FD_BACKOFF).await;
         }
     }
@@ -936,7 +912,8 @@ async fn serve_tls_conn(inner: Arc<Inner>, stream: LazyStream, ctx: Arc<ConnCtx>
             ctx.unregister();
         }
         Some(Err(_)) => {
-            tracing::info!(client = %peer, "TLS handshake timed out");
+            // Counted, not logged one by one (see `limits::RefusalLog`).
+            inner.refusals.count(Event::SlowHead, Some(peer), inner.limits(), None);
             ctx.unregister();
         }
         None => ctx.unregister(),
@@ -962,7 +939,7 @@ pub(crate) enum Protocol {
 /// [`FIRST_READ`]): hyper-util's auto builder reads exactly 24 bytes first,
 /// which costs every connection one more system call. `None`: the client
 /// closed (or failed, or timed out) before sending anything decisive.
-async fn sniff<IO: AsyncRead + Unpin>(stream: &mut TimedStream<IO>, ctx: &ConnCtx) -> Option<Protocol> {
+async fn sniff<IO: AsyncRead + Unpin>(stream: &mut TimedStream<IO>, ctx: &ConnCtx, inner: &Inner) -> Option<Protocol> {
     let mut first = vec![0u8; FIRST_READ];
     let mut filled = 0;
     let mut head_grace: Option<Pin<Box<Sleep>>> = None;
@@ -984,7 +961,8 @@ async fn sniff<IO: AsyncRead + Unpin>(stream: &mut TimedStream<IO>, ctx: &ConnCt
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(err)) => {
                 if err.kind() == io::ErrorKind::TimedOut {
-                    tracing::info!(client = %ctx.peer, reason = %err, "connection closed");
+                    // Counted, not logged one by one (see `limits::RefusalLog`).
+                    inner.refusals.count(Event::SlowHead, Some(ctx.peer), inner.limits(), None);
                 }
                 return Poll::Ready(None);
             }
@@ -1029,7 +1007,7 @@ where
     stream.http2 = protocol == Some(Protocol::Http2);
     let protocol = match protocol {
         Some(known) => Some(known),
-        None => sniff(&mut stream, &ctx).await,
+        None => sniff(&mut stream, &ctx, &inner).await,
     };
     let Some(protocol) = protocol else {
         ctx.unregister();
@@ -1038,6 +1016,8 @@ where
     let io = TokioIo::new(stream);
     let service = service_fn({
         let ctx = Arc::clone(&ctx);
+        // (Kept here as well: a head that timed out is counted after.)
+        let inner = Arc::clone(&inner);
         move |req| {
             let inner = Arc::clone(&inner);
             let ctx = Arc::clone(&ctx);
@@ -1069,7 +1049,7 @@ where
         }
     };
     if let Some(Err(err)) = result {
-        log_connection_error(ctx.peer, &err);
+        log_connection_error(&inner, ctx.peer, &err);
     }
     if !ctx.is_upgraded() {
         ctx.unregister();
@@ -1135,7 +1115,7 @@ where
 /// requests the parser rejected (hyper answered 400, 414 or 431 before
 /// closing) and heads that came too slowly, at debug for the rest (resets,
 /// clients leaving).
-fn log_connection_error(peer: SocketAddr, err: &(dyn std::error::Error + 'static)) {
+fn log_connection_error(inner: &Inner, peer: SocketAddr, err: &(dyn std::error::Error + 'static)) {
     if let Some(h) = err.downcast_ref::<hyper::Error>() {
         if h.is_parse_too_large() {
             let status = if h.to_string().contains("URI") { 414 } else { 431 };
@@ -1151,7 +1131,8 @@ fn log_connection_error(peer: SocketAddr, err: &(dyn std::error::Error + 'static
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<io::Error>() {
             if io.kind() == io::ErrorKind::TimedOut {
-                tracing::info!(client = %peer, reason = %io, "connection closed");
+                // Counted, not logged one by one (see `limits::RefusalLog`).
+                inner.refusals.count(Event::SlowHead, Some(peer), inner.limits(), None);
                 return;
             }
         }

@@ -137,6 +137,28 @@ async fn beyond_max_connections_per_client_that_address_is_refused_and_others_ar
 }
 
 #[tokio::test]
+async fn idle_connections_closed_by_the_header_timeout_are_logged_in_one_line() {
+    let (p, _up) = limited(ProxyConfig { header_read_timeout: Duration::from_millis(200), ..config() }).await;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(connect(p.addr, None).await);
+    }
+    let clients: Vec<SocketAddr> = idle.iter().map(|s| s.local_addr().unwrap()).collect();
+    for s in &mut idle {
+        assert!(closes(s, Duration::from_secs(5)).await, "an idle connection is closed after header_read_timeout");
+    }
+    let lines: Vec<String> = logs::lines_with("for not sending a complete request head")
+        .into_iter()
+        .filter(|line| clients.iter().any(|c| line.contains(&format!("last_client={c}"))))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for 20 idle connections: {lines:#?}");
+    let per_connection: Vec<String> =
+        clients.iter().flat_map(|c| logs::for_client(*c)).filter(|l| l.contains("connection closed")).collect();
+    assert!(per_connection.is_empty(), "{per_connection:#?}");
+    p.stop().await;
+}
+
+#[tokio::test]
 async fn the_default_limit_follows_the_file_descriptor_limit() {
     let p = Running::start(config()).await;
     let soft = nonstop_proxy::soft_fd_limit();
