@@ -632,6 +632,8 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         tracing::info!("API also on http://{addr} (token in {})", home.token().display());
     }
 
+    tokio::spawn(nonstop_supervisor::memory::trim_when_idle(shutdown.clone()));
+
     // Signals: SIGTERM/SIGINT stop the daemon (instances keep running);
     // SIGUSR2 upgrades it in place.
     let sd = shutdown.clone();

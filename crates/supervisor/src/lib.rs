@@ -7,6 +7,7 @@
 pub mod driver;
 pub mod logfile;
 pub mod logs;
+pub mod memory;
 pub mod monitor;
 pub mod ports;
 pub mod procinfo;
