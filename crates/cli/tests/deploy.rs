@@ -583,3 +583,52 @@ fn a_daemon_killed_during_a_build_kills_the_build_command_when_it_comes_back() {
     let (_, body) = app.get("/").unwrap();
     assert!(body.contains("version 3"), "{body}");
 }
+
+/// `nonstop scale` owns the count: a deploy of the same toml, a rollback
+/// and a daemon killed and restarted keep it (and the deploy says why);
+/// changing `count` in nonstop.toml applies the new one.
+#[test]
+fn a_scaled_count_survives_deploy_rollback_and_a_daemon_restart_and_a_toml_change_applies() {
+    let app = deployable();
+    app.run(&["deploy"]).ok();
+    let workers = |app: &TestApp| instances(app).iter().filter(|i| i["process"] == "worker").count();
+    let desired = |app: &TestApp| {
+        app.status()["processes"].as_array().unwrap().iter().find(|p| p["process"] == "worker").unwrap()["desired"]
+            .as_u64()
+            .unwrap()
+    };
+    app.run(&["scale", "worker=3"]).ok();
+    wait_until(T, "three workers", || workers(&app) == 3);
+
+    set_version(&app, "2");
+    let r = app.run(&["deploy"]);
+    r.ok();
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert!(out.contains("worker: 3 instances (set by `nonstop scale`; nonstop.toml says 1)"), "{out}");
+    assert!(out.contains("v2 is live"), "{out}");
+    assert_eq!((desired(&app), workers(&app)), (3, 3));
+
+    app.run(&["rollback"]).ok();
+    assert_eq!((desired(&app), workers(&app)), (3, 3));
+    assert!(instances(&app).iter().all(|i| i["release"] == 1));
+
+    let daemon = app.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "the daemon to die", || !pid_alive(daemon));
+    app.up().ok();
+    assert_ne!(app.daemon_pid(), Some(daemon));
+    assert_eq!((desired(&app), workers(&app)), (3, 3));
+
+    // The toml's count goes 1 → 2: it applies.
+    app.write_spec(&app.spec().replace(
+        "command = \"exec python3 worker.py\"\nkind = \"worker\"\ncount = 1",
+        "command = \"exec python3 worker.py\"\nkind = \"worker\"\ncount = 2",
+    ));
+    assert!(app.spec().contains("worker.py\"\nkind = \"worker\"\ncount = 2"));
+    let r = app.run(&["deploy"]);
+    r.ok();
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert!(out.contains("worker: count 3 → 2 (changed in nonstop.toml from 1"), "{out}");
+    wait_until(T, "two workers", || workers(&app) == 2);
+    assert_eq!(desired(&app), 2);
+}

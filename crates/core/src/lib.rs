@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod clock;
+pub mod counts;
 pub mod driver;
 pub mod ids;
 pub mod logline;
@@ -14,5 +15,6 @@ pub mod process;
 pub mod traffic;
 
 pub use clock::{Clock, SystemClock};
+pub use counts::{CountSource, RuntimeCount};
 pub use ids::{AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
 pub use process::{HealthCheck, ProcessKind, ProcessSpec, RestartPolicy, Signal};

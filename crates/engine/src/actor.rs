@@ -23,6 +23,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+#[path = "counts.rs"]
+pub(crate) mod counts;
 #[path = "deploy.rs"]
 pub(crate) mod deploy;
 #[path = "statics.rs"]
@@ -725,9 +727,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         for app in idle {
             self.fail_stale_deployment(&app)?;
         }
-        let Some(record) = records.into_iter().find(|r| r.environment == self.env && r.running) else {
+        let Some(mut record) = records.into_iter().find(|r| r.environment == self.env && r.running) else {
             return Ok(());
         };
+        self.restore_counts(&mut record)?;
         let route = route_key(&record.app, &record.environment);
         self.publish_statics(&record.app);
         if record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
@@ -1027,6 +1030,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             self.store.put_app(&rt.record, self.clock.wall())?;
             return Ok((format!("starting {release} again"), true, VecDeque::new()));
         }
+        // The runtime's counts, unless the toml changed one.
+        let mut spec = spec;
+        let counted = self.count_spec(&mut spec, nonstop_plan::counts::Apply::Toml)?;
         // Checks first: nothing changes if any fails.
         let path_var = base_env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
         let problems = crate::preflight::check_commands(&spec, &workdir, &path_var);
@@ -1052,7 +1058,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 let d = nonstop_plan::diff::diff(&rt.record.spec, &spec);
                 let env_changed = rt.record.base_env != base_env || rt.record.workdir != workdir;
                 if d.is_empty() && !env_changed {
-                    ("already up; nothing changed".to_string(), false, VecDeque::new())
+                    let mut summary = "already up; nothing changed".to_string();
+                    for line in &counted.lines {
+                        summary.push_str(&format!("; {line}"));
+                    }
+                    (summary, false, VecDeque::new())
                 } else {
                     let mut replaced: Vec<ProcessName> = if env_changed {
                         spec.processes.iter().map(|p| p.name.clone()).collect()
@@ -1070,8 +1080,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     if !replaced.is_empty() {
                         parts.push(format!("rolling {}", join(&replaced)));
                     }
+                    parts.extend(counted.lines.iter().cloned());
                     for (p, a, b) in &d.rescaled {
-                        parts.push(format!("{p} {a}→{b}"));
+                        if !counted.lines.iter().any(|l| l.starts_with(&format!("{p}: "))) {
+                            parts.push(format!("{p} {a}→{b}"));
+                        }
                     }
                     if d.listen_changed {
                         parts.push(format!("proxy now on {}", spec.proxy.listen));
@@ -1086,6 +1099,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
         };
         self.store.put_app(&record, self.clock.wall())?;
+        self.record_counts(&spec.app, &counted)?;
         self.event(&spec.app, "up", None, &summary);
         if let Some(rt) = self.app.as_mut().filter(|rt| !rt.record.running) {
             // A fresh start: earlier crash loops are history.
@@ -1115,6 +1129,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let rt = self.app.as_mut().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
         let mut spec = rt.record.spec.clone();
         let mut parts = Vec::new();
+        let mut scaled = BTreeMap::new();
         for (name, count) in &counts {
             let known = spec.processes.iter().map(|p| p.name.to_string()).collect::<Vec<_>>().join(", ");
             let p = spec
@@ -1128,10 +1143,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             if p.count != *count {
                 parts.push(format!("{name} {}→{count}", p.count));
             }
+            scaled.insert(name.clone(), (p.count, *count));
             p.count = *count;
         }
         let changed = !parts.is_empty();
         let summary = if changed { parts.join(", ") } else { "nothing to change".to_string() };
+        let app = rt.record.app.clone();
+        // The runtime owns the count from here: deploys and restarts keep it.
+        self.record_scaled(&app, &scaled)?;
+        let rt = self.app.as_mut().expect("checked");
         rt.record.spec = spec;
         for (name, t) in rt.targets.iter_mut() {
             if let (Some(count), Some(p)) = (counts.get(name), t.spec.processes.iter_mut().find(|p| &p.name == name)) {
@@ -1139,7 +1159,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
         }
         self.store.put_app(&rt.record, self.clock.wall())?;
-        let app = rt.record.app.clone();
         self.event(&app, "scale", None, &summary);
         Ok((summary, changed))
     }

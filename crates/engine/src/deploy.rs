@@ -32,6 +32,9 @@ pub(crate) struct DeployRun {
     /// What became of its tasks across a daemon restart (waited for,
     /// killed), for its history.
     pub(crate) notes: Vec<String>,
+    /// The counts `to` runs (the runtime's, or the toml's where it changed
+    /// them), recorded when it goes live.
+    pub(crate) counts: super::counts::Counted,
 }
 
 /// What `nonstop deploy` asks for.
@@ -103,7 +106,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         match self.prepare_deploy(request, hash) {
             Ok(Some((run, summary))) => {
                 let name = if run.record.kind == "rollback" { "rollback" } else { "deploy" };
+                let lines = run.counts.lines.clone();
                 self.begin_op(name, progress, reply, summary, true, VecDeque::new(), false);
+                for line in lines {
+                    self.progress(line);
+                }
                 if let Some(op) = self.op.as_mut() {
                     op.who = Some(run.record.who.clone());
                 }
@@ -184,6 +191,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
             }
         }
+        // The release keeps the toml's counts; it runs the runtime's (or
+        // the toml's where it changed one).
+        let mut run_spec = spec.clone();
+        let counts = self.count_spec(&mut run_spec, nonstop_plan::counts::Apply::Toml)?;
         let now = self.clock.wall();
         let id = self.store.next_release_id(&spec.app)?;
         let release = ReleaseRecord {
@@ -198,7 +209,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             build_ms: 0,
         };
         self.store.put_release(&release)?;
-        let order = rollout_order(from.as_ref().map(|f| &f.spec), &spec);
+        let order = rollout_order(from.as_ref().map(|f| &f.spec), &run_spec);
         let mut record = DeploymentRecord {
             id: 0,
             app: spec.app.clone(),
@@ -227,7 +238,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         );
         let run = DeployRun {
             record,
-            to: ReleaseCtx { id, spec, workdir: source },
+            to: ReleaseCtx { id, spec: run_spec, workdir: source },
             from,
             phase: DeployPhase::Building,
             order,
@@ -239,6 +250,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             rollback_failed: false,
             cancelled: None,
             notes: Vec::new(),
+            counts,
         };
         Ok(Some((run, summary)))
     }
@@ -330,7 +342,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 reason: format!("{target} never went live (its deployment failed); deploy a fixed version instead"),
             });
         }
-        let to = ReleaseCtx { id: target, spec: rec.spec.clone(), workdir: rec.dir.clone() };
+        // A rollback keeps the runtime's counts.
+        let mut spec = rec.spec.clone();
+        let counts = self.count_spec(&mut spec, nonstop_plan::counts::Apply::Rollback)?;
+        let to = ReleaseCtx { id: target, spec, workdir: rec.dir.clone() };
         let order = rollout_order(Some(&current.spec), &to.spec);
         let now = self.clock.wall();
         let mut record = DeploymentRecord {
@@ -367,6 +382,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 rollback_failed: false,
                 cancelled: None,
                 notes: Vec::new(),
+                counts,
             },
             summary,
         ))
@@ -676,6 +692,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         if let Err(e) = self.store.put_app(&record, self.clock.wall()) {
             tracing::error!("could not record the app: {e}");
         }
+        if let Err(e) = self.record_counts(&to.spec.app, &run.counts) {
+            tracing::error!("could not record the process counts: {e}");
+        }
         self.install_record(record);
     }
 
@@ -698,6 +717,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         rt.targets.clear();
         if let Err(e) = self.store.put_app(&rt.record, self.clock.wall()) {
             tracing::error!("could not record the new release: {e}");
+        }
+        if let Err(e) = self.record_counts(&to.spec.app, &run.counts) {
+            tracing::error!("could not record the process counts: {e}");
         }
     }
 
@@ -829,7 +851,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             self.store.update_deployment(&record)?;
             return Ok(());
         };
-        let to = ReleaseCtx { id: to_rec.id, spec: to_rec.spec.clone(), workdir: to_rec.dir.clone() };
+        let apply = if record.kind == "rollback" {
+            nonstop_plan::counts::Apply::Rollback
+        } else {
+            nonstop_plan::counts::Apply::Toml
+        };
+        let mut spec = to_rec.spec.clone();
+        let counts = self.count_spec(&mut spec, apply)?;
+        let to = ReleaseCtx { id: to_rec.id, spec, workdir: to_rec.dir.clone() };
         let order = rollout_order(from.as_ref().map(|f| &f.spec), &to.spec);
         // The task it was in the middle of (and any other left running).
         let tasks = self.recover_tasks(&app, Some((record.id, &phase)))?;
@@ -869,6 +898,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             rollback_failed: false,
             cancelled: None,
             notes: tasks.notes,
+            counts,
         });
         match (next, tasks.resume) {
             (DeployPhase::Failed { reason }, _) => self.finish_deploy(DeployPhase::Failed { reason }),

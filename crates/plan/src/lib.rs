@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod counts;
 pub mod deploy;
 pub mod diff;
 #[cfg(test)]

@@ -12,7 +12,7 @@ pub use health::{restore_backup, shm_path, wal_path, Damage, Inspection};
 
 use nonstop_core::driver::{InstanceHandle, Locator, TaskKind};
 use nonstop_core::process::AppSpec;
-use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
+use nonstop_core::{AppName, CountSource, EnvironmentId, InstanceId, ProcessName, ReleaseId, RuntimeCount};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -133,6 +133,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     outcome TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_app ON tasks (app, environment, state);
+CREATE TABLE IF NOT EXISTS process_counts (
+    app TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    process TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    toml_at_apply INTEGER NOT NULL,
+    PRIMARY KEY (app, environment, process)
+);
 "#;
 
 /// The recorded state of an app in an environment.
@@ -539,7 +548,7 @@ impl Store {
     pub fn delete_app(&self, app: &AppName, env: &EnvironmentId) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        for table in ["apps", "instances", "generations"] {
+        for table in ["apps", "instances", "generations", "process_counts"] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE app = ?1 AND environment = ?2"),
                 params![app.as_str(), env.as_str()],
@@ -912,6 +921,57 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// The runtime count of every process type of an app that has one.
+    pub fn process_counts(&self, app: &AppName, env: &EnvironmentId) -> Result<BTreeMap<ProcessName, RuntimeCount>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT process, count, source, toml_at_apply FROM process_counts WHERE app = ?1 AND environment = ?2",
+        )?;
+        let rows = stmt.query_map(params![app.as_str(), env.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, r.get::<_, u32>(3)?))
+        })?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (process, count, source, toml_at_apply) = row?;
+            let source = CountSource::parse(&source).ok_or_else(|| StoreError::Decode {
+                what: "count source",
+                source: serde::de::Error::custom(format!("unknown count source {source:?}")),
+            })?;
+            out.insert(decode("process name", &encode(&process))?, RuntimeCount { count, source, toml_at_apply });
+        }
+        Ok(out)
+    }
+
+    /// Record runtime counts; with `exactly`, process types not in
+    /// `counts` lose theirs (they are no longer in the app), in the same
+    /// transaction.
+    pub fn put_process_counts(
+        &self,
+        app: &AppName,
+        env: &EnvironmentId,
+        counts: &BTreeMap<ProcessName, RuntimeCount>,
+        exactly: bool,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if exactly {
+            tx.execute(
+                "DELETE FROM process_counts WHERE app = ?1 AND environment = ?2",
+                params![app.as_str(), env.as_str()],
+            )?;
+        }
+        for (process, c) in counts {
+            tx.execute(
+                "INSERT INTO process_counts (app, environment, process, count, source, toml_at_apply)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (app, environment, process) DO UPDATE SET count = ?4, source = ?5, toml_at_apply = ?6",
+                params![app.as_str(), env.as_str(), process.as_str(), c.count, c.source.as_str(), c.toml_at_apply],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 

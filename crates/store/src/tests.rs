@@ -199,3 +199,32 @@ fn tasks_are_recorded_before_they_start_and_survive_reopen() {
     assert!(store.tasks(&other, &env, 10).unwrap().is_empty());
     assert_eq!(store.tasks(&app, &env, 10).unwrap(), vec![rec]);
 }
+
+#[test]
+fn process_counts_round_trip_replace_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let (app, env, web) = ids();
+    let worker = ProcessName::new("worker").unwrap();
+    let scaled = RuntimeCount { count: 3, source: CountSource::Scale, toml_at_apply: 2 };
+    let toml = RuntimeCount { count: 1, source: CountSource::Toml, toml_at_apply: 1 };
+    {
+        let store = Store::open(&path).unwrap();
+        assert!(store.process_counts(&app, &env).unwrap().is_empty());
+        let both = BTreeMap::from([(web.clone(), scaled), (worker.clone(), toml)]);
+        store.put_process_counts(&app, &env, &both, true).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let got = store.process_counts(&app, &env).unwrap();
+    assert_eq!(got.get(&web), Some(&scaled));
+    assert_eq!(got.get(&worker), Some(&toml));
+    // One process type updated, the other kept.
+    let four = RuntimeCount { count: 4, ..scaled };
+    store.put_process_counts(&app, &env, &BTreeMap::from([(web.clone(), four)]), false).unwrap();
+    assert_eq!(store.process_counts(&app, &env).unwrap().len(), 2);
+    // Exactly: the worker is gone from the app.
+    store.put_process_counts(&app, &env, &BTreeMap::from([(web.clone(), four)]), true).unwrap();
+    assert_eq!(store.process_counts(&app, &env).unwrap(), BTreeMap::from([(web, four)]));
+    store.delete_app(&app, &env).unwrap();
+    assert!(store.process_counts(&app, &env).unwrap().is_empty());
+}

@@ -3,6 +3,7 @@
 //! real time, and time-based assertions are exact.
 
 mod cancel;
+mod counts;
 mod deadlines;
 mod errors;
 mod health_events;

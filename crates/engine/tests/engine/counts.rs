@@ -1,0 +1,138 @@
+//! A count set by `nonstop scale` is owned by the runtime: deploys,
+//! rollbacks, an `up` of an unchanged spec and daemon restarts keep it;
+//! changing `count` in the toml applies the new one, and the plan says
+//! which applies and why.
+
+use crate::*;
+use nonstop_core::process::AppSpec;
+use nonstop_core::{AppName, CountSource, EnvironmentId, ReleaseId};
+use nonstop_engine::Progress;
+use nonstop_store::Store;
+use nonstop_testkit::spec::app;
+use nonstop_testkit::{settle, Fixture, RunningEngine};
+use std::sync::Arc;
+
+fn v(version: &str, workers: u32) -> AppSpec {
+    app("blog").worker("worker", workers).env("V", version).build()
+}
+
+fn said(progress: &[Progress], text: &str) -> bool {
+    progress.iter().any(|p| p.message.contains(text))
+}
+
+async fn deploy(f: &Fixture, e: &RunningEngine, spec: AppSpec, hash: &str) -> Vec<Progress> {
+    f.builder.set_hash(hash);
+    let (r, progress) = e.deploy_with_progress(spec).await;
+    r.unwrap_or_else(|err| panic!("deploy: {err}: {progress:#?}"));
+    progress
+}
+
+async fn rollback(e: &RunningEngine, to: u64) {
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    e.handle.rollback(Some(ReleaseId(to)), false, "test".into(), tx).await.unwrap();
+}
+
+async fn workers(f: &Fixture, e: &RunningEngine, n: usize) {
+    settle().await;
+    f.driver.wait_alive(&process("worker"), n).await;
+    let st = e.status().await.unwrap();
+    assert_eq!(ready_of(&st, "worker").1, n as u32, "{st:#?}");
+    assert_eq!(alive(f, "worker").len(), n);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_scaled_count_survives_deploys_rollbacks_and_restarts_and_a_toml_change_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let f = Fixture::with_store(Store::open(&path).unwrap());
+    let e = f.start();
+    deploy(&f, &e, v("1", 2), "source-1").await;
+    workers(&f, &e, 2).await;
+    e.scale(&[("worker", 3)]).await.unwrap();
+    workers(&f, &e, 3).await;
+    let (app, env) = (AppName::new("blog").unwrap(), EnvironmentId::default_env());
+    let rec = f.store.process_counts(&app, &env).unwrap()[&process("worker")];
+    assert_eq!((rec.count, rec.source, rec.toml_at_apply), (3, CountSource::Scale, 2));
+
+    // A deploy of the same toml count keeps the runtime's, and says so.
+    let progress = deploy(&f, &e, v("2", 2), "source-2").await;
+    assert!(said(&progress, "worker: 3 instances (set by `nonstop scale`; nonstop.toml says 2)"), "{progress:#?}");
+    assert!(!said(&progress, "2 wanted"), "{progress:#?}");
+    workers(&f, &e, 3).await;
+
+    // A rollback keeps it.
+    rollback(&e, 1).await;
+    workers(&f, &e, 3).await;
+
+    // So does a daemon restart.
+    e.shutdown().await;
+    let g = f.next_daemon(Arc::new(Store::open(&path).unwrap()));
+    let e = g.start();
+    workers(&g, &e, 3).await;
+    let starts = g.driver.starts().len();
+
+    // Back to v2 (a rollback the other way), still 3, nothing else started.
+    rollback(&e, 2).await;
+    workers(&g, &e, 3).await;
+    assert_eq!(g.driver.starts().len(), starts + 3, "only the three replacements started");
+
+    // The toml's count changes: it applies, and the plan says so.
+    let progress = deploy(&g, &e, v("3", 4), "source-3").await;
+    assert!(
+        said(
+            &progress,
+            "worker: count 3 → 4 (changed in nonstop.toml from 2; replaces the count set by `nonstop scale`)"
+        ),
+        "{progress:#?}"
+    );
+    workers(&g, &e, 4).await;
+    let rec = g.store.process_counts(&app, &env).unwrap()[&process("worker")];
+    assert_eq!((rec.count, rec.source, rec.toml_at_apply), (4, CountSource::Toml, 4));
+
+    // A plain change of the toml count: "count 4 → 1".
+    let progress = deploy(&g, &e, v("4", 1), "source-4").await;
+    assert!(said(&progress, "worker: count 4 → 1 (changed in nonstop.toml)"), "{progress:#?}");
+    workers(&g, &e, 1).await;
+    e.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_deploy_that_changed_the_toml_count_leaves_the_runtime_count() {
+    let f = Fixture::new();
+    let e = f.start();
+    deploy(&f, &e, v("1", 2), "source-1").await;
+    e.scale(&[("worker", 3)]).await.unwrap();
+    workers(&f, &e, 3).await;
+    f.builder.set_hash("source-2");
+    f.driver.fail_starts(&process("worker"), "no such module");
+    let (r, _) = e.deploy_with_progress(v("2", 5)).await;
+    assert!(r.is_err(), "{r:?}");
+    f.driver.clear_failures();
+    workers(&f, &e, 3).await;
+    let (app, env) = (AppName::new("blog").unwrap(), EnvironmentId::default_env());
+    let rec = f.store.process_counts(&app, &env).unwrap()[&process("worker")];
+    assert_eq!(
+        (rec.count, rec.source, rec.toml_at_apply),
+        (3, CountSource::Scale, 2),
+        "the failed deploy recorded nothing"
+    );
+    e.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn up_of_an_unchanged_spec_keeps_a_scaled_count_and_a_changed_one_applies() {
+    let f = Fixture::new();
+    let e = f.start();
+    e.up(v("1", 2)).await.unwrap();
+    workers(&f, &e, 2).await;
+    e.scale(&[("worker", 3)]).await.unwrap();
+    workers(&f, &e, 3).await;
+    let r = e.up(v("1", 2)).await.unwrap();
+    assert!(!r.changed, "{r:?}");
+    assert!(r.summary.contains("worker: 3 instances (set by `nonstop scale`; nonstop.toml says 2)"), "{r:?}");
+    workers(&f, &e, 3).await;
+    let r = e.up(v("1", 5)).await.unwrap();
+    assert!(r.summary.contains("worker: count 3 → 5"), "{r:?}");
+    workers(&f, &e, 5).await;
+    e.shutdown().await;
+}
