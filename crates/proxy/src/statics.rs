@@ -486,6 +486,16 @@ pub fn parse_range(value: &[u8], len: u64) -> RangeAnswer {
 pub fn decode_rest(raw: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
     let bytes = raw.as_bytes();
     let plain = !bytes.contains(&b'%');
+    if plain {
+        // The common case: nothing to decode, nothing to allocate.
+        if bytes.iter().any(|&b| b == b'\\' || b < 0x20 || b == 0x7f) {
+            return Err("a backslash, NUL or control character");
+        }
+        if raw.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+            return Err("an empty, '.' or '..' segment");
+        }
+        return Ok(std::borrow::Cow::Borrowed(raw));
+    }
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -518,7 +528,7 @@ pub fn decode_rest(raw: &str) -> Result<std::borrow::Cow<'_, str>, &'static str>
     if text.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
         return Err("an empty, '.' or '..' segment");
     }
-    Ok(if plain { std::borrow::Cow::Borrowed(raw) } else { std::borrow::Cow::Owned(text) })
+    Ok(std::borrow::Cow::Owned(text))
 }
 
 /// A file's bytes `start..start+len`, read in chunks as the client takes
