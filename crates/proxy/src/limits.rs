@@ -283,6 +283,9 @@ impl RefusalLog {
         let slow_heads = self.slow_heads.swap(0, Ordering::Relaxed);
         let refused = total + per_client + no_fd;
         if refused == 0 && accept_errors == 0 && requests_503 == 0 && slow_heads == 0 {
+            // An event counted in the previous line set `pending` again:
+            // no line now, and none held back by this one.
+            let _ = self.last_line.compare_exchange(now, last, Ordering::AcqRel, Ordering::Relaxed);
             return true;
         }
         let (max_connections, max_per_client) = limits;
