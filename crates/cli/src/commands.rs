@@ -470,7 +470,26 @@ async fn run(home: &Home, command: Vec<String>) -> anyhow::Result<i32> {
         c.args(&command[1..]);
         c
     };
-    cmd.env_clear().envs(&ctx.env).current_dir(&ctx.workdir);
+    // Like an instance: a persistent NONSTOP_DATA_DIR of its own (`run`)
+    // and a TMPDIR removed when the command ends (the release is read-only).
+    let data = home.path().join("data").join(&ctx.app).join("run");
+    let tmp = home.path().join("tmp").join(format!("{}.run-{}", ctx.app, std::process::id()));
+    for (dir, recursive) in [(&data, true), (&home.path().join("tmp"), true), (&tmp, false)] {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(recursive)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    struct RemoveOnDrop(std::path::PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _tmp = RemoveOnDrop(tmp.clone());
+    cmd.env_clear().envs(&ctx.env).env("NONSTOP_DATA_DIR", &data).env("TMPDIR", &tmp).current_dir(&ctx.workdir);
     // The child shares our terminal: Ctrl-C goes to it; we only wait.
     use tokio::signal::unix::{signal, SignalKind};
     let _int = signal(SignalKind::interrupt());

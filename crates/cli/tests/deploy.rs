@@ -632,3 +632,99 @@ fn a_scaled_count_survives_deploy_rollback_and_a_daemon_restart_and_a_toml_chang
     wait_until(T, "two workers", || workers(&app) == 2);
     assert_eq!(desired(&app), 2);
 }
+
+/// Every file and directory under `dir` without a write bit.
+fn writable_entries(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.permissions().mode() & 0o222 != 0 {
+            out.push(p.display().to_string());
+        }
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out
+}
+
+/// A command that writes into the working directory, as the user the
+/// daemon runs as, without root's power to ignore permission bits
+/// (`setpriv` takes CAP_DAC_OVERRIDE out of the bounding set when the
+/// tests run as root).
+fn write_probe_args() -> Vec<&'static str> {
+    let probe = "echo x > probe-file";
+    if nix::unistd::Uid::effective().is_root() {
+        vec!["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "sh", "-c", probe]
+    } else {
+        vec!["sh", "-c", probe]
+    }
+}
+
+/// Releases are read-only once built; each process type has a persistent
+/// NONSTOP_DATA_DIR shared by its releases, each instance its own TMPDIR,
+/// removed once it is gone; `nonstop run` gets both too; pruning still
+/// deletes read-only releases.
+#[test]
+fn releases_are_read_only_and_processes_keep_their_data_in_nonstop_data_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = deployable();
+    let spec = app.spec().replace(
+        "command = \"exec python3 worker.py\"\nkind = \"worker\"\ncount = 1",
+        "command = 'echo \"$NONSTOP_RELEASE\" >> \"$NONSTOP_DATA_DIR/seen\"; echo \"$TMPDIR\" > \"$NONSTOP_DATA_DIR/tmp-$NONSTOP_INSTANCE\"; exec python3 worker.py'\nkind = \"worker\"\ncount = 2",
+    );
+    assert!(spec.contains("NONSTOP_DATA_DIR/seen"), "{spec}");
+    app.write_spec(&spec);
+    app.run(&["deploy"]).ok();
+    let v1 = app.home.path().join("releases/hello/v1");
+    let left = writable_entries(&v1);
+    assert!(left.is_empty(), "writable in the release: {left:?}");
+
+    // A write into the release fails (EACCES), whoever runs there.
+    let r = app.run(&write_probe_args().iter().copied().fold(vec!["run"], |mut a, s| {
+        a.push(s);
+        a
+    }));
+    assert_ne!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("Permission denied"), "{}", r.stderr);
+    assert!(!v1.join("probe-file").exists());
+
+    // The data directory: one per process type, 0700, shared by releases.
+    let data = app.home.path().join("data/hello/worker");
+    wait_until(T, "both workers to write", || data.join("tmp-worker.1").exists() && data.join("tmp-worker.2").exists());
+    assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+    let tmp1 = std::fs::read_to_string(data.join("tmp-worker.1")).unwrap().trim().to_string();
+    let tmp2 = std::fs::read_to_string(data.join("tmp-worker.2")).unwrap().trim().to_string();
+    assert_ne!(tmp1, tmp2, "each instance has its own TMPDIR");
+    for t in [&tmp1, &tmp2] {
+        assert!(std::path::Path::new(t).is_dir(), "{t} exists while its instance runs");
+        assert!(t.starts_with(&app.home.path().join("tmp").display().to_string()), "{t}");
+    }
+
+    set_version(&app, "2");
+    app.run(&["deploy"]).ok();
+    let seen = std::fs::read_to_string(data.join("seen")).unwrap();
+    assert!(seen.lines().any(|l| l == "v1") && seen.lines().any(|l| l == "v2"), "{seen}");
+    // The replaced instances' TMPDIRs went with them.
+    for t in [&tmp1, &tmp2] {
+        wait_until(T, "the old TMPDIR to be removed", || !std::path::Path::new(t).exists());
+    }
+
+    // `nonstop run`: the data directory `run`, a TMPDIR of its own.
+    let r = app.run(&["run", "sh", "-c", "echo ok > \"$NONSTOP_DATA_DIR/run-file\" && echo \"$TMPDIR\""]);
+    r.ok();
+    assert!(app.home.path().join("data/hello/run/run-file").exists());
+    assert!(!std::path::Path::new(r.stdout.trim()).exists(), "the run's TMPDIR is removed: {}", r.stdout);
+
+    // Read-only releases are still pruned (retain_releases = 2).
+    set_version(&app, "3");
+    app.run(&["deploy"]).ok();
+    set_version(&app, "4");
+    app.run(&["deploy"]).ok();
+    wait_until(T, "v1 to be pruned", || !v1.exists());
+}

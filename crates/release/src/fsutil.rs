@@ -87,6 +87,39 @@ fn make_dirs_writable(dir: &Path) {
     }
 }
 
+/// Take every write permission bit off a tree (files and directories;
+/// symbolic links are not followed): a published release is read-only, so
+/// an app that writes into its working directory fails at once instead of
+/// keeping state that the next deploy loses. (A process with
+/// `CAP_DAC_OVERRIDE`, root, is not stopped by permission bits.)
+pub(crate) fn make_read_only(path: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            make_read_only(&entry?.path())?;
+        }
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o222 != 0 {
+        fs::set_permissions(path, Permissions::from_mode(mode & !0o222))?;
+    }
+    Ok(())
+}
+
+/// Give the owner write permission on a directory again (a read-only
+/// release must be writable to be renamed into the trash: the move
+/// updates its `..`).
+pub(crate) fn make_owner_writable(dir: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(dir)?;
+    if meta.is_dir() {
+        fs::set_permissions(dir, Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o200))?;
+    }
+    Ok(())
+}
+
 /// fsync a directory (after creating, renaming or removing entries in it).
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -315,6 +315,7 @@ impl ReleaseBuilder {
                 .map_err(|e| snapshot::write_err(&self.root, e))?;
             let from = self.path_of(release);
             let to = trash.path().join(release.to_string());
+            fsutil::make_owner_writable(&from).map_err(|e| snapshot::write_err(&from, e))?;
             std::fs::rename(&from, &to).map_err(|e| snapshot::write_err(&from, e))?;
             sync_dir(&self.root).map_err(|e| snapshot::write_err(&self.root, e))?;
             remove_tree(trash.path()).map_err(|e| snapshot::write_err(trash.path(), e))?;
@@ -455,7 +456,19 @@ impl ReleaseBuilder {
             return Err(cancelled("after the build commands"));
         }
 
-        // 3. Publish: everything on disk first, then the marker goes.
+        // 3. Read-only from here: what the app writes at run time goes to
+        //    NONSTOP_DATA_DIR or TMPDIR, never into the release.
+        let dir = building.dir.clone();
+        let read_only = tokio::task::spawn_blocking(move || fsutil::make_read_only(&dir))
+            .await
+            .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
+        if let Err(e) = read_only {
+            let dir = building.dir.clone();
+            building.discard().await;
+            return Err(snapshot::write_err(&dir, e));
+        }
+
+        // 4. Publish: everything on disk first, then the marker goes.
         if let Err(e) = building.publish().await {
             return Err(snapshot::write_err(&final_dir, e));
         }

@@ -269,9 +269,16 @@ async fn file_modes_are_kept() {
     chmod(&f.app, "conf.ini", 0o640);
     let built = f.build(1, &["./bin/run.sh > ran.txt"]).await.0.unwrap();
     let mode = |rel: &str| fs::metadata(built.dir.join(rel)).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode("bin/run.sh"), 0o755);
-    assert_eq!(mode("conf.ini"), 0o640);
+    // Kept, but for the write bits: a published release is read-only,
+    // what the build wrote included, and still pruned.
+    assert_eq!(mode("bin/run.sh"), 0o555);
+    assert_eq!(mode("conf.ini"), 0o440);
+    assert_eq!(mode("ran.txt") & 0o222, 0);
+    assert_eq!(mode("bin") & 0o222, 0);
+    assert_eq!(mode(".") & 0o222, 0);
     assert_eq!(fs::read_to_string(built.dir.join("ran.txt")).unwrap(), "run\n");
+    f.builder.prune(&[]).unwrap();
+    assert!(!built.dir.exists());
 }
 
 // ------------------------------------------------------------------ hashing

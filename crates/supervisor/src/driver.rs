@@ -541,13 +541,53 @@ impl LocalDriver {
         Err(format!("could not find a free log file name for task {name} in {}", dir.display()))
     }
 
+    /// The persistent `NONSTOP_DATA_DIR` of `process` (shared by all the
+    /// releases of the app: `<state_dir>/data/APP/PROCESS`) and a new
+    /// `TMPDIR` of its own for one instance or task
+    /// (`<state_dir>/tmp/NAME-N`), both created 0700 and set in `env`.
+    /// Returns the `TMPDIR`, which the monitor removes once the instance
+    /// is gone.
+    fn app_dirs(
+        &self,
+        app: &nonstop_core::AppName,
+        process: &str,
+        tmp_name: &str,
+        env: &mut Vec<(String, String)>,
+    ) -> Result<PathBuf, String> {
+        let root = &self.inner.config.state_dir;
+        let data = root.join("data").join(sanitize_file_name(app.as_str())).join(sanitize_file_name(process));
+        let create = |dir: &Path, recursive: bool| {
+            std::fs::DirBuilder::new().recursive(recursive).mode(0o700).create(dir).map_err(|e| {
+                format!(
+                    "could not create {}: {e}; check the free space and permissions of the state directory",
+                    dir.display()
+                )
+            })
+        };
+        create(&data, true)?;
+        create(&root.join("tmp"), true)?;
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = root.join("tmp").join(format!("{}-{}-{seq}", sanitize_file_name(tmp_name), unix_ms_now()));
+        create(&tmp, false)?;
+        for (key, dir) in [("NONSTOP_DATA_DIR", &data), ("TMPDIR", &tmp)] {
+            env.retain(|(k, _)| k != key);
+            env.push((key.to_string(), dir.to_string_lossy().into_owned()));
+        }
+        Ok(tmp)
+    }
+
     async fn start_task_inner(&self, task: TaskSpec) -> Result<TaskHandle, DriverError> {
         let task_err = |reason: String| DriverError::Task { name: task.name.clone(), reason };
         if task.name.trim().is_empty() {
             return Err(task_err("the task has no name; give it one such as `release-task-1`".to_string()));
         }
         check_workdir(&task.workdir).map_err(task_err)?;
-        let env = app_env(&task.env, None).map_err(task_err)?;
+        let mut env = app_env(&task.env, None).map_err(task_err)?;
+        // A task's data directory is named after its NONSTOP_PROCESS
+        // (`release-task`, `post-task`).
+        let process = env.iter().find(|(k, _)| k == "NONSTOP_PROCESS").map_or("task".to_string(), |(_, v)| v.clone());
+        let tmp_name = format!("{}.{}.{}", task.app, task.environment, task.name);
+        let tmpdir = self.app_dirs(&task.app, &process, &tmp_name, &mut env).map_err(task_err)?;
         let log_path = self.new_task_log(&task).map_err(task_err)?;
         let params = MonitorParams {
             app: task.app.to_string(),
@@ -561,8 +601,12 @@ impl LocalDriver {
             log_max_bytes: self.inner.config.log_max_bytes,
             log_keep: self.inner.config.log_keep,
             instances_dir: self.inner.instances_dir.clone(),
+            tmpdir: Some(tmpdir.clone()),
         };
-        let (loc, _dir) = self.spawn_monitor(&params).await.map_err(task_err)?;
+        let (loc, _dir) = self.spawn_monitor(&params).await.map_err(|e| {
+            let _ = crate::monitor::remove_tree(&tmpdir);
+            task_err(e)
+        })?;
         Ok(TaskHandle { name: task.name, locator: loc.locator() })
     }
 
@@ -685,7 +729,10 @@ impl Driver for LocalDriver {
         } else {
             None
         };
-        let env = app_env(&launch.env, port).map_err(start_err)?;
+        let mut env = app_env(&launch.env, port).map_err(start_err)?;
+        let tmp_name = format!("{}.{}.{}", launch.app, launch.environment, launch.instance);
+        let tmpdir =
+            self.app_dirs(&launch.app, launch.instance.process.as_str(), &tmp_name, &mut env).map_err(start_err)?;
         let params = MonitorParams {
             app: launch.app.to_string(),
             environment: launch.environment.to_string(),
@@ -698,8 +745,12 @@ impl Driver for LocalDriver {
             log_max_bytes: self.inner.config.log_max_bytes,
             log_keep: self.inner.config.log_keep,
             instances_dir: self.inner.instances_dir.clone(),
+            tmpdir: Some(tmpdir.clone()),
         };
-        let (loc, _dir) = self.spawn_monitor(&params).await.map_err(start_err)?;
+        let (loc, _dir) = self.spawn_monitor(&params).await.map_err(|e| {
+            let _ = crate::monitor::remove_tree(&tmpdir);
+            start_err(e)
+        })?;
         Ok(InstanceHandle {
             instance: launch.instance,
             locator: Locator::Local {

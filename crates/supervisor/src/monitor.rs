@@ -86,6 +86,7 @@ pub fn monitor_main(args: Vec<OsString>) -> i32 {
 
 struct Monitor {
     dir: PathBuf,
+    tmpdir: Option<PathBuf>,
     pid: u32,
     pgid: nix::unistd::Pid,
     signals: SignalFd,
@@ -222,6 +223,7 @@ impl Monitor {
 
         Ok(Monitor {
             dir,
+            tmpdir: params.tmpdir.clone(),
             pid,
             pgid,
             signals,
@@ -341,6 +343,15 @@ impl Monitor {
         let _ = self.log.write_line(Stream::Sys, format!("process exited: {status}").as_bytes());
         let _ = self.log.flush();
         self.wait_group_empty();
+        if let Some(tmp) = &self.tmpdir {
+            // Nothing of the instance is left to use it.
+            if let Err(e) = remove_tree(tmp) {
+                let _ = self.log.write_line(
+                    Stream::Sys,
+                    format!("could not remove the instance's TMPDIR {}: {e}", tmp.display()).as_bytes(),
+                );
+            }
+        }
         let _ = self.log.flush();
         0
     }
@@ -494,5 +505,33 @@ fn read_pipe<R: Read>(
                 let _ = log.write_line(stream, l);
             });
         }
+    }
+}
+
+/// Remove a tree the app wrote, also when it left directories without
+/// write permission in it. A missing tree is fine.
+pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fn writable(dir: &Path) {
+        let Ok(meta) = std::fs::symlink_metadata(dir) else { return };
+        if !meta.is_dir() {
+            return;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o700));
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            writable(&entry.path());
+        }
+    }
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            writable(path);
+            match std::fs::remove_dir_all(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        }
+        Ok(()) => Ok(()),
     }
 }

@@ -40,6 +40,10 @@ pub struct MonitorParams {
     pub log_keep: u32,
     /// `<state_dir>/instances`, where the monitor moves its directory to.
     pub instances_dir: PathBuf,
+    /// The instance's (or task's) own `TMPDIR`, removed by the monitor
+    /// once its process group is gone.
+    #[serde(default)]
+    pub tmpdir: Option<PathBuf>,
 }
 
 impl MonitorParams {
