@@ -14,7 +14,8 @@ const T: Duration = Duration::from_secs(90);
 
 /// The hello app; each release's build writes `staticfiles/css/main-vN.css`
 /// (its own asset, named after the release) and a Django-style hashed file,
-/// unless `ASSETS = "none"` in [env].
+/// unless `ASSETS = "none"` in [env]. Its release task fails when
+/// `APP_VERSION = "bad"`.
 fn app_with_statics() -> TestApp {
     let app = TestApp::new("hello", |s| s);
     let build = concat!(
@@ -25,7 +26,7 @@ fn app_with_statics() -> TestApp {
     );
     let spec = app.spec().replace(
         "app = \"hello\"",
-        &format!("app = \"hello\"\n{build}\n\n[static]\nurl = \"/static/\"\n\n[release]\nretain_releases = 2"),
+        &format!("app = \"hello\"\n{build}\n\n[static]\nurl = \"/static/\"\n\n[release]\ntasks = [\"test $APP_VERSION != bad\"]\nretain_releases = 2"),
     );
     let spec = spec.replace("GREETING = \"hello\"", "GREETING = \"hello\"\nAPP_VERSION = \"1\"\nASSETS = \"yes\"");
     app.write_spec(&spec);
@@ -118,6 +119,22 @@ fn a_static_dir_missing_after_the_build_fails_the_deploy_before_anything_changes
     let h: Vec<serde_json::Value> = serde_json::from_str(&app.run(&["history", "--json"]).stdout).unwrap();
     assert_eq!(h[0]["status"], "failed", "{h:#?}");
     // v1's assets are still served.
+    assert_eq!(status_of(&app, "/static/css/main-v1.css"), 200);
+    app.run(&["down"]).ok();
+}
+
+#[test]
+fn a_release_whose_deploy_failed_does_not_win_a_path() {
+    let app = app_with_statics();
+    app.run(&["deploy"]).ok();
+    wait_until(T, "v1's assets", || status_of(&app, "/static/css/main-v1.css") == 200);
+    set_env(&app, "APP_VERSION", "bad");
+    let r = app.run(&["deploy"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    // v2 was built (and indexed) but its release task failed: the running
+    // v1's files are served, not v2's.
+    wait_until(T, "v2's assets withdrawn", || status_of(&app, "/static/css/main-v2.css") == 404);
+    assert_eq!(fetch(app.proxy(), "/static/robots.txt").2, "shared-v1\n");
     assert_eq!(status_of(&app, "/static/css/main-v1.css"), 200);
     app.run(&["down"]).ok();
 }

@@ -732,7 +732,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         };
         self.restore_counts(&mut record)?;
         let route = route_key(&record.app, &record.environment);
-        self.publish_statics(&record.app);
         if record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
             if let Err(e) = self.ingress.listen(&record.spec.proxy, &route) {
                 tracing::error!("the proxy cannot be set up: {}", e.into_engine());
@@ -837,6 +836,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             self.begin_stop(&id, true);
         }
         self.recover_deployment()?;
+        if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
+            self.publish_statics(&app);
+        }
         Ok(())
     }
 

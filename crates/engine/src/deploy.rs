@@ -774,6 +774,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 if let Some(rt) = self.app.as_mut() {
                     rt.targets.clear();
                 }
+                self.publish_statics(&app);
                 self.event(&app, "rolled-back", None, &format!("{release}: {reason}"));
                 self.fail_op(EngineError::RolledBack { release, reason, first: run.from.is_none() });
             }
@@ -783,6 +784,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                         rt.targets.clear();
                     }
                 }
+                self.publish_statics(&app);
                 self.event(&app, "deploy-failed", None, &format!("{release}: {reason}"));
                 self.fail_op(EngineError::DeployFailed { release, reason });
             }

@@ -6,9 +6,12 @@
 //! - A build is followed by indexing its static files (off the engine's
 //!   task, as part of the build): a mount's directory missing after the
 //!   build fails the deploy before any instance changes, naming it.
-//! - After a build, after pruning, and when a daemon starts, the live set
-//!   is published again: a page of any retained release finds its hashed
-//!   assets, and a pruned release's assets go with it.
+//! - After a build, after pruning, when a deployment fails or rolls back,
+//!   and when a daemon starts, the live set is published again: a page of
+//!   any retained release finds its hashed assets, a pruned release's
+//!   assets go with it, and a release newer than the running one is served
+//!   only while its deployment is in progress (the newest release that has
+//!   a path wins).
 
 use super::*;
 use nonstop_core::process::StaticMount;
@@ -51,9 +54,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 return;
             }
         };
+        // Releases newer than the running one are served only while they
+        // are the target of the deployment in progress: a release whose
+        // deploy failed or rolled back must not win a path.
+        let current = self.app.as_ref().filter(|rt| &rt.record.app == app).map(|rt| rt.record.release);
+        let target = self.deployment.as_ref().map(|d| d.to.id);
         let mut live: Vec<LiveStatics> = all
             .into_iter()
             .filter(|r| r.status == ReleaseStatus::Ready && !r.spec.statics.is_empty())
+            .filter(|r| current.is_none_or(|c| r.id <= c) || Some(r.id) == target)
             .map(|r| LiveStatics { release: r.id, dir: r.dir, mounts: r.spec.statics })
             .collect();
         live.sort_by_key(|l| std::cmp::Reverse(l.release));
