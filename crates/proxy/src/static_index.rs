@@ -109,9 +109,16 @@ impl StaticIndex {
                 return Ok(index);
             }
         }
-        let index = Self::build(release, mounts)?;
-        index.save(release)?;
-        Ok(index)
+        // Releases are read-only once built: the owner may give the top
+        // directory its write bit back for the time it takes to add the
+        // index, which is made read-only in turn.
+        writable_for(release, || {
+            let index = Self::build(release, mounts)?;
+            index.save(release)?;
+            let dir = release.join(STATIC_INDEX_DIR);
+            read_only(&dir).map_err(io_err(&dir))?;
+            Ok(index)
+        })
     }
 
     /// The persisted index, if there is one.
@@ -164,6 +171,41 @@ impl StaticIndex {
         }
         Ok(StaticIndex { version: INDEX_VERSION, mounts: out })
     }
+}
+
+/// Run `f` with the owner's write bit on `dir`, restoring its mode after.
+fn writable_for<T>(dir: &Path, f: impl FnOnce() -> Result<T, StaticIndexError>) -> Result<T, StaticIndexError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(dir).map_err(io_err(dir))?.permissions().mode() & 0o7777;
+    if mode & 0o200 != 0 {
+        return f();
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o200)).map_err(io_err(dir))?;
+    let out = f();
+    let restored = fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_err(dir));
+    let out = out?;
+    restored?;
+    Ok(out)
+}
+
+/// Write bits off, recursively (directories last, so that their entries
+/// can still be changed).
+fn read_only(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            read_only(&entry?.path())?;
+        }
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o222 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & !0o222))?;
+    }
+    Ok(())
 }
 
 /// The real path of a mount's directory, which must be a directory inside

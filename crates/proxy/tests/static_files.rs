@@ -406,3 +406,23 @@ fn a_missing_or_escaping_static_dir_is_refused_naming_it() {
     let err = StaticIndex::load_or_build(&dir, &mounts()).unwrap_err().to_string();
     assert!(err.contains("not a directory inside the release"), "{err}");
 }
+
+#[test]
+fn a_read_only_release_gets_its_index_and_stays_read_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = release(tmp.path(), "v1", &[("app.js", text_of(5000, "ro"))]);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let index = StaticIndex::load_or_build(&dir, &mounts()).unwrap();
+    assert!(index.mounts[0].files["app.js"].br.is_some());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o555, "the release's mode is restored");
+    let made = dir.join(STATIC_INDEX_DIR);
+    assert_eq!(mode(&made) & 0o222, 0, "the index directory is read-only");
+    assert_eq!(mode(&made.join("index.json")) & 0o222, 0);
+    assert_eq!(mode(&made.join("0/app.js.br")) & 0o222, 0);
+    // Loaded again without writing.
+    assert_eq!(StaticIndex::load_or_build(&dir, &mounts()).unwrap(), index);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _ = std::process::Command::new("chmod").args(["-R", "u+w"]).arg(&dir).status();
+}
