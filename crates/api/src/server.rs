@@ -154,8 +154,8 @@ async fn status(State(s): State<ApiState>) -> Response {
     }
 }
 
-async fn run_context(State(s): State<ApiState>) -> Response {
-    match s.engine.run_context().await {
+async fn run_context(State(s): State<ApiState>, Query(q): Query<RunContextQuery>) -> Response {
+    match s.engine.run_context(q.release.map(nonstop_core::ReleaseId)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }

@@ -101,6 +101,12 @@ pub struct LogsQuery {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunContextQuery {
+    /// A retained release (its number) instead of the current one.
+    pub release: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EventsQuery {
     pub limit: Option<usize>,
 }

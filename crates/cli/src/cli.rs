@@ -117,9 +117,13 @@ pub enum Command {
     /// Run a one-off command with the app's environment (like `heroku run`);
     /// its exit code becomes nonstop's.
     #[command(
-        after_help = "Examples:\n  nonstop run -- python manage.py createsuperuser\n  nonstop run -- 'python manage.py shell -c \"print(1)\"'"
+        after_help = "Examples:\n  nonstop run -- python manage.py createsuperuser\n  nonstop run -- 'python manage.py shell -c \"print(1)\"'\n  nonstop run --release v3 -- python manage.py migrate notes 0004"
     )]
     Run {
+        /// Run with the code and config of this retained release (`v3` or
+        /// `3`) instead of the current one, e.g. to reverse its migration.
+        #[arg(long, value_name = "vN")]
+        release: Option<String>,
         /// The command. One argument is run with `sh -c`; several are run as they are.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<String>,

@@ -89,7 +89,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Down { json } => down(&home, json).await,
         Command::Status { json } => status(&home, json).await,
         Command::Scale { counts, json } => scale(&home, counts, json).await,
-        Command::Run { command } => run(&home, command).await,
+        Command::Run { release, command } => run(&home, release, command).await,
         Command::Logs { process, follow, tail, json } => logs(&home, process, follow, tail, json).await,
         Command::Restart { process, json } => restart(&home, process, json).await,
         Command::Events { limit, json } => events(&home, limit, json).await,
@@ -459,8 +459,16 @@ async fn events(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
 
 // -------------------------------------------------------------------- run
 
-async fn run(home: &Home, command: Vec<String>) -> anyhow::Result<i32> {
-    let ctx: RunContext = client(home).get("/v1/run-context").await?;
+async fn run(home: &Home, release: Option<String>, command: Vec<String>) -> anyhow::Result<i32> {
+    let path = match release.as_deref().map(|r| (r, parse_release(r))) {
+        None => "/v1/run-context".to_string(),
+        Some((_, Some(n))) => format!("/v1/run-context?release={n}"),
+        Some((r, None)) => {
+            eprintln!("error: `{r}` is not a release; give one like v3 (see `nonstop releases`)");
+            return Ok(2);
+        }
+    };
+    let ctx: RunContext = client(home).get(&path).await?;
     let mut cmd = if command.len() == 1 {
         let mut c = std::process::Command::new("sh");
         c.arg("-c").arg(&command[0]);

@@ -728,3 +728,31 @@ fn releases_are_read_only_and_processes_keep_their_data_in_nonstop_data_dir() {
     app.run(&["deploy"]).ok();
     wait_until(T, "v1 to be pruned", || !v1.exists());
 }
+
+/// `nonstop run --release vN` runs with a retained release's code and
+/// config; an unknown one is refused (exit 2) naming the retained ones,
+/// and nothing runs.
+#[test]
+fn run_with_a_retained_release_uses_its_code_and_config() {
+    let app = deployable();
+    app.run(&["deploy"]).ok();
+    set_version(&app, "2");
+    app.run(&["deploy"]).ok();
+    let r = app.run(&["run", "--release", "v1", "sh", "-c", "echo \"$NONSTOP_RELEASE $APP_VERSION $(pwd)\""]);
+    r.ok();
+    let v1 = app.home.path().join("releases/hello/v1").canonicalize().unwrap();
+    assert_eq!(r.stdout.trim(), format!("v1 1 {}", v1.display()));
+    let r = app.run(&["run", "sh", "-c", "echo \"$NONSTOP_RELEASE $APP_VERSION\""]);
+    r.ok();
+    assert_eq!(r.stdout.trim(), "v2 2");
+
+    let marker = app.dir.path().join("ran-anyway");
+    let touch = format!("touch {}", marker.display());
+    let r = app.run(&["run", "--release", "v9", "sh", "-c", &touch]);
+    assert_eq!(r.code, 2, "{} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("v9 is not a retained release; retained releases: v1, v2"), "{}", r.stderr);
+    let r = app.run(&["run", "--release", "latest", "sh", "-c", &touch]);
+    assert_eq!(r.code, 2, "{} {}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("`latest` is not a release"), "{}", r.stderr);
+    assert!(!marker.exists(), "nothing ran");
+}

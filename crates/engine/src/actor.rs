@@ -211,6 +211,8 @@ pub enum Command {
         reply: Reply<StatusReport>,
     },
     RunContext {
+        /// A retained release instead of the current one.
+        release: Option<ReleaseId>,
         reply: Reply<RunContext>,
     },
     Events {
@@ -345,8 +347,10 @@ impl EngineHandle {
     pub async fn status(&self) -> Result<StatusReport, EngineError> {
         self.ask(|reply| Command::Status { reply }).await
     }
-    pub async fn run_context(&self) -> Result<RunContext, EngineError> {
-        self.ask(|reply| Command::RunContext { reply }).await
+    /// The code, directory and environment a one-off command runs with:
+    /// the current release's, or those of the retained `release`.
+    pub async fn run_context(&self, release: Option<ReleaseId>) -> Result<RunContext, EngineError> {
+        self.ask(|reply| Command::RunContext { release, reply }).await
     }
     pub async fn events(&self, limit: usize) -> Result<Vec<EventEntry>, EngineError> {
         self.ask(|reply| Command::Events { limit, reply }).await
@@ -849,8 +853,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            Command::RunContext { reply } => {
-                let _ = reply.send(self.run_context());
+            Command::RunContext { release, reply } => {
+                let _ = reply.send(self.run_context(release));
             }
             Command::Events { limit, reply } => {
                 let r = match &self.app {
@@ -2174,15 +2178,35 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
     }
 
-    fn run_context(&self) -> Result<RunContext, EngineError> {
+    fn run_context(&self, release: Option<ReleaseId>) -> Result<RunContext, EngineError> {
         let rt = self.app.as_ref().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
+        let (id, spec_env, workdir) = match release {
+            None => (rt.record.release, rt.record.spec.env.clone(), rt.record.workdir.clone()),
+            Some(id) => {
+                let releases = self.store.releases(&rt.record.app)?;
+                let usable = |r: &nonstop_store::ReleaseRecord| {
+                    r.status == nonstop_store::ReleaseStatus::Ready && r.dir.is_dir()
+                };
+                match releases.iter().find(|r| r.id == id).filter(|r| usable(r)) {
+                    Some(r) => (r.id, r.spec.env.clone(), r.dir.clone()),
+                    None => {
+                        let retained: Vec<String> =
+                            releases.iter().filter(|r| usable(r)).map(|r| r.id.to_string()).collect();
+                        return Err(EngineError::UnknownRelease {
+                            release: id.to_string(),
+                            retained: if retained.is_empty() { "none".to_string() } else { retained.join(", ") },
+                        });
+                    }
+                }
+            }
+        };
         let mut env: BTreeMap<String, String> = rt.record.base_env.clone();
-        env.extend(rt.record.spec.env.clone());
+        env.extend(spec_env);
         env.insert("NONSTOP_APP".into(), rt.record.app.to_string());
         env.insert("NONSTOP_ENVIRONMENT".into(), self.env.to_string());
-        env.insert("NONSTOP_RELEASE".into(), rt.record.release.to_string());
+        env.insert("NONSTOP_RELEASE".into(), id.to_string());
         env.insert("NONSTOP_PROCESS".into(), "run".into());
-        Ok(RunContext { app: rt.record.app.to_string(), workdir: rt.record.workdir.clone(), env })
+        Ok(RunContext { app: rt.record.app.to_string(), workdir, env })
     }
 }
 

@@ -43,6 +43,8 @@ pub enum EngineError {
     NoRollbackTarget { reason: String },
     #[error("cannot deploy: {reason}")]
     CannotDeploy { reason: String },
+    #[error("{release} is not a retained release; retained releases: {retained} (see `nonstop releases`)")]
+    UnknownRelease { release: String, retained: String },
     #[error("state store: {0}")]
     Store(String),
     #[error("the daemon is shutting down")]
@@ -77,7 +79,8 @@ impl EngineError {
             | EngineError::Listen { .. }
             | EngineError::ProxyConfig { .. }
             | EngineError::NoRollbackTarget { .. }
-            | EngineError::CannotDeploy { .. } => 2,
+            | EngineError::CannotDeploy { .. }
+            | EngineError::UnknownRelease { .. } => 2,
             EngineError::OtherApp { .. }
             | EngineError::Busy { .. }
             | EngineError::TaskRunning { .. }
