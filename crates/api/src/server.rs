@@ -320,7 +320,9 @@ async fn deploy(
         Err(e) => return bad_request(format!("invalid deploy request: {e}")),
     };
     let engine = s.engine.clone();
-    op_stream(move |p| async move { engine.deploy(req.spec, req.source, req.base_env, req.message, req.who, p).await })
+    op_stream(move |p| async move {
+        engine.deploy_with_tasks(req.spec, req.source, req.base_env, req.message, req.who, req.run_tasks, p).await
+    })
 }
 
 async fn rollback(

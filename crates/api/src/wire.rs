@@ -120,6 +120,10 @@ pub struct DeployRequest {
     pub message: Option<String>,
     /// `user@host`, recorded in the history.
     pub who: String,
+    /// Run `[release] tasks` also when the content is that of a retained
+    /// release (rolled to without building).
+    #[serde(default)]
+    pub run_tasks: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

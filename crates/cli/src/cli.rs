@@ -173,6 +173,10 @@ pub enum Command {
         /// If another deployment is running, wait for it instead of failing.
         #[arg(long)]
         wait: bool,
+        /// When the content is that of a retained release (which is then
+        /// rolled to without building), run its `[release] tasks` again.
+        #[arg(long)]
+        run_tasks: bool,
         /// Print progress events and the result as JSON lines.
         #[arg(long)]
         json: bool,

@@ -93,7 +93,9 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Logs { process, follow, tail, json } => logs(&home, process, follow, tail, json).await,
         Command::Restart { process, json } => restart(&home, process, json).await,
         Command::Events { limit, json } => events(&home, limit, json).await,
-        Command::Deploy { message, file, wait, json } => deploy(&home, &file, message, wait, json).await,
+        Command::Deploy { message, file, wait, run_tasks, json } => {
+            deploy(&home, &file, message, wait, run_tasks, json).await
+        }
         Command::Rollback { release, run_tasks, wait, json } => rollback(&home, release, run_tasks, wait, json).await,
         Command::History { limit, json } => history(&home, limit, json).await,
         Command::Cancel { reason, json } => cancel(&home, reason, json).await,
@@ -620,13 +622,20 @@ async fn run_op_waiting<B: serde::Serialize>(
     }
 }
 
-async fn deploy(home: &Home, file: &Path, message: Option<String>, wait: bool, json: bool) -> anyhow::Result<i32> {
+async fn deploy(
+    home: &Home,
+    file: &Path,
+    message: Option<String>,
+    wait: bool,
+    run_tasks: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
     let (spec, source) = match load_app(file, json)? {
         Ok(app) => app,
         Err(code) => return Ok(code),
     };
     let c = ensure_daemon(home, spec.proxy.workers).await?;
-    let req = DeployRequest { spec: spec.clone(), source, base_env: base_env(), message, who: who() };
+    let req = DeployRequest { spec: spec.clone(), source, base_env: base_env(), message, who: who(), run_tasks };
     let code = run_op_waiting(&c, "/v1/deploy", &req, wait, json).await?;
     say_serving(&spec, code, json);
     Ok(code)

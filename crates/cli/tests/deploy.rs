@@ -756,3 +756,31 @@ fn run_with_a_retained_release_uses_its_code_and_config() {
     assert!(r.stderr.contains("`latest` is not a release"), "{}", r.stderr);
     assert!(!marker.exists(), "nothing ran");
 }
+
+/// Deploying the content of a retained release rolls to it without a
+/// build; its release tasks run again only with `--run-tasks`.
+#[test]
+fn deploying_the_content_of_a_retained_release_rolls_to_it_without_building() {
+    let app = deployable();
+    app.run(&["deploy"]).ok();
+    set_version(&app, "2");
+    app.run(&["deploy"]).ok();
+    set_version(&app, "1");
+    let r = app.run(&["deploy"]);
+    r.ok();
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert!(out.contains("content identical to v1: rolling to v1 without building"), "{out}");
+    assert!(out.contains("v1 is live"), "{out}");
+    let rel: Vec<serde_json::Value> = serde_json::from_str(&app.run(&["releases", "--json"]).stdout).unwrap();
+    assert_eq!(rel.len(), 2, "no copy built: {rel:#?}");
+    assert!(instances(&app).iter().all(|i| i["release"] == 1));
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 1"), "{body}");
+    let log = std::fs::read_to_string(app.dir.path().join("migrations.log")).unwrap();
+    assert_eq!(log.lines().count(), 2, "tasks not run again: {log}");
+    set_version(&app, "2");
+    app.run(&["deploy", "--run-tasks"]).ok();
+    let log = std::fs::read_to_string(app.dir.path().join("migrations.log")).unwrap();
+    assert_eq!(log.lines().last(), Some("migrated v2"), "{log}");
+    assert_eq!(log.lines().count(), 3, "{log}");
+}

@@ -225,6 +225,9 @@ pub enum Command {
         base_env: BTreeMap<String, String>,
         message: Option<String>,
         who: String,
+        /// Run `[release] tasks` also when the content is that of a
+        /// retained release (which is then reused, not rebuilt).
+        run_tasks: bool,
         progress: ProgressTx,
         reply: Reply<OpReport>,
     },
@@ -365,8 +368,33 @@ impl EngineHandle {
         who: String,
         progress: ProgressTx,
     ) -> Result<OpReport, EngineError> {
-        self.ask(|reply| Command::Deploy { spec: Box::new(spec), source, base_env, message, who, progress, reply })
-            .await
+        self.deploy_with_tasks(spec, source, base_env, message, who, false, progress).await
+    }
+    /// `deploy`; with `run_tasks`, a deploy whose content is that of a
+    /// retained release (rolled to without building) runs its release
+    /// tasks again.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn deploy_with_tasks(
+        &self,
+        spec: AppSpec,
+        source: PathBuf,
+        base_env: BTreeMap<String, String>,
+        message: Option<String>,
+        who: String,
+        run_tasks: bool,
+        progress: ProgressTx,
+    ) -> Result<OpReport, EngineError> {
+        self.ask(|reply| Command::Deploy {
+            spec: Box::new(spec),
+            source,
+            base_env,
+            message,
+            who,
+            run_tasks,
+            progress,
+            reply,
+        })
+        .await
     }
     pub async fn rollback(
         &self,
@@ -863,8 +891,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 };
                 let _ = reply.send(r);
             }
-            Command::Deploy { spec, source, base_env, message, who, progress, reply } => {
-                let request = deploy::DeployRequest { spec: *spec, source, base_env, message, who };
+            Command::Deploy { spec, source, base_env, message, who, run_tasks, progress, reply } => {
+                let request = deploy::DeployRequest { spec: *spec, source, base_env, message, who, run_tasks };
                 self.begin_deploy(request, progress, reply);
             }
             Command::Rollback { release, run_tasks, who, progress, reply } => {

@@ -46,6 +46,8 @@ pub(crate) struct DeployRequest {
     pub(crate) base_env: BTreeMap<String, String>,
     pub(crate) message: Option<String>,
     pub(crate) who: String,
+    /// Run the release tasks of a reused retained release again.
+    pub(crate) run_tasks: bool,
 }
 
 /// A deploy waiting for the content hash of its app directory, which is
@@ -107,12 +109,32 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Ok(Some((run, summary))) => {
                 let name = if run.record.kind == "rollback" { "rollback" } else { "deploy" };
                 let lines = run.counts.lines.clone();
+                // A retained release with this content: nothing to build.
+                let reused = run.record.kind == "deploy" && run.phase != DeployPhase::Building;
                 self.begin_op(name, progress, reply, summary, true, VecDeque::new(), false);
                 for line in lines {
                     self.progress(line);
                 }
                 if let Some(op) = self.op.as_mut() {
                     op.who = Some(run.record.who.clone());
+                }
+                if reused {
+                    let tasks = !run.to.spec.release.tasks.is_empty();
+                    let run_tasks = run.run_tasks && tasks;
+                    if tasks && !run_tasks {
+                        self.progress(format!(
+                            "release tasks of {} not run again (`nonstop deploy --run-tasks` runs them)",
+                            run.to.id
+                        ));
+                    }
+                    self.deployment = Some(run);
+                    if run_tasks {
+                        self.set_phase(DeployPhase::ReleaseTasks);
+                        self.spawn_tasks(false);
+                    } else {
+                        self.set_phase(DeployPhase::Rolling { index: 0 });
+                    }
+                    return;
                 }
                 self.deployment = Some(run);
                 self.spawn_build();
@@ -155,7 +177,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         request: DeployRequest,
         hash: String,
     ) -> Result<Option<(DeployRun, String)>, EngineError> {
-        let DeployRequest { spec, source, base_env, message, who } = request;
+        let DeployRequest { spec, source, base_env, message, who, run_tasks } = request;
         self.check_deploy(&spec, &source)?;
         let from = self.app.as_ref().filter(|rt| rt.record.running && rt.record.app == spec.app).map(|rt| rt.current());
         if let Some(from) = &from {
@@ -195,6 +217,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         // the toml's where it changed one).
         let mut run_spec = spec.clone();
         let counts = self.count_spec(&mut run_spec, nonstop_plan::counts::Apply::Toml)?;
+        if let Some(from) = &from {
+            if let Some(rec) = self.identical_retained(&spec, &hash, from.id)? {
+                return self
+                    .prepare_reuse(rec, run_spec, counts, from.clone(), base_env, message, who, run_tasks)
+                    .map(Some);
+            }
+        }
         let now = self.clock.wall();
         let id = self.store.next_release_id(&spec.app)?;
         let release = ReleaseRecord {
@@ -253,6 +282,91 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             counts,
         };
         Ok(Some((run, summary)))
+    }
+
+    /// A retained release that went live with this content and this spec
+    /// (not `current`, which `prepare_deploy` handled): the newest one.
+    fn identical_retained(
+        &self,
+        spec: &AppSpec,
+        hash: &str,
+        current: ReleaseId,
+    ) -> Result<Option<ReleaseRecord>, EngineError> {
+        let deployments = self.store.deployments(&spec.app, &self.env, 10_000)?;
+        let went_live =
+            |id: ReleaseId| deployments.iter().any(|d| d.to_release == id && d.status == DeploymentStatus::Succeeded);
+        Ok(self.store.releases(&spec.app)?.into_iter().rev().find(|r| {
+            r.id != current
+                && r.status == ReleaseStatus::Ready
+                && r.content_hash == hash
+                && &r.spec == spec
+                && r.dir.is_dir()
+                && went_live(r.id)
+        }))
+    }
+
+    /// A deploy of the content of the retained release `rec`: rolled to as
+    /// a rollback is (no build; its release tasks only with `run_tasks`).
+    #[allow(clippy::too_many_arguments)]
+    fn prepare_reuse(
+        &mut self,
+        rec: ReleaseRecord,
+        run_spec: AppSpec,
+        counts: super::counts::Counted,
+        from: ReleaseCtx,
+        base_env: BTreeMap<String, String>,
+        message: Option<String>,
+        who: String,
+        run_tasks: bool,
+    ) -> Result<(DeployRun, String), EngineError> {
+        let target = rec.id;
+        let to = ReleaseCtx { id: target, spec: run_spec, workdir: rec.dir.clone() };
+        let order = rollout_order(Some(&from.spec), &to.spec);
+        let phase = DeployPhase::Rolling { index: 0 };
+        let now = self.clock.wall();
+        let mut record = DeploymentRecord {
+            id: 0,
+            app: rec.app.clone(),
+            environment: self.env.clone(),
+            kind: "deploy".into(),
+            from_release: Some(from.id),
+            to_release: target,
+            phase: serde_json::to_value(&phase).unwrap_or_default(),
+            status: DeploymentStatus::Running,
+            reason: None,
+            who,
+            message,
+            started_at: now,
+            finished_at: None,
+        };
+        record.id = self.store.insert_deployment(&record)?;
+        let summary =
+            format!("{} → {target}: content identical to {target}: rolling to {target} without building", from.id);
+        self.event(
+            &rec.app,
+            "deploy",
+            None,
+            &format!("deployment #{} started: {summary} by {}", record.id, record.who),
+        );
+        Ok((
+            DeployRun {
+                record,
+                to,
+                from: Some(from),
+                phase,
+                order,
+                run_tasks,
+                cancel: self.cancel.child_token(),
+                started: self.clock.now(),
+                base_env,
+                post_failure: None,
+                rollback_failed: false,
+                cancelled: None,
+                notes: Vec::new(),
+                counts,
+            },
+            summary,
+        ))
     }
 
     pub(crate) fn begin_rollback(

@@ -136,3 +136,43 @@ async fn up_of_an_unchanged_spec_keeps_a_scaled_count_and_a_changed_one_applies(
     workers(&f, &e, 5).await;
     e.shutdown().await;
 }
+
+/// Deploying content identical to a retained release rolls to it as a
+/// rollback does: nothing built, its tasks not run again unless asked.
+#[tokio::test(start_paused = true)]
+async fn deploying_the_content_of_a_retained_release_reuses_it() {
+    use nonstop_testkit::TaskRun;
+    let f = Fixture::new();
+    let e = f.start();
+    f.driver.set_task_run(TaskRun::Instant);
+    let v =
+        |version: &str| app("blog").worker("worker", 1).env("V", version).release_tasks(&["migrate"], secs(60)).build();
+    deploy(&f, &e, v("1"), "source-1").await;
+    deploy(&f, &e, v("2"), "source-2").await;
+    assert_eq!(f.builder.builds().len(), 2);
+    assert_eq!(f.driver.task_starts().len(), 2);
+
+    let progress = deploy(&f, &e, v("1"), "source-1").await;
+    assert!(said(&progress, "v2 → v1: content identical to v1: rolling to v1 without building"), "{progress:#?}");
+    assert!(said(&progress, "release tasks of v1 not run again"), "{progress:#?}");
+    assert_eq!(f.builder.builds().len(), 2, "nothing built");
+    assert_eq!(f.driver.task_starts().len(), 2, "no task run");
+    let st = e.status().await.unwrap();
+    assert!(st.instances.iter().all(|i| i.release == 1), "{st:#?}");
+    let h = e.handle.history(1).await.unwrap();
+    assert_eq!((h[0].kind.as_str(), h[0].status.as_str()), ("deploy", "succeeded"), "{h:#?}");
+
+    // Asked for: its tasks run again.
+    f.builder.set_hash("source-2");
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    e.handle
+        .deploy_with_tasks(v("2"), f.workdir.clone(), f.base_env.clone(), None, "test".into(), true, tx)
+        .await
+        .unwrap();
+    assert_eq!(f.builder.builds().len(), 2, "nothing built");
+    assert_eq!(f.driver.task_starts().len(), 3, "its release task ran again");
+    // Other content still builds.
+    deploy(&f, &e, v("3"), "source-3").await;
+    assert_eq!(f.builder.builds().len(), 3);
+    e.shutdown().await;
+}
