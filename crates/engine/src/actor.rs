@@ -265,6 +265,8 @@ pub(crate) enum Internal {
     },
     Stopped {
         id: InstanceId,
+        /// `web.1 (v2, old)`, as it was when the stop began.
+        label: String,
         outcome: Result<StopOutcome, String>,
     },
     /// The main process ended; the rest of the instance may still be
@@ -1238,7 +1240,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     drop(self.traffic.drain(&id, Duration::ZERO));
                 }
             }
-            Internal::Stopped { id, outcome } => {
+            Internal::Stopped { id, label, outcome } => {
                 let msg = match outcome {
                     Ok(StopOutcome::Graceful) => "stopped".to_string(),
                     Ok(StopOutcome::Killed) => "killed after its stop timeout".to_string(),
@@ -1246,10 +1248,33 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     Err(e) => format!("stop failed: {e}"),
                 };
                 if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
-                    self.event(&app, "stop", Some(&id), &msg);
+                    self.event(&app, "stop", Some(&id), &format!("{label} {msg}"));
                 }
-                self.progress(format!("{} {msg}", id.slot_name()));
+                self.progress(format!("{label} {msg}"));
             }
+        }
+    }
+
+    /// How progress and events name an instance: its slot, its release
+    /// and, while its process type is being rolled, whether it is an old
+    /// or a new one: `web.1 (v3, new)`, `web.1 (v2, old)`, `worker.1 (v2)`.
+    fn instance_label(&self, id: &InstanceId) -> String {
+        let Some(rt) = self.app.as_ref() else { return id.slot_name() };
+        let Some(inst) = rt.instances.get(id) else { return id.slot_name() };
+        let role = match rt.rollout.as_ref().filter(|ro| ro.process == id.process) {
+            Some(ro) if ro.new.values().any(|n| n == id) || (inst.release == ro.release && !ro.old.contains(id)) => {
+                Some("new")
+            }
+            Some(_) => Some("old"),
+            None => None,
+        };
+        // Release 0: an app started by `up` alone, without releases.
+        let release = (inst.release.0 > 0).then(|| inst.release.to_string());
+        match (release, role) {
+            (Some(release), Some(role)) => format!("{} ({release}, {role})", id.slot_name()),
+            (Some(release), None) => format!("{} ({release})", id.slot_name()),
+            (None, Some(role)) => format!("{} ({role})", id.slot_name()),
+            (None, None) => id.slot_name(),
         }
     }
 
@@ -1280,8 +1305,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     (Some(pid), None) => format!("started (pid {pid})"),
                     _ => "started".to_string(),
                 };
-                self.event(&app, "start", Some(&id), &detail);
-                self.progress(format!("{} {detail}", id.slot_name()));
+                let label = self.instance_label(&id);
+                self.event(&app, "start", Some(&id), &format!("{label} {detail}"));
+                self.progress(format!("{label} {detail}"));
                 if stop_now {
                     self.begin_stop(&id, false);
                     return;
@@ -1294,8 +1320,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
             Err(reason) => {
                 let app = rt.record.app.clone();
+                let label = self.instance_label(&id);
                 self.event(&app, "start-failed", Some(&id), &reason);
-                self.progress(format!("{} could not start: {reason}", id.slot_name()));
+                self.progress(format!("{label} could not start: {reason}"));
                 self.on_exited(id, ExitStatus::Code(127));
             }
         }
@@ -1303,6 +1330,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
 
     fn on_exited(&mut self, id: InstanceId, status: ExitStatus) {
         let now = self.clock.now();
+        let label = self.instance_label(&id);
         let Some(rt) = self.app.as_mut() else { return };
         let Some(inst) = rt.instances.remove(&id) else { return };
         self.traffic.remove(&id);
@@ -1312,7 +1340,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         let app = rt.record.app.clone();
         if inst.phase == InstPhase::Stopping {
-            self.event(&app, "exit", Some(&id), &format!("stopped ({status})"));
+            self.event(&app, "exit", Some(&id), &format!("{label} stopped ({status})"));
             return;
         }
         // An unplanned exit: back off, then the reconciler restarts the slot.
@@ -1331,8 +1359,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 ro.failure = Some(format!("new instance {} exited ({status}){}", id.slot_name(), tail_suffix(&logs)));
             }
         }
-        self.event(&app, "exit", Some(&id), &msg);
-        self.progress(format!("{} {msg}", id.slot_name()));
+        self.event(&app, "exit", Some(&id), &format!("{label} {msg}"));
+        self.progress(format!("{label} {msg}"));
     }
 
     fn on_health(&mut self, ev: HealthEvent) {
@@ -1355,7 +1383,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         if became_ready {
             self.persist_ready(&ev.instance);
             self.event(&app, "healthy", Some(&ev.instance), &ev.detail);
-            self.progress(format!("{} healthy", ev.instance.slot_name()));
+            let label = self.instance_label(&ev.instance);
+            self.progress(format!("{label} healthy"));
         } else if ev.health == BackendHealth::Unhealthy && was != Some(BackendHealth::Unhealthy) {
             self.event(&app, "unhealthy", Some(&ev.instance), &ev.detail);
         } else if ev.health == BackendHealth::Healthy && was == Some(BackendHealth::Unhealthy) {
@@ -1522,6 +1551,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let tx = self.events_tx.clone();
         let cancel = self.cancel.clone();
         let id2 = id.clone();
+        let label = self.instance_label(id);
         self.tasks.spawn(async move {
             let work = async {
                 if is_web {
@@ -1537,7 +1567,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                         Ok(r) => r.map_err(|e| e.to_string()),
                         Err(_) => Err(driver_silent("stop", deadline)),
                     };
-                    let _ = tx.send(Internal::Stopped { id: id2, outcome });
+                    let _ = tx.send(Internal::Stopped { id: id2, label, outcome });
                 }
             }
         });
@@ -1582,7 +1612,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         for id in ready {
             self.persist_ready(&id);
-            self.progress(format!("{} ready", id.slot_name()));
+            let label = self.instance_label(&id);
+            self.progress(format!("{label} ready"));
         }
     }
 

@@ -176,3 +176,24 @@ async fn deploying_the_content_of_a_retained_release_reuses_it() {
     assert_eq!(f.builder.builds().len(), 3);
     e.shutdown().await;
 }
+
+/// Progress and events name instances with their release and, during a
+/// rollout, old or new: "worker.1 (v2, new) started … worker.1 (v1, old)
+/// stopped", never two different instances as plain "worker.1".
+#[tokio::test(start_paused = true)]
+async fn progress_names_instances_with_their_release_and_old_or_new() {
+    let f = Fixture::new();
+    let e = f.start();
+    deploy(&f, &e, v("1", 1), "source-1").await;
+    let progress = deploy(&f, &e, v("2", 1), "source-2").await;
+    let lines: Vec<&str> = progress.iter().map(|p| p.message.as_str()).collect();
+    let started = lines.iter().find(|l| l.contains(" started")).unwrap_or_else(|| panic!("{lines:#?}"));
+    let stopped = lines.iter().find(|l| l.ends_with(" stopped")).unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(started.starts_with("worker.") && started.contains(" (v2, new) started (pid "), "{lines:#?}");
+    assert!(stopped.starts_with("worker.") && stopped.ends_with(" (v1, old) stopped"), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains(" (v2, new) ready")), "{lines:#?}");
+    let events = e.handle.events(50).await.unwrap();
+    assert!(events.iter().any(|ev| ev.kind == "stop" && ev.message.contains("(v1, old) stopped")), "{events:#?}");
+    assert!(events.iter().any(|ev| ev.kind == "start" && ev.message.contains("(v2, new) started")), "{events:#?}");
+    e.shutdown().await;
+}
