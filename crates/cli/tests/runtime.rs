@@ -278,7 +278,15 @@ fn down_after_the_daemon_was_killed_stops_the_instances_it_left_running() {
     wait_until(T, "the daemon to die", || !pid_alive(daemon));
     let r = app.run(&["down"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains("instance(s) are: starting it to stop them"), "{}", r.stdout);
+    // Either a daemon is started to stop them gracefully, or (when it
+    // finds no record of a live instance at first: seen once under a heavy
+    // load) they are stopped from their records; stopped they are.
+    assert!(
+        r.stdout.contains("instance(s) are: starting it to stop them")
+            || r.stdout.contains("stopped from the records under instances/"),
+        "{}",
+        r.stdout
+    );
     for pid in &pids {
         wait_until(T, "the instances left running to stop", || !pid_alive(*pid));
     }
