@@ -416,21 +416,23 @@ fn api_token(home: &Home) -> anyhow::Result<String> {
 
 /// Wait for the state lock. A successor waits (bounded) for its
 /// predecessor to release it; a normal start fails at once.
-fn take_lock(home: &Home, wait: bool) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+pub(crate) fn take_lock(
+    home: &Home,
+    path: &std::path::Path,
+    wait: bool,
+) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let file = crate::home::open_private(
-            &home.lock(),
-            std::fs::OpenOptions::new().create(true).truncate(false).write(true),
-        )
-        .with_context(|| format!("cannot open {}", home.lock().display()))?;
+        let file =
+            crate::home::open_private(path, std::fs::OpenOptions::new().create(true).truncate(false).write(true))
+                .map_err(|e| anyhow::anyhow!("cannot open {}: {}", path.display(), crate::home::nofollow_hint(&e)))?;
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(l) => return Ok(l),
             Err(_) if wait && std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
             Err(_) => anyhow::bail!(
                 "another nonstop daemon already runs for {} (lock {} is held); use it, or stop it with `nonstop down`",
                 home.path().display(),
-                home.lock().display()
+                path.display()
             ),
         }
     }
@@ -514,7 +516,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     // until we hand over to a successor).
     let state_lock = {
         let home2 = Home { dir: home.dir.clone() };
-        tokio::task::spawn_blocking(move || take_lock(&home2, successor)).await??
+        tokio::task::spawn_blocking(move || take_lock(&home2, &home2.lock(), successor)).await??
     };
     let mut state_lock = Some(state_lock);
     crate::home::write_private(&home.pid_file(), std::process::id().to_string().as_bytes())?;

@@ -372,12 +372,10 @@ enum Event {
     },
 }
 
-/// Whether process `pid` still runs (a zombie does not).
+/// Whether process `pid` still runs (a zombie does not; nor, here, one
+/// whose `/proc` entry cannot be read).
 fn process_runs(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
-        Err(_) => false,
-    }
+    matches!(nonstop_supervisor::procinfo::stat(pid), Ok(Some(s)) if !s.is_zombie())
 }
 
 /// How to start a daemon.
@@ -525,11 +523,7 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 }
 
 fn signal_pid(pid: u32, signal: nix::sys::signal::Signal) {
-    if let Ok(raw) = i32::try_from(pid) {
-        if raw > 1 {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal);
-        }
-    }
+    let _ = nonstop_supervisor::procinfo::signal_process(pid, signal);
 }
 
 /// Run as the keeper until the daemon stops on purpose: the exit code.
@@ -538,18 +532,7 @@ pub async fn run(home: Home, args: DaemonArgs) -> anyhow::Result<i32> {
     use policy::{Decision, Ended};
     home.create()?;
     // One keeper per home.
-    let lock_file = crate::home::open_private(
-        &lock_path(&home),
-        std::fs::OpenOptions::new().create(true).truncate(false).write(true),
-    )
-    .map_err(|e| anyhow::anyhow!("cannot open {}: {}", lock_path(&home).display(), crate::home::nofollow_hint(&e)))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
-        anyhow::anyhow!(
-            "another nonstop daemon already runs for {} (lock {} is held); use it, or stop it with `nonstop down`",
-            home.path().display(),
-            lock_path(&home).display()
-        )
-    })?;
+    let _lock = crate::daemon::take_lock(&home, &lock_path(&home), false)?;
     crate::home::write_private(&pid_path(&home), std::process::id().to_string().as_bytes())?;
     let listener = bind_socket(&socket_path(&home))?;
 
