@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod counts;
 pub mod deploy;
+pub mod deployment;
 pub mod diff;
 #[cfg(test)]
 mod fixtures;
