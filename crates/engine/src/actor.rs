@@ -27,6 +27,8 @@ use std::time::{Duration, Instant, SystemTime};
 pub(crate) mod counts;
 #[path = "deploy.rs"]
 pub(crate) mod deploy;
+#[path = "deployment.rs"]
+pub(crate) mod deployment;
 #[path = "statics.rs"]
 pub(crate) mod statics;
 #[path = "tasks.rs"]
@@ -1580,6 +1582,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     fn step(&mut self) {
         let now = self.clock.now();
         self.retry_degraded(now);
+        self.deploy_tick();
         self.advance_readiness(now);
         // Rollouts (and deployments) move as far as they can right now.
         for _ in 0..64 {
@@ -1866,6 +1869,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let mut wake: Option<Instant> = None;
         let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
         if let Some(t) = self.degraded().next_wake(self.clock.now()) {
+            at(t);
+        }
+        if let Some(t) = self.deploy_wake() {
             at(t);
         }
         for b in rt.backoff.values() {

@@ -1,34 +1,34 @@
-//! Deploys and rollbacks: the deployment state machine of
-//! `nonstop_plan::deploy` carried out by the engine actor.
-//!
-//! building → release tasks → rolling (web, workers, singletons) → post
-//! tasks → succeeded; a failed build or task ends as failed with nothing
-//! changed; a rollout whose new instances do not become ready rolls every
-//! touched process type back to the previous release (rolled back). The
-//! phase is written to the store before it is carried out; a daemon that
-//! finds a deployment in progress at start fails it (before any instance
-//! changed) or rolls it back.
+//! Deploys and rollbacks: the commands (`deploy`, `rollback`, `cancel`,
+//! `releases`, `history`) and the preparation of a deployment. Where a
+//! deployment goes from there is `nonstop_plan::deployment::advance`'s
+//! decision, carried out by `deployment.rs`.
 
 use super::*;
-use nonstop_plan::deploy::{rollout_order, DeployPhase};
-use nonstop_store::{DeploymentRecord, DeploymentStatus, ReleaseRecord, ReleaseStatus};
+use super::deployment::{shape_for, stored_deployment, stored_phase_name};
+use super::tasks::RecoveredTasks;
+use nonstop_core::driver::TaskHandle;
+use nonstop_plan::deploy::{rollout_order, TaskFate};
+use nonstop_plan::deployment::{Deployment, DeploymentKind, Event, Margins, Phase as DeploymentPhase, RollTo};
+use nonstop_store::{DeploymentRecord, DeploymentStatus, ReleaseRecord, ReleaseStatus, TaskRecord};
 
 pub(crate) struct DeployRun {
     pub(crate) record: DeploymentRecord,
     pub(crate) to: ReleaseCtx,
     pub(crate) from: Option<ReleaseCtx>,
-    pub(crate) phase: DeployPhase,
-    pub(crate) order: Vec<ProcessName>,
-    pub(crate) run_tasks: bool,
+    /// Where it is, as `advance` left it (stored in `record.phase`).
+    pub(crate) machine: Deployment,
+    /// Stops the build or the task in progress.
     pub(crate) cancel: CancellationToken,
     pub(crate) started: Instant,
     pub(crate) base_env: BTreeMap<String, String>,
-    /// A post task failed: the release is live, the operation still fails.
-    pub(crate) post_failure: Option<String>,
-    /// Some process type could not be rolled back.
-    pub(crate) rollback_failed: bool,
-    /// `nonstop cancel`: why, once asked.
-    pub(crate) cancelled: Option<String>,
+    /// The rollout the machine asked for, until `kick` starts it (one
+    /// rollout runs at a time).
+    pub(crate) pending_roll: Option<(ProcessName, RollTo)>,
+    /// The rollout running for the machine: its end is the machine's next
+    /// event.
+    pub(crate) active_roll: Option<(ProcessName, RollTo)>,
+    /// The task a previous daemon left running, until `AwaitLeftoverTask`.
+    pub(crate) leftover: Option<(TaskRecord, TaskFate, Option<TaskHandle>)>,
     /// What became of its tasks across a daemon restart (waited for,
     /// killed), for its history.
     pub(crate) notes: Vec<String>,
@@ -60,8 +60,39 @@ pub(crate) struct PendingDeploy {
     reply: Reply<OpReport>,
 }
 
-fn ms_since_epoch(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+use super::deployment::ms_since_epoch;
+
+impl DeployRun {
+    /// A deployment about to begin: its record is stored, its machine at
+    /// the start.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        record: DeploymentRecord,
+        to: ReleaseCtx,
+        from: Option<ReleaseCtx>,
+        kind: DeploymentKind,
+        base_env: BTreeMap<String, String>,
+        counts: super::counts::Counted,
+        cancel: CancellationToken,
+        started: Instant,
+    ) -> DeployRun {
+        let order = rollout_order(from.as_ref().map(|f| &f.spec), &to.spec);
+        let shape = shape_for(kind, &to, from.is_none(), order);
+        DeployRun {
+            record,
+            machine: Deployment::new(shape, Margins::default()),
+            to,
+            from,
+            cancel,
+            started,
+            base_env,
+            pending_roll: None,
+            active_roll: None,
+            leftover: None,
+            notes: Vec::new(),
+            counts,
+        }
+    }
 }
 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
@@ -109,8 +140,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Ok(Some((run, summary))) => {
                 let name = if run.record.kind == "rollback" { "rollback" } else { "deploy" };
                 let lines = run.counts.lines.clone();
-                // A retained release with this content: nothing to build.
-                let reused = run.record.kind == "deploy" && run.phase != DeployPhase::Building;
                 self.begin_op(name, progress, reply, summary, true, VecDeque::new(), false);
                 for line in lines {
                     self.progress(line);
@@ -118,26 +147,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 if let Some(op) = self.op.as_mut() {
                     op.who = Some(run.record.who.clone());
                 }
-                if reused {
-                    let tasks = !run.to.spec.release.tasks.is_empty();
-                    let run_tasks = run.run_tasks && tasks;
-                    if tasks && !run_tasks {
+                // A retained release with this content: nothing to build.
+                if let DeploymentKind::Reuse { run_tasks } = run.machine.shape.kind {
+                    if run.machine.shape.has_tasks && !run_tasks {
                         self.progress(format!(
                             "release tasks of {} not run again (`nonstop deploy --run-tasks` runs them)",
                             run.to.id
                         ));
                     }
-                    self.deployment = Some(run);
-                    if run_tasks {
-                        self.set_phase(DeployPhase::ReleaseTasks);
-                        self.spawn_tasks(false);
-                    } else {
-                        self.set_phase(DeployPhase::Rolling { index: 0 });
-                    }
-                    return;
                 }
                 self.deployment = Some(run);
-                self.spawn_build();
+                self.feed(Event::Begin);
             }
             Ok(None) => {
                 let release = self.app.as_ref().map(|rt| rt.record.release).unwrap_or(ReleaseId(0));
@@ -238,7 +258,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             build_ms: 0,
         };
         self.store.put_release(&release)?;
-        let order = rollout_order(from.as_ref().map(|f| &f.spec), &run_spec);
         let mut record = DeploymentRecord {
             id: 0,
             app: spec.app.clone(),
@@ -246,7 +265,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             kind: "deploy".into(),
             from_release: from.as_ref().map(|f| f.id),
             to_release: id,
-            phase: serde_json::to_value(DeployPhase::Building).unwrap_or_default(),
+            phase: serde_json::Value::Null,
             status: DeploymentStatus::Running,
             reason: None,
             who,
@@ -265,22 +284,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             None,
             &format!("deployment #{} started: {summary} by {}", record.id, record.who),
         );
-        let run = DeployRun {
-            record,
-            to: ReleaseCtx { id, spec: run_spec, workdir: source },
-            from,
-            phase: DeployPhase::Building,
-            order,
-            run_tasks: true,
-            cancel: self.cancel.child_token(),
-            started: self.clock.now(),
-            base_env,
-            post_failure: None,
-            rollback_failed: false,
-            cancelled: None,
-            notes: Vec::new(),
-            counts,
-        };
+        let to = ReleaseCtx { id, spec: run_spec, workdir: source };
+        let (cancel, started) = (self.cancel.child_token(), self.clock.now());
+        let run = DeployRun::new(record, to, from, DeploymentKind::Deploy, base_env, counts, cancel, started);
         Ok(Some((run, summary)))
     }
 
@@ -321,8 +327,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     ) -> Result<(DeployRun, String), EngineError> {
         let target = rec.id;
         let to = ReleaseCtx { id: target, spec: run_spec, workdir: rec.dir.clone() };
-        let order = rollout_order(Some(&from.spec), &to.spec);
-        let phase = DeployPhase::Rolling { index: 0 };
         let now = self.clock.wall();
         let mut record = DeploymentRecord {
             id: 0,
@@ -331,7 +335,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             kind: "deploy".into(),
             from_release: Some(from.id),
             to_release: target,
-            phase: serde_json::to_value(&phase).unwrap_or_default(),
+            phase: serde_json::Value::Null,
             status: DeploymentStatus::Running,
             reason: None,
             who,
@@ -348,25 +352,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             None,
             &format!("deployment #{} started: {summary} by {}", record.id, record.who),
         );
-        Ok((
-            DeployRun {
-                record,
-                to,
-                from: Some(from),
-                phase,
-                order,
-                run_tasks,
-                cancel: self.cancel.child_token(),
-                started: self.clock.now(),
-                base_env,
-                post_failure: None,
-                rollback_failed: false,
-                cancelled: None,
-                notes: Vec::new(),
-                counts,
-            },
-            summary,
-        ))
+        let (cancel, started) = (self.cancel.child_token(), self.clock.now());
+        let kind = DeploymentKind::Reuse { run_tasks };
+        Ok((DeployRun::new(record, to, Some(from), kind, base_env, counts, cancel, started), summary))
     }
 
     pub(crate) fn begin_rollback(
@@ -393,14 +381,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 if let Some(op) = self.op.as_mut() {
                     op.who = Some(who);
                 }
-                let tasks = run.run_tasks && !run.to.spec.release.tasks.is_empty();
                 self.deployment = Some(run);
-                if tasks {
-                    self.set_phase(DeployPhase::ReleaseTasks);
-                    self.spawn_tasks(false);
-                } else {
-                    self.set_phase(DeployPhase::Rolling { index: 0 });
-                }
+                self.feed(Event::Begin);
             }
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -460,7 +442,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let mut spec = rec.spec.clone();
         let counts = self.count_spec(&mut spec, nonstop_plan::counts::Apply::Rollback)?;
         let to = ReleaseCtx { id: target, spec, workdir: rec.dir.clone() };
-        let order = rollout_order(Some(&current.spec), &to.spec);
         let now = self.clock.wall();
         let mut record = DeploymentRecord {
             id: 0,
@@ -469,7 +450,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             kind: "rollback".into(),
             from_release: Some(current.id),
             to_release: target,
-            phase: serde_json::to_value(DeployPhase::Rolling { index: 0 }).unwrap_or_default(),
+            phase: serde_json::Value::Null,
             status: DeploymentStatus::Running,
             reason: None,
             who,
@@ -481,25 +462,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let summary = format!("{} → {target} (rollback)", current.id);
         self.event(&app, "rollback", None, &format!("deployment #{} started: {summary} by {}", record.id, record.who));
         let base_env = rt.record.base_env.clone();
-        Ok((
-            DeployRun {
-                record,
-                to,
-                from: Some(current),
-                phase: DeployPhase::Rolling { index: 0 },
-                order,
-                run_tasks,
-                cancel: self.cancel.child_token(),
-                started: self.clock.now(),
-                base_env,
-                post_failure: None,
-                rollback_failed: false,
-                cancelled: None,
-                notes: Vec::new(),
-                counts,
-            },
-            summary,
-        ))
+        let (cancel, started) = (self.cancel.child_token(), self.clock.now());
+        let kind = DeploymentKind::Rollback { run_tasks };
+        Ok((DeployRun::new(record, to, Some(current), kind, base_env, counts, cancel, started), summary))
     }
 
     pub(crate) fn releases(&self) -> Result<Vec<ReleaseInfo>, EngineError> {
@@ -535,7 +500,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 from_release: d.from_release.map(|r| r.0),
                 to_release: d.to_release.0,
                 status: d.status.as_str().to_string(),
-                phase: serde_json::from_value::<DeployPhase>(d.phase).map(|p| p.name().to_string()).unwrap_or_default(),
+                phase: stored_phase_name(&d.phase),
                 reason: d.reason,
                 who: d.who,
                 message: d.message,
@@ -543,405 +508,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 finished_at_ms: d.finished_at.map(ms_since_epoch),
             })
             .collect())
-    }
-
-    // ------------------------------------------------------------ the steps
-
-    /// Store the new phase, then make it the current one.
-    fn set_phase(&mut self, phase: DeployPhase) {
-        let Some(run) = self.deployment.as_mut() else { return };
-        run.record.phase = serde_json::to_value(&phase).unwrap_or_default();
-        if let Err(e) = self.store.update_deployment(&run.record) {
-            tracing::error!("could not record deployment #{} phase: {e}", run.record.id);
-        }
-        run.phase = phase;
-    }
-
-    fn spawn_build(&mut self) {
-        // Every build command is recorded before the build starts, and
-        // with its process as soon as that exists (see `tasks.rs`).
-        if let Err(reason) = self.record_build_commands() {
-            self.finish_deploy(DeployPhase::Failed { reason });
-            return;
-        }
-        let Some(run) = self.deployment.as_ref() else { return };
-        let app = run.to.spec.app.clone();
-        let env: Vec<(String, String)> = release_env(&run.base_env, &run.to, &self.env).into_iter().collect();
-        let commands = run.to.spec.build.clone();
-        let timeout = run.to.spec.release.task_timeout;
-        let (release, source, cancel, id) = (run.to.id, run.to.workdir.clone(), run.cancel.clone(), run.record.id);
-        let mounts = run.to.spec.statics.clone();
-        let builder = self.builder.clone();
-        let tx = self.events_tx.clone();
-        let progress = self.op.as_ref().map(|o| o.progress.clone());
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<BuildNote>();
-        self.progress(format!("building {release}: {} build command(s)", commands.len()));
-        self.tasks.spawn(async move {
-            let notes = tx.clone();
-            let forward = async move {
-                while let Some(note) = out_rx.recv().await {
-                    match note {
-                        BuildNote::Line(line) => {
-                            if let Some(p) = &progress {
-                                let _ = p.send(Progress {
-                                    phase: Some("building".into()),
-                                    ..Progress::note(format!("build | {line}"))
-                                });
-                            }
-                        }
-                        BuildNote::Command { index, process } => {
-                            let _ = notes.send(Internal::BuildCommand { deployment: id, index, process });
-                        }
-                        BuildNote::CommandEnded { index, status } => {
-                            let _ = notes.send(Internal::BuildCommandEnded { deployment: id, index, status });
-                        }
-                    }
-                }
-            };
-            let build = builder.build(&app, release, source, commands, env, timeout, cancel, out_tx);
-            let (result, ()) = tokio::join!(build, forward);
-            let result = statics::index_built(builder, result, mounts).await;
-            let _ = tx.send(Internal::Built { deployment: id, result });
-        });
-    }
-
-    pub(crate) fn deploy_on_built(&mut self, deployment: i64, result: Result<BuildOutput, String>) {
-        self.finish_build_commands(deployment, result.as_ref().err());
-        let Some(run) = self.deployment.as_mut().filter(|r| r.record.id == deployment) else { return };
-        let app = run.to.spec.app.clone();
-        let release = run.to.id;
-        let build_ms = self.clock.now().saturating_duration_since(run.started).as_millis() as u64;
-        let mut rec = match self.store.release(&app, release) {
-            Ok(Some(r)) => r,
-            _ => {
-                self.finish_deploy(DeployPhase::Failed { reason: format!("the record of {release} is gone") });
-                return;
-            }
-        };
-        let cancelled = run.cancelled.clone();
-        match result {
-            Ok(out) if cancelled.is_none() => {
-                rec.status = ReleaseStatus::Ready;
-                rec.dir = out.dir.clone();
-                rec.content_hash = out.content_hash.clone();
-                rec.build_ms = build_ms;
-                if let Err(e) = self.store.put_release(&rec) {
-                    self.finish_deploy(DeployPhase::Failed { reason: format!("cannot record {release}: {e}") });
-                    return;
-                }
-                run.to.workdir = out.dir.clone();
-                let path_var =
-                    run.base_env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-                let problems = crate::preflight::check_commands(&run.to.spec, &out.dir, &path_var);
-                self.progress(format!(
-                    "built {release}: {} files, {} KiB in {}",
-                    out.files,
-                    out.bytes / 1024,
-                    fmt_dur(Duration::from_millis(build_ms))
-                ));
-                if !problems.is_empty() {
-                    self.finish_deploy(DeployPhase::Failed {
-                        reason: format!("{release} cannot run as specified:\n  {}", problems.join("\n  ")),
-                    });
-                    return;
-                }
-                self.publish_statics(&app);
-                self.set_phase(DeployPhase::ReleaseTasks);
-                self.spawn_tasks(false);
-            }
-            Ok(out) => {
-                // Built, but cancelled meanwhile: kept on disk as a
-                // release nothing runs (pruned in turn).
-                rec.status = ReleaseStatus::Ready;
-                rec.dir = out.dir;
-                rec.content_hash = out.content_hash;
-                rec.build_ms = build_ms;
-                let _ = self.store.put_release(&rec);
-                self.finish_deploy(DeployPhase::Failed { reason: cancelled.unwrap_or_default() });
-            }
-            Err(reason) => {
-                rec.status = ReleaseStatus::Failed;
-                let _ = self.store.put_release(&rec);
-                let reason = cancelled.unwrap_or_else(|| format!("the build failed: {reason}"));
-                self.finish_deploy(DeployPhase::Failed { reason });
-            }
-        }
-    }
-
-    /// Run `[release] tasks` (or `post_tasks`) one at a time through the
-    /// driver, each recorded before it starts (see `tasks.rs`).
-    fn spawn_tasks(&mut self, post: bool) {
-        self.start_task(post, 0);
-    }
-
-    pub(crate) fn deploy_on_tasks(&mut self, deployment: i64, post: bool, result: Result<(), String>) {
-        if self.deployment.as_ref().is_none_or(|r| r.record.id != deployment) {
-            return;
-        }
-        let cancelled = self.deployment.as_ref().and_then(|r| r.cancelled.clone());
-        match (post, result) {
-            (false, _) if cancelled.is_some() => {
-                self.finish_deploy(DeployPhase::Failed { reason: cancelled.unwrap_or_default() })
-            }
-            (false, Ok(())) => self.set_phase(DeployPhase::Rolling { index: 0 }),
-            (false, Err(reason)) => self.finish_deploy(DeployPhase::Failed { reason }),
-            (true, Ok(())) => self.finish_deploy(DeployPhase::Succeeded),
-            (true, Err(reason)) => {
-                // The release is live; report the failure without undoing it.
-                if let Some(run) = self.deployment.as_mut() {
-                    run.post_failure = Some(cancelled.unwrap_or(reason));
-                }
-                self.finish_deploy(DeployPhase::Succeeded);
-            }
-        }
-    }
-
-    /// Start what the current phase needs (called when no rollout runs).
-    pub(crate) fn deploy_kick(&mut self) -> bool {
-        let Some(run) = self.deployment.as_ref() else { return false };
-        match run.phase.clone() {
-            DeployPhase::Rolling { index } => {
-                if index == 0 && run.from.is_none() {
-                    // First release of this app: it becomes the app's record
-                    // now, so that its processes have a home.
-                    self.adopt_first_release();
-                }
-                let Some(run) = self.deployment.as_ref() else { return false };
-                if index < run.order.len() {
-                    let process = run.order[index].clone();
-                    let to = run.to.clone();
-                    self.start_rollout(&process, Some(to), false);
-                    true
-                } else {
-                    self.set_phase(DeployPhase::PostTasks);
-                    self.promote_target();
-                    self.spawn_tasks(true);
-                    true
-                }
-            }
-            DeployPhase::RollingBack { reason, remaining } => {
-                let Some(process) = remaining.first().cloned() else {
-                    if run.rollback_failed {
-                        self.finish_deploy(DeployPhase::Failed { reason });
-                    } else {
-                        self.finish_deploy(DeployPhase::RolledBack { reason });
-                    }
-                    return true;
-                };
-                match run.from.clone() {
-                    Some(from) => self.start_rollout(&process, Some(from), false),
-                    None => {
-                        // A first deploy has nothing to go back to: stop it.
-                        if let Some(rt) = self.app.as_mut() {
-                            rt.record.running = false;
-                            let _ = self.store.put_app(&rt.record, self.clock.wall());
-                        }
-                        self.start_rollout(&process, None, true);
-                    }
-                }
-                true
-            }
-            _ => false,
-        }
-    }
-
-    pub(crate) fn deploy_on_rollout(&mut self, result: RolloutResult) {
-        let Some(run) = self.deployment.as_ref() else { return };
-        match (run.phase.clone(), result) {
-            (DeployPhase::Rolling { index }, RolloutResult::Done(p)) => match run.cancelled.clone() {
-                // Finished just as it was cancelled: back from here.
-                Some(reason) => {
-                    let remaining: Vec<ProcessName> =
-                        run.order[..(index + 1).min(run.order.len())].iter().rev().cloned().collect();
-                    self.progress(format!("{p} rolled, but the {} was cancelled: rolling back", run.record.kind));
-                    self.set_phase(DeployPhase::RollingBack { reason, remaining });
-                }
-                None => self.set_phase(DeployPhase::Rolling { index: index + 1 }),
-            },
-            (DeployPhase::Rolling { index }, RolloutResult::Failed(process, reason)) => {
-                let remaining: Vec<ProcessName> =
-                    run.order[..(index + 1).min(run.order.len())].iter().rev().cloned().collect();
-                let reason = format!("{process}: {reason}");
-                self.progress(format!("rolling back: {reason}"));
-                self.set_phase(DeployPhase::RollingBack { reason, remaining });
-            }
-            (DeployPhase::RollingBack { reason, mut remaining }, RolloutResult::Done(p)) => {
-                remaining.retain(|r| r != &p);
-                self.set_phase(DeployPhase::RollingBack { reason, remaining });
-            }
-            (DeployPhase::RollingBack { reason, mut remaining }, RolloutResult::Failed(p, why)) => {
-                // The previous release does not come up for this process
-                // type either: it stays on the new release (which at least
-                // started), the others go on rolling back, and the
-                // deployment ends as failed, saying so.
-                let to = run.to.clone();
-                if let Some(rt) = self.app.as_mut() {
-                    rt.targets.insert(p.clone(), to.clone());
-                }
-                self.progress(format!("rolling {p} back failed ({why}); it stays on {}", to.id));
-                remaining.retain(|r| r != &p);
-                let reason = format!("{reason}; rolling {p} back failed too ({why}), so {p} stays on {}", to.id);
-                if let Some(run) = self.deployment.as_mut() {
-                    run.rollback_failed = true;
-                }
-                self.set_phase(DeployPhase::RollingBack { reason, remaining });
-            }
-            _ => {}
-        }
-    }
-
-    fn adopt_first_release(&mut self) {
-        let Some(run) = self.deployment.as_ref() else { return };
-        let to = run.to.clone();
-        let base_env = run.base_env.clone();
-        let record = AppRecord {
-            app: to.spec.app.clone(),
-            environment: self.env.clone(),
-            spec: to.spec.clone(),
-            workdir: to.workdir.clone(),
-            release: to.id,
-            base_env,
-            running: true,
-        };
-        if let Err(e) = self.store.put_app(&record, self.clock.wall()) {
-            tracing::error!("could not record the app: {e}");
-        }
-        if let Err(e) = self.record_counts(&to.spec.app, &run.counts) {
-            tracing::error!("could not record the process counts: {e}");
-        }
-        self.install_record(record);
-    }
-
-    /// Every process now runs the new release: make it the app's record.
-    fn promote_target(&mut self) {
-        let Some(run) = self.deployment.as_ref() else { return };
-        let to = run.to.clone();
-        let base_env = run.base_env.clone();
-        let Some(rt) = self.app.as_mut() else { return };
-        if to.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) && rt.record.spec.proxy != to.spec.proxy {
-            if let Err(e) = self.ingress.listen(&to.spec.proxy, &rt.route) {
-                tracing::error!("the proxy keeps its previous settings: {}", e.into_engine());
-            }
-        }
-        rt.record.spec = to.spec.clone();
-        rt.record.workdir = to.workdir.clone();
-        rt.record.release = to.id;
-        rt.record.base_env = base_env;
-        rt.record.running = true;
-        rt.targets.clear();
-        if let Err(e) = self.store.put_app(&rt.record, self.clock.wall()) {
-            tracing::error!("could not record the new release: {e}");
-        }
-        if let Err(e) = self.record_counts(&to.spec.app, &run.counts) {
-            tracing::error!("could not record the process counts: {e}");
-        }
-    }
-
-    /// End the deployment in `phase`, answer the operation.
-    fn finish_deploy(&mut self, phase: DeployPhase) {
-        let Some(mut run) = self.deployment.take() else { return };
-        run.cancel.cancel();
-        let took = self.clock.now().saturating_duration_since(run.started);
-        let (status, reason) = match &phase {
-            DeployPhase::Succeeded => {
-                (DeploymentStatus::Succeeded, run.post_failure.as_ref().map(|r| format!("live, but {r}")))
-            }
-            DeployPhase::RolledBack { reason } => (DeploymentStatus::RolledBack, Some(reason.clone())),
-            DeployPhase::Failed { reason } => (DeploymentStatus::Failed, Some(reason.clone())),
-            _ => (DeploymentStatus::Failed, Some("ended in an unexpected phase".to_string())),
-        };
-        let reason = run.reason_with_notes(reason);
-        run.record.phase = serde_json::to_value(&phase).unwrap_or_default();
-        run.record.status = status;
-        run.record.reason = reason.clone();
-        run.record.finished_at = Some(self.clock.wall());
-        if let Err(e) = self.store.update_deployment(&run.record) {
-            tracing::error!("could not record the end of deployment #{}: {e}", run.record.id);
-        }
-        let app = run.to.spec.app.clone();
-        let release = run.to.id.to_string();
-        match phase {
-            DeployPhase::Succeeded => {
-                if self.app.as_ref().is_some_and(|rt| rt.record.release != run.to.id) {
-                    // Recovered after a restart during post tasks, before the
-                    // record moved to the new release.
-                    self.deployment = Some(run);
-                    self.promote_target();
-                    run = self.deployment.take().expect("just put back");
-                }
-                self.prune_releases(&app, &run);
-                self.event(
-                    &app,
-                    "deployed",
-                    None,
-                    &format!("{release} is live ({} in {})", run.record.kind, fmt_dur(took)),
-                );
-                if let Some(op) = self.op.as_mut() {
-                    op.summary = format!("{release} is live ({} took {})", run.record.kind, fmt_dur(took));
-                }
-                match run.post_failure.take() {
-                    Some(reason) => self.fail_op(EngineError::PostTaskFailed { release, reason }),
-                    None => self.finish_op(),
-                }
-            }
-            DeployPhase::RolledBack { reason } => {
-                if let Some(rt) = self.app.as_mut() {
-                    rt.targets.clear();
-                }
-                self.publish_statics(&app);
-                self.event(&app, "rolled-back", None, &format!("{release}: {reason}"));
-                self.fail_op(EngineError::RolledBack { release, reason, first: run.from.is_none() });
-            }
-            DeployPhase::Failed { reason } => {
-                if let Some(rt) = self.app.as_mut() {
-                    if !run.rollback_failed {
-                        rt.targets.clear();
-                    }
-                }
-                self.publish_statics(&app);
-                self.event(&app, "deploy-failed", None, &format!("{release}: {reason}"));
-                self.fail_op(EngineError::DeployFailed { release, reason });
-            }
-            _ => {}
-        }
-    }
-
-    /// Keep the newest `retain_releases` built releases, the running one and
-    /// the one before it; delete the others from disk.
-    ///
-    /// The store first: a release recorded as pruned is no longer a
-    /// rollback target, so nothing can start from a directory being
-    /// deleted. The deletion itself runs off the engine's task (a release
-    /// with its own virtualenv is thousands of files); one that fails
-    /// leaves directories that the next prune removes.
-    fn prune_releases(&mut self, app: &AppName, run: &DeployRun) {
-        let Ok(all) = self.store.releases(app) else { return };
-        let retain = run.to.spec.release.retain_releases.max(1) as usize;
-        let mut keep: Vec<ReleaseId> =
-            all.iter().rev().filter(|r| r.status == ReleaseStatus::Ready).take(retain).map(|r| r.id).collect();
-        keep.push(run.to.id);
-        if let Some(f) = &run.from {
-            keep.push(f.id);
-        }
-        let doomed: Vec<ReleaseRecord> =
-            all.into_iter().filter(|r| r.status == ReleaseStatus::Ready && !keep.contains(&r.id)).collect();
-        for mut r in doomed {
-            r.status = ReleaseStatus::Pruned;
-            if let Err(e) = self.store.put_release(&r) {
-                tracing::warn!("could not record release {} as pruned, so it stays on disk: {e}", r.id);
-                keep.push(r.id);
-            }
-        }
-        self.publish_statics(app);
-        let (builder, app) = (self.builder.clone(), app.clone());
-        self.tasks.spawn(async move {
-            match tokio::task::spawn_blocking(move || builder.prune(&app, &keep)).await {
-                Ok(Ok(pruned)) if !pruned.is_empty() => tracing::info!(?pruned, "old releases deleted"),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!("could not delete old releases: {e}"),
-                Err(e) => tracing::warn!("deleting old releases failed: {e}"),
-            }
-        });
     }
 
     // -------------------------------------------------------------- restart
@@ -958,7 +524,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             return Ok(());
         };
         let to_rec = self.store.release(&app, record.to_release)?;
-        let phase: DeployPhase = serde_json::from_value(record.phase.clone()).unwrap_or(DeployPhase::Building);
         let from = record.from_release.map(|_| rt.current());
         let Some(to_rec) = to_rec else {
             record.status = DeploymentStatus::Failed;
@@ -976,15 +541,22 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let counts = self.count_spec(&mut spec, apply)?;
         let to = ReleaseCtx { id: to_rec.id, spec, workdir: to_rec.dir.clone() };
         let order = rollout_order(from.as_ref().map(|f| &f.spec), &to.spec);
+        // Records written before the state machine stored itself say
+        // only their phase; their shape is rebuilt from the release.
+        let kind = if record.kind == "rollback" {
+            DeploymentKind::Rollback { run_tasks: false }
+        } else {
+            DeploymentKind::Deploy
+        };
+        let machine = stored_deployment(&record.phase, shape_for(kind, &to, from.is_none(), order));
         // The task it was in the middle of (and any other left running).
-        let tasks = self.recover_tasks(&app, Some((record.id, &phase)))?;
-        let next = phase.on_restart(&order, tasks.resume.as_ref().map(|(_, fate, _)| fate));
+        let RecoveredTasks { resume, notes } = self.recover_tasks(&app, Some((record.id, &machine.phase.legacy())))?;
         if to_rec.status == ReleaseStatus::Building {
             let mut r = to_rec.clone();
             r.status = ReleaseStatus::Failed;
             self.store.put_release(&r)?;
         }
-        tracing::warn!("deployment #{} was {} when the daemon stopped: now {}", record.id, phase.name(), next.name());
+        tracing::warn!("deployment #{} was {} when the daemon stopped", record.id, machine.phase.name());
         let (progress, _) = mpsc::unbounded_channel();
         let (reply, _) = oneshot::channel();
         self.begin_op(
@@ -1000,30 +572,22 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             op.reply = None;
             op.who = Some(format!("{} (recovering after a daemon restart)", record.who));
         }
+        let fate = resume.as_ref().map(|(_, fate, _)| *fate);
         self.deployment = Some(DeployRun {
             record,
             to,
             from,
-            phase: phase.clone(),
-            order,
-            run_tasks: false,
+            machine,
             cancel: self.cancel.child_token(),
             started: self.clock.now(),
             base_env,
-            post_failure: None,
-            rollback_failed: false,
-            cancelled: None,
-            notes: tasks.notes,
+            pending_roll: None,
+            active_roll: None,
+            leftover: resume,
+            notes,
             counts,
         });
-        match (next, tasks.resume) {
-            (DeployPhase::Failed { reason }, _) => self.finish_deploy(DeployPhase::Failed { reason }),
-            (DeployPhase::Succeeded, _) => self.finish_deploy(DeployPhase::Succeeded),
-            (DeployPhase::ReleaseTasks | DeployPhase::PostTasks, Some((task, fate, handle))) => {
-                self.resume_task(task, fate, handle)
-            }
-            (other, _) => self.set_phase(other),
-        }
+        self.feed(Event::Restarted { task: fate });
         Ok(())
     }
 
@@ -1045,8 +609,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         record.status = DeploymentStatus::Failed;
         record.reason = Some(reason);
         record.finished_at = Some(self.clock.wall());
-        record.phase =
-            serde_json::to_value(DeployPhase::Failed { reason: "daemon stopped".into() }).unwrap_or_default();
+        record.phase = serde_json::to_value(nonstop_plan::deploy::DeployPhase::Failed { reason: "daemon stopped".into() })
+            .unwrap_or_default();
         self.store.update_deployment(&record)?;
         tracing::warn!("deployment #{} of {app} was interrupted before going live; marked failed", record.id);
         Ok(())
@@ -1093,45 +657,31 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             };
         };
         let what = format!("{} #{} to {}", run.record.kind, run.record.id, run.to.id);
-        if run.cancelled.is_some() {
+        if run.machine.stopping.is_some() {
             return Ok(OpReport { summary: format!("{what} is being cancelled already"), changed: false });
         }
-        let summary = match run.phase.clone() {
-            DeployPhase::Building | DeployPhase::ReleaseTasks => {
-                run.cancelled = Some(why);
-                run.cancel.cancel();
-                format!("{what} cancelled while {}: nothing changed", run.phase.name())
+        let from = run.from.as_ref().map_or("nothing (its first release)".to_string(), |f| f.id.to_string());
+        let summary = match run.machine.phase.clone() {
+            DeploymentPhase::Building | DeploymentPhase::MigrationGate | DeploymentPhase::ReleaseTasks => {
+                format!("{what} cancelled while {}: nothing changed", run.machine.phase.name())
             }
-            DeployPhase::Rolling { index } => {
-                run.cancelled = Some(why.clone());
-                let from = run.from.as_ref().map_or("nothing (its first release)".to_string(), |f| f.id.to_string());
-                let order = run.order.clone();
-                let rolling = order.get(index).cloned();
-                let ro = self.app.as_mut().and_then(|rt| rt.rollout.as_mut());
-                match ro {
-                    Some(ro) => ro.cancelled = Some(why),
-                    None => {
-                        // Between two process types: back from the last one.
-                        let remaining: Vec<ProcessName> =
-                            order[..index.min(order.len())].iter().rev().cloned().collect();
-                        self.set_phase(DeployPhase::RollingBack { reason: why, remaining });
-                    }
-                }
-                let rolling = rolling.map(|p| format!(" while rolling {p}")).unwrap_or_default();
+            DeploymentPhase::Fallback { .. } => {
+                format!("{what} cancelled during the maintenance fallback: putting {from} back")
+            }
+            DeploymentPhase::Canary { .. } => format!("{what} cancelled during the canary: rolling back to {from}"),
+            DeploymentPhase::Rolling { index } => {
+                let rolling = run.machine.shape.order.get(index).map(|p| format!(" while rolling {p}")).unwrap_or_default();
                 format!("{what} cancelled{rolling}: rolling back to {from}")
             }
-            DeployPhase::PostTasks => {
-                run.cancelled = Some(why);
-                run.cancel.cancel();
-                format!("{what}: post tasks stopped; {} stays live", run.to.id)
-            }
-            DeployPhase::RollingBack { .. } => {
+            DeploymentPhase::PostTasks => format!("{what}: post tasks stopped; {} stays live", run.to.id),
+            DeploymentPhase::RollingBack { .. } => {
                 return Ok(OpReport { summary: format!("{what} is rolling back already"), changed: false });
             }
-            DeployPhase::Succeeded | DeployPhase::Failed { .. } | DeployPhase::RolledBack { .. } => {
+            DeploymentPhase::MaintenanceOff { .. } | DeploymentPhase::Done { .. } => {
                 return Ok(OpReport { summary: format!("{what} has ended; nothing to cancel"), changed: false });
             }
         };
+        self.feed(Event::Cancel { why });
         if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
             self.event(&app, "cancel", None, &format!("{summary} (by {by})"));
         }
@@ -1142,11 +692,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     /// Describe the deployment in progress, for `status`.
     pub(crate) fn deployment_summary(&self) -> Option<String> {
         let run = self.deployment.as_ref()?;
-        let detail = match run.phase.clone() {
-            DeployPhase::Rolling { index } => {
-                format!("rolling {}", run.order.get(index).map(|p| p.as_str()).unwrap_or(""))
+        let detail = match &run.machine.phase {
+            DeploymentPhase::Rolling { index } => {
+                format!("rolling {}", run.machine.shape.order.get(*index).map(|p| p.as_str()).unwrap_or(""))
             }
-            DeployPhase::RollingBack { remaining, .. } => {
+            DeploymentPhase::RollingBack { remaining, .. } => {
                 format!("rolling back {}", remaining.first().map(|p| p.as_str()).unwrap_or(""))
             }
             p => p.name().to_string(),

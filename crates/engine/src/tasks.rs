@@ -233,7 +233,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 record.kind,
                 format!("{} {}/{n} done in {}", record.kind.label(), index + 1, fmt_dur(took)),
             );
-            if self.deployment.as_ref().is_some_and(|r| r.cancelled.is_some()) {
+            if self.deployment.as_ref().is_some_and(|r| r.machine.stopping.is_some()) {
                 self.deploy_on_tasks(deployment, post, Err("cancelled".into()));
             } else {
                 self.start_task(post, index + 1);

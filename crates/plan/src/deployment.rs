@@ -31,14 +31,19 @@ use crate::deploy::{DeployPhase, TaskFate};
 use nonstop_core::ProcessName;
 use serde::{Deserialize, Serialize};
 
+/// How long aborted work (a killed build or task, a stopped rollout) is
+/// given to report its end before the deployment goes on without it.
+pub const STOP_GRACE_MS: u64 = 120_000;
+
 /// What kind of deployment this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeploymentKind {
     /// A new release: built, gated, tasks run.
     Deploy,
-    /// Back to a retained release: nothing built, no tasks.
-    Rollback,
+    /// Back to a retained release: nothing built; its release tasks only
+    /// if asked.
+    Rollback { run_tasks: bool },
     /// Content identical to a retained release: rolled like a rollback;
     /// tasks run only if asked.
     Reuse { run_tasks: bool },
@@ -467,9 +472,11 @@ pub struct Deployment {
     pub phase: Phase,
     /// Wall time the current phase must end by (timeouts, canary holds).
     pub deadline_ms: Option<u64>,
-    /// A cancel that arrived while something could not be stopped at once
-    /// (a release task is never killed half way); acted on at its end.
-    pub cancelled: Option<String>,
+    /// A stop asked (a cancel, a timeout) while work was in progress: the
+    /// work was aborted, and its end (which the engine reports as usual)
+    /// ends the phase with this failure. A build's result, a task's exit,
+    /// a rollout's end are never lost this way.
+    pub stopping: Option<Failure>,
     /// Maintenance was switched on by this deployment.
     pub maintenance: bool,
     /// Promoted already (the new release is the app's record).
@@ -483,7 +490,7 @@ impl Deployment {
             shape,
             phase: Phase::Building,
             deadline_ms: None,
-            cancelled: None,
+            stopping: None,
             maintenance: false,
             promoted: false,
             margins,
@@ -576,7 +583,7 @@ impl Deployment {
             self.promoted = true;
             out.push(Action::Promote);
         }
-        if self.shape.has_post_tasks && self.shape.kind == DeploymentKind::Deploy {
+        if self.shape.has_post_tasks {
             self.enter(Phase::PostTasks, Some(now + self.shape.limits.tasks_ms));
             out.push(Action::RunTasks { post: true });
         } else {
@@ -634,16 +641,16 @@ impl Deployment {
     fn step(&mut self, event: Event, now: u64, out: &mut Vec<Action>) {
         let phase = self.phase.clone();
         match (phase, event) {
-            (Phase::Building, Event::Built { result }) => match (result, self.cancelled.take()) {
-                (_, Some(why)) => self.end(Outcome::Failed { failure: Failure::new(FailureKind::Cancelled, why) }, out),
+            (Phase::Building, Event::Built { result }) => match (result, self.stopping.take()) {
+                (_, Some(failure)) => self.end(Outcome::Failed { failure }, out),
                 (Ok(()), None) => self.after_build(now, out),
                 (Err(e), None) => self.end(
                     Outcome::Failed { failure: Failure::new(FailureKind::Build, format!("the build failed: {e}")) },
                     out,
                 ),
             },
-            (Phase::MigrationGate, Event::Gate { verdict }) => match (verdict, self.cancelled.take()) {
-                (_, Some(why)) => self.end(Outcome::Failed { failure: Failure::new(FailureKind::Cancelled, why) }, out),
+            (Phase::MigrationGate, Event::Gate { verdict }) => match (verdict, self.stopping.take()) {
+                (_, Some(failure)) => self.end(Outcome::Failed { failure }, out),
                 (GateVerdict::Safe, None) => self.release_tasks(now, out),
                 (GateVerdict::Breaking { report }, None) => self.end(
                     Outcome::Failed {
@@ -677,10 +684,10 @@ impl Deployment {
             }
             (Phase::ReleaseTasks, Event::TasksEnded { post: false, result }) => {
                 let stopped = if self.maintenance { Some(self.shape.order.len() - 1) } else { None };
-                match (result, self.cancelled.take()) {
+                match (result, self.stopping.take()) {
                     (Ok(()), None) => self.roll(0, now, out),
-                    (Ok(()), Some(why)) => self.back_out(Failure::new(FailureKind::Cancelled, why), stopped, out),
-                    (Err(e), _) => self.back_out(
+                    (_, Some(failure)) => self.back_out(failure, stopped, out),
+                    (Err(e), None) => self.back_out(
                         Failure::new(FailureKind::Task, format!("a release task failed: {e}")),
                         stopped,
                         out,
@@ -718,8 +725,8 @@ impl Deployment {
             (Phase::Rolling { index }, Event::RolloutDone { process })
                 if self.shape.order.get(index) == Some(&process) =>
             {
-                match self.cancelled.take() {
-                    Some(why) => self.back_out(Failure::new(FailureKind::Cancelled, why), Some(index), out),
+                match self.stopping.take() {
+                    Some(failure) => self.back_out(failure, Some(index), out),
                     None => self.roll(index + 1, now, out),
                 }
             }
@@ -731,7 +738,7 @@ impl Deployment {
             (Phase::PostTasks, Event::TasksEnded { post: true, result }) => {
                 let note =
                     result.err().map(|e| Failure::new(FailureKind::PostTask, format!("a post task failed: {e}")));
-                let note = note.or(self.cancelled.take().map(|w| Failure::new(FailureKind::Cancelled, w)));
+                let note = self.stopping.take().or(note);
                 self.end(Outcome::Succeeded { note }, out)
             }
             (Phase::RollingBack { failure, mut remaining }, Event::RolloutDone { process })
@@ -763,9 +770,9 @@ impl Deployment {
     }
 
     fn stop_old(&mut self, index: usize, out: &mut Vec<Action>) {
-        if let Some(why) = self.cancelled.take() {
+        if let Some(failure) = self.stopping.take() {
             // Put back what was stopped; nothing else ran.
-            return self.back_out(Failure::new(FailureKind::Cancelled, why), index.checked_sub(1), out);
+            return self.back_out(failure, index.checked_sub(1), out);
         }
         match self.shape.order.get(index).cloned() {
             Some(process) => {
@@ -783,23 +790,52 @@ impl Deployment {
         self.shape.canary.as_ref().and_then(|c| self.shape.order.iter().position(|p| p == c)).unwrap_or(0)
     }
 
-    fn cancel(&mut self, why: String, _now: u64, out: &mut Vec<Action>) {
+    /// Abort the work in progress; its end ends the phase with `failure`.
+    /// If it does not end within [`STOP_GRACE_MS`], the phase ends anyway.
+    fn request_stop(&mut self, failure: Failure, now: u64, out: &mut Vec<Action>) {
+        if self.stopping.is_none() {
+            self.stopping = Some(failure);
+            self.deadline_ms = Some(now + STOP_GRACE_MS);
+            out.push(Action::Abort);
+        }
+    }
+
+    /// The work in progress did not end after being aborted: go on without
+    /// its answer.
+    fn give_up_waiting(&mut self, failure: Failure, out: &mut Vec<Action>) {
         match self.phase.clone() {
-            // A build or a gate is stopped at once; nothing changed yet.
-            Phase::Building | Phase::MigrationGate => {
-                out.push(Action::Abort);
-                self.end(Outcome::Failed { failure: Failure::new(FailureKind::Cancelled, why) }, out)
+            Phase::Building | Phase::MigrationGate => self.end(Outcome::Failed { failure }, out),
+            Phase::ReleaseTasks => {
+                let through = if self.maintenance { Some(self.shape.order.len() - 1) } else { None };
+                self.back_out(failure, through, out)
             }
-            // Release tasks are never killed half way: the cancel waits for
-            // their end. The same for a rollout step in progress, and for
-            // the fallback's stops.
-            Phase::ReleaseTasks | Phase::Rolling { .. } | Phase::Fallback { .. } | Phase::PostTasks => {
-                self.cancelled.get_or_insert(why);
+            Phase::Rolling { index } => self.back_out(failure, Some(index), out),
+            Phase::PostTasks => self.end(Outcome::Succeeded { note: Some(failure) }, out),
+            _ => self.deadline_ms = None,
+        }
+    }
+
+    fn cancel(&mut self, why: String, now: u64, out: &mut Vec<Action>) {
+        let failure = Failure::new(FailureKind::Cancelled, why);
+        match self.phase.clone() {
+            // The work in progress is stopped (the build's or task's
+            // process group, the rollout's next steps); its end decides
+            // what follows: nothing changed yet (build, gate, release
+            // tasks: failed), roll back (rolling), or the release stays
+            // live (post tasks).
+            Phase::Building
+            | Phase::MigrationGate
+            | Phase::ReleaseTasks
+            | Phase::Rolling { .. }
+            | Phase::PostTasks => self.request_stop(failure, now, out),
+            // The fallback's stops run to their end, then put back.
+            Phase::Fallback { .. } => {
+                self.stopping.get_or_insert(failure);
             }
             Phase::Canary { .. } => {
                 let index = self.index_of_canary();
                 out.push(Action::Abort);
-                self.back_out(Failure::new(FailureKind::Cancelled, why), Some(index), out)
+                self.back_out(failure, Some(index), out)
             }
             // Already going back or ending: a cancel changes nothing.
             Phase::RollingBack { .. } | Phase::MaintenanceOff { .. } | Phase::Done { .. } => {}
@@ -811,28 +847,23 @@ impl Deployment {
         if now < deadline {
             return;
         }
-        let timeout = |what: &str| Failure::new(FailureKind::Timeout, format!("{what} took too long"));
+        if let Some(failure) = self.stopping.take() {
+            return self.give_up_waiting(failure, out);
+        }
+        let timeout = |what: String| Failure::new(FailureKind::Timeout, format!("{what} took too long"));
         match self.phase.clone() {
-            Phase::Building => {
-                out.push(Action::Abort);
-                self.end(Outcome::Failed { failure: timeout("the build") }, out)
+            Phase::Building => self.request_stop(timeout("the build".into()), now, out),
+            Phase::MigrationGate => self.request_stop(timeout("the migration gate".into()), now, out),
+            Phase::ReleaseTasks => self.request_stop(timeout("the release tasks".into()), now, out),
+            Phase::PostTasks => self.request_stop(timeout("the post tasks".into()), now, out),
+            Phase::Rolling { index } => {
+                let what = format!("rolling {}", self.shape.order[index]);
+                self.request_stop(timeout(what), now, out)
             }
-            Phase::MigrationGate => {
-                out.push(Action::Abort);
-                self.end(Outcome::Failed { failure: timeout("the migration gate") }, out)
-            }
-            // A release task past its limit is the driver's to kill (its
-            // own task_timeout); the deployment keeps waiting for its end.
-            Phase::ReleaseTasks | Phase::PostTasks => self.deadline_ms = None,
             Phase::Canary { .. } => {
                 let index = self.index_of_canary();
                 out.push(Action::Abort);
-                self.back_out(timeout("the canary"), Some(index), out)
-            }
-            Phase::Rolling { index } => {
-                out.push(Action::Abort);
-                let process = self.shape.order[index].clone();
-                self.back_out(timeout(&format!("rolling {process}")), Some(index), out)
+                self.back_out(timeout("the canary".into()), Some(index), out)
             }
             _ => self.deadline_ms = None,
         }

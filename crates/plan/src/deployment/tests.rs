@@ -269,7 +269,7 @@ fn a_restart_during_a_live_release_task_waits_for_it_and_never_starts_it_again()
 }
 
 #[test]
-fn a_cancel_during_release_tasks_waits_for_their_end() {
+fn a_cancel_during_release_tasks_stops_them_and_ends_when_they_end() {
     let (d, actions) = run(
         deploy(GateMode::Off, false),
         vec![
@@ -279,7 +279,9 @@ fn a_cancel_during_release_tasks_waits_for_their_end() {
             Event::TasksEnded { post: false, result: Ok(()) },
         ],
     );
-    assert!(!actions.iter().any(|a| matches!(a, Action::Roll { .. } | Action::Abort)));
+    // The task is stopped, nothing is rolled, and it ends as cancelled.
+    assert!(actions.contains(&Action::Abort));
+    assert!(!actions.iter().any(|a| matches!(a, Action::Roll { .. })));
     assert!(matches!(outcome(&d), Outcome::Failed { failure } if failure.kind == FailureKind::Cancelled));
 }
 
@@ -306,7 +308,10 @@ fn a_first_deploy_that_fails_stops_what_it_started() {
 
 #[test]
 fn a_rollback_builds_nothing_and_runs_no_task() {
-    let d = Deployment::new(shape(DeploymentKind::Rollback, GateMode::Check, false, true), Margins::default());
+    let d = Deployment::new(
+        shape(DeploymentKind::Rollback { run_tasks: false }, GateMode::Check, false, true),
+        Margins::default(),
+    );
     let (_, actions) = run(d, vec![Event::Begin]);
     assert_eq!(actions, [Action::Weigh { process: name("web"), percent: 5, hold_ms: 10_000 }]);
 }
@@ -390,7 +395,7 @@ fn shapes() -> impl Strategy<Value = Shape> {
     (
         prop_oneof![
             Just(DeploymentKind::Deploy),
-            Just(DeploymentKind::Rollback),
+            any::<bool>().prop_map(|run_tasks| DeploymentKind::Rollback { run_tasks }),
             any::<bool>().prop_map(|run_tasks| DeploymentKind::Reuse { run_tasks }),
         ],
         prop_oneof![Just(GateMode::Off), Just(GateMode::Check), Just(GateMode::AllowBreaking)],
@@ -489,7 +494,7 @@ fn simulate(shape: Shape, moves: Vec<Move>) -> (Deployment, Trace) {
                 Action::Promote if !d.shape.order.iter().all(|p| trace.rolled_new.contains(p)) => {
                     trace.promoted_before_all_rolled = true;
                 }
-                Action::Abort => out.clear(),
+                // The aborted work still ends, and says how.
                 _ => {}
             }
             out.push_back((a.clone(), step));

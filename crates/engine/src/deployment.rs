@@ -1,0 +1,493 @@
+//! The engine side of a deployment: it persists what
+//! `nonstop_plan::deployment::advance` decides, carries out the actions,
+//! and feeds back what happened as the next event.
+//!
+//! Nothing here decides where a deployment goes next: every transition is
+//! `advance`'s. The engine's part is the I/O: building, running tasks,
+//! rolling a process type (one rollout at a time, started from `kick`),
+//! promoting the release, recording the end. The deployment (shape,
+//! phase, deadlines) is written to the store before its actions are
+//! carried out, so a restarted daemon finds exactly where it stopped and
+//! feeds `Restarted`.
+
+use super::deploy::DeployRun;
+use super::*;
+use nonstop_plan::deploy::DeployPhase;
+use nonstop_plan::deployment::{
+    advance, Action as DeployAction, Deployment, DeploymentKind, Event, Failure, FailureKind, GateMode, Limits,
+    Margins, Outcome, Phase as DeploymentPhase, RollTo, Shape,
+};
+use nonstop_store::{DeploymentStatus, ReleaseRecord, ReleaseStatus};
+
+pub(crate) fn ms_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// The shape of a deployment to `to` (from `from`, if anything ran).
+pub(crate) fn shape_for(kind: DeploymentKind, to: &ReleaseCtx, first: bool, order: Vec<ProcessName>) -> Shape {
+    let release = &to.spec.release;
+    // Safety nets only: the builder, the driver and the rollout bound
+    // their own work (task_timeout, health_timeout); these catch a phase
+    // that nothing ends.
+    let task_ms = release.task_timeout.as_millis() as u64;
+    let margin = 10 * 60 * 1000;
+    let limits = Limits {
+        build_ms: task_ms.saturating_mul(to.spec.build.len().max(1) as u64).saturating_add(margin),
+        gate_ms: task_ms.saturating_mul(release.tasks.len().max(1) as u64).saturating_add(margin),
+        tasks_ms: task_ms.saturating_mul(release.tasks.len().max(release.post_tasks.len()).max(1) as u64)
+            .saturating_add(margin),
+        rollout_ms: Limits::default().rollout_ms,
+    };
+    Shape {
+        kind,
+        first,
+        order,
+        gate: GateMode::Off,
+        has_tasks: !release.tasks.is_empty(),
+        has_post_tasks: !release.post_tasks.is_empty(),
+        canary: None,
+        ramp: Vec::new(),
+        limits,
+    }
+}
+
+/// The deployment a record stores: the state machine's own value, or (a
+/// record written before it existed) one rebuilt from the phase stored.
+pub(crate) fn stored_deployment(value: &serde_json::Value, shape: Shape) -> Deployment {
+    if let Ok(d) = serde_json::from_value::<Deployment>(value.clone()) {
+        return d;
+    }
+    let legacy: DeployPhase = serde_json::from_value(value.clone()).unwrap_or(DeployPhase::Building);
+    let mut d = Deployment::new(shape, Margins::default());
+    d.phase = match legacy {
+        DeployPhase::Building => DeploymentPhase::Building,
+        DeployPhase::ReleaseTasks => DeploymentPhase::ReleaseTasks,
+        DeployPhase::Rolling { index } => DeploymentPhase::Rolling { index },
+        DeployPhase::PostTasks => DeploymentPhase::PostTasks,
+        DeployPhase::RollingBack { reason, remaining } => {
+            DeploymentPhase::RollingBack { failure: Failure::new(FailureKind::Rollout, reason), remaining }
+        }
+        DeployPhase::Succeeded => DeploymentPhase::Done { outcome: Outcome::Succeeded { note: None } },
+        DeployPhase::Failed { reason } => {
+            DeploymentPhase::Done { outcome: Outcome::Failed { failure: Failure::new(FailureKind::Rollout, reason) } }
+        }
+        DeployPhase::RolledBack { reason } => DeploymentPhase::Done {
+            outcome: Outcome::RolledBack { failure: Failure::new(FailureKind::Rollout, reason) },
+        },
+    };
+    d
+}
+
+/// The name of a stored deployment's phase, for `history`.
+pub(crate) fn stored_phase_name(value: &serde_json::Value) -> String {
+    if let Ok(d) = serde_json::from_value::<Deployment>(value.clone()) {
+        return d.phase.name().to_string();
+    }
+    serde_json::from_value::<DeployPhase>(value.clone()).map(|p| p.name().to_string()).unwrap_or_default()
+}
+
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+    /// Move the deployment on by `event`: store where it goes, then do
+    /// what that asks.
+    pub(crate) fn feed(&mut self, event: Event) {
+        let now = ms_since_epoch(self.clock.wall());
+        let Some(run) = self.deployment.as_mut() else { return };
+        let (machine, actions) = advance(run.machine.clone(), event, now);
+        run.machine = machine;
+        if !run.machine.is_done() {
+            run.record.phase = serde_json::to_value(&run.machine).unwrap_or_default();
+            if let Err(e) = self.store.update_deployment(&run.record) {
+                tracing::error!("could not record deployment #{} phase: {e}", run.record.id);
+            }
+        }
+        for action in actions {
+            self.carry_out(action);
+        }
+    }
+
+    fn carry_out(&mut self, action: DeployAction) {
+        match action {
+            DeployAction::Build => self.spawn_build(),
+            DeployAction::RunTasks { post } => self.start_task(post, 0),
+            DeployAction::AwaitLeftoverTask { .. } => {
+                if let Some((task, fate, handle)) = self.deployment.as_mut().and_then(|r| r.leftover.take()) {
+                    self.resume_task(task, fate, handle);
+                }
+            }
+            DeployAction::AdoptFirst => self.adopt_first_release(),
+            DeployAction::Roll { process, to } => {
+                if let Some(run) = self.deployment.as_mut() {
+                    run.pending_roll = Some((process, to));
+                }
+            }
+            DeployAction::Promote => self.promote_target(),
+            DeployAction::Abort => self.abort_deployment_work(),
+            DeployAction::Finish { outcome } => self.finish_deploy(outcome),
+            // Not produced yet: the shape built here has no gate, no ramp
+            // and no maintenance fallback (see `shape_for`). Answered as
+            // failures so that a deployment can never wait for them.
+            DeployAction::RunGate => self.feed(Event::Gate {
+                verdict: nonstop_plan::deployment::GateVerdict::Error {
+                    detail: "this daemon has no migration gate".into(),
+                },
+            }),
+            DeployAction::SetMaintenance { on } => self.feed(Event::MaintenanceSet { on }),
+            DeployAction::Weigh { process, .. } => {
+                self.feed(Event::RolloutFailed { process, why: "this daemon has no canary ramp".into() })
+            }
+        }
+    }
+
+    /// Stop what the deployment's current step runs: the build or task
+    /// (its process group), or the rollout (no further steps; it reports
+    /// its end as usual).
+    fn abort_deployment_work(&mut self) {
+        let why = self.deployment.as_ref().and_then(|r| r.machine.stopping.as_ref()).map_or_else(|| "stopped".to_string(), |f| f.detail.clone());
+        match self.app.as_mut().and_then(|rt| rt.rollout.as_mut()) {
+            Some(ro) => ro.cancelled = Some(why),
+            None => {
+                if let Some(run) = self.deployment.as_ref() {
+                    run.cancel.cancel();
+                }
+            }
+        }
+    }
+
+    /// Start the rollout the deployment asked for (called when no rollout
+    /// runs).
+    pub(crate) fn deploy_kick(&mut self) -> bool {
+        let Some(run) = self.deployment.as_mut() else { return false };
+        let Some((process, to)) = run.pending_roll.take() else { return false };
+        run.active_roll = Some((process.clone(), to));
+        match to {
+            RollTo::New => {
+                let target = run.to.clone();
+                self.start_rollout(&process, Some(target), false);
+            }
+            RollTo::Previous => match run.from.clone() {
+                Some(from) => self.start_rollout(&process, Some(from), false),
+                None => self.roll_to_nothing(&process),
+            },
+            RollTo::Nothing => self.roll_to_nothing(&process),
+        }
+        true
+    }
+
+    /// Stop every instance of `process`. Only a first release's undoing
+    /// asks for it today: the app stops running.
+    fn roll_to_nothing(&mut self, process: &ProcessName) {
+        if let Some(rt) = self.app.as_mut() {
+            rt.record.running = false;
+            let _ = self.store.put_app(&rt.record, self.clock.wall());
+        }
+        self.start_rollout(process, None, true);
+    }
+
+    /// A rollout the deployment started ended.
+    pub(crate) fn deploy_on_rollout(&mut self, result: RolloutResult) {
+        let Some(run) = self.deployment.as_mut() else { return };
+        let Some((process, to)) = run.active_roll.take() else { return };
+        // The answer must be the one the machine waits for: a rollout
+        // aborted because the deployment moved on (a timeout) ends too,
+        // and its end is not the next rollout's.
+        let expected = match &run.machine.phase {
+            DeploymentPhase::Rolling { index } => to == RollTo::New && run.machine.shape.order.get(*index) == Some(&process),
+            DeploymentPhase::RollingBack { remaining, .. } => to != RollTo::New && remaining.first() == Some(&process),
+            DeploymentPhase::Fallback { .. } => to == RollTo::Nothing,
+            _ => false,
+        };
+        if !expected {
+            return;
+        }
+        match result {
+            RolloutResult::Done(p) => self.feed(Event::RolloutDone { process: p }),
+            RolloutResult::Failed(p, why) => {
+                if matches!(run.machine.phase, DeploymentPhase::RollingBack { .. }) {
+                    // The previous release does not come up for this
+                    // process type either: it stays on the new release.
+                    let to = run.to.clone();
+                    self.progress(format!("rolling {p} back failed ({why}); it stays on {}", to.id));
+                    if let Some(rt) = self.app.as_mut() {
+                        rt.targets.insert(p.clone(), to);
+                    }
+                } else {
+                    self.progress(format!("rolling back: {p}: {why}"));
+                }
+                self.feed(Event::RolloutFailed { process: p, why })
+            }
+        }
+    }
+
+    /// Feed a timeout check when the deployment's deadline has passed.
+    pub(crate) fn deploy_tick(&mut self) {
+        let now = ms_since_epoch(self.clock.wall());
+        if self.deployment.as_ref().and_then(|r| r.machine.deadline_ms).is_some_and(|d| now >= d) {
+            self.feed(Event::Tick);
+        }
+    }
+
+    /// When the deployment's deadline falls, as a monotonic instant.
+    pub(crate) fn deploy_wake(&self) -> Option<Instant> {
+        let deadline = self.deployment.as_ref()?.machine.deadline_ms?;
+        let now = ms_since_epoch(self.clock.wall());
+        Some(self.clock.now() + Duration::from_millis(deadline.saturating_sub(now)))
+    }
+
+    // ------------------------------------------------------------ the steps
+
+    fn spawn_build(&mut self) {
+        // Every build command is recorded before the build starts, and
+        // with its process as soon as that exists (see `tasks.rs`).
+        if let Err(reason) = self.record_build_commands() {
+            self.feed(Event::Built { result: Err(reason) });
+            return;
+        }
+        let Some(run) = self.deployment.as_ref() else { return };
+        let app = run.to.spec.app.clone();
+        let env: Vec<(String, String)> = release_env(&run.base_env, &run.to, &self.env).into_iter().collect();
+        let commands = run.to.spec.build.clone();
+        let timeout = run.to.spec.release.task_timeout;
+        let (release, source, cancel, id) = (run.to.id, run.to.workdir.clone(), run.cancel.clone(), run.record.id);
+        let mounts = run.to.spec.statics.clone();
+        let builder = self.builder.clone();
+        let tx = self.events_tx.clone();
+        let progress = self.op.as_ref().map(|o| o.progress.clone());
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<BuildNote>();
+        self.progress(format!("building {release}: {} build command(s)", commands.len()));
+        self.tasks.spawn(async move {
+            let notes = tx.clone();
+            let forward = async move {
+                while let Some(note) = out_rx.recv().await {
+                    match note {
+                        BuildNote::Line(line) => {
+                            if let Some(p) = &progress {
+                                let _ = p.send(Progress {
+                                    phase: Some("building".into()),
+                                    ..Progress::note(format!("build | {line}"))
+                                });
+                            }
+                        }
+                        BuildNote::Command { index, process } => {
+                            let _ = notes.send(Internal::BuildCommand { deployment: id, index, process });
+                        }
+                        BuildNote::CommandEnded { index, status } => {
+                            let _ = notes.send(Internal::BuildCommandEnded { deployment: id, index, status });
+                        }
+                    }
+                }
+            };
+            let build = builder.build(&app, release, source, commands, env, timeout, cancel, out_tx);
+            let (result, ()) = tokio::join!(build, forward);
+            let result = statics::index_built(builder, result, mounts).await;
+            let _ = tx.send(Internal::Built { deployment: id, result });
+        });
+    }
+
+    pub(crate) fn deploy_on_built(&mut self, deployment: i64, result: Result<BuildOutput, String>) {
+        self.finish_build_commands(deployment, result.as_ref().err());
+        let Some(run) = self.deployment.as_mut().filter(|r| r.record.id == deployment) else { return };
+        let app = run.to.spec.app.clone();
+        let release = run.to.id;
+        let build_ms = self.clock.now().saturating_duration_since(run.started).as_millis() as u64;
+        let mut rec = match self.store.release(&app, release) {
+            Ok(Some(r)) => r,
+            _ => {
+                self.feed(Event::Built { result: Err(format!("the record of {release} is gone")) });
+                return;
+            }
+        };
+        let out = match result {
+            Ok(out) => out,
+            Err(reason) => {
+                rec.status = ReleaseStatus::Failed;
+                let _ = self.store.put_release(&rec);
+                self.feed(Event::Built { result: Err(reason) });
+                return;
+            }
+        };
+        // Built (even if cancelled meanwhile: then it is kept on disk as a
+        // release nothing runs, pruned in turn).
+        rec.status = ReleaseStatus::Ready;
+        rec.dir = out.dir.clone();
+        rec.content_hash = out.content_hash.clone();
+        rec.build_ms = build_ms;
+        if let Err(e) = self.store.put_release(&rec) {
+            self.feed(Event::Built { result: Err(format!("cannot record {release}: {e}")) });
+            return;
+        }
+        run.to.workdir = out.dir.clone();
+        let path_var = run.base_env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        let problems = crate::preflight::check_commands(&run.to.spec, &out.dir, &path_var);
+        if run.machine.stopping.is_none() {
+            self.progress(format!(
+                "built {release}: {} files, {} KiB in {}",
+                out.files,
+                out.bytes / 1024,
+                fmt_dur(Duration::from_millis(build_ms))
+            ));
+        }
+        if !problems.is_empty() {
+            let reason = format!("{release} cannot run as specified:\n  {}", problems.join("\n  "));
+            self.feed(Event::Built { result: Err(reason) });
+            return;
+        }
+        self.publish_statics(&app);
+        self.feed(Event::Built { result: Ok(()) });
+    }
+
+    pub(crate) fn deploy_on_tasks(&mut self, deployment: i64, post: bool, result: Result<(), String>) {
+        if self.deployment.as_ref().is_none_or(|r| r.record.id != deployment) {
+            return;
+        }
+        self.feed(Event::TasksEnded { post, result });
+    }
+
+    fn adopt_first_release(&mut self) {
+        let Some(run) = self.deployment.as_ref() else { return };
+        let to = run.to.clone();
+        let base_env = run.base_env.clone();
+        let record = AppRecord {
+            app: to.spec.app.clone(),
+            environment: self.env.clone(),
+            spec: to.spec.clone(),
+            workdir: to.workdir.clone(),
+            release: to.id,
+            base_env,
+            running: true,
+        };
+        if let Err(e) = self.store.put_app(&record, self.clock.wall()) {
+            tracing::error!("could not record the app: {e}");
+        }
+        if let Err(e) = self.record_counts(&to.spec.app, &run.counts) {
+            tracing::error!("could not record the process counts: {e}");
+        }
+        self.install_record(record);
+    }
+
+    /// Every process now runs the new release: make it the app's record.
+    /// Idempotent (a restarted daemon may be asked again).
+    fn promote_target(&mut self) {
+        let Some(run) = self.deployment.as_ref() else { return };
+        let to = run.to.clone();
+        let base_env = run.base_env.clone();
+        let Some(rt) = self.app.as_mut() else { return };
+        if to.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) && rt.record.spec.proxy != to.spec.proxy {
+            if let Err(e) = self.ingress.listen(&to.spec.proxy, &rt.route) {
+                tracing::error!("the proxy keeps its previous settings: {}", e.into_engine());
+            }
+        }
+        rt.record.spec = to.spec.clone();
+        rt.record.workdir = to.workdir.clone();
+        rt.record.release = to.id;
+        rt.record.base_env = base_env;
+        rt.record.running = true;
+        rt.targets.clear();
+        if let Err(e) = self.store.put_app(&rt.record, self.clock.wall()) {
+            tracing::error!("could not record the new release: {e}");
+        }
+        if let Err(e) = self.record_counts(&to.spec.app, &run.counts) {
+            tracing::error!("could not record the process counts: {e}");
+        }
+    }
+
+    /// End the deployment with `outcome`, answer the operation.
+    fn finish_deploy(&mut self, outcome: Outcome) {
+        let Some(mut run) = self.deployment.take() else { return };
+        run.cancel.cancel();
+        let took = self.clock.now().saturating_duration_since(run.started);
+        let rollback_failed = matches!(&outcome, Outcome::Failed { failure } if failure.kind == FailureKind::RollbackFailed);
+        let (status, reason) = match &outcome {
+            Outcome::Succeeded { note } => {
+                (DeploymentStatus::Succeeded, note.as_ref().map(|n| format!("live, but {n}")))
+            }
+            Outcome::RolledBack { failure } => (DeploymentStatus::RolledBack, Some(failure.detail.clone())),
+            Outcome::Failed { failure } => (DeploymentStatus::Failed, Some(failure.detail.clone())),
+        };
+        let reason = run.reason_with_notes(reason);
+        run.record.phase = serde_json::to_value(&run.machine).unwrap_or_default();
+        run.record.status = status;
+        run.record.reason = reason.clone();
+        run.record.finished_at = Some(self.clock.wall());
+        if let Err(e) = self.store.update_deployment(&run.record) {
+            tracing::error!("could not record the end of deployment #{}: {e}", run.record.id);
+        }
+        let app = run.to.spec.app.clone();
+        let release = run.to.id.to_string();
+        match outcome {
+            Outcome::Succeeded { note } => {
+                self.prune_releases(&app, &run);
+                self.event(
+                    &app,
+                    "deployed",
+                    None,
+                    &format!("{release} is live ({} in {})", run.record.kind, fmt_dur(took)),
+                );
+                if let Some(op) = self.op.as_mut() {
+                    op.summary = format!("{release} is live ({} took {})", run.record.kind, fmt_dur(took));
+                }
+                match note {
+                    Some(note) => self.fail_op(EngineError::PostTaskFailed { release, reason: note.detail }),
+                    None => self.finish_op(),
+                }
+            }
+            Outcome::RolledBack { failure } => {
+                if let Some(rt) = self.app.as_mut() {
+                    rt.targets.clear();
+                }
+                self.publish_statics(&app);
+                let reason = failure.detail;
+                self.event(&app, "rolled-back", None, &format!("{release}: {reason}"));
+                self.fail_op(EngineError::RolledBack { release, reason, first: run.from.is_none() });
+            }
+            Outcome::Failed { failure } => {
+                if let Some(rt) = self.app.as_mut() {
+                    if !rollback_failed {
+                        rt.targets.clear();
+                    }
+                }
+                self.publish_statics(&app);
+                let reason = failure.detail;
+                self.event(&app, "deploy-failed", None, &format!("{release}: {reason}"));
+                self.fail_op(EngineError::DeployFailed { release, reason });
+            }
+        }
+    }
+
+    /// Keep the newest `retain_releases` built releases, the running one and
+    /// the one before it; delete the others from disk.
+    ///
+    /// The store first: a release recorded as pruned is no longer a
+    /// rollback target, so nothing can start from a directory being
+    /// deleted. The deletion itself runs off the engine's task (a release
+    /// with its own virtualenv is thousands of files); one that fails
+    /// leaves directories that the next prune removes.
+    fn prune_releases(&mut self, app: &AppName, run: &DeployRun) {
+        let Ok(all) = self.store.releases(app) else { return };
+        let retain = run.to.spec.release.retain_releases.max(1) as usize;
+        let mut keep: Vec<ReleaseId> =
+            all.iter().rev().filter(|r| r.status == ReleaseStatus::Ready).take(retain).map(|r| r.id).collect();
+        keep.push(run.to.id);
+        if let Some(f) = &run.from {
+            keep.push(f.id);
+        }
+        let doomed: Vec<ReleaseRecord> =
+            all.into_iter().filter(|r| r.status == ReleaseStatus::Ready && !keep.contains(&r.id)).collect();
+        for mut r in doomed {
+            r.status = ReleaseStatus::Pruned;
+            if let Err(e) = self.store.put_release(&r) {
+                tracing::warn!("could not record release {} as pruned, so it stays on disk: {e}", r.id);
+                keep.push(r.id);
+            }
+        }
+        self.publish_statics(app);
+        let (builder, app) = (self.builder.clone(), app.clone());
+        self.tasks.spawn(async move {
+            match tokio::task::spawn_blocking(move || builder.prune(&app, &keep)).await {
+                Ok(Ok(pruned)) if !pruned.is_empty() => tracing::info!(?pruned, "old releases deleted"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("could not delete old releases: {e}"),
+                Err(e) => tracing::warn!("deleting old releases failed: {e}"),
+            }
+        });
+    }
+}
