@@ -106,6 +106,19 @@ pub struct HealthCheck {
     /// (Django's `ALLOWED_HOSTS`, Rails' host authorization).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Pages a new instance must answer (once, after its health check
+    /// first passes and before it gets any client request): a release
+    /// whose health view answers 200 while its pages answer 500 never
+    /// reaches a user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub smoke: Vec<SmokeCheck>,
+}
+
+/// One smoke check: `GET path`, answered within `expect_status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmokeCheck {
+    pub path: String,
+    pub expect_status: StatusRange,
 }
 
 /// Restart behaviour of the supervisor for crashed instances.

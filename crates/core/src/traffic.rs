@@ -58,6 +58,18 @@ impl BackendHealth {
     }
 }
 
+/// What a change of health was decided on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCause {
+    /// The active health checks (or a drain, or a passive failure).
+    #[default]
+    Check,
+    /// A smoke check failed: the instance answered its health check but
+    /// not one of its pages. It never enters rotation.
+    Smoke,
+}
+
 /// A change of health, with the evidence (for status and rollback reports).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthEvent {
@@ -65,6 +77,8 @@ pub struct HealthEvent {
     pub health: BackendHealth,
     /// E.g. `GET /health/ -> 500` or `connect: connection refused`.
     pub detail: String,
+    #[serde(default)]
+    pub cause: HealthCause,
 }
 
 /// A backend's current state, for `status`.

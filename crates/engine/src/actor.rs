@@ -13,7 +13,7 @@ use crate::error::EngineError;
 use crate::report::*;
 use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, Liveness, StopOutcome};
 use nonstop_core::process::{AppSpec, ProcessKind, ProcessSpec};
-use nonstop_core::traffic::{Backend, BackendHealth, HealthEvent, InitialHealth, RouteKey, Traffic};
+use nonstop_core::traffic::{Backend, BackendHealth, HealthCause, HealthEvent, InitialHealth, RouteKey, Traffic};
 use nonstop_core::{AppName, Clock, EnvironmentId, InstanceId, ProcessName, ReleaseId};
 use nonstop_plan::rollout::{rollout_step, NewPhase, OldPhase, RolloutAction, RolloutParams, RolloutSlot, RolloutStep};
 use nonstop_plan::{reconcile, Action, Observed, ObservedInstance, Phase, SlotBackoff};
@@ -443,6 +443,9 @@ pub(crate) struct Inst {
     last_checks: VecDeque<String>,
     /// A stop was asked for while it was still launching.
     stop_requested: bool,
+    /// It answered its health check but failed a smoke check (the
+    /// proxy's words): it never takes traffic, and a rollout fails on it.
+    smoke_failure: Option<String>,
 }
 
 impl Inst {
@@ -465,6 +468,7 @@ impl Inst {
             health: None,
             last_checks: VecDeque::new(),
             stop_requested: false,
+            smoke_failure: None,
         }
     }
 }
@@ -1375,6 +1379,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 inst.last_checks.pop_front();
             }
         }
+        if ev.cause == HealthCause::Smoke && inst.phase == InstPhase::Starting {
+            inst.smoke_failure = Some(ev.detail.clone());
+        }
         let became_ready = ev.health == BackendHealth::Healthy && inst.phase == InstPhase::Starting;
         if became_ready {
             inst.phase = InstPhase::Ready;
@@ -1387,6 +1394,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             self.event(&app, "healthy", Some(&ev.instance), &ev.detail);
             let label = self.instance_label(&ev.instance);
             self.progress(format!("{label} healthy"));
+        } else if ev.cause == HealthCause::Smoke {
+            self.event(&app, "smoke-failed", Some(&ev.instance), &ev.detail);
+            let label = self.instance_label(&ev.instance);
+            self.progress(format!("{label} {}", ev.detail));
         } else if ev.health == BackendHealth::Unhealthy && was != Some(BackendHealth::Unhealthy) {
             self.event(&app, "unhealthy", Some(&ev.instance), &ev.detail);
         } else if ev.health == BackendHealth::Healthy && was == Some(BackendHealth::Unhealthy) {
@@ -1403,6 +1414,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     instance: id,
                     health: st.health,
                     detail: st.last_checks.last().cloned().unwrap_or_default(),
+                    cause: Default::default(),
                 });
             }
         }
@@ -1713,6 +1725,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     }
                     Some(inst) if inst.phase == InstPhase::Ready => NewPhase::Ready,
                     Some(inst) if inst.phase == InstPhase::Stopping => NewPhase::Failed,
+                    // Healthy, but a page it must serve is broken: before
+                    // any client saw it.
+                    Some(inst) if inst.smoke_failure.is_some() => {
+                        if failure.is_none() {
+                            failure = Some(format!(
+                                "new instance {} {}; no client request reached it",
+                                id.slot_name(),
+                                inst.smoke_failure.as_deref().unwrap_or("failed a smoke check")
+                            ));
+                        }
+                        NewPhase::Failed
+                    }
                     Some(inst) => {
                         if now.saturating_duration_since(inst.started) >= health_timeout {
                             if failure.is_none() {

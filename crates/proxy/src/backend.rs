@@ -388,6 +388,7 @@ mod tests {
             unhealthy_threshold: unhealthy,
             expect_status: StatusRange { min: 200, max: 399 },
             host: None,
+            smoke: Vec::new(),
         }
     }
 

@@ -7,7 +7,8 @@ use crate::error::clean_io_message;
 use http::{header, Request};
 use hyper_util::rt::TokioIo;
 use nonstop_core::process::HealthCheck;
-use nonstop_core::traffic::{BackendHealth, HealthEvent};
+use nonstop_core::process::SmokeCheck;
+use nonstop_core::traffic::{BackendHealth, HealthCause, HealthEvent};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,9 +32,13 @@ impl Shared {
     /// Publish a transition decided under `backend.slow()` (still held by the
     /// caller, so events of one backend go out in order).
     pub fn publish(&self, backend: &BackendState, health: BackendHealth, detail: String) {
+        self.publish_because(backend, health, detail, HealthCause::Check)
+    }
+
+    fn publish_because(&self, backend: &BackendState, health: BackendHealth, detail: String, cause: HealthCause) {
         backend.store_health(health);
         tracing::info!(instance = %backend.instance, addr = %backend.addr, health = health.as_str(), %detail, "backend health changed");
-        let _ = self.events.send(HealthEvent { instance: backend.instance.clone(), health, detail });
+        let _ = self.events.send(HealthEvent { instance: backend.instance.clone(), health, detail, cause });
         if health == BackendHealth::Healthy {
             self.changed.notify_waiters();
         }
@@ -61,6 +66,14 @@ impl Shared {
         if let Some(health) = slow.machine.passive_failure() {
             self.publish(backend, health, detail);
         }
+    }
+
+    /// A smoke check failed: the backend leaves (never enters) rotation
+    /// for good, and says why.
+    pub fn smoke_failed(&self, backend: &BackendState, detail: String) {
+        let mut slow = backend.slow();
+        BackendState::push_check(&mut slow, detail.clone());
+        self.publish_because(backend, BackendHealth::Unhealthy, detail, HealthCause::Smoke);
     }
 
     pub fn drain(&self, backend: &BackendState) {
@@ -91,6 +104,9 @@ pub(crate) async fn run_checker(backend: Arc<BackendState>, shared: Arc<Shared>)
     // Whether the last check was inconclusive: one log line when checks
     // become inconclusive, not one per check.
     let mut inconclusive = false;
+    // Smoke checks run once, after the first passing health check of an
+    // instance that is not in rotation yet (a re-adopted one is).
+    let mut smoke_due = !backend.check.smoke.is_empty() && backend.health() == BackendHealth::Pending;
     let mut ticker = tokio::time::interval(backend.check.interval.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -113,9 +129,85 @@ pub(crate) async fn run_checker(backend: Arc<BackendState>, shared: Arc<Shared>)
         if inconclusive && !was_inconclusive {
             tracing::warn!(instance = %backend.instance, %result, "health check not made: the proxy is out of file descriptors (or sockets); the instance keeps its health until checks can be made again");
         }
+        if verdict == Verdict::Pass && smoke_due {
+            let smoke = tokio::select! {
+                _ = backend.token.cancelled() => return,
+                r = smoke_once(backend.addr, &backend.check) => r,
+            };
+            match smoke {
+                (Verdict::Pass, _) => smoke_due = false,
+                // Our own shortage: try again after the next check.
+                (Verdict::Inconclusive, _) => continue,
+                (Verdict::Fail, words) => {
+                    shared.smoke_failed(&backend, format!("smoke check failed: {words}"));
+                    return;
+                }
+            }
+        }
         shared.record_check(&backend, verdict, result);
         backend.pool.prune();
     }
+}
+
+/// How long one smoke page may take: pages are slower than a health view.
+const SMOKE_TIMEOUT_MIN: Duration = Duration::from_secs(10);
+/// How much of a failing page's body the reason quotes.
+const SMOKE_EXCERPT: usize = 160;
+
+/// Run every smoke check of `check` once, in order; the first one that
+/// does not pass stops them.
+async fn smoke_once(addr: SocketAddr, check: &HealthCheck) -> (Verdict, String) {
+    for smoke in &check.smoke {
+        let (verdict, words) = smoke_page(addr, check, smoke).await;
+        if verdict != Verdict::Pass {
+            return (verdict, words);
+        }
+    }
+    (Verdict::Pass, String::new())
+}
+
+/// `GET path` of one smoke check: the verdict, and `GET / -> 500: <body
+/// excerpt>` when it fails.
+async fn smoke_page(addr: SocketAddr, check: &HealthCheck, smoke: &SmokeCheck) -> (Verdict, String) {
+    let timeout = check.timeout.max(SMOKE_TIMEOUT_MIN);
+    let path = smoke.path.as_str();
+    match tokio::time::timeout(timeout, fetch(addr, path, check.host.as_deref(), "nonstop-smoke-check", true)).await {
+        Ok(Ok((status, _))) if smoke.expect_status.contains(status) => (Verdict::Pass, String::new()),
+        Ok(Ok((status, body))) => {
+            let excerpt = excerpt(&body);
+            let expected = if smoke.expect_status.min == smoke.expect_status.max {
+                smoke.expect_status.min.to_string()
+            } else {
+                format!("{}-{}", smoke.expect_status.min, smoke.expect_status.max)
+            };
+            let excerpt = if excerpt.is_empty() { String::new() } else { format!(": {excerpt}") };
+            (Verdict::Fail, format!("GET {path} -> {status} (expected {expected}){excerpt}"))
+        }
+        Ok(Err(CheckError::Local(_))) => (Verdict::Inconclusive, String::new()),
+        Ok(Err(CheckError::Instance(err))) => (Verdict::Fail, format!("GET {path} -> {err}")),
+        Err(_) => (Verdict::Fail, format!("GET {path} -> timed out after {}ms", timeout.as_millis())),
+    }
+}
+
+/// The start of a body as one printable line (HTML tags kept: Django's
+/// error pages say what broke in their <title>).
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(SMOKE_EXCERPT * 4)]);
+    let mut out = String::new();
+    let mut last_space = true;
+    for c in text.chars() {
+        let c = if c.is_control() || c.is_whitespace() { ' ' } else { c };
+        if c == ' ' && last_space {
+            continue;
+        }
+        last_space = c == ' ';
+        out.push(c);
+        if out.chars().count() >= SMOKE_EXCERPT {
+            out.push('…');
+            break;
+        }
+    }
+    out.trim().to_string()
 }
 
 /// One check on a fresh connection (as HAProxy does: it also proves that
@@ -124,8 +216,10 @@ pub(crate) async fn run_checker(backend: Arc<BackendState>, shared: Arc<Shared>)
 pub(crate) async fn check_once(addr: SocketAddr, check: &HealthCheck) -> (Verdict, String) {
     let started = Instant::now();
     let path = if check.path.starts_with('/') { check.path.as_str() } else { "/" };
-    match tokio::time::timeout(check.timeout, exchange(addr, path, check.host.as_deref())).await {
-        Ok(Ok(status)) => {
+    match tokio::time::timeout(check.timeout, fetch(addr, path, check.host.as_deref(), "nonstop-health-check", false))
+        .await
+    {
+        Ok(Ok((status, _))) => {
             let verdict = if check.expect_status.contains(status) { Verdict::Pass } else { Verdict::Fail };
             (verdict, format!("GET {path} -> {status} in {}ms", started.elapsed().as_millis()))
         }
@@ -143,7 +237,15 @@ enum CheckError {
     Instance(String),
 }
 
-async fn exchange(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<u16, CheckError> {
+/// `GET path` on a fresh connection: the status, and the first bytes of
+/// the body when `body` is asked for.
+async fn fetch(
+    addr: SocketAddr,
+    path: &str,
+    host: Option<&str>,
+    user_agent: &str,
+    body: bool,
+) -> Result<(u16, Vec<u8>), CheckError> {
     let stream = TcpStream::connect(addr).await.map_err(|e| {
         let message = clean_io_message(&e.to_string()).to_string();
         if crate::limits::is_local_exhaustion(&e) {
@@ -158,7 +260,7 @@ async fn exchange(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<u1
         .map_err(|e| CheckError::Instance(format!("error: {e}")))?;
     let req = Request::get(path)
         .header(header::HOST, host.map_or_else(|| addr.to_string(), str::to_string))
-        .header(header::USER_AGENT, "nonstop-health-check")
+        .header(header::USER_AGENT, user_agent)
         .header(header::CONNECTION, "close")
         .body(UpBody::empty())
         .map_err(|e| CheckError::Instance(format!("error: {e}")))?;
@@ -177,10 +279,35 @@ async fn exchange(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<u1
             Ok(()) => send.await,
         },
     };
-    match res {
-        Ok(resp) => Ok(resp.status().as_u16()),
-        Err(e) => Err(CheckError::Instance(format!("error: {}", clean_io_message(&e.to_string())))),
+    let resp = res.map_err(|e| CheckError::Instance(format!("error: {}", clean_io_message(&e.to_string()))))?;
+    let status = resp.status().as_u16();
+    if !body {
+        return Ok((status, Vec::new()));
     }
+    // The start of the body, for the reason a smoke check failed; the
+    // connection is driven while it is read.
+    let mut incoming = resp.into_body();
+    let mut bytes = Vec::new();
+    let read = async {
+        use http_body_util::BodyExt;
+        while bytes.len() < SMOKE_EXCERPT * 4 {
+            match incoming.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        bytes.extend_from_slice(&data);
+                    }
+                }
+                _ => break,
+            }
+        }
+    };
+    tokio::pin!(read);
+    tokio::select! {
+        () = &mut read => {}
+        // The connection ended: what it delivered is buffered in the body.
+        _ = &mut conn => read.await,
+    }
+    Ok((status, bytes))
 }
 
 #[cfg(test)]
@@ -215,6 +342,7 @@ mod tests {
             unhealthy_threshold: 1,
             expect_status: StatusRange { min: 200, max: 399 },
             host: host.map(str::to_string),
+            smoke: Vec::new(),
         };
         let (verdict, summary) = check_once(addr, &check).await;
         (verdict, summary, server.await.unwrap())
@@ -248,6 +376,7 @@ mod tests {
             unhealthy_threshold: 2,
             expect_status: StatusRange { min: 200, max: 399 },
             host: None,
+            smoke: Vec::new(),
         };
         let backend = BackendState::new(
             InstanceId::new(ProcessName::new("web").unwrap(), 1, 1),
@@ -289,6 +418,7 @@ mod tests {
             unhealthy_threshold: 1,
             expect_status: StatusRange { min: 200, max: 399 },
             host: None,
+            smoke: Vec::new(),
         };
         let (verdict, summary) = check_once(addr, &check).await;
         assert_eq!(verdict, Verdict::Fail, "{summary}");

@@ -187,3 +187,5 @@ pub fn sanitize_app_name(dir_name: &str) -> String {
 mod tests;
 #[cfg(test)]
 mod tests_static;
+#[cfg(test)]
+mod tests_smoke;

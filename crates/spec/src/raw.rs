@@ -177,6 +177,24 @@ pub struct RawHealth {
     /// `200` or `"200-399"`.
     pub expect_status: Option<Spanned<RawIntOrString>>,
     pub host: Option<Spanned<String>>,
+    /// `["/", "/notes/"]`, or `[{ path = "/", expect_status = "200-299" }]`.
+    pub smoke: Option<Spanned<Vec<Spanned<RawSmoke>>>>,
+}
+
+/// One entry of `smoke`: a path, or a path with its expected statuses.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawSmoke {
+    Path(String),
+    Check(RawSmokeCheck),
+}
+
+/// `{ path = "/", expect_status = "200-299" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSmokeCheck {
+    pub path: String,
+    pub expect_status: Option<RawIntOrString>,
 }
 
 /// `[processes.NAME.rollout]`.

@@ -178,6 +178,7 @@ healthy_threshold = 3
 unhealthy_threshold = 4
 expect_status = "200-299"
 host = "notes.example.com"
+smoke = ["/", { path = "/notes/", expect_status = "200-299" }]
 
 [processes.web.rollout]
 max_surge = "50%"

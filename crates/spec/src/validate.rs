@@ -16,7 +16,7 @@ use crate::walk::display_key;
 use nonstop_core::ids::{AppName, ProcessName};
 use nonstop_core::process::{
     AppSpec, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec, RestartPolicy, Rollout, Signal,
-    StatusRange, TlsSpec,
+    SmokeCheck, StatusRange, TlsSpec,
 };
 use serde_spanned::Spanned;
 use std::collections::BTreeMap;
@@ -779,11 +779,85 @@ fn quantity(
 }
 
 fn status_range(value: Option<&Spanned<RawIntOrString>>, field: Field<'_>, diags: &mut Diags) -> StatusRange {
+    match value {
+        None => DEFAULT_EXPECT_STATUS,
+        Some(v) => status_range_at(v.get_ref(), v.span(), field, diags),
+    }
+}
+
+/// At most this many smoke checks: each one delays every new instance.
+const MAX_SMOKE_CHECKS: usize = 20;
+
+/// `smoke` in `[processes.NAME.health]`.
+fn smoke_checks(raw: Option<&Spanned<Vec<Spanned<RawSmoke>>>>, table: &str, diags: &mut Diags) -> Vec<SmokeCheck> {
+    let Some(raw) = raw else { return Vec::new() };
+    if raw.get_ref().len() > MAX_SMOKE_CHECKS {
+        diags.error(
+            raw.span(),
+            format!("`smoke` in [{table}] lists {} paths; at most {MAX_SMOKE_CHECKS} are allowed", raw.get_ref().len()),
+            "keep the pages that prove the release works (a page that reads the database, one that renders templates and assets)",
+        );
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for entry in raw.get_ref() {
+        let (path, expect) = match entry.get_ref() {
+            RawSmoke::Path(p) => (p, None),
+            RawSmoke::Check(c) => (&c.path, c.expect_status.as_ref()),
+        };
+        let field = Field::new(table, "smoke");
+        let Some(path) = smoke_path(path, entry.span(), table, diags) else { continue };
+        let expect_status = match expect {
+            None => DEFAULT_EXPECT_STATUS,
+            Some(v) => status_range_at(v, entry.span(), field, diags),
+        };
+        out.push(SmokeCheck { path, expect_status });
+    }
+    out
+}
+
+/// A smoke path: a URL path and query the instance is asked for, as a
+/// browser would ask for it.
+fn smoke_path(v: &str, span: std::ops::Range<usize>, table: &str, diags: &mut Diags) -> Option<String> {
+    let problem = if v.contains("://") || v.starts_with("//") {
+        Some("is a URL; give the path only (the instance is asked directly, on its own port)")
+    } else if !v.starts_with('/') {
+        Some("must start with '/'")
+    } else if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("must not contain spaces or control characters (percent-encode them: %20)")
+    } else if v.contains('#') {
+        Some("must not contain a fragment ('#…' never reaches a server)")
+    } else {
+        None
+    };
+    let Some(problem) = problem else { return Some(v.to_string()) };
+    let authority = v.find("://").map(|i| i + 3).or(v.starts_with("//").then_some(2));
+    let fixed = match authority {
+        Some(i) => v[i..].find('/').map_or("/".to_string(), |j| v[i + j..].to_string()),
+        None => {
+            let t: String = v.chars().filter(|c| !c.is_whitespace() && !c.is_control()).collect();
+            let t = t.split('#').next().unwrap_or("").trim_start_matches('/').to_string();
+            format!("/{t}")
+        }
+    };
+    diags.error(
+        span,
+        format!("a path in `smoke` of [{table}] {problem} ({v:?})"),
+        format!("for example: smoke = [\"{fixed}\"]"),
+    );
+    None
+}
+
+fn status_range_at(
+    value: &RawIntOrString,
+    span: std::ops::Range<usize>,
+    field: Field<'_>,
+    diags: &mut Diags,
+) -> StatusRange {
     let default = DEFAULT_EXPECT_STATUS;
-    let Some(value) = value else { return default };
     let hint = "use one status (200) or an inclusive range of statuses (\"200-399\"), between 100 and 599";
     let valid = |n: i64| (100..=599).contains(&n);
-    let range = match value.get_ref() {
+    let range = match value {
         RawIntOrString::Int(n) => Some((*n, *n)),
         RawIntOrString::Text(text) => {
             let t = text.trim();
@@ -797,18 +871,18 @@ fn status_range(value: Option<&Spanned<RawIntOrString>>, field: Field<'_>, diags
         Some((min, max)) if valid(min) && valid(max) && min <= max => StatusRange { min: min as u16, max: max as u16 },
         Some((min, max)) if valid(min) && valid(max) => {
             diags.error(
-                value.span(),
+                span.clone(),
                 format!("{} is an empty range: {min} is greater than {max}", field.what()),
                 format!("write the smaller status first: \"{max}-{min}\""),
             );
             default
         }
         Some(_) => {
-            diags.error(value.span(), format!("{} must be HTTP statuses between 100 and 599", field.what()), hint);
+            diags.error(span.clone(), format!("{} must be HTTP statuses between 100 and 599", field.what()), hint);
             default
         }
         None => {
-            diags.error(value.span(), format!("{} is not a status or a range of statuses", field.what()), hint);
+            diags.error(span.clone(), format!("{} is not a status or a range of statuses", field.what()), hint);
             default
         }
     }
@@ -1068,6 +1142,7 @@ fn validate_health(raw: Option<&RawHealth>, path: &str, diags: &mut Diags) -> He
             diags,
         ),
         expect_status: status_range(raw.expect_status.as_ref(), f("expect_status"), diags),
+        smoke: smoke_checks(raw.smoke.as_ref(), path, diags),
         host: raw.host.as_ref().and_then(|h| {
             let v = h.get_ref();
             if valid_host_header(v) {

@@ -289,7 +289,65 @@ fn walk_health(t: &Table<'_, '_>, diags: &mut Diags) -> RawHealth {
             diags,
         ),
         host: t.string("host", "host = \"notes.example.com\"", diags),
+        smoke: walk_smoke(t, diags),
     }
+}
+
+const SMOKE_EXAMPLE: &str = "smoke = [\"/\", { path = \"/notes/\", expect_status = \"200-299\" }]";
+
+/// `smoke`: a list of paths, or of `{ path, expect_status }` tables.
+fn walk_smoke(t: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<Vec<Spanned<RawSmoke>>>> {
+    let value = t.get("smoke")?;
+    let DeValue::Array(items) = value.get_ref() else {
+        if let DeValue::String(s) = value.get_ref() {
+            diags.error(
+                value.span(),
+                format!("{} must be a list of paths, not a string", t.describe_key("smoke")),
+                format!("put it in a list: smoke = [{}]", toml_quote(s)),
+            );
+        } else {
+            t.type_error("smoke", value, "a list of paths", SMOKE_EXAMPLE, diags);
+        }
+        return None;
+    };
+    let mut out = Vec::new();
+    for item in items.iter() {
+        match item.get_ref() {
+            DeValue::String(s) => out.push(Spanned::new(item.span(), RawSmoke::Path(s.to_string()))),
+            DeValue::Table(entries) => {
+                let entry = Table { entries, span: item.span(), path: t.child("smoke") };
+                entry.check_keys(&["path", "expect_status"], diags);
+                let path = entry.string("path", "path = \"/\"", diags);
+                let expect = entry.int_or_string(
+                    "expect_status",
+                    "an HTTP status (200) or a range (\"200-399\")",
+                    "expect_status = \"200-299\"",
+                    diags,
+                );
+                match path {
+                    Some(path) => out.push(Spanned::new(
+                        item.span(),
+                        RawSmoke::Check(RawSmokeCheck {
+                            path: path.into_inner(),
+                            expect_status: expect.map(Spanned::into_inner),
+                        }),
+                    )),
+                    None if entry.get("path").is_none() => diags.error(
+                        item.span(),
+                        format!("an entry of {} has no `path`", t.describe_key("smoke")),
+                        format!("for example: {SMOKE_EXAMPLE}"),
+                    ),
+                    None => {}
+                }
+            }
+            other => diags.error(
+                item.span(),
+                format!("{} must contain paths or tables, not {}", t.describe_key("smoke"), describe(other)),
+                format!("for example: {SMOKE_EXAMPLE}"),
+            ),
+        }
+    }
+    Some(Spanned::new(value.span(), out))
 }
 
 fn walk_rollout(t: &Table<'_, '_>, diags: &mut Diags) -> RawRollout {

@@ -39,6 +39,7 @@ pub fn health_check() -> HealthCheck {
         unhealthy_threshold: 2,
         expect_status: StatusRange { min: 200, max: 399 },
         host: None,
+        smoke: Vec::new(),
     }
 }
 

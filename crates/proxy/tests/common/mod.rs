@@ -281,6 +281,7 @@ pub fn check(interval_ms: u64, healthy: u32, unhealthy: u32) -> HealthCheck {
         unhealthy_threshold: unhealthy,
         expect_status: StatusRange { min: 200, max: 399 },
         host: None,
+        smoke: Vec::new(),
     }
 }
 
