@@ -5,6 +5,8 @@ Routes:
   /health       200 "ok" (500 when the file named by $FAIL_HEALTH_FILE exists)
   /slow?ms=N    answers after N milliseconds
   /pid          the pid of this process
+With BROKEN_PAGES=1 every page except /health answers 500 (a release whose
+health view works while its pages do not, e.g. a forgotten collectstatic).
 Graceful on SIGTERM: stops accepting, lets in-flight requests finish.
 """
 import os
@@ -22,6 +24,7 @@ GREETING = os.environ.get("GREETING", "hello")
 VERSION = os.environ.get("APP_VERSION", "1")
 FAIL_FILE = os.environ.get("FAIL_HEALTH_FILE", "")
 BOOT_DELAY = float(os.environ.get("BOOT_DELAY", "0"))
+BROKEN_PAGES = os.environ.get("BROKEN_PAGES", "") == "1"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -48,6 +51,8 @@ class Handler(BaseHTTPRequestHandler):
             if FAIL_FILE and os.path.exists(FAIL_FILE):
                 return self._send(500, "failing on purpose\n")
             return self._send(200, "ok\n")
+        if BROKEN_PAGES:
+            return self._send(500, "<title>ValueError: Missing staticfiles manifest entry</title>\n", "text/html")
         if url.path == "/slow":
             ms = int(parse_qs(url.query).get("ms", ["100"])[0])
             time.sleep(ms / 1000)

@@ -784,3 +784,32 @@ fn deploying_the_content_of_a_retained_release_rolls_to_it_without_building() {
     assert_eq!(log.lines().last(), Some("migrated v2"), "{log}");
     assert_eq!(log.lines().count(), 3, "{log}");
 }
+
+/// Issue 12: a release whose health view answers 200 while its pages answer
+/// 500 is stopped by its smoke check before any client request reaches it.
+#[test]
+fn a_release_failing_its_smoke_check_is_rolled_back_before_any_client_saw_it() {
+    let app = deployable();
+    let spec = app.spec().replace("path = \"/health\"", "path = \"/health\"\nsmoke = [\"/\", \"/pid\"]");
+    assert!(spec.contains("smoke = "), "{spec}");
+    app.write_spec(&spec);
+    app.run(&["deploy"]).ok();
+    let before: Vec<i32> = app.pids("web");
+    let load = Load::start(app.proxy(), "/", 4);
+    wait_until(T, "traffic", || app.get("/").is_ok());
+    app.write_spec(&app.spec().replace("APP_VERSION = \"1\"", "APP_VERSION = \"2\"\nBROKEN_PAGES = \"1\""));
+    let r = app.run(&["deploy"]);
+    let (ok, failures) = load.finish();
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("rolled back"), "{}", r.stderr);
+    assert!(r.stderr.contains("smoke check failed: GET / -> 500"), "{}", r.stderr);
+    assert!(r.stderr.contains("Missing staticfiles manifest entry"), "the body excerpt: {}", r.stderr);
+    assert!(r.stderr.contains("no client request reached it"), "{}", r.stderr);
+    // Not one client saw the broken release.
+    assert!(ok > 0);
+    assert!(failures.is_empty(), "{} failed of {ok}: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert_eq!(app.pids("web"), before, "the old instances were never replaced");
+    let h = history(&app);
+    assert_eq!(h[0]["status"], "rolled_back");
+    assert!(h[0]["reason"].as_str().unwrap().contains("smoke check failed: GET / -> 500"), "{h:#?}");
+}

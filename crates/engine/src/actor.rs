@@ -823,6 +823,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             };
             if kind == ProcessKind::Web && phase != InstPhase::Stopping {
                 if let (Some(addr), Some(check)) = (handle.addr, spec.as_ref().and_then(|s| s.health.clone())) {
+                    let check = crate::preflight::instance_check(check, &rt.ctx_for(&rec.id.process).spec.statics);
                     let initial = if rec.was_healthy { InitialHealth::AssumeHealthy } else { InitialHealth::Pending };
                     self.traffic.add(&rt.route, Backend { instance: rec.id.clone(), addr }, check, initial);
                 }
@@ -1303,6 +1304,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     store_failed(&self.degraded, &*self.clock, &format!("the record of {id}"), &e);
                 }
                 let spec = rt.process_spec(&id.process);
+                let statics = rt.ctx_for(&id.process).spec.statics;
                 let route = rt.route.clone();
                 let app = rt.record.app.clone();
                 self.watch_exit(handle.clone());
@@ -1320,6 +1322,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
                 if let (Some(spec), Some(addr)) = (spec, handle.addr) {
                     if let Some(check) = spec.health {
+                        let check = crate::preflight::instance_check(check, &statics);
                         self.traffic.add(&route, Backend { instance: id.clone(), addr }, check, InitialHealth::Pending);
                     }
                 }

@@ -3,9 +3,9 @@
 //! deployment goes from there is `nonstop_plan::deployment::advance`'s
 //! decision, carried out by `deployment.rs`.
 
-use super::*;
 use super::deployment::{shape_for, stored_deployment, stored_phase_name};
 use super::tasks::RecoveredTasks;
+use super::*;
 use nonstop_core::driver::TaskHandle;
 use nonstop_plan::deploy::{rollout_order, TaskFate};
 use nonstop_plan::deployment::{Deployment, DeploymentKind, Event, Margins, Phase as DeploymentPhase, RollTo};
@@ -609,8 +609,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         record.status = DeploymentStatus::Failed;
         record.reason = Some(reason);
         record.finished_at = Some(self.clock.wall());
-        record.phase = serde_json::to_value(nonstop_plan::deploy::DeployPhase::Failed { reason: "daemon stopped".into() })
-            .unwrap_or_default();
+        record.phase =
+            serde_json::to_value(nonstop_plan::deploy::DeployPhase::Failed { reason: "daemon stopped".into() })
+                .unwrap_or_default();
         self.store.update_deployment(&record)?;
         tracing::warn!("deployment #{} of {app} was interrupted before going live; marked failed", record.id);
         Ok(())
@@ -670,7 +671,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
             DeploymentPhase::Canary { .. } => format!("{what} cancelled during the canary: rolling back to {from}"),
             DeploymentPhase::Rolling { index } => {
-                let rolling = run.machine.shape.order.get(index).map(|p| format!(" while rolling {p}")).unwrap_or_default();
+                let rolling =
+                    run.machine.shape.order.get(index).map(|p| format!(" while rolling {p}")).unwrap_or_default();
                 format!("{what} cancelled{rolling}: rolling back to {from}")
             }
             DeploymentPhase::PostTasks => format!("{what}: post tasks stopped; {} stays live", run.to.id),

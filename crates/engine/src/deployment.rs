@@ -34,7 +34,8 @@ pub(crate) fn shape_for(kind: DeploymentKind, to: &ReleaseCtx, first: bool, orde
     let limits = Limits {
         build_ms: task_ms.saturating_mul(to.spec.build.len().max(1) as u64).saturating_add(margin),
         gate_ms: task_ms.saturating_mul(release.tasks.len().max(1) as u64).saturating_add(margin),
-        tasks_ms: task_ms.saturating_mul(release.tasks.len().max(release.post_tasks.len()).max(1) as u64)
+        tasks_ms: task_ms
+            .saturating_mul(release.tasks.len().max(release.post_tasks.len()).max(1) as u64)
             .saturating_add(margin),
         rollout_ms: Limits::default().rollout_ms,
     };
@@ -142,7 +143,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     /// (its process group), or the rollout (no further steps; it reports
     /// its end as usual).
     fn abort_deployment_work(&mut self) {
-        let why = self.deployment.as_ref().and_then(|r| r.machine.stopping.as_ref()).map_or_else(|| "stopped".to_string(), |f| f.detail.clone());
+        let why = self
+            .deployment
+            .as_ref()
+            .and_then(|r| r.machine.stopping.as_ref())
+            .map_or_else(|| "stopped".to_string(), |f| f.detail.clone());
         match self.app.as_mut().and_then(|rt| rt.rollout.as_mut()) {
             Some(ro) => ro.cancelled = Some(why),
             None => {
@@ -191,7 +196,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         // aborted because the deployment moved on (a timeout) ends too,
         // and its end is not the next rollout's.
         let expected = match &run.machine.phase {
-            DeploymentPhase::Rolling { index } => to == RollTo::New && run.machine.shape.order.get(*index) == Some(&process),
+            DeploymentPhase::Rolling { index } => {
+                to == RollTo::New && run.machine.shape.order.get(*index) == Some(&process)
+            }
             DeploymentPhase::RollingBack { remaining, .. } => to != RollTo::New && remaining.first() == Some(&process),
             DeploymentPhase::Fallback { .. } => to == RollTo::Nothing,
             _ => false,
@@ -317,7 +324,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         run.to.workdir = out.dir.clone();
         let path_var = run.base_env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-        let problems = crate::preflight::check_commands(&run.to.spec, &out.dir, &path_var);
+        let mut problems = crate::preflight::check_commands(&run.to.spec, &out.dir, &path_var);
+        problems.extend(crate::preflight::check_smoke_assets(&run.to.spec, &out.dir));
         if run.machine.stopping.is_none() {
             self.progress(format!(
                 "built {release}: {} files, {} KiB in {}",
@@ -395,7 +403,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let Some(mut run) = self.deployment.take() else { return };
         run.cancel.cancel();
         let took = self.clock.now().saturating_duration_since(run.started);
-        let rollback_failed = matches!(&outcome, Outcome::Failed { failure } if failure.kind == FailureKind::RollbackFailed);
+        let rollback_failed =
+            matches!(&outcome, Outcome::Failed { failure } if failure.kind == FailureKind::RollbackFailed);
         let (status, reason) = match &outcome {
             Outcome::Succeeded { note } => {
                 (DeploymentStatus::Succeeded, note.as_ref().map(|n| format!("live, but {n}")))

@@ -1,7 +1,8 @@
 //! Checks that need the file system, done before anything changes: does
-//! the first word of each command exist?
+//! the first word of each command exist? Are the static files the smoke
+//! checks name in the built release?
 
-use nonstop_core::process::AppSpec;
+use nonstop_core::process::{AppSpec, HealthCheck, StaticMount};
 use std::path::{Path, PathBuf};
 
 /// Shell words that are not programs on the PATH.
@@ -81,9 +82,75 @@ pub fn check_commands(spec: &AppSpec, workdir: &Path, path_var: &str) -> Vec<Str
     problems
 }
 
+/// The static mount a smoke path falls under, and the file it names
+/// relative to the mount's directory.
+fn static_target<'a>(path: &'a str, statics: &'a [StaticMount]) -> Option<(&'a StaticMount, &'a str)> {
+    let path = path.split('?').next().unwrap_or(path);
+    statics.iter().find_map(|m| path.strip_prefix(m.url.as_str()).map(|rest| (m, rest)))
+}
+
+/// The health check an instance gets: smoke paths under a `[static]` url
+/// are left out (the proxy answers those itself, from the release's
+/// files, which [`check_smoke_assets`] checked after the build).
+pub fn instance_check(mut check: HealthCheck, statics: &[StaticMount]) -> HealthCheck {
+    check.smoke.retain(|s| static_target(&s.path, statics).is_none());
+    check
+}
+
+/// Every web smoke path under a `[static]` url that the built release
+/// `dir` does not have, as user-facing problems (a build that forgot
+/// `collectstatic`).
+pub fn check_smoke_assets(spec: &AppSpec, dir: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    for p in spec.processes.iter().filter_map(|p| p.health.as_ref().map(|h| (p, h))) {
+        for smoke in &p.1.smoke {
+            let Some((mount, rest)) = static_target(&smoke.path, &spec.statics) else { continue };
+            let file = dir.join(&mount.dir).join(rest);
+            let inside = !rest.split('/').any(|s| s == ".." || s == ".");
+            if !(inside && file.is_file()) {
+                problems.push(format!(
+                    "processes.{}.health.smoke: {} is not among the release's static files ({} is missing); did the build run collectstatic (or your asset build)?",
+                    p.0.name,
+                    smoke.path,
+                    mount.dir.join(rest).display()
+                ));
+            }
+        }
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn web_with_smoke(paths: &[&str], statics: Vec<StaticMount>) -> AppSpec {
+        use nonstop_core::process::{SmokeCheck, StatusRange};
+        let mut spec = nonstop_testkit::spec::app("a").web("web", 1).build();
+        spec.statics = statics;
+        let health = spec.processes[0].health.as_mut().unwrap();
+        health.smoke = paths
+            .iter()
+            .map(|p| SmokeCheck { path: p.to_string(), expect_status: StatusRange { min: 200, max: 399 } })
+            .collect();
+        spec
+    }
+
+    #[test]
+    fn smoke_paths_under_a_static_url_are_checked_on_disk_not_on_the_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("staticfiles/css")).unwrap();
+        std::fs::write(dir.path().join("staticfiles/css/app.3f2a.css"), "x").unwrap();
+        let statics = vec![StaticMount { url: "/static/".into(), dir: "staticfiles".into() }];
+        let spec = web_with_smoke(&["/", "/static/css/app.3f2a.css", "/static/css/gone.css", "/static/../x"], statics);
+        let problems = check_smoke_assets(&spec, dir.path());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("/static/css/gone.css is not among the release's static files"), "{problems:?}");
+        assert!(problems[0].contains("staticfiles/css/gone.css is missing"), "{problems:?}");
+        let check = instance_check(spec.processes[0].health.clone().unwrap(), &spec.statics);
+        let paths: Vec<&str> = check.smoke.iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(paths, ["/"]);
+    }
 
     #[test]
     fn finds_the_program_word() {

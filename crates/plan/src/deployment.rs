@@ -823,11 +823,9 @@ impl Deployment {
             // what follows: nothing changed yet (build, gate, release
             // tasks: failed), roll back (rolling), or the release stays
             // live (post tasks).
-            Phase::Building
-            | Phase::MigrationGate
-            | Phase::ReleaseTasks
-            | Phase::Rolling { .. }
-            | Phase::PostTasks => self.request_stop(failure, now, out),
+            Phase::Building | Phase::MigrationGate | Phase::ReleaseTasks | Phase::Rolling { .. } | Phase::PostTasks => {
+                self.request_stop(failure, now, out)
+            }
             // The fallback's stops run to their end, then put back.
             Phase::Fallback { .. } => {
                 self.stopping.get_or_insert(failure);

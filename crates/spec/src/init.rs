@@ -199,6 +199,18 @@ pub fn init_toml(app_name: &str, procfile: Option<&str>) -> Result<String, InitE
     Ok(out)
 }
 
+/// The smoke paths `init` suggests: the home page, and for a Django app
+/// (a WSGI/ASGI server or manage.py) a static file every Django project
+/// with the admin has after `collectstatic`.
+fn smoke_suggestion(command: &str) -> &'static str {
+    let django = ["wsgi", "asgi", "manage.py"].iter().any(|w| command.contains(w));
+    if django {
+        "\"/\", \"/static/admin/css/base.css\""
+    } else {
+        "\"/\""
+    }
+}
+
 fn write_process(out: &mut String, e: &Entry) {
     let _ = writeln!(out, "\n[processes.{}]", e.name);
     if e.name == "web" {
@@ -233,6 +245,11 @@ fn write_process(out: &mut String, e: &Entry) {
              # healthy_threshold = {DEFAULT_HEALTHY_THRESHOLD}\n\
              # unhealthy_threshold = {DEFAULT_UNHEALTHY_THRESHOLD}\n\
              # expect_status = \"{}-{}\"\n\
+             # Pages (and a static file) every new instance must serve (2xx/3xx) before it gets a\n\
+             # client request: a health view that skips the database and the templates answers 200\n\
+             # for a release whose pages answer 500. Paths under a [static] url are checked in the\n\
+             # built release's files instead (a build that forgot collectstatic).\n\
+             # smoke = [{}]\n\
              \n\
              # [processes.web.rollout]\n\
              # max_surge = 1        # a count or a percentage such as \"25%\"\n\
@@ -245,6 +262,7 @@ fn write_process(out: &mut String, e: &Entry) {
             format_duration(DEFAULT_HEALTH_TIMEOUT),
             DEFAULT_EXPECT_STATUS.min,
             DEFAULT_EXPECT_STATUS.max,
+            smoke_suggestion(&e.command),
             format_duration(DEFAULT_ROLLOUT_HEALTH_TIMEOUT),
         );
     } else if looks_like_scheduler(&e.name, &e.command) {
@@ -389,5 +407,17 @@ mod tests {
     fn a_procfile_without_processes_is_refused() {
         assert_eq!(init_toml("blog", Some("# nothing\n")), Err(InitError::NoProcesses));
         assert_eq!(init_toml("blog", Some("release: python manage.py migrate\n")), Err(InitError::NoProcesses));
+    }
+
+    #[test]
+    fn a_django_app_gets_a_page_and_an_asset_as_smoke_suggestions() {
+        let django = init_toml("blog", Some("web: gunicorn blog.wsgi\n")).unwrap();
+        assert!(django.contains("# smoke = [\"/\", \"/static/admin/css/base.css\"]"), "{django}");
+        let other = init_toml("api", Some("web: ./server --port $PORT\n")).unwrap();
+        assert!(other.contains("# smoke = [\"/\"]"), "{other}");
+        // Uncommented, the suggestion is valid.
+        let uncommented =
+            django.replace("# [processes.web.health]", "[processes.web.health]").replace("# smoke = ", "smoke = ");
+        crate::parse(&uncommented, std::path::Path::new("nonstop.toml"), &()).unwrap();
     }
 }

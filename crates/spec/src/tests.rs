@@ -1580,7 +1580,8 @@ fn init_round_trips_a_django_procfile() {
                         && !rest.starts_with("build")
                         && !rest.starts_with("DJANGO")
                         && !rest.starts_with("order")
-                        && !rest.starts_with("post_tasks")) =>
+                        && !rest.starts_with("post_tasks")
+                        && !rest.starts_with("smoke")) =>
             {
                 rest
             }
@@ -1710,6 +1711,11 @@ count = 1
 # healthy_threshold = 2
 # unhealthy_threshold = 3
 # expect_status = "200-399"
+# Pages (and a static file) every new instance must serve (2xx/3xx) before it gets a
+# client request: a health view that skips the database and the templates answers 200
+# for a release whose pages answer 500. Paths under a [static] url are checked in the
+# built release's files instead (a build that forgot collectstatic).
+# smoke = ["/", "/static/admin/css/base.css"]
 
 # [processes.web.rollout]
 # max_surge = 1        # a count or a percentage such as "25%"

@@ -16,7 +16,9 @@ fn parse_errs(src: &str) -> Vec<SpecError> {
 }
 
 fn with_smoke(smoke: &str) -> String {
-    format!("app = \"blog\"\n[processes.web]\ncommand = \"gunicorn blog.wsgi\"\n[processes.web.health]\nsmoke = {smoke}\n")
+    format!(
+        "app = \"blog\"\n[processes.web]\ncommand = \"gunicorn blog.wsgi\"\n[processes.web.health]\nsmoke = {smoke}\n"
+    )
 }
 
 fn smoke_of(spec: &AppSpec) -> Vec<SmokeCheck> {

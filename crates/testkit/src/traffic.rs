@@ -148,7 +148,12 @@ impl FakeTraffic {
             st.update_watermarks(&id.process);
         }
         self.inner.journal.push(Entry::Health(id.clone(), health));
-        let _ = self.inner.events.send(HealthEvent { instance: id.clone(), health, detail: detail.to_string(), cause: Default::default() });
+        let _ = self.inner.events.send(HealthEvent {
+            instance: id.clone(),
+            health,
+            detail: detail.to_string(),
+            cause: Default::default(),
+        });
         true
     }
 
