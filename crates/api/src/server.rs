@@ -69,6 +69,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cancel", post(cancel))
         .route("/v1/releases", get(releases))
         .route("/v1/history", get(history))
+        // A page of up to 1 MiB, JSON-escaped.
+        .route("/v1/maintenance", post(maintenance).layer(axum::extract::DefaultBodyLimit::max(8 << 20)))
+        .route("/v1/stop", post(stop))
+        .route("/v1/start", post(start))
         .fallback(not_found)
         .with_state(state)
 }
@@ -355,6 +359,49 @@ async fn cancel(
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }
+}
+
+async fn maintenance(
+    State(s): State<ApiState>,
+    body: Result<Json<MaintenanceRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid maintenance request: {e}")),
+    };
+    // The same checks as the CLI's: nothing changes on bad input.
+    let setting = match req.checked() {
+        Ok(setting) => setting,
+        Err(e) => return bad_request(e),
+    };
+    match s.engine.maintenance(setting, req.who).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+async fn stop(
+    State(s): State<ApiState>,
+    body: Result<Json<StopStartRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid stop request: {e}")),
+    };
+    let engine = s.engine.clone();
+    op_stream(move |p| async move { engine.stop(req.who, p).await })
+}
+
+async fn start(
+    State(s): State<ApiState>,
+    body: Result<Json<StopStartRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid start request: {e}")),
+    };
+    let engine = s.engine.clone();
+    op_stream(move |p| async move { engine.start(req.who, p).await })
 }
 
 async fn releases(State(s): State<ApiState>) -> Response {

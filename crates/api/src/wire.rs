@@ -170,6 +170,50 @@ impl CancelRequest {
     }
 }
 
+/// `POST /v1/maintenance`: on or off.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MaintenanceRequest {
+    pub on: bool,
+    /// The page's contents (HTML, UTF-8; at most
+    /// [`nonstop_core::maintenance::MAINTENANCE_PAGE_MAX`] bytes); `None`:
+    /// the built-in page. Only with `on`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<String>,
+    /// Addresses (`203.0.113.7`) and CIDR networks (`10.0.0.0/8`) let
+    /// through. Only with `on`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// `Retry-After` in seconds (default 60). Only with `on`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+    /// `user@host`, recorded in the events.
+    pub who: String,
+}
+
+impl MaintenanceRequest {
+    /// The setting it asks for (`None`: off), or what is wrong with it.
+    pub fn checked(&self) -> Result<Option<nonstop_core::maintenance::Maintenance>, String> {
+        if !self.on {
+            if self.page.is_some() || !self.allow.is_empty() || self.retry_after_secs.is_some() {
+                return Err("a page, an allow list or Retry-After only go with maintenance on; to change them, \
+                            run `nonstop maintenance on` with the new ones (maintenance stays on)"
+                    .to_string());
+            }
+            return Ok(None);
+        }
+        nonstop_core::maintenance::build_maintenance(self.page.clone(), &self.allow, self.retry_after_secs)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `POST /v1/stop` and `POST /v1/start`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StopStartRequest {
+    /// `user@host`, recorded in the events and shown by `status`.
+    pub who: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HistoryQuery {
     pub limit: Option<usize>,

@@ -213,6 +213,49 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Maintenance mode: every request to the app (static files included)
+    /// gets 503 with a page and Retry-After, except from the addresses you
+    /// allow; instances keep running and keep being health-checked.
+    ///
+    /// Switching is immediate: every request that starts after the command
+    /// returns sees it, on connections already open too; requests in flight
+    /// finish. The setting is stored before it applies and survives daemon
+    /// restarts and upgrades. `nonstop status` shows it.
+    #[command(
+        after_help = "Examples:\n  nonstop maintenance on\n  nonstop maintenance on --page maintenance.html --allow 203.0.113.7 10.0.0.0/8\n  nonstop maintenance on --retry-after 600\n  nonstop maintenance off"
+    )]
+    Maintenance {
+        #[command(subcommand)]
+        switch: MaintenanceSwitch,
+    },
+    /// Stop the app on purpose: maintenance on, then every process scaled to
+    /// zero gracefully (web drained, workers get their stop signal and
+    /// stop_timeout to finish their current job); the counts are remembered.
+    ///
+    /// The daemon and the proxy keep running, and a daemon restart keeps the
+    /// app stopped. While stopped, `up`, `deploy`, `rollback`, `scale` and
+    /// `restart` are refused: `nonstop start` first. `status` shows the app
+    /// as stopped (not failed). Stopping a stopped app changes nothing.
+    #[command(after_help = "Examples:\n  nonstop stop\n  nonstop stop && pg_dump mydb > backup.sql && nonstop start")]
+    Stop {
+        /// Print progress and the result as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped app: the remembered counts come back, and maintenance
+    /// goes off once every web instance is healthy (if `stop` turned it on;
+    /// maintenance you turned on yourself stays on).
+    ///
+    /// If an instance does not become healthy within its health_timeout,
+    /// start fails and the app stays in maintenance (maintenance goes off by
+    /// itself once web is healthy). Starting an app that is not stopped
+    /// changes nothing.
+    #[command(after_help = "Example:\n  nonstop start")]
+    Start {
+        /// Print progress and the result as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Deployments: release, status, duration, who.
     History {
         #[arg(long, short = 'n', default_value_t = 20)]
@@ -279,4 +322,37 @@ pub enum Command {
     /// Print shell completions.
     #[command(after_help = "Example:\n  nonstop completions bash > /etc/bash_completion.d/nonstop")]
     Completions { shell: clap_complete::Shell },
+}
+
+/// `nonstop maintenance on|off`.
+#[derive(Debug, Subcommand)]
+pub enum MaintenanceSwitch {
+    /// Turn maintenance on (or, if it is on, replace its page, allow list
+    /// and Retry-After).
+    On {
+        /// An HTML file (UTF-8, at most 1 MiB) to serve instead of the
+        /// built-in page; a relative path is from the current directory.
+        /// Its contents are stored: later edits to the file need another
+        /// `maintenance on`.
+        #[arg(long, value_name = "FILE")]
+        page: Option<PathBuf>,
+        /// Addresses or CIDR networks that reach the app as usual (e.g. your
+        /// office, to check the site before opening it). The client address
+        /// is the TCP peer's; behind a proxy listed in [proxy]
+        /// trusted_proxies, the last address of its X-Forwarded-For.
+        #[arg(long, value_name = "ADDR|CIDR", num_args = 1..)]
+        allow: Vec<String>,
+        /// Retry-After in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        retry_after: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn maintenance off: requests reach the app again.
+    Off {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }

@@ -98,6 +98,9 @@ pub async fn dispatch(cli: Cli) -> i32 {
         }
         Command::Rollback { release, run_tasks, wait, json } => rollback(&home, release, run_tasks, wait, json).await,
         Command::History { limit, json } => history(&home, limit, json).await,
+        Command::Maintenance { switch } => crate::maintenance::maintenance(&home, switch).await,
+        Command::Stop { json } => crate::maintenance::stop(&home, json).await,
+        Command::Start { json } => crate::maintenance::start(&home, json).await,
         Command::Cancel { reason, json } => cancel(&home, reason, json).await,
         Command::Releases { json } => releases(&home, json).await,
         Command::Upgrade { json } => upgrade(&home, json).await,
@@ -136,7 +139,7 @@ fn init_daemon_logging() {
         .try_init();
 }
 
-fn client(home: &Home) -> Client {
+pub(crate) fn client(home: &Home) -> Client {
     Client::new(home.socket())
 }
 
@@ -241,7 +244,7 @@ fn print_spec_errors(file: &Path, errors: &nonstop_spec::SpecErrors, json: bool)
     }
 }
 
-async fn run_op<B: serde::Serialize>(c: &Client, path: &str, body: &B, json: bool) -> anyhow::Result<i32> {
+pub(crate) async fn run_op<B: serde::Serialize>(c: &Client, path: &str, body: &B, json: bool) -> anyhow::Result<i32> {
     let view = (!json).then(ProgressView::new);
     let r = c
         .op(path, body, |p| {
@@ -561,7 +564,7 @@ async fn logs(
 
 // ----------------------------------------------------------------- deploy
 
-fn who() -> String {
+pub(crate) fn who() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .ok()

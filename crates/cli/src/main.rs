@@ -7,6 +7,7 @@ mod daemon;
 mod home;
 mod keeper;
 mod limits;
+mod maintenance;
 mod output;
 mod recovery;
 mod statics;

@@ -103,6 +103,34 @@ pub fn status_text(s: &StatusReport) -> String {
             w.problem.as_deref().unwrap_or_default()
         ));
     }
+    if let Some(st) = &s.stopped {
+        let counts: Vec<String> = st.counts.iter().map(|(p, n)| format!("{p}={n}")).collect();
+        match s.state {
+            nonstop_engine::AppState::Starting => out.push_str(&format!(
+                "\nstarting: the counts are back ({}); maintenance goes off once web is healthy\n",
+                counts.join(", ")
+            )),
+            _ => out.push_str(&format!(
+                "\nstopped since {} by {} (on purpose, not failed); `nonstop start` brings back {}\n",
+                crate::commands::fmt_time(st.since_ms),
+                st.who,
+                counts.join(", ")
+            )),
+        }
+    }
+    if let Some(m) = &s.maintenance {
+        let by = match m.by {
+            nonstop_engine::MaintenanceOwner::User => "`nonstop maintenance on`; off with `nonstop maintenance off`",
+            nonstop_engine::MaintenanceOwner::Stop => "`nonstop stop`; off when `nonstop start` has web healthy",
+        };
+        let allow = if m.allow.is_empty() { "none".to_string() } else { m.allow.join(", ") };
+        out.push_str(&format!(
+            "\nmaintenance on since {} (by {by}): requests get 503 with {} page, Retry-After {}s; allowed: {allow}\n",
+            crate::commands::fmt_time(m.since_ms),
+            if m.custom_page { "your" } else { "the built-in" },
+            m.retry_after_secs
+        ));
+    }
     if let Some(e) = &s.store_error {
         out.push_str(&format!("\nstore: {e}"));
     }

@@ -11,6 +11,7 @@ pub mod counts;
 pub mod driver;
 pub mod ids;
 pub mod logline;
+pub mod maintenance;
 pub mod process;
 pub mod traffic;
 

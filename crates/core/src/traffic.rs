@@ -122,4 +122,12 @@ pub trait Traffic: Send + Sync + 'static {
     /// Health changes, in order. A receiver that lags should re-read
     /// `status` for the instances it cares about.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<HealthEvent>;
+
+    /// Put `route` in maintenance (`Some`: every request to it, static
+    /// files included, gets `503` with the page and `Retry-After`, except
+    /// from allowed addresses) or take it out (`None`). Applies to every
+    /// request that starts after the call, on open connections too;
+    /// requests in flight finish as they started. Backends, rotation and
+    /// health checks are not affected.
+    fn set_maintenance(&self, route: &RouteKey, maintenance: Option<&crate::maintenance::Maintenance>);
 }

@@ -29,8 +29,12 @@ pub(crate) mod counts;
 pub(crate) mod deploy;
 #[path = "deployment.rs"]
 pub(crate) mod deployment;
+#[path = "maintenance.rs"]
+pub(crate) mod maintenance;
 #[path = "statics.rs"]
 pub(crate) mod statics;
+#[path = "stopped.rs"]
+pub(crate) mod stopped;
 #[path = "tasks.rs"]
 pub(crate) mod tasks;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -252,6 +256,25 @@ pub enum Command {
     History {
         limit: usize,
         reply: Reply<Vec<DeploymentInfo>>,
+    },
+    /// Maintenance on (`Some`) or off; not an operation: allowed at any
+    /// time (`maintenance.rs`).
+    Maintenance {
+        setting: Option<nonstop_core::maintenance::Maintenance>,
+        who: String,
+        reply: Reply<OpReport>,
+    },
+    /// `nonstop stop` (`stopped.rs`).
+    Stop {
+        who: String,
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
+    },
+    /// `nonstop start` (`stopped.rs`).
+    Start {
+        who: String,
+        progress: ProgressTx,
+        reply: Reply<OpReport>,
     },
 }
 
@@ -639,6 +662,8 @@ pub struct Engine<D, T, I, L> {
     degraded: std::sync::Mutex<Degraded>,
     /// Release and post tasks this engine runs or waits for, by record id.
     pub(crate) live_tasks: BTreeMap<i64, tasks::LiveTask>,
+    /// The app's maintenance and stopped state, as stored.
+    pub(crate) controls: nonstop_store::Controls,
 }
 
 const CHECK_HISTORY: usize = 5;
@@ -699,6 +724,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             pending_deploy: None,
             degraded: std::sync::Mutex::new(Degraded::default()),
             live_tasks: BTreeMap::new(),
+            controls: nonstop_store::Controls::default(),
         };
         let join = tokio::spawn(engine.run(rx, events_rx, health, shutdown));
         (EngineHandle { tx }, join)
@@ -873,6 +899,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let stopping: Vec<InstanceId> =
             rt.instances.values().filter(|i| i.phase == InstPhase::Stopping).map(|i| i.id.clone()).collect();
         self.app = Some(rt);
+        // Maintenance (and a stop) survive the daemon: given to the proxy
+        // again before anything else moves.
+        self.load_controls()?;
         for id in stopping {
             self.begin_stop(&id, true);
         }
@@ -901,10 +930,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 let _ = reply.send(r);
             }
             Command::Deploy { spec, source, base_env, message, who, run_tasks, progress, reply } => {
+                if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Deploy) {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
                 let request = deploy::DeployRequest { spec: *spec, source, base_env, message, who, run_tasks };
                 self.begin_deploy(request, progress, reply);
             }
             Command::Rollback { release, run_tasks, who, progress, reply } => {
+                if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Rollback) {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
                 self.begin_rollback(release, run_tasks, who, progress, reply);
             }
             Command::Cancel { who, reason, reply } => {
@@ -916,7 +953,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Command::History { limit, reply } => {
                 let _ = reply.send(self.history(limit));
             }
+            Command::Maintenance { setting, who, reply } => {
+                let _ = reply.send(self.maintenance_command(setting, &who));
+            }
+            Command::Stop { who, progress, reply } => self.on_stop_command(who, progress, reply),
+            Command::Start { who, progress, reply } => self.on_start_command(who, progress, reply),
             Command::Up { spec, workdir, base_env, progress, reply } => {
+                let same_app = self.app.as_ref().is_some_and(|rt| rt.record.app == spec.app);
+                if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Up).filter(|_| same_app) {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
                 if let Some(err) = self.busy() {
                     // A deployed app that runs needs nothing from `up`; say
                     // what is going on instead of refusing.
@@ -934,6 +981,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
                 match self.up(*spec, workdir, base_env) {
                     Ok((summary, changed, queue)) => {
+                        if let Err(e) = self.load_controls() {
+                            tracing::error!("could not read the app's maintenance setting: {e}");
+                        }
                         self.begin_op("up", progress, reply, summary, changed, queue, false)
                     }
                     Err(e) => {
@@ -954,6 +1004,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
             }
             Command::Scale { counts, progress, reply } => {
+                if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Scale) {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
                 if let Some(err) = self.busy() {
                     let _ = reply.send(Err(err));
                     return;
@@ -968,6 +1022,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
             }
             Command::Restart { process, progress, reply } => {
+                if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Restart) {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
                 if let Some(err) = self.busy() {
                     let _ = reply.send(Err(err));
                     return;
@@ -1154,6 +1212,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     }
 
     fn down(&mut self) -> Result<String, EngineError> {
+        self.app.as_ref().ok_or(EngineError::NotUp)?;
+        // A stopped app's counts come back for the next `up`.
+        self.forget_stop()?;
         let rt = self.app.as_mut().ok_or(EngineError::NotUp)?;
         rt.record.running = false;
         self.store.put_app(&rt.record, self.clock.wall())?;
@@ -1611,6 +1672,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
         }
         self.run_reconcile(now);
+        self.settle_start();
         self.check_op(now);
     }
 
@@ -2024,6 +2086,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
 
     pub(crate) fn fail_op(&mut self, err: EngineError) {
         if let Some(mut op) = self.op.take() {
+            // A start that fails leaves the app in maintenance: say so.
+            let err = if op.name == "start" { EngineError::StartFailed { reason: err.to_string() } } else { err };
             if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
                 self.event(&app, "failed", None, &format!("{}: {err}", op.name));
             }
@@ -2192,6 +2256,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             });
         }
         let mut waiting = Vec::new();
+        let (state, stopped) = self.stopped_status();
         let degraded = self.degraded();
         let mut slots: BTreeMap<(ProcessName, u32), SlotBackoff> = rt.backoff.clone();
         for slot in degraded.blocked_slots() {
@@ -2251,6 +2316,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             instances,
             waiting,
             store_error: degraded.status_line(self.clock.wall()),
+            state,
+            maintenance: self.maintenance_status(),
+            stopped,
         })
     }
 

@@ -45,6 +45,12 @@ pub enum EngineError {
     CannotDeploy { reason: String },
     #[error("{release} is not a retained release; retained releases: {retained} (see `nonstop releases`)")]
     UnknownRelease { release: String, retained: String },
+    #[error("the app is stopped (since {since}, by {who}): `{operation}` would change what runs; run `nonstop start` first (it brings back {counts})")]
+    Stopped { operation: String, since: String, who: String, counts: String },
+    #[error("the app is starting again (`nonstop start`) and waits for web to be healthy: `{operation}` would change what runs; wait for `nonstop status` to show it running, or `nonstop stop` it again")]
+    Starting { operation: String },
+    #[error("start did not finish: {reason}\nthe counts are back and the app stays in maintenance until web is healthy (then maintenance goes off by itself); fix the problem and check `nonstop status`, or `nonstop maintenance off` to open the app as it is")]
+    StartFailed { reason: String },
     #[error("state store: {0}")]
     Store(String),
     #[error("the daemon is shutting down")]
@@ -85,6 +91,8 @@ impl EngineError {
             | EngineError::Busy { .. }
             | EngineError::TaskRunning { .. }
             | EngineError::NotUp
+            | EngineError::Stopped { .. }
+            | EngineError::Starting { .. }
             | EngineError::NotCancellable { .. } => 3,
             _ => 1,
         }

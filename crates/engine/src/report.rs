@@ -66,6 +66,68 @@ pub struct StatusReport {
     /// when. Events are kept in memory meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_error: Option<String>,
+    /// Running, or stopped on purpose (`nonstop stop`), or starting again.
+    #[serde(default)]
+    pub state: AppState,
+    /// Set while the app is in maintenance mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<MaintenanceStatus>,
+    /// Set while the app is stopped (or starting again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<StoppedStatus>,
+}
+
+/// Where the app is: not a failure state; failures show in instances and
+/// waiting slots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppState {
+    #[default]
+    Running,
+    /// `nonstop stop`: every process at zero, in maintenance.
+    Stopped,
+    /// `nonstop start`: the counts are back; maintenance goes off once web
+    /// is healthy.
+    Starting,
+}
+
+impl AppState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppState::Running => "running",
+            AppState::Stopped => "stopped",
+            AppState::Starting => "starting",
+        }
+    }
+}
+
+/// Who turned maintenance on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaintenanceOwner {
+    /// `nonstop maintenance on`: goes off with `nonstop maintenance off`.
+    User,
+    /// `nonstop stop`: goes off when `nonstop start` has web healthy.
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceStatus {
+    pub since_ms: u64,
+    pub by: MaintenanceOwner,
+    /// Addresses and networks let through.
+    pub allow: Vec<String>,
+    pub retry_after_secs: u64,
+    /// A page was given (otherwise the built-in one is served).
+    pub custom_page: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoppedStatus {
+    pub since_ms: u64,
+    pub who: String,
+    /// The counts `nonstop start` brings back.
+    pub counts: BTreeMap<String, u32>,
 }
 
 /// A step of a long operation, for progress displays and `--json` events.

@@ -13,6 +13,7 @@ pub mod diff;
 mod fixtures;
 pub mod reconcile;
 pub mod rollout;
+pub mod stopped;
 
 pub use backoff::SlotBackoff;
 pub use reconcile::{reconcile, Action, Decision, Observed, ObservedInstance, Phase};

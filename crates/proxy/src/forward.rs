@@ -82,6 +82,12 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
             return redirect(location, request_id, phase);
         }
     }
+    // A route in maintenance answers 503 before static files and routing
+    // (`maintenance.rs`).
+    let (request_id, phase) = match crate::maintenance::check(&inner, ctx, &req, request_id, phase) {
+        Ok(answer) => return answer,
+        Err(back) => back,
+    };
     // `[static]` URLs are answered by the proxy itself (`statics.rs`).
     let (request_id, phase) = match crate::statics::serve(&inner, &req, request_id, phase).await {
         Ok(answer) => return answer,

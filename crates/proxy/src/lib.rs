@@ -112,6 +112,7 @@ mod headers;
 mod health;
 mod lazy;
 mod limits;
+mod maintenance;
 mod rate;
 mod server;
 mod spool;
@@ -163,6 +164,9 @@ pub(crate) struct Inner {
     /// and asks for it): one relaxed load per plain request otherwise.
     pub redirect_http: AtomicBool,
     pub table: ArcSwap<Snapshot>,
+    /// Some route is in maintenance (`maintenance.rs`): set after the
+    /// snapshot that says which, so the request path looks only then.
+    pub maintenance_on: AtomicBool,
     /// `[static]` files answered by the proxy itself (`statics.rs`).
     pub statics: ArcSwapOption<statics::StaticTable>,
     static_groups: statics::StaticGroups,
@@ -236,6 +240,7 @@ impl Proxy {
                 tls: ArcSwapOption::empty(),
                 redirect_http: AtomicBool::new(false),
                 table: ArcSwap::from_pointee(Snapshot::default()),
+                maintenance_on: AtomicBool::new(false),
                 statics: ArcSwapOption::empty(),
                 static_groups: Default::default(),
                 registry: Mutex::new(Registry::default()),
@@ -535,5 +540,9 @@ impl Traffic for Proxy {
 
     fn subscribe(&self) -> broadcast::Receiver<HealthEvent> {
         self.inner.shared.events.subscribe()
+    }
+
+    fn set_maintenance(&self, route: &RouteKey, maintenance: Option<&nonstop_core::maintenance::Maintenance>) {
+        Proxy::set_maintenance(self, route, maintenance)
     }
 }

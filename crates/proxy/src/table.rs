@@ -13,6 +13,8 @@ use std::sync::Arc;
 pub(crate) struct Route {
     pub key: RouteKey,
     pub backends: Box<[Arc<BackendState>]>,
+    /// The route is in maintenance (`maintenance.rs`).
+    pub maintenance: Option<Arc<crate::maintenance::Gate>>,
     /// Rotating start of the scan: the round-robin tie-break.
     cursor: AtomicUsize,
 }
@@ -161,6 +163,8 @@ pub(crate) struct Registry {
     pub backends: HashMap<InstanceId, Entry>,
     pub default_route: Option<RouteKey>,
     pub hosts: BTreeMap<RouteKey, Vec<String>>,
+    /// Routes in maintenance.
+    pub maintenance: BTreeMap<RouteKey, Arc<crate::maintenance::Gate>>,
 }
 
 impl Registry {
@@ -169,14 +173,15 @@ impl Registry {
         for entry in self.backends.values().filter(|e| e.in_rotation) {
             grouped.entry(&entry.route).or_default().push(&entry.state);
         }
-        for key in self.hosts.keys().chain(self.default_route.iter()) {
+        for key in self.hosts.keys().chain(self.default_route.iter()).chain(self.maintenance.keys()) {
             grouped.entry(key).or_default();
         }
         let mut routes: HashMap<&RouteKey, Arc<Route>> = HashMap::new();
         for (key, mut backends) in grouped {
             backends.sort_by(|a, b| a.instance.cmp(&b.instance));
             let backends = backends.into_iter().cloned().collect();
-            routes.insert(key, Arc::new(Route { key: key.clone(), backends, cursor: AtomicUsize::new(0) }));
+            let maintenance = self.maintenance.get(key).cloned();
+            routes.insert(key, Arc::new(Route { key: key.clone(), backends, maintenance, cursor: AtomicUsize::new(0) }));
         }
         let mut snap = Snapshot {
             default: self.default_route.as_ref().and_then(|k| routes.get(k).cloned()),

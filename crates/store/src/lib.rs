@@ -11,6 +11,7 @@ mod health;
 pub use health::{restore_backup, shm_path, wal_path, Damage, Inspection};
 
 use nonstop_core::driver::{InstanceHandle, Locator, TaskKind};
+use nonstop_core::maintenance::{MaintenanceState, StoppedState};
 use nonstop_core::process::AppSpec;
 use nonstop_core::{AppName, CountSource, EnvironmentId, InstanceId, ProcessName, ReleaseId, RuntimeCount};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -142,7 +143,24 @@ CREATE TABLE IF NOT EXISTS process_counts (
     toml_at_apply INTEGER NOT NULL,
     PRIMARY KEY (app, environment, process)
 );
+CREATE TABLE IF NOT EXISTS app_controls (
+    app TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    maintenance_json TEXT,
+    stopped_json TEXT,
+    updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (app, environment)
+);
 "#;
+
+/// What the operator switched for an app in an environment, beside its
+/// spec: maintenance mode (`nonstop maintenance`), and whether it was
+/// stopped on purpose (`nonstop stop`), with the counts to restore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Controls {
+    pub maintenance: Option<MaintenanceState>,
+    pub stopped: Option<StoppedState>,
+}
 
 /// The recorded state of an app in an environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -548,7 +566,7 @@ impl Store {
     pub fn delete_app(&self, app: &AppName, env: &EnvironmentId) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        for table in ["apps", "instances", "generations", "process_counts"] {
+        for table in ["apps", "instances", "generations", "process_counts", "app_controls"] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE app = ?1 AND environment = ?2"),
                 params![app.as_str(), env.as_str()],
@@ -963,6 +981,72 @@ impl Store {
             )?;
         }
         for (process, c) in counts {
+            tx.execute(
+                "INSERT INTO process_counts (app, environment, process, count, source, toml_at_apply)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (app, environment, process) DO UPDATE SET count = ?4, source = ?5, toml_at_apply = ?6",
+                params![app.as_str(), env.as_str(), process.as_str(), c.count, c.source.as_str(), c.toml_at_apply],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// The app's controls (maintenance, stopped); the default when none
+    /// was ever set.
+    pub fn controls(&self, app: &AppName, env: &EnvironmentId) -> Result<Controls> {
+        let conn = self.conn();
+        let row: Option<(Option<String>, Option<String>)> = conn
+            .query_row(
+                "SELECT maintenance_json, stopped_json FROM app_controls WHERE app = ?1 AND environment = ?2",
+                params![app.as_str(), env.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((maintenance, stopped)) = row else { return Ok(Controls::default()) };
+        Ok(Controls {
+            maintenance: maintenance.map(|m| decode("maintenance", &m)).transpose()?,
+            stopped: stopped.map(|s| decode("stopped app", &s)).transpose()?,
+        })
+    }
+
+    /// Record the app's controls as a whole and, in the same transaction,
+    /// `counts` if given (as [`Store::put_process_counts`] without
+    /// `exactly`): a stop's zero counts and its remembered ones land
+    /// together, or not at all.
+    pub fn put_controls(
+        &self,
+        app: &AppName,
+        env: &EnvironmentId,
+        controls: &Controls,
+        counts: Option<&BTreeMap<ProcessName, RuntimeCount>>,
+        now: SystemTime,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if controls.maintenance.is_none() && controls.stopped.is_none() {
+            tx.execute(
+                "DELETE FROM app_controls WHERE app = ?1 AND environment = ?2",
+                params![app.as_str(), env.as_str()],
+            )?;
+        } else {
+            tx.execute(
+                "INSERT INTO app_controls (app, environment, maintenance_json, stopped_json, updated_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (app, environment) DO UPDATE SET maintenance_json = ?3, stopped_json = ?4,
+                 updated_at_ms = ?5",
+                params![
+                    app.as_str(),
+                    env.as_str(),
+                    controls.maintenance.as_ref().map(encode),
+                    controls.stopped.as_ref().map(encode),
+                    ms(now)
+                ],
+            )?;
+        }
+        for (process, c) in counts.into_iter().flatten() {
             tx.execute(
                 "INSERT INTO process_counts (app, environment, process, count, source, toml_at_apply)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)

@@ -228,3 +228,43 @@ fn process_counts_round_trip_replace_and_survive_reopen() {
     store.delete_app(&app, &env).unwrap();
     assert!(store.process_counts(&app, &env).unwrap().is_empty());
 }
+
+#[test]
+fn controls_round_trip_survive_reopen_and_land_with_their_counts() {
+    use nonstop_core::maintenance::{build_maintenance, MaintenanceBy, MaintenanceState, StopPhase, StoppedState};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let (app, env, web) = ids();
+    let before = RuntimeCount { count: 3, source: CountSource::Scale, toml_at_apply: 2 };
+    {
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.controls(&app, &env).unwrap(), Controls::default());
+        store.put_process_counts(&app, &env, &BTreeMap::from([(web.clone(), before)]), true).unwrap();
+        let controls = Controls {
+            maintenance: Some(MaintenanceState {
+                maintenance: build_maintenance(Some("<p>back soon</p>".into()), &["10.0.0.0/8"], Some(120)).unwrap(),
+                by: MaintenanceBy::Stop,
+                since_ms: 7,
+            }),
+            stopped: Some(StoppedState {
+                phase: StopPhase::Stopped,
+                counts: BTreeMap::from([(web.clone(), before)]),
+                since_ms: 7,
+                who: "ann@host".into(),
+            }),
+        };
+        let zero = BTreeMap::from([(web.clone(), RuntimeCount { count: 0, ..before })]);
+        store.put_controls(&app, &env, &controls, Some(&zero), SystemTime::now()).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let controls = store.controls(&app, &env).unwrap();
+    assert_eq!(controls.stopped.as_ref().unwrap().counts[&web], before);
+    assert_eq!(controls.maintenance.as_ref().unwrap().maintenance.retry_after_secs, 120);
+    assert_eq!(store.process_counts(&app, &env).unwrap()[&web].count, 0, "the zero counts landed with the stop");
+    // Both off: the row goes.
+    store.put_controls(&app, &env, &Controls::default(), None, SystemTime::now()).unwrap();
+    assert_eq!(store.controls(&app, &env).unwrap(), Controls::default());
+    // Another environment is another app's business.
+    let staging = EnvironmentId::new("staging").unwrap();
+    assert_eq!(store.controls(&app, &staging).unwrap(), Controls::default());
+}

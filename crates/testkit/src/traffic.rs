@@ -49,6 +49,10 @@ struct State {
     drain_delay: Duration,
     /// (fewest, most) healthy backends per process since the last reset.
     watermarks: BTreeMap<ProcessName, (usize, usize)>,
+    /// Routes in maintenance now.
+    maintenance: BTreeMap<RouteKey, nonstop_core::maintenance::Maintenance>,
+    /// Every `set_maintenance` call, in order (`true`: on).
+    maintenance_calls: Vec<(RouteKey, bool)>,
 }
 
 impl State {
@@ -96,6 +100,8 @@ impl FakeTraffic {
                     default_auto: AutoHealth::After(Duration::ZERO),
                     drain_delay: Duration::ZERO,
                     watermarks: BTreeMap::new(),
+                    maintenance: BTreeMap::new(),
+                    maintenance_calls: Vec::new(),
                 }),
                 events: broadcast::channel(1024).0,
                 journal,
@@ -316,5 +322,29 @@ impl Traffic for FakeTraffic {
 
     fn subscribe(&self) -> broadcast::Receiver<HealthEvent> {
         self.inner.events.subscribe()
+    }
+
+    fn set_maintenance(&self, route: &RouteKey, maintenance: Option<&nonstop_core::maintenance::Maintenance>) {
+        {
+            let mut st = self.state();
+            st.maintenance_calls.push((route.clone(), maintenance.is_some()));
+            match maintenance {
+                Some(m) => st.maintenance.insert(route.clone(), m.clone()),
+                None => st.maintenance.remove(route),
+            };
+        }
+        self.inner.journal.bump();
+    }
+}
+
+impl FakeTraffic {
+    /// The maintenance setting of `route` now.
+    pub fn maintenance(&self, route: &RouteKey) -> Option<nonstop_core::maintenance::Maintenance> {
+        self.state().maintenance.get(route).cloned()
+    }
+
+    /// Every `set_maintenance` call so far (`true`: on), in order.
+    pub fn maintenance_calls(&self) -> Vec<(RouteKey, bool)> {
+        self.state().maintenance_calls.clone()
     }
 }
