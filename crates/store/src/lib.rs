@@ -449,7 +449,7 @@ impl Store {
     #[doc(hidden)]
     pub fn fail_writes_for_tests(&self, message: Option<&str>) -> Result<()> {
         let conn = self.conn();
-        for table in ["instances", "generations", "events"] {
+        for table in ["instances", "generations", "events", "app_controls"] {
             for op in ["INSERT", "UPDATE", "DELETE"] {
                 let name = format!("fail_{}_{}", table, op.to_lowercase());
                 conn.execute_batch(&format!("DROP TRIGGER IF EXISTS temp.{name}"))?;

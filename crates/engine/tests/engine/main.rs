@@ -12,6 +12,7 @@ mod readoption;
 mod restarts;
 mod rollout;
 mod store_full;
+mod stopped;
 mod tasks;
 
 use nonstop_core::driver::ExitStatus;
