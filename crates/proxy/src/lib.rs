@@ -20,6 +20,11 @@
 //!   it) or opens one, and speaks HTTP/1 to the instance itself from the
 //!   client connection's task (see `upstream.rs`; hyper serves the
 //!   clients), streaming both bodies through.
+//! - A route in maintenance ([`Proxy::set_maintenance`]) answers every
+//!   request with its page (503, `Retry-After`) before static files and
+//!   routing, except for allowed client addresses; its gate is part of the
+//!   route snapshot, and a request looks for it only while some route is in
+//!   maintenance (one atomic load otherwise; see `maintenance.rs`).
 //! - One checker task per backend runs the active health checks; requests
 //!   report refused connections (passive checks). Health has hysteresis and
 //!   every change is broadcast as a [`HealthEvent`].
