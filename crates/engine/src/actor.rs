@@ -798,6 +798,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         };
         self.restore_counts(&mut record)?;
         let route = route_key(&record.app, &record.environment);
+        // Maintenance (and a stop) survive the daemon: given to the proxy
+        // again before it listens and before any instance is in rotation.
+        self.load_controls(&record.app, &route)?;
         if record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
             if let Err(e) = self.ingress.listen(&record.spec.proxy, &route) {
                 tracing::error!("the proxy cannot be set up: {}", e.into_engine());
@@ -899,9 +902,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let stopping: Vec<InstanceId> =
             rt.instances.values().filter(|i| i.phase == InstPhase::Stopping).map(|i| i.id.clone()).collect();
         self.app = Some(rt);
-        // Maintenance (and a stop) survive the daemon: given to the proxy
-        // again before anything else moves.
-        self.load_controls()?;
         for id in stopping {
             self.begin_stop(&id, true);
         }
@@ -981,9 +981,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 }
                 match self.up(*spec, workdir, base_env) {
                     Ok((summary, changed, queue)) => {
-                        if let Err(e) = self.load_controls() {
-                            tracing::error!("could not read the app's maintenance setting: {e}");
-                        }
                         self.begin_op("up", progress, reply, summary, changed, queue, false)
                     }
                     Err(e) => {
@@ -1122,8 +1119,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
             let has_web = rt.record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web);
             let route = rt.route.clone();
+            let app = rt.record.app.clone();
+            let proxy_spec = rt.record.spec.proxy.clone();
+            self.load_controls(&app, &route)?;
             if has_web {
-                let proxy_spec = rt.record.spec.proxy.clone();
                 self.ingress.listen(&proxy_spec, &route).map_err(IngressError::into_engine)?;
             }
             let rt = self.app.as_mut().expect("checked");
@@ -1141,6 +1140,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             return Err(EngineError::Preflight { problems });
         }
         let route = route_key(&spec.app, &self.env);
+        self.load_controls(&spec.app, &route)?;
         if spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
             self.ingress.listen(&spec.proxy, &route).map_err(IngressError::into_engine)?;
         }
@@ -2062,14 +2062,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
         }
         let (ready, desired, converged) = convergence(rt);
+        let left = rt.instances.len();
         let op = self.op.as_mut().expect("checked");
         if op.last_progress != Some((ready, desired)) {
             op.last_progress = Some((ready, desired));
-            let _ = op.progress.send(Progress {
-                ready,
-                desired,
-                ..Progress::note(format!("{ready}/{desired} instance(s) ready"))
-            });
+            // Everything going to zero (`stop`, `scale` to 0): what is left.
+            let message = if desired == 0 && left > 0 {
+                format!("{left} instance(s) still stopping")
+            } else {
+                format!("{ready}/{desired} instance(s) ready")
+            };
+            let _ = op.progress.send(Progress { ready, desired, ..Progress::note(message) });
         }
         if converged {
             self.finish_op();

@@ -91,16 +91,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         Ok(())
     }
 
-    /// The app's controls from the store, and its maintenance given to the
-    /// traffic layer: when the engine takes an app up (restore, `up`).
-    pub(crate) fn load_controls(&mut self) -> Result<(), EngineError> {
-        let Some(rt) = self.app.as_ref() else { return Ok(()) };
-        let (app, route) = (rt.record.app.clone(), rt.route.clone());
-        self.controls = self.store.controls(&app, &self.env)?;
+    /// The controls of `app` from the store, and its maintenance given to
+    /// the traffic layer: when the engine takes an app up (restore, `up`),
+    /// before the proxy listens for it, so no request gets past a
+    /// maintenance that was on.
+    pub(crate) fn load_controls(&mut self, app: &AppName, route: &RouteKey) -> Result<(), EngineError> {
+        self.controls = self.store.controls(app, &self.env)?;
         if let Some(m) = &self.controls.maintenance {
             tracing::info!("{app} is in maintenance (since {})", fmt_wall(from_ms(m.since_ms)));
         }
-        self.traffic.set_maintenance(&route, self.controls.maintenance.as_ref().map(|m| &m.maintenance));
+        self.traffic.set_maintenance(route, self.controls.maintenance.as_ref().map(|m| &m.maintenance));
         Ok(())
     }
 

@@ -31,6 +31,8 @@ pub enum Entry {
     Drain(InstanceId),
     /// The engine removed a backend.
     Remove(InstanceId),
+    /// The engine put a route in maintenance (`true`) or took it out.
+    Maintenance(bool),
 }
 
 impl Entry {
@@ -44,7 +46,7 @@ impl Entry {
             | Entry::Health(i, _)
             | Entry::Drain(i)
             | Entry::Remove(i) => Some(i),
-            Entry::RunTask(_) | Entry::TaskExit(..) => None,
+            Entry::RunTask(_) | Entry::TaskExit(..) | Entry::Maintenance(_) => None,
         }
     }
 }

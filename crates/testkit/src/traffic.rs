@@ -333,7 +333,7 @@ impl Traffic for FakeTraffic {
                 None => st.maintenance.remove(route),
             };
         }
-        self.inner.journal.bump();
+        self.inner.journal.push(Entry::Maintenance(maintenance.is_some()));
     }
 }
 

@@ -9,7 +9,7 @@ use nonstop_core::{AppName, EnvironmentId};
 use nonstop_engine::{AppState, EngineError, OpReport, Progress};
 use nonstop_store::Store;
 use nonstop_testkit::spec::app;
-use nonstop_testkit::{settle, Fixture, RunningEngine};
+use nonstop_testkit::{settle, Entry, Fixture, RunningEngine};
 use std::sync::Arc;
 
 fn route() -> RouteKey {
@@ -143,4 +143,27 @@ async fn down_of_a_stopped_app_gives_the_next_up_its_counts_back() {
     settle().await;
     assert_eq!(alive(&f, "web").len(), 2);
     assert_eq!(alive(&f, "worker").len(), 2, "the scaled count came back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_daemon_puts_maintenance_back_before_any_instance_is_in_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let f = Fixture::with_store(Store::open(&path).unwrap());
+    let e = f.start();
+    e.up(app("blog").web("web", 2).build()).await.unwrap();
+    e.handle.maintenance(Some(build_maintenance::<&str>(Some("<p>x</p>".into()), &[], None).unwrap()), "ann".into()).await.unwrap();
+    e.shutdown().await;
+    let before = f.journal.entries().len();
+    let g = f.next_daemon(Arc::new(Store::open(&path).unwrap()));
+    assert!(g.ingress.listening().is_none());
+    let e = g.start();
+    settle().await;
+    let after: Vec<Entry> = g.journal.entries().split_off(before);
+    let on = after.iter().position(|x| *x == Entry::Maintenance(true)).unwrap_or_else(|| panic!("{after:#?}"));
+    let first_add = after.iter().position(|x| matches!(x, Entry::Add(..))).unwrap_or_else(|| panic!("{after:#?}"));
+    assert!(on < first_add, "a re-adopted instance was in rotation before maintenance: {after:#?}");
+    assert_eq!(g.traffic.maintenance(&route()).unwrap().page.as_deref(), Some("<p>x</p>"));
+    assert_eq!(alive(&g, "web").len(), 2, "instances keep running in maintenance");
+    assert!(e.status().await.unwrap().maintenance.is_some());
 }
