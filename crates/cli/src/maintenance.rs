@@ -19,8 +19,7 @@ pub(crate) async fn maintenance(home: &Home, switch: MaintenanceSwitch) -> anyho
                 Ok(page) => page,
                 Err(e) => return Ok(refuse(&e, json)),
             };
-            let request =
-                MaintenanceRequest { on: true, page, allow, retry_after_secs: Some(retry_after), who: who() };
+            let request = MaintenanceRequest { on: true, page, allow, retry_after_secs: Some(retry_after), who: who() };
             (request, json)
         }
     };
@@ -79,6 +78,9 @@ fn read_page(path: &Path) -> Result<String, String> {
         ));
     }
     let bytes = std::fs::read(path).map_err(|e| format!("maintenance page {shown} cannot be read: {e}"))?;
-    String::from_utf8(bytes)
-        .map_err(|_| format!("maintenance page {shown} is not UTF-8 text; save it as UTF-8 (it is served as text/html; charset=utf-8)"))
+    String::from_utf8(bytes).map_err(|_| {
+        format!(
+            "maintenance page {shown} is not UTF-8 text; save it as UTF-8 (it is served as text/html; charset=utf-8)"
+        )
+    })
 }

@@ -75,11 +75,8 @@ fn maintenance_answers_503_lets_allowed_addresses_through_keeps_checking_and_sur
             head.push(byte[0]);
         }
         let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap();
+        let len: usize =
+            head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).unwrap();
         let mut body = vec![0u8; len];
         kept.read_exact(&mut body).unwrap();
         (head.split_whitespace().nth(1).unwrap().parse::<u16>().unwrap(), String::from_utf8_lossy(&body).into_owned())
@@ -342,7 +339,11 @@ fn stop_and_start_keep_the_data_and_the_counts_and_a_stopped_app_stays_stopped()
     for args in [&["deploy"][..], &["scale", "web=1"], &["restart"], &["up"]] {
         let r = app.run(args);
         assert_eq!(r.code, 3, "{args:?}: {}{}", r.stdout, r.stderr);
-        assert!(r.stderr.contains("the app is stopped") && r.stderr.contains("run `nonstop start` first"), "{}", r.stderr);
+        assert!(
+            r.stderr.contains("the app is stopped") && r.stderr.contains("run `nonstop start` first"),
+            "{}",
+            r.stderr
+        );
     }
     assert_eq!(instances(&app), 0);
 
@@ -363,8 +364,12 @@ fn stop_and_start_keep_the_data_and_the_counts_and_a_stopped_app_stays_stopped()
     let s = app.status();
     assert_eq!(s["state"], "running", "{s}");
     assert!(s.get("maintenance").is_none() && s.get("stopped").is_none(), "{s}");
-    let counts: Vec<(String, u64)> =
-        s["processes"].as_array().unwrap().iter().map(|p| (p["process"].as_str().unwrap().to_string(), p["desired"].as_u64().unwrap())).collect();
+    let counts: Vec<(String, u64)> = s["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["process"].as_str().unwrap().to_string(), p["desired"].as_u64().unwrap()))
+        .collect();
     assert_eq!(counts, vec![("web".to_string(), 3), ("worker".to_string(), 1)]);
     assert!(web_healthy(&app, 3));
     let (code, _, rows) = request(&app, "GET", "/rows", "");

@@ -74,7 +74,9 @@ pub enum MaintenanceInputError {
     TooManyAllowed { count: usize },
     #[error("the maintenance page is {size} bytes; at most {} are accepted: keep it a single small HTML file (inline its CSS, link images from elsewhere)", MAINTENANCE_PAGE_MAX)]
     PageTooLarge { size: usize },
-    #[error("the maintenance page is empty; give an HTML file with some text, or leave out --page for the built-in page")]
+    #[error(
+        "the maintenance page is empty; give an HTML file with some text, or leave out --page for the built-in page"
+    )]
     PageEmpty,
     #[error("Retry-After of {secs}s is more than a day; give at most {} seconds", RETRY_AFTER_MAX.as_secs())]
     RetryAfterTooLong { secs: u64 },
@@ -196,7 +198,10 @@ mod tests {
             assert!(e.to_string().contains("not an IP address or a CIDR network"), "{e}");
         }
         let e = parse_allow("10.1.2.3/8").unwrap_err();
-        assert_eq!(e.to_string(), "allow-list entry `10.1.2.3/8` has host bits set after the prefix; did you mean `10.0.0.0/8`?");
+        assert_eq!(
+            e.to_string(),
+            "allow-list entry `10.1.2.3/8` has host bits set after the prefix; did you mean `10.0.0.0/8`?"
+        );
     }
 
     #[test]
@@ -216,7 +221,10 @@ mod tests {
         let big = "x".repeat(MAINTENANCE_PAGE_MAX + 1);
         let e = build_maintenance::<&str>(Some(big), &[], None).unwrap_err();
         assert!(e.to_string().contains("at most 1048576"), "{e}");
-        assert_eq!(build_maintenance::<&str>(Some(" \n".into()), &[], None).unwrap_err(), MaintenanceInputError::PageEmpty);
+        assert_eq!(
+            build_maintenance::<&str>(Some(" \n".into()), &[], None).unwrap_err(),
+            MaintenanceInputError::PageEmpty
+        );
         assert!(matches!(
             build_maintenance::<&str>(None, &[], Some(90_000)).unwrap_err(),
             MaintenanceInputError::RetryAfterTooLong { .. }

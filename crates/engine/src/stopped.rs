@@ -135,14 +135,23 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let by = self.controls.maintenance.as_ref().map(|m| m.by);
         let maintenance = if plan::stop_turns_maintenance_on(by) {
             Some(nonstop_core::maintenance::MaintenanceState {
-                maintenance: Maintenance { page: None, allow: Vec::new(), retry_after_secs: DEFAULT_RETRY_AFTER.as_secs() },
+                maintenance: Maintenance {
+                    page: None,
+                    allow: Vec::new(),
+                    retry_after_secs: DEFAULT_RETRY_AFTER.as_secs(),
+                },
                 by: MaintenanceBy::Stop,
                 since_ms: now_ms,
             })
         } else {
             self.controls.maintenance.clone()
         };
-        let stopped = StoppedState { phase: StopPhase::Stopped, counts: remembered.clone(), since_ms: now_ms, who: who.to_string() };
+        let stopped = StoppedState {
+            phase: StopPhase::Stopped,
+            counts: remembered.clone(),
+            since_ms: now_ms,
+            who: who.to_string(),
+        };
         let next = Controls { maintenance, stopped: Some(stopped) };
         // Persist, then act: the remembered counts, the zero ones and
         // maintenance together.
@@ -252,7 +261,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         self.controls = next;
         self.traffic.set_maintenance(&route, self.controls.maintenance.as_ref().map(|m| &m.maintenance));
-        let msg = if off { "web is healthy: maintenance off, the app is running" } else { "web is healthy: the app is running (maintenance stays on)" };
+        let msg = if off {
+            "web is healthy: maintenance off, the app is running"
+        } else {
+            "web is healthy: the app is running (maintenance stays on)"
+        };
         self.event(&app, "start", None, msg);
         self.progress(msg.to_string());
     }

@@ -136,7 +136,7 @@ fn client(ctx: &ConnCtx, h: &HeaderMap) -> IpAddr {
         let forwarded = h
             .get_all(headers::X_FORWARDED_FOR)
             .iter()
-            .last()
+            .next_back()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
             .and_then(|last| last.trim().parse::<IpAddr>().ok());

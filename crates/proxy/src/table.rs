@@ -181,7 +181,8 @@ impl Registry {
             backends.sort_by(|a, b| a.instance.cmp(&b.instance));
             let backends = backends.into_iter().cloned().collect();
             let maintenance = self.maintenance.get(key).cloned();
-            routes.insert(key, Arc::new(Route { key: key.clone(), backends, maintenance, cursor: AtomicUsize::new(0) }));
+            routes
+                .insert(key, Arc::new(Route { key: key.clone(), backends, maintenance, cursor: AtomicUsize::new(0) }));
         }
         let mut snap = Snapshot {
             default: self.default_route.as_ref().and_then(|k| routes.get(k).cloned()),

@@ -50,8 +50,7 @@ async fn every_request_static_files_included_gets_the_page_and_health_checks_go_
         assert!(r.header("x-request-id").is_some(), "{}", r.head);
         assert_eq!(r.body, b"<h1>Back soon</h1>");
     }
-    let (reply, _, _) =
-        raw_request(p.addr, b"HEAD / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await;
+    let (reply, _, _) = raw_request(p.addr, b"HEAD / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await;
     assert_eq!(reply.expect("a response").status, 503);
     // A connection opened before the switch gets it on its next request.
     let r = keep_alive.get("/").await;
@@ -105,8 +104,18 @@ async fn maintenance_is_per_route() {
     let (ra, rb) = (RouteKey("a/default".into()), RouteKey("b/default".into()));
     p.proxy.set_hosts(ra.clone(), vec!["a.test".into()]);
     p.proxy.set_hosts(rb.clone(), vec!["b.test".into()]);
-    p.proxy.add(&ra, nonstop_core::traffic::Backend { instance: instance(1), addr: a.addr }, lazy_check(), InitialHealth::AssumeHealthy);
-    p.proxy.add(&rb, nonstop_core::traffic::Backend { instance: instance(2), addr: b.addr }, lazy_check(), InitialHealth::AssumeHealthy);
+    p.proxy.add(
+        &ra,
+        nonstop_core::traffic::Backend { instance: instance(1), addr: a.addr },
+        lazy_check(),
+        InitialHealth::AssumeHealthy,
+    );
+    p.proxy.add(
+        &rb,
+        nonstop_core::traffic::Backend { instance: instance(2), addr: b.addr },
+        lazy_check(),
+        InitialHealth::AssumeHealthy,
+    );
     p.proxy.set_maintenance(&ra, Some(&on(&[])));
     let ask = |host: &'static str| {
         let addr = p.addr;

@@ -11,8 +11,8 @@ mod lifecycle;
 mod readoption;
 mod restarts;
 mod rollout;
-mod store_full;
 mod stopped;
+mod store_full;
 mod tasks;
 
 use nonstop_core::driver::ExitStatus;

@@ -121,7 +121,10 @@ async fn a_stop_the_store_cannot_record_changes_nothing() {
     assert!(matches!(err, EngineError::Store(_)), "{err}");
     assert!(f.traffic.maintenance(&route()).is_none());
     f.store.fail_writes_for_tests(None).unwrap();
-    e.handle.maintenance(Some(build_maintenance::<&str>(None, &["10.0.0.0/8"], None).unwrap()), "ann".into()).await.unwrap();
+    e.handle
+        .maintenance(Some(build_maintenance::<&str>(None, &["10.0.0.0/8"], None).unwrap()), "ann".into())
+        .await
+        .unwrap();
     assert_eq!(f.traffic.maintenance(&route()).unwrap().allow.len(), 1);
     // Maintenance is not an operation: it changes nothing that runs.
     assert_eq!(alive(&f, "web").len(), 2);
@@ -152,7 +155,10 @@ async fn a_restarted_daemon_puts_maintenance_back_before_any_instance_is_in_rota
     let f = Fixture::with_store(Store::open(&path).unwrap());
     let e = f.start();
     e.up(app("blog").web("web", 2).build()).await.unwrap();
-    e.handle.maintenance(Some(build_maintenance::<&str>(Some("<p>x</p>".into()), &[], None).unwrap()), "ann".into()).await.unwrap();
+    e.handle
+        .maintenance(Some(build_maintenance::<&str>(Some("<p>x</p>".into()), &[], None).unwrap()), "ann".into())
+        .await
+        .unwrap();
     e.shutdown().await;
     let before = f.journal.entries().len();
     let g = f.next_daemon(Arc::new(Store::open(&path).unwrap()));
