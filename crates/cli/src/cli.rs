@@ -248,8 +248,9 @@ pub enum Command {
     ///
     /// If an instance does not become healthy within its health_timeout,
     /// start fails and the app stays in maintenance (maintenance goes off by
-    /// itself once web is healthy). Starting an app that is not stopped
-    /// changes nothing.
+    /// itself once web is healthy: fix it with a deploy or a restart, which
+    /// work again once the app is started). Starting an app that is not
+    /// stopped changes nothing.
     #[command(after_help = "Example:\n  nonstop start")]
     Start {
         /// Print progress and the result as JSON lines.

@@ -406,8 +406,10 @@ fn a_start_whose_web_never_gets_healthy_fails_and_stays_in_maintenance_until_it_
     assert_eq!(s["state"], "starting", "{s}");
     assert_eq!(s["maintenance"]["by"], "stop");
     assert_eq!(request(&app, "GET", "/", "").0, 503);
-    // Fixed: web gets healthy, and maintenance goes off by itself.
+    // Fixed (a restart is not refused once the app was started): web gets
+    // healthy, and maintenance goes off by itself.
     std::fs::remove_file(&fail).unwrap();
+    app.run(&["restart", "web"]).ok();
     wait_until(T, "maintenance off once web is healthy", || app.status()["state"] == "running");
     assert!(app.status().get("maintenance").is_none());
     assert_eq!(request(&app, "GET", "/", "").0, 200);

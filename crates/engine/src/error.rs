@@ -47,9 +47,7 @@ pub enum EngineError {
     UnknownRelease { release: String, retained: String },
     #[error("the app is stopped (since {since}, by {who}): `{operation}` would change what runs; run `nonstop start` first (it brings back {counts})")]
     Stopped { operation: String, since: String, who: String, counts: String },
-    #[error("the app is starting again (`nonstop start`) and waits for web to be healthy: `{operation}` would change what runs; wait for `nonstop status` to show it running, or `nonstop stop` it again")]
-    Starting { operation: String },
-    #[error("start did not finish: {reason}\nthe counts are back and the app stays in maintenance until web is healthy (then maintenance goes off by itself); fix the problem and check `nonstop status`, or `nonstop maintenance off` to open the app as it is")]
+    #[error("start did not finish: {reason}\nthe counts are back and the app stays in maintenance until web is healthy (then maintenance goes off by itself); fix the problem (a deploy or `nonstop restart` works now) and check `nonstop status`, or `nonstop maintenance off` to open the app as it is")]
     StartFailed { reason: String },
     #[error("state store: {0}")]
     Store(String),
@@ -92,7 +90,6 @@ impl EngineError {
             | EngineError::TaskRunning { .. }
             | EngineError::NotUp
             | EngineError::Stopped { .. }
-            | EngineError::Starting { .. }
             | EngineError::NotCancellable { .. } => 3,
             _ => 1,
         }

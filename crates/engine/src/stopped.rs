@@ -50,14 +50,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             return None;
         }
         let stopped = self.controls.stopped.as_ref()?;
-        Some(match state {
-            RunState::Starting => EngineError::Starting { operation: op.as_str().to_string() },
-            _ => EngineError::Stopped {
-                operation: op.as_str().to_string(),
-                since: crate::actor::fmt_wall(crate::actor::maintenance::from_ms(stopped.since_ms)),
-                who: stopped.who.clone(),
-                counts: describe_counts(&stopped.counts),
-            },
+        Some(EngineError::Stopped {
+            operation: op.as_str().to_string(),
+            since: crate::actor::fmt_wall(crate::actor::maintenance::from_ms(stopped.since_ms)),
+            who: stopped.who.clone(),
+            counts: describe_counts(&stopped.counts),
         })
     }
 

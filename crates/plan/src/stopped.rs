@@ -11,7 +11,9 @@
 //! While an app is stopped, what would start instances or change what
 //! runs (`up`, `scale`, `restart`, `deploy`, `rollback`) is refused with a
 //! pointer to `nonstop start`: a stopped app stays stopped until someone
-//! starts it, daemon restarts included.
+//! starts it, daemon restarts included. Once started (even while web is
+//! not healthy yet, or after a start that failed) they work again: a
+//! deploy or a restart is how a broken start gets fixed.
 
 use nonstop_core::maintenance::{MaintenanceBy, StopPhase, StoppedState};
 use nonstop_core::{ProcessName, RuntimeCount};
@@ -47,14 +49,12 @@ pub enum StopVerdict {
     AlreadyStopped,
 }
 
-/// `current`: the runtime counts now. A stop during a start (web not yet
-/// healthy) keeps the counts the first stop remembered (the same ones,
-/// restored).
+/// `current`: the runtime counts now (during a start, the restored ones,
+/// or what `scale` made of them since).
 pub fn on_stop(stopped: Option<&StoppedState>, current: &BTreeMap<ProcessName, RuntimeCount>) -> StopVerdict {
     let remembered = match stopped {
         Some(s) if s.phase == StopPhase::Stopped => return StopVerdict::AlreadyStopped,
-        Some(s) => s.counts.clone(),
-        None => current.clone(),
+        _ => current.clone(),
     };
     let zero = remembered.iter().map(|(p, c)| (p.clone(), RuntimeCount { count: 0, ..*c })).collect();
     StopVerdict::Stop { remembered, zero }
@@ -127,9 +127,10 @@ impl Gated {
 }
 
 /// Whether `op` is refused in `state`: every gated operation is, while the
-/// app is stopped or starting; none otherwise.
+/// app is stopped; none once it was started (a start waiting for web is
+/// fixed by a deploy or a restart).
 pub fn refuses(state: RunState, _op: Gated) -> bool {
-    state != RunState::Running
+    state == RunState::Stopped
 }
 
 #[cfg(test)]
@@ -175,13 +176,13 @@ mod tests {
             prop_assert_eq!(on_start(Some(&state), &names), StartVerdict::Start { counts: current });
         }
 
-        /// A second stop changes nothing; a stop during a start keeps the
-        /// counts the first stop remembered, whatever runs now.
+        /// A second stop changes nothing; a stop during a start remembers
+        /// what runs now (the restored counts, or what `scale` made of them).
         #[test]
         fn stopping_again_is_harmless(first in counts(), now in counts()) {
             prop_assert_eq!(on_stop(Some(&stopped(StopPhase::Stopped, first.clone())), &now), StopVerdict::AlreadyStopped);
             match on_stop(Some(&stopped(StopPhase::Starting, first.clone())), &now) {
-                StopVerdict::Stop { remembered, .. } => prop_assert_eq!(remembered, first),
+                StopVerdict::Stop { remembered, .. } => prop_assert_eq!(remembered, now),
                 other => prop_assert!(false, "{other:?}"),
             }
         }
@@ -215,7 +216,7 @@ mod tests {
         for op in [Gated::Up, Gated::Scale, Gated::Restart, Gated::Deploy, Gated::Rollback] {
             assert!(!refuses(RunState::Running, op));
             assert!(refuses(RunState::Stopped, op));
-            assert!(refuses(RunState::Starting, op));
+            assert!(!refuses(RunState::Starting, op), "a start waiting for web is fixed by a deploy");
         }
         assert!(stop_turns_maintenance_on(None));
         assert!(!stop_turns_maintenance_on(Some(MaintenanceBy::User)));
