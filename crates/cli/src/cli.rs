@@ -330,6 +330,9 @@ pub enum Command {
 pub enum MaintenanceSwitch {
     /// Turn maintenance on (or, if it is on, replace its page, allow list
     /// and Retry-After).
+    #[command(
+        after_help = "Examples:\n  nonstop maintenance on\n  nonstop maintenance on --page maintenance.html --allow 203.0.113.7 10.0.0.0/8 --retry-after 600"
+    )]
     On {
         /// An HTML file (UTF-8, at most 1 MiB) to serve instead of the
         /// built-in page; a relative path is from the current directory.
