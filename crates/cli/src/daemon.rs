@@ -1,209 +1,34 @@
-//! `nonstop daemon`: wires the store, the local driver, the proxy, the
-//! engine and the API together, and runs until told to stop. Stopping the
-//! daemon (SIGTERM, SIGINT, `POST /v1/shutdown`) leaves the app's instances
-//! running; the next daemon re-adopts them.
+//! `nonstop daemon`: wires the store, the local driver, the traffic layer
+//! (the data plane in the keeper, or the proxy in this process without
+//! one: `plane`), the engine and the API together, and runs until told to
+//! stop. Stopping the daemon (SIGTERM, SIGINT, `POST /v1/shutdown`) leaves
+//! the app's instances running; the next daemon re-adopts them.
 
 use crate::home::Home;
 use crate::keeper::{KeeperLink, SocketKind};
+use crate::plane::client::PlaneClient;
+use crate::plane::ingress::ProxyIngress;
+use crate::plane::{PlaneIngress, PlaneStatics};
 use anyhow::Context;
 use nonstop_api::server::{self, ApiState, LogSource};
 use nonstop_api::wire::LogEntry;
-use nonstop_core::traffic::RouteKey;
 use nonstop_core::ReleaseId;
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, SystemClock};
-use nonstop_engine::{BuildNote, BuildOutput, Builder, Engine, EngineConfig, Ingress, IngressError, InstanceLogs};
+use nonstop_engine::{BuildNote, BuildOutput, Builder, Engine, EngineConfig, InstanceLogs};
 use nonstop_proxy::{Proxy, ProxyConfig};
 use nonstop_supervisor::{LocalDriver, LocalDriverConfig, LogQuery};
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// One listening socket of the proxy: its address, the token that stops
-/// its accept loop, and a duplicate of the socket to hand to a successor.
-struct Listening {
-    addr: SocketAddr,
-    token: CancellationToken,
-    fd: std::os::fd::OwnedFd,
-}
-
-/// The proxy's listeners (plain and TLS) and settings, set by the engine
-/// from `[proxy]`.
-struct ProxyIngress {
-    proxy: Proxy,
-    plain: Mutex<Option<Listening>>,
-    tls: Mutex<Option<Listening>>,
-    /// Sockets received from a predecessor, used instead of binding.
-    inherited: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-    /// What the spec does not set: where request bodies are buffered
-    /// (`$NONSTOP_HOME/bodies`, made 0700 by the proxy).
-    base: ProxyConfig,
-    /// The keeper, if this daemon has one: it gets a duplicate of every
-    /// listening socket, so that the socket outlives a crash.
-    keeper: Option<Arc<KeeperLink>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl ProxyIngress {
-    /// Tell the keeper about a new listener (and that an old one on
-    /// another address is no longer wanted).
-    fn keep(&self, new: &Listening, old: Option<&Listening>) {
-        if let Some(k) = &self.keeper {
-            use std::os::fd::AsFd;
-            k.hold(SocketKind::Proxy, new.fd.as_fd());
-            if let Some(old) = old.filter(|o| o.addr != new.addr) {
-                k.release(old.addr);
-            }
-        }
-    }
-
-    fn unkeep(&self, old: &Listening) {
-        if let Some(k) = &self.keeper {
-            k.release(old.addr);
-        }
-    }
-
-    /// Duplicates of the listening sockets, for a successor.
-    fn handover(&self) -> Vec<std::os::fd::OwnedFd> {
-        [
-            lock(&self.plain).as_ref().and_then(|l| l.fd.try_clone().ok()),
-            lock(&self.tls).as_ref().and_then(|l| l.fd.try_clone().ok()),
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
-    }
-
-    /// Stop accepting; in-flight requests finish.
-    fn stop_accepting(&self) {
-        for slot in [&self.plain, &self.tls] {
-            if let Some(l) = lock(slot).as_ref() {
-                l.token.cancel();
-            }
-        }
-    }
-
-    /// A listening socket on `addr`: the predecessor's, or a new one.
-    fn open(&self, addr: SocketAddr) -> Result<(tokio::net::TcpListener, std::os::fd::OwnedFd), IngressError> {
-        let err = |e: std::io::Error| {
-            IngressError::Listen(
-                addr.to_string(),
-                match e.kind() {
-                    std::io::ErrorKind::AddrInUse => "the address is already in use by another program".to_string(),
-                    std::io::ErrorKind::PermissionDenied => {
-                        "permission denied (ports below 1024 need privileges)".to_string()
-                    }
-                    _ => e.to_string(),
-                },
-            )
-        };
-        let inherited = lock(&self.inherited).remove(&addr);
-        let listener = match inherited {
-            Some(l) => {
-                l.set_nonblocking(true).map_err(err)?;
-                tracing::info!("proxy takes over the listening socket on {addr} from the previous daemon");
-                tokio::net::TcpListener::from_std(l).map_err(err)?
-            }
-            None => {
-                let socket =
-                    if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-                        .map_err(err)?;
-                socket.set_reuseaddr(true).map_err(err)?;
-                socket.bind(addr).map_err(err)?;
-                socket.listen(1024).map_err(err)?
-            }
-        };
-        let fd = {
-            use std::os::fd::AsFd;
-            listener.as_fd().try_clone_to_owned().map_err(err)?
-        };
-        Ok((listener, fd))
-    }
-}
-
-impl Ingress for ProxyIngress {
-    fn listen(&self, spec: &nonstop_core::process::ProxySpec, route: &RouteKey) -> Result<(), IngressError> {
-        // Everything that can fail first: bind what is new, check the
-        // settings and certificates; only then change anything.
-        let plain_addr = spec.listen;
-        let new_plain = match lock(&self.plain).as_ref() {
-            Some(l) if l.addr == plain_addr => None,
-            _ => Some(self.open(plain_addr)?),
-        };
-        let new_tls = match (spec.https_listen, lock(&self.tls).as_ref()) {
-            (Some(a), Some(l)) if l.addr == a => None,
-            (Some(a), _) => Some(self.open(a)?),
-            (None, _) => None,
-        };
-        let config = self.base.clone().with_spec(spec).map_err(|e| IngressError::Config(e.to_string()))?;
-        match nonstop_proxy::TlsSettings::from_spec(spec) {
-            Some(t) => self.proxy.configure_tls(&t).map_err(|e| IngressError::Config(e.to_string()))?,
-            None => self.proxy.clear_tls(),
-        }
-        self.proxy.set_config(config).map_err(|e| IngressError::Config(e.to_string()))?;
-        self.proxy.set_default_route(route.clone());
-
-        if let Some((listener, fd)) = new_plain {
-            let token = self.shutdown.child_token();
-            let (proxy, t) = (self.proxy.clone(), token.clone());
-            self.tasks.spawn(async move {
-                if let Err(e) = proxy.serve(listener, t).await {
-                    tracing::error!("proxy on {plain_addr} stopped: {e}");
-                }
-            });
-            tracing::info!("proxy listening on {plain_addr}");
-            let new = Listening { addr: plain_addr, token, fd };
-            let mut slot = lock(&self.plain);
-            self.keep(&new, slot.as_ref());
-            if let Some(old) = slot.replace(new) {
-                old.token.cancel();
-            }
-        }
-        match (spec.https_listen, new_tls) {
-            (Some(addr), Some((listener, fd))) => {
-                let token = self.shutdown.child_token();
-                let (proxy, t) = (self.proxy.clone(), token.clone());
-                self.tasks.spawn(async move {
-                    if let Err(e) = proxy.serve_tls(listener, t).await {
-                        tracing::error!("proxy (TLS) on {addr} stopped: {e}");
-                    }
-                });
-                tracing::info!("proxy listening for TLS on {addr}");
-                let new = Listening { addr, token, fd };
-                let mut slot = lock(&self.tls);
-                self.keep(&new, slot.as_ref());
-                if let Some(old) = slot.replace(new) {
-                    old.token.cancel();
-                }
-            }
-            (None, _) => {
-                if let Some(old) = lock(&self.tls).take() {
-                    self.unkeep(&old);
-                    old.token.cancel();
-                }
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn close(&self) {
-        for slot in [&self.plain, &self.tls] {
-            if let Some(l) = lock(slot).take() {
-                tracing::info!("proxy on {} closing", l.addr);
-                self.unkeep(&l);
-                l.token.cancel();
-            }
-        }
-    }
+/// Where the daemon's traffic goes: the proxy in this process (no
+/// keeper, or a keeper without a data plane), or the keeper's data plane.
+enum Layer {
+    Local(Proxy, Arc<ProxyIngress>),
+    Remote(Arc<PlaneClient>),
 }
 
 struct DriverLogs {
@@ -275,7 +100,7 @@ impl InstanceLogs for DriverLogs {
 /// Builds releases under `$NONSTOP_HOME/releases/<app>/v<N>`.
 struct ReleasePort {
     home: std::path::PathBuf,
-    statics: crate::statics::StaticPublisher,
+    statics: PlaneStatics,
 }
 
 impl ReleasePort {
@@ -441,12 +266,12 @@ pub(crate) fn take_lock(
 /// Duplicates of the listening sockets to hand to a successor: the
 /// proxy's, the API's unix socket and, if any, its TCP listener.
 fn handover_sockets(
-    ingress: &ProxyIngress,
+    ingress: Option<&ProxyIngress>,
     api_fd: &std::os::fd::OwnedFd,
     api_tcp_fd: Option<&std::os::fd::OwnedFd>,
 ) -> Result<Vec<(&'static str, std::os::fd::OwnedFd)>, String> {
     let mut sockets: Vec<(&'static str, std::os::fd::OwnedFd)> =
-        ingress.handover().into_iter().map(|fd| ("proxy", fd)).collect();
+        ingress.map(ProxyIngress::handover).unwrap_or_default().into_iter().map(|fd| ("proxy", fd)).collect();
     sockets.push(("api", api_fd.try_clone().map_err(|e| format!("cannot pass the API socket: {e}"))?));
     if let Some(fd) = api_tcp_fd {
         sockets.push(("api-tcp", fd.try_clone().map_err(|e| format!("cannot pass the API's TCP socket: {e}"))?));
@@ -461,7 +286,7 @@ async fn restart_own_version(
     home: &Home,
     upgrade_exe: &std::path::Path,
     api_listen: Option<SocketAddr>,
-    ingress: &ProxyIngress,
+    ingress: Option<&ProxyIngress>,
     api_fd: &std::os::fd::OwnedFd,
     api_tcp_fd: Option<&std::os::fd::OwnedFd>,
 ) -> Result<u32, String> {
@@ -492,6 +317,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     let successor = std::env::var_os("NONSTOP_UPGRADE").is_some_and(|v| v == "1");
     std::env::remove_var("NONSTOP_UPGRADE");
     let keeper = KeeperLink::from_env().map(Arc::new);
+    let plane_socket = crate::plane::from_env();
     let restarted_because = std::env::var(crate::keeper::RESTART_VAR).ok();
     std::env::remove_var(crate::keeper::RESTART_VAR);
     // Everything that can fail is done before a predecessor is told to step
@@ -538,37 +364,91 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         .and_then(|apps| apps.iter().find(|a| a.running).and_then(|a| a.spec.proxy.workers))
         .or(proxy_workers)
         .map_or(0, |n| n as usize);
-    let base = ProxyConfig { body_buffer_dir: Some(home.path().join("bodies")), ..ProxyConfig::default() };
-    let proxy = Proxy::new(ProxyConfig { workers, ..base.clone() });
     let tasks = TaskTracker::new();
+    // The traffic layer: the data plane the keeper runs (client
+    // connections live there and survive this process), else the proxy in
+    // this process.
+    let layer = match plane_socket {
+        Some(path) => {
+            let client = PlaneClient::connect(path, workers)
+                .await
+                .with_context(|| format!("cannot use the data plane on {}", path.display()))?;
+            if !inherited.proxy.is_empty() {
+                tracing::warn!(
+                    "{} proxy socket(s) handed to this daemon are not used: the data plane listens",
+                    inherited.proxy.len()
+                );
+            }
+            Layer::Remote(client)
+        }
+        None => {
+            let base = ProxyConfig { body_buffer_dir: Some(home.path().join("bodies")), ..ProxyConfig::default() };
+            let proxy = Proxy::new(ProxyConfig { workers, ..base.clone() });
+            let ingress = Arc::new(ProxyIngress::new(
+                proxy.clone(),
+                std::mem::take(&mut inherited.proxy),
+                shutdown.clone(),
+                tasks.clone(),
+                base,
+                keeper.clone(),
+            ));
+            Layer::Local(proxy, ingress)
+        }
+    };
+    let (local, client) = match &layer {
+        Layer::Local(_, ingress) => (Some(ingress.clone()), None),
+        Layer::Remote(client) => (None, Some(client.clone())),
+    };
     crate::recovery::spawn_housekeeping(store.clone(), &home, engine_stop.child_token(), &tasks);
-    let ingress = Arc::new(ProxyIngress {
-        proxy: proxy.clone(),
-        plain: Mutex::new(None),
-        tls: Mutex::new(None),
-        inherited: Mutex::new(std::mem::take(&mut inherited.proxy)),
-        shutdown: shutdown.clone(),
-        tasks: tasks.clone(),
-        base,
-        keeper: keeper.clone(),
-    });
     let logs = Arc::new(DriverLogs { driver: driver.clone() });
-    let (engine, engine_task) = Engine::spawn(
-        EngineConfig {
-            environment: EnvironmentId::default_env(),
-            clock: Arc::new(SystemClock),
-            builder: Arc::new(ReleasePort {
-                home: home.dir.clone(),
-                statics: crate::statics::StaticPublisher::new(proxy.clone()),
-            }),
-        },
-        driver.clone(),
-        Arc::new(proxy.clone()),
-        ingress.clone(),
-        logs.clone(),
-        store,
-        engine_stop.clone(),
-    );
+    let statics = match &layer {
+        Layer::Local(proxy, _) => PlaneStatics::Local(crate::statics::StaticPublisher::new(proxy.clone())),
+        Layer::Remote(client) => PlaneStatics::Remote(client.clone()),
+    };
+    let config = EngineConfig {
+        environment: EnvironmentId::default_env(),
+        clock: Arc::new(SystemClock),
+        builder: Arc::new(ReleasePort { home: home.dir.clone(), statics }),
+    };
+    let (engine, engine_task) = match layer {
+        Layer::Local(proxy, ingress) => Engine::spawn(
+            config,
+            driver.clone(),
+            Arc::new(proxy),
+            Arc::new(PlaneIngress::Local(ingress)),
+            logs.clone(),
+            store,
+            engine_stop.clone(),
+        ),
+        Layer::Remote(client) => Engine::spawn(
+            config,
+            driver.clone(),
+            client.clone(),
+            Arc::new(PlaneIngress::Remote(client)),
+            logs.clone(),
+            store,
+            engine_stop.clone(),
+        ),
+    };
+    // Once the engine has restored the app (it answers commands only then),
+    // the data plane is brought in line with what it re-adopted.
+    let plane_lost = match &client {
+        Some(c) => {
+            let (c2, e) = (c.clone(), engine.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(120), e.status()).await {
+                    Ok(_) => {
+                        let _ = tokio::task::spawn_blocking(move || c2.finish_resync()).await;
+                    }
+                    Err(_) => {
+                        tracing::error!("the engine did not restore within 120s; the data plane is left as it is")
+                    }
+                }
+            });
+            c.lost()
+        }
+        None => CancellationToken::new(),
+    };
 
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<server::UpgradeRequest>(4);
     let engine_for_upgrade = engine.clone();
@@ -676,7 +556,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
             Ok(Err(e)) => anyhow::bail!("taking over failed: the engine did not start: {e}"),
             Err(_) => anyhow::bail!("taking over failed: the engine did not answer within 30s of its start"),
         }
-        let unused: Vec<String> = lock(&ingress.inherited).keys().map(ToString::to_string).collect();
+        let unused: Vec<String> = local.as_ref().map(|i| i.unused_inherited()).unwrap_or_default();
         if !unused.is_empty() {
             anyhow::bail!(
                 "taking over failed: the proxy socket(s) {} handed over are not served (the stored app was not \
@@ -704,10 +584,20 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     // Serve until told to stop, or until a successor takes over.
     let mut handed_over = false;
     let mut engine_died = false;
+    let mut plane_gone = false;
     let mut engine_task = Some(engine_task);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = plane_lost.cancelled() => {
+                // The keeper that ran the data plane is gone: nothing serves
+                // the app's traffic through this daemon any more. Exit as a
+                // crash (the app keeps running; whatever restarts the keeper
+                // starts a daemon that re-adopts it).
+                tracing::error!("the data plane is gone (its keeper died?); the daemon exits");
+                plane_gone = true;
+                break;
+            }
             r = async { match engine_task.as_mut() { Some(t) => t.await, None => std::future::pending().await } } => {
                 // The engine ended while we were not stopping: a bug. Exit
                 // non-zero so that a supervisor restarts us (the app keeps
@@ -728,7 +618,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
                         continue;
                     }
                 }
-                let sockets = match handover_sockets(&ingress, &api_fd, api_tcp_fd.as_ref()) {
+                let sockets = match handover_sockets(local.as_deref(), &api_fd, api_tcp_fd.as_ref()) {
                     Ok(sockets) => sockets,
                     Err(e) => { let _ = reply.send(Err(e)); continue; }
                 };
@@ -755,7 +645,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
                     Ok(new_pid) => Ok(serde_json::json!({"old_pid": std::process::id(), "new_pid": new_pid})),
                     Err(why) => {
                         tracing::error!("upgrade failed after the handover: {why}; starting this daemon's own version again");
-                        match restart_own_version(&home, &upgrade_exe, api_listen, &ingress, &api_fd, api_tcp_fd.as_ref()).await {
+                        match restart_own_version(&home, &upgrade_exe, api_listen, local.as_deref(), &api_fd, api_tcp_fd.as_ref()).await {
                             Ok(pid) => {
                                 tracing::info!("this daemon's version serves again as pid {pid}");
                                 Err(format!("{why}. The version that ran before was started again as pid {pid} and serves; the app kept running"))
@@ -776,7 +666,9 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
                         }
                     }
                 };
-                ingress.stop_accepting();
+                if let Some(i) = &local {
+                    i.stop_accepting();
+                }
                 tracing::info!("handed over; finishing in-flight requests");
                 let _ = reply.send(result);
                 handed_over = true;
@@ -786,7 +678,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     }
     // Stopping on purpose: the keeper must not start another daemon. (A
     // handover leaves the successor kept; an engine that died is a crash.)
-    if !handed_over && !engine_died {
+    if !handed_over && !engine_died && !plane_gone {
         if let Some(k) = &keeper {
             k.stopping();
         }
@@ -804,6 +696,9 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         let _ = std::fs::remove_file(home.dir.join("daemon.pid"));
     }
     tracing::info!("daemon {} stopped", std::process::id());
+    if plane_gone {
+        anyhow::bail!("the data plane is gone; see {}", home.daemon_log().display());
+    }
     if engine_died {
         anyhow::bail!("the engine stopped unexpectedly; see {}", home.daemon_log().display());
     }

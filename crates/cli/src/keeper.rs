@@ -414,6 +414,7 @@ fn spawn_daemon(
         .arg("--no-keeper")
         .env("NONSTOP_HOME", home.path())
         .env(SOCKET_VAR, socket_path(home))
+        .env(crate::plane::SOCKET_VAR, crate::plane::socket_path(home))
         .env_remove("NONSTOP_DETACH")
         .env_remove("NONSTOP_UPGRADE")
         .env_remove("LISTEN_PID")
@@ -429,12 +430,15 @@ fn spawn_daemon(
         Some(r) => cmd.env(RESTART_VAR, r),
         None => cmd.env_remove(RESTART_VAR),
     };
-    if held.0.is_empty() {
+    // The proxy's sockets stay with the data plane: a daemon serves only
+    // its API on what it is handed.
+    let handed: Vec<&Held> = held.0.iter().filter(|h| h.kind != SocketKind::Proxy).collect();
+    if handed.is_empty() {
         cmd.env_remove("LISTEN_FDS").env_remove("LISTEN_FDNAMES");
     } else {
-        let names: Vec<&str> = held.0.iter().map(|h| h.kind.name()).collect();
+        let names: Vec<&str> = handed.iter().map(|h| h.kind.name()).collect();
         let mut mappings = Vec::new();
-        for (i, h) in held.0.iter().enumerate() {
+        for (i, h) in handed.iter().enumerate() {
             let fd = h.fd.try_clone().context("cannot duplicate a held socket")?;
             mappings.push(FdMapping { parent_fd: fd, child_fd: 3 + i as i32 });
         }
@@ -530,18 +534,20 @@ fn signal_pid(pid: u32, signal: nix::sys::signal::Signal) {
 pub async fn run(home: Home, args: DaemonArgs) -> anyhow::Result<i32> {
     use nix::sys::signal::Signal;
     use policy::{Decision, Ended};
+    // The data plane serves clients here: as many descriptors as allowed.
+    crate::limits::raise_fd_limit();
     home.create()?;
     // One keeper per home.
     let _lock = crate::daemon::take_lock(&home, &lock_path(&home), false)?;
     crate::home::write_private(&pid_path(&home), std::process::id().to_string().as_bytes())?;
     let listener = bind_socket(&socket_path(&home))?;
 
-    // Sockets systemd passed us (socket activation) are held from the start.
+    // Sockets systemd passed us (socket activation): the proxy's go to the
+    // data plane, the API's are held for the daemons.
     let mut held = HeldSockets::default();
     let inherited = crate::upgrade::take_inherited();
-    for (_, l) in inherited.proxy {
-        held.hold(SocketKind::Proxy, OwnedFd::from(l));
-    }
+    let plane = crate::plane::server::DataPlane::new(&home, inherited.proxy);
+    plane.serve(bind_socket(&crate::plane::socket_path(&home))?);
     if let Some(l) = inherited.api {
         held.hold(SocketKind::Api, OwnedFd::from(l));
     }
@@ -731,6 +737,9 @@ pub async fn run(home: Home, args: DaemonArgs) -> anyhow::Result<i32> {
             }
         }
     };
+    // The data plane last: requests in flight finish.
+    plane.stop().await;
+    let _ = std::fs::remove_file(crate::plane::socket_path(&home));
     let _ = std::fs::remove_file(socket_path(&home));
     let _ = std::fs::remove_file(pid_path(&home));
     tracing::info!("keeper {} stopped", std::process::id());

@@ -9,6 +9,7 @@ mod keeper;
 mod limits;
 mod maintenance;
 mod output;
+mod plane;
 mod recovery;
 mod statics;
 mod upgrade;

@@ -223,6 +223,11 @@ pub fn spawn_successor(
         Some(path) => cmd.env(crate::keeper::SOCKET_VAR, path),
         None => cmd.env_remove(crate::keeper::SOCKET_VAR),
     };
+    // And uses its data plane.
+    match crate::plane::from_env() {
+        Some(path) => cmd.env(crate::plane::SOCKET_VAR, path),
+        None => cmd.env_remove(crate::plane::SOCKET_VAR),
+    };
     match upgrade_exe {
         Some(path) => cmd.env(UPGRADE_EXE_VAR, path),
         None => cmd.env_remove(UPGRADE_EXE_VAR),

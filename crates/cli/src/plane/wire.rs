@@ -1,0 +1,318 @@
+//! The data plane's protocol: one JSON object per line over
+//! `$NONSTOP_HOME/plane.sock` (0600). Control traffic only: nothing here is
+//! on a request's path.
+//!
+//! A connection starts with [`Request::Hello`] carrying [`VERSION`]; the
+//! data plane refuses another version (naming both). Then either calls,
+//! each a [`Call`] answered by one [`Answer`] with the same `id`, in order;
+//! or, after [`Request::Subscribe`] is answered, a stream of [`Event`]s
+//! (health changes and finished drains) until either side closes.
+
+use nonstop_core::process::{HealthCheck, ProxySpec, StaticMount};
+use nonstop_core::traffic::{
+    Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey,
+};
+use nonstop_core::{AppName, InstanceId, ReleaseId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The protocol's version; a daemon and a data plane must speak the same.
+pub const VERSION: u32 = 1;
+
+/// The longest line either side reads (a `listen` carries the whole
+/// `[proxy]` spec; a `statics` every retained release's mounts).
+pub const MAX_LINE: usize = 4 << 20;
+
+/// What a daemon asks of the data plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// First on every connection. `workers`: the proxy's worker threads
+    /// (0: one per core), used only by the data plane's first hello.
+    Hello {
+        version: u32,
+        workers: usize,
+    },
+    /// The backend table, for a resync and for `status`.
+    Table,
+    Add {
+        route: RouteKey,
+        backend: Backend,
+        check: HealthCheck,
+        initial: InitialHealth,
+    },
+    Remove {
+        instance: InstanceId,
+    },
+    /// Start draining now; the outcome comes as [`Event::Drained`] with the
+    /// same `drain` number on the event stream. The drain runs in the data
+    /// plane to its end whether or not the daemon lives.
+    Drain {
+        drain: u64,
+        instance: InstanceId,
+        timeout_ms: u64,
+    },
+    /// Listen as `spec` says (binding what is new), apply its settings and
+    /// certificates, and send unrouted hosts to `route`.
+    Listen {
+        spec: Box<ProxySpec>,
+        route: RouteKey,
+    },
+    /// Stop listening.
+    Close,
+    /// Serve the static files of exactly these releases of `app`.
+    Statics {
+        app: AppName,
+        live: Vec<LiveRelease>,
+    },
+    /// Turn this connection into an event stream.
+    Subscribe,
+}
+
+/// A retained release whose `[static]` files are served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveRelease {
+    pub release: ReleaseId,
+    pub dir: PathBuf,
+    pub mounts: Vec<StaticMount>,
+}
+
+impl From<nonstop_engine::LiveStatics> for LiveRelease {
+    fn from(l: nonstop_engine::LiveStatics) -> Self {
+        LiveRelease { release: l.release, dir: l.dir, mounts: l.mounts }
+    }
+}
+
+impl From<LiveRelease> for nonstop_engine::LiveStatics {
+    fn from(l: LiveRelease) -> Self {
+        nonstop_engine::LiveStatics { release: l.release, dir: l.dir, mounts: l.mounts }
+    }
+}
+
+/// A request with its number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Call {
+    pub id: u64,
+    pub request: Request,
+}
+
+/// A backend as the data plane holds it: what it was added with, and its
+/// state now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaneBackend {
+    pub route: RouteKey,
+    pub backend: Backend,
+    pub check: HealthCheck,
+    pub status: BackendStatus,
+}
+
+impl PlaneBackend {
+    pub fn health(&self) -> BackendHealth {
+        self.status.health
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Hello { version: u32, pid: u32, backends: Vec<PlaneBackend> },
+    Table { backends: Vec<PlaneBackend> },
+    Done,
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum PlaneError {
+    /// The two sides speak different protocol versions.
+    Version { plane: u32, daemon: u32 },
+    /// An address could not be bound.
+    Listen { addr: String, reason: String },
+    /// A `[proxy]` setting or a certificate is wrong.
+    Config { reason: String },
+    /// A malformed line, or a call out of order.
+    Protocol { reason: String },
+    /// The data plane cannot be reached or did not answer in time.
+    Unreachable { reason: String },
+}
+
+impl std::fmt::Display for PlaneError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlaneError::Version { plane, daemon } => write!(
+                f,
+                "the data plane speaks protocol {plane} and this daemon {daemon}: restart the keeper with this \
+                 version (`nonstop down` then `nonstop up`, or `systemctl restart nonstop`)"
+            ),
+            PlaneError::Listen { addr, reason } => write!(f, "cannot listen on {addr}: {reason}"),
+            PlaneError::Config { reason } => f.write_str(reason),
+            PlaneError::Protocol { reason } => write!(f, "data plane protocol error: {reason}"),
+            PlaneError::Unreachable { reason } => write!(f, "the data plane did not answer: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for PlaneError {}
+
+/// The answer to a [`Call`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub id: u64,
+    pub result: Result<Reply, PlaneError>,
+}
+
+/// What the data plane streams to a subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Health { change: HealthEvent },
+    Drained { drain: u64, instance: InstanceId, outcome: DrainOutcome },
+}
+
+/// One message as one line (with its `\n`).
+pub fn encode<T: Serialize>(message: &T) -> String {
+    // Serializing these types cannot fail: plain structs and enums with
+    // string keys.
+    let mut line = serde_json::to_string(message).unwrap_or_else(|e| {
+        serde_json::json!({"error": "protocol", "reason": format!("cannot encode: {e}")}).to_string()
+    });
+    line.push('\n');
+    line
+}
+
+/// One line (with or without its `\n`) as a message.
+pub fn decode<T: DeserializeOwned>(line: &str) -> Result<T, PlaneError> {
+    if line.len() > MAX_LINE {
+        return Err(PlaneError::Protocol { reason: format!("a line of {} bytes (at most {MAX_LINE})", line.len()) });
+    }
+    serde_json::from_str(line.trim_end_matches(['\n', '\r'])).map_err(|e| PlaneError::Protocol {
+        reason: format!("cannot read `{}`: {e}", line.chars().take(120).collect::<String>().trim_end()),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use nonstop_core::traffic::BackendHealth;
+    use std::time::Duration;
+
+    pub(crate) fn id(s: &str) -> InstanceId {
+        let (process, rest) = s.split_once('.').unwrap();
+        let (slot, generation) = rest.split_once('#').unwrap();
+        InstanceId::new(
+            nonstop_core::ProcessName::new(process).unwrap(),
+            slot.parse().unwrap(),
+            generation.parse().unwrap(),
+        )
+    }
+
+    pub(crate) fn check() -> HealthCheck {
+        HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            expect_status: nonstop_core::process::StatusRange { min: 200, max: 399 },
+            host: None,
+        }
+    }
+
+    fn backend(i: &str, port: u16) -> Backend {
+        Backend { instance: id(i), addr: format!("127.0.0.1:{port}").parse().unwrap() }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let status = BackendStatus {
+            instance: id("web.1#3"),
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            health: BackendHealth::Healthy,
+            in_flight: 2,
+            last_checks: vec!["GET /health -> 200".into()],
+        };
+        let table = vec![PlaneBackend {
+            route: RouteKey("app/default".into()),
+            backend: backend("web.1#3", 5000),
+            check: check(),
+            status,
+        }];
+        let calls = vec![
+            Request::Hello { version: VERSION, workers: 2 },
+            Request::Table,
+            Request::Add {
+                route: RouteKey("app/default".into()),
+                backend: backend("web.2#4", 5001),
+                check: check(),
+                initial: InitialHealth::AssumeHealthy,
+            },
+            Request::Remove { instance: id("web.2#4") },
+            Request::Drain { drain: 7, instance: id("web.2#4"), timeout_ms: 30_000 },
+            Request::Listen {
+                spec: Box::new(ProxySpec::new("127.0.0.1:8080".parse().unwrap())),
+                route: RouteKey("app/default".into()),
+            },
+            Request::Close,
+            Request::Statics {
+                app: AppName::new("blog").unwrap(),
+                live: vec![LiveRelease { release: ReleaseId(3), dir: "/srv/releases/blog/v3".into(), mounts: vec![] }],
+            },
+            Request::Subscribe,
+        ];
+        for (n, request) in calls.into_iter().enumerate() {
+            let call = Call { id: n as u64, request };
+            let line = encode(&call);
+            assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'), "one line: {line:?}");
+            assert_eq!(decode::<Call>(&line).unwrap(), call);
+        }
+        let answers = vec![
+            Answer { id: 1, result: Ok(Reply::Hello { version: VERSION, pid: 42, backends: table.clone() }) },
+            Answer { id: 2, result: Ok(Reply::Table { backends: table }) },
+            Answer { id: 3, result: Ok(Reply::Done) },
+            Answer { id: 4, result: Err(PlaneError::Version { plane: 2, daemon: 1 }) },
+            Answer {
+                id: 5,
+                result: Err(PlaneError::Listen { addr: "0.0.0.0:80".into(), reason: "permission denied".into() }),
+            },
+            Answer { id: 6, result: Err(PlaneError::Config { reason: "bad certificate".into() }) },
+        ];
+        for a in answers {
+            assert_eq!(decode::<Answer>(&encode(&a)).unwrap(), a);
+        }
+        let events = vec![
+            Event::Health {
+                change: HealthEvent {
+                    instance: id("web.1#3"),
+                    health: BackendHealth::Unhealthy,
+                    detail: "connect: connection refused".into(),
+                },
+            },
+            Event::Drained { drain: 7, instance: id("web.2#4"), outcome: DrainOutcome::TimedOut { in_flight: 3 } },
+            Event::Drained { drain: 8, instance: id("web.2#4"), outcome: DrainOutcome::Drained },
+        ];
+        for e in events {
+            assert_eq!(decode::<Event>(&encode(&e)).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn garbage_is_a_protocol_error_that_quotes_the_line() {
+        for bad in ["", "hello", "{}", r#"{"id":1}"#, r#"{"id":1,"request":{"op":"explode"}}"#, "[1,2"] {
+            match decode::<Call>(bad) {
+                Err(PlaneError::Protocol { reason }) => assert!(reason.contains("cannot read"), "{reason}"),
+                other => panic!("{bad:?} decoded as {other:?}"),
+            }
+        }
+        let long = "x".repeat(MAX_LINE + 1);
+        assert!(matches!(decode::<Call>(&long), Err(PlaneError::Protocol { reason }) if reason.contains("at most")));
+    }
+
+    #[test]
+    fn errors_name_the_problem_and_the_fix() {
+        let v = PlaneError::Version { plane: 2, daemon: 1 }.to_string();
+        assert!(v.contains("protocol 2") && v.contains("restart the keeper"), "{v}");
+        let l = PlaneError::Listen { addr: "0.0.0.0:80".into(), reason: "permission denied".into() }.to_string();
+        assert!(l.contains("0.0.0.0:80") && l.contains("permission denied"), "{l}");
+    }
+}
