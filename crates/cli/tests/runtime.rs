@@ -730,7 +730,8 @@ fn the_first_up_starts_the_daemon_with_the_specs_proxy_workers() {
     let app = TestApp::new("hello", |s| s.replace("[proxy]\n", "[proxy]\nworkers = 7\n"));
     assert!(app.spec().contains("workers = 7"), "{}", app.spec());
     app.up().ok();
-    let pid = app.daemon_pid().expect("a daemon");
+    // The proxy runs in the data plane: the keeper.
+    let pid = app.keeper_pid().expect("a keeper");
     let proxy_threads = || {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
