@@ -788,10 +788,16 @@ async fn upgrade(home: &Home, json: bool) -> anyhow::Result<i32> {
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
+    // The data plane (the keeper's proxy) is not replaced by an upgrade.
+    let keeper = std::fs::read_to_string(crate::keeper::pid_path(home))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
     if json {
         outln!(
             "{}",
-            serde_json::json!({"old_pid": before.pid, "new_pid": after.pid, "old_version": before.version, "new_version": after.version})
+            serde_json::json!({"old_pid": before.pid, "new_pid": after.pid, "old_version": before.version, "new_version": after.version,
+                "data_plane": keeper.map(|pid| serde_json::json!({"pid": pid, "upgraded": false}))})
         );
     } else {
         outln!(
@@ -801,6 +807,12 @@ async fn upgrade(home: &Home, json: bool) -> anyhow::Result<i32> {
             after.pid,
             after.version
         );
+        if let Some(pid) = keeper {
+            outln!(
+                "the data plane (the proxy, in keeper pid {pid}) was not replaced: it runs the binary it was started \
+                 from until the keeper restarts (`systemctl restart nonstop`, or `nonstop down` then `nonstop up`)"
+            );
+        }
     }
     Ok(0)
 }

@@ -1,29 +1,33 @@
-//! The keeper: a small long-lived process that holds the daemon's listening
-//! sockets and starts a new daemon when the one it keeps dies.
+//! The keeper: a long-lived process that runs the data plane (the proxy)
+//! and starts a new daemon when the one it keeps dies.
 //!
 //! `nonstop daemon` (what `up` starts in the background, and what the
-//! systemd unit runs) is the keeper. It starts the real daemon as its child
-//! and stays beside it, doing nothing but this:
+//! systemd unit runs) is the keeper. It runs the data plane
+//! (`crate::plane::server`: the proxy, its listeners, every client
+//! connection, health checks, static files), starts the real daemon (the
+//! control plane) as its child, and stays beside it:
 //!
-//! - the daemon sends it a duplicate of every listening socket it serves
-//!   (the proxy's, the API's) over a unix stream socket
-//!   (`$NONSTOP_HOME/keeper.sock`, 0600; one line per message, a socket
-//!   passed with `SCM_RIGHTS` beside its `hold` line), and tells it
-//!   when it serves, when it stops on purpose, and when it closes a
-//!   listener;
+//! - the daemon drives the data plane over `$NONSTOP_HOME/plane.sock`
+//!   (`crate::plane`), and sends the keeper a duplicate of each of its API
+//!   sockets over another unix stream socket (`$NONSTOP_HOME/keeper.sock`,
+//!   0600; one line per message, a socket passed with `SCM_RIGHTS` beside
+//!   its `hold` line), and tells it when it serves and when it stops on
+//!   purpose;
 //! - when the daemon it keeps dies without having said it stops (SIGKILL,
-//!   the OOM killer, a panic), the listening sockets stay open in the
-//!   keeper, so clients' connections wait in the kernel's backlog instead
-//!   of being refused; the keeper starts a daemon again at once (the
-//!   binary now on disk) and hands it the sockets with the socket-activation
-//!   protocol the upgrade already uses (`LISTEN_FDS`); the new daemon
-//!   re-adopts the running instances and serves the queued connections;
+//!   the OOM killer, a panic), nothing of the proxy goes with it: requests
+//!   in flight are answered, new ones served, health checks go on; the API
+//!   sockets stay open in the keeper, so commands wait in the backlog; the
+//!   keeper starts a daemon again at once (the binary now on disk) and
+//!   hands it the API sockets with the socket-activation protocol the
+//!   upgrade already uses (`LISTEN_FDS`); the new daemon re-adopts the
+//!   running instances and resyncs with the data plane;
 //! - a daemon upgraded in place (`nonstop upgrade`) hands over to its
-//!   successor as before; the successor connects to the keeper too and
-//!   says it serves, and from then on it is the one kept.
+//!   successor as before; the successor connects to the keeper and the
+//!   data plane too and says it serves, and from then on it is the one
+//!   kept. The data plane is not upgraded.
 //!
-//! Connections that a killed daemon had already accepted die with it: the
-//! keeper holds listening sockets, not connections.
+//! (A daemon started by a keeper of an earlier version runs its own proxy
+//! and hands the keeper its proxy sockets too: `hold proxy`, `release`.)
 //!
 //! The keeper is the process systemd (or `up`) knows: SIGTERM and SIGINT
 //! are passed on to the daemon (which stops, leaving the app running, as
@@ -548,6 +552,9 @@ pub async fn run(home: Home, args: DaemonArgs) -> anyhow::Result<i32> {
     let inherited = crate::upgrade::take_inherited();
     let plane = crate::plane::server::DataPlane::new(&home, inherited.proxy);
     plane.serve(bind_socket(&crate::plane::socket_path(&home))?);
+    // The proxy's memory is here now: give freed memory back when idle.
+    let trim = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(nonstop_supervisor::memory::trim_when_idle(trim.clone()));
     if let Some(l) = inherited.api {
         held.hold(SocketKind::Api, OwnedFd::from(l));
     }
@@ -739,6 +746,7 @@ pub async fn run(home: Home, args: DaemonArgs) -> anyhow::Result<i32> {
     };
     // The data plane last: requests in flight finish.
     plane.stop().await;
+    trim.cancel();
     let _ = std::fs::remove_file(crate::plane::socket_path(&home));
     let _ = std::fs::remove_file(socket_path(&home));
     let _ = std::fs::remove_file(pid_path(&home));

@@ -199,3 +199,31 @@ fn a_daemon_without_a_keeper_runs_the_proxy_itself() {
     app.run(&["down"]).ok();
     let _ = wait_output(daemon, T, "nonstop daemon --no-keeper");
 }
+
+#[test]
+fn an_upgrade_replaces_the_daemon_and_keeps_the_data_plane() {
+    let app = TestApp::hello();
+    app.up().ok();
+    let keeper = app.keeper_pid().unwrap();
+    let daemon = app.daemon_pid().unwrap();
+    let load = Load::start(app.proxy(), "/slow?ms=200", 4);
+    let r = app.run(&["upgrade", "--json"]);
+    r.ok();
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["old_pid"], daemon, "{v}");
+    assert_eq!(v["data_plane"]["pid"], keeper, "{v}");
+    assert_eq!(v["data_plane"]["upgraded"], false, "the report says the data plane was not replaced: {v}");
+    let (ok, failures) = load.finish();
+    assert!(failures.is_empty(), "requests failed during the upgrade: {failures:?}");
+    assert!(ok > 0);
+    assert_eq!(app.keeper_pid(), Some(keeper));
+    assert!(all_web_healthy(&app, 2), "{:?}", web(&app));
+    assert_plane_matches_status(&app);
+    let text = app.run(&["upgrade"]);
+    text.ok();
+    assert!(
+        text.stdout.contains("the data plane (the proxy, in keeper pid") && text.stdout.contains("not replaced"),
+        "{}",
+        text.stdout
+    );
+}
