@@ -353,11 +353,12 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     let shutdown = CancellationToken::new();
     let engine_stop = shutdown.child_token();
     let api_stop = shutdown.child_token();
-    // The proxy's worker threads are fixed for the daemon's life: the
-    // running app's stored `[proxy] workers`, else `--proxy-workers` (what
-    // `up` or `deploy` passes when it starts the daemon for a new app),
-    // else one per core. A change by a later `deploy` applies from the
-    // next daemon start or upgrade.
+    // The proxy's worker threads are fixed for the life of the process
+    // that runs it (the data plane: set by the first daemon that says
+    // hello; without one, this daemon): the running app's stored `[proxy]
+    // workers`, else `--proxy-workers` (what `up` or `deploy` passes when
+    // it starts the daemon for a new app), else one per core. A change by a
+    // later `deploy` applies from the next start of that process.
     let workers = store
         .apps()
         .ok()
