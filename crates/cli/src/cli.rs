@@ -65,16 +65,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the control plane in the foreground (`up` starts it in the
-    /// background for you).
+    /// Run nonstop in the foreground (`up` starts it in the background for
+    /// you).
     ///
-    /// This process is the keeper: it starts the daemon proper as its child,
-    /// holds its listening sockets (the proxy's, the API's) and, when the
-    /// daemon dies (SIGKILL, OOM, a crash), starts a new one at once and
-    /// hands it the sockets: clients' connections wait in the backlog
-    /// instead of being refused, and the new daemon re-adopts the running
-    /// app. SIGTERM/SIGINT stop the daemon (the app keeps running), SIGUSR2
-    /// upgrades it in place.
+    /// This process is the keeper: it runs the proxy (the data plane:
+    /// listeners, client connections, health checks, static files, TLS)
+    /// and starts the daemon proper (the control plane: engine, API, store)
+    /// as its child, which drives the proxy over $NONSTOP_HOME/plane.sock.
+    /// When the daemon dies (SIGKILL, OOM, a crash), no request is lost:
+    /// the proxy goes on serving, the keeper starts a new daemon at once
+    /// (API requests wait in the backlog meanwhile), and it re-adopts the
+    /// running app and resyncs with the proxy. SIGTERM/SIGINT stop the
+    /// daemon (the app keeps running), then the keeper (requests in flight
+    /// finish); SIGUSR2 upgrades the daemon in place (not the keeper).
     ///
     /// Exits with code 2, before binding anything, when it refuses its
     /// state directory (an unsafe NONSTOP_HOME, a damaged or lost store:
@@ -93,8 +96,9 @@ pub enum Command {
         /// the daemon.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
         proxy_workers: Option<u32>,
-        /// Run the daemon in this process, without a keeper: nothing holds
-        /// the listening sockets if it dies, and nothing starts it again.
+        /// Run the daemon in this process, with the proxy, without a
+        /// keeper: if it dies, its connections die with it, nothing holds
+        /// the listening sockets, and nothing starts it again.
         #[arg(long)]
         no_keeper: bool,
     },

@@ -227,3 +227,44 @@ fn an_upgrade_replaces_the_daemon_and_keeps_the_data_plane() {
         text.stdout
     );
 }
+
+#[test]
+fn the_data_plane_refuses_calls_out_of_order_other_versions_and_garbage() {
+    let app = TestApp::hello();
+    app.up().ok();
+    let socket = app.home.path().join("plane.sock");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600, "plane.sock is private");
+    let exchange = |lines: &[&str]| -> Vec<Value> {
+        let stream = UnixStream::connect(&socket).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut out = Vec::new();
+        for l in lines {
+            if writeln!(writer, "{l}").is_err() {
+                break; // closed by the data plane
+            }
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            out.push(serde_json::from_str(&line).unwrap());
+        }
+        out
+    };
+    // Not a hello first.
+    let a = exchange(&[r#"{"id":1,"request":{"op":"table"}}"#]);
+    assert_eq!(a[0]["result"]["Err"]["error"], "protocol", "{a:?}");
+    assert!(a[0]["result"]["Err"]["reason"].as_str().unwrap().contains("hello"), "{a:?}");
+    // Another version: refused, naming both.
+    let a = exchange(&[r#"{"id":1,"request":{"op":"hello","version":99,"workers":0}}"#]);
+    assert_eq!(a[0]["result"]["Err"], serde_json::json!({"error": "version", "plane": 1, "daemon": 99}), "{a:?}");
+    // Garbage: an error, then the connection is closed.
+    let a = exchange(&["hello there", r#"{"id":2,"request":{"op":"table"}}"#]);
+    assert_eq!(a.len(), 1, "the connection stays open after garbage: {a:?}");
+    assert_eq!(a[0]["result"]["Err"]["error"], "protocol", "{a:?}");
+    // Nothing of this changed what the proxy serves.
+    assert_eq!(app.get("/").unwrap().0, 200);
+    assert_eq!(plane_table(&app).len(), 2);
+}
