@@ -371,7 +371,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     // this process.
     let layer = match plane_socket {
         Some(path) => {
-            let client = PlaneClient::connect(path, workers)
+            let client = PlaneClient::connect(path, workers, shutdown.child_token())
                 .await
                 .with_context(|| format!("cannot use the data plane on {}", path.display()))?;
             if !inherited.proxy.is_empty() {

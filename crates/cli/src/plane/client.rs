@@ -118,7 +118,13 @@ impl PlaneClient {
     /// Connect to the data plane at `path` (`workers`: the proxy's worker
     /// threads, if this daemon is the first): subscribe to its events, read
     /// its table, and start collecting the engine's adoptions.
-    pub async fn connect(path: &Path, workers: usize) -> Result<Arc<PlaneClient>, PlaneError> {
+    /// Its background tasks (the event stream, the refresh) end with
+    /// `shutdown`.
+    pub async fn connect(
+        path: &Path,
+        workers: usize,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<PlaneClient>, PlaneError> {
         // The event stream first, so that nothing happens unseen after the
         // table is read.
         let stream = tokio::time::timeout(CALL_TIMEOUT, tokio::net::UnixStream::connect(path))
@@ -158,18 +164,22 @@ impl PlaneClient {
             "connected to the data plane (pid {plane_pid}) holding {} backend(s)",
             lock(&client.table).len()
         );
+        let stop = shutdown.clone();
         let c = Arc::clone(&client);
         tokio::spawn(async move {
             // The write half stays open as long as the stream is read:
             // closing it ends the subscription.
             let _write = write;
-            c.read_events(read).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = c.read_events(read) => {}
+            }
             // Whatever waits for a drain: it ended unseen.
             lock(&c.drains).clear();
             c.lost.cancel();
         });
         let c = Arc::clone(&client);
-        tokio::spawn(async move { c.refresh_loop().await });
+        tokio::spawn(async move { c.refresh_loop(stop).await });
         Ok(client)
     }
 
@@ -220,10 +230,11 @@ impl PlaneClient {
 
     /// In-flight counts and last checks, for `status` (health comes from
     /// the events, in order).
-    async fn refresh_loop(self: Arc<Self>) {
+    async fn refresh_loop(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 _ = self.lost.cancelled() => return,
+                _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(REFRESH_EVERY) => {}
             }
             let c = Arc::clone(&self);
