@@ -300,7 +300,7 @@ impl PlaneClient {
                     // The engine learns the health the data plane knows.
                     if health != BackendHealth::Pending {
                         let detail = format!("{} in the data plane when this daemon started", health.as_str());
-                        let _ = self.events.send(HealthEvent { instance, health, detail });
+                        let _ = self.events.send(HealthEvent { instance, health, detail, cause: Default::default() });
                     }
                 }
                 Action::Add(a) => {

@@ -304,6 +304,8 @@ impl DataPlane {
                                 instance: b.backend.instance,
                                 health: b.status.health,
                                 detail: b.status.last_checks.last().cloned().unwrap_or_default(),
+                                // What the cause was is not kept per backend.
+                                cause: Default::default(),
                             },
                         })
                         .collect(),

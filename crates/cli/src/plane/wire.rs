@@ -216,6 +216,7 @@ pub(crate) mod tests {
             unhealthy_threshold: 3,
             expect_status: nonstop_core::process::StatusRange { min: 200, max: 399 },
             host: None,
+            smoke: vec![],
         }
     }
 
@@ -286,6 +287,7 @@ pub(crate) mod tests {
                     instance: id("web.1#3"),
                     health: BackendHealth::Unhealthy,
                     detail: "connect: connection refused".into(),
+                    cause: nonstop_core::traffic::HealthCause::Smoke,
                 },
             },
             Event::Drained { drain: 7, instance: id("web.2#4"), outcome: DrainOutcome::TimedOut { in_flight: 3 } },
