@@ -227,7 +227,7 @@ impl DataPlane {
                     return Err(PlaneError::Version { plane: wire::VERSION, daemon: version });
                 }
                 self.running(workers);
-                tracing::info!("data plane: daemon {pid} connected");
+                tracing::debug!("data plane: daemon {pid} connected");
                 Ok(Reply::Hello { version: wire::VERSION, pid: std::process::id(), backends: self.backends() })
             }
             Request::Table => Ok(Reply::Table { backends: self.backends() }),
@@ -288,7 +288,7 @@ impl DataPlane {
                 n = read_line(&mut lines, &mut ignored) => {
                     // Nothing is expected: the daemon closed, or broke the protocol.
                     if !matches!(n, Ok(n) if n > 0) {
-                        tracing::info!("data plane: daemon {pid} disconnected");
+                        tracing::debug!("data plane: daemon {pid} disconnected");
                         return;
                     }
                     ignored.clear();
