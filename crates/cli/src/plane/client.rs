@@ -405,6 +405,11 @@ impl Traffic for PlaneClient {
         self.drain_remote(instance, timeout)
     }
 
+    fn set_maintenance(&self, route: &RouteKey, maintenance: Option<&nonstop_core::maintenance::Maintenance>) {
+        let request = Request::Maintenance { route: route.clone(), maintenance: maintenance.cloned() };
+        self.call_logged("maintenance", request);
+    }
+
     fn remove(&self, instance: &InstanceId) {
         if let Some(r) = lock(&self.resync).as_mut() {
             r.adopted.retain(|a| &a.backend.instance != instance);

@@ -265,6 +265,11 @@ impl DataPlane {
                 r.statics.publish(&app, live.into_iter().map(Into::into).collect());
                 Ok(Reply::Done)
             }
+            Request::Maintenance { route, maintenance } => {
+                let r = self.running(0);
+                r.proxy.set_maintenance(&route, maintenance.as_ref());
+                Ok(Reply::Done)
+            }
             Request::Subscribe => Ok(Reply::Done),
         }
     }

@@ -66,6 +66,11 @@ pub enum Request {
         app: AppName,
         live: Vec<LiveRelease>,
     },
+    /// Maintenance mode of `route` on (`Some`) or off.
+    Maintenance {
+        route: RouteKey,
+        maintenance: Option<nonstop_core::maintenance::Maintenance>,
+    },
     /// Turn this connection into an event stream.
     Subscribe,
 }
@@ -259,6 +264,15 @@ pub(crate) mod tests {
                 app: AppName::new("blog").unwrap(),
                 live: vec![LiveRelease { release: ReleaseId(3), dir: "/srv/releases/blog/v3".into(), mounts: vec![] }],
             },
+            Request::Maintenance {
+                route: RouteKey("app/default".into()),
+                maintenance: Some(nonstop_core::maintenance::Maintenance {
+                    page: Some("<h1>back soon</h1>".into()),
+                    allow: vec!["10.0.0.0/8".parse().unwrap()],
+                    retry_after_secs: 120,
+                }),
+            },
+            Request::Maintenance { route: RouteKey("app/default".into()), maintenance: None },
             Request::Subscribe,
         ];
         for (n, request) in calls.into_iter().enumerate() {
