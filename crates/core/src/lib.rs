@@ -8,6 +8,7 @@
 
 pub mod clock;
 pub mod counts;
+pub mod database;
 pub mod driver;
 pub mod ids;
 pub mod logline;

@@ -370,6 +370,10 @@ pub struct AppSpec {
     /// releases' own files, in file order (empty: the app serves its own).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub statics: Vec<StaticMount>,
+    /// `[database]`: the app's PostgreSQL database (for the migration gate
+    /// and the variables every process gets), if the spec names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<crate::database::DatabaseSpec>,
 }
 
 /// One `[static]` mount: requests for `url*` are answered by the proxy

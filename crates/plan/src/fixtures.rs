@@ -34,6 +34,7 @@ pub fn app(processes: Vec<ProcessSpec>) -> AppSpec {
         build: vec![],
         release: ReleaseSpec::default(),
         statics: vec![],
+        database: None,
     }
 }
 

@@ -12,6 +12,7 @@ fn spec() -> AppSpec {
         build: vec![],
         release: ReleaseSpec::default(),
         statics: vec![],
+        database: None,
     }
 }
 

@@ -22,6 +22,7 @@ fn record(name: &str) -> AppRecord {
             build: vec![],
             release: ReleaseSpec::default(),
             statics: vec![],
+            database: None,
         },
         workdir: PathBuf::from("/srv/app"),
         release: ReleaseId(0),

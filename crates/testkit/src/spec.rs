@@ -77,6 +77,7 @@ pub fn app(name: &str) -> AppBuilder {
                 ..ReleaseSpec::default()
             },
             statics: Vec::new(),
+            database: None,
         },
     }
 }
