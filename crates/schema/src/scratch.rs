@@ -485,10 +485,18 @@ where
         collate.replace('\'', "''"),
         ctype.replace('\'', "''"),
     );
+    // Armed before the database is asked for: a run cancelled while
+    // `CREATE DATABASE` is under way still drops it (IF EXISTS).
+    let mut guard = ScratchGuard {
+        url: source.clone(),
+        opts: opts.clone(),
+        name: name.clone(),
+        version_num: info.version_num,
+        armed: true,
+    };
     match tokio::time::timeout(opts.statement_timeout, admin.batch_execute(&create)).await {
         Err(_) => {
-            // It may exist after all: drop it to be sure.
-            let _ = drop_database(&admin, &name, info.version_num, opts.statement_timeout, &server).await;
+            // It may exist after all: the guard drops it.
             return Err(GateError::Timeout {
                 what: format!("creating scratch database {name}"),
                 server,
@@ -503,14 +511,6 @@ where
         }
         Ok(Ok(())) => {}
     }
-    let mut guard = ScratchGuard {
-        url: source.clone(),
-        opts: opts.clone(),
-        name: name.clone(),
-        version_num: info.version_num,
-        armed: true,
-    };
-
     let outcome = in_scratch(source, &scratch, opts, &info, copy_started, tasks).await;
 
     let dropped = match drop_database(&admin, &name, info.version_num, opts.statement_timeout, &server).await {
@@ -567,12 +567,10 @@ where
 
     let tasks_started = Instant::now();
     let handle = tokio::spawn(tasks(scratch.clone()));
-    let abort = handle.abort_handle();
+    // Aborted if this future is dropped (a cancelled deploy) or times out.
+    let _abort = AbortOnDrop(handle.abort_handle());
     match tokio::time::timeout(opts.tasks_timeout, handle).await {
-        Err(_) => {
-            abort.abort();
-            return Err(GateError::TasksTimedOut { after: opts.tasks_timeout });
-        }
+        Err(_) => return Err(GateError::TasksTimedOut { after: opts.tasks_timeout }),
         Ok(Err(join)) => {
             let message = if join.is_panic() {
                 let payload = join.into_panic();
@@ -601,6 +599,14 @@ where
             .await?
     };
     Ok((before, after, copy_s, tasks_s))
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// `pg_dump --schema-only` of `source` piped into `psql` on `scratch`.
