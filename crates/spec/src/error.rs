@@ -131,6 +131,10 @@ impl Diags {
     pub fn len(&self) -> usize {
         self.items.len()
     }
+    /// Was a problem found at or after byte `offset` already?
+    pub fn any_after(&self, offset: usize) -> bool {
+        self.items.iter().any(|d| d.span.as_ref().is_some_and(|s| s.start >= offset))
+    }
     pub fn into_errors(self, source: &str, file: &Path) -> SpecErrors {
         let index = LineIndex::new(source);
         let mut errors: Vec<SpecError> = self

@@ -15,6 +15,7 @@
 //! schema, and the valid-key lists in messages are read from them.
 #![forbid(unsafe_code)]
 
+mod database;
 mod defaults;
 mod duration;
 mod env;
@@ -187,5 +188,7 @@ pub fn sanitize_app_name(dir_name: &str) -> String {
 mod tests;
 #[cfg(test)]
 mod tests_smoke;
+#[cfg(test)]
+mod tests_database;
 #[cfg(test)]
 mod tests_static;

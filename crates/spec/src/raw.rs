@@ -32,6 +32,20 @@ pub struct RawSpec {
     /// `[static]` (one mount) or `[[static]]` (several).
     #[serde(rename = "static")]
     pub statics: Option<Spanned<RawStatics>>,
+    /// `[database]`: the app's PostgreSQL database.
+    pub database: Option<Spanned<RawDatabase>>,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    /// `"postgres://USER:PASSWORD@HOST:5432/NAME"`, or `"${VAR}"` to read
+    /// it from nonstop's environment.
+    pub url: Option<Spanned<String>>,
+    /// `[database.env]`: variable name → URL part (`url`, `name`, `host`,
+    /// `port`, `user`, `password`). Left out: `DATABASE_URL = "url"`.
+    pub env: Option<Spanned<RawMap<Spanned<String>>>>,
 }
 
 /// `[static]` or `[[static]]`: the mounts, in file order.
@@ -347,7 +361,10 @@ mod tests {
     fn field_names_come_from_the_schema() {
         assert_eq!(field_names::<RawProxy>()[0], "listen");
         assert_eq!(field_names::<RawTls>(), &["hosts", "cert", "key"]);
-        assert_eq!(field_names::<RawSpec>(), &["app", "build", "env", "proxy", "release", "processes", "static"]);
+        assert_eq!(
+            field_names::<RawSpec>(),
+            &["app", "build", "env", "proxy", "release", "processes", "static", "database"]
+        );
         assert_eq!(field_names::<RawProcess>()[0], "command");
     }
 

@@ -201,6 +201,14 @@ stop_timeout = 30
 command = "celery -A blog beat"
 kind = "singleton"
 stop_signal = "term"
+
+[database]
+url = "postgres://blog:PASSWORD@127.0.0.1:5432/blog"
+
+[database.env]
+POSTGRES_NAME = "name"
+POSTGRES_SERVICE_HOST = "host"
+POSTGRES_PASSWORD = "password"
 "#;
 
 #[test]
@@ -297,6 +305,7 @@ fn every_schema_key_is_set_in_the_full_example() {
         (field_names::<RawProxy>(), doc["proxy"].clone()),
         (field_names::<RawTls>(), doc["proxy"]["tls"][0].clone()),
         (field_names::<RawStatic>(), doc["static"][0].clone()),
+        (field_names::<RawDatabase>(), doc["database"].clone()),
     ] {
         let present = keys_of(&table);
         for f in fields {

@@ -40,11 +40,12 @@ pub(crate) fn validate(raw: &RawSpec, env: &dyn EnvLookup, base: &Path, diags: &
         raw.processes.iter().flat_map(|p| p.get_ref().iter()).map(|(name, _)| name.get_ref().as_str()).collect();
     let release = validate_release(raw.release.as_ref(), &declared, &processes, diags);
     let statics = raw.statics.as_ref().map(|s| crate::statics::validate_statics(s, diags)).unwrap_or_default();
+    let database = raw.database.as_ref().and_then(|d| crate::database::validate_database(d, raw, env, diags));
 
     if diags.len() > before {
         return None;
     }
-    Some(AppSpec { app: app?, env: app_env, processes, proxy, build, release, statics })
+    Some(AppSpec { app: app?, env: app_env, processes, proxy, build, release, statics, database })
 }
 
 /// A key of a table, for messages: "`count` in [processes.web]".
@@ -627,13 +628,13 @@ fn validate_env(env: &Spanned<RawMap<Spanned<RawScalar>>>, table: &str, diags: &
     out
 }
 
-fn is_env_name(name: &str) -> bool {
+pub(crate) fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-fn fix_env_name(name: &str) -> String {
+pub(crate) fn fix_env_name(name: &str) -> String {
     let mut fixed: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     if fixed.is_empty() || fixed.starts_with(|c: char| c.is_ascii_digit()) {
         fixed.insert(0, '_');

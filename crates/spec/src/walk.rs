@@ -43,7 +43,33 @@ pub(crate) fn walk(root: &Spanned<DeTable<'_>>, diags: &mut Diags) -> RawSpec {
             .map(|r| r.map(walk_release, diags)),
         processes: walk_processes(&t, diags),
         statics: walk_statics(&t, diags),
+        database: t
+            .table("database", "url = \"postgres://blog:PASSWORD@127.0.0.1:5432/blog\"", diags)
+            .map(|d| d.map(walk_database, diags)),
     }
+}
+
+fn walk_database(t: &Table<'_, '_>, diags: &mut Diags) -> RawDatabase {
+    t.check_keys(field_names::<RawDatabase>(), diags);
+    let env = t.table("env", "POSTGRES_NAME = \"name\"\nPOSTGRES_PASSWORD = \"password\"", diags).map(|env| {
+        let mut entries = Vec::new();
+        for (name, value) in env.entries.iter() {
+            match value.get_ref() {
+                DeValue::String(s) => entries
+                    .push((Spanned::new(name.span(), name.get_ref().to_string()), Spanned::new(value.span(), s.to_string()))),
+                other => diags.error(
+                    value.span(),
+                    format!("{} must be a string, not {}", env.describe_key(name.get_ref()), describe(other)),
+                    format!(
+                        "name the part of the url it holds: {} = \"name\" (one of url, name, host, port, user, password)",
+                        display_key(name.get_ref())
+                    ),
+                ),
+            }
+        }
+        Spanned::new(env.span.clone(), RawMap(entries))
+    });
+    RawDatabase { url: t.string("url", "url = \"postgres://blog:PASSWORD@127.0.0.1:5432/blog\"", diags), env }
 }
 
 const STATIC_EXAMPLE: &str = "[static]\nurl = \"/static/\"\ndir = \"staticfiles\"";
