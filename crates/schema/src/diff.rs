@@ -879,3 +879,12 @@ pub fn classified(before: &Schema, after: &Schema) -> Vec<Classified> {
         .map(|change| Classified { summary: change.to_string(), compatibility: classify(&change), change })
         .collect()
 }
+
+/// What code written for `expected` meets on `actual`: the breaking
+/// changes from one to the other. For a rollback: `expected` is the
+/// schema stored with the release rolled back to (its
+/// [`crate::GateReport::after`]), `actual` the database's schema now
+/// ([`crate::read_schema`]); an empty result means its code still fits.
+pub fn breaking_for(expected: &Schema, actual: &Schema) -> Vec<Classified> {
+    classified(expected, actual).into_iter().filter(|c| c.compatibility.is_breaking()).collect()
+}

@@ -23,7 +23,7 @@ pub mod model;
 pub mod scratch;
 pub mod tools;
 
-pub use diff::{classified, classify, diff, Change, Classified, Compatibility, Rule};
+pub use diff::{breaking_for, classified, classify, diff, Change, Classified, Compatibility, Rule};
 pub use env::env_for;
 pub use error::{GateError, TasksFailed};
 pub use model::Schema;

@@ -4,7 +4,8 @@
 //!
 //! Invariants:
 //! - **the source database is only read**: a `READ ONLY` snapshot
-//!   transaction, `pg_dump`, and `CREATE DATABASE`/`DROP DATABASE` of the
+//!   transaction, `pg_dump` (the schema, and the rows of the tables where
+//!   frameworks record the migrations that ran), and `CREATE DATABASE`/`DROP DATABASE` of the
 //!   scratch one (server-level statements, issued from the source's
 //!   connection);
 //! - **the scratch database is always dropped**: explicitly at the end, on
@@ -44,7 +45,8 @@ pub struct GateOptions {
     /// For one SQL statement or catalog snapshot (including `CREATE
     /// DATABASE` and `DROP DATABASE`).
     pub statement_timeout: Duration,
-    /// For `pg_dump | psql`.
+    /// For each `pg_dump | psql` (the schema, then the migration tables'
+    /// rows).
     pub copy_timeout: Duration,
     /// For the release tasks (the engine passes `[release] task_timeout`).
     pub tasks_timeout: Duration,
@@ -53,6 +55,10 @@ pub struct GateOptions {
     pub stale_after: Duration,
     pub pg_dump: PathBuf,
     pub psql: PathBuf,
+    /// Tables whose rows are copied with the schema (by name, in any
+    /// schema): where frameworks record the migrations that ran. Default:
+    /// [`MIGRATION_TABLES`].
+    pub data_tables: Vec<String>,
 }
 
 impl Default for GateOptions {
@@ -65,6 +71,7 @@ impl Default for GateOptions {
             stale_after: Duration::from_secs(3600),
             pg_dump: PathBuf::from("pg_dump"),
             psql: PathBuf::from("psql"),
+            data_tables: MIGRATION_TABLES.iter().map(|s| s.to_string()).collect(),
         }
     }
 }
@@ -511,7 +518,7 @@ where
         }
         Ok(Ok(())) => {}
     }
-    let outcome = in_scratch(source, &scratch, opts, &info, copy_started, tasks).await;
+    let outcome = in_scratch(source, &scratch, opts, &info, &source_schema, copy_started, tasks).await;
 
     let dropped = match drop_database(&admin, &name, info.version_num, opts.statement_timeout, &server).await {
         Ok(()) => {
@@ -548,6 +555,7 @@ async fn in_scratch<F, Fut>(
     scratch: &DatabaseUrl,
     opts: &GateOptions,
     info: &ServerInfo,
+    source_schema: &Schema,
     copy_started: Instant,
     tasks: F,
 ) -> Result<(Schema, Schema, f64, f64), GateError>
@@ -556,7 +564,7 @@ where
     Fut: Future<Output = Result<(), TasksFailed>> + Send + 'static,
 {
     let server = server_of(source);
-    copy_schema(source, scratch, opts, &info.user).await?;
+    copy_schema(source, scratch, opts, &info.user, source_schema).await?;
     let copy_s = copy_started.elapsed().as_secs_f64();
 
     let before = {
@@ -609,9 +617,76 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// `pg_dump --schema-only` of `source` piped into `psql` on `scratch`.
-/// The password goes through `PGPASSWORD`, never on a command line.
+/// Tables in which frameworks record which migrations ran: their rows are
+/// copied with the schema (a Django migrate against an empty
+/// `django_migrations` would try to create every table again). Matched by
+/// name in any schema.
+pub const MIGRATION_TABLES: &[&str] = &[
+    "django_migrations",
+    "schema_migrations",
+    "ar_internal_metadata",
+    "alembic_version",
+    "flyway_schema_history",
+    "_prisma_migrations",
+    "knex_migrations",
+    "knex_migrations_lock",
+    "SequelizeMeta",
+    "goose_db_version",
+    "__EFMigrationsHistory",
+    "doctrine_migration_versions",
+    "phinx_log",
+    "gorp_migrations",
+    "__diesel_schema_migrations",
+    "_sqlx_migrations",
+    "refinery_schema_history",
+    "seaql_migrations",
+    "pgmigrations",
+    "migrations",
+];
+
+/// `pg_dump --schema-only` of `source` piped into `psql` on `scratch`,
+/// then the rows of the [`GateOptions::data_tables`] that exist.
 async fn copy_schema(
+    source: &DatabaseUrl,
+    scratch: &DatabaseUrl,
+    opts: &GateOptions,
+    user: &str,
+    source_schema: &Schema,
+) -> Result<(), GateError> {
+    let schema_args = [
+        "--schema-only",
+        "--no-owner",
+        "--no-privileges",
+        "--no-subscriptions",
+        "--no-publications",
+        "--no-security-labels",
+        "--no-tablespaces",
+    ];
+    pipe_dump(&schema_args.map(String::from), source, scratch, opts, user).await?;
+    let tables: Vec<String> = source_schema
+        .tables
+        .iter()
+        .filter(|t| opts.data_tables.iter().any(|d| *d == t.name.name))
+        .map(|t| format!("--table={}.{}", pattern_ident(&t.name.schema), pattern_ident(&t.name.name)))
+        .collect();
+    if !tables.is_empty() {
+        let mut args = vec!["--data-only".to_string(), "--no-owner".to_string(), "--no-privileges".to_string()];
+        args.extend(tables);
+        pipe_dump(&args, source, scratch, opts, user).await?;
+    }
+    Ok(())
+}
+
+/// A name for a pg_dump pattern: quoted, so taken literally (quotes
+/// doubled; pattern characters inside quotes are not special).
+fn pattern_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `pg_dump ARGS` of `source` piped into `psql` on `scratch`. The
+/// password goes through `PGPASSWORD`, never on a command line.
+async fn pipe_dump(
+    args: &[String],
     source: &DatabaseUrl,
     scratch: &DatabaseUrl,
     opts: &GateOptions,
@@ -625,16 +700,7 @@ async fn copy_schema(
         cmd.kill_on_drop(true).stdin(Stdio::null());
     };
     let mut dump = tokio::process::Command::new(&opts.pg_dump);
-    dump.args([
-        "--schema-only",
-        "--no-owner",
-        "--no-privileges",
-        "--no-subscriptions",
-        "--no-publications",
-        "--no-security-labels",
-        "--no-tablespaces",
-    ])
-    .arg(format!("--dbname={}", source.without_password()));
+    dump.args(args).arg(format!("--dbname={}", source.without_password()));
     env(&mut dump);
     dump.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut dump = dump.spawn().map_err(|e| spawn_error(&opts.pg_dump, e))?;

@@ -216,6 +216,19 @@ fn validating_a_not_valid_constraint_is_safe() {
     assert_eq!(v, Compatibility::Safe);
 }
 
+#[test]
+fn a_rollback_behind_the_schema_is_named() {
+    // v1's code expects `title`; v2's migration renamed it.
+    let v1 = base();
+    let now = with_notes(|t| t.columns[2].name = "headline".into());
+    let found = nonstop_schema::breaking_for(&v1, &now);
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].summary, "column notes.title renamed to headline");
+    // A column v2 added (nullable) does not stop v1.
+    let now = with_notes(|t| t.columns.push(col("subtitle", "text", true, None)));
+    assert!(nonstop_schema::breaking_for(&v1, &now).is_empty());
+}
+
 // ---- property tests ----
 
 const TYPES: [&str; 6] = ["integer", "bigint", "text", "boolean", "character varying(20)", "character varying(40)"];

@@ -357,3 +357,28 @@ async fn stale_scratch_databases_are_swept() {
     assert_eq!(source.scratch_left(), vec![fresh.clone()]);
     psql("postgres", &format!("DROP DATABASE {fresh}"));
 }
+
+#[tokio::test]
+async fn the_rows_of_migration_tables_come_with_the_schema() {
+    // Frameworks read which migrations ran from a table: a copy without
+    // its rows would run every migration again (Django: "relation already
+    // exists").
+    let source = Source::new(
+        "migtab",
+        &format!(
+            "{NOTES} CREATE TABLE schema_migrations (version text PRIMARY KEY); \
+         INSERT INTO schema_migrations VALUES ('1'), ('2');"
+        ),
+    );
+    let report = gate(
+        &source.url(),
+        &[
+            "test \"$(psql -X -t -A -d \"$DATABASE_URL\" -c 'SELECT sum(version::int) FROM schema_migrations')\" = 3",
+            "test \"$(psql -X -t -A -d \"$DATABASE_URL\" -c 'SELECT count(*) FROM notes')\" = 0",
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(report.changes.is_empty(), "{}", report.render());
+    assert!(source.scratch_left().is_empty());
+}
