@@ -666,7 +666,7 @@ async fn copy_schema(
     let tables: Vec<String> = source_schema
         .tables
         .iter()
-        .filter(|t| opts.data_tables.iter().any(|d| *d == t.name.name))
+        .filter(|t| opts.data_tables.contains(&t.name.name))
         .map(|t| format!("--table={}.{}", pattern_ident(&t.name.schema), pattern_ident(&t.name.name)))
         .collect();
     if !tables.is_empty() {
