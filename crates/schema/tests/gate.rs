@@ -349,7 +349,9 @@ async fn stale_scratch_databases_are_swept() {
     let source = Source::new("sweep", NOTES);
     let old = nonstop_schema::scratch::scratch_name(&source.name, 1_000_000_000, 0xabcdef01);
     psql("postgres", &format!("CREATE DATABASE {old}"));
-    let fresh = nonstop_schema::scratch::scratch_name(&source.name, u64::MAX / 2, 0xabcdef02);
+    // Made now: a later run sweeps it if this test dies before dropping it.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let fresh = nonstop_schema::scratch::scratch_name(&source.name, now, 0xabcdef02);
     psql("postgres", &format!("CREATE DATABASE {fresh}"));
     let report = gate(&source.url(), &["true"]).await.unwrap();
     assert!(report.changes.is_empty());
@@ -381,4 +383,13 @@ async fn the_rows_of_migration_tables_come_with_the_schema() {
     .unwrap();
     assert!(report.changes.is_empty(), "{}", report.render());
     assert!(source.scratch_left().is_empty());
+}
+
+#[tokio::test]
+async fn a_url_that_asks_for_tls_is_refused_before_connecting() {
+    let url = DatabaseUrl::parse("postgres://app:Sup3rSecretPw@127.0.0.1:5432/app?sslmode=require").unwrap();
+    let err = gate(&url, &["true"]).await.unwrap_err();
+    assert!(matches!(err, GateError::TlsNotSupported { .. }), "{err:?}");
+    assert!(err.to_string().contains("sslmode=require"), "{err}");
+    assert!(err.is_bad_input());
 }
