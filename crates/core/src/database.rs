@@ -104,7 +104,14 @@ pub enum UrlError {
     Escape,
     #[error("the URL contains a space or a control character; percent-encode it (a space is %20)")]
     Character,
+    /// `?dbname=`, `?service=`: the database would not be the one the
+    /// path names, and the gate's scratch copy is named in the path.
+    #[error("the URL sets `{key}` in its parameters; name the database in the path only (postgres://HOST:5432/NAME)")]
+    Parameter { key: String },
 }
+
+/// Query parameters that would choose another database than the path's.
+const FORBIDDEN_PARAMETERS: [&str; 4] = ["dbname", "service", "host", "hostaddr"];
 
 /// A parsed `postgres://` URL. Equality is on the text.
 #[derive(Clone, PartialEq, Eq)]
@@ -200,6 +207,14 @@ impl DatabaseUrl {
         let name = decode(path)?;
         if name.is_empty() {
             return Err(UrlError::NoDatabase);
+        }
+        if let Some(q) = &query {
+            for kv in q.split('&') {
+                let key = decode(kv.split('=').next().unwrap_or(""))?;
+                if FORBIDDEN_PARAMETERS.contains(&key.as_str()) {
+                    return Err(UrlError::Parameter { key });
+                }
+            }
         }
         let parts = Parts {
             scheme: scheme.to_string(),
@@ -430,6 +445,9 @@ mod tests {
             ("postgres://u:secret@a,b/d", UrlError::SeveralHosts),
             ("postgres://u:se%zzcret@h/d", UrlError::Escape),
             ("postgres://u:se cret@h/d", UrlError::Character),
+            ("postgres://u:secret@h/d?dbname=other", UrlError::Parameter { key: "dbname".into() }),
+            ("postgres://u:secret@h/d?sslmode=disable&service=x", UrlError::Parameter { key: "service".into() }),
+            ("postgres://u:secret@h/d?host=/var/run/postgresql", UrlError::Parameter { key: "host".into() }),
         ] {
             let e = DatabaseUrl::parse(text).unwrap_err();
             assert_eq!(e, err, "{text}");

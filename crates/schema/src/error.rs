@@ -93,6 +93,12 @@ pub enum GateError {
     #[error("the release tasks ran for more than {}s against the scratch copy and were stopped (nothing real changed); raise [release] task_timeout if they need longer", after.as_secs())]
     TasksTimedOut { after: Duration },
 
+    #[error("the real database's schema changed while the release tasks ran against the scratch copy ({}); the tasks probably do not read their database from the variables [database.env] gives them (DATABASE_URL by default): check that mapping before deploying again, or find what else migrated the database", changes.join("; "))]
+    SourceChanged { changes: Vec<String> },
+
+    #[error("the scratch connection reached database `{found}` instead of `{expected}`; nothing was run")]
+    NotScratch { expected: String, found: String },
+
     #[error("the release tasks' runner panicked: {message}")]
     TasksPanicked { message: String },
 

@@ -569,6 +569,18 @@ where
 
     let before = {
         let mut client = connect(scratch, opts).await?;
+        // Defence in depth: the tasks must never be given the real one.
+        let row = timed(
+            "checking the scratch database's name",
+            &server,
+            opts.statement_timeout,
+            client.query_one("SELECT current_database()::text", &[]),
+        )
+        .await?;
+        let found: String = row.get(0);
+        if found != scratch.database() {
+            return Err(GateError::NotScratch { expected: scratch.database().to_string(), found });
+        }
         timed("reading the scratch copy's catalog", &server, opts.statement_timeout, catalog::snapshot(&mut client))
             .await?
     };
@@ -606,6 +618,13 @@ where
         timed("reading the scratch copy's catalog", &server, opts.statement_timeout, catalog::snapshot(&mut client))
             .await?
     };
+    // Tasks that ignored the variables migrated the real database: say so
+    // (nothing else would: the scratch copy did not change).
+    let source_now = read_schema(source, opts).await?;
+    if &source_now != source_schema {
+        let changes = diff::diff(source_schema, &source_now).iter().map(|c| c.to_string()).collect();
+        return Err(GateError::SourceChanged { changes });
+    }
     Ok((before, after, copy_s, tasks_s))
 }
 

@@ -393,3 +393,18 @@ async fn a_url_that_asks_for_tls_is_refused_before_connecting() {
     assert!(err.to_string().contains("sslmode=require"), "{err}");
     assert!(err.is_bad_input());
 }
+
+#[tokio::test]
+async fn tasks_that_migrate_the_real_database_are_caught() {
+    // An app that ignores DATABASE_URL (reads its database from elsewhere)
+    // migrates the real database: the gate cannot prevent it, but says so.
+    let source = Source::new("ignore", NOTES);
+    let real = format!("{SERVER}/{}", source.name);
+    let err = gate(&source.url(), &[&format!("psql -X -q -d {real} -c 'ALTER TABLE notes ADD COLUMN oops text'")])
+        .await
+        .unwrap_err();
+    let GateError::SourceChanged { changes } = &err else { panic!("{err:?}") };
+    assert_eq!(changes, &["column notes.oops added (text, nullable)"]);
+    assert!(err.to_string().contains("[database.env]"), "{err}");
+    assert!(source.scratch_left().is_empty());
+}

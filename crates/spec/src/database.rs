@@ -111,6 +111,9 @@ fn validate_url(value: &Spanned<String>, env: &dyn EnvLookup, diags: &mut Diags)
                     "give one host (the primary): postgres://USER:PASSWORD@HOST:5432/NAME".to_string()
                 }
                 UrlError::NoHost | UrlError::Port => format!("for example: {URL_EXAMPLE}"),
+                UrlError::Parameter { .. } => {
+                    "the migration gate points the release tasks at its scratch copy by the name in the path: postgres://USER:PASSWORD@HOST:5432/NAME?sslmode=disable".to_string()
+                }
             };
             // The value is not repeated: it may hold a password.
             diags.error(value.span(), format!("{whose} is not a usable PostgreSQL URL: {e}"), hint);

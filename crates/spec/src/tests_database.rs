@@ -117,6 +117,11 @@ fn bad_urls_are_refused_without_showing_them() {
         (format!("postgres://blog:{SECRET}@/blog"), "names no host", "for example"),
         (format!("postgres://blog:{SECRET}%@db/blog"), "bad percent-escape", "percent-encode"),
         (format!("postgres://blog:{SECRET}@a,b/blog"), "several hosts", "give one host"),
+        (
+            format!("postgres://blog:{SECRET}@db/blog?dbname=prod"),
+            "sets `dbname` in its parameters",
+            "by the name in the path",
+        ),
     ] {
         let e = one(&url_line(&url));
         assert!(e.message.starts_with("`url` in [database] is not a usable PostgreSQL URL: "), "{e}");
