@@ -41,7 +41,8 @@ impl StaticPublisher {
         Ok(())
     }
 
-    /// Serve the static files of `live` (and no other release of `app`).
+    /// Serve the static files of `live` (and no other release of `app`), in
+    /// its order: the first release that has a path wins.
     pub fn publish(&self, app: &AppName, live: Vec<LiveStatics>) {
         let generation = {
             let mut state = lock(&self.state);

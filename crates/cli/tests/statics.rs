@@ -80,8 +80,8 @@ fn the_proxy_serves_the_static_files_of_every_retained_release() {
     // Both releases' assets: a page of either finds its own.
     assert_eq!(status_of(&app, "/static/css/main-v2.css"), 200);
     assert_eq!(status_of(&app, "/static/css/main-v1.css"), 200);
-    // A name in both: the newest release's file.
-    assert_eq!(fetch(app.proxy(), "/static/robots.txt").2, "shared-v2\n");
+    // A name in both: the running release's file.
+    wait_until(T, "v2's robots.txt", || fetch(app.proxy(), "/static/robots.txt").2 == "shared-v2\n");
 
     // v1 pruned (retain_releases = 2): its assets go with it.
     set_env(&app, "APP_VERSION", "3");
@@ -136,5 +136,27 @@ fn a_release_whose_deploy_failed_does_not_win_a_path() {
     wait_until(T, "v2's assets withdrawn", || status_of(&app, "/static/css/main-v2.css") == 404);
     assert_eq!(fetch(app.proxy(), "/static/robots.txt").2, "shared-v1\n");
     assert_eq!(status_of(&app, "/static/css/main-v1.css"), 200);
+    app.run(&["down"]).ok();
+}
+
+#[test]
+fn after_a_rollback_the_running_release_wins_and_the_newer_ones_files_stay() {
+    let app = app_with_statics();
+    app.run(&["deploy"]).ok();
+    set_env(&app, "APP_VERSION", "2");
+    app.run(&["deploy"]).ok();
+    wait_until(T, "v2's robots.txt", || fetch(app.proxy(), "/static/robots.txt").2 == "shared-v2\n");
+    let r = app.run(&["rollback"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    // An unhashed name both releases have: the running v1's, although v2
+    // is newer and retained.
+    wait_until(T, "v1's robots.txt", || fetch(app.proxy(), "/static/robots.txt").2 == "shared-v1\n");
+    // v2 went live: pages it rendered (still open) keep finding its files.
+    assert_eq!(status_of(&app, "/static/css/main-v2.css"), 200);
+    assert_eq!(status_of(&app, "/static/css/main-v1.css"), 200);
+    // Rolled forward again: v2 wins once more.
+    let r = app.run(&["rollback", "v2"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    wait_until(T, "v2's robots.txt again", || fetch(app.proxy(), "/static/robots.txt").2 == "shared-v2\n");
     app.run(&["down"]).ok();
 }

@@ -144,8 +144,8 @@ pub trait Builder: Send + Sync + 'static {
         Ok(())
     }
     /// These releases of `app` are the retained ones whose `[static]`
-    /// files the proxy serves from now on (the newest that has a path
-    /// wins); the others' files go. Must not block.
+    /// files the proxy serves from now on, in precedence order (the first
+    /// that has a path wins); the others' files go. Must not block.
     fn serve_statics(&self, _app: &AppName, _live: Vec<statics::LiveStatics>) {}
 }
 

@@ -396,6 +396,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         if let Err(e) = self.record_counts(&to.spec.app, &run.counts) {
             tracing::error!("could not record the process counts: {e}");
         }
+        // The new release is the running one: its files win from now on.
+        self.publish_statics(&to.spec.app);
     }
 
     /// End the deployment with `outcome`, answer the operation.

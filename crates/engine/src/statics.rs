@@ -9,13 +9,16 @@
 //! - After a build, after pruning, when a deployment fails or rolls back,
 //!   and when a daemon starts, the live set is published again: a page of
 //!   any retained release finds its hashed assets, a pruned release's
-//!   assets go with it, and a release newer than the running one is served
-//!   only while its deployment is in progress (the newest release that has
-//!   a path wins).
+//!   assets go with it, and a release whose deployment failed before its
+//!   rollout began is served only while that deployment is in progress.
+//!   The running release wins a path
+//!   that several have, then the deployment's target, then the newest
+//!   (`nonstop_plan::statics`).
 
 use super::*;
 use nonstop_core::process::StaticMount;
-use nonstop_store::ReleaseStatus;
+use nonstop_plan::statics::{serve_order, StaticCandidate};
+use nonstop_store::{DeploymentStatus, ReleaseStatus};
 
 /// One release whose static files are served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,27 +48,40 @@ pub(crate) async fn index_built(
 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     /// Tell the builder which releases of `app` are live (built, not
-    /// pruned, with `[static]` mounts), newest first.
+    /// pruned, with `[static]` mounts) in precedence order: the running
+    /// release, the deployment's target, then the others whose instances
+    /// may have rendered pages, newest first (`nonstop_plan::statics::serve_order`).
     pub(crate) fn publish_statics(&self, app: &AppName) {
-        let all = match self.store.releases(app) {
-            Ok(all) => all,
-            Err(e) => {
+        let (all, deployments) = match (self.store.releases(app), self.store.deployments(app, &self.env, 10_000)) {
+            (Ok(all), Ok(deployments)) => (all, deployments),
+            (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!("cannot read the releases of {app}, static files unchanged: {e}");
                 return;
             }
         };
-        // Releases newer than the running one are served only while they
-        // are the target of the deployment in progress: a release whose
-        // deploy failed or rolled back must not win a path.
+        // Its instances may have rendered pages: it went live, or its
+        // rollout began (a rolled-back deployment changed instances; a
+        // failed one did not).
+        let rendered = |id: ReleaseId| {
+            deployments.iter().any(|d| {
+                d.to_release == id && matches!(d.status, DeploymentStatus::Succeeded | DeploymentStatus::RolledBack)
+            })
+        };
+        let mut built: Vec<_> =
+            all.into_iter().filter(|r| r.status == ReleaseStatus::Ready && !r.spec.statics.is_empty()).collect();
+        let candidates: Vec<StaticCandidate> =
+            built.iter().map(|r| StaticCandidate { release: r.id, rendered: rendered(r.id) }).collect();
         let current = self.app.as_ref().filter(|rt| &rt.record.app == app).map(|rt| rt.record.release);
         let target = self.deployment.as_ref().map(|d| d.to.id);
-        let mut live: Vec<LiveStatics> = all
-            .into_iter()
-            .filter(|r| r.status == ReleaseStatus::Ready && !r.spec.statics.is_empty())
-            .filter(|r| current.is_none_or(|c| r.id <= c) || Some(r.id) == target)
-            .map(|r| LiveStatics { release: r.id, dir: r.dir, mounts: r.spec.statics })
+        let order = serve_order(&candidates, current, target);
+        let live: Vec<LiveStatics> = order
+            .iter()
+            .filter_map(|id| {
+                let i = built.iter().position(|r| r.id == *id)?;
+                let r = built.swap_remove(i);
+                Some(LiveStatics { release: r.id, dir: r.dir, mounts: r.spec.statics })
+            })
             .collect();
-        live.sort_by_key(|l| std::cmp::Reverse(l.release));
         self.builder.serve_statics(app, live);
     }
 }

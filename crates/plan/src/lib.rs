@@ -13,6 +13,7 @@ pub mod diff;
 mod fixtures;
 pub mod reconcile;
 pub mod rollout;
+pub mod statics;
 pub mod stopped;
 
 pub use backoff::SlotBackoff;

@@ -1,5 +1,6 @@
 //! The proxy answers `[static]` URLs itself, from the static files of every
-//! retained release (the newest release that has a path wins), so that a
+//! retained release (the first release of the list it is given that has a
+//! path wins: the running one, then the newest), so that a
 //! page rendered by any instance of any release finds its hashed assets,
 //! during and after a rollout.
 //!
@@ -85,8 +86,9 @@ pub(crate) struct Asset {
 
 /// The static files of one release, loaded (see the module docs).
 pub struct StaticRelease {
-    /// Newer releases have larger numbers (the release's number).
-    order: u64,
+    /// The release's number (for logs; precedence is the order
+    /// [`Proxy::set_static_releases`] is given).
+    number: u64,
     mounts: Vec<(String, HashMap<String, Arc<Asset>>)>,
     files: usize,
     cached_bytes: u64,
@@ -95,7 +97,7 @@ pub struct StaticRelease {
 impl std::fmt::Debug for StaticRelease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StaticRelease")
-            .field("order", &self.order)
+            .field("number", &self.number)
             .field("mounts", &self.mounts.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>())
             .field("files", &self.files)
             .field("cached_bytes", &self.cached_bytes)
@@ -104,10 +106,10 @@ impl std::fmt::Debug for StaticRelease {
 }
 
 impl StaticRelease {
-    /// Prepare the answers for `index` of the release in `release_dir`;
-    /// `order`: newer releases have larger numbers. Reads the small files
-    /// into memory (a file that cannot be read is served from disk).
-    pub fn load(order: u64, release_dir: &Path, index: &StaticIndex) -> StaticRelease {
+    /// Prepare the answers for `index` of the release `number` in
+    /// `release_dir`. Reads the small files into memory (a file that cannot
+    /// be read is served from disk).
+    pub fn load(number: u64, release_dir: &Path, index: &StaticIndex) -> StaticRelease {
         let mut budget = STATIC_CACHE_RELEASE_MAX;
         let mut files = 0;
         let mut mounts = Vec::new();
@@ -120,7 +122,7 @@ impl StaticRelease {
             }
             mounts.push((m.url.clone(), map));
         }
-        StaticRelease { order, mounts, files, cached_bytes: STATIC_CACHE_RELEASE_MAX - budget }
+        StaticRelease { number, mounts, files, cached_bytes: STATIC_CACHE_RELEASE_MAX - budget }
     }
 
     /// How many files it serves.
@@ -180,11 +182,11 @@ pub(crate) struct StaticGroups(std::sync::Mutex<BTreeMap<String, Vec<Arc<StaticR
 
 impl Proxy {
     /// Serve the static files of `releases` (a group: one app's retained
-    /// releases; the newest that has a path wins) from now on, replacing
-    /// the group's previous ones. An empty list removes the group. Groups
-    /// are merged in name order (a URL in two groups: the first wins).
-    pub fn set_static_releases(&self, group: &str, mut releases: Vec<Arc<StaticRelease>>) {
-        releases.sort_by_key(|r| std::cmp::Reverse(r.order));
+    /// releases, in precedence order: the first that has a path wins) from
+    /// now on, replacing the group's previous ones. An empty list removes
+    /// the group. Groups are merged in name order (a URL in two groups: the
+    /// first wins).
+    pub fn set_static_releases(&self, group: &str, releases: Vec<Arc<StaticRelease>>) {
         let mut groups = self.inner.static_groups.0.lock().unwrap_or_else(|p| p.into_inner());
         if releases.is_empty() {
             groups.remove(group);

@@ -330,7 +330,7 @@ async fn other_paths_still_reach_the_app_and_without_static_nothing_changes() {
 }
 
 #[tokio::test]
-async fn every_retained_release_is_served_and_the_newest_wins() {
+async fn every_retained_release_is_served_and_the_first_given_wins() {
     let tmp = tempfile::tempdir().unwrap();
     let old = release(
         tmp.path(),
@@ -345,14 +345,22 @@ async fn every_retained_release_is_served_and_the_newest_wins() {
     let running = Running::start(config()).await;
     let addr = running.addr;
     let (v1, v2) = (load(1, &old), load(2, &new));
-    // Given oldest first: order comes from the release numbers.
-    running.proxy.set_static_releases("blog", vec![Arc::clone(&v1), Arc::clone(&v2)]);
+    // v2 runs: given first, it wins a name both have.
+    running.proxy.set_static_releases("blog", vec![Arc::clone(&v2), Arc::clone(&v1)]);
     let r = get_with(addr, "/static/css/main.111111111111.css", "").await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"old css"[..]));
     let r = get_with(addr, "/static/css/main.222222222222.css", "").await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"new css"[..]));
     let r = get_with(addr, "/static/robots.txt", "").await;
     assert_eq!(r.body, b"new robots");
+
+    // Rolled back to v1: given first, v1 wins although v2 is newer, and
+    // v2's hashed files are still served.
+    running.proxy.set_static_releases("blog", vec![Arc::clone(&v1), Arc::clone(&v2)]);
+    let r = get_with(addr, "/static/robots.txt", "").await;
+    assert_eq!(r.body, b"old robots");
+    let r = get_with(addr, "/static/css/main.222222222222.css", "").await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"new css"[..]));
 
     // v1 pruned: its assets go with it.
     running.proxy.set_static_releases("blog", vec![v2]);
