@@ -403,7 +403,19 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
     crate::recovery::spawn_housekeeping(store.clone(), &home, engine_stop.child_token(), &tasks);
     let logs = Arc::new(DriverLogs { driver: driver.clone() });
     let statics = match &layer {
-        Layer::Local(proxy, _) => PlaneStatics::Local(crate::statics::StaticPublisher::new(proxy.clone())),
+        Layer::Local(proxy, _) => {
+            // Static files before the proxy accepts (the engine's restore
+            // starts it): a restarted or upgraded daemon must not pass
+            // `/static/` requests to the app while it loads them. (The data
+            // plane keeps its own across daemon restarts.)
+            let publisher = crate::statics::StaticPublisher::new(proxy.clone());
+            match nonstop_engine::live_statics_at_start(&store, &EnvironmentId::default_env()) {
+                Ok(Some((app, live))) if !live.is_empty() => publisher.publish_now(&app, live).await,
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot read the releases, static files are loaded later: {e}"),
+            }
+            PlaneStatics::Local(publisher)
+        }
         Layer::Remote(client) => PlaneStatics::Remote(client.clone()),
     };
     let config = EngineConfig {

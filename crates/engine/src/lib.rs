@@ -14,7 +14,7 @@ mod error;
 pub mod preflight;
 mod report;
 
-pub use actor::statics::LiveStatics;
+pub use actor::statics::{live_statics_at_start, LiveStatics};
 pub use actor::{
     BuildNote, BuildOutput, Builder, Engine, EngineConfig, EngineHandle, Ingress, IngressError, InstanceLogs, NoBuilder,
 };

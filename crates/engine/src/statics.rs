@@ -46,42 +46,72 @@ pub(crate) async fn index_built(
     }
 }
 
+/// The releases of `app` whose `[static]` files are served (built, not
+/// pruned, with mounts), in precedence order: the running release
+/// (`current`), the deployment's target, then the others whose instances
+/// may have rendered pages, newest first (`nonstop_plan::statics`).
+pub(crate) fn live_statics(
+    store: &Store,
+    env: &EnvironmentId,
+    app: &AppName,
+    current: Option<ReleaseId>,
+    target: Option<ReleaseId>,
+) -> nonstop_store::Result<Vec<LiveStatics>> {
+    let all = store.releases(app)?;
+    let deployments = store.deployments(app, env, 10_000)?;
+    // Its instances may have rendered pages: it went live, or its rollout
+    // began (a rolled-back deployment changed instances; a failed one did
+    // not).
+    let rendered = |id: ReleaseId| {
+        deployments.iter().any(|d| {
+            d.to_release == id && matches!(d.status, DeploymentStatus::Succeeded | DeploymentStatus::RolledBack)
+        })
+    };
+    let mut built: Vec<_> =
+        all.into_iter().filter(|r| r.status == ReleaseStatus::Ready && !r.spec.statics.is_empty()).collect();
+    let candidates: Vec<StaticCandidate> =
+        built.iter().map(|r| StaticCandidate { release: r.id, rendered: rendered(r.id) }).collect();
+    Ok(serve_order(&candidates, current, target)
+        .iter()
+        .filter_map(|id| {
+            let i = built.iter().position(|r| r.id == *id)?;
+            let r = built.swap_remove(i);
+            Some(LiveStatics { release: r.id, dir: r.dir, mounts: r.spec.statics })
+        })
+        .collect())
+}
+
+/// What a starting daemon serves before its engine runs (so that its proxy
+/// never accepts a request for a static file it has not loaded yet): the
+/// live static files of the app that runs in `env`, as the engine will
+/// publish them once it has restored the app (the target of a deployment
+/// that was running included; the engine corrects the list if it ends
+/// that deployment).
+pub fn live_statics_at_start(
+    store: &Store,
+    env: &EnvironmentId,
+) -> nonstop_store::Result<Option<(AppName, Vec<LiveStatics>)>> {
+    let Some(record) = store.apps()?.into_iter().find(|r| &r.environment == env && r.running) else {
+        return Ok(None);
+    };
+    let target = store
+        .deployments(&record.app, env, 10_000)?
+        .into_iter()
+        .find(|d| d.status == DeploymentStatus::Running)
+        .map(|d| d.to_release);
+    let live = live_statics(store, env, &record.app, Some(record.release), target)?;
+    Ok(Some((record.app, live)))
+}
+
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
-    /// Tell the builder which releases of `app` are live (built, not
-    /// pruned, with `[static]` mounts) in precedence order: the running
-    /// release, the deployment's target, then the others whose instances
-    /// may have rendered pages, newest first (`nonstop_plan::statics::serve_order`).
+    /// Tell the builder which releases of `app` are live, in precedence
+    /// order ([`live_statics`]).
     pub(crate) fn publish_statics(&self, app: &AppName) {
-        let (all, deployments) = match (self.store.releases(app), self.store.deployments(app, &self.env, 10_000)) {
-            (Ok(all), Ok(deployments)) => (all, deployments),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!("cannot read the releases of {app}, static files unchanged: {e}");
-                return;
-            }
-        };
-        // Its instances may have rendered pages: it went live, or its
-        // rollout began (a rolled-back deployment changed instances; a
-        // failed one did not).
-        let rendered = |id: ReleaseId| {
-            deployments.iter().any(|d| {
-                d.to_release == id && matches!(d.status, DeploymentStatus::Succeeded | DeploymentStatus::RolledBack)
-            })
-        };
-        let mut built: Vec<_> =
-            all.into_iter().filter(|r| r.status == ReleaseStatus::Ready && !r.spec.statics.is_empty()).collect();
-        let candidates: Vec<StaticCandidate> =
-            built.iter().map(|r| StaticCandidate { release: r.id, rendered: rendered(r.id) }).collect();
         let current = self.app.as_ref().filter(|rt| &rt.record.app == app).map(|rt| rt.record.release);
         let target = self.deployment.as_ref().map(|d| d.to.id);
-        let order = serve_order(&candidates, current, target);
-        let live: Vec<LiveStatics> = order
-            .iter()
-            .filter_map(|id| {
-                let i = built.iter().position(|r| r.id == *id)?;
-                let r = built.swap_remove(i);
-                Some(LiveStatics { release: r.id, dir: r.dir, mounts: r.spec.statics })
-            })
-            .collect();
-        self.builder.serve_statics(app, live);
+        match live_statics(&self.store, &self.env, app, current, target) {
+            Ok(live) => self.builder.serve_statics(app, live),
+            Err(e) => tracing::warn!("cannot read the releases of {app}, static files unchanged: {e}"),
+        }
     }
 }

@@ -43,8 +43,7 @@ pub fn serve_order(
             2
         }
     };
-    let mut served: Vec<&StaticCandidate> =
-        candidates.iter().filter(|c| c.rendered || rank(c) < 2).collect();
+    let mut served: Vec<&StaticCandidate> = candidates.iter().filter(|c| c.rendered || rank(c) < 2).collect();
     served.sort_by_key(|c| (rank(c), std::cmp::Reverse(c.release)));
     served.dedup_by_key(|c| c.release);
     served.into_iter().map(|c| c.release).collect()

@@ -187,8 +187,8 @@ pub fn sanitize_app_name(dir_name: &str) -> String {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_smoke;
-#[cfg(test)]
 mod tests_database;
+#[cfg(test)]
+mod tests_smoke;
 #[cfg(test)]
 mod tests_static;
