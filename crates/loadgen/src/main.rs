@@ -8,6 +8,15 @@
 //! the id a POST wrote) into `--out` (CSV, or NDJSON if the name ends in
 //! `.ndjson`/`.jsonl`), and one JSON summary line is printed at the end.
 //!
+//! With `--assets /static/`, every 2xx `get` is followed, on the same
+//! connection, by a GET of each `href="/static/..."` and `src="/static/..."`
+//! the page references (kind `asset`), then of one asset that an earlier
+//! page referenced and this one does not: another release's (kind
+//! `asset_prev`). Assets are recorded with their path, and summed apart
+//! from the pages (`assets` in the summary): the top-level counts and
+//! percentiles are those of the mix's requests alone, comparable with a run
+//! without `--assets`.
+//!
 //! Outcomes: `ok` (2xx), `non_2xx` (any other HTTP status), `failed` (no
 //! HTTP response: connect error, reset or close after the request was sent,
 //! timeout, broken body). A keep-alive connection that the server closed
@@ -53,6 +62,11 @@ struct Args {
     /// The static path to use when AUTO finds none in the page.
     #[arg(long)]
     static_fallback: Option<String>,
+    /// After each 2xx `get`, fetch every asset under this URL prefix that
+    /// the page references (`href="PREFIX..."`, `src="PREFIX..."`), then one
+    /// asset an earlier page referenced and this one does not, e.g. /static/.
+    #[arg(long, value_name = "PREFIX")]
+    assets: Option<String>,
     /// Where every request is written (CSV; NDJSON if it ends in .ndjson or .jsonl).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -73,6 +87,10 @@ enum Kind {
     Get,
     Post,
     Static,
+    /// An asset the page just fetched references (`--assets`).
+    Asset,
+    /// An asset an earlier page referenced and this one does not (`--assets`).
+    AssetPrev,
 }
 
 impl Kind {
@@ -81,7 +99,13 @@ impl Kind {
             Kind::Get => "get",
             Kind::Post => "post",
             Kind::Static => "static",
+            Kind::Asset => "asset",
+            Kind::AssetPrev => "asset_prev",
         }
+    }
+
+    fn is_asset(self) -> bool {
+        matches!(self, Kind::Asset | Kind::AssetPrev)
     }
 }
 
@@ -146,6 +170,8 @@ struct Record {
     error: Option<String>,
     id: Option<i64>,
     conn: usize,
+    /// The URL of an asset request.
+    path: Option<String>,
 }
 
 struct Target {
@@ -266,6 +292,51 @@ fn find_static_css(page: &str) -> Option<String> {
     None
 }
 
+/// Every `href="PREFIX..."` and `src="PREFIX..."` of a page (either
+/// quote), without repeats.
+fn asset_refs(page: &str, prefix: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for attr in ["href=", "src="] {
+        for quote in ['"', '\''] {
+            let pattern = format!("{attr}{quote}{prefix}");
+            let mut rest = page;
+            while let Some(i) = rest.find(&pattern) {
+                let url = &rest[i + attr.len() + 1..];
+                let end = url.find(quote).unwrap_or(url.len());
+                if !out.iter().any(|u| u == &url[..end]) {
+                    out.push(url[..end].to_string());
+                }
+                rest = &url[end..];
+            }
+        }
+    }
+    out
+}
+
+/// Every asset URL any page referenced, in the order first seen, shared by
+/// all connections (`--assets`).
+#[derive(Default)]
+struct SeenAssets {
+    list: Vec<String>,
+    set: std::collections::HashSet<String>,
+}
+
+impl SeenAssets {
+    fn add(&mut self, refs: &[String]) {
+        for r in refs {
+            if self.set.insert(r.clone()) {
+                self.list.push(r.clone());
+            }
+        }
+    }
+
+    /// A seen asset not in `refs`, the `turn`-th such one in round robin.
+    fn other_than(&self, refs: &[String], turn: usize) -> Option<String> {
+        let others: Vec<&String> = self.list.iter().filter(|u| !refs.contains(u)).collect();
+        (!others.is_empty()).then(|| others[turn % others.len()].clone())
+    }
+}
+
 fn build_request(target: &Target, kind: Kind, path: &str, body: Option<String>) -> Request<Full<Bytes>> {
     let method = if kind == Kind::Post { Method::POST } else { Method::GET };
     let mut b = Request::builder()
@@ -293,6 +364,50 @@ struct Shared {
     timeout: Duration,
     interval: Option<Duration>,
     seq: AtomicU64,
+    /// `--assets`: the URL prefix, and every asset seen so far.
+    assets: Option<(String, std::sync::Mutex<SeenAssets>)>,
+}
+
+/// One request, timed and recorded.
+async fn timed(
+    shared: &Shared,
+    conn: &mut Conn,
+    conn_idx: usize,
+    kind: Kind,
+    build: &(dyn Fn() -> Request<Full<Bytes>> + Sync),
+) -> (Record, Option<Bytes>) {
+    let t0 = Instant::now();
+    let res = tokio::time::timeout(shared.timeout, conn.send(build)).await;
+    let latency_us = t0.elapsed().as_micros() as u64;
+    let start_us = t0.duration_since(shared.started).as_micros() as u64;
+    let mut rec =
+        Record { start_us, latency_us, kind, outcome: Outcome::Failed, status: 0, error: None, id: None, conn: conn_idx, path: None };
+    let mut ok_body = None;
+    match res {
+        Err(_) => {
+            conn.sender = None; // the connection may still deliver a late response: never reuse it
+            rec.error = Some(format!("timeout after {:.1}s", shared.timeout.as_secs_f64()));
+        }
+        Ok(Err(ReqError::Failed(e))) => rec.error = Some(e),
+        Ok(Ok((status, body))) => {
+            rec.status = status;
+            if (200..300).contains(&status) {
+                rec.outcome = Outcome::Ok;
+                if kind == Kind::Post {
+                    rec.id = post_id(&body);
+                    if rec.id.is_none() {
+                        rec.error = Some("2xx without a JSON id".into());
+                    }
+                }
+                ok_body = Some(body);
+            } else {
+                rec.outcome = Outcome::Non2xx;
+                let snippet: String = String::from_utf8_lossy(&body).chars().take(120).collect();
+                rec.error = Some(format!("HTTP {status}: {}", snippet.split_whitespace().collect::<Vec<_>>().join(" ")));
+            }
+        }
+    }
+    (rec, ok_body)
 }
 
 async fn worker(
@@ -306,6 +421,7 @@ async fn worker(
     // Each connection starts at its own place in the weighted cycle.
     let mut pos = (conn_idx * 7) % schedule.len();
     let mut next_at = tokio::time::Instant::now();
+    let mut turn = conn_idx;
     while !shared.stop.load(Ordering::Relaxed) {
         if let Some(iv) = shared.interval {
             let now = tokio::time::Instant::now();
@@ -325,46 +441,26 @@ async fn worker(
             let n = shared.seq.fetch_add(1, Ordering::Relaxed);
             format!("text=loadgen+note+{n}+from+connection+{conn_idx}")
         });
-        let t0 = Instant::now();
         let build = || build_request(&target, *kind, path, body.clone());
-        let res = tokio::time::timeout(shared.timeout, conn.send(&build)).await;
-        let latency_us = t0.elapsed().as_micros() as u64;
-        let start_us = t0.duration_since(shared.started).as_micros() as u64;
-        let mut rec = Record {
-            start_us,
-            latency_us,
-            kind: *kind,
-            outcome: Outcome::Failed,
-            status: 0,
-            error: None,
-            id: None,
-            conn: conn_idx,
-        };
-        match res {
-            Err(_) => {
-                conn.sender = None; // the connection may still deliver a late response: never reuse it
-                rec.error = Some(format!("timeout after {:.1}s", shared.timeout.as_secs_f64()));
-            }
-            Ok(Err(ReqError::Failed(e))) => rec.error = Some(e),
-            Ok(Ok((status, body))) => {
-                rec.status = status;
-                if (200..300).contains(&status) {
-                    rec.outcome = Outcome::Ok;
-                    if *kind == Kind::Post {
-                        rec.id = post_id(&body);
-                        if rec.id.is_none() {
-                            rec.error = Some("2xx without a JSON id".into());
-                        }
-                    }
-                } else {
-                    rec.outcome = Outcome::Non2xx;
-                    let snippet: String = String::from_utf8_lossy(&body).chars().take(120).collect();
-                    rec.error =
-                        Some(format!("HTTP {status}: {}", snippet.split_whitespace().collect::<Vec<_>>().join(" ")));
-                }
+        let (rec, ok_body) = timed(&shared, &mut conn, conn_idx, *kind, &build).await;
+        records.push(rec);
+        if let (Kind::Get, Some(page), Some((prefix, seen))) = (kind, ok_body, shared.assets.as_ref()) {
+            let refs = asset_refs(&String::from_utf8_lossy(&page), prefix);
+            let prev = {
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                let prev = seen.other_than(&refs, turn);
+                seen.add(&refs);
+                prev
+            };
+            turn += 1;
+            let fetches = refs.into_iter().map(|u| (Kind::Asset, u)).chain(prev.map(|u| (Kind::AssetPrev, u)));
+            for (asset_kind, url) in fetches {
+                let build = || build_request(&target, Kind::Get, &url, None);
+                let (mut rec, _) = timed(&shared, &mut conn, conn_idx, asset_kind, &build).await;
+                rec.path = Some(url);
+                records.push(rec);
             }
         }
-        records.push(rec);
     }
     (records, conn.connects)
 }
@@ -394,7 +490,7 @@ fn write_records(path: &PathBuf, records: &[Record]) -> anyhow::Result<()> {
     let mut w = std::io::BufWriter::new(f);
     let ndjson = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e == "ndjson" || e == "jsonl");
     if !ndjson {
-        writeln!(w, "start_ms,latency_us,kind,outcome,status,error,id,conn")?;
+        writeln!(w, "start_ms,latency_us,kind,outcome,status,error,id,conn,path")?;
     }
     for r in records {
         let start_ms = r.start_us as f64 / 1000.0;
@@ -402,19 +498,21 @@ fn write_records(path: &PathBuf, records: &[Record]) -> anyhow::Result<()> {
             let v = serde_json::json!({
                 "start_ms": start_ms, "latency_us": r.latency_us, "kind": r.kind.name(), "outcome": r.outcome.name(),
                 "status": (r.status != 0).then_some(r.status), "error": r.error, "id": r.id, "conn": r.conn,
+                "path": r.path,
             });
             writeln!(w, "{v}")?;
         } else {
             writeln!(
                 w,
-                "{start_ms:.3},{},{},{},{},{},{},{}",
+                "{start_ms:.3},{},{},{},{},{},{},{},{}",
                 r.latency_us,
                 r.kind.name(),
                 r.outcome.name(),
                 if r.status == 0 { String::new() } else { r.status.to_string() },
                 csv_field(r.error.as_deref().unwrap_or("")),
                 r.id.map(|i| i.to_string()).unwrap_or_default(),
-                r.conn
+                r.conn,
+                csv_field(r.path.as_deref().unwrap_or(""))
             )?;
         }
     }
@@ -430,18 +528,20 @@ fn summary(
     static_path: Option<&str>,
     connects: u64,
 ) -> serde_json::Value {
+    // The mix's requests; assets are summed apart (`assets`).
+    let (assets, records): (Vec<&Record>, Vec<&Record>) = records.iter().partition(|r| r.kind.is_asset());
     let mut lat: Vec<u64> = records.iter().map(|r| r.latency_us).collect();
     lat.sort_unstable();
     let count = |o: Outcome| records.iter().filter(|r| r.outcome == o).count();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.outcome != Outcome::Ok) {
+    for r in records.iter().chain(&assets).filter(|r| r.outcome != Outcome::Ok) {
         // Group by the message without note numbers and the like.
         let key: String = r.error.as_deref().unwrap_or("?").chars().take(100).collect();
         *errors.entry(format!("{}: {key}", r.kind.name())).or_default() += 1;
     }
     let mut by_kind = serde_json::Map::new();
-    for kind in [Kind::Get, Kind::Post, Kind::Static] {
-        let rs: Vec<&Record> = records.iter().filter(|r| r.kind == kind).collect();
+    for kind in [Kind::Get, Kind::Post, Kind::Static, Kind::Asset, Kind::AssetPrev] {
+        let rs: Vec<&Record> = records.iter().chain(&assets).filter(|r| r.kind == kind).copied().collect();
         if rs.is_empty() {
             continue;
         }
@@ -458,6 +558,20 @@ fn summary(
         );
     }
     let secs = duration.as_secs_f64();
+    let mut asset_lat: Vec<u64> = assets.iter().map(|r| r.latency_us).collect();
+    asset_lat.sort_unstable();
+    let asset_summary = args.assets.as_ref().map(|prefix| {
+        serde_json::json!({
+            "prefix": prefix,
+            "requests": assets.len(),
+            "prev_requests": assets.iter().filter(|r| r.kind == Kind::AssetPrev).count(),
+            "ok": assets.iter().filter(|r| r.outcome == Outcome::Ok).count(),
+            "not_found": assets.iter().filter(|r| r.status == 404).count(),
+            "non_2xx": assets.iter().filter(|r| r.outcome == Outcome::Non2xx).count(),
+            "failed": assets.iter().filter(|r| r.outcome == Outcome::Failed).count(),
+            "p50_ms": pct(&asset_lat, 0.5), "p99_ms": pct(&asset_lat, 0.99),
+        })
+    });
     serde_json::json!({
         "requests": records.len(),
         "ok": count(Outcome::Ok),
@@ -475,6 +589,7 @@ fn summary(
         "start_unix_ms": start_unix_ms as u64,
         "static_path": static_path,
         "by_kind": by_kind,
+        "assets": asset_summary,
         "errors": errors,
         "out": args.out.as_ref().map(|p| p.display().to_string()),
     })
@@ -488,6 +603,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.connections == 0 {
         bail!("--connections must be at least 1");
+    }
+    if args.assets.as_ref().is_some_and(|p| !p.starts_with('/')) {
+        bail!("--assets: the URL prefix must start with `/` (e.g. /static/)");
     }
     let target = Arc::new(parse_url(&args.url)?);
     let mix = parse_mix(&args.mix)?;
@@ -527,6 +645,7 @@ async fn main() -> anyhow::Result<()> {
         timeout,
         interval: args.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(args.connections as f64 / r)),
         seq: AtomicU64::new(start_unix_ms as u64 % 1_000_000_000),
+        assets: args.assets.clone().map(|prefix| (prefix, std::sync::Mutex::new(SeenAssets::default()))),
     });
     let schedule = Arc::new(schedule);
     let mut tasks = Vec::new();
@@ -596,6 +715,34 @@ mod tests {
         let page = r#"<script src="/static/notes/app.1a2b.js"></script><link rel="stylesheet" href="/static/notes/app.3c4d.css">"#;
         assert_eq!(find_static_css(page).as_deref(), Some("/static/notes/app.3c4d.css"));
         assert_eq!(find_static_css("<p>none</p>"), None);
+    }
+
+    #[test]
+    fn finds_every_asset_a_page_references() {
+        let page = r#"<link rel="stylesheet" href="/static/notes/app.3c4d.css">
+<script src="/static/notes/app.1a2b.js" defer></script><a href="/admin/">admin</a>
+<img src='/static/logo.png'><link href="/static/notes/app.3c4d.css"> /static/in-text.css"#;
+        assert_eq!(
+            asset_refs(page, "/static/"),
+            ["/static/notes/app.3c4d.css", "/static/notes/app.1a2b.js", "/static/logo.png"]
+        );
+        assert!(asset_refs("<p>none</p>", "/static/").is_empty());
+    }
+
+    #[test]
+    fn a_previous_asset_is_one_this_page_does_not_reference() {
+        let mut seen = SeenAssets::default();
+        let v1 = vec!["/static/a.1.css".to_string(), "/static/a.1.js".to_string()];
+        let v2 = vec!["/static/a.2.css".to_string(), "/static/a.1.js".to_string()];
+        assert_eq!(seen.other_than(&v1, 0), None);
+        seen.add(&v1);
+        seen.add(&v1);
+        assert_eq!(seen.other_than(&v1, 3), None, "nothing but this page's own");
+        assert_eq!(seen.other_than(&v2, 0).as_deref(), Some("/static/a.1.css"));
+        seen.add(&v2);
+        assert_eq!(seen.other_than(&v1, 0).as_deref(), Some("/static/a.2.css"));
+        let turns: Vec<_> = (0..2).map(|t| seen.other_than(&[], t).unwrap()).collect();
+        assert_eq!(turns, ["/static/a.1.css", "/static/a.1.js"]);
     }
 
     #[test]
