@@ -11,9 +11,8 @@
 //!   any retained release finds its hashed assets, a pruned release's
 //!   assets go with it, and a release whose deployment failed before its
 //!   rollout began is served only while that deployment is in progress.
-//!   The running release wins a path
-//!   that several have, then the deployment's target, then the newest
-//!   (`nonstop_plan::statics`).
+//!   The running release wins a path that several have, then the
+//!   deployment's target, then the newest (`nonstop_plan::statics`).
 
 use super::*;
 use nonstop_core::process::StaticMount;

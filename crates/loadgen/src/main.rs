@@ -380,8 +380,17 @@ async fn timed(
     let res = tokio::time::timeout(shared.timeout, conn.send(build)).await;
     let latency_us = t0.elapsed().as_micros() as u64;
     let start_us = t0.duration_since(shared.started).as_micros() as u64;
-    let mut rec =
-        Record { start_us, latency_us, kind, outcome: Outcome::Failed, status: 0, error: None, id: None, conn: conn_idx, path: None };
+    let mut rec = Record {
+        start_us,
+        latency_us,
+        kind,
+        outcome: Outcome::Failed,
+        status: 0,
+        error: None,
+        id: None,
+        conn: conn_idx,
+        path: None,
+    };
     let mut ok_body = None;
     match res {
         Err(_) => {
@@ -403,7 +412,8 @@ async fn timed(
             } else {
                 rec.outcome = Outcome::Non2xx;
                 let snippet: String = String::from_utf8_lossy(&body).chars().take(120).collect();
-                rec.error = Some(format!("HTTP {status}: {}", snippet.split_whitespace().collect::<Vec<_>>().join(" ")));
+                rec.error =
+                    Some(format!("HTTP {status}: {}", snippet.split_whitespace().collect::<Vec<_>>().join(" ")));
             }
         }
     }
