@@ -258,22 +258,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             build_ms: 0,
         };
         self.store.put_release(&release)?;
-        let mut record = DeploymentRecord {
-            id: 0,
-            app: spec.app.clone(),
-            environment: self.env.clone(),
-            kind: "deploy".into(),
-            from_release: from.as_ref().map(|f| f.id),
-            to_release: id,
-            phase: serde_json::Value::Null,
-            status: DeploymentStatus::Running,
-            reason: None,
-            who,
-            message,
-            started_at: now,
-            finished_at: None,
-        };
-        record.id = self.store.insert_deployment(&record)?;
+        let record =
+            self.insert_deployment(spec.app.clone(), "deploy", from.as_ref().map(|f| f.id), id, who, message)?;
         let summary = match &from {
             Some(f) => format!("{} → {id}", f.id),
             None => format!("first release {id}"),
@@ -327,23 +313,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     ) -> Result<(DeployRun, String), EngineError> {
         let target = rec.id;
         let to = ReleaseCtx { id: target, spec: run_spec, workdir: rec.dir.clone() };
-        let now = self.clock.wall();
-        let mut record = DeploymentRecord {
-            id: 0,
-            app: rec.app.clone(),
-            environment: self.env.clone(),
-            kind: "deploy".into(),
-            from_release: Some(from.id),
-            to_release: target,
-            phase: serde_json::Value::Null,
-            status: DeploymentStatus::Running,
-            reason: None,
-            who,
-            message,
-            started_at: now,
-            finished_at: None,
-        };
-        record.id = self.store.insert_deployment(&record)?;
+        let record = self.insert_deployment(rec.app.clone(), "deploy", Some(from.id), target, who, message)?;
         let summary =
             format!("{} → {target}: content identical to {target}: rolling to {target} without building", from.id);
         self.event(
@@ -442,29 +412,43 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let mut spec = rec.spec.clone();
         let counts = self.count_spec(&mut spec, nonstop_plan::counts::Apply::Rollback)?;
         let to = ReleaseCtx { id: target, spec, workdir: rec.dir.clone() };
-        let now = self.clock.wall();
-        let mut record = DeploymentRecord {
-            id: 0,
-            app: app.clone(),
-            environment: self.env.clone(),
-            kind: "rollback".into(),
-            from_release: Some(current.id),
-            to_release: target,
-            phase: serde_json::Value::Null,
-            status: DeploymentStatus::Running,
-            reason: None,
-            who,
-            message: None,
-            started_at: now,
-            finished_at: None,
-        };
-        record.id = self.store.insert_deployment(&record)?;
+        let record = self.insert_deployment(app.clone(), "rollback", Some(current.id), target, who, None)?;
         let summary = format!("{} → {target} (rollback)", current.id);
         self.event(&app, "rollback", None, &format!("deployment #{} started: {summary} by {}", record.id, record.who));
         let base_env = rt.record.base_env.clone();
         let (cancel, started) = (self.cancel.child_token(), self.clock.now());
         let kind = DeploymentKind::Rollback { run_tasks };
         Ok((DeployRun::new(record, to, Some(current), kind, base_env, counts, cancel, started), summary))
+    }
+
+    /// Record a deployment that starts now (its phase is stored by its
+    /// first step).
+    fn insert_deployment(
+        &self,
+        app: AppName,
+        kind: &str,
+        from_release: Option<ReleaseId>,
+        to_release: ReleaseId,
+        who: String,
+        message: Option<String>,
+    ) -> Result<DeploymentRecord, EngineError> {
+        let mut record = DeploymentRecord {
+            id: 0,
+            app,
+            environment: self.env.clone(),
+            kind: kind.into(),
+            from_release,
+            to_release,
+            phase: serde_json::Value::Null,
+            status: DeploymentStatus::Running,
+            reason: None,
+            who,
+            message,
+            started_at: self.clock.wall(),
+            finished_at: None,
+        };
+        record.id = self.store.insert_deployment(&record)?;
+        Ok(record)
     }
 
     pub(crate) fn releases(&self) -> Result<Vec<ReleaseInfo>, EngineError> {

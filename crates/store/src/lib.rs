@@ -981,12 +981,7 @@ impl Store {
             )?;
         }
         for (process, c) in counts {
-            tx.execute(
-                "INSERT INTO process_counts (app, environment, process, count, source, toml_at_apply)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (app, environment, process) DO UPDATE SET count = ?4, source = ?5, toml_at_apply = ?6",
-                params![app.as_str(), env.as_str(), process.as_str(), c.count, c.source.as_str(), c.toml_at_apply],
-            )?;
+            upsert_count(&tx, app, env, process, c)?;
         }
         tx.commit()?;
         Ok(())
@@ -1047,16 +1042,27 @@ impl Store {
             )?;
         }
         for (process, c) in counts.into_iter().flatten() {
-            tx.execute(
-                "INSERT INTO process_counts (app, environment, process, count, source, toml_at_apply)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (app, environment, process) DO UPDATE SET count = ?4, source = ?5, toml_at_apply = ?6",
-                params![app.as_str(), env.as_str(), process.as_str(), c.count, c.source.as_str(), c.toml_at_apply],
-            )?;
+            upsert_count(&tx, app, env, process, c)?;
         }
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Record one process type's runtime count (inside a transaction).
+fn upsert_count(
+    tx: &rusqlite::Transaction<'_>,
+    app: &AppName,
+    env: &EnvironmentId,
+    process: &ProcessName,
+    c: &RuntimeCount,
+) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO process_counts (app, environment, process, count, source, toml_at_apply)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (app, environment, process) DO UPDATE SET count = ?4, source = ?5, toml_at_apply = ?6",
+        params![app.as_str(), env.as_str(), process.as_str(), c.count, c.source.as_str(), c.toml_at_apply],
+    )
 }
 
 #[cfg(test)]
