@@ -5,6 +5,7 @@ Routes:
   /health       200 "ok" (500 when the file named by $FAIL_HEALTH_FILE exists)
   /slow?ms=N    answers after N milliseconds
   /pid          the pid of this process
+  /database     the name of the database $DATABASE_URL points at ("-": none)
 With BROKEN_PAGES=1 every page except /health answers 500 (a release whose
 health view works while its pages do not, e.g. a forgotten collectstatic).
 Graceful on SIGTERM: stops accepting, lets in-flight requests finish.
@@ -59,6 +60,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, f"slept {ms}ms on {INSTANCE}\n")
         if url.path == "/pid":
             return self._send(200, f"{os.getpid()}\n")
+        if url.path == "/database":
+            name = urlparse(os.environ.get("DATABASE_URL", "")).path.lstrip("/")
+            return self._send(200, f"{name or '-'}\n")
         if url.path == "/headers":
             return self._send(200, "".join(f"{k}: {v}\n" for k, v in self.headers.items()))
         return self._send(200, f"{GREETING} from {INSTANCE} (pid {os.getpid()}, version {VERSION})\n")

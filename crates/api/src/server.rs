@@ -325,7 +325,9 @@ async fn deploy(
     };
     let engine = s.engine.clone();
     op_stream(move |p| async move {
-        engine.deploy_with_tasks(req.spec, req.source, req.base_env, req.message, req.who, req.run_tasks, p).await
+        let options =
+            nonstop_engine::DeployOptions { run_tasks: req.run_tasks, allow_breaking: req.allow_breaking };
+        engine.deploy_with(req.spec, req.source, req.base_env, req.message, req.who, options, p).await
     })
 }
 
@@ -339,7 +341,8 @@ async fn rollback(
     };
     let engine = s.engine.clone();
     op_stream(move |p| async move {
-        engine.rollback(req.release.map(nonstop_core::ReleaseId), req.run_tasks, req.who, p).await
+        let options = nonstop_engine::RollbackOptions { run_tasks: req.run_tasks, force: req.force };
+        engine.rollback_with(req.release.map(nonstop_core::ReleaseId), options, req.who, p).await
     })
 }
 

@@ -124,6 +124,10 @@ pub struct DeployRequest {
     /// release (rolled to without building).
     #[serde(default)]
     pub run_tasks: bool,
+    /// Ship a migration the gate finds breaking through the maintenance
+    /// fallback instead of refusing it.
+    #[serde(default)]
+    pub allow_breaking: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +137,10 @@ pub struct RollbackRequest {
     /// Run `[release] tasks` again (off by default).
     #[serde(default)]
     pub run_tasks: bool,
+    /// Roll back even to a release that expects a schema the database no
+    /// longer has.
+    #[serde(default)]
+    pub force: bool,
     pub who: String,
 }
 

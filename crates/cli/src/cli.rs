@@ -181,6 +181,13 @@ pub enum Command {
         /// rolled to without building), run its `[release] tasks` again.
         #[arg(long)]
         run_tasks: bool,
+        /// When the migration gate finds that the release tasks break the
+        /// running release (a dropped or renamed column…), ship it anyway
+        /// through the maintenance fallback: maintenance on, the old release
+        /// stopped, the tasks run, the new release started, maintenance off.
+        /// The app is down meanwhile.
+        #[arg(long)]
+        allow_breaking: bool,
         /// Print progress events and the result as JSON lines.
         #[arg(long)]
         json: bool,
@@ -194,6 +201,11 @@ pub enum Command {
         /// Run `[release] tasks` of that release again.
         #[arg(long)]
         run_tasks: bool,
+        /// Roll back even to a release that expects a database schema the
+        /// database no longer has (a later migration dropped or renamed
+        /// what it uses); without it such a rollback is refused.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         wait: bool,
         /// Print progress events and the result as JSON lines.

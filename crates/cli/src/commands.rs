@@ -93,10 +93,12 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Logs { process, follow, tail, json } => logs(&home, process, follow, tail, json).await,
         Command::Restart { process, json } => restart(&home, process, json).await,
         Command::Events { limit, json } => events(&home, limit, json).await,
-        Command::Deploy { message, file, wait, run_tasks, json } => {
-            deploy(&home, &file, message, wait, run_tasks, json).await
+        Command::Deploy { message, file, wait, run_tasks, allow_breaking, json } => {
+            deploy(&home, &file, message, wait, (run_tasks, allow_breaking), json).await
         }
-        Command::Rollback { release, run_tasks, wait, json } => rollback(&home, release, run_tasks, wait, json).await,
+        Command::Rollback { release, run_tasks, force, wait, json } => {
+            rollback(&home, release, (run_tasks, force), wait, json).await
+        }
         Command::History { limit, json } => history(&home, limit, json).await,
         Command::Maintenance { switch } => crate::maintenance::maintenance(&home, switch).await,
         Command::Stop { json } => crate::maintenance::stop(&home, json).await,
@@ -630,7 +632,7 @@ async fn deploy(
     file: &Path,
     message: Option<String>,
     wait: bool,
-    run_tasks: bool,
+    (run_tasks, allow_breaking): (bool, bool),
     json: bool,
 ) -> anyhow::Result<i32> {
     let (spec, source) = match load_app(file, json)? {
@@ -638,7 +640,15 @@ async fn deploy(
         Err(code) => return Ok(code),
     };
     let c = ensure_daemon(home, spec.proxy.workers).await?;
-    let req = DeployRequest { spec: spec.clone(), source, base_env: base_env(), message, who: who(), run_tasks };
+    let req = DeployRequest {
+        spec: spec.clone(),
+        source,
+        base_env: base_env(),
+        message,
+        who: who(),
+        run_tasks,
+        allow_breaking,
+    };
     let code = run_op_waiting(&c, "/v1/deploy", &req, wait, json).await?;
     say_serving(&spec, code, json);
     Ok(code)
@@ -651,7 +661,7 @@ fn parse_release(s: &str) -> Option<u64> {
 async fn rollback(
     home: &Home,
     release: Option<String>,
-    run_tasks: bool,
+    (run_tasks, force): (bool, bool),
     wait: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
@@ -664,7 +674,7 @@ async fn rollback(
         }
     };
     let c = client(home);
-    run_op_waiting(&c, "/v1/rollback", &RollbackRequest { release, run_tasks, who: who() }, wait, json).await
+    run_op_waiting(&c, "/v1/rollback", &RollbackRequest { release, run_tasks, force, who: who() }, wait, json).await
 }
 
 pub(crate) fn fmt_time(ms: u64) -> String {

@@ -422,6 +422,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         environment: EnvironmentId::default_env(),
         clock: Arc::new(SystemClock),
         builder: Arc::new(ReleasePort { home: home.dir.clone(), statics }),
+        schema_gate: Arc::new(crate::schema_gate::PgSchemaGate),
     };
     let (engine, engine_task) = match layer {
         Layer::Local(proxy, ingress) => Engine::spawn(

@@ -11,6 +11,7 @@ mod maintenance;
 mod output;
 mod plane;
 mod recovery;
+mod schema_gate;
 mod statics;
 mod upgrade;
 

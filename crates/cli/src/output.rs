@@ -122,6 +122,9 @@ pub fn status_text(s: &StatusReport) -> String {
         let by = match m.by {
             nonstop_engine::MaintenanceOwner::User => "`nonstop maintenance on`; off with `nonstop maintenance off`",
             nonstop_engine::MaintenanceOwner::Stop => "`nonstop stop`; off when `nonstop start` has web healthy",
+            nonstop_engine::MaintenanceOwner::Deploy => {
+                "`nonstop deploy --allow-breaking` (its maintenance fallback); off when that deploy ends"
+            }
         };
         let allow = if m.allow.is_empty() { "none".to_string() } else { m.allow.join(", ") };
         out.push_str(&format!(

@@ -36,6 +36,20 @@ impl DatabaseSpec {
     pub fn new(url: DatabaseUrl) -> Self {
         Self { url, env: BTreeMap::from([(DEFAULT_DATABASE_VAR.to_string(), UrlPart::Url)]) }
     }
+
+    /// The variables every process and task gets: each variable of `env`
+    /// with the part of the URL it holds, sorted by name. They hold the
+    /// password: they go to processes, never to a log or a report.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        env_for(&self.url, &self.env)
+    }
+}
+
+/// The variables that point an app at `url`: each variable of `mapping`
+/// with the part of the URL it holds, sorted by name (the migration gate
+/// points them at its scratch copy).
+pub fn env_for(url: &DatabaseUrl, mapping: &BTreeMap<String, UrlPart>) -> Vec<(String, String)> {
+    mapping.iter().map(|(var, part)| (var.clone(), url.part(*part))).collect()
 }
 
 /// A part of a database URL that a variable can hold.

@@ -138,12 +138,15 @@ pub fn build_maintenance<S: AsRef<str>>(
 
 /// Who turned maintenance on: `nonstop maintenance on` (then only
 /// `nonstop maintenance off` turns it off) or `nonstop stop` (then
-/// `nonstop start` turns it off once web is healthy).
+/// `nonstop start` turns it off once web is healthy) or a deploy's
+/// maintenance fallback (`nonstop deploy --allow-breaking`: the deploy turns
+/// it off when it ends).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MaintenanceBy {
     User,
     Stop,
+    Deploy,
 }
 
 /// Maintenance as the store keeps it.

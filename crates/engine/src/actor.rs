@@ -29,6 +29,8 @@ pub(crate) mod counts;
 pub(crate) mod deploy;
 #[path = "deployment.rs"]
 pub(crate) mod deployment;
+#[path = "gate.rs"]
+pub mod gate;
 #[path = "maintenance.rs"]
 pub(crate) mod maintenance;
 #[path = "statics.rs"]
@@ -178,13 +180,38 @@ pub struct EngineConfig {
     pub environment: EnvironmentId,
     pub clock: Arc<dyn Clock>,
     pub builder: Arc<dyn Builder>,
+    /// The migration gate for apps with a `[database]`.
+    pub schema_gate: Arc<dyn gate::SchemaGate>,
 }
 
 impl EngineConfig {
-    /// An engine without a release builder (`deploy` answers with an error).
+    /// An engine without a release builder (`deploy` answers with an error)
+    /// and without a migration gate.
     pub fn new(environment: EnvironmentId, clock: Arc<dyn Clock>) -> Self {
-        Self { environment, clock, builder: Arc::new(NoBuilder) }
+        Self { environment, clock, builder: Arc::new(NoBuilder), schema_gate: Arc::new(gate::NoSchemaGate) }
     }
+}
+
+/// How `nonstop deploy` may go about it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeployOptions {
+    /// Run `[release] tasks` also when the content is that of a retained
+    /// release (which is then reused, not rebuilt).
+    pub run_tasks: bool,
+    /// Ship a migration the gate finds breaking through the maintenance
+    /// fallback (maintenance on, old release stopped, tasks, new release
+    /// started, maintenance off) instead of refusing it.
+    pub allow_breaking: bool,
+}
+
+/// How `nonstop rollback` may go about it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RollbackOptions {
+    /// Run the target release's `[release] tasks` again.
+    pub run_tasks: bool,
+    /// Roll back even to a release that expects a schema the database no
+    /// longer has.
+    pub force: bool,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
@@ -231,9 +258,7 @@ pub enum Command {
         base_env: BTreeMap<String, String>,
         message: Option<String>,
         who: String,
-        /// Run `[release] tasks` also when the content is that of a
-        /// retained release (which is then reused, not rebuilt).
-        run_tasks: bool,
+        options: DeployOptions,
         progress: ProgressTx,
         reply: Reply<OpReport>,
     },
@@ -245,7 +270,7 @@ pub enum Command {
     },
     Rollback {
         release: Option<ReleaseId>,
-        run_tasks: bool,
+        options: RollbackOptions,
         who: String,
         progress: ProgressTx,
         reply: Reply<OpReport>,
@@ -302,6 +327,10 @@ pub(crate) enum Internal {
     Built {
         deployment: i64,
         result: Result<BuildOutput, String>,
+    },
+    GateChecked {
+        deployment: i64,
+        answer: gate::GateAnswer,
     },
     TasksDone {
         deployment: i64,
@@ -411,13 +440,28 @@ impl EngineHandle {
         run_tasks: bool,
         progress: ProgressTx,
     ) -> Result<OpReport, EngineError> {
+        let options = DeployOptions { run_tasks, ..DeployOptions::default() };
+        self.deploy_with(spec, source, base_env, message, who, options, progress).await
+    }
+    /// `deploy` with every option.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn deploy_with(
+        &self,
+        spec: AppSpec,
+        source: PathBuf,
+        base_env: BTreeMap<String, String>,
+        message: Option<String>,
+        who: String,
+        options: DeployOptions,
+        progress: ProgressTx,
+    ) -> Result<OpReport, EngineError> {
         self.ask(|reply| Command::Deploy {
             spec: Box::new(spec),
             source,
             base_env,
             message,
             who,
-            run_tasks,
+            options,
             progress,
             reply,
         })
@@ -430,7 +474,17 @@ impl EngineHandle {
         who: String,
         progress: ProgressTx,
     ) -> Result<OpReport, EngineError> {
-        self.ask(|reply| Command::Rollback { release, run_tasks, who, progress, reply }).await
+        self.rollback_with(release, RollbackOptions { run_tasks, force: false }, who, progress).await
+    }
+    /// `rollback` with every option.
+    pub async fn rollback_with(
+        &self,
+        release: Option<ReleaseId>,
+        options: RollbackOptions,
+        who: String,
+        progress: ProgressTx,
+    ) -> Result<OpReport, EngineError> {
+        self.ask(|reply| Command::Rollback { release, options, who, progress, reply }).await
     }
     /// Stop the deploy, rollback or rolling restart in progress (see
     /// `Engine::cancel`); answers at once, the operation ends by itself.
@@ -653,6 +707,7 @@ pub struct Engine<D, T, I, L> {
     tasks: TaskTracker,
     cancel: CancellationToken,
     pub(crate) builder: Arc<dyn Builder>,
+    pub(crate) schema_gate: Arc<dyn gate::SchemaGate>,
     pub(crate) deployment: Option<deploy::DeployRun>,
     /// A deploy whose app directory is being hashed (off this task).
     pub(crate) pending_deploy: Option<deploy::PendingDeploy>,
@@ -720,6 +775,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             tasks: TaskTracker::new(),
             cancel: shutdown.child_token(),
             builder: config.builder,
+            schema_gate: config.schema_gate,
             deployment: None,
             pending_deploy: None,
             degraded: std::sync::Mutex::new(Degraded::default()),
@@ -929,20 +985,20 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 };
                 let _ = reply.send(r);
             }
-            Command::Deploy { spec, source, base_env, message, who, run_tasks, progress, reply } => {
+            Command::Deploy { spec, source, base_env, message, who, options, progress, reply } => {
                 if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Deploy) {
                     let _ = reply.send(Err(err));
                     return;
                 }
-                let request = deploy::DeployRequest { spec: *spec, source, base_env, message, who, run_tasks };
+                let request = deploy::DeployRequest { spec: *spec, source, base_env, message, who, options };
                 self.begin_deploy(request, progress, reply);
             }
-            Command::Rollback { release, run_tasks, who, progress, reply } => {
+            Command::Rollback { release, options, who, progress, reply } => {
                 if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Rollback) {
                     let _ = reply.send(Err(err));
                     return;
                 }
-                self.begin_rollback(release, run_tasks, who, progress, reply);
+                self.begin_rollback(release, options, who, progress, reply);
             }
             Command::Cancel { who, reason, reply } => {
                 let _ = reply.send(self.cancel(&who, reason.as_deref()));
@@ -1289,6 +1345,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         match ev {
             Internal::Started { id, result } => self.on_started(id, result),
             Internal::Built { deployment, result } => self.deploy_on_built(deployment, result),
+            Internal::GateChecked { deployment, answer } => self.deploy_on_gate(deployment, answer),
             Internal::Hashed { result } => self.deploy_on_hashed(result),
             Internal::TasksDone { deployment, post, result } => self.deploy_on_tasks(deployment, post, result),
             Internal::TaskStarted { task, handle } => self.on_task_started(task, handle),
@@ -2435,6 +2492,11 @@ pub(crate) fn release_env(
 ) -> BTreeMap<String, String> {
     let mut vars: BTreeMap<String, String> = base_env.clone();
     vars.extend(ctx.spec.env.clone());
+    // `[database]` fills its variables for every process and task (the
+    // spec refuses the same names in `[env]`).
+    if let Some(db) = &ctx.spec.database {
+        vars.extend(db.env_vars());
+    }
     vars.insert("NONSTOP_APP".into(), ctx.spec.app.to_string());
     vars.insert("NONSTOP_ENVIRONMENT".into(), env.to_string());
     vars.insert("NONSTOP_RELEASE".into(), ctx.id.to_string());

@@ -8,7 +8,7 @@ use super::tasks::RecoveredTasks;
 use super::*;
 use nonstop_core::driver::TaskHandle;
 use nonstop_plan::deploy::{rollout_order, TaskFate};
-use nonstop_plan::deployment::{Deployment, DeploymentKind, Event, Margins, Phase as DeploymentPhase, RollTo};
+use nonstop_plan::deployment::{Deployment, DeploymentKind, Event, GateMode, Margins, Phase as DeploymentPhase, RollTo};
 use nonstop_store::{DeploymentRecord, DeploymentStatus, ReleaseRecord, ReleaseStatus, TaskRecord};
 
 pub(crate) struct DeployRun {
@@ -35,6 +35,9 @@ pub(crate) struct DeployRun {
     /// The counts `to` runs (the runtime's, or the toml's where it changed
     /// them), recorded when it goes live.
     pub(crate) counts: super::counts::Counted,
+    /// Events waiting for `feed` (one is handled at a time).
+    pub(crate) inbox: VecDeque<Event>,
+    pub(crate) feeding: bool,
 }
 
 /// What `nonstop deploy` asks for.
@@ -46,8 +49,7 @@ pub(crate) struct DeployRequest {
     pub(crate) base_env: BTreeMap<String, String>,
     pub(crate) message: Option<String>,
     pub(crate) who: String,
-    /// Run the release tasks of a reused retained release again.
-    pub(crate) run_tasks: bool,
+    pub(crate) options: DeployOptions,
 }
 
 /// A deploy waiting for the content hash of its app directory, which is
@@ -75,9 +77,10 @@ impl DeployRun {
         counts: super::counts::Counted,
         cancel: CancellationToken,
         started: Instant,
+        gate: GateMode,
     ) -> DeployRun {
         let order = rollout_order(from.as_ref().map(|f| &f.spec), &to.spec);
-        let shape = shape_for(kind, &to, from.is_none(), order);
+        let shape = shape_for(kind, &to, from.is_none(), order, gate);
         DeployRun {
             record,
             machine: Deployment::new(shape, Margins::default()),
@@ -91,7 +94,18 @@ impl DeployRun {
             leftover: None,
             notes: Vec::new(),
             counts,
+            inbox: VecDeque::new(),
+            feeding: false,
         }
+    }
+}
+
+/// The migration gate a deploy of `spec` goes through.
+fn deploy_gate(spec: &AppSpec, options: DeployOptions) -> GateMode {
+    match (&spec.database, options.allow_breaking) {
+        (None, _) => GateMode::Off,
+        (Some(_), false) => GateMode::Check,
+        (Some(_), true) => GateMode::AllowBreaking,
     }
 }
 
@@ -197,8 +211,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         request: DeployRequest,
         hash: String,
     ) -> Result<Option<(DeployRun, String)>, EngineError> {
-        let DeployRequest { spec, source, base_env, message, who, run_tasks } = request;
+        let DeployRequest { spec, source, base_env, message, who, options } = request;
         self.check_deploy(&spec, &source)?;
+        if options.allow_breaking && spec.database.is_none() {
+            return Err(EngineError::CannotDeploy {
+                reason: "--allow-breaking is for a migration the gate finds breaking, and the spec has no \
+                         [database] to gate; add [database] url = \"postgres://…\" or drop the flag"
+                    .into(),
+            });
+        }
         let from = self.app.as_ref().filter(|rt| rt.record.running && rt.record.app == spec.app).map(|rt| rt.current());
         if let Some(from) = &from {
             if from.id.0 > 0 {
@@ -240,7 +261,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         if let Some(from) = &from {
             if let Some(rec) = self.identical_retained(&spec, &hash, from.id)? {
                 return self
-                    .prepare_reuse(rec, run_spec, counts, from.clone(), base_env, message, who, run_tasks)
+                    .prepare_reuse(rec, run_spec, counts, from.clone(), base_env, message, who, options)
                     .map(Some);
             }
         }
@@ -272,7 +293,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         );
         let to = ReleaseCtx { id, spec: run_spec, workdir: source };
         let (cancel, started) = (self.cancel.child_token(), self.clock.now());
-        let run = DeployRun::new(record, to, from, DeploymentKind::Deploy, base_env, counts, cancel, started);
+        let gate = deploy_gate(&spec, options);
+        let run = DeployRun::new(record, to, from, DeploymentKind::Deploy, base_env, counts, cancel, started, gate);
         Ok(Some((run, summary)))
     }
 
@@ -309,9 +331,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         base_env: BTreeMap<String, String>,
         message: Option<String>,
         who: String,
-        run_tasks: bool,
+        options: DeployOptions,
     ) -> Result<(DeployRun, String), EngineError> {
         let target = rec.id;
+        let gate = deploy_gate(&run_spec, options);
         let to = ReleaseCtx { id: target, spec: run_spec, workdir: rec.dir.clone() };
         let record = self.insert_deployment(rec.app.clone(), "deploy", Some(from.id), target, who, message)?;
         let summary =
@@ -323,14 +346,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             &format!("deployment #{} started: {summary} by {}", record.id, record.who),
         );
         let (cancel, started) = (self.cancel.child_token(), self.clock.now());
-        let kind = DeploymentKind::Reuse { run_tasks };
-        Ok((DeployRun::new(record, to, Some(from), kind, base_env, counts, cancel, started), summary))
+        let kind = DeploymentKind::Reuse { run_tasks: options.run_tasks };
+        Ok((DeployRun::new(record, to, Some(from), kind, base_env, counts, cancel, started, gate), summary))
     }
 
     pub(crate) fn begin_rollback(
         &mut self,
         release: Option<ReleaseId>,
-        run_tasks: bool,
+        options: RollbackOptions,
         who: String,
         progress: ProgressTx,
         reply: Reply<OpReport>,
@@ -340,12 +363,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             return;
         }
         if let Some(err) =
-            self.app.as_ref().map(|rt| rt.record.app.clone()).filter(|_| run_tasks).and_then(|a| self.task_conflict(&a))
+            self.app.as_ref().map(|rt| rt.record.app.clone()).filter(|_| options.run_tasks).and_then(|a| self.task_conflict(&a))
         {
             let _ = reply.send(Err(err));
             return;
         }
-        match self.prepare_rollback(release, run_tasks, who.clone()) {
+        match self.prepare_rollback(release, options, who.clone()) {
             Ok((run, summary)) => {
                 self.begin_op("rollback", progress, reply, summary, true, VecDeque::new(), false);
                 if let Some(op) = self.op.as_mut() {
@@ -363,7 +386,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     fn prepare_rollback(
         &mut self,
         release: Option<ReleaseId>,
-        run_tasks: bool,
+        options: RollbackOptions,
         who: String,
     ) -> Result<(DeployRun, String), EngineError> {
         let rt = self.app.as_ref().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
@@ -417,8 +440,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         self.event(&app, "rollback", None, &format!("deployment #{} started: {summary} by {}", record.id, record.who));
         let base_env = rt.record.base_env.clone();
         let (cancel, started) = (self.cancel.child_token(), self.clock.now());
-        let kind = DeploymentKind::Rollback { run_tasks };
-        Ok((DeployRun::new(record, to, Some(current), kind, base_env, counts, cancel, started), summary))
+        let kind = DeploymentKind::Rollback { run_tasks: options.run_tasks };
+        // The target's expected schema is compared with the database's
+        // unless forced (nothing recorded: nothing to compare).
+        let gate = if to.spec.database.is_some() && !options.force && self.store.release_schema(&app, target)?.is_some()
+        {
+            GateMode::Check
+        } else {
+            GateMode::Off
+        };
+        Ok((DeployRun::new(record, to, Some(current), kind, base_env, counts, cancel, started, gate), summary))
     }
 
     /// Record a deployment that starts now (its phase is stored by its
@@ -532,7 +563,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         } else {
             DeploymentKind::Deploy
         };
-        let machine = stored_deployment(&record.phase, shape_for(kind, &to, from.is_none(), order));
+        let machine = stored_deployment(&record.phase, shape_for(kind, &to, from.is_none(), order, GateMode::Off));
         // The task it was in the middle of (and any other left running).
         let RecoveredTasks { resume, notes } = self.recover_tasks(&app, Some((record.id, &machine.phase.legacy())))?;
         if to_rec.status == ReleaseStatus::Building {
@@ -570,6 +601,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             leftover: resume,
             notes,
             counts,
+            inbox: VecDeque::new(),
+            feeding: false,
         });
         self.feed(Event::Restarted { task: fate });
         Ok(())

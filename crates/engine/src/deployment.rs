@@ -24,7 +24,13 @@ pub(crate) fn ms_since_epoch(t: SystemTime) -> u64 {
 }
 
 /// The shape of a deployment to `to` (from `from`, if anything ran).
-pub(crate) fn shape_for(kind: DeploymentKind, to: &ReleaseCtx, first: bool, order: Vec<ProcessName>) -> Shape {
+pub(crate) fn shape_for(
+    kind: DeploymentKind,
+    to: &ReleaseCtx,
+    first: bool,
+    order: Vec<ProcessName>,
+    gate: GateMode,
+) -> Shape {
     let release = &to.spec.release;
     // Safety nets only: the builder, the driver and the rollout bound
     // their own work (task_timeout, health_timeout); these catch a phase
@@ -43,7 +49,7 @@ pub(crate) fn shape_for(kind: DeploymentKind, to: &ReleaseCtx, first: bool, orde
         kind,
         first,
         order,
-        gate: GateMode::Off,
+        gate,
         has_tasks: !release.tasks.is_empty(),
         has_post_tasks: !release.post_tasks.is_empty(),
         canary: None,
@@ -89,26 +95,41 @@ pub(crate) fn stored_phase_name(value: &serde_json::Value) -> String {
 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     /// Move the deployment on by `event`: store where it goes, then do
-    /// what that asks.
+    /// what that asks. An action answered at once (maintenance switched)
+    /// feeds its answer back through the same queue, after the rest of
+    /// its batch: events are handled one at a time, in order.
     pub(crate) fn feed(&mut self, event: Event) {
-        let now = ms_since_epoch(self.clock.wall());
         let Some(run) = self.deployment.as_mut() else { return };
-        let (machine, actions) = advance(run.machine.clone(), event, now);
-        run.machine = machine;
-        if !run.machine.is_done() {
-            run.record.phase = serde_json::to_value(&run.machine).unwrap_or_default();
-            if let Err(e) = self.store.update_deployment(&run.record) {
-                tracing::error!("could not record deployment #{} phase: {e}", run.record.id);
+        run.inbox.push_back(event);
+        if run.feeding {
+            return;
+        }
+        run.feeding = true;
+        while let Some(event) = self.deployment.as_mut().and_then(|r| r.inbox.pop_front()) {
+            let now = ms_since_epoch(self.clock.wall());
+            let Some(run) = self.deployment.as_mut() else { return };
+            let (machine, actions) = advance(run.machine.clone(), event, now);
+            run.machine = machine;
+            if !run.machine.is_done() {
+                run.record.phase = serde_json::to_value(&run.machine).unwrap_or_default();
+                if let Err(e) = self.store.update_deployment(&run.record) {
+                    tracing::error!("could not record deployment #{} phase: {e}", run.record.id);
+                }
+            }
+            for action in actions {
+                self.carry_out(action);
             }
         }
-        for action in actions {
-            self.carry_out(action);
+        if let Some(run) = self.deployment.as_mut() {
+            run.feeding = false;
         }
     }
 
     fn carry_out(&mut self, action: DeployAction) {
         match action {
             DeployAction::Build => self.spawn_build(),
+            DeployAction::RunGate => self.spawn_gate(),
+            DeployAction::SetMaintenance { on } => self.deploy_maintenance(on),
             DeployAction::RunTasks { post } => self.start_task(post, 0),
             DeployAction::AwaitLeftoverTask { .. } => {
                 if let Some((task, fate, handle)) = self.deployment.as_mut().and_then(|r| r.leftover.take()) {
@@ -124,19 +145,48 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             DeployAction::Promote => self.promote_target(),
             DeployAction::Abort => self.abort_deployment_work(),
             DeployAction::Finish { outcome } => self.finish_deploy(outcome),
-            // Not produced yet: the shape built here has no gate, no ramp
-            // and no maintenance fallback (see `shape_for`). Answered as
-            // failures so that a deployment can never wait for them.
-            DeployAction::RunGate => self.feed(Event::Gate {
-                verdict: nonstop_plan::deployment::GateVerdict::Error {
-                    detail: "this daemon has no migration gate".into(),
-                },
-            }),
-            DeployAction::SetMaintenance { on } => self.feed(Event::MaintenanceSet { on }),
+            // Not produced yet: the shape built here has no ramp (see
+            // `shape_for`). Answered as a failure so that a deployment can
+            // never wait for it.
             DeployAction::Weigh { process, .. } => {
                 self.feed(Event::RolloutFailed { process, why: "this daemon has no canary ramp".into() })
             }
         }
+    }
+
+    /// The maintenance fallback switches maintenance on (the built-in page)
+    /// before it stops the old release, and off when the deploy ends.
+    /// Maintenance someone else turned on stays as it is, and on.
+    fn deploy_maintenance(&mut self, on: bool) {
+        use nonstop_core::maintenance::{Maintenance, MaintenanceBy};
+        let owner = self.controls.maintenance.as_ref().map(|m| m.by);
+        let result = match (on, owner) {
+            (true, None) => {
+                self.progress("maintenance on: requests get 503 with Retry-After until the app serves again".into());
+                self.switch_maintenance(Some((
+                    Maintenance { page: None, allow: Vec::new(), retry_after_secs: 30 },
+                    MaintenanceBy::Deploy,
+                )))
+            }
+            (false, Some(MaintenanceBy::Deploy)) => {
+                self.progress("maintenance off: requests reach the app again".into());
+                self.switch_maintenance(None)
+            }
+            // Already on (by `nonstop maintenance on` or `stop`), or not
+            // this deploy's to switch off.
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            // Not stored: the fallback must not stop the old release
+            // without the page up. Maintenance stays as it was; the
+            // deployment ends (or stops switching) with it.
+            tracing::error!("maintenance could not be switched {}: {e}", if on { "on" } else { "off" });
+            if on {
+                self.feed(Event::Cancel { why: format!("maintenance could not be switched on: {e}") });
+                return;
+            }
+        }
+        self.feed(Event::MaintenanceSet { on });
     }
 
     /// Stop what the deployment's current step runs: the build or task
@@ -164,6 +214,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let Some(run) = self.deployment.as_mut() else { return false };
         let Some((process, to)) = run.pending_roll.take() else { return false };
         run.active_roll = Some((process.clone(), to));
+        // The maintenance fallback stopped the app (see
+        // `roll_to_nothing`); a release runs again from here.
+        if to != RollTo::Nothing {
+            if let Some(rt) = self.app.as_mut().filter(|rt| !rt.record.running) {
+                rt.record.running = true;
+                let _ = self.store.put_app(&rt.record, self.clock.wall());
+            }
+        }
         match to {
             RollTo::New => {
                 let target = run.to.clone();
@@ -178,8 +236,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         true
     }
 
-    /// Stop every instance of `process`. Only a first release's undoing
-    /// asks for it today: the app stops running.
+    /// Stop every instance of `process`: a first release's undoing, or the
+    /// maintenance fallback stopping the old release. The app is recorded
+    /// as not running meanwhile (a daemon restarted now starts nothing).
     fn roll_to_nothing(&mut self, process: &ProcessName) {
         if let Some(rt) = self.app.as_mut() {
             rt.record.running = false;

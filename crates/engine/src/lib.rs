@@ -14,9 +14,11 @@ mod error;
 pub mod preflight;
 mod report;
 
+pub use actor::gate::{GateFuture, GateInput, GateOutcome, NoSchemaGate, SchemaGate};
 pub use actor::statics::{live_statics_at_start, LiveStatics};
 pub use actor::{
-    BuildNote, BuildOutput, Builder, Engine, EngineConfig, EngineHandle, Ingress, IngressError, InstanceLogs, NoBuilder,
+    BuildNote, BuildOutput, Builder, DeployOptions, Engine, EngineConfig, EngineHandle, Ingress, IngressError, InstanceLogs, NoBuilder,
+    RollbackOptions,
 };
 pub use error::EngineError;
 pub use report::*;

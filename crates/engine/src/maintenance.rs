@@ -111,6 +111,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             by: match m.by {
                 MaintenanceBy::User => MaintenanceOwner::User,
                 MaintenanceBy::Stop => MaintenanceOwner::Stop,
+                MaintenanceBy::Deploy => MaintenanceOwner::Deploy,
             },
             allow: m.maintenance.allow.iter().map(|n| n.to_string()).collect(),
             retry_after_secs: m.maintenance.retry_after_secs,

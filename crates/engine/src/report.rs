@@ -109,6 +109,8 @@ pub enum MaintenanceOwner {
     User,
     /// `nonstop stop`: goes off when `nonstop start` has web healthy.
     Stop,
+    /// `nonstop deploy --allow-breaking`: goes off when the deploy ends.
+    Deploy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -53,9 +53,12 @@ pub enum DeploymentKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GateMode {
-    /// No `[database]`, or no release tasks: no gate.
+    /// No `[database]`, or no release tasks (a rollback: no schema
+    /// recorded for its target, or `--force`): no gate.
     Off,
-    /// Run the tasks on a scratch copy first; refuse a breaking change.
+    /// Run the tasks on a scratch copy first; refuse a breaking change. (A
+    /// rollback: refuse a target that expects a schema the database no
+    /// longer has.)
     Check,
     /// Breaking changes allowed: maintenance on, old release stopped,
     /// tasks run, new release started, maintenance off.
@@ -117,11 +120,16 @@ impl Shape {
         self.has_tasks && matches!(self.kind, DeploymentKind::Deploy | DeploymentKind::Reuse { run_tasks: true })
     }
 
+    /// A deploy's gate runs its tasks on a scratch copy (or takes the
+    /// maintenance fallback); a rollback's compares the schema the target
+    /// expects with the database's (never a fallback: a rollback runs no
+    /// migration that could need one).
     fn gated(&self) -> GateMode {
-        if self.runs_tasks() {
-            self.gate
-        } else {
-            GateMode::Off
+        match self.kind {
+            DeploymentKind::Rollback { .. } if self.gate == GateMode::Check => GateMode::Check,
+            DeploymentKind::Rollback { .. } => GateMode::Off,
+            _ if self.runs_tasks() => self.gate,
+            _ => GateMode::Off,
         }
     }
 }

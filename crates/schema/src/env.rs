@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 /// The values hold the password (in `url` and `password` parts): they go
 /// to processes, never to a log or a report.
 pub fn env_for(url: &DatabaseUrl, mapping: &BTreeMap<String, UrlPart>) -> Vec<(String, String)> {
-    mapping.iter().map(|(var, part)| (var.clone(), url.part(*part))).collect()
+    nonstop_core::database::env_for(url, mapping)
 }
 
 #[cfg(test)]

@@ -143,6 +143,14 @@ CREATE TABLE IF NOT EXISTS process_counts (
     toml_at_apply INTEGER NOT NULL,
     PRIMARY KEY (app, environment, process)
 );
+CREATE TABLE IF NOT EXISTS release_schemas (
+    app TEXT NOT NULL,
+    release INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    schema_json TEXT NOT NULL,
+    gate_ms INTEGER NOT NULL,
+    PRIMARY KEY (app, release)
+);
 CREATE TABLE IF NOT EXISTS app_controls (
     app TEXT NOT NULL,
     environment TEXT NOT NULL,
@@ -275,6 +283,18 @@ pub struct ReleaseRecord {
     pub status: ReleaseStatus,
     pub created_at: SystemTime,
     pub build_ms: u64,
+}
+
+/// The database schema a release expects: the one its release tasks left
+/// on the migration gate's scratch copy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseSchema {
+    pub fingerprint: String,
+    /// The catalog snapshot (`nonstop_schema::Schema`), kept as JSON so the
+    /// store does not depend on the gate.
+    pub schema: serde_json::Value,
+    /// What the gate cost.
+    pub gate_ms: u64,
 }
 
 /// How a deployment ended, or that it has not.
@@ -738,6 +758,39 @@ impl Store {
 
     pub fn release(&self, app: &AppName, id: ReleaseId) -> Result<Option<ReleaseRecord>> {
         Ok(self.releases(app)?.into_iter().find(|r| r.id == id))
+    }
+
+    /// Record the schema `release` expects (replacing an earlier one).
+    pub fn put_release_schema(&self, app: &AppName, release: ReleaseId, schema: &ReleaseSchema) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO release_schemas (app, release, fingerprint, schema_json, gate_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (app, release) DO UPDATE SET fingerprint = ?3, schema_json = ?4, gate_ms = ?5",
+            params![
+                app.as_str(),
+                i64::try_from(release.0).unwrap_or(i64::MAX),
+                schema.fingerprint,
+                schema.schema.to_string(),
+                i64::try_from(schema.gate_ms).unwrap_or(i64::MAX),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The schema `release` expects, if the gate recorded one.
+    pub fn release_schema(&self, app: &AppName, release: ReleaseId) -> Result<Option<ReleaseSchema>> {
+        let conn = self.conn();
+        let row: Option<(String, String, i64)> = conn
+            .query_row(
+                "SELECT fingerprint, schema_json, gate_ms FROM release_schemas WHERE app = ?1 AND release = ?2",
+                params![app.as_str(), i64::try_from(release.0).unwrap_or(i64::MAX)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        row.map(|(fingerprint, schema, gate_ms)| {
+            Ok(ReleaseSchema { fingerprint, schema: decode("release schema", &schema)?, gate_ms: gate_ms.max(0) as u64 })
+        })
+        .transpose()
     }
 
     /// Record a new deployment; returns its id.

@@ -269,3 +269,22 @@ fn controls_round_trip_survive_reopen_and_land_with_their_counts() {
     let staging = EnvironmentId::new("staging").unwrap();
     assert_eq!(store.controls(&app, &staging).unwrap(), Controls::default());
 }
+
+#[test]
+fn release_schemas_round_trip_replace_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let (app, _, _) = ids();
+    let first = ReleaseSchema { fingerprint: "abc".into(), schema: serde_json::json!({"tables": []}), gate_ms: 1500 };
+    {
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.release_schema(&app, ReleaseId(3)).unwrap(), None);
+        store.put_release_schema(&app, ReleaseId(3), &first).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.release_schema(&app, ReleaseId(3)).unwrap(), Some(first.clone()));
+    assert_eq!(store.release_schema(&app, ReleaseId(4)).unwrap(), None);
+    let second = ReleaseSchema { fingerprint: "def".into(), ..first };
+    store.put_release_schema(&app, ReleaseId(3), &second).unwrap();
+    assert_eq!(store.release_schema(&app, ReleaseId(3)).unwrap(), Some(second));
+}

@@ -88,6 +88,27 @@ fn a_plain_deploy_builds_gates_migrates_rolls_promotes_and_runs_post_tasks() {
 }
 
 #[test]
+fn a_rollback_behind_the_schema_is_refused_before_anything_changes_unless_forced() {
+    let rollback = |gate| {
+        let mut s = shape(DeploymentKind::Rollback { run_tasks: false }, gate, false, false);
+        s.has_post_tasks = false;
+        Deployment::new(s, Margins::default())
+    };
+    let verdict = GateVerdict::Breaking { report: "v3 expects notes.title".into() };
+    let (d, actions) = run(rollback(GateMode::Check), vec![Event::Begin, Event::Gate { verdict }]);
+    assert_eq!(actions[0], Action::RunGate);
+    assert!(!actions.iter().any(|a| matches!(a, Action::Roll { .. } | Action::RunTasks { .. })), "{actions:?}");
+    assert!(matches!(outcome(&d), Outcome::Failed { failure } if failure.kind == FailureKind::Breaking));
+    // A compatible schema: rolled as usual.
+    let (_, actions) =
+        run(rollback(GateMode::Check), vec![Event::Begin, Event::Gate { verdict: GateVerdict::Safe }]);
+    assert_eq!(actions, vec![Action::RunGate, roll("web", RollTo::New)]);
+    // `--force` (or nothing recorded): no gate.
+    let (_, actions) = run(rollback(GateMode::Off), vec![Event::Begin]);
+    assert_eq!(actions, vec![roll("web", RollTo::New)]);
+}
+
+#[test]
 fn a_breaking_migration_is_refused_before_anything_changes() {
     let (d, actions) = run(
         deploy(GateMode::Check, false),
@@ -309,7 +330,7 @@ fn a_first_deploy_that_fails_stops_what_it_started() {
 #[test]
 fn a_rollback_builds_nothing_and_runs_no_task() {
     let d = Deployment::new(
-        shape(DeploymentKind::Rollback { run_tasks: false }, GateMode::Check, false, true),
+        shape(DeploymentKind::Rollback { run_tasks: false }, GateMode::Off, false, true),
         Margins::default(),
     );
     let (_, actions) = run(d, vec![Event::Begin]);
