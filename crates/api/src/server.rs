@@ -325,8 +325,7 @@ async fn deploy(
     };
     let engine = s.engine.clone();
     op_stream(move |p| async move {
-        let options =
-            nonstop_engine::DeployOptions { run_tasks: req.run_tasks, allow_breaking: req.allow_breaking };
+        let options = nonstop_engine::DeployOptions { run_tasks: req.run_tasks, allow_breaking: req.allow_breaking };
         engine.deploy_with(req.spec, req.source, req.base_env, req.message, req.who, options, p).await
     })
 }

@@ -3,8 +3,8 @@
 
 use nonstop_core::database::DatabaseSpec;
 use nonstop_engine::{GateFuture, GateInput, GateOutcome, SchemaGate};
-use nonstop_schema::{read_schema, run_gate, run_shell_tasks, GateOptions};
 use nonstop_schema::{breaking_for, env_for, Schema};
+use nonstop_schema::{read_schema, run_gate, run_shell_tasks, GateOptions};
 use std::collections::BTreeMap;
 
 pub struct PgSchemaGate;

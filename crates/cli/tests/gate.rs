@@ -183,7 +183,9 @@ fn a_database_the_gate_cannot_use_is_refused_before_anything_changes() {
         ("postgres://postgres@127.0.0.1:5432/nonstop_no_such_db".to_string(), "nonstop_no_such_db"),
     ];
     for (n, (url, named)) in cases.iter().enumerate() {
-        app.write_spec(&spec.replace(&db.url(), url).replace("APP_VERSION = \"1\"", &format!("APP_VERSION = \"{}\"", n + 2)));
+        app.write_spec(
+            &spec.replace(&db.url(), url).replace("APP_VERSION = \"1\"", &format!("APP_VERSION = \"{}\"", n + 2)),
+        );
         let r = app.run(&["deploy"]);
         assert_eq!(r.code, 1, "{url}: {}\n{}", r.stdout, r.stderr);
         assert!(r.stderr.contains("migration gate could not run"), "{url}: {}", r.stderr);

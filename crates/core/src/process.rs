@@ -177,6 +177,9 @@ pub struct Rollout {
     /// How long a new instance may take to become healthy/ready.
     #[serde(with = "duration_ms")]
     pub health_timeout: Duration,
+    /// Web only: the live-traffic gate of a deploy.
+    #[serde(default)]
+    pub canary: Canary,
 }
 
 impl Default for Rollout {
@@ -185,6 +188,46 @@ impl Default for Rollout {
             max_surge: Quantity::Count(1),
             max_unavailable: Quantity::Count(0),
             health_timeout: Duration::from_secs(60),
+            canary: Canary::default(),
+        }
+    }
+}
+
+/// The live-traffic gate of a web process's deploy (`[processes.web.rollout]`
+/// `canary*` keys): one new instance comes up beside the old ones and gets
+/// each share of `steps` in turn; after each window (at most `hold`) its 5xx
+/// rate and p95 are compared with the old release's over the same window,
+/// and the deploy rolls back if they are worse by more than the margins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Canary {
+    /// Percent of the web traffic (1..=99, rising) the new release gets,
+    /// step by step, before the rest of the rollout. Empty: no ramp.
+    pub steps: Vec<u8>,
+    /// Each step's window at most (it ends sooner once enough requests were
+    /// seen, or when none come at all).
+    #[serde(with = "duration_ms")]
+    pub hold: Duration,
+    /// How much higher the new release's 5xx rate may be, in basis points
+    /// (100 = one percentage point).
+    pub max_5xx_increase_bp: u32,
+    /// The new release's p95 may be this many percent of the old one's…
+    pub max_p95_ratio_pct: u32,
+    /// …plus this (small p95s are noisy).
+    #[serde(with = "duration_ms")]
+    pub p95_slack: Duration,
+    /// Fewer new-release requests than this in a window judge nothing.
+    pub min_requests: u32,
+}
+
+impl Default for Canary {
+    fn default() -> Self {
+        Self {
+            steps: vec![5, 25],
+            hold: Duration::from_secs(10),
+            max_5xx_increase_bp: 100,
+            max_p95_ratio_pct: 200,
+            p95_slack: Duration::from_millis(50),
+            min_requests: 20,
         }
     }
 }

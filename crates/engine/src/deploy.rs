@@ -8,7 +8,9 @@ use super::tasks::RecoveredTasks;
 use super::*;
 use nonstop_core::driver::TaskHandle;
 use nonstop_plan::deploy::{rollout_order, TaskFate};
-use nonstop_plan::deployment::{Deployment, DeploymentKind, Event, GateMode, Margins, Phase as DeploymentPhase, RollTo};
+use nonstop_plan::deployment::{
+    Deployment, DeploymentKind, Event, GateMode, Margins, Phase as DeploymentPhase, RollTo,
+};
 use nonstop_store::{DeploymentRecord, DeploymentStatus, ReleaseRecord, ReleaseStatus, TaskRecord};
 
 pub(crate) struct DeployRun {
@@ -362,8 +364,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             let _ = reply.send(Err(err));
             return;
         }
-        if let Some(err) =
-            self.app.as_ref().map(|rt| rt.record.app.clone()).filter(|_| options.run_tasks).and_then(|a| self.task_conflict(&a))
+        if let Some(err) = self
+            .app
+            .as_ref()
+            .map(|rt| rt.record.app.clone())
+            .filter(|_| options.run_tasks)
+            .and_then(|a| self.task_conflict(&a))
         {
             let _ = reply.send(Err(err));
             return;

@@ -17,8 +17,8 @@ mod report;
 pub use actor::gate::{GateFuture, GateInput, GateOutcome, NoSchemaGate, SchemaGate};
 pub use actor::statics::{live_statics_at_start, LiveStatics};
 pub use actor::{
-    BuildNote, BuildOutput, Builder, DeployOptions, Engine, EngineConfig, EngineHandle, Ingress, IngressError, InstanceLogs, NoBuilder,
-    RollbackOptions,
+    BuildNote, BuildOutput, Builder, DeployOptions, Engine, EngineConfig, EngineHandle, Ingress, IngressError,
+    InstanceLogs, NoBuilder, RollbackOptions,
 };
 pub use error::EngineError;
 pub use report::*;

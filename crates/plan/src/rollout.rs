@@ -216,6 +216,7 @@ mod tests {
             max_surge: Quantity::Percent(25),
             max_unavailable: Quantity::Percent(25),
             health_timeout: Duration::from_secs(1),
+            ..Rollout::default()
         };
         // 25% of 2: surge rounds up to 1 already.
         assert_eq!(RolloutParams::resolve(ProcessKind::Web, 2, &r).surge, 1);
@@ -223,6 +224,7 @@ mod tests {
             max_surge: Quantity::Count(0),
             max_unavailable: Quantity::Percent(25),
             health_timeout: Duration::from_secs(1),
+            ..Rollout::default()
         };
         let p = RolloutParams::resolve(ProcessKind::Web, 2, &r);
         assert_eq!((p.surge, p.unavailable), (1, 0));

@@ -15,8 +15,8 @@ use crate::suggest::did_you_mean;
 use crate::walk::display_key;
 use nonstop_core::ids::{AppName, ProcessName};
 use nonstop_core::process::{
-    AppSpec, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec, RestartPolicy, Rollout, Signal,
-    SmokeCheck, StatusRange, TlsSpec,
+    AppSpec, Canary, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec, RestartPolicy, Rollout,
+    Signal, SmokeCheck, StatusRange, TlsSpec,
 };
 use serde_spanned::Spanned;
 use std::collections::BTreeMap;
@@ -1253,7 +1253,7 @@ fn validate_rollout(
             None => diags.error_unlocated(message, hint),
         }
     }
-    Rollout { max_surge, max_unavailable, health_timeout }
+    Rollout { max_surge, max_unavailable, health_timeout, canary: Canary::default() }
 }
 
 fn validate_restart(raw: Option<&RawRestart>, path: &str, diags: &mut Diags) -> RestartPolicy {

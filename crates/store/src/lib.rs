@@ -788,7 +788,11 @@ impl Store {
             )
             .optional()?;
         row.map(|(fingerprint, schema, gate_ms)| {
-            Ok(ReleaseSchema { fingerprint, schema: decode("release schema", &schema)?, gate_ms: gate_ms.max(0) as u64 })
+            Ok(ReleaseSchema {
+                fingerprint,
+                schema: decode("release schema", &schema)?,
+                gate_ms: gate_ms.max(0) as u64,
+            })
         })
         .transpose()
     }

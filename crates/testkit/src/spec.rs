@@ -14,7 +14,7 @@
 //! ```
 
 use nonstop_core::process::{
-    AppSpec, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec, RestartPolicy, Rollout,
+    AppSpec, Canary, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec, RestartPolicy, Rollout,
     StatusRange,
 };
 use nonstop_core::{AppName, Signal};
@@ -45,7 +45,8 @@ pub fn health_check() -> HealthCheck {
 
 /// A process with the spec defaults: SIGTERM, 10 s stop timeout, 30 s
 /// drain, 1 s `ready_after`, default restart policy and rollout (surge 1,
-/// unavailable 0, 60 s health timeout); a health check for web processes.
+/// unavailable 0, 60 s health timeout) but no canary ramp (tests of other
+/// features; `canary` turns it on); a health check for web processes.
 pub fn process(name: &str, kind: ProcessKind, count: u32) -> ProcessSpec {
     ProcessSpec {
         name: crate::pn(name),
@@ -58,7 +59,7 @@ pub fn process(name: &str, kind: ProcessKind, count: u32) -> ProcessSpec {
         ready_after: Duration::from_secs(1),
         health: (kind == ProcessKind::Web).then(health_check),
         restart: RestartPolicy::default(),
-        rollout: Rollout::default(),
+        rollout: Rollout { canary: Canary { steps: Vec::new(), ..Canary::default() }, ..Rollout::default() },
         env: BTreeMap::new(),
     }
 }
@@ -124,6 +125,7 @@ impl AppBuilder {
                 max_surge: Quantity::Count(surge),
                 max_unavailable: Quantity::Count(unavailable),
                 health_timeout,
+                ..Rollout::default()
             }
         })
     }

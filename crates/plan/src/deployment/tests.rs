@@ -100,8 +100,7 @@ fn a_rollback_behind_the_schema_is_refused_before_anything_changes_unless_forced
     assert!(!actions.iter().any(|a| matches!(a, Action::Roll { .. } | Action::RunTasks { .. })), "{actions:?}");
     assert!(matches!(outcome(&d), Outcome::Failed { failure } if failure.kind == FailureKind::Breaking));
     // A compatible schema: rolled as usual.
-    let (_, actions) =
-        run(rollback(GateMode::Check), vec![Event::Begin, Event::Gate { verdict: GateVerdict::Safe }]);
+    let (_, actions) = run(rollback(GateMode::Check), vec![Event::Begin, Event::Gate { verdict: GateVerdict::Safe }]);
     assert_eq!(actions, vec![Action::RunGate, roll("web", RollTo::New)]);
     // `--force` (or nothing recorded): no gate.
     let (_, actions) = run(rollback(GateMode::Off), vec![Event::Begin]);
