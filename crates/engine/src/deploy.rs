@@ -102,9 +102,12 @@ impl DeployRun {
     }
 }
 
-/// The migration gate a deploy of `spec` goes through.
-fn deploy_gate(spec: &AppSpec, options: DeployOptions) -> GateMode {
+/// The migration gate a deploy of `spec` goes through. None for a first
+/// release: no running release can break (and its database may not exist
+/// yet: a release task may create it).
+fn deploy_gate(spec: &AppSpec, options: DeployOptions, first: bool) -> GateMode {
     match (&spec.database, options.allow_breaking) {
+        _ if first => GateMode::Off,
         (None, _) => GateMode::Off,
         (Some(_), false) => GateMode::Check,
         (Some(_), true) => GateMode::AllowBreaking,
@@ -295,7 +298,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         );
         let to = ReleaseCtx { id, spec: run_spec, workdir: source };
         let (cancel, started) = (self.cancel.child_token(), self.clock.now());
-        let gate = deploy_gate(&spec, options);
+        let gate = deploy_gate(&spec, options, from.is_none());
         let run = DeployRun::new(record, to, from, DeploymentKind::Deploy, base_env, counts, cancel, started, gate);
         Ok(Some((run, summary)))
     }
@@ -336,7 +339,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         options: DeployOptions,
     ) -> Result<(DeployRun, String), EngineError> {
         let target = rec.id;
-        let gate = deploy_gate(&run_spec, options);
+        let gate = deploy_gate(&run_spec, options, false);
         let to = ReleaseCtx { id: target, spec: run_spec, workdir: rec.dir.clone() };
         let record = self.insert_deployment(rec.app.clone(), "deploy", Some(from.id), target, who, message)?;
         let summary =
