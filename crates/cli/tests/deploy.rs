@@ -813,3 +813,36 @@ fn a_release_failing_its_smoke_check_is_rolled_back_before_any_client_saw_it() {
     assert_eq!(h[0]["status"], "rolled_back");
     assert!(h[0]["reason"].as_str().unwrap().contains("smoke check failed: GET / -> 500"), "{h:#?}");
 }
+
+#[test]
+fn a_release_whose_pages_500_under_load_is_rolled_back_by_the_live_gate() {
+    // No smoke check: the live-traffic gate (the default ramp, 5 % then
+    // 25 %) is what must catch a release whose health check lies.
+    let app = deployable();
+    app.run(&["deploy"]).ok();
+    let before: Vec<i32> = app.pids("web");
+    let load = Load::start(app.proxy(), "/", 4);
+    wait_until(T, "traffic", || app.get("/").is_ok());
+    app.write_spec(&app.spec().replace("APP_VERSION = \"1\"", "APP_VERSION = \"2\"\nBROKEN_PAGES = \"1\""));
+    let r = app.run(&["deploy"]);
+    let (ok, failures) = load.finish();
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("rolled back"), "{}", r.stderr);
+    assert!(r.stderr.contains("canary"), "{}", r.stderr);
+    assert!(r.stderr.contains("answered 5xx"), "the figures are the reason: {}", r.stderr);
+    let h = history(&app);
+    assert_eq!(h[0]["status"], "rolled_back");
+    assert!(h[0]["reason"].as_str().unwrap().contains("the new release answered 5xx"), "{h:#?}");
+    // Only the canary's share saw the broken release, and only until the
+    // window had enough of it: a few percent of the deploy's requests.
+    let total = ok + failures.len() as u64;
+    assert!(ok > 0);
+    assert!(
+        (failures.len() as u64) * 100 <= total * 5,
+        "{} of {total} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(failures.iter().all(|f| f.contains("HTTP 500")), "{:?}", &failures[..failures.len().min(3)]);
+    assert_eq!(app.pids("web"), before, "the old instances were never replaced");
+}

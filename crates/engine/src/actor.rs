@@ -15,7 +15,9 @@ use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, Liven
 use nonstop_core::process::{AppSpec, ProcessKind, ProcessSpec};
 use nonstop_core::traffic::{Backend, BackendHealth, HealthCause, HealthEvent, InitialHealth, RouteKey, Traffic};
 use nonstop_core::{AppName, Clock, EnvironmentId, InstanceId, ProcessName, ReleaseId};
-use nonstop_plan::rollout::{rollout_step, NewPhase, OldPhase, RolloutAction, RolloutParams, RolloutSlot, RolloutStep};
+use nonstop_plan::rollout::{
+    rollout_step, CanaryStep, NewPhase, OldPhase, RolloutAction, RolloutParams, RolloutSlot, RolloutStep,
+};
 use nonstop_plan::{reconcile, Action, Observed, ObservedInstance, Phase, SlotBackoff};
 use nonstop_store::{AppRecord, InstancePhase, InstanceRecord, Store};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -23,6 +25,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+#[path = "canary.rs"]
+pub(crate) mod canary;
 #[path = "counts.rs"]
 pub(crate) mod counts;
 #[path = "deploy.rs"]
@@ -332,6 +336,12 @@ pub(crate) enum Internal {
         deployment: i64,
         answer: gate::GateAnswer,
     },
+    CanaryWindow {
+        deployment: i64,
+        step: usize,
+        old: nonstop_plan::deployment::Window,
+        new: nonstop_plan::deployment::Window,
+    },
     TasksDone {
         deployment: i64,
         post: bool,
@@ -572,6 +582,17 @@ impl ReleaseCtx {
 pub(crate) enum RolloutResult {
     Done(ProcessName),
     Failed(ProcessName, String),
+    /// A canary rollout's instance serves (the rollout waits, holding it).
+    CanaryReady(ProcessName, InstanceId),
+}
+
+/// A rollout held at its canary: one new instance beside every old one,
+/// given `percent` of the traffic, until the deployment's ramp ends.
+#[derive(Debug, Clone)]
+pub(crate) struct CanaryHold {
+    pub(crate) percent: u8,
+    /// Reported ready (once).
+    pub(crate) ready: Option<InstanceId>,
 }
 
 struct RolloutState {
@@ -585,6 +606,8 @@ struct RolloutState {
     failure: Option<String>,
     /// `nonstop cancel`: fail at the next step with this reason.
     cancelled: Option<String>,
+    /// Held at its canary (a deploy's live-traffic gate).
+    pub(crate) canary: Option<CanaryHold>,
 }
 
 pub(crate) struct Op {
@@ -1346,6 +1369,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             Internal::Started { id, result } => self.on_started(id, result),
             Internal::Built { deployment, result } => self.deploy_on_built(deployment, result),
             Internal::GateChecked { deployment, answer } => self.deploy_on_gate(deployment, answer),
+            Internal::CanaryWindow { deployment, step, old, new } => {
+                self.deploy_on_canary_window(deployment, step, old, new)
+            }
             Internal::Hashed { result } => self.deploy_on_hashed(result),
             Internal::TasksDone { deployment, post, result } => self.deploy_on_tasks(deployment, post, result),
             Internal::TaskStarted { task, handle } => self.on_task_started(task, handle),
@@ -1804,6 +1830,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             new,
             failure: None,
             cancelled: None,
+            canary: None,
         });
         self.progress(format!("rolling {process} to {}: {n_old} old instance(s), {count} wanted", ctx.id));
     }
@@ -1884,12 +1911,28 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             .collect();
         let params = ro.params;
         let process = ro.process.clone();
-        let step = match cancelled {
-            Some(why) => {
+        let canary = ro.canary.clone();
+        let step = match (cancelled, &canary) {
+            (Some(why), _) => {
                 failure = Some(why);
                 RolloutStep::Failed { slot: 0 }
             }
-            None => rollout_step(&slots, params),
+            // Held at the canary: its one new instance, no old one stopped.
+            (None, Some(hold)) => match nonstop_plan::rollout::canary_step(&slots) {
+                CanaryStep::Start(slot) => RolloutStep::Act(vec![RolloutAction::StartNew(slot)]),
+                CanaryStep::Wait => RolloutStep::Wait,
+                CanaryStep::Failed(slot) => RolloutStep::Failed { slot },
+                CanaryStep::Ready(slot) => match (&hold.ready, ro.new.get(&slot).cloned()) {
+                    (None, Some(id)) => {
+                        if let Some(h) = rt.rollout.as_mut().and_then(|r| r.canary.as_mut()) {
+                            h.ready = Some(id.clone());
+                        }
+                        return Some(RolloutResult::CanaryReady(process, id));
+                    }
+                    _ => RolloutStep::Wait,
+                },
+            },
+            (None, None) => rollout_step(&slots, params),
         };
         match step {
             RolloutStep::Wait => None,
@@ -1927,6 +1970,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     match a {
                         RolloutAction::StartNew(slot) => {
                             if let Some(id) = self.start_instance(&process, slot) {
+                                // A canary gets its share from its first
+                                // request on (never an even one).
+                                if let Some(hold) = &canary {
+                                    self.split_to(&[id.clone()], hold.percent);
+                                }
                                 if let Some(ro) = self.app.as_mut().and_then(|rt| rt.rollout.as_mut()) {
                                     ro.new.insert(slot, id);
                                 }

@@ -83,9 +83,15 @@ impl DeployRun {
     ) -> DeployRun {
         let order = rollout_order(from.as_ref().map(|f| &f.spec), &to.spec);
         let shape = shape_for(kind, &to, from.is_none(), order, gate);
+        let margins = to
+            .spec
+            .processes
+            .iter()
+            .find(|p| shape.canary.as_ref() == Some(&p.name))
+            .map_or_else(Margins::default, |p| super::canary::margins_of(&p.rollout.canary));
         DeployRun {
             record,
-            machine: Deployment::new(shape, Margins::default()),
+            machine: Deployment::new(shape, margins),
             to,
             from,
             cancel,

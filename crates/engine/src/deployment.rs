@@ -32,6 +32,15 @@ pub(crate) fn shape_for(
     gate: GateMode,
 ) -> Shape {
     let release = &to.spec.release;
+    // The live-traffic gate weighs the first web process type with a ramp
+    // on a deploy (a rollback goes back to a release that served before:
+    // no ramp to hold it up).
+    let canary = to
+        .spec
+        .processes
+        .iter()
+        .find(|p| p.kind == ProcessKind::Web && p.count > 0 && !p.rollout.canary.steps.is_empty())
+        .filter(|_| !matches!(kind, DeploymentKind::Rollback { .. }));
     // Safety nets only: the builder, the driver and the rollout bound
     // their own work (task_timeout, health_timeout); these catch a phase
     // that nothing ends.
@@ -52,8 +61,8 @@ pub(crate) fn shape_for(
         gate,
         has_tasks: !release.tasks.is_empty(),
         has_post_tasks: !release.post_tasks.is_empty(),
-        canary: None,
-        ramp: Vec::new(),
+        canary: canary.map(|p| p.name.clone()),
+        ramp: canary.map(|p| super::canary::ramp_of(&p.rollout.canary)).unwrap_or_default(),
         limits,
     }
 }
@@ -138,6 +147,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             }
             DeployAction::AdoptFirst => self.adopt_first_release(),
             DeployAction::Roll { process, to } => {
+                if self.release_canary(&process, to) {
+                    return;
+                }
                 if let Some(run) = self.deployment.as_mut() {
                     run.pending_roll = Some((process, to));
                 }
@@ -145,12 +157,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             DeployAction::Promote => self.promote_target(),
             DeployAction::Abort => self.abort_deployment_work(),
             DeployAction::Finish { outcome } => self.finish_deploy(outcome),
-            // Not produced yet: the shape built here has no ramp (see
-            // `shape_for`). Answered as a failure so that a deployment can
-            // never wait for it.
-            DeployAction::Weigh { process, .. } => {
-                self.feed(Event::RolloutFailed { process, why: "this daemon has no canary ramp".into() })
-            }
+            DeployAction::Weigh { process, percent, hold_ms } => self.weigh(process, percent, hold_ms),
         }
     }
 
@@ -254,7 +261,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         // The answer must be the one the machine waits for: a rollout
         // aborted because the deployment moved on (a timeout) ends too,
         // and its end is not the next rollout's.
+        if let RolloutResult::CanaryReady(p, id) = result {
+            // The held rollout goes on running: its end is still awaited.
+            run.active_roll = Some((process, to));
+            if run.machine.shape.canary.as_ref() == Some(&p) {
+                self.canary_ready(id);
+            }
+            return;
+        }
         let expected = match &run.machine.phase {
+            DeploymentPhase::Canary { .. } => to == RollTo::New && run.machine.shape.canary.as_ref() == Some(&process),
             DeploymentPhase::Rolling { index } => {
                 to == RollTo::New && run.machine.shape.order.get(*index) == Some(&process)
             }
@@ -267,6 +283,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         }
         match result {
             RolloutResult::Done(p) => self.feed(Event::RolloutDone { process: p }),
+            RolloutResult::CanaryReady(..) => {}
             RolloutResult::Failed(p, why) => {
                 if matches!(run.machine.phase, DeploymentPhase::RollingBack { .. }) {
                     // The previous release does not come up for this
@@ -462,6 +479,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     /// End the deployment with `outcome`, answer the operation.
     fn finish_deploy(&mut self, outcome: Outcome) {
         let Some(mut run) = self.deployment.take() else { return };
+        // A canary's share ends with the deployment, whatever its end.
+        if let Some(rt) = self.app.as_ref() {
+            self.traffic.set_split(&rt.route, None);
+        }
         run.cancel.cancel();
         let took = self.clock.now().saturating_duration_since(run.started);
         let rollback_failed =

@@ -430,6 +430,28 @@ pub fn judge(old: &Window, new: &Window, margins: &Margins) -> CanaryVerdict {
     CanaryVerdict::Pass
 }
 
+/// With no request at all on the route for this long, a window ends:
+/// nobody is there to protect, and waiting tells nothing.
+pub const IDLE_WINDOW_MS: u64 = 2_000;
+
+/// Whether a canary window can be judged now, `elapsed_ms` after it
+/// began: at its `hold_ms`; sooner once the new release answered enough
+/// requests to be judged with confidence (five times the minimum), or
+/// failed clearly (its 5xx rate beyond the margin over the minimum
+/// requests), or when no request came at all.
+pub fn window_complete(elapsed_ms: u64, hold_ms: u64, old: &Window, new: &Window, margins: &Margins) -> bool {
+    if elapsed_ms >= hold_ms {
+        return true;
+    }
+    if new.requests >= margins.min_requests.saturating_mul(5) {
+        return true;
+    }
+    if new.requests >= margins.min_requests && matches!(judge(old, new, margins), CanaryVerdict::Fail { .. }) {
+        return true;
+    }
+    elapsed_ms >= IDLE_WINDOW_MS && old.requests == 0 && new.requests == 0
+}
+
 /// What happened. Events are not stored: the deployment they produce is.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {

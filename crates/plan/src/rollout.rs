@@ -156,6 +156,32 @@ pub fn rollout_step(slots: &[RolloutSlot], params: RolloutParams) -> RolloutStep
     }
 }
 
+/// Where a canary (the first new instance of a deploy's live-traffic
+/// gate, started beside the old ones) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CanaryStep {
+    /// Start the new instance of this slot (no old one is stopped).
+    Start(u32),
+    /// It is starting.
+    Wait,
+    /// It serves: the ramp can weigh it.
+    Ready(u32),
+    /// It crashed, or did not become healthy in time.
+    Failed(u32),
+}
+
+/// The canary's next step: the lowest slot's new instance, and nothing
+/// else (the old instances all keep serving).
+pub fn canary_step(slots: &[RolloutSlot]) -> CanaryStep {
+    let Some(first) = slots.iter().min_by_key(|s| s.slot) else { return CanaryStep::Start(1) };
+    match first.new {
+        None => CanaryStep::Start(first.slot),
+        Some(NewPhase::Starting) => CanaryStep::Wait,
+        Some(NewPhase::Ready) => CanaryStep::Ready(first.slot),
+        Some(NewPhase::Failed) => CanaryStep::Failed(first.slot),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,5 +360,14 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_canary_starts_one_instance_beside_the_old_ones() {
+        let slot = |slot, new| RolloutSlot { slot, old: Some(OldPhase::Ready), new };
+        assert_eq!(canary_step(&[slot(2, None), slot(1, None)]), CanaryStep::Start(1));
+        assert_eq!(canary_step(&[slot(1, Some(NewPhase::Starting)), slot(2, None)]), CanaryStep::Wait);
+        assert_eq!(canary_step(&[slot(1, Some(NewPhase::Ready)), slot(2, None)]), CanaryStep::Ready(1));
+        assert_eq!(canary_step(&[slot(1, Some(NewPhase::Failed)), slot(2, None)]), CanaryStep::Failed(1));
     }
 }

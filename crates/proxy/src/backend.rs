@@ -133,6 +133,8 @@ pub(crate) struct BackendState {
     /// Cancelled when the backend is forgotten: stops its checker and its
     /// upgraded connections.
     pub token: CancellationToken,
+    /// Answers, 5xx and latencies since it was added (`figures.rs`).
+    pub counters: crate::figures::Counters,
 }
 
 impl BackendState {
@@ -161,6 +163,7 @@ impl BackendState {
             slow: Mutex::new(Slow { machine, last_checks: VecDeque::with_capacity(LAST_CHECKS) }),
             pool,
             token,
+            counters: crate::figures::Counters::default(),
         }
     }
 

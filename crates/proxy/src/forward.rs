@@ -169,8 +169,10 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
         if needs_host {
             req.headers_mut().insert(header::HOST, in_flight.backend().default_host.clone());
         }
+        let sent_at = std::time::Instant::now();
         match send(config, &in_flight, req, attempt > 0).await {
             Ok((resp, conn)) => {
+                in_flight.backend().counters.record(resp.status().as_u16(), sent_at.elapsed());
                 // The same for the response to the client.
                 crate::workers::batch_end().await;
                 return respond(ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
@@ -183,6 +185,8 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
                     // the instance is not to blame and nothing is retried.
                     return client_failed(ctx, &err, request_id, phase);
                 }
+                // Its own failure, answered 502/504 if not retried.
+                backend.counters.record(err.status().as_u16(), sent_at.elapsed());
                 if err.marks_unhealthy() {
                     inner.shared.passive_failure(&backend, err.detail());
                 }

@@ -112,6 +112,7 @@ mod body;
 mod config;
 mod deadline;
 mod error;
+mod figures;
 mod forward;
 mod headers;
 mod health;
@@ -545,6 +546,17 @@ impl Traffic for Proxy {
 
     fn subscribe(&self) -> broadcast::Receiver<HealthEvent> {
         self.inner.shared.events.subscribe()
+    }
+
+    fn set_split(&self, route: &RouteKey, split: Option<&nonstop_core::traffic::Split>) {
+        Proxy::set_split(self, route, split)
+    }
+
+    fn figures(
+        &self,
+        route: &RouteKey,
+    ) -> impl std::future::Future<Output = Vec<nonstop_core::traffic::BackendFigures>> + Send {
+        std::future::ready(Proxy::figures(self, route))
     }
 
     fn set_maintenance(&self, route: &RouteKey, maintenance: Option<&nonstop_core::maintenance::Maintenance>) {

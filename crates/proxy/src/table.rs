@@ -15,6 +15,8 @@ pub(crate) struct Route {
     pub backends: Box<[Arc<BackendState>]>,
     /// The route is in maintenance (`maintenance.rs`).
     pub maintenance: Option<Arc<crate::maintenance::Gate>>,
+    /// A canary's share of the requests (`figures.rs`).
+    pub split: Option<crate::figures::RouteSplit>,
     /// Rotating start of the scan: the round-robin tie-break.
     cursor: AtomicUsize,
 }
@@ -25,7 +27,23 @@ impl Route {
     /// ([`round_robin_fits`]): then the least loaded is taken. `avoid` (the
     /// backend a retry comes from) is used only when no other backend is
     /// healthy.
+    ///
+    /// With a split, the request goes to the canary group or the others as
+    /// the split's share says; to either when the one it should go to has
+    /// no healthy backend (a split never fails a request).
     pub fn pick(&self, avoid: Option<&Arc<BackendState>>) -> Option<InFlight> {
+        match &self.split {
+            None => self.pick_in(avoid, None),
+            Some(split) => {
+                let canary = split.next_to_canary();
+                self.pick_in(avoid, Some((&split.members, canary))).or_else(|| self.pick_in(avoid, None))
+            }
+        }
+    }
+
+    /// `pick` among the backends whose `members` flag is `want` (all
+    /// without a group).
+    fn pick_in(&self, avoid: Option<&Arc<BackendState>>, group: Option<(&[bool], bool)>) -> Option<InFlight> {
         let n = self.backends.len();
         if n == 0 {
             return None;
@@ -38,8 +56,9 @@ impl Route {
             let mut least: Option<(&Arc<BackendState>, u64)> = None;
             let mut avoided: Option<&Arc<BackendState>> = None;
             for i in 0..n {
-                let b = &self.backends[(start.wrapping_add(i)) % n];
-                if !b.is_healthy() {
+                let at = (start.wrapping_add(i)) % n;
+                let b = &self.backends[at];
+                if !b.is_healthy() || group.is_some_and(|(members, want)| members[at] != want) {
                     continue;
                 }
                 if avoid.is_some_and(|a| Arc::ptr_eq(a, b)) {
@@ -165,6 +184,8 @@ pub(crate) struct Registry {
     pub hosts: BTreeMap<RouteKey, Vec<String>>,
     /// Routes in maintenance.
     pub maintenance: BTreeMap<RouteKey, Arc<crate::maintenance::Gate>>,
+    /// Routes whose canary gets a share.
+    pub splits: BTreeMap<RouteKey, nonstop_core::traffic::Split>,
 }
 
 impl Registry {
@@ -179,10 +200,13 @@ impl Registry {
         let mut routes: HashMap<&RouteKey, Arc<Route>> = HashMap::new();
         for (key, mut backends) in grouped {
             backends.sort_by(|a, b| a.instance.cmp(&b.instance));
-            let backends = backends.into_iter().cloned().collect();
+            let backends: Box<[Arc<BackendState>]> = backends.into_iter().cloned().collect();
             let maintenance = self.maintenance.get(key).cloned();
-            routes
-                .insert(key, Arc::new(Route { key: key.clone(), backends, maintenance, cursor: AtomicUsize::new(0) }));
+            let split = self.splits.get(key).map(|s| crate::figures::RouteSplit::new(s, &backends));
+            routes.insert(
+                key,
+                Arc::new(Route { key: key.clone(), backends, maintenance, split, cursor: AtomicUsize::new(0) }),
+            );
         }
         let mut snap = Snapshot {
             default: self.default_route.as_ref().and_then(|k| routes.get(k).cloned()),

@@ -53,6 +53,10 @@ struct State {
     maintenance: BTreeMap<RouteKey, nonstop_core::maintenance::Maintenance>,
     /// Every `set_maintenance` call, in order (`true`: on).
     maintenance_calls: Vec<(RouteKey, bool)>,
+    /// Every `set_split` call, in order.
+    splits: Vec<(RouteKey, Option<nonstop_core::traffic::Split>)>,
+    /// What `figures` answers, per instance (set by tests).
+    figures: BTreeMap<InstanceId, nonstop_core::traffic::BackendFigures>,
 }
 
 impl State {
@@ -102,6 +106,8 @@ impl FakeTraffic {
                     watermarks: BTreeMap::new(),
                     maintenance: BTreeMap::new(),
                     maintenance_calls: Vec::new(),
+                    splits: Vec::new(),
+                    figures: BTreeMap::new(),
                 }),
                 events: broadcast::channel(1024).0,
                 journal,
@@ -324,6 +330,31 @@ impl Traffic for FakeTraffic {
         self.inner.events.subscribe()
     }
 
+    fn set_split(&self, route: &RouteKey, split: Option<&nonstop_core::traffic::Split>) {
+        self.state().splits.push((route.clone(), split.cloned()));
+    }
+
+    fn figures(
+        &self,
+        route: &RouteKey,
+    ) -> impl std::future::Future<Output = Vec<nonstop_core::traffic::BackendFigures>> + Send {
+        let _ = route;
+        let st = self.state();
+        let figures = st
+            .backends
+            .keys()
+            .map(|id| {
+                st.figures.get(id).cloned().unwrap_or_else(|| nonstop_core::traffic::BackendFigures {
+                    instance: id.clone(),
+                    requests: 0,
+                    errors_5xx: 0,
+                    latency: Default::default(),
+                })
+            })
+            .collect();
+        std::future::ready(figures)
+    }
+
     fn set_maintenance(&self, route: &RouteKey, maintenance: Option<&nonstop_core::maintenance::Maintenance>) {
         {
             let mut st = self.state();
@@ -346,5 +377,15 @@ impl FakeTraffic {
     /// Every `set_maintenance` call so far (`true`: on), in order.
     pub fn maintenance_calls(&self) -> Vec<(RouteKey, bool)> {
         self.state().maintenance_calls.clone()
+    }
+
+    /// Every `set_split` call, in order.
+    pub fn splits(&self) -> Vec<(RouteKey, Option<nonstop_core::traffic::Split>)> {
+        self.state().splits.clone()
+    }
+
+    /// Make `figures` answer these counters for `figures.instance`.
+    pub fn set_figures(&self, figures: nonstop_core::traffic::BackendFigures) {
+        self.state().figures.insert(figures.instance.clone(), figures);
     }
 }

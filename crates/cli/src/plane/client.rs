@@ -410,6 +410,28 @@ impl Traffic for PlaneClient {
         self.call_logged("maintenance", request);
     }
 
+    fn set_split(&self, route: &RouteKey, split: Option<&nonstop_core::traffic::Split>) {
+        self.call_logged("split", Request::Split { route: route.clone(), split: split.cloned() });
+    }
+
+    fn figures(
+        &self,
+        route: &RouteKey,
+    ) -> impl std::future::Future<Output = Vec<nonstop_core::traffic::BackendFigures>> + Send {
+        let figures = match self.call(Request::Figures { route: route.clone() }) {
+            Ok(Reply::Figures { figures }) => figures,
+            Ok(other) => {
+                tracing::error!("data plane: figures: unexpected answer {other:?}");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!("data plane: figures: {e}");
+                Vec::new()
+            }
+        };
+        std::future::ready(figures)
+    }
+
     fn remove(&self, instance: &InstanceId) {
         if let Some(r) = lock(&self.resync).as_mut() {
             r.adopted.retain(|a| &a.backend.instance != instance);

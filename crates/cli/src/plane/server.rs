@@ -270,6 +270,15 @@ impl DataPlane {
                 r.proxy.set_maintenance(&route, maintenance.as_ref());
                 Ok(Reply::Done)
             }
+            Request::Split { route, split } => {
+                let r = self.running(0);
+                r.proxy.set_split(&route, split.as_ref());
+                Ok(Reply::Done)
+            }
+            Request::Figures { route } => {
+                let r = self.running(0);
+                Ok(Reply::Figures { figures: r.proxy.figures(&route) })
+            }
             Request::Subscribe => Ok(Reply::Done),
         }
     }

@@ -71,6 +71,17 @@ pub enum Request {
         route: RouteKey,
         maintenance: Option<nonstop_core::maintenance::Maintenance>,
     },
+    /// Give a canary its share of `route` (`None`: no split). A data plane
+    /// older than this op answers an error: the canary then gets an even
+    /// share and no figures (the live-traffic gate judges nothing).
+    Split {
+        route: RouteKey,
+        split: Option<nonstop_core::traffic::Split>,
+    },
+    /// Every backend of `route` and its counters.
+    Figures {
+        route: RouteKey,
+    },
     /// Turn this connection into an event stream.
     Subscribe,
 }
@@ -123,6 +134,7 @@ impl PlaneBackend {
 pub enum Reply {
     Hello { version: u32, pid: u32, backends: Vec<PlaneBackend> },
     Table { backends: Vec<PlaneBackend> },
+    Figures { figures: Vec<nonstop_core::traffic::BackendFigures> },
     Done,
 }
 

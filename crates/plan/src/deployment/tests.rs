@@ -657,3 +657,29 @@ fn a_restart_resumes_or_rolls_back() {
         }
     }
 }
+
+proptest! {
+    /// A window always ends by its hold; before that only with evidence (or
+    /// with no traffic at all after the idle time).
+    #[test]
+    fn a_window_ends_by_its_hold_and_before_only_with_evidence(
+        elapsed in 0u64..20_000, hold in 1_000u64..15_000,
+        old_req in 0u64..500, old_err in 0u64..500, new_req in 0u64..500, new_err in 0u64..500,
+    ) {
+        let margins = Margins::default();
+        let old = Window { requests: old_req, errors_5xx: old_err.min(old_req), p95_ms: 10.0 };
+        let new = Window { requests: new_req, errors_5xx: new_err.min(new_req), p95_ms: 10.0 };
+        let done = window_complete(elapsed, hold, &old, &new, &margins);
+        if elapsed >= hold {
+            prop_assert!(done);
+        } else if done {
+            let enough = new.requests >= margins.min_requests;
+            let idle = elapsed >= IDLE_WINDOW_MS && old.requests == 0 && new.requests == 0;
+            prop_assert!(enough || idle);
+        }
+        // Too few requests to judge, some traffic, before the hold: wait.
+        if elapsed < hold && new.requests < margins.min_requests && old.requests + new.requests > 0 {
+            prop_assert!(!done);
+        }
+    }
+}
