@@ -125,7 +125,7 @@ impl AppBuilder {
                 max_surge: Quantity::Count(surge),
                 max_unavailable: Quantity::Count(unavailable),
                 health_timeout,
-                ..Rollout::default()
+                canary: p.rollout.canary.clone(),
             }
         })
     }
