@@ -114,6 +114,39 @@ pub const DEFAULT_SINGLETON_MAX_UNAVAILABLE: Quantity = Quantity::Count(1);
 /// healthy (web) or ready (others) before the rollout fails.
 pub const DEFAULT_ROLLOUT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `[rollout] canary` (web): the new release gets 5% of the traffic, then
+/// 25%, before the rest of the rollout; `[]`/`false`: no ramp.
+pub const DEFAULT_CANARY_STEPS: [u8; 2] = [5, 25];
+/// Most `canary` steps: each one holds the deploy up to `canary_hold`.
+pub const MAX_CANARY_STEPS: usize = 5;
+/// `[rollout] canary_hold`: each step's window, at most.
+pub const DEFAULT_CANARY_HOLD: Duration = Duration::from_secs(10);
+/// Shortest `canary_hold`: a shorter window sees too few requests.
+pub const MIN_CANARY_HOLD: Duration = Duration::from_secs(1);
+/// Longest `canary_hold`.
+pub const MAX_CANARY_HOLD: Duration = Duration::from_secs(600);
+/// `[rollout] canary_max_5xx_increase`, basis points (100 = one
+/// percentage point of the 5xx rate).
+pub const DEFAULT_CANARY_MAX_5XX_INCREASE_BP: u32 = 100;
+/// Largest `canary_max_5xx_increase` (`"100%"`: never judged on 5xx).
+pub const MAX_CANARY_MAX_5XX_INCREASE_BP: u32 = 10_000;
+/// `[rollout] canary_max_p95_ratio`, percent (`2.0` = 200).
+pub const DEFAULT_CANARY_MAX_P95_RATIO_PCT: u32 = 200;
+/// Smallest `canary_max_p95_ratio` (`1.0`: no slower than the old one).
+pub const MIN_CANARY_MAX_P95_RATIO_PCT: u32 = 100;
+/// Largest `canary_max_p95_ratio` (`100.0`).
+pub const MAX_CANARY_MAX_P95_RATIO_PCT: u32 = 10_000;
+/// `[rollout] canary_p95_slack`: added to the allowed p95 (small p95s are
+/// noisy).
+pub const DEFAULT_CANARY_P95_SLACK: Duration = Duration::from_millis(50);
+/// Longest `canary_p95_slack`.
+pub const MAX_CANARY_P95_SLACK: Duration = Duration::from_secs(60);
+/// `[rollout] canary_min_requests`: fewer new-release requests in a window
+/// judge nothing.
+pub const DEFAULT_CANARY_MIN_REQUESTS: u32 = 20;
+/// Largest `canary_min_requests`.
+pub const MAX_CANARY_MIN_REQUESTS: u32 = 100_000;
+
 /// `[restart] backoff_initial`.
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// `[restart] backoff_max`.
@@ -141,6 +174,11 @@ pub const DEFAULTS_DOC: &str = "\
 | `health.expect_status` | `200-399` | `200` (matcher) | `200-299` | Django answers `/` with redirects (trailing slash, login page) and is healthy |
 | `rollout.health_timeout` | `60s` | none per task (grace period `0s`, circuit breaker) | `30s` (`deploy_timeout`) | Django boots with imports and checks that can pass 30s on a small machine |
 | `rollout.max_surge` / `max_unavailable` | `1` / `0` | `maximumPercent` 200 / `minimumHealthyPercent` 100 | one new container, then the old one stops | never drop below the desired count; one extra instance fits on one machine |
+| `rollout.canary` (web) | `5%`, `25%` | none when rolling (the default); strategy `CANARY`: `canaryPercent` 5.0, then the rest (CodeDeploy: `CodeDeployDefault.ECSCanary10Percent5Minutes`) | none (kamal-proxy's `rollout set --percent` is a split set by hand, judged by nobody) | a bad release meets a few percent of the traffic for seconds, not all of it, and is rolled back; Heroku has none either (preboot only); `[]` or `false`: no ramp |
+| `rollout.canary_hold` | `10s` | `canaryBakeTimeInMinutes` 10 | none | a step ends sooner once enough requests were seen; a deploy on one machine should take seconds, not minutes |
+| `rollout.canary_max_5xx_increase` | `1%` | none built in (CloudWatch alarms you write roll back) | none | compared with the old release over the same window, not with a fixed threshold: one point more 5xx is a regression |
+| `rollout.canary_max_p95_ratio` / `canary_p95_slack` | `2.0` / `50ms` | none built in (CloudWatch alarms) | none | twice as slow is a regression worth a rollback; the slack keeps a 3ms to 8ms p95 from counting |
+| `rollout.canary_min_requests` | `20` | none | none | fewer new-release requests in a window prove nothing either way: a quiet app is not held back |
 | `drain_timeout` | `30s` | `300s` (deregistration delay) | `30s` (`drain_timeout`; kamal-proxy alone: `10s`) | long enough for slow requests and uploads, short enough for a quick rollout |
 | `stop_timeout` | `10s` | `30s` (`stopTimeout`) | `10s` (docker stop) | requests have drained before the signal; this only bounds the app's own shutdown |
 | `ready_after` (workers) | `2s` | none (running = ready) | `7s` (`readiness_delay`) | a worker that crashes on a bad import does so within a second or two |
@@ -228,6 +266,14 @@ mod tests {
         assert_eq!(rollout.max_surge, DEFAULT_MAX_SURGE);
         assert_eq!(rollout.max_unavailable, DEFAULT_MAX_UNAVAILABLE);
         assert_eq!(rollout.health_timeout, DEFAULT_ROLLOUT_HEALTH_TIMEOUT);
+        let canary = nonstop_core::process::Canary::default();
+        assert_eq!(canary.steps, DEFAULT_CANARY_STEPS);
+        assert_eq!(canary.hold, DEFAULT_CANARY_HOLD);
+        assert_eq!(canary.max_5xx_increase_bp, DEFAULT_CANARY_MAX_5XX_INCREASE_BP);
+        assert_eq!(canary.max_p95_ratio_pct, DEFAULT_CANARY_MAX_P95_RATIO_PCT);
+        assert_eq!(canary.p95_slack, DEFAULT_CANARY_P95_SLACK);
+        assert_eq!(canary.min_requests, DEFAULT_CANARY_MIN_REQUESTS);
+        assert_eq!(rollout.canary, canary);
     }
 
     #[test]
@@ -251,6 +297,18 @@ mod tests {
         assert_eq!(d(&cell("`rollout.health_timeout`")), Ok(DEFAULT_ROLLOUT_HEALTH_TIMEOUT));
         assert_eq!(cell("`rollout.max_surge` / `max_unavailable`"), "1` / `0");
         assert_eq!((DEFAULT_MAX_SURGE, DEFAULT_MAX_UNAVAILABLE), (Quantity::Count(1), Quantity::Count(0)));
+        let steps: Vec<String> = DEFAULT_CANARY_STEPS.iter().map(|n| format!("{n}%")).collect();
+        assert_eq!(cell("`rollout.canary` (web)"), steps.join("`, `"));
+        assert_eq!(d(&cell("`rollout.canary_hold`")), Ok(DEFAULT_CANARY_HOLD));
+        assert_eq!(
+            crate::canary::basis_points(&cell("`rollout.canary_max_5xx_increase`")),
+            Ok(DEFAULT_CANARY_MAX_5XX_INCREASE_BP)
+        );
+        let p95 = cell("`rollout.canary_max_p95_ratio` / `canary_p95_slack`");
+        let (ratio, slack) = p95.split_once("` / `").unwrap();
+        assert_eq!(ratio.parse::<f64>().map(crate::canary::ratio_percent), Ok(Ok(DEFAULT_CANARY_MAX_P95_RATIO_PCT)));
+        assert_eq!(d(slack), Ok(DEFAULT_CANARY_P95_SLACK));
+        assert_eq!(cell("`rollout.canary_min_requests`"), DEFAULT_CANARY_MIN_REQUESTS.to_string());
         assert_eq!(d(&cell("`drain_timeout`")), Ok(DEFAULT_DRAIN_TIMEOUT));
         assert_eq!(d(&cell("`stop_timeout`")), Ok(DEFAULT_STOP_TIMEOUT));
         assert_eq!(d(&cell("`ready_after` (workers)")), Ok(DEFAULT_READY_AFTER));

@@ -254,7 +254,15 @@ fn write_process(out: &mut String, e: &Entry) {
              # [processes.web.rollout]\n\
              # max_surge = 1        # a count or a percentage such as \"25%\"\n\
              # max_unavailable = 0\n\
-             # health_timeout = \"{}\"\n",
+             # health_timeout = \"{}\"\n\
+             # A new release first gets these shares of the requests, and is rolled back if its\n\
+             # 5xx rate or p95 is worse than the old release's by more than the margins (false: no ramp).\n\
+             # canary = [{}]\n\
+             # canary_hold = \"{}\"\n\
+             # canary_max_5xx_increase = \"{}\"\n\
+             # canary_max_p95_ratio = {:.1}\n\
+             # canary_p95_slack = \"{}\"\n\
+             # canary_min_requests = {DEFAULT_CANARY_MIN_REQUESTS}\n",
             DEFAULT_STOP_SIGNAL.name(),
             format_duration(DEFAULT_STOP_TIMEOUT),
             format_duration(DEFAULT_DRAIN_TIMEOUT),
@@ -264,6 +272,11 @@ fn write_process(out: &mut String, e: &Entry) {
             DEFAULT_EXPECT_STATUS.max,
             smoke_suggestion(&e.command),
             format_duration(DEFAULT_ROLLOUT_HEALTH_TIMEOUT),
+            DEFAULT_CANARY_STEPS.iter().map(|n| format!("\"{n}%\"")).collect::<Vec<_>>().join(", "),
+            format_duration(DEFAULT_CANARY_HOLD),
+            crate::canary::format_basis_points(DEFAULT_CANARY_MAX_5XX_INCREASE_BP),
+            f64::from(DEFAULT_CANARY_MAX_P95_RATIO_PCT) / 100.0,
+            format_duration(DEFAULT_CANARY_P95_SLACK),
         );
     } else if looks_like_scheduler(&e.name, &e.command) {
         out.push_str(

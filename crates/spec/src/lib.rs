@@ -15,6 +15,7 @@
 //! schema, and the valid-key lists in messages are read from them.
 #![forbid(unsafe_code)]
 
+mod canary;
 mod database;
 mod defaults;
 mod duration;
@@ -186,6 +187,8 @@ pub fn sanitize_app_name(dir_name: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_canary;
 #[cfg(test)]
 mod tests_database;
 #[cfg(test)]

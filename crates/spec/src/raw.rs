@@ -220,6 +220,58 @@ pub struct RawRollout {
     /// A count (`0`) or a percentage of `count` (`"25%"`).
     pub max_unavailable: Option<Spanned<RawIntOrString>>,
     pub health_timeout: Option<Spanned<RawDuration>>,
+    /// Web only. Shares of the traffic the new release gets, step by
+    /// step: `["5%", "25%"]`; `[]` or `false`: no ramp.
+    pub canary: Option<Spanned<RawCanary>>,
+    /// Each step's window, at most.
+    pub canary_hold: Option<Spanned<RawDuration>>,
+    /// Percentage points: `"1%"`, `"0.5%"`.
+    pub canary_max_5xx_increase: Option<Spanned<RawNumber>>,
+    /// A factor: `2.0` (or `2`).
+    pub canary_max_p95_ratio: Option<Spanned<RawNumber>>,
+    pub canary_p95_slack: Option<Spanned<RawDuration>>,
+    pub canary_min_requests: Option<Spanned<i64>>,
+}
+
+/// `canary`: a list of steps, or a switch (`false`: no ramp).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawCanary {
+    Switch(bool),
+    Steps(Vec<Spanned<RawNumber>>),
+}
+
+impl<'de> Deserialize<'de> for RawCanary {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // By hand, not `untagged`: an untagged enum buffers its input,
+        // which loses the location of each step.
+        struct CanaryVisitor;
+        impl<'de> Visitor<'de> for CanaryVisitor {
+            type Value = RawCanary;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of percentages or false")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawCanary, E> {
+                Ok(RawCanary::Switch(v))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawCanary, A::Error> {
+                let mut all = Vec::new();
+                while let Some(one) = seq.next_element()? {
+                    all.push(one);
+                }
+                Ok(RawCanary::Steps(all))
+            }
+        }
+        deserializer.deserialize_any(CanaryVisitor)
+    }
+}
+
+/// A number or a string (`2.0`, `"1%"`), as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum RawNumber {
+    Int(i64),
+    Float(f64),
+    Text(String),
 }
 
 /// `[processes.NAME.restart]`.

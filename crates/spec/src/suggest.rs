@@ -43,6 +43,11 @@ const ALIASES: &[(&str, &str)] = &[
     ("surge", "max_surge"),
     ("unavailable", "max_unavailable"),
     ("max_attempts", "crash_loop_after"),
+    ("canary_steps", "canary"),
+    ("canary_percentages", "canary"),
+    ("steps", "canary"),
+    ("canary_window", "canary_hold"),
+    ("canary_bake_time", "canary_hold"),
 ];
 
 /// Edit distance over characters, counting a swap of two neighbours as

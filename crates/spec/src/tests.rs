@@ -184,6 +184,12 @@ smoke = ["/", { path = "/notes/", expect_status = "200-299" }]
 max_surge = "50%"
 max_unavailable = 1
 health_timeout = "90s"
+canary = ["10%", "50%"]
+canary_hold = "30s"
+canary_max_5xx_increase = "0.5%"
+canary_max_p95_ratio = 1.5
+canary_p95_slack = "100ms"
+canary_min_requests = 50
 
 [processes.web.restart]
 backoff_initial = "200ms"
@@ -247,6 +253,10 @@ fn full_file_sets_every_key() {
     assert_eq!(w.rollout.max_surge, Quantity::Percent(50));
     assert_eq!(w.rollout.max_unavailable, Quantity::Count(1));
     assert_eq!(w.rollout.health_timeout, Duration::from_secs(90));
+    let c = &w.rollout.canary;
+    assert_eq!(c.steps, [10, 50]);
+    assert_eq!((c.hold, c.p95_slack), (Duration::from_secs(30), Duration::from_millis(100)));
+    assert_eq!((c.max_5xx_increase_bp, c.max_p95_ratio_pct, c.min_requests), (50, 150, 50));
     assert_eq!(w.restart.backoff_initial, Duration::from_millis(200));
     assert_eq!(w.restart.backoff_max, Duration::from_secs(60));
     assert_eq!(w.restart.reset_after, Duration::from_secs(120));
@@ -1730,6 +1740,14 @@ count = 1
 # max_surge = 1        # a count or a percentage such as "25%"
 # max_unavailable = 0
 # health_timeout = "1m"
+# A new release first gets these shares of the requests, and is rolled back if its
+# 5xx rate or p95 is worse than the old release's by more than the margins (false: no ramp).
+# canary = ["5%", "25%"]
+# canary_hold = "10s"
+# canary_max_5xx_increase = "1%"
+# canary_max_p95_ratio = 2.0
+# canary_p95_slack = "50ms"
+# canary_min_requests = 20
 "#;
     assert_eq!(toml, expected);
 }

@@ -15,8 +15,8 @@ use crate::suggest::did_you_mean;
 use crate::walk::display_key;
 use nonstop_core::ids::{AppName, ProcessName};
 use nonstop_core::process::{
-    AppSpec, Canary, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec, RestartPolicy, Rollout,
-    Signal, SmokeCheck, StatusRange, TlsSpec,
+    AppSpec, HealthCheck, ProcessKind, ProcessSpec, ProxySpec, Quantity, ReleaseSpec, RestartPolicy, Rollout, Signal,
+    SmokeCheck, StatusRange, TlsSpec,
 };
 use serde_spanned::Spanned;
 use std::collections::BTreeMap;
@@ -50,24 +50,24 @@ pub(crate) fn validate(raw: &RawSpec, env: &dyn EnvLookup, base: &Path, diags: &
 
 /// A key of a table, for messages: "`count` in [processes.web]".
 #[derive(Clone, Copy)]
-struct Field<'a> {
+pub(crate) struct Field<'a> {
     /// Dotted table path, `""` at the top level.
-    table: &'a str,
-    key: &'a str,
+    pub(crate) table: &'a str,
+    pub(crate) key: &'a str,
 }
 
 impl<'a> Field<'a> {
-    fn new(table: &'a str, key: &'a str) -> Self {
+    pub(crate) fn new(table: &'a str, key: &'a str) -> Self {
         Self { table, key }
     }
-    fn what(&self) -> String {
+    pub(crate) fn what(&self) -> String {
         if self.table.is_empty() {
             format!("`{}`", self.key)
         } else {
             format!("`{}` in [{}]", self.key, self.table)
         }
     }
-    fn example(&self, value: &str) -> String {
+    pub(crate) fn example(&self, value: &str) -> String {
         format!("for example: {} = {value}", self.key)
     }
 }
@@ -669,14 +669,14 @@ fn command(c: &Spanned<String>, field: Field<'_>, diags: &mut Diags) -> Option<S
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Min {
+pub(crate) enum Min {
     /// 0 is allowed (`ready_after = 0`: ready at once).
     Zero,
     /// Must be longer than 0.
     Positive,
 }
 
-fn duration(
+pub(crate) fn duration(
     value: Option<&Spanned<RawDuration>>,
     field: Field<'_>,
     min: Min,
@@ -1253,7 +1253,8 @@ fn validate_rollout(
             None => diags.error_unlocated(message, hint),
         }
     }
-    Rollout { max_surge, max_unavailable, health_timeout, canary: Canary::default() }
+    let canary = crate::canary::validate_canary(raw, path, kind, diags);
+    Rollout { max_surge, max_unavailable, health_timeout, canary }
 }
 
 fn validate_restart(raw: Option<&RawRestart>, path: &str, diags: &mut Diags) -> RestartPolicy {

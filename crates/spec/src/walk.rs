@@ -383,7 +383,85 @@ fn walk_rollout(t: &Table<'_, '_>, diags: &mut Diags) -> RawRollout {
         max_surge: t.int_or_string("max_surge", quantity, "max_surge = 1", diags),
         max_unavailable: t.int_or_string("max_unavailable", quantity, "max_unavailable = \"25%\"", diags),
         health_timeout: t.duration("health_timeout", diags),
+        canary: walk_canary(t, diags),
+        canary_hold: t.duration("canary_hold", diags),
+        canary_max_5xx_increase: t.number(
+            "canary_max_5xx_increase",
+            "a percentage (\"1%\")",
+            "canary_max_5xx_increase = \"1%\"",
+            diags,
+        ),
+        canary_max_p95_ratio: t.number("canary_max_p95_ratio", "a number (2.0)", "canary_max_p95_ratio = 2.0", diags),
+        canary_p95_slack: t.duration("canary_p95_slack", diags),
+        canary_min_requests: t.integer("canary_min_requests", "canary_min_requests = 20", diags),
     }
+}
+
+const CANARY_EXAMPLE: &str = "canary = [\"5%\", \"25%\"] (or canary = false for no ramp)";
+
+/// `canary`: a list of percentages, or `false`. The values are checked
+/// by `validate.rs` (which also answers a bare `5` with "5%").
+fn walk_canary(t: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<RawCanary>> {
+    let value = t.get("canary")?;
+    let what = t.describe_key("canary");
+    match value.get_ref() {
+        DeValue::Boolean(b) => Some(Spanned::new(value.span(), RawCanary::Switch(*b))),
+        DeValue::Array(items) => {
+            let mut out = Vec::new();
+            for item in items.iter() {
+                match item.get_ref() {
+                    DeValue::String(s) => out.push(Spanned::new(item.span(), RawNumber::Text(s.to_string()))),
+                    DeValue::Integer(_) => {
+                        if let Some(i) = integer_value(item, &what, diags) {
+                            out.push(Spanned::new(item.span(), RawNumber::Int(i.into_inner())));
+                        }
+                    }
+                    DeValue::Float(f) => match float_value(f.as_str()) {
+                        Some(x) => out.push(Spanned::new(item.span(), RawNumber::Float(x))),
+                        None => diags.error(
+                            item.span(),
+                            format!("{what} has a number this platform cannot represent ({})", f.as_str()),
+                            format!("for example: {CANARY_EXAMPLE}"),
+                        ),
+                    },
+                    other => diags.error(
+                        item.span(),
+                        format!("{what} must contain percentages, not {}", describe(other)),
+                        format!("for example: {CANARY_EXAMPLE}"),
+                    ),
+                }
+            }
+            Some(Spanned::new(value.span(), RawCanary::Steps(out)))
+        }
+        DeValue::String(s) => {
+            let text = s.trim();
+            let hint = if matches!(text.to_ascii_lowercase().as_str(), "false" | "off" | "none" | "no" | "") {
+                "for no ramp, write it without quotes: canary = false".to_string()
+            } else {
+                let step = if text.ends_with('%') { text.to_string() } else { format!("{text}%") };
+                format!("put it in a list: canary = [{}]", toml_quote(&step))
+            };
+            diags.error(value.span(), format!("{what} must be a list of percentages, not a string"), hint);
+            None
+        }
+        DeValue::Integer(i) => {
+            diags.error(
+                value.span(),
+                format!("{what} must be a list of percentages, not an integer"),
+                format!("did you mean canary = [\"{}%\"]? {CANARY_EXAMPLE}", i.as_str()),
+            );
+            None
+        }
+        _ => {
+            t.type_error("canary", value, "a list of percentages or false", CANARY_EXAMPLE, diags);
+            None
+        }
+    }
+}
+
+/// A TOML float's text (`2.5`, `1e3`, `inf`, `1_000.5`) as an `f64`.
+fn float_value(text: &str) -> Option<f64> {
+    text.replace('_', "").parse::<f64>().ok()
 }
 
 fn walk_restart(t: &Table<'_, '_>, diags: &mut Diags) -> RawRestart {
@@ -554,6 +632,28 @@ impl<'a, 'i> Table<'a, 'i> {
                     format!("{} must be a duration, not {}", self.describe_key(key), describe(other)),
                     format!("durations are {DURATION_FORMS}"),
                 );
+                None
+            }
+        }
+    }
+
+    /// An integer, a float or a string; which ones are right is decided
+    /// by `validate.rs`, which knows the fix for each.
+    fn number(&self, key: &str, expected: &str, example: &str, diags: &mut Diags) -> Option<Spanned<RawNumber>> {
+        let value = self.get(key)?;
+        match value.get_ref() {
+            DeValue::Integer(_) => integer_value(value, &self.describe_key(key), diags)
+                .map(|i| Spanned::new(i.span(), RawNumber::Int(*i.get_ref()))),
+            DeValue::Float(f) => match float_value(f.as_str()) {
+                Some(x) => Some(Spanned::new(value.span(), RawNumber::Float(x))),
+                None => {
+                    self.type_error(key, value, expected, example, diags);
+                    None
+                }
+            },
+            DeValue::String(s) => Some(Spanned::new(value.span(), RawNumber::Text(s.to_string()))),
+            _ => {
+                self.type_error(key, value, expected, example, diags);
                 None
             }
         }
