@@ -20,6 +20,7 @@ pub struct Fixture {
     pub ingress: Arc<FakeIngress>,
     pub logs: Arc<FakeLogs>,
     pub builder: Arc<FakeBuilder>,
+    pub schema_gate: Arc<crate::FakeSchemaGate>,
     pub store: Arc<Store>,
     pub clock: Arc<TokioClock>,
     /// The app directory `up` passes (exists, so preflight passes).
@@ -48,6 +49,7 @@ impl Fixture {
             ingress: Arc::new(FakeIngress::new()),
             logs: Arc::new(FakeLogs::new()),
             builder: Arc::new(FakeBuilder::new()),
+            schema_gate: Arc::new(crate::FakeSchemaGate::default()),
             store: Arc::new(store),
             clock: Arc::new(TokioClock::new()),
             workdir: std::env::temp_dir(),
@@ -71,6 +73,7 @@ impl Fixture {
             ingress: Arc::new(FakeIngress::new()),
             logs: Arc::new(FakeLogs::new()),
             builder: self.builder.clone(),
+            schema_gate: self.schema_gate.clone(),
             store,
             clock: self.clock.clone(),
             workdir: self.workdir.clone(),
@@ -84,6 +87,7 @@ impl Fixture {
         let (handle, join) = Engine::spawn(
             EngineConfig {
                 builder: self.builder.clone(),
+                schema_gate: self.schema_gate.clone(),
                 ..EngineConfig::new(EnvironmentId::default_env(), self.clock.clone())
             },
             self.driver.clone(),
@@ -183,6 +187,30 @@ impl RunningEngine {
             let (tx, _rx) = mpsc::unbounded_channel();
             handle.restart(process, tx).await
         })
+    }
+
+    /// `deploy` with `options`, and the progress it reported.
+    pub async fn deploy_with_options(
+        &self,
+        spec: AppSpec,
+        options: nonstop_engine::DeployOptions,
+    ) -> (Result<OpReport, EngineError>, Vec<Progress>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let r = self
+            .handle
+            .deploy_with(spec, self.workdir.clone(), self.base_env.clone(), None, "test".into(), options, tx)
+            .await;
+        (r, drain_progress(rx))
+    }
+
+    /// `rollback` with `options`.
+    pub async fn rollback_with(
+        &self,
+        options: nonstop_engine::RollbackOptions,
+    ) -> (Result<OpReport, EngineError>, Vec<Progress>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let r = self.handle.rollback_with(None, options, "test".into(), tx).await;
+        (r, drain_progress(rx))
     }
 
     /// `deploy` of the fixture's app directory by `who`, in a task of its

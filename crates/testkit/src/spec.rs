@@ -143,6 +143,21 @@ impl AppBuilder {
         self
     }
 
+    /// `[database] url = url`.
+    pub fn database(mut self, url: &str) -> Self {
+        let url = nonstop_core::database::DatabaseUrl::parse(url).unwrap_or_else(|e| panic!("{e}"));
+        self.spec.database = Some(nonstop_core::database::DatabaseSpec::new(url));
+        self
+    }
+
+    /// The live-traffic gate's ramp on process `name`: these shares, each
+    /// held up to `hold`.
+    pub fn canary(self, name: &str, steps: &[u8], hold: Duration) -> Self {
+        self.with(name, |p| {
+            p.rollout.canary = Canary { steps: steps.to_vec(), hold, ..Canary::default() };
+        })
+    }
+
     pub fn post_tasks(mut self, tasks: &[&str]) -> Self {
         self.spec.release.post_tasks = tasks.iter().map(|t| t.to_string()).collect();
         self

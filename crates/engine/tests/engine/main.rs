@@ -6,6 +6,7 @@ mod cancel;
 mod counts;
 mod deadlines;
 mod errors;
+mod gates;
 mod health_events;
 mod lifecycle;
 mod readoption;
