@@ -768,13 +768,15 @@ async fn releases(home: &Home, json: bool) -> anyhow::Result<i32> {
                 r.content_hash.chars().take(12).collect(),
                 fmt_time(r.created_at_ms),
                 format!("{:.1}s", r.build_ms as f64 / 1000.0),
+                r.schema.as_deref().map_or_else(|| "-".to_string(), |s| s.chars().take(12).collect()),
                 r.message.clone().unwrap_or_default(),
             ]
         })
         .collect();
     outln!(
         "{}",
-        output::table(&["RELEASE", "STATUS", "CONTENT", "CREATED (UTC)", "BUILD", "MESSAGE"], &rows).trim_end()
+        output::table(&["RELEASE", "STATUS", "CONTENT", "CREATED (UTC)", "BUILD", "SCHEMA", "MESSAGE"], &rows)
+            .trim_end()
     );
     Ok(0)
 }

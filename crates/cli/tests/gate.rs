@@ -123,6 +123,14 @@ fn the_gate_refuses_a_breaking_migration_ships_a_safe_one_and_allow_breaking_goe
     assert!(r.stderr.contains("migration gate"), "{}", r.stderr);
     assert!(r.stderr.contains("all safe"), "{}", r.stderr);
     assert_eq!(db.columns("notes"), ["id", "title", "body"]);
+    // The schema v2 expects is recorded with it (v1 had no gate: first).
+    let r = app.run(&["releases", "--json"]);
+    r.ok();
+    let releases: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let schema_of =
+        |v: u64| releases.iter().find(|r| r["id"] == v).and_then(|r| r["schema"].as_str().map(str::to_string));
+    assert!(schema_of(2).is_some_and(|s| s.len() >= 12), "{releases:#?}");
+    assert_eq!(schema_of(1), None);
 
     // A renamed column: every v2 request would fail on it. Refused before
     // anything real changes.

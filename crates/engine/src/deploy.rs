@@ -500,12 +500,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     pub(crate) fn releases(&self) -> Result<Vec<ReleaseInfo>, EngineError> {
         let rt = self.app.as_ref().ok_or(EngineError::NotUp)?;
         let current = rt.record.release;
+        let app = rt.record.app.clone();
         Ok(self
             .store
-            .releases(&rt.record.app)?
+            .releases(&app)?
             .into_iter()
             .rev()
             .map(|r| ReleaseInfo {
+                schema: self.store.release_schema(&app, r.id).ok().flatten().map(|s| s.fingerprint),
                 id: r.id.0,
                 content_hash: r.content_hash,
                 status: status_word(r.status).to_string(),

@@ -196,6 +196,10 @@ pub struct ReleaseInfo {
     /// The release the app runs now.
     pub current: bool,
     pub dir: PathBuf,
+    /// The fingerprint of the database schema its release tasks left (the
+    /// migration gate's), if recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
 }
 
 /// A deployment, for `nonstop history`.

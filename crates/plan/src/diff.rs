@@ -33,7 +33,8 @@ fn same_but_count(a: &ProcessSpec, b: &ProcessSpec) -> bool {
 }
 
 pub fn diff(old: &AppSpec, new: &AppSpec) -> SpecDiff {
-    let env_changed = old.env != new.env;
+    // `[database]` fills variables of every process too.
+    let env_changed = old.env != new.env || old.database != new.database;
     let mut d = SpecDiff { listen_changed: old.proxy.listen != new.proxy.listen, ..Default::default() };
     for p in &new.processes {
         match old.process(&p.name) {
@@ -91,6 +92,15 @@ mod tests {
         let old = app(vec![proc("web", 1, "x"), proc("worker", 1, "w")]);
         let mut new = old.clone();
         new.env.insert("A".into(), "1".into());
+        assert_eq!(names(&diff(&old, &new).replaced), ["web", "worker"]);
+    }
+
+    #[test]
+    fn a_database_change_replaces_every_process() {
+        let old = app(vec![proc("web", 1, "x"), proc("worker", 1, "w")]);
+        let mut new = old.clone();
+        let url = nonstop_core::database::DatabaseUrl::parse("postgres://127.0.0.1/blog").unwrap();
+        new.database = Some(nonstop_core::database::DatabaseSpec::new(url));
         assert_eq!(names(&diff(&old, &new).replaced), ["web", "worker"]);
     }
 }
