@@ -183,6 +183,14 @@ pub fn init_toml(app_name: &str, procfile: Option<&str>) -> Result<String, InitE
          # order = [\"web\", \"worker\"]\n",
         format_duration(DEFAULT_TASK_TIMEOUT)
     );
+    out.push_str(
+        "\n# The app's PostgreSQL database. Every process and task gets DATABASE_URL (or the\n\
+         # variables [database.env] maps), and each deploy runs the release tasks on a scratch\n\
+         # copy of the schema first: a migration that breaks the running release (a renamed or\n\
+         # dropped column...) is refused before it touches the database.\n\
+         # [database]\n\
+         # url = \"${DATABASE_URL}\"\n",
+    );
 
     match entries {
         None => out.push_str(TEMPLATE_PROCESSES),

@@ -1599,6 +1599,7 @@ fn init_round_trips_a_django_procfile() {
                         && !rest.starts_with("build")
                         && !rest.starts_with("DJANGO")
                         && !rest.starts_with("order")
+                        && !rest.starts_with("url")
                         && !rest.starts_with("post_tasks")
                         && !rest.starts_with("smoke")) =>
             {
@@ -1710,6 +1711,13 @@ tasks = ["python manage.py migrate"]  # the Procfile's release: line
 # retain_releases = 5
 # Rollout order of the process types (by default: web, then workers, then singletons).
 # order = ["web", "worker"]
+
+# The app's PostgreSQL database. Every process and task gets DATABASE_URL (or the
+# variables [database.env] maps), and each deploy runs the release tasks on a scratch
+# copy of the schema first: a migration that breaks the running release (a renamed or
+# dropped column...) is refused before it touches the database.
+# [database]
+# url = "${DATABASE_URL}"
 
 [processes.web]
 # Gets its own port in $PORT, is health-checked and receives HTTP from the proxy.
