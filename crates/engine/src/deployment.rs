@@ -189,8 +189,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             // deployment ends (or stops switching) with it.
             tracing::error!("maintenance could not be switched {}: {e}", if on { "on" } else { "off" });
             if on {
+                // Stopped before the fallback stops anything: the machine
+                // backs out as soon as it hears maintenance answered.
                 self.feed(Event::Cancel { why: format!("maintenance could not be switched on: {e}") });
-                return;
+            } else {
+                self.progress(format!("maintenance could not be switched off ({e}): `nonstop maintenance off`"));
             }
         }
         self.feed(Event::MaintenanceSet { on });

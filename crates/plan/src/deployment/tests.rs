@@ -683,3 +683,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_fallback_stopped_before_maintenance_answered_stops_nothing_and_switches_it_off() {
+    let (d, actions) = run(
+        deploy(GateMode::AllowBreaking, false),
+        vec![
+            Event::Begin,
+            Event::Built { result: Ok(()) },
+            Event::Cancel { why: "maintenance could not be switched on".into() },
+            Event::MaintenanceSet { on: true },
+            Event::MaintenanceSet { on: false },
+        ],
+    );
+    assert!(!actions.iter().any(|a| matches!(a, Action::Roll { .. } | Action::RunTasks { .. })), "{actions:?}");
+    assert!(actions.contains(&Action::SetMaintenance { on: false }));
+    assert!(matches!(outcome(&d), Outcome::Failed { failure } if failure.kind == FailureKind::Cancelled));
+}
