@@ -3,13 +3,16 @@
 //! failures), the in-flight counter, and the pool of idle upstream
 //! connections.
 
+use crate::outlier::After5xx;
 use crate::upstream::Upstream;
 use nonstop_core::ids::InstanceId;
 use nonstop_core::process::HealthCheck;
-use nonstop_core::traffic::{BackendHealth, BackendStatus};
+use nonstop_core::traffic::{
+    latency_bucket, BackendFigures, BackendHealth, BackendStatus, LatencyHistogram, LATENCY_BUCKETS,
+};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -107,6 +110,110 @@ impl HealthMachine {
     pub fn drain(&mut self) -> Option<BackendHealth> {
         self.set(BackendHealth::Draining)
     }
+
+    /// Ejected as an outlier: out of rotation now (from Healthy only),
+    /// passes counted again from zero.
+    pub fn eject(&mut self) -> Option<BackendHealth> {
+        if self.health != BackendHealth::Healthy {
+            return None;
+        }
+        self.passes = 0;
+        self.fails = 0;
+        self.set(BackendHealth::Unhealthy)
+    }
+
+    /// A pass while an ejection holds the backend out: not counted
+    /// (passes start again from zero when it ends).
+    pub fn hold(&mut self) {
+        self.passes = 0;
+    }
+}
+
+/// A backend's answers, counted on the request path with relaxed atomics
+/// on the backend the request already holds: one increment per answer
+/// (its latency bucket; the number of answers is their sum), one more
+/// per 5xx, and one load of the 5xx streak per other answer.
+pub(crate) struct Counters {
+    /// Answers by latency bucket ([`nonstop_core::traffic::LATENCY_BOUNDS_US`]).
+    latency: [AtomicU64; LATENCY_BUCKETS + 1],
+    errors_5xx: AtomicU64,
+    /// 5xx answers in a row.
+    streak: AtomicU32,
+    /// The peers' non-5xx and 5xx answers when the streak began.
+    mark_ok: AtomicU64,
+    mark_5xx: AtomicU64,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Self {
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            errors_5xx: AtomicU64::new(0),
+            streak: AtomicU32::new(0),
+            mark_ok: AtomicU64::new(0),
+            mark_5xx: AtomicU64::new(0),
+        }
+    }
+
+    /// Count one answer, `latency` after the request was forwarded. For a
+    /// 5xx, says what the outlier detection has to do (`threshold`: its
+    /// 5xx in a row; 0: nothing).
+    #[inline]
+    pub fn answered(&self, latency: Duration, is_5xx: bool, threshold: u32) -> After5xx {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency[latency_bucket(us)].fetch_add(1, Ordering::Relaxed);
+        if !is_5xx {
+            // A load, and a store only when a streak ends: the line stays
+            // shared between workers while the instance answers well.
+            if self.streak.load(Ordering::Relaxed) != 0 {
+                self.streak.store(0, Ordering::Relaxed);
+            }
+            return After5xx::Nothing;
+        }
+        self.errors_5xx.fetch_add(1, Ordering::Relaxed);
+        let streak = self.streak.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if threshold == 0 {
+            After5xx::Nothing
+        } else if streak == 1 {
+            After5xx::Mark
+        } else if streak.is_multiple_of(threshold) {
+            After5xx::Judge
+        } else {
+            After5xx::Nothing
+        }
+    }
+
+    /// Answers and 5xx answers so far (5xx read first, and never more than
+    /// the answers).
+    pub fn answers_and_errors(&self) -> (u64, u64) {
+        let errors = self.errors_5xx.load(Ordering::Relaxed);
+        let answers = self.latency.iter().fold(0u64, |sum, c| sum.saturating_add(c.load(Ordering::Relaxed)));
+        (answers, errors.min(answers))
+    }
+
+    pub fn figures(&self, instance: &InstanceId) -> BackendFigures {
+        let errors = self.errors_5xx.load(Ordering::Relaxed);
+        let latency = LatencyHistogram { counts: self.latency.iter().map(|c| c.load(Ordering::Relaxed)).collect() };
+        let requests = latency.total();
+        BackendFigures { instance: instance.clone(), requests, errors_5xx: errors.min(requests), latency }
+    }
+
+    pub fn streak(&self) -> u32 {
+        self.streak.load(Ordering::Relaxed)
+    }
+
+    pub fn reset_streak(&self) {
+        self.streak.store(0, Ordering::Relaxed);
+    }
+
+    pub fn mark_peers(&self, ok: u64, errors: u64) {
+        self.mark_ok.store(ok, Ordering::Relaxed);
+        self.mark_5xx.store(errors, Ordering::Relaxed);
+    }
+
+    pub fn marked_peers(&self) -> (u64, u64) {
+        (self.mark_ok.load(Ordering::Relaxed), self.mark_5xx.load(Ordering::Relaxed))
+    }
 }
 
 /// The part of a backend's state that changes rarely (health transitions,
@@ -114,6 +221,12 @@ impl HealthMachine {
 pub(crate) struct Slow {
     pub machine: HealthMachine,
     pub last_checks: VecDeque<String>,
+    /// Out of rotation as an outlier, until health checks bring it back.
+    pub ejected: bool,
+    /// Until when passing checks do not count (the ejection's time).
+    pub held_until: Option<Instant>,
+    /// How many times it was ejected.
+    pub ejections: u32,
 }
 
 pub(crate) struct BackendState {
@@ -129,12 +242,12 @@ pub(crate) struct BackendState {
     /// Woken when `in_flight` reaches zero while draining.
     idle: Notify,
     slow: Mutex<Slow>,
+    /// Answers, 5xx, latency (see [`Counters`]).
+    pub counters: Counters,
     pub pool: Pool,
     /// Cancelled when the backend is forgotten: stops its checker and its
     /// upgraded connections.
     pub token: CancellationToken,
-    /// Answers, 5xx and latencies since it was added (`figures.rs`).
-    pub counters: crate::figures::Counters,
 }
 
 impl BackendState {
@@ -160,10 +273,16 @@ impl BackendState {
             health: AtomicU8::new(encode(initial)),
             in_flight: AtomicU64::new(0),
             idle: Notify::new(),
-            slow: Mutex::new(Slow { machine, last_checks: VecDeque::with_capacity(LAST_CHECKS) }),
+            slow: Mutex::new(Slow {
+                machine,
+                last_checks: VecDeque::with_capacity(LAST_CHECKS),
+                ejected: false,
+                held_until: None,
+                ejections: 0,
+            }),
+            counters: Counters::new(),
             pool,
             token,
-            counters: crate::figures::Counters::default(),
         }
     }
 
@@ -177,6 +296,16 @@ impl BackendState {
 
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Out of rotation as an outlier (takes the slow lock).
+    pub fn ejected(&self) -> bool {
+        self.slow().ejected
+    }
+
+    /// How many times it was ejected as an outlier (takes the slow lock).
+    pub fn ejections(&self) -> u32 {
+        self.slow().ejections
     }
 
     /// Lock the slow state. The health atomic is only written while this

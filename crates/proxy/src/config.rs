@@ -42,6 +42,10 @@ pub const DEFAULT_UPLOAD_RATE_WINDOW: Duration = Duration::from_secs(15);
 /// Shortest [`ProxyConfig::upload_rate_window`]: a shorter one would
 /// judge a pause, not a rate.
 pub const MIN_UPLOAD_RATE_WINDOW: Duration = Duration::from_secs(1);
+/// Default for [`ProxyConfig::outlier_consecutive_5xx`].
+pub const DEFAULT_OUTLIER_CONSECUTIVE_5XX: u32 = 10;
+/// Default for [`ProxyConfig::outlier_base_ejection`].
+pub const DEFAULT_OUTLIER_BASE_EJECTION: Duration = Duration::from_secs(10);
 /// Default for [`ProxyConfig::max_connections_per_client`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 256;
 
@@ -180,6 +184,16 @@ pub struct ProxyConfig {
     /// Trusted proxies are not limited. Beyond it, new connections from
     /// that address are closed at once.
     pub max_connections_per_client: u32,
+    /// Passive outlier detection (`outlier.rs`): a backend that answers
+    /// 5xx to this many requests in a row while its peers in the route
+    /// answer 2xx/3xx/4xx is taken out of rotation (10, as Envoy's
+    /// `consecutive_5xx`; the proxy's own 502/504 for a failed attempt on
+    /// it count). 0: never. Not a `[proxy]` key.
+    pub outlier_consecutive_5xx: u32,
+    /// How long an outlier stays out, per ejection it had (10 s, then
+    /// 20 s, ... at most 5 minutes); passing health checks do not bring it
+    /// back sooner. Not a `[proxy]` key.
+    pub outlier_base_ejection: Duration,
 }
 
 impl ProxyConfig {
@@ -195,6 +209,11 @@ impl ProxyConfig {
             Some(dir) => std::borrow::Cow::Borrowed(dir),
             None => std::borrow::Cow::Owned(crate::spool::default_dir()),
         }
+    }
+
+    /// The outlier detection's thresholds.
+    pub(crate) fn outlier_policy(&self) -> crate::outlier::Policy {
+        crate::outlier::Policy { consecutive_5xx: self.outlier_consecutive_5xx, base: self.outlier_base_ejection }
     }
 
     /// Whether a client connecting from `ip` is a trusted proxy.
@@ -230,6 +249,8 @@ impl Default for ProxyConfig {
             unbuffered_paths: Vec::new(),
             max_connections: None,
             max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            outlier_consecutive_5xx: DEFAULT_OUTLIER_CONSECUTIVE_5XX,
+            outlier_base_ejection: DEFAULT_OUTLIER_BASE_EJECTION,
         }
     }
 }

@@ -169,10 +169,11 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
         if needs_host {
             req.headers_mut().insert(header::HOST, in_flight.backend().default_host.clone());
         }
-        let sent_at = std::time::Instant::now();
+        let forwarded = std::time::Instant::now();
         match send(config, &in_flight, req, attempt > 0).await {
             Ok((resp, conn)) => {
-                in_flight.backend().counters.record(resp.status().as_u16(), sent_at.elapsed());
+                let is_5xx = resp.status().is_server_error();
+                count_answer(&inner, config, host.as_ref(), in_flight.backend(), forwarded, is_5xx);
                 // The same for the response to the client.
                 crate::workers::batch_end().await;
                 return respond(ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
@@ -185,8 +186,6 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
                     // the instance is not to blame and nothing is retried.
                     return client_failed(ctx, &err, request_id, phase);
                 }
-                // Its own failure, answered 502/504 if not retried.
-                backend.counters.record(err.status().as_u16(), sent_at.elapsed());
                 if err.marks_unhealthy() {
                     inner.shared.passive_failure(&backend, err.detail());
                 }
@@ -200,6 +199,16 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
                         Retry::Never => None,
                     }
                 };
+                // A failed attempt is an answer of the instance's, a 502
+                // or 504, when the client gets it, or when the request had
+                // reached the instance (a retry on another hides it from
+                // the client, not from the instance's figures). Not when
+                // nothing was sent and a retry follows (a pooled
+                // connection the instance had closed), nor for the proxy's
+                // own shortage of descriptors.
+                if err.kind != ErrorKind::LocalExhaustion && (next.is_none() || err.retry != Retry::Unsent) {
+                    count_answer(&inner, config, host.as_ref(), &backend, forwarded, err.status().is_server_error());
+                }
                 match next {
                     Some(again) => {
                         tracing::debug!(instance = %backend.instance, error = %err, "retrying request on another instance");
@@ -218,6 +227,23 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
                 }
             }
         }
+    }
+}
+
+/// Count an answer of `backend` (a response head, or a failed attempt)
+/// in its figures, and feed a 5xx to the outlier detection.
+#[inline]
+fn count_answer(
+    inner: &Inner,
+    config: &ProxyConfig,
+    host: Option<&HeaderValue>,
+    backend: &Arc<BackendState>,
+    forwarded: std::time::Instant,
+    is_5xx: bool,
+) {
+    let after = backend.counters.answered(forwarded.elapsed(), is_5xx, config.outlier_consecutive_5xx);
+    if after != crate::outlier::After5xx::Nothing {
+        crate::outlier::after_5xx(inner, config.outlier_policy(), host.map(HeaderValue::as_bytes), backend, after);
     }
 }
 

@@ -45,18 +45,50 @@ impl Shared {
     }
 
     pub fn record_check(&self, backend: &BackendState, verdict: Verdict, result: String) {
+        self.record_check_at(backend, verdict, result, Instant::now())
+    }
+
+    /// [`Shared::record_check`] at `now`: a pass while an outlier ejection
+    /// holds the backend out is not counted.
+    pub fn record_check_at(&self, backend: &BackendState, verdict: Verdict, result: String, now: Instant) {
         let mut slow = backend.slow();
-        let changed = match verdict {
-            Verdict::Pass => slow.machine.observe(true),
-            Verdict::Fail => slow.machine.observe(false),
+        let held = slow.held_until.filter(|until| now < *until);
+        let (changed, result) = match verdict {
+            Verdict::Pass if held.is_some() => {
+                slow.machine.hold();
+                let left = held.map_or(0, |until| until.saturating_duration_since(now).as_secs());
+                (None, format!("{result} (ejected as an outlier: not counted for {left}s more)"))
+            }
+            Verdict::Pass => (slow.machine.observe(true), result),
+            Verdict::Fail => (slow.machine.observe(false), result),
             // Our own shortage says nothing about the instance: neither a
             // pass nor a failure (the counts in a row go on after it).
-            Verdict::Inconclusive => None,
+            Verdict::Inconclusive => (None, result),
         };
+        if held.is_none() {
+            slow.held_until = None;
+        }
         BackendState::push_check(&mut slow, result.clone());
         if let Some(health) = changed {
+            if health == BackendHealth::Healthy {
+                slow.ejected = false;
+                backend.counters.reset_streak();
+            }
             self.publish(backend, health, result);
         }
+    }
+
+    /// Eject `backend` as an outlier until `until` (its `ejections`th
+    /// time), if it is still in rotation.
+    pub fn eject(&self, backend: &BackendState, detail: String, until: Instant, ejections: u32) {
+        let mut slow = backend.slow();
+        let Some(health) = slow.machine.eject() else { return };
+        slow.ejected = true;
+        slow.held_until = Some(until);
+        slow.ejections = ejections;
+        backend.counters.reset_streak();
+        BackendState::push_check(&mut slow, format!("requests -> {detail}"));
+        self.publish_because(backend, health, detail, HealthCause::Outlier);
     }
 
     /// A request proved the backend down.
@@ -403,6 +435,59 @@ mod tests {
             shared.record_check(&backend, Verdict::Inconclusive, "not checked".into());
         }
         assert_eq!(backend.health(), BackendHealth::Unhealthy, "nor towards healthy");
+    }
+
+    #[test]
+    fn an_ejected_outlier_is_held_out_whatever_its_checks_say_then_comes_back_through_them() {
+        use crate::backend::{BackendState, Pool};
+        use nonstop_core::ids::{InstanceId, ProcessName};
+        let check = HealthCheck {
+            path: "/".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+            expect_status: StatusRange { min: 200, max: 399 },
+            host: None,
+            smoke: Vec::new(),
+        };
+        let backend = BackendState::new(
+            InstanceId::new(ProcessName::new("web").unwrap(), 1, 1),
+            "127.0.0.1:9".parse().unwrap(),
+            check,
+            BackendHealth::Healthy,
+            Pool::new(1, 1, Duration::from_secs(1)),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let shared = Shared::new();
+        let mut events = shared.events.subscribe();
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(10);
+        shared.eject(&backend, "answered 5xx".into(), until, 1);
+        let event = events.try_recv().unwrap();
+        assert_eq!((event.health, event.cause), (BackendHealth::Unhealthy, HealthCause::Outlier));
+        assert!(backend.ejected());
+        assert_eq!(backend.ejections(), 1);
+        // Passing checks during the ejection do not count.
+        for s in 0..10 {
+            shared.record_check_at(&backend, Verdict::Pass, "GET / -> 200".into(), t0 + Duration::from_secs(s));
+        }
+        assert_eq!(backend.health(), BackendHealth::Unhealthy);
+        assert!(events.try_recv().is_err());
+        // Afterwards, `healthy_threshold` passes bring it back.
+        shared.record_check_at(&backend, Verdict::Pass, "GET / -> 200".into(), until);
+        assert_eq!(backend.health(), BackendHealth::Unhealthy);
+        shared.record_check_at(&backend, Verdict::Pass, "GET / -> 200".into(), until + Duration::from_secs(1));
+        assert_eq!(backend.health(), BackendHealth::Healthy);
+        assert_eq!(events.try_recv().unwrap().cause, HealthCause::Check);
+        assert!(!backend.ejected());
+        assert_eq!(backend.ejections(), 1, "the count stays: the next ejection is longer");
+        // An ejection of a backend that is not in rotation is no ejection.
+        shared.passive_failure(&backend, "connect error".into());
+        let _ = events.try_recv();
+        shared.eject(&backend, "answered 5xx".into(), until, 2);
+        assert!(events.try_recv().is_err());
+        assert!(!backend.ejected());
     }
 
     #[tokio::test]

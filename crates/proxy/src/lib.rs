@@ -28,6 +28,13 @@
 //! - One checker task per backend runs the active health checks; requests
 //!   report refused connections (passive checks). Health has hysteresis and
 //!   every change is broadcast as a [`HealthEvent`].
+//! - A route's traffic split ([`Traffic::set_split`], a canary's share) is
+//!   part of its snapshot: two groups with their own round-robin cursors
+//!   and a request counter that spreads the share evenly (`table.rs`).
+//!   Every answer of a backend is counted on it (relaxed atomics: its
+//!   latency bucket, a 5xx, its 5xx streak; [`Traffic::figures`]); a
+//!   backend answering nothing but 5xx while its peers answer well is
+//!   ejected as an outlier for a while (`outlier.rs`).
 //!
 //! # Invariants
 //! - A request is counted in flight *before* its backend's health is checked
@@ -112,13 +119,13 @@ mod body;
 mod config;
 mod deadline;
 mod error;
-mod figures;
 mod forward;
 mod headers;
 mod health;
 mod lazy;
 mod limits;
 mod maintenance;
+mod outlier;
 mod rate;
 mod server;
 mod spool;
@@ -133,6 +140,7 @@ pub use body::ProxyBody;
 pub use config::*;
 pub use error::{ErrorKind, ProxyError, Retry, Side};
 pub use limits::{derived_max_connections, is_local_exhaustion, soft_fd_limit, FD_RESERVE_MIN};
+pub use outlier::MAX_EJECTION as MAX_OUTLIER_EJECTION;
 pub use static_index::{
     is_hashed_name, FileEntry, MountIndex, StaticIndex, StaticIndexError, Variant, STATIC_INDEX_DIR,
 };
@@ -145,7 +153,8 @@ use health::Shared;
 use nonstop_core::ids::InstanceId;
 use nonstop_core::process::HealthCheck;
 use nonstop_core::traffic::{
-    Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Traffic,
+    Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
+    Traffic,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -178,6 +187,8 @@ pub(crate) struct Inner {
     static_groups: statics::StaticGroups,
     registry: Mutex<Registry>,
     pub shared: Arc<Shared>,
+    /// Held while an outlier is judged (`outlier.rs`): one at a time.
+    pub outliers: Mutex<()>,
     /// Parent of every backend's token; cancelled by [`Proxy::close`].
     pub root: CancellationToken,
     /// Checkers, TLS reloads, and the connections to instances that switched
@@ -251,6 +262,7 @@ impl Proxy {
                 static_groups: Default::default(),
                 registry: Mutex::new(Registry::default()),
                 shared: Arc::new(Shared::new()),
+                outliers: Mutex::new(()),
                 root: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 runtime: tokio::runtime::Handle::try_current().ok(),
@@ -548,18 +560,36 @@ impl Traffic for Proxy {
         self.inner.shared.events.subscribe()
     }
 
-    fn set_split(&self, route: &RouteKey, split: Option<&nonstop_core::traffic::Split>) {
-        Proxy::set_split(self, route, split)
-    }
-
-    fn figures(
-        &self,
-        route: &RouteKey,
-    ) -> impl std::future::Future<Output = Vec<nonstop_core::traffic::BackendFigures>> + Send {
-        std::future::ready(Proxy::figures(self, route))
-    }
-
     fn set_maintenance(&self, route: &RouteKey, maintenance: Option<&nonstop_core::maintenance::Maintenance>) {
         Proxy::set_maintenance(self, route, maintenance)
+    }
+
+    fn set_split(&self, route: &RouteKey, split: Option<&Split>) {
+        let mut reg = self.registry();
+        match split {
+            Some(split) => {
+                let counter = reg.splits.remove(route).map(|(_, counter)| counter).unwrap_or_default();
+                reg.splits.insert(route.clone(), (split.clone(), counter));
+                tracing::info!(route = %route.0, percent = split.percent, instances = ?split.instances, "traffic split");
+            }
+            None => {
+                if reg.splits.remove(route).is_some() {
+                    tracing::info!(route = %route.0, "traffic split ended");
+                }
+            }
+        }
+        self.publish(&reg);
+    }
+
+    fn figures(&self, route: &RouteKey) -> impl std::future::Future<Output = Vec<BackendFigures>> + Send {
+        let mut figures: Vec<BackendFigures> = self
+            .registry()
+            .backends
+            .iter()
+            .filter(|(_, entry)| &entry.route == route)
+            .map(|(instance, entry)| entry.state.counters.figures(instance))
+            .collect();
+        figures.sort_by(|a, b| a.instance.cmp(&b.instance));
+        std::future::ready(figures)
     }
 }

@@ -4,9 +4,9 @@
 
 use crate::backend::{BackendState, InFlight};
 use nonstop_core::ids::InstanceId;
-use nonstop_core::traffic::RouteKey;
+use nonstop_core::traffic::{RouteKey, Split};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The backends of one route, in a stable order.
@@ -15,10 +15,23 @@ pub(crate) struct Route {
     pub backends: Box<[Arc<BackendState>]>,
     /// The route is in maintenance (`maintenance.rs`).
     pub maintenance: Option<Arc<crate::maintenance::Gate>>,
-    /// A canary's share of the requests (`figures.rs`).
-    pub split: Option<crate::figures::RouteSplit>,
+    /// A share of the requests for some backends (a canary).
+    pub split: Option<RouteSplit>,
     /// Rotating start of the scan: the round-robin tie-break.
     cursor: AtomicUsize,
+}
+
+/// A route's [`Split`] as the request path uses it: the two groups as
+/// positions in `Route::backends`, each with its own round-robin cursor.
+pub(crate) struct RouteSplit {
+    percent: u8,
+    /// `[listed, others]`.
+    groups: [Box<[u32]>; 2],
+    cursors: [AtomicUsize; 2],
+    /// Requests given a group so far; kept across snapshots (the registry
+    /// holds it), so that republishing the table does not restart the
+    /// spread.
+    counter: Arc<AtomicU64>,
 }
 
 impl Route {
@@ -26,56 +39,36 @@ impl Route {
     /// clearly more requests in flight than the least loaded one
     /// ([`round_robin_fits`]): then the least loaded is taken. `avoid` (the
     /// backend a retry comes from) is used only when no other backend is
-    /// healthy.
-    ///
-    /// With a split, the request goes to the canary group or the others as
-    /// the split's share says; to either when the one it should go to has
-    /// no healthy backend (a split never fails a request).
+    /// healthy. With a split, a first attempt is given a group first (the
+    /// listed backends `percent`% of the time, spread evenly:
+    /// [`Split::takes`]) and chooses in it the same way, or in the other
+    /// group when none of its backends is healthy; a retry chooses among
+    /// all.
     pub fn pick(&self, avoid: Option<&Arc<BackendState>>) -> Option<InFlight> {
-        match &self.split {
-            None => self.pick_in(avoid, None),
-            Some(split) => {
-                let canary = split.next_to_canary();
-                self.pick_in(avoid, Some((&split.members, canary))).or_else(|| self.pick_in(avoid, None))
-            }
-        }
-    }
-
-    /// `pick` among the backends whose `members` flag is `want` (all
-    /// without a group).
-    fn pick_in(&self, avoid: Option<&Arc<BackendState>>, group: Option<(&[bool], bool)>) -> Option<InFlight> {
         let n = self.backends.len();
         if n == 0 {
             return None;
         }
+        let group = match (&self.split, avoid) {
+            (Some(split), None) => {
+                let number = split.counter.fetch_add(1, Ordering::Relaxed);
+                Some((split, usize::from(!Split::takes(split.percent, number))))
+            }
+            _ => None,
+        };
         // Health may change between the scan and the acquire; rescan a
         // bounded number of times.
         for _ in 0..=n {
-            let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-            let mut next: Option<(&Arc<BackendState>, u64)> = None;
-            let mut least: Option<(&Arc<BackendState>, u64)> = None;
-            let mut avoided: Option<&Arc<BackendState>> = None;
-            for i in 0..n {
-                let at = (start.wrapping_add(i)) % n;
-                let b = &self.backends[at];
-                if !b.is_healthy() || group.is_some_and(|(members, want)| members[at] != want) {
-                    continue;
+            let chosen = match group {
+                None => self.scan(None, self.cursor.fetch_add(1, Ordering::Relaxed), avoid),
+                Some((split, want)) => {
+                    let start = split.cursors[want].fetch_add(1, Ordering::Relaxed);
+                    self.scan(Some(&split.groups[want]), start, None).or_else(|| {
+                        let other = 1 - want;
+                        let start = split.cursors[other].fetch_add(1, Ordering::Relaxed);
+                        self.scan(Some(&split.groups[other]), start, None)
+                    })
                 }
-                if avoid.is_some_and(|a| Arc::ptr_eq(a, b)) {
-                    avoided = Some(b);
-                    continue;
-                }
-                let load = b.in_flight();
-                next.get_or_insert((b, load));
-                if least.is_none_or(|(_, least_load)| load < least_load) {
-                    least = Some((b, load));
-                }
-            }
-            let chosen = match (next, least) {
-                (Some((next, next_load)), Some((least, least_load))) => {
-                    Some(if round_robin_fits(next_load, least_load) { next } else { least })
-                }
-                _ => avoided,
             };
             match chosen {
                 None => return None,
@@ -87,6 +80,49 @@ impl Route {
             }
         }
         None
+    }
+
+    /// One round-robin scan over `members` (positions in `backends`; all
+    /// of them when `None`) from `start`.
+    #[inline]
+    fn scan(
+        &self,
+        members: Option<&[u32]>,
+        start: usize,
+        avoid: Option<&Arc<BackendState>>,
+    ) -> Option<&Arc<BackendState>> {
+        let m = members.map_or(self.backends.len(), <[u32]>::len);
+        if m == 0 {
+            return None;
+        }
+        let mut next: Option<(&Arc<BackendState>, u64)> = None;
+        let mut least: Option<(&Arc<BackendState>, u64)> = None;
+        let mut avoided: Option<&Arc<BackendState>> = None;
+        for i in 0..m {
+            let k = start.wrapping_add(i) % m;
+            let b = match members {
+                None => &self.backends[k],
+                Some(members) => &self.backends[members[k] as usize],
+            };
+            if !b.is_healthy() {
+                continue;
+            }
+            if avoid.is_some_and(|a| Arc::ptr_eq(a, b)) {
+                avoided = Some(b);
+                continue;
+            }
+            let load = b.in_flight();
+            next.get_or_insert((b, load));
+            if least.is_none_or(|(_, least_load)| load < least_load) {
+                least = Some((b, load));
+            }
+        }
+        match (next, least) {
+            (Some((next, next_load)), Some((least, least_load))) => {
+                Some(if round_robin_fits(next_load, least_load) { next } else { least })
+            }
+            _ => avoided,
+        }
     }
 }
 
@@ -184,8 +220,9 @@ pub(crate) struct Registry {
     pub hosts: BTreeMap<RouteKey, Vec<String>>,
     /// Routes in maintenance.
     pub maintenance: BTreeMap<RouteKey, Arc<crate::maintenance::Gate>>,
-    /// Routes whose canary gets a share.
-    pub splits: BTreeMap<RouteKey, nonstop_core::traffic::Split>,
+    /// Routes with a split, and the number of requests each has given a
+    /// group so far.
+    pub splits: BTreeMap<RouteKey, (Split, Arc<AtomicU64>)>,
 }
 
 impl Registry {
@@ -200,9 +237,19 @@ impl Registry {
         let mut routes: HashMap<&RouteKey, Arc<Route>> = HashMap::new();
         for (key, mut backends) in grouped {
             backends.sort_by(|a, b| a.instance.cmp(&b.instance));
-            let backends: Box<[Arc<BackendState>]> = backends.into_iter().cloned().collect();
+            let backends = backends.into_iter().cloned().collect();
+            let backends: Box<[Arc<BackendState>]> = backends;
             let maintenance = self.maintenance.get(key).cloned();
-            let split = self.splits.get(key).map(|s| crate::figures::RouteSplit::new(s, &backends));
+            let split = self.splits.get(key).map(|(split, counter)| {
+                let (listed, others): (Vec<u32>, Vec<u32>) =
+                    (0..backends.len() as u32).partition(|&i| split.instances.contains(&backends[i as usize].instance));
+                RouteSplit {
+                    percent: split.percent.min(100),
+                    groups: [listed.into(), others.into()],
+                    cursors: [AtomicUsize::new(0), AtomicUsize::new(0)],
+                    counter: Arc::clone(counter),
+                }
+            });
             routes.insert(
                 key,
                 Arc::new(Route { key: key.clone(), backends, maintenance, split, cursor: AtomicUsize::new(0) }),

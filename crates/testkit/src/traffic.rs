@@ -5,7 +5,8 @@ use crate::journal::{Entry, Journal};
 use crate::lock;
 use nonstop_core::process::HealthCheck;
 use nonstop_core::traffic::{
-    Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Traffic,
+    Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
+    Traffic,
 };
 use nonstop_core::{InstanceId, ProcessName};
 use std::collections::BTreeMap;
@@ -53,10 +54,13 @@ struct State {
     maintenance: BTreeMap<RouteKey, nonstop_core::maintenance::Maintenance>,
     /// Every `set_maintenance` call, in order (`true`: on).
     maintenance_calls: Vec<(RouteKey, bool)>,
+    /// Splits in force now.
+    splits: BTreeMap<RouteKey, Split>,
     /// Every `set_split` call, in order.
-    splits: Vec<(RouteKey, Option<nonstop_core::traffic::Split>)>,
-    /// What `figures` answers, per instance (set by tests).
-    figures: BTreeMap<InstanceId, nonstop_core::traffic::BackendFigures>,
+    split_calls: Vec<(RouteKey, Option<Split>)>,
+    /// Counters the test set, by instance (kept after the backend goes,
+    /// reported only while it is a backend of the route asked).
+    figures: BTreeMap<InstanceId, BackendFigures>,
 }
 
 impl State {
@@ -106,7 +110,8 @@ impl FakeTraffic {
                     watermarks: BTreeMap::new(),
                     maintenance: BTreeMap::new(),
                     maintenance_calls: Vec::new(),
-                    splits: Vec::new(),
+                    splits: BTreeMap::new(),
+                    split_calls: Vec::new(),
                     figures: BTreeMap::new(),
                 }),
                 events: broadcast::channel(1024).0,
@@ -330,31 +335,6 @@ impl Traffic for FakeTraffic {
         self.inner.events.subscribe()
     }
 
-    fn set_split(&self, route: &RouteKey, split: Option<&nonstop_core::traffic::Split>) {
-        self.state().splits.push((route.clone(), split.cloned()));
-    }
-
-    fn figures(
-        &self,
-        route: &RouteKey,
-    ) -> impl std::future::Future<Output = Vec<nonstop_core::traffic::BackendFigures>> + Send {
-        let _ = route;
-        let st = self.state();
-        let figures = st
-            .backends
-            .keys()
-            .map(|id| {
-                st.figures.get(id).cloned().unwrap_or_else(|| nonstop_core::traffic::BackendFigures {
-                    instance: id.clone(),
-                    requests: 0,
-                    errors_5xx: 0,
-                    latency: Default::default(),
-                })
-            })
-            .collect();
-        std::future::ready(figures)
-    }
-
     fn set_maintenance(&self, route: &RouteKey, maintenance: Option<&nonstop_core::maintenance::Maintenance>) {
         {
             let mut st = self.state();
@@ -365,6 +345,27 @@ impl Traffic for FakeTraffic {
             };
         }
         self.inner.journal.push(Entry::Maintenance(maintenance.is_some()));
+    }
+
+    fn set_split(&self, route: &RouteKey, split: Option<&Split>) {
+        {
+            let mut st = self.state();
+            st.split_calls.push((route.clone(), split.cloned()));
+            match split {
+                Some(s) => st.splits.insert(route.clone(), s.clone()),
+                None => st.splits.remove(route),
+            };
+        }
+        self.inner.journal.bump();
+    }
+
+    async fn figures(&self, route: &RouteKey) -> Vec<BackendFigures> {
+        let st = self.state();
+        st.backends
+            .iter()
+            .filter(|(_, b)| &b.route == route)
+            .map(|(id, _)| st.figures.get(id).cloned().unwrap_or_else(|| BackendFigures::new(id.clone())))
+            .collect()
     }
 }
 
@@ -378,14 +379,86 @@ impl FakeTraffic {
     pub fn maintenance_calls(&self) -> Vec<(RouteKey, bool)> {
         self.state().maintenance_calls.clone()
     }
+}
 
-    /// Every `set_split` call, in order.
-    pub fn splits(&self) -> Vec<(RouteKey, Option<nonstop_core::traffic::Split>)> {
-        self.state().splits.clone()
+impl FakeTraffic {
+    /// The split of `route` now.
+    pub fn split(&self, route: &RouteKey) -> Option<Split> {
+        self.state().splits.get(route).cloned()
     }
 
-    /// Make `figures` answer these counters for `figures.instance`.
-    pub fn set_figures(&self, figures: nonstop_core::traffic::BackendFigures) {
+    /// Every `set_split` call so far, in order.
+    pub fn split_calls(&self) -> Vec<(RouteKey, Option<Split>)> {
+        self.state().split_calls.clone()
+    }
+
+    /// Set an instance's counters as [`Traffic::figures`] reports them
+    /// (while it is a backend), replacing what was set before.
+    pub fn set_figures(&self, figures: BackendFigures) {
         self.state().figures.insert(figures.instance.clone(), figures);
+        self.inner.journal.bump();
+    }
+
+    /// Count `requests` more answers of `instance`, `errors_5xx` of them
+    /// 5xx, each taking `latency`.
+    pub fn record_requests(&self, instance: &InstanceId, requests: u64, errors_5xx: u64, latency: Duration) {
+        {
+            let mut st = self.state();
+            let f = st.figures.entry(instance.clone()).or_insert_with(|| BackendFigures::new(instance.clone()));
+            f.requests += requests;
+            f.errors_5xx += errors_5xx.min(requests);
+            let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+            f.latency.record_n(nonstop_core::traffic::latency_bucket(us), requests);
+        }
+        self.inner.journal.bump();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nonstop_core::process::StatusRange;
+
+    fn check() -> HealthCheck {
+        HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+            expect_status: StatusRange { min: 200, max: 399 },
+            host: None,
+            smoke: Vec::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn splits_are_recorded_and_figures_are_what_the_test_set() {
+        let t = FakeTraffic::default();
+        let route = RouteKey("blog/default".into());
+        let web = |slot| InstanceId::new(ProcessName::new("web").unwrap(), slot, 1);
+        for slot in 1..=2 {
+            let backend = Backend { instance: web(slot), addr: format!("127.0.0.1:{}", 5000 + slot).parse().unwrap() };
+            t.add(&route, backend, check(), InitialHealth::AssumeHealthy);
+        }
+        let split = Split { instances: vec![web(2)], percent: 5 };
+        t.set_split(&route, Some(&split));
+        assert_eq!(t.split(&route), Some(split.clone()));
+        t.set_split(&route, None);
+        assert_eq!(t.split(&route), None);
+        assert_eq!(t.split_calls(), vec![(route.clone(), Some(split)), (route.clone(), None)]);
+
+        // Backends without figures set report zeros; set ones add up.
+        assert_eq!(t.figures(&route).await, vec![BackendFigures::new(web(1)), BackendFigures::new(web(2))]);
+        t.record_requests(&web(2), 20, 3, Duration::from_millis(250));
+        t.record_requests(&web(2), 80, 0, Duration::from_millis(5));
+        let figures = t.figures(&route).await;
+        assert_eq!((figures[1].requests, figures[1].errors_5xx), (100, 3));
+        assert!(figures[1].latency.quantile_ms(0.95) >= 250.0);
+        assert!(figures[1].latency.quantile_ms(0.5) < 10.0);
+        // Another route, or a backend gone: not reported.
+        assert!(t.figures(&RouteKey("other".into())).await.is_empty());
+        t.remove(&web(2));
+        assert_eq!(t.figures(&route).await.len(), 1);
     }
 }

@@ -19,7 +19,8 @@ use super::server::read_line;
 use super::wire::{self, Answer, Call, Event, LiveRelease, PlaneBackend, PlaneError, Reply, Request};
 use nonstop_core::process::HealthCheck;
 use nonstop_core::traffic::{
-    Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Traffic,
+    Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
+    Traffic,
 };
 use nonstop_core::{AppName, InstanceId};
 use nonstop_engine::{Ingress, IngressError};
@@ -106,6 +107,13 @@ fn exchange(path: &Path, conn: &mut Conn, id: u64, request: Request) -> Result<R
         let answer: Answer = wire::decode(&line)?;
         if answer.id == id {
             return answer.result;
+        }
+        // A line the data plane could not read is answered with id 0,
+        // then it closes: that error is this call's.
+        if answer.id == 0 {
+            if let Err(e @ PlaneError::Protocol { .. }) = answer.result {
+                return Err(e);
+            }
         }
         // The answer to a call that timed out before: skip it.
         if Instant::now() > deadline {
@@ -410,22 +418,24 @@ impl Traffic for PlaneClient {
         self.call_logged("maintenance", request);
     }
 
-    fn set_split(&self, route: &RouteKey, split: Option<&nonstop_core::traffic::Split>) {
-        self.call_logged("split", Request::Split { route: route.clone(), split: split.cloned() });
+    fn set_split(&self, route: &RouteKey, split: Option<&Split>) {
+        let request = Request::Split { route: route.clone(), split: split.cloned() };
+        if let Err(e) = self.call(request) {
+            tracing::error!("data plane: split: {}", e.too_old("split"));
+        }
     }
 
-    fn figures(
-        &self,
-        route: &RouteKey,
-    ) -> impl std::future::Future<Output = Vec<nonstop_core::traffic::BackendFigures>> + Send {
+    /// A local round trip made at the call, as the other calls are; the
+    /// future is ready. Empty (and logged) when the data plane cannot say.
+    fn figures(&self, route: &RouteKey) -> impl std::future::Future<Output = Vec<BackendFigures>> + Send {
         let figures = match self.call(Request::Figures { route: route.clone() }) {
-            Ok(Reply::Figures { figures }) => figures,
+            Ok(Reply::Figures { backends }) => backends,
             Ok(other) => {
-                tracing::error!("data plane: figures: unexpected answer {other:?}");
+                tracing::error!("data plane: a figures call answered with {other:?}");
                 Vec::new()
             }
             Err(e) => {
-                tracing::error!("data plane: figures: {e}");
+                tracing::error!("data plane: figures: {}", e.too_old("figures"));
                 Vec::new()
             }
         };

@@ -17,6 +17,8 @@ pub mod client;
 pub mod ingress;
 pub mod resync;
 pub mod server;
+#[cfg(test)]
+mod tests;
 pub mod wire;
 
 use crate::home::Home;

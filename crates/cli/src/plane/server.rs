@@ -91,6 +91,12 @@ impl DataPlane {
         })
     }
 
+    /// The proxy (started with one worker if no daemon said hello yet).
+    #[cfg(test)]
+    pub(crate) fn proxy_for_tests(&self) -> Proxy {
+        self.running(1).proxy.clone()
+    }
+
     /// Accept daemons on `listener` until [`DataPlane::stop`].
     pub fn serve(self: &Arc<Self>, listener: tokio::net::UnixListener) {
         let plane = Arc::clone(self);
@@ -182,6 +188,10 @@ impl DataPlane {
                 (_, false) => Err(PlaneError::Protocol { reason: "the first call must be a hello".into() }),
                 (Request::Drain { drain, instance, timeout_ms }, true) => {
                     self.start_drain(*drain, instance.clone(), Duration::from_millis(*timeout_ms)).await
+                }
+                (Request::Figures { route }, true) => {
+                    let backends = self.running(0).proxy.figures(route).await;
+                    Ok(Reply::Figures { backends })
                 }
                 (_, true) => self.handle(call.request, pid),
             };
@@ -275,9 +285,8 @@ impl DataPlane {
                 r.proxy.set_split(&route, split.as_ref());
                 Ok(Reply::Done)
             }
-            Request::Figures { route } => {
-                let r = self.running(0);
-                Ok(Reply::Figures { figures: r.proxy.figures(&route) })
+            Request::Figures { .. } => {
+                Err(PlaneError::Protocol { reason: "figures are read by the connection's loop".into() })
             }
             Request::Subscribe => Ok(Reply::Done),
         }

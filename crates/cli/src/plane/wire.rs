@@ -7,10 +7,16 @@
 //! each a [`Call`] answered by one [`Answer`] with the same `id`, in order;
 //! or, after [`Request::Subscribe`] is answered, a stream of [`Event`]s
 //! (health changes and finished drains) until either side closes.
+//!
+//! Compatibility: calls added within a version (`maintenance`, `split`,
+//! `figures`) are new variants; a data plane that predates one answers it
+//! with a protocol error naming the unknown variant and closes the
+//! connection, which the daemon reports as "restart the keeper" (see
+//! [`PlaneError::too_old`]). Everything else about a version is fixed.
 
 use nonstop_core::process::{HealthCheck, ProxySpec, StaticMount};
 use nonstop_core::traffic::{
-    Backend, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey,
+    Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
 };
 use nonstop_core::{AppName, InstanceId, ReleaseId};
 use serde::de::DeserializeOwned;
@@ -71,14 +77,13 @@ pub enum Request {
         route: RouteKey,
         maintenance: Option<nonstop_core::maintenance::Maintenance>,
     },
-    /// Give a canary its share of `route` (`None`: no split). A data plane
-    /// older than this op answers an error: the canary then gets an even
-    /// share and no figures (the live-traffic gate judges nothing).
+    /// A traffic split of `route` (`Some`), or none.
     Split {
         route: RouteKey,
-        split: Option<nonstop_core::traffic::Split>,
+        split: Option<Split>,
     },
-    /// Every backend of `route` and its counters.
+    /// Every backend of `route` with its counters: answered by
+    /// [`Reply::Figures`].
     Figures {
         route: RouteKey,
     },
@@ -134,7 +139,7 @@ impl PlaneBackend {
 pub enum Reply {
     Hello { version: u32, pid: u32, backends: Vec<PlaneBackend> },
     Table { backends: Vec<PlaneBackend> },
-    Figures { figures: Vec<nonstop_core::traffic::BackendFigures> },
+    Figures { backends: Vec<BackendFigures> },
     Done,
 }
 
@@ -171,6 +176,24 @@ impl std::fmt::Display for PlaneError {
 }
 
 impl std::error::Error for PlaneError {}
+
+impl PlaneError {
+    /// A protocol error because the data plane did not know the call
+    /// (`what`): it runs an older binary than this daemon. Says so, and
+    /// the fix; other errors are kept as they are.
+    pub fn too_old(self, what: &str) -> PlaneError {
+        match self {
+            PlaneError::Protocol { reason } if reason.contains("unknown variant") => PlaneError::Protocol {
+                reason: format!(
+                    "the data plane does not know `{what}`: it runs an older nonstop than this daemon (a keeper \
+                     keeps its binary across `nonstop upgrade`); restart the keeper (`nonstop down` then `nonstop \
+                     up`, or `systemctl restart nonstop`) ({reason})"
+                ),
+            },
+            other => other,
+        }
+    }
+}
 
 /// The answer to a [`Call`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +308,12 @@ pub(crate) mod tests {
                 }),
             },
             Request::Maintenance { route: RouteKey("app/default".into()), maintenance: None },
+            Request::Split {
+                route: RouteKey("app/default".into()),
+                split: Some(Split { instances: vec![id("web.1#4")], percent: 5 }),
+            },
+            Request::Split { route: RouteKey("app/default".into()), split: None },
+            Request::Figures { route: RouteKey("app/default".into()) },
             Request::Subscribe,
         ];
         for (n, request) in calls.into_iter().enumerate() {
@@ -297,6 +326,21 @@ pub(crate) mod tests {
             Answer { id: 1, result: Ok(Reply::Hello { version: VERSION, pid: 42, backends: table.clone() }) },
             Answer { id: 2, result: Ok(Reply::Table { backends: table }) },
             Answer { id: 3, result: Ok(Reply::Done) },
+            Answer {
+                id: 7,
+                result: Ok(Reply::Figures {
+                    backends: vec![BackendFigures {
+                        instance: id("web.1#4"),
+                        requests: 20,
+                        errors_5xx: 2,
+                        latency: {
+                            let mut h = nonstop_core::traffic::LatencyHistogram::new();
+                            h.record(Duration::from_millis(12));
+                            h
+                        },
+                    }],
+                }),
+            },
             Answer { id: 4, result: Err(PlaneError::Version { plane: 2, daemon: 1 }) },
             Answer {
                 id: 5,
@@ -334,6 +378,17 @@ pub(crate) mod tests {
         }
         let long = "x".repeat(MAX_LINE + 1);
         assert!(matches!(decode::<Call>(&long), Err(PlaneError::Protocol { reason }) if reason.contains("at most")));
+    }
+
+    #[test]
+    fn a_call_an_older_data_plane_does_not_know_says_restart_the_keeper() {
+        // What an older data plane answers to a call it does not know.
+        let line = encode(&Call { id: 3, request: Request::Figures { route: RouteKey("r".into()) } });
+        let old = line.replace("\"figures\"", "\"not_yet_invented\"");
+        let err = decode::<Call>(&old).unwrap_err().too_old("figures").to_string();
+        assert!(err.contains("does not know `figures`") && err.contains("restart the keeper"), "{err}");
+        let other = PlaneError::Protocol { reason: "a line of 9 bytes".into() };
+        assert_eq!(other.clone().too_old("figures"), other);
     }
 
     #[test]

@@ -116,7 +116,7 @@ async fn a_rollback_behind_the_schema_is_refused_unless_forced() {
 fn figures(instance: &InstanceId, requests: u64, errors_5xx: u64) -> BackendFigures {
     let mut latency = LatencyHistogram::default();
     for _ in 0..requests {
-        latency.record(5_000);
+        latency.record(ms(5));
     }
     BackendFigures { instance: instance.clone(), requests, errors_5xx, latency }
 }
@@ -133,7 +133,7 @@ async fn a_canary_answering_5xx_is_rolled_back_with_the_figures() {
     // The canary gets its share from its start.
     f.driver.wait_for("the canary", |d| d.alive_of(&pn("web")).len() == 3).await;
     let canary = alive(&f, "web").into_iter().find(|i| !old.contains(i)).unwrap();
-    let splits = f.traffic.splits();
+    let splits = f.traffic.split_calls();
     assert_eq!(splits[0].1.as_ref().map(|s| (s.instances.clone(), s.percent)), Some((vec![canary.clone()], 5)));
     // Traffic flows: the old release answers, the canary fails.
     let traffic = f.traffic.clone();
@@ -155,7 +155,7 @@ async fn a_canary_answering_5xx_is_rolled_back_with_the_figures() {
     );
     f.driver.wait_for("the canary stopped", |d| !d.is_instance_alive(&canary)).await;
     assert_eq!(alive(&f, "web"), old, "the old instances were never replaced");
-    assert_eq!(f.traffic.splits().last().map(|s| s.1.clone()), Some(None), "the split ends with the deploy");
+    assert_eq!(f.traffic.split_calls().last().map(|s| s.1.clone()), Some(None), "the split ends with the deploy");
 }
 
 #[tokio::test(start_paused = true)]
@@ -170,9 +170,9 @@ async fn a_healthy_canary_ramps_then_the_rollout_goes_on() {
     // No traffic at all: each window ends after the idle time.
     let (r, progress) = e.deploy_with_progress(spec("2")).await;
     r.unwrap();
-    let percents: Vec<u8> = f.traffic.splits().iter().filter_map(|s| s.1.as_ref().map(|s| s.percent)).collect();
+    let percents: Vec<u8> = f.traffic.split_calls().iter().filter_map(|s| s.1.as_ref().map(|s| s.percent)).collect();
     assert_eq!(percents, [5, 25]);
-    assert_eq!(f.traffic.splits().last().map(|s| s.1.clone()), Some(None));
+    assert_eq!(f.traffic.split_calls().last().map(|s| s.1.clone()), Some(None));
     let now = alive(&f, "web");
     assert_eq!(now.len(), 2);
     assert!(now.iter().all(|i| !old.contains(i)));

@@ -1,0 +1,154 @@
+//! The data plane and the daemon's client in one process, over a real
+//! `plane.sock` and real backends on 127.0.0.1: calls added for the
+//! live-traffic gate (issue 12) round-trip through `DataPlane` and
+//! `PlaneClient`.
+
+use super::client::PlaneClient;
+use super::server::DataPlane;
+use crate::home::Home;
+use nonstop_core::process::{HealthCheck, StatusRange};
+use nonstop_core::traffic::{Backend, InitialHealth, RouteKey, Split, Traffic};
+use nonstop_core::{InstanceId, ProcessName};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// An instance that answers every request `200 <name>` on keep-alive
+/// connections (500 on `/fail`) and counts the requests that are not
+/// health checks.
+async fn instance(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        let status = if path == "/fail" { "500 Internal Server Error" } else { "200 OK" };
+                        if path != "/health" {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let answer = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{name}", name.len());
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, hits)
+}
+
+fn id(slot: u32) -> InstanceId {
+    InstanceId::new(ProcessName::new("web").unwrap(), slot, 1)
+}
+
+fn check() -> HealthCheck {
+    HealthCheck {
+        path: "/health".into(),
+        interval: Duration::from_secs(3_600),
+        timeout: Duration::from_secs(2),
+        healthy_threshold: 1,
+        unhealthy_threshold: 1,
+        expect_status: StatusRange { min: 200, max: 399 },
+        host: None,
+        smoke: Vec::new(),
+    }
+}
+
+/// One request to the proxy at `addr` on its own connection: the status.
+async fn get(addr: SocketAddr, path: &str) -> u16 {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// The client's calls block (as the engine makes them): off the runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_figures_round_trip_through_the_data_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = Home { dir: dir.path().to_path_buf() };
+    let plane = DataPlane::new(&home, HashMap::new());
+    let sock = dir.path().join("plane.sock");
+    plane.serve(tokio::net::UnixListener::bind(&sock).unwrap());
+    let shutdown = CancellationToken::new();
+    let client = PlaneClient::connect(&sock, 1, shutdown.clone()).await.unwrap();
+    // Nothing to resync: calls go through from now on.
+    let c = Arc::clone(&client);
+    blocking(move || c.finish_resync()).await;
+
+    // The data plane's proxy serves a port of ours for the route.
+    let route = RouteKey("blog/default".into());
+    let proxy = plane.proxy_for_tests();
+    proxy.set_default_route(route.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front = listener.local_addr().unwrap();
+    let serving = CancellationToken::new();
+    let (p, s) = (proxy.clone(), serving.clone());
+    let served = tokio::spawn(async move { p.serve(listener, s).await });
+
+    let (old_addr, old_hits) = instance("old").await;
+    let (new_addr, new_hits) = instance("new").await;
+    let (c, r) = (Arc::clone(&client), route.clone());
+    blocking(move || {
+        c.add(&r, Backend { instance: id(1), addr: old_addr }, check(), InitialHealth::AssumeHealthy);
+        c.add(&r, Backend { instance: id(2), addr: new_addr }, check(), InitialHealth::AssumeHealthy);
+        c.set_split(&r, Some(&Split { instances: vec![id(2)], percent: 25 }));
+    })
+    .await;
+    for _ in 0..100 {
+        assert_eq!(get(front, "/").await, 200);
+    }
+    assert_eq!(new_hits.load(Ordering::SeqCst), 25, "the split reached the data plane");
+    assert_eq!(old_hits.load(Ordering::SeqCst), 75);
+
+    // The split ends: even shares.
+    let (c, r) = (Arc::clone(&client), route.clone());
+    blocking(move || c.set_split(&r, None)).await;
+    for _ in 0..100 {
+        assert_eq!(get(front, "/fail").await, 500);
+    }
+    assert_eq!(new_hits.load(Ordering::SeqCst), 75);
+
+    let (c, r) = (Arc::clone(&client), route.clone());
+    let figures = blocking(move || tokio::runtime::Handle::current().block_on(c.figures(&r))).await;
+    assert_eq!(figures.iter().map(|f| f.instance.clone()).collect::<Vec<_>>(), vec![id(1), id(2)]);
+    assert_eq!((figures[0].requests, figures[0].errors_5xx), (125, 50));
+    assert_eq!((figures[1].requests, figures[1].errors_5xx), (75, 50));
+    assert!(figures.iter().all(|f| f.latency.total() == f.requests));
+    // Another route's figures: none.
+    let c = Arc::clone(&client);
+    let other = blocking(move || tokio::runtime::Handle::current().block_on(c.figures(&RouteKey("x".into())))).await;
+    assert!(other.is_empty());
+
+    serving.cancel();
+    let _ = served.await;
+    shutdown.cancel();
+    plane.stop().await;
+}
