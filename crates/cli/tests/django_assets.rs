@@ -85,9 +85,9 @@ fn set_in_section(spec: &str, section: &str, key: &str, value: &str) -> String {
 /// `release N` writes a stylesheet and an APP_VERSION of its own.
 fn django(db: &str) -> TestApp {
     let app = TestApp::new("django", |s| s);
-    let mut spec = app.spec();
+    // `[database]`: nonstop fills DATABASE_URL for every process and task.
+    let mut spec = set_in_section(&app.spec(), "database", "url", &format!("\"postgres://postgres@127.0.0.1:5432/{db}\""));
     for (key, value) in [
-        ("DATABASE_URL", format!("postgres://postgres@127.0.0.1:5432/{db}")),
         ("REDIS_URL", format!("redis://127.0.0.1:6379/{REDIS_DB}")),
         ("CELERY_QUEUE", format!("notes-{db}")),
     ] {
@@ -250,6 +250,10 @@ fn css_of(assets: &[String]) -> String {
 fn every_page_finds_its_assets_through_a_rolling_deploy_and_a_rollback() {
     require_services();
     let db = Database(format!("nonstop_assets_test_{}", std::process::id()));
+    // The migration gate reads the database before the release tasks run,
+    // on the first deploy too: it must exist (the example's README says so).
+    psql(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db.0)).unwrap();
+    psql(&format!("CREATE DATABASE \"{}\"", db.0)).unwrap();
     let app = django(&db.0);
 
     // v1.

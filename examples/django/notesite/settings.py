@@ -21,6 +21,8 @@ Variables (all optional; defaults are for a local machine):
   LOG_LEVEL           (default INFO); logs go to stdout
   APP_VERSION         shown on the home page and in /version/ (default "1")
   FAIL_HEALTH         1: /health/ answers 500 (simulates a bad release)
+  BROKEN_PAGES        1: every request but /health/ answers 500 (a bad release
+                      whose health check passes)
   BOOT_DELAY          seconds to sleep before the WSGI app loads (default 0)
 """
 import os
@@ -95,6 +97,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     *(["whitenoise.middleware.WhiteNoiseMiddleware"] if SERVE_STATIC else []),
+    *(["notes.middleware.broken_pages"] if env_bool("BROKEN_PAGES") else []),
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

@@ -4,7 +4,7 @@
 Runs the Procfile's own commands against the local PostgreSQL and Redis:
 release (ensure_database + migrate), collectstatic, then web (gunicorn), worker
 and beat, and checks every endpoint, the hashed static files, the celery task,
-the beat heartbeat, gunicorn's graceful SIGTERM, FAIL_HEALTH=1 and a database
+the beat heartbeat, gunicorn's graceful SIGTERM, FAIL_HEALTH=1, BROKEN_PAGES=1 and a database
 that is down. Everything it starts it stops (by pid/process group), and it
 drops the throwaway database it created. Exit status 0 on success, 1 on failure.
 
@@ -154,7 +154,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="notes-smoke-")
     static_root = os.path.join(tmp, "static")
     env = dict(os.environ)
-    for k in ("PORT", "FAIL_HEALTH", "BOOT_DELAY", "NONSTOP_ENVIRONMENT", "DEBUG", "SERVE_STATIC"):
+    for k in ("PORT", "FAIL_HEALTH", "BROKEN_PAGES", "BOOT_DELAY", "NONSTOP_ENVIRONMENT", "DEBUG", "SERVE_STATIC"):
         env.pop(k, None)
     env.update(
         DJANGO_SETTINGS_MODULE="notesite.settings",
@@ -293,6 +293,15 @@ def main():
         status, _, body = http("GET", f"http://127.0.0.1:{port2}/health/")
         check(status == 500, f"FAIL_HEALTH=1 -> /health/ 500 ({body.strip()!r})")
         bad.stop()
+
+        # A bad release whose health check passes: BROKEN_PAGES=1.
+        port4 = free_port()
+        broken = start("web-broken-pages", cmds["web"], PORT=str(port4), BROKEN_PAGES="1")
+        wait_status(f"http://127.0.0.1:{port4}", "/health/", 200, broken)
+        for method, path in (("GET", "/"), ("GET", "/version/"), ("POST", "/notes/")):
+            status, _, body = http(method, f"http://127.0.0.1:{port4}{path}")
+            check(status == 500, f"BROKEN_PAGES=1 -> {method} {path} 500 ({body.strip()[:60]!r})")
+        broken.stop()
 
         # The database is down (nothing listens on the port).
         port3, dead_pg = free_port(), free_port()
