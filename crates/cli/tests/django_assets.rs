@@ -86,11 +86,11 @@ fn set_in_section(spec: &str, section: &str, key: &str, value: &str) -> String {
 fn django(db: &str) -> TestApp {
     let app = TestApp::new("django", |s| s);
     // `[database]`: nonstop fills DATABASE_URL for every process and task.
-    let mut spec = set_in_section(&app.spec(), "database", "url", &format!("\"postgres://postgres@127.0.0.1:5432/{db}\""));
-    for (key, value) in [
-        ("REDIS_URL", format!("redis://127.0.0.1:6379/{REDIS_DB}")),
-        ("CELERY_QUEUE", format!("notes-{db}")),
-    ] {
+    let mut spec =
+        set_in_section(&app.spec(), "database", "url", &format!("\"postgres://postgres@127.0.0.1:5432/{db}\""));
+    for (key, value) in
+        [("REDIS_URL", format!("redis://127.0.0.1:6379/{REDIS_DB}")), ("CELERY_QUEUE", format!("notes-{db}"))]
+    {
         spec = set_in_section(&spec, "env", key, &format!("\"{value}\""));
     }
     app.write_spec(&spec);

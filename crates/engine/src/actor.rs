@@ -533,6 +533,9 @@ pub(crate) struct Inst {
     /// It answered its health check but failed a smoke check (the
     /// proxy's words): it never takes traffic, and a rollout fails on it.
     smoke_failure: Option<String>,
+    /// The proxy took it out of rotation as an outlier (the proxy's
+    /// words): it answered only 5xx while its peers did not.
+    ejected: Option<String>,
 }
 
 impl Inst {
@@ -556,6 +559,7 @@ impl Inst {
             last_checks: VecDeque::new(),
             stop_requested: false,
             smoke_failure: None,
+            ejected: None,
         }
     }
 }
@@ -1529,6 +1533,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         if ev.cause == HealthCause::Smoke && inst.phase == InstPhase::Starting {
             inst.smoke_failure = Some(ev.detail.clone());
         }
+        match (ev.cause, ev.health) {
+            (HealthCause::Outlier, BackendHealth::Unhealthy) => inst.ejected = Some(ev.detail.clone()),
+            (_, BackendHealth::Healthy) => inst.ejected = None,
+            _ => {}
+        }
         let became_ready = ev.health == BackendHealth::Healthy && inst.phase == InstPhase::Starting;
         if became_ready {
             inst.phase = InstPhase::Ready;
@@ -1861,6 +1870,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 let new = ro.new.get(&slot).map(|id| match rt.instances.get(id) {
                     None => NewPhase::Failed,
                     // Ready once, then failing its checks: not a release to keep.
+                    // Out of rotation for answering only 5xx (its health
+                    // check may well pass): the release fails under traffic.
+                    Some(inst) if inst.phase == InstPhase::Ready && inst.ejected.is_some() => {
+                        if failure.is_none() {
+                            failure = Some(format!(
+                                "new instance {} was taken out of rotation: it {}",
+                                id.slot_name(),
+                                inst.ejected.as_deref().unwrap_or("answered only 5xx")
+                            ));
+                        }
+                        NewPhase::Failed
+                    }
                     Some(inst) if inst.phase == InstPhase::Ready && inst.health == Some(BackendHealth::Unhealthy) => {
                         if failure.is_none() {
                             let checks = last_checks(&*self.traffic, inst);
