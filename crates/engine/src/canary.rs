@@ -141,14 +141,29 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             let started = clock.now();
             let start = traffic.figures(&route).await;
             let mine = |i: &InstanceId| canary.contains(i);
+            let warm_up = margins.min_requests;
+            let mut warm: Option<Vec<BackendFigures>> = None;
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(POLL) => {}
                     () = cancel.cancelled() => return,
                 }
                 let now = traffic.figures(&route).await;
-                let new = window_of(&start, &now, mine);
+                let mut new = window_of(&start, &now, mine);
                 let old = window_of(&start, &now, |i| !mine(i));
+                // A cold instance (imports, connections, caches) answers
+                // its first requests slowly: in the first window its p95
+                // counts only once it has answered `warm_up` of them.
+                if step == 0 {
+                    match &warm {
+                        None if new.requests >= warm_up => warm = Some(now.clone()),
+                        None => {}
+                        Some(w) => new.p95_ms = window_of(w, &now, mine).p95_ms,
+                    }
+                    if warm.as_ref().is_none_or(|w| window_of(w, &now, mine).requests == 0) {
+                        new.p95_ms = 0.0;
+                    }
+                }
                 let elapsed = clock.now().saturating_duration_since(started).as_millis() as u64;
                 if window_complete(elapsed, hold_ms, &old, &new, &margins) {
                     let _ = tx.send(Internal::CanaryWindow { deployment, step, old, new });
