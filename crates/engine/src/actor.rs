@@ -1869,19 +1869,19 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 });
                 let new = ro.new.get(&slot).map(|id| match rt.instances.get(id) {
                     None => NewPhase::Failed,
-                    // Ready once, then failing its checks: not a release to keep.
                     // Out of rotation for answering only 5xx (its health
                     // check may well pass): the release fails under traffic.
                     Some(inst) if inst.phase == InstPhase::Ready && inst.ejected.is_some() => {
-                        if failure.is_none() {
-                            failure = Some(format!(
+                        failure.get_or_insert_with(|| {
+                            format!(
                                 "new instance {} was taken out of rotation: it {}",
                                 id.slot_name(),
                                 inst.ejected.as_deref().unwrap_or("answered only 5xx")
-                            ));
-                        }
+                            )
+                        });
                         NewPhase::Failed
                     }
+                    // Ready once, then failing its checks: not a release to keep.
                     Some(inst) if inst.phase == InstPhase::Ready && inst.health == Some(BackendHealth::Unhealthy) => {
                         if failure.is_none() {
                             let checks = last_checks(&*self.traffic, inst);
@@ -1898,13 +1898,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                     // Healthy, but a page it must serve is broken: before
                     // any client saw it.
                     Some(inst) if inst.smoke_failure.is_some() => {
-                        if failure.is_none() {
-                            failure = Some(format!(
+                        failure.get_or_insert_with(|| {
+                            format!(
                                 "new instance {} {}; no client request reached it",
                                 id.slot_name(),
                                 inst.smoke_failure.as_deref().unwrap_or("failed a smoke check")
-                            ));
-                        }
+                            )
+                        });
                         NewPhase::Failed
                     }
                     Some(inst) => {
@@ -1994,7 +1994,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                                 // A canary gets its share from its first
                                 // request on (never an even one).
                                 if let Some(hold) = &canary {
-                                    self.split_to(&[id.clone()], hold.percent);
+                                    self.split_to(std::slice::from_ref(&id), hold.percent);
                                 }
                                 if let Some(ro) = self.app.as_mut().and_then(|rt| rt.rollout.as_mut()) {
                                     ro.new.insert(slot, id);

@@ -155,14 +155,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
                 // its first requests slowly: in the first window its p95
                 // counts only once it has answered `warm_up` of them.
                 if step == 0 {
-                    match &warm {
-                        None if new.requests >= warm_up => warm = Some(now.clone()),
-                        None => {}
-                        Some(w) => new.p95_ms = window_of(w, &now, mine).p95_ms,
+                    if warm.is_none() && new.requests >= warm_up {
+                        warm = Some(now.clone());
                     }
-                    if warm.as_ref().is_none_or(|w| window_of(w, &now, mine).requests == 0) {
-                        new.p95_ms = 0.0;
-                    }
+                    // No answer since warm (or not warm yet): no p95 (0).
+                    new.p95_ms = warm.as_ref().map_or(0.0, |w| window_of(w, &now, mine).p95_ms);
                 }
                 let elapsed = clock.now().saturating_duration_since(started).as_millis() as u64;
                 if window_complete(elapsed, hold_ms, &old, &new, &margins) {

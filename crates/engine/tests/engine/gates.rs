@@ -113,6 +113,11 @@ async fn a_rollback_behind_the_schema_is_refused_unless_forced() {
     assert_eq!(f.schema_gate.behinds(), 1, "forced: not compared");
 }
 
+/// Two web instances ramped 5 % then 25 %, 10 s windows.
+fn ramped(v: &str) -> nonstop_core::process::AppSpec {
+    app("blog").web("web", 2).env("V", v).canary("web", &[5, 25], secs(10)).build()
+}
+
 fn figures(instance: &InstanceId, requests: u64, errors_5xx: u64) -> BackendFigures {
     let mut latency = LatencyHistogram::default();
     for _ in 0..requests {
@@ -125,11 +130,10 @@ fn figures(instance: &InstanceId, requests: u64, errors_5xx: u64) -> BackendFigu
 async fn a_canary_answering_5xx_is_rolled_back_with_the_figures() {
     let f = Fixture::new();
     let e = f.start();
-    let spec = |v: &str| app("blog").web("web", 2).env("V", v).canary("web", &[5, 25], secs(10)).build();
-    e.up(spec("1")).await.unwrap();
+    e.up(ramped("1")).await.unwrap();
     let old = alive(&f, "web");
     f.builder.set_hash("source-2");
-    let deploy = e.spawn_deploy(spec("2"), "ann");
+    let deploy = e.spawn_deploy(ramped("2"), "ann");
     // The canary gets its share from its start.
     f.driver.wait_for("the canary", |d| d.alive_of(&pn("web")).len() == 3).await;
     let canary = alive(&f, "web").into_iter().find(|i| !old.contains(i)).unwrap();
@@ -162,13 +166,12 @@ async fn a_canary_answering_5xx_is_rolled_back_with_the_figures() {
 async fn a_healthy_canary_ramps_then_the_rollout_goes_on() {
     let f = Fixture::new();
     let e = f.start();
-    let spec = |v: &str| app("blog").web("web", 2).env("V", v).canary("web", &[5, 25], secs(10)).build();
-    e.up(spec("1")).await.unwrap();
+    e.up(ramped("1")).await.unwrap();
     let old = alive(&f, "web");
     f.builder.set_hash("source-2");
     f.traffic.reset_watermarks();
     // No traffic at all: each window ends after the idle time.
-    let (r, progress) = e.deploy_with_progress(spec("2")).await;
+    let (r, progress) = e.deploy_with_progress(ramped("2")).await;
     r.unwrap();
     let percents: Vec<u8> = f.traffic.split_calls().iter().filter_map(|s| s.1.as_ref().map(|s| s.percent)).collect();
     assert_eq!(percents, [5, 25]);
