@@ -226,7 +226,7 @@ impl Default for Canary {
             hold: Duration::from_secs(10),
             max_5xx_increase_bp: 100,
             max_p95_ratio_pct: 200,
-            p95_slack: Duration::from_millis(50),
+            p95_slack: Duration::from_millis(100),
             min_requests: 20,
         }
     }

@@ -15,7 +15,9 @@
 use super::*;
 use nonstop_core::process::Canary;
 use nonstop_core::traffic::{BackendFigures, LatencyHistogram, Split};
-use nonstop_plan::deployment::{window_complete, Event, Margins, RampStep, RollTo, Window};
+use nonstop_plan::deployment::{
+    judge, window_complete, CanaryVerdict, Event, Margins, RampStep, RollTo, Window, SLOW_WINDOWS_TO_FAIL,
+};
 
 /// How often a window's counters are read.
 const POLL: Duration = Duration::from_millis(500);
@@ -182,6 +184,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             describe(&new),
             describe(&old)
         ));
+        let suspect = matches!(judge(&old, &new, &run.machine.margins), CanaryVerdict::Slow { .. })
+            && run.machine.slow_windows + 1 < SLOW_WINDOWS_TO_FAIL;
+        if suspect {
+            self.progress(format!(
+                "canary step {}: slower than the margins allow; measuring once more before judging",
+                step + 1
+            ));
+        }
         self.feed(Event::CanaryWindow { step, old, new });
     }
 

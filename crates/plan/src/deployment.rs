@@ -385,7 +385,7 @@ pub struct Margins {
 
 impl Default for Margins {
     fn default() -> Self {
-        Margins { error_rate: 0.01, p95_ratio: 2.0, p95_slack_ms: 50.0, min_requests: 20 }
+        Margins { error_rate: 0.01, p95_ratio: 2.0, p95_slack_ms: 100.0, min_requests: 20 }
     }
 }
 
@@ -396,10 +396,22 @@ pub enum CanaryVerdict {
     Pass,
     /// Too few requests reached the new release to judge it.
     Inconclusive,
+    /// Slower than the margins allow. Latency is noisy (a fresh instance on
+    /// a busy machine, a burst of slow pages): one slow window is a
+    /// suspicion, [`SLOW_WINDOWS_TO_FAIL`] in a row at the same step a
+    /// failure.
+    Slow {
+        why: String,
+    },
+    /// More 5xx than the margin allows: a failure at once.
     Fail {
         why: String,
     },
 }
+
+/// Slow windows in a row (at one step) that fail the live gate; after a
+/// single one the step is measured again.
+pub const SLOW_WINDOWS_TO_FAIL: u8 = 2;
 
 /// Compare the new release's window with the old one's.
 pub fn judge(old: &Window, new: &Window, margins: &Margins) -> CanaryVerdict {
@@ -420,7 +432,7 @@ pub fn judge(old: &Window, new: &Window, margins: &Margins) -> CanaryVerdict {
         };
     }
     if old.requests > 0 && new.p95_ms > old.p95_ms * margins.p95_ratio + margins.p95_slack_ms {
-        return CanaryVerdict::Fail {
+        return CanaryVerdict::Slow {
             why: format!(
                 "the new release's p95 is {:.0} ms, the old one's {:.0} ms (allowed: {}× + {:.0} ms)",
                 new.p95_ms, old.p95_ms, margins.p95_ratio, margins.p95_slack_ms
@@ -512,6 +524,10 @@ pub struct Deployment {
     /// Promoted already (the new release is the app's record).
     pub promoted: bool,
     pub margins: Margins,
+    /// Slow canary windows in a row at the current step
+    /// ([`CanaryVerdict::Slow`]).
+    #[serde(default)]
+    pub slow_windows: u8,
 }
 
 impl Deployment {
@@ -524,6 +540,7 @@ impl Deployment {
             maintenance: false,
             promoted: false,
             margins,
+            slow_windows: 0,
         }
     }
 
@@ -726,12 +743,24 @@ impl Deployment {
             }
             (Phase::Canary { step }, Event::CanaryWindow { step: s, old, new }) if s == step => {
                 let index = self.index_of_canary();
+                let process = self.shape.order[index].clone();
                 match judge(&old, &new, &self.margins) {
                     CanaryVerdict::Fail { why } => {
                         self.back_out(Failure::new(FailureKind::LiveGate, why), Some(index), out)
                     }
+                    CanaryVerdict::Slow { why } if self.slow_windows + 1 >= SLOW_WINDOWS_TO_FAIL => {
+                        let why = format!("{why}, in {SLOW_WINDOWS_TO_FAIL} windows in a row");
+                        self.back_out(Failure::new(FailureKind::LiveGate, why), Some(index), out)
+                    }
+                    CanaryVerdict::Slow { .. } => {
+                        // Once is a suspicion: the same step, a new window.
+                        self.slow_windows += 1;
+                        let here = self.shape.ramp[step];
+                        self.enter(Phase::Canary { step }, Some(now + here.hold_ms + self.shape.limits.rollout_ms));
+                        out.push(Action::Weigh { process, percent: here.percent, hold_ms: here.hold_ms });
+                    }
                     CanaryVerdict::Pass | CanaryVerdict::Inconclusive => {
-                        let process = self.shape.order[index].clone();
+                        self.slow_windows = 0;
                         match self.shape.ramp.get(step + 1).copied() {
                             Some(next) => {
                                 self.enter(

@@ -138,7 +138,7 @@ pub const MIN_CANARY_MAX_P95_RATIO_PCT: u32 = 100;
 pub const MAX_CANARY_MAX_P95_RATIO_PCT: u32 = 10_000;
 /// `[rollout] canary_p95_slack`: added to the allowed p95 (small p95s are
 /// noisy).
-pub const DEFAULT_CANARY_P95_SLACK: Duration = Duration::from_millis(50);
+pub const DEFAULT_CANARY_P95_SLACK: Duration = Duration::from_millis(100);
 /// Longest `canary_p95_slack`.
 pub const MAX_CANARY_P95_SLACK: Duration = Duration::from_secs(60);
 /// `[rollout] canary_min_requests`: fewer new-release requests in a window
@@ -177,7 +177,7 @@ pub const DEFAULTS_DOC: &str = "\
 | `rollout.canary` (web) | `5%`, `25%` | none when rolling (the default); strategy `CANARY`: `canaryPercent` 5.0, then the rest (CodeDeploy: `CodeDeployDefault.ECSCanary10Percent5Minutes`) | none (kamal-proxy's `rollout set --percent` is a split set by hand, judged by nobody) | a bad release meets a few percent of the traffic for seconds, not all of it, and is rolled back; Heroku has none either (preboot only); `[]` or `false`: no ramp |
 | `rollout.canary_hold` | `10s` | `canaryBakeTimeInMinutes` 10 | none | a step ends sooner once enough requests were seen; a deploy on one machine should take seconds, not minutes |
 | `rollout.canary_max_5xx_increase` | `1%` | none built in (CloudWatch alarms you write roll back) | none | compared with the old release over the same window, not with a fixed threshold: one point more 5xx is a regression |
-| `rollout.canary_max_p95_ratio` / `canary_p95_slack` | `2.0` / `50ms` | none built in (CloudWatch alarms) | none | twice as slow is a regression worth a rollback; the slack keeps a 3ms to 8ms p95 from counting |
+| `rollout.canary_max_p95_ratio` / `canary_p95_slack` | `2.0` / `100ms` | none built in (CloudWatch alarms) | none | twice as slow is a regression worth a rollback; the slack keeps a 3ms to 8ms p95 (or a fresh instance's first pages) from counting, and a slow window is measured again before it fails |
 | `rollout.canary_min_requests` | `20` | none | none | fewer new-release requests in a window prove nothing either way: a quiet app is not held back |
 | `drain_timeout` | `30s` | `300s` (deregistration delay) | `30s` (`drain_timeout`; kamal-proxy alone: `10s`) | long enough for slow requests and uploads, short enough for a quick rollout |
 | `stop_timeout` | `10s` | `30s` (`stopTimeout`) | `10s` (docker stop) | requests have drained before the signal; this only bounds the app's own shutdown |

@@ -1754,7 +1754,7 @@ count = 1
 # canary_hold = "10s"
 # canary_max_5xx_increase = "1%"
 # canary_max_p95_ratio = 2.0
-# canary_p95_slack = "50ms"
+# canary_p95_slack = "100ms"
 # canary_min_requests = 20
 "#;
     assert_eq!(toml, expected);

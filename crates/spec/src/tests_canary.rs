@@ -65,7 +65,7 @@ fn defaults_apply_when_the_keys_are_absent() {
 fn every_key_is_read() {
     let spec = parse_ok(&with_rollout(
         "canary = [\"5%\", \"25%\"]\ncanary_hold = \"10s\"\ncanary_max_5xx_increase = \"1%\"\n\
-         canary_max_p95_ratio = 2.0\ncanary_p95_slack = \"50ms\"\ncanary_min_requests = 20",
+         canary_max_p95_ratio = 2.0\ncanary_p95_slack = \"100ms\"\ncanary_min_requests = 20",
     ));
     assert_eq!(canary_of(&spec), Canary::default());
 
@@ -154,8 +154,8 @@ fn out_of_range_values_are_refused_with_the_fix() {
         ("canary_max_p95_ratio = \"2x\"", "canary_max_p95_ratio", "2x", "canary_max_p95_ratio = 2.0"),
         ("canary_max_p95_ratio = \"200%\"", "canary_max_p95_ratio", "200%", "canary_max_p95_ratio = 2.0"),
         ("canary_max_p95_ratio = true", "canary_max_p95_ratio", "boolean", "canary_max_p95_ratio = 2.0"),
-        ("canary_p95_slack = \"61s\"", "canary_p95_slack", "1m1s", "canary_p95_slack = \"50ms\""),
-        ("canary_p95_slack = -1", "canary_p95_slack", "negative", "canary_p95_slack = \"50ms\""),
+        ("canary_p95_slack = \"61s\"", "canary_p95_slack", "1m1s", "canary_p95_slack = \"100ms\""),
+        ("canary_p95_slack = -1", "canary_p95_slack", "negative", "canary_p95_slack = \"100ms\""),
         ("canary_min_requests = 0", "canary_min_requests", "not 0", "canary_min_requests = 20"),
         ("canary_min_requests = 100001", "canary_min_requests", "100001", "canary_min_requests = 20"),
         ("canary_min_requests = -3", "canary_min_requests", "-3", "canary_min_requests = 20"),

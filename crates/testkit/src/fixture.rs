@@ -216,12 +216,19 @@ impl RunningEngine {
     /// `deploy` of the fixture's app directory by `who`, in a task of its
     /// own.
     pub fn spawn_deploy(&self, spec: AppSpec, who: &str) -> Pending {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        self.spawn_deploy_by(spec, who, tx)
+    }
+
+    /// [`Self::spawn_deploy`], its progress sent to `progress`.
+    pub fn spawn_deploy_with_progress(&self, spec: AppSpec, progress: mpsc::UnboundedSender<Progress>) -> Pending {
+        self.spawn_deploy_by(spec, "test", progress)
+    }
+
+    fn spawn_deploy_by(&self, spec: AppSpec, who: &str, progress: mpsc::UnboundedSender<Progress>) -> Pending {
         let (handle, workdir, base_env, who) =
             (self.handle.clone(), self.workdir.clone(), self.base_env.clone(), who.to_string());
-        tokio::spawn(async move {
-            let (tx, _rx) = mpsc::unbounded_channel();
-            handle.deploy(spec, workdir, base_env, None, who, tx).await
-        })
+        tokio::spawn(async move { handle.deploy(spec, workdir, base_env, None, who, progress).await })
     }
 
     /// Shut the engine down as a daemon stop does (instances keep running)

@@ -119,9 +119,13 @@ fn ramped(v: &str) -> nonstop_core::process::AppSpec {
 }
 
 fn figures(instance: &InstanceId, requests: u64, errors_5xx: u64) -> BackendFigures {
+    slow_figures(instance, requests, errors_5xx, 5)
+}
+
+fn slow_figures(instance: &InstanceId, requests: u64, errors_5xx: u64, each_ms: u64) -> BackendFigures {
     let mut latency = LatencyHistogram::default();
     for _ in 0..requests {
-        latency.record(ms(5));
+        latency.record(ms(each_ms));
     }
     BackendFigures { instance: instance.clone(), requests, errors_5xx, latency }
 }
@@ -181,4 +185,49 @@ async fn a_healthy_canary_ramps_then_the_rollout_goes_on() {
     assert!(now.iter().all(|i| !old.contains(i)));
     assert!(progress.iter().any(|p| p.message.contains("canary step 2")), "{progress:#?}");
     assert_eq!(f.traffic.healthy_watermarks(&pn("web")).0, 2, "capacity never dropped");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_canary_slower_in_two_windows_in_a_row_is_rolled_back() {
+    let f = Fixture::new();
+    let e = f.start();
+    e.up(ramped("1")).await.unwrap();
+    let old = alive(&f, "web");
+    f.builder.set_hash("source-2");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let deploy = e.spawn_deploy_with_progress(ramped("2"), tx);
+    f.driver.wait_for("the canary", |d| d.alive_of(&pn("web")).len() == 3).await;
+    let canary = alive(&f, "web").into_iter().find(|i| !old.contains(i)).unwrap();
+    // Every page of the canary takes 500 ms, the old ones' 5 ms; no errors.
+    let traffic = f.traffic.clone();
+    let (c, o) = (canary.clone(), old.clone());
+    let feeder = tokio::spawn(async move {
+        for n in 1..=1_000u64 {
+            traffic.set_figures(slow_figures(&c, n, 0, 500));
+            for i in &o {
+                traffic.set_figures(figures(i, 20 * n, 0));
+            }
+            tokio::time::sleep(ms(50)).await;
+        }
+    });
+    let err = within("the deploy", deploy).await.unwrap().unwrap_err();
+    feeder.abort();
+    assert!(
+        matches!(&err, EngineError::RolledBack { reason, .. }
+            if reason.contains("p95") && reason.contains("2 windows in a row")),
+        "{err}"
+    );
+    let mut progress = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        progress.push(p.message);
+    }
+    assert_eq!(
+        progress.iter().filter(|p| p.contains("measuring once more")).count(),
+        1,
+        "one suspicion, then the failure: {progress:#?}"
+    );
+    let percents: Vec<u8> = f.traffic.split_calls().iter().filter_map(|s| s.1.as_ref().map(|s| s.percent)).collect();
+    assert_eq!(percents, [5, 5], "measured twice at the first step, never ramped");
+    f.driver.wait_for("the canary stopped", |d| !d.is_instance_alive(&canary)).await;
+    assert_eq!(alive(&f, "web"), old, "the old instances were never replaced");
 }

@@ -252,6 +252,57 @@ fn a_canary_answering_500_rolls_back_with_the_figures() {
 }
 
 #[test]
+fn one_slow_window_is_measured_again_and_two_in_a_row_roll_back() {
+    let old = Window { requests: 900, errors_5xx: 0, p95_ms: 80.0 };
+    let slow = Window { requests: 60, errors_5xx: 0, p95_ms: 300.0 };
+    let good = Window { requests: 60, errors_5xx: 0, p95_ms: 90.0 };
+    let begin = vec![Event::Begin, Event::Built { result: Ok(()) }, Event::TasksEnded { post: false, result: Ok(()) }];
+    let again = Action::Weigh { process: name("web"), percent: 5, hold_ms: 10_000 };
+
+    // Slow once, then fine: the ramp goes on (and the count starts over,
+    // so one more slow window at the next step is again only a suspicion).
+    let mut events = begin.clone();
+    events.extend([
+        Event::CanaryWindow { step: 0, old, new: slow },
+        Event::CanaryWindow { step: 0, old, new: good },
+        Event::CanaryWindow { step: 1, old, new: slow },
+    ]);
+    let (d, actions) = run(deploy(GateMode::Off, true), events);
+    assert_eq!(
+        actions[2..],
+        [
+            again.clone(),
+            again.clone(),
+            Action::Weigh { process: name("web"), percent: 25, hold_ms: 10_000 },
+            Action::Weigh { process: name("web"), percent: 25, hold_ms: 10_000 },
+        ]
+    );
+    assert_eq!((d.phase.clone(), d.slow_windows), (Phase::Canary { step: 1 }, 1));
+
+    // Slow twice in a row: rolled back, the figures and the repetition named.
+    let mut events = begin;
+    events.extend([
+        Event::CanaryWindow { step: 0, old, new: slow },
+        Event::CanaryWindow { step: 0, old, new: slow },
+        done("web"),
+    ]);
+    let (d, actions) = run(deploy(GateMode::Off, true), events);
+    assert!(actions.contains(&roll("web", RollTo::Previous)));
+    match outcome(&d) {
+        Outcome::RolledBack { failure } => {
+            assert_eq!(failure.kind, FailureKind::LiveGate);
+            assert!(
+                failure.detail.contains("p95 is 300 ms, the old one's 80 ms")
+                    && failure.detail.contains("2 windows in a row"),
+                "{}",
+                failure.detail
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn a_restart_in_the_middle_of_the_rollout_rolls_back_what_was_touched() {
     let (d, actions) = run(
         deploy(GateMode::Off, false),
@@ -370,6 +421,15 @@ proptest! {
     }
 
     #[test]
+    fn latency_alone_is_never_an_immediate_failure(old in window(), new in window()) {
+        let clean = Window { errors_5xx: 0, ..new };
+        let old = Window { errors_5xx: 0, ..old };
+        let verdict = judge(&old, &clean, &Margins::default());
+        prop_assert!(!matches!(verdict, CanaryVerdict::Fail { .. }), "{:?}", verdict);
+        prop_assert!(!window_complete(1_000, 10_000, &old, &clean, &Margins::default()) || clean.requests >= 100);
+    }
+
+    #[test]
     fn more_errors_never_turn_a_failure_into_a_pass(old in window(), new in window(), more in 0u64..500) {
         let worse = Window { errors_5xx: (new.errors_5xx + more).min(new.requests), ..new };
         let m = Margins::default();
@@ -460,7 +520,12 @@ fn answer(action: &Action, ok: bool, seed: u8, step: usize) -> Option<Event> {
         }
         Action::Weigh { .. } => {
             let old = Window { requests: 1_000, errors_5xx: 1, p95_ms: 30.0 };
-            let new = if ok { old } else { Window { requests: 100, errors_5xx: 100, p95_ms: 5.0 } };
+            let new = match (ok, seed % 2) {
+                (true, _) => old,
+                (false, 0) => Window { requests: 100, errors_5xx: 100, p95_ms: 5.0 },
+                // Slow: a suspicion first, a failure the second time.
+                (false, _) => Window { requests: 100, errors_5xx: 0, p95_ms: 900.0 },
+            };
             Event::CanaryWindow { step, old, new }
         }
         Action::AdoptFirst | Action::Promote | Action::Abort | Action::Finish { .. } => return None,
