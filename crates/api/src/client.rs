@@ -50,6 +50,9 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
+    /// `?app=…&env=…` added to every request: the app and environment it
+    /// is about (either may be left to the daemon).
+    scope: String,
 }
 
 /// A streamed response body, read line by line.
@@ -101,7 +104,21 @@ impl Lines {
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into() }
+        Self { socket: socket.into(), scope: String::new() }
+    }
+
+    /// Requests about `app` in `env` (`None`: the daemon's choice: the
+    /// environment's one app, its default environment).
+    pub fn scoped(mut self, app: Option<&str>, env: Option<&str>) -> Self {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        if let Some(app) = app {
+            q.append_pair("app", app);
+        }
+        if let Some(env) = env {
+            q.append_pair("env", env);
+        }
+        self.scope = q.finish();
+        self
     }
 
     pub fn socket(&self) -> &Path {
@@ -126,6 +143,11 @@ impl Client {
             let _ = conn.await;
         });
         let has_body = body.is_some();
+        let path = match (self.scope.is_empty(), path.contains('?')) {
+            (true, _) => path.to_string(),
+            (false, false) => format!("{path}?{}", self.scope),
+            (false, true) => format!("{path}&{}", self.scope),
+        };
         let mut req = Request::builder().method(method).uri(path).header("host", "nonstop");
         if has_body {
             req = req.header("content-type", "application/json");

@@ -50,6 +50,39 @@ pub struct ApiState {
     pub upgrade: Option<mpsc::Sender<UpgradeRequest>>,
 }
 
+/// The engine, addressed to the app and environment the request names
+/// (`?app=NAME&env=NAME`, both optional: the environment's one app, the
+/// daemon's default environment).
+pub struct Scoped(pub EngineHandle);
+
+#[derive(serde::Deserialize)]
+struct ScopeQuery {
+    app: Option<String>,
+    env: Option<String>,
+}
+
+impl axum::extract::FromRequestParts<ApiState> for Scoped {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, s: &ApiState) -> Result<Self, Response> {
+        let Query(q) =
+            Query::<ScopeQuery>::try_from_uri(&parts.uri).map_err(|e| bad_request(format!("invalid query: {e}")))?;
+        let app = q
+            .app
+            .filter(|a| !a.is_empty())
+            .map(nonstop_core::AppName::new)
+            .transpose()
+            .map_err(|e| bad_request(format!("{e} (given as `app`)")))?;
+        let env = q
+            .env
+            .filter(|e| !e.is_empty())
+            .map(nonstop_core::EnvironmentId::new)
+            .transpose()
+            .map_err(|e| bad_request(format!("{e} (given as `env`, from -e/--env or NONSTOP_ENV)")))?;
+        Ok(Scoped(s.engine.scoped(app, env)))
+    }
+}
+
 /// The routes, without authentication (for the 0600 unix socket).
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -151,22 +184,22 @@ async fn ping(State(s): State<ApiState>) -> Json<Ping> {
     Json(Ping { pid: std::process::id(), version: env!("CARGO_PKG_VERSION").to_string(), home: s.home.clone() })
 }
 
-async fn status(State(s): State<ApiState>) -> Response {
-    match s.engine.status().await {
+async fn status(Scoped(engine): Scoped) -> Response {
+    match engine.status().await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }
 }
 
-async fn run_context(State(s): State<ApiState>, Query(q): Query<RunContextQuery>) -> Response {
-    match s.engine.run_context(q.release.map(nonstop_core::ReleaseId)).await {
+async fn run_context(Scoped(engine): Scoped, Query(q): Query<RunContextQuery>) -> Response {
+    match engine.run_context(q.release.map(nonstop_core::ReleaseId)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }
 }
 
-async fn events(State(s): State<ApiState>, Query(q): Query<EventsQuery>) -> Response {
-    match s.engine.events(q.limit.unwrap_or(50).min(10_000)).await {
+async fn events(Scoped(engine): Scoped, Query(q): Query<EventsQuery>) -> Response {
+    match engine.events(q.limit.unwrap_or(50).min(10_000)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }
@@ -211,24 +244,22 @@ fn ndjson<T: serde::Serialize>(v: &T) -> bytes::Bytes {
 }
 
 async fn up(
-    State(s): State<ApiState>,
+    Scoped(engine): Scoped,
     body: Result<Json<UpRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid up request: {e}")),
     };
-    let engine = s.engine.clone();
     op_stream(move |p| async move { engine.up(req.spec, req.workdir, req.base_env, p).await })
 }
 
-async fn down(State(s): State<ApiState>) -> Response {
-    let engine = s.engine.clone();
+async fn down(Scoped(engine): Scoped) -> Response {
     op_stream(move |p| async move { engine.down(p).await })
 }
 
 async fn scale(
-    State(s): State<ApiState>,
+    Scoped(engine): Scoped,
     body: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
@@ -247,17 +278,15 @@ async fn scale(
     if counts.is_empty() {
         return bad_request("nothing to scale; give PROCESS=COUNT, e.g. `nonstop scale web=4`".into());
     }
-    let engine = s.engine.clone();
     op_stream(move |p| async move { engine.scale(counts, p).await })
 }
 
-async fn restart(State(s): State<ApiState>, body: Option<Json<RestartRequest>>) -> Response {
+async fn restart(Scoped(engine): Scoped, body: Option<Json<RestartRequest>>) -> Response {
     let req = body.map(|Json(b)| b).unwrap_or_default();
     let process = match req.process.map(ProcessName::new).transpose() {
         Ok(p) => p,
         Err(e) => return bad_request(e.to_string()),
     };
-    let engine = s.engine.clone();
     op_stream(move |p| async move { engine.restart(process, p).await })
 }
 
@@ -266,8 +295,8 @@ async fn shutdown(State(s): State<ApiState>) -> Response {
     (StatusCode::ACCEPTED, Json(serde_json::json!({"shutting_down": true}))).into_response()
 }
 
-async fn logs(State(s): State<ApiState>, Query(q): Query<LogsQuery>) -> Response {
-    let status = match s.engine.status().await {
+async fn logs(State(s): State<ApiState>, Scoped(engine): Scoped, Query(q): Query<LogsQuery>) -> Response {
+    let status = match engine.status().await {
         Ok(st) => st,
         Err(e) => return engine_error(e),
     };
@@ -316,14 +345,13 @@ async fn logs(State(s): State<ApiState>, Query(q): Query<LogsQuery>) -> Response
 }
 
 async fn deploy(
-    State(s): State<ApiState>,
+    Scoped(engine): Scoped,
     body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid deploy request: {e}")),
     };
-    let engine = s.engine.clone();
     op_stream(move |p| async move {
         let options = nonstop_engine::DeployOptions { run_tasks: req.run_tasks, allow_breaking: req.allow_breaking };
         engine.deploy_with(req.spec, req.source, req.base_env, req.message, req.who, options, p).await
@@ -331,14 +359,13 @@ async fn deploy(
 }
 
 async fn rollback(
-    State(s): State<ApiState>,
+    Scoped(engine): Scoped,
     body: Result<Json<RollbackRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid rollback request: {e}")),
     };
-    let engine = s.engine.clone();
     op_stream(move |p| async move {
         let options = nonstop_engine::RollbackOptions { run_tasks: req.run_tasks, force: req.force };
         engine.rollback_with(req.release.map(nonstop_core::ReleaseId), options, req.who, p).await
@@ -346,7 +373,7 @@ async fn rollback(
 }
 
 async fn cancel(
-    State(s): State<ApiState>,
+    Scoped(engine): Scoped,
     body: Result<Json<CancelRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
@@ -357,14 +384,14 @@ async fn cancel(
         Ok(reason) => reason,
         Err(e) => return bad_request(format!("invalid cancel request: {e}")),
     };
-    match s.engine.cancel(req.who, reason).await {
+    match engine.cancel(req.who, reason).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }
 }
 
 async fn maintenance(
-    State(s): State<ApiState>,
+    Scoped(engine): Scoped,
     body: Result<Json<MaintenanceRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
@@ -376,45 +403,43 @@ async fn maintenance(
         Ok(setting) => setting,
         Err(e) => return bad_request(e),
     };
-    match s.engine.maintenance(setting, req.who).await {
+    match engine.maintenance(setting, req.who).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }
 }
 
 async fn stop(
-    State(s): State<ApiState>,
+    Scoped(engine): Scoped,
     body: Result<Json<StopStartRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid stop request: {e}")),
     };
-    let engine = s.engine.clone();
     op_stream(move |p| async move { engine.stop(req.who, p).await })
 }
 
 async fn start(
-    State(s): State<ApiState>,
+    Scoped(engine): Scoped,
     body: Result<Json<StopStartRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid start request: {e}")),
     };
-    let engine = s.engine.clone();
     op_stream(move |p| async move { engine.start(req.who, p).await })
 }
 
-async fn releases(State(s): State<ApiState>) -> Response {
-    match s.engine.releases().await {
+async fn releases(Scoped(engine): Scoped) -> Response {
+    match engine.releases().await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }
 }
 
-async fn history(State(s): State<ApiState>, Query(q): Query<HistoryQuery>) -> Response {
-    match s.engine.history(q.limit.unwrap_or(20).min(10_000)).await {
+async fn history(Scoped(engine): Scoped, Query(q): Query<HistoryQuery>) -> Response {
+    match engine.history(q.limit.unwrap_or(20).min(10_000)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }

@@ -15,13 +15,23 @@ restarts are rolling and drop no request.\n\nStart with `nonstop init` in an app
 Procfile if there is one), then `nonstop up`.",
     after_help = "Exit codes: 0 success, 1 the operation failed, 2 bad input (spec, flags), 3 conflict \
 (daemon not running, another operation in progress, another app).\n\nEnvironment: NONSTOP_HOME (state \
-directory, default ~/.local/share/nonstop), NONSTOP_PROXY_LISTEN (overrides [proxy] listen), NONSTOP_LOG \
+directory, default ~/.local/share/nonstop), NONSTOP_ENV (as -e/--env), NONSTOP_APP (as --app), NONSTOP_PROXY_LISTEN (overrides [proxy] listen), NONSTOP_LOG \
 (daemon log filter, e.g. debug)."
 )]
 pub struct Cli {
     /// State directory: database, logs, the daemon's socket.
     #[arg(long, global = true, env = "NONSTOP_HOME", value_name = "DIR")]
     pub home: Option<PathBuf>,
+
+    /// The environment a command is about (default: the spec's
+    /// `environment`, else the daemon's default).
+    #[arg(short = 'e', long = "env", global = true, env = "NONSTOP_ENV", value_name = "ENV")]
+    pub env: Option<String>,
+
+    /// The app a command is about, when the daemon runs several (default:
+    /// the environment's one app).
+    #[arg(long = "app", global = true, env = "NONSTOP_APP", value_name = "APP")]
+    pub app: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,

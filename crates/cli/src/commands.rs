@@ -26,6 +26,7 @@ macro_rules! outln {
 }
 
 pub async fn dispatch(cli: Cli) -> i32 {
+    let _ = SCOPE.set((cli.app.clone().filter(|a| !a.is_empty()), cli.env.clone().filter(|e| !e.is_empty())));
     let home = match Home::resolve(cli.home) {
         Ok(h) => h,
         Err(e) => {
@@ -141,8 +142,13 @@ fn init_daemon_logging() {
         .try_init();
 }
 
+/// The app and environment the command line named (`--app`, `-e`), for
+/// every request to the daemon.
+static SCOPE: std::sync::OnceLock<(Option<String>, Option<String>)> = std::sync::OnceLock::new();
+
 pub(crate) fn client(home: &Home) -> Client {
-    Client::new(home.socket())
+    let (app, env) = SCOPE.get().cloned().unwrap_or_default();
+    Client::new(home.socket()).scoped(app.as_deref(), env.as_deref())
 }
 
 // ------------------------------------------------------------------- init

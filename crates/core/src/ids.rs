@@ -92,6 +92,26 @@ impl EnvironmentId {
     }
 }
 
+/// One environment of one app: what a controller owns, and the scope of
+/// every record, instance and route. Rendered as `blog/staging`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AppEnv {
+    pub app: AppName,
+    pub env: EnvironmentId,
+}
+
+impl AppEnv {
+    pub fn new(app: AppName, env: EnvironmentId) -> Self {
+        Self { app, env }
+    }
+}
+
+impl fmt::Display for AppEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.app, self.env)
+    }
+}
+
 /// One running (or once running) instance: `<process>.<slot>` plus a
 /// generation that grows every time the slot is (re)started, so that a
 /// replacement never shares an id with the instance it replaces.

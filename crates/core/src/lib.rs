@@ -18,5 +18,5 @@ pub mod traffic;
 
 pub use clock::{Clock, SystemClock};
 pub use counts::{CountSource, RuntimeCount};
-pub use ids::{AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
+pub use ids::{AppEnv, AppName, EnvironmentId, InstanceId, ProcessName, ReleaseId};
 pub use process::{HealthCheck, ProcessKind, ProcessSpec, RestartPolicy, Signal};

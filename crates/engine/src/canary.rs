@@ -66,7 +66,7 @@ fn describe(w: &Window) -> String {
     format!("{:.1}% 5xx of {} request(s), p95 {:.0} ms", w.error_rate() * 100.0, w.requests, w.p95_ms)
 }
 
-impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     /// Give `instances` `percent` of the app's web traffic.
     pub(crate) fn split_to(&self, instances: &[InstanceId], percent: u8) {
         if let Some(rt) = self.app.as_ref() {

@@ -17,7 +17,7 @@ pub(crate) struct Counted {
     pub(crate) lines: Vec<String>,
 }
 
-impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     /// Give `spec` (as its toml says) the counts that apply when it is
     /// applied as `apply`; nothing is written.
     pub(crate) fn count_spec(&self, spec: &mut AppSpec, apply: Apply) -> Result<Counted, EngineError> {

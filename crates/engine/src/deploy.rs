@@ -120,7 +120,7 @@ fn deploy_gate(spec: &AppSpec, options: DeployOptions, first: bool) -> GateMode 
     }
 }
 
-impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     // ------------------------------------------------------------- commands
 
     pub(crate) fn begin_deploy(&mut self, request: DeployRequest, progress: ProgressTx, reply: Reply<OpReport>) {

@@ -102,7 +102,7 @@ pub(crate) fn stored_phase_name(value: &serde_json::Value) -> String {
     serde_json::from_value::<DeployPhase>(value.clone()).map(|p| p.name().to_string()).unwrap_or_default()
 }
 
-impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     /// Move the deployment on by `event`: store where it goes, then do
     /// what that asks. An action answered at once (maintenance switched)
     /// feeds its answer back through the same queue, after the rest of

@@ -9,6 +9,10 @@ pub enum EngineError {
     NotUp,
     #[error("this nonstop home already runs app `{running}`, not `{requested}`; run `nonstop down` there first, or use another NONSTOP_HOME")]
     OtherApp { running: String, requested: String },
+    #[error("several apps run in environment `{env}` ({}); name one (`--app NAME`, or run the command in the app's directory)", apps.join(", "))]
+    AmbiguousApp { env: String, apps: Vec<String> },
+    #[error("app `{app}` has no environment `{env}` here (it has: {}); check the name, or deploy to it to create it", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownEnvironment { app: String, env: String, known: Vec<String> },
     #[error("another operation ({operation}) is in progress since {since}; wait for it to finish and try again (a deploy, rollback or rolling restart can be stopped with `nonstop cancel`)")]
     Busy { operation: String, since: String },
     #[error("{task} of deployment #{deployment} still runs (pid {pid}), started by a daemon that stopped; the tasks of two deployments never run at once: wait until it has ended (`nonstop history` says how it ended), or stop it with `kill -TERM -{pid}`, and deploy again")]
@@ -84,7 +88,9 @@ impl EngineError {
             | EngineError::ProxyConfig { .. }
             | EngineError::NoRollbackTarget { .. }
             | EngineError::CannotDeploy { .. }
-            | EngineError::UnknownRelease { .. } => 2,
+            | EngineError::UnknownRelease { .. }
+            | EngineError::AmbiguousApp { .. }
+            | EngineError::UnknownEnvironment { .. } => 2,
             EngineError::OtherApp { .. }
             | EngineError::Busy { .. }
             | EngineError::TaskRunning { .. }

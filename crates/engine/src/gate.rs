@@ -79,7 +79,7 @@ pub(crate) enum GateAnswer {
     Rollback(Result<Option<String>, String>),
 }
 
-impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     /// `RunGate`: start the gate off the engine's task.
     pub(crate) fn spawn_gate(&mut self) {
         let Some(run) = self.deployment.as_ref() else { return };

@@ -102,7 +102,7 @@ pub fn live_statics_at_start(
     Ok(Some((record.app, live)))
 }
 
-impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     /// Tell the builder which releases of `app` are live, in precedence
     /// order ([`live_statics`]).
     pub(crate) fn publish_statics(&self, app: &AppName) {

@@ -38,7 +38,7 @@ impl EngineHandle {
     }
 }
 
-impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     pub(crate) fn run_state(&self) -> RunState {
         RunState::of(self.controls.stopped.as_ref())
     }
@@ -52,7 +52,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let stopped = self.controls.stopped.as_ref()?;
         Some(EngineError::Stopped {
             operation: op.as_str().to_string(),
-            since: crate::actor::fmt_wall(crate::actor::maintenance::from_ms(stopped.since_ms)),
+            since: crate::controller::fmt_wall(crate::controller::maintenance::from_ms(stopped.since_ms)),
             who: stopped.who.clone(),
             counts: describe_counts(&stopped.counts),
         })
@@ -128,7 +128,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
         let app = rt.record.app.clone();
         let route = rt.route.clone();
         let running = rt.instances.values().filter(|i| i.phase != InstPhase::Stopping).count();
-        let now_ms = crate::actor::maintenance::wall_ms(self.clock.wall());
+        let now_ms = crate::controller::maintenance::wall_ms(self.clock.wall());
         let by = self.controls.maintenance.as_ref().map(|m| m.by);
         let maintenance = if plan::stop_turns_maintenance_on(by) {
             Some(nonstop_core::maintenance::MaintenanceState {

@@ -67,7 +67,7 @@ async fn watch_task<D: Driver>(
     cancel: CancellationToken,
     shutdown: CancellationToken,
 ) -> Option<Result<TaskOutcome, String>> {
-    let deadline = timeout + crate::actor::DRIVER_TASK_MARGIN;
+    let deadline = timeout + crate::controller::DRIVER_TASK_MARGIN;
     let stop = |why: String| {
         let (driver, handle) = (driver.clone(), handle.clone());
         async move {
@@ -98,7 +98,7 @@ async fn watch_task<D: Driver>(
     }
 }
 
-impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     /// Run task `index` of `[release] tasks` (or `post_tasks`): recorded
     /// first, then started; its end comes back as `Internal::TaskEnded`.
     /// Past the last task: the phase is done.
@@ -482,7 +482,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     }
 }
 
-impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     /// Record the deployment's build commands (`starting`) before the build
     /// starts.
     pub(crate) fn record_build_commands(&mut self) -> Result<(), String> {

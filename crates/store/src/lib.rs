@@ -13,7 +13,7 @@ pub use health::{restore_backup, shm_path, wal_path, Damage, Inspection};
 use nonstop_core::driver::{InstanceHandle, Locator, TaskKind};
 use nonstop_core::maintenance::{MaintenanceState, StoppedState};
 use nonstop_core::process::AppSpec;
-use nonstop_core::{AppName, CountSource, EnvironmentId, InstanceId, ProcessName, ReleaseId, RuntimeCount};
+use nonstop_core::{AppEnv, AppName, CountSource, EnvironmentId, InstanceId, ProcessName, ReleaseId, RuntimeCount};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -886,6 +886,21 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             out.push(decode("app name", &encode(&row?))?);
+        }
+        Ok(out)
+    }
+
+    /// Every app and environment with a deployment still running.
+    pub fn scopes_with_running_deployments(&self) -> Result<Vec<AppEnv>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT DISTINCT app, environment FROM deployments WHERE status = 'running' ORDER BY app, environment",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (app, env) = row?;
+            out.push(AppEnv::new(decode("app name", &encode(&app))?, decode("environment", &encode(&env))?));
         }
         Ok(out)
     }

@@ -122,6 +122,29 @@ fn drain_progress(mut rx: mpsc::UnboundedReceiver<Progress>) -> Vec<Progress> {
 }
 
 impl RunningEngine {
+    /// The handle of app `app` (or the environment's one app) in
+    /// environment `env`, under this same engine.
+    pub fn env(&self, app: Option<&str>, env: &str) -> EngineHandle {
+        let app = app.map(|a| nonstop_core::AppName::new(a).unwrap_or_else(|e| panic!("{e}")));
+        let env = EnvironmentId::new(env).unwrap_or_else(|e| panic!("{e}"));
+        self.handle.scoped(app, Some(env))
+    }
+
+    /// `up` through `handle` (another environment's).
+    pub async fn up_in(&self, handle: &EngineHandle, spec: AppSpec) -> Result<OpReport, EngineError> {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        handle.up(spec, self.workdir.clone(), self.base_env.clone(), tx).await
+    }
+
+    /// A deploy through `handle` (another environment's), in a task.
+    pub fn spawn_deploy_in(&self, handle: &EngineHandle, spec: AppSpec) -> Pending {
+        let (handle, workdir, base_env) = (handle.clone(), self.workdir.clone(), self.base_env.clone());
+        tokio::spawn(async move {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            handle.deploy(spec, workdir, base_env, None, "test".into(), tx).await
+        })
+    }
+
     pub async fn up(&self, spec: AppSpec) -> Result<OpReport, EngineError> {
         self.up_with_progress(spec).await.0
     }

@@ -5,6 +5,7 @@
 mod cancel;
 mod counts;
 mod deadlines;
+mod environments;
 mod errors;
 mod gates;
 mod health_events;

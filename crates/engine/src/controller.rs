@@ -9,12 +9,13 @@
 //! - Decisions come from `nonstop-plan` (pure); this file carries them out.
 
 use crate::degraded::{Degraded, PendingEvent};
+pub use crate::engine::EngineHandle;
 use crate::error::EngineError;
 use crate::report::*;
 use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, Liveness, StopOutcome};
 use nonstop_core::process::{AppSpec, ProcessKind, ProcessSpec};
 use nonstop_core::traffic::{Backend, BackendHealth, HealthCause, HealthEvent, InitialHealth, RouteKey, Traffic};
-use nonstop_core::{AppName, Clock, EnvironmentId, InstanceId, ProcessName, ReleaseId};
+use nonstop_core::{AppEnv, AppName, Clock, EnvironmentId, InstanceId, ProcessName, ReleaseId};
 use nonstop_plan::rollout::{
     rollout_step, CanaryStep, NewPhase, OldPhase, RolloutAction, RolloutParams, RolloutSlot, RolloutStep,
 };
@@ -180,7 +181,9 @@ impl Builder for NoBuilder {
     }
 }
 
+#[derive(Clone)]
 pub struct EngineConfig {
+    /// The environment of requests that name none.
     pub environment: EnvironmentId,
     pub clock: Arc<dyn Clock>,
     pub builder: Arc<dyn Builder>,
@@ -218,11 +221,11 @@ pub struct RollbackOptions {
     pub force: bool,
 }
 
-pub(crate) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 pub type ProgressTx = mpsc::UnboundedSender<Progress>;
 
-/// Requests to the engine: a closed set.
-pub enum Command {
+/// Requests to a controller: a closed set.
+pub(crate) enum Command {
     Up {
         spec: Box<AppSpec>,
         workdir: PathBuf,
@@ -307,6 +310,17 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The app an `up` or `deploy` brings (its spec names it): the one
+    /// request that may start a controller.
+    pub(crate) fn brings_app(&self) -> Option<&AppName> {
+        match self {
+            Command::Up { spec, .. } | Command::Deploy { spec, .. } => Some(&spec.app),
+            _ => None,
+        }
+    }
+}
+
 /// Results of the engine's own background tasks.
 pub(crate) enum Internal {
     Started {
@@ -379,18 +393,8 @@ pub(crate) enum Internal {
     },
 }
 
-/// Talks to the engine. Cheap to clone.
-#[derive(Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
-}
-
+/// The commands, each answered by the addressed environment's controller.
 impl EngineHandle {
-    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| EngineError::ShuttingDown)?;
-        rx.await.map_err(|_| EngineError::ShuttingDown)?
-    }
     pub async fn up(
         &self,
         spec: AppSpec,
@@ -500,7 +504,13 @@ impl EngineHandle {
     /// `Engine::cancel`); answers at once, the operation ends by itself.
     /// `reason`: a line of text recorded with `who`, if given.
     pub async fn cancel(&self, who: String, reason: Option<String>) -> Result<OpReport, EngineError> {
-        self.ask(|reply| Command::Cancel { who, reason, reply }).await
+        match self.ask(|reply| Command::Cancel { who, reason, reply }).await {
+            // No app here at all: nothing can be in progress.
+            Err(EngineError::NotUp) => {
+                Ok(OpReport { summary: "nothing to cancel: no operation is in progress".into(), changed: false })
+            }
+            other => other,
+        }
     }
     pub async fn releases(&self) -> Result<Vec<ReleaseInfo>, EngineError> {
         self.ask(|reply| Command::Releases { reply }).await
@@ -720,7 +730,11 @@ impl AppRuntime {
     }
 }
 
-pub struct Engine<D, T, I, L> {
+/// One environment of one app: its runtime, its operation and its
+/// deployment. An actor: only its own task touches this.
+pub struct Controller<D, T, I, L> {
+    /// The app and environment this controller owns.
+    scope: AppEnv,
     env: EnvironmentId,
     clock: Arc<dyn Clock>,
     driver: Arc<D>,
@@ -772,25 +786,30 @@ pub(crate) fn driver_silent(call: &str, deadline: Duration) -> String {
     )
 }
 
-impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
-    /// Restore state from the store (re-adopting live instances), then run
-    /// until `shutdown` fires. Instances keep running when the engine stops.
-    #[allow(clippy::too_many_arguments)]
-    pub fn spawn(
-        config: EngineConfig,
-        driver: Arc<D>,
-        traffic: Arc<T>,
-        ingress: Arc<I>,
-        logs: Arc<L>,
-        store: Arc<Store>,
+impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
+    /// The controller of `scope`: restores its state from the store
+    /// (re-adopting live instances), then runs until `shutdown` fires.
+    /// Instances keep running when it stops.
+    pub(crate) fn spawn(
+        scope: AppEnv,
+        config: &EngineConfig,
+        parts: &crate::engine::Parts<D, T, I, L>,
         shutdown: CancellationToken,
-    ) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+    ) -> (mpsc::Sender<Command>, tokio::task::JoinHandle<()>) {
+        let (driver, traffic, ingress, logs, store) = (
+            parts.driver.clone(),
+            parts.traffic.clone(),
+            parts.ingress.clone(),
+            parts.logs.clone(),
+            parts.store.clone(),
+        );
         let (tx, rx) = mpsc::channel(64);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let health = traffic.subscribe();
-        let engine = Engine {
-            env: config.environment,
-            clock: config.clock,
+        let controller = Controller {
+            env: scope.env.clone(),
+            scope,
+            clock: config.clock.clone(),
             driver,
             traffic,
             ingress,
@@ -801,16 +820,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
             events_tx,
             tasks: TaskTracker::new(),
             cancel: shutdown.child_token(),
-            builder: config.builder,
-            schema_gate: config.schema_gate,
+            builder: config.builder.clone(),
+            schema_gate: config.schema_gate.clone(),
             deployment: None,
             pending_deploy: None,
             degraded: std::sync::Mutex::new(Degraded::default()),
             live_tasks: BTreeMap::new(),
             controls: nonstop_store::Controls::default(),
         };
-        let join = tokio::spawn(engine.run(rx, events_rx, health, shutdown));
-        (EngineHandle { tx }, join)
+        let join = tokio::spawn(controller.run(rx, events_rx, health, shutdown));
+        (tx, join)
     }
 
     async fn run(
@@ -863,20 +882,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Engine<D, T, I, L> {
     // ---------------------------------------------------------------- restore
 
     fn restore(&mut self) -> Result<(), EngineError> {
+        let scope = self.scope.clone();
+        let mine = move |r: &AppRecord| r.app == scope.app && r.environment == scope.env && r.running;
         let records = self.store.apps()?;
-        // Deployments of apps that do not run (a first deploy interrupted
-        // while building): nothing was started, end them as failed.
-        let running_app = records.iter().find(|r| r.environment == self.env && r.running).map(|r| r.app.clone());
-        let idle: Vec<AppName> = self
-            .store
-            .apps_with_running_deployments(&self.env)?
-            .into_iter()
-            .filter(|a| Some(a) != running_app.as_ref())
-            .collect();
-        for app in idle {
+        // A deployment of this app that does not run (a first deploy
+        // interrupted while building): nothing was started, end it as failed.
+        let runs = records.iter().any(&mine);
+        let stale = self.store.apps_with_running_deployments(&self.env)?.contains(&self.scope.app);
+        if stale && !runs {
+            let app = self.scope.app.clone();
             self.fail_stale_deployment(&app)?;
         }
-        let Some(mut record) = records.into_iter().find(|r| r.environment == self.env && r.running) else {
+        let Some(mut record) = records.into_iter().find(|r| mine(r)) else {
             return Ok(());
         };
         self.restore_counts(&mut record)?;

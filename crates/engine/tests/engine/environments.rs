@@ -1,0 +1,89 @@
+//! Several environments of one app under one engine: one controller each.
+
+use super::*;
+use nonstop_engine::EngineError;
+use nonstop_testkit::spec::app;
+use nonstop_testkit::TaskRun;
+use nonstop_testkit::{settle, within};
+
+fn blog(v: &str) -> nonstop_core::process::AppSpec {
+    app("blog").worker("worker", 2).env("V", v).build()
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_environments_run_side_by_side_and_one_never_waits_for_the_other() {
+    let f = Fixture::new();
+    let e = f.start();
+    let (staging, production) = (e.env(None, "staging"), e.env(None, "production"));
+    e.up_in(&staging, blog("1")).await.unwrap();
+    e.up_in(&production, blog("1")).await.unwrap();
+    let (s, p) = (staging.status().await.unwrap(), production.status().await.unwrap());
+    assert_eq!((s.environment.as_str(), p.environment.as_str()), ("staging", "production"));
+    assert_eq!((s.instances.len(), p.instances.len()), (2, 2));
+    assert_eq!(f.driver.alive_of(&pn("worker")).len(), 4, "each environment runs its own instances");
+    let listed: Vec<String> = e.handle.environments().iter().map(|s| s.to_string()).collect();
+    assert_eq!(listed, ["blog/production", "blog/staging"]);
+
+    // A deploy in staging held in its release task…
+    f.driver.set_task_run(TaskRun::UntilEnded);
+    f.builder.set_hash("source-2");
+    let slow = app("blog").worker("worker", 2).env("V", "2").release_tasks(&["migrate"], secs(600)).build();
+    let deploy = e.spawn_deploy_in(&staging, slow);
+    f.driver.wait_for("the task", |d| d.tasks_alive().len() == 1).await;
+    assert!(matches!(staging.scale(Default::default(), mpsc()).await, Err(EngineError::Busy { .. })));
+    // …while production scales, and answers, at once.
+    let counts = [(pn("worker"), 3)].into_iter().collect();
+    within("production's scale", production.scale(counts, mpsc())).await.unwrap();
+    assert_eq!(production.status().await.unwrap().instances.len(), 3);
+    assert_eq!(staging.status().await.unwrap().instances.len(), 2);
+
+    let name = f.driver.tasks_alive()[0].name.clone();
+    assert!(f.driver.end_task(&name, nonstop_core::driver::ExitStatus::Code(0)));
+    within("the deploy", deploy).await.unwrap().unwrap();
+    settle().await;
+    assert_eq!(staging.history(10).await.unwrap().len(), 1);
+    assert_eq!(production.history(10).await.unwrap().len(), 0, "production was not deployed to");
+    assert_eq!(production.status().await.unwrap().instances.len(), 3, "and kept its own count");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_environment_is_named_with_the_known_ones() {
+    let f = Fixture::new();
+    let e = f.start();
+    e.up_in(&e.env(None, "staging"), blog("1")).await.unwrap();
+    let err = e.env(Some("blog"), "stagng").status().await.unwrap_err();
+    assert!(
+        matches!(&err, EngineError::UnknownEnvironment { env, known, .. } if env == "stagng" && known == &["staging"]),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("has no environment `stagng`") && err.to_string().contains("staging"), "{err}");
+    assert_eq!(err.exit_code(), 2);
+    // Nothing was created by asking.
+    assert_eq!(e.handle.environments().len(), 1);
+    // The environment's one app is found without naming it.
+    assert_eq!(e.env(None, "staging").status().await.unwrap().app, "blog");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_engine_brings_back_every_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let f = Fixture::with_store(nonstop_store::Store::open(&path).unwrap());
+    let e = f.start();
+    e.up_in(&e.env(None, "staging"), blog("1")).await.unwrap();
+    e.up_in(&e.env(None, "production"), blog("1")).await.unwrap();
+    let before = f.driver.alive_of(&pn("worker"));
+    e.shutdown().await;
+
+    let g = f.next_daemon(std::sync::Arc::new(nonstop_store::Store::open(&path).unwrap()));
+    let e2 = g.start();
+    for env in ["staging", "production"] {
+        let st = e2.env(None, env).status().await.unwrap();
+        assert_eq!(st.instances.len(), 2, "{env}: {st:#?}");
+    }
+    assert_eq!(f.driver.alive_of(&pn("worker")), before, "re-adopted, none restarted");
+}
+
+fn mpsc() -> tokio::sync::mpsc::UnboundedSender<nonstop_engine::Progress> {
+    tokio::sync::mpsc::unbounded_channel().0
+}
