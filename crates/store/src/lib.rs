@@ -9,6 +9,8 @@
 
 mod health;
 pub use health::{restore_backup, shm_path, wal_path, Damage, Inspection};
+mod secrets;
+pub use secrets::{NewSecretVersion, SecretCiphertext, SecretVersionInfo};
 
 use nonstop_core::driver::{InstanceHandle, Locator, TaskKind};
 use nonstop_core::maintenance::{MaintenanceState, StoppedState};
@@ -39,6 +41,12 @@ pub enum StoreError {
         "state database schema version {found} is newer than this nonstop understands ({supported}); upgrade nonstop"
     )]
     TooNew { found: i64, supported: i64 },
+    #[error(
+        "secret {name} was set meanwhile by another command (version {version} is not the next one); run the command again"
+    )]
+    SecretVersionTaken { name: String, version: u64 },
+    #[error("a secret must not be stored before the secrets key check (a bug in nonstop): store the key check first")]
+    SecretsKeyCheckMissing,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -447,6 +455,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(secrets::SCHEMA)?;
         let found: Option<String> =
             conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).optional()?;
         match found.and_then(|v| v.parse::<i64>().ok()) {
