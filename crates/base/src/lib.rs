@@ -1,0 +1,36 @@
+//! Base services of an environment: what nonstop makes for each app and
+//! environment on the servers `[base]` names, before its release tasks run.
+//!
+//! - [`naming`] (pure): the database and role names (`APP_ENV`, or a stem
+//!   and a hash), the mark on the roles nonstop makes, the confirmation of
+//!   a drop;
+//! - [`password`]: role passwords from the OS's random number generator,
+//!   never printed;
+//! - [`postgres`] (I/O, tokio-postgres): [`preflight`] (server, login,
+//!   rights), [`provision_postgres`] (role + database, idempotent, rotates
+//!   the password), [`exists`], [`drop_postgres`];
+//! - [`redis`]: [`RedisUrl`] (pure), [`check_redis`] (I/O: `PING`, the
+//!   number of databases), [`redis_for`] (pure: a database number per
+//!   environment, 0 never; past the server's count, a key prefix).
+//!
+//! The URL type of PostgreSQL is `nonstop_core::database::DatabaseUrl`;
+//! give the app [`Provisioned::url`] with `nonstop_core::database::env_for`
+//! (its own variable names, `DATABASE_URL` by default), and
+//! [`RedisAssignment::env_vars`].
+#![forbid(unsafe_code)]
+
+mod error;
+pub mod naming;
+pub mod password;
+pub mod postgres;
+pub mod redis;
+
+pub use error::{BaseError, ObjectKind, RedisError, Right};
+pub use naming::{confirm_drop, database_name, marker, role_name};
+pub use password::{generate_password, Password};
+pub use postgres::{
+    admin_url, drop_postgres, exists, preflight, provision_postgres, Dropped, Presence, Provisioned, ServerInfo,
+};
+pub use redis::{
+    check_redis, key_prefix, redis_for, RedisAssignment, RedisBase, RedisUrl, RedisUrlError,
+};
