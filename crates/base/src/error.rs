@@ -75,7 +75,7 @@ pub enum BaseError {
     #[error("[base] postgres asks for TLS (sslmode={mode}), which nonstop does not speak to PostgreSQL yet; use sslmode=prefer or sslmode=disable for a server on a private network")]
     TlsNotSupported { mode: String },
 
-    #[error("cannot reach the PostgreSQL server at {server}: {source}; check the host and port in [base] postgres and that the server runs and accepts TCP connections there")]
+    #[error("cannot reach the PostgreSQL server at {server}: {}; check the host and port in [base] postgres and that the server runs and accepts TCP connections there", chain(source))]
     Unreachable {
         server: String,
         #[source]
@@ -85,7 +85,7 @@ pub enum BaseError {
     #[error("the PostgreSQL server at {server} did not answer within {}s; check the host and port in [base] postgres (a firewall that drops packets looks like this)", after.as_secs())]
     ConnectTimeout { server: String, after: Duration },
 
-    #[error("the PostgreSQL server at {server} refused user `{user}`: {source}; fix the user or password in [base] postgres, or allow it in the server's pg_hba.conf")]
+    #[error("the PostgreSQL server at {server} refused user `{user}`: {}; fix the user or password in [base] postgres, or allow it in the server's pg_hba.conf", chain(source))]
     AuthenticationRefused {
         server: String,
         user: String,
@@ -107,8 +107,18 @@ pub enum BaseError {
     #[error("user `{user}` may not {} on the PostgreSQL server at {server}, and nonstop makes a database and a login role for each environment; allow it as a superuser (ALTER ROLE \"{}\" {}) or point [base] postgres at a user that may", rights_words(missing), user.replace('"', "\"\""), rights_sql(missing))]
     MissingRights { server: String, user: String, missing: Vec<Right> },
 
-    #[error("a {kind} named `{name}` already exists on the PostgreSQL server at {server}, and nonstop did not make it for app `{app}` environment `{env}`, so nothing was changed; {}", not_managed_fix(*kind, name, marker))]
-    NotManaged { server: String, kind: ObjectKind, name: String, app: String, env: String, marker: String },
+    #[error("a {kind} named `{name}` already exists on the PostgreSQL server at {server}, and nonstop did not make it for app `{app}` environment `{env}`, so nothing was changed; rename or drop that {kind}, or hand it to nonstop by running as a superuser: {handover} (nonstop then sets the role's password; objects in a database keep their owners)")]
+    NotManaged {
+        server: String,
+        kind: ObjectKind,
+        name: String,
+        app: String,
+        env: String,
+        /// The SQL that hands the object to nonstop (see
+        /// [`crate::postgres`]'s invariants): the mark on the role, the
+        /// role as the database's owner.
+        handover: String,
+    },
 
     #[error("the password given for environment `{env}` is empty; PostgreSQL refuses an empty password: generate one (nonstop_base::generate_password)")]
     EmptyPassword { env: String },
@@ -122,7 +132,7 @@ pub enum BaseError {
     #[error("--drop-database needs the database's name typed again: type `{database}` (you typed `{typed}`); without --drop-database, env destroy keeps the database")]
     DropNotConfirmed { database: String, typed: String },
 
-    #[error("{what} on the PostgreSQL server at {server} failed: {source}")]
+    #[error("{what} on the PostgreSQL server at {server} failed: {}", chain(source))]
     Sql {
         what: String,
         server: String,
@@ -134,15 +144,17 @@ pub enum BaseError {
     Timeout { what: String, server: String, after: Duration },
 }
 
-fn not_managed_fix(kind: ObjectKind, name: &str, marker: &str) -> String {
-    match kind {
-        ObjectKind::Role => format!(
-            "rename or drop that role, or, to hand it to nonstop (its password will be reset and the environment's database made its own), run as a superuser: COMMENT ON ROLE \"{name}\" IS '{marker}'"
-        ),
-        ObjectKind::Database => format!(
-            "rename or drop that database, or, to hand it to nonstop, make the environment's role (`{name}`) its owner: ALTER DATABASE \"{name}\" OWNER TO \"{name}\""
-        ),
+/// An error and its sources, `: `-separated (tokio-postgres's own text is
+/// only "db error" or "error connecting to server").
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        next = e.source();
     }
+    text
 }
 
 impl BaseError {

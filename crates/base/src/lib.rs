@@ -31,6 +31,4 @@ pub use password::{generate_password, Password};
 pub use postgres::{
     admin_url, drop_postgres, exists, preflight, provision_postgres, Dropped, Presence, Provisioned, ServerInfo,
 };
-pub use redis::{
-    check_redis, key_prefix, redis_for, RedisAssignment, RedisBase, RedisUrl, RedisUrlError,
-};
+pub use redis::{check_redis, key_prefix, redis_for, RedisAssignment, RedisBase, RedisUrl, RedisUrlError};

@@ -283,22 +283,28 @@ impl Found {
         role: &str,
     ) -> Result<(), BaseError> {
         let mark = marker(app, env);
-        let refuse = |kind, name: &str| BaseError::NotManaged {
+        let (qrole, qdb) = (quote_ident(role), quote_ident(database));
+        let comment = format!("COMMENT ON ROLE {qrole} IS {}", quote_literal(&mark));
+        let refuse = |kind, name: &str, handover: String| BaseError::NotManaged {
             server: server.to_string(),
             kind,
             name: name.to_string(),
             app: app.to_string(),
             env: env.to_string(),
-            marker: mark.clone(),
+            handover,
         };
         let role_ours = match &self.role {
-            Some(r) if r.comment.as_deref() != Some(mark.as_str()) => return Err(refuse(ObjectKind::Role, role)),
+            Some(r) if r.comment.as_deref() != Some(mark.as_str()) => {
+                return Err(refuse(ObjectKind::Role, role, format!("{comment};")))
+            }
             Some(_) => true,
             None => false,
         };
         if let Some(db) = &self.database {
             if !role_ours || db.owner != role {
-                return Err(refuse(ObjectKind::Database, database));
+                let owner = format!("ALTER DATABASE {qdb} OWNER TO {qrole};");
+                let handover = if role_ours { owner } else { format!("CREATE ROLE {qrole} LOGIN; {comment}; {owner}") };
+                return Err(refuse(ObjectKind::Database, database, handover));
             }
         }
         Ok(())
@@ -412,8 +418,10 @@ fn quote_literal(text: &str) -> String {
 }
 
 fn config_of(url: &DatabaseUrl) -> Result<Config, BaseError> {
-    let mut config: Config =
-        url.expose().parse().map_err(|e: tokio_postgres::Error| BaseError::BadUrl { reason: url.redact_in(&e.to_string()) })?;
+    let mut config: Config = url
+        .expose()
+        .parse()
+        .map_err(|e: tokio_postgres::Error| BaseError::BadUrl { reason: url.redact_in(&e.to_string()) })?;
     match config.get_ssl_mode() {
         tokio_postgres::config::SslMode::Prefer | tokio_postgres::config::SslMode::Disable => {}
         tokio_postgres::config::SslMode::Require => return Err(BaseError::TlsNotSupported { mode: "require".into() }),
@@ -472,7 +480,9 @@ async fn timed<T>(
     fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, BaseError> {
     match tokio::time::timeout(STATEMENT_TIMEOUT, fut).await {
-        Err(_) => Err(BaseError::Timeout { what: what.to_string(), server: server.to_string(), after: STATEMENT_TIMEOUT }),
+        Err(_) => {
+            Err(BaseError::Timeout { what: what.to_string(), server: server.to_string(), after: STATEMENT_TIMEOUT })
+        }
         Ok(Err(source)) => Err(BaseError::Sql { what: what.to_string(), server: server.to_string(), source }),
         Ok(Ok(v)) => Ok(v),
     }
@@ -487,7 +497,10 @@ mod tests {
         for (text, expected) in [
             ("postgres://admin@db.internal/", "postgres://admin@db.internal/postgres"),
             ("postgres://admin@db.internal", "postgres://admin@db.internal/postgres"),
-            ("postgres://admin:p%2Fw@db:5433/?sslmode=disable", "postgres://admin:p%2Fw@db:5433/postgres?sslmode=disable"),
+            (
+                "postgres://admin:p%2Fw@db:5433/?sslmode=disable",
+                "postgres://admin:p%2Fw@db:5433/postgres?sslmode=disable",
+            ),
             ("postgres://admin@[::1]:5433", "postgres://admin@[::1]:5433/postgres"),
             ("postgres://admin@db/template1", "postgres://admin@db/template1"),
         ] {

@@ -50,7 +50,9 @@ pub enum RedisUrlError {
     Port,
     #[error("the URL names database `{path}`; leave the number out (redis://HOST:6379): nonstop gives each environment a database of its own")]
     Database { path: String },
-    #[error("the URL sets `{key}` in its parameters; leave it out: nonstop gives each environment a database of its own")]
+    #[error(
+        "the URL sets `{key}` in its parameters; leave it out: nonstop gives each environment a database of its own"
+    )]
     Parameter { key: String },
     #[error("the URL contains a space or a control character; percent-encode it (a space is %20)")]
     Character,
@@ -334,9 +336,8 @@ pub async fn check_redis(url: &RedisUrl) -> Result<RedisBase, RedisError> {
     let server = url.server();
     let client = redis::Client::open(url.with_database(0).expose())
         .map_err(|e| RedisError::BadUrl { reason: url.redact_in(&e.to_string()) })?;
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(REDIS_TIMEOUT)
-        .set_response_timeout(REDIS_TIMEOUT);
+    let config =
+        redis::AsyncConnectionConfig::new().set_connection_timeout(REDIS_TIMEOUT).set_response_timeout(REDIS_TIMEOUT);
     let attempt = tokio::time::timeout(
         REDIS_TIMEOUT + Duration::from_secs(1),
         client.get_multiplexed_async_connection_with_config(&config),
@@ -353,11 +354,12 @@ pub async fn check_redis(url: &RedisUrl) -> Result<RedisBase, RedisError> {
         Ok(Err(e)) => return Err(connect_error(e, server)),
         Ok(Ok(_)) => {}
     }
-    let cluster = tokio::time::timeout(REDIS_TIMEOUT, redis::cmd("INFO").arg("cluster").query_async::<String>(&mut con))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .is_some_and(|info| info.lines().any(|l| l.trim() == "cluster_enabled:1"));
+    let cluster =
+        tokio::time::timeout(REDIS_TIMEOUT, redis::cmd("INFO").arg("cluster").query_async::<String>(&mut con))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .is_some_and(|info| info.lines().any(|l| l.trim() == "cluster_enabled:1"));
     if cluster {
         return Ok(RedisBase { url: url.clone(), databases: 1, databases_assumed: false });
     }
