@@ -731,13 +731,17 @@ async fn history(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
                 .unwrap_or_else(|| "…".into());
             vec![
                 format!("#{}", d.id),
-                d.kind.clone(),
+                d.kind.to_string(),
                 format!(
                     "{} → v{}",
                     d.from_release.map(|f| format!("v{f}")).unwrap_or_else(|| "-".into()),
                     d.to_release
                 ),
-                if d.status == "running" { format!("running ({})", d.phase) } else { d.status.clone() },
+                if d.status == nonstop_store::DeploymentStatus::Running {
+                    format!("running ({})", d.phase)
+                } else {
+                    d.status.to_string()
+                },
                 fmt_time(d.started_at_ms),
                 dur,
                 d.who.clone(),
@@ -770,7 +774,7 @@ async fn releases(home: &Home, json: bool) -> anyhow::Result<i32> {
         .map(|r| {
             vec![
                 format!("{}v{}", if r.current { "* " } else { "  " }, r.id),
-                r.status.clone(),
+                r.status.to_string(),
                 r.content_hash.chars().take(12).collect(),
                 fmt_time(r.created_at_ms),
                 format!("{:.1}s", r.build_ms as f64 / 1000.0),

@@ -163,7 +163,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         };
         match self.prepare_deploy(request, hash) {
             Ok(Some((run, summary))) => {
-                let name = if run.record.kind == "rollback" { "rollback" } else { "deploy" };
+                let name =
+                    if run.record.kind == nonstop_store::DeploymentKind::Rollback { "rollback" } else { "deploy" };
                 let lines = run.counts.lines.clone();
                 self.begin_op(name, progress, reply, summary, true, VecDeque::new(), false);
                 for line in lines {
@@ -290,8 +291,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             build_ms: 0,
         };
         self.store.put_release(&release)?;
-        let record =
-            self.insert_deployment(spec.app.clone(), "deploy", from.as_ref().map(|f| f.id), id, who, message)?;
+        let record = self.insert_deployment(
+            spec.app.clone(),
+            nonstop_store::DeploymentKind::Deploy,
+            from.as_ref().map(|f| f.id),
+            id,
+            who,
+            message,
+        )?;
         let summary = match &from {
             Some(f) => format!("{} → {id}", f.id),
             None => format!("first release {id}"),
@@ -347,7 +354,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let target = rec.id;
         let gate = deploy_gate(&run_spec, options, false);
         let to = ReleaseCtx { id: target, spec: run_spec, workdir: rec.dir.clone() };
-        let record = self.insert_deployment(rec.app.clone(), "deploy", Some(from.id), target, who, message)?;
+        let record = self.insert_deployment(
+            rec.app.clone(),
+            nonstop_store::DeploymentKind::Deploy,
+            Some(from.id),
+            target,
+            who,
+            message,
+        )?;
         let summary =
             format!("{} → {target}: content identical to {target}: rolling to {target} without building", from.id);
         self.event(
@@ -436,7 +450,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             return Err(EngineError::NoRollbackTarget {
                 reason: format!(
                     "{target} is {} and cannot be run again; retained releases: {}",
-                    status_word(rec.status),
+                    rec.status.as_str(),
                     retained.join(", ")
                 ),
             });
@@ -450,7 +464,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let mut spec = rec.spec.clone();
         let counts = self.count_spec(&mut spec, nonstop_plan::counts::Apply::Rollback)?;
         let to = ReleaseCtx { id: target, spec, workdir: rec.dir.clone() };
-        let record = self.insert_deployment(app.clone(), "rollback", Some(current.id), target, who, None)?;
+        let record = self.insert_deployment(
+            app.clone(),
+            nonstop_store::DeploymentKind::Rollback,
+            Some(current.id),
+            target,
+            who,
+            None,
+        )?;
         let summary = format!("{} → {target} (rollback)", current.id);
         self.event(&app, "rollback", None, &format!("deployment #{} started: {summary} by {}", record.id, record.who));
         let base_env = rt.record.base_env.clone();
@@ -472,7 +493,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     fn insert_deployment(
         &self,
         app: AppName,
-        kind: &str,
+        kind: nonstop_store::DeploymentKind,
         from_release: Option<ReleaseId>,
         to_release: ReleaseId,
         who: String,
@@ -482,7 +503,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             id: 0,
             app,
             environment: self.env.clone(),
-            kind: kind.into(),
+            kind,
             from_release,
             to_release,
             phase: serde_json::Value::Null,
@@ -510,7 +531,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 schema: self.store.release_schema(&app, r.id).ok().flatten().map(|s| s.fingerprint),
                 id: r.id.0,
                 content_hash: r.content_hash,
-                status: status_word(r.status).to_string(),
+                status: r.status,
                 message: r.message,
                 created_at_ms: ms_since_epoch(r.created_at),
                 build_ms: r.build_ms,
@@ -531,7 +552,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 kind: d.kind,
                 from_release: d.from_release.map(|r| r.0),
                 to_release: d.to_release.0,
-                status: d.status.as_str().to_string(),
+                status: d.status,
                 phase: stored_phase_name(&d.phase),
                 reason: d.reason,
                 who: d.who,
@@ -564,7 +585,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             self.store.update_deployment(&record)?;
             return Ok(());
         };
-        let apply = if record.kind == "rollback" {
+        let apply = if record.kind == nonstop_store::DeploymentKind::Rollback {
             nonstop_plan::counts::Apply::Rollback
         } else {
             nonstop_plan::counts::Apply::Toml
@@ -575,7 +596,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let order = rollout_order(from.as_ref().map(|f| &f.spec), &to.spec);
         // Records written before the state machine stored itself say
         // only their phase; their shape is rebuilt from the release.
-        let kind = if record.kind == "rollback" {
+        let kind = if record.kind == nonstop_store::DeploymentKind::Rollback {
             DeploymentKind::Rollback { run_tasks: false }
         } else {
             DeploymentKind::Deploy
@@ -592,7 +613,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let (progress, _) = mpsc::unbounded_channel();
         let (reply, _) = oneshot::channel();
         self.begin_op(
-            if record.kind == "rollback" { "rollback" } else { "deploy" },
+            if record.kind == nonstop_store::DeploymentKind::Rollback { "rollback" } else { "deploy" },
             progress,
             reply,
             "recovery".into(),
@@ -738,14 +759,5 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             p => p.name().to_string(),
         };
         Some(format!("{} #{} {} ({detail})", run.record.kind, run.record.id, run.to.id))
-    }
-}
-
-fn status_word(s: ReleaseStatus) -> &'static str {
-    match s {
-        ReleaseStatus::Building => "building",
-        ReleaseStatus::Ready => "ready",
-        ReleaseStatus::Failed => "failed",
-        ReleaseStatus::Pruned => "pruned",
     }
 }

@@ -189,7 +189,7 @@ pub struct ReleaseInfo {
     /// `v3` is 3.
     pub id: u64,
     pub content_hash: String,
-    pub status: String,
+    pub status: nonstop_store::ReleaseStatus,
     pub message: Option<String>,
     pub created_at_ms: u64,
     pub build_ms: u64,
@@ -206,12 +206,10 @@ pub struct ReleaseInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentInfo {
     pub id: i64,
-    /// deploy | rollback
-    pub kind: String,
+    pub kind: nonstop_store::DeploymentKind,
     pub from_release: Option<u64>,
     pub to_release: u64,
-    /// running | succeeded | failed | rolled_back
-    pub status: String,
+    pub status: nonstop_store::DeploymentStatus,
     /// The phase it is in (or ended in).
     pub phase: String,
     pub reason: Option<String>,

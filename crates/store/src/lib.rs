@@ -37,6 +37,8 @@ pub enum StoreError {
         "state database holds a record that cannot be read ({what}): {source}; it was written by a newer nonstop?"
     )]
     Decode { what: &'static str, source: serde_json::Error },
+    #[error("state database holds an unknown {what} {value:?}; it was written by a newer nonstop? upgrade nonstop (nothing was changed)")]
+    UnknownValue { what: &'static str, value: String },
     #[error(
         "state database schema version {found} is newer than this nonstop understands ({supported}); upgrade nonstop"
     )]
@@ -214,11 +216,12 @@ impl InstancePhase {
             InstancePhase::Stopping => "stopping",
         }
     }
-    fn parse(s: &str) -> InstancePhase {
+    fn parse(s: &str) -> Option<InstancePhase> {
         match s {
-            "running" => InstancePhase::Running,
-            "stopping" => InstancePhase::Stopping,
-            _ => InstancePhase::Launching,
+            "launching" => Some(InstancePhase::Launching),
+            "running" => Some(InstancePhase::Running),
+            "stopping" => Some(InstancePhase::Stopping),
+            _ => None,
         }
     }
 }
@@ -260,7 +263,7 @@ pub enum ReleaseStatus {
 }
 
 impl ReleaseStatus {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             ReleaseStatus::Building => "building",
             ReleaseStatus::Ready => "ready",
@@ -268,13 +271,20 @@ impl ReleaseStatus {
             ReleaseStatus::Pruned => "pruned",
         }
     }
-    fn parse(s: &str) -> ReleaseStatus {
+    fn parse(s: &str) -> Option<ReleaseStatus> {
         match s {
-            "ready" => ReleaseStatus::Ready,
-            "failed" => ReleaseStatus::Failed,
-            "pruned" => ReleaseStatus::Pruned,
-            _ => ReleaseStatus::Building,
+            "building" => Some(ReleaseStatus::Building),
+            "ready" => Some(ReleaseStatus::Ready),
+            "failed" => Some(ReleaseStatus::Failed),
+            "pruned" => Some(ReleaseStatus::Pruned),
+            _ => None,
         }
+    }
+}
+
+impl std::fmt::Display for ReleaseStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -324,13 +334,52 @@ impl DeploymentStatus {
             DeploymentStatus::RolledBack => "rolled_back",
         }
     }
-    fn parse(s: &str) -> DeploymentStatus {
+    fn parse(s: &str) -> Option<DeploymentStatus> {
         match s {
-            "succeeded" => DeploymentStatus::Succeeded,
-            "failed" => DeploymentStatus::Failed,
-            "rolled_back" => DeploymentStatus::RolledBack,
-            _ => DeploymentStatus::Running,
+            "running" => Some(DeploymentStatus::Running),
+            "succeeded" => Some(DeploymentStatus::Succeeded),
+            "failed" => Some(DeploymentStatus::Failed),
+            "rolled_back" => Some(DeploymentStatus::RolledBack),
+            _ => None,
         }
+    }
+}
+
+impl std::fmt::Display for DeploymentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a deployment does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentKind {
+    /// A new (or retained) release rolled out by `deploy`.
+    Deploy,
+    /// Back to a retained release, by `rollback`.
+    Rollback,
+}
+
+impl DeploymentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentKind::Deploy => "deploy",
+            DeploymentKind::Rollback => "rollback",
+        }
+    }
+    fn parse(s: &str) -> Option<DeploymentKind> {
+        match s {
+            "deploy" => Some(DeploymentKind::Deploy),
+            "rollback" => Some(DeploymentKind::Rollback),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DeploymentKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -341,8 +390,7 @@ pub struct DeploymentRecord {
     pub id: i64,
     pub app: AppName,
     pub environment: EnvironmentId,
-    /// `deploy` or `rollback`.
-    pub kind: String,
+    pub kind: DeploymentKind,
     pub from_release: Option<ReleaseId>,
     pub to_release: ReleaseId,
     pub phase: serde_json::Value,
@@ -374,11 +422,12 @@ impl TaskState {
             TaskState::Finished => "finished",
         }
     }
-    fn parse(s: &str) -> TaskState {
+    fn parse(s: &str) -> Option<TaskState> {
         match s {
-            "running" => TaskState::Running,
-            "finished" => TaskState::Finished,
-            _ => TaskState::Starting,
+            "starting" => Some(TaskState::Starting),
+            "running" => Some(TaskState::Running),
+            "finished" => Some(TaskState::Finished),
+            _ => None,
         }
     }
 }
@@ -419,6 +468,12 @@ impl TaskRecord {
 pub struct Store {
     conn: Mutex<Connection>,
     path: PathBuf,
+}
+
+/// A stored enum value, or the error naming it: an unknown value is never
+/// read as some default.
+fn known<T>(what: &'static str, value: &str, parse: impl FnOnce(&str) -> Option<T>) -> Result<T> {
+    parse(value).ok_or_else(|| StoreError::UnknownValue { what, value: value.to_string() })
 }
 
 fn ms(t: SystemTime) -> i64 {
@@ -648,7 +703,7 @@ impl Store {
                 id: InstanceId::new(process, slot, u64::try_from(generation).unwrap_or(0)),
                 release: ReleaseId(u64::try_from(release).unwrap_or(0)),
                 handle: handle.as_deref().map(|h| decode("instance handle", h)).transpose()?,
-                phase: InstancePhase::parse(&phase),
+                phase: known("instance phase", &phase, InstancePhase::parse)?,
                 was_healthy,
                 started_at: from_ms(started),
                 restarts,
@@ -757,7 +812,7 @@ impl Store {
                 dir: PathBuf::from(dir),
                 spec: decode("release spec", &spec)?,
                 message,
-                status: ReleaseStatus::parse(&status),
+                status: known("release status", &status, ReleaseStatus::parse)?,
                 created_at: from_ms(created),
                 build_ms: u64::try_from(build).unwrap_or(0),
             });
@@ -816,7 +871,7 @@ impl Store {
             params![
                 rec.app.as_str(),
                 rec.environment.as_str(),
-                rec.kind,
+                rec.kind.as_str(),
                 rec.from_release.map(|r| i64::try_from(r.0).unwrap_or(i64::MAX)),
                 i64::try_from(rec.to_release.0).unwrap_or(i64::MAX),
                 rec.phase.to_string(),
@@ -870,11 +925,11 @@ impl Store {
                 id,
                 app: app.clone(),
                 environment: env.clone(),
-                kind,
+                kind: known("deployment kind", &kind, DeploymentKind::parse)?,
                 from_release: from.map(|f| ReleaseId(u64::try_from(f).unwrap_or(0))),
                 to_release: ReleaseId(u64::try_from(to).unwrap_or(0)),
                 phase: serde_json::from_str(&phase).unwrap_or(serde_json::Value::Null),
-                status: DeploymentStatus::parse(&status),
+                status: known("deployment status", &status, DeploymentStatus::parse)?,
                 reason,
                 who,
                 message,
@@ -998,10 +1053,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (id, deployment, kind, index, total, name, command, locator, state, started, finished, outcome) = row?;
-            let kind = TaskKind::parse(&kind).ok_or_else(|| StoreError::Decode {
-                what: "task kind",
-                source: serde::de::Error::custom(format!("unknown task kind {kind:?}")),
-            })?;
+            let kind = known("task kind", &kind, TaskKind::parse)?;
             out.push(TaskRecord {
                 id,
                 app: app.clone(),
@@ -1013,7 +1065,7 @@ impl Store {
                 name,
                 command,
                 locator: locator.as_deref().map(|l| decode("task locator", l)).transpose()?,
-                state: TaskState::parse(&state),
+                state: known("task state", &state, TaskState::parse)?,
                 started_at: from_ms(started),
                 finished_at: finished.map(from_ms),
                 outcome,

@@ -137,7 +137,7 @@ fn releases_and_deployments_round_trip() {
         id: 0,
         app: app.clone(),
         environment: env.clone(),
-        kind: "deploy".into(),
+        kind: DeploymentKind::Deploy,
         from_release: None,
         to_release: ReleaseId(1),
         phase: serde_json::json!({"phase": "building"}),

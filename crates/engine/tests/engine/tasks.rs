@@ -6,6 +6,7 @@
 use crate::*;
 use nonstop_core::driver::ExitStatus;
 use nonstop_engine::{DeploymentInfo, EngineError};
+use nonstop_store::DeploymentStatus;
 use nonstop_store::{Store, TaskState};
 use nonstop_testkit::spec::app;
 use nonstop_testkit::{settle, within, Entry, Fixture, RunningEngine, TaskRun};
@@ -25,7 +26,7 @@ async fn ended(e: &RunningEngine) -> DeploymentInfo {
     within("the deployment to end", async {
         loop {
             let h = e.handle.history(5).await.unwrap();
-            if h.first().is_some_and(|d| d.status != "running") {
+            if h.first().is_some_and(|d| d.status != DeploymentStatus::Running) {
                 return h[0].clone();
             }
             tokio::time::sleep(ms(100)).await;
@@ -104,7 +105,7 @@ async fn a_release_task_left_running_is_waited_for_and_the_deploy_goes_on_from_i
     f.driver.wait_for("the second task", |d| d.task_starts().len() == 2).await;
     assert!(f.driver.end_task("release-1-2", ExitStatus::Code(0)));
     let d = ended(&e2).await;
-    assert_eq!(d.status, "succeeded", "{d:#?}");
+    assert_eq!(d.status, DeploymentStatus::Succeeded, "{d:#?}");
     let reason = d.reason.clone().unwrap_or_default();
     assert!(
         reason.contains("release task 1/2 `migrate` (pid ")
@@ -133,7 +134,7 @@ async fn a_release_task_left_running_that_fails_fails_the_deploy_and_changes_not
     settle().await;
     assert!(f.driver.end_task("release-1-1", ExitStatus::Code(3)));
     let d = ended(&e2).await;
-    assert_eq!(d.status, "failed", "{d:#?}");
+    assert_eq!(d.status, DeploymentStatus::Failed, "{d:#?}");
     let reason = d.reason.unwrap_or_default();
     assert!(reason.contains("waited for it: exit code 3"), "{reason}");
     assert!(reason.contains("release task 1/1 `migrate` failed (exit code 3)"), "{reason}");
@@ -161,7 +162,7 @@ async fn a_release_task_that_ended_while_no_daemon_watched_decides_from_its_exit
         let g = f.next_daemon(Arc::new(open(&path)));
         let e2 = g.start();
         let d = ended(&e2).await;
-        assert_eq!(d.status, status, "{d:#?}");
+        assert_eq!(d.status.as_str(), status, "{d:#?}");
         let reason = d.reason.unwrap_or_default();
         assert!(reason.contains(&format!("ended while no daemon watched: exit code {code}")), "{reason}");
         assert_eq!(f.driver.task_starts(), ["release-1-1"], "never run twice");
@@ -179,7 +180,7 @@ async fn a_post_task_left_running_is_waited_for_with_the_release_live() {
     assert!(f.driver.task_stops().is_empty());
     assert!(f.driver.end_task("post-1-1", ExitStatus::Code(0)));
     let d = ended(&e2).await;
-    assert_eq!(d.status, "succeeded", "{d:#?}");
+    assert_eq!(d.status, DeploymentStatus::Succeeded, "{d:#?}");
     assert!(d.reason.unwrap_or_default().contains("post task 1/1 `warm` (pid "), "history says what happened");
     assert_eq!(f.driver.task_starts(), ["post-1-1"]);
 }
@@ -291,7 +292,7 @@ async fn a_build_command_left_running_is_killed_and_its_deploy_fails() {
     let g = f.next_daemon(Arc::new(open(&path)));
     let e2 = g.start();
     let d = ended(&e2).await;
-    assert_eq!(d.status, "failed", "{d:#?}");
+    assert_eq!(d.status, DeploymentStatus::Failed, "{d:#?}");
     let reason = d.reason.unwrap_or_default();
     assert!(
         reason.contains(
