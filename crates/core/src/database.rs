@@ -376,7 +376,7 @@ impl<'de> Deserialize<'de> for DatabaseUrl {
     }
 }
 
-fn decode(text: &str) -> Result<String, UrlError> {
+pub(crate) fn decode(text: &str) -> Result<String, UrlError> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

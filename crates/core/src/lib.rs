@@ -10,6 +10,7 @@ pub mod clock;
 pub mod counts;
 pub mod database;
 pub mod driver;
+pub mod environment;
 pub mod ids;
 pub mod logline;
 pub mod maintenance;

@@ -417,6 +417,34 @@ pub struct AppSpec {
     /// and the variables every process gets), if the spec names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database: Option<crate::database::DatabaseSpec>,
+    /// The hosts this environment answers (lowercase; `*.example.com`
+    /// matches one label), as the spec resolved them for one environment:
+    /// its `hosts`, or `ENV.APP.localhost`. Empty in specs stored before
+    /// environments existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// This environment also answers every host no environment claims. At
+    /// most one environment of an app does. Specs stored before
+    /// environments existed (one environment per app) did: `true` when
+    /// absent.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub default_host: bool,
+    /// `protected = true`: commands that destroy the environment or drop
+    /// its data refuse it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub protected: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One `[static]` mount: requests for `url*` are answered by the proxy
@@ -494,6 +522,24 @@ mod tests {
         full.redirect_http = Some(false);
         assert!(!full.redirects_http());
         assert!(!old.redirects_http());
+    }
+
+    #[test]
+    fn app_specs_stored_before_environments_answer_every_host() {
+        let json = r#"{"app":"blog","env":{},"processes":[],"proxy":{"listen":"127.0.0.1:8080"},"build":[],
+            "release":{"tasks":[],"post_tasks":[],"task_timeout":600000,"retain_releases":5,"order":[]}}"#;
+        let old: AppSpec = serde_json::from_str(json).unwrap();
+        assert!(old.hosts.is_empty() && old.default_host && !old.protected);
+        // Written back, it is the same text: the new fields are left out.
+        let again = serde_json::to_value(&old).unwrap();
+        assert_eq!(again, serde_json::from_str::<serde_json::Value>(json).unwrap());
+        let mut staging = old;
+        staging.hosts = vec!["staging.blog.localhost".into()];
+        staging.default_host = false;
+        staging.protected = true;
+        let json = serde_json::to_string(&staging).unwrap();
+        assert!(json.contains(r#""hosts":["staging.blog.localhost"],"default_host":false,"protected":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<AppSpec>(&json).unwrap(), staging);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub fn app(processes: Vec<ProcessSpec>) -> AppSpec {
         release: ReleaseSpec::default(),
         statics: vec![],
         database: None,
+        hosts: vec![],
+        default_host: true,
+        protected: false,
     }
 }
 

@@ -13,6 +13,9 @@ fn spec() -> AppSpec {
         release: ReleaseSpec::default(),
         statics: vec![],
         database: None,
+        hosts: vec![],
+        default_host: true,
+        protected: false,
     }
 }
 

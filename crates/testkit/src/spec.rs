@@ -79,6 +79,9 @@ pub fn app(name: &str) -> AppBuilder {
             },
             statics: Vec::new(),
             database: None,
+            hosts: vec![],
+            default_host: true,
+            protected: false,
         },
     }
 }
