@@ -181,7 +181,8 @@ pub fn check_host(text: &str) -> Result<(), HostError> {
 }
 
 /// The valid host `text` most likely means (scheme, path, port and a
-/// trailing dot removed, lower case), if that is valid and differs.
+/// trailing dot removed, lower case, '-' for '_'), if that is valid and
+/// differs.
 pub fn suggest_host(text: &str) -> Option<String> {
     let mut host = text.trim();
     if let Some((_, rest)) = host.split_once("://") {
@@ -194,7 +195,7 @@ pub fn suggest_host(text: &str) -> Option<String> {
             host = name;
         }
     }
-    let fixed = host.trim_end_matches('.').to_ascii_lowercase();
+    let fixed = host.trim_end_matches('.').to_ascii_lowercase().replace('_', "-");
     (fixed != text && check_host(&fixed).is_ok()).then_some(fixed)
 }
 
@@ -592,6 +593,7 @@ mod tests {
             ("*", HostError::Wildcard, None),
             ("**.example.com", HostError::Wildcard, None),
             ("-a.example.com", HostError::Characters, None),
+            ("under_score.example.com", HostError::Characters, Some("under-score.example.com")),
             ("a..example.com", HostError::Characters, None),
             ("ex ample.com", HostError::Characters, None),
             ("[::1]", HostError::Characters, None),

@@ -7,7 +7,7 @@
 
 use crate::env::EnvLookup;
 use crate::error::Diags;
-use crate::raw::{RawDatabase, RawMap, RawSpec};
+use crate::raw::{RawDatabase, RawMap, RawScalar, RawSpec};
 use crate::suggest::did_you_mean;
 use crate::validate::{fix_env_name, is_env_name};
 use crate::walk::display_key;
@@ -36,66 +36,161 @@ const PART_ALIASES: &[(&str, UrlPart)] = &[
     ("database_url", UrlPart::Url),
 ];
 
+/// Where a `[database]` table's parts come from, for messages and for the
+/// variables it may not share with an `env` table.
+pub(crate) struct DatabaseTables<'a> {
+    /// The table that fills the variables: `database`, or
+    /// `environments.staging.database`.
+    pub table: String,
+    /// The table `url` was read from.
+    pub url_from: String,
+    /// The table `[….env]` was read from.
+    pub env_from: String,
+    /// Every `env` table whose variables the processes get with it.
+    pub env_tables: Vec<(String, &'a Spanned<RawMap<Spanned<RawScalar>>>)>,
+}
+
+impl<'a> DatabaseTables<'a> {
+    /// `[database]` of the file itself, with `[env]` and every
+    /// `[processes.NAME.env]`.
+    pub(crate) fn of_file(spec: &'a RawSpec) -> Self {
+        Self {
+            table: "database".to_string(),
+            url_from: "database".to_string(),
+            env_from: "database".to_string(),
+            env_tables: file_env_tables(spec),
+        }
+    }
+}
+
+/// `[env]` and every `[processes.NAME.env]` of the file.
+pub(crate) fn file_env_tables(spec: &RawSpec) -> Vec<(String, &Spanned<RawMap<Spanned<RawScalar>>>)> {
+    let mut tables = Vec::new();
+    if let Some(env) = &spec.env {
+        tables.push(("env".to_string(), env));
+    }
+    if let Some(processes) = &spec.processes {
+        for (pname, p) in processes.get_ref().iter() {
+            if let Some(env) = &p.get_ref().env {
+                tables.push((format!("processes.{}.env", display_key(pname.get_ref())), env));
+            }
+        }
+    }
+    tables
+}
+
+/// Problems with the value of a `${VAR}` go to `deferred`: they are about
+/// the environment nonstop runs in, not about the file, and only matter
+/// for the environments that use this table.
 pub(crate) fn validate_database(
     raw: &Spanned<RawDatabase>,
-    spec: &RawSpec,
+    tables: &DatabaseTables<'_>,
     env: &dyn EnvLookup,
     diags: &mut Diags,
+    deferred: &mut Diags,
 ) -> Option<DatabaseSpec> {
     let RawDatabase { url, env: mapping } = raw.get_ref();
     let url = match url {
         None => {
             diags.error(
                 raw.span(),
-                "missing `url` in [database]",
+                format!("missing `url` in [{}]", tables.table),
                 format!("give the app's PostgreSQL database: {URL_EXAMPLE} (or url = \"${{DATABASE_URL}}\" to read it from nonstop's environment)"),
             );
             None
         }
-        Some(u) => validate_url(u, env, diags),
+        Some(u) => validate_url(u, &tables.url_from, env, diags, deferred),
     };
     let mapping = match mapping {
         None => Some(BTreeMap::from([(DEFAULT_DATABASE_VAR.to_string(), UrlPart::Url)])),
-        Some(m) => validate_mapping(m, diags),
+        Some(m) => validate_mapping(m, &tables.env_from, diags),
     };
     if let Some(m) = &mapping {
-        check_conflicts(m, spec, diags);
+        check_conflicts(m, &tables.table, &tables.env_tables, diags);
     }
     Some(DatabaseSpec { url: url?, env: mapping? })
 }
 
-fn validate_url(value: &Spanned<String>, env: &dyn EnvLookup, diags: &mut Diags) -> Option<DatabaseUrl> {
+/// The variables a valid `[database]` fills (its `[database.env]`, or
+/// `DATABASE_URL`); `None` if its mapping is not valid.
+pub(crate) fn mapping_of(raw: &RawDatabase) -> Option<BTreeMap<String, UrlPart>> {
+    match &raw.env {
+        None => Some(BTreeMap::from([(DEFAULT_DATABASE_VAR.to_string(), UrlPart::Url)])),
+        Some(m) => validate_mapping(m, "database", &mut Diags::default()),
+    }
+}
+
+/// A URL written in the file, or read from nonstop's environment
+/// (`"${NAME}"`).
+enum UrlSource<'a> {
+    Written,
+    Variable(&'a str),
+}
+
+/// `${NAME}` → the variable's name, if `text` is one.
+pub(crate) fn variable_of(text: &str) -> Option<&str> {
+    text.trim().strip_prefix("${").and_then(|t| t.strip_suffix('}'))
+}
+
+/// The text of a URL key that may read `${NAME}` from nonstop's
+/// environment; `None` after reporting why not (to `diags` if the file is
+/// wrong, to `deferred` if the environment is).
+pub(crate) fn resolve_variable(
+    value: &Spanned<String>,
+    key: &str,
+    what: &str,
+    example: &str,
+    env: &dyn EnvLookup,
+    diags: &mut Diags,
+    deferred: &mut Diags,
+) -> Option<(String, Option<String>)> {
     let text = value.get_ref().trim();
-    let (resolved, from) = match text.strip_prefix("${").and_then(|t| t.strip_suffix('}')) {
+    match variable_of(text) {
         Some(var) => {
             if !is_env_name(var) {
                 diags.error(
                     value.span(),
-                    format!("`url` in [database] reads ${{{var}}}, which is not a valid variable name"),
-                    format!("names are letters, digits and '_': url = \"${{{}}}\"", fix_env_name(var)),
+                    format!("{what} reads ${{{var}}}, which is not a valid variable name"),
+                    format!("names are letters, digits and '_': {key} = \"${{{}}}\"", fix_env_name(var)),
                 );
                 return None;
             }
             match env.get(var) {
-                Some(v) => (v, Some(var)),
+                Some(v) => Some((v.trim().to_string(), Some(var.to_string()))),
                 None => {
-                    diags.error(
+                    deferred.error(
                         value.span(),
-                        format!("`url` in [database] reads ${{{var}}}, which is not set in nonstop's environment"),
-                        format!("export {var}=postgres://USER:PASSWORD@HOST:5432/NAME before running nonstop, or write the url itself"),
+                        format!("{what} reads ${{{var}}}, which is not set in nonstop's environment"),
+                        format!("export {var}={example} before running nonstop, or write the url itself"),
                     );
-                    return None;
+                    None
                 }
             }
         }
-        None => (text.to_string(), None),
+        None => Some((text.to_string(), None)),
+    }
+}
+
+fn validate_url(
+    value: &Spanned<String>,
+    url_from: &str,
+    env: &dyn EnvLookup,
+    diags: &mut Diags,
+    deferred: &mut Diags,
+) -> Option<DatabaseUrl> {
+    let key = format!("`url` in [{url_from}]");
+    let (resolved, var) =
+        resolve_variable(value, "url", &key, "postgres://USER:PASSWORD@HOST:5432/NAME", env, diags, deferred)?;
+    let from = match &var {
+        Some(var) => UrlSource::Variable(var),
+        None => UrlSource::Written,
     };
-    match DatabaseUrl::parse(resolved.trim()) {
+    match DatabaseUrl::parse(&resolved) {
         Ok(url) => Some(url),
         Err(e) => {
             let whose = match from {
-                Some(var) => format!("the value of ${var} (read by `url` in [database])"),
-                None => "`url` in [database]".to_string(),
+                UrlSource::Variable(var) => format!("the value of ${var} (read by {key})"),
+                UrlSource::Written => key.clone(),
             };
             let hint = match e {
                 UrlError::Scheme { .. } => {
@@ -116,7 +211,11 @@ fn validate_url(value: &Spanned<String>, env: &dyn EnvLookup, diags: &mut Diags)
                 }
             };
             // The value is not repeated: it may hold a password.
-            diags.error(value.span(), format!("{whose} is not a usable PostgreSQL URL: {e}"), hint);
+            let message = format!("{whose} is not a usable PostgreSQL URL: {e}");
+            match from {
+                UrlSource::Variable(_) => deferred.error(value.span(), message, hint),
+                UrlSource::Written => diags.error(value.span(), message, hint),
+            }
             None
         }
     }
@@ -124,6 +223,7 @@ fn validate_url(value: &Spanned<String>, env: &dyn EnvLookup, diags: &mut Diags)
 
 fn validate_mapping(
     mapping: &Spanned<RawMap<Spanned<String>>>,
+    table: &str,
     diags: &mut Diags,
 ) -> Option<BTreeMap<String, UrlPart>> {
     let before = diags.len();
@@ -136,13 +236,13 @@ fn validate_mapping(
         if !is_env_name(n) {
             diags.error(
                 name.span(),
-                format!("invalid environment variable name {} in [database.env]", display_key(n)),
+                format!("invalid environment variable name {} in [{table}.env]", display_key(n)),
                 format!("names are letters, digits and '_', and do not start with a digit: {}", fix_env_name(n)),
             );
         } else if n == "PORT" || n.starts_with("NONSTOP_") {
             diags.error(
                 name.span(),
-                format!("`{n}` in [database.env] is reserved: nonstop sets it"),
+                format!("`{n}` in [{table}.env] is reserved: nonstop sets it"),
                 "use the name your app reads its database setting from, such as POSTGRES_PORT",
             );
         }
@@ -161,7 +261,7 @@ fn validate_mapping(
                 let list = PARTS.join(", ");
                 diags.error(
                     value.span(),
-                    format!("`{}` in [database.env] must be one of {list}, not {v:?}", display_key(n)),
+                    format!("`{}` in [{table}.env] must be one of {list}, not {v:?}", display_key(n)),
                     match suggestion {
                         Some(s) => format!("did you mean {} = \"{s}\"?", display_key(n)),
                         None => format!("name the part of the url it holds, such as {} = \"name\"", display_key(n)),
@@ -176,37 +276,39 @@ fn validate_mapping(
     if mapping.get_ref().is_empty() {
         diags.error(
             mapping.span(),
-            "[database.env] is empty: no variable would tell the release tasks where the database is",
-            "leave [database.env] out for DATABASE_URL, or map the variables your app reads, such as POSTGRES_NAME = \"name\"",
+            format!("[{table}.env] is empty: no variable would tell the release tasks where the database is"),
+            format!("leave [{table}.env] out for DATABASE_URL, or map the variables your app reads, such as POSTGRES_NAME = \"name\""),
         );
     } else if !out.is_empty() && !out.values().any(|p| matches!(p, UrlPart::Url | UrlPart::Name)) {
         // The gate points the tasks at its scratch copy by changing the
         // database's name: without it they would migrate the real one.
         diags.error(
             mapping.span(),
-            "[database.env] gives the app neither the `name` nor the `url`, so the migration gate could not point the release tasks at its scratch copy",
+            format!("[{table}.env] gives the app neither the `name` nor the `url`, so the migration gate could not point the release tasks at its scratch copy"),
             "map the variable your app reads the database name from, such as POSTGRES_NAME = \"name\"",
         );
     }
     (diags.len() == before).then_some(out)
 }
 
-/// A variable filled from [database] may not be set by hand as well.
-fn check_conflicts(out: &BTreeMap<String, UrlPart>, spec: &RawSpec, diags: &mut Diags) {
-    let mut tables = vec![("env".to_string(), spec.env.as_ref())];
-    if let Some(processes) = &spec.processes {
-        for (pname, p) in processes.get_ref().iter() {
-            tables.push((format!("processes.{}.env", display_key(pname.get_ref())), p.get_ref().env.as_ref()));
-        }
-    }
-    for (table, env) in tables {
-        let Some(env) = env else { continue };
+/// A variable filled from a `[database]` table may not be set by hand as
+/// well.
+pub(crate) fn check_conflicts(
+    out: &BTreeMap<String, UrlPart>,
+    table: &str,
+    env_tables: &[(String, &Spanned<RawMap<Spanned<RawScalar>>>)],
+    diags: &mut Diags,
+) {
+    for (env_table, env) in env_tables {
         for (key, _) in env.get_ref().iter() {
             if let Some(part) = out.get(key.get_ref()) {
                 diags.error(
                     key.span(),
-                    format!("`{}` in [{table}] is also filled by [database] (with its {part})", display_key(key.get_ref())),
-                    "remove it from [".to_string() + &table + "]: nonstop sets it from [database] url, and points it at the scratch copy while the migration gate runs",
+                    format!(
+                        "`{}` in [{env_table}] is also filled by [{table}] (with its {part})",
+                        display_key(key.get_ref())
+                    ),
+                    format!("remove it from [{env_table}]: nonstop sets it from [{table}] url, and points it at the scratch copy while the migration gate runs"),
                 );
             }
         }

@@ -113,7 +113,7 @@ pub(crate) struct Diag {
 
 /// Collects problems; turned into [`SpecErrors`] once the whole file has
 /// been looked at.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Diags {
     items: Vec<Diag>,
 }
@@ -130,6 +130,27 @@ impl Diags {
     }
     pub fn len(&self) -> usize {
         self.items.len()
+    }
+    /// Adds every problem of `other`.
+    pub fn extend(&mut self, other: Diags) {
+        self.items.extend(other.items);
+    }
+    /// Adds the problems of `other` found at a place where none was found
+    /// yet: a value checked again for an environment (merged with its
+    /// overrides) is reported once, where the file's own check found it,
+    /// while a problem only the environment has (its own values, or a rule
+    /// across a value of the file and one of the environment) is kept.
+    pub fn extend_new(&mut self, other: Diags) {
+        for item in other.items {
+            let known = self.items.iter().any(|d| match (&d.span, &item.span) {
+                (Some(a), Some(b)) => a == b,
+                (None, None) => d.message == item.message,
+                _ => false,
+            });
+            if !known {
+                self.items.push(item);
+            }
+        }
     }
     /// Was a problem found at or after byte `offset` already?
     pub fn any_after(&self, offset: usize) -> bool {

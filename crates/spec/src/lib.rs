@@ -20,9 +20,11 @@ mod database;
 mod defaults;
 mod duration;
 mod env;
+mod environments;
 mod error;
 mod init;
 pub mod raw;
+mod set;
 mod size;
 mod statics;
 mod suggest;
@@ -34,9 +36,11 @@ pub use duration::{format_duration, parse_duration, DurationError, DURATION_FORM
 pub use env::{EnvLookup, ProcessEnv};
 pub use error::{SpecError, SpecErrors};
 pub use init::{init_toml, InitError};
+pub use set::{Choice, ChoiceSource, ChooseError, SpecSet};
 pub use size::{format_size, parse_size, SizeError, SIZE_FORMS};
 
 use error::{Diags, LineIndex};
+use nonstop_core::ids::EnvironmentId;
 use nonstop_core::process::AppSpec;
 use std::path::Path;
 
@@ -47,10 +51,13 @@ pub const SPEC_FILE: &str = "nonstop.toml";
 /// TOML parser mostly reports the consequences of the first.
 const MAX_SYNTAX_ERRORS: usize = 10;
 
-/// Parses and validates the text of a spec file. `file` is used in
-/// messages, and its directory to resolve relative paths in the file
-/// (`[[proxy.tls]]` certificates; they stay relative if `file` is);
-/// `env` supplies overrides such as `NONSTOP_PROXY_LISTEN`.
+/// Parses and validates the text of a spec file into the spec of its
+/// default environment (`environment = "..."`, or `default`): a file
+/// without environments gives its app's spec, as it always did. `file` is
+/// used in messages, and its directory to resolve relative paths in the
+/// file (`[[proxy.tls]]` certificates; they stay relative if `file` is);
+/// `env` supplies overrides such as `NONSTOP_PROXY_LISTEN`. For another
+/// environment: [`parse_set`], then [`SpecSet::resolve`].
 pub fn parse(source: &str, file: &Path, env: &dyn EnvLookup) -> Result<AppSpec, SpecErrors> {
     let base = file.parent().unwrap_or(Path::new(""));
     parse_in(source, file, base, env)
@@ -58,6 +65,23 @@ pub fn parse(source: &str, file: &Path, env: &dyn EnvLookup) -> Result<AppSpec, 
 
 /// [`parse`], with relative paths resolved against `base`.
 pub fn parse_in(source: &str, file: &Path, base: &Path, env: &dyn EnvLookup) -> Result<AppSpec, SpecErrors> {
+    let set = parse_set_in(source, file, base, env)?;
+    set.resolve(set.default_environment())
+}
+
+/// Parses and validates the text of a spec file with all of its
+/// environments (see [`parse`] for the arguments). Every problem of the
+/// file is reported at once; a `[database]` url that reads a variable
+/// unset (or wrong) in `env` is only a problem for the environments that
+/// use it, reported by [`SpecSet::resolve`] (and here too when the file
+/// has other problems, for its default environment).
+pub fn parse_set(source: &str, file: &Path, env: &dyn EnvLookup) -> Result<SpecSet, SpecErrors> {
+    let base = file.parent().unwrap_or(Path::new(""));
+    parse_set_in(source, file, base, env)
+}
+
+/// [`parse_set`], with relative paths resolved against `base`.
+pub fn parse_set_in(source: &str, file: &Path, base: &Path, env: &dyn EnvLookup) -> Result<SpecSet, SpecErrors> {
     let mut diags = Diags::default();
     let (doc, syntax_errors) = toml::de::DeTable::parse_recoverable(source);
     if !syntax_errors.is_empty() {
@@ -68,19 +92,42 @@ pub fn parse_in(source: &str, file: &Path, base: &Path, env: &dyn EnvLookup) -> 
         return Err(diags.into_errors(source, file));
     }
     let raw = walk::walk(&doc, &mut diags);
-    match validate::validate(&raw, env, base, &mut diags) {
-        Some(spec) if diags.is_empty() => Ok(spec),
-        _ => Err(diags.into_errors(source, file)),
-    }
+    let mut deferred = Diags::default();
+    let spec = validate::validate(&raw, env, base, &mut diags, &mut deferred);
+    let environments = environments::validate_environments(&raw, env, &mut diags);
+    let spec = match spec {
+        Some(spec) if diags.is_empty() => spec,
+        _ => {
+            // With the problems of the environment used by default.
+            let default = environments.default_environment.clone().unwrap_or_else(EnvironmentId::default_env);
+            match environments.overrides.get(&default).and_then(|o| o.database.as_ref()) {
+                Some(Err(own)) => diags.extend(own.clone()),
+                Some(Ok(_)) => {}
+                None => diags.extend(deferred),
+            }
+            return Err(diags.into_errors(source, file));
+        }
+    };
+    let errors = |d: Diags| d.into_errors(source, file);
+    let base_database = if deferred.is_empty() { Ok(spec.database.clone()) } else { Err(errors(deferred)) };
+    Ok(SpecSet::new(spec, base_database, environments, errors))
 }
 
-/// Reads and parses a spec file, with the process environment. Relative
-/// paths in the file become absolute (against the file's directory).
+/// Reads and parses a spec file, with the process environment, into the
+/// spec of its default environment. Relative paths in the file become
+/// absolute (against the file's directory).
 pub fn load(file: &Path) -> Result<AppSpec, SpecErrors> {
+    let set = load_set(file)?;
+    set.resolve(set.default_environment())
+}
+
+/// Reads and parses a spec file with all of its environments, with the
+/// process environment. Relative paths in the file become absolute.
+pub fn load_set(file: &Path) -> Result<SpecSet, SpecErrors> {
     let source = read(file)?;
     let absolute = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
     let base = absolute.parent().unwrap_or(Path::new(""));
-    parse_in(&source, file, base, &ProcessEnv)
+    parse_set_in(&source, file, base, &ProcessEnv)
 }
 
 fn read(file: &Path) -> Result<String, SpecErrors> {
@@ -191,6 +238,8 @@ mod tests;
 mod tests_canary;
 #[cfg(test)]
 mod tests_database;
+#[cfg(test)]
+mod tests_environments;
 #[cfg(test)]
 mod tests_smoke;
 #[cfg(test)]

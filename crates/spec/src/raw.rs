@@ -34,6 +34,59 @@ pub struct RawSpec {
     pub statics: Option<Spanned<RawStatics>>,
     /// `[database]`: the app's PostgreSQL database.
     pub database: Option<Spanned<RawDatabase>>,
+    /// The environment commands use when neither `-e` nor `NONSTOP_ENV`
+    /// names one. Left out: `default`.
+    pub environment: Option<Spanned<String>>,
+    /// `[base]`: the servers the environments share.
+    pub base: Option<Spanned<RawBase>>,
+    /// `[environments.NAME]`: what differs in each environment, in file
+    /// order.
+    pub environments: Option<Spanned<RawMap<Spanned<RawEnvironment>>>>,
+}
+
+/// `[base]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBase {
+    /// `"postgres://ADMIN:PASSWORD@HOST:5432/"`, or `"${VAR}"`.
+    pub postgres: Option<Spanned<String>>,
+    /// `"redis://HOST:6379"`, or `"${VAR}"`.
+    pub redis: Option<Spanned<String>>,
+}
+
+/// `[environments.NAME]`: overrides of the rest of the file for one
+/// environment.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnvironment {
+    /// Host names (`"*.example.com"` for one label below). Left out:
+    /// `NAME.APP.localhost`.
+    pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Also answer every host no environment claims.
+    pub default: Option<Spanned<bool>>,
+    /// Commands that destroy the environment or drop its data refuse it.
+    pub protected: Option<Spanned<bool>>,
+    /// `[environments.NAME.env]`, merged over `[env]`.
+    pub env: Option<Spanned<RawMap<Spanned<RawScalar>>>>,
+    /// `[environments.NAME.processes.PROCESS]`.
+    pub processes: Option<Spanned<RawMap<Spanned<RawProcessOverride>>>>,
+    /// `[environments.NAME.database]`, merged over `[database]`.
+    pub database: Option<Spanned<RawDatabase>>,
+}
+
+/// `[environments.NAME.processes.PROCESS]`: what may differ between
+/// environments. The rest (command, kind, ...) is the same everywhere:
+/// the same release runs in each.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProcessOverride {
+    pub count: Option<Spanned<i64>>,
+    /// Merged over the process's `env` (and the environment's `env`).
+    pub env: Option<Spanned<RawMap<Spanned<RawScalar>>>>,
+    /// Merged key by key over the process's `[health]`.
+    pub health: Option<Spanned<RawHealth>>,
+    /// Merged key by key over the process's `[rollout]`.
+    pub rollout: Option<Spanned<RawRollout>>,
 }
 
 /// `[database]`.
@@ -415,7 +468,19 @@ mod tests {
         assert_eq!(field_names::<RawTls>(), &["hosts", "cert", "key"]);
         assert_eq!(
             field_names::<RawSpec>(),
-            &["app", "build", "env", "proxy", "release", "processes", "static", "database"]
+            &[
+                "app",
+                "build",
+                "env",
+                "proxy",
+                "release",
+                "processes",
+                "static",
+                "database",
+                "environment",
+                "base",
+                "environments"
+            ]
         );
         assert_eq!(field_names::<RawProcess>()[0], "command");
     }

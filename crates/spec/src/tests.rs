@@ -104,8 +104,9 @@ fn minimal_file_gets_every_default() {
 }
 
 /// The example of the file-format contract, every key set.
-const FULL: &str = r#"app = "blog"
+pub(crate) const FULL: &str = r#"app = "blog"
 build = ["pip install -r requirements.txt", "python manage.py collectstatic --noinput"]
+environment = "production"
 
 [env]
 DJANGO_SETTINGS_MODULE = "blog.settings"
@@ -215,6 +216,40 @@ url = "postgres://blog:PASSWORD@127.0.0.1:5432/blog"
 POSTGRES_NAME = "name"
 POSTGRES_SERVICE_HOST = "host"
 POSTGRES_PASSWORD = "password"
+
+[base]
+postgres = "postgres://admin:PASSWORD@127.0.0.1:5432/"
+redis = "redis://127.0.0.1:6379"
+
+[environments.production]
+hosts = ["blog.example.com", "www.blog.example.com"]
+default = true
+protected = true
+
+[environments.staging]
+hosts = ["staging.blog.example.com", "*.review.blog.example.com"]
+protected = false
+
+[environments.staging.env]
+DEBUG = true
+
+[environments.staging.processes.web]
+count = 1
+
+[environments.staging.processes.web.env]
+WEB_CONCURRENCY = 1
+
+[environments.staging.processes.web.health]
+interval = "1s"
+
+[environments.staging.processes.web.rollout]
+canary = false
+
+[environments.staging.database]
+url = "postgres://blog:PASSWORD@127.0.0.1:5432/blog_staging"
+
+[environments.staging.database.env]
+POSTGRES_NAME = "name"
 "#;
 
 #[test]
@@ -316,6 +351,13 @@ fn every_schema_key_is_set_in_the_full_example() {
         (field_names::<RawTls>(), doc["proxy"]["tls"][0].clone()),
         (field_names::<RawStatic>(), doc["static"][0].clone()),
         (field_names::<RawDatabase>(), doc["database"].clone()),
+        (field_names::<RawBase>(), doc["base"].clone()),
+        (field_names::<RawEnvironment>(), {
+            let mut both = doc["environments"]["production"].as_table().unwrap().clone();
+            both.extend(doc["environments"]["staging"].as_table().unwrap().clone());
+            toml::Value::Table(both)
+        }),
+        (field_names::<RawProcessOverride>(), doc["environments"]["staging"]["processes"]["web"].clone()),
     ] {
         let present = keys_of(&table);
         for f in fields {
@@ -1589,8 +1631,9 @@ fn init_round_trips_a_django_procfile() {
     );
     assert_eq!(spec.release.tasks, ["python manage.py migrate"]);
     assert_eq!(spec.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
-    // Everything else is the default: the commented-out values are right.
-    let uncommented = toml
+    // Everything else is the default: the commented-out values are right
+    // (the environments are an example, not defaults).
+    let uncommented = without_environments(&toml)
         .lines()
         .map(|l| match l.strip_prefix("# ") {
             Some(rest)
@@ -1623,6 +1666,45 @@ fn init_notes_a_fixed_port() {
     let toml = init_toml("blog", Some("web: gunicorn x.wsgi --bind 127.0.0.1:$PORT\n")).unwrap();
     assert!(!toml.contains("NOTE"), "{toml}");
     ok_round_trip(&toml);
+}
+
+/// `init`'s output without its commented example of environments (at the
+/// end).
+fn without_environments(toml: &str) -> &str {
+    &toml[..toml.find(crate::init::ENVIRONMENTS_HEADING).expect("init writes an example of environments")]
+}
+
+#[test]
+fn init_s_example_of_environments_works_once_uncommented() {
+    for procfile in [Some(DJANGO_PROCFILE), None] {
+        let toml = init_toml("blog", procfile).unwrap();
+        let start = toml.find(crate::init::ENVIRONMENTS_HEADING).unwrap();
+        let example: String = toml[start..]
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut filled = format!("{}{example}\n", &toml[..start]);
+        if procfile.is_none() {
+            filled = filled
+                .replace("# [processes.web]\n", "[processes.web]\n")
+                .replace("# command = \"gunicorn", "command = \"gunicorn");
+        }
+        let env: BTreeMap<String, String> =
+            [("STAGING_DATABASE_URL".to_string(), "postgres://blog@127.0.0.1:5432/blog_staging".to_string())].into();
+        let set = parse_set(&filled, Path::new(FILE), &env).unwrap_or_else(|e| panic!("{e}\n---\n{filled}"));
+        let staging = set.resolve(&nonstop_core::environment::environment_name("staging").unwrap()).unwrap();
+        assert_eq!(staging.hosts, ["staging.blog.example.com"]);
+        assert_eq!(web(&staging).count, 1);
+        assert_eq!(staging.env.get("LOG_LEVEL").map(String::as_str), Some("debug"));
+        assert_eq!(staging.database.unwrap().url.database(), "blog_staging");
+        assert!(set.base_services().unwrap().redis.is_some());
+        // The default environment is the file as it is.
+        assert_eq!(set.resolve(set.default_environment()).unwrap().database, None);
+    }
 }
 
 fn ok_round_trip(toml: &str) -> AppSpec {
@@ -1662,7 +1744,7 @@ fn init_without_a_procfile_is_a_template_to_fill_in() {
     assert_eq!(web(&spec).count, 2);
     assert_eq!(web(&spec).command, "gunicorn blog.wsgi --bind 127.0.0.1:$PORT");
     // So does uncommenting all three.
-    let all: String = toml
+    let all: String = without_environments(&toml)
         .lines()
         .map(|l| match l.strip_prefix("# ") {
             Some(rest)
@@ -1690,6 +1772,8 @@ fn init_output_is_stable() {
 # A commented-out key shows its default.
 
 app = "x"
+# The environment commands use without -e or NONSTOP_ENV (see [environments] at the end).
+# environment = "default"
 
 # Commands run once per release, in order (deploys).
 # build = ["pip install -r requirements.txt", "python manage.py collectstatic --noinput"]
@@ -1756,6 +1840,26 @@ count = 1
 # canary_max_p95_ratio = 2.0
 # canary_p95_slack = "100ms"
 # canary_min_requests = 20
+
+# Environments: the same releases deployed more than once (`nonstop deploy -e staging`,
+# or NONSTOP_ENV=staging). A table below changes the settings above for one environment;
+# an environment without one (one created later for a branch, say) gets them as they are.
+# Without `hosts`, an environment answers on NAME.x.localhost.
+# [environments.staging]
+# hosts = ["staging.x.example.com"]  # "*.x.example.com": any one label in front
+# protected = false  # true: commands that destroy it or drop its data refuse it
+# default = false    # true: it also answers the hosts no environment claims
+# [environments.staging.env]  # over [env], and over each process's env
+# LOG_LEVEL = "debug"
+# [environments.staging.processes.web]  # count, env, health and rollout keys
+# count = 1
+# [environments.staging.database]
+# url = "${STAGING_DATABASE_URL}"
+#
+# Servers the environments share (one PostgreSQL server with a database per environment).
+# [base]
+# postgres = "postgres://admin@127.0.0.1:5432/"
+# redis = "redis://127.0.0.1:6379"
 "#;
     assert_eq!(toml, expected);
 }

@@ -26,9 +26,18 @@ use std::time::Duration;
 
 const KINDS: [&str; 3] = ["web", "worker", "singleton"];
 
-/// Validates a walked file. `None` if anything was wrong (then `diags`
-/// holds why).
-pub(crate) fn validate(raw: &RawSpec, env: &dyn EnvLookup, base: &Path, diags: &mut Diags) -> Option<AppSpec> {
+/// Validates a walked file, but for its environments: the spec of no
+/// environment in particular (no hosts, not the catch-all, unprotected).
+/// `None` if anything was wrong (then `diags` holds why). A `[database]`
+/// url read from a variable that is unset or wrong is no problem of the
+/// file: that goes to `deferred`, and the spec has no database.
+pub(crate) fn validate(
+    raw: &RawSpec,
+    env: &dyn EnvLookup,
+    base: &Path,
+    diags: &mut Diags,
+    deferred: &mut Diags,
+) -> Option<AppSpec> {
     let before = diags.len();
 
     let app = validate_app(raw.app.as_ref(), diags);
@@ -40,12 +49,26 @@ pub(crate) fn validate(raw: &RawSpec, env: &dyn EnvLookup, base: &Path, diags: &
         raw.processes.iter().flat_map(|p| p.get_ref().iter()).map(|(name, _)| name.get_ref().as_str()).collect();
     let release = validate_release(raw.release.as_ref(), &declared, &processes, diags);
     let statics = raw.statics.as_ref().map(|s| crate::statics::validate_statics(s, diags)).unwrap_or_default();
-    let database = raw.database.as_ref().and_then(|d| crate::database::validate_database(d, raw, env, diags));
+    let tables = crate::database::DatabaseTables::of_file(raw);
+    let database =
+        raw.database.as_ref().and_then(|d| crate::database::validate_database(d, &tables, env, diags, deferred));
 
     if diags.len() > before {
         return None;
     }
-    Some(AppSpec { app: app?, env: app_env, processes, proxy, build, release, statics, database })
+    Some(AppSpec {
+        app: app?,
+        env: app_env,
+        processes,
+        proxy,
+        build,
+        release,
+        statics,
+        database,
+        hosts: Vec::new(),
+        default_host: false,
+        protected: false,
+    })
 }
 
 /// A key of a table, for messages: "`count` in [processes.web]".
@@ -592,7 +615,11 @@ pub(crate) fn parse_listen(text: &str) -> Result<SocketAddr, (String, String)> {
 }
 
 /// `[env]` or `[processes.NAME.env]`.
-fn validate_env(env: &Spanned<RawMap<Spanned<RawScalar>>>, table: &str, diags: &mut Diags) -> BTreeMap<String, String> {
+pub(crate) fn validate_env(
+    env: &Spanned<RawMap<Spanned<RawScalar>>>,
+    table: &str,
+    diags: &mut Diags,
+) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for (name, value) in env.get_ref().iter() {
         let n = name.get_ref().as_str();
@@ -931,7 +958,7 @@ fn validate_processes(processes: Option<&Spanned<RawMap<Spanned<RawProcess>>>>, 
 
 /// One process. Everything is checked even when its name (already
 /// reported) or its kind is invalid; `None` then.
-fn validate_process(
+pub(crate) fn validate_process(
     name: &str,
     process_name: Option<ProcessName>,
     path: &str,

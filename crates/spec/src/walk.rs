@@ -46,6 +46,145 @@ pub(crate) fn walk(root: &Spanned<DeTable<'_>>, diags: &mut Diags) -> RawSpec {
         database: t
             .table("database", "url = \"postgres://blog:PASSWORD@127.0.0.1:5432/blog\"", diags)
             .map(|d| d.map(walk_database, diags)),
+        environment: walk_environment_key(&t, diags),
+        base: t.table("base", BASE_EXAMPLE, diags).map(|b| b.map(walk_base, diags)),
+        environments: walk_environments(&t, diags),
+    }
+}
+
+const BASE_EXAMPLE: &str =
+    "[base]\npostgres = \"postgres://admin@127.0.0.1:5432/\"\nredis = \"redis://127.0.0.1:6379\"";
+const ENVIRONMENT_EXAMPLE: &str = "[environments.staging]\nhosts = [\"staging.example.com\"]";
+
+/// `environment = "production"`: a name, not a table (`[environments.NAME]`
+/// is plural).
+fn walk_environment_key(t: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<String>> {
+    let value = t.get("environment")?;
+    match value.get_ref() {
+        DeValue::String(s) => Some(Spanned::new(value.span(), s.to_string())),
+        DeValue::Table(_) => {
+            diags.error(
+                value.span(),
+                "`environment` must be a string (the environment commands use by default), not a table",
+                format!(
+                    "the tables of the environments are [environments.NAME] (plural), for example:\n{ENVIRONMENT_EXAMPLE}\n(and environment = \"production\" above the first table names the default one)"
+                ),
+            );
+            None
+        }
+        _ => {
+            t.type_error("environment", value, "a string", "environment = \"production\"", diags);
+            None
+        }
+    }
+}
+
+fn walk_base(t: &Table<'_, '_>, diags: &mut Diags) -> RawBase {
+    t.check_keys(field_names::<RawBase>(), diags);
+    RawBase {
+        postgres: t.string("postgres", "postgres = \"postgres://admin@127.0.0.1:5432/\"", diags),
+        redis: t.string("redis", "redis = \"redis://127.0.0.1:6379\"", diags),
+    }
+}
+
+/// `[environments.NAME]` tables, in file order.
+fn walk_environments(root: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<RawMap<Spanned<RawEnvironment>>>> {
+    let environments = root.table("environments", ENVIRONMENT_EXAMPLE, diags)?;
+    let process_names: Vec<String> = match root.get("processes").map(|p| p.get_ref()) {
+        Some(DeValue::Table(p)) => p.iter().map(|(k, _)| k.get_ref().to_string()).collect(),
+        _ => Vec::new(),
+    };
+    let mut entries = Vec::new();
+    for (key, value) in environments.entries.iter() {
+        let name = Spanned::new(key.span(), key.get_ref().to_string());
+        match value.get_ref() {
+            DeValue::Table(entries_of) => {
+                let t = Table { entries: entries_of, span: value.span(), path: environments.child(key.get_ref()) };
+                entries.push((name, Spanned::new(value.span(), walk_environment(&t, &process_names, diags))));
+            }
+            other => diags.error(
+                value.span(),
+                format!("{} must be a table, not {}", environments.describe_key(key.get_ref()), describe(other)),
+                format!(
+                    "write it as a table (an empty one gives the environment the rest of the file as it is):\n[{}]\nhosts = [\"{}.example.com\"]",
+                    environments.child(key.get_ref()),
+                    key.get_ref()
+                ),
+            ),
+        }
+    }
+    Some(Spanned::new(environments.span.clone(), RawMap(entries)))
+}
+
+fn walk_environment(t: &Table<'_, '_>, process_names: &[String], diags: &mut Diags) -> RawEnvironment {
+    let valid = field_names::<RawEnvironment>();
+    t.check_keys_with(valid, diags, |key| {
+        let example_process = process_names.first().map_or("web", String::as_str);
+        let table_of = |process: &str| format!("{}.processes.{}", t.path, display_key(process));
+        if process_names.iter().any(|p| p == key) {
+            Some(format!("a process's settings go in [{}]", table_of(key)))
+        } else if field_names::<RawProcess>().contains(&key) {
+            Some(format!(
+                "a process's settings go in its own table, for example:\n[{}]\ncount = 1",
+                table_of(example_process)
+            ))
+        } else if field_names::<RawSpec>().contains(&key) {
+            Some(format!("`{key}` is the same in every environment; an environment sets only: {}", valid.join(", ")))
+        } else {
+            None
+        }
+    });
+    RawEnvironment {
+        hosts: t.string_list("hosts", "hosts = [\"staging.example.com\"]", diags),
+        default: t.boolean("default", "default = true", diags),
+        protected: t.boolean("protected", "protected = true", diags),
+        env: t.env_map("env", diags),
+        processes: walk_process_overrides(t, diags),
+        database: t
+            .table("database", "url = \"postgres://blog:PASSWORD@127.0.0.1:5432/blog_staging\"", diags)
+            .map(|d| d.map(walk_database, diags)),
+    }
+}
+
+fn walk_process_overrides(
+    environment: &Table<'_, '_>,
+    diags: &mut Diags,
+) -> Option<Spanned<RawMap<Spanned<RawProcessOverride>>>> {
+    let example = "[web]\ncount = 1";
+    let processes = environment.table("processes", example, diags)?;
+    let mut entries = Vec::new();
+    for (key, value) in processes.entries.iter() {
+        let name = Spanned::new(key.span(), key.get_ref().to_string());
+        match value.get_ref() {
+            DeValue::Table(entries_of) => {
+                let t = Table { entries: entries_of, span: value.span(), path: processes.child(key.get_ref()) };
+                entries.push((name, t.map(walk_process_override, diags)));
+            }
+            other => diags.error(
+                value.span(),
+                format!("{} must be a table, not {}", processes.describe_key(key.get_ref()), describe(other)),
+                format!("write it as a table:\n[{}]\ncount = 1", processes.child(key.get_ref())),
+            ),
+        }
+    }
+    Some(Spanned::new(processes.span.clone(), RawMap(entries)))
+}
+
+fn walk_process_override(t: &Table<'_, '_>, diags: &mut Diags) -> RawProcessOverride {
+    let valid = field_names::<RawProcessOverride>();
+    t.check_keys_with(valid, diags, |key| {
+        field_names::<RawProcess>().contains(&key).then(|| {
+            format!(
+                "`{key}` is the same in every environment (each runs the same release); an environment may change only: {}",
+                valid.join(", ")
+            )
+        })
+    });
+    RawProcessOverride {
+        count: t.integer("count", "count = 1", diags),
+        env: t.env_map("env", diags),
+        health: t.table("health", "path = \"/health/\"", diags).map(|h| h.map(walk_health, diags)),
+        rollout: t.table("rollout", "max_surge = 1", diags).map(|r| r.map(walk_rollout, diags)),
     }
 }
 
@@ -528,6 +667,12 @@ impl<'a, 'i> Table<'a, 'i> {
 
     /// Reports every key that is not one of `valid`.
     fn check_keys(&self, valid: &[&str], diags: &mut Diags) {
+        self.check_keys_with(valid, diags, |_| None);
+    }
+
+    /// [`Self::check_keys`], with a better hint than "did you mean" for
+    /// some keys (`special` gives it, or `None`).
+    fn check_keys_with(&self, valid: &[&str], diags: &mut Diags, special: impl Fn(&str) -> Option<String>) {
         for (key, _) in self.entries.iter() {
             let key_str: &str = key.get_ref();
             if valid.contains(&key_str) {
@@ -539,8 +684,11 @@ impl<'a, 'i> Table<'a, 'i> {
                 _ if !self.path.is_empty() && top_level.contains(&key_str) => format!(
                     "`{key_str}` is a top-level key: a key after a [table] header belongs to that table, so move this line above the first [table]"
                 ),
+                Some(s) if s != key_str.to_ascii_lowercase() && special(key_str).is_some() => {
+                    special(key_str).unwrap_or_default()
+                }
                 Some(s) => format!("did you mean `{s}`? valid keys: {list}"),
-                None => format!("valid keys: {list}"),
+                None => special(key_str).unwrap_or_else(|| format!("valid keys: {list}")),
             };
             let message = if self.path.is_empty() {
                 format!("unknown key `{}` at the top level", display_key(key_str))
