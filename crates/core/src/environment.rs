@@ -287,14 +287,13 @@ pub enum BaseUrlError {
 /// (`postgres://admin@127.0.0.1:5432/`: then it names
 /// [`POSTGRES_MAINTENANCE_DATABASE`]), and without TLS parameters (an
 /// `sslmode` other than `disable` or `prefer`, `sslcert`, `sslrootcert`...).
+/// For a text it accepts, the same URL as `nonstop_base::admin_url`.
 pub fn parse_postgres_server(text: &str) -> Result<DatabaseUrl, BaseUrlError> {
-    let (before_fragment, fragment) = match text.split_once('#') {
-        Some((a, f)) => (a, Some(f)),
-        None => (text, None),
-    };
-    let (before_query, query) = match before_fragment.split_once('?') {
+    // A fragment means nothing to PostgreSQL (nor to `nonstop-base`).
+    let text = text.split('#').next().unwrap_or("");
+    let (before_query, query) = match text.split_once('?') {
         Some((a, q)) => (a, Some(q)),
-        None => (before_fragment, None),
+        None => (text, None),
     };
     // Only when the text is a URL with a host: otherwise `parse` says
     // what is wrong with it.
@@ -312,10 +311,6 @@ pub fn parse_postgres_server(text: &str) -> Result<DatabaseUrl, BaseUrlError> {
         if let Some(q) = query {
             filled.push('?');
             filled.push_str(q);
-        }
-        if let Some(f) = fragment {
-            filled.push('#');
-            filled.push_str(f);
         }
         DatabaseUrl::parse(&filled)?
     } else {
@@ -353,17 +348,22 @@ pub enum RedisUrlError {
     NoHost,
     #[error("the URL's port is not a number from 1 to 65535")]
     Port,
-    #[error("the URL's path is not a database number (redis://HOST:6379/0)")]
-    Database,
+    /// A database number: each environment gets one of its own.
+    #[error("the URL names database `{path}`; leave the number out (redis://HOST:6379): nonstop gives each environment a database of its own")]
+    Database { path: String },
+    #[error(
+        "the URL sets `{key}` in its parameters; leave it out: nonstop gives each environment a database of its own"
+    )]
+    Parameter { key: String },
     #[error("the URL has a bad percent-escape (`%` must be followed by two hex digits)")]
     Escape,
     #[error("the URL contains a space or a control character; percent-encode it (a space is %20)")]
     Character,
-    #[error("the URL has parameters (`?...`), which nonstop does not read")]
-    Parameters,
 }
 
-/// A parsed `redis://[user[:password]@]host[:port][/db]` URL. Equality is
+/// A parsed `redis://[[user]:password@]host[:port][/0][?params]` URL: a
+/// server, without a database number (each environment gets its own).
+/// Whatever it accepts, `nonstop-base`'s parser accepts too. Equality is
 /// on the text; `Display` and `Debug` hide the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl {
@@ -374,7 +374,8 @@ pub struct RedisUrl {
     host_raw: String,
     host: String,
     port: Option<u16>,
-    db: Option<u32>,
+    /// Raw query, without the `?`.
+    query: Option<String>,
 }
 
 impl RedisUrl {
@@ -392,8 +393,16 @@ impl RedisUrl {
         if !scheme.eq_ignore_ascii_case("redis") {
             return Err(RedisUrlError::Scheme { found: Some(scheme.to_string()) });
         }
-        if rest.contains(['?', '#']) {
-            return Err(RedisUrlError::Parameters);
+        let rest = rest.split('#').next().unwrap_or("");
+        let (rest, query) = match rest.split_once('?') {
+            Some((a, q)) => (a, Some(q).filter(|q| !q.is_empty())),
+            None => (rest, None),
+        };
+        for kv in query.into_iter().flat_map(|q| q.split('&')) {
+            let key = decode(kv.split('=').next().unwrap_or(""))?;
+            if key == "db" {
+                return Err(RedisUrlError::Parameter { key });
+            }
         }
         let (userinfo, hostpath) = match rest.rfind('@') {
             Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
@@ -436,11 +445,12 @@ impl RedisUrl {
             None => None,
             Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0).ok_or(RedisUrlError::Port)?),
         };
-        let db = match path {
-            None | Some("") => None,
-            Some(p) => Some(p.parse::<u32>().map_err(|_| RedisUrlError::Database)?),
-        };
-        Ok(RedisUrl { text: text.to_string(), user, password, host_raw: host_raw.to_string(), host, port, db })
+        match path {
+            None | Some("" | "0") => {}
+            Some(p) => return Err(RedisUrlError::Database { path: p.to_string() }),
+        }
+        let query = query.map(str::to_string);
+        Ok(RedisUrl { text: text.to_string(), user, password, host_raw: host_raw.to_string(), host, port, query })
     }
 
     /// The real URL, password included. Never print it.
@@ -464,9 +474,13 @@ impl RedisUrl {
             out.push(':');
             out.push_str(&port.to_string());
         }
-        if let Some(db) = self.db {
-            out.push('/');
-            out.push_str(&db.to_string());
+        if let Some(q) = &self.query {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|kv| if kv.starts_with("password=") { format!("password={REDACTED}") } else { kv.to_string() })
+                .collect();
+            out.push('?');
+            out.push_str(&params.join("&"));
         }
         out
     }
@@ -484,10 +498,6 @@ impl RedisUrl {
     /// The password, if the URL has one. Never print it.
     pub fn password(&self) -> Option<&str> {
         self.password.as_deref()
-    }
-    /// The database number in the path, if the URL has one.
-    pub fn db(&self) -> Option<u32> {
-        self.db
     }
 }
 
@@ -659,13 +669,13 @@ mod tests {
     #[test]
     fn redis_urls() {
         let u = RedisUrl::parse("redis://127.0.0.1:6379").unwrap();
-        assert_eq!((u.host(), u.port(), u.db(), u.user(), u.password()), ("127.0.0.1", 6379, None, None, None));
-        let u = RedisUrl::parse("redis://:p%40ss@cache.internal/3").unwrap();
-        assert_eq!((u.host(), u.port(), u.db(), u.password()), ("cache.internal", 6379, Some(3), Some("p@ss")));
-        assert_eq!(u.to_string(), "redis://:***@cache.internal/3");
-        assert_eq!(format!("{u:?}"), "RedisUrl(\"redis://:***@cache.internal/3\")");
+        assert_eq!((u.host(), u.port(), u.user(), u.password()), ("127.0.0.1", 6379, None, None));
+        let u = RedisUrl::parse("redis://:p%40ss@cache.internal/0?protocol=3&password=p%40ss").unwrap();
+        assert_eq!((u.host(), u.port(), u.password()), ("cache.internal", 6379, Some("p@ss")));
+        assert_eq!(u.to_string(), "redis://:***@cache.internal?protocol=3&password=***");
+        assert_eq!(format!("{u:?}"), "RedisUrl(\"redis://:***@cache.internal?protocol=3&password=***\")");
         let u = RedisUrl::parse("redis://app:pw@[::1]:6380/").unwrap();
-        assert_eq!((u.host(), u.port(), u.db()), ("::1", 6380, None));
+        assert_eq!((u.host(), u.port()), ("::1", 6380));
         assert_eq!(u.redacted(), "redis://app:***@[::1]:6380");
         assert_eq!(serde_json::to_string(&u).unwrap(), "\"redis://app:pw@[::1]:6380/\"");
         assert_eq!(serde_json::from_str::<RedisUrl>("\"redis://app:pw@[::1]:6380/\"").unwrap(), u);
@@ -676,10 +686,11 @@ mod tests {
             ("redis://:s3cret@", RedisUrlError::NoHost),
             ("redis://h:0", RedisUrlError::Port),
             ("redis://h:x", RedisUrlError::Port),
-            ("redis://h/zero", RedisUrlError::Database),
+            ("redis://h/3", RedisUrlError::Database { path: "3".into() }),
+            ("redis://h/zero", RedisUrlError::Database { path: "zero".into() }),
             ("redis://:s3%zcret@h", RedisUrlError::Escape),
             ("redis://h ost", RedisUrlError::Character),
-            ("redis://h?db=1", RedisUrlError::Parameters),
+            ("redis://h?db=1", RedisUrlError::Parameter { key: "db".into() }),
         ] {
             let e = RedisUrl::parse(text).unwrap_err();
             assert_eq!(e, err, "{text}");

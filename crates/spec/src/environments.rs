@@ -167,7 +167,7 @@ fn validate_base(raw: &Spanned<RawBase>, env: &dyn EnvLookup, diags: &mut Diags)
                     RedisUrlError::Escape | RedisUrlError::Character => {
                         "percent-encode special characters of the password (@ is %40, : is %3A, / is %2F): redis = \"redis://:PASSWORD@HOST:6379\"".to_string()
                     }
-                    _ => "for example: redis = \"redis://127.0.0.1:6379\" (or \"redis://:PASSWORD@HOST:6379/0\")".to_string(),
+                    _ => "for example: redis = \"redis://127.0.0.1:6379\" (or \"redis://:PASSWORD@HOST:6379\")".to_string(),
                 };
                 diags.error(value.span(), format!("{} is not a usable Redis URL: {e}", whose(what, var.as_deref())), hint);
             })

@@ -742,7 +742,11 @@ fn base_urls_are_checked_and_never_shown() {
             "the URL does not start with redis://",
             "redis = \"redis://127.0.0.1:6379\"",
         ),
-        ("redis://cache/zero".to_string(), "the URL's path is not a database number", "redis://127.0.0.1:6379"),
+        (
+            "redis://cache/3".to_string(),
+            "the URL names database `3`; leave the number out",
+            "redis = \"redis://127.0.0.1:6379\"",
+        ),
     ] {
         let e = one(&app(&format!("[base]\nredis = \"{value}\"\n")));
         assert_err(&e, 9, 9, &format!("`redis` in [base] is not a usable Redis URL: {message}"), hint);
