@@ -2,8 +2,8 @@
 //!
 //! This crate does no I/O and reads no clock: it holds identifiers, the
 //! validated shapes that flow from the spec to the drivers, and the traits
-//! at the boundaries (driver, traffic, clock). Everything else depends on it;
-//! it depends on nothing of ours.
+//! at the boundaries (driver, traffic, ingress, clock). Everything else
+//! depends on it; it depends on nothing of ours.
 #![forbid(unsafe_code)]
 
 pub mod clock;
@@ -12,6 +12,7 @@ pub mod database;
 pub mod driver;
 pub mod environment;
 pub mod ids;
+pub mod ingress;
 pub mod logline;
 pub mod maintenance;
 pub mod process;
