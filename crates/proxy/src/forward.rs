@@ -82,6 +82,12 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
             return redirect(location, request_id, phase);
         }
     }
+    // A host no route claims, while no route is the default: the proxy's
+    // own 404, never another environment's app or static files.
+    let (request_id, phase) = match unclaimed_host(&inner, ctx, &req, request_id, phase) {
+        Ok(answer) => return answer,
+        Err(back) => back,
+    };
     // A route in maintenance answers 503 before static files and routing
     // (`maintenance.rs`).
     let (request_id, phase) = match crate::maintenance::check(&inner, ctx, &req, request_id, phase) {
@@ -421,6 +427,44 @@ fn redirect(location: String, request_id: HeaderValue, phase: PhaseGuard) -> Res
         resp.headers_mut().insert(header::LOCATION, value);
     }
     resp
+}
+
+/// The answer to a request for a host no route claims while no route is
+/// the default: `404` naming the host, as kamal-proxy and Traefik answer
+/// a host they do not serve (`421 Misdirected Request` would make HTTP/2
+/// browsers retry on a new connection, to the same answer). Otherwise the
+/// request id and guard back. One snapshot load while some route is the
+/// default (one app) or none claims a host; a host lookup otherwise.
+fn unclaimed_host<B>(
+    inner: &Inner,
+    ctx: &ConnCtx,
+    req: &Request<B>,
+    request_id: HeaderValue,
+    phase: PhaseGuard,
+) -> Result<Response<ProxyBody>, (HeaderValue, PhaseGuard)> {
+    let snapshot = inner.table.load();
+    if snapshot.answers_every_host() {
+        return Err((request_id, phase));
+    }
+    let host = match req.uri().authority() {
+        Some(a) => Some(a.as_str().as_bytes()),
+        None => req.headers().get(header::HOST).map(HeaderValue::as_bytes),
+    };
+    if snapshot.route_for(host).is_some() {
+        return Err((request_id, phase));
+    }
+    drop(snapshot);
+    let name = host.and_then(crate::hosts::host_name).unwrap_or("");
+    tracing::debug!(client = %ctx.peer, host = name, "no route for this host");
+    let body = if name.is_empty() {
+        "404 Not Found: this request names no host, and no app on this server answers every host.\n".to_string()
+    } else {
+        format!(
+            "404 Not Found: no app on this server answers for host `{name}`.\nIf one should, add the host to one of \
+             its environments, or make an environment the default.\n"
+        )
+    };
+    Ok(text_response(StatusCode::NOT_FOUND, body.into(), request_id, phase, false))
 }
 
 /// A healthy backend of the request's route, counted in flight. When none

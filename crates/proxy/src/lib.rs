@@ -20,6 +20,13 @@
 //!   it) or opens one, and speaks HTTP/1 to the instance itself from the
 //!   client connection's task (see `upstream.rs`; hyper serves the
 //!   clients), streaming both bodies through.
+//! - A request's route is chosen by its `Host` in the snapshot
+//!   (`hosts.rs`: an exact name beats a wildcard, the longest wildcard
+//!   wins, case and port are ignored; no allocation). Each route claims
+//!   its hosts and at most one is the default ([`Proxy::set_hosts`],
+//!   [`Proxy::remove_route`]; the rules are `nonstop_core::ingress`'s);
+//!   a host no route claims, with no default, gets the proxy's own `404`
+//!   naming it, before maintenance and static files.
 //! - A route in maintenance ([`Proxy::set_maintenance`]) answers every
 //!   request with its page (503, `Retry-After`) before static files and
 //!   routing, except for allowed client addresses; its gate is part of the
@@ -122,6 +129,7 @@ mod error;
 mod forward;
 mod headers;
 mod health;
+mod hosts;
 mod lazy;
 mod limits;
 mod maintenance;
@@ -151,6 +159,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use backend::{BackendState, Pool};
 use health::Shared;
 use nonstop_core::ids::InstanceId;
+use nonstop_core::ingress::{HostClaims, HostsError};
 use nonstop_core::process::HealthCheck;
 use nonstop_core::traffic::{
     Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
@@ -378,34 +387,48 @@ impl Proxy {
         }
     }
 
-    /// Requests whose `Host` matches no route go to `route`.
+    /// Requests for hosts no route claims go to `route` while it has no
+    /// hosts set ([`Proxy::set_hosts`]) and no route claimed the default:
+    /// what `Ingress::listen` gives (one app, every host).
     pub fn set_default_route(&self, route: RouteKey) {
         let mut reg = self.registry();
-        reg.default_route = Some(route);
+        reg.claims.set_fallback(Some(route));
         self.publish(&reg);
     }
 
-    /// Route requests for `hosts` to `route` (replacing its previous hosts).
-    /// Matching ignores case and port; `*.example.com` matches one label
-    /// below `example.com`. An empty list removes the route's hosts.
-    pub fn set_hosts(&self, route: RouteKey, hosts: Vec<String>) {
-        let hosts: Vec<String> = hosts
-            .iter()
-            .filter_map(|h| {
-                let normalized = table::normalize_host(h);
-                if normalized.is_none() {
-                    tracing::warn!(host = %h, route = %route.0, "ignoring empty or invalid host");
-                }
-                normalized
-            })
-            .collect();
+    /// Route requests for `hosts` to `route` (replacing its previous
+    /// hosts), and, with `default`, every host no route claims. Matching
+    /// ignores case, port and a trailing dot; an exact name beats a
+    /// wildcard, and `*.example.com` matches any host below `example.com`
+    /// (the longest matching wildcard wins). A host another route claims,
+    /// a second default, or an invalid host is refused, naming the other
+    /// route, and nothing changes. Without any default, a host no route
+    /// claims is answered `404` by the proxy.
+    pub fn set_hosts(&self, route: &RouteKey, hosts: &[String], default: bool) -> Result<(), HostsError> {
         let mut reg = self.registry();
-        if hosts.is_empty() {
-            reg.hosts.remove(&route);
-        } else {
-            reg.hosts.insert(route, hosts);
-        }
+        reg.claims.set(route, hosts, default)?;
+        let claimed = reg.claims.get(route).map(|c| c.hosts.clone()).unwrap_or_default();
         self.publish(&reg);
+        drop(reg);
+        tracing::info!(route = %route.0, hosts = ?claimed, default, "route hosts set");
+        Ok(())
+    }
+
+    /// Release `route`'s hosts and default claim (and its place as the
+    /// default from [`Proxy::set_default_route`]). Its backends stay until
+    /// they are removed.
+    pub fn remove_route(&self, route: &RouteKey) {
+        let mut reg = self.registry();
+        if reg.claims.remove(route) {
+            self.publish(&reg);
+            drop(reg);
+            tracing::info!(route = %route.0, "route hosts released");
+        }
+    }
+
+    /// Which route claims which host, and the default, as set now.
+    pub fn host_claims(&self) -> HostClaims {
+        self.registry().claims.clone()
     }
 
     /// Every known backend, by instance.

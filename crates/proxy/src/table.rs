@@ -3,7 +3,9 @@
 //! path only loads the snapshot (no lock) and reads backend atomics.
 
 use crate::backend::{BackendState, InFlight};
+use crate::hosts::HostMap;
 use nonstop_core::ids::InstanceId;
+use nonstop_core::ingress::HostClaims;
 use nonstop_core::traffic::{RouteKey, Split};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -11,6 +13,8 @@ use std::sync::Arc;
 
 /// The backends of one route, in a stable order.
 pub(crate) struct Route {
+    /// (Read by the tests.)
+    #[cfg_attr(not(test), allow(dead_code))]
     pub key: RouteKey,
     pub backends: Box<[Arc<BackendState>]>,
     /// The route is in maintenance (`maintenance.rs`).
@@ -143,66 +147,31 @@ pub(crate) fn round_robin_fits(next: u64, least: u64) -> bool {
 /// An immutable view of the routes, swapped as a whole.
 #[derive(Default)]
 pub(crate) struct Snapshot {
-    exact: HashMap<Box<str>, Arc<Route>>,
-    /// `*.example.com` is stored as `example.com` and matches one label.
-    wildcard: HashMap<Box<str>, Arc<Route>>,
+    /// Routes by the hosts they claim (`hosts.rs`).
+    hosts: HostMap<Arc<Route>>,
     default: Option<Arc<Route>>,
 }
 
 impl Snapshot {
-    /// The route for a request's `Host` (port and case ignored); the
-    /// default route when no host matches.
+    /// The route for a request's `Host` (port and case ignored; exact
+    /// beats wildcard, the longest wildcard wins); the default route when
+    /// no host matches; `None` when there is none either (the request is
+    /// answered 404, see `forward.rs`).
+    #[inline]
     pub fn route_for(&self, host: Option<&[u8]>) -> Option<&Arc<Route>> {
-        if self.exact.is_empty() && self.wildcard.is_empty() {
+        if self.hosts.is_empty() {
             return self.default.as_ref();
         }
-        let found = host.and_then(|h| {
-            let h = host_name(h)?;
-            if h.bytes().any(|b| b.is_ascii_uppercase()) {
-                self.lookup(&h.to_ascii_lowercase())
-            } else {
-                self.lookup(h)
-            }
-        });
-        found.or(self.default.as_ref())
+        host.and_then(|h| self.hosts.lookup(h)).or(self.default.as_ref())
     }
 
-    fn lookup(&self, host: &str) -> Option<&Arc<Route>> {
-        if let Some(route) = self.exact.get(host) {
-            return Some(route);
-        }
-        let (_, parent) = host.split_once('.')?;
-        self.wildcard.get(parent)
+    /// Whether every host has an answer from the routes: some route is
+    /// the default, or no route claims any host (nothing is set up yet,
+    /// or only the default was: `503` while no backend serves).
+    #[inline]
+    pub fn answers_every_host(&self) -> bool {
+        self.default.is_some() || self.hosts.is_empty()
     }
-}
-
-/// The host part of a `Host` header: without port, without a trailing dot.
-/// IPv6 literals keep their brackets.
-fn host_name(raw: &[u8]) -> Option<&str> {
-    let s = std::str::from_utf8(raw).ok()?.trim();
-    let host = if s.starts_with('[') {
-        match s.find(']') {
-            Some(end) => &s[..=end],
-            None => s,
-        }
-    } else {
-        match s.rfind(':') {
-            Some(colon) => &s[..colon],
-            None => s,
-        }
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    (!host.is_empty()).then_some(host)
-}
-
-/// A configured host, normalised like a request's.
-pub(crate) fn normalize_host(raw: &str) -> Option<String> {
-    let (wild, rest) = match raw.trim().strip_prefix("*.") {
-        Some(rest) => (true, rest),
-        None => (false, raw.trim()),
-    };
-    let name = host_name(rest.as_bytes())?.to_ascii_lowercase();
-    Some(if wild { format!("*.{name}") } else { name })
 }
 
 pub(crate) struct Entry {
@@ -216,8 +185,8 @@ pub(crate) struct Entry {
 #[derive(Default)]
 pub(crate) struct Registry {
     pub backends: HashMap<InstanceId, Entry>,
-    pub default_route: Option<RouteKey>,
-    pub hosts: BTreeMap<RouteKey, Vec<String>>,
+    /// Which route claims which host, and the default.
+    pub claims: HostClaims,
     /// Routes in maintenance.
     pub maintenance: BTreeMap<RouteKey, Arc<crate::maintenance::Gate>>,
     /// Routes with a split, and the number of requests each has given a
@@ -231,7 +200,7 @@ impl Registry {
         for entry in self.backends.values().filter(|e| e.in_rotation) {
             grouped.entry(&entry.route).or_default().push(&entry.state);
         }
-        for key in self.hosts.keys().chain(self.default_route.iter()).chain(self.maintenance.keys()) {
+        for key in self.claims.route_keys().chain(self.maintenance.keys()) {
             grouped.entry(key).or_default();
         }
         let mut routes: HashMap<&RouteKey, Arc<Route>> = HashMap::new();
@@ -256,23 +225,16 @@ impl Registry {
             );
         }
         let mut snap = Snapshot {
-            default: self.default_route.as_ref().and_then(|k| routes.get(k).cloned()),
+            default: self.claims.default_route().and_then(|k| routes.get(k).cloned()),
             ..Snapshot::default()
         };
-        for (key, hosts) in &self.hosts {
+        for (key, claim) in self.claims.iter() {
             let Some(route) = routes.get(key) else {
                 continue;
             };
-            for host in hosts {
-                let (map, name) = match host.strip_prefix("*.") {
-                    Some(rest) => (&mut snap.wildcard, rest),
-                    None => (&mut snap.exact, host.as_str()),
-                };
-                if let Some(previous) = map.insert(name.into(), Arc::clone(route)) {
-                    if previous.key != *key {
-                        tracing::warn!(host = %host, route = %key.0, other = %previous.key.0, "host claimed by two routes; the later one wins");
-                    }
-                }
+            for host in &claim.hosts {
+                // `HostClaims` gives a host to one route only.
+                snap.hosts.insert(host, Arc::clone(route));
             }
         }
         snap
@@ -284,29 +246,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_names_lose_port_and_dot() {
-        assert_eq!(host_name(b"example.com:8080"), Some("example.com"));
-        assert_eq!(host_name(b"example.com."), Some("example.com"));
-        assert_eq!(host_name(b"[::1]:80"), Some("[::1]"));
-        assert_eq!(host_name(b"localhost"), Some("localhost"));
-        assert_eq!(host_name(b""), None);
-    }
-
-    #[test]
-    fn configured_hosts_are_normalised() {
-        assert_eq!(normalize_host("Example.COM:443").as_deref(), Some("example.com"));
-        assert_eq!(normalize_host("*.Staging.Example.com").as_deref(), Some("*.staging.example.com"));
-        assert_eq!(normalize_host("  "), None);
-    }
-
-    #[test]
     fn routes_by_host_wildcard_and_default() {
         let mut reg = Registry::default();
         let a = RouteKey("a".into());
         let b = RouteKey("b".into());
-        reg.hosts.insert(a.clone(), vec!["app.test".into()]);
-        reg.hosts.insert(b.clone(), vec!["*.review.test".into()]);
-        reg.default_route = Some(a.clone());
+        reg.claims.set(&a, &["app.test".into()], true).unwrap();
+        reg.claims.set(&b, &["*.review.test".into()], false).unwrap();
         let snap = reg.snapshot();
         let key = |h: &[u8]| snap.route_for(Some(h)).map(|r| r.key.0.clone());
         assert_eq!(key(b"app.test"), Some("a".into()));
@@ -315,6 +260,30 @@ mod tests {
         assert_eq!(key(b"review.test"), Some("a".into()), "wildcard needs a label; falls to default");
         assert_eq!(key(b"other"), Some("a".into()));
         assert_eq!(snap.route_for(None).map(|r| r.key.0.clone()), Some("a".into()));
+
+        // Without a default, an unclaimed host has no route.
+        reg.claims.set(&a, &["app.test".into()], false).unwrap();
+        let snap = reg.snapshot();
+        assert!(!snap.answers_every_host());
+        assert!(snap.route_for(Some(b"other")).is_none());
+        assert!(snap.route_for(None).is_none());
+        assert_eq!(snap.route_for(Some(b"app.test")).map(|r| r.key.0.clone()), Some("a".into()));
+        // A route with hosts and no backend is still a route (503, not 404).
+        assert_eq!(snap.route_for(Some(b"x.review.test")).map(|r| r.backends.len()), Some(0));
+    }
+
+    #[test]
+    fn the_listen_route_takes_every_host_until_it_has_hosts() {
+        let mut reg = Registry::default();
+        let a = RouteKey("a".into());
+        reg.claims.set_fallback(Some(a.clone()));
+        let snap = reg.snapshot();
+        assert_eq!(snap.route_for(Some(b"anything")).map(|r| r.key.0.clone()), Some("a".into()));
+        reg.claims.set(&a, &["a.test".into()], false).unwrap();
+        let snap = reg.snapshot();
+        assert!(snap.route_for(Some(b"anything")).is_none());
+        reg.claims.remove(&a);
+        assert!(reg.snapshot().route_for(Some(b"a.test")).is_none());
     }
 
     #[test]

@@ -102,8 +102,8 @@ async fn maintenance_is_per_route() {
     let b = Upstream::start("b").await;
     let p = Running::start(config()).await;
     let (ra, rb) = (RouteKey("a/default".into()), RouteKey("b/default".into()));
-    p.proxy.set_hosts(ra.clone(), vec!["a.test".into()]);
-    p.proxy.set_hosts(rb.clone(), vec!["b.test".into()]);
+    p.proxy.set_hosts(&ra, &["a.test".into()], false).unwrap();
+    p.proxy.set_hosts(&rb, &["b.test".into()], false).unwrap();
     p.proxy.add(
         &ra,
         nonstop_core::traffic::Backend { instance: instance(1), addr: a.addr },

@@ -59,7 +59,7 @@ async fn routes_by_host_with_default_fallback() {
     let p = Running::start(config()).await;
     let staging = RouteKey("staging".into());
     p.proxy.set_default_route(route());
-    p.proxy.set_hosts(staging.clone(), vec!["Staging.Example.com".into()]);
+    p.proxy.set_hosts(&staging, &["Staging.Example.com".into()], false).unwrap();
     p.add(1, a.addr, lazy_check(), InitialHealth::AssumeHealthy);
     p.proxy.add(
         &staging,
