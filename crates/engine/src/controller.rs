@@ -48,31 +48,17 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Where the proxy listens. Implemented by the binary over the proxy.
-pub trait Ingress: Send + Sync + 'static {
-    /// Listen on `addr` (if not already) and send every host to `route`.
-    /// Moving to another address closes the old listener after the new one
-    /// is bound. Errors name the cause (e.g. address in use).
-    fn listen(&self, proxy: &nonstop_core::process::ProxySpec, route: &RouteKey) -> Result<(), IngressError>;
-    /// Stop listening.
-    fn close(&self);
+pub use nonstop_core::ingress::{Ingress, IngressError};
+
+/// `IngressError::into_engine` at the call sites (the error lives in
+/// `nonstop-core`; the mapping is `From<IngressError> for EngineError`).
+pub(crate) trait IntoEngine {
+    fn into_engine(self) -> EngineError;
 }
 
-/// Why the proxy could not be set up as the spec says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IngressError {
-    /// An address could not be bound: `(address, why)`.
-    Listen(String, String),
-    /// A setting or a TLS file is wrong.
-    Config(String),
-}
-
-impl IngressError {
-    pub(crate) fn into_engine(self) -> EngineError {
-        match self {
-            IngressError::Listen(addr, reason) => EngineError::Listen { addr, reason },
-            IngressError::Config(reason) => EngineError::ProxyConfig { reason },
-        }
+impl IntoEngine for IngressError {
+    fn into_engine(self) -> EngineError {
+        EngineError::from(self)
     }
 }
 

@@ -27,6 +27,12 @@ pub enum EngineError {
     Listen { addr: String, reason: String },
     #[error("the proxy settings cannot be used: {reason}; fix [proxy] in nonstop.toml")]
     ProxyConfig { reason: String },
+    /// A host (or the default) another environment holds: `reason` names it.
+    #[error("{reason}")]
+    HostConflict { reason: String },
+    /// The data plane (the keeper's proxy) could not do what was asked.
+    #[error("the proxy did not take the change: {reason}")]
+    DataPlane { reason: String },
     #[error("unknown process type `{name}`; this app has: {known}")]
     UnknownProcess { name: String, known: String },
     #[error("{process} is a singleton: it runs 0 or 1 instance, not {requested}")]
@@ -77,6 +83,21 @@ impl From<nonstop_store::StoreError> for EngineError {
     }
 }
 
+impl From<nonstop_core::ingress::IngressError> for EngineError {
+    fn from(e: nonstop_core::ingress::IngressError) -> Self {
+        use nonstop_core::ingress::{HostsError, IngressError};
+        match e {
+            IngressError::Listen(addr, reason) => EngineError::Listen { addr, reason },
+            IngressError::Config(reason) => EngineError::ProxyConfig { reason },
+            IngressError::Hosts(e @ HostsError::Invalid { .. }) => {
+                EngineError::Preflight { problems: vec![e.to_string()] }
+            }
+            IngressError::Hosts(e) => EngineError::HostConflict { reason: e.to_string() },
+            IngressError::Unavailable(reason) => EngineError::DataPlane { reason },
+        }
+    }
+}
+
 impl EngineError {
     /// Exit code for the CLI: 1 = the operation failed, 2 = bad input, 3 = conflict.
     pub fn exit_code(&self) -> i32 {
@@ -95,6 +116,7 @@ impl EngineError {
             | EngineError::Busy { .. }
             | EngineError::TaskRunning { .. }
             | EngineError::NotUp
+            | EngineError::HostConflict { .. }
             | EngineError::Stopped { .. }
             | EngineError::NotCancellable { .. } => 3,
             _ => 1,

@@ -35,7 +35,7 @@ pub use driver::{DriverCall, DriverSnapshot, FakeDriver, Lifetime, StopBehavior,
 pub use fixture::{settle, within, Fixture, Pending, RunningEngine};
 pub use gate::{gate_outcome, FakeSchemaGate};
 pub use journal::{Entry, Journal, Record};
-pub use ports::{FakeIngress, FakeLogs};
+pub use ports::{FakeIngress, FakeLogs, HostsCall};
 pub use traffic::{AddCall, AutoHealth, FakeTraffic};
 
 use nonstop_core::ProcessName;

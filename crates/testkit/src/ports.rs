@@ -2,6 +2,7 @@
 //! last log lines of an instance.
 
 use crate::lock;
+use nonstop_core::ingress::HostClaims;
 use nonstop_core::traffic::RouteKey;
 use nonstop_core::{AppName, EnvironmentId, InstanceId};
 use nonstop_engine::{Ingress, IngressError, InstanceLogs};
@@ -14,9 +15,23 @@ struct IngressState {
     listening: Option<(SocketAddr, RouteKey)>,
     listens: Vec<(SocketAddr, RouteKey)>,
     closes: usize,
+    /// Hosts and default by route, under the proxy's rules.
+    claims: HostClaims,
+    host_calls: Vec<HostsCall>,
 }
 
-/// An [`Ingress`] that binds nothing.
+/// One call of [`Ingress::set_hosts`] or [`Ingress::remove_route`] on a
+/// [`FakeIngress`], with its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostsCall {
+    Set { route: RouteKey, hosts: Vec<String>, default: bool, result: Result<(), IngressError> },
+    Remove { route: RouteKey },
+}
+
+/// An [`Ingress`] that binds nothing. Host claims follow the proxy's
+/// rules ([`HostClaims`]: a host claimed by another route, or a second
+/// default, is refused and changes nothing), so engine tests can assert
+/// both what was asked and what was refused.
 #[derive(Default)]
 pub struct FakeIngress {
     state: Mutex<IngressState>,
@@ -49,6 +64,18 @@ impl FakeIngress {
     pub fn closes(&self) -> usize {
         lock(&self.state).closes
     }
+
+    /// Every `set_hosts` and `remove_route`, in order, refused ones too.
+    pub fn host_calls(&self) -> Vec<HostsCall> {
+        lock(&self.state).host_calls.clone()
+    }
+
+    /// The claims now: `.get(route)` gives a route's normalised hosts and
+    /// default flag, `.default_route()` the route unclaimed hosts reach
+    /// (the `listen` route while it has no hosts, as in the proxy).
+    pub fn claims(&self) -> HostClaims {
+        lock(&self.state).claims.clone()
+    }
 }
 
 impl Ingress for FakeIngress {
@@ -60,7 +87,22 @@ impl Ingress for FakeIngress {
         }
         st.listening = Some((addr, route.clone()));
         st.listens.push((addr, route.clone()));
+        st.claims.set_fallback(Some(route.clone()));
         Ok(())
+    }
+
+    fn set_hosts(&self, route: &RouteKey, hosts: &[String], default: bool) -> Result<(), IngressError> {
+        let mut st = lock(&self.state);
+        let result = st.claims.set(route, hosts, default).map_err(IngressError::from);
+        let call = HostsCall::Set { route: route.clone(), hosts: hosts.to_vec(), default, result: result.clone() };
+        st.host_calls.push(call);
+        result
+    }
+
+    fn remove_route(&self, route: &RouteKey) {
+        let mut st = lock(&self.state);
+        st.claims.remove(route);
+        st.host_calls.push(HostsCall::Remove { route: route.clone() });
     }
 
     fn close(&self) {

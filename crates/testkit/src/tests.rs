@@ -159,3 +159,46 @@ fn logs_and_ingress() {
     ingress.close();
     assert_eq!((ingress.listening(), ingress.closes()), (None, 1));
 }
+
+#[test]
+fn fake_ingress_records_host_claims_and_refuses_what_the_proxy_refuses() {
+    use crate::HostsCall;
+    use nonstop_core::ingress::HostsError;
+    use nonstop_engine::{Ingress, IngressError};
+    let ingress = FakeIngress::new();
+    let (prod, staging) = (RouteKey("blog/production".into()), RouteKey("blog/staging".into()));
+    let proxy = nonstop_core::process::ProxySpec::new(spec::LISTEN.parse().unwrap());
+    ingress.listen(&proxy, &prod).unwrap();
+    assert_eq!(ingress.claims().default_route(), Some(&prod), "the listen route takes every host");
+
+    ingress.set_hosts(&prod, &["Blog.test".into()], true).unwrap();
+    ingress.set_hosts(&staging, &["staging.blog.test".into()], false).unwrap();
+    let before = ingress.claims();
+    let taken = ingress.set_hosts(&staging, &["blog.test".into()], false);
+    assert_eq!(
+        taken,
+        Err(IngressError::Hosts(HostsError::Claimed {
+            route: staging.clone(),
+            host: "blog.test".into(),
+            by: prod.clone()
+        }))
+    );
+    let second = ingress.set_hosts(&staging, &["staging.blog.test".into()], true);
+    assert_eq!(
+        second,
+        Err(IngressError::Hosts(HostsError::SecondDefault { route: staging.clone(), by: prod.clone() }))
+    );
+    assert_eq!(ingress.claims(), before, "a refusal changes nothing");
+    assert_eq!(ingress.claims().get(&prod).unwrap().hosts, ["blog.test"]);
+
+    ingress.remove_route(&prod);
+    assert_eq!(ingress.claims().default_route(), None);
+    ingress.set_hosts(&staging, &["blog.test".into()], true).unwrap();
+    let calls = ingress.host_calls();
+    assert_eq!(calls.len(), 6);
+    assert_eq!(
+        calls[2],
+        HostsCall::Set { route: staging.clone(), hosts: vec!["blog.test".into()], default: false, result: taken }
+    );
+    assert_eq!(calls[4], HostsCall::Remove { route: prod });
+}

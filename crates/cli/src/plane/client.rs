@@ -470,6 +470,20 @@ impl Ingress for PlaneClient {
         }
     }
 
+    fn set_hosts(&self, route: &RouteKey, hosts: &[String], default: bool) -> Result<(), IngressError> {
+        match self.call(Request::Hosts { route: route.clone(), hosts: hosts.to_vec(), default }) {
+            Ok(_) => Ok(()),
+            Err(PlaneError::Hosts { refusal }) => Err(IngressError::Hosts(refusal)),
+            Err(e) => Err(IngressError::Unavailable(e.too_old("hosts").to_string())),
+        }
+    }
+
+    fn remove_route(&self, route: &RouteKey) {
+        if let Err(e) = self.call(Request::RemoveRoute { route: route.clone() }) {
+            tracing::error!(route = %route.0, "data plane: remove route: {}", e.too_old("remove_route"));
+        }
+    }
+
     fn close(&self) {
         self.call_logged("close", Request::Close);
     }

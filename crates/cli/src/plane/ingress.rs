@@ -211,6 +211,14 @@ impl Ingress for ProxyIngress {
         Ok(())
     }
 
+    fn set_hosts(&self, route: &RouteKey, hosts: &[String], default: bool) -> Result<(), IngressError> {
+        Ok(self.proxy.set_hosts(route, hosts, default)?)
+    }
+
+    fn remove_route(&self, route: &RouteKey) {
+        self.proxy.remove_route(route);
+    }
+
     fn close(&self) {
         for slot in [&self.plain, &self.tls] {
             if let Some(l) = lock(slot).take() {

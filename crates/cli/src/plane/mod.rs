@@ -64,6 +64,20 @@ impl Ingress for PlaneIngress {
         }
     }
 
+    fn set_hosts(&self, route: &RouteKey, hosts: &[String], default: bool) -> Result<(), IngressError> {
+        match self {
+            PlaneIngress::Local(i) => i.set_hosts(route, hosts, default),
+            PlaneIngress::Remote(c) => c.set_hosts(route, hosts, default),
+        }
+    }
+
+    fn remove_route(&self, route: &RouteKey) {
+        match self {
+            PlaneIngress::Local(i) => i.remove_route(route),
+            PlaneIngress::Remote(c) => c.remove_route(route),
+        }
+    }
+
     fn close(&self) {
         match self {
             PlaneIngress::Local(i) => i.close(),

@@ -258,10 +258,18 @@ impl DataPlane {
             }
             Request::Listen { spec, route } => {
                 let r = self.running(0);
-                r.ingress.listen(&spec, &route).map_err(|e| match e {
-                    IngressError::Listen(addr, reason) => PlaneError::Listen { addr, reason },
-                    IngressError::Config(reason) => PlaneError::Config { reason },
-                })?;
+                r.ingress.listen(&spec, &route).map_err(plane_error)?;
+                Ok(Reply::Done)
+            }
+            Request::Hosts { route, hosts, default } => {
+                let r = self.running(0);
+                r.ingress.set_hosts(&route, &hosts, default).map_err(plane_error)?;
+                Ok(Reply::Done)
+            }
+            Request::RemoveRoute { route } => {
+                if let Some(r) = self.running.get() {
+                    r.ingress.remove_route(&route);
+                }
                 Ok(Reply::Done)
             }
             Request::Close => {
@@ -349,6 +357,15 @@ impl DataPlane {
                 }
             }
         }
+    }
+}
+
+/// An ingress refusal as the protocol carries it.
+fn plane_error(e: IngressError) -> PlaneError {
+    match e {
+        IngressError::Listen(addr, reason) => PlaneError::Listen { addr, reason },
+        IngressError::Config(reason) | IngressError::Unavailable(reason) => PlaneError::Config { reason },
+        IngressError::Hosts(refusal) => PlaneError::Hosts { refusal },
     }
 }
 

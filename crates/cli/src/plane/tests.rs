@@ -1,11 +1,13 @@
 //! The data plane and the daemon's client in one process, over a real
 //! `plane.sock` and real backends on 127.0.0.1: calls added for the
-//! live-traffic gate (issue 12) round-trip through `DataPlane` and
-//! `PlaneClient`.
+//! live-traffic gate (issue 12) and for environments' hosts (issue 13)
+//! round-trip through `DataPlane` and `PlaneClient`.
 
 use super::client::PlaneClient;
-use super::server::DataPlane;
+use super::server::{read_line, DataPlane};
+use super::wire::{self, Answer, PlaneError, Reply};
 use crate::home::Home;
+use nonstop_core::ingress::{HostsError, Ingress, IngressError};
 use nonstop_core::process::{HealthCheck, StatusRange};
 use nonstop_core::traffic::{Backend, InitialHealth, RouteKey, Split, Traffic};
 use nonstop_core::{InstanceId, ProcessName};
@@ -14,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 /// An instance that answers every request `200 <name>` on keep-alive
@@ -151,4 +153,179 @@ async fn split_and_figures_round_trip_through_the_data_plane() {
     let _ = served.await;
     shutdown.cancel();
     plane.stop().await;
+}
+
+/// One `GET /` with `Host: host` on its own connection: status and body.
+async fn ask(addr: SocketAddr, host: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn hosts(list: &[&str]) -> Vec<String> {
+    list.iter().map(|h| h.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_and_route_removal_round_trip_through_the_data_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = Home { dir: dir.path().to_path_buf() };
+    let plane = DataPlane::new(&home, HashMap::new());
+    let sock = dir.path().join("plane.sock");
+    plane.serve(tokio::net::UnixListener::bind(&sock).unwrap());
+    let shutdown = CancellationToken::new();
+    let client = PlaneClient::connect(&sock, 1, shutdown.clone()).await.unwrap();
+    let c = Arc::clone(&client);
+    blocking(move || c.finish_resync()).await;
+
+    let proxy = plane.proxy_for_tests();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front = listener.local_addr().unwrap();
+    let serving = CancellationToken::new();
+    let (p, s) = (proxy.clone(), serving.clone());
+    let served = tokio::spawn(async move { p.serve(listener, s).await });
+
+    let (prod, staging) = (RouteKey("blog/production".into()), RouteKey("blog/staging".into()));
+    let (prod_addr, _) = instance("production").await;
+    let (staging_addr, staging_hits) = instance("staging").await;
+    let (c, p2, s2) = (Arc::clone(&client), prod.clone(), staging.clone());
+    blocking(move || {
+        c.add(&p2, Backend { instance: id(1), addr: prod_addr }, check(), InitialHealth::AssumeHealthy);
+        c.add(&s2, Backend { instance: id(2), addr: staging_addr }, check(), InitialHealth::AssumeHealthy);
+        c.set_hosts(&p2, &hosts(&["blog.test"]), false).unwrap();
+        c.set_hosts(&s2, &hosts(&["staging.blog.test", "*.review.blog.test"]), false).unwrap();
+    })
+    .await;
+    assert_eq!(ask(front, "blog.test").await, (200, "production".into()));
+    assert_eq!(ask(front, "Staging.Blog.test:8080").await, (200, "staging".into()));
+    assert_eq!(ask(front, "pr-3.review.blog.test").await, (200, "staging".into()));
+    let (status, body) = ask(front, "elsewhere.test").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("`elsewhere.test`"), "{body}");
+
+    // A host of another route, and a second default: refused through the
+    // protocol, naming the other route, and nothing changed.
+    let claims = proxy.host_claims();
+    let (c, s2) = (Arc::clone(&client), staging.clone());
+    let taken = blocking(move || c.set_hosts(&s2, &hosts(&["blog.test"]), false)).await;
+    assert_eq!(
+        taken,
+        Err(IngressError::Hosts(HostsError::Claimed {
+            route: staging.clone(),
+            host: "blog.test".into(),
+            by: prod.clone()
+        }))
+    );
+    let (c, p2, s2) = (Arc::clone(&client), prod.clone(), staging.clone());
+    let second = blocking(move || {
+        c.set_hosts(&p2, &hosts(&["blog.test"]), true).unwrap();
+        c.set_hosts(&s2, &hosts(&["staging.blog.test"]), true)
+    })
+    .await;
+    let Err(IngressError::Hosts(refusal @ HostsError::SecondDefault { .. })) = second else { panic!("{second:?}") };
+    assert!(refusal.to_string().contains("blog/production"), "{refusal}");
+    assert_eq!(proxy.host_claims().get(&staging), claims.get(&staging), "the staging claim is as it was");
+    assert_eq!(ask(front, "elsewhere.test").await, (200, "production".into()), "production is the default now");
+
+    // The staging route goes: its hosts reach the default, never staging.
+    let hits = staging_hits.load(Ordering::SeqCst);
+    let (c, s2) = (Arc::clone(&client), staging.clone());
+    blocking(move || c.remove_route(&s2)).await;
+    assert_eq!(proxy.host_claims().get(&staging), None);
+    assert_eq!(ask(front, "staging.blog.test").await, (200, "production".into()));
+    assert_eq!(staging_hits.load(Ordering::SeqCst), hits);
+
+    serving.cancel();
+    let _ = served.await;
+    shutdown.cancel();
+    plane.stop().await;
+}
+
+/// What a data plane of the previous nonstop knows: every call but the
+/// host calls (only those a client needs to connect are answered here;
+/// decoding with the real `wire::decode` gives the real error).
+#[derive(Debug, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum OldRequest {
+    Hello {
+        #[allow(dead_code)]
+        version: u32,
+        #[allow(dead_code)]
+        workers: usize,
+    },
+    Table,
+    Subscribe,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct OldCall {
+    id: u64,
+    request: OldRequest,
+}
+
+/// Serve `listener` as an older data plane does: a line it cannot read
+/// is answered with id 0 and the connection closed.
+async fn old_data_plane(listener: tokio::net::UnixListener) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else { return };
+        tokio::spawn(async move {
+            let (read, mut write) = conn.into_split();
+            let mut lines = BufReader::new(read);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if !matches!(read_line(&mut lines, &mut line).await, Ok(n) if n > 0) {
+                    return;
+                }
+                let (id, result) = match wire::decode::<OldCall>(&line) {
+                    Ok(OldCall { id, request: OldRequest::Hello { .. } }) => {
+                        (id, Ok(Reply::Hello { version: wire::VERSION, pid: 1, backends: Vec::new() }))
+                    }
+                    Ok(OldCall { id, request: OldRequest::Table }) => (id, Ok(Reply::Table { backends: Vec::new() })),
+                    Ok(OldCall { id, request: OldRequest::Subscribe }) => (id, Ok(Reply::Done)),
+                    Err(e) => {
+                        let _ = write.write_all(wire::encode(&Answer { id: 0, result: Err(e) }).as_bytes()).await;
+                        return;
+                    }
+                };
+                let answer: Result<Reply, PlaneError> = result;
+                if write.write_all(wire::encode(&Answer { id, result: answer }).as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_calls_to_an_older_data_plane_fail_saying_restart_the_keeper() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("plane.sock");
+    let old = tokio::spawn(old_data_plane(tokio::net::UnixListener::bind(&sock).unwrap()));
+    let shutdown = CancellationToken::new();
+    let client = PlaneClient::connect(&sock, 1, shutdown.clone()).await.unwrap();
+    let c = Arc::clone(&client);
+    blocking(move || c.finish_resync()).await;
+
+    let c = Arc::clone(&client);
+    let route = RouteKey("blog/staging".into());
+    let (set, removed_then_set) = blocking(move || {
+        let set = c.set_hosts(&route, &hosts(&["staging.test"]), false);
+        // Logged, not answered; the next call reconnects and fails the same.
+        c.remove_route(&route);
+        (set, c.set_hosts(&route, &hosts(&["staging.test"]), true))
+    })
+    .await;
+    for result in [set, removed_then_set] {
+        let Err(IngressError::Unavailable(reason)) = result else { panic!("{result:?}") };
+        assert!(reason.contains("does not know `hosts`") && reason.contains("restart the keeper"), "{reason}");
+    }
+    shutdown.cancel();
+    old.abort();
 }

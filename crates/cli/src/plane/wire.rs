@@ -9,11 +9,12 @@
 //! (health changes and finished drains) until either side closes.
 //!
 //! Compatibility: calls added within a version (`maintenance`, `split`,
-//! `figures`) are new variants; a data plane that predates one answers it
+//! `figures`, `hosts`, `remove_route`) are new variants; a data plane that predates one answers it
 //! with a protocol error naming the unknown variant and closes the
 //! connection, which the daemon reports as "restart the keeper" (see
 //! [`PlaneError::too_old`]). Everything else about a version is fixed.
 
+use nonstop_core::ingress::HostsError;
 use nonstop_core::process::{HealthCheck, ProxySpec, StaticMount};
 use nonstop_core::traffic::{
     Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
@@ -87,6 +88,18 @@ pub enum Request {
     Figures {
         route: RouteKey,
     },
+    /// The hosts `route` answers and whether it is the default for hosts
+    /// no route claims (`Ingress::set_hosts`); a conflicting claim is
+    /// answered [`PlaneError::Hosts`] and changes nothing.
+    Hosts {
+        route: RouteKey,
+        hosts: Vec<String>,
+        default: bool,
+    },
+    /// Release `route`'s hosts and default (`Ingress::remove_route`).
+    RemoveRoute {
+        route: RouteKey,
+    },
     /// Turn this connection into an event stream.
     Subscribe,
 }
@@ -153,6 +166,9 @@ pub enum PlaneError {
     Listen { addr: String, reason: String },
     /// A `[proxy]` setting or a certificate is wrong.
     Config { reason: String },
+    /// A host claim was refused (another route holds the host or the
+    /// default, or it is not a host name); nothing changed.
+    Hosts { refusal: HostsError },
     /// A malformed line, or a call out of order.
     Protocol { reason: String },
     /// The data plane cannot be reached or did not answer in time.
@@ -169,6 +185,7 @@ impl std::fmt::Display for PlaneError {
             ),
             PlaneError::Listen { addr, reason } => write!(f, "cannot listen on {addr}: {reason}"),
             PlaneError::Config { reason } => f.write_str(reason),
+            PlaneError::Hosts { refusal } => write!(f, "{refusal}"),
             PlaneError::Protocol { reason } => write!(f, "data plane protocol error: {reason}"),
             PlaneError::Unreachable { reason } => write!(f, "the data plane did not answer: {reason}"),
         }
@@ -314,6 +331,13 @@ pub(crate) mod tests {
             },
             Request::Split { route: RouteKey("app/default".into()), split: None },
             Request::Figures { route: RouteKey("app/default".into()) },
+            Request::Hosts {
+                route: RouteKey("blog/staging".into()),
+                hosts: vec!["staging.blog.localhost".into(), "*.review.example.com".into()],
+                default: false,
+            },
+            Request::Hosts { route: RouteKey("blog/production".into()), hosts: vec![], default: true },
+            Request::RemoveRoute { route: RouteKey("blog/staging".into()) },
             Request::Subscribe,
         ];
         for (n, request) in calls.into_iter().enumerate() {
@@ -347,6 +371,26 @@ pub(crate) mod tests {
                 result: Err(PlaneError::Listen { addr: "0.0.0.0:80".into(), reason: "permission denied".into() }),
             },
             Answer { id: 6, result: Err(PlaneError::Config { reason: "bad certificate".into() }) },
+            Answer {
+                id: 8,
+                result: Err(PlaneError::Hosts {
+                    refusal: HostsError::Claimed {
+                        route: RouteKey("blog/staging".into()),
+                        host: "blog.test".into(),
+                        by: RouteKey("blog/production".into()),
+                    },
+                }),
+            },
+            Answer {
+                id: 9,
+                result: Err(PlaneError::Hosts {
+                    refusal: HostsError::Invalid {
+                        route: RouteKey("blog/staging".into()),
+                        host: "*".into(),
+                        problem: nonstop_core::ingress::HostProblem::CatchAll,
+                    },
+                }),
+            },
         ];
         for a in answers {
             assert_eq!(decode::<Answer>(&encode(&a)).unwrap(), a);
@@ -389,6 +433,16 @@ pub(crate) mod tests {
         assert!(err.contains("does not know `figures`") && err.contains("restart the keeper"), "{err}");
         let other = PlaneError::Protocol { reason: "a line of 9 bytes".into() };
         assert_eq!(other.clone().too_old("figures"), other);
+        // The same for the host calls, as an older data plane reads them.
+        for (request, op) in [
+            (Request::Hosts { route: RouteKey("r".into()), hosts: vec!["a.test".into()], default: true }, "hosts"),
+            (Request::RemoveRoute { route: RouteKey("r".into()) }, "remove_route"),
+        ] {
+            let line = encode(&Call { id: 4, request });
+            let old = line.replace(&format!("\"{op}\""), "\"not_yet_invented\"");
+            let err = decode::<Call>(&old).unwrap_err().too_old(op).to_string();
+            assert!(err.contains(&format!("does not know `{op}`")) && err.contains("restart the keeper"), "{err}");
+        }
     }
 
     #[test]
