@@ -52,7 +52,8 @@ pub trait Ingress: Send + Sync + 'static {
     /// from [`Ingress::listen`]). Its backends are not touched.
     fn remove_route(&self, route: &RouteKey);
 
-    /// Stop listening.
+    /// Stop listening, once no route is left (another app or environment
+    /// may still be served on the same listeners).
     fn close(&self);
 }
 

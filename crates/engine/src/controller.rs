@@ -865,6 +865,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
     }
 
+    /// Serve `spec`'s web processes on `route`: the proxy listens as the
+    /// spec says and the route claims the environment's hosts (and the
+    /// hosts no one claims, if it is the default). A host another
+    /// environment holds is refused, naming it, and nothing changes.
+    pub(crate) fn expose(&self, spec: &AppSpec, route: &RouteKey) -> Result<(), EngineError> {
+        self.ingress.listen(&spec.proxy, route).map_err(IngressError::into_engine)?;
+        self.ingress.set_hosts(route, &spec.hosts, spec.default_host).map_err(IngressError::into_engine)
+    }
+
     // ---------------------------------------------------------------- restore
 
     fn restore(&mut self) -> Result<(), EngineError> {
@@ -888,8 +897,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         // again before it listens and before any instance is in rotation.
         self.load_controls(&record.app, &route)?;
         if record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
-            if let Err(e) = self.ingress.listen(&record.spec.proxy, &route) {
-                tracing::error!("the proxy cannot be set up: {}", e.into_engine());
+            if let Err(e) = self.expose(&record.spec, &route) {
+                tracing::error!("the proxy cannot be set up: {}", e);
             }
         }
         let now = self.clock.now();
@@ -1206,10 +1215,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let has_web = rt.record.spec.processes.iter().any(|p| p.kind == ProcessKind::Web);
             let route = rt.route.clone();
             let app = rt.record.app.clone();
-            let proxy_spec = rt.record.spec.proxy.clone();
+            let spec = rt.record.spec.clone();
             self.load_controls(&app, &route)?;
             if has_web {
-                self.ingress.listen(&proxy_spec, &route).map_err(IngressError::into_engine)?;
+                self.expose(&spec, &route)?;
             }
             let rt = self.app.as_mut().expect("checked");
             rt.record.running = true;
@@ -1228,7 +1237,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let route = route_key(&spec.app, &self.env);
         self.load_controls(&spec.app, &route)?;
         if spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
-            self.ingress.listen(&spec.proxy, &route).map_err(IngressError::into_engine)?;
+            self.expose(&spec, &route)?;
         }
 
         let record = AppRecord {
@@ -2139,6 +2148,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
         if op.down {
             if rt.instances.is_empty() {
+                self.ingress.remove_route(&rt.route);
                 self.ingress.close();
                 self.finish_op();
             }

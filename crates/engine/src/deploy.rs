@@ -262,7 +262,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 }
                 None => {
                     let route = route_key(&spec.app, &self.env);
-                    self.ingress.listen(&spec.proxy, &route).map_err(IngressError::into_engine)?;
+                    self.expose(&spec, &route)?;
                 }
             }
         }

@@ -458,11 +458,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let to = run.to.clone();
         let base_env = run.base_env.clone();
         let Some(rt) = self.app.as_mut() else { return };
-        if to.spec.processes.iter().any(|p| p.kind == ProcessKind::Web) && rt.record.spec.proxy != to.spec.proxy {
-            if let Err(e) = self.ingress.listen(&to.spec.proxy, &rt.route) {
-                tracing::error!("the proxy keeps its previous settings: {}", e.into_engine());
+        let exposure = |s: &AppSpec| (s.proxy.clone(), s.hosts.clone(), s.default_host);
+        if to.spec.processes.iter().any(|p| p.kind == ProcessKind::Web)
+            && exposure(&rt.record.spec) != exposure(&to.spec)
+        {
+            let route = rt.route.clone();
+            if let Err(e) = self.expose(&to.spec, &route) {
+                tracing::error!("the proxy keeps its previous settings: {e}");
             }
         }
+        let Some(rt) = self.app.as_mut() else { return };
         rt.record.spec = to.spec.clone();
         rt.record.workdir = to.workdir.clone();
         rt.record.release = to.id;

@@ -611,10 +611,15 @@ impl Store {
     /// Allocate the next generation number for a process (persisted, so an
     /// instance id is never reused, even across daemon restarts).
     pub fn next_generation(&self, app: &AppName, env: &EnvironmentId, process: &ProcessName) -> Result<u64> {
+        // One sequence per process name across every app and environment:
+        // instances of two environments never share an id (`web.1#7`), so
+        // the traffic layer, which keys backends by id, cannot mix them up.
         let conn = self.conn();
         let next: i64 = conn.query_row(
-            "INSERT INTO generations (app, environment, process, next) VALUES (?1, ?2, ?3, 2)
-             ON CONFLICT (app, environment, process) DO UPDATE SET next = next + 1
+            "INSERT INTO generations (app, environment, process, next)
+             VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(next), 1) FROM generations WHERE process = ?3) + 1)
+             ON CONFLICT (app, environment, process)
+               DO UPDATE SET next = (SELECT MAX(next) FROM generations WHERE process = ?3) + 1
              RETURNING next - 1",
             params![app.as_str(), env.as_str(), process.as_str()],
             |r| r.get(0),

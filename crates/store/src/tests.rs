@@ -57,6 +57,14 @@ fn generations_never_repeat() {
     assert_eq!(store.next_generation(&app, &env, &web).unwrap(), 2);
     assert_eq!(store.next_generation(&app, &env, &worker).unwrap(), 1);
     assert_eq!(store.next_generation(&app, &env, &web).unwrap(), 3);
+    // Another environment, another app: the same sequence, so ids never
+    // collide between them.
+    let staging = EnvironmentId::new("staging").unwrap();
+    let shop = AppName::new("shop").unwrap();
+    assert_eq!(store.next_generation(&app, &staging, &web).unwrap(), 4);
+    assert_eq!(store.next_generation(&shop, &env, &web).unwrap(), 5);
+    assert_eq!(store.next_generation(&app, &env, &web).unwrap(), 6);
+    assert_eq!(store.next_generation(&app, &staging, &worker).unwrap(), 2);
 }
 
 #[test]

@@ -220,6 +220,10 @@ impl Ingress for ProxyIngress {
     }
 
     fn close(&self) {
+        // Another app or environment still served here: keep listening.
+        if self.proxy.host_claims().route_keys().next().is_some() {
+            return;
+        }
         for slot in [&self.plain, &self.tls] {
             if let Some(l) = lock(slot).take() {
                 tracing::info!("proxy on {} closing", l.addr);

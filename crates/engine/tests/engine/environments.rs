@@ -87,3 +87,40 @@ async fn a_restarted_engine_brings_back_every_environment() {
 fn mpsc() -> tokio::sync::mpsc::UnboundedSender<nonstop_engine::Progress> {
     tokio::sync::mpsc::unbounded_channel().0
 }
+
+fn site(env: &str, hosts: &[&str], default_host: bool) -> nonstop_core::process::AppSpec {
+    let mut spec = app("blog").web("web", 1).env("ENV", env).build();
+    spec.hosts = hosts.iter().map(|h| h.to_string()).collect();
+    spec.default_host = default_host;
+    spec
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_environment_claims_its_hosts_and_a_taken_host_is_refused_before_anything_starts() {
+    let f = Fixture::new();
+    let e = f.start();
+    e.up_in(&e.env(None, "production"), site("production", &["blog.test"], true)).await.unwrap();
+    e.up_in(&e.env(None, "staging"), site("staging", &["staging.blog.test"], false)).await.unwrap();
+    let claims = f.ingress.claims();
+    let route = |env: &str| nonstop_core::traffic::RouteKey(format!("blog/{env}"));
+    assert_eq!(claims.default_route(), Some(&route("production")));
+    assert_eq!(claims.owner("staging.blog.test"), Some(&route("staging")));
+    assert_eq!(claims.owner("blog.test"), Some(&route("production")));
+    // Two web instances, one per environment, with distinct ids.
+    let web = f.driver.alive_of(&pn("web"));
+    assert_eq!(web.len(), 2);
+    assert_ne!(web[0], web[1]);
+
+    // A third environment that wants staging's host: refused, nothing runs.
+    let err = e.up_in(&e.env(None, "review"), site("review", &["staging.blog.test"], false)).await.unwrap_err();
+    assert!(matches!(&err, EngineError::HostConflict { reason } if reason.contains("staging")), "{err}");
+    assert_eq!(f.driver.alive_of(&pn("web")).len(), 2, "nothing started for the refused environment");
+
+    // Down in staging releases its hosts; production keeps serving.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    e.env(None, "staging").down(tx).await.unwrap();
+    let claims = f.ingress.claims();
+    assert_eq!(claims.owner("staging.blog.test"), None);
+    assert_eq!(claims.default_route(), Some(&route("production")));
+    assert_eq!(e.env(None, "production").status().await.unwrap().instances.len(), 1);
+}
