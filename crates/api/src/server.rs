@@ -102,6 +102,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cancel", post(cancel))
         .route("/v1/releases", get(releases))
         .route("/v1/history", get(history))
+        .route("/v1/environments", get(environments))
         // A page of up to 1 MiB, JSON-escaped.
         .route("/v1/maintenance", post(maintenance).layer(axum::extract::DefaultBodyLimit::max(8 << 20)))
         .route("/v1/stop", post(stop))
@@ -443,6 +444,48 @@ async fn history(Scoped(engine): Scoped, Query(q): Query<HistoryQuery>) -> Respo
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }
+}
+
+/// Every app and environment the daemon knows, each with its state (from
+/// its own controller: one that is busy answers for itself only).
+async fn environments(State(s): State<ApiState>) -> Response {
+    let mut out = Vec::new();
+    for scope in s.engine.environments() {
+        let handle = s.engine.scoped(Some(scope.app.clone()), Some(scope.env.clone()));
+        let info = match handle.status().await {
+            Ok(st) => {
+                let port = st.proxy_listen.rsplit_once(':').map(|(_, p)| p.to_string()).unwrap_or_default();
+                let has_web = st.processes.iter().any(|p| p.kind == "web");
+                EnvironmentInfo {
+                    running: true,
+                    release: Some(st.release),
+                    ready: st.processes.iter().map(|p| p.ready as usize).sum(),
+                    instances: st.instances.len(),
+                    operation: st.operation.clone(),
+                    urls: if has_web {
+                        st.hosts.iter().map(|h| format!("http://{h}:{port}")).collect()
+                    } else {
+                        Vec::new()
+                    },
+                    app: st.app,
+                    environment: st.environment,
+                }
+            }
+            Err(EngineError::NotUp) => EnvironmentInfo {
+                app: scope.app.to_string(),
+                environment: scope.env.to_string(),
+                running: false,
+                release: None,
+                instances: 0,
+                ready: 0,
+                operation: None,
+                urls: Vec::new(),
+            },
+            Err(e) => return engine_error(e),
+        };
+        out.push(info);
+    }
+    Json(out).into_response()
 }
 
 async fn upgrade(State(s): State<ApiState>) -> Response {

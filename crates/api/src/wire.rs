@@ -227,6 +227,24 @@ pub struct HistoryQuery {
     pub limit: Option<usize>,
 }
 
+/// One environment of one app under the daemon, for `nonstop env list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentInfo {
+    pub app: String,
+    pub environment: String,
+    /// Whether it runs (an environment brought down keeps its records).
+    pub running: bool,
+    /// The release it runs (0: the working directory, from `up`).
+    pub release: Option<u64>,
+    pub instances: usize,
+    /// Instances that are healthy (web) or ready (others).
+    pub ready: usize,
+    /// The operation in progress, if any.
+    pub operation: Option<String>,
+    /// Where its web processes answer (`http://HOST:PORT`), if they do.
+    pub urls: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

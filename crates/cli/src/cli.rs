@@ -25,7 +25,8 @@ pub struct Cli {
 
     /// The environment a command is about (default: the spec's
     /// `environment`, else the daemon's default).
-    #[arg(short = 'e', long = "env", global = true, env = "NONSTOP_ENV", value_name = "ENV")]
+    /// `NONSTOP_ENV` when not given (read apart, so that errors name which).
+    #[arg(short = 'e', long = "env", global = true, value_name = "ENV")]
     pub env: Option<String>,
 
     /// The app a command is about, when the daemon runs several (default:
@@ -291,6 +292,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Environments: each app and environment this daemon runs.
+    #[command(
+        after_help = "Examples:\n  nonstop env list\n  nonstop -e staging status\n  NONSTOP_ENV=staging nonstop deploy"
+    )]
+    Env {
+        #[command(subcommand)]
+        command: EnvCommand,
+    },
     /// Releases kept on disk; the current one is marked.
     Releases {
         /// Print the releases as JSON.
@@ -382,6 +391,16 @@ pub enum MaintenanceSwitch {
     /// Turn maintenance off: requests reach the app again.
     Off {
         /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnvCommand {
+    /// Each app and environment with its release, instances and URLs.
+    List {
+        /// Print them as JSON.
         #[arg(long)]
         json: bool,
     },

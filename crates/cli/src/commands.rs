@@ -26,7 +26,14 @@ macro_rules! outln {
 }
 
 pub async fn dispatch(cli: Cli) -> i32 {
-    let _ = SCOPE.set((cli.app.clone().filter(|a| !a.is_empty()), cli.env.clone().filter(|e| !e.is_empty())));
+    set_scope(|s| {
+        s.app_flag = cli.app.clone().filter(|a| !a.is_empty());
+        s.env_flag = cli.env.clone().filter(|e| !e.trim().is_empty());
+        s.env_var = std::env::var(nonstop_core::environment::ENVIRONMENT_VAR).ok().filter(|v| !v.trim().is_empty());
+    });
+    if !matches!(cli.command, Command::Init { .. } | Command::Completions { .. } | Command::Daemon { .. }) {
+        scope_from_cwd();
+    }
     let home = match Home::resolve(cli.home) {
         Ok(h) => h,
         Err(e) => {
@@ -106,6 +113,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Start { json } => crate::maintenance::start(&home, json).await,
         Command::Cancel { reason, json } => cancel(&home, reason, json).await,
         Command::Releases { json } => releases(&home, json).await,
+        Command::Env { command: crate::cli::EnvCommand::List { json } } => env_list(&home, json).await,
         Command::Upgrade { json } => upgrade(&home, json).await,
         Command::Doctor { repair, json } => crate::recovery::doctor(&home, repair, json).await,
         Command::Completions { shell } => {
@@ -142,13 +150,57 @@ fn init_daemon_logging() {
         .try_init();
 }
 
-/// The app and environment the command line named (`--app`, `-e`), for
-/// every request to the daemon.
-static SCOPE: std::sync::OnceLock<(Option<String>, Option<String>)> = std::sync::OnceLock::new();
+/// The app and environment a command is about, for every request to the
+/// daemon: `--app` and `-e`, else `NONSTOP_ENV`, else what nonstop.toml
+/// (the one the command loads, or the one in the current directory) says;
+/// whatever is still unknown is the daemon's choice.
+#[derive(Debug, Clone, Default)]
+struct Scope {
+    /// `--app` (or `NONSTOP_APP`).
+    app_flag: Option<String>,
+    /// `-e/--env`.
+    env_flag: Option<String>,
+    /// `NONSTOP_ENV`.
+    env_var: Option<String>,
+    /// From the spec, once read.
+    app: Option<String>,
+    env: Option<String>,
+}
+
+static SCOPE: std::sync::Mutex<Option<Scope>> = std::sync::Mutex::new(None);
+
+fn scope() -> Scope {
+    SCOPE.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
+}
+
+fn set_scope(f: impl FnOnce(&mut Scope)) {
+    let mut guard = SCOPE.lock().unwrap_or_else(|p| p.into_inner());
+    f(guard.get_or_insert_with(Scope::default));
+}
 
 pub(crate) fn client(home: &Home) -> Client {
-    let (app, env) = SCOPE.get().cloned().unwrap_or_default();
+    let s = scope();
+    let app = s.app_flag.or(s.app);
+    let env = s.env_flag.or(s.env_var).or(s.env);
     Client::new(home.socket()).scoped(app.as_deref(), env.as_deref())
+}
+
+/// The app and default environment of the nonstop.toml in the current
+/// directory, if there is a valid one: commands that read no spec still
+/// address that app (quietly: a broken file is `up`'s to report).
+fn scope_from_cwd() {
+    let file = Path::new("nonstop.toml");
+    if !file.is_file() {
+        return;
+    }
+    if let Ok(set) = nonstop_spec::load_set(file) {
+        let env = set.default_environment().to_string();
+        let app = set.app().to_string();
+        set_scope(|s| {
+            s.app = Some(app);
+            s.env = Some(env);
+        });
+    }
 }
 
 // ------------------------------------------------------------------- init
@@ -290,13 +342,45 @@ fn print_report(r: &OpReport, json: bool) {
 /// The spec at `file` and the app directory it describes (the file's
 /// directory); `Err(2)` after printing the spec's errors.
 fn load_app(file: &Path, json: bool) -> anyhow::Result<Result<(nonstop_core::process::AppSpec, PathBuf), i32>> {
-    let spec = match nonstop_spec::load(file) {
+    let set = match nonstop_spec::load_set(file) {
         Ok(s) => s,
         Err(errors) => {
             print_spec_errors(file, &errors, json);
             return Ok(Err(2));
         }
     };
+    // The environment: -e, else NONSTOP_ENV, else the file's.
+    let s = scope();
+    if let Some(app) = s.app_flag.as_deref().filter(|a| *a != set.app().as_str()) {
+        eprintln!(
+            "error: --app {app} (or NONSTOP_APP) names another app than {} ({}); drop it, or run the command in {app}'s directory",
+            file.display(),
+            set.app()
+        );
+        return Ok(Err(2));
+    }
+    let choice = match set.choose(s.env_flag.as_deref(), s.env_var.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}: {}", e.error);
+            return Ok(Err(2));
+        }
+    };
+    let spec = match set.resolve(&choice.environment) {
+        Ok(s) => s,
+        Err(errors) => {
+            print_spec_errors(file, &errors, json);
+            return Ok(Err(2));
+        }
+    };
+    set_scope(|s| {
+        s.app = Some(spec.app.to_string());
+        s.env = Some(choice.environment.to_string());
+        // The choice made here wins over the current directory's file.
+        if s.env_flag.is_none() && s.env_var.is_none() {
+            s.env_flag = Some(choice.environment.to_string());
+        }
+    });
     let file = if file.is_absolute() { file.to_path_buf() } else { std::env::current_dir()?.join(file) };
     let dir: PathBuf = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let dir = dir.canonicalize().unwrap_or(dir);
@@ -319,6 +403,53 @@ async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
     let code = run_op(&c, "/v1/up", &UpRequest { spec: spec.clone(), workdir, base_env: base_env() }, json).await?;
     say_serving(&spec, code, json);
     Ok(code)
+}
+
+async fn env_list(home: &Home, json: bool) -> anyhow::Result<i32> {
+    let envs: Vec<nonstop_api::wire::EnvironmentInfo> = client(home).get("/v1/environments").await?;
+    if json {
+        outln!("{}", serde_json::to_string(&envs)?);
+        return Ok(0);
+    }
+    if envs.is_empty() {
+        outln!("no environment yet: `nonstop up` or `nonstop deploy` in an app directory creates one");
+        return Ok(0);
+    }
+    let mut rows = vec![["APP", "ENV", "STATE", "RELEASE", "READY", "URL"].map(String::from).to_vec()];
+    for e in &envs {
+        let state = match (&e.operation, e.running) {
+            (Some(op), _) => op.clone(),
+            (None, true) => "running".to_string(),
+            (None, false) => "down".to_string(),
+        };
+        rows.push(vec![
+            e.app.clone(),
+            e.environment.clone(),
+            state,
+            e.release.map(|r| format!("v{r}")).unwrap_or_else(|| "-".into()),
+            format!("{}/{}", e.ready, e.instances),
+            e.urls.first().cloned().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        outln!("{}", line.join("  ").trim_end());
+    }
+    Ok(0)
+}
+
+/// Whether another app or environment than the one addressed still runs
+/// under the daemon (then `down` leaves the daemon up).
+async fn others_running(c: &Client) -> Vec<String> {
+    let s = scope();
+    let (app, env) = (s.app_flag.or(s.app), s.env_flag.or(s.env_var).or(s.env));
+    let envs: Vec<nonstop_api::wire::EnvironmentInfo> = c.get("/v1/environments").await.unwrap_or_default();
+    envs.into_iter()
+        .filter(|e| e.running)
+        .filter(|e| !(app.as_deref().is_none_or(|a| a == e.app) && env.as_deref().is_none_or(|v| v == e.environment)))
+        .map(|e| format!("{}/{}", e.app, e.environment))
+        .collect()
 }
 
 async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
@@ -354,6 +485,17 @@ async fn down(home: &Home, json: bool) -> anyhow::Result<i32> {
                 Err(ClientError::Api(e)) if e.detail.as_ref().and_then(|d| d["error"].as_str()) == Some("not_up") => 0,
                 Err(e) => return Err(e.into()),
             };
+            // Other apps or environments still run: the daemon stays.
+            let others = others_running(&c).await;
+            if !others.is_empty() {
+                let summary = format!("stopped; the daemon keeps running {}", others.join(", "));
+                if json {
+                    outln!("{}", serde_json::json!({"type": "result", "summary": summary, "changed": true}));
+                } else {
+                    outln!("{summary}");
+                }
+                return Ok(code);
+            }
             // Then the daemon itself, and wait for it to be gone.
             let _: Result<serde_json::Value, _> = c.post("/v1/shutdown", &serde_json::json!({})).await;
             let deadline = Instant::now() + Duration::from_secs(20);

@@ -2450,6 +2450,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             release: rt.record.release.0,
             workdir: rt.record.workdir.clone(),
             proxy_listen: spec.proxy.listen.to_string(),
+            hosts: spec.hosts.clone(),
             operation: self
                 .deployment_summary()
                 .or_else(|| self.pending_deploy.as_ref().map(|_| "deploy (reading the app directory)".to_string()))

@@ -58,6 +58,9 @@ pub struct StatusReport {
     pub release: u64,
     pub workdir: PathBuf,
     pub proxy_listen: String,
+    /// The hosts this environment answers on (`[environments.NAME] hosts`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
     pub operation: Option<String>,
     pub processes: Vec<ProcessSummary>,
     pub instances: Vec<InstanceStatus>,

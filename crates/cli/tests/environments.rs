@@ -1,0 +1,141 @@
+//! Two environments of one app under one daemon and one proxy address,
+//! routed by `Host`, with real processes and sockets.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const ENVIRONMENTS: &str = r#"
+[environments.production]
+hosts = ["blog.test"]
+default = true
+
+[environments.production.env]
+GREETING = "hello from production"
+
+[environments.staging]
+hosts = ["staging.blog.test"]
+
+[environments.staging.env]
+GREETING = "hello from staging"
+BEAT_LOCK = "staging-beat.lock"
+
+[environments.staging.processes.web]
+count = 1
+"#;
+
+fn get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// GETs of `/` on `host` until stopped: (answers that said `expect`,
+/// failures with reasons).
+fn load(
+    addr: SocketAddr,
+    host: &'static str,
+    expect: &'static str,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failures) = (0u64, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            match get(addr, host, "/") {
+                Ok((200, body)) if body.starts_with(expect) => ok += 1,
+                Ok((code, body)) => failures.push(format!("{host}: HTTP {code}: {}", body.trim())),
+                Err(e) => failures.push(format!("{host}: I/O: {e}")),
+            }
+        }
+        (ok, failures)
+    })
+}
+
+#[test]
+fn two_environments_side_by_side_under_one_daemon_routed_by_host() {
+    let app = TestApp::new("hello", |s| s + ENVIRONMENTS);
+    app.run(&["-e", "production", "up"]).ok();
+    app.run(&["-e", "staging", "up"]).ok();
+    let addr = app.proxy();
+
+    // Each host reaches its own environment; any other host the default.
+    let (code, body) = get(addr, "blog.test", "/").unwrap();
+    assert_eq!((code, body.starts_with("hello from production")), (200, true), "{body}");
+    let (code, body) = get(addr, "staging.blog.test", "/").unwrap();
+    assert_eq!((code, body.starts_with("hello from staging")), (200, true), "{body}");
+    let (_, body) = get(addr, "elsewhere.test", "/").unwrap();
+    assert!(body.starts_with("hello from production"), "{body}");
+
+    // Each is listed with its instances; status addresses one.
+    let list = app.run(&["env", "list", "--json"]);
+    list.ok();
+    let envs: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let running: Vec<(String, u64)> = envs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["environment"].as_str().unwrap().to_string(), e["instances"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(running, [("production".to_string(), 4), ("staging".to_string(), 3)], "{}", list.stdout);
+    let st = app.run(&["-e", "staging", "status", "--json"]);
+    st.ok();
+    let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!(st["environment"], "staging");
+    assert_eq!(st["hosts"], serde_json::json!(["staging.blog.test"]));
+
+    // A deploy in staging while both serve load: no failed request in either.
+    let stop = Arc::new(AtomicBool::new(false));
+    let prod = load(addr, "blog.test", "hello from production", stop.clone());
+    let stag = load(addr, "staging.blog.test", "hello from", stop.clone());
+    std::fs::write(app.dir.path().join("VERSION"), "2\n").unwrap();
+    let deploy = app.run_with_timeout(&["-e", "staging", "deploy"], Duration::from_secs(240));
+    stop.store(true, Ordering::Relaxed);
+    let (prod_ok, prod_failed) = prod.join().unwrap();
+    let (stag_ok, stag_failed) = stag.join().unwrap();
+    deploy.ok();
+    assert!(
+        prod_failed.is_empty(),
+        "production failed during staging's deploy: {:?}",
+        &prod_failed[..prod_failed.len().min(5)]
+    );
+    assert!(
+        stag_failed.is_empty(),
+        "staging failed during its own deploy: {:?}",
+        &stag_failed[..stag_failed.len().min(5)]
+    );
+    assert!(prod_ok > 0 && stag_ok > 0, "{prod_ok} {stag_ok}");
+    let hist = app.run(&["-e", "production", "history", "--json"]);
+    assert!(!hist.stdout.contains("\"to_release\""), "production was not deployed to: {}", hist.stdout);
+
+    // A typo in an environment's name: named, with the ones there are.
+    let typo = app.run(&["-e", "stagng", "status"]);
+    assert_eq!(typo.code, 2, "{}{}", typo.stdout, typo.stderr);
+    assert!(typo.stderr.contains("stagng") && typo.stderr.contains("staging"), "{}", typo.stderr);
+
+    // Staging down: its host is released, production serves on, the
+    // daemon stays.
+    let down = app.run(&["-e", "staging", "down"]);
+    down.ok();
+    assert!(down.stdout.contains("keeps running hello/production"), "{}", down.stdout);
+    let (code, body) = get(addr, "staging.blog.test", "/").unwrap();
+    assert_eq!(code, 200, "an unclaimed host reaches the default: {body}");
+    assert!(body.starts_with("hello from production"), "{body}");
+    let (code, _) = get(addr, "blog.test", "/").unwrap();
+    assert_eq!(code, 200);
+
+    // The last one down stops the daemon.
+    let down = app.run(&["-e", "production", "down"]);
+    down.ok();
+    assert!(down.stdout.contains("daemon"), "{}", down.stdout);
+}
