@@ -38,6 +38,8 @@ pub(crate) mod deployment;
 pub mod gate;
 #[path = "maintenance.rs"]
 pub(crate) mod maintenance;
+#[path = "secrets.rs"]
+pub(crate) mod secrets;
 #[path = "statics.rs"]
 pub(crate) mod statics;
 #[path = "stopped.rs"]
@@ -175,13 +177,21 @@ pub struct EngineConfig {
     pub builder: Arc<dyn Builder>,
     /// The migration gate for apps with a `[database]`.
     pub schema_gate: Arc<dyn gate::SchemaGate>,
+    /// Where the secrets key is (`secrets.rs`).
+    pub secrets: secrets::SecretsKeyConfig,
 }
 
 impl EngineConfig {
     /// An engine without a release builder (`deploy` answers with an error)
     /// and without a migration gate.
     pub fn new(environment: EnvironmentId, clock: Arc<dyn Clock>) -> Self {
-        Self { environment, clock, builder: Arc::new(NoBuilder), schema_gate: Arc::new(gate::NoSchemaGate) }
+        Self {
+            environment,
+            clock,
+            builder: Arc::new(NoBuilder),
+            schema_gate: Arc::new(gate::NoSchemaGate),
+            secrets: secrets::SecretsKeyConfig::none(),
+        }
     }
 }
 
@@ -294,6 +304,12 @@ pub(crate) enum Command {
         progress: ProgressTx,
         reply: Reply<OpReport>,
     },
+    /// `nonstop secrets ...` (`secrets.rs`); `app`: the app named by the
+    /// request, which may get secrets before it runs here.
+    Secrets {
+        app: Option<AppName>,
+        request: secrets::SecretsRequest,
+    },
 }
 
 impl Command {
@@ -302,6 +318,7 @@ impl Command {
     pub(crate) fn brings_app(&self) -> Option<&AppName> {
         match self {
             Command::Up { spec, .. } | Command::Deploy { spec, .. } => Some(&spec.app),
+            Command::Secrets { app, .. } => app.as_ref(),
             _ => None,
         }
     }
@@ -746,6 +763,8 @@ pub struct Controller<D, T, I, L> {
     pub(crate) live_tasks: BTreeMap<i64, tasks::LiveTask>,
     /// The app's maintenance and stopped state, as stored.
     pub(crate) controls: nonstop_store::Controls,
+    /// The decrypted secrets its processes get (`secrets.rs`).
+    pub(crate) secrets: secrets::SecretsState,
 }
 
 const CHECK_HISTORY: usize = 5;
@@ -813,6 +832,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             degraded: std::sync::Mutex::new(Degraded::default()),
             live_tasks: BTreeMap::new(),
             controls: nonstop_store::Controls::default(),
+            secrets: secrets::SecretsState::new(config.secrets.clone()),
         };
         let join = tokio::spawn(controller.run(rx, events_rx, health, shutdown));
         (tx, join)
@@ -1053,6 +1073,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             }
             Command::Stop { who, progress, reply } => self.on_stop_command(who, progress, reply),
             Command::Start { who, progress, reply } => self.on_start_command(who, progress, reply),
+            Command::Secrets { request, .. } => self.on_secrets(request),
             Command::Up { spec, workdir, base_env, progress, reply } => {
                 let same_app = self.app.as_ref().is_some_and(|rt| rt.record.app == spec.app);
                 if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Up).filter(|_| same_app) {
@@ -1073,6 +1094,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                     }
                     let _ = reply.send(Err(err));
                     return;
+                }
+                let runs = self.app.as_ref().is_some_and(|rt| rt.record.running && same_app);
+                if !runs {
+                    if let Err(e) = self.refresh_secrets() {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
                 }
                 match self.up(*spec, workdir, base_env) {
                     Ok((summary, changed, queue)) => {
@@ -1120,6 +1148,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 }
                 if let Some(err) = self.busy() {
                     let _ = reply.send(Err(err));
+                    return;
+                }
+                if let Err(e) = self.refresh_secrets() {
+                    let _ = reply.send(Err(e));
                     return;
                 }
                 match self.restart_queue(process) {
@@ -1524,7 +1556,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         tracing::warn!("{id} {msg}");
         if let Some(ro) = rt.rollout.as_mut() {
             if ro.new.values().any(|n| n == &id) && ro.failure.is_none() {
-                let logs = self.logs.tail(&app, &self.env, &id, 10);
+                let logs = secrets::log_tail(&*self.logs, &self.secrets, &app, &self.env, &id, 10);
                 ro.failure = Some(format!("new instance {} exited ({status}){}", id.slot_name(), tail_suffix(&logs)));
             }
         }
@@ -1633,17 +1665,24 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             d.start_recorded(&(process.clone(), slot));
             was
         };
+        // Nothing starts without its secrets: a start that cannot have
+        // them fails as a start does (backoff, `status`, events).
+        let secrets = self.launch_secrets();
         let rt = self.app.as_mut()?;
-        let launch = LaunchSpec {
+        let launch = secrets.map(|secrets| LaunchSpec {
             app: rt.record.app.clone(),
             environment: self.env.clone(),
             release: ctx.id,
             instance: id.clone(),
             command: spec.command.clone(),
             workdir: ctx.workdir.clone(),
-            env: instance_env(&rt.record.base_env, &ctx, &spec, &id, &self.env),
+            env: secrets::with_secrets(
+                instance_env(&rt.record.base_env, &ctx, &spec, &id, &self.env),
+                &secrets,
+                ctx.spec.database.as_ref(),
+            ),
             wants_port: spec.kind == ProcessKind::Web,
-        };
+        });
         rt.instances.insert(id.clone(), inst);
         if was_blocked {
             let app = rt.record.app.clone();
@@ -1654,6 +1693,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let id2 = id.clone();
         let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
+            let launch = match launch {
+                Ok(launch) => launch,
+                Err(reason) => {
+                    let _ = tx.send(Internal::Started { id: id2, result: Err(reason) });
+                    return;
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 r = tokio::time::timeout(DRIVER_START_DEADLINE, driver.start(launch)) => {
@@ -1923,7 +1969,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                         if now.saturating_duration_since(inst.started) >= health_timeout {
                             if failure.is_none() {
                                 let checks = last_checks(&*self.traffic, inst);
-                                let logs = self.logs.tail(&rt.record.app, &self.env, id, 10);
+                                let logs =
+                                    secrets::log_tail(&*self.logs, &self.secrets, &rt.record.app, &self.env, id, 10);
                                 failure = Some(format!(
                                     "new instance {} did not become {} within {}{}{}",
                                     id.slot_name(),
@@ -2175,7 +2222,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                     .get(key)
                     .cloned()
                     .unwrap_or((InstanceId::new(key.0.clone(), key.1, 0), ExitStatus::Unknown));
-                let logs = self.logs.tail(&rt.record.app, &self.env, &id, 10);
+                let logs = secrets::log_tail(&*self.logs, &self.secrets, &rt.record.app, &self.env, &id, 10);
                 self.fail_op(EngineError::CrashLoop { instance: id.slot_name(), exit: exit.to_string(), logs });
                 return;
             }
@@ -2185,7 +2232,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 if let Some(spec) = rt.process_spec(&inst.id.process) {
                     let timeout = spec.rollout.health_timeout;
                     if now.saturating_duration_since(inst.started) >= timeout {
-                        let logs = self.logs.tail(&rt.record.app, &self.env, &inst.id, 10);
+                        let logs =
+                            secrets::log_tail(&*self.logs, &self.secrets, &rt.record.app, &self.env, &inst.id, 10);
                         let what = if inst.kind == ProcessKind::Web { "healthy" } else { "ready" };
                         let err = EngineError::NotReady {
                             instance: inst.id.slot_name(),

@@ -136,6 +136,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let _ = reply.send(Err(err));
             return;
         }
+        // Its processes and tasks get the secrets as they are now; ones
+        // that cannot be decrypted stop it here, before anything is built.
+        if let Err(e) = self.refresh_secrets() {
+            let _ = reply.send(Err(e));
+            return;
+        }
         let _ = progress.send(Progress::note(format!("reading {}", request.source.display())));
         let (builder, tx, dir) = (self.builder.clone(), self.events_tx.clone(), request.source.clone());
         self.tasks.spawn(async move {
@@ -238,7 +244,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 let same =
                     self.store.release(&spec.app, from.id)?.is_some_and(|r| r.content_hash == hash && r.spec == spec);
                 let same_env = self.app.as_ref().is_some_and(|rt| rt.record.base_env == base_env);
-                if same && same_env {
+                // Changed secrets are rolled out like changed code.
+                if same && same_env && !self.secrets_changed_since_live() {
                     return Ok(None);
                 }
             }
@@ -395,6 +402,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             .and_then(|a| self.task_conflict(&a))
         {
             let _ = reply.send(Err(err));
+            return;
+        }
+        if let Err(e) = self.refresh_secrets() {
+            let _ = reply.send(Err(e));
             return;
         }
         match self.prepare_rollback(release, options, who.clone()) {

@@ -338,6 +338,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let builder = self.builder.clone();
         let tx = self.events_tx.clone();
         let progress = self.op.as_ref().map(|o| o.progress.clone());
+        let redactor = self.redactor();
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<BuildNote>();
         self.progress(format!("building {release}: {} build command(s)", commands.len()));
         self.tasks.spawn(async move {
@@ -349,7 +350,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                             if let Some(p) = &progress {
                                 let _ = p.send(Progress {
                                     phase: Some("building".into()),
-                                    ..Progress::note(format!("build | {line}"))
+                                    ..Progress::note(format!("build | {}", redactor.redact(&line)))
                                 });
                             }
                         }
@@ -387,6 +388,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             Err(reason) => {
                 rec.status = ReleaseStatus::Failed;
                 let _ = self.store.put_release(&rec);
+                let reason = self.redact(&reason);
                 self.feed(Event::Built { result: Err(reason) });
                 return;
             }
@@ -449,6 +451,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             tracing::error!("could not record the process counts: {e}");
         }
         self.install_record(record);
+        self.mark_secrets_live();
     }
 
     /// Every process now runs the new release: make it the app's record.
@@ -482,6 +485,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
         // The new release is the running one: its files win from now on.
         self.publish_statics(&to.spec.app);
+        self.mark_secrets_live();
     }
 
     /// End the deployment with `outcome`, answer the operation.

@@ -218,6 +218,12 @@ impl EngineHandle {
         &self.env
     }
 
+    /// The app requests go to, when named (`None`: the environment's one
+    /// app).
+    pub(crate) fn named_app(&self) -> Option<&AppName> {
+        self.app.as_ref()
+    }
+
     pub(crate) async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
         let (reply, rx) = oneshot::channel();
         let command = make(reply);

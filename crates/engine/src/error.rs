@@ -59,6 +59,10 @@ pub enum EngineError {
     Stopped { operation: String, since: String, who: String, counts: String },
     #[error("start did not finish: {reason}\nthe counts are back and the app stays in maintenance until web is healthy (then maintenance goes off by itself); fix the problem (a deploy or `nonstop restart` works now) and check `nonstop status`, or `nonstop maintenance off` to open the app as it is")]
     StartFailed { reason: String },
+    #[error("{reason}")]
+    Secrets { reason: String },
+    #[error("secret {name} is not set for {app} in {env} ({}); nothing changed", if known.is_empty() { "it has no secrets".to_string() } else { format!("its secrets: {}", known.join(", ")) })]
+    UnknownSecret { name: String, app: String, env: String, known: Vec<String> },
     #[error("state store: {0}")]
     Store(String),
     #[error("the daemon is shutting down")]
@@ -111,6 +115,7 @@ impl EngineError {
             | EngineError::CannotDeploy { .. }
             | EngineError::UnknownRelease { .. }
             | EngineError::AmbiguousApp { .. }
+            | EngineError::UnknownSecret { .. }
             | EngineError::UnknownEnvironment { .. } => 2,
             EngineError::OtherApp { .. }
             | EngineError::Busy { .. }

@@ -82,6 +82,14 @@ pub(crate) enum GateAnswer {
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     /// `RunGate`: start the gate off the engine's task.
     pub(crate) fn spawn_gate(&mut self) {
+        // The release tasks get the app's secrets on the scratch copy too.
+        let gate_secrets = match self.launch_secrets() {
+            Ok(s) => s,
+            Err(detail) => {
+                self.feed(Event::Gate { verdict: GateVerdict::Error { detail } });
+                return;
+            }
+        };
         let Some(run) = self.deployment.as_ref() else { return };
         let id = run.record.id;
         let Some(database) = run.to.spec.database.clone() else {
@@ -117,6 +125,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             DeploymentKind::Deploy | DeploymentKind::Reuse { .. } => {
                 let spec = &run.to.spec;
                 let env: Vec<(String, String)> = release_env(&run.base_env, &run.to, &self.env).into_iter().collect();
+                let env = secrets::with_secrets(env, &gate_secrets, spec.database.as_ref());
                 let input = GateInput {
                     database: database.clone(),
                     tasks: spec.release.tasks.clone(),
@@ -146,6 +155,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     /// The gate answered: record what the release expects, tell the
     /// machine.
     pub(crate) fn deploy_on_gate(&mut self, deployment: i64, answer: GateAnswer) {
+        let answer = self.redact_gate(answer);
         let Some(run) = self.deployment.as_ref().filter(|r| r.record.id == deployment) else { return };
         let (app, release) = (run.to.spec.app.clone(), run.to.id);
         let verdict = match answer {

@@ -18,6 +18,7 @@ pub mod preflight;
 mod report;
 
 pub use controller::gate::{GateFuture, GateInput, GateOutcome, NoSchemaGate, SchemaGate};
+pub use controller::secrets::{SecretInfo, SecretReport, SecretsKeyConfig, SecretsList};
 pub use controller::statics::{live_statics_at_start, LiveStatics};
 pub use controller::{
     BuildNote, BuildOutput, Builder, DeployOptions, EngineConfig, Ingress, IngressError, InstanceLogs, NoBuilder,

@@ -83,6 +83,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let _ = reply.send(Err(err));
             return;
         }
+        // A start that cannot give its processes their secrets starts
+        // nothing.
+        if self.controls.stopped.is_some() {
+            if let Err(e) = self.refresh_secrets() {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        }
         match self.start(&who) {
             Ok(Some(summary)) => self.begin_op("start", progress, reply, summary, true, VecDeque::new(), false),
             Ok(None) => {

@@ -112,7 +112,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         };
         let total = commands.len();
         let kind = if post { TaskKind::PostTask } else { TaskKind::ReleaseTask };
+        let secrets = match self.launch_secrets() {
+            Ok(s) => s,
+            Err(reason) => {
+                let what = format!("{} {}/{total}", kind.label(), index + 1);
+                let result = Err(format!("{what} {reason}"));
+                let _ = self.events_tx.send(Internal::TasksDone { deployment, post, result });
+                return;
+            }
+        };
+        let Some(run) = self.deployment.as_ref() else { return };
         let mut env = release_env(&run.base_env, &run.to, &self.env);
+        secrets::add_secrets(&mut env, &secrets, run.to.spec.database.as_ref());
         env.insert("NONSTOP_PROCESS".into(), if post { "post-task" } else { "release-task" }.into());
         let timeout = run.to.spec.release.task_timeout;
         let spec = TaskSpec {
@@ -245,6 +256,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             Err(e) if e.starts_with("could not run") => format!("{what} {e}"),
             Err(e) => format!("{what}: {e}"),
         };
+        // Its output may show a secret it was given.
+        let reason = self.redact(&reason);
         self.deploy_on_tasks(deployment, post, Err(reason));
     }
 
