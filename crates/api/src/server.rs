@@ -105,6 +105,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/environments", get(environments))
         // A page of up to 1 MiB, JSON-escaped.
         .route("/v1/maintenance", post(maintenance).layer(axum::extract::DefaultBodyLimit::max(8 << 20)))
+        .route("/v1/secrets", get(secrets_list))
+        .route("/v1/secrets/set", post(secrets_set))
+        .route("/v1/secrets/unset", post(secrets_unset))
         .route("/v1/stop", post(stop))
         .route("/v1/start", post(start))
         .fallback(not_found)
@@ -430,6 +433,58 @@ async fn start(
         Err(e) => return bad_request(format!("invalid start request: {e}")),
     };
     op_stream(move |p| async move { engine.start(req.who, p).await })
+}
+
+/// A secrets request that is not what it should be. The parser's own
+/// words are not repeated: they may quote a piece of the body.
+fn secrets_body_error(what: &str, shape: &str) -> Response {
+    bad_request(format!("invalid {what} request: the body must be the JSON object {shape}"))
+}
+
+async fn secrets_set(
+    Scoped(engine): Scoped,
+    body: Result<Json<SecretSetRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(mut req)) = body else {
+        return secrets_body_error("secrets set", r#"{"name": "NAME", "value": "...", "who": "user@host"}"#);
+    };
+    let name = match nonstop_secrets::SecretName::new(std::mem::take(&mut req.name)) {
+        Ok(n) => n,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    let value = match nonstop_secrets::SecretValue::new(std::mem::take(&mut req.value)) {
+        Ok(v) => v,
+        Err(e) => return bad_request(format!("secret {name}: {e}")),
+    };
+    let who = std::mem::take(&mut req.who);
+    match engine.set_secret(name, value, who).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+async fn secrets_unset(
+    Scoped(engine): Scoped,
+    body: Result<Json<SecretUnsetRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(req)) = body else {
+        return secrets_body_error("secrets unset", r#"{"name": "NAME", "who": "user@host"}"#);
+    };
+    let name = match nonstop_secrets::SecretName::new(req.name) {
+        Ok(n) => n,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    match engine.unset_secret(name, req.who).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+async fn secrets_list(Scoped(engine): Scoped) -> Response {
+    match engine.secrets().await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => engine_error(e),
+    }
 }
 
 async fn releases(Scoped(engine): Scoped) -> Response {

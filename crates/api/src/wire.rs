@@ -245,9 +245,58 @@ pub struct EnvironmentInfo {
     pub urls: Vec<String>,
 }
 
+/// `POST /v1/secrets/set`: a new version of a secret of the app and
+/// environment the query names. `value` is the secret's clear text: it is
+/// never printed (`Debug` shows `[secret]`) and is wiped when the request
+/// is dropped.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSetRequest {
+    pub name: String,
+    pub value: String,
+    /// `user@host`, recorded with the version.
+    pub who: String,
+}
+
+impl std::fmt::Debug for SecretSetRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretSetRequest")
+            .field("name", &self.name)
+            .field("value", &"[secret]")
+            .field("who", &self.who)
+            .finish()
+    }
+}
+
+impl Drop for SecretSetRequest {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.value);
+    }
+}
+
+/// `POST /v1/secrets/unset`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretUnsetRequest {
+    pub name: String,
+    pub who: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_request_never_shows_its_value() {
+        let req = SecretSetRequest { name: "API_TOKEN".into(), value: "tok-123456".into(), who: "ann@host".into() };
+        let shown = format!("{req:?}");
+        assert!(!shown.contains("tok-123456"), "{shown}");
+        assert!(shown.contains("API_TOKEN"));
+        let json = serde_json::to_string(&req).unwrap();
+        let back: SecretSetRequest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.value, "tok-123456");
+        assert!(serde_json::from_str::<SecretSetRequest>(r#"{"name":"A","value":"x","who":"w","extra":1}"#).is_err());
+    }
 
     #[test]
     fn a_scale_request_naming_a_process_twice_is_refused() {

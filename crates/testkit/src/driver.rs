@@ -117,6 +117,8 @@ struct State {
     /// read `/proc`).
     liveness_unknown: Option<String>,
     task_status: ExitStatus,
+    /// Tasks print this variable of their environment (`NAME=value`).
+    task_echo: Option<String>,
     task_run: TaskRun,
     /// By pid.
     tasks: BTreeMap<u32, FakeTask>,
@@ -205,6 +207,7 @@ impl FakeDriver {
                     unresponsive: false,
                     liveness_unknown: None,
                     task_status: ExitStatus::Code(0),
+                    task_echo: None,
                     task_run: TaskRun::Instant,
                     tasks: BTreeMap::new(),
                     peak_tasks: 0,
@@ -277,6 +280,12 @@ impl FakeDriver {
     /// The exit status of one-off tasks.
     pub fn set_task_status(&self, status: ExitStatus) {
         self.state().task_status = status;
+    }
+
+    /// Tasks print variable `var` of their environment as `var=value`
+    /// (their output tail), as a task that echoes its settings does.
+    pub fn set_task_echo(&self, var: Option<&str>) {
+        self.state().task_echo = var.map(str::to_string);
     }
 
     /// How long one-off tasks started from now on run.
@@ -705,10 +714,15 @@ impl Driver for FakeDriver {
 
     async fn wait_task(&self, handle: &TaskHandle, timeout: Duration) -> Result<TaskOutcome, DriverError> {
         let began = Instant::now();
-        let (rx, unresponsive) = {
+        let (rx, unresponsive, output_tail) = {
             let st = self.state();
-            let rx = st.tasks.get(&pid_of(handle)).filter(|t| &t.handle == handle).map(|t| t.exit.subscribe());
-            (rx, st.unresponsive)
+            let task = st.tasks.get(&pid_of(handle)).filter(|t| &t.handle == handle);
+            let rx = task.map(|t| t.exit.subscribe());
+            let echo = st.task_echo.as_ref().zip(task).map(|(var, t)| {
+                let value = t.spec.env.iter().find(|(k, _)| k == var).map(|(_, v)| v.as_str()).unwrap_or("");
+                format!("{var}={value}")
+            });
+            (rx, st.unresponsive, echo.into_iter().collect::<Vec<_>>())
         };
         if unresponsive {
             return std::future::pending().await;
@@ -727,7 +741,7 @@ impl Driver for FakeDriver {
                 (ExitStatus::Signal(15), true)
             }
         };
-        Ok(TaskOutcome { status, timed_out, output_tail: Vec::new(), duration: began.elapsed() })
+        Ok(TaskOutcome { status, timed_out, output_tail, duration: began.elapsed() })
     }
 
     async fn stop_task(

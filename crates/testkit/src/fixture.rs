@@ -27,6 +27,8 @@ pub struct Fixture {
     pub workdir: PathBuf,
     /// The environment `up` passes.
     pub base_env: BTreeMap<String, String>,
+    /// Where the engine's secrets key is (none unless a test sets one).
+    pub secrets: nonstop_engine::SecretsKeyConfig,
 }
 
 impl Default for Fixture {
@@ -58,6 +60,7 @@ impl Fixture {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             journal,
+            secrets: nonstop_engine::SecretsKeyConfig::none(),
         }
     }
 
@@ -78,6 +81,7 @@ impl Fixture {
             clock: self.clock.clone(),
             workdir: self.workdir.clone(),
             base_env: self.base_env.clone(),
+            secrets: self.secrets.clone(),
         }
     }
 
@@ -88,6 +92,7 @@ impl Fixture {
             EngineConfig {
                 builder: self.builder.clone(),
                 schema_gate: self.schema_gate.clone(),
+                secrets: self.secrets.clone(),
                 ..EngineConfig::new(EnvironmentId::default_env(), self.clock.clone())
             },
             self.driver.clone(),

@@ -13,6 +13,7 @@ mod lifecycle;
 mod readoption;
 mod restarts;
 mod rollout;
+mod secrets;
 mod stopped;
 mod store_full;
 mod tasks;
