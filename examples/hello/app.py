@@ -6,10 +6,15 @@ Routes:
   /slow?ms=N    answers after N milliseconds
   /pid          the pid of this process
   /database     the name of the database $DATABASE_URL points at ("-": none)
+  /env-sha256?name=VAR
+                the SHA-256 (hex) of environment variable VAR's value, "-" when
+                unset: tells which value an instance got (a secret) without
+                ever showing it
 With BROKEN_PAGES=1 every page except /health answers 500 (a release whose
 health view works while its pages do not, e.g. a forgotten collectstatic).
 Graceful on SIGTERM: stops accepting, lets in-flight requests finish.
 """
+import hashlib
 import os
 import signal
 import socket
@@ -63,6 +68,10 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/database":
             name = urlparse(os.environ.get("DATABASE_URL", "")).path.lstrip("/")
             return self._send(200, f"{name or '-'}\n")
+        if url.path == "/env-sha256":
+            value = os.environ.get(parse_qs(url.query).get("name", [""])[0])
+            digest = "-" if value is None else hashlib.sha256(value.encode()).hexdigest()
+            return self._send(200, f"{digest}\n")
         if url.path == "/headers":
             return self._send(200, "".join(f"{k}: {v}\n" for k, v in self.headers.items()))
         return self._send(200, f"{GREETING} from {INSTANCE} (pid {os.getpid()}, version {VERSION})\n")

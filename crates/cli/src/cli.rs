@@ -284,6 +284,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Secrets: values the app's processes get as environment variables
+    /// that must not sit in nonstop.toml (passwords, tokens, keys).
+    ///
+    /// Values are encrypted (XChaCha20-Poly1305) in the state database with
+    /// the key in $NONSTOP_HOME/secrets.key (created by the first `set`; back
+    /// it up apart from the state directory) or NONSTOP_SECRETS_KEY in the
+    /// daemon's environment. Each secret belongs to the app and environment
+    /// (-e) it was set for, and goes into the environment of every instance
+    /// and every release and post task, nowhere else: never into status,
+    /// events, history or logs nonstop writes. A change takes effect at the
+    /// next `nonstop deploy` or `nonstop restart`. The app is the one --app
+    /// names, else the one of ./nonstop.toml, else the environment's one app.
+    #[command(
+        after_help = "Examples:\n  printf %s \"$STRIPE_KEY\" | nonstop secrets set STRIPE_KEY\n  nonstop secrets set DATABASE_URL -e staging      # prompts, input hidden\n  nonstop secrets set TLS_KEY --from-file key.pem\n  nonstop secrets list\n  nonstop secrets unset STRIPE_KEY"
+    )]
+    Secrets {
+        #[command(subcommand)]
+        action: SecretsAction,
+    },
     /// Deployments: release, status, duration, who.
     History {
         #[arg(long, short = 'n', default_value_t = 20)]
@@ -358,6 +377,55 @@ pub enum Command {
     /// Print shell completions.
     #[command(after_help = "Example:\n  nonstop completions bash > /etc/bash_completion.d/nonstop")]
     Completions { shell: clap_complete::Shell },
+}
+
+/// `nonstop secrets set|unset|list`.
+#[derive(Debug, Subcommand)]
+pub enum SecretsAction {
+    /// Set a secret: a new version of NAME for the app and environment.
+    ///
+    /// The value is read from stdin (one trailing newline removed, so
+    /// `echo "$V" |` works), or from --from-file (the file's bytes as they
+    /// are), or, when stdin is a terminal, typed at a prompt that does not
+    /// echo. Never from the command line: shell history and `ps` would show
+    /// it. At most 64 KiB of UTF-8 text without NUL bytes. NAME is the
+    /// variable's name: uppercase letters, digits and '_', not starting with
+    /// a digit, not NONSTOP_* or PORT. Takes effect at the next `nonstop
+    /// deploy` or `nonstop restart`.
+    #[command(
+        after_help = "Examples:\n  printf %s \"$STRIPE_KEY\" | nonstop secrets set STRIPE_KEY\n  nonstop secrets set STRIPE_KEY            # prompts, input hidden\n  nonstop secrets set TLS_KEY --from-file key.pem -e production"
+    )]
+    Set {
+        /// The secret's name, which is the environment variable's.
+        name: String,
+        /// Read the value from this file instead of stdin.
+        #[arg(long, value_name = "PATH")]
+        from_file: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// A value given here is refused (shell history, ps).
+        #[arg(hide = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+    /// Unset a secret: the app's processes no longer get it from the next
+    /// deploy or restart on. Its history (who set which version when) is
+    /// kept.
+    #[command(after_help = "Example:\n  nonstop secrets unset STRIPE_KEY")]
+    Unset {
+        name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The secrets that are set: name, version, when and by whom. Never
+    /// their values.
+    #[command(after_help = "Examples:\n  nonstop secrets list\n  nonstop secrets list -e production --json")]
+    List {
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `nonstop maintenance on|off`.

@@ -109,6 +109,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         }
         Command::History { limit, json } => history(&home, limit, json).await,
         Command::Maintenance { switch } => crate::maintenance::maintenance(&home, switch).await,
+        Command::Secrets { action } => crate::secrets::secrets(&home, action).await,
         Command::Stop { json } => crate::maintenance::stop(&home, json).await,
         Command::Start { json } => crate::maintenance::start(&home, json).await,
         Command::Cancel { reason, json } => cancel(&home, reason, json).await,
@@ -178,10 +179,22 @@ fn set_scope(f: impl FnOnce(&mut Scope)) {
     f(guard.get_or_insert_with(Scope::default));
 }
 
-pub(crate) fn client(home: &Home) -> Client {
+/// The app requests are about: `--app`, else the spec's (read or in the
+/// current directory).
+pub(crate) fn scoped_app() -> Option<String> {
     let s = scope();
-    let app = s.app_flag.or(s.app);
-    let env = s.env_flag.or(s.env_var).or(s.env);
+    s.app_flag.or(s.app)
+}
+
+/// The environment requests are about: `-e`, else `NONSTOP_ENV`, else the
+/// spec's.
+pub(crate) fn scoped_env() -> Option<String> {
+    let s = scope();
+    s.env_flag.or(s.env_var).or(s.env)
+}
+
+pub(crate) fn client(home: &Home) -> Client {
+    let (app, env) = (scoped_app(), scoped_env());
     Client::new(home.socket()).scoped(app.as_deref(), env.as_deref())
 }
 
@@ -381,10 +394,26 @@ fn load_app(file: &Path, json: bool) -> anyhow::Result<Result<(nonstop_core::pro
             s.env_flag = Some(choice.environment.to_string());
         }
     });
+    warn_plain_credentials(&spec);
     let file = if file.is_absolute() { file.to_path_buf() } else { std::env::current_dir()?.join(file) };
     let dir: PathBuf = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let dir = dir.canonicalize().unwrap_or(dir);
     Ok(Ok((spec, dir)))
+}
+
+/// `[env]` variables (the app's and its processes') that look like
+/// credentials: a warning each, on stderr (never an error; the value is
+/// never shown).
+fn warn_plain_credentials(spec: &nonstop_core::process::AppSpec) {
+    let vars = spec.env.iter().chain(spec.processes.iter().flat_map(|p| p.env.iter()));
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, value) in vars {
+        if let Some(hint) = nonstop_secrets::looks_like_credential(name, value) {
+            if seen.insert(name.clone()) {
+                eprintln!("warning: {hint}");
+            }
+        }
+    }
 }
 
 /// After a successful `up` or `deploy`: where the app is served.

@@ -423,6 +423,10 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         clock: Arc::new(SystemClock),
         builder: Arc::new(ReleasePort { home: home.dir.clone(), statics }),
         schema_gate: Arc::new(crate::schema_gate::PgSchemaGate),
+        // The key is read when needed, from the variable this daemon was
+        // started with (the shell or service that started it), else the
+        // file; it is never kept.
+        secrets: nonstop_engine::SecretsKeyConfig::new(home.dir.clone(), std::env::var(nonstop_secrets::KEY_ENV).ok()),
     };
     let (engine, engine_task) = match layer {
         Layer::Local(proxy, ingress) => Engine::spawn(

@@ -30,6 +30,7 @@ const STATE_ENTRIES: &[(&str, Kind)] = &[
     ("daemon.pid", Kind::File),
     ("daemon.lock", Kind::File),
     ("api-token", Kind::File),
+    ("secrets.key", Kind::File),
     ("upgrade.ready", Kind::File),
     ("upgrade.serving", Kind::File),
     ("nonstop.sock", Kind::Socket),

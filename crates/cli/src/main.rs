@@ -12,6 +12,7 @@ mod output;
 mod plane;
 mod recovery;
 mod schema_gate;
+mod secrets;
 mod statics;
 mod upgrade;
 

@@ -805,6 +805,9 @@ pub async fn run_shell_tasks(
         // `exec 2>&1`: one pipe for both streams keeps their order.
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c").arg(format!("exec 2>&1\n{command}")).current_dir(&dir).envs(env.iter().cloned());
+        // The daemon's secrets key (nonstop-secrets' KEY_ENV), if it was
+        // given one in its environment, is not the app's.
+        cmd.env_remove("NONSTOP_SECRETS_KEY");
         cmd.kill_on_drop(true).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
