@@ -315,3 +315,20 @@ async fn an_engine_without_a_key_place_refuses_to_set() {
     restart(&e).await.unwrap();
     e.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_environment_has_its_own_secrets() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    let e = f.start();
+    let staging = e.env(Some("blog"), "staging");
+    staging.set_secret(name("API_TOKEN"), value(TOKEN_2), "ann".into()).await.unwrap();
+    blog(&e).set_secret(name("API_TOKEN"), value(TOKEN), "ann".into()).await.unwrap();
+    let listed = staging.secrets().await.unwrap();
+    assert_eq!((listed.environment.as_str(), listed.secrets.len()), ("staging", 1));
+    e.up(spec()).await.unwrap();
+    assert_eq!(newest_token(&f, "web").as_deref(), Some(TOKEN), "default gets default's");
+    staging.unset_secret(name("API_TOKEN"), "ann".into()).await.unwrap();
+    assert_eq!(blog(&e).secrets().await.unwrap().secrets.len(), 1, "default's is untouched");
+    e.shutdown().await;
+}
