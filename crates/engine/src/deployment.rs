@@ -556,8 +556,25 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
     }
 
+    /// The releases of `app` that some environment runs, or moves from or
+    /// to in a deployment not yet ended.
+    fn releases_in_use(&self, app: &AppName) -> Result<Vec<ReleaseId>, EngineError> {
+        let mut ids: Vec<ReleaseId> =
+            self.store.apps()?.into_iter().filter(|r| &r.app == app).map(|r| r.release).collect();
+        for scope in self.store.scopes_with_running_deployments()?.into_iter().filter(|s| &s.app == app) {
+            for d in self.store.deployments(app, &scope.env, 50)? {
+                if d.status == nonstop_store::DeploymentStatus::Running {
+                    ids.push(d.to_release);
+                    ids.extend(d.from_release);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Keep the newest `retain_releases` built releases, the running one and
-    /// the one before it; delete the others from disk.
+    /// the one before it, and every release another environment of the app
+    /// uses; delete the others from disk.
     ///
     /// The store first: a release recorded as pruned is no longer a
     /// rollback target, so nothing can start from a directory being
@@ -573,6 +590,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         if let Some(f) = &run.from {
             keep.push(f.id);
         }
+        // Releases are the app's, shared by its environments: what any
+        // environment runs (or could start again), rolls between or is
+        // building now stays.
+        let Ok(others) = self.releases_in_use(app) else { return };
+        keep.extend(others);
+        keep.extend(all.iter().filter(|r| r.status == ReleaseStatus::Building).map(|r| r.id));
         let doomed: Vec<ReleaseRecord> =
             all.into_iter().filter(|r| r.status == ReleaseStatus::Ready && !keep.contains(&r.id)).collect();
         for mut r in doomed {

@@ -124,3 +124,31 @@ async fn each_environment_claims_its_hosts_and_a_taken_host_is_refused_before_an
     assert_eq!(claims.default_route(), Some(&route("production")));
     assert_eq!(e.env(None, "production").status().await.unwrap().instances.len(), 1);
 }
+
+/// Releases belong to the app: one environment's deploys never prune the
+/// release another runs.
+#[tokio::test(start_paused = true)]
+async fn a_deploy_in_one_environment_never_prunes_the_release_another_runs() {
+    let f = Fixture::new();
+    let e = f.start();
+    let keep_one = |v: &str| {
+        let mut spec = blog(v);
+        spec.release.retain_releases = 1;
+        spec
+    };
+    let (production, staging) = (e.env(None, "production"), e.env(None, "staging"));
+    f.builder.set_hash("source-1");
+    within("production's deploy", e.spawn_deploy_in(&production, keep_one("1"))).await.unwrap().unwrap();
+    for n in 2..=4 {
+        f.builder.set_hash(&format!("source-{n}"));
+        within("staging's deploy", e.spawn_deploy_in(&staging, keep_one(&n.to_string()))).await.unwrap().unwrap();
+    }
+    let app = nonstop_core::AppName::new("blog").unwrap();
+    let status =
+        |id: u64| f.store.releases(&app).unwrap().into_iter().find(|r| r.id.0 == id).map(|r| r.status).unwrap();
+    use nonstop_store::ReleaseStatus::{Pruned, Ready};
+    assert_eq!(status(1), Ready, "production runs v1");
+    assert_eq!(status(2), Pruned);
+    assert_eq!((status(3), status(4)), (Ready, Ready), "staging's current and previous");
+    assert_eq!(production.status().await.unwrap().release, 1);
+}
