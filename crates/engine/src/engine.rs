@@ -174,6 +174,19 @@ impl Dispatcher {
         self.controller(scope).ok_or(EngineError::ShuttingDown)
     }
 
+    /// Stop and forget `scope`'s controller if the store knows nothing of
+    /// it (no app record, no deployment): its inbox is dropped, so it ends.
+    fn forget_if_unused(&self, scope: &AppEnv) {
+        let known = self.store.apps().map(|r| r.iter().any(|r| r.app == scope.app && r.environment == scope.env));
+        let deployed = self.store.deployments(&scope.app, &scope.env, 1).map(|d| !d.is_empty());
+        if let (Ok(false), Ok(false)) = (known, deployed) {
+            if let Some(gone) = self.map().remove(scope) {
+                tracing::debug!("controller for {scope} forgotten: nothing of it was recorded");
+                drop(gone.inbox);
+            }
+        }
+    }
+
     /// A new app in an environment: refused while another app runs there
     /// (they would share the proxy's listener without a host of their
     /// own).
@@ -230,6 +243,12 @@ impl EngineHandle {
         let creates = command.brings_app().cloned();
         let inbox = self.dispatcher.target(self.app.as_ref(), &self.env, creates.as_ref())?;
         inbox.send(command).await.map_err(|_| EngineError::ShuttingDown)?;
-        rx.await.map_err(|_| EngineError::ShuttingDown)?
+        let answer = rx.await.map_err(|_| EngineError::ShuttingDown)?;
+        if let (Err(_), Some(app)) = (&answer, creates) {
+            // A first `up` or `deploy` refused before it recorded anything
+            // leaves no environment behind.
+            self.dispatcher.forget_if_unused(&AppEnv::new(app, self.env.clone()));
+        }
+        answer
     }
 }

@@ -115,6 +115,8 @@ async fn each_environment_claims_its_hosts_and_a_taken_host_is_refused_before_an
     let err = e.up_in(&e.env(None, "review"), site("review", &["staging.blog.test"], false)).await.unwrap_err();
     assert!(matches!(&err, EngineError::HostConflict { reason } if reason.contains("staging")), "{err}");
     assert_eq!(f.driver.alive_of(&pn("web")).len(), 2, "nothing started for the refused environment");
+    let listed: Vec<String> = e.handle.environments().iter().map(|s| s.to_string()).collect();
+    assert_eq!(listed, ["blog/production", "blog/staging"], "and it left nothing behind");
 
     // Down in staging releases its hosts; production keeps serving.
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
