@@ -510,7 +510,7 @@ async fn environments(State(s): State<ApiState>) -> Response {
         let info = match handle.status().await {
             Ok(st) => {
                 let port = st.proxy_listen.rsplit_once(':').map(|(_, p)| p.to_string()).unwrap_or_default();
-                let has_web = st.processes.iter().any(|p| p.kind == "web");
+                let has_web = st.processes.iter().any(|p| p.kind == nonstop_core::ProcessKind::Web);
                 EnvironmentInfo {
                     running: true,
                     release: Some(st.release),

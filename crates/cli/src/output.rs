@@ -64,8 +64,8 @@ pub fn status_text(s: &StatusReport) -> String {
                 i.instance.clone(),
                 i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 i.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                i.state.clone(),
-                i.health.clone().unwrap_or_else(|| "-".into()),
+                i.state.to_string(),
+                i.health.map(|h| h.as_str().to_string()).unwrap_or_else(|| "-".into()),
                 format!("v{}", i.release),
                 i.restarts.to_string(),
                 fmt_uptime(i.uptime_ms),
@@ -78,10 +78,10 @@ pub fn status_text(s: &StatusReport) -> String {
             w.instance.clone(),
             "-".into(),
             "-".into(),
-            match w.state.as_str() {
-                "crash-loop" => "crash-loop".into(),
-                "cannot-start" => "cannot restart".into(),
-                _ => format!("restart in {}", fmt_uptime(w.retry_in_ms.max(1000))),
+            match w.state {
+                nonstop_engine::SlotState::CrashLoop => "crash-loop".into(),
+                nonstop_engine::SlotState::CannotStart => "cannot restart".into(),
+                nonstop_engine::SlotState::Backoff => format!("restart in {}", fmt_uptime(w.retry_in_ms.max(1000))),
             },
             "-".into(),
             "-".into(),
@@ -94,7 +94,7 @@ pub fn status_text(s: &StatusReport) -> String {
         &rows,
     ));
     let summary: Vec<String> =
-        s.processes.iter().map(|p| format!("{} {}/{} ({})", p.process, p.ready, p.desired, p.kind)).collect();
+        s.processes.iter().map(|p| format!("{} {}/{} ({})", p.process, p.ready, p.desired, p.kind.as_str())).collect();
     out.push_str(&format!("\n{}\n", summary.join("   ")));
     for w in s.waiting.iter().filter(|w| w.problem.is_some()) {
         out.push_str(&format!(

@@ -2419,23 +2419,20 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let last_checks = last_checks(&*self.traffic, inst);
             instances.push(InstanceStatus {
                 process: inst.id.process.to_string(),
-                kind: inst.kind.as_str().to_string(),
+                kind: inst.kind,
                 instance: inst.id.slot_name(),
                 id: inst.id.to_string(),
                 generation: inst.id.generation,
                 pid: inst.handle.as_ref().and_then(|h| h.locator.pid()),
                 port: inst.handle.as_ref().and_then(|h| h.addr).map(|a| a.port()),
                 state: match inst.phase {
-                    InstPhase::Launching => "launching",
-                    InstPhase::Starting => "starting",
-                    InstPhase::Ready => "running",
-                    InstPhase::Stopping => "stopping",
-                }
-                .to_string(),
+                    InstPhase::Launching => InstanceState::Launching,
+                    InstPhase::Starting => InstanceState::Starting,
+                    InstPhase::Ready => InstanceState::Running,
+                    InstPhase::Stopping => InstanceState::Stopping,
+                },
                 health: if inst.kind == ProcessKind::Web {
-                    Some(
-                        health.map(|h| h.health).or(inst.health).unwrap_or(BackendHealth::Pending).as_str().to_string(),
-                    )
+                    Some(health.map(|h| h.health).or(inst.health).unwrap_or(BackendHealth::Pending))
                 } else {
                     None
                 },
@@ -2464,9 +2461,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let policy = spec.process(process).map(|p| p.restart.clone()).unwrap_or_default();
             let problem = degraded.blocked(&(process.clone(), *slot)).map(str::to_string);
             let state = match &problem {
-                Some(_) => "cannot-start",
-                None if b.crash_loop(&policy) => "crash-loop",
-                None => "backoff",
+                Some(_) => SlotState::CannotStart,
+                None if b.crash_loop(&policy) => SlotState::CrashLoop,
+                None => SlotState::Backoff,
             };
             let retry_at = match &problem {
                 Some(_) => degraded.next_wake(now),
@@ -2475,7 +2472,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             waiting.push(WaitingSlot {
                 process: process.to_string(),
                 instance: format!("{process}.{slot}"),
-                state: state.to_string(),
+                state,
                 restarts: b.restarts,
                 retry_in_ms: retry_at.map(|t| t.saturating_duration_since(now).as_millis() as u64).unwrap_or(0),
                 last_exit: rt.last_exit.get(&(process.clone(), *slot)).map(|(_, e)| e.to_string()),
@@ -2487,7 +2484,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             .iter()
             .map(|p| ProcessSummary {
                 process: p.name.to_string(),
-                kind: p.kind.as_str().to_string(),
+                kind: p.kind,
                 desired: if rt.record.running { p.count } else { 0 },
                 ready: rt.instances.values().filter(|i| i.id.process == p.name && self.takes_work(i)).count() as u32,
             })

@@ -5,10 +5,69 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// Where an instance is in its life, as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Recorded; the driver is starting it.
+    Launching,
+    /// Runs; not yet healthy (web) or ready (others).
+    Starting,
+    /// Healthy (web) or ready (others).
+    Running,
+    /// Being drained and stopped.
+    Stopping,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Launching => "launching",
+            InstanceState::Starting => "starting",
+            InstanceState::Running => "running",
+            InstanceState::Stopping => "stopping",
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a slot has no instance right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotState {
+    /// Waiting out its restart delay.
+    Backoff,
+    /// Restarted too often: waiting longer, the operation failed.
+    CrashLoop,
+    /// Its record cannot be written (see `problem`).
+    CannotStart,
+}
+
+impl SlotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Backoff => "backoff",
+            SlotState::CrashLoop => "crash-loop",
+            SlotState::CannotStart => "cannot-start",
+        }
+    }
+}
+
+impl std::fmt::Display for SlotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceStatus {
     pub process: String,
-    pub kind: String,
+    pub kind: nonstop_core::ProcessKind,
     /// `web.1`
     pub instance: String,
     /// `web.1#7`
@@ -16,10 +75,9 @@ pub struct InstanceStatus {
     pub generation: u64,
     pub pid: Option<u32>,
     pub port: Option<u16>,
-    /// launching | starting | running | stopping
-    pub state: String,
-    /// pending | healthy | unhealthy | draining, for web instances
-    pub health: Option<String>,
+    pub state: InstanceState,
+    /// For web instances.
+    pub health: Option<nonstop_core::traffic::BackendHealth>,
     pub restarts: u32,
     pub uptime_ms: u64,
     pub release: u64,
@@ -31,9 +89,7 @@ pub struct InstanceStatus {
 pub struct WaitingSlot {
     pub process: String,
     pub instance: String,
-    /// backoff | crash-loop | cannot-start (its record cannot be written:
-    /// see `problem`)
-    pub state: String,
+    pub state: SlotState,
     pub restarts: u32,
     pub retry_in_ms: u64,
     pub last_exit: Option<String>,
@@ -46,7 +102,7 @@ pub struct WaitingSlot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessSummary {
     pub process: String,
-    pub kind: String,
+    pub kind: nonstop_core::ProcessKind,
     pub desired: u32,
     pub ready: u32,
 }

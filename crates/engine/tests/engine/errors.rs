@@ -155,7 +155,7 @@ async fn up_fails_with_crash_loop_and_the_last_exit_and_log_lines() {
     assert_eq!(f.driver.starts_of(&pn("worker")).len(), 5);
     let st = e.status().await.unwrap();
     let waiting = st.waiting.iter().find(|w| w.instance == "worker.1").unwrap_or_else(|| panic!("{st:#?}"));
-    assert_eq!(waiting.state, "crash-loop");
+    assert_eq!(waiting.state, nonstop_engine::SlotState::CrashLoop);
     assert_eq!(waiting.last_exit.as_deref(), Some("exit code 3"));
     assert_eq!(ready_of(&st, "web"), (1, 1), "the rest of the app is up");
 }

@@ -43,9 +43,9 @@ async fn up_starts_the_desired_counts_and_routes_the_web_ones() {
     assert_eq!(st.operation, None);
     assert!(st.waiting.is_empty());
     for i in &st.instances {
-        assert_eq!(i.state, "running", "{i:?}");
-        if i.kind == "web" {
-            assert_eq!(i.health.as_deref(), Some("healthy"));
+        assert_eq!(i.state, nonstop_engine::InstanceState::Running, "{i:?}");
+        if i.kind == nonstop_core::ProcessKind::Web {
+            assert_eq!(i.health, Some(nonstop_core::traffic::BackendHealth::Healthy));
             assert!(i.port.is_some());
         } else {
             assert_eq!(i.health, None);

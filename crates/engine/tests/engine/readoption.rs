@@ -151,7 +151,7 @@ async fn a_web_instance_that_was_not_healthy_yet_must_pass_its_checks_again() {
     assert_eq!(g.traffic.adds()[0].initial, InitialHealth::Pending);
     let st = e2.status().await.unwrap();
     assert_eq!(ready_of(&st, "web"), (0, 1));
-    assert_eq!(st.instances[0].state, "starting");
+    assert_eq!(st.instances[0].state, nonstop_engine::InstanceState::Starting);
     g.traffic.set_health(&web, BackendHealth::Healthy, "GET /health -> 200");
     settle().await;
     assert_eq!(ready_of(&e2.status().await.unwrap(), "web"), (1, 1));

@@ -34,7 +34,7 @@ async fn a_crashed_instance_is_restarted_with_exponential_backoff_then_shows_cra
             settle().await;
             let st = e.status().await.unwrap();
             let w = st.waiting.iter().find(|w| w.instance == "worker.1").unwrap_or_else(|| panic!("{st:#?}"));
-            assert_eq!(w.state, "crash-loop");
+            assert_eq!(w.state, nonstop_engine::SlotState::CrashLoop);
             assert_eq!(w.restarts, 5);
             assert_eq!(w.last_exit.as_deref(), Some("exit code 1"));
             assert_eq!(w.retry_in_ms, 1000, "capped at backoff_max");

@@ -28,7 +28,7 @@ async fn a_killed_instance_is_restarted_within_seconds_of_the_store_working_agai
     assert_eq!(f.driver.starts_of(&pn("web")).len(), starts_before, "started without its launching record");
     let st = e.status().await.unwrap();
     let w = st.waiting.iter().find(|w| w.instance == "web.1").unwrap_or_else(|| panic!("{st:#?}"));
-    assert_eq!(w.state, "cannot-start", "{w:#?}");
+    assert_eq!(w.state, nonstop_engine::SlotState::CannotStart, "{w:#?}");
     assert!(w.problem.as_deref().is_some_and(|p| p.contains(FULL)), "{w:#?}");
     assert!(w.retry_in_ms <= 2000, "{w:#?}");
     assert!(st.store_error.as_deref().is_some_and(|s| s.contains(FULL)), "{st:#?}");
