@@ -891,7 +891,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     /// environment holds is refused, naming it, and nothing changes.
     pub(crate) fn expose(&self, spec: &AppSpec, route: &RouteKey) -> Result<(), EngineError> {
         self.ingress.listen(&spec.proxy, route).map_err(IngressError::into_engine)?;
-        self.ingress.set_hosts(route, &spec.hosts, spec.default_host).map_err(IngressError::into_engine)
+        match self.ingress.set_hosts(route, &spec.hosts, spec.default_host) {
+            // A data plane older than host routing (kept across `nonstop
+            // upgrade`): the route answers every host, as it did.
+            Err(IngressError::Unavailable(why)) => {
+                tracing::warn!(
+                    "{}: hosts not set ({why}); it answers every host until the keeper is restarted",
+                    route.0
+                );
+                Ok(())
+            }
+            other => other.map_err(IngressError::into_engine),
+        }
     }
 
     // ---------------------------------------------------------------- restore
