@@ -14,7 +14,7 @@ use nonstop_api::server::{self, ApiState, LogSource};
 use nonstop_api::wire::LogEntry;
 use nonstop_core::ReleaseId;
 use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, SystemClock};
-use nonstop_engine::{BuildNote, BuildOutput, Builder, Engine, EngineConfig, InstanceLogs};
+use nonstop_engine::{BuildError, BuildNote, BuildOutput, Builder, Engine, EngineConfig, InstanceLogs};
 use nonstop_proxy::{Proxy, ProxyConfig};
 use nonstop_supervisor::{LocalDriver, LocalDriverConfig, LogQuery};
 use std::net::SocketAddr;
@@ -111,12 +111,12 @@ impl ReleasePort {
 }
 
 impl Builder for ReleasePort {
-    fn content_hash(&self, source: &std::path::Path) -> Result<String, String> {
+    fn content_hash(&self, source: &std::path::Path) -> Result<String, BuildError> {
         nonstop_release::ReleaseBuilder::new(self.home.join("releases"))
             .with_excluded(self.home.clone())
             .snapshot_hash(source)
             .map(|s| s.content_hash)
-            .map_err(|e| e.to_string())
+            .map_err(|e| BuildError::Release(Box::new(e)))
     }
 
     fn build(
@@ -129,7 +129,7 @@ impl Builder for ReleasePort {
         timeout: Duration,
         cancel: CancellationToken,
         output: mpsc::UnboundedSender<BuildNote>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, BuildError>> + Send>> {
         let builder = self.builder(app);
         Box::pin(async move {
             // What crashed builds left (possibly large trees), off the
@@ -165,7 +165,7 @@ impl Builder for ReleasePort {
                     }
                 })
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| BuildError::Release(Box::new(e)))?;
             Ok(BuildOutput {
                 dir: built.dir,
                 content_hash: built.stats.content_hash,
@@ -179,16 +179,16 @@ impl Builder for ReleasePort {
         &self,
         release: &std::path::Path,
         mounts: &[nonstop_core::process::StaticMount],
-    ) -> Result<(), String> {
-        crate::statics::StaticPublisher::index(release, mounts)
+    ) -> Result<(), BuildError> {
+        crate::statics::StaticPublisher::index(release, mounts).map_err(|reason| BuildError::Statics { reason })
     }
 
     fn serve_statics(&self, app: &AppName, live: Vec<nonstop_engine::LiveStatics>) {
         self.statics.publish(app, live)
     }
 
-    fn prune(&self, app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, String> {
-        self.builder(app).prune(keep).map_err(|e| e.to_string())
+    fn prune(&self, app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, BuildError> {
+        self.builder(app).prune(keep).map_err(|e| BuildError::Release(Box::new(e)))
     }
 
     fn command_alive(&self, command: &nonstop_core::driver::Locator) -> bool {
@@ -198,10 +198,13 @@ impl Builder for ReleasePort {
     fn kill_command(
         &self,
         command: &nonstop_core::driver::Locator,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<nonstop_core::driver::StopOutcome, String>> + Send>>
-    {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<nonstop_core::driver::StopOutcome, BuildError>> + Send>,
+    > {
         let command = command.clone();
-        Box::pin(async move { nonstop_release::kill_command(&command).await })
+        Box::pin(
+            async move { nonstop_release::kill_command(&command).await.map_err(|e| BuildError::Release(e.into())) },
+        )
     }
 }
 

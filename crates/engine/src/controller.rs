@@ -64,110 +64,7 @@ impl IntoEngine for IngressError {
     }
 }
 
-/// The last log lines of an instance, for error reports.
-pub trait InstanceLogs: Send + Sync + 'static {
-    fn tail(&self, app: &AppName, env: &EnvironmentId, instance: &InstanceId, lines: usize) -> Vec<String>;
-}
-
-/// What a build produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BuildOutput {
-    /// The release's directory (its instances run there).
-    pub dir: PathBuf,
-    pub content_hash: String,
-    pub files: u64,
-    pub bytes: u64,
-}
-
-/// What a build reports while it runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BuildNote {
-    /// A line for the deploy's progress (build output).
-    Line(String),
-    /// Build command `index` (0-based) runs as this process (group), to be
-    /// recorded: a daemon that dies mid-build leaves it running, and the
-    /// next one kills it ([`Builder::kill_command`]).
-    Command { index: usize, process: nonstop_core::driver::Locator },
-    /// Build command `index` ended by itself.
-    CommandEnded { index: usize, status: ExitStatus },
-}
-
-/// Builds immutable releases (the local snapshot builder today; an image
-/// build for ECS later).
-pub trait Builder: Send + Sync + 'static {
-    /// The content hash a build of `source` would have (to tell "nothing
-    /// changed" without building).
-    fn content_hash(&self, source: &std::path::Path) -> Result<String, String>;
-    /// Snapshot `source` as release `release` and run `commands` in it.
-    /// Each output line, and each command's process as soon as it exists,
-    /// goes to `output`. A failed build leaves nothing.
-    #[allow(clippy::too_many_arguments)]
-    fn build(
-        &self,
-        app: &AppName,
-        release: ReleaseId,
-        source: PathBuf,
-        commands: Vec<String>,
-        env: Vec<(String, String)>,
-        timeout: Duration,
-        cancel: CancellationToken,
-        output: mpsc::UnboundedSender<BuildNote>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>>;
-    /// Delete every release of `app` on disk except `keep`.
-    fn prune(&self, app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, String>;
-    /// Whether a build command that `build` reported (see
-    /// [`BuildNote::Command`]) still runs: a daemon that died during a
-    /// build left it.
-    fn command_alive(&self, _command: &nonstop_core::driver::Locator) -> bool {
-        false
-    }
-    /// Kill such a build command's process group; resolves once it is gone.
-    fn kill_command(
-        &self,
-        _command: &nonstop_core::driver::Locator,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<StopOutcome, String>> + Send>> {
-        Box::pin(async { Ok(StopOutcome::AlreadyGone) })
-    }
-    /// Index the `[static]` files of a just built release (blocking: runs
-    /// off the engine's task, as part of the build). An error (a mount's
-    /// directory missing) fails the build, naming it.
-    fn index_statics(
-        &self,
-        _release: &std::path::Path,
-        _mounts: &[nonstop_core::process::StaticMount],
-    ) -> Result<(), String> {
-        Ok(())
-    }
-    /// These releases of `app` are the retained ones whose `[static]`
-    /// files the proxy serves from now on, in precedence order (the first
-    /// that has a path wins); the others' files go. Must not block.
-    fn serve_statics(&self, _app: &AppName, _live: Vec<statics::LiveStatics>) {}
-}
-
-/// A builder for engines that cannot build (tests of other features).
-pub struct NoBuilder;
-
-impl Builder for NoBuilder {
-    fn content_hash(&self, _: &std::path::Path) -> Result<String, String> {
-        Err("this daemon cannot build releases".into())
-    }
-    fn build(
-        &self,
-        _: &AppName,
-        _: ReleaseId,
-        _: PathBuf,
-        _: Vec<String>,
-        _: Vec<(String, String)>,
-        _: Duration,
-        _: CancellationToken,
-        _: mpsc::UnboundedSender<BuildNote>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>> {
-        Box::pin(async { Err("this daemon cannot build releases".to_string()) })
-    }
-    fn prune(&self, _: &AppName, _: &[ReleaseId]) -> Result<Vec<ReleaseId>, String> {
-        Ok(Vec::new())
-    }
-}
+pub use nonstop_core::build::{BuildError, BuildNote, BuildOutput, Builder, InstanceLogs, NoBuilder};
 
 #[derive(Clone)]
 pub struct EngineConfig {
@@ -347,7 +244,7 @@ pub(crate) enum Internal {
     },
     Built {
         deployment: i64,
-        result: Result<BuildOutput, String>,
+        result: Result<BuildOutput, BuildError>,
     },
     GateChecked {
         deployment: i64,
@@ -392,7 +289,7 @@ pub(crate) enum Internal {
     },
     /// The content hash of a pending deploy's app directory.
     Hashed {
-        result: Result<String, String>,
+        result: Result<String, BuildError>,
     },
 }
 

@@ -145,9 +145,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let _ = progress.send(Progress::note(format!("reading {}", request.source.display())));
         let (builder, tx, dir) = (self.builder.clone(), self.events_tx.clone(), request.source.clone());
         self.tasks.spawn(async move {
-            let result = tokio::task::spawn_blocking(move || builder.content_hash(&dir))
-                .await
-                .unwrap_or_else(|e| Err(format!("hashing the app directory failed: {e}")));
+            let result = tokio::task::spawn_blocking(move || builder.content_hash(&dir)).await.unwrap_or_else(|e| {
+                Err(BuildError::Interrupted { what: "hashing the app directory", source: Box::new(e) })
+            });
             let _ = tx.send(Internal::Hashed { result });
         });
         let since = self.clock.wall();
@@ -155,7 +155,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     }
 
     /// The app directory of the pending deploy was hashed: go on.
-    pub(crate) fn deploy_on_hashed(&mut self, result: Result<String, String>) {
+    pub(crate) fn deploy_on_hashed(&mut self, result: Result<String, BuildError>) {
         let Some(PendingDeploy { request, progress, reply, .. }) = self.pending_deploy.take() else {
             return;
         };

@@ -370,8 +370,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         });
     }
 
-    pub(crate) fn deploy_on_built(&mut self, deployment: i64, result: Result<BuildOutput, String>) {
-        self.finish_build_commands(deployment, result.as_ref().err());
+    pub(crate) fn deploy_on_built(&mut self, deployment: i64, result: Result<BuildOutput, BuildError>) {
+        let failed = result.as_ref().err().map(ToString::to_string);
+        self.finish_build_commands(deployment, failed.as_ref());
         let Some(run) = self.deployment.as_mut().filter(|r| r.record.id == deployment) else { return };
         let app = run.to.spec.app.clone();
         let release = run.to.id;
@@ -388,7 +389,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             Err(reason) => {
                 rec.status = ReleaseStatus::Failed;
                 let _ = self.store.put_release(&rec);
-                let reason = self.redact(&reason);
+                let reason = self.redact(&reason.to_string());
                 self.feed(Event::Built { result: Err(reason) });
                 return;
             }

@@ -21,8 +21,8 @@ pub use controller::gate::{GateFuture, GateInput, GateOutcome, NoSchemaGate, Sch
 pub use controller::secrets::{SecretInfo, SecretReport, SecretsKeyConfig, SecretsList};
 pub use controller::statics::{live_statics_at_start, LiveStatics};
 pub use controller::{
-    BuildNote, BuildOutput, Builder, DeployOptions, EngineConfig, Ingress, IngressError, InstanceLogs, NoBuilder,
-    RollbackOptions,
+    BuildError, BuildNote, BuildOutput, Builder, DeployOptions, EngineConfig, Ingress, IngressError, InstanceLogs,
+    NoBuilder, RollbackOptions,
 };
 pub use engine::{Engine, EngineHandle};
 pub use error::EngineError;

@@ -19,20 +19,14 @@ use nonstop_core::process::StaticMount;
 use nonstop_plan::statics::{serve_order, StaticCandidate};
 use nonstop_store::{DeploymentStatus, ReleaseStatus};
 
-/// One release whose static files are served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LiveStatics {
-    pub release: ReleaseId,
-    pub dir: PathBuf,
-    pub mounts: Vec<StaticMount>,
-}
+pub use nonstop_core::build::LiveStatics;
 
 /// A finished build, followed by the index of its static files.
 pub(crate) async fn index_built(
     builder: Arc<dyn Builder>,
-    built: Result<BuildOutput, String>,
+    built: Result<BuildOutput, BuildError>,
     mounts: Vec<StaticMount>,
-) -> Result<BuildOutput, String> {
+) -> Result<BuildOutput, BuildError> {
     let out = built?;
     if mounts.is_empty() {
         return Ok(out);
@@ -41,7 +35,7 @@ pub(crate) async fn index_built(
     match tokio::task::spawn_blocking(move || builder.index_statics(&dir, &mounts)).await {
         Ok(Ok(())) => Ok(out),
         Ok(Err(e)) => Err(e),
-        Err(e) => Err(format!("indexing the static files failed: {e}")),
+        Err(e) => Err(BuildError::Interrupted { what: "indexing the static files", source: Box::new(e) }),
     }
 }
 

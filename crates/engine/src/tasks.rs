@@ -442,8 +442,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         self.tasks.spawn(async move {
             let result = if build {
                 match tokio::time::timeout(BUILD_KILL_DEADLINE, builder.kill_command(&handle.locator)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(format!("its process group was still there after {}", fmt_dur(BUILD_KILL_DEADLINE))),
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(BuildError::Lingering { after: fmt_dur(BUILD_KILL_DEADLINE) }.to_string()),
                 }
             } else {
                 let deadline = TASK_STOP_GRACE + DRIVER_STOP_MARGIN;

@@ -4,7 +4,7 @@
 use crate::lock;
 use nonstop_core::driver::{Locator, StopOutcome};
 use nonstop_core::{AppName, ReleaseId};
-use nonstop_engine::{BuildNote, BuildOutput, Builder};
+use nonstop_engine::{BuildError, BuildNote, BuildOutput, Builder};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -94,7 +94,7 @@ impl FakeBuilder {
 }
 
 impl Builder for FakeBuilder {
-    fn content_hash(&self, _source: &Path) -> Result<String, String> {
+    fn content_hash(&self, _source: &Path) -> Result<String, BuildError> {
         let mut held = lock(&self.hold);
         while *held {
             held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
@@ -113,7 +113,7 @@ impl Builder for FakeBuilder {
         _timeout: Duration,
         cancel: CancellationToken,
         output: mpsc::UnboundedSender<BuildNote>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, String>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, BuildError>> + Send>> {
         lock(&self.builds).push(release);
         let content_hash = lock(&self.hash).clone();
         if let Some(process) = lock(&self.hang).take() {
@@ -135,7 +135,7 @@ impl Builder for FakeBuilder {
     fn kill_command(
         &self,
         command: &Locator,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<StopOutcome, String>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<StopOutcome, BuildError>> + Send>> {
         let mut alive = lock(&self.alive);
         let outcome = match alive.iter().position(|c| c == command) {
             Some(i) => {
@@ -148,7 +148,7 @@ impl Builder for FakeBuilder {
         Box::pin(async move { Ok(outcome) })
     }
 
-    fn prune(&self, _app: &AppName, _keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, String> {
+    fn prune(&self, _app: &AppName, _keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, BuildError> {
         Ok(Vec::new())
     }
 }
