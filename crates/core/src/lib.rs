@@ -8,6 +8,7 @@
 
 pub mod build;
 pub mod clock;
+pub mod config;
 pub mod counts;
 pub mod database;
 pub mod driver;

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 #[path = "canary.rs"]
 pub(crate) mod canary;
+#[path = "config.rs"]
+pub(crate) mod config;
 #[path = "counts.rs"]
 pub(crate) mod counts;
 #[path = "deploy.rs"]
@@ -38,6 +40,8 @@ pub(crate) mod deployment;
 pub mod gate;
 #[path = "maintenance.rs"]
 pub(crate) mod maintenance;
+#[path = "promote.rs"]
+pub(crate) mod promote;
 #[path = "secrets.rs"]
 pub(crate) mod secrets;
 #[path = "statics.rs"]
@@ -207,6 +211,13 @@ pub(crate) enum Command {
         app: Option<AppName>,
         request: secrets::SecretsRequest,
     },
+    /// `nonstop config ...` (`config.rs`); `app` as for `Secrets`.
+    Config {
+        app: Option<AppName>,
+        request: Box<config::ConfigRequest>,
+    },
+    /// `nonstop promote`, to its source or its target (`promote.rs`).
+    Promote(Box<promote::PromoteCommand>),
 }
 
 impl Command {
@@ -215,7 +226,8 @@ impl Command {
     pub(crate) fn brings_app(&self) -> Option<&AppName> {
         match self {
             Command::Up { spec, .. } | Command::Deploy { spec, .. } => Some(&spec.app),
-            Command::Secrets { app, .. } => app.as_ref(),
+            Command::Secrets { app, .. } | Command::Config { app, .. } => app.as_ref(),
+            Command::Promote(p) => p.brings_app(),
             _ => None,
         }
     }
@@ -982,6 +994,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             Command::Stop { who, progress, reply } => self.on_stop_command(who, progress, reply),
             Command::Start { who, progress, reply } => self.on_start_command(who, progress, reply),
             Command::Secrets { request, .. } => self.on_secrets(request),
+            Command::Config { request, .. } => self.on_config(*request),
+            Command::Promote(command) => self.on_promote(*command),
             Command::Up { spec, workdir, base_env, progress, reply } => {
                 let same_app = self.app.as_ref().is_some_and(|rt| rt.record.app == spec.app);
                 if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Up).filter(|_| same_app) {
@@ -1165,8 +1179,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             self.store.put_app(&rt.record, self.clock.wall())?;
             return Ok((format!("starting {release} again"), true, VecDeque::new()));
         }
-        // The runtime's counts, unless the toml changed one.
+        // The environment's config over the file (`config.rs`); the
+        // runtime's counts, unless the toml changed one.
         let mut spec = spec;
+        self.store.config(&spec.app, &self.env)?.apply_to(&mut spec);
         let counted = self.count_spec(&mut spec, nonstop_plan::counts::Apply::Toml)?;
         // Checks first: nothing changes if any fails.
         let path_var = base_env.get("PATH").cloned().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
@@ -2444,7 +2460,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                     r.status == nonstop_store::ReleaseStatus::Ready && r.dir.is_dir()
                 };
                 match releases.iter().find(|r| r.id == id).filter(|r| usable(r)) {
-                    Some(r) => (r.id, r.spec.env.clone(), r.dir.clone()),
+                    // As this environment ran it (`config.rs`).
+                    Some(r) => (r.id, self.run_config_of(r)?.applied().env, r.dir.clone()),
                     None => {
                         let retained: Vec<String> =
                             releases.iter().filter(|r| usable(r)).map(|r| r.id.to_string()).collect();

@@ -66,11 +66,21 @@ pub(crate) struct PendingDeploy {
 
 use super::deployment::ms_since_epoch;
 
+/// The operation a deployment of `kind` is, as `status` and `Busy` name it.
+pub(crate) fn op_name(kind: nonstop_store::DeploymentKind) -> &'static str {
+    match kind {
+        nonstop_store::DeploymentKind::Deploy => "deploy",
+        nonstop_store::DeploymentKind::Rollback => "rollback",
+        nonstop_store::DeploymentKind::Promote => "promote",
+        nonstop_store::DeploymentKind::Config => "config",
+    }
+}
+
 impl DeployRun {
     /// A deployment about to begin: its record is stored, its machine at
     /// the start.
     #[allow(clippy::too_many_arguments)]
-    fn new(
+    pub(crate) fn new(
         record: DeploymentRecord,
         to: ReleaseCtx,
         from: Option<ReleaseCtx>,
@@ -111,7 +121,7 @@ impl DeployRun {
 /// The migration gate a deploy of `spec` goes through. None for a first
 /// release: no running release can break (and its database may not exist
 /// yet: a release task may create it).
-fn deploy_gate(spec: &AppSpec, options: DeployOptions, first: bool) -> GateMode {
+pub(crate) fn deploy_gate(spec: &AppSpec, options: DeployOptions, first: bool) -> GateMode {
     match (&spec.database, options.allow_breaking) {
         _ if first => GateMode::Off,
         (None, _) => GateMode::Off,
@@ -239,10 +249,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             });
         }
         let from = self.app.as_ref().filter(|rt| rt.record.running && rt.record.app == spec.app).map(|rt| rt.current());
+        // The environment's config goes over the file's spec (`config.rs`).
+        let config = self.env_config(&spec.app)?;
         if let Some(from) = &from {
             if from.id.0 > 0 {
-                let same =
-                    self.store.release(&spec.app, from.id)?.is_some_and(|r| r.content_hash == hash && r.spec == spec);
+                // The same code, run with the same spec and config here.
+                let same = match self.store.release(&spec.app, from.id)? {
+                    Some(r) if r.content_hash == hash => {
+                        let ran = self.run_config_of(&r)?;
+                        ran.spec == spec && ran.config.same_values(&config)
+                    }
+                    _ => false,
+                };
                 let same_env = self.app.as_ref().is_some_and(|rt| rt.record.base_env == base_env);
                 // Changed secrets are rolled out like changed code.
                 if same && same_env && !self.secrets_changed_since_live() {
@@ -250,37 +268,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 }
             }
         }
-        // The proxy address must be usable before anything is built. A
-        // running app keeps its listener until the new release is live; a
-        // new address is only probed here.
-        if spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
-            let addr = spec.proxy.listen;
-            match &from {
-                Some(f) if f.spec.proxy.listen == addr => {}
-                Some(_) => {
-                    std::net::TcpListener::bind(addr).map(drop).map_err(|e| EngineError::Listen {
-                        addr: addr.to_string(),
-                        reason: if e.kind() == std::io::ErrorKind::AddrInUse {
-                            "the address is already in use by another program".to_string()
-                        } else {
-                            e.to_string()
-                        },
-                    })?;
-                }
-                None => {
-                    let route = route_key(&spec.app, &self.env);
-                    self.expose(&spec, &route)?;
-                }
-            }
-        }
+        // The proxy address must be usable before anything is built.
+        self.check_listener(&spec, from.as_ref())?;
         // The release keeps the toml's counts; it runs the runtime's (or
         // the toml's where it changed one).
-        let mut run_spec = spec.clone();
+        let run_config = nonstop_store::RunConfig { spec: spec.clone(), config };
+        let mut run_spec = run_config.applied();
         let counts = self.count_spec(&mut run_spec, nonstop_plan::counts::Apply::Toml)?;
         if let Some(from) = &from {
             if let Some(rec) = self.identical_retained(&spec, &hash, from.id)? {
                 return self
-                    .prepare_reuse(rec, run_spec, counts, from.clone(), base_env, message, who, options)
+                    .prepare_reuse(rec, run_spec, run_config, counts, from.clone(), base_env, message, who, options)
                     .map(Some);
             }
         }
@@ -305,6 +303,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             id,
             who,
             message,
+            &run_config,
         )?;
         let summary = match &from {
             Some(f) => format!("{} → {id}", f.id),
@@ -331,17 +330,54 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         hash: &str,
         current: ReleaseId,
     ) -> Result<Option<ReleaseRecord>, EngineError> {
-        let deployments = self.store.deployments(&spec.app, &self.env, 10_000)?;
-        let went_live =
-            |id: ReleaseId| deployments.iter().any(|d| d.to_release == id && d.status == DeploymentStatus::Succeeded);
-        Ok(self.store.releases(&spec.app)?.into_iter().rev().find(|r| {
-            r.id != current
-                && r.status == ReleaseStatus::Ready
-                && r.content_hash == hash
-                && &r.spec == spec
-                && r.dir.is_dir()
-                && went_live(r.id)
-        }))
+        for r in self.store.releases(&spec.app)?.into_iter().rev() {
+            if r.id == current || r.status != ReleaseStatus::Ready || r.content_hash != hash || !r.dir.is_dir() {
+                continue;
+            }
+            // Went live here, with this spec (what this environment ran it
+            // with: the release may have been built by another).
+            if self.went_live_here(&spec.app, r.id)? && &self.run_config_of(&r)?.spec == spec {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether a deployment made `release` live in this environment.
+    fn went_live_here(&self, app: &AppName, release: ReleaseId) -> Result<bool, EngineError> {
+        Ok(self
+            .store
+            .deployments(app, &self.env, 10_000)?
+            .iter()
+            .any(|d| d.to_release == release && d.status == DeploymentStatus::Succeeded))
+    }
+
+    /// The proxy address must be usable before anything is built or
+    /// rolled. A running app keeps its listener until the new release is
+    /// live; a new address is only probed here; a first release claims
+    /// the environment's route (and hosts) now.
+    pub(crate) fn check_listener(&mut self, spec: &AppSpec, from: Option<&ReleaseCtx>) -> Result<(), EngineError> {
+        if spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
+            let addr = spec.proxy.listen;
+            match from {
+                Some(f) if f.spec.proxy.listen == addr => {}
+                Some(_) => {
+                    std::net::TcpListener::bind(addr).map(drop).map_err(|e| EngineError::Listen {
+                        addr: addr.to_string(),
+                        reason: if e.kind() == std::io::ErrorKind::AddrInUse {
+                            "the address is already in use by another program".to_string()
+                        } else {
+                            e.to_string()
+                        },
+                    })?;
+                }
+                None => {
+                    let route = route_key(&spec.app, &self.env);
+                    self.expose(spec, &route)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A deploy of the content of the retained release `rec`: rolled to as
@@ -351,6 +387,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         &mut self,
         rec: ReleaseRecord,
         run_spec: AppSpec,
+        run_config: nonstop_store::RunConfig,
         counts: super::counts::Counted,
         from: ReleaseCtx,
         base_env: BTreeMap<String, String>,
@@ -368,6 +405,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             target,
             who,
             message,
+            &run_config,
         )?;
         let summary =
             format!("{} → {target}: content identical to {target}: rolling to {target} without building", from.id);
@@ -471,8 +509,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 reason: format!("{target} never went live (its deployment failed); deploy a fixed version instead"),
             });
         }
-        // A rollback keeps the runtime's counts.
-        let mut spec = rec.spec.clone();
+        // The spec and config this environment ran it with (never the
+        // release's own, which may be another environment's: `config.rs`);
+        // a rollback keeps the runtime's counts.
+        let ran = self.run_config_of(rec)?;
+        let mut spec = ran.applied();
         let counts = self.count_spec(&mut spec, nonstop_plan::counts::Apply::Rollback)?;
         let to = ReleaseCtx { id: target, spec, workdir: rec.dir.clone() };
         let record = self.insert_deployment(
@@ -482,6 +523,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             target,
             who,
             None,
+            &ran,
         )?;
         let summary = format!("{} → {target} (rollback)", current.id);
         self.event(&app, "rollback", None, &format!("deployment #{} started: {summary} by {}", record.id, record.who));
@@ -500,8 +542,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     }
 
     /// Record a deployment that starts now (its phase is stored by its
-    /// first step).
-    fn insert_deployment(
+    /// first step), with what it rolls out in this environment.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn insert_deployment(
         &self,
         app: AppName,
         kind: nonstop_store::DeploymentKind,
@@ -509,6 +552,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         to_release: ReleaseId,
         who: String,
         message: Option<String>,
+        run: &nonstop_store::RunConfig,
     ) -> Result<DeploymentRecord, EngineError> {
         let mut record = DeploymentRecord {
             id: 0,
@@ -525,7 +569,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             started_at: self.clock.wall(),
             finished_at: None,
         };
-        record.id = self.store.insert_deployment(&record)?;
+        record.id = self.store.insert_deployment_with(&record, run)?;
         Ok(record)
     }
 
@@ -596,21 +640,30 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             self.store.update_deployment(&record)?;
             return Ok(());
         };
-        let apply = if record.kind == nonstop_store::DeploymentKind::Rollback {
-            nonstop_plan::counts::Apply::Rollback
-        } else {
-            nonstop_plan::counts::Apply::Toml
+        let apply = match record.kind {
+            nonstop_store::DeploymentKind::Rollback | nonstop_store::DeploymentKind::Config => {
+                nonstop_plan::counts::Apply::Rollback
+            }
+            nonstop_store::DeploymentKind::Deploy | nonstop_store::DeploymentKind::Promote => {
+                nonstop_plan::counts::Apply::Toml
+            }
         };
-        let mut spec = to_rec.spec.clone();
+        // What it rolls out here (recorded with it; older records ran
+        // their release's own spec).
+        let mut spec = match self.store.deployment_config(record.id)? {
+            Some(run) => run.applied(),
+            None => to_rec.spec.clone(),
+        };
         let counts = self.count_spec(&mut spec, apply)?;
         let to = ReleaseCtx { id: to_rec.id, spec, workdir: to_rec.dir.clone() };
         let order = rollout_order(from.as_ref().map(|f| &f.spec), &to.spec);
         // Records written before the state machine stored itself say
         // only their phase; their shape is rebuilt from the release.
-        let kind = if record.kind == nonstop_store::DeploymentKind::Rollback {
-            DeploymentKind::Rollback { run_tasks: false }
-        } else {
-            DeploymentKind::Deploy
+        let kind = match record.kind {
+            nonstop_store::DeploymentKind::Rollback => DeploymentKind::Rollback { run_tasks: false },
+            nonstop_store::DeploymentKind::Deploy => DeploymentKind::Deploy,
+            nonstop_store::DeploymentKind::Promote => DeploymentKind::Reuse { run_tasks: true },
+            nonstop_store::DeploymentKind::Config => DeploymentKind::Reuse { run_tasks: false },
         };
         let machine = stored_deployment(&record.phase, shape_for(kind, &to, from.is_none(), order, GateMode::Off));
         // The task it was in the middle of (and any other left running).
@@ -623,15 +676,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         tracing::warn!("deployment #{} was {} when the daemon stopped", record.id, machine.phase.name());
         let (progress, _) = mpsc::unbounded_channel();
         let (reply, _) = oneshot::channel();
-        self.begin_op(
-            if record.kind == nonstop_store::DeploymentKind::Rollback { "rollback" } else { "deploy" },
-            progress,
-            reply,
-            "recovery".into(),
-            true,
-            VecDeque::new(),
-            false,
-        );
+        self.begin_op(op_name(record.kind), progress, reply, "recovery".into(), true, VecDeque::new(), false);
         if let Some(op) = self.op.as_mut() {
             op.reply = None;
             op.who = Some(format!("{} (recovering after a daemon restart)", record.who));

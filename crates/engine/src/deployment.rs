@@ -519,6 +519,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let release = run.to.id.to_string();
         match outcome {
             Outcome::Succeeded { note } => {
+                // Its config is the environment's now (`config.rs`).
+                self.config_went_live(run.record.id, &app);
                 self.prune_releases(&app, &run);
                 self.event(
                     &app,
@@ -598,7 +600,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         keep.extend(others);
         keep.extend(all.iter().filter(|r| r.status == ReleaseStatus::Building).map(|r| r.id));
         let doomed: Vec<ReleaseRecord> =
-            all.into_iter().filter(|r| r.status == ReleaseStatus::Ready && !keep.contains(&r.id)).collect();
+            all.iter().filter(|r| r.status == ReleaseStatus::Ready && !keep.contains(&r.id)).cloned().collect();
         for mut r in doomed {
             r.status = ReleaseStatus::Pruned;
             if let Err(e) = self.store.put_release(&r) {
@@ -607,6 +609,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             }
         }
         self.publish_statics(app);
+        // A release of a config change or a promotion may run the
+        // directory of an earlier one (the same build): a directory stays
+        // while any release kept uses it.
+        let kept_dirs: Vec<PathBuf> = all
+            .iter()
+            .filter(|r| keep.contains(&r.id))
+            .map(|r| r.dir.clone())
+            .filter(|d| !d.as_os_str().is_empty())
+            .collect();
+        let owners: Vec<ReleaseId> = all.iter().filter(|r| kept_dirs.contains(&r.dir)).map(|r| r.id).collect();
+        keep.extend(owners);
         let (builder, app) = (self.builder.clone(), app.clone());
         self.tasks.spawn(async move {
             match tokio::task::spawn_blocking(move || builder.prune(&app, &keep)).await {

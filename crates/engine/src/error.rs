@@ -53,6 +53,11 @@ pub enum EngineError {
     NoRollbackTarget { reason: String },
     #[error("cannot deploy: {reason}")]
     CannotDeploy { reason: String },
+    #[error("cannot promote: {reason}")]
+    CannotPromote { reason: String },
+    /// A `config set|unset` that is refused; `reason` names the fix.
+    #[error("{reason}")]
+    InvalidConfig { reason: String },
     #[error("{release} is not a retained release; retained releases: {retained} (see `nonstop releases`)")]
     UnknownRelease { release: String, retained: String },
     #[error("the app is stopped (since {since}, by {who}): `{operation}` would change what runs; run `nonstop start` first (it brings back {counts})")]
@@ -113,6 +118,8 @@ impl EngineError {
             | EngineError::ProxyConfig { .. }
             | EngineError::NoRollbackTarget { .. }
             | EngineError::CannotDeploy { .. }
+            | EngineError::CannotPromote { .. }
+            | EngineError::InvalidConfig { .. }
             | EngineError::UnknownRelease { .. }
             | EngineError::AmbiguousApp { .. }
             | EngineError::UnknownSecret { .. }

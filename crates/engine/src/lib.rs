@@ -17,7 +17,9 @@ mod error;
 pub mod preflight;
 mod report;
 
+pub use controller::config::{credential_refusal, ConfigReport};
 pub use controller::gate::{GateFuture, GateInput, GateOutcome, NoSchemaGate, SchemaGate};
+pub use controller::promote::PromoteRequest;
 pub use controller::secrets::{SecretInfo, SecretReport, SecretsKeyConfig, SecretsList};
 pub use controller::statics::{live_statics_at_start, LiveStatics};
 pub use controller::{

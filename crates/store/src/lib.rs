@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+mod config;
+pub use config::RunConfig;
 mod health;
 pub use health::{restore_backup, shm_path, wal_path, Damage, Inspection};
 mod secrets;
@@ -359,6 +361,10 @@ pub enum DeploymentKind {
     Deploy,
     /// Back to a retained release, by `rollback`.
     Rollback,
+    /// The release another environment runs, by `promote`.
+    Promote,
+    /// The running build with a changed config, by `config set|unset`.
+    Config,
 }
 
 impl DeploymentKind {
@@ -366,12 +372,16 @@ impl DeploymentKind {
         match self {
             DeploymentKind::Deploy => "deploy",
             DeploymentKind::Rollback => "rollback",
+            DeploymentKind::Promote => "promote",
+            DeploymentKind::Config => "config",
         }
     }
     fn parse(s: &str) -> Option<DeploymentKind> {
         match s {
             "deploy" => Some(DeploymentKind::Deploy),
             "rollback" => Some(DeploymentKind::Rollback),
+            "promote" => Some(DeploymentKind::Promote),
+            "config" => Some(DeploymentKind::Config),
             _ => None,
         }
     }
@@ -484,6 +494,31 @@ fn from_ms(v: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(v).unwrap_or(0))
 }
 
+/// Insert `rec` into `deployments` on `conn` (a transaction, possibly);
+/// returns its id.
+fn insert_deployment_on(conn: &Connection, rec: &DeploymentRecord) -> Result<i64> {
+    conn.execute(
+        "INSERT INTO deployments (app, environment, kind, from_release, to_release, phase_json, status, reason, who,
+            message, started_at_ms, finished_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![
+            rec.app.as_str(),
+            rec.environment.as_str(),
+            rec.kind.as_str(),
+            rec.from_release.map(|r| i64::try_from(r.0).unwrap_or(i64::MAX)),
+            i64::try_from(rec.to_release.0).unwrap_or(i64::MAX),
+            rec.phase.to_string(),
+            rec.status.as_str(),
+            rec.reason,
+            rec.who,
+            rec.message,
+            ms(rec.started_at),
+            rec.finished_at.map(ms),
+        ],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
 fn decode<T: serde::de::DeserializeOwned>(what: &'static str, s: &str) -> Result<T> {
     serde_json::from_str(s).map_err(|source| StoreError::Decode { what, source })
 }
@@ -511,6 +546,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(secrets::SCHEMA)?;
+        conn.execute_batch(config::SCHEMA)?;
         let found: Option<String> =
             conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).optional()?;
         match found.and_then(|v| v.parse::<i64>().ok()) {
@@ -868,27 +904,7 @@ impl Store {
 
     /// Record a new deployment; returns its id.
     pub fn insert_deployment(&self, rec: &DeploymentRecord) -> Result<i64> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO deployments (app, environment, kind, from_release, to_release, phase_json, status, reason, who,
-                message, started_at_ms, finished_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
-                rec.app.as_str(),
-                rec.environment.as_str(),
-                rec.kind.as_str(),
-                rec.from_release.map(|r| i64::try_from(r.0).unwrap_or(i64::MAX)),
-                i64::try_from(rec.to_release.0).unwrap_or(i64::MAX),
-                rec.phase.to_string(),
-                rec.status.as_str(),
-                rec.reason,
-                rec.who,
-                rec.message,
-                ms(rec.started_at),
-                rec.finished_at.map(ms),
-            ],
-        )?;
-        Ok(conn.last_insert_rowid())
+        insert_deployment_on(&self.conn(), rec)
     }
 
     /// Store a deployment's new phase/status (before acting on it).

@@ -24,6 +24,8 @@ pub struct FakeBuilder {
     /// Build command processes alive (of hung builds, until killed).
     alive: Mutex<Vec<Locator>>,
     kills: Mutex<Vec<Locator>>,
+    /// The `keep` list of every `prune`, in order.
+    prunes: Mutex<Vec<Vec<ReleaseId>>>,
 }
 
 impl Default for FakeBuilder {
@@ -43,6 +45,7 @@ impl FakeBuilder {
             hang: Mutex::new(None),
             alive: Mutex::new(Vec::new()),
             kills: Mutex::new(Vec::new()),
+            prunes: Mutex::new(Vec::new()),
         }
     }
 
@@ -85,6 +88,12 @@ impl FakeBuilder {
     /// Build command processes the engine killed.
     pub fn kills(&self) -> Vec<Locator> {
         lock(&self.kills).clone()
+    }
+
+    /// The `keep` list of every prune so far (the releases whose
+    /// directories the engine keeps), in order.
+    pub fn prunes(&self) -> Vec<Vec<ReleaseId>> {
+        lock(&self.prunes).clone()
     }
 
     /// The releases built, in order.
@@ -148,7 +157,8 @@ impl Builder for FakeBuilder {
         Box::pin(async move { Ok(outcome) })
     }
 
-    fn prune(&self, _app: &AppName, _keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, BuildError> {
+    fn prune(&self, _app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, BuildError> {
+        lock(&self.prunes).push(keep.to_vec());
         Ok(Vec::new())
     }
 }

@@ -3,6 +3,7 @@
 //! real time, and time-based assertions are exact.
 
 mod cancel;
+mod config;
 mod counts;
 mod deadlines;
 mod environments;
@@ -10,6 +11,7 @@ mod errors;
 mod gates;
 mod health_events;
 mod lifecycle;
+mod promote;
 mod readoption;
 mod restarts;
 mod rollout;
