@@ -9,5 +9,6 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod config;
 pub mod server;
 pub mod wire;

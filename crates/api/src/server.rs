@@ -110,6 +110,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/secrets/unset", post(secrets_unset))
         .route("/v1/stop", post(stop))
         .route("/v1/start", post(start))
+        .merge(crate::config::routes())
         .fallback(not_found)
         .with_state(state)
 }
@@ -159,7 +160,7 @@ fn error_response(status: StatusCode, err: ApiError) -> Response {
     (status, Json(err)).into_response()
 }
 
-fn engine_error(e: EngineError) -> Response {
+pub(crate) fn engine_error(e: EngineError) -> Response {
     let status = match e.exit_code() {
         2 => StatusCode::BAD_REQUEST,
         3 => StatusCode::CONFLICT,
@@ -173,7 +174,7 @@ fn to_api_error(e: &EngineError) -> ApiError {
     ApiError { message: e.to_string(), exit_code: e.exit_code(), detail: serde_json::to_value(e).ok() }
 }
 
-fn bad_request(message: String) -> Response {
+pub(crate) fn bad_request(message: String) -> Response {
     error_response(StatusCode::BAD_REQUEST, ApiError { message, exit_code: 2, detail: None })
 }
 
@@ -211,7 +212,7 @@ async fn events(Scoped(engine): Scoped, Query(q): Query<EventsQuery>) -> Respons
 
 /// Run an engine operation and stream its progress as NDJSON. The
 /// operation goes on if the client goes away.
-fn op_stream<F, Fut>(run: F) -> Response
+pub(crate) fn op_stream<F, Fut>(run: F) -> Response
 where
     F: FnOnce(mpsc::UnboundedSender<Progress>) -> Fut,
     Fut: Future<Output = Result<OpReport, EngineError>> + Send + 'static,

@@ -303,6 +303,35 @@ pub enum Command {
         #[command(subcommand)]
         action: SecretsAction,
     },
+    /// Roll out, in one environment, exactly the release another runs: the
+    /// same code (same content hash, same release directory: nothing is
+    /// hashed or built), with the target's spec from nonstop.toml, its
+    /// config and secrets, through its migration gate, canary and release
+    /// tasks. A rollback in the target goes back to the target's own
+    /// previous release and config. Refused when the source runs nothing,
+    /// is in the middle of a deployment, or its release is no longer on
+    /// disk, and when nonstop.toml's build, release tasks or process
+    /// commands changed since that release was built.
+    #[command(after_help = "Examples:
+  nonstop promote --from staging --to production
+  nonstop promote --from staging --to production -m 'release 2024-06' --wait --json
+
+Exit code 0 only when the release is live in the target.")]
+    Promote(crate::promote::PromoteArgs),
+    /// Config: plain variables of an environment, over nonstop.toml's
+    /// `[env]`, changed without a deploy. A change is a new release of the
+    /// running build (nothing rebuilt) rolled out with zero downtime;
+    /// later deploys and promotions keep it; a rollback brings back the
+    /// config of the release it goes to. Credentials belong in `nonstop
+    /// secrets`.
+    #[command(after_help = "Examples:
+  nonstop config set GREETING=hello
+  nonstop config get -e production
+  nonstop config unset GREETING")]
+    Config {
+        #[command(subcommand)]
+        action: crate::config::ConfigAction,
+    },
     /// Deployments: release, status, duration, who.
     History {
         #[arg(long, short = 'n', default_value_t = 20)]

@@ -110,6 +110,8 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::History { limit, json } => history(&home, limit, json).await,
         Command::Maintenance { switch } => crate::maintenance::maintenance(&home, switch).await,
         Command::Secrets { action } => crate::secrets::secrets(&home, action).await,
+        Command::Config { action } => crate::config::config(&home, action).await,
+        Command::Promote(args) => crate::promote::promote(&home, cli.env.as_deref(), args).await,
         Command::Stop { json } => crate::maintenance::stop(&home, json).await,
         Command::Start { json } => crate::maintenance::start(&home, json).await,
         Command::Cancel { reason, json } => cancel(&home, reason, json).await,
@@ -195,7 +197,12 @@ pub(crate) fn scoped_env() -> Option<String> {
 
 pub(crate) fn client(home: &Home) -> Client {
     let (app, env) = (scoped_app(), scoped_env());
-    Client::new(home.socket()).scoped(app.as_deref(), env.as_deref())
+    client_for(home, app.as_deref(), env.as_deref())
+}
+
+/// A client addressing `app` in `env`.
+pub(crate) fn client_for(home: &Home, app: Option<&str>, env: Option<&str>) -> Client {
+    Client::new(home.socket()).scoped(app, env)
 }
 
 /// The app and default environment of the nonstop.toml in the current
@@ -250,7 +257,7 @@ fn init(force: bool, name: Option<String>) -> anyhow::Result<i32> {
 const BASE_ENV: &[&str] =
     &["PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV"];
 
-fn base_env() -> BTreeMap<String, String> {
+pub(crate) fn base_env() -> BTreeMap<String, String> {
     std::env::vars().filter(|(k, _)| BASE_ENV.contains(&k.as_str()) || k.starts_with("LC_")).collect()
 }
 
@@ -304,7 +311,7 @@ pub(crate) async fn ensure_daemon(home: &Home, proxy_workers: Option<u32>) -> an
     }
 }
 
-fn print_spec_errors(file: &Path, errors: &nonstop_spec::SpecErrors, json: bool) {
+pub(crate) fn print_spec_errors(file: &Path, errors: &nonstop_spec::SpecErrors, json: bool) {
     if json {
         outln!(
             "{}",
@@ -404,7 +411,7 @@ fn load_app(file: &Path, json: bool) -> anyhow::Result<Result<(nonstop_core::pro
 /// `[env]` variables (the app's and its processes') that look like
 /// credentials: a warning each, on stderr (never an error; the value is
 /// never shown).
-fn warn_plain_credentials(spec: &nonstop_core::process::AppSpec) {
+pub(crate) fn warn_plain_credentials(spec: &nonstop_core::process::AppSpec) {
     let vars = spec.env.iter().chain(spec.processes.iter().flat_map(|p| p.env.iter()));
     let mut seen = std::collections::BTreeSet::new();
     for (name, value) in vars {
@@ -417,7 +424,7 @@ fn warn_plain_credentials(spec: &nonstop_core::process::AppSpec) {
 }
 
 /// After a successful `up` or `deploy`: where the app is served.
-fn say_serving(spec: &nonstop_core::process::AppSpec, code: i32, json: bool) {
+pub(crate) fn say_serving(spec: &nonstop_core::process::AppSpec, code: i32, json: bool) {
     if code == 0 && !json && spec.processes.iter().any(|p| p.kind == nonstop_core::ProcessKind::Web) {
         outln!("serving on http://{}", spec.proxy.listen);
     }
@@ -756,7 +763,7 @@ pub(crate) fn who() -> String {
 }
 
 /// Run an operation; with `wait`, retry while another one holds the app.
-async fn run_op_waiting<B: serde::Serialize>(
+pub(crate) async fn run_op_waiting<B: serde::Serialize>(
     c: &Client,
     path: &str,
     body: &B,

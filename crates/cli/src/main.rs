@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod config;
 mod daemon;
 mod home;
 mod keeper;
@@ -10,6 +11,7 @@ mod limits;
 mod maintenance;
 mod output;
 mod plane;
+mod promote;
 mod recovery;
 mod schema_gate;
 mod secrets;
