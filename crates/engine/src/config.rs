@@ -279,12 +279,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             self.app.as_ref().is_some_and(|rt| rt.record.running && rt.record.app == app && rt.record.release.0 > 0);
         if !runs_release {
             let result = self.store.put_config(&app, &self.env, &new, now).map_err(EngineError::from).map(|()| {
-                let when = match self.app.as_ref().filter(|rt| rt.record.running && rt.record.app == app) {
-                    Some(_) => {
-                        "the next `nonstop up` applies it (this environment runs the working directory, \
-                                not a deployed release)"
-                    }
-                    None => "its next `nonstop up`, `deploy` or `promote` applies it",
+                let when = match self.app.as_ref().filter(|rt| rt.record.app == app) {
+                    Some(rt) if rt.record.running => "the next `nonstop up` applies it (this environment runs the \
+                        working directory, not a deployed release)"
+                        .to_string(),
+                    Some(rt) if rt.record.release.0 > 0 => format!(
+                        "the next `nonstop deploy` or `promote` applies it (`nonstop up` starts {} again as it ran)",
+                        rt.record.release
+                    ),
+                    _ => "its next `nonstop up`, `deploy` or `promote` applies it".to_string(),
                 };
                 self.event(&app, "config", None, &format!("config: {what} by {who}"));
                 OpReport { summary: format!("config of {app} in {}: {what}; {when}", self.env), changed: true }

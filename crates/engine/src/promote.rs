@@ -26,7 +26,7 @@
 
 use super::*;
 use nonstop_core::config::code_differences;
-use nonstop_store::{ReleaseStatus, RunConfig};
+use nonstop_store::{ReleaseRecord, ReleaseStatus, RunConfig};
 
 /// What `nonstop promote` asks of the target environment.
 #[derive(Debug, Clone)]
@@ -44,8 +44,9 @@ pub struct PromoteRequest {
 
 /// The two halves of a promotion, one per controller.
 pub(crate) enum PromoteCommand {
-    /// To the source: the release it runs.
-    Source { reply: Reply<ReleaseId> },
+    /// To the source: the release it runs (its record: the spec it was
+    /// built with, its directory).
+    Source { reply: Reply<ReleaseRecord> },
     /// To the target: roll `release` out.
     Roll { release: ReleaseId, request: Box<PromoteRequest>, progress: ProgressTx, reply: Reply<OpReport> },
 }
@@ -84,8 +85,8 @@ impl EngineHandle {
         }
         let from = request.from.clone();
         let source = self.scoped(Some(app.clone()), Some(from.clone()));
-        let release = match source.ask(|reply| Command::Promote(Box::new(PromoteCommand::Source { reply }))).await {
-            Ok(release) => release,
+        let built = match source.ask(|reply| Command::Promote(Box::new(PromoteCommand::Source { reply }))).await {
+            Ok(built) => built,
             Err(EngineError::UnknownEnvironment { known, .. }) => {
                 return Err(refused(format!(
                     "app `{app}` has no environment `{from}` here (it has: {}); check --from; nothing changed",
@@ -100,6 +101,11 @@ impl EngineHandle {
             }
             Err(e) => return Err(e),
         };
+        // What can be told from the source is refused before the target
+        // is asked (which would bring it into being); the target checks
+        // again.
+        check_build(&built, &request.spec, &from)?;
+        let release = built.id;
         let target = self.scoped(Some(app), Some(target_env));
         target
             .ask(|reply| {
@@ -114,11 +120,39 @@ impl EngineHandle {
     }
 }
 
+/// The release `built` can run with `spec`: still on disk, and built from
+/// the same commands (see the module).
+fn check_build(built: &ReleaseRecord, spec: &AppSpec, from: &EnvironmentId) -> Result<(), EngineError> {
+    let release = built.id;
+    if built.status != ReleaseStatus::Ready || !built.dir.is_dir() {
+        return Err(refused(format!(
+            "{release}, which `{from}` runs, is {} and no longer on disk; deploy to `{from}` again, then promote",
+            if built.status == ReleaseStatus::Ready { "recorded" } else { built.status.as_str() }
+        )));
+    }
+    let differs = code_differences(&built.spec, spec);
+    if !differs.is_empty() {
+        return Err(refused(format!(
+            "nonstop.toml differs from the one {release} was built with in: {}; promote runs {release} exactly as \
+             built, so deploy this nonstop.toml to `{from}` first (or promote from a checkout of what `{from}` runs); \
+             nothing changed",
+            differs.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     pub(crate) fn on_promote(&mut self, command: PromoteCommand) {
         match command {
             PromoteCommand::Source { reply } => {
-                let _ = reply.send(self.promotable_release());
+                let release = self.promotable_release().and_then(|id| {
+                    let rec = self.store.release(&self.scope.app, id)?;
+                    rec.ok_or_else(|| {
+                        refused(format!("the record of {id}, which `{}` runs, is gone; deploy to it again", self.env))
+                    })
+                });
+                let _ = reply.send(release);
             }
             PromoteCommand::Roll { release, request, progress, reply } => {
                 self.begin_promote(release, *request, progress, reply)
@@ -234,21 +268,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let rec = self.store.release(&app, release)?.ok_or_else(|| {
             refused(format!("the record of {release}, which `{from}` runs, is gone; deploy to `{from}` again"))
         })?;
-        if rec.status != ReleaseStatus::Ready || !rec.dir.is_dir() {
-            return Err(refused(format!(
-                "{release}, which `{from}` runs, is {} and no longer on disk; deploy to `{from}` again, then promote",
-                if rec.status == ReleaseStatus::Ready { "recorded" } else { rec.status.as_str() }
-            )));
-        }
-        let differs = code_differences(&rec.spec, &spec);
-        if !differs.is_empty() {
-            return Err(refused(format!(
-                "nonstop.toml differs from the one {release} was built with in: {}; promote runs {release} exactly as \
-                 built, so deploy this nonstop.toml to `{from}` first (or promote from a checkout of what `{from}` \
-                 runs); nothing changed",
-                differs.join(", ")
-            )));
-        }
+        check_build(&rec, &spec, &from)?;
         let config = self.env_config(&app)?;
         let run_config = RunConfig { spec: spec.clone(), config };
         let current = self.app.as_ref().filter(|rt| rt.record.running && rt.record.app == app).map(|rt| rt.current());

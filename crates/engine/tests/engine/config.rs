@@ -252,3 +252,20 @@ async fn a_prune_keeps_the_directory_of_a_build_that_kept_releases_share() {
     assert!(keep.contains(&ReleaseId(1)), "v1's directory runs v2 and v3: {keep:?}");
     assert!(all_workers(&f, "GREETING", "three"));
 }
+
+/// A deployed environment that is down starts again as it ran (`up`): a
+/// config change waits for its next deploy or promote, and says so.
+#[tokio::test(start_paused = true)]
+async fn config_set_while_a_deployed_environment_is_down_says_what_applies_it() {
+    let f = Fixture::new();
+    let e = f.start();
+    e.deploy_with_progress(spec("one")).await.0.unwrap();
+    e.down().await.unwrap();
+    settle().await;
+    let r = set(&e, &[("GREETING", "two")]).await.unwrap();
+    assert!(r.summary.contains("next `nonstop deploy` or `promote`") && r.summary.contains("v1"), "{}", r.summary);
+    f.builder.set_hash("source-2");
+    e.deploy_with_progress(spec("one")).await.0.unwrap();
+    settle().await;
+    assert!(all_workers(&f, "GREETING", "two"));
+}

@@ -210,9 +210,10 @@ async fn what_cannot_be_promoted_is_refused_and_nothing_changes() {
     staging.down(tx2).await.unwrap();
     settle().await;
     refused(promote(&f, &production, "staging", blog("p")).await, &["`staging` runs nothing"]);
-    // Production was never touched.
-    assert!(matches!(production.status().await, Err(EngineError::NotUp)));
-    assert!(production.history(10).await.map(|h| h.is_empty()).unwrap_or(true));
+    // Production was never touched, nor brought into being.
+    assert!(matches!(production.status().await, Err(EngineError::UnknownEnvironment { .. })));
+    let listed: Vec<String> = e.handle.environments().iter().map(|s| s.to_string()).collect();
+    assert_eq!(listed, ["blog/staging"]);
 }
 
 /// A daemon that stops while a promotion runs its release task: the next
