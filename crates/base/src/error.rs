@@ -142,6 +142,25 @@ pub enum BaseError {
 
     #[error("{what} on the PostgreSQL server at {server} did not finish within {}s", after.as_secs())]
     Timeout { what: String, server: String, after: Duration },
+
+    #[error("environment `{env}` has no database of its own made by nonstop on the PostgreSQL server at {server} (no `{database}`), so there is nothing to copy; create the new environment without --from, or deploy `{env}` with [base] postgres first")]
+    NoSourceDatabase { server: String, env: String, database: String },
+
+    #[error("database `{database}` of environment `{env}` already exists on the PostgreSQL server at {server} (kept by an earlier `env destroy`?), and --from never overwrites one; nothing was changed. Create the environment without --from to use that database as it is, or drop it first (`nonstop env destroy {env} --drop-database {database}` once it exists again, or DROP DATABASE as an administrator)")]
+    TargetExists { server: String, env: String, database: String },
+
+    #[error("copying database {from} into {to} failed: {stage} ended with {status}{}; the new database was left empty", if stderr_tail.is_empty() { String::new() } else { format!(":\n{stderr_tail}") })]
+    CopyFailed { from: String, to: String, stage: crate::copy::CopyStage, status: String, stderr_tail: String },
+
+    #[error("copying database {from} into {to} on the PostgreSQL server at {server} did not finish within {}s; the new database was left empty", after.as_secs())]
+    CopyTimeout { from: String, to: String, server: String, after: Duration },
+
+    #[error("cannot run {program}: {source}; install the PostgreSQL client programs (pg_dump, psql; e.g. apt-get install postgresql-client), no older than the server")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// An error and its sources, `: `-separated (tokio-postgres's own text is
@@ -175,6 +194,9 @@ impl BaseError {
                 | BaseError::NotManaged { .. }
                 | BaseError::EmptyPassword { .. }
                 | BaseError::DropNotConfirmed { .. }
+                | BaseError::NoSourceDatabase { .. }
+                | BaseError::TargetExists { .. }
+                | BaseError::Spawn { .. }
         )
     }
 }

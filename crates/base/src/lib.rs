@@ -8,7 +8,11 @@
 //!   never printed;
 //! - [`postgres`] (I/O, tokio-postgres): [`preflight`] (server, login,
 //!   rights), [`provision_postgres`] (role + database, idempotent, rotates
-//!   the password), [`exists`], [`drop_postgres`];
+//!   the password; [`provision_postgres_with`] may let the role create
+//!   databases, as the migration gate needs), [`exists`], [`drop_postgres`];
+//! - [`copy`] (I/O): a new environment's database as a copy of another's
+//!   ([`check_copy`], [`copy_postgres`]: `pg_dump | psql`, restored by the
+//!   new role);
 //! - [`redis`]: [`RedisUrl`] (pure), [`check_redis`] (I/O: `PING`, the
 //!   number of databases), [`redis_for`] (pure: a database number per
 //!   environment, 0 never; past the server's count, a key prefix).
@@ -19,16 +23,19 @@
 //! [`RedisAssignment::env_vars`].
 #![forbid(unsafe_code)]
 
+pub mod copy;
 mod error;
 pub mod naming;
 pub mod password;
 pub mod postgres;
 pub mod redis;
 
+pub use copy::{check_copy, copy_postgres, Copied, CopyMethod, CopyStage};
 pub use error::{BaseError, ObjectKind, RedisError, Right};
 pub use naming::{confirm_drop, database_name, marker, role_name};
 pub use password::{generate_password, Password};
 pub use postgres::{
-    admin_url, drop_postgres, exists, preflight, provision_postgres, Dropped, Presence, Provisioned, ServerInfo,
+    admin_url, drop_postgres, exists, preflight, provision_postgres, provision_postgres_with, Dropped, Presence,
+    Provisioned, RoleRights, ServerInfo,
 };
 pub use redis::{check_redis, key_prefix, redis_for, RedisAssignment, RedisBase, RedisUrl, RedisUrlError};

@@ -129,7 +129,8 @@ pub async fn preflight(admin: &DatabaseUrl) -> Result<ServerInfo, BaseError> {
 /// Makes `app`'s database for `env`, or brings an existing one back in
 /// line; idempotent. Creates (or, for one nonstop made before, alters) the
 /// login role [`role_name`] with `password` and no other right (no
-/// superuser, `CREATEDB` or `CREATEROLE`), creates the database
+/// superuser, `CREATEDB` or `CREATEROLE`; [`provision_postgres_with`] may
+/// allow `CREATEDB`), creates the database
 /// [`database_name`] owned by it, and takes `CONNECT` and `TEMPORARY` on it
 /// away from `PUBLIC`, so that no other environment's role can connect.
 /// A second call resets the role's password to `password` (rotation) and
@@ -144,6 +145,38 @@ pub async fn provision_postgres(
     app: &AppName,
     env: &EnvironmentId,
     password: &Password,
+) -> Result<Provisioned, BaseError> {
+    provision_postgres_with(admin, app, env, password, RoleRights::default()).await
+}
+
+/// What the login role of an environment may do beyond logging in and
+/// owning its database. Nothing, by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RoleRights {
+    /// `CREATEDB`: what the migration gate needs to make its scratch copy
+    /// of the database (as the app's own role, so that the release tasks
+    /// it runs there own what they create). Taken away again (`NOCREATEDB`)
+    /// by a provisioning without it.
+    pub create_db: bool,
+}
+
+impl RoleRights {
+    fn as_sql(self) -> &'static str {
+        if self.create_db {
+            "CREATEDB"
+        } else {
+            "NOCREATEDB"
+        }
+    }
+}
+
+/// [`provision_postgres`] with `rights` for the role (see [`RoleRights`]).
+pub async fn provision_postgres_with(
+    admin: &DatabaseUrl,
+    app: &AppName,
+    env: &EnvironmentId,
+    password: &Password,
+    rights: RoleRights,
 ) -> Result<Provisioned, BaseError> {
     if password.expose().is_empty() {
         return Err(BaseError::EmptyPassword { env: env.to_string() });
@@ -162,14 +195,19 @@ pub async fn provision_postgres(
     let (qrole, qdb) = (quote_ident(&role), quote_ident(&database));
     let mut sql = match &found.role {
         None => format!(
-            "CREATE ROLE {qrole} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT PASSWORD {}; \
+            "CREATE ROLE {qrole} LOGIN NOSUPERUSER {} NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT PASSWORD {}; \
              COMMENT ON ROLE {qrole} IS {};",
+            rights.as_sql(),
             quote_literal(&verifier),
             quote_literal(&marker(app, env)),
         ),
         // SUPERUSER/REPLICATION/BYPASSRLS can only be changed by a
         // superuser, and nonstop never sets them.
-        Some(_) => format!("ALTER ROLE {qrole} WITH LOGIN NOCREATEDB NOCREATEROLE PASSWORD {};", quote_literal(&verifier)),
+        Some(_) => format!(
+            "ALTER ROLE {qrole} WITH LOGIN {} NOCREATEROLE PASSWORD {};",
+            rights.as_sql(),
+            quote_literal(&verifier)
+        ),
     };
     if !info.superuser && !found.role.as_ref().is_some_and(|r| r.admin_is_member) {
         sql.push_str(&format!(" GRANT {qrole} TO CURRENT_USER;"));

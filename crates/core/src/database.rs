@@ -262,6 +262,20 @@ impl DatabaseUrl {
         self.rebuild(&self.parts.name, false, false)
     }
 
+    /// The same URL with `password` (percent-encoded) as its password, in
+    /// place of any it had: for a URL stored without its password, which
+    /// is given to processes only. A URL without a user gets none (a
+    /// password needs a user in a URL): it is returned as it is.
+    pub fn with_password(&self, password: &str) -> DatabaseUrl {
+        let Some(info) = self.parts.userinfo.as_deref() else { return self.clone() };
+        let user_raw = info.split_once(':').map(|(u, _)| u).unwrap_or(info);
+        let stripped = self.without_password();
+        let rest = stripped.split_once("://").map(|(_, r)| r).unwrap_or("");
+        let after_user = rest.strip_prefix(user_raw).unwrap_or(rest);
+        let text = format!("{}://{user_raw}:{}{after_user}", self.parts.scheme, encode(password));
+        DatabaseUrl::parse(&text).unwrap_or_else(|_| self.clone())
+    }
+
     /// The same server, user and parameters, another database.
     pub fn with_database(&self, name: &str) -> DatabaseUrl {
         let text = self.rebuild(name, true, false);
@@ -410,6 +424,33 @@ pub fn encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_is_put_back_into_a_url_stored_without_it() {
+        let stored =
+            DatabaseUrl::parse("postgres://blog_staging@db.internal:6543/blog_staging?sslmode=disable").unwrap();
+        let url = stored.with_password("p/w:x@y");
+        assert_eq!(url.expose(), "postgres://blog_staging:p%2Fw%3Ax%40y@db.internal:6543/blog_staging?sslmode=disable");
+        assert_eq!(url.password(), Some("p/w:x@y"));
+        assert_eq!(url.without_password(), stored.expose());
+        // A password it had is replaced; a URL without a user stays as it is.
+        let had = DatabaseUrl::parse("postgresql://u:old@[::1]/d").unwrap().with_password("new");
+        assert_eq!(had.expose(), "postgresql://u:new@[::1]/d");
+        let anonymous = DatabaseUrl::parse("postgres://db/d").unwrap();
+        assert_eq!(anonymous.with_password("pw"), anonymous);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn with_password_round_trips(user in "[a-z][a-z0-9_]{0,10}", password in "[ -~]{1,20}", db in "[a-z]{1,8}") {
+            let url = DatabaseUrl::parse(&format!("postgres://{user}@h:5432/{db}")).unwrap();
+            let with = url.with_password(&password);
+            proptest::prop_assert_eq!(with.password(), Some(password.as_str()));
+            proptest::prop_assert_eq!(with.user(), Some(user.as_str()));
+            proptest::prop_assert_eq!(with.database(), db.as_str());
+            proptest::prop_assert_eq!(with.without_password(), url.expose().to_string());
+        }
+    }
 
     #[test]
     fn parts_are_read_and_decoded() {

@@ -433,6 +433,13 @@ pub struct AppSpec {
     /// its data refuse it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub protected: bool,
+    /// `[base]`: the servers the environment's own database (and Redis
+    /// database) are made on, as the file gives them (an administrator's
+    /// URL, maybe with its password). It travels with a deploy or `up` to
+    /// the daemon, which provisions from it and takes it off the spec: a
+    /// stored spec never holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<crate::environment::BaseSpec>,
 }
 
 fn yes() -> bool {

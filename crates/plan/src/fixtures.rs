@@ -38,6 +38,7 @@ pub fn app(processes: Vec<ProcessSpec>) -> AppSpec {
         hosts: vec![],
         default_host: true,
         protected: false,
+        base: None,
     }
 }
 

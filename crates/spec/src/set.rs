@@ -28,6 +28,7 @@ use std::fmt;
 ///   one, from `[environments.E.processes.P]`;
 /// - `[environments.E.database]` key by key over `[database]` (its `url`,
 ///   its `[env]` mapping);
+/// - `base`: `[base]`, the same for every environment;
 /// - `hosts`: the environment's, or `E.APP.localhost`; `default_host`:
 ///   whether it answers the hosts no environment claims (the one with
 ///   `default = true`, else the default environment, unless its table says
@@ -122,6 +123,10 @@ impl SpecSet {
                 (id, Resolved { env, processes, hosts, protected, database })
             })
             .collect();
+        // Every environment's spec carries `[base]` to the daemon, which
+        // provisions from it (and never stores it).
+        let mut base = base;
+        base.base = services.clone();
         SpecSet {
             base,
             base_database,

@@ -79,7 +79,7 @@ fn app(tables: &str) -> String {
 fn without_environment_fields(spec: &AppSpec) -> serde_json::Value {
     let mut json = serde_json::to_value(spec).unwrap();
     let map = json.as_object_mut().unwrap();
-    for key in ["hosts", "default_host", "protected"] {
+    for key in ["hosts", "default_host", "protected", "base"] {
         map.remove(key);
     }
     json
@@ -140,6 +140,9 @@ fn every_key_of_an_environment_is_read() {
 
     let production = resolve(&s, "production");
     let staging = resolve(&s, "staging");
+    // Every environment's spec carries [base] to the daemon.
+    assert_eq!(staging.base.as_ref(), Some(base));
+    assert_eq!(resolve(&s, "pr-7").base.as_ref(), Some(base));
     assert_eq!(staging.hosts, ["staging.blog.example.com", "*.review.blog.example.com"]);
     assert!(!staging.default_host && !staging.protected);
     assert_eq!(staging.env.get("DEBUG").map(String::as_str), Some("true"));

@@ -68,6 +68,7 @@ pub(crate) fn validate(
         hosts: Vec::new(),
         default_host: false,
         protected: false,
+        base: None,
     })
 }
 

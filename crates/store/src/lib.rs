@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod base;
 mod config;
 pub use config::RunConfig;
 mod health;
@@ -51,6 +52,10 @@ pub enum StoreError {
     SecretVersionTaken { name: String, version: u64 },
     #[error("a secret must not be stored before the secrets key check (a bug in nonstop): store the key check first")]
     SecretsKeyCheckMissing,
+    #[error("Redis database {number} on {server} is held by environment {holder}; another was given it meanwhile: run the command again")]
+    RedisNumberTaken { server: String, number: u8, holder: String },
+    #[error("environment {env} holds Redis database {number} on {server} already (it keeps its number)")]
+    RedisAssigned { server: String, env: String, number: u8 },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -547,6 +552,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(secrets::SCHEMA)?;
         conn.execute_batch(config::SCHEMA)?;
+        conn.execute_batch(base::SCHEMA)?;
         let found: Option<String> =
             conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).optional()?;
         match found.and_then(|v| v.parse::<i64>().ok()) {

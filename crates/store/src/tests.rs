@@ -16,6 +16,7 @@ fn spec() -> AppSpec {
         hosts: vec![],
         default_host: true,
         protected: false,
+        base: None,
     }
 }
 

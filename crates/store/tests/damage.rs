@@ -26,6 +26,7 @@ fn record(name: &str) -> AppRecord {
             hosts: vec![],
             default_host: true,
             protected: false,
+            base: None,
         },
         workdir: PathBuf::from("/srv/app"),
         release: ReleaseId(0),

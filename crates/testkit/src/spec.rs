@@ -82,6 +82,7 @@ pub fn app(name: &str) -> AppBuilder {
             hosts: vec![],
             default_host: true,
             protected: false,
+            base: None,
         },
     }
 }
