@@ -26,6 +26,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+#[path = "base.rs"]
+pub mod base;
 #[path = "canary.rs"]
 pub(crate) mod canary;
 #[path = "config.rs"]
@@ -36,6 +38,8 @@ pub(crate) mod counts;
 pub(crate) mod deploy;
 #[path = "deployment.rs"]
 pub(crate) mod deployment;
+#[path = "environments.rs"]
+pub mod environments;
 #[path = "gate.rs"]
 pub mod gate;
 #[path = "maintenance.rs"]
@@ -80,6 +84,8 @@ pub struct EngineConfig {
     pub schema_gate: Arc<dyn gate::SchemaGate>,
     /// Where the secrets key is (`secrets.rs`).
     pub secrets: secrets::SecretsKeyConfig,
+    /// The servers of `[base]` (`base.rs`).
+    pub base: Arc<dyn base::BaseServices>,
 }
 
 impl EngineConfig {
@@ -92,6 +98,7 @@ impl EngineConfig {
             builder: Arc::new(NoBuilder),
             schema_gate: Arc::new(gate::NoSchemaGate),
             secrets: secrets::SecretsKeyConfig::none(),
+            base: Arc::new(base::NoBaseServices),
         }
     }
 }
@@ -218,6 +225,8 @@ pub(crate) enum Command {
     },
     /// `nonstop promote`, to its source or its target (`promote.rs`).
     Promote(Box<promote::PromoteCommand>),
+    /// `nonstop env create|destroy` (`environments.rs`).
+    Env(environments::EnvRequest),
 }
 
 impl Command {
@@ -228,6 +237,7 @@ impl Command {
             Command::Up { spec, .. } | Command::Deploy { spec, .. } => Some(&spec.app),
             Command::Secrets { app, .. } | Command::Config { app, .. } => app.as_ref(),
             Command::Promote(p) => p.brings_app(),
+            Command::Env(request) => request.brings_app(),
             _ => None,
         }
     }
@@ -303,6 +313,10 @@ pub(crate) enum Internal {
     Hashed {
         result: Result<String, BuildError>,
     },
+    /// The base services answered (`base.rs`).
+    Base(Box<base::BaseAnswer>),
+    /// A step of `env destroy` ended (`environments.rs`).
+    Env(environments::EnvEvent),
 }
 
 /// The commands, each answered by the addressed environment's controller.
@@ -674,6 +688,12 @@ pub struct Controller<D, T, I, L> {
     pub(crate) controls: nonstop_store::Controls,
     /// The decrypted secrets its processes get (`secrets.rs`).
     pub(crate) secrets: secrets::SecretsState,
+    /// The servers of `[base]`, and a command held while they make the
+    /// environment's database (`base.rs`).
+    pub(crate) base: Arc<dyn base::BaseServices>,
+    pub(crate) pending_base: Option<base::PendingBase>,
+    /// `env destroy` under way or done (`environments.rs`).
+    pub(crate) destroying: Option<environments::Destroying>,
 }
 
 const CHECK_HISTORY: usize = 5;
@@ -742,6 +762,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             live_tasks: BTreeMap::new(),
             controls: nonstop_store::Controls::default(),
             secrets: secrets::SecretsState::new(config.secrets.clone()),
+            base: config.base.clone(),
+            pending_base: None,
+            destroying: None,
         };
         let join = tokio::spawn(controller.run(rx, events_rx, health, shutdown));
         (tx, join)
@@ -996,7 +1019,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             Command::Secrets { request, .. } => self.on_secrets(request),
             Command::Config { request, .. } => self.on_config(*request),
             Command::Promote(command) => self.on_promote(*command),
+            Command::Env(request) => self.on_env(request),
             Command::Up { spec, workdir, base_env, progress, reply } => {
+                // The environment's database first, if `[base]` asks for one.
+                let waiting = base::Waiting::Up { spec, workdir, base_env, progress, reply };
+                let Some(base::Waiting::Up { spec, workdir, base_env, progress, reply }) = self.hold_for_base(waiting)
+                else {
+                    return;
+                };
                 let same_app = self.app.as_ref().is_some_and(|rt| rt.record.app == spec.app);
                 if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Up).filter(|_| same_app) {
                     let _ = reply.send(Err(err));
@@ -1091,6 +1121,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     }
 
     pub(crate) fn busy(&self) -> Option<EngineError> {
+        if let Some(e) = self.destroy_busy().or_else(|| self.base_busy()) {
+            return Some(e);
+        }
         if let Some(p) = &self.pending_deploy {
             return Some(EngineError::Busy {
                 operation: format!("deploy by {}", p.request.who),
@@ -1345,6 +1378,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 self.deploy_on_canary_window(deployment, step, old, new)
             }
             Internal::Hashed { result } => self.deploy_on_hashed(result),
+            Internal::Base(answer) => self.on_base_answer(*answer),
+            Internal::Env(event) => self.on_env_event(event),
             Internal::TasksDone { deployment, post, result } => self.deploy_on_tasks(deployment, post, result),
             Internal::TaskStarted { task, handle } => self.on_task_started(task, handle),
             Internal::TaskEnded { task, result } => self.on_task_ended(task, result),

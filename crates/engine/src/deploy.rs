@@ -152,6 +152,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let _ = reply.send(Err(e));
             return;
         }
+        // The environment's database first, if `[base]` asks for one.
+        let waiting = super::base::Waiting::Deploy { request, progress, reply };
+        let Some(super::base::Waiting::Deploy { request, progress, reply }) = self.hold_for_base(waiting) else {
+            return;
+        };
         let _ = progress.send(Progress::note(format!("reading {}", request.source.display())));
         let (builder, tx, dir) = (self.builder.clone(), self.events_tx.clone(), request.source.clone());
         self.tasks.spawn(async move {
@@ -742,6 +747,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             None => who.to_string(),
         };
         let why = format!("cancelled by {by}");
+        if let Some(report) = self.cancel_pending_base(&why) {
+            return Ok(report);
+        }
         if let Some(p) = self.pending_deploy.take() {
             let _ = p.reply.send(Err(EngineError::DeployFailed { release: "the new release".into(), reason: why }));
             return Ok(OpReport {

@@ -226,6 +226,14 @@ impl EngineHandle {
         self.dispatcher.map().keys().cloned().collect()
     }
 
+    /// Forget the controller of `scope` (destroyed, or never created): it
+    /// ends with its inbox, and requests to `scope` find nothing.
+    pub(crate) fn forget(&self, scope: &AppEnv) {
+        if self.dispatcher.map().remove(scope).is_some() {
+            tracing::debug!("controller for {scope} forgotten");
+        }
+    }
+
     /// The environment requests go to.
     pub fn environment(&self) -> &EnvironmentId {
         &self.env

@@ -68,6 +68,16 @@ pub enum EngineError {
     Secrets { reason: String },
     #[error("secret {name} is not set for {app} in {env} ({}); nothing changed", if known.is_empty() { "it has no secrets".to_string() } else { format!("its secrets: {}", known.join(", ")) })]
     UnknownSecret { name: String, app: String, env: String, known: Vec<String> },
+    /// The base services (`[base]`) refused or failed: `reason` says why
+    /// and what changed.
+    #[error("{reason}")]
+    Base { reason: String, bad_input: bool },
+    #[error("app `{app}` already has environment `{env}`{detail}; choose another name, or change it with `nonstop -e {env} deploy` (`nonstop env destroy {env}` removes it)")]
+    EnvironmentExists { app: String, env: String, detail: String },
+    #[error("environment `{env}` of `{app}` is protected (`protected = true` in [environments.{env}] of nonstop.toml): `env destroy` refuses it, and nothing was changed; take `protected = true` out and deploy it first if it really is to go")]
+    Protected { app: String, env: String },
+    #[error("--drop-database needs the environment's database named again: type `{database}` (you typed `{typed}`); nothing was changed (without --drop-database, env destroy keeps the database)")]
+    DropNotConfirmed { database: String, typed: String },
     #[error("state store: {0}")]
     Store(String),
     #[error("the daemon is shutting down")]
@@ -123,6 +133,9 @@ impl EngineError {
             | EngineError::UnknownRelease { .. }
             | EngineError::AmbiguousApp { .. }
             | EngineError::UnknownSecret { .. }
+            | EngineError::Protected { .. }
+            | EngineError::DropNotConfirmed { .. }
+            | EngineError::Base { bad_input: true, .. }
             | EngineError::UnknownEnvironment { .. } => 2,
             EngineError::OtherApp { .. }
             | EngineError::Busy { .. }
@@ -130,6 +143,7 @@ impl EngineError {
             | EngineError::NotUp
             | EngineError::HostConflict { .. }
             | EngineError::Stopped { .. }
+            | EngineError::EnvironmentExists { .. }
             | EngineError::NotCancellable { .. } => 3,
             _ => 1,
         }

@@ -96,6 +96,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             self.feed(Event::Gate { verdict: GateVerdict::Error { detail: "the spec has no [database]".into() } });
             return;
         };
+        // The environment's own database (base services) is stored without
+        // its role's password: the gate connects with it.
+        let database = gate_secrets.complete_database(database);
         let (gate, tx, cancel) = (self.schema_gate.clone(), self.events_tx.clone(), run.cancel.clone());
         let future = match run.machine.shape.kind {
             DeploymentKind::Rollback { .. } => {

@@ -38,8 +38,9 @@
 //! secret was ever written (a store with secrets never gets a new key by
 //! accident: a missing key is an error that names the fix).
 
+use super::base::{is_base_secret, BaseSecrets, BASE_DATABASE_SECRET};
 use super::*;
-use nonstop_core::database::DatabaseSpec;
+use nonstop_core::database::{DatabaseSpec, DatabaseUrl};
 use nonstop_secrets::{
     CryptoError, KeyCheck, KeyError, KeySource, Redactor, SecretAddress, SecretName, SecretValue, SecretsKey, KEY_ENV,
 };
@@ -125,18 +126,54 @@ fn crypto_error(e: &CryptoError) -> EngineError {
 pub(crate) struct Loaded {
     /// By name.
     values: Vec<(String, SecretValue)>,
+    /// Every version, the base services' secrets included.
     versions: BTreeMap<String, u64>,
-    /// Hides these values and those of the snapshot before.
+    /// The base services' own (`base.rs`): not variables of their own.
+    base: BaseSecrets,
+    /// Hides these values (and the base services') and those of the
+    /// snapshot before.
     redactor: Arc<Redactor>,
 }
 
 impl Loaded {
     fn new(values: Vec<(String, SecretValue, u64)>, before: Option<&Loaded>) -> Self {
         let versions = values.iter().map(|(n, _, v)| (n.clone(), *v)).collect();
+        let (internal, values): (Vec<_>, Vec<_>) = values.into_iter().partition(|(n, _, _)| is_base_secret(n));
+        let mut base = BaseSecrets::default();
+        for (name, value, _) in internal {
+            match name.as_str() {
+                BASE_DATABASE_SECRET => match DatabaseUrl::parse(value.expose()) {
+                    Ok(url) => base.database_url = Some(url),
+                    Err(e) => tracing::error!("the stored URL of the environment's database cannot be read: {e}"),
+                },
+                _ => base.redis_url = Some(value),
+            }
+        }
         let values: Vec<(String, SecretValue)> = values.into_iter().map(|(n, v, _)| (n, v)).collect();
+        let hidden = base.redacted();
         let older = before.into_iter().flat_map(|b| b.values.iter());
-        let redactor = Arc::new(Redactor::new(values.iter().chain(older).map(|(n, v)| (n.as_str(), v))));
-        Self { values, versions, redactor }
+        let older_base = before.map(|b| b.base.redacted()).unwrap_or_default();
+        let redactor = Arc::new(Redactor::new(
+            values.iter().chain(hidden.iter()).chain(older).chain(older_base.iter()).map(|(n, v)| (n.as_str(), v)),
+        ));
+        Self { values, versions, base, redactor }
+    }
+
+    /// The environment's database URL with its role's password, if base
+    /// services made one.
+    pub(crate) fn base_database_url(&self) -> Option<&DatabaseUrl> {
+        self.base.database_url.as_ref()
+    }
+
+    /// The environment's `REDIS_URL`, if base services gave it one.
+    pub(crate) fn base_redis_url(&self) -> Option<&SecretValue> {
+        self.base.redis_url.as_ref()
+    }
+
+    /// `database` with the role's password when it is the environment's
+    /// own (see `base.rs`).
+    pub(crate) fn complete_database(&self, database: DatabaseSpec) -> DatabaseSpec {
+        self.base.complete(database)
     }
 }
 
@@ -246,7 +283,9 @@ pub(crate) fn with_secrets(
     map.into_iter().collect()
 }
 
-/// [`with_secrets`] on a map.
+/// [`with_secrets`] on a map. The base services' variables (`base.rs`)
+/// come last: the environment's own database (with its role's password)
+/// and `REDIS_URL` win over a secret.
 pub(crate) fn add_secrets(vars: &mut BTreeMap<String, String>, loaded: &Loaded, database: Option<&DatabaseSpec>) {
     for (name, value) in &loaded.values {
         if database.is_some_and(|db| db.env.contains_key(name)) {
@@ -254,6 +293,7 @@ pub(crate) fn add_secrets(vars: &mut BTreeMap<String, String>, loaded: &Loaded, 
         }
         vars.insert(name.clone(), value.expose().to_string());
     }
+    loaded.base.add_to(vars, database);
 }
 
 /// The last log lines of an instance, redacted, for errors and events.
@@ -299,30 +339,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     fn set_secret(&mut self, name: &SecretName, value: &SecretValue, who: &str) -> Result<SecretReport, EngineError> {
         let (app, env) = (self.scope.app.clone(), self.env.clone());
-        let now = self.clock.wall();
-        // A store that has secrets already has their key check: then the
-        // key must be that one, never a new one (a lost key file would
-        // otherwise be replaced, and the secrets written before lost).
-        let key = match self.store.secrets_key_check()? {
-            Some(_) => self.secrets.config.load()?,
-            None => self.secrets.config.load_or_create()?,
-        };
-        let new_check = key.key_check().map_err(|e| crypto_error(&e))?;
-        let stored = self.store.put_secrets_key_check_if_absent(new_check.as_bytes(), now)?;
-        let checked = key.verify(&KeyCheck::from_bytes(stored)).map_err(|e| crypto_error(&e))?;
-        let version = self.store.next_secret_version(&app, &env, name.as_str())?;
-        let at = SecretAddress { app: &app, environment: &env, name: name.as_str(), version };
-        let sealed = checked.seal(&at, value).map_err(|e| crypto_error(&e))?;
-        self.store.put_secret(&NewSecretVersion {
-            app: &app,
-            environment: &env,
-            name: name.as_str(),
-            version,
-            nonce: &sealed.nonce,
-            ciphertext: &sealed.ciphertext,
-            created_by: who,
-            created_at: now,
-        })?;
+        let (version, key) = self.seal_and_put(name.as_str(), value, who)?;
         let (key_where, key_created) = match key.source() {
             KeySource::Env => (KEY_ENV.to_string(), false),
             KeySource::File(p) => (p.display().to_string(), false),
@@ -349,6 +366,61 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         })
     }
 
+    /// The key to seal a new secret with, its check stored: a store that
+    /// has secrets already has their key check, and then the key must be
+    /// that one, never a new one (a lost key file would otherwise be
+    /// replaced, and the secrets written before lost).
+    fn writing_key(&self) -> Result<SecretsKey, EngineError> {
+        let key = match self.store.secrets_key_check()? {
+            Some(_) => self.secrets.config.load()?,
+            None => self.secrets.config.load_or_create()?,
+        };
+        let new_check = key.key_check().map_err(|e| crypto_error(&e))?;
+        let stored = self.store.put_secrets_key_check_if_absent(new_check.as_bytes(), self.clock.wall())?;
+        key.verify(&KeyCheck::from_bytes(stored)).map_err(|e| crypto_error(&e))?;
+        Ok(key)
+    }
+
+    /// Checks that a secret can be sealed now (the key can be had, and is
+    /// the one the stored secrets were sealed with), before something is
+    /// made whose secret must be kept (base services).
+    pub(crate) fn secrets_key_for_writing(&self) -> Result<(), EngineError> {
+        self.writing_key().map(drop)
+    }
+
+    /// Seal `value` as the next version of `name` of this environment and
+    /// store it; the version and the key used.
+    fn seal_and_put(&mut self, name: &str, value: &SecretValue, who: &str) -> Result<(u64, SecretsKey), EngineError> {
+        let (app, env) = (self.scope.app.clone(), self.env.clone());
+        let key = self.writing_key()?;
+        let check = self.store.secrets_key_check()?.ok_or(nonstop_store::StoreError::SecretsKeyCheckMissing)?;
+        let checked = key.verify(&KeyCheck::from_bytes(check)).map_err(|e| crypto_error(&e))?;
+        let version = self.store.next_secret_version(&app, &env, name)?;
+        let at = SecretAddress { app: &app, environment: &env, name, version };
+        let sealed = checked.seal(&at, value).map_err(|e| crypto_error(&e))?;
+        self.store.put_secret(&NewSecretVersion {
+            app: &app,
+            environment: &env,
+            name,
+            version,
+            nonce: &sealed.nonce,
+            ciphertext: &sealed.ciphertext,
+            created_by: who,
+            created_at: self.clock.wall(),
+        })?;
+        Ok((version, key))
+    }
+
+    /// Keep a secret of the base services (`base.rs`): the environment's
+    /// database URL with its role's password, its `REDIS_URL`.
+    pub(crate) fn put_base_secret(&mut self, name: &str, value: &SecretValue, who: &str) -> Result<(), EngineError> {
+        let (version, _) = self.seal_and_put(name, value, who)?;
+        let app = self.scope.app.clone();
+        let what = if name == BASE_DATABASE_SECRET { "the database's role password" } else { "REDIS_URL" };
+        self.event(&app, "secrets", None, &format!("base services: {what} sealed (version {version}) for {who}"));
+        Ok(())
+    }
+
     /// How `name` meets the running spec's plain variables.
     fn shadow_notes(&self, name: &SecretName) -> Vec<String> {
         let Some(rt) = self.app.as_ref().filter(|rt| rt.record.app == self.scope.app) else { return Vec::new() };
@@ -370,7 +442,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     fn unset_secret(&mut self, name: &SecretName, who: &str) -> Result<SecretReport, EngineError> {
         let (app, env) = (self.scope.app.clone(), self.env.clone());
         let Some(version) = self.store.unset_secret(&app, &env, name.as_str(), who, self.clock.wall())? else {
-            let known = self.store.list_secrets(&app, &env)?.into_iter().map(|s| s.name).collect();
+            let known = self
+                .store
+                .list_secrets(&app, &env)?
+                .into_iter()
+                .map(|s| s.name)
+                .filter(|n| !is_base_secret(n))
+                .collect();
             return Err(EngineError::UnknownSecret {
                 name: name.to_string(),
                 app: app.to_string(),
@@ -403,6 +481,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             .store
             .list_secrets(app, env)?
             .into_iter()
+            .filter(|s| !is_base_secret(&s.name))
             .map(|s| SecretInfo {
                 name: s.name,
                 version: s.version,

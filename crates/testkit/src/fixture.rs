@@ -21,6 +21,7 @@ pub struct Fixture {
     pub logs: Arc<FakeLogs>,
     pub builder: Arc<FakeBuilder>,
     pub schema_gate: Arc<crate::FakeSchemaGate>,
+    pub base: Arc<crate::FakeBaseServices>,
     pub store: Arc<Store>,
     pub clock: Arc<TokioClock>,
     /// The app directory `up` passes (exists, so preflight passes).
@@ -52,6 +53,7 @@ impl Fixture {
             logs: Arc::new(FakeLogs::new()),
             builder: Arc::new(FakeBuilder::new()),
             schema_gate: Arc::new(crate::FakeSchemaGate::default()),
+            base: Arc::new(crate::FakeBaseServices::default()),
             store: Arc::new(store),
             clock: Arc::new(TokioClock::new()),
             workdir: std::env::temp_dir(),
@@ -77,6 +79,7 @@ impl Fixture {
             logs: Arc::new(FakeLogs::new()),
             builder: self.builder.clone(),
             schema_gate: self.schema_gate.clone(),
+            base: self.base.clone(),
             store,
             clock: self.clock.clone(),
             workdir: self.workdir.clone(),
@@ -93,6 +96,7 @@ impl Fixture {
                 builder: self.builder.clone(),
                 schema_gate: self.schema_gate.clone(),
                 secrets: self.secrets.clone(),
+                base: self.base.clone(),
                 ..EngineConfig::new(EnvironmentId::default_env(), self.clock.clone())
             },
             self.driver.clone(),
@@ -148,6 +152,41 @@ impl RunningEngine {
             let (tx, _rx) = mpsc::unbounded_channel();
             handle.deploy(spec, workdir, base_env, None, "test".into(), tx).await
         })
+    }
+
+    /// `env create ENV [--from FROM]` of `spec` (resolved for ENV), and
+    /// the progress it reported.
+    pub async fn create_env(
+        &self,
+        env: &str,
+        spec: AppSpec,
+        from: Option<&str>,
+    ) -> (Result<OpReport, EngineError>, Vec<Progress>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = self.env(Some(spec.app.as_str()), env);
+        let request = nonstop_engine::CreateEnvironment {
+            spec,
+            source: self.workdir.clone(),
+            base_env: self.base_env.clone(),
+            who: "test".into(),
+            from: from.map(|f| EnvironmentId::new(f).unwrap_or_else(|e| panic!("{e}"))),
+        };
+        let r = handle.create_environment(request, tx).await;
+        (r, drain_progress(rx))
+    }
+
+    /// `env destroy ENV [--drop-database TYPED]` of app `app` (the admin
+    /// URL given with a drop: `postgres://admin@db.test/`).
+    pub async fn destroy_env(&self, app: &str, env: &str, drop: Option<&str>) -> Result<OpReport, EngineError> {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let drop = drop.map(|typed| nonstop_engine::DropDatabase {
+            typed: typed.to_string(),
+            admin: Some(
+                nonstop_core::database::DatabaseUrl::parse("postgres://admin@db.test:5432/postgres")
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ),
+        });
+        self.env(Some(app), env).destroy_environment("test".into(), drop, tx).await
     }
 
     pub async fn up(&self, spec: AppSpec) -> Result<OpReport, EngineError> {

@@ -8,6 +8,8 @@
 //!   how many backends were in rotation at the worst moment.
 //! - [`FakeIngress`], [`FakeLogs`]: the engine's two small ports.
 //! - [`FakeBuilder`]: releases "built" in no time, in the source directory.
+//! - [`FakeBaseServices`]: `[base]`'s servers in memory (databases by
+//!   name, Redis numbers, a server that does not answer on demand).
 //! - [`TokioClock`]: a [`Clock`](nonstop_core::Clock) on tokio's time, so a
 //!   test on paused time (`#[tokio::test(start_paused = true)]`) runs
 //!   minutes of timeouts and backoff in no real time.
@@ -19,6 +21,7 @@
 //! test can check the order of things across both (drained before stopped).
 #![forbid(unsafe_code)]
 
+mod base;
 mod builder;
 mod clock;
 mod driver;
@@ -29,6 +32,7 @@ mod ports;
 pub mod spec;
 mod traffic;
 
+pub use base::{FakeBaseServices, FAKE_DB_SERVER};
 pub use builder::FakeBuilder;
 pub use clock::TokioClock;
 pub use driver::{DriverCall, DriverSnapshot, FakeDriver, Lifetime, StopBehavior, TaskRun};

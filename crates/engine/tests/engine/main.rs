@@ -2,10 +2,12 @@
 //! paused tokio time: minutes of health timeouts and backoff run in no
 //! real time, and time-based assertions are exact.
 
+mod base_services;
 mod cancel;
 mod config;
 mod counts;
 mod deadlines;
+mod env_commands;
 mod environments;
 mod errors;
 mod gates;

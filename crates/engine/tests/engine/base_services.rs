@@ -1,0 +1,200 @@
+//! Base services on the fakes: each environment gets its own database, role
+//! and Redis database before its release tasks run; the role's password
+//! reaches processes, tasks and the gate only; a base that does not answer
+//! stops the deploy before anything changes.
+
+use super::*;
+use nonstop_core::database::DatabaseUrl;
+use nonstop_core::environment::{BaseSpec, RedisUrl};
+use nonstop_core::process::AppSpec;
+use nonstop_engine::{EngineError, EngineHandle, SecretsKeyConfig};
+use nonstop_testkit::spec::app;
+use nonstop_testkit::{settle, Fixture, RunningEngine};
+use std::path::Path;
+
+pub const ADMIN: &str = "postgres://admin:admin-pw-9f8e7d@db.test:5432/postgres";
+
+pub fn base(redis: bool) -> BaseSpec {
+    BaseSpec {
+        postgres: Some(DatabaseUrl::parse(ADMIN).unwrap()),
+        redis: redis.then(|| RedisUrl::parse("redis://cache.test:6379").unwrap()),
+    }
+}
+
+/// App `blog` in `env` (its own host), a web and a worker, with release
+/// tasks, `[base]`.
+pub fn spec(env: &str, version: &str) -> AppSpec {
+    let mut spec =
+        app("blog").web("web", 1).worker("worker", 1).env("V", version).release_tasks(&["migrate"], secs(60)).build();
+    spec.hosts = vec![format!("{env}.blog.localhost")];
+    spec.default_host = false;
+    spec.base = Some(base(true));
+    spec
+}
+
+pub fn fixture(home: &Path) -> Fixture {
+    let mut f = Fixture::new();
+    f.secrets = SecretsKeyConfig::new(home.to_path_buf(), None);
+    f
+}
+
+pub async fn deploy(e: &RunningEngine, env: &str, spec: AppSpec) -> Result<nonstop_engine::OpReport, EngineError> {
+    e.spawn_deploy_in(&e.env(Some("blog"), env), spec).await.unwrap()
+}
+
+/// The value of `var` in the newest start of `process` in `env`.
+pub fn var_of(f: &Fixture, env: &str, process: &str, var: &str) -> Option<String> {
+    let starts = f.driver.starts_of(&pn(process));
+    let last = starts.iter().rev().find(|l| l.environment.as_str() == env)?;
+    last.env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone())
+}
+
+fn handle(e: &RunningEngine, env: &str) -> EngineHandle {
+    e.env(Some("blog"), env)
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_environment_gets_its_own_database_role_and_redis_and_the_password_reaches_processes_only() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    let e = f.start();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let r = handle(&e, "staging")
+        .deploy(spec("staging", "1"), f.workdir.clone(), f.base_env.clone(), None, "ann".into(), tx)
+        .await;
+    r.unwrap();
+    let mut progress = Vec::new();
+    let mut rx = rx;
+    while let Ok(p) = rx.try_recv() {
+        progress.push(p.message);
+    }
+    assert!(progress.iter().any(|m| m.contains("database blog_staging (created)")), "{progress:#?}");
+
+    // Asked once, before the build: the admin's server, a new password,
+    // CREATEDB for the gate (the spec has release tasks).
+    let requests = f.base.requests();
+    assert_eq!(requests.len(), 1);
+    let pg = requests[0].postgres.as_ref().unwrap();
+    assert_eq!((pg.admin.expose(), pg.password.expose(), pg.create_db), (ADMIN, "generated-password-1", true));
+    assert_eq!(f.builder.builds().len(), 1);
+
+    let staging_url = "postgres://blog_staging:generated-password-1@db.test:5432/blog_staging";
+    assert_eq!(var_of(&f, "staging", "web", "DATABASE_URL").as_deref(), Some(staging_url));
+    assert_eq!(var_of(&f, "staging", "worker", "DATABASE_URL").as_deref(), Some(staging_url));
+    assert_eq!(var_of(&f, "staging", "web", "REDIS_URL").as_deref(), Some("redis://cache.test:6379/1"));
+    assert_eq!(var_of(&f, "staging", "web", "REDIS_KEY_PREFIX").as_deref(), Some("blog:staging:"));
+    let task = f.driver.task_spec("release-1-1").expect("the release task ran");
+    assert!(task.env.contains(&("DATABASE_URL".to_string(), staging_url.to_string())), "{:?}", task.env);
+
+    // A second environment: its own database, role, password and number.
+    deploy(&e, "production", spec("production", "1")).await.unwrap();
+    assert_eq!(
+        var_of(&f, "production", "web", "DATABASE_URL").as_deref(),
+        Some("postgres://blog_production:generated-password-2@db.test:5432/blog_production")
+    );
+    assert_eq!(var_of(&f, "production", "web", "REDIS_URL").as_deref(), Some("redis://cache.test:6379/2"));
+    assert_eq!(f.base.databases().len(), 2);
+
+    // The stored spec has the URL without the password, and no [base];
+    // nothing the engine reports shows a password.
+    let records = f.store.apps().unwrap();
+    for rec in &records {
+        let db = rec.spec.database.as_ref().expect("the environment's database is the spec's");
+        assert_eq!(db.url.password(), None, "{}", db.url);
+        assert!(rec.spec.base.is_none());
+        let text = serde_json::to_string(&rec.spec).unwrap();
+        assert!(!text.contains("generated-password") && !text.contains("admin-pw"), "{text}");
+    }
+    let reports = [
+        serde_json::to_string(&handle(&e, "staging").status().await.unwrap()).unwrap(),
+        serde_json::to_string(&handle(&e, "staging").events(1000).await.unwrap()).unwrap(),
+        serde_json::to_string(&handle(&e, "staging").history(10).await.unwrap()).unwrap(),
+        serde_json::to_string(&handle(&e, "staging").secrets().await.unwrap()).unwrap(),
+        serde_json::to_string(&progress).unwrap(),
+    ];
+    for text in reports {
+        assert!(!text.contains("generated-password") && !text.contains("admin-pw"), "{text}");
+        assert!(!text.contains("NONSTOP_BASE"), "base secrets are not listed: {text}");
+    }
+
+    // The next deploy keeps the password (generated once) and gates the
+    // migration with it.
+    f.builder.set_hash("source-2");
+    deploy(&e, "staging", spec("staging", "2")).await.unwrap();
+    let requests = f.base.requests();
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[2].postgres.as_ref().unwrap().password.expose(), "generated-password-1");
+    assert_eq!(requests[2].redis.as_ref().unwrap().assigned, Some(1), "the Redis number is kept");
+    let checks = f.schema_gate.checks();
+    assert_eq!(checks.len(), 1, "the migration gate ran on the environment's database");
+    assert_eq!(checks[0].database.url.expose(), staging_url);
+    assert_eq!(var_of(&f, "staging", "web", "V").as_deref(), Some("2"));
+    assert_eq!(var_of(&f, "staging", "web", "DATABASE_URL").as_deref(), Some(staging_url));
+    e.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_base_that_does_not_answer_stops_the_deploy_before_anything_changes() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    let e = f.start();
+    f.base.set_unreachable(true);
+    let err = deploy(&e, "staging", spec("staging", "1")).await.unwrap_err();
+    assert!(matches!(err, EngineError::Base { bad_input: true, .. }), "{err:?}");
+    assert_eq!(err.exit_code(), 2);
+    let text = err.to_string();
+    assert!(text.contains("cannot reach the PostgreSQL server") && text.contains("before anything"), "{text}");
+    assert!(f.builder.builds().is_empty(), "nothing was built");
+    assert!(f.driver.starts().is_empty() && f.driver.task_starts().is_empty(), "nothing started");
+    assert!(f.store.apps().unwrap().is_empty() && f.store.releases(&"blog".parse().unwrap()).unwrap().is_empty());
+    assert!(f.ingress.listens().is_empty(), "the proxy was not touched");
+
+    // A running environment keeps running as it was.
+    f.base.set_unreachable(false);
+    deploy(&e, "staging", spec("staging", "1")).await.unwrap();
+    let before = f.driver.alive();
+    f.base.set_unreachable(true);
+    f.builder.set_hash("source-2");
+    let err = deploy(&e, "staging", spec("staging", "2")).await.unwrap_err();
+    assert!(matches!(err, EngineError::Base { .. }), "{err:?}");
+    settle().await;
+    assert_eq!(f.driver.alive(), before, "no instance changed");
+    assert_eq!(f.builder.builds().len(), 1, "nothing was built");
+    assert_eq!(handle(&e, "staging").status().await.unwrap().release, 1);
+    e.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_explicit_database_is_used_as_it_is_and_up_provisions_too() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    let e = f.start();
+    // [database] of its own: no database is made, Redis still is.
+    let mut own = spec("staging", "1");
+    own.database = app("blog").database("postgres://blog@elsewhere.test/blog").build().database;
+    deploy(&e, "staging", own).await.unwrap();
+    let requests = f.base.requests();
+    assert!(requests[0].postgres.is_none() && requests[0].redis.is_some(), "{requests:?}");
+    assert_eq!(var_of(&f, "staging", "web", "DATABASE_URL").as_deref(), Some("postgres://blog@elsewhere.test/blog"));
+
+    // `up` of a spec with [base] gets its database too.
+    let mut up = spec("review", "1");
+    up.base = Some(base(false));
+    e.up_in(&handle(&e, "review"), up).await.unwrap();
+    assert_eq!(
+        var_of(&f, "review", "worker", "DATABASE_URL").as_deref(),
+        Some("postgres://blog_review:generated-password-1@db.test:5432/blog_review")
+    );
+    assert_eq!(var_of(&f, "review", "worker", "REDIS_URL"), None, "no [base] redis: no REDIS_URL");
+    e.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_secrets_key_nothing_is_made() {
+    let f = Fixture::new(); // no key configured
+    let e = f.start();
+    let err = deploy(&e, "staging", spec("staging", "1")).await.unwrap_err();
+    assert!(matches!(err, EngineError::Secrets { .. }), "{err:?}");
+    assert!(f.base.requests().is_empty(), "no server was asked to make anything");
+    e.shutdown().await;
+}
