@@ -103,6 +103,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/releases", get(releases))
         .route("/v1/history", get(history))
         .route("/v1/environments", get(environments))
+        .route("/v1/environments/create", post(env_create))
+        .route("/v1/environments/destroy", post(env_destroy))
         // A page of up to 1 MiB, JSON-escaped.
         .route("/v1/maintenance", post(maintenance).layer(axum::extract::DefaultBodyLimit::max(8 << 20)))
         .route("/v1/secrets", get(secrets_list))
@@ -500,6 +502,45 @@ async fn history(Scoped(engine): Scoped, Query(q): Query<HistoryQuery>) -> Respo
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
     }
+}
+
+/// `nonstop env create`: the environment the query names, deployed new.
+async fn env_create(
+    Scoped(engine): Scoped,
+    body: Result<Json<EnvCreateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid env create request: {e}")),
+    };
+    let from = match req.from.map(|f| nonstop_core::environment::environment_name(&f)).transpose() {
+        Ok(f) => f,
+        Err(e) => return bad_request(format!("{e} (given as --from)")),
+    };
+    op_stream(move |p| async move {
+        let request = nonstop_engine::CreateEnvironment {
+            spec: req.spec,
+            source: req.source,
+            base_env: req.base_env,
+            who: req.who,
+            from,
+        };
+        engine.create_environment(request, p).await
+    })
+}
+
+/// `nonstop env destroy`: the environment the query names, stopped and
+/// forgotten.
+async fn env_destroy(
+    Scoped(engine): Scoped,
+    body: Result<Json<EnvDestroyRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid env destroy request: {e}")),
+    };
+    let drop = req.drop_database.map(|typed| nonstop_engine::DropDatabase { typed, admin: req.base_postgres });
+    op_stream(move |p| async move { engine.destroy_environment(req.who, drop, p).await })
 }
 
 /// Every app and environment the daemon knows, each with its state (from

@@ -227,6 +227,39 @@ pub struct HistoryQuery {
     pub limit: Option<usize>,
 }
 
+/// `POST /v1/environments/create`: `nonstop env create` of the app and
+/// environment the query names. Answered as an operation (progress lines,
+/// then the result once the environment serves).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnvCreateRequest {
+    /// The spec resolved for the new environment (its `[base]` included).
+    pub spec: AppSpec,
+    /// The app directory (built unless `from` is given).
+    pub source: PathBuf,
+    pub base_env: BTreeMap<String, String>,
+    /// `user@host`, recorded in the history.
+    pub who: String,
+    /// Start with the release this environment runs (and, with `[base]
+    /// postgres`, a copy of its database).
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// `POST /v1/environments/destroy`: `nonstop env destroy` of the app and
+/// environment the query names. Answered as an operation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnvDestroyRequest {
+    /// `user@host`, recorded in the events.
+    pub who: String,
+    /// `--drop-database`: the environment's database named again.
+    #[serde(default)]
+    pub drop_database: Option<String>,
+    /// `[base] postgres` of the spec (to drop the database on); it may
+    /// hold the administrator's password (printed redacted).
+    #[serde(default)]
+    pub base_postgres: Option<nonstop_core::database::DatabaseUrl>,
+}
+
 /// One environment of one app under the daemon, for `nonstop env list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnvironmentInfo {

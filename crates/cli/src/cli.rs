@@ -342,7 +342,7 @@ Exit code 0 only when the release is live in the target.")]
     },
     /// Environments: each app and environment this daemon runs.
     #[command(
-        after_help = "Examples:\n  nonstop env list\n  nonstop -e staging status\n  NONSTOP_ENV=staging nonstop deploy"
+        after_help = "Examples:\n  nonstop env list\n  nonstop env create review --from staging\n  nonstop env destroy review\n  nonstop -e staging status\n  NONSTOP_ENV=staging nonstop deploy"
     )]
     Env {
         #[command(subcommand)]
@@ -498,6 +498,54 @@ pub enum EnvCommand {
     /// Each app and environment with its release, instances and URLs.
     List {
         /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create an environment in one command and wait until it serves.
+    ///
+    /// Deploys this directory's nonstop.toml resolved for NAME (an
+    /// environment the file does not name gets the file's spec and the host
+    /// NAME.APP.localhost); with --from ENV, the release ENV runs instead,
+    /// not built again, with NAME's config. With [base] postgres, NAME first
+    /// gets a database and role of its own (APP_NAME), a copy of ENV's with
+    /// --from; with [base] redis, a Redis database of its own. Refused if
+    /// NAME exists (even down).
+    #[command(
+        after_help = "Examples:\n  nonstop env create pr-42\n  nonstop env create review --from staging\n  nonstop env create qa -f deploy/nonstop.toml --json"
+    )]
+    Create {
+        /// The new environment: 1 to 32 lowercase letters, digits and '-',
+        /// starting with a letter.
+        name: String,
+        /// Start with the release this environment runs (and a copy of its
+        /// database, with [base] postgres).
+        #[arg(long, value_name = "ENV")]
+        from: Option<String>,
+        /// The spec file (its directory is what gets deployed).
+        #[arg(long, short = 'f', default_value = "nonstop.toml")]
+        file: PathBuf,
+        /// Print progress events and the result as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop an environment and forget it: every instance stopped, its
+    /// routes and hosts released. Its history, releases and secrets stay,
+    /// and its database too unless --drop-database names it again.
+    /// A `protected = true` environment is refused.
+    #[command(
+        after_help = "Examples:\n  nonstop env destroy pr-42\n  nonstop env destroy pr-42 --drop-database hello_pr_42__3f9a1c0b2e"
+    )]
+    Destroy {
+        /// The environment to destroy.
+        name: String,
+        /// Drop its database and role too (on the [base] postgres server):
+        /// type the database's name, as `env create` and `status` show it.
+        #[arg(long, value_name = "DATABASE")]
+        drop_database: Option<String>,
+        /// The spec file ([base] and `protected` are read from it).
+        #[arg(long, short = 'f', default_value = "nonstop.toml")]
+        file: PathBuf,
+        /// Print progress events and the result as JSON lines.
         #[arg(long)]
         json: bool,
     },

@@ -116,7 +116,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Start { json } => crate::maintenance::start(&home, json).await,
         Command::Cancel { reason, json } => cancel(&home, reason, json).await,
         Command::Releases { json } => releases(&home, json).await,
-        Command::Env { command: crate::cli::EnvCommand::List { json } } => env_list(&home, json).await,
+        Command::Env { command } => crate::env::env(&home, command).await,
         Command::Upgrade { json } => upgrade(&home, json).await,
         Command::Doctor { repair, json } => crate::recovery::doctor(&home, repair, json).await,
         Command::Completions { shell } => {
@@ -441,7 +441,7 @@ async fn up(home: &Home, file: &Path, json: bool) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-async fn env_list(home: &Home, json: bool) -> anyhow::Result<i32> {
+pub(crate) async fn env_list(home: &Home, json: bool) -> anyhow::Result<i32> {
     let envs: Vec<nonstop_api::wire::EnvironmentInfo> = client(home).get("/v1/environments").await?;
     if json {
         outln!("{}", serde_json::to_string(&envs)?);

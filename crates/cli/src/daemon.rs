@@ -430,6 +430,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         // started with (the shell or service that started it), else the
         // file; it is never kept.
         secrets: nonstop_engine::SecretsKeyConfig::new(home.dir.clone(), std::env::var(nonstop_secrets::KEY_ENV).ok()),
+        base: Arc::new(crate::base_services::PgBaseServices),
     };
     let (engine, engine_task) = match layer {
         Layer::Local(proxy, ingress) => Engine::spawn(

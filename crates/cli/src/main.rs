@@ -1,10 +1,12 @@
 //! `nonstop`: the command line and the daemon, in one binary.
 #![forbid(unsafe_code)]
 
+mod base_services;
 mod cli;
 mod commands;
 mod config;
 mod daemon;
+mod env;
 mod home;
 mod keeper;
 mod limits;
