@@ -85,7 +85,10 @@ impl BaseServices for PgBaseServices {
                                 // Leave nothing of a copy that failed.
                                 if made.created_database && made.created_role {
                                     if let Err(undo) = drop_postgres(&p.admin, &app, &env).await {
-                                        tracing::warn!("base: could not drop {} after a failed copy: {undo}", made.database);
+                                        tracing::warn!(
+                                            "base: could not drop {} after a failed copy: {undo}",
+                                            made.database
+                                        );
                                     }
                                 }
                                 return Err(pg(e));

@@ -183,10 +183,8 @@ async fn destroy(
     if let Some(typed) = &drop_database {
         let Some(set) = &set else {
             return Ok(refuse(
-                &format!(
-                    "--drop-database needs the app's nonstop.toml (its [base] postgres is the server to drop the \
-                     database on); run the command in the app's directory or give -f FILE; nothing was changed"
-                ),
+                "--drop-database needs the app's nonstop.toml (its [base] postgres is the server to drop the \
+                 database on); run the command in the app's directory or give -f FILE; nothing was changed",
                 json,
             ));
         };

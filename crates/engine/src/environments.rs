@@ -163,13 +163,23 @@ impl EngineHandle {
         let request = Box::new(DeployRequest { spec, source, base_env, message, who, options });
         let result = target.ask(|reply| Command::Env(EnvRequest::Create { request, from, progress, reply })).await;
         if result.is_err() {
-            // A create that failed leaves nothing behind.
-            let exists = target.ask(|reply| Command::Env(EnvRequest::Exists { reply })).await;
-            if matches!(exists, Ok(false)) {
-                target.forget(&AppEnv::new(app, env));
-            }
+            target.forget_if_nothing(&app).await;
         }
         result
+    }
+
+    /// After a command that could have created the environment failed:
+    /// if it left nothing (no record, nothing under way: a first deploy
+    /// refused, or failed before it went live), the dispatcher forgets its
+    /// controller, so that `env list` does not show an environment that
+    /// never was.
+    pub(crate) async fn forget_if_nothing(&self, app: &AppName) {
+        let env = self.environment().clone();
+        let handle = self.scoped(Some(app.clone()), Some(env.clone()));
+        let exists = handle.ask(|reply| Command::Env(EnvRequest::Exists { reply })).await;
+        if matches!(exists, Ok(false)) {
+            handle.forget(&AppEnv::new(app.clone(), env));
+        }
     }
 
     /// `nonstop env destroy`: stop the environment this handle addresses,
@@ -206,13 +216,15 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
     }
 
-    /// A record (even down), or an operation under way.
+    /// A record (even down), or an operation under way, or a task (of an
+    /// earlier daemon) it watches.
     fn environment_exists(&self) -> bool {
         self.app.is_some()
             || self.deployment.is_some()
             || self.pending_deploy.is_some()
             || self.pending_base.is_some()
             || self.op.is_some()
+            || !self.live_tasks.is_empty()
     }
 
     fn on_create(

@@ -148,6 +148,7 @@ async fn a_base_that_does_not_answer_stops_the_deploy_before_anything_changes() 
     assert!(f.driver.starts().is_empty() && f.driver.task_starts().is_empty(), "nothing started");
     assert!(f.store.apps().unwrap().is_empty() && f.store.releases(&"blog".parse().unwrap()).unwrap().is_empty());
     assert!(f.ingress.listens().is_empty(), "the proxy was not touched");
+    assert!(e.handle.environments().is_empty(), "no environment was left behind");
 
     // A running environment keeps running as it was.
     f.base.set_unreachable(false);
