@@ -373,3 +373,82 @@ async fn the_keyword_list_covers_the_servers() {
         assert!(nonstop_base::naming::KEYWORDS.contains(&word), "{word} is a keyword the names must avoid");
     }
 }
+
+#[tokio::test]
+async fn the_gates_right_to_create_databases_is_given_and_taken_back() {
+    let guard = Guard::new("bg", &["staging"]);
+    let (app, staging) = (&guard.app, guard.env(0));
+    let pw = generate_password().unwrap();
+    let rights = nonstop_base::RoleRights { create_db: true };
+    let s = nonstop_base::provision_postgres_with(&admin(), app, staging, &pw, rights).await.unwrap();
+    let attributes =
+        || psql(&format!("SELECT rolcreatedb, rolcreaterole, rolsuper FROM pg_roles WHERE rolname = '{}'", s.role));
+    assert_eq!(attributes(), "t|f|f");
+    provision_postgres(&admin(), app, staging, &pw).await.unwrap();
+    assert_eq!(attributes(), "f|f|f", "a provisioning without it takes it back");
+}
+
+#[tokio::test]
+async fn a_copy_holds_the_sources_data_owned_by_the_new_role_and_never_overwrites() {
+    let guard = Guard::new("bc", &["staging", "review", "nowhere"]);
+    let (app, staging, review, nowhere) = (&guard.app, guard.env(0), guard.env(1), guard.env(2));
+    let s = provision_postgres(&admin(), app, staging, &generate_password().unwrap()).await.unwrap();
+    let client = connect(&s.url).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL); INSERT INTO notes (body) VALUES ('kept'); \
+             CREATE VIEW bodies AS SELECT body FROM notes",
+        )
+        .await
+        .unwrap();
+
+    // Nothing to copy from an environment without a database.
+    let e = nonstop_base::check_copy(&admin(), app, nowhere, review).await.unwrap_err();
+    assert!(matches!(e, BaseError::NoSourceDatabase { .. }), "{e}");
+    assert!(e.is_bad_input() && e.to_string().contains("without --from"), "{e}");
+
+    nonstop_base::check_copy(&admin(), app, staging, review).await.unwrap();
+    let r = provision_postgres(&admin(), app, review, &generate_password().unwrap()).await.unwrap();
+    let copied = nonstop_base::copy_postgres(&admin(), app, staging, &r.url).await.unwrap();
+    assert_eq!(
+        (copied.from_database.as_str(), copied.to_database.as_str()),
+        (s.database.as_str(), r.database.as_str())
+    );
+    assert_eq!(copied.method.to_string(), "pg_dump | psql");
+
+    // The data, every object owned by the new role (which can change it),
+    // and the sequence goes on where the source's was.
+    let copy = connect(&r.url).await.unwrap();
+    let row = copy.query_one("SELECT body FROM bodies", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "kept");
+    for (kind, owner) in [
+        ("table", psql_in(&r.database, "SELECT tableowner FROM pg_tables WHERE tablename = 'notes'")),
+        ("view", psql_in(&r.database, "SELECT viewowner FROM pg_views WHERE viewname = 'bodies'")),
+    ] {
+        assert_eq!(owner, r.role, "the {kind}'s owner");
+    }
+    copy.batch_execute("ALTER TABLE notes ADD COLUMN title text; INSERT INTO notes (body) VALUES ('new')")
+        .await
+        .unwrap();
+    let ids: Vec<i32> =
+        copy.query("SELECT id FROM notes ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, [1, 2]);
+    // The source was only read.
+    assert_eq!(client.query_one("SELECT count(*) FROM notes", &[]).await.unwrap().get::<_, i64>(0), 1);
+
+    // A database that exists is never overwritten.
+    let e = nonstop_base::check_copy(&admin(), app, staging, review).await.unwrap_err();
+    assert!(matches!(e, BaseError::TargetExists { .. }), "{e}");
+    assert!(e.to_string().contains("nothing was changed"), "{e}");
+}
+
+/// `sql` through psql on database `db`.
+fn psql_in(db: &str, sql: &str) -> String {
+    let url = format!("postgres://postgres@127.0.0.1:5432/{db}");
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d", &url, "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "psql -c {sql:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
