@@ -279,4 +279,5 @@ fn an_unreachable_base_is_a_clear_error_and_nothing_starts() {
     let releases = std::fs::read_dir(app.home.path().join("releases")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(releases, 0, "nothing was built");
     assert!(!f.exists("database", &f.db("broken")));
+    assert!(!app.home.path().join("secrets.key").exists(), "no key was made for nothing");
 }

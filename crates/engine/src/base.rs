@@ -479,6 +479,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         self.refresh_secrets()
     }
 
+    /// The held command, for `status`.
+    pub(crate) fn base_summary(&self) -> Option<String> {
+        self.pending_base.as_ref().map(|p| format!("{} (making its base services)", p.waiting.who()))
+    }
+
     /// The held command's part of `busy`.
     pub(crate) fn base_busy(&self) -> Option<EngineError> {
         let p = self.pending_base.as_ref()?;

@@ -2469,6 +2469,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             operation: self
                 .deployment_summary()
                 .or_else(|| self.pending_deploy.as_ref().map(|_| "deploy (reading the app directory)".to_string()))
+                .or_else(|| self.base_summary())
                 .or_else(|| self.op.as_ref().map(|o| o.name.to_string())),
             processes,
             instances,

@@ -381,11 +381,20 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         Ok(key)
     }
 
-    /// Checks that a secret can be sealed now (the key can be had, and is
-    /// the one the stored secrets were sealed with), before something is
-    /// made whose secret must be kept (base services).
+    /// Checks, changing nothing, that a secret can be sealed (the key can
+    /// be had, and is the one the stored secrets were sealed with; with
+    /// none stored yet, there is a place for one), before something is made
+    /// whose secret must be kept (base services).
     pub(crate) fn secrets_key_for_writing(&self) -> Result<(), EngineError> {
-        self.writing_key().map(drop)
+        match self.store.secrets_key_check()? {
+            Some(check) => {
+                let key = self.secrets.config.load()?;
+                key.verify(&KeyCheck::from_bytes(check)).map_err(|e| crypto_error(&e))?;
+                Ok(())
+            }
+            None if self.secrets.config.env().is_some() => self.secrets.config.load().map(drop),
+            None => self.secrets.config.home().map(drop),
+        }
     }
 
     /// Seal `value` as the next version of `name` of this environment and

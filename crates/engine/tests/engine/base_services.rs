@@ -130,6 +130,11 @@ async fn each_environment_gets_its_own_database_role_and_redis_and_the_password_
     assert_eq!(checks[0].database.url.expose(), staging_url);
     assert_eq!(var_of(&f, "staging", "web", "V").as_deref(), Some("2"));
     assert_eq!(var_of(&f, "staging", "web", "DATABASE_URL").as_deref(), Some(staging_url));
+
+    // The same code and config again: nothing to deploy (the database is
+    // made again the same way, the stored spec and secrets unchanged).
+    let again = deploy(&e, "staging", spec("staging", "2")).await.unwrap();
+    assert!(!again.changed && again.summary.contains("nothing to deploy"), "{again:?}");
     e.shutdown().await;
 }
 
@@ -140,6 +145,7 @@ async fn a_base_that_does_not_answer_stops_the_deploy_before_anything_changes() 
     let e = f.start();
     f.base.set_unreachable(true);
     let err = deploy(&e, "staging", spec("staging", "1")).await.unwrap_err();
+    assert!(!home.path().join("secrets.key").exists(), "no key was made for nothing");
     assert!(matches!(err, EngineError::Base { bad_input: true, .. }), "{err:?}");
     assert_eq!(err.exit_code(), 2);
     let text = err.to_string();
