@@ -328,12 +328,7 @@ impl EngineHandle {
         base_env: BTreeMap<String, String>,
         progress: ProgressTx,
     ) -> Result<OpReport, EngineError> {
-        let app = spec.app.clone();
-        let result = self.ask(|reply| Command::Up { spec: Box::new(spec), workdir, base_env, progress, reply }).await;
-        if result.is_err() {
-            self.forget_if_nothing(&app).await;
-        }
-        result
+        self.ask(|reply| Command::Up { spec: Box::new(spec), workdir, base_env, progress, reply }).await
     }
     pub async fn down(&self, progress: ProgressTx) -> Result<OpReport, EngineError> {
         self.ask(|reply| Command::Down { progress, reply }).await
@@ -400,23 +395,17 @@ impl EngineHandle {
         options: DeployOptions,
         progress: ProgressTx,
     ) -> Result<OpReport, EngineError> {
-        let app = spec.app.clone();
-        let result = self
-            .ask(|reply| Command::Deploy {
-                spec: Box::new(spec),
-                source,
-                base_env,
-                message,
-                who,
-                options,
-                progress,
-                reply,
-            })
-            .await;
-        if result.is_err() {
-            self.forget_if_nothing(&app).await;
-        }
-        result
+        self.ask(|reply| Command::Deploy {
+            spec: Box::new(spec),
+            source,
+            base_env,
+            message,
+            who,
+            options,
+            progress,
+            reply,
+        })
+        .await
     }
     pub async fn rollback(
         &self,

@@ -163,23 +163,16 @@ impl EngineHandle {
         let request = Box::new(DeployRequest { spec, source, base_env, message, who, options });
         let result = target.ask(|reply| Command::Env(EnvRequest::Create { request, from, progress, reply })).await;
         if result.is_err() {
-            target.forget_if_nothing(&app).await;
+            // One that could not be created leaves no controller behind:
+            // the dispatcher forgets one of which nothing was recorded, and
+            // this one too if it has only the history of an environment of
+            // the same name destroyed before.
+            let exists = target.ask(|reply| Command::Env(EnvRequest::Exists { reply })).await;
+            if matches!(exists, Ok(false)) {
+                target.forget(&AppEnv::new(app, env));
+            }
         }
         result
-    }
-
-    /// After a command that could have created the environment failed:
-    /// if it left nothing (no record, nothing under way: a first deploy
-    /// refused, or failed before it went live), the dispatcher forgets its
-    /// controller, so that `env list` does not show an environment that
-    /// never was.
-    pub(crate) async fn forget_if_nothing(&self, app: &AppName) {
-        let env = self.environment().clone();
-        let handle = self.scoped(Some(app.clone()), Some(env.clone()));
-        let exists = handle.ask(|reply| Command::Env(EnvRequest::Exists { reply })).await;
-        if matches!(exists, Ok(false)) {
-            handle.forget(&AppEnv::new(app.clone(), env));
-        }
     }
 
     /// `nonstop env destroy`: stop the environment this handle addresses,

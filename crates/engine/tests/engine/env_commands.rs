@@ -128,6 +128,14 @@ async fn destroy_stops_everything_releases_the_hosts_and_keeps_the_database_and_
     assert!(report.summary.contains("database blog_review dropped"), "{}", report.summary);
     assert!(!f.base.databases().contains_key("blog_review"));
     assert_eq!(listed(&e), ["blog/staging"]);
+
+    // A create of that name that fails leaves nothing listed, although the
+    // history of the one destroyed is there.
+    f.base.set_unreachable(true);
+    let (err, _) = e.create_env("review", spec("review", "1"), None).await;
+    assert!(matches!(err, Err(EngineError::Base { .. })), "{err:?}");
+    assert_eq!(listed(&e), ["blog/staging"]);
+    f.base.set_unreachable(false);
     e.shutdown().await;
 }
 
