@@ -346,6 +346,7 @@ mod tests {
             hosts: vec![],
             default_host: true,
             protected: false,
+            base: None,
         }
     }
 

@@ -32,6 +32,7 @@
 //! what makes processes get `REDIS_URL`.
 
 use super::deploy::DeployRequest;
+use super::promote::PromoteRequest;
 use super::*;
 use nonstop_core::database::{DatabaseSpec, DatabaseUrl};
 use nonstop_core::environment::RedisUrl;
@@ -217,7 +218,7 @@ pub(crate) fn redis_server_key(url: &RedisUrl) -> String {
 /// A command held while its environment's base services are made.
 pub(crate) enum Waiting {
     Deploy {
-        request: DeployRequest,
+        request: Box<DeployRequest>,
         progress: ProgressTx,
         reply: Reply<OpReport>,
     },
@@ -228,11 +229,12 @@ pub(crate) enum Waiting {
         progress: ProgressTx,
         reply: Reply<OpReport>,
     },
-    /// `env create --from`: `release` of `from`, with the spec's config.
-    CreateFrom {
-        request: DeployRequest,
-        from: EnvironmentId,
+    /// `nonstop promote` (and `env create --from`, which `copy`s the
+    /// source's database into the new one): `release` of `request.from`.
+    Promote {
         release: ReleaseId,
+        request: Box<PromoteRequest>,
+        copy: bool,
         progress: ProgressTx,
         reply: Reply<OpReport>,
     },
@@ -241,14 +243,15 @@ pub(crate) enum Waiting {
 impl Waiting {
     fn spec_mut(&mut self) -> &mut AppSpec {
         match self {
-            Waiting::Deploy { request, .. } | Waiting::CreateFrom { request, .. } => &mut request.spec,
+            Waiting::Deploy { request, .. } => &mut request.spec,
+            Waiting::Promote { request, .. } => &mut request.spec,
             Waiting::Up { spec, .. } => spec,
         }
     }
 
     fn progress(&self) -> &ProgressTx {
         match self {
-            Waiting::Deploy { progress, .. } | Waiting::Up { progress, .. } | Waiting::CreateFrom { progress, .. } => {
+            Waiting::Deploy { progress, .. } | Waiting::Up { progress, .. } | Waiting::Promote { progress, .. } => {
                 progress
             }
         }
@@ -256,16 +259,15 @@ impl Waiting {
 
     fn who(&self) -> String {
         match self {
-            Waiting::Deploy { request, .. } | Waiting::CreateFrom { request, .. } => {
-                format!("deploy by {}", request.who)
-            }
+            Waiting::Deploy { request, .. } => format!("deploy by {}", request.who),
+            Waiting::Promote { request, .. } => format!("promote by {}", request.who),
             Waiting::Up { .. } => "up".to_string(),
         }
     }
 
     fn fail(self, e: EngineError) {
         let reply = match self {
-            Waiting::Deploy { reply, .. } | Waiting::Up { reply, .. } | Waiting::CreateFrom { reply, .. } => reply,
+            Waiting::Deploy { reply, .. } | Waiting::Up { reply, .. } | Waiting::Promote { reply, .. } => reply,
         };
         let _ = reply.send(Err(e));
     }
@@ -296,12 +298,12 @@ fn base_error(e: &BaseServiceError, app: &AppName, env: &EnvironmentId) -> Engin
 }
 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
-    /// Before a deploy, `up` or `env create --from`: takes `[base]` off the
+    /// Before a deploy, `up` or promotion: takes `[base]` off the
     /// spec and, if it asks for anything, starts making it and holds the
     /// command (`None`); otherwise gives the command back to go on.
     pub(crate) fn hold_for_base(&mut self, mut waiting: Waiting) -> Option<Waiting> {
         let copy_from = match &waiting {
-            Waiting::CreateFrom { from, .. } => Some(from.clone()),
+            Waiting::Promote { request, copy: true, .. } => Some(request.from.clone()),
             _ => None,
         };
         let spec = waiting.spec_mut();
@@ -404,12 +406,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             return;
         }
         match waiting {
-            Waiting::Deploy { request, progress, reply } => self.begin_deploy(request, progress, reply),
+            Waiting::Deploy { request, progress, reply } => self.begin_deploy(*request, progress, reply),
             Waiting::Up { spec, workdir, base_env, progress, reply } => {
                 self.on_command(Command::Up { spec, workdir, base_env, progress, reply })
             }
-            Waiting::CreateFrom { request, from, release, progress, reply } => {
-                self.create_from_release(request, from, release, progress, reply)
+            Waiting::Promote { release, request, progress, reply, .. } => {
+                self.begin_promote(release, *request, progress, reply)
             }
         }
     }

@@ -153,10 +153,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             return;
         }
         // The environment's database first, if `[base]` asks for one.
-        let waiting = super::base::Waiting::Deploy { request, progress, reply };
+        let waiting = super::base::Waiting::Deploy { request: Box::new(request), progress, reply };
         let Some(super::base::Waiting::Deploy { request, progress, reply }) = self.hold_for_base(waiting) else {
             return;
         };
+        let request = *request;
         let _ = progress.send(Progress::note(format!("reading {}", request.source.display())));
         let (builder, tx, dir) = (self.builder.clone(), self.events_tx.clone(), request.source.clone());
         self.tasks.spawn(async move {

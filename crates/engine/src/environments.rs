@@ -2,15 +2,13 @@
 //! into being in one command, and ended in one.
 //!
 //! **Create.** A new environment is its first deploy: of the app
-//! directory, built as any deploy (`deploy.rs`), or with `--from ENV` of
-//! the release ENV runs, not built again, with the new environment's
-//! config ([`with_config`]: the code, commands, build and release tasks
-//! are the release's; variables, counts, checks, hosts and database the
-//! new environment's). With `[base] postgres`, its database is made
-//! before anything else, as a copy of ENV's with `--from` (`base.rs`). An
-//! environment that exists (it has a record, even down, or an operation
-//! under way) is refused. One that could not be created leaves no
-//! controller behind (`env list` does not show it).
+//! directory, built as any deploy (`deploy.rs`), or with `--from ENV` a
+//! promotion (`promote.rs`) of the release ENV runs, not built again, with
+//! the new environment's spec and config. With `[base] postgres`, its
+//! database is made before anything else, as a copy of ENV's with `--from`
+//! (`base.rs`). An environment that exists (it has a record, even down, or
+//! an operation under way) is refused. One that could not be created
+//! leaves no controller behind (`env list` does not show it).
 //!
 //! **Destroy.** Refused for a `protected` environment and while another
 //! operation runs. Every instance is stopped (`down`), its route and host
@@ -22,11 +20,10 @@
 //! for a later environment of the same name.
 
 use super::base::{BaseServiceError, DroppedDatabase, Waiting};
-use super::deploy::{DeployRequest, DeployRun};
+use super::deploy::DeployRequest;
+use super::promote::{check_build, PromoteCommand, PromoteRequest};
 use super::*;
 use nonstop_core::database::DatabaseUrl;
-use nonstop_plan::deployment::{DeploymentKind, Event, GateMode};
-use nonstop_store::{ReleaseRecord, ReleaseStatus};
 
 /// `nonstop env create NAME [--from ENV]`.
 #[derive(Debug, Clone)]
@@ -98,29 +95,6 @@ pub(crate) enum EnvEvent {
     Dropped { result: Result<DroppedDatabase, BaseServiceError> },
 }
 
-/// The spec release `release` (of another environment) runs with in an
-/// environment configured by `config`: the release's code and what belongs
-/// to it (each process's command and kind, its build and `[release]`
-/// tasks, `[static]`), everything else the environment's (variables, each
-/// process's count, environment, checks and rollout, the proxy, hosts,
-/// database, protection). A process type `config` does not have runs as
-/// the release has it. Pure.
-pub fn with_config(release: &AppSpec, config: &AppSpec) -> AppSpec {
-    let mut spec = config.clone();
-    spec.build = release.build.clone();
-    spec.release = release.release.clone();
-    spec.statics = release.statics.clone();
-    spec.processes = release
-        .processes
-        .iter()
-        .map(|p| match config.process(&p.name) {
-            Some(c) => ProcessSpec { command: p.command.clone(), kind: p.kind, ..c.clone() },
-            None => p.clone(),
-        })
-        .collect();
-    spec
-}
-
 impl EngineHandle {
     /// `nonstop env create`: the environment this handle addresses, new,
     /// deployed from `request` (see the module doc); answers once it
@@ -142,20 +116,14 @@ impl EngineHandle {
                 })
             }
             Some(from) => {
+                // The release the source runs, as `promote` asks for it
+                // (refused when it runs none, or is between two); checked
+                // against this spec before the new environment is asked
+                // for (which would bring it into being).
                 let source = self.scoped(Some(app.clone()), Some(from.clone()));
-                let release = match source.status().await {
-                    Ok(st) if st.release > 0 => ReleaseId(st.release),
-                    Ok(_) | Err(EngineError::NotUp) => {
-                        return Err(EngineError::CannotDeploy {
-                            reason: format!(
-                                "environment `{from}` of {app} runs no release to start from (it is down, or was \
-                                 started by `up` without a deploy); deploy it first, or create `{env}` without --from"
-                            ),
-                        })
-                    }
-                    Err(e) => return Err(e),
-                };
-                Some((from, release))
+                let built = source.ask(|reply| Command::Promote(Box::new(PromoteCommand::Source { reply }))).await?;
+                check_build(&built, &spec, &from)?;
+                Some((from, built.id))
             }
         };
         let options = DeployOptions::default();
@@ -254,103 +222,29 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             .or_else(|| self.task_conflict(&request.spec.app))
             .map(Err)
             .unwrap_or_else(|| self.refresh_secrets())
-            .and_then(|()| self.release_to_start(&request.spec.app, release, &from).map(drop));
+            .and_then(|()| {
+                let rec =
+                    self.store.release(&request.spec.app, release)?.ok_or_else(|| EngineError::CannotPromote {
+                        reason: format!(
+                            "the record of {release}, which `{from}` runs, is gone; deploy to `{from}` again"
+                        ),
+                    })?;
+                check_build(&rec, &request.spec, &from)
+            });
         if let Err(e) = checks {
             let _ = reply.send(Err(e));
             return;
         }
         let _ = progress.send(Progress::note(format!(
-            "creating environment {} from {from}: {release}, the release {from} runs (no build)",
+            "creating environment {} from {from}: {release}, the release {from} runs (not built again)",
             self.env
         )));
-        let waiting = Waiting::CreateFrom { request, from, release, progress, reply };
-        if let Some(Waiting::CreateFrom { request, from, release, progress, reply }) = self.hold_for_base(waiting) {
-            self.create_from_release(request, from, release, progress, reply);
-        }
-    }
-
-    /// A retained, built release that can run here.
-    fn release_to_start(
-        &self,
-        app: &AppName,
-        release: ReleaseId,
-        from: &EnvironmentId,
-    ) -> Result<ReleaseRecord, EngineError> {
-        let rec = self.store.release(app, release)?.filter(|r| r.status == ReleaseStatus::Ready && r.dir.is_dir());
-        rec.ok_or_else(|| EngineError::CannotDeploy {
-            reason: format!(
-                "{release}, which `{from}` runs, is not a retained release on disk; deploy the app directory instead \
-                 (`nonstop env create {} ` without --from)",
-                self.env
-            ),
-        })
-    }
-
-    /// `env create --from`: the first deployment of this environment, to
-    /// `release` (not built again) with the spec's config.
-    pub(crate) fn create_from_release(
-        &mut self,
-        request: DeployRequest,
-        from: EnvironmentId,
-        release: ReleaseId,
-        progress: ProgressTx,
-        reply: Reply<OpReport>,
-    ) {
-        match self.prepare_create_from(request, &from, release) {
-            Ok((run, summary)) => {
-                let lines = run.counts.lines.clone();
-                let who = run.record.who.clone();
-                self.begin_op("deploy", progress, reply, summary, true, VecDeque::new(), false);
-                for line in lines {
-                    self.progress(line);
-                }
-                if let Some(op) = self.op.as_mut() {
-                    op.who = Some(who);
-                }
-                self.deployment = Some(run);
-                self.feed(Event::Begin);
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        }
-    }
-
-    fn prepare_create_from(
-        &mut self,
-        request: DeployRequest,
-        from: &EnvironmentId,
-        release: ReleaseId,
-    ) -> Result<(DeployRun, String), EngineError> {
         let DeployRequest { spec, base_env, message, who, .. } = request;
-        let rec = self.release_to_start(&spec.app, release, from)?;
-        let mut run_spec = with_config(&rec.spec, &spec);
-        let counts = self.count_spec(&mut run_spec, nonstop_plan::counts::Apply::Toml)?;
-        if run_spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {
-            let route = route_key(&spec.app, &self.env);
-            self.expose(&run_spec, &route)?;
+        let request = Box::new(PromoteRequest { from, spec, base_env, message, who });
+        let waiting = Waiting::Promote { release, request, copy: true, progress, reply };
+        if let Some(Waiting::Promote { release, request, progress, reply, .. }) = self.hold_for_base(waiting) {
+            self.begin_promote(release, *request, progress, reply);
         }
-        let record = self.insert_deployment(
-            spec.app.clone(),
-            nonstop_store::DeploymentKind::Deploy,
-            None,
-            release,
-            who,
-            message,
-        )?;
-        let summary = format!("first release {release}, the one {from} runs (not built again)");
-        self.event(
-            &spec.app,
-            "deploy",
-            None,
-            &format!("deployment #{} started: {summary} by {}", record.id, record.who),
-        );
-        let to = ReleaseCtx { id: release, spec: run_spec, workdir: rec.dir.clone() };
-        // Its release tasks run (on its own database, which may be a copy).
-        let kind = DeploymentKind::Reuse { run_tasks: true };
-        let (cancel, started) = (self.cancel.child_token(), self.clock.now());
-        let run = DeployRun::new(record, to, None, kind, base_env, counts, cancel, started, GateMode::Off);
-        Ok((run, summary))
     }
 
     /// Starts `env destroy` (a refusal is answered at once).
@@ -514,75 +408,5 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     pub(crate) fn destroy_busy(&self) -> Option<EngineError> {
         let d = self.destroying.as_ref()?;
         Some(EngineError::Busy { operation: format!("env destroy by {}", d.who), since: fmt_wall(d.since) })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use nonstop_testkit::spec::app;
-    use proptest::prelude::*;
-
-    #[test]
-    fn the_release_brings_its_code_and_the_environment_its_config() {
-        let release = app("blog")
-            .web("web", 2)
-            .worker("worker", 1)
-            .with("web", |p| p.command = "gunicorn v1".into())
-            .env("STAGE", "staging")
-            .release_tasks(&["migrate"], std::time::Duration::from_secs(60))
-            .build();
-        let config = app("blog")
-            .web("web", 4)
-            .singleton("beat")
-            .with("web", |p| p.command = "gunicorn v2-in-the-directory".into())
-            .env("STAGE", "review")
-            .database("postgres://blog_review@db/blog_review")
-            .build();
-        let spec = with_config(&release, &config);
-        let names: Vec<&str> = spec.processes.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["web", "worker"], "the release's process types");
-        assert_eq!((spec.processes[0].command.as_str(), spec.processes[0].count), ("gunicorn v1", 4));
-        assert_eq!(spec.processes[1], release.processes[1]);
-        assert_eq!(spec.release.tasks, ["migrate"]);
-        assert_eq!(spec.env["STAGE"], "review");
-        assert_eq!(spec.database, config.database);
-    }
-
-    fn process_names() -> impl Strategy<Value = Vec<String>> {
-        proptest::collection::btree_set("[a-d]", 0..4).prop_map(|s| s.into_iter().collect())
-    }
-
-    proptest! {
-        #[test]
-        fn code_from_the_release_config_from_the_environment(
-            release_names in process_names(),
-            config_names in process_names(),
-            counts in proptest::collection::vec(0u32..5, 4),
-            stage in "[a-z]{1,6}",
-        ) {
-            let mut r = app("blog").env("STAGE", "release");
-            for (i, n) in release_names.iter().enumerate() {
-                let command = format!("run-{n}-release");
-                r = r.worker(n, counts[i % counts.len()]).with(n, |p| p.command = command);
-            }
-            let mut c = app("blog").env("STAGE", &stage);
-            for n in &config_names {
-                c = c.web(n, 7).with(n, |p| p.command = format!("run-{n}-config"));
-            }
-            let (release, config) = (r.build(), c.build());
-            let spec = with_config(&release, &config);
-            prop_assert_eq!(spec.processes.len(), release.processes.len());
-            for (p, r) in spec.processes.iter().zip(&release.processes) {
-                prop_assert_eq!(&p.name, &r.name);
-                prop_assert_eq!(&p.command, &r.command);
-                prop_assert_eq!(p.kind, r.kind);
-                let expected = if config.process(&p.name).is_some() { 7 } else { r.count };
-                prop_assert_eq!(p.count, expected);
-            }
-            prop_assert_eq!(&spec.env, &config.env);
-            prop_assert_eq!(&spec.release, &release.release);
-            prop_assert_eq!(&spec.hosts, &config.hosts);
-        }
     }
 }

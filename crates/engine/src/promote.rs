@@ -122,7 +122,7 @@ impl EngineHandle {
 
 /// The release `built` can run with `spec`: still on disk, and built from
 /// the same commands (see the module).
-fn check_build(built: &ReleaseRecord, spec: &AppSpec, from: &EnvironmentId) -> Result<(), EngineError> {
+pub(crate) fn check_build(built: &ReleaseRecord, spec: &AppSpec, from: &EnvironmentId) -> Result<(), EngineError> {
     let release = built.id;
     if built.status != ReleaseStatus::Ready || !built.dir.is_dir() {
         return Err(refused(format!(
@@ -155,7 +155,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 let _ = reply.send(release);
             }
             PromoteCommand::Roll { release, request, progress, reply } => {
-                self.begin_promote(release, *request, progress, reply)
+                // The target's own database first, if `[base]` asks for one.
+                let waiting = base::Waiting::Promote { release, request, copy: false, progress, reply };
+                if let Some(base::Waiting::Promote { release, request, progress, reply, .. }) =
+                    self.hold_for_base(waiting)
+                {
+                    self.begin_promote(release, *request, progress, reply)
+                }
             }
         }
     }
@@ -195,7 +201,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         Ok(rt.record.release)
     }
 
-    fn begin_promote(
+    pub(crate) fn begin_promote(
         &mut self,
         release: ReleaseId,
         request: PromoteRequest,

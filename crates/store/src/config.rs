@@ -137,6 +137,7 @@ mod tests {
             hosts: vec![],
             default_host: true,
             protected: false,
+            base: None,
         }
     }
 

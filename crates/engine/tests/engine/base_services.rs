@@ -205,3 +205,28 @@ async fn without_a_secrets_key_nothing_is_made() {
     assert!(f.base.requests().is_empty(), "no server was asked to make anything");
     e.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_promotion_gives_its_target_a_database_of_its_own_without_copying() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    let e = f.start();
+    deploy(&e, "staging", spec("staging", "1")).await.unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let request = nonstop_engine::PromoteRequest {
+        from: nonstop_core::EnvironmentId::new("staging").unwrap(),
+        spec: spec("production", "1"),
+        base_env: f.base_env.clone(),
+        message: None,
+        who: "ann".into(),
+    };
+    handle(&e, "production").promote(request, tx).await.unwrap();
+    assert_eq!(
+        var_of(&f, "production", "web", "DATABASE_URL").as_deref(),
+        Some("postgres://blog_production:generated-password-2@db.test:5432/blog_production")
+    );
+    assert!(f.base.copies().is_empty(), "a promotion copies no data");
+    let rec = f.store.apps().unwrap().into_iter().find(|r| r.environment.as_str() == "production").unwrap();
+    assert!(rec.spec.base.is_none() && rec.spec.database.as_ref().unwrap().url.password().is_none());
+    e.shutdown().await;
+}

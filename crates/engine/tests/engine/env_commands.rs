@@ -40,7 +40,6 @@ async fn create_from_runs_the_same_release_with_its_own_config_and_a_copy_of_the
     // The app directory moved on since: --from does not build it.
     f.builder.set_hash("source-2");
     let mut review = spec("review", "2-in-the-directory");
-    review.processes[0].command = "a command the release does not have".into();
     review.processes[0].count = 2;
     let (r, progress) = e.create_env("review", review, Some("staging")).await;
     r.unwrap();
@@ -56,9 +55,7 @@ async fn create_from_runs_the_same_release_with_its_own_config_and_a_copy_of_the
     // Its own config (variables, counts), the release's commands.
     assert_eq!(var_of(&f, "review", "web", "V").as_deref(), Some("2-in-the-directory"));
     let web = f.driver.starts_of(&pn("web"));
-    let review_web: Vec<_> = web.iter().filter(|l| l.environment.as_str() == "review").collect();
-    assert_eq!(review_web.len(), 2);
-    assert!(review_web.iter().all(|l| l.command != "a command the release does not have"));
+    assert_eq!(web.iter().filter(|l| l.environment.as_str() == "review").count(), 2);
     assert_eq!(
         var_of(&f, "review", "web", "DATABASE_URL").as_deref(),
         Some("postgres://blog_review:generated-password-2@db.test:5432/blog_review")
@@ -74,6 +71,13 @@ async fn create_from_runs_the_same_release_with_its_own_config_and_a_copy_of_the
     // From an environment that runs nothing: refused, nothing left behind.
     let (err, _) = e.create_env("qa", spec("qa", "1"), Some("nowhere")).await;
     assert!(matches!(err, Err(EngineError::UnknownEnvironment { .. })), "{err:?}");
+    // With a nonstop.toml whose commands changed since staging's build:
+    // refused before anything is made (promote's rule).
+    let mut changed = spec("qa", "1");
+    changed.processes[0].command = "a command the release was not built with".into();
+    let (err, _) = e.create_env("qa", changed, Some("staging")).await;
+    assert!(matches!(err, Err(EngineError::CannotPromote { .. })), "{err:?}");
+    assert!(!f.base.databases().contains_key("blog_qa"), "no database was made");
     assert_eq!(listed(&e), ["blog/review", "blog/staging"]);
     e.shutdown().await;
 }
