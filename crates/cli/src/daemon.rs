@@ -502,6 +502,20 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         use std::os::fd::AsFd;
         listener.as_fd().try_clone_to_owned()?
     };
+    // The TCP listener, if asked for, before anything is served: a daemon
+    // that cannot have it exits before a client could start an operation.
+    let tcp_listener = match (api_listen, inherited.api_tcp.take()) {
+        (None, _) => None,
+        (Some(_), Some(l)) => {
+            l.set_nonblocking(true)?;
+            Some(tokio::net::TcpListener::from_std(l)?)
+        }
+        (Some(addr), None) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for the API on {addr}"))?,
+        ),
+    };
     let app = server::router(state.clone());
     let sd = api_stop.clone();
     tasks.spawn(async move {
@@ -511,16 +525,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         }
     });
     let mut api_tcp_fd = None;
-    if let (Some(addr), Some(token)) = (api_listen, api_token_value) {
-        let tcp = match inherited.api_tcp.take() {
-            Some(l) => {
-                l.set_nonblocking(true)?;
-                tokio::net::TcpListener::from_std(l)?
-            }
-            None => tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for the API on {addr}"))?,
-        };
+    if let (Some(addr), Some(token), Some(tcp)) = (api_listen, api_token_value, tcp_listener) {
         api_tcp_fd = {
             use std::os::fd::AsFd;
             Some(tcp.as_fd().try_clone_to_owned()?)
