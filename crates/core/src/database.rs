@@ -195,29 +195,14 @@ impl DatabaseUrl {
         if hostport.contains(',') {
             return Err(UrlError::SeveralHosts);
         }
-        let (host_raw, port_text) = if let Some(inner) = hostport.strip_prefix('[') {
-            let Some(end) = inner.find(']') else { return Err(UrlError::NoHost) };
-            let after = &inner[end + 1..];
-            let port = match after.strip_prefix(':') {
-                Some(p) => Some(p),
-                None if after.is_empty() => None,
-                None => return Err(UrlError::Port),
-            };
-            (&hostport[..end + 2], port)
-        } else {
-            match hostport.split_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (hostport, None),
-            }
-        };
+        let (host_raw, port) = split_authority(hostport).map_err(|e| match e {
+            AuthorityError::NoHost => UrlError::NoHost,
+            AuthorityError::Port => UrlError::Port,
+        })?;
         let host = decode(host_raw.trim_start_matches('[').trim_end_matches(']'))?;
         if host.is_empty() {
             return Err(UrlError::NoHost);
         }
-        let port = match port_text {
-            None => None,
-            Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0).ok_or(UrlError::Port)?),
-        };
         let name = decode(path)?;
         if name.is_empty() {
             return Err(UrlError::NoDatabase);
@@ -388,6 +373,37 @@ impl<'de> Deserialize<'de> for DatabaseUrl {
         let text = String::deserialize(d)?;
         DatabaseUrl::parse(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// What is wrong with a URL's `host:port`.
+pub(crate) enum AuthorityError {
+    NoHost,
+    Port,
+}
+
+/// `host:port` or `[v6]:port` of a URL: the host as written (brackets
+/// kept, still percent-encoded) and the port (1 to 65535), if given.
+pub(crate) fn split_authority(hostport: &str) -> Result<(&str, Option<u16>), AuthorityError> {
+    let (host, port_text) = if let Some(inner) = hostport.strip_prefix('[') {
+        let Some(end) = inner.find(']') else { return Err(AuthorityError::NoHost) };
+        let after = &inner[end + 1..];
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(AuthorityError::Port),
+        };
+        (&hostport[..end + 2], port)
+    } else {
+        match hostport.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    let port = match port_text {
+        None => None,
+        Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0).ok_or(AuthorityError::Port)?),
+    };
+    Ok((host, port))
 }
 
 pub(crate) fn decode(text: &str) -> Result<String, UrlError> {

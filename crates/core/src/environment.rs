@@ -18,7 +18,7 @@
 //! The per-environment overrides themselves are parsed and resolved into
 //! an [`AppSpec`](crate::process::AppSpec) by `nonstop-spec`.
 
-use crate::database::{decode, DatabaseUrl, UrlError, REDACTED};
+use crate::database::{decode, split_authority, AuthorityError, DatabaseUrl, UrlError, REDACTED};
 use crate::ids::{AppName, EnvironmentId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
@@ -422,29 +422,14 @@ impl RedisUrl {
             Some((h, p)) => (h, Some(p)),
             None => (hostpath, None),
         };
-        let (host_raw, port_text) = if let Some(inner) = hostport.strip_prefix('[') {
-            let Some(end) = inner.find(']') else { return Err(RedisUrlError::NoHost) };
-            let after = &inner[end + 1..];
-            let port = match after.strip_prefix(':') {
-                Some(p) => Some(p),
-                None if after.is_empty() => None,
-                None => return Err(RedisUrlError::Port),
-            };
-            (&hostport[..end + 2], port)
-        } else {
-            match hostport.split_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (hostport, None),
-            }
-        };
+        let (host_raw, port) = split_authority(hostport).map_err(|e| match e {
+            AuthorityError::NoHost => RedisUrlError::NoHost,
+            AuthorityError::Port => RedisUrlError::Port,
+        })?;
         let host = decode(host_raw.trim_start_matches('[').trim_end_matches(']'))?;
         if host.is_empty() {
             return Err(RedisUrlError::NoHost);
         }
-        let port = match port_text {
-            None => None,
-            Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0).ok_or(RedisUrlError::Port)?),
-        };
         match path {
             None | Some("" | "0") => {}
             Some(p) => return Err(RedisUrlError::Database { path: p.to_string() }),
