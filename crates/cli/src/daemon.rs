@@ -13,7 +13,7 @@ use anyhow::Context;
 use nonstop_api::server::{self, ApiState, LogSource};
 use nonstop_api::wire::LogEntry;
 use nonstop_core::ReleaseId;
-use nonstop_core::{AppName, EnvironmentId, InstanceId, ProcessName, SystemClock};
+use nonstop_core::{AppEnv, AppName, EnvironmentId, InstanceId, ProcessName, SystemClock};
 use nonstop_engine::{BuildError, BuildNote, BuildOutput, Builder, Engine, EngineConfig, InstanceLogs};
 use nonstop_proxy::{Proxy, ProxyConfig};
 use nonstop_supervisor::{LocalDriver, LocalDriverConfig, LogQuery};
@@ -183,8 +183,8 @@ impl Builder for ReleasePort {
         crate::statics::StaticPublisher::index(release, mounts).map_err(|reason| BuildError::Statics { reason })
     }
 
-    fn serve_statics(&self, app: &AppName, live: Vec<nonstop_engine::LiveStatics>) {
-        self.statics.publish(app, live)
+    fn serve_statics(&self, scope: &AppEnv, live: Vec<nonstop_engine::LiveStatics>) {
+        self.statics.publish(scope, live)
     }
 
     fn prune(&self, app: &AppName, keep: &[ReleaseId]) -> Result<Vec<ReleaseId>, BuildError> {
@@ -412,9 +412,12 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
             // `/static/` requests to the app while it loads them. (The data
             // plane keeps its own across daemon restarts.)
             let publisher = crate::statics::StaticPublisher::new(proxy.clone());
-            match nonstop_engine::live_statics_at_start(&store, &EnvironmentId::default_env()) {
-                Ok(Some((app, live))) if !live.is_empty() => publisher.publish_now(&app, live).await,
-                Ok(_) => {}
+            match nonstop_engine::live_statics_at_start(&store) {
+                Ok(all) => {
+                    for (scope, live) in all.into_iter().filter(|(_, live)| !live.is_empty()) {
+                        publisher.publish_now(&scope.route(), live).await;
+                    }
+                }
                 Err(e) => tracing::warn!("cannot read the releases, static files are loaded later: {e}"),
             }
             PlaneStatics::Local(publisher)

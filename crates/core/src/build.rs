@@ -5,7 +5,7 @@
 
 use crate::driver::{ExitStatus, Locator, StopOutcome};
 use crate::process::StaticMount;
-use crate::{AppName, EnvironmentId, InstanceId, ReleaseId};
+use crate::{AppEnv, AppName, EnvironmentId, InstanceId, ReleaseId};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -118,10 +118,11 @@ pub trait Builder: Send + Sync + 'static {
     fn index_statics(&self, _release: &std::path::Path, _mounts: &[StaticMount]) -> Result<(), BuildError> {
         Ok(())
     }
-    /// These releases of `app` are the retained ones whose `[static]`
-    /// files the proxy serves from now on, in precedence order (the first
-    /// that has a path wins); the others' files go. Must not block.
-    fn serve_statics(&self, _app: &AppName, _live: Vec<LiveStatics>) {}
+    /// These releases of `scope`'s app are the retained ones whose
+    /// `[static]` files the proxy serves to that environment's route from
+    /// now on, in precedence order (the first that has a path wins); the
+    /// others' files go from that route. Must not block.
+    fn serve_statics(&self, _scope: &AppEnv, _live: Vec<LiveStatics>) {}
 }
 
 /// A builder for engines that cannot build (tests of other features).

@@ -104,6 +104,12 @@ impl AppEnv {
     pub fn new(app: AppName, env: EnvironmentId) -> Self {
         Self { app, env }
     }
+
+    /// The proxy route of this app in this environment (`app/env`): its
+    /// backends, hosts, maintenance and static files.
+    pub fn route(&self) -> crate::traffic::RouteKey {
+        crate::traffic::RouteKey(self.to_string())
+    }
 }
 
 impl fmt::Display for AppEnv {

@@ -579,7 +579,7 @@ pub(crate) struct AppRuntime {
 
 /// The proxy route of an app in an environment.
 pub(crate) fn route_key(app: &AppName, env: &EnvironmentId) -> RouteKey {
-    RouteKey(format!("{app}/{env}"))
+    AppEnv::new(app.clone(), env.clone()).route()
 }
 
 impl AppRuntime {

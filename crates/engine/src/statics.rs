@@ -74,26 +74,25 @@ pub(crate) fn live_statics(
         .collect())
 }
 
-/// What a starting daemon serves before its engine runs (so that its proxy
-/// never accepts a request for a static file it has not loaded yet): the
-/// live static files of the app that runs in `env`, as the engine will
-/// publish them once it has restored the app (the target of a deployment
-/// that was running included; the engine corrects the list if it ends
-/// that deployment).
-pub fn live_statics_at_start(
-    store: &Store,
-    env: &EnvironmentId,
-) -> nonstop_store::Result<Option<(AppName, Vec<LiveStatics>)>> {
-    let Some(record) = store.apps()?.into_iter().find(|r| &r.environment == env && r.running) else {
-        return Ok(None);
-    };
-    let target = store
-        .deployments(&record.app, env, 10_000)?
-        .into_iter()
-        .find(|d| d.status == DeploymentStatus::Running)
-        .map(|d| d.to_release);
-    let live = live_statics(store, env, &record.app, Some(record.release), target)?;
-    Ok(Some((record.app, live)))
+/// What a starting daemon serves before its engines run (so that its
+/// proxy never accepts a request for a static file it has not loaded yet):
+/// the live static files of every app running in every environment, each
+/// for its own route, as the controllers will publish them once they have
+/// restored their app (the target of a deployment that was running
+/// included; the controller corrects the list if it ends that deployment).
+pub fn live_statics_at_start(store: &Store) -> nonstop_store::Result<Vec<(AppEnv, Vec<LiveStatics>)>> {
+    let mut all = Vec::new();
+    for record in store.apps()?.into_iter().filter(|r| r.running) {
+        let env = &record.environment;
+        let target = store
+            .deployments(&record.app, env, 10_000)?
+            .into_iter()
+            .find(|d| d.status == DeploymentStatus::Running)
+            .map(|d| d.to_release);
+        let live = live_statics(store, env, &record.app, Some(record.release), target)?;
+        all.push((AppEnv::new(record.app, record.environment), live));
+    }
+    Ok(all)
 }
 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
@@ -103,7 +102,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let current = self.app.as_ref().filter(|rt| &rt.record.app == app).map(|rt| rt.record.release);
         let target = self.deployment.as_ref().map(|d| d.to.id);
         match live_statics(&self.store, &self.env, app, current, target) {
-            Ok(live) => self.builder.serve_statics(app, live),
+            Ok(live) => self.builder.serve_statics(&AppEnv::new(app.clone(), self.env.clone()), live),
             Err(e) => tracing::warn!("cannot read the releases of {app}, static files unchanged: {e}"),
         }
     }

@@ -191,9 +191,6 @@ pub(crate) struct Inner {
     /// Some route is in maintenance (`maintenance.rs`): set after the
     /// snapshot that says which, so the request path looks only then.
     pub maintenance_on: AtomicBool,
-    /// `[static]` files answered by the proxy itself (`statics.rs`).
-    pub statics: ArcSwapOption<statics::StaticTable>,
-    static_groups: statics::StaticGroups,
     registry: Mutex<Registry>,
     pub shared: Arc<Shared>,
     /// Held while an outlier is judged (`outlier.rs`): one at a time.
@@ -267,8 +264,6 @@ impl Proxy {
                 redirect_http: AtomicBool::new(false),
                 table: ArcSwap::from_pointee(Snapshot::default()),
                 maintenance_on: AtomicBool::new(false),
-                statics: ArcSwapOption::empty(),
-                static_groups: Default::default(),
                 registry: Mutex::new(Registry::default()),
                 shared: Arc::new(Shared::new()),
                 outliers: Mutex::new(()),

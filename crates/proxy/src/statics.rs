@@ -9,9 +9,11 @@
 //!   [`StaticIndex`](crate::StaticIndex) into ready-made answers: header
 //!   values computed once, and the bytes of small files (and their
 //!   variants) in memory. It reads files: call it off the hot path.
-//! - [`Proxy::set_static_releases`] merges the releases of a group (an app)
-//!   into one table and swaps it in atomically (`ArcSwapOption`); requests
-//!   in flight keep the table they started with.
+//! - [`Proxy::set_static_releases`] merges the releases of a route (an
+//!   app's environment) into one table and publishes it with the route
+//!   table's snapshot; requests in flight keep the snapshot they started
+//!   with. A request finds the table of the route its `Host` picks: one
+//!   environment never answers with another's files.
 //! - The request path ([`serve`]) does one prefix match per mount, a strict
 //!   decode of the rest of the path, and one hash lookup; then it answers
 //!   from memory, or opens the file and streams the needed bytes. It never
@@ -41,6 +43,7 @@ use crate::{Inner, Proxy};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use nonstop_core::traffic::RouteKey;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -171,30 +174,18 @@ fn asset(release_dir: &Path, root: &Path, rel: &str, e: &FileEntry, budget: &mut
     }
 }
 
-/// What the request path looks into: every mount, longest URL first.
+/// What the request path looks into for one route: every mount of its
+/// releases, longest URL first.
 pub(crate) struct StaticTable {
     mounts: Vec<(String, HashMap<String, Arc<Asset>>)>,
 }
 
-/// The groups' releases, kept to rebuild the table when one group changes.
-#[derive(Default)]
-pub(crate) struct StaticGroups(std::sync::Mutex<BTreeMap<String, Vec<Arc<StaticRelease>>>>);
-
-impl Proxy {
-    /// Serve the static files of `releases` (a group: one app's retained
-    /// releases, in precedence order: the first that has a path wins) from
-    /// now on, replacing the group's previous ones. An empty list removes
-    /// the group. Groups are merged in name order (a URL in two groups: the
-    /// first wins).
-    pub fn set_static_releases(&self, group: &str, releases: Vec<Arc<StaticRelease>>) {
-        let mut groups = self.inner.static_groups.0.lock().unwrap_or_else(|p| p.into_inner());
-        if releases.is_empty() {
-            groups.remove(group);
-        } else {
-            groups.insert(group.to_string(), releases);
-        }
+impl StaticTable {
+    /// Merge `releases` (in precedence order: the first that has a path
+    /// wins) into one table; `None` when they serve nothing.
+    fn merge(releases: &[Arc<StaticRelease>]) -> Option<StaticTable> {
         let mut merged: BTreeMap<String, HashMap<String, Arc<Asset>>> = BTreeMap::new();
-        for release in groups.values().flatten() {
+        for release in releases {
             for (url, files) in &release.mounts {
                 let into = merged.entry(url.clone()).or_default();
                 for (rel, asset) in files {
@@ -203,14 +194,43 @@ impl Proxy {
             }
         }
         if merged.is_empty() {
-            self.inner.statics.store(None);
-        } else {
-            let mut mounts: Vec<_> = merged.into_iter().collect();
-            mounts.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
-            let files: usize = mounts.iter().map(|(_, f)| f.len()).sum();
-            tracing::info!(group, urls = ?mounts.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>(), files, "static files served");
-            self.inner.statics.store(Some(Arc::new(StaticTable { mounts })));
+            return None;
         }
+        let mut mounts: Vec<_> = merged.into_iter().collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
+        Some(StaticTable { mounts })
+    }
+}
+
+impl Proxy {
+    /// Serve the static files of `releases` (one route's retained
+    /// releases, in precedence order: the first that has a path wins) to
+    /// the requests routed to `route` from now on, replacing its previous
+    /// ones. An empty list removes them. A route's files are answered only
+    /// for the hosts it claims (or as the default): an environment never
+    /// serves another's assets.
+    pub fn set_static_releases(&self, route: &RouteKey, releases: Vec<Arc<StaticRelease>>) {
+        let table = StaticTable::merge(&releases);
+        let mut reg = self.registry();
+        let urls: Vec<String>;
+        let files: usize;
+        match table {
+            Some(table) => {
+                urls = table.mounts.iter().map(|(u, _)| u.clone()).collect();
+                files = table.mounts.iter().map(|(_, f)| f.len()).sum();
+                reg.statics.insert(route.clone(), Arc::new(table));
+            }
+            None => {
+                urls = Vec::new();
+                files = 0;
+                if reg.statics.remove(route).is_none() {
+                    return;
+                }
+            }
+        }
+        self.publish(&reg);
+        drop(reg);
+        tracing::info!(route = %route.0, ?urls, files, "static files served");
     }
 }
 
@@ -222,8 +242,17 @@ pub(crate) async fn serve<B>(
     request_id: HeaderValue,
     phase: PhaseGuard,
 ) -> Result<Response<ProxyBody>, (HeaderValue, PhaseGuard)> {
-    let guard = inner.statics.load();
-    let Some(table) = guard.as_ref() else { return Err((request_id, phase)) };
+    let snapshot = inner.table.load();
+    if !snapshot.any_statics {
+        return Err((request_id, phase));
+    }
+    let host = match req.uri().authority() {
+        Some(a) => Some(a.as_str().as_bytes()),
+        None => req.headers().get(header::HOST).map(HeaderValue::as_bytes),
+    };
+    let Some(table) = snapshot.route_for(host).and_then(|r| r.statics.as_ref()) else {
+        return Err((request_id, phase));
+    };
     let path = req.uri().path();
     let Some((url, files)) = table.mounts.iter().find(|(url, _)| path.starts_with(url.as_str())) else {
         return Err((request_id, phase));
@@ -243,7 +272,7 @@ pub(crate) async fn serve<B>(
     let Some(asset) = files.get(key.as_ref()).map(Arc::clone) else {
         return Ok(plain(StatusCode::NOT_FOUND, "404 Not Found\n", phase));
     };
-    drop(guard);
+    drop(snapshot);
     let head = req.method() == Method::HEAD;
     if !head && req.method() != Method::GET {
         let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n", phase);

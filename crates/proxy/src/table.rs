@@ -21,6 +21,9 @@ pub(crate) struct Route {
     pub maintenance: Option<Arc<crate::maintenance::Gate>>,
     /// A share of the requests for some backends (a canary).
     pub split: Option<RouteSplit>,
+    /// The route's `[static]` files (`statics.rs`): its own releases',
+    /// never another route's.
+    pub statics: Option<Arc<crate::statics::StaticTable>>,
     /// Rotating start of the scan: the round-robin tie-break.
     cursor: AtomicUsize,
 }
@@ -150,6 +153,8 @@ pub(crate) struct Snapshot {
     /// Routes by the hosts they claim (`hosts.rs`).
     hosts: HostMap<Arc<Route>>,
     default: Option<Arc<Route>>,
+    /// Some route has static files: the request path looks only then.
+    pub any_statics: bool,
 }
 
 impl Snapshot {
@@ -192,6 +197,8 @@ pub(crate) struct Registry {
     /// Routes with a split, and the number of requests each has given a
     /// group so far.
     pub splits: BTreeMap<RouteKey, (Split, Arc<AtomicU64>)>,
+    /// Routes' static files, merged from their releases.
+    pub statics: BTreeMap<RouteKey, Arc<crate::statics::StaticTable>>,
 }
 
 impl Registry {
@@ -200,7 +207,7 @@ impl Registry {
         for entry in self.backends.values().filter(|e| e.in_rotation) {
             grouped.entry(&entry.route).or_default().push(&entry.state);
         }
-        for key in self.claims.route_keys().chain(self.maintenance.keys()) {
+        for key in self.claims.route_keys().chain(self.maintenance.keys()).chain(self.statics.keys()) {
             grouped.entry(key).or_default();
         }
         let mut routes: HashMap<&RouteKey, Arc<Route>> = HashMap::new();
@@ -219,13 +226,22 @@ impl Registry {
                     counter: Arc::clone(counter),
                 }
             });
+            let statics = self.statics.get(key).cloned();
             routes.insert(
                 key,
-                Arc::new(Route { key: key.clone(), backends, maintenance, split, cursor: AtomicUsize::new(0) }),
+                Arc::new(Route {
+                    key: key.clone(),
+                    backends,
+                    maintenance,
+                    split,
+                    statics,
+                    cursor: AtomicUsize::new(0),
+                }),
             );
         }
         let mut snap = Snapshot {
             default: self.claims.default_route().and_then(|k| routes.get(k).cloned()),
+            any_statics: !self.statics.is_empty(),
             ..Snapshot::default()
         };
         for (key, claim) in self.claims.iter() {

@@ -146,11 +146,56 @@ async fn an_unclaimed_host_gets_no_static_files() {
     let index = StaticIndex::load_or_build(&release, &mounts).unwrap();
 
     let p = Running::start(config()).await;
-    p.proxy.set_hosts(&RouteKey("blog/production".into()), &hosts(&["blog.test"]), false).unwrap();
-    p.proxy.set_static_releases("blog", vec![Arc::new(StaticRelease::load(1, &release, &index))]);
+    let production = RouteKey("blog/production".into());
+    p.proxy.set_hosts(&production, &hosts(&["blog.test"]), false).unwrap();
+    p.proxy.set_static_releases(&production, vec![Arc::new(StaticRelease::load(1, &release, &index))]);
     assert_eq!(ask(p.addr, "blog.test", "/static/app.css").await.status, 200);
     let r = ask(p.addr, "other.test", "/static/app.css").await;
     assert_eq!(r.status, 404);
     assert!(String::from_utf8_lossy(&r.body).contains("`other.test`"));
+    p.stop().await;
+}
+
+/// A release directory with `staticfiles/` holding `files`, indexed.
+fn static_release(root: &std::path::Path, name: &str, files: &[(&str, &str)]) -> Arc<StaticRelease> {
+    let release = root.join(name);
+    for (path, body) in files {
+        let path = release.join("staticfiles").join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    }
+    let mounts = vec![StaticMount { url: "/static/".into(), dir: PathBuf::from("staticfiles") }];
+    let index = StaticIndex::load_or_build(&release, &mounts).unwrap();
+    Arc::new(StaticRelease::load(1, &release, &index))
+}
+
+#[tokio::test]
+async fn each_environment_serves_its_own_static_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let production = RouteKey("blog/production".into());
+    let staging = RouteKey("blog/staging".into());
+    let p = Running::start(config()).await;
+    p.proxy.set_hosts(&production, &hosts(&["blog.test"]), true).unwrap();
+    p.proxy.set_hosts(&staging, &hosts(&["staging.blog.test"]), false).unwrap();
+    let v1 = static_release(tmp.path(), "v1", &[("app.css", "body{color:black}"), ("old.js", "old()")]);
+    let v2 = static_release(tmp.path(), "v2", &[("app.css", "body{color:red}"), ("new.js", "new()")]);
+    p.proxy.set_static_releases(&production, vec![v1]);
+    p.proxy.set_static_releases(&staging, vec![v2]);
+
+    let css = ask(p.addr, "blog.test", "/static/app.css").await;
+    assert_eq!((css.status, css.body.as_slice()), (200, b"body{color:black}".as_slice()));
+    let css = ask(p.addr, "staging.blog.test", "/static/app.css").await;
+    assert_eq!((css.status, css.body.as_slice()), (200, b"body{color:red}".as_slice()));
+    // A file only the other environment has is not found here.
+    assert_eq!(ask(p.addr, "blog.test", "/static/new.js").await.status, 404);
+    assert_eq!(ask(p.addr, "staging.blog.test", "/static/old.js").await.status, 404);
+    // The default route's files answer the hosts nobody claims.
+    assert_eq!(ask(p.addr, "other.test", "/static/old.js").await.status, 200);
+
+    // Withdrawing staging's files leaves production's alone; staging's
+    // static URLs then go to its app (no instance: 503).
+    p.proxy.set_static_releases(&staging, vec![]);
+    assert_eq!(ask(p.addr, "blog.test", "/static/app.css").await.status, 200);
+    assert_eq!(ask(p.addr, "staging.blog.test", "/static/app.css").await.status, 503);
     p.stop().await;
 }

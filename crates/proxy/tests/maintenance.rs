@@ -32,7 +32,7 @@ async fn every_request_static_files_included_gets_the_page_and_health_checks_go_
 
     let up = Upstream::start("one").await;
     let p = Running::serving(&[up.addr]).await;
-    p.proxy.set_static_releases("blog", vec![Arc::new(StaticRelease::load(1, &release, &index))]);
+    p.proxy.set_static_releases(&route(), vec![Arc::new(StaticRelease::load(1, &release, &index))]);
     assert_eq!(raw_get(p.addr, "GET", "/static/app.css", "").await.status, 200);
     let mut keep_alive = Client::new(p.addr);
     assert_eq!(keep_alive.get("/").await.text(), "one");

@@ -100,7 +100,9 @@ async fn site() -> Site {
         ],
     );
     let running = Running::start(config()).await;
-    running.proxy.set_static_releases("blog", vec![load(1, &dir)]);
+    // Static files belong to a route: the one every host goes to here.
+    running.proxy.set_default_route(route());
+    running.proxy.set_static_releases(&route(), vec![load(1, &dir)]);
     Site { _tmp: tmp, dir, running, css, js, big }
 }
 
@@ -314,7 +316,7 @@ async fn other_paths_still_reach_the_app_and_without_static_nothing_changes() {
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = release(tmp.path(), "v1", &[("app.js", b"static".to_vec())]);
-    running.proxy.set_static_releases("blog", vec![load(1, &dir)]);
+    running.proxy.set_static_releases(&route(), vec![load(1, &dir)]);
     let r = get_with(running.addr, "/static/app.js", "").await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"static"[..]));
     for path in ["/", "/staticx/app.js", "/static", "/admin/static/app.js"] {
@@ -322,7 +324,7 @@ async fn other_paths_still_reach_the_app_and_without_static_nothing_changes() {
         assert_eq!((r.status, r.body.as_slice()), (200, &b"web"[..]), "{path}");
     }
     // Removing the group gives /static/ back to the app.
-    running.proxy.set_static_releases("blog", vec![]);
+    running.proxy.set_static_releases(&route(), vec![]);
     let r = get_with(running.addr, "/static/app.js", "").await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"web"[..]));
     running.stop().await;
@@ -343,10 +345,12 @@ async fn every_retained_release_is_served_and_the_first_given_wins() {
         &[("css/main.222222222222.css", b"new css".to_vec()), ("robots.txt", b"new robots".to_vec())],
     );
     let running = Running::start(config()).await;
+    // Static files belong to a route: the one every host goes to here.
+    running.proxy.set_default_route(route());
     let addr = running.addr;
     let (v1, v2) = (load(1, &old), load(2, &new));
     // v2 runs: given first, it wins a name both have.
-    running.proxy.set_static_releases("blog", vec![Arc::clone(&v2), Arc::clone(&v1)]);
+    running.proxy.set_static_releases(&route(), vec![Arc::clone(&v2), Arc::clone(&v1)]);
     let r = get_with(addr, "/static/css/main.111111111111.css", "").await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"old css"[..]));
     let r = get_with(addr, "/static/css/main.222222222222.css", "").await;
@@ -356,14 +360,14 @@ async fn every_retained_release_is_served_and_the_first_given_wins() {
 
     // Rolled back to v1: given first, v1 wins although v2 is newer, and
     // v2's hashed files are still served.
-    running.proxy.set_static_releases("blog", vec![Arc::clone(&v1), Arc::clone(&v2)]);
+    running.proxy.set_static_releases(&route(), vec![Arc::clone(&v1), Arc::clone(&v2)]);
     let r = get_with(addr, "/static/robots.txt", "").await;
     assert_eq!(r.body, b"old robots");
     let r = get_with(addr, "/static/css/main.222222222222.css", "").await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"new css"[..]));
 
     // v1 pruned: its assets go with it.
-    running.proxy.set_static_releases("blog", vec![v2]);
+    running.proxy.set_static_releases(&route(), vec![v2]);
     let r = get_with(addr, "/static/css/main.111111111111.css", "").await;
     assert_eq!(r.status, 404);
     assert_eq!(r.header("cache-control").as_deref(), Some("no-store"));

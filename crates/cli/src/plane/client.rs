@@ -22,7 +22,7 @@ use nonstop_core::traffic::{
     Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
     Traffic,
 };
-use nonstop_core::{AppName, InstanceId};
+use nonstop_core::{AppEnv, InstanceId};
 use nonstop_engine::{Ingress, IngressError};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, Read, Write};
@@ -382,9 +382,10 @@ impl PlaneClient {
         })
     }
 
-    pub fn publish_statics(&self, app: &AppName, live: Vec<nonstop_engine::LiveStatics>) {
+    pub fn publish_statics(&self, scope: &AppEnv, live: Vec<nonstop_engine::LiveStatics>) {
         let live: Vec<LiveRelease> = live.into_iter().map(Into::into).collect();
-        self.call_logged("static files", Request::Statics { app: app.clone(), live });
+        let (app, route) = (scope.app.clone(), Some(scope.route()));
+        self.call_logged("static files", Request::Statics { app, live, route });
     }
 }
 

@@ -25,7 +25,7 @@ use crate::home::Home;
 use client::PlaneClient;
 use ingress::ProxyIngress;
 use nonstop_core::traffic::RouteKey;
-use nonstop_core::AppName;
+use nonstop_core::AppEnv;
 use nonstop_engine::{Ingress, IngressError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -93,10 +93,10 @@ pub enum PlaneStatics {
 }
 
 impl PlaneStatics {
-    pub fn publish(&self, app: &AppName, live: Vec<nonstop_engine::LiveStatics>) {
+    pub fn publish(&self, scope: &AppEnv, live: Vec<nonstop_engine::LiveStatics>) {
         match self {
-            PlaneStatics::Local(p) => p.publish(app, live),
-            PlaneStatics::Remote(c) => c.publish_statics(app, live),
+            PlaneStatics::Local(p) => p.publish(&scope.route(), live),
+            PlaneStatics::Remote(c) => c.publish_statics(scope, live),
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::home::Home;
 use crate::statics::StaticPublisher;
 use nonstop_core::process::HealthCheck;
 use nonstop_core::traffic::{Backend, RouteKey, Traffic};
-use nonstop_core::InstanceId;
+use nonstop_core::{AppEnv, EnvironmentId, InstanceId};
 use nonstop_engine::{Ingress, IngressError};
 use nonstop_proxy::{Proxy, ProxyConfig};
 use std::collections::{BTreeMap, HashMap};
@@ -278,9 +278,10 @@ impl DataPlane {
                 }
                 Ok(Reply::Done)
             }
-            Request::Statics { app, live } => {
+            Request::Statics { app, live, route } => {
                 let r = self.running(0);
-                r.statics.publish(&app, live.into_iter().map(Into::into).collect());
+                let route = route.unwrap_or_else(|| AppEnv::new(app, EnvironmentId::default_env()).route());
+                r.statics.publish(&route, live.into_iter().map(Into::into).collect());
                 Ok(Reply::Done)
             }
             Request::Maintenance { route, maintenance } => {

@@ -68,10 +68,14 @@ pub enum Request {
     },
     /// Stop listening.
     Close,
-    /// Serve the static files of exactly these releases of `app`.
+    /// Serve the static files of exactly these releases of `app` to
+    /// `route` (its environment's). A daemon that predates environments
+    /// sends no route: its app's default environment then.
     Statics {
         app: AppName,
         live: Vec<LiveRelease>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        route: Option<RouteKey>,
     },
     /// Maintenance mode of `route` on (`Some`) or off.
     Maintenance {
@@ -315,6 +319,12 @@ pub(crate) mod tests {
             Request::Statics {
                 app: AppName::new("blog").unwrap(),
                 live: vec![LiveRelease { release: ReleaseId(3), dir: "/srv/releases/blog/v3".into(), mounts: vec![] }],
+                route: Some(RouteKey("blog/staging".into())),
+            },
+            Request::Statics {
+                app: AppName::new("blog").unwrap(),
+                live: vec![LiveRelease { release: ReleaseId(3), dir: "/srv/releases/blog/v3".into(), mounts: vec![] }],
+                route: None,
             },
             Request::Maintenance {
                 route: RouteKey("app/default".into()),
