@@ -455,13 +455,15 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
             engine_stop.clone(),
         ),
     };
-    // Once the engine has restored the app (it answers commands only then),
-    // the data plane is brought in line with what it re-adopted.
+    // Once the engine has restored every environment (a controller answers
+    // commands only then), the data plane is brought in line with what
+    // they re-adopted: before, another environment's backends would look
+    // gone and be removed.
     let plane_lost = match &client {
         Some(c) => {
             let (c2, e) = (c.clone(), engine.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(120), e.status()).await {
+                match tokio::time::timeout(Duration::from_secs(120), e.restored()).await {
                     Ok(_) => {
                         let _ = tokio::task::spawn_blocking(move || c2.finish_resync()).await;
                     }

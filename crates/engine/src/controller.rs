@@ -1210,6 +1210,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let rt = self.app.as_mut().expect("checked");
             rt.record.running = true;
             self.store.put_app(&rt.record, self.clock.wall())?;
+            self.publish_statics(&app);
             return Ok((format!("starting {release} again"), true, VecDeque::new()));
         }
         // The environment's config over the file (`config.rs`); the
@@ -2155,6 +2156,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         if op.down {
             if rt.instances.is_empty() {
                 self.ingress.remove_route(&rt.route);
+                // Its static files go with its route (an `up` gives them back).
+                self.builder.serve_statics(&self.scope, Vec::new());
                 self.ingress.close();
                 self.finish_op();
             }

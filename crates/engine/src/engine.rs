@@ -221,6 +221,18 @@ impl EngineHandle {
         }
     }
 
+    /// Returns once every controller started so far has restored its
+    /// environment (each answers requests only then): what a daemon waits
+    /// for before it brings the data plane in line with what was
+    /// re-adopted. Not bounded in time: the caller puts a timeout on it.
+    pub async fn restored(&self) {
+        for scope in self.environments() {
+            // An answer, even an error (an environment that does not run),
+            // means that controller is past its restore.
+            let _ = self.scoped(Some(scope.app), Some(scope.env)).status().await;
+        }
+    }
+
     /// Every app and environment that has a controller.
     pub fn environments(&self) -> Vec<AppEnv> {
         self.dispatcher.map().keys().cloned().collect()

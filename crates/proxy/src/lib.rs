@@ -421,6 +421,24 @@ impl Proxy {
         }
     }
 
+    /// Every route that claims hosts, is the default, or has static files
+    /// or maintenance set: what a restarted daemon compares with the
+    /// environments it restored (a route none of them claims is stale).
+    pub fn routes(&self) -> Vec<RouteKey> {
+        let reg = self.registry();
+        let mut routes: Vec<RouteKey> = reg
+            .claims
+            .route_keys()
+            .chain(reg.claims.default_route())
+            .chain(reg.statics.keys())
+            .chain(reg.maintenance.keys())
+            .cloned()
+            .collect();
+        routes.sort();
+        routes.dedup();
+        routes
+    }
+
     /// Which route claims which host, and the default, as set now.
     pub fn host_claims(&self) -> HostClaims {
         self.registry().claims.clone()

@@ -22,7 +22,7 @@ use nonstop_core::traffic::{
     Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
     Traffic,
 };
-use nonstop_core::{AppEnv, InstanceId};
+use nonstop_core::{AppEnv, AppName, InstanceId};
 use nonstop_engine::{Ingress, IngressError};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, Read, Write};
@@ -53,6 +53,10 @@ struct Conn {
 struct Resync {
     adopted: Vec<Adopted>,
     touched: BTreeSet<InstanceId>,
+    /// Routes the engine set up or took down meanwhile (listen, hosts,
+    /// static files, maintenance, removal): the others the data plane
+    /// holds belong to no environment that runs.
+    routes: BTreeSet<RouteKey>,
 }
 
 pub struct PlaneClient {
@@ -165,7 +169,7 @@ impl PlaneClient {
             table: Mutex::new(backends.into_iter().map(|b| (b.backend.instance.clone(), b)).collect()),
             events: broadcast::channel(1024).0,
             drains: Mutex::new(HashMap::new()),
-            resync: Mutex::new(Some(Resync { adopted: Vec::new(), touched: BTreeSet::new() })),
+            resync: Mutex::new(Some(Resync { adopted: Vec::new(), touched: BTreeSet::new(), routes: BTreeSet::new() })),
             lost: CancellationToken::new(),
         });
         tracing::info!(
@@ -246,7 +250,7 @@ impl PlaneClient {
                 _ = tokio::time::sleep(REFRESH_EVERY) => {}
             }
             let c = Arc::clone(&self);
-            let Ok(Ok(backends)) = tokio::task::spawn_blocking(move || c.table_now()).await else { continue };
+            let Ok(Ok((backends, _))) = tokio::task::spawn_blocking(move || c.table_now()).await else { continue };
             let mut mirror = lock(&self.mirror);
             for b in backends {
                 if let Some(st) = mirror.get_mut(&b.backend.instance) {
@@ -257,9 +261,9 @@ impl PlaneClient {
         }
     }
 
-    fn table_now(&self) -> Result<Vec<PlaneBackend>, PlaneError> {
+    fn table_now(&self) -> Result<(Vec<PlaneBackend>, Vec<RouteKey>), PlaneError> {
         match self.call(Request::Table)? {
-            Reply::Table { backends } => Ok(backends),
+            Reply::Table { backends, routes } => Ok((backends, routes)),
             other => Err(PlaneError::Protocol { reason: format!("a table call answered with {other:?}") }),
         }
     }
@@ -288,14 +292,30 @@ impl PlaneClient {
     /// The engine has restored: keep, add and remove backends so that the
     /// data plane holds what the engine adopted (see `resync.rs`).
     pub fn finish_resync(&self) {
-        let Some(Resync { adopted, touched }) = lock(&self.resync).take() else { return };
-        let table = match self.table_now() {
+        let Some(Resync { adopted, touched, routes: claimed }) = lock(&self.resync).take() else { return };
+        let (table, routes) = match self.table_now() {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!("data plane: cannot read the table to resync ({e}); adding every adopted backend");
-                Vec::new()
+                (Vec::new(), Vec::new())
             }
         };
+        // A route no restored environment claimed (its environment was
+        // brought down or destroyed while no daemon could tell the data
+        // plane): its hosts would answer 503 and refuse to another
+        // environment, its static files would stay loaded.
+        for route in routes.into_iter().filter(|r| !claimed.contains(r)) {
+            tracing::info!(route = %route.0, "data plane: releasing a route no environment runs on");
+            self.remove_route(&route);
+            let app = AppName::new(route.0.split('/').next().unwrap_or_default()).ok();
+            if let Some(app) = app {
+                self.call_logged(
+                    "static files",
+                    Request::Statics { app, live: Vec::new(), route: Some(route.clone()) },
+                );
+            }
+            self.call_logged("maintenance", Request::Maintenance { route, maintenance: None });
+        }
         let actions = resync::decide(&table, &adopted, &touched);
         let (mut kept, mut added, mut removed) = (0, 0, 0);
         for action in actions {
@@ -324,6 +344,13 @@ impl PlaneClient {
             }
         }
         tracing::info!("resynced with the data plane: {kept} backend(s) kept, {added} added, {removed} removed");
+    }
+
+    /// While resyncing: the engine set `route` up (or took it down).
+    fn claimed(&self, route: &RouteKey) {
+        if let Some(r) = lock(&self.resync).as_mut() {
+            r.routes.insert(route.clone());
+        }
     }
 
     fn send_add(&self, route: RouteKey, backend: Backend, check: HealthCheck, initial: InitialHealth) {
@@ -384,6 +411,7 @@ impl PlaneClient {
 
     pub fn publish_statics(&self, scope: &AppEnv, live: Vec<nonstop_engine::LiveStatics>) {
         let live: Vec<LiveRelease> = live.into_iter().map(Into::into).collect();
+        self.claimed(&scope.route());
         let (app, route) = (scope.app.clone(), Some(scope.route()));
         self.call_logged("static files", Request::Statics { app, live, route });
     }
@@ -415,6 +443,7 @@ impl Traffic for PlaneClient {
     }
 
     fn set_maintenance(&self, route: &RouteKey, maintenance: Option<&nonstop_core::maintenance::Maintenance>) {
+        self.claimed(route);
         let request = Request::Maintenance { route: route.clone(), maintenance: maintenance.cloned() };
         self.call_logged("maintenance", request);
     }
@@ -463,6 +492,7 @@ impl Traffic for PlaneClient {
 
 impl Ingress for PlaneClient {
     fn listen(&self, spec: &nonstop_core::process::ProxySpec, route: &RouteKey) -> Result<(), IngressError> {
+        self.claimed(route);
         match self.call(Request::Listen { spec: Box::new(spec.clone()), route: route.clone() }) {
             Ok(_) => Ok(()),
             Err(PlaneError::Listen { addr, reason }) => Err(IngressError::Listen(addr, reason)),
@@ -472,6 +502,7 @@ impl Ingress for PlaneClient {
     }
 
     fn set_hosts(&self, route: &RouteKey, hosts: &[String], default: bool) -> Result<(), IngressError> {
+        self.claimed(route);
         match self.call(Request::Hosts { route: route.clone(), hosts: hosts.to_vec(), default }) {
             Ok(_) => Ok(()),
             Err(PlaneError::Hosts { refusal }) => Err(IngressError::Hosts(refusal)),
@@ -480,6 +511,7 @@ impl Ingress for PlaneClient {
     }
 
     fn remove_route(&self, route: &RouteKey) {
+        self.claimed(route);
         if let Err(e) = self.call(Request::RemoveRoute { route: route.clone() }) {
             tracing::error!(route = %route.0, "data plane: remove route: {}", e.too_old("remove_route"));
         }

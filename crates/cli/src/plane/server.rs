@@ -240,7 +240,10 @@ impl DataPlane {
                 tracing::debug!("data plane: daemon {pid} connected");
                 Ok(Reply::Hello { version: wire::VERSION, pid: std::process::id(), backends: self.backends() })
             }
-            Request::Table => Ok(Reply::Table { backends: self.backends() }),
+            Request::Table => {
+                let routes = self.running.get().map(|r| r.proxy.routes()).unwrap_or_default();
+                Ok(Reply::Table { backends: self.backends(), routes })
+            }
             Request::Add { route, backend, check, initial } => {
                 let r = self.running(0);
                 lock(&self.table).insert(backend.instance.clone(), (route.clone(), backend.clone(), check.clone()));

@@ -247,6 +247,65 @@ async fn hosts_and_route_removal_round_trip_through_the_data_plane() {
     plane.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_releases_the_routes_of_environments_it_did_not_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = Home { dir: dir.path().to_path_buf() };
+    let plane = DataPlane::new(&home, HashMap::new());
+    let sock = dir.path().join("plane.sock");
+    plane.serve(tokio::net::UnixListener::bind(&sock).unwrap());
+    let proxy = plane.proxy_for_tests();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front = listener.local_addr().unwrap();
+    let serving = CancellationToken::new();
+    let (p, s) = (proxy.clone(), serving.clone());
+    let served = tokio::spawn(async move { p.serve(listener, s).await });
+
+    // The first daemon runs production and staging.
+    let (prod, staging) = (RouteKey("blog/production".into()), RouteKey("blog/staging".into()));
+    let (prod_addr, _) = instance("production").await;
+    let (staging_addr, _) = instance("staging").await;
+    let first_stop = CancellationToken::new();
+    let first = PlaneClient::connect(&sock, 1, first_stop.clone()).await.unwrap();
+    let (c, p2, s2) = (Arc::clone(&first), prod.clone(), staging.clone());
+    blocking(move || {
+        c.finish_resync();
+        c.add(&p2, Backend { instance: id(1), addr: prod_addr }, check(), InitialHealth::AssumeHealthy);
+        c.add(&s2, Backend { instance: id(2), addr: staging_addr }, check(), InitialHealth::AssumeHealthy);
+        c.set_hosts(&p2, &hosts(&["blog.test"]), false).unwrap();
+        c.set_hosts(&s2, &hosts(&["staging.blog.test"]), false).unwrap();
+    })
+    .await;
+    assert_eq!(ask(front, "staging.blog.test").await, (200, "staging".into()));
+    first_stop.cancel();
+    drop(first);
+
+    // The next one restores production only (staging was brought down
+    // while no daemon could tell the data plane): staging's route goes.
+    let second_stop = CancellationToken::new();
+    let second = PlaneClient::connect(&sock, 1, second_stop.clone()).await.unwrap();
+    let (c, p2) = (Arc::clone(&second), prod.clone());
+    blocking(move || {
+        c.add(&p2, Backend { instance: id(1), addr: prod_addr }, check(), InitialHealth::AssumeHealthy);
+        c.set_hosts(&p2, &hosts(&["blog.test"]), false).unwrap();
+        c.finish_resync();
+    })
+    .await;
+    assert_eq!(proxy.routes(), vec![prod.clone()]);
+    assert_eq!(proxy.host_claims().get(&staging), None);
+    assert_eq!(ask(front, "blog.test").await, (200, "production".into()));
+    let (status, body) = ask(front, "staging.blog.test").await;
+    assert_eq!(status, 404, "{body}");
+    // Its hosts are free for another environment.
+    let (c, review) = (Arc::clone(&second), RouteKey("blog/review".into()));
+    blocking(move || c.set_hosts(&review, &hosts(&["staging.blog.test"]), false)).await.unwrap();
+
+    serving.cancel();
+    let _ = served.await;
+    second_stop.cancel();
+    plane.stop().await;
+}
+
 /// What a data plane of the previous nonstop knows: every call but the
 /// host calls (only those a client needs to connect are answered here;
 /// decoding with the real `wire::decode` gives the real error).
@@ -287,7 +346,9 @@ async fn old_data_plane(listener: tokio::net::UnixListener) {
                     Ok(OldCall { id, request: OldRequest::Hello { .. } }) => {
                         (id, Ok(Reply::Hello { version: wire::VERSION, pid: 1, backends: Vec::new() }))
                     }
-                    Ok(OldCall { id, request: OldRequest::Table }) => (id, Ok(Reply::Table { backends: Vec::new() })),
+                    Ok(OldCall { id, request: OldRequest::Table }) => {
+                        (id, Ok(Reply::Table { backends: Vec::new(), routes: Vec::new() }))
+                    }
                     Ok(OldCall { id, request: OldRequest::Subscribe }) => (id, Ok(Reply::Done)),
                     Err(e) => {
                         let _ = write.write_all(wire::encode(&Answer { id: 0, result: Err(e) }).as_bytes()).await;

@@ -154,9 +154,22 @@ impl PlaneBackend {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    Hello { version: u32, pid: u32, backends: Vec<PlaneBackend> },
-    Table { backends: Vec<PlaneBackend> },
-    Figures { backends: Vec<BackendFigures> },
+    Hello {
+        version: u32,
+        pid: u32,
+        backends: Vec<PlaneBackend>,
+    },
+    /// `routes`: those the data plane holds hosts, a default, static
+    /// files or maintenance for ([`nonstop_proxy::Proxy::routes`]); empty
+    /// from a data plane that predates environments.
+    Table {
+        backends: Vec<PlaneBackend>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        routes: Vec<RouteKey>,
+    },
+    Figures {
+        backends: Vec<BackendFigures>,
+    },
     Done,
 }
 
@@ -358,7 +371,11 @@ pub(crate) mod tests {
         }
         let answers = vec![
             Answer { id: 1, result: Ok(Reply::Hello { version: VERSION, pid: 42, backends: table.clone() }) },
-            Answer { id: 2, result: Ok(Reply::Table { backends: table }) },
+            Answer {
+                id: 2,
+                result: Ok(Reply::Table { backends: table.clone(), routes: vec![RouteKey("blog/staging".into())] }),
+            },
+            Answer { id: 2, result: Ok(Reply::Table { backends: table, routes: vec![] }) },
             Answer { id: 3, result: Ok(Reply::Done) },
             Answer {
                 id: 7,
