@@ -4,8 +4,6 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,39 +27,6 @@ BEAT_LOCK = "staging-beat.lock"
 count = 1
 "#;
 
-fn get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
-}
-
-/// GETs of `/` on `host` until stopped: (answers that said `expect`,
-/// failures with reasons).
-fn load(
-    addr: SocketAddr,
-    host: &'static str,
-    expect: &'static str,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(u64, Vec<String>)> {
-    std::thread::spawn(move || {
-        let (mut ok, mut failures) = (0u64, Vec::new());
-        while !stop.load(Ordering::Relaxed) {
-            match get(addr, host, "/") {
-                Ok((200, body)) if body.starts_with(expect) => ok += 1,
-                Ok((code, body)) => failures.push(format!("{host}: HTTP {code}: {}", body.trim())),
-                Err(e) => failures.push(format!("{host}: I/O: {e}")),
-            }
-        }
-        (ok, failures)
-    })
-}
-
 #[test]
 fn two_environments_side_by_side_under_one_daemon_routed_by_host() {
     let app = TestApp::new("hello", |s| s + ENVIRONMENTS);
@@ -70,11 +35,11 @@ fn two_environments_side_by_side_under_one_daemon_routed_by_host() {
     let addr = app.proxy();
 
     // Each host reaches its own environment; any other host the default.
-    let (code, body) = get(addr, "blog.test", "/").unwrap();
+    let (code, body) = host_get(addr, "blog.test", "/").unwrap();
     assert_eq!((code, body.starts_with("hello from production")), (200, true), "{body}");
-    let (code, body) = get(addr, "staging.blog.test", "/").unwrap();
+    let (code, body) = host_get(addr, "staging.blog.test", "/").unwrap();
     assert_eq!((code, body.starts_with("hello from staging")), (200, true), "{body}");
-    let (_, body) = get(addr, "elsewhere.test", "/").unwrap();
+    let (_, body) = host_get(addr, "elsewhere.test", "/").unwrap();
     assert!(body.starts_with("hello from production"), "{body}");
 
     // Each is listed with its instances; status addresses one.
@@ -96,8 +61,8 @@ fn two_environments_side_by_side_under_one_daemon_routed_by_host() {
 
     // A deploy in staging while both serve load: no failed request in either.
     let stop = Arc::new(AtomicBool::new(false));
-    let prod = load(addr, "blog.test", "hello from production", stop.clone());
-    let stag = load(addr, "staging.blog.test", "hello from", stop.clone());
+    let prod = host_load(addr, "blog.test", &["hello from production"], stop.clone());
+    let stag = host_load(addr, "staging.blog.test", &["hello from"], stop.clone());
     std::fs::write(app.dir.path().join("VERSION"), "2\n").unwrap();
     let deploy = app.run_with_timeout(&["-e", "staging", "deploy"], Duration::from_secs(240));
     stop.store(true, Ordering::Relaxed);
@@ -128,10 +93,10 @@ fn two_environments_side_by_side_under_one_daemon_routed_by_host() {
     let down = app.run(&["-e", "staging", "down"]);
     down.ok();
     assert!(down.stdout.contains("keeps running hello/production"), "{}", down.stdout);
-    let (code, body) = get(addr, "staging.blog.test", "/").unwrap();
+    let (code, body) = host_get(addr, "staging.blog.test", "/").unwrap();
     assert_eq!(code, 200, "an unclaimed host reaches the default: {body}");
     assert!(body.starts_with("hello from production"), "{body}");
-    let (code, _) = get(addr, "blog.test", "/").unwrap();
+    let (code, _) = host_get(addr, "blog.test", "/").unwrap();
     assert_eq!(code, 200);
 
     // The last one down stops the daemon.

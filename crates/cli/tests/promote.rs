@@ -6,8 +6,7 @@ mod common;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -65,39 +64,6 @@ impl Drop for DownBoth<'_> {
     }
 }
 
-fn get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
-}
-
-/// GETs of `/` on `host` until stopped: (answers, failures with reasons);
-/// an answer must start with one of `expect`.
-fn load(
-    addr: SocketAddr,
-    host: &'static str,
-    expect: &'static [&'static str],
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(u64, Vec<String>)> {
-    std::thread::spawn(move || {
-        let (mut ok, mut failures) = (0u64, Vec::new());
-        while !stop.load(Ordering::Relaxed) {
-            match get(addr, host, "/") {
-                Ok((200, body)) if expect.iter().any(|e| body.starts_with(e)) => ok += 1,
-                Ok((code, body)) => failures.push(format!("{host}: HTTP {code}: {}", body.trim())),
-                Err(e) => failures.push(format!("{host}: I/O: {e}")),
-            }
-        }
-        (ok, failures)
-    })
-}
-
 fn json(r: &Run) -> serde_json::Value {
     r.ok();
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.stdout))
@@ -105,7 +71,7 @@ fn json(r: &Run) -> serde_json::Value {
 
 /// The working directory of the web instance that answers on `host`.
 fn web_cwd(addr: SocketAddr, host: &str) -> PathBuf {
-    let (code, body) = get(addr, host, "/pid").unwrap();
+    let (code, body) = host_get(addr, host, "/pid").unwrap();
     assert_eq!(code, 200, "{body}");
     let pid: i32 = body.trim().parse().unwrap();
     std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap()
@@ -137,7 +103,7 @@ fn promote_runs_stagings_release_in_production_and_config_set_rolls_out_without_
 
     // Staging gets v1.
     app.run_with_timeout(&["-e", "staging", "deploy"], T).ok();
-    let (code, body) = get(addr, "staging.blog.test", "/").unwrap();
+    let (code, body) = host_get(addr, "staging.blog.test", "/").unwrap();
     assert_eq!((code, body.starts_with("hello from staging")), (200, true), "{body}");
 
     // A source that is not there.
@@ -151,7 +117,7 @@ fn promote_runs_stagings_release_in_production_and_config_set_rolls_out_without_
     let stag = json(&app.run(&["-e", "staging", "status", "--json"]));
     assert_eq!((prod["release"].as_u64(), stag["release"].as_u64()), (Some(1), Some(1)));
     assert!(prod["instances"].as_array().unwrap().iter().all(|i| i["release"] == 1), "{prod}");
-    let (_, body) = get(addr, "blog.test", "/env-sha256?name=NONSTOP_RELEASE").unwrap();
+    let (_, body) = host_get(addr, "blog.test", "/env-sha256?name=NONSTOP_RELEASE").unwrap();
     assert_eq!(body.trim(), sha256_hex(b"v1"));
     // The same release directory: the same files, byte for byte.
     let releases = json(&app.run(&["-e", "production", "releases", "--json"]));
@@ -165,7 +131,7 @@ fn promote_runs_stagings_release_in_production_and_config_set_rolls_out_without_
         assert_eq!(sha256_hex(&ran), sha256_hex(&std::fs::read(app.dir.path().join(file)).unwrap()), "{file}");
     }
     // With production's config, through production's release task.
-    let (code, body) = get(addr, "blog.test", "/").unwrap();
+    let (code, body) = host_get(addr, "blog.test", "/").unwrap();
     assert_eq!((code, body.starts_with("hello from production")), (200, true), "{body}");
     let log = std::fs::read_to_string(app.dir.path().join("migrations.log")).unwrap();
     assert_eq!(log.lines().collect::<Vec<_>>(), ["migrated staging v1", "migrated production v1"], "{log}");
@@ -176,9 +142,9 @@ fn promote_runs_stagings_release_in_production_and_config_set_rolls_out_without_
     // A config change in production under load: no failed request, and
     // the new greeting once it returns.
     let stop = Arc::new(AtomicBool::new(false));
-    let prod_load = load(addr, "blog.test", &["hello from production", "bonjour from production"], stop.clone());
-    let stag_load = load(addr, "staging.blog.test", &["hello from staging"], stop.clone());
-    wait_until(T, "load", || get(addr, "blog.test", "/").is_ok());
+    let prod_load = host_load(addr, "blog.test", &["hello from production", "bonjour from production"], stop.clone());
+    let stag_load = host_load(addr, "staging.blog.test", &["hello from staging"], stop.clone());
+    wait_until(T, "load", || host_get(addr, "blog.test", "/").is_ok());
     std::thread::sleep(Duration::from_millis(300));
     let set = app.run_with_timeout(&["-e", "production", "config", "set", "GREETING=bonjour from production"], T);
     std::thread::sleep(Duration::from_millis(300));
@@ -195,10 +161,10 @@ fn promote_runs_stagings_release_in_production_and_config_set_rolls_out_without_
     assert!(stag_failed.is_empty(), "staging failed meanwhile: {:?}", &stag_failed[..stag_failed.len().min(5)]);
     assert!(prod_ok > 0 && stag_ok > 0, "{prod_ok} {stag_ok}");
     for _ in 0..20 {
-        let (code, body) = get(addr, "blog.test", "/").unwrap();
+        let (code, body) = host_get(addr, "blog.test", "/").unwrap();
         assert_eq!((code, body.starts_with("bonjour from production")), (200, true), "{body}");
     }
-    let (_, body) = get(addr, "staging.blog.test", "/").unwrap();
+    let (_, body) = host_get(addr, "staging.blog.test", "/").unwrap();
     assert!(body.starts_with("hello from staging"), "staging keeps its own: {body}");
     // The same build: the same directory, nothing rebuilt.
     assert_eq!(web_cwd(addr, "blog.test"), release_dir.canonicalize().unwrap());
@@ -216,6 +182,6 @@ fn promote_runs_stagings_release_in_production_and_config_set_rolls_out_without_
     // Staging down: nothing to promote.
     app.run(&["-e", "staging", "down"]).ok();
     refused(&app.run(&["promote", "--from", "staging", "--to", "production"]), &["`staging` runs nothing"]);
-    let (_, body) = get(addr, "blog.test", "/").unwrap();
+    let (_, body) = host_get(addr, "blog.test", "/").unwrap();
     assert!(body.starts_with("bonjour from production"), "{body}");
 }

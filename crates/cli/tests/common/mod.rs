@@ -238,9 +238,15 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
 
 /// One GET over a fresh connection; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    host_get(addr, "test", path)
+}
+
+/// One GET for `host` (which picks the environment) over a fresh
+/// connection; returns (status, body).
+pub fn host_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -264,6 +270,28 @@ pub fn pid_alive(pid: i32) -> bool {
         Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
+}
+
+/// GETs of `/` for `host` until `stop` is set: (answers, failures with
+/// reasons); an answer must be a 200 whose body starts with one of
+/// `expect`.
+pub fn host_load(
+    addr: SocketAddr,
+    host: &'static str,
+    expect: &'static [&'static str],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failures) = (0u64, Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match host_get(addr, host, "/") {
+                Ok((200, body)) if expect.iter().any(|e| body.starts_with(e)) => ok += 1,
+                Ok((code, body)) => failures.push(format!("{host}: HTTP {code}: {}", body.trim())),
+                Err(e) => failures.push(format!("{host}: I/O: {e}")),
+            }
+        }
+        (ok, failures)
+    })
 }
 
 /// Concurrent GET load: `workers` threads until `stop` is set. Returns
