@@ -11,38 +11,14 @@
 
 mod common;
 
+use common::django::*;
 use common::*;
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(180);
 const DEPLOY: Duration = Duration::from_secs(300);
 const REDIS_DB: u32 = 13;
-
-/// Fail (never skip) when what the Django example needs is missing.
-fn require_services() {
-    let py = Command::new("python3").args(["-c", "import django, gunicorn, celery, redis, psycopg"]).output();
-    match py {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!(
-            "the Django example's Python packages are missing ({}): run ./scripts/setup \
-             (or python3 -m pip install -r examples/django/requirements.txt)",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => panic!("python3 cannot be run ({e}): install Python 3.11+ and run ./scripts/setup"),
-    }
-    for (what, port) in [("PostgreSQL", 5432), ("Redis", 6379)] {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
-            panic!("{what} is not answering on {addr} ({e}): run ./scripts/setup, which starts it");
-        }
-    }
-}
 
 /// Runs a statement on the local PostgreSQL's `postgres` database.
 fn psql(sql: &str) -> Result<(), String> {
@@ -65,20 +41,6 @@ impl Drop for Database {
             eprintln!("could not drop the test database {}: {e}", self.0);
         }
     }
-}
-
-/// Set `key = value` in `[section]` of the example's simple TOML layout.
-fn set_in_section(spec: &str, section: &str, key: &str, value: &str) -> String {
-    let mut lines: Vec<String> = spec.lines().map(str::to_string).collect();
-    let header = format!("[{section}]");
-    let start = lines.iter().position(|l| l.trim() == header).unwrap_or_else(|| panic!("no {header} in the spec"));
-    let end = (start + 1..lines.len()).find(|&i| lines[i].trim_start().starts_with('[')).unwrap_or(lines.len());
-    let line = format!("{key} = {value}");
-    match (start + 1..end).find(|&i| lines[i].split('=').next().is_some_and(|k| k.trim() == key)) {
-        Some(i) => lines[i] = line,
-        None => lines.insert(start + 1, line),
-    }
-    lines.join("\n") + "\n"
 }
 
 /// The Django example on its own database, Redis database and queue;
@@ -104,134 +66,6 @@ fn release(app: &TestApp, n: u32) {
     let css = app.dir.path().join("notes/static/notes/app.css");
     let base = std::fs::read_to_string(repo_root().join("examples/django/notes/static/notes/app.css")).unwrap();
     std::fs::write(css, format!("{base}/* release {n} */\nbody {{ --release: {n}; }}\n")).unwrap();
-}
-
-/// (status, lower-cased head, body) of one GET on a new connection.
-fn fetch(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
-    Ok((status, head.to_ascii_lowercase(), body.to_string()))
-}
-
-/// Every `href="/static/..."` and `src="/static/..."` of a page.
-fn asset_refs(page: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for attr in ["href=\"/static/", "src=\"/static/"] {
-        let mut rest = page;
-        while let Some(i) = rest.find(attr) {
-            let url = &rest[i + attr.len() - "/static/".len()..];
-            let end = url.find('"').unwrap_or(url.len());
-            out.push(url[..end].to_string());
-            rest = &url[end..];
-        }
-    }
-    out
-}
-
-/// The APP_VERSION a page shows.
-fn page_version(page: &str) -> Option<String> {
-    let tag = "<strong id=\"app-version\">";
-    let i = page.find(tag)? + tag.len();
-    Some(page[i..i + page[i..].find('<')?].to_string())
-}
-
-#[derive(Default)]
-struct Seen {
-    /// Pages per version shown.
-    pages: BTreeMap<String, u64>,
-    /// Asset URLs per version of the page that referenced them.
-    assets: BTreeMap<String, BTreeSet<String>>,
-    asset_requests: u64,
-    failures: Vec<String>,
-}
-
-/// Threads that GET `/` and then every asset the page references, until
-/// finished.
-struct PageLoad {
-    stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<Seen>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl PageLoad {
-    fn start(addr: SocketAddr, workers: usize) -> PageLoad {
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let threads = (0..workers)
-            .map(|_| {
-                let (stop, seen) = (stop.clone(), seen.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        let page = match fetch(addr, "/") {
-                            Ok((200, _, body)) => body,
-                            Ok((code, _, body)) => {
-                                seen.lock().unwrap().failures.push(format!("GET / -> {code}: {}", body.trim()));
-                                continue;
-                            }
-                            Err(e) => {
-                                seen.lock().unwrap().failures.push(format!("GET / -> {e}"));
-                                continue;
-                            }
-                        };
-                        let version = page_version(&page).unwrap_or_else(|| "?".into());
-                        let refs = asset_refs(&page);
-                        let mut failures = Vec::new();
-                        if refs.is_empty() {
-                            failures.push(format!("a page of version {version} references no /static/ asset"));
-                        }
-                        for url in &refs {
-                            match fetch(addr, url) {
-                                Ok((200, _, _)) => {}
-                                Ok((code, head, _)) => {
-                                    failures.push(format!("{url} (page of version {version}) -> {code}\n{head}"))
-                                }
-                                Err(e) => failures.push(format!("{url} (page of version {version}) -> {e}")),
-                            }
-                        }
-                        let mut s = seen.lock().unwrap();
-                        *s.pages.entry(version.clone()).or_default() += 1;
-                        s.asset_requests += refs.len() as u64;
-                        s.assets.entry(version).or_default().extend(refs);
-                        s.failures.extend(failures);
-                    }
-                })
-            })
-            .collect();
-        PageLoad { stop, seen, threads }
-    }
-
-    fn pages_of(&self, version: &str) -> u64 {
-        self.seen.lock().unwrap().pages.get(version).copied().unwrap_or(0)
-    }
-
-    fn finish(self) -> Seen {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        Arc::try_unwrap(self.seen).ok().unwrap().into_inner().unwrap()
-    }
-}
-
-fn assert_clean(what: &str, seen: &Seen) {
-    assert!(
-        seen.failures.is_empty(),
-        "{what}: {} failure(s) in {} pages and {} asset requests; first ones:\n{}",
-        seen.failures.len(),
-        seen.pages.values().sum::<u64>(),
-        seen.asset_requests,
-        seen.failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
-    );
 }
 
 /// The assets a page of `version` references (fetched now).

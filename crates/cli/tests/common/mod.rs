@@ -4,6 +4,8 @@
 //! and process group, even if the test failed.
 #![allow(dead_code)]
 
+pub mod django;
+
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
