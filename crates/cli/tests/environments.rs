@@ -104,3 +104,76 @@ fn two_environments_side_by_side_under_one_daemon_routed_by_host() {
     down.ok();
     assert!(down.stdout.contains("daemon"), "{}", down.stdout);
 }
+
+/// `nonstop ARGS` in `dir`, under `home`'s daemon and proxy address.
+fn beside(home: &TestApp, dir: &std::path::Path, args: &[&str]) -> Run {
+    let child = home.cmd(args).current_dir(dir).spawn().expect("spawn nonstop");
+    let out = wait_output(child, Duration::from_secs(240), &format!("nonstop {}", args.join(" ")));
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn two_apps_under_one_daemon_each_on_its_hosts() {
+    let blog = TestApp::new("hello", |s| s + ENVIRONMENTS);
+    let shop = TestApp::new("hello", |s| {
+        s.replace("app = \"hello\"", "app = \"shop\"")
+            + r#"
+[environments.production]
+hosts = ["shop.test"]
+
+[environments.production.env]
+GREETING = "hello from the shop"
+"#
+    });
+    let addr = blog.proxy();
+    blog.run(&["-e", "production", "up"]).ok();
+    beside(&blog, shop.dir.path(), &["-e", "production", "up"]).ok();
+
+    let (code, body) = host_get(addr, "blog.test", "/").unwrap();
+    assert_eq!((code, body.starts_with("hello from production")), (200, true), "{body}");
+    let (code, body) = host_get(addr, "shop.test", "/").unwrap();
+    assert_eq!((code, body.starts_with("hello from the shop")), (200, true), "{body}");
+    // Each directory addresses its own app.
+    let st = beside(&blog, shop.dir.path(), &["-e", "production", "status", "--json"]);
+    st.ok();
+    let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!((st["app"].as_str(), st["hosts"].clone()), (Some("shop"), serde_json::json!(["shop.test"])));
+
+    // A deploy of the shop while both serve load: no failed request.
+    let stop = Arc::new(AtomicBool::new(false));
+    let blog_load = host_load(addr, "blog.test", &["hello from production"], stop.clone());
+    let shop_load = host_load(addr, "shop.test", &["hello from the shop"], stop.clone());
+    std::fs::write(shop.dir.path().join("VERSION"), "2\n").unwrap();
+    let deploy = beside(&blog, shop.dir.path(), &["-e", "production", "deploy"]);
+    stop.store(true, Ordering::Relaxed);
+    let (blog_ok, blog_failed) = blog_load.join().unwrap();
+    let (shop_ok, shop_failed) = shop_load.join().unwrap();
+    deploy.ok();
+    assert!(blog_ok > 0 && shop_ok > 0, "{blog_ok} {shop_ok}");
+    assert!(blog_failed.is_empty(), "blog: {:?}", &blog_failed[..blog_failed.len().min(5)]);
+    assert!(shop_failed.is_empty(), "shop: {:?}", &shop_failed[..shop_failed.len().min(5)]);
+
+    // A third app whose [proxy] differs is refused, naming both and the fix;
+    // nothing of it starts and the others serve on.
+    let other = TestApp::new("hello", |s| {
+        s.replace("app = \"hello\"", "app = \"other\"").replace("[proxy]\n", "[proxy]\nmax_connections = 77\n")
+    });
+    let refused = beside(&blog, other.dir.path(), &["up"]);
+    assert_ne!(refused.code, 0, "{}", refused.stdout);
+    for word in ["other/default", "share one proxy", "[proxy]"] {
+        assert!(refused.stderr.contains(word), "`{word}` in: {}", refused.stderr);
+    }
+    let (code, _) = host_get(addr, "shop.test", "/").unwrap();
+    assert_eq!(code, 200);
+
+    // Down of one app leaves the other serving.
+    beside(&blog, shop.dir.path(), &["-e", "production", "down"]).ok();
+    let (code, body) = host_get(addr, "blog.test", "/").unwrap();
+    assert_eq!((code, body.starts_with("hello from production")), (200, true), "{body}");
+    let (code, body) = host_get(addr, "shop.test", "/").unwrap();
+    assert!(body.starts_with("hello from production"), "shop.test now reaches the default: {code} {body}");
+}

@@ -87,7 +87,7 @@ pub enum HostsError {
     Claimed { route: RouteKey, host: String, by: RouteKey },
     /// The route `by` is the default already.
     #[error(
-        "{} is already the default environment (for hosts no environment claims), so {} cannot be too; only one may be the default: unset it on one of the two", by.0, route.0
+        "{} is already the default environment (for hosts no environment claims), so {} cannot be too; only one may be the default: set `default = false` (and `hosts` of its own) in the other's [environments.NAME] table; without such tables an app's environment is the default", by.0, route.0
     )]
     SecondDefault { route: RouteKey, by: RouteKey },
     /// `host` is not a host name.

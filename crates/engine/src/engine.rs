@@ -155,7 +155,10 @@ impl Dispatcher {
         let scope = AppEnv::new(app, env.clone());
         if !known.contains(&scope) {
             match creates {
-                Some(new) if new == &scope.app => self.may_create(&scope)?,
+                // A new app or environment: it gets its own controller
+                // (apps share the proxy, told apart by their hosts; the
+                // ingress refuses a [proxy] of another app that differs).
+                Some(new) if new == &scope.app => {}
                 _ => {
                     let mut envs: Vec<String> =
                         known.iter().filter(|s| s.app == scope.app).map(|s| s.env.to_string()).collect();
@@ -185,17 +188,6 @@ impl Dispatcher {
                 drop(gone.inbox);
             }
         }
-    }
-
-    /// A new app in an environment: refused while another app runs there
-    /// (they would share the proxy's listener without a host of their
-    /// own).
-    fn may_create(&self, scope: &AppEnv) -> Result<(), EngineError> {
-        let records = self.store.apps()?;
-        if let Some(other) = records.iter().find(|r| r.environment == scope.env && r.running && r.app != scope.app) {
-            return Err(EngineError::OtherApp { running: other.app.to_string(), requested: scope.app.to_string() });
-        }
-        Ok(())
     }
 }
 

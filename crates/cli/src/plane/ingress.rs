@@ -7,7 +7,7 @@ use crate::keeper::{KeeperLink, SocketKind};
 use nonstop_core::traffic::RouteKey;
 use nonstop_engine::{Ingress, IngressError};
 use nonstop_proxy::{Proxy, ProxyConfig};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,47 @@ pub(crate) struct ProxyIngress {
     /// The keeper, if this daemon has one: it gets a duplicate of every
     /// listening socket, so that the socket outlives a crash.
     keeper: Option<Arc<KeeperLink>>,
+    /// The `[proxy]` each route listened with: apps under one daemon share
+    /// one proxy, so another app's must be the same (`listen` refuses a
+    /// different one, naming both).
+    specs: Mutex<BTreeMap<RouteKey, nonstop_core::process::ProxySpec>>,
+}
+
+/// The app part of a route key (`app/env`).
+fn app_of(route: &RouteKey) -> &str {
+    route.0.split_once('/').map_or(route.0.as_str(), |(app, _)| app)
+}
+
+/// Why `spec` cannot be `route`'s while `other` holds `held`: the first
+/// setting that differs, and the fix. `None` when they agree.
+fn spec_conflict(
+    route: &RouteKey,
+    spec: &nonstop_core::process::ProxySpec,
+    other: &RouteKey,
+    held: &nonstop_core::process::ProxySpec,
+) -> Option<String> {
+    if spec == held {
+        return None;
+    }
+    let what = if spec.listen != held.listen {
+        format!("listens on {} while {} listens on {}", spec.listen, other.0, held.listen)
+    } else if spec.https_listen != held.https_listen {
+        format!(
+            "has https_listen {} while {} has {}",
+            spec.https_listen.map_or("unset".to_string(), |a| a.to_string()),
+            other.0,
+            held.https_listen.map_or("unset".to_string(), |a| a.to_string())
+        )
+    } else {
+        format!("has [proxy] settings (limits, timeouts or TLS) that differ from {}'s", other.0)
+    };
+    Some(format!(
+        "{} {what}: the apps under one nonstop daemon share one proxy. Give `{}` the same [proxy] table as `{}` \
+         (they are told apart by their hosts), or run it under another NONSTOP_HOME",
+        route.0,
+        app_of(route),
+        app_of(other)
+    ))
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -61,6 +102,7 @@ impl ProxyIngress {
             tasks,
             base,
             keeper,
+            specs: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -147,8 +189,16 @@ impl ProxyIngress {
 
 impl Ingress for ProxyIngress {
     fn listen(&self, spec: &nonstop_core::process::ProxySpec, route: &RouteKey) -> Result<(), IngressError> {
-        // Everything that can fail first: bind what is new, check the
-        // settings and certificates; only then change anything.
+        // Everything that can fail first: another app's [proxy], bind what
+        // is new, check the settings and certificates; only then change
+        // anything.
+        if let Some(why) = lock(&self.specs)
+            .iter()
+            .filter(|(other, _)| app_of(other) != app_of(route))
+            .find_map(|(other, held)| spec_conflict(route, spec, other, held))
+        {
+            return Err(IngressError::Config(why));
+        }
         let plain_addr = spec.listen;
         let new_plain = match lock(&self.plain).as_ref() {
             Some(l) if l.addr == plain_addr => None,
@@ -166,6 +216,7 @@ impl Ingress for ProxyIngress {
         }
         self.proxy.set_config(config).map_err(|e| IngressError::Config(e.to_string()))?;
         self.proxy.set_default_route(route.clone());
+        lock(&self.specs).insert(route.clone(), spec.clone());
 
         if let Some((listener, fd)) = new_plain {
             let token = self.shutdown.child_token();
@@ -217,6 +268,7 @@ impl Ingress for ProxyIngress {
 
     fn remove_route(&self, route: &RouteKey) {
         self.proxy.remove_route(route);
+        lock(&self.specs).remove(route);
     }
 
     fn close(&self) {

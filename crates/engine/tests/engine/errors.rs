@@ -78,23 +78,30 @@ async fn a_proxy_address_in_use_changes_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn another_app_in_the_same_home_is_refused() {
+async fn another_app_in_the_same_environment_runs_beside_the_first() {
     let f = Fixture::new();
     let e = f.start();
     e.up(app("blog").web("web", 1).build()).await.unwrap();
-    let calls = f.driver.calls().len();
-
-    let err = e.up(app("shop").web("web", 1).build()).await.unwrap_err();
-    match &err {
-        EngineError::OtherApp { running, requested } => {
-            assert_eq!((running.as_str(), requested.as_str()), ("blog", "shop"))
-        }
-        other => panic!("expected OtherApp, got {other:?}"),
-    }
-    assert_eq!(err.exit_code(), 3);
+    // Two apps can't both answer every host: the second claims its own.
+    let mut shop_spec = app("shop").web("web", 2).build();
+    (shop_spec.hosts, shop_spec.default_host) = (vec!["shop.test".into()], false);
+    e.up(shop_spec).await.unwrap();
     settle().await;
-    assert_eq!(f.driver.calls().len(), calls);
-    assert_eq!(e.status().await.unwrap().app, "blog");
+
+    // Each is addressed by name; unnamed, the environment is ambiguous.
+    let env = e.handle.environment().to_string();
+    let (blog, shop) = (e.env(Some("blog"), &env), e.env(Some("shop"), &env));
+    assert_eq!(blog.status().await.unwrap().instances.len(), 1);
+    assert_eq!(shop.status().await.unwrap().instances.len(), 2);
+    match e.status().await {
+        Err(EngineError::AmbiguousApp { apps, .. }) => assert_eq!(apps, ["blog", "shop"]),
+        other => panic!("expected AmbiguousApp, got {other:?}"),
+    }
+    // Down of one leaves the other running.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    shop.down(tx).await.unwrap();
+    settle().await;
+    assert_eq!(blog.status().await.unwrap().instances.len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
