@@ -253,19 +253,50 @@ impl LatencyHistogram {
 /// an error the proxy answered for it (a failed attempt: 502, 504);
 /// `errors_5xx`: those with a 5xx status (the instance's own, or the
 /// proxy's for a failed attempt on it); `latency`: from forwarding to the
-/// response head (or the failure), one sample per answer.
+/// response head (or the failure), one sample per answer. By status class:
+/// `responses_1xx`, `responses_3xx`, `responses_4xx` and `errors_5xx`; the
+/// rest of `requests` are 2xx ([`BackendFigures::responses_2xx`]).
+/// `upstream_errors`: failed attempts (the instance refused, reset, or did
+/// not answer in time), counted in `errors_5xx` too. A traffic layer that
+/// predates the class counters reports them as zero.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendFigures {
     pub instance: InstanceId,
     pub requests: u64,
     pub errors_5xx: u64,
     pub latency: LatencyHistogram,
+    #[serde(default)]
+    pub responses_1xx: u64,
+    #[serde(default)]
+    pub responses_3xx: u64,
+    #[serde(default)]
+    pub responses_4xx: u64,
+    #[serde(default)]
+    pub upstream_errors: u64,
 }
 
 impl BackendFigures {
     /// Zero counters for `instance`.
     pub fn new(instance: InstanceId) -> Self {
-        Self { instance, requests: 0, errors_5xx: 0, latency: LatencyHistogram::new() }
+        Self {
+            instance,
+            requests: 0,
+            errors_5xx: 0,
+            latency: LatencyHistogram::new(),
+            responses_1xx: 0,
+            responses_3xx: 0,
+            responses_4xx: 0,
+            upstream_errors: 0,
+        }
+    }
+
+    /// The 2xx answers: those of no other class.
+    pub fn responses_2xx(&self) -> u64 {
+        self.requests
+            .saturating_sub(self.errors_5xx)
+            .saturating_sub(self.responses_1xx)
+            .saturating_sub(self.responses_3xx)
+            .saturating_sub(self.responses_4xx)
     }
 
     /// What happened after `earlier` (saturating at zero).
@@ -275,8 +306,23 @@ impl BackendFigures {
             requests: self.requests.saturating_sub(earlier.requests),
             errors_5xx: self.errors_5xx.saturating_sub(earlier.errors_5xx),
             latency: self.latency.since(&earlier.latency),
+            responses_1xx: self.responses_1xx.saturating_sub(earlier.responses_1xx),
+            responses_3xx: self.responses_3xx.saturating_sub(earlier.responses_3xx),
+            responses_4xx: self.responses_4xx.saturating_sub(earlier.responses_4xx),
+            upstream_errors: self.upstream_errors.saturating_sub(earlier.upstream_errors),
         }
     }
+}
+
+/// What the traffic layer answered itself for a route, counted in no
+/// backend's figures (monotonic, since the route was first set up).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteFigures {
+    /// Requests for `[static]` URLs, answered from the static files
+    /// (200, 304, 206, or 404/400 for a name that is not there).
+    pub static_hits: u64,
+    /// Requests answered 503 because no instance was healthy in time.
+    pub no_backend: u64,
 }
 
 /// A share of a route's requests given to some of its backends (a canary):
@@ -339,6 +385,12 @@ pub trait Traffic: Send + Sync + 'static {
 
     /// Every backend of `route` and its counters since it was added.
     fn figures(&self, route: &RouteKey) -> impl Future<Output = Vec<BackendFigures>> + Send;
+
+    /// What the traffic layer answered itself for `route` (static files,
+    /// no instance): zeros from one that cannot say.
+    fn route_figures(&self, _route: &RouteKey) -> impl Future<Output = RouteFigures> + Send {
+        std::future::ready(RouteFigures::default())
+    }
 }
 
 #[cfg(test)]
@@ -466,11 +518,11 @@ mod tests {
         #[test]
         fn figures_since_undo_growth(r in 0u64..1_000, e in 0u64..1_000, dr in 0u64..1_000, de in 0u64..1_000, a in histogram(), b in histogram()) {
             let id = InstanceId::new(crate::ProcessName::new("web").unwrap(), 1, 1);
-            let earlier = BackendFigures { instance: id.clone(), requests: r, errors_5xx: e, latency: a.clone() };
+            let earlier = BackendFigures { requests: r, errors_5xx: e, latency: a.clone(), responses_4xx: e, ..BackendFigures::new(id.clone()) };
             let mut later_latency = a;
             later_latency.merge(&b);
-            let later = BackendFigures { instance: id.clone(), requests: r + dr, errors_5xx: e + de, latency: later_latency };
-            prop_assert_eq!(later.since(&earlier), BackendFigures { instance: id, requests: dr, errors_5xx: de, latency: b });
+            let later = BackendFigures { requests: r + dr, errors_5xx: e + de, latency: later_latency, responses_4xx: e + dr, ..BackendFigures::new(id.clone()) };
+            prop_assert_eq!(later.since(&earlier), BackendFigures { requests: dr, errors_5xx: de, latency: b, responses_4xx: dr, ..BackendFigures::new(id) });
         }
     }
 }

@@ -132,11 +132,17 @@ impl HealthMachine {
 /// A backend's answers, counted on the request path with relaxed atomics
 /// on the backend the request already holds: one increment per answer
 /// (its latency bucket; the number of answers is their sum), one more
-/// per 5xx, and one load of the 5xx streak per other answer.
+/// per answer that is not a 2xx (its status class; 2xx are the rest), one
+/// more per failed attempt, and one load of the 5xx streak per other
+/// answer.
 pub(crate) struct Counters {
     /// Answers by latency bucket ([`nonstop_core::traffic::LATENCY_BOUNDS_US`]).
     latency: [AtomicU64; LATENCY_BUCKETS + 1],
     errors_5xx: AtomicU64,
+    /// 1xx, 3xx and 4xx answers (status classes 1, 3, 4).
+    classes: [AtomicU64; 3],
+    /// Failed attempts (also counted as 5xx).
+    upstream_errors: AtomicU64,
     /// 5xx answers in a row.
     streak: AtomicU32,
     /// The peers' non-5xx and 5xx answers when the streak began.
@@ -149,19 +155,32 @@ impl Counters {
         Self {
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             errors_5xx: AtomicU64::new(0),
+            classes: std::array::from_fn(|_| AtomicU64::new(0)),
+            upstream_errors: AtomicU64::new(0),
             streak: AtomicU32::new(0),
             mark_ok: AtomicU64::new(0),
             mark_5xx: AtomicU64::new(0),
         }
     }
 
-    /// Count one answer, `latency` after the request was forwarded. For a
+    /// Count one answer with `status`, `latency` after the request was
+    /// forwarded (`failed`: the proxy's answer for a failed attempt). For a
     /// 5xx, says what the outlier detection has to do (`threshold`: its
     /// 5xx in a row; 0: nothing).
     #[inline]
-    pub fn answered(&self, latency: Duration, is_5xx: bool, threshold: u32) -> After5xx {
+    pub fn answered(&self, latency: Duration, status: u16, failed: bool, threshold: u32) -> After5xx {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency[latency_bucket(us)].fetch_add(1, Ordering::Relaxed);
+        let is_5xx = status >= 500;
+        match status / 100 {
+            1 => self.classes[0].fetch_add(1, Ordering::Relaxed),
+            3 => self.classes[1].fetch_add(1, Ordering::Relaxed),
+            4 => self.classes[2].fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        if failed {
+            self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        }
         if !is_5xx {
             // A load, and a store only when a streak ends: the line stays
             // shared between workers while the instance answers well.
@@ -195,7 +214,17 @@ impl Counters {
         let errors = self.errors_5xx.load(Ordering::Relaxed);
         let latency = LatencyHistogram { counts: self.latency.iter().map(|c| c.load(Ordering::Relaxed)).collect() };
         let requests = latency.total();
-        BackendFigures { instance: instance.clone(), requests, errors_5xx: errors.min(requests), latency }
+        let class = |i: usize| self.classes[i].load(Ordering::Relaxed);
+        BackendFigures {
+            instance: instance.clone(),
+            requests,
+            errors_5xx: errors.min(requests),
+            latency,
+            responses_1xx: class(0),
+            responses_3xx: class(1),
+            responses_4xx: class(2),
+            upstream_errors: self.upstream_errors.load(Ordering::Relaxed),
+        }
     }
 
     pub fn streak(&self) -> u32 {

@@ -170,6 +170,9 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
     crate::workers::batch_end().await;
     loop {
         let Some(in_flight) = acquire(&inner, config, host.as_ref(), avoid.as_ref()).await else {
+            if let Some(route) = inner.table.load().route_for(host.as_ref().map(HeaderValue::as_bytes)) {
+                route.counters.no_backend.fetch_add(1, Ordering::Relaxed);
+            }
             return error_response(&ProxyError::no_healthy_backend(), request_id, phase, false);
         };
         if needs_host {
@@ -178,8 +181,7 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
         let forwarded = std::time::Instant::now();
         match send(config, &in_flight, req, attempt > 0).await {
             Ok((resp, conn)) => {
-                let is_5xx = resp.status().is_server_error();
-                count_answer(&inner, config, host.as_ref(), in_flight.backend(), forwarded, is_5xx);
+                count_answer(&inner, config, host.as_ref(), in_flight.backend(), forwarded, resp.status(), false);
                 // The same for the response to the client.
                 crate::workers::batch_end().await;
                 return respond(ctx, resp, conn, in_flight, request_id, on_upgrade, phase);
@@ -213,7 +215,7 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
                 // connection the instance had closed), nor for the proxy's
                 // own shortage of descriptors.
                 if err.kind != ErrorKind::LocalExhaustion && (next.is_none() || err.retry != Retry::Unsent) {
-                    count_answer(&inner, config, host.as_ref(), &backend, forwarded, err.status().is_server_error());
+                    count_answer(&inner, config, host.as_ref(), &backend, forwarded, err.status(), true);
                 }
                 match next {
                     Some(again) => {
@@ -245,9 +247,10 @@ fn count_answer(
     host: Option<&HeaderValue>,
     backend: &Arc<BackendState>,
     forwarded: std::time::Instant,
-    is_5xx: bool,
+    status: StatusCode,
+    failed: bool,
 ) {
-    let after = backend.counters.answered(forwarded.elapsed(), is_5xx, config.outlier_consecutive_5xx);
+    let after = backend.counters.answered(forwarded.elapsed(), status.as_u16(), failed, config.outlier_consecutive_5xx);
     if after != crate::outlier::After5xx::Nothing {
         crate::outlier::after_5xx(inner, config.outlier_policy(), host.map(HeaderValue::as_bytes), backend, after);
     }

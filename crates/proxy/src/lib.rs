@@ -162,8 +162,8 @@ use nonstop_core::ids::InstanceId;
 use nonstop_core::ingress::{HostClaims, HostsError};
 use nonstop_core::process::HealthCheck;
 use nonstop_core::traffic::{
-    Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
-    Traffic,
+    Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteFigures,
+    RouteKey, Split, Traffic,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -627,5 +627,11 @@ impl Traffic for Proxy {
             .collect();
         figures.sort_by(|a, b| a.instance.cmp(&b.instance));
         std::future::ready(figures)
+    }
+
+    fn route_figures(&self, route: &RouteKey) -> impl std::future::Future<Output = RouteFigures> + Send {
+        let reg = self.registry();
+        let counters = reg.counters.lock().unwrap_or_else(|p| p.into_inner());
+        std::future::ready(counters.get(route).map(|c| c.figures()).unwrap_or_default())
     }
 }

@@ -250,13 +250,15 @@ pub(crate) async fn serve<B>(
         Some(a) => Some(a.as_str().as_bytes()),
         None => req.headers().get(header::HOST).map(HeaderValue::as_bytes),
     };
-    let Some(table) = snapshot.route_for(host).and_then(|r| r.statics.as_ref()) else {
+    let Some((table, counters)) = snapshot.route_for(host).and_then(|r| Some((r.statics.as_ref()?, &r.counters)))
+    else {
         return Err((request_id, phase));
     };
     let path = req.uri().path();
     let Some((url, files)) = table.mounts.iter().find(|(url, _)| path.starts_with(url.as_str())) else {
         return Err((request_id, phase));
     };
+    counters.static_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let rest = &path[url.len()..];
     if rest.is_empty() || rest.ends_with('/') {
         // A directory: never listed.

@@ -24,8 +24,28 @@ pub(crate) struct Route {
     /// The route's `[static]` files (`statics.rs`): its own releases',
     /// never another route's.
     pub statics: Option<Arc<crate::statics::StaticTable>>,
+    /// What the proxy answered itself for the route; kept across
+    /// snapshots (the registry holds it).
+    pub counters: Arc<RouteCounters>,
     /// Rotating start of the scan: the round-robin tie-break.
     cursor: AtomicUsize,
+}
+
+/// A route's answers that no backend gave ([`nonstop_core::traffic::RouteFigures`]):
+/// relaxed increments on the request path, only for those answers.
+#[derive(Default)]
+pub(crate) struct RouteCounters {
+    pub static_hits: AtomicU64,
+    pub no_backend: AtomicU64,
+}
+
+impl RouteCounters {
+    pub fn figures(&self) -> nonstop_core::traffic::RouteFigures {
+        nonstop_core::traffic::RouteFigures {
+            static_hits: self.static_hits.load(Ordering::Relaxed),
+            no_backend: self.no_backend.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A route's [`Split`] as the request path uses it: the two groups as
@@ -199,6 +219,9 @@ pub(crate) struct Registry {
     pub splits: BTreeMap<RouteKey, (Split, Arc<AtomicU64>)>,
     /// Routes' static files, merged from their releases.
     pub statics: BTreeMap<RouteKey, Arc<crate::statics::StaticTable>>,
+    /// Every route's counters, made with its first snapshot and kept (a
+    /// route set up again counts on).
+    pub counters: std::sync::Mutex<BTreeMap<RouteKey, Arc<RouteCounters>>>,
 }
 
 impl Registry {
@@ -211,6 +234,7 @@ impl Registry {
             grouped.entry(key).or_default();
         }
         let mut routes: HashMap<&RouteKey, Arc<Route>> = HashMap::new();
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         for (key, mut backends) in grouped {
             backends.sort_by(|a, b| a.instance.cmp(&b.instance));
             let backends = backends.into_iter().cloned().collect();
@@ -227,6 +251,7 @@ impl Registry {
                 }
             });
             let statics = self.statics.get(key).cloned();
+            let counters = Arc::clone(counters.entry(key.clone()).or_default());
             routes.insert(
                 key,
                 Arc::new(Route {
@@ -235,6 +260,7 @@ impl Registry {
                     maintenance,
                     split,
                     statics,
+                    counters,
                     cursor: AtomicUsize::new(0),
                 }),
             );

@@ -192,6 +192,10 @@ async fn each_environment_serves_its_own_static_files() {
     // The default route's files answer the hosts nobody claims.
     assert_eq!(ask(p.addr, "other.test", "/static/old.js").await.status, 200);
 
+    // Each route counts the static requests it answered.
+    assert_eq!(p.proxy.route_figures(&production).await.static_hits, 3);
+    assert_eq!(p.proxy.route_figures(&staging).await.static_hits, 2);
+
     // Withdrawing staging's files leaves production's alone; staging's
     // static URLs then go to its app (no instance: 503).
     p.proxy.set_static_releases(&staging, vec![]);

@@ -224,3 +224,46 @@ async fn a_route_where_every_backend_answers_500_ejects_none() {
     assert_eq!(figures.iter().map(|f| f.errors_5xx).collect::<Vec<_>>(), vec![50, 50, 50]);
     running.stop().await;
 }
+
+#[tokio::test]
+async fn figures_count_status_classes_upstream_errors_and_the_routes_own_answers() {
+    // Answers with the status its path names: /s/404 is a 404, and so on.
+    let app = Upstream::with_handler(
+        "app",
+        Arc::new(|req, _state| {
+            let status: u16 = req.uri().path().trim_start_matches("/s/").parse().unwrap_or(200);
+            Box::pin(async move { text(status, "x") })
+        }),
+    )
+    .await;
+    // Closes every connection without answering: the proxy answers 502.
+    let closer = Closer::start().await;
+    let running = Running::serving(&[app.addr]).await;
+    let mut client = Client::new(running.addr);
+    let plan = [(200, 5), (204, 2), (301, 3), (404, 4), (101, 0), (500, 1), (503, 2)];
+    for (status, times) in plan {
+        for _ in 0..times {
+            assert_eq!(client.get(&format!("/s/{status}")).await.status, status);
+        }
+    }
+    let f = &running.proxy.figures(&route()).await[0];
+    assert_eq!(f.requests, 17);
+    assert_eq!((f.responses_2xx(), f.responses_3xx, f.responses_4xx, f.errors_5xx), (7, 3, 4, 3));
+    assert_eq!((f.responses_1xx, f.upstream_errors), (0, 0));
+
+    // A backend that fails: its failed attempts are upstream errors (and
+    // 5xx), counted on it; no healthy backend left: the route's own 503s.
+    running.proxy.remove(&instance(1));
+    running.add(2, closer.addr, lazy_check(), InitialHealth::AssumeHealthy);
+    // Not idempotent: not retried once sent.
+    assert_eq!(client.send(request("POST", "/", "x")).await.unwrap().status, 502);
+    let f = &running.proxy.figures(&route()).await[0];
+    assert_eq!((f.requests, f.errors_5xx, f.upstream_errors), (1, 1, 1));
+    running.proxy.remove(&instance(2));
+    for _ in 0..3 {
+        assert_eq!(client.get("/").await.status, 503);
+    }
+    let own = running.proxy.route_figures(&route()).await;
+    assert_eq!(own, nonstop_core::traffic::RouteFigures { static_hits: 0, no_backend: 3 });
+    running.stop().await;
+}

@@ -19,8 +19,8 @@ use super::server::read_line;
 use super::wire::{self, Answer, Call, Event, LiveRelease, PlaneBackend, PlaneError, Reply, Request};
 use nonstop_core::process::HealthCheck;
 use nonstop_core::traffic::{
-    Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
-    Traffic,
+    Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteFigures,
+    RouteKey, Split, Traffic,
 };
 use nonstop_core::{AppEnv, AppName, InstanceId};
 use nonstop_engine::{Ingress, IngressError};
@@ -346,6 +346,22 @@ impl PlaneClient {
         tracing::info!("resynced with the data plane: {kept} backend(s) kept, {added} added, {removed} removed");
     }
 
+    /// The backends' and the route's figures, in one call. Empty (and
+    /// logged) when the data plane cannot say.
+    fn figures_now(&self, route: &RouteKey) -> (Vec<BackendFigures>, RouteFigures) {
+        match self.call(Request::Figures { route: route.clone() }) {
+            Ok(Reply::Figures { backends, route }) => (backends, route),
+            Ok(other) => {
+                tracing::error!("data plane: a figures call answered with {other:?}");
+                Default::default()
+            }
+            Err(e) => {
+                tracing::error!("data plane: figures: {}", e.too_old("figures"));
+                Default::default()
+            }
+        }
+    }
+
     /// While resyncing: the engine set `route` up (or took it down).
     fn claimed(&self, route: &RouteKey) {
         if let Some(r) = lock(&self.resync).as_mut() {
@@ -458,18 +474,11 @@ impl Traffic for PlaneClient {
     /// A local round trip made at the call, as the other calls are; the
     /// future is ready. Empty (and logged) when the data plane cannot say.
     fn figures(&self, route: &RouteKey) -> impl std::future::Future<Output = Vec<BackendFigures>> + Send {
-        let figures = match self.call(Request::Figures { route: route.clone() }) {
-            Ok(Reply::Figures { backends }) => backends,
-            Ok(other) => {
-                tracing::error!("data plane: a figures call answered with {other:?}");
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::error!("data plane: figures: {}", e.too_old("figures"));
-                Vec::new()
-            }
-        };
-        std::future::ready(figures)
+        std::future::ready(self.figures_now(route).0)
+    }
+
+    fn route_figures(&self, route: &RouteKey) -> impl std::future::Future<Output = RouteFigures> + Send {
+        std::future::ready(self.figures_now(route).1)
     }
 
     fn remove(&self, instance: &InstanceId) {

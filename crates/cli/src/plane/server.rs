@@ -190,8 +190,9 @@ impl DataPlane {
                     self.start_drain(*drain, instance.clone(), Duration::from_millis(*timeout_ms)).await
                 }
                 (Request::Figures { route }, true) => {
-                    let backends = self.running(0).proxy.figures(route).await;
-                    Ok(Reply::Figures { backends })
+                    let proxy = &self.running(0).proxy;
+                    let backends = proxy.figures(route).await;
+                    Ok(Reply::Figures { backends, route: proxy.route_figures(route).await })
                 }
                 (_, true) => self.handle(call.request, pid),
             };

@@ -17,7 +17,8 @@
 use nonstop_core::ingress::HostsError;
 use nonstop_core::process::{HealthCheck, ProxySpec, StaticMount};
 use nonstop_core::traffic::{
-    Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteKey, Split,
+    Backend, BackendFigures, BackendHealth, BackendStatus, DrainOutcome, HealthEvent, InitialHealth, RouteFigures,
+    RouteKey, Split,
 };
 use nonstop_core::{AppName, InstanceId, ReleaseId};
 use serde::de::DeserializeOwned;
@@ -87,8 +88,8 @@ pub enum Request {
         route: RouteKey,
         split: Option<Split>,
     },
-    /// Every backend of `route` with its counters: answered by
-    /// [`Reply::Figures`].
+    /// Every backend of `route` with its counters, and the route's own
+    /// (static files, no instance): answered by [`Reply::Figures`].
     Figures {
         route: RouteKey,
     },
@@ -167,8 +168,11 @@ pub enum Reply {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         routes: Vec<RouteKey>,
     },
+    /// `route`: zeros from a data plane that predates route counters.
     Figures {
         backends: Vec<BackendFigures>,
+        #[serde(default)]
+        route: RouteFigures,
     },
     Done,
 }
@@ -381,7 +385,6 @@ pub(crate) mod tests {
                 id: 7,
                 result: Ok(Reply::Figures {
                     backends: vec![BackendFigures {
-                        instance: id("web.1#4"),
                         requests: 20,
                         errors_5xx: 2,
                         latency: {
@@ -389,7 +392,11 @@ pub(crate) mod tests {
                             h.record(Duration::from_millis(12));
                             h
                         },
+                        responses_4xx: 3,
+                        upstream_errors: 1,
+                        ..BackendFigures::new(id("web.1#4"))
                     }],
+                    route: RouteFigures { static_hits: 7, no_backend: 1 },
                 }),
             },
             Answer { id: 4, result: Err(PlaneError::Version { plane: 2, daemon: 1 }) },

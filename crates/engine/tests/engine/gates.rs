@@ -127,7 +127,7 @@ fn slow_figures(instance: &InstanceId, requests: u64, errors_5xx: u64, each_ms: 
     for _ in 0..requests {
         latency.record(ms(each_ms));
     }
-    BackendFigures { instance: instance.clone(), requests, errors_5xx, latency }
+    BackendFigures { requests, errors_5xx, latency, ..BackendFigures::new(instance.clone()) }
 }
 
 #[tokio::test(start_paused = true)]
