@@ -256,6 +256,9 @@ pub(crate) struct Slow {
     pub held_until: Option<Instant>,
     /// How many times it was ejected.
     pub ejections: u32,
+    /// When its last ejection ended (or ends): past ejections are
+    /// forgiven from then on (`outlier::remembered`).
+    pub last_ejection_end: Option<Instant>,
 }
 
 pub(crate) struct BackendState {
@@ -308,6 +311,7 @@ impl BackendState {
                 ejected: false,
                 held_until: None,
                 ejections: 0,
+                last_ejection_end: None,
             }),
             counters: Counters::new(),
             pool,
@@ -335,6 +339,10 @@ impl BackendState {
     /// How many times it was ejected as an outlier (takes the slow lock).
     pub fn ejections(&self) -> u32 {
         self.slow().ejections
+    }
+
+    pub fn last_ejection_end(&self) -> Option<Instant> {
+        self.slow().last_ejection_end
     }
 
     /// Lock the slow state. The health atomic is only written while this

@@ -85,6 +85,7 @@ impl Shared {
         let Some(health) = slow.machine.eject() else { return };
         slow.ejected = true;
         slow.held_until = Some(until);
+        slow.last_ejection_end = Some(until);
         slow.ejections = ejections;
         backend.counters.reset_streak();
         BackendState::push_check(&mut slow, format!("requests -> {detail}"));

@@ -3,7 +3,10 @@
 //! requests while its peers in the same route answered 2xx/3xx/4xx is
 //! taken out of rotation with [`HealthCause::Outlier`], for
 //! `outlier_base_ejection` × its number of ejections (at most
-//! [`MAX_EJECTION`]). Health checks that pass do not bring it back before
+//! [`MAX_EJECTION`]); one past ejection is forgiven per [`EJECTION_DECAY`]
+//! it stays back after the last one ended (Envoy decrements its multiplier
+//! the same way), so a blip long ago does not lengthen today's ejection.
+//! Health checks that pass do not bring it back before
 //! that (an app whose health view answers while its pages fail lies);
 //! afterwards it comes back through them, as any unhealthy backend. Never
 //! more than half of a route's backends (in rotation or ejected) are out
@@ -26,6 +29,22 @@ use std::time::{Duration, Instant};
 /// Longest ejection, whatever the count.
 pub const MAX_EJECTION: Duration = Duration::from_secs(5 * 60);
 
+/// Back in rotation this long after its last ejection ended, a backend has
+/// one past ejection forgiven (and one more per further period).
+pub const EJECTION_DECAY: Duration = MAX_EJECTION;
+
+/// The past ejections that still count at `now`, of `ejections` whose last
+/// ended at `last_end`.
+pub(crate) fn remembered(ejections: u32, last_end: Option<Instant>, now: Instant) -> u32 {
+    match last_end {
+        Some(end) if now > end => {
+            let steps = now.duration_since(end).as_secs() / EJECTION_DECAY.as_secs();
+            ejections.saturating_sub(u32::try_from(steps).unwrap_or(u32::MAX))
+        }
+        _ => ejections,
+    }
+}
+
 /// What [`decide`] is given about the backend whose streak of 5xx reached
 /// the threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +55,8 @@ pub(crate) struct Candidate {
     pub streak: u32,
     /// How many times it was ejected before.
     pub ejections: u32,
+    /// When its last ejection ended (or ends).
+    pub last_ejection_end: Option<Instant>,
     /// Its peers' non-5xx answers since its streak began.
     pub peers_ok: u64,
     /// Its peers' 5xx answers since its streak began.
@@ -101,7 +122,7 @@ pub(crate) fn decide(policy: Policy, candidate: Candidate, peers: &[Peer], now: 
     if (ejected + 1) * 2 > counted {
         return Decision::Keep;
     }
-    let ejections = candidate.ejections.saturating_add(1);
+    let ejections = remembered(candidate.ejections, candidate.last_ejection_end, now).saturating_add(1);
     Decision::Eject { until: now + ejection_time(policy.base, ejections), ejections }
 }
 
@@ -175,6 +196,7 @@ pub(crate) fn after_5xx(
                     healthy: backend.is_healthy(),
                     streak: backend.counters.streak(),
                     ejections: backend.ejections(),
+                    last_ejection_end: backend.last_ejection_end(),
                     peers_ok: ok.saturating_sub(mark_ok),
                     peers_5xx: bad.saturating_sub(mark_bad),
                 };
@@ -205,7 +227,7 @@ mod tests {
     const POLICY: Policy = Policy { consecutive_5xx: 10, base: Duration::from_secs(10) };
 
     fn candidate(streak: u32, peers_ok: u64) -> Candidate {
-        Candidate { healthy: true, streak, ejections: 0, peers_ok, peers_5xx: 0 }
+        Candidate { healthy: true, streak, ejections: 0, last_ejection_end: None, peers_ok, peers_5xx: 0 }
     }
 
     fn fine() -> Peer {
@@ -224,6 +246,30 @@ mod tests {
         assert_eq!(
             decide(POLICY, again, &[fine(), fine()], now),
             Decision::Eject { until: now + Duration::from_secs(30), ejections: 3 }
+        );
+    }
+
+    #[test]
+    fn past_ejections_are_forgiven_while_it_stays_back() {
+        let now = Instant::now();
+        let ended = |ago: u64| Some(now - Duration::from_secs(ago));
+        // Ejected 3 times; the last ended a minute ago: the 4th is 40 s.
+        let c = Candidate { ejections: 3, last_ejection_end: ended(60), ..candidate(10, 50) };
+        assert_eq!(
+            decide(POLICY, c, &[fine()], now),
+            Decision::Eject { until: now + Duration::from_secs(40), ejections: 4 }
+        );
+        // Eleven minutes back: two of the three forgiven, this is the 2nd.
+        let c = Candidate { last_ejection_end: ended(11 * 60), ..c };
+        assert_eq!(
+            decide(POLICY, c, &[fine()], now),
+            Decision::Eject { until: now + Duration::from_secs(20), ejections: 2 }
+        );
+        // An hour: as if never ejected.
+        let c = Candidate { last_ejection_end: ended(3600), ..c };
+        assert_eq!(
+            decide(POLICY, c, &[fine()], now),
+            Decision::Eject { until: now + Duration::from_secs(10), ejections: 1 }
         );
     }
 
@@ -274,7 +320,7 @@ mod tests {
             let counted = route.iter().filter(|p| p.healthy).count();
             for i in order {
                 let i = i % size;
-                let c = Candidate { healthy: route[i].healthy, streak: 10, ejections: 0, peers_ok: 5, peers_5xx: 0 };
+                let c = Candidate { healthy: route[i].healthy, streak: 10, ejections: 0, last_ejection_end: None, peers_ok: 5, peers_5xx: 0 };
                 let others: Vec<Peer> = route.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, p)| *p).collect();
                 if let Decision::Eject { .. } = decide(POLICY, c, &others, now) {
                     route[i] = Peer { healthy: false, ejected: true, streak: 0 };
@@ -287,7 +333,7 @@ mod tests {
         /// A single decision never takes the route past half.
         #[test]
         fn one_ejection_keeps_half_in(peers in proptest::collection::vec(peer(), 0..12), streak in 0u32..30, ok in 0u64..100, bad in 0u64..100) {
-            let c = Candidate { healthy: true, streak, ejections: 0, peers_ok: ok, peers_5xx: bad };
+            let c = Candidate { healthy: true, streak, ejections: 0, last_ejection_end: None, peers_ok: ok, peers_5xx: bad };
             if let Decision::Eject { .. } = decide(POLICY, c, &peers, Instant::now()) {
                 let counted = 1 + peers.iter().filter(|p| p.healthy || p.ejected).count();
                 let ejected = 1 + peers.iter().filter(|p| p.ejected).count();
@@ -300,7 +346,7 @@ mod tests {
         #[test]
         fn never_ejected_while_peers_fail(peers in proptest::collection::vec(peer(), 0..12), streak in 0u32..30, bad in 0u64..100, failing in 0usize..12) {
             let now = Instant::now();
-            let c = Candidate { healthy: true, streak, ejections: 0, peers_ok: 0, peers_5xx: bad };
+            let c = Candidate { healthy: true, streak, ejections: 0, last_ejection_end: None, peers_ok: 0, peers_5xx: bad };
             prop_assert_eq!(decide(POLICY, c, &peers, now), Decision::Keep);
             if !peers.is_empty() {
                 let mut peers = peers;
@@ -309,6 +355,19 @@ mod tests {
                 let c = Candidate { peers_ok: 1_000, ..c };
                 prop_assert_eq!(decide(POLICY, c, &peers, now), Decision::Keep);
             }
+        }
+
+        /// What is remembered never exceeds the count and only shrinks as
+        /// time goes by.
+        #[test]
+        fn remembered_ejections_only_decay(n in 0u32..50, ago_a in 0u64..100_000, ago_b in 0u64..100_000) {
+            let now = Instant::now() + Duration::from_secs(200_000);
+            let end = now - Duration::from_secs(100_000);
+            let (early, late) = (end + Duration::from_secs(ago_a.min(ago_b)), end + Duration::from_secs(ago_a.max(ago_b)));
+            prop_assert!(remembered(n, Some(end), early) <= n);
+            prop_assert!(remembered(n, Some(end), late) <= remembered(n, Some(end), early));
+            prop_assert_eq!(remembered(n, None, now), n);
+            prop_assert_eq!(remembered(n, Some(now), now), n);
         }
 
         /// Ejection time grows with the count and is capped.
@@ -320,7 +379,7 @@ mod tests {
             prop_assert!(ejection_time(base, hi) <= MAX_EJECTION);
             prop_assert_eq!(ejection_time(base, 1), base.min(MAX_EJECTION));
             let now = Instant::now();
-            let c = Candidate { healthy: true, streak: 10, ejections: lo, peers_ok: 5, peers_5xx: 0 };
+            let c = Candidate { healthy: true, streak: 10, ejections: lo, last_ejection_end: None, peers_ok: 5, peers_5xx: 0 };
             let policy = Policy { consecutive_5xx: 10, base };
             match decide(policy, c, &[fine()], now) {
                 Decision::Eject { until, ejections } => {
