@@ -1,6 +1,7 @@
 #![forbid(unsafe_code)]
 pub mod histogram;
 pub mod key;
+pub mod persist;
 mod ring;
 pub mod store;
 pub mod time;

@@ -74,7 +74,8 @@ impl Limits {
     pub fn max_heap_bytes(&self) -> usize {
         let histograms = self.max_histogram_series.min(self.max_series);
         let scalars = self.max_series - histograms;
-        scalars.saturating_mul(series_heap_bound(Kind::Gauge))
+        scalars
+            .saturating_mul(series_heap_bound(Kind::Gauge))
             .saturating_add(histograms.saturating_mul(series_heap_bound(Kind::Histogram)))
     }
 }
@@ -186,11 +187,9 @@ impl Data {
         match kind {
             Kind::Counter => Data::Counter { total: 0, fine: Ring::new(fine), coarse: Ring::new(coarse) },
             Kind::Gauge => Data::Gauge { last: 0.0, fine: Ring::new(fine), coarse: Ring::new(coarse) },
-            Kind::Histogram => Data::Histogram {
-                total: Box::new(Histogram::new()),
-                fine: Ring::new(fine),
-                coarse: Ring::new(coarse),
-            },
+            Kind::Histogram => {
+                Data::Histogram { total: Box::new(Histogram::new()), fine: Ring::new(fine), coarse: Ring::new(coarse) }
+            }
         }
     }
 
@@ -618,8 +617,7 @@ impl Store {
         series.sort_by_key(|(_, s)| std::cmp::Reverse(s.last));
         for (key, s) in series {
             let histogram = key.metric().kind() == Kind::Histogram;
-            if store.series.len() >= limits.max_series
-                || (histogram && store.histograms >= limits.max_histogram_series)
+            if store.series.len() >= limits.max_series || (histogram && store.histograms >= limits.max_histogram_series)
             {
                 store.evicted += 1;
                 continue;
