@@ -3,6 +3,7 @@
 //! driver is the next. The orchestrator only ever talks to this trait, and
 //! nothing here assumes local processes except the `Locator::Local` variant.
 
+use crate::build::BoxError;
 use crate::ids::{AppName, EnvironmentId, InstanceId, ReleaseId};
 use crate::process::Signal;
 use serde::{Deserialize, Serialize};
@@ -193,16 +194,28 @@ pub struct TaskOutcome {
     pub duration: Duration,
 }
 
+/// Why a driver call failed: what it could not do, and the driver's own
+/// error (kept whole, its source chain included), which says why.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error("could not start {instance}: {reason}")]
-    Start { instance: String, reason: String },
-    #[error("could not stop {instance}: {reason}")]
-    Stop { instance: String, reason: String },
-    #[error("could not run task {name}: {reason}")]
-    Task { name: String, reason: String },
-    #[error("{0}")]
-    Other(String),
+    #[error("could not start {instance}: {source}")]
+    Start {
+        instance: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("could not stop {instance}: {source}")]
+    Stop {
+        instance: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("could not run task {name}: {source}")]
+    Task {
+        name: String,
+        #[source]
+        source: BoxError,
+    },
 }
 
 /// Runs instances. Implementations must make `stop` and `wait_exit` safe to

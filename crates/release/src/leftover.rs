@@ -37,24 +37,41 @@ pub fn command_alive(command: &Locator) -> bool {
     procinfo::is_running(pid, start_time).unwrap_or(true)
 }
 
+/// Why a recorded build command could not be killed.
+#[derive(Debug, thiserror::Error)]
+pub enum KillError {
+    #[error("could not read /proc/{pid}/stat ({source}); nothing was signalled")]
+    Proc {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not kill process group {pid}: {source}; is it running as another user?")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error(
+        "process group {pid} is still there {}s after SIGKILL; check `ps -o pid,stat,wchan:20,cmd -g {pid}`",
+        after.as_secs()
+    )]
+    Lingering { pid: u32, after: Duration },
+}
+
 /// Kill a recorded build command's process group (only while its leader is
 /// provably the recorded process) and wait until the group is gone.
-pub async fn kill_command(command: &Locator) -> Result<StopOutcome, String> {
+pub async fn kill_command(command: &Locator) -> Result<StopOutcome, KillError> {
     let (pid, start_time) = pid_and_start(command);
-    let ours = procinfo::is_running(pid, start_time)
-        .map_err(|e| format!("could not read /proc/{pid}/stat ({e}); nothing was signalled"))?;
+    let ours = procinfo::is_running(pid, start_time).map_err(|source| KillError::Proc { pid, source })?;
     if !ours {
         return Ok(StopOutcome::AlreadyGone);
     }
-    procinfo::signal_group(pid, Signal::SIGKILL)
-        .map_err(|e| format!("could not kill process group {pid}: {e}; is it running as another user?"))?;
+    procinfo::signal_group(pid, Signal::SIGKILL).map_err(|source| KillError::Signal { pid, source })?;
     let deadline = tokio::time::Instant::now() + KILL_WAIT;
     while procinfo::group_exists(pid) {
         if tokio::time::Instant::now() >= deadline {
-            return Err(format!(
-                "process group {pid} is still there {}s after SIGKILL; check `ps -o pid,stat,wchan:20,cmd -g {pid}`",
-                KILL_WAIT.as_secs()
-            ));
+            return Err(KillError::Lingering { pid, after: KILL_WAIT });
         }
         let _ = procinfo::signal_group(pid, Signal::SIGKILL);
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -65,7 +65,7 @@ mod fsutil;
 mod leftover;
 mod snapshot;
 
-pub use leftover::{command_alive, kill_command};
+pub use leftover::{command_alive, kill_command, KillError};
 
 pub use command::TAIL_LINES;
 pub use nonstop_core::driver::ExitStatus;

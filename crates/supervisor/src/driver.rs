@@ -101,6 +101,125 @@ pub enum SupervisorError {
     Logs { path: PathBuf, source: io::Error },
 }
 
+/// Why [`LocalDriver`] could not start an instance or a task: the source
+/// of [`DriverError::Start`] and [`DriverError::Task`].
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("the task has no name; give it one such as `release-task-1`")]
+    TaskUnnamed,
+    #[error("workdir {} is not a directory", .0.display())]
+    WorkdirNotDir(PathBuf),
+    #[error("workdir {} does not exist; check the release directory", .0.display())]
+    WorkdirMissing(PathBuf),
+    #[error("workdir {} is not usable: {source}", path.display())]
+    WorkdirUnusable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not find a free port on 127.0.0.1: {0}")]
+    NoPort(#[source] io::Error),
+    #[error("invalid environment variable name {0:?}: names cannot be empty or contain '='")]
+    EnvName(String),
+    #[error("environment variable {0} contains a NUL byte")]
+    EnvNul(String),
+    /// The instance's data or temporary directory.
+    #[error("could not create {}: {source}; check the free space and permissions of the state directory", path.display())]
+    AppDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A directory of the driver's own under the state directory.
+    #[error("could not create {}: {source}; check the state directory", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not create {}: {source}", path.display())]
+    TaskLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not find a free log file name for task {name} in {}", dir.display())]
+    TaskLogName { name: String, dir: PathBuf },
+    #[error("could not write to {}: {source}; check the state directory", path.display())]
+    Staging {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not run the monitor {program:?}: {source}; check LocalDriverConfig.monitor_command")]
+    MonitorSpawn {
+        program: OsString,
+        #[source]
+        source: io::Error,
+    },
+    /// The monitor did not report a started app; `said`: the end of what
+    /// it wrote to its own log (with its pid), when that adds anything.
+    #[error("{handshake}{}", said.as_ref().map(|(pid, tail)| format!(" (monitor pid {pid} said: {tail})")).unwrap_or_default())]
+    Monitor {
+        #[source]
+        handshake: HandshakeError,
+        said: Option<(u32, String)>,
+    },
+}
+
+/// What went wrong with a monitor's start handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The monitor could not start the app: its own words (it runs in
+    /// another process).
+    #[error("{0}")]
+    Failed(String),
+    #[error("the monitor sent an unreadable handshake ({source}): {line:?}")]
+    Unreadable {
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the monitor exited without a handshake")]
+    Missing,
+    #[error("could not read the monitor's handshake: {0}")]
+    Read(#[source] io::Error),
+    #[error("the monitor did not answer within {}s", .0.as_secs())]
+    Timeout(Duration),
+}
+
+/// Why [`LocalDriver`] could not stop an instance or a task: the source
+/// of [`DriverError::Stop`].
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    /// `/proc` could not be read, so the pid is not proven the instance's.
+    #[error(
+        "could not read /proc/{pid}/stat: {source}; nothing was signalled, as pid {pid} is not proven to be this \
+         instance any more (out of file descriptors? check `ls /proc/{daemon}/fd | wc -l` against `ulimit -n`)"
+    )]
+    ProcUnreadable {
+        pid: u32,
+        /// This process, whose descriptors may have run out.
+        daemon: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("its monitor (pid {monitor_pid}) is still cleaning up after {}s; check `ps -o pid,stat,wchan:20,cmd -g {pid}`", after.as_secs())]
+    MonitorLingers { monitor_pid: u32, pid: u32, after: Duration },
+    #[error("could not signal process group {pid}: {source}; is it running as another user?")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: Errno,
+    },
+    #[error(
+        "still running {}s after SIGKILL; a process may be stuck in uninterruptible I/O: check \
+         `ps -o pid,stat,wchan:20,cmd -g {pid}`",
+        after.as_secs()
+    )]
+    Unkillable { pid: u32, after: Duration },
+}
+
 /// The local process supervisor. Cheap to clone.
 #[derive(Clone)]
 pub struct LocalDriver {
@@ -269,7 +388,7 @@ impl LocalDriver {
     }
 
     /// Spawn a monitor for `params` and wait for its handshake.
-    async fn spawn_monitor(&self, params: &MonitorParams) -> Result<(Loc, PathBuf), String> {
+    async fn spawn_monitor(&self, params: &MonitorParams) -> Result<(Loc, PathBuf), LaunchError> {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let staging =
             self.inner.instances_dir.join(format!("{STAGING_PREFIX}{}-{seq}-{}", std::process::id(), unix_ms_now()));
@@ -279,7 +398,7 @@ impl LocalDriver {
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&staging)
-            .map_err(|e| format!("could not create {}: {e}; check the state directory", staging.display()))?;
+            .map_err(|source| LaunchError::StateDir { path: staging.clone(), source })?;
         let prepared = (|| -> io::Result<std::fs::File> {
             let mut f =
                 std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(staging.join(PARAMS_FILE))?;
@@ -289,9 +408,9 @@ impl LocalDriver {
         })();
         let monitor_log = match prepared {
             Ok(f) => f,
-            Err(e) => {
+            Err(source) => {
                 cleanup(&staging);
-                return Err(format!("could not write to {}: {e}; check the state directory", staging.display()));
+                return Err(LaunchError::Staging { path: staging, source });
             }
         };
 
@@ -304,12 +423,9 @@ impl LocalDriver {
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(monitor_log).kill_on_drop(false);
         let mut child = match command.spawn() {
             Ok(c) => c,
-            Err(e) => {
+            Err(source) => {
                 cleanup(&staging);
-                return Err(format!(
-                    "could not run the monitor {:?}: {e}; check LocalDriverConfig.monitor_command",
-                    cmd[0]
-                ));
+                return Err(LaunchError::MonitorSpawn { program: cmd[0].clone(), source });
             }
         };
         let monitor_pid = child.id().unwrap_or(0);
@@ -320,10 +436,10 @@ impl LocalDriver {
         };
         let handshake = match read {
             Ok(Ok(n)) if n > 0 => serde_json::from_str::<Handshake>(line.trim())
-                .map_err(|e| format!("the monitor sent an unreadable handshake ({e}): {line:?}")),
-            Ok(Ok(_)) => Err("the monitor exited without a handshake".to_string()),
-            Ok(Err(e)) => Err(format!("could not read the monitor's handshake: {e}")),
-            Err(_) => Err(format!("the monitor did not answer within {}s", HANDSHAKE_TIMEOUT.as_secs())),
+                .map_err(|source| HandshakeError::Unreadable { line: line.clone(), source }),
+            Ok(Ok(_)) => Err(HandshakeError::Missing),
+            Ok(Err(e)) => Err(HandshakeError::Read(e)),
+            Err(_) => Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)),
         };
         match handshake {
             Ok(Handshake::Started { pid, start_time, monitor_pid: mpid, monitor_start_time, dir }) => {
@@ -332,22 +448,23 @@ impl LocalDriver {
                 Ok((loc, dir))
             }
             other => {
-                let mut reason = match other {
-                    Ok(Handshake::Failed { reason }) => reason,
+                let handshake = match other {
+                    Ok(Handshake::Failed { reason }) => HandshakeError::Failed(reason),
                     Ok(Handshake::Started { .. }) => unreachable!(),
                     Err(e) => e,
                 };
                 let _ = child.start_kill();
                 let _ = tokio::time::timeout(KILL_WAIT, child.wait()).await;
+                let mut said = None;
                 if let Ok(log) = std::fs::read_to_string(staging.join(MONITOR_LOG)) {
                     let log = log.trim();
-                    if !log.is_empty() && !reason.contains(log) {
+                    if !log.is_empty() && !handshake.to_string().contains(log) {
                         let tail: String = log.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
-                        reason = format!("{reason} (monitor pid {monitor_pid} said: {tail})");
+                        said = Some((monitor_pid, tail));
                     }
                 }
                 cleanup(&staging);
-                Err(reason)
+                Err(LaunchError::Monitor { handshake, said })
             }
         }
     }
@@ -438,9 +555,9 @@ impl LocalDriver {
         signal: Signal,
         timeout: Duration,
     ) -> Result<StopOutcome, DriverError> {
-        let stop_err = |reason: String| DriverError::Stop { instance: label.to_string(), reason };
+        let stop_err = |e: StopError| DriverError::Stop { instance: label.to_string(), source: Box::new(e) };
         let app_running =
-            procinfo::is_running(loc.pid, loc.start_time).map_err(|e| stop_err(proc_unreadable(loc, &e)))?;
+            procinfo::is_running(loc.pid, loc.start_time).map_err(|e| stop_err(proc_unreadable(loc, e)))?;
         if !app_running {
             // Exited on its own: its monitor may still be killing leftovers.
             // (Without a recorded exit the handle is not one of ours.)
@@ -449,20 +566,17 @@ impl LocalDriver {
                 && procinfo::running_or_unknown(loc.monitor_pid, loc.monitor_start_time)
                 && tokio::time::timeout(timeout + KILL_WAIT, self.wait_monitor_gone(loc)).await.is_err()
             {
-                return Err(stop_err(format!(
-                    "its monitor (pid {}) is still cleaning up after {}s; check `ps -o pid,stat,wchan:20,cmd -g {}`",
-                    loc.monitor_pid,
-                    (timeout + KILL_WAIT).as_secs(),
-                    loc.pid
-                )));
+                return Err(stop_err(StopError::MonitorLingers {
+                    monitor_pid: loc.monitor_pid,
+                    pid: loc.pid,
+                    after: timeout + KILL_WAIT,
+                }));
             }
             return Ok(StopOutcome::AlreadyGone);
         }
         let not_permitted = |e: SignalError| match e {
-            SignalError::Signal(e) => {
-                stop_err(format!("could not signal process group {}: {e}; is it running as another user?", loc.pid))
-            }
-            SignalError::Proc(e) => stop_err(proc_unreadable(loc, &e)),
+            SignalError::Signal(source) => stop_err(StopError::Signal { pid: loc.pid, source }),
+            SignalError::Proc(e) => stop_err(proc_unreadable(loc, e)),
         };
         match self.signal_instance(loc, procinfo::to_nix(signal)) {
             Ok(true) => {}
@@ -480,12 +594,7 @@ impl LocalDriver {
         if tokio::time::timeout(KILL_WAIT, self.wait_gone(loc)).await.is_ok() {
             return Ok(StopOutcome::Killed);
         }
-        Err(stop_err(format!(
-            "still running {}s after SIGKILL; a process may be stuck in uninterruptible I/O: check \
-             `ps -o pid,stat,wchan:20,cmd -g {}`",
-            KILL_WAIT.as_secs(),
-            loc.pid
-        )))
+        Err(stop_err(StopError::Unkillable { pid: loc.pid, after: KILL_WAIT }))
     }
 
     async fn wait_exit_loc(&self, loc: Loc, label: &str) -> ExitStatus {
@@ -524,10 +633,9 @@ impl LocalDriver {
     /// `tasks/<name>.<unix-ts>.log`, created empty so that two runs of a
     /// task in the same second never share a file (the later one takes the
     /// next free second).
-    fn new_task_log(&self, task: &TaskSpec) -> Result<PathBuf, String> {
+    fn new_task_log(&self, task: &TaskSpec) -> Result<PathBuf, LaunchError> {
         let dir = logs::logs_dir(self.state_dir(), &task.app, &task.environment).join("tasks");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("could not create {}: {e}; check the state directory", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|source| LaunchError::StateDir { path: dir.clone(), source })?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let name = sanitize_file_name(&task.name);
         for ts in now..now + 1000 {
@@ -535,10 +643,10 @@ impl LocalDriver {
             match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(_) => return Ok(path),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(format!("could not create {}: {e}", path.display())),
+                Err(source) => return Err(LaunchError::TaskLog { path, source }),
             }
         }
-        Err(format!("could not find a free log file name for task {name} in {}", dir.display()))
+        Err(LaunchError::TaskLogName { name, dir })
     }
 
     /// The persistent `NONSTOP_DATA_DIR` of `process` (shared by all the
@@ -553,16 +661,15 @@ impl LocalDriver {
         process: &str,
         tmp_name: &str,
         env: &mut Vec<(String, String)>,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, LaunchError> {
         let root = &self.inner.config.state_dir;
         let data = root.join("data").join(sanitize_file_name(app.as_str())).join(sanitize_file_name(process));
         let create = |dir: &Path, recursive: bool| {
-            std::fs::DirBuilder::new().recursive(recursive).mode(0o700).create(dir).map_err(|e| {
-                format!(
-                    "could not create {}: {e}; check the free space and permissions of the state directory",
-                    dir.display()
-                )
-            })
+            std::fs::DirBuilder::new()
+                .recursive(recursive)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| LaunchError::AppDir { path: dir.to_path_buf(), source })
         };
         create(&data, true)?;
         create(&root.join("tmp"), true)?;
@@ -577,9 +684,9 @@ impl LocalDriver {
     }
 
     async fn start_task_inner(&self, task: TaskSpec) -> Result<TaskHandle, DriverError> {
-        let task_err = |reason: String| DriverError::Task { name: task.name.clone(), reason };
+        let task_err = |e: LaunchError| DriverError::Task { name: task.name.clone(), source: Box::new(e) };
         if task.name.trim().is_empty() {
-            return Err(task_err("the task has no name; give it one such as `release-task-1`".to_string()));
+            return Err(task_err(LaunchError::TaskUnnamed));
         }
         check_workdir(&task.workdir).map_err(task_err)?;
         let mut env = app_env(&task.env, None).map_err(task_err)?;
@@ -639,14 +746,8 @@ enum SignalError {
 }
 
 /// The error for an instance whose `/proc` entry could not be read.
-fn proc_unreadable(loc: Loc, err: &io::Error) -> String {
-    format!(
-        "could not read /proc/{}/stat: {err}; nothing was signalled, as pid {} is not proven to be this instance any \
-         more (out of file descriptors? check `ls /proc/{}/fd | wc -l` against `ulimit -n`)",
-        loc.pid,
-        loc.pid,
-        std::process::id()
-    )
+fn proc_unreadable(loc: Loc, source: io::Error) -> StopError {
+    StopError::ProcUnreadable { pid: loc.pid, daemon: std::process::id(), source }
 }
 
 impl Loc {
@@ -660,26 +761,24 @@ impl Loc {
     }
 }
 
-fn check_workdir(workdir: &Path) -> Result<(), String> {
+fn check_workdir(workdir: &Path) -> Result<(), LaunchError> {
     match std::fs::metadata(workdir) {
         Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(format!("workdir {} is not a directory", workdir.display())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            Err(format!("workdir {} does not exist; check the release directory", workdir.display()))
-        }
-        Err(e) => Err(format!("workdir {} is not usable: {e}", workdir.display())),
+        Ok(_) => Err(LaunchError::WorkdirNotDir(workdir.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(LaunchError::WorkdirMissing(workdir.to_path_buf())),
+        Err(source) => Err(LaunchError::WorkdirUnusable { path: workdir.to_path_buf(), source }),
     }
 }
 
 /// The app's environment: exactly what was given, plus `PORT`, plus PATH,
 /// HOME, LANG and TERM from the daemon when not given.
-fn app_env(given: &[(String, String)], port: Option<u16>) -> Result<Vec<(String, String)>, String> {
+fn app_env(given: &[(String, String)], port: Option<u16>) -> Result<Vec<(String, String)>, LaunchError> {
     for (k, v) in given {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(format!("invalid environment variable name {k:?}: names cannot be empty or contain '='"));
+            return Err(LaunchError::EnvName(k.clone()));
         }
         if v.contains('\0') {
-            return Err(format!("environment variable {k} contains a NUL byte"));
+            return Err(LaunchError::EnvNul(k.clone()));
         }
     }
     let mut env: Vec<(String, String)> =
@@ -719,12 +818,11 @@ fn sanitize_file_name(name: &str) -> String {
 impl Driver for LocalDriver {
     async fn start(&self, launch: LaunchSpec) -> Result<InstanceHandle, DriverError> {
         let label = launch.instance.slot_name();
-        let start_err = |reason: String| DriverError::Start { instance: label.clone(), reason };
+        let start_err = |e: LaunchError| DriverError::Start { instance: label.clone(), source: Box::new(e) };
         check_workdir(&launch.workdir).map_err(start_err)?;
         let port = if launch.wants_port {
             Some(
-                crate::ports::free_port()
-                    .map_err(|e| start_err(format!("could not find a free port on 127.0.0.1: {e}")))?,
+                crate::ports::free_port().map_err(|e| start_err(LaunchError::NoPort(e)))?,
             )
         } else {
             None

@@ -15,7 +15,8 @@ pub mod records;
 pub mod state;
 
 pub use driver::{
-    running_under, LocalDriver, LocalDriverConfig, SupervisorError, DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES,
+    running_under, HandshakeError, LaunchError, LocalDriver, LocalDriverConfig, StopError, SupervisorError,
+    DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES,
 };
 pub use logfile::Stream;
 pub use logs::{LogLine, LogQuery};

@@ -76,12 +76,60 @@ pub fn monitor_main(args: Vec<OsString>) -> i32 {
     let staging = PathBuf::from(dir);
     match Monitor::start(&staging) {
         Ok(monitor) => monitor.run(),
-        Err(reason) => {
-            eprintln!("nonstop monitor: {reason}");
-            let _ = send_handshake(&Handshake::Failed { reason });
+        Err(e) => {
+            eprintln!("nonstop monitor: {e}");
+            // The daemon reads it in another process: its words.
+            let _ = send_handshake(&Handshake::Failed { reason: e.to_string() });
             1
         }
     }
+}
+
+/// Why a monitor could not start its app (sent to the daemon as the
+/// handshake's reason).
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("could not block signals: {0}")]
+    BlockSignals(#[source] Errno),
+    #[error("could not create a signalfd: {0}")]
+    SignalFd(#[source] Errno),
+    #[error("could not become a child subreaper: {0}")]
+    Subreaper(#[source] Errno),
+    #[error("could not read {}; the daemon writes it before starting the monitor", .0.display())]
+    Params(PathBuf),
+    #[error("workdir {} does not exist or is not a directory; check the release directory", .0.display())]
+    Workdir(PathBuf),
+    #[error("could not open the log file {}: {source}; check that the state directory is writable", path.display())]
+    LogFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not run /bin/sh for {label}: {source}")]
+    Spawn {
+        label: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not read /proc/{pid}/stat of {label}")]
+    AppStat { pid: u32, label: String },
+    #[error("could not read /proc/self/stat")]
+    OwnStat,
+    #[error("could not move {} to {}: {source}", from.display(), to.display())]
+    Move {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not write {}: {source}", path.display())]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not send the handshake: {0}")]
+    Handshake(#[source] std::io::Error),
 }
 
 struct Monitor {
@@ -115,7 +163,7 @@ fn detach_stdout() {
 }
 
 impl Monitor {
-    fn start(staging: &Path) -> Result<Monitor, String> {
+    fn start(staging: &Path) -> Result<Monitor, StartError> {
         // Our own session: no terminal's SIGINT/SIGHUP, and not in the
         // daemon's process group. Fails only if we already lead a group.
         let _ = nix::unistd::setsid();
@@ -129,34 +177,25 @@ impl Monitor {
         handled.add(Signal::SIGCHLD);
         // Blocked, not ignored: the app gets a clean signal state (see
         // `reset_signals_in_child`).
-        blocked.thread_block().map_err(|e| format!("could not block signals: {e}"))?;
-        handled.thread_block().map_err(|e| format!("could not block signals: {e}"))?;
+        blocked.thread_block().map_err(StartError::BlockSignals)?;
+        handled.thread_block().map_err(StartError::BlockSignals)?;
         let signals = SignalFd::with_flags(&handled, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-            .map_err(|e| format!("could not create a signalfd: {e}"))?;
+            .map_err(StartError::SignalFd)?;
         // Orphaned grandchildren come to us, so we can reap them and know
         // when the group is really empty, whatever pid 1 does.
-        nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("could not become a child subreaper: {e}"))?;
+        nix::sys::prctl::set_child_subreaper(true).map_err(StartError::Subreaper)?;
 
         let params_path = staging.join(PARAMS_FILE);
-        let params: MonitorParams = read_json(&params_path).ok_or_else(|| {
-            format!("could not read {}; the daemon writes it before starting the monitor", params_path.display())
-        })?;
+        let params: MonitorParams = read_json(&params_path).ok_or_else(|| StartError::Params(params_path.clone()))?;
         // It holds the environment, which may hold secrets.
         let _ = std::fs::remove_file(&params_path);
         let label = params.label();
 
         if !params.workdir.is_dir() {
-            return Err(format!(
-                "workdir {} does not exist or is not a directory; check the release directory",
-                params.workdir.display()
-            ));
+            return Err(StartError::Workdir(params.workdir.clone()));
         }
-        let mut log = LogWriter::open(&params.log_path, params.log_max_bytes, params.log_keep).map_err(|e| {
-            format!(
-                "could not open the log file {}: {e}; check that the state directory is writable",
-                params.log_path.display()
-            )
-        })?;
+        let mut log = LogWriter::open(&params.log_path, params.log_max_bytes, params.log_keep)
+            .map_err(|source| StartError::LogFile { path: params.log_path.clone(), source })?;
 
         let mut command = Command::new("/bin/sh");
         reset_signals_in_child(&mut command);
@@ -171,25 +210,25 @@ impl Monitor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("could not run /bin/sh for {label}: {e}"))?;
+            .map_err(|source| StartError::Spawn { label: label.clone(), source })?;
         let pid = child.id();
         let pgid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
         // Not reaped yet (SIGCHLD is blocked and we have not waited), so
         // the pid is still ours to read.
-        let kill_app = |why: String| -> String {
+        let kill_app = |why: StartError| -> StartError {
             let _ = procinfo::signal_group(pid, Signal::SIGKILL);
             let _ = waitpid(pgid, None);
             why
         };
         let start_time =
-            procinfo::start_time(pid).ok_or_else(|| kill_app(format!("could not read /proc/{pid}/stat of {label}")))?;
+            procinfo::start_time(pid).ok_or_else(|| kill_app(StartError::AppStat { pid, label: label.clone() }))?;
         let monitor_pid = std::process::id();
         let monitor_start_time =
-            procinfo::self_start_time().ok_or_else(|| kill_app("could not read /proc/self/stat".to_string()))?;
+            procinfo::self_start_time().ok_or_else(|| kill_app(StartError::OwnStat))?;
 
         let dir = params.instances_dir.join(instance_dir_name(pid, start_time));
         std::fs::rename(staging, &dir)
-            .map_err(|e| kill_app(format!("could not move {} to {}: {e}", staging.display(), dir.display())))?;
+            .map_err(|source| kill_app(StartError::Move { from: staging.to_path_buf(), to: dir.clone(), source }))?;
         let record = InstanceRecord {
             app: params.app.clone(),
             environment: params.environment.clone(),
@@ -204,7 +243,7 @@ impl Monitor {
         };
         let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
         write_atomic(&dir.join(RECORD_FILE), &json)
-            .map_err(|e| kill_app(format!("could not write {}: {e}", dir.join(RECORD_FILE).display())))?;
+            .map_err(|source| kill_app(StartError::Record { path: dir.join(RECORD_FILE), source }))?;
 
         let _ = log.write_line(Stream::Sys, format!("started {label} (pid {pid})").as_bytes());
         let _ = log.flush();
@@ -217,7 +256,7 @@ impl Monitor {
                 Stream::Sys,
                 format!("the daemon did not take the start handshake ({e}); stopping {label}").as_bytes(),
             );
-            return Err(kill_app(format!("could not send the handshake: {e}")));
+            return Err(kill_app(StartError::Handshake(e)));
         }
         detach_stdout();
 

@@ -186,11 +186,31 @@ pub fn prunable(ages: &[Duration], max_age: Duration, keep: usize) -> Vec<bool> 
     out
 }
 
+/// Why [`stop_recorded`] could not stop what a record names.
+#[derive(Debug, thiserror::Error)]
+pub enum StopRecordedError {
+    #[error("could not signal process group {pid}: {source}")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error(
+        "pid {pid} (monitor {monitor_pid}) still runs {}s after SIGKILL; check `ps -o pid,stat,wchan:20,cmd -g {pid}`",
+        after.as_secs()
+    )]
+    Unkillable { pid: u32, monitor_pid: u32, after: Duration },
+}
+
 /// Stop what a record names, whoever started it: `signal` to the app's
 /// process group, SIGKILL (group and monitor) after `timeout`, and wait
 /// until both the app and its monitor are gone. For `nonstop down` and
 /// `nonstop doctor --repair`, when no daemon knows the instance.
-pub async fn stop_recorded(rec: &InstanceRecord, signal: Signal, timeout: Duration) -> Result<StopOutcome, String> {
+pub async fn stop_recorded(
+    rec: &InstanceRecord,
+    signal: Signal,
+    timeout: Duration,
+) -> Result<StopOutcome, StopRecordedError> {
     let main_running = || liveness(rec.pid, rec.start_time) != Liveness::Gone;
     let monitor_running = || liveness(rec.monitor_pid, rec.monitor_start_time) != Liveness::Gone;
     let all_gone = || !main_running() && !monitor_running();
@@ -209,11 +229,11 @@ pub async fn stop_recorded(rec: &InstanceRecord, signal: Signal, timeout: Durati
     };
     // Only while the pid is provably the recorded one (same start time):
     // then its group id cannot have been reused either.
-    let send = |sig: Signal| -> Result<(), String> {
+    let send = |sig: Signal| -> Result<(), StopRecordedError> {
         if matches!(procinfo::stat(rec.pid), Ok(Some(s)) if s.start_time == rec.start_time) {
             procinfo::signal_group(rec.pid, sig)
                 .and_then(|_| procinfo::signal_process(rec.pid, sig))
-                .map_err(|e| format!("could not signal process group {}: {e}", rec.pid))?;
+                .map_err(|source| StopRecordedError::Signal { pid: rec.pid, source })?;
         }
         Ok(())
     };
@@ -234,13 +254,7 @@ pub async fn stop_recorded(rec: &InstanceRecord, signal: Signal, timeout: Durati
     if wait(KILL_WAIT).await {
         return Ok(StopOutcome::Killed);
     }
-    Err(format!(
-        "pid {} (monitor {}) still runs {}s after SIGKILL; check `ps -o pid,stat,wchan:20,cmd -g {}`",
-        rec.pid,
-        rec.monitor_pid,
-        KILL_WAIT.as_secs(),
-        rec.pid
-    ))
+    Err(StopRecordedError::Unkillable { pid: rec.pid, monitor_pid: rec.monitor_pid, after: KILL_WAIT })
 }
 
 #[cfg(test)]
@@ -351,6 +365,6 @@ mod tests {
             assert!(Instant::now() < deadline, "the sleep in its group is gone too");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(stop_recorded(&rec, Signal::SIGTERM, Duration::from_secs(1)).await, Ok(StopOutcome::AlreadyGone));
+        assert_eq!(stop_recorded(&rec, Signal::SIGTERM, Duration::from_secs(1)).await.unwrap(), StopOutcome::AlreadyGone);
     }
 }

@@ -542,7 +542,7 @@ impl Driver for FakeDriver {
         let result = {
             let mut st = self.state();
             match Self::take_failure(&mut st, &id.process) {
-                Some(reason) => Err(DriverError::Start { instance: id.to_string(), reason }),
+                Some(reason) => Err(DriverError::Start { instance: id.to_string(), source: reason.into() }),
                 None => {
                     let pid = st.next_pid;
                     st.next_pid += 2;
@@ -728,7 +728,7 @@ impl Driver for FakeDriver {
             return std::future::pending().await;
         }
         let Some(mut rx) = rx else {
-            return Err(DriverError::Task { name: handle.name.clone(), reason: "no such task".into() });
+            return Err(DriverError::Task { name: handle.name.clone(), source: "no such task".into() });
         };
         let ended = tokio::select! {
             r = rx.wait_for(|s| s.is_some()) => r.ok().and_then(|s| *s),
