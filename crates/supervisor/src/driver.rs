@@ -821,9 +821,7 @@ impl Driver for LocalDriver {
         let start_err = |e: LaunchError| DriverError::Start { instance: label.clone(), source: Box::new(e) };
         check_workdir(&launch.workdir).map_err(start_err)?;
         let port = if launch.wants_port {
-            Some(
-                crate::ports::free_port().map_err(|e| start_err(LaunchError::NoPort(e)))?,
-            )
+            Some(crate::ports::free_port().map_err(|e| start_err(LaunchError::NoPort(e)))?)
         } else {
             None
         };

@@ -223,8 +223,7 @@ impl Monitor {
         let start_time =
             procinfo::start_time(pid).ok_or_else(|| kill_app(StartError::AppStat { pid, label: label.clone() }))?;
         let monitor_pid = std::process::id();
-        let monitor_start_time =
-            procinfo::self_start_time().ok_or_else(|| kill_app(StartError::OwnStat))?;
+        let monitor_start_time = procinfo::self_start_time().ok_or_else(|| kill_app(StartError::OwnStat))?;
 
         let dir = params.instances_dir.join(instance_dir_name(pid, start_time));
         std::fs::rename(staging, &dir)

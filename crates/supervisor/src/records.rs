@@ -365,6 +365,9 @@ mod tests {
             assert!(Instant::now() < deadline, "the sleep in its group is gone too");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(stop_recorded(&rec, Signal::SIGTERM, Duration::from_secs(1)).await.unwrap(), StopOutcome::AlreadyGone);
+        assert_eq!(
+            stop_recorded(&rec, Signal::SIGTERM, Duration::from_secs(1)).await.unwrap(),
+            StopOutcome::AlreadyGone
+        );
     }
 }
