@@ -2,7 +2,7 @@
 //! the engine's [`SchemaGate`] boundary.
 
 use nonstop_core::database::DatabaseSpec;
-use nonstop_engine::{GateFuture, GateInput, GateOutcome, SchemaGate};
+use nonstop_engine::{GateFuture, GateInput, GateOutcome, SchemaGate, SchemaGateError};
 use nonstop_schema::{breaking_for, env_for, Schema};
 use nonstop_schema::{read_schema, run_gate, run_shell_tasks, GateOptions};
 use std::collections::BTreeMap;
@@ -23,8 +23,8 @@ impl SchemaGate for PgSchemaGate {
                 run_shell_tasks(tasks, dir, vars.into_iter().collect())
             })
             .await
-            .map_err(|e| database.url.redact_in(&e.to_string()))?;
-            let schema = serde_json::to_value(&report.after).map_err(|e| format!("cannot record the schema: {e}"))?;
+            .map_err(|e| SchemaGateError::failed(database.url.redact_in(&e.to_string()), e))?;
+            let schema = serde_json::to_value(&report.after).map_err(|e| SchemaGateError::Encode(e.into()))?;
             Ok(GateOutcome {
                 breaking: report.is_breaking(),
                 report: report.render(),
@@ -37,11 +37,10 @@ impl SchemaGate for PgSchemaGate {
 
     fn behind(&self, database: DatabaseSpec, expected: serde_json::Value) -> GateFuture<Option<String>> {
         Box::pin(async move {
-            let expected: Schema = serde_json::from_value(expected)
-                .map_err(|e| format!("the schema recorded for this release cannot be read ({e})"))?;
+            let expected: Schema = serde_json::from_value(expected).map_err(|e| SchemaGateError::Decode(e.into()))?;
             let actual = read_schema(&database.url, &GateOptions::default())
                 .await
-                .map_err(|e| database.url.redact_in(&e.to_string()))?;
+                .map_err(|e| SchemaGateError::failed(database.url.redact_in(&e.to_string()), e))?;
             let breaking = breaking_for(&expected, &actual);
             if breaking.is_empty() {
                 return Ok(None);

@@ -366,7 +366,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             None => None,
             Some(admin) => {
                 self.secrets_key_for_writing()?;
-                let stored = self.launch_secrets().map_err(|reason| EngineError::Secrets { reason })?;
+                let stored = self.launch_secrets()?;
                 let password = match stored.base_database_url().and_then(|u| u.password().map(str::to_string)) {
                     Some(p) => SecretValue::new(p).map_err(|e| EngineError::Secrets { reason: e.to_string() })?,
                     None => self.base.new_password().map_err(|e| base_error(&e, app, &env))?,
@@ -430,7 +430,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         };
         let (app, env) = (waiting.spec_mut().app.clone(), self.env.clone());
         let who = waiting.who();
-        let current = self.launch_secrets().map_err(|reason| EngineError::Secrets { reason })?;
+        let current = self.launch_secrets()?;
         if let Some(db) = ready.postgres {
             let made = |created: bool| if created { "created" } else { "ready" };
             note(format!(

@@ -12,7 +12,7 @@ use crate::degraded::{Degraded, PendingEvent};
 pub use crate::engine::EngineHandle;
 use crate::error::EngineError;
 use crate::report::*;
-use nonstop_core::driver::{Driver, ExitStatus, InstanceHandle, LaunchSpec, Liveness, StopOutcome};
+use nonstop_core::driver::{Driver, DriverError, ExitStatus, InstanceHandle, LaunchSpec, Liveness, StopOutcome};
 use nonstop_core::process::{AppSpec, ProcessKind, ProcessSpec};
 use nonstop_core::traffic::{Backend, BackendHealth, HealthCause, HealthEvent, InitialHealth, RouteKey, Traffic};
 use nonstop_core::{AppEnv, AppName, Clock, EnvironmentId, InstanceId, ProcessName, ReleaseId};
@@ -247,7 +247,7 @@ impl Command {
 pub(crate) enum Internal {
     Started {
         id: InstanceId,
-        result: Result<InstanceHandle, String>,
+        result: Result<InstanceHandle, StartError>,
     },
     Exited {
         id: InstanceId,
@@ -257,7 +257,7 @@ pub(crate) enum Internal {
         id: InstanceId,
         /// `web.1 (v2, old)`, as it was when the stop began.
         label: String,
-        outcome: Result<StopOutcome, String>,
+        outcome: Result<StopOutcome, DriverCallError>,
     },
     /// The main process ended; the rest of the instance may still be
     /// finishing (its exit comes as `Exited`).
@@ -281,7 +281,7 @@ pub(crate) enum Internal {
     TasksDone {
         deployment: i64,
         post: bool,
-        result: Result<(), String>,
+        result: Result<(), tasks::TasksError>,
     },
     /// A release or post task's process exists: record its handle.
     TaskStarted {
@@ -291,7 +291,7 @@ pub(crate) enum Internal {
     /// A release or post task ended (or could not run, or was stopped).
     TaskEnded {
         task: i64,
-        result: Result<nonstop_core::driver::TaskOutcome, String>,
+        result: Result<nonstop_core::driver::TaskOutcome, tasks::TaskError>,
     },
     /// A build command's process exists: record it.
     BuildCommand {
@@ -307,7 +307,7 @@ pub(crate) enum Internal {
     /// A task left running by an earlier daemon was killed (or could not be).
     TaskKilled {
         task: i64,
-        result: Result<StopOutcome, String>,
+        result: Result<StopOutcome, tasks::KillError>,
     },
     /// The content hash of a pending deploy's app directory.
     Hashed {
@@ -702,7 +702,7 @@ const CHECK_HISTORY: usize = 5;
 /// driver is given and enforces: a driver (a remote API behind it) that
 /// never answers must not hold an instance slot, a stop or a deploy
 /// forever. A call past its deadline is abandoned (dropped) and reported
-/// as failed: [`driver_silent`].
+/// as failed: [`DriverSilent`].
 ///
 /// `start` returns once the process exists, not once it is ready.
 pub(crate) const DRIVER_START_DEADLINE: Duration = Duration::from_secs(120);
@@ -711,13 +711,41 @@ pub(crate) const DRIVER_STOP_MARGIN: Duration = Duration::from_secs(30);
 /// On top of a task's own timeout.
 pub(crate) const DRIVER_TASK_MARGIN: Duration = Duration::from_secs(60);
 
-/// The error for a driver call abandoned at its deadline.
-pub(crate) fn driver_silent(call: &str, deadline: Duration) -> String {
-    format!(
-        "the driver did not answer `{call}` within {} and was given up on; check the machine (or the \
-         cloud API) it drives",
-        fmt_dur(deadline)
-    )
+/// A driver call abandoned at its deadline.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "the driver did not answer `{call}` within {} and was given up on; check the machine (or the cloud API) it \
+     drives",
+    fmt_dur(*deadline)
+)]
+pub(crate) struct DriverSilent {
+    pub(crate) call: &'static str,
+    pub(crate) deadline: Duration,
+}
+
+/// A driver call that failed, or that was given up on. Clone: it comes
+/// back to the controller in an event.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum DriverCallError {
+    #[error(transparent)]
+    Failed(Arc<DriverError>),
+    #[error(transparent)]
+    Silent(#[from] DriverSilent),
+}
+
+impl From<DriverError> for DriverCallError {
+    fn from(e: DriverError) -> Self {
+        DriverCallError::Failed(Arc::new(e))
+    }
+}
+
+/// Why an instance did not start.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum StartError {
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsUnavailable),
+    #[error(transparent)]
+    Driver(#[from] DriverCallError),
 }
 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
@@ -1437,7 +1465,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
     }
 
-    fn on_started(&mut self, id: InstanceId, result: Result<InstanceHandle, String>) {
+    fn on_started(&mut self, id: InstanceId, result: Result<InstanceHandle, StartError>) {
         let (now, wall) = (self.clock.now(), self.clock.wall());
         let Some(rt) = self.app.as_mut() else { return };
         let Some(inst) = rt.instances.get_mut(&id) else { return };
@@ -1482,7 +1510,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             Err(reason) => {
                 let app = rt.record.app.clone();
                 let label = self.instance_label(&id);
-                self.event(&app, "start-failed", Some(&id), &reason);
+                self.event(&app, "start-failed", Some(&id), &reason.to_string());
                 self.progress(format!("{label} could not start: {reason}"));
                 self.on_exited(id, ExitStatus::Code(127));
             }
@@ -1656,7 +1684,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let launch = match launch {
                 Ok(launch) => launch,
                 Err(reason) => {
-                    let _ = tx.send(Internal::Started { id: id2, result: Err(reason) });
+                    let _ = tx.send(Internal::Started { id: id2, result: Err(reason.into()) });
                     return;
                 }
             };
@@ -1664,8 +1692,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 _ = cancel.cancelled() => {}
                 r = tokio::time::timeout(DRIVER_START_DEADLINE, driver.start(launch)) => {
                     let result = match r {
-                        Ok(r) => r.map_err(|e| e.to_string()),
-                        Err(_) => Err(driver_silent("start", DRIVER_START_DEADLINE)),
+                        Ok(r) => r.map_err(|e| DriverCallError::from(e).into()),
+                        Err(_) => Err(DriverCallError::from(DriverSilent { call: "start", deadline: DRIVER_START_DEADLINE }).into()),
                     };
                     let _ = tx.send(Internal::Started { id: id2, result });
                 }
@@ -1752,8 +1780,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 _ = cancel.cancelled() => {}
                 r = tokio::time::timeout(deadline, work) => {
                     let outcome = match r {
-                        Ok(r) => r.map_err(|e| e.to_string()),
-                        Err(_) => Err(driver_silent("stop", deadline)),
+                        Ok(r) => r.map_err(DriverCallError::from),
+                        Err(_) => Err(DriverSilent { call: "stop", deadline }.into()),
                     };
                     let _ = tx.send(Internal::Stopped { id: id2, label, outcome });
                 }

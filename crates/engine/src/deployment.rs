@@ -15,9 +15,36 @@ use super::*;
 use nonstop_plan::deploy::DeployPhase;
 use nonstop_plan::deployment::{
     advance, Action as DeployAction, Deployment, DeploymentKind, Event, Failure, FailureKind, GateMode, Limits,
-    Margins, Outcome, Phase as DeploymentPhase, RollTo, Shape,
+    Margins, Outcome, Phase as DeploymentPhase, RollTo, Shape, WorkError,
 };
 use nonstop_store::{DeploymentStatus, ReleaseRecord, ReleaseStatus};
+
+/// Why a deployment's build failed: what the deployment records after
+/// "the build failed: ".
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum BuildFailed {
+    #[error(transparent)]
+    NotRecorded(#[from] super::tasks::NotRecorded),
+    /// The release's record could not be read back (or is missing).
+    #[error("the record of {release} is gone")]
+    RecordGone {
+        release: ReleaseId,
+        #[source]
+        source: Option<Arc<nonstop_store::StoreError>>,
+    },
+    /// The builder's own error.
+    #[error(transparent)]
+    Build(Arc<BuildError>),
+    #[error("cannot record {release}: {source}")]
+    Record {
+        release: ReleaseId,
+        #[source]
+        source: Arc<nonstop_store::StoreError>,
+    },
+    /// Built, but its commands cannot run from the release's directory.
+    #[error("{release} cannot run as specified:\n  {}", problems.join("\n  "))]
+    CannotRun { release: ReleaseId, problems: Vec<String> },
+}
 
 pub(crate) fn ms_since_epoch(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
@@ -324,8 +351,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     fn spawn_build(&mut self) {
         // Every build command is recorded before the build starts, and
         // with its process as soon as that exists (see `tasks.rs`).
-        if let Err(reason) = self.record_build_commands() {
-            self.feed(Event::Built { result: Err(reason) });
+        if let Err(e) = self.record_build_commands() {
+            self.built(Err(e.into()));
             return;
         }
         let Some(run) = self.deployment.as_ref() else { return };
@@ -371,26 +398,22 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     }
 
     pub(crate) fn deploy_on_built(&mut self, deployment: i64, result: Result<BuildOutput, BuildError>) {
-        let failed = result.as_ref().err().map(ToString::to_string);
-        self.finish_build_commands(deployment, failed.as_ref());
+        self.finish_build_commands(deployment, result.as_ref().err());
         let Some(run) = self.deployment.as_mut().filter(|r| r.record.id == deployment) else { return };
         let app = run.to.spec.app.clone();
         let release = run.to.id;
         let build_ms = self.clock.now().saturating_duration_since(run.started).as_millis() as u64;
         let mut rec = match self.store.release(&app, release) {
             Ok(Some(r)) => r,
-            _ => {
-                self.feed(Event::Built { result: Err(format!("the record of {release} is gone")) });
-                return;
-            }
+            Ok(None) => return self.built(Err(BuildFailed::RecordGone { release, source: None })),
+            Err(e) => return self.built(Err(BuildFailed::RecordGone { release, source: Some(Arc::new(e)) })),
         };
         let out = match result {
             Ok(out) => out,
-            Err(reason) => {
+            Err(e) => {
                 rec.status = ReleaseStatus::Failed;
                 let _ = self.store.put_release(&rec);
-                let reason = self.redact(&reason.to_string());
-                self.feed(Event::Built { result: Err(reason) });
+                self.built(Err(BuildFailed::Build(Arc::new(e))));
                 return;
             }
         };
@@ -401,7 +424,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         rec.content_hash = out.content_hash.clone();
         rec.build_ms = build_ms;
         if let Err(e) = self.store.put_release(&rec) {
-            self.feed(Event::Built { result: Err(format!("cannot record {release}: {e}")) });
+            self.built(Err(BuildFailed::Record { release, source: Arc::new(e) }));
             return;
         }
         run.to.workdir = out.dir.clone();
@@ -417,19 +440,37 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             ));
         }
         if !problems.is_empty() {
-            let reason = format!("{release} cannot run as specified:\n  {}", problems.join("\n  "));
-            self.feed(Event::Built { result: Err(reason) });
+            self.built(Err(BuildFailed::CannotRun { release, problems }));
             return;
         }
         self.publish_statics(&app);
-        self.feed(Event::Built { result: Ok(()) });
+        self.built(Ok(()));
     }
 
-    pub(crate) fn deploy_on_tasks(&mut self, deployment: i64, post: bool, result: Result<(), String>) {
+    /// The build's end, to the machine.
+    fn built(&mut self, result: Result<(), BuildFailed>) {
+        let result = result.map_err(|e| self.work_error(e));
+        self.feed(Event::Built { result });
+    }
+
+    pub(crate) fn deploy_on_tasks(
+        &mut self,
+        deployment: i64,
+        post: bool,
+        result: Result<(), super::tasks::TasksError>,
+    ) {
         if self.deployment.as_ref().is_none_or(|r| r.record.id != deployment) {
             return;
         }
+        let result = result.map_err(|e| self.work_error(e));
         self.feed(Event::TasksEnded { post, result });
+    }
+
+    /// An error of the deployment's work as the machine records it: its
+    /// words without any secret value (a build's or task's output may
+    /// show one), the error itself kept as the source.
+    fn work_error(&self, e: impl std::error::Error + Send + Sync + 'static) -> WorkError {
+        WorkError::new(self.redact(&e.to_string()), e)
     }
 
     fn adopt_first_release(&mut self) {

@@ -17,7 +17,38 @@ use nonstop_plan::deployment::{DeploymentKind, Event, GateVerdict};
 use std::future::Future;
 use std::pin::Pin;
 
-pub type GateFuture<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send>>;
+pub type GateFuture<T> = Pin<Box<dyn Future<Output = Result<T, SchemaGateError>> + Send>>;
+
+/// Why the migration gate gave no answer. The deployment records its
+/// words (with any secret value taken out); they must never hold a
+/// password.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SchemaGateError {
+    #[error("this daemon has no migration gate")]
+    NoGate,
+    /// The gate could not run (the database, the scratch copy, the
+    /// tasks): `message` is its error's words with the database's URL
+    /// redacted; the error itself is the source.
+    #[error("{message}")]
+    Failed {
+        message: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// The schema the tasks left cannot be recorded.
+    #[error("cannot record the schema: {0}")]
+    Encode(#[source] Arc<serde_json::Error>),
+    /// The schema recorded for the release cannot be read back.
+    #[error("the schema recorded for this release cannot be read ({0})")]
+    Decode(#[source] Arc<serde_json::Error>),
+}
+
+impl SchemaGateError {
+    /// The gate's own error, worded as `message` (its words, redacted).
+    pub fn failed(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SchemaGateError::Failed { message: message.into(), source: Arc::new(source) }
+    }
+}
 
 /// What the gate runs for a deploy.
 #[derive(Debug, Clone)]
@@ -65,18 +96,20 @@ pub struct NoSchemaGate;
 
 impl SchemaGate for NoSchemaGate {
     fn check(&self, _: GateInput) -> GateFuture<GateOutcome> {
-        Box::pin(async { Err("this daemon has no migration gate".to_string()) })
+        Box::pin(async { Err(SchemaGateError::NoGate) })
     }
     fn behind(&self, _: DatabaseSpec, _: serde_json::Value) -> GateFuture<Option<String>> {
-        Box::pin(async { Err("this daemon has no migration gate".to_string()) })
+        Box::pin(async { Err(SchemaGateError::NoGate) })
     }
 }
 
 /// The gate's answer, back on the engine's task.
 #[derive(Debug)]
 pub(crate) enum GateAnswer {
-    Deploy(Result<GateOutcome, String>),
-    Rollback(Result<Option<String>, String>),
+    Deploy(Result<GateOutcome, SchemaGateError>),
+    Rollback(Result<Option<String>, SchemaGateError>),
+    /// The deployment stopped the gate (its scratch database dropped).
+    Stopped,
 }
 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
@@ -85,8 +118,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         // The release tasks get the app's secrets on the scratch copy too.
         let gate_secrets = match self.launch_secrets() {
             Ok(s) => s,
-            Err(detail) => {
-                self.feed(Event::Gate { verdict: GateVerdict::Error { detail } });
+            Err(e) => {
+                self.feed(Event::Gate { verdict: GateVerdict::Error { detail: e.to_string() } });
                 return;
             }
         };
@@ -149,7 +182,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let answer = tokio::select! {
                 answer = future => answer,
                 // The scratch database is dropped with the future.
-                () = cancel.cancelled() => GateAnswer::Deploy(Err("stopped".into())),
+                () = cancel.cancelled() => GateAnswer::Stopped,
             };
             let _ = tx.send(Internal::GateChecked { deployment: id, answer });
         });
@@ -162,7 +195,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let Some(run) = self.deployment.as_ref().filter(|r| r.record.id == deployment) else { return };
         let (app, release) = (run.to.spec.app.clone(), run.to.id);
         let verdict = match answer {
-            GateAnswer::Deploy(Err(detail)) | GateAnswer::Rollback(Err(detail)) => GateVerdict::Error { detail },
+            GateAnswer::Deploy(Err(e)) | GateAnswer::Rollback(Err(e)) => {
+                // The tasks' output in it may show a secret they were given.
+                GateVerdict::Error { detail: self.redact(&e.to_string()) }
+            }
+            GateAnswer::Stopped => GateVerdict::Error { detail: "stopped".into() },
             GateAnswer::Deploy(Ok(outcome)) => {
                 for line in outcome.report.lines() {
                     self.progress(format!("migration gate: {line}"));

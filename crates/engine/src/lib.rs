@@ -24,7 +24,7 @@ pub use controller::base::{
 };
 pub use controller::config::{credential_refusal, ConfigReport};
 pub use controller::environments::{CreateEnvironment, DropDatabase};
-pub use controller::gate::{GateFuture, GateInput, GateOutcome, NoSchemaGate, SchemaGate};
+pub use controller::gate::{GateFuture, GateInput, GateOutcome, NoSchemaGate, SchemaGate, SchemaGateError};
 pub use controller::promote::PromoteRequest;
 pub use controller::secrets::{SecretInfo, SecretReport, SecretsKeyConfig, SecretsList};
 pub use controller::statics::{live_statics_at_start, LiveStatics};

@@ -47,6 +47,18 @@ use nonstop_secrets::{
 use nonstop_store::NewSecretVersion;
 use zeroize::Zeroizing;
 
+/// A process (instance, task, the gate's run of the tasks) that cannot
+/// have its secrets is not started: why.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("not started: its secrets cannot be read: {0}")]
+pub(crate) struct SecretsUnavailable(#[source] pub(crate) EngineError);
+
+impl From<SecretsUnavailable> for EngineError {
+    fn from(e: SecretsUnavailable) -> Self {
+        EngineError::Secrets { reason: e.to_string() }
+    }
+}
+
 /// Where a daemon finds its secrets key: `NONSTOP_SECRETS_KEY` (the value
 /// the daemon was started with), else `HOME/secrets.key`.
 #[derive(Clone, Default)]
@@ -545,7 +557,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     /// The snapshot a process starting now gets: read on first need. The
     /// error says why it cannot start.
-    pub(crate) fn launch_secrets(&mut self) -> Result<Arc<Loaded>, String> {
+    pub(crate) fn launch_secrets(&mut self) -> Result<Arc<Loaded>, SecretsUnavailable> {
         if let Some(loaded) = &self.secrets.current {
             return Ok(loaded.clone());
         }
@@ -555,7 +567,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 self.secrets.current = Some(loaded.clone());
                 Ok(loaded)
             }
-            Err(e) => Err(format!("not started: its secrets cannot be read: {e}")),
+            Err(e) => Err(SecretsUnavailable(e)),
         }
     }
 
@@ -593,7 +605,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
     }
 
-    /// The migration gate's answer, redacted.
+    /// The migration gate's reports, redacted (its errors are, as they
+    /// become the verdict's words).
     pub(crate) fn redact_gate(&self, answer: gate::GateAnswer) -> gate::GateAnswer {
         use gate::GateAnswer;
         let r = |s: String| self.redact(&s);
@@ -602,9 +615,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 outcome.report = r(outcome.report);
                 GateAnswer::Deploy(Ok(outcome))
             }
-            GateAnswer::Deploy(Err(e)) => GateAnswer::Deploy(Err(r(e))),
             GateAnswer::Rollback(Ok(report)) => GateAnswer::Rollback(Ok(report.map(r))),
-            GateAnswer::Rollback(Err(e)) => GateAnswer::Rollback(Err(r(e))),
+            other => other,
         }
     }
 }

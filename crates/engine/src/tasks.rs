@@ -49,6 +49,88 @@ fn pid_words(rec: &TaskRecord) -> String {
     }
 }
 
+/// How a release or post task's run went wrong, other than by its own
+/// exit.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum TaskError {
+    /// Its deployment was stopped (cancel, timeout) and stopped it.
+    #[error("cancelled{}", stop_words(stop))]
+    Cancelled { stop: Option<DriverCallError> },
+    #[error("could not run: {0}")]
+    Start(#[source] Arc<DriverError>),
+    #[error("could not be waited for: {0}")]
+    Wait(#[source] Arc<DriverError>),
+    /// A driver call was given up on (then the task was stopped, if it
+    /// had started).
+    #[error("{silent}{}", stop_words(stop))]
+    Silent {
+        #[source]
+        silent: DriverSilent,
+        stop: Option<DriverCallError>,
+    },
+    /// Recorded, but its process could not be found again after a
+    /// restart.
+    #[error("its process could not be found")]
+    Lost,
+}
+
+/// How the stop that followed went, when it failed.
+fn stop_words(stop: &Option<DriverCallError>) -> String {
+    match stop {
+        None => String::new(),
+        Some(DriverCallError::Failed(e)) => format!("; stopping it failed: {e}"),
+        Some(silent @ DriverCallError::Silent(_)) => format!("; {silent}"),
+    }
+}
+
+/// A task (or build command) not started because its record could not
+/// be written: nothing runs unrecorded.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{task} was not started: it could not be recorded ({source})")]
+pub(crate) struct NotRecorded {
+    /// `release task 1/2`, as `TaskRecord::describe` says.
+    task: String,
+    #[source]
+    source: Arc<nonstop_store::StoreError>,
+}
+
+/// Why a deployment's release (or post) tasks failed: what the deployment
+/// records after "a release task failed: ".
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum TasksError {
+    /// `task`: `release task 1/2`.
+    #[error("{task} {source}")]
+    Secrets {
+        task: String,
+        #[source]
+        source: secrets::SecretsUnavailable,
+    },
+    #[error(transparent)]
+    NotRecorded(#[from] NotRecorded),
+    /// It ran and failed (its output tail already redacted).
+    #[error("{task} failed ({}){}", outcome_words(outcome, *timeout), tail_suffix(&outcome.output_tail))]
+    Failed { task: String, outcome: TaskOutcome, timeout: Duration },
+    #[error("{task}{}{source}", if matches!(source, TaskError::Start(_)) { " " } else { ": " })]
+    Ended {
+        task: String,
+        #[source]
+        source: TaskError,
+    },
+    /// The deployment was stopped after its task had ended well.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Why a task or build command an earlier daemon left running could not
+/// be killed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum KillError {
+    #[error(transparent)]
+    Build(BuildError),
+    #[error(transparent)]
+    Driver(#[from] DriverCallError),
+}
+
 fn outcome_words(o: &TaskOutcome, timeout: Duration) -> String {
     if o.timed_out {
         format!("timed out after {}", fmt_dur(timeout))
@@ -66,18 +148,19 @@ async fn watch_task<D: Driver>(
     timeout: Duration,
     cancel: CancellationToken,
     shutdown: CancellationToken,
-) -> Option<Result<TaskOutcome, String>> {
+) -> Option<Result<TaskOutcome, TaskError>> {
     let deadline = timeout + crate::controller::DRIVER_TASK_MARGIN;
-    let stop = |why: String| {
+    // How stopping it went: `None` if it did.
+    let stop = || {
         let (driver, handle) = (driver.clone(), handle.clone());
         async move {
             let grace = TASK_STOP_GRACE + DRIVER_STOP_MARGIN;
             match tokio::time::timeout(grace, driver.stop_task(&handle, nonstop_core::Signal::Term, TASK_STOP_GRACE))
                 .await
             {
-                Ok(Ok(_)) => why,
-                Ok(Err(e)) => format!("{why}; stopping it failed: {e}"),
-                Err(_) => format!("{why}; {}", driver_silent("stop_task", grace)),
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(DriverCallError::from(e)),
+                Err(_) => Some(DriverSilent { call: "stop_task", deadline: grace }.into()),
             }
         }
     };
@@ -88,12 +171,15 @@ async fn watch_task<D: Driver>(
             if shutdown.is_cancelled() {
                 return None;
             }
-            Some(Err(stop("cancelled".to_string()).await))
+            Some(Err(TaskError::Cancelled { stop: stop().await }))
         }
         r = tokio::time::timeout(deadline, driver.wait_task(&handle, timeout)) => match r {
             Ok(Ok(outcome)) => Some(Ok(outcome)),
-            Ok(Err(e)) => Some(Err(format!("could not be waited for: {e}"))),
-            Err(_) => Some(Err(stop(driver_silent("wait_task", deadline)).await)),
+            Ok(Err(e)) => Some(Err(TaskError::Wait(Arc::new(e)))),
+            Err(_) => Some(Err(TaskError::Silent {
+                silent: DriverSilent { call: "wait_task", deadline },
+                stop: stop().await,
+            })),
         },
     }
 }
@@ -114,9 +200,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let kind = if post { TaskKind::PostTask } else { TaskKind::ReleaseTask };
         let secrets = match self.launch_secrets() {
             Ok(s) => s,
-            Err(reason) => {
-                let what = format!("{} {}/{total}", kind.label(), index + 1);
-                let result = Err(format!("{what} {reason}"));
+            Err(source) => {
+                let task = format!("{} {}/{total}", kind.label(), index + 1);
+                let result = Err(TasksError::Secrets { task, source });
                 let _ = self.events_tx.send(Internal::TasksDone { deployment, post, result });
                 return;
             }
@@ -157,7 +243,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         match self.store.insert_task(&record) {
             Ok(id) => record.id = id,
             Err(e) => {
-                let result = Err(format!("{} was not started: it could not be recorded ({e})", record.describe()));
+                let result = Err(NotRecorded { task: record.describe(), source: Arc::new(e) }.into());
                 let _ = self.events_tx.send(Internal::TasksDone { deployment, post, result });
                 return;
             }
@@ -171,11 +257,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let started = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                _ = cancel.cancelled() => Err("cancelled".to_string()),
+                _ = cancel.cancelled() => Err(TaskError::Cancelled { stop: None }),
                 r = tokio::time::timeout(DRIVER_START_DEADLINE, driver.start_task(spec)) => match r {
                     Ok(Ok(handle)) => Ok(handle),
-                    Ok(Err(e)) => Err(format!("could not run: {e}")),
-                    Err(_) => Err(driver_silent("start_task", DRIVER_START_DEADLINE)),
+                    Ok(Err(e)) => Err(TaskError::Start(Arc::new(e))),
+                    Err(_) => Err(TaskError::Silent {
+                        silent: DriverSilent { call: "start_task", deadline: DRIVER_START_DEADLINE },
+                        stop: None,
+                    }),
                 },
             };
             let handle = match started {
@@ -213,13 +302,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     /// A task ended: record how, then go on with the deployment (the next
     /// task, or the end of the phase) or fail it.
-    pub(crate) fn on_task_ended(&mut self, task: i64, result: Result<TaskOutcome, String>) {
+    pub(crate) fn on_task_ended(&mut self, task: i64, result: Result<TaskOutcome, TaskError>) {
         let Some(LiveTask { mut record, inherited }) = self.live_tasks.remove(&task) else { return };
         let timeout = self.deployment.as_ref().map(|r| r.to.spec.release.task_timeout).unwrap_or_default();
         let ok = matches!(&result, Ok(o) if o.status.success() && !o.timed_out);
         let words = match &result {
             Ok(o) => outcome_words(o, timeout),
-            Err(e) => e.clone(),
+            Err(e) => e.to_string(),
         };
         record.state = TaskState::Finished;
         record.finished_at = Some(self.clock.wall());
@@ -245,23 +334,24 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 format!("{} {}/{n} done in {}", record.kind.label(), index + 1, fmt_dur(took)),
             );
             if self.deployment.as_ref().is_some_and(|r| r.machine.stopping.is_some()) {
-                self.deploy_on_tasks(deployment, post, Err("cancelled".into()));
+                self.deploy_on_tasks(deployment, post, Err(TasksError::Cancelled));
             } else {
                 self.start_task(post, index + 1);
             }
             return;
         }
         let reason = match result {
-            Ok(o) => format!("{what} failed ({}){}", outcome_words(&o, timeout), tail_suffix(&o.output_tail)),
-            Err(e) if e.starts_with("could not run") => format!("{what} {e}"),
-            Err(e) => format!("{what}: {e}"),
+            Ok(mut outcome) => {
+                // Its output may show a secret it was given.
+                outcome.output_tail = outcome.output_tail.iter().map(|line| self.redact(line)).collect();
+                TasksError::Failed { task: what, outcome, timeout }
+            }
+            Err(source) => TasksError::Ended { task: what, source },
         };
-        // Its output may show a secret it was given.
-        let reason = self.redact(&reason);
         self.deploy_on_tasks(deployment, post, Err(reason));
     }
 
-    pub(crate) fn on_task_killed(&mut self, task: i64, result: Result<StopOutcome, String>) {
+    pub(crate) fn on_task_killed(&mut self, task: i64, result: Result<StopOutcome, KillError>) {
         let Some(LiveTask { mut record, .. }) = self.live_tasks.remove(&task) else { return };
         let words = match result {
             Ok(StopOutcome::AlreadyGone) => "it had ended meanwhile".to_string(),
@@ -442,8 +532,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         self.tasks.spawn(async move {
             let result = if build {
                 match tokio::time::timeout(BUILD_KILL_DEADLINE, builder.kill_command(&handle.locator)).await {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(_) => Err(BuildError::Lingering { after: fmt_dur(BUILD_KILL_DEADLINE) }.to_string()),
+                    Ok(r) => r.map_err(KillError::Build),
+                    Err(_) => Err(KillError::Build(BuildError::Lingering { after: fmt_dur(BUILD_KILL_DEADLINE) })),
                 }
             } else {
                 let deadline = TASK_STOP_GRACE + DRIVER_STOP_MARGIN;
@@ -453,8 +543,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 )
                 .await
                 {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(_) => Err(driver_silent("stop_task", deadline)),
+                    Ok(r) => r.map_err(|e| DriverCallError::from(e).into()),
+                    Err(_) => Err(DriverCallError::from(DriverSilent { call: "stop_task", deadline }).into()),
                 }
             };
             let _ = tx.send(Internal::TaskKilled { task, result });
@@ -489,7 +579,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             _ => {
                 let task = record.id;
                 self.live_tasks.insert(task, LiveTask { record, inherited: Some("could not be found again") });
-                self.on_task_ended(task, Err("its process could not be found".into()));
+                self.on_task_ended(task, Err(TaskError::Lost));
             }
         }
     }
@@ -498,7 +588,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     /// Record the deployment's build commands (`starting`) before the build
     /// starts.
-    pub(crate) fn record_build_commands(&mut self) -> Result<(), String> {
+    pub(crate) fn record_build_commands(&mut self) -> Result<(), NotRecorded> {
         let Some(run) = self.deployment.as_ref() else { return Ok(()) };
         let commands = run.to.spec.build.clone();
         let total = u32::try_from(commands.len()).unwrap_or(u32::MAX);
@@ -523,7 +613,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             record.id = self
                 .store
                 .insert_task(&record)
-                .map_err(|e| format!("{} was not started: it could not be recorded ({e})", record.describe()))?;
+                .map_err(|e| NotRecorded { task: record.describe(), source: Arc::new(e) })?;
             self.live_tasks.insert(record.id, LiveTask { record, inherited: None });
         }
         Ok(())
@@ -555,7 +645,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     /// The build ended: its commands still recorded as starting or running
     /// end with it.
-    pub(crate) fn finish_build_commands(&mut self, deployment: i64, error: Option<&String>) {
+    pub(crate) fn finish_build_commands(&mut self, deployment: i64, error: Option<&BuildError>) {
         let ids: Vec<i64> = self
             .live_tasks
             .values()
@@ -567,7 +657,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             let words = match (record.state, error) {
                 (TaskState::Starting, _) => "not run".to_string(),
                 (_, None) => "done".to_string(),
-                (_, Some(e)) => format!("stopped: {}", e.lines().next().unwrap_or_default()),
+                (_, Some(e)) => format!("stopped: {}", e.to_string().lines().next().unwrap_or_default()),
             };
             self.finish_record(record, words);
         }
@@ -595,5 +685,49 @@ impl DeployRun {
             Some(r) => format!("{notes}; {r}"),
             None => notes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> Arc<DriverError> {
+        Arc::new(DriverError::Task { name: "release-2-1".into(), source: "no such file".into() })
+    }
+
+    fn ended(source: TaskError) -> TasksError {
+        TasksError::Ended { task: "release task 1/2".into(), source }
+    }
+
+    #[test]
+    fn a_task_that_did_not_end_by_itself_is_worded_after_its_name() {
+        assert_eq!(
+            ended(TaskError::Start(refused())).to_string(),
+            "release task 1/2 could not run: could not run task release-2-1: no such file"
+        );
+        assert_eq!(ended(TaskError::Cancelled { stop: None }).to_string(), "release task 1/2: cancelled");
+        assert_eq!(
+            ended(TaskError::Cancelled { stop: Some(DriverCallError::Failed(refused())) }).to_string(),
+            "release task 1/2: cancelled; stopping it failed: could not run task release-2-1: no such file"
+        );
+        let silent = DriverSilent { call: "wait_task", deadline: Duration::from_secs(90) };
+        let stop = DriverSilent { call: "stop_task", deadline: Duration::from_secs(35) };
+        assert_eq!(
+            ended(TaskError::Silent { silent, stop: Some(stop.into()) }).to_string(),
+            "release task 1/2: the driver did not answer `wait_task` within 90.0s and was given up on; check the \
+             machine (or the cloud API) it drives; the driver did not answer `stop_task` within 35.0s and was given \
+             up on; check the machine (or the cloud API) it drives"
+        );
+        assert_eq!(ended(TaskError::Lost).to_string(), "release task 1/2: its process could not be found");
+    }
+
+    #[test]
+    fn the_driver_error_stays_the_source() {
+        let e = ended(TaskError::Wait(refused()));
+        let task = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<TaskError>());
+        assert!(matches!(task, Some(TaskError::Wait(_))), "{e:?}");
+        let driver = task.and_then(std::error::Error::source).and_then(|s| s.downcast_ref::<Arc<DriverError>>());
+        assert!(matches!(driver.map(|d| &**d), Some(DriverError::Task { .. })), "{e:?}");
     }
 }

@@ -30,6 +30,7 @@
 use crate::deploy::{DeployPhase, TaskFate};
 use nonstop_core::ProcessName;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// How long aborted work (a killed build or task, a stopped rollout) is
 /// given to report its end before the deployment goes on without it.
@@ -464,13 +465,54 @@ pub fn window_complete(elapsed_ms: u64, hold_ms: u64, old: &Window, new: &Window
     elapsed_ms >= IDLE_WINDOW_MS && old.requests == 0 && new.requests == 0
 }
 
+/// Why work the engine carried out for a deployment (its build, its
+/// release or post tasks) failed: the words people see (which the
+/// deployment records in its [`Failure`]; the engine has taken any secret
+/// value out of them) and the engine's own error, kept whole as the
+/// [`source`](std::error::Error::source). The machine reads only the words.
+#[derive(Debug, Clone)]
+pub struct WorkError {
+    words: String,
+    source: Arc<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl WorkError {
+    pub fn new(words: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> WorkError {
+        WorkError { words: words.into(), source: Arc::new(source) }
+    }
+
+    /// The error, worded by itself (nothing to redact).
+    pub fn of(source: impl std::error::Error + Send + Sync + 'static) -> WorkError {
+        WorkError::new(source.to_string(), source)
+    }
+}
+
+impl std::fmt::Display for WorkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.words)
+    }
+}
+
+impl std::error::Error for WorkError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Equal when they say the same: what the machine can tell apart.
+impl PartialEq for WorkError {
+    fn eq(&self, other: &Self) -> bool {
+        self.words == other.words
+    }
+}
+
 /// What happened. Events are not stored: the deployment they produce is.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Start the deployment.
     Begin,
     Built {
-        result: Result<(), String>,
+        result: Result<(), WorkError>,
     },
     Gate {
         verdict: GateVerdict,
@@ -480,7 +522,7 @@ pub enum Event {
     },
     TasksEnded {
         post: bool,
-        result: Result<(), String>,
+        result: Result<(), WorkError>,
     },
     RolloutDone {
         process: ProcessName,

@@ -2,7 +2,7 @@
 //! says, with every call recorded.
 
 use nonstop_core::database::DatabaseSpec;
-use nonstop_engine::{GateFuture, GateInput, GateOutcome, SchemaGate};
+use nonstop_engine::{GateFuture, GateInput, GateOutcome, SchemaGate, SchemaGateError};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -15,8 +15,8 @@ pub struct FakeSchemaGate {
 struct State {
     checks: Vec<GateInput>,
     behinds: usize,
-    check_answers: VecDeque<Result<GateOutcome, String>>,
-    behind_answers: VecDeque<Result<Option<String>, String>>,
+    check_answers: VecDeque<Result<GateOutcome, SchemaGateError>>,
+    behind_answers: VecDeque<Result<Option<String>, SchemaGateError>>,
 }
 
 impl FakeSchemaGate {
@@ -25,12 +25,12 @@ impl FakeSchemaGate {
     }
 
     /// An outcome for the next `check` (default: all safe).
-    pub fn answer_check(&self, answer: Result<GateOutcome, String>) {
+    pub fn answer_check(&self, answer: Result<GateOutcome, SchemaGateError>) {
         self.state().check_answers.push_back(answer);
     }
 
     /// An answer for the next `behind` (default: nothing breaks).
-    pub fn answer_behind(&self, answer: Result<Option<String>, String>) {
+    pub fn answer_behind(&self, answer: Result<Option<String>, SchemaGateError>) {
         self.state().behind_answers.push_back(answer);
     }
 

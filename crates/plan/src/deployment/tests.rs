@@ -180,7 +180,7 @@ fn a_failed_task_in_the_fallback_puts_the_old_release_back_then_leaves_maintenan
             done("web"),
             done("worker"),
             done("beat"),
-            Event::TasksEnded { post: false, result: Err("exit 1".into()) },
+            Event::TasksEnded { post: false, result: Err(work_error("exit 1")) },
             done("beat"),
             done("worker"),
             done("web"),
@@ -495,11 +495,16 @@ fn shapes() -> impl Strategy<Value = Shape> {
         })
 }
 
+/// A build or task that failed, as the engine reports it.
+fn work_error(words: &str) -> WorkError {
+    WorkError::of(std::io::Error::other(words.to_string()))
+}
+
 /// The answer the world gives to an action, if it answers at all.
 fn answer(action: &Action, ok: bool, seed: u8, step: usize) -> Option<Event> {
     let fail = || format!("failure {seed}");
     Some(match action {
-        Action::Build => Event::Built { result: if ok { Ok(()) } else { Err(fail()) } },
+        Action::Build => Event::Built { result: if ok { Ok(()) } else { Err(work_error(&fail())) } },
         Action::RunGate => Event::Gate {
             verdict: match (ok, seed % 2) {
                 (true, _) => GateVerdict::Safe,
@@ -509,7 +514,7 @@ fn answer(action: &Action, ok: bool, seed: u8, step: usize) -> Option<Event> {
         },
         Action::SetMaintenance { on } => Event::MaintenanceSet { on: *on },
         Action::RunTasks { post } | Action::AwaitLeftoverTask { post } => {
-            Event::TasksEnded { post: *post, result: if ok { Ok(()) } else { Err(fail()) } }
+            Event::TasksEnded { post: *post, result: if ok { Ok(()) } else { Err(work_error(&fail())) } }
         }
         Action::Roll { process, .. } => {
             if ok {
