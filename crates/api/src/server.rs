@@ -19,11 +19,26 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+/// Any error an implementation reports, kept whole (its source chain
+/// included).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a [`LogSource`] could not give the lines asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum LogSourceError {
+    /// The app, environment or process is not a valid name.
+    #[error(transparent)]
+    Name(#[from] nonstop_core::ids::NameError),
+    /// The logs could not be read: the source's own error.
+    #[error(transparent)]
+    Read(BoxError),
+}
+
 /// Where the API gets log lines from (the local driver's files today).
 pub trait LogSource: Send + Sync + 'static {
     /// The last `tail` lines of the app's instances (optionally one process
     /// type), oldest first.
-    fn tail(&self, app: &str, env: &str, process: Option<&str>, tail: usize) -> Result<Vec<LogEntry>, String>;
+    fn tail(&self, app: &str, env: &str, process: Option<&str>, tail: usize) -> Result<Vec<LogEntry>, LogSourceError>;
     /// New lines as they are written, until `cancel` fires or the receiver
     /// is dropped.
     fn follow(
@@ -32,12 +47,13 @@ pub trait LogSource: Send + Sync + 'static {
         env: &str,
         process: Option<&str>,
         cancel: CancellationToken,
-    ) -> Result<mpsc::Receiver<LogEntry>, String>;
+    ) -> Result<mpsc::Receiver<LogEntry>, LogSourceError>;
 }
 
 /// Asks the daemon to hand over to the binary now on disk; the answer is
-/// `{"old_pid": .., "new_pid": ..}` or why it could not.
-pub type UpgradeRequest = tokio::sync::oneshot::Sender<Result<serde_json::Value, String>>;
+/// the old and new daemons' pids, or why it could not (the daemon's own
+/// error, whose message goes to the client).
+pub type UpgradeRequest = tokio::sync::oneshot::Sender<Result<Upgraded, BoxError>>;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -319,7 +335,7 @@ async fn logs(State(s): State<ApiState>, Scoped(engine): Scoped, Query(q): Query
         Err(e) => {
             return error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                ApiError { message: e, exit_code: 1, detail: None },
+                ApiError { message: e.to_string(), exit_code: 1, detail: None },
             )
         }
     };
@@ -332,7 +348,7 @@ async fn logs(State(s): State<ApiState>, Scoped(engine): Scoped, Query(q): Query
             Err(e) => {
                 return error_response(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    ApiError { message: e, exit_code: 1, detail: None },
+                    ApiError { message: e.to_string(), exit_code: 1, detail: None },
                 )
             }
         };
@@ -408,7 +424,7 @@ async fn maintenance(
     // The same checks as the CLI's: nothing changes on bad input.
     let setting = match req.checked() {
         Ok(setting) => setting,
-        Err(e) => return bad_request(e),
+        Err(e) => return bad_request(e.to_string()),
     };
     match engine.maintenance(setting, req.who).await {
         Ok(r) => Json(r).into_response(),
@@ -598,9 +614,10 @@ async fn upgrade(State(s): State<ApiState>) -> Response {
     }
     match rx.await {
         Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(message)) => {
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, ApiError { message, exit_code: 1, detail: None })
-        }
+        Ok(Err(e)) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError { message: e.to_string(), exit_code: 1, detail: None },
+        ),
         Err(_) => engine_error(EngineError::ShuttingDown),
     }
 }

@@ -59,6 +59,13 @@ pub struct Ping {
     pub home: PathBuf,
 }
 
+/// `POST /v1/upgrade`: the daemon handed over to its successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upgraded {
+    pub old_pid: u32,
+    pub new_pid: u32,
+}
+
 /// An error as the API sends it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {
@@ -158,21 +165,27 @@ pub struct CancelRequest {
 /// The longest `reason` a [`CancelRequest`] may carry.
 pub const CANCEL_REASON_MAX: usize = 200;
 
+/// What is wrong with a [`CancelRequest`]'s reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelReasonError {
+    #[error("the cancel reason is {chars} characters long; give at most {CANCEL_REASON_MAX} (one line)")]
+    TooLong { chars: usize },
+    #[error("the cancel reason contains a line break or another control character; give one line of text")]
+    NotOneLine,
+}
+
 impl CancelRequest {
     /// The reason, trimmed (`None` when empty), or what is wrong with it.
-    pub fn checked_reason(&self) -> Result<Option<String>, String> {
+    pub fn checked_reason(&self) -> Result<Option<String>, CancelReasonError> {
         let Some(reason) = self.reason.as_deref().map(str::trim).filter(|r| !r.is_empty()) else {
             return Ok(None);
         };
         let chars = reason.chars().count();
         if chars > CANCEL_REASON_MAX {
-            return Err(format!(
-                "the cancel reason is {chars} characters long; give at most {CANCEL_REASON_MAX} (one line)"
-            ));
+            return Err(CancelReasonError::TooLong { chars });
         }
         if reason.chars().any(char::is_control) {
-            return Err("the cancel reason contains a line break or another control character; give one line of text"
-                .to_string());
+            return Err(CancelReasonError::NotOneLine);
         }
         Ok(Some(reason.to_string()))
     }
@@ -198,20 +211,30 @@ pub struct MaintenanceRequest {
     pub who: String,
 }
 
+/// What is wrong with a [`MaintenanceRequest`].
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceRequestError {
+    #[error(
+        "a page, an allow list or Retry-After only go with maintenance on; to change them, run `nonstop \
+         maintenance on` with the new ones (maintenance stays on)"
+    )]
+    OnlyWhenOn,
+    #[error(transparent)]
+    Input(#[from] nonstop_core::maintenance::MaintenanceInputError),
+}
+
 impl MaintenanceRequest {
     /// The setting it asks for (`None`: off), or what is wrong with it.
-    pub fn checked(&self) -> Result<Option<nonstop_core::maintenance::Maintenance>, String> {
+    pub fn checked(&self) -> Result<Option<nonstop_core::maintenance::Maintenance>, MaintenanceRequestError> {
         if !self.on {
             if self.page.is_some() || !self.allow.is_empty() || self.retry_after_secs.is_some() {
-                return Err("a page, an allow list or Retry-After only go with maintenance on; to change them, \
-                            run `nonstop maintenance on` with the new ones (maintenance stays on)"
-                    .to_string());
+                return Err(MaintenanceRequestError::OnlyWhenOn);
             }
             return Ok(None);
         }
-        nonstop_core::maintenance::build_maintenance(self.page.clone(), &self.allow, self.retry_after_secs)
-            .map(Some)
-            .map_err(|e| e.to_string())
+        let setting =
+            nonstop_core::maintenance::build_maintenance(self.page.clone(), &self.allow, self.retry_after_secs)?;
+        Ok(Some(setting))
     }
 }
 

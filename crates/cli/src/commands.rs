@@ -974,13 +974,13 @@ async fn releases(home: &Home, json: bool) -> anyhow::Result<i32> {
 async fn upgrade(home: &Home, json: bool) -> anyhow::Result<i32> {
     let c = client(home);
     let before = c.ping().await?;
-    let r: serde_json::Value = c.post("/v1/upgrade", &serde_json::json!({})).await?;
-    let new_pid = r["new_pid"].as_u64().unwrap_or(0);
+    let r: nonstop_api::wire::Upgraded = c.post("/v1/upgrade", &serde_json::json!({})).await?;
+    let new_pid = r.new_pid;
     // The socket is the same; wait until the successor answers on it.
     let deadline = Instant::now() + Duration::from_secs(60);
     let after = loop {
         match c.ping().await {
-            Ok(p) if u64::from(p.pid) == new_pid => break p,
+            Ok(p) if p.pid == new_pid => break p,
             _ if Instant::now() > deadline => anyhow::bail!(
                 "the new daemon (pid {new_pid}) did not answer within 60s; see {}",
                 home.daemon_log().display()

@@ -9,9 +9,11 @@ use crate::keeper::{KeeperLink, SocketKind};
 use crate::plane::client::PlaneClient;
 use crate::plane::ingress::ProxyIngress;
 use crate::plane::{PlaneIngress, PlaneStatics};
+use crate::upgrade::SuccessorError;
 use anyhow::Context;
-use nonstop_api::server::{self, ApiState, LogSource};
-use nonstop_api::wire::LogEntry;
+use nonstop_api::server::{self, ApiState, LogSource, LogSourceError};
+use nonstop_api::wire::{LogEntry, Upgraded};
+use nonstop_core::ids::NameError;
 use nonstop_core::ReleaseId;
 use nonstop_core::{AppEnv, AppName, EnvironmentId, InstanceId, ProcessName, SystemClock};
 use nonstop_engine::{BuildError, BuildNote, BuildOutput, Builder, Engine, EngineConfig, InstanceLogs};
@@ -45,19 +47,20 @@ fn to_entry(l: nonstop_supervisor::LogLine) -> LogEntry {
     }
 }
 
-fn query(app: &str, env: &str, process: Option<&str>, tail: usize) -> Result<LogQuery, String> {
+fn query(app: &str, env: &str, process: Option<&str>, tail: usize) -> Result<LogQuery, NameError> {
     Ok(LogQuery {
-        app: AppName::new(app).map_err(|e| e.to_string())?,
-        environment: EnvironmentId::new(env).map_err(|e| e.to_string())?,
-        process: process.map(ProcessName::new).transpose().map_err(|e| e.to_string())?,
+        app: AppName::new(app)?,
+        environment: EnvironmentId::new(env)?,
+        process: process.map(ProcessName::new).transpose()?,
         tail,
     })
 }
 
 impl LogSource for DriverLogs {
-    fn tail(&self, app: &str, env: &str, process: Option<&str>, tail: usize) -> Result<Vec<LogEntry>, String> {
+    fn tail(&self, app: &str, env: &str, process: Option<&str>, tail: usize) -> Result<Vec<LogEntry>, LogSourceError> {
         let q = query(app, env, process, tail)?;
-        Ok(self.driver.logs_tail(&q).map_err(|e| e.to_string())?.into_iter().map(to_entry).collect())
+        let lines = self.driver.logs_tail(&q).map_err(|e| LogSourceError::Read(Box::new(e)))?;
+        Ok(lines.into_iter().map(to_entry).collect())
     }
 
     fn follow(
@@ -66,7 +69,7 @@ impl LogSource for DriverLogs {
         env: &str,
         process: Option<&str>,
         cancel: CancellationToken,
-    ) -> Result<mpsc::Receiver<LogEntry>, String> {
+    ) -> Result<mpsc::Receiver<LogEntry>, LogSourceError> {
         let q = query(app, env, process, 0)?;
         let mut rx = self.driver.logs_follow(q, cancel.clone());
         let (tx, out) = mpsc::channel(1024);
@@ -180,7 +183,7 @@ impl Builder for ReleasePort {
         release: &std::path::Path,
         mounts: &[nonstop_core::process::StaticMount],
     ) -> Result<(), BuildError> {
-        crate::statics::StaticPublisher::index(release, mounts).map_err(|reason| BuildError::Statics { reason })
+        crate::statics::StaticPublisher::index(release, mounts).map_err(|e| BuildError::Statics(Box::new(e)))
     }
 
     fn serve_statics(&self, scope: &AppEnv, live: Vec<nonstop_engine::LiveStatics>) {
@@ -266,18 +269,58 @@ pub(crate) fn take_lock(
     }
 }
 
+/// Why the daemon did not hand over to a successor (`nonstop upgrade`,
+/// SIGUSR2); the client gets its words.
+#[derive(Debug, thiserror::Error)]
+enum UpgradeFailed {
+    #[error("{operation} is in progress; upgrade the daemon when it has finished")]
+    Busy { operation: String },
+    /// A listening socket could not be duplicated for the successor.
+    #[error("cannot pass the {what}: {source}")]
+    Socket {
+        /// `API socket`, `API's TCP socket`.
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Successor(#[from] SuccessorError),
+    /// It failed past the handover; this daemon's own version was started
+    /// again and serves, as `pid`.
+    #[error("{why}. The version that ran before was started again as pid {pid} and serves; the app kept running")]
+    Restarted {
+        #[source]
+        why: SuccessorError,
+        pid: u32,
+    },
+    /// It failed past the handover, and so did starting this daemon's own
+    /// version again: this daemon (`pid`) only serves the proxy now.
+    #[error(
+        "{why}; starting the version that ran before again failed too: {again}. Daemon {pid} goes on serving the \
+         proxy but no longer manages the app: fix the binary and upgrade again with `kill -USR2 {pid}` (or \
+         `systemctl reload nonstop`), or stop it and start `nonstop daemon`"
+    )]
+    RestartFailed {
+        #[source]
+        why: SuccessorError,
+        again: Box<UpgradeFailed>,
+        pid: u32,
+    },
+}
+
 /// Duplicates of the listening sockets to hand to a successor: the
 /// proxy's, the API's unix socket and, if any, its TCP listener.
 fn handover_sockets(
     ingress: Option<&ProxyIngress>,
     api_fd: &std::os::fd::OwnedFd,
     api_tcp_fd: Option<&std::os::fd::OwnedFd>,
-) -> Result<Vec<(&'static str, std::os::fd::OwnedFd)>, String> {
+) -> Result<Vec<(&'static str, std::os::fd::OwnedFd)>, UpgradeFailed> {
     let mut sockets: Vec<(&'static str, std::os::fd::OwnedFd)> =
         ingress.map(ProxyIngress::handover).unwrap_or_default().into_iter().map(|fd| ("proxy", fd)).collect();
-    sockets.push(("api", api_fd.try_clone().map_err(|e| format!("cannot pass the API socket: {e}"))?));
+    let dup = |fd: &std::os::fd::OwnedFd, what| fd.try_clone().map_err(|source| UpgradeFailed::Socket { what, source });
+    sockets.push(("api", dup(api_fd, "API socket")?));
     if let Some(fd) = api_tcp_fd {
-        sockets.push(("api-tcp", fd.try_clone().map_err(|e| format!("cannot pass the API's TCP socket: {e}"))?));
+        sockets.push(("api-tcp", dup(fd, "API's TCP socket")?));
     }
     Ok(sockets)
 }
@@ -292,15 +335,16 @@ async fn restart_own_version(
     ingress: Option<&ProxyIngress>,
     api_fd: &std::os::fd::OwnedFd,
     api_tcp_fd: Option<&std::os::fd::OwnedFd>,
-) -> Result<u32, String> {
+) -> Result<u32, UpgradeFailed> {
     let sockets = handover_sockets(ingress, api_fd, api_tcp_fd)?;
     let (home2, upgrade_exe) = (Home { dir: home.dir.clone() }, upgrade_exe.to_path_buf());
-    tokio::task::spawn_blocking(move || {
+    let pid = tokio::task::spawn_blocking(move || {
         let own = std::path::Path::new("/proc/self/exe");
         crate::upgrade::spawn_successor(own, Some(&upgrade_exe), &home2, api_listen, sockets)?.wait_serving(&home2)
     })
     .await
-    .unwrap_or_else(|e| Err(e.to_string()))
+    .unwrap_or_else(|e| Err(e.into()))?;
+    Ok(pid)
 }
 
 pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Option<u32>) -> anyhow::Result<()> {
@@ -568,7 +612,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
                     let (reply, rx) = tokio::sync::oneshot::channel();
                     if up_tx.send(reply).await.is_err() { break; }
                     match rx.await {
-                        Ok(Ok(v)) => { tracing::info!("handed over: {v}"); break; }
+                        Ok(Ok(v)) => { tracing::info!("handed over: pid {} to pid {}", v.old_pid, v.new_pid); break; }
                         Ok(Err(e)) => tracing::error!("upgrade failed, still serving: {e}"),
                         Err(_) => break,
                     }
@@ -644,22 +688,25 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
             Some(reply) = upgrade_rx.recv() => {
                 // Not in the middle of an operation: a deploy's release task
                 // would be cut off.
+                let refuse = |reply: server::UpgradeRequest, e: UpgradeFailed| {
+                    let _ = reply.send(Err(Box::new(e)));
+                };
                 if let Ok(status) = engine_for_upgrade.status().await {
-                    if let Some(op) = status.operation {
-                        let _ = reply.send(Err(format!("{op} is in progress; upgrade the daemon when it has finished")));
+                    if let Some(operation) = status.operation {
+                        refuse(reply, UpgradeFailed::Busy { operation });
                         continue;
                     }
                 }
                 let sockets = match handover_sockets(local.as_deref(), &api_fd, api_tcp_fd.as_ref()) {
                     Ok(sockets) => sockets,
-                    Err(e) => { let _ = reply.send(Err(e)); continue; }
+                    Err(e) => { refuse(reply, e); continue; }
                 };
                 let (exe2, home2) = (upgrade_exe.clone(), Home { dir: home.dir.clone() });
                 let spawned = tokio::task::spawn_blocking(move || crate::upgrade::spawn_successor(&exe2, None, &home2, api_listen, sockets)).await;
                 let successor = match spawned {
                     Ok(Ok(successor)) => successor,
-                    Ok(Err(e)) => { tracing::error!("upgrade failed, still serving: {e}"); let _ = reply.send(Err(e)); continue; }
-                    Err(e) => { let _ = reply.send(Err(e.to_string())); continue; }
+                    Ok(Err(e)) => { tracing::error!("upgrade failed, still serving: {e}"); refuse(reply, e.into()); continue; }
+                    Err(e) => { refuse(reply, SuccessorError::from(e).into()); continue; }
                 };
                 // It has the sockets. Stop deciding (its engine takes over the
                 // same store), leave the API to it (requests queue until it
@@ -672,27 +719,22 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
                 api_stop.cancel();
                 drop(state_lock.take());
                 let home2 = Home { dir: home.dir.clone() };
-                let served = tokio::task::spawn_blocking(move || successor.wait_serving(&home2)).await.unwrap_or_else(|e| Err(e.to_string()));
-                let result = match served {
-                    Ok(new_pid) => Ok(serde_json::json!({"old_pid": std::process::id(), "new_pid": new_pid})),
+                let served = tokio::task::spawn_blocking(move || successor.wait_serving(&home2)).await.unwrap_or_else(|e| Err(e.into()));
+                let result: Result<Upgraded, server::BoxError> = match served {
+                    Ok(new_pid) => Ok(Upgraded { old_pid: std::process::id(), new_pid }),
                     Err(why) => {
                         tracing::error!("upgrade failed after the handover: {why}; starting this daemon's own version again");
                         match restart_own_version(&home, &upgrade_exe, api_listen, local.as_deref(), &api_fd, api_tcp_fd.as_ref()).await {
                             Ok(pid) => {
                                 tracing::info!("this daemon's version serves again as pid {pid}");
-                                Err(format!("{why}. The version that ran before was started again as pid {pid} and serves; the app kept running"))
+                                Err(Box::new(UpgradeFailed::Restarted { why, pid }))
                             }
                             Err(again) => {
                                 // Nobody else can serve: go on serving the
                                 // proxy, and take SIGUSR2 for another try.
                                 tracing::error!("starting this daemon's own version again failed: {again}");
-                                let _ = reply.send(Err(format!(
-                                    "{why}; starting the version that ran before again failed too: {again}. Daemon {pid} goes \
-                                     on serving the proxy but no longer manages the app: fix the binary and upgrade again \
-                                     with `kill -USR2 {pid}` (or `systemctl reload nonstop`), or stop it and start \
-                                     `nonstop daemon`",
-                                    pid = std::process::id()
-                                )));
+                                let again = Box::new(again);
+                                refuse(reply, UpgradeFailed::RestartFailed { why, again, pid: std::process::id() });
                                 continue;
                             }
                         }

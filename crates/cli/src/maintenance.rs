@@ -24,7 +24,7 @@ pub(crate) async fn maintenance(home: &Home, switch: MaintenanceSwitch) -> anyho
         }
     };
     if let Err(e) = request.checked() {
-        return Ok(refuse(&e, json));
+        return Ok(refuse(&e.to_string(), json));
     }
     let r: OpReport = client(home).post("/v1/maintenance", &request).await?;
     if json {

@@ -8,7 +8,7 @@
 use nonstop_core::process::StaticMount;
 use nonstop_core::traffic::RouteKey;
 use nonstop_engine::LiveStatics;
-use nonstop_proxy::{Proxy, StaticIndex, StaticRelease};
+use nonstop_proxy::{Proxy, StaticIndex, StaticIndexError, StaticRelease};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -39,8 +39,8 @@ impl StaticPublisher {
 
     /// Index `release`'s static files (blocking). The error names a missing
     /// directory and the fix.
-    pub fn index(release: &Path, mounts: &[StaticMount]) -> Result<(), String> {
-        let index = StaticIndex::load_or_build(release, mounts).map_err(|e| e.to_string())?;
+    pub fn index(release: &Path, mounts: &[StaticMount]) -> Result<(), StaticIndexError> {
+        let index = StaticIndex::load_or_build(release, mounts)?;
         let files: usize = index.mounts.iter().map(|m| m.files.len()).sum();
         tracing::info!(release = %release.display(), files, "static files indexed");
         Ok(())

@@ -114,6 +114,58 @@ pub const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a successor has to take the sockets (say it is ready).
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Why a successor did not take over.
+#[derive(Debug, thiserror::Error)]
+pub enum SuccessorError {
+    /// The daemon's log (the successor's stdout and stderr) cannot be
+    /// opened.
+    #[error(transparent)]
+    Log(Box<dyn std::error::Error + Send + Sync + 'static>),
+    #[error(transparent)]
+    LogClone(std::io::Error),
+    #[error(transparent)]
+    Sockets(#[from] command_fds::FdMappingCollision),
+    #[error("cannot start {}: {source}", exe.display())]
+    Spawn {
+        exe: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the new daemon exited at start ({status}); see {}", log.display())]
+    ExitedAtStart { status: std::process::ExitStatus, log: PathBuf },
+    #[error("the new daemon (pid {pid}) exited before it served ({status}); see {}", log.display())]
+    ExitedBeforeServing { pid: u32, status: std::process::ExitStatus, log: PathBuf },
+    #[error("the new daemon (pid {pid}) did not {stage}; it was stopped (see {})", log.display())]
+    Late { pid: u32, stage: Stage, log: PathBuf },
+    /// The wait for it was lost (its thread panicked).
+    #[error(transparent)]
+    Lost(#[from] tokio::task::JoinError),
+}
+
+/// What a successor must do in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Take the sockets ([`announce_ready`]).
+    Ready,
+    /// Serve ([`announce_serving`]).
+    Serving,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stage::Ready => write!(f, "take the sockets within {}s", READY_TIMEOUT.as_secs()),
+            Stage::Serving => write!(f, "serve within {}s of its start", TAKEOVER_TIMEOUT.as_secs()),
+        }
+    }
+}
+
+/// How a wait for a successor ended, when not in time.
+enum Missed {
+    Exited(std::process::ExitStatus),
+    Late,
+}
+
 /// A daemon started by [`spawn_successor`] that has taken the sockets.
 pub struct Successor {
     child: std::process::Child,
@@ -124,16 +176,10 @@ impl Successor {
     /// Wait until it serves ([`announce_serving`]): its pid, or why not.
     /// A successor that exits first or is not serving within
     /// [`TAKEOVER_TIMEOUT`] of its start is stopped.
-    pub fn wait_serving(mut self, home: &Home) -> Result<u32, String> {
+    pub fn wait_serving(mut self, home: &Home) -> Result<u32, SuccessorError> {
         let pid = self.child.id();
-        let exited = |status| {
-            format!(
-                "the new daemon (pid {pid}) exited before it served ({status}); see {}",
-                home.daemon_log().display()
-            )
-        };
-        let late = format!("serve within {}s of its start", TAKEOVER_TIMEOUT.as_secs());
-        match wait_for(home, serving_file(home), &late, &mut self.child, self.started + TAKEOVER_TIMEOUT, exited) {
+        let log = home.daemon_log();
+        match wait_for(serving_file(home), &mut self.child, self.started + TAKEOVER_TIMEOUT) {
             Ok(()) => {
                 // Reap it when it ends, whenever that is.
                 std::thread::spawn(move || {
@@ -141,37 +187,27 @@ impl Successor {
                 });
                 Ok(pid)
             }
-            Err(why) => Err(why),
+            Err(Missed::Exited(status)) => Err(SuccessorError::ExitedBeforeServing { pid, status, log }),
+            Err(Missed::Late) => Err(SuccessorError::Late { pid, stage: Stage::Serving, log }),
         }
     }
 }
 
 /// Poll for `file` to hold `child`'s pid until `deadline`; a child that
-/// exits first is an error (`exited`), and one that missed the deadline is
-/// killed (`late`: what it did not do in time).
-fn wait_for(
-    home: &Home,
-    file: PathBuf,
-    late: &str,
-    child: &mut std::process::Child,
-    deadline: Instant,
-    exited: impl Fn(std::process::ExitStatus) -> String,
-) -> Result<(), String> {
+/// exits first has missed it, and one that missed the deadline is killed.
+fn wait_for(file: PathBuf, child: &mut std::process::Child, deadline: Instant) -> Result<(), Missed> {
     let pid = child.id().to_string();
     loop {
         if std::fs::read_to_string(&file).is_ok_and(|s| s.trim() == pid) {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(exited(status));
+            return Err(Missed::Exited(status));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!(
-                "the new daemon (pid {pid}) did not {late}; it was stopped (see {})",
-                home.daemon_log().display()
-            ));
+            return Err(Missed::Late);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -191,11 +227,11 @@ pub fn spawn_successor(
     home: &Home,
     api_listen: Option<SocketAddr>,
     sockets: Vec<(&'static str, OwnedFd)>,
-) -> Result<Successor, String> {
+) -> Result<Successor, SuccessorError> {
     let _ = std::fs::remove_file(ready_file(home));
     let _ = std::fs::remove_file(serving_file(home));
-    let log = home.open_daemon_log().map_err(|e| e.to_string())?;
-    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    let log = home.open_daemon_log().map_err(|e| SuccessorError::Log(e.into()))?;
+    let log2 = log.try_clone().map_err(SuccessorError::LogClone)?;
     let names: Vec<&str> = sockets.iter().map(|(n, _)| *n).collect();
     let mappings: Vec<FdMapping> = sockets
         .into_iter()
@@ -232,14 +268,14 @@ pub fn spawn_successor(
         Some(path) => cmd.env(UPGRADE_EXE_VAR, path),
         None => cmd.env_remove(UPGRADE_EXE_VAR),
     };
-    cmd.fd_mappings(mappings).map_err(|e| e.to_string())?;
+    cmd.fd_mappings(mappings)?;
     let started = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-    let exited = |status| format!("the new daemon exited at start ({status}); see {}", home.daemon_log().display());
-    let late = format!("take the sockets within {}s", READY_TIMEOUT.as_secs());
-    match wait_for(home, ready_file(home), &late, &mut child, started + READY_TIMEOUT, exited) {
+    let mut child = cmd.spawn().map_err(|source| SuccessorError::Spawn { exe: exe.to_path_buf(), source })?;
+    let log = home.daemon_log();
+    match wait_for(ready_file(home), &mut child, started + READY_TIMEOUT) {
         Ok(()) => Ok(Successor { child, started }),
-        Err(why) => Err(why),
+        Err(Missed::Exited(status)) => Err(SuccessorError::ExitedAtStart { status, log }),
+        Err(Missed::Late) => Err(SuccessorError::Late { pid: child.id(), stage: Stage::Ready, log }),
     }
 }
 

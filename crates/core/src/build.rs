@@ -24,9 +24,10 @@ pub enum BuildError {
     /// The snapshot, a build command, pruning: the builder's own error.
     #[error(transparent)]
     Release(BoxError),
-    /// A `[static]` mount of the built release cannot be indexed.
-    #[error("{reason}")]
-    Statics { reason: String },
+    /// A `[static]` mount of the built release cannot be indexed: the
+    /// indexer's error.
+    #[error(transparent)]
+    Statics(BoxError),
     /// The work was lost before it could answer (its task panicked or was
     /// cancelled).
     #[error("{what} failed: {source}")]
