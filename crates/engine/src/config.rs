@@ -249,14 +249,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         progress: ProgressTx,
         reply: Reply<OpReport>,
     ) {
-        if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Deploy) {
-            let _ = reply.send(Err(err));
-            return;
-        }
-        if let Some(err) = self.busy() {
-            let _ = reply.send(Err(err));
-            return;
-        }
+        let Some(reply) = self.admit(Some(nonstop_plan::stopped::Gated::Deploy), reply) else { return };
         let app = self.scope.app.clone();
         let now = self.clock.wall();
         let old = match self.store.config(&app, &self.env) {

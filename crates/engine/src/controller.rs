@@ -19,6 +19,7 @@ use nonstop_core::{AppEnv, AppName, Clock, EnvironmentId, InstanceId, ProcessNam
 use nonstop_plan::rollout::{
     rollout_step, CanaryStep, NewPhase, OldPhase, RolloutAction, RolloutParams, RolloutSlot, RolloutStep,
 };
+use nonstop_plan::stopped::Gated;
 use nonstop_plan::{reconcile, Action, Observed, ObservedInstance, Phase, SlotBackoff};
 use nonstop_store::{AppRecord, InstancePhase, InstanceRecord, Store};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -126,6 +127,11 @@ pub struct RollbackOptions {
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// Answer a command with an error.
+pub(crate) fn refuse<T>(reply: Reply<T>, err: EngineError) {
+    let _ = reply.send(Err(err));
+}
 pub type ProgressTx = mpsc::UnboundedSender<Progress>;
 
 /// Requests to a controller: a closed set.
@@ -1016,18 +1022,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 let _ = reply.send(r);
             }
             Command::Deploy { spec, source, base_env, message, who, options, progress, reply } => {
-                if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Deploy) {
-                    let _ = reply.send(Err(err));
-                    return;
-                }
+                // Busy is `begin_deploy`'s to check (after `[base]` too).
+                let Some(reply) = self.admit_if_stopped(Some(Gated::Deploy), reply) else { return };
                 let request = deploy::DeployRequest { spec: *spec, source, base_env, message, who, options };
                 self.begin_deploy(request, progress, reply);
             }
             Command::Rollback { release, options, who, progress, reply } => {
-                if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Rollback) {
-                    let _ = reply.send(Err(err));
-                    return;
-                }
+                let Some(reply) = self.admit_if_stopped(Some(Gated::Rollback), reply) else { return };
                 self.begin_rollback(release, options, who, progress, reply);
             }
             Command::Cancel { who, reason, reply } => {
@@ -1056,10 +1057,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                     return;
                 };
                 let same_app = self.app.as_ref().is_some_and(|rt| rt.record.app == spec.app);
-                if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Up).filter(|_| same_app) {
-                    let _ = reply.send(Err(err));
-                    return;
-                }
+                // Refused while stopped only for the app that is stopped;
+                // while busy, answered below.
+                let Some(reply) = self.admit_if_stopped(same_app.then_some(Gated::Up), reply) else { return };
                 if let Some(err) = self.busy() {
                     // A deployed app that runs needs nothing from `up`; say
                     // what is going on instead of refusing.
@@ -1072,67 +1072,41 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                             return;
                         }
                     }
-                    let _ = reply.send(Err(err));
-                    return;
+                    return refuse(reply, err);
                 }
                 let runs = self.app.as_ref().is_some_and(|rt| rt.record.running && same_app);
                 if !runs {
                     if let Err(e) = self.refresh_secrets() {
-                        let _ = reply.send(Err(e));
-                        return;
+                        return refuse(reply, e);
                     }
                 }
                 match self.up(*spec, workdir, base_env) {
                     Ok((summary, changed, queue)) => {
                         self.begin_op("up", progress, reply, summary, changed, queue, false)
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+                    Err(e) => refuse(reply, e),
                 }
             }
             Command::Down { progress, reply } => {
-                if let Some(err) = self.busy() {
-                    let _ = reply.send(Err(err));
-                    return;
-                }
+                let Some(reply) = self.admit(None, reply) else { return };
                 match self.down() {
                     Ok(summary) => self.begin_op("down", progress, reply, summary, true, VecDeque::new(), true),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+                    Err(e) => refuse(reply, e),
                 }
             }
             Command::Scale { counts, progress, reply } => {
-                if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Scale) {
-                    let _ = reply.send(Err(err));
-                    return;
-                }
-                if let Some(err) = self.busy() {
-                    let _ = reply.send(Err(err));
-                    return;
-                }
+                let Some(reply) = self.admit(Some(Gated::Scale), reply) else { return };
                 match self.scale(counts) {
                     Ok((summary, changed)) => {
                         self.begin_op("scale", progress, reply, summary, changed, VecDeque::new(), false)
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+                    Err(e) => refuse(reply, e),
                 }
             }
             Command::Restart { process, progress, reply } => {
-                if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Restart) {
-                    let _ = reply.send(Err(err));
-                    return;
-                }
-                if let Some(err) = self.busy() {
-                    let _ = reply.send(Err(err));
-                    return;
-                }
+                let Some(reply) = self.admit(Some(Gated::Restart), reply) else { return };
                 if let Err(e) = self.refresh_secrets() {
-                    let _ = reply.send(Err(e));
-                    return;
+                    return refuse(reply, e);
                 }
                 match self.restart_queue(process) {
                     Ok(queue) => {
@@ -1140,11 +1114,37 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                         let summary = format!("restarted {} (rolling)", names.join(", "));
                         self.begin_op("restart", progress, reply, summary, true, queue, false)
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+                    Err(e) => refuse(reply, e),
                 }
             }
+        }
+    }
+
+    /// The guard of a command that changes what runs: refused while the
+    /// app is stopped (for `stopped`, the operation as `nonstop stop`
+    /// gates it; `None`: not checked) or while another operation holds
+    /// this controller, the reply getting why. Gives the reply back when
+    /// the command may go on.
+    pub(crate) fn admit<R>(&self, stopped: Option<Gated>, reply: Reply<R>) -> Option<Reply<R>> {
+        let reply = self.admit_if_stopped(stopped, reply)?;
+        match self.busy() {
+            Some(err) => {
+                refuse(reply, err);
+                None
+            }
+            None => Some(reply),
+        }
+    }
+
+    /// [`Controller::admit`]'s first half: refused while the app is
+    /// stopped, busy or not.
+    pub(crate) fn admit_if_stopped<R>(&self, stopped: Option<Gated>, reply: Reply<R>) -> Option<Reply<R>> {
+        match stopped.and_then(|op| self.refuse_if_stopped(op)) {
+            Some(err) => {
+                refuse(reply, err);
+                None
+            }
+            None => Some(reply),
         }
     }
 

@@ -134,10 +134,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     // ------------------------------------------------------------- commands
 
     pub(crate) fn begin_deploy(&mut self, request: DeployRequest, progress: ProgressTx, reply: Reply<OpReport>) {
-        if let Some(err) = self.busy() {
-            let _ = reply.send(Err(err));
-            return;
-        }
+        let Some(reply) = self.admit(None, reply) else { return };
         if let Err(e) = self.check_deploy(&request.spec, &request.source) {
             let _ = reply.send(Err(e));
             return;
@@ -434,10 +431,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         progress: ProgressTx,
         reply: Reply<OpReport>,
     ) {
-        if let Some(err) = self.busy() {
-            let _ = reply.send(Err(err));
-            return;
-        }
+        let Some(reply) = self.admit(None, reply) else { return };
         if let Some(err) = self
             .app
             .as_ref()

@@ -208,14 +208,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         progress: ProgressTx,
         reply: Reply<OpReport>,
     ) {
-        if let Some(err) = self.refuse_if_stopped(nonstop_plan::stopped::Gated::Deploy) {
-            let _ = reply.send(Err(err));
-            return;
-        }
-        if let Some(err) = self.busy() {
-            let _ = reply.send(Err(err));
-            return;
-        }
+        let Some(reply) = self.admit(Some(nonstop_plan::stopped::Gated::Deploy), reply) else { return };
         if let Some(rt) = self.app.as_ref().filter(|rt| rt.record.running && rt.record.app != request.spec.app) {
             let _ = reply.send(Err(EngineError::OtherApp {
                 running: rt.record.app.to_string(),

@@ -59,10 +59,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     }
 
     pub(crate) fn on_stop_command(&mut self, who: String, progress: ProgressTx, reply: Reply<OpReport>) {
-        if let Some(err) = self.busy() {
-            let _ = reply.send(Err(err));
-            return;
-        }
+        let Some(reply) = self.admit(None, reply) else { return };
         match self.stop(&who) {
             Ok(Some(summary)) => self.begin_op("stop", progress, reply, summary, true, VecDeque::new(), false),
             Ok(None) => {
@@ -79,10 +76,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     }
 
     pub(crate) fn on_start_command(&mut self, who: String, progress: ProgressTx, reply: Reply<OpReport>) {
-        if let Some(err) = self.busy() {
-            let _ = reply.send(Err(err));
-            return;
-        }
+        let Some(reply) = self.admit(None, reply) else { return };
         // A start that cannot give its processes their secrets starts
         // nothing.
         if self.controls.stopped.is_some() {
