@@ -201,6 +201,25 @@ impl BaseError {
     }
 }
 
+impl From<nonstop_pg::ConnectError> for BaseError {
+    /// A connection to `[base] postgres` that could not be opened, worded
+    /// for it (the driver's error kept as the source).
+    fn from(e: nonstop_pg::ConnectError) -> Self {
+        use nonstop_pg::ConnectError as C;
+        match e {
+            C::BadUrl { reason } => BaseError::BadUrl { reason },
+            C::TlsNotSupported { mode } => BaseError::TlsNotSupported { mode: mode.to_string() },
+            C::Unreachable { server, source } => BaseError::Unreachable { server, source },
+            C::Timeout { server, after } => BaseError::ConnectTimeout { server, after },
+            C::AuthenticationRefused { server, user, source } => {
+                BaseError::AuthenticationRefused { server, user, source }
+            }
+            C::DatabaseMissing { server, database, source } => BaseError::DatabaseMissing { server, database, source },
+            C::Failed { server, source } => BaseError::Sql { what: "connecting".into(), server, source },
+        }
+    }
+}
+
 /// Why the `[base] redis` server cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {

@@ -30,10 +30,11 @@ use crate::naming::{database_name, marker, role_name};
 use crate::password::Password;
 use nonstop_core::database::{encode, DatabaseUrl, UrlError};
 use nonstop_core::{AppName, EnvironmentId};
+pub(crate) use nonstop_pg::server_of;
+use nonstop_pg::{quote_ident, ConnectOptions};
 use std::future::Future;
 use std::time::Duration;
-use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::Client;
 
 /// How long to wait for the server to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -436,80 +437,19 @@ fn env_url(admin: &DatabaseUrl, role: &str, password: &Password, database: &str)
     DatabaseUrl::parse(&text).map_err(|e| BaseError::BadUrl { reason: e.to_string() })
 }
 
-/// `host:port`, with brackets for IPv6: how servers appear in messages.
-pub(crate) fn server_of(url: &DatabaseUrl) -> String {
-    if url.host().contains(':') {
-        format!("[{}]:{}", url.host(), url.port())
-    } else {
-        format!("{}:{}", url.host(), url.port())
-    }
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// A SQL string literal (with `standard_conforming_strings`, on since 9.1;
 /// `E''` would read backslashes).
 fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-fn config_of(url: &DatabaseUrl) -> Result<Config, BaseError> {
-    let mut config: Config = url
-        .expose()
-        .parse()
-        .map_err(|e: tokio_postgres::Error| BaseError::BadUrl { reason: url.redact_in(&e.to_string()) })?;
-    match config.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Prefer | tokio_postgres::config::SslMode::Disable => {}
-        tokio_postgres::config::SslMode::Require => return Err(BaseError::TlsNotSupported { mode: "require".into() }),
-        _ => return Err(BaseError::TlsNotSupported { mode: "verify".into() }),
-    }
-    config.connect_timeout(CONNECT_TIMEOUT);
-    config.application_name("nonstop-base");
-    Ok(config)
-}
+/// How base services connect (`nonstop-pg`, as the migration gate does).
+const CONNECT: ConnectOptions = ConnectOptions { timeout: CONNECT_TIMEOUT, application_name: "nonstop-base" };
 
-/// Opens a connection to `url`'s database, mapping failures to clear
-/// errors. The connection's driver runs on a task that ends with the
-/// client.
+/// Opens a connection to `url`'s database; failures are worded for
+/// `[base] postgres`.
 async fn connect(url: &DatabaseUrl) -> Result<Client, BaseError> {
-    let config = config_of(url)?;
-    let server = server_of(url);
-    let attempt = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), config.connect(NoTls)).await;
-    let (client, connection) = match attempt {
-        Err(_) => return Err(BaseError::ConnectTimeout { server, after: CONNECT_TIMEOUT }),
-        Ok(Err(e)) => return Err(connect_error(e, url, server)),
-        Ok(Ok(pair)) => pair,
-    };
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("base: connection ended: {e}");
-        }
-    });
-    Ok(client)
-}
-
-fn connect_error(source: tokio_postgres::Error, url: &DatabaseUrl, server: String) -> BaseError {
-    let user = url.user().unwrap_or("(the default user)").to_string();
-    if let Some(db) = source.as_db_error() {
-        let code = db.code();
-        if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
-            return BaseError::AuthenticationRefused { server, user, source };
-        }
-        if *code == SqlState::INVALID_CATALOG_NAME {
-            return BaseError::DatabaseMissing { server, database: url.database().to_string(), source };
-        }
-        return BaseError::Sql { what: "connecting".into(), server, source };
-    }
-    let text = source.to_string();
-    if text.contains("password missing") {
-        return BaseError::AuthenticationRefused { server, user, source };
-    }
-    if std::error::Error::source(&source).is_some_and(|s| s.is::<std::io::Error>()) || text.contains("connecting") {
-        return BaseError::Unreachable { server, source };
-    }
-    BaseError::Sql { what: "connecting".into(), server, source }
+    Ok(nonstop_pg::connect(url, &CONNECT).await?)
 }
 
 async fn timed<T>(

@@ -140,3 +140,22 @@ impl GateError {
         )
     }
 }
+
+impl From<nonstop_pg::ConnectError> for GateError {
+    /// A connection to `[database] url` that could not be opened, worded
+    /// for it (the driver's error kept as the source).
+    fn from(e: nonstop_pg::ConnectError) -> Self {
+        use nonstop_pg::ConnectError as C;
+        match e {
+            C::BadUrl { reason } => GateError::BadUrl { reason },
+            C::TlsNotSupported { mode } => GateError::TlsNotSupported { mode: mode.to_string() },
+            C::Unreachable { server, source } => GateError::Unreachable { server, source },
+            C::Timeout { server, after } => GateError::ConnectTimeout { server, after },
+            C::AuthenticationRefused { server, user, source } => {
+                GateError::AuthenticationRefused { server, user, source }
+            }
+            C::DatabaseMissing { server, database, source } => GateError::DatabaseMissing { server, database, source },
+            C::Failed { server, source } => GateError::Sql { what: "connecting".into(), server, source },
+        }
+    }
+}

@@ -24,6 +24,7 @@ use crate::error::{GateError, TasksFailed};
 use crate::model::Schema;
 use crate::tools::{self, ExtensionProblem};
 use nonstop_core::database::DatabaseUrl;
+use nonstop_pg::{quote_ident, server_of, ConnectOptions};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
@@ -32,7 +33,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncReadExt;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::Client;
 
 /// Every scratch database's name starts with this.
 pub const SCRATCH_PREFIX: &str = "nonstop_gate_";
@@ -217,73 +218,12 @@ fn random() -> u32 {
     h.finish() as u32
 }
 
-fn server_of(url: &DatabaseUrl) -> String {
-    if url.host().contains(':') {
-        format!("[{}]:{}", url.host(), url.port())
-    } else {
-        format!("{}:{}", url.host(), url.port())
-    }
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-fn config_of(url: &DatabaseUrl, opts: &GateOptions) -> Result<Config, GateError> {
-    let mut config: Config =
-        url.expose().parse().map_err(|e: tokio_postgres::Error| GateError::BadUrl { reason: e.to_string() })?;
-    match config.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Require => {
-            return Err(GateError::TlsNotSupported { mode: "require".into() });
-        }
-        tokio_postgres::config::SslMode::Prefer | tokio_postgres::config::SslMode::Disable => {}
-        _ => return Err(GateError::TlsNotSupported { mode: "verify".into() }),
-    }
-    config.connect_timeout(opts.connect_timeout);
-    config.application_name("nonstop-migration-gate");
-    Ok(config)
-}
-
-/// Opens a connection to `url`'s database, mapping failures to clear
-/// errors. The connection's driver runs on a task that ends with the
-/// client.
+/// Opens a connection to `url`'s database (`nonstop-pg`, as base services
+/// do); failures are worded for `[database] url`. The connection's driver
+/// runs on a task that ends with the client.
 pub async fn connect(url: &DatabaseUrl, opts: &GateOptions) -> Result<Client, GateError> {
-    let config = config_of(url, opts)?;
-    let server = server_of(url);
-    let attempt = tokio::time::timeout(opts.connect_timeout + Duration::from_secs(1), config.connect(NoTls)).await;
-    let (client, connection) = match attempt {
-        Err(_) => return Err(GateError::ConnectTimeout { server, after: opts.connect_timeout }),
-        Ok(Err(e)) => return Err(connect_error(e, url, server)),
-        Ok(Ok(pair)) => pair,
-    };
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("migration gate: connection ended: {e}");
-        }
-    });
-    Ok(client)
-}
-
-fn connect_error(source: tokio_postgres::Error, url: &DatabaseUrl, server: String) -> GateError {
-    let user = url.user().unwrap_or("(the default user)").to_string();
-    if let Some(db) = source.as_db_error() {
-        let code = db.code();
-        if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
-            return GateError::AuthenticationRefused { server, user, source };
-        }
-        if *code == SqlState::INVALID_CATALOG_NAME {
-            return GateError::DatabaseMissing { server, database: url.database().to_string(), source };
-        }
-        return GateError::Sql { what: "connecting".into(), server, source };
-    }
-    let text = source.to_string();
-    if text.contains("password missing") {
-        return GateError::AuthenticationRefused { server, user, source };
-    }
-    if std::error::Error::source(&source).is_some_and(|s| s.is::<std::io::Error>()) || text.contains("connecting") {
-        return GateError::Unreachable { server, source };
-    }
-    GateError::Sql { what: "connecting".into(), server, source }
+    let connect = ConnectOptions { timeout: opts.connect_timeout, application_name: "nonstop-migration-gate" };
+    Ok(nonstop_pg::connect(url, &connect).await?)
 }
 
 async fn timed<T>(
