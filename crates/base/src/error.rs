@@ -226,9 +226,6 @@ pub enum RedisError {
     #[error("[base] redis is not a URL nonstop can use: {reason}; write it as redis://[:PASSWORD@]HOST:6379")]
     BadUrl { reason: String },
 
-    #[error("[base] redis asks for TLS (rediss://), which nonstop cannot check yet; use redis:// for a server on a private network")]
-    TlsNotSupported,
-
     #[error("cannot reach the Redis server at {server}: {source}; check the host and port in [base] redis and that the server runs and accepts TCP connections there")]
     Unreachable {
         server: String,

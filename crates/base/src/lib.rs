@@ -13,11 +13,14 @@
 //! - [`copy`] (I/O): a new environment's database as a copy of another's
 //!   ([`check_copy`], [`copy_postgres`]: `pg_dump | psql`, restored by the
 //!   new role);
-//! - [`redis`]: [`RedisUrl`] (pure), [`check_redis`] (I/O: `PING`, the
-//!   number of databases), [`redis_for`] (pure: a database number per
-//!   environment, 0 never; past the server's count, a key prefix).
+//! - [`redis`]: [`check_redis`] (I/O: `PING`, the number of databases),
+//!   [`redis_for`] (pure: a database number per environment, 0 never;
+//!   past the server's count, a key prefix), [`flush_redis`] (I/O: an
+//!   environment's data removed);
 //!
-//! The URL type of PostgreSQL is `nonstop_core::database::DatabaseUrl`;
+//! PostgreSQL connections are opened by `nonstop-pg` (as the migration
+//! gate's are). The URL types are `nonstop_core`'s:
+//! `database::DatabaseUrl` and `environment::RedisUrl` (`[base] redis`);
 //! give the app [`Provisioned::url`] with `nonstop_core::database::env_for`
 //! (its own variable names, `DATABASE_URL` by default), and
 //! [`RedisAssignment::env_vars`].
@@ -38,4 +41,4 @@ pub use postgres::{
     admin_url, drop_postgres, exists, preflight, provision_postgres, provision_postgres_with, Dropped, Presence,
     Provisioned, RoleRights, ServerInfo,
 };
-pub use redis::{check_redis, key_prefix, redis_for, RedisAssignment, RedisBase, RedisUrl, RedisUrlError};
+pub use redis::{check_redis, flush_redis, key_prefix, redis_for, Flushed, RedisAssignment, RedisBase};

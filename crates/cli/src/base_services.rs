@@ -56,11 +56,7 @@ impl BaseServices for PgBaseServices {
                 preflight(&p.admin).await.map_err(pg)?;
             }
             let redis_server = match &redis_request {
-                Some(r) => {
-                    let url = nonstop_base::RedisUrl::parse(r.url.expose())
-                        .map_err(|e| BaseServiceError::new(true, format!("[base] redis: {e}")))?;
-                    Some(check_redis(&url).await.map_err(redis)?)
-                }
+                Some(r) => Some(check_redis(&r.url).await.map_err(redis)?),
                 None => None,
             };
             if let Some(from) = postgres.as_ref().and_then(|p| p.copy_from.as_ref()) {

@@ -445,8 +445,38 @@ impl RedisUrl {
 
     /// The URL with its password replaced by `***`: safe to print.
     pub fn redacted(&self) -> String {
+        self.render(None, true)
+    }
+
+    /// `host:port` (brackets around an IPv6 address): how the server
+    /// appears in messages, and what tells two servers apart when their
+    /// database numbers are handed out.
+    pub fn server(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port())
+        } else {
+            format!("{}:{}", self.host, self.port())
+        }
+    }
+
+    /// The same server and credentials, database `number`: an
+    /// environment's `REDIS_URL`.
+    pub fn with_database(&self, number: u8) -> RedisDatabaseUrl {
+        RedisDatabaseUrl { text: self.render(Some(number), false), shown: self.render(Some(number), true), number }
+    }
+
+    /// The URL (its user info as written, or redacted), with `database`.
+    fn render(&self, database: Option<u8>, redact: bool) -> String {
         let mut out = "redis://".to_string();
-        if self.user.is_some() || self.password.is_some() {
+        if !redact {
+            // The user info as written (percent-escapes included).
+            let rest = self.text.split_once("://").map_or("", |(_, r)| r);
+            let rest = rest.split(['#', '?']).next().unwrap_or("");
+            if let Some((info, _)) = rest.rsplit_once('@') {
+                out.push_str(info);
+                out.push('@');
+            }
+        } else if self.user.is_some() || self.password.is_some() {
             out.push_str(&self.user.as_deref().map(crate::database::encode).unwrap_or_default());
             if self.password.is_some() {
                 out.push(':');
@@ -459,10 +489,17 @@ impl RedisUrl {
             out.push(':');
             out.push_str(&port.to_string());
         }
+        if let Some(n) = database {
+            out.push('/');
+            out.push_str(&n.to_string());
+        }
         if let Some(q) = &self.query {
             let params: Vec<String> = q
                 .split('&')
-                .map(|kv| if kv.starts_with("password=") { format!("password={REDACTED}") } else { kv.to_string() })
+                .map(|kv| match kv.strip_prefix("password=") {
+                    Some(_) if redact => format!("password={REDACTED}"),
+                    _ => kv.to_string(),
+                })
                 .collect();
             out.push('?');
             out.push_str(&params.join("&"));
@@ -508,6 +545,41 @@ impl<'de> Deserialize<'de> for RedisUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         RedisUrl::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One database of a `[base] redis` server: the URL an environment's
+/// processes get as `REDIS_URL` ([`RedisUrl::with_database`]). `Display`
+/// and `Debug` hide the password; only [`RedisDatabaseUrl::expose`] gives
+/// the text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisDatabaseUrl {
+    text: String,
+    shown: String,
+    number: u8,
+}
+
+impl RedisDatabaseUrl {
+    /// The real URL, password included. Never print it.
+    pub fn expose(&self) -> &str {
+        &self.text
+    }
+
+    /// The database number.
+    pub fn number(&self) -> u8 {
+        self.number
+    }
+}
+
+impl fmt::Display for RedisDatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl fmt::Debug for RedisDatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisDatabaseUrl({:?})", self.shown)
     }
 }
 
@@ -681,6 +753,26 @@ mod tests {
             assert_eq!(e, err, "{text}");
             assert!(!e.to_string().contains("s3cret"));
         }
+    }
+
+    #[test]
+    fn a_servers_databases_keep_its_credentials_and_hide_them() {
+        let u = RedisUrl::parse("redis://app:p%40ss@cache.internal:6380/?protocol=resp3&password=p%40ss").unwrap();
+        assert_eq!(u.server(), "cache.internal:6380");
+        let db = u.with_database(3);
+        assert_eq!(db.expose(), "redis://app:p%40ss@cache.internal:6380/3?protocol=resp3&password=p%40ss");
+        assert_eq!(db.number(), 3);
+        for shown in [db.to_string(), format!("{db:?}")] {
+            assert!(shown.contains("redis://app:***@cache.internal:6380/3?protocol=resp3&password=***"), "{shown}");
+            assert!(!shown.contains("p%40ss") && !shown.contains("p@ss"), "{shown}");
+        }
+        let plain = RedisUrl::parse("redis://127.0.0.1").unwrap();
+        assert_eq!(plain.with_database(0).expose(), "redis://127.0.0.1/0");
+        assert_eq!(plain.server(), "127.0.0.1:6379");
+        let v6 = RedisUrl::parse("redis://:pw@[::1]:6390").unwrap();
+        assert_eq!(v6.server(), "[::1]:6390");
+        assert_eq!(v6.with_database(12).expose(), "redis://:pw@[::1]:6390/12");
+        assert_eq!(v6.with_database(12).to_string(), "redis://:***@[::1]:6390/12");
     }
 
     #[test]

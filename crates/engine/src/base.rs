@@ -205,16 +205,6 @@ impl BaseServices for NoBaseServices {
     }
 }
 
-/// `host:port` of a Redis server: what tells servers apart when numbers
-/// are handed out.
-pub(crate) fn redis_server_key(url: &RedisUrl) -> String {
-    if url.host().contains(':') {
-        format!("[{}]:{}", url.host(), url.port())
-    } else {
-        format!("{}:{}", url.host(), url.port())
-    }
-}
-
 /// A command held while its environment's base services are made.
 pub(crate) enum Waiting {
     Deploy {
@@ -330,13 +320,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             servers.push(format!("PostgreSQL at {}:{}", pg.admin.host(), pg.admin.port()));
         }
         if let Some(r) = &request.redis {
-            servers.push(format!("Redis at {}", redis_server_key(&r.url)));
+            servers.push(format!("Redis at {}", r.url.server()));
         }
         let _ = waiting
             .progress()
             .send(Progress::note(format!("base services: checking {} for {app} in {env}", servers.join(" and "))));
         let id = NEXT_PENDING.fetch_add(1, Ordering::Relaxed);
-        let redis_server = request.redis.as_ref().map(|r| redis_server_key(&r.url));
+        let redis_server = request.redis.as_ref().map(|r| r.url.server());
         let (services, tx, cancel) = (self.base.clone(), self.events_tx.clone(), self.cancel.clone());
         self.tasks.spawn(async move {
             tokio::select! {
@@ -378,7 +368,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             None => None,
             Some(url) => {
                 self.secrets_key_for_writing()?;
-                let server = redis_server_key(&url);
+                let server = url.server();
                 let assigned = self.store.redis_assignment(&server, app, &env)?;
                 let taken = self.store.redis_numbers_taken(&server)?;
                 Some(RedisRequest { url, assigned, taken })
