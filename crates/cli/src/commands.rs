@@ -660,6 +660,13 @@ async fn run(home: &Home, release: Option<String>, command: Vec<String>) -> anyh
         }
     };
     let ctx: RunContext = client(home).get(&path).await?;
+    // The secrets, and the base services' database password: read here,
+    // never sent by the daemon.
+    let mut vars = ctx.env.clone();
+    if let Err(e) = crate::secrets::add_run_secrets(home, &ctx, &mut vars) {
+        eprintln!("error: {e}");
+        return Ok(1);
+    }
     let mut cmd = if command.len() == 1 {
         let mut c = std::process::Command::new("sh");
         c.arg("-c").arg(&command[0]);
@@ -688,7 +695,7 @@ async fn run(home: &Home, release: Option<String>, command: Vec<String>) -> anyh
         }
     }
     let _tmp = RemoveOnDrop(tmp.clone());
-    cmd.env_clear().envs(&ctx.env).env("NONSTOP_DATA_DIR", &data).env("TMPDIR", &tmp).current_dir(&ctx.workdir);
+    cmd.env_clear().envs(&vars).env("NONSTOP_DATA_DIR", &data).env("TMPDIR", &tmp).current_dir(&ctx.workdir);
     // The child shares our terminal: Ctrl-C goes to it; we only wait.
     use tokio::signal::unix::{signal, SignalKind};
     let _int = signal(SignalKind::interrupt());
@@ -699,7 +706,7 @@ async fn run(home: &Home, release: Option<String>, command: Vec<String>) -> anyh
             eprintln!(
                 "error: `{}` was not found (PATH={}); install it or fix the command",
                 command[0],
-                ctx.env.get("PATH").cloned().unwrap_or_default()
+                vars.get("PATH").cloned().unwrap_or_default()
             );
             return Ok(127);
         }

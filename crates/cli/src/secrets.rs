@@ -288,3 +288,78 @@ mod tests {
         assert_eq!(read(&max, true).unwrap().len(), MAX_VALUE_BYTES);
     }
 }
+
+// ------------------------------------------------------------ nonstop run
+
+/// Why `nonstop run` could not give its command the environment's
+/// secrets (it then runs nothing).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RunSecretsError {
+    #[error("the daemon did not say which environment `nonstop run` runs in (it is older than this nonstop): run `nonstop upgrade`, then run the command again")]
+    NoEnvironment,
+    #[error("the daemon named app `{app}` in environment `{env}`, which are not valid names: {reason}")]
+    BadNames { app: String, env: String, reason: String },
+    #[error("the state database {} is not there, so the secrets of {app} in {env} cannot be read; run `nonstop run` with the NONSTOP_HOME the daemon uses", path.display())]
+    NoStore { path: std::path::PathBuf, app: String, env: String },
+    #[error("the state database {} is damaged ({damage}); run `nonstop doctor`", path.display())]
+    Damaged { path: std::path::PathBuf, damage: nonstop_store::Damage },
+    #[error("cannot open the state database {}: {source}", path.display())]
+    Store {
+        path: std::path::PathBuf,
+        #[source]
+        source: nonstop_store::StoreError,
+    },
+    #[error("the secrets of {app} in {env} cannot be read, so nothing was run: {source}{}", read_hint(source))]
+    Read {
+        app: String,
+        env: String,
+        #[source]
+        source: nonstop_engine::SecretsReadError,
+    },
+}
+
+/// What to do when the key is the problem: `nonstop run` reads it itself.
+fn read_hint(e: &nonstop_engine::SecretsReadError) -> String {
+    use nonstop_engine::SecretsReadError as R;
+    match e {
+        R::Key(_) | R::Crypto(nonstop_secrets::CryptoError::WrongKey { .. }) | R::NoHome => format!(
+            " (`nonstop run` decrypts the environment's secrets itself, with the key the daemon uses: run it as the \
+             daemon's user with the daemon's NONSTOP_HOME, and, if the daemon is given its key in {KEY_ENV}, with \
+             {KEY_ENV} set to that key here too)"
+        ),
+        _ => String::new(),
+    }
+}
+
+/// Adds to `vars` (the run context's plain variables) what a process of
+/// the environment gets beyond them, read here from the store with the
+/// secrets key, as the daemon does for its processes
+/// ([`nonstop_engine::EnvironmentSecrets`]): the secrets, and the base
+/// services' database password and `REDIS_URL`. Nothing of it goes through
+/// the API.
+pub(crate) fn add_run_secrets(
+    home: &Home,
+    ctx: &nonstop_engine::RunContext,
+    vars: &mut std::collections::BTreeMap<String, String>,
+) -> Result<(), RunSecretsError> {
+    if ctx.environment.is_empty() {
+        return Err(RunSecretsError::NoEnvironment);
+    }
+    let bad = |reason: String| RunSecretsError::BadNames { app: ctx.app.clone(), env: ctx.environment.clone(), reason };
+    let app = nonstop_core::AppName::new(ctx.app.clone()).map_err(|e| bad(e.to_string()))?;
+    let env = nonstop_core::EnvironmentId::new(ctx.environment.clone()).map_err(|e| bad(e.to_string()))?;
+    let path = home.database();
+    let store = match nonstop_store::Store::inspect(&path) {
+        Ok(nonstop_store::Inspection::Healthy(store)) => store,
+        Ok(nonstop_store::Inspection::Missing) => {
+            return Err(RunSecretsError::NoStore { path, app: app.to_string(), env: env.to_string() })
+        }
+        Ok(nonstop_store::Inspection::Damaged(damage)) => return Err(RunSecretsError::Damaged { path, damage }),
+        Err(source) => return Err(RunSecretsError::Store { path, source }),
+    };
+    let key = nonstop_engine::SecretsKeyConfig::new(home.path().to_path_buf(), std::env::var(KEY_ENV).ok());
+    let secrets = nonstop_engine::EnvironmentSecrets::read(&store, &key, &app, &env)
+        .map_err(|source| RunSecretsError::Read { app: app.to_string(), env: env.to_string(), source })?;
+    secrets.add_to(vars, ctx.database.as_ref());
+    Ok(())
+}

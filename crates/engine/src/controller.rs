@@ -1358,8 +1358,13 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     fn run_context(&self, release: Option<ReleaseId>) -> Result<RunContext, EngineError> {
         let rt = self.app.as_ref().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
-        let (id, spec_env, workdir) = match release {
-            None => (rt.record.release, rt.record.spec.env.clone(), rt.record.workdir.clone()),
+        let (id, spec_env, database, workdir) = match release {
+            None => (
+                rt.record.release,
+                rt.record.spec.env.clone(),
+                rt.record.spec.database.clone(),
+                rt.record.workdir.clone(),
+            ),
             Some(id) => {
                 let releases = self.store.releases(&rt.record.app)?;
                 let usable = |r: &nonstop_store::ReleaseRecord| {
@@ -1367,7 +1372,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 };
                 match releases.iter().find(|r| r.id == id).filter(|r| usable(r)) {
                     // As this environment ran it (`config.rs`).
-                    Some(r) => (r.id, self.run_config_of(r)?.applied().env, r.dir.clone()),
+                    Some(r) => {
+                        let spec = self.run_config_of(r)?.applied();
+                        (r.id, spec.env, spec.database, r.dir.clone())
+                    }
                     None => {
                         let retained: Vec<String> =
                             releases.iter().filter(|r| usable(r)).map(|r| r.id.to_string()).collect();
@@ -1381,11 +1389,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         };
         let mut env: BTreeMap<String, String> = rt.record.base_env.clone();
         env.extend(spec_env);
+        // As `release_env` gives every process (`secrets.rs` adds the rest
+        // in the client).
+        env.extend(database.iter().flat_map(|db| db.env_vars()));
         env.insert("NONSTOP_APP".into(), rt.record.app.to_string());
         env.insert("NONSTOP_ENVIRONMENT".into(), self.env.to_string());
         env.insert("NONSTOP_RELEASE".into(), id.to_string());
         env.insert("NONSTOP_PROCESS".into(), "run".into());
-        Ok(RunContext { app: rt.record.app.to_string(), workdir, env })
+        Ok(RunContext { app: rt.record.app.to_string(), environment: self.env.to_string(), workdir, env, database })
     }
 }
 

@@ -26,7 +26,9 @@ pub use controller::config::{credential_refusal, ConfigReport};
 pub use controller::environments::{CreateEnvironment, DropDatabase};
 pub use controller::gate::{GateFuture, GateInput, GateOutcome, NoSchemaGate, SchemaGate, SchemaGateError};
 pub use controller::promote::PromoteRequest;
-pub use controller::secrets::{SecretInfo, SecretReport, SecretsKeyConfig, SecretsList};
+pub use controller::secrets::{
+    EnvironmentSecrets, SecretInfo, SecretReport, SecretsKeyConfig, SecretsList, SecretsReadError,
+};
 pub use controller::statics::{live_statics_at_start, LiveStatics};
 pub use controller::{
     BuildError, BuildNote, BuildOutput, Builder, DeployOptions, EngineConfig, Ingress, IngressError, InstanceLogs,

@@ -226,12 +226,25 @@ pub struct OpReport {
     pub changed: bool,
 }
 
-/// What a one-off process (`nonstop run`) needs to run like an instance.
+/// What a one-off process (`nonstop run`) needs to run like an instance,
+/// but its secrets: the client adds those itself
+/// ([`EnvironmentSecrets`](crate::EnvironmentSecrets), read from the
+/// store with the secrets key), so that no secret value and no generated
+/// database password is ever in an answer of the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunContext {
     pub app: String,
+    /// The environment it runs in (whose secrets it gets).
+    #[serde(default)]
+    pub environment: String,
     pub workdir: PathBuf,
+    /// The plain variables: the spec's, its `[database]` variables (the
+    /// environment's own database without its password), `NONSTOP_*`.
     pub env: BTreeMap<String, String>,
+    /// The spec's `[database]`, which the secrets must not override and
+    /// which gets the environment's own password.
+    #[serde(default)]
+    pub database: Option<nonstop_core::database::DatabaseSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -32,6 +32,12 @@
 //! the values of the snapshot before it) before it becomes progress, an
 //! event, an error or a deployment's reason.
 //!
+//! **`nonstop run`** gets them too, through the same code: the CLI runs
+//! as the daemon's user, opens the store and the key itself, and calls
+//! [`EnvironmentSecrets::read`] and [`EnvironmentSecrets::add_to`] for the
+//! environment it runs in (its current values, and the base services'
+//! database password and `REDIS_URL`); no value goes through the API.
+//!
 //! **The key** is loaded when needed and not kept: from
 //! `NONSTOP_SECRETS_KEY` in the daemon's environment, else
 //! `NONSTOP_HOME/secrets.key`, created by the first `set` only while no
@@ -44,7 +50,7 @@ use nonstop_core::database::{DatabaseSpec, DatabaseUrl};
 use nonstop_secrets::{
     CryptoError, KeyCheck, KeyError, KeySource, Redactor, SecretAddress, SecretName, SecretValue, SecretsKey, KEY_ENV,
 };
-use nonstop_store::NewSecretVersion;
+use nonstop_store::{NewSecretVersion, Store, StoreError};
 use zeroize::Zeroizing;
 
 /// A process (instance, task, the gate's run of the tasks) that cannot
@@ -96,15 +102,18 @@ impl SecretsKeyConfig {
     }
 
     fn home(&self) -> Result<&std::path::Path, EngineError> {
-        self.home.as_deref().ok_or_else(|| EngineError::Secrets {
-            reason: "this daemon has no secrets key configured (no state directory); run it with NONSTOP_HOME set"
-                .into(),
-        })
+        self.home.as_deref().ok_or_else(|| EngineError::Secrets { reason: SecretsReadError::NoHome.to_string() })
     }
 
     /// The key to read with (never created).
+    fn key(&self) -> Result<SecretsKey, SecretsReadError> {
+        let home = self.home.as_deref().ok_or(SecretsReadError::NoHome)?;
+        Ok(SecretsKey::load(home, self.env())?)
+    }
+
+    /// [`SecretsKeyConfig::key`], worded for the daemon.
     fn load(&self) -> Result<SecretsKey, EngineError> {
-        SecretsKey::load(self.home()?, self.env()).map_err(|e| key_error(&e))
+        self.key().map_err(read_error)
     }
 
     /// The key to write with: created if there is none (only called
@@ -134,8 +143,39 @@ fn crypto_error(e: &CryptoError) -> EngineError {
     EngineError::Secrets { reason: format!("{e}{hint}") }
 }
 
-/// The decrypted values of one environment, as processes get them.
-pub(crate) struct Loaded {
+/// A daemon's words for why secrets cannot be read.
+fn read_error(e: SecretsReadError) -> EngineError {
+    match e {
+        SecretsReadError::Key(e) => key_error(&e),
+        SecretsReadError::Crypto(e) => crypto_error(&e),
+        SecretsReadError::Store(e) => e.into(),
+        e @ (SecretsReadError::NoHome | SecretsReadError::NoKeyCheck) => EngineError::Secrets { reason: e.to_string() },
+    }
+}
+
+/// Why the secrets of an environment cannot be read
+/// ([`EnvironmentSecrets::read`]): said for whoever reads them (the
+/// daemon, `nonstop run`), each with its source.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsReadError {
+    #[error("this daemon has no secrets key configured (no state directory); run it with NONSTOP_HOME set")]
+    NoHome,
+    /// Missing, malformed, or not private.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The wrong key, or altered data.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("secrets are stored without their key check (the state database was altered): restore it from a backup")]
+    NoKeyCheck,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The decrypted values of one environment, as processes get them: the
+/// secrets set with `nonstop secrets`, and the base services' own (the
+/// environment's database URL with its role's password, its `REDIS_URL`).
+pub struct EnvironmentSecrets {
     /// By name.
     values: Vec<(String, SecretValue)>,
     /// Every version, the base services' secrets included.
@@ -147,8 +187,62 @@ pub(crate) struct Loaded {
     redactor: Arc<Redactor>,
 }
 
-impl Loaded {
-    fn new(values: Vec<(String, SecretValue, u64)>, before: Option<&Loaded>) -> Self {
+impl EnvironmentSecrets {
+    /// Decrypt the current secrets of `app` in `env` from `store` with the
+    /// key `key` says: the one way processes get them, whether the daemon
+    /// starts them or `nonstop run` does. No key is needed while there are
+    /// none; a key that cannot be had, or is not the one they were sealed
+    /// with, is an error before anything is decrypted.
+    pub fn read(
+        store: &Store,
+        key: &SecretsKeyConfig,
+        app: &AppName,
+        env: &EnvironmentId,
+    ) -> Result<Self, SecretsReadError> {
+        Self::read_after(store, key, app, env, None)
+    }
+
+    /// [`EnvironmentSecrets::read`], whose redactor also hides the values
+    /// of `before` (the snapshot it replaces).
+    fn read_after(
+        store: &Store,
+        key: &SecretsKeyConfig,
+        app: &AppName,
+        env: &EnvironmentId,
+        before: Option<&Self>,
+    ) -> Result<Self, SecretsReadError> {
+        let rows = store.current_secrets(app, env)?;
+        if rows.is_empty() {
+            return Ok(Self::new(Vec::new(), before));
+        }
+        let key = key.key()?;
+        let check = store.secrets_key_check()?.ok_or(SecretsReadError::NoKeyCheck)?;
+        let checked = key.verify(&KeyCheck::from_bytes(check))?;
+        let mut values = Vec::with_capacity(rows.len());
+        for row in rows {
+            let at = SecretAddress { app, environment: env, name: &row.name, version: row.version };
+            let value = checked.open(&at, &row.nonce, &row.ciphertext)?;
+            values.push((row.name, value, row.version));
+        }
+        Ok(Self::new(values, before))
+    }
+
+    /// Adds what a process gets beyond its plain variables to `vars` (which
+    /// hold the `[database]` variables of `database`, the spec's): every
+    /// secret, winning over a plain variable of its name but not over a
+    /// `[database]` one; then the base services' (`base.rs`): the
+    /// environment's own database with its role's password, and
+    /// `REDIS_URL` when the spec has its `REDIS_KEY_PREFIX`.
+    pub fn add_to(&self, vars: &mut BTreeMap<String, String>, database: Option<&DatabaseSpec>) {
+        add_secrets(vars, self, database)
+    }
+
+    /// The names of the secrets set (not the base services').
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.values.iter().map(|(n, _)| n.as_str())
+    }
+
+    fn new(values: Vec<(String, SecretValue, u64)>, before: Option<&EnvironmentSecrets>) -> Self {
         let versions = values.iter().map(|(n, _, v)| (n.clone(), *v)).collect();
         let (internal, values): (Vec<_>, Vec<_>) = values.into_iter().partition(|(n, _, _)| is_base_secret(n));
         let mut base = BaseSecrets::default();
@@ -196,7 +290,7 @@ pub(crate) struct SecretsState {
     config: SecretsKeyConfig,
     /// What processes started from now on get; `None` until first needed
     /// (or refreshed) in this daemon's life.
-    current: Option<Arc<Loaded>>,
+    current: Option<Arc<EnvironmentSecrets>>,
     /// The versions every process had when the running release went live
     /// (a deploy or rollback that promoted); `None` when not known (a
     /// daemon that started since).
@@ -287,7 +381,7 @@ impl EngineHandle {
 /// spec's `[database]`).
 pub(crate) fn with_secrets(
     vars: Vec<(String, String)>,
-    loaded: &Loaded,
+    loaded: &EnvironmentSecrets,
     database: Option<&DatabaseSpec>,
 ) -> Vec<(String, String)> {
     let mut map: BTreeMap<String, String> = vars.into_iter().collect();
@@ -298,7 +392,11 @@ pub(crate) fn with_secrets(
 /// [`with_secrets`] on a map. The base services' variables (`base.rs`)
 /// come last: the environment's own database (with its role's password)
 /// and `REDIS_URL` win over a secret.
-pub(crate) fn add_secrets(vars: &mut BTreeMap<String, String>, loaded: &Loaded, database: Option<&DatabaseSpec>) {
+pub(crate) fn add_secrets(
+    vars: &mut BTreeMap<String, String>,
+    loaded: &EnvironmentSecrets,
+    database: Option<&DatabaseSpec>,
+) {
     for (name, value) in &loaded.values {
         if database.is_some_and(|db| db.env.contains_key(name)) {
             continue;
@@ -515,26 +613,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     /// Decrypt the current secrets of this environment (no key needed
     /// when there are none).
-    fn load_secrets(&self) -> Result<Loaded, EngineError> {
+    fn load_secrets(&self) -> Result<EnvironmentSecrets, EngineError> {
         let (app, env) = (&self.scope.app, &self.env);
-        let rows = self.store.current_secrets(app, env)?;
-        if rows.is_empty() {
-            return Ok(Loaded::new(Vec::new(), self.secrets.current.as_deref()));
-        }
-        let key = self.secrets.config.load()?;
-        let check = self.store.secrets_key_check()?.ok_or_else(|| EngineError::Secrets {
-            reason: "secrets are stored without their key check (the state database was altered): restore it from \
-                     a backup"
-                .into(),
-        })?;
-        let checked = key.verify(&KeyCheck::from_bytes(check)).map_err(|e| crypto_error(&e))?;
-        let mut values = Vec::with_capacity(rows.len());
-        for row in rows {
-            let at = SecretAddress { app, environment: env, name: &row.name, version: row.version };
-            let value = checked.open(&at, &row.nonce, &row.ciphertext).map_err(|e| crypto_error(&e))?;
-            values.push((row.name, value, row.version));
-        }
-        Ok(Loaded::new(values, self.secrets.current.as_deref()))
+        EnvironmentSecrets::read_after(&self.store, &self.secrets.config, app, env, self.secrets.current.as_deref())
+            .map_err(read_error)
     }
 
     /// Read the secrets again for an operation that starts processes
@@ -557,7 +639,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     /// The snapshot a process starting now gets: read on first need. The
     /// error says why it cannot start.
-    pub(crate) fn launch_secrets(&mut self) -> Result<Arc<Loaded>, SecretsUnavailable> {
+    pub(crate) fn launch_secrets(&mut self) -> Result<Arc<EnvironmentSecrets>, SecretsUnavailable> {
         if let Some(loaded) = &self.secrets.current {
             return Ok(loaded.clone());
         }
@@ -633,7 +715,7 @@ mod tests {
     fn secrets_win_over_env_but_not_over_database_variables() {
         let database =
             DatabaseSpec::new(nonstop_core::database::DatabaseUrl::parse("postgres://blog@db/blog").unwrap());
-        let loaded = Loaded::new(
+        let loaded = EnvironmentSecrets::new(
             vec![("API_TOKEN".into(), value("tok-1234"), 1), ("DATABASE_URL".into(), value("postgres://evil/x"), 1)],
             None,
         );
@@ -650,12 +732,12 @@ mod tests {
 
     #[test]
     fn the_redactor_knows_the_snapshot_before() {
-        let first = Loaded::new(vec![("TOKEN".into(), value("old-value-1"), 1)], None);
-        let second = Loaded::new(vec![("TOKEN".into(), value("new-value-2"), 2)], Some(&first));
+        let first = EnvironmentSecrets::new(vec![("TOKEN".into(), value("old-value-1"), 1)], None);
+        let second = EnvironmentSecrets::new(vec![("TOKEN".into(), value("new-value-2"), 2)], Some(&first));
         let text = second.redactor.redact("a old-value-1 b new-value-2");
         assert_eq!(text, "a [secret TOKEN] b [secret TOKEN]");
         // ...but only one snapshot back.
-        let third = Loaded::new(vec![("TOKEN".into(), value("third-value"), 3)], Some(&second));
+        let third = EnvironmentSecrets::new(vec![("TOKEN".into(), value("third-value"), 3)], Some(&second));
         assert_eq!(third.redactor.redact("old-value-1"), "old-value-1");
     }
 

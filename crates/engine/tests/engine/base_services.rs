@@ -230,3 +230,63 @@ async fn a_promotion_gives_its_target_a_database_of_its_own_without_copying() {
     assert!(rec.spec.base.is_none() && rec.spec.database.as_ref().unwrap().url.password().is_none());
     e.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn run_gets_what_processes_get_but_the_api_carries_no_secret() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    let e = f.start();
+    let staging = handle(&e, "staging");
+    let token = "tok-run-9c1d22e0";
+    staging
+        .set_secret(
+            nonstop_secrets::SecretName::new("API_TOKEN").unwrap(),
+            nonstop_secrets::SecretValue::new(token.to_string()).unwrap(),
+            "ann".into(),
+        )
+        .await
+        .unwrap();
+    deploy(&e, "staging", spec("staging", "1")).await.unwrap();
+
+    // The run context: the plain variables, `[database]`'s without the
+    // password; no secret.
+    let ctx = staging.run_context(None).await.unwrap();
+    assert_eq!((ctx.app.as_str(), ctx.environment.as_str()), ("blog", "staging"));
+    let own = "postgres://blog_staging@db.test:5432/blog_staging";
+    assert_eq!(ctx.env.get("DATABASE_URL").map(String::as_str), Some(own));
+    assert_eq!(ctx.database.as_ref().map(|d| d.url.expose()), Some(own));
+    assert_eq!(ctx.env.get("NONSTOP_PROCESS").map(String::as_str), Some("run"));
+    let wire = serde_json::to_string(&ctx).unwrap();
+    for hidden in [token, "generated-password-1", "NONSTOP_BASE"] {
+        assert!(!wire.contains(hidden), "{hidden} in {wire}");
+    }
+    assert!(!ctx.env.contains_key("API_TOKEN") && !ctx.env.contains_key("REDIS_URL"), "{:?}", ctx.env);
+
+    // What the client adds from the store with the key: exactly what the
+    // instances got.
+    let (app, env) =
+        (nonstop_core::AppName::new("blog").unwrap(), nonstop_core::EnvironmentId::new("staging").unwrap());
+    let secrets = nonstop_engine::EnvironmentSecrets::read(&f.store, &f.secrets, &app, &env).unwrap();
+    assert_eq!(secrets.names().collect::<Vec<_>>(), ["API_TOKEN"], "the base services' are not secrets of their own");
+    let mut vars = ctx.env.clone();
+    secrets.add_to(&mut vars, ctx.database.as_ref());
+    for var in ["API_TOKEN", "DATABASE_URL", "REDIS_URL", "REDIS_KEY_PREFIX"] {
+        assert_eq!(vars.get(var), var_of(&f, "staging", "web", var).as_ref(), "{var}");
+    }
+    assert_eq!(vars["DATABASE_URL"], "postgres://blog_staging:generated-password-1@db.test:5432/blog_staging");
+    assert_eq!(vars["API_TOKEN"], token);
+
+    // Another key: refused before anything is decrypted, naming the fix.
+    let other = tempfile::tempdir().unwrap();
+    let key = nonstop_secrets::SecretsKey::generate().unwrap();
+    let wrong = SecretsKeyConfig::new(other.path().to_path_buf(), Some(key.to_base64().to_string()));
+    let err = nonstop_engine::EnvironmentSecrets::read(&f.store, &wrong, &app, &env).err().unwrap();
+    assert!(matches!(err, nonstop_engine::SecretsReadError::Crypto(_)), "{err:?}");
+    assert!(err.to_string().contains("does not match"), "{err}");
+    // No key at all.
+    let none = SecretsKeyConfig::new(other.path().to_path_buf(), None);
+    let err = nonstop_engine::EnvironmentSecrets::read(&f.store, &none, &app, &env).err().unwrap();
+    assert!(matches!(err, nonstop_engine::SecretsReadError::Key(_)), "{err:?}");
+    assert!(err.to_string().contains("the secrets key is missing"), "{err}");
+    e.shutdown().await;
+}
