@@ -555,8 +555,12 @@ async fn env_destroy(
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid env destroy request: {e}")),
     };
-    let drop = req.drop_database.map(|typed| nonstop_engine::DropDatabase { typed, admin: req.base_postgres });
-    op_stream(move |p| async move { engine.destroy_environment(req.who, drop, p).await })
+    let request = nonstop_engine::DestroyEnvironment {
+        who: req.who,
+        drop_database: req.drop_database,
+        base: nonstop_core::environment::BaseSpec { postgres: req.base_postgres, redis: req.base_redis },
+    };
+    op_stream(move |p| async move { engine.destroy_environment(request, p).await })
 }
 
 /// Every app and environment the daemon knows, each with its state (from

@@ -281,6 +281,10 @@ pub struct EnvDestroyRequest {
     /// hold the administrator's password (printed redacted).
     #[serde(default)]
     pub base_postgres: Option<nonstop_core::database::DatabaseUrl>,
+    /// `[base] redis` of the spec (to remove the environment's Redis data
+    /// on); it may hold the server's password (printed redacted).
+    #[serde(default)]
+    pub base_redis: Option<nonstop_core::environment::RedisUrl>,
 }
 
 /// One environment of one app under the daemon, for `nonstop env list`.

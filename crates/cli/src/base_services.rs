@@ -9,13 +9,14 @@
 //! copy that fails drops what was just made, so nothing is left).
 
 use nonstop_base::{
-    check_copy, check_redis, copy_postgres, database_name, drop_postgres, generate_password, preflight,
-    provision_postgres_with, redis_for, BaseError, Password, RedisError, RoleRights,
+    check_copy, check_redis, copy_postgres, database_name, drop_postgres, flush_redis, generate_password, preflight,
+    provision_postgres_with, redis_for, BaseError, Flushed, Password, RedisAssignment, RedisError, RoleRights,
 };
 use nonstop_core::database::DatabaseUrl;
+use nonstop_core::environment::RedisUrl;
 use nonstop_core::{AppName, EnvironmentId};
 use nonstop_engine::{
-    BaseFuture, BaseReady, BaseRequest, BaseServiceError, BaseServices, CopiedDatabase, DroppedDatabase,
+    BaseFuture, BaseReady, BaseRequest, BaseServiceError, BaseServices, CopiedDatabase, DroppedDatabase, FlushedRedis,
     ProvisionedDatabase, RedisShare,
 };
 use nonstop_secrets::SecretValue;
@@ -105,8 +106,8 @@ impl BaseServices for PgBaseServices {
             let redis_share = match (redis_request, redis_server) {
                 (Some(r), Some(base)) => {
                     let assignment = match r.assigned {
-                        Some(0) => nonstop_base::RedisAssignment::SharedWithPrefix,
-                        Some(n) => nonstop_base::RedisAssignment::Database(n),
+                        Some(0) => RedisAssignment::SharedWithPrefix,
+                        Some(n) => RedisAssignment::Database(n),
                         None => redis_for(&base, &r.taken),
                     };
                     let url = assignment.url(&base.url);
@@ -131,6 +132,19 @@ impl BaseServices for PgBaseServices {
                 database_dropped: dropped.database,
                 role_dropped: dropped.role,
             })
+        })
+    }
+
+    fn flush_redis(&self, url: RedisUrl, number: u8, app: AppName, env: EnvironmentId) -> BaseFuture<FlushedRedis> {
+        Box::pin(async move {
+            let assignment = match number {
+                0 => RedisAssignment::SharedWithPrefix,
+                n => RedisAssignment::Database(n),
+            };
+            let keys = match flush_redis(&url, assignment, &app, &env).await.map_err(redis)? {
+                Flushed::Database { keys, .. } | Flushed::Prefix { keys, .. } => keys,
+            };
+            Ok(FlushedRedis { server: url.server(), number, keys })
         })
     }
 }

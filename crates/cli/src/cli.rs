@@ -529,16 +529,21 @@ pub enum EnvCommand {
         json: bool,
     },
     /// Stop an environment and forget it: every instance stopped, its
-    /// routes and hosts released. Its history, releases and secrets stay,
-    /// and its database too unless --drop-database names it again.
-    /// A `protected = true` environment is refused.
+    /// routes and hosts released, its secrets and config removed. Its
+    /// history and releases stay, and its database and Redis data (its
+    /// Redis number reserved for the name) too unless --drop-database
+    /// names the database again. A `protected = true` environment is
+    /// refused; one whose destroy failed half way is finished by running
+    /// the command again.
     #[command(
         after_help = "Examples:\n  nonstop env destroy pr-42\n  nonstop env destroy pr-42 --drop-database hello_pr_42__3f9a1c0b2e"
     )]
     Destroy {
         /// The environment to destroy.
         name: String,
-        /// Drop its database and role too (on the [base] postgres server):
+        /// Drop its database and role too (on the [base] postgres server),
+        /// and remove its Redis data (its database on [base] redis emptied
+        /// and its number freed; in the shared database 0, its keys):
         /// type the database's name, as `env create` and `status` show it.
         #[arg(long, value_name = "DATABASE")]
         drop_database: Option<String>,

@@ -4,7 +4,9 @@
 //! the name (a DNS label), the spec (resolved for the new environment),
 //! a host the file gives another environment, `protected = true`, and the
 //! database name `--drop-database` must repeat. A refusal changes
-//! nothing (exit 2).
+//! nothing (exit 2). `env destroy` sends the file's `[base]` (the servers
+//! to drop the database and the Redis data on, with `--drop-database` or
+//! to finish a destroy begun with it).
 
 use crate::cli::EnvCommand;
 use crate::commands::{
@@ -179,20 +181,21 @@ async fn destroy(
         }
     }
     let app = set.as_ref().map(|s| s.app().to_string()).or_else(scoped_app);
-    let base_postgres = set.as_ref().and_then(|s| s.base_services()).and_then(|b| b.postgres.clone());
+    let base = set.as_ref().and_then(|s| s.base_services()).cloned().unwrap_or_default();
     if let Some(typed) = &drop_database {
         let Some(set) = &set else {
             return Ok(refuse(
-                "--drop-database needs the app's nonstop.toml (its [base] postgres is the server to drop the \
-                 database on); run the command in the app's directory or give -f FILE; nothing was changed",
+                "--drop-database needs the app's nonstop.toml (its [base] names the servers to drop the \
+                 environment's database and Redis data on); run the command in the app's directory or give -f \
+                 FILE; nothing was changed",
                 json,
             ));
         };
-        if base_postgres.is_none() {
+        if base.postgres.is_none() && base.redis.is_none() {
             return Ok(refuse(
                 &format!(
-                    "--drop-database drops the environment's database on the server [base] postgres names, and {} \
-                     has no [base] postgres; nothing was changed",
+                    "--drop-database drops the environment's database and Redis data on the servers [base] names, \
+                     and {} has no [base] postgres or redis; nothing was changed",
                     file.display()
                 ),
                 json,
@@ -203,6 +206,6 @@ async fn destroy(
         }
     }
     let c = Client::new(home.socket()).scoped(app.as_deref(), Some(name.as_str()));
-    let req = EnvDestroyRequest { who: who(), drop_database, base_postgres };
+    let req = EnvDestroyRequest { who: who(), drop_database, base_postgres: base.postgres, base_redis: base.redis };
     run_op(&c, "/v1/environments/destroy", &req, json).await
 }

@@ -165,6 +165,18 @@ pub struct DroppedDatabase {
     pub role_dropped: bool,
 }
 
+/// What [`BaseServices::flush_redis`] removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushedRedis {
+    /// `host:port`.
+    pub server: String,
+    /// The environment's database number; 0: the shared one, where only
+    /// its keys went.
+    pub number: u8,
+    /// How many keys were removed.
+    pub keys: u64,
+}
+
 /// The servers environments' databases live on (PostgreSQL and Redis, in
 /// the daemon).
 pub trait BaseServices: Send + Sync + 'static {
@@ -180,6 +192,10 @@ pub trait BaseServices: Send + Sync + 'static {
     /// Drop `app`'s database of `env` and its role (only what nonstop made
     /// for them).
     fn drop_database(&self, admin: DatabaseUrl, app: AppName, env: EnvironmentId) -> BaseFuture<DroppedDatabase>;
+    /// Remove `app`'s data of `env` from the Redis server at `url`: empty
+    /// its database `number`, or, for 0 (the shared database), delete only
+    /// its keys (`APP:ENV:*`). Removing what is gone already is fine.
+    fn flush_redis(&self, url: RedisUrl, number: u8, app: AppName, env: EnvironmentId) -> BaseFuture<FlushedRedis>;
 }
 
 /// For engines without base services: a spec with `[base]` cannot be
@@ -201,6 +217,9 @@ impl BaseServices for NoBaseServices {
         Box::pin(async { Err(none()) })
     }
     fn drop_database(&self, _: DatabaseUrl, _: AppName, _: EnvironmentId) -> BaseFuture<DroppedDatabase> {
+        Box::pin(async { Err(none()) })
+    }
+    fn flush_redis(&self, _: RedisUrl, _: u8, _: AppName, _: EnvironmentId) -> BaseFuture<FlushedRedis> {
         Box::pin(async { Err(none()) })
     }
 }

@@ -11,19 +11,31 @@
 //! leaves no controller behind (`env list` does not show it).
 //!
 //! **Destroy.** Refused for a `protected` environment and while another
-//! operation runs. Every instance is stopped (`down`), its route and host
-//! claims go, and, with `--drop-database` naming the environment's
-//! database again, its database and role are dropped; then the store
-//! forgets what would bring it back ([`nonstop_store::Store::forget_environment`])
-//! and the dispatcher forgets its controller. Its deployments, events,
-//! releases, secrets and Redis number stay; a database not dropped stays
-//! for a later environment of the same name.
+//! operation runs. Persist, then act: the destroy is recorded first
+//! ([`nonstop_store::Store::begin_destroy`], with whether it drops the
+//! environment's data); then every instance is stopped (`down`: the app
+//! record says down before anything stops), its route and host claims go,
+//! and, with `--drop-database` naming the environment's database again,
+//! its database and role are dropped and its Redis data removed (its own
+//! database emptied, or its keys in the shared one deleted); then, in one
+//! transaction, the store forgets what would bring it back: its app
+//! record, its secrets and config, the destroy's record, and the Redis
+//! numbers it emptied ([`nonstop_store::Store::forget_environment`]); the
+//! dispatcher forgets its controller. Every step can be done again, so a
+//! destroy that failed half way (or whose daemon died) is finished by the
+//! next `env destroy`, which goes on with the drop that was confirmed;
+//! until then the environment refuses everything else
+//! ([`EngineError::Destroying`]). Its deployments, events and releases
+//! stay; without `--drop-database` its database stays for a later
+//! environment of the same name, and so does its Redis number (with its
+//! data).
 
-use super::base::{BaseServiceError, DroppedDatabase, Waiting};
+use super::base::{BaseServiceError, DroppedDatabase, FlushedRedis, Waiting};
 use super::deploy::DeployRequest;
 use super::promote::{check_build, PromoteCommand, PromoteRequest};
 use super::*;
 use nonstop_core::database::DatabaseUrl;
+use nonstop_core::environment::{BaseSpec, RedisUrl};
 
 /// `nonstop env create NAME [--from ENV]`.
 #[derive(Debug, Clone)]
@@ -39,13 +51,16 @@ pub struct CreateEnvironment {
     pub from: Option<EnvironmentId>,
 }
 
-/// `nonstop env destroy NAME --drop-database DATABASE`.
+/// `nonstop env destroy NAME [--drop-database DATABASE]`.
 #[derive(Debug, Clone)]
-pub struct DropDatabase {
-    /// The database's name, typed again.
-    pub typed: String,
-    /// `[base] postgres`, to drop it on (`None`: the spec has none).
-    pub admin: Option<DatabaseUrl>,
+pub struct DestroyEnvironment {
+    pub who: String,
+    /// `--drop-database`: the environment's database named again.
+    pub drop_database: Option<String>,
+    /// `[base]` of the app's nonstop.toml: the servers its database is
+    /// dropped and its Redis data removed on (with `--drop-database`, or
+    /// to finish a destroy begun with it).
+    pub base: BaseSpec,
 }
 
 /// `env` requests, to a controller.
@@ -58,12 +73,7 @@ pub(crate) enum EnvRequest {
     },
     /// Answered with the app and environment destroyed (the dispatcher
     /// forgets its controller).
-    Destroy {
-        who: String,
-        drop_database: Option<Box<DropDatabase>>,
-        progress: ProgressTx,
-        reply: Reply<(OpReport, AppEnv)>,
-    },
+    Destroy { request: Box<DestroyEnvironment>, progress: ProgressTx, reply: Reply<(OpReport, AppEnv)> },
     /// Whether the environment exists (a record, or an operation under way).
     Exists { reply: Reply<bool> },
 }
@@ -82,17 +92,23 @@ impl EnvRequest {
 pub(crate) struct Destroying {
     who: String,
     since: SystemTime,
-    /// Drop the database on this server once every instance is gone.
-    drop: Option<DatabaseUrl>,
+    /// Once every instance is gone: drop the database on this server...
+    drop_postgres: Option<DatabaseUrl>,
+    /// ...and remove the Redis data: database `number` of this server.
+    flush_redis: Option<(RedisUrl, u8)>,
     progress: ProgressTx,
     reply: Option<Reply<(OpReport, AppEnv)>>,
     stopped: usize,
+    /// What the steps did, for the summary.
+    dropped: Option<DroppedDatabase>,
+    flushed: Option<FlushedRedis>,
 }
 
 /// The ends of a destroy's steps, back on the controller.
 pub(crate) enum EnvEvent {
     Stopped { result: Result<OpReport, EngineError> },
     Dropped { result: Result<DroppedDatabase, BaseServiceError> },
+    Flushed { result: Result<FlushedRedis, BaseServiceError> },
 }
 
 impl EngineHandle {
@@ -144,19 +160,15 @@ impl EngineHandle {
     }
 
     /// `nonstop env destroy`: stop the environment this handle addresses,
-    /// release its hosts, drop its database if asked, and forget it (see
-    /// the module doc).
+    /// release its hosts, drop its data if asked, and forget it (see the
+    /// module doc).
     pub async fn destroy_environment(
         &self,
-        who: String,
-        drop_database: Option<DropDatabase>,
+        request: DestroyEnvironment,
         progress: ProgressTx,
     ) -> Result<OpReport, EngineError> {
-        let (report, scope) = self
-            .ask(|reply| {
-                Command::Env(EnvRequest::Destroy { who, drop_database: drop_database.map(Box::new), progress, reply })
-            })
-            .await?;
+        let (report, scope) =
+            self.ask(|reply| Command::Env(EnvRequest::Destroy { request: Box::new(request), progress, reply })).await?;
         // The controller is done with: the dispatcher forgets it, and it
         // ends with its inbox.
         self.forget(&scope);
@@ -168,9 +180,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     pub(crate) fn on_env(&mut self, request: EnvRequest) {
         match request {
             EnvRequest::Create { request, from, progress, reply } => self.on_create(*request, from, progress, reply),
-            EnvRequest::Destroy { who, drop_database, progress, reply } => {
-                self.begin_destroy(who, drop_database, progress, reply)
-            }
+            EnvRequest::Destroy { request, progress, reply } => self.begin_destroy(*request, progress, reply),
             EnvRequest::Exists { reply } => {
                 let _ = reply.send(Ok(self.environment_exists()));
             }
@@ -195,6 +205,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         progress: ProgressTx,
         reply: Reply<OpReport>,
     ) {
+        if let Some(e @ EngineError::Destroying { .. }) = self.destroy_busy() {
+            let _ = reply.send(Err(e));
+            return;
+        }
         if self.environment_exists() {
             let detail = match &self.app {
                 Some(rt) if rt.record.running && rt.record.release.0 > 0 => format!(" (running {})", rt.record.release),
@@ -247,61 +261,91 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
     }
 
-    /// Starts `env destroy` (a refusal is answered at once).
-    fn begin_destroy(
-        &mut self,
-        who: String,
-        drop_database: Option<Box<DropDatabase>>,
-        progress: ProgressTx,
-        reply: Reply<(OpReport, AppEnv)>,
-    ) {
-        let (app, env) = (self.scope.app.clone(), self.env.clone());
-        let refuse = |reply: Reply<(OpReport, AppEnv)>, e: EngineError| {
-            let _ = reply.send(Err(e));
-        };
-        if self.app.as_ref().is_some_and(|rt| rt.record.spec.protected) {
-            return refuse(reply, EngineError::Protected { app: app.to_string(), env: env.to_string() });
-        }
-        if let Some(e) = self.busy() {
-            return refuse(reply, e);
-        }
-        let drop = match drop_database {
-            None => None,
-            Some(d) => {
-                let database = self.base.database_name(&app, &env);
-                if d.typed.trim() != database {
-                    return refuse(reply, EngineError::DropNotConfirmed { database, typed: d.typed });
-                }
-                match d.admin {
-                    Some(admin) => Some(admin),
-                    None => {
-                        return refuse(
-                            reply,
-                            EngineError::Base {
-                                reason: format!(
-                                    "--drop-database drops {database} on the server [base] postgres names, and the \
-                                     spec has no [base] postgres; add it to nonstop.toml (or drop the database \
-                                     yourself); nothing was changed"
-                                ),
-                                bad_input: true,
-                            },
-                        )
-                    }
-                }
+    /// Starts `env destroy` (a refusal is answered at once), or goes on
+    /// with one that did not finish.
+    fn begin_destroy(&mut self, request: DestroyEnvironment, progress: ProgressTx, reply: Reply<(OpReport, AppEnv)>) {
+        match self.plan_destroy(request, &progress) {
+            Ok(destroying) => self.start_destroy(destroying, progress, reply),
+            Err(e) => {
+                let _ = reply.send(Err(e));
             }
+        }
+    }
+
+    /// The checks (nothing changed when one refuses), then the destroy
+    /// recorded: what it stops and drops.
+    fn plan_destroy(&mut self, request: DestroyEnvironment, progress: &ProgressTx) -> Result<Destroying, EngineError> {
+        let (app, env) = (self.scope.app.clone(), self.env.clone());
+        let DestroyEnvironment { who, drop_database, base } = request;
+        if self.app.as_ref().is_some_and(|rt| rt.record.spec.protected) {
+            return Err(EngineError::Protected { app: app.to_string(), env: env.to_string() });
+        }
+        match self.busy() {
+            // An unfinished destroy is what this one finishes.
+            None | Some(EngineError::Destroying { .. }) => {}
+            Some(e) => return Err(e),
+        }
+        let database = self.base.database_name(&app, &env);
+        if let Some(typed) = &drop_database {
+            if typed.trim() != database {
+                return Err(EngineError::DropNotConfirmed { database, typed: typed.clone() });
+            }
+        }
+        let pending = self.store.pending_destroy(&app, &env)?;
+        let drop = drop_database.is_some() || pending.as_ref().is_some_and(|p| p.drop_data);
+        if drop && base.postgres.is_none() && base.redis.is_none() {
+            let why = match (&drop_database, &pending) {
+                (None, Some(p)) => format!(
+                    "the destroy {} began at {} drops the environment's database and Redis data",
+                    p.who,
+                    fmt_wall(p.started_at)
+                ),
+                _ => format!("--drop-database drops {database} and the environment's Redis data"),
+            };
+            return Err(EngineError::Base {
+                reason: format!(
+                    "{why} on the servers [base] names, and no [base] postgres or redis was given; run the \
+                     command in the app's directory (or give -f FILE), or drop them yourself; nothing was changed"
+                ),
+                bad_input: true,
+            });
+        }
+        let flush_redis = match base.redis.filter(|_| drop) {
+            None => None,
+            Some(url) => self.store.redis_assignment(&url.server(), &app, &env)?.map(|n| (url, n)),
         };
-        let stopped = self.app.as_ref().map_or(0, |rt| rt.instances.len());
-        self.destroying = Some(Destroying {
-            who: who.clone(),
+        // Persist, then act.
+        let begun = self.store.begin_destroy(&app, &env, drop, &who, self.clock.wall())?;
+        if pending.is_some() {
+            let _ = progress.send(Progress::note(format!(
+                "env destroy: finishing the destroy {} began at {}{}",
+                begun.who,
+                fmt_wall(begun.started_at),
+                if begun.drop_data { " (with --drop-database)" } else { "" }
+            )));
+        }
+        Ok(Destroying {
+            who,
             since: self.clock.wall(),
-            drop,
+            drop_postgres: base.postgres.filter(|_| drop),
+            flush_redis,
             progress: progress.clone(),
-            reply: Some(reply),
-            stopped,
-        });
+            reply: None,
+            stopped: self.app.as_ref().map_or(0, |rt| rt.instances.len()),
+            dropped: None,
+            flushed: None,
+        })
+    }
+
+    /// Stop every instance, then go on with [`Self::next_destroy_step`].
+    fn start_destroy(&mut self, mut destroying: Destroying, progress: ProgressTx, reply: Reply<(OpReport, AppEnv)>) {
+        let app = self.scope.app.clone();
+        destroying.reply = Some(reply);
+        let (who, stopped) = (destroying.who.clone(), destroying.stopped);
+        self.destroying = Some(destroying);
         self.event(&app, "destroy", None, &format!("env destroy by {who}: stopping {stopped} instance(s)"));
         if self.app.is_none() {
-            self.on_env_event(EnvEvent::Stopped { result: Ok(OpReport { summary: String::new(), changed: false }) });
+            self.next_destroy_step();
             return;
         }
         match self.down() {
@@ -320,44 +364,86 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     pub(crate) fn on_env_event(&mut self, event: EnvEvent) {
         let (app, env) = (self.scope.app.clone(), self.env.clone());
+        let again = format!(
+            "the environment is kept (down), its destroy recorded; run `nonstop env destroy {env}` again (in the \
+             app's directory) to finish it"
+        );
         match event {
             EnvEvent::Stopped { result: Err(e) } => self.destroy_failed(e),
-            EnvEvent::Stopped { result: Ok(_) } => {
-                let Some(admin) = self.destroying.as_ref().and_then(|d| d.drop.clone()) else {
-                    self.finish_destroy(None);
-                    return;
-                };
-                let database = self.base.database_name(&app, &env);
-                if let Some(d) = &self.destroying {
-                    let _ = d.progress.send(Progress::note(format!(
-                        "env destroy: dropping database {database} and its role on {}:{}",
-                        admin.host(),
-                        admin.port()
-                    )));
+            EnvEvent::Stopped { result: Ok(_) } => self.next_destroy_step(),
+            EnvEvent::Dropped { result: Ok(dropped) } => {
+                if let Some(d) = self.destroying.as_mut() {
+                    d.dropped = Some(dropped);
                 }
-                let (services, events, cancel) = (self.base.clone(), self.events_tx.clone(), self.cancel.clone());
-                self.tasks.spawn(async move {
-                    tokio::select! {
-                        () = cancel.cancelled() => {}
-                        result = services.drop_database(admin, app, env) => {
-                            let _ = events.send(Internal::Env(EnvEvent::Dropped { result }));
-                        }
-                    }
-                });
+                self.next_destroy_step();
             }
-            EnvEvent::Dropped { result: Ok(dropped) } => self.finish_destroy(Some(dropped)),
             EnvEvent::Dropped { result: Err(e) } => {
                 let database = self.base.database_name(&app, &env);
                 self.destroy_failed(EngineError::Base {
                     reason: format!(
                         "{app} in {env} is stopped and its hosts are released, but dropping database {database} \
-                         failed: {e}\nthe environment is kept (down); run `nonstop env destroy {env} \
-                         --drop-database {database}` again"
+                         failed: {e}\n{again}"
                     ),
                     bad_input: e.bad_input,
                 });
             }
+            EnvEvent::Flushed { result: Ok(flushed) } => {
+                if let Some(d) = self.destroying.as_mut() {
+                    d.flushed = Some(flushed);
+                }
+                self.next_destroy_step();
+            }
+            EnvEvent::Flushed { result: Err(e) } => self.destroy_failed(EngineError::Base {
+                reason: format!(
+                    "{app} in {env} is stopped and its hosts are released, but removing its Redis data failed: \
+                     {e}\n{again}"
+                ),
+                bad_input: e.bad_input,
+            }),
         }
+    }
+
+    /// Every instance is gone: drop the database, then remove the Redis
+    /// data (each a step off the controller that reports back), then
+    /// forget the environment.
+    fn next_destroy_step(&mut self) {
+        let (app, env) = (self.scope.app.clone(), self.env.clone());
+        let Some(d) = self.destroying.as_mut() else { return };
+        let (services, events, cancel) = (self.base.clone(), self.events_tx.clone(), self.cancel.clone());
+        if let Some(admin) = d.drop_postgres.take() {
+            let database = services.database_name(&app, &env);
+            let _ = d.progress.send(Progress::note(format!(
+                "env destroy: dropping database {database} and its role on {}:{}",
+                admin.host(),
+                admin.port()
+            )));
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    result = services.drop_database(admin, app, env) => {
+                        let _ = events.send(Internal::Env(EnvEvent::Dropped { result }));
+                    }
+                }
+            });
+            return;
+        }
+        if let Some((url, number)) = d.flush_redis.take() {
+            let what = match number {
+                0 => format!("deleting the keys {app}:{env}:* of the shared Redis database 0"),
+                n => format!("emptying Redis database {n}"),
+            };
+            let _ = d.progress.send(Progress::note(format!("env destroy: {what} on {}", url.server())));
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    result = services.flush_redis(url, number, app, env) => {
+                        let _ = events.send(Internal::Env(EnvEvent::Flushed { result }));
+                    }
+                }
+            });
+            return;
+        }
+        self.finish_destroy();
     }
 
     fn destroy_failed(&mut self, e: EngineError) {
@@ -366,23 +452,31 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
     }
 
-    /// Every instance is gone (and the database, if asked): forget the
+    /// Every instance is gone (and the data, if asked): forget the
     /// environment, answer. The controller refuses everything from here
     /// until the dispatcher forgets it.
-    fn finish_destroy(&mut self, dropped: Option<DroppedDatabase>) {
+    fn finish_destroy(&mut self) {
         let (app, env) = (self.scope.app.clone(), self.env.clone());
-        if let Err(e) = self.store.forget_environment(&app, &env) {
+        // What stays, read before it is forgotten.
+        let kept_database =
+            self.launch_secrets().ok().and_then(|l| l.base_database_url().map(|u| u.database().to_string()));
+        let numbers = match self.store.redis_assignments_of(&app, &env) {
+            Ok(n) => n,
+            Err(e) => return self.destroy_failed(e.into()),
+        };
+        let Some(d) = self.destroying.as_ref() else { return };
+        let freed: Vec<String> = d.flushed.iter().map(|f| f.server.clone()).collect();
+        if let Err(e) = self.store.forget_environment(&app, &env, &freed) {
             self.destroy_failed(e.into());
             return;
         }
-        let kept = self.launch_secrets().ok().and_then(|l| l.base_database_url().map(|u| u.database().to_string()));
         let Some(d) = self.destroying.as_mut() else { return };
         let mut summary = format!(
-            "environment {env} of {app} destroyed: {} instance(s) stopped, its routes and hosts released; its \
-             history is kept",
+            "environment {env} of {app} destroyed: {} instance(s) stopped, its routes and hosts released, its \
+             secrets and config removed; its history is kept",
             d.stopped
         );
-        match (dropped, kept) {
+        match (&d.dropped, kept_database) {
             (Some(dropped), _) => summary.push_str(&format!(
                 "; database {} {} and its role {}",
                 dropped.database,
@@ -394,6 +488,18 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             )),
             (None, None) => {}
         }
+        if let Some(f) = &d.flushed {
+            summary.push_str(&match f.number {
+                0 => format!("; its {} Redis keys {app}:{env}:* deleted from the shared database 0", f.keys),
+                n => format!("; Redis database {n} on {} emptied ({} keys) and freed", f.server, f.keys),
+            });
+        }
+        for (server, number) in numbers.iter().filter(|(s, _)| !freed.contains(s)) {
+            summary.push_str(&match number {
+                0 => format!("; its Redis keys {app}:{env}:* on {server} kept"),
+                n => format!("; Redis database {n} on {server} kept with its data, reserved for `{env}`"),
+            });
+        }
         let who = d.who.clone();
         let reply = d.reply.take();
         self.event(&app, "destroy", None, &format!("{summary} (by {who})"));
@@ -404,9 +510,28 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     }
 
     /// The destroy's part of `busy`: while it runs, and after it (until the
-    /// controller ends).
+    /// controller ends); and one that did not finish
+    /// ([`EngineError::Destroying`]), which only `env destroy` goes on with.
     pub(crate) fn destroy_busy(&self) -> Option<EngineError> {
-        let d = self.destroying.as_ref()?;
-        Some(EngineError::Busy { operation: format!("env destroy by {}", d.who), since: fmt_wall(d.since) })
+        if let Some(d) = self.destroying.as_ref() {
+            return Some(EngineError::Busy {
+                operation: format!("env destroy by {}", d.who),
+                since: fmt_wall(d.since),
+            });
+        }
+        let pending = match self.store.pending_destroy(&self.scope.app, &self.env) {
+            Ok(p) => p?,
+            Err(e) => {
+                tracing::warn!("cannot read whether {}/{} is being destroyed: {e}", self.scope.app, self.env);
+                return None;
+            }
+        };
+        Some(EngineError::Destroying {
+            app: self.scope.app.to_string(),
+            env: self.env.to_string(),
+            who: pending.who,
+            since: fmt_wall(pending.started_at),
+            drop_data: pending.drop_data,
+        })
     }
 }

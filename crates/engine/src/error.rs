@@ -76,6 +76,8 @@ pub enum EngineError {
     EnvironmentExists { app: String, env: String, detail: String },
     #[error("environment `{env}` of `{app}` is protected (`protected = true` in [environments.{env}] of nonstop.toml): `env destroy` refuses it, and nothing was changed; take `protected = true` out and deploy it first if it really is to go")]
     Protected { app: String, env: String },
+    #[error("environment `{env}` of `{app}` is being destroyed: the `env destroy` {who} began at {since}{} did not finish, so nothing else is done there; finish it with `nonstop env destroy {env}` (in the app's directory: its [base] names the servers), then create it again if it is to come back", if *drop_data { " (with --drop-database)" } else { "" })]
+    Destroying { app: String, env: String, who: String, since: String, drop_data: bool },
     #[error("--drop-database needs the environment's database named again: type `{database}` (you typed `{typed}`); nothing was changed (without --drop-database, env destroy keeps the database)")]
     DropNotConfirmed { database: String, typed: String },
     #[error("state store: {0}")]
@@ -144,6 +146,7 @@ impl EngineError {
             | EngineError::HostConflict { .. }
             | EngineError::Stopped { .. }
             | EngineError::EnvironmentExists { .. }
+            | EngineError::Destroying { .. }
             | EngineError::NotCancellable { .. } => 3,
             _ => 1,
         }

@@ -19,11 +19,11 @@ mod report;
 
 pub use controller::base::{
     is_base_secret, BaseFuture, BaseReady, BaseRequest, BaseServiceError, BaseServices, CopiedDatabase,
-    DroppedDatabase, NoBaseServices, PostgresRequest, ProvisionedDatabase, RedisRequest, RedisShare,
+    DroppedDatabase, FlushedRedis, NoBaseServices, PostgresRequest, ProvisionedDatabase, RedisRequest, RedisShare,
     BASE_DATABASE_SECRET, BASE_REDIS_SECRET, REDIS_KEY_PREFIX_VAR, REDIS_URL_VAR,
 };
 pub use controller::config::{credential_refusal, ConfigReport};
-pub use controller::environments::{CreateEnvironment, DropDatabase};
+pub use controller::environments::{CreateEnvironment, DestroyEnvironment};
 pub use controller::gate::{GateFuture, GateInput, GateOutcome, NoSchemaGate, SchemaGate, SchemaGateError};
 pub use controller::promote::PromoteRequest;
 pub use controller::secrets::{

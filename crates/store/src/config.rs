@@ -14,7 +14,9 @@
 //!   daemon takes it from here (never another environment's).
 //!
 //! Neither is removed with an app's records ([`Store::delete_app`]): they
-//! are configuration and history.
+//! are configuration and history. `env destroy` removes the environment's
+//! `config` ([`Store::forget_environment`]) and keeps `deployment_config`
+//! with the rest of its history.
 
 use super::{decode, encode, ms, AppName, DeploymentRecord, EnvironmentId, Result, Store};
 use nonstop_core::config::Config;

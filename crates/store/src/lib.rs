@@ -9,6 +9,7 @@
 
 mod base;
 mod config;
+pub use base::PendingDestroy;
 pub use config::RunConfig;
 mod health;
 pub use health::{restore_backup, shm_path, wal_path, Damage, Inspection};

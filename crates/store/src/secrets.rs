@@ -12,9 +12,12 @@
 //! the first ciphertext ([`Store::put_secret`] refuses to write without
 //! it), so a store with secrets always has one.
 //!
-//! Secrets are not removed with an app's records ([`Store::delete_app`]):
-//! they are configuration, like a release's spec. Backups of the state
-//! database carry the ciphertexts, never the key.
+//! Secrets are not removed with an app's records ([`Store::delete_app`],
+//! `nonstop down`): they are configuration, like a release's spec. They
+//! go, every version, when `env destroy` forgets their environment
+//! ([`Store::forget_environment`]): an environment created again under
+//! that name starts without them. Backups of the state database carry the
+//! ciphertexts, never the key.
 
 use super::{from_ms, ms, AppName, EnvironmentId, Result, Store, StoreError};
 use rusqlite::{params, OptionalExtension, TransactionBehavior};

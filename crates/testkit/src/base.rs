@@ -4,9 +4,10 @@
 //! demand.
 
 use nonstop_core::database::DatabaseUrl;
+use nonstop_core::environment::RedisUrl;
 use nonstop_core::{AppName, EnvironmentId};
 use nonstop_engine::{
-    BaseFuture, BaseReady, BaseRequest, BaseServiceError, BaseServices, CopiedDatabase, DroppedDatabase,
+    BaseFuture, BaseReady, BaseRequest, BaseServiceError, BaseServices, CopiedDatabase, DroppedDatabase, FlushedRedis,
     ProvisionedDatabase, RedisShare,
 };
 use nonstop_secrets::SecretValue;
@@ -34,6 +35,12 @@ struct State {
     unreachable: Option<String>,
     /// How many databases the Redis server has (16 unless set).
     redis_databases: Option<u8>,
+    /// Keys in each Redis database, by (server, number): `(key, value)`.
+    redis_keys: BTreeMap<(String, u8), BTreeMap<String, String>>,
+    /// Every `flush_redis`: (server, number, app, env).
+    flushes: Vec<(String, u8, AppName, EnvironmentId)>,
+    /// `Some`: `flush_redis` fails as an unreachable Redis, with this text.
+    redis_unreachable: Option<String>,
 }
 
 impl FakeBaseServices {
@@ -73,6 +80,33 @@ impl FakeBaseServices {
     /// Every `drop_database`.
     pub fn drops(&self) -> Vec<(AppName, EnvironmentId)> {
         self.state().drops.clone()
+    }
+
+    /// From now on, `flush_redis` fails as on a Redis server that does not
+    /// answer (`false`: it works again).
+    pub fn set_redis_unreachable(&self, unreachable: bool) {
+        self.state().redis_unreachable =
+            unreachable.then(|| "cannot reach the Redis server at cache.test:6379: Connection refused".to_string());
+    }
+
+    /// Writes `key` into database `number` of the fake Redis `server`
+    /// (`host:port`), as an app would.
+    pub fn redis_set(&self, server: &str, number: u8, key: &str, value: &str) {
+        self.state().redis_keys.entry((server.to_string(), number)).or_default().insert(key.into(), value.into());
+    }
+
+    /// The keys of database `number` of `server`.
+    pub fn redis_keys(&self, server: &str, number: u8) -> Vec<String> {
+        self.state()
+            .redis_keys
+            .get(&(server.to_string(), number))
+            .map(|k| k.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every `flush_redis`: (server, number, app, env).
+    pub fn flushes(&self) -> Vec<(String, u8, AppName, EnvironmentId)> {
+        self.state().flushes.clone()
     }
 }
 
@@ -161,6 +195,28 @@ impl BaseServices for FakeBaseServices {
                 let database = name(&app, &env);
                 let was = st.databases.remove(&database).is_some();
                 Ok(DroppedDatabase { database, database_dropped: was, role_dropped: was })
+            }
+        };
+        Box::pin(async move { answer })
+    }
+
+    fn flush_redis(&self, url: RedisUrl, number: u8, app: AppName, env: EnvironmentId) -> BaseFuture<FlushedRedis> {
+        let mut st = self.state();
+        let server = url.server();
+        st.flushes.push((server.clone(), number, app.clone(), env.clone()));
+        let answer = match &st.redis_unreachable {
+            Some(message) => Err(refused(message)),
+            None => {
+                let keys = st.redis_keys.entry((server.clone(), number)).or_default();
+                let before = keys.len();
+                // The shared database 0: only the environment's own keys.
+                let prefix = format!("{app}:{env}:");
+                if number == 0 {
+                    keys.retain(|k, _| !k.starts_with(&prefix));
+                } else {
+                    keys.clear();
+                }
+                Ok(FlushedRedis { server, number, keys: (before - keys.len()) as u64 })
             }
         };
         Box::pin(async move { answer })

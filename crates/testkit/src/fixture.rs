@@ -175,18 +175,37 @@ impl RunningEngine {
         (r, drain_progress(rx))
     }
 
-    /// `env destroy ENV [--drop-database TYPED]` of app `app` (the admin
-    /// URL given with a drop: `postgres://admin@db.test/`).
+    /// `env destroy ENV [--drop-database TYPED]` of app `app`, in the
+    /// directory of a nonstop.toml whose `[base]` is `postgres =
+    /// "postgres://admin@db.test:5432/"` and `redis =
+    /// "redis://cache.test:6379"`.
     pub async fn destroy_env(&self, app: &str, env: &str, drop: Option<&str>) -> Result<OpReport, EngineError> {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let drop = drop.map(|typed| nonstop_engine::DropDatabase {
-            typed: typed.to_string(),
-            admin: Some(
+        let base = nonstop_core::environment::BaseSpec {
+            postgres: Some(
                 nonstop_core::database::DatabaseUrl::parse("postgres://admin@db.test:5432/postgres")
                     .unwrap_or_else(|e| panic!("{e}")),
             ),
-        });
-        self.env(Some(app), env).destroy_environment("test".into(), drop, tx).await
+            redis: Some(
+                nonstop_core::environment::RedisUrl::parse("redis://cache.test:6379").unwrap_or_else(|e| panic!("{e}")),
+            ),
+        };
+        self.destroy_env_with(app, env, drop, base).await.0
+    }
+
+    /// [`RunningEngine::destroy_env`] with `base` as the file's `[base]`,
+    /// and the progress it reported.
+    pub async fn destroy_env_with(
+        &self,
+        app: &str,
+        env: &str,
+        drop: Option<&str>,
+        base: nonstop_core::environment::BaseSpec,
+    ) -> (Result<OpReport, EngineError>, Vec<Progress>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let request =
+            nonstop_engine::DestroyEnvironment { who: "test".into(), drop_database: drop.map(str::to_string), base };
+        let r = self.env(Some(app), env).destroy_environment(request, tx).await;
+        (r, drain_progress(rx))
     }
 
     pub async fn up(&self, spec: AppSpec) -> Result<OpReport, EngineError> {

@@ -101,7 +101,13 @@ async fn destroy_stops_everything_releases_the_hosts_and_keeps_the_database_and_
 
     let report = e.destroy_env("blog", "review", None).await.unwrap();
     assert!(report.summary.contains("2 instance(s) stopped"), "{}", report.summary);
+    assert!(report.summary.contains("its secrets and config removed"), "{}", report.summary);
     assert!(report.summary.contains("database blog_review kept"), "{}", report.summary);
+    assert!(
+        report.summary.contains("Redis database 2 on cache.test:6379 kept with its data, reserved for `review`"),
+        "{}",
+        report.summary
+    );
     settle().await;
     assert!(review_ids.iter().all(|id| !f.driver.is_instance_alive(id)), "every instance stopped");
     assert_eq!(f.driver.alive(), staging_before, "staging runs on untouched");
@@ -117,19 +123,24 @@ async fn destroy_stops_everything_releases_the_hosts_and_keeps_the_database_and_
     assert!(f.base.databases().contains_key("blog_review"));
     assert!(f.base.drops().is_empty());
 
-    // Created again: the kept database is used again (not copied over).
+    // Created again: the kept database is used again (not copied over),
+    // its role with a new password (the old one went with its secrets),
+    // and its Redis number, kept for the name.
     let (r, _) = e.create_env("review", spec("review", "1"), None).await;
     r.unwrap();
     assert_eq!(f.base.copies().len(), 1);
     assert_eq!(
         var_of(&f, "review", "web", "DATABASE_URL").as_deref(),
-        Some("postgres://blog_review:generated-password-2@db.test:5432/blog_review"),
-        "its password was kept with its history"
+        Some("postgres://blog_review:generated-password-3@db.test:5432/blog_review"),
     );
+    assert_eq!(f.base.databases()["blog_review"], "generated-password-3", "the role's password was reset");
+    assert_eq!(var_of(&f, "review", "web", "REDIS_URL").as_deref(), Some("redis://cache.test:6379/2"));
 
-    // --drop-database with the name: dropped.
+    // --drop-database with the name: dropped, and its Redis database
+    // emptied and freed.
     let report = e.destroy_env("blog", "review", Some("blog_review")).await.unwrap();
     assert!(report.summary.contains("database blog_review dropped"), "{}", report.summary);
+    assert!(report.summary.contains("Redis database 2 on cache.test:6379 emptied"), "{}", report.summary);
     assert!(!f.base.databases().contains_key("blog_review"));
     assert_eq!(listed(&e), ["blog/staging"]);
 
@@ -168,5 +179,141 @@ async fn a_protected_environment_is_refused_and_a_failed_create_leaves_nothing()
     assert!(matches!(err, Err(EngineError::Base { bad_input: true, .. })), "{err:?}");
     assert_eq!(listed(&e), ["blog/production"]);
     assert_eq!(f.driver.alive(), before);
+    e.shutdown().await;
+}
+
+fn review_id() -> (nonstop_core::AppName, nonstop_core::EnvironmentId) {
+    (nonstop_core::AppName::new("blog").unwrap(), nonstop_core::EnvironmentId::new("review").unwrap())
+}
+
+fn secret(n: &str, v: &str) -> (nonstop_secrets::SecretName, nonstop_secrets::SecretValue) {
+    (nonstop_secrets::SecretName::new(n).unwrap(), nonstop_secrets::SecretValue::new(v.to_string()).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destroyed_environments_secrets_and_config_do_not_come_back_with_its_name() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    let e = f.start();
+    let (app, review) = review_id();
+    e.create_env("review", spec("review", "1"), None).await.0.unwrap();
+    let handle = e.env(Some("blog"), "review");
+    let (n, v) = secret("API_TOKEN", "tok-review-4d2e9f");
+    handle.set_secret(n, v, "ann".into()).await.unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let set = nonstop_core::config::parse_assignments(&["GREETING=from-config".to_string()]).unwrap();
+    handle.set_config(set, false, "ann".into(), tx).await.unwrap();
+    assert_eq!(var_of(&f, "review", "web", "API_TOKEN").as_deref(), Some("tok-review-4d2e9f"));
+    assert_eq!(var_of(&f, "review", "web", "GREETING").as_deref(), Some("from-config"));
+    assert_eq!(f.store.redis_assignment("cache.test:6379", &app, &review).unwrap(), Some(1));
+
+    let report = e.destroy_env("blog", "review", None).await.unwrap();
+    assert!(report.summary.contains("its secrets and config removed"), "{}", report.summary);
+    assert!(f.store.current_secrets(&app, &review).unwrap().is_empty(), "no ciphertext is left");
+    assert!(f.store.config(&app, &review).unwrap().is_empty());
+    assert_eq!(f.store.pending_destroy(&app, &review).unwrap(), None);
+    assert_eq!(
+        f.store.redis_assignment("cache.test:6379", &app, &review).unwrap(),
+        Some(1),
+        "its Redis number stays reserved for the name (its data is kept)"
+    );
+    assert!(f.base.flushes().is_empty());
+    // Another environment does not get that number meanwhile.
+    deploy(&e, "qa", spec("qa", "1")).await.unwrap();
+    assert_eq!(var_of(&f, "qa", "web", "REDIS_URL").as_deref(), Some("redis://cache.test:6379/2"));
+
+    // Created again: neither comes back; the Redis number does.
+    e.create_env("review", spec("review", "1"), None).await.0.unwrap();
+    assert_eq!(var_of(&f, "review", "web", "API_TOKEN"), None);
+    assert_eq!(var_of(&f, "review", "web", "GREETING"), None);
+    assert_eq!(var_of(&f, "review", "web", "REDIS_URL").as_deref(), Some("redis://cache.test:6379/1"));
+    assert!(handle.secrets().await.unwrap().secrets.is_empty());
+    e.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn drop_database_empties_the_redis_database_and_frees_its_number() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    let e = f.start();
+    let (app, review) = review_id();
+    e.create_env("review", spec("review", "1"), None).await.0.unwrap();
+    deploy(&e, "staging", spec("staging", "1")).await.unwrap();
+    f.base.redis_set("cache.test:6379", 1, "blog:review:session", "x");
+    f.base.redis_set("cache.test:6379", 2, "blog:staging:session", "y");
+
+    let report = e.destroy_env("blog", "review", Some("blog_review")).await.unwrap();
+    assert!(
+        report.summary.contains("Redis database 1 on cache.test:6379 emptied (1 keys) and freed"),
+        "{}",
+        report.summary
+    );
+    assert_eq!(f.base.flushes(), [("cache.test:6379".to_string(), 1, app.clone(), review.clone())]);
+    assert!(f.base.redis_keys("cache.test:6379", 1).is_empty());
+    assert_eq!(f.base.redis_keys("cache.test:6379", 2), ["blog:staging:session"], "staging's are untouched");
+    assert_eq!(f.store.redis_assignment("cache.test:6379", &app, &review).unwrap(), None);
+    assert_eq!(f.store.redis_numbers_taken("cache.test:6379").unwrap(), [2]);
+    // A later environment gets the number.
+    e.create_env("qa", spec("qa", "1"), None).await.0.unwrap();
+    assert_eq!(var_of(&f, "qa", "web", "REDIS_URL").as_deref(), Some("redis://cache.test:6379/1"));
+    e.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destroy_that_failed_half_way_is_finished_by_the_next_and_holds_the_environment_meanwhile() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    let e = f.start();
+    let (app, review) = review_id();
+    e.create_env("review", spec("review", "1"), None).await.0.unwrap();
+    let (n, v) = secret("API_TOKEN", "tok-review-77aa01");
+    e.env(Some("blog"), "review").set_secret(n, v, "ann".into()).await.unwrap();
+
+    // The database is dropped, then the Redis server does not answer.
+    f.base.set_redis_unreachable(true);
+    let err = e.destroy_env("blog", "review", Some("blog_review")).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, EngineError::Base { .. }), "{err:?}");
+    assert!(text.contains("removing its Redis data failed"), "{text}");
+    assert!(text.contains("run `nonstop env destroy review` again"), "{text}");
+    assert!(!f.base.databases().contains_key("blog_review"), "the database was dropped");
+    // Recorded: nothing is forgotten yet, the number not freed.
+    let pending = f.store.pending_destroy(&app, &review).unwrap().expect("the destroy is recorded");
+    assert!(pending.drop_data && pending.who == "test", "{pending:?}");
+    assert!(f.store.current_secrets(&app, &review).unwrap().iter().any(|s| s.name == "API_TOKEN"));
+    assert_eq!(f.store.redis_assignment("cache.test:6379", &app, &review).unwrap(), Some(1));
+    assert_eq!(listed(&e), ["blog/review"]);
+
+    // Meanwhile nothing else happens there.
+    let err = deploy(&e, "review", spec("review", "2")).await.unwrap_err();
+    assert!(matches!(&err, EngineError::Destroying { drop_data: true, .. }), "{err:?}");
+    assert_eq!(err.exit_code(), 3);
+    assert!(err.to_string().contains("finish it with `nonstop env destroy review`"), "{err}");
+    let (err, _) = e.create_env("review", spec("review", "1"), None).await;
+    assert!(matches!(err, Err(EngineError::Destroying { .. })), "{err:?}");
+    // A destroy without [base] cannot finish the drop it began: refused.
+    let (err, _) = e.destroy_env_with("blog", "review", None, Default::default()).await;
+    let err = err.unwrap_err();
+    assert!(err.to_string().contains("drops the environment's database and Redis data"), "{err}");
+    assert_eq!(err.exit_code(), 2);
+
+    // The next destroy (without --drop-database) finishes it: the drop
+    // confirmed before goes on.
+    f.base.set_redis_unreachable(false);
+    f.base.redis_set("cache.test:6379", 1, "blog:review:left", "x");
+    let (report, progress) = e.destroy_env_with("blog", "review", None, base(true)).await;
+    let report = report.unwrap();
+    assert!(
+        progress.iter().any(|p| p.message.contains("finishing the destroy test began at")
+            && p.message.contains("(with --drop-database)")),
+        "{progress:#?}"
+    );
+    assert!(report.summary.contains("database blog_review was not there"), "{}", report.summary);
+    assert!(report.summary.contains("Redis database 1 on cache.test:6379 emptied"), "{}", report.summary);
+    assert!(f.base.redis_keys("cache.test:6379", 1).is_empty());
+    assert_eq!(f.store.redis_assignment("cache.test:6379", &app, &review).unwrap(), None);
+    assert_eq!(f.store.pending_destroy(&app, &review).unwrap(), None);
+    assert!(f.store.current_secrets(&app, &review).unwrap().is_empty());
+    assert!(listed(&e).is_empty());
     e.shutdown().await;
 }
