@@ -309,12 +309,12 @@ pub(crate) enum RunSecretsError {
         #[source]
         source: nonstop_store::StoreError,
     },
-    #[error("the secrets of {app} in {env} cannot be read, so nothing was run: {source}{}", read_hint(source))]
+    #[error("the secrets of {app} in {env} cannot be read, so nothing was run: {source}{}", read_hint(source.as_ref()))]
     Read {
         app: String,
         env: String,
         #[source]
-        source: nonstop_engine::SecretsReadError,
+        source: Box<nonstop_engine::SecretsReadError>,
     },
 }
 
@@ -358,8 +358,9 @@ pub(crate) fn add_run_secrets(
         Err(source) => return Err(RunSecretsError::Store { path, source }),
     };
     let key = nonstop_engine::SecretsKeyConfig::new(home.path().to_path_buf(), std::env::var(KEY_ENV).ok());
-    let secrets = nonstop_engine::EnvironmentSecrets::read(&store, &key, &app, &env)
-        .map_err(|source| RunSecretsError::Read { app: app.to_string(), env: env.to_string(), source })?;
+    let secrets = nonstop_engine::EnvironmentSecrets::read(&store, &key, &app, &env).map_err(|source| {
+        RunSecretsError::Read { app: app.to_string(), env: env.to_string(), source: Box::new(source) }
+    })?;
     secrets.add_to(vars, ctx.database.as_ref());
     Ok(())
 }

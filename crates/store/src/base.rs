@@ -329,7 +329,7 @@ mod tests {
         assert_eq!(again, first);
         assert_eq!(store.pending_destroy(&app, &env).unwrap(), Some(first));
         let (_, other) = ids("blog", "staging");
-        assert_eq!(store.begin_destroy(&app, &other, false, "bob", at(3)).unwrap().drop_data, false);
+        assert!(!store.begin_destroy(&app, &other, false, "bob", at(3)).unwrap().drop_data);
         assert_eq!(store.redis_assignments_of(&app, &env).unwrap(), vec![]);
         store.assign_redis("b:1", &app, &env, 2).unwrap();
         store.assign_redis("a:1", &app, &env, 0).unwrap();
