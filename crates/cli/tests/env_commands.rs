@@ -4,7 +4,11 @@
 //!
 //! Each test's app has a name of its own (`e2e<pid>x<n>`), so its
 //! databases and roles (`APP_staging`, ...) are its own; a guard drops
-//! every one of them at the end, also when the test fails.
+//! every one of them at the end, also when the test fails. A test whose
+//! destroy empties Redis databases (`--drop-database`) uses a private
+//! `redis-server` of its own (a free port, nothing saved, stopped by a
+//! guard): emptying a database of the shared server would take other
+//! tests' keys with it.
 
 mod common;
 
@@ -145,15 +149,105 @@ impl Drop for Fixture {
     }
 }
 
+/// A `redis-server` of the test's own on a free port of 127.0.0.1,
+/// stopped (by its pid) when dropped.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start() -> PrivateRedis {
+        PrivateRedis::on(free_port())
+    }
+
+    /// On `port` (again, after [`PrivateRedis::stop`]); ready once it
+    /// answers.
+    fn on(port: u16) -> PrivateRedis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (is Redis installed?)");
+        let server = PrivateRedis { child, port };
+        wait_until(Duration::from_secs(30), "the private redis-server to answer", || {
+            server.cli(0, &["PING"]) == "PONG"
+        });
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli` on database `db`: its output, trimmed ("" when the
+    /// server does not answer).
+    fn cli(&self, db: u8, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-n", &db.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `GET path` on the daemon's API socket: the raw answer.
+fn api_get(app: &TestApp, path: &str) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(app.home.path().join("nonstop.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// Whether `password` is the one PostgreSQL keeps (as a SCRAM-SHA-256
+/// verifier) for `role`: the server trusts 127.0.0.1, so connecting proves
+/// nothing about a password.
+fn password_is_the_roles(role: &str, password: &str) -> bool {
+    let verifier = psql("postgres", &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{role}'"));
+    let check = "import sys, base64, hashlib, hmac\n\
+                 pw, v = sys.argv[1], sys.argv[2]\n\
+                 _, params, keys = v.split('$')\n\
+                 it, salt = params.split(':')\n\
+                 salted = hashlib.pbkdf2_hmac('sha256', pw.encode(), base64.b64decode(salt), int(it))\n\
+                 client = hmac.new(salted, b'Client Key', 'sha256').digest()\n\
+                 print(base64.b64encode(hashlib.sha256(client).digest()).decode() == keys.split(':')[0])\n";
+    let out = Command::new("python3").args(["-c", check, password, &verifier]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim() == "True"
+}
+
+/// `nonstop -e ENV run -- SCRIPT` (through `sh -c`): its stdout.
+fn run_in(app: &TestApp, env: &str, script: &str) -> String {
+    let r = app.run(&["-e", env, "run", "--", script]);
+    r.ok();
+    r.stdout
+}
+
 fn var<'a>(vars: &'a [(String, String)], name: &str) -> Option<&'a str> {
     vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 #[test]
 fn environments_get_their_own_databases_and_env_create_from_copies_one() {
+    let redis = PrivateRedis::start();
     let f = Fixture::new(
-        "postgres = \"postgres://postgres@127.0.0.1:5432/\"\nredis = \"redis://127.0.0.1:6379\"",
-        &["staging", "production", "review"],
+        &format!("postgres = \"postgres://postgres@127.0.0.1:5432/\"\nredis = \"{}\"", redis.url()),
+        &["staging", "production", "review", "qa"],
     );
     let app = &f.app;
     app.run_with_timeout(&["-e", "staging", "deploy"], T).ok();
@@ -183,7 +277,7 @@ fn environments_get_their_own_databases_and_env_create_from_copies_one() {
     assert!(password.len() >= 20, "a generated password: {url}");
     assert_ne!(var(&production, "DATABASE_URL").unwrap(), url);
     let (r1, r2) = (var(&staging, "REDIS_URL").unwrap(), var(&production, "REDIS_URL").unwrap());
-    assert!(r1.starts_with("redis://127.0.0.1:6379/") && r2.starts_with("redis://127.0.0.1:6379/"), "{r1} {r2}");
+    assert!(r1.starts_with(&format!("{}/", redis.url())) && r2.starts_with(&format!("{}/", redis.url())), "{r1} {r2}");
     assert_ne!(r1, r2);
     assert_eq!(var(&staging, "REDIS_KEY_PREFIX"), Some(format!("{}:staging:", f.name).as_str()));
     for entry in std::fs::read_dir(app.home.path()).unwrap() {
@@ -197,6 +291,21 @@ fn environments_get_their_own_databases_and_env_create_from_copies_one() {
             );
         }
     }
+
+    // `nonstop run` gets the same: the generated password (decrypted by
+    // the CLI itself; the role's, as PostgreSQL keeps it) and REDIS_URL;
+    // its command reaches the database as the environment's role. The
+    // daemon's run context has the URL without the password.
+    assert!(password_is_the_roles(&f.db("staging"), &password), "the instances' password is the role's");
+    assert_eq!(run_in(app, "staging", "printf %s \"$DATABASE_URL\""), url);
+    assert_eq!(run_in(app, "staging", "printf %s \"$REDIS_URL\""), r1);
+    assert_eq!(
+        run_in(app, "staging", "psql \"$DATABASE_URL\" -X -tAc 'SELECT current_user || count(*) FROM notes'").trim(),
+        format!("{}0", f.db("staging"))
+    );
+    let ctx = api_get(app, &format!("/v1/run-context?app={}&env=staging", f.name));
+    assert!(ctx.contains(&format!("postgres://{0}@127.0.0.1:5432/{0}", f.db("staging"))), "{ctx}");
+    assert!(!ctx.contains(&password) && !ctx.contains("REDIS_URL"), "the run context holds a secret: {ctx}");
 
     // A second deploy of staging goes through the migration gate, run by
     // the environment's own role on its scratch copy.
@@ -235,27 +344,106 @@ fn environments_get_their_own_databases_and_env_create_from_copies_one() {
     assert!(refused.stderr.contains("protected"), "{}", refused.stderr);
     assert_eq!(f.get("production", "/database"), (200, f.db("production")));
 
+    // Review gets a secret, config, and Redis data of its own.
+    let mut set = app.cmd(&["-e", "review", "secrets", "set", "API_TOKEN"]);
+    set.stdin(std::process::Stdio::piped());
+    let mut child = set.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"tok-review-e2e-5b1c").unwrap();
+    assert!(wait_output(child, T, "secrets set").status.success());
+    app.note_daemon();
+    app.run_with_timeout(&["-e", "review", "config", "set", "GREETING=from-config"], T).ok();
+    assert_eq!(var(&f.web_env("review"), "API_TOKEN"), Some("tok-review-e2e-5b1c"));
+    assert_eq!(var(&f.web_env("review"), "GREETING"), Some("from-config"));
+    let review_redis = var(&f.web_env("review"), "REDIS_URL").unwrap().to_string();
+    let number: u8 = review_redis.rsplit('/').next().unwrap().parse().unwrap();
+    assert_eq!(run_in(app, "review", "redis-cli -u \"$REDIS_URL\" SET e2e-key kept").trim(), "OK");
+
     // Destroyed: stopped, its host now reaches the default environment,
-    // no longer listed; its database stays.
+    // no longer listed; its secrets and config go, its database and Redis
+    // data stay (the number reserved for the name).
     let wrong = app.run(&["env", "destroy", "review", "--drop-database", "nope"]);
     assert_eq!(wrong.code, 2, "{}", wrong.stderr);
     assert!(wrong.stderr.contains(&format!("type `{review_db}`")), "{}", wrong.stderr);
     let destroy = app.run(&["env", "destroy", "review"]);
     destroy.ok();
+    assert!(destroy.stdout.contains("its secrets and config removed"), "{}", destroy.stdout);
     assert!(destroy.stdout.contains(&format!("database {review_db} kept")), "{}", destroy.stdout);
+    let kept = format!("Redis database {number} on 127.0.0.1:{} kept with its data, reserved for `review`", redis.port);
+    assert!(destroy.stdout.contains(&kept), "{}", destroy.stdout);
     assert_eq!(f.get("review", "/database"), (200, f.db("production")), "the default environment answers now");
     let list = app.run(&["env", "list", "--json"]);
     assert!(!list.stdout.contains("\"review\""), "{}", list.stdout);
     assert!(f.exists("database", &review_db) && f.exists("role", &review_db));
+    assert_eq!(redis.cli(number, &["GET", "e2e-key"]), "kept");
 
-    // Created again (its kept database), then destroyed with its database.
+    // Created again: its kept database and Redis data, neither its
+    // secrets nor its config.
     app.run_with_timeout(&["env", "create", "review"], T).ok();
     assert_eq!(psql(&review_db, "SELECT title FROM notes"), "from staging", "the kept database is used again");
+    let again = f.web_env("review");
+    assert_eq!(var(&again, "API_TOKEN"), None, "the secret did not come back");
+    assert_eq!(var(&again, "GREETING"), Some("hello"), "the config did not come back");
+    assert_eq!(var(&again, "REDIS_URL"), Some(review_redis.as_str()));
+    assert_eq!(run_in(app, "review", "redis-cli -u \"$REDIS_URL\" GET e2e-key").trim(), "kept");
+
+    // Destroyed with its database: dropped, its Redis database emptied and
+    // its number free for the next environment.
     let destroy = app.run(&["env", "destroy", "review", "--drop-database", &review_db]);
     destroy.ok();
     assert!(destroy.stdout.contains(&format!("database {review_db} dropped")), "{}", destroy.stdout);
+    assert!(
+        destroy
+            .stdout
+            .contains(&format!("Redis database {number} on 127.0.0.1:{} emptied (1 keys) and freed", redis.port)),
+        "{}",
+        destroy.stdout
+    );
     assert!(!f.exists("database", &review_db) && !f.exists("role", &review_db));
+    assert_eq!(redis.cli(number, &["DBSIZE"]), "0");
     assert_eq!(f.get("staging", "/database"), (200, f.db("staging")), "staging serves on");
+    app.run_with_timeout(&["env", "create", "qa"], T).ok();
+    assert_eq!(var(&f.web_env("qa"), "REDIS_URL"), Some(review_redis.as_str()), "the number was freed");
+}
+
+#[test]
+fn a_destroy_that_fails_half_way_is_finished_by_the_next() {
+    let mut redis = PrivateRedis::start();
+    let f = Fixture::new(
+        &format!("postgres = \"postgres://postgres@127.0.0.1:5432/\"\nredis = \"{}\"", redis.url()),
+        &["staging", "review"],
+    );
+    let app = &f.app;
+    app.run_with_timeout(&["env", "create", "review"], T).ok();
+    let review_db = f.db("review");
+    assert!(f.exists("database", &review_db));
+
+    // The Redis server is gone: the database is dropped, then the destroy
+    // stops, saying how to finish it.
+    redis.stop();
+    let destroy = app.run(&["env", "destroy", "review", "--drop-database", &review_db]);
+    assert_eq!(destroy.code, 2, "{}\n{}", destroy.stdout, destroy.stderr);
+    assert!(destroy.stderr.contains("removing its Redis data failed"), "{}", destroy.stderr);
+    assert!(destroy.stderr.contains("run `nonstop env destroy review` again"), "{}", destroy.stderr);
+    assert!(!f.exists("database", &review_db), "dropped before the failure");
+    let list = app.run(&["env", "list", "--json"]);
+    assert!(list.stdout.contains("\"review\""), "kept until finished: {}", list.stdout);
+    // Nothing else is done there meanwhile.
+    let deploy = app.run_with_timeout(&["-e", "review", "deploy"], T);
+    assert_eq!(deploy.code, 3, "{}", deploy.stderr);
+    assert!(deploy.stderr.contains("is being destroyed"), "{}", deploy.stderr);
+
+    // The server back: the next destroy, without --drop-database, finishes
+    // the drop that was confirmed.
+    let redis = PrivateRedis::on(redis.port);
+    let destroy = app.run(&["env", "destroy", "review"]);
+    destroy.ok();
+    let said = format!("{}{}", destroy.stdout, destroy.stderr);
+    assert!(said.contains("finishing the destroy") && said.contains("(with --drop-database)"), "{said}");
+    assert!(destroy.stdout.contains("on 127.0.0.1:") && destroy.stdout.contains("emptied"), "{}", destroy.stdout);
+    assert!(destroy.stdout.contains(&format!("database {review_db} was not there")), "{}", destroy.stdout);
+    let list = app.run(&["env", "list", "--json"]);
+    assert!(!list.stdout.contains("\"review\""), "{}", list.stdout);
+    drop(redis);
 }
 
 #[test]

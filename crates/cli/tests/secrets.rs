@@ -129,6 +129,18 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     found
 }
 
+/// `GET path` on the daemon's API socket: the raw answer (head and body).
+fn api_get(app: &TestApp, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(app.home.path().join("nonstop.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
 fn count_files(dir: &Path) -> usize {
     let mut n = 0;
     let mut stack = vec![dir.to_path_buf()];
@@ -175,6 +187,14 @@ fn a_secret_reaches_instances_and_release_tasks_and_its_bytes_are_nowhere_else()
     // The instance and the release task saw the value (without the newline).
     assert_eq!(token_sha(&app), sha(&v1));
     assert_eq!(std::fs::read_to_string(&task_out).unwrap().lines().collect::<Vec<_>>(), [sha(&v1)]);
+    // So does `nonstop run` (decrypted by the CLI itself), while the run
+    // context the daemon answers with has no trace of it.
+    let r = app.run(&["run", "--", "sh", "-c", "printf '%s|%s' \"$API_TOKEN\" \"$GREETING\""]);
+    r.ok();
+    assert_eq!(r.stdout, format!("{v1}|hello"));
+    let ctx = api_get(&app, "/v1/run-context?app=hello&env=default");
+    assert!(ctx.contains("\"environment\":\"default\"") && ctx.contains("GREETING"), "{ctx}");
+    assert!(!ctx.contains(&v1) && !ctx.contains("API_TOKEN"), "the run context holds the secret: {ctx}");
 
     // A new version from a file: nothing changes until the next deploy.
     let file = out_dir.path().join("value.txt");
@@ -324,6 +344,23 @@ fn bad_input_and_a_key_that_cannot_be_had_change_nothing() {
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
     assert!(r.stderr.contains("the secrets key is missing"), "{}", r.stderr);
     assert_eq!(app.pids("web"), pid, "the running instance was not touched");
+    // `nonstop run` cannot have them either: it runs nothing, and says how
+    // to give it the key.
+    let ran = out_dir.path().join("ran");
+    let touch = format!("touch {}", ran.display());
+    let r = app.run(&["run", "--", &touch]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("the secrets of hello in default cannot be read, so nothing was run"), "{}", r.stderr);
+    assert!(r.stderr.contains("the secrets key is missing"), "{}", r.stderr);
+    assert!(r.stderr.contains("`nonstop run` decrypts the environment's secrets itself"), "{}", r.stderr);
+    // ...nor with another key in NONSTOP_SECRETS_KEY.
+    let mut cmd = app.cmd(&["run", "--", &touch]);
+    cmd.env("NONSTOP_SECRETS_KEY", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
+    let out = wait_output(cmd.spawn().unwrap(), T, "run with another key");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not match the one these secrets were written with"), "{stderr}");
+    assert!(!ran.exists(), "nothing ran without its secrets");
     assert_eq!(app.status()["release"], 1);
     assert_eq!(token_sha(&app), sha(&value));
     // `set` does not create a new key while secrets exist.
@@ -345,6 +382,9 @@ fn bad_input_and_a_key_that_cannot_be_had_change_nothing() {
     // The key back: a release task that prints the secret and fails shows
     // it redacted.
     std::fs::rename(&saved, &key).unwrap();
+    let r = app.run(&["run", "--", &touch]);
+    r.ok();
+    assert!(ran.exists());
     app.write_spec(
         &app.spec().replace("tasks = [\"python3 task_sha.py\"]", "tasks = [\"echo token is $API_TOKEN; exit 3\"]"),
     );
