@@ -9,6 +9,11 @@
 //! login accepted, the rights there, no object of the environment's names
 //! that nonstop did not make): a refusal changes nothing.
 //!
+//! `env destroy --drop-database` (`environments.rs`) undoes it through the
+//! same boundary: [`BaseServices::drop_database`] (only what nonstop made),
+//! then [`BaseServices::flush_redis`] (the environment's own Redis
+//! database emptied, or its keys in the shared one deleted).
+//!
 //! **Where it fits.** A `deploy`, `up` or `env create` whose spec has
 //! `[base] postgres` and no `[database]` of its own for the environment,
 //! or `[base] redis`, is held (the controller is busy with it, `nonstop
