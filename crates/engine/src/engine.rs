@@ -62,12 +62,14 @@ impl Engine {
             controllers: Mutex::new(BTreeMap::new()),
             shutdown: shutdown.clone(),
         });
-        // Apps that ran, and deployments that never got as far as running
-        // their app (a first deploy interrupted): their controllers end them.
-        let known = dispatcher
-            .store
-            .apps()
-            .map(|records| records.into_iter().map(|r| AppEnv::new(r.app, r.environment)).collect::<Vec<_>>());
+        // Apps that ran, deployments that never got as far as running
+        // their app (a first deploy interrupted), and destroys that did not
+        // finish: their controllers end them.
+        let known = dispatcher.store.apps().and_then(|records| {
+            let mut scopes: Vec<AppEnv> = records.into_iter().map(|r| AppEnv::new(r.app, r.environment)).collect();
+            scopes.extend(dispatcher.store.scopes_being_destroyed()?);
+            Ok(scopes)
+        });
         match (known, dispatcher.store.scopes_with_running_deployments()) {
             (Ok(apps), Ok(deploying)) => {
                 for scope in apps.into_iter().chain(deploying) {
@@ -182,7 +184,8 @@ impl Dispatcher {
     fn forget_if_unused(&self, scope: &AppEnv) {
         let known = self.store.apps().map(|r| r.iter().any(|r| r.app == scope.app && r.environment == scope.env));
         let deployed = self.store.deployments(&scope.app, &scope.env, 1).map(|d| !d.is_empty());
-        if let (Ok(false), Ok(false)) = (known, deployed) {
+        let destroying = self.store.pending_destroy(&scope.app, &scope.env).map(|p| p.is_some());
+        if let (Ok(false), Ok(false), Ok(false)) = (known, deployed, destroying) {
             if let Some(gone) = self.map().remove(scope) {
                 tracing::debug!("controller for {scope} forgotten: nothing of it was recorded");
                 drop(gone.inbox);

@@ -188,9 +188,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     }
 
     /// A record (even down), or an operation under way, or a task (of an
-    /// earlier daemon) it watches.
+    /// earlier daemon) it watches, or a destroy to finish.
     fn environment_exists(&self) -> bool {
         self.app.is_some()
+            || matches!(self.destroy_busy(), Some(EngineError::Destroying { .. }))
             || self.deployment.is_some()
             || self.pending_deploy.is_some()
             || self.pending_base.is_some()

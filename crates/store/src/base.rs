@@ -170,6 +170,25 @@ impl Store {
         pending_on(&self.conn(), app, env)
     }
 
+    /// Every app and environment whose `env destroy` did not finish (a
+    /// daemon that starts gives each a controller, which the next destroy
+    /// finishes).
+    pub fn scopes_being_destroyed(&self) -> Result<Vec<nonstop_core::AppEnv>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT app, environment FROM destroys ORDER BY app, environment")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (app, env) = row?;
+            let app =
+                AppName::new(app.clone()).map_err(|_| StoreError::UnknownValue { what: "app name", value: app })?;
+            let env = EnvironmentId::new(env.clone())
+                .map_err(|_| StoreError::UnknownValue { what: "environment", value: env })?;
+            out.push(nonstop_core::AppEnv::new(app, env));
+        }
+        Ok(out)
+    }
+
     /// Forget an environment that `env destroy` ended, in one transaction:
     /// its app record, instances, counts, maintenance and stop, its
     /// secrets and config, the record of the destroy, and its Redis number
@@ -328,6 +347,7 @@ mod tests {
         let again = store.begin_destroy(&app, &env, false, "bob", at(2)).unwrap();
         assert_eq!(again, first);
         assert_eq!(store.pending_destroy(&app, &env).unwrap(), Some(first));
+        assert_eq!(store.scopes_being_destroyed().unwrap(), [nonstop_core::AppEnv::new(app.clone(), env.clone())]);
         let (_, other) = ids("blog", "staging");
         assert!(!store.begin_destroy(&app, &other, false, "bob", at(3)).unwrap().drop_data);
         assert_eq!(store.redis_assignments_of(&app, &env).unwrap(), vec![]);

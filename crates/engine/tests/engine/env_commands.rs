@@ -297,8 +297,15 @@ async fn a_destroy_that_failed_half_way_is_finished_by_the_next_and_holds_the_en
     assert!(err.to_string().contains("drops the environment's database and Redis data"), "{err}");
     assert_eq!(err.exit_code(), 2);
 
-    // The next destroy (without --drop-database) finishes it: the drop
-    // confirmed before goes on.
+    // A daemon that starts meanwhile knows it too; the next destroy
+    // (without --drop-database) finishes it: the drop confirmed before
+    // goes on.
+    e.shutdown().await;
+    let f = f.next_daemon(f.store.clone());
+    let e = f.start();
+    assert_eq!(listed(&e), ["blog/review"]);
+    let err = deploy(&e, "review", spec("review", "2")).await.unwrap_err();
+    assert!(matches!(&err, EngineError::Destroying { .. }), "{err:?}");
     f.base.set_redis_unreachable(false);
     f.base.redis_set("cache.test:6379", 1, "blog:review:left", "x");
     let (report, progress) = e.destroy_env_with("blog", "review", None, base(true)).await;
@@ -315,5 +322,28 @@ async fn a_destroy_that_failed_half_way_is_finished_by_the_next_and_holds_the_en
     assert_eq!(f.store.pending_destroy(&app, &review).unwrap(), None);
     assert!(f.store.current_secrets(&app, &review).unwrap().is_empty());
     assert!(listed(&e).is_empty());
+    e.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destroy_left_unfinished_of_an_environment_without_a_record_gets_a_controller_to_finish_it() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    // As a daemon that died in the middle of destroying an environment
+    // that had no app record left.
+    let (app, ghost) =
+        (nonstop_core::AppName::new("blog").unwrap(), nonstop_core::EnvironmentId::new("ghost").unwrap());
+    f.store.begin_destroy(&app, &ghost, true, "ann", std::time::SystemTime::now()).unwrap();
+    let e = f.start();
+    assert_eq!(listed(&e), ["blog/ghost"]);
+    let (err, _) = e.create_env("ghost", spec("ghost", "1"), None).await;
+    assert!(matches!(err, Err(EngineError::Destroying { .. })), "{err:?}");
+    assert_eq!(listed(&e), ["blog/ghost"], "a refused create does not forget it");
+    let report = e.destroy_env("blog", "ghost", None).await.unwrap();
+    assert!(report.summary.contains("0 instance(s) stopped"), "{}", report.summary);
+    assert_eq!(f.base.drops(), [(app.clone(), ghost.clone())], "the confirmed drop went on");
+    assert_eq!(f.store.pending_destroy(&app, &ghost).unwrap(), None);
+    assert!(listed(&e).is_empty());
+    e.create_env("ghost", spec("ghost", "1"), None).await.0.unwrap();
     e.shutdown().await;
 }
