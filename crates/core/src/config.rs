@@ -333,6 +333,8 @@ mod tests {
             restart: RestartPolicy::default(),
             rollout: Rollout::default(),
             env: map(env),
+            autoscale: None,
+            queue: None,
         };
         AppSpec {
             app: AppName::new("blog").unwrap_or_else(|e| panic!("{e}")),
@@ -347,6 +349,7 @@ mod tests {
             default_host: true,
             protected: false,
             base: None,
+            metrics: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //! depends on it; it depends on nothing of ours.
 #![forbid(unsafe_code)]
 
+pub mod autoscale;
 pub mod build;
 pub mod clock;
 pub mod config;

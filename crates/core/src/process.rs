@@ -255,6 +255,13 @@ pub struct ProcessSpec {
     pub rollout: Rollout,
     /// Per-process environment, layered over the app's `[env]`.
     pub env: BTreeMap<String, String>,
+    /// `[processes.NAME.autoscale]`: the count moves within `[min, max]`
+    /// with the load; `count` is the one it starts at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::autoscale::Autoscale>,
+    /// `queue`: where the depth of the queue this worker serves is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<crate::autoscale::QueueSource>,
 }
 
 /// `[proxy]`. Settings left out of the file are `None` (`tls`: empty):
@@ -440,6 +447,9 @@ pub struct AppSpec {
     /// stored spec never holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<crate::environment::BaseSpec>,
+    /// `[metrics]`: the Prometheus endpoint, if the file asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<crate::autoscale::MetricsSpec>,
 }
 
 fn yes() -> bool {

@@ -21,6 +21,8 @@ pub fn process(name: &str, kind: ProcessKind, count: u32) -> ProcessSpec {
         restart: RestartPolicy::default(),
         rollout: Rollout::default(),
         env: Default::default(),
+        autoscale: None,
+        queue: None,
     }
 }
 
@@ -39,6 +41,7 @@ pub fn app(processes: Vec<ProcessSpec>) -> AppSpec {
         default_host: true,
         protected: false,
         base: None,
+        metrics: None,
     }
 }
 

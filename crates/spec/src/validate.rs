@@ -69,6 +69,7 @@ pub(crate) fn validate(
         default_host: false,
         protected: false,
         base: None,
+        metrics: None,
     })
 }
 
@@ -1127,6 +1128,8 @@ pub(crate) fn validate_process(
         restart,
         rollout,
         env,
+        autoscale: None,
+        queue: None,
     })
 }
 

@@ -140,6 +140,7 @@ mod tests {
             default_host: true,
             protected: false,
             base: None,
+            metrics: None,
         }
     }
 

@@ -17,6 +17,7 @@ fn spec() -> AppSpec {
         default_host: true,
         protected: false,
         base: None,
+        metrics: None,
     }
 }
 

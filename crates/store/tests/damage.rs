@@ -27,6 +27,7 @@ fn record(name: &str) -> AppRecord {
             default_host: true,
             protected: false,
             base: None,
+            metrics: None,
         },
         workdir: PathBuf::from("/srv/app"),
         release: ReleaseId(0),

@@ -61,6 +61,8 @@ pub fn process(name: &str, kind: ProcessKind, count: u32) -> ProcessSpec {
         restart: RestartPolicy::default(),
         rollout: Rollout { canary: Canary { steps: Vec::new(), ..Canary::default() }, ..Rollout::default() },
         env: BTreeMap::new(),
+        autoscale: None,
+        queue: None,
     }
 }
 
@@ -83,6 +85,7 @@ pub fn app(name: &str) -> AppBuilder {
             default_host: true,
             protected: false,
             base: None,
+            metrics: None,
         },
     }
 }
