@@ -4,6 +4,7 @@
 //! exhaustively, which the tests do.
 #![forbid(unsafe_code)]
 
+pub mod autoscale;
 pub mod backoff;
 pub mod counts;
 pub mod deploy;
