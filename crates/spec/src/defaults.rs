@@ -147,6 +147,30 @@ pub const DEFAULT_CANARY_MIN_REQUESTS: u32 = 20;
 /// Largest `canary_min_requests`.
 pub const MAX_CANARY_MIN_REQUESTS: u32 = 100_000;
 
+/// `[autoscale] min`: one instance at least, unless the file says 0 (a
+/// worker with a queue target).
+pub const DEFAULT_AUTOSCALE_MIN: u32 = 1;
+/// `[autoscale] scale_out_cooldown`: long enough for new instances to
+/// start and take their share before the next scale-out is judged.
+pub const DEFAULT_AUTOSCALE_SCALE_OUT_COOLDOWN: Duration = Duration::from_secs(15);
+/// `[autoscale] scale_in_cooldown`: after any change of the count.
+pub const DEFAULT_AUTOSCALE_SCALE_IN_COOLDOWN: Duration = Duration::from_secs(60);
+/// `[autoscale] scale_in_window`: the scale-in stabilisation window
+/// (Kubernetes' HPA: 300 s; a single machine's apps start in seconds).
+pub const DEFAULT_AUTOSCALE_SCALE_IN_WINDOW: Duration = Duration::from_secs(120);
+/// `[autoscale] max_step`: instances added or removed by one decision
+/// (HPA adds up to 4 pods, or 100%, per 15 s).
+pub const DEFAULT_AUTOSCALE_MAX_STEP: Quantity = Quantity::Count(4);
+/// Longest `scale_out_cooldown`, `scale_in_cooldown` and `scale_in_window`.
+pub const MAX_AUTOSCALE_DURATION: Duration = Duration::from_secs(3600);
+/// Largest `max_step` percentage (`"1000%"`: up to eleven times as many).
+pub const MAX_AUTOSCALE_STEP_PERCENT: u32 = 1000;
+/// Longest `redis_list` name of a `queue`.
+pub const MAX_QUEUE_NAME_BYTES: usize = 1024;
+/// `[metrics] listen`: loopback only, on the port of OpenTelemetry's
+/// Prometheus exporter.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
 /// `[restart] backoff_initial`.
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// `[restart] backoff_max`.

@@ -287,7 +287,7 @@ fn validate_override(
 
 /// The file's process with an environment's keys merged in, key by key.
 fn merge_process(base: &Spanned<RawProcess>, o: &RawProcessOverride) -> Spanned<RawProcess> {
-    let RawProcessOverride { count, env: _, health, rollout } = o;
+    let RawProcessOverride { count, env: _, health, rollout, autoscale } = o;
     let b = base.get_ref();
     Spanned::new(
         base.span(),
@@ -295,9 +295,46 @@ fn merge_process(base: &Spanned<RawProcess>, o: &RawProcessOverride) -> Spanned<
             count: count.clone().or_else(|| b.count.clone()),
             health: merge_health(b.health.as_ref(), health.as_ref()),
             rollout: merge_rollout(b.rollout.as_ref(), rollout.as_ref()),
+            autoscale: merge_autoscale(b.autoscale.as_ref(), autoscale.as_ref()),
             ..b.clone()
         },
     )
+}
+
+fn merge_autoscale(
+    base: Option<&Spanned<RawAutoscale>>,
+    over: Option<&Spanned<RawAutoscale>>,
+) -> Option<Spanned<RawAutoscale>> {
+    let (Some(b), Some(o)) = (base, over) else { return over.or(base).cloned() };
+    // Every key, by name: a key added to the table must be merged too.
+    let RawAutoscale {
+        min,
+        max,
+        cpu_percent,
+        requests_per_instance,
+        p95_ms,
+        queue_per_instance,
+        scale_out_cooldown,
+        scale_in_cooldown,
+        scale_in_window,
+        max_step,
+    } = o.get_ref();
+    let b = b.get_ref();
+    Some(Spanned::new(
+        o.span(),
+        RawAutoscale {
+            min: pick(min, &b.min),
+            max: pick(max, &b.max),
+            cpu_percent: pick(cpu_percent, &b.cpu_percent),
+            requests_per_instance: pick(requests_per_instance, &b.requests_per_instance),
+            p95_ms: pick(p95_ms, &b.p95_ms),
+            queue_per_instance: pick(queue_per_instance, &b.queue_per_instance),
+            scale_out_cooldown: pick(scale_out_cooldown, &b.scale_out_cooldown),
+            scale_in_cooldown: pick(scale_in_cooldown, &b.scale_in_cooldown),
+            scale_in_window: pick(scale_in_window, &b.scale_in_window),
+            max_step: pick(max_step, &b.max_step),
+        },
+    ))
 }
 
 fn pick<T: Clone>(over: &Option<T>, base: &Option<T>) -> Option<T> {

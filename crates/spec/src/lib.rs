@@ -15,6 +15,7 @@
 //! schema, and the valid-key lists in messages are read from them.
 #![forbid(unsafe_code)]
 
+mod autoscale;
 mod canary;
 mod database;
 mod defaults;
@@ -95,6 +96,7 @@ pub fn parse_set_in(source: &str, file: &Path, base: &Path, env: &dyn EnvLookup)
     let mut deferred = Diags::default();
     let spec = validate::validate(&raw, env, base, &mut diags, &mut deferred);
     let environments = environments::validate_environments(&raw, env, &mut diags);
+    let ad_hoc = autoscale::check_queue_redis(&raw, &environments.declared, &mut diags);
     let spec = match spec {
         Some(spec) if diags.is_empty() => spec,
         _ => {
@@ -110,7 +112,7 @@ pub fn parse_set_in(source: &str, file: &Path, base: &Path, env: &dyn EnvLookup)
     };
     let errors = |d: Diags| d.into_errors(source, file);
     let base_database = if deferred.is_empty() { Ok(spec.database.clone()) } else { Err(errors(deferred)) };
-    Ok(SpecSet::new(spec, base_database, environments, errors))
+    Ok(SpecSet::new(spec, base_database, environments, ad_hoc, errors))
 }
 
 /// Reads and parses a spec file, with the process environment, into the
@@ -234,6 +236,8 @@ pub fn sanitize_app_name(dir_name: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_autoscale;
 #[cfg(test)]
 mod tests_canary;
 #[cfg(test)]

@@ -42,6 +42,16 @@ pub struct RawSpec {
     /// `[environments.NAME]`: what differs in each environment, in file
     /// order.
     pub environments: Option<Spanned<RawMap<Spanned<RawEnvironment>>>>,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: Option<Spanned<RawMetrics>>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// `"IP:PORT"` of the Prometheus `/metrics` endpoint.
+    pub listen: Option<Spanned<String>>,
 }
 
 /// `[base]`.
@@ -87,6 +97,8 @@ pub struct RawProcessOverride {
     pub health: Option<Spanned<RawHealth>>,
     /// Merged key by key over the process's `[rollout]`.
     pub rollout: Option<Spanned<RawRollout>>,
+    /// Merged key by key over the process's `[autoscale]`.
+    pub autoscale: Option<Spanned<RawAutoscale>>,
 }
 
 /// `[database]`.
@@ -230,6 +242,43 @@ pub struct RawProcess {
     pub health: Option<Spanned<RawHealth>>,
     pub rollout: Option<Spanned<RawRollout>>,
     pub restart: Option<Spanned<RawRestart>>,
+    /// `[processes.NAME.autoscale]`.
+    pub autoscale: Option<Spanned<RawAutoscale>>,
+    /// Workers: `queue = { redis_list = "celery" }`.
+    pub queue: Option<Spanned<RawQueue>>,
+}
+
+/// `[processes.NAME.autoscale]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAutoscale {
+    /// Fewest instances (left out: 1).
+    pub min: Option<Spanned<i64>>,
+    /// Most instances; required.
+    pub max: Option<Spanned<i64>>,
+    /// Targets, at least one: mean CPU per instance, percent of one core.
+    pub cpu_percent: Option<Spanned<RawNumber>>,
+    /// Web only: requests per second per instance.
+    pub requests_per_instance: Option<Spanned<RawNumber>>,
+    /// Web only: the 95th percentile of response times, milliseconds.
+    pub p95_ms: Option<Spanned<RawNumber>>,
+    /// Workers with a `queue`: items waiting per instance.
+    pub queue_per_instance: Option<Spanned<RawNumber>>,
+    pub scale_out_cooldown: Option<Spanned<RawDuration>>,
+    pub scale_in_cooldown: Option<Spanned<RawDuration>>,
+    /// Scale-in goes only down to the highest recommendation of this
+    /// window.
+    pub scale_in_window: Option<Spanned<RawDuration>>,
+    /// A count (`4`) or a percentage of the current count (`"50%"`).
+    pub max_step: Option<Spanned<RawIntOrString>>,
+}
+
+/// `queue = { redis_list = "celery" }`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    /// A Redis list in the environment's Redis (`REDIS_URL`).
+    pub redis_list: Option<Spanned<String>>,
 }
 
 /// `[processes.NAME.health]`.
@@ -479,7 +528,8 @@ mod tests {
                 "database",
                 "environment",
                 "base",
-                "environments"
+                "environments",
+                "metrics"
             ]
         );
         assert_eq!(field_names::<RawProcess>()[0], "command");

@@ -24,7 +24,7 @@ use std::fmt;
 ///   `[environments.E.processes.P.env]` wins over all. A variable set to
 ///   `""` is set, to the empty string: an environment cannot remove a
 ///   variable of the file (move it to the environments that need it);
-/// - a process's `count`, and its `[health]` and `[rollout]` keys one by
+/// - a process's `count`, and its `[health]`, `[rollout]` and `[autoscale]` keys one by
 ///   one, from `[environments.E.processes.P]`;
 /// - `[environments.E.database]` key by key over `[database]` (its `url`,
 ///   its `[env]` mapping);
@@ -49,6 +49,9 @@ pub struct SpecSet {
     overrides: BTreeMap<EnvironmentId, Resolved>,
     catch_all: Option<EnvironmentId>,
     services: Option<BaseSpec>,
+    /// `Err`: what an environment the file has no table for lacks (a
+    /// worker's `queue` without a Redis there).
+    ad_hoc: Result<(), SpecErrors>,
 }
 
 /// An environment's overrides (see `environments::Override`).
@@ -107,13 +110,16 @@ pub struct ChooseError {
 
 impl SpecSet {
     /// `errors` turns the problems found while validating into located
-    /// errors.
+    /// errors; `ad_hoc`: the problems of an environment the file does not
+    /// declare.
     pub(crate) fn new(
         base: AppSpec,
         base_database: Result<Option<DatabaseSpec>, SpecErrors>,
         environments: Environments,
+        ad_hoc: Diags,
         errors: impl Fn(Diags) -> SpecErrors,
     ) -> SpecSet {
+        let ad_hoc = if ad_hoc.is_empty() { Ok(()) } else { Err(errors(ad_hoc)) };
         let Environments { default_environment, declared, overrides, catch_all, base: services } = environments;
         let overrides = overrides
             .into_iter()
@@ -135,6 +141,7 @@ impl SpecSet {
             overrides,
             catch_all,
             services,
+            ad_hoc,
         }
     }
 
@@ -228,8 +235,13 @@ impl SpecSet {
     /// and whether it is protected. An environment the file does not name
     /// gets the base. Fails only when the database it uses reads a
     /// variable (`url = "${NAME}"`) that is unset or wrong in this process's
-    /// environment: the errors say which, where.
+    /// environment, or, for an environment the file does not name, when a
+    /// worker's `queue` would have no Redis there: the errors say which,
+    /// where.
     pub fn resolve(&self, environment: &EnvironmentId) -> Result<AppSpec, SpecErrors> {
+        if !self.is_declared(environment) {
+            self.ad_hoc.clone()?;
+        }
         let own = self.overrides.get(environment);
         let mut spec = self.base.clone();
         spec.database = match own.and_then(|r| r.database.as_ref()) {

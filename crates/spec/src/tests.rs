@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::raw::RawSpec;
+use nonstop_core::autoscale::{Metric, QueueSource};
 use nonstop_core::ids::{AppName, ProcessName};
 use nonstop_core::process::{ProcessKind, Quantity, Signal, StatusRange};
 use std::collections::BTreeMap;
@@ -198,11 +199,28 @@ backoff_max = "1m"
 reset_after = "2m"
 crash_loop_after = 7
 
+[processes.web.autoscale]
+min = 2
+max = 8
+cpu_percent = 70
+requests_per_instance = 50
+p95_ms = 300
+scale_out_cooldown = "20s"
+scale_in_cooldown = "2m"
+scale_in_window = "3m"
+max_step = "50%"
+
 [processes.worker]
 command = "celery -A blog worker"
 count = 3
 ready_after = "5s"
 stop_timeout = 30
+queue = { redis_list = "celery" }
+
+[processes.worker.autoscale]
+min = 0
+max = 6
+queue_per_instance = 20
 
 [processes.beat]
 command = "celery -A blog beat"
@@ -220,6 +238,9 @@ POSTGRES_PASSWORD = "password"
 [base]
 postgres = "postgres://admin:PASSWORD@127.0.0.1:5432/"
 redis = "redis://127.0.0.1:6379"
+
+[metrics]
+listen = "127.0.0.1:9464"
 
 [environments.production]
 hosts = ["blog.example.com", "www.blog.example.com"]
@@ -244,6 +265,10 @@ interval = "1s"
 
 [environments.staging.processes.web.rollout]
 canary = false
+
+[environments.staging.processes.web.autoscale]
+min = 1
+max = 2
 
 [environments.staging.database]
 url = "postgres://blog:PASSWORD@127.0.0.1:5432/blog_staging"
@@ -296,6 +321,16 @@ fn full_file_sets_every_key() {
     assert_eq!(w.restart.backoff_max, Duration::from_secs(60));
     assert_eq!(w.restart.reset_after, Duration::from_secs(120));
     assert_eq!(w.restart.crash_loop_after, 7);
+    let a = w.autoscale.as_ref().unwrap();
+    assert_eq!((a.min, a.max, a.max_step), (2, 8, Quantity::Percent(50)));
+    let targets: Vec<(Metric, u32)> = a.targets.iter().map(|t| (t.metric, t.value)).collect();
+    assert_eq!(targets, [(Metric::CpuPercent, 70), (Metric::RequestsPerInstance, 50), (Metric::P95Ms, 300)]);
+    assert_eq!(
+        (a.scale_out_cooldown, a.scale_in_cooldown, a.scale_in_window),
+        (Duration::from_secs(20), Duration::from_secs(120), Duration::from_secs(180))
+    );
+    assert_eq!(w.queue, None);
+    assert_eq!(spec.metrics.as_ref().map(|m| m.listen), Some("127.0.0.1:9464".parse().unwrap()));
 
     let worker = &spec.processes[1];
     assert_eq!(worker.kind, ProcessKind::Worker);
@@ -304,6 +339,9 @@ fn full_file_sets_every_key() {
     assert_eq!(worker.stop_timeout, Duration::from_secs(30));
     assert!(worker.health.is_none());
     assert_eq!(worker.rollout.max_surge, Quantity::Count(1));
+    assert_eq!(worker.queue, Some(QueueSource::RedisList("celery".into())));
+    let a = worker.autoscale.as_ref().unwrap();
+    assert_eq!((a.min, a.max, a.target(Metric::QueuePerInstance)), (0, 6, Some(20)));
 
     let beat = &spec.processes[2];
     assert_eq!(beat.kind, ProcessKind::Singleton);
@@ -347,6 +385,13 @@ fn every_schema_key_is_set_in_the_full_example() {
         (field_names::<RawHealth>(), web["health"].clone()),
         (field_names::<RawRollout>(), web["rollout"].clone()),
         (field_names::<RawRestart>(), web["restart"].clone()),
+        (field_names::<RawAutoscale>(), {
+            let mut both = web["autoscale"].as_table().unwrap().clone();
+            both.extend(doc["processes"]["worker"]["autoscale"].as_table().unwrap().clone());
+            toml::Value::Table(both)
+        }),
+        (field_names::<RawQueue>(), doc["processes"]["worker"]["queue"].clone()),
+        (field_names::<RawMetrics>(), doc["metrics"].clone()),
         (field_names::<RawProxy>(), doc["proxy"].clone()),
         (field_names::<RawTls>(), doc["proxy"]["tls"][0].clone()),
         (field_names::<RawStatic>(), doc["static"][0].clone()),
@@ -519,7 +564,7 @@ count = -1
     assert_eq!(e.len(), 4, "{}", SpecErrors { errors: e.clone() });
     let rendered = SpecErrors { errors: e }.to_string();
     let expected = r#"nonstop.toml:5:1: error: unknown key `stop_timout` in [processes.web]
-  hint: did you mean `stop_timeout`? valid keys: command, kind, count, stop_signal, stop_timeout, drain_timeout, ready_after, env, health, rollout, restart
+  hint: did you mean `stop_timeout`? valid keys: command, kind, count, stop_signal, stop_timeout, drain_timeout, ready_after, env, health, rollout, restart, autoscale, queue
 
 nonstop.toml:6:17: error: `drain_timeout` in [processes.web] is not a valid duration ("10 sec"): it contains a space
   hint: durations are a whole number of seconds (10) or a string with units: "250ms", "2s", "1m", "1h", "1m30s"

@@ -75,12 +75,18 @@ fn app(tables: &str) -> String {
 
 // ------------------------------------------------ files without environments
 
-/// The spec JSON without the fields environments added.
+/// The spec JSON without the fields environments (and, since, the
+/// autoscaling keys of the full example) added.
 fn without_environment_fields(spec: &AppSpec) -> serde_json::Value {
     let mut json = serde_json::to_value(spec).unwrap();
     let map = json.as_object_mut().unwrap();
-    for key in ["hosts", "default_host", "protected", "base"] {
+    for key in ["hosts", "default_host", "protected", "base", "metrics"] {
         map.remove(key);
+    }
+    for process in map["processes"].as_array_mut().unwrap() {
+        let process = process.as_object_mut().unwrap();
+        process.remove("autoscale");
+        process.remove("queue");
     }
     json
 }
@@ -157,13 +163,24 @@ fn every_key_of_an_environment_is_read() {
     assert_eq!(h.path, "/health/");
     assert_eq!(h.timeout, Duration::from_millis(1500));
     assert_eq!(h.smoke, base_h.smoke);
+    let (a, base_a) = (web.autoscale.as_ref().unwrap(), base_web.autoscale.as_ref().unwrap());
+    assert_eq!((a.min, a.max, base_a.min, base_a.max), (1, 2, 2, 8));
+    // The other [autoscale] keys are the file's.
+    assert_eq!((&a.targets, a.max_step, a.scale_in_window), (&base_a.targets, base_a.max_step, base_a.scale_in_window));
     assert!(web.rollout.canary.steps.is_empty());
     assert_eq!(base_web.rollout.canary.steps, [10, 50]);
     assert_eq!(web.rollout.max_surge, Quantity::Percent(50));
     assert_eq!(web.rollout.canary.hold, Duration::from_secs(30));
     // Everything else about the process is the file's.
     assert_eq!(
-        ProcessSpec { count: 2, health: None, rollout: base_web.rollout.clone(), env: BTreeMap::new(), ..web.clone() },
+        ProcessSpec {
+            count: 2,
+            health: None,
+            rollout: base_web.rollout.clone(),
+            autoscale: base_web.autoscale.clone(),
+            env: BTreeMap::new(),
+            ..web.clone()
+        },
         ProcessSpec { health: None, env: BTreeMap::new(), ..base_web.clone() }
     );
     assert_eq!(&staging.processes[1..], &production.processes[1..]);

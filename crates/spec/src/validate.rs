@@ -52,6 +52,7 @@ pub(crate) fn validate(
     let tables = crate::database::DatabaseTables::of_file(raw);
     let database =
         raw.database.as_ref().and_then(|d| crate::database::validate_database(d, &tables, env, diags, deferred));
+    let metrics = raw.metrics.as_ref().and_then(|m| crate::autoscale::validate_metrics(m, &proxy, diags));
 
     if diags.len() > before {
         return None;
@@ -69,7 +70,7 @@ pub(crate) fn validate(
         default_host: false,
         protected: false,
         base: None,
-        metrics: None,
+        metrics,
     })
 }
 
@@ -1059,6 +1060,30 @@ pub(crate) fn validate_process(
         _ => None,
     };
 
+    let queue = raw.queue.as_ref().and_then(|q| crate::autoscale::validate_queue(q, path, kind, diags));
+    let autoscale = raw
+        .autoscale
+        .as_ref()
+        .and_then(|a| crate::autoscale::validate_autoscale(a, path, kind, raw.queue.is_some(), diags));
+    if let Some(a) = &autoscale {
+        // `count` is where autoscaling starts: within the bounds, or min.
+        match &raw.count {
+            None => count_value = a.min,
+            Some(c) if !a.allows(count_value) => diags.error(
+                c.span(),
+                format!(
+                    "`count` in [{path}] is {count_value}, outside the autoscaling bounds of [{path}.autoscale] (min {}, max {})",
+                    a.min, a.max
+                ),
+                format!(
+                    "count is the number of instances autoscaling starts from: set it from {} to {}, or leave it out to start at min",
+                    a.min, a.max
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+
     let rollout_path = format!("{path}.rollout");
     let raw_rollout = raw.rollout.as_ref().map(|r| r.get_ref());
     let rollout = validate_rollout(raw_rollout, &rollout_path, kind, count_value, diags);
@@ -1128,8 +1153,8 @@ pub(crate) fn validate_process(
         restart,
         rollout,
         env,
-        autoscale: None,
-        queue: None,
+        autoscale,
+        queue,
     })
 }
 

@@ -49,6 +49,94 @@ pub(crate) fn walk(root: &Spanned<DeTable<'_>>, diags: &mut Diags) -> RawSpec {
         environment: walk_environment_key(&t, diags),
         base: t.table("base", BASE_EXAMPLE, diags).map(|b| b.map(walk_base, diags)),
         environments: walk_environments(&t, diags),
+        metrics: t.table("metrics", "listen = \"127.0.0.1:9464\"", diags).map(|m| m.map(walk_metrics, diags)),
+    }
+}
+
+fn walk_metrics(t: &Table<'_, '_>, diags: &mut Diags) -> RawMetrics {
+    t.check_keys(field_names::<RawMetrics>(), diags);
+    RawMetrics { listen: t.string("listen", "listen = \"127.0.0.1:9464\"", diags) }
+}
+
+const AUTOSCALE_EXAMPLE: &str = "min = 2\nmax = 8\ncpu_percent = 70";
+
+/// `whole`: the table must be complete by itself (it is not merged over
+/// another): it needs `max` and a target. A singleton's is refused whole
+/// by validation.
+fn walk_autoscale(t: &Table<'_, '_>, whole: Option<Shape>, diags: &mut Diags) -> RawAutoscale {
+    let fields = field_names::<RawAutoscale>();
+    t.check_keys(fields, diags);
+    if let Some(shape) = whole.filter(|s| !s.singleton) {
+        if t.get("max").is_none() && !t.has_misspelling_of("max", fields) {
+            diags.error(
+                t.span.clone(),
+                format!("missing `max` in {}: the most instances autoscaling may run", t.display()),
+                "for example: max = 8",
+            );
+        }
+        let targets = ["cpu_percent", "requests_per_instance", "p95_ms", "queue_per_instance"];
+        if targets.iter().all(|k| t.get(k).is_none() && !t.has_misspelling_of(k, fields)) {
+            let choices = if shape.web {
+                "cpu_percent = 70, requests_per_instance = 50, p95_ms = 300"
+            } else {
+                "cpu_percent = 70, queue_per_instance = 20 (with queue = { redis_list = \"...\" })"
+            };
+            diags.error(
+                t.span.clone(),
+                format!("{} has no target: autoscaling needs at least one metric to follow", t.display()),
+                format!("add one or more of: {choices}"),
+            );
+        }
+    }
+    let target = "a number greater than 0";
+    RawAutoscale {
+        min: t.integer("min", "min = 2", diags),
+        max: t.integer("max", "max = 8", diags),
+        cpu_percent: t.number("cpu_percent", target, "cpu_percent = 70", diags),
+        requests_per_instance: t.number("requests_per_instance", target, "requests_per_instance = 50", diags),
+        p95_ms: t.number("p95_ms", target, "p95_ms = 300", diags),
+        queue_per_instance: t.number("queue_per_instance", target, "queue_per_instance = 20", diags),
+        scale_out_cooldown: t.duration("scale_out_cooldown", diags),
+        scale_in_cooldown: t.duration("scale_in_cooldown", diags),
+        scale_in_window: t.duration("scale_in_window", diags),
+        max_step: t.int_or_string("max_step", "a count (4) or a percentage (\"50%\")", "max_step = 4", diags),
+    }
+}
+
+const QUEUE_EXAMPLE: &str = "queue = { redis_list = \"celery\" }";
+
+/// `queue = { redis_list = "celery" }`: an inline table (or a
+/// `[processes.NAME.queue]` one) that names the list.
+fn walk_queue(t: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<RawQueue>> {
+    let value = t.get("queue")?;
+    match value.get_ref() {
+        DeValue::Table(entries) => {
+            let q = Table { entries, span: value.span(), path: t.child("queue") };
+            q.check_keys(field_names::<RawQueue>(), diags);
+            if q.get("redis_list").is_none() && !q.has_misspelling_of("redis_list", field_names::<RawQueue>()) {
+                diags.error(
+                    value.span(),
+                    format!("{} does not say where the queue is: `redis_list` is missing", t.describe_key("queue")),
+                    format!("name the Redis list the workers read, for example: {QUEUE_EXAMPLE}"),
+                );
+            }
+            Some(q.map(
+                |q, diags| RawQueue { redis_list: q.string("redis_list", "redis_list = \"celery\"", diags) },
+                diags,
+            ))
+        }
+        DeValue::String(s) => {
+            diags.error(
+                value.span(),
+                format!("{} must be a table that says where the queue is, not a string", t.describe_key("queue")),
+                format!("for a Redis list: queue = {{ redis_list = {} }}", toml_quote(s)),
+            );
+            None
+        }
+        _ => {
+            t.type_error("queue", value, "a table", QUEUE_EXAMPLE, diags);
+            None
+        }
     }
 }
 
@@ -90,8 +178,17 @@ fn walk_base(t: &Table<'_, '_>, diags: &mut Diags) -> RawBase {
 /// `[environments.NAME]` tables, in file order.
 fn walk_environments(root: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<RawMap<Spanned<RawEnvironment>>>> {
     let environments = root.table("environments", ENVIRONMENT_EXAMPLE, diags)?;
-    let process_names: Vec<String> = match root.get("processes").map(|p| p.get_ref()) {
-        Some(DeValue::Table(p)) => p.iter().map(|(k, _)| k.get_ref().to_string()).collect(),
+    let shapes: Vec<(String, Shape)> = match root.get("processes").map(|p| p.get_ref()) {
+        Some(DeValue::Table(p)) => p
+            .iter()
+            .map(|(k, v)| {
+                let shape = match v.get_ref() {
+                    DeValue::Table(t) => Shape::of(k.get_ref(), t),
+                    _ => Shape::default(),
+                };
+                (k.get_ref().to_string(), shape)
+            })
+            .collect(),
         _ => Vec::new(),
     };
     let mut entries = Vec::new();
@@ -100,7 +197,7 @@ fn walk_environments(root: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<
         match value.get_ref() {
             DeValue::Table(entries_of) => {
                 let t = Table { entries: entries_of, span: value.span(), path: environments.child(key.get_ref()) };
-                entries.push((name, Spanned::new(value.span(), walk_environment(&t, &process_names, diags))));
+                entries.push((name, Spanned::new(value.span(), walk_environment(&t, &shapes, diags))));
             }
             other => diags.error(
                 value.span(),
@@ -116,12 +213,34 @@ fn walk_environments(root: &Table<'_, '_>, diags: &mut Diags) -> Option<Spanned<
     Some(Spanned::new(environments.span.clone(), RawMap(entries)))
 }
 
-fn walk_environment(t: &Table<'_, '_>, process_names: &[String], diags: &mut Diags) -> RawEnvironment {
+/// What the walk of an environment's overrides needs to know of a
+/// process of the file.
+#[derive(Debug, Clone, Copy, Default)]
+struct Shape {
+    web: bool,
+    singleton: bool,
+    /// It has an `[autoscale]` table of its own.
+    autoscale: bool,
+}
+
+impl Shape {
+    fn of(name: &str, t: &DeTable<'_>) -> Shape {
+        let kind = t.iter().find(|(k, _)| k.get_ref() == "kind").and_then(|(_, v)| v.get_ref().as_str());
+        Shape {
+            web: kind.map_or(name == "web", |k| k == "web"),
+            singleton: kind == Some("singleton"),
+            autoscale: t.iter().any(|(k, _)| k.get_ref() == "autoscale"),
+        }
+    }
+}
+
+fn walk_environment(t: &Table<'_, '_>, shapes: &[(String, Shape)], diags: &mut Diags) -> RawEnvironment {
+    let process_names: Vec<&str> = shapes.iter().map(|(n, _)| n.as_str()).collect();
     let valid = field_names::<RawEnvironment>();
     t.check_keys_with(valid, diags, |key| {
-        let example_process = process_names.first().map_or("web", String::as_str);
+        let example_process = process_names.first().copied().unwrap_or("web");
         let table_of = |process: &str| format!("{}.processes.{}", t.path, display_key(process));
-        if process_names.iter().any(|p| p == key) {
+        if process_names.contains(&key) {
             Some(format!("a process's settings go in [{}]", table_of(key)))
         } else if field_names::<RawProcess>().contains(&key) {
             Some(format!(
@@ -139,7 +258,7 @@ fn walk_environment(t: &Table<'_, '_>, process_names: &[String], diags: &mut Dia
         default: t.boolean("default", "default = true", diags),
         protected: t.boolean("protected", "protected = true", diags),
         env: t.env_map("env", diags),
-        processes: walk_process_overrides(t, diags),
+        processes: walk_process_overrides(t, shapes, diags),
         database: t
             .table("database", "url = \"postgres://blog:PASSWORD@127.0.0.1:5432/blog_staging\"", diags)
             .map(|d| d.map(walk_database, diags)),
@@ -148,6 +267,7 @@ fn walk_environment(t: &Table<'_, '_>, process_names: &[String], diags: &mut Dia
 
 fn walk_process_overrides(
     environment: &Table<'_, '_>,
+    shapes: &[(String, Shape)],
     diags: &mut Diags,
 ) -> Option<Spanned<RawMap<Spanned<RawProcessOverride>>>> {
     let example = "[web]\ncount = 1";
@@ -158,7 +278,8 @@ fn walk_process_overrides(
         match value.get_ref() {
             DeValue::Table(entries_of) => {
                 let t = Table { entries: entries_of, span: value.span(), path: processes.child(key.get_ref()) };
-                entries.push((name, t.map(walk_process_override, diags)));
+                let shape = shapes.iter().find(|(n, _)| n == key.get_ref()).map(|(_, s)| *s);
+                entries.push((name, t.map(|t, diags| walk_process_override(t, shape, diags), diags)));
             }
             other => diags.error(
                 value.span(),
@@ -170,7 +291,9 @@ fn walk_process_overrides(
     Some(Spanned::new(processes.span.clone(), RawMap(entries)))
 }
 
-fn walk_process_override(t: &Table<'_, '_>, diags: &mut Diags) -> RawProcessOverride {
+/// `shape`: the file's process it overrides (`None`: the file has none,
+/// which validation reports).
+fn walk_process_override(t: &Table<'_, '_>, shape: Option<Shape>, diags: &mut Diags) -> RawProcessOverride {
     let valid = field_names::<RawProcessOverride>();
     t.check_keys_with(valid, diags, |key| {
         field_names::<RawProcess>().contains(&key).then(|| {
@@ -185,6 +308,11 @@ fn walk_process_override(t: &Table<'_, '_>, diags: &mut Diags) -> RawProcessOver
         env: t.env_map("env", diags),
         health: t.table("health", "path = \"/health/\"", diags).map(|h| h.map(walk_health, diags)),
         rollout: t.table("rollout", "max_surge = 1", diags).map(|r| r.map(walk_rollout, diags)),
+        // Complete by itself when the file's process has no [autoscale].
+        autoscale: t.table("autoscale", AUTOSCALE_EXAMPLE, diags).map(|a| {
+            let whole = shape.filter(|s| !s.autoscale);
+            a.map(|a, diags| walk_autoscale(a, whole, diags), diags)
+        }),
     }
 }
 
@@ -436,6 +564,11 @@ fn walk_process(name: &str, t: &Table<'_, '_>, diags: &mut Diags) -> RawProcess 
         health: t.table("health", "path = \"/health/\"", diags).map(|h| h.map(walk_health, diags)),
         rollout: t.table("rollout", "max_surge = 1", diags).map(|r| r.map(walk_rollout, diags)),
         restart: t.table("restart", "crash_loop_after = 5", diags).map(|r| r.map(walk_restart, diags)),
+        autoscale: t.table("autoscale", AUTOSCALE_EXAMPLE, diags).map(|a| {
+            let shape = Shape::of(name, t.entries);
+            a.map(|a, diags| walk_autoscale(a, Some(shape), diags), diags)
+        }),
+        queue: walk_queue(t, diags),
     }
 }
 
