@@ -7,10 +7,12 @@
 //! either; then staging destroyed with its database.
 //!
 //! Needs the example's Python packages, PostgreSQL on 127.0.0.1:5432
-//! (user postgres, trust auth) and Redis on 127.0.0.1:6379
-//! (`./scripts/setup` installs and starts them); without them it fails
-//! saying so. Its app has a name of its own (`dj<pid>`): its databases and
-//! roles are dropped at the end, also when the test fails.
+//! (user postgres, trust auth) and Redis (`./scripts/setup` installs and
+//! starts them); without them it fails saying so. Its `[base] redis` is a
+//! `redis-server` of its own (destroying staging with its data empties a
+//! Redis database: never one another test uses). Its app has a name of its
+//! own (`dj<pid>`): its databases and roles are dropped at the end, also
+//! when the test fails.
 
 mod common;
 
@@ -40,7 +42,7 @@ fn psql(db: &str, sql: &str) -> String {
 
 /// The example as app `name`: no `[database]` and no REDIS_URL of its own
 /// (`[base]` gives each environment both), two environments on their hosts.
-fn spec(example: &str, name: &str) -> String {
+fn spec(example: &str, name: &str, redis: &str) -> String {
     let mut out = Vec::new();
     let mut in_database = false;
     for line in example.lines() {
@@ -63,7 +65,7 @@ fn spec(example: &str, name: &str) -> String {
 
 [base]
 postgres = "postgres://postgres@127.0.0.1:5432/"
-redis = "redis://127.0.0.1:6379"
+redis = "{redis}"
 
 [environments.production]
 hosts = ["{PRODUCTION}"]
@@ -175,7 +177,8 @@ impl Drop for Fixture {
 fn production_and_staging_of_the_django_example_side_by_side() {
     require_services();
     let name = format!("dj{}", std::process::id());
-    let app = TestApp::new("django", |s| spec(&s, &name));
+    let redis = PrivateRedis::start();
+    let app = TestApp::new("django", |s| spec(&s, &name, &redis.url()));
     let f = Fixture { app, name };
     f.clean();
 

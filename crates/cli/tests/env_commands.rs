@@ -149,60 +149,6 @@ impl Drop for Fixture {
     }
 }
 
-/// A `redis-server` of the test's own on a free port of 127.0.0.1,
-/// stopped (by its pid) when dropped.
-struct PrivateRedis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl PrivateRedis {
-    fn start() -> PrivateRedis {
-        PrivateRedis::on(free_port())
-    }
-
-    /// On `port` (again, after [`PrivateRedis::stop`]); ready once it
-    /// answers.
-    fn on(port: u16) -> PrivateRedis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server runs (is Redis installed?)");
-        let server = PrivateRedis { child, port };
-        wait_until(Duration::from_secs(30), "the private redis-server to answer", || {
-            server.cli(0, &["PING"]) == "PONG"
-        });
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// `redis-cli` on database `db`: its output, trimmed ("" when the
-    /// server does not answer).
-    fn cli(&self, db: u8, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-n", &db.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// `GET path` on the daemon's API socket: the raw answer.
 fn api_get(app: &TestApp, path: &str) -> String {
     let mut s = std::os::unix::net::UnixStream::connect(app.home.path().join("nonstop.sock")).unwrap();
