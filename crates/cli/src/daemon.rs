@@ -218,7 +218,9 @@ fn record_keeper_restart(store: &nonstop_store::Store, why: &str) {
     let message = format!("daemon restarted by the keeper: {why}; running instances are re-adopted");
     for app in store.apps().unwrap_or_default().iter().filter(|a| a.running) {
         let now = std::time::SystemTime::now();
-        if let Err(e) = store.add_event(&app.app, &app.environment, now, "daemon", None, &message) {
+        if let Err(e) =
+            store.add_event(&app.app, &app.environment, now, nonstop_store::EventKind::Daemon, None, &message)
+        {
             tracing::warn!("cannot record the restart in the events: {e}");
         }
     }

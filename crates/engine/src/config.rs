@@ -282,7 +282,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                     ),
                     _ => "its next `nonstop up`, `deploy` or `promote` applies it".to_string(),
                 };
-                self.event(&app, "config", None, &format!("config: {what} by {who}"));
+                self.event(&app, EventKind::Config, None, &format!("config: {what} by {who}"));
                 OpReport { summary: format!("config of {app} in {}: {what}; {when}", self.env), changed: true }
             });
             let _ = reply.send(result);
@@ -350,7 +350,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let mut spec = run_config.applied();
         let counts = self.count_spec(&mut spec, nonstop_plan::counts::Apply::Rollback)?;
         let summary = format!("{} → {} ({what}; same build, nothing rebuilt)", current.id, rec.id);
-        self.event(&app, "config", None, &format!("deployment #{} started: {summary} by {who}", record.id));
+        self.event(&app, EventKind::Config, None, &format!("deployment #{} started: {summary} by {who}", record.id));
         let to = ReleaseCtx { id: rec.id, spec, workdir: rec.dir.clone() };
         let (cancel, started) = (self.cancel.child_token(), self.clock.now());
         let kind = nonstop_plan::deployment::DeploymentKind::Reuse { run_tasks: false };

@@ -32,7 +32,7 @@ use nonstop_plan::rollout::{
 };
 use nonstop_plan::stopped::Gated;
 use nonstop_plan::SlotBackoff;
-use nonstop_store::{AppRecord, InstancePhase, InstanceRecord, Store};
+use nonstop_store::{AppRecord, EventKind, InstancePhase, InstanceRecord, Store};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -959,7 +959,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         };
         self.store.put_app(&record, self.clock.wall())?;
         self.record_counts(&spec.app, &counted)?;
-        self.event(&spec.app, "up", None, &summary);
+        self.event(&spec.app, EventKind::Up, None, &summary);
         if let Some(rt) = self.app.as_mut().filter(|rt| !rt.record.running) {
             // A fresh start: earlier crash loops are history.
             rt.backoff.clear();
@@ -980,7 +980,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let app = rt.record.app.clone();
         rt.rollout = None;
         let ids: Vec<InstanceId> = rt.instances.keys().cloned().collect();
-        self.event(&app, "down", None, &format!("stopping {n} instance(s)"));
+        self.event(&app, EventKind::Down, None, &format!("stopping {n} instance(s)"));
         for id in ids {
             self.begin_stop(&id, false);
         }
@@ -1021,7 +1021,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             }
         }
         self.store.put_app(&rt.record, self.clock.wall())?;
-        self.event(&app, "scale", None, &summary);
+        self.event(&app, EventKind::Scale, None, &summary);
         Ok((summary, changed))
     }
 
@@ -1108,7 +1108,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             // A start that fails leaves the app in maintenance: say so.
             let err = if op.name == "start" { EngineError::StartFailed { reason: err.to_string() } } else { err };
             if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
-                self.event(&app, "failed", None, &format!("{}: {err}", op.name));
+                self.event(&app, EventKind::Failed, None, &format!("{}: {err}", op.name));
             }
             if let Some(reply) = op.reply.take() {
                 let _ = reply.send(Err(err));
@@ -1149,7 +1149,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             .collect();
         out.extend(self.degraded().pending_events().filter(|e| &e.app == app).map(|e| EventEntry {
             at_ms: at_ms(e.at),
-            kind: e.kind.clone(),
+            kind: e.kind,
             instance: e.instance.clone(),
             message: format!("{} (not yet in the store: it cannot be written)", e.message),
         }));
@@ -1161,11 +1161,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     /// Record an event. One the store does not take (a full disk) is kept
     /// in memory, shown by `events`, and written once the store works
     /// again, after those kept before it.
-    pub(crate) fn event(&self, app: &AppName, kind: &str, instance: Option<&InstanceId>, message: &str) {
+    pub(crate) fn event(&self, app: &AppName, kind: EventKind, instance: Option<&InstanceId>, message: &str) {
         let ev = PendingEvent {
             app: app.clone(),
             at: self.clock.wall(),
-            kind: kind.to_string(),
+            kind,
             instance: instance.map(|i| i.to_string()),
             message: message.to_string(),
         };
@@ -1180,7 +1180,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     }
 
     fn write_event(&self, e: &PendingEvent) -> Result<(), nonstop_store::StoreError> {
-        self.store.add_event(&e.app, &self.env, e.at, &e.kind, e.instance.as_deref(), &e.message)
+        self.store.add_event(&e.app, &self.env, e.at, e.kind, e.instance.as_deref(), &e.message)
     }
 
     fn degraded(&self) -> std::sync::MutexGuard<'_, Degraded> {
@@ -1208,7 +1208,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                  retrying every {}s at most",
                 crate::degraded::RETRY_MAX.as_secs()
             );
-            self.event(app, "cannot-start", None, &msg);
+            self.event(app, EventKind::CannotStart, None, &msg);
         }
     }
 

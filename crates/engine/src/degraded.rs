@@ -34,7 +34,7 @@ pub(crate) fn retry_delay(attempt: u32) -> Duration {
 pub(crate) struct PendingEvent {
     pub(crate) app: AppName,
     pub(crate) at: SystemTime,
-    pub(crate) kind: String,
+    pub(crate) kind: nonstop_store::EventKind,
     pub(crate) instance: Option<String>,
     pub(crate) message: String,
 }
@@ -232,7 +232,7 @@ mod tests {
         let ev = |n: u32| PendingEvent {
             app: AppName::new("blog").unwrap(),
             at: SystemTime::UNIX_EPOCH,
-            kind: "exit".into(),
+            kind: nonstop_store::EventKind::Exit,
             instance: None,
             message: n.to_string(),
         };

@@ -314,7 +314,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         };
         self.event(
             &spec.app,
-            "deploy",
+            EventKind::Deploy,
             None,
             &format!("deployment #{} started: {summary} by {}", record.id, record.who),
         );
@@ -414,7 +414,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             format!("{} → {target}: content identical to {target}: rolling to {target} without building", from.id);
         self.event(
             &rec.app,
-            "deploy",
+            EventKind::Deploy,
             None,
             &format!("deployment #{} started: {summary} by {}", record.id, record.who),
         );
@@ -526,7 +526,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             &ran,
         )?;
         let summary = format!("{} → {target} (rollback)", current.id);
-        self.event(&app, "rollback", None, &format!("deployment #{} started: {summary} by {}", record.id, record.who));
+        self.event(
+            &app,
+            EventKind::Rollback,
+            None,
+            &format!("deployment #{} started: {summary} by {}", record.id, record.who),
+        );
         let base_env = rt.record.base_env.clone();
         let (cancel, started) = (self.cancel.child_token(), self.clock.now());
         let kind = DeploymentKind::Rollback { run_tasks: options.run_tasks };
@@ -799,7 +804,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         };
         self.feed(Event::Cancel { why });
         if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
-            self.event(&app, "cancel", None, &format!("{summary} (by {by})"));
+            self.event(&app, EventKind::Cancel, None, &format!("{summary} (by {by})"));
         }
         self.progress(summary.clone());
         Ok(OpReport { summary, changed: true })

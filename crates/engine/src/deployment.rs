@@ -565,7 +565,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 self.prune_releases(&app, &run);
                 self.event(
                     &app,
-                    "deployed",
+                    EventKind::Deployed,
                     None,
                     &format!("{release} is live ({} in {})", run.record.kind, fmt_dur(took)),
                 );
@@ -583,7 +583,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 }
                 self.publish_statics(&app);
                 let reason = failure.detail;
-                self.event(&app, "rolled-back", None, &format!("{release}: {reason}"));
+                self.event(&app, EventKind::RolledBack, None, &format!("{release}: {reason}"));
                 self.fail_op(EngineError::RolledBack { release, reason, first: run.from.is_none() });
             }
             Outcome::Failed { failure } => {
@@ -594,7 +594,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 }
                 self.publish_statics(&app);
                 let reason = failure.detail;
-                self.event(&app, "deploy-failed", None, &format!("{release}: {reason}"));
+                self.event(&app, EventKind::DeployFailed, None, &format!("{release}: {reason}"));
                 self.fail_op(EngineError::DeployFailed { release, reason });
             }
         }

@@ -344,7 +344,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         destroying.reply = Some(reply);
         let (who, stopped) = (destroying.who.clone(), destroying.stopped);
         self.destroying = Some(destroying);
-        self.event(&app, "destroy", None, &format!("env destroy by {who}: stopping {stopped} instance(s)"));
+        self.event(&app, EventKind::Destroy, None, &format!("env destroy by {who}: stopping {stopped} instance(s)"));
         if self.app.is_none() {
             self.next_destroy_step();
             return;
@@ -503,7 +503,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
         let who = d.who.clone();
         let reply = d.reply.take();
-        self.event(&app, "destroy", None, &format!("{summary} (by {who})"));
+        self.event(&app, EventKind::Destroy, None, &format!("{summary} (by {who})"));
         self.app = None;
         if let Some(reply) = reply {
             let _ = reply.send(Ok((OpReport { summary, changed: true }, self.scope.clone())));

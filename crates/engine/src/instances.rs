@@ -340,7 +340,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                     _ => "started".to_string(),
                 };
                 let label = self.instance_label(&id);
-                self.event(&app, "start", Some(&id), &format!("{label} {detail}"));
+                self.event(&app, EventKind::Start, Some(&id), &format!("{label} {detail}"));
                 self.progress(format!("{label} {detail}"));
                 if stop_now {
                     self.begin_stop(&id, false);
@@ -356,7 +356,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             Err(reason) => {
                 let app = rt.record.app.clone();
                 let label = self.instance_label(&id);
-                self.event(&app, "start-failed", Some(&id), &reason.to_string());
+                self.event(&app, EventKind::StartFailed, Some(&id), &reason.to_string());
                 self.progress(format!("{label} could not start: {reason}"));
                 self.on_exited(id, ExitStatus::Code(127));
             }
@@ -375,7 +375,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
         let app = rt.record.app.clone();
         if inst.phase == InstPhase::Stopping {
-            self.event(&app, "exit", Some(&id), &format!("{label} stopped ({status})"));
+            self.event(&app, EventKind::Exit, Some(&id), &format!("{label} stopped ({status})"));
             return;
         }
         // An unplanned exit: back off, then the reconciler restarts the slot.
@@ -394,7 +394,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 ro.failure = Some(format!("new instance {} exited ({status}){}", id.slot_name(), tail_suffix(&logs)));
             }
         }
-        self.event(&app, "exit", Some(&id), &format!("{label} {msg}"));
+        self.event(&app, EventKind::Exit, Some(&id), &format!("{label} {msg}"));
         self.progress(format!("{label} {msg}"));
     }
 
@@ -425,17 +425,17 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         // what is already known.
         if became_ready {
             self.persist_ready(&ev.instance);
-            self.event(&app, "healthy", Some(&ev.instance), &ev.detail);
+            self.event(&app, EventKind::Healthy, Some(&ev.instance), &ev.detail);
             let label = self.instance_label(&ev.instance);
             self.progress(format!("{label} healthy"));
         } else if ev.cause == HealthCause::Smoke {
-            self.event(&app, "smoke-failed", Some(&ev.instance), &ev.detail);
+            self.event(&app, EventKind::SmokeFailed, Some(&ev.instance), &ev.detail);
             let label = self.instance_label(&ev.instance);
             self.progress(format!("{label} {}", ev.detail));
         } else if ev.health == BackendHealth::Unhealthy && was != Some(BackendHealth::Unhealthy) {
-            self.event(&app, "unhealthy", Some(&ev.instance), &ev.detail);
+            self.event(&app, EventKind::Unhealthy, Some(&ev.instance), &ev.detail);
         } else if ev.health == BackendHealth::Healthy && was == Some(BackendHealth::Unhealthy) {
-            self.event(&app, "recovered", Some(&ev.instance), &format!("healthy again: {}", ev.detail));
+            self.event(&app, EventKind::Recovered, Some(&ev.instance), &format!("healthy again: {}", ev.detail));
         }
     }
 
@@ -482,7 +482,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             Err(e) => format!("stop failed: {e}"),
         };
         if let Some(app) = self.app.as_ref().map(|rt| rt.record.app.clone()) {
-            self.event(&app, "stop", Some(&id), &format!("{label} {msg}"));
+            self.event(&app, EventKind::Stop, Some(&id), &format!("{label} {msg}"));
         }
         self.progress(format!("{label} {msg}"));
     }
@@ -543,7 +543,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         rt.instances.insert(id.clone(), inst);
         if was_blocked {
             let app = rt.record.app.clone();
-            self.event(&app, "store", Some(&id), "the store takes writes again: starting it");
+            self.event(&app, EventKind::Store, Some(&id), "the store takes writes again: starting it");
         }
         let driver = self.driver.clone();
         let tx = self.events_tx.clone();

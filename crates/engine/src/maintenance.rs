@@ -64,7 +64,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             }
         };
         if report.changed {
-            self.event(&app, "maintenance", None, &format!("{} (by {who})", report.summary));
+            self.event(&app, EventKind::Maintenance, None, &format!("{} (by {who})", report.summary));
         }
         Ok(report)
     }

@@ -310,7 +310,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             Some(c) => format!("{} → {} (from {from}{same}; nothing built)", c.id, target.id),
             None => format!("first release {} (from {from}{same}; nothing built)", target.id),
         };
-        self.event(&app, "promote", None, &format!("deployment #{} started: {summary} by {}", record.id, record.who));
+        self.event(
+            &app,
+            EventKind::Promote,
+            None,
+            &format!("deployment #{} started: {summary} by {}", record.id, record.who),
+        );
         let gate = deploy::deploy_gate(&spec, DeployOptions::default(), current.is_none());
         let to = ReleaseCtx { id: target.id, spec: run_spec, workdir: rec.dir.clone() };
         let (cancel, started) = (self.cancel.child_token(), self.clock.now());

@@ -250,7 +250,7 @@ pub struct RunContext {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventEntry {
     pub at_ms: u64,
-    pub kind: String,
+    pub kind: nonstop_store::EventKind,
     pub instance: Option<String>,
     pub message: String,
 }

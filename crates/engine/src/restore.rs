@@ -63,7 +63,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                     });
                 }
                 self.store.delete_instance(&rt.record.app, &self.env, &rec.id)?;
-                self.event(&rt.record.app, "gone", Some(&rec.id), "exited while the daemon was down");
+                self.event(&rt.record.app, EventKind::Gone, Some(&rec.id), "exited while the daemon was down");
                 continue;
             };
             let kind = spec.as_ref().map(|s| s.kind).unwrap_or(ProcessKind::Worker);
@@ -104,7 +104,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             tracing::warn!("stopping {}: it runs, but no record of it survived the daemon's restart", orphan.instance);
             self.event(
                 &rt.record.app,
-                "orphan",
+                EventKind::Orphan,
                 Some(&orphan.instance),
                 "stopped: started by a daemon that died before recording it",
             );
@@ -119,7 +119,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         tracing::info!("restored app {} with {adopted} running instance(s)", rt.record.app);
         self.event(
             &rt.record.app,
-            "daemon",
+            EventKind::Daemon,
             None,
             &format!("daemon started; re-adopted {adopted} running instance(s)"),
         );

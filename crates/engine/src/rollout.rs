@@ -253,7 +253,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 }
                 let app = self.app.as_ref().map(|rt| rt.record.app.clone());
                 if let Some(app) = app {
-                    self.event(&app, "rollout-failed", None, &reason);
+                    self.event(&app, EventKind::RolloutFailed, None, &reason);
                 }
                 Some(RolloutResult::Failed(process, reason))
             }

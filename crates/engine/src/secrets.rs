@@ -456,7 +456,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             KeySource::Created(p) => (p.display().to_string(), true),
             KeySource::Memory => ("memory".to_string(), false),
         };
-        self.event(&app, "secrets", None, &format!("secret {name} set (version {version}) by {who}"));
+        self.event(&app, EventKind::Secrets, None, &format!("secret {name} set (version {version}) by {who}"));
         let runs = self.app_runs();
         let when = if runs {
             "takes effect at the next `nonstop deploy` or `nonstop restart`"
@@ -536,7 +536,12 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let (version, _) = self.seal_and_put(name, value, who)?;
         let app = self.scope.app.clone();
         let what = if name == BASE_DATABASE_SECRET { "the database's role password" } else { "REDIS_URL" };
-        self.event(&app, "secrets", None, &format!("base services: {what} sealed (version {version}) for {who}"));
+        self.event(
+            &app,
+            EventKind::Secrets,
+            None,
+            &format!("base services: {what} sealed (version {version}) for {who}"),
+        );
         Ok(())
     }
 
@@ -575,7 +580,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 known,
             });
         };
-        self.event(&app, "secrets", None, &format!("secret {name} unset (version {version}) by {who}"));
+        self.event(&app, EventKind::Secrets, None, &format!("secret {name} unset (version {version}) by {who}"));
         let when = if self.app_runs() {
             "its processes keep it until the next `nonstop deploy` or `nonstop restart`"
         } else {

@@ -164,7 +164,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             if plan::stop_turns_maintenance_on(by) { "on" } else { "stays on" },
             describe_counts(&remembered)
         );
-        self.event(&app, "stop", None, &format!("{summary} (by {who})"));
+        self.event(&app, EventKind::Stop, None, &format!("{summary} (by {who})"));
         Ok(Some(summary))
     }
 
@@ -200,7 +200,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 )
             }
         };
-        self.event(&app, "start", None, &format!("{summary} (by {who})"));
+        self.event(&app, EventKind::Start, None, &format!("{summary} (by {who})"));
         Ok(Some(summary))
     }
 
@@ -265,7 +265,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         } else {
             "web is healthy: the app is running (maintenance stays on)"
         };
-        self.event(&app, "start", None, msg);
+        self.event(&app, EventKind::Start, None, msg);
         self.progress(msg.to_string());
     }
 

@@ -319,7 +319,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         let what = record.describe();
         let note = inherited.map(|how| format!("{what}{} {how}: {words}", pid_words(&record)));
         if let Some(note) = &note {
-            self.event(&record.app, "task", None, note);
+            self.event(&record.app, EventKind::Task, None, note);
         }
         let post = record.kind == TaskKind::PostTask;
         let Some(run) = self.deployment.as_mut().filter(|r| r.record.id == record.deployment) else { return };
@@ -365,7 +365,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             tracing::error!("could not record the end of {}: {e}", record.describe());
         }
         let note = format!("{}{} left running by the previous daemon: {words}", record.describe(), pid_words(&record));
-        self.event(&record.app, "task", None, &note);
+        self.event(&record.app, EventKind::Task, None, &note);
     }
 
     /// The task recorded for an earlier deployment that still runs, if any:
@@ -485,7 +485,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             }
         }
         for note in &out.notes {
-            self.event(app, "task", None, note);
+            self.event(app, EventKind::Task, None, note);
         }
         Ok(out)
     }
@@ -562,7 +562,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 self.progress(format!("{what} was left running by the previous daemon: waiting for it"));
                 self.event(
                     &record.app,
-                    "task",
+                    EventKind::Task,
                     None,
                     &format!("{what} was left running by the previous daemon: waiting for it"),
                 );

@@ -308,7 +308,7 @@ mod tests {
         }
         store.assign_redis("cache:6379", &app, &env, 3).unwrap();
         store.assign_redis("other:6379", &app, &env, 1).unwrap();
-        store.add_event(&app, &env, std::time::SystemTime::now(), "deploy", None, "kept").unwrap();
+        store.add_event(&app, &env, std::time::SystemTime::now(), crate::EventKind::Deploy, None, "kept").unwrap();
         let web = nonstop_core::ProcessName::new("web").unwrap();
         let before = store.next_generation(&app, &env, &web).unwrap();
         store.begin_destroy(&app, &env, false, "ann", std::time::SystemTime::now()).unwrap();

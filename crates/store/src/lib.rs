@@ -251,7 +251,7 @@ pub struct InstanceRecord {
 pub struct EventRecord {
     pub id: i64,
     pub at: SystemTime,
-    pub kind: String,
+    pub kind: EventKind,
     pub instance: Option<String>,
     pub message: String,
 }
@@ -356,6 +356,161 @@ impl DeploymentStatus {
 impl std::fmt::Display for DeploymentStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// What an event is about. Stored and shown as its kebab-case name
+/// (`start-failed`); an unknown stored name is an error, never a default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// `up` started or changed the app.
+    Up,
+    /// `down` stopped it.
+    Down,
+    /// `scale` changed a count.
+    Scale,
+    /// an instance started.
+    Start,
+    /// an instance was stopped.
+    Stop,
+    /// an instance exited.
+    Exit,
+    /// an instance exited while no daemon ran.
+    Gone,
+    /// a process no record knew was stopped.
+    Orphan,
+    /// the daemon started, stopped or was upgraded.
+    Daemon,
+    /// an instance became healthy.
+    Healthy,
+    /// an instance became unhealthy.
+    Unhealthy,
+    /// an instance recovered from a crash loop.
+    Recovered,
+    /// an instance could not start.
+    StartFailed,
+    /// a start was held back (the store cannot write).
+    CannotStart,
+    /// a new instance failed its smoke checks.
+    SmokeFailed,
+    /// an operation failed.
+    Failed,
+    /// a deployment started.
+    Deploy,
+    /// a deployment went live.
+    Deployed,
+    /// a deployment failed.
+    DeployFailed,
+    /// a rollout failed.
+    RolloutFailed,
+    /// a rollback started.
+    Rollback,
+    /// a deployment was rolled back.
+    RolledBack,
+    /// an operation was cancelled.
+    Cancel,
+    /// a release task or build command.
+    Task,
+    /// the config changed.
+    Config,
+    /// a promotion started.
+    Promote,
+    /// a secret was set or unset.
+    Secrets,
+    /// maintenance turned on or off.
+    Maintenance,
+    /// the store could not write, or could again.
+    Store,
+    /// the environment is being destroyed.
+    Destroy,
+    /// the autoscaler decided a count.
+    Autoscale,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Up => "up",
+            EventKind::Down => "down",
+            EventKind::Scale => "scale",
+            EventKind::Start => "start",
+            EventKind::Stop => "stop",
+            EventKind::Exit => "exit",
+            EventKind::Gone => "gone",
+            EventKind::Orphan => "orphan",
+            EventKind::Daemon => "daemon",
+            EventKind::Healthy => "healthy",
+            EventKind::Unhealthy => "unhealthy",
+            EventKind::Recovered => "recovered",
+            EventKind::StartFailed => "start-failed",
+            EventKind::CannotStart => "cannot-start",
+            EventKind::SmokeFailed => "smoke-failed",
+            EventKind::Failed => "failed",
+            EventKind::Deploy => "deploy",
+            EventKind::Deployed => "deployed",
+            EventKind::DeployFailed => "deploy-failed",
+            EventKind::RolloutFailed => "rollout-failed",
+            EventKind::Rollback => "rollback",
+            EventKind::RolledBack => "rolled-back",
+            EventKind::Cancel => "cancel",
+            EventKind::Task => "task",
+            EventKind::Config => "config",
+            EventKind::Promote => "promote",
+            EventKind::Secrets => "secrets",
+            EventKind::Maintenance => "maintenance",
+            EventKind::Store => "store",
+            EventKind::Destroy => "destroy",
+            EventKind::Autoscale => "autoscale",
+        }
+    }
+    pub fn parse(s: &str) -> Option<EventKind> {
+        match s {
+            "up" => Some(EventKind::Up),
+            "down" => Some(EventKind::Down),
+            "scale" => Some(EventKind::Scale),
+            "start" => Some(EventKind::Start),
+            "stop" => Some(EventKind::Stop),
+            "exit" => Some(EventKind::Exit),
+            "gone" => Some(EventKind::Gone),
+            "orphan" => Some(EventKind::Orphan),
+            "daemon" => Some(EventKind::Daemon),
+            "healthy" => Some(EventKind::Healthy),
+            "unhealthy" => Some(EventKind::Unhealthy),
+            "recovered" => Some(EventKind::Recovered),
+            "start-failed" => Some(EventKind::StartFailed),
+            "cannot-start" => Some(EventKind::CannotStart),
+            "smoke-failed" => Some(EventKind::SmokeFailed),
+            "failed" => Some(EventKind::Failed),
+            "deploy" => Some(EventKind::Deploy),
+            "deployed" => Some(EventKind::Deployed),
+            "deploy-failed" => Some(EventKind::DeployFailed),
+            "rollout-failed" => Some(EventKind::RolloutFailed),
+            "rollback" => Some(EventKind::Rollback),
+            "rolled-back" => Some(EventKind::RolledBack),
+            "cancel" => Some(EventKind::Cancel),
+            "task" => Some(EventKind::Task),
+            "config" => Some(EventKind::Config),
+            "promote" => Some(EventKind::Promote),
+            "secrets" => Some(EventKind::Secrets),
+            "maintenance" => Some(EventKind::Maintenance),
+            "store" => Some(EventKind::Store),
+            "destroy" => Some(EventKind::Destroy),
+            "autoscale" => Some(EventKind::Autoscale),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for EventKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 
@@ -765,13 +920,13 @@ impl Store {
         app: &AppName,
         env: &EnvironmentId,
         now: SystemTime,
-        kind: &str,
+        kind: EventKind,
         instance: Option<&str>,
         message: &str,
     ) -> Result<()> {
         self.conn().execute(
             "INSERT INTO events (at_ms, app, environment, kind, instance, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![ms(now), app.as_str(), env.as_str(), kind, instance, message],
+            params![ms(now), app.as_str(), env.as_str(), kind.as_str(), instance, message],
         )?;
         Ok(())
     }
@@ -783,17 +938,21 @@ impl Store {
             "SELECT id, at_ms, kind, instance, message FROM events WHERE app = ?1 AND environment = ?2
              ORDER BY id DESC LIMIT ?3",
         )?;
-        let rows =
-            stmt.query_map(params![app.as_str(), env.as_str(), i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-                Ok(EventRecord {
-                    id: r.get(0)?,
-                    at: from_ms(r.get(1)?),
-                    kind: r.get(2)?,
-                    instance: r.get(3)?,
-                    message: r.get(4)?,
-                })
+        let rows = stmt
+            .query_map(params![app.as_str(), env.as_str(), i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
             })?;
-        let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, at, kind, instance, message) = row?;
+            out.push(EventRecord {
+                id,
+                at: from_ms(at),
+                kind: known("event kind", &kind, EventKind::parse)?,
+                instance,
+                message,
+            });
+        }
         out.reverse();
         Ok(out)
     }

@@ -106,10 +106,31 @@ fn events_come_back_newest_window_oldest_first() {
     let store = Store::in_memory().unwrap();
     let (app, env, _) = ids();
     for i in 0..5 {
-        store.add_event(&app, &env, SystemTime::now(), "test", None, &format!("e{i}")).unwrap();
+        store.add_event(&app, &env, SystemTime::now(), EventKind::Deploy, None, &format!("e{i}")).unwrap();
     }
     let got: Vec<_> = store.events(&app, &env, 3).unwrap().into_iter().map(|e| e.message).collect();
     assert_eq!(got, ["e2", "e3", "e4"]);
+}
+
+#[test]
+fn event_kinds_round_trip_and_an_unknown_one_is_refused() {
+    let store = Store::in_memory().unwrap();
+    let (app, env, _) = ids();
+    let all = [EventKind::StartFailed, EventKind::RolledBack, EventKind::Autoscale, EventKind::Daemon];
+    for kind in all {
+        store.add_event(&app, &env, SystemTime::now(), kind, None, kind.as_str()).unwrap();
+        assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+    }
+    let got: Vec<_> = store.events(&app, &env, 10).unwrap().into_iter().map(|e| e.kind).collect();
+    assert_eq!(got, all);
+    store.conn().execute("UPDATE events SET kind = 'started-ish' WHERE kind = 'daemon'", []).unwrap();
+    match store.events(&app, &env, 10) {
+        Err(StoreError::UnknownValue { what, value }) => {
+            assert_eq!((what, value.as_str()), ("event kind", "started-ish"))
+        }
+        other => panic!("expected UnknownValue, got {other:?}"),
+    }
 }
 
 #[test]

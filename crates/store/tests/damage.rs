@@ -45,7 +45,14 @@ fn populated(dir: &Path) -> PathBuf {
     let (app, env) = (AppName::new("blog").unwrap(), EnvironmentId::default_env());
     for i in 0..400 {
         store
-            .add_event(&app, &env, SystemTime::now(), "start", None, &format!("event {i} {}", "x".repeat(200)))
+            .add_event(
+                &app,
+                &env,
+                SystemTime::now(),
+                nonstop_store::EventKind::Start,
+                None,
+                &format!("event {i} {}", "x".repeat(200)),
+            )
             .unwrap();
     }
     drop(store);

@@ -103,7 +103,7 @@ fn the_database_file_and_its_wal_never_hold_a_clear_value() {
     set(&store, dir.path(), &app, &env, "DB_PASSWORD", DB_PASSWORD);
     set(&store, dir.path(), &app, &env, "API_TOKEN", API_TOKEN);
     // Something written in clear the same way, to show the search works.
-    store.add_event(&app, &env, SystemTime::now(), "test", None, canary).unwrap();
+    store.add_event(&app, &env, SystemTime::now(), nonstop_store::EventKind::Secrets, None, canary).unwrap();
 
     let (db_bytes, wal_bytes, shm_bytes) = (file_bytes(&db), file_bytes(&wal), file_bytes(&shm));
     assert!(!wal_bytes.is_empty(), "the writes are in the write-ahead log while the store is open");

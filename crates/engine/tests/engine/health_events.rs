@@ -14,7 +14,7 @@ fn event_kinds(f: &Fixture, id: &nonstop_core::InstanceId) -> Vec<String> {
         .unwrap()
         .into_iter()
         .filter(|e| e.instance.as_deref() == Some(&id.to_string()))
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect()
 }
 
