@@ -38,6 +38,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+#[path = "autoscale.rs"]
+pub(crate) mod autoscale;
 #[path = "base.rs"]
 pub mod base;
 #[path = "canary.rs"]
@@ -192,6 +194,11 @@ pub(crate) enum Command {
     Events {
         limit: usize,
         reply: Reply<Vec<EventEntry>>,
+    },
+    AutoscaleSample {
+        process: ProcessName,
+        sample: autoscale::AutoscaleSample,
+        reply: Reply<Option<String>>,
     },
     Deploy {
         spec: Box<AppSpec>,
@@ -384,6 +391,16 @@ impl EngineHandle {
     pub async fn events(&self, limit: usize) -> Result<Vec<EventEntry>, EngineError> {
         self.ask(|reply| Command::Events { limit, reply }).await
     }
+    /// A measurement of an autoscaled `process` (`autoscale.rs`): the
+    /// autoscaler decides, and a change is carried out. The decision, as
+    /// one line (`None`: the process is not autoscaled).
+    pub async fn autoscale_sample(
+        &self,
+        process: ProcessName,
+        sample: autoscale::AutoscaleSample,
+    ) -> Result<Option<String>, EngineError> {
+        self.ask(|reply| Command::AutoscaleSample { process, sample, reply }).await
+    }
     #[allow(clippy::too_many_arguments)]
     pub async fn deploy(
         &self,
@@ -530,6 +547,9 @@ pub struct Controller<D, T, I, L> {
     pub(crate) pending_base: Option<base::PendingBase>,
     /// `env destroy` under way or done (`environments.rs`).
     pub(crate) destroying: Option<environments::Destroying>,
+    /// Each autoscaled process's samples and decision state
+    /// (`autoscale.rs`).
+    pub(crate) autoscaler: autoscale::Autoscaler,
 }
 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
@@ -563,6 +583,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             store,
             app: None,
             op: None,
+            autoscaler: autoscale::Autoscaler::new(config.clock.now()),
             events_tx,
             tasks: TaskTracker::new(),
             cancel: shutdown.child_token(),
@@ -658,6 +679,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             }
             Command::RunContext { release, reply } => {
                 let _ = reply.send(self.run_context(release));
+            }
+            Command::AutoscaleSample { process, sample, reply } => {
+                let r = self.on_autoscale_sample(&process, sample).map(|d| d.map(|d| d.to_string()));
+                let _ = reply.send(r);
             }
             Command::Events { limit, reply } => {
                 let r = match &self.app {
@@ -988,11 +1013,23 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     }
 
     fn scale(&mut self, counts: BTreeMap<ProcessName, u32>) -> Result<(String, bool), EngineError> {
+        self.app.as_ref().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
+        self.check_manual_scale(&counts)?;
+        let (summary, changed) = self.apply_counts(&counts)?;
+        let app = self.scope.app.clone();
+        self.event(&app, EventKind::Scale, None, &summary);
+        Ok((summary, changed))
+    }
+
+    /// Set these processes' counts (the runtime's from now on: deploys and
+    /// restarts keep them), in the running spec and a deployment's
+    /// targets; the reconciler starts or stops instances.
+    pub(crate) fn apply_counts(&mut self, counts: &BTreeMap<ProcessName, u32>) -> Result<(String, bool), EngineError> {
         let rt = self.app.as_mut().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
         let mut spec = rt.record.spec.clone();
         let mut parts = Vec::new();
         let mut scaled = BTreeMap::new();
-        for (name, count) in &counts {
+        for (name, count) in counts {
             let known = spec.processes.iter().map(|p| p.name.to_string()).collect::<Vec<_>>().join(", ");
             let p = spec
                 .processes
@@ -1021,7 +1058,6 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             }
         }
         self.store.put_app(&rt.record, self.clock.wall())?;
-        self.event(&app, EventKind::Scale, None, &summary);
         Ok((summary, changed))
     }
 
@@ -1316,6 +1352,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 kind: p.kind,
                 desired: if rt.record.running { p.count } else { 0 },
                 ready: rt.instances.values().filter(|i| i.id.process == p.name && self.takes_work(i)).count() as u32,
+                autoscale: p.autoscale.as_ref().map(|policy| self.autoscaler.status(&p.name, policy)),
             })
             .collect();
         Ok(StatusReport {

@@ -37,6 +37,8 @@ pub enum EngineError {
     UnknownProcess { name: String, known: String },
     #[error("{process} is a singleton: it runs 0 or 1 instance, not {requested}")]
     SingletonCount { process: String, requested: u32 },
+    #[error("{process}: {reason}")]
+    OutsideAutoscaleBounds { process: String, reason: String },
     #[error("{instance} did not become {what} within {timeout_s}s{}{}\nthe app stays up as it is; fix the problem and run the command again, or `nonstop down`", fmt_block("last health checks", checks), fmt_block("last log lines", logs))]
     NotReady { instance: String, what: String, timeout_s: u64, checks: Vec<String>, logs: Vec<String> },
     #[error("{instance} keeps exiting ({exit}) and is crash-looping{}\nthe app stays up as it is; fix the command and run the command again, or `nonstop down`", fmt_block("last log lines", logs))]
@@ -126,6 +128,7 @@ impl EngineError {
             EngineError::Preflight { .. }
             | EngineError::UnknownProcess { .. }
             | EngineError::SingletonCount { .. }
+            | EngineError::OutsideAutoscaleBounds { .. }
             | EngineError::Listen { .. }
             | EngineError::ProxyConfig { .. }
             | EngineError::NoRollbackTarget { .. }

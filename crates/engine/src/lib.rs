@@ -17,6 +17,7 @@ mod error;
 pub mod preflight;
 mod report;
 
+pub use controller::autoscale::AutoscaleSample;
 pub use controller::base::{
     is_base_secret, BaseFuture, BaseReady, BaseRequest, BaseServiceError, BaseServices, CopiedDatabase,
     DroppedDatabase, FlushedRedis, NoBaseServices, PostgresRequest, ProvisionedDatabase, RedisRequest, RedisShare,

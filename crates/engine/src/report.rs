@@ -105,6 +105,22 @@ pub struct ProcessSummary {
     pub kind: nonstop_core::ProcessKind,
     pub desired: u32,
     pub ready: u32,
+    /// Set when the process is autoscaled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleStatus>,
+}
+
+/// An autoscaled process: its bounds and the autoscaler's last decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoscaleStatus {
+    pub min: u32,
+    pub max: u32,
+    /// The last decision, as one line ("scale out 2 → 4: cpu_percent 91
+    /// (target 70)"), and when it was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! paused tokio time: minutes of health timeouts and backoff run in no
 //! real time, and time-based assertions are exact.
 
+mod autoscale;
 mod base_services;
 mod cancel;
 mod config;
