@@ -22,7 +22,7 @@
 //!   bounds ([`check_manual`](nonstop_plan::autoscale::check_manual)).
 
 use super::*;
-use nonstop_plan::autoscale::{decide, Decision, Kind, Sample, State, SAMPLE_WINDOW};
+use nonstop_plan::autoscale::{decide, Kind, Sample, State, SAMPLE_WINDOW};
 use std::collections::VecDeque;
 
 /// What the controller keeps per autoscaled process.
@@ -30,7 +30,9 @@ use std::collections::VecDeque;
 pub(crate) struct Tracked {
     state: State,
     samples: VecDeque<Sample>,
-    last: Option<(Decision, SystemTime)>,
+    /// The last decision as one line (with why it waits, if it does),
+    /// and when.
+    last: Option<(String, SystemTime)>,
 }
 
 /// The autoscaler's memory: a monotonic origin for its clock, and each
@@ -64,7 +66,7 @@ impl Autoscaler {
         AutoscaleStatus {
             min: policy.min,
             max: policy.max,
-            last_decision: last.map(|(d, _)| d.to_string()),
+            last_decision: last.map(|(line, _)| line.clone()),
             decided_at_ms: last
                 .map(|(_, at)| at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64),
         }
@@ -83,12 +85,13 @@ pub struct AutoscaleSample {
 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
     /// A measurement of `process`: decide, and carry out a change. The
-    /// decision is returned (`None` when the process is not autoscaled).
+    /// decision is returned as one line (`None` when the process is not
+    /// autoscaled).
     pub(crate) fn on_autoscale_sample(
         &mut self,
         process: &ProcessName,
         sample: AutoscaleSample,
-    ) -> Result<Option<Decision>, EngineError> {
+    ) -> Result<Option<String>, EngineError> {
         let rt = self.app.as_ref().filter(|rt| rt.record.running).ok_or(EngineError::NotUp)?;
         let Some(spec) = rt.record.spec.process(process) else {
             let known = rt.record.spec.processes.iter().map(|p| p.name.to_string()).collect::<Vec<_>>().join(", ");
@@ -124,22 +127,26 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             None
         };
         let wall = self.clock.wall();
+        let line = match held {
+            Some(why) => format!("{decision}; not now: {why}"),
+            None => decision.to_string(),
+        };
         let tracked = self.autoscaler.tracked(process, now);
-        tracked.last = Some((decision, wall));
-        if let Some(why) = held {
-            tracing::debug!(%process, "autoscale: {decision}; not now: {why}");
-            return Ok(Some(decision));
+        tracked.last = Some((line.clone(), wall));
+        if held.is_some() {
+            tracing::debug!(%process, "autoscale: {line}");
+            return Ok(Some(line));
         }
         tracked.state = state;
         if !changes {
-            return Ok(Some(decision));
+            return Ok(Some(line));
         }
         let counts = BTreeMap::from([(process.clone(), decision.desired)]);
         let (summary, _) = self.apply_counts(&counts)?;
         let app = self.scope.app.clone();
         self.event(&app, EventKind::Autoscale, None, &format!("{process}: {decision}"));
         tracing::info!(%process, %summary, "autoscale: {decision}");
-        Ok(Some(decision))
+        Ok(Some(line))
     }
 
     /// `nonstop scale` of autoscaled processes: refused outside their

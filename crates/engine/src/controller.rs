@@ -681,7 +681,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 let _ = reply.send(self.run_context(release));
             }
             Command::AutoscaleSample { process, sample, reply } => {
-                let r = self.on_autoscale_sample(&process, sample).map(|d| d.map(|d| d.to_string()));
+                let r = self.on_autoscale_sample(&process, sample);
                 let _ = reply.send(r);
             }
             Command::Events { limit, reply } => {

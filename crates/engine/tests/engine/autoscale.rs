@@ -117,3 +117,49 @@ async fn scale_by_hand_inside_the_bounds_holds_and_outside_is_refused() {
     assert!(d.starts_with("hold at 3"), "{d}");
     assert_eq!(alive(&f, "worker").len(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn during_a_deployment_scale_out_goes_ahead_and_scale_in_waits() {
+    use nonstop_core::driver::Locator;
+    let f = Fixture::new();
+    let e = f.start();
+    e.up(autoscaled()).await.unwrap();
+    sample(&e, "worker", 100.0).await.unwrap();
+    assert_eq!(alive(&f, "worker").len(), 2);
+
+    // A deploy whose build never ends: a deployment in progress.
+    f.builder.set_hash("source-2");
+    let process = Locator::Local { pid: 7002, start_time: 70_020, monitor_pid: 0, monitor_start_time: 0 };
+    f.builder.hang_next_build(process);
+    let mut spec = autoscaled();
+    spec.build = vec!["make assets".into()];
+    let _deploy = e.spawn_deploy(spec, "ann");
+    wait_operation(&e, "deploy").await;
+
+    // Idle for long: scale-in is decided, and waits.
+    let mut last = String::new();
+    for _ in 0..40 {
+        tokio::time::advance(secs(5)).await;
+        last = sample(&e, "worker", 5.0).await.unwrap();
+    }
+    assert!(
+        last.starts_with("scale in 2 → 1") && last.contains("not now: scale-in waits for the deployment"),
+        "{last}"
+    );
+    assert_eq!(alive(&f, "worker").len(), 2);
+    assert_eq!(autoscale_events(&f).len(), 1, "only the first scale-out");
+
+    // Busy (once the 10 s window's mean says so): scale-out goes ahead
+    // beside the deployment.
+    let mut d = String::new();
+    for _ in 0..4 {
+        tokio::time::advance(secs(5)).await;
+        d = sample(&e, "worker", 100.0).await.unwrap();
+        if d.starts_with("scale out") {
+            break;
+        }
+    }
+    assert!(d.starts_with("scale out 2 → 3"), "{d}");
+    assert_eq!(alive(&f, "worker").len(), 3);
+    e.shutdown().await;
+}
