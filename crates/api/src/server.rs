@@ -53,6 +53,12 @@ pub trait LogSource: Send + Sync + 'static {
 /// Asks the daemon to hand over to the binary now on disk; the answer is
 /// the old and new daemons' pids, or why it could not (the daemon's own
 /// error, whose message goes to the client).
+/// What the daemon measured (its metrics task): an environment's report,
+/// `process` only if given (the engine has checked the names).
+pub trait MetricsSource: Send + Sync + 'static {
+    fn report(&self, app: &str, env: &str, processes: &[String]) -> MetricsReport;
+}
+
 pub type UpgradeRequest = tokio::sync::oneshot::Sender<Result<Upgraded, BoxError>>;
 
 #[derive(Clone)]
@@ -64,6 +70,8 @@ pub struct ApiState {
     pub home: PathBuf,
     /// `POST /v1/upgrade` goes here.
     pub upgrade: Option<mpsc::Sender<UpgradeRequest>>,
+    /// `GET /v1/metrics` reads this; `None`: a daemon that measures nothing.
+    pub metrics: Option<Arc<dyn MetricsSource>>,
 }
 
 /// The engine, addressed to the app and environment the request names
@@ -111,6 +119,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/run-context", get(run_context))
         .route("/v1/events", get(events))
         .route("/v1/logs", get(logs))
+        .route("/v1/metrics", get(metrics))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/upgrade", post(upgrade))
         .route("/v1/deploy", post(deploy))
@@ -316,6 +325,40 @@ async fn restart(Scoped(engine): Scoped, body: Option<Json<RestartRequest>>) -> 
 async fn shutdown(State(s): State<ApiState>) -> Response {
     s.shutdown.cancel();
     (StatusCode::ACCEPTED, Json(serde_json::json!({"shutting_down": true}))).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct MetricsQuery {
+    process: Option<String>,
+}
+
+async fn metrics(State(s): State<ApiState>, Scoped(engine): Scoped, Query(q): Query<MetricsQuery>) -> Response {
+    let status = match engine.status().await {
+        Ok(st) => st,
+        Err(e) => return engine_error(e),
+    };
+    let processes: Vec<String> = match &q.process {
+        Some(p) if !status.processes.iter().any(|x| &x.process == p) => {
+            let known = status.processes.iter().map(|x| x.process.clone()).collect::<Vec<_>>().join(", ");
+            return engine_error(EngineError::UnknownProcess { name: p.clone(), known });
+        }
+        Some(p) => vec![p.clone()],
+        None => status.processes.iter().map(|x| x.process.clone()).collect(),
+    };
+    let Some(source) = s.metrics.clone() else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ApiError { message: "this daemon does not measure metrics".into(), exit_code: 1, detail: None },
+        );
+    };
+    let (app, env) = (status.app.clone(), status.environment.clone());
+    match tokio::task::spawn_blocking(move || source.report(&app, &env, &processes)).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError { message: format!("reading the metrics failed: {e}"), exit_code: 1, detail: None },
+        ),
+    }
 }
 
 async fn logs(State(s): State<ApiState>, Scoped(engine): Scoped, Query(q): Query<LogsQuery>) -> Response {

@@ -369,3 +369,73 @@ mod tests {
         assert_eq!(again.counts, ok.counts);
     }
 }
+
+/// `GET /v1/metrics?app=&env=[&process=]`: an environment's metrics, per
+/// process type, as the daemon's metrics task last recorded them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsReport {
+    pub app: String,
+    pub environment: String,
+    /// When this was read, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The length of one point of the `recent` series, in seconds.
+    pub step_secs: u64,
+    /// The window the current rates and quantiles are taken over, in seconds.
+    pub window_secs: u64,
+    /// Static files the proxy answered for this environment.
+    pub static_hits: MetricSeries,
+    pub processes: Vec<ProcessMetrics>,
+    /// `[metrics] listen` addresses that cannot be served, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listen_errors: Vec<String>,
+}
+
+/// One process type's metrics. Rates are per second over the report's
+/// window; `None` where nothing was measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessMetrics {
+    pub process: String,
+    /// Requests the proxy passed to the process's instances.
+    pub requests: MetricSeries,
+    /// Latency quantiles in milliseconds over the window.
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// The p95 of each recent point, in milliseconds.
+    pub p95_ms_recent: Vec<Option<f64>>,
+    pub responses_2xx: MetricSeries,
+    pub responses_4xx: MetricSeries,
+    pub responses_5xx: MetricSeries,
+    pub upstream_errors: MetricSeries,
+    /// Requests in flight (a gauge: `rate` is the average over the window).
+    pub in_flight: MetricSeries,
+    /// CPU % of the instances' process groups, summed over instances.
+    pub cpu_percent: MetricSeries,
+    /// Resident memory of the instances' process groups, summed, in bytes.
+    pub rss_bytes: MetricSeries,
+    /// Running instances.
+    pub instances: MetricSeries,
+    /// Requests per release (`v7`), over the window.
+    pub releases: Vec<ReleaseRequests>,
+}
+
+/// A counter or gauge: its value now, its total since it was first
+/// recorded (counters), and its recent points (counters per second,
+/// gauges' averages), oldest first, `None` where nothing was recorded.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct MetricSeries {
+    /// A counter's rate per second over the window, a gauge's last value.
+    pub current: Option<f64>,
+    /// A counter's total since it was first recorded (kept across daemon
+    /// restarts).
+    pub total: Option<u64>,
+    pub recent: Vec<Option<f64>>,
+}
+
+/// The requests of one release of a process type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRequests {
+    pub release: u64,
+    pub total: u64,
+    pub per_second: f64,
+}

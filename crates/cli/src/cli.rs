@@ -348,6 +348,17 @@ Exit code 0 only when the release is live in the target.")]
         #[command(subcommand)]
         command: EnvCommand,
     },
+    /// Current metrics per process type, each with a sparkline of the
+    /// last 5 minutes: requests/s, latency p50/p95/p99, responses by
+    /// class, upstream errors, static hits, CPU %, memory, instances.
+    #[command(after_help = "Examples:\n  nonstop metrics\n  nonstop metrics -e staging web\n  nonstop metrics --json")]
+    Metrics {
+        /// Only this process type.
+        process: Option<String>,
+        /// Print the daemon's JSON report (rates per second, totals, recent points).
+        #[arg(long)]
+        json: bool,
+    },
     /// Releases kept on disk; the current one is marked.
     Releases {
         /// Print the releases as JSON.

@@ -116,6 +116,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Start { json } => crate::maintenance::start(&home, json).await,
         Command::Cancel { reason, json } => cancel(&home, reason, json).await,
         Command::Releases { json } => releases(&home, json).await,
+        Command::Metrics { process, json } => metrics(&home, process, json).await,
         Command::Env { command } => crate::env::env(&home, command).await,
         Command::Upgrade { json } => upgrade(&home, json).await,
         Command::Doctor { repair, json } => crate::recovery::doctor(&home, repair, json).await,
@@ -945,6 +946,20 @@ async fn history(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
         "{}",
         output::table(&["ID", "KIND", "RELEASE", "STATUS", "STARTED (UTC)", "TOOK", "WHO", "NOTE"], &rows).trim_end()
     );
+    Ok(0)
+}
+
+async fn metrics(home: &Home, process: Option<String>, json: bool) -> anyhow::Result<i32> {
+    let mut path = "/v1/metrics".to_string();
+    if let Some(p) = &process {
+        path.push_str(&format!("?process={p}"));
+    }
+    let report: nonstop_api::wire::MetricsReport = client(home).get(&path).await?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        outln!("{}", crate::metrics::table(&report).trim_end());
+    }
     Ok(0)
 }
 

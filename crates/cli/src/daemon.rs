@@ -481,25 +481,52 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         secrets: nonstop_engine::SecretsKeyConfig::new(home.dir.clone(), std::env::var(nonstop_secrets::KEY_ENV).ok()),
         base: Arc::new(crate::base_services::PgBaseServices),
     };
+    // Metrics: loaded before the engine starts, measured by a task of
+    // their own once it runs (stopped and saved with the engine).
+    let metrics = crate::metrics::Metrics::load(home.path().join("metrics"));
+    let metrics_store = store.clone();
     let (engine, engine_task) = match layer {
-        Layer::Local(proxy, ingress) => Engine::spawn(
-            config,
-            driver.clone(),
-            Arc::new(proxy),
-            Arc::new(PlaneIngress::Local(ingress)),
-            logs.clone(),
-            store,
-            engine_stop.clone(),
-        ),
-        Layer::Remote(client) => Engine::spawn(
-            config,
-            driver.clone(),
-            client.clone(),
-            Arc::new(PlaneIngress::Remote(client)),
-            logs.clone(),
-            store,
-            engine_stop.clone(),
-        ),
+        Layer::Local(proxy, ingress) => {
+            let proxy = Arc::new(proxy);
+            let (engine, task) = Engine::spawn(
+                config,
+                driver.clone(),
+                proxy.clone(),
+                Arc::new(PlaneIngress::Local(ingress)),
+                logs.clone(),
+                store,
+                engine_stop.clone(),
+            );
+            crate::metrics::spawn(
+                metrics.clone(),
+                engine.clone(),
+                proxy,
+                metrics_store,
+                engine_stop.child_token(),
+                &tasks,
+            );
+            (engine, task)
+        }
+        Layer::Remote(client) => {
+            let (engine, task) = Engine::spawn(
+                config,
+                driver.clone(),
+                client.clone(),
+                Arc::new(PlaneIngress::Remote(client.clone())),
+                logs.clone(),
+                store,
+                engine_stop.clone(),
+            );
+            crate::metrics::spawn(
+                metrics.clone(),
+                engine.clone(),
+                client,
+                metrics_store,
+                engine_stop.child_token(),
+                &tasks,
+            );
+            (engine, task)
+        }
     };
     // Once the engine has restored every environment (a controller answers
     // commands only then), the data plane is brought in line with what
@@ -531,6 +558,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         shutdown: shutdown.clone(),
         home: home.dir.clone(),
         upgrade: Some(upgrade_tx.clone()),
+        metrics: Some(metrics),
     };
 
     // The unix socket, private to the user (or the one we inherited).

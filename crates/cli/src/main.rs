@@ -11,6 +11,7 @@ mod home;
 mod keeper;
 mod limits;
 mod maintenance;
+mod metrics;
 mod output;
 mod plane;
 mod promote;

@@ -1,0 +1,648 @@
+//! The daemon's metrics (issue 14): one task that, every 5 s, reads every
+//! environment's status from the engine and the traffic layer's figures,
+//! samples the instances' process groups, and records it all in a
+//! `nonstop_metrics::Store`; the store is saved under
+//! `$NONSTOP_HOME/metrics/` every minute and when the task stops, and
+//! loaded when it starts. It answers `GET /v1/metrics` (the API's
+//! [`MetricsSource`]) and serves Prometheus text on the running specs'
+//! `[metrics] listen` addresses.
+
+use nonstop_api::server::MetricsSource;
+use nonstop_api::wire::{MetricSeries, MetricsReport, ProcessMetrics, ReleaseRequests};
+use nonstop_core::traffic::{BackendFigures, RouteFigures, Traffic};
+use nonstop_core::{AppEnv, AppName, EnvironmentId, InstanceId, ProcessKind, ProcessName, ReleaseId};
+use nonstop_engine::{EngineHandle, InstanceState, StatusReport};
+use nonstop_metrics::{
+    persist, prometheus, CurrentValue, Histogram, Limits, Metric, Resolution, Sampler, SeriesKey, StatusClass, Store,
+    Summary, Timestamp,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How often the task samples.
+pub const STEP: Duration = Duration::from_secs(5);
+/// How often the store is saved.
+pub const SAVE_EVERY: Duration = Duration::from_secs(60);
+/// Points in a report's recent series (5 min of 5 s points).
+pub const RECENT_POINTS: usize = 60;
+/// The window a report's current rates and quantiles are taken over.
+pub const WINDOW: Duration = Duration::from_secs(60);
+
+/// The store and where it is saved; shared by the task, the API and the
+/// `/metrics` servers.
+pub struct Metrics {
+    store: Mutex<Store>,
+    dir: PathBuf,
+    /// Why a `[metrics] listen` address could not be served, per address.
+    listen_errors: Mutex<BTreeMap<SocketAddr, String>>,
+}
+
+/// A `[metrics] listen` address that cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot serve /metrics on {addr} ({source}): another program listens there; choose another `[metrics] listen` \
+     in nonstop.toml (or stop that program), then `nonstop deploy`"
+)]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_system_time(SystemTime::now())
+}
+
+impl Metrics {
+    /// The store saved in `dir`, or an empty one (a damaged file is moved
+    /// aside and logged, never fatal).
+    pub fn load(dir: PathBuf) -> Arc<Metrics> {
+        let loaded = persist::load(&dir, Limits::default(), now());
+        if let Some(p) = loaded.problem {
+            tracing::warn!("metrics: {p}; starting with no past metrics");
+        }
+        Arc::new(Metrics { store: Mutex::new(loaded.store), dir, listen_errors: Mutex::new(BTreeMap::new()) })
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Encode under the lock, write off it.
+    async fn save(self: &Arc<Self>) {
+        let bytes = persist::encode(&self.store());
+        let dir = self.dir.clone();
+        match tokio::task::spawn_blocking(move || persist::write_atomic(&dir, &bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("metrics: {e}"),
+            Err(e) => tracing::warn!("metrics: saving failed: {e}"),
+        }
+    }
+
+    /// The Prometheus text of everything.
+    pub fn render(&self) -> String {
+        prometheus::render(&self.store(), now())
+    }
+
+    /// The `[metrics] listen` problems, for logs and reports.
+    pub fn listen_errors(&self) -> Vec<String> {
+        self.listen_errors.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+}
+
+/// One series as the wire shows it: a counter's rate over the window and
+/// total, a gauge's last value; recent points' headlines.
+fn series(store: &Store, key: &SeriesKey, at: Timestamp) -> MetricSeries {
+    let (from, to) = (at.minus(WINDOW), at.plus(Duration::from_millis(1)));
+    let current = store.current(key);
+    let (current_value, total) = match current.map(|c| c.value) {
+        Some(CurrentValue::Counter(total)) => {
+            let rate = match store.window(key, Resolution::FiveSeconds, from, to) {
+                Some(Summary::Counter { per_second, .. }) => Some(per_second),
+                _ => Some(0.0),
+            };
+            (rate, Some(total))
+        }
+        Some(CurrentValue::Gauge(v)) => (store.is_current(key, at).then_some(v), None),
+        _ => (None, None),
+    };
+    MetricSeries {
+        current: current_value,
+        total,
+        recent: store.recent(key, Resolution::FiveSeconds, at, RECENT_POINTS),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl MetricsSource for Metrics {
+    fn report(&self, app: &str, env: &str, processes: &[String]) -> MetricsReport {
+        let at = now();
+        let (Ok(app_name), Ok(env_id)) = (AppName::new(app), EnvironmentId::new(env)) else {
+            return empty_report(app, env, at);
+        };
+        let store = self.store();
+        let env_key = |m| SeriesKey::environment(app_name.clone(), env_id.clone(), m);
+        let mut out = empty_report(app, env, at);
+        out.listen_errors = self.listen_errors();
+        out.static_hits = series(&store, &env_key(Metric::StaticHits), at);
+        for p in processes {
+            let Ok(process) = ProcessName::new(p.as_str()) else { continue };
+            let key = |m| SeriesKey::process(app_name.clone(), env_id.clone(), process.clone(), m);
+            let latency = match store.window(&key(Metric::Latency), Resolution::FiveSeconds, at.minus(WINDOW), at) {
+                Some(Summary::Histogram { histogram, .. }) => Some(histogram),
+                _ => None,
+            };
+            let q = |q: f64| latency.as_ref().and_then(|h| h.quantile(q)).map(ms);
+            let p95_recent = store
+                .recent(&key(Metric::Latency), Resolution::FiveSeconds, at, RECENT_POINTS)
+                .into_iter()
+                .map(|v| v.map(|secs| secs * 1000.0))
+                .collect();
+            let releases = store
+                .keys()
+                .filter(|k| {
+                    k.app() == &app_name
+                        && k.environment_id() == &env_id
+                        && k.process_name() == Some(&process)
+                        && k.slot().is_none()
+                        && k.metric() == Metric::Requests
+                })
+                .filter_map(|k| {
+                    let release = k.release()?;
+                    let total = match store.current(k)?.value {
+                        CurrentValue::Counter(n) => n,
+                        _ => return None,
+                    };
+                    let per_second = match store.window(k, Resolution::FiveSeconds, at.minus(WINDOW), at) {
+                        Some(Summary::Counter { per_second, .. }) => per_second,
+                        _ => 0.0,
+                    };
+                    Some(ReleaseRequests { release: release.0, total, per_second })
+                })
+                .collect();
+            out.processes.push(ProcessMetrics {
+                process: p.clone(),
+                requests: series(&store, &key(Metric::Requests), at),
+                p50_ms: q(0.50),
+                p95_ms: q(0.95),
+                p99_ms: q(0.99),
+                p95_ms_recent: p95_recent,
+                responses_2xx: series(&store, &key(Metric::Responses(StatusClass::Success)), at),
+                responses_4xx: series(&store, &key(Metric::Responses(StatusClass::ClientError)), at),
+                responses_5xx: series(&store, &key(Metric::Responses(StatusClass::ServerError)), at),
+                upstream_errors: series(&store, &key(Metric::UpstreamErrors), at),
+                in_flight: series(&store, &key(Metric::InFlight), at),
+                cpu_percent: series(&store, &key(Metric::CpuPercent), at),
+                rss_bytes: series(&store, &key(Metric::RssBytes), at),
+                instances: series(&store, &key(Metric::Instances), at),
+                releases,
+            });
+        }
+        out
+    }
+}
+
+fn empty_report(app: &str, env: &str, at: Timestamp) -> MetricsReport {
+    MetricsReport {
+        app: app.to_owned(),
+        environment: env.to_owned(),
+        at_ms: at.as_millis(),
+        step_secs: STEP.as_secs(),
+        window_secs: WINDOW.as_secs(),
+        static_hits: MetricSeries::default(),
+        processes: Vec::new(),
+        listen_errors: Vec::new(),
+    }
+}
+
+/// What one process type (or one of its releases) did in a step: the
+/// proxy's figures, summed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Step {
+    pub requests: u64,
+    pub classes: [u64; 5],
+    pub upstream_errors: u64,
+    pub latency: Histogram,
+}
+
+impl Step {
+    fn add(&mut self, d: &BackendFigures) {
+        self.requests += d.requests;
+        self.classes[0] += d.responses_1xx;
+        self.classes[1] += d.responses_2xx();
+        self.classes[2] += d.responses_3xx;
+        self.classes[3] += d.responses_4xx;
+        self.classes[4] += d.errors_5xx;
+        self.upstream_errors += d.upstream_errors;
+        self.latency.merge(&Histogram::from_latency_estimating_sum(&d.latency));
+    }
+}
+
+const CLASSES: [StatusClass; 5] = [
+    StatusClass::Informational,
+    StatusClass::Success,
+    StatusClass::Redirection,
+    StatusClass::ClientError,
+    StatusClass::ServerError,
+];
+
+/// The proxy's figures since the last step, per process type and per
+/// (process type, release). `previous` holds the last figures seen per
+/// backend; a backend first seen at the first step (`baseline`) only sets
+/// its baseline (its counters predate this daemon's measuring), one first
+/// seen later counts from zero. Pure.
+pub fn fold_figures(
+    previous: &mut HashMap<InstanceId, BackendFigures>,
+    figures: Vec<BackendFigures>,
+    releases: &HashMap<InstanceId, ReleaseId>,
+    baseline: bool,
+) -> BTreeMap<(ProcessName, Option<ReleaseId>), Step> {
+    let mut out: BTreeMap<(ProcessName, Option<ReleaseId>), Step> = BTreeMap::new();
+    let mut seen = HashMap::with_capacity(figures.len());
+    for f in figures {
+        let delta = match previous.get(&f.instance) {
+            Some(before) => Some(f.since(before)),
+            None if baseline => None,
+            None => Some(f.clone()),
+        };
+        if let Some(d) = delta {
+            out.entry((f.instance.process.clone(), None)).or_default().add(&d);
+            if let Some(r) = releases.get(&f.instance) {
+                out.entry((f.instance.process.clone(), Some(*r))).or_default().add(&d);
+            }
+        }
+        seen.insert(f.instance.clone(), f);
+    }
+    *previous = seen;
+    out
+}
+
+/// What the task remembers between steps.
+struct Sampling {
+    sampler: Sampler<(AppEnv, ProcessName, u32)>,
+    figures: HashMap<AppEnv, HashMap<InstanceId, BackendFigures>>,
+    routes: HashMap<AppEnv, RouteFigures>,
+    first: bool,
+}
+
+/// What one environment looked like at a step.
+struct EnvReading {
+    scope: AppEnv,
+    status: StatusReport,
+    steps: BTreeMap<(ProcessName, Option<ReleaseId>), Step>,
+    in_flight: BTreeMap<ProcessName, u64>,
+    static_hits: u64,
+}
+
+fn instance_id(s: &nonstop_engine::InstanceStatus) -> Option<InstanceId> {
+    let (slot_part, generation) = s.id.split_once('#')?;
+    let (process, slot) = slot_part.rsplit_once('.')?;
+    Some(InstanceId::new(ProcessName::new(process).ok()?, slot.parse().ok()?, generation.parse().ok()?))
+}
+
+async fn read_env<T: Traffic>(
+    engine: &EngineHandle,
+    traffic: &T,
+    scope: AppEnv,
+    sampling: &mut Sampling,
+) -> Option<EnvReading> {
+    let status = engine.scoped(Some(scope.app.clone()), Some(scope.env.clone())).status().await.ok()?;
+    let route = scope.route();
+    let figures = traffic.figures(&route).await;
+    let route_figures = traffic.route_figures(&route).await;
+    let mut in_flight: BTreeMap<ProcessName, u64> = BTreeMap::new();
+    for f in &figures {
+        if let Some(s) = traffic.status(&f.instance) {
+            *in_flight.entry(f.instance.process.clone()).or_default() += s.in_flight;
+        }
+    }
+    let releases: HashMap<InstanceId, ReleaseId> =
+        status.instances.iter().filter_map(|i| Some((instance_id(i)?, ReleaseId(i.release)))).collect();
+    let previous = sampling.figures.entry(scope.clone()).or_default();
+    let steps = fold_figures(previous, figures, &releases, sampling.first);
+    let static_hits = match sampling.routes.insert(scope.clone(), route_figures) {
+        Some(before) => route_figures.static_hits.saturating_sub(before.static_hits),
+        None if sampling.first => 0,
+        None => route_figures.static_hits,
+    };
+    Some(EnvReading { scope, status, steps, in_flight, static_hits })
+}
+
+fn record(
+    store: &mut Store,
+    at: Timestamp,
+    r: &EnvReading,
+    usage: &[nonstop_metrics::GroupReading<(AppEnv, ProcessName, u32)>],
+) {
+    let (app, env) = (r.scope.app.clone(), r.scope.env.clone());
+    let note = |e: nonstop_metrics::RecordError| tracing::debug!("metrics: {e}");
+    if let Err(e) =
+        store.count(&SeriesKey::environment(app.clone(), env.clone(), Metric::StaticHits), at, r.static_hits)
+    {
+        note(e);
+    }
+    for p in &r.status.processes {
+        let Ok(process) = ProcessName::new(p.process.as_str()) else { continue };
+        let key = |m| SeriesKey::process(app.clone(), env.clone(), process.clone(), m);
+        let running =
+            r.status.instances.iter().filter(|i| i.process == p.process && i.state == InstanceState::Running).count();
+        let mut results = vec![store.gauge(&key(Metric::Instances), at, running as f64)];
+        let mine: Vec<_> = usage.iter().filter(|u| u.label.0 == r.scope && u.label.1 == process).collect();
+        let cpu: Vec<f64> = mine.iter().filter_map(|u| u.cpu_percent).collect();
+        if !cpu.is_empty() {
+            results.push(store.gauge(&key(Metric::CpuPercent), at, cpu.iter().sum()));
+        }
+        if !mine.is_empty() {
+            results.push(store.gauge(&key(Metric::RssBytes), at, mine.iter().map(|u| u.rss_bytes as f64).sum()));
+        }
+        for u in &mine {
+            let slot = |m| SeriesKey::instance(app.clone(), env.clone(), process.clone(), u.label.2, m);
+            if let Some(c) = u.cpu_percent {
+                results.push(store.gauge(&slot(Metric::CpuPercent), at, c));
+            }
+            results.push(store.gauge(&slot(Metric::RssBytes), at, u.rss_bytes as f64));
+        }
+        if p.kind == ProcessKind::Web {
+            let flight = r.in_flight.get(&process).copied().unwrap_or(0);
+            results.push(store.gauge(&key(Metric::InFlight), at, flight as f64));
+            let zero = Step::default();
+            let whole = r.steps.get(&(process.clone(), None)).unwrap_or(&zero);
+            let releases = r.steps.iter().filter(|((q, rel), _)| q == &process && rel.is_some());
+            for (k, step) in std::iter::once((key(Metric::Requests), whole)).chain(
+                releases.map(|((_, rel), s)| (key(Metric::Requests).with_release(rel.unwrap_or(ReleaseId(0))), s)),
+            ) {
+                results.push(store.count(&k, at, step.requests));
+                for (class, n) in CLASSES.iter().zip(step.classes) {
+                    results.push(store.count(&k.clone().with_metric(Metric::Responses(*class)), at, n));
+                }
+                results.push(store.count(&k.clone().with_metric(Metric::UpstreamErrors), at, step.upstream_errors));
+                if !step.latency.is_empty() || k.release().is_none() {
+                    results.push(store.histogram(&k.clone().with_metric(Metric::Latency), at, &step.latency));
+                }
+            }
+        }
+        for e in results.into_iter().filter_map(Result::err) {
+            note(e);
+        }
+    }
+}
+
+async fn step<T: Traffic>(metrics: &Arc<Metrics>, engine: &EngineHandle, traffic: &T, sampling: &mut Sampling) {
+    let mut readings = Vec::new();
+    for scope in engine.environments() {
+        if let Some(r) = read_env(engine, traffic, scope, sampling).await {
+            readings.push(r);
+        }
+    }
+    sampling.first = false;
+    let groups: Vec<_> = readings
+        .iter()
+        .flat_map(|r| {
+            r.status.instances.iter().filter_map(|i| {
+                let pid = i32::try_from(i.pid?).ok()?;
+                let id = instance_id(i)?;
+                Some(((r.scope.clone(), id.process, id.slot), pid))
+            })
+        })
+        .collect();
+    let at = now();
+    let usage = match sampling.sampler.sample(&groups, at) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!("metrics: cannot sample the instances' processes: {e}");
+            Vec::new()
+        }
+    };
+    let mut store = metrics.store();
+    for r in &readings {
+        record(&mut store, at, r, &usage);
+    }
+    store.expire(at);
+}
+
+/// The metrics task: a step every [`STEP`], a save every [`SAVE_EVERY`]
+/// and when `stop` fires; `/metrics` served on the running specs'
+/// `[metrics] listen` addresses (checked at every step).
+pub fn spawn<T: Traffic>(
+    metrics: Arc<Metrics>,
+    engine: EngineHandle,
+    traffic: Arc<T>,
+    store: Arc<nonstop_store::Store>,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let tasks2 = tasks.clone();
+    tasks.spawn(async move {
+        let mut sampling =
+            Sampling { sampler: Sampler::new(), figures: HashMap::new(), routes: HashMap::new(), first: true };
+        let mut servers: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+        let mut tick = tokio::time::interval(STEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_save = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let wanted = wanted_listen(&store).await;
+            serve_wanted(&metrics, &wanted, &mut servers, &stop, &tasks2).await;
+            step(&metrics, &engine, traffic.as_ref(), &mut sampling).await;
+            if last_save.elapsed() >= SAVE_EVERY {
+                metrics.save().await;
+                last_save = tokio::time::Instant::now();
+            }
+        }
+        metrics.save().await;
+    });
+}
+
+/// The `[metrics] listen` addresses of the running apps.
+async fn wanted_listen(store: &Arc<nonstop_store::Store>) -> BTreeSet<SocketAddr> {
+    let store = store.clone();
+    let apps = tokio::task::spawn_blocking(move || store.apps()).await;
+    match apps {
+        Ok(Ok(apps)) => {
+            apps.iter().filter(|a| a.running).filter_map(|a| a.spec.metrics.as_ref().map(|m| m.listen)).collect()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("metrics: cannot read the apps: {e}");
+            BTreeSet::new()
+        }
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+/// Bind what is wanted and not served; stop what is no longer wanted.
+async fn serve_wanted(
+    metrics: &Arc<Metrics>,
+    wanted: &BTreeSet<SocketAddr>,
+    servers: &mut HashMap<SocketAddr, CancellationToken>,
+    stop: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    servers.retain(|addr, token| {
+        let keep = wanted.contains(addr);
+        if !keep {
+            token.cancel();
+        }
+        keep
+    });
+    let mut errors = BTreeMap::new();
+    let missing: Vec<SocketAddr> = wanted.iter().filter(|a| !servers.contains_key(a)).copied().collect();
+    for addr in &missing {
+        match serve(metrics.clone(), *addr, stop.child_token(), tasks).await {
+            Ok(token) => {
+                tracing::info!("metrics: Prometheus text on http://{addr}/metrics");
+                servers.insert(*addr, token);
+            }
+            Err(e) => {
+                let known = metrics.listen_errors.lock().unwrap_or_else(|p| p.into_inner()).contains_key(addr);
+                if !known {
+                    tracing::error!("{e}");
+                }
+                errors.insert(*addr, e.to_string());
+            }
+        }
+    }
+    *metrics.listen_errors.lock().unwrap_or_else(|p| p.into_inner()) = errors;
+}
+
+/// Serve `GET /metrics` on `addr` until `stop` fires.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<CancellationToken, ListenError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ListenError { addr, source })?;
+    let app = router(metrics);
+    let token = stop.clone();
+    tasks.spawn(async move {
+        let r = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+        if let Err(e) = r {
+            tracing::error!("metrics: /metrics on {addr} stopped: {e}");
+        }
+    });
+    Ok(token)
+}
+
+fn router(metrics: Arc<Metrics>) -> axum::Router {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move {
+                let text = tokio::task::spawn_blocking(move || m.render()).await.unwrap_or_default();
+                ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text).into_response()
+            }
+        }),
+    )
+}
+
+/// `nonstop metrics`: one row per process type and measure, its current
+/// value and a sparkline of its recent points. Pure.
+pub fn table(report: &MetricsReport) -> String {
+    let rate = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}/s"));
+    let millis = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1} ms"));
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut row = |process: &str, what: &str, now: String, recent: &[Option<f64>]| {
+        rows.push(vec![process.to_string(), what.to_string(), now, nonstop_metrics::sparkline(recent)]);
+    };
+    for p in &report.processes {
+        let name = p.process.as_str();
+        if p.requests.total.is_some() {
+            row(name, "requests", rate(p.requests.current), &p.requests.recent);
+            row(
+                name,
+                "latency p50/p95/p99",
+                format!("{} / {} / {}", millis(p.p50_ms), millis(p.p95_ms), millis(p.p99_ms)),
+                &p.p95_ms_recent,
+            );
+            row(name, "2xx", rate(p.responses_2xx.current), &p.responses_2xx.recent);
+            row(name, "4xx", rate(p.responses_4xx.current), &p.responses_4xx.recent);
+            row(name, "5xx", rate(p.responses_5xx.current), &p.responses_5xx.recent);
+            row(name, "upstream errors", rate(p.upstream_errors.current), &p.upstream_errors.recent);
+            row(
+                name,
+                "in flight",
+                p.in_flight.current.map_or_else(|| "-".to_string(), |v| format!("{v:.0}")),
+                &p.in_flight.recent,
+            );
+        }
+        row(
+            name,
+            "CPU",
+            p.cpu_percent.current.map_or_else(|| "-".to_string(), |v| format!("{v:.1}%")),
+            &p.cpu_percent.recent,
+        );
+        let mib: Vec<Option<f64>> = p.rss_bytes.recent.iter().map(|v| v.map(|b| b / 1_048_576.0)).collect();
+        row(
+            name,
+            "memory (RSS)",
+            p.rss_bytes.current.map_or_else(|| "-".to_string(), |v| format!("{:.1} MiB", v / 1_048_576.0)),
+            &mib,
+        );
+        row(
+            name,
+            "instances",
+            p.instances.current.map_or_else(|| "-".to_string(), |v| format!("{v:.0}")),
+            &p.instances.recent,
+        );
+    }
+    if report.static_hits.total.is_some() {
+        row("(static)", "static hits", rate(report.static_hits.current), &report.static_hits.recent);
+    }
+    let mut out = format!(
+        "{} / {}: rates over the last {}s; trend: the last {} min in {}s steps\n",
+        report.app,
+        report.environment,
+        report.window_secs,
+        (report.step_secs * RECENT_POINTS as u64) / 60,
+        report.step_secs
+    );
+    out.push_str(&crate::output::table(&["PROCESS", "METRIC", "NOW", "TREND"], &rows));
+    for e in &report.listen_errors {
+        out.push_str(&format!("warning: {e}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nonstop_core::traffic::LatencyHistogram;
+
+    fn figures(process: &str, slot: u32, generation: u64, requests: u64, e5: u64) -> BackendFigures {
+        let mut f = BackendFigures::new(InstanceId::new(ProcessName::new(process).unwrap(), slot, generation));
+        f.requests = requests;
+        f.errors_5xx = e5;
+        f.latency = LatencyHistogram::new();
+        f
+    }
+
+    #[test]
+    fn the_first_step_only_sets_baselines_later_ones_count_the_difference_per_process_and_release() {
+        let mut previous = HashMap::new();
+        let releases: HashMap<InstanceId, ReleaseId> =
+            [(figures("web", 1, 1, 0, 0).instance, ReleaseId(3)), (figures("web", 2, 1, 0, 0).instance, ReleaseId(4))]
+                .into_iter()
+                .collect();
+        let first = fold_figures(&mut previous, vec![figures("web", 1, 1, 100, 5)], &releases, true);
+        assert!(first.is_empty(), "counters from before this daemon measured are not counted: {first:?}");
+        let later = fold_figures(
+            &mut previous,
+            vec![figures("web", 1, 1, 130, 6), figures("web", 2, 1, 7, 0)],
+            &releases,
+            false,
+        );
+        let web = ProcessName::new("web").unwrap();
+        let whole = &later[&(web.clone(), None)];
+        assert_eq!(whole.requests, 30 + 7);
+        assert_eq!(whole.classes[4], 1);
+        assert_eq!(whole.classes[1], 29 + 7);
+        assert_eq!(later[&(web.clone(), Some(ReleaseId(3)))].requests, 30);
+        assert_eq!(later[&(web, Some(ReleaseId(4)))].requests, 7);
+    }
+
+    #[test]
+    fn a_backend_that_is_gone_is_forgotten() {
+        let mut previous = HashMap::new();
+        let none = HashMap::new();
+        fold_figures(&mut previous, vec![figures("web", 1, 1, 10, 0)], &none, true);
+        fold_figures(&mut previous, vec![], &none, false);
+        assert!(previous.is_empty());
+        // It comes back (the same id): counted from zero.
+        let again = fold_figures(&mut previous, vec![figures("web", 1, 1, 4, 0)], &none, false);
+        assert_eq!(again[&(ProcessName::new("web").unwrap(), None)].requests, 4);
+    }
+}
