@@ -118,6 +118,54 @@ fn series(store: &Store, key: &SeriesKey, at: Timestamp) -> MetricSeries {
     }
 }
 
+/// The sum of several series (a process's releases, its instances):
+/// totals and rates added, recent points added step by step, gauges'
+/// current values added over those still measured.
+fn sum_series(store: &Store, keys: &[&SeriesKey], at: Timestamp) -> MetricSeries {
+    let mut out = MetricSeries { current: None, total: None, recent: vec![None; RECENT_POINTS] };
+    for k in keys {
+        let one = series(store, k, at);
+        let add = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(x), Some(y)) => Some(x + y),
+            (x, None) => x,
+            (None, y) => y,
+        };
+        out.current = add(out.current, one.current);
+        out.total = match (out.total, one.total) {
+            (Some(x), Some(y)) => Some(x + y),
+            (x, None) => x,
+            (None, y) => y,
+        };
+        for (a, b) in out.recent.iter_mut().zip(one.recent) {
+            *a = add(*a, b);
+        }
+    }
+    if keys.is_empty() {
+        out.recent.clear();
+    }
+    out
+}
+
+/// The p95 of each of the last [`RECENT_POINTS`] steps, in milliseconds,
+/// over several latency series.
+fn p95_recent(store: &Store, keys: &[&SeriesKey], at: Timestamp) -> Vec<Option<f64>> {
+    let step = Resolution::FiveSeconds.step_ms();
+    let last = at.as_millis() / step;
+    let first = last.saturating_sub(RECENT_POINTS as u64 - 1);
+    let mut merged: Vec<Histogram> = vec![Histogram::new(); (last - first + 1) as usize];
+    let (from, to) = (Timestamp::from_millis(first * step), Timestamp::from_millis((last + 1) * step));
+    for k in keys {
+        for p in store.points(k, Resolution::FiveSeconds, from, to) {
+            if let nonstop_metrics::PointValue::Histogram(h) = p.value {
+                if let Some(m) = merged.get_mut((p.start.as_millis() / step).saturating_sub(first) as usize) {
+                    m.merge(&h);
+                }
+            }
+        }
+    }
+    merged.iter().map(|h| h.quantile(0.95).map(ms)).collect()
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -136,52 +184,50 @@ impl MetricsSource for Metrics {
         for p in processes {
             let Ok(process) = ProcessName::new(p.as_str()) else { continue };
             let key = |m| SeriesKey::process(app_name.clone(), env_id.clone(), process.clone(), m);
-            let latency = match store.window(&key(Metric::Latency), Resolution::FiveSeconds, at.minus(WINDOW), at) {
-                Some(Summary::Histogram { histogram, .. }) => Some(histogram),
-                _ => None,
-            };
-            let q = |q: f64| latency.as_ref().and_then(|h| h.quantile(q)).map(ms);
-            let p95_recent = store
-                .recent(&key(Metric::Latency), Resolution::FiveSeconds, at, RECENT_POINTS)
-                .into_iter()
-                .map(|v| v.map(|secs| secs * 1000.0))
-                .collect();
-            let releases = store
+            let mine: Vec<&SeriesKey> = store
                 .keys()
-                .filter(|k| {
-                    k.app() == &app_name
-                        && k.environment_id() == &env_id
-                        && k.process_name() == Some(&process)
-                        && k.slot().is_none()
-                        && k.metric() == Metric::Requests
-                })
+                .filter(|k| k.app() == &app_name && k.environment_id() == &env_id && k.process_name() == Some(&process))
+                .collect();
+            let of = |m: Metric| -> Vec<&SeriesKey> {
+                mine.iter().copied().filter(|k| k.metric() == m && k.slot().is_none()).collect()
+            };
+            let slots = |m: Metric| -> Vec<&SeriesKey> {
+                mine.iter()
+                    .copied()
+                    .filter(|k| k.metric() == m && k.slot().is_some() && store.is_current(k, at))
+                    .collect()
+            };
+            let latency_keys = of(Metric::Latency);
+            let mut latency = Histogram::new();
+            for k in &latency_keys {
+                if let Some(Summary::Histogram { histogram, .. }) =
+                    store.window(k, Resolution::FiveSeconds, at.minus(WINDOW), at.plus(Duration::from_millis(1)))
+                {
+                    latency.merge(&histogram);
+                }
+            }
+            let q = |q: f64| latency.quantile(q).map(ms);
+            let releases = of(Metric::Requests)
+                .into_iter()
                 .filter_map(|k| {
-                    let release = k.release()?;
-                    let total = match store.current(k)?.value {
-                        CurrentValue::Counter(n) => n,
-                        _ => return None,
-                    };
-                    let per_second = match store.window(k, Resolution::FiveSeconds, at.minus(WINDOW), at) {
-                        Some(Summary::Counter { per_second, .. }) => per_second,
-                        _ => 0.0,
-                    };
-                    Some(ReleaseRequests { release: release.0, total, per_second })
+                    let one = series(&store, k, at);
+                    Some(ReleaseRequests { release: k.release()?.0, total: one.total?, per_second: one.current? })
                 })
                 .collect();
             out.processes.push(ProcessMetrics {
                 process: p.clone(),
-                requests: series(&store, &key(Metric::Requests), at),
+                requests: sum_series(&store, &of(Metric::Requests), at),
                 p50_ms: q(0.50),
                 p95_ms: q(0.95),
                 p99_ms: q(0.99),
-                p95_ms_recent: p95_recent,
-                responses_2xx: series(&store, &key(Metric::Responses(StatusClass::Success)), at),
-                responses_4xx: series(&store, &key(Metric::Responses(StatusClass::ClientError)), at),
-                responses_5xx: series(&store, &key(Metric::Responses(StatusClass::ServerError)), at),
-                upstream_errors: series(&store, &key(Metric::UpstreamErrors), at),
+                p95_ms_recent: if latency_keys.is_empty() { Vec::new() } else { p95_recent(&store, &latency_keys, at) },
+                responses_2xx: sum_series(&store, &of(Metric::Responses(StatusClass::Success)), at),
+                responses_4xx: sum_series(&store, &of(Metric::Responses(StatusClass::ClientError)), at),
+                responses_5xx: sum_series(&store, &of(Metric::Responses(StatusClass::ServerError)), at),
+                upstream_errors: sum_series(&store, &of(Metric::UpstreamErrors), at),
                 in_flight: series(&store, &key(Metric::InFlight), at),
-                cpu_percent: series(&store, &key(Metric::CpuPercent), at),
-                rss_bytes: series(&store, &key(Metric::RssBytes), at),
+                cpu_percent: sum_series(&store, &slots(Metric::CpuPercent), at),
+                rss_bytes: sum_series(&store, &slots(Metric::RssBytes), at),
                 instances: series(&store, &key(Metric::Instances), at),
                 releases,
             });
@@ -234,18 +280,21 @@ const CLASSES: [StatusClass; 5] = [
     StatusClass::ServerError,
 ];
 
-/// The proxy's figures since the last step, per process type and per
-/// (process type, release). `previous` holds the last figures seen per
+/// The proxy's figures since the last step, per (process type, release):
+/// an instance's release from `releases`, else (an instance already gone)
+/// `fallback`, the environment's current one. `previous` holds the last figures seen per
 /// backend; a backend first seen at the first step (`baseline`) only sets
 /// its baseline (its counters predate this daemon's measuring), one first
-/// seen later counts from zero. Pure.
+/// seen later counts from zero; a backend no longer there is forgotten.
+/// Pure.
 pub fn fold_figures(
     previous: &mut HashMap<InstanceId, BackendFigures>,
     figures: Vec<BackendFigures>,
     releases: &HashMap<InstanceId, ReleaseId>,
+    fallback: ReleaseId,
     baseline: bool,
-) -> BTreeMap<(ProcessName, Option<ReleaseId>), Step> {
-    let mut out: BTreeMap<(ProcessName, Option<ReleaseId>), Step> = BTreeMap::new();
+) -> BTreeMap<(ProcessName, ReleaseId), Step> {
+    let mut out: BTreeMap<(ProcessName, ReleaseId), Step> = BTreeMap::new();
     let mut seen = HashMap::with_capacity(figures.len());
     for f in figures {
         let delta = match previous.get(&f.instance) {
@@ -254,10 +303,8 @@ pub fn fold_figures(
             None => Some(f.clone()),
         };
         if let Some(d) = delta {
-            out.entry((f.instance.process.clone(), None)).or_default().add(&d);
-            if let Some(r) = releases.get(&f.instance) {
-                out.entry((f.instance.process.clone(), Some(*r))).or_default().add(&d);
-            }
+            let release = releases.get(&f.instance).copied().unwrap_or(fallback);
+            out.entry((f.instance.process.clone(), release)).or_default().add(&d);
         }
         seen.insert(f.instance.clone(), f);
     }
@@ -265,19 +312,21 @@ pub fn fold_figures(
     out
 }
 
+/// An instance's place and release: what the sampler labels a group with.
+type Slot = (AppEnv, ProcessName, u32, Option<ReleaseId>);
+
 /// What the task remembers between steps.
 struct Sampling {
-    sampler: Sampler<(AppEnv, ProcessName, u32)>,
+    sampler: Sampler<Slot>,
     figures: HashMap<AppEnv, HashMap<InstanceId, BackendFigures>>,
     routes: HashMap<AppEnv, RouteFigures>,
-    first: bool,
 }
 
 /// What one environment looked like at a step.
 struct EnvReading {
     scope: AppEnv,
     status: StatusReport,
-    steps: BTreeMap<(ProcessName, Option<ReleaseId>), Step>,
+    steps: BTreeMap<(ProcessName, ReleaseId), Step>,
     in_flight: BTreeMap<ProcessName, u64>,
     static_hits: u64,
 }
@@ -306,22 +355,20 @@ async fn read_env<T: Traffic>(
     }
     let releases: HashMap<InstanceId, ReleaseId> =
         status.instances.iter().filter_map(|i| Some((instance_id(i)?, ReleaseId(i.release)))).collect();
+    // An environment first seen (this daemon just started, or restored
+    // it, or it is new) only sets the baselines: its counters may predate
+    // this daemon (the data plane outlives it) and were counted before.
+    let baseline = !sampling.figures.contains_key(&scope);
     let previous = sampling.figures.entry(scope.clone()).or_default();
-    let steps = fold_figures(previous, figures, &releases, sampling.first);
+    let steps = fold_figures(previous, figures, &releases, ReleaseId(status.release), baseline);
     let static_hits = match sampling.routes.insert(scope.clone(), route_figures) {
         Some(before) => route_figures.static_hits.saturating_sub(before.static_hits),
-        None if sampling.first => 0,
-        None => route_figures.static_hits,
+        None => 0,
     };
     Some(EnvReading { scope, status, steps, in_flight, static_hits })
 }
 
-fn record(
-    store: &mut Store,
-    at: Timestamp,
-    r: &EnvReading,
-    usage: &[nonstop_metrics::GroupReading<(AppEnv, ProcessName, u32)>],
-) {
+fn record(store: &mut Store, at: Timestamp, r: &EnvReading, usage: &[nonstop_metrics::GroupReading<Slot>]) {
     let (app, env) = (r.scope.app.clone(), r.scope.env.clone());
     let note = |e: nonstop_metrics::RecordError| tracing::debug!("metrics: {e}");
     if let Err(e) =
@@ -335,16 +382,12 @@ fn record(
         let running =
             r.status.instances.iter().filter(|i| i.process == p.process && i.state == InstanceState::Running).count();
         let mut results = vec![store.gauge(&key(Metric::Instances), at, running as f64)];
-        let mine: Vec<_> = usage.iter().filter(|u| u.label.0 == r.scope && u.label.1 == process).collect();
-        let cpu: Vec<f64> = mine.iter().filter_map(|u| u.cpu_percent).collect();
-        if !cpu.is_empty() {
-            results.push(store.gauge(&key(Metric::CpuPercent), at, cpu.iter().sum()));
-        }
-        if !mine.is_empty() {
-            results.push(store.gauge(&key(Metric::RssBytes), at, mine.iter().map(|u| u.rss_bytes as f64).sum()));
-        }
-        for u in &mine {
+        for u in usage.iter().filter(|u| u.label.0 == r.scope && u.label.1 == process) {
             let slot = |m| SeriesKey::instance(app.clone(), env.clone(), process.clone(), u.label.2, m);
+            let slot = |m| match u.label.3 {
+                Some(rel) => slot(m).with_release(rel),
+                None => slot(m),
+            };
             if let Some(c) = u.cpu_percent {
                 results.push(store.gauge(&slot(Metric::CpuPercent), at, c));
             }
@@ -353,20 +396,20 @@ fn record(
         if p.kind == ProcessKind::Web {
             let flight = r.in_flight.get(&process).copied().unwrap_or(0);
             results.push(store.gauge(&key(Metric::InFlight), at, flight as f64));
+            // Per release only: a sum over the releases is the
+            // process's figure, counted once.
+            let mut steps: BTreeMap<ReleaseId, &Step> =
+                r.steps.iter().filter(|((q, _), _)| q == &process).map(|((_, rel), s)| (*rel, s)).collect();
             let zero = Step::default();
-            let whole = r.steps.get(&(process.clone(), None)).unwrap_or(&zero);
-            let releases = r.steps.iter().filter(|((q, rel), _)| q == &process && rel.is_some());
-            for (k, step) in std::iter::once((key(Metric::Requests), whole)).chain(
-                releases.map(|((_, rel), s)| (key(Metric::Requests).with_release(rel.unwrap_or(ReleaseId(0))), s)),
-            ) {
+            steps.entry(ReleaseId(r.status.release)).or_insert(&zero);
+            for (rel, step) in &steps {
+                let k = key(Metric::Requests).with_release(*rel);
                 results.push(store.count(&k, at, step.requests));
                 for (class, n) in CLASSES.iter().zip(step.classes) {
                     results.push(store.count(&k.clone().with_metric(Metric::Responses(*class)), at, n));
                 }
                 results.push(store.count(&k.clone().with_metric(Metric::UpstreamErrors), at, step.upstream_errors));
-                if !step.latency.is_empty() || k.release().is_none() {
-                    results.push(store.histogram(&k.clone().with_metric(Metric::Latency), at, &step.latency));
-                }
+                results.push(store.histogram(&k.clone().with_metric(Metric::Latency), at, &step.latency));
             }
         }
         for e in results.into_iter().filter_map(Result::err) {
@@ -382,14 +425,13 @@ async fn step<T: Traffic>(metrics: &Arc<Metrics>, engine: &EngineHandle, traffic
             readings.push(r);
         }
     }
-    sampling.first = false;
     let groups: Vec<_> = readings
         .iter()
         .flat_map(|r| {
             r.status.instances.iter().filter_map(|i| {
                 let pid = i32::try_from(i.pid?).ok()?;
                 let id = instance_id(i)?;
-                Some(((r.scope.clone(), id.process, id.slot), pid))
+                Some(((r.scope.clone(), id.process, id.slot, Some(ReleaseId(i.release))), pid))
             })
         })
         .collect();
@@ -421,8 +463,7 @@ pub fn spawn<T: Traffic>(
 ) {
     let tasks2 = tasks.clone();
     tasks.spawn(async move {
-        let mut sampling =
-            Sampling { sampler: Sampler::new(), figures: HashMap::new(), routes: HashMap::new(), first: true };
+        let mut sampling = Sampling { sampler: Sampler::new(), figures: HashMap::new(), routes: HashMap::new() };
         let mut servers: HashMap<SocketAddr, CancellationToken> = HashMap::new();
         let mut tick = tokio::time::interval(STEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -617,32 +658,33 @@ mod tests {
             [(figures("web", 1, 1, 0, 0).instance, ReleaseId(3)), (figures("web", 2, 1, 0, 0).instance, ReleaseId(4))]
                 .into_iter()
                 .collect();
-        let first = fold_figures(&mut previous, vec![figures("web", 1, 1, 100, 5)], &releases, true);
+        let first = fold_figures(&mut previous, vec![figures("web", 1, 1, 100, 5)], &releases, ReleaseId(4), true);
         assert!(first.is_empty(), "counters from before this daemon measured are not counted: {first:?}");
         let later = fold_figures(
             &mut previous,
-            vec![figures("web", 1, 1, 130, 6), figures("web", 2, 1, 7, 0)],
+            vec![figures("web", 1, 1, 130, 6), figures("web", 2, 1, 7, 0), figures("web", 3, 1, 2, 0)],
             &releases,
+            ReleaseId(4),
             false,
         );
         let web = ProcessName::new("web").unwrap();
-        let whole = &later[&(web.clone(), None)];
-        assert_eq!(whole.requests, 30 + 7);
-        assert_eq!(whole.classes[4], 1);
-        assert_eq!(whole.classes[1], 29 + 7);
-        assert_eq!(later[&(web.clone(), Some(ReleaseId(3)))].requests, 30);
-        assert_eq!(later[&(web, Some(ReleaseId(4)))].requests, 7);
+        let v3 = &later[&(web.clone(), ReleaseId(3))];
+        assert_eq!(v3.requests, 30);
+        assert_eq!(v3.classes[4], 1);
+        assert_eq!(v3.classes[1], 29);
+        // web.3 is no instance the status knows: the current release's.
+        assert_eq!(later[&(web, ReleaseId(4))].requests, 7 + 2);
     }
 
     #[test]
     fn a_backend_that_is_gone_is_forgotten() {
         let mut previous = HashMap::new();
         let none = HashMap::new();
-        fold_figures(&mut previous, vec![figures("web", 1, 1, 10, 0)], &none, true);
-        fold_figures(&mut previous, vec![], &none, false);
+        fold_figures(&mut previous, vec![figures("web", 1, 1, 10, 0)], &none, ReleaseId(1), true);
+        fold_figures(&mut previous, vec![], &none, ReleaseId(1), false);
         assert!(previous.is_empty());
         // It comes back (the same id): counted from zero.
-        let again = fold_figures(&mut previous, vec![figures("web", 1, 1, 4, 0)], &none, false);
-        assert_eq!(again[&(ProcessName::new("web").unwrap(), None)].requests, 4);
+        let again = fold_figures(&mut previous, vec![figures("web", 1, 1, 4, 0)], &none, ReleaseId(1), false);
+        assert_eq!(again[&(ProcessName::new("web").unwrap(), ReleaseId(1))].requests, 4);
     }
 }
