@@ -57,6 +57,19 @@ pub trait LogSource: Send + Sync + 'static {
 /// `process` only if given (the engine has checked the names).
 pub trait MetricsSource: Send + Sync + 'static {
     fn report(&self, app: &str, env: &str, processes: &[String]) -> MetricsReport;
+    /// Whether `/metrics` can be served on `addr` (it is already, or it
+    /// is free): the error says what is wrong and what to do.
+    fn check_listen(&self, addr: std::net::SocketAddr) -> Result<(), String>;
+}
+
+/// `up` and `deploy` refuse a spec whose `[metrics] listen` address is
+/// taken by another program, before anything changes.
+fn check_metrics_listen(s: &ApiState, spec: &nonstop_core::process::AppSpec) -> Option<Response> {
+    let (Some(m), Some(source)) = (&spec.metrics, &s.metrics) else { return None };
+    source
+        .check_listen(m.listen)
+        .err()
+        .map(|message| error_response(StatusCode::CONFLICT, ApiError { message, exit_code: 2, detail: None }))
 }
 
 pub type UpgradeRequest = tokio::sync::oneshot::Sender<Result<Upgraded, BoxError>>;
@@ -276,6 +289,7 @@ fn ndjson<T: serde::Serialize>(v: &T) -> bytes::Bytes {
 }
 
 async fn up(
+    State(s): State<ApiState>,
     Scoped(engine): Scoped,
     body: Result<Json<UpRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -283,6 +297,9 @@ async fn up(
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid up request: {e}")),
     };
+    if let Some(r) = check_metrics_listen(&s, &req.spec) {
+        return r;
+    }
     op_stream(move |p| async move { engine.up(req.spec, req.workdir, req.base_env, p).await })
 }
 
@@ -411,6 +428,7 @@ async fn logs(State(s): State<ApiState>, Scoped(engine): Scoped, Query(q): Query
 }
 
 async fn deploy(
+    State(s): State<ApiState>,
     Scoped(engine): Scoped,
     body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -418,6 +436,9 @@ async fn deploy(
         Ok(b) => b,
         Err(e) => return bad_request(format!("invalid deploy request: {e}")),
     };
+    if let Some(r) = check_metrics_listen(&s, &req.spec) {
+        return r;
+    }
     op_stream(move |p| async move {
         let options = nonstop_engine::DeployOptions { run_tasks: req.run_tasks, allow_breaking: req.allow_breaking };
         engine.deploy_with(req.spec, req.source, req.base_env, req.message, req.who, options, p).await

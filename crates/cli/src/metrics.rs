@@ -40,13 +40,15 @@ pub struct Metrics {
     dir: PathBuf,
     /// Why a `[metrics] listen` address could not be served, per address.
     listen_errors: Mutex<BTreeMap<SocketAddr, String>>,
+    /// The addresses `/metrics` is served on.
+    served: Mutex<BTreeSet<SocketAddr>>,
 }
 
 /// A `[metrics] listen` address that cannot be served.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cannot serve /metrics on {addr} ({source}): another program listens there; choose another `[metrics] listen` \
-     in nonstop.toml (or stop that program), then `nonstop deploy`"
+    "cannot serve /metrics on {addr} ({source}): another program listens there (or the address is not this \
+     machine's); choose another `[metrics] listen` in nonstop.toml, or stop that program, and run the command again"
 )]
 pub struct ListenError {
     pub addr: SocketAddr,
@@ -66,7 +68,12 @@ impl Metrics {
         if let Some(p) = loaded.problem {
             tracing::warn!("metrics: {p}; starting with no past metrics");
         }
-        Arc::new(Metrics { store: Mutex::new(loaded.store), dir, listen_errors: Mutex::new(BTreeMap::new()) })
+        Arc::new(Metrics {
+            store: Mutex::new(loaded.store),
+            dir,
+            listen_errors: Mutex::new(BTreeMap::new()),
+            served: Mutex::new(BTreeSet::new()),
+        })
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
@@ -171,6 +178,14 @@ fn ms(d: Duration) -> f64 {
 }
 
 impl MetricsSource for Metrics {
+    fn check_listen(&self, addr: SocketAddr) -> Result<(), String> {
+        if self.served.lock().unwrap_or_else(|e| e.into_inner()).contains(&addr) {
+            return Ok(());
+        }
+        // Free now (the task binds it within a step), or taken.
+        std::net::TcpListener::bind(addr).map(drop).map_err(|source| ListenError { addr, source }.to_string())
+    }
+
     fn report(&self, app: &str, env: &str, processes: &[String]) -> MetricsReport {
         let at = now();
         let (Ok(app_name), Ok(env_id)) = (AppName::new(app), EnvironmentId::new(env)) else {
@@ -534,6 +549,7 @@ async fn serve_wanted(
         }
     }
     *metrics.listen_errors.lock().unwrap_or_else(|p| p.into_inner()) = errors;
+    *metrics.served.lock().unwrap_or_else(|p| p.into_inner()) = servers.keys().copied().collect();
 }
 
 /// Serve `GET /metrics` on `addr` until `stop` fires.

@@ -116,21 +116,29 @@ fn a_known_load_is_measured_shown_scraped_and_kept_across_a_daemon_restart() {
 }
 
 #[test]
-fn a_metrics_address_already_taken_is_a_clear_error_and_changes_nothing_else() {
+fn a_metrics_address_already_taken_is_refused_by_up_and_deploy_and_changes_nothing() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let app = TestApp::new("hello", with_metrics(addr));
+    let app = TestApp::hello();
     app.up().ok();
-    wait_until(Duration::from_secs(60), "the listen error reported", || {
-        metrics_json(&app)["listen_errors"].as_array().is_some_and(|e| !e.is_empty())
-    });
-    let error = metrics_json(&app)["listen_errors"][0].as_str().unwrap().to_string();
-    assert!(error.contains(&addr.to_string()) && error.contains("[metrics] listen"), "{error}");
-    let table = app.run(&["metrics"]);
-    assert!(table.stdout.contains(&addr.to_string()), "{}", table.stdout);
-    assert!(app.log().contains(&format!("cannot serve /metrics on {addr}")), "{}", app.log());
-    // The app runs and answers as ever.
+    let before = app.status();
+    let pids = app.pids("web");
+    app.write_spec(&with_metrics(addr)(app.spec()));
+    for command in [&["up"][..], &["deploy"][..]] {
+        let r = app.run(command);
+        assert_eq!(r.code, 2, "{command:?} with a taken address:\n{}\n{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains(&format!("cannot serve /metrics on {addr}")) && r.stderr.contains("[metrics] listen"),
+            "{command:?}: {}",
+            r.stderr
+        );
+    }
+    // Nothing changed: the same release, the same instances, answering.
+    let after = app.status();
+    assert_eq!(after["release"], before["release"]);
+    assert_eq!(app.pids("web"), pids);
     let (code, _) = app.get("/pid").unwrap();
     assert_eq!(code, 200);
+    assert!(metrics_json(&app)["listen_errors"].as_array().is_none_or(Vec::is_empty));
     drop(taken);
 }
