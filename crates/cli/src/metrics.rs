@@ -593,7 +593,10 @@ pub fn table(report: &MetricsReport) -> String {
     let millis = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1} ms"));
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut row = |process: &str, what: &str, now: String, recent: &[Option<f64>]| {
-        rows.push(vec![process.to_string(), what.to_string(), now, nonstop_metrics::sparkline(recent)]);
+        // From the first measured point: a series younger than the
+        // window does not start with blanks.
+        let from = recent.iter().position(Option::is_some).unwrap_or(recent.len());
+        rows.push(vec![process.to_string(), what.to_string(), now, nonstop_metrics::sparkline(&recent[from..])]);
     };
     for p in &report.processes {
         let name = p.process.as_str();
@@ -702,5 +705,36 @@ mod tests {
         // It comes back (the same id): counted from zero.
         let again = fold_figures(&mut previous, vec![figures("web", 1, 1, 4, 0)], &none, ReleaseId(1), false);
         assert_eq!(again[&(ProcessName::new("web").unwrap(), ReleaseId(1))].requests, 4);
+    }
+
+    #[test]
+    fn the_table_shows_each_measure_with_a_sparkline_from_its_first_point() {
+        let measured =
+            MetricSeries { current: Some(2.5), total: Some(40), recent: vec![None, None, Some(1.0), Some(4.0)] };
+        let mut report = empty_report("hello", "default", Timestamp::from_secs(1_000));
+        report.processes.push(ProcessMetrics {
+            process: "web".into(),
+            requests: measured.clone(),
+            p50_ms: Some(1.0),
+            p95_ms: Some(2.0),
+            p99_ms: None,
+            p95_ms_recent: vec![],
+            responses_2xx: measured.clone(),
+            responses_4xx: MetricSeries::default(),
+            responses_5xx: MetricSeries::default(),
+            upstream_errors: MetricSeries::default(),
+            in_flight: MetricSeries::default(),
+            cpu_percent: MetricSeries::default(),
+            rss_bytes: MetricSeries { current: Some(2.0 * 1_048_576.0), total: None, recent: vec![] },
+            instances: MetricSeries::default(),
+            releases: vec![],
+        });
+        let text = table(&report);
+        let requests = text.lines().find(|l| l.contains("requests")).unwrap();
+        assert!(requests.contains("2.50/s"), "{text}");
+        assert!(requests.trim_end().ends_with("▃█"), "{text}");
+        assert!(text.contains("1.0 ms / 2.0 ms / -"), "{text}");
+        assert!(text.contains("2.0 MiB"), "{text}");
+        assert!(!text.contains("static hits"), "never measured: {text}");
     }
 }
