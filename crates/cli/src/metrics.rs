@@ -344,6 +344,9 @@ struct EnvReading {
     steps: BTreeMap<(ProcessName, ReleaseId), Step>,
     in_flight: BTreeMap<ProcessName, u64>,
     static_hits: u64,
+    /// The environment was first seen at this step: its figures only set
+    /// the baselines, they say nothing about this step's load.
+    baseline: bool,
 }
 
 fn instance_id(s: &nonstop_engine::InstanceStatus) -> Option<InstanceId> {
@@ -380,7 +383,7 @@ async fn read_env<T: Traffic>(
         Some(before) => route_figures.static_hits.saturating_sub(before.static_hits),
         None => 0,
     };
-    Some(EnvReading { scope, status, steps, in_flight, static_hits })
+    Some(EnvReading { scope, status, steps, in_flight, static_hits, baseline })
 }
 
 fn record(store: &mut Store, at: Timestamp, r: &EnvReading, usage: &[nonstop_metrics::GroupReading<Slot>]) {
@@ -458,11 +461,61 @@ async fn step<T: Traffic>(metrics: &Arc<Metrics>, engine: &EngineHandle, traffic
             Vec::new()
         }
     };
-    let mut store = metrics.store();
-    for r in &readings {
-        record(&mut store, at, r, &usage);
+    {
+        let mut store = metrics.store();
+        for r in &readings {
+            record(&mut store, at, r, &usage);
+        }
+        store.expire(at);
     }
-    store.expire(at);
+    // The autoscaled processes' measurements go to their controllers.
+    for r in &readings {
+        for (process, sample) in autoscale_samples(r, &usage) {
+            let handle = engine.scoped(Some(r.scope.app.clone()), Some(r.scope.env.clone()));
+            match handle.autoscale_sample(process.clone(), sample).await {
+                Ok(Some(decision)) => tracing::debug!(scope = %r.scope, %process, "autoscale: {decision}"),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(scope = %r.scope, %process, "autoscale sample not taken: {e}"),
+            }
+        }
+    }
+}
+
+/// What this step measured of each autoscaled process of `r`: the mean
+/// CPU of its instances, and for web its requests per second and p95 over
+/// the step. Not measured (`None`): what the step cannot say (the first
+/// step of an environment only sets baselines; no request: no p95; the
+/// queue depth is not read yet).
+fn autoscale_samples(
+    r: &EnvReading,
+    usage: &[nonstop_metrics::GroupReading<Slot>],
+) -> Vec<(ProcessName, nonstop_engine::AutoscaleSample)> {
+    let mut out = Vec::new();
+    for p in r.status.processes.iter().filter(|p| p.autoscale.is_some()) {
+        let Ok(process) = ProcessName::new(p.process.as_str()) else { continue };
+        let cpu: Vec<f64> = usage
+            .iter()
+            .filter(|u| u.label.0 == r.scope && u.label.1 == process)
+            .filter_map(|u| u.cpu_percent)
+            .collect();
+        let cpu_percent = (!cpu.is_empty()).then(|| cpu.iter().sum::<f64>() / cpu.len() as f64);
+        let (mut requests_per_second, mut p95_ms) = (None, None);
+        if p.kind == ProcessKind::Web && !r.baseline {
+            let mut requests = 0;
+            let mut latency = Histogram::default();
+            for ((q, _), step) in &r.steps {
+                if q == &process {
+                    requests += step.requests;
+                    latency.merge(&step.latency);
+                }
+            }
+            requests_per_second = Some(requests as f64 / STEP.as_secs_f64());
+            p95_ms = latency.quantile(0.95).map(ms);
+        }
+        let sample = nonstop_engine::AutoscaleSample { cpu_percent, requests_per_second, p95_ms, queue_depth: None };
+        out.push((process, sample));
+    }
+    out
 }
 
 /// The metrics task: a step every [`STEP`], a save every [`SAVE_EVERY`]
