@@ -543,7 +543,11 @@ pub fn spawn<T: Traffic>(
             }
             let wanted = wanted_listen(&store).await;
             serve_wanted(&metrics, &wanted, &mut servers, &stop, &tasks2).await;
-            step(&metrics, &engine, traffic.as_ref(), &mut sampling).await;
+            // Every wait has a bound: a step that cannot finish (a controller
+            // that does not answer) is given up, and the next one tries again.
+            if tokio::time::timeout(STEP * 6, step(&metrics, &engine, traffic.as_ref(), &mut sampling)).await.is_err() {
+                tracing::warn!("metrics: a step took more than {}s and was given up", (STEP * 6).as_secs());
+            }
             if last_save.elapsed() >= SAVE_EVERY {
                 metrics.save().await;
                 last_save = tokio::time::Instant::now();
