@@ -540,6 +540,13 @@ fn a_daemon_killed_during_a_build_kills_the_build_command_when_it_comes_back() {
     set_version(&app, "2");
     let deploy = app.cmd(&["deploy"]).spawn().unwrap();
     wait_until(T, "v2's build command to run", || std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n')));
+    // Its pid is recorded by the daemon once the builder reports it: a
+    // daemon killed before that cannot know it (a window this test is not
+    // about), so wait for the record.
+    // (v1's build was recorded the same way: the second record is v2's.)
+    wait_until(T, "the build command's process to be recorded", || {
+        app.log().matches("recorded the process of build command 1/1").count() >= 2
+    });
     let build_pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
     let daemon = app.daemon_pid().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();

@@ -630,8 +630,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         live.record.locator = Some(process);
         live.record.state = TaskState::Running;
         let record = live.record.clone();
-        if let Err(e) = self.store.update_task(&record) {
-            tracing::error!("could not record the process of {}: {e}", record.describe());
+        match self.store.update_task(&record) {
+            Ok(()) => tracing::info!("recorded the process of {}", record.describe()),
+            Err(e) => tracing::error!("could not record the process of {}: {e}", record.describe()),
         }
     }
 
