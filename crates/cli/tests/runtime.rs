@@ -358,14 +358,22 @@ fn a_second_up_changes_nothing_and_a_concurrent_one_is_refused() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Apps share the daemon's proxy (see environments.rs for two side by
+/// side); two that both answer every host (no `[environments]` of their
+/// own) cannot: the second is refused, naming the fix, and nothing of it
+/// runs.
 #[test]
-fn another_app_in_the_same_home_is_refused() {
+fn another_app_that_also_answers_every_host_is_refused_naming_the_fix() {
     let app = TestApp::hello();
     app.up().ok();
     app.write_spec(&app.spec().replace("app = \"hello\"", "app = \"other\""));
     let r = app.up();
     assert_eq!(r.code, 3, "{}", r.stderr);
-    assert!(r.stderr.contains("already runs app `hello`"), "{}", r.stderr);
+    assert!(r.stderr.contains("hello/default is already the default environment"), "{}", r.stderr);
+    assert!(r.stderr.contains("default = false"), "{}", r.stderr);
+    let (code, body) = app.get("/").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("hello"), "{body}");
 }
 
 #[test]
