@@ -149,17 +149,6 @@ impl Drop for Fixture {
     }
 }
 
-/// `GET path` on the daemon's API socket: the raw answer.
-fn api_get(app: &TestApp, path: &str) -> String {
-    let mut s = std::os::unix::net::UnixStream::connect(app.home.path().join("nonstop.sock")).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
-
 /// Whether `password` is the one PostgreSQL keeps (as a SCRAM-SHA-256
 /// verifier) for `role`: the server trusts 127.0.0.1, so connecting proves
 /// nothing about a password.
@@ -249,7 +238,7 @@ fn environments_get_their_own_databases_and_env_create_from_copies_one() {
         run_in(app, "staging", "psql \"$DATABASE_URL\" -X -tAc 'SELECT current_user || count(*) FROM notes'").trim(),
         format!("{}0", f.db("staging"))
     );
-    let ctx = api_get(app, &format!("/v1/run-context?app={}&env=staging", f.name));
+    let ctx = app.api_get(&format!("/v1/run-context?app={}&env=staging", f.name));
     assert!(ctx.contains(&format!("postgres://{0}@127.0.0.1:5432/{0}", f.db("staging"))), "{ctx}");
     assert!(!ctx.contains(&password) && !ctx.contains("REDIS_URL"), "the run context holds a secret: {ctx}");
 

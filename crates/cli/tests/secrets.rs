@@ -129,18 +129,6 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     found
 }
 
-/// `GET path` on the daemon's API socket: the raw answer (head and body).
-fn api_get(app: &TestApp, path: &str) -> String {
-    use std::io::Read;
-    let mut s = std::os::unix::net::UnixStream::connect(app.home.path().join("nonstop.sock")).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
-
 fn count_files(dir: &Path) -> usize {
     let mut n = 0;
     let mut stack = vec![dir.to_path_buf()];
@@ -192,7 +180,7 @@ fn a_secret_reaches_instances_and_release_tasks_and_its_bytes_are_nowhere_else()
     let r = app.run(&["run", "--", "sh", "-c", "printf '%s|%s' \"$API_TOKEN\" \"$GREETING\""]);
     r.ok();
     assert_eq!(r.stdout, format!("{v1}|hello"));
-    let ctx = api_get(&app, "/v1/run-context?app=hello&env=default");
+    let ctx = app.api_get("/v1/run-context?app=hello&env=default");
     assert!(ctx.contains("\"environment\":\"default\"") && ctx.contains("GREETING"), "{ctx}");
     assert!(!ctx.contains(&v1) && !ctx.contains("API_TOKEN"), "the run context holds the secret: {ctx}");
 

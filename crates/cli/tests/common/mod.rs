@@ -182,6 +182,18 @@ impl TestApp {
         self.run(&["up"])
     }
 
+    /// `GET path` on the daemon's API socket: the raw answer (head and
+    /// body), which must be a 200.
+    pub fn api_get(&self, path: &str) -> String {
+        let mut s = std::os::unix::net::UnixStream::connect(self.home.path().join("nonstop.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.home.path().join("daemon.log")).unwrap_or_default()
     }
