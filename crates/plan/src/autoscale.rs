@@ -9,16 +9,26 @@
 //!
 //! How a decision is made, as Kubernetes' HPA does:
 //!
-//! - **Per metric, target tracking.** Each target's metric is averaged over
-//!   the samples of the last [`SAMPLE_WINDOW`] and gives a recommendation
-//!   of `ceil(current × value / target)` (for the totals, requests and
-//!   queue depth, that is `ceil(total / target)`: the count at which each
-//!   instance gets its target). Within [`TOLERANCE`] of the target (±10%)
-//!   a metric recommends the current count: small wobbles change nothing.
+//! - **Per metric, target tracking.** Each target's metric gives a
+//!   recommendation of `ceil(current × value / target)` (for the totals,
+//!   requests and queue depth, that is `ceil(total / target)`: the count at
+//!   which each instance gets its target), where the value is the higher
+//!   of two readings: the mean of the samples of the last [`SAMPLE_WINDOW`],
+//!   and the newest sample alone. The newest sample lets a step in the
+//!   load scale out at the first measurement that shows it (each sample is
+//!   already a mean over the caller's interval, not one request), while
+//!   the mean keeps a single low sample from recommending fewer. Within
+//!   [`TOLERANCE`] of the target (±10%) a metric recommends the current
+//!   count: small wobbles change nothing.
 //! - **The highest recommendation wins**, and is the decision's reason
 //!   (metric, value, target). A metric without a sample in the window
 //!   recommends nothing, and forbids a scale-in: a missing measure is no
 //!   evidence that fewer instances will do. No data at all holds.
+//! - **Only samples of the current count.** A sample measured before the
+//!   count last changed (by a decision or by hand) is not read: its CPU
+//!   and p95 belong to another number of instances, and read against the
+//!   new count they would recommend too many (then too few: a flap).
+//!   Until a sample of the new count comes, the decision holds.
 //! - **Bounds.** The recommendation is clamped to `[min, max]`; a count
 //!   outside the bounds (a spec that changed them) is brought back at once.
 //! - **Scale-out** goes to the recommendation at once, unless a scale-out
@@ -263,8 +273,13 @@ fn number(v: f64) -> String {
 pub fn decide(policy: &Autoscale, samples: &[Sample], current: u32, state: State, now: Duration) -> (Decision, State) {
     let mut state = state;
     let decision = |desired, kind, reason| Decision { current, desired, kind, reason };
+    // A sample taken with another count than `current` would be read as
+    // if `current` instances had shared its load: overshoot, then flap.
+    let measured_since = state.last_change;
+    let samples: Vec<Sample> =
+        samples.iter().filter(|s| measured_since.is_none_or(|changed| s.at > changed)).copied().collect();
     let readings: Vec<(Metric, Option<Reading>)> =
-        policy.targets.iter().map(|t| (t.metric, reading(t.metric, t.value, samples, current, now))).collect();
+        policy.targets.iter().map(|t| (t.metric, reading(t.metric, t.value, &samples, current, now))).collect();
     let best =
         readings.iter().filter_map(|(_, r)| *r).reduce(|best, r| if r.recommends > best.recommends { r } else { best });
     let missing = readings.iter().find(|(_, r)| r.is_none()).map(|(m, _)| *m);
@@ -327,27 +342,40 @@ pub fn decide(policy: &Autoscale, samples: &[Sample], current: u32, state: State
 }
 
 /// One metric over the window, and the count it recommends; `None`
-/// without a sample of it in the window.
+/// without a sample of it in the window. Of the window's mean and its
+/// newest sample, the reading that recommends more (the mean on a tie).
 fn reading(metric: Metric, target: u32, samples: &[Sample], current: u32, now: Duration) -> Option<Reading> {
-    let values: Vec<f64> =
-        samples.iter().filter(|s| s.at <= now && now - s.at <= SAMPLE_WINDOW).filter_map(|s| s.raw(metric)).collect();
-    if values.is_empty() {
-        return None;
+    let in_window = samples.iter().filter(|s| s.at <= now && now - s.at <= SAMPLE_WINDOW);
+    let (mut sum, mut n, mut newest): (f64, u32, Option<(Duration, f64)>) = (0.0, 0, None);
+    for (at, v) in in_window.filter_map(|s| s.raw(metric).map(|v| (s.at, v))) {
+        sum += v;
+        n += 1;
+        if newest.is_none_or(|(newest_at, _)| at >= newest_at) {
+            newest = Some((at, v));
+        }
     }
-    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    let (_, latest) = newest?;
+    let mean = reading_of(metric, target, sum / f64::from(n), current);
+    let latest = reading_of(metric, target, latest, current);
+    Some(if latest.recommends > mean.recommends { latest } else { mean })
+}
+
+/// The reading of one value of `metric` (a total for requests and the
+/// queue) with `current` instances running.
+fn reading_of(metric: Metric, target: u32, raw: f64, current: u32) -> Reading {
     let target_f = f64::from(target.max(1));
     let total = matches!(metric, Metric::RequestsPerInstance | Metric::QueuePerInstance);
     let (value, recommends) = if total && current == 0 {
         // Nothing runs: the count at which each instance gets its target.
-        (mean, count_of(mean / target_f))
+        (raw, count_of(raw / target_f))
     } else {
-        let value = if total { mean / f64::from(current) } else { mean };
+        let value = if total { raw / f64::from(current) } else { raw };
         let ratio = value / target_f;
         let recommends =
             if (ratio - 1.0).abs() <= TOLERANCE + 1e-9 { current } else { count_of(f64::from(current) * ratio) };
         (value, recommends)
     };
-    Some(Reading { metric, value, target, recommends })
+    Reading { metric, value, target, recommends }
 }
 
 /// `ceil(x)` as a count, forgiving the last bits of float error
@@ -443,10 +471,31 @@ mod tests {
 
         // The mean over the window; older samples do not count.
         let p = policy(1, 20, &[(Metric::CpuPercent, 50)]);
-        let samples = [cpu(0, 500.0), cpu(95, 40.0), cpu(100, 60.0)];
+        let samples = [cpu(0, 500.0), cpu(95, 60.0), cpu(100, 40.0)];
         let (d, _) = decide(&p, &samples, 4, old_state(100), S(100));
         assert_eq!(d.kind, Kind::Hold(Hold::AtTarget), "{d}");
         assert_eq!(reason_metric(&d).value, 50.0);
+    }
+
+    #[test]
+    fn a_step_scales_out_at_the_first_sample_that_shows_it() {
+        // Two quiet samples and a loaded one: the mean (40) is under the
+        // target, the newest (100) is twice it. Out at once, on the newest.
+        let p = policy(1, 20, &[(Metric::CpuPercent, 50)]);
+        let samples = [cpu(90, 10.0), cpu(95, 10.0), cpu(100, 100.0)];
+        let (d, _) = decide(&p, &samples, 2, old_state(100), S(100));
+        assert_eq!((d.kind, d.desired), (Kind::ScaleOut, 4), "{d}");
+        assert_eq!(reason_metric(&d).value, 100.0);
+        // The samples may come in any order: the newest is the latest `at`.
+        let shuffled = [cpu(100, 100.0), cpu(90, 10.0), cpu(95, 10.0)];
+        assert_eq!(decide(&p, &shuffled, 2, old_state(100), S(100)).0, d);
+
+        // But one low sample after a busy window recommends no scale-in:
+        // the mean (70) still wants 3.
+        let samples = [cpu(90, 100.0), cpu(95, 100.0), cpu(100, 10.0)];
+        let (d, _) = decide(&p, &samples, 2, old_state(100), S(100));
+        assert_eq!(d.kind, Kind::ScaleOut, "{d}");
+        assert_eq!(reason_metric(&d).value, 70.0);
     }
 
     #[test]
@@ -709,9 +758,14 @@ mod tests {
         let mut state = State::new(S(0));
         let mut count = start;
         let mut out = Vec::new();
+        // What the engine passes: the samples of the last two windows,
+        // each measured with the count of its time.
+        let mut samples: Vec<Sample> = Vec::new();
         for i in 0..ticks {
             let now = S(i as u64 * tick);
-            let (d, next) = decide(policy, &[load.sample(now, count)], count, state, now);
+            samples.retain(|s| now - s.at <= SAMPLE_WINDOW * 2);
+            samples.push(load.sample(now, count));
+            let (d, next) = decide(policy, &samples, count, state, now);
             state = next;
             count = d.desired;
             out.push(d);
