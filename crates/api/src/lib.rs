@@ -10,5 +10,6 @@
 
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod server;
 pub mod wire;

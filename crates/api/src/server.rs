@@ -60,6 +60,14 @@ pub trait MetricsSource: Send + Sync + 'static {
     /// Whether `/metrics` can be served on `addr` (it is already, or it
     /// is free): the error says what is wrong and what to do.
     fn check_listen(&self, addr: std::net::SocketAddr) -> Result<(), String>;
+    /// The dashboard's charts: each process's series over `range`.
+    fn charts(
+        &self,
+        app: &str,
+        env: &str,
+        processes: &[String],
+        range: crate::dashboard::ChartRange,
+    ) -> crate::dashboard::ChartsReport;
 }
 
 /// `up` and `deploy` refuse a spec whose `[metrics] listen` address is
@@ -85,6 +93,8 @@ pub struct ApiState {
     pub upgrade: Option<mpsc::Sender<UpgradeRequest>>,
     /// `GET /v1/metrics` reads this; `None`: a daemon that measures nothing.
     pub metrics: Option<Arc<dyn MetricsSource>>,
+    /// The web dashboard's login tokens and address; `None`: no dashboard.
+    pub dashboard: Option<Arc<crate::dashboard::Dashboard>>,
 }
 
 /// The engine, addressed to the app and environment the request names
@@ -133,6 +143,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/logs", get(logs))
         .route("/v1/metrics", get(metrics))
+        .route("/v1/charts", get(crate::dashboard::charts))
+        .route("/v1/dashboard/login", post(crate::dashboard::login_link))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/upgrade", post(upgrade))
         .route("/v1/deploy", post(deploy))
@@ -229,7 +241,7 @@ async fn ping(State(s): State<ApiState>) -> Json<Ping> {
     Json(Ping { pid: std::process::id(), version: env!("CARGO_PKG_VERSION").to_string(), home: s.home.clone() })
 }
 
-async fn status(Scoped(engine): Scoped) -> Response {
+pub(crate) async fn status(Scoped(engine): Scoped) -> Response {
     match engine.status().await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
@@ -243,7 +255,7 @@ async fn run_context(Scoped(engine): Scoped, Query(q): Query<RunContextQuery>) -
     }
 }
 
-async fn events(Scoped(engine): Scoped, Query(q): Query<EventsQuery>) -> Response {
+pub(crate) async fn events(Scoped(engine): Scoped, Query(q): Query<EventsQuery>) -> Response {
     match engine.events(q.limit.unwrap_or(50).min(10_000)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
@@ -345,11 +357,11 @@ async fn shutdown(State(s): State<ApiState>) -> Response {
 }
 
 #[derive(serde::Deserialize)]
-struct MetricsQuery {
+pub(crate) struct MetricsQuery {
     process: Option<String>,
 }
 
-async fn metrics(State(s): State<ApiState>, Scoped(engine): Scoped, Query(q): Query<MetricsQuery>) -> Response {
+pub(crate) async fn metrics(State(s): State<ApiState>, Scoped(engine): Scoped, Query(q): Query<MetricsQuery>) -> Response {
     let status = match engine.status().await {
         Ok(st) => st,
         Err(e) => return engine_error(e),
@@ -477,7 +489,7 @@ async fn cancel(
     }
 }
 
-async fn maintenance(
+pub(crate) async fn maintenance(
     Scoped(engine): Scoped,
     body: Result<Json<MaintenanceRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -577,7 +589,7 @@ async fn releases(Scoped(engine): Scoped) -> Response {
     }
 }
 
-async fn history(Scoped(engine): Scoped, Query(q): Query<HistoryQuery>) -> Response {
+pub(crate) async fn history(Scoped(engine): Scoped, Query(q): Query<HistoryQuery>) -> Response {
     match engine.history(q.limit.unwrap_or(20).min(10_000)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),
@@ -629,7 +641,7 @@ async fn env_destroy(
 
 /// Every app and environment the daemon knows, each with its state (from
 /// its own controller: one that is busy answers for itself only).
-async fn environments(State(s): State<ApiState>) -> Response {
+pub(crate) async fn environments(State(s): State<ApiState>) -> Response {
     let mut out = Vec::new();
     for scope in s.engine.environments() {
         let handle = s.engine.scoped(Some(scope.app.clone()), Some(scope.env.clone()));

@@ -101,6 +101,12 @@ pub enum Command {
         /// in $NONSTOP_HOME/api-token.
         #[arg(long, env = "NONSTOP_API_LISTEN", value_name = "ADDR")]
         api_listen: Option<std::net::SocketAddr>,
+        /// Where the web dashboard listens (`nonstop dashboard` prints its
+        /// address with a login token): an address, or `off`. Default: a
+        /// free port on 127.0.0.1, kept across daemon restarts by the
+        /// keeper and across upgrades.
+        #[arg(long, env = "NONSTOP_DASHBOARD_LISTEN", value_name = "ADDR|off")]
+        dashboard_listen: Option<DashboardListen>,
         /// Proxy worker threads, unless the running app's stored spec sets
         /// `[proxy] workers` (that wins). Default: one per core. `up` and
         /// `deploy` pass the value of the spec they bring when they start
@@ -359,6 +365,22 @@ Exit code 0 only when the release is live in the target.")]
         #[arg(long)]
         json: bool,
     },
+    /// Open the web dashboard: prints its address with a single-use login
+    /// token (valid for 2 minutes); the browser that opens it gets a
+    /// session cookie for 12 hours. Environments, processes and instances
+    /// with their health, deployments with their timelines, live charts
+    /// with deploys and scaling decisions marked, maintenance on and off.
+    #[command(
+        after_help = "Examples:\n  nonstop dashboard\n  nonstop dashboard --open\n  nonstop -e staging dashboard --json\n\nThe daemon serves it on 127.0.0.1 (a free port, or --dashboard-listen / NONSTOP_DASHBOARD_LISTEN of `nonstop daemon`)."
+    )]
+    Dashboard {
+        /// Also open it in the desktop's browser (`xdg-open`).
+        #[arg(long)]
+        open: bool,
+        /// Print the address and login link as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Releases kept on disk; the current one is marked.
     Releases {
         /// Print the releases as JSON.
@@ -565,4 +587,40 @@ pub enum EnvCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where the daemon serves the web dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DashboardListen {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+impl Default for DashboardListen {
+    /// A free port on the loopback address.
+    fn default() -> Self {
+        DashboardListen::At(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+}
+
+impl std::str::FromStr for DashboardListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(DashboardListen::Off);
+        }
+        s.parse().map(DashboardListen::At).map_err(|_| {
+            format!("`{s}` is not an address such as 127.0.0.1:8900 (or `off` for no dashboard)")
+        })
+    }
+}
+
+impl std::fmt::Display for DashboardListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DashboardListen::Off => f.write_str("off"),
+            DashboardListen::At(a) => write!(f, "{a}"),
+        }
+    }
 }

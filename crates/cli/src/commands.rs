@@ -53,7 +53,8 @@ pub async fn dispatch(cli: Cli) -> i32 {
         }
     }
     let result = match cli.command {
-        Command::Daemon { api_listen, proxy_workers, no_keeper } => {
+        Command::Daemon { api_listen, dashboard_listen, proxy_workers, no_keeper } => {
+            let dashboard_listen = dashboard_listen.unwrap_or_default();
             init_daemon_logging();
             if std::env::var_os("NONSTOP_DETACH").is_some_and(|v| v == "1") {
                 // Started by `up`: leave the caller's session and process
@@ -67,7 +68,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
             // from a version without keepers) is never a keeper itself.
             let successor = std::env::var_os("NONSTOP_UPGRADE").is_some_and(|v| v == "1");
             if !no_keeper && !successor && std::env::var_os(crate::keeper::SOCKET_VAR).is_none() {
-                let args = crate::keeper::DaemonArgs { api_listen, proxy_workers };
+                let args = crate::keeper::DaemonArgs { api_listen, dashboard_listen, proxy_workers };
                 return match crate::keeper::run(home, args).await {
                     Ok(code) => code,
                     Err(e) => {
@@ -81,7 +82,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
                     }
                 };
             }
-            match crate::daemon::run(home, api_listen, proxy_workers).await {
+            match crate::daemon::run(home, api_listen, dashboard_listen, proxy_workers).await {
                 Ok(()) => Ok(0),
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -117,6 +118,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Cancel { reason, json } => cancel(&home, reason, json).await,
         Command::Releases { json } => releases(&home, json).await,
         Command::Metrics { process, json } => metrics(&home, process, json).await,
+        Command::Dashboard { open, json } => dashboard(&home, open, json).await,
         Command::Env { command } => crate::env::env(&home, command).await,
         Command::Upgrade { json } => upgrade(&home, json).await,
         Command::Doctor { repair, json } => crate::recovery::doctor(&home, repair, json).await,
@@ -959,6 +961,34 @@ async fn metrics(home: &Home, process: Option<String>, json: bool) -> anyhow::Re
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         outln!("{}", crate::metrics::table(&report).trim_end());
+    }
+    Ok(0)
+}
+
+/// `nonstop dashboard`: a login link from the daemon.
+async fn dashboard(home: &Home, open: bool, json: bool) -> anyhow::Result<i32> {
+    let link: nonstop_api::dashboard::LoginLink = client(home).post("/v1/dashboard/login", &serde_json::json!({})).await?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&link)?);
+    } else {
+        outln!("{}", link.url);
+        eprintln!(
+            "Open this link within {} s; it works once and logs the browser in for 12 hours. The dashboard is at {}.",
+            link.expires_in_secs, link.base_url
+        );
+    }
+    if open {
+        let status = std::process::Command::new("xdg-open")
+            .arg(&link.url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => anyhow::bail!("`xdg-open` could not open the link ({s}); open it in a browser yourself"),
+            Err(e) => anyhow::bail!("cannot run `xdg-open` ({e}); open the link in a browser yourself"),
+        }
     }
     Ok(0)
 }

@@ -316,6 +316,7 @@ fn handover_sockets(
     ingress: Option<&ProxyIngress>,
     api_fd: &std::os::fd::OwnedFd,
     api_tcp_fd: Option<&std::os::fd::OwnedFd>,
+    dashboard_fd: Option<&std::os::fd::OwnedFd>,
 ) -> Result<Vec<(&'static str, std::os::fd::OwnedFd)>, UpgradeFailed> {
     let mut sockets: Vec<(&'static str, std::os::fd::OwnedFd)> =
         ingress.map(ProxyIngress::handover).unwrap_or_default().into_iter().map(|fd| ("proxy", fd)).collect();
@@ -323,6 +324,9 @@ fn handover_sockets(
     sockets.push(("api", dup(api_fd, "API socket")?));
     if let Some(fd) = api_tcp_fd {
         sockets.push(("api-tcp", dup(fd, "API's TCP socket")?));
+    }
+    if let Some(fd) = dashboard_fd {
+        sockets.push(("dashboard", dup(fd, "dashboard's socket")?));
     }
     Ok(sockets)
 }
@@ -337,8 +341,9 @@ async fn restart_own_version(
     ingress: Option<&ProxyIngress>,
     api_fd: &std::os::fd::OwnedFd,
     api_tcp_fd: Option<&std::os::fd::OwnedFd>,
+    dashboard_fd: Option<&std::os::fd::OwnedFd>,
 ) -> Result<u32, UpgradeFailed> {
-    let sockets = handover_sockets(ingress, api_fd, api_tcp_fd)?;
+    let sockets = handover_sockets(ingress, api_fd, api_tcp_fd, dashboard_fd)?;
     let (home2, upgrade_exe) = (Home { dir: home.dir.clone() }, upgrade_exe.to_path_buf());
     let pid = tokio::task::spawn_blocking(move || {
         let own = std::path::Path::new("/proc/self/exe");
@@ -349,8 +354,16 @@ async fn restart_own_version(
     Ok(pid)
 }
 
-pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Option<u32>) -> anyhow::Result<()> {
+pub async fn run(
+    home: Home,
+    api_listen: Option<SocketAddr>,
+    dashboard_listen: crate::cli::DashboardListen,
+    proxy_workers: Option<u32>,
+) -> anyhow::Result<()> {
     crate::limits::raise_fd_limit();
+    // A successor (upgrade) inherits this: the same choice, whether it
+    // came from the flag or the variable.
+    std::env::set_var("NONSTOP_DASHBOARD_LISTEN", dashboard_listen.to_string());
     home.create()?;
     let exe = std::env::current_exe().context("cannot find the nonstop executable")?;
     // The binary to start on upgrade: this path, whatever is there by then
@@ -376,9 +389,10 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         LocalDriver::new(LocalDriverConfig::new(home.path(), crate::home::monitor_command(monitor_exe)))
             .context("cannot set up the local driver")?,
     );
-    let api_token_value = match api_listen {
-        Some(_) => Some(api_token(&home)?),
-        None => None,
+    let dashboard_on = dashboard_listen != crate::cli::DashboardListen::Off;
+    let api_token_value = match api_listen.is_some() || dashboard_on {
+        true => Some(api_token(&home)?),
+        false => None,
     };
     if successor {
         crate::upgrade::announce_ready(&home)?;
@@ -550,6 +564,40 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         None => CancellationToken::new(),
     };
 
+    // The web dashboard's listener (an inherited one first: its address
+    // stays the same across upgrades and daemon restarts under a keeper),
+    // before anything is served.
+    let dashboard_listener = match (dashboard_listen, inherited.dashboard.take()) {
+        (crate::cli::DashboardListen::Off, _) => None,
+        (crate::cli::DashboardListen::At(_), Some(l)) => {
+            l.set_nonblocking(true)?;
+            Some(tokio::net::TcpListener::from_std(l)?)
+        }
+        (crate::cli::DashboardListen::At(addr), None) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "cannot listen for the dashboard on {addr}: choose another address with `nonstop daemon \
+                     --dashboard-listen ADDR` (or NONSTOP_DASHBOARD_LISTEN), or `off` for none"
+                )
+            })?)
+        }
+    };
+    let dashboard = match (&dashboard_listener, &api_token_value) {
+        (Some(l), Some(token)) => {
+            let addr = l.local_addr()?;
+            let host = match addr.ip() {
+                ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
+                ip if ip.is_unspecified() => "[::1]".to_string(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            };
+            Some(Arc::new(nonstop_api::dashboard::Dashboard {
+                auth: nonstop_api::dashboard::Auth::new(token),
+                base_url: format!("http://{host}:{}", addr.port()),
+            }))
+        }
+        _ => None,
+    };
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel::<server::UpgradeRequest>(4);
     let engine_for_upgrade = engine.clone();
     let state = ApiState {
@@ -559,6 +607,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
         home: home.dir.clone(),
         upgrade: Some(upgrade_tx.clone()),
         metrics: Some(metrics),
+        dashboard: dashboard.clone(),
     };
 
     // The unix socket, private to the user (or the one we inherited).
@@ -603,6 +652,22 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
             tracing::error!("API server stopped: {e}");
         }
     });
+    let mut dashboard_fd = None;
+    if let (Some(listener), Some(d)) = (dashboard_listener, &dashboard) {
+        dashboard_fd = {
+            use std::os::fd::AsFd;
+            Some(listener.as_fd().try_clone_to_owned()?)
+        };
+        let app = nonstop_api::dashboard::router(state.clone());
+        let sd = api_stop.clone();
+        tasks.spawn(async move {
+            let r = axum::serve(listener, app).with_graceful_shutdown(async move { sd.cancelled().await }).await;
+            if let Err(e) = r {
+                tracing::error!("dashboard server stopped: {e}");
+            }
+        });
+        tracing::info!("dashboard on {} (`nonstop dashboard` prints a login link)", d.base_url);
+    }
     let mut api_tcp_fd = None;
     if let (Some(addr), Some(token), Some(tcp)) = (api_listen, api_token_value, tcp_listener) {
         api_tcp_fd = {
@@ -682,6 +747,9 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
             if let Some(fd) = &api_tcp_fd {
                 k.hold(SocketKind::ApiTcp, fd.as_fd());
             }
+            if let Some(fd) = &dashboard_fd {
+                k.hold(SocketKind::Dashboard, fd.as_fd());
+            }
             k.serving();
         }
         None => crate::upgrade::sd_notify(&format!("MAINPID={}\nREADY=1\nSTATUS=serving", std::process::id())),
@@ -727,7 +795,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
                         continue;
                     }
                 }
-                let sockets = match handover_sockets(local.as_deref(), &api_fd, api_tcp_fd.as_ref()) {
+                let sockets = match handover_sockets(local.as_deref(), &api_fd, api_tcp_fd.as_ref(), dashboard_fd.as_ref()) {
                     Ok(sockets) => sockets,
                     Err(e) => { refuse(reply, e); continue; }
                 };
@@ -754,7 +822,7 @@ pub async fn run(home: Home, api_listen: Option<SocketAddr>, proxy_workers: Opti
                     Ok(new_pid) => Ok(Upgraded { old_pid: std::process::id(), new_pid }),
                     Err(why) => {
                         tracing::error!("upgrade failed after the handover: {why}; starting this daemon's own version again");
-                        match restart_own_version(&home, &upgrade_exe, api_listen, local.as_deref(), &api_fd, api_tcp_fd.as_ref()).await {
+                        match restart_own_version(&home, &upgrade_exe, api_listen, local.as_deref(), &api_fd, api_tcp_fd.as_ref(), dashboard_fd.as_ref()).await {
                             Ok(pid) => {
                                 tracing::info!("this daemon's version serves again as pid {pid}");
                                 Err(Box::new(UpgradeFailed::Restarted { why, pid }))

@@ -68,6 +68,8 @@ pub enum SocketKind {
     Proxy,
     Api,
     ApiTcp,
+    /// The web dashboard's listener.
+    Dashboard,
 }
 
 impl SocketKind {
@@ -76,6 +78,7 @@ impl SocketKind {
             SocketKind::Proxy => "proxy",
             SocketKind::Api => "api",
             SocketKind::ApiTcp => "api-tcp",
+            SocketKind::Dashboard => "dashboard",
         }
     }
 
@@ -84,6 +87,7 @@ impl SocketKind {
             "proxy" => Some(SocketKind::Proxy),
             "api" => Some(SocketKind::Api),
             "api-tcp" => Some(SocketKind::ApiTcp),
+            "dashboard" => Some(SocketKind::Dashboard),
             _ => None,
         }
     }
@@ -385,6 +389,7 @@ fn process_runs(pid: u32) -> bool {
 /// How to start a daemon.
 pub struct DaemonArgs {
     pub api_listen: Option<SocketAddr>,
+    pub dashboard_listen: crate::cli::DashboardListen,
     pub proxy_workers: Option<u32>,
 }
 
@@ -430,6 +435,7 @@ fn spawn_daemon(
         Some(a) => cmd.env("NONSTOP_API_LISTEN", a.to_string()),
         None => cmd.env_remove("NONSTOP_API_LISTEN"),
     };
+    cmd.env("NONSTOP_DASHBOARD_LISTEN", args.dashboard_listen.to_string());
     match restart_reason {
         Some(r) => cmd.env(RESTART_VAR, r),
         None => cmd.env_remove(RESTART_VAR),
@@ -560,6 +566,9 @@ pub async fn run(home: Home, args: DaemonArgs) -> anyhow::Result<i32> {
     }
     if let Some(l) = inherited.api_tcp {
         held.hold(SocketKind::ApiTcp, OwnedFd::from(l));
+    }
+    if let Some(l) = inherited.dashboard {
+        held.hold(SocketKind::Dashboard, OwnedFd::from(l));
     }
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
@@ -766,6 +775,7 @@ mod tests {
             Message::Hold(SocketKind::Proxy),
             Message::Hold(SocketKind::Api),
             Message::Hold(SocketKind::ApiTcp),
+            Message::Hold(SocketKind::Dashboard),
             Message::Release("127.0.0.1:8080".parse().unwrap()),
             Message::Release("[::1]:443".parse().unwrap()),
             Message::Serving,

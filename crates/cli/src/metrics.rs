@@ -7,6 +7,7 @@
 //! [`MetricsSource`]) and serves Prometheus text on the running specs'
 //! `[metrics] listen` addresses.
 
+use nonstop_api::dashboard::{ChartRange, ChartsReport, ProcessCharts};
 use nonstop_api::server::MetricsSource;
 use nonstop_api::wire::{MetricSeries, MetricsReport, ProcessMetrics, ReleaseRequests};
 use nonstop_core::traffic::{BackendFigures, RouteFigures, Traffic};
@@ -249,6 +250,95 @@ impl MetricsSource for Metrics {
         }
         out
     }
+
+    fn charts(&self, app: &str, env: &str, processes: &[String], range: ChartRange) -> ChartsReport {
+        charts_report(&self.store(), app, env, processes, range, now())
+    }
+}
+
+/// The dashboard's charts (`GET /v1/charts`): per process type, point by
+/// point over the range, requests/s, p95, the 5xx share, CPU % and
+/// instances; `None` where nothing was measured.
+fn charts_report(
+    store: &Store,
+    app: &str,
+    env: &str,
+    processes: &[String],
+    range: ChartRange,
+    at: Timestamp,
+) -> ChartsReport {
+    let (step_secs, n) = range.points();
+    let resolution = if step_secs == 5 { Resolution::FiveSeconds } else { Resolution::OneMinute };
+    let step = resolution.step_ms();
+    let last = at.as_millis() / step;
+    let first = last.saturating_sub(n as u64 - 1);
+    let mut out = ChartsReport {
+        app: app.to_owned(),
+        environment: env.to_owned(),
+        range,
+        start_ms: first * step,
+        step_secs,
+        processes: Vec::new(),
+    };
+    let (Ok(app_name), Ok(env_id)) = (AppName::new(app), EnvironmentId::new(env)) else { return out };
+    let add = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(x), Some(y)) => Some(x + y),
+        (x, None) => x,
+        (None, y) => y,
+    };
+    // Several series summed point by point.
+    let sum = |keys: &[&SeriesKey]| -> Vec<Option<f64>> {
+        let mut total = vec![None; n];
+        for k in keys {
+            for (t, v) in total.iter_mut().zip(store.recent(k, resolution, at, n)) {
+                *t = add(*t, v);
+            }
+        }
+        total
+    };
+    for p in processes {
+        let Ok(process) = ProcessName::new(p.as_str()) else { continue };
+        let mine: Vec<&SeriesKey> = store
+            .keys()
+            .filter(|k| k.app() == &app_name && k.environment_id() == &env_id && k.process_name() == Some(&process))
+            .collect();
+        let of = |m: Metric| -> Vec<&SeriesKey> {
+            mine.iter().copied().filter(|k| k.metric() == m && k.slot().is_none()).collect()
+        };
+        let slots = |m: Metric| -> Vec<&SeriesKey> {
+            mine.iter().copied().filter(|k| k.metric() == m && k.slot().is_some()).collect()
+        };
+        let requests = sum(&of(Metric::Requests));
+        let errors = sum(&of(Metric::Responses(StatusClass::ServerError)));
+        let error_rate = requests
+            .iter()
+            .zip(&errors)
+            .map(|(r, e)| match r {
+                Some(r) if *r > 0.0 => Some(e.unwrap_or(0.0) / r),
+                _ => None,
+            })
+            .collect();
+        let mut latency: Vec<Histogram> = vec![Histogram::new(); n];
+        let (from, to) = (Timestamp::from_millis(first * step), Timestamp::from_millis((last + 1) * step));
+        for k in of(Metric::Latency) {
+            for point in store.points(k, resolution, from, to) {
+                if let nonstop_metrics::PointValue::Histogram(h) = point.value {
+                    if let Some(m) = latency.get_mut((point.start.as_millis() / step).saturating_sub(first) as usize) {
+                        m.merge(&h);
+                    }
+                }
+            }
+        }
+        out.processes.push(ProcessCharts {
+            process: p.clone(),
+            requests_per_second: requests,
+            p95_ms: latency.iter().map(|h| h.quantile(0.95).map(ms)).collect(),
+            error_rate,
+            cpu_percent: sum(&slots(Metric::CpuPercent)),
+            instances: sum(&of(Metric::Instances)),
+        });
+    }
+    out
 }
 
 fn empty_report(app: &str, env: &str, at: Timestamp) -> MetricsReport {

@@ -40,10 +40,12 @@ pub struct Inherited {
     pub api: Option<std::os::unix::net::UnixListener>,
     /// The API's TCP listener, if it had one.
     pub api_tcp: Option<std::net::TcpListener>,
+    /// The web dashboard's listener, if it had one.
+    pub dashboard: Option<std::net::TcpListener>,
 }
 
 /// Take the sockets passed by a predecessor (or by systemd). Names:
-/// `proxy` (any number), `api`, `api-tcp`.
+/// `proxy` (any number), `api`, `api-tcp`, `dashboard`.
 pub fn take_inherited() -> Inherited {
     let mut out = Inherited::default();
     if std::env::var_os("LISTEN_FDS").is_none() {
@@ -61,6 +63,10 @@ pub fn take_inherited() -> Inherited {
             },
             "api-tcp" => match fds.take_tcp_listener(i) {
                 Ok(Some(l)) => out.api_tcp = Some(l),
+                other => tracing::warn!("inherited fd {i} ({name}) is not a TCP listener: {:?}", other.err()),
+            },
+            "dashboard" => match fds.take_tcp_listener(i) {
+                Ok(Some(l)) => out.dashboard = Some(l),
                 other => tracing::warn!("inherited fd {i} ({name}) is not a TCP listener: {:?}", other.err()),
             },
             _ => match fds.take_tcp_listener(i) {

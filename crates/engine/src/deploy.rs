@@ -603,11 +603,21 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     pub(crate) fn history(&self, limit: usize) -> Result<Vec<DeploymentInfo>, EngineError> {
         let rt = self.app.as_ref().ok_or(EngineError::NotUp)?;
-        Ok(self
-            .store
-            .deployments(&rt.record.app, &self.env, limit)?
-            .into_iter()
-            .map(|d| DeploymentInfo {
+        let mut out = Vec::new();
+        for d in self.store.deployments(&rt.record.app, &self.env, limit)? {
+            let mut timeline = Vec::new();
+            for (at, value) in self.store.deployment_steps(d.id)? {
+                let step: nonstop_plan::timeline::Step = serde_json::from_value(value.clone()).map_err(|_| {
+                    nonstop_store::StoreError::UnknownValue { what: "deployment step", value: value.to_string() }
+                })?;
+                timeline.push(crate::report::TimelineEntry {
+                    at_ms: ms_since_epoch(at),
+                    kind: step.kind,
+                    tone: step.tone,
+                    text: step.text,
+                });
+            }
+            out.push(DeploymentInfo {
                 id: d.id,
                 kind: d.kind,
                 from_release: d.from_release.map(|r| r.0),
@@ -619,8 +629,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 message: d.message,
                 started_at_ms: ms_since_epoch(d.started_at),
                 finished_at_ms: d.finished_at.map(ms_since_epoch),
-            })
-            .collect())
+                timeline,
+            });
+        }
+        Ok(out)
     }
 
     // -------------------------------------------------------------- restart

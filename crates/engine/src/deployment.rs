@@ -144,8 +144,16 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         while let Some(event) = self.deployment.as_mut().and_then(|r| r.inbox.pop_front()) {
             let now = ms_since_epoch(self.clock.wall());
             let Some(run) = self.deployment.as_mut() else { return };
-            let (machine, actions) = advance(run.machine.clone(), event, now);
+            let (machine, actions) = advance(run.machine.clone(), event.clone(), now);
+            // The timeline (history, the dashboard): what this move means.
+            let steps = nonstop_plan::timeline::steps(&run.machine, &event, &machine);
             run.machine = machine;
+            for step in steps {
+                let value = serde_json::to_value(&step).unwrap_or_default();
+                if let Err(e) = self.store.add_deployment_step(run.record.id, self.clock.wall(), &value) {
+                    tracing::warn!("could not record a step of deployment #{}: {e}", run.record.id);
+                }
+            }
             if !run.machine.is_done() {
                 run.record.phase = serde_json::to_value(&run.machine).unwrap_or_default();
                 if let Err(e) = self.store.update_deployment(&run.record) {

@@ -305,4 +305,18 @@ pub struct DeploymentInfo {
     pub message: Option<String>,
     pub started_at_ms: u64,
     pub finished_at_ms: Option<u64>,
+    /// What happened, step by step: the phases entered, the gates'
+    /// verdicts, the outcome (empty for deployments recorded before
+    /// timelines were).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// One step of a deployment's timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    pub at_ms: u64,
+    pub kind: nonstop_plan::timeline::StepKind,
+    pub tone: nonstop_plan::timeline::Tone,
+    pub text: String,
 }

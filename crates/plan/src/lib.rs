@@ -16,6 +16,7 @@ pub mod reconcile;
 pub mod rollout;
 pub mod statics;
 pub mod stopped;
+pub mod timeline;
 
 pub use backoff::SlotBackoff;
 pub use reconcile::{reconcile, Action, Decision, Observed, ObservedInstance, Phase};

@@ -135,6 +135,13 @@ CREATE TABLE IF NOT EXISTS deployments (
     finished_at_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS deployments_by_app ON deployments (app, environment, id);
+CREATE TABLE IF NOT EXISTS deployment_steps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    deployment INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    step_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deployment_steps_by_deployment ON deployment_steps (deployment, id);
 CREATE TABLE IF NOT EXISTS tasks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     app TEXT NOT NULL,
@@ -1080,6 +1087,32 @@ impl Store {
             params![rec.id, rec.phase.to_string(), rec.status.as_str(), rec.reason, rec.finished_at.map(ms)],
         )?;
         Ok(())
+    }
+
+    /// Add a step to a deployment's timeline: `step` is the engine's own
+    /// serialized step (`nonstop_plan::timeline::Step`).
+    pub fn add_deployment_step(&self, deployment: i64, at: SystemTime, step: &serde_json::Value) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO deployment_steps (deployment, at_ms, step_json) VALUES (?1, ?2, ?3)",
+            params![deployment, ms(at), step.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// A deployment's timeline, oldest first: when, and the step as stored.
+    pub fn deployment_steps(&self, deployment: i64) -> Result<Vec<(SystemTime, serde_json::Value)>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT at_ms, step_json FROM deployment_steps WHERE deployment = ?1 ORDER BY id")?;
+        let rows = stmt.query_map(params![deployment], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (at, json) = row?;
+            let value = serde_json::from_str(&json)
+                .map_err(|_| StoreError::UnknownValue { what: "deployment step", value: json.clone() })?;
+            out.push((from_ms(at), value));
+        }
+        Ok(out)
     }
 
     /// The newest `limit` deployments, newest first.

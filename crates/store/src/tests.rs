@@ -189,7 +189,18 @@ fn releases_and_deployments_round_trip() {
     dep.finished_at = Some(UNIX_EPOCH + Duration::from_secs(9));
     store.update_deployment(&dep).unwrap();
     assert_eq!(store.running_deployment(&app, &env).unwrap(), None);
-    assert_eq!(store.deployments(&app, &env, 10).unwrap(), vec![dep]);
+    assert_eq!(store.deployments(&app, &env, 10).unwrap(), vec![dep.clone()]);
+
+    // Its timeline, in the order written; another deployment's is apart.
+    let at = |s| UNIX_EPOCH + Duration::from_secs(s);
+    store.add_deployment_step(dep.id, at(6), &serde_json::json!({"kind": "phase", "text": "building"})).unwrap();
+    store.add_deployment_step(dep.id + 1, at(7), &serde_json::json!({"kind": "phase", "text": "other"})).unwrap();
+    store.add_deployment_step(dep.id, at(9), &serde_json::json!({"kind": "outcome", "text": "rolled back"})).unwrap();
+    let steps = store.deployment_steps(dep.id).unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0], (at(6), serde_json::json!({"kind": "phase", "text": "building"})));
+    assert_eq!(steps[1].0, at(9));
+    assert!(store.deployment_steps(dep.id + 2).unwrap().is_empty());
 }
 
 #[test]

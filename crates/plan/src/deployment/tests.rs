@@ -555,6 +555,8 @@ struct Trace {
     finished: usize,
     promoted_before_all_rolled: bool,
     actions_after_finish: bool,
+    /// The timeline the engine would record.
+    steps: Vec<crate::timeline::Step>,
 }
 
 fn simulate(shape: Shape, moves: Vec<Move>) -> (Deployment, Trace) {
@@ -570,7 +572,9 @@ fn simulate(shape: Shape, moves: Vec<Move>) -> (Deployment, Trace) {
                 trace: &mut Trace,
                 out: &mut std::collections::VecDeque<(Action, usize)>| {
         let was_done = d.is_done();
-        let (d, actions) = advance(d, e, now);
+        let before = d.clone();
+        let (d, actions) = advance(d, e.clone(), now);
+        trace.steps.extend(crate::timeline::steps(&before, &e, &d));
         if was_done && !actions.is_empty() {
             trace.actions_after_finish = true;
         }
@@ -642,6 +646,16 @@ proptest! {
         prop_assert_eq!(trace.finished, 1, "{:?}", trace.actions);
         prop_assert!(matches!(trace.actions.last(), Some(Action::Finish { .. })), "{:?}", trace.actions);
         prop_assert!(!trace.actions_after_finish);
+
+        // The timeline starts with a phase, names each phase once when
+        // entered, and ends with the one outcome, which is the machine's.
+        use crate::timeline::{StepKind, describe};
+        prop_assert_eq!(trace.steps.first().map(|s| s.kind), Some(StepKind::Phase), "{:?}", trace.steps);
+        let outcomes = trace.steps.iter().filter(|s| s.kind == StepKind::Outcome).count();
+        prop_assert_eq!(outcomes, 1, "{:?}", trace.steps);
+        prop_assert_eq!(trace.steps.last(), Some(&describe(&d)));
+        let phases: Vec<_> = trace.steps.iter().filter(|s| s.kind != StepKind::Gate && s.kind != StepKind::Canary).collect();
+        prop_assert!(phases.windows(2).all(|w| w[0] != w[1]), "{:?}", trace.steps);
 
         // The release tasks start at most once; a restart waits instead.
         let started = trace.actions.iter().filter(|a| **a == Action::RunTasks { post: false }).count();

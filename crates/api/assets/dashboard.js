@@ -1,0 +1,322 @@
+// The nonstop dashboard: reads the daemon's API (same origin, session
+// cookie) every 5 s and draws it. No framework, no network but the daemon.
+"use strict";
+(function () {
+  const $ = sel => document.querySelector(sel);
+  const COLORS = ["#1f6feb", "#8250df", "#1a7f37", "#bc4c00", "#cf222e", "#0a7ea4"];
+  const REFRESH_MS = 5000;
+  const state = { envs: [], app: null, env: null, range: "15m", csrf: "", open: new Set(), maintenanceOn: false, busy: false };
+
+  function text(tag, content, cls) {
+    const e = document.createElement(tag);
+    if (content != null) e.textContent = content;
+    if (cls) e.className = cls;
+    return e;
+  }
+  function row(cells, cls) {
+    const tr = document.createElement("tr");
+    if (cls) tr.className = cls;
+    for (const c of cells) {
+      const td = document.createElement("td");
+      if (c instanceof Node) td.append(c); else td.textContent = c == null ? "–" : String(c);
+      tr.append(td);
+    }
+    return tr;
+  }
+  function pill(content, tone) { return text("span", content, "pill " + (tone || "neutral")); }
+  function when(ms) { return ms ? new Date(ms).toLocaleString() : "–"; }
+  function duration(ms) {
+    if (ms == null) return "–";
+    const s = Math.round(ms / 1000);
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+  }
+  function notice(message, ok) {
+    const n = $("#notice");
+    n.textContent = message;
+    n.className = "notice" + (ok ? " ok" : "");
+    n.hidden = !message;
+  }
+  function scope() {
+    const q = new URLSearchParams();
+    if (state.app) q.set("app", state.app);
+    if (state.env) q.set("env", state.env);
+    return q.toString();
+  }
+
+  async function api(path, options) {
+    const resp = await fetch(path, Object.assign({ credentials: "same-origin", headers: {} }, options || {}));
+    if (resp.status === 401) {
+      notice("Not logged in (or the session expired): run `nonstop dashboard` and open the link it prints.");
+      throw new Error("unauthorized");
+    }
+    const body = await resp.json().catch(() => ({}));
+    if (!resp.ok) throw new Error(body.message || resp.status + " " + resp.statusText);
+    return body;
+  }
+
+  // ------------------------------------------------------------ environments
+
+  function readHash() {
+    const q = new URLSearchParams(location.hash.slice(1));
+    if (q.get("app")) state.app = q.get("app");
+    if (q.get("env")) state.env = q.get("env");
+  }
+  function writeHash() {
+    history.replaceState(null, "", "#" + scope());
+  }
+
+  function health(e) {
+    if (!e.running) return pill("down", "neutral");
+    const tone = e.instances > 0 && e.ready === e.instances ? "good" : e.ready === 0 ? "bad" : "warning";
+    return pill(e.ready + " / " + e.instances + " ready", tone);
+  }
+  function urlLinks(urls) {
+    const span = document.createElement("span");
+    for (const u of urls || []) {
+      const a = text("a", u);
+      a.href = u; a.target = "_blank"; a.rel = "noopener noreferrer";
+      span.append(a, " ");
+    }
+    return urls && urls.length ? span : "–";
+  }
+
+  async function loadEnvironments() {
+    state.envs = await api("/v1/environments");
+    if (!state.envs.some(e => e.app === state.app && e.environment === state.env)) {
+      const first = state.envs.find(e => e.running) || state.envs[0];
+      state.app = first ? first.app : null;
+      state.env = first ? first.environment : null;
+    }
+    const select = $("#env-select");
+    select.replaceChildren(...state.envs.map(e => {
+      const o = text("option", e.app + " / " + e.environment);
+      o.value = e.app + "\n" + e.environment;
+      o.selected = e.app === state.app && e.environment === state.env;
+      return o;
+    }));
+    const body = $("#env-table tbody");
+    body.replaceChildren(...state.envs.map(e => {
+      const selected = e.app === state.app && e.environment === state.env;
+      const tr = row([e.app, e.environment, e.release == null ? "–" : "v" + e.release, health(e),
+        e.operation || (e.running ? "running" : "down"), urlLinks(e.urls)], "clickable" + (selected ? " selected" : ""));
+      tr.dataset.app = e.app; tr.dataset.env = e.environment;
+      tr.addEventListener("click", ev => { if (ev.target.tagName !== "A") choose(e.app, e.environment); });
+      return tr;
+    }));
+    writeHash();
+  }
+
+  function choose(app, env) {
+    state.app = app; state.env = env; state.open.clear();
+    writeHash();
+    refresh();
+  }
+
+  // ------------------------------------------------------------------ status
+
+  function renderStatus(st) {
+    $("#env-title").textContent = st.app + " / " + st.environment;
+    $("#release").textContent = "v" + st.release;
+    const ready = st.processes.reduce((n, p) => n + p.ready, 0);
+    const desired = st.processes.reduce((n, p) => n + p.desired, 0);
+    $("#health").replaceChildren(pill(ready + " / " + desired + " ready",
+      desired === 0 ? "neutral" : ready === desired ? "good" : ready === 0 ? "bad" : "warning"));
+    $("#state").textContent = st.state || "running";
+    $("#operation").textContent = st.operation || "none";
+    const m = st.maintenance;
+    state.maintenanceOn = !!m;
+    $("#maintenance-state").replaceChildren(m ? pill("on", "warning") : pill("off", "good"));
+    if (m) $("#maintenance-state").append(text("div", "since " + when(m.since_ms) + " (" + m.by + ")", "muted small"));
+    const toggle = $("#maintenance-toggle");
+    toggle.textContent = m ? "Turn maintenance off" : "Turn maintenance on";
+    toggle.className = m ? "" : "danger";
+    toggle.disabled = state.busy;
+    const env = state.envs.find(e => e.app === st.app && e.environment === st.environment);
+    $("#urls").replaceChildren(text("span", "Served at: ", "muted"), urlLinks(env ? env.urls : []));
+
+    $("#process-table tbody").replaceChildren(...st.processes.map(p => {
+      const a = p.autoscale;
+      const auto = a ? "min " + a.min + ", max " + a.max + (a.last_decision ? " · " + a.last_decision : "") : "–";
+      const tone = p.desired === 0 ? "neutral" : p.ready === p.desired ? "good" : p.ready === 0 ? "bad" : "warning";
+      const tr = row([p.process, p.kind, pill(p.ready + " / " + p.desired, tone), auto]);
+      tr.dataset.process = p.process;
+      return tr;
+    }));
+    const healthTone = { healthy: "good", pending: "warning", unhealthy: "bad", draining: "neutral" };
+    const rows = st.instances.map(i => {
+      const h = i.health ? pill(i.health, healthTone[i.health]) : pill(i.state === "running" ? "ready" : i.state,
+        i.state === "running" ? "good" : "warning");
+      const tr = row([i.instance + " (" + i.id + ")", i.state, h, "v" + i.release, i.pid, i.port, i.restarts,
+        duration(i.uptime_ms)]);
+      tr.dataset.instance = i.id;
+      return tr;
+    });
+    for (const w of st.waiting || []) {
+      rows.push(row([w.instance, w.state, pill(w.state, "bad"), "–", "–", "–", w.restarts,
+        w.problem || w.last_exit || "retry in " + duration(w.retry_in_ms)]));
+    }
+    $("#instance-table tbody").replaceChildren(...rows);
+  }
+
+  // ----------------------------------------------------------------- history
+
+  function renderHistory(deployments) {
+    const box = $("#deployments");
+    if (!deployments.length) { box.replaceChildren(text("p", "No deployments yet.", "muted")); return; }
+    const statusTone = { succeeded: "good", running: "neutral", failed: "bad", rolled_back: "bad" };
+    box.replaceChildren(...deployments.map((d, index) => {
+      const det = document.createElement("details");
+      det.className = "deployment";
+      det.dataset.id = d.id;
+      det.open = state.open.has(d.id) || (index === 0 && !state.open.has(-d.id));
+      det.addEventListener("toggle", () => {
+        if (det.open) { state.open.add(d.id); state.open.delete(-d.id); }
+        else { state.open.delete(d.id); state.open.add(-d.id); }
+      });
+      const sum = document.createElement("summary");
+      const to = (d.from_release != null ? "v" + d.from_release + " → " : "") + "v" + d.to_release;
+      const took = d.finished_at_ms ? duration(d.finished_at_ms - d.started_at_ms) : "running";
+      sum.append(text("span", "#" + d.id, "id"), text("span", d.kind), text("span", to),
+        pill(d.status.replace("_", " "), statusTone[d.status]), text("span", "by " + d.who, "muted"),
+        text("span", when(d.started_at_ms), "muted"), text("span", took, "muted"));
+      if (d.message) sum.append(text("span", "“" + d.message + "”", "muted"));
+      det.append(sum);
+      const ol = document.createElement("ol");
+      ol.className = "timeline";
+      for (const s of d.timeline || []) {
+        const li = text("li", null, s.tone);
+        li.append(text("span", "+" + ((s.at_ms - d.started_at_ms) / 1000).toFixed(1) + " s", "at"),
+          text("span", s.kind, "kind"), text("span", s.text));
+        ol.append(li);
+      }
+      if (!(d.timeline || []).length) ol.append(text("li", "phase: " + d.phase + (d.reason ? " — " + d.reason : ""), "neutral"));
+      else if (d.reason && d.status !== "succeeded") ol.append(text("li", d.reason, "bad"));
+      det.append(ol);
+      return det;
+    }));
+  }
+
+  // ------------------------------------------------------------------ events
+
+  const MARKER_KIND = {
+    "deploy": "deploy", "rollback": "deploy", "promote": "deploy", "deployed": "ok",
+    "rolled-back": "bad", "deploy-failed": "bad", "rollout-failed": "bad",
+    "autoscale": "scale", "scale": "scale", "maintenance": "maint"
+  };
+
+  function renderEvents(events) {
+    const recent = events.slice(-40).reverse();
+    $("#event-table tbody").replaceChildren(...recent.map(e => row([when(e.at_ms), e.kind, e.instance, e.message])));
+  }
+
+  // ------------------------------------------------------------------ charts
+
+  function renderCharts(c, events) {
+    const stepMs = c.step_secs * 1000;
+    const markers = events.filter(e => MARKER_KIND[e.kind])
+      .map(e => ({ atMs: e.at_ms, kind: MARKER_KIND[e.kind], text: e.kind + ": " + e.message }));
+    const series = pick => c.processes
+      .map((p, i) => ({ name: p.process, color: COLORS[i % COLORS.length], values: pick(p) }))
+      .filter(s => s.values.some(v => v != null));
+    const num = v => (v >= 100 ? Math.round(v) : Math.round(v * 10) / 10).toString();
+    const charts = [
+      ["#chart-requests", p => p.requests_per_second, num, 1],
+      ["#chart-p95", p => p.p95_ms, num, 1],
+      ["#chart-errors", p => p.error_rate.map(v => v == null ? null : v * 100), v => num(v) + "%", 1],
+      ["#chart-cpu", p => p.cpu_percent, v => num(v) + "%", 1],
+      ["#chart-instances", p => p.instances, num, 2],
+    ];
+    for (const [sel, pick, format, minTop] of charts) {
+      const fig = $(sel);
+      const s = series(pick);
+      NonstopCharts.render(fig.querySelector(".plot"), {
+        title: fig.querySelector("figcaption").textContent, series: s, startMs: c.start_ms, stepMs, markers, format, minTop,
+      });
+    }
+  }
+
+  // ----------------------------------------------------------------- refresh
+
+  let timer = null;
+  async function refresh() {
+    clearTimeout(timer);
+    try {
+      await loadEnvironments();
+      if (!state.app) {
+        $("#env-title").textContent = "No environment yet: run `nonstop up` in an app directory.";
+      } else {
+        const q = scope();
+        const [st, hist, events, charts] = await Promise.all([
+          api("/v1/status?" + q), api("/v1/history?limit=20&" + q), api("/v1/events?limit=1000&" + q),
+          api("/v1/charts?range=" + state.range + "&" + q),
+        ]);
+        renderStatus(st);
+        renderHistory(hist);
+        renderEvents(events);
+        renderCharts(charts, events);
+      }
+      $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
+      document.body.dataset.loaded = "true";
+      if ($("#notice").className === "notice") notice("");
+    } catch (e) {
+      if (e.message !== "unauthorized") notice("Could not read the daemon: " + e.message);
+    }
+    timer = setTimeout(refresh, REFRESH_MS);
+  }
+
+  async function toggleMaintenance() {
+    const on = !state.maintenanceOn;
+    const what = state.app + " / " + state.env;
+    const question = on
+      ? "Turn maintenance ON for " + what + "? Every request gets the maintenance page (503) until you turn it off."
+      : "Turn maintenance OFF for " + what + "? Requests reach the app again.";
+    if (!window.confirm(question)) return;
+    state.busy = true;
+    $("#maintenance-toggle").disabled = true;
+    try {
+      await api("/v1/maintenance?" + scope(), {
+        method: "POST",
+        headers: { "Content-Type": "application/json", "X-Nonstop-CSRF": state.csrf },
+        body: JSON.stringify({ on, who: "dashboard" }),
+      });
+      notice("Maintenance is " + (on ? "on" : "off") + " for " + what + ".", true);
+    } catch (e) {
+      if (e.message !== "unauthorized") notice("Maintenance was not changed: " + e.message);
+    }
+    state.busy = false;
+    refresh();
+  }
+
+  async function logout() {
+    try {
+      await fetch("/logout", { method: "POST", credentials: "same-origin", headers: { "X-Nonstop-CSRF": state.csrf } });
+    } finally {
+      location.href = "/";
+    }
+  }
+
+  async function start() {
+    readHash();
+    $("#env-select").addEventListener("change", ev => {
+      const [app, env] = ev.target.value.split("\n");
+      choose(app, env);
+    });
+    $("#maintenance-toggle").addEventListener("click", toggleMaintenance);
+    $("#logout").addEventListener("click", logout);
+    for (const b of document.querySelectorAll(".ranges button")) {
+      b.addEventListener("click", () => {
+        state.range = b.dataset.range;
+        for (const o of document.querySelectorAll(".ranges button")) o.classList.toggle("on", o === b);
+        refresh();
+      });
+    }
+    try {
+      const s = await api("/v1/session");
+      state.csrf = s.csrf;
+    } catch (e) { /* shown by api() */ }
+    refresh();
+  }
+  document.addEventListener("DOMContentLoaded", start);
+})();

@@ -1,0 +1,256 @@
+//! The dashboard's authentication: single-use login tokens exchanged for a
+//! session cookie, and the CSRF token that goes with a session.
+//!
+//! - A **login token** (`nonstop dashboard`) is 32 random bytes, valid for
+//!   [`LOGIN_TTL`], once: only its SHA-256 is kept, in memory, and redeeming
+//!   it removes it. A daemon restarted in between has forgotten it (run
+//!   `nonstop dashboard` again).
+//! - A **session** is stateless: `EXPIRY.NONCE.MAC`, the MAC an HMAC-SHA256
+//!   under a key derived from the API token, so a session survives daemon
+//!   restarts and upgrades, and ends when the API token is replaced. It is
+//!   sent as an `HttpOnly; SameSite=Strict` cookie whose name carries a tag
+//!   of the key, so two daemons on one machine do not overwrite each
+//!   other's.
+//! - The **CSRF token** of a session is another MAC of it: a page read with
+//!   the session gets it, a cross-site form cannot.
+//!
+//! Time is a parameter everywhere: the tests move it instead of sleeping.
+
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long a login token may wait to be used.
+pub const LOGIN_TTL: Duration = Duration::from_secs(120);
+/// How long a session lasts.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Login tokens kept at most (the oldest go first): `nonstop dashboard`
+/// run in a loop cannot grow the daemon's memory.
+const MAX_PENDING: usize = 256;
+
+/// Why a login token was refused. The words go to the browser.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginError {
+    #[error(
+        "this login link was already used, or was made by a daemon that has restarted since; run `nonstop dashboard` \
+         for a new one"
+    )]
+    Unknown,
+    #[error("this login link expired (they last {} s); run `nonstop dashboard` for a new one", LOGIN_TTL.as_secs())]
+    Expired,
+}
+
+/// A session that was opened, as its cookie value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub value: String,
+    pub expires: SystemTime,
+}
+
+pub struct Auth {
+    key: [u8; 32],
+    /// The API's bearer token (also accepted by the dashboard's listener).
+    api_token: String,
+    /// SHA-256 of each login token not yet used, and when it expires.
+    pending: Mutex<HashMap<[u8; 32], SystemTime>>,
+}
+
+fn millis(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// HMAC-SHA256 (RFC 2104).
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.map(|b| b ^ byte);
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(message).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+}
+
+/// Equal without telling where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() || b.is_empty() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Random bytes from the OS.
+fn random<const N: usize>() -> Result<[u8; N], getrandom::Error> {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf)?;
+    Ok(buf)
+}
+
+impl Auth {
+    /// Sessions are signed with a key derived from `api_token`.
+    pub fn new(api_token: &str) -> Auth {
+        Auth {
+            key: hmac_sha256(api_token.as_bytes(), b"nonstop dashboard sessions v1"),
+            api_token: api_token.to_string(),
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The session cookie's name: `nonstop_session_` and a tag of the key.
+    pub fn cookie_name(&self) -> String {
+        format!("nonstop_session_{}", &hex(&hmac_sha256(&self.key, b"cookie name"))[..12])
+    }
+
+    /// A new login token, valid once until `now + LOGIN_TTL`.
+    pub fn issue_login(&self, now: SystemTime) -> Result<String, getrandom::Error> {
+        let token = hex(&random::<32>()?);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.retain(|_, expires| *expires > now);
+        while pending.len() >= MAX_PENDING {
+            let Some(oldest) = pending.iter().min_by_key(|(_, e)| **e).map(|(k, _)| *k) else { break };
+            pending.remove(&oldest);
+        }
+        pending.insert(Sha256::digest(token.as_bytes()).into(), now + LOGIN_TTL);
+        Ok(token)
+    }
+
+    /// Use a login token (it is gone afterwards, whatever the answer) and
+    /// open a session.
+    pub fn redeem(&self, token: &str, now: SystemTime) -> Result<Session, LoginError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let expires = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&digest);
+        match expires {
+            None => Err(LoginError::Unknown),
+            Some(e) if e <= now => Err(LoginError::Expired),
+            Some(_) => Ok(self.open_session(now).map_err(|_| LoginError::Unknown)?),
+        }
+    }
+
+    fn open_session(&self, now: SystemTime) -> Result<Session, getrandom::Error> {
+        let expires = now + SESSION_TTL;
+        let payload = format!("{}.{}", millis(expires), hex(&random::<16>()?));
+        let mac = hex(&hmac_sha256(&self.key, format!("session.{payload}").as_bytes()));
+        Ok(Session { value: format!("{payload}.{mac}"), expires })
+    }
+
+    /// Whether a cookie value is a session this daemon (or one with the
+    /// same API token) opened, not yet expired.
+    pub fn session_valid(&self, value: &str, now: SystemTime) -> bool {
+        let Some((payload, mac)) = value.rsplit_once('.') else { return false };
+        let Some((expires, _nonce)) = payload.split_once('.') else { return false };
+        let want = hex(&hmac_sha256(&self.key, format!("session.{payload}").as_bytes()));
+        if !constant_time_eq(mac.as_bytes(), want.as_bytes()) {
+            return false;
+        }
+        expires.parse::<u64>().is_ok_and(|e| e > millis(now))
+    }
+
+    /// The CSRF token of a session (its pages send it back in
+    /// `X-Nonstop-CSRF` with every change).
+    pub fn csrf_token(&self, session: &str) -> String {
+        hex(&hmac_sha256(&self.key, format!("csrf.{session}").as_bytes()))
+    }
+
+    pub fn csrf_valid(&self, session: &str, given: &str) -> bool {
+        constant_time_eq(given.as_bytes(), self.csrf_token(session).as_bytes())
+    }
+
+    /// Whether `given` is the API's bearer token.
+    pub fn bearer_valid(&self, given: &str) -> bool {
+        constant_time_eq(given.as_bytes(), self.api_token.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(hex(&mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        // Test case 6: a key longer than the block.
+        let mac = hmac_sha256(&[0xaa; 131], b"Test Using Larger Than Block-Size Key - Hash Key First");
+        assert_eq!(hex(&mac), "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+    }
+
+    #[test]
+    fn a_login_token_works_once() {
+        let auth = Auth::new("api-token");
+        let token = auth.issue_login(t(0)).unwrap();
+        let session = auth.redeem(&token, t(1)).unwrap();
+        assert!(auth.session_valid(&session.value, t(2)));
+        assert_eq!(auth.redeem(&token, t(2)), Err(LoginError::Unknown));
+    }
+
+    #[test]
+    fn a_login_token_expires_and_is_gone_after_a_late_try() {
+        let auth = Auth::new("api-token");
+        let token = auth.issue_login(t(0)).unwrap();
+        assert_eq!(auth.redeem(&token, t(LOGIN_TTL.as_secs())), Err(LoginError::Expired));
+        assert_eq!(auth.redeem(&token, t(1)), Err(LoginError::Unknown));
+        assert_eq!(auth.redeem("", t(0)), Err(LoginError::Unknown));
+    }
+
+    #[test]
+    fn sessions_expire_and_belong_to_their_api_token() {
+        let auth = Auth::new("api-token");
+        let token = auth.issue_login(t(0)).unwrap();
+        let session = auth.redeem(&token, t(0)).unwrap();
+        assert!(auth.session_valid(&session.value, t(SESSION_TTL.as_secs() - 1)));
+        assert!(!auth.session_valid(&session.value, t(SESSION_TTL.as_secs())));
+        // Another daemon (another API token), or the same after the token
+        // was replaced, does not know it; a daemon restarted with the same
+        // token does.
+        assert!(!Auth::new("other-token").session_valid(&session.value, t(1)));
+        assert!(Auth::new("api-token").session_valid(&session.value, t(1)));
+        assert_ne!(Auth::new("other-token").cookie_name(), auth.cookie_name());
+    }
+
+    #[test]
+    fn the_csrf_token_is_the_sessions() {
+        let auth = Auth::new("api-token");
+        let a = auth.redeem(&auth.issue_login(t(0)).unwrap(), t(0)).unwrap();
+        let b = auth.redeem(&auth.issue_login(t(0)).unwrap(), t(0)).unwrap();
+        assert!(auth.csrf_valid(&a.value, &auth.csrf_token(&a.value)));
+        assert!(!auth.csrf_valid(&a.value, &auth.csrf_token(&b.value)));
+        assert!(!auth.csrf_valid(&a.value, ""));
+    }
+
+    #[test]
+    fn pending_logins_are_bounded() {
+        let auth = Auth::new("api-token");
+        let first = auth.issue_login(t(0)).unwrap();
+        for i in 0..MAX_PENDING as u64 {
+            auth.issue_login(t(1 + i / 100)).unwrap();
+        }
+        assert!(auth.pending.lock().unwrap().len() <= MAX_PENDING);
+        assert_eq!(auth.redeem(&first, t(5)), Err(LoginError::Unknown));
+    }
+
+    proptest! {
+        #[test]
+        fn a_changed_session_is_refused(flip in 0usize..200, secs in 0u64..1000) {
+            let auth = Auth::new("api-token");
+            let session = auth.redeem(&auth.issue_login(t(0)).unwrap(), t(0)).unwrap().value;
+            let mut bytes = session.clone().into_bytes();
+            let i = flip % bytes.len();
+            bytes[i] = if bytes[i] == b'0' { b'1' } else { b'0' };
+            let changed = String::from_utf8(bytes).unwrap();
+            prop_assert!(!auth.session_valid(&changed, t(secs)));
+            prop_assert!(auth.session_valid(&session, t(secs)));
+        }
+    }
+}
