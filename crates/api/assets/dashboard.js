@@ -213,7 +213,27 @@
 
   // ------------------------------------------------------------------ charts
 
-  function renderCharts(c, events) {
+  // Points before the first measured one are left out (a fresh daemon or
+  // environment has a short past), keeping at least MIN_POINTS.
+  const MIN_POINTS = 24;
+  function trimmed(c) {
+    const all = c.processes.flatMap(p => [p.requests_per_second, p.p95_ms, p.cpu_percent, p.instances]);
+    const n = Math.max(0, ...all.map(a => a.length));
+    let first = n;
+    for (const a of all) { const i = a.findIndex(v => v != null); if (i >= 0) first = Math.min(first, i); }
+    const from = Math.max(0, Math.min(first - 1, n - MIN_POINTS));
+    const cut = a => a.slice(from);
+    return Object.assign({}, c, {
+      start_ms: c.start_ms + from * c.step_secs * 1000,
+      processes: c.processes.map(p => ({
+        process: p.process, requests_per_second: cut(p.requests_per_second), p95_ms: cut(p.p95_ms),
+        error_rate: cut(p.error_rate), cpu_percent: cut(p.cpu_percent), instances: cut(p.instances),
+      })),
+    });
+  }
+
+  function renderCharts(full, events) {
+    const c = trimmed(full);
     const stepMs = c.step_secs * 1000;
     const markers = events.filter(e => MARKER_KIND[e.kind])
       .map(e => ({ atMs: e.at_ms, kind: MARKER_KIND[e.kind], text: e.kind + ": " + e.message }));

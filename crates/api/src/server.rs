@@ -361,7 +361,11 @@ pub(crate) struct MetricsQuery {
     process: Option<String>,
 }
 
-pub(crate) async fn metrics(State(s): State<ApiState>, Scoped(engine): Scoped, Query(q): Query<MetricsQuery>) -> Response {
+pub(crate) async fn metrics(
+    State(s): State<ApiState>,
+    Scoped(engine): Scoped,
+    Query(q): Query<MetricsQuery>,
+) -> Response {
     let status = match engine.status().await {
         Ok(st) => st,
         Err(e) => return engine_error(e),

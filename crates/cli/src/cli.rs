@@ -610,9 +610,9 @@ impl std::str::FromStr for DashboardListen {
         if s.eq_ignore_ascii_case("off") {
             return Ok(DashboardListen::Off);
         }
-        s.parse().map(DashboardListen::At).map_err(|_| {
-            format!("`{s}` is not an address such as 127.0.0.1:8900 (or `off` for no dashboard)")
-        })
+        s.parse()
+            .map(DashboardListen::At)
+            .map_err(|_| format!("`{s}` is not an address such as 127.0.0.1:8900 (or `off` for no dashboard)"))
     }
 }
 

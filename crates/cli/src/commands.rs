@@ -967,7 +967,8 @@ async fn metrics(home: &Home, process: Option<String>, json: bool) -> anyhow::Re
 
 /// `nonstop dashboard`: a login link from the daemon.
 async fn dashboard(home: &Home, open: bool, json: bool) -> anyhow::Result<i32> {
-    let link: nonstop_api::dashboard::LoginLink = client(home).post("/v1/dashboard/login", &serde_json::json!({})).await?;
+    let link: nonstop_api::dashboard::LoginLink =
+        client(home).post("/v1/dashboard/login", &serde_json::json!({})).await?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&link)?);
     } else {

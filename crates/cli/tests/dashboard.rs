@@ -150,7 +150,13 @@ fn the_dashboard_needs_a_login_refuses_forged_changes_and_stays_across_an_upgrad
         on,
     );
     assert_eq!(a.status, 403, "{}", a.body);
-    let a = request(addr, "POST", "/v1/maintenance", &[("Cookie", &cookie), ("X-Nonstop-CSRF", "0".repeat(64).as_str())], on);
+    let a = request(
+        addr,
+        "POST",
+        "/v1/maintenance",
+        &[("Cookie", &cookie), ("X-Nonstop-CSRF", "0".repeat(64).as_str())],
+        on,
+    );
     assert_eq!(a.status, 403, "{}", a.body);
     assert!(app.status()["maintenance"].is_null(), "nothing changed");
     // With it, the change is made.
@@ -249,7 +255,12 @@ fn the_dashboard_in_chromium_shows_the_app_charts_with_data_and_toggles_maintena
         let charts: Value = serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap();
         charts["processes"].as_array().unwrap().iter().any(|p| {
             p["process"] == "web"
-                && p["requests_per_second"].as_array().unwrap().iter().filter(|v| v.as_f64().is_some_and(|r| r > 0.0)).count()
+                && p["requests_per_second"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|v| v.as_f64().is_some_and(|r| r > 0.0))
+                    .count()
                     >= 2
         })
     });
@@ -305,7 +316,10 @@ async fn page_until(browser: &fantoccini::Client, secs: u64, what: &str, script:
         }
         if std::time::Instant::now() > deadline {
             let body = eval(browser, "document.body.innerText").await;
-            panic!("timed out after {secs}s waiting for {what} ({script}); the page shows:\n{}", body.as_str().unwrap_or(""));
+            panic!(
+                "timed out after {secs}s waiting for {what} ({script}); the page shows:\n{}",
+                body.as_str().unwrap_or("")
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -330,7 +344,13 @@ async fn drive(browser: &fantoccini::Client, url: &str, proxy: SocketAddr) -> Ve
     for p in ["web", "worker", "beat"] {
         assert!(processes.contains(p), "{p} in {processes}");
     }
-    page_until(browser, 30, "both web instances healthy", "document.querySelectorAll('#instance-table .pill.good').length >= 4").await;
+    page_until(
+        browser,
+        30,
+        "both web instances healthy",
+        "document.querySelectorAll('#instance-table .pill.good').length >= 4",
+    )
+    .await;
     let instances = text_of(&eval(browser, "document.querySelector('#instance-table').innerText").await);
     assert!(instances.contains("web.1") && instances.contains("healthy"), "{instances}");
 
@@ -341,9 +361,16 @@ async fn drive(browser: &fantoccini::Client, url: &str, proxy: SocketAddr) -> Ve
     assert!(history.contains("dashboard test"), "the deploy's message: {history}");
 
     // The charts have data points, and the deploy shows as markers.
-    page_until(browser, 30, "request chart with data", "Number(document.querySelector('#chart-requests svg')?.dataset.points) >= 2").await;
+    page_until(
+        browser,
+        30,
+        "request chart with data",
+        "Number(document.querySelector('#chart-requests svg')?.dataset.points) >= 2",
+    )
+    .await;
     for chart in ["requests", "p95", "errors", "cpu", "instances"] {
-        let points = eval(browser, &format!("Number(document.querySelector('#chart-{chart} svg').dataset.points)")).await;
+        let points =
+            eval(browser, &format!("Number(document.querySelector('#chart-{chart} svg').dataset.points)")).await;
         assert!(points.as_f64().is_some_and(|n| n >= 1.0), "chart {chart} has {points} points");
     }
     let markers = eval(browser, "Number(document.querySelector('#chart-requests svg').dataset.markers)").await;
@@ -358,12 +385,24 @@ async fn drive(browser: &fantoccini::Client, url: &str, proxy: SocketAddr) -> Ve
     let question = browser.get_alert_text().await.unwrap();
     assert!(question.contains("maintenance ON"), "{question}");
     browser.accept_alert().await.unwrap();
-    page_until(browser, 30, "maintenance shown on", "document.querySelector('#maintenance-state').innerText.startsWith('on')").await;
+    page_until(
+        browser,
+        30,
+        "maintenance shown on",
+        "document.querySelector('#maintenance-state').innerText.startsWith('on')",
+    )
+    .await;
     let (code, body) = http_get(proxy, "/").unwrap();
     assert_eq!(code, 503, "maintenance through the proxy: {body}");
     browser.find(fantoccini::Locator::Css("#maintenance-toggle")).await.unwrap().click().await.unwrap();
     browser.accept_alert().await.unwrap();
-    page_until(browser, 30, "maintenance shown off", "document.querySelector('#maintenance-state').innerText.startsWith('off')").await;
+    page_until(
+        browser,
+        30,
+        "maintenance shown off",
+        "document.querySelector('#maintenance-state').innerText.startsWith('off')",
+    )
+    .await;
     let (code, _) = http_get(proxy, "/").unwrap();
     assert_eq!(code, 200, "maintenance off again");
     let events = text_of(&eval(browser, "document.querySelector('#event-table').innerText").await);

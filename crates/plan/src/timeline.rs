@@ -144,7 +144,9 @@ pub fn describe(d: &Deployment) -> Step {
             Outcome::Succeeded { note: Some(n) } => {
                 Step::new(StepKind::Outcome, Tone::Warning, format!("succeeded; {}", n.detail))
             }
-            Outcome::Failed { failure } => Step::new(StepKind::Outcome, Tone::Bad, format!("failed: {}", failure.detail)),
+            Outcome::Failed { failure } => {
+                Step::new(StepKind::Outcome, Tone::Bad, format!("failed: {}", failure.detail))
+            }
             Outcome::RolledBack { failure } => {
                 Step::new(StepKind::Outcome, Tone::Bad, format!("rolled back: {}", failure.detail))
             }

@@ -121,7 +121,11 @@ pub(crate) struct ChartsQuery {
 }
 
 /// The charts of the app and environment the query names.
-pub(crate) async fn charts(State(s): State<ApiState>, server::Scoped(engine): server::Scoped, q: Query<ChartsQuery>) -> Response {
+pub(crate) async fn charts(
+    State(s): State<ApiState>,
+    server::Scoped(engine): server::Scoped,
+    q: Query<ChartsQuery>,
+) -> Response {
     let status = match engine.status().await {
         Ok(st) => st,
         Err(e) => return server::engine_error(e),
