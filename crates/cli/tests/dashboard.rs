@@ -1,7 +1,8 @@
 //! Issue 14's dashboard, end to end: a real daemon with the hello example,
 //! its dashboard listener reached over HTTP (authentication: single-use
 //! login links, the session cookie, 401s, CSRF refusals, the API's bearer
-//! token; the listener kept across an upgrade), and the page itself in
+//! token; the listener and sessions kept across an upgrade and a daemon
+//! crash), and the page itself in
 //! Debian's headless Chromium driven through chromedriver by `fantoccini`:
 //! it shows the environment, processes, instances and a deployment's
 //! timeline, its charts have data points and markers, maintenance is
@@ -86,7 +87,7 @@ fn csrf(addr: SocketAddr, cookie: &str) -> String {
 }
 
 #[test]
-fn the_dashboard_needs_a_login_refuses_forged_changes_and_stays_across_an_upgrade() {
+fn the_dashboard_needs_a_login_refuses_forged_changes_and_stays_across_an_upgrade_and_a_crash() {
     let app = TestApp::hello();
     app.up().ok();
     let link = login_link(&app);
@@ -182,6 +183,18 @@ fn the_dashboard_needs_a_login_refuses_forged_changes_and_stays_across_an_upgrad
     assert_eq!(after["base_url"].as_str(), Some(base.as_str()), "the dashboard keeps its address");
     let a = request(addr, "GET", "/v1/status", &[("Cookie", &cookie)], "");
     assert_eq!(a.status, 200, "the session survives the upgrade: {}", a.body);
+
+    // A daemon killed: the keeper holds the listener and hands it to the
+    // daemon it starts.
+    let daemon = app.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(Duration::from_secs(60), "another daemon", || {
+        app.daemon_pid().is_some_and(|p| p != daemon && pid_alive(p)) && app.run(&["status", "--json"]).code == 0
+    });
+    let after = login_link(&app);
+    assert_eq!(after["base_url"].as_str(), Some(base.as_str()), "the dashboard keeps its address after a crash");
+    let a = request(addr, "GET", "/v1/status", &[("Cookie", &cookie)], "");
+    assert_eq!(a.status, 200, "the session survives the crash: {}", a.body);
 }
 
 // --------------------------------------------------------------- Chromium
