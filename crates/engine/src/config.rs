@@ -335,6 +335,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             });
         };
         let ran = self.run_config_of(&built)?;
+        // A config change that would leave a queue without its Redis
+        // (`config unset REDIS_URL`) is refused before it is recorded.
+        let checked = RunConfig { spec: ran.spec.clone(), config: config.clone() };
+        self.check_queue_redis(&checked.applied(), &base_env)?;
         let message = format!("config: {what} (the build of {})", current.id);
         let rec = self.record_rebuilt_release(&built, message.clone())?;
         let run_config = RunConfig { spec: ran.spec, config };

@@ -62,6 +62,8 @@ pub(crate) mod instances;
 pub(crate) mod maintenance;
 #[path = "promote.rs"]
 pub(crate) mod promote;
+#[path = "queue.rs"]
+pub(crate) mod queue;
 #[path = "reconcile.rs"]
 pub(crate) mod reconcile;
 #[path = "restore.rs"]
@@ -199,6 +201,10 @@ pub(crate) enum Command {
         process: ProcessName,
         sample: autoscale::AutoscaleSample,
         reply: Reply<Option<String>>,
+    },
+    /// Where the running processes' queues are read (`queue.rs`).
+    QueueReads {
+        reply: Reply<Vec<queue::QueueRead>>,
     },
     Deploy {
         spec: Box<AppSpec>,
@@ -400,6 +406,13 @@ impl EngineHandle {
         sample: autoscale::AutoscaleSample,
     ) -> Result<Option<String>, EngineError> {
         self.ask(|reply| Command::AutoscaleSample { process, sample, reply }).await
+    }
+    /// Where the depth of each running process's `queue` is read: the
+    /// Redis its instances get (`queue.rs`). For the daemon's metrics
+    /// task only: the URLs may hold passwords, and never go through the
+    /// API.
+    pub async fn queue_reads(&self) -> Result<Vec<queue::QueueRead>, EngineError> {
+        self.ask(|reply| Command::QueueReads { reply }).await
     }
     #[allow(clippy::too_many_arguments)]
     pub async fn deploy(
@@ -684,6 +697,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 let r = self.on_autoscale_sample(&process, sample);
                 let _ = reply.send(r);
             }
+            Command::QueueReads { reply } => {
+                let _ = reply.send(Ok(self.queue_reads()));
+            }
             Command::Events { limit, reply } => {
                 let r = match &self.app {
                     None => Err(EngineError::NotUp),
@@ -922,6 +938,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         if !problems.is_empty() {
             return Err(EngineError::Preflight { problems });
         }
+        self.check_queue_redis(&spec, &base_env)?;
         let route = route_key(&spec.app, &self.env);
         self.load_controls(&spec.app, &route)?;
         if spec.processes.iter().any(|p| p.kind == ProcessKind::Web) {

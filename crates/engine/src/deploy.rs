@@ -277,6 +277,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         // the toml's where it changed one).
         let run_config = nonstop_store::RunConfig { spec: spec.clone(), config };
         let mut run_spec = run_config.applied();
+        self.check_queue_redis(&run_spec, &base_env)?;
         let counts = self.count_spec(&mut run_spec, nonstop_plan::counts::Apply::Toml)?;
         if let Some(from) = &from {
             if let Some(rec) = self.identical_retained(&spec, &hash, from.id)? {

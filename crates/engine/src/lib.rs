@@ -27,6 +27,7 @@ pub use controller::config::{credential_refusal, ConfigReport};
 pub use controller::environments::{CreateEnvironment, DestroyEnvironment};
 pub use controller::gate::{GateFuture, GateInput, GateOutcome, NoSchemaGate, SchemaGate, SchemaGateError};
 pub use controller::promote::PromoteRequest;
+pub use controller::queue::{QueueRead, QueueRedis};
 pub use controller::secrets::{
     EnvironmentSecrets, SecretInfo, SecretReport, SecretsKeyConfig, SecretsList, SecretsReadError,
 };

@@ -270,6 +270,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         check_build(&rec, &spec, &from)?;
         let config = self.env_config(&app)?;
         let run_config = RunConfig { spec: spec.clone(), config };
+        self.check_queue_redis(&run_config.applied(), &base_env)?;
         let current = self.app.as_ref().filter(|rt| rt.record.running && rt.record.app == app).map(|rt| rt.current());
         let mut target = rec.clone();
         if let Some(current) = current.as_ref().filter(|c| c.id == release) {

@@ -7,29 +7,21 @@
 //! measure left); at least one target, each a whole number above 0;
 //! `requests_per_instance` and `p95_ms` for web processes only,
 //! `queue_per_instance` only with a `queue`; a singleton never
-//! autoscales. A `queue` reads the environment's Redis: every environment
-//! of the file must have one (`[base] redis`, or `REDIS_URL` in an `env`
-//! table it reads), see [`check_queue_redis`].
+//! autoscales. A `queue` reads the `REDIS_URL` its processes get, which
+//! may be a secret or a config variable of the environment: the file
+//! cannot tell, so the daemon checks that an environment has one when it
+//! is about to run the process there (`engine/src/queue.rs`).
 
 use crate::defaults::*;
 use crate::duration::format_duration;
 use crate::error::Diags;
-use crate::raw::{
-    RawAutoscale, RawDuration, RawIntOrString, RawMap, RawMetrics, RawNumber, RawQueue, RawScalar, RawSpec,
-};
+use crate::raw::{RawAutoscale, RawDuration, RawIntOrString, RawMetrics, RawNumber, RawQueue};
 use crate::validate::{duration, parse_listen, Field, Min};
-use crate::walk::display_key;
 use nonstop_core::autoscale::{Autoscale, Metric, MetricsSpec, QueueSource, Target};
-use nonstop_core::ids::EnvironmentId;
 use nonstop_core::process::{ProcessKind, ProxySpec, Quantity};
 use serde_spanned::Spanned;
 use std::net::SocketAddr;
 use std::time::Duration;
-
-/// The variable a `queue` finds the environment's Redis in.
-pub(crate) const REDIS_URL_VAR: &str = "REDIS_URL";
-
-const REDIS_EXAMPLE: &str = "[base]\nredis = \"redis://127.0.0.1:6379\"";
 
 /// A target's example value, for hints.
 fn example(metric: Metric) -> u32 {
@@ -409,69 +401,4 @@ pub(crate) fn validate_metrics(raw: &Spanned<RawMetrics>, proxy: &ProxySpec, dia
 /// address, or one of them every address).
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-}
-
-/// Every process with a `queue` reads its environment's Redis: each
-/// environment the file declares must have one, `[base] redis` or
-/// `REDIS_URL` in an `env` table its process reads. A missing one is the
-/// file's error, at the `queue`. The returned problems are those of an
-/// environment the file has no table for (one made with `env create`):
-/// [`crate::SpecSet::resolve`] answers them for such an environment.
-pub(crate) fn check_queue_redis(raw: &RawSpec, declared: &[EnvironmentId], diags: &mut Diags) -> Diags {
-    let mut ad_hoc = Diags::default();
-    if raw.base.as_ref().is_some_and(|b| b.get_ref().redis.is_some()) {
-        return ad_hoc;
-    }
-    let sets = |env: Option<&Spanned<RawMap<Spanned<RawScalar>>>>| {
-        env.is_some_and(|e| e.get_ref().iter().any(|(name, _)| name.get_ref() == REDIS_URL_VAR))
-    };
-    let tables = raw.environments.as_ref().map(|e| e.get_ref());
-    for (name, process) in raw.processes.iter().flat_map(|p| p.get_ref().iter()) {
-        let p = process.get_ref();
-        let web = p.kind.as_ref().map_or(name.get_ref() == "web", |k| k.get_ref() == "web");
-        let Some(list) = p.queue.as_ref().and_then(|q| q.get_ref().redis_list.as_ref()) else { continue };
-        if web {
-            continue;
-        }
-        let in_file = sets(raw.env.as_ref()) || sets(p.env.as_ref());
-        let has = |environment: &EnvironmentId| {
-            let table = tables.and_then(|t| t.iter().find(|(n, _)| n.get_ref() == environment.as_str()));
-            in_file
-                || table.is_some_and(|(_, t)| {
-                    let t = t.get_ref();
-                    sets(t.env.as_ref())
-                        || t.processes.as_ref().is_some_and(|ps| {
-                            ps.get_ref()
-                                .iter()
-                                .any(|(n, o)| n.get_ref() == name.get_ref() && sets(o.get_ref().env.as_ref()))
-                        })
-                })
-        };
-        let lacking: Vec<&str> = declared.iter().filter(|e| !has(e)).map(EnvironmentId::as_str).collect();
-        let path = format!("processes.{}", display_key(name.get_ref()));
-        let what = format!("`queue` in [{path}] reads the Redis list {:?}", list.get_ref());
-        let hint = format!(
-            "give the environments a Redis: each gets a database of its own, as REDIS_URL, with\n{REDIS_EXAMPLE}\n(or set REDIS_URL in [env], or in [environments.NAME.env])"
-        );
-        if !lacking.is_empty() {
-            let whom = match lacking.as_slice() {
-                [one] => format!("environment `{one}` has"),
-                many => format!("environments {} have", many.join(", ")),
-            };
-            diags.error(
-                p.queue.as_ref().map_or(process.span(), Spanned::span),
-                format!("{what}, but {whom} no Redis: no [base] redis, and no REDIS_URL in an env table"),
-                hint,
-            );
-        } else if !in_file {
-            ad_hoc.error(
-                p.queue.as_ref().map_or(process.span(), Spanned::span),
-                format!(
-                    "{what}, but an environment without an [environments.NAME] table has no Redis: no [base] redis, and no REDIS_URL in [env] or [{path}.env]"
-                ),
-                hint,
-            );
-        }
-    }
-    ad_hoc
 }

@@ -96,7 +96,6 @@ pub fn parse_set_in(source: &str, file: &Path, base: &Path, env: &dyn EnvLookup)
     let mut deferred = Diags::default();
     let spec = validate::validate(&raw, env, base, &mut diags, &mut deferred);
     let environments = environments::validate_environments(&raw, env, &mut diags);
-    let ad_hoc = autoscale::check_queue_redis(&raw, &environments.declared, &mut diags);
     let spec = match spec {
         Some(spec) if diags.is_empty() => spec,
         _ => {
@@ -112,7 +111,7 @@ pub fn parse_set_in(source: &str, file: &Path, base: &Path, env: &dyn EnvLookup)
     };
     let errors = |d: Diags| d.into_errors(source, file);
     let base_database = if deferred.is_empty() { Ok(spec.database.clone()) } else { Err(errors(deferred)) };
-    Ok(SpecSet::new(spec, base_database, environments, ad_hoc, errors))
+    Ok(SpecSet::new(spec, base_database, environments, errors))
 }
 
 /// Reads and parses a spec file, with the process environment, into the

@@ -49,9 +49,6 @@ pub struct SpecSet {
     overrides: BTreeMap<EnvironmentId, Resolved>,
     catch_all: Option<EnvironmentId>,
     services: Option<BaseSpec>,
-    /// `Err`: what an environment the file has no table for lacks (a
-    /// worker's `queue` without a Redis there).
-    ad_hoc: Result<(), SpecErrors>,
 }
 
 /// An environment's overrides (see `environments::Override`).
@@ -110,16 +107,13 @@ pub struct ChooseError {
 
 impl SpecSet {
     /// `errors` turns the problems found while validating into located
-    /// errors; `ad_hoc`: the problems of an environment the file does not
-    /// declare.
+    /// errors.
     pub(crate) fn new(
         base: AppSpec,
         base_database: Result<Option<DatabaseSpec>, SpecErrors>,
         environments: Environments,
-        ad_hoc: Diags,
         errors: impl Fn(Diags) -> SpecErrors,
     ) -> SpecSet {
-        let ad_hoc = if ad_hoc.is_empty() { Ok(()) } else { Err(errors(ad_hoc)) };
         let Environments { default_environment, declared, overrides, catch_all, base: services } = environments;
         let overrides = overrides
             .into_iter()
@@ -141,7 +135,6 @@ impl SpecSet {
             overrides,
             catch_all,
             services,
-            ad_hoc,
         }
     }
 
@@ -235,13 +228,8 @@ impl SpecSet {
     /// and whether it is protected. An environment the file does not name
     /// gets the base. Fails only when the database it uses reads a
     /// variable (`url = "${NAME}"`) that is unset or wrong in this process's
-    /// environment, or, for an environment the file does not name, when a
-    /// worker's `queue` would have no Redis there: the errors say which,
-    /// where.
+    /// environment: the errors say which, where.
     pub fn resolve(&self, environment: &EnvironmentId) -> Result<AppSpec, SpecErrors> {
-        if !self.is_declared(environment) {
-            self.ad_hoc.clone()?;
-        }
         let own = self.overrides.get(environment);
         let mut spec = self.base.clone();
         spec.database = match own.and_then(|r| r.database.as_ref()) {

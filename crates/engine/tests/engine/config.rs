@@ -269,3 +269,49 @@ async fn config_set_while_a_deployed_environment_is_down_says_what_applies_it() 
     settle().await;
     assert!(all_workers(&f, "GREETING", "two"));
 }
+
+/// A worker reading the Redis list `celery`.
+fn queued() -> AppSpec {
+    app("blog")
+        .worker("worker", 1)
+        .with("worker", |p| p.queue = Some(nonstop_core::autoscale::QueueSource::RedisList("celery".into())))
+        .build()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_needs_a_redis_url_from_somewhere_and_config_can_be_where() {
+    let f = Fixture::new();
+    let e = f.start();
+    // No REDIS_URL anywhere: refused before anything is recorded.
+    let (r, _) = e.deploy_with_progress(queued()).await;
+    match r {
+        Err(EngineError::Preflight { problems }) => {
+            assert!(problems[0].contains("`queue` of worker") && problems[0].contains("no REDIS_URL"), "{problems:?}")
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+    let app = nonstop_core::AppName::new("blog").unwrap();
+    assert!(f.store.releases(&app).unwrap().is_empty(), "nothing recorded");
+    assert!(f.driver.alive().is_empty());
+
+    // In the environment's config (the file cannot see it): deployed, and
+    // the queue is read where the worker's REDIS_URL points.
+    set(&e, &[("REDIS_URL", "redis://127.0.0.1:6379/4")]).await.unwrap();
+    e.deploy_with_progress(queued()).await.0.unwrap();
+    settle().await;
+    assert!(all_workers(&f, "REDIS_URL", "redis://127.0.0.1:6379/4"));
+    let reads = blog(&e).queue_reads().await.unwrap();
+    assert_eq!(reads.len(), 1, "{reads:?}");
+    assert_eq!(reads[0].process, pn("worker"));
+    match &reads[0].redis {
+        nonstop_engine::QueueRedis::Url(url) => assert_eq!(url.expose(), "redis://127.0.0.1:6379/4"),
+        other => panic!("{other:?}"),
+    }
+
+    // Taking it away would leave the queue without Redis: refused, the
+    // config unchanged.
+    let r = unset(&e, &["REDIS_URL"]).await;
+    assert!(matches!(&r, Err(EngineError::Preflight { problems }) if problems[0].contains("no REDIS_URL")), "{r:?}");
+    assert_eq!(blog(&e).config().await.unwrap().config["REDIS_URL"].value, "redis://127.0.0.1:6379/4");
+    assert_eq!(f.store.releases(&app).unwrap().len(), 1, "no release recorded for it");
+}
