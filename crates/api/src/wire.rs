@@ -417,6 +417,14 @@ pub struct ProcessMetrics {
     pub instances: MetricSeries,
     /// Requests per release (`v7`), over the window.
     pub releases: Vec<ReleaseRequests>,
+    /// Items waiting in the process's queue (`queue = { redis_list }`,
+    /// `LLEN` on its Redis): a gauge; nothing for a process without one.
+    #[serde(default)]
+    pub queue_depth: MetricSeries,
+    /// Why its queue's depth is not read now (no `REDIS_URL`, Redis not
+    /// answering); URLs redacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_error: Option<String>,
 }
 
 /// A counter or gauge: its value now, its total since it was first

@@ -15,6 +15,7 @@ mod metrics;
 mod output;
 mod plane;
 mod promote;
+mod queue;
 mod recovery;
 mod schema_gate;
 mod secrets;

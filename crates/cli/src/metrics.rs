@@ -7,6 +7,7 @@
 //! [`MetricsSource`]) and serves Prometheus text on the running specs'
 //! `[metrics] listen` addresses.
 
+use crate::queue::{Depths, QueueKey, QueueReader};
 use nonstop_api::dashboard::{ChartRange, ChartsReport, ProcessCharts};
 use nonstop_api::server::MetricsSource;
 use nonstop_api::wire::{MetricSeries, MetricsReport, ProcessMetrics, ReleaseRequests};
@@ -43,6 +44,8 @@ pub struct Metrics {
     listen_errors: Mutex<BTreeMap<SocketAddr, String>>,
     /// The addresses `/metrics` is served on.
     served: Mutex<BTreeSet<SocketAddr>>,
+    /// Why a process's queue depth was not read at the last step.
+    queue_errors: Mutex<BTreeMap<crate::queue::QueueKey, String>>,
 }
 
 /// A `[metrics] listen` address that cannot be served.
@@ -74,6 +77,7 @@ impl Metrics {
             dir,
             listen_errors: Mutex::new(BTreeMap::new()),
             served: Mutex::new(BTreeSet::new()),
+            queue_errors: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -246,6 +250,13 @@ impl MetricsSource for Metrics {
                 rss_bytes: sum_series(&store, &slots(Metric::RssBytes), at),
                 instances: series(&store, &key(Metric::Instances), at),
                 releases,
+                queue_depth: series(&store, &key(Metric::QueueDepth), at),
+                queue_error: self
+                    .queue_errors
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(AppEnv::new(app_name.clone(), env_id.clone()), process.clone()))
+                    .cloned(),
             });
         }
         out
@@ -526,13 +537,25 @@ fn record(store: &mut Store, at: Timestamp, r: &EnvReading, usage: &[nonstop_met
     }
 }
 
-async fn step<T: Traffic>(metrics: &Arc<Metrics>, engine: &EngineHandle, traffic: &T, sampling: &mut Sampling) {
-    let mut readings = Vec::new();
-    for scope in engine.environments() {
-        if let Some(r) = read_env(engine, traffic, scope, sampling).await {
-            readings.push(r);
+async fn step<T: Traffic>(
+    metrics: &Arc<Metrics>,
+    engine: &EngineHandle,
+    traffic: &T,
+    sampling: &mut Sampling,
+    queues: &mut QueueReader,
+) {
+    let scopes = engine.environments();
+    // The queues are read beside the rest (each read has its bound).
+    let envs = async {
+        let mut readings = Vec::new();
+        for scope in scopes.clone() {
+            if let Some(r) = read_env(engine, traffic, scope, sampling).await {
+                readings.push(r);
+            }
         }
-    }
+        readings
+    };
+    let (readings, depths) = tokio::join!(envs, read_queues(engine, scopes.clone(), queues));
     let groups: Vec<_> = readings
         .iter()
         .flat_map(|r| {
@@ -556,11 +579,18 @@ async fn step<T: Traffic>(metrics: &Arc<Metrics>, engine: &EngineHandle, traffic
         for r in &readings {
             record(&mut store, at, r, &usage);
         }
+        for ((scope, process), depth) in &depths.depths {
+            let key = SeriesKey::process(scope.app.clone(), scope.env.clone(), process.clone(), Metric::QueueDepth);
+            if let Err(e) = store.gauge(&key, at, *depth as f64) {
+                tracing::debug!("metrics: {e}");
+            }
+        }
         store.expire(at);
     }
+    *metrics.queue_errors.lock().unwrap_or_else(|e| e.into_inner()) = depths.problems;
     // The autoscaled processes' measurements go to their controllers.
     for r in &readings {
-        for (process, sample) in autoscale_samples(r, &usage) {
+        for (process, sample) in autoscale_samples(r, &usage, &depths.depths) {
             let handle = engine.scoped(Some(r.scope.app.clone()), Some(r.scope.env.clone()));
             match handle.autoscale_sample(process.clone(), sample).await {
                 Ok(Some(decision)) => tracing::debug!(scope = %r.scope, %process, "autoscale: {decision}"),
@@ -571,14 +601,29 @@ async fn step<T: Traffic>(metrics: &Arc<Metrics>, engine: &EngineHandle, traffic
     }
 }
 
+/// The queues of every environment's running processes, read (see
+/// `queue.rs`).
+async fn read_queues(engine: &EngineHandle, scopes: Vec<AppEnv>, queues: &mut QueueReader) -> Depths {
+    let mut wanted = Vec::new();
+    for scope in scopes {
+        let handle = engine.scoped(Some(scope.app.clone()), Some(scope.env.clone()));
+        if let Ok(reads) = handle.queue_reads().await {
+            wanted.extend(reads.into_iter().map(|read| (scope.clone(), read)));
+        }
+    }
+    queues.read(wanted).await
+}
+
 /// What this step measured of each autoscaled process of `r`: the mean
-/// CPU of its instances, and for web its requests per second and p95 over
-/// the step. Not measured (`None`): what the step cannot say (the first
-/// step of an environment only sets baselines; no request: no p95; the
-/// queue depth is not read yet).
+/// CPU of its instances, for web its requests per second and p95 over
+/// the step, for a worker with a queue its depth now. Not measured
+/// (`None`): what the step cannot say (the first step of an environment
+/// only sets baselines; no request: no p95; a queue that could not be
+/// read).
 fn autoscale_samples(
     r: &EnvReading,
     usage: &[nonstop_metrics::GroupReading<Slot>],
+    depths: &BTreeMap<QueueKey, u64>,
 ) -> Vec<(ProcessName, nonstop_engine::AutoscaleSample)> {
     let mut out = Vec::new();
     for p in r.status.processes.iter().filter(|p| p.autoscale.is_some()) {
@@ -602,7 +647,8 @@ fn autoscale_samples(
             requests_per_second = Some(requests as f64 / STEP.as_secs_f64());
             p95_ms = latency.quantile(0.95).map(ms);
         }
-        let sample = nonstop_engine::AutoscaleSample { cpu_percent, requests_per_second, p95_ms, queue_depth: None };
+        let queue_depth = depths.get(&(r.scope.clone(), process.clone())).map(|n| *n as f64);
+        let sample = nonstop_engine::AutoscaleSample { cpu_percent, requests_per_second, p95_ms, queue_depth };
         out.push((process, sample));
     }
     out
@@ -622,6 +668,7 @@ pub fn spawn<T: Traffic>(
     let tasks2 = tasks.clone();
     tasks.spawn(async move {
         let mut sampling = Sampling { sampler: Sampler::new(), figures: HashMap::new(), routes: HashMap::new() };
+        let mut queues = QueueReader::default();
         let mut servers: HashMap<SocketAddr, CancellationToken> = HashMap::new();
         let mut tick = tokio::time::interval(STEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -635,7 +682,8 @@ pub fn spawn<T: Traffic>(
             serve_wanted(&metrics, &wanted, &mut servers, &stop, &tasks2).await;
             // Every wait has a bound: a step that cannot finish (a controller
             // that does not answer) is given up, and the next one tries again.
-            if tokio::time::timeout(STEP * 6, step(&metrics, &engine, traffic.as_ref(), &mut sampling)).await.is_err() {
+            let stepped = step(&metrics, &engine, traffic.as_ref(), &mut sampling, &mut queues);
+            if tokio::time::timeout(STEP * 6, stepped).await.is_err() {
                 tracing::warn!("metrics: a step took more than {}s and was given up", (STEP * 6).as_secs());
             }
             if last_save.elapsed() >= SAVE_EVERY {
@@ -785,6 +833,14 @@ pub fn table(report: &MetricsReport) -> String {
             p.instances.current.map_or_else(|| "-".to_string(), |v| format!("{v:.0}")),
             &p.instances.recent,
         );
+        if p.queue_error.is_some() || p.queue_depth.recent.iter().any(Option::is_some) {
+            row(
+                name,
+                "queue",
+                p.queue_depth.current.map_or_else(|| "-".to_string(), |v| format!("{v:.0} waiting")),
+                &p.queue_depth.recent,
+            );
+        }
     }
     if report.static_hits.total.is_some() {
         row("(static)", "static hits", rate(report.static_hits.current), &report.static_hits.recent);
@@ -800,6 +856,11 @@ pub fn table(report: &MetricsReport) -> String {
     out.push_str(&crate::output::table(&["PROCESS", "METRIC", "NOW", "TREND"], &rows));
     for e in &report.listen_errors {
         out.push_str(&format!("warning: {e}\n"));
+    }
+    for p in &report.processes {
+        if let Some(e) = &p.queue_error {
+            out.push_str(&format!("warning: the queue of {}: {e}\n", p.process));
+        }
     }
     out
 }
@@ -875,6 +936,8 @@ mod tests {
             rss_bytes: MetricSeries { current: Some(2.0 * 1_048_576.0), total: None, recent: vec![] },
             instances: MetricSeries::default(),
             releases: vec![],
+            queue_depth: MetricSeries::default(),
+            queue_error: None,
         });
         let text = table(&report);
         let requests = text.lines().find(|l| l.contains("requests")).unwrap();
@@ -883,5 +946,44 @@ mod tests {
         assert!(text.contains("1.0 ms / 2.0 ms / -"), "{text}");
         assert!(text.contains("2.0 MiB"), "{text}");
         assert!(!text.contains("static hits"), "never measured: {text}");
+    }
+
+    #[test]
+    fn the_table_shows_a_queue_and_why_it_is_not_read() {
+        let mut report = empty_report("shop", "default", Timestamp::from_secs(1_000));
+        let worker = |name: &str, depth: MetricSeries, error: Option<&str>| ProcessMetrics {
+            process: name.into(),
+            requests: MetricSeries::default(),
+            p50_ms: None,
+            p95_ms: None,
+            p99_ms: None,
+            p95_ms_recent: vec![],
+            responses_2xx: MetricSeries::default(),
+            responses_4xx: MetricSeries::default(),
+            responses_5xx: MetricSeries::default(),
+            upstream_errors: MetricSeries::default(),
+            in_flight: MetricSeries::default(),
+            cpu_percent: MetricSeries::default(),
+            rss_bytes: MetricSeries::default(),
+            instances: MetricSeries::default(),
+            releases: vec![],
+            queue_depth: depth,
+            queue_error: error.map(str::to_string),
+        };
+        let measured = MetricSeries { current: Some(20.0), total: None, recent: vec![None, Some(4.0), Some(20.0)] };
+        report.processes.push(worker("celery", measured, None));
+        report.processes.push(worker(
+            "mailer",
+            MetricSeries::default(),
+            Some("Redis at redis://***@h:6379/1 does not answer"),
+        ));
+        report.processes.push(worker("beat", MetricSeries::default(), None));
+        let text = table(&report);
+        let celery = text.lines().find(|l| l.starts_with("celery") && l.contains("queue")).expect(&text);
+        assert!(celery.contains("20 waiting") && celery.trim_end().ends_with('█'), "{text}");
+        let mailer = text.lines().find(|l| l.starts_with("mailer") && l.contains("queue")).expect(&text);
+        assert!(mailer.trim_end().ends_with("queue         -"), "{text}");
+        assert!(text.contains("warning: the queue of mailer: Redis at redis://***@h:6379/1 does not answer"), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("beat") && l.contains("queue")), "no queue: {text}");
     }
 }
