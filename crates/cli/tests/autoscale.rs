@@ -101,3 +101,138 @@ fn web_scales_out_under_load_and_back_in_without_a_failed_request() {
     assert!(r.stderr.contains("min 1") && r.stderr.contains("max 3"), "{}", r.stderr);
     assert_eq!(web(&app).0, 1);
 }
+
+fn queue_worker(metrics: std::net::SocketAddr) -> impl FnOnce(String) -> String {
+    move |spec| {
+        let worker = "kind = \"worker\"\ncount = 1\n";
+        assert!(spec.contains(worker), "the hello example's worker changed:\n{spec}");
+        spec.replace(worker, &format!("{worker}queue = {{ redis_list = \"jobs\" }}\n"))
+            + &format!(
+                r#"
+[processes.worker.autoscale]
+min = 1
+max = 3
+queue_per_instance = 5
+scale_out_cooldown = "5s"
+scale_in_cooldown = "5s"
+scale_in_window = "10s"
+
+[metrics]
+listen = "{metrics}"
+"#
+            )
+    }
+}
+
+fn worker(app: &TestApp) -> (u64, u64) {
+    let st = app.status();
+    let w = st["processes"].as_array().unwrap().iter().find(|p| p["process"] == "worker").unwrap().clone();
+    (w["desired"].as_u64().unwrap(), w["ready"].as_u64().unwrap())
+}
+
+/// The worker's entry of `nonstop metrics --json`.
+fn worker_metrics(app: &TestApp) -> serde_json::Value {
+    let r = app.run(&["metrics", "--json"]);
+    r.ok();
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    report["processes"].as_array().unwrap().iter().find(|p| p["process"] == "worker").cloned().unwrap()
+}
+
+/// `nonstop_queue_depth` of the worker in `/metrics`, parsed by a real
+/// Prometheus text parser.
+fn scraped_depth(addr: std::net::SocketAddr) -> Option<f64> {
+    use openmetrics_parser::prometheus::parse_prometheus;
+    use openmetrics_parser::PrometheusValue;
+    let (code, text) = http_get(addr, "/metrics").ok()?;
+    assert_eq!(code, 200, "{text}");
+    let parsed = parse_prometheus(&text).unwrap_or_else(|e| panic!("not Prometheus text ({e:?}):\n{text}"));
+    let family = parsed.families.get("nonstop_queue_depth")?;
+    let depth = family
+        .iter_samples()
+        .find(|s| s.get_labelset().unwrap().get_label_value("process") == Some("worker"))
+        .map(|s| match &s.value {
+            PrometheusValue::Gauge(g) => g.as_f64(),
+            other => panic!("not a gauge: {other:?}"),
+        });
+    depth
+}
+
+#[test]
+fn a_worker_scales_with_its_queue_read_from_the_redis_in_its_secrets() {
+    let password = "q-pass-7c1e9b";
+    let mut redis = PrivateRedis::on_with_password(free_port(), Some(password));
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let app = TestApp::new("hello", queue_worker(listen));
+
+    // The file names no Redis, and the environment has none: refused
+    // before anything runs, naming where one comes from.
+    let r = app.up();
+    assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("`queue` of worker reads the Redis list \"jobs\"")
+            && r.stderr.contains("get no REDIS_URL")
+            && r.stderr.contains("secrets set REDIS_URL"),
+        "{}",
+        r.stderr
+    );
+    assert_ne!(app.run(&["status", "--json"]).code, 0, "nothing is up");
+
+    // REDIS_URL as a secret (with the server's password): the file cannot
+    // see it, the daemon can.
+    let secret = app.dir.path().join("redis-url");
+    std::fs::write(&secret, format!("redis://:{password}@127.0.0.1:{}/3", redis.port)).unwrap();
+    app.run(&["secrets", "set", "REDIS_URL", "--from-file", secret.to_str().unwrap()]).ok();
+    std::fs::remove_file(&secret).unwrap();
+    app.up().ok();
+    assert_eq!(worker(&app).0, 1);
+    wait_until(T, "the empty queue measured", || worker_metrics(&app)["queue_depth"]["current"].as_f64() == Some(0.0));
+
+    // 20 waiting, 5 per instance: as many as max allows.
+    let items: Vec<String> = (0..20).map(|i| format!("job-{i}")).collect();
+    let mut push = vec!["LPUSH", "jobs"];
+    push.extend(items.iter().map(String::as_str));
+    assert_eq!(redis.cli(3, &push), "20");
+    wait_until(T, "worker scaled out to 3, all ready", || worker(&app) == (3, 3));
+    let w = worker_metrics(&app);
+    assert_eq!(w["queue_depth"]["current"].as_f64(), Some(20.0), "{w:#}");
+    assert!(w["queue_depth"]["recent"].as_array().unwrap().contains(&serde_json::json!(20.0)), "{w:#}");
+    assert!(w.get("queue_error").is_none(), "{w:#}");
+    let table = app.run(&["metrics"]);
+    table.ok();
+    assert!(
+        table.stdout.lines().any(|l| l.starts_with("worker") && l.contains("queue") && l.contains("20 waiting")),
+        "{}",
+        table.stdout
+    );
+    wait_until(T, "/metrics shows the queue", || scraped_depth(listen) == Some(20.0));
+    let events = app.run(&["events", "--json"]);
+    events.ok();
+    assert!(
+        events.stdout.contains("worker: scale out") && events.stdout.contains("queue_per_instance"),
+        "{}",
+        events.stdout
+    );
+
+    // Redis goes away: no sample (not a zero), so no scale-in; the
+    // outage is logged once, without the password.
+    redis.stop();
+    wait_until(T, "the outage reported", || worker_metrics(&app)["queue_error"].is_string());
+    let w = worker_metrics(&app);
+    let error = w["queue_error"].as_str().unwrap();
+    assert!(error.contains("does not answer") && error.contains(&format!("127.0.0.1:{}/3", redis.port)), "{error}");
+    assert!(!error.contains(password), "{error}");
+    assert_eq!(worker(&app).0, 3, "a queue that cannot be read never scales in");
+
+    // Back, empty (a server without persistence): read again over a new
+    // connection, and the worker scales back in.
+    let redis = PrivateRedis::on_with_password(redis.port, Some(password));
+    wait_until(T, "worker scaled back in to 1", || worker(&app) == (1, 1));
+    let w = worker_metrics(&app);
+    assert_eq!(w["queue_depth"]["current"].as_f64(), Some(0.0), "{w:#}");
+    assert!(w.get("queue_error").is_none(), "{w:#}");
+    let log = app.log();
+    assert_eq!(log.matches("does not answer (").count(), 1, "logged once per outage:\n{log}");
+    assert!(log.contains("answers again"), "{log}");
+    assert!(!log.contains(password), "the password is in the daemon's log");
+    drop(redis);
+}

@@ -356,6 +356,8 @@ impl Load {
 pub struct PrivateRedis {
     child: std::process::Child,
     pub port: u16,
+    /// `requirepass`, if it has one.
+    pub password: Option<String>,
 }
 
 impl PrivateRedis {
@@ -366,12 +368,22 @@ impl PrivateRedis {
     /// On `port` (again, after [`PrivateRedis::stop`]); ready once it
     /// answers.
     pub fn on(port: u16) -> PrivateRedis {
+        PrivateRedis::on_with_password(port, None)
+    }
+
+    /// [`PrivateRedis::on`], with `requirepass password`.
+    pub fn on_with_password(port: u16, password: Option<&str>) -> PrivateRedis {
+        let mut args = vec!["--port".to_string(), port.to_string()];
+        args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from));
+        if let Some(p) = password {
+            args.extend(["--requirepass".to_string(), p.to_string()]);
+        }
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server runs (is Redis installed?)");
-        let server = PrivateRedis { child, port };
+        let server = PrivateRedis { child, port, password: password.map(str::to_string) };
         wait_until(Duration::from_secs(30), "the private redis-server to answer", || {
             server.cli(0, &["PING"]) == "PONG"
         });
@@ -385,11 +397,12 @@ impl PrivateRedis {
     /// `redis-cli` on database `db`: its output, trimmed ("" when the
     /// server does not answer).
     pub fn cli(&self, db: u8, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-n", &db.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-n", &db.to_string()]);
+        if let Some(p) = &self.password {
+            cmd.args(["--no-auth-warning", "-a", p]);
+        }
+        let out = cmd.args(args).output().expect("redis-cli runs");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
