@@ -1,5 +1,6 @@
 //! The API server: parse, forward to the engine, encode. Nothing else.
 
+use crate::dashboard::auth::constant_time_eq;
 use crate::wire::*;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
@@ -199,13 +200,6 @@ fn bearer_token(value: &str) -> Option<&str> {
     }
     let token = rest.trim_start_matches(' ');
     (!token.is_empty()).then_some(token)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() || b.is_empty() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn error_response(status: StatusCode, err: ApiError) -> Response {
