@@ -338,8 +338,16 @@ Exit code 0 only when the release is live in the target.")]
         #[command(subcommand)]
         action: crate::config::ConfigAction,
     },
-    /// Deployments: release, status, duration, who.
+    /// Deployments: release, status, duration, who; with an ID, that
+    /// deployment's timeline (phases, gate verdicts, rollbacks, outcome).
+    #[command(
+        after_help = "Examples:\n  nonstop history\n  nonstop history 7          # deployment #7, step by step\n  nonstop history --json"
+    )]
     History {
+        /// A deployment (the ID column, with or without `#`): print it with
+        /// its timeline.
+        #[arg(value_name = "ID", value_parser = parse_deployment_id)]
+        id: Option<i64>,
         #[arg(long, short = 'n', default_value_t = 20)]
         limit: usize,
         /// Print the deployments as JSON.
@@ -623,4 +631,11 @@ impl std::fmt::Display for DashboardListen {
             DashboardListen::At(a) => write!(f, "{a}"),
         }
     }
+}
+
+/// `7` or `#7`: a deployment's ID as `nonstop history` shows it.
+fn parse_deployment_id(s: &str) -> Result<i64, String> {
+    s.strip_prefix('#').unwrap_or(s).parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| {
+        format!("`{s}` is not a deployment ID: give the number of the ID column of `nonstop history`, e.g. 7")
+    })
 }

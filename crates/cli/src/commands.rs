@@ -108,7 +108,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Rollback { release, run_tasks, force, wait, json } => {
             rollback(&home, release, (run_tasks, force), wait, json).await
         }
-        Command::History { limit, json } => history(&home, limit, json).await,
+        Command::History { id, limit, json } => history(&home, id, limit, json).await,
         Command::Maintenance { switch } => crate::maintenance::maintenance(&home, switch).await,
         Command::Secrets { action } => crate::secrets::secrets(&home, action).await,
         Command::Config { action } => crate::config::config(&home, action).await,
@@ -904,7 +904,10 @@ async fn cancel(home: &Home, reason: Option<String>, json: bool) -> anyhow::Resu
     Ok(0)
 }
 
-async fn history(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
+async fn history(home: &Home, id: Option<i64>, limit: usize, json: bool) -> anyhow::Result<i32> {
+    if let Some(id) = id {
+        return deployment(home, id, json).await;
+    }
     let deps: Vec<DeploymentInfo> = client(home).get(&format!("/v1/history?limit={limit}")).await?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&deps)?);
@@ -949,6 +952,63 @@ async fn history(home: &Home, limit: usize, json: bool) -> anyhow::Result<i32> {
         output::table(&["ID", "KIND", "RELEASE", "STATUS", "STARTED (UTC)", "TOOK", "WHO", "NOTE"], &rows).trim_end()
     );
     Ok(0)
+}
+
+/// `nonstop history ID`: one deployment and its timeline.
+async fn deployment(home: &Home, id: i64, json: bool) -> anyhow::Result<i32> {
+    let deps: Vec<DeploymentInfo> = client(home).get("/v1/history?limit=10000").await?;
+    let Some(d) = deps.into_iter().find(|d| d.id == id) else {
+        anyhow::bail!("no deployment #{id} in this environment's history: `nonstop history` lists them (`-e ENV` for another environment)");
+    };
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&d)?);
+        return Ok(0);
+    }
+    outln!("{}", deployment_text(&d).trim_end());
+    Ok(0)
+}
+
+/// A deployment's header and its timeline, one step a line with its time
+/// since the start.
+pub(crate) fn deployment_text(d: &DeploymentInfo) -> String {
+    let from = d.from_release.map(|f| format!("v{f}")).unwrap_or_else(|| "-".into());
+    let took = d
+        .finished_at_ms
+        .map(|f| format!(", took {:.1}s", f.saturating_sub(d.started_at_ms) as f64 / 1000.0))
+        .unwrap_or_default();
+    let mut out = format!(
+        "#{} {} {from} → v{}: {}\nstarted {} UTC by {}{took}\n",
+        d.id,
+        d.kind,
+        d.to_release,
+        d.status,
+        fmt_time(d.started_at_ms),
+        d.who
+    );
+    if let Some(m) = &d.message {
+        out.push_str(&format!("note: {m}\n"));
+    }
+    if let Some(r) = &d.reason {
+        out.push_str(&format!("reason: {r}\n"));
+    }
+    if d.timeline.is_empty() {
+        out.push_str("\n(no timeline: recorded before nonstop kept them)\n");
+        return out;
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = d
+        .timeline
+        .iter()
+        .map(|t| {
+            vec![
+                format!("+{:.1}s", t.at_ms.saturating_sub(d.started_at_ms) as f64 / 1000.0),
+                t.kind.as_str().to_string(),
+                t.text.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&output::table(&["AT", "STEP", "WHAT"], &rows));
+    out
 }
 
 async fn metrics(home: &Home, process: Option<String>, json: bool) -> anyhow::Result<i32> {

@@ -87,6 +87,22 @@ fn a_deploy_builds_once_runs_tasks_once_and_rolls_without_dropping_a_request() {
     assert_eq!(h.len(), 2);
     assert!(h.iter().all(|d| d["status"] == "succeeded"), "{h:#?}");
     assert_eq!(h[0]["message"], "second");
+    // One deployment, step by step: its timeline, in text and JSON.
+    let id = h[0]["id"].as_i64().unwrap();
+    let r = app.run(&["history", &format!("#{id}")]);
+    r.ok();
+    assert!(r.stdout.contains(&format!("#{id} deploy v1 → v2: succeeded")), "{}", r.stdout);
+    assert!(r.stdout.contains("note: second") && r.stdout.contains("phase"), "{}", r.stdout);
+    assert!(r.stdout.trim_end().lines().last().unwrap().contains("outcome"), "{}", r.stdout);
+    let one: serde_json::Value = serde_json::from_str(&app.run(&["history", &id.to_string(), "--json"]).stdout).unwrap();
+    assert_eq!(one["id"], id);
+    assert_eq!(one["timeline"].as_array().unwrap().last().unwrap()["kind"], "outcome", "{one:#}");
+    let r = app.run(&["history", "99"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("no deployment #99") && r.stderr.contains("nonstop history"), "{}", r.stderr);
+    let r = app.run(&["history", "v2"]);
+    assert_eq!(r.code, 2, "clap refuses it");
+    assert!(r.stderr.contains("not a deployment ID"), "{}", r.stderr);
     // Unchanged code and config: nothing to deploy.
     let r = app.run(&["deploy"]);
     r.ok();
