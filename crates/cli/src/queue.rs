@@ -214,58 +214,131 @@ fn list_error(e: &redis::RedisError) -> bool {
     e.code() == Some("WRONGTYPE") || e.kind() == redis::ErrorKind::TypeError
 }
 
+/// Where `rest` (a URL after `scheme://`) splits into user info and the
+/// rest: at its **last** `@`, wherever it is. A password may hold `/`, `?`
+/// or `#` unencoded (a parser would not take it, but it must not be shown
+/// either); an `@` later in a path or query only hides more than needed.
+fn split_user_info(rest: &str) -> (Option<&str>, &str) {
+    match rest.rsplit_once('@') {
+        Some((info, after)) => (Some(info), after),
+        None => (None, rest),
+    }
+}
+
 /// `url` safe to print: the user info (which may hold a password)
-/// replaced by `***`, and a `password=` parameter's value too. Pure.
+/// replaced by `***`, and a `password=` parameter's value too (with any
+/// parameter after it). A URL that does not parse is not shown, nor one
+/// whose printed form would still hold what may be its password read
+/// another way (an unencoded `?` or `@` in a password moves where a
+/// parser thinks the host is). Pure.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "(a REDIS_URL that is not a URL)".to_string();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let authority = match authority.rsplit_once('@') {
-        Some((_, host)) => format!("***@{host}"),
-        None => authority.to_string(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let params: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") => {
-                        format!("{k}=***")
-                    }
-                    _ => kv.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", params.join("&"))
+    let hidden = || match url.split_once("://") {
+        Some((scheme, _)) if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') => {
+            format!("{scheme}://(a URL that does not parse as one, not shown)")
         }
-        None => tail.to_string(),
+        _ => "(a REDIS_URL that is not a URL)".to_string(),
     };
-    format!("{scheme}://{authority}{tail}")
+    let Ok(parsed) = url::Url::parse(url) else { return hidden() };
+    let shown = shown_parts(&parsed);
+    if secret_candidates(url).iter().any(|s| shown.contains(s.as_str())) {
+        return hidden();
+    }
+    shown
+}
+
+/// Scheme, `***@` for any user info, host, port, path, and the query up
+/// to a password parameter.
+fn shown_parts(parsed: &url::Url) -> String {
+    let mut out = format!("{}://", parsed.scheme());
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        out.push_str("***@");
+    }
+    if let Some(host) = parsed.host_str() {
+        out.push_str(host);
+    }
+    if let Some(port) = parsed.port() {
+        out.push_str(&format!(":{port}"));
+    }
+    out.push_str(parsed.path());
+    if let Some(query) = parsed.query() {
+        let mut params: Vec<String> = Vec::new();
+        for kv in query.split('&') {
+            match kv.split_once('=') {
+                Some((k, _)) if is_password_param(k) => {
+                    params.push(format!("{k}=***"));
+                    break;
+                }
+                _ => params.push(kv.to_string()),
+            }
+        }
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+fn is_password_param(key: &str) -> bool {
+    key.eq_ignore_ascii_case("password") || key.eq_ignore_ascii_case("pass")
+}
+
+/// The values of the password parameters of `query`: each as far as the
+/// next `&`, and as far as the end (a password with an unencoded `&`).
+fn password_params(query: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for kv in query.split('&') {
+        if let Some((k, v)) = kv.split_once('=') {
+            if is_password_param(k) {
+                out.push(v.to_string());
+                out.push(query[from + k.len() + 1..].to_string());
+            }
+        }
+        from += kv.len() + 1;
+    }
+    out
+}
+
+/// What in `url` may be a secret, read every way it can be: the user info
+/// (up to the last `@`, wherever it is), its password, `password=`
+/// parameters (to the next `&` and to the end), each also percent-decoded
+/// (the form a client prints); only those of 3 characters or more (shorter
+/// ones would hide half of every message).
+fn secret_candidates(url: &str) -> Vec<String> {
+    let mut secrets: Vec<String> = Vec::new();
+    if let Some((_, rest)) = url.split_once("://") {
+        let (info, after) = split_user_info(rest);
+        if let Some(info) = info {
+            secrets.push(info.to_string());
+            secrets.extend(info.split_once(':').map(|(_, p)| p.to_string()));
+        }
+        // The query as read both ways: after the user info, and (an `@`
+        // in the query itself) after the first `?`.
+        secrets.extend(password_params(after.split_once('?').map_or("", |(_, q)| q)));
+        secrets.extend(password_params(rest.split_once('?').map_or("", |(_, q)| q)));
+    }
+    if let Ok(parsed) = url::Url::parse(url) {
+        secrets.extend(parsed.password().map(str::to_string));
+        secrets.extend(parsed.query_pairs().filter(|(k, _)| is_password_param(k)).map(|(_, v)| v.into_owned()));
+    }
+    let decoded: Vec<String> = secrets
+        .iter()
+        .filter_map(|s| percent_encoding::percent_decode_str(s).decode_utf8().ok())
+        .map(|d| d.into_owned())
+        .collect();
+    secrets.extend(decoded);
+    secrets.retain(|s| s.len() >= 3);
+    // Longest first: a password inside the user info is hidden with it.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets.dedup();
+    secrets
 }
 
 /// `text` (an error of Redis's client) with `url` and its secrets hidden.
 /// Pure.
 pub fn scrub(text: &str, url: &str) -> String {
     let mut out = text.replace(url, &redact_url(url));
-    let mut secrets: Vec<&str> = Vec::new();
-    if let Some((_, rest)) = url.split_once("://") {
-        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-        if let Some((info, _)) = authority.rsplit_once('@') {
-            secrets.push(info);
-            secrets.extend(info.split_once(':').map(|(_, p)| p));
-        }
-        let query = rest.split_once('?').map_or("", |(_, q)| q);
-        secrets.extend(
-            query.split('&').filter_map(|kv| kv.split_once('=')).filter_map(|(k, v)| {
-                (k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass")).then_some(v)
-            }),
-        );
-    }
-    // Longest first: a password inside the user info is hidden with it.
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    for s in secrets.into_iter().filter(|s| s.len() >= 3) {
-        out = out.replace(s, "***");
+    for s in secret_candidates(url) {
+        out = out.replace(s.as_str(), "***");
     }
     out
 }
@@ -280,9 +353,15 @@ mod tests {
         assert_eq!(redact_url("redis://127.0.0.1:6379/3"), "redis://127.0.0.1:6379/3");
         assert_eq!(redact_url("redis://:hunter2@cache:6380/1"), "redis://***@cache:6380/1");
         assert_eq!(redact_url("redis://app:hunter2@cache"), "redis://***@cache");
-        assert_eq!(redact_url("redis://cache/2?password=hunter2&x=1"), "redis://cache/2?password=***&x=1");
+        assert_eq!(redact_url("redis://cache/2?x=1&password=hunter2&y=2"), "redis://cache/2?x=1&password=***");
         assert_eq!(redact_url("unix:///run/redis.sock?db=2"), "unix:///run/redis.sock?db=2");
         assert_eq!(redact_url("hunter2"), "(a REDIS_URL that is not a URL)");
+        // A password with `/`, `?` or `#` unencoded: hidden all the same.
+        assert_eq!(redact_url("redis://:pa/ss@cache:6379/0"), "redis://(a URL that does not parse as one, not shown)");
+        assert_eq!(redact_url("redis://u:a?b#c@cache"), "redis://(a URL that does not parse as one, not shown)");
+        assert_eq!(redact_url("redis://:p@ss@cache"), "redis://***@cache");
+        let url = "redis://:p%2Fss@cache/0";
+        assert!(!scrub("bad password p/ss", url).contains("p/ss"), "decoded too");
         let url = "redis://app:p%40ss@cache:6379/1";
         let text = format!("failed to connect to {url}: WRONGPASS p%40ss for app:p%40ss");
         let scrubbed = scrub(&text, url);
@@ -292,7 +371,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn no_password_is_ever_shown(password in "[A-Z!$*+~]{3,24}", user in "[a-z]{0,8}", db in 0u8..16) {
+        fn no_password_is_ever_shown(password in "[\\x21-\\x7e]{3,24}", user in "[a-z]{0,8}", db in 0u8..16) {
             for url in [
                 format!("redis://{user}:{password}@h.example:6379/{db}"),
                 format!("redis://h.example:6379/{db}?password={password}"),

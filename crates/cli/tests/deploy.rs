@@ -94,7 +94,8 @@ fn a_deploy_builds_once_runs_tasks_once_and_rolls_without_dropping_a_request() {
     assert!(r.stdout.contains(&format!("#{id} deploy v1 → v2: succeeded")), "{}", r.stdout);
     assert!(r.stdout.contains("note: second") && r.stdout.contains("phase"), "{}", r.stdout);
     assert!(r.stdout.trim_end().lines().last().unwrap().contains("outcome"), "{}", r.stdout);
-    let one: serde_json::Value = serde_json::from_str(&app.run(&["history", &id.to_string(), "--json"]).stdout).unwrap();
+    let one: serde_json::Value =
+        serde_json::from_str(&app.run(&["history", &id.to_string(), "--json"]).stdout).unwrap();
     assert_eq!(one["id"], id);
     assert_eq!(one["timeline"].as_array().unwrap().last().unwrap()["kind"], "outcome", "{one:#}");
     let r = app.run(&["history", "99"]);
