@@ -545,7 +545,9 @@ async fn step<T: Traffic>(
     queues: &mut QueueReader,
 ) {
     let scopes = engine.environments();
-    // The queues are read beside the rest (each read has its bound).
+    // The queues are read beside the rest (each server's read has its
+    // bound); the step's time and CPU sample are taken when the rest is
+    // read, not when the slowest queue answers.
     let envs = async {
         let mut readings = Vec::new();
         for scope in scopes.clone() {
@@ -553,27 +555,27 @@ async fn step<T: Traffic>(
                 readings.push(r);
             }
         }
-        readings
-    };
-    let (readings, depths) = tokio::join!(envs, read_queues(engine, scopes.clone(), queues));
-    let groups: Vec<_> = readings
-        .iter()
-        .flat_map(|r| {
-            r.status.instances.iter().filter_map(|i| {
-                let pid = i32::try_from(i.pid?).ok()?;
-                let id = instance_id(i)?;
-                Some(((r.scope.clone(), id.process, id.slot, Some(ReleaseId(i.release))), pid))
+        let groups: Vec<_> = readings
+            .iter()
+            .flat_map(|r: &EnvReading| {
+                r.status.instances.iter().filter_map(|i| {
+                    let pid = i32::try_from(i.pid?).ok()?;
+                    let id = instance_id(i)?;
+                    Some(((r.scope.clone(), id.process, id.slot, Some(ReleaseId(i.release))), pid))
+                })
             })
-        })
-        .collect();
-    let at = now();
-    let usage = match sampling.sampler.sample(&groups, at) {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!("metrics: cannot sample the instances' processes: {e}");
-            Vec::new()
-        }
+            .collect();
+        let at = now();
+        let usage = match sampling.sampler.sample(&groups, at) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!("metrics: cannot sample the instances' processes: {e}");
+                Vec::new()
+            }
+        };
+        (readings, at, usage)
     };
+    let ((readings, at, usage), depths) = tokio::join!(envs, read_queues(engine, scopes.clone(), queues));
     {
         let mut store = metrics.store();
         for r in &readings {

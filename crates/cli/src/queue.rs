@@ -7,9 +7,13 @@
 //!   an error and made again (once within the step, so a server that
 //!   restarted costs no sample), and forgotten when no process reads it.
 //! - Every wait is bounded: [`CONNECT_TIMEOUT`] to connect, [`READ_TIMEOUT`]
-//!   per `LLEN`; the servers are read concurrently, and beside the rest of
-//!   the step (`metrics.rs`), so a server that does not answer delays
-//!   nothing else and the step by at most those bounds.
+//!   for the `LLEN`s (sent together over the one connection), and
+//!   [`SERVER_BUDGET`] for the whole of one server's read (a retry
+//!   included; a cached connection that timed out is not retried within
+//!   the step). The servers are read concurrently, and beside the rest of
+//!   the step (`metrics.rs`), which takes its time and CPU sample before
+//!   waiting for them: a server that does not answer delays no other
+//!   measure, and the step by at most [`SERVER_BUDGET`].
 //! - A list that cannot be read gives no sample (never a zero: the
 //!   autoscaler would scale in on it). A server that does not answer is
 //!   logged once per outage (and once when it answers again); a process
@@ -26,8 +30,11 @@ use tokio::task::JoinSet;
 
 /// How long a connection to a Redis server may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long one `LLEN` may take.
+/// How long the `LLEN`s of one server may take.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the whole read of one server may take (connecting, reading,
+/// and a retry over a new connection).
+pub const SERVER_BUDGET: Duration = Duration::from_secs(2);
 
 /// A process's queue, in an environment.
 pub type QueueKey = (AppEnv, ProcessName);
@@ -59,6 +66,9 @@ pub struct QueueReader {
 enum Served {
     /// It could not be reached (or stopped answering): no list was read.
     Down(String),
+    /// It did not answer in time: no list was read (and no new connection
+    /// is tried within the step).
+    TimedOut(String),
     Read {
         connection: MultiplexedConnection,
         lists: Vec<Result<u64, String>>,
@@ -106,11 +116,17 @@ impl QueueReader {
             });
         }
         while let Some(joined) = reads.join_next().await {
-            let Ok((url, served)) = joined else { continue };
+            let (url, served) = match joined {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::warn!("metrics: a queue read failed: {e}");
+                    continue;
+                }
+            };
             let readers = &by_url[&url];
             let shown = redact_url(&url);
             match served {
-                Served::Down(why) => {
+                Served::Down(why) | Served::TimedOut(why) => {
                     self.connections.remove(&url);
                     if !self.down.contains_key(&url) {
                         let who: Vec<String> =
@@ -160,17 +176,24 @@ impl QueueReader {
 }
 
 /// The lengths of `lists` on the server of `url`: over `cached` if it
-/// still works, else over a new connection.
+/// still works, else over a new connection; within [`SERVER_BUDGET`].
 async fn read_server(url: &str, cached: Option<MultiplexedConnection>, lists: &[String]) -> Served {
-    if let Some(connection) = cached {
-        if let Served::Read { connection, lists } = read_lists(url, connection, lists).await {
-            return Served::Read { connection, lists };
+    let read = async {
+        if let Some(connection) = cached {
+            match read_lists(url, connection, lists).await {
+                Served::Down(_) => {} // It broke (a server restarted, a connection cut): once more, anew.
+                served => return served,
+            }
         }
-        // It broke (a server restarted, a connection cut): once more, anew.
-    }
-    match connect(url).await {
-        Ok(connection) => read_lists(url, connection, lists).await,
-        Err(why) => Served::Down(why),
+        match connect(url).await {
+            Ok(connection) => read_lists(url, connection, lists).await,
+            Err(why) => Served::Down(why),
+        }
+    };
+    match tokio::time::timeout(SERVER_BUDGET, read).await {
+        Ok(Served::TimedOut(why)) => Served::Down(why),
+        Ok(served) => served,
+        Err(_) => Served::Down(format!("no answer within {}s", SERVER_BUDGET.as_secs())),
     }
 }
 
@@ -179,34 +202,41 @@ async fn connect(url: &str) -> Result<MultiplexedConnection, String> {
         .map_err(|e| format!("REDIS_URL is not a Redis URL nonstop can use ({})", scrub(&e.to_string(), url)))?;
     let config =
         redis::AsyncConnectionConfig::new().set_connection_timeout(CONNECT_TIMEOUT).set_response_timeout(READ_TIMEOUT);
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT + READ_TIMEOUT,
-        client.get_multiplexed_async_connection_with_config(&config),
-    )
-    .await
-    {
-        Err(_) => Err(format!("no connection within {}s", (CONNECT_TIMEOUT + READ_TIMEOUT).as_secs())),
+    match tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection_with_config(&config)).await {
+        Err(_) => Err(format!("no connection within {}s", CONNECT_TIMEOUT.as_secs())),
         Ok(Err(e)) => Err(scrub(&e.to_string(), url)),
         Ok(Ok(c)) => Ok(c),
     }
 }
 
-/// `LLEN` of each list. A server error about one list (`WRONGTYPE`) is
-/// that list's; anything else (I/O, a timeout, a refused login) is the
-/// server's.
+/// `LLEN` of each list, sent together (the multiplexed connection
+/// pipelines them), answered within [`READ_TIMEOUT`]. A server error
+/// about one list (`WRONGTYPE`) is that list's; anything else (I/O, a
+/// refused login) is the server's.
 async fn read_lists(url: &str, connection: MultiplexedConnection, lists: &[String]) -> Served {
-    let mut out = Vec::with_capacity(lists.len());
-    for list in lists {
+    let mut reads = JoinSet::new();
+    for (i, list) in lists.iter().enumerate() {
         let mut c = connection.clone();
-        let read = tokio::time::timeout(READ_TIMEOUT, redis::cmd("LLEN").arg(list).query_async::<u64>(&mut c)).await;
-        match read {
-            Err(_) => return Served::Down(format!("no answer to LLEN within {}s", READ_TIMEOUT.as_secs())),
-            Ok(Ok(n)) => out.push(Ok(n)),
-            Ok(Err(e)) if list_error(&e) => out.push(Err(scrub(&e.to_string(), url))),
-            Ok(Err(e)) => return Served::Down(scrub(&e.to_string(), url)),
-        }
+        let list = list.clone();
+        reads.spawn(async move { (i, redis::cmd("LLEN").arg(&list).query_async::<u64>(&mut c).await) });
     }
-    Served::Read { connection, lists: out }
+    let mut out: Vec<Result<u64, String>> = vec![Err("its read was lost (a task failed)".to_string()); lists.len()];
+    let all = async {
+        while let Some(joined) = reads.join_next().await {
+            let Ok((i, read)) = joined else { continue }; // Its list keeps the "lost" error.
+            match read {
+                Ok(n) => out[i] = Ok(n),
+                Err(e) if list_error(&e) => out[i] = Err(scrub(&e.to_string(), url)),
+                Err(e) => return Err(scrub(&e.to_string(), url)),
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(READ_TIMEOUT, all).await {
+        Err(_) => Served::TimedOut(format!("no answer to LLEN within {}s", READ_TIMEOUT.as_secs())),
+        Ok(Err(why)) => Served::Down(why),
+        Ok(Ok(())) => Served::Read { connection, lists: out },
+    }
 }
 
 /// An error about the list itself (another type of key), not the server.
