@@ -11,7 +11,7 @@ use crate::queue::{Depths, QueueKey, QueueReader};
 use nonstop_api::dashboard::{ChartRange, ChartsReport, ProcessCharts};
 use nonstop_api::server::MetricsSource;
 use nonstop_api::wire::{MetricSeries, MetricsReport, ProcessMetrics, ReleaseRequests};
-use nonstop_core::traffic::{BackendFigures, RouteFigures, Traffic};
+use nonstop_core::traffic::{BackendFigures, BackendHealth, RouteFigures, Traffic};
 use nonstop_core::{AppEnv, AppName, EnvironmentId, InstanceId, ProcessKind, ProcessName, ReleaseId};
 use nonstop_engine::{EngineHandle, InstanceState, StatusReport};
 use nonstop_metrics::{
@@ -630,11 +630,22 @@ fn autoscale_samples(
     let mut out = Vec::new();
     for p in r.status.processes.iter().filter(|p| p.autoscale.is_some()) {
         let Ok(process) = ProcessName::new(p.process.as_str()) else { continue };
+        // Over the instances in rotation (web: healthy; others: running):
+        // one still booting neither serves nor shares the load yet.
+        let in_rotation = |slot: u32, release: Option<ReleaseId>| {
+            r.status.instances.iter().any(|i| {
+                instance_id(i).is_some_and(|id| id.process == process && id.slot == slot)
+                    && Some(ReleaseId(i.release)) == release
+                    && i.state == InstanceState::Running
+                    && (p.kind != ProcessKind::Web || i.health == Some(BackendHealth::Healthy))
+            })
+        };
         let cpu: Vec<f64> = usage
             .iter()
-            .filter(|u| u.label.0 == r.scope && u.label.1 == process)
+            .filter(|u| u.label.0 == r.scope && u.label.1 == process && in_rotation(u.label.2, u.label.3))
             .filter_map(|u| u.cpu_percent)
             .collect();
+        let measured_instances = u32::try_from(cpu.len()).ok().filter(|n| *n > 0);
         let cpu_percent = (!cpu.is_empty()).then(|| cpu.iter().sum::<f64>() / cpu.len() as f64);
         let (mut requests_per_second, mut p95_ms) = (None, None);
         if p.kind == ProcessKind::Web && !r.baseline {
@@ -650,7 +661,13 @@ fn autoscale_samples(
             p95_ms = latency.quantile(0.95).map(ms);
         }
         let queue_depth = depths.get(&(r.scope.clone(), process.clone())).map(|n| *n as f64);
-        let sample = nonstop_engine::AutoscaleSample { cpu_percent, requests_per_second, p95_ms, queue_depth };
+        let sample = nonstop_engine::AutoscaleSample {
+            cpu_percent,
+            requests_per_second,
+            p95_ms,
+            queue_depth,
+            measured_instances,
+        };
         out.push((process, sample));
     }
     out

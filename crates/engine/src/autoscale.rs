@@ -81,6 +81,10 @@ pub struct AutoscaleSample {
     pub requests_per_second: Option<f64>,
     pub p95_ms: Option<f64>,
     pub queue_depth: Option<f64>,
+    /// The instances CPU and p95 were measured over (those in rotation);
+    /// `None`: the current count.
+    #[serde(default)]
+    pub measured_instances: Option<u32>,
 }
 
 impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> {
@@ -107,6 +111,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             requests_per_second: sample.requests_per_second,
             p95_ms: sample.p95_ms,
             queue_depth: sample.queue_depth,
+            measured_instances: sample.measured_instances,
         });
         while tracked.samples.front().is_some_and(|s| now.saturating_sub(s.at) > SAMPLE_WINDOW * 2) {
             tracked.samples.pop_front();

@@ -24,6 +24,12 @@
 //!   (metric, value, target). A metric without a sample in the window
 //!   recommends nothing, and forbids a scale-in: a missing measure is no
 //!   evidence that fewer instances will do. No data at all holds.
+//! - **Per-instance measures are loads of the instances measured.** CPU
+//!   and p95 come with the number of instances they were taken over
+//!   ([`Sample::measured_instances`]: those in rotation); their load is
+//!   the value times that number, and the recommendation the count at
+//!   which that load meets the target. Instances still booting after a
+//!   scale-out are therefore not read as already sharing the load.
 //! - **Only samples of the current count.** A sample measured before the
 //!   count last changed (by a decision or by hand) is not read: its CPU
 //!   and p95 belong to another number of instances, and read against the
@@ -77,6 +83,11 @@ pub struct Sample {
     pub p95_ms: Option<f64>,
     /// Items waiting in the process's queue (the whole queue).
     pub queue_depth: Option<f64>,
+    /// How many instances the per-instance measures (CPU, p95) were taken
+    /// over: those in rotation then. `None`: the current count. New
+    /// instances still booting are not in it, so their load is not read
+    /// as if they already shared it (which would scale out again).
+    pub measured_instances: Option<u32>,
 }
 
 impl Sample {
@@ -346,33 +357,41 @@ pub fn decide(policy: &Autoscale, samples: &[Sample], current: u32, state: State
 /// newest sample, the reading that recommends more (the mean on a tie).
 fn reading(metric: Metric, target: u32, samples: &[Sample], current: u32, now: Duration) -> Option<Reading> {
     let in_window = samples.iter().filter(|s| s.at <= now && now - s.at <= SAMPLE_WINDOW);
-    let (mut sum, mut n, mut newest): (f64, u32, Option<(Duration, f64)>) = (0.0, 0, None);
-    for (at, v) in in_window.filter_map(|s| s.raw(metric).map(|v| (s.at, v))) {
+    // Each value with its load: a total (requests, the queue), or the
+    // value per instance times the instances it was measured over.
+    let total = matches!(metric, Metric::RequestsPerInstance | Metric::QueuePerInstance);
+    let (mut sum, mut sum_load, mut n) = (0.0, 0.0, 0u32);
+    let mut newest: Option<(Duration, f64, f64)> = None;
+    for s in in_window {
+        let Some(v) = s.raw(metric) else { continue };
+        let load = if total { v } else { v * f64::from(s.measured_instances.unwrap_or(current)) };
         sum += v;
+        sum_load += load;
         n += 1;
-        if newest.is_none_or(|(newest_at, _)| at >= newest_at) {
-            newest = Some((at, v));
+        if newest.is_none_or(|(at, _, _)| s.at >= at) {
+            newest = Some((s.at, v, load));
         }
     }
-    let (_, latest) = newest?;
-    let mean = reading_of(metric, target, sum / f64::from(n), current);
-    let latest = reading_of(metric, target, latest, current);
+    let (_, latest, latest_load) = newest?;
+    let n = f64::from(n);
+    let mean = reading_of(metric, target, sum / n, sum_load / n, current);
+    let latest = reading_of(metric, target, latest, latest_load, current);
     Some(if latest.recommends > mean.recommends { latest } else { mean })
 }
 
-/// The reading of one value of `metric` (a total for requests and the
-/// queue) with `current` instances running.
-fn reading_of(metric: Metric, target: u32, raw: f64, current: u32) -> Reading {
+/// The reading of one `raw` value of `metric` (a total for requests and
+/// the queue, else per instance) whose `load` (the total, or the value
+/// times the instances measured) `current` instances now share.
+fn reading_of(metric: Metric, target: u32, raw: f64, load: f64, current: u32) -> Reading {
     let target_f = f64::from(target.max(1));
     let total = matches!(metric, Metric::RequestsPerInstance | Metric::QueuePerInstance);
-    let (value, recommends) = if total && current == 0 {
+    let (value, recommends) = if current == 0 {
         // Nothing runs: the count at which each instance gets its target.
-        (raw, count_of(raw / target_f))
+        (raw, count_of(load / target_f))
     } else {
         let value = if total { raw / f64::from(current) } else { raw };
-        let ratio = value / target_f;
-        let recommends =
-            if (ratio - 1.0).abs() <= TOLERANCE + 1e-9 { current } else { count_of(f64::from(current) * ratio) };
+        let ratio = load / (f64::from(current) * target_f);
+        let recommends = if (ratio - 1.0).abs() <= TOLERANCE + 1e-9 { current } else { count_of(load / target_f) };
         (value, recommends)
     };
     Reading { metric, value, target, recommends }
@@ -478,6 +497,25 @@ mod tests {
     }
 
     #[test]
+    fn instances_still_booting_do_not_count_as_sharing_the_load() {
+        // 2 → 4 for 100% CPU on 2 (target 50). The next sample is taken
+        // while the 2 new ones boot: still 100% on the 2 in rotation. Read
+        // against 4 it would ask for 8; over the 2 measured, it is the 4
+        // that already run.
+        let p = Autoscale { scale_out_cooldown: S(0), ..policy(1, 20, &[(Metric::CpuPercent, 50)]) };
+        let on =
+            |at, v, n| Sample { at: S(at), cpu_percent: Some(v), measured_instances: Some(n), ..Sample::default() };
+        let (d, state) = decide(&p, &[on(100, 100.0, 2)], 2, old_state(100), S(100));
+        assert_eq!((d.kind, d.desired), (Kind::ScaleOut, 4), "{d}");
+        let (d, state) = decide(&p, &[on(100, 100.0, 2), on(105, 100.0, 2)], 4, state, S(105));
+        assert_eq!((d.kind, d.desired), (Kind::Hold(Hold::AtTarget), 4), "{d}");
+        assert_eq!(reason_metric(&d).value, 100.0, "the value shown is the one measured");
+        // Once all 4 are in rotation at 50%: still 4.
+        let (d, _) = decide(&p, &[on(110, 50.0, 4)], 4, state, S(110));
+        assert_eq!((d.kind, d.desired), (Kind::Hold(Hold::AtTarget), 4), "{d}");
+    }
+
+    #[test]
     fn a_step_scales_out_at_the_first_sample_that_shows_it() {
         // Two quiet samples and a loaded one: the mean (40) is under the
         // target, the newest (100) is twice it. Out at once, on the newest.
@@ -519,6 +557,7 @@ mod tests {
             requests_per_second: Some(1000.0), // → 10
             p95_ms: Some(300.0),               // → 6
             queue_depth: None,
+            measured_instances: None,
         };
         let (d, _) = decide(&p, &[s], 4, old_state(1), S(1));
         assert_eq!((d.kind, d.desired), (Kind::ScaleOut, 8), "{d}");
@@ -693,6 +732,7 @@ mod tests {
                 requests_per_second: Some(self.requests),
                 p95_ms: per(self.p95_one),
                 queue_depth: Some(self.queue),
+                measured_instances: Some(count),
             }
         }
     }
@@ -741,13 +781,16 @@ mod tests {
             ])
         };
         proptest::collection::vec(
-            (0u64..30, value(), value(), value(), value()).prop_map(|(ago, c, r, p, q)| Sample {
-                at: S(ago),
-                cpu_percent: c,
-                requests_per_second: r,
-                p95_ms: p,
-                queue_depth: q,
-            }),
+            (0u64..30, value(), value(), value(), value(), proptest::option::of(0u32..40)).prop_map(
+                |(ago, c, r, p, q, measured)| Sample {
+                    at: S(ago),
+                    cpu_percent: c,
+                    requests_per_second: r,
+                    p95_ms: p,
+                    queue_depth: q,
+                    measured_instances: measured,
+                },
+            ),
             0..6,
         )
     }
@@ -882,6 +925,7 @@ mod tests {
                 requests_per_second: Some(1e9),
                 p95_ms: Some(1e6),
                 queue_depth: Some(1e9),
+                measured_instances: None,
             };
             let cooling = state.last_scale_out().is_some_and(|at| now < at + policy.scale_out_cooldown);
             let (d, _) = decide(&policy, &[hot], count, state, now);
