@@ -588,6 +588,12 @@ async fn releases(Scoped(engine): Scoped) -> Response {
 }
 
 pub(crate) async fn history(Scoped(engine): Scoped, Query(q): Query<HistoryQuery>) -> Response {
+    if let Some(id) = q.id {
+        return match engine.deployment(id).await {
+            Ok(d) => Json(d.into_iter().collect::<Vec<_>>()).into_response(),
+            Err(e) => engine_error(e),
+        };
+    }
     match engine.history(q.limit.unwrap_or(20).min(10_000)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => engine_error(e),

@@ -248,6 +248,9 @@ pub struct StopStartRequest {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HistoryQuery {
     pub limit: Option<usize>,
+    /// One deployment: the answer is it alone, or empty if the
+    /// environment has none of that ID.
+    pub id: Option<i64>,
 }
 
 /// `POST /v1/environments/create`: `nonstop env create` of the app and

@@ -956,7 +956,7 @@ async fn history(home: &Home, id: Option<i64>, limit: usize, json: bool) -> anyh
 
 /// `nonstop history ID`: one deployment and its timeline.
 async fn deployment(home: &Home, id: i64, json: bool) -> anyhow::Result<i32> {
-    let deps: Vec<DeploymentInfo> = client(home).get("/v1/history?limit=10000").await?;
+    let deps: Vec<DeploymentInfo> = client(home).get(&format!("/v1/history?id={id}")).await?;
     let Some(d) = deps.into_iter().find(|d| d.id == id) else {
         anyhow::bail!("no deployment #{id} in this environment's history: `nonstop history` lists them (`-e ENV` for another environment)");
     };

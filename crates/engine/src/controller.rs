@@ -236,6 +236,10 @@ pub(crate) enum Command {
         limit: usize,
         reply: Reply<Vec<DeploymentInfo>>,
     },
+    Deployment {
+        id: i64,
+        reply: Reply<Option<DeploymentInfo>>,
+    },
     /// Maintenance on (`Some`) or off; not an operation: allowed at any
     /// time (`maintenance.rs`).
     Maintenance {
@@ -504,6 +508,12 @@ impl EngineHandle {
     pub async fn history(&self, limit: usize) -> Result<Vec<DeploymentInfo>, EngineError> {
         self.ask(|reply| Command::History { limit, reply }).await
     }
+
+    /// Deployment `id` of this environment with its timeline (`None`: no
+    /// such deployment here).
+    pub async fn deployment(&self, id: i64) -> Result<Option<DeploymentInfo>, EngineError> {
+        self.ask(|reply| Command::Deployment { id, reply }).await
+    }
 }
 
 pub(crate) struct Op {
@@ -722,6 +732,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             }
             Command::Releases { reply } => {
                 let _ = reply.send(self.releases());
+            }
+            Command::Deployment { id, reply } => {
+                let _ = reply.send(self.deployment(id));
             }
             Command::History { limit, reply } => {
                 let _ = reply.send(self.history(limit));

@@ -604,36 +604,45 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     pub(crate) fn history(&self, limit: usize) -> Result<Vec<DeploymentInfo>, EngineError> {
         let rt = self.app.as_ref().ok_or(EngineError::NotUp)?;
-        let mut out = Vec::new();
-        for d in self.store.deployments(&rt.record.app, &self.env, limit)? {
-            let mut timeline = Vec::new();
-            for (at, value) in self.store.deployment_steps(d.id)? {
-                let step: nonstop_plan::timeline::Step = serde_json::from_value(value.clone()).map_err(|_| {
-                    nonstop_store::StoreError::UnknownValue { what: "deployment step", value: value.to_string() }
-                })?;
-                timeline.push(crate::report::TimelineEntry {
+        let records = self.store.deployments(&rt.record.app, &self.env, limit)?;
+        records.into_iter().map(|d| self.deployment_info(d)).collect()
+    }
+
+    /// One deployment of this environment, with its timeline.
+    pub(crate) fn deployment(&self, id: i64) -> Result<Option<DeploymentInfo>, EngineError> {
+        let rt = self.app.as_ref().ok_or(EngineError::NotUp)?;
+        self.store.deployment(&rt.record.app, &self.env, id)?.map(|d| self.deployment_info(d)).transpose()
+    }
+
+    fn deployment_info(&self, d: nonstop_store::DeploymentRecord) -> Result<DeploymentInfo, EngineError> {
+        let mut timeline = Vec::new();
+        for (at, value) in self.store.deployment_steps(d.id)? {
+            // A step this version cannot read (written by a newer one) is
+            // left out, not the whole history.
+            match serde_json::from_value::<nonstop_plan::timeline::Step>(value) {
+                Ok(step) => timeline.push(crate::report::TimelineEntry {
                     at_ms: ms_since_epoch(at),
                     kind: step.kind,
                     tone: step.tone,
                     text: step.text,
-                });
+                }),
+                Err(e) => tracing::warn!("deployment #{}: a timeline step left out, not readable: {e}", d.id),
             }
-            out.push(DeploymentInfo {
-                id: d.id,
-                kind: d.kind,
-                from_release: d.from_release.map(|r| r.0),
-                to_release: d.to_release.0,
-                status: d.status,
-                phase: stored_phase_name(&d.phase),
-                reason: d.reason,
-                who: d.who,
-                message: d.message,
-                started_at_ms: ms_since_epoch(d.started_at),
-                finished_at_ms: d.finished_at.map(ms_since_epoch),
-                timeline,
-            });
         }
-        Ok(out)
+        Ok(DeploymentInfo {
+            id: d.id,
+            kind: d.kind,
+            from_release: d.from_release.map(|r| r.0),
+            to_release: d.to_release.0,
+            status: d.status,
+            phase: stored_phase_name(&d.phase),
+            reason: d.reason,
+            who: d.who,
+            message: d.message,
+            started_at_ms: ms_since_epoch(d.started_at),
+            finished_at_ms: d.finished_at.map(ms_since_epoch),
+            timeline,
+        })
     }
 
     // -------------------------------------------------------------- restart

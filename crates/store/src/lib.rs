@@ -1117,13 +1117,28 @@ impl Store {
 
     /// The newest `limit` deployments, newest first.
     pub fn deployments(&self, app: &AppName, env: &EnvironmentId, limit: usize) -> Result<Vec<DeploymentRecord>> {
+        self.deployments_matching(app, env, limit, None)
+    }
+
+    /// Deployment `id`, if it is one of this app and environment.
+    pub fn deployment(&self, app: &AppName, env: &EnvironmentId, id: i64) -> Result<Option<DeploymentRecord>> {
+        Ok(self.deployments_matching(app, env, 1, Some(id))?.pop())
+    }
+
+    fn deployments_matching(
+        &self,
+        app: &AppName,
+        env: &EnvironmentId,
+        limit: usize,
+        id: Option<i64>,
+    ) -> Result<Vec<DeploymentRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, kind, from_release, to_release, phase_json, status, reason, who, message, started_at_ms, finished_at_ms
-             FROM deployments WHERE app = ?1 AND environment = ?2 ORDER BY id DESC LIMIT ?3",
+             FROM deployments WHERE app = ?1 AND environment = ?2 AND (?4 IS NULL OR id = ?4) ORDER BY id DESC LIMIT ?3",
         )?;
         let rows =
-            stmt.query_map(params![app.as_str(), env.as_str(), i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            stmt.query_map(params![app.as_str(), env.as_str(), i64::try_from(limit).unwrap_or(i64::MAX), id], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,

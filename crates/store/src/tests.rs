@@ -190,6 +190,11 @@ fn releases_and_deployments_round_trip() {
     store.update_deployment(&dep).unwrap();
     assert_eq!(store.running_deployment(&app, &env).unwrap(), None);
     assert_eq!(store.deployments(&app, &env, 10).unwrap(), vec![dep.clone()]);
+    // One by its ID: only in its own app and environment.
+    assert_eq!(store.deployment(&app, &env, dep.id).unwrap(), Some(dep.clone()));
+    assert_eq!(store.deployment(&app, &env, dep.id + 1).unwrap(), None);
+    let other_env: EnvironmentId = "staging".parse().unwrap();
+    assert_eq!(store.deployment(&app, &other_env, dep.id).unwrap(), None);
 
     // Its timeline, in the order written; another deployment's is apart.
     let at = |s| UNIX_EPOCH + Duration::from_secs(s);
