@@ -281,6 +281,12 @@ fn charts_report(
     let (step_secs, n) = range.points();
     let resolution = if step_secs == 5 { Resolution::FiveSeconds } else { Resolution::OneMinute };
     let step = resolution.step_ms();
+    // A minute still being filled would show its counts over the whole
+    // 60 s (a dip at the right edge): the range ends at the last whole one.
+    let at = match resolution {
+        Resolution::OneMinute => Timestamp::from_millis((at.as_millis() / step * step).saturating_sub(1)),
+        Resolution::FiveSeconds => at,
+    };
     let last = at.as_millis() / step;
     let first = last.saturating_sub(n as u64 - 1);
     let mut out = ChartsReport {
@@ -965,6 +971,33 @@ mod tests {
         assert!(text.contains("1.0 ms / 2.0 ms / -"), "{text}");
         assert!(text.contains("2.0 MiB"), "{text}");
         assert!(!text.contains("static hits"), "never measured: {text}");
+    }
+
+    #[test]
+    fn a_chart_of_minutes_ends_at_the_last_whole_minute() {
+        // 60 requests/s for ten whole minutes, then 10 s of the current
+        // minute at the same rate.
+        let mut store = Store::new(nonstop_metrics::Limits::default());
+        let key = SeriesKey::process(
+            AppName::new("hello").unwrap(),
+            EnvironmentId::new("default").unwrap(),
+            ProcessName::new("web").unwrap(),
+            Metric::Requests,
+        )
+        .with_release(ReleaseId(1));
+        let start = 1_000_020u64 * 60; // a minute's start, in seconds
+        for s in (5..=610).step_by(5) {
+            store.count(&key, Timestamp::from_secs(start + s), 300).unwrap();
+        }
+        let at = Timestamp::from_secs(start + 610);
+        let report = charts_report(&store, "hello", "default", &["web".into()], ChartRange::SixHours, at);
+        let rps = &report.processes[0].requests_per_second;
+        let last = rps.last().copied().flatten().expect("the last point is measured");
+        assert!((last - 60.0).abs() < 1e-9, "the right edge is a whole minute: {last}");
+        // The 5 s chart does end now.
+        let report = charts_report(&store, "hello", "default", &["web".into()], ChartRange::FifteenMinutes, at);
+        let rps = &report.processes[0].requests_per_second;
+        assert!((rps.last().copied().flatten().unwrap() - 60.0).abs() < 1e-9, "{:?}", &rps[rps.len() - 3..]);
     }
 
     #[test]
