@@ -97,6 +97,14 @@ impl QueueReader {
                     );
                     noted_now.insert(key, why);
                 }
+                QueueRedis::Unusable => {
+                    let why = format!(
+                        "its REDIS_URL holds a NUL byte, which no process can be given; set it again (`nonstop -e {} \
+                         secrets set REDIS_URL` or `config set`)",
+                        key.0.env
+                    );
+                    noted_now.insert(key, why);
+                }
                 QueueRedis::SecretsUnavailable(e) => {
                     noted_now.insert(key, format!("the environment's secrets cannot be read: {e}"));
                 }

@@ -41,6 +41,8 @@ pub enum QueueRedis {
     /// Its instances get no `REDIS_URL` (a secret or config variable
     /// unset since the deploy).
     Missing,
+    /// Its `REDIS_URL` holds a NUL byte: no process can be given it.
+    Unusable,
     /// The secrets cannot be read (the same error keeps its instances
     /// from starting).
     SecretsUnavailable(String),
@@ -145,8 +147,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                     Err(e) => QueueRedis::SecretsUnavailable(e.to_string()),
                     Ok(s) => match redis_url_of(&base_env, &ctx.spec, &spec, Some(s)).map(SecretValue::new) {
                         Some(Ok(url)) => QueueRedis::Url(url),
-                        // A value with a NUL byte: no process could have it.
-                        Some(Err(_)) | None => QueueRedis::Missing,
+                        Some(Err(_)) => QueueRedis::Unusable,
+                        None => QueueRedis::Missing,
                     },
                 };
                 QueueRead { process: spec.name, source, redis }
