@@ -33,7 +33,6 @@ use atomic_waker::AtomicWaker;
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -167,7 +166,8 @@ pub(crate) struct ConnCtx {
     pub signal: ConnSignal,
     /// Its entry in the serve loop's live set (weak: the set holds us).
     live: Weak<Mutex<Live>>,
-    id: u64,
+    /// Its slot in the live set.
+    id: usize,
     /// In its worker's count of open connections until dropped.
     _counted: Counted,
 }
@@ -184,8 +184,7 @@ impl ConnCtx {
     ) -> Arc<Self> {
         let peer_ip = crate::headers::ip_value(peer.ip());
         let mut reg = lock_live(live);
-        let id = reg.next;
-        reg.next += 1;
+        let id = reg.reserve();
         let ctx = Arc::new(Self {
             peer,
             peer_ip,
@@ -208,7 +207,7 @@ impl ConnCtx {
             id,
             _counted: counted,
         });
-        reg.conns.insert(id, Arc::clone(&ctx));
+        reg.conns[id] = Some(Arc::clone(&ctx));
         ctx
     }
 
@@ -217,7 +216,7 @@ impl ConnCtx {
     /// connection task and must still get the shutdown signal).
     pub fn unregister(&self) {
         if let Some(live) = self.live.upgrade() {
-            lock_live(&live).conns.remove(&self.id);
+            lock_live(&live).remove(self.id);
         }
     }
 
@@ -709,11 +708,29 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for TimedStream<IO> {
 }
 
 /// The live connections of one serve loop, to signal them at shutdown.
-/// Locked once when a connection opens and once when it closes.
+/// Locked once when a connection opens and once when it closes. A slab
+/// (a connection's id is its slot, freed slots are reused): no hashing.
 #[derive(Default)]
 pub(crate) struct Live {
-    next: u64,
-    conns: HashMap<u64, Arc<ConnCtx>>,
+    conns: Vec<Option<Arc<ConnCtx>>>,
+    /// Empty slots of `conns`.
+    free: Vec<usize>,
+}
+
+impl Live {
+    /// An empty slot, for the caller to fill.
+    fn reserve(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        })
+    }
+
+    fn remove(&mut self, id: usize) {
+        if self.conns.get_mut(id).and_then(Option::take).is_some() {
+            self.free.push(id);
+        }
+    }
 }
 
 fn lock_live(live: &Mutex<Live>) -> MutexGuard<'_, Live> {
@@ -721,7 +738,7 @@ fn lock_live(live: &Mutex<Live>) -> MutexGuard<'_, Live> {
 }
 
 fn signal_all(live: &Mutex<Live>, to: u8) {
-    let conns: Vec<Arc<ConnCtx>> = lock_live(live).conns.values().cloned().collect();
+    let conns: Vec<Arc<ConnCtx>> = lock_live(live).conns.iter().flatten().cloned().collect();
     for ctx in conns {
         ctx.signal.raise(to);
     }
