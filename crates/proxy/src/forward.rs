@@ -26,11 +26,10 @@ use crate::headers;
 use crate::limits::Event;
 use crate::rate::LogLimit;
 use crate::server::{ConnCtx, PhaseGuard, DUPLICATE_CONTENT_LENGTH, SAW_CONTENT_LENGTH, SAW_TRANSFER_ENCODING};
-use crate::spool::Buffered;
 use crate::upstream::{Failed, Upstream, UpstreamBody};
 use crate::Inner;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -48,25 +47,6 @@ const BODY_500: &str = "500 Internal Server Error: proxy error.\n";
 
 fn is_idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
-}
-
-/// What is kept of a sent request so it can be sent again.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Option<Buffered>,
-}
-
-impl Replay {
-    fn request(self) -> Request<UpBody> {
-        let mut req = Request::new(self.body.map_or_else(UpBody::empty, UpBody::buffered));
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.headers_mut() = self.headers;
-        *req.version_mut() = Version::HTTP_11;
-        req
-    }
 }
 
 pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyBody> {
@@ -121,10 +101,13 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
 
     // Decide the body's fate: empty, buffered (replayable), or streamed.
     let idempotent = is_idempotent(&parts.method);
-    let (body, replay_body) = if body.is_end_stream() {
+    // An empty or buffered body can be sent again: the request comes back
+    // from a failed send (`upstream::Failed`) instead of being copied
+    // beforehand (a copy of its headers was 1,400 instructions per request).
+    let body = if body.is_end_stream() {
         // (TimedStream marked an HTTP/1 request without a body as read
         // whole when it saw the end of its head.)
-        (UpBody::empty(), Some(None))
+        UpBody::empty()
     } else {
         let exact = body.size_hint().exact();
         let mut body = ClientBody::new(body, &ctx.config);
@@ -140,11 +123,7 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
                     if !http2 {
                         ctx.request_read_whole();
                     }
-                    let replay = match &buffered {
-                        Buffered::Memory(bytes) if bytes.is_empty() => None,
-                        other => Some(other.clone()),
-                    };
-                    (UpBody::buffered(buffered), Some(replay))
+                    UpBody::buffered(buffered)
                 }
                 Err(err) => {
                     let err = ProxyError::new(err.kind(), err.side(), Retry::Never).with_source(err);
@@ -152,14 +131,8 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
                 }
             }
         } else {
-            (UpBody::Stream(body), None)
+            UpBody::Stream(body)
         }
-    };
-    let mut replay = match replay_body {
-        Some(body) if idempotent => {
-            Some(Replay { method: parts.method.clone(), uri: parts.uri.clone(), headers: parts.headers.clone(), body })
-        }
-        _ => None,
     };
 
     let mut req = Request::from_parts(parts, body);
@@ -202,8 +175,8 @@ pub(crate) async fn handle(inner: Arc<Inner>, ctx: &Arc<ConnCtx>, mut req: Reque
                     None
                 } else {
                     match err.retry {
-                        Retry::Unsent => returned.or_else(|| replay.take().map(Replay::request)),
-                        Retry::IfIdempotent => replay.take().map(Replay::request),
+                        Retry::Unsent => returned,
+                        Retry::IfIdempotent => returned.filter(|_| idempotent),
                         Retry::Never => None,
                     }
                 };

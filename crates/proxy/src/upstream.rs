@@ -49,7 +49,10 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-/// Why a send failed, and the request if it never reached the instance.
+/// Why a send failed, and the request if it can be sent again: it never
+/// reached the instance (`Retry::Unsent`), or its body is empty or
+/// buffered (in memory or a file), so that it can be written again as it
+/// was (`Retry::IfIdempotent`: the caller decides by its method).
 pub(crate) type Failed = (ProxyError, Option<Request<UpBody>>);
 
 /// The largest response head accepted (hyper's client allowed ~400 KiB of
@@ -166,8 +169,10 @@ enum HeadError {
 
 /// The request head (and a buffered body) on its way out.
 struct Exchange {
-    /// The request, until its first byte is written: it is handed back if
-    /// nothing was.
+    /// The request, for as long as it can be sent again (see [`Failed`]):
+    /// until its first byte is written, and after that if its body is
+    /// empty or buffered (kept by reference, nothing copied). A streamed
+    /// body is taken out with the first byte, and the request dropped.
     req: Option<Request<UpBody>>,
     head_request: bool,
     /// A buffered body, written right after the head.
@@ -290,15 +295,16 @@ impl Upstream {
             }
             Poll::Ready(Err(err)) => {
                 self.reusable = false;
-                let err = match err {
-                    HeadError::Closed(io) => {
-                        ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::IfIdempotent).with_source(io)
-                    }
-                    HeadError::Protocol(what) => {
-                        ProxyError::new(ErrorKind::UpstreamProtocol, Side::Upstream, Retry::Never).with_source(what)
-                    }
-                };
-                return Poll::Ready(Err((err, None)));
+                return Poll::Ready(Err(match err {
+                    HeadError::Closed(io) => (
+                        ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::IfIdempotent).with_source(io),
+                        ex.req.take(),
+                    ),
+                    HeadError::Protocol(what) => (
+                        ProxyError::new(ErrorKind::UpstreamProtocol, Side::Upstream, Retry::Never).with_source(what),
+                        None,
+                    ),
+                }));
             }
             Poll::Pending => {}
         }
@@ -327,15 +333,22 @@ impl Upstream {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(Ok(0)) => return Err(write_failed(ex, io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
-                    ex.written += n;
-                    if let Some(req) = ex.req.take() {
-                        // Sent (in part): no longer handed back.
-                        match req.into_body() {
-                            UpBody::Stream(body) => ex.stream = Some(Source::Client(body)),
-                            UpBody::File(spill, offset) => ex.stream = Some(Source::File(spill, offset)),
-                            UpBody::Full(_) => {}
+                    if ex.written == 0 {
+                        // Sent (in part): a streamed body can no longer be
+                        // sent again; a buffered one can.
+                        match ex.req.as_ref().map(Request::body) {
+                            Some(UpBody::Stream(_)) => {
+                                if let Some(UpBody::Stream(body)) = ex.req.take().map(Request::into_body) {
+                                    ex.stream = Some(Source::Client(body));
+                                }
+                            }
+                            Some(UpBody::File(spill, offset)) => {
+                                ex.stream = Some(Source::File(std::sync::Arc::clone(spill), *offset));
+                            }
+                            Some(UpBody::Full(_)) | None => {}
                         }
                     }
+                    ex.written += n;
                 }
                 Poll::Ready(Err(err)) => return Err(write_failed(ex, err)),
             }
@@ -792,14 +805,8 @@ fn head_too_large() -> HeadError {
 
 /// The request could not be written. If nothing of it was, it comes back.
 fn write_failed(ex: &mut Exchange, err: io::Error) -> Failed {
-    match ex.req.take() {
-        Some(req) => {
-            (ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::Unsent).with_source(err), Some(req))
-        }
-        None => {
-            (ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, Retry::IfIdempotent).with_source(err), None)
-        }
-    }
+    let retry = if ex.written == 0 { Retry::Unsent } else { Retry::IfIdempotent };
+    (ProxyError::new(ErrorKind::UpstreamClosed, Side::Upstream, retry).with_source(err), ex.req.take())
 }
 
 /// Write the request head into `out`. The proxy frames the body itself:
@@ -1108,7 +1115,8 @@ mod tests {
         let (err, returned) = conn.send(get("/"), Duration::from_secs(2)).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::UpstreamClosed);
         assert_eq!(err.retry, Retry::IfIdempotent);
-        assert!(returned.is_none(), "the request was written");
+        let returned = returned.expect("written, but without a body: it can be sent again");
+        assert_eq!(returned.uri().path(), "/");
     }
 
     #[tokio::test]
