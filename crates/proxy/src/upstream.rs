@@ -23,8 +23,11 @@
 //! - A pooled connection is not polled. A close by the instance shows in
 //!   the socket's readiness, checked without a system call when the
 //!   connection is taken again ([`Upstream::ready`]), or at the next read.
-//! - A request comes back to the caller (for a retry anywhere) only if not
-//!   one byte of it was written.
+//! - A failed request comes back to the caller (for a retry anywhere) if
+//!   not one byte of it was written, or if its body is empty or buffered
+//!   (then only an idempotent one is sent again, by the caller's rule): the
+//!   exchange keeps the request it wrote, so the caller keeps no copy. A
+//!   request whose streamed body started going out never comes back.
 //! - A protocol switch (101) hands the socket, with whatever the instance
 //!   already sent past the head, to a tunnel ([`Upstream::into_upgraded`]).
 //! - Response heads are copied out of the read buffer (one allocation,
