@@ -104,6 +104,32 @@ impl InstanceLogs for DriverLogs {
 struct ReleasePort {
     home: std::path::PathBuf,
     statics: PlaneStatics,
+    /// [`UNRECORDED_BUILD_VAR`]: for tests only.
+    unrecorded: Option<ReleaseId>,
+}
+
+/// For tests only (the end-to-end test of a daemon killed between a build
+/// command's spawn and its record): `NONSTOP_TEST_UNRECORDED_BUILD=N` in
+/// the daemon's environment makes the build of release vN spawn its first
+/// command's process and never report it to the engine, so it is never
+/// recorded: the process waits at its gate, its permit held unanswered,
+/// until the build times out or is cancelled, or the daemon dies (the case
+/// under test). The daemon logs the held process's pid. Never set it
+/// outside tests.
+const UNRECORDED_BUILD_VAR: &str = "NONSTOP_TEST_UNRECORDED_BUILD";
+
+fn unrecorded_build() -> Option<ReleaseId> {
+    let value = std::env::var(UNRECORDED_BUILD_VAR).ok()?;
+    match value.trim().trim_start_matches('v').parse() {
+        Ok(n) => {
+            tracing::warn!("{UNRECORDED_BUILD_VAR}={value}: the build of v{n} will hold its first command unrecorded (for tests only)");
+            Some(ReleaseId(n))
+        }
+        Err(_) => {
+            tracing::warn!("{UNRECORDED_BUILD_VAR}={value:?} is not a release number; ignored");
+            None
+        }
+    }
 }
 
 impl ReleasePort {
@@ -134,6 +160,7 @@ impl Builder for ReleasePort {
         output: mpsc::UnboundedSender<BuildNote>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BuildOutput, BuildError>> + Send>> {
         let builder = self.builder(app);
+        let hold = self.unrecorded == Some(release);
         Box::pin(async move {
             // What crashed builds left (possibly large trees), off the
             // async threads.
@@ -148,6 +175,9 @@ impl Builder for ReleasePort {
                 cancel,
             };
             let out = output.clone();
+            // The test-only hook's permits, held unanswered while the
+            // build lives.
+            let mut held = Vec::new();
             let built = builder
                 .build(req, move |ev| match ev {
                     nonstop_release::BuildEvent::Snapshotted(s) => {
@@ -157,8 +187,19 @@ impl Builder for ReleasePort {
                     nonstop_release::BuildEvent::CommandStarted { index, total, command } => {
                         let _ = out.send(BuildNote::Line(format!("[{}/{total}] {command}", index + 1)));
                     }
-                    nonstop_release::BuildEvent::CommandSpawned { index, process } => {
-                        let _ = out.send(BuildNote::Command { index, process });
+                    nonstop_release::BuildEvent::CommandSpawned { index, process, permit } => {
+                        if hold && held.is_empty() {
+                            tracing::warn!(
+                                "{UNRECORDED_BUILD_VAR}: build command {} of {release} spawned as pid {}; not recorded, \
+                                 held at its gate (for tests only)",
+                                index + 1,
+                                process.pid().unwrap_or(0)
+                            );
+                            held.push(permit);
+                        } else {
+                            // The engine grants it once recorded.
+                            let _ = out.send(BuildNote::Command { index, process, permit });
+                        }
                     }
                     nonstop_release::BuildEvent::Output { line, .. } => {
                         let _ = out.send(BuildNote::Line(line));
@@ -487,7 +528,7 @@ pub async fn run(
     let config = EngineConfig {
         environment: EnvironmentId::default_env(),
         clock: Arc::new(SystemClock),
-        builder: Arc::new(ReleasePort { home: home.dir.clone(), statics }),
+        builder: Arc::new(ReleasePort { home: home.dir.clone(), statics, unrecorded: unrecorded_build() }),
         schema_gate: Arc::new(crate::schema_gate::PgSchemaGate),
         // The key is read when needed, from the variable this daemon was
         // started with (the shell or service that started it), else the

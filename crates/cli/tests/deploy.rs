@@ -557,9 +557,9 @@ fn a_daemon_killed_during_a_build_kills_the_build_command_when_it_comes_back() {
     set_version(&app, "2");
     let deploy = app.cmd(&["deploy"]).spawn().unwrap();
     wait_until(T, "v2's build command to run", || std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n')));
-    // Its pid is recorded by the daemon once the builder reports it: a
-    // daemon killed before that cannot know it (a window this test is not
-    // about), so wait for the record.
+    // Its pid is recorded by the daemon once the builder reports it (and
+    // only then does the command run): wait for the record. (A daemon
+    // killed before it is the next test's.)
     // (v1's build was recorded the same way: the second record is v2's.)
     wait_until(T, "the build command's process to be recorded", || {
         app.log().matches("recorded the process of build command 1/1").count() >= 2
@@ -599,6 +599,113 @@ fn a_daemon_killed_during_a_build_kills_the_build_command_when_it_comes_back() {
     app.write_spec(&app.spec().replace("BUILD_SECONDS = \"600\"", "BUILD_SECONDS = \"0\""));
     set_version(&app, "3");
     app.run(&["deploy"]).ok();
+    let releases = app.home.path().join("releases/hello");
+    let mut entries: Vec<String> =
+        std::fs::read_dir(&releases).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    entries.sort();
+    assert_eq!(entries, ["v1", "v3"], "a half-built v2 was left behind");
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 3"), "{body}");
+}
+
+/// The live processes (zombies left out) of process group `pgid`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // After the command's `)`: state, ppid, pgrp.
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+        if fields.len() > 2 && fields[0] != "Z" && fields[2] == pgid.to_string() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A build command runs only once its process is recorded. A daemon
+/// SIGKILLed between a build command's spawn and its record leaves nothing
+/// running: the spawned process, held at its gate, exits by itself when
+/// the gate closes with the daemon, having run nothing of the command;
+/// the next daemon fails the deployment, saying the command had not run.
+/// The window is made deterministic by the test-only
+/// `NONSTOP_TEST_UNRECORDED_BUILD=2`, which keeps v2's first build command
+/// from being reported to the engine (so never recorded).
+#[test]
+fn a_daemon_killed_before_a_build_command_is_recorded_leaves_nothing_running() {
+    let app = deployable();
+    let dir = app.dir.path().display().to_string();
+    std::fs::write(
+        app.dir.path().join("build.sh"),
+        format!("echo $NONSTOP_RELEASE >> {dir}/build-runs.log\necho built-$NONSTOP_RELEASE > build-marker.txt\n"),
+    )
+    .unwrap();
+    let spec =
+        app.spec().replace("build = [\"echo built-$NONSTOP_RELEASE > build-marker.txt\"]", "build = [\"sh build.sh\"]");
+    assert!(spec.contains("sh build.sh"), "{spec}");
+    app.write_spec(&spec);
+    let gi = app.dir.path().join(".gitignore");
+    std::fs::write(&gi, std::fs::read_to_string(&gi).unwrap() + "build-runs.log\n").unwrap();
+    let runs = || std::fs::read_to_string(app.dir.path().join("build-runs.log")).unwrap_or_default();
+    // This deploy starts the keeper and the daemon, with the hook.
+    let first = app.cmd(&["deploy"]).env("NONSTOP_TEST_UNRECORDED_BUILD", "2").spawn().unwrap();
+    let out = wait_output(first, T, "the first deploy");
+    app.note_daemon();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(runs(), "v1\n");
+
+    set_version(&app, "2");
+    let deploy = app.cmd(&["deploy"]).spawn().unwrap();
+    let said = "NONSTOP_TEST_UNRECORDED_BUILD: build command 1 of v2 spawned as pid ";
+    wait_until(T, "v2's build command to be spawned", || app.log().contains(said));
+    let log = app.log();
+    let held: i32 = log[log.find(said).unwrap() + said.len()..].split(';').next().unwrap().trim().parse().unwrap();
+    assert!(pid_alive(held), "the held build command is not there");
+    let cmdline = std::fs::read(format!("/proc/{held}/cmdline")).unwrap_or_default();
+    assert!(String::from_utf8_lossy(&cmdline).contains("read -r go"), "not held at its gate: {cmdline:?}");
+    assert_eq!(runs(), "v1\n", "v2's build command ran before its process was recorded");
+
+    let daemon = app.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(T, "the daemon to die", || !pid_alive(daemon));
+    let _ = wait_output(deploy, T, "the interrupted deploy");
+    // Its gate closed with the daemon: it exits without running anything.
+    wait_until(T, "the held build command to exit by itself", || !pid_alive(held));
+    assert_eq!(group_members(held), Vec::<i32>::new(), "something of the build command's group is left");
+    assert_eq!(runs(), "v1\n", "v2's build command ran unrecorded");
+
+    // A daemon comes back: by itself (a keeper restarts it) or with `up`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut answering = false;
+    while !answering && std::time::Instant::now() < deadline {
+        answering = app.run(&["status"]).code == 0;
+        if !answering {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    if !answering {
+        app.up().ok();
+    }
+    wait_until(T, "the deployment to end", || history(&app)[0]["status"] != "running");
+    let h = history(&app);
+    assert_eq!(h[0]["to_release"], 2, "{h:#?}");
+    assert_eq!(h[0]["status"], "failed", "{h:#?}");
+    let note = h[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        note.contains(
+            "build command 1/1 `sh build.sh` had not run: the daemon stopped before its process was recorded"
+        ) && note.contains("nothing of it was left running"),
+        "{h:#?}"
+    );
+    let events = app.run(&["events"]);
+    assert!(events.stdout.contains("build command 1/1 `sh build.sh` had not run"), "{}", events.stdout);
+    let (_, body) = app.get("/").unwrap();
+    assert!(body.contains("version 1"), "v1 still serves: {body}");
+
+    // The next deploy builds v3 cleanly; nothing of v2 is left on disk.
+    set_version(&app, "3");
+    app.run(&["deploy"]).ok();
+    assert_eq!(runs(), "v1\nv3\n");
     let releases = app.home.path().join("releases/hello");
     let mut entries: Vec<String> =
         std::fs::read_dir(&releases).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();

@@ -340,11 +340,13 @@ pub(crate) enum Internal {
         task: i64,
         result: Result<nonstop_core::driver::TaskOutcome, tasks::TaskError>,
     },
-    /// A build command's process exists: record it.
+    /// A build command's process exists, held before its command: record
+    /// it, then grant `permit` (refuse it if the record fails).
     BuildCommand {
         deployment: i64,
         index: usize,
         process: nonstop_core::driver::Locator,
+        permit: nonstop_core::build::RunPermit,
     },
     BuildCommandEnded {
         deployment: i64,
@@ -1124,7 +1126,9 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
             Internal::TaskStarted { task, handle } => self.on_task_started(task, handle),
             Internal::TaskEnded { task, result } => self.on_task_ended(task, result),
             Internal::TaskKilled { task, result } => self.on_task_killed(task, result),
-            Internal::BuildCommand { deployment, index, process } => self.on_build_command(deployment, index, process),
+            Internal::BuildCommand { deployment, index, process, permit } => {
+                self.on_build_command(deployment, index, process, permit)
+            }
             Internal::BuildCommandEnded { deployment, index, status } => {
                 self.on_build_command_ended(deployment, index, status)
             }

@@ -358,7 +358,8 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     fn spawn_build(&mut self) {
         // Every build command is recorded before the build starts, and
-        // with its process as soon as that exists (see `tasks.rs`).
+        // with its process as soon as that exists, before its command may
+        // run (see `tasks.rs`).
         if let Err(e) = self.record_build_commands() {
             self.built(Err(e.into()));
             return;
@@ -389,8 +390,11 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                                 });
                             }
                         }
-                        BuildNote::Command { index, process } => {
-                            let _ = notes.send(Internal::BuildCommand { deployment: id, index, process });
+                        BuildNote::Command { index, process, permit } => {
+                            // Granted once recorded (dropped with the
+                            // message if the controller is gone: then the
+                            // command never runs).
+                            let _ = notes.send(Internal::BuildCommand { deployment: id, index, process, permit });
                         }
                         BuildNote::CommandEnded { index, status } => {
                             let _ = notes.send(Internal::BuildCommandEnded { deployment: id, index, status });

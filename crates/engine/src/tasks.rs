@@ -121,6 +121,15 @@ pub(crate) enum TasksError {
     Cancelled,
 }
 
+/// A build command reported by the builder that its deployment has no
+/// record of (its build was stopped meanwhile): it is not run.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("deployment #{deployment} has no record of build command {} to write its process to (its build was stopped)", index + 1)]
+pub(crate) struct NoBuildRecord {
+    deployment: i64,
+    index: usize,
+}
+
 /// Why a task or build command an earlier daemon left running could not
 /// be killed.
 #[derive(Debug, thiserror::Error)]
@@ -423,7 +432,14 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         resumable: Option<(i64, &DeployPhase)>,
     ) -> Result<RecoveredTasks, EngineError> {
         let mut out = RecoveredTasks::default();
-        for mut rec in self.store.unfinished_tasks(app, &self.env)? {
+        let records = self.store.unfinished_tasks(app, &self.env)?;
+        // Deployments whose build was in a command, as far as the records
+        // tell: one with a recorded process says it; for the others the
+        // first unrecorded command is the one that had been spawned, or
+        // was about to be.
+        let mut build_told: std::collections::HashSet<i64> =
+            records.iter().filter(|r| r.kind == TaskKind::Build && r.locator.is_some()).map(|r| r.deployment).collect();
+        for mut rec in records {
             let observed = self.observe(&rec);
             let (handle, seen) = match observed {
                 Some((h, seen)) => (Some(h), seen),
@@ -446,9 +462,20 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
                 _ => TaskOwner::Ended,
             };
             if rec.kind == TaskKind::Build && rec.locator.is_none() {
-                // A build command that had not started (or whose process
-                // was not recorded yet): nothing of it to find.
-                self.finish_record(rec, "not run: the daemon stopped before it started".into());
+                // A build command whose process was not recorded never ran
+                // (it runs only once recorded; a process spawned for it
+                // waited at its gate, which closed with the daemon): there
+                // is nothing of it to find or kill.
+                if build_told.insert(rec.deployment) {
+                    let note = format!(
+                        "{} had not run: the daemon stopped before its process was recorded (a build command runs \
+                         only once it is), so nothing of it was left running",
+                        rec.describe()
+                    );
+                    tracing::warn!("{note}");
+                    out.notes.push(note);
+                }
+                self.finish_record(rec, "not run: the daemon stopped before its process was recorded".into());
                 continue;
             }
             let fate = task_on_restart(rec.kind, seen, owner);
@@ -625,14 +652,41 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         })
     }
 
-    pub(crate) fn on_build_command(&mut self, deployment: i64, index: usize, process: nonstop_core::driver::Locator) {
-        let Some(live) = self.build_command(deployment, index) else { return };
+    /// A build command's process exists, held before its command runs:
+    /// record it, and only then let it run. A daemon that dies before the
+    /// record is written leaves nothing running (the held process exits
+    /// when the daemon's end of its gate closes); one that dies after it
+    /// leaves a command the next daemon finds from the record and kills.
+    /// A record that cannot be written refuses the permit: the command is
+    /// killed unrun and the build fails, saying why.
+    pub(crate) fn on_build_command(
+        &mut self,
+        deployment: i64,
+        index: usize,
+        process: nonstop_core::driver::Locator,
+        permit: nonstop_core::build::RunPermit,
+    ) {
+        let Some(live) = self.build_command(deployment, index) else {
+            permit.refuse(Box::new(NoBuildRecord { deployment, index }));
+            return;
+        };
+        let before = (live.record.locator.clone(), live.record.state);
         live.record.locator = Some(process);
         live.record.state = TaskState::Running;
         let record = live.record.clone();
         match self.store.update_task(&record) {
-            Ok(()) => tracing::info!("recorded the process of {}", record.describe()),
-            Err(e) => tracing::error!("could not record the process of {}: {e}", record.describe()),
+            Ok(()) => {
+                tracing::info!("recorded the process of {}", record.describe());
+                permit.grant();
+            }
+            Err(e) => {
+                tracing::error!("could not record the process of {}: {e}; it is not run", record.describe());
+                // Not running: what is recorded stays true.
+                if let Some(live) = self.build_command(deployment, index) {
+                    (live.record.locator, live.record.state) = before;
+                }
+                permit.refuse(Box::new(e));
+            }
         }
     }
 

@@ -1,10 +1,12 @@
-//! Running one build command: `sh -c` in its own process group, output
-//! timestamped into the build log and streamed as events, the whole group
-//! killed on timeout, on cancel, and when the command's shell exits.
+//! Running one build command: `sh -c` in its own process group, held at a
+//! gate until its process is recorded (see [`GATE`]), output timestamped
+//! into the build log and streamed as events, the whole group killed on
+//! timeout, on cancel, and when the command's shell exits.
 
 use crate::{BuildEvent, Stream};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use nonstop_core::build::{NotPermitted, RunPermit};
 use nonstop_core::driver::ExitStatus;
 use std::collections::VecDeque;
 use std::fs::File;
@@ -13,7 +15,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
@@ -31,11 +33,38 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// How long to wait for a SIGKILLed shell to be reaped.
 const REAP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The script of the shell a build command is spawned as (`sh -c GATE sh
+/// <command>`): before it runs anything of the command, it reads one line
+/// from its stdin, a pipe from the builder, which the builder writes only
+/// once the command's process (pid and start time) has been recorded (its
+/// [`RunPermit`] granted). On `go` it becomes `/bin/sh -c <command>` with
+/// stdin on /dev/null: the same process, so the recorded pid and start
+/// time and the process group stay the command's. On anything else (the
+/// pipe closed: the daemon died before the record, or refused it) it exits
+/// 125 without running the command. So a command never runs unrecorded.
+pub(crate) const GATE: &str = r#"IFS= read -r go && [ "$go" = go ] || exit 125; exec /bin/sh -c "$1" </dev/null"#;
+
+/// The line that opens the gate.
+const GO: &[u8] = b"go\n";
+
 /// How a command ended.
 pub(crate) enum Ended {
-    Exited { status: ExitStatus, tail: Vec<String>, duration: Duration },
-    TimedOut { tail: Vec<String> },
+    Exited {
+        status: ExitStatus,
+        tail: Vec<String>,
+        duration: Duration,
+    },
+    TimedOut {
+        tail: Vec<String>,
+    },
     Cancelled,
+    /// Not let run: its process could not be recorded. Killed at the gate.
+    NotRun(NotPermitted),
+    /// Its start time could not be read from `/proc`, so its process could
+    /// not be recorded. Killed at the gate.
+    Unlocatable {
+        pid: u32,
+    },
 }
 
 /// The build log: one line per output line, `<timestamp> <out|err|sys> <text>`,
@@ -98,11 +127,13 @@ pub(crate) async fn run(
     let deadline = tokio::time::Instant::now() + run.timeout;
     let mut child: Child = Command::new("/bin/sh")
         .arg("-c")
+        .arg(GATE)
+        .arg("sh")
         .arg(run.command)
         .current_dir(run.dir)
         .env_clear()
         .envs(run.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -110,8 +141,40 @@ pub(crate) async fn run(
         .spawn()?;
     let pid = child.id().expect("a just spawned child has a pid");
     let mut group = GroupGuard(Some(Pid::from_raw(pid as i32)));
-    if let Some(process) = crate::leftover::locator_of(pid) {
-        events(BuildEvent::CommandSpawned { index: run.index, process });
+    let mut gate = child.stdin.take().expect("stdin is piped");
+    // Held at the gate until its process is recorded.
+    let Some(process) = crate::leftover::locator_of(pid) else {
+        kill_and_reap(&mut group, &mut child).await;
+        return Ok(Ended::Unlocatable { pid });
+    };
+    let (permit, answer) = RunPermit::new();
+    events(BuildEvent::CommandSpawned { index: run.index, process, permit });
+    let timeout = tokio::time::sleep_until(deadline);
+    tokio::pin!(timeout);
+    tokio::select! {
+        answer = answer.answer() => match answer {
+            Ok(()) => {
+                // A shell that died at the gate (killed by someone) closed
+                // its end: its exit is seen below.
+                let _ = gate.write_all(GO).await;
+                drop(gate);
+            }
+            Err(not) => {
+                kill_and_reap(&mut group, &mut child).await;
+                log.line(Stream::Sys, &format!("build command {} of {} not run: {not}", run.index + 1, run.total));
+                return Ok(Ended::NotRun(not));
+            }
+        },
+        () = &mut timeout => {
+            kill_and_reap(&mut group, &mut child).await;
+            log.line(Stream::Sys, &format!("timed out after {} before its process was recorded; process group killed", fmt_duration(run.timeout)));
+            return Ok(Ended::TimedOut { tail: Vec::new() });
+        },
+        () = run.cancel.cancelled() => {
+            kill_and_reap(&mut group, &mut child).await;
+            log.line(Stream::Sys, "cancelled before its process was recorded; process group killed");
+            return Ok(Ended::Cancelled);
+        },
     }
     log.line(Stream::Sys, &format!("build command {} of {}: {}", run.index + 1, run.total, run.command));
 
@@ -121,8 +184,6 @@ pub(crate) async fn run(
     let (mut out_open, mut err_open) = (true, true);
     let mut sink = Sink { index: run.index, log, events, tail: VecDeque::with_capacity(TAIL_LINES) };
     let mut exited: Option<ExitStatus> = None;
-    let timeout = tokio::time::sleep_until(deadline);
-    tokio::pin!(timeout);
     // Armed (reset) once the shell has exited.
     let drain = tokio::time::sleep_until(deadline);
     tokio::pin!(drain);
@@ -225,5 +286,83 @@ pub(crate) fn fmt_duration(d: Duration) -> String {
         format!("{}ms", d.as_millis())
     } else {
         format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+
+    /// `sh -c GATE sh <command>` with `gate` written to its stdin (then
+    /// closed): its exit code and output.
+    fn through_gate(command: &str, gate: &[u8]) -> (Option<i32>, String) {
+        let mut child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(GATE)
+            .arg("sh")
+            .arg(command)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(gate);
+        drop(stdin);
+        let mut out = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        (child.wait().unwrap().code(), out)
+    }
+
+    fn direct(command: &str) -> (Option<i32>, String) {
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(command)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    #[test]
+    fn the_gate_runs_nothing_unless_told_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let command = format!("touch '{}'", marker.display());
+        // The pipe closed (the daemon died before the record), or anything
+        // but the whole line.
+        for gate in [&b""[..], b"g", b"go", b"no\n", b"go on\n"] {
+            assert_eq!(through_gate(&command, gate).0, Some(125), "{gate:?}");
+            assert!(!marker.exists(), "ran on {gate:?}");
+        }
+        assert_eq!(through_gate(&command, GO).0, Some(0));
+        assert!(marker.exists());
+    }
+
+    #[test]
+    fn the_command_runs_as_the_gated_process_with_stdin_on_dev_null() {
+        let (code, out) = through_gate("echo $$; cat; echo end", GO);
+        assert_eq!(code, Some(0));
+        assert!(out.ends_with("\nend\n") && out.lines().count() == 2, "nothing read from stdin: {out:?}");
+        assert_eq!(through_gate("exit 7", GO).0, Some(7));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Whatever the command's text (quotes, `$1`, backslashes, new
+        /// lines), through the gate it runs as `sh -c` would run it.
+        #[test]
+        fn a_command_runs_through_the_gate_as_sh_c_runs_it(text in r#"[a-z0-9 '"\\$;|()`\n{}*#=-]{0,24}"#) {
+            // `$$` is the shell's pid: two shells, two pids.
+            prop_assume!(!text.contains("$$"));
+            let command = format!("printf '%s\\n' {text}; echo \"[$0] [$1] [$#]\"");
+            prop_assert_eq!(through_gate(&command, GO), direct(&command));
+        }
     }
 }

@@ -3,11 +3,16 @@
 //! A build command runs as a child of the daemon, in its own process group
 //! (pgid = its pid). Its pid and start time are reported as soon as it
 //! exists ([`crate::BuildEvent::CommandSpawned`]), so that the caller can
-//! record them; if the daemon dies mid-build the command goes on as an
-//! orphan, and the next daemon finds it from that record and kills its
-//! group: its output went to the dead daemon, so nothing could tell a
-//! finished build from a broken one. (Its half-built release directory is
-//! then removed by [`crate::ReleaseBuilder::clean_staging`].)
+//! record them, and its command runs only once the caller says they are
+//! recorded (the [`crate::RunPermit`]): every command that ever ran has a
+//! record. If the daemon dies mid-build the command goes on as an orphan,
+//! and the next daemon finds it from that record and kills its group: its
+//! output went to the dead daemon, so nothing could tell a finished build
+//! from a broken one. (Its half-built release directory is then removed by
+//! [`crate::ReleaseBuilder::clean_staging`].) A daemon that died between
+//! the spawn and the record left a process held at its gate, which exits
+//! by itself, without running the command, once the gate's pipe closes
+//! with the daemon.
 
 use nix::sys::signal::Signal;
 use nonstop_core::driver::{Locator, StopOutcome};

@@ -44,10 +44,14 @@
 //! (`sh -c`, in their own process group, with exactly the environment
 //! given, output timestamped into `.nonstop/build.log` and streamed as
 //! [`BuildEvent::Output`]), syncs the file system, and only then removes
-//! the marker and syncs the root: publishing. Each command's pid and start
-//! time are reported as soon as it runs ([`BuildEvent::CommandSpawned`]):
-//! a daemon that died mid-build left it running, and the next one kills
-//! its group ([`kill_command`]). A build that fails, times out
+//! the marker and syncs the root: publishing. Each command's process is
+//! spawned held at a gate, and its pid and start time are reported with a
+//! [`RunPermit`] ([`BuildEvent::CommandSpawned`]); the command runs only
+//! once the caller, having recorded the process, grants it. A daemon that
+//! dies before the record leaves nothing running (the held process exits
+//! when its gate closes, without running the command); one that died
+//! after it left the command running, and the next one kills its group
+//! from the record ([`kill_command`]). A build that fails, times out
 //! or is cancelled leaves nothing behind: no `v<N>`, no marker, no
 //! process; one that crashed leaves both, which
 //! [`ReleaseBuilder::clean_staging`] (or the next build of that number)
@@ -68,6 +72,7 @@ mod snapshot;
 pub use leftover::{command_alive, kill_command, KillError};
 
 pub use command::TAIL_LINES;
+pub use nonstop_core::build::{NotPermitted, RunPermit};
 pub use nonstop_core::driver::ExitStatus;
 pub use snapshot::{META_DIR, NONSTOPIGNORE};
 
@@ -132,8 +137,12 @@ pub enum BuildEvent {
     /// `index` is 0-based into `build_commands`; `total` is their number.
     CommandStarted { index: usize, total: usize, command: String },
     /// The command's process exists, as the leader of its own process
-    /// group: its pid and start time, to record (see [`kill_command`]).
-    CommandSpawned { index: usize, process: nonstop_core::driver::Locator },
+    /// group: its pid and start time, to record (see [`kill_command`]). It
+    /// waits before running anything of the command until `permit` is
+    /// granted: record the process, then grant it (refused or dropped, the
+    /// command never runs and the build fails with
+    /// [`ReleaseError::NotRecorded`]).
+    CommandSpawned { index: usize, process: nonstop_core::driver::Locator, permit: RunPermit },
     /// One line of a command's output (without the line end).
     Output { index: usize, stream: Stream, line: String },
     /// Sent for every command that exited by itself, successful or not (not
@@ -197,6 +206,23 @@ pub enum ReleaseError {
         fmt_tail(output_tail)
     )]
     BuildTimedOut { index: usize, total: usize, command: String, timeout: Duration, output_tail: Vec<String> },
+
+    #[error("build command {} of {total} `{command}` was not run: {source}", index + 1)]
+    NotRecorded {
+        index: usize,
+        total: usize,
+        command: String,
+        #[source]
+        source: NotPermitted,
+    },
+
+    #[error(
+        "build command {} of {total} `{command}` was not run: the start time of its process {pid} could not be read \
+         from /proc/{pid}/stat, so it could not be recorded (nothing could find it again after a daemon restart); \
+         check that /proc is mounted and readable",
+        index + 1
+    )]
+    Unlocatable { index: usize, total: usize, command: String, pid: u32 },
 
     #[error("build of release {release} was cancelled {stage}; nothing was published")]
     Cancelled { release: ReleaseId, stage: String },
@@ -443,6 +469,12 @@ impl ReleaseBuilder {
                     output_tail: tail,
                 },
                 Ok(Ended::Cancelled) => cancelled(&format!("during build command {} of {total}", index + 1)),
+                Ok(Ended::NotRun(source)) => {
+                    ReleaseError::NotRecorded { index, total, command: command.clone(), source }
+                }
+                Ok(Ended::Unlocatable { pid }) => {
+                    ReleaseError::Unlocatable { index, total, command: command.clone(), pid }
+                }
                 Err(error) => ReleaseError::Spawn { index, total, command: command.clone(), error },
             };
             drop(log);

@@ -57,7 +57,13 @@ impl Fixture {
         let sink = events.clone();
         let req =
             BuildRequest { source: &self.app, release: ReleaseId(n), build_commands: &commands, env, timeout, cancel };
-        let result = self.builder.build(req, move |e| sink.lock().unwrap().push(e)).await;
+        let result = self
+            .builder
+            .build(req, move |e| {
+                grant(&e);
+                sink.lock().unwrap().push(e)
+            })
+            .await;
         let events = std::mem::take(&mut *events.lock().unwrap());
         (result, events)
     }
@@ -101,6 +107,14 @@ fn tree(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// What the daemon does once it has recorded a spawned command's process:
+/// lets it run.
+fn grant(e: &BuildEvent) {
+    if let BuildEvent::CommandSpawned { permit, .. } = e {
+        permit.grant();
+    }
 }
 
 fn output_lines(events: &[BuildEvent]) -> Vec<String> {
@@ -416,7 +430,7 @@ async fn build_commands_run_in_order_in_the_release_dir_with_the_env() {
             BuildEvent::CommandStarted { index, total, .. } => format!("start {index}/{total}"),
             BuildEvent::Output { index, stream, line } => format!("{index} {} {line}", stream.as_str()),
             BuildEvent::CommandFinished { index, status, .. } => format!("end {index} {status}"),
-            BuildEvent::CommandSpawned { index, process } => {
+            BuildEvent::CommandSpawned { index, process, .. } => {
                 assert!(process.pid().is_some_and(|p| p > 1), "{process:?}");
                 format!("spawned {index}")
             }
@@ -563,6 +577,7 @@ async fn cancel_kills_the_running_command_and_leaves_nothing() {
     let err = f
         .builder
         .build(req, move |e| {
+            grant(&e);
             if matches!(&e, BuildEvent::Output { line, .. } if line == "ready") {
                 trigger.cancel();
             }
@@ -597,7 +612,10 @@ async fn a_build_command_is_reported_as_it_starts_and_can_be_killed_from_its_rec
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (mut tx, mut process) = (Some(tx), None);
     let build = f.builder.build(req, move |e| match e {
-        BuildEvent::CommandSpawned { process: p, .. } => process = Some(p),
+        BuildEvent::CommandSpawned { process: p, permit, .. } => {
+            permit.grant();
+            process = Some(p)
+        }
         BuildEvent::Output { line, .. } if line == "ready" => {
             if let Some(tx) = tx.take() {
                 let _ = tx.send(process.clone());
@@ -640,6 +658,7 @@ async fn dropping_the_build_future_kills_and_cleans_up() {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut ready_tx = Some(ready_tx);
     let build = f.builder.build(req, move |e| {
+        grant(&e);
         if matches!(&e, BuildEvent::Output { line, .. } if line == "ready") {
             if let Some(tx) = ready_tx.take() {
                 let _ = tx.send(());
@@ -721,6 +740,102 @@ async fn a_build_future_is_send() {
     fut.await.unwrap();
 }
 
+/// The arguments a process runs with, from `/proc`.
+fn cmdline(pid: u32) -> Vec<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+}
+
+/// Build release 1 of `f` with `command`, handing each spawned command's
+/// process and permit to `answer`.
+async fn build_answering<F>(
+    f: &Fixture,
+    command: &str,
+    env: &[(String, String)],
+    answer: F,
+) -> Result<BuiltRelease, ReleaseError>
+where
+    F: AsyncFnOnce(nonstop_core::driver::Locator, nonstop_release::RunPermit),
+{
+    let commands = vec![command.to_string()];
+    let req = BuildRequest {
+        source: &f.app,
+        release: ReleaseId(1),
+        build_commands: &commands,
+        env,
+        timeout: Duration::from_secs(600),
+        cancel: CancellationToken::new(),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let build = f.builder.build(req, move |e| {
+        if let BuildEvent::CommandSpawned { process, permit, .. } = e {
+            let _ = tx.send((process, permit));
+        }
+    });
+    let answering = async {
+        let (process, permit) = rx.recv().await.expect("the command's process is reported");
+        answer(process, permit).await;
+    };
+    let (built, ()) = tokio::join!(build, answering);
+    built
+}
+
+/// A command runs only once its process is recorded: until its permit is
+/// granted its process waits at the gate, having run nothing of it; then
+/// the same process (pid, start time, group) runs it.
+#[tokio::test]
+async fn a_build_command_runs_only_once_its_permit_is_granted() {
+    let f = Fixture::new();
+    let pids = tempfile::tempdir().unwrap();
+    let ran = pids.path().join("ran");
+    let built = build_answering(&f, "echo $$ > \"$PIDS/ran\"", &pid_env(pids.path()), async |process, permit| {
+        let pid = process.pid().unwrap();
+        assert!(nonstop_release::command_alive(&process));
+        let args = cmdline(pid);
+        assert!(args.len() == 5 && args[2].contains("read -r go"), "not at its gate: {args:?}");
+        assert!(!ran.exists(), "ran before it was recorded");
+        permit.grant();
+    })
+    .await
+    .unwrap();
+    assert!(ran.exists());
+    assert_eq!(f.root_entries(), ["v1"]);
+    assert_eq!(built.release, ReleaseId(1));
+}
+
+/// A command whose process could not be recorded never runs: it is killed
+/// at its gate and the build fails, saying why, leaving nothing.
+#[tokio::test]
+async fn a_build_command_whose_permit_is_refused_or_dropped_never_runs() {
+    for refuse in [true, false] {
+        let f = Fixture::new();
+        let pids = tempfile::tempdir().unwrap();
+        let ran = pids.path().join("ran");
+        let mut held = None;
+        let err = build_answering(&f, "touch \"$PIDS/ran\"", &pid_env(pids.path()), async |process, permit| {
+            held = process.pid();
+            if refuse {
+                permit.refuse("database or disk is full".into());
+            } else {
+                drop(permit);
+            }
+        })
+        .await
+        .unwrap_err();
+        let want = if refuse {
+            "its process could not be recorded: database or disk is full"
+        } else {
+            "nobody recorded its process"
+        };
+        assert!(matches!(err, ReleaseError::NotRecorded { index: 0, total: 1, .. }), "{err:?}");
+        assert!(err.to_string().starts_with("build command 1 of 1 `touch \"$PIDS/ran\"` was not run: "), "{err}");
+        assert!(err.to_string().contains(want), "{err}");
+        assert_dies(held.unwrap() as i32, "the command held at its gate");
+        assert!(!ran.exists(), "it ran");
+        assert!(f.root_entries().is_empty(), "{:?}", f.root_entries());
+    }
+}
+
 // ------------------------------------------------------- list, prune, clean
 
 #[tokio::test]
@@ -782,6 +897,7 @@ async fn clean_staging_removes_leftovers_but_not_a_build_in_progress() {
     let built = f
         .builder
         .build(req, move |e| {
+            grant(&e);
             // While the build runs (between its commands).
             if matches!(&e, BuildEvent::Output { line, .. } if line == "ready") {
                 *seen.lock().unwrap() = Some(builder.clean_staging().unwrap());

@@ -731,14 +731,15 @@ impl Store {
         Ok(Self { conn: Mutex::new(conn), path })
     }
 
-    /// Make every write to the instance, generation and event tables fail
+    /// Make every write to the instance, generation, event, control and
+    /// task tables fail
     /// with `message` (a temporary trigger: nothing is written to the
     /// file), as on a full disk, until called with `None`. For tests of
     /// what the engine does when the store cannot be written.
     #[doc(hidden)]
     pub fn fail_writes_for_tests(&self, message: Option<&str>) -> Result<()> {
         let conn = self.conn();
-        for table in ["instances", "generations", "events", "app_controls"] {
+        for table in ["instances", "generations", "events", "app_controls", "tasks"] {
             for op in ["INSERT", "UPDATE", "DELETE"] {
                 let name = format!("fail_{}_{}", table, op.to_lowercase());
                 conn.execute_batch(&format!("DROP TRIGGER IF EXISTS temp.{name}"))?;

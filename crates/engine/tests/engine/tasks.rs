@@ -313,3 +313,100 @@ async fn a_build_command_left_running_is_killed_and_its_deploy_fails() {
     let (r, _) = e2.deploy_with_progress(spec).await;
     r.unwrap();
 }
+
+/// Until the build command's process is recorded, its command does not
+/// run (the builder holds it until the engine grants its permit). A daemon
+/// killed between the spawn and the record leaves nothing running: the
+/// next daemon has nothing to kill, and the deployment fails, saying the
+/// command had not run.
+#[tokio::test(start_paused = true)]
+async fn a_build_command_spawned_but_not_recorded_never_ran_and_its_deploy_fails() {
+    use nonstop_core::driver::Locator;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let f = Fixture::with_store(open(&path));
+    let e = f.start();
+    e.up(app("blog").worker("worker", 1).build()).await.unwrap();
+    let before = alive(&f, "worker");
+    f.builder.set_hash("source-2");
+    let process = Locator::Local { pid: 7002, start_time: 70_020, monitor_pid: 0, monitor_start_time: 0 };
+    f.builder.hang_next_build(process.clone());
+    f.builder.hold_next_report();
+    let mut spec = app("blog").worker("worker", 1).env("V", "2").build();
+    spec.build = vec!["make assets".into(), "make docs".into()];
+    let deploy = e.spawn_deploy(spec.clone(), "ann");
+    within("the build command to be spawned", async {
+        while f.builder.held().is_empty() {
+            settle().await;
+            tokio::time::sleep(ms(1)).await;
+        }
+    })
+    .await;
+    let blog = nonstop_core::AppName::new("blog").unwrap();
+    let recs = f.store.unfinished_tasks(&blog, &env()).unwrap();
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    assert!(recs.iter().all(|r| r.locator.is_none() && r.state == TaskState::Starting), "{recs:#?}");
+    // The daemon dies here: spawned, not recorded.
+    e.shutdown().await;
+    let _ = within("the interrupted deploy", deploy).await;
+    assert!(f.builder.alive().is_empty(), "the command ran unrecorded");
+
+    let g = f.next_daemon(Arc::new(open(&path)));
+    let e2 = g.start();
+    let d = ended(&e2).await;
+    assert_eq!(d.status, DeploymentStatus::Failed, "{d:#?}");
+    let reason = d.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with(
+            "build command 1/2 `make assets` had not run: the daemon stopped before its process was recorded (a \
+             build command runs only once it is), so nothing of it was left running; "
+        ),
+        "{reason}"
+    );
+    assert!(!reason.contains("2/2"), "one note, for the command that was spawned: {reason}");
+    settle().await;
+    assert!(f.builder.kills().is_empty());
+    let tasks = g.store.tasks(&blog, &env(), 10).unwrap();
+    assert_eq!(tasks.len(), 2, "{tasks:#?}");
+    for t in &tasks {
+        assert_eq!(t.state, TaskState::Finished, "{t:#?}");
+        assert_eq!(t.outcome.as_deref(), Some("not run: the daemon stopped before its process was recorded"));
+    }
+    assert_eq!(alive(&f, "worker"), before, "nothing changed");
+    f.builder.set_hash("source-3");
+    let (r, _) = e2.deploy_with_progress(spec).await;
+    r.unwrap();
+}
+
+/// A build command whose process cannot be recorded (a full disk) is not
+/// run: its permit is refused and the deploy fails, saying why.
+#[tokio::test(start_paused = true)]
+async fn a_build_command_whose_process_cannot_be_recorded_is_not_run() {
+    use nonstop_core::driver::Locator;
+    let f = Fixture::new();
+    let e = f.start();
+    e.up(app("blog").worker("worker", 1).build()).await.unwrap();
+    f.builder.set_hash("source-2");
+    let process = Locator::Local { pid: 7003, start_time: 70_030, monitor_pid: 0, monitor_start_time: 0 };
+    f.builder.hang_next_build(process);
+    f.builder.hold_next_report();
+    let mut spec = app("blog").worker("worker", 1).env("V", "2").build();
+    spec.build = vec!["make assets".into()];
+    let deploy = e.spawn_deploy(spec, "ann");
+    within("the build command to be spawned", async {
+        while f.builder.held().is_empty() {
+            settle().await;
+            tokio::time::sleep(ms(1)).await;
+        }
+    })
+    .await;
+    f.store.fail_writes_for_tests(Some("database or disk is full")).unwrap();
+    f.builder.report_spawn();
+    let err = within("the deploy", deploy).await.unwrap().unwrap_err();
+    f.store.fail_writes_for_tests(None).unwrap();
+    assert!(matches!(err, EngineError::DeployFailed { .. }), "{err}");
+    assert!(err.to_string().contains("its process could not be recorded: "), "{err}");
+    assert!(err.to_string().contains("database or disk is full"), "{err}");
+    assert!(f.builder.alive().is_empty(), "the command ran unrecorded");
+    assert_eq!(f.builder.refusals().len(), 1, "{:?}", f.builder.refusals());
+}
