@@ -78,8 +78,11 @@ pub struct BuildOutput {
 /// one answer: the first grant or refusal counts.
 #[derive(Clone)]
 pub struct RunPermit {
-    answer: Arc<Mutex<Option<oneshot::Sender<Result<(), BoxError>>>>>,
+    answer: Arc<Mutex<Option<Answer>>>,
 }
+
+/// Where a [`RunPermit`]'s answer goes: `Err` is the refusal's reason.
+type Answer = oneshot::Sender<Result<(), BoxError>>;
 
 /// The builder's side of a [`RunPermit`].
 pub struct PermitWait {
