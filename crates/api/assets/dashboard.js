@@ -1,11 +1,16 @@
-// The nonstop dashboard: reads the daemon's API (same origin, session
-// cookie) every 5 s and draws it. No framework, no network but the daemon.
+// The nonstop dashboard: reads the daemon's API every 5 s and draws it. No
+// framework, no network but the daemon. The session (from the login page)
+// is in sessionStorage and goes in `Authorization: Session ...` on every
+// call: no cookie, so nothing else on 127.0.0.1 ever receives it.
 "use strict";
 (function () {
   const $ = sel => document.querySelector(sel);
   const COLORS = ["#1f6feb", "#8250df", "#1a7f37", "#bc4c00", "#cf222e", "#0a7ea4"];
   const REFRESH_MS = 5000;
-  const state = { envs: [], app: null, env: null, range: "15m", csrf: "", open: new Set(), maintenanceOn: false, busy: false };
+  const SESSION_KEY = "nonstop-session";
+  // `shown`: the app and environment whose status is on the page (the
+  // maintenance button acts on it only).
+  const state = { envs: [], app: null, env: null, range: "15m", open: new Set(), maintenanceOn: false, shown: null, busy: false };
 
   function text(tag, content, cls) {
     const e = document.createElement(tag);
@@ -45,12 +50,18 @@
     return q.toString();
   }
 
+  function toLogin() {
+    sessionStorage.removeItem(SESSION_KEY);
+    location.replace("/login");
+  }
+
   async function api(path, options) {
-    const resp = await fetch(path, Object.assign({ credentials: "same-origin", headers: {} }, options || {}));
-    if (resp.status === 401) {
-      notice("Not logged in (or the session expired): run `nonstop dashboard` and open the link it prints.");
-      throw new Error("unauthorized");
-    }
+    const session = sessionStorage.getItem(SESSION_KEY);
+    if (!session) { toLogin(); throw new Error("unauthorized"); }
+    const opts = Object.assign({ credentials: "omit" }, options || {});
+    opts.headers = Object.assign({ "Authorization": "Session " + session }, opts.headers || {});
+    const resp = await fetch(path, opts);
+    if (resp.status === 401) { toLogin(); throw new Error("unauthorized"); }
     const body = await resp.json().catch(() => ({}));
     if (!resp.ok) throw new Error(body.message || resp.status + " " + resp.statusText);
     return body;
@@ -82,8 +93,8 @@
     return urls && urls.length ? span : "–";
   }
 
-  async function loadEnvironments() {
-    state.envs = await api("/v1/environments");
+  function applyEnvironments(envs) {
+    state.envs = envs;
     if (!state.envs.some(e => e.app === state.app && e.environment === state.env)) {
       const first = state.envs.find(e => e.running) || state.envs[0];
       state.app = first ? first.app : null;
@@ -110,6 +121,10 @@
 
   function choose(app, env) {
     state.app = app; state.env = env; state.open.clear();
+    // Until this environment's status is shown, the button has nothing
+    // to act on.
+    state.shown = null;
+    $("#maintenance-toggle").disabled = true;
     writeHash();
     refresh();
   }
@@ -127,6 +142,7 @@
     $("#operation").textContent = st.operation || "none";
     const m = st.maintenance;
     state.maintenanceOn = !!m;
+    state.shown = { app: st.app, env: st.environment };
     $("#maintenance-state").replaceChildren(m ? pill("on", "warning") : pill("off", "good"));
     if (m) $("#maintenance-state").append(text("div", "since " + when(m.since_ms) + " (" + m.by + ")", "muted small"));
     const toggle = $("#maintenance-toggle");
@@ -259,11 +275,25 @@
 
   // ----------------------------------------------------------------- refresh
 
+  // Each refresh has a generation; one that a later refresh (another
+  // environment or range, a maintenance switch, the timer) has started
+  // after it drops its answers, whenever they come: a late answer never
+  // overwrites a newer one. `data-dropped` counts them (for the tests).
   let timer = null;
+  let generation = 0;
+  let dropped = 0;
   async function refresh() {
     clearTimeout(timer);
+    const mine = ++generation;
+    const stale = () => {
+      if (mine === generation) return false;
+      document.body.dataset.dropped = String(++dropped);
+      return true;
+    };
     try {
-      await loadEnvironments();
+      const envs = await api("/v1/environments");
+      if (stale()) return;
+      applyEnvironments(envs);
       if (!state.app) {
         $("#env-title").textContent = "No environment yet: run `nonstop up` in an app directory.";
       } else {
@@ -272,6 +302,7 @@
           api("/v1/status?" + q), api("/v1/history?limit=20&" + q), api("/v1/events?limit=1000&" + q),
           api("/v1/charts?range=" + state.range + "&" + q),
         ]);
+        if (stale()) return;
         renderStatus(st);
         renderHistory(hist);
         renderEvents(events);
@@ -281,14 +312,17 @@
       document.body.dataset.loaded = "true";
       if ($("#notice").className === "notice") notice("");
     } catch (e) {
+      if (stale()) return;
       if (e.message !== "unauthorized") notice("Could not read the daemon: " + e.message);
     }
     timer = setTimeout(refresh, REFRESH_MS);
   }
 
   async function toggleMaintenance() {
+    const shown = state.shown;
+    if (!shown || shown.app !== state.app || shown.env !== state.env) return;
     const on = !state.maintenanceOn;
-    const what = state.app + " / " + state.env;
+    const what = shown.app + " / " + shown.env;
     const question = on
       ? "Turn maintenance ON for " + what + "? Every request gets the maintenance page (503) until you turn it off."
       : "Turn maintenance OFF for " + what + "? Requests reach the app again.";
@@ -296,10 +330,11 @@
     state.busy = true;
     $("#maintenance-toggle").disabled = true;
     try {
-      await api("/v1/maintenance?" + scope(), {
+      const q = new URLSearchParams({ app: shown.app, env: shown.env });
+      await api("/v1/maintenance?" + q.toString(), {
         method: "POST",
-        headers: { "Content-Type": "application/json", "X-Nonstop-CSRF": state.csrf },
-        body: JSON.stringify({ on, who: "dashboard" }),
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ on }),
       });
       notice("Maintenance is " + (on ? "on" : "off") + " for " + what + ".", true);
     } catch (e) {
@@ -309,12 +344,15 @@
     refresh();
   }
 
+  // Ends every session of the daemon (server side), then this tab's.
   async function logout() {
     try {
-      await fetch("/logout", { method: "POST", credentials: "same-origin", headers: { "X-Nonstop-CSRF": state.csrf } });
-    } finally {
-      location.href = "/";
+      await api("/logout", { method: "POST" });
+    } catch (e) {
+      // Logged out or not, this tab forgets its session.
+      if (e.message !== "unauthorized") window.alert("This tab is logged out, but the daemon said: " + e.message);
     }
+    toLogin();
   }
 
   async function start() {
@@ -332,10 +370,7 @@
         refresh();
       });
     }
-    try {
-      const s = await api("/v1/session");
-      state.csrf = s.csrf;
-    } catch (e) { /* shown by api() */ }
+    if (!sessionStorage.getItem(SESSION_KEY)) { toLogin(); return; }
     refresh();
   }
   document.addEventListener("DOMContentLoaded", start);

@@ -625,17 +625,11 @@ pub async fn run(
     };
     let dashboard = match (&dashboard_listener, &api_token_value) {
         (Some(l), Some(token)) => {
-            let addr = l.local_addr()?;
-            let host = match addr.ip() {
-                ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
-                ip if ip.is_unspecified() => "[::1]".to_string(),
-                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-                ip => ip.to_string(),
-            };
-            Some(Arc::new(nonstop_api::dashboard::Dashboard {
-                auth: nonstop_api::dashboard::Auth::new(token),
-                base_url: format!("http://{host}:{}", addr.port()),
-            }))
+            let epoch_file = home.path().join(nonstop_api::dashboard::EPOCH_FILE);
+            Some(Arc::new(
+                nonstop_api::dashboard::Dashboard::new(token, l.local_addr()?, Some(epoch_file))
+                    .context("cannot set up the dashboard's sessions")?,
+            ))
         }
         _ => None,
     };

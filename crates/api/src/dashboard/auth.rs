@@ -1,18 +1,21 @@
 //! The dashboard's authentication: single-use login tokens exchanged for a
-//! session cookie, and the CSRF token that goes with a session.
+//! session token that the page keeps in `sessionStorage` and sends in
+//! `Authorization: Session <token>`. No cookie: nothing is sent by the
+//! browser on its own, so no other server on 127.0.0.1 (the apps, the
+//! proxy) ever sees a session, and no other site can make the browser use
+//! one (no CSRF to guard against).
 //!
 //! - A **login token** (`nonstop dashboard`) is 32 random bytes, valid for
 //!   [`LOGIN_TTL`], once: only its SHA-256 is kept, in memory, and redeeming
 //!   it removes it. A daemon restarted in between has forgotten it (run
 //!   `nonstop dashboard` again).
-//! - A **session** is stateless: `EXPIRY.NONCE.MAC`, the MAC an HMAC-SHA256
-//!   under a key derived from the API token, so a session survives daemon
-//!   restarts and upgrades, and ends when the API token is replaced. It is
-//!   sent as an `HttpOnly; SameSite=Strict` cookie whose name carries a tag
-//!   of the key, so two daemons on one machine do not overwrite each
-//!   other's.
-//! - The **CSRF token** of a session is another MAC of it: a page read with
-//!   the session gets it, a cross-site form cannot.
+//! - A **session** is `EPOCH.EXPIRY.NONCE.MAC`, the MAC an HMAC-SHA256 under
+//!   a key derived from the API token. It lasts [`SESSION_TTL`] from the
+//!   login (not extended by use), survives daemon restarts and upgrades,
+//!   and ends with the API token, or when any session logs out: that
+//!   replaces the **session epoch** (random, kept by the daemon in
+//!   `$NONSTOP_HOME`, see [`super::Dashboard`]), which every session
+//!   names, so every session opened before is refused from then on.
 //!
 //! Time is a parameter everywhere: the tests move it instead of sleeping.
 
@@ -43,11 +46,35 @@ pub enum LoginError {
     Expired,
 }
 
-/// A session that was opened, as its cookie value.
+/// A session that was opened: the token the page sends back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub value: String,
     pub expires: SystemTime,
+}
+
+/// The session epoch: every session names the one it was opened in, and
+/// only the current one's are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    /// A new random epoch.
+    pub fn random() -> Result<Epoch, getrandom::Error> {
+        Ok(Epoch(u64::from_be_bytes(random::<8>()?)))
+    }
+
+    /// As it is written down (16 hex digits).
+    pub fn to_text(self) -> String {
+        format!("{:016x}", self.0)
+    }
+
+    /// As [`Epoch::to_text`] writes it; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Epoch> {
+        let t = text.trim();
+        let hex = t.len() == 16 && t.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        hex.then(|| u64::from_str_radix(t, 16).ok().map(Epoch)).flatten()
+    }
 }
 
 pub struct Auth {
@@ -56,6 +83,8 @@ pub struct Auth {
     api_token: String,
     /// SHA-256 of each login token not yet used, and when it expires.
     pending: Mutex<HashMap<[u8; 32], SystemTime>>,
+    /// The current session epoch.
+    epoch: Mutex<Epoch>,
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -87,18 +116,15 @@ fn random<const N: usize>() -> Result<[u8; N], getrandom::Error> {
 }
 
 impl Auth {
-    /// Sessions are signed with a key derived from `api_token`.
-    pub fn new(api_token: &str) -> Auth {
+    /// Sessions are signed with a key derived from `api_token`; those of
+    /// `epoch` are accepted.
+    pub fn new(api_token: &str, epoch: Epoch) -> Auth {
         Auth {
-            key: hmac_sha256(api_token.as_bytes(), b"nonstop dashboard sessions v1"),
+            key: hmac_sha256(api_token.as_bytes(), b"nonstop dashboard sessions v2"),
             api_token: api_token.to_string(),
             pending: Mutex::new(HashMap::new()),
+            epoch: Mutex::new(epoch),
         }
-    }
-
-    /// The session cookie's name: `nonstop_session_` and a tag of the key.
-    pub fn cookie_name(&self) -> String {
-        format!("nonstop_session_{}", &hex(&hmac_sha256(&self.key, b"cookie name"))[..12])
     }
 
     /// A new login token, valid once until `now + LOGIN_TTL`.
@@ -126,33 +152,49 @@ impl Auth {
         }
     }
 
+    fn mac(&self, payload: &str) -> String {
+        hex(&hmac_sha256(&self.key, format!("session.{payload}").as_bytes()))
+    }
+
     fn open_session(&self, now: SystemTime) -> Result<Session, getrandom::Error> {
         let expires = now + SESSION_TTL;
-        let payload = format!("{}.{}", millis(expires), hex(&random::<16>()?));
-        let mac = hex(&hmac_sha256(&self.key, format!("session.{payload}").as_bytes()));
-        Ok(Session { value: format!("{payload}.{mac}"), expires })
+        let payload = format!("{}.{}.{}", self.epoch().to_text(), millis(expires), hex(&random::<16>()?));
+        Ok(Session { value: format!("{payload}.{}", self.mac(&payload)), expires })
     }
 
-    /// Whether a cookie value is a session this daemon (or one with the
-    /// same API token) opened, not yet expired.
+    /// Whether `value` is a session this daemon (or one with the same API
+    /// token) opened in the current epoch, not yet expired.
     pub fn session_valid(&self, value: &str, now: SystemTime) -> bool {
         let Some((payload, mac)) = value.rsplit_once('.') else { return false };
-        let Some((expires, _nonce)) = payload.split_once('.') else { return false };
-        let want = hex(&hmac_sha256(&self.key, format!("session.{payload}").as_bytes()));
-        if !constant_time_eq(mac.as_bytes(), want.as_bytes()) {
+        let mut parts = payload.split('.');
+        let (Some(epoch), Some(expires), Some(_nonce), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        if !constant_time_eq(mac.as_bytes(), self.mac(payload).as_bytes()) {
             return false;
         }
-        expires.parse::<u64>().is_ok_and(|e| e > millis(now))
+        Epoch::parse(epoch) == Some(self.epoch()) && expires.parse::<u64>().is_ok_and(|e| e > millis(now))
     }
 
-    /// The CSRF token of a session (its pages send it back in
-    /// `X-Nonstop-CSRF` with every change).
-    pub fn csrf_token(&self, session: &str) -> String {
-        hex(&hmac_sha256(&self.key, format!("csrf.{session}").as_bytes()))
+    /// The current session epoch.
+    pub fn epoch(&self) -> Epoch {
+        *self.epoch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn csrf_valid(&self, session: &str, given: &str) -> bool {
-        constant_time_eq(given.as_bytes(), self.csrf_token(session).as_bytes())
+    /// Every session opened so far is refused from now on: a new random
+    /// epoch, returned for the caller to keep where a restarted daemon
+    /// finds it.
+    pub fn revoke_all(&self) -> Result<Epoch, getrandom::Error> {
+        let mut epoch = self.epoch.lock().unwrap_or_else(|e| e.into_inner());
+        let next = loop {
+            let e = Epoch::random()?;
+            if e != *epoch {
+                break e;
+            }
+        };
+        *epoch = next;
+        Ok(next)
     }
 
     /// Whether `given` is the API's bearer token.
@@ -170,6 +212,8 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
     }
 
+    const E: Epoch = Epoch(0x0123_4567_89ab_cdef);
+
     #[test]
     fn hmac_matches_rfc_4231() {
         // Test case 2.
@@ -182,16 +226,19 @@ mod tests {
 
     #[test]
     fn a_login_token_works_once() {
-        let auth = Auth::new("api-token");
+        let auth = Auth::new("api-token", E);
         let token = auth.issue_login(t(0)).unwrap();
         let session = auth.redeem(&token, t(1)).unwrap();
         assert!(auth.session_valid(&session.value, t(2)));
         assert_eq!(auth.redeem(&token, t(2)), Err(LoginError::Unknown));
+        // The session is not the login token, nor the other way round.
+        assert!(!auth.session_valid(&token, t(2)));
+        assert_ne!(session.value, token);
     }
 
     #[test]
     fn a_login_token_expires_and_is_gone_after_a_late_try() {
-        let auth = Auth::new("api-token");
+        let auth = Auth::new("api-token", E);
         let token = auth.issue_login(t(0)).unwrap();
         assert_eq!(auth.redeem(&token, t(LOGIN_TTL.as_secs())), Err(LoginError::Expired));
         assert_eq!(auth.redeem(&token, t(1)), Err(LoginError::Unknown));
@@ -199,33 +246,42 @@ mod tests {
     }
 
     #[test]
-    fn sessions_expire_and_belong_to_their_api_token() {
-        let auth = Auth::new("api-token");
+    fn sessions_expire_and_belong_to_their_api_token_and_epoch() {
+        let auth = Auth::new("api-token", E);
         let token = auth.issue_login(t(0)).unwrap();
         let session = auth.redeem(&token, t(0)).unwrap();
+        assert_eq!(session.expires, t(SESSION_TTL.as_secs()));
         assert!(auth.session_valid(&session.value, t(SESSION_TTL.as_secs() - 1)));
         assert!(!auth.session_valid(&session.value, t(SESSION_TTL.as_secs())));
         // Another daemon (another API token), or the same after the token
         // was replaced, does not know it; a daemon restarted with the same
-        // token does.
-        assert!(!Auth::new("other-token").session_valid(&session.value, t(1)));
-        assert!(Auth::new("api-token").session_valid(&session.value, t(1)));
-        assert_ne!(Auth::new("other-token").cookie_name(), auth.cookie_name());
+        // token and epoch does, one with another epoch does not.
+        assert!(!Auth::new("other-token", E).session_valid(&session.value, t(1)));
+        assert!(Auth::new("api-token", E).session_valid(&session.value, t(1)));
+        assert!(!Auth::new("api-token", Epoch(E.0 + 1)).session_valid(&session.value, t(1)));
     }
 
     #[test]
-    fn the_csrf_token_is_the_sessions() {
-        let auth = Auth::new("api-token");
+    fn revoking_ends_every_session_of_the_epoch_and_not_the_next_ones() {
+        let auth = Auth::new("api-token", E);
         let a = auth.redeem(&auth.issue_login(t(0)).unwrap(), t(0)).unwrap();
         let b = auth.redeem(&auth.issue_login(t(0)).unwrap(), t(0)).unwrap();
-        assert!(auth.csrf_valid(&a.value, &auth.csrf_token(&a.value)));
-        assert!(!auth.csrf_valid(&a.value, &auth.csrf_token(&b.value)));
-        assert!(!auth.csrf_valid(&a.value, ""));
+        let next = auth.revoke_all().unwrap();
+        assert_ne!(next, E);
+        assert_eq!(auth.epoch(), next);
+        assert!(!auth.session_valid(&a.value, t(1)));
+        assert!(!auth.session_valid(&b.value, t(1)));
+        let c = auth.redeem(&auth.issue_login(t(1)).unwrap(), t(1)).unwrap();
+        assert!(auth.session_valid(&c.value, t(2)));
+        // A daemon restarted with the new epoch agrees; one with the old
+        // (a lost write) would not refuse a and b, hence the file.
+        assert!(Auth::new("api-token", next).session_valid(&c.value, t(2)));
+        assert!(!Auth::new("api-token", next).session_valid(&a.value, t(2)));
     }
 
     #[test]
     fn pending_logins_are_bounded() {
-        let auth = Auth::new("api-token");
+        let auth = Auth::new("api-token", E);
         let first = auth.issue_login(t(0)).unwrap();
         for i in 0..MAX_PENDING as u64 {
             auth.issue_login(t(1 + i / 100)).unwrap();
@@ -237,7 +293,7 @@ mod tests {
     proptest! {
         #[test]
         fn a_changed_session_is_refused(flip in 0usize..200, secs in 0u64..1000) {
-            let auth = Auth::new("api-token");
+            let auth = Auth::new("api-token", E);
             let session = auth.redeem(&auth.issue_login(t(0)).unwrap(), t(0)).unwrap().value;
             let mut bytes = session.clone().into_bytes();
             let i = flip % bytes.len();
@@ -245,6 +301,13 @@ mod tests {
             let changed = String::from_utf8(bytes).unwrap();
             prop_assert!(!auth.session_valid(&changed, t(secs)));
             prop_assert!(auth.session_valid(&session, t(secs)));
+        }
+
+        #[test]
+        fn epochs_read_as_they_are_written(n in any::<u64>(), junk in "[^0-9a-f]{0,20}") {
+            prop_assert_eq!(Epoch::parse(&Epoch(n).to_text()), Some(Epoch(n)));
+            prop_assert_eq!(Epoch::parse(&format!("{}\n", Epoch(n).to_text())), Some(Epoch(n)));
+            prop_assert_eq!(Epoch::parse(&junk), None);
         }
     }
 }
