@@ -102,9 +102,10 @@ pub enum Command {
         #[arg(long, env = "NONSTOP_API_LISTEN", value_name = "ADDR")]
         api_listen: Option<std::net::SocketAddr>,
         /// Where the web dashboard listens (`nonstop dashboard` prints its
-        /// address with a login token): an address, or `off`. Default: a
-        /// free port on 127.0.0.1, kept across daemon restarts by the
-        /// keeper and across upgrades.
+        /// address with a login token): a loopback address (127.0.0.1:PORT,
+        /// [::1]:PORT; it is plain HTTP), or `off`. Default: a free port on
+        /// 127.0.0.1, kept across daemon restarts by the keeper and across
+        /// upgrades.
         #[arg(long, env = "NONSTOP_DASHBOARD_LISTEN", value_name = "ADDR|off")]
         dashboard_listen: Option<DashboardListen>,
         /// Proxy worker threads, unless the running app's stored spec sets
@@ -618,9 +619,18 @@ impl std::str::FromStr for DashboardListen {
         if s.eq_ignore_ascii_case("off") {
             return Ok(DashboardListen::Off);
         }
-        s.parse()
-            .map(DashboardListen::At)
-            .map_err(|_| format!("`{s}` is not an address such as 127.0.0.1:8900 (or `off` for no dashboard)"))
+        let addr: std::net::SocketAddr = s
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address such as 127.0.0.1:8900 (or `off` for no dashboard)"))?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "`{s}` is not a loopback address: the dashboard is plain HTTP and its login links carry tokens, so \
+                  it listens on this machine only; use 127.0.0.1:PORT (or [::1]:PORT), and from another machine \
+                  reach it through an SSH tunnel (`ssh -L PORT:127.0.0.1:PORT HOST`, the same PORT on both ends), \
+                 or `off` for no dashboard"
+            ));
+        }
+        Ok(DashboardListen::At(addr))
     }
 }
 
@@ -629,6 +639,38 @@ impl std::fmt::Display for DashboardListen {
         match self {
             DashboardListen::Off => f.write_str("off"),
             DashboardListen::At(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod dashboard_listen_tests {
+    use super::DashboardListen;
+    use proptest::prelude::*;
+
+    #[test]
+    fn off_and_loopback_addresses_are_taken_others_refused_naming_why_and_the_fix() {
+        assert_eq!("off".parse::<DashboardListen>(), Ok(DashboardListen::Off));
+        assert_eq!("OFF".parse::<DashboardListen>(), Ok(DashboardListen::Off));
+        for ok in ["127.0.0.1:8900", "127.0.0.1:0", "127.1.2.3:80", "[::1]:8900"] {
+            assert_eq!(ok.parse::<DashboardListen>().map(|l| l.to_string()), Ok(ok.to_string()));
+        }
+        for bad in ["0.0.0.0:8900", "[::]:8900", "192.168.1.2:8900", "[2001:db8::1]:80"] {
+            let e = bad.parse::<DashboardListen>().unwrap_err();
+            assert!(e.contains("not a loopback address") && e.contains("127.0.0.1:PORT") && e.contains("ssh -L"), "{e}");
+        }
+        assert!("localhost:8900".parse::<DashboardListen>().unwrap_err().contains("not an address"));
+    }
+
+    proptest! {
+        #[test]
+        fn an_ipv4_address_is_taken_exactly_when_it_is_loopback(ip in any::<[u8; 4]>(), port in any::<u16>()) {
+            let addr = std::net::SocketAddr::from((ip, port));
+            let parsed = addr.to_string().parse::<DashboardListen>();
+            prop_assert_eq!(parsed.is_ok(), ip[0] == 127);
+            if let Ok(l) = parsed {
+                prop_assert_eq!(l, DashboardListen::At(addr));
+            }
         }
     }
 }
