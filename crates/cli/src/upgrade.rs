@@ -232,6 +232,7 @@ pub fn spawn_successor(
     upgrade_exe: Option<&Path>,
     home: &Home,
     api_listen: Option<SocketAddr>,
+    dashboard_listen: crate::cli::DashboardListen,
     sockets: Vec<(&'static str, OwnedFd)>,
 ) -> Result<Successor, SuccessorError> {
     let _ = std::fs::remove_file(ready_file(home));
@@ -252,6 +253,9 @@ pub fn spawn_successor(
         .env("NONSTOP_UPGRADE", "1")
         .env("LISTEN_FDS", names.len().to_string())
         .env("LISTEN_FDNAMES", names.join(":"))
+        // The same dashboard choice, whether it came from the flag or the
+        // variable (given here: setting our own environment is racy).
+        .env("NONSTOP_DASHBOARD_LISTEN", dashboard_listen.to_string())
         .env_remove("LISTEN_PID")
         .stdin(std::process::Stdio::null())
         .stdout(log)
