@@ -1025,6 +1025,20 @@ async fn metrics(home: &Home, process: Option<String>, json: bool) -> anyhow::Re
     Ok(0)
 }
 
+/// The page `nonstop dashboard --open` writes in NONSTOP_HOME (0600) for
+/// the browser.
+const DASHBOARD_OPEN_PAGE: &str = "dashboard-open.html";
+
+/// A page that sends the browser on to `url` at once.
+fn redirect_page(url: &str) -> String {
+    let url = url.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;").replace('>', "&gt;");
+    format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><meta name=\"referrer\" content=\"no-referrer\">\n\
+         <meta http-equiv=\"refresh\" content=\"0;url={url}\"><title>nonstop dashboard</title></head>\n\
+         <body><p><a href=\"{url}\">Open the nonstop dashboard</a></p></body></html>\n"
+    )
+}
+
 /// `nonstop dashboard`: a login link from the daemon.
 async fn dashboard(home: &Home, open: bool, json: bool) -> anyhow::Result<i32> {
     let link: nonstop_api::dashboard::LoginLink =
@@ -1034,13 +1048,25 @@ async fn dashboard(home: &Home, open: bool, json: bool) -> anyhow::Result<i32> {
     } else {
         outln!("{}", link.url);
         eprintln!(
-            "Open this link within {} s; it works once and logs the browser in for 12 hours. The dashboard is at {}.",
+            "Open this link within {} s; it works once and logs that browser tab in for 12 hours (or until a \
+             logout). The dashboard is at {}.",
             link.expires_in_secs, link.base_url
         );
     }
     if open {
+        // Not the link itself on xdg-open's command line, which any local
+        // user can read in /proc: a private page that goes on to it.
+        let page = home.path().join(DASHBOARD_OPEN_PAGE);
+        let _ = std::fs::remove_file(&page);
+        {
+            use std::io::Write;
+            let mut f = crate::home::open_private(&page, std::fs::OpenOptions::new().write(true).create_new(true))
+                .with_context(|| format!("cannot write {}; open the link yourself", page.display()))?;
+            f.write_all(redirect_page(&link.url).as_bytes())
+                .with_context(|| format!("cannot write {}; open the link yourself", page.display()))?;
+        }
         let status = std::process::Command::new("xdg-open")
-            .arg(&link.url)
+            .arg(&page)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
