@@ -1,12 +1,18 @@
 //! Issue 14's dashboard, end to end: a real daemon with the hello example,
 //! its dashboard listener reached over HTTP (authentication: single-use
-//! login links, the session cookie, 401s, CSRF refusals, the API's bearer
-//! token; the listener and sessions kept across an upgrade and a daemon
-//! crash), and the page itself in
-//! Debian's headless Chromium driven through chromedriver by `fantoccini`:
-//! it shows the environment, processes, instances and a deployment's
-//! timeline, its charts have data points and markers, maintenance is
-//! turned on and off from it (checked through the proxy), and a
+//! login links with the token in the fragment, exchanged for a session
+//! token sent in `Authorization` and never a cookie, 401s, logout ending
+//! every session for good, the `Host` of another name refused, changes
+//! from another origin refused, the dashboard's maintenance taking
+//! `{"on": bool}` only, the API's bearer token; the listener and sessions
+//! kept across an upgrade and a daemon crash; non-loopback addresses
+//! refused; `--open` keeping the token off xdg-open's command line), and
+//! the page itself in Debian's headless Chromium driven through
+//! chromedriver by `fantoccini`: it logs in from the link, shows the
+//! environment, processes, instances and a deployment's timeline, its
+//! charts have data points and markers, maintenance is turned on and off
+//! from it (checked through the proxy) and a late answer of an older
+//! refresh does not overwrite it, logging out ends the session, and a
 //! screenshot is saved under `target/dashboard-e2e/`.
 
 mod common;
@@ -24,6 +30,12 @@ fn login_link(app: &TestApp) -> Value {
     let r = app.run(&["dashboard", "--json"]);
     r.ok();
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("dashboard --json is not JSON ({e}):\n{}", r.stdout))
+}
+
+/// The login token of a link: `http://127.0.0.1:PORT/login#token=T[&...]`.
+fn token_of(url: &str) -> String {
+    let (_, fragment) = url.split_once("/login#token=").unwrap_or_else(|| panic!("no token in the fragment: {url}"));
+    fragment.split('&').next().unwrap().to_string()
 }
 
 fn addr_of(base_url: &str) -> SocketAddr {
@@ -45,15 +57,19 @@ impl Answer {
     }
 }
 
-/// One request over a fresh connection.
+/// One request over a fresh connection (`Host` the address unless
+/// `headers` has one).
 fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
-    if !body.is_empty() {
+    if !body.is_empty() || method == "POST" {
         req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
@@ -64,68 +80,85 @@ fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)],
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Answer { status, head: head.to_string(), body: body.to_string() }
+    let answer = Answer { status, head: head.to_string(), body: body.to_string() };
+    assert!(answer.header("set-cookie").is_none(), "the dashboard sets no cookie: {}", answer.head);
+    answer
 }
 
-/// Log in with a fresh link: the session cookie (`name=value`).
+/// `POST /login` with a login token.
+fn post_login(addr: SocketAddr, token: &str) -> Answer {
+    request(addr, "POST", "/login", &[], &serde_json::json!({ "token": token }).to_string())
+}
+
+/// Log in with a fresh link: `Session <token>`, for `Authorization`.
 fn log_in(app: &TestApp, addr: SocketAddr) -> String {
     let link = login_link(app);
-    let url = link["url"].as_str().unwrap();
-    let path = &url[url.find("/login").unwrap()..];
-    let a = request(addr, "GET", path, &[], "");
-    assert_eq!(a.status, 303, "{}\n{}", a.head, a.body);
-    let cookie = a.header("set-cookie").expect("a session cookie");
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
-    cookie.split(';').next().unwrap().to_string()
-}
-
-fn csrf(addr: SocketAddr, cookie: &str) -> String {
-    let a = request(addr, "GET", "/v1/session", &[("Cookie", cookie)], "");
-    assert_eq!(a.status, 200, "{}", a.body);
+    let a = post_login(addr, &token_of(link["url"].as_str().unwrap()));
+    assert_eq!(a.status, 200, "{}\n{}", a.head, a.body);
     let v: Value = serde_json::from_str(&a.body).unwrap();
-    v["csrf"].as_str().unwrap().to_string()
+    assert_eq!(v["expires_in_secs"].as_u64(), Some(12 * 3600), "{v}");
+    format!("Session {}", v["session"].as_str().expect("a session"))
 }
 
 #[test]
-fn the_dashboard_needs_a_login_refuses_forged_changes_and_stays_across_an_upgrade_and_a_crash() {
+fn the_dashboard_needs_a_login_refuses_other_hosts_origins_and_fields_and_stays_across_an_upgrade_and_a_crash() {
     let app = TestApp::hello();
     app.up().ok();
     let link = login_link(&app);
     let base = link["base_url"].as_str().unwrap().to_string();
     assert!(base.starts_with("http://127.0.0.1:"), "{link:#}");
     assert_eq!(link["expires_in_secs"].as_u64(), Some(120));
+    let url = link["url"].as_str().unwrap();
+    assert!(url.starts_with(&format!("{base}/login#token=")), "the token is in the fragment: {url}");
+    assert!(!url.contains('?'), "nothing of it in the query: {url}");
     let addr = addr_of(&base);
 
-    // Without a session: 401, saying what to do.
-    let a = request(addr, "GET", "/", &[], "");
-    assert_eq!(a.status, 401);
-    assert!(a.body.contains("nonstop dashboard"), "{}", a.body);
-    let a = request(addr, "GET", "/v1/status", &[], "");
-    assert_eq!(a.status, 401);
-    assert!(a.body.contains("nonstop dashboard"), "{}", a.body);
+    // The page, the login page and the assets are static and public: they
+    // hold no data. Everything else without a session: 401, saying what
+    // to do.
+    let page = request(addr, "GET", "/", &[], "");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("/assets/dashboard.js") && !page.body.contains("hello"), "{}", page.body);
+    let csp = page.header("content-security-policy").expect("a CSP");
+    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
+    let login_page = request(addr, "GET", "/login", &[], "");
+    assert_eq!(login_page.status, 200);
+    assert!(login_page.body.contains("nonstop dashboard") && login_page.body.contains("/assets/login.js"));
+    for (method, path) in [
+        ("GET", "/v1/status"),
+        ("GET", "/v1/environments"),
+        ("GET", "/v1/charts"),
+        ("GET", "/v1/events"),
+        ("POST", "/v1/maintenance"),
+        ("POST", "/logout"),
+    ] {
+        let a = request(addr, method, path, &[], if method == "POST" { r#"{"on": true}"# } else { "" });
+        assert_eq!(a.status, 401, "{method} {path}: {}", a.body);
+        assert!(a.body.contains("nonstop dashboard"), "{}", a.body);
+    }
+    // A cookie is nothing to it.
+    assert_eq!(request(addr, "GET", "/v1/status", &[("Cookie", "nonstop_session=x")], "").status, 401);
     // The rest of the API is not there at all.
     assert_eq!(request(addr, "POST", "/v1/down", &[], "{}").status, 404);
     // A made-up token, then a real one twice: the second use is refused.
-    assert_eq!(request(addr, "GET", "/login?token=0123", &[], "").status, 401);
-    let url = link["url"].as_str().unwrap();
-    let path = &url[url.find("/login").unwrap()..];
-    let first = request(addr, "GET", path, &[], "");
-    assert_eq!(first.status, 303, "{}", first.body);
-    let again = request(addr, "GET", path, &[], "");
+    assert_eq!(post_login(addr, "0123").status, 401);
+    let token = token_of(url);
+    let first = post_login(addr, &token);
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = post_login(addr, &token);
     assert_eq!(again.status, 401);
     assert!(again.body.contains("already used"), "{}", again.body);
+    // The login token is not a session.
+    let a = request(addr, "GET", "/v1/status", &[("Authorization", &format!("Session {token}"))], "");
+    assert_eq!(a.status, 401);
 
-    // With the session: the page and the API's reads.
-    let cookie = log_in(&app, addr);
-    let page = request(addr, "GET", "/", &[("Cookie", &cookie)], "");
-    assert_eq!(page.status, 200);
-    assert!(page.body.contains("/assets/dashboard.js"));
-    let csp = page.header("content-security-policy").expect("a CSP");
-    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
-    let status = request(addr, "GET", "/v1/status", &[("Cookie", &cookie)], "");
+    // With the session: the API's reads.
+    let session = log_in(&app, addr);
+    let status = request(addr, "GET", "/v1/status", &[("Authorization", &session)], "");
     assert_eq!(status.status, 200, "{}", status.body);
     // Every asset is the daemon's: nothing is loaded from elsewhere.
-    for asset in ["/assets/dashboard.js", "/assets/charts.js", "/assets/dashboard.css", "/favicon.svg"] {
+    for asset in ["/assets/dashboard.js", "/assets/login.js", "/assets/charts.js", "/assets/dashboard.css", "/favicon.svg"]
+    {
         let a = request(addr, "GET", asset, &[], "");
         assert_eq!(a.status, 200, "{asset}");
         for pattern in ["src=\"http", "href=\"http", "url(http", "import ", "fetch(\"http"] {
@@ -136,38 +169,58 @@ fn the_dashboard_needs_a_login_refuses_forged_changes_and_stays_across_an_upgrad
         assert!(!page.body.contains(pattern), "the page refers to another site: {pattern}");
     }
 
-    // A change with the session but without the CSRF token, or from
-    // another origin, is refused and changes nothing.
-    let token = csrf(addr, &cookie);
-    let on = r#"{"on": true, "who": "test"}"#;
-    let a = request(addr, "POST", "/v1/maintenance", &[("Cookie", &cookie)], on);
-    assert_eq!(a.status, 403, "{}", a.body);
-    assert!(a.body.contains("CSRF"), "{}", a.body);
-    let a = request(
-        addr,
-        "POST",
-        "/v1/maintenance",
-        &[("Cookie", &cookie), ("X-Nonstop-CSRF", &token), ("Origin", "http://evil.example")],
-        on,
-    );
-    assert_eq!(a.status, 403, "{}", a.body);
-    let a = request(
-        addr,
-        "POST",
-        "/v1/maintenance",
-        &[("Cookie", &cookie), ("X-Nonstop-CSRF", "0".repeat(64).as_str())],
-        on,
-    );
-    assert_eq!(a.status, 403, "{}", a.body);
+    // DNS rebinding: a request naming another host is refused, whatever
+    // it carries; the listener's own names are not.
+    let port = addr.port();
+    for host in [format!("evil.example:{port}"), "evil.example".to_string(), format!("127.0.0.1:{}", port + 1)] {
+        for (method, path, body) in
+            [("GET", "/v1/status", ""), ("GET", "/", ""), ("POST", "/login", r#"{"token": "x"}"#)]
+        {
+            let a = request(addr, method, path, &[("Host", &host), ("Authorization", &session)], body);
+            assert_eq!(a.status, 421, "{method} {path} for {host}: {}", a.body);
+            assert!(a.body.contains(&base), "names the address to use: {}", a.body);
+        }
+    }
+    let localhost = format!("localhost:{port}");
+    let a = request(addr, "GET", "/v1/status", &[("Host", &localhost), ("Authorization", &session)], "");
+    assert_eq!(a.status, 200, "{}", a.body);
+
+    // A change with the session from another origin is refused (the
+    // Origin is compared to the listener's, not to the Host), and so is
+    // one that sends more than on/off; neither changes anything.
+    let on = r#"{"on": true}"#;
+    let own = format!("http://{addr}");
+    for headers in [
+        vec![("Authorization", session.as_str()), ("Origin", "http://evil.example")],
+        vec![("Authorization", session.as_str()), ("Origin", "http://evil.example"), ("Host", "evil.example")],
+        vec![("Authorization", session.as_str()), ("Origin", own.as_str()), ("Sec-Fetch-Site", "cross-site")],
+    ] {
+        let a = request(addr, "POST", "/v1/maintenance", &headers, on);
+        assert!(a.status == 403 || a.status == 421, "{headers:?}: {} {}", a.status, a.body);
+    }
+    let headers = [("Authorization", session.as_str()), ("Origin", own.as_str())];
+    for extra in [
+        r#"{"on": true, "who": "mallory"}"#,
+        r#"{"on": true, "page": "<script>alert(1)</script>"}"#,
+        r#"{"on": true, "allow": ["0.0.0.0/0"]}"#,
+        r#"{"on": true, "retry_after_secs": 1}"#,
+        "{}",
+    ] {
+        let a = request(addr, "POST", "/v1/maintenance", &headers, extra);
+        assert_eq!(a.status, 400, "{extra}: {}", a.body);
+        let message = serde_json::from_str::<Value>(&a.body).unwrap()["message"].as_str().unwrap().to_string();
+        assert!(message.contains(r#"{"on": true} or {"on": false} only"#), "names what it takes: {message}");
+    }
     assert!(app.status()["maintenance"].is_null(), "nothing changed");
-    // With it, the change is made.
-    let origin = format!("http://{addr}");
-    let headers = [("Cookie", cookie.as_str()), ("X-Nonstop-CSRF", token.as_str()), ("Origin", origin.as_str())];
+    // On and off, recorded as the dashboard's.
     let a = request(addr, "POST", "/v1/maintenance", &headers, on);
     assert_eq!(a.status, 200, "{}", a.body);
     assert!(!app.status()["maintenance"].is_null());
-    let a = request(addr, "POST", "/v1/maintenance", &headers, r#"{"on": false, "who": "test"}"#);
+    let events = request(addr, "GET", "/v1/events", &[("Authorization", &session)], "").body;
+    assert!(events.contains("(by dashboard)") && !events.contains("mallory"), "{events}");
+    let a = request(addr, "POST", "/v1/maintenance", &headers, r#"{"on": false}"#);
     assert_eq!(a.status, 200, "{}", a.body);
+    assert!(app.status()["maintenance"].is_null());
 
     // The API's bearer token works there too; a wrong one does not.
     let api_token = std::fs::read_to_string(app.home.path().join("api-token")).unwrap();
@@ -181,11 +234,27 @@ fn the_dashboard_needs_a_login_refuses_forged_changes_and_stays_across_an_upgrad
     r.ok();
     let after = login_link(&app);
     assert_eq!(after["base_url"].as_str(), Some(base.as_str()), "the dashboard keeps its address");
-    let a = request(addr, "GET", "/v1/status", &[("Cookie", &cookie)], "");
+    let a = request(addr, "GET", "/v1/status", &[("Authorization", &session)], "");
     assert_eq!(a.status, 200, "the session survives the upgrade: {}", a.body);
 
+    // A logout ends every session (this one and another), not the ones
+    // opened after it.
+    let other = log_in(&app, addr);
+    let a = request(addr, "POST", "/logout", &[("Authorization", &other), ("Origin", &own)], "");
+    assert_eq!(a.status, 204, "{}", a.body);
+    for s in [&session, &other] {
+        let a = request(addr, "GET", "/v1/status", &[("Authorization", s)], "");
+        assert_eq!(a.status, 401, "logged out: {}", a.body);
+    }
+    let epoch = app.home.path().join("dashboard-epoch");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&epoch).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{}", epoch.display());
+    let fresh = log_in(&app, addr);
+    assert_eq!(request(addr, "GET", "/v1/status", &[("Authorization", &fresh)], "").status, 200);
+
     // A daemon killed: the keeper holds the listener and hands it to the
-    // daemon it starts.
+    // daemon it starts, which accepts the session opened after the logout
+    // and still refuses those before it.
     let daemon = app.daemon_pid().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_until(Duration::from_secs(60), "another daemon", || {
@@ -193,8 +262,79 @@ fn the_dashboard_needs_a_login_refuses_forged_changes_and_stays_across_an_upgrad
     });
     let after = login_link(&app);
     assert_eq!(after["base_url"].as_str(), Some(base.as_str()), "the dashboard keeps its address after a crash");
-    let a = request(addr, "GET", "/v1/status", &[("Cookie", &cookie)], "");
+    let a = request(addr, "GET", "/v1/status", &[("Authorization", &fresh)], "");
     assert_eq!(a.status, 200, "the session survives the crash: {}", a.body);
+    let a = request(addr, "GET", "/v1/status", &[("Authorization", &session)], "");
+    assert_eq!(a.status, 401, "a logged-out session stays out after a restart: {}", a.body);
+
+    // `--open` gives xdg-open a private page that goes on to the link,
+    // not the link itself (any local user can read a command line).
+    let fake = tempfile::tempdir().unwrap();
+    let script = fake.path().join("xdg-open");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nd=$(dirname \"$0\")\nprintf '%s\\n' \"$@\" > \"$d/args\"\ncat \"$1\" > \"$d/page\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", fake.path().display(), std::env::var("PATH").unwrap_or_default());
+    let out = wait_output(app.cmd(&["dashboard", "--open"]).env("PATH", path).spawn().unwrap(), T, "dashboard --open");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let token = token_of(&printed);
+    let args = std::fs::read_to_string(fake.path().join("args")).unwrap();
+    assert!(!args.contains(&token), "the token is not on xdg-open's command line: {args}");
+    let opened = PathBuf::from(args.trim());
+    assert_eq!(opened, app.home.path().join("dashboard-open.html"), "{args}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&opened).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let page = std::fs::read_to_string(fake.path().join("page")).unwrap();
+    assert!(page.contains(&format!("url={}", printed.replace('&', "&amp;"))), "{page}");
+    assert_eq!(post_login(addr, &token).status, 200, "the page's link logs in");
+}
+
+const T: Duration = Duration::from_secs(120);
+
+#[test]
+fn the_dashboard_listens_on_loopback_only() {
+    let app = TestApp::hello();
+    for addr in ["0.0.0.0:8900", "[::]:8900", "192.0.2.1:8900"] {
+        let r = app.run(&["daemon", "--no-keeper", "--dashboard-listen", addr]);
+        assert_eq!(r.code, 2, "{addr} refused: {}", r.stderr);
+        assert!(r.stderr.contains("not a loopback address") && r.stderr.contains("127.0.0.1:PORT"), "{}", r.stderr);
+        let out = wait_output(
+            app.cmd(&["daemon", "--no-keeper"]).env("NONSTOP_DASHBOARD_LISTEN", addr).spawn().unwrap(),
+            T,
+            "nonstop daemon",
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{addr} from the environment refused: {stderr}");
+        assert!(stderr.contains("not a loopback address"), "{stderr}");
+    }
+    assert!(app.daemon_pid().is_none(), "no daemon started");
+}
+
+#[test]
+fn an_upgraded_daemon_keeps_the_dashboard_choice_of_its_flag() {
+    // `--dashboard-listen off` on the command line (not in the
+    // environment): the successor is told, and serves no dashboard either.
+    let app = TestApp::hello();
+    let daemon = app.cmd(&["daemon", "--no-keeper", "--dashboard-listen", "off"]).spawn().unwrap();
+    wait_until(T, "the daemon to answer", || !app.run(&["status"]).stderr.contains("is not running"));
+    app.note_daemon();
+    app.up().ok();
+    let before = app.daemon_pid();
+    let no_dashboard = |app: &TestApp| {
+        let r = app.run(&["dashboard"]);
+        assert_ne!(r.code, 0, "{}", r.stdout);
+        assert!(r.stderr.contains("serves no dashboard"), "{}", r.stderr);
+    };
+    no_dashboard(&app);
+    app.run(&["upgrade"]).ok();
+    assert_ne!(app.daemon_pid(), before, "another daemon");
+    no_dashboard(&app);
+    app.run(&["down"]).ok();
+    let _ = wait_output(daemon, T, "the first daemon to exit after the upgrade");
 }
 
 // --------------------------------------------------------------- Chromium
@@ -281,6 +421,7 @@ fn the_dashboard_in_chromium_shows_the_app_charts_with_data_and_toggles_maintena
     assert!(ok > 0 && failures.is_empty(), "{ok} answered, failures: {failures:?}");
     let link = login_link(&app);
     let url = link["url"].as_str().unwrap().to_string();
+    let dashboard = addr_of(link["base_url"].as_str().unwrap());
     let proxy = app.proxy();
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -299,7 +440,7 @@ fn the_dashboard_in_chromium_shows_the_app_charts_with_data_and_toggles_maintena
             .connect(&format!("http://127.0.0.1:{}", driver.port))
             .await
             .unwrap_or_else(|e| panic!("cannot start headless Chromium through chromedriver: {e}"));
-        let result = drive(&browser, &url, proxy).await;
+        let result = drive(&browser, &url, proxy, dashboard).await;
         let _ = browser.close().await;
         drop(driver);
         result
@@ -342,12 +483,17 @@ fn text_of(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
 
-async fn drive(browser: &fantoccini::Client, url: &str, proxy: SocketAddr) -> Vec<u8> {
+async fn drive(browser: &fantoccini::Client, url: &str, proxy: SocketAddr, dashboard: SocketAddr) -> Vec<u8> {
     browser.goto(url).await.unwrap();
     page_until(browser, 30, "the page loaded", "document.body.dataset.loaded === 'true'").await;
-    // The login link is gone from the address bar.
+    // The login link is gone from the address bar; the session is in this
+    // tab's sessionStorage, and no cookie.
     let here = browser.current_url().await.unwrap();
-    assert!(!here.as_str().contains("token"), "{here}");
+    assert!(!here.as_str().contains("token") && here.path() == "/", "{here}");
+    let session = text_of(&eval(browser, "sessionStorage.getItem('nonstop-session')").await);
+    assert!(!session.is_empty(), "a session in sessionStorage");
+    assert_eq!(eval(browser, "document.cookie").await, Value::String(String::new()), "no cookie");
+    let session = format!("Session {session}");
 
     // Environments, processes, instances.
     let envs = text_of(&eval(browser, "document.querySelector('#env-table').innerText").await);
@@ -420,5 +566,67 @@ async fn drive(browser: &fantoccini::Client, url: &str, proxy: SocketAddr) -> Ve
     assert_eq!(code, 200, "maintenance off again");
     let events = text_of(&eval(browser, "document.querySelector('#event-table').innerText").await);
     assert!(events.contains("maintenance"), "{events}");
+
+    // A late answer of an older refresh does not overwrite a newer one:
+    // the page's status reads are held (answered while maintenance is
+    // off), maintenance is turned on, and only then are they let through.
+    browser
+        .execute(
+            "window.__held = []; window.__hold = true; const real = window.fetch.bind(window); \
+             window.fetch = (url, opts) => { const p = real(url, opts); \
+               if (!window.__hold || !String(url).startsWith('/v1/status')) return p; \
+               return new Promise(resolve => window.__held.push(() => resolve(p))); };",
+            vec![],
+        )
+        .await
+        .unwrap();
+    browser.find(fantoccini::Locator::Css(".ranges button[data-range='15m']")).await.unwrap().click().await.unwrap();
+    page_until(browser, 30, "a status read held", "window.__held.length >= 1").await;
+    eval(browser, "(window.__hold = false)").await;
+    browser.find(fantoccini::Locator::Css("#maintenance-toggle")).await.unwrap().click().await.unwrap();
+    browser.accept_alert().await.unwrap();
+    page_until(
+        browser,
+        30,
+        "maintenance shown on",
+        "document.querySelector('#maintenance-state').innerText.startsWith('on')",
+    )
+    .await;
+    let dropped = eval(browser, "Number(document.body.dataset.dropped || 0)").await.as_f64().unwrap();
+    eval(browser, "window.__held.splice(0).forEach(release => release()) || true").await;
+    page_until(
+        browser,
+        30,
+        "the late answer dropped (or shown)",
+        &format!(
+            "Number(document.body.dataset.dropped) > {dropped} || \
+             document.querySelector('#maintenance-state').innerText.startsWith('off')"
+        ),
+    )
+    .await;
+    let shown = text_of(&eval(browser, "document.querySelector('#maintenance-state').innerText").await);
+    assert!(shown.starts_with("on"), "the late answer (maintenance off) overwrote the page: {shown}");
+    let (code, _) = http_get(proxy, "/").unwrap();
+    assert_eq!(code, 503);
+    browser.find(fantoccini::Locator::Css("#maintenance-toggle")).await.unwrap().click().await.unwrap();
+    browser.accept_alert().await.unwrap();
+    page_until(
+        browser,
+        30,
+        "maintenance shown off",
+        "document.querySelector('#maintenance-state').innerText.startsWith('off')",
+    )
+    .await;
+
+    // Logging out ends the session on the daemon, and the tab shows the
+    // login page.
+    let a = request(dashboard, "GET", "/v1/status", &[("Authorization", &session)], "");
+    assert_eq!(a.status, 200, "{}", a.body);
+    browser.find(fantoccini::Locator::Css("#logout")).await.unwrap().click().await.unwrap();
+    page_until(browser, 30, "the login page", "location.pathname === '/login' && !!document.querySelector('#login-why')")
+        .await;
+    assert_eq!(eval(browser, "sessionStorage.getItem('nonstop-session')").await, Value::Null);
+    let a = request(dashboard, "GET", "/v1/status", &[("Authorization", &session)], "");
+    assert_eq!(a.status, 401, "the session ended on the daemon: {}", a.body);
     screenshot
 }
