@@ -378,8 +378,7 @@ fn handover_sockets(
 async fn restart_own_version(
     home: &Home,
     upgrade_exe: &std::path::Path,
-    api_listen: Option<SocketAddr>,
-    dashboard_listen: crate::cli::DashboardListen,
+    listen: crate::upgrade::Listen,
     ingress: Option<&ProxyIngress>,
     api_fd: &std::os::fd::OwnedFd,
     api_tcp_fd: Option<&std::os::fd::OwnedFd>,
@@ -389,7 +388,7 @@ async fn restart_own_version(
     let (home2, upgrade_exe) = (Home { dir: home.dir.clone() }, upgrade_exe.to_path_buf());
     let pid = tokio::task::spawn_blocking(move || {
         let own = std::path::Path::new("/proc/self/exe");
-        crate::upgrade::spawn_successor(own, Some(&upgrade_exe), &home2, api_listen, dashboard_listen, sockets)?.wait_serving(&home2)
+        crate::upgrade::spawn_successor(own, Some(&upgrade_exe), &home2, listen, sockets)?.wait_serving(&home2)
     })
     .await
     .unwrap_or_else(|e| Err(e.into()))?;
@@ -403,6 +402,9 @@ pub async fn run(
     proxy_workers: Option<u32>,
 ) -> anyhow::Result<()> {
     crate::limits::raise_fd_limit();
+    // What a successor (upgrade) is told, whether it came from the flags
+    // or the variables.
+    let listen = crate::upgrade::Listen { api: api_listen, dashboard: dashboard_listen };
     home.create()?;
     let exe = std::env::current_exe().context("cannot find the nonstop executable")?;
     // The binary to start on upgrade: this path, whatever is there by then
@@ -833,7 +835,7 @@ pub async fn run(
                     Err(e) => { refuse(reply, e); continue; }
                 };
                 let (exe2, home2) = (upgrade_exe.clone(), Home { dir: home.dir.clone() });
-                let spawned = tokio::task::spawn_blocking(move || crate::upgrade::spawn_successor(&exe2, None, &home2, api_listen, dashboard_listen, sockets)).await;
+                let spawned = tokio::task::spawn_blocking(move || crate::upgrade::spawn_successor(&exe2, None, &home2, listen, sockets)).await;
                 let successor = match spawned {
                     Ok(Ok(successor)) => successor,
                     Ok(Err(e)) => { tracing::error!("upgrade failed, still serving: {e}"); refuse(reply, e.into()); continue; }
@@ -855,7 +857,7 @@ pub async fn run(
                     Ok(new_pid) => Ok(Upgraded { old_pid: std::process::id(), new_pid }),
                     Err(why) => {
                         tracing::error!("upgrade failed after the handover: {why}; starting this daemon's own version again");
-                        match restart_own_version(&home, &upgrade_exe, api_listen, dashboard_listen, local.as_deref(), &api_fd, api_tcp_fd.as_ref(), dashboard_fd.as_ref()).await {
+                        match restart_own_version(&home, &upgrade_exe, listen, local.as_deref(), &api_fd, api_tcp_fd.as_ref(), dashboard_fd.as_ref()).await {
                             Ok(pid) => {
                                 tracing::info!("this daemon's version serves again as pid {pid}");
                                 Err(Box::new(UpgradeFailed::Restarted { why, pid }))

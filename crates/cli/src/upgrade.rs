@@ -231,8 +231,7 @@ pub fn spawn_successor(
     exe: &Path,
     upgrade_exe: Option<&Path>,
     home: &Home,
-    api_listen: Option<SocketAddr>,
-    dashboard_listen: crate::cli::DashboardListen,
+    listen: Listen,
     sockets: Vec<(&'static str, OwnedFd)>,
 ) -> Result<Successor, SuccessorError> {
     let _ = std::fs::remove_file(ready_file(home));
@@ -255,12 +254,12 @@ pub fn spawn_successor(
         .env("LISTEN_FDNAMES", names.join(":"))
         // The same dashboard choice, whether it came from the flag or the
         // variable (given here: setting our own environment is racy).
-        .env("NONSTOP_DASHBOARD_LISTEN", dashboard_listen.to_string())
+        .env("NONSTOP_DASHBOARD_LISTEN", listen.dashboard.to_string())
         .env_remove("LISTEN_PID")
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2);
-    match api_listen {
+    match listen.api {
         Some(a) => cmd.env("NONSTOP_API_LISTEN", a.to_string()),
         None => cmd.env_remove("NONSTOP_API_LISTEN"),
     };
@@ -287,6 +286,16 @@ pub fn spawn_successor(
         Err(Missed::Exited(status)) => Err(SuccessorError::ExitedAtStart { status, log }),
         Err(Missed::Late) => Err(SuccessorError::Late { pid: child.id(), stage: Stage::Ready, log }),
     }
+}
+
+/// The daemon's choices of where to listen (from its flags or
+/// variables), which a successor is given on its command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// `--api-listen`.
+    pub api: Option<SocketAddr>,
+    /// `--dashboard-listen`.
+    pub dashboard: crate::cli::DashboardListen,
 }
 
 /// Set on a successor started from the predecessor's own image: the path
