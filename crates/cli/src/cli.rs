@@ -643,6 +643,13 @@ impl std::fmt::Display for DashboardListen {
     }
 }
 
+/// `7` or `#7`: a deployment's ID as `nonstop history` shows it.
+fn parse_deployment_id(s: &str) -> Result<i64, String> {
+    s.strip_prefix('#').unwrap_or(s).parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| {
+        format!("`{s}` is not a deployment ID: give the number of the ID column of `nonstop history`, e.g. 7")
+    })
+}
+
 #[cfg(test)]
 mod dashboard_listen_tests {
     use super::DashboardListen;
@@ -657,7 +664,10 @@ mod dashboard_listen_tests {
         }
         for bad in ["0.0.0.0:8900", "[::]:8900", "192.168.1.2:8900", "[2001:db8::1]:80"] {
             let e = bad.parse::<DashboardListen>().unwrap_err();
-            assert!(e.contains("not a loopback address") && e.contains("127.0.0.1:PORT") && e.contains("ssh -L"), "{e}");
+            assert!(
+                e.contains("not a loopback address") && e.contains("127.0.0.1:PORT") && e.contains("ssh -L"),
+                "{e}"
+            );
         }
         assert!("localhost:8900".parse::<DashboardListen>().unwrap_err().contains("not an address"));
     }
@@ -673,11 +683,4 @@ mod dashboard_listen_tests {
             }
         }
     }
-}
-
-/// `7` or `#7`: a deployment's ID as `nonstop history` shows it.
-fn parse_deployment_id(s: &str) -> Result<i64, String> {
-    s.strip_prefix('#').unwrap_or(s).parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| {
-        format!("`{s}` is not a deployment ID: give the number of the ID column of `nonstop history`, e.g. 7")
-    })
 }

@@ -157,7 +157,8 @@ fn the_dashboard_needs_a_login_refuses_other_hosts_origins_and_fields_and_stays_
     let status = request(addr, "GET", "/v1/status", &[("Authorization", &session)], "");
     assert_eq!(status.status, 200, "{}", status.body);
     // Every asset is the daemon's: nothing is loaded from elsewhere.
-    for asset in ["/assets/dashboard.js", "/assets/login.js", "/assets/charts.js", "/assets/dashboard.css", "/favicon.svg"]
+    for asset in
+        ["/assets/dashboard.js", "/assets/login.js", "/assets/charts.js", "/assets/dashboard.css", "/favicon.svg"]
     {
         let a = request(addr, "GET", asset, &[], "");
         assert_eq!(a.status, 200, "{asset}");
@@ -623,8 +624,13 @@ async fn drive(browser: &fantoccini::Client, url: &str, proxy: SocketAddr, dashb
     let a = request(dashboard, "GET", "/v1/status", &[("Authorization", &session)], "");
     assert_eq!(a.status, 200, "{}", a.body);
     browser.find(fantoccini::Locator::Css("#logout")).await.unwrap().click().await.unwrap();
-    page_until(browser, 30, "the login page", "location.pathname === '/login' && !!document.querySelector('#login-why')")
-        .await;
+    page_until(
+        browser,
+        30,
+        "the login page",
+        "location.pathname === '/login' && !!document.querySelector('#login-why')",
+    )
+    .await;
     assert_eq!(eval(browser, "sessionStorage.getItem('nonstop-session')").await, Value::Null);
     let a = request(dashboard, "GET", "/v1/status", &[("Authorization", &session)], "");
     assert_eq!(a.status, 401, "the session ended on the daemon: {}", a.body);

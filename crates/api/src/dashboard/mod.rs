@@ -149,11 +149,7 @@ fn write_epoch(path: &Path, epoch: Epoch) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?; // O_EXCL: never through a symbolic link
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?; // O_EXCL: never through a symbolic link
     f.write_all(format!("{}\n", epoch.to_text()).as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -595,9 +591,16 @@ mod tests {
 
     #[test]
     fn the_dashboards_maintenance_takes_on_or_off_only() {
-        assert_eq!(serde_json::from_str::<MaintenanceToggle>(r#"{"on": true}"#).unwrap(), MaintenanceToggle { on: true });
-        for bad in [r#"{"on": true, "who": "mallory"}"#, r#"{"on": true, "page": "<h1>"}"#, r#"{"on": true, "allow": []}"#, "{}"]
-        {
+        assert_eq!(
+            serde_json::from_str::<MaintenanceToggle>(r#"{"on": true}"#).unwrap(),
+            MaintenanceToggle { on: true }
+        );
+        for bad in [
+            r#"{"on": true, "who": "mallory"}"#,
+            r#"{"on": true, "page": "<h1>"}"#,
+            r#"{"on": true, "allow": []}"#,
+            "{}",
+        ] {
             assert!(serde_json::from_str::<MaintenanceToggle>(bad).is_err(), "{bad}");
         }
     }
