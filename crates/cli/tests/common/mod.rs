@@ -201,11 +201,66 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        // Every app and environment down, not only the default one (a
+        // test with `-e production` left production's instances running).
+        let listed = self.run_with_timeout(&["env", "list", "--json"], Duration::from_secs(30));
+        if listed.code == 0 {
+            let envs: Vec<Value> = serde_json::from_str(&listed.stdout).unwrap_or_default();
+            for e in envs.iter().filter(|e| e["running"] == true) {
+                let (Some(app), Some(env)) = (e["app"].as_str(), e["environment"].as_str()) else { continue };
+                let _ = self.run_with_timeout(&["--app", app, "-e", env, "down"], Duration::from_secs(60));
+            }
+        }
         let _ = self.run_with_timeout(&["down"], Duration::from_secs(60));
         // Whatever is left (a failed test): kill by pid and process group.
         for pid in self.seen_pids.lock().unwrap().iter() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
         }
+        kill_processes_naming(self.home.path());
+    }
+}
+
+/// SIGKILL every process (and its process group) whose command line names
+/// `dir`, and their children (and theirs): the instance monitors of a
+/// test's home (`__monitor HOME/…`, which outlive a daemon by design) and
+/// the apps they run. The home is the test's own temporary directory, so
+/// nothing else matches.
+pub fn kill_processes_naming(dir: &Path) {
+    use nix::sys::signal::{kill, killpg, Signal};
+    use nix::unistd::Pid;
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    // (pid, parent) of every process, and those naming the home.
+    let mut all: Vec<(i32, i32)> = Vec::new();
+    let mut doomed: BTreeSet<i32> = BTreeSet::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid …`: comm may hold spaces and parentheses.
+        let Some(ppid) = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+        else {
+            continue;
+        };
+        all.push((pid, ppid));
+        if std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle)) {
+            doomed.insert(pid);
+        }
+    }
+    // Their descendants.
+    loop {
+        let before = doomed.len();
+        for (pid, ppid) in &all {
+            if doomed.contains(ppid) {
+                doomed.insert(*pid);
+            }
+        }
+        if doomed.len() == before {
+            break;
+        }
+    }
+    for pid in doomed {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 
