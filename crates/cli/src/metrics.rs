@@ -204,18 +204,10 @@ impl MetricsSource for Metrics {
         for p in processes {
             let Ok(process) = ProcessName::new(p.as_str()) else { continue };
             let key = |m| SeriesKey::process(app_name.clone(), env_id.clone(), process.clone(), m);
-            let mine: Vec<&SeriesKey> = store
-                .keys()
-                .filter(|k| k.app() == &app_name && k.environment_id() == &env_id && k.process_name() == Some(&process))
-                .collect();
-            let of = |m: Metric| -> Vec<&SeriesKey> {
-                mine.iter().copied().filter(|k| k.metric() == m && k.slot().is_none()).collect()
-            };
+            let mine = ProcessSeries::of(&store, &app_name, &env_id, &process);
+            let of = |m: Metric| mine.totals(m);
             let slots = |m: Metric| -> Vec<&SeriesKey> {
-                mine.iter()
-                    .copied()
-                    .filter(|k| k.metric() == m && k.slot().is_some() && store.is_current(k, at))
-                    .collect()
+                mine.slots(m).into_iter().filter(|k| store.is_current(k, at)).collect()
             };
             let latency_keys = of(Metric::Latency);
             let mut latency = Histogram::new();
@@ -267,6 +259,32 @@ impl MetricsSource for Metrics {
     }
 }
 
+/// The series of one process of an environment: the process's own
+/// (per release or not) and its instances' (slots).
+struct ProcessSeries<'a> {
+    keys: Vec<&'a SeriesKey>,
+}
+
+impl<'a> ProcessSeries<'a> {
+    fn of(store: &'a Store, app: &AppName, env: &EnvironmentId, process: &ProcessName) -> ProcessSeries<'a> {
+        let keys = store
+            .keys()
+            .filter(|k| k.app() == app && k.environment_id() == env && k.process_name() == Some(process))
+            .collect();
+        ProcessSeries { keys }
+    }
+
+    /// The process's own series of `metric` (one per release, or one).
+    fn totals(&self, metric: Metric) -> Vec<&'a SeriesKey> {
+        self.keys.iter().copied().filter(|k| k.metric() == metric && k.slot().is_none()).collect()
+    }
+
+    /// Its instances' series of `metric`.
+    fn slots(&self, metric: Metric) -> Vec<&'a SeriesKey> {
+        self.keys.iter().copied().filter(|k| k.metric() == metric && k.slot().is_some()).collect()
+    }
+}
+
 /// The dashboard's charts (`GET /v1/charts`): per process type, point by
 /// point over the range, requests/s, p95, the 5xx share, CPU % and
 /// instances; `None` where nothing was measured.
@@ -315,16 +333,9 @@ fn charts_report(
     };
     for p in processes {
         let Ok(process) = ProcessName::new(p.as_str()) else { continue };
-        let mine: Vec<&SeriesKey> = store
-            .keys()
-            .filter(|k| k.app() == &app_name && k.environment_id() == &env_id && k.process_name() == Some(&process))
-            .collect();
-        let of = |m: Metric| -> Vec<&SeriesKey> {
-            mine.iter().copied().filter(|k| k.metric() == m && k.slot().is_none()).collect()
-        };
-        let slots = |m: Metric| -> Vec<&SeriesKey> {
-            mine.iter().copied().filter(|k| k.metric() == m && k.slot().is_some()).collect()
-        };
+        let mine = ProcessSeries::of(store, &app_name, &env_id, &process);
+        let of = |m: Metric| mine.totals(m);
+        let slots = |m: Metric| mine.slots(m);
         let requests = sum(&of(Metric::Requests));
         let errors = sum(&of(Metric::Responses(StatusClass::ServerError)));
         let error_rate = requests
