@@ -46,6 +46,15 @@ fn history(app: &TestApp) -> Vec<serde_json::Value> {
     serde_json::from_str::<Vec<serde_json::Value>>(&r.stdout).unwrap()
 }
 
+/// `app` built by `sh build.sh`, with `script` as build.sh.
+fn build_with_script(app: &TestApp, script: &str) {
+    std::fs::write(app.dir.path().join("build.sh"), script).unwrap();
+    let spec =
+        app.spec().replace("build = [\"echo built-$NONSTOP_RELEASE > build-marker.txt\"]", "build = [\"sh build.sh\"]");
+    assert!(spec.contains("sh build.sh"), "{spec}");
+    app.write_spec(&spec);
+}
+
 fn instances(app: &TestApp) -> Vec<serde_json::Value> {
     app.status()["instances"].as_array().unwrap().clone()
 }
@@ -537,15 +546,12 @@ fn a_daemon_killed_during_a_release_task_waits_for_it_and_never_runs_another_alo
 fn a_daemon_killed_during_a_build_kills_the_build_command_when_it_comes_back() {
     let app = deployable();
     let dir = app.dir.path().display().to_string();
-    std::fs::write(
-        app.dir.path().join("build.sh"),
-        format!("echo $$ > {dir}/build.pid\nsleep $BUILD_SECONDS\necho built-$NONSTOP_RELEASE > build-marker.txt\n"),
-    )
-    .unwrap();
-    let spec =
-        app.spec().replace("build = [\"echo built-$NONSTOP_RELEASE > build-marker.txt\"]", "build = [\"sh build.sh\"]");
-    let spec = spec.replace("APP_VERSION = \"1\"", "APP_VERSION = \"1\"\nBUILD_SECONDS = \"0\"");
-    assert!(spec.contains("sh build.sh") && spec.contains("BUILD_SECONDS"), "{spec}");
+    build_with_script(
+        &app,
+        &format!("echo $$ > {dir}/build.pid\nsleep $BUILD_SECONDS\necho built-$NONSTOP_RELEASE > build-marker.txt\n"),
+    );
+    let spec = app.spec().replace("APP_VERSION = \"1\"", "APP_VERSION = \"1\"\nBUILD_SECONDS = \"0\"");
+    assert!(spec.contains("BUILD_SECONDS"), "{spec}");
     app.write_spec(&spec);
     let gi = app.dir.path().join(".gitignore");
     std::fs::write(&gi, std::fs::read_to_string(&gi).unwrap() + "build.pid\n").unwrap();
@@ -635,15 +641,10 @@ fn group_members(pgid: i32) -> Vec<i32> {
 fn a_daemon_killed_before_a_build_command_is_recorded_leaves_nothing_running() {
     let app = deployable();
     let dir = app.dir.path().display().to_string();
-    std::fs::write(
-        app.dir.path().join("build.sh"),
-        format!("echo $NONSTOP_RELEASE >> {dir}/build-runs.log\necho built-$NONSTOP_RELEASE > build-marker.txt\n"),
-    )
-    .unwrap();
-    let spec =
-        app.spec().replace("build = [\"echo built-$NONSTOP_RELEASE > build-marker.txt\"]", "build = [\"sh build.sh\"]");
-    assert!(spec.contains("sh build.sh"), "{spec}");
-    app.write_spec(&spec);
+    build_with_script(
+        &app,
+        &format!("echo $NONSTOP_RELEASE >> {dir}/build-runs.log\necho built-$NONSTOP_RELEASE > build-marker.txt\n"),
+    );
     let gi = app.dir.path().join(".gitignore");
     std::fs::write(&gi, std::fs::read_to_string(&gi).unwrap() + "build-runs.log\n").unwrap();
     let runs = || std::fs::read_to_string(app.dir.path().join("build-runs.log")).unwrap_or_default();
