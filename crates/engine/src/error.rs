@@ -82,10 +82,20 @@ pub enum EngineError {
     Destroying { app: String, env: String, who: String, since: String, drop_data: bool },
     #[error("--drop-database needs the environment's database named again: type `{database}` (you typed `{typed}`); nothing was changed (without --drop-database, env destroy keeps the database)")]
     DropNotConfirmed { database: String, typed: String },
-    #[error("state store: {0}")]
-    Store(String),
+    #[error("state store: {source}")]
+    Store {
+        /// Shared: an `EngineError` is cloned to every waiter of an
+        /// operation, and `StoreError` (rusqlite's, io's) is not `Clone`.
+        #[serde(rename = "reason", serialize_with = "display")]
+        source: std::sync::Arc<nonstop_store::StoreError>,
+    },
     #[error("the daemon is shutting down")]
     ShuttingDown,
+}
+
+/// Serializes an error as its message (`--json` and the API's `detail`).
+fn display<S: serde::Serializer, E: std::fmt::Display>(value: &E, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
 }
 
 fn fmt_block(title: &str, lines: &[String]) -> String {
@@ -102,7 +112,7 @@ fn fmt_block(title: &str, lines: &[String]) -> String {
 
 impl From<nonstop_store::StoreError> for EngineError {
     fn from(e: nonstop_store::StoreError) -> Self {
-        EngineError::Store(e.to_string())
+        EngineError::Store { source: std::sync::Arc::new(e) }
     }
 }
 

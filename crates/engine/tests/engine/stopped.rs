@@ -109,7 +109,7 @@ async fn a_stop_the_store_cannot_record_changes_nothing() {
     e.up(app("blog").web("web", 2).build()).await.unwrap();
     f.store.fail_writes_for_tests(Some("database or disk is full")).unwrap();
     let (r, _) = op(&e, stop).await;
-    assert!(matches!(r, Err(EngineError::Store(_))), "{r:?}");
+    assert!(matches!(r, Err(EngineError::Store { .. })), "{r:?}");
     settle().await;
     assert_eq!(alive(&f, "web").len(), 2, "instances were stopped without the stop on record");
     assert!(f.traffic.maintenance_calls().iter().all(|(_, on)| !on), "maintenance went on without its record");
@@ -118,7 +118,13 @@ async fn a_stop_the_store_cannot_record_changes_nothing() {
         .maintenance(Some(build_maintenance::<&str>(None, &[], None).unwrap()), "ann".into())
         .await
         .unwrap_err();
-    assert!(matches!(err, EngineError::Store(_)), "{err}");
+    assert!(matches!(err, EngineError::Store { .. }), "{err}");
+    // The cause is kept, and `--json` / the API's detail carry its words.
+    let cause = std::error::Error::source(&err).expect("the store's error is kept as the source");
+    assert!(cause.to_string().contains("database or disk is full"), "{cause}");
+    let json = serde_json::to_value(&err).expect("a store error serializes");
+    assert_eq!(json["error"], "store", "{json}");
+    assert!(json["reason"].as_str().is_some_and(|r| r.contains("database or disk is full")), "{json}");
     assert!(f.traffic.maintenance(&route()).is_none());
     f.store.fail_writes_for_tests(None).unwrap();
     e.handle
