@@ -66,8 +66,8 @@ pub async fn dispatch(cli: Cli) -> i32 {
             }
             // A successor started by an upgrade (`NONSTOP_UPGRADE`, also
             // from a version without keepers) is never a keeper itself.
-            let successor = std::env::var_os("NONSTOP_UPGRADE").is_some_and(|v| v == "1");
-            if !no_keeper && !successor && std::env::var_os(crate::keeper::SOCKET_VAR).is_none() {
+            let start = crate::start_env::get();
+            if !no_keeper && !start.upgrade_successor && start.keeper_socket.is_none() {
                 let args = crate::keeper::DaemonArgs { api_listen, dashboard_listen, proxy_workers };
                 return match crate::keeper::run(home, args).await {
                     Ok(code) => code,

@@ -410,19 +410,19 @@ pub async fn run(
     // The binary to start on upgrade: this path, whatever is there by then
     // (or, in a daemon that a failed upgrade started from its predecessor's
     // image, the path that upgrade tried).
-    let upgrade_exe =
-        std::env::var_os(crate::upgrade::UPGRADE_EXE_VAR).map(std::path::PathBuf::from).unwrap_or_else(|| exe.clone());
-    std::env::remove_var(crate::upgrade::UPGRADE_EXE_VAR);
+    let start = crate::start_env::get();
+    let upgrade_exe = start.upgrade_exe.clone().unwrap_or_else(|| exe.clone());
     // Monitors run this very binary; when its file was replaced or removed
     // since it started ("... (deleted)"), /proc/self/exe still is it.
     let monitor_exe = if exe.exists() { exe.clone() } else { std::path::PathBuf::from("/proc/self/exe") };
-    let mut inherited = crate::upgrade::take_inherited();
-    let successor = std::env::var_os("NONSTOP_UPGRADE").is_some_and(|v| v == "1");
-    std::env::remove_var("NONSTOP_UPGRADE");
+    let mut inherited = start.take_inherited();
+    for warning in &inherited.warnings {
+        tracing::warn!("{warning}");
+    }
+    let successor = start.upgrade_successor;
     let keeper = KeeperLink::from_env().map(Arc::new);
     let plane_socket = crate::plane::from_env();
-    let restarted_because = std::env::var(crate::keeper::RESTART_VAR).ok();
-    std::env::remove_var(crate::keeper::RESTART_VAR);
+    let restarted_because = start.keeper_restart.clone();
     // Everything that can fail is done before a predecessor is told to step
     // down (SQLite in WAL mode may be opened by both at once).
     let store = Arc::new(crate::recovery::open_store(&home)?);

@@ -225,23 +225,18 @@ impl std::fmt::Debug for KeeperLink {
     }
 }
 
-/// The keeper socket this daemon was started with, for its successor
-/// (the variable itself is taken out of the environment: instances do not
-/// need it).
-static KEPT_BY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
+/// The keeper socket this daemon was started with ([`SOCKET_VAR`]), for
+/// its successor.
 pub fn kept_by() -> Option<&'static Path> {
-    KEPT_BY.get().map(PathBuf::as_path)
+    crate::start_env::get().keeper_socket.as_deref()
 }
 
 impl KeeperLink {
-    /// Connect to the keeper named by [`SOCKET_VAR`], if any (and take the
-    /// variable out of the environment).
+    /// Connect to the keeper named by [`SOCKET_VAR`] when this daemon
+    /// started, if any.
     pub fn from_env() -> Option<KeeperLink> {
-        let path = PathBuf::from(std::env::var_os(SOCKET_VAR)?);
-        std::env::remove_var(SOCKET_VAR);
-        let _ = KEPT_BY.set(path.clone());
-        match Self::connect(&path) {
+        let path = kept_by()?;
+        match Self::connect(path) {
             Ok(link) => Some(link),
             Err(e) => {
                 tracing::warn!("cannot reach the keeper on {}: {e}; running without one", path.display());
@@ -555,7 +550,10 @@ pub async fn run(home: Home, args: DaemonArgs) -> anyhow::Result<i32> {
     // Sockets systemd passed us (socket activation): the proxy's go to the
     // data plane, the API's are held for the daemons.
     let mut held = HeldSockets::default();
-    let inherited = crate::upgrade::take_inherited();
+    let inherited = crate::start_env::get().take_inherited();
+    for warning in &inherited.warnings {
+        tracing::warn!("{warning}");
+    }
     let plane = crate::plane::server::DataPlane::new(&home, inherited.proxy);
     plane.serve(bind_socket(&crate::plane::socket_path(&home))?);
     // The proxy's memory is here now: give freed memory back when idle.

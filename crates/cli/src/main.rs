@@ -19,6 +19,7 @@ mod queue;
 mod recovery;
 mod schema_gate;
 mod secrets;
+mod start_env;
 mod statics;
 mod upgrade;
 
@@ -42,6 +43,8 @@ fn main() {
     let cli = cli::Cli::parse();
     if matches!(cli.command, cli::Command::Daemon { .. }) {
         close_inherited_fds();
+        // Before the runtime's threads: see `start_env`.
+        start_env::capture();
     }
     // The daemon and `doctor` create state: private from the start (before
     // the runtime's threads exist). Other commands keep the user's umask

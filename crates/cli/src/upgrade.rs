@@ -42,9 +42,13 @@ pub struct Inherited {
     pub api_tcp: Option<std::net::TcpListener>,
     /// The web dashboard's listener, if it had one.
     pub dashboard: Option<std::net::TcpListener>,
+    /// What was wrong with a handed-over descriptor, to be logged (they are
+    /// taken before logging starts: see `start_env`).
+    pub warnings: Vec<String>,
 }
 
-/// Take the sockets passed by a predecessor (or by systemd). Names:
+/// Take the sockets passed by a predecessor (or by systemd), once, before
+/// any other thread exists (`start_env::capture`). Names:
 /// `proxy` (any number), `api`, `api-tcp`, `dashboard`.
 pub fn take_inherited() -> Inherited {
     let mut out = Inherited::default();
@@ -59,24 +63,32 @@ pub fn take_inherited() -> Inherited {
         match name {
             "api" => match fds.take_unix_listener(i) {
                 Ok(Some(l)) => out.api = Some(l),
-                other => tracing::warn!("inherited fd {i} ({name}) is not a unix listener: {:?}", other.err()),
+                other => {
+                    out.warnings.push(format!("inherited fd {i} ({name}) is not a unix listener: {:?}", other.err()))
+                }
             },
             "api-tcp" => match fds.take_tcp_listener(i) {
                 Ok(Some(l)) => out.api_tcp = Some(l),
-                other => tracing::warn!("inherited fd {i} ({name}) is not a TCP listener: {:?}", other.err()),
+                other => {
+                    out.warnings.push(format!("inherited fd {i} ({name}) is not a TCP listener: {:?}", other.err()))
+                }
             },
             "dashboard" => match fds.take_tcp_listener(i) {
                 Ok(Some(l)) => out.dashboard = Some(l),
-                other => tracing::warn!("inherited fd {i} ({name}) is not a TCP listener: {:?}", other.err()),
+                other => {
+                    out.warnings.push(format!("inherited fd {i} ({name}) is not a TCP listener: {:?}", other.err()))
+                }
             },
             _ => match fds.take_tcp_listener(i) {
                 Ok(Some(l)) => match l.local_addr() {
                     Ok(addr) => {
                         out.proxy.insert(addr, l);
                     }
-                    Err(e) => tracing::warn!("inherited fd {i}: {e}"),
+                    Err(e) => out.warnings.push(format!("inherited fd {i}: {e}")),
                 },
-                other => tracing::warn!("inherited fd {i} ({name}) is not a TCP listener: {:?}", other.err()),
+                other => {
+                    out.warnings.push(format!("inherited fd {i} ({name}) is not a TCP listener: {:?}", other.err()))
+                }
             },
         }
     }

@@ -37,17 +37,10 @@ pub fn socket_path(home: &Home) -> PathBuf {
     home.dir.join("plane.sock")
 }
 
-/// The data plane socket this daemon was started with, for its successor
-/// (the variable itself is taken out of the environment).
-static PLANE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-/// Take [`SOCKET_VAR`] out of the environment (instances do not need it).
+/// The data plane socket this daemon was started with ([`SOCKET_VAR`]),
+/// for its successor.
 pub fn from_env() -> Option<&'static Path> {
-    if let Some(path) = std::env::var_os(SOCKET_VAR) {
-        std::env::remove_var(SOCKET_VAR);
-        let _ = PLANE.set(PathBuf::from(path));
-    }
-    PLANE.get().map(PathBuf::as_path)
+    crate::start_env::get().plane_socket.as_deref()
 }
 
 /// The daemon's ingress: listeners in this process, or in the data plane.
