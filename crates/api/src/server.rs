@@ -60,7 +60,7 @@ pub trait MetricsSource: Send + Sync + 'static {
     fn report(&self, app: &str, env: &str, processes: &[String]) -> MetricsReport;
     /// Whether `/metrics` can be served on `addr` (it is already, or it
     /// is free): the error says what is wrong and what to do.
-    fn check_listen(&self, addr: std::net::SocketAddr) -> Result<(), String>;
+    fn check_listen(&self, addr: std::net::SocketAddr) -> Result<(), ListenError>;
     /// The dashboard's charts: each process's series over `range`.
     fn charts(
         &self,
@@ -71,6 +71,18 @@ pub trait MetricsSource: Send + Sync + 'static {
     ) -> crate::dashboard::ChartsReport;
 }
 
+/// A `[metrics] listen` address that cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot serve /metrics on {addr} ({source}): another program listens there (or the address is not this \
+     machine's); choose another `[metrics] listen` in nonstop.toml, or stop that program, and run the command again"
+)]
+pub struct ListenError {
+    pub addr: std::net::SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// `up` and `deploy` refuse a spec whose `[metrics] listen` address is
 /// taken by another program, before anything changes.
 fn check_metrics_listen(s: &ApiState, spec: &nonstop_core::process::AppSpec) -> Option<Response> {
@@ -78,7 +90,7 @@ fn check_metrics_listen(s: &ApiState, spec: &nonstop_core::process::AppSpec) -> 
     source
         .check_listen(m.listen)
         .err()
-        .map(|message| error_response(StatusCode::CONFLICT, ApiError { message, exit_code: 2, detail: None }))
+        .map(|e| error_response(StatusCode::CONFLICT, ApiError { message: e.to_string(), exit_code: 2, detail: None }))
 }
 
 pub type UpgradeRequest = tokio::sync::oneshot::Sender<Result<Upgraded, BoxError>>;

@@ -9,7 +9,7 @@
 
 use crate::queue::{Depths, QueueKey, QueueReader};
 use nonstop_api::dashboard::{ChartRange, ChartsReport, ProcessCharts};
-use nonstop_api::server::MetricsSource;
+use nonstop_api::server::{ListenError, MetricsSource};
 use nonstop_api::wire::{MetricSeries, MetricsReport, ProcessMetrics, ReleaseRequests};
 use nonstop_core::traffic::{BackendFigures, BackendHealth, RouteFigures, Traffic};
 use nonstop_core::{AppEnv, AppName, EnvironmentId, InstanceId, ProcessKind, ProcessName, ReleaseId};
@@ -46,18 +46,6 @@ pub struct Metrics {
     served: Mutex<BTreeSet<SocketAddr>>,
     /// Why a process's queue depth was not read at the last step.
     queue_errors: Mutex<BTreeMap<crate::queue::QueueKey, String>>,
-}
-
-/// A `[metrics] listen` address that cannot be served.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot serve /metrics on {addr} ({source}): another program listens there (or the address is not this \
-     machine's); choose another `[metrics] listen` in nonstop.toml, or stop that program, and run the command again"
-)]
-pub struct ListenError {
-    pub addr: SocketAddr,
-    #[source]
-    pub source: std::io::Error,
 }
 
 fn now() -> Timestamp {
@@ -183,12 +171,12 @@ fn ms(d: Duration) -> f64 {
 }
 
 impl MetricsSource for Metrics {
-    fn check_listen(&self, addr: SocketAddr) -> Result<(), String> {
+    fn check_listen(&self, addr: SocketAddr) -> Result<(), ListenError> {
         if self.served.lock().unwrap_or_else(|e| e.into_inner()).contains(&addr) {
             return Ok(());
         }
         // Free now (the task binds it within a step), or taken.
-        std::net::TcpListener::bind(addr).map(drop).map_err(|source| ListenError { addr, source }.to_string())
+        std::net::TcpListener::bind(addr).map(drop).map_err(|source| ListenError { addr, source })
     }
 
     fn report(&self, app: &str, env: &str, processes: &[String]) -> MetricsReport {

@@ -75,17 +75,12 @@ impl Dashboard {
 
     /// Ends every session: a new epoch, written down before it is used
     /// by the caller's answer.
-    fn revoke_sessions(&self) -> Result<(), String> {
-        let epoch = self.auth.revoke_all().map_err(|e| format!("cannot make a new session epoch: {e}"))?;
+    fn revoke_sessions(&self) -> Result<(), RevokeError> {
+        let epoch = self.auth.revoke_all().map_err(RevokeError::Epoch)?;
         match &self.epoch_file {
-            Some(path) => write_epoch(path, epoch).map_err(|e| {
-                format!(
-                    "every session of this daemon is logged out, but writing {} failed ({e}); a daemon restarted \
-                     before it is written would accept the old sessions again until they expire: make it writable \
-                     and log out again",
-                    path.display()
-                )
-            }),
+            Some(path) => {
+                write_epoch(path, epoch).map_err(|source| RevokeError::Persist { path: path.clone(), source })
+            }
             None => Ok(()),
         }
     }
@@ -144,6 +139,23 @@ pub fn load_epoch(path: &Path) -> std::io::Result<Epoch> {
 
 /// Write the epoch to `path` (0600, replaced at once: written beside it,
 /// synced, renamed).
+/// Why a logout did not end every session for good.
+#[derive(Debug, thiserror::Error)]
+enum RevokeError {
+    #[error("cannot make a new session epoch: {0}")]
+    Epoch(#[source] getrandom::Error),
+    #[error(
+        "every session of this daemon is logged out, but writing {} failed ({source}); a daemon restarted before it \
+         is written would accept the old sessions again until they expire: make it writable and log out again",
+        path.display()
+    )]
+    Persist {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 fn write_epoch(path: &Path, epoch: Epoch) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -407,7 +419,7 @@ async fn logout(State(s): State<ApiState>) -> Response {
     let Some(d) = dashboard_of(&s) else { return StatusCode::NOT_FOUND.into_response() };
     match d.revoke_sessions() {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(why) => error(StatusCode::INTERNAL_SERVER_ERROR, &why, 1),
+        Err(why) => error(StatusCode::INTERNAL_SERVER_ERROR, &why.to_string(), 1),
     }
 }
 
