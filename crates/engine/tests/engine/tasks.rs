@@ -254,13 +254,23 @@ async fn a_cancelled_deploy_stops_its_running_release_task() {
     assert!(f.driver.tasks_alive().is_empty());
 }
 
-/// A build command runs as a child of the daemon: a daemon killed
-/// mid-build leaves it running with nobody to read its output. The next
-/// daemon kills its process group from the recorded pid and start time,
-/// and the deployment fails, saying so.
-#[tokio::test(start_paused = true)]
-async fn a_build_command_left_running_is_killed_and_its_deploy_fails() {
-    use nonstop_core::driver::Locator;
+/// The start the build-command tests share: `blog` up with one worker on
+/// a store in a temporary directory (for a next daemon), then a deploy
+/// spawned whose build runs `commands`, the first of them hanging as
+/// process `pid`; with `held`, the builder holds the report of its spawn
+/// (the command waits for its permit), and the deploy is caught there.
+struct HangingBuild {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    f: Fixture,
+    e: RunningEngine,
+    before: Vec<nonstop_core::InstanceId>,
+    process: nonstop_core::driver::Locator,
+    spec: nonstop_core::process::AppSpec,
+    deploy: nonstop_testkit::Pending,
+}
+
+async fn hanging_build(pid: u32, commands: &[&str], held: bool) -> HangingBuild {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
     let f = Fixture::with_store(open(&path));
@@ -268,11 +278,39 @@ async fn a_build_command_left_running_is_killed_and_its_deploy_fails() {
     e.up(app("blog").worker("worker", 1).build()).await.unwrap();
     let before = alive(&f, "worker");
     f.builder.set_hash("source-2");
-    let process = Locator::Local { pid: 7001, start_time: 70_010, monitor_pid: 0, monitor_start_time: 0 };
+    let process = nonstop_core::driver::Locator::Local {
+        pid,
+        start_time: u64::from(pid) * 10,
+        monitor_pid: 0,
+        monitor_start_time: 0,
+    };
     f.builder.hang_next_build(process.clone());
+    if held {
+        f.builder.hold_next_report();
+    }
     let mut spec = app("blog").worker("worker", 1).env("V", "2").build();
-    spec.build = vec!["make assets".into()];
+    spec.build = commands.iter().map(|c| c.to_string()).collect();
     let deploy = e.spawn_deploy(spec.clone(), "ann");
+    if held {
+        within("the build command to be spawned", async {
+            while f.builder.held().is_empty() {
+                settle().await;
+                tokio::time::sleep(ms(1)).await;
+            }
+        })
+        .await;
+    }
+    HangingBuild { _dir: dir, path, f, e, before, process, spec, deploy }
+}
+
+/// A build command runs as a child of the daemon: a daemon killed
+/// mid-build leaves it running with nobody to read its output. The next
+/// daemon kills its process group from the recorded pid and start time,
+/// and the deployment fails, saying so.
+#[tokio::test(start_paused = true)]
+async fn a_build_command_left_running_is_killed_and_its_deploy_fails() {
+    let HangingBuild { _dir, path, f, e, before, process, spec, deploy } =
+        hanging_build(7001, &["make assets"], false).await;
     let blog = nonstop_core::AppName::new("blog").unwrap();
     within("the build command's pid to be recorded", async {
         loop {
@@ -321,27 +359,8 @@ async fn a_build_command_left_running_is_killed_and_its_deploy_fails() {
 /// command had not run.
 #[tokio::test(start_paused = true)]
 async fn a_build_command_spawned_but_not_recorded_never_ran_and_its_deploy_fails() {
-    use nonstop_core::driver::Locator;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.db");
-    let f = Fixture::with_store(open(&path));
-    let e = f.start();
-    e.up(app("blog").worker("worker", 1).build()).await.unwrap();
-    let before = alive(&f, "worker");
-    f.builder.set_hash("source-2");
-    let process = Locator::Local { pid: 7002, start_time: 70_020, monitor_pid: 0, monitor_start_time: 0 };
-    f.builder.hang_next_build(process.clone());
-    f.builder.hold_next_report();
-    let mut spec = app("blog").worker("worker", 1).env("V", "2").build();
-    spec.build = vec!["make assets".into(), "make docs".into()];
-    let deploy = e.spawn_deploy(spec.clone(), "ann");
-    within("the build command to be spawned", async {
-        while f.builder.held().is_empty() {
-            settle().await;
-            tokio::time::sleep(ms(1)).await;
-        }
-    })
-    .await;
+    let HangingBuild { _dir, path, f, e, before, spec, deploy, .. } =
+        hanging_build(7002, &["make assets", "make docs"], true).await;
     let blog = nonstop_core::AppName::new("blog").unwrap();
     let recs = f.store.unfinished_tasks(&blog, &env()).unwrap();
     assert_eq!(recs.len(), 2, "{recs:#?}");
@@ -382,24 +401,7 @@ async fn a_build_command_spawned_but_not_recorded_never_ran_and_its_deploy_fails
 /// run: its permit is refused and the deploy fails, saying why.
 #[tokio::test(start_paused = true)]
 async fn a_build_command_whose_process_cannot_be_recorded_is_not_run() {
-    use nonstop_core::driver::Locator;
-    let f = Fixture::new();
-    let e = f.start();
-    e.up(app("blog").worker("worker", 1).build()).await.unwrap();
-    f.builder.set_hash("source-2");
-    let process = Locator::Local { pid: 7003, start_time: 70_030, monitor_pid: 0, monitor_start_time: 0 };
-    f.builder.hang_next_build(process);
-    f.builder.hold_next_report();
-    let mut spec = app("blog").worker("worker", 1).env("V", "2").build();
-    spec.build = vec!["make assets".into()];
-    let deploy = e.spawn_deploy(spec, "ann");
-    within("the build command to be spawned", async {
-        while f.builder.held().is_empty() {
-            settle().await;
-            tokio::time::sleep(ms(1)).await;
-        }
-    })
-    .await;
+    let HangingBuild { f, deploy, .. } = hanging_build(7003, &["make assets"], true).await;
     f.store.fail_writes_for_tests(Some("database or disk is full")).unwrap();
     f.builder.report_spawn();
     let err = within("the deploy", deploy).await.unwrap().unwrap_err();
