@@ -143,6 +143,13 @@ pub(crate) struct Admission {
     pub per_client: u32,
 }
 
+impl Admission {
+    /// `(max_connections, max_connections_per_client)`, for log lines.
+    pub fn limits(self) -> (usize, u32) {
+        (self.max_total, self.per_client)
+    }
+}
+
 /// Counts one connection in its worker's [`Load`] (and its address in the
 /// per-client counts) while it lives.
 pub(crate) struct Counted {

@@ -235,6 +235,14 @@ impl Inner {
     pub(crate) fn limits(&self) -> (usize, u32) {
         (self.max_connections.load(Ordering::Relaxed), self.config.load().max_connections_per_client)
     }
+
+    /// The limits a new connection is admitted under with `config`.
+    pub(crate) fn admission(&self, config: &config::ProxyConfig) -> accept::Admission {
+        accept::Admission {
+            max_total: self.max_connections.load(Ordering::Relaxed),
+            per_client: config.max_connections_per_client,
+        }
+    }
 }
 
 impl Drop for Inner {

@@ -25,7 +25,12 @@
 //!   per connection.
 //!
 //! A connection beyond a limit is accepted and closed at once (the client
-//! sees its connection closed before any answer): the listening socket's
+//! sees its connection closed before any answer), except that one over
+//! the per-client limit may first wait up to 50 ms for one of its
+//! address's connections to close (`server.rs`' `WaitingRoom`, at most 64
+//! per worker): a client that closes a connection and opens the next at
+//! once is otherwise refused now and then while the proxy's other worker
+//! is still closing the old one. The listening socket's
 //! queue keeps moving, so a client queued behind the refused ones is not
 //! left waiting, and the accept loop does not spin on a socket that stays
 //! readable. When `accept` itself fails because no descriptor is left

@@ -136,6 +136,33 @@ async fn beyond_max_connections_per_client_that_address_is_refused_and_others_ar
     p.stop().await;
 }
 
+/// A client that closes a connection and opens the next at once can be a
+/// connection ahead of the proxy (the other worker has not yet seen the
+/// close): the new connection waits for a moment instead of being refused.
+#[tokio::test]
+async fn a_connection_over_the_per_client_limit_waits_a_moment_for_one_to_close() {
+    let (p, _up) = limited(ProxyConfig { max_connections_per_client: 2, ..config() }).await;
+    let one: IpAddr = "127.0.0.1".parse().unwrap();
+    let mut open = vec![served(p.addr, Some(one)).await, served(p.addr, Some(one)).await];
+    let mut third = connect(p.addr, Some(one)).await;
+    third.write_all(GET).await.unwrap();
+    // Within the grace (50 ms), one of the address's connections closes.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    drop(open.pop());
+    let reply = read_response(&mut third).await.expect("admitted once the other connection closed");
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    // Still over the limit after the grace: closed without an answer.
+    let started = std::time::Instant::now();
+    refused(p.addr, Some(one)).await;
+    assert!(started.elapsed() >= Duration::from_millis(40), "refused only after the grace: {:?}", started.elapsed());
+    assert!(
+        logs::lines_with("client connections refused").iter().any(|l| l.contains("over_max_connections_per_client=1")),
+        "the refusal after the grace is logged"
+    );
+    drop(open);
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn idle_connections_closed_by_the_header_timeout_are_logged_in_one_line() {
     let (p, _up) = limited(ProxyConfig { header_read_timeout: Duration::from_millis(200), ..config() }).await;
