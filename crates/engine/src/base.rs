@@ -525,7 +525,7 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
 /// The secrets of the base services, as loaded with an environment's
 /// secrets: its database URL with the role's password, its `REDIS_URL`.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct BaseSecrets {
     pub(crate) database_url: Option<DatabaseUrl>,
     pub(crate) redis_url: Option<SecretValue>,

@@ -68,6 +68,8 @@ pub enum EngineError {
     StartFailed { reason: String },
     #[error("{reason}")]
     Secrets { reason: String },
+    #[error("secret {name} cannot be unset in environment `{env}`: its processes need it, and nothing was changed:\n{}\nchange it instead (`nonstop -e {env} secrets set {name}`), or give them another in nonstop.toml ([env] {name}, or [base] redis) and deploy, or deploy without the `queue` that reads it", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    SecretInUse { name: String, env: String, problems: Vec<String> },
     #[error("secret {name} is not set for {app} in {env} ({}); nothing changed", if known.is_empty() { "it has no secrets".to_string() } else { format!("its secrets: {}", known.join(", ")) })]
     UnknownSecret { name: String, app: String, env: String, known: Vec<String> },
     /// The base services (`[base]`) refused or failed: `reason` says why
@@ -148,6 +150,7 @@ impl EngineError {
             | EngineError::UnknownRelease { .. }
             | EngineError::AmbiguousApp { .. }
             | EngineError::UnknownSecret { .. }
+            | EngineError::SecretInUse { .. }
             | EngineError::Protected { .. }
             | EngineError::DropNotConfirmed { .. }
             | EngineError::Base { bad_input: true, .. }

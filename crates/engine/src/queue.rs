@@ -119,6 +119,31 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
         }
     }
 
+    /// What unsetting secret `name` would break in the running app: each
+    /// process with a `queue` whose instances would be left without a
+    /// `REDIS_URL` at their next start (nothing else gives them one).
+    pub(crate) fn queues_left_without(&mut self, name: &str) -> Vec<String> {
+        if name != REDIS_URL_VAR {
+            return Vec::new();
+        }
+        let Some(rt) = self.app.as_ref().filter(|rt| rt.record.running) else { return Vec::new() };
+        let spec = rt.record.spec.clone();
+        let base_env = rt.record.base_env.clone();
+        if spec.processes.iter().all(|p| p.queue.is_none()) {
+            return Vec::new();
+        }
+        let Ok(secrets) = self.launch_secrets() else { return Vec::new() };
+        let without = secrets.without(name);
+        let env = self.env.clone();
+        let has_redis = |p: &ProcessSpec| {
+            let rt = self.app.as_ref().expect("checked above");
+            let ctx = rt.ctx_for(&p.name);
+            let process = rt.process_spec(&p.name).unwrap_or_else(|| p.clone());
+            redis_url_of(&base_env, &ctx.spec, &process, Some(&without)).is_some()
+        };
+        queue_redis_problems(&spec, &env, has_redis)
+    }
+
     /// Where each running process with a `queue` has its depth read: the
     /// Redis its instances get now (the release it is rolled to, during a
     /// rollout). Nothing when the app is not running.

@@ -188,6 +188,16 @@ pub struct EnvironmentSecrets {
 }
 
 impl EnvironmentSecrets {
+    /// These secrets without `name`: what processes get once it is unset.
+    pub(crate) fn without(&self, name: &str) -> EnvironmentSecrets {
+        EnvironmentSecrets {
+            values: self.values.iter().filter(|(n, _)| n != name).cloned().collect(),
+            versions: self.versions.clone(),
+            base: self.base.clone(),
+            redactor: Arc::clone(&self.redactor),
+        }
+    }
+
     /// Decrypt the current secrets of `app` in `env` from `store` with the
     /// key `key` says: the one way processes get them, whether the daemon
     /// starts them or `nonstop run` does. No key is needed while there are
@@ -565,6 +575,10 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
 
     fn unset_secret(&mut self, name: &SecretName, who: &str) -> Result<SecretReport, EngineError> {
         let (app, env) = (self.scope.app.clone(), self.env.clone());
+        let problems = self.queues_left_without(name.as_str());
+        if !problems.is_empty() {
+            return Err(EngineError::SecretInUse { name: name.to_string(), env: env.to_string(), problems });
+        }
         let Some(version) = self.store.unset_secret(&app, &env, name.as_str(), who, self.clock.wall())? else {
             let known = self
                 .store

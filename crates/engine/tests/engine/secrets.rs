@@ -332,3 +332,42 @@ async fn each_environment_has_its_own_secrets() {
     assert_eq!(blog(&e).secrets().await.unwrap().secrets.len(), 1, "default's is untouched");
     e.shutdown().await;
 }
+
+/// A queue worker whose only REDIS_URL is a secret: `secrets unset
+/// REDIS_URL` is refused while it runs (its next start would have no
+/// Redis), naming the fix; once config gives it one, the unset goes
+/// through.
+#[tokio::test(start_paused = true)]
+async fn unsetting_the_redis_url_a_running_queue_needs_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let f = fixture(home.path());
+    let e = f.start();
+    let queued = app("blog")
+        .worker("worker", 1)
+        .with("worker", |p| p.queue = Some(nonstop_core::autoscale::QueueSource::RedisList("celery".into())))
+        .build();
+    blog(&e).set_secret(name("REDIS_URL"), value("redis://127.0.0.1:6379/5"), "ann".into()).await.unwrap();
+    blog(&e).set_secret(name("API_TOKEN"), value(TOKEN), "ann".into()).await.unwrap();
+    e.deploy_with_progress(queued).await.0.unwrap();
+    settle().await;
+    // Another secret goes as before.
+    blog(&e).unset_secret(name("API_TOKEN"), "bob".into()).await.unwrap();
+    let err = blog(&e).unset_secret(name("REDIS_URL"), "bob".into()).await.unwrap_err();
+    assert!(matches!(err, EngineError::SecretInUse { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("`queue` of worker") && text.contains("nothing was changed"), "{text}");
+    assert!(text.contains("secrets set REDIS_URL") && text.contains("[env] REDIS_URL"), "names the fix: {text}");
+    assert!(!text.contains("redis://127.0.0.1:6379/5"), "the value is never shown: {text}");
+    assert_eq!(err.exit_code(), 2);
+    let listed = blog(&e).secrets().await.unwrap();
+    assert!(listed.secrets.iter().any(|s| s.name == "REDIS_URL"), "still set: {listed:?}");
+    // With REDIS_URL in nonstop.toml's [env], the secret is no longer the
+    // only source.
+    let with_env = app("blog")
+        .worker("worker", 1)
+        .env("REDIS_URL", "redis://127.0.0.1:6379/6")
+        .with("worker", |p| p.queue = Some(nonstop_core::autoscale::QueueSource::RedisList("celery".into())))
+        .build();
+    e.deploy_with_progress(with_env).await.0.unwrap();
+    blog(&e).unset_secret(name("REDIS_URL"), "bob".into()).await.unwrap();
+}
