@@ -358,11 +358,18 @@ fn post_id(body: &[u8]) -> Option<i64> {
     serde_json::from_slice::<serde_json::Value>(body).ok()?.get("id")?.as_i64()
 }
 
+/// When connection `conn_idx` of `connections`, paced at one request per
+/// `interval` each, takes its first turn: spread evenly over one interval.
+fn first_turn(interval: Duration, conn_idx: usize, connections: usize) -> Duration {
+    interval.mul_f64(conn_idx as f64 / connections.max(1) as f64)
+}
+
 struct Shared {
     stop: AtomicBool,
     started: Instant,
     timeout: Duration,
     interval: Option<Duration>,
+    connections: usize,
     seq: AtomicU64,
     /// `--assets`: the URL prefix, and every asset seen so far.
     assets: Option<(String, std::sync::Mutex<SeenAssets>)>,
@@ -430,7 +437,12 @@ async fn worker(
     let mut records = Vec::new();
     // Each connection starts at its own place in the weighted cycle.
     let mut pos = (conn_idx * 7) % schedule.len();
-    let mut next_at = tokio::time::Instant::now();
+    // Paced: the connections take their first turns spread over one
+    // interval. All at once, 64 connections at 5 req/s sent a burst of 64
+    // requests at the start and none for the next 12.8 s (bench/autoscale's
+    // p99_ms_before was that burst's queue, about 1.7 s).
+    let mut next_at = tokio::time::Instant::now()
+        + shared.interval.map_or(Duration::ZERO, |iv| first_turn(iv, conn_idx, shared.connections));
     let mut turn = conn_idx;
     while !shared.stop.load(Ordering::Relaxed) {
         if let Some(iv) = shared.interval {
@@ -654,6 +666,7 @@ async fn main() -> anyhow::Result<()> {
         started,
         timeout,
         interval: args.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(args.connections as f64 / r)),
+        connections: args.connections,
         seq: AtomicU64::new(start_unix_ms as u64 % 1_000_000_000),
         assets: args.assets.clone().map(|prefix| (prefix, std::sync::Mutex::new(SeenAssets::default()))),
     });
@@ -762,6 +775,20 @@ mod tests {
             mix.iter().flat_map(|m| std::iter::repeat_n((m.kind, m.path.clone()), m.weight as usize)).collect();
         let kinds: Vec<Kind> = interleave(sched, &mix).into_iter().map(|e| e.0).collect();
         assert_eq!(kinds, [Kind::Get, Kind::Post, Kind::Get, Kind::Post]);
+    }
+
+    #[test]
+    fn paced_connections_take_their_first_turns_spread_over_one_interval() {
+        // 64 connections at 5 req/s: one request each every 12.8 s.
+        let iv = Duration::from_secs_f64(64.0 / 5.0);
+        let firsts: Vec<Duration> = (0..64).map(|i| first_turn(iv, i, 64)).collect();
+        assert_eq!(firsts[0], Duration::ZERO);
+        assert!(firsts.windows(2).all(|w| w[1] > w[0]), "one after the other");
+        assert!(firsts[63] < iv, "all within the first interval");
+        // Any one second of the first interval holds about 5 first turns, not 64.
+        let in_first_second = firsts.iter().filter(|d| **d < Duration::from_secs(1)).count();
+        assert_eq!(in_first_second, 5);
+        assert_eq!(first_turn(iv, 0, 0), Duration::ZERO);
     }
 
     #[test]
