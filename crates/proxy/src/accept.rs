@@ -231,6 +231,9 @@ pub(crate) struct Acceptor {
     /// [`RECHECK`]: take every waiting connection, loads or not, until
     /// none is left.
     forced: bool,
+    /// `TCP_NODELAY` is set on the listening socket, and Linux gives it to
+    /// every socket accepted from it: no `setsockopt` per connection.
+    pub inherits_nodelay: bool,
     /// A descriptor (of `/dev/null`) kept to be closed when `accept` fails
     /// for want of one, so that the waiting connection can be accepted and
     /// closed instead of left in the queue while the listener stays
@@ -258,12 +261,26 @@ impl Acceptor {
     #[allow(unsafe_code)]
     pub fn new(listener: StdListener, loads: Arc<Loads>, kicks: Arc<Kicks>, index: usize) -> io::Result<Acceptor> {
         listener.set_nonblocking(true)?;
+        // Every worker's listener is the same socket: setting it again is
+        // harmless. Not a TCP socket (never here), or refused: each
+        // accepted connection gets it instead.
+        let inherits_nodelay =
+            cfg!(target_os = "linux") && rustix::net::sockopt::set_tcp_nodelay(&listener, true).is_ok();
         // SAFETY: the AsyncFd owns the listener, so its fd stays open (and
         // is the same socket) for as long as it is registered; that is
         // all `register_with_interest` asks for.
         let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
             .map_err(|err| err.into_parts().1)?;
-        Ok(Acceptor { listener, loads, kicks, index, pending: false, forced: false, spare: Cell::new(open_spare()) })
+        Ok(Acceptor {
+            listener,
+            loads,
+            kicks,
+            index,
+            pending: false,
+            forced: false,
+            inherits_nodelay,
+            spare: Cell::new(open_spare()),
+        })
     }
 
     /// The next connection for this worker: waits while there is none, or
@@ -402,6 +419,17 @@ mod tests {
         let alone = Loads::new(1);
         let _c: Vec<Counted> = (0..100).map(|_| Counted::new(alone.of(0))).collect();
         assert_eq!(alone.should_yield(0), None);
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_get_nodelay_from_the_listener() {
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut acceptor = Acceptor::new(listener, Loads::new(1), Kicks::new(1), 0).unwrap();
+        assert!(acceptor.inherits_nodelay, "set on the listening socket");
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let Accepted::Conn(stream, _) = acceptor.accept().await.unwrap() else { panic!("not accepted") };
+        assert!(stream.nodelay().unwrap(), "TCP_NODELAY comes with the accepted socket, without a setsockopt");
     }
 
     #[test]

@@ -849,7 +849,7 @@ async fn accept_loop(
         let trusted = config.trusts(peer.ip());
         let admission = inner.admission(&config);
         match acceptor.admit(peer.ip(), admission, trusted) {
-            Ok(counted) => conns.start(stream, peer, config, trusted, counted),
+            Ok(counted) => conns.start(stream, peer, config, trusted, counted, acceptor.inherits_nodelay),
             Err(Refusal::PerClient) if waiting.has_room() => waiting.add(stream, peer, trusted),
             Err(why) => {
                 // Closed at once (see `limits.rs`).
@@ -893,8 +893,11 @@ impl Starter<'_> {
         config: Arc<ProxyConfig>,
         trusted: bool,
         counted: Counted,
+        has_nodelay: bool,
     ) {
-        let _ = stream.set_nodelay(true);
+        if !has_nodelay {
+            let _ = stream.set_nodelay(true);
+        }
         match self.mode {
             Mode::Plain => {
                 let ctx = ConnCtx::new(peer, config, trusted, false, self.tasks.clone(), &self.live, counted);
@@ -979,7 +982,9 @@ impl WaitingRoom {
         let now = Instant::now();
         for (stream, peer, trusted, since) in std::mem::take(&mut self.conns) {
             match acceptor.admit(peer.ip(), admission, trusted) {
-                Ok(counted) => conns.start(stream, peer, Arc::clone(&config), trusted, counted),
+                Ok(counted) => {
+                    conns.start(stream, peer, Arc::clone(&config), trusted, counted, acceptor.inherits_nodelay)
+                }
                 Err(why) if why != Refusal::PerClient || now.duration_since(since) >= PER_CLIENT_GRACE => {
                     drop(stream);
                     inner.refusals.count(Event::Refused(why), Some(peer), admission.limits(), None);
