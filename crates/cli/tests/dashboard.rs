@@ -480,6 +480,25 @@ async fn page_until(browser: &fantoccini::Client, secs: u64, what: &str, script:
     }
 }
 
+/// Click the page's maintenance switch, accept its confirmation, and wait
+/// until the page shows maintenance `state` ("on" or "off").
+async fn toggle_maintenance(browser: &fantoccini::Client, state: &str) {
+    browser.find(fantoccini::Locator::Css("#maintenance-toggle")).await.unwrap().click().await.unwrap();
+    browser.accept_alert().await.unwrap();
+    maintenance_shown(browser, state).await;
+}
+
+/// Wait (30 s at most) until the page shows maintenance `state`.
+async fn maintenance_shown(browser: &fantoccini::Client, state: &str) {
+    page_until(
+        browser,
+        30,
+        &format!("maintenance shown {state}"),
+        &format!("document.querySelector('#maintenance-state').innerText.startsWith('{state}')"),
+    )
+    .await;
+}
+
 fn text_of(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
@@ -545,24 +564,10 @@ async fn drive(browser: &fantoccini::Client, url: &str, proxy: SocketAddr, dashb
     let question = browser.get_alert_text().await.unwrap();
     assert!(question.contains("maintenance ON"), "{question}");
     browser.accept_alert().await.unwrap();
-    page_until(
-        browser,
-        30,
-        "maintenance shown on",
-        "document.querySelector('#maintenance-state').innerText.startsWith('on')",
-    )
-    .await;
+    maintenance_shown(browser, "on").await;
     let (code, body) = http_get(proxy, "/").unwrap();
     assert_eq!(code, 503, "maintenance through the proxy: {body}");
-    browser.find(fantoccini::Locator::Css("#maintenance-toggle")).await.unwrap().click().await.unwrap();
-    browser.accept_alert().await.unwrap();
-    page_until(
-        browser,
-        30,
-        "maintenance shown off",
-        "document.querySelector('#maintenance-state').innerText.startsWith('off')",
-    )
-    .await;
+    toggle_maintenance(browser, "off").await;
     let (code, _) = http_get(proxy, "/").unwrap();
     assert_eq!(code, 200, "maintenance off again");
     let events = text_of(&eval(browser, "document.querySelector('#event-table').innerText").await);
@@ -584,15 +589,7 @@ async fn drive(browser: &fantoccini::Client, url: &str, proxy: SocketAddr, dashb
     browser.find(fantoccini::Locator::Css(".ranges button[data-range='15m']")).await.unwrap().click().await.unwrap();
     page_until(browser, 30, "a status read held", "window.__held.length >= 1").await;
     eval(browser, "(window.__hold = false)").await;
-    browser.find(fantoccini::Locator::Css("#maintenance-toggle")).await.unwrap().click().await.unwrap();
-    browser.accept_alert().await.unwrap();
-    page_until(
-        browser,
-        30,
-        "maintenance shown on",
-        "document.querySelector('#maintenance-state').innerText.startsWith('on')",
-    )
-    .await;
+    toggle_maintenance(browser, "on").await;
     let dropped = eval(browser, "Number(document.body.dataset.dropped || 0)").await.as_f64().unwrap();
     eval(browser, "window.__held.splice(0).forEach(release => release()) || true").await;
     page_until(
@@ -609,15 +606,7 @@ async fn drive(browser: &fantoccini::Client, url: &str, proxy: SocketAddr, dashb
     assert!(shown.starts_with("on"), "the late answer (maintenance off) overwrote the page: {shown}");
     let (code, _) = http_get(proxy, "/").unwrap();
     assert_eq!(code, 503);
-    browser.find(fantoccini::Locator::Css("#maintenance-toggle")).await.unwrap().click().await.unwrap();
-    browser.accept_alert().await.unwrap();
-    page_until(
-        browser,
-        30,
-        "maintenance shown off",
-        "document.querySelector('#maintenance-state').innerText.startsWith('off')",
-    )
-    .await;
+    toggle_maintenance(browser, "off").await;
 
     // Logging out ends the session on the daemon, and the tab shows the
     // login page.

@@ -55,6 +55,19 @@ fn build_with_script(app: &TestApp, script: &str) {
     app.write_spec(&spec);
 }
 
+/// After the daemon was SIGKILLed: wait (15 s at most) for the keeper to
+/// start a new one, or start one with `up`.
+fn daemon_back(app: &TestApp) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if app.run(&["status"]).code == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    app.up().ok();
+}
+
 fn instances(app: &TestApp) -> Vec<serde_json::Value> {
     app.status()["instances"].as_array().unwrap().clone()
 }
@@ -464,19 +477,7 @@ fn a_daemon_killed_during_a_release_task_waits_for_it_and_never_runs_another_alo
     assert!(!out.status.success(), "a deploy whose daemon died must not report success");
     assert!(pid_alive(task_pid), "the release task died with the daemon");
 
-    // A daemon comes back: by itself (a keeper restarts it) or with `up`.
-    let mut answering = false;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while std::time::Instant::now() < deadline {
-        if app.run(&["status"]).code == 0 {
-            answering = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    if !answering {
-        app.up().ok();
-    }
+    daemon_back(&app);
 
     // The next deploy is refused while v2's task lives, then goes through.
     app.write_spec(&app.spec().replace("TASK_SECONDS = \"30\"", "TASK_SECONDS = \"0\""));
@@ -577,18 +578,7 @@ fn a_daemon_killed_during_a_build_kills_the_build_command_when_it_comes_back() {
     let _ = wait_output(deploy, T, "the interrupted deploy");
     assert!(pid_alive(build_pid), "the build command died with the daemon");
 
-    // A daemon comes back: by itself (a keeper restarts it) or with `up`.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let mut answering = false;
-    while !answering && std::time::Instant::now() < deadline {
-        answering = app.run(&["status"]).code == 0;
-        if !answering {
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-    if !answering {
-        app.up().ok();
-    }
+    daemon_back(&app);
     wait_until(T, "the orphaned build command to be killed", || !pid_alive(build_pid));
     wait_until(T, "the deployment to end", || history(&app)[0]["status"] != "running");
     let h = history(&app);
@@ -675,18 +665,7 @@ fn a_daemon_killed_before_a_build_command_is_recorded_leaves_nothing_running() {
     assert_eq!(group_members(held), Vec::<i32>::new(), "something of the build command's group is left");
     assert_eq!(runs(), "v1\n", "v2's build command ran unrecorded");
 
-    // A daemon comes back: by itself (a keeper restarts it) or with `up`.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let mut answering = false;
-    while !answering && std::time::Instant::now() < deadline {
-        answering = app.run(&["status"]).code == 0;
-        if !answering {
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-    if !answering {
-        app.up().ok();
-    }
+    daemon_back(&app);
     wait_until(T, "the deployment to end", || history(&app)[0]["status"] != "running");
     let h = history(&app);
     assert_eq!(h[0]["to_release"], 2, "{h:#?}");

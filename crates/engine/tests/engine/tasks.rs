@@ -303,6 +303,23 @@ async fn hanging_build(pid: u32, commands: &[&str], held: bool) -> HangingBuild 
     HangingBuild { _dir: dir, path, f, e, before, process, spec, deploy }
 }
 
+/// The next daemon on the store at `path`, after the first stopped
+/// mid-build: the deployment it finds has failed; with the reason given.
+async fn next_daemon_fails_the_deploy(f: &Fixture, path: &Path) -> (Fixture, RunningEngine, String) {
+    let g = f.next_daemon(Arc::new(open(path)));
+    let e2 = g.start();
+    let d = ended(&e2).await;
+    assert_eq!(d.status, DeploymentStatus::Failed, "{d:#?}");
+    (g, e2, d.reason.unwrap_or_default())
+}
+
+/// The next deploy of `spec` (a new build) goes live.
+async fn next_deploy_goes_live(f: &Fixture, e: &RunningEngine, spec: nonstop_core::process::AppSpec) {
+    f.builder.set_hash("source-3");
+    let (r, _) = e.deploy_with_progress(spec).await;
+    r.unwrap();
+}
+
 /// A build command runs as a child of the daemon: a daemon killed
 /// mid-build leaves it running with nobody to read its output. The next
 /// daemon kills its process group from the recorded pid and start time,
@@ -327,11 +344,7 @@ async fn a_build_command_left_running_is_killed_and_its_deploy_fails() {
     let _ = within("the interrupted deploy", deploy).await;
     assert!(f.builder.kills().is_empty());
 
-    let g = f.next_daemon(Arc::new(open(&path)));
-    let e2 = g.start();
-    let d = ended(&e2).await;
-    assert_eq!(d.status, DeploymentStatus::Failed, "{d:#?}");
-    let reason = d.reason.unwrap_or_default();
+    let (g, e2, reason) = next_daemon_fails_the_deploy(&f, &path).await;
     assert!(
         reason.contains(
             "build command 1/1 `make assets` (pid 7001) was left running by the previous daemon: killed its process group"
@@ -346,10 +359,7 @@ async fn a_build_command_left_running_is_killed_and_its_deploy_fails() {
     assert_eq!(tasks[0].state, TaskState::Finished);
     assert_eq!(tasks[0].outcome.as_deref(), Some("left running by the previous daemon: killed"));
     assert_eq!(alive(&f, "worker"), before, "nothing changed");
-    // The next deploy builds and goes live.
-    f.builder.set_hash("source-3");
-    let (r, _) = e2.deploy_with_progress(spec).await;
-    r.unwrap();
+    next_deploy_goes_live(&f, &e2, spec).await;
 }
 
 /// Until the build command's process is recorded, its command does not
@@ -370,11 +380,7 @@ async fn a_build_command_spawned_but_not_recorded_never_ran_and_its_deploy_fails
     let _ = within("the interrupted deploy", deploy).await;
     assert!(f.builder.alive().is_empty(), "the command ran unrecorded");
 
-    let g = f.next_daemon(Arc::new(open(&path)));
-    let e2 = g.start();
-    let d = ended(&e2).await;
-    assert_eq!(d.status, DeploymentStatus::Failed, "{d:#?}");
-    let reason = d.reason.unwrap_or_default();
+    let (g, e2, reason) = next_daemon_fails_the_deploy(&f, &path).await;
     assert!(
         reason.starts_with(
             "build command 1/2 `make assets` had not run: the daemon stopped before its process was recorded (a \
@@ -392,9 +398,7 @@ async fn a_build_command_spawned_but_not_recorded_never_ran_and_its_deploy_fails
         assert_eq!(t.outcome.as_deref(), Some("not run: the daemon stopped before its process was recorded"));
     }
     assert_eq!(alive(&f, "worker"), before, "nothing changed");
-    f.builder.set_hash("source-3");
-    let (r, _) = e2.deploy_with_progress(spec).await;
-    r.unwrap();
+    next_deploy_goes_live(&f, &e2, spec).await;
 }
 
 /// A build command whose process cannot be recorded (a full disk) is not
