@@ -15,7 +15,8 @@
 //! which the spec does not see. So the spec does not refuse a `queue`;
 //! the engine does, before anything changes, when an `up`, a `deploy`, a
 //! `promote` or a config change would run a process with a `queue` and no
-//! `REDIS_URL` at all ([`queue_redis_problems`], pure). A `REDIS_URL` that
+//! `REDIS_URL` at all ([`queue_redis_problems`], pure), and when a
+//! `secrets unset REDIS_URL` would leave a running one without. A `REDIS_URL` that
 //! is there but does not answer is not refused: the metrics task logs it
 //! and takes no sample (`cli/src/queue.rs`).
 
@@ -123,63 +124,58 @@ impl<D: Driver, T: Traffic, I: Ingress, L: InstanceLogs> Controller<D, T, I, L> 
     /// process with a `queue` whose instances would be left without a
     /// `REDIS_URL` at their next start (nothing else gives them one).
     pub(crate) fn queues_left_without(&mut self, name: &str) -> Vec<String> {
-        if name != REDIS_URL_VAR {
-            return Vec::new();
-        }
-        let Some(rt) = self.app.as_ref().filter(|rt| rt.record.running) else { return Vec::new() };
-        let spec = rt.record.spec.clone();
-        let base_env = rt.record.base_env.clone();
-        if spec.processes.iter().all(|p| p.queue.is_none()) {
+        if name != REDIS_URL_VAR || !self.app.as_ref().is_some_and(runs_a_queue) {
             return Vec::new();
         }
         let Ok(secrets) = self.launch_secrets() else { return Vec::new() };
         let without = secrets.without(name);
-        let env = self.env.clone();
-        let has_redis = |p: &ProcessSpec| {
-            let rt = self.app.as_ref().expect("checked above");
-            let ctx = rt.ctx_for(&p.name);
-            let process = rt.process_spec(&p.name).unwrap_or_else(|| p.clone());
-            redis_url_of(&base_env, &ctx.spec, &process, Some(&without)).is_some()
-        };
-        queue_redis_problems(&spec, &env, has_redis)
+        let Some(rt) = self.app.as_ref() else { return Vec::new() };
+        queue_redis_problems(&rt.record.spec, &self.env, |p| {
+            rt.process_spec(&p.name).is_some_and(|spec| redis_url_now(rt, &spec, &without).is_some())
+        })
     }
 
     /// Where each running process with a `queue` has its depth read: the
     /// Redis its instances get now (the release it is rolled to, during a
     /// rollout). Nothing when the app is not running.
     pub(crate) fn queue_reads(&mut self) -> Vec<QueueRead> {
-        let Some(rt) = self.app.as_ref().filter(|rt| rt.record.running) else { return Vec::new() };
-        let wanted: Vec<(ReleaseCtx, ProcessSpec, QueueSource)> = rt
-            .record
+        if !self.app.as_ref().is_some_and(runs_a_queue) {
+            return Vec::new();
+        }
+        let secrets = self.launch_secrets();
+        let Some(rt) = self.app.as_ref() else { return Vec::new() };
+        rt.record
             .spec
             .processes
             .iter()
             .filter_map(|p| {
                 let spec = rt.process_spec(&p.name)?;
                 let source = spec.queue.clone()?;
-                Some((rt.ctx_for(&p.name), spec, source))
-            })
-            .collect();
-        if wanted.is_empty() {
-            return Vec::new();
-        }
-        let base_env = rt.record.base_env.clone();
-        let secrets = self.launch_secrets();
-        wanted
-            .into_iter()
-            .map(|(ctx, spec, source)| {
                 let redis = match &secrets {
                     Err(e) => QueueRedis::SecretsUnavailable(e.to_string()),
-                    Ok(s) => match redis_url_of(&base_env, &ctx.spec, &spec, Some(s)).map(SecretValue::new) {
+                    Ok(s) => match redis_url_now(rt, &spec, s).map(SecretValue::new) {
                         Some(Ok(url)) => QueueRedis::Url(url),
                         Some(Err(_)) => QueueRedis::Unusable,
                         None => QueueRedis::Missing,
                     },
                 };
-                QueueRead { process: spec.name, source, redis }
+                Some(QueueRead { process: spec.name, source, redis })
             })
             .collect()
     }
+}
+
+/// Whether `rt` runs a process with a `queue` (in the release each process
+/// runs now).
+fn runs_a_queue(rt: &AppRuntime) -> bool {
+    rt.record.running
+        && rt.record.spec.processes.iter().any(|p| rt.process_spec(&p.name).is_some_and(|spec| spec.queue.is_some()))
+}
+
+/// The `REDIS_URL` the instances of `process` (as it runs now: see
+/// `AppRuntime::process_spec`) get with `secrets`.
+fn redis_url_now(rt: &AppRuntime, process: &ProcessSpec, secrets: &EnvironmentSecrets) -> Option<String> {
+    redis_url_of(&rt.record.base_env, &rt.ctx_for(&process.name).spec, process, Some(secrets))
 }
 
 #[cfg(test)]
