@@ -233,7 +233,7 @@ impl Inner {
     /// `max_connections` and `max_connections_per_client` now, for log
     /// lines.
     pub(crate) fn limits(&self) -> (usize, u32) {
-        (self.max_connections.load(Ordering::Relaxed), self.config.load().max_connections_per_client)
+        self.admission(&self.config.load()).limits()
     }
 
     /// The limits a new connection is admitted under with `config`.

@@ -950,7 +950,7 @@ impl Default for WaitingRoom {
 
 /// How long a connection over `max_connections_per_client` may wait for
 /// one of its address's connections to close.
-pub(crate) const PER_CLIENT_GRACE: Duration = Duration::from_millis(50);
+const PER_CLIENT_GRACE: Duration = Duration::from_millis(50);
 /// How often a waiting connection's admission is tried again.
 const PER_CLIENT_RETRY: Duration = Duration::from_millis(2);
 /// Connections that may wait per worker.
