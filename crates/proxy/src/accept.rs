@@ -51,6 +51,55 @@ use crate::limits::{ClientCounts, ClientSlots, Refusal, NO_SLOTS};
 /// are stuck (then this worker accepts everything, as without balancing).
 pub(crate) const RECHECK: Duration = Duration::from_millis(10);
 
+/// How long the kernel may hold a new connection that has sent nothing yet
+/// before handing it to `accept` anyway (`TCP_DEFER_ACCEPT`, whole
+/// seconds). See [`defer_accept`].
+pub(crate) const DEFER_ACCEPT: Duration = Duration::from_secs(1);
+
+/// Sets `TCP_DEFER_ACCEPT` on the listening socket: the kernel completes
+/// the handshake but queues the connection for `accept` only once its
+/// first bytes (the request line, a TLS ClientHello: the client always
+/// speaks first here) have arrived, or once `wait` has passed.
+///
+/// Why: accepted before its request arrives, a connection's first read
+/// would block, and the socket would then join the worker's epoll set (a
+/// wake-up and two `epoll_ctl`s more, see `lazy.rs`): in `bench/proxy`,
+/// new connection per request at 256 connections, that was two
+/// connections in three, and about 15 % of the proxy's CPU per request.
+/// With it, the request is in the socket when it is accepted. A client
+/// that connects and stays silent costs a SYN-queue entry instead of a
+/// descriptor and a task until `wait` is over, then is accepted and meets
+/// `header_read_timeout` as before. nginx (`listen ... deferred`) and
+/// HAProxy (`bind ... defer-accept`) offer the same.
+///
+/// Returns whether the option is set (Linux only).
+#[allow(unsafe_code)]
+pub(crate) fn defer_accept(listener: &StdListener, wait: Duration) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let secs = libc::c_int::try_from(wait.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: a valid descriptor (borrowed from the listener), and a
+        // pointer to a live `c_int` with its exact size, as
+        // `setsockopt(IPPROTO_TCP, TCP_DEFER_ACCEPT)` reads it.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                std::ptr::from_ref(&secs).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        rc == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (listener, wait);
+        false
+    }
+}
+
 /// Whether a worker serving `mine` connections leaves the next one to a
 /// less loaded worker, when the least loaded of the others serves
 /// `least_other`. Pure; the slack grows with the load (1 + 1/16) so that
@@ -266,6 +315,9 @@ impl Acceptor {
         // accepted connection gets it instead.
         let inherits_nodelay =
             cfg!(target_os = "linux") && rustix::net::sockopt::set_tcp_nodelay(&listener, true).is_ok();
+        // Likewise; refused or unsupported: connections are accepted at
+        // once, as before (the first read may then wait).
+        let _ = defer_accept(&listener, DEFER_ACCEPT);
         // SAFETY: the AsyncFd owns the listener, so its fd stays open (and
         // is the same socket) for as long as it is registered; that is
         // all `register_with_interest` asks for.
@@ -430,6 +482,31 @@ mod tests {
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let Accepted::Conn(stream, _) = acceptor.accept().await.unwrap() else { panic!("not accepted") };
         assert!(stream.nodelay().unwrap(), "TCP_NODELAY comes with the accepted socket, without a setsockopt");
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_accepted_once_its_first_bytes_arrive_and_a_silent_one_after_the_wait() {
+        use std::io::Write;
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut acceptor = Acceptor::new(listener, Loads::new(1), Kicks::new(1), 0).unwrap();
+        let silent = std::net::TcpStream::connect(addr).unwrap();
+        let mut speaking = std::net::TcpStream::connect(addr).unwrap();
+        speaking.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), acceptor.accept()).await.expect("accepted");
+        let Accepted::Conn(stream, peer) = first.unwrap() else { panic!("not accepted") };
+        assert_eq!(peer, speaking.local_addr().unwrap(), "the connection that spoke comes first");
+        // Non-blocking, as accepted: one read finds the request, no wait.
+        let mut request = [0u8; 64];
+        let n = std::io::Read::read(&mut &stream, &mut request).expect("the request is already in the socket");
+        assert_eq!(&request[..n], b"GET / HTTP/1.1\r\n\r\n");
+        // The silent one is not lost: it is handed over once the wait is
+        // over (the kernel resends its SYN-ACK, the client acknowledges).
+        let second = tokio::time::timeout(DEFER_ACCEPT + Duration::from_secs(10), acceptor.accept())
+            .await
+            .expect("the silent connection is accepted after the wait");
+        let Accepted::Conn(_, peer) = second.unwrap() else { panic!("not accepted") };
+        assert_eq!(peer, silent.local_addr().unwrap());
     }
 
     #[test]

@@ -114,10 +114,12 @@
 //! connection close before the declared length, or without the last
 //! chunk; a client that leaves drops its upstream exchange (the upstream
 //! connection is closed, never pooled).
-// Two `unsafe` blocks in the crate: registering the owned listening socket
-// with tokio (`accept.rs`), which tokio marks unsafe for fds it cannot
-// know are owned; and telling tokio's `ReadBuf` how many bytes a direct
-// `read(2)` into uninitialised memory filled (`lazy.rs`).
+// Three `unsafe` blocks in the crate: registering the owned listening
+// socket with tokio (`accept.rs`), which tokio marks unsafe for fds it
+// cannot know are owned; setting `TCP_DEFER_ACCEPT` on it (`accept.rs`),
+// which no socket crate of ours wraps; and telling tokio's `ReadBuf` how
+// many bytes a direct `read(2)` into uninitialised memory filled
+// (`lazy.rs`).
 #![deny(unsafe_code)]
 
 mod accept;
