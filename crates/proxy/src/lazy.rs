@@ -26,7 +26,7 @@
 //! that delay.
 
 use std::future::Future;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpStream as StdStream};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -38,6 +38,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::server::ConnCtx;
+use crate::sockio;
 
 /// How long the read that only watches for a client leaving is put off
 /// (see the module docs). Above the worker heartbeat, so that arming it
@@ -118,27 +119,6 @@ fn direct<T>(result: io::Result<T>, cx: &mut Context<'_>) -> Option<Poll<io::Res
     }
 }
 
-/// One `read(2)` straight into the unfilled part of `buf`, which hyper
-/// hands over uninitialised (a fresh `ReadBuf` over its read buffer's
-/// spare capacity on every call). Through `std::io::Read` the memory would
-/// have to be zeroed first: 16 KiB per read, a tenth of the proxy's
-/// instructions per request (callgrind, keep-alive, small responses).
-#[allow(unsafe_code)]
-fn read_uninit(socket: &StdStream, buf: &mut ReadBuf<'_>) -> io::Result<()> {
-    // SAFETY: `unfilled_mut` only asks that no initialised byte be
-    // de-initialised, and `read(2)` only writes bytes. The kernel filled
-    // the first `n` bytes of that region (rustix returns them as an
-    // initialised slice), which is what `assume_init(n)` claims.
-    let n = unsafe {
-        let (filled, _) = rustix::io::read(socket, buf.unfilled_mut()).map_err(io::Error::from)?;
-        let n = filled.len();
-        buf.assume_init(n);
-        n
-    };
-    buf.advance(n);
-    Ok(())
-}
-
 impl AsyncRead for LazyStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
@@ -146,7 +126,7 @@ impl AsyncRead for LazyStream {
             return Poll::Pending;
         }
         if let Socket::Unregistered(std) = &this.socket {
-            let read = read_uninit(std, buf);
+            let read = sockio::recv_uninit(std, buf);
             if let Some(done) = direct(read, cx) {
                 return done;
             }
@@ -170,12 +150,12 @@ impl AsyncWrite for LazyStream {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if let Socket::Unregistered(std) = &this.socket {
-            if let Some(done) = direct((&*std).write_vectored(bufs), cx) {
+            if let Some(done) = direct(sockio::send_vectored(std, bufs), cx) {
                 return done;
             }
         }
         match this.register() {
-            Ok(tokio) => Pin::new(tokio).poll_write_vectored(cx, bufs),
+            Ok(tokio) => sockio::poll_send_vectored(tokio, cx, bufs),
             Err(err) => Poll::Ready(Err(err)),
         }
     }

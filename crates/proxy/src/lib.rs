@@ -118,8 +118,8 @@
 // socket with tokio (`accept.rs`), which tokio marks unsafe for fds it
 // cannot know are owned; setting `TCP_DEFER_ACCEPT` on it (`accept.rs`),
 // which no socket crate of ours wraps; and telling tokio's `ReadBuf` how
-// many bytes a direct `read(2)` into uninitialised memory filled
-// (`lazy.rs`).
+// many bytes a direct `recv(2)` into uninitialised memory filled
+// (`sockio.rs`).
 #![deny(unsafe_code)]
 
 mod accept;
@@ -138,6 +138,7 @@ mod maintenance;
 mod outlier;
 mod rate;
 mod server;
+mod sockio;
 mod spool;
 mod static_index;
 mod statics;

@@ -336,7 +336,7 @@ impl Upstream {
         while ex.written < total {
             let polled = if ex.written < head {
                 let bufs = [IoSlice::new(&self.wbuf[ex.written..]), IoSlice::new(&ex.full)];
-                Pin::new(&mut self.io).poll_write_vectored(cx, &bufs)
+                crate::sockio::poll_send_vectored(&self.io, cx, &bufs)
             } else {
                 Pin::new(&mut self.io).poll_write(cx, &ex.full[ex.written - head..])
             };
