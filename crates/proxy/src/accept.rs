@@ -66,11 +66,17 @@ pub(crate) const DEFER_ACCEPT: Duration = Duration::from_secs(1);
 /// wake-up and two `epoll_ctl`s more, see `lazy.rs`): in `bench/proxy`,
 /// new connection per request at 256 connections, that was two
 /// connections in three, and about 15 % of the proxy's CPU per request.
-/// With it, the request is in the socket when it is accepted. A client
-/// that connects and stays silent costs a SYN-queue entry instead of a
-/// descriptor and a task until `wait` is over, then is accepted and meets
-/// `header_read_timeout` as before. nginx (`listen ... deferred`) and
-/// HAProxy (`bind ... defer-accept`) offer the same.
+/// With it, the request is usually in the socket when it is accepted (a
+/// TLS handshake, a body or a head in several segments still wait). A
+/// client that connects and stays silent costs an entry in the SYN queue
+/// (bounded by the listen backlog, 4096, beyond which the kernel answers
+/// with SYN cookies) instead of a descriptor and a task until `wait` is
+/// over, then is accepted and meets `header_timeout` as before; meanwhile
+/// it is not counted against `max_connections` or the per-client limit.
+/// A connection refused by those limits is closed with its request
+/// unread, so the client sees a reset rather than an orderly close.
+/// nginx (`listen ... deferred`) and HAProxy (`bind ... defer-accept`)
+/// offer the same.
 ///
 /// Returns whether the option is set (Linux only).
 #[allow(unsafe_code)]
@@ -317,7 +323,9 @@ impl Acceptor {
             cfg!(target_os = "linux") && rustix::net::sockopt::set_tcp_nodelay(&listener, true).is_ok();
         // Likewise; refused or unsupported: connections are accepted at
         // once, as before (the first read may then wait).
-        let _ = defer_accept(&listener, DEFER_ACCEPT);
+        if !defer_accept(&listener, DEFER_ACCEPT) && cfg!(target_os = "linux") {
+            tracing::debug!("TCP_DEFER_ACCEPT refused on the listening socket: connections are accepted at once");
+        }
         // SAFETY: the AsyncFd owns the listener, so its fd stays open (and
         // is the same socket) for as long as it is registered; that is
         // all `register_with_interest` asks for.
@@ -479,7 +487,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let mut acceptor = Acceptor::new(listener, Loads::new(1), Kicks::new(1), 0).unwrap();
         assert!(acceptor.inherits_nodelay, "set on the listening socket");
-        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        // A byte, or the accept waits for TCP_DEFER_ACCEPT's second.
+        std::io::Write::write_all(&mut client, b"G").unwrap();
         let Accepted::Conn(stream, _) = acceptor.accept().await.unwrap() else { panic!("not accepted") };
         assert!(stream.nodelay().unwrap(), "TCP_NODELAY comes with the accepted socket, without a setsockopt");
     }

@@ -25,7 +25,8 @@
 //!   per connection.
 //!
 //! A connection beyond a limit is accepted and closed at once (the client
-//! sees its connection closed before any answer), except that one over
+//! sees its connection reset before any answer: its request, usually in
+//! the socket by the time it is accepted, is left unread), except that one over
 //! the per-client limit may first wait up to 50 ms for one of its
 //! address's connections to close (`server.rs`' `WaitingRoom`, at most 64
 //! per worker): a client that closes a connection and opens the next at

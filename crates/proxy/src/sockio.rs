@@ -2,12 +2,13 @@
 //! `sendmsg`) instead of the file ones (`read`, `writev`).
 //!
 //! Why: `read` and `writev` on a socket go through the VFS layer first
-//! (`vfs_read`/`vfs_writev`: a permission check, fsnotify, the iovec
-//! import) before they reach the same `sock_recvmsg`/`sock_sendmsg`; on a
+//! (`vfs_read`/`vfs_writev`: `rw_verify_area`, the security hook,
+//! fsnotify) before they reach the same `sock_recvmsg`/`sock_sendmsg`; on a
 //! new connection per request that layer was about 2 % of the proxy's CPU
-//! (`bench/proxy --profile-seconds`, close/c256/small). std and tokio use
-//! `writev` for vectored writes (and std `recv` for reads); these take the
-//! direct path, with rustix (no `libc` call, no unsafe but one).
+//! (`bench/proxy --profile-seconds`, close/c256/small). std and tokio
+//! write vectored data with `writev`, and the direct read of an
+//! unregistered client socket was a `read(2)`; these take the socket
+//! calls, through rustix.
 
 use std::io::{self, IoSlice};
 use std::os::fd::AsFd;

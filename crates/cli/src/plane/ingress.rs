@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// The listen backlog of the proxy's sockets (see where it is used).
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// One listening socket of the proxy: its address, the token that stops
 /// its accept loop, and a duplicate of the socket to hand to a successor.
 struct Listening {
@@ -176,7 +179,11 @@ impl ProxyIngress {
                         .map_err(err)?;
                 socket.set_reuseaddr(true).map_err(err)?;
                 socket.bind(addr).map_err(err)?;
-                socket.listen(1024).map_err(err)?
+                // The accept queue, and the SYN queue of connections whose
+                // request has not arrived yet (the proxy sets
+                // TCP_DEFER_ACCEPT): beyond it new connections get SYN
+                // cookies. The kernel caps it at net.core.somaxconn.
+                socket.listen(LISTEN_BACKLOG).map_err(err)?
             }
         };
         let fd = {
